@@ -1,0 +1,305 @@
+"""The `postier` admin command line: quickstart, demo, serve, domain/user/alias management.
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .accounts import AccountError, Accounts
+from .config import STANDARD_PORTS, Config, ConfigError, load_config, normalize_domain
+
+DEFAULT_CONFIG = "postier.toml"
+DEMO_DOMAIN = "demo.test"
+DEMO_USER = "demo@demo.test"
+DEMO_PASSWORD = "demo-password"
+
+
+class CLIError(Exception):
+    """An operation failed; printed as one line, exit code 1."""
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    env = os.environ.get("POSTIER_CONFIG")
+    if env:
+        return Path(env)
+    if Path(DEFAULT_CONFIG).exists():
+        return Path(DEFAULT_CONFIG)
+    return Path("/etc/postier/postier.toml")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _accounts(cfg: Config) -> Accounts:
+    return Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+
+
+def _read_password(args: argparse.Namespace, confirm: bool = True) -> str:
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline()
+        if not line:
+            raise CLIError("no password on standard input")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CLIError("no terminal to ask a password on; use --password-stdin")
+    pw = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Again: ") != pw:
+        raise CLIError("the two passwords differ")
+    return pw
+
+
+# -- quickstart / demo / serve --------------------------------------------------------------------
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
+                 extra: str = "") -> Path:
+    """Write DATA_DIR/postier.toml with every role on its standard port + offset."""
+    lines = [
+        "# postier configuration: written by `postier quickstart`; edit freely.",
+        f"hostname = {_toml_str(hostname)}",
+        'data_dir = "."',
+        "",
+        "[tls]",
+        'cert = "tls/cert.pem"',
+        'key = "tls/key.pem"',
+        "",
+    ]
+    for role, port in STANDARD_PORTS.items():
+        addr = "127.0.0.1" if role == "lmtp" else listen
+        lines += [f"[listeners.{role}]", f"address = {_toml_str(addr)}", f"port = {port + port_offset}", ""]
+    path = data_dir / "postier.toml"
+    path.write_text("\n".join(lines) + extra)
+    return path
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .certs import write_self_signed
+
+    try:
+        domain = normalize_domain(args.domain)
+    except ValueError as exc:
+        raise CLIError(f"--domain: {exc}") from None
+    hostname = args.hostname or f"mail.{domain}"
+    try:
+        hostname = normalize_domain(hostname)
+    except ValueError as exc:
+        raise CLIError(f"--hostname: {exc}") from None
+    if not 0 <= args.port_offset <= 65535 - 995:
+        raise CLIError(f"--port-offset: must be between 0 and {65535 - 995}")
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg_path = data_dir / "postier.toml"
+    if cfg_path.exists() and not args.force:
+        raise CLIError(f"{cfg_path} exists already (use --force to overwrite)")
+    tls_dir = data_dir / "tls"
+    if not (tls_dir / "cert.pem").exists() or args.force:
+        write_self_signed(tls_dir / "cert.pem", tls_dir / "key.pem", [hostname, "localhost", "127.0.0.1"])
+    write_config(data_dir, hostname, args.listen, args.port_offset)
+    cfg = load_config(cfg_path)
+    acc = _accounts(cfg)
+    if domain not in acc.list_domains():
+        acc.add_domain(domain)
+    acc.close()
+    if not args.quiet:
+        print(f"postier: wrote {cfg_path}")
+        print(f"  domain {domain}, mail host {hostname}, data in {data_dir}")
+        print("  listeners: " + ", ".join(f"{r} {p.address}:{p.port}" for r, p in cfg.listeners.items()))
+        print("next steps:")
+        print(f"  postier --config {cfg_path} user add you@{domain}")
+        print(f"  postier --config {cfg_path} serve")
+        print(f"  publish the DNS records: postier --config {cfg_path} dns records {domain}")
+        print("  replace tls/cert.pem and tls/key.pem with a certificate browsers and MTAs trust")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    cfg_path = data_dir / "postier.toml"
+    if not cfg_path.exists():
+        ns = argparse.Namespace(domain=DEMO_DOMAIN, data_dir=str(data_dir), hostname=f"mail.{DEMO_DOMAIN}",
+                                listen=args.listen, port_offset=args.port_offset, force=False, quiet=True)
+        cmd_quickstart(ns)
+    cfg = load_config(cfg_path)
+    acc = _accounts(cfg)
+    if acc.get_user(DEMO_USER) is None:
+        acc.add_user(DEMO_USER, DEMO_PASSWORD)
+    acc.close()
+    print("postier demo")
+    print(f"  config:   {cfg_path}")
+    print(f"  domain:   {DEMO_DOMAIN} (user {DEMO_USER}, password {DEMO_PASSWORD})")
+    for role, lst in cfg.listeners.items():
+        print(f"  {role:<12} {lst.address}:{lst.port}")
+    smtp = cfg.listeners.get("smtp")
+    if smtp:
+        print(f"  try: swaks --server {smtp.address}:{smtp.port} --to {DEMO_USER}")
+    print("  (self-signed certificate: tell your client to accept it)  Ctrl-C stops.")
+    sys.stdout.flush()
+    return _serve(cfg)
+
+
+def _serve(cfg: Config) -> int:
+    from .server.app import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run(cfg)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _serve(_load(args))
+
+
+# -- domains, users, aliases ----------------------------------------------------------------------
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    acc = _accounts(_load(args))
+    if args.action == "add":
+        print(f"added domain {acc.add_domain(_one(args, 'domain'))}")
+    elif args.action == "remove":
+        acc.remove_domain(_one(args, "domain"))
+        print(f"removed domain {args.names[0]}")
+    else:
+        for d in acc.list_domains():
+            print(d)
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    acc = _accounts(_load(args))
+    if args.action == "add":
+        addr = _one(args, "address")
+        u = acc.add_user(addr, _read_password(args), args.format)
+        print(f"added user {u.address} ({u.mailbox_format})")
+    elif args.action == "passwd":
+        addr = _one(args, "address")
+        if acc.get_user(addr) is None:
+            raise CLIError(f"no such user: {addr}")
+        acc.set_password(addr, _read_password(args))
+        print(f"password changed for {addr}")
+    elif args.action == "remove":
+        acc.remove_user(_one(args, "address"))
+        print(f"removed user {args.names[0]} (the mailbox stays on disk)")
+    else:
+        for u in acc.list_users(args.names[0] if args.names else None):
+            print(f"{u.address}\t{u.mailbox_format}")
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    acc = _accounts(_load(args))
+    if args.action == "add":
+        if len(args.names) < 2:
+            raise CLIError("usage: alias add ALIAS TARGET...")
+        acc.add_alias(args.names[0], args.names[1:])
+        print(f"alias {args.names[0]} -> {', '.join(args.names[1:])}")
+    elif args.action == "remove":
+        if not args.names:
+            raise CLIError("usage: alias remove ALIAS [TARGET...]")
+        acc.remove_alias(args.names[0], args.names[1:] or None)
+        print(f"removed alias {args.names[0]}")
+    else:
+        for alias, targets in acc.list_aliases():
+            print(f"{alias}\t{', '.join(targets)}")
+    return 0
+
+
+def _one(args: argparse.Namespace, what: str) -> str:
+    if len(args.names) != 1:
+        raise CLIError(f"usage: {args.command} {args.action} {what.upper()}")
+    return str(args.names[0])
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+#: Extra sub-command registrars from other layers: (module, function) called with the subparsers.
+EXTRA_COMMANDS = [
+    "postier.queue.cli",
+    "postier.mailauth.cli",
+    "postier.store.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postier", description="postier: a complete, self-hostable mail system")
+    p.add_argument("--config", "-c", help=f"configuration file (default: $POSTIER_CONFIG, ./{DEFAULT_CONFIG}, "
+                                          "/etc/postier/postier.toml)")
+    p.add_argument("--version", action="version", version="postier 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="write a configuration, a certificate and a first domain")
+    q.add_argument("--domain", required=True)
+    q.add_argument("--data-dir", required=True)
+    q.add_argument("--hostname", help="the MX host name (default mail.DOMAIN)")
+    q.add_argument("--listen", default="0.0.0.0", help="address every listener binds (default 0.0.0.0)")
+    q.add_argument("--port-offset", type=int, default=0, help="add N to every standard port (25 -> 25+N)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quickstart)
+
+    d = sub.add_parser("demo", help="quickstart a demo domain and user in ./demo-data, then serve")
+    d.add_argument("--data-dir", default="demo-data")
+    d.add_argument("--listen", default="127.0.0.1")
+    d.add_argument("--port-offset", type=int, default=10000)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")
+    s.set_defaults(func=cmd_serve)
+
+    for name, func, actions, extra in (
+        ("domain", cmd_domain, ("add", "list", "remove"), None),
+        ("user", cmd_user, ("add", "list", "passwd", "remove"), "user"),
+        ("alias", cmd_alias, ("add", "list", "remove"), None),
+    ):
+        sp = sub.add_parser(name, help=f"manage {name}s")
+        sp.add_argument("action", choices=actions)
+        sp.add_argument("names", nargs="*")
+        if extra == "user":
+            sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+            sp.add_argument("--format", choices=("maildir", "mbox"), help="mailbox format (default from config)")
+        sp.set_defaults(func=func)
+
+    import importlib
+
+    for modname in EXTRA_COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name and modname.startswith(exc.name):
+                continue
+            raise
+        register: Callable[[argparse._SubParsersAction], None] = mod.register  # type: ignore[type-arg]
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"postier: config error: {exc}", file=sys.stderr)
+        return 2
+    except (AccountError, CLIError) as exc:
+        print(f"postier: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

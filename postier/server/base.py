@@ -1,0 +1,173 @@
+"""asyncio listeners shared by every role: sockets, implicit TLS, connection limits, shutdown.
+
+A role module (smtp, imap, pop3) provides a `Session` subclass; this module accepts connections,
+enforces the global and per-IP connection limits before a session starts (the refusal is the
+role's own "too busy" line, and the accept loop never waits on a client), and on shutdown asks
+every session to finish politely (`Session.shutdown()`), then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .app import Services
+
+log = logging.getLogger("postier.server")
+
+READ_SIZE = 65536
+
+
+class Session:
+    """One client connection of one role. Subclasses implement `run()` and `refuse_line()`."""
+
+    #: The bytes sent to a client refused for load (before any protocol exchange).
+    busy_line = b""
+
+    def __init__(self, services: Services, role: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, tls_implicit: bool):
+        self.services = services
+        self.role = role
+        self.reader = reader
+        self.writer = writer
+        self.tls_implicit = tls_implicit
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.peer_ip: str = peer[0]
+        self.peer_port: int = peer[1]
+        sock = writer.get_extra_info("sockname") or ("?", 0)
+        self.local_ip: str = sock[0]
+        self.started = time.monotonic()
+        self.closing = False
+
+    @property
+    def tls_info(self) -> str | None:
+        """'TLSv1.3 TLS_AES_256_GCM_SHA384' when the transport is encrypted, else None."""
+        obj = self.writer.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        return f"{obj.version()} {cipher[0] if cipher else '?'}"
+
+    async def run(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Server is stopping: end the session at the next safe point (subclasses refine)."""
+        self.closing = True
+
+    async def read(self, timeout: float) -> bytes:
+        """Read what the client sent (b'' at EOF); raise TimeoutError after `timeout` idle seconds."""
+        async with asyncio.timeout(timeout):
+            return await self.reader.read(READ_SIZE)
+
+    async def start_tls(self, ctx: ssl.SSLContext) -> None:
+        """Upgrade the connection in place (STARTTLS/STLS)."""
+        timeout = self.services.config.limits.tls_handshake_timeout
+        await self.writer.start_tls(ctx, ssl_handshake_timeout=timeout)
+
+
+@dataclass
+class _Bound:
+    role: str
+    server: asyncio.Server
+
+
+class ListenerSet:
+    """Every configured listener, with shared connection accounting."""
+
+    def __init__(self, services: Services, factories: dict[str, Callable[..., Session]]):
+        self.services = services
+        self.factories = factories
+        self.bound: list[_Bound] = []
+        self.sessions: set[Session] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.per_ip: Counter[str] = Counter()
+
+    async def start(self) -> list[tuple[str, str, int]]:
+        cfg = self.services.config
+        ctx = self.services.ssl_context
+        out = []
+        for role, lst in cfg.listeners.items():
+            factory = self.factories.get(role)
+            if factory is None:
+                log.warning("listener %s: this role is not available in this build; skipped", role)
+                continue
+            implicit = role in ("submissions", "imaps", "pop3s")
+            host = None if lst.address in ("*", "") else lst.address
+            server = await asyncio.start_server(
+                self._make_cb(role, factory, implicit), host=host, port=lst.port,
+                ssl=ctx if implicit else None,
+                ssl_handshake_timeout=cfg.limits.tls_handshake_timeout if implicit else None,
+                reuse_address=True, backlog=1024, limit=READ_SIZE,
+            )
+            self.bound.append(_Bound(role, server))
+            out.append((role, lst.address, lst.port))
+        return out
+
+    def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool):  # noqa: ANN202
+        limits = self.services.config.limits
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = factory(self.services, role, reader, writer, implicit)
+            ip = session.peer_ip
+            if len(self.sessions) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+                log.info("%s: refusing %s: too many connections", role, ip)
+                with contextlib.suppress(Exception):
+                    writer.write(session.busy_line)
+                    await asyncio.wait_for(writer.drain(), 5)
+                writer.close()
+                return
+            self.sessions.add(session)
+            self.per_ip[ip] += 1
+            task = asyncio.current_task()
+            if task is not None:
+                self.tasks.add(task)
+            try:
+                await session.run()
+            except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one session's failure never ends another session or the server
+                log.exception("%s: session with %s failed", role, ip)
+            finally:
+                self.sessions.discard(session)
+                self.per_ip[ip] -= 1
+                if self.per_ip[ip] <= 0:
+                    del self.per_ip[ip]
+                if task is not None:
+                    self.tasks.discard(task)
+                with contextlib.suppress(Exception):
+                    writer.close()
+
+        return on_connect
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, ask sessions to finish, wait up to `grace` seconds, cancel the rest."""
+        for b in self.bound:
+            b.server.close()
+        for s in list(self.sessions):
+            s.shutdown()
+        deadline = time.monotonic() + grace
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for b in self.bound:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(b.server.wait_closed(), 1)

@@ -1,0 +1,83 @@
+"""The MDA: durable local delivery of one message to several users, off the event loop.
+
+Each recipient gets its own file (Maildir) or append (mbox), written and fsynced in a worker
+thread; concurrent sessions' fsyncs run in parallel in the pool, so the disk journal groups them.
+Results are per recipient, so LMTP can answer each one and SMTP can answer 250 only when all
+succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..accounts import User
+from .maildir import DeliveryError, MessageBody, deliver_maildir, deliver_mbox
+
+log = logging.getLogger("postier.mda")
+
+#: Maildir++ folder names we deliver into (e.g. "Junk" for DMARC quarantine); a strict pattern,
+#: since the name becomes a directory name.
+_FOLDER_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    user: User
+    ok: bool
+    detail: str  # file name on success, the error otherwise
+
+
+def folder_root(maildir: Path, folder: str | None) -> Path:
+    """INBOX is the Maildir root; another folder is the Maildir++ subfolder '.Name'."""
+    if not folder or folder.upper() == "INBOX":
+        return maildir
+    if not _FOLDER_RE.match(folder):
+        raise DeliveryError(f"invalid folder name {folder!r}")
+    return maildir / f".{folder}"
+
+
+class LocalDelivery:
+    def __init__(self, mail_root: Path, workers: int = 16):
+        self.mail_root = mail_root
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mda")
+        #: Called (in the event loop) after each successful Maildir delivery: (user, folder).
+        self.listeners: list[Callable[[User, str], None]] = []
+
+    def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
+                    folder: str | None = None) -> DeliveryResult:
+        """Blocking delivery to one user."""
+        try:
+            if user.mailbox_format == "mbox":
+                deliver_mbox(user.mbox(self.mail_root), envelope_from, prefix, body)
+                return DeliveryResult(user, True, "mbox")
+            root = folder_root(user.maildir(self.mail_root), folder)
+            name = deliver_maildir(root, prefix, body)
+            return DeliveryResult(user, True, name)
+        except (DeliveryError, OSError) as exc:
+            log.error("delivery to %s failed: %s", user.address, exc)
+            return DeliveryResult(user, False, str(exc))
+
+    async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
+                      body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
+        """Deliver to every (user, folder) in parallel worker threads; one result per user."""
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
+                for u, f in users]
+        results = list(await asyncio.gather(*futs))
+        for (_u, f), r in zip(users, results, strict=True):
+            if r.ok:
+                for cb in self.listeners:
+                    try:
+                        cb(r.user, f or "INBOX")
+                    except Exception:  # a listener's bug must not fail a delivery
+                        log.exception("delivery listener failed")
+        return results
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

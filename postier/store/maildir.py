@@ -1,0 +1,272 @@
+"""Durable delivery into Maildir (maildir(5), Maildir++ folders as Dovecot lays them out) and mbox.
+
+Delivery follows the Maildir protocol exactly: create a uniquely named file in `tmp/`, write it,
+fsync it, rename it into `new/`, fsync `new/`. Only then may the caller answer 250 (DESIGN.md
+invariant). Every function here blocks on the disk: servers call them from a worker thread.
+
+Messages are stored as received on the wire (CRLF line endings). Dovecot and mutt read such files;
+IMAP and POP3 can serve them without conversion, and sizes in the file name (`,S=`) are the sizes
+clients are told.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import re
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+SUBDIRS = ("cur", "new", "tmp")
+_counter = itertools.count(1)
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")  # maildir(5) escaping
+
+
+class DeliveryError(Exception):
+    """Delivery failed; nothing was made visible in new/ (the caller answers 4xx)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or create inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_maildir(root: Path) -> None:
+    """Create root/{cur,new,tmp} (mode 0700) if missing, durably."""
+    created = False
+    for sub in SUBDIRS:
+        p = root / sub
+        if not p.is_dir():
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
+            created = True
+    if created:
+        fsync_dir(root)
+        fsync_dir(root.parent)
+
+
+def unique_name(size: int) -> str:
+    """A maildir(5) unique name: time, microseconds, pid, counter, randomness, host, size."""
+    now = time.time()
+    secs = int(now)
+    usecs = int((now - secs) * 1_000_000)
+    rnd = secrets.token_hex(4)
+    # Dovecot's ",S=" gives the physical size so readers need not stat the file.
+    return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}R{rnd}.{_HOST},S={size}"
+
+
+_SIZE_RE = re.compile(r",S=(\d+)")
+
+
+def size_from_name(name: str) -> int | None:
+    m = _SIZE_RE.search(name.split(":2,", 1)[0])
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class MessageBody:
+    """The message content as it was received: in memory while small, in a spool file once large.
+
+    Writers call `write()` as data arrives; a body over `memory_limit` spills to a temporary file
+    in `spool_dir`, so a 25 MiB message costs at most `memory_limit` bytes of memory.
+    """
+
+    spool_dir: Path
+    memory_limit: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._mem = 0
+        self._file: BinaryIO | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is None:
+            self._chunks.append(data)
+            self._mem += len(data)
+            if self._mem > self.memory_limit:
+                self._spill()
+        else:
+            self._file.write(data)
+
+    def _spill(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        f = tempfile.NamedTemporaryFile(prefix="in.", dir=self.spool_dir, delete=False)  # noqa: SIM115
+        for c in self._chunks:
+            f.write(c)
+        self._chunks = []
+        self._mem = 0
+        self._file = f
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    def getvalue(self) -> bytes:
+        """The whole body as bytes (reads the spool file back when spilled)."""
+        if self._file is None:
+            return b"".join(self._chunks)
+        self._file.flush()
+        with open(self._file.name, "rb") as f:
+            return f.read()
+
+    def head(self, limit: int) -> bytes:
+        """Up to `limit` first bytes (for header inspection without reading a large body)."""
+        if self._file is None:
+            data = b"".join(self._chunks)
+            self._chunks = [data] if data else []
+            return data[:limit]
+        self._file.flush()
+        with open(self._file.name, "rb") as f:
+            return f.read(limit)
+
+    def copy_to(self, out: BinaryIO) -> None:
+        """Write the body to `out` (an open file): from memory, or by an in-kernel copy."""
+        if self._file is None:
+            for c in self._chunks:
+                out.write(c)
+            return
+        self._file.flush()
+        out.flush()
+        with open(self._file.name, "rb") as src:
+            remaining = self.size
+            while remaining > 0:
+                n = os.copy_file_range(src.fileno(), out.fileno(), min(remaining, 1 << 24)) if hasattr(
+                    os, "copy_file_range") else 0
+                if n <= 0:  # not supported here: plain copy of the rest
+                    src.seek(self.size - remaining)
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                    break
+                remaining -= n
+
+    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
+        if self._file is None:
+            yield from self._chunks
+            return
+        self._file.flush()
+        with open(self._file.name, "rb") as f:
+            while chunk := f.read(size):
+                yield chunk
+
+    def close(self) -> None:
+        """Discard the body (removes the spool file, if any)."""
+        if self._file is not None:
+            name = self._file.name
+            self._file.close()
+            self._file = None
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        self._chunks = []
+
+
+def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str:
+    """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/).
+
+    Blocking. On any error nothing is visible in new/ and the tmp/ file is removed.
+    """
+    ensure_maildir(root)
+    size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
+    name = unique_name(size)
+    tmp = root / "tmp" / name
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise DeliveryError(f"cannot create {tmp}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(prefix)
+            if isinstance(body, MessageBody):
+                body.copy_to(out)
+            else:
+                out.write(body)
+            out.flush()
+            os.fsync(out.fileno())  # maildir(5): the file is on disk before it is in new/
+        os.rename(tmp, root / "new" / name)
+        fsync_dir(root / "new")  # ...and the rename is on disk before we answer 250
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise DeliveryError(f"delivery to {root} failed: {exc.strerror or exc}") from exc
+    return name
+
+
+# -- mbox ---------------------------------------------------------------------------------------
+
+_FROM_RE = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+def mboxrd_quote(data: bytes) -> bytes:
+    """mboxrd: every line matching ^>*From gets one more '>' (reversible, unlike mboxo)."""
+    return _FROM_RE.sub(rb">\1", data)
+
+
+def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBody | bytes,
+                 lock_timeout: float = 30.0) -> None:
+    """Append one message to an mbox file (mboxrd, LF line endings), with dot-lock and fcntl lock.
+
+    The append is fsynced before returning; on failure the file is truncated back to its old size
+    so that no half message stays behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    raw = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
+    text = mboxrd_quote(raw.replace(b"\r\n", b"\n"))
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    sender = envelope_from or "MAILER-DAEMON"
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
+    record = f"From {sender} {stamp}\n".encode() + text + b"\n"
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + lock_timeout
+    while True:  # dot-lock, as mutt and procmail expect
+        try:
+            lfd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(lfd)
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > 300:  # stale lock (procmail's rule)
+                    lock.unlink()
+                    continue
+            except FileNotFoundError:
+                continue
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"{path} is locked") from None
+            time.sleep(0.05)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(record)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, start)
+                raise DeliveryError(f"mbox delivery to {path} failed: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+    finally:
+        try:
+            lock.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
