@@ -1,0 +1,30 @@
+# postier: `make demo` runs a demo server, `make test` installs test dependencies and runs the suite.
+PYTHON ?= $(shell command -v python3.13 2>/dev/null || PYENV_VERSION=3.13.0 pyenv which python3 2>/dev/null || echo python3)
+VENV := .venv
+PIP := $(VENV)/bin/pip
+
+.PHONY: demo test test-fast lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 13), "postier needs Python 3.13+: set PYTHON=..."'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/postier demo
+
+test: $(VENV)/.installed
+	./scripts/install-test-deps
+	$(VENV)/bin/ruff check postier tests bench
+	POSTIER_REQUIRE_INTEROP=1 $(VENV)/bin/python -m pytest -n 2 -q
+
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -n 2 -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check postier tests bench
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m bench

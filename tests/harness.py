@@ -1,0 +1,166 @@
+"""Test harness: real postier instances as subprocesses on loopback, free ports, a throwaway CA.
+
+`Instance` writes a data directory with `postier quickstart` (every listener on a free port
+offset, on the chosen loopback address), adds domains and users through the real CLI, and runs
+`postier serve` as a child process that tests can stop (SIGTERM) or kill (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from postier.config import STANDARD_PORTS
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
+    """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP)."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(tries):
+        off = rng.randrange(20000, 60000)
+        if all(port_free(host, p + off) for p in STANDARD_PORTS.values()) and port_free(
+                "127.0.0.1", STANDARD_PORTS["lmtp"] + off):
+            return off
+    raise RuntimeError("no free port offset found")
+
+
+def run_cli(config: Path | None, *args: str, stdin: str | None = None, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [PY, "-m", "postier"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    cmd += list(args)
+    p = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"postier {' '.join(args)} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    return p
+
+
+class Instance:
+    """One postier server with its own data directory."""
+
+    def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
+                 extra_config: str = ""):
+        self.root = root
+        self.domain = domain
+        self.address = address
+        self.offset = free_offset(address)
+        self.hostname = hostname or f"mail.{domain}"
+        run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
+                "--listen", address, "--port-offset", str(self.offset), "--quiet")
+        self.config = root / "postier.toml"
+        if extra_config:
+            self.add_config(extra_config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "server.log"
+
+    def add_config(self, text: str) -> None:
+        """Append TOML (top-level keys must come first: use tables)."""
+        with open(self.config, "a") as f:
+            f.write("\n" + text + "\n")
+
+    def port(self, role: str) -> int:
+        return STANDARD_PORTS[role] + self.offset
+
+    def addr(self, role: str) -> tuple[str, int]:
+        return ("127.0.0.1" if role == "lmtp" else self.address, self.port(role))
+
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.config, *args, stdin=stdin, check=check)
+
+    def add_user(self, address: str, password: str = "password123", fmt: str | None = None) -> None:
+        args = ["user", "add", address, "--password-stdin"]
+        if fmt:
+            args += ["--format", fmt]
+        self.cli(*args, stdin=password + "\n")
+
+    def maildir(self, address: str) -> Path:
+        local, domain = address.lower().rsplit("@", 1)
+        return self.root / "mail" / domain / local / "Maildir"
+
+    def messages(self, address: str, folder: str = "") -> list[bytes]:
+        md = self.maildir(address) / (f".{folder}" if folder else "")
+        out = []
+        for sub in ("new", "cur"):
+            d = md / sub
+            if d.is_dir():
+                for f in sorted(d.iterdir()):
+                    out.append(f.read_bytes())
+        return out
+
+    def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([PY, "-m", "postier", "--config", str(self.config), "serve"],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        host, port = self.addr(wait_role)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postier exited with {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"postier did not listen on {host}:{port}: {self.log.read_text()}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        self.logf.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            self.logf.close()
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts this instance's self-signed certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.root / "tls" / "cert.pem"))
+        ctx.check_hostname = False
+        return ctx
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,70 @@
+"""Configuration: typed loading, and one-line errors that name the key (exit code 2)."""
+
+from pathlib import Path
+
+import pytest
+
+from postier.config import ConfigError, load_config
+from tests.harness import run_cli
+
+BASE = 'hostname = "mail.a.test"\ndata_dir = "."\n[listeners.smtp]\naddress = "127.0.0.1"\nport = 2525\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "postier.toml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.hostname == "mail.a.test"
+    assert cfg.data_dir == tmp_path
+    assert cfg.listeners["smtp"].port == 2525
+    assert cfg.limits.max_recipients == 1000
+    assert cfg.limits.max_message_size == 50 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ("bogus = 1\n", "bogus: unknown key"),
+    ("[limits]\nmax_recipients = \"x\"\n", "limits.max_recipients: expected an integer"),
+    ("[limits]\nnope = 1\n", "limits.nope: unknown key"),
+    ("[listeners.imap]\naddress = \"127.0.0.1\"\nport = 70000\n", "listeners.imap.port: must be 1-65535"),
+    ("[listeners.smtps2]\nport = 1\n", "listeners.smtps2: unknown role"),
+    ("[listeners.imap]\naddress = \"not-an-ip\"\nport = 1143\n", "listeners.imap.address: not an IP address"),
+    ("[tls]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n", "tls.cert: cannot read"),
+    ("[dns]\nnameservers = [\"x:y\"]\n", "dns.nameservers[0]"),
+    ("[listeners.submission]\naddress = \"127.0.0.1\"\nport = 2525\n", "listeners.submission.port: 127.0.0.1:2525 is already used"),
+])
+def test_errors_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
+    text = BASE.replace("[listeners.smtp]", extra + "[listeners.smtp]") if not extra.startswith("[") else BASE + extra
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert str(exc.value).startswith(key), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "hostname = \n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_exit_code_2_on_bad_config(tmp_path: Path) -> None:
+    p = write(tmp_path, BASE + "[limits]\nmax_errors = -1\n")
+    r = run_cli(p, "domain", "list", check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "postier: config error: limits.max_errors: must not be negative"
+
+
+def test_quickstart_writes_every_listener_with_offset(tmp_path: Path) -> None:
+    run_cli(None, "quickstart", "--domain", "Example.TEST", "--data-dir", str(tmp_path / "d"),
+            "--port-offset", "10000", "--listen", "127.0.0.1")
+    cfg = load_config(tmp_path / "d" / "postier.toml")
+    ports = {r: lst.port for r, lst in cfg.listeners.items()}
+    assert ports == {"smtp": 10025, "submission": 10587, "submissions": 10465, "imap": 10143, "imaps": 10993,
+                     "pop3": 10110, "pop3s": 10995, "lmtp": 10024}
+    assert (tmp_path / "d" / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
+    r = run_cli(cfg.source, "domain", "list")
+    assert r.stdout.split() == ["example.test"]
