@@ -1,1 +1,335 @@
+"""One DNS interface (A, AAAA, MX, TXT, PTR) with typed outcomes over dnspython; MX routing per RFC 5321 §5.1.
 
+Every lookup returns an `Answer` whose `status` is one of `DNSStatus`: the caller decides what
+NXDOMAIN, "no data" or a temporary failure mean for it, nothing here raises for a DNS condition.
+SERVFAIL, REFUSED, timeouts and network errors all become TEMPFAIL (DESIGN.md: DNS trouble is a
+temporary failure, never a bounce).
+
+Two front ends share the record conversion and the routing logic:
+- `Resolver`: the real thing, over `dns.asyncresolver` (and a synchronous twin over `dns.resolver`
+  with the same nameservers, for pyspf and dkimpy, which are synchronous and run in a worker thread);
+- `postier.resolver.fake.FakeResolver`: a dict-backed stand-in for unit tests.
+Both implement `query(name, rtype)` (async) and `query_sync(name, rtype)`; everything else
+(`mx`, `a`, `txt`, `mx_hosts`, ...) is written once in `BaseResolver` on top of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+__all__ = [
+    "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
+    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES",
+]
+
+# Types this layer converts to plain Python values; others are refused with ValueError.
+SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR", "CNAME", "TLSA"})
+MAX_NAME_LENGTH = 253  # RFC 1035 §2.3.4 (255 octets on the wire, 253 in text form)
+
+
+class DNSStatus(StrEnum):
+    OK = "ok"                # at least one record of the asked type
+    NXDOMAIN = "nxdomain"    # the name does not exist (RFC 1035 RCODE 3), or cannot be a DNS name
+    NODATA = "nodata"        # the name exists, no record of that type (RFC 2308 §2.2)
+    TEMPFAIL = "tempfail"    # SERVFAIL, REFUSED, timeout, network error: try again later
+
+
+@dataclass(frozen=True, slots=True)
+class Answer[T]:
+    status: DNSStatus
+    records: tuple[T, ...] = ()
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is DNSStatus.OK
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class MXRecord:
+    preference: int
+    exchange: str  # lower case, no trailing dot; "." is the root (RFC 7505 null MX)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSARecord:
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+class RouteStatus(StrEnum):
+    OK = "ok"              # hosts to try, in order
+    NULL_MX = "null-mx"    # RFC 7505: the domain accepts no mail; bounce with 556 5.1.10
+    NXDOMAIN = "nxdomain"  # the domain does not exist: permanent failure
+    NO_HOSTS = "no-hosts"  # neither MX nor A/AAAA (RFC 5321 §5.1): permanent failure
+    TEMPFAIL = "tempfail"  # try again later; never fall back to A/AAAA on this
+
+
+@dataclass(frozen=True, slots=True)
+class MXHost:
+    name: str
+    preference: int
+
+
+@dataclass(frozen=True, slots=True)
+class MXRoute:
+    status: RouteStatus
+    hosts: tuple[MXHost, ...] = ()
+    implicit: bool = False  # True when the domain itself is the host (no MX records)
+    reason: str = ""
+
+
+@runtime_checkable
+class SyncLookup(Protocol):
+    """What the synchronous libraries (pyspf, dkimpy) get: one blocking query."""
+
+    def query_sync(self, name: str, rtype: str, timeout: float | None = None) -> Answer[Any]: ...
+
+
+@runtime_checkable
+class AsyncLookup(Protocol):
+    async def query(self, name: str, rtype: str) -> Answer[Any]: ...
+
+
+def reverse_name(ip: str) -> str:
+    """The in-addr.arpa / ip6.arpa name of an address (RFC 1035 §3.5, RFC 3596 §2.5). ValueError if not an IP."""
+    return dns.reversename.from_address(str(ipaddress.ip_address(ip))).to_text(omit_final_dot=True)
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """"ADDR", "ADDR:PORT", "[V6]" or "[V6]:PORT" -> (address, port). ValueError when malformed."""
+    spec = spec.strip()
+    port = 53
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep:
+            raise ValueError(f"nameserver {spec!r}: missing ']'")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"nameserver {spec!r}: junk after ']'")
+            port = _port(rest[1:], spec)
+    elif spec.count(":") == 1:
+        host, _, p = spec.partition(":")
+        port = _port(p, spec)
+    else:
+        host = spec  # IPv4, or a bare IPv6 address without port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {spec!r}: not an IP address") from None
+    return host, port
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"nameserver {spec!r}: bad port")
+    return int(text)
+
+
+def _norm_host(name: str) -> str:
+    name = name.lower()
+    return name if name == "." else name.rstrip(".")
+
+
+def convert_rdata(rtype: str, rdata: Any) -> Any:
+    """dnspython rdata -> the plain value this layer promises for `rtype`."""
+    if rtype in ("A", "AAAA"):
+        return str(rdata.address)
+    if rtype == "MX":
+        return MXRecord(int(rdata.preference), _norm_host(rdata.exchange.to_text()))
+    if rtype == "TXT":
+        # RFC 7208 §3.3 / RFC 6376 §3.6.2.2: the character-strings of one record are concatenated
+        # without separator.
+        return b"".join(rdata.strings)
+    if rtype in ("PTR", "CNAME"):
+        return _norm_host(rdata.target.to_text())
+    if rtype == "TLSA":
+        return TLSARecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert))
+    raise ValueError(f"unsupported record type {rtype}")
+
+
+class BaseResolver:
+    """Record-level helpers and RFC 5321 §5.1 routing over two primitives that subclasses supply."""
+
+    async def query(self, name: str, rtype: str) -> Answer[Any]:
+        raise NotImplementedError
+
+    def query_sync(self, name: str, rtype: str, timeout: float | None = None) -> Answer[Any]:
+        raise NotImplementedError
+
+    async def a(self, name: str) -> Answer[str]:
+        return await self.query(name, "A")
+
+    async def aaaa(self, name: str) -> Answer[str]:
+        return await self.query(name, "AAAA")
+
+    async def mx(self, domain: str) -> Answer[MXRecord]:
+        return await self.query(domain, "MX")
+
+    async def txt(self, name: str) -> Answer[bytes]:
+        return await self.query(name, "TXT")
+
+    async def tlsa(self, name: str) -> Answer[TLSARecord]:
+        return await self.query(name, "TLSA")
+
+    async def ptr(self, ip: str) -> Answer[str]:
+        """PTR names of an address. ValueError if `ip` is not an IP address."""
+        return await self.query(reverse_name(ip), "PTR")
+
+    async def addresses(self, name: str) -> Answer[str]:
+        """A and AAAA together (IPv6 first). OK if either has records; TEMPFAIL wins over NODATA."""
+        v4, v6 = await asyncio.gather(self.a(name), self.aaaa(name))
+        records = v6.records + v4.records
+        if records:
+            return Answer(DNSStatus.OK, records)
+        for status in (DNSStatus.TEMPFAIL, DNSStatus.NXDOMAIN):
+            if status in (v4.status, v6.status):
+                return Answer(status, (), v4.reason or v6.reason)
+        return Answer(DNSStatus.NODATA)
+
+    async def fcrdns(self, ip: str) -> Answer[str]:
+        """Forward-confirmed reverse DNS: PTR names whose A/AAAA include `ip` (RFC 8601 §3 "iprev")."""
+        ptrs = await self.ptr(ip)
+        if not ptrs.ok:
+            return ptrs
+        target = ipaddress.ip_address(ip)
+        confirmed: list[str] = []
+        tempfail = False
+        for host in ptrs.records[:10]:  # bounded, as RFC 7208 §4.6.4 bounds PTR names
+            fwd = await self.addresses(host)
+            tempfail |= fwd.status is DNSStatus.TEMPFAIL
+            if any(ipaddress.ip_address(a) == target for a in fwd.records):
+                confirmed.append(host)
+        if confirmed:
+            return Answer(DNSStatus.OK, tuple(confirmed))
+        return Answer(DNSStatus.TEMPFAIL if tempfail else DNSStatus.NODATA)
+
+    async def mx_hosts(self, domain: str, rng: random.Random | None = None) -> MXRoute:
+        """Where to deliver mail for `domain` (RFC 5321 §5.1, RFC 7505)."""
+        rng = rng or random.Random()
+        answer = await self.mx(domain)
+        if answer.status is DNSStatus.TEMPFAIL:
+            return MXRoute(RouteStatus.TEMPFAIL, reason=answer.reason)  # never fall back to A here
+        if answer.status is DNSStatus.NXDOMAIN:
+            return MXRoute(RouteStatus.NXDOMAIN, reason=answer.reason)
+        if answer.status is DNSStatus.NODATA:
+            # RFC 5321 §5.1: no MX records -> the domain itself is the implicit MX, preference 0.
+            addrs = await self.addresses(domain)
+            if addrs.ok:
+                return MXRoute(RouteStatus.OK, (MXHost(_norm_host(domain), 0),), implicit=True)
+            if addrs.status is DNSStatus.TEMPFAIL:
+                return MXRoute(RouteStatus.TEMPFAIL, reason=addrs.reason)
+            if addrs.status is DNSStatus.NXDOMAIN:
+                return MXRoute(RouteStatus.NXDOMAIN, reason=addrs.reason)
+            return MXRoute(RouteStatus.NO_HOSTS, reason="no MX and no address records")
+        records: Sequence[MXRecord] = answer.records
+        real = [r for r in records if r.exchange != "."]
+        if not real:
+            # RFC 7505 §3: a single MX "." (preference 0) says the domain accepts no mail.
+            return MXRoute(RouteStatus.NULL_MX, reason="null MX (RFC 7505)")
+        # RFC 5321 §5.1: lowest preference first, randomised among equal preferences.
+        keyed = sorted((r.preference, rng.random(), r.exchange) for r in real)
+        seen: set[str] = set()
+        hosts: list[MXHost] = []
+        for pref, _, host in keyed:
+            if host not in seen:
+                seen.add(host)
+                hosts.append(MXHost(host, pref))
+        return MXRoute(RouteStatus.OK, tuple(hosts))
+
+
+def _name(name: str) -> dns.name.Name:
+    if len(name.rstrip(".")) > MAX_NAME_LENGTH:
+        raise dns.name.NameTooLong
+    return dns.name.from_text(name)  # absolute: never the search list
+
+
+def _classify(exc: BaseException) -> Answer[Any]:
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return Answer(DNSStatus.NXDOMAIN, (), "NXDOMAIN")
+    if isinstance(exc, dns.resolver.NoAnswer):
+        return Answer(DNSStatus.NODATA, (), "no data")
+    if isinstance(exc, (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException,
+                        UnicodeError)):
+        return Answer(DNSStatus.NXDOMAIN, (), f"invalid name: {exc.__class__.__name__}")
+    if isinstance(exc, dns.exception.Timeout):
+        return Answer(DNSStatus.TEMPFAIL, (), "timeout")
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return Answer(DNSStatus.TEMPFAIL, (), "SERVFAIL or REFUSED from every nameserver")
+    return Answer(DNSStatus.TEMPFAIL, (), f"{exc.__class__.__name__}: {exc}"[:200])
+
+
+def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[Any]:
+    if answer.rrset is None:
+        return Answer(DNSStatus.NODATA, (), "no data")
+    records = tuple(convert_rdata(rtype, r) for r in answer.rrset)
+    return Answer(DNSStatus.OK, records) if records else Answer(DNSStatus.NODATA)
+
+
+@dataclass
+class Resolver(BaseResolver):
+    """dnspython-backed resolver. nameservers: "ADDR" / "ADDR:PORT" / "[V6]:PORT"; None = resolv.conf."""
+
+    nameservers: list[str] | None = None
+    timeout: float = 5.0
+    _async: dns.asyncresolver.Resolver = field(init=False, repr=False)
+    _sync: dns.resolver.Resolver = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._async = self._configure(dns.asyncresolver.Resolver)
+        self._sync = self._configure(dns.resolver.Resolver)
+
+    def _configure[R: dns.resolver.BaseResolver](self, cls: type[R]) -> R:
+        if self.nameservers is None:
+            try:
+                res = cls(configure=True)
+            except dns.resolver.NoResolverConfiguration:
+                res = cls(configure=False)
+                res.nameservers = ["127.0.0.1"]  # what the C library does without resolv.conf
+        else:
+            if not self.nameservers:
+                raise ValueError("nameservers: empty list")
+            res = cls(configure=False)
+            res.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(s)) for s in self.nameservers]
+        res.timeout = self.timeout
+        res.lifetime = self.timeout
+        res.use_edns(0, 0, 1232)  # the DNS flag day 2020 buffer size; TC answers are retried over TCP
+        return res
+
+    async def query(self, name: str, rtype: str) -> Answer[Any]:
+        if rtype not in SUPPORTED_TYPES:
+            raise ValueError(f"unsupported record type {rtype}")
+        try:
+            answer = await self._async.resolve(_name(name), rtype, raise_on_no_answer=False, search=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every DNS or network condition becomes an outcome
+            return _classify(exc)
+        return _from_response(rtype, answer)
+
+    def query_sync(self, name: str, rtype: str, timeout: float | None = None) -> Answer[Any]:
+        if rtype not in SUPPORTED_TYPES:
+            raise ValueError(f"unsupported record type {rtype}")
+        lifetime = self.timeout if timeout is None else min(self.timeout, timeout)
+        try:
+            answer = self._sync.resolve(_name(name), rtype, raise_on_no_answer=False, search=False,
+                                        lifetime=lifetime)
+        except Exception as exc:
+            return _classify(exc)
+        return _from_response(rtype, answer)
