@@ -563,32 +563,11 @@ def test_byte_by_byte_equals_whole() -> None:
 # --- Fuzzing: clean replies and known events, never an exception -----------------------------------
 
 COMMANDS = [
-    b"CAPA",
-    b"USER tim",
-    b"PASS secret",
-    b"PASS x",
-    b"AUTH PLAIN",
-    b"AUTH LOGIN",
-    b"AUTH SCRAM-SHA-256",
-    b"AUTH PLAIN AHRpbQBzZWNyZXQ=",
-    b"*",
-    b"=",
-    b"STLS",
-    b"STAT",
-    b"LIST",
-    b"LIST 1",
-    b"UIDL",
-    b"UIDL 9",
-    b"RETR 1",
-    b"RETR 2",
-    b"TOP 1 0",
-    b"TOP 2 5",
-    b"DELE 1",
-    b"DELE 2",
-    b"RSET",
-    b"NOOP",
-    b"QUIT",
-    b"",
+    c.encode()
+    for c in (
+        "CAPA|USER tim|PASS secret|PASS x|AUTH PLAIN|AUTH LOGIN|AUTH SCRAM-SHA-256|AUTH PLAIN AHRpbQBzZWNyZXQ=|"
+        "*|=|STLS|STAT|LIST|LIST 1|UIDL|UIDL 9|RETR 1|RETR 2|TOP 1 0|TOP 2 5|DELE 1|DELE 2|RSET|NOOP|QUIT|"
+    ).split("|")
 ]
 
 
