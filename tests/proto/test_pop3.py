@@ -562,13 +562,11 @@ def test_byte_by_byte_equals_whole() -> None:
 
 # --- Fuzzing: clean replies and known events, never an exception -----------------------------------
 
-COMMANDS = [
-    c.encode()
-    for c in (
-        "CAPA|USER tim|PASS secret|PASS x|AUTH PLAIN|AUTH LOGIN|AUTH SCRAM-SHA-256|AUTH PLAIN AHRpbQBzZWNyZXQ=|"
-        "*|=|STLS|STAT|LIST|LIST 1|UIDL|UIDL 9|RETR 1|RETR 2|TOP 1 0|TOP 2 5|DELE 1|DELE 2|RSET|NOOP|QUIT|"
-    ).split("|")
-]
+_COMMAND_TEXT = (
+    "CAPA|USER tim|PASS secret|PASS x|AUTH PLAIN|AUTH LOGIN|AUTH SCRAM-SHA-256|AUTH PLAIN AHRpbQBzZWNyZXQ=|"
+    "*|=|STLS|STAT|LIST|LIST 1|UIDL|UIDL 9|RETR 1|RETR 2|TOP 1 0|TOP 2 5|DELE 1|DELE 2|RSET|NOOP|QUIT|"
+)
+COMMANDS = [c.encode() for c in _COMMAND_TEXT.split("|")]
 
 
 def check_output(out: bytes) -> None:
