@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
-import os
 import re
 import sqlite3
 import threading
@@ -31,6 +28,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import normalize_domain
+from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -59,7 +57,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
 _MAX_ALIAS_DEPTH = 10
 _MAX_EXPANSION = 1000
-_SCRAM_ITERATIONS = 4096  # RFC 7677 §4 minimum
 
 
 class AccountError(Exception):
@@ -119,35 +116,25 @@ def normalize_address(address: str) -> str:
     return f"{local.lower()}@{domain}"
 
 
-@dataclass(frozen=True)
-class ScramCredentials:
-    salt: bytes
-    iterations: int
-    stored_key: bytes
-    server_key: bytes
-
-    def encode(self) -> str:
-        b = base64.b64encode
-        return f"{self.iterations}${b(self.salt).decode()}${b(self.stored_key).decode()}${b(self.server_key).decode()}"
-
-    @classmethod
-    def decode(cls, text: str) -> ScramCredentials | None:
-        try:
-            it, salt, sk, svk = text.split("$")
-            d = base64.b64decode
-            return cls(d(salt), int(it), d(sk), d(svk))
-        except (ValueError, TypeError):
-            return None
+def _encode_scram(c: ScramCredentials) -> str:
+    b = base64.b64encode
+    return f"{c.iterations}${b(c.salt).decode()}${b(c.stored_key).decode()}${b(c.server_key).decode()}"
 
 
-def scram_sha256_credentials(password: str, salt: bytes | None = None,
-                             iterations: int = _SCRAM_ITERATIONS) -> ScramCredentials:
-    """RFC 5802 §3 SaltedPassword, StoredKey and ServerKey for SCRAM-SHA-256 (RFC 7677)."""
-    salt = salt or os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    return ScramCredentials(salt, iterations, hashlib.sha256(client_key).digest(), server_key)
+def _decode_scram(text: str) -> ScramCredentials | None:
+    try:
+        it, salt, sk, svk = text.split("$")
+        d = base64.b64decode
+        return ScramCredentials(d(salt), int(it), d(sk), d(svk))
+    except (ValueError, TypeError):
+        return None
+
+
+def _scram_for(password: str) -> str:
+    try:
+        return _encode_scram(scram_credentials_from_password(password))
+    except ValueError:  # SASLprep prohibits this password: SCRAM is not offered to this user
+        return ""
 
 
 class Accounts:
@@ -252,7 +239,7 @@ class Accounts:
             raise AccountError(f"unknown mailbox format {fmt!r}")
         _check_password(password)
         pw_hash = self._hasher.hash(password)
-        scram = scram_sha256_credentials(password).encode()
+        scram = _scram_for(password)
         with self._db() as db:
             if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
                 raise AccountError(f"domain {domain} is not a local domain; add it first")
@@ -269,7 +256,7 @@ class Accounts:
         addr = normalize_address(address)
         _check_password(password)
         pw_hash = self._hasher.hash(password)
-        scram = scram_sha256_credentials(password).encode()
+        scram = _scram_for(password)
         with self._db() as db:
             if not db.execute("UPDATE users SET password=?, scram=? WHERE address=?", (pw_hash, scram, addr)).rowcount:
                 raise AccountError(f"no such user: {addr}")
@@ -305,7 +292,7 @@ class Accounts:
         except AccountError:
             return None
         row = self._conn().execute("SELECT scram FROM users WHERE address=?", (addr,)).fetchone()
-        return ScramCredentials.decode(row[0]) if row else None
+        return _decode_scram(row[0]) if row else None
 
     def verify_password(self, address: str, password: str) -> User | None:
         """Check a password (blocking: argon2). Unknown users cost a dummy verification too."""

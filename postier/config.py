@@ -88,6 +88,9 @@ class Limits:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     tls_handshake_timeout: float = 30.0
+    #: Seconds to wait before the SMTP greeting on port 25; a client that talks first is refused
+    #: (postscreen's pregreet test). 0 = greet at once (still refusing input that is already there).
+    greet_pause: float = 0.0
 
 
 @dataclass(frozen=True)

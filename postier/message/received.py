@@ -1,0 +1,60 @@
+"""Trace headers written by postier: Received (RFC 5321 §4.4) and Return-Path (RFC 5321 §4.4)."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+import time
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]")  # printable ASCII without space, for tokens from the peer
+
+
+def queue_id() -> str:
+    """A short unique id for logs and the Received `id` clause (RFC 5321 §4.4)."""
+    return f"{int(time.time()):x}{secrets.token_hex(5)}".upper()
+
+
+def _token(text: str, limit: int = 200) -> str:
+    return _UNSAFE.sub("?", text)[:limit] or "unknown"
+
+
+def protocol_name(esmtp: bool, tls: bool, auth: bool, lmtp: bool = False) -> str:
+    """RFC 3848 / RFC 2033 §4.1 `with` protocol types: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA, LMTP..."""
+    if lmtp:
+        base = "LMTP"
+    else:
+        base = "ESMTP" if esmtp else "SMTP"
+    if base == "SMTP":
+        return base
+    return base + ("S" if tls else "") + ("A" if auth else "")
+
+
+def received_header(*, helo: str, peer_ip: str, peer_name: str | None, by_host: str, protocol: str,
+                    qid: str, tls: str | None = None, recipient: str | None = None,
+                    when: float | None = None) -> bytes:
+    """One Received header, folded, CRLF-terminated. Every peer-supplied token is sanitised."""
+    rdns = f"{_token(peer_name)} " if peer_name else ""
+    ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
+    lines = [f"Received: from {_token(helo)} ({rdns}[{ip}])",
+             f"\tby {by_host} (postier) with {protocol} id {qid}"]
+    if tls:  # Postfix's form: (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
+        version, _, cipher = tls.partition(" ")
+        lines.append(f"\t(using {_token(version)} with cipher {_token(cipher)})")
+    if recipient:
+        lines.append(f"\tfor <{_token(recipient, 320)}>")
+    lines[-1] += ";"
+    lines.append("\t" + email.utils.formatdate(when, localtime=False))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def return_path(sender: str) -> bytes:
+    """RFC 5321 §4.4: the final delivery adds Return-Path with the envelope sender (<> for bounces)."""
+    return f"Return-Path: <{_token(sender, 320) if sender else ''}>\r\n".encode()
+
+
+def count_received(head: bytes) -> int:
+    """Number of Received headers in a header block (loop detection, RFC 5321 §6.3)."""
+    end = head.find(b"\r\n\r\n")
+    block = head if end < 0 else head[: end + 2]
+    return len(re.findall(rb"(?im)^received:", block))
