@@ -173,7 +173,7 @@ class DNSServer:
         reply = self.answer(request, transport)
         if reply is None:
             return None
-        packed = reply.pack()
+        packed: bytes = reply.pack()
         if limit is not None:
             size = 512
             for rr in request.ar:

@@ -116,8 +116,8 @@ def _dkimpy_key(private_key: bytes | str, algorithm: Algorithm) -> bytes:
 def signed_header_list(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The h= list for a message with these header fields (see the module docstring)."""
     counts: dict[str, int] = {}
-    for name, _ in headers:
-        key = name.decode("ascii", "replace").strip().lower()
+    for raw, _ in headers:
+        key = raw.decode("ascii", "replace").strip().lower()
         counts[key] = counts.get(key, 0) + 1
     out: list[bytes] = []
     for name in OVERSIGNED:
