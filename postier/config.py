@@ -118,6 +118,14 @@ class Outbound:
     source_address: str = ""
     #: Name used in EHLO; empty = hostname.
     helo_name: str = ""
+    #: Port of remote MX hosts (25; tests and private networks may change it).
+    smtp_port: int = 25
+    #: STARTTLS towards MX hosts: "opportunistic" (use it when offered, record whether the
+    #: certificate verified, never fail on it) or "verify" (a verified certificate is required;
+    #: otherwise the attempt is a temporary failure).
+    tls_policy: str = "opportunistic"
+    #: Extra CA certificates (PEM) trusted for outbound TLS, besides the system store.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -359,6 +367,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("submission.sender_policy: must be \"own\", \"domain\" or \"any\"")
     if cfg.relay.tls not in ("starttls", "implicit"):
         raise ConfigError("relay.tls: must be \"starttls\" or \"implicit\"")
+    if cfg.outbound.tls_policy not in ("opportunistic", "verify"):
+        raise ConfigError("outbound.tls_policy: must be \"opportunistic\" or \"verify\"")
+    if not 1 <= cfg.outbound.smtp_port <= 65535:
+        raise ConfigError(f"outbound.smtp_port: must be 1-65535, not {cfg.outbound.smtp_port}")
     if cfg.outbound.source_address:
         _check_address("outbound.source_address", cfg.outbound.source_address)
     if cfg.limits.max_recipients < 1:
