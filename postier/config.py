@@ -189,6 +189,15 @@ class MailAuth:
     dkim_sign: bool = True
     dmarc_reports: bool = False
     dnsbl: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net")
+    #: Refuse MAIL FROM at once when SPF says "fail" (otherwise DMARC decides at the end of DATA).
+    spf_fail_reject: bool = False
+    #: What `postier dns records` tells the admin to publish.
+    spf_record: str = "v=spf1 mx ~all"
+    dmarc_policy: str = "quarantine"  # "none" | "quarantine" | "reject"
+    #: Where aggregate reports for our domains go (rua): a local part (the domain is added) or an address.
+    report_address: str = "dmarc-reports"
+    #: Messages above this size are not DKIM-verified (memory bound); see pipeline/mailauth.py.
+    max_verify_size: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -373,6 +382,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"outbound.smtp_port: must be 1-65535, not {cfg.outbound.smtp_port}")
     if cfg.outbound.source_address:
         _check_address("outbound.source_address", cfg.outbound.source_address)
+    if cfg.mailauth.dmarc_policy not in ("none", "quarantine", "reject"):
+        raise ConfigError("mailauth.dmarc_policy: must be \"none\", \"quarantine\" or \"reject\"")
+    if not cfg.mailauth.spf_record.startswith("v=spf1"):
+        raise ConfigError("mailauth.spf_record: must start with \"v=spf1\"")
     if cfg.limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients: must be at least 1")
     if cfg.limits.max_message_size < 1024:
