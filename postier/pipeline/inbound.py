@@ -64,12 +64,15 @@ class Envelope:
     mail_params: dict[str, str | None] = field(default_factory=dict)
     recipients: list[Recipient] = field(default_factory=list)
     qid: str = field(default_factory=queue_id)
+    #: Per-transaction results of mail authentication (SPF at MAIL FROM; see pipeline/mailauth.py).
+    auth: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.mail_from = ""
         self.mail_params = {}
         self.recipients = []
         self.qid = queue_id()
+        self.auth = {}
 
 
 @dataclass(frozen=True)
