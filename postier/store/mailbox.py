@@ -1,0 +1,1012 @@
+"""The mailbox API shared by the IMAP and POP3 servers: Maildir++ folders (RFC 9051 §5.1 names) over
+the per-user index, with durable writes, flag changes, expunge, copy/move and change notification.
+
+Layout (as Dovecot lays Maildir++ out): INBOX is the Maildir itself; folder "A.B" is the directory
+`.A.B` next to `cur/new/tmp`, with non-ASCII names stored in modified UTF-7 (RFC 3501 §5.1.3) so
+that directory names stay ASCII. The hierarchy separator is "." (Dovecot's default for Maildir++),
+so a folder name cannot contain "."; names are checked before any path is built (no "/", no empty
+components, hence no ".." and no absolute names, no `cur`/`new`/`tmp` components, no control
+characters, bounded length and depth) and the result is always a direct child of the Maildir.
+
+Every method of `UserMailbox` blocks on the disk: servers call them through `MailStore.call()`,
+which runs them in the store's worker threads, one user at a time (a per-user lock). Per process,
+the mailboxes of one user are one `UserMailbox`, shared by that user's sessions; the current state of
+each open folder (`FolderState`, with its UID array) is shared too, and sessions keep the array they
+last announced (arrays are replaced, never changed in place), so idle sessions cost little memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..accounts import User
+from ..proto.imap.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from .index import (
+    FLAG_DELETED,
+    INDEX_NAME,
+    FolderRow,
+    MessageRow,
+    StoreError,
+    UserIndex,
+    encode_suffix,
+    fsync_folder,
+    names_to_flags,
+)
+from .maildir import ensure_maildir, fsync_dir, unique_name
+
+__all__ = [
+    "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderState",
+    "MailStore", "PopMessage", "StatusInfo", "StoreError", "StoreResult", "UserMailbox",
+    "folder_dir_name", "mailstore_for", "normalize_name",
+]
+
+log = logging.getLogger("postier.store")
+
+SEPARATOR = "."
+INBOX = "INBOX"
+SUBSCRIPTIONS_FILE = "postier-subscriptions"
+MAX_NAME_CHARS = 200
+MAX_DEPTH = 16
+_RESERVED = frozenset({"cur", "new", "tmp"})
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f/%*]")
+#: RFC 6154 §2 attributes for the default folders, by name.
+DEFAULT_SPECIAL_USE: dict[str, str] = {
+    "Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive",
+}
+SPECIAL_USES = frozenset({"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"})
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+def normalize_name(name: str) -> str:
+    """Check an IMAP mailbox name and return its canonical form (INBOX upper-cased, RFC 9051 §5.1).
+
+    Raises StoreError for names that could not be a folder here, whatever the client sent.
+    """
+    if name.upper() == INBOX:
+        return INBOX
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise StoreError("invalid mailbox name (length)", "CANNOT")
+    if _BAD_CHARS.search(name):
+        raise StoreError("invalid mailbox name (forbidden character)", "CANNOT")
+    parts = name.split(SEPARATOR)
+    if len(parts) > MAX_DEPTH:
+        raise StoreError("mailbox hierarchy too deep", "LIMIT")
+    for p in parts:
+        if not p or p.strip() != p:
+            raise StoreError("invalid mailbox name (empty or padded component)", "CANNOT")
+        if p.lower() in _RESERVED:
+            raise StoreError(f"invalid mailbox name ({p!r} is reserved by Maildir)", "CANNOT")
+    if parts[0].upper() == INBOX:
+        parts[0] = INBOX
+    return SEPARATOR.join(parts)
+
+
+def folder_dir_name(name: str) -> str:
+    """The Maildir++ directory name of a (normalized, non-INBOX) folder: "." + modified UTF-7."""
+    enc = mutf7_encode(name)
+    if len(enc) + 1 > 255:  # NAME_MAX
+        raise StoreError("mailbox name too long", "LIMIT")
+    return "." + enc
+
+
+def _name_from_dir(dirname: str) -> str | None:
+    if not dirname.startswith(".") or dirname in (".", ".."):
+        return None
+    try:
+        name = mutf7_decode(dirname[1:])
+        return normalize_name(name) if name != INBOX else None
+    except (Mutf7Error, StoreError):
+        return None
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+@dataclass
+class FolderState:
+    """An open folder as this process knows it. `uids` is replaced (never mutated) when it changes."""
+
+    name: str
+    fid: int
+    path: Path
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    uids: array[int]
+    version: int = 0
+    special_use: str = ""
+    keywords: tuple[str, ...] = ()
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+
+@dataclass(frozen=True, slots=True)
+class FolderInfo:
+    name: str
+    special_use: str  # "" or an RFC 6154 attribute
+
+
+@dataclass(frozen=True, slots=True)
+class StatusInfo:
+    messages: int
+    unseen: int
+    deleted: int
+    size: int
+    uidnext: int
+    uidvalidity: int
+    highestmodseq: int
+    recent: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    modseq: int
+    changed: dict[int, MessageRow]  # uid -> row after the change (only messages that changed)
+    unchanged: list[int] = field(default_factory=list)  # matched, flags already so
+    conflicts: list[int] = field(default_factory=list)  # RFC 7162 UNCHANGEDSINCE failures
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    uidvalidity: int  # of the destination
+    source_uids: list[int]
+    dest_uids: list[int]
+
+
+class PopMessage(NamedTuple):
+    """One INBOX message for POP3: `uidl` is stable across sessions and index rebuilds."""
+
+    uid: int
+    size: int
+    path: Path
+    uidl: str
+
+
+# -- one user's mailboxes -------------------------------------------------------------------------
+
+def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(self: UserMailbox, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class UserMailbox:
+    """Every folder of one user. All public methods block (disk, SQLite) and take the user lock."""
+
+    def __init__(self, user: User, maildir: Path, index_path: Path,
+                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE)):
+        self.user = user
+        self.root = maildir
+        self.lock = threading.RLock()
+        ensure_maildir(maildir)
+        self.index = UserIndex(index_path)
+        self.states: dict[str, FolderState] = {}
+        self.special_use_folders = tuple(special_use_folders)
+        self._defaults_done = False
+        self.refs = 0
+
+    def close(self) -> None:
+        with self.lock:
+            self.index.close()
+            self.states.clear()
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        """The directory of a normalized folder name (INBOX is the Maildir root)."""
+        if name == INBOX:
+            return self.root
+        p = self.root / folder_dir_name(name)
+        if p.parent != self.root:  # belt and braces: names never contain "/"
+            raise StoreError("invalid mailbox name", "CANNOT")
+        return p
+
+    def _exists(self, name: str) -> bool:
+        if name == INBOX:
+            return True
+        p = self.path_of(name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode)
+
+    def _default_use(self, name: str) -> str:
+        if name in self.special_use_folders:
+            return DEFAULT_SPECIAL_USE.get(name, "")
+        return ""
+
+    # -- folders ------------------------------------------------------------------------------
+
+    @_locked
+    def ensure_defaults(self) -> None:
+        """Create the special-use folders (Sent, Drafts, Trash, Junk, Archive) when missing."""
+        if self._defaults_done:
+            return
+        for name in self.special_use_folders:
+            with contextlib.suppress(StoreError):
+                n = normalize_name(name)
+                if not self._exists(n):
+                    self._create(n, self._default_use(n) or None)
+                    self._subscribe(n, True)
+        self._defaults_done = True
+
+    @_locked
+    def list_folders(self) -> list[FolderInfo]:
+        """Every existing folder, INBOX first (implied parents are not included)."""
+        out = [FolderInfo(INBOX, "")]
+        names: list[str] = []
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.name[0] != "." or not e.is_dir(follow_symlinks=False):
+                    continue
+                n = _name_from_dir(e.name)
+                if n is not None:
+                    names.append(n)
+        uses = {n: u for n, u in self.index.conn.execute("SELECT name, special_use FROM folders")}
+        for n in sorted(names):
+            out.append(FolderInfo(n, uses.get(n) or self._default_use(n)))
+        return out
+
+    @_locked
+    def exists(self, name: str) -> bool:
+        return self._exists(normalize_name(name))
+
+    @_locked
+    def create(self, name: str, special_use: str | None = None) -> None:
+        """RFC 9051 §6.3.4 CREATE (with RFC 6154 §3 USE); parents are implied, not created."""
+        n = normalize_name(name.rstrip(SEPARATOR) if name.endswith(SEPARATOR) else name)
+        if n == INBOX or self._exists(n):
+            raise StoreError("mailbox already exists", "ALREADYEXISTS")
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise StoreError("unsupported special-use attribute", "USEATTR")
+        self._create(n, special_use)
+
+    def _create(self, name: str, special_use: str | None) -> None:
+        p = self.path_of(name)
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            raise StoreError("mailbox already exists", "ALREADYEXISTS") from None
+        ensure_maildir(p)
+        (p / "maildirfolder").touch()  # Maildir++ marker, as Dovecot and Courier write it
+        self.index.forget_folder(name)  # a stale row from a folder deleted behind our back
+        self.index.attach_folder(name, p, special_use or "")
+        fsync_dir(self.root)
+
+    @_locked
+    def delete(self, name: str) -> None:
+        """RFC 9051 §6.3.5 DELETE: the folder and its messages go; its children stay."""
+        n = normalize_name(name)
+        if n == INBOX:
+            raise StoreError("INBOX cannot be deleted", "CANNOT")
+        if not self._exists(n):
+            raise StoreError("no such mailbox", "NONEXISTENT")
+        p = self.path_of(n)
+        trash = self.root / "tmp" / f".deleted.{secrets.token_hex(8)}"
+        os.rename(p, trash)  # atomic: no half-deleted folder is ever listed
+        fsync_dir(self.root)
+        self.index.forget_folder(n)
+        self.states.pop(n, None)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @_locked
+    def rename(self, old: str, new: str) -> None:
+        """RFC 9051 §6.3.6 RENAME, children included; renaming INBOX moves its messages."""
+        o = normalize_name(old)
+        n = normalize_name(new)
+        if n == INBOX:
+            raise StoreError("cannot rename to INBOX", "ALREADYEXISTS")
+        if o == n or self._exists(n):
+            raise StoreError("target mailbox already exists", "ALREADYEXISTS")
+        if (n + SEPARATOR).startswith(o + SEPARATOR):
+            raise StoreError("cannot rename a mailbox into itself", "CANNOT")
+        if o == INBOX:
+            self._rename_inbox(n)
+            return
+        prefix = o + SEPARATOR
+        moves = [(x.name, n + x.name[len(o):]) for x in self.list_folders()
+                 if x.name == o or x.name.startswith(prefix)]
+        if not moves:
+            raise StoreError("no such mailbox", "NONEXISTENT")
+        for _a, b in moves:
+            normalize_name(b)
+            if self._exists(b):
+                raise StoreError(f"target mailbox {b} already exists", "ALREADYEXISTS")
+        for a, b in moves:
+            os.rename(self.path_of(a), self.path_of(b))
+            self.index.rename_folder(a, b)
+            self.states.pop(a, None)
+        fsync_dir(self.root)
+        subs = self._subscriptions()
+        if any(s == o or s.startswith(prefix) for s in subs):
+            self._write_subscriptions([n + s[len(o):] if (s == o or s.startswith(prefix)) else s for s in subs])
+
+    def _rename_inbox(self, new: str) -> None:
+        # RFC 9051 §6.3.6: all INBOX messages move to the new name; INBOX stays, empty.
+        self._create(new, None)
+        st = self._open(INBOX)
+        if len(st.uids):
+            self._move(INBOX, list(st.uids), new)
+
+    # -- subscriptions (RFC 9051 §6.3.7) -----------------------------------------------------
+
+    def _subscriptions(self) -> list[str]:
+        try:
+            text = (self.root / SUBSCRIPTIONS_FILE).read_text("utf-8", errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.split("\n")[:10000] if line]
+
+    def _write_subscriptions(self, names: Iterable[str]) -> None:
+        seen: dict[str, None] = dict.fromkeys(names)
+        tmp = self.root / (SUBSCRIPTIONS_FILE + ".tmp")
+        tmp.write_text("".join(f"{n}\n" for n in seen), "utf-8")
+        os.replace(tmp, self.root / SUBSCRIPTIONS_FILE)
+
+    def _subscribe(self, name: str, on: bool) -> None:
+        subs = self._subscriptions()
+        if on and name not in subs:
+            self._write_subscriptions([*subs, name])
+        elif not on and name in subs:
+            self._write_subscriptions([s for s in subs if s != name])
+
+    @_locked
+    def subscriptions(self) -> list[str]:
+        return self._subscriptions()
+
+    @_locked
+    def subscribe(self, name: str, on: bool = True) -> None:
+        n = normalize_name(name)
+        if on and not self._exists(n):
+            raise StoreError("no such mailbox", "NONEXISTENT")
+        self._subscribe(n, on)
+
+    # -- opening and syncing ------------------------------------------------------------------
+
+    def _row(self, name: str) -> FolderRow:
+        if not self._exists(name):
+            self.states.pop(name, None)
+            raise StoreError("no such mailbox", "NONEXISTENT")
+        p = self.path_of(name)
+        ensure_maildir(p)
+        return self.index.attach_folder(name, p, self._default_use(name))
+
+    def _open(self, name: str, force: bool = False) -> FolderState:
+        row = self._row(name)
+        p = self.path_of(name)
+        res = self.index.sync(row, p, force=force)
+        row = res.folder
+        st = self.states.get(name)
+        if st is None or st.fid != row.id or st.uidvalidity != row.uidvalidity:
+            st = FolderState(name, row.id, p, row.uidvalidity, row.uidnext, row.highestmodseq,
+                             self.index.uid_array(row.id), 1, row.special_use or self._default_use(name),
+                             row.keywords)
+            self.states[name] = st
+            return st
+        if res.uids_changed:
+            st.uids = self.index.uid_array(row.id)
+            st.version += 1
+        st.uidnext = row.uidnext
+        st.highestmodseq = row.highestmodseq
+        st.keywords = row.keywords
+        st.special_use = row.special_use or self._default_use(name)
+        return st
+
+    @_locked
+    def open(self, name: str, force: bool = False) -> FolderState:
+        """Sync the folder with the disk and return its state (SELECT, NOOP, IDLE wake-ups)."""
+        return self._open(normalize_name(name), force)
+
+    @_locked
+    def state(self, name: str) -> FolderState:
+        """The folder's state without touching the disk when it is already open."""
+        n = normalize_name(name)
+        st = self.states.get(n)
+        return st if st is not None else self._open(n)
+
+    @_locked
+    def needs_sync(self, name: str) -> bool:
+        st = self.states.get(name)
+        return st is None or self.index.needs_sync(st.fid, st.path)
+
+    @_locked
+    def claim_recent(self, name: str) -> int:
+        st = self._open(normalize_name(name))
+        return self.index.claim_recent(st.fid)
+
+    @_locked
+    def status(self, name: str) -> StatusInfo:
+        n = normalize_name(name)
+        st = self._open(n)
+        msgs, unseen, deleted, size = self.index.counts(st.fid)
+        r = self.index.folder(n)
+        recent_from = r.recent_uid if r else st.uidnext
+        recent = len(st.uids) - _bisect(st.uids, recent_from)
+        return StatusInfo(msgs, unseen, deleted, size, st.uidnext, st.uidvalidity, st.highestmodseq, recent)
+
+    @_locked
+    def first_unseen(self, name: str) -> int | None:
+        st = self._open(normalize_name(name))
+        return self.index.first_unseen(st.fid)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    @_locked
+    def rows(self, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        st = self.state(name)
+        return self.index.rows(st.fid, uids)
+
+    @_locked
+    def all_rows(self, name: str) -> list[MessageRow]:
+        st = self.state(name)
+        return list(self.index.all_rows(st.fid))
+
+    @_locked
+    def flag_rows(self, name: str, lo: int, hi: int) -> list[tuple[int, int, str, int]]:
+        st = self.state(name)
+        return self.index.flag_rows(st.fid, lo, hi)
+
+    @_locked
+    def changed_since(self, name: str, modseq: int, max_uid: int | None = None) -> list[tuple[int, int, str, int]]:
+        st = self.state(name)
+        rows = self.index.changed_since(st.fid, modseq)
+        return rows if max_uid is None else [r for r in rows if r[0] <= max_uid]
+
+    @_locked
+    def vanished_since(self, name: str, modseq: int) -> list[int] | None:
+        st = self.state(name)
+        return self.index.vanished_since(st.fid, modseq)
+
+    def _file(self, st: FolderState, row: MessageRow) -> Path:
+        return st.path / row.relpath()
+
+    def _resolve(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, Path]:
+        """The message's current path; resyncs once when another program renamed the file."""
+        p = self._file(st, row)
+        if os.path.exists(p):
+            return row, p
+        self._open(st.name, force=True)
+        fresh = self.index.row(st.fid, row.uid)
+        if fresh is None:
+            raise StoreError("message was expunged", "EXPUNGEISSUED")
+        return fresh, self._file(st, fresh)
+
+    @_locked
+    def read(self, name: str, row: MessageRow) -> bytes:
+        """The message as served: CRLF line ends (a bare-LF file written by another tool converted)."""
+        st = self.state(name)
+        row, p = self._resolve(st, row)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+        if row.lf is None:
+            lf = int(data.count(b"\n") != data.count(b"\r\n"))
+            if lf:
+                data = _to_crlf(data)
+            self.index.set_lf(st.fid, row.uid, lf, len(data))
+        elif row.lf:
+            data = _to_crlf(data)
+        return data
+
+    @_locked
+    def read_header(self, name: str, row: MessageRow, limit: int = 256 * 1024) -> bytes:
+        """The header block (up to the blank line), without reading a large body."""
+        st = self.state(name)
+        row, p = self._resolve(st, row)
+        try:
+            with open(p, "rb") as f:
+                head = f.read(8192)
+                while b"\n\r\n" not in head and b"\n\n" not in head and len(head) < limit:
+                    more = f.read(65536)
+                    if not more:
+                        break
+                    head += more
+        except FileNotFoundError:
+            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            i = head.find(sep)
+            if i >= 0:
+                head = head[: i + len(sep)]
+                break
+        return _to_crlf(head) if b"\n" in head.replace(b"\r\n", b"") else head
+
+    @_locked
+    def internal_date(self, name: str, row: MessageRow) -> int:
+        """INTERNALDATE (RFC 9051 §2.3.3) as a Unix time: the file's mtime, as Dovecot keeps it."""
+        if row.idate is not None:
+            return row.idate
+        st = self.state(name)
+        row, p = self._resolve(st, row)
+        try:
+            t = int(os.stat(p).st_mtime)
+        except FileNotFoundError:
+            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+        self.index.set_idate(st.fid, row.uid, t)
+        return t
+
+    @_locked
+    def internal_dates(self, name: str, rows: Sequence[MessageRow]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in rows:
+            try:
+                out[r.uid] = self.internal_date(name, r)
+            except StoreError:
+                pass
+        return out
+
+    @_locked
+    def cache_get(self, name: str, uids: Sequence[int], kind: str) -> dict[int, bytes]:
+        st = self.state(name)
+        return self.index.cache_get(st.fid, uids, kind)
+
+    @_locked
+    def cache_put(self, name: str, items: Sequence[tuple[int, str, bytes]]) -> None:
+        st = self.state(name)
+        self.index.cache_put(st.fid, items)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _after_uids_added(self, st: FolderState, new_uids: Sequence[int], modseq: int) -> None:
+        a = array("I", st.uids)
+        a.extend(new_uids)
+        st.uids = a
+        st.version += 1
+        st.highestmodseq = max(st.highestmodseq, modseq)
+        st.uidnext = max(st.uidnext, (new_uids[-1] + 1) if new_uids else st.uidnext)
+
+    def _after_uids_removed(self, st: FolderState, gone: Iterable[int], modseq: int) -> None:
+        g = set(gone)
+        if g:
+            st.uids = array("I", [u for u in st.uids if u not in g])
+            st.version += 1
+        st.highestmodseq = max(st.highestmodseq, modseq)
+
+    @_locked
+    def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
+               internal_date: float | None = None) -> tuple[int, int]:
+        """RFC 9051 §6.3.12 APPEND: durable (tmp, fsync, rename, fsync dir) before the index and
+        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        n = normalize_name(name)
+        if not self._exists(n):
+            raise StoreError("no such mailbox", "TRYCREATE")
+        st = self._open(n)
+        bits, kws = names_to_flags(flag_names)
+        row = self.index.folder(n)
+        assert row is not None
+        row = self.index.add_keywords(row, st.path, kws)
+        kws = self.index.canonical_keywords(row, kws)
+        if b"\n" in data.replace(b"\r\n", b""):
+            data = _to_crlf(data)
+        base = unique_name(len(data))
+        suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
+        sub = 1 if suffix else 0
+        tmp = st.path / "tmp" / base
+        final = st.path / ("cur" if sub else "new") / (base + suffix)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if internal_date is not None:
+                os.utime(tmp, (internal_date, internal_date))
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        idate = int(internal_date) if internal_date is not None else int(time.time())
+        modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),
+                                                                 len(data), idate, 0)])
+        self._after_uids_added(st, uids, modseq)
+        return st.uidvalidity, uids[0]
+
+    @_locked
+    def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
+              unchangedsince: int | None = None) -> StoreResult:
+        """RFC 9051 §6.4.6 STORE: mode "FLAGS", "+FLAGS" or "-FLAGS"; RFC 7162 §3.1.3 UNCHANGEDSINCE."""
+        n = normalize_name(name)
+        st = self.state(n)
+        bits, kws = names_to_flags(flag_names)
+        row = self.index.folder(n)
+        assert row is not None
+        if mode != "-FLAGS":
+            row = self.index.add_keywords(row, st.path, kws)
+            kws = self.index.canonical_keywords(row, kws)
+        rows = self.index.rows(st.fid, uids)
+        kl = {k.lower() for k in kws}
+        changes: list[tuple[MessageRow, int, list[str]]] = []
+        unchanged: list[int] = []
+        conflicts: list[int] = []
+        for uid in sorted(rows):
+            m = rows[uid]
+            if unchangedsince is not None and m.modseq > unchangedsince:
+                conflicts.append(uid)
+                continue
+            old_k = m.keywords.split(" ") if m.keywords else []
+            if mode == "FLAGS":
+                nb, nk = bits, list(kws)
+            elif mode == "+FLAGS":
+                nb = m.flags | bits
+                nk = old_k + [k for k in kws if k.lower() not in {x.lower() for x in old_k}]
+            else:
+                nb = m.flags & ~bits
+                nk = [k for k in old_k if k.lower() not in kl]
+            if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
+                unchanged.append(uid)
+                continue
+            changes.append((m, nb, nk))
+        modseq, done = self.index.set_flags(row, st.path, changes)
+        st.highestmodseq = max(st.highestmodseq, modseq)
+        st.keywords = row.keywords
+        after = self.index.rows(st.fid, done)
+        return StoreResult(modseq, after, unchanged, conflicts)
+
+    @_locked
+    def expunge(self, name: str, uids: Iterable[int] | None = None) -> list[int]:
+        """RFC 9051 §6.4.3 EXPUNGE (RFC 4315 §2.1 UID EXPUNGE when `uids` is given): remove the
+        \\Deleted messages. Returns the expunged UIDs."""
+        n = normalize_name(name)
+        st = self.state(n)
+        want = set(uids) if uids is not None else None
+        rows = [r for r in self.index.all_rows(st.fid)
+                if r.flags & FLAG_DELETED and (want is None or r.uid in want)] if want is None or len(want) > 64 \
+            else [r for r in self.index.rows(st.fid, want).values() if r.flags & FLAG_DELETED]
+        return self._remove(st, rows)
+
+    def _remove(self, st: FolderState, rows: Sequence[MessageRow]) -> list[int]:
+        if not rows:
+            return []
+        row = self.index.folder(st.name)
+        assert row is not None
+        for r in rows:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(st.path / r.relpath())
+        fsync_folder(st.path)
+        gone = [r.uid for r in rows]
+        modseq = self.index.remove_messages(row, rows)
+        self._after_uids_removed(st, gone, modseq)
+        return gone
+
+    @_locked
+    def delete_uids(self, name: str, uids: Iterable[int]) -> list[int]:
+        """Remove messages whatever their flags (POP3 DELE at QUIT)."""
+        st = self.state(normalize_name(name))
+        return self._remove(st, list(self.index.rows(st.fid, uids).values()))
+
+    @_locked
+    def copy(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
+        """RFC 9051 §6.4.7 COPY with COPYUID (RFC 4315 §3): hard links where possible, all or nothing."""
+        s, d = normalize_name(src), normalize_name(dst)
+        if not self._exists(d):
+            raise StoreError("no such mailbox", "TRYCREATE")
+        return self._copy(s, list(uids), d, move=False)
+
+    @_locked
+    def move(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
+        """RFC 6851 MOVE: rename the files into the destination, new UIDs there, expunged here."""
+        s, d = normalize_name(src), normalize_name(dst)
+        if not self._exists(d):
+            raise StoreError("no such mailbox", "TRYCREATE")
+        return self._move(s, list(uids), d)
+
+    def _move(self, s: str, uids: list[int], d: str) -> CopyResult:
+        return self._copy(s, uids, d, move=True)
+
+    def _copy(self, s: str, uids: list[int], d: str, move: bool) -> CopyResult:
+        sst = self.state(s)
+        dst = self._open(d)
+        if s == d and move:
+            raise StoreError("source and destination are the same mailbox", "CANNOT")
+        rows = self.index.rows(sst.fid, uids)
+        ordered = [rows[u] for u in sorted(rows)]
+        drow = self.index.folder(d)
+        srow = self.index.folder(s)
+        assert drow is not None and srow is not None
+        # Keywords move with the messages: register them in the destination first.
+        all_k = {k for r in ordered for k in (r.keywords.split(" ") if r.keywords else [])}
+        drow = self.index.add_keywords(drow, dst.path, sorted(all_k))
+        known_bases = {b for (b,) in self.index.conn.execute("SELECT base FROM msgs WHERE folder=?", (dst.fid,))} \
+            if len(ordered) > 32 else None
+        placed: list[Path] = []
+        entries: list[tuple[str, int, str, int, str, int, int | None, int | None]] = []
+        done_src: list[MessageRow] = []
+        try:
+            for r in ordered:
+                r, sp = self._resolve(sst, r)
+                base = r.base
+                clash = (base in known_bases) if known_bases is not None else \
+                    self.index.conn.execute("SELECT 1 FROM msgs WHERE folder=? AND base=?",
+                                            (dst.fid, base)).fetchone() is not None
+                if clash or s == d:
+                    base = unique_name(r.size)
+                kws = r.keywords.split(" ") if r.keywords else []
+                suffix = encode_suffix(r.suffix, r.flags, kws, drow.keywords) if (r.flags or kws or r.suffix) else ""
+                sub = 1 if suffix else 0
+                target = dst.path / ("cur" if sub else "new") / (base + suffix)
+                if move:
+                    os.rename(sp, target)
+                else:
+                    _link_or_copy(sp, target, dst.path / "tmp" / base)
+                placed.append(target)
+                done_src.append(r)
+                entries.append((base, sub, suffix, r.flags, r.keywords, r.size, r.idate, r.lf))
+        except FileNotFoundError:
+            self._undo(placed, done_src, sst, move)
+            raise StoreError("a message was expunged meanwhile", "EXPUNGEISSUED") from None
+        except OSError as exc:
+            self._undo(placed, done_src, sst, move)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError("no space left", "OVERQUOTA") from None
+            raise
+        fsync_folder(dst.path)
+        if move:
+            fsync_folder(sst.path)
+        modseq, new_uids = self.index.add_messages(drow, dst.path, entries) if entries else (dst.highestmodseq, [])
+        self._after_uids_added(dst, new_uids, modseq)
+        src_uids = [r.uid for r in done_src]
+        self.index.copy_cache(sst.fid, dst.fid, list(zip(src_uids, new_uids, strict=True)))
+        if move and src_uids:
+            m2 = self.index.remove_messages(srow, done_src)
+            self._after_uids_removed(sst, src_uids, m2)
+        return CopyResult(dst.uidvalidity, src_uids, new_uids)
+
+    def _undo(self, placed: list[Path], done: list[MessageRow], sst: FolderState, move: bool) -> None:
+        for target, r in zip(placed, done, strict=True):
+            with contextlib.suppress(OSError):
+                if move:
+                    os.rename(target, sst.path / r.relpath())
+                else:
+                    os.unlink(target)
+
+    # -- POP3 (RFC 1939) -------------------------------------------------------------------
+
+    @_locked
+    def pop_listing(self) -> list[PopMessage]:
+        st = self._open(INBOX)
+        out = []
+        for r in self.index.all_rows(st.fid):
+            # RFC 1939 §7 UIDL: 1-70 printable characters, never reused: UIDVALIDITY and UID,
+            # Dovecot's default pop3_uidl_format (%08Xu%08Xv).
+            out.append(PopMessage(r.uid, r.size, st.path / r.relpath(), f"{r.uid:08X}{st.uidvalidity:08X}"))
+        return out
+
+    @_locked
+    def mark_seen(self, uids: Iterable[int]) -> None:
+        self.store(INBOX, uids, "+FLAGS", ["\\Seen"])
+
+
+def _bisect(a: array[int], x: int) -> int:
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _to_crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
+    try:
+        os.link(src, dst)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+    shutil.copyfile(src, tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.copystat(src, tmp)
+    os.rename(tmp, dst)
+
+
+# -- every user, one process ----------------------------------------------------------------------
+
+class ChangeNotifier:
+    """Wakes IDLE sessions: deliveries and other sessions call `notify()`; for changes made by other
+    programs, each watched folder's `new/` and `cur/` mtimes are polled every `interval` seconds
+    (two stat calls per folder, in the event loop) while someone watches it."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = max(0.05, interval)
+        self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
+        self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def watch(self, address: str, folder: str, path: Path | None, callback: Callable[[], None]) -> Callable[[], None]:
+        key = (address, folder)
+        self._watchers.setdefault(key, set()).add(callback)
+        if path is not None and key not in self._pollers:
+            with contextlib.suppress(RuntimeError):
+                self._pollers[key] = asyncio.get_running_loop().create_task(self._poll(key, path))
+
+        def unwatch() -> None:
+            ws = self._watchers.get(key)
+            if ws is not None:
+                ws.discard(callback)
+                if not ws:
+                    del self._watchers[key]
+                    t = self._pollers.pop(key, None)
+                    if t is not None:
+                        t.cancel()
+        return unwatch
+
+    def notify(self, address: str, folder: str) -> None:
+        for cb in list(self._watchers.get((address, folder), ())):
+            try:
+                cb()
+            except Exception:
+                log.exception("change watcher failed")
+
+    async def _poll(self, key: tuple[str, str], path: Path) -> None:
+        def mtimes() -> tuple[int, int]:
+            try:
+                return os.stat(path / "new").st_mtime_ns, os.stat(path / "cur").st_mtime_ns
+            except OSError:
+                return -1, -1
+        last = mtimes()
+        while key in self._watchers:
+            await asyncio.sleep(self.interval)
+            now = mtimes()
+            if now != last:
+                last = now
+                self.notify(*key)
+
+    def close(self) -> None:
+        for t in self._pollers.values():
+            t.cancel()
+        self._pollers.clear()
+        self._watchers.clear()
+
+
+class MailStore:
+    """Every user's mailboxes for one process: a shared `UserMailbox` per user (reference counted),
+    a worker pool for the blocking calls, and the change notifier."""
+
+    def __init__(self, mail_root: Path, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
+                 workers: int = 8, poll_interval: float = 0.5):
+        self.mail_root = mail_root
+        self.special_use_folders = tuple(special_use_folders)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+        self.notifier = ChangeNotifier(poll_interval)
+        self._users: dict[str, UserMailbox] = {}
+        self._lock = threading.Lock()
+
+    def index_path(self, user: User) -> Path:
+        return user.home(self.mail_root) / INDEX_NAME
+
+    def acquire(self, user: User) -> UserMailbox:
+        """The user's mailboxes (blocking: opens the index); pair with `release()`."""
+        with self._lock:
+            mb = self._users.get(user.address)
+            if mb is None:
+                md = user.maildir(self.mail_root)
+                md.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
+                self._users[user.address] = mb
+            mb.refs += 1
+            return mb
+
+    def release(self, mb: UserMailbox) -> None:
+        with self._lock:
+            mb.refs -= 1
+            if mb.refs <= 0 and self._users.get(mb.user.address) is mb:
+                del self._users[mb.user.address]
+                mb.close()
+
+    def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Run a blocking store call in the worker pool."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.notifier.close()
+        self.executor.shutdown(wait=True)
+        with self._lock:
+            for mb in self._users.values():
+                mb.close()
+            self._users.clear()
+
+    # -- POP3 entry points (blocking; run them through `call`) ---------------------------------
+
+    def open_inbox(self, user: User) -> list[PopMessage]:
+        """INBOX messages in UID order (POP3 message numbers are positions in this list)."""
+        mb = self.acquire(user)
+        try:
+            return mb.pop_listing()
+        finally:
+            self.release(mb)
+
+    def mark_seen(self, user: User, uids: Iterable[int]) -> None:
+        mb = self.acquire(user)
+        try:
+            mb.mark_seen(list(uids))
+        finally:
+            self.release(mb)
+
+    def delete(self, user: User, uids: Iterable[int]) -> list[int]:
+        """Remove INBOX messages (POP3 DELE, applied in the UPDATE state); returns the UIDs removed."""
+        mb = self.acquire(user)
+        try:
+            return mb.delete_uids(INBOX, list(uids))
+        finally:
+            self.release(mb)
+
+    def message_bytes(self, user: User, uid: int) -> bytes:
+        """An INBOX message with CRLF line ends (files other tools wrote with bare LF converted)."""
+        mb = self.acquire(user)
+        try:
+            rows = mb.rows(INBOX, [uid])
+            if uid not in rows:
+                raise StoreError("message was expunged", "EXPUNGEISSUED")
+            return mb.read(INBOX, rows[uid])
+        finally:
+            self.release(mb)
+
+    def reindex(self, user: User) -> dict[str, int]:
+        """Rebuild the user's index from the Maildir (journals keep the UIDs); returns counts."""
+        with self._lock:
+            if user.address in self._users:
+                raise StoreError("the user's mailboxes are open in this process", "INUSE")
+        p = self.index_path(user)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(p) + suffix)
+        mb = self.acquire(user)
+        try:
+            out: dict[str, int] = {}
+            for f in mb.list_folders():
+                out[f.name] = len(mb.open(f.name, force=True).uids)
+            return out
+        finally:
+            self.release(mb)
+
+
+def mailstore_for(services: Any) -> MailStore:
+    """The process's MailStore, created on first use and kept in `services.extensions`: deliveries
+    wake IDLE sessions through it, and it closes with the services."""
+    store: MailStore | None = services.extensions.get("mailstore")
+    if store is None:
+        cfg = services.config
+        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders,
+                          poll_interval=cfg.imap.idle_poll_interval)
+        services.extensions["mailstore"] = store
+
+        def delivered(user: User, folder: str) -> None:
+            store.notifier.notify(user.address, INBOX if folder.upper() == INBOX else folder)
+
+        services.mda.listeners.append(delivered)
+        services.on_close(store.close)
+    return store
