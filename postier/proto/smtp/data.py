@@ -1,0 +1,137 @@
+"""Message content framing: DATA dot-unstuffing and end detection (RFC 5321 §4.5.2), BDAT chunks (RFC 3030).
+
+Both readers scan whole chunks with bytes.find/count/replace and never loop over lines in Python: this is
+the hot path of the server. Both flag, without buffering, the three faults that make a message
+undeliverable: a bare CR or LF (RFC 5321 §2.3.8, SMTP smuggling), a line over the limit and a message over
+the size limit. After a fault they stop emitting content but keep reading to the end of the message.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+_END: Final = b"\r\n.\r\n"  # RFC 5321 §4.1.1.4: only CRLF "." CRLF ends the mail data
+_END_PREFIXES: Final = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+
+
+class Fault(enum.Enum):
+    BARE_NEWLINE = "bare CR or LF"
+    LINE_TOO_LONG = "line too long"
+    TOO_BIG = "message too big"
+
+
+class _Checker:
+    """Size, line length and bare CR/LF checks over wire segments that never split a CRLF."""
+
+    __slots__ = ("fault", "max_line", "max_size", "size", "_line")
+
+    def __init__(self, max_size: int, max_line: int) -> None:
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0  # content octets accepted so far (RFC 1870 §3 counts CRLFs, not stuffing dots)
+        self.fault: Fault | None = None
+        self._line = 0  # octets of the current, unterminated line
+
+    def _check(self, seg: bytes) -> None:
+        crlf = seg.count(b"\r\n")
+        # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF
+        if seg.count(b"\r") != crlf or seg.count(b"\n") != crlf:
+            self.fault = Fault.BARE_NEWLINE
+            return
+        # RFC 5321 §4.5.3.1.6 (limit raised by configuration): jump from the last LF inside each window of
+        # max_line octets, so a chunk of short lines costs one rfind per max_line octets.
+        n, pos, cur, limit = len(seg), 0, self._line, self.max_line
+        while pos + limit - cur < n:
+            lf = seg.rfind(b"\n", pos, pos + limit - cur)
+            if lf < 0:
+                self.fault = Fault.LINE_TOO_LONG
+                return
+            pos, cur = lf + 1, 0
+        lf = seg.rfind(b"\n", pos)
+        self._line = cur + n - pos if lf < 0 else n - lf - 1
+
+    def _count(self, out: bytes) -> bool:
+        self.size += len(out)
+        if self.size > self.max_size:  # RFC 1870 §6.3
+            self.fault = Fault.TOO_BIG
+        return self.fault is None
+
+
+class DotReader(_Checker):
+    """Reads DATA content: returns unstuffed content and how much input the message used.
+
+    A held-back tail (at most 4 octets that could begin CRLF.CRLF) carries state between chunks; the stream
+    is read as if preceded by CRLF, so a first line "." ends the message and a first ".." is unstuffed.
+    """
+
+    __slots__ = ("_tail", "_strip")
+
+    def __init__(self, max_size: int, max_line: int) -> None:
+        super().__init__(max_size, max_line)
+        self._tail = b"\r\n"
+        self._strip = 2
+
+    def feed(self, data: bytes) -> tuple[bytes, int, bool]:
+        """Return (content, octets of `data` consumed, message ended). Content is b"" after a fault."""
+        buf = self._tail + data if self._tail else data
+        end = buf.find(_END)
+        if end >= 0:
+            seg, used, done = buf[: end + 2], end + 5 - len(self._tail), True
+            self._tail = b""
+        else:
+            keep = 0
+            for prefix in _END_PREFIXES:
+                if buf.endswith(prefix):
+                    keep = len(prefix)
+                    break
+            seg, used, done = buf[: len(buf) - keep], len(data), False
+            self._tail = buf[len(buf) - keep :]
+        if self.fault is not None:
+            return b"", used, done
+        self._check(seg)
+        # RFC 5321 §4.5.2: a line's leading "." is removed (the end marker is already cut off)
+        out = seg.replace(b"\r\n.", b"\r\n")
+        if self._strip:  # the virtual CRLF, possibly arriving over several feeds
+            k = min(self._strip, len(out))
+            out, self._strip = out[k:], self._strip - k
+        if self.fault is None and self._count(out):
+            return out, used, done
+        return b"", used, done
+
+
+class ChunkReader(_Checker):
+    """Checks BDAT content (RFC 3030 §2: raw octets, no stuffing); a CRLF may straddle two chunks.
+
+    With `binary` (BODY=BINARYMIME, RFC 3030 §3) content is arbitrary octets: only the size is checked.
+    """
+
+    __slots__ = ("binary", "_cr")
+
+    def __init__(self, max_size: int, max_line: int, binary: bool = False) -> None:
+        super().__init__(max_size, max_line)
+        self.binary = binary
+        self._cr = b""  # a CR that ended the previous piece, waiting for its LF
+
+    def feed(self, data: bytes) -> bytes:
+        """Check one piece of chunk content and return it (b"" after a fault)."""
+        if self.fault is not None or not data:
+            return b""
+        if self.binary:
+            return data if self._count(data) else b""
+        seg = self._cr + data if self._cr else data
+        if seg.endswith(b"\r"):
+            self._cr, seg = b"\r", seg[:-1]
+        else:
+            self._cr = b""
+        self._check(seg)
+        if self.fault is None and self._count(seg):
+            return seg
+        return b""
+
+    def finish(self) -> bytes:
+        """End of the last chunk: a CR still waiting is bare."""
+        if self._cr and self.fault is None:
+            self.fault = Fault.BARE_NEWLINE
+        self._cr = b""
+        return b""
