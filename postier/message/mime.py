@@ -1,0 +1,447 @@
+"""MIME tree of a stored message (RFC 5322 header, RFC 2045/2046 parts), as offsets into one buffer.
+
+Written here rather than with the stdlib ``email`` parser because IMAP needs exact octet offsets of
+every header, body and MIME header (for BODY[1.2.MIME] and sizes), never-raising degradation on
+broken mail, and hard bounds on depth and part count; ``email`` rewrites, allocates per part and
+raises or "defects" in ways that do not map onto those needs.
+
+Line endings: everything is computed on the CRLF form. ``parse_message`` converts bare LF (as in
+Maildir files written by other tools) to CRLF first, so sizes, line counts and sections match what
+the server sends, which is that CRLF form. Broken MIME degrades like Dovecot: a bad Content-Type is
+text/plain (RFC 2045 §5.2), a multipart without boundary parameter or whose boundary never occurs
+gets one empty text/plain part, an encoded message/rfc822 gets an empty encapsulated message, and
+past the depth/part caps parts are left unsplit the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "HeaderField", "Part", "UnknownCTE", "decode_body",
+    "decode_header_text", "decode_transfer_encoding", "parse_message", "parse_params", "to_crlf",
+]
+
+MAX_DEPTH = 50
+MAX_PARTS = 10_000
+MAX_HEADER_FIELDS = 5_000  # per part; further lines stay in the raw header only
+
+
+def to_crlf(raw: bytes) -> bytes:
+    """Turn bare LF into CRLF (existing CRLF untouched; a lone CR stays)."""
+    if raw.count(b"\n") == raw.count(b"\r\n"):
+        return raw
+    return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
+
+
+@dataclass(slots=True)
+class HeaderField:
+    name: str  # as written, ASCII (undecodable octets replaced)
+    start: int  # offset of the field's first octet
+    end: int  # offset after its final CRLF
+    value: bytes  # after the colon, folding kept, final CRLF removed
+
+    def unfolded(self) -> bytes:
+        """RFC 5322 §2.2.3: unfold (drop CRLF before WSP); outer whitespace stripped."""
+        return self.value.replace(b"\r\n", b"").strip(b" \t")
+
+
+@dataclass(slots=True)
+class Part:
+    """One entity: a header then a body, ``msg[start:body_start]`` and ``msg[body_start:end]``.
+
+    ``header_end`` is where the header fields end (before the blank line); ``has_blank`` says whether
+    the blank line exists. ``children`` are the subparts of a multipart; ``message`` is the
+    encapsulated message of a message/rfc822 (or message/global) part.
+    """
+
+    msg: bytes
+    start: int
+    header_end: int
+    body_start: int
+    end: int
+    has_blank: bool
+    fields: list[HeaderField]
+    ctype: tuple[str, str] = ("text", "plain")  # as written (or the default), for BODYSTRUCTURE
+    params: list[tuple[bytes, bytes]] = field(default_factory=list)
+    default_type: bool = True  # no valid Content-Type: the default (text/plain or message/rfc822)
+    children: list[Part] = field(default_factory=list)
+    message: Part | None = None
+
+    # -- content type ----------------------------------------------------------------------
+
+    @property
+    def maintype(self) -> str:
+        return self.ctype[0].lower()
+
+    @property
+    def subtype(self) -> str:
+        return self.ctype[1].lower()
+
+    @property
+    def is_multipart(self) -> bool:
+        return bool(self.children)
+
+    def param(self, name: str) -> bytes | None:
+        lname = name.lower().encode("ascii")
+        return next((v for k, v in self.params if k.lower() == lname), None)
+
+    @property
+    def encoding(self) -> str:
+        """Content-Transfer-Encoding, lower-cased; "7bit" when absent."""
+        raw = self.first(b"content-transfer-encoding")
+        if raw is None:
+            return "7bit"
+        return raw.split(b"(")[0].strip().decode("ascii", "replace").lower() or "7bit"
+
+    # -- header access ---------------------------------------------------------------------
+
+    def headers(self, name: bytes | str) -> Iterator[HeaderField]:
+        lname = (name.encode("ascii") if isinstance(name, str) else name).lower().decode("ascii")
+        return (f for f in self.fields if f.name and f.name.lower() == lname)
+
+    def first(self, name: bytes | str) -> bytes | None:
+        """The unfolded value of the first field called ``name``, or None."""
+        return next((f.unfolded() for f in self.headers(name)), None)
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The header including the blank line (when there is one)."""
+        return self.msg[self.start : self.body_start]
+
+    @property
+    def body(self) -> bytes:
+        return self.msg[self.body_start : self.end]
+
+    @property
+    def body_size(self) -> int:
+        return self.end - self.body_start
+
+    @property
+    def body_lines(self) -> int:
+        """Text lines in the body: the number of line ends (a final unterminated line is not
+        counted, as in Dovecot; a part's last line ends at the CRLF owned by the boundary)."""
+        return self.msg.count(b"\n", self.body_start, self.end)
+
+    def walk(self) -> Iterator[Part]:
+        """This part and every part below it, depth first (encapsulated messages included)."""
+        stack: list[Part] = [self]
+        while stack:
+            p = stack.pop()
+            yield p
+            if p.message is not None:
+                stack.append(p.message)
+            stack.extend(reversed(p.children))
+
+
+# -- header parsing ----------------------------------------------------------------------------
+
+def _parse_header(msg: bytes, start: int, end: int) -> tuple[list[HeaderField], int, int, bool]:
+    """Fields from ``start``; returns (fields, header_end, body_start, has_blank)."""
+    if msg.startswith(b"\r\n", start) and start + 2 <= end:
+        return [], start, start + 2, True
+    blank = msg.find(b"\r\n\r\n", start, end)
+    if blank < 0:
+        header_end, body_start, has_blank = end, end, False
+    else:
+        header_end, body_start, has_blank = blank + 2, blank + 4, True
+    fields: list[HeaderField] = []
+    pos = start
+    current: HeaderField | None = None
+    while pos < header_end:
+        eol = msg.find(b"\r\n", pos, header_end)
+        line_end = header_end if eol < 0 else eol + 2
+        first = msg[pos]
+        if first in (0x20, 0x09) and current is not None:
+            current.end = line_end  # RFC 5322 §2.2.3 continuation line
+        else:
+            if len(fields) >= MAX_HEADER_FIELDS:
+                current = None  # over the cap: kept in the raw header only
+            else:
+                colon = msg.find(b":", pos, line_end)
+                name = msg[pos:colon].rstrip(b" \t") if colon > pos else b""  # obs: "Subject :"
+                if not name or re.search(rb"[\x00-\x20\x7f]", name):
+                    name = b""  # not a header line: a nameless field nothing asks for by name
+                current = HeaderField(name.decode("ascii", "replace"), pos, line_end, b"")
+                fields.append(current)
+        pos = line_end
+    for f in fields:
+        colon = msg.find(b":", f.start, f.end) if f.name else f.start - 1
+        value_end = f.end - 2 if msg[f.end - 2 : f.end] == b"\r\n" else f.end
+        f.value = msg[colon + 1 : value_end]
+    return fields, header_end, body_start, has_blank
+
+
+# -- parameters (RFC 2045 §5.1) ------------------------------------------------------------------
+
+_TOKEN = re.compile(rb"[^\x00-\x20\x7f()<>@,;:\\\"/\[\]?=]+")
+
+
+def _skip_cfws(s: bytes, i: int) -> int:
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c in b" \t\r\n":
+            i += 1
+        elif c == 0x28:  # comment, nested
+            depth = 0
+            while i < n:
+                if s[i] == 0x5C:
+                    i += 2
+                    continue
+                if s[i] == 0x28:
+                    depth += 1
+                elif s[i] == 0x29:
+                    depth -= 1
+                    if depth == 0:
+                        i += 1
+                        break
+                i += 1
+        else:
+            break
+    return i
+
+
+def _quoted(s: bytes, i: int) -> tuple[bytes, int]:
+    """Unquote the quoted-string at s[i] == '"'; an unterminated one runs to the end."""
+    out = bytearray()
+    i += 1
+    while i < len(s):
+        c = s[i]
+        if c == 0x5C and i + 1 < len(s):
+            out.append(s[i + 1])
+            i += 2
+        elif c == 0x22:
+            return bytes(out), i + 1
+        else:
+            out.append(c)
+            i += 1
+    return bytes(out), i
+
+
+def parse_params(s: bytes, i: int) -> list[tuple[bytes, bytes]]:
+    """``; name=value; name="quoted"`` from offset ``i``; malformed pieces are skipped, never raised."""
+    params: list[tuple[bytes, bytes]] = []
+    n = len(s)
+    while i < n and len(params) < 100:
+        i = _skip_cfws(s, i)
+        if i >= n:
+            break
+        if s[i] != 0x3B:  # ";"
+            nxt = s.find(b";", i)
+            if nxt < 0:
+                break
+            i = nxt
+        i = _skip_cfws(s, i + 1)
+        m = _TOKEN.match(s, i)
+        if m is None:
+            continue
+        name = m.group()
+        i = _skip_cfws(s, m.end())
+        if i >= n or s[i] != 0x3D:  # "="
+            continue
+        i = _skip_cfws(s, i + 1)
+        if i < n and s[i] == 0x22:
+            value, i = _quoted(s, i)
+        else:
+            m = _TOKEN.match(s, i)
+            if m is None:
+                # lenient: an unquoted value with specials up to ";" (common in real mail)
+                end = s.find(b";", i)
+                end = n if end < 0 else end
+                value, i = s[i:end].strip(), end
+            else:
+                value, i = m.group(), m.end()
+        params.append((name, value))
+    return params
+
+
+def _content_type(value: bytes | None) -> tuple[tuple[str, str], list[tuple[bytes, bytes]]] | None:
+    if value is None:
+        return None
+    i = _skip_cfws(value, 0)
+    m = _TOKEN.match(value, i)
+    if m is None:
+        return None
+    i = _skip_cfws(value, m.end())
+    if i >= len(value) or value[i] != 0x2F:  # "/"
+        return None
+    i = _skip_cfws(value, i + 1)
+    m2 = _TOKEN.match(value, i)
+    if m2 is None:
+        return None
+    ctype = (m.group().decode("ascii"), m2.group().decode("ascii"))
+    return ctype, parse_params(value, m2.end())
+
+
+# -- tree ---------------------------------------------------------------------------------------
+
+class _Budget:
+    def __init__(self) -> None:
+        self.parts = 0
+
+
+def parse_message(raw: bytes) -> Part:
+    """Parse a whole message (LF or CRLF line ends) into its MIME tree. Never raises."""
+    msg = to_crlf(raw)
+    return _parse_entity(msg, 0, len(msg), _Budget(), 0, digest_child=False)
+
+
+def _parse_entity(msg: bytes, start: int, end: int, budget: _Budget, depth: int, digest_child: bool) -> Part:
+    budget.parts += 1
+    fields, header_end, body_start, has_blank = _parse_header(msg, start, end)
+    part = Part(msg, start, header_end, body_start, end, has_blank, fields)
+    parsed = _content_type(part.first(b"content-type"))
+    if parsed is not None:
+        part.ctype, part.params = parsed
+        part.default_type = False
+    elif digest_child:
+        part.ctype = ("message", "rfc822")  # RFC 2046 §5.1.5
+    if part.maintype == "text" and part.param("charset") is None:
+        part.params.append((b"charset", b"us-ascii"))  # RFC 2045 §5.2 default, shown like Dovecot
+    capped = depth >= MAX_DEPTH or budget.parts >= MAX_PARTS
+    if part.maintype == "multipart":
+        boundary = part.param("boundary")
+        spans = _split(msg, body_start, end, boundary) if boundary and not capped else []
+        digest = part.subtype == "digest"
+        for cs, ce in spans:
+            if budget.parts >= MAX_PARTS:
+                break
+            part.children.append(_parse_entity(msg, cs, ce, budget, depth + 1, digest))
+        if not part.children:
+            # RFC 9051 §9 needs 1*body in a multipart: one empty text/plain part, like Dovecot
+            part.children.append(_empty(msg, body_start))
+    elif part.maintype == "message" and part.subtype in ("rfc822", "global"):
+        # RFC 9051 §9 body-type-msg always carries an envelope and a body; an encoded (or capped)
+        # message/rfc822 stays opaque and gets an empty one.
+        if not capped and part.encoding in ("7bit", "8bit", "binary"):
+            part.message = _parse_entity(msg, body_start, end, budget, depth + 1, False)
+        else:
+            part.message = _empty(msg, body_start)
+    return part
+
+
+def _empty(msg: bytes, at: int) -> Part:
+    return Part(msg, at, at, at, at, False, [], params=[(b"charset", b"us-ascii")])
+
+
+def _split(msg: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """Part spans between ``--boundary`` lines (RFC 2046 §5.1.1); the CRLF before a delimiter
+    belongs to the delimiter. Stops at the close delimiter or ``end``."""
+    delim = b"--" + boundary
+    spans: list[tuple[int, int]] = []
+    part_start: int | None = None
+    pos = start
+    while pos < end:
+        i = msg.find(delim, pos, end)
+        if i < 0:
+            break
+        pos = i + 1
+        if i != start and msg[i - 2 : i] != b"\r\n":
+            continue
+        after = i + len(delim)
+        closing = msg.startswith(b"--", after) and after + 2 <= end
+        eol = msg.find(b"\r\n", after, end)
+        line_end = end if eol < 0 else eol + 2
+        rest = msg[after + (2 if closing else 0) : line_end if eol < 0 else eol]
+        if rest.strip(b" \t"):
+            continue  # "--boundaryXYZ" is another boundary, not ours
+        if part_start is not None:
+            spans.append((part_start, max(part_start, i - 2) if i != start else i))
+        if closing:
+            return spans
+        part_start = line_end
+        pos = line_end
+    if part_start is not None:
+        spans.append((part_start, end))
+    return spans
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+class UnknownCTE(ValueError):
+    """A Content-Transfer-Encoding the server cannot decode (RFC 3516 §4.3 ``NO [UNKNOWN-CTE]``)."""
+
+
+def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
+    """Undo a Content-Transfer-Encoding, leniently (garbage characters skipped, never raising on
+    broken data); raise UnknownCTE for an encoding that is not RFC 2045's."""
+    enc = encoding.lower()
+    if enc in ("7bit", "8bit", "binary", ""):
+        return data
+    if enc == "base64":
+        clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+        clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
+        try:
+            return base64.b64decode(clean + b"=" * (-len(clean) % 4))
+        except (binascii.Error, ValueError):
+            return b""
+    if enc == "quoted-printable":
+        return binascii.a2b_qp(data)
+    raise UnknownCTE(encoding)
+
+
+def _codec(charset: str | None) -> str:
+    if not charset:
+        return "utf-8"
+    name = charset.strip().strip('"').lower()
+    if name in ("us-ascii", "ascii", "unknown-8bit", "x-unknown"):
+        return "utf-8"  # 8-bit text labelled ASCII is usually UTF-8 in practice
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return "utf-8"
+    return info.name if getattr(info, "_is_text_encoding", True) else "utf-8"
+
+
+def decode_body(part: Part) -> str:
+    """A text part's body as text: transfer encoding then charset undone (best effort)."""
+    try:
+        data = decode_transfer_encoding(part.body, part.encoding)
+    except UnknownCTE:
+        data = part.body
+    charset = part.param("charset")
+    return data.decode(_codec(charset.decode("ascii", "replace") if charset else None), "replace")
+
+
+_ENCODED_WORD = re.compile(rb"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+
+
+def decode_header_text(raw: bytes) -> str:
+    """Unfolded header value with RFC 2047 encoded words decoded (whitespace between adjacent
+    encoded words dropped, §6.2); undecodable pieces are kept as they are."""
+    raw = raw.replace(b"\r\n", b"")
+    out: list[str] = []
+    pos = 0
+    last_was_word = False
+    for m in _ENCODED_WORD.finditer(raw):
+        between = raw[pos : m.start()]
+        if not (last_was_word and not between.strip(b" \t")):
+            out.append(_text(between))
+        charset, kind, text = m.group(1), m.group(2).upper(), m.group(3)
+        try:
+            if kind == b"B":
+                text += b"=" * (-len(text) % 4)
+                data = base64.b64decode(text)
+            else:
+                data = binascii.a2b_qp(text.replace(b"_", b" "))
+            out.append(data.decode(_codec(charset.decode("ascii", "replace")), "replace"))
+            last_was_word = True
+        except (binascii.Error, ValueError):
+            out.append(_text(m.group()))
+            last_was_word = False
+        pos = m.end()
+    out.append(_text(raw[pos:]))
+    return "".join(out)
+
+
+def _text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")  # RFC 6532 raw UTF-8 headers
+    except UnicodeDecodeError:
+        return b.decode("latin-1")
