@@ -348,3 +348,39 @@ def test_search_depth_bounded() -> None:
         p(nots)
     ok = b"a SEARCH " + b"(" * 10 + b"SEEN" + b")" * 10
     assert search(ok).criteria == FlagKey("\\Seen")
+
+
+REAL_CLIENT_LINES = [
+    # Thunderbird
+    b'1 capability', b'2 ID ("name" "Thunderbird" "version" "128.5.0")', b"3 authenticate PLAIN",
+    b'4 select "INBOX" (CONDSTORE)', b"5 UID fetch 1:* (FLAGS)",
+    b"6 UID fetch 5:7 (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date Message-ID "
+    b"Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To)])",
+    b'7 STATUS "Sent" (UIDNEXT MESSAGES UNSEEN RECENT HIGHESTMODSEQ)', b'8 list (SUBSCRIBED) "" "*" RETURN (SPECIAL-USE)',
+    b"9 UID store 5 +FLAGS (\\Seen)", b'10 UID MOVE 5 "Trash"', b"11 IDLE", b"12 UID fetch 5 (UID RFC822.SIZE BODY.PEEK[])",
+    b"13 UID fetch 5 (UID RFC822.SIZE BODY.PEEK[1.2.MIME] BODY.PEEK[1.2]<0.16384>)", b"14 namespace",
+    b'15 UID fetch 1:* (FLAGS) (CHANGEDSINCE 1234)', b"16 UID EXPUNGE 5:7", b'17 LIST "" "%" RETURN (CHILDREN)',
+    # mutt
+    b"a0001 UID FETCH 1:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (DATE FROM SENDER SUBJECT "
+    b"TO CC MESSAGE-ID REFERENCES CONTENT-TYPE CONTENT-DESCRIPTION IN-REPLY-TO REPLY-TO LINES LIST-POST "
+    b"X-LABEL X-ORIGINAL-TO)])",
+    b'a0002 LSUB "" "*"', b"a0003 UID STORE 1:3,7 +FLAGS.SILENT (\\Deleted)", b"a0004 CLOSE",
+    b'a0005 APPEND "Sent" (\\Seen) " 1-Feb-2024 09:00:00 +0100" {5+}\r\nhello',
+    # mbsync (isync)
+    b'5 UID FETCH 1:1000000000 (UID FLAGS BODY.PEEK[HEADER.FIELDS (X-TUID)])', b"6 UID FETCH 42 (BODY.PEEK[])",
+    b'7 APPEND "INBOX" (\\Seen) {3+}\r\nabc', b'8 CREATE "Archive/2024"', b"9 UID STORE 42 -FLAGS.SILENT (\\Flagged)",
+    # imaplib / imapclient
+    b"IMPK1 SEARCH ALL", b"IMPK2 UID SEARCH CHARSET UTF-8 SUBJECT {6}\r\nGr\xc3\xbc\xc3\x9f", b"IMPK3 UID SEARCH UNSEEN",
+    b"IMPK4 FETCH 1 (RFC822)", b"IMPK5 ENABLE UTF8=ACCEPT", b"IMPK6 UNSELECT",
+    b'IMPK7 SEARCH SINCE 01-Feb-2024 NOT FROM "bob"',
+    # Apple Mail, K-9, Outlook
+    b"A1 UID SEARCH 1:* NOT DELETED", b'A2 EXAMINE "INBOX" (QRESYNC (1 2 1:10))',
+    b"A3 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 5 VANISHED)", b"A4 LOGIN user@example.com \"p@ss w0rd\"",
+    b'A5 LIST "" "*"', b"A6 UID COPY 1:5 Archive", b'A7 SEARCH RETURN (SAVE) SEEN', b"A8 UID SEARCH RETURN (ALL) UID $",
+]
+
+
+@pytest.mark.parametrize("line", REAL_CLIENT_LINES)
+def test_real_client_lines(line: bytes) -> None:
+    cmd = p(line)
+    assert cmd.tag == line.split(b" ", 1)[0].decode()

@@ -117,7 +117,8 @@ class CommandReader:
 
     @property
     def in_command(self) -> bool:
-        """True while part of a command (or a skipped line) has been read."""
+        """True if unprocessed bytes are buffered or a command is partly assembled (e.g. to decide
+        whether an idle-timeout or shutdown interrupts a client mid-command)."""
         return bool(self._cmd) or self._mode is not _Mode.LINE or bool(self._buf)
 
     def discard_buffered(self) -> int:
