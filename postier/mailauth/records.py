@@ -1,0 +1,300 @@
+"""The DNS records a mail domain publishes (RFC 5321 §5.1 MX, RFC 7208 SPF, RFC 6376 DKIM, RFC 7489 DMARC)
+and a live check of them, with reverse DNS and DNS blocklists of the sending address.
+
+`expected_records()` says what to publish; `zone_lines()` writes it as zone-file text;
+`check_domain()` asks the DNS (through our Resolver) and returns one `Finding` per record.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from postier.config import Config
+from postier.mailauth.dmarc import DMARCRecordError, parse_record
+from postier.mailauth.keys import DKIMKey
+from postier.mailauth.spf import SPFStatus, check_spf
+from postier.resolver import BaseResolver, DNSStatus, reverse_name
+
+__all__ = ["Record", "Status", "Finding", "public_addresses", "rua_address", "dmarc_value", "expected_records",
+           "zone_lines", "check_domain", "dnsbl_name", "key_fingerprint"]
+
+TTL = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    name: str
+    rtype: str
+    value: str
+    comment: str = ""
+    placeholder: bool = False  # the admin must fill the value in
+
+
+class Status(StrEnum):
+    OK = "OK"
+    MISSING = "MISSING"
+    WRONG = "WRONG"
+    LISTED = "LISTED"
+    UNKNOWN = "UNKNOWN"  # the DNS did not answer (temporary failure)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    status: Status
+    what: str     # "MX", "SPF", "DKIM", ...
+    name: str     # the DNS name looked at
+    detail: str = ""
+    expected: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status.value:<8} {self.what:<6} {self.name}"
+        if self.detail:
+            text += f": {self.detail}"
+        if self.expected and self.status is not Status.OK:
+            text += f"\n{'':16}expected: {self.expected}"
+        return text
+
+
+def public_addresses(cfg: Config) -> list[str]:
+    """The addresses this host sends and receives from, as far as the configuration tells (global only)."""
+    out: list[str] = []
+    candidates = [cfg.outbound.source_address]
+    smtp = cfg.listeners.get("smtp")
+    if smtp is not None:
+        candidates.append(smtp.address)
+    for a in candidates:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            continue
+        if ip.is_global and str(ip) not in out:
+            out.append(str(ip))
+    return out
+
+
+def rua_address(cfg: Config, domain: str) -> str:
+    ra = cfg.mailauth.report_address
+    return ra if "@" in ra else f"{ra}@{domain}"
+
+
+def dmarc_value(cfg: Config, domain: str) -> str:
+    return f"v=DMARC1; p={cfg.mailauth.dmarc_policy}; rua=mailto:{rua_address(cfg, domain)}"
+
+
+def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresses: Sequence[str]
+                     ) -> list[Record]:
+    host = cfg.hostname
+    recs = [Record(domain, "MX", f"10 {host}.", "RFC 5321 §5.1: where mail for the domain goes")]
+    if addresses:
+        for a in addresses:
+            recs.append(Record(host, "AAAA" if ":" in a else "A", a, "the mail host's address"))
+    else:
+        recs.append(Record(host, "A", "<public IPv4 address of this server>", "fill in the address (and an "
+                           "AAAA record for IPv6)", placeholder=True))
+    recs.append(Record(domain, "TXT", cfg.mailauth.spf_record, "SPF (RFC 7208): who may send for the domain"))
+    recs.append(Record(host, "TXT", "v=spf1 a -all", "SPF for the HELO name (RFC 7208 §2.3)"))
+    for k in keys:
+        if k.state == "retired":
+            recs.append(Record(k.dns_name, "TXT", k.txt, "retired DKIM key: may be removed", placeholder=True))
+        else:
+            recs.append(Record(k.dns_name, "TXT", k.txt, f"DKIM (RFC 6376) {k.algorithm}, {k.state}"))
+    recs.append(Record(f"_dmarc.{domain}", "TXT", dmarc_value(cfg, domain), "DMARC (RFC 7489)"))
+    if addresses:
+        for a in addresses:
+            recs.append(Record(reverse_name(a), "PTR", f"{host}.", "reverse DNS: set by whoever owns the "
+                               "address (your hosting provider)"))
+    else:
+        recs.append(Record("<reverse name of the address>", "PTR", f"{host}.", "reverse DNS: ask your hosting "
+                           "provider to point the address at the mail host", placeholder=True))
+    return recs
+
+
+def _txt_strings(value: str) -> str:
+    """A TXT value as zone-file character-strings of at most 255 octets (RFC 1035 §3.3.14)."""
+    parts = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+    quoted = ['"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts]
+    return quoted[0] if len(quoted) == 1 else "( " + " ".join(quoted) + " )"
+
+
+def zone_lines(records: Sequence[Record]) -> list[str]:
+    out = []
+    for r in records:
+        value = _txt_strings(r.value) if r.rtype == "TXT" else r.value
+        line = f"{r.name}.\t{TTL}\tIN\t{r.rtype}\t{value}"
+        if r.comment:
+            out.append(f"; {r.comment}")
+        out.append(("; " if r.placeholder else "") + line)
+    return out
+
+
+def dnsbl_name(ip: str, zone: str) -> str:
+    """The name to look up for `ip` on a DNSBL (RFC 5782 §2.1 IPv4, §2.4 IPv6 nibbles)."""
+    rev = reverse_name(ip)
+    return rev.rsplit(".", 2)[0] + "." + zone.rstrip(".")
+
+
+def _dkim_p(txt: str) -> str:
+    tags = {}
+    for part in txt.split(";"):
+        k, _, v = part.partition("=")
+        tags[k.strip().lower()] = "".join(v.split())
+    return tags.get("p", "")
+
+
+async def _txts(resolver: BaseResolver, name: str) -> tuple[DNSStatus, list[str]]:
+    answer = await resolver.txt(name)
+    return answer.status, [bytes(r).decode("utf-8", "replace") for r in answer.records]
+
+
+def _absent(status: DNSStatus) -> bool:
+    return status in (DNSStatus.NXDOMAIN, DNSStatus.NODATA)
+
+
+async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: Sequence[DKIMKey],
+                       addresses: Sequence[str] = ()) -> list[Finding]:
+    """Query the live DNS for everything `expected_records` lists, plus rDNS and blocklists."""
+    host = cfg.hostname
+    found: list[Finding] = []
+    expected = {r.rtype + r.name: r for r in expected_records(cfg, domain, keys, addresses)}
+
+    # MX
+    mx = await resolver.mx(domain)
+    want_mx = f"10 {host}"
+    if mx.status is DNSStatus.TEMPFAIL:
+        found.append(Finding(Status.UNKNOWN, "MX", domain, mx.reason))
+    elif _absent(mx.status):
+        found.append(Finding(Status.MISSING, "MX", domain, "no MX record", want_mx))
+    elif any(r.exchange == host for r in mx.records):
+        found.append(Finding(Status.OK, "MX", domain, ", ".join(f"{r.preference} {r.exchange}" for r in mx.records)))
+    else:
+        found.append(Finding(Status.WRONG, "MX", domain, ", ".join(f"{r.preference} {r.exchange}"
+                                                                   for r in mx.records), want_mx))
+
+    # The mail host's addresses; when none were given, the published ones are the sending addresses.
+    addrs = await resolver.addresses(host)
+    published = [str(ipaddress.ip_address(a)) for a in addrs.records]
+    if addrs.status is DNSStatus.TEMPFAIL:
+        found.append(Finding(Status.UNKNOWN, "A", host, addrs.reason))
+    elif not published:
+        found.append(Finding(Status.MISSING, "A", host, "no A/AAAA record",
+                             ", ".join(addresses) or "the server's public address"))
+    elif addresses and not set(addresses) <= set(published):
+        found.append(Finding(Status.WRONG, "A", host, ", ".join(published), ", ".join(addresses)))
+    else:
+        found.append(Finding(Status.OK, "A", host, ", ".join(published)))
+    ips = list(addresses) or published
+
+    # SPF for the domain, and for the HELO name
+    for name, what, want in ((domain, "SPF", cfg.mailauth.spf_record), (host, "SPF", "v=spf1 a -all")):
+        if what == "SPF" and name == host and host == domain:
+            continue
+        status, txts = await _txts(resolver, name)
+        spf = [t for t in txts if t.lower().startswith("v=spf1") and (len(t) == 6 or t[6] == " ")]
+        if status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, what, name, "DNS temporary failure"))
+        elif not spf:
+            found.append(Finding(Status.MISSING, what, name, "no SPF record", want))
+        elif len(spf) > 1:
+            found.append(Finding(Status.WRONG, what, name, "several SPF records (RFC 7208 §4.5: permerror)", want))
+        else:
+            bad = []
+            for ip in ips:
+                result = await check_spf(ip, f"postmaster@{name}", host, resolver, receiver=host)
+                if result.status is not SPFStatus.PASS:
+                    bad.append(f"{ip}: {result.status.value}")
+            if bad:
+                found.append(Finding(Status.WRONG, what, name, f"{spf[0]!r} does not pass for " + ", ".join(bad),
+                                     want))
+            else:
+                found.append(Finding(Status.OK, what, name, spf[0]))
+
+    # DKIM
+    live = [k for k in keys if k.state != "retired"]
+    if not live:
+        found.append(Finding(Status.MISSING, "DKIM", domain, "no DKIM key: run `postier dkim generate "
+                             f"{domain}`"))
+    for k in live:
+        status, txts = await _txts(resolver, k.dns_name)
+        if status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "DKIM", k.dns_name, "DNS temporary failure"))
+        elif not txts:
+            found.append(Finding(Status.MISSING, "DKIM", k.dns_name, f"no key record ({k.state} key)", k.txt))
+        elif not any(_dkim_p(t) == _dkim_p(k.txt) for t in txts):
+            found.append(Finding(Status.WRONG, "DKIM", k.dns_name, "the published key is not ours", k.txt))
+        else:
+            found.append(Finding(Status.OK, "DKIM", k.dns_name, f"{k.algorithm}, {k.state}"))
+
+    # DMARC (at the domain itself: we publish it there)
+    name = f"_dmarc.{domain}"
+    want = expected["TXT" + name].value
+    status, txts = await _txts(resolver, name)
+    dmarc = [t for t in txts if t.lstrip().startswith("v=DMARC1")]
+    if status is DNSStatus.TEMPFAIL:
+        found.append(Finding(Status.UNKNOWN, "DMARC", name, "DNS temporary failure"))
+    elif not dmarc:
+        found.append(Finding(Status.MISSING, "DMARC", name, "no DMARC record", want))
+    elif len(dmarc) > 1:
+        found.append(Finding(Status.WRONG, "DMARC", name, "several DMARC records (RFC 7489 §6.6.3: none applies)",
+                             want))
+    else:
+        try:
+            rec = parse_record(dmarc[0])
+            found.append(Finding(Status.OK, "DMARC", name, f"p={rec.policy.value}"
+                                 + (f", reports to {', '.join(rec.rua)}" if rec.rua else ", no rua: no reports")))
+        except DMARCRecordError as exc:
+            found.append(Finding(Status.WRONG, "DMARC", name, str(exc), want))
+
+    # Reverse DNS of each sending address, forward-confirmed (what receivers check first)
+    for ip in ips:
+        rname = reverse_name(ip)
+        ptr = await resolver.ptr(ip)
+        if ptr.status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "PTR", rname, ptr.reason))
+            continue
+        if not ptr.ok:
+            found.append(Finding(Status.MISSING, "PTR", rname, f"no reverse DNS for {ip}", host))
+            continue
+        if host not in ptr.records:
+            found.append(Finding(Status.WRONG, "PTR", rname, f"{ip} -> {', '.join(ptr.records)}", host))
+            continue
+        fc = await resolver.fcrdns(ip)
+        if fc.ok and host in fc.records:
+            found.append(Finding(Status.OK, "PTR", rname, f"{ip} -> {host} -> {ip} (forward-confirmed)"))
+        elif fc.status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "PTR", rname, "forward confirmation: DNS temporary failure"))
+        else:
+            found.append(Finding(Status.WRONG, "PTR", rname, f"{host} does not resolve back to {ip}", host))
+
+    # DNS blocklists (RFC 5782)
+    for ip in ips:
+        for zone in cfg.mailauth.dnsbl:
+            qname = dnsbl_name(ip, zone)
+            answer = await resolver.a(qname)
+            if answer.status is DNSStatus.TEMPFAIL:
+                found.append(Finding(Status.UNKNOWN, "DNSBL", zone, f"{ip}: {answer.reason}"))
+            elif _absent(answer.status):
+                found.append(Finding(Status.OK, "DNSBL", zone, f"{ip} not listed"))
+            elif all(ipaddress.ip_address(a) in ipaddress.ip_network("127.255.255.0/24") for a in answer.records):
+                # Spamhaus: 127.255.255.x = the query was refused (e.g. through a public resolver)
+                found.append(Finding(Status.UNKNOWN, "DNSBL", zone, f"{ip}: query refused "
+                                     f"({', '.join(answer.records)})"))
+            else:
+                reason = await _txts(resolver, qname)
+                why = f" ({reason[1][0][:200]})" if reason[1] else ""
+                found.append(Finding(Status.LISTED, "DNSBL", zone, f"{ip} is listed: {', '.join(answer.records)}"
+                                     + why))
+    return found
+
+
+def key_fingerprint(txt: str) -> str:
+    """A short fingerprint of a DKIM TXT value's key, for listings."""
+    try:
+        raw = base64.b64decode(_dkim_p(txt), validate=False)
+    except ValueError:
+        return "?"
+    return hashlib.sha256(raw).hexdigest()[:16]

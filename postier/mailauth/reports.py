@@ -1,0 +1,778 @@
+"""DMARC aggregate reports (RFC 7489 §7.2, Appendix C): record results, send daily reports, read others'.
+
+Three parts:
+- `ReportStore`: one SQLite file (`data_dir/dmarc.sqlite`, WAL) with the per-message DMARC results
+  we recorded, the reports we sent and the reports other receivers sent about our domains;
+- building and sending: `build_reports()` groups the recorded results per policy domain and rua,
+  `report_xml()` writes the Appendix C document, `report_message()` the §7.2.1.1 mail with its
+  gzip'd attachment; `ReportJob` runs once a day in the server (injectable clock) and hands each
+  report to the outbound queue, after the §7.1 check that an external destination agreed;
+- reading: `extract_reports()` finds gzip, zip or plain XML attachments in a message and
+  `parse_report_xml()` reads them. Hostile input is expected: decompression is bounded (a 10 KB
+  zip bomb must not become gigabytes), a DOCTYPE (entity expansion, external entities) is refused,
+  and every failure is one `ReportError`.
+
+Our own XML writer/reader over the standard library: the schema is small and fixed, and the
+Python DMARC report packages we looked at parse without bounds or pull in heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import io
+import json
+import logging
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
+from postier.resolver import AsyncLookup, DNSStatus
+
+if TYPE_CHECKING:
+    from postier.server.app import Services
+
+__all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
+           "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
+           "extract_reports", "build_reports", "report_message", "report_filename", "parse_rua",
+           "external_destination_ok", "ReportJob", "DAY"]
+
+log = logging.getLogger("postier.dmarc")
+
+DAY = 86400
+MAX_XML_SIZE = 16 * 1024 * 1024       # decompressed report size we accept
+MAX_COMPRESSION_RATIO = 200           # zip members claiming more than this are refused outright
+MAX_ZIP_MEMBERS = 8
+MAX_ROWS = 20_000                     # records per report we keep
+MAX_PARTS = 32                        # MIME parts looked at per message
+MAX_REPORT_MESSAGE = 10 * 1024 * 1024 # messages bigger than this are not searched for reports
+MAX_RUA = 5                           # rua destinations used per policy
+KEEP_DAYS = 14                        # recorded results are kept this long (then dropped, sent or not)
+
+
+class ReportError(Exception):
+    """A report could not be read (bad compression, too big, not a DMARC aggregate report)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DKIMAuth:
+    domain: str
+    selector: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class SPFAuth:
+    domain: str
+    scope: str  # "mfrom" | "helo"
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One <record>: messages sharing these values (Appendix C RowType, IdentifierType, AuthResultType)."""
+
+    source_ip: str
+    count: int
+    disposition: str  # none | quarantine | reject
+    dkim: str         # aligned DKIM: pass | fail
+    spf: str          # aligned SPF: pass | fail
+    header_from: str
+    reasons: tuple[str, ...] = ()
+    dkim_auth: tuple[DKIMAuth, ...] = ()
+    spf_auth: tuple[SPFAuth, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyPublished:
+    domain: str
+    p: str
+    sp: str = ""
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+    fo: str = "0"
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateReport:
+    org_name: str
+    email: str
+    report_id: str
+    begin: int
+    end: int
+    policy: PolicyPublished
+    rows: tuple[ReportRow, ...] = ()
+
+    @property
+    def messages(self) -> int:
+        return sum(r.count for r in self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One message's DMARC outcome, as recorded at the end of DATA."""
+
+    at: float
+    source_ip: str
+    header_from: str
+    envelope_from: str
+    policy: PolicyPublished
+    rua: tuple[str, ...]
+    disposition: str
+    dkim_aligned: bool
+    spf_aligned: bool
+    dkim_auth: tuple[DKIMAuth, ...] = ()
+    spf_auth: tuple[SPFAuth, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+
+# --- XML (RFC 7489 Appendix C) ----------------------------------------------------------------------
+
+def _sub(parent: ET.Element, tag: str, text: str | int | None = None) -> ET.Element:
+    el = ET.SubElement(parent, tag)
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def report_xml(report: AggregateReport) -> bytes:
+    """The aggregate report document (RFC 7489 Appendix C schema)."""
+    root = ET.Element("feedback")
+    _sub(root, "version", "1.0")
+    meta = _sub(root, "report_metadata")
+    _sub(meta, "org_name", report.org_name)
+    _sub(meta, "email", report.email)
+    _sub(meta, "report_id", report.report_id)
+    dr = _sub(meta, "date_range")
+    _sub(dr, "begin", report.begin)
+    _sub(dr, "end", report.end)
+    pp = _sub(root, "policy_published")
+    pol = report.policy
+    _sub(pp, "domain", pol.domain)
+    _sub(pp, "adkim", pol.adkim)
+    _sub(pp, "aspf", pol.aspf)
+    _sub(pp, "p", pol.p)
+    _sub(pp, "sp", pol.sp or pol.p)
+    _sub(pp, "pct", pol.pct)
+    _sub(pp, "fo", pol.fo)
+    for row in report.rows:
+        rec = _sub(root, "record")
+        r = _sub(rec, "row")
+        _sub(r, "source_ip", row.source_ip)
+        _sub(r, "count", row.count)
+        pe = _sub(r, "policy_evaluated")
+        _sub(pe, "disposition", row.disposition)
+        _sub(pe, "dkim", row.dkim)
+        _sub(pe, "spf", row.spf)
+        for reason in row.reasons:
+            rs = _sub(pe, "reason")
+            _sub(rs, "type", reason)
+        ids = _sub(rec, "identifiers")
+        _sub(ids, "header_from", row.header_from)
+        auth = _sub(rec, "auth_results")
+        for d in row.dkim_auth:
+            de = _sub(auth, "dkim")
+            _sub(de, "domain", d.domain)
+            if d.selector:
+                _sub(de, "selector", d.selector)
+            _sub(de, "result", d.result)
+        for s in row.spf_auth or (SPFAuth(row.header_from, "mfrom", "none"),):  # at least one <spf>
+            se = _sub(auth, "spf")
+            _sub(se, "domain", s.domain)
+            _sub(se, "scope", s.scope)
+            _sub(se, "result", s.result)
+    ET.indent(root)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8",
+                                                                    xml_declaration=False) + b"\n"
+
+
+_DTD = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def _text(el: ET.Element | None, path: str, default: str = "", limit: int = 256) -> str:
+    found = el.find(path) if el is not None else None
+    if found is None or found.text is None:
+        return default
+    return re.sub(r"[^\x20-\x7e]", "?", found.text.strip())[:limit]
+
+
+def _int(el: ET.Element | None, path: str, default: int = 0) -> int:
+    value = _text(el, path)
+    return int(value) if value.isdigit() and len(value) < 16 else default
+
+
+def parse_report_xml(data: bytes) -> AggregateReport:
+    """Read an aggregate report document; raises ReportError."""
+    if len(data) > MAX_XML_SIZE:
+        raise ReportError("report too large")
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if b"\x00" in data:
+        raise ReportError("not a UTF-8 XML document")
+    if _DTD.search(data):
+        raise ReportError("DOCTYPE or ENTITY declarations are not accepted")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise ReportError(f"invalid XML: {exc}") from None
+    for el in root.iter():  # RFC 7489 documents have no namespace; its successor's do
+        if isinstance(el.tag, str):
+            el.tag = el.tag.rpartition("}")[2]
+    if root.tag != "feedback":
+        raise ReportError(f"not a DMARC aggregate report (root element {root.tag!r})")
+    meta = root.find("report_metadata")
+    pp = root.find("policy_published")
+    if meta is None or pp is None:
+        raise ReportError("report_metadata or policy_published missing")
+    domain = normalize_domain(_text(pp, "domain")) or ""
+    if not domain:
+        raise ReportError("policy_published/domain missing or invalid")
+    policy = PolicyPublished(domain, _text(pp, "p", "none", 16), _text(pp, "sp", "", 16),
+                             _text(pp, "adkim", "r", 2), _text(pp, "aspf", "r", 2), _int(pp, "pct", 100),
+                             _text(pp, "fo", "0", 16))
+    rows: list[ReportRow] = []
+    for rec in root.iterfind("record"):
+        if len(rows) >= MAX_ROWS:
+            break
+        row = rec.find("row")
+        pe = row.find("policy_evaluated") if row is not None else None
+        auth = rec.find("auth_results")
+        dkim_auth = tuple(DKIMAuth(_text(d, "domain"), _text(d, "selector"), _text(d, "result"))
+                          for d in (auth.iterfind("dkim") if auth is not None else ()))[:20]
+        spf_auth = tuple(SPFAuth(_text(s, "domain"), _text(s, "scope", "mfrom"), _text(s, "result"))
+                         for s in (auth.iterfind("spf") if auth is not None else ()))[:20]
+        reasons = tuple(_text(r, "type") for r in (pe.iterfind("reason") if pe is not None else ()))[:10]
+        rows.append(ReportRow(
+            source_ip=_text(row, "source_ip", "?", 64), count=_int(row, "count", 0),
+            disposition=_text(pe, "disposition", "none", 16), dkim=_text(pe, "dkim", "fail", 16),
+            spf=_text(pe, "spf", "fail", 16), header_from=_text(rec, "identifiers/header_from"),
+            reasons=reasons, dkim_auth=dkim_auth, spf_auth=spf_auth))
+    return AggregateReport(_text(meta, "org_name", "?"), _text(meta, "email"), _text(meta, "report_id", "?"),
+                           _int(meta, "date_range/begin"), _int(meta, "date_range/end"), policy, tuple(rows))
+
+
+# --- decompression, bounded -------------------------------------------------------------------------
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, detected
+    out = bytearray()
+    chunk = data
+    try:
+        while chunk and not d.eof:
+            out += d.decompress(chunk, limit + 1 - len(out))
+            if len(out) > limit:
+                raise ReportError(f"report bigger than {limit} bytes once decompressed")
+            chunk = d.unconsumed_tail
+    except zlib.error as exc:
+        raise ReportError(f"bad gzip data: {exc}") from None
+    if not d.eof:
+        raise ReportError("truncated gzip data")
+    return bytes(out)
+
+
+def _unzip(data: bytes, limit: int) -> bytes:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()][:MAX_ZIP_MEMBERS]
+            xml_members = [m for m in members if m.filename.lower().endswith(".xml")] or members
+            if not xml_members:
+                raise ReportError("empty zip archive")
+            member = xml_members[0]
+            if member.file_size > limit or (member.compress_size and
+                                            member.file_size > MAX_COMPRESSION_RATIO * member.compress_size
+                                            and member.file_size > 1024 * 1024):
+                raise ReportError(f"zip member {member.filename!r} too large")
+            with zf.open(member) as f:  # the sizes in the directory may lie: read with a bound
+                out = f.read(limit + 1)
+            if len(out) > limit:
+                raise ReportError(f"report bigger than {limit} bytes once decompressed")
+            return out
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error,
+            RuntimeError, OSError, ValueError) as exc:
+        raise ReportError(f"bad zip data: {exc.__class__.__name__}: {exc}") from None
+
+
+def decompress(data: bytes, limit: int = MAX_XML_SIZE) -> bytes:
+    """gzip, zip or plain XML (by content, not by name) -> the XML bytes, at most `limit` of them."""
+    if data[:2] == b"\x1f\x8b":
+        return _gunzip(data, limit)
+    if data[:4] == b"PK\x03\x04":
+        return _unzip(data, limit)
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+        if len(data) > limit:
+            raise ReportError("report too large")
+        return data
+    raise ReportError("neither gzip, zip nor XML")
+
+
+_REPORT_TYPES = ("application/gzip", "application/x-gzip", "application/zip", "application/x-zip-compressed",
+                 "application/x-zip", "application/xml", "text/xml", "application/octet-stream")
+
+
+def extract_reports(message: bytes) -> list[AggregateReport]:
+    """Every aggregate report attached to `message` (or forming its body). Unreadable parts are skipped;
+    ReportError only when the message had candidates and none could be read."""
+    if len(message) > MAX_REPORT_MESSAGE:
+        raise ReportError("message too large to hold a report")
+    try:
+        msg = BytesParser(policy=email_policy.compat32).parsebytes(message)
+    except Exception as exc:  # the stdlib parser is lenient; be safe anyway
+        raise ReportError(f"unparsable message: {exc.__class__.__name__}") from None
+    reports: list[AggregateReport] = []
+    errors: list[str] = []
+    for n, part in enumerate(msg.walk()):
+        if n >= MAX_PARTS:
+            break
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type().lower()
+        name = (part.get_filename() or "").lower()
+        if ctype not in _REPORT_TYPES and not name.endswith((".xml", ".gz", ".zip")):
+            continue
+        try:
+            payload = part.get_payload(decode=True)
+        except Exception:
+            payload = None
+        if not isinstance(payload, bytes) or not payload:
+            continue
+        try:
+            reports.append(parse_report_xml(decompress(payload)))
+        except ReportError as exc:
+            errors.append(str(exc))
+    if not reports and errors:
+        raise ReportError("; ".join(errors)[:500])
+    return reports
+
+
+# --- rua and the external destination check ---------------------------------------------------------
+
+_SIZE = re.compile(r"^(\d+)([kmgt]?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_rua(uris: Iterable[str]) -> list[tuple[str, int | None]]:
+    """mailto: URIs of a rua tag -> (address, size limit or None) (RFC 7489 §6.2, §6.3)."""
+    out: list[tuple[str, int | None]] = []
+    for uri in uris:
+        scheme, _, rest = uri.partition(":")
+        if scheme.lower() != "mailto" or not rest:
+            continue  # only mailto is defined for aggregate reports here
+        target, _, size = rest.partition("!")
+        address = unquote(target.split("?", 1)[0]).strip()
+        local, at, domain = address.rpartition("@")
+        ndomain = normalize_domain(domain) if at and local else None
+        if ndomain is None or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}", local):
+            continue
+        limit = None
+        m = _SIZE.match(size)
+        if m:
+            limit = int(m.group(1)) * _UNITS[m.group(2).lower()]
+        out.append((f"{local}@{ndomain}", limit))
+        if len(out) >= MAX_RUA:
+            break
+    return out
+
+
+async def external_destination_ok(policy_domain: str, rua_domain: str, resolver: AsyncLookup) -> bool | None:
+    """RFC 7489 §7.1: may reports about `policy_domain` go to `rua_domain`? None = DNS trouble, ask later."""
+    if psl_organizational_domain(policy_domain) == psl_organizational_domain(rua_domain):
+        return True
+    answer = await resolver.query(f"{policy_domain}._report._dmarc.{rua_domain}", "TXT")
+    if answer.status is DNSStatus.TEMPFAIL:
+        return None
+    # §7.1 step 3-4: at least one record starting with "v=DMARC1"
+    return any(bytes(r).lstrip().startswith(b"v=DMARC1") for r in answer.records)
+
+
+# --- the store --------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluation (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    source_ip TEXT NOT NULL,
+    header_from TEXT NOT NULL,
+    envelope_from TEXT NOT NULL,
+    policy TEXT NOT NULL,        -- JSON PolicyPublished
+    policy_domain TEXT NOT NULL,
+    rua TEXT NOT NULL,           -- JSON list of URIs
+    disposition TEXT NOT NULL,
+    dkim TEXT NOT NULL,
+    spf TEXT NOT NULL,
+    auth TEXT NOT NULL,          -- JSON {"dkim": [...], "spf": [...], "reasons": [...]}
+    reported INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS evaluation_pending ON evaluation(reported, at);
+CREATE TABLE IF NOT EXISTS report_in (
+    id INTEGER PRIMARY KEY,
+    received REAL NOT NULL,
+    org_name TEXT NOT NULL,
+    email TEXT NOT NULL,
+    report_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    begin INTEGER NOT NULL,
+    end INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    authenticated INTEGER NOT NULL,
+    UNIQUE (org_name, report_id)
+);
+CREATE TABLE IF NOT EXISTS report_row (
+    report INTEGER NOT NULL REFERENCES report_in(id) ON DELETE CASCADE,
+    source_ip TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    disposition TEXT NOT NULL,
+    dkim TEXT NOT NULL,
+    spf TEXT NOT NULL,
+    header_from TEXT NOT NULL,
+    auth TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS report_row_report ON report_row(report);
+CREATE TABLE IF NOT EXISTS report_out (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    domain TEXT NOT NULL,
+    report_id TEXT NOT NULL,
+    begin INTEGER NOT NULL,
+    end INTEGER NOT NULL,
+    rua TEXT NOT NULL,
+    messages INTEGER NOT NULL,
+    status TEXT NOT NULL
+);
+"""
+
+
+def _policy_json(p: PolicyPublished) -> str:
+    return json.dumps([p.domain, p.p, p.sp, p.adkim, p.aspf, p.pct, p.fo])
+
+
+def _policy_from(text: str) -> PolicyPublished:
+    d, p, sp, adkim, aspf, pct, fo = json.loads(text)
+    return PolicyPublished(d, p, sp, adkim, aspf, int(pct), fo)
+
+
+def _auth_json(dkim: Sequence[DKIMAuth], spf: Sequence[SPFAuth], reasons: Sequence[str]) -> str:
+    return json.dumps({"dkim": [[d.domain, d.selector, d.result] for d in dkim],
+                       "spf": [[s.domain, s.scope, s.result] for s in spf], "reasons": list(reasons)})
+
+
+def _auth_from(text: str) -> tuple[tuple[DKIMAuth, ...], tuple[SPFAuth, ...], tuple[str, ...]]:
+    data = json.loads(text)
+    return (tuple(DKIMAuth(*d) for d in data.get("dkim", [])), tuple(SPFAuth(*s) for s in data.get("spf", [])),
+            tuple(data.get("reasons", [])))
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedReport:
+    report: AggregateReport
+    received: float
+    authenticated: bool
+
+
+class ReportStore:
+    """dmarc.sqlite. Thread-safe (one connection behind a lock); every method blocks briefly."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(self, ev: Evaluation) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO evaluation (at, source_ip, header_from, envelope_from, policy, policy_domain, rua, "
+                "disposition, dkim, spf, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (ev.at, ev.source_ip, ev.header_from, ev.envelope_from, _policy_json(ev.policy), ev.policy.domain,
+                 json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
+                 "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
+
+    def pending(self, before: float) -> list[tuple[int, Evaluation]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
+                "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,)).fetchall()
+        out = []
+        for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth in rows:
+            d, s, reasons = _auth_from(auth)
+            out.append((rid, Evaluation(at, ip, hfrom, efrom, _policy_from(pol), tuple(json.loads(rua)), disp,
+                                        dkim == "pass", spf == "pass", d, s, reasons)))
+        return out
+
+    def mark_reported(self, ids: Iterable[int]) -> None:
+        with self._lock:
+            self._db.executemany("UPDATE evaluation SET reported = 1 WHERE id = ?", [(i,) for i in ids])
+
+    def log_sent(self, out: OutgoingReport, rua: str, status: str, at: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO report_out (at, domain, report_id, begin, end, rua, messages, status) "
+                "VALUES (?,?,?,?,?,?,?,?)", (at, out.report.policy.domain, out.report.report_id, out.report.begin,
+                                             out.report.end, rua, out.report.messages, status))
+
+    def sent(self) -> list[tuple[float, str, str, str, int, str]]:
+        with self._lock:
+            return self._db.execute("SELECT at, domain, report_id, rua, messages, status FROM report_out "
+                                    "ORDER BY id").fetchall()
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount
+
+    def store_received(self, report: AggregateReport, authenticated: bool, at: float) -> bool:
+        """Keep a report someone sent us; False when we have it already (same org and report id)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO report_in (received, org_name, email, report_id, domain, begin, end, "
+                    "policy, authenticated) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (at, report.org_name, report.email, report.report_id, report.policy.domain, report.begin,
+                     report.end, _policy_json(report.policy), int(authenticated)))
+                if cur.rowcount == 0:
+                    self._db.execute("ROLLBACK")
+                    return False
+                rid = cur.lastrowid
+                self._db.executemany(
+                    "INSERT INTO report_row (report, source_ip, count, disposition, dkim, spf, header_from, auth) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    [(rid, r.source_ip, r.count, r.disposition, r.dkim, r.spf, r.header_from,
+                      _auth_json(r.dkim_auth, r.spf_auth, r.reasons)) for r in report.rows])
+                self._db.execute("COMMIT")
+                return True
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def received(self, domain: str | None = None) -> list[ReceivedReport]:
+        with self._lock:
+            q = ("SELECT id, received, org_name, email, report_id, begin, end, policy, authenticated "
+                 "FROM report_in")
+            args: tuple[Any, ...] = ()
+            if domain:
+                q += " WHERE domain = ?"
+                args = (domain,)
+            reports = self._db.execute(q + " ORDER BY begin, id", args).fetchall()
+            out = []
+            for rid, received, org, email, report_id, begin, end, pol, authed in reports:
+                rows = self._db.execute(
+                    "SELECT source_ip, count, disposition, dkim, spf, header_from, auth FROM report_row "
+                    "WHERE report = ? ORDER BY rowid", (rid,)).fetchall()
+                rrows = []
+                for ip, count, disp, dkim, spf, hfrom, auth in rows:
+                    d, s, reasons = _auth_from(auth)
+                    rrows.append(ReportRow(ip, count, disp, dkim, spf, hfrom, reasons, d, s))
+                out.append(ReceivedReport(AggregateReport(org, email, report_id, begin, end, _policy_from(pol),
+                                                          tuple(rrows)), received, bool(authed)))
+        return out
+
+
+# --- building and sending ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class OutgoingReport:
+    report: AggregateReport
+    rua: tuple[str, ...]          # the rua URIs of the policy
+    evaluation_ids: tuple[int, ...]
+    submitter: str
+
+    @property
+    def filename(self) -> str:
+        return report_filename(self.submitter, self.report)
+
+    def gzipped(self) -> bytes:
+        return gzip.compress(report_xml(self.report), mtime=0)
+
+
+def report_filename(submitter: str, report: AggregateReport) -> str:
+    """RFC 7489 §7.2.1.1: receiver "!" policy-domain "!" begin "!" end [ "!" unique-id ] ".xml.gz"."""
+    return f"{submitter}!{report.policy.domain}!{report.begin}!{report.end}.xml.gz"
+
+
+def build_reports(pending: Sequence[tuple[int, Evaluation]], *, org_name: str, email: str, submitter: str,
+                  end: int) -> list[OutgoingReport]:
+    """Group recorded results by (policy, rua) and aggregate identical rows (RFC 7489 §7.2)."""
+    groups: dict[tuple[PolicyPublished, tuple[str, ...]], list[tuple[int, Evaluation]]] = {}
+    for rid, ev in pending:
+        if ev.rua:
+            groups.setdefault((ev.policy, ev.rua), []).append((rid, ev))
+    out = []
+    for (policy, rua), items in sorted(groups.items(), key=lambda kv: kv[0][0].domain):
+        counts: dict[tuple[Any, ...], int] = {}
+        for _, ev in items:
+            key = (ev.source_ip, ev.disposition, "pass" if ev.dkim_aligned else "fail",
+                   "pass" if ev.spf_aligned else "fail", ev.header_from, ev.reasons, ev.dkim_auth, ev.spf_auth)
+            counts[key] = counts.get(key, 0) + 1
+        rows = tuple(ReportRow(ip, n, disp, dkim, spf, hfrom, reasons, dauth, sauth)
+                     for (ip, disp, dkim, spf, hfrom, reasons, dauth, sauth), n in counts.items())
+        begin = int(min(ev.at for _, ev in items))
+        report_id = f"{begin}.{policy.domain}.{secrets.token_hex(6)}"
+        out.append(OutgoingReport(AggregateReport(org_name, email, report_id, begin, end, policy, rows[:MAX_ROWS]),
+                                  rua, tuple(rid for rid, _ in items), submitter))
+    return out
+
+
+def report_message(out: OutgoingReport, from_addr: str, to_addr: str, now: float | None = None) -> bytes:
+    """The report mail (RFC 7489 §7.2.1.1): subject, a short text part, the gzip'd XML attachment."""
+    rep = out.report
+    msg = EmailMessage(policy=email_policy.SMTP)
+    msg["From"] = from_addr
+    msg["To"] = to_addr
+    msg["Subject"] = f"Report Domain: {rep.policy.domain} Submitter: {out.submitter} Report-ID: <{rep.report_id}>"
+    msg["Date"] = format_datetime(_utc(now if now is not None else time.time()))
+    msg["Message-ID"] = make_msgid(domain=out.submitter)
+    msg["MIME-Version"] = "1.0"
+    msg.set_content(f"DMARC aggregate report for {rep.policy.domain} from {out.submitter}, "
+                    f"{rep.messages} message(s), {_day(rep.begin)} to {_day(rep.end)} (UTC).\n")
+    msg.add_attachment(out.gzipped(), maintype="application", subtype="gzip", filename=out.filename)
+    return msg.as_bytes()
+
+
+def _utc(ts: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC)
+
+
+def _day(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+@dataclass
+class ReportJob:
+    """The daily aggregate report run, inside the server (started through services.on_start).
+
+    Each run (at 00:00 UTC) reports every result recorded before that midnight, then forgets
+    results older than KEEP_DAYS. A report whose destination cannot be checked (DNS trouble) or
+    sent (no queue yet) stays pending for the next run.
+    """
+
+    services: Services
+    store: ReportStore
+    resolver: AsyncLookup
+    clock: Clock = time.time
+    sleep: Sleep = asyncio.sleep
+    sign: Callable[[bytes], Awaitable[bytes]] | None = None
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    @property
+    def submitter(self) -> str:
+        return self.services.config.hostname
+
+    def sender_address(self) -> str:
+        domains = self.services.accounts.list_domains()
+        return f"postmaster@{domains[0] if domains else self.services.config.hostname}"
+
+    async def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Send what is due; returns (policy domain, rua address) per report handed to the queue."""
+        now = self.clock() if now is None else now
+        end = int(now // DAY * DAY)
+        pending = await asyncio.to_thread(self.store.pending, end)
+        sender = self.sender_address()
+        outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
+        sent: list[tuple[str, str]] = []
+        done: list[int] = []
+        for out in outgoing:
+            finished = True
+            data = out.gzipped()
+            for address, limit in parse_rua(out.rua):
+                if limit is not None and len(data) > limit:
+                    log.info("dmarc: report for %s too big for %s (%d > %d bytes)", out.report.policy.domain,
+                             address, len(data), limit)
+                    await asyncio.to_thread(self.store.log_sent, out, address, "too-big", now)
+                    continue
+                ok = await external_destination_ok(out.report.policy.domain, address.rpartition("@")[2],
+                                                   self.resolver)
+                if ok is None:
+                    finished = False
+                    log.info("dmarc: cannot check %s for %s now (DNS); next run", address, out.report.policy.domain)
+                    continue
+                if not ok:
+                    log.info("dmarc: %s did not authorize reports for %s (RFC 7489 §7.1)", address,
+                             out.report.policy.domain)
+                    await asyncio.to_thread(self.store.log_sent, out, address, "not-authorized", now)
+                    continue
+                if await self._enqueue(out, sender, address, now):
+                    sent.append((out.report.policy.domain, address))
+                    await asyncio.to_thread(self.store.log_sent, out, address, "queued", now)
+                else:
+                    finished = False
+            if finished:
+                done.extend(out.evaluation_ids)
+        await asyncio.to_thread(self.store.mark_reported, done)
+        await asyncio.to_thread(self.store.prune, now - KEEP_DAYS * DAY)
+        return sent
+
+    async def _enqueue(self, out: OutgoingReport, sender: str, address: str, now: float) -> bool:
+        from postier.pipeline.inbound import Envelope
+        from postier.store.maildir import MessageBody
+
+        queue: Any = self.services.extensions.get("queue")
+        if queue is None:
+            log.warning("dmarc: no outbound queue; report for %s to %s kept for the next run",
+                        out.report.policy.domain, address)
+            return False
+        message = report_message(out, sender, address, now)
+        prefix = b""
+        if self.sign is not None:
+            try:
+                prefix = await self.sign(message)
+            except Exception:
+                log.exception("dmarc: signing the report failed; sending it unsigned")
+        env = Envelope(role="dmarc-report", peer_ip="127.0.0.1", helo=self.services.config.helo_name,
+                       mail_from=sender)
+        body = MessageBody(self.services.config.spool_dir / "outgoing")
+        body.write(message)
+        try:
+            await queue.enqueue(env, [address], prefix, body)
+        except Exception:
+            log.exception("dmarc: queueing the report for %s failed", address)
+            return False
+        finally:
+            body.close()
+        return True
+
+    async def _loop(self) -> None:
+        while True:
+            now = self.clock()
+            await self.sleep(max(1.0, (now // DAY + 1) * DAY - now + 60))  # a minute after midnight UTC
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("dmarc: report run failed")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dmarc-reports")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

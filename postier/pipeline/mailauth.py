@@ -1,0 +1,312 @@
+"""Mail authentication at the MX: SPF (RFC 7208), DKIM (RFC 6376, RFC 8463), DMARC (RFC 7489, RFC 9989), RFC 8601.
+
+`attach(services)` (a SERVICE_HOOK of server/app.py) installs:
+- `extensions["resolver"]`: the shared Resolver from [dns] (one created here unless a layer did);
+- `extensions["mailauth"]`: `InboundAuth`, the `MailAuthHook` of pipeline/inbound.py;
+- `extensions["dkim"]`: the DKIM signer the submission pipeline calls (`[mailauth] dkim_sign`);
+- `extensions["dmarc_reports"]`: the report store (`data_dir/dmarc.sqlite`), and with
+  `[mailauth] dmarc_reports` the daily aggregate report job (started through `services.on_start`).
+
+What happens to one message on port 25:
+1. MAIL FROM: SPF for the MAIL FROM identity and for HELO, kept in `env.auth`. SPF "fail" alone
+   refuses the sender only with `[mailauth] spf_fail_reject` (DMARC decides otherwise).
+2. End of DATA: the From header must hold exactly one address (RFC 5322 §3.6, RFC 7489 §6.6.1;
+   otherwise 550 5.7.1, no bypass); every DKIM signature is verified; DMARC is evaluated with the
+   aligned SPF and DKIM results. p=reject -> 550 5.7.1, p=quarantine -> the user's Junk folder,
+   p=none -> delivered. A DNS temporary failure that could change the outcome -> 451 4.7.1, never
+   a 5xx. Authentication-Results with our authserv-id is prepended and incoming ones claiming that
+   id are removed (RFC 8601 §5).
+3. The DMARC outcome is recorded for aggregate reports; a report addressed to our rua mailbox is
+   parsed and stored (the message is delivered as well).
+
+Large messages: DKIM needs the whole message in memory, so verification is skipped above
+`[mailauth] max_verify_size` (dkim=neutral). Such a message can then pass DMARC only through SPF;
+if it fails, a p=reject is softened to Junk rather than refusing mail we could not check. At most
+`VERIFY_SLOTS` verifications run at once, bounding memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..config import Config
+from ..mailauth.authresults import authentication_results, strip_forged
+from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
+from ..mailauth.dmarc import DMARCPolicy, DMARCResult, DMARCStatus, FromProblem, evaluate, from_domain
+from ..mailauth.keys import DKIMSigner, KeyStore
+from ..mailauth.reports import (
+    DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportJob, ReportStore, SPFAuth, extract_reports,
+)
+from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
+from ..proto.smtp.address import Address
+from ..proto.smtp.replies import Reply
+from ..resolver import BaseResolver, Resolver
+from ..store.maildir import MessageBody
+from .inbound import Envelope, Verdict
+
+if TYPE_CHECKING:
+    from ..server.app import Services
+
+__all__ = ["attach", "InboundAuth", "RewrittenBody", "R550_DMARC", "R550_FROM", "R451_TEMPERROR",
+           "R550_SPF"]
+
+log = logging.getLogger("postier.mailauth")
+
+MAX_HEAD = 256 * 1024  # the header section we inspect (From, forged A-R)
+VERIFY_SLOTS = 4
+
+R550_FROM = Reply(550, "5.7.1", "Message refused: the From header must hold exactly one address")
+R550_DMARC = Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy")
+R451_TEMPERROR = Reply(451, "4.7.1", "Temporary mail authentication failure (DNS); try again later")
+R550_SPF = Reply(550, "5.7.23", "SPF validation failed")  # RFC 7372 §3.2
+
+
+class RewrittenBody(MessageBody):
+    """The received body with its header section replaced; reads through to the original.
+
+    Owns no file: the original body is closed by its owner (the SMTP session) after delivery.
+    """
+
+    def __init__(self, original: MessageBody, head: bytes, skip: int):
+        super().__init__(original.spool_dir, original.memory_limit)
+        self._orig = original
+        self._head = head
+        self._skip = skip
+        self.size = len(head) + original.size - skip
+
+    def write(self, data: bytes) -> None:
+        raise TypeError("a rewritten body is read-only")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._orig.in_memory
+
+    def getvalue(self) -> bytes:
+        return self._head + self._orig.getvalue()[self._skip:]
+
+    def head(self, limit: int) -> bytes:
+        return (self._head + self._orig.head(limit + self._skip)[self._skip:])[:limit]
+
+    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
+        yield self._head
+        skip = self._skip
+        for chunk in self._orig.iter_chunks(size):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:]
+            skip = 0
+
+    def copy_to(self, out: Any) -> None:
+        for chunk in self.iter_chunks():
+            out.write(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+def _header_section(head: bytes) -> bytes:
+    end = head.find(b"\r\n\r\n")
+    return head[: end + 4] if end >= 0 else head
+
+
+def _dkim_auth(results: Iterable[DKIMResult]) -> tuple[DKIMAuth, ...]:
+    return tuple(DKIMAuth(r.domain, r.selector, r.status.value) for r in results if r.domain)[:10]
+
+
+def _spf_auth(spf: SPFResult | None, helo: SPFResult | None) -> tuple[SPFAuth, ...]:
+    out = []
+    if spf is not None:
+        out.append(SPFAuth(spf.domain, "helo" if spf.scope == "helo" else "mfrom", spf.status.value))
+    if helo is not None and (spf is None or spf.scope != "helo"):
+        out.append(SPFAuth(helo.domain, "helo", helo.status.value))
+    return tuple(out)
+
+
+class InboundAuth:
+    """The `MailAuthHook` for port 25 (see the module docstring)."""
+
+    def __init__(self, config: Config, resolver: BaseResolver, reports: ReportStore | None = None,
+                 local_domains: Callable[[], list[str]] | None = None, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
+        self.config = config
+        self.settings = config.mailauth
+        self.resolver = resolver
+        self.reports = reports
+        self.local_domains = local_domains or (lambda: [])
+        self.clock = clock
+        self.rng = rng
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- MAIL FROM ----------------------------------------------------------------------------------
+
+    async def _spf(self, env: Envelope, mail_from: str) -> tuple[SPFResult, SPFResult]:
+        receiver = self.config.hostname
+        helo = await check_spf_helo(env.peer_ip, env.helo, self.resolver, receiver=receiver)
+        if not mail_from:
+            return helo, helo  # RFC 7208 §2.4: the null sender is checked as postmaster@HELO
+        spf = await check_spf(env.peer_ip, mail_from, env.helo, self.resolver, receiver=receiver)
+        return spf, helo
+
+    async def check_mail(self, env: Envelope, address: Address) -> Reply | None:
+        if not self.settings.spf:
+            return None
+        spf, helo = await self._spf(env, address.mailbox)
+        env.auth["spf"], env.auth["helo"] = spf, helo
+        if self.settings.spf_fail_reject and spf.status is SPFStatus.FAIL:  # RFC 7208 §8.4
+            return R550_SPF.with_text(f"SPF validation failed for {spf.domain}: {spf.explanation}"[:300]
+                                      .replace("\r", " ").replace("\n", " "))
+        return None
+
+    # -- end of DATA --------------------------------------------------------------------------------
+
+    async def _verify(self, body: MessageBody) -> tuple[list[DKIMResult], bool]:
+        """DKIM results and whether verification was skipped for size."""
+        if body.size > self.settings.max_verify_size:
+            return [DKIMResult("", "", DKIMStatus.NEUTRAL, "message too large to verify", "")], True
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(VERIFY_SLOTS)
+        async with self._slots:
+            message = await asyncio.to_thread(body.getvalue)
+            return await verify_all_async(message, self.resolver), False
+
+    async def evaluate(self, env: Envelope, body: MessageBody) -> Verdict:
+        s = self.settings
+        authserv_id = self.config.authserv_id
+        header = _header_section(await asyncio.to_thread(body.head, MAX_HEAD))
+        stripped = strip_forged(header, authserv_id)  # RFC 8601 §5
+        new_body = RewrittenBody(body, stripped, len(header)) if stripped != header else None
+
+        author: str | None = None
+        if s.dmarc:
+            found = from_domain(stripped)
+            if isinstance(found, FromProblem):  # RFC 7489 §6.6.1: no evaluation of several authors
+                log.info("%s: refused: %s", env.qid, found.value)
+                return Verdict("reject", R550_FROM.with_text(f"Message refused: {found.value}"))
+            author = found
+
+        spf: SPFResult | None = env.auth.get("spf")
+        helo: SPFResult | None = env.auth.get("helo")
+        if s.spf and spf is None:
+            spf, helo = await self._spf(env, env.mail_from)
+        dkim: list[DKIMResult] | None = None
+        too_big = False
+        if s.dkim_verify:
+            dkim, too_big = await self._verify(body)
+
+        dmarc: DMARCResult | None = None
+        if author is not None:
+            dmarc = await evaluate(author, spf, dkim or [], self.resolver, rng=self.rng)
+
+        headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc)
+        verdict = self._decide(dmarc, spf, dkim or [], too_big, headers, new_body)
+        if verdict.action == "defer":
+            log.info("%s: deferred: DMARC %s for %s", env.qid, dmarc.status if dmarc else "-", author)
+            return verdict
+        if dmarc is not None and dmarc.record is not None and self.reports is not None:
+            await self._record(env, dmarc, spf, helo, dkim or [], verdict, too_big)
+        if verdict.action in ("accept", "junk"):
+            await self._take_reports(env, new_body or body, dmarc)
+        log.info("%s: mailauth spf=%s dkim=%s dmarc=%s -> %s", env.qid, spf.status if spf else "-",
+                 ",".join(r.status for r in dkim) if dkim else "-", dmarc.status if dmarc else "-", verdict.action)
+        return verdict
+
+    def _decide(self, dmarc: DMARCResult | None, spf: SPFResult | None, dkim: list[DKIMResult], too_big: bool,
+                headers: bytes, body: MessageBody | None) -> Verdict:
+        if dmarc is None or dmarc.status in (DMARCStatus.NONE, DMARCStatus.PERMERROR, DMARCStatus.PASS):
+            return Verdict("accept", headers=headers, body=body)
+        if dmarc.status is DMARCStatus.TEMPERROR:
+            return Verdict("defer", R451_TEMPERROR)
+        # DMARC fail. A temporary error in an input could have made it pass (RFC 7489 §6.6.2):
+        # try again later rather than reject or junk on a DNS hiccup.
+        if dmarc.disposition is not DMARCPolicy.NONE and (
+                (spf is not None and spf.status is SPFStatus.TEMPERROR)
+                or any(r.status is DKIMStatus.TEMPERROR for r in dkim)):
+            return Verdict("defer", R451_TEMPERROR)
+        if dmarc.disposition is DMARCPolicy.REJECT and not too_big:
+            return Verdict("reject", R550_DMARC.with_text(
+                f"Message refused by the DMARC policy of {dmarc.domain} ({dmarc.reason})"[:300]))
+        if dmarc.disposition in (DMARCPolicy.REJECT, DMARCPolicy.QUARANTINE):
+            return Verdict("junk", headers=headers, body=body)
+        return Verdict("accept", headers=headers, body=body)
+
+    async def _record(self, env: Envelope, dmarc: DMARCResult, spf: SPFResult | None, helo: SPFResult | None,
+                      dkim: list[DKIMResult], verdict: Verdict, too_big: bool) -> None:
+        assert self.reports is not None and dmarc.record is not None
+        rec = dmarc.record
+        disposition = {"reject": "reject", "junk": "quarantine"}.get(verdict.action, "none")
+        reasons: tuple[str, ...] = ()
+        if dmarc.status is DMARCStatus.FAIL and disposition != dmarc.policy.value:
+            # RFC 7489 Appendix C PolicyOverrideType
+            reasons = ("sampled_out",) if "not sampled" in dmarc.reason else ("local_policy",)
+        policy = PolicyPublished(dmarc.record_domain, rec.policy.value,
+                                 rec.subdomain_policy.value if rec.subdomain_policy else "",
+                                 rec.adkim.value, rec.aspf.value, rec.pct, ":".join(rec.fo))
+        ev = Evaluation(self.clock(), env.peer_ip, dmarc.domain, env.mail_from.rpartition("@")[2].lower(), policy,
+                        rec.rua, disposition, dmarc.dkim_aligned, dmarc.spf_aligned, _dkim_auth(dkim),
+                        _spf_auth(spf, helo), reasons)
+        try:
+            await asyncio.to_thread(self.reports.record, ev)
+        except Exception:  # reporting must never cost a message
+            log.exception("%s: recording the DMARC result failed", env.qid)
+
+    def _is_report_address(self, address: str) -> bool:
+        target = self.settings.report_address.lower()
+        local, _, domain = address.lower().rpartition("@")
+        if "@" in target:
+            return address.lower() == target
+        return bool(target) and local == target and domain in self.local_domains()
+
+    async def _take_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None) -> None:
+        """A DMARC aggregate report sent to our rua address: parse and keep it (RFC 7489 §7.2)."""
+        if self.reports is None or not any(self._is_report_address(r.address) for r in env.recipients):
+            return
+        if body.size > 10 * 1024 * 1024:
+            return
+        try:
+            found = await asyncio.to_thread(extract_reports, await asyncio.to_thread(body.getvalue))
+        except ReportError as exc:
+            log.info("%s: unreadable DMARC report: %s", env.qid, exc)
+            return
+        authenticated = dmarc is not None and dmarc.status is DMARCStatus.PASS
+        ours = set(self.local_domains())
+        for report in found:
+            if report.policy.domain not in ours and not any(report.policy.domain.endswith("." + d) for d in ours):
+                log.info("%s: DMARC report about %s, not one of our domains: ignored", env.qid, report.policy.domain)
+                continue
+            try:
+                new = await asyncio.to_thread(self.reports.store_received, report, authenticated, self.clock())
+            except Exception:
+                log.exception("%s: storing a DMARC report failed", env.qid)
+                continue
+            log.info("%s: DMARC report %s from %s for %s (%d messages)%s", env.qid, report.report_id,
+                     report.org_name, report.policy.domain, report.messages, "" if new else " (duplicate)")
+
+
+def attach(services: Services) -> None:
+    """Install the resolver, the inbound hook, the DKIM signer and DMARC reporting (see module docstring)."""
+    cfg = services.config
+    resolver: Any = services.extensions.get("resolver")
+    if resolver is None:
+        resolver = Resolver(list(cfg.dns.nameservers) or None, timeout=cfg.dns.timeout)
+        services.extensions["resolver"] = resolver
+    store: ReportStore | None = None
+    if cfg.mailauth.dmarc:
+        store = ReportStore(cfg.data_dir / "dmarc.sqlite")
+        services.extensions["dmarc_reports"] = store
+        services.on_close(store.close)
+    services.extensions["mailauth"] = InboundAuth(cfg, resolver, store, services.accounts.list_domains)
+    signer: DKIMSigner | None = None
+    if cfg.mailauth.dkim_sign:
+        signer = DKIMSigner(KeyStore(cfg.dkim_dir))
+        services.extensions["dkim"] = signer
+    if store is not None and cfg.mailauth.dmarc_reports:
+        job = ReportJob(services, store, resolver, sign=signer.sign_bytes if signer else None)
+        services.extensions["dmarc_report_job"] = job
+        services.on_start(job.start)
+        services.on_close(job.stop)
