@@ -66,7 +66,7 @@ class Instance:
     """One postier server with its own data directory."""
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
-                 extra_config: str = ""):
+                 extra_config: str = "", mailauth: bool | None = None):
         self.root = root
         self.domain = domain
         self.address = address
@@ -75,6 +75,12 @@ class Instance:
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
                 "--listen", address, "--port-offset", str(self.offset), "--quiet")
         self.config = root / "postier.toml"
+        # Tests run without Internet DNS: SPF/DKIM/DMARC would all be temperrors (451). They are
+        # off unless the test asks for them or brings its own DNS ([dns] / [mailauth] in extra_config).
+        if mailauth is None:
+            mailauth = "[mailauth]" in extra_config or "[dns]" in extra_config
+        if not mailauth and "[mailauth]" not in extra_config:
+            extra_config += "\n[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"
         if extra_config:
             self.add_config(extra_config)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,243 @@
+"""Inbound SMTP benchmark: postier vs Postfix on this machine, in the same run.
+
+Measures, with Postfix's smtp-source as the client for both servers:
+- durable ingest rate (messages/s acknowledged with 250; postier answers only after the Maildir file
+  and new/ are fsynced), at 1 KiB and 64 KiB, 20 concurrent sessions, a new connection per message
+  and reused connections. Postfix is measured two ways: its 250 (queue file fsynced) and the time
+  until its virtual(8) agent has written every message into a Maildir;
+- memory per idle SMTP session (RSS of the server processes with N idle sessions, minus before);
+- peak memory with 20 concurrent 25 MiB messages.
+
+Usage: python -m bench smtp [--messages 2000] [--idle 200] [--skip-big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests import postfix
+from tests.harness import Instance, free_port
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += children(int(p))
+    except OSError:
+        pass
+    return out
+
+
+def postfix_pids(pf: postfix.Postfix) -> list[int]:
+    try:
+        master = int((pf.root / "spool" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError):
+        return []
+    return children(master)
+
+
+def count_files(d: Path) -> int:
+    n = 0
+    for root, _dirs, files in os.walk(d):
+        if root.endswith(("/new", "/cur")):
+            n += len(files)
+    return n
+
+
+def smtp_source(port: int, to: str, n: int, size: int, sessions: int, reuse: bool) -> float:
+    args = [SMTP_SOURCE, "-s", str(sessions), "-m", str(n), "-l", str(size), "-f", "bench@remote.test",
+            "-t", to, "-M", "client.bench.test"]
+    if reuse:
+        args.append("-d")
+    t0 = time.perf_counter()
+    subprocess.run(args + [f"127.0.0.1:{port}"], check=True, capture_output=True, timeout=3600)
+    return time.perf_counter() - t0
+
+
+def idle_sessions(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.recv(1024)
+        s.sendall(b"EHLO idle.test\r\n")
+        socks.append(s)
+    time.sleep(0.5)
+    for s in socks:
+        s.setblocking(False)
+        try:
+            s.recv(65536)
+        except BlockingIOError:
+            pass
+    return socks
+
+
+def peak_rss_during(fn, pids_fn) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kb(pids_fn()))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        elapsed = fn()
+    finally:
+        done.set()
+        th.join()
+    return elapsed, peak
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench smtp", description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--idle", type=int, default=200)
+    ap.add_argument("--skip-big", action="store_true", help="skip the 20 x 25 MiB peak-memory run")
+    ap.add_argument("--no-postfix", action="store_true")
+    args = ap.parse_args(argv)
+    use_pf = postfix.available() and not args.no_postfix and os.path.exists(SMTP_SOURCE)
+    work = Path(tempfile.mkdtemp(prefix="postier-bench-"))
+    work.chmod(0o755)
+    inst = Instance(work / "postier", "b.test", extra_config=f"[limits]\nmax_connections_per_ip = {args.idle + 100}\n"
+                    f"max_connections = {args.idle + 200}\n")
+    inst.add_user("u@b.test")
+    inst.start()
+    assert inst.proc is not None
+    pf = None
+    vmail = work / "vmail"
+    if use_pf:
+        vmail.mkdir()
+        shutil.chown(vmail, "postfix", "postfix")
+        pf = postfix.Postfix("127.0.0.1", free_port(), {
+            "virtual_mailbox_domains": "b.test",
+            "virtual_mailbox_base": str(vmail),
+            "virtual_mailbox_maps": "inline:{ u@b.test=b.test/u/ }",
+            "virtual_uid_maps": "static:" + str(_uid("postfix")),
+            "virtual_gid_maps": "static:" + str(_gid("postfix")),
+            "virtual_mailbox_limit": "0",
+            "message_size_limit": str(60 * 1024 * 1024),
+            "default_process_limit": str(args.idle + 100),
+            "smtpd_client_connection_count_limit": "0",
+            "smtpd_client_connection_rate_limit": "0",
+            "smtpd_client_message_rate_limit": "0",
+            "smtpd_client_event_limit_exceptions": "127.0.0.0/8",
+            "virtual_destination_concurrency_limit": "20",
+        })
+        pf.start()
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        md_root = inst.root / "mail"
+        for size in (1024, 65536):
+            for reuse in (False, True):
+                label = f"{size // 1024} KiB, {'reused' if reuse else 'new'} connections"
+                n = args.messages if size == 1024 else max(200, args.messages // 2)
+                # Benchmark trap on ext4: move old Maildirs aside instead of deleting them.
+                _aside(md_root)
+                t = smtp_source(inst.port("smtp"), "u@b.test", n, size, args.sessions, reuse)
+                got = count_files(md_root)
+                ours = n / t
+                theirs, theirs_md = "-", "-"
+                ratio = "-"
+                if pf is not None:
+                    _aside(vmail, keep_owner=True)
+                    before = count_files(vmail)
+                    tp = smtp_source(pf.port, "u@b.test", n, size, args.sessions, reuse)
+                    deadline = time.monotonic() + 600
+                    while count_files(vmail) - before < n and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    tp_md = time.perf_counter()
+                    tp_md_total = tp + (tp_md - _last_end[0]) if _last_end else tp
+                    theirs = f"{n / tp:.0f}"
+                    theirs_md = f"{n / tp_md_total:.0f}"
+                    ratio = f"{ours / (n / tp):.2f}x"
+                rows.append((label, f"{ours:.0f} ({got}/{n} in Maildir)", f"{theirs} / {theirs_md}", ratio))
+        # memory per idle session
+        base = rss_kb(children(inst.proc.pid))
+        socks = idle_sessions(inst.port("smtp"), args.idle)
+        ours_idle = (rss_kb(children(inst.proc.pid)) - base) / args.idle
+        for s in socks:
+            s.close()
+        pf_idle = "-"
+        if pf is not None:
+            base = rss_kb(postfix_pids(pf))
+            socks = idle_sessions(pf.port, args.idle)
+            pf_idle = f"{(rss_kb(postfix_pids(pf)) - base) / args.idle:.0f} KiB"
+            for s in socks:
+                s.close()
+        rows.append((f"memory per idle session ({args.idle} sessions)", f"{ours_idle:.0f} KiB", pf_idle, "-"))
+        if not args.skip_big:
+            big = 25 * 1024 * 1024
+            _aside(md_root)
+            assert inst.proc is not None
+            pid = inst.proc.pid
+            t, peak = peak_rss_during(lambda: smtp_source(inst.port("smtp"), "u@b.test", 20, big, 20, False),
+                                      lambda: children(pid))
+            pf_peak = "-"
+            if pf is not None:
+                _, pk = peak_rss_during(lambda: smtp_source(pf.port, "u@b.test", 20, big, 20, False),
+                                        lambda: postfix_pids(pf))
+                pf_peak = f"{pk / 1024:.0f} MiB"
+            rows.append(("peak RSS, 20 concurrent 25 MiB messages", f"{peak / 1024:.0f} MiB ({t:.1f}s)", pf_peak, "-"))
+    finally:
+        inst.stop()
+        if pf is not None:
+            pf.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nSMTP ingest: {args.sessions} concurrent sessions, smtp-source as client, {os.cpu_count()} cores")
+    print(f"{'measure':<45} {'postier msg/s':<26} {'Postfix 250 / Maildir msg/s':<28} ratio (postier/Postfix 250)")
+    for r in rows:
+        print(f"{r[0]:<45} {r[1]:<26} {r[2]:<28} {r[3]}")
+    return 0
+
+
+_last_end: list[float] = []
+
+
+def _aside(root: Path, keep_owner: bool = False) -> None:
+    """Move a Maildir tree aside (ext4 pays for creating files right after deleting many)."""
+    if not root.exists():
+        return
+    dest = root.parent / f"{root.name}.old.{time.monotonic_ns()}"
+    root.rename(dest)
+    root.mkdir()
+    if keep_owner:
+        shutil.chown(root, "postfix", "postfix")
+
+
+def _uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    import grp
+
+    return grp.getgrnam(name).gr_gid
