@@ -390,6 +390,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_recipients: must be at least 1")
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
+    if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
+        raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
+    if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5
+        raise ConfigError("pop3.login_delay: must be a non-negative number of seconds")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -156,6 +156,8 @@ class POP3Connection:
         self._messages: list[_Message] = []
         self._encoder: MessageEncoder | None = None
         self._message_header: Reply | None = None  # not yet sent: the reply line for RETR/TOP
+        #: SASL exchanges the core itself failed (bad SCRAM proof, malformed input): for throttling
+        self.sasl_failures = 0
         self._handlers: dict[str, Callable[[tuple[str, ...]], Event | None]] = {
             "CAPA": self._capa,
             "QUIT": self._quit,
@@ -248,9 +250,11 @@ class POP3Connection:
         else:
             self._enter_transaction(messages)
 
-    def login_failed(self, in_use: bool = False, login_delay: bool = False) -> None:
+    def login_failed(self, in_use: bool = False, login_delay: bool = False, unavailable: bool = False,
+                     temporary: bool = False) -> None:
         """Wrong credentials, or (``in_use``) the maildrop is locked, or (``login_delay``) RFC 2449
-        LOGIN-DELAY forbids logging in yet."""
+        LOGIN-DELAY forbids logging in yet, or the maildrop cannot be served (``unavailable``: a
+        permanent reason; ``temporary``: try again later)."""
         expected = self._expect(_Awaiting.LOGIN, _Awaiting.MAILDROP)
         self._awaiting = None
         if expected is _Awaiting.LOGIN and self._sasl is not None:
@@ -260,6 +264,10 @@ class POP3Connection:
             reply = R.ERR_IN_USE
         elif login_delay:
             reply = R.ERR_LOGIN_DELAY
+        elif unavailable:
+            reply = R.ERR_MAILDROP_UNAVAILABLE
+        elif temporary:
+            reply = R.ERR_TRY_LATER
         else:
             reply = R.ERR_AUTH_FAILED
         self._error(reply)
@@ -500,6 +508,7 @@ class POP3Connection:
             case sasl.Success():
                 return self._sasl_succeeded(outcome)
             case _:
+                self.sasl_failures += 1
                 self._end_sasl()
                 raise Pop3Error(R.ERR_AUTH_FAILED)
 
