@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import sqlite3
 import threading
@@ -72,11 +73,13 @@ class User:
 
     def home(self, mail_root: Path) -> Path:
         """The user's directory under mail_root, with a containment check."""
-        p = (mail_root / self.domain / self.local).resolve()
-        root = mail_root.resolve()
-        if root not in p.parents:
+        # Lexical containment check: local parts and domains are validated when created, and this
+        # runs for every delivery, so no resolve() (one lstat per path component) here.
+        root = os.path.normpath(mail_root)
+        p = os.path.normpath(os.path.join(root, self.domain, self.local))
+        if not p.startswith(root + os.sep) or p.count(os.sep) != root.count(os.sep) + 2:
             raise AccountError(f"mailbox path of {self.address} escapes the mail root")
-        return p
+        return Path(p)
 
     def maildir(self, mail_root: Path) -> Path:
         return self.home(mail_root) / "Maildir"

@@ -16,10 +16,11 @@ import fcntl
 import itertools
 import os
 import re
-import secrets
 import socket
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def unique_name(size: int) -> str:
     now = time.time()
     secs = int(now)
     usecs = int((now - secs) * 1_000_000)
-    rnd = secrets.token_hex(4)
+    rnd = os.urandom(4).hex()
     # Dovecot's ",S=" gives the physical size so readers need not stat the file.
     return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}R{rnd}.{_HOST},S={size}"
 
@@ -174,31 +175,102 @@ class MessageBody:
         self._chunks = []
 
 
+class _DirSync:
+    """Group commit for directory fsyncs: renames into one directory that happen before an fsync of
+    it starts are all covered by that one fsync (concurrent deliveries to one Maildir share it).
+
+    Also keeps directory file descriptors open (bounded LRU) and remembers which Maildirs exist,
+    so a delivery costs no stat()/open() of its directories.
+    """
+
+    MAX_FDS = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._requested: dict[str, int] = {}
+        self._done: dict[str, int] = {}
+        self._running: set[str] = set()
+        self.ready: set[str] = set()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self._fds[path] = fd
+            while len(self._fds) > self.MAX_FDS:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+        else:
+            self._fds.move_to_end(path)
+        return fd
+
+    def sync(self, path: str) -> None:
+        with self._cond:
+            ticket = self._requested.get(path, 0) + 1
+            self._requested[path] = ticket
+            while self._done.get(path, 0) < ticket:
+                if path in self._running:
+                    self._cond.wait()
+                    continue
+                self._running.add(path)
+                target = self._requested[path]
+                fd = os.dup(self._fd(path))
+                self._cond.release()
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    self._cond.acquire()
+                    self._running.discard(path)
+                    self._cond.notify_all()
+                self._done[path] = max(self._done.get(path, 0), target)
+
+
+_dirsync = _DirSync()
+
+
 def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str:
     """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/).
 
     Blocking. On any error nothing is visible in new/ and the tmp/ file is removed.
     """
-    ensure_maildir(root)
+    key = str(root)
+    if key not in _dirsync.ready:
+        ensure_maildir(root)
+        _dirsync.ready.add(key)
     size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
     name = unique_name(size)
-    tmp = root / "tmp" / name
+    tmp = f"{key}/tmp/{name}"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:  # the Maildir was removed under us: recreate it once
+        _dirsync.ready.discard(key)
+        ensure_maildir(root)
+        _dirsync.ready.add(key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise DeliveryError(f"cannot create {tmp}: {exc.strerror}") from exc
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(prefix)
-            if isinstance(body, MessageBody):
+        if isinstance(body, MessageBody) and not body.in_memory:
+            with os.fdopen(os.dup(fd), "wb") as out:
+                out.write(prefix)
                 body.copy_to(out)
-            else:
-                out.write(body)
-            out.flush()
-            os.fsync(out.fileno())  # maildir(5): the file is on disk before it is in new/
-        os.rename(tmp, root / "new" / name)
-        fsync_dir(root / "new")  # ...and the rename is on disk before we answer 250
+                out.flush()
+        else:
+            data = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)  # maildir(5): the file is on disk before it is in new/
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, f"{key}/new/{name}")
+        _dirsync.sync(f"{key}/new")  # ...and the rename is on disk before we answer 250
     except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
