@@ -1,0 +1,611 @@
+"""The outbound queue at work: durable enqueue, dispatch per destination, retries, expiry and DSNs
+(RFC 5321 §4.5.4 retry strategy, RFC 3461 §6 DSN generation, RFC 5321 §5.1 MX routing).
+
+`Queue` is what the pipelines call (`enqueue`, the `QueueHook` of `pipeline.inbound`) and what runs
+deliveries. Due recipients are grouped into jobs (one message, one destination, at most 100
+recipients); each destination gets up to `queue.concurrency_per_domain` workers (and all of them
+together at most `queue.concurrency_total`), and a worker keeps its SMTP session open for the next
+job of its destination (connection reuse). Recipients in local domains go straight to the MDA.
+
+Every outcome is committed to the spool database before anything depends on it; outcomes of
+concurrent jobs share one commit (group commit). A crash loses no accepted message: after a restart
+every recipient still `queued` is tried again, so a message in flight at the crash may arrive twice,
+never zero times. Time comes from an injectable clock (`schedule.Clock`); `dispatch()` and `drain()`
+let tests step the queue by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..accounts import Lookup
+from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
+from ..message.received import queue_id, return_path
+from ..proto.smtp.address import AddressError, xtext_decode
+from ..resolver import BaseResolver, Resolver
+from ..store.maildir import MessageBody
+from . import schedule
+from .client import SMTPClient
+from .delivery import (
+    MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
+)
+from .spool import DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Spool
+
+if TYPE_CHECKING:
+    from ..pipeline.inbound import Envelope
+    from ..server.app import Services
+
+log = logging.getLogger("postier.queue")
+
+POLL_INTERVAL = 5.0  # longest sleep between scans of the database (enqueue and retry wake earlier)
+DUE_BATCH = 5000
+LOCAL = "local"  # the destination key of recipients in our own domains
+LOCAL_CONCURRENCY = 16
+MEMORY_DATA_LIMIT = 1024 * 1024  # larger messages are streamed from the spool file
+HEAD_LIMIT = 256 * 1024
+DOMAIN_CACHE_TTL = 30.0
+STOP_GRACE = 10.0
+
+
+@dataclass
+class Job:
+    msg_id: str
+    dest: str
+    domain: str
+    recipients: list[str]
+    msg: MessageInfo | None = None
+    states: list[RecipientState] = field(default_factory=list)
+
+
+def _notify_words(notify: str) -> set[str]:
+    return {w.strip().upper() for w in notify.split(",") if w.strip()}
+
+
+def dsn_owed(kind: str, sender: str, notify: str) -> bool:
+    """RFC 3461 §4.1, §6.2: which notifications a recipient's NOTIFY asks for; never to `<>`."""
+    if not sender:  # RFC 3461 §6.2 / RFC 5321 §4.5.5: never a DSN about a DSN (null sender)
+        return False
+    words = _notify_words(notify)
+    if "NEVER" in words:
+        return False
+    if kind == "failed":
+        return not words or "FAILURE" in words
+    if kind == "delayed":
+        return not words or "DELAY" in words  # RFC 3461 §4.1: default is FAILURE[,DELAY]
+    return "SUCCESS" in words  # delivered, relayed
+
+
+class Queue:
+    """The queue of one server: spool, dispatcher, workers. Create in an event loop."""
+
+    def __init__(self, services: Services, *, clock: schedule.Clock | None = None,
+                 resolver: BaseResolver | None = None, rng: random.Random | None = None) -> None:
+        cfg = services.config
+        self.services = services
+        self.config = cfg
+        self.qcfg = cfg.queue
+        self.clock: schedule.Clock = clock or schedule.SystemClock()
+        self.spool = Spool(cfg.spool_dir / "queue")
+        self.out = Outbound.from_config(cfg)
+        if resolver is None:
+            resolver = services.extensions.get("resolver")
+        if resolver is None:
+            resolver = Resolver(list(cfg.dns.nameservers) or None, cfg.dns.timeout)
+            services.extensions.setdefault("resolver", resolver)
+        self.router = Router(resolver, self.out, rng)
+        self.connector = Connector(self.out)
+        self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
+        self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
+        self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._busy: set[tuple[str, str]] = set()  # (msg_id, address) dispatched, not yet recorded
+        self._inflight: Counter[str] = Counter()  # msg_id -> jobs in flight
+        self._dests: dict[str, deque[Job]] = {}
+        self._workers: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._total = asyncio.Semaphore(max(1, self.qcfg.concurrency_total))
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._local_domains: dict[str, tuple[bool, float]] = {}
+        self._last_prune = 0.0
+        self.stats: Counter[str] = Counter()
+
+    # -- database plumbing ------------------------------------------------------------------------
+
+    async def _db(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a write operation; concurrent ones share a transaction (group commit)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append((op, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._ops:
+            batch, self._ops = self._ops, []
+            try:
+                results = await loop.run_in_executor(self._db_exec, self.spool.run, [op for op, _ in batch])
+            except Exception as exc:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            for (_, f), r in zip(batch, results, strict=True):
+                if f.done():
+                    continue
+                if isinstance(r, Exception):
+                    f.set_exception(r)
+                else:
+                    f.set_result(r)
+
+    async def _read[T](self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db_exec, fn, *args)
+
+    async def _io[T](self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io_exec, fn, *args)
+
+    # -- enqueue (the QueueHook) ------------------------------------------------------------------
+
+    async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody,
+                      *, sender: str | None = None) -> str:
+        """Durably queue the message for `recipients`; returns the queue id. Raises on failure.
+
+        DSN parameters come from the envelope: RET and ENVID of MAIL (RFC 3461 §4.3, §4.4), NOTIFY
+        and ORCPT of the RCPT that led to each recipient (§4.1, §4.2; alias targets inherit them).
+        """
+        params = env.mail_params
+        specs = []
+        for addr in recipients:
+            src = next((r for r in env.recipients if r.address == addr or addr in r.remote), None)
+            notify = (src.params.get("NOTIFY") or "") if src else ""
+            orcpt = ""
+            if src and src.params.get("ORCPT") and src.address == addr:
+                kind, _, value = (src.params.get("ORCPT") or "").partition(";")
+                with contextlib.suppress(AddressError):
+                    orcpt = f"{kind};{xtext_decode(value)}"
+            specs.append(RecipientSpec(addr, notify.upper(), orcpt))
+        envid = ""
+        if params.get("ENVID"):
+            with contextlib.suppress(AddressError):
+                envid = xtext_decode(params.get("ENVID") or "")
+        body_kind = (params.get("BODY") or "").upper()
+        eightbit = body_kind in ("8BITMIME", "BINARYMIME") or not prefix.isascii() or (
+            body.in_memory and not body.head(HEAD_LIMIT).isascii())
+        user = env.auth_user.address if env.auth_user is not None else ""
+        return await self.store(sender=env.mail_from if sender is None else sender, recipients=specs,
+                                prefix=prefix, body=body, user=user, envid=envid,
+                                ret=(params.get("RET") or "").upper(), smtputf8="SMTPUTF8" in params,
+                                eightbit=eightbit, msg_id=env.qid)
+
+    async def store(self, *, sender: str, recipients: list[RecipientSpec], prefix: bytes,
+                    body: MessageBody | bytes, user: str = "", envid: str = "", ret: str = "",
+                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None) -> str:
+        """Spool file first (fsynced), then the rows (committed): only then is the message queued."""
+        if not recipients:
+            raise ValueError("no recipients")
+        size = -1
+        mid = ""
+        for _ in range(5):
+            mid, msg_id = msg_id or queue_id(), None
+            try:
+                size = await self._io(self.spool.write_file, mid, prefix, body)
+                break
+            except FileExistsError:
+                continue
+        if size < 0:
+            raise RuntimeError("could not allocate a queue id")
+        now = self.clock.time()
+        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit)
+        fut = asyncio.ensure_future(self._db(Spool.op_insert(info, recipients, now)))
+        try:
+            await asyncio.shield(fut)  # a cancelled session must not undo a commit in progress
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await self._io(self.spool.remove_file, mid)
+            raise
+        self.stats["queued"] += 1
+        log.info("%s: queued from=<%s> size=%d nrcpt=%d%s", mid, sender, size, len(recipients),
+                 f" user={user}" if user else "")
+        if not self._stopping:
+            await self._schedule(mid, [(r.address, r.address.rpartition("@")[2].lower()) for r in recipients])
+        return mid
+
+    async def sends_today(self, user: str) -> int:
+        """Messages `user` submitted in the last 24 hours (submission.max_messages_per_day)."""
+        return await self._read(self.spool.sends_since, user, self.clock.time() - 86400.0)
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    async def _is_local(self, domain: str) -> bool:
+        now = time.monotonic()
+        hit = self._local_domains.get(domain)
+        if hit is not None and now - hit[1] < DOMAIN_CACHE_TTL:
+            return hit[0]
+        local = await asyncio.to_thread(self.services.accounts.is_local_domain, domain)
+        self._local_domains[domain] = (local, now)
+        return local
+
+    async def _schedule(self, msg_id: str, rows: list[tuple[str, str]]) -> int:
+        """Turn (address, domain) rows of one message into jobs and start workers."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for addr, domain in rows:
+            if (msg_id, addr) in self._busy:
+                continue
+            dest = LOCAL if await self._is_local(domain) else self.out.destination(domain)
+            groups.setdefault((dest, domain), []).append(addr)
+        n = 0
+        for (dest, domain), addrs in groups.items():
+            for i in range(0, len(addrs), MAX_RCPTS_PER_TRANSACTION):
+                chunk = addrs[i:i + MAX_RCPTS_PER_TRANSACTION]
+                self._busy.update((msg_id, a) for a in chunk)
+                self._inflight[msg_id] += 1
+                self._dests.setdefault(dest, deque()).append(Job(msg_id, dest, domain, chunk))
+                n += 1
+            self._spawn(dest)
+        return n
+
+    def _spawn(self, dest: str) -> None:
+        limit = LOCAL_CONCURRENCY if dest == LOCAL else max(1, self.qcfg.concurrency_per_domain)
+        pending = len(self._dests.get(dest, ()))
+        while self._workers[dest] < min(limit, pending):
+            self._workers[dest] += 1
+            task = asyncio.get_running_loop().create_task(self._worker(dest))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            pending -= 1  # each new worker takes at least one job
+
+    async def dispatch(self) -> int:
+        """Schedule every queued recipient whose time has come; returns the number of new jobs."""
+        rows = await self._read(self.spool.due, self.clock.time(), DUE_BATCH)
+        per_msg: dict[str, list[tuple[str, str]]] = {}
+        for msg_id, addr, domain in rows:
+            if (msg_id, addr) not in self._busy:
+                per_msg.setdefault(msg_id, []).append((addr, domain))
+        n = 0
+        for msg_id, items in per_msg.items():
+            n += await self._schedule(msg_id, items)
+        return n
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Wait until no job is pending or running (tests; shutdown)."""
+        async with asyncio.timeout(timeout):
+            while self._tasks or self._ops or (self._flusher is not None and not self._flusher.done()):
+                tasks = list(self._tasks)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                elif self._flusher is not None:
+                    await asyncio.gather(self._flusher, return_exceptions=True)
+                else:
+                    await asyncio.sleep(0)
+
+    async def run_once(self) -> int:
+        """Dispatch what is due and wait for all of it to finish (tests step the queue with this)."""
+        n = await self.dispatch()
+        await self.drain()
+        return n
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    async def _worker(self, dest: str) -> None:
+        session: SMTPClient | None = None
+        try:
+            async with self._total:
+                while (dq := self._dests.get(dest)) and not self._stopping:
+                    job = dq.popleft()
+                    try:
+                        if dest == LOCAL:
+                            results = await self._deliver_local(job)
+                        else:
+                            session, results = await self._deliver_remote(job, session)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # one job's bug must not stop the queue
+                        log.exception("%s: delivery failed", job.msg_id)
+                        if session is not None:
+                            session.close()
+                            session = None
+                        results = [RcptResult(a, Fate.DEFERRED, f"internal error: {exc.__class__.__name__}",
+                                              "4.3.0") for a in job.recipients]
+                    await self._complete(job, results)
+        finally:
+            if session is not None:
+                await session.quit()
+            self._workers[dest] -= 1
+            if self._workers[dest] <= 0:
+                del self._workers[dest]
+                if not self._dests.get(dest):
+                    self._dests.pop(dest, None)
+
+    async def _load(self, job: Job) -> bool:
+        job.msg = await self._read(self.spool.message, job.msg_id)
+        if job.msg is None:
+            return False
+        states = await self._read(self.spool.recipients, job.msg_id)
+        wanted = set(job.recipients)
+        job.states = [s for s in states if s.address in wanted and s.status == QUEUED]
+        return bool(job.states)
+
+    async def _deliver_remote(self, job: Job, session: SMTPClient | None
+                              ) -> tuple[SMTPClient | None, list[RcptResult]]:
+        if not await self._load(job):
+            return session, []
+        assert job.msg is not None
+        if session is not None and session.closed:
+            session.close()
+            session = None
+        if session is None:
+            route = await self.router.route(job.domain)
+            failure = route.failure
+            if failure is None:
+                session, failure = await self.connector.open(route)
+            if failure is not None:
+                await self._fail_destination(job, failure)
+                return None, [failure.result(s.address) for s in job.states]
+        assert session is not None
+        msg = job.msg
+        path = self.spool.path(msg.id)
+        data: bytes | Path = path if msg.size > MEMORY_DATA_LIMIT else await self._io(path.read_bytes)
+        results = await transact(session, msg, job.states, data)
+        if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
+            session.close()
+            session = None
+        return session, results
+
+    async def _fail_destination(self, job: Job, failure: Failure) -> None:
+        """The destination cannot be reached now: every job waiting for it shares this attempt's fate."""
+        if failure.fate is Fate.FAILED and job.dest != job.domain:
+            return  # a per-domain verdict does not apply to other domains behind the same relay
+        dq = self._dests.get(job.dest)
+        if not dq:
+            return
+        same = [j for j in dq if failure.fate is Fate.DEFERRED or j.domain == job.domain]
+        for j in same:
+            dq.remove(j)
+        for j in same:
+            if await self._load(j):
+                await self._complete(j, [failure.result(s.address) for s in j.states])
+            else:
+                await self._complete(j, [])
+
+    async def _deliver_local(self, job: Job) -> list[RcptResult]:
+        """Recipients in our own domains: straight to the MDA (aliases may add remote recipients)."""
+        if not await self._load(job):
+            return []
+        assert job.msg is not None
+        msg = job.msg
+        accounts = self.services.accounts
+        results: list[RcptResult] = []
+        data: bytes | None = None
+        expanded: list[str] = []
+        for st in job.states:
+            res = await asyncio.to_thread(accounts.resolve, st.address)
+            if res.status is Lookup.UNKNOWN_USER:
+                results.append(RcptResult(st.address, Fate.FAILED, "550 5.1.1 No such user here", "5.1.1"))
+                continue
+            if res.status is not Lookup.FOUND:
+                results.append(RcptResult(st.address, Fate.DEFERRED, "domain is no longer local", "4.3.0"))
+                continue
+            ok = True
+            if res.users:
+                if data is None:
+                    data = await self._io(self.spool.read_file, msg.id)
+                got = await self.services.mda.deliver([(u, None) for u in res.users], return_path(msg.sender),
+                                                      data, msg.sender)
+                ok = all(g.ok for g in got)
+            expanded.extend(a for a in res.remote if a not in expanded)
+            if ok:
+                results.append(RcptResult(st.address, Fate.DELIVERED, "250 2.0.0 delivered to mailbox", "2.0.0",
+                                          mx="local"))
+            else:
+                results.append(RcptResult(st.address, Fate.DEFERRED, "451 4.3.0 local delivery failed", "4.3.0",
+                                          mx="local"))
+        if expanded:  # alias targets in foreign domains join the message as new recipients
+            now = self.clock.time()
+            await self._db(_op_add_recipients(msg.id, expanded, now))
+            await self._schedule(msg.id, [(a, a.rpartition("@")[2].lower()) for a in expanded])
+        return results
+
+    # -- outcomes ---------------------------------------------------------------------------------
+
+    def _decide(self, msg: MessageInfo, st: RecipientState, r: RcptResult, now: float, local: bool) -> Outcome:
+        q = self.qcfg
+        remote_mta = r.remote_mta if r.remote else ""
+        if r.fate is Fate.DELIVERED:
+            kind = "delivered" if local else ("" if r.dsn_passed else "relayed")
+            dsn = kind if kind and dsn_owed(kind, msg.sender, st.notify) else ""
+            return Outcome(st.address, DELIVERED, r.reply, r.status_code, r.mx, r.tls, 0.0, dsn, remote_mta)
+        if r.fate is Fate.FAILED:
+            dsn = "failed" if dsn_owed("failed", msg.sender, st.notify) else ""
+            return Outcome(st.address, FAILED, r.reply, r.status_code, r.mx, r.tls, 0.0, dsn, remote_mta)
+        # deferred
+        if schedule.expired(msg.created, now, q.max_lifetime):
+            # RFC 5321 §4.5.4.1: give up; the DSN keeps the last temporary status (RFC 3463 4.x.x)
+            days = q.max_lifetime / 86400
+            reply = f"{r.reply} (gave up after {days:g} days in the queue)" if r.reply else "expired"
+            dsn = "failed" if dsn_owed("failed", msg.sender, st.notify) else ""
+            return Outcome(st.address, FAILED, reply, r.status_code or "4.4.7", r.mx, r.tls, 0.0, dsn, remote_mta)
+        nxt = schedule.next_attempt(msg.created, now, st.attempts + 1, q.retry_initial, q.retry_max, q.max_lifetime)
+        dsn = ""
+        if schedule.warn_due(msg.created, now, q.delay_warning, msg.warned) and dsn_owed("delayed", msg.sender,
+                                                                                      st.notify):
+            dsn = "delayed"
+        return Outcome(st.address, QUEUED, r.reply, r.status_code, r.mx, r.tls, nxt, dsn, remote_mta)
+
+    async def _complete(self, job: Job, results: list[RcptResult]) -> None:
+        now = self.clock.time()
+        msg = job.msg
+        outcomes: list[Outcome] = []
+        if msg is not None:
+            states = {s.address: s for s in job.states}
+            outcomes = [self._decide(msg, states[r.address], r, now, job.dest == LOCAL)
+                        for r in results if r.address in states]
+        self._inflight[job.msg_id] -= 1
+        last = self._inflight[job.msg_id] <= 0
+        if last:
+            del self._inflight[job.msg_id]
+        finished: bool | None = None
+        if outcomes or last:
+            record = Spool.op_record(job.msg_id, outcomes, now)
+            finish = Spool.op_finish(job.msg_id)
+
+            def op(conn: sqlite3.Connection) -> bool | None:
+                record(conn)
+                return finish(conn) if last else None
+
+            try:
+                finished = await self._db(op)
+            except Exception:
+                log.exception("%s: recording the outcome failed (it will be retried)", job.msg_id)
+        self._busy.difference_update((job.msg_id, a) for a in job.recipients)
+        for o in outcomes:
+            self._log(job, msg, o, now)
+        if last and finished:
+            await self._io(self.spool.remove_file, job.msg_id)
+            log.info("%s: removed", job.msg_id)
+        elif last and finished is False:
+            await self.send_dsns(job.msg_id)  # owed by this job or an earlier one of the message
+
+    def _log(self, job: Job, msg: MessageInfo | None, o: Outcome, now: float) -> None:
+        state = {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[o.status]
+        self.stats[state] += 1
+        delay = now - msg.created if msg else 0.0
+        log.info("%s: to=<%s> relay=%s delay=%.2f tls=%s status=%s (%s)", job.msg_id, o.address, o.mx or "none",
+                 delay, o.tls or "none", state, o.reply)
+
+    async def send_dsns(self, msg_id: str) -> None:
+        """Send the DSN a message owes (one for all its recipients that owe one), then clean up."""
+        if self._inflight.get(msg_id):
+            return  # the last job of this message sends it
+        msg = await self._read(self.spool.message, msg_id)
+        if msg is None:
+            return
+        owed = [s for s in await self._read(self.spool.recipients, msg_id) if s.dsn]
+        if not owed:
+            return
+        if msg.sender:
+            want = max(HEAD_LIMIT, FULL_LIMIT + 1) if msg.ret == "FULL" else HEAD_LIMIT
+            head = await self._io(_read_head, self.spool.path(msg_id), want)
+            now = self.clock.time()
+            recips = []
+            for s in owed:
+                recips.append(DSNRecipient(
+                    address=s.address, action=s.dsn,
+                    status=s.status_code or ("5.0.0" if s.dsn == "failed" else "4.0.0" if s.dsn == "delayed" else "2.0.0"),
+                    diagnostic=s.last_reply if s.remote_mta else "", remote_mta=s.remote_mta,
+                    orcpt=s.orcpt, reason=s.last_reply, last_attempt=now,
+                    will_retry_until=msg.created + self.qcfg.max_lifetime if s.dsn == "delayed" else None))
+            dsn = compose_dsn(reporting_mta=self.config.hostname, sender=msg.sender, recipients=recips,
+                              original=head, complete=len(head) >= msg.size, queue_id=msg.id,
+                              arrival=msg.created, now=now, envid=msg.envid, ret=msg.ret, smtputf8=msg.smtputf8)
+            try:
+                dsn_id = await self.store(sender="", recipients=[RecipientSpec(msg.sender, "NEVER")], prefix=b"",
+                                          body=dsn.data, eightbit=dsn.eightbit, smtputf8=dsn.smtputf8)
+            except Exception:
+                log.exception("%s: could not queue the DSN (will try again)", msg_id)
+                return
+            log.info("%s: sender non-delivery notification: %s (%s)", msg_id, dsn_id,
+                     ",".join(sorted({s.dsn for s in owed})))
+        self.stats["dsn"] += 1
+        warned = any(s.dsn == "delayed" for s in owed)
+        done = Spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
+        finish = Spool.op_finish(msg_id)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            done(conn)
+            return finish(conn)
+
+        if await self._db(op):
+            await self._io(self.spool.remove_file, msg_id)
+            log.info("%s: removed", msg_id)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        files, rows = await self._read(self.spool.recover)
+        if files or rows:
+            log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files,
+                        rows)
+        n = await self._read(self.spool.count)
+        log.info("queue: %d messages waiting", n)
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        for msg_id in await self._read(self.spool.owing_dsn):  # DSNs a crash interrupted
+            try:
+                await self.send_dsns(msg_id)
+            except Exception:
+                log.exception("%s: DSN failed", msg_id)
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.dispatch()
+                now = self.clock.time()
+                if now - self._last_prune > 3600:
+                    self._last_prune = now
+                    await self._read(self.spool.prune_sends, now - 2 * 86400)
+                nxt = await self._read(self.spool.next_due)
+            except Exception:
+                log.exception("queue: dispatch failed")
+                nxt = None
+            delay = POLL_INTERVAL if nxt is None else min(POLL_INTERVAL, max(0.05, nxt - self.clock.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def stop(self) -> None:
+        """Stop dispatching; let running jobs finish for a while, then cancel them (they will be retried)."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await self.drain(STOP_GRACE)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        self._db_exec.shutdown(wait=True)
+        self._io_exec.shutdown(wait=True)
+        self.spool.close()
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def _op_add_recipients(msg_id: str, addresses: list[str], now: float) -> Callable[[sqlite3.Connection], None]:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt) VALUES (?, ?, ?, ?)",
+                         [(msg_id, a, a.rpartition("@")[2].lower(), now) for a in addresses])
+    return op
+
+
+def attach(services: Services) -> None:
+    """SERVICE_HOOKS entry: the queue joins the services, runs while the server runs."""
+    queue = Queue(services)
+    services.extensions["queue"] = queue
+    services.on_start(queue.start)
+    services.on_close(queue.stop)

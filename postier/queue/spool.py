@@ -1,0 +1,396 @@
+"""The durable outbound queue: one spool file per message plus SQLite (WAL) state (RFC 5321 §4.5.4).
+
+A message is accepted ("250") only after both halves are on disk: the spool file (prefix + body,
+exactly as it will be sent) is created, written and fsynced, its directory fsynced, and then the
+SQLite rows (message, recipients, the sender's daily counter) are committed with
+`synchronous=FULL`. The commit is the point of acceptance: a spool file without rows is debris of a
+crash before the 250 and is removed by `recover()`.
+
+Each recipient has a status: `queued` (waiting for its next attempt), `delivered` or `failed`; a
+recipient may also owe a DSN (`dsn` column: "failed", "delayed", "delivered", "relayed"). A message
+leaves the queue (rows and file) once no recipient is queued and no DSN is owed. Every attempt is
+recorded (time, MX tried, TLS, reply) for `postier queue show`.
+
+Every method here blocks on the disk; the runner calls them from worker threads. Writes run as
+*operations* (functions of a connection) so that the runner can commit many in one transaction
+(group commit: one fsync for all the deliveries that finished meanwhile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..store.maildir import MessageBody, fsync_dir
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    user TEXT NOT NULL DEFAULT '',
+    envid TEXT NOT NULL DEFAULT '',
+    ret TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    eightbit INTEGER NOT NULL DEFAULT 0,
+    warned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    msg_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'queued',
+    next_attempt REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_reply TEXT NOT NULL DEFAULT '',
+    status_code TEXT NOT NULL DEFAULT '',
+    remote_mta TEXT NOT NULL DEFAULT '',
+    notify TEXT NOT NULL DEFAULT '',
+    orcpt TEXT NOT NULL DEFAULT '',
+    dsn TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (msg_id, address)
+);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(status, next_attempt);
+CREATE INDEX IF NOT EXISTS recipients_dsn ON recipients(dsn) WHERE dsn != '';
+CREATE TABLE IF NOT EXISTS attempts (
+    msg_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    time REAL NOT NULL,
+    mx TEXT NOT NULL,
+    tls TEXT NOT NULL,
+    reply TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg_id);
+CREATE TABLE IF NOT EXISTS sends (
+    user TEXT NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_user ON sends(user, time);
+"""
+
+#: Queue ids are ours (`message.received.queue_id`): upper-case hex. Anything else given on the
+#: command line is refused before it can become part of a path.
+_ID_RE = re.compile(r"^[0-9A-F]{6,40}$")
+MAX_ATTEMPTS_KEPT = 50  # per recipient, for `queue show`; older attempts are dropped
+
+QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
+
+
+class SpoolError(Exception):
+    """A queue operation failed (bad id, missing message, disk trouble)."""
+
+
+def valid_id(msg_id: str) -> bool:
+    return bool(_ID_RE.match(msg_id))
+
+
+@dataclass(frozen=True)
+class RecipientSpec:
+    """A recipient as queued: the address and its RFC 3461 parameters (NOTIFY words, ORCPT)."""
+
+    address: str
+    notify: str = ""  # "" (default: FAILURE), "NEVER", or a comma list of SUCCESS,FAILURE,DELAY
+    orcpt: str = ""  # "rfc822;alice@example.org" as given, xtext-decoded
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    id: str
+    sender: str
+    created: float
+    size: int
+    user: str = ""
+    envid: str = ""
+    ret: str = ""  # "FULL" | "HDRS" | "" (RFC 3461 §4.3)
+    smtputf8: bool = False
+    eightbit: bool = False
+    warned: bool = False
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    msg_id: str
+    address: str
+    domain: str
+    status: str
+    next_attempt: float
+    attempts: int
+    last_reply: str
+    status_code: str
+    remote_mta: str
+    notify: str
+    orcpt: str
+    dsn: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    address: str
+    time: float
+    mx: str
+    tls: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt for one recipient, as the runner decided it."""
+
+    address: str
+    status: str  # QUEUED (deferred), DELIVERED or FAILED
+    reply: str  # "250 2.0.0 Ok" or a local reason ("DNS: temporary failure")
+    status_code: str  # RFC 3463 code for the DSN
+    mx: str = ""  # the host (and address) tried, "" if none was reached
+    tls: str = ""  # "TLSv1.3 ... verified" / "none"
+    next_attempt: float = 0.0
+    dsn: str = ""  # the DSN this outcome owes ("" none)
+    remote_mta: str = ""  # the MX host whose reply `reply` is ("" for local decisions)
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Spool:
+    """The queue's files and database under `root` (thread-safe: one connection, one lock)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.msg_dir = root / "msg"
+        self.db_path = root / "queue.sqlite"
+        self.msg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def run(self, ops: Iterable[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """Run operations in one transaction; each gets a savepoint so one failure spares the others.
+
+        Returns one entry per operation: its result, or the exception it raised.
+        """
+        results: list[Any] = []
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for i, op in enumerate(ops):
+                    conn.execute(f"SAVEPOINT op{i}")
+                    try:
+                        results.append(op(conn))
+                    except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
+                        conn.execute(f"ROLLBACK TO op{i}")
+                        results.append(exc)
+                    conn.execute(f"RELEASE op{i}")
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        return results
+
+    def execute(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
+        """One operation in its own transaction; its exception is raised."""
+        (result,) = self.run([op])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- spool files ----------------------------------------------------------------------------
+
+    def path(self, msg_id: str) -> Path:
+        if not valid_id(msg_id):  # the id is the file name: never a path from outside
+            raise SpoolError(f"invalid queue id {msg_id!r}")
+        return self.msg_dir / msg_id
+
+    def write_file(self, msg_id: str, prefix: bytes, body: MessageBody | bytes) -> int:
+        """Create the spool file durably (file fsynced, then the directory). FileExistsError if taken."""
+        path = self.path(msg_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(prefix)
+                if isinstance(body, MessageBody):
+                    body.copy_to(out)
+                else:
+                    out.write(body)
+                out.flush()
+                os.fsync(out.fileno())
+                size = out.tell()
+            fsync_dir(self.msg_dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return size
+
+    def read_file(self, msg_id: str) -> bytes:
+        return self.path(msg_id).read_bytes()
+
+    def remove_file(self, msg_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(msg_id).unlink()
+
+    # -- operations (run inside a transaction) ----------------------------------------------------
+
+    @staticmethod
+    def op_insert(info: MessageInfo, recipients: list[RecipientSpec], now: float
+                  ) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO messages(id, sender, created, size, user, envid, ret, smtputf8, eightbit)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.id, info.sender, info.created, info.size, info.user, info.envid, info.ret,
+                 int(info.smtputf8), int(info.eightbit)))
+            conn.executemany(
+                "INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt, notify, orcpt)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(info.id, r.address, _domain_of(r.address), now, r.notify, r.orcpt) for r in recipients])
+            if info.user:
+                conn.execute("INSERT INTO sends(user, time) VALUES (?, ?)", (info.user, info.created))
+        return op
+
+    @staticmethod
+    def op_record(msg_id: str, outcomes: list[Outcome], now: float) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            for o in outcomes:
+                cur = conn.execute(
+                    "UPDATE recipients SET status=?, next_attempt=?, attempts=attempts+1, last_reply=?,"
+                    " status_code=?, remote_mta=?, dsn=CASE WHEN ?='' THEN dsn ELSE ? END"
+                    " WHERE msg_id=? AND address=? AND status='queued'",
+                    (o.status, o.next_attempt, o.reply[:1000], o.status_code, o.remote_mta[:255], o.dsn, o.dsn,
+                     msg_id, o.address))
+                if cur.rowcount:
+                    conn.execute("INSERT INTO attempts(msg_id, address, time, mx, tls, reply) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (msg_id, o.address, now, o.mx[:300], o.tls[:200], o.reply[:1000]))
+                    conn.execute(
+                        "DELETE FROM attempts WHERE rowid IN (SELECT rowid FROM attempts WHERE msg_id=? AND"
+                        " address=? ORDER BY time DESC LIMIT -1 OFFSET ?)", (msg_id, o.address, MAX_ATTEMPTS_KEPT))
+        return op
+
+    @staticmethod
+    def op_dsn_done(msg_id: str, addresses: list[str], warned: bool = False
+                    ) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE recipients SET dsn='' WHERE msg_id=? AND address=?",
+                             [(msg_id, a) for a in addresses])
+            if warned:
+                conn.execute("UPDATE messages SET warned=1 WHERE id=?", (msg_id,))
+        return op
+
+    @staticmethod
+    def op_finish(msg_id: str) -> Callable[[sqlite3.Connection], bool]:
+        """Delete the message if nothing is left to do for it; True when deleted (remove its file then)."""
+        def op(conn: sqlite3.Connection) -> bool:
+            left = conn.execute("SELECT 1 FROM recipients WHERE msg_id=? AND (status='queued' OR dsn!='')"
+                                " LIMIT 1", (msg_id,)).fetchone()
+            if left:
+                return False
+            conn.execute("DELETE FROM messages WHERE id=?", (msg_id,))
+            return True
+        return op
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def due(self, now: float, limit: int) -> list[tuple[str, str, str]]:
+        """(msg_id, address, domain) of queued recipients whose time has come, oldest first."""
+        rows = self.read("SELECT msg_id, address, domain FROM recipients WHERE status='queued' AND next_attempt<=?"
+                         " ORDER BY next_attempt LIMIT ?", (now, limit))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def next_due(self) -> float | None:
+        row = self.read("SELECT MIN(next_attempt) FROM recipients WHERE status='queued'")
+        return row[0][0] if row and row[0][0] is not None else None
+
+    def owing_dsn(self) -> list[str]:
+        return [r[0] for r in self.read("SELECT DISTINCT msg_id FROM recipients WHERE dsn!=''")]
+
+    def message(self, msg_id: str) -> MessageInfo | None:
+        rows = self.read("SELECT id, sender, created, size, user, envid, ret, smtputf8, eightbit, warned"
+                         " FROM messages WHERE id=?", (msg_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]), bool(r[9]))
+
+    def recipients(self, msg_id: str) -> list[RecipientState]:
+        rows = self.read("SELECT msg_id, address, domain, status, next_attempt, attempts, last_reply, status_code,"
+                         " remote_mta, notify, orcpt, dsn FROM recipients WHERE msg_id=? ORDER BY address",
+                         (msg_id,))
+        return [RecipientState(*r) for r in rows]
+
+    def attempts(self, msg_id: str) -> list[Attempt]:
+        rows = self.read("SELECT address, time, mx, tls, reply FROM attempts WHERE msg_id=? ORDER BY time, rowid",
+                         (msg_id,))
+        return [Attempt(*r) for r in rows]
+
+    def list_messages(self, limit: int = 10000) -> list[tuple[MessageInfo, list[RecipientState]]]:
+        ids = [r[0] for r in self.read("SELECT id FROM messages ORDER BY created LIMIT ?", (limit,))]
+        out = []
+        for i in ids:
+            info = self.message(i)
+            if info is not None:
+                out.append((info, self.recipients(i)))
+        return out
+
+    def count(self) -> int:
+        return int(self.read("SELECT COUNT(*) FROM messages")[0][0])
+
+    def sends_since(self, user: str, since: float) -> int:
+        return int(self.read("SELECT COUNT(*) FROM sends WHERE user=? AND time>?", (user, since))[0][0])
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def retry(self, msg_id: str | None, now: float) -> int:
+        """Make queued recipients of one message (None: all) due now; returns how many."""
+        def op(conn: sqlite3.Connection) -> int:
+            if msg_id is None:
+                return conn.execute("UPDATE recipients SET next_attempt=? WHERE status='queued'", (now,)).rowcount
+            return conn.execute("UPDATE recipients SET next_attempt=? WHERE status='queued' AND msg_id=?",
+                                (now, msg_id)).rowcount
+        return int(self.execute(op))
+
+    def delete(self, msg_id: str) -> bool:
+        """Remove a message without any DSN (admin action)."""
+        self.path(msg_id)  # validates the id
+        deleted = self.execute(lambda c: c.execute("DELETE FROM messages WHERE id=?", (msg_id,)).rowcount)
+        self.remove_file(msg_id)
+        return bool(deleted)
+
+    def prune_sends(self, before: float) -> None:
+        self.execute(lambda c: c.execute("DELETE FROM sends WHERE time<?", (before,)))
+
+    def recover(self) -> tuple[int, int]:
+        """After a crash: drop spool files without rows, and rows without files. (files, rows) removed."""
+        known = {r[0] for r in self.read("SELECT id FROM messages")}
+        files = 0
+        for entry in os.scandir(self.msg_dir):
+            if entry.name not in known:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    files += 1
+        present = {e.name for e in os.scandir(self.msg_dir)}
+        lost = [i for i in known if i not in present]
+        for i in lost:
+            self.execute(lambda c, i=i: c.execute("DELETE FROM messages WHERE id=?", (i,)))
+        return files, len(lost)

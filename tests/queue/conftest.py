@@ -1,0 +1,75 @@
+"""In-process queue fixtures: a Queue over real spool/SQLite, a FakeResolver, a manual clock, a fake MX."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import argon2
+
+from postier.config import Config, Outbound, Queue as QueueSettings
+from postier.queue.runner import Queue
+from postier.queue.schedule import ManualClock
+from postier.resolver.fake import FakeResolver
+from postier.server.app import Services
+
+from .fakemx import FakeMX
+
+
+def FAST_HASHER() -> argon2.PasswordHasher:  # noqa: N802
+    return argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+
+
+def message(sender: str = "alice@a.test", to: str = "bob@b.test", subject: str = "hello",
+            body: str = "Hi.\r\n") -> bytes:
+    return (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@a.test>\r\n\r\n"
+            f"{body}").encode()
+
+
+@dataclass
+class QEnv:
+    queue: Queue
+    services: Services
+    dns: FakeResolver
+    clock: ManualClock
+    mx: FakeMX | None
+    root: Path
+
+    def maildir(self, address: str) -> list[bytes]:
+        local, domain = address.split("@")
+        md = self.root / "mail" / domain / local / "Maildir" / "new"
+        return [p.read_bytes() for p in sorted(md.iterdir())] if md.is_dir() else []
+
+    async def state(self, msg_id: str) -> list[Any]:
+        return await self.queue._read(self.queue.spool.recipients, msg_id)
+
+
+@contextlib.asynccontextmanager
+async def queue_env(root: Path, mx: FakeMX | None = None, port: int = 0, *, queue: dict[str, Any] | None = None,
+                    outbound: dict[str, Any] | None = None, **cfg: Any) -> AsyncIterator[QEnv]:
+    if mx is not None:
+        port = await mx.start()
+    config = Config(hostname="mail.a.test", data_dir=root,
+                    outbound=Outbound(smtp_port=port or 25, **(outbound or {})),
+                    queue=dataclasses.replace(QueueSettings(), **(queue or {})), **cfg)
+    with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):  # the queue never checks passwords
+        services = Services(config)
+        services.accounts.add_domain("a.test")
+        services.accounts.add_user("alice@a.test", "password123")
+    dns = FakeResolver()
+    clock = ManualClock()
+    q = Queue(services, clock=clock, resolver=dns, rng=random.Random(1))
+    env = QEnv(q, services, dns, clock, mx, root)
+    try:
+        yield env
+    finally:
+        await q.stop()
+        if mx is not None:
+            await mx.stop()
+        await services.close()
