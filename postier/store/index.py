@@ -98,7 +98,7 @@ class StoreError(Exception):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS folders (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: in-memory caches are keyed by it
     name TEXT NOT NULL UNIQUE,
     uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL,
@@ -732,6 +732,11 @@ class UserIndex:
 
     def all_rows(self, fid: int) -> Iterator[MessageRow]:
         for r in self.conn.execute(f"SELECT {_MSG_COLS} FROM msgs WHERE folder=? ORDER BY uid", (fid,)):
+            yield MessageRow(*r)
+
+    def all_rows_between(self, fid: int, lo: int, hi: int) -> Iterator[MessageRow]:
+        for r in self.conn.execute(f"SELECT {_MSG_COLS} FROM msgs WHERE folder=? AND uid BETWEEN ? AND ?"
+                                   " ORDER BY uid", (fid, lo, hi)):
             yield MessageRow(*r)
 
     def flag_rows(self, fid: int, lo: int, hi: int) -> list[tuple[int, int, str, int]]:

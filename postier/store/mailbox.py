@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import stat
 import threading
 import time
@@ -51,7 +52,8 @@ from .index import (
 from .maildir import ensure_maildir, fsync_dir, unique_name
 
 __all__ = [
-    "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderState",
+    "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
+    "FolderState",
     "MailStore", "PopMessage", "StatusInfo", "StoreError", "StoreResult", "UserMailbox",
     "folder_dir_name", "mailstore_for", "normalize_name",
 ]
@@ -136,6 +138,20 @@ class FolderState:
     @property
     def exists(self) -> int:
         return len(self.uids)
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSnapshot:
+    """A consistent copy of a FolderState's fields, safe to read in the event loop."""
+
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    uids: array[int]
+    version: int
+    special_use: str
+    keywords: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +434,14 @@ class UserMailbox:
     def open(self, name: str, force: bool = False) -> FolderState:
         """Sync the folder with the disk and return its state (SELECT, NOOP, IDLE wake-ups)."""
         return self._open(normalize_name(name), force)
+
+    @_locked
+    def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
+        """The folder's state (synced with the disk first unless `sync` is False)."""
+        n = normalize_name(name)
+        st = self._open(n) if sync or n not in self.states else self.states[n]
+        return FolderSnapshot(st.name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
+                              st.special_use, st.keywords)
 
     @_locked
     def state(self, name: str) -> FolderState:
@@ -976,20 +1000,32 @@ class MailStore:
             self.release(mb)
 
     def reindex(self, user: User) -> dict[str, int]:
-        """Rebuild the user's index from the Maildir (journals keep the UIDs); returns counts."""
-        with self._lock:
-            if user.address in self._users:
-                raise StoreError("the user's mailboxes are open in this process", "INUSE")
+        """Rebuild the user's index from the Maildir, in place (journals keep the UIDs); a damaged
+        index file is replaced. Safe while a server runs: SQLite serialises the writers."""
         p = self.index_path(user)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(p) + suffix)
+        try:
+            return self._reindex(user)
+        except sqlite3.DatabaseError:
+            log.warning("index of %s is damaged: recreating it", user.address)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(p) + suffix)
+            return self._reindex(user)
+
+    def _reindex(self, user: User) -> dict[str, int]:
         mb = self.acquire(user)
         try:
-            out: dict[str, int] = {}
-            for f in mb.list_folders():
-                out[f.name] = len(mb.open(f.name, force=True).uids)
-            return out
+            with mb.lock:
+                folders = mb.list_folders()
+                names = {f.name for f in folders}
+                for stale in set(mb.index.folder_names()) - names:
+                    mb.index.forget_folder(stale)
+                out: dict[str, int] = {}
+                for f in folders:
+                    mb.index.forget_folder(f.name)
+                    mb.states.pop(f.name, None)
+                    out[f.name] = len(mb.open(f.name, force=True).uids)
+                return out
         finally:
             self.release(mb)
 

@@ -1,0 +1,1134 @@
+"""IMAP4rev2 and IMAP4rev1 sessions (RFC 9051, RFC 3501): the asyncio driver over `proto.imap`.
+
+The sans-IO `CommandReader` frames commands; this module decides per command (the legal commands
+per state are `proto.imap.states`), talks to the mailbox store through its worker threads, and writes
+responses built by `proto.imap.response`. Extensions: STARTTLS with discarding of bytes that arrived
+before the handshake (RFC 9051 §6.2.1), LOGINDISABLED and PRIVACYREQUIRED before TLS, AUTH=PLAIN with
+SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 2177) woken by deliveries,
+NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and CREATE-SPECIAL-USE
+(RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731), SEARCHRES
+(RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE and QRESYNC
+(RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
+
+Changes by other sessions, deliveries and other programs reach a session at its notification points
+(after each command, in NOOP and while IDLE) as EXISTS, EXPUNGE (VANISHED under QRESYNC) and FETCH
+FLAGS; never an EXPUNGE while answering FETCH, STORE or SEARCH by sequence number (RFC 9051 §7.5.1).
+Each session keeps the UID array it last announced (shared with the store's folder state until the
+folder changes), so sequence numbers stay stable between notification points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import ssl
+import time
+from array import array
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..accounts import User
+from ..message.matching import SearchContext
+from ..proto import sasl
+from ..proto.imap import commands as C
+from ..proto.imap import response as R
+from ..proto.imap.errors import ParseError
+from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
+from ..proto.imap.response import Atom, Code, ResponseCode
+from ..proto.imap.search import ModSeqKey, SearchKey
+from ..proto.imap.seqset import SequenceSet
+from ..proto.imap.states import State, allowed
+from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
+from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
+from . import throttle
+from .base import Session
+from .imapfetch import FetchError, FetchOptions, is_flags_only, render_fetch, render_flags, run_search
+
+log = logging.getLogger("postier.imap")
+
+IDLE_TIMEOUT_AUTH = 31 * 60.0  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
+IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot's default interval)
+PREAUTH_LIMITS = ReaderLimits(max_line=8192, max_literal=8192, max_command=16384, max_literals=4)
+FLUSH_AT = 256 * 1024
+SEARCH_BATCH = 5000
+FLAGS_BATCH = 20000
+_SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
+_PERMANENT = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
+
+class Reply(Exception):
+    """Ends a command with a tagged NO or BAD (raised by handlers, turned into bytes by the loop)."""
+
+    def __init__(self, status: str, text: str, code: ResponseCode | None = None):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.code = code
+
+
+class _Disconnect(Exception):
+    """The session must end now (BYE already queued)."""
+
+
+def _no(text: str, code: ResponseCode | None = None) -> Reply:
+    return Reply("NO", text, code)
+
+
+def _bad(text: str, code: ResponseCode | None = None) -> Reply:
+    return Reply("BAD", text, code)
+
+
+def _store_reply(exc: StoreError) -> Reply:
+    return _no(str(exc), Code.named(exc.code) if exc.code else None)
+
+
+@dataclass(slots=True)
+class Selected:
+    """The selected mailbox as this session announced it."""
+
+    name: str
+    readonly: bool
+    uidvalidity: int
+    uids: array[int]  # sequence number n is uids[n - 1]
+    version: int
+    modseq_seen: int
+    recent_from: int  # UIDs at or above it are \Recent for this session (IMAP4rev1 only)
+    own: dict[int, int] = field(default_factory=dict)  # uid -> modseq of our own flag changes
+    saved: list[int] | None = None  # RFC 5182 SEARCHRES, as UIDs
+
+
+def _user_connections(services: Any) -> Counter[str]:
+    c: Counter[str] | None = services.extensions.get("imap_user_connections")
+    if c is None:
+        c = services.extensions["imap_user_connections"] = Counter()
+    return c
+
+
+class IMAPSession(Session):
+    busy_line = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = self.services.config
+        self.cfg = cfg
+        self.tls = self.tls_implicit
+        listener = cfg.listeners.get(self.role)
+        self.starttls_ok = (self.services.ssl_context is not None and not self.tls_implicit
+                            and (listener.starttls if listener else True))
+        self.parser = CommandReader(PREAUTH_LIMITS)
+        self.state = State.NOT_AUTHENTICATED
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.user: User | None = None
+        self.store: MailStore = mailstore_for(self.services)
+        self.mb: UserMailbox | None = None
+        self.sel: Selected | None = None
+        self.rev2 = False
+        self.condstore = False
+        self.qresync = False
+        self.logout = False
+        self._task: asyncio.Task[Any] | None = None
+        self._waiting = False
+        self._wake = asyncio.Event()
+        self._counted = False
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+
+    async def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.out_size = 0
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def maybe_flush(self) -> None:
+        if self.out_size >= FLUSH_AT:
+            await self.flush()
+
+    def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return self.store.call(fn, *args)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Server stopping: a session waiting for its client is told BYE now, a busy one after."""
+        self.closing = True
+        if self._waiting and self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            if not self.closing:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.send(R.bye("Server shutting down", Code.UNAVAILABLE))
+            await self._flush_quietly()
+        except TimeoutError:
+            self.send(R.bye("Autologout; idle for too long"))
+            await self._flush_quietly()
+        except _Disconnect:
+            await self._flush_quietly()
+        finally:
+            self._release()
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            async with asyncio.timeout(5):
+                await self.flush()
+
+    def _release(self) -> None:
+        if self.mb is not None:
+            self.store.release(self.mb)
+            self.mb = None
+        if self._counted and self.user is not None:
+            conns = _user_connections(self.services)
+            conns[self.user.address] -= 1
+            if conns[self.user.address] <= 0:
+                del conns[self.user.address]
+            self._counted = False
+
+    async def _read(self, timeout: float) -> bytes:
+        if self.closing:
+            raise asyncio.CancelledError
+        self._waiting = True
+        try:
+            return await self.read(timeout)
+        finally:
+            self._waiting = False
+
+    def _timeout(self) -> float:
+        return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
+
+    async def _main(self) -> None:
+        if throttle.get(self.services).blocked(self.peer_ip):
+            self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
+            await self.flush()
+            return
+        self.send(R.untagged_status("OK", "postier IMAP4rev2 ready", Code.capability(self.capabilities())))
+        while not self.logout:
+            try:
+                ev = self.parser.next_event()
+            except ParseError as exc:
+                self._parse_error(exc)
+                continue
+            if ev is None:
+                await self.flush()
+                if self.closing:
+                    raise asyncio.CancelledError
+                data = await self._read(self._timeout())
+                if not data:
+                    return
+                self.parser.feed(data)
+                continue
+            if isinstance(ev, NeedContinuation):
+                self._continuation(ev)
+            elif isinstance(ev, RawLine):
+                self.send(R.untagged_status("BAD", "Unexpected line"))
+            else:
+                await self._dispatch(ev)
+                await self.maybe_flush()
+        await self.flush()
+
+    def _parse_error(self, exc: ParseError) -> None:
+        code = Code.named(exc.code) if exc.code else None
+        if exc.code == "BADCHARSET":
+            code = Code.badcharset()
+        if exc.tag:
+            self.send(R.tagged(exc.tag, exc.status, exc.message, code))
+        else:
+            self.send(R.untagged_status("BAD", exc.message, code))
+
+    def _continuation(self, ev: NeedContinuation) -> None:
+        """A synchronising literal: "+" or a refusal (RFC 9051 §7.5; RFC 7889 APPENDLIMIT)."""
+        tag = ev.tag or "*"
+        if ev.command in ("LOGIN", "AUTHENTICATE") and not self._auth_allowed():
+            self.parser.reject_literal()
+            self.send(R.tagged(tag, "NO", "Log in after STARTTLS", Code.PRIVACYREQUIRED))
+            return
+        if ev.command == "APPEND" and ev.size > self.cfg.imap.appendlimit:
+            self.parser.reject_literal()
+            self.send(R.tagged(tag, "NO", "Message too large", Code.TOOBIG))
+            return
+        self.parser.accept_literal()
+        self.send(R.continuation("Ready for literal data"))
+
+    # -- capabilities ---------------------------------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self.tls or self.cfg.auth.allow_plaintext
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "IMAP4rev2"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if self.starttls_ok and not self.tls:
+                caps.append("STARTTLS")
+            if self._auth_allowed():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
+            caps += ["SASL-IR", "ID", "ENABLE", "LITERAL+"]
+            return caps
+        caps += [
+            "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE",
+            "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "LITERAL+",
+            "CHILDREN", f"APPENDLIMIT={self.cfg.imap.appendlimit}", "CONDSTORE", "QRESYNC", "BINARY",
+            "STATUS=SIZE", "SASL-IR",
+        ]
+        return caps
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _dispatch(self, cmd: C.Command) -> None:
+        tag = cmd.tag
+        if not allowed(self.state, cmd.name):
+            hint = "log in first" if self.state is State.NOT_AUTHENTICATED else (
+                "select a mailbox first" if self.state is State.AUTHENTICATED else "not allowed now")
+            self.send(R.tagged(tag, "BAD", f"{cmd.command_name}: {hint}", Code.CLIENTBUG))
+            return
+        handler = self._handlers.get(type(cmd))
+        if handler is None:
+            self.send(R.tagged(tag, "BAD", f"{cmd.command_name} is not supported"))
+            return
+        try:
+            result = await handler(self, cmd)
+            text, code = result if result else (f"{cmd.command_name} completed", None)
+            self.send(R.tagged(tag, "OK", text, code))
+        except Reply as r:
+            self.send(R.tagged(tag, r.status, r.text, r.code))
+        except _Silent:
+            pass
+        except StoreError as exc:
+            r = _store_reply(exc)
+            self.send(R.tagged(tag, r.status, r.text, r.code))
+        except _Disconnect:
+            self.logout = True
+            raise
+        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError):
+            raise
+        except Exception:
+            log.exception("imap: %s failed for %s", cmd.command_name, self.user.address if self.user else self.peer_ip)
+            self.send(R.tagged(tag, "NO", "Internal error; the command was not completed", Code.SERVERBUG))
+
+    # -- any state ------------------------------------------------------------------------------
+
+    async def cmd_capability(self, cmd: C.Capability) -> None:
+        self.send(R.capability(self.capabilities()))
+
+    async def cmd_noop(self, cmd: C.Noop | C.Check) -> None:
+        await self._updates(allow_expunge=True, sync=True)
+
+    async def cmd_logout(self, cmd: C.Logout) -> None:
+        self.send(R.bye("Logging out"))
+        self.logout = True
+
+    async def cmd_id(self, cmd: C.Id) -> None:
+        self.send(R.id_response([("name", "postier"), ("vendor", "postier")]))  # RFC 2971 §3.3
+
+    # -- not authenticated ----------------------------------------------------------------------
+
+    async def cmd_starttls(self, cmd: C.StartTLS) -> tuple[str, ResponseCode | None] | None:
+        if not self.starttls_ok or self.tls:
+            raise _bad("STARTTLS is not available", Code.CLIENTBUG)
+        self.send(R.tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
+        await self.flush()
+        # RFC 9051 §6.2.1: anything the client sent after STARTTLS is plaintext injection: drop it.
+        self.parser.discard_buffered()
+        pending = getattr(self.reader, "_buffer", None)  # the StreamReader's unread bytes, if any
+        if isinstance(pending, bytearray):
+            pending.clear()
+        ctx = self.services.ssl_context
+        assert ctx is not None
+        await self.start_tls(ctx)
+        self.tls = True
+        raise _Silent()
+
+    async def cmd_login(self, cmd: C.Login) -> tuple[str, ResponseCode | None] | None:
+        if not self._auth_allowed():
+            raise _no("Log in after STARTTLS", Code.PRIVACYREQUIRED)  # RFC 9051 §6.2.3
+        return await self._check_login(cmd.userid, cmd.password)
+
+    async def cmd_authenticate(self, cmd: C.Authenticate) -> tuple[str, ResponseCode | None] | None:
+        if not self._auth_allowed():
+            raise _no("Authenticate after STARTTLS", Code.PRIVACYREQUIRED)
+        if cmd.mechanism.upper() != "PLAIN":
+            raise _no("Unsupported authentication mechanism", Code.CANNOT)
+        if throttle.get(self.services).blocked(self.peer_ip):
+            self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
+            raise _Disconnect()
+        mech = sasl.server_mechanism("PLAIN")
+        assert mech is not None
+        outcome = mech.step(cmd.initial_response)
+        for _ in range(8):  # PLAIN needs two steps at most
+            if isinstance(outcome, sasl.Challenge):
+                self.send(R.sasl_challenge(outcome.data))
+                await self.flush()
+                line = await self._read_line()
+                if line == b"*":  # RFC 9051 §6.2.2: the client cancels
+                    raise _bad("AUTHENTICATE cancelled")
+                try:
+                    data = base64.b64decode(line, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _bad("Invalid base64 in the SASL response") from None
+                outcome = mech.step(data)
+            elif isinstance(outcome, sasl.NeedPasswordCheck):
+                return await self._check_login(outcome.authcid, outcome.password)
+            else:
+                break
+        await self._login_failed()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_line(self) -> bytes:
+        """The next raw line (an AUTHENTICATE response, IDLE's DONE)."""
+        self.parser.expect_line()
+        while True:
+            ev = self.parser.next_event()  # ParseError (line too long) ends the command
+            if isinstance(ev, RawLine):
+                return ev.data
+            if ev is not None:
+                raise _bad("Unexpected input")
+            data = await self._read(self._timeout())
+            if not data:
+                raise ConnectionError("client went away")
+            self.parser.feed(data)
+
+    async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
+        thr = throttle.get(self.services)
+        if thr.blocked(self.peer_ip):
+            self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
+            raise _Disconnect()
+        user = await self.services.accounts.verify_password_async(userid, password)
+        if user is None:
+            await self._login_failed()
+        assert user is not None
+        thr.success(self.peer_ip)
+        conns = _user_connections(self.services)
+        if conns[user.address] >= self.cfg.imap.max_connections_per_user:
+            raise _no("Too many connections for this user", Code.LIMIT)
+        if user.mailbox_format != "maildir":
+            raise _no("This account's mailbox is not served over IMAP", Code.UNAVAILABLE)
+        conns[user.address] += 1
+        self._counted = True
+        self.user = user
+        self.mb = await self.call(self.store.acquire, user)
+        await self.call(self.mb.ensure_defaults)
+        self.state = State.AUTHENTICATED
+        self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
+        log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.tls else "")
+        return "Logged in", Code.capability(self.capabilities())
+
+    async def _login_failed(self) -> None:
+        thr = throttle.get(self.services)
+        await thr.penalize(self.peer_ip)
+        if thr.blocked(self.peer_ip):
+            self.send(R.bye("Too many failed logins", Code.UNAVAILABLE))
+            raise _Disconnect()
+        raise _no("Authentication failed", Code.AUTHENTICATIONFAILED)
+
+    # -- authenticated --------------------------------------------------------------------------
+
+    async def cmd_enable(self, cmd: C.Enable) -> None:
+        done = []
+        for cap in cmd.capabilities:
+            if cap == "CONDSTORE" and not self.condstore:
+                self.condstore = True
+                done.append(cap)
+            elif cap == "QRESYNC" and not self.qresync:  # RFC 7162 §3.2.3: implies CONDSTORE
+                self.qresync = self.condstore = True
+                done.append(cap)
+            elif cap == "IMAP4REV2" and not self.rev2:
+                self.rev2 = True
+                self.parser.utf8 = True
+                done.append("IMAP4rev2")
+        self.send(R.enabled(done))
+
+    def _mbox(self) -> UserMailbox:
+        assert self.mb is not None
+        return self.mb
+
+    def _name(self, name: str) -> str:
+        try:
+            return normalize_name(name)
+        except StoreError as exc:
+            raise _store_reply(exc) from None
+
+    async def cmd_select(self, cmd: C.Select) -> tuple[str, ResponseCode | None]:
+        if cmd.qresync is not None and not self.qresync:
+            raise _bad("QRESYNC must be enabled first", Code.CLIENTBUG)  # RFC 7162 §3.2.5
+        if self.sel is not None:
+            self.sel = None
+            self.state = State.AUTHENTICATED
+            if self.rev2 or self.condstore:
+                self.send(R.untagged_status("OK", "Previous mailbox closed", Code.CLOSED))  # RFC 7162 §3.2.11
+        name = self._name(cmd.mailbox)
+        mb = self._mbox()
+        snap = await self.call(mb.snapshot, name, True)
+        readonly = cmd.readonly
+        if cmd.condstore:
+            self.condstore = True
+        recent_from = 1 << 32
+        if not self.rev2:
+            recent_from = await self.call(mb.claim_recent, name) if not readonly else snap.uidnext
+        uids = snap.uids
+        sel = Selected(name, readonly, snap.uidvalidity, uids, snap.version, snap.highestmodseq, recent_from)
+        kws = tuple(snap.keywords)
+        self.send(R.flags((*_PERMANENT, *kws)))
+        if readonly:
+            self.send(R.untagged_status("OK", "No permanent flags", Code.permanentflags(())))
+        else:
+            self.send(R.untagged_status("OK", "Flags permitted", Code.permanentflags((*_PERMANENT, *kws, "\\*"))))
+        self.send(R.exists(len(uids)))
+        if not self.rev2:
+            self.send(R.recent(len(uids) - bisect_left(uids, recent_from)))
+            first = await self.call(mb.first_unseen, name)
+            if first is not None:
+                i = bisect_left(uids, first)
+                if i < len(uids):
+                    self.send(R.untagged_status("OK", "First unseen", Code.unseen(i + 1)))
+        self.send(R.untagged_status("OK", "UIDs valid", Code.uidvalidity(snap.uidvalidity)))
+        self.send(R.untagged_status("OK", "Predicted next UID", Code.uidnext(snap.uidnext)))
+        self.send(R.untagged_status("OK", "Highest", Code.highestmodseq(snap.highestmodseq)))
+        self.sel = sel
+        self.state = State.SELECTED
+        if cmd.qresync is not None and cmd.qresync.uidvalidity == snap.uidvalidity:
+            await self._qresync(cmd.qresync)
+        return ("EXAMINE completed" if readonly else "SELECT completed",
+                Code.READ_ONLY if readonly else Code.READ_WRITE)
+
+    async def _qresync(self, q: C.QResync) -> None:
+        """RFC 7162 §3.2.5.2: VANISHED (EARLIER) and the flag changes since the client's MODSEQ."""
+        sel = self.sel
+        assert sel is not None
+        mb = self._mbox()
+        known = q.known_uids
+        vanished = await self.call(mb.vanished_since, sel.name, q.modseq)
+        top = max(sel.uids[-1] if sel.uids else 0, 1)
+        if vanished is None:  # tombstones pruned: every known UID that is gone
+            present = set(sel.uids)
+            span = known if known is not None else SequenceSet(((1, top),))
+            vanished = [u for u in span.iter(max(top, span.max_number())) if u not in present][:1_000_000]
+        elif known is not None:
+            vanished = [u for u in vanished if known.contains(u, top)]
+        if vanished:
+            self.send(R.vanished(SequenceSet.from_ids(vanished), earlier=True))
+        rows = await self.call(mb.changed_since, sel.name, q.modseq)
+        for uid, flags, kws, modseq in rows:
+            i = bisect_left(sel.uids, uid)
+            if i < len(sel.uids) and sel.uids[i] == uid:
+                self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, with_modseq=True))
+                await self.maybe_flush()
+
+    async def cmd_create(self, cmd: C.Create) -> None:
+        use = cmd.special_use[0] if cmd.special_use else None
+        if len(cmd.special_use) > 1:
+            raise _no("One special-use attribute per mailbox", Code.named("USEATTR"))
+        await self.call(self._mbox().create, cmd.mailbox, use)
+
+    async def cmd_delete(self, cmd: C.Delete) -> None:
+        name = self._name(cmd.mailbox)
+        await self.call(self._mbox().delete, name)
+        self._notify(name)
+        if self.sel is not None and self.sel.name == name:
+            self.send(R.bye("Selected mailbox was deleted"))
+            raise _Disconnect()
+
+    async def cmd_rename(self, cmd: C.Rename) -> None:
+        old = self._name(cmd.mailbox)
+        await self.call(self._mbox().rename, old, cmd.new_mailbox)
+        self._notify(old)
+        if self.sel is not None and (self.sel.name == old or self.sel.name.startswith(old + SEPARATOR)) \
+                and old != "INBOX":
+            self.send(R.bye("Selected mailbox was renamed"))
+            raise _Disconnect()
+
+    async def cmd_subscribe(self, cmd: C.Subscribe) -> None:
+        await self.call(self._mbox().subscribe, cmd.mailbox, True)
+
+    async def cmd_unsubscribe(self, cmd: C.Unsubscribe) -> None:
+        name = self._name(cmd.mailbox)
+        mb = self._mbox()
+        if name not in await self.call(mb.subscriptions):
+            raise _no("Not subscribed", Code.NONEXISTENT)
+        await self.call(mb.subscribe, name, False)
+
+    async def cmd_namespace(self, cmd: C.Namespace) -> None:
+        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.rev2))  # RFC 2342
+
+    # -- LIST / LSUB / STATUS -------------------------------------------------------------------
+
+    async def cmd_list(self, cmd: C.List) -> None:
+        mb = self._mbox()
+        folders = await self.call(mb.list_folders)
+        subs = set(await self.call(mb.subscriptions))
+        ext = cmd.extended
+        sel_opts = cmd.selection
+        ret = cmd.returns
+        if not cmd.patterns or cmd.patterns == ("",) and not ext:
+            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2))  # RFC 9051 §6.3.9
+            return
+        exists = {f.name: f.special_use for f in folders}
+        universe = set(exists)
+        for n in list(exists):
+            parts = n.split(SEPARATOR)
+            for i in range(1, len(parts)):
+                universe.add(SEPARATOR.join(parts[:i]))
+        want_subscribed = "SUBSCRIBED" in sel_opts
+        if want_subscribed:
+            universe |= subs
+        matchers = [_pattern(cmd.reference, p) for p in cmd.patterns if p != ""]
+        children = _children_index(universe)
+        sub_children = _children_index(subs) if "RECURSIVEMATCH" in sel_opts else {}
+        out: list[tuple[str, list[str], list[str]]] = []
+        for name in sorted(universe, key=lambda n: (n != "INBOX", n)):
+            if not any(m(name) for m in matchers):
+                continue
+            exists_here = name in exists
+            use = exists.get(name, "")
+            childinfo: list[str] = []
+            if want_subscribed and name not in subs:
+                if name in sub_children:
+                    childinfo = ["SUBSCRIBED"]  # RFC 5258 §3.5 CHILDINFO
+                else:
+                    continue
+            if "SPECIAL-USE" in sel_opts and not use:
+                continue
+            attrs: list[str] = []
+            if not exists_here:
+                attrs.append("\\NonExistent" if ext else "\\Noselect")
+            attrs.append("\\HasChildren" if name in children else "\\HasNoChildren")
+            if use:
+                attrs.append(use)
+            if (want_subscribed or ret.subscribed) and name in subs:
+                attrs.append("\\Subscribed")
+            out.append((name, attrs, childinfo))
+        for name, attrs, childinfo in out:
+            self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, childinfo=childinfo))
+            if ret.status is not None and name in exists:  # RFC 5819 LIST-STATUS
+                with contextlib.suppress(StoreError):
+                    await self._send_status(name, ret.status)
+            await self.maybe_flush()
+
+    async def cmd_lsub(self, cmd: C.Lsub) -> None:
+        mb = self._mbox()
+        subs = await self.call(mb.subscriptions)
+        exists = {f.name for f in await self.call(mb.list_folders)}
+        if cmd.pattern == "":
+            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2, command="LSUB"))
+            return
+        m = _pattern(cmd.reference, cmd.pattern)
+        seen: set[str] = set()
+        for name in sorted(subs, key=lambda n: (n != "INBOX", n)):
+            if m(name):
+                if name not in seen:
+                    seen.add(name)
+                    attrs = [] if name in exists else ["\\Noselect"]
+                    self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, command="LSUB"))
+                continue
+            parts = name.split(SEPARATOR)  # RFC 3501 §6.3.9: a matching unsubscribed parent is \Noselect
+            for i in range(len(parts) - 1, 0, -1):
+                parent = SEPARATOR.join(parts[:i])
+                if m(parent) and parent not in seen and parent not in subs:
+                    seen.add(parent)
+                    self.send(R.list_response(["\\Noselect"], SEPARATOR, parent, utf8=self.rev2, command="LSUB"))
+                    break
+
+    async def cmd_status(self, cmd: C.Status) -> None:
+        name = self._name(cmd.mailbox)
+        await self._send_status(name, cmd.items)
+
+    async def _send_status(self, name: str, items: tuple[str, ...]) -> None:
+        info = await self.call(self._mbox().status, name)
+        if "HIGHESTMODSEQ" in items:
+            self.condstore = True
+        values = {
+            "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
+            "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
+            "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
+        }
+        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.rev2))
+
+    # -- APPEND ---------------------------------------------------------------------------------
+
+    async def cmd_append(self, cmd: C.Append) -> tuple[str, ResponseCode | None]:
+        if not cmd.message:
+            raise _no("Empty message", Code.CANNOT)
+        if len(cmd.message) > self.cfg.imap.appendlimit:
+            raise _no("Message too large", Code.TOOBIG)
+        name = self._name(cmd.mailbox)
+        when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
+        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
+        uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        self._notify(name)
+        if self.sel is not None:
+            await self._updates(allow_expunge=True, sync=False)
+        return "APPEND completed", Code.appenduid(uidvalidity, uid)  # RFC 4315 §3
+
+    # -- IDLE -----------------------------------------------------------------------------------
+
+    async def cmd_idle(self, cmd: C.Idle) -> tuple[str, ResponseCode | None] | None:
+        """RFC 2177: report changes as they happen until DONE."""
+        if self.sel is not None:
+            await self._updates(allow_expunge=True, sync=True)
+        self.send(R.continuation("idling"))
+        await self.flush()
+        self._wake.clear()
+        unwatch: Callable[[], None] | None = None
+        if self.sel is not None and self.user is not None:
+            mb = self._mbox()
+            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.path_of(self.sel.name),
+                                                self._wake.set)
+        self.parser.expect_line()
+        deadline = time.monotonic() + IDLE_TIMEOUT_AUTH
+        read_task: asyncio.Task[bytes] | None = None
+        try:
+            while True:
+                ev = self.parser.next_event()
+                if isinstance(ev, RawLine):
+                    if ev.data.upper() == b"DONE":
+                        return "IDLE terminated", None
+                    raise _bad("Expected DONE")
+                if ev is not None:
+                    raise _bad("Expected DONE")
+                if self.closing:
+                    raise asyncio.CancelledError
+                if read_task is None:
+                    read_task = asyncio.ensure_future(self.reader.read(65536))
+                wake = asyncio.ensure_future(self._wake.wait())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._waiting = True
+                try:
+                    done, _pending = await asyncio.wait({read_task, wake}, timeout=min(remaining, IDLE_KEEPALIVE),
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiting = False
+                    if not wake.done():
+                        wake.cancel()
+                if read_task in done:
+                    data = read_task.result()
+                    read_task = None
+                    if not data:
+                        raise ConnectionError("client went away")
+                    self.parser.feed(data)
+                    continue
+                if wake in done:
+                    self._wake.clear()
+                    if self.sel is not None:
+                        await self._updates(allow_expunge=True, sync=True)
+                else:
+                    self.send(R.untagged_status("OK", "Still here"))
+                await self.flush()
+        finally:
+            if unwatch is not None:
+                unwatch()
+            if read_task is not None and not read_task.done():
+                read_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await read_task
+
+    def _notify(self, name: str) -> None:
+        if self.user is not None:
+            self.store.notifier.notify(self.user.address, name)
+
+    # -- selected: updates ----------------------------------------------------------------------
+
+    def _flag_fetch(self, seq: int, uid: int, flags: int, kws: str, modseq: int, with_modseq: bool,
+                    silent_flags: bool = False) -> bytes:
+        names = flags_to_names(flags, kws)
+        sel = self.sel
+        if sel is not None and not self.rev2 and uid >= sel.recent_from:
+            names.append("\\Recent")
+        items: list[tuple[str, Any]] = [("UID", uid)]
+        if not silent_flags:
+            items.append(("FLAGS", tuple(Atom(n) for n in names)))
+        if with_modseq:
+            items.append(("MODSEQ", R.Raw(b"(%d)" % modseq)))
+        return R.fetch(seq, items)
+
+    async def _updates(self, allow_expunge: bool, sync: bool) -> None:
+        """A notification point: announce expunges (if allowed), new messages and flag changes."""
+        sel = self.sel
+        if sel is None:
+            return
+        mb = self._mbox()
+        try:
+            snap = await self.call(mb.snapshot, sel.name, sync)
+        except StoreError:
+            self.send(R.bye("Selected mailbox no longer exists"))
+            raise _Disconnect() from None
+        if snap.uidvalidity != sel.uidvalidity:
+            self.send(R.bye("Selected mailbox was replaced (UIDVALIDITY changed)"))
+            raise _Disconnect()
+        view = sel.uids
+        old_max = view[-1] if view else 0
+        if snap.uids is not view and snap.version != sel.version:
+            cur = snap.uids
+            n = len(view)
+            if len(cur) >= n and cur[:n] == view:
+                gone: list[int] = []
+            else:
+                present = set(cur)
+                gone = [u for u in view if u not in present]
+            announced = 0
+            if not gone or allow_expunge:
+                if gone:
+                    self._send_expunges(view, gone)
+                    announced = len(gone)
+                view = cur
+                sel.version = snap.version
+            else:  # expunges must wait (RFC 9051 §7.5.1): add only the new messages
+                i = bisect_right(cur, old_max)
+                if i < len(cur):
+                    view = array("I", view)
+                    view.extend(cur[i:])
+            expected = len(sel.uids) - announced
+            sel.uids = view
+            if len(view) > expected:
+                self.send(R.exists(len(view)))
+                if not self.rev2:
+                    if not sel.readonly:
+                        thr = await self.call(mb.claim_recent, sel.name)
+                        sel.recent_from = min(sel.recent_from, max(thr, old_max + 1))
+                    self.send(R.recent(len(view) - bisect_left(view, sel.recent_from)))
+        if snap.highestmodseq > sel.modseq_seen:
+            rows = await self.call(mb.changed_since, sel.name, sel.modseq_seen, old_max)
+            top = snap.highestmodseq
+            for uid, flags, kws, modseq in rows:
+                top = max(top, modseq)
+                if sel.own.get(uid) == modseq:
+                    continue
+                i = bisect_left(sel.uids, uid)
+                if i < len(sel.uids) and sel.uids[i] == uid:
+                    self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, self.condstore))
+                    await self.maybe_flush()
+            sel.modseq_seen = top
+            sel.own.clear()
+
+    def _send_expunges(self, view: array[int], gone: list[int]) -> None:
+        sel = self.sel
+        assert sel is not None
+        if self.qresync:
+            self.send(R.vanished(SequenceSet.from_ids(gone)))  # RFC 7162 §3.2.10
+        else:
+            gone_set = set(gone)
+            seqs = [i + 1 for i, u in enumerate(view) if u in gone_set]
+            for s in reversed(seqs):  # from the end, so the earlier numbers stay valid
+                self.send(R.expunge(s))
+        if sel.saved is not None:
+            gs = set(gone)
+            sel.saved = [u for u in sel.saved if u not in gs]
+
+    # -- selected: sequence sets ----------------------------------------------------------------
+
+    def _targets(self, sset: SequenceSet, uid: bool) -> list[tuple[int, int]]:
+        """(seq, uid) pairs the set names, in order (RFC 9051 §9 sequence-set; RFC 5182 "$")."""
+        sel = self.sel
+        assert sel is not None
+        view = sel.uids
+        if sset.saved:
+            if sel.saved is None:
+                return []
+            out = []
+            for u in sel.saved:
+                i = bisect_left(view, u)
+                if i < len(view) and view[i] == u:
+                    out.append((i + 1, u))
+            return out
+        if not view:
+            if not uid and sset.max_number() > 0:
+                raise _bad("Invalid message sequence number (the mailbox is empty)", Code.CLIENTBUG)
+            return []
+        if uid:
+            res: list[tuple[int, int]] = []
+            for a, b in sset.resolve(view[-1]):
+                i, j = bisect_left(view, a), bisect_right(view, b)
+                res.extend((k + 1, view[k]) for k in range(i, j))
+            return res
+        n = len(view)
+        if sset.max_number() > n:
+            raise _bad("Invalid message sequence number", Code.CLIENTBUG)  # RFC 9051 §7.1.5
+        return [(s, view[s - 1]) for a, b in sset.resolve(n) for s in range(max(a, 1), min(b, n) + 1)]
+
+    # -- selected: commands ---------------------------------------------------------------------
+
+    async def cmd_close(self, cmd: C.Close) -> None:
+        sel = self.sel
+        assert sel is not None
+        if not sel.readonly:  # RFC 9051 §6.4.1: expunge silently
+            gone = await self.call(self._mbox().expunge, sel.name, None)
+            if gone:
+                self._notify(sel.name)
+        self.sel = None
+        self.state = State.AUTHENTICATED
+
+    async def cmd_unselect(self, cmd: C.Unselect) -> None:
+        self.sel = None
+        self.state = State.AUTHENTICATED
+
+    async def cmd_expunge(self, cmd: C.Expunge) -> None:
+        sel = self.sel
+        assert sel is not None
+        if sel.readonly:
+            raise _no("Mailbox is read-only", Code.READ_ONLY)
+        uids = None
+        if cmd.uid and cmd.sequence_set is not None:
+            uids = [u for _s, u in self._targets(cmd.sequence_set, True)]
+        gone = await self.call(self._mbox().expunge, sel.name, uids)
+        if gone:
+            self._notify(sel.name)
+        await self._updates(allow_expunge=True, sync=False)
+
+    async def cmd_fetch(self, cmd: C.Fetch) -> tuple[str, ResponseCode | None] | None:
+        sel = self.sel
+        assert sel is not None
+        if cmd.vanished and not (cmd.uid and self.qresync and cmd.changedsince is not None):
+            raise _bad("VANISHED needs QRESYNC, UID FETCH and CHANGEDSINCE", Code.CLIENTBUG)  # RFC 7162 §3.2.6
+        wants_modseq = any(a.name == "MODSEQ" for a in cmd.attributes)
+        if cmd.changedsince is not None or wants_modseq:
+            self.condstore = True
+        await self._updates(allow_expunge=cmd.uid, sync=False)
+        targets = self._targets(cmd.sequence_set, cmd.uid)
+        mb = self._mbox()
+        if cmd.vanished and cmd.changedsince is not None:
+            van = await self.call(mb.vanished_since, sel.name, cmd.changedsince)
+            top = sel.uids[-1] if sel.uids else 1
+            if van is None:
+                present = set(sel.uids)
+                van = [u for u in cmd.sequence_set.iter(max(top, cmd.sequence_set.max_number()))
+                       if u not in present][:1_000_000]
+            else:
+                van = [u for u in van if cmd.sequence_set.contains(u, top)]
+            if van:
+                self.send(R.vanished(SequenceSet.from_ids(van), earlier=True))
+        add_modseq = cmd.changedsince is not None
+        missing = 0
+        if is_flags_only(cmd.attributes):
+            want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
+            for i in range(0, len(targets), FLAGS_BATCH):
+                chunk = targets[i:i + FLAGS_BATCH]
+                lines = await self.call(render_flags, mb, sel.name, chunk, want_uid, wants_modseq or add_modseq,
+                                        self._recent_from(), cmd.changedsince)
+                for line in lines:
+                    self.send(line)
+                await self.maybe_flush()
+        else:
+            opts = FetchOptions(utf8=self.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
+                                changedsince=cmd.changedsince, set_seen=not sel.readonly,
+                                recent_from=self._recent_from())
+            i = 0
+            while i < len(targets):
+                try:
+                    batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts)
+                except FetchError as exc:
+                    raise _no(str(exc), Code.named(exc.code)) from None
+                for line in batch.data:
+                    self.send(line)
+                if batch.seen_modseq:
+                    sel.own.update(batch.seen_modseq)
+                    self._notify(sel.name)
+                missing += batch.missing
+                i += max(batch.done, 1)
+                await self.maybe_flush()
+        if missing:
+            return f"{cmd.command_name} completed; some messages were expunged meanwhile", Code.EXPUNGEISSUED
+        return None
+
+    def _recent_from(self) -> int:
+        """UIDs at or above this are \\Recent for this session (never, in IMAP4rev2)."""
+        sel = self.sel
+        if sel is None or self.rev2:
+            return 1 << 32
+        return sel.recent_from
+
+    async def cmd_store(self, cmd: C.Store) -> tuple[str, ResponseCode | None] | None:
+        sel = self.sel
+        assert sel is not None
+        if sel.readonly:
+            raise _no("Mailbox is read-only", Code.READ_ONLY)
+        if cmd.unchangedsince is not None:
+            self.condstore = True
+        await self._updates(allow_expunge=cmd.uid, sync=False)
+        targets = self._targets(cmd.sequence_set, cmd.uid)
+        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
+        for f in flags:
+            if f.startswith("\\") and f.upper() not in _SYSTEM_UPPER:
+                raise _bad(f"Unknown system flag {f}", Code.CLIENTBUG)
+        mb = self._mbox()
+        res = await self.call(mb.store, sel.name, [u for _s, u in targets], cmd.mode.value, flags,
+                              cmd.unchangedsince)
+        for u in res.changed:
+            sel.own[u] = res.modseq
+        if res.changed:
+            self._notify(sel.name)
+        seq_of = {u: s for s, u in targets}
+        report = dict(res.changed)
+        if not cmd.silent:
+            report.update(res.unchanged)
+        for u in sorted(report, key=lambda x: seq_of.get(x, 0)):
+            row = report[u]
+            silent_flags = cmd.silent  # only changed messages remain here: MODSEQ only (RFC 7162 §3.1.3)
+            if cmd.silent and not self.condstore:
+                continue
+            self.send(self._flag_fetch(seq_of[u], u, row.flags, row.keywords, row.modseq,
+                                       self.condstore, silent_flags=silent_flags))
+        await self.maybe_flush()
+        if res.conflicts:
+            ids = res.conflicts if cmd.uid else [seq_of[u] for u in res.conflicts]
+            return "Conditional STORE failed for some messages", Code.modified(SequenceSet.from_ids(ids))
+        return None
+
+    async def cmd_copy(self, cmd: C.Copy | C.Move) -> tuple[str, ResponseCode | None] | None:
+        sel = self.sel
+        assert sel is not None
+        move = isinstance(cmd, C.Move)
+        if move and sel.readonly:
+            raise _no("Mailbox is read-only", Code.READ_ONLY)
+        await self._updates(allow_expunge=cmd.uid or move, sync=False)
+        targets = self._targets(cmd.sequence_set, cmd.uid)
+        dest = self._name(cmd.mailbox)
+        mb = self._mbox()
+        uids = [u for _s, u in targets]
+        if not uids:
+            return None
+        fn = mb.move if move else mb.copy
+        res = await self.call(fn, sel.name, uids, dest)
+        self._notify(dest)
+        code = None
+        if res.dest_uids:
+            code = Code.copyuid(res.uidvalidity, SequenceSet.from_ids(res.source_uids),
+                                SequenceSet.from_ids(res.dest_uids))
+        if move:
+            self._notify(sel.name)
+            if code is not None:
+                self.send(R.untagged_status("OK", "Moved UIDs", code))  # RFC 6851 §4.3
+            await self._updates(allow_expunge=True, sync=False)
+            return "MOVE completed", None
+        return "COPY completed", code
+
+    async def cmd_search(self, cmd: C.Search) -> None:
+        sel = self.sel
+        assert sel is not None
+        if _uses_modseq(cmd.criteria):
+            self.condstore = True
+        await self._updates(allow_expunge=cmd.uid, sync=False)
+        view = sel.uids
+        ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
+        ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
+        targets = list(zip(range(1, len(view) + 1), view, strict=True))
+        recent = self._recent_from()
+        mb = self._mbox()
+        matches: list[tuple[int, int, int]] = []
+        for i in range(0, len(targets), SEARCH_BATCH):
+            found, _n = await self.call(run_search, mb, sel.name, targets[i:i + SEARCH_BATCH], cmd.criteria, ctx,
+                                        recent)
+            matches.extend(found)
+        ids = [u if cmd.uid else s for s, u, _m in matches]
+        modseq = max((m for _s, _u, m in matches), default=None) if _uses_modseq(cmd.criteria) else None
+        returns = cmd.returns
+        if returns is not None and "SAVE" in returns:
+            sel.saved = [u for _s, u, _m in matches]  # RFC 5182
+        if returns is None and not self.rev2:
+            self.send(R.search(ids, modseq))
+            return
+        opts = set(returns or ("ALL",))
+        if opts == {"SAVE"}:
+            return  # RFC 5182 §2.4: SAVE alone gives no ESEARCH response
+        if not opts - {"SAVE"}:
+            opts.add("ALL")
+        self.send(R.esearch(
+            cmd.tag, uid=cmd.uid,
+            min=min(ids) if ids and "MIN" in opts else None,
+            max=max(ids) if ids and "MAX" in opts else None,
+            all=SequenceSet.from_ids(ids) if ids and "ALL" in opts else None,
+            count=len(ids) if "COUNT" in opts else None,
+            modseq=modseq if ids else None,
+        ))
+
+    _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+class _Silent(Exception):
+    """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _uses_modseq(key: SearchKey) -> bool:
+    if isinstance(key, ModSeqKey):
+        return True
+    for attr in ("key", "left", "right"):
+        sub = getattr(key, attr, None)
+        if sub is not None and _uses_modseq(sub):
+            return True
+    return any(_uses_modseq(k) for k in getattr(key, "keys", ()))
+
+
+def _pattern(reference: str, pattern: str) -> Callable[[str], bool]:
+    """RFC 9051 §6.3.9 LIST matching: "*" matches anything, "%" anything but the separator;
+    the INBOX component is case-insensitive."""
+    full = reference + pattern
+    if full[:5].upper() == "INBOX" and (len(full) == 5 or full[5] in (SEPARATOR, "*", "%")):
+        full = "INBOX" + full[5:]
+    rx = re.compile("".join(
+        ".*" if ch == "*" else f"[^{re.escape(SEPARATOR)}]*" if ch == "%" else re.escape(ch) for ch in full),
+        re.DOTALL)
+    return lambda name: rx.fullmatch(name) is not None
+
+
+def _children_index(names: set[str]) -> set[str]:
+    """The names that have at least one child among `names` (or implied by a deeper name)."""
+    out: set[str] = set()
+    for n in names:
+        parts = n.split(SEPARATOR)
+        for i in range(1, len(parts)):
+            out.add(SEPARATOR.join(parts[:i]))
+    return out
+
+
+IMAPSession._handlers = {
+    C.Capability: IMAPSession.cmd_capability,
+    C.Noop: IMAPSession.cmd_noop,
+    C.Check: IMAPSession.cmd_noop,  # RFC 9051 §6.4.1 (CHECK is NOOP in IMAP4rev2)
+    C.Logout: IMAPSession.cmd_logout,
+    C.Id: IMAPSession.cmd_id,
+    C.StartTLS: IMAPSession.cmd_starttls,
+    C.Login: IMAPSession.cmd_login,
+    C.Authenticate: IMAPSession.cmd_authenticate,
+    C.Enable: IMAPSession.cmd_enable,
+    C.Select: IMAPSession.cmd_select,
+    C.Examine: IMAPSession.cmd_select,
+    C.Create: IMAPSession.cmd_create,
+    C.Delete: IMAPSession.cmd_delete,
+    C.Rename: IMAPSession.cmd_rename,
+    C.Subscribe: IMAPSession.cmd_subscribe,
+    C.Unsubscribe: IMAPSession.cmd_unsubscribe,
+    C.List: IMAPSession.cmd_list,
+    C.Lsub: IMAPSession.cmd_lsub,
+    C.Namespace: IMAPSession.cmd_namespace,
+    C.Status: IMAPSession.cmd_status,
+    C.Append: IMAPSession.cmd_append,
+    C.Idle: IMAPSession.cmd_idle,
+    C.Close: IMAPSession.cmd_close,
+    C.Unselect: IMAPSession.cmd_unselect,
+    C.Expunge: IMAPSession.cmd_expunge,
+    C.Fetch: IMAPSession.cmd_fetch,
+    C.Store: IMAPSession.cmd_store,
+    C.Copy: IMAPSession.cmd_copy,
+    C.Move: IMAPSession.cmd_copy,
+    C.Search: IMAPSession.cmd_search,
+}

@@ -1,0 +1,336 @@
+"""FETCH and SEARCH over the mailbox store for the IMAP driver (RFC 9051 §6.4.4, §6.4.5, §7.5.2).
+
+These functions block (files, SQLite): the IMAP session runs them in the store's worker threads, one
+batch at a time, so a FETCH of a whole large mailbox neither holds the event loop nor builds its
+whole answer in memory. They turn index rows and message files into response bytes with the
+`proto.imap.response` serializer and the `message` views; ENVELOPE, BODYSTRUCTURE and BODY are
+cached in the index after their first computation (RFC 9051 makes them immutable per message).
+Work is kept proportional to what was asked: FLAGS/UID/MODSEQ/RFC822.SIZE come from the index alone,
+header-only items read only the header block, and BODY[] of a whole message is sent without parsing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..message.bodystructure import body_structure
+from ..message.envelope import envelope_bytes
+from ..message.matching import SearchContext, evaluate
+from ..message.mime import Part, UnknownCTE, parse_message
+from ..message.sections import binary_section, body_section, partial
+from ..proto.imap.commands import FetchAttr
+from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, format_date_time
+from ..proto.imap.search import (
+    AndKey,
+    DateKey,
+    HeaderKey,
+    NotKey,
+    OrKey,
+    SearchKey,
+    TextKey,
+)
+from ..store.index import FLAG_SEEN, MessageRow, StoreError, flags_to_names
+from ..store.mailbox import UserMailbox
+
+__all__ = ["FetchBatch", "FetchOptions", "content_need", "render_fetch", "run_search"]
+
+BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
+_LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
+
+
+class FetchError(Exception):
+    """A FETCH item could not be produced (UNKNOWN-CTE): the command answers NO with `code`."""
+
+    def __init__(self, text: str, code: str):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    utf8: bool = False
+    add_uid: bool = False  # UID FETCH: UID is always returned (RFC 9051 §6.4.9)
+    add_modseq: bool = False  # CHANGEDSINCE or CONDSTORE-enabled MODSEQ reporting (RFC 7162 §3.1.4.1)
+    changedsince: int | None = None
+    set_seen: bool = True  # False in a read-only (EXAMINE) mailbox
+    recent_from: int = 1 << 32  # UIDs at or above it get \\Recent (IMAP4rev1 sessions)
+
+
+@dataclass(slots=True)
+class FetchBatch:
+    data: list[bytes] = field(default_factory=list)
+    done: int = 0  # how many targets this batch consumed
+    missing: int = 0  # targets whose message was expunged meanwhile
+    seen_modseq: dict[int, int] = field(default_factory=dict)  # uid -> modseq of an implicit \Seen
+
+
+def _flags_value(row: MessageRow, recent_from: int) -> tuple[Atom, ...]:
+    names = flags_to_names(row.flags, row.keywords)
+    if row.uid >= recent_from:
+        names.append("\\Recent")
+    return tuple(Atom(n) for n in names)
+
+
+def _date(t: int) -> Raw:
+    return Raw(format_date_time(dt.datetime.fromtimestamp(t, _LOCAL_TZ)))
+
+
+def _header_only(attrs: Sequence[FetchAttr]) -> bool:
+    """True when every content item needs only the top-level header block."""
+    for a in attrs:
+        if a.name == "RFC822.HEADER" or a.name == "ENVELOPE":
+            continue
+        if a.section is not None and a.name == "BODY" and not a.section.part and a.section.text is not None \
+                and a.section.text.startswith("HEADER"):
+            continue
+        if a.name in ("RFC822", "RFC822.TEXT", "BODYSTRUCTURE", "BINARY", "BINARY.SIZE") or a.section is not None \
+                or (a.name == "BODY" and a.section is None):
+            return False
+    return True
+
+
+_CACHED = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}
+_CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINARY.SIZE"})
+
+
+def render_fetch(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
+                 opts: FetchOptions) -> FetchBatch:
+    """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built."""
+    with mb.lock:
+        return _render(mb, name, targets, attrs, opts)
+
+
+def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
+            opts: FetchOptions) -> FetchBatch:
+    out = FetchBatch()
+    st = mb.state(name)
+    want_uid = opts.add_uid or any(a.name == "UID" for a in attrs)
+    simple = [a for a in attrs if a.name != "UID"]
+    needs_seen = opts.set_seen and any(a.sets_seen for a in attrs)
+    cached_kinds = {a.name for a in simple if a.section is None and a.name in _CACHED}
+    needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
+    header_only = _header_only(simple)
+    suffix8 = "8" if opts.utf8 else ""
+    # One pass over a slice of targets: rows in one query, cache in one query per kind.
+    chunk = list(targets[:2000]) if (needs_content or cached_kinds) else list(targets)
+    rows = mb.index.rows(st.fid, [u for _s, u in chunk])
+    if needs_seen:
+        unseen = [u for _s, u in chunk if u in rows and not rows[u].flags & FLAG_SEEN]
+        if unseen:
+            res = mb.store(name, unseen, "+FLAGS", ["\\Seen"])
+            for u, r in res.changed.items():
+                rows[u] = r
+                out.seen_modseq[u] = res.modseq
+    cache: dict[str, dict[int, bytes]] = {}
+    for n in cached_kinds:
+        kind = _CACHED[n] + (suffix8 if n != "BODY" else "")
+        cache[n] = mb.index.cache_get(st.fid, [u for _s, u in chunk if u in rows], kind)
+    new_cache: list[tuple[int, str, bytes]] = []
+    size = 0
+    for seq, uid in chunk:
+        if size >= BATCH_BYTES:
+            break
+        out.done += 1
+        row = rows.get(uid)
+        if row is None:
+            out.missing += 1
+            continue
+        if opts.changedsince is not None and row.modseq <= opts.changedsince:
+            continue
+        items: list[tuple[str, object]] = []
+        if want_uid:
+            items.append(("UID", uid))
+        content: bytes | None = None
+        part: Part | None = None
+        flags_sent = False
+        try:
+            for a in simple:
+                n = a.name
+                if n == "FLAGS":
+                    items.append(("FLAGS", _flags_value(row, opts.recent_from)))
+                    flags_sent = True
+                elif n == "RFC822.SIZE":
+                    items.append(("RFC822.SIZE", row.size))
+                elif n == "MODSEQ":
+                    items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
+                elif n == "INTERNALDATE":
+                    items.append(("INTERNALDATE", _date(mb.internal_date(name, row))))
+                elif n in cached_kinds:
+                    hit = cache[n].get(uid)
+                    if hit is None:
+                        if part is None:
+                            content = content if content is not None else (
+                                mb.read_header(name, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
+                            part = parse_message(content)
+                        if n == "ENVELOPE":
+                            hit = bytes(envelope_bytes(part, utf8=opts.utf8))
+                            new_cache.append((uid, "env" + suffix8, hit))
+                        else:
+                            hit = bytes(body_structure(part, extensible=n == "BODYSTRUCTURE", utf8=opts.utf8))
+                            new_cache.append((uid, _CACHED[n] + (suffix8 if n != "BODY" else ""), hit))
+                        cache[n][uid] = hit
+                    items.append((n, Raw(hit)))
+                else:  # content items
+                    if content is None:
+                        content = mb.read_header(name, row) if header_only else mb.read(name, row)
+                    if n == "BODY" and a.section is not None and not a.section.part and a.section.text is None:
+                        data = content  # BODY[]: the whole message, no parsing
+                        items.append((a.response_name, Literal(partial(data, a.partial))))
+                        continue
+                    if part is None:
+                        part = parse_message(content)
+                    if n == "BODY":
+                        assert a.section is not None
+                        items.append((a.response_name, Literal(partial(body_section(part, a.section), a.partial))))
+                    elif n == "RFC822":
+                        items.append(("RFC822", Literal(content)))
+                    elif n == "RFC822.HEADER":
+                        items.append(("RFC822.HEADER", Literal(part.header_bytes)))
+                    elif n == "RFC822.TEXT":
+                        items.append(("RFC822.TEXT", Literal(part.body)))
+                    elif n in ("BINARY", "BINARY.SIZE"):
+                        path = a.section.part if a.section is not None else ()
+                        data = binary_section(part, path)
+                        if n == "BINARY.SIZE":
+                            items.append((f"BINARY.SIZE[{'.'.join(map(str, path))}]", len(data)))
+                        else:
+                            data = partial(data, a.partial)
+                            items.append((a.response_name, Literal8(data) if b"\x00" in data else Literal(data)))
+        except StoreError:
+            out.missing += 1
+            continue
+        except UnknownCTE as exc:
+            raise FetchError(f"unknown Content-Transfer-Encoding: {exc}", "UNKNOWN-CTE") from None
+        if uid in out.seen_modseq and not flags_sent:
+            items.append(("FLAGS", _flags_value(row, opts.recent_from)))
+        if opts.add_modseq and not any(k == "MODSEQ" for k, _v in items):
+            items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
+        line = fetch(seq, items, utf8=opts.utf8)  # type: ignore[arg-type]
+        size += len(line)
+        out.data.append(line)
+    if new_cache:
+        mb.index.cache_put(st.fid, new_cache)
+    return out
+
+
+def render_flags(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], want_uid: bool,
+                 want_modseq: bool, recent_from: int, changedsince: int | None = None) -> list[bytes]:
+    """The fast path for FETCH (FLAGS [UID] [MODSEQ]) over many messages: one range query."""
+    with mb.lock:
+        st = mb.state(name)
+        if not targets:
+            return []
+        lo, hi = targets[0][1], targets[-1][1]
+        rows = {r[0]: r for r in mb.index.flag_rows(st.fid, lo, hi)}
+    memo: dict[tuple[int, str], bytes] = {}
+    out: list[bytes] = []
+    for seq, uid in targets:
+        r = rows.get(uid)
+        if r is None or (changedsince is not None and r[3] <= changedsince):
+            continue
+        key = (r[1], r[2])
+        fl = memo.get(key)
+        if fl is None:
+            fl = memo[key] = b"(" + " ".join(flags_to_names(r[1], r[2])).encode() + b")"
+        if uid >= recent_from:
+            fl = fl[:-1] + (b" \\Recent)" if fl != b"()" else b"\\Recent)")
+        parts = b"UID %d FLAGS %s" % (uid, fl) if want_uid else b"FLAGS " + fl
+        if want_modseq:
+            parts += b" MODSEQ (%d)" % r[3]
+        out.append(b"* %d FETCH (%s)\r\n" % (seq, parts))
+    return out
+
+
+def is_flags_only(attrs: Sequence[FetchAttr]) -> bool:
+    return all(a.name in ("UID", "FLAGS", "MODSEQ") for a in attrs) and any(a.name == "FLAGS" for a in attrs)
+
+
+# -- SEARCH ---------------------------------------------------------------------------------------
+
+def content_need(key: SearchKey) -> str:
+    """"" (index only), "header" or "full": how much of each message the criteria must read."""
+    match key:
+        case TextKey():
+            return "full"
+        case HeaderKey():
+            return "header"
+        case DateKey(field=f):
+            return "header" if f == "SENT" else ""
+        case NotKey(key=k):
+            return content_need(k)
+        case OrKey(left=a, right=b):
+            return max(content_need(a), content_need(b), key=_RANK.__getitem__)
+        case AndKey(keys=ks):
+            return max((content_need(k) for k in ks), key=_RANK.__getitem__, default="")
+    return ""
+
+
+_RANK = {"": 0, "header": 1, "full": 2}
+
+
+class _View:
+    """One message as `message.matching` sees it (SearchView)."""
+
+    __slots__ = ("_flags", "_mb", "_name", "_need", "_row", "seq")
+
+    def __init__(self, mb: UserMailbox, name: str, seq: int, row: MessageRow, need: str, recent: bool):  # noqa: PLR0913
+        self._mb = mb
+        self._name = name
+        self.seq = seq
+        self._row = row
+        self._need = need
+        names = flags_to_names(row.flags, row.keywords)
+        if recent:
+            names.append("\\Recent")
+        self._flags = frozenset(names)
+
+    @property
+    def uid(self) -> int:
+        return self._row.uid
+
+    @property
+    def flags(self) -> frozenset[str]:
+        return self._flags
+
+    @property
+    def internal_date(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._mb.internal_date(self._name, self._row), _LOCAL_TZ)
+
+    @property
+    def size(self) -> int:
+        return self._row.size
+
+    @property
+    def modseq(self) -> int:
+        return self._row.modseq
+
+    def raw(self) -> bytes:
+        if self._need == "header":
+            return self._mb.read_header(self._name, self._row)
+        return self._mb.read(self._name, self._row)
+
+
+def run_search(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], key: SearchKey,
+               ctx: SearchContext, recent_from: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
+    Returns ([(seq, uid, modseq) of matches], number of targets consumed)."""
+    need = content_need(key)
+    with mb.lock:
+        st = mb.state(name)
+        if not targets:
+            return [], 0
+        lo, hi = targets[0][1], targets[-1][1]
+        rows = {r.uid: r for r in mb.index.all_rows_between(st.fid, lo, hi)}
+        out: list[tuple[int, int, int]] = []
+        for seq, uid in targets:
+            row = rows.get(uid)
+            if row is None:
+                continue
+            try:
+                if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from), ctx):
+                    out.append((seq, uid, row.modseq))
+            except StoreError:
+                continue
+        return out, len(targets)
