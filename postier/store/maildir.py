@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..faults import fault_point
+
 SUBDIRS = ("cur", "new", "tmp")
 _counter = itertools.count(1)
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")  # maildir(5) escaping
@@ -266,7 +268,9 @@ def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str
         os.fsync(fd)  # maildir(5): the file is on disk before it is in new/
         os.close(fd)
         fd = -1
+        fault_point("maildir.before_rename")
         os.rename(tmp, f"{key}/new/{name}")
+        fault_point("maildir.after_rename")
         _dirsync.sync(f"{key}/new")  # ...and the rename is on disk before we answer 250
     except OSError as exc:
         if fd >= 0:

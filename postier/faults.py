@@ -1,0 +1,39 @@
+"""Fault injection for crash tests: named points where the process kills itself (SIGKILL).
+
+Gated by the environment and inert otherwise: `POSTIER_FAULT=NAME` kills the process the first time
+the point NAME is reached, `POSTIER_FAULT=NAME:N` on the N-th time. A test starts `postier serve`
+with the variable set, drives traffic, and checks the invariants after a restart (every
+acknowledged message delivered, queued or bounced exactly once; nothing half-written visible).
+
+Named points (grep for `fault_point(` to see where each sits):
+- `maildir.before_rename`: a Maildir file is written and fsynced in tmp/, not yet in new/
+- `maildir.after_rename`: the file is in new/, the directory not yet fsynced
+- `smtp.before_reply`: the message is durable, the 250 not yet sent
+- `queue.after_commit`: the queue row is committed, the 250 not yet sent
+- `queue.after_remote_ok`: the remote MX said 250, the queue not yet updated
+- `imap.append`, `imap.expunge`, `pop3.update`: in the middle of those operations
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_spec = os.environ.get("POSTIER_FAULT", "")
+_name, _, _count = _spec.partition(":")
+_target = int(_count) if _count.isdigit() else 1
+_hits = 0
+_lock = threading.Lock()
+
+
+def fault_point(name: str) -> None:
+    """Kill the process here if POSTIER_FAULT names this point (a no-op otherwise)."""
+    if not _name or name != _name:
+        return
+    global _hits
+    with _lock:
+        _hits += 1
+        if _hits < _target:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
