@@ -1,5 +1,8 @@
 # postier: `make demo` runs a demo server, `make test` installs test dependencies and runs the suite.
-PYTHON ?= $(shell command -v python3.13 2>/dev/null || PYENV_VERSION=3.13.0 pyenv which python3 2>/dev/null || echo python3)
+# The first Python >= 3.13 found: python3.13 on PATH, pyenv's 3.13, python3.
+PYTHON ?= $(shell for p in python3.13 "$$(PYENV_VERSION=3.13.0 pyenv which python3 2>/dev/null)" python3; do \
+	[ -n "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && \
+	{ "$$p" -c 'import sys; print(sys.executable)'; break; }; done)
 VENV := .venv
 PIP := $(VENV)/bin/pip
 
