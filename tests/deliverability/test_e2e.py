@@ -12,11 +12,11 @@ import asyncio
 import smtplib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from postier.mailauth.keys import DKIMSigner, KeyStore
+from postier.mailauth.reports import ReportStore, build_reports, report_message
 from tests.deliverability.common import load_zone
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
@@ -57,6 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                      extra_config=common + f'[outbound]\nsmtp_port = {b.port("smtp")}\nsource_address = "127.0.0.2"\n'
                      '[mailauth]\ndmarc_policy = "reject"\n[auth]\nallow_plaintext = true\n')
         a.add_user("alice@a.test")
+        a.cli("alias", "add", "dmarc-reports@a.test", "alice@a.test")
         b.add_user("bob@b.test")
         a.cli("dkim", "generate", "a.test")
         a.cli("dkim", "generate", "a.test", "--algorithm", "ed25519")
@@ -139,12 +140,40 @@ def test_forged_refused_with_reject_and_junked_with_quarantine(world: World) -> 
         world.set_policy("reject")
 
 
-def test_results_recorded_for_reports(world: World) -> None:
-    import sqlite3
+def test_aggregate_report_from_b_reaches_a(world: World) -> None:
+    """b.test records its verdicts on a.test mail, reports them to a.test's rua; a.test reads the report."""
+    a, b = world.a, world.b
+    world.set_policy("reject")
+    msg = MESSAGE.format(subject="for-report").encode()
+    signature = asyncio.run(DKIMSigner(KeyStore(a.root / "dkim")).sign_bytes(msg))
+    with smtplib.SMTP(*b.addr("smtp"), local_hostname="mail.a.test", source_address=("127.0.0.2", 0),
+                      timeout=30) as s:
+        s.sendmail("alice@a.test", ["bob@b.test"], signature + msg)
+    with pytest.raises(smtplib.SMTPDataError):
+        _forge(world, "for-report-forged")
 
-    db = sqlite3.connect(Path(world.b.root) / "dmarc.sqlite")
+    store = ReportStore(b.root / "dmarc.sqlite")
     try:
-        rows = db.execute("SELECT source_ip, disposition FROM evaluation WHERE policy_domain = 'a.test'").fetchall()
+        pending = [(i, ev) for i, ev in store.pending(time.time() + 1) if ev.policy.domain == "a.test" and ev.policy.p == "reject"]
     finally:
-        db.close()
-    assert ("127.0.0.2", "none") in rows
+        store.close()
+    [out] = build_reports(pending, org_name="mail.b.test", email="postmaster@b.test", submitter="mail.b.test",
+                          end=int(time.time()) + 1)
+    assert {(r.source_ip, r.disposition) for r in out.report.rows} >= {("127.0.0.2", "none"), ("127.0.0.4", "reject")}
+    assert out.rua == ("mailto:dmarc-reports@a.test",)
+    report = report_message(out, "postmaster@b.test", "dmarc-reports@a.test")
+    signature = asyncio.run(DKIMSigner(KeyStore(b.root / "dkim")).sign_bytes(report))
+    assert signature
+    with smtplib.SMTP(*a.addr("smtp"), local_hostname="mail.b.test", source_address=("127.0.0.3", 0),
+                      timeout=30) as s:
+        s.sendmail("postmaster@b.test", ["dmarc-reports@a.test"], signature + report)
+    shown = ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        shown = a.cli("dmarc", "reports", "a.test").stdout
+        if out.report.report_id in shown:
+            break
+        time.sleep(0.2)
+    assert f"report {out.report.report_id} from mail.b.test" in shown, (shown, a.log.read_text()[-2000:])
+    assert "(sender not authenticated)" not in shown
+    assert "failing source 127.0.0.4" in shown
