@@ -1,0 +1,303 @@
+"""What happens between "MAIL FROM" and "250" on the submission ports (RFC 6409 message submission,
+587 with STARTTLS and 465 with implicit TLS per RFC 8314).
+
+The listener and the SMTP core have already required TLS and AUTH (RFC 4954; MAIL before AUTH is
+530 5.7.0), so everything here knows `env.auth_user`. This pipeline decides:
+
+- who the user may send as, in MAIL FROM and in the From (and Sender) header:
+  `submission.sender_policy` "own" (their address, aliases that reach them, plus-tags of those),
+  "domain" (any address in a domain they have an address in) or "any"; otherwise
+  553 5.7.1 (RFC 6409 §6.1 lets the MSA refuse a sender the user may not use);
+- how much: `submission.max_messages_per_day` messages per user over a sliding 24 hours, counted
+  in the queue database when a message is queued; past it, MAIL gets 450 4.7.1 (temporary: the
+  window slides, the client may retry later; a message counts once whatever its recipients);
+- where each recipient goes: our own domains straight to the MDA (unknown users are refused at
+  RCPT, 550 5.1.1), everything else to the durable queue (authenticated users may relay).
+
+It adds what RFC 6409 §8.2-8.3 lets an MSA add when missing, Date and Message-ID, by putting the new
+header fields in the prefix written before the message (the body is never copied), plus a Received
+field (RFC 5321 §4.4). DKIM signing plugs in through `services.extensions["dkim"]` (see
+`DKIMSigner`); it sees the message as it will leave, added fields included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+from ..accounts import AccountError, Lookup, User, normalize_address
+from ..message.envelope import MISSING_DOMAIN, MISSING_MAILBOX, parse_addresses
+from ..message.received import count_received, protocol_name, received_header, return_path
+from ..proto.smtp.address import Address
+from ..proto.smtp.replies import (
+    R250_RCPT_OK,
+    R250_SENDER_OK,
+    R451_LOCAL_ERROR,
+    R530_AUTH_REQUIRED,
+    R550_NO_SUCH_USER,
+    R553_SOURCE_ROUTE,
+    Reply,
+)
+from ..store.maildir import MessageBody
+from .inbound import R451_NO_QUEUE, R550_RELAY_SYNTAX, R554_LOOP, Envelope, Recipient, SMTPPipeline, relay_trick
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ..server.app import Services
+
+log = logging.getLogger("postier.submission")
+
+# RFC 6409 §6.1, RFC 3463 X.7.1: "delivery not authorized"
+R553_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+R553_FROM_NOT_OWNED = Reply(553, "5.7.1", "From header address not owned by the authenticated user")
+R553_NULL_SENDER = Reply(553, "5.7.1", "The null sender is not allowed for submission")
+# RFC 3463 X.7.1 with a 4yz code: the sliding 24-hour window will make room again
+R450_DAILY_LIMIT = Reply(450, "4.7.1", "Daily message limit reached, try again later")
+# RFC 5322 §3.6: exactly one From field, with at least one mailbox
+R550_BAD_FROM = Reply(550, "5.6.0", "The message needs exactly one From header with valid addresses")
+R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
+R550_LITERAL = Reply(550, "5.1.2", "Address literals are not accepted as recipients")  # RFC 3463 X.1.2
+
+HEADER_LIMIT = 256 * 1024
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+class DKIMSigner(Protocol):
+    """`services.extensions["dkim"]`: signs outgoing mail (RFC 6376); absent means no signing.
+
+    `sign` gets the envelope (for the sender's domain and the user) and the message exactly as it
+    will be sent (added Date/Message-ID included) and returns the DKIM-Signature header field(s) to
+    prepend, CRLF-terminated, or b"" when there is no key for that domain. An exception is a
+    temporary failure of the submission (451), so that mail never leaves unsigned by accident.
+    """
+
+    async def sign(self, env: Envelope, body: MessageBody) -> bytes: ...
+
+
+class QueueWithLimits(Protocol):
+    async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody) -> Any: ...
+
+    async def sends_today(self, user: str) -> int: ...
+
+
+class PrefixedBody(MessageBody):
+    """A read-only view of `prefix` + `inner` (the signer sees added header fields; nothing is copied)."""
+
+    def __init__(self, prefix: bytes, inner: MessageBody) -> None:
+        super().__init__(inner.spool_dir, inner.memory_limit)
+        self._prefix = prefix
+        self._inner = inner
+        self.size = len(prefix) + inner.size
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("PrefixedBody is read-only")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._inner.in_memory
+
+    def getvalue(self) -> bytes:
+        return self._prefix + self._inner.getvalue()
+
+    def head(self, limit: int) -> bytes:
+        return (self._prefix + self._inner.head(max(0, limit - len(self._prefix))))[:limit]
+
+    def copy_to(self, out: BinaryIO) -> None:
+        out.write(self._prefix)
+        self._inner.copy_to(out)
+
+    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
+        if self._prefix:
+            yield self._prefix
+        yield from self._inner.iter_chunks(size)
+
+    def close(self) -> None:
+        pass  # the inner body belongs to the session
+
+
+def header_fields(head: bytes) -> tuple[list[tuple[str, bytes]], bool]:
+    """(name, unfolded value) of each field of the header block at the start of `head`; and whether
+    the block ends (blank line) within `head`. Lines that are not fields are skipped."""
+    end = head.find(b"\r\n\r\n")
+    complete = end >= 0 or head.startswith(b"\r\n")
+    block = head[: end + 2] if end >= 0 else (b"" if head.startswith(b"\r\n") else head)
+    fields: list[tuple[str, bytes]] = []
+    for raw in re.split(rb"\r\n(?![ \t])", block):  # RFC 5322 §2.2.3: folded lines start with WSP
+        m = _FIELD_NAME.match(raw)
+        if m:
+            value = raw[m.end():].replace(b"\r\n", b"").strip(b" \t")
+            fields.append((m.group(1).decode("ascii").lower(), value))
+    return fields, complete
+
+
+def header_mailboxes(value: bytes) -> list[str] | None:
+    """The addr-specs of an address-list header value; None when one of them is unusable."""
+    out = []
+    for a in parse_addresses(value):
+        if a.host is None:  # group start or end
+            continue
+        if a.mailbox in (None, MISSING_MAILBOX) or a.host == MISSING_DOMAIN:
+            return None
+        assert a.mailbox is not None
+        out.append(f"{a.mailbox.decode('utf-8', 'replace')}@{a.host.decode('utf-8', 'replace')}")
+    return out
+
+
+class SubmissionPipeline(SMTPPipeline):
+    """Ports 587/465: mail from our authenticated users to anyone."""
+
+    def __init__(self, services: Services, role: str):
+        super().__init__(services, role)
+        self._owned: dict[str, set[str]] = {}
+
+    # -- sender policy --------------------------------------------------------------------------
+
+    async def _addresses(self, user: User) -> set[str]:
+        owned = self._owned.get(user.address)
+        if owned is None:
+            owned = await asyncio.to_thread(self.services.accounts.addresses_of, user)
+            self._owned[user.address] = owned
+        return owned
+
+    async def may_send_as(self, user: User, address: str) -> bool:
+        """May `user` use `address` as sender (MAIL FROM, From, Sender)? (`submission.sender_policy`)"""
+        policy = self.config.submission.sender_policy
+        if policy == "any":
+            return True
+        try:
+            addr = normalize_address(address)
+        except AccountError:
+            return False
+        local, _, domain = addr.rpartition("@")
+        owned = await self._addresses(user)
+        if policy == "domain":
+            return domain in {a.rpartition("@")[2] for a in owned}
+        delim = self.config.mailbox.recipient_delimiter
+        base = f"{local.split(delim, 1)[0]}@{domain}" if delim and delim in local else addr
+        return addr in owned or base in owned
+
+    # -- SMTP stages ----------------------------------------------------------------------------
+
+    async def on_mail(self, env: Envelope, addr: Address, params: dict[str, str | None]) -> Reply:
+        user = env.auth_user
+        if user is None:  # the core refuses MAIL before AUTH already; never rely on it alone
+            return R530_AUTH_REQUIRED
+        if addr.source_route:
+            return R553_SOURCE_ROUTE
+        if addr.is_null:
+            if self.config.submission.sender_policy != "any":
+                return R553_NULL_SENDER
+        elif not await self.may_send_as(user, addr.mailbox):
+            log.info("%s: %s may not send as <%s>", env.qid, user.address, addr.mailbox)
+            return R553_SENDER_NOT_OWNED
+        limit = self.config.submission.max_messages_per_day
+        queue: Any = self.queue
+        if (limit and queue is not None and hasattr(queue, "sends_today")
+                and await queue.sends_today(user.address) >= limit):
+            log.info("%s: %s reached its daily limit of %d messages", env.qid, user.address, limit)
+            return R450_DAILY_LIMIT
+        env.mail_from = addr.mailbox
+        env.mail_params = params
+        return R250_SENDER_OK
+
+    async def on_rcpt(self, env: Envelope, addr: Address, params: dict[str, str | None]) -> Reply:
+        if addr.source_route:
+            return R553_SOURCE_ROUTE
+        if relay_trick(addr):  # RFC 5321 §3.6.1: no % or ! routing, even for our own users
+            return R550_RELAY_SYNTAX
+        if addr.is_postmaster:
+            return await super().on_rcpt(env, addr, params)
+        if addr.is_literal:
+            return R550_LITERAL
+        res = await asyncio.to_thread(self.services.accounts.resolve, addr.mailbox)
+        if res.status is Lookup.UNKNOWN_USER:
+            return R550_NO_SUCH_USER
+        if res.status is Lookup.NOT_LOCAL:
+            if self.queue is None:
+                return R451_NO_QUEUE
+            env.recipients.append(Recipient(addr.mailbox, (), (addr.mailbox,), params))
+            return R250_RCPT_OK
+        if res.remote and self.queue is None:
+            if not res.users:
+                return R451_NO_QUEUE
+            res = type(res)(res.status, res.users, ())
+        env.recipients.append(Recipient(addr.mailbox, res.users, res.remote, params))
+        return R250_RCPT_OK
+
+    async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
+        n = len(env.recipients)
+        user = env.auth_user
+        if user is None:
+            return [R530_AUTH_REQUIRED] * n
+        head = body.head(HEADER_LIMIT)
+        fields, complete = header_fields(head)
+        if not complete and body.size > len(head):
+            return [R552_HEADER_TOO_BIG] * n
+        if count_received(head) >= self.config.limits.max_received_headers:
+            return [R554_LOOP] * n
+        # RFC 5322 §3.6: one From; RFC 6409 §6.1: the MSA may check it against the authenticated user
+        froms = [v for name, v in fields if name == "from"]
+        senders = [v for name, v in fields if name == "sender"]
+        if len(froms) != 1 or len(senders) > 1:
+            return [R550_BAD_FROM] * n
+        mailboxes = header_mailboxes(froms[0])
+        sender_mbx = header_mailboxes(senders[0]) if senders else []
+        if not mailboxes or sender_mbx is None:
+            return [R550_BAD_FROM] * n
+        for a in mailboxes + sender_mbx:
+            if not await self.may_send_as(user, a):
+                log.info("%s: %s may not use From/Sender <%s>", env.qid, user.address, a)
+                return [R553_FROM_NOT_OWNED] * n
+        names = {name for name, _ in fields}
+        added = b""
+        if "date" not in names:  # RFC 6409 §8.2
+            added += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+        if "message-id" not in names:  # RFC 6409 §8.3
+            added += f"Message-ID: <{env.qid}.{secrets.token_hex(8)}@{self.config.hostname}>\r\n".encode()
+        proto = protocol_name(env.esmtp, env.tls is not None, True)
+        single = env.recipients[0].address if n == 1 else None
+        received = received_header(helo=env.helo, peer_ip=env.peer_ip, peer_name=env.peer_name,
+                                   by_host=self.config.hostname, protocol=proto, qid=env.qid, tls=env.tls,
+                                   recipient=single)
+        signature = b""
+        signer: Any = self.services.extensions.get("dkim")
+        if signer is not None:
+            try:
+                signature = await signer.sign(env, PrefixedBody(added, body) if added else body)
+            except Exception:
+                log.exception("%s: DKIM signing failed", env.qid)
+                return [R451_LOCAL_ERROR] * n
+        prefix = signature + received + added
+        return await self._deliver(env, body, prefix)
+
+    async def _deliver(self, env: Envelope, body: MessageBody, prefix: bytes) -> list[Reply]:
+        n = len(env.recipients)
+        remote = list(dict.fromkeys(a for r in env.recipients for a in r.remote))
+        targets: dict[str, User] = {}
+        for r in env.recipients:
+            for u in r.users:
+                targets.setdefault(u.address, u)
+        queue: Any = self.queue
+        qid = env.qid
+        try:
+            if remote:
+                qid = await queue.enqueue(env, remote, prefix, body) or qid
+            if targets:  # local recipients: straight to the MDA ("delivered", not queued)
+                results = await self.services.mda.deliver([(u, None) for u in targets.values()],
+                                                          return_path(env.mail_from) + prefix, body, env.mail_from)
+                failed = [r.user.address for r in results if not r.ok]
+                if failed:  # disk trouble for some: the queue retries them
+                    if queue is None:
+                        raise RuntimeError("local delivery failed and there is no queue")
+                    await queue.enqueue(env, failed, prefix, body)
+        except Exception:
+            log.exception("%s: submission failed", env.qid)
+            return [R451_LOCAL_ERROR] * n
+        log.info("%s: submitted by %s from=<%s> to=%s", qid, env.auth_user.address if env.auth_user else "?",
+                 env.mail_from, ",".join(r.address for r in env.recipients))
+        return [Reply(250, "2.0.0", f"Ok: queued as {qid}")] * n
