@@ -692,7 +692,7 @@ class ReportJob:
         now = self.clock() if now is None else now
         end = int(now // DAY * DAY)
         pending = await asyncio.to_thread(self.store.pending, end)
-        sender = self.sender_address()
+        sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
         sent: list[tuple[str, str]] = []
         done: list[int] = []

@@ -40,7 +40,8 @@ from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
 from ..mailauth.dmarc import DMARCPolicy, DMARCResult, DMARCStatus, FromProblem, evaluate, from_domain
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import (
-    DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportJob, ReportStore, SPFAuth, extract_reports,
+    MAX_REPORT_MESSAGE, DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportJob, ReportStore, SPFAuth,
+    extract_reports,
 )
 from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
 from ..proto.smtp.address import Address
@@ -255,18 +256,22 @@ class InboundAuth:
         except Exception:  # reporting must never cost a message
             log.exception("%s: recording the DMARC result failed", env.qid)
 
-    def _is_report_address(self, address: str) -> bool:
+    def _is_report_address(self, address: str, ours: set[str]) -> bool:
         target = self.settings.report_address.lower()
         local, _, domain = address.lower().rpartition("@")
         if "@" in target:
             return address.lower() == target
-        return bool(target) and local == target and domain in self.local_domains()
+        return bool(target) and local == target and domain in ours
 
     async def _take_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None) -> None:
         """A DMARC aggregate report sent to our rua address: parse and keep it (RFC 7489 §7.2)."""
-        if self.reports is None or not any(self._is_report_address(r.address) for r in env.recipients):
+        target = self.settings.report_address.lower()
+        if self.reports is None or not target or body.size > MAX_REPORT_MESSAGE:
             return
-        if body.size > 10 * 1024 * 1024:
+        if not any(r.address.lower().startswith(target.partition("@")[0] + "@") for r in env.recipients):
+            return  # cheap test first: no recipient has the report mailbox's local part
+        ours = set(await asyncio.to_thread(self.local_domains))
+        if not any(self._is_report_address(r.address, ours) for r in env.recipients):
             return
         try:
             found = await asyncio.to_thread(extract_reports, await asyncio.to_thread(body.getvalue))
@@ -274,7 +279,6 @@ class InboundAuth:
             log.info("%s: unreadable DMARC report: %s", env.qid, exc)
             return
         authenticated = dmarc is not None and dmarc.status is DMARCStatus.PASS
-        ours = set(self.local_domains())
         for report in found:
             if report.policy.domain not in ours and not any(report.policy.domain.endswith("." + d) for d in ours):
                 log.info("%s: DMARC report about %s, not one of our domains: ignored", env.qid, report.policy.domain)

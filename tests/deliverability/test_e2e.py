@@ -65,8 +65,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for inst, ip in ((a, "127.0.0.2"), (b, "127.0.0.3")):
             zone = inst.cli("dns", "records", inst.domain, "--address", ip).stdout
             load_zone(dns, zone)
-        check = a.cli("dns", "check", "a.test", "--address", "127.0.0.2", check=False)
-        assert check.returncode == 0 or "DNSBL" in check.stdout, check.stdout
         a.start()
         b.start()
         try:
