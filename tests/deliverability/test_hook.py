@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postier.mailauth.dkim import generate_key, sign
 from postier.mailauth.reports import (
@@ -205,3 +207,15 @@ def test_incoming_report_to_our_rua_is_stored(tmp_path: Path, dns: FakeResolver)
     assert len(store.received()) == 1
     assert gzip  # imported for the reader's benefit: reports travel gzip'd
     store.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=600), st.sampled_from([b"", b"From: a@a.test\r\n", b"Authentication-Results: mx.b.test;\r\n",
+                                                 b"DKIM-Signature: v=1; d=a.test; s=sel; b=; bh=;\r\n"]))
+def test_any_message_gets_a_verdict(tmp_path: Path, dns: FakeResolver, data: bytes, prefix: bytes) -> None:
+    _, v = run(hook(tmp_path, dns), prefix + data, tmp_path)
+    assert v.action in ("accept", "junk", "reject", "defer")
+    if v.action in ("reject", "defer"):
+        assert v.reply is not None and v.reply.code in (550, 451)
+    if v.body is not None:
+        v.body.getvalue()

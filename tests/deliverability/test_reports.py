@@ -11,6 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postier.mailauth.reports import (
     DAY, AggregateReport, DKIMAuth, Evaluation, OutgoingReport, PolicyPublished, ReportError, ReportJob,
@@ -214,3 +216,36 @@ def test_received_reports_stored_once(tmp_path: Path) -> None:
     assert got.report == REPORT and got.authenticated
     assert store.received("other.test") == []
     store.close()
+
+
+_XML = report_xml(REPORT)
+_GZ = gzip.compress(_XML)
+_ZIP = io.BytesIO()
+with zipfile.ZipFile(_ZIP, "w", zipfile.ZIP_DEFLATED) as _zf:
+    _zf.writestr("r.xml", _XML)
+_SEEDS = [_XML, _GZ, _ZIP.getvalue(), report_message(OutgoingReport(REPORT, (), (), "mx.b.test"), "a@b.test",
+                                                     "c@d.test", now=0)]
+
+
+def _only_report_errors(data: bytes) -> None:
+    for fn in (decompress, parse_report_xml, extract_reports):
+        try:
+            fn(data)
+        except ReportError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_reader_fuzz_random_bytes(data: bytes) -> None:
+    _only_report_errors(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8),
+       st.integers(0, 1 << 20))
+def test_reader_fuzz_damaged_reports(seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(seed)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    _only_report_errors(bytes(data[: max(1, cut % (len(data) + 1))]))
