@@ -379,3 +379,18 @@ def test_statuses_recorded(tmp_path: Path) -> None:
             assert {(a.address, a.reply[:3]) for a in attempts} == {("grey@b.test", "450"), ("ok@b.test", "250")}
             assert attempts[0].mx == f"mx.b.test[{MX_IP}]" and attempts[0].tls == "none"
     run(main())
+
+
+def test_client_never_sends_bare_cr_or_lf(tmp_path: Path) -> None:
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        async with queue_env(tmp_path, mx) as env:
+            mx_for(env, "b.test")
+            raw = b"Subject: x\n\nline\n.\nsmuggle\r.\rMAIL FROM:<evil@x>\r\n.leading\r\n"
+            await send(env, ["bob@b.test"], body=raw)
+            await env.queue.drain()
+            (d,) = mx.delivered
+            assert d.data == (b"Subject: x\r\n\r\nline\r\n.\r\nsmuggle\r\n.\r\nMAIL FROM:<evil@x>\r\n"
+                              b".leading\r\n")
+            assert not any(c.startswith("MAIL FROM:<evil") for c in mx.commands)
+    run(main())
