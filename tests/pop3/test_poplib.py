@@ -478,6 +478,23 @@ def test_failed_logins_are_throttled(strict: Instance) -> None:
     p.close()
 
 
+def test_failed_scram_is_throttled(strict: Instance) -> None:
+    user = new_user(strict)
+    r = Raw(strict, "pop3s", source="127.0.0.10")
+    try:
+        r.line()
+        for _ in range(3):
+            client = ScramClient(user, "not the password")
+            challenge = r.cmd(b"AUTH SCRAM-SHA-256 " + b64(client.first_message()).encode())
+            assert challenge.startswith(b"+ ")
+            final = client.final_message(base64.b64decode(challenge[2:]))
+            assert r.cmd(b64(final).encode()) == b"-ERR [AUTH] Authentication failed."
+        with pytest.raises((EOFError, ConnectionError)):  # blocked after the third failure
+            r.cmd(b"NOOP")
+    finally:
+        r.close()
+
+
 def test_too_many_errors_and_busy(strict: Instance) -> None:
     r = Raw(strict, "pop3s")
     try:
