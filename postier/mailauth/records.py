@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from postier.config import Config
-from postier.mailauth.dmarc import DMARCRecordError, parse_record
+from postier.mailauth.dmarc import DMARCRecordError, parse_record, psl_organizational_domain
 from postier.mailauth.keys import DKIMKey
 from postier.mailauth.spf import SPFStatus, check_spf
 from postier.resolver import BaseResolver, DNSStatus, reverse_name
@@ -104,6 +104,11 @@ def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresse
         else:
             recs.append(Record(k.dns_name, "TXT", k.txt, f"DKIM (RFC 6376) {k.algorithm}, {k.state}"))
     recs.append(Record(f"_dmarc.{domain}", "TXT", dmarc_value(cfg, domain), "DMARC (RFC 7489)"))
+    rua_domain = rua_address(cfg, domain).rpartition("@")[2].lower()
+    if psl_organizational_domain(rua_domain) != psl_organizational_domain(domain):
+        # RFC 7489 §7.1: the report receiver's domain must agree to take reports about ours
+        recs.append(Record(f"{domain}._report._dmarc.{rua_domain}", "TXT", "v=DMARC1",
+                           f"in the zone of {rua_domain}: lets reports about {domain} go there (RFC 7489 §7.1)"))
     if addresses:
         for a in addresses:
             recs.append(Record(reverse_name(a), "PTR", f"{host}.", "reverse DNS: set by whoever owns the "

@@ -120,3 +120,15 @@ def test_dmarc_reports_listing(config: Path, capsys: pytest.CaptureFixture[str])
     assert "a.test: 2 report(s), 28 message(s): 20 pass, 8 fail" in out
     assert "failing source 203.0.113.9: 8 message(s)" in out
     assert "no DMARC aggregate reports received for b.test" in cli(config, capsys, "dmarc", "reports", "b.test")[1]
+
+
+def test_external_report_address_needs_its_authorization_record(tmp_path: Path) -> None:
+    from postier.mailauth.records import expected_records, zone_lines
+    from tests.deliverability.common import make_config
+
+    cfg = make_config(tmp_path, hostname="mail.a.test", report_address="dmarc@reports.example")
+    lines = "\n".join(zone_lines(expected_records(cfg, "a.test", [], ["192.0.2.1"])))
+    assert '_dmarc.a.test.\t3600\tIN\tTXT\t"v=DMARC1; p=quarantine; rua=mailto:dmarc@reports.example"' in lines
+    assert 'a.test._report._dmarc.reports.example.\t3600\tIN\tTXT\t"v=DMARC1"' in lines
+    own = "\n".join(zone_lines(expected_records(make_config(tmp_path, hostname="mail.a.test"), "a.test", [], [])))
+    assert "_report._dmarc" not in own
