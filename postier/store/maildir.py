@@ -66,7 +66,7 @@ def unique_name(size: int) -> str:
     usecs = int((now - secs) * 1_000_000)
     rnd = os.urandom(4).hex()
     # Dovecot's ",S=" gives the physical size so readers need not stat the file.
-    return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}R{rnd}.{_HOST},S={size}"
+    return f"{secs}.M{usecs:06d}P{os.getpid()}Q{next(_counter)}R{rnd}.{_HOST},S={size}"
 
 
 _SIZE_RE = re.compile(r",S=(\d+)")
