@@ -88,6 +88,13 @@ class Limits:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     tls_handshake_timeout: float = 30.0
+    #: Seconds a client may take to finish a command line it has started, and the base allowance of
+    #: a message transfer (DATA/BDAT, IMAP literals): the slowloris deadline, independent of
+    #: idle_timeout (Postfix's smtpd_per_record_deadline, per command rather than per record).
+    command_timeout: float = 60.0
+    #: Bytes per second a message transfer must sustain on top of command_timeout (Postfix
+    #: smtpd_min_data_rate): N bytes may take command_timeout + N / min_data_rate seconds. 0 = off.
+    min_data_rate: int = 500
     #: Seconds to wait before the SMTP greeting on port 25; a client that talks first is refused
     #: (postscreen's pregreet test). 0 = greet at once (still refusing input that is already there).
     greet_pause: float = 0.0
@@ -388,6 +395,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("mailauth.spf_record: must start with \"v=spf1\"")
     if cfg.limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients: must be at least 1")
+    if cfg.limits.command_timeout <= 0:
+        raise ConfigError("limits.command_timeout: must be positive")
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
