@@ -93,7 +93,7 @@ class Limits:
     #: idle_timeout (Postfix's smtpd_per_record_deadline, per command rather than per record).
     command_timeout: float = 60.0
     #: Bytes per second a message transfer must sustain on top of command_timeout (Postfix
-    #: smtpd_min_data_rate): N bytes may take command_timeout + N / min_data_rate seconds. 0 = off.
+    #: smtpd_min_data_rate): N bytes may take command_timeout + N / min_data_rate seconds (>= 1).
     min_data_rate: int = 500
     #: Seconds to wait before the SMTP greeting on port 25; a client that talks first is refused
     #: (postscreen's pregreet test). 0 = greet at once (still refusing input that is already there).
@@ -397,6 +397,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_recipients: must be at least 1")
     if cfg.limits.command_timeout <= 0:
         raise ConfigError("limits.command_timeout: must be positive")
+    if cfg.limits.min_data_rate < 1:
+        raise ConfigError("limits.min_data_rate: must be at least 1 byte per second")
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
