@@ -15,6 +15,11 @@ Changes by other sessions, deliveries and other programs reach a session at its 
 FLAGS; never an EXPUNGE while answering FETCH, STORE or SEARCH by sequence number (RFC 9051 §7.5.1).
 Each session keeps the UID array it last announced (shared with the store's folder state until the
 folder changes), so sequence numbers stay stable between notification points.
+
+Abuse bounds (docs/security.md): before login the whole session lasts at most `limits.session_timeout`;
+a command, once its first byte is in, must be complete within `limits.command_timeout` plus one second
+per `limits.min_data_rate` bytes received (slowloris, slow literals); output must be read at that rate
+too; and `limits.max_errors` BAD responses without a successful command in between end the session.
 """
 
 from __future__ import annotations
@@ -138,6 +143,10 @@ class IMAPSession(Session):
         self._waiting = False
         self._wake = asyncio.Event()
         self._counted = False
+        self._bad = 0  # BAD responses since the last command that completed OK
+        self._cmd_started: float | None = None  # when the command being received started
+        self._cmd_bytes = 0  # bytes received since then
+        self._preauth: asyncio.Timeout | None = None
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -151,7 +160,10 @@ class IMAPSession(Session):
             self.out.clear()
             self.out_size = 0
             self.writer.write(data)
-            await self.writer.drain()
+            lim = self.cfg.limits
+            # A client that stops reading is dropped like one that stops sending.
+            async with asyncio.timeout(lim.command_timeout + len(data) / lim.min_data_rate):
+                await self.writer.drain()
 
     async def maybe_flush(self) -> None:
         if self.out_size >= FLUSH_AT:
@@ -171,7 +183,9 @@ class IMAPSession(Session):
     async def run(self) -> None:
         self._task = asyncio.current_task()
         try:
-            await self._main()
+            # Until login the whole session is bounded too; afterwards only idle time is.
+            async with asyncio.timeout(self.cfg.limits.session_timeout) as self._preauth:
+                await self._main()
         except asyncio.CancelledError:
             if not self.closing:
                 raise
@@ -182,6 +196,9 @@ class IMAPSession(Session):
             await self._flush_quietly()
         except TimeoutError:
             self.send(R.bye("Autologout; idle for too long"))
+            await self._flush_quietly()
+        except _CommandTimeout:
+            self.send(R.bye("Command not received in time"))
             await self._flush_quietly()
         except _Disconnect:
             await self._flush_quietly()
@@ -216,6 +233,40 @@ class IMAPSession(Session):
     def _timeout(self) -> float:
         return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
 
+    def _read_timeout(self) -> float:
+        """The idle timeout, or less while a command is partly received (the slowloris deadline:
+        command_timeout from its first byte, plus 1/min_data_rate s per byte received since)."""
+        idle = self._timeout()
+        if not self.parser.in_command:
+            self._cmd_started = None
+            return idle
+        now = time.monotonic()
+        if self._cmd_started is None:
+            self._cmd_started, self._cmd_bytes = now, self.parser.buffered
+        lim = self.cfg.limits
+        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
+        if left <= 0:
+            raise _CommandTimeout()
+        return min(idle, left)
+
+    async def _read_command_bytes(self) -> bytes:
+        try:
+            data = await self._read(self._read_timeout())
+        except TimeoutError:
+            if self._cmd_started is not None:
+                raise _CommandTimeout() from None
+            raise
+        self._cmd_bytes += len(data)
+        return data
+
+    def _count_bad(self) -> None:
+        """One more BAD; at limits.max_errors the session ends (the BYE is queued)."""
+        self._bad += 1
+        if self._bad >= max(1, self.cfg.limits.max_errors):
+            log.info("imap: %s sent too many invalid commands", self.peer_ip)
+            self.send(R.bye("Too many invalid commands"))
+            raise _Disconnect()
+
     async def _main(self) -> None:
         if throttle.get(self.services).blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
@@ -232,15 +283,17 @@ class IMAPSession(Session):
                 await self.flush()
                 if self.closing:
                     raise asyncio.CancelledError
-                data = await self._read(self._timeout())
+                data = await self._read_command_bytes()
                 if not data:
                     return
                 self.parser.feed(data)
                 continue
+            self._cmd_started = None  # the next partial command starts its own clock
             if isinstance(ev, NeedContinuation):
                 self._continuation(ev)
             elif isinstance(ev, RawLine):
                 self.send(R.untagged_status("BAD", "Unexpected line"))
+                self._count_bad()
             else:
                 await self._dispatch(ev)
                 await self.maybe_flush()
@@ -254,6 +307,8 @@ class IMAPSession(Session):
             self.send(R.tagged(exc.tag, exc.status, exc.message, code))
         else:
             self.send(R.untagged_status("BAD", exc.message, code))
+        if not exc.tag or exc.status == "BAD":
+            self._count_bad()
 
     def _continuation(self, ev: NeedContinuation) -> None:
         """A synchronising literal: "+" or a refusal (RFC 9051 §7.5; RFC 7889 APPENDLIMIT)."""
@@ -301,17 +356,22 @@ class IMAPSession(Session):
             hint = "log in first" if self.state is State.NOT_AUTHENTICATED else (
                 "select a mailbox first" if self.state is State.AUTHENTICATED else "not allowed now")
             self.send(R.tagged(tag, "BAD", f"{cmd.command_name}: {hint}", Code.CLIENTBUG))
+            self._count_bad()
             return
         handler = self._handlers.get(type(cmd))
         if handler is None:
             self.send(R.tagged(tag, "BAD", f"{cmd.command_name} is not supported"))
+            self._count_bad()
             return
         try:
             result = await handler(self, cmd)
             text, code = result if result else (f"{cmd.command_name} completed", None)
             self.send(R.tagged(tag, "OK", text, code))
+            self._bad = 0
         except Reply as r:
             self.send(R.tagged(tag, r.status, r.text, r.code))
+            if r.status == "BAD":
+                self._count_bad()
         except _Silent:
             pass
         except StoreError as exc:
@@ -320,7 +380,7 @@ class IMAPSession(Session):
         except _Disconnect:
             self.logout = True
             raise
-        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError):
+        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError, _CommandTimeout):
             raise
         except Exception:
             log.exception("imap: %s failed for %s", cmd.command_name, self.user.address if self.user else self.peer_ip)
@@ -403,7 +463,7 @@ class IMAPSession(Session):
                 return ev.data
             if ev is not None:
                 raise _bad("Unexpected input")
-            data = await self._read(self._timeout())
+            data = await self._read_command_bytes()
             if not data:
                 raise ConnectionError("client went away")
             self.parser.feed(data)
@@ -429,6 +489,8 @@ class IMAPSession(Session):
         self.mb = await self.call(self.store.acquire, user)
         await self.call(self.mb.ensure_defaults)
         self.state = State.AUTHENTICATED
+        if self._preauth is not None:
+            self._preauth.reschedule(None)
         self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
         log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.tls else "")
         return "Logged in", Code.capability(self.capabilities())
@@ -1066,6 +1128,10 @@ class IMAPSession(Session):
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+class _CommandTimeout(Exception):
+    """A command was started and not finished within its deadline (limits.command_timeout)."""
 
 
 def _uses_modseq(key: SearchKey) -> bool:

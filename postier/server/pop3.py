@@ -16,6 +16,10 @@ QUIT; a dropped connection deletes nothing (RFC 1939 §6).
 RETR and TOP stream the message file in chunks through the core's encoder (CRLF line ends and
 byte-stuffing), so a large message is never held in memory whole. Disk and SQLite work runs in the
 store's worker threads.
+
+Abuse bounds (docs/security.md): before login the session lasts at most `limits.session_timeout`; a
+command line, once started, must be complete within `limits.command_timeout` (slowloris), whatever
+the idle timeout; `limits.max_errors` -ERR replies end the session (the core counts them).
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ FLUSH_TIMEOUT = 5.0
 ERR_BUSY = Reply(False, "Too many connections, try again later.", "SYS/TEMP")
 ERR_SHUTDOWN = Reply(False, "Server shutting down.", "SYS/TEMP")
 ERR_IDLE = Reply(False, "Disconnected for inactivity.")
+ERR_COMMAND_TIMEOUT = Reply(False, "Command not received in time.")
+
+
+class _CommandTimeout(Exception):
+    """A command line was started and not finished within limits.command_timeout."""
 
 
 # -- the maildrop lock (blocking: run in a worker thread) ---------------------------------------
@@ -173,6 +182,8 @@ class POP3Session(Session):
         self._sasl_failures = 0
         self._drop_after_flush = False
         self._auth_deadline: asyncio.Timeout | None = None
+        self._cmd_started: float | None = None  # when the partly received command line started
+        self._cmd_bytes = 0
 
     @property
     def throttle(self) -> throttle.AuthThrottle:
@@ -196,6 +207,9 @@ class POP3Session(Session):
                 await self._session(max(MIN_IDLE_TIMEOUT, lim.idle_timeout))
         except TimeoutError:
             await self._say_and_flush(ERR_IDLE)
+        except _CommandTimeout:
+            log.info("%s: %s did not finish a command in time", self.role, self.peer_ip)
+            await self._say_and_flush(ERR_COMMAND_TIMEOUT)
         except asyncio.CancelledError:
             if not self.closing:
                 raise
@@ -236,12 +250,37 @@ class POP3Session(Session):
         finally:
             self._waiting = False
 
+    async def _read_command(self, idle: float) -> bytes:
+        """Read more input: within `idle`, or within what is left of the command deadline when a
+        line is partly received (command_timeout from its first byte, plus 1/min_data_rate s per
+        byte received since)."""
+        if not self.conn.partial_input:
+            self._cmd_started = None
+            return await self._read(idle)
+        lim = self.services.config.limits
+        now = time.monotonic()
+        if self._cmd_started is None:
+            self._cmd_started, self._cmd_bytes = now, 0
+        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
+        if left <= 0:
+            raise _CommandTimeout()
+        try:
+            data = await self._read(min(idle, left))
+        except TimeoutError:
+            if left < idle:
+                raise _CommandTimeout() from None
+            raise
+        self._cmd_bytes += len(data)
+        return data
+
     # -- main loop ----------------------------------------------------------------------------------
 
     async def _session(self, idle: float) -> None:
         conn = self.conn
         while True:
             ev = conn.next_event()
+            if ev is not core.NEED_DATA:
+                self._cmd_started = None  # a line was complete: the next one starts its own clock
             if ev is core.NEED_DATA:
                 if conn.sasl_failures > self._sasl_failures:  # SCRAM proof wrong, malformed SASL
                     self._sasl_failures = conn.sasl_failures
@@ -249,7 +288,7 @@ class POP3Session(Session):
                 await self._flush(idle)
                 if self._drop_after_flush:
                     return
-                conn.receive_data(await self._read(idle))
+                conn.receive_data(await self._read_command(idle))
             elif isinstance(ev, core.StartTLS):
                 await self._start_tls(idle)
             elif isinstance(ev, core.Login):

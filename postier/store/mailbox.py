@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..accounts import User
+from ..faults import fault_point
 from ..proto.imap.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
     FLAG_DELETED,
@@ -643,6 +644,7 @@ class UserMailbox:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        fault_point("imap.append")  # the file is in the Maildir, not yet in the index
         idate = int(internal_date) if internal_date is not None else int(time.time())
         modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),
                                                                  len(data), idate, 0)])
@@ -702,7 +704,7 @@ class UserMailbox:
             else [r for r in self.index.rows(st.fid, want).values() if r.flags & FLAG_DELETED]
         return self._remove(st, rows)
 
-    def _remove(self, st: FolderState, rows: Sequence[MessageRow]) -> list[int]:
+    def _remove(self, st: FolderState, rows: Sequence[MessageRow], fault: str = "imap.expunge") -> list[int]:
         if not rows:
             return []
         row = self.index.folder(st.name)
@@ -710,6 +712,7 @@ class UserMailbox:
         for r in rows:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(st.path / r.relpath())
+            fault_point(fault)  # some files are gone, the index not yet updated
         fsync_folder(st.path)
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
@@ -720,7 +723,7 @@ class UserMailbox:
     def delete_uids(self, name: str, uids: Iterable[int]) -> list[int]:
         """Remove messages whatever their flags (POP3 DELE at QUIT)."""
         st = self.state(normalize_name(name))
-        return self._remove(st, list(self.index.rows(st.fid, uids).values()))
+        return self._remove(st, list(self.index.rows(st.fid, uids).values()), "pop3.update")
 
     @_locked
     def copy(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:

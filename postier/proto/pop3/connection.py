@@ -182,6 +182,12 @@ class POP3Connection:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def partial_input(self) -> bool:
+        """True while part of a line is buffered (or an over-long one is being skipped): the driver
+        then bounds the time until the line is complete (slowloris)."""
+        return bool(self._in) or self._discarding
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" means the client closed its side."""
         if self._closed is not None:
