@@ -36,6 +36,8 @@ log = logging.getLogger("postier.inbound")
 R554_LOOP = Reply(554, "5.4.0", "Too many Received headers: mail loop")  # RFC 5321 §6.3
 R550_RELAY_SYNTAX = Reply(550, "5.7.1", "Relay syntax (%, !, quoted @) not accepted")  # RFC 5321 §3.6.1
 R451_NO_QUEUE = Reply(451, "4.3.0", "Forwarding temporarily unavailable")
+R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
+HEADER_LIMIT = 256 * 1024  # the header block must end within this many octets
 
 
 @dataclass
@@ -160,7 +162,9 @@ class SMTPPipeline:
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""
         n = len(env.recipients)
-        head = body.head(256 * 1024)
+        head = body.head(HEADER_LIMIT)
+        if body.size > len(head) and b"\r\n\r\n" not in head and not head.startswith(b"\r\n"):
+            return [R552_HEADER_TOO_BIG] * n  # DESIGN: every header block has a cap
         if count_received(head) >= self.config.limits.max_received_headers:
             return [R554_LOOP] * n
         verdict = Verdict()
