@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -313,6 +314,8 @@ def _convert(key: str, tp: Any, value: Any, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a number")
         if value < 0:
             raise ConfigError(f"{key}: must not be negative")
+        if not math.isfinite(value) or value > 1e12:  # TOML allows nan and inf; no timeout wants them
+            raise ConfigError(f"{key}: must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
