@@ -420,6 +420,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"config: cannot read {p}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {p}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (TOML 1.0 "Spec")
+        raise ConfigError(f"config: {p}: not UTF-8 (byte {exc.start})") from None
     cfg: Config = _build(Config, raw, p.resolve().parent)
     cfg = dataclasses.replace(cfg, source=p.resolve())
     _validate(cfg)
