@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..accounts import Lookup
+from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
 from ..message.received import queue_id, return_path
 from ..proto.smtp.address import AddressError, xtext_decode
@@ -217,6 +218,7 @@ class Queue:
         except BaseException:
             await self._io(self.spool.remove_file, mid)
             raise
+        fault_point("queue.after_commit")  # committed: the caller's 250 is not sent yet
         self.stats["queued"] += 1
         log.info("%s: queued from=<%s> size=%d nrcpt=%d%s", mid, sender, size, len(recipients),
                  f" user={user}" if user else "")
@@ -360,6 +362,8 @@ class Queue:
         path = self.spool.path(msg.id)
         data: bytes | Path = path if msg.size > MEMORY_DATA_LIMIT else await self._io(path.read_bytes)
         results = await transact(session, msg, job.states, data)
+        if any(r.fate is Fate.DELIVERED for r in results):
+            fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
             session.close()
             session = None
