@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DNSServer
-from tests.harness import Instance
+from tests.harness import PY, Instance
 
-from .conftest import PASSWORD, Line, Sink, add_cheap_user, wait_dead, wait_for
+from .conftest import PASSWORD, Line, Sink, add_cheap_user, require, wait_dead, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -340,3 +341,63 @@ def test_disk_full_gets_4xx_never_250(small_disk: Path, size: int) -> None:
         assert len([m for m in inst.messages(user) if b"full-" in m]) == 1
     finally:
         inst.stop()
+
+
+# -- fsync failures (libfiu) ----------------------------------------------------------------------
+
+@pytest.fixture
+def fiu_inst(tmp_path: Path) -> Iterator[tuple[Instance, str]]:
+    """A server run under Debian's fiu-run (fiu-utils), whose fsync failures fiu-ctrl switches on."""
+    fiu_run = require("fiu-run")
+    require("fiu-ctrl")
+    with DNSServer() as dns:
+        dns.servfail("defer.test")
+        inst = Instance(tmp_path / "fiu", "f.test", extra_config=CONFIG + (
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+            "[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"))
+        ctrl = str(inst.root / "fiu")
+        inst.logf = open(inst.log, "ab")  # noqa: SIM115 - closed by inst.stop()
+        inst.proc = subprocess.Popen(
+            [str(fiu_run), "-x", "-f", ctrl, PY, "-m", "postier", "--config", str(inst.config), "serve"],
+            stdout=inst.logf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=inst.root)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(inst.addr("smtp"), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, 20, "the server under fiu-run")
+        yield inst, ctrl
+        inst.stop()
+
+
+def _fiu(ctrl: str, inst: Instance, command: str) -> None:
+    assert inst.proc is not None
+    subprocess.run(["fiu-ctrl", "-f", ctrl, "-c", command, str(inst.proc.pid)], check=True, timeout=10)
+
+
+def test_fsync_failure_is_never_acknowledged(fiu_inst: tuple[Instance, str]) -> None:
+    inst, ctrl = fiu_inst
+    user = add_cheap_user(inst, "sync@f.test")
+    c = imap_login(inst, user)  # before the fault: creating the default folders needs fsync too
+    _fiu(ctrl, inst, "enable name=posix/io/sync/fsync")
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as exc, smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:
+            s.sendmail("a@remote.test", [user], msg("nosync"))  # MDA: file fsync fails
+        assert 400 <= exc.value.smtp_code < 500
+        with pytest.raises(smtplib.SMTPDataError) as exc, smtplib.SMTP(*inst.addr("submission"), timeout=10) as s:
+            s.login(user, PASSWORD)  # queue: spool file and SQLite commit need fsync
+            s.sendmail(user, ["r@defer.test"], f"From: {user}\r\nSubject: q\r\n\r\nqueued-nosync\r\n")
+        assert 400 <= exc.value.smtp_code < 500
+        _u, t = c.imap(b"a", b"APPEND INBOX {%d+}\r\n" % len(msg("nosync-imap")) + msg("nosync-imap"))
+        assert t.startswith(b"a NO"), t
+        c.close()
+    finally:
+        _fiu(ctrl, inst, "disable name=posix/io/sync/fsync")
+    assert not [m for m in inst.messages(user) if b"nosync" in m]  # nothing half-written is visible
+    assert "-- 0 messages" in inst.cli("queue", "list").stdout
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:  # the same process recovers by itself
+        assert s.sendmail("a@remote.test", [user], msg("synced")) == {}
+    assert len(inst.messages(user)) == 1
