@@ -23,7 +23,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     # max_errors raised so that nmap runs all of its relay tests in one session (postier would
     # otherwise hang up after 10 refusals, which nmap reports as a failure to probe)
     i = Instance(tmp_path_factory.mktemp("probe"), "p.test", extra_config="[limits]\nmax_errors = 1000\n")
-    i.add_user("known@p.test")
+    add_cheap_user(i, "known@p.test")
     i.start()
     yield i
     i.stop()
