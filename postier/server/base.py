@@ -1,15 +1,19 @@
 """asyncio listeners shared by every role: sockets, implicit TLS, connection limits, shutdown.
 
-A role module (smtp, imap, pop3) provides a `Session` subclass; this module accepts connections,
-enforces the global and per-IP connection limits before a session starts (the refusal is the
-role's own "too busy" line, and the accept loop never waits on a client), and on shutdown asks
-every session to finish politely (`Session.shutdown()`), then cancels what is left.
+A role module (smtp, imap, pop3) provides either a `Session` subclass (a coroutine over asyncio
+streams, one task per connection) or a `ProtocolSession` subclass (an `asyncio.Protocol` driven by
+callbacks: no task, no stream objects and no timeout object per read, which is what the SMTP hot
+path needs). This module accepts connections, enforces the global and per-IP connection limits
+before a session starts (the refusal is the role's own "too busy" line, and the accept loop never
+waits on a client), and on shutdown asks every session to finish politely (`shutdown()`), then
+cancels what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -17,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from .app import Services
@@ -75,6 +79,97 @@ class Session:
         await self.writer.start_tls(ctx, ssl_handshake_timeout=timeout)
 
 
+class ProtocolSession(asyncio.Protocol):
+    """One client connection of one role, as an asyncio Protocol. Subclasses implement `start()`.
+
+    The transport is ready when `start()` runs (after the TLS handshake on implicit-TLS ports) and
+    the connection has been counted against the limits; `connection_lost` calls `stopped()`.
+    """
+
+    busy_line = b""
+
+    def __init__(self, services: Services, role: str, listeners: ListenerSet, tls_implicit: bool):
+        self.services = services
+        self.role = role
+        self.listeners = listeners
+        self.tls_implicit = tls_implicit
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = "?"
+        self.peer_port = 0
+        self.local_ip = "?"
+        self.closing = False
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        self.local_ip = (transport.get_extra_info("sockname") or ("?", 0))[0]
+        self.started = time.monotonic()
+        transport = self.transport
+        if not self.listeners.admit(self):
+            log.info("%s: refusing %s: too many connections", self.role, self.peer_ip)
+            transport.write(self.busy_line)
+            self.close_transport()
+            return
+        self._admitted = True
+        try:
+            self.start()
+        except Exception:  # one session's failure never ends another session or the server
+            log.exception("%s: session with %s failed", self.role, self.peer_ip)
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.listeners.release(self)
+        self.stopped()
+
+    def start(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stopped(self) -> None:
+        """The connection is gone (subclasses release what they hold)."""
+
+    def shutdown(self) -> None:
+        """Server is stopping: end the session at the next safe point (subclasses refine)."""
+        self.closing = True
+        self.close_transport()
+
+    def abort(self) -> None:
+        """Grace period over: drop the connection now."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_transport(self) -> None:
+        """Close after the pending output is written; abort if the peer does not read it in 5 s."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.close()
+        if t.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(5.0, t.abort)
+
+    @property
+    def tls_info(self) -> str | None:
+        """'TLSv1.3 TLS_AES_256_GCM_SHA384' when the transport is encrypted, else None."""
+        obj = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        return f"{obj.version()} {cipher[0] if cipher else '?'}"
+
+    async def start_tls(self, ctx: ssl.SSLContext) -> None:
+        """Upgrade the connection in place (STARTTLS): the new transport replaces the old one."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        timeout = self.services.config.limits.tls_handshake_timeout
+        new = await loop.start_tls(self.transport, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
+        if new is None:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = cast(asyncio.Transport, new)
+
+
 @dataclass
 class _Bound:
     role: str
@@ -84,11 +179,11 @@ class _Bound:
 class ListenerSet:
     """Every configured listener, with shared connection accounting."""
 
-    def __init__(self, services: Services, factories: dict[str, Callable[..., Session]]):
+    def __init__(self, services: Services, factories: dict[str, Callable[..., Session | ProtocolSession]]):
         self.services = services
         self.factories = factories
         self.bound: list[_Bound] = []
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session | ProtocolSession] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
 
@@ -103,6 +198,16 @@ class ListenerSet:
                 continue
             implicit = role in ("submissions", "imaps", "pop3s")
             host = None if lst.address in ("*", "") else lst.address
+            if isinstance(factory, type) and issubclass(factory, ProtocolSession):
+                server = await asyncio.get_running_loop().create_server(
+                    functools.partial(factory, self.services, role, self, implicit), host=host, port=lst.port,
+                    ssl=ctx if implicit else None,
+                    ssl_handshake_timeout=cfg.limits.tls_handshake_timeout if implicit else None,
+                    reuse_address=True, backlog=1024,
+                )
+                self.bound.append(_Bound(role, server))
+                out.append((role, lst.address, lst.port))
+                continue
             server = await asyncio.start_server(
                 self._make_cb(role, factory, implicit), host=host, port=lst.port,
                 ssl=ctx if implicit else None,
@@ -113,9 +218,25 @@ class ListenerSet:
             out.append((role, lst.address, lst.port))
         return out
 
-    def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool):  # noqa: ANN202
+    def admit(self, session: Session | ProtocolSession) -> bool:
+        """Count a new connection, or refuse it when a global or per-IP limit is reached."""
         limits = self.services.config.limits
+        ip = session.peer_ip
+        if len(self.sessions) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+            return False
+        self.sessions.add(session)
+        self.per_ip[ip] += 1
+        return True
 
+    def release(self, session: Session | ProtocolSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.peer_ip
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+    def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool):  # noqa: ANN202
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -123,15 +244,13 @@ class ListenerSet:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = factory(self.services, role, reader, writer, implicit)
             ip = session.peer_ip
-            if len(self.sessions) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+            if not self.admit(session):
                 log.info("%s: refusing %s: too many connections", role, ip)
                 with contextlib.suppress(Exception):
                     writer.write(session.busy_line)
                     await asyncio.wait_for(writer.drain(), 5)
                 writer.close()
                 return
-            self.sessions.add(session)
-            self.per_ip[ip] += 1
             task = asyncio.current_task()
             if task is not None:
                 self.tasks.add(task)
@@ -144,10 +263,7 @@ class ListenerSet:
             except Exception:  # one session's failure never ends another session or the server
                 log.exception("%s: session with %s failed", role, ip)
             finally:
-                self.sessions.discard(session)
-                self.per_ip[ip] -= 1
-                if self.per_ip[ip] <= 0:
-                    del self.per_ip[ip]
+                self.release(session)
                 if task is not None:
                     self.tasks.discard(task)
                 with contextlib.suppress(Exception):
@@ -162,10 +278,13 @@ class ListenerSet:
         for s in list(self.sessions):
             s.shutdown()
         deadline = time.monotonic() + grace
-        while self.tasks and time.monotonic() < deadline:
+        while (self.tasks or self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for t in list(self.tasks):
             t.cancel()
+        for s in list(self.sessions):
+            if isinstance(s, ProtocolSession):
+                s.abort()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         for b in self.bound:

@@ -296,6 +296,12 @@ class ServerConnection:
         return self._state is State.CLOSED
 
     @property
+    def partial_input(self) -> bool:
+        """A command line or a message transfer has started and is not complete yet (the driver's
+        slowloris deadline runs meanwhile)."""
+        return self._mode is _Mode.DATA or self._mode is _Mode.CHUNK or self._pos < len(self._buf) or self._skip_line
+
+    @property
     def helo(self) -> str | None:
         return self._helo
 
