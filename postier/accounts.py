@@ -8,6 +8,11 @@ receives what matches nothing else.
 
 Password checks are synchronous here; servers call `verify_password_async`, which runs argon2 in a
 worker thread so the event loop never blocks. Unknown users cost the same argon2 work as known ones.
+
+Recipient resolution (`resolve`, several queries per RCPT) is cached in memory, per thread. The
+cache is dropped whenever the database may have changed: SQLite's `PRAGMA data_version` (one cheap
+query per lookup) reports commits made through any other connection (the CLI adding a user while
+the server runs), and a generation counter covers the writes made through this object.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
 _MAX_ALIAS_DEPTH = 10
 _MAX_EXPANSION = 1000
+_MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when full)
 
 
 class AccountError(Exception):
@@ -148,6 +154,7 @@ class Accounts:
         self.delimiter = recipient_delimiter
         self.default_format = default_format
         self._local = threading.local()
+        self._generation = 0  # bumped by every write made through this object
         self._hasher = PasswordHasher()  # argon2id, RFC 9106 defaults of argon2-cffi
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
         db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,12 +183,15 @@ class Accounts:
             raise
         else:
             conn.execute("COMMIT")
+        finally:
+            self._generation += 1
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        self._local.cache = None
 
     # -- domains --------------------------------------------------------------------------------
 
@@ -365,6 +375,19 @@ class Accounts:
 
     def resolve(self, address: str) -> Resolution:
         """Where does mail for `address` go? Aliases, plus-addressing and catch-all applied."""
+        conn = self._conn()
+        local = self._local
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], self._generation)
+        cache: dict[str, Resolution] | None = getattr(local, "cache", None)
+        if cache is None or local.cache_version != version or len(cache) >= _MAX_CACHED:
+            cache = local.cache = {}
+            local.cache_version = version
+        found = cache.get(address)
+        if found is None:
+            found = cache[address] = self._resolve(address)
+        return found
+
+    def _resolve(self, address: str) -> Resolution:
         try:
             addr = normalize_address(address)
         except AccountError:

@@ -69,7 +69,7 @@ class LocalDelivery:
         loop = asyncio.get_running_loop()
         futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
                 for u, f in users]
-        results = list(await asyncio.gather(*futs))
+        results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
         for (_u, f), r in zip(users, results, strict=True):
             if r.ok:
                 for cb in self.listeners:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import itertools
 import os
+import random
 import re
 import socket
 import tempfile
@@ -30,6 +31,17 @@ from ..faults import fault_point
 
 SUBDIRS = ("cur", "new", "tmp")
 _counter = itertools.count(1)
+_rng = random.Random()  # seeded from os.urandom: no getrandom() system call per message
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+    _rng.seed()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")  # maildir(5) escaping
 
 
@@ -64,9 +76,8 @@ def unique_name(size: int) -> str:
     now = time.time()
     secs = int(now)
     usecs = int((now - secs) * 1_000_000)
-    rnd = os.urandom(4).hex()
     # Dovecot's ",S=" gives the physical size so readers need not stat the file.
-    return f"{secs}.M{usecs:06d}P{os.getpid()}Q{next(_counter)}R{rnd}.{_HOST},S={size}"
+    return f"{secs}.M{usecs:06d}P{_pid}Q{next(_counter)}R{_rng.getrandbits(32):08x}.{_HOST},S={size}"
 
 
 _SIZE_RE = re.compile(r",S=(\d+)")
