@@ -333,10 +333,13 @@ class SMTPClient:
                 await self.reply()
             return TransactionResult(replies, mail)
         try:
-            async for chunk in _chunks(txn.data):
-                conn.send_message_data(chunk)
-                async with asyncio.timeout(self.command_timeout):
-                    await self._send_pending()
+            if isinstance(txn.data, bytes) and len(txn.data) <= 4 * CHUNK:
+                conn.send_message_data(txn.data)  # small: content and final dot leave in one write
+            else:
+                async for chunk in _chunks(txn.data):
+                    conn.send_message_data(chunk)
+                    async with asyncio.timeout(self.command_timeout):
+                        await self._send_pending()
             conn.end_data()
         except (OSError, TimeoutError, UsageError) as exc:
             raise ConnectionFailed(f"lost connection with {self.host}[{self.ip}] during data: {_why(exc)}") from None

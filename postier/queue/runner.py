@@ -41,7 +41,9 @@ from .client import SMTPClient
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
-from .spool import DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Spool
+from .spool import (
+    DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
+)
 
 if TYPE_CHECKING:
     from ..pipeline.inbound import Envelope
@@ -54,6 +56,8 @@ DUE_BATCH = 5000
 LOCAL = "local"  # the destination key of recipients in our own domains
 LOCAL_CONCURRENCY = 16
 MEMORY_DATA_LIMIT = 1024 * 1024  # larger messages are streamed from the spool file
+READ_AHEAD = 32  # spool files read per worker-thread hand-off...
+READ_AHEAD_BYTES = 4 * 1024 * 1024  # ...and bytes
 HEAD_LIMIT = 256 * 1024
 DOMAIN_CACHE_TTL = 30.0
 STOP_GRACE = 10.0
@@ -67,6 +71,8 @@ class Job:
     recipients: list[str]
     msg: MessageInfo | None = None
     states: list[RecipientState] = field(default_factory=list)
+    data: bytes | None = None  # the spool file's content, read ahead for small messages
+    reading: bool = False
 
 
 def _notify_words(notify: str) -> set[str]:
@@ -110,6 +116,7 @@ class Queue:
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
         self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._unlinks: set[asyncio.Future[None]] = set()
         self._busy: set[tuple[str, str]] = set()  # (msg_id, address) dispatched, not yet recorded
         self._inflight: Counter[str] = Counter()  # msg_id -> jobs in flight
         self._dests: dict[str, deque[Job]] = {}
@@ -138,13 +145,20 @@ class Queue:
         while self._ops:
             batch, self._ops = self._ops, []
             try:
-                results = await loop.run_in_executor(self._db_exec, self.spool.run, [op for op, _ in batch])
+                results = await loop.run_in_executor(self._db_exec, self.spool.run, [op for op, _ in batch], False)
             except Exception as exc:
                 for _, f in batch:
                     if not f.done():
                         f.set_exception(exc)
                 continue
+            removed = [r.msg_id for r in results if isinstance(r, Removed)]
+            if removed:  # committed: the spool files can go (one hand-off for the batch, off this thread)
+                unlink = loop.run_in_executor(self._io_exec, _remove_many, self.spool, removed)
+                self._unlinks.add(unlink)
+                unlink.add_done_callback(self._unlinks.discard)
             for (_, f), r in zip(batch, results, strict=True):
+                if isinstance(r, Removed):
+                    r = True
                 if f.done():
                     continue
                 if isinstance(r, Exception):
@@ -223,7 +237,7 @@ class Queue:
         log.info("%s: queued from=<%s> size=%d nrcpt=%d%s", mid, sender, size, len(recipients),
                  f" user={user}" if user else "")
         if not self._stopping:
-            await self._schedule(mid, [(r.address, r.address.rpartition("@")[2].lower()) for r in recipients])
+            await self._schedule(info, [_fresh(mid, r, now) for r in recipients])
         return mid
 
     async def sends_today(self, user: str) -> int:
@@ -241,52 +255,53 @@ class Queue:
         self._local_domains[domain] = (local, now)
         return local
 
-    async def _schedule(self, msg_id: str, rows: list[tuple[str, str]]) -> int:
-        """Turn (address, domain) rows of one message into jobs and start workers."""
-        groups: dict[tuple[str, str], list[str]] = {}
-        for addr, domain in rows:
-            if (msg_id, addr) in self._busy:
+    async def _schedule(self, msg: MessageInfo, states: list[RecipientState]) -> int:
+        """Turn due recipients of one message into jobs (per destination, bounded size); start workers."""
+        groups: dict[tuple[str, str], list[RecipientState]] = {}
+        for st in states:
+            if (msg.id, st.address) in self._busy:
                 continue
-            dest = LOCAL if await self._is_local(domain) else self.out.destination(domain)
-            groups.setdefault((dest, domain), []).append(addr)
+            dest = LOCAL if await self._is_local(st.domain) else self.out.destination(st.domain)
+            groups.setdefault((dest, st.domain), []).append(st)
         n = 0
-        for (dest, domain), addrs in groups.items():
-            for i in range(0, len(addrs), MAX_RCPTS_PER_TRANSACTION):
-                chunk = addrs[i:i + MAX_RCPTS_PER_TRANSACTION]
-                self._busy.update((msg_id, a) for a in chunk)
-                self._inflight[msg_id] += 1
-                self._dests.setdefault(dest, deque()).append(Job(msg_id, dest, domain, chunk))
+        for (dest, domain), group in groups.items():
+            for i in range(0, len(group), MAX_RCPTS_PER_TRANSACTION):
+                chunk = group[i:i + MAX_RCPTS_PER_TRANSACTION]
+                addrs = [st.address for st in chunk]
+                self._busy.update((msg.id, a) for a in addrs)
+                self._inflight[msg.id] += 1
+                self._dests.setdefault(dest, deque()).append(Job(msg.id, dest, domain, addrs, msg, chunk))
                 n += 1
             self._spawn(dest)
         return n
 
     def _spawn(self, dest: str) -> None:
         limit = LOCAL_CONCURRENCY if dest == LOCAL else max(1, self.qcfg.concurrency_per_domain)
-        pending = len(self._dests.get(dest, ()))
-        while self._workers[dest] < min(limit, pending):
+        want = min(limit - self._workers[dest], len(self._dests.get(dest, ())))
+        for _ in range(max(0, want)):
             self._workers[dest] += 1
             task = asyncio.get_running_loop().create_task(self._worker(dest))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            pending -= 1  # each new worker takes at least one job
 
     async def dispatch(self) -> int:
         """Schedule every queued recipient whose time has come; returns the number of new jobs."""
-        rows = await self._read(self.spool.due, self.clock.time(), DUE_BATCH)
-        per_msg: dict[str, list[tuple[str, str]]] = {}
-        for msg_id, addr, domain in rows:
-            if (msg_id, addr) not in self._busy:
-                per_msg.setdefault(msg_id, []).append((addr, domain))
+        rows = await self._read(self.spool.due_full, self.clock.time(), DUE_BATCH)
+        per_msg: dict[str, tuple[MessageInfo, list[RecipientState]]] = {}
+        for info, st in rows:
+            if (info.id, st.address) not in self._busy:
+                per_msg.setdefault(info.id, (info, []))[1].append(st)
         n = 0
-        for msg_id, items in per_msg.items():
-            n += await self._schedule(msg_id, items)
+        for info, states in per_msg.values():
+            n += await self._schedule(info, states)
         return n
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until no job is pending or running (tests; shutdown)."""
         async with asyncio.timeout(timeout):
-            while self._tasks or self._ops or (self._flusher is not None and not self._flusher.done()):
-                tasks = list(self._tasks)
+            while (self._tasks or self._ops or self._unlinks
+                   or (self._flusher is not None and not self._flusher.done())):
+                tasks = list(self._tasks) + list(self._unlinks)
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 elif self._flusher is not None:
@@ -333,6 +348,9 @@ class Queue:
                     self._dests.pop(dest, None)
 
     async def _load(self, job: Job) -> bool:
+        """Jobs come with their message and recipient states; reload them only when missing."""
+        if job.msg is not None and job.states:
+            return True
         job.msg = await self._read(self.spool.message, job.msg_id)
         if job.msg is None:
             return False
@@ -359,8 +377,14 @@ class Queue:
                 return None, [failure.result(s.address) for s in job.states]
         assert session is not None
         msg = job.msg
-        path = self.spool.path(msg.id)
-        data: bytes | Path = path if msg.size > MEMORY_DATA_LIMIT else await self._io(path.read_bytes)
+        data: bytes | Path
+        if msg.size > MEMORY_DATA_LIMIT:
+            data = self.spool.path(msg.id)  # streamed from the file
+        else:
+            if job.data is None:
+                await self._read_ahead(job)
+            data = job.data if job.data is not None else await self._io(self.spool.read_file, msg.id)
+            job.data = None
         results = await transact(session, msg, job.states, data)
         if any(r.fate is Fate.DELIVERED for r in results):
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
@@ -368,6 +392,27 @@ class Queue:
             session.close()
             session = None
         return session, results
+
+    async def _read_ahead(self, job: Job) -> None:
+        """Read this job's spool file and those of the next small jobs of its destination in one
+        worker-thread call (one hand-off per batch instead of one per message)."""
+        batch = [job]
+        budget = READ_AHEAD_BYTES - (job.msg.size if job.msg else 0)
+        for j in self._dests.get(job.dest, ()):
+            if len(batch) >= READ_AHEAD or budget <= 0:
+                break
+            if j.data is None and not j.reading and j.msg is not None and j.msg.size <= min(budget, MEMORY_DATA_LIMIT):
+                batch.append(j)
+                budget -= j.msg.size
+        for j in batch:
+            j.reading = True
+        try:
+            contents = await self._io(_read_many, [self.spool.path(j.msg_id) for j in batch])
+        finally:
+            for j in batch:
+                j.reading = False
+        for j, c in zip(batch, contents, strict=True):
+            j.data = c
 
     async def _fail_destination(self, job: Job, failure: Failure) -> None:
         """The destination cannot be reached now: every job waiting for it shares this attempt's fate."""
@@ -420,7 +465,7 @@ class Queue:
         if expanded:  # alias targets in foreign domains join the message as new recipients
             now = self.clock.time()
             await self._db(_op_add_recipients(msg.id, expanded, now))
-            await self._schedule(msg.id, [(a, a.rpartition("@")[2].lower()) for a in expanded])
+            await self._schedule(msg, [_fresh(msg.id, RecipientSpec(a), now) for a in expanded])
         return results
 
     # -- outcomes ---------------------------------------------------------------------------------
@@ -463,32 +508,26 @@ class Queue:
             del self._inflight[job.msg_id]
         finished: bool | None = None
         if outcomes or last:
-            record = Spool.op_record(job.msg_id, outcomes, now)
-            finish = Spool.op_finish(job.msg_id)
-
-            def op(conn: sqlite3.Connection) -> bool | None:
-                record(conn)
-                return finish(conn) if last else None
-
             try:
-                finished = await self._db(op)
+                finished = await self._db(Spool.op_complete(job.msg_id, outcomes, now, last))
             except Exception:
                 log.exception("%s: recording the outcome failed (it will be retried)", job.msg_id)
         self._busy.difference_update((job.msg_id, a) for a in job.recipients)
-        for o in outcomes:
-            self._log(job, msg, o, now)
-        if last and finished:
-            await self._io(self.spool.remove_file, job.msg_id)
-            log.info("%s: removed", job.msg_id)
+        removed = bool(last and finished)
+        for i, o in enumerate(outcomes):
+            self._log(job, msg, o, now, removed and i == len(outcomes) - 1)
+        if removed and not outcomes:
+            log.info("%s: removed", job.msg_id)  # rows deleted, file unlinked after the commit
         elif last and finished is False:
             await self.send_dsns(job.msg_id)  # owed by this job or an earlier one of the message
 
-    def _log(self, job: Job, msg: MessageInfo | None, o: Outcome, now: float) -> None:
+    def _log(self, job: Job, msg: MessageInfo | None, o: Outcome, now: float, removed: bool) -> None:
+        """One line per recipient, as Postfix writes them; the last one says when the message left the queue."""
         state = {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[o.status]
         self.stats[state] += 1
         delay = now - msg.created if msg else 0.0
-        log.info("%s: to=<%s> relay=%s delay=%.2f tls=%s status=%s (%s)", job.msg_id, o.address, o.mx or "none",
-                 delay, o.tls or "none", state, o.reply)
+        log.info("%s: to=<%s> relay=%s delay=%.2f tls=%s status=%s (%s)%s", job.msg_id, o.address, o.mx or "none",
+                 delay, o.tls or "none", state, o.reply, "; removed" if removed else "")
 
     async def send_dsns(self, msg_id: str) -> None:
         """Send the DSN a message owes (one for all its recipients that owe one), then clean up."""
@@ -528,12 +567,11 @@ class Queue:
         done = Spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
         finish = Spool.op_finish(msg_id)
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> bool | Removed:
             done(conn)
             return finish(conn)
 
         if await self._db(op):
-            await self._io(self.spool.remove_file, msg_id)
             log.info("%s: removed", msg_id)
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -590,6 +628,27 @@ class Queue:
         self._db_exec.shutdown(wait=True)
         self._io_exec.shutdown(wait=True)
         self.spool.close()
+
+
+def _fresh(msg_id: str, r: RecipientSpec, now: float) -> RecipientState:
+    """The state of a recipient just queued (as `Spool.op_insert` writes it)."""
+    return RecipientState(msg_id, r.address, r.address.rpartition("@")[2].lower(), QUEUED, now, 0, "", "", "",
+                          r.notify, r.orcpt, "")
+
+
+def _read_many(paths: list[Path]) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for p in paths:
+        try:
+            out.append(p.read_bytes())
+        except OSError:
+            out.append(None)  # gone (deleted by an admin): the job finds out when it loads
+    return out
+
+
+def _remove_many(spool: Spool, ids: list[str]) -> None:
+    for i in ids:
+        spool.remove_file(i)
 
 
 def _read_head(path: Path, limit: int) -> bytes:

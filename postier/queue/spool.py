@@ -155,6 +155,13 @@ class Outcome:
     remote_mta: str = ""  # the MX host whose reply `reply` is ("" for local decisions)
 
 
+@dataclass(frozen=True)
+class Removed:
+    """What an operation returns when it deleted a message: `run()` unlinks the file after COMMIT."""
+
+    msg_id: str
+
+
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
@@ -180,29 +187,55 @@ class Spool:
 
     # -- transactions ---------------------------------------------------------------------------
 
-    def run(self, ops: Iterable[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-        """Run operations in one transaction; each gets a savepoint so one failure spares the others.
+    def run(self, ops: Iterable[Callable[[sqlite3.Connection], Any]], unlink: bool = True) -> list[Any]:
+        """Run operations in one transaction; if one raises, they run again each in a savepoint, so
+        that one failure spares the others.
 
-        Returns one entry per operation: its result, or the exception it raised.
+        Returns one entry per operation: its result, or the exception it raised. An operation that
+        returns `Removed` has its spool file unlinked once the deletion is committed (result True),
+        unless `unlink` is False: then the caller gets the `Removed` and unlinks the file itself.
         """
+        ops = list(ops)
         results: list[Any] = []
         with self._lock:
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for i, op in enumerate(ops):
-                    conn.execute(f"SAVEPOINT op{i}")
-                    try:
-                        results.append(op(conn))
-                    except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
-                        conn.execute(f"ROLLBACK TO op{i}")
-                        results.append(exc)
-                    conn.execute(f"RELEASE op{i}")
+            try:  # the common case: every operation succeeds, one transaction, no savepoints
+                conn.execute("BEGIN IMMEDIATE")
+                results = [op(conn) for op in ops]
                 conn.execute("COMMIT")
-            except BaseException:
+            except sqlite3.OperationalError:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                raise
+                raise  # the database itself is in trouble (locked, disk full): every caller learns it
+            except Exception:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                results = self._run_isolated(ops)
+        for i, r in enumerate(results):
+            if unlink and isinstance(r, Removed):
+                self.remove_file(r.msg_id)  # after the commit: a crash leaves debris, never a loss
+                results[i] = True
+        return results
+
+    def _run_isolated(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """One operation failed: run them again, each in a savepoint, so the failure spares the others."""
+        results: list[Any] = []
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for i, op in enumerate(ops):
+                conn.execute(f"SAVEPOINT op{i}")
+                try:
+                    results.append(op(conn))
+                except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
+                    conn.execute(f"ROLLBACK TO op{i}")
+                    results.append(exc)
+                conn.execute(f"RELEASE op{i}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
         return results
 
     def execute(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -283,9 +316,35 @@ class Spool:
                 if cur.rowcount:
                     conn.execute("INSERT INTO attempts(msg_id, address, time, mx, tls, reply) VALUES (?, ?, ?, ?, ?, ?)",
                                  (msg_id, o.address, now, o.mx[:300], o.tls[:200], o.reply[:1000]))
-                    conn.execute(
-                        "DELETE FROM attempts WHERE rowid IN (SELECT rowid FROM attempts WHERE msg_id=? AND"
-                        " address=? ORDER BY time DESC LIMIT -1 OFFSET ?)", (msg_id, o.address, MAX_ATTEMPTS_KEPT))
+                    if o.status == QUEUED and o.next_attempt:  # only retried recipients pile attempts up
+                        conn.execute(
+                            "DELETE FROM attempts WHERE rowid IN (SELECT rowid FROM attempts WHERE msg_id=? AND"
+                            " address=? ORDER BY time DESC LIMIT -1 OFFSET ?)", (msg_id, o.address, MAX_ATTEMPTS_KEPT))
+        return op
+
+    @staticmethod
+    def op_complete(msg_id: str, outcomes: list[Outcome], now: float, last: bool
+                    ) -> Callable[[sqlite3.Connection], bool | Removed | None]:
+        """Record outcomes; when this was the message's last job in flight, delete it if it is done.
+
+        The common case (every recipient of this job delivered, nothing else pending) is one check
+        and one DELETE: the rows would be deleted right after being written anyway.
+        """
+        record = Spool.op_record(msg_id, outcomes, now)
+
+        def op(conn: sqlite3.Connection) -> bool | Removed | None:
+            if last and outcomes and all(o.status != QUEUED and not o.dsn for o in outcomes):
+                marks = ",".join("?" * len(outcomes))
+                other = conn.execute(
+                    f"SELECT 1 FROM recipients WHERE msg_id=? AND address NOT IN ({marks})"
+                    " AND (status='queued' OR dsn!='') LIMIT 1", (msg_id, *[o.address for o in outcomes])).fetchone()
+                if not other:
+                    conn.execute("DELETE FROM messages WHERE id=?", (msg_id,))
+                    return Removed(msg_id)
+            record(conn)
+            if not last:
+                return None
+            return Spool.op_finish(msg_id)(conn)
         return op
 
     @staticmethod
@@ -299,15 +358,15 @@ class Spool:
         return op
 
     @staticmethod
-    def op_finish(msg_id: str) -> Callable[[sqlite3.Connection], bool]:
-        """Delete the message if nothing is left to do for it; True when deleted (remove its file then)."""
-        def op(conn: sqlite3.Connection) -> bool:
+    def op_finish(msg_id: str) -> Callable[[sqlite3.Connection], bool | Removed]:
+        """Delete the message if nothing is left to do for it (`run()` then removes its file)."""
+        def op(conn: sqlite3.Connection) -> bool | Removed:
             left = conn.execute("SELECT 1 FROM recipients WHERE msg_id=? AND (status='queued' OR dsn!='')"
                                 " LIMIT 1", (msg_id,)).fetchone()
             if left:
                 return False
             conn.execute("DELETE FROM messages WHERE id=?", (msg_id,))
-            return True
+            return Removed(msg_id)
         return op
 
     # -- queries --------------------------------------------------------------------------------
@@ -317,6 +376,23 @@ class Spool:
         rows = self.read("SELECT msg_id, address, domain FROM recipients WHERE status='queued' AND next_attempt<=?"
                          " ORDER BY next_attempt LIMIT ?", (now, limit))
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def due_full(self, now: float, limit: int) -> list[tuple[MessageInfo, RecipientState]]:
+        """Like `due()`, with each recipient's state and its message (one query, for the dispatcher)."""
+        rows = self.read(
+            "SELECT m.id, m.sender, m.created, m.size, m.user, m.envid, m.ret, m.smtputf8, m.eightbit, m.warned,"
+            " r.msg_id, r.address, r.domain, r.status, r.next_attempt, r.attempts, r.last_reply, r.status_code,"
+            " r.remote_mta, r.notify, r.orcpt, r.dsn FROM recipients r JOIN messages m ON m.id = r.msg_id"
+            " WHERE r.status='queued' AND r.next_attempt<=? ORDER BY r.next_attempt LIMIT ?", (now, limit))
+        infos: dict[str, MessageInfo] = {}
+        out = []
+        for r in rows:
+            info = infos.get(r[0])
+            if info is None:
+                info = infos[r[0]] = MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]),
+                                                 bool(r[9]))
+            out.append((info, RecipientState(*r[10:])))
+        return out
 
     def next_due(self) -> float | None:
         row = self.read("SELECT MIN(next_attempt) FROM recipients WHERE status='queued'")
