@@ -11,6 +11,7 @@ BENCHMARKS = {
     "outbound": "bench.outbound_bench",
     "imap": "bench.imap_bench",
     "pop3": "bench.pop3_bench",
+    "load": "bench.load",
 }
 
 
