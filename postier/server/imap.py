@@ -54,7 +54,15 @@ from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
 from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
 from . import throttle
 from .base import Session
-from .imapfetch import FetchError, FetchOptions, is_flags_only, render_fetch, render_flags, run_search
+from .imapfetch import (
+    FetchError,
+    FetchOptions,
+    is_flags_only,
+    render_all_flags,
+    render_fetch,
+    render_flags,
+    run_search,
+)
 
 log = logging.getLogger("postier.imap")
 
@@ -63,7 +71,7 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 PREAUTH_LIMITS = ReaderLimits(max_line=8192, max_literal=8192, max_command=16384, max_literals=4)
 FLUSH_AT = 256 * 1024
 SEARCH_BATCH = 5000
-FLAGS_BATCH = 20000
+FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
 _SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
 _PERMANENT = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
@@ -966,8 +974,16 @@ class IMAPSession(Session):
         if cmd.changedsince is not None or wants_modseq:
             self.condstore = True
         await self._updates(allow_expunge=cmd.uid, sync=False)
-        targets = self._targets(cmd.sequence_set, cmd.uid)
         mb = self._mbox()
+        want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
+        if is_flags_only(cmd.attributes) and cmd.changedsince is None and self._covers_all(cmd.sequence_set, cmd.uid):
+            # The whole mailbox's flags (clients' resync): from the folder's flag table, one piece.
+            data = await self.call(render_all_flags, mb, sel.name, sel.uids, want_uid, wants_modseq,
+                                   self._recent_from())
+            if data is not None:
+                self.send(data)
+                return None
+        targets = self._targets(cmd.sequence_set, cmd.uid)
         if cmd.vanished and cmd.changedsince is not None:
             van = await self.call(mb.vanished_since, sel.name, cmd.changedsince)
             top = sel.uids[-1] if sel.uids else 1
@@ -982,11 +998,10 @@ class IMAPSession(Session):
         add_modseq = cmd.changedsince is not None
         missing = 0
         if is_flags_only(cmd.attributes):
-            want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
             for i in range(0, len(targets), FLAGS_BATCH):
                 chunk = targets[i:i + FLAGS_BATCH]
-                lines = await self.call(render_flags, mb, sel.name, chunk, want_uid, wants_modseq or add_modseq,
-                                        self._recent_from(), cmd.changedsince)
+                lines = await self.call(render_flags, mb, sel.name, chunk, want_uid,
+                                        wants_modseq or add_modseq, self._recent_from(), cmd.changedsince)
                 for line in lines:
                     self.send(line)
                 await self.maybe_flush()
@@ -1011,6 +1026,18 @@ class IMAPSession(Session):
         if missing:
             return f"{cmd.command_name} completed; some messages were expunged meanwhile", Code.EXPUNGEISSUED
         return None
+
+    def _covers_all(self, sset: SequenceSet, uid: bool) -> bool:
+        """True when the set names every message of the (non-empty) view, e.g. 1:* or UID 1:*."""
+        sel = self.sel
+        assert sel is not None
+        view = sel.uids
+        if sset.saved or not view:
+            return False
+        if uid:
+            return any(a <= view[0] and b >= view[-1] for a, b in sset.resolve(view[-1]))
+        n = len(view)
+        return sset.max_number() <= n and any(a <= 1 and b >= n for a, b in sset.resolve(n))
 
     def _recent_from(self) -> int:
         """UIDs at or above this are \\Recent for this session (never, in IMAP4rev2)."""
@@ -1096,11 +1123,16 @@ class IMAPSession(Session):
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
         recent = self._recent_from()
         mb = self._mbox()
-        matches: list[tuple[int, int, int]] = []
-        for i in range(0, len(targets), SEARCH_BATCH):
-            found, _n = await self.call(run_search, mb, sel.name, targets[i:i + SEARCH_BATCH], cmd.criteria, ctx,
-                                        recent)
-            matches.extend(found)
+        # Batches run two at a time: their file reads overlap (see run_search).
+        gate = asyncio.Semaphore(2)
+
+        async def batch(part: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+            async with gate:
+                found, _n = await self.call(run_search, mb, sel.name, part, cmd.criteria, ctx, recent)
+                return found
+
+        parts = [targets[i:i + SEARCH_BATCH] for i in range(0, len(targets), SEARCH_BATCH)]
+        matches = [m for found in await asyncio.gather(*(batch(p) for p in parts)) for m in found]
         ids = [u if cmd.uid else s for s, u, _m in matches]
         modseq = max((m for _s, _u, m in matches), default=None) if _uses_modseq(cmd.criteria) else None
         returns = cmd.returns

@@ -12,6 +12,9 @@ header-only items read only the header block, and BODY[] of a whole message is s
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +35,7 @@ from ..proto.imap.search import (
     TextKey,
 )
 from ..store.index import FLAG_SEEN, MessageRow, StoreError, flags_to_names
-from ..store.mailbox import UserMailbox
+from ..store.mailbox import FlagTable, FolderState, UserMailbox
 
 __all__ = ["FetchBatch", "FetchOptions", "content_need", "render_fetch", "run_search"]
 
@@ -129,6 +132,9 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
         cache[n] = mb.index.cache_get(st.fid, [u for _s, u in chunk if u in rows], kind)
     new_cache: list[tuple[int, str, bytes]] = []
     size = 0
+    if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
+            and not opts.add_modseq:
+        return _render_bodies(mb, st, chunk, rows, simple[0], want_uid, out)
     for seq, uid in chunk:
         if size >= BATCH_BYTES:
             break
@@ -212,16 +218,60 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
         out.data.append(line)
     if new_cache:
         mb.index.cache_put(st.fid, new_cache)
+    mb.index.flush_meta()
     return out
+
+
+def _whole_body(a: FetchAttr) -> bool:
+    return a.name == "BODY" and a.section is not None and not a.section.part and a.section.text is None \
+        and a.partial is None
+
+
+def _render_bodies(mb: UserMailbox, st: FolderState, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],
+                   attr: FetchAttr, want_uid: bool, out: FetchBatch) -> FetchBatch:
+    """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals."""
+    size = 0
+    for seq, uid in chunk:
+        if size >= BATCH_BYTES:
+            break
+        out.done += 1
+        row = rows.get(uid)
+        if row is None:
+            out.missing += 1
+            continue
+        try:
+            row, data = mb.read_file(st, row)
+        except StoreError:
+            out.missing += 1
+            continue
+        if want_uid:
+            line = b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (seq, uid, len(data), data)
+        else:
+            line = b"* %d FETCH (BODY[] {%d}\r\n%s)\r\n" % (seq, len(data), data)
+        size += len(line)
+        out.data.append(line)
+    mb.index.flush_meta()
+    return out
+
+
+def render_all_flags(mb: UserMailbox, name: str, view: Sequence[int], want_uid: bool, want_modseq: bool,
+                     recent_from: int) -> bytes | None:
+    """FETCH 1:* (FLAGS [UID] [MODSEQ]) from the folder's in-memory flag table, or None when the
+    session's view is not the folder's current UID list (then use `render_flags`)."""
+    with mb.lock:
+        tab = mb.flag_table(name, want_modseq)
+        if tab is None or tab.uids is not view:
+            return None
+        return b"".join(_flags_from_table(tab, want_uid, want_modseq, recent_from))
 
 
 def render_flags(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], want_uid: bool,
                  want_modseq: bool, recent_from: int, changedsince: int | None = None) -> list[bytes]:
-    """The fast path for FETCH (FLAGS [UID] [MODSEQ]) over many messages: one range query."""
+    """FETCH (FLAGS [UID] [MODSEQ]) for the given messages, from one range query."""
+    if not targets:
+        return []
     with mb.lock:
         st = mb.state(name)
-        if not targets:
-            return []
         lo, hi = targets[0][1], targets[-1][1]
         rows = {r[0]: r for r in mb.index.flag_rows(st.fid, lo, hi)}
     memo: dict[tuple[int, str], bytes] = {}
@@ -241,6 +291,41 @@ def render_flags(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]],
             parts += b" MODSEQ (%d)" % r[3]
         out.append(b"* %d FETCH (%s)\r\n" % (seq, parts))
     return out
+
+
+def _flag_texts(recent: bool) -> list[bytes]:
+    """The FLAGS list for each combination of system-flag bits."""
+    out = []
+    for bits in range(32):
+        names = flags_to_names(bits, "")
+        if recent:
+            names.append("\\Recent")
+        out.append(("(" + " ".join(names) + ")").encode())
+    return out
+
+
+_TEXTS = (_flag_texts(False), _flag_texts(True))
+
+
+def _flags_from_table(tab: FlagTable, want_uid: bool, want_modseq: bool, recent_from: int) -> list[bytes]:
+    uids, flags = tab.uids, tab.flags
+    n = len(uids)
+    cut = bisect_left(uids, recent_from)  # positions from here on are \Recent
+    texts = [_TEXTS[0][f & 31] for f in flags[:cut]] + [_TEXTS[1][f & 31] for f in flags[cut:]]
+    for u, kws in tab.keywords.items():  # the few messages with keywords
+        i = bisect_left(uids, u)
+        if i < n and uids[i] == u:
+            names = [*flags_to_names(flags[i], kws), *(["\\Recent"] if i >= cut else [])]
+            texts[i] = ("(" + " ".join(names) + ")").encode()
+    seqs = range(1, n + 1)
+    if want_modseq and tab.modseq is not None:
+        if want_uid:
+            return [b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n" % t
+                    for t in zip(seqs, uids, texts, tab.modseq, strict=True)]
+        return [b"* %d FETCH (FLAGS %s MODSEQ (%d))\r\n" % t for t in zip(seqs, texts, tab.modseq, strict=True)]
+    if want_uid:
+        return [b"* %d FETCH (UID %d FLAGS %s)\r\n" % t for t in zip(seqs, uids, texts, strict=True)]
+    return [b"* %d FETCH (FLAGS %s)\r\n" % t for t in zip(seqs, texts, strict=True)]
 
 
 def is_flags_only(attrs: Sequence[FetchAttr]) -> bool:
@@ -270,17 +355,46 @@ def content_need(key: SearchKey) -> str:
 _RANK = {"": 0, "header": 1, "full": 2}
 
 
+def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
+    """(field pattern, lower-case ASCII value) pairs that a matching message must satisfy (HEADER,
+    FROM, SUBJECT... keys joined by AND), to rule out most messages without parsing them. Values
+    with whitespace are left out, since header folding may split them."""
+    match key:
+        case HeaderKey(field=f, value=v) if v and v.isascii() and not any(c.isspace() for c in v) \
+                and f.isascii():
+            rx = re.compile(rb"(?:^|\n)" + re.escape(f.lower().encode("ascii")) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+            return [(rx, v.lower().encode("ascii"))]
+        case AndKey(keys=ks):
+            return [n for k in ks for n in _needles(k)]
+    return []
+
+
+def _ruled_out(header: bytes, needles: list[tuple[re.Pattern[bytes], bytes]]) -> bool:
+    """True when some needle's field is absent or lacks the value (encoded words excepted)."""
+    low = header.lower()
+    for rx, value in needles:
+        for m in rx.finditer(low):
+            seg = m.group(1)
+            if value in seg or b"=?" in seg:
+                break
+        else:
+            return True
+    return False
+
+
 class _View:
     """One message as `message.matching` sees it (SearchView)."""
 
-    __slots__ = ("_flags", "_mb", "_name", "_need", "_row", "seq")
+    __slots__ = ("_flags", "_mb", "_name", "_need", "_raw", "_row", "seq")
 
-    def __init__(self, mb: UserMailbox, name: str, seq: int, row: MessageRow, need: str, recent: bool):  # noqa: PLR0913
+    def __init__(self, mb: UserMailbox, name: str, seq: int, row: MessageRow, need: str, recent: bool,  # noqa: PLR0913
+                 raw: bytes | None = None):
         self._mb = mb
         self._name = name
         self.seq = seq
         self._row = row
         self._need = need
+        self._raw = raw
         names = flags_to_names(row.flags, row.keywords)
         if recent:
             names.append("\\Recent")
@@ -307,30 +421,75 @@ class _View:
         return self._row.modseq
 
     def raw(self) -> bytes:
-        if self._need == "header":
-            return self._mb.read_header(self._name, self._row)
-        return self._mb.read(self._name, self._row)
+        if self._raw is None:
+            self._raw = self._mb.read_header(self._name, self._row) if self._need == "header" \
+                else self._mb.read(self._name, self._row)
+        return self._raw
 
 
 def run_search(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], key: SearchKey,
                ctx: SearchContext, recent_from: int) -> tuple[list[tuple[int, int, int]], int]:
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
-    Returns ([(seq, uid, modseq) of matches], number of targets consumed)."""
+    Returns ([(seq, uid, modseq) of matches], number of targets consumed).
+
+    When the criteria name header fields, headers are read and screened without holding the user
+    lock, so that several batches of one SEARCH can read files in parallel threads; only the
+    messages that may match are parsed and evaluated under the lock."""
+    if not targets:
+        return [], 0
     need = content_need(key)
+    needles = _needles(key) if need == "header" else []
     with mb.lock:
         st = mb.state(name)
-        if not targets:
-            return [], 0
         lo, hi = targets[0][1], targets[-1][1]
         rows = {r.uid: r for r in mb.index.all_rows_between(st.fid, lo, hi)}
-        out: list[tuple[int, int, int]] = []
+        base = str(st.path)
+    heads: dict[int, bytes] = {}
+    if needles:
+        kept = []
+        for seq, uid in targets:
+            row = rows.get(uid)
+            if row is None:
+                continue
+            head = _peek_header(f"{base}/{'cur' if row.sub else 'new'}/{row.base}{row.suffix}")
+            if head is not None:
+                if _ruled_out(head, needles):
+                    continue  # cannot match: no need to parse it
+                if row.lf == 0:
+                    heads[uid] = head
+            kept.append((seq, uid))
+        targets = kept
+    out: list[tuple[int, int, int]] = []
+    with mb.lock:
         for seq, uid in targets:
             row = rows.get(uid)
             if row is None:
                 continue
             try:
-                if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from), ctx):
+                if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from, heads.get(uid)), ctx):
                     out.append((seq, uid, row.modseq))
             except StoreError:
                 continue
-        return out, len(targets)
+        mb.index.flush_meta()
+    return out, len(targets)
+
+
+def _peek_header(path: str, limit: int = 16384) -> bytes | None:
+    """The header block of a message file, or None when unreadable here (renamed meanwhile, or a
+    header longer than `limit`): the caller then reads it the careful way, under the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    i = head.find(b"\r\n\r\n")
+    if i >= 0:
+        return head[: i + 4]
+    if b"\n\n" in head or len(head) >= limit:
+        return None
+    return head

@@ -425,8 +425,11 @@ class UserIndex:
         #: UIDs read from a journal while attaching a folder, applied by its next sync.
         self._pending_journal: dict[int, dict[str, int]] = {}
         self._listing: dict[int, tuple[set[str], set[str]]] = {}
+        self._meta: list[tuple[str, tuple[int, ...]]] = []
 
     def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.flush_meta()
         self.conn.close()
 
     @contextlib.contextmanager
@@ -434,6 +437,7 @@ class UserIndex:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            self._write_meta(c)
             yield c
         except BaseException:
             c.execute("ROLLBACK")
@@ -880,11 +884,24 @@ class UserIndex:
         self._prune_tombs(row.id)
         return modseq
 
+    # Facts learnt lazily while serving (internal date from a stat, bare-LF files) are queued and
+    # written with the next transaction: one commit per batch, not one fsync per message.
+
     def set_idate(self, fid: int, uid: int, idate: int) -> None:
-        self.conn.execute("UPDATE msgs SET idate=? WHERE folder=? AND uid=?", (idate, fid, uid))
+        self._meta.append(("UPDATE msgs SET idate=? WHERE folder=? AND uid=?", (idate, fid, uid)))
 
     def set_lf(self, fid: int, uid: int, lf: int, size: int) -> None:
-        self.conn.execute("UPDATE msgs SET lf=?, size=? WHERE folder=? AND uid=?", (lf, size, fid, uid))
+        self._meta.append(("UPDATE msgs SET lf=?, size=? WHERE folder=? AND uid=?", (lf, size, fid, uid)))
+
+    def _write_meta(self, c: sqlite3.Connection) -> None:
+        meta, self._meta = self._meta, []
+        for q, args in meta:
+            c.execute(q, args)
+
+    def flush_meta(self) -> None:
+        if self._meta:
+            with self.tx():
+                pass
 
     # -- cache ------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import stat
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,10 +136,21 @@ class FolderState:
     version: int = 0
     special_use: str = ""
     keywords: tuple[str, ...] = ()
+    flagtab: FlagTable | None = None  # valid while flagtab.uids is uids
 
     @property
     def exists(self) -> int:
         return len(self.uids)
+
+
+@dataclass
+class FlagTable:
+    """Flags of every message of a folder, aligned with `uids` (FETCH 1:* FLAGS without SQL rows)."""
+
+    uids: array[int]
+    flags: array[int]  # system-flag bits
+    keywords: dict[int, str]  # uid -> space-separated keywords, only where there are some
+    modseq: array[int] | None  # built on first need
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +229,9 @@ class UserMailbox:
         self.root = maildir
         self.lock = threading.RLock()
         ensure_maildir(maildir)
+        self.index_path = index_path
         self.index = UserIndex(index_path)
+        self._index_ino = os.stat(index_path).st_ino
         self.states: dict[str, FolderState] = {}
         self.special_use_folders = tuple(special_use_folders)
         self._defaults_done = False
@@ -227,6 +241,12 @@ class UserMailbox:
         with self.lock:
             self.index.close()
             self.states.clear()
+
+    def index_file_unchanged(self) -> bool:
+        try:
+            return os.stat(self.index_path).st_ino == self._index_ino
+        except OSError:
+            return False
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -425,6 +445,8 @@ class UserMailbox:
         if res.uids_changed:
             st.uids = self.index.uid_array(row.id)
             st.version += 1
+        if res.uids_changed or res.flags_changed:
+            st.flagtab = None
         st.uidnext = row.uidnext
         st.highestmodseq = row.highestmodseq
         st.keywords = row.keywords
@@ -455,6 +477,29 @@ class UserMailbox:
     def needs_sync(self, name: str) -> bool:
         st = self.states.get(name)
         return st is None or self.index.needs_sync(st.fid, st.path)
+
+    @_locked
+    def flag_table(self, name: str, need_modseq: bool = False) -> FlagTable | None:
+        """The folder's FlagTable (built from the index on first use), or None if it cannot be
+        aligned with the folder's UIDs (the index changed behind our back: use rows instead)."""
+        st = self.state(name)
+        tab = st.flagtab
+        if tab is None or tab.uids is not st.uids:
+            conn = self.index.conn
+            flags = array("B", [f for (f,) in conn.execute(
+                "SELECT flags FROM msgs WHERE folder=? ORDER BY uid", (st.fid,))])
+            if len(flags) != len(st.uids):
+                return None
+            kws = {u: k for u, k in conn.execute(
+                "SELECT uid, keywords FROM msgs WHERE folder=? AND keywords != ''", (st.fid,))}
+            tab = st.flagtab = FlagTable(st.uids, flags, kws, None)
+        if need_modseq and tab.modseq is None:
+            ms = array("Q", [m for (m,) in self.index.conn.execute(
+                "SELECT modseq FROM msgs WHERE folder=? ORDER BY uid", (st.fid,))])
+            if len(ms) != len(st.uids):
+                return None
+            tab.modseq = ms
+        return tab
 
     @_locked
     def claim_recent(self, name: str) -> int:
@@ -512,21 +557,47 @@ class UserMailbox:
         p = self._file(st, row)
         if os.path.exists(p):
             return row, p
+        return self._relocate(st, row)
+
+    def _relocate(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, Path]:
         self._open(st.name, force=True)
         fresh = self.index.row(st.fid, row.uid)
         if fresh is None:
             raise StoreError("message was expunged", "EXPUNGEISSUED")
         return fresh, self._file(st, fresh)
 
+    def _read_file(self, st: FolderState, row: MessageRow, limit: int | None = None) -> tuple[MessageRow, bytes]:
+        """The file's bytes (the first `limit` only, if given), following a rename by another program."""
+        for attempt in (0, 1):
+            path = f"{st.path}/{'cur' if row.sub else 'new'}/{row.base}{row.suffix}"
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if attempt:
+                    break
+                row = self._relocate(st, row)[0]
+                continue
+            try:
+                want = limit if limit is not None else max(row.size, 4096) + 1
+                first = os.read(fd, want)
+                if limit is not None or len(first) < want:  # a short read of a regular file is its end
+                    return row, first
+                chunks = [first]
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                return row, b"".join(chunks)
+            finally:
+                os.close(fd)
+        raise StoreError("message was expunged", "EXPUNGEISSUED")
+
     @_locked
     def read(self, name: str, row: MessageRow) -> bytes:
         """The message as served: CRLF line ends (a bare-LF file written by another tool converted)."""
-        st = self.state(name)
-        row, p = self._resolve(st, row)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+        return self.read_file(self.state(name), row)[1]
+
+    def read_file(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, bytes]:
+        """`read()` for a caller that holds the lock and the folder state already."""
+        row, data = self._read_file(st, row)
         if row.lf is None:
             lf = int(data.count(b"\n") != data.count(b"\r\n"))
             if lf:
@@ -534,23 +605,15 @@ class UserMailbox:
             self.index.set_lf(st.fid, row.uid, lf, len(data))
         elif row.lf:
             data = _to_crlf(data)
-        return data
+        return row, data
 
     @_locked
     def read_header(self, name: str, row: MessageRow, limit: int = 256 * 1024) -> bytes:
         """The header block (up to the blank line), without reading a large body."""
         st = self.state(name)
-        row, p = self._resolve(st, row)
-        try:
-            with open(p, "rb") as f:
-                head = f.read(8192)
-                while b"\n\r\n" not in head and b"\n\n" not in head and len(head) < limit:
-                    more = f.read(65536)
-                    if not more:
-                        break
-                    head += more
-        except FileNotFoundError:
-            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+        row, head = self._read_file(st, row, 16384)
+        if b"\n\r\n" not in head and b"\n\n" not in head and len(head) == 16384:
+            row, head = self._read_file(st, row, limit)
         for sep in (b"\r\n\r\n", b"\n\n"):
             i = head.find(sep)
             if i >= 0:
@@ -599,6 +662,7 @@ class UserMailbox:
         a.extend(new_uids)
         st.uids = a
         st.version += 1
+        st.flagtab = None
         st.highestmodseq = max(st.highestmodseq, modseq)
         st.uidnext = max(st.uidnext, (new_uids[-1] + 1) if new_uids else st.uidnext)
 
@@ -607,6 +671,7 @@ class UserMailbox:
         if g:
             st.uids = array("I", [u for u in st.uids if u not in g])
             st.version += 1
+            st.flagtab = None
         st.highestmodseq = max(st.highestmodseq, modseq)
 
     @_locked
@@ -690,6 +755,18 @@ class UserMailbox:
         st.highestmodseq = max(st.highestmodseq, modseq)
         st.keywords = row.keywords
         after = self.index.rows(st.fid, done)
+        tab = st.flagtab
+        if tab is not None and tab.uids is st.uids:
+            for u, r in after.items():
+                i = _bisect(st.uids, u)
+                if i < len(st.uids) and st.uids[i] == u:
+                    tab.flags[i] = r.flags
+                    if r.keywords:
+                        tab.keywords[u] = r.keywords
+                    else:
+                        tab.keywords.pop(u, None)
+                    if tab.modseq is not None:
+                        tab.modseq[i] = r.modseq
         return StoreResult(modseq, after, unchanged, conflicts)
 
     @_locked
@@ -924,12 +1001,14 @@ class MailStore:
     a worker pool for the blocking calls, and the change notifier."""
 
     def __init__(self, mail_root: Path, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
-                 workers: int = 8, poll_interval: float = 0.5):
+                 workers: int = 8, poll_interval: float = 0.5, keep_idle: int = 16):
         self.mail_root = mail_root
         self.special_use_folders = tuple(special_use_folders)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         self.notifier = ChangeNotifier(poll_interval)
         self._users: dict[str, UserMailbox] = {}
+        self._idle: OrderedDict[str, UserMailbox] = OrderedDict()
+        self.keep_idle = keep_idle
         self._lock = threading.Lock()
 
     def index_path(self, user: User) -> Path:
@@ -940,19 +1019,29 @@ class MailStore:
         with self._lock:
             mb = self._users.get(user.address)
             if mb is None:
-                md = user.maildir(self.mail_root)
-                md.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
+                mb = self._idle.pop(user.address, None)
+                if mb is not None and not mb.index_file_unchanged():
+                    mb.close()  # the index file was replaced or deleted meanwhile: reopen it
+                    mb = None
+                if mb is None:
+                    md = user.maildir(self.mail_root)
+                    md.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
                 self._users[user.address] = mb
             mb.refs += 1
             return mb
 
     def release(self, mb: UserMailbox) -> None:
+        """Done with the user's mailboxes. The last release keeps them open a while (an LRU of
+        `keep_idle` users), so a client that reconnects finds its folder states warm."""
         with self._lock:
             mb.refs -= 1
             if mb.refs <= 0 and self._users.get(mb.user.address) is mb:
                 del self._users[mb.user.address]
-                mb.close()
+                self._idle[mb.user.address] = mb
+                while len(self._idle) > self.keep_idle:
+                    _addr, old = self._idle.popitem(last=False)
+                    old.close()
 
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Run a blocking store call in the worker pool."""
@@ -962,9 +1051,10 @@ class MailStore:
         self.notifier.close()
         self.executor.shutdown(wait=True)
         with self._lock:
-            for mb in self._users.values():
+            for mb in [*self._users.values(), *self._idle.values()]:
                 mb.close()
             self._users.clear()
+            self._idle.clear()
 
     # -- POP3 entry points (blocking; run them through `call`) ---------------------------------
 

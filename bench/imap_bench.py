@@ -1,0 +1,453 @@
+"""IMAP benchmark: postier side by side with Dovecot on one generated Maildir.
+
+Generates a mailbox of N small messages (a third already read, in cur/; the rest in new/), starts a
+postier instance and a Dovecot (Debian's dovecot-imapd, its own configuration and directories, on
+free loopback ports, never the system instance) serving a copy of the same Maildir, and times on each:
+
+  * the first SELECT (no index yet) and a second SELECT on a new connection,
+  * UID FETCH 1:* (FLAGS),
+  * UID SEARCH HEADER SUBJECT x (the first search: nothing cached),
+  * FETCH 1:1000 (BODY.PEEK[]),
+
+then the memory each server needs per idle connection (C connections logged in, INBOX of a small
+mailbox selected, in IDLE): postier's process RSS growth, and the growth of the summed RSS and PSS
+of all Dovecot processes. Both servers are spoken to over plain TCP on loopback so that TLS costs
+nothing on either side.
+
+    python -m bench.imap_bench [--messages 100000] [--connections 1000] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from argon2 import PasswordHasher  # noqa: E402
+from argon2.profiles import CHEAPEST  # noqa: E402
+
+from postier.accounts import Accounts  # noqa: E402
+from tests.harness import Instance, free_port  # noqa: E402
+
+PASSWORD = "bench-password"
+DOMAIN = "bench.test"
+
+
+# -- a minimal timing client ----------------------------------------------------------------------
+
+class Client:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.n = 0
+        greeting = self.sock.recv(65536)
+        if not greeting.startswith(b"* OK"):
+            raise RuntimeError(greeting)
+
+    def wait(self, tag: bytes) -> bytes:
+        """Everything up to and including the tagged response line."""
+        marker = b"\r\n" + tag + b" "
+        buf = bytearray(b"\r\n")  # so that a tagged line with nothing before it matches too
+        found = -1
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            start = max(0, len(buf) - len(marker))
+            buf += chunk
+            if found < 0:
+                found = buf.find(marker, start)
+            if found >= 0 and buf.endswith(b"\r\n") and buf.find(b"\r\n", found + 2) == len(buf) - 2:
+                return bytes(buf[2:])
+
+    def cmd(self, text: str) -> tuple[float, bytes]:
+        self.n += 1
+        tag = b"b%d" % self.n
+        t0 = time.perf_counter()
+        self.sock.sendall(tag + b" " + text.encode() + b"\r\n")
+        data = self.wait(tag)
+        elapsed = time.perf_counter() - t0
+        last = data[data.rfind(b"\r\n" + tag + b" ") + 2:] if not data.startswith(tag + b" ") else data
+        if not last.startswith(tag + b" OK"):
+            raise RuntimeError(f"{text}: {last[:200]!r}")
+        return elapsed, data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def login(port: int, user: str) -> Client:
+    c = Client(port)
+    c.cmd(f"LOGIN {user} {PASSWORD}")
+    return c
+
+
+# -- mailbox generation ---------------------------------------------------------------------------
+
+def generate(maildir: Path, n: int) -> None:
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    base_t = int(time.time()) - n - 86400
+    for i in range(n):
+        subject = f"report {i} x" if i % 10 == 0 else f"note {i}"
+        data = (f"Return-Path: <sender{i % 97}@example.net>\r\nFrom: Sender {i % 97} <sender{i % 97}@example.net>\r\n"
+                f"To: bob@{DOMAIN}\r\nSubject: {subject}\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+                f"Message-ID: <{i}.bench@example.net>\r\n\r\nMessage number {i}.\r\n"
+                + "Some more text for the body of this message.\r\n" * 3).encode()
+        name = f"{base_t + i}.M{i}P1Q{i}.{host},S={len(data)}"
+        if i % 3 == 0:
+            path = maildir / "cur" / (name + ":2,S")
+        else:
+            path = maildir / "new" / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+        os.utime(path, (base_t + i, base_t + i))
+    old = time.time() - 60  # as if delivered a while ago
+    for sub in ("cur", "new"):
+        os.utime(maildir / sub, (old, old))
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out += _children(int(k))
+    return out
+
+
+def memory(pids: list[int]) -> tuple[int, int]:
+    """(summed RSS, summed PSS) in KiB."""
+    return sum(_status_kib(p, "VmRSS") for p in pids), sum(_pss_kib(p) for p in pids)
+
+
+async def _idle_connections(port: int, user: str, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    sem = asyncio.Semaphore(25)
+
+    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await r.readline()
+            for tag, cmd in ((b"a", f"LOGIN {user} {PASSWORD}".encode()), (b"b", b"SELECT INBOX")):
+                w.write(tag + b" " + cmd + b"\r\n")
+                while True:
+                    line = await r.readline()
+                    if not line:
+                        raise ConnectionError("closed")
+                    if line.startswith(tag + b" "):
+                        if not line.startswith(tag + b" OK"):
+                            raise RuntimeError(line)
+                        break
+            w.write(b"c IDLE\r\n")
+            line = await r.readline()
+            if not line.startswith(b"+"):
+                raise RuntimeError(line)
+            return r, w
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def idle_memory(port: int, user: str, count: int, pids: Callable[[], list[int]]) -> tuple[float, float]:
+    """KiB per idle connection: (RSS growth, PSS growth) / count."""
+    warm = login(port, user)
+    warm.cmd("SELECT INBOX")
+    warm.close()
+    time.sleep(1.0)
+    rss0, pss0 = memory(pids())
+
+    async def run() -> tuple[int, int]:
+        conns = await _idle_connections(port, user, count)
+        await asyncio.sleep(2.0)
+        rss1, pss1 = memory(pids())
+        for _r, w in conns:
+            w.write(b"DONE\r\nd LOGOUT\r\n")
+        await asyncio.sleep(0.5)
+        for _r, w in conns:
+            w.close()
+        return rss1, pss1
+
+    rss1, pss1 = asyncio.run(run())
+    return (rss1 - rss0) / count, (pss1 - pss0) / count
+
+
+# -- the two servers ------------------------------------------------------------------------------
+
+def start_postier(root: Path, connections: int) -> Instance:
+    inst = Instance(root / "postier", DOMAIN, extra_config=(
+        f"[limits]\nmax_connections = {connections + 100}\nmax_connections_per_ip = {connections + 100}\n"
+        f"[imap]\nmax_connections_per_user = {connections + 100}\n"
+        "[auth]\nallow_plaintext = true\n"))
+    accounts = Accounts(inst.root / "accounts.sqlite")
+    accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)  # the bench measures IMAP, not argon2
+    for user in ("bob", "idle"):
+        accounts.add_user(f"{user}@{DOMAIN}", PASSWORD)
+    accounts.close()
+    return inst
+
+
+DOVECOT_CONF = """\
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+instance_name = postier-bench-{port}
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = {conns}
+default_client_limit = {conns2}
+default_process_limit = {conns2}
+first_valid_uid = 0
+{users}
+passdb {{
+  driver = static
+  args = password={password}
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/home/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  process_limit = 64
+  client_limit = {conns2}
+  chroot =
+}}
+service imap {{
+  process_limit = {conns2}
+}}
+service anvil {{
+  chroot =
+  client_limit = {conns3}
+}}
+service auth {{
+  client_limit = {conns3}
+}}
+"""
+
+
+class Dovecot:
+    def __init__(self, root: Path, connections: int):
+        self.root = root
+        self.port = free_port()
+        root.mkdir(parents=True)
+        for d in ("run", "state", "home"):
+            (root / d).mkdir()
+        if os.geteuid() == 0:
+            uid = gid = 65534  # nobody: Dovecot refuses to serve mail as root
+            users = ""
+        else:
+            uid, gid = os.getuid(), os.getgid()
+            me = getpass.getuser()
+            users = f"default_internal_user = {me}\ndefault_login_user = {me}\n"
+        self.uid, self.gid = uid, gid
+        self.conf = root / "dovecot.conf"
+        self.conf.write_text(DOVECOT_CONF.format(
+            root=root, port=self.port, conns=connections + 100, conns2=connections + 200,
+            conns3=3 * connections + 300, uid=uid, gid=gid, users=users, password=PASSWORD))
+        self.pid: int | None = None
+
+    def home(self, user: str) -> Path:
+        return self.root / "home" / user
+
+    def start(self) -> None:
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(self.root / "home")], check=True)
+        subprocess.run(["dovecot", "-c", str(self.conf)], check=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                self.pid = int((self.root / "run" / "master.pid").read_text())
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("dovecot did not start: " + (self.root / "dovecot.log").read_text()[-2000:])
+
+    def pids(self) -> list[int]:
+        return _children(self.pid) if self.pid else []
+
+    def stop(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+                time.sleep(0.1)
+            self.pid = None
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+STEPS = ("first SELECT", "second SELECT", "UID FETCH 1:* (FLAGS)", "UID SEARCH HEADER SUBJECT x",
+         "FETCH 1:1000 (BODY.PEEK[])")
+REPEATABLE = ("second SELECT", "UID FETCH 1:* (FLAGS)", "FETCH 1:1000 (BODY.PEEK[])")
+
+
+def step(name: str, port: int, user: str, out: dict[str, float]) -> None:
+    """One timed step on a fresh connection (login not timed); the best of repeated runs is kept."""
+    c = login(port, user)
+    try:
+        if name == "first SELECT":
+            t, _ = c.cmd("SELECT INBOX")
+        else:
+            sel, _ = c.cmd("SELECT INBOX")
+            if name == "second SELECT":
+                t = sel
+            elif name == "UID FETCH 1:* (FLAGS)":
+                t, data = c.cmd("UID FETCH 1:* (FLAGS)")
+                out["_flags_lines"] = data.count(b" FETCH (")
+            elif name == "UID SEARCH HEADER SUBJECT x":
+                t, data = c.cmd("UID SEARCH HEADER SUBJECT x")
+                out["_search_hits"] = len(data.split(b"\r\n")[0].split()) - 2
+            else:
+                t, data = c.cmd("FETCH 1:1000 (BODY.PEEK[])")
+                out["_bodies"] = data.count(b" FETCH (")
+        c.cmd("LOGOUT")
+    finally:
+        c.close()
+    out[name] = min(out.get(name, t), t)
+
+
+def measure(servers: dict[str, tuple[int, str]], repeats: int) -> dict[str, dict[str, float]]:
+    """Each step on each server in turn (interleaved, so that a busy moment of the machine hurts
+    both alike); repeatable steps run `repeats` times and keep their best time."""
+    results: dict[str, dict[str, float]] = {k: {} for k in servers}
+    for name in STEPS:
+        for _ in range(repeats if name in REPEATABLE else 1):
+            for server, (port, user) in servers.items():
+                step(name, port, user, results[server])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.imap_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--idle-messages", type=int, default=20, help="messages in the idle user's INBOX")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the repeatable steps (best kept)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--no-dovecot", action="store_true", help="measure postier alone")
+    args = ap.parse_args(argv)
+    if not args.no_dovecot and shutil.which("dovecot") is None:
+        print("dovecot is not installed (Debian: dovecot-imapd); use --no-dovecot", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="imap-bench-"))
+    tmp.chmod(0o755)  # Dovecot's mail processes run as another user and must traverse it
+    results: dict[str, dict[str, float]] = {}
+    try:
+        t0 = time.monotonic()
+        inst = start_postier(tmp, args.connections)
+        generate(inst.maildir(f"bob@{DOMAIN}"), args.messages)
+        generate(inst.maildir(f"idle@{DOMAIN}"), args.idle_messages)
+        print(f"generated {args.messages} messages in {time.monotonic() - t0:.1f}s", flush=True)
+        dove: Dovecot | None = None
+        if not args.no_dovecot:
+            dove = Dovecot(tmp / "dovecot", args.connections)
+            for user in ("bob", "idle"):
+                dst = dove.home(f"{user}")
+                dst.mkdir(parents=True)
+                shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), dst / "Maildir", symlinks=True)
+        inst.start(wait_role="imap")
+        try:
+            assert inst.proc is not None
+            pid = inst.proc.pid
+            servers = {"postier": (inst.port("imap"), f"bob@{DOMAIN}")}
+            if dove is not None:
+                dove.start()
+                servers["dovecot"] = (dove.port, f"bob@{DOMAIN}")
+            print("timing (interleaved)...", flush=True)
+            results = measure(servers, args.repeats)
+            print("postier: idle connections...", flush=True)
+            results["postier"]["_idle"] = idle_memory(inst.port("imap"), f"idle@{DOMAIN}", args.connections,
+                                                     lambda: [pid])[0]
+            if dove is not None:
+                print("dovecot: idle connections...", flush=True)
+                rss, pss = idle_memory(dove.port, f"idle@{DOMAIN}", args.connections, dove.pids)
+                results["dovecot"]["_idle"] = rss
+                results["dovecot"]["_idle_pss"] = pss
+        finally:
+            inst.stop()
+            if dove is not None:
+                dove.stop()
+        report(results, args)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    p = results["postier"]
+    d = results.get("dovecot")
+    print()
+    print(f"IMAP benchmark: {args.messages} messages, {args.connections} idle connections")
+    print(f"{'':34} {'postier':>12} {'dovecot':>12} {'postier/dovecot':>16}")
+    for key in STEPS:
+        pv = p[key]
+        dv = d[key] if d else None
+        ratio = f"{pv / dv:.2f}" if dv else "-"
+        print(f"{key:34} {pv * 1000:>10.1f}ms {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} {ratio:>16}")
+    pi = p["_idle"]
+    di = d["_idle"] if d else None
+    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB "
+          f"{'' if di is None else f'{di:>10.0f}KB':>12} {(f'{pi / di:.2f}' if di else '-'):>16}")
+    if d:
+        print(f"{'  dovecot PSS per connection':34} {'':>12} {d['_idle_pss']:>10.0f}KB")
+    checks = [(k, p.get(k), d.get(k) if d else None) for k in ("_flags_lines", "_search_hits", "_bodies")]
+    print("sanity (postier, dovecot): " + ", ".join(f"{k[1:]}={a:.0f}/{b if b is None else f'{b:.0f}'}"
+                                                   for k, a, b in checks))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
