@@ -115,6 +115,7 @@ class SMTPSession(ProtocolSession):
         cls = _pipeline_class(self.role)
         self.pipeline: SMTPPipeline | None = cls(services, self.role) if cls is not None else None
         self.body: MessageBody | None = None
+        self._body_failed = False
         self.mech: sasl.ServerMechanism | None = None
         self._pending_success: sasl.Success | None = None
         self._final_sent = False
@@ -351,8 +352,15 @@ class SMTPSession(ProtocolSession):
     # -- event handlers: each returns True when the session must stop stepping --------------------
 
     def _on_data(self, ev: core.MessageData) -> bool:
-        assert self.body is not None
-        self.body.write(ev.data)
+        body = self.body
+        if body is not None:
+            try:
+                body.write(ev.data)
+            except OSError as exc:  # the spool is full or failing: read on, answer 452 at the end
+                log.error("%s: spooling the message from %s failed: %s", self.role, self.peer_ip, exc)
+                body.close()
+                self.body = None
+                self._body_failed = True
         return False
 
     def _on_hello(self, ev: core.Hello) -> bool:
@@ -378,6 +386,7 @@ class SMTPSession(ProtocolSession):
         if self.body is not None:
             self.body.close()
         self.body = MessageBody(self.services.config.spool_dir / "incoming")
+        self._body_failed = False
         self.conn.accept()
         return False
 
@@ -390,7 +399,8 @@ class SMTPSession(ProtocolSession):
         body, self.body = self.body, None
         try:
             if ev.problem is not None or body is None or self.pipeline is None:
-                replies = [ev.problem or R.R451_LOCAL_ERROR] * n
+                fallback = R.R452_NO_SPACE if self._body_failed else R.R451_LOCAL_ERROR
+                replies = [ev.problem or fallback] * n  # RFC 1870 §6.2 for a spool without space
             else:
                 replies = await self.pipeline.on_message(self.env, body)
         finally:
