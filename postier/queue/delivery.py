@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import ConfigError
 from ..proto.smtp.address import xtext_encode
 from ..proto.smtp.client import ServerReply
 from ..resolver import BaseResolver, DNSStatus, RouteStatus
@@ -115,7 +116,10 @@ class Outbound:
             pw_path = Path(cfg.relay.password_file)
             if not pw_path.is_absolute() and cfg.source is not None:
                 pw_path = cfg.source.parent / pw_path
-            password = pw_path.read_text().strip("\r\n")
+            try:
+                password = pw_path.read_text().strip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"relay.password_file: cannot read {pw_path}: {exc.strerror}") from None
         return cls(helo=cfg.helo_name, port=cfg.outbound.smtp_port, source=source,
                    connect_timeout=cfg.queue.connect_timeout, command_timeout=cfg.queue.command_timeout,
                    tls_policy=cfg.outbound.tls_policy, ca_file=cfg.outbound.ca_file,
