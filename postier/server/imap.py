@@ -220,7 +220,8 @@ class IMAPSession(Session):
 
     def _release(self) -> None:
         if self.mb is not None:
-            self.store.release(self.mb)
+            # Off the event loop: the last release may close an index (a final commit).
+            self.store.executor.submit(self.store.release, self.mb)
             self.mb = None
         if self._counted and self.user is not None:
             conns = _user_connections(self.services)

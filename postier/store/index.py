@@ -600,8 +600,10 @@ class UserIndex:
                 return SyncResult(row, False)
         now = time.time_ns()
         trusted = int(now - max(st_new.st_mtime_ns, st_cur.st_mtime_ns) > _TRUST_AGE_NS)
-        disk_new = {n for n in os.listdir(path / "new") if n[0] != "."}
-        disk_cur = {n for n in os.listdir(path / "cur") if n[0] != "."}
+        # Dot files are not messages (maildir(5)); a name with a line break is refused (it would
+        # break the listing parser and the journal's line format).
+        disk_new = {n for n in os.listdir(path / "new") if n[0] != "." and "\n" not in n}
+        disk_cur = {n for n in os.listdir(path / "cur") if n[0] != "." and "\n" not in n}
         idx_new, idx_cur = self._listing_of(fid)
         if disk_new == idx_new and disk_cur == idx_cur:
             with self.tx() as c:
@@ -611,9 +613,9 @@ class UserIndex:
         appeared: dict[str, tuple[int, str]] = {}  # base -> (sub, suffix); cur/ wins over new/
         for sub, names in ((1, disk_cur - idx_cur), (0, disk_new - idx_new)):
             for nm in names:
-                base, suffix = parse_file_name(nm)
+                base, sep, info = nm.partition(":")
                 if base not in appeared:
-                    appeared[base] = (sub, suffix)
+                    appeared[base] = (sub, sep + info)
         vanished = {parse_file_name(nm)[0] for nm in (idx_new - disk_new) | (idx_cur - disk_cur)}
         known = self._lookup(fid, vanished | appeared.keys())
         gone = [known[b][0] for b in vanished if b not in appeared and b in known]
@@ -629,10 +631,15 @@ class UserIndex:
         taken: set[int] = set()
         if pending:
             taken = {u for (u,) in self.conn.execute("SELECT uid FROM msgs WHERE folder=?", (fid,))}
+        decoded: dict[str, tuple[int, str]] = {}
         for b in added:
             sub, suffix = appeared[b]
             uid = pending.get(b) if pending else None
-            size = size_of(b)
+            i = b.rfind(",W=")  # Dovecot's virtual size, else ",S=" (ours are CRLF: the same)
+            if i < 0:
+                i = b.rfind(",S=")
+            tail = b[i + 3:] if i >= 0 else ""
+            size = int(tail) if tail.isdigit() and len(tail) < 16 else size_of(b)
             lf: int | None = None
             if size is None:
                 fpath = path / _SUBDIR[sub] / (b + suffix)
@@ -647,10 +654,14 @@ class UserIndex:
                 uid = uidnext
                 uidnext += 1
                 journal_new.append((uid, b))
-            taken.add(uid)
-            uidnext = max(uidnext, uid + 1)
-            bits, kws = _decode_suffix(suffix, letters)
-            new_rows.append((fid, uid, b, sub, suffix, bits, " ".join(kws), modseq, size, lf))
+            if pending:
+                taken.add(uid)
+                uidnext = max(uidnext, uid + 1)
+            flags = decoded.get(suffix)
+            if flags is None:
+                bits, kws = _decode_suffix(suffix, letters)
+                flags = decoded[suffix] = (bits, " ".join(kws))
+            new_rows.append((fid, uid, b, sub, suffix, flags[0], flags[1], modseq, size, lf))
         if uidnext >= 1 << 32:
             raise StoreError("mailbox UIDs exhausted; run postier reindex", "LIMIT")
         if journal_new:

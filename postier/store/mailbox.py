@@ -236,6 +236,8 @@ class UserMailbox:
         self.special_use_folders = tuple(special_use_folders)
         self._defaults_done = False
         self.refs = 0
+        #: Folders written to by someone who did not update the index (a delivery): sync before use.
+        self.dirty: set[str] = set()
 
     def close(self) -> None:
         with self.lock:
@@ -462,7 +464,11 @@ class UserMailbox:
     def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
         """The folder's state (synced with the disk first unless `sync` is False)."""
         n = normalize_name(name)
-        st = self._open(n) if sync or n not in self.states else self.states[n]
+        if sync or n not in self.states or n in self.dirty:
+            self.dirty.discard(n)
+            st = self._open(n)
+        else:
+            st = self.states[n]
         return FolderSnapshot(st.name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
                               st.special_use, st.keywords)
 
@@ -1043,6 +1049,12 @@ class MailStore:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
 
+    def mark_dirty(self, address: str, folder: str) -> None:
+        """A delivery wrote into the folder: the next look at it reads the directory."""
+        mb = self._users.get(address) or self._idle.get(address)
+        if mb is not None:
+            mb.dirty.add(folder)
+
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Run a blocking store call in the worker pool."""
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -1134,7 +1146,9 @@ def mailstore_for(services: Any) -> MailStore:
         services.extensions["mailstore"] = store
 
         def delivered(user: User, folder: str) -> None:
-            store.notifier.notify(user.address, INBOX if folder.upper() == INBOX else folder)
+            name = INBOX if folder.upper() == INBOX else folder
+            store.mark_dirty(user.address, name)
+            store.notifier.notify(user.address, name)
 
         services.mda.listeners.append(delivered)
         services.on_close(store.close)
