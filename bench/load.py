@@ -28,11 +28,13 @@ import asyncio
 import base64
 import json
 import os
+import re
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -347,32 +349,69 @@ async def drain_maildrops(inst: Instance, users: list[str]) -> int:
     return total
 
 
-async def measure_rate(inst: Instance, users: list[str], seconds: float, concurrency: int) -> float:
+class Mix:
+    """The soak's traffic: even k to a local user through port 25, odd k submitted for a remote
+    domain (queue, then the sink). Remembers which remote messages were acknowledged."""
+
+    def __init__(self, inst: Instance, users: list[str], sender: str) -> None:
+        self.inst, self.users, self.sender = inst, users, sender
+        self.acked_remote: set[str] = set()
+        self.errors: list[str] = []
+
+    async def send(self, k: int, prefix: str) -> None:
+        try:
+            if k % 2:
+                tag = f"{prefix}-r-{k}"
+                await send_mail(self.inst.addr("submission"), SOURCES[k % len(SOURCES)], self.sender,
+                                f"r{k % 50}@remote.test", message(tag, self.sender), auth=(self.sender, PASSWORD))
+                self.acked_remote.add(tag)
+            else:
+                await send_mail(self.inst.addr("smtp"), SOURCES[k % len(SOURCES)], "soak@remote.test",
+                                self.users[k % len(self.users)], message(f"{prefix}-l-{k}"))
+        except Exception as exc:
+            if len(self.errors) < 20:
+                self.errors.append(repr(exc))
+            raise
+
+
+def sink_tags(sink: Sink, seen: Counter[str]) -> None:
+    """Move what the sink received into a counter of Subject tags (bounded memory)."""
+    n = len(sink.messages)
+    for m in sink.messages[:n]:
+        found = re.search(rb"Subject: (\S+)", m)
+        seen[found.group(1).decode() if found else "?"] += 1
+    del sink.messages[:n]
+
+
+async def measure_rate(mix: Mix, seconds: float, concurrency: int) -> float:
+    """Messages per second the server accepts with `concurrency` clients sending the soak's mix."""
     stop = time.monotonic() + seconds
     done = 0
+    counter = iter(range(10_000_000))
 
-    async def worker(w: int) -> None:
+    async def worker() -> None:
         nonlocal done
-        for k in range(1_000_000):
+        for _ in range(1_000_000):
             if time.monotonic() >= stop:
                 return
             try:
-                await send_mail(inst.addr("smtp"), SOURCES[w % len(SOURCES)], "rate@remote.test",
-                                users[(w + k) % len(users)], message(f"rate-{w}-{k}"))
+                await mix.send(next(counter), "rate")
             except Exception:
                 continue
             done += 1
 
     t = time.monotonic()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / (time.monotonic() - t)
 
 
 async def phase_soak(inst: Instance, sink: Sink, minutes: float, rate: float | None, users: list[str],
                      sender: str, report: dict[str, Any]) -> None:
     pid = inst.proc.pid  # type: ignore[union-attr]
+    mix = Mix(inst, users, sender)
+    seen: Counter[str] = Counter()
     if rate is None:
-        max_rate = await measure_rate(inst, users, 15, 8)
+        max_rate = await measure_rate(mix, 20, 16)
         await drain_maildrops(inst, users)
         rate = max_rate / 2
     else:
@@ -380,22 +419,21 @@ async def phase_soak(inst: Instance, sink: Sink, minutes: float, rate: float | N
     print(f"soak: {minutes} min at {rate:.1f} msg/s (half of {max_rate:.1f})", flush=True)
     await settle(pid)
     samples: list[dict[str, float]] = []
-    sent = failed = remote_sent = 0
+    sent = errors = late = 0
     start = time.monotonic()
     end = start + minutes * 60
     interval = 1.0 / rate
     inflight: set[asyncio.Task[Any]] = set()
     next_sample = start
     next_drain = start + 30
-    delivered_remote = 0
     base_fds = fds(pid)
     drainer: asyncio.Task[int] | None = None
 
     def done(t: asyncio.Task[Any]) -> None:
-        nonlocal sent, failed
+        nonlocal sent, errors
         inflight.discard(t)
         if t.cancelled() or t.exception() is not None:
-            failed += 1
+            errors += 1
         else:
             sent += 1
 
@@ -404,29 +442,23 @@ async def phase_soak(inst: Instance, sink: Sink, minutes: float, rate: float | N
         if now >= end:
             break
         if now >= next_sample:
-            delivered_remote += len(sink.messages)
-            del sink.messages[: len(sink.messages)]
+            sink_tags(sink, seen)
             samples.append({"t": round(now - start, 1), "rss_mib": round(rss(pid) / MiB, 2), "fds": fds(pid),
-                            "sent": sent, "failed": failed, "remote_delivered": delivered_remote})
+                            "sent": sent, "errors": errors, "late": late,
+                            "remote_delivered": sum(v for t, v in seen.items() if t.startswith("soak-r-"))})
             print("soak sample:", samples[-1], flush=True)
             next_sample += 10
         if now >= next_drain and (drainer is None or drainer.done()):
             drainer = asyncio.ensure_future(drain_maildrops(inst, users))
             next_drain += 30
         if len(inflight) < 64:
-            if k % 2:
-                fut = send_mail(inst.addr("submission"), SOURCES[k % len(SOURCES)], sender, f"r{k % 50}@remote.test",
-                                message(f"soak-r-{k}", sender), auth=(sender, PASSWORD))
-                remote_sent += 1
-            else:
-                fut = send_mail(inst.addr("smtp"), SOURCES[k % len(SOURCES)], "soak@remote.test",
-                                users[k % len(users)], message(f"soak-l-{k}"))
-            task = asyncio.ensure_future(fut)
+            task = asyncio.ensure_future(mix.send(k, "soak"))
             inflight.add(task)
             task.add_done_callback(done)
         else:
-            failed += 1  # the server fell behind: counted, not queued without bound
+            late += 1  # the server (or this client) fell behind: counted, never queued without bound
         await asyncio.sleep(max(0.0, start + (k + 1) * interval - time.monotonic()))
+    elapsed = time.monotonic() - start
     if inflight:
         await asyncio.wait(inflight, timeout=120)
     if drainer is not None:
@@ -441,22 +473,31 @@ async def phase_soak(inst: Instance, sink: Sink, minutes: float, rate: float | N
         q = queue_size(inst)
     drain_s = time.monotonic() - t
     await drain_maildrops(inst, users)
-    delivered_remote += len(sink.messages)
+    await asyncio.sleep(1)
+    sink_tags(sink, seen)
     await settle(pid, 5)
     final_rss, final_fds = rss(pid), fds(pid)
+    acked = mix.acked_remote
+    lost = [tag for tag in acked if seen[tag] == 0]
+    dups = {tag: n for tag, n in seen.items() if n > 1}
     warm = [s["rss_mib"] for s in samples if s["t"] >= min(60, minutes * 60 / 3)]
     first = warm[0] if warm else samples[0]["rss_mib"]
     growth = (final_rss / MiB - first) / first * 100 if first else 0.0
     report["soak"] = {
         "minutes": minutes, "max_ingest_msg_per_s": round(max_rate, 1), "rate_msg_per_s": round(rate, 1),
-        "sent": sent, "failed_or_late": failed, "remote_submitted": remote_sent,
-        "remote_delivered_to_sink": delivered_remote, "queue_at_end": q, "queue_drain_seconds": round(drain_s, 1),
+        "achieved_msg_per_s": round(sent / elapsed, 1), "sent": sent, "errors": errors, "late": late,
+        "first_errors": mix.errors[:3], "remote_acknowledged": len(acked),
+        "remote_at_sink": sum(seen[t] for t in acked), "remote_lost": len(lost), "remote_duplicates": len(dups),
+        "duplicate_examples": dict(list(dups.items())[:5]),
+        "queue_at_end": q, "queue_drain_seconds": round(drain_s, 1),
         "rss_mib_after_warmup": first, "rss_mib_end": round(final_rss / MiB, 2),
         "rss_growth_percent": round(growth, 1), "fds_start": base_fds, "fds_end": final_fds,
         "samples": samples,
     }
     verdict = {
         "queue_empty": q == 0,
+        "nothing_lost": not lost,
+        "no_duplicates": not dups,
         "memory_flat": growth < 15.0,
         "no_fd_leak": final_fds <= base_fds + 5,
     }
