@@ -423,3 +423,23 @@ def test_imaps_with_bad_client_hello_is_closed(inst: Instance) -> None:
     with socket.create_connection(inst.addr("imaps"), timeout=5) as s, ctx.wrap_socket(s) as t:
         assert t.recv(100).startswith(b"* OK")  # and the listener still works
     assert isinstance(ctx, ssl.SSLContext)
+
+
+def test_unknown_user_costs_the_same_password_check(tmp_path: Path) -> None:
+    """No timing oracle: an unknown user is verified against a dummy hash of the same cost."""
+    from postier.accounts import Accounts
+
+    acc = Accounts(tmp_path / "a.sqlite")
+    acc.add_domain("t.test")
+    acc.add_user("real@t.test", "correct horse")
+
+    def cost(address: str) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            assert acc.verify_password(address, "wrong password") is None
+            times.append(time.perf_counter() - t)
+        return sorted(times)[1]
+
+    known, unknown = cost("real@t.test"), cost("ghost@t.test")
+    assert 0.5 < unknown / known < 2.0, (known, unknown)

@@ -105,3 +105,16 @@ def test_traversal_in_mailbox_names_stays_inside_the_maildir(inst: Instance) -> 
         assert ".." not in Path(rel).parts
     assert not (inst.root / "escape").exists() and not (inst.root / "mail" / "escape").exists()
     assert os.path.realpath(inst.maildir(user)).startswith(str(home))
+
+
+def test_mail_loop_gets_554(inst: Instance) -> None:
+    trace = b"".join(b"Received: from hop%d.test by hop%d.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n" % (i, i + 1)
+                     for i in range(50))  # limits.max_received_headers = 50
+    with Line(inst.addr("smtp")) as c:
+        c.reply()
+        c.smtp(b"EHLO loop.test")
+        c.smtp(b"MAIL FROM:<a@remote.test>")
+        assert c.smtp(b"RCPT TO:<known@p.test>").startswith(b"250")
+        assert c.smtp(b"DATA").startswith(b"354")
+        c.send(trace + b"Subject: loop\r\n\r\nx\r\n.\r\n")
+        assert c.reply().startswith(b"554 5.4.0")
