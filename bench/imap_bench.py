@@ -346,7 +346,8 @@ def step(name: str, port: int, user: str, out: dict[str, float]) -> None:
                 out["_flags_lines"] = data.count(b" FETCH (")
             elif name == "UID SEARCH HEADER SUBJECT x":
                 t, data = c.cmd("UID SEARCH HEADER SUBJECT x")
-                out["_search_hits"] = len(data.split(b"\r\n")[0].split()) - 2
+                line = next(x for x in data.split(b"\r\n") if x.startswith(b"* SEARCH"))  # Dovecot sends
+                out["_search_hits"] = len(line.split()) - 2  # progress lines ("* OK Searched 30%") first
             else:
                 t, data = c.cmd("FETCH 1:1000 (BODY.PEEK[])")
                 out["_bodies"] = data.count(b" FETCH (")
@@ -404,16 +405,21 @@ def main(argv: list[str] | None = None) -> int:
             if dove is not None:
                 dove.start()
                 servers["dovecot"] = (dove.port, f"bob@{DOMAIN}")
-            print("timing (interleaved)...", flush=True)
-            results = measure(servers, args.repeats)
+            # Memory first, on fresh processes: a Python process reuses memory freed by earlier
+            # large commands, which would hide what the connections cost.
             print("postier: idle connections...", flush=True)
-            results["postier"]["_idle"] = idle_memory(inst.port("imap"), f"idle@{DOMAIN}", args.connections,
-                                                     lambda: [pid])[0]
+            idle: dict[str, dict[str, float]] = {"postier": {}, "dovecot": {}}
+            idle["postier"]["_idle"] = idle_memory(inst.port("imap"), f"idle@{DOMAIN}", args.connections,
+                                                  lambda: [pid])[0]
             if dove is not None:
                 print("dovecot: idle connections...", flush=True)
                 rss, pss = idle_memory(dove.port, f"idle@{DOMAIN}", args.connections, dove.pids)
-                results["dovecot"]["_idle"] = rss
-                results["dovecot"]["_idle_pss"] = pss
+                idle["dovecot"]["_idle"] = rss
+                idle["dovecot"]["_idle_pss"] = pss
+            print("timing (interleaved)...", flush=True)
+            results = measure(servers, args.repeats)
+            for k, v in results.items():
+                v.update(idle[k])
         finally:
             inst.stop()
             if dove is not None:

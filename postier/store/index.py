@@ -789,10 +789,13 @@ class UserIndex:
     def claim_recent(self, fid: int) -> int:
         """RFC 3501 §2.3.2 \\Recent: the first session to see new messages claims them. Returns the
         lowest UID that is recent for the caller (every UID >= it)."""
+        r = self.conn.execute("SELECT recent_uid, uidnext FROM folders WHERE id=?", (fid,)).fetchone()
+        if r is None:
+            return 1 << 32
+        if r[0] >= r[1]:
+            return int(r[0])  # nothing new to claim: no write
         with self.tx() as c:
             r = c.execute("SELECT recent_uid, uidnext FROM folders WHERE id=?", (fid,)).fetchone()
-            if r is None:
-                return 1 << 32
             c.execute("UPDATE folders SET recent_uid=? WHERE id=?", (r[1], fid))
         return int(r[0])
 

@@ -476,3 +476,38 @@ def test_logout(server: IMAPServer, n: int) -> None:
     with server.client(server.user()) as c:
         u, t = c.cmd("LOGOUT")
         assert u[0].startswith(b"* BYE") and b"OK" in t
+
+
+def test_more_commands(server: IMAPServer) -> None:
+    addr = server.user()
+    with server.client(addr) as c:
+        assert c.ok('LIST "" ""') == [b'* LIST (\\Noselect) "." ""\r\n']
+        # IDLE without a selected mailbox, then DONE
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b"DONE\r\n")
+        assert c.until("i")[1].startswith(b"i OK")
+        c.ok("SELECT INBOX")
+        enc = b"=?UTF-8?B?" + base64.b64encode("Grüße aus Köln".encode()) + b"?="
+        append(c, "INBOX", b"From: a@example.net\r\nSubject: " + enc + b"\r\n\r\nbody\r\n")
+        append(c, "INBOX", b"From: b@example.net\r\nSubject: plain\r\n\r\nnul \x00 inside\r\n")
+        needle = "grüße".encode()
+        u, t = c.cmd(b"SEARCH CHARSET UTF-8 SUBJECT {%d+}\r\n" % len(needle) + needle)
+        assert u == [b"* SEARCH 1\r\n"], (u, t)
+        u = c.ok("STATUS INBOX (MESSAGES UIDNEXT)")  # STATUS on the selected mailbox works too
+        assert b"MESSAGES 2 UIDNEXT 3" in u[0]
+        data = b"Subject: bin\r\n\r\n\x00\x01\x02\r\n"
+        _u, t = c.cmd(b"APPEND INBOX ~{%d+}\r\n" % len(data) + data)
+        assert b"APPENDUID" in t
+        u = c.ok("FETCH 3 (BINARY.PEEK[] RFC822.SIZE)")
+        assert data in u[0] and b"RFC822.SIZE %d" % len(data) in u[0]
+        c.ok("UNSELECT")
+        c.ok("RENAME INBOX Saved")
+        u = c.ok("STATUS Saved (MESSAGES)")
+        assert b"MESSAGES 3" in u[0]
+        u = c.ok("STATUS INBOX (MESSAGES)")
+        assert b"MESSAGES 0" in u[0]
+        _u, t = c.cmd("SELECT Nowhere")
+        assert b"NO [NONEXISTENT]" in t
+        _u, t = c.cmd("FETCH 1 FLAGS")  # a failed SELECT leaves no mailbox selected
+        assert b"BAD" in t
