@@ -549,13 +549,12 @@ class IMAPSession(Session):
                 self.send(R.untagged_status("OK", "Previous mailbox closed", Code.CLOSED))  # RFC 7162 §3.2.11
         name = self._name(cmd.mailbox)
         mb = self._mbox()
-        snap = await self.call(mb.snapshot, name, True)
         readonly = cmd.readonly
+        snap, recent_from, first = await self.call(mb.select, name, not readonly and not self.rev2, not self.rev2)
         if cmd.condstore:
             self.condstore = True
-        recent_from = 1 << 32
-        if not self.rev2:
-            recent_from = await self.call(mb.claim_recent, name) if not readonly else snap.uidnext
+        if self.rev2:
+            recent_from = 1 << 32  # IMAP4rev2 has no \Recent
         uids = snap.uids
         sel = Selected(name, readonly, snap.uidvalidity, uids, snap.version, snap.highestmodseq, recent_from)
         kws = tuple(snap.keywords)
@@ -567,7 +566,6 @@ class IMAPSession(Session):
         self.send(R.exists(len(uids)))
         if not self.rev2:
             self.send(R.recent(len(uids) - bisect_left(uids, recent_from)))
-            first = await self.call(mb.first_unseen, name)
             if first is not None:
                 i = bisect_left(uids, first)
                 if i < len(uids):

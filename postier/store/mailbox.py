@@ -429,7 +429,8 @@ class UserMailbox:
             self.states.pop(name, None)
             raise StoreError("no such mailbox", "NONEXISTENT")
         p = self.path_of(name)
-        ensure_maildir(p)
+        if name not in self.states:
+            ensure_maildir(p)  # once per open folder: another tool may have made it without cur/new/tmp
         return self.index.attach_folder(name, p, self._default_use(name))
 
     def _open(self, name: str, force: bool = False) -> FolderState:
@@ -471,6 +472,20 @@ class UserMailbox:
             st = self.states[n]
         return FolderSnapshot(st.name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
                               st.special_use, st.keywords)
+
+    @_locked
+    def select(self, name: str, claim_recent: bool, want_unseen: bool) -> tuple[FolderSnapshot, int, int | None]:
+        """Everything SELECT needs in one call: the synced snapshot, the lowest \\Recent UID (claimed
+        when `claim_recent`, RFC 3501 §2.3.2) and the first unseen UID (when `want_unseen`)."""
+        snap = self.snapshot(name, True)
+        st = self.states[snap.name]
+        if claim_recent:
+            recent = self.index.claim_recent(st.fid)
+        else:
+            r = self.index.folder(snap.name)
+            recent = r.recent_uid if r is not None else snap.uidnext
+        first = self.index.first_unseen(st.fid) if want_unseen else None
+        return snap, recent, first
 
     @_locked
     def state(self, name: str) -> FolderState:
