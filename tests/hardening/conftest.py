@@ -213,14 +213,6 @@ def sink() -> Iterator[Sink]:
     s.stop()
 
 
-def smtp_driver_has(text: str) -> bool:
-    """Whether server/smtp.py contains `text` (features another change brings; tests that need them
-    are expected to fail until it lands)."""
-    import postier.server
-
-    return text in (Path(postier.server.__file__).parent / "smtp.py").read_text()
-
-
 def require(program: str) -> str | None:
     """The path of an external program, or skip (fail under POSTIER_REQUIRE_INTEROP=1)."""
     import shutil

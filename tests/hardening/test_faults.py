@@ -20,7 +20,7 @@ import pytest
 from tests.dnsserver import DNSServer
 from tests.harness import PY, Instance
 
-from .conftest import PASSWORD, Line, Sink, add_cheap_user, require, smtp_driver_has, wait_dead, wait_for
+from .conftest import PASSWORD, Line, Sink, add_cheap_user, require, wait_dead, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -205,8 +205,6 @@ def test_kill_during_pop3_update(fi: Instance) -> None:
     c.close()
 
 
-@pytest.mark.xfail(not smtp_driver_has('fault_point("smtp.before_reply")'), strict=False,
-                   reason="server/smtp.py does not call fault_point('smtp.before_reply') yet")
 def test_kill_before_the_smtp_final_reply(fi: Instance) -> None:
     user = add_cheap_user(fi, "reply@f.test")
     restart(fi, "smtp.before_reply", "smtp")
@@ -224,17 +222,19 @@ def test_kill_before_the_smtp_final_reply(fi: Instance) -> None:
 
 # -- the queue ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def queue_inst(tmp_path: Path, sink: Sink) -> Iterator[tuple[Instance, Sink]]:
+@pytest.fixture(scope="module")
+def queue_inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Instance, Sink]]:
+    sink = Sink()
     with DNSServer() as dns:
         dns.add("remote.test", "A", "127.0.0.1")  # implicit MX (RFC 5321 §5.1): the sink
-        inst = Instance(tmp_path / "q", "f.test", extra_config=CONFIG + (
+        inst = Instance(tmp_path_factory.mktemp("q"), "f.test", extra_config=CONFIG + (
             f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {sink.port}\n'
             "[queue]\nretry_initial = 0.5\nretry_max = 0.5\n"
             "[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"))
         yield inst, sink
         if inst.proc is not None:
             inst.stop()
+    sink.stop()
 
 
 def _submit(inst: Instance, user: str, tag: str) -> None:
@@ -307,41 +307,40 @@ def _fill(path: Path) -> None:
         pass
 
 
-SPILL_XFAIL = ("a body spilled to disk raises ENOSPC inside the SMTP session (store/maildir.py MessageBody "
-               "and server/smtp.py): the client is dropped, never acknowledged, but gets no clean 452")
-
-
-@pytest.mark.parametrize("size", [2_000, pytest.param(600_000, marks=pytest.mark.xfail(strict=False,
-                                                                                      reason=SPILL_XFAIL))],
-                         ids=["small", "spilled"])
-def test_disk_full_gets_4xx_never_250(small_disk: Path, size: int) -> None:
+def test_disk_full_gets_4xx_never_250(small_disk: Path) -> None:
     inst = Instance(small_disk / "d", "f.test", extra_config=CONFIG)
     user = "full@f.test"
     add_cheap_user(inst, user)
     inst.start()
     try:
-        filler = small_disk / "filler"
-        _fill(filler)
-        body = f"Subject: full-{size}\r\n\r\n".encode() + (b"y" * 998 + b"\r\n") * (size // 1000)
-        code = None
-        try:
-            with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
-                s.sendmail("a@remote.test", [user], body)
-                code = 250
-        except smtplib.SMTPDataError as exc:
-            code = exc.smtp_code
-        except smtplib.SMTPRecipientsRefused as exc:
-            code = next(iter(exc.recipients.values()))[0]
-        except (smtplib.SMTPServerDisconnected, OSError):
-            code = -1  # dropped: not acknowledged either, but not the clean 452 we want
-        assert code != 250 and not [m for m in inst.messages(user) if b"full-" in m]
-        assert code is not None and 400 <= code < 500, f"expected a 4xx, got {code}"
-        filler.unlink()  # space again: the same server accepts without a restart
-        with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
-            assert s.sendmail("a@remote.test", [user], body) == {}
-        assert len([m for m in inst.messages(user) if b"full-" in m]) == 1
+        for size in (2_000, 600_000):  # fails in the MDA; fails while the body is spooled
+            _disk_full_once(inst, small_disk, user, size)
     finally:
         inst.stop()
+
+
+def _disk_full_once(inst: Instance, small_disk: Path, user: str, size: int) -> None:
+    """One full-disk round: the message gets a 4xx and is absent; once space is back, a 250."""
+    filler = small_disk / "filler"
+    _fill(filler)
+    body = f"Subject: full-{size}\r\n\r\n".encode() + (b"y" * 998 + b"\r\n") * (size // 1000)
+    code = None
+    try:
+        with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+            s.sendmail("a@remote.test", [user], body)
+            code = 250
+    except smtplib.SMTPDataError as exc:
+        code = exc.smtp_code
+    except smtplib.SMTPRecipientsRefused as exc:
+        code = next(iter(exc.recipients.values()))[0]
+    except (smtplib.SMTPServerDisconnected, OSError):
+        code = -1  # dropped: not acknowledged either, but not the clean 4xx expected
+    assert code != 250 and not [m for m in inst.messages(user) if f"full-{size}".encode() in m]
+    assert code is not None and 400 <= code < 500, f"expected a 4xx, got {code}"
+    filler.unlink()  # space again: the same server accepts without a restart
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+        assert s.sendmail("a@remote.test", [user], body) == {}
+    assert len([m for m in inst.messages(user) if f"full-{size}".encode() in m]) == 1
 
 
 # -- fsync failures (libfiu) ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
-from .conftest import PASSWORD, Line, add_cheap_user, smtp_driver_has
+from .conftest import PASSWORD, Line, add_cheap_user
 
 COMMAND_TIMEOUT = 1.0
 HANDSHAKE_TIMEOUT = 1.0
@@ -50,8 +50,6 @@ dmarc = false
 
 GREETING = {"smtp": b"220 ", "imap": b"* OK", "pop3": b"+OK"}
 BUSY = {"smtp": b"421 4.7.0", "imap": b"* BYE", "pop3": b"-ERR [SYS/TEMP]"}
-SMTP_XFAIL = pytest.mark.xfail(not smtp_driver_has("command_timeout"), strict=False,
-                               reason="server/smtp.py has no per-command deadline / minimum DATA rate yet")
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +152,7 @@ def _honest(inst: Instance, role: str, source: str, user: str, stop: threading.E
         c.close()
 
 
-@pytest.mark.parametrize("role", [
-    pytest.param("smtp", marks=SMTP_XFAIL), "imap", "pop3"])
+@pytest.mark.parametrize("role", ["smtp", "imap", "pop3"])
 def test_slowloris_dropped_while_honest_client_keeps_latency(inst: Instance, role: str) -> None:
     user = add_cheap_user(inst, f"slow-{role}@h.test")
     latencies: list[float] = []
@@ -214,7 +211,6 @@ def test_imap_literal_below_min_data_rate_is_dropped(inst: Instance) -> None:
     assert dropped is not None and dropped < 4, dropped
 
 
-@SMTP_XFAIL
 def test_smtp_data_below_min_data_rate_is_dropped(inst: Instance) -> None:
     add_cheap_user(inst, "data@h.test")
     with greet(inst, "smtp", "127.0.0.44") as c:
