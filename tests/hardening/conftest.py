@@ -42,13 +42,14 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, step: float 
         time.sleep(step)
 
 
-def wait_dead(inst: Instance, timeout: float = 15.0) -> None:
+def wait_dead(inst: Instance, timeout: float = 30.0) -> None:
     """The fault point killed the server: reap it so that it can be started again."""
     assert inst.proc is not None
     try:
         inst.proc.wait(timeout)
     except Exception as exc:
-        raise AssertionError("the fault point was not reached (server still running)") from exc
+        raise AssertionError("the fault point was not reached (server still running): "
+                             + inst.log.read_text()[-2000:]) from exc
     assert inst.proc.returncode == -9, f"expected SIGKILL, got {inst.proc.returncode}"
     inst.kill()  # reaps and closes the log
 

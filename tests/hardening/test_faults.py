@@ -255,8 +255,8 @@ def test_kill_after_queue_commit_before_250(queue_inst: tuple[Instance, Sink]) -
         _submit(inst, user, "c1")  # committed, but the client never hears 250
     wait_dead(inst)
     restart(inst, None, "submission")
-    wait_for(lambda: sink.count(b"queued-c1") >= 1, 20, "the committed message at the remote MX")
-    wait_for(lambda: _queue_empty(inst), 20, "an empty queue")
+    wait_for(lambda: sink.count(b"queued-c1") >= 1, 40, "the committed message at the remote MX")
+    wait_for(lambda: _queue_empty(inst), 40, "an empty queue", step=0.5)
     assert sink.count(b"queued-c1") == 1  # sent once (the client's retry would be the window's duplicate)
 
 
@@ -268,7 +268,7 @@ def test_kill_after_remote_250_before_queue_update(queue_inst: tuple[Instance, S
     wait_dead(inst)
     assert sink.count(b"queued-r1") == 1
     restart(inst, None, "submission")
-    wait_for(lambda: _queue_empty(inst), 20, "an empty queue")
+    wait_for(lambda: _queue_empty(inst), 40, "an empty queue", step=0.5)
     # the documented window: the remote took it, the queue did not record it, so it goes again
     assert 1 <= sink.count(b"queued-r1") <= 2
 
