@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
 
 from postier.accounts import Accounts
 from tests.harness import Instance
@@ -24,6 +26,9 @@ class IMAPServer:
     def __init__(self, inst: Instance):
         self.inst = inst
         self.accounts = Accounts(inst.root / "accounts.sqlite")
+        # argon2's cheapest parameters (they travel in the hash): logins cost milliseconds, which keeps
+        # these many-login tests fast; the real parameters are tested with the accounts.
+        self.accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)
 
     def user(self, prefix: str = "u") -> str:
         """A fresh user (added straight to the accounts database, which the server reads live)."""
