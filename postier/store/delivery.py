@@ -1,15 +1,17 @@
 """The MDA: durable local delivery of one message to several users, off the event loop.
 
-Each recipient gets its own file (Maildir) or append (mbox), written and fsynced in a worker
-thread; concurrent sessions' fsyncs run in parallel in the pool, so the disk journal groups them.
-Results are per recipient, so LMTP can answer each one and SMTP can answer 250 only when all
-succeeded.
+Each recipient gets its own file (Maildir) or append (mbox), written and fsynced by a worker
+thread of the delivery agent process (store/agent.py; it says why a process), or of this process
+for the rare bodies the agent cannot take (a spilled body with rewritten headers); concurrent
+sessions' fsyncs run in parallel, so the disk groups them. Results are per recipient, so LMTP can
+answer each one and SMTP can answer 250 only when all succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..accounts import User
+from .agent import Agent, AgentError
 from .maildir import DeliveryError, MessageBody, deliver_maildir, deliver_mbox
 
 log = logging.getLogger("postier.mda")
@@ -43,9 +46,11 @@ def folder_root(maildir: Path, folder: str | None) -> Path:
 
 
 class LocalDelivery:
-    def __init__(self, mail_root: Path, workers: int = 16):
+    def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True):
         self.mail_root = mail_root
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mda")
+        # libfiu (fiu-run, fiu-ctrl) injects faults into one process: under it, deliveries stay here.
+        self.agent = Agent(mail_root) if agent and not os.environ.get("FIU_CTRL_FIFO") else None
         #: Called (in the event loop) after each successful Maildir delivery: (user, folder).
         self.listeners: list[Callable[[User, str], None]] = []
 
@@ -66,10 +71,14 @@ class LocalDelivery:
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
                       body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
         """Deliver to every (user, folder) in parallel worker threads; one result per user."""
-        loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
-                for u, f in users]
-        results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
+        results = None
+        if self.agent is not None:
+            results = await self._by_agent(self.agent, users, prefix, body, envelope_from)
+        if results is None:
+            loop = asyncio.get_running_loop()
+            futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
+                    for u, f in users]
+            results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
         for (_u, f), r in zip(users, results, strict=True):
             if r.ok:
                 for cb in self.listeners:
@@ -79,5 +88,27 @@ class LocalDelivery:
                         log.exception("delivery listener failed")
         return results
 
+    async def _by_agent(self, agent: Agent, users: list[tuple[User, str | None]], prefix: bytes,
+                        body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult] | None:
+        """Deliver through the agent; None when this body cannot go there (delivered here instead)."""
+        data: list[bytes] | None = None
+        path: str | None = None
+        if isinstance(body, bytes):
+            data, size = [body], len(body)
+        elif body.in_memory:
+            data, size = list(body.iter_chunks()), body.size
+        elif type(body) is MessageBody:  # a spilled body: the agent reads the spool file
+            path, size = body.spool_path, body.size
+        else:
+            return None
+        try:
+            got = await agent.deliver(users, prefix, data, path, size, envelope_from)
+        except AgentError as exc:
+            log.error("delivery failed: %s", exc)
+            return [DeliveryResult(u, False, str(exc)) for u, _f in users]
+        return [DeliveryResult(u, ok, detail) for (u, _f), (ok, detail) in zip(users, got, strict=True)]
+
     def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
         self.executor.shutdown(wait=True)

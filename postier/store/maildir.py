@@ -103,7 +103,25 @@ class MessageBody:
         self._chunks: list[bytes] = []
         self._mem = 0
         self._file: BinaryIO | None = None
+        self._borrowed = False  # a spool file owned by another process: close() leaves it
         self.size = 0
+
+    @classmethod
+    def from_spool(cls, path: str, size: int) -> MessageBody:
+        """A read-only body over a spool file another process wrote (the delivery agent's view)."""
+        body = cls(Path(path).parent)
+        body._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        body._borrowed = True
+        body.size = size
+        return body
+
+    @property
+    def spool_path(self) -> str | None:
+        """The spool file of a spilled body (flushed, so another process can read it), else None."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        return self._file.name
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -181,10 +199,11 @@ class MessageBody:
             name = self._file.name
             self._file.close()
             self._file = None
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
+            if not self._borrowed:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
         self._chunks = []
 
 
