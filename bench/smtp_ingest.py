@@ -5,13 +5,14 @@ Measures, with Postfix's smtp-source as the client for both servers:
   and new/ are fsynced), at 1 KiB and 64 KiB, 20 concurrent sessions, a new connection per message
   and reused connections. Postfix is measured two ways: its 250 (queue file fsynced) and the time
   until its virtual(8) agent has written every message into a Maildir;
-- memory per idle SMTP session: N sessions that each got their EHLO reply, on a fresh server before
-  any load; the growth of RSS and of PSS (Postfix's smtpd processes share most of their pages, so
-  PSS is the fairer figure for it) divided by N;
+- memory per idle SMTP session: sessions that each got their EHLO reply, on a fresh server before
+  any load; the growth of RSS and of USS (private pages) from N/2 to N sessions, per session
+  (Postfix's smtpd processes share most of their pages, so USS is the fairer figure for it);
 - peak memory with 20 concurrent 25 MiB messages.
 
-postier's CPU time (user + system, from /proc) per message is printed too: unlike a rate, it
-hardly moves when something else runs on the machine.
+The CPU time (user + system, from /proc) per message of each server is printed too (for Postfix,
+every process of the instance, exited ones included): unlike a rate, it hardly moves when something
+else runs on the machine.
 
 Usage: python -m bench smtp [--messages 2000] [--idle 500] [--rounds 1] [--skip-big]
 """
@@ -47,22 +48,41 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
-def pss_kb(pids: list[int]) -> int:
+def uss_kb(pids: list[int]) -> int:
+    """Unique set size: the pages only these processes map (PSS would move with whatever other
+    process on the machine happens to share libpython or libc pages at that moment)."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads (not of its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process and its threads (plus its reaped children's)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # it exited meanwhile
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postier_cpu(pid: int) -> float:
+    """CPU time of the server and of its delivery agent process."""
+    return sum(cpu_seconds(p) for p in children(pid))
+
+
+def postfix_cpu(pf: postfix.Postfix) -> float:
+    """CPU time of every Postfix process, the exited ones included (master reaps them all)."""
+    pids = postfix_pids(pf)
+    return sum(cpu_seconds(p, children=(i == 0)) for i, p in enumerate(pids))
 
 
 def children(pid: int) -> list[int]:
@@ -98,7 +118,11 @@ def smtp_source(port: int, to: str, n: int, size: int, sessions: int, reuse: boo
     if reuse:
         args.append("-d")
     t0 = time.perf_counter()
-    subprocess.run(args + [f"127.0.0.1:{port}"], check=True, capture_output=True, timeout=3600)
+    # Its own session, hence its own scheduler autogroup: otherwise the client would share one with
+    # postier (a child of this process) but not with Postfix (whose master daemonizes), and postier
+    # would get half the CPU share Postfix gets whenever something else keeps the machine busy.
+    subprocess.run(args + [f"127.0.0.1:{port}"], check=True, capture_output=True, timeout=3600,
+                   start_new_session=True)
     return t0, time.perf_counter() - t0
 
 
@@ -133,14 +157,22 @@ def idle_sessions(port: int, n: int) -> list[socket.socket]:
 
 
 def idle_memory(port: int, n: int, pids_fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(RSS, PSS) growth in KiB per idle session."""
-    base_rss, base_pss = rss_kb(pids_fn()), pss_kb(pids_fn())
-    socks = idle_sessions(port, n)
+    """(RSS, USS) growth in KiB per idle session, as the slope between n/2 and n sessions (the first
+    sessions of a fresh process may fit in memory its allocator already holds)."""
+    half = n // 2
+    first = idle_sessions(port, half)
     try:
         pids = pids_fn()
-        return (rss_kb(pids) - base_rss) / n, (pss_kb(pids) - base_pss) / n
+        rss0, uss0 = rss_kb(pids), uss_kb(pids)
+        second = idle_sessions(port, n - half)
+        try:
+            pids = pids_fn()
+            return (rss_kb(pids) - rss0) / (n - half), (uss_kb(pids) - uss0) / (n - half)
+        finally:
+            for s in second:
+                s.close()
     finally:
-        for s in socks:
+        for s in first:
             s.close()
 
 
@@ -206,23 +238,23 @@ def main(argv: list[str]) -> int:
     rows: list[tuple[str, str, str, str]] = []
     try:
         # Memory per idle session first, on fresh processes (no load has grown their heaps yet).
-        ours_rss, ours_pss = idle_memory(inst.port("smtp"), args.idle, lambda: children(pid))
+        ours_rss, ours_uss = idle_memory(inst.port("smtp"), args.idle, lambda: children(pid))
         pf_idle = "-"
         if pf is not None:
-            pf_rss, pf_pss = idle_memory(pf.port, args.idle, lambda: postfix_pids(pf))
-            pf_idle = f"{pf_rss:.0f} KiB (PSS {pf_pss:.0f})"
+            pf_rss, pf_uss = idle_memory(pf.port, args.idle, lambda: postfix_pids(pf))
+            pf_idle = f"{pf_rss:.1f} KiB (USS {pf_uss:.1f})"
         md_root = inst.root / "mail"
         for size in (1024, 65536):
             for reuse in (False, True):
                 label = f"{size // 1024} KiB, {'reused' if reuse else 'new'} connections"
                 n = args.messages if size == 1024 else max(200, args.messages // 2)
-                ours_rates, cpu_ms, pf_rates, pf_md_rates = [], [], [], []
+                ours_rates, cpu_ms, pf_rates, pf_md_rates, pf_cpu_ms = [], [], [], [], []
                 for _ in range(args.rounds):
                     # Benchmark trap on ext4: move old Maildirs aside instead of deleting them.
                     _aside(md_root)
-                    cpu0 = cpu_seconds(pid)
+                    cpu0 = postier_cpu(pid)
                     _t0, t = smtp_source(inst.port("smtp"), "u@b.test", n, size, args.sessions, reuse)
-                    cpu_ms.append((cpu_seconds(pid) - cpu0) * 1000 / n)
+                    cpu_ms.append((postier_cpu(pid) - cpu0) * 1000 / n)
                     got = count_files(md_root)
                     if got != n:
                         raise RuntimeError(f"postier: {got} of {n} messages in the Maildir")
@@ -230,21 +262,24 @@ def main(argv: list[str]) -> int:
                     if pf is not None:
                         _aside(vmail, keep_owner=True)
                         new = vmail / "b.test" / "u" / "new"
+                        pcpu0 = postfix_cpu(pf)
                         t0, tp = smtp_source(pf.port, "u@b.test", n, size, args.sessions, reuse)
                         deadline = time.monotonic() + 600
                         while _count(new) < n and time.monotonic() < deadline:
                             time.sleep(0.01)
                         t_md = time.perf_counter() - t0
+                        pf_cpu_ms.append((postfix_cpu(pf) - pcpu0) * 1000 / n)
                         pf_rates.append(n / tp)
                         pf_md_rates.append(n / t_md)
                 ours = statistics.median(ours_rates)
                 theirs, ratio = "-", "-"
                 if pf_rates:
-                    theirs = f"{statistics.median(pf_rates):.0f} / {statistics.median(pf_md_rates):.0f}"
+                    theirs = (f"{statistics.median(pf_rates):.0f} / {statistics.median(pf_md_rates):.0f}"
+                              f" ({statistics.median(pf_cpu_ms):.2f} ms)")
                     ratio = f"{ours / statistics.median(pf_rates):.2f}x"
                 rows.append((label, f"{ours:.0f} ({statistics.median(cpu_ms):.2f} ms CPU/msg)", theirs, ratio))
         rows.append((f"memory per idle session ({args.idle} sessions)",
-                     f"{ours_rss:.0f} KiB (PSS {ours_pss:.0f})", pf_idle, "-"))
+                     f"{ours_rss:.1f} KiB (USS {ours_uss:.1f})", pf_idle, "-"))
         if not args.skip_big:
             big = 25 * 1024 * 1024
             _aside(md_root)
@@ -263,9 +298,10 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nSMTP ingest: {args.sessions} concurrent sessions, smtp-source as client, {os.cpu_count()} cores, "
           f"median of {args.rounds} round(s)")
-    print(f"{'measure':<45} {'postier msg/s':<30} {'Postfix 250 / Maildir msg/s':<28} ratio (postier/Postfix 250)")
+    print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
+          "ratio (postier/Postfix 250)")
     for r in rows:
-        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<28} {r[3]}")
+        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<36} {r[3]}")
     return 0
 
 
