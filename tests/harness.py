@@ -39,11 +39,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
     """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP)."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    # Below the kernel's ephemeral range (32768-60999 by default): an outgoing connection elsewhere
+    # on the machine cannot take one of our ports while a test restarts the server.
+    top = min(_ephemeral_low(), 65536) - max(STANDARD_PORTS.values()) - 1
     for _ in range(tries):
-        off = rng.randrange(20000, 60000)
+        off = rng.randrange(10000, max(top, 10001))
         if all(port_free(host, p + off) for p in STANDARD_PORTS.values()) and port_free(
                 "127.0.0.1", STANDARD_PORTS["lmtp"] + off):
             return off
