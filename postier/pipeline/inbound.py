@@ -36,6 +36,7 @@ log = logging.getLogger("postier.inbound")
 R554_LOOP = Reply(554, "5.4.0", "Too many Received headers: mail loop")  # RFC 5321 §6.3
 R550_RELAY_SYNTAX = Reply(550, "5.7.1", "Relay syntax (%, !, quoted @) not accepted")  # RFC 5321 §3.6.1
 R451_NO_QUEUE = Reply(451, "4.3.0", "Forwarding temporarily unavailable")
+R250_DELIVERED = Reply(250, "2.0.0", "Ok: delivered")
 R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
 HEADER_LIMIT = 256 * 1024  # the header block must end within this many octets
 
@@ -65,16 +66,28 @@ class Envelope:
     mail_from: str = ""
     mail_params: dict[str, str | None] = field(default_factory=dict)
     recipients: list[Recipient] = field(default_factory=list)
-    qid: str = field(default_factory=queue_id)
+    _qid: str = field(default="", repr=False)
     #: Per-transaction results of mail authentication (SPF at MAIL FROM; see pipeline/mailauth.py).
     auth: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def qid(self) -> str:
+        """The transaction's queue id, made when first asked for (most sessions never need one)."""
+        if not self._qid:
+            self._qid = queue_id()
+        return self._qid
+
+    @qid.setter
+    def qid(self, value: str) -> None:
+        self._qid = value
 
     def reset(self) -> None:
         self.mail_from = ""
         self.mail_params = {}
         self.recipients = []
-        self.qid = queue_id()
-        self.auth = {}
+        self._qid = ""
+        if self.auth:
+            self.auth = {}
 
 
 @dataclass(frozen=True)
@@ -199,9 +212,10 @@ class SMTPPipeline:
                 log.exception("%s: queueing forwarded copies failed", env.qid)
                 remote_ok = False
         replies = []
+        delivered = R250_DELIVERED.with_trusted_text(f"Ok: delivered as {env.qid}")
         for r in env.recipients:
             ok = all(u.address in ok_users for u in r.users) and (remote_ok or not r.remote)
-            replies.append(Reply(250, "2.0.0", f"Ok: delivered as {env.qid}") if ok else R451_LOCAL_ERROR)
+            replies.append(delivered if ok else R451_LOCAL_ERROR)
         if not self.lmtp and any(not x.is_success for x in replies):
             # One reply for the whole message: the client retries every recipient (RFC 5321 §4.2.5).
             replies = [R451_LOCAL_ERROR] * n

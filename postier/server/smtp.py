@@ -27,6 +27,7 @@ import importlib
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from ..config import IMPLICIT_TLS_ROLES
@@ -55,6 +56,8 @@ R554_NOT_AVAILABLE = R.Reply(554, "5.3.2", "This service is not available")
 #: Services -> (role, implicit TLS) -> the core's settings, built once per listener.
 _settings_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], core.ServerSettings]] = (
     weakref.WeakKeyDictionary())
+#: Services -> the directory spilled message bodies go to.
+_spool_cache: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
 
 
 def _pipeline_class(role: str) -> type[SMTPPipeline] | None:
@@ -109,6 +112,10 @@ class SMTPSession(ProtocolSession):
         self.loop = asyncio.get_running_loop()
         self.limits = services.config.limits
         self.settings = _server_settings(services, self.role, self.tls_implicit)
+        spool = _spool_cache.get(services)
+        if spool is None:
+            spool = _spool_cache[services] = services.config.spool_dir / "incoming"
+        self.spool = spool
         self.conn = core.ServerConnection(self.settings)
         self.env = Envelope(role=self.role, peer_ip=self.peer_ip, local_ip=self.local_ip,
                             tls=self.tls_info if self.tls_implicit else None)
@@ -134,7 +141,8 @@ class SMTPSession(ProtocolSession):
         self._session_deadline = now + self.limits.session_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
-        self._arm(min(now + self.limits.idle_timeout, self._session_deadline))
+        # No later than a command deadline could fall: starting one then needs no re-arming.
+        self._arm(min(now + min(self.limits.idle_timeout, self.limits.command_timeout), self._session_deadline))
         greet_pause = self.limits.greet_pause if self.role == "smtp" else 0.0
         if greet_pause > 0:  # postscreen's pregreet test: wait, and refuse a client that talks first
             self._greet_timer = self.loop.call_later(greet_pause, self._greet)
@@ -150,8 +158,6 @@ class SMTPSession(ProtocolSession):
         if self._task is None and self.body is not None:  # else the running step owns the body
             self.body.close()
             self.body = None
-        if self._task is None:
-            self.env.reset()
 
     def _greet(self) -> None:
         self._greet_timer = None
@@ -323,7 +329,6 @@ class SMTPSession(ProtocolSession):
     def _resume(self, task: asyncio.Task[None]) -> None:
         self._task = None
         if self._lost:
-            self.env.reset()
             if self.body is not None:
                 self.body.close()
                 self.body = None
@@ -385,7 +390,7 @@ class SMTPSession(ProtocolSession):
     def _on_data_start(self, ev: core.DataStart) -> bool:
         if self.body is not None:
             self.body.close()
-        self.body = MessageBody(self.services.config.spool_dir / "incoming")
+        self.body = MessageBody(self.spool)
         self._body_failed = False
         self.conn.accept()
         return False

@@ -236,6 +236,8 @@ _FORBIDDEN: Final = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT"})  # HTTP
 _BDAT_ARG: Final = re.compile(r"(\d{1,20})(?: +(LAST))?", re.IGNORECASE)  # RFC 3030 §2 bdat-cmd
 _SASL_MECH: Final = re.compile(r"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1 sasl-mech
 _DSN_NOTIFY: Final = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+#: (settings, extended, tls) -> the EHLO/HELO reply: the same for every session of a listener.
+_HELLO_REPLIES: dict[tuple[ServerSettings, bool, bool], Reply] = {}
 
 
 def _b64(text: str) -> bytes:
@@ -657,6 +659,16 @@ class ServerConnection:
     def _hello_reply(self, reply: Reply) -> Reply:
         s = self.settings
         self._extended = self._verb_extended
+        key = (s, self._extended, self._tls)
+        cached = _HELLO_REPLIES.get(key)
+        if cached is None:
+            if len(_HELLO_REPLIES) > 256:
+                _HELLO_REPLIES.clear()
+            cached = _HELLO_REPLIES[key] = self._make_hello_reply()
+        return cached
+
+    def _make_hello_reply(self) -> Reply:
+        s = self.settings
         if not self._extended:
             return Reply(250, "", s.hostname)  # RFC 5321 §4.1.1.1; RFC 2034 §3: no enhanced code
         caps: list[str] = []
