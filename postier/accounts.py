@@ -10,9 +10,11 @@ Password checks are synchronous here; servers call `verify_password_async`, whic
 worker thread so the event loop never blocks. Unknown users cost the same argon2 work as known ones.
 
 Recipient resolution (`resolve`, several queries per RCPT) is cached in memory, per thread. The
-cache is dropped whenever the database may have changed: SQLite's `PRAGMA data_version` (one cheap
-query per lookup) reports commits made through any other connection (the CLI adding a user while
-the server runs), and a generation counter covers the writes made through this object.
+cache is dropped whenever the database may have changed: SQLite's `PRAGMA data_version` reports
+commits made through any other connection (the CLI adding or removing a user while the server
+runs) and is asked at most every `CACHE_CHECK` seconds (it starts a read transaction: two fcntl
+locks and an fstat), so a change made elsewhere is seen within that time; a generation counter
+covers the writes made through this object at once.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~
 _MAX_ALIAS_DEPTH = 10
 _MAX_EXPANSION = 1000
 _MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when full)
+CACHE_CHECK = 0.1  # seconds between two PRAGMA data_version checks of one thread's cache
 
 
 class AccountError(Exception):
@@ -375,13 +378,18 @@ class Accounts:
 
     def resolve(self, address: str) -> Resolution:
         """Where does mail for `address` go? Aliases, plus-addressing and catch-all applied."""
-        conn = self._conn()
         local = self._local
-        version = (conn.execute("PRAGMA data_version").fetchone()[0], self._generation)
         cache: dict[str, Resolution] | None = getattr(local, "cache", None)
-        if cache is None or local.cache_version != version or len(cache) >= _MAX_CACHED:
+        now = time.monotonic()
+        if cache is None or now >= local.cache_checked + CACHE_CHECK or local.cache_generation != self._generation:
+            version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+            if cache is None or local.cache_version != version or local.cache_generation != self._generation:
+                cache = local.cache = {}
+                local.cache_version = version
+                local.cache_generation = self._generation
+            local.cache_checked = now
+        elif len(cache) >= _MAX_CACHED:
             cache = local.cache = {}
-            local.cache_version = version
         found = cache.get(address)
         if found is None:
             found = cache[address] = self._resolve(address)
