@@ -12,6 +12,9 @@ Named points (grep for `fault_point(` to see where each sits):
 - `queue.after_commit`: the queue row is committed, the 250 not yet sent
 - `queue.after_remote_ok`: the remote MX said 250, the queue not yet updated
 - `imap.append`, `imap.expunge`, `pop3.update`: in the middle of those operations
+
+The crash tests are tests/smtp/test_faults.py (Maildir) and tests/hardening/test_faults.py (the
+others); docs/security.md lists each point with its duplicate window.
 """
 
 from __future__ import annotations
