@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..accounts import User
+from ..accounts import AccountError, User
 
 log = logging.getLogger("postier.mda")
 
@@ -202,42 +202,24 @@ class Agent:
 # -- the agent's side -------------------------------------------------------------------------------
 
 def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
+    """Read requests; deliver the ones that came in together as one batch (see `_Batch`), the rest
+    (mbox, spilled bodies) one by one in worker threads; answer each when it is durable."""
     from .delivery import LocalDelivery
-    from .maildir import MessageBody
 
     mda = LocalDelivery(mail_root, workers=1, agent=False)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
+    slow = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
+    syncers = ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="fsync")
     send_lock = threading.Lock()
 
-    def answer(ident: int, results: list[Result]) -> None:
-        data = json.dumps({"id": ident, "results": results}).encode()
+    def send(answers: list[bytes]) -> None:
         with send_lock:
             try:
-                sock.sendall(_ANSWER.pack(len(data)) + data)
+                sock.sendall(b"".join(answers))
             except OSError:
                 pass  # the server is gone: nothing to tell
 
-    def deliver(header: dict[str, Any], data: bytes) -> None:
-        ident = header["id"]
-        try:
-            cut = header["prefix"]
-            prefix, rest = data[:cut], data[cut:]
-            recipients = header["to"]
-            results: list[Result] = []
-            for address, local, domain, fmt, folder in recipients:
-                body: MessageBody | bytes = rest
-                if header["path"] is not None:
-                    body = MessageBody.from_spool(header["path"], header["size"])
-                try:
-                    r = mda.deliver_one(User(address, local, domain, fmt), prefix, body, header["from"], folder)
-                finally:
-                    if isinstance(body, MessageBody):
-                        body.close()
-                results.append((r.ok, r.detail))
-        except Exception as exc:  # a bug or a vanished spool file: this message fails, the agent lives
-            log.exception("delivery agent: request %s failed", ident)
-            results = [(False, f"delivery agent error: {exc}")] * len(header.get("to", ()))
-        answer(ident, results)
+    def one(header: dict[str, Any], data: bytes) -> None:
+        send([_answer(header, _deliver_each(mda, header, data))])
 
     buf = bytearray()
     while True:
@@ -246,6 +228,7 @@ def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
             break
         buf += chunk
         pos = 0
+        batch = _Batch(mail_root)
         while len(buf) - pos >= _REQUEST.size:
             hlen, dlen = _REQUEST.unpack_from(buf, pos)
             if hlen > MAX_HEADER or dlen > MAX_DATA:
@@ -255,10 +238,119 @@ def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
                 break
             start = pos + _REQUEST.size
             header = json.loads(buf[start:start + hlen])
-            pool.submit(deliver, header, bytes(buf[start + hlen:end]))
+            data = bytes(buf[start + hlen:end])
             pos = end
+            if header["path"] is None and all(r[3] == "maildir" for r in header["to"]):
+                batch.add(header, data)
+            else:
+                slow.submit(one, header, data)
         del buf[:pos]
-    pool.shutdown(wait=True)
+        if batch.jobs:
+            send(batch.run(syncers))
+    slow.shutdown(wait=True)
+    syncers.shutdown(wait=True)
+
+
+SYNC_THREADS = 4  # fsyncs of one batch run in this many threads at once (the disk merges them)
+
+
+def _answer(header: dict[str, Any], results: list[Result]) -> bytes:
+    data = json.dumps({"id": header["id"], "results": results}).encode()
+    return _ANSWER.pack(len(data)) + data
+
+
+def _deliver_each(mda: Any, header: dict[str, Any], data: bytes) -> list[Result]:
+    """One request, recipient after recipient, with the MDA's blocking deliver_one."""
+    from .maildir import MessageBody
+
+    try:
+        cut = header["prefix"]
+        prefix, rest = data[:cut], data[cut:]
+        results: list[Result] = []
+        for address, local, domain, fmt, folder in header["to"]:
+            body: MessageBody | bytes = rest
+            if header["path"] is not None:
+                body = MessageBody.from_spool(header["path"], header["size"])
+            try:
+                r = mda.deliver_one(User(address, local, domain, fmt), prefix, body, header["from"], folder)
+            finally:
+                if isinstance(body, MessageBody):
+                    body.close()
+            results.append((r.ok, r.detail))
+        return results
+    except Exception as exc:  # a bug or a vanished spool file: this message fails, the agent lives
+        log.exception("delivery agent: request %s failed", header.get("id"))
+        return [(False, f"delivery agent error: {exc}")] * len(header.get("to", ()))
+
+
+class _Batch:
+    """Maildir deliveries that arrived together, done step by step for all of them: write each
+    file, fsync them all (in SYNC_THREADS threads), rename them all, fsync each new/ once. The
+    same durability as one by one (store/maildir.py: MaildirDraft), with a handful of thread
+    hand-offs per batch instead of several per message."""
+
+    def __init__(self, mail_root: Path):
+        self.mail_root = mail_root
+        self.jobs: list[tuple[dict[str, Any], list[Result | None]]] = []
+        self.drafts: list[tuple[list[Result | None], int, Any]] = []
+
+    def add(self, header: dict[str, Any], data: bytes) -> None:
+        from .delivery import folder_root
+        from .maildir import DeliveryError, MaildirDraft
+
+        cut = header["prefix"]
+        prefix, body = data[:cut], data[cut:]
+        results: list[Result | None] = [None] * len(header["to"])
+        self.jobs.append((header, results))
+        for i, (address, local, domain, fmt, folder) in enumerate(header["to"]):
+            try:
+                root = folder_root(User(address, local, domain, fmt).maildir(self.mail_root), folder)
+                self.drafts.append((results, i, MaildirDraft(root, prefix, body)))
+            except (DeliveryError, AccountError, OSError, ValueError) as exc:
+                self._failed(results, i, address, exc)
+
+    def _failed(self, results: list[Result | None], i: int, address: str, exc: Exception) -> None:
+        log.error("delivery to %s failed: %s", address, exc)
+        results[i] = (False, str(exc))
+
+    def run(self, syncers: ThreadPoolExecutor) -> list[bytes]:
+        from .maildir import DeliveryError, sync_new
+
+        drafts = self.drafts
+
+        def sync(part: list[tuple[list[Result | None], int, Any]]) -> None:
+            for results, i, draft in part:
+                try:
+                    draft.sync()
+                except DeliveryError as exc:
+                    self._failed(results, i, str(draft.root), exc)
+
+        parts = [drafts[k::SYNC_THREADS] for k in range(min(SYNC_THREADS, len(drafts)))]
+        futures = [syncers.submit(sync, part) for part in parts[1:]]
+        if parts:
+            sync(parts[0])  # this thread takes a share too
+        for f in futures:
+            f.result()
+        published: dict[str, list[tuple[list[Result | None], int, str]]] = {}
+        for results, i, draft in drafts:
+            if results[i] is not None:
+                continue
+            try:
+                name = draft.publish()
+            except DeliveryError as exc:
+                self._failed(results, i, str(draft.root), exc)
+                continue
+            published.setdefault(draft.new_dir, []).append((results, i, name))
+        for new_dir, done in published.items():
+            try:
+                sync_new(new_dir)  # one fsync of new/ for every rename into it
+            except DeliveryError as exc:
+                for results, i, _name in done:
+                    self._failed(results, i, new_dir, exc)
+                continue
+            for results, i, name in done:
+                results[i] = (True, name)
+        return [_answer(header, [r or (False, "not delivered") for r in results]) for header, results in self.jobs]
 
 
 def main(argv: list[str]) -> int:

@@ -263,53 +263,118 @@ class _DirSync:
 _dirsync = _DirSync()
 
 
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write every part, in order (one writev in the usual case)."""
+    total = sum(len(p) for p in parts)
+    done = os.writev(fd, parts) if parts else 0
+    if done == total:
+        return
+    view = memoryview(b"".join(parts))[done:]
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class MaildirDraft:
+    """One message on its way into a Maildir (maildir(5)): created and written in tmp/ by the
+    constructor, then `sync()` (fsync), `publish()` (rename into new/), and new/ is fsynced
+    (`sync_new`) before anyone is told. Every step raises DeliveryError and then leaves nothing
+    behind in tmp/; the steps are separate so that the delivery agent can run one step for many
+    messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
+    """
+
+    __slots__ = ("fd", "key", "name", "root", "tmp")
+
+    def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes):
+        self.root = root
+        key = self.key = str(root)
+        if key not in _dirsync.ready:
+            ensure_maildir(root)
+            _dirsync.ready.add(key)
+        size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
+        self.name = unique_name(size)
+        self.tmp = f"{key}/tmp/{self.name}"
+        try:
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:  # the Maildir was removed under us: recreate it once
+                _dirsync.ready.discard(key)
+                ensure_maildir(root)
+                _dirsync.ready.add(key)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise DeliveryError(f"cannot create {self.tmp}: {exc.strerror}") from exc
+        try:
+            if isinstance(body, MessageBody) and not body.in_memory:
+                with os.fdopen(os.dup(self.fd), "wb") as out:
+                    out.write(prefix)
+                    body.copy_to(out)
+                    out.flush()
+            elif isinstance(body, MessageBody):
+                _write_all(self.fd, [prefix, *body.iter_chunks()])
+            else:
+                _write_all(self.fd, [prefix, body])
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def new_dir(self) -> str:
+        return f"{self.key}/new"
+
+    def sync(self) -> None:
+        """maildir(5): the file is on disk before it is in new/."""
+        try:
+            os.fsync(self.fd)
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # released even when it reports an error
+        except OSError as exc:
+            self._fail(exc)
+
+    def publish(self) -> str:
+        """Rename into new/ (visible to readers; durable once new/ is fsynced); the file's name."""
+        fault_point("maildir.before_rename")
+        try:
+            os.rename(self.tmp, f"{self.key}/new/{self.name}")
+        except OSError as exc:
+            self._fail(exc)
+        fault_point("maildir.after_rename")
+        return self.name
+
+    def discard(self) -> None:
+        """Give up on this message (nothing is left in tmp/)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def _fail(self, exc: OSError) -> None:
+        self.discard()
+        raise DeliveryError(f"delivery to {self.root} failed: {exc.strerror or exc}") from exc
+
+
+def sync_new(new_dir: str) -> None:
+    """fsync a Maildir's new/ (group commit with concurrent callers); DeliveryError on failure."""
+    try:
+        _dirsync.sync(new_dir)
+    except OSError as exc:
+        raise DeliveryError(f"fsync of {new_dir} failed: {exc.strerror or exc}") from exc
+
+
 def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str:
     """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/).
 
-    Blocking. On any error nothing is visible in new/ and the tmp/ file is removed.
+    Blocking. On any error nothing is left in tmp/, and nothing is visible in new/ unless only the
+    final fsync of new/ failed (the caller answers 4xx either way).
     """
-    key = str(root)
-    if key not in _dirsync.ready:
-        ensure_maildir(root)
-        _dirsync.ready.add(key)
-    size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
-    name = unique_name(size)
-    tmp = f"{key}/tmp/{name}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileNotFoundError:  # the Maildir was removed under us: recreate it once
-        _dirsync.ready.discard(key)
-        ensure_maildir(root)
-        _dirsync.ready.add(key)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise DeliveryError(f"cannot create {tmp}: {exc.strerror}") from exc
-    try:
-        if isinstance(body, MessageBody) and not body.in_memory:
-            with os.fdopen(os.dup(fd), "wb") as out:
-                out.write(prefix)
-                body.copy_to(out)
-                out.flush()
-        else:
-            data = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)  # maildir(5): the file is on disk before it is in new/
-        os.close(fd)
-        fd = -1
-        fault_point("maildir.before_rename")
-        os.rename(tmp, f"{key}/new/{name}")
-        fault_point("maildir.after_rename")
-        _dirsync.sync(f"{key}/new")  # ...and the rename is on disk before we answer 250
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise DeliveryError(f"delivery to {root} failed: {exc.strerror or exc}") from exc
+    draft = MaildirDraft(root, prefix, body)
+    draft.sync()
+    name = draft.publish()
+    sync_new(draft.new_dir)  # ...and the rename is on disk before we answer 250
     return name
 
 
