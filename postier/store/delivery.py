@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..accounts import User
+from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
 from .maildir import DeliveryError, MessageBody, deliver_maildir, deliver_mbox
 
@@ -101,6 +102,8 @@ class LocalDelivery:
             path, size = body.spool_path, body.size
         else:
             return None
+        if data is not None and len(prefix) + size > AGENT_MAX_DATA:
+            return None  # a large body handed over in memory (not by the SMTP listeners)
         try:
             got = await agent.deliver(users, prefix, data, path, size, envelope_from)
         except AgentError as exc:

@@ -263,3 +263,48 @@ def test_graceful_shutdown_after_a_delivery(tmp_path: Path) -> None:
         c.close()
         inst.stop()
     assert len(inst.messages("u@g.test")) == 1
+
+
+def test_session_timeout_even_when_busy_talking(tmp_path: Path) -> None:
+    """limits.session_timeout bounds the whole session, however active the client."""
+    inst = Instance(tmp_path / "s", "s.test", extra_config="[limits]\nsession_timeout = 1.5\nidle_timeout = 10.0\n")
+    inst.start()
+    c = Client(inst)
+    try:
+        c.reply()
+        t0 = time.monotonic()
+        got = b""
+        for _ in range(40):
+            try:
+                got = c.cmd(b"NOOP")
+            except (ConnectionError, OSError):
+                break
+            if got.startswith(b"421"):
+                break
+            time.sleep(0.2)
+        assert got.startswith(b"421 4.4.2"), got
+        assert 1.2 < time.monotonic() - t0 < 5
+    finally:
+        c.close()
+        inst.stop()
+
+
+def test_starttls_then_pipelined_transaction(srv: Instance) -> None:
+    """After STARTTLS the Protocol runs on the TLS transport: a pipelined transaction goes through."""
+    before = len(srv.messages("u@d.test"))
+    c = Client(srv)
+    try:
+        c.reply()
+        c.cmd(b"EHLO tls.test")
+        assert c.cmd(b"STARTTLS").startswith(b"220")
+        c.sock = srv.client_ssl_context().wrap_socket(c.sock, server_hostname="mail.d.test")
+        assert b"250 CHUNKING" in c.cmd(b"EHLO tls.test")
+        c.sock.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<u@d.test>\r\nDATA\r\n")
+        assert [c.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        c.sock.sendall(MSG + b".\r\n")
+        assert c.reply().startswith(b"250 2.0.0")
+        assert c.cmd(b"QUIT").startswith(b"221")
+    finally:
+        c.close()
+    got = srv.messages("u@d.test")
+    assert len(got) == before + 1 and b"with ESMTPS" in got[-1]
