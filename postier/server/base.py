@@ -83,7 +83,7 @@ class ProtocolSession(asyncio.Protocol):
     """One client connection of one role, as an asyncio Protocol. Subclasses implement `start()`.
 
     The transport is ready when `start()` runs (after the TLS handshake on implicit-TLS ports) and
-    the connection has been counted against the limits; `connection_lost` calls `stopped()`.
+    the connection has been counted against the limits; `connection_lost` then calls `stopped()`.
     """
 
     busy_line = b""
@@ -120,10 +120,10 @@ class ProtocolSession(asyncio.Protocol):
             transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._admitted:
+        if self._admitted:  # a refused connection never started: nothing to stop
             self._admitted = False
             self.listeners.release(self)
-        self.stopped()
+            self.stopped()
 
     def start(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

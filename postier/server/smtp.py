@@ -104,6 +104,11 @@ def _server_settings(services: Any, role: str, tls_implicit: bool) -> core.Serve
 
 class SMTPSession(ProtocolSession):
     busy_line = R.Reply(421, "4.7.0", "Too many connections, try again later").wire
+    # What stopped() looks at, valid even if start() failed half-way.
+    _timer: asyncio.TimerHandle | None = None
+    _greet_timer: asyncio.TimerHandle | None = None
+    _task: asyncio.Task[None] | None = None
+    body: MessageBody | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -121,25 +126,25 @@ class SMTPSession(ProtocolSession):
                             tls=self.tls_info if self.tls_implicit else None)
         cls = _pipeline_class(self.role)
         self.pipeline: SMTPPipeline | None = cls(services, self.role) if cls is not None else None
-        self.body: MessageBody | None = None
+        self.body = None
         self._body_failed = False
         self.mech: sasl.ServerMechanism | None = None
         self._pending_success: sasl.Success | None = None
         self._final_sent = False
-        self._task: asyncio.Task[None] | None = None  # a pipeline call waiting for its answer
+        self._task = None  # a pipeline call waiting for its answer
         self._reading = True
         self._write_paused = False
         self._lost = False
         self._close_reply = R.R421_SHUTDOWN  # what a session told to close at its next step says
         self._greeted = False
-        self._greet_timer: asyncio.TimerHandle | None = None
+        self._greet_timer = None
         # Idle, command and session timeouts: one timer, re-armed from timestamps when it fires.
         now = self.loop.time()
         self._last = now  # the last input (or the end of the server's last step)
         self._cmd_started: float | None = None  # when the partly received command/transfer began
         self._cmd_bytes = 0  # bytes received since then
         self._session_deadline = now + self.limits.session_timeout
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = None
         self._timer_when = 0.0
         # No later than a command deadline could fall: starting one then needs no re-arming.
         self._arm(min(now + min(self.limits.idle_timeout, self.limits.command_timeout), self._session_deadline))
