@@ -208,7 +208,7 @@ def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
 
     mda = LocalDelivery(mail_root, workers=1, agent=False)
     slow = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
-    syncers = ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="fsync")
+    syncers = ThreadPoolExecutor(max_workers=max(1, SYNC_THREADS - 1), thread_name_prefix="fsync")
     send_lock = threading.Lock()
 
     def send(answers: list[bytes]) -> None:
