@@ -299,15 +299,19 @@ class Queue:
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait until no job is pending or running (tests; shutdown)."""
         async with asyncio.timeout(timeout):
-            while (self._tasks or self._ops or self._unlinks
-                   or (self._flusher is not None and not self._flusher.done())):
-                tasks = list(self._tasks) + list(self._unlinks)
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                elif self._flusher is not None:
-                    await asyncio.gather(self._flusher, return_exceptions=True)
+            while True:
+                # Only futures still pending: a finished one can sit in _unlinks until its discard
+                # callback runs, and gather() over finished futures completes without yielding to
+                # the loop, which would spin here forever (and starve the timeout).
+                pending = [t for t in (*self._tasks, *self._unlinks) if not t.done()]
+                if self._flusher is not None and not self._flusher.done():
+                    pending.append(self._flusher)
+                if pending:
+                    await asyncio.wait(pending)
+                elif self._ops:
+                    await asyncio.sleep(0.001)  # an op queued for a flusher about to start
                 else:
-                    await asyncio.sleep(0)
+                    return
 
     async def run_once(self) -> int:
         """Dispatch what is due and wait for all of it to finish (tests step the queue with this)."""
