@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("user", cmd_user, ("add", "list", "passwd", "remove"), "user"),
         ("alias", cmd_alias, ("add", "list", "remove"), None),
     ):
-        sp = sub.add_parser(name, help=f"manage {name}s")
+        sp = sub.add_parser(name, help={"domain": "manage local domains", "user": "manage users (mailboxes)",
+                                        "alias": "manage aliases"}[name])
         sp.add_argument("action", choices=actions)
         sp.add_argument("names", nargs="*")
         if extra == "user":
