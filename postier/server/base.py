@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .app import Services
@@ -51,6 +51,8 @@ class Session:
         self.local_ip: str = sock[0]
         self.started = time.monotonic()
         self.closing = False
+        self._task: asyncio.Task[Any] | None = None  # the task running this session
+        self._waiting = False  # True while it waits for the client (shutdown may interrupt that)
 
     @property
     def tls_info(self) -> str | None:
@@ -65,13 +67,24 @@ class Session:
         raise NotImplementedError
 
     def shutdown(self) -> None:
-        """Server is stopping: end the session at the next safe point (subclasses refine)."""
+        """Server is stopping: a session waiting for its client is interrupted now (its `run()`
+        sees CancelledError with `closing` set and says goodbye); a busy one ends at its next read."""
         self.closing = True
+        if self._waiting and self._task is not None:
+            self._task.cancel()
 
     async def read(self, timeout: float) -> bytes:
-        """Read what the client sent (b'' at EOF); raise TimeoutError after `timeout` idle seconds."""
-        async with asyncio.timeout(timeout):
-            return await self.reader.read(READ_SIZE)
+        """Read what the client sent (b'' at EOF); raise TimeoutError after `timeout` idle seconds,
+        CancelledError once the server is stopping."""
+        if self.closing:
+            raise asyncio.CancelledError
+        self._task = asyncio.current_task()
+        self._waiting = True
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(READ_SIZE)
+        finally:
+            self._waiting = False
 
     async def start_tls(self, ctx: ssl.SSLContext) -> None:
         """Upgrade the connection in place (STARTTLS/STLS)."""

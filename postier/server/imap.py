@@ -147,8 +147,6 @@ class IMAPSession(Session):
         self.condstore = False
         self.qresync = False
         self.logout = False
-        self._task: asyncio.Task[Any] | None = None
-        self._waiting = False
         self._wake = asyncio.Event()
         self._counted = False
         self._bad = 0  # BAD responses since the last command that completed OK
@@ -181,12 +179,6 @@ class IMAPSession(Session):
         return self.store.call(fn, *args)
 
     # -- lifecycle ------------------------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        """Server stopping: a session waiting for its client is told BYE now, a busy one after."""
-        self.closing = True
-        if self._waiting and self._task is not None:
-            self._task.cancel()
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -230,15 +222,6 @@ class IMAPSession(Session):
                 del conns[self.user.address]
             self._counted = False
 
-    async def _read(self, timeout: float) -> bytes:
-        if self.closing:
-            raise asyncio.CancelledError
-        self._waiting = True
-        try:
-            return await self.read(timeout)
-        finally:
-            self._waiting = False
-
     def _timeout(self) -> float:
         return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
 
@@ -260,7 +243,7 @@ class IMAPSession(Session):
 
     async def _read_command_bytes(self) -> bytes:
         try:
-            data = await self._read(self._read_timeout())
+            data = await self.read(self._read_timeout())
         except TimeoutError:
             if self._cmd_started is not None:
                 raise _CommandTimeout() from None

@@ -177,8 +177,6 @@ class POP3Session(Session):
         self.conn = core.POP3Connection(self.settings)
         self.store: MailStore = mailstore_for(self.services)
         self.drop: _Maildrop | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._waiting = False
         self._sasl_failures = 0
         self._drop_after_flush = False
         self._auth_deadline: asyncio.Timeout | None = None
@@ -190,13 +188,6 @@ class POP3Session(Session):
         return throttle.get(self.services)
 
     # -- lifecycle --------------------------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        """Server stopping: a session waiting for its client ends now (nothing is deleted, as for
-        any dropped connection); a busy one ends after its current command."""
-        self.closing = True
-        if self._waiting and self._task is not None:
-            self._task.cancel()
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -241,22 +232,13 @@ class POP3Session(Session):
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
 
-    async def _read(self, timeout: float) -> bytes:
-        if self.closing:
-            raise asyncio.CancelledError
-        self._waiting = True
-        try:
-            return await self.read(timeout)
-        finally:
-            self._waiting = False
-
     async def _read_command(self, idle: float) -> bytes:
         """Read more input: within `idle`, or within what is left of the command deadline when a
         line is partly received (command_timeout from its first byte, plus 1/min_data_rate s per
         byte received since)."""
         if not self.conn.partial_input:
             self._cmd_started = None
-            return await self._read(idle)
+            return await self.read(idle)
         lim = self.services.config.limits
         now = time.monotonic()
         if self._cmd_started is None:
@@ -265,7 +247,7 @@ class POP3Session(Session):
         if left <= 0:
             raise _CommandTimeout()
         try:
-            data = await self._read(min(idle, left))
+            data = await self.read(min(idle, left))
         except TimeoutError:
             if left < idle:
                 raise _CommandTimeout() from None

@@ -340,7 +340,7 @@ class _Batch:
             except DeliveryError as exc:
                 self._failed(results, i, str(draft.root), exc)
                 continue
-            published.setdefault(draft.new_dir, []).append((results, i, name))
+            published.setdefault(draft.dest_dir, []).append((results, i, name))
         for new_dir, done in published.items():
             try:
                 sync_new(new_dir)  # one fsync of new/ for every rename into it

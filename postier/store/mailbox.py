@@ -51,7 +51,7 @@ from .index import (
     fsync_folder,
     names_to_flags,
 )
-from .maildir import ensure_maildir, fsync_dir, unique_name
+from .maildir import DeliveryError, MaildirDraft, ensure_maildir, fsync_dir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
@@ -711,25 +711,22 @@ class UserMailbox:
         kws = self.index.canonical_keywords(row, kws)
         if b"\n" in data.replace(b"\r\n", b""):
             data = _to_crlf(data)
-        base = unique_name(len(data))
         suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
         sub = 1 if suffix else 0
-        tmp = st.path / "tmp" / base
-        final = st.path / ("cur" if sub else "new") / (base + suffix)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if internal_date is not None:
-                os.utime(tmp, (internal_date, internal_date))
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
+            draft = MaildirDraft(st.path, b"", data)
+            try:
+                draft.sync()
+                if internal_date is not None:
+                    os.utime(draft.tmp, (internal_date, internal_date))
+            except BaseException:
+                draft.discard()
+                raise
+            draft.publish(suffix)
+            sync_new(draft.dest_dir)
+        except (DeliveryError, OSError) as exc:
+            raise StoreError(f"message not stored: {exc}") from exc
+        base = draft.name
         fault_point("imap.append")  # the file is in the Maildir, not yet in the index
         idate = int(internal_date) if internal_date is not None else int(time.time())
         modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),

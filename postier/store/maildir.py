@@ -282,7 +282,7 @@ class MaildirDraft:
     messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
     """
 
-    __slots__ = ("fd", "key", "name", "root", "tmp")
+    __slots__ = ("dest_dir", "fd", "key", "name", "root", "tmp")
 
     def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes):
         self.root = root
@@ -293,6 +293,7 @@ class MaildirDraft:
         size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
         self.name = unique_name(size)
         self.tmp = f"{key}/tmp/{self.name}"
+        self.dest_dir = f"{key}/new"
         try:
             try:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -316,10 +317,6 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
-    @property
-    def new_dir(self) -> str:
-        return f"{self.key}/new"
-
     def sync(self) -> None:
         """maildir(5): the file is on disk before it is in new/."""
         try:
@@ -329,15 +326,18 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
-    def publish(self) -> str:
-        """Rename into new/ (visible to readers; durable once new/ is fsynced); the file's name."""
+    def publish(self, info: str = "") -> str:
+        """Rename into new/, or with an info suffix (flags, ":2,S") into cur/ (maildir(5)): visible
+        to readers, durable once `dest_dir` is fsynced (`sync_new`). Returns the file's name."""
+        if info:
+            self.dest_dir = f"{self.key}/cur"
         fault_point("maildir.before_rename")
         try:
-            os.rename(self.tmp, f"{self.key}/new/{self.name}")
+            os.rename(self.tmp, f"{self.dest_dir}/{self.name}{info}")
         except OSError as exc:
             self._fail(exc)
         fault_point("maildir.after_rename")
-        return self.name
+        return self.name + info
 
     def discard(self) -> None:
         """Give up on this message (nothing is left in tmp/)."""
@@ -358,7 +358,7 @@ class MaildirDraft:
 
 
 def sync_new(new_dir: str) -> None:
-    """fsync a Maildir's new/ (group commit with concurrent callers); DeliveryError on failure."""
+    """fsync a Maildir's new/ (or cur/) (group commit with concurrent callers); DeliveryError on failure."""
     try:
         _dirsync.sync(new_dir)
     except OSError as exc:
@@ -374,7 +374,7 @@ def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str
     draft = MaildirDraft(root, prefix, body)
     draft.sync()
     name = draft.publish()
-    sync_new(draft.new_dir)  # ...and the rename is on disk before we answer 250
+    sync_new(draft.dest_dir)  # ...and the rename is on disk before we answer 250
     return name
 
 
