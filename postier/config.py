@@ -172,6 +172,9 @@ class Mailbox:
     default_format: str = "maildir"
     recipient_delimiter: str = "+"
     special_use_folders: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk", "Archive")
+    #: Deliver in a separate agent process (its own GIL: see store/agent.py). false keeps deliveries
+    #: in the server process's threads: slower, but what per-process fault injection (libfiu) needs.
+    delivery_agent: bool = True
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class Services:
         self.accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter,
                                  config.mailbox.default_format)
         self.ssl_context: ssl.SSLContext | None = config.ssl_context()
-        self.mda = LocalDelivery(config.mail_root)
+        self.mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
         self.extensions: dict[str, Any] = {}
         self._closers: list[Callable[[], Any]] = []
         self._starters: list[Callable[[], Any]] = []

@@ -19,7 +19,7 @@ If the agent dies, the deliveries waiting for it fail (the client gets 451 and r
 next delivery starts a new agent. Fault injection (postier/faults.py): the agent inherits
 POSTIER_FAULT, and when a fault point kills it, the server kills itself too, since the points
 stand for a crash of the whole server. libfiu's fault injection (fiu-run, fiu-ctrl) works on one
-process: under it (FIU_CTRL_FIFO set) the server delivers in its own threads instead.
+process: with `[mailbox] delivery_agent = false` the server delivers in its own threads instead.
 """
 
 from __future__ import annotations

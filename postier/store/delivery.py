@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +49,7 @@ class LocalDelivery:
     def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True):
         self.mail_root = mail_root
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mda")
-        # libfiu (fiu-run, fiu-ctrl) injects faults into one process: under it, deliveries stay here.
-        self.agent = Agent(mail_root) if agent and not os.environ.get("FIU_CTRL_FIFO") else None
+        self.agent = Agent(mail_root) if agent else None
         #: Called (in the event loop) after each successful Maildir delivery: (user, folder).
         self.listeners: list[Callable[[User, str], None]] = []
 

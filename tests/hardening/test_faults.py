@@ -354,7 +354,9 @@ def fiu_inst(tmp_path: Path) -> Iterator[tuple[Instance, str]]:
         dns.servfail("defer.test")
         inst = Instance(tmp_path / "fiu", "f.test", extra_config=CONFIG + (
             f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
-            "[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"))
+            "[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"
+            # libfiu injects faults into one process: keep deliveries in the server's threads.
+            "[mailbox]\ndelivery_agent = false\n"))
         ctrl = str(inst.root / "fiu")
         inst.logf = open(inst.log, "ab")  # noqa: SIM115 - closed by inst.stop()
         inst.proc = subprocess.Popen(
