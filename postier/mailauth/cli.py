@@ -19,7 +19,7 @@ from typing import Any
 
 from postier import cli as base
 from postier.config import Config, normalize_domain
-from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore
+from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
 from postier.mailauth.reports import ReportStore
@@ -73,7 +73,7 @@ def cmd_dkim(args: argparse.Namespace) -> int:
                     created = time.strftime("%Y-%m-%d", time.gmtime(k.created))
                     print(f"{d}\t{k.selector}\t{k.algorithm}\t{k.state}\t{created}\t{key_fingerprint(k.txt)}")
         else:
-            state = "active" if args.dkim_action == "activate" else "retired"
+            state: State = "active" if args.dkim_action == "activate" else "retired"
             key = store.set_state(_domain(args.domain), args.selector, state)
             print(f"{key.domain} {key.selector}: {key.state}")
     except KeyError_ as exc:
@@ -113,8 +113,8 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     store = ReportStore(cfg.data_dir / "dmarc.sqlite")
     try:
         if args.dmarc_action == "sent":
-            for at, domain, report_id, rua, messages, status in store.sent():
-                print(f"{_when(at)}\t{domain}\t{rua}\t{messages} message(s)\t{status}\t{report_id}")
+            for at, to_domain, report_id, rua, messages, status in store.sent():
+                print(f"{_when(at)}\t{to_domain}\t{rua}\t{messages} message(s)\t{status}\t{report_id}")
             return 0
         domain = _domain(args.domain) if args.domain else None
         reports = store.received(domain)

@@ -51,9 +51,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''} in the queue")
         elif args.action == "show":
             msg_id = _id(args)
-            info = spool.message(msg_id)
-            if info is None:
+            found = spool.message(msg_id)
+            if found is None:
                 raise CLIError(f"no such message in the queue: {msg_id}")
+            info = found
             print(f"id:       {info.id}")
             print(f"sender:   <{info.sender}>")
             print(f"arrival:  {_when(info.created)}")
