@@ -155,7 +155,7 @@ def _when(ts: float) -> str:
 
 # -- registration ---------------------------------------------------------------------------------
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dk = sub.add_parser("dkim", help="DKIM keys: generate, list, activate, retire")
     dks = dk.add_subparsers(dest="dkim_action", required=True, metavar="ACTION")
     g = dks.add_parser("generate", help="create a key pair for DOMAIN (RSA 2048 by default)")

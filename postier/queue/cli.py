@@ -95,7 +95,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("queue", help="inspect and manage the outbound queue")
     p.add_argument("action", choices=("list", "show", "retry", "delete"))
     p.add_argument("id", nargs="?", help="queue id (from `queue list`)")
