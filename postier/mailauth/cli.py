@@ -14,8 +14,8 @@ import argparse
 import asyncio
 import ipaddress
 import time
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from postier import cli as base
 from postier.config import Config, normalize_domain
@@ -123,30 +123,41 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     if not reports:
         print("no DMARC aggregate reports received" + (f" for {domain}" if domain else ""))
         return 0
-    totals: dict[str, dict[str, Any]] = defaultdict(lambda: {"reports": 0, "pass": 0, "fail": 0,
-                                                             "failing": defaultdict(int)})
+    totals: defaultdict[str, _Totals] = defaultdict(_Totals)
     for rr in reports:
         rep = rr.report
         auth = "" if rr.authenticated else " (sender not authenticated)"
         print(f"{rep.policy.domain}: report {rep.report_id} from {rep.org_name} <{rep.email}>{auth}")
         print(f"  {_when(rep.begin)} to {_when(rep.end)} UTC, policy p={rep.policy.p}, {rep.messages} message(s)")
         t = totals[rep.policy.domain]
-        t["reports"] += 1
+        t.reports += 1
         for row in rep.rows:
             ok = row.dkim == "pass" or row.spf == "pass"
-            t["pass" if ok else "fail"] += row.count
-            if not ok:
-                t["failing"][row.source_ip] += row.count
+            if ok:
+                t.passed += row.count
+            else:
+                t.failed += row.count
+                t.failing[row.source_ip] += row.count
             print(f"    {row.source_ip:<39} {row.count:>6}  dkim={row.dkim:<4} spf={row.spf:<4} "
                   f"disposition={row.disposition:<10} from={row.header_from}"
                   + ("  DMARC FAIL" if not ok else ""))
     print()
     for d, t in sorted(totals.items()):
-        print(f"{d}: {t['reports']} report(s), {t['pass'] + t['fail']} message(s): {t['pass']} pass, "
-              f"{t['fail']} fail")
-        for ip, n in sorted(t["failing"].items(), key=lambda kv: -kv[1]):
+        print(f"{d}: {t.reports} report(s), {t.passed + t.failed} message(s): {t.passed} pass, "
+              f"{t.failed} fail")
+        for ip, n in sorted(t.failing.items(), key=lambda kv: -kv[1]):
             print(f"  failing source {ip}: {n} message(s)")
     return 0
+
+
+@dataclass
+class _Totals:
+    """One domain's sums over the received aggregate reports."""
+
+    reports: int = 0
+    passed: int = 0
+    failed: int = 0
+    failing: Counter[str] = field(default_factory=Counter)  # source IP -> failing messages
 
 
 def _when(ts: float) -> str:
