@@ -90,7 +90,7 @@ def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float | None =
 pyspf.DNSLookup = _dispatch
 
 
-class _Query(pyspf.query):  # type: ignore[misc]  # pyspf has no types: its query class is Any
+class _Query(pyspf.query):
     """pyspf's query with RFC 7208 §5.5 error handling for "ptr" and %{p}.
 
     pyspf lets a DNS error in the A lookup of a PTR name end the whole check as temperror; its own
