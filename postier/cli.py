@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and modname.startswith(exc.name):
                 continue
             raise
-        register: Callable[[argparse._SubParsersAction], None] = mod.register  # type: ignore[type-arg]
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = mod.register
         register(sub)
     return p
 

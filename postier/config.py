@@ -19,7 +19,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: Every listener role postier knows, with its standard port (the port offset is added to these).
 STANDARD_PORTS: dict[str, int] = {
@@ -277,10 +280,10 @@ def _check_address(key: str, value: str) -> None:
             raise ConfigError(f"{key}: not an IP address: {value!r}") from None
 
 
-def _convert(key: str, tp: Any, value: Any, base: Path) -> Any:
+def _convert(key: str, tp: Any, value: object, base: Path) -> object:
     """Check `value` against the annotated type `tp`, converting where TOML has no such type."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a nested table ([listeners.smtp], ...)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table")
         return _build(tp, value, base, key + ".")
@@ -327,7 +330,7 @@ def _convert(key: str, tp: Any, value: Any, base: Path) -> Any:
     raise ConfigError(f"{key}: unsupported type")  # pragma: no cover
 
 
-def _build(cls: Any, table: dict[str, Any], base: Path, prefix: str = "") -> Any:
+def _build[T: DataclassInstance](cls: type[T], table: dict[str, object], base: Path, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name not in _NO_KEY}
     for k in table:
@@ -425,7 +428,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"config: {p}: invalid TOML: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8 (TOML 1.0 "Spec")
         raise ConfigError(f"config: {p}: not UTF-8 (byte {exc.start})") from None
-    cfg: Config = _build(Config, raw, p.resolve().parent)
+    cfg = _build(Config, raw, p.resolve().parent)
     cfg = dataclasses.replace(cfg, source=p.resolve())
     _validate(cfg)
     return cfg

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -68,6 +69,11 @@ class DKIMKey:
     @property
     def dns_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
+
+
+def _one_of[T: str](value: object, allowed: Iterable[T]) -> T | None:
+    """`value` if it is one of `allowed` (a stored name read back as its Literal type), else None."""
+    return next((a for a in allowed if a == value), None)
 
 
 def default_selector(algorithm: Algorithm, when: float | None = None, taken: set[str] | frozenset[str] = frozenset()
@@ -143,11 +149,14 @@ class KeyStore:
         for selector, meta in self._read_state(domain).items():
             try:
                 txt = (d / f"{_check_selector(selector)}.txt").read_text().strip()
-                alg = str(meta.get("algorithm"))
-                state = str(meta.get("state"))
-                if alg not in ALGORITHMS.values() or state not in STATES:
+                alg = _one_of(meta.get("algorithm"), ALGORITHMS.values())
+                state = _one_of(meta.get("state"), STATES)
+                if alg is None or state is None:
                     continue
-                out.append(DKIMKey(d.name, selector, alg, state, float(meta.get("created", 0)), txt))  # type: ignore[arg-type]
+                created = meta.get("created", 0)
+                if not isinstance(created, int | float | str):
+                    raise TypeError(f"created is {created!r}")
+                out.append(DKIMKey(d.name, selector, alg, state, float(created), txt))
             except (OSError, KeyError_, TypeError, ValueError):
                 log.warning("dkim: skipping unreadable key %s/%s", domain, selector)
         return sorted(out, key=lambda k: (k.created, k.selector))

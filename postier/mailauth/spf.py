@@ -49,10 +49,11 @@ class SPFResult:
 
 
 _current: contextvars.ContextVar[SyncLookup] = contextvars.ContextVar("postier_spf_lookup")
-_original_lookup: Callable[..., Any] = pyspf.DNSLookup
+type _Answers = Iterator[tuple[tuple[str, str], Any]]  # pyspf's DNSLookup result: ((name, type), value)
+_original_lookup: Callable[..., _Answers] = pyspf.DNSLookup
 
 
-def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str, str], Any]]]:
+def pyspf_lookup(resolver: SyncLookup) -> Callable[..., _Answers]:
     """A function in the shape of pyspf's `DNSLookup(name, qtype, strict, timeout)` over `resolver`.
 
     It yields ((name, type), value) pairs: A/AAAA -> address text, MX -> (preference, host),
@@ -60,8 +61,7 @@ def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str
     error during evaluation is temperror); NXDOMAIN and NODATA yield nothing (void lookups, §4.6.4).
     """
 
-    def lookup(name: str, qtype: str, strict: Any = True, timeout: float | None = None
-               ) -> Iterator[tuple[tuple[str, str], Any]]:
+    def lookup(name: str, qtype: str, strict: Any = True, timeout: float | None = None) -> _Answers:
         if qtype not in ("A", "AAAA", "MX", "PTR", "TXT"):
             return  # type SPF (99) is not used since RFC 7208 §3.1
         answer = resolver.query_sync(name, qtype, timeout)
@@ -80,18 +80,17 @@ def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str
     return lookup
 
 
-def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float | None = None
-              ) -> Iterator[tuple[tuple[str, str], Any]]:
+def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float | None = None) -> _Answers:
     resolver = _current.get(None)
     if resolver is None:  # someone else's use of pyspf in this process: leave it as it was
-        return _original_lookup(name, qtype, strict, timeout)  # type: ignore[no-any-return]
+        return _original_lookup(name, qtype, strict, timeout)
     return pyspf_lookup(resolver)(name, qtype, strict, timeout)
 
 
 pyspf.DNSLookup = _dispatch
 
 
-class _Query(pyspf.query):  # type: ignore[misc]
+class _Query(pyspf.query):
     """pyspf's query with RFC 7208 §5.5 error handling for "ptr" and %{p}.
 
     pyspf lets a DNS error in the A lookup of a PTR name end the whole check as temperror; its own

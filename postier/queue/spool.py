@@ -467,6 +467,6 @@ class Spool:
                     files += 1
         present = {e.name for e in os.scandir(self.msg_dir)}
         lost = [i for i in known if i not in present]
-        for i in lost:
-            self.execute(lambda c, i=i: c.execute("DELETE FROM messages WHERE id=?", (i,)))
+        if lost:
+            self.execute(lambda c: c.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in lost]))
         return files, len(lost)

@@ -27,13 +27,20 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
+import dns.rdtypes.mxbase
+import dns.rdtypes.nsbase
+import dns.rdtypes.tlsabase
+import dns.rdtypes.txtbase
 import dns.resolver
 import dns.reversename
 
 __all__ = [
     "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
-    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES",
+    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
 ]
 
 # Types this layer converts to plain Python values; others are refused with ValueError.
@@ -71,6 +78,11 @@ class TLSARecord:
     selector: int
     mtype: int
     data: bytes
+
+
+# What `Answer.records` holds: A, AAAA, PTR, CNAME -> address or host text (lower case, no final dot);
+# TXT -> bytes (the record's strings joined); MX -> MXRecord; TLSA -> TLSARecord.
+type RecordValue = str | bytes | MXRecord | TLSARecord
 
 
 class RouteStatus(StrEnum):
@@ -147,21 +159,21 @@ def _norm_host(name: str) -> str:
     return name if name == "." else name.rstrip(".")
 
 
-def convert_rdata(rtype: str, rdata: Any) -> Any:
+def convert_rdata(rtype: str, rdata: dns.rdata.Rdata) -> RecordValue:
     """dnspython rdata -> the plain value this layer promises for `rtype`."""
-    if rtype in ("A", "AAAA"):
+    if rtype in ("A", "AAAA") and isinstance(rdata, dns.rdtypes.IN.A.A | dns.rdtypes.IN.AAAA.AAAA):
         return str(rdata.address)
-    if rtype == "MX":
+    if rtype == "MX" and isinstance(rdata, dns.rdtypes.mxbase.MXBase):
         return MXRecord(int(rdata.preference), _norm_host(rdata.exchange.to_text()))
-    if rtype == "TXT":
+    if rtype == "TXT" and isinstance(rdata, dns.rdtypes.txtbase.TXTBase):
         # RFC 7208 §3.3 / RFC 6376 §3.6.2.2: the character-strings of one record are concatenated
         # without separator.
         return b"".join(rdata.strings)
-    if rtype in ("PTR", "CNAME"):
+    if rtype in ("PTR", "CNAME") and isinstance(rdata, dns.rdtypes.nsbase.NSBase):
         return _norm_host(rdata.target.to_text())
-    if rtype == "TLSA":
+    if rtype == "TLSA" and isinstance(rdata, dns.rdtypes.tlsabase.TLSABase):
         return TLSARecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert))
-    raise ValueError(f"unsupported record type {rtype}")
+    raise ValueError(f"unsupported record type {rtype} ({type(rdata).__name__})")
 
 
 class BaseResolver:
@@ -275,7 +287,7 @@ def _classify(exc: BaseException) -> Answer[Any]:
     return Answer(DNSStatus.TEMPFAIL, (), f"{exc.__class__.__name__}: {exc}"[:200])
 
 
-def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[Any]:
+def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[RecordValue]:
     if answer.rrset is None:
         return Answer(DNSStatus.NODATA, (), "no data")
     records = tuple(convert_rdata(rtype, r) for r in answer.rrset)
