@@ -158,7 +158,7 @@ class Screener:
                 unavailable.append(lst.zone)
                 ttl = MIN_CACHE_TTL
                 continue
-            ans_ttl = float(getattr(ans, "ttl", 0) or DEFAULT_CACHE_TTL)
+            ans_ttl = ans.ttl or DEFAULT_CACHE_TTL
             ttl = min(ttl, max(MIN_CACHE_TTL, ans_ttl))
             if ans.status is not DNSStatus.OK:
                 continue

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from postier.antispam.screening import DNSList, Screener, query_name
-from postier.resolver import Resolver
+from postier.resolver import AnswerCache, Resolver
 from tests.dnsserver import DNSServer
 
 
@@ -23,7 +23,7 @@ def dns() -> Iterator[DNSServer]:
         d.add("5.0.0.127.wl.test", "A", "127.0.10.1")
         d.add("5.0.0.127.bl.test", "A", "127.0.0.2")
         d.servfail("6.0.0.127.bl.test")
-        d.add("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.bl.test", "A", "127.0.0.2")
+        d.add("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.bl.test", "A", "127.0.0.2", ttl=600)
         yield d
 
 
@@ -73,7 +73,8 @@ def test_pregreet_adds_weight(dns: DNSServer) -> None:
 
 def test_ipv6_and_cache(dns: DNSServer) -> None:
     now = [1000.0]
-    s = Screener(Resolver([dns.nameserver]), dnsbl=[DNSList("bl.test", 3.0)], threshold=3.0, clock=lambda: now[0])
+    uncached = Resolver([dns.nameserver], cache=AnswerCache(max_entries=0))  # only the screener's cache
+    s = Screener(uncached, dnsbl=[DNSList("bl.test", 3.0)], threshold=3.0, clock=lambda: now[0])
     assert asyncio.run(s.screen("::1")).blocked
     dns.remove("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.bl.test")
     assert asyncio.run(s.screen("::1")).blocked  # cached
