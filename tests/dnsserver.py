@@ -9,6 +9,10 @@
         dns.timeout("slow.test")
         Resolver([dns.nameserver])          # "127.0.0.1:PORT"
 
+Records have TTL 0 unless a test gives one, so the resolvers under test cache nothing and a test may
+change the zone while servers run; a test of caching passes `ttl=`. Negative answers carry no SOA
+and are therefore not cached either (RFC 2308 §5).
+
 UDP and TCP listen on the same free port of 127.0.0.1 (port 0 bound first). The zone is data that
 tests may change while the server runs. Every name is in the server's zone: unknown names are
 NXDOMAIN, known names without the asked type NODATA (also names that only have children, RFC 8020).
@@ -83,7 +87,7 @@ class DNSServer:
         self._tcp: socket.socket | None = None
 
     # zone editing -------------------------------------------------------------------------------
-    def add(self, name: str, rtype: str, value: Any, ttl: int = 60) -> None:
+    def add(self, name: str, rtype: str, value: Any, ttl: int = 0) -> None:
         rtype = rtype.upper()
         rdata = _rdata(rtype, value)
         with self._lock:
