@@ -117,3 +117,40 @@ def test_parse_reply_actions_and_milter() -> None:
     assert parse_check_reply({"action": "soft reject"}).decision is SpamDecision.DEFER
     with pytest.raises(ValueError):
         parse_check_reply({"action": "explode"})
+
+
+def test_learning_queue_survives_restart_and_retries(rspamd: RspamdServer, tmp_path: Path) -> None:
+    from postier.antispam.learning import LearnQueue
+
+    now = [1000.0]
+    q = LearnQueue(tmp_path / "learn.sqlite", clock=lambda: now[0])
+    q.add("bob@b.test", HAM.replace(b"lunch1", b"learn-q1").replace(b"lunch tomorrow", b"win money"), spam=True)
+    q.close()
+    q = LearnQueue(tmp_path / "learn.sqlite", clock=lambda: now[0])  # a restart: the request is still there
+    assert q.pending() == 1
+
+    async def go() -> None:
+        down = RspamdClient("http://127.0.0.1:9", "http://127.0.0.1:9", timeout=2)
+        up = client(rspamd)
+        try:
+            assert await q.run_once(down.learn) == 0  # Rspamd down: kept, retried later
+            assert q.pending() == 1
+            assert await q.run_once(up.learn) == 0  # not due yet (backoff)
+            now[0] += 31
+            before = (await up.stat()).get("learned", 0)
+            assert await q.run_once(up.learn) == 1
+            assert (await up.stat()).get("learned", 0) == before + 1
+        finally:
+            await down.close()
+            await up.close()
+    asyncio.run(go())
+    assert q.pending() == 0
+
+
+def test_learning_queue_bounded(tmp_path: Path) -> None:
+    from postier.antispam.learning import LearnQueue
+
+    q = LearnQueue(tmp_path / "learn.sqlite", max_pending=3, max_size=10)
+    for i in range(5):
+        q.add("u@b.test", b"x" * 100 + str(i).encode(), spam=bool(i % 2))
+    assert q.pending() == 3
