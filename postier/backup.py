@@ -527,7 +527,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("backup", help="back up the data directory while the server runs; "
                                       "`backup verify DEST` checks a backup")
     p.add_argument("words", nargs="+", metavar="DEST", help="DEST, or: verify DEST")

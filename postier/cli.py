@@ -235,6 +235,7 @@ EXTRA_COMMANDS = [
     "postier.mailauth.cli",
     "postier.store.cli",
     "postier.backup",
+    "postier.antispam.cli",
 ]
 
 
