@@ -109,6 +109,8 @@ class DNSSettings:
     #: "ADDR" or "ADDR:PORT" (IPv6 as "[::1]:53"); empty means the system resolver (/etc/resolv.conf).
     nameservers: tuple[str, ...] = ()
     timeout: float = 5.0
+    #: Reuse answers for their TTL (and negative answers per RFC 2308); false: every lookup goes out.
+    cache: bool = True
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
 from postier.mailauth.reports import ReportStore
-from postier.resolver import Resolver
+from postier.resolver import make_resolver
 
 __all__ = ["register"]
 
@@ -97,7 +97,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
         if not keys:
             print(f"; no DKIM key yet: postier dkim generate {domain}")
         return 0
-    resolver = Resolver(list(cfg.dns.nameservers) or None, timeout=cfg.dns.timeout)
+    resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
     findings = asyncio.run(check_domain(cfg, domain, resolver, keys, addresses))
     for f in findings:
         print(f.line())

@@ -46,7 +46,7 @@ from ..mailauth.reports import (
 from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
-from ..resolver import BaseResolver, Resolver
+from ..resolver import BaseResolver, make_resolver
 from ..store.maildir import MessageBody
 from .inbound import Envelope, Verdict
 
@@ -302,7 +302,7 @@ def attach(services: Services) -> None:
     cfg = services.config
     resolver: Any = services.extensions.get("resolver")
     if resolver is None:
-        resolver = Resolver(list(cfg.dns.nameservers) or None, timeout=cfg.dns.timeout)
+        resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
         services.extensions["resolver"] = resolver
     store: ReportStore | None = None
     if cfg.mailauth.dmarc:

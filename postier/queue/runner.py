@@ -34,7 +34,7 @@ from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
 from ..message.received import queue_id, return_path
 from ..proto.smtp.address import AddressError, xtext_decode
-from ..resolver import BaseResolver, Resolver
+from ..resolver import BaseResolver, make_resolver
 from ..store.maildir import MessageBody
 from . import schedule
 from .client import SMTPClient
@@ -108,7 +108,7 @@ class Queue:
         if resolver is None:
             resolver = services.extensions.get("resolver")
         if resolver is None:
-            resolver = Resolver(list(cfg.dns.nameservers) or None, cfg.dns.timeout)
+            resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
             services.extensions.setdefault("resolver", resolver)
         self.router = Router(resolver, self.out, rng)
         self.connector = Connector(self.out)

@@ -44,6 +44,7 @@ import dns.reversename
 __all__ = [
     "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
     "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
+    "AnswerCache", "make_resolver",
 ]
 
 # Types this layer converts to plain Python values; others are refused with ValueError.
@@ -453,3 +454,9 @@ class Resolver(BaseResolver):
             answer = _from_response(rtype, response)
         self.cache.put(key, answer)
         return answer
+
+
+def make_resolver(nameservers: Sequence[str], timeout: float, cache: bool = True) -> Resolver:
+    """The resolver [dns] describes: its nameservers (none: the system's), timeout and answer cache."""
+    return Resolver(list(nameservers) or None, timeout=timeout,
+                    cache=AnswerCache() if cache else AnswerCache(max_entries=0))
