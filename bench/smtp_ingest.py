@@ -217,6 +217,7 @@ def main(argv: list[str]) -> int:
     if args.mailauth:
         from tests.dnsserver import DNSServer
         dns_server = DNSServer().start()
+        dns_server.negative_ttl = 300  # as real zones do: NXDOMAIN answers carry an SOA and are cached
         dns_server.add("remote.test", "MX", "10 mx.remote.test.", ttl=300)  # no SPF, no DMARC: NXDOMAIN
         dns_server.add("mx.remote.test", "A", "127.0.0.1", ttl=300)
         extra += (f'\n[dns]\nnameservers = ["{dns_server.nameserver}"]\n'

@@ -34,7 +34,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
-from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 MAX_TCP_CONNECTIONS = 64
 MAX_TCP_BUFFER = 70_000
@@ -78,6 +78,9 @@ class DNSServer:
         self._lock = threading.Lock()
         self._zone: dict[tuple[str, str], list[tuple[Any, int]]] = {}
         self._servfail: set[str] = set()
+        #: When positive, negative answers (NXDOMAIN, NODATA) carry an SOA with this TTL and MINIMUM in
+        #: their authority section, so that resolvers may cache them (RFC 2308 §3, §5).
+        self.negative_ttl = 0
         self._refused: set[str] = set()
         self._timeout: set[str] = set()
         self.queries: deque[tuple[str, str, str]] = deque(maxlen=10_000)  # (name, type, "udp"|"tcp")
@@ -167,6 +170,10 @@ class DNSServer:
                 name = _key(owner)
             if not reply.rr and not self._exists(name):
                 reply.header.rcode = RCODE.NXDOMAIN
+            if not reply.rr and self.negative_ttl > 0:
+                zone = ".".join(name.split(".")[-2:]) + "."
+                reply.add_auth(RR(zone, QTYPE.SOA, ttl=self.negative_ttl, rdata=SOA(
+                    "ns." + zone, "hostmaster." + zone, (1, 3600, 600, 86400, self.negative_ttl))))
             return reply
 
     def _handle(self, data: bytes, transport: str, limit: int | None) -> bytes | None:

@@ -69,6 +69,22 @@ def test_tempfail_never_cached(dns: CountingDNS) -> None:
     assert dns.asked.count("broken.test") >= 2
 
 
+def test_negative_answers_cached_for_the_soa_ttl(dns: CountingDNS) -> None:
+    clock = Clock()
+    dns.negative_ttl = 120
+    r = Resolver([dns.nameserver], cache=AnswerCache(clock=clock))
+    first = r.query_sync("nothing.neg.test", "TXT")
+    assert first.status is DNSStatus.NXDOMAIN and first.ttl == 120
+    dns.add("nothing.neg.test", "TXT", "now it exists")
+    assert r.query_sync("nothing.neg.test", "TXT").status is DNSStatus.NXDOMAIN  # cached
+    clock.t += 121
+    assert r.query_sync("nothing.neg.test", "TXT").ok
+    dns.add("nodata.neg.test", "A", "127.0.0.1")
+    assert asyncio.run(r.query("nodata.neg.test", "TXT")).status is DNSStatus.NODATA
+    assert dns.asked.count("nodata.neg.test") == 1 and r.query_sync("nodata.neg.test", "TXT").ttl == 120
+    assert dns.asked.count("nodata.neg.test") == 1
+
+
 def test_negative_ttl_from_soa() -> None:
     clock = Clock()
     c = AnswerCache(clock=clock, max_negative_ttl=100)

@@ -19,7 +19,7 @@ from typing import Any
 
 import spf as pyspf
 
-from postier.resolver import DNSStatus, MXRecord, SyncLookup
+from postier.resolver import AsyncLookup, DNSStatus, MXRecord, SyncLookup
 
 __all__ = ["SPFStatus", "SPFResult", "check_host", "check_helo", "check_spf", "check_spf_helo",
            "pyspf_lookup"]
@@ -166,12 +166,45 @@ def check_helo(ip: str, helo: str, resolver: SyncLookup, *, receiver: str = "") 
     return check_host(ip, "", host, resolver, receiver=receiver)
 
 
+def _is_spf_record(txt: bytes) -> bool:
+    """RFC 7208 §4.5: a record starts with the version section "v=spf1" (case-insensitive)."""
+    t = txt[:7].lower()
+    return t == b"v=spf1" or t == b"v=spf1 "
+
+
+def _plain_domain(domain: str) -> bool:
+    labels = domain.split(".")
+    return len(domain) <= 253 and len(labels) > 1 and all(0 < len(lb) <= 63 for lb in labels)
+
+
+async def _without_record(domain: str, resolver: SyncLookup) -> bool:
+    """True when the domain has no SPF record, as the async resolver (and its cache) tells.
+
+    RFC 7208 §4.3: NXDOMAIN -> "none"; §4.5: no record beginning "v=spf1" -> "none". Most mail from
+    domains without SPF is settled here, on the event loop, without pyspf or a worker thread; a
+    domain with a record, a DNS failure, or a resolver that is not asynchronous goes to pyspf.
+    """
+    if not isinstance(resolver, AsyncLookup) or not _plain_domain(domain):
+        return False
+    ans = await resolver.query(domain, "TXT")
+    if ans.status is DNSStatus.NXDOMAIN or ans.status is DNSStatus.NODATA:
+        return True
+    return ans.status is DNSStatus.OK and not any(_is_spf_record(bytes(r)) for r in ans.records)
+
+
 async def check_spf(ip: str, mail_from: str, helo: str, resolver: SyncLookup, *, receiver: str = ""
                     ) -> SPFResult:
-    """`check_host` off the event loop."""
+    """`check_host` off the event loop (or on it, when the domain publishes no SPF record)."""
+    identity = mail_from if "@" in mail_from else f"postmaster@{mail_from or helo}"
+    domain = _domain_of(identity)
+    if mail_from and await _without_record(domain, resolver):
+        return SPFResult(SPFStatus.NONE, "", domain, "mailfrom", identity)
     return await asyncio.to_thread(check_host, ip, mail_from, helo, resolver, receiver=receiver)
 
 
 async def check_spf_helo(ip: str, helo: str, resolver: SyncLookup, *, receiver: str = "") -> SPFResult:
-    """`check_helo` off the event loop."""
+    """`check_helo` off the event loop (or on it, when the HELO name publishes no SPF record)."""
+    host = helo.strip().rstrip(".")
+    if host and not host.startswith("[") and "." in host and await _without_record(host.lower(), resolver):
+        return SPFResult(SPFStatus.NONE, "", host.lower(), "helo", f"postmaster@{host}")
     return await asyncio.to_thread(check_helo, ip, helo, resolver, receiver=receiver)

@@ -166,8 +166,10 @@ class InboundAuth:
 
     # -- end of DATA --------------------------------------------------------------------------------
 
-    async def _verify(self, body: MessageBody) -> tuple[list[DKIMResult], bool]:
+    async def _verify(self, body: MessageBody, header: bytes) -> tuple[list[DKIMResult], bool]:
         """DKIM results and whether verification was skipped for size."""
+        if b"dkim-signature" not in header.lower():
+            return [], False  # dkim=none (RFC 8601 §2.7.1), without reading the message or a thread hop
         if body.size > self.settings.max_verify_size:
             return [DKIMResult("", "", DKIMStatus.NEUTRAL, "message too large to verify", "")], True
         if self._slots is None:
@@ -201,7 +203,7 @@ class InboundAuth:
         dkim: list[DKIMResult] | None = None
         too_big = False
         if s.dkim_verify:
-            dkim, too_big = await self._verify(body)
+            dkim, too_big = await self._verify(body, header)
 
         dmarc: DMARCResult | None = None
         if author is not None:
