@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .maildir import fsync_dir
+from ..durable import fsync_dir
 
 __all__ = [
     "FLAG_ANSWERED", "FLAG_DELETED", "FLAG_DRAFT", "FLAG_FLAGGED", "FLAG_SEEN", "INDEX_NAME",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
 
 SUBDIRS = ("cur", "new", "tmp")
@@ -49,26 +50,13 @@ class DeliveryError(Exception):
     """Delivery failed; nothing was made visible in new/ (the caller answers 4xx)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename or create inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_maildir(root: Path) -> None:
-    """Create root/{cur,new,tmp} (mode 0700) if missing, durably."""
-    created = False
-    for sub in SUBDIRS:
-        p = root / sub
-        if not p.is_dir():
-            p.mkdir(mode=0o700, parents=True, exist_ok=True)
-            created = True
-    if created:
-        fsync_dir(root)
-        fsync_dir(root.parent)
+def ensure_maildir(root: Path, again: bool = False) -> None:
+    """Create root/{cur,new,tmp} (mode 0700) and every missing directory above, durably (each new
+    directory's parent fsynced: durable.ensure_dirs). Free once done in this process, unless `again`
+    (the Maildir was removed under us)."""
+    if again:
+        forget(root)
+    ensure_dirs(*(root / sub for sub in SUBDIRS))
 
 
 def unique_name(size: int) -> str:
@@ -299,7 +287,7 @@ class MaildirDraft:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileNotFoundError:  # the Maildir was removed under us: recreate it once
                 _dirsync.ready.discard(key)
-                ensure_maildir(root)
+                ensure_maildir(root, again=True)
                 _dirsync.ready.add(key)
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -395,7 +383,7 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
     The append is fsynced before returning; on failure the file is truncated back to its old size
     so that no half message stays behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(path.parent)
     raw = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
     text = mboxrd_quote(raw.replace(b"\r\n", b"\n"))
     if not text.endswith(b"\n"):
@@ -421,7 +409,12 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 raise DeliveryError(f"{path} is locked") from None
             time.sleep(0.05)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            created = True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             start = os.fstat(fd).st_size
@@ -430,6 +423,8 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                if created:  # a new mbox file: its name is durable once the directory is fsynced
+                    fsync_dir(path.parent)
             except OSError as exc:
                 os.ftruncate(fd, start)
                 raise DeliveryError(f"mbox delivery to {path} failed: {exc.strerror}") from exc
