@@ -20,6 +20,7 @@ directories, bringing back the bug this module fixes, so that the power-cut test
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -68,26 +69,16 @@ def ensure_dirs(*paths: StrPath, mode: int = 0o700) -> None:
     chains: list[str] = []
     parents: dict[str, bool] = {}  # directory to fsync -> it was made by us (errors are then fatal)
     for p in todo:
-        chain: list[str] = []
-        a = p
-        while a not in _known:
-            chain.append(a)
-            up = os.path.dirname(a)
-            if up == a:  # the filesystem root: nothing above to fsync
-                break
-            a = up
-        for d in reversed(chain):  # top-down
+        for _attempt in range(p.count(os.sep) + 1):
             try:
-                os.mkdir(d, mode)
-                created = True
-            except FileExistsError:
-                if not os.path.isdir(d):
-                    raise NotADirectoryError(f"{d} exists and is not a directory") from None
-                created = False
-            up = os.path.dirname(d)
-            if up != d:
-                parents[up] = parents.get(up, False) or created
-        chains += chain
+                chains += _make_chain(p, mode, parents)
+                break
+            except FileNotFoundError as exc:
+                # A directory remembered as made was removed meanwhile (by an admin, or a test that
+                # moves Maildirs aside): forget it and everything below it, then walk up further.
+                forget(os.path.dirname(exc.filename or p))
+        else:
+            raise FileNotFoundError(errno.ENOENT, "cannot create the directory", p)
     if not SKIP_DIR_FSYNC:
         for d in sorted(parents, key=lambda s: s.count(os.sep), reverse=True):  # bottom-up
             try:
@@ -98,6 +89,30 @@ def ensure_dirs(*paths: StrPath, mode: int = 0o700) -> None:
                 # An ancestor we did not make and may not open (say /home): nothing we made is in it.
     with _lock:
         _known.update(chains)
+
+
+def _make_chain(p: str, mode: int, parents: dict[str, bool]) -> list[str]:
+    """mkdir p and its ancestors not yet known, top-down; note each one's parent in `parents`."""
+    chain: list[str] = []
+    a = p
+    while a not in _known:
+        chain.append(a)
+        up = os.path.dirname(a)
+        if up == a:  # the filesystem root: nothing above to fsync
+            break
+        a = up
+    for d in reversed(chain):  # top-down
+        try:
+            os.mkdir(d, mode)
+            created = True
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise NotADirectoryError(f"{d} exists and is not a directory") from None
+            created = False
+        up = os.path.dirname(d)
+        if up != d:
+            parents[up] = parents.get(up, False) or created
+    return chain
 
 
 def make_dir(path: StrPath, mode: int = 0o700) -> None:

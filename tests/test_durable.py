@@ -118,3 +118,13 @@ def test_test_only_switch_skips_directory_fsyncs(tmp_path: Path, synced: list[st
     durable.ensure_dirs(tmp_path / "p" / "q")
     assert (tmp_path / "p" / "q").is_dir()
     assert synced == []
+
+
+def test_a_remembered_directory_removed_meanwhile_is_made_again(tmp_path: Path, synced: list[str]) -> None:
+    md = tmp_path / "mail" / "d" / "u" / "Maildir"
+    durable.ensure_dirs(md / "new")
+    (tmp_path / "mail").rename(tmp_path / "mail.old")  # moved aside behind our back
+    (tmp_path / "mail").mkdir()
+    durable.forget(md)  # what ensure_maildir(again=True) does
+    durable.ensure_dirs(md / "new")
+    assert (md / "new").is_dir()
