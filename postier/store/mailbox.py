@@ -398,9 +398,7 @@ class UserMailbox:
 
     def _write_subscriptions(self, names: Iterable[str]) -> None:
         seen: dict[str, None] = dict.fromkeys(names)
-        tmp = self.root / (SUBSCRIPTIONS_FILE + ".tmp")
-        tmp.write_text("".join(f"{n}\n" for n in seen), "utf-8")
-        os.replace(tmp, self.root / SUBSCRIPTIONS_FILE)
+        durable.write_file(self.root / SUBSCRIPTIONS_FILE, "".join(f"{n}\n" for n in seen).encode("utf-8"))
 
     def _subscribe(self, name: str, on: bool) -> None:
         subs = self._subscriptions()

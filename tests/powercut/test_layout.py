@@ -2,7 +2,7 @@
 
 One cut after each step of a data directory's life, from nothing: quickstart (data directory,
 config, certificate, accounts), the first Maildir delivery, an mbox delivery, the queue spool,
-DKIM keys, the DMARC report store, IMAP CREATE / RENAME / DELETE of folders. What each call
+DKIM keys, the DMARC report store, IMAP CREATE / RENAME / DELETE of folders, STORE of flags. What each call
 returned must still be there after the cut, with nothing else done in between. Each step runs in
 a child process that exits before the cut, as a server would be killed (it keeps directory
 descriptors open, and nothing may hold the mount at the cut).
@@ -107,6 +107,7 @@ def folders_two(mail_root: str, uid: str) -> str:
     mb.delete("Gone")
     mb.create("Gone")  # made again under the name just deleted: a new, empty Maildir
     assert mb.open("Projects").uids[0] == int(uid)
+    mb.store("Projects", [int(uid)], "+FLAGS", ["\\Seen", "\\Flagged"])  # STORE answered OK: durable
     store.release(mb)
     store.close()
     return "ok"
@@ -125,3 +126,6 @@ def test_imap_create_rename_delete_survive(cutfs: CutMount) -> None:
     for folder in (".Renamed", ".Renamed.Child", ".Gone"):
         assert all((md / folder / sub).is_dir() for sub in ("cur", "new", "tmp")), folder
     assert sqlite_ok(USER.home(cutfs.backing / "mail") / "postier-index.sqlite")
+    projects = md / ".Projects"
+    assert [p.name.split(":", 1)[1] for p in (projects / "cur").iterdir()] == ["2,FS"]
+    assert list((projects / "new").iterdir()) == []
