@@ -355,6 +355,7 @@ def test_nothing_acknowledged_is_lost_across_power_cuts(cutfs: CutMount, dns: DN
     assert time.monotonic() - t0 < 280
 
 
+@pytest.mark.slow
 def test_the_check_catches_directories_made_without_parent_fsync(cutfs: CutMount, dns: DNSServer) -> None:
     problems = scenario(cutfs, dns, cuts=1, per_client=4, kill_after=6, stop_at_first_loss=True,
                         server_env={"POSTIER_TEST_SKIP_DIR_FSYNC": "1"})
