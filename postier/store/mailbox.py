@@ -330,7 +330,7 @@ class UserMailbox:
         except FileExistsError:
             raise StoreError("mailbox already exists", "ALREADYEXISTS") from None
         (p / "maildirfolder").touch()  # Maildir++ marker, as Dovecot and Courier write it
-        ensure_maildir(p, again=True)  # cur/new/tmp, and p fsynced (the marker with them)
+        ensure_maildir(p)  # cur/new/tmp, and p fsynced (the marker with them)
         self.index.forget_folder(name)  # a stale row from a folder deleted behind our back
         self.index.attach_folder(name, p, special_use or "")
 

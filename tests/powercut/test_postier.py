@@ -26,7 +26,6 @@ import signal
 import smtplib
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,11 +347,9 @@ def scenario(cutfs: CutMount, dns: DNSServer, cuts: int, per_client: int, kill_a
 
 @pytest.mark.slow
 def test_nothing_acknowledged_is_lost_across_power_cuts(cutfs: CutMount, dns: DNSServer) -> None:
-    t0 = time.monotonic()
     problems = scenario(cutfs, dns, cuts=4, per_client=12, kill_after=24)
     assert problems == [], "\n".join(problems)
     assert cutfs.cuts == 4
-    assert time.monotonic() - t0 < 280
 
 
 @pytest.mark.slow
