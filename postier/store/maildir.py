@@ -209,6 +209,7 @@ class _DirSync:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._ids: dict[str, tuple[int, int]] = {}  # path -> (inode, device) of the kept descriptor
         self._requested: dict[str, int] = {}
         self._done: dict[str, int] = {}
         self._running: set[str] = set()
@@ -216,11 +217,28 @@ class _DirSync:
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
+        if fd is not None:
+            # The directory may have been removed and made again (IMAP DELETE and CREATE in another
+            # process): a kept descriptor would fsync the old one, and the new name would not be
+            # durable. One stat per directory fsync (shared by a group commit); the old inode's
+            # number cannot have been reused meanwhile, since the kept descriptor holds it.
+            try:
+                st = os.stat(path)
+                same = (st.st_ino, st.st_dev) == self._ids.get(path)
+            except OSError:
+                same = False
+            if not same:
+                del self._fds[path]
+                os.close(fd)
+                fd = None
         if fd is None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            st = os.fstat(fd)
             self._fds[path] = fd
+            self._ids[path] = (st.st_ino, st.st_dev)
             while len(self._fds) > self.MAX_FDS:
-                _, old = self._fds.popitem(last=False)
+                gone, old = self._fds.popitem(last=False)
+                self._ids.pop(gone, None)
                 os.close(old)
         else:
             self._fds.move_to_end(path)

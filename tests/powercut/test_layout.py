@@ -2,7 +2,8 @@
 
 One cut after each step of a data directory's life, from nothing: quickstart (data directory,
 config, certificate, accounts), the first Maildir delivery, an mbox delivery, the queue spool,
-DKIM keys, the DMARC report store, IMAP CREATE / RENAME / DELETE of folders, STORE of flags. What each call
+DKIM keys, the DMARC report store, IMAP CREATE / RENAME / DELETE of folders, STORE of flags, and a
+delivery into a folder deleted and made again by another process. What each call
 returned must still be there after the cut, with nothing else done in between. Each step runs in
 a child process that exits before the cut, as a server would be killed (it keeps directory
 descriptors open, and nothing may hold the mount at the cut).
@@ -129,3 +130,30 @@ def test_imap_create_rename_delete_survive(cutfs: CutMount) -> None:
     projects = md / ".Projects"
     assert [p.name.split(":", 1)[1] for p in (projects / "cur").iterdir()] == ["2,FS"]
     assert list((projects / "new").iterdir()) == []
+
+
+def folder_recreated(mail_root: str) -> str:
+    """One process delivers into a folder, another deletes and recreates it (IMAP DELETE, CREATE),
+    the first delivers into it again: its fsync must reach the new folder's new/, not the old one."""
+    junk = USER.maildir(Path(mail_root)) / ".Junk"
+    deliver_maildir(junk, b"", b"Subject: before\r\n\r\nold\r\n")
+    p = subprocess.run([sys.executable, "-c", f"import sys; from tests.powercut.test_layout import recreate_junk; "
+                        f"recreate_junk({mail_root!r})"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return deliver_maildir(junk, b"", b"Subject: after\r\n\r\nnew\r\n")
+
+
+def recreate_junk(mail_root: str) -> None:
+    store = MailStore(Path(mail_root), special_use_folders=(), workers=1)
+    mb = store.acquire(USER)
+    mb.delete("Junk")
+    mb.create("Junk")
+    store.release(mb)
+    store.close()
+
+
+def test_delivery_into_a_folder_deleted_and_recreated_meanwhile(cutfs: CutMount) -> None:
+    name = child("folder_recreated", str(cutfs.mnt / "mail"))
+    cutfs.cut()
+    junk = USER.maildir(cutfs.backing / "mail") / ".Junk"
+    assert [p.name for p in (junk / "new").iterdir()] == [name]
