@@ -157,3 +157,43 @@ def test_delivery_into_a_folder_deleted_and_recreated_meanwhile(cutfs: CutMount)
     cutfs.cut()
     junk = USER.maildir(cutfs.backing / "mail") / ".Junk"
     assert [p.name for p in (junk / "new").iterdir()] == [name]
+
+
+def copy_move_expunge(mail_root: str) -> str:
+    store = MailStore(Path(mail_root), special_use_folders=(), workers=1)
+    mb = store.acquire(USER)
+    mb.create("Archive")
+    uids = [mb.append("INBOX", f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())[1] for i in range(4)]
+    store.release(mb)
+    store.close()
+    return " ".join(map(str, uids))
+
+
+def copy_move_expunge_two(mail_root: str, uids: str) -> str:
+    u = [int(x) for x in uids.split()]
+    store = MailStore(Path(mail_root), special_use_folders=(), workers=1)
+    mb = store.acquire(USER)
+    mb.copy("INBOX", [u[0]], "Archive")  # COPY: a second copy
+    mb.move("INBOX", [u[1]], "Archive")  # MOVE: gone here, there
+    mb.store("INBOX", [u[2]], "+FLAGS", ["\\Deleted"])
+    mb.expunge("INBOX")  # EXPUNGE: gone
+    mb.delete_uids("INBOX", [u[3]])  # POP3 DELE at QUIT: gone
+    store.release(mb)
+    store.close()
+    return "ok"
+
+
+def test_copy_move_expunge_and_pop3_delete_survive(cutfs: CutMount) -> None:
+    root = cutfs.mnt / "mail"
+    uids = child("copy_move_expunge", str(root))
+    cutfs.power_cycle()
+    assert child("copy_move_expunge_two", str(root), uids) == "ok"
+    cutfs.cut()
+    md = USER.maildir(cutfs.backing / "mail")
+
+    def bodies(folder: Path) -> list[bytes]:
+        return sorted(f.read_bytes().rsplit(b"\r\n\r\n", 1)[1] for sub in ("cur", "new")
+                      for f in (folder / sub).iterdir())
+
+    assert bodies(md) == [b"body 0\r\n"]
+    assert bodies(md / ".Archive") == [b"body 0\r\n", b"body 1\r\n"]
