@@ -36,6 +36,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import normalize_domain
+from .durable import ensure_dirs, fsync_dir
 from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
 _SCHEMA = """
@@ -160,8 +161,11 @@ class Accounts:
         self._generation = 0  # bumped by every write made through this object
         self._hasher = PasswordHasher()  # argon2id, RFC 9106 defaults of argon2-cffi
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(db_path.parent)
+        new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
+        if new:  # SQLite fsyncs the directory for its journals, not for a new database file
+            fsync_dir(db_path.parent)
 
     # -- plumbing -------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from postier.config import normalize_domain
+from postier.durable import ensure_dirs, fsync_dir, write_file
 from postier.mailauth.dkim import Algorithm, generate_key, sign_async
 from postier.mailauth.dmarc import FromProblem, from_domain
 
@@ -136,6 +137,7 @@ class KeyStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def domains(self) -> list[str]:
         if not self.root.is_dir():
@@ -177,15 +179,14 @@ class KeyStore:
         if selector in state or (d / f"{selector}.key").exists():
             raise KeyError_(f"selector {selector} exists already for {d.name}")
         pem, txt = generate_key(algorithm, bits)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        d.mkdir(exist_ok=True, mode=0o700)
+        ensure_dirs(d)  # dkim/ and dkim/DOMAIN/, each new one's parent fsynced
         key_path = d / f"{selector}.key"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
             f.flush()
             os.fsync(f.fileno())
-        (d / f"{selector}.txt").write_text(txt + "\n")
+        write_file(d / f"{selector}.txt", (txt + "\n").encode(), mode=0o644)
         has_active = any(m.get("state") == "active" and m.get("algorithm") == algorithm for m in state.values())
         new_state: State = "published" if has_active else "active"
         state[selector] = {"algorithm": algorithm, "created": now, "state": new_state}

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from postier.durable import ensure_dirs
 from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
 from postier.resolver import AsyncLookup, DNSStatus
 
@@ -489,7 +490,7 @@ class ReportStore:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from ..accounts import AccountError, User
 from ..config import IMPLICIT_TLS_ROLES
+from ..durable import ensure_dirs
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.index import StoreError
@@ -69,7 +70,7 @@ class _CommandTimeout(Exception):
 def lock_maildrop(home: Path) -> int | None:
     """Take the exclusive maildrop lock in `home`: a file descriptor to pass to `unlock_maildrop()`,
     or None when another session holds it (RFC 2449 §8.1 IN-USE)."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(home)
     fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

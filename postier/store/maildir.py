@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
 
 SUBDIRS = ("cur", "new", "tmp")
@@ -49,26 +50,13 @@ class DeliveryError(Exception):
     """Delivery failed; nothing was made visible in new/ (the caller answers 4xx)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename or create inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_maildir(root: Path) -> None:
-    """Create root/{cur,new,tmp} (mode 0700) if missing, durably."""
-    created = False
-    for sub in SUBDIRS:
-        p = root / sub
-        if not p.is_dir():
-            p.mkdir(mode=0o700, parents=True, exist_ok=True)
-            created = True
-    if created:
-        fsync_dir(root)
-        fsync_dir(root.parent)
+def ensure_maildir(root: Path, again: bool = False) -> None:
+    """Create root/{cur,new,tmp} (mode 0700) and every missing directory above, durably (each new
+    directory's parent fsynced: durable.ensure_dirs). Free once done in this process, unless `again`
+    (the Maildir was removed under us)."""
+    if again:
+        forget(root)
+    ensure_dirs(*(root / sub for sub in SUBDIRS))
 
 
 def unique_name(size: int) -> str:
@@ -221,6 +209,7 @@ class _DirSync:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._ids: dict[str, tuple[int, int]] = {}  # path -> (inode, device) of the kept descriptor
         self._requested: dict[str, int] = {}
         self._done: dict[str, int] = {}
         self._running: set[str] = set()
@@ -228,11 +217,28 @@ class _DirSync:
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
+        if fd is not None:
+            # The directory may have been removed and made again (IMAP DELETE and CREATE in another
+            # process): a kept descriptor would fsync the old one, and the new name would not be
+            # durable. One stat per directory fsync (shared by a group commit); the old inode's
+            # number cannot have been reused meanwhile, since the kept descriptor holds it.
+            try:
+                st = os.stat(path)
+                same = (st.st_ino, st.st_dev) == self._ids.get(path)
+            except OSError:
+                same = False
+            if not same:
+                del self._fds[path]
+                os.close(fd)
+                fd = None
         if fd is None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            st = os.fstat(fd)
             self._fds[path] = fd
+            self._ids[path] = (st.st_ino, st.st_dev)
             while len(self._fds) > self.MAX_FDS:
-                _, old = self._fds.popitem(last=False)
+                gone, old = self._fds.popitem(last=False)
+                self._ids.pop(gone, None)
                 os.close(old)
         else:
             self._fds.move_to_end(path)
@@ -299,7 +305,7 @@ class MaildirDraft:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileNotFoundError:  # the Maildir was removed under us: recreate it once
                 _dirsync.ready.discard(key)
-                ensure_maildir(root)
+                ensure_maildir(root, again=True)
                 _dirsync.ready.add(key)
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -395,7 +401,7 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
     The append is fsynced before returning; on failure the file is truncated back to its old size
     so that no half message stays behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(path.parent)
     raw = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
     text = mboxrd_quote(raw.replace(b"\r\n", b"\n"))
     if not text.endswith(b"\n"):
@@ -421,7 +427,12 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 raise DeliveryError(f"{path} is locked") from None
             time.sleep(0.05)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            created = True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             start = os.fstat(fd).st_size
@@ -430,6 +441,8 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                if created:  # a new mbox file: its name is durable once the directory is fsynced
+                    fsync_dir(path.parent)
             except OSError as exc:
                 os.ftruncate(fd, start)
                 raise DeliveryError(f"mbox delivery to {path} failed: {exc.strerror}") from exc
