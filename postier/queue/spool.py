@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store.maildir import MessageBody, fsync_dir
+from ..message.types import MessageBody
+from ..store.maildir import fsync_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
