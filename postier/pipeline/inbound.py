@@ -56,6 +56,8 @@ class SMTPPipeline:
     the inbound checks.
     """
 
+    __slots__ = ("checks", "config", "directory", "mda", "queue")  # one per session: kept small
+
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
@@ -175,8 +177,12 @@ class SMTPPipeline:
 class MXPipeline(SMTPPipeline):
     """Port 25: mail from the Internet for our own domains."""
 
+    __slots__ = ()
+
 
 class LMTPPipeline(SMTPPipeline):
     """RFC 2033: another MTA (Postfix) hands us mail for local users; per-recipient replies."""
+
+    __slots__ = ()
 
     lmtp = True

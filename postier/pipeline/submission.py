@@ -130,6 +130,8 @@ def header_mailboxes(value: bytes) -> list[str] | None:
 class SubmissionPipeline(SMTPPipeline):
     """Ports 587/465: mail from our authenticated users to anyone."""
 
+    __slots__ = ("_owned", "signer")
+
     relay = True
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,

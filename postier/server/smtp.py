@@ -43,7 +43,6 @@ log = logging.getLogger("postier.smtp")
 
 SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 R421_TOO_MANY_AUTH = R.Reply(421, "4.7.0", "Too many failed authentication attempts, try later")
-R554_NOT_AVAILABLE = R.Reply(554, "5.3.2", "This service is not available")
 
 #: App -> (role, implicit TLS) -> the core's settings, built once per listener.
 _settings_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], core.ServerSettings]] = (
@@ -103,8 +102,7 @@ class SMTPSession(ProtocolSession):
         self.conn = core.ServerConnection(self.settings)
         self.env = Envelope(role=self.role, peer_ip=self.peer_ip, local_ip=self.local_ip,
                             tls=self.tls_info if self.tls_implicit else None)
-        make = services.pipelines.get(self.role)
-        self.pipeline: SMTPPipeline | None = make() if make is not None else None
+        self.pipeline: SMTPPipeline = services.pipelines[self.role]()
         self.body = None
         self._body_failed = False
         self.mech: sasl.ServerMechanism | None = None
@@ -149,9 +147,7 @@ class SMTPSession(ProtocolSession):
             return
         self._greeted = True
         conn = self.conn
-        if self.pipeline is None:
-            conn.greet(R554_NOT_AVAILABLE)
-        elif self.role != "smtp" and self.throttle.blocked(self.peer_ip):
+        if self.role != "smtp" and self.throttle.blocked(self.peer_ip):
             conn.greet(R421_TOO_MANY_AUTH)
         else:
             conn.greet()
@@ -361,14 +357,12 @@ class SMTPSession(ProtocolSession):
         return self._call(self._mail(ev))
 
     async def _mail(self, ev: core.MailFrom) -> None:
-        assert self.pipeline is not None
         self.conn.reply(await self.pipeline.on_mail(self.env, ev.path, ev.params))
 
     def _on_rcpt(self, ev: core.RcptTo) -> bool:
         return self._call(self._rcpt(ev))
 
     async def _rcpt(self, ev: core.RcptTo) -> None:
-        assert self.pipeline is not None
         self.conn.reply(await self.pipeline.on_rcpt(self.env, ev.path, ev.params))
 
     def _on_data_start(self, ev: core.DataStart) -> bool:
@@ -387,7 +381,7 @@ class SMTPSession(ProtocolSession):
         n = len(conn.recipients)
         body, self.body = self.body, None
         try:
-            if ev.problem is not None or body is None or self.pipeline is None:
+            if ev.problem is not None or body is None:
                 fallback = R.R452_NO_SPACE if self._body_failed else R.R451_LOCAL_ERROR
                 replies = [ev.problem or fallback] * n  # RFC 1870 §6.2 for a spool without space
             else:
