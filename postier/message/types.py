@@ -1,9 +1,10 @@
-"""The nouns of mail in flight, shared by every layer: the body, the envelope, its recipients and
-the local users they reach, and an inbound check's verdict.
+"""The nouns of mail in flight, shared by every layer above proto: the body, the envelope, its
+recipients and the local users they reach, an inbound check's verdict, and the interfaces
+(`InboundCheck`, `Signer`, `Enqueuer`, `MailDelivery`) the layers meet at.
 
-They live at the bottom (next to the MIME views) so that mail authentication, the store, the queue,
-the pipelines and the listeners all speak of the same objects without importing each other; this
-module imports only the standard library, the SMTP reply type and the trace-header helpers.
+They live in the message layer so that mail authentication, the store, the queue, the pipelines and
+the listeners all speak of the same objects without importing each other; this module imports only
+the standard library, SMTP addresses and replies, and the trace-header helpers.
 """
 
 from __future__ import annotations
