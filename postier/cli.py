@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .accounts import AccountError, Accounts
+from .accounts import Accounts
+from .message.types import AccountError
 from .config import STANDARD_PORTS, Config, ConfigError, load_config, normalize_domain
 from .durable import ensure_dirs, write_file
 

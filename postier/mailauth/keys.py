@@ -38,8 +38,7 @@ from postier.mailauth.dkim import Algorithm, generate_key, sign_async
 from postier.mailauth.dmarc import FromProblem, from_domain
 
 if TYPE_CHECKING:
-    from postier.pipeline.inbound import Envelope
-    from postier.store.maildir import MessageBody
+    from postier.message.types import Envelope, MessageBody
 
 __all__ = ["KeyStore", "DKIMKey", "KeyError_", "DKIMSigner", "default_selector", "ALGORITHMS"]
 
@@ -224,7 +223,7 @@ class KeyStore:
 
 
 class DKIMSigner:
-    """services.extensions["dkim"]: signs submitted mail for its From domain (RFC 6376 §5).
+    """The `Signer` of the submission pipeline: signs submitted mail for its From domain (RFC 6376 §5).
 
     `sign(env, body)` returns the DKIM-Signature header lines to prepend (b"" when we hold no key
     for the From domain, or the message has no single From address). Both an RSA and an ed25519

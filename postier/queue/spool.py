@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..durable import ensure_dirs, fsync_dir
-from ..store.maildir import MessageBody
+from ..message.types import MessageBody
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (

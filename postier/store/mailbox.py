@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .. import durable
-from ..accounts import User
+from ..message.types import User
 from ..faults import fault_point
 from ..proto.imap.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
@@ -58,7 +58,7 @@ __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
     "FolderState",
     "MailStore", "PopMessage", "StatusInfo", "StoreError", "StoreResult", "UserMailbox",
-    "folder_dir_name", "mailstore_for", "normalize_name",
+    "folder_dir_name", "normalize_name", "on_delivery",
 ]
 
 log = logging.getLogger("postier.store")
@@ -1143,21 +1143,13 @@ class MailStore:
             self.release(mb)
 
 
-def mailstore_for(services: Any) -> MailStore:
-    """The process's MailStore, created on first use and kept in `services.extensions`: deliveries
-    wake IDLE sessions through it, and it closes with the services."""
-    store: MailStore | None = services.extensions.get("mailstore")
-    if store is None:
-        cfg = services.config
-        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders,
-                          poll_interval=cfg.imap.idle_poll_interval)
-        services.extensions["mailstore"] = store
+def on_delivery(store: MailStore) -> Callable[[User, str], None]:
+    """The MDA listener that tells `store` about a delivery: the folder is re-read when next looked
+    at, and IDLE sessions watching it wake up (wired in server/app.py `build_app`)."""
 
-        def delivered(user: User, folder: str) -> None:
-            name = INBOX if folder.upper() == INBOX else folder
-            store.mark_dirty(user.address, name)
-            store.notifier.notify(user.address, name)
+    def delivered(user: User, folder: str) -> None:
+        name = INBOX if folder.upper() == INBOX else folder
+        store.mark_dirty(user.address, name)
+        store.notifier.notify(user.address, name)
 
-        services.mda.listeners.append(delivered)
-        services.on_close(store.close)
-    return store
+    return delivered

@@ -14,21 +14,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import random
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
+from ..message.types import MessageBody, User
+
+log = logging.getLogger("postier.mda")
 
 SUBDIRS = ("cur", "new", "tmp")
 _counter = itertools.count(1)
@@ -74,125 +74,6 @@ _SIZE_RE = re.compile(r",S=(\d+)")
 def size_from_name(name: str) -> int | None:
     m = _SIZE_RE.search(name.split(":2,", 1)[0])
     return int(m.group(1)) if m else None
-
-
-@dataclass
-class MessageBody:
-    """The message content as it was received: in memory while small, in a spool file once large.
-
-    Writers call `write()` as data arrives; a body over `memory_limit` spills to a temporary file
-    in `spool_dir`, so a 25 MiB message costs at most `memory_limit` bytes of memory.
-    """
-
-    spool_dir: Path
-    memory_limit: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._mem = 0
-        self._file: BinaryIO | None = None
-        self._borrowed = False  # a spool file owned by another process: close() leaves it
-        self.size = 0
-
-    @classmethod
-    def from_spool(cls, path: str, size: int) -> MessageBody:
-        """A read-only body over a spool file another process wrote (the delivery agent's view)."""
-        body = cls(Path(path).parent)
-        body._file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        body._borrowed = True
-        body.size = size
-        return body
-
-    @property
-    def spool_path(self) -> str | None:
-        """The spool file of a spilled body (flushed, so another process can read it), else None."""
-        if self._file is None:
-            return None
-        self._file.flush()
-        return self._file.name
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self._file is None:
-            self._chunks.append(data)
-            self._mem += len(data)
-            if self._mem > self.memory_limit:
-                self._spill()
-        else:
-            self._file.write(data)
-
-    def _spill(self) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        f = tempfile.NamedTemporaryFile(prefix="in.", dir=self.spool_dir, delete=False)  # noqa: SIM115
-        for c in self._chunks:
-            f.write(c)
-        self._chunks = []
-        self._mem = 0
-        self._file = f
-
-    @property
-    def in_memory(self) -> bool:
-        return self._file is None
-
-    def getvalue(self) -> bytes:
-        """The whole body as bytes (reads the spool file back when spilled)."""
-        if self._file is None:
-            return b"".join(self._chunks)
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            return f.read()
-
-    def head(self, limit: int) -> bytes:
-        """Up to `limit` first bytes (for header inspection without reading a large body)."""
-        if self._file is None:
-            data = b"".join(self._chunks)
-            self._chunks = [data] if data else []
-            return data[:limit]
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            return f.read(limit)
-
-    def copy_to(self, out: BinaryIO) -> None:
-        """Write the body to `out` (an open file): from memory, or by an in-kernel copy."""
-        if self._file is None:
-            for c in self._chunks:
-                out.write(c)
-            return
-        self._file.flush()
-        out.flush()
-        with open(self._file.name, "rb") as src:
-            remaining = self.size
-            while remaining > 0:
-                n = os.copy_file_range(src.fileno(), out.fileno(), min(remaining, 1 << 24)) if hasattr(
-                    os, "copy_file_range") else 0
-                if n <= 0:  # not supported here: plain copy of the rest
-                    src.seek(self.size - remaining)
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                    break
-                remaining -= n
-
-    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
-        if self._file is None:
-            yield from self._chunks
-            return
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            while chunk := f.read(size):
-                yield chunk
-
-    def close(self) -> None:
-        """Discard the body (removes the spool file, if any)."""
-        if self._file is not None:
-            name = self._file.name
-            self._file.close()
-            self._file = None
-            if not self._borrowed:
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
-        self._chunks = []
 
 
 class _DirSync:
@@ -454,3 +335,30 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+#: Maildir++ folder names we deliver into (e.g. "Junk" for DMARC quarantine); a strict pattern,
+#: since the name becomes a directory name.
+_FOLDER_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
+
+
+def folder_root(maildir: Path, folder: str | None) -> Path:
+    """INBOX is the Maildir root; another folder is the Maildir++ subfolder '.Name'."""
+    if not folder or folder.upper() == "INBOX":
+        return maildir
+    if not _FOLDER_RE.match(folder):
+        raise DeliveryError(f"invalid folder name {folder!r}")
+    return maildir / f".{folder}"
+
+
+def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
+                    folder: str | None = None) -> tuple[bool, str]:
+    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error)."""
+    try:
+        if user.mailbox_format == "mbox":
+            deliver_mbox(user.mbox(mail_root), envelope_from, prefix, body)
+            return True, "mbox"
+        return True, deliver_maildir(folder_root(user.maildir(mail_root), folder), prefix, body)
+    except (DeliveryError, OSError) as exc:
+        log.error("delivery to %s failed: %s", user.address, exc)
+        return False, str(exc)
