@@ -189,7 +189,7 @@ class StatusInfo:
 class StoreResult:
     modseq: int
     changed: dict[int, MessageRow]  # uid -> row after the change (only messages that changed)
-    unchanged: list[int] = field(default_factory=list)  # matched, flags already so
+    unchanged: dict[int, MessageRow] = field(default_factory=dict)  # uid -> row: matched, flags already so
     conflicts: list[int] = field(default_factory=list)  # RFC 7162 UNCHANGEDSINCE failures
 
 
@@ -749,7 +749,7 @@ class UserMailbox:
         rows = self.index.rows(st.fid, uids)
         kl = {k.lower() for k in kws}
         changes: list[tuple[MessageRow, int, list[str]]] = []
-        unchanged: list[int] = []
+        unchanged: dict[int, MessageRow] = {}
         conflicts: list[int] = []
         for uid in sorted(rows):
             m = rows[uid]
@@ -766,7 +766,7 @@ class UserMailbox:
                 nb = m.flags & ~bits
                 nk = [k for k in old_k if k.lower() not in kl]
             if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
-                unchanged.append(uid)
+                unchanged[uid] = m
                 continue
             changes.append((m, nb, nk))
         modseq, done = self.index.set_flags(row, st.path, changes)

@@ -288,6 +288,34 @@ def test_two_sessions_see_each_other(server: IMAPServer) -> None:
         assert b"UID 3" in u[0]
 
 
+def test_store_of_flags_already_set_by_another_session(server: IMAPServer) -> None:
+    """Issue 11: a non-silent +FLAGS/-FLAGS where some messages already have the flags answered
+    NO [SERVERBUG]; now both sessions get OK and the FETCH shows the current flags."""
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        for _ in range(3):
+            append(a, "INBOX", MSG)
+        a.ok("SELECT INBOX")
+        b.ok("SELECT INBOX")
+        u = a.ok("STORE 1 +FLAGS (\\Deleted)")
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1 +FLAGS (\\Deleted)")  # already set by a: unchanged, still reported
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1:3 +FLAGS (\\Seen \\Deleted)")  # a mix of changed and unchanged
+        assert sum(1 for x in u if b"FETCH" in x and b"\\Seen" in x and b"\\Deleted" in x) == 3
+        a.ok("NOOP")  # b's changes reach a here
+        u = a.ok("STORE 1:3 -FLAGS (\\Flagged)")  # nothing to remove: every message unchanged
+        assert sum(1 for x in u if b"FETCH" in x) == 3
+        # Both sessions, interleaved, setting and clearing the same flag on the same messages.
+        for i in range(10):
+            mode = "+" if i % 2 == 0 else "-"
+            for c in (a, b):
+                _u, t = c.cmd(f"STORE 1:* {mode}FLAGS (\\Answered)")
+                assert t.split(b" ")[1] == b"OK", t
+        _u, t = b.cmd("UID STORE 1:* +FLAGS.SILENT (\\Seen)")
+        assert t.split(b" ")[1] == b"OK", t
+
+
 def test_dropped_file_appears_on_noop(server: IMAPServer) -> None:
     addr = server.user()
     with server.client(addr) as c:
