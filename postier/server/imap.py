@@ -50,8 +50,11 @@ from ..proto.imap.response import Atom, Code, ResponseCode
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.states import State, allowed
-from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
-from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
+from ..store import errors as E
+from ..store.api import Mailboxes, MailStoreAPI
+from ..store.errors import StoreError
+from ..store.index import SYSTEM_FLAGS, flags_to_names
+from ..store.mailbox import SEPARATOR, mailstore_for, normalize_name
 from . import throttle
 from .base import Session
 from .imapfetch import (
@@ -98,8 +101,25 @@ def _bad(text: str, code: ResponseCode | None = None) -> Reply:
     return Reply("BAD", text, code)
 
 
-def _store_reply(exc: StoreError) -> Reply:
-    return _no(str(exc), Code.named(exc.code) if exc.code else None)
+#: RFC 9051 §7.1 response codes for the store's failures (TRYCREATE instead of NONEXISTENT where the
+#: missing mailbox is the target of APPEND, COPY or MOVE: RFC 9051 §6.3.12, §6.4.7).
+_STORE_CODES: dict[type[StoreError], ResponseCode] = {
+    E.MailboxNotFound: Code.NONEXISTENT,
+    E.MailboxExists: Code.ALREADYEXISTS,
+    E.InvalidName: Code.CANNOT,
+    E.NotPermitted: Code.CANNOT,
+    E.StoreLimit: Code.LIMIT,
+    E.MessageGone: Code.EXPUNGEISSUED,
+    E.OverQuota: Code.OVERQUOTA,
+    E.UnknownSpecialUse: Code.named("USEATTR"),  # RFC 6154 §3
+}
+
+
+def _store_reply(exc: StoreError, target: bool = False) -> Reply:
+    """The tagged NO for a store failure; `target` when the mailbox named is a destination."""
+    if target and isinstance(exc, E.MailboxNotFound):
+        return _no(str(exc), Code.TRYCREATE)
+    return _no(str(exc), _STORE_CODES.get(type(exc)))
 
 
 @dataclass(slots=True)
@@ -140,8 +160,8 @@ class IMAPSession(Session):
         self.out: list[bytes] = []
         self.out_size = 0
         self.user: User | None = None
-        self.store: MailStore = mailstore_for(self.services)
-        self.mb: UserMailbox | None = None
+        self.store: MailStoreAPI = mailstore_for(self.services)
+        self.mb: Mailboxes | None = None
         self.sel: Selected | None = None
         self.rev2 = False
         self.condstore = False
@@ -213,7 +233,7 @@ class IMAPSession(Session):
     def _release(self) -> None:
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
-            self.store.executor.submit(self.store.release, self.mb)
+            self.store.release_later(self.mb)
             self.mb = None
         if self._counted and self.user is not None:
             conns = _user_connections(self.services)
@@ -512,7 +532,7 @@ class IMAPSession(Session):
                 done.append("IMAP4rev2")
         self.send(R.enabled(done))
 
-    def _mbox(self) -> UserMailbox:
+    def _mbox(self) -> Mailboxes:
         assert self.mb is not None
         return self.mb
 
@@ -725,7 +745,10 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
         flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
-        uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        try:
+            uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(name)
         if self.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
@@ -743,7 +766,7 @@ class IMAPSession(Session):
         unwatch: Callable[[], None] | None = None
         if self.sel is not None and self.user is not None:
             mb = self._mbox()
-            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.path_of(self.sel.name),
+            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.watch_path(self.sel.name),
                                                 self._wake.set)
         self.parser.expect_line()
         deadline = time.monotonic() + IDLE_TIMEOUT_AUTH
@@ -1079,7 +1102,10 @@ class IMAPSession(Session):
         if not uids:
             return None
         fn = mb.move if move else mb.copy
-        res = await self.call(fn, sel.name, uids, dest)
+        try:
+            res = await self.call(fn, sel.name, uids, dest)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(dest)
         code = None
         if res.dest_uids:

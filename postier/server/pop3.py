@@ -32,14 +32,15 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..accounts import AccountError, User
 from ..config import IMPLICIT_TLS_ROLES
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
-from ..store.index import StoreError
-from ..store.mailbox import MailStore, PopMessage, UserMailbox, mailstore_for
+from ..store.api import Mailboxes, MailStoreAPI, PopMessage
+from ..store.errors import StoreError
+from ..store.mailbox import mailstore_for
 from . import throttle
 from .base import Session
 
@@ -88,36 +89,10 @@ def unlock_maildrop(fd: int) -> None:
         os.close(fd)
 
 
-def _open_message(mb: UserMailbox, uid: int) -> IO[bytes] | None:
-    """Open an INBOX message file for reading, or None when it is gone. An IMAP client may have
-    renamed it (flags changed): the folder is resynced once and the file looked up again."""
-    with mb.lock:
-        for attempt in range(2):
-            row = mb.rows(INBOX, [uid]).get(uid)
-            if row is None:
-                return None
-            try:
-                return open(mb.path_of(INBOX) / row.relpath(), "rb")  # noqa: SIM115 - closed by the caller
-            except FileNotFoundError:
-                if attempt == 0:
-                    mb.open(INBOX, force=True)
-    return None
-
-
-def _delete(mb: UserMailbox, uids: list[int], uidvalidity: int) -> bool:
-    """RFC 1939 §6: remove the messages marked deleted; False if the INBOX was renumbered since
-    the listing (UIDVALIDITY changed), in which case nothing is removed."""
-    with mb.lock:
-        if mb.open(INBOX).uidvalidity != uidvalidity:
-            return False
-        mb.delete_uids(INBOX, uids)
-        return True
-
-
 class _Maildrop:
     """What a logged-in session holds: the user's mailboxes, the lock and the listing of login."""
 
-    def __init__(self, user: User, mb: UserMailbox, lock_fd: int, listing: list[PopMessage], uidvalidity: int):
+    def __init__(self, user: User, mb: Mailboxes, lock_fd: int, listing: list[PopMessage], uidvalidity: int):
         self.user = user
         self.mb = mb
         self.lock_fd = lock_fd
@@ -127,18 +102,16 @@ class _Maildrop:
         self.entries = [(m.size, m.uidl) for m in listing]
 
 
-def _open_maildrop(store: MailStore, user: User) -> _Maildrop | None:
+def _open_maildrop(store: MailStoreAPI, mail_root: Path, user: User) -> _Maildrop | None:
     """Lock and list the maildrop (blocking). None when it is locked by another session."""
-    home = user.home(store.mail_root)
+    home = user.home(mail_root)
     fd = lock_maildrop(home)
     if fd is None:
         return None
     try:
         mb = store.acquire(user)
         try:
-            with mb.lock:
-                listing = mb.pop_listing()
-                uidvalidity = mb.open(INBOX).uidvalidity
+            listing, uidvalidity = mb.pop_listing()
         except BaseException:
             store.release(mb)
             raise
@@ -175,7 +148,7 @@ class POP3Session(Session):
             max_errors=max(1, cfg.limits.max_errors),
         )
         self.conn = core.POP3Connection(self.settings)
-        self.store: MailStore = mailstore_for(self.services)
+        self.store: MailStoreAPI = mailstore_for(self.services)
         self.drop: _Maildrop | None = None
         self._sasl_failures = 0
         self._drop_after_flush = False
@@ -347,7 +320,7 @@ class POP3Session(Session):
             self.conn.login_failed(login_delay=True)
             return
         try:
-            drop = await self.store.call(_open_maildrop, self.store, user)
+            drop = await self.store.call(_open_maildrop, self.store, self.services.config.mail_root, user)
         except (StoreError, AccountError, OSError) as exc:
             log.error("%s: cannot open the maildrop of %s: %s", self.role, user.address, exc)
             self.conn.login_failed(temporary=True)
@@ -375,7 +348,7 @@ class POP3Session(Session):
         assert drop is not None
         uid = drop.uids[ev.uid]
         try:
-            f = await self.store.call(_open_message, drop.mb, uid)
+            f = await self.store.call(drop.mb.open_message, INBOX, uid)
         except (StoreError, OSError) as exc:
             log.error("%s: cannot open message %d of %s: %s", self.role, uid, drop.user.address, exc)
             f = None
@@ -411,7 +384,7 @@ class POP3Session(Session):
         if ev.deleted_uids:
             uids = [drop.uids[u] for u in ev.deleted_uids]
             try:
-                ok = await self.store.call(_delete, drop.mb, uids, drop.uidvalidity)
+                ok = await self.store.call(drop.mb.pop_delete, uids, drop.uidvalidity)
             except (StoreError, OSError) as exc:
                 log.error("%s: deleting messages of %s failed: %s", self.role, drop.user.address, exc)
                 ok = False
