@@ -42,7 +42,7 @@ from ..store.api import Mailboxes, MailStoreAPI, PopMessage
 from ..store.errors import StoreError
 from ..store.mailbox import mailstore_for
 from . import throttle
-from .base import Session
+from .base import CommandTimeout, Session
 
 __all__ = ["LOCK_NAME", "POP3Session", "lock_maildrop", "unlock_maildrop"]
 
@@ -59,10 +59,6 @@ ERR_BUSY = Reply(False, "Too many connections, try again later.", "SYS/TEMP")
 ERR_SHUTDOWN = Reply(False, "Server shutting down.", "SYS/TEMP")
 ERR_IDLE = Reply(False, "Disconnected for inactivity.")
 ERR_COMMAND_TIMEOUT = Reply(False, "Command not received in time.")
-
-
-class _CommandTimeout(Exception):
-    """A command line was started and not finished within limits.command_timeout."""
 
 
 # -- the maildrop lock (blocking: run in a worker thread) ---------------------------------------
@@ -153,8 +149,6 @@ class POP3Session(Session):
         self._sasl_failures = 0
         self._drop_after_flush = False
         self._auth_deadline: asyncio.Timeout | None = None
-        self._cmd_started: float | None = None  # when the partly received command line started
-        self._cmd_bytes = 0
 
     @property
     def throttle(self) -> throttle.AuthThrottle:
@@ -171,7 +165,7 @@ class POP3Session(Session):
                 await self._session(max(MIN_IDLE_TIMEOUT, lim.idle_timeout))
         except TimeoutError:
             await self._say_and_flush(ERR_IDLE)
-        except _CommandTimeout:
+        except CommandTimeout:
             log.info("%s: %s did not finish a command in time", self.role, self.peer_ip)
             await self._say_and_flush(ERR_COMMAND_TIMEOUT)
         except asyncio.CancelledError:
@@ -205,29 +199,6 @@ class POP3Session(Session):
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
 
-    async def _read_command(self, idle: float) -> bytes:
-        """Read more input: within `idle`, or within what is left of the command deadline when a
-        line is partly received (command_timeout from its first byte, plus 1/min_data_rate s per
-        byte received since)."""
-        if not self.conn.partial_input:
-            self._cmd_started = None
-            return await self.read(idle)
-        lim = self.services.config.limits
-        now = time.monotonic()
-        if self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, 0
-        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
-        if left <= 0:
-            raise _CommandTimeout()
-        try:
-            data = await self.read(min(idle, left))
-        except TimeoutError:
-            if left < idle:
-                raise _CommandTimeout() from None
-            raise
-        self._cmd_bytes += len(data)
-        return data
-
     # -- main loop ----------------------------------------------------------------------------------
 
     async def _session(self, idle: float) -> None:
@@ -235,7 +206,7 @@ class POP3Session(Session):
         while True:
             ev = conn.next_event()
             if ev is not core.NEED_DATA:
-                self._cmd_started = None  # a line was complete: the next one starts its own clock
+                self.clock.stop()  # a line was complete: the next one starts its own clock
             if ev is core.NEED_DATA:
                 if conn.sasl_failures > self._sasl_failures:  # SCRAM proof wrong, malformed SASL
                     self._sasl_failures = conn.sasl_failures
@@ -243,7 +214,7 @@ class POP3Session(Session):
                 await self._flush(idle)
                 if self._drop_after_flush:
                     return
-                conn.receive_data(await self._read_command(idle))
+                conn.receive_data(await self.read_command(idle, conn.partial_input))
             elif isinstance(ev, core.StartTLS):
                 await self._start_tls(idle)
             elif isinstance(ev, core.Login):
@@ -275,13 +246,7 @@ class POP3Session(Session):
         ctx = self.services.ssl_context
         assert ctx is not None  # STLS is offered only with a certificate
         await self._flush(idle)
-        # RFC 2595 §4: bytes that arrived before the handshake are not commands. The core dropped
-        # what it had; drop what the stream buffered too. Nothing can arrive between this and the
-        # transport pausing its reads in start_tls (no await in between).
-        buffered = getattr(self.reader, "_buffer", None)
-        if isinstance(buffered, bytearray):
-            buffered.clear()
-        await self.start_tls(ctx)
+        await self.start_tls(ctx)  # RFC 2595 §4: the core dropped its buffered bytes, this the stream's
         self.conn.tls_started()
 
     # -- AUTHORIZATION (RFC 1939 §4, RFC 5034) ---------------------------------------------------

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from postier.proto import sasl
 from postier.store.maildir import deliver_maildir
 
 from .conftest import PASSWORD, IMAPServer, RawIMAP
@@ -116,6 +117,80 @@ def test_imaplib_starttls_login(server: IMAPServer) -> None:
         assert any('"INBOX"' in n for n in names)
     finally:
         c.logout()
+
+
+class _ScramAuth:
+    """imaplib's authobject for SCRAM-SHA-256, built on the project's own client (proto/sasl.py)."""
+
+    def __init__(self, user: str, password: str):
+        self.client = sasl.ScramClient(user, password)
+        self.step = 0
+        self.verified = False
+
+    def __call__(self, challenge: bytes) -> bytes:
+        self.step += 1
+        if self.step == 1:
+            return self.client.first_message()
+        if self.step == 2:
+            return self.client.final_message(challenge)
+        self.verified = self.client.verify_server_final(challenge)
+        return b""
+
+
+def test_authenticate_scram_sha_256_with_imaplib(server: IMAPServer) -> None:
+    addr = server.user()
+    c = imaplib.IMAP4(*server.inst.addr("imap"))
+    try:
+        assert "AUTH=SCRAM-SHA-256" not in c.capabilities  # no mechanism before TLS
+        c.starttls(server.inst.client_ssl_context())
+        assert {"AUTH=SCRAM-SHA-256", "AUTH=PLAIN", "AUTH=LOGIN"} <= set(c.capabilities)
+        auth = _ScramAuth(addr, PASSWORD)
+        typ, _data = c.authenticate("SCRAM-SHA-256", auth)
+        assert typ == "OK" and auth.verified  # the server proved it knows the keys too
+        assert c.select("INBOX")[0] == "OK"
+    finally:
+        c.logout()
+    c = imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=server.inst.client_ssl_context())
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.authenticate("SCRAM-SHA-256", _ScramAuth(addr, "wrong-password"))
+    finally:
+        c.shutdown()
+
+
+def test_authenticate_scram_with_sasl_ir_and_login_mechanism(server: IMAPServer) -> None:
+    addr = server.user()
+    b64 = base64.b64encode
+    with server.client() as c:  # SASL-IR (RFC 4959): client-first in the command line
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        assert first.startswith(b"+ ")
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        final = c.line()
+        assert final.startswith(b"+ ") and scram.verify_server_final(base64.b64decode(final[2:].strip()))
+        c.send(b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK") and b"CAPABILITY" in t
+    with server.client() as c:  # LOGIN: user name, then password, as two challenges
+        c.send(b"a AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(addr.encode()) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(PASSWORD.encode()) + b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK")
+    with server.client() as c:  # a non-empty answer to the server's final message fails
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(b"more") + b"\r\n")
+        _u, t = c.until("a")
+        assert b"NO [AUTHENTICATIONFAILED]" in t
+        u, t = c.cmd("AUTHENTICATE DIGEST-MD5")
+        assert b"NO [CANNOT]" in t
 
 
 def test_per_user_connection_limit(server: IMAPServer) -> None:
