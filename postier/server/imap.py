@@ -1,25 +1,25 @@
 """IMAP4rev2 and IMAP4rev1 sessions (RFC 9051, RFC 3501): the asyncio driver over `proto.imap`.
 
-The sans-IO `CommandReader` frames commands; this module decides per command (the legal commands
-per state are `proto.imap.states`), talks to the mailbox store through its worker threads, and writes
-responses built by `proto.imap.response`. Extensions: STARTTLS with discarding of bytes that arrived
-before the handshake (RFC 9051 §6.2.1), LOGINDISABLED and PRIVACYREQUIRED before TLS, AUTH=PLAIN with
-SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 2177) woken by deliveries,
-NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and CREATE-SPECIAL-USE
-(RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731), SEARCHRES
-(RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE and QRESYNC
-(RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
+The sans-IO `CommandReader` frames commands and `proto.imap.session.SessionCore` holds the session's
+rules (legal commands per state, capabilities, the selected mailbox as announced, sequence sets, when
+EXISTS/EXPUNGE/VANISHED/FETCH updates may be sent); this module does the I/O around them: it reads
+and writes the socket, STARTTLS, deadlines, logins (one SASL exchange with SMTP and POP3:
+`server/auth.py`), and asks the mail store (`store.api`, in its worker threads) for the facts each
+command needs. Extensions: STARTTLS with discarding of bytes that arrived before the handshake
+(RFC 9051 §6.2.1), LOGINDISABLED and PRIVACYREQUIRED before TLS, AUTH=SCRAM-SHA-256, AUTH=PLAIN and
+AUTH=LOGIN with SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 2177) woken by
+deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and
+CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
+SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
+and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
-(after each command, in NOOP and while IDLE) as EXISTS, EXPUNGE (VANISHED under QRESYNC) and FETCH
-FLAGS; never an EXPUNGE while answering FETCH, STORE or SEARCH by sequence number (RFC 9051 §7.5.1).
-Each session keeps the UID array it last announced (shared with the store's folder state until the
-folder changes), so sequence numbers stay stable between notification points.
+(after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
 
 Abuse bounds (docs/security.md): before login the whole session lasts at most `limits.session_timeout`;
 a command, once its first byte is in, must be complete within `limits.command_timeout` plus one second
-per `limits.min_data_rate` bytes received (slowloris, slow literals); output must be read at that rate
-too; and `limits.max_errors` BAD responses without a successful command in between end the session.
+per `limits.min_data_rate` bytes received (`server.base.CommandClock`); output must be read at that
+rate too; and `limits.max_errors` BAD responses without a successful command in between end the session.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ import logging
 import re
 import ssl
 import time
-from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..accounts import User
@@ -44,10 +42,11 @@ from ..proto.imap import commands as C
 from ..proto.imap import response as R
 from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
-from ..proto.imap.response import Atom, Code, ResponseCode
+from ..proto.imap.response import Code, ResponseCode
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
-from ..proto.imap.states import State, allowed
+from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
+from ..proto.imap.states import State
 from ..store import errors as E
 from ..store.api import Mailboxes, MailStoreAPI
 from ..store.errors import StoreError
@@ -77,29 +76,18 @@ FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a lar
 _SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
 #: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
 AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
-_PERMANENT = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-
-
-class Reply(Exception):
-    """Ends a command with a tagged NO or BAD (raised by handlers, turned into bytes by the loop)."""
-
-    def __init__(self, status: str, text: str, code: ResponseCode | None = None):
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.code = code
 
 
 class _Disconnect(Exception):
     """The session must end now (BYE already queued)."""
 
 
-def _no(text: str, code: ResponseCode | None = None) -> Reply:
-    return Reply("NO", text, code)
+def _no(text: str, code: ResponseCode | None = None) -> Refusal:
+    return Refusal("NO", text, code)
 
 
-def _bad(text: str, code: ResponseCode | None = None) -> Reply:
-    return Reply("BAD", text, code)
+def _bad(text: str, code: ResponseCode | None = None) -> Refusal:
+    return Refusal("BAD", text, code)
 
 
 #: RFC 9051 §7.1 response codes for the store's failures (TRYCREATE instead of NONEXISTENT where the
@@ -116,26 +104,11 @@ _STORE_CODES: dict[type[StoreError], ResponseCode] = {
 }
 
 
-def _store_reply(exc: StoreError, target: bool = False) -> Reply:
+def _store_reply(exc: StoreError, target: bool = False) -> Refusal:
     """The tagged NO for a store failure; `target` when the mailbox named is a destination."""
     if target and isinstance(exc, E.MailboxNotFound):
         return _no(str(exc), Code.TRYCREATE)
     return _no(str(exc), _STORE_CODES.get(type(exc)))
-
-
-@dataclass(slots=True)
-class Selected:
-    """The selected mailbox as this session announced it."""
-
-    name: str
-    readonly: bool
-    uidvalidity: int
-    uids: array[int]  # sequence number n is uids[n - 1]
-    version: int
-    modseq_seen: int
-    recent_from: int  # UIDs at or above it are \Recent for this session (IMAP4rev1 only)
-    own: dict[int, int] = field(default_factory=dict)  # uid -> modseq of our own flag changes
-    saved: list[int] | None = None  # RFC 5182 SEARCHRES, as UIDs
 
 
 def _user_connections(services: Any) -> Counter[str]:
@@ -152,21 +125,17 @@ class IMAPSession(Session):
         super().__init__(*args, **kwargs)
         cfg = self.services.config
         self.cfg = cfg
-        self.tls = self.tls_implicit
         listener = cfg.listeners.get(self.role)
-        self.starttls_ok = (self.services.ssl_context is not None and not self.tls_implicit
-                            and (listener.starttls if listener else True))
+        starttls_ok = (self.services.ssl_context is not None and not self.tls_implicit
+                       and (listener.starttls if listener else True))
+        self.core = SessionCore(SessionSettings(starttls_ok, cfg.auth.allow_plaintext, cfg.imap.appendlimit,
+                                                AUTH_MECHANISMS), tls=self.tls_implicit)
         self.parser = CommandReader(PREAUTH_LIMITS)
-        self.state = State.NOT_AUTHENTICATED
         self.out: list[bytes] = []
         self.out_size = 0
         self.user: User | None = None
         self.store: MailStoreAPI = mailstore_for(self.services)
         self.mb: Mailboxes | None = None
-        self.sel: Selected | None = None
-        self.rev2 = False
-        self.condstore = False
-        self.qresync = False
         self.logout = False
         self._wake = asyncio.Event()
         self._counted = False
@@ -242,7 +211,7 @@ class IMAPSession(Session):
             self._counted = False
 
     def _timeout(self) -> float:
-        return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
+        return self.cfg.limits.idle_timeout if self.core.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
 
     async def _read_command_bytes(self) -> bytes:
         return await self.read_command(self._timeout(), self.parser.in_command, self.parser.buffered)
@@ -260,7 +229,7 @@ class IMAPSession(Session):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             await self.flush()
             return
-        self.send(R.untagged_status("OK", "postier IMAP4rev2 ready", Code.capability(self.capabilities())))
+        self.send(R.untagged_status("OK", "postier IMAP4rev2 ready", Code.capability(self.core.capabilities())))
         while not self.logout:
             try:
                 ev = self.parser.next_event()
@@ -301,7 +270,7 @@ class IMAPSession(Session):
     def _continuation(self, ev: NeedContinuation) -> None:
         """A synchronising literal: "+" or a refusal (RFC 9051 §7.5; RFC 7889 APPENDLIMIT)."""
         tag = ev.tag or "*"
-        if ev.command in ("LOGIN", "AUTHENTICATE") and not self._auth_allowed():
+        if ev.command in ("LOGIN", "AUTHENTICATE") and not self.core.auth_allowed:
             self.parser.reject_literal()
             self.send(R.tagged(tag, "NO", "Log in after STARTTLS", Code.PRIVACYREQUIRED))
             return
@@ -314,35 +283,12 @@ class IMAPSession(Session):
 
     # -- capabilities ---------------------------------------------------------------------------
 
-    def _auth_allowed(self) -> bool:
-        return self.tls or self.cfg.auth.allow_plaintext
-
-    def capabilities(self) -> list[str]:
-        caps = ["IMAP4rev1", "IMAP4rev2"]
-        if self.state is State.NOT_AUTHENTICATED:
-            if self.starttls_ok and not self.tls:
-                caps.append("STARTTLS")
-            if self._auth_allowed():
-                caps += [f"AUTH={m}" for m in AUTH_MECHANISMS]  # RFC 9051 §6.2.2
-            else:
-                caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
-            caps += ["SASL-IR", "ID", "ENABLE", "LITERAL+"]
-            return caps
-        caps += [
-            "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE",
-            "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "LITERAL+",
-            "CHILDREN", f"APPENDLIMIT={self.cfg.imap.appendlimit}", "CONDSTORE", "QRESYNC", "BINARY",
-            "STATUS=SIZE", "SASL-IR",
-        ]
-        return caps
-
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self, cmd: C.Command) -> None:
         tag = cmd.tag
-        if not allowed(self.state, cmd.name):
-            hint = "log in first" if self.state is State.NOT_AUTHENTICATED else (
-                "select a mailbox first" if self.state is State.AUTHENTICATED else "not allowed now")
+        hint = self.core.refusal(cmd.name)
+        if hint is not None:
             self.send(R.tagged(tag, "BAD", f"{cmd.command_name}: {hint}", Code.CLIENTBUG))
             self._count_bad()
             return
@@ -356,7 +302,7 @@ class IMAPSession(Session):
             text, code = result if result else (f"{cmd.command_name} completed", None)
             self.send(R.tagged(tag, "OK", text, code))
             self._bad = 0
-        except Reply as r:
+        except Refusal as r:
             self.send(R.tagged(tag, r.status, r.text, r.code))
             if r.status == "BAD":
                 self._count_bad()
@@ -377,7 +323,7 @@ class IMAPSession(Session):
     # -- any state ------------------------------------------------------------------------------
 
     async def cmd_capability(self, cmd: C.Capability) -> None:
-        self.send(R.capability(self.capabilities()))
+        self.send(R.capability(self.core.capabilities()))
 
     async def cmd_noop(self, cmd: C.Noop | C.Check) -> None:
         await self._updates(allow_expunge=True, sync=True)
@@ -392,7 +338,7 @@ class IMAPSession(Session):
     # -- not authenticated ----------------------------------------------------------------------
 
     async def cmd_starttls(self, cmd: C.StartTLS) -> tuple[str, ResponseCode | None] | None:
-        if not self.starttls_ok or self.tls:
+        if not self.core.settings.starttls_ok or self.core.tls:
             raise _bad("STARTTLS is not available", Code.CLIENTBUG)
         self.send(R.tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
         await self.flush()
@@ -402,17 +348,17 @@ class IMAPSession(Session):
         ctx = self.services.ssl_context
         assert ctx is not None
         await self.start_tls(ctx)
-        self.tls = True
+        self.core.tls_started()
         raise _Silent()
 
     async def cmd_login(self, cmd: C.Login) -> tuple[str, ResponseCode | None] | None:
-        if not self._auth_allowed():
+        if not self.core.auth_allowed:
             raise _no("Log in after STARTTLS", Code.PRIVACYREQUIRED)  # RFC 9051 §6.2.3
         return await self._check_login(cmd.userid, cmd.password)
 
     async def cmd_authenticate(self, cmd: C.Authenticate) -> tuple[str, ResponseCode | None] | None:
         """RFC 9051 §6.2.2 AUTHENTICATE (SASL-IR: RFC 4959), one exchange shared with SMTP and POP3."""
-        if not self._auth_allowed():
+        if not self.core.auth_allowed:
             raise _no("Authenticate after STARTTLS", Code.PRIVACYREQUIRED)
         exchange = sasl.ServerExchange.for_name(cmd.mechanism, AUTH_MECHANISMS)
         if exchange is None:
@@ -477,12 +423,12 @@ class IMAPSession(Session):
         self.user = user
         self.mb = await self.call(self.store.acquire, user)
         await self.call(self.mb.ensure_defaults)
-        self.state = State.AUTHENTICATED
+        self.core.logged_in()
         if self._preauth is not None:
             self._preauth.reschedule(None)
         self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
-        log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.tls else "")
-        return "Logged in", Code.capability(self.capabilities())
+        log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.core.tls else "")
+        return "Logged in", Code.capability(self.core.capabilities())
 
     async def _login_failed(self) -> None:
         thr = throttle.get(self.services)
@@ -495,19 +441,8 @@ class IMAPSession(Session):
     # -- authenticated --------------------------------------------------------------------------
 
     async def cmd_enable(self, cmd: C.Enable) -> None:
-        done = []
-        for cap in cmd.capabilities:
-            if cap == "CONDSTORE" and not self.condstore:
-                self.condstore = True
-                done.append(cap)
-            elif cap == "QRESYNC" and not self.qresync:  # RFC 7162 §3.2.3: implies CONDSTORE
-                self.qresync = self.condstore = True
-                done.append(cap)
-            elif cap == "IMAP4REV2" and not self.rev2:
-                self.rev2 = True
-                self.parser.utf8 = True
-                done.append("IMAP4rev2")
-        self.send(R.enabled(done))
+        self.send(self.core.enable(cmd.capabilities))
+        self.parser.utf8 = self.core.rev2
 
     def _mbox(self) -> Mailboxes:
         assert self.mb is not None
@@ -520,41 +455,21 @@ class IMAPSession(Session):
             raise _store_reply(exc) from None
 
     async def cmd_select(self, cmd: C.Select) -> tuple[str, ResponseCode | None]:
-        if cmd.qresync is not None and not self.qresync:
+        core = self.core
+        if cmd.qresync is not None and not core.qresync:
             raise _bad("QRESYNC must be enabled first", Code.CLIENTBUG)  # RFC 7162 §3.2.5
-        if self.sel is not None:
-            self.sel = None
-            self.state = State.AUTHENTICATED
-            if self.rev2 or self.condstore:
-                self.send(R.untagged_status("OK", "Previous mailbox closed", Code.CLOSED))  # RFC 7162 §3.2.11
+        for line in core.leave():
+            self.send(line)
         name = self._name(cmd.mailbox)
         mb = self._mbox()
         readonly = cmd.readonly
-        snap, recent_from, first = await self.call(mb.select, name, not readonly and not self.rev2, not self.rev2)
+        snap, recent_from, first = await self.call(mb.select, name, not readonly and not core.rev2, not core.rev2)
         if cmd.condstore:
-            self.condstore = True
-        if self.rev2:
-            recent_from = 1 << 32  # IMAP4rev2 has no \Recent
-        uids = snap.uids
-        sel = Selected(name, readonly, snap.uidvalidity, uids, snap.version, snap.highestmodseq, recent_from)
-        kws = tuple(snap.keywords)
-        self.send(R.flags((*_PERMANENT, *kws)))
-        if readonly:
-            self.send(R.untagged_status("OK", "No permanent flags", Code.permanentflags(())))
-        else:
-            self.send(R.untagged_status("OK", "Flags permitted", Code.permanentflags((*_PERMANENT, *kws, "\\*"))))
-        self.send(R.exists(len(uids)))
-        if not self.rev2:
-            self.send(R.recent(len(uids) - bisect_left(uids, recent_from)))
-            if first is not None:
-                i = bisect_left(uids, first)
-                if i < len(uids):
-                    self.send(R.untagged_status("OK", "First unseen", Code.unseen(i + 1)))
-        self.send(R.untagged_status("OK", "UIDs valid", Code.uidvalidity(snap.uidvalidity)))
-        self.send(R.untagged_status("OK", "Predicted next UID", Code.uidnext(snap.uidnext)))
-        self.send(R.untagged_status("OK", "Highest", Code.highestmodseq(snap.highestmodseq)))
-        self.sel = sel
-        self.state = State.SELECTED
+            core.condstore = True
+        view = FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq)
+        for line in core.select(name, readonly, view, uidnext=snap.uidnext, keywords=snap.keywords,
+                                recent_from=recent_from, first_unseen=first):
+            self.send(line)
         if cmd.qresync is not None and cmd.qresync.uidvalidity == snap.uidvalidity:
             await self._qresync(cmd.qresync)
         return ("EXAMINE completed" if readonly else "SELECT completed",
@@ -562,7 +477,7 @@ class IMAPSession(Session):
 
     async def _qresync(self, q: C.QResync) -> None:
         """RFC 7162 §3.2.5.2: VANISHED (EARLIER) and the flag changes since the client's MODSEQ."""
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         mb = self._mbox()
         known = q.known_uids
@@ -580,7 +495,7 @@ class IMAPSession(Session):
         for uid, flags, kws, modseq in rows:
             i = bisect_left(sel.uids, uid)
             if i < len(sel.uids) and sel.uids[i] == uid:
-                self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, with_modseq=True))
+                self.send(self.core.flag_fetch(i + 1, uid, flags_to_names(flags, kws), modseq, with_modseq=True))
                 await self.maybe_flush()
 
     async def cmd_create(self, cmd: C.Create) -> None:
@@ -593,7 +508,7 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         await self.call(self._mbox().delete, name)
         self._notify(name)
-        if self.sel is not None and self.sel.name == name:
+        if self.core.sel is not None and self.core.sel.name == name:
             self.send(R.bye("Selected mailbox was deleted"))
             raise _Disconnect()
 
@@ -601,7 +516,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
-        if self.sel is not None and (self.sel.name == old or self.sel.name.startswith(old + SEPARATOR)) \
+        if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
             raise _Disconnect()
@@ -617,7 +532,7 @@ class IMAPSession(Session):
         await self.call(mb.subscribe, name, False)
 
     async def cmd_namespace(self, cmd: C.Namespace) -> None:
-        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.rev2))  # RFC 2342
+        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.rev2))  # RFC 2342
 
     # -- LIST / LSUB / STATUS -------------------------------------------------------------------
 
@@ -629,7 +544,7 @@ class IMAPSession(Session):
         sel_opts = cmd.selection
         ret = cmd.returns
         if not cmd.patterns or cmd.patterns == ("",) and not ext:
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2))  # RFC 9051 §6.3.9
+            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.core.rev2))  # RFC 9051 §6.3.9
             return
         exists = {f.name: f.special_use for f in folders}
         universe = set(exists)
@@ -667,7 +582,7 @@ class IMAPSession(Session):
                 attrs.append("\\Subscribed")
             out.append((name, attrs, childinfo))
         for name, attrs, childinfo in out:
-            self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, childinfo=childinfo))
+            self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.core.rev2, childinfo=childinfo))
             if ret.status is not None and name in exists:  # RFC 5819 LIST-STATUS
                 with contextlib.suppress(StoreError):
                     await self._send_status(name, ret.status)
@@ -678,7 +593,7 @@ class IMAPSession(Session):
         subs = await self.call(mb.subscriptions)
         exists = {f.name for f in await self.call(mb.list_folders)}
         if cmd.pattern == "":
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2, command="LSUB"))
+            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.core.rev2, command="LSUB"))
             return
         m = _pattern(cmd.reference, cmd.pattern)
         seen: set[str] = set()
@@ -687,14 +602,14 @@ class IMAPSession(Session):
                 if name not in seen:
                     seen.add(name)
                     attrs = [] if name in exists else ["\\Noselect"]
-                    self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, command="LSUB"))
+                    self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.core.rev2, command="LSUB"))
                 continue
             parts = name.split(SEPARATOR)  # RFC 3501 §6.3.9: a matching unsubscribed parent is \Noselect
             for i in range(len(parts) - 1, 0, -1):
                 parent = SEPARATOR.join(parts[:i])
                 if m(parent) and parent not in seen and parent not in subs:
                     seen.add(parent)
-                    self.send(R.list_response(["\\Noselect"], SEPARATOR, parent, utf8=self.rev2, command="LSUB"))
+                    self.send(R.list_response(["\\Noselect"], SEPARATOR, parent, utf8=self.core.rev2, command="LSUB"))
                     break
 
     async def cmd_status(self, cmd: C.Status) -> None:
@@ -704,13 +619,13 @@ class IMAPSession(Session):
     async def _send_status(self, name: str, items: tuple[str, ...]) -> None:
         info = await self.call(self._mbox().status, name)
         if "HIGHESTMODSEQ" in items:
-            self.condstore = True
+            self.core.condstore = True
         values = {
             "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
             "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
         }
-        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.rev2))
+        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.rev2))
 
     # -- APPEND ---------------------------------------------------------------------------------
 
@@ -727,7 +642,7 @@ class IMAPSession(Session):
         except StoreError as exc:
             raise _store_reply(exc, target=True) from None
         self._notify(name)
-        if self.sel is not None:
+        if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
         return "APPEND completed", Code.appenduid(uidvalidity, uid)  # RFC 4315 §3
 
@@ -735,15 +650,15 @@ class IMAPSession(Session):
 
     async def cmd_idle(self, cmd: C.Idle) -> tuple[str, ResponseCode | None] | None:
         """RFC 2177: report changes as they happen until DONE."""
-        if self.sel is not None:
+        if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=True)
         self.send(R.continuation("idling"))
         await self.flush()
         self._wake.clear()
         unwatch: Callable[[], None] | None = None
-        if self.sel is not None and self.user is not None:
+        if self.core.sel is not None and self.user is not None:
             mb = self._mbox()
-            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.watch_path(self.sel.name),
+            unwatch = self.store.notifier.watch(self.user.address, self.core.sel.name, mb.watch_path(self.core.sel.name),
                                                 self._wake.set)
         self.parser.expect_line()
         deadline = time.monotonic() + IDLE_TIMEOUT_AUTH
@@ -782,7 +697,7 @@ class IMAPSession(Session):
                     continue
                 if wake in done:
                     self._wake.clear()
-                    if self.sel is not None:
+                    if self.core.sel is not None:
                         await self._updates(allow_expunge=True, sync=True)
                 else:
                     self.send(R.untagged_status("OK", "Still here"))
@@ -801,22 +716,10 @@ class IMAPSession(Session):
 
     # -- selected: updates ----------------------------------------------------------------------
 
-    def _flag_fetch(self, seq: int, uid: int, flags: int, kws: str, modseq: int, with_modseq: bool,
-                    silent_flags: bool = False) -> bytes:
-        names = flags_to_names(flags, kws)
-        sel = self.sel
-        if sel is not None and not self.rev2 and uid >= sel.recent_from:
-            names.append("\\Recent")
-        items: list[tuple[str, Any]] = [("UID", uid)]
-        if not silent_flags:
-            items.append(("FLAGS", tuple(Atom(n) for n in names)))
-        if with_modseq:
-            items.append(("MODSEQ", R.Raw(b"(%d)" % modseq)))
-        return R.fetch(seq, items)
-
     async def _updates(self, allow_expunge: bool, sync: bool) -> None:
-        """A notification point: announce expunges (if allowed), new messages and flag changes."""
-        sel = self.sel
+        """A notification point: the store's facts in, the core's announcements out."""
+        core = self.core
+        sel = core.sel
         if sel is None:
             return
         mb = self._mbox()
@@ -825,147 +728,71 @@ class IMAPSession(Session):
         except StoreError:
             self.send(R.bye("Selected mailbox no longer exists"))
             raise _Disconnect() from None
-        if snap.uidvalidity != sel.uidvalidity:
-            self.send(R.bye("Selected mailbox was replaced (UIDVALIDITY changed)"))
-            raise _Disconnect()
-        view = sel.uids
-        old_max = view[-1] if view else 0
-        if snap.uids is not view and snap.version != sel.version:
-            cur = snap.uids
-            n = len(view)
-            if len(cur) >= n and cur[:n] == view:
-                gone: list[int] = []
-            else:
-                present = set(cur)
-                gone = [u for u in view if u not in present]
-            announced = 0
-            if not gone or allow_expunge:
-                if gone:
-                    self._send_expunges(view, gone)
-                    announced = len(gone)
-                view = cur
-                sel.version = snap.version
-            else:  # expunges must wait (RFC 9051 §7.5.1): add only the new messages
-                i = bisect_right(cur, old_max)
-                if i < len(cur):
-                    view = array("I", view)
-                    view.extend(cur[i:])
-            expected = len(sel.uids) - announced
-            sel.uids = view
-            if len(view) > expected:
-                self.send(R.exists(len(view)))
-                if not self.rev2:
-                    if not sel.readonly:
-                        thr = await self.call(mb.claim_recent, sel.name)
-                        sel.recent_from = min(sel.recent_from, max(thr, old_max + 1))
-                    self.send(R.recent(len(view) - bisect_left(view, sel.recent_from)))
-        if snap.highestmodseq > sel.modseq_seen:
-            rows = await self.call(mb.changed_since, sel.name, sel.modseq_seen, old_max)
-            top = snap.highestmodseq
-            for uid, flags, kws, modseq in rows:
-                top = max(top, modseq)
-                if sel.own.get(uid) == modseq:
-                    continue
-                i = bisect_left(sel.uids, uid)
-                if i < len(sel.uids) and sel.uids[i] == uid:
-                    self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, self.condstore))
-                    await self.maybe_flush()
-            sel.modseq_seen = top
-            sel.own.clear()
-
-    def _send_expunges(self, view: array[int], gone: list[int]) -> None:
-        sel = self.sel
-        assert sel is not None
-        if self.qresync:
-            self.send(R.vanished(SequenceSet.from_ids(gone)))  # RFC 7162 §3.2.10
-        else:
-            gone_set = set(gone)
-            seqs = [i + 1 for i, u in enumerate(view) if u in gone_set]
-            for s in reversed(seqs):  # from the end, so the earlier numbers stay valid
-                self.send(R.expunge(s))
-        if sel.saved is not None:
-            gs = set(gone)
-            sel.saved = [u for u in sel.saved if u not in gs]
-
-    # -- selected: sequence sets ----------------------------------------------------------------
-
-    def _targets(self, sset: SequenceSet, uid: bool) -> list[tuple[int, int]]:
-        """(seq, uid) pairs the set names, in order (RFC 9051 §9 sequence-set; RFC 5182 "$")."""
-        sel = self.sel
-        assert sel is not None
-        view = sel.uids
-        if sset.saved:
-            if sel.saved is None:
-                return []
-            out = []
-            for u in sel.saved:
-                i = bisect_left(view, u)
-                if i < len(view) and view[i] == u:
-                    out.append((i + 1, u))
-            return out
-        if not view:
-            if not uid and sset.max_number() > 0:
-                raise _bad("Invalid message sequence number (the mailbox is empty)", Code.CLIENTBUG)
-            return []
-        if uid:
-            res: list[tuple[int, int]] = []
-            for a, b in sset.resolve(view[-1]):
-                i, j = bisect_left(view, a), bisect_right(view, b)
-                res.extend((k + 1, view[k]) for k in range(i, j))
-            return res
-        n = len(view)
-        if sset.max_number() > n:
-            raise _bad("Invalid message sequence number", Code.CLIENTBUG)  # RFC 9051 §7.1.5
-        return [(s, view[s - 1]) for a, b in sset.resolve(n) for s in range(max(a, 1), min(b, n) + 1)]
+        try:
+            res = core.sync(FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq), allow_expunge)
+        except MailboxGone as exc:
+            self.send(R.bye(str(exc)))
+            raise _Disconnect() from None
+        for line in res.out:
+            self.send(line)
+        if res.grew and not core.rev2:
+            claimed = None if sel.readonly else await self.call(mb.claim_recent, sel.name)
+            recent = core.recent(claimed, res.old_max)
+            if recent is not None:
+                self.send(recent)
+        if res.flags_since is not None:
+            rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
+            changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
+            for line in core.flag_updates(changes, snap.highestmodseq):
+                self.send(line)
+                await self.maybe_flush()
 
     # -- selected: commands ---------------------------------------------------------------------
 
     async def cmd_close(self, cmd: C.Close) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if not sel.readonly:  # RFC 9051 §6.4.1: expunge silently
             gone = await self.call(self._mbox().expunge, sel.name, None)
             if gone:
                 self._notify(sel.name)
-        self.sel = None
-        self.state = State.AUTHENTICATED
+        self.core.deselect()
 
     async def cmd_unselect(self, cmd: C.Unselect) -> None:
-        self.sel = None
-        self.state = State.AUTHENTICATED
+        self.core.deselect()
 
     async def cmd_expunge(self, cmd: C.Expunge) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         uids = None
         if cmd.uid and cmd.sequence_set is not None:
-            uids = [u for _s, u in self._targets(cmd.sequence_set, True)]
+            uids = [u for _s, u in self.core.targets(cmd.sequence_set, True)]
         gone = await self.call(self._mbox().expunge, sel.name, uids)
         if gone:
             self._notify(sel.name)
         await self._updates(allow_expunge=True, sync=False)
 
     async def cmd_fetch(self, cmd: C.Fetch) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
-        if cmd.vanished and not (cmd.uid and self.qresync and cmd.changedsince is not None):
+        if cmd.vanished and not (cmd.uid and self.core.qresync and cmd.changedsince is not None):
             raise _bad("VANISHED needs QRESYNC, UID FETCH and CHANGEDSINCE", Code.CLIENTBUG)  # RFC 7162 §3.2.6
         wants_modseq = any(a.name == "MODSEQ" for a in cmd.attributes)
         if cmd.changedsince is not None or wants_modseq:
-            self.condstore = True
+            self.core.condstore = True
         await self._updates(allow_expunge=cmd.uid, sync=False)
         mb = self._mbox()
         want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
-        if is_flags_only(cmd.attributes) and cmd.changedsince is None and self._covers_all(cmd.sequence_set, cmd.uid):
+        if is_flags_only(cmd.attributes) and cmd.changedsince is None and self.core.covers_all(cmd.sequence_set, cmd.uid):
             # The whole mailbox's flags (clients' resync): from the folder's flag table, one piece.
             data = await self.call(render_all_flags, mb, sel.name, sel.uids, want_uid, wants_modseq,
-                                   self._recent_from())
+                                   self.core.recent_from())
             if data is not None:
                 self.send(data)
                 return None
-        targets = self._targets(cmd.sequence_set, cmd.uid)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
         if cmd.vanished and cmd.changedsince is not None:
             van = await self.call(mb.vanished_since, sel.name, cmd.changedsince)
             top = sel.uids[-1] if sel.uids else 1
@@ -983,14 +810,14 @@ class IMAPSession(Session):
             for i in range(0, len(targets), FLAGS_BATCH):
                 chunk = targets[i:i + FLAGS_BATCH]
                 lines = await self.call(render_flags, mb, sel.name, chunk, want_uid,
-                                        wants_modseq or add_modseq, self._recent_from(), cmd.changedsince)
+                                        wants_modseq or add_modseq, self.core.recent_from(), cmd.changedsince)
                 for line in lines:
                     self.send(line)
                 await self.maybe_flush()
         else:
-            opts = FetchOptions(utf8=self.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
+            opts = FetchOptions(utf8=self.core.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
-                                recent_from=self._recent_from())
+                                recent_from=self.core.recent_from())
             i = 0
             while i < len(targets):
                 try:
@@ -1000,7 +827,7 @@ class IMAPSession(Session):
                 for line in batch.data:
                     self.send(line)
                 if batch.seen_modseq:
-                    sel.own.update(batch.seen_modseq)
+                    self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
                 missing += batch.missing
                 i += max(batch.done, 1)
@@ -1009,34 +836,15 @@ class IMAPSession(Session):
             return f"{cmd.command_name} completed; some messages were expunged meanwhile", Code.EXPUNGEISSUED
         return None
 
-    def _covers_all(self, sset: SequenceSet, uid: bool) -> bool:
-        """True when the set names every message of the (non-empty) view, e.g. 1:* or UID 1:*."""
-        sel = self.sel
-        assert sel is not None
-        view = sel.uids
-        if sset.saved or not view:
-            return False
-        if uid:
-            return any(a <= view[0] and b >= view[-1] for a, b in sset.resolve(view[-1]))
-        n = len(view)
-        return sset.max_number() <= n and any(a <= 1 and b >= n for a, b in sset.resolve(n))
-
-    def _recent_from(self) -> int:
-        """UIDs at or above this are \\Recent for this session (never, in IMAP4rev2)."""
-        sel = self.sel
-        if sel is None or self.rev2:
-            return 1 << 32
-        return sel.recent_from
-
     async def cmd_store(self, cmd: C.Store) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         if cmd.unchangedsince is not None:
-            self.condstore = True
+            self.core.condstore = True
         await self._updates(allow_expunge=cmd.uid, sync=False)
-        targets = self._targets(cmd.sequence_set, cmd.uid)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
         flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
         for f in flags:
             if f.startswith("\\") and f.upper() not in _SYSTEM_UPPER:
@@ -1044,8 +852,7 @@ class IMAPSession(Session):
         mb = self._mbox()
         res = await self.call(mb.store, sel.name, [u for _s, u in targets], cmd.mode.value, flags,
                               cmd.unchangedsince)
-        for u in res.changed:
-            sel.own[u] = res.modseq
+        self.core.own_changes(dict.fromkeys(res.changed, res.modseq))
         if res.changed:
             self._notify(sel.name)
         seq_of = {u: s for s, u in targets}
@@ -1055,10 +862,10 @@ class IMAPSession(Session):
         for u in sorted(report, key=lambda x: seq_of.get(x, 0)):
             row = report[u]
             silent_flags = cmd.silent  # only changed messages remain here: MODSEQ only (RFC 7162 §3.1.3)
-            if cmd.silent and not self.condstore:
+            if cmd.silent and not self.core.condstore:
                 continue
-            self.send(self._flag_fetch(seq_of[u], u, row.flags, row.keywords, row.modseq,
-                                       self.condstore, silent_flags=silent_flags))
+            self.send(self.core.flag_fetch(seq_of[u], u, flags_to_names(row.flags, row.keywords), row.modseq,
+                                           self.core.condstore, silent_flags=silent_flags))
         await self.maybe_flush()
         if res.conflicts:
             ids = res.conflicts if cmd.uid else [seq_of[u] for u in res.conflicts]
@@ -1066,13 +873,13 @@ class IMAPSession(Session):
         return None
 
     async def cmd_copy(self, cmd: C.Copy | C.Move) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         move = isinstance(cmd, C.Move)
         if move and sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         await self._updates(allow_expunge=cmd.uid or move, sync=False)
-        targets = self._targets(cmd.sequence_set, cmd.uid)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
         dest = self._name(cmd.mailbox)
         mb = self._mbox()
         uids = [u for _s, u in targets]
@@ -1097,16 +904,16 @@ class IMAPSession(Session):
         return "COPY completed", code
 
     async def cmd_search(self, cmd: C.Search) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if _uses_modseq(cmd.criteria):
-            self.condstore = True
+            self.core.condstore = True
         await self._updates(allow_expunge=cmd.uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
-        recent = self._recent_from()
+        recent = self.core.recent_from()
         mb = self._mbox()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)
@@ -1122,8 +929,8 @@ class IMAPSession(Session):
         modseq = max((m for _s, _u, m in matches), default=None) if _uses_modseq(cmd.criteria) else None
         returns = cmd.returns
         if returns is not None and "SAVE" in returns:
-            sel.saved = [u for _s, u, _m in matches]  # RFC 5182
-        if returns is None and not self.rev2:
+            self.core.save([u for _s, u, _m in matches])  # RFC 5182
+        if returns is None and not self.core.rev2:
             self.send(R.search(ids, modseq))
             return
         opts = set(returns or ("ALL",))
