@@ -69,7 +69,8 @@ log = logging.getLogger("postier.imap")
 
 IDLE_TIMEOUT_AUTH = 31 * 60.0  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
 IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot's default interval)
-PREAUTH_LIMITS = ReaderLimits(max_line=8192, max_literal=8192, max_command=16384, max_literals=4)
+# Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
+PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
@@ -466,7 +467,7 @@ class IMAPSession(Session):
         snap, recent_from, first = await self.call(mb.select, name, not readonly and not core.rev2, not core.rev2)
         if cmd.condstore:
             core.condstore = True
-        view = FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq)
+        view = FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq, snap.keywords)
         for line in core.select(name, readonly, view, uidnext=snap.uidnext, keywords=snap.keywords,
                                 recent_from=recent_from, first_unseen=first):
             self.send(line)
@@ -557,7 +558,10 @@ class IMAPSession(Session):
             universe |= subs
         matchers = [_pattern(cmd.reference, p) for p in cmd.patterns if p != ""]
         children = _children_index(universe)
-        sub_children = _children_index(subs) if "RECURSIVEMATCH" in sel_opts else {}
+        # RFC 5258 §3.5 CHILDINFO: a parent that matches but is not subscribed is listed only for a
+        # subscribed descendant that the patterns do not list themselves.
+        sub_children = _children_index({n for n in subs if not any(m(n) for m in matchers)}) \
+            if "RECURSIVEMATCH" in sel_opts else set()
         out: list[tuple[str, list[str], list[str]]] = []
         for name in sorted(universe, key=lambda n: (n != "INBOX", n)):
             if not any(m(name) for m in matchers):
@@ -619,7 +623,8 @@ class IMAPSession(Session):
     async def _send_status(self, name: str, items: tuple[str, ...]) -> None:
         info = await self.call(self._mbox().status, name)
         if "HIGHESTMODSEQ" in items:
-            self.core.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         values = {
             "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
@@ -729,7 +734,8 @@ class IMAPSession(Session):
             self.send(R.bye("Selected mailbox no longer exists"))
             raise _Disconnect() from None
         try:
-            res = core.sync(FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq), allow_expunge)
+            res = core.sync(FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq, snap.keywords),
+                            allow_expunge)
         except MailboxGone as exc:
             self.send(R.bye(str(exc)))
             raise _Disconnect() from None
@@ -781,7 +787,8 @@ class IMAPSession(Session):
             raise _bad("VANISHED needs QRESYNC, UID FETCH and CHANGEDSINCE", Code.CLIENTBUG)  # RFC 7162 §3.2.6
         wants_modseq = any(a.name == "MODSEQ" for a in cmd.attributes)
         if cmd.changedsince is not None or wants_modseq:
-            self.core.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         mb = self._mbox()
         want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
@@ -842,7 +849,8 @@ class IMAPSession(Session):
         if sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         if cmd.unchangedsince is not None:
-            self.core.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         targets = self.core.targets(cmd.sequence_set, cmd.uid)
         flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
@@ -853,6 +861,8 @@ class IMAPSession(Session):
         res = await self.call(mb.store, sel.name, [u for _s, u in targets], cmd.mode.value, flags,
                               cmd.unchangedsince)
         self.core.own_changes(dict.fromkeys(res.changed, res.modseq))
+        for line in self.core.keywords_known(res.keywords):  # RFC 9051 §7.3.5: before the FETCH
+            self.send(line)
         if res.changed:
             self._notify(sel.name)
         seq_of = {u: s for s, u in targets}
@@ -907,7 +917,8 @@ class IMAPSession(Session):
         sel = self.core.sel
         assert sel is not None
         if _uses_modseq(cmd.criteria):
-            self.core.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
@@ -925,27 +936,8 @@ class IMAPSession(Session):
 
         parts = [targets[i:i + SEARCH_BATCH] for i in range(0, len(targets), SEARCH_BATCH)]
         matches = [m for found in await asyncio.gather(*(batch(p) for p in parts)) for m in found]
-        ids = [u if cmd.uid else s for s, u, _m in matches]
-        modseq = max((m for _s, _u, m in matches), default=None) if _uses_modseq(cmd.criteria) else None
-        returns = cmd.returns
-        if returns is not None and "SAVE" in returns:
-            self.core.save([u for _s, u, _m in matches])  # RFC 5182
-        if returns is None and not self.core.rev2:
-            self.send(R.search(ids, modseq))
-            return
-        opts = set(returns or ("ALL",))
-        if opts == {"SAVE"}:
-            return  # RFC 5182 §2.4: SAVE alone gives no ESEARCH response
-        if not opts - {"SAVE"}:
-            opts.add("ALL")
-        self.send(R.esearch(
-            cmd.tag, uid=cmd.uid,
-            min=min(ids) if ids and "MIN" in opts else None,
-            max=max(ids) if ids and "MAX" in opts else None,
-            all=SequenceSet.from_ids(ids) if ids and "ALL" in opts else None,
-            count=len(ids) if "COUNT" in opts else None,
-            modseq=modseq if ids else None,
-        ))
+        for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
+            self.send(line)
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 

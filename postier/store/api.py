@@ -75,6 +75,7 @@ class StoreResult:
     changed: dict[int, MessageRow]  # uid -> row after the change (only messages that changed)
     unchanged: dict[int, MessageRow] = field(default_factory=dict)  # uid -> row: matched, flags already so
     conflicts: list[int] = field(default_factory=list)  # RFC 7162 UNCHANGEDSINCE failures
+    keywords: tuple[str, ...] = ()  # every keyword the folder knows after the change
 
 
 @dataclass(frozen=True, slots=True)

@@ -725,6 +725,7 @@ class UserMailbox:
         row = self.index.folder(n)
         assert row is not None
         row = self.index.add_keywords(row, st.path, kws)
+        st.keywords = row.keywords
         kws = self.index.canonical_keywords(row, kws)
         if b"\n" in data.replace(b"\r\n", b""):
             data = _to_crlf(data)
@@ -802,7 +803,7 @@ class UserMailbox:
                         tab.keywords.pop(u, None)
                     if tab.modseq is not None:
                         tab.modseq[i] = r.modseq
-        return StoreResult(modseq, after, unchanged, conflicts)
+        return StoreResult(modseq, after, unchanged, conflicts, row.keywords)
 
     @_locked
     def expunge(self, name: str, uids: Iterable[int] | None = None) -> list[int]:
@@ -859,8 +860,7 @@ class UserMailbox:
     def _copy(self, s: str, uids: list[int], d: str, move: bool) -> CopyResult:
         sst = self.state(s)
         dst = self._open(d)
-        if s == d and move:
-            raise NotPermitted("source and destination are the same mailbox")
+        # s == d: RFC 6851 §3.3 allows MOVE into the same mailbox (new UIDs, the old ones expunged)
         rows = self.index.rows(sst.fid, uids)
         ordered = [rows[u] for u in sorted(rows)]
         drow = self.index.folder(d)
@@ -869,6 +869,7 @@ class UserMailbox:
         # Keywords move with the messages: register them in the destination first.
         all_k = {k for r in ordered for k in (r.keywords.split(" ") if r.keywords else [])}
         drow = self.index.add_keywords(drow, dst.path, sorted(all_k))
+        dst.keywords = drow.keywords
         known_bases = {b for (b,) in self.index.conn.execute("SELECT base FROM msgs WHERE folder=?", (dst.fid,))} \
             if len(ordered) > 32 else None
         placed: list[Path] = []

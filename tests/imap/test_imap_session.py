@@ -215,7 +215,9 @@ def test_select_append_fetch_store_search(server: IMAPServer) -> None:
         assert any(b"[PERMANENTFLAGS (" in x and b"\\*" in x for x in u)
         assert append(c, "INBOX", MSG) == 1
         assert append(c, "INBOX", MIME, "\\Seen $Work") == 2
-        assert c.last_untagged[0] == b"* 2 EXISTS\r\n"  # APPEND to the selected mailbox reports it
+        # APPEND to the selected mailbox reports it, and its new keyword first (RFC 9051 §7.3.5)
+        assert c.last_untagged[0].startswith(b"* FLAGS (") and b"$Work" in c.last_untagged[0]
+        assert c.last_untagged[2] == b"* 2 EXISTS\r\n"
         u = c.ok("FETCH 1:2 (UID FLAGS RFC822.SIZE ENVELOPE)")
         assert len(u) == 2
         assert b'"hello there"' in u[0] and b"RFC822.SIZE %d" % len(MSG) in u[0]
@@ -614,3 +616,102 @@ def test_more_commands(server: IMAPServer) -> None:
         assert b"NO [NONEXISTENT]" in t
         _u, t = c.cmd("FETCH 1 FLAGS")  # a failed SELECT leaves no mailbox selected
         assert b"BAD" in t
+
+
+# -- compliance (issue 11) ------------------------------------------------------------------------
+
+def test_unusable_but_well_formed_names_get_no(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        for cmd in ('SELECT "a&b"', 'LIST "" "&Jjo"', 'STATUS "x&-&" (MESSAGES)', 'CREATE "a\x01b"'):
+            _u, t = c.cmd(cmd)
+            assert t.split(b" ")[1] == b"NO" and b"[CANNOT]" in t, (cmd, t)
+        _u, t = c.cmd("SELECT (")  # a syntax error stays BAD
+        assert t.split(b" ")[1] == b"BAD"
+
+
+def test_long_id_command_is_accepted(server: IMAPServer) -> None:
+    params = " ".join(f'"key{i}" "{"v" * 1024}"' for i in range(30))  # RFC 2971 §3.3 maxima
+    line = f"ID ({params})"
+    assert 31_000 < len(line) < 32_000
+    with server.client() as c:  # before login
+        _u, t = c.cmd(line)
+        assert t.split(b" ")[1] == b"OK", t
+        c.ok(f"LOGIN {server.user()} {PASSWORD}")
+        _u, t = c.cmd(line)
+        assert t.split(b" ")[1] == b"OK", t
+        _u, t = c.cmd("ID (" + '"k" "' + "v" * 70_000 + '")')  # still bounded
+        assert b"TOOBIG" in t
+
+
+def test_condstore_enabled_by_fetch_modseq_sends_highestmodseq(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        append(c, "INBOX", MSG)
+        c.ok("SELECT INBOX")
+        u = c.ok("FETCH 1 (MODSEQ)")
+        assert u[0].startswith(b"* OK [HIGHESTMODSEQ "), u  # RFC 7162 §3.1, before the FETCH
+        assert u[1].startswith(b"* 1 FETCH (MODSEQ (")
+        u = c.ok("FETCH 1 (MODSEQ)")
+        assert not any(b"HIGHESTMODSEQ" in x for x in u)  # only when it is turned on
+
+
+def test_esearch_min_max_modseq_is_that_message_s(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        for _ in range(3):
+            append(c, "INBOX", MSG)
+        c.ok("ENABLE CONDSTORE")
+        c.ok("SELECT INBOX")
+        c.ok("STORE 1 +FLAGS (\\Flagged)")  # message 1 now has the highest MODSEQ
+        u = c.ok("FETCH 1:3 (MODSEQ)")
+        ms = {int(m.group(1)): int(m.group(2)) for m in (re.search(rb"\* (\d+) FETCH \(MODSEQ \((\d+)\)", x) for x in u)
+              if m}
+        u, t = c.cmd("SEARCH RETURN (MAX) MODSEQ 1", tag="s1")
+        assert t.startswith(b"s1 OK") and u == [b'* ESEARCH (TAG "s1") MAX 3 MODSEQ %d\r\n' % ms[3]]
+        u = c.ok("SEARCH RETURN (MIN MAX) MODSEQ 1")
+        assert u[0].endswith(b"MIN 1 MAX 3 MODSEQ %d\r\n" % max(ms[1], ms[3]))
+        u = c.ok("SEARCH RETURN (COUNT) MODSEQ 1")
+        assert u[0].endswith(b"COUNT 3 MODSEQ %d\r\n" % max(ms.values()))
+
+
+def test_list_extended_recursivematch_childinfo(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        c.ok("CREATE Foo.Bar")
+        c.ok("SUBSCRIBE Foo.Bar")
+        u = c.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Foo%"')
+        assert len(u) == 1 and b'"Foo"' in u[0] and b'("CHILDINFO" ("SUBSCRIBED"))' in u[0]
+        u = c.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Foo*"')  # Foo.Bar is listed itself: no Foo
+        assert len(u) == 1 and b'"Foo.Bar"' in u[0] and b"CHILDINFO" not in u[0], u
+
+
+def test_move_into_the_selected_mailbox(server: IMAPServer) -> None:
+    addr = server.user()
+    with server.client(addr) as c, server.client(addr) as other:
+        append(c, "INBOX", MSG)
+        append(c, "INBOX", MSG)
+        c.ok("SELECT INBOX")
+        other.ok("SELECT INBOX")
+        u = c.ok("UID MOVE 1 INBOX")  # RFC 6851: allowed; the message gets a new UID
+        assert u[0].startswith(b"* OK [COPYUID ") and b" 1 3]" in u[0], u
+        assert b"* 1 EXPUNGE\r\n" in u and b"* 2 EXISTS\r\n" in u
+        u = c.ok("UID FETCH 1:* (UID)")
+        assert [int(x) for x in re.findall(rb"UID (\d+)", b"".join(u))] == [2, 3]
+        u = other.ok("NOOP")
+        assert b"* 1 EXPUNGE\r\n" in u and b"* 2 EXISTS\r\n" in u
+
+
+def test_new_keyword_is_announced_before_it_is_fetched(server: IMAPServer) -> None:
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        append(a, "INBOX", MSG)
+        a.ok("SELECT INBOX")
+        b.ok("SELECT INBOX")
+        u = a.ok("STORE 1 +FLAGS (Project42)")
+        i = next(i for i, x in enumerate(u) if x.startswith(b"* FLAGS "))
+        j = next(i for i, x in enumerate(u) if b"FETCH" in x)
+        assert i < j and b"Project42" in u[i], u  # RFC 9051 §7.3.5
+        assert any(b"PERMANENTFLAGS" in x and b"Project42" in x for x in u)
+        u = b.ok("NOOP")
+        i = next(i for i, x in enumerate(u) if x.startswith(b"* FLAGS "))
+        j = next(i for i, x in enumerate(u) if b"FETCH" in x)
+        assert i < j and b"Project42" in u[i], u
+        u = a.ok("STORE 1 -FLAGS (Project42)")
+        assert not any(x.startswith(b"* FLAGS ") for x in u)  # known now: not announced again

@@ -302,3 +302,60 @@ def test_store_answer_and_recent_flag() -> None:
     assert core.flag_fetch(1, 1, ("\\Seen",), 9, with_modseq=False) == b"* 1 FETCH (UID 1 FLAGS (\\Seen \\Recent))\r\n"
     assert core.flag_fetch(1, 1, ("\\Seen",), 9, with_modseq=True, silent_flags=True) == \
         b"* 1 FETCH (UID 1 MODSEQ (9))\r\n"
+
+
+# -- keywords, CONDSTORE, SEARCH answers -------------------------------------------------------------
+
+def test_first_use_of_a_keyword_is_announced_before_the_fetch() -> None:
+    folder = Folder(1)
+    a, b = logged_in(), logged_in()
+    select(a, folder)
+    select(b, folder)
+    assert a.keywords_known(("Work",)) == []  # announced at SELECT
+    out = a.keywords_known(("Work", "Later"))
+    assert out[0] == b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft Work Later)\r\n"
+    assert b"PERMANENTFLAGS (" in out[1] and b"Later \\*)" in out[1]
+    folder.set_flags(1, "Later")
+    view = FolderView(folder.uidvalidity, folder.uids, folder.version, folder.modseq, ("Work", "Later"))
+    res = b.sync(view, True)
+    assert res.out[0].startswith(b"* FLAGS (") and b"Later" in res.out[0]  # before b's FETCH update
+    assert res.flags_since is not None
+
+
+def test_condstore_turned_on_while_selected_reports_highestmodseq() -> None:
+    folder = Folder(2)
+    core = logged_in()
+    assert core.use_condstore() == []  # nothing selected: nothing to say
+    core = logged_in()
+    select(core, folder)
+    assert core.use_condstore() == [b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % folder.modseq]
+    assert core.use_condstore() == []
+
+
+MATCHES = [(1, 10, 50), (2, 20, 70), (3, 30, 60)]
+
+
+@pytest.mark.parametrize(("returns", "expected"), [
+    (None, b"* SEARCH 10 20 30 (MODSEQ 70)\r\n"),
+    (("MIN",), b'* ESEARCH (TAG "t") UID MIN 10 MODSEQ 50\r\n'),  # RFC 4731 §3.2: MIN's own MODSEQ
+    (("MAX",), b'* ESEARCH (TAG "t") UID MAX 30 MODSEQ 60\r\n'),
+    (("MIN", "MAX"), b'* ESEARCH (TAG "t") UID MIN 10 MAX 30 MODSEQ 60\r\n'),
+    (("COUNT",), b'* ESEARCH (TAG "t") UID COUNT 3 MODSEQ 70\r\n'),
+    (("ALL",), b'* ESEARCH (TAG "t") UID ALL 10,20,30 MODSEQ 70\r\n'),
+    (("SAVE",), None),  # RFC 5182 §2.4
+])
+def test_search_responses(returns: tuple[str, ...] | None, expected: bytes | None) -> None:
+    core = logged_in()
+    select(core, Folder(0))
+    out = core.search_responses("t", True, MATCHES, returns, with_modseq=True)
+    assert out == ([expected] if expected is not None else [])
+
+
+def test_search_without_modseq_and_rev2_esearch() -> None:
+    core = logged_in(rev2=True)
+    select(core, Folder(0))
+    assert core.search_responses("t", False, MATCHES, None, with_modseq=False) == [b'* ESEARCH (TAG "t") ALL 1:3\r\n']
+    assert core.search_responses("t", False, [], ("MIN", "COUNT"), with_modseq=True) == \
+        [b'* ESEARCH (TAG "t") COUNT 0\r\n']
+    core.search_responses("t", True, MATCHES, ("SAVE", "MIN"), with_modseq=False)
+    assert core.sel is not None and core.sel.saved == [10, 20, 30]

@@ -73,6 +73,7 @@ class FolderView:
     uids: array[int]
     version: int
     highestmodseq: int
+    keywords: tuple[str, ...] = ()  # every keyword the folder knows (RFC 9051 §7.3.5 FLAGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class Selected:
     recent_from: int  # UIDs at or above it are \Recent for this session (IMAP4rev1 only)
     own: dict[int, int] = field(default_factory=dict)  # uid -> modseq of our own flag changes
     saved: list[int] | None = None  # RFC 5182 SEARCHRES, as UIDs
+    keywords: tuple[str, ...] = ()  # announced in FLAGS
 
 
 @dataclass(slots=True)
@@ -191,12 +193,7 @@ class SessionCore:
         if self.rev2:
             recent_from = NOT_RECENT  # IMAP4rev2 has no \Recent
         uids = view.uids
-        out = [R.flags((*PERMANENT_FLAGS, *keywords))]
-        if readonly:
-            out.append(R.untagged_status("OK", "No permanent flags", Code.permanentflags(())))
-        else:
-            out.append(R.untagged_status("OK", "Flags permitted",
-                                         Code.permanentflags((*PERMANENT_FLAGS, *keywords, "\\*"))))
+        out = _flags_responses(tuple(keywords), readonly)
         out.append(R.exists(len(uids)))
         if not self.rev2:
             out.append(R.recent(len(uids) - bisect_left(uids, recent_from)))
@@ -207,9 +204,31 @@ class SessionCore:
         out.append(R.untagged_status("OK", "UIDs valid", Code.uidvalidity(view.uidvalidity)))
         out.append(R.untagged_status("OK", "Predicted next UID", Code.uidnext(uidnext)))
         out.append(R.untagged_status("OK", "Highest", Code.highestmodseq(view.highestmodseq)))
-        self.sel = Selected(name, readonly, view.uidvalidity, uids, view.version, view.highestmodseq, recent_from)
+        self.sel = Selected(name, readonly, view.uidvalidity, uids, view.version, view.highestmodseq, recent_from,
+                            keywords=tuple(keywords))
         self.state = State.SELECTED
         return out
+
+    def use_condstore(self) -> list[bytes]:
+        """A CONDSTORE-enabling command (RFC 7162 §3.1: FETCH/SEARCH with MODSEQ, STORE with
+        UNCHANGEDSINCE, STATUS HIGHESTMODSEQ...). Turned on while a mailbox is selected, the client
+        learns the mailbox's HIGHESTMODSEQ at once (the untagged OK to send)."""
+        if self.condstore:
+            return []
+        self.condstore = True
+        if self.sel is None:
+            return []
+        return [R.untagged_status("OK", "Highest", Code.highestmodseq(self.sel.modseq_seen))]
+
+    def keywords_known(self, keywords: Sequence[str]) -> list[bytes]:
+        """The folder's keywords now: a keyword used for the first time is announced in FLAGS (and
+        PERMANENTFLAGS) before any FETCH shows it (RFC 9051 §7.3.5, §7.1 PERMANENTFLAGS)."""
+        sel = self.selected()
+        kws = tuple(keywords)
+        if not set(kws) - set(sel.keywords):
+            return []
+        sel.keywords = tuple(dict.fromkeys((*sel.keywords, *kws)))
+        return _flags_responses(sel.keywords, sel.readonly)
 
     def selected(self) -> Selected:
         sel = self.sel
@@ -275,6 +294,38 @@ class SessionCore:
         """RFC 5182 SEARCH RETURN (SAVE)."""
         self.selected().saved = uids
 
+    def search_responses(self, tag: str, uid: bool, matches: Sequence[tuple[int, int, int]],
+                         returns: Sequence[str] | None, with_modseq: bool) -> list[bytes]:
+        """SEARCH's answer for `matches` ((seq, uid, modseq) in order): SEARCH for an IMAP4rev1
+        client without RETURN, else ESEARCH (RFC 4731, RFC 9051 §7.3.4); RETURN (SAVE) keeps the
+        result for "$" (RFC 5182). `with_modseq`: the criteria used MODSEQ (RFC 7162 §3.1.5)."""
+        ids = [u if uid else s for s, u, _m in matches]
+        if returns is not None and "SAVE" in returns:
+            self.save([u for _s, u, _m in matches])
+        if returns is None and not self.rev2:
+            top = max((m for _s, _u, m in matches), default=None) if with_modseq else None
+            return [R.search(ids, top)]
+        opts = set(returns or ("ALL",))
+        if opts == {"SAVE"}:
+            return []  # RFC 5182 §2.4: SAVE alone gives no ESEARCH response
+        if not opts - {"SAVE"}:
+            opts.add("ALL")
+        modseq = None
+        if with_modseq and matches:
+            if opts & {"ALL", "COUNT"}:
+                modseq = max(m for _s, _u, m in matches)
+            else:  # RFC 4731 §3.2: MIN/MAX alone: the MODSEQ of the message(s) they return
+                picked = [matches[0][2]] if "MIN" in opts else []
+                modseq = max(picked + ([matches[-1][2]] if "MAX" in opts else []))
+        return [R.esearch(
+            tag, uid=uid,
+            min=min(ids) if ids and "MIN" in opts else None,
+            max=max(ids) if ids and "MAX" in opts else None,
+            all=SequenceSet.from_ids(ids) if ids and "ALL" in opts else None,
+            count=len(ids) if "COUNT" in opts else None,
+            modseq=modseq,
+        )]
+
     # -- updates --------------------------------------------------------------------------------
 
     def flag_fetch(self, seq: int, uid: int, flags: Sequence[str], modseq: int, with_modseq: bool,
@@ -302,7 +353,7 @@ class SessionCore:
         sel = self.selected()
         if view.uidvalidity != sel.uidvalidity:
             raise MailboxGone("Selected mailbox was replaced (UIDVALIDITY changed)")
-        out: list[bytes] = []
+        out = self.keywords_known(view.keywords)
         old = sel.uids
         old_max = old[-1] if old else 0
         grew = False
@@ -376,3 +427,13 @@ class SessionCore:
         gone_set = set(gone)
         seqs = [i + 1 for i, u in enumerate(view) if u in gone_set]
         return [R.expunge(s) for s in reversed(seqs)]  # from the end, so earlier numbers stay valid
+
+
+def _flags_responses(keywords: tuple[str, ...], readonly: bool) -> list[bytes]:
+    out = [R.flags((*PERMANENT_FLAGS, *keywords))]
+    if readonly:
+        out.append(R.untagged_status("OK", "No permanent flags", Code.permanentflags(())))
+    else:
+        out.append(R.untagged_status("OK", "Flags permitted",
+                                     Code.permanentflags((*PERMANENT_FLAGS, *keywords, "\\*"))))
+    return out
