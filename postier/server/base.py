@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -257,7 +257,7 @@ class ProtocolSession(asyncio.Protocol):
         new = await loop.start_tls(self.transport, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
         if new is None:
             raise ConnectionError("connection closed during the TLS handshake")
-        self.transport = cast(asyncio.Transport, new)
+        self.transport = new
 
 
 @dataclass
@@ -299,7 +299,7 @@ class ListenerSet:
                 out.append((role, lst.address, lst.port))
                 continue
             server = await asyncio.start_server(
-                self._make_cb(role, factory, implicit), host=host, port=lst.port,
+                self._make_cb(role, cast("Callable[..., Session]", factory), implicit), host=host, port=lst.port,
                 ssl=ctx if implicit else None,
                 ssl_handshake_timeout=cfg.limits.tls_handshake_timeout if implicit else None,
                 reuse_address=True, backlog=1024, limit=READ_SIZE, start_serving=False,
@@ -329,7 +329,8 @@ class ListenerSet:
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
 
-    def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool):  # noqa: ANN202
+    def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool
+                 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             sock = writer.get_extra_info("socket")
             if sock is not None:

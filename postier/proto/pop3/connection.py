@@ -208,9 +208,10 @@ class POP3Connection:
         return out
 
     def next_event(self) -> Event | Sentinel:
-        if self._queued is not None:
-            event, self._queued = self._queued, None
-            return event
+        queued = self._queued
+        if queued is not None:
+            self._queued = None
+            return queued
         if self._closed is not None:
             return self._closed
         if self._awaiting is not None:
@@ -287,7 +288,7 @@ class POP3Connection:
 
     def send_message(self, data: bytes | Iterable[bytes]) -> None:
         """The whole message for Retrieve, as bytes or an iterable of chunks."""
-        chunks: Iterable[bytes] = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+        chunks: Iterable[bytes] = (bytes(data),) if isinstance(data, bytes | bytearray | memoryview) else data
         for chunk in chunks:
             self.send_message_chunk(chunk)
             if not self.message_needs_more:
