@@ -48,9 +48,9 @@ from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
 from ..proto.imap.states import State
 from ..store import errors as E
-from ..store.api import Mailboxes, MailStoreAPI
+from ..store.api import Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
-from ..store.index import SYSTEM_FLAGS, flags_to_names
+from ..store.index import flags_to_names
 from ..store.mailbox import SEPARATOR, mailstore_for, normalize_name
 from . import throttle
 from .auth import settle
@@ -74,7 +74,6 @@ PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=
 FLUSH_AT = 256 * 1024
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
-_SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
 #: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
 AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 
@@ -853,33 +852,22 @@ class IMAPSession(Session):
                 self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         targets = self.core.targets(cmd.sequence_set, cmd.uid)
-        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
-        for f in flags:
-            if f.startswith("\\") and f.upper() not in _SYSTEM_UPPER:
-                raise _bad(f"Unknown system flag {f}", Code.CLIENTBUG)
+        flags = self.core.store_flags(cmd.flags)
         mb = self._mbox()
         res = await self.call(mb.store, sel.name, [u for _s, u in targets], cmd.mode.value, flags,
                               cmd.unchangedsince)
-        self.core.own_changes(dict.fromkeys(res.changed, res.modseq))
         for line in self.core.keywords_known(res.keywords):  # RFC 9051 §7.3.5: before the FETCH
             self.send(line)
         if res.changed:
             self._notify(sel.name)
-        seq_of = {u: s for s, u in targets}
-        report = dict(res.changed)
-        if not cmd.silent:
-            report.update(res.unchanged)
-        for u in sorted(report, key=lambda x: seq_of.get(x, 0)):
-            row = report[u]
-            silent_flags = cmd.silent  # only changed messages remain here: MODSEQ only (RFC 7162 §3.1.3)
-            if cmd.silent and not self.core.condstore:
-                continue
-            self.send(self.core.flag_fetch(seq_of[u], u, flags_to_names(row.flags, row.keywords), row.modseq,
-                                           self.core.condstore, silent_flags=silent_flags))
+        lines, code = self.core.store_answer(
+            targets, _flag_report(res.changed), _flag_report(res.unchanged), res.conflicts, res.modseq,
+            silent=cmd.silent, uid=cmd.uid)
+        for line in lines:
+            self.send(line)
         await self.maybe_flush()
-        if res.conflicts:
-            ids = res.conflicts if cmd.uid else [seq_of[u] for u in res.conflicts]
-            return "Conditional STORE failed for some messages", Code.modified(SequenceSet.from_ids(ids))
+        if code is not None:
+            return "Conditional STORE failed for some messages", code
         return None
 
     async def cmd_copy(self, cmd: C.Copy | C.Move) -> tuple[str, ResponseCode | None] | None:
@@ -944,6 +932,10 @@ class IMAPSession(Session):
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _flag_report(rows: dict[int, MessageRow]) -> dict[int, tuple[list[str], int]]:
+    return {u: (flags_to_names(r.flags, r.keywords), r.modseq) for u, r in rows.items()}
 
 
 def _uses_modseq(key: SearchKey) -> bool:

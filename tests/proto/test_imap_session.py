@@ -359,3 +359,34 @@ def test_search_without_modseq_and_rev2_esearch() -> None:
         [b'* ESEARCH (TAG "t") COUNT 0\r\n']
     core.search_responses("t", True, MATCHES, ("SAVE", "MIN"), with_modseq=False)
     assert core.sel is not None and core.sel.saved == [10, 20, 30]
+
+
+# -- STORE's answer ----------------------------------------------------------------------------------
+
+def test_store_answer_reports_unchanged_messages_too() -> None:
+    """Issue 11's crash: messages whose flags were already so are reported like changed ones."""
+    folder = Folder(3)
+    core = logged_in(rev2=True)
+    select(core, folder)
+    targets = core.targets(SequenceSet.parse("1:3"), uid=False)
+    changed = {1: (("\\Deleted",), 9)}
+    unchanged = {2: (("\\Deleted",), 5), 3: (("\\Deleted", "\\Seen"), 4)}
+    out, code = core.store_answer(targets, changed, unchanged, [], 9, silent=False, uid=False)
+    assert out == [b"* 1 FETCH (UID 1 FLAGS (\\Deleted))\r\n", b"* 2 FETCH (UID 2 FLAGS (\\Deleted))\r\n",
+                   b"* 3 FETCH (UID 3 FLAGS (\\Deleted \\Seen))\r\n"]
+    assert code is None
+    assert core.sel is not None and core.sel.own == {1: 9}  # not echoed at the next notification
+    out, _code = core.store_answer(targets, changed, unchanged, [], 9, silent=True, uid=False)
+    assert out == []  # .SILENT without CONDSTORE
+    core.enable(["CONDSTORE"])
+    out, code = core.store_answer(targets, changed, unchanged, [3], 9, silent=True, uid=True)
+    assert out == [b"* 1 FETCH (UID 1 MODSEQ (9))\r\n"]  # RFC 7162 §3.1.3: MODSEQ of the changed ones
+    assert code is not None and code.encode() == b"[MODIFIED 3]"
+
+
+def test_store_flags_rules() -> None:
+    core = logged_in()
+    assert core.store_flags(["\\Seen", "\\Recent", "$Label", "\\deleted"]) == ["\\Seen", "$Label", "\\deleted"]
+    with pytest.raises(Refusal) as r:
+        core.store_flags(["\\Bogus"])
+    assert r.value.status == "BAD"

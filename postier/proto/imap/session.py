@@ -33,6 +33,7 @@ __all__ = [
 #: UIDs at or above this are \Recent: no message ever is (IMAP4rev2 has no \Recent).
 NOT_RECENT = 1 << 32
 PERMANENT_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_SYSTEM_UPPER = frozenset(f.upper() for f in PERMANENT_FLAGS)
 #: Capabilities after login (RFC 9051 §7.2.2), APPENDLIMIT added with its value.
 BASE_CAPABILITIES = (
     "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE",
@@ -325,6 +326,37 @@ class SessionCore:
             count=len(ids) if "COUNT" in opts else None,
             modseq=modseq,
         )]
+
+    def store_flags(self, flags: Iterable[str]) -> list[str]:
+        """STORE's flag list as the store takes it: \\Recent dropped (the server sets it, RFC 9051
+        §2.3.2), an unknown system flag refused (only keywords may be invented, §2.3.2)."""
+        out = [f for f in flags if f.upper() != "\\RECENT"]
+        for f in out:
+            if f.startswith("\\") and f.upper() not in _SYSTEM_UPPER:
+                raise Refusal("BAD", f"Unknown system flag {f}", Code.CLIENTBUG)
+        return out
+
+    def store_answer(self, targets: Sequence[tuple[int, int]], changed: Mapping[int, tuple[Sequence[str], int]],
+                     unchanged: Mapping[int, tuple[Sequence[str], int]], conflicts: Sequence[int], modseq: int,
+                     *, silent: bool, uid: bool) -> tuple[list[bytes], ResponseCode | None]:
+        """STORE's untagged FETCHes and tagged code (RFC 9051 §6.4.6, RFC 7162 §3.1.3). `changed` and
+        `unchanged` map UID -> (flags, MODSEQ) after the command; a message whose flags were already
+        so is reported like a changed one (unless .SILENT). Records the changes as this session's own."""
+        self.own_changes(dict.fromkeys(changed, modseq))
+        seq_of = {u: s for s, u in targets}
+        report = dict(changed)
+        if not silent:
+            report.update(unchanged)
+        out = []
+        if not silent or self.condstore:  # .SILENT under CONDSTORE: MODSEQ of the changed ones only
+            for u in sorted(report, key=lambda x: seq_of.get(x, 0)):
+                names, ms = report[u]
+                out.append(self.flag_fetch(seq_of[u], u, names, ms, self.condstore, silent_flags=silent))
+        code = None
+        if conflicts:
+            ids = list(conflicts) if uid else [seq_of[u] for u in conflicts]
+            code = Code.modified(SequenceSet.from_ids(ids))
+        return out, code
 
     # -- updates --------------------------------------------------------------------------------
 
