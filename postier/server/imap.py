@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from bisect import bisect_left
@@ -43,6 +42,7 @@ from ..proto.imap import response as R
 from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
 from ..proto.imap.response import Code, ResponseCode
+from ..proto.imap.listing import list_entries, lsub_entries
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
@@ -538,82 +538,23 @@ class IMAPSession(Session):
 
     async def cmd_list(self, cmd: C.List) -> None:
         mb = self._mbox()
-        folders = await self.call(mb.list_folders)
-        subs = set(await self.call(mb.subscriptions))
-        ext = cmd.extended
-        sel_opts = cmd.selection
-        ret = cmd.returns
-        if not cmd.patterns or cmd.patterns == ("",) and not ext:
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.core.rev2))  # RFC 9051 §6.3.9
-            return
-        exists = {f.name: f.special_use for f in folders}
-        universe = set(exists)
-        for n in list(exists):
-            parts = n.split(SEPARATOR)
-            for i in range(1, len(parts)):
-                universe.add(SEPARATOR.join(parts[:i]))
-        want_subscribed = "SUBSCRIBED" in sel_opts
-        if want_subscribed:
-            universe |= subs
-        matchers = [_pattern(cmd.reference, p) for p in cmd.patterns if p != ""]
-        children = _children_index(universe)
-        # RFC 5258 §3.5 CHILDINFO: a parent that matches but is not subscribed is listed only for a
-        # subscribed descendant that the patterns do not list themselves.
-        sub_children = _children_index({n for n in subs if not any(m(n) for m in matchers)}) \
-            if "RECURSIVEMATCH" in sel_opts else set()
-        out: list[tuple[str, list[str], list[str]]] = []
-        for name in sorted(universe, key=lambda n: (n != "INBOX", n)):
-            if not any(m(name) for m in matchers):
-                continue
-            exists_here = name in exists
-            use = exists.get(name, "")
-            childinfo: list[str] = []
-            if want_subscribed and name not in subs:
-                if name in sub_children:
-                    childinfo = ["SUBSCRIBED"]  # RFC 5258 §3.5 CHILDINFO
-                else:
-                    continue
-            if "SPECIAL-USE" in sel_opts and not use:
-                continue
-            attrs: list[str] = []
-            if not exists_here:
-                attrs.append("\\NonExistent" if ext else "\\Noselect")
-            attrs.append("\\HasChildren" if name in children else "\\HasNoChildren")
-            if use:
-                attrs.append(use)
-            if (want_subscribed or ret.subscribed) and name in subs:
-                attrs.append("\\Subscribed")
-            out.append((name, attrs, childinfo))
-        for name, attrs, childinfo in out:
-            self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.core.rev2, childinfo=childinfo))
-            if ret.status is not None and name in exists:  # RFC 5819 LIST-STATUS
+        folders = {f.name: f.special_use for f in await self.call(mb.list_folders)}
+        subs = await self.call(mb.subscriptions)
+        status = cmd.returns.status
+        for e in list_entries(cmd, folders, subs, SEPARATOR):
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2,
+                                      childinfo=list(e.childinfo)))
+            if status is not None and e.name in folders:  # RFC 5819 LIST-STATUS
                 with contextlib.suppress(StoreError):
-                    await self._send_status(name, ret.status)
+                    await self._send_status(e.name, status)
             await self.maybe_flush()
 
     async def cmd_lsub(self, cmd: C.Lsub) -> None:
         mb = self._mbox()
         subs = await self.call(mb.subscriptions)
         exists = {f.name for f in await self.call(mb.list_folders)}
-        if cmd.pattern == "":
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.core.rev2, command="LSUB"))
-            return
-        m = _pattern(cmd.reference, cmd.pattern)
-        seen: set[str] = set()
-        for name in sorted(subs, key=lambda n: (n != "INBOX", n)):
-            if m(name):
-                if name not in seen:
-                    seen.add(name)
-                    attrs = [] if name in exists else ["\\Noselect"]
-                    self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.core.rev2, command="LSUB"))
-                continue
-            parts = name.split(SEPARATOR)  # RFC 3501 §6.3.9: a matching unsubscribed parent is \Noselect
-            for i in range(len(parts) - 1, 0, -1):
-                parent = SEPARATOR.join(parts[:i])
-                if m(parent) and parent not in seen and parent not in subs:
-                    seen.add(parent)
-                    self.send(R.list_response(["\\Noselect"], SEPARATOR, parent, utf8=self.core.rev2, command="LSUB"))
-                    break
+        for e in lsub_entries(cmd.reference, cmd.pattern, subs, exists, SEPARATOR):
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2, command="LSUB"))
 
     async def cmd_status(self, cmd: C.Status) -> None:
         name = self._name(cmd.mailbox)
@@ -946,28 +887,6 @@ def _uses_modseq(key: SearchKey) -> bool:
         if sub is not None and _uses_modseq(sub):
             return True
     return any(_uses_modseq(k) for k in getattr(key, "keys", ()))
-
-
-def _pattern(reference: str, pattern: str) -> Callable[[str], bool]:
-    """RFC 9051 §6.3.9 LIST matching: "*" matches anything, "%" anything but the separator;
-    the INBOX component is case-insensitive."""
-    full = reference + pattern
-    if full[:5].upper() == "INBOX" and (len(full) == 5 or full[5] in (SEPARATOR, "*", "%")):
-        full = "INBOX" + full[5:]
-    rx = re.compile("".join(
-        ".*" if ch == "*" else f"[^{re.escape(SEPARATOR)}]*" if ch == "%" else re.escape(ch) for ch in full),
-        re.DOTALL)
-    return lambda name: rx.fullmatch(name) is not None
-
-
-def _children_index(names: set[str]) -> set[str]:
-    """The names that have at least one child among `names` (or implied by a deeper name)."""
-    out: set[str] = set()
-    for n in names:
-        parts = n.split(SEPARATOR)
-        for i in range(1, len(parts)):
-            out.add(SEPARATOR.join(parts[:i]))
-    return out
 
 
 IMAPSession._handlers = {
