@@ -790,6 +790,10 @@ class IMAPSession(Session):
                               cmd.unchangedsince)
         for line in self.core.keywords_known(res.keywords):  # RFC 9051 §7.3.5: before the FETCH
             self.send(line)
+        if cmd.mode is not C.StoreMode.REMOVE and self._junk_folder() is not None and res.changed:
+            marks = {f.lower() for f in flags}
+            if "$junk" in marks or "$notjunk" in marks:  # the keywords mail clients set for a verdict
+                self._learn(sel.name, list(res.changed), spam="$junk" in marks)
         if res.changed:
             self._notify(sel.name)
         lines, code = self.core.store_answer(
@@ -825,6 +829,9 @@ class IMAPSession(Session):
         if res.dest_uids:
             code = Code.copyuid(res.uidvalidity, SequenceSet.from_ids(res.source_uids),
                                 SequenceSet.from_ids(res.dest_uids))
+        junk = self._junk_folder()
+        if junk is not None and (dest == junk) != (sel.name == junk) and dest != "Trash":
+            self._learn(dest, res.dest_uids, spam=dest == junk)  # the user's verdict trains the filter
         if move:
             self._notify(sel.name)
             if code is not None:
@@ -832,6 +839,32 @@ class IMAPSession(Session):
             await self._updates(allow_expunge=True, sync=False)
             return "MOVE completed", None
         return "COPY completed", code
+
+    def _junk_folder(self) -> str | None:
+        """The folder whose moves in and out train the spam filter (None: no learning configured)."""
+        if self.services.learning is None or "Junk" not in self.services.config.mailbox.special_use_folders:
+            return None
+        return "Junk"
+
+    def _learn(self, folder: str, uids: list[int], spam: bool) -> None:
+        """Queue training requests for these messages, off the reply's path (antispam/learning.py)."""
+        learning, user, mb = self.services.learning, self.user, self.mb
+        if learning is None or user is None or mb is None or not uids:
+            return
+
+        async def run() -> None:
+            try:
+                rows = await self.call(mb.rows, folder, uids[:LEARN_BATCH])
+                for row in rows.values():
+                    data = await self.call(mb.read, folder, row)
+                    await asyncio.to_thread(learning.add, user.address, data, spam)
+                learning.wake()
+            except Exception:  # training is best effort: never an error for the user
+                log.exception("imap: queueing %s for learning failed", user.address)
+
+        task = asyncio.ensure_future(run())
+        _LEARNING.add(task)
+        task.add_done_callback(_LEARNING.discard)
 
     async def cmd_search(self, cmd: C.Search) -> None:
         sel = self.core.sel
@@ -860,6 +893,10 @@ class IMAPSession(Session):
             self.send(line)
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+LEARN_BATCH = 100  # messages trained per command at most
+_LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
 
 
 class _Silent(Exception):
