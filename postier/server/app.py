@@ -47,6 +47,7 @@ class Services:
         self.config = config
         self.accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter,
                                  config.mailbox.default_format)
+        self.accounts.configure_logins(config.auth)
         self.ssl_context: ssl.SSLContext | None = config.ssl_context()
         self.mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
         self.extensions: dict[str, Any] = {}
