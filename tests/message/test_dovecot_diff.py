@@ -12,6 +12,7 @@ closely are listed in KNOWN with their reason (and in docs/rfc-status.md); each 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from postier.message.envelope import envelope_bytes
 from postier.message.matching import SearchContext, evaluate
 from postier.message.mime import UnknownCTE, parse_message, to_crlf
 from postier.message.sections import binary_section, body_section, partial
-from postier.proto.imap import Fetch, Search, parse_command
+from postier.message.sorting import SortItem, sort_fields, sort_messages
+from postier.message.threading import thread_orderedsubject, thread_references
+from postier.proto.imap import Fetch, Search, Sort, parse_command, response
 
 from . import dovecot
 
@@ -154,6 +157,18 @@ CORPUS: list[tuple[str, bytes]] = [
                            "")),
     ("mime-header-only-part", m("Subject: hp", "Content-Type: multipart/mixed; boundary=h", "", "--h",
                                 "Content-Type: text/plain", "--h--", "")),
+    ("thread-root", m("Subject: Planning", "From: Carol <carol@example.org>", "To: team@example.org",
+                      "Date: Mon, 1 Jan 2024 09:00:00 +0100", "Message-ID: <t1@example.org>", "", "x", "")),
+    ("thread-reply", m("Subject: Re: Planning", "From: dave@example.org", "To: Carol <carol@example.org>",
+                       "Date: Mon, 1 Jan 2024 10:00:00 +0100", "Message-ID: <t2@example.org>",
+                       "References: <t1@example.org>", "In-Reply-To: <t1@example.org>", "", "x", "")),
+    ("thread-missing-parent", m("Subject: Re: [team] planning", "From: =?utf-8?q?=C3=89mile?= <emile@example.org>",
+                                "Date: Sun, 31 Dec 2023 23:00:00 -0300", "Message-ID: <t3@example.org>",
+                                "References: <t1@example.org> <gone@example.org>", "", "x", "")),
+    ("thread-fwd", m("Subject: [Fwd: Planning]", "From: bob@example.org", "Date: Tue, 2 Jan 2024 08:00:00 +0000",
+                     "Message-ID: <t4@example.org>", "", "x", "")),
+    ("thread-irt", m("Subject: Re: Planning (fwd)", "From: Zoe <a@example.org>", "Date: Tue, 2 Jan 2024 09:00:00 +0000",
+                     "Message-ID: <t5@example.org>", "In-Reply-To: <t4@example.org>", "", "x", "")),
     ("dates", m("Subject: d", "Date: Tue, 2 Jan 2024 23:30:00 -0800", "Message-ID: <a@b>",
                 "In-Reply-To: <x@y> (comment)", "References: <r1@x> <r2@x>", "", "b", "")),
 ]
@@ -206,6 +221,12 @@ _REASONS: list[tuple[str, tuple[str, ...], str]] = [
      "Content-Transfer-Encoding is honoured without MIME-Version in BODYSTRUCTURE as in BINARY; Dovecot shows "
      "\"7bit\" in BODYSTRUCTURE but decodes quoted-printable for BINARY"),
 ]
+SORTS = [
+    "(ARRIVAL)", "(REVERSE ARRIVAL)", "(DATE)", "(REVERSE DATE)", "(SIZE)", "(SUBJECT)", "(FROM)", "(TO)", "(CC)",
+    "(DISPLAYFROM)", "(DISPLAYTO)", "(SUBJECT REVERSE SIZE)", "(REVERSE FROM DATE)",
+]
+THREADS = ["ORDEREDSUBJECT", "REFERENCES"]
+
 # (message, item) -> why postier's answer is kept; the test asserts that these still differ.
 KNOWN: dict[tuple[str, str], str] = {(name, item): why for name, items, why in _REASONS for item in items}
 
@@ -214,6 +235,8 @@ KNOWN: dict[tuple[str, str], str] = {(name, item): why for name, items, why in _
 class Answers:
     fetch: dict[tuple[str, str], dovecot.Value | str]  # "NO" for an error
     search: dict[str, set[int]]
+    sort: dict[str, bytes]  # the "* SORT ..." line
+    thread: dict[str, bytes]  # the "* THREAD ..." line
 
 
 def _literal_commands() -> Iterator[tuple[str, str, bytes]]:
@@ -236,7 +259,9 @@ def dovecot_answers(tmp_path_factory: pytest.TempPathFactory) -> Answers:
     root: Path = tmp_path_factory.mktemp("dovecot")
     server = dovecot.DovecotMaildir(root / "d", [raw for _n, raw in CORPUS])
     cmds = list(_literal_commands())
-    out = server.run([c for _n, _i, c in cmds] + [b"SEARCH CHARSET UTF-8 " + _wire(s) for s in SEARCHES])
+    out = server.run([c for _n, _i, c in cmds] + [b"SEARCH CHARSET UTF-8 " + _wire(s) for s in SEARCHES]
+                     + [f"SORT {c} UTF-8 ALL".encode() for c in SORTS]
+                     + [f"THREAD {a} UTF-8 ALL".encode() for a in THREADS])
     server.remove()
     fetched: dict[tuple[str, str], dovecot.Value | str] = {}
     for k, (name, item, _c) in enumerate(cmds):
@@ -250,7 +275,11 @@ def dovecot_answers(tmp_path_factory: pytest.TempPathFactory) -> Answers:
     for k, crit in enumerate(SEARCHES, len(cmds)):
         line = next(r for r in out[k] if r.startswith(b"* SEARCH"))
         searched[crit] = {int(x) for x in line.split()[2:]}
-    return Answers(fetched, searched)
+    base = len(cmds) + len(SEARCHES)
+    sorted_ = {c: next(r for r in out[base + k] if r.startswith(b"* SORT")) for k, c in enumerate(SORTS)}
+    base += len(SORTS)
+    threaded = {a: next(r for r in out[base + k] if r.startswith(b"* THREAD")) for k, a in enumerate(THREADS)}
+    return Answers(fetched, searched, sorted_, threaded)
 
 
 def _wire(criteria: str) -> bytes:
@@ -296,8 +325,6 @@ def postier_search(criteria: str) -> set[int]:
 
 class _View:
     def __init__(self, seq: int, raw: bytes):
-        import datetime as dt
-
         self.seq = self.uid = seq
         self.flags: frozenset[str] = frozenset()
         self.internal_date = dt.datetime(2023, 11, 14, tzinfo=dt.UTC)
@@ -307,6 +334,26 @@ class _View:
 
     def raw(self) -> bytes:
         return self._raw
+
+
+def _sort_items() -> list[SortItem]:
+    return [SortItem(seq, seq, dt.datetime.fromtimestamp(1_700_000_000 + seq, dt.UTC), len(to_crlf(raw)),
+                     sort_fields(parse_message(raw))) for seq, (_n, raw) in enumerate(CORPUS, 1)]
+
+
+@pytest.mark.parametrize("criteria", SORTS)
+def test_sort_matches_dovecot(dovecot_answers: Answers, criteria: str) -> None:
+    cmd = parse_command(f"a SORT {criteria} UTF-8 ALL\r\n".encode())
+    assert isinstance(cmd, Sort)
+    ours = response.sort(i.id for i in sort_messages(_sort_items(), cmd.sort)).rstrip(b"\r\n")
+    assert ours == dovecot_answers.sort[criteria]
+
+
+@pytest.mark.parametrize("algorithm", THREADS)
+def test_thread_matches_dovecot(dovecot_answers: Answers, algorithm: str) -> None:
+    run = thread_references if algorithm == "REFERENCES" else thread_orderedsubject
+    ours = response.thread(run(_sort_items())).rstrip(b"\r\n")
+    assert ours == dovecot_answers.thread[algorithm]
 
 
 def test_corpus_is_large_enough() -> None:
