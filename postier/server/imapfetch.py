@@ -355,6 +355,9 @@ def content_need(key: SearchKey) -> str:
 _RANK = {"": 0, "header": 1, "full": 2}
 
 
+_ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
+
+
 def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
     """(field pattern, lower-case ASCII value) pairs that a matching message must satisfy (HEADER,
     FROM, SUBJECT... keys joined by AND), to rule out most messages without parsing them. Values
@@ -363,6 +366,10 @@ def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
         case HeaderKey(field=f, value=v) if v and v.isascii() and not any(c.isspace() for c in v) \
                 and f.isascii():
             rx = re.compile(rb"(?:^|\n)" + re.escape(f.lower().encode("ascii")) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+            if f.upper() in _ADDRESS_FIELDS:
+                # address fields are searched as parsed addresses (message.envelope.address_text):
+                # "a@b.org" also matches "<a (c)@ b . org>", so only its pieces must be there
+                return [(rx, t.lower().encode("ascii")) for t in re.split(r'[@.<>"(),:;\\]+', v) if t]
             return [(rx, v.lower().encode("ascii"))]
         case AndKey(keys=ks):
             return [n for k in ks for n in _needles(k)]

@@ -318,7 +318,7 @@ class FetchAttr:
     @property
     def sets_seen(self) -> bool:
         """True if fetching this sets \\Seen (RFC 9051 §6.4.5: BODY[...] and BINARY[...] but not PEEK)."""
-        if self.peek:
+        if self.peek or self.name == "BINARY.SIZE":  # a size is not a read (RFC 3516 §4.2; as Dovecot)
             return False
         return self.section is not None or self.name in ("RFC822", "RFC822.TEXT")
 
