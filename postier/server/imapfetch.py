@@ -18,6 +18,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import SearchContext, evaluate
@@ -94,7 +95,9 @@ def _header_only(attrs: Sequence[FetchAttr]) -> bool:
     return True
 
 
-_CACHED = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}
+# Cache kinds carry the version of the message views (postier.message.VIEWS_VERSION): views cached
+# by an older version are simply not found, and recomputed.
+_CACHED = {n: k + VIEWS_VERSION for n, k in (("ENVELOPE", "env"), ("BODYSTRUCTURE", "bs"), ("BODY", "body"))}
 _CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINARY.SIZE"})
 
 
@@ -172,7 +175,7 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
                             part = parse_message(content)
                         if n == "ENVELOPE":
                             hit = bytes(envelope_bytes(part, utf8=opts.utf8))
-                            new_cache.append((uid, "env" + suffix8, hit))
+                            new_cache.append((uid, _CACHED["ENVELOPE"] + suffix8, hit))
                         else:
                             hit = bytes(body_structure(part, extensible=n == "BODYSTRUCTURE", utf8=opts.utf8))
                             new_cache.append((uid, _CACHED[n] + (suffix8 if n != "BODY" else ""), hit))
