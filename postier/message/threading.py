@@ -63,6 +63,8 @@ def thread_orderedsubject(items: Sequence[SortItem]) -> list[ThreadNode]:
 
 def _is_ancestor(node: ThreadNode, of: ThreadNode) -> bool:
     """True if ``node`` is ``of`` or one of its ancestors (a link would make a loop)."""
+    if not node.children:
+        return node is of  # a leaf is nobody's ancestor: no walk up a long chain
     cur: ThreadNode | None = of
     while cur is not None:
         if cur is node:
