@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import os
-import secrets
 import re
 import sqlite3
 import threading
 import time
+import hashlib
+import hmac
+import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -47,9 +48,8 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from argon2.profiles import RFC_9106_LOW_MEMORY
 
-from .config import Auth, normalize_domain
+from .config import normalize_domain
 from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
 _SCHEMA = """
@@ -81,54 +81,6 @@ _MAX_ALIAS_DEPTH = 10
 _MAX_EXPANSION = 1000
 _MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when full)
 CACHE_CHECK = 0.1  # seconds between two PRAGMA data_version checks of one thread's cache
-
-
-class LoginCache:
-    """A bounded memory of successful password verifications (least recently used dropped first,
-    entries expire after ``ttl`` seconds). Thread-safe. See the module docstring for the key."""
-
-    def __init__(self, size: int = 10_000, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic):
-        self.size = size
-        self.ttl = ttl
-        self._clock = clock
-        self._key = secrets.token_bytes(32)  # per process, never stored
-        self._entries: OrderedDict[tuple[str, str, bytes], float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _entry(self, address: str, stored_hash: str, password: str) -> tuple[str, str, bytes]:
-        mac = hmac.new(self._key, address.encode() + b"\0" + password.encode("utf-8", "surrogatepass"),
-                       hashlib.sha256).digest()
-        return address, stored_hash, mac
-
-    def hit(self, address: str, stored_hash: str, password: str) -> bool:
-        entry = self._entry(address, stored_hash, password)
-        now = self._clock()
-        with self._lock:
-            expires = self._entries.get(entry)
-            if expires is None:
-                return False
-            if expires <= now:
-                del self._entries[entry]
-                return False
-            self._entries.move_to_end(entry)
-            return True
-
-    def add(self, address: str, stored_hash: str, password: str) -> None:
-        if self.size <= 0:
-            return
-        entry = self._entry(address, stored_hash, password)
-        with self._lock:
-            self._entries[entry] = self._clock() + self.ttl
-            self._entries.move_to_end(entry)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 class AccountError(Exception):
@@ -211,6 +163,54 @@ def _scram_for(password: str) -> str:
         return ""
 
 
+class LoginCache:
+    """A bounded memory of successful password verifications (least recently used dropped first,
+    entries expire after ``ttl`` seconds). Thread-safe. See the module docstring for the key."""
+
+    def __init__(self, size: int = 10_000, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.ttl = ttl
+        self._clock = clock
+        self._key = secrets.token_bytes(32)  # per process, never stored
+        self._entries: OrderedDict[tuple[str, str, bytes], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entry(self, address: str, stored_hash: str, password: str) -> tuple[str, str, bytes]:
+        mac = hmac.new(self._key, address.encode() + b"\0" + password.encode("utf-8", "surrogatepass"),
+                       hashlib.sha256).digest()
+        return address, stored_hash, mac
+
+    def hit(self, address: str, stored_hash: str, password: str) -> bool:
+        entry = self._entry(address, stored_hash, password)
+        now = self._clock()
+        with self._lock:
+            expires = self._entries.get(entry)
+            if expires is None:
+                return False
+            if expires <= now:
+                del self._entries[entry]
+                return False
+            self._entries.move_to_end(entry)
+            return True
+
+    def add(self, address: str, stored_hash: str, password: str) -> None:
+        if self.size <= 0:
+            return
+        entry = self._entry(address, stored_hash, password)
+        with self._lock:
+            self._entries[entry] = self._clock() + self.ttl
+            self._entries.move_to_end(entry)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Accounts:
     """The account database. Thread-safe: one SQLite connection per thread."""
 
@@ -222,17 +222,18 @@ class Accounts:
         self._generation = 0  # bumped by every write made through this object
         # argon2id with RFC 9106 §4's second recommended option (t=3, m=64 MiB, p=4); the first
         # option's 2 GiB per verification is too much for a mail host serving many logins
-        self._hasher = PasswordHasher.from_parameters(RFC_9106_LOW_MEMORY)
+        # (argon2-cffi's defaults, which are that profile: tests/test_login_cache.py checks it)
+        self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
         self.login_cache = LoginCache()
         self.rehash = True
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._conn().executescript(_SCHEMA)
 
-    def configure_logins(self, auth: Auth) -> None:
-        """Apply the ``[auth]`` login settings (cache size and lifetime, rehashing)."""
-        self.login_cache = LoginCache(auth.login_cache_size, auth.login_cache_ttl)
-        self.rehash = auth.rehash_passwords
+    def configure_logins(self, cache_size: int, cache_ttl: float, rehash: bool) -> None:
+        """Apply the ``[auth]`` login settings: login_cache_size, login_cache_ttl, rehash_passwords."""
+        self.login_cache = LoginCache(cache_size, cache_ttl)
+        self.rehash = rehash
 
     # -- plumbing -------------------------------------------------------------------------------
 

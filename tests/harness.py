@@ -92,7 +92,7 @@ class Instance:
         if not mailauth and "[mailauth]" not in extra_config:
             extra_config += "\n[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"
         # Tests store argon2's cheapest hashes to keep logins fast: the server must not upgrade them
-        # (a full argon2 hash per new user); tests/test_accounts.py covers the rehashing.
+        # (a full argon2 hash per new user); tests/test_login_cache.py covers the rehashing.
         if "[auth]" in extra_config:
             extra_config = extra_config.replace("[auth]\n", "[auth]\nrehash_passwords = false\n", 1)
         else:

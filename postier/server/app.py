@@ -47,7 +47,8 @@ class Services:
         self.config = config
         self.accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter,
                                  config.mailbox.default_format)
-        self.accounts.configure_logins(config.auth)
+        self.accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl,
+                                       config.auth.rehash_passwords)
         self.ssl_context: ssl.SSLContext | None = config.ssl_context()
         self.mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
         self.extensions: dict[str, Any] = {}
