@@ -11,6 +11,7 @@ ASCII; ties keep mailbox order (sequence numbers).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -21,11 +22,11 @@ from functools import partial
 from postier.proto.imap.commands import SORT_KEYS, SortCriterion
 
 from .envelope import Address, for_humans, parse_addresses
-from .mime import Part, decode_header_text
+from .mime import HeaderField, Part, decode_header_text, parse_message
 
 __all__ = [
-    "SORT_KEYS", "SortCriterion", "SortFields", "SortItem", "base_subject", "casemap", "sent_date", "sort_fields",
-    "sort_messages",
+    "SORT_KEYS", "SortCriterion", "SortFields", "SortItem", "base_subject", "casemap", "decode_fields",
+    "encode_fields", "sent_date", "sort_fields", "sort_item", "sort_messages",
 ]
 
 
@@ -105,8 +106,10 @@ def sent_date(part: Part) -> dt.datetime | None:
     value = None
     for f in part.headers(b"date"):
         value = f.unfolded()
-    if value is None:
-        return None
+    return None if value is None else _parse_date(value)
+
+
+def _parse_date(value: bytes) -> dt.datetime | None:
     parsed = parsedate_tz(value.decode("ascii", "replace"))
     if parsed is None:
         return None
@@ -121,10 +124,23 @@ def sent_date(part: Part) -> dt.datetime | None:
 _MSG_ID = re.compile(rb"<([^<>]*)>")
 
 
-def _first_address(part: Part, name: bytes) -> Address | None:
-    """The first address of the first field called ``name`` (a group's start, whose mailbox is the
-    group name, counts: "undisclosed-recipients:;" sorts as such, as in Dovecot)."""
-    for f in part.headers(name):
+_WANTED = frozenset({"subject", "from", "to", "cc", "message-id", "references", "in-reply-to", "date"})
+
+
+def _fields(part: Part) -> dict[str, list[HeaderField]]:
+    """The header fields SORT and THREAD use, by lower-case name, in one pass over the header."""
+    out: dict[str, list[HeaderField]] = {}
+    for f in part.fields:
+        name = f.name.lower()
+        if name in _WANTED:
+            out.setdefault(name, []).append(f)
+    return out
+
+
+def _first_address(fields: list[HeaderField]) -> Address | None:
+    """The first address of the first such field (a group's start, whose mailbox is the group
+    name, counts: "undisclosed-recipients:;" sorts as such, as in Dovecot)."""
+    for f in fields:
         for a in parse_addresses(f.unfolded()):
             return a
     return None
@@ -148,33 +164,70 @@ def _display(a: Address | None) -> str:
     return _mailbox(a) + ("@" + a.host.decode("utf-8", "replace") if a.host else "")
 
 
+_WS = re.compile(r"\s+")
+
+
 def _ids(value: bytes) -> list[str]:
-    return [re.sub(r"\s+", "", m.decode("utf-8", "replace")) for m in _MSG_ID.findall(value.replace(b"\r\n", b""))]
+    return [_WS.sub("", m.decode("utf-8", "replace")) for m in _MSG_ID.findall(value.replace(b"\r\n", b""))]
 
 
 def sort_fields(part: Part) -> SortFields:
     """The SORT/THREAD fields of a message (its top-level ``Part``; the header is enough)."""
-    subject = next((f.value for f in part.headers(b"subject")), None)  # the first one, as Dovecot sorts
+    by_name = _fields(part)
+    subjects = by_name.get("subject")
+    subject = subjects[0].value if subjects else None  # the first one, as Dovecot sorts
     base, reply = base_subject(decode_header_text(subject).replace("\x00", "\ufffd")) if subject is not None \
         else ("", False)
-    first_from, first_to = _first_address(part, b"from"), _first_address(part, b"to")
+    first_from, first_to = _first_address(by_name.get("from", [])), _first_address(by_name.get("to", []))
     message_id = None
-    for f in part.headers(b"message-id"):
+    for f in by_name.get("message-id", []):
         found = _ids(f.value)
         message_id = found[0] if found else message_id
     refs: list[str] = []
-    for f in part.headers(b"references"):
+    for f in by_name.get("references", []):
         refs.extend(_ids(f.value))
     if not refs:  # RFC 5256 §3 REFERENCES step 1: else the first id of In-Reply-To
-        for f in part.headers(b"in-reply-to"):
+        for f in by_name.get("in-reply-to", [])[:1]:
             refs = _ids(f.value)[:1]
-            break
+    dates = by_name.get("date")
     return SortFields(
-        date=sent_date(part), subject=base, is_reply=reply,
-        from_=_mailbox(first_from), to=_mailbox(first_to), cc=_mailbox(_first_address(part, b"cc")),
+        date=_parse_date(dates[-1].unfolded()) if dates else None, subject=base, is_reply=reply,
+        from_=_mailbox(first_from), to=_mailbox(first_to), cc=_mailbox(_first_address(by_name.get("cc", []))),
         display_from=_display(first_from), display_to=_display(first_to),
         message_id=message_id or None, references=tuple(r for r in refs if r)[:1000],
     )
+
+
+_FIELDS_FORMAT = 1
+
+
+def encode_fields(f: SortFields) -> bytes:
+    """``f`` as bytes for the store's view cache (kind "sort" + VIEWS_VERSION): header parsing is
+    what a SORT or THREAD over a large mailbox costs, and the fields never change."""
+    return json.dumps([
+        _FIELDS_FORMAT, None if f.date is None else f.date.timestamp(), f.subject, f.is_reply, f.from_, f.to, f.cc,
+        f.display_from, f.display_to, f.message_id, list(f.references),
+    ], ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def decode_fields(data: bytes) -> SortFields | None:
+    """The inverse of ``encode_fields``; None for anything else (then parse the header again)."""
+    try:
+        v = json.loads(data)
+        if not isinstance(v, list) or len(v) != 11 or v[0] != _FIELDS_FORMAT:
+            return None
+        date = None if v[1] is None else dt.datetime.fromtimestamp(float(v[1]), dt.UTC)
+        return SortFields(date, str(v[2]), bool(v[3]), str(v[4]), str(v[5]), str(v[6]), str(v[7]), str(v[8]),
+                          None if v[9] is None else str(v[9]), tuple(str(r) for r in v[10]))
+    except (ValueError, TypeError, OverflowError, OSError):
+        return None
+
+
+def sort_item(id: int, seq: int, internal_date: float, size: int, header: bytes) -> SortItem:  # noqa: A002
+    """A ``SortItem`` from what the store has: internal date as a Unix time, RFC822.SIZE, and the
+    message's header block (or the whole message)."""
+    return SortItem(id, seq, dt.datetime.fromtimestamp(internal_date, dt.UTC), size,
+                    sort_fields(parse_message(header)))
 
 
 # -- sorting ----------------------------------------------------------------------------------------

@@ -81,3 +81,15 @@ def test_fields_from_header() -> None:
     assert (f.subject, f.is_reply, f.message_id, f.references) == ("café", True, "a@b", ("p@b",))
     f = sort_fields(parse_message(b"References: <r1@x>\r\n <r2@x>\r\nIn-Reply-To: <p@b>\r\n\r\n"))
     assert f.references == ("r1@x", "r2@x") and f.date is None and f.from_ == ""
+
+
+def test_fields_round_trip_for_the_cache() -> None:
+    from postier.message.sorting import decode_fields, encode_fields, sort_item
+
+    for item in ITEMS:
+        assert decode_fields(encode_fields(item.fields)) == item.fields
+    odd = sort_item(7, 3, 1_700_000_000.5, 42, b"Subject: \xff\xfe =?utf-8?q?=ED=A0=80?=\r\nReferences: <a@b>\r\n\r\n")
+    assert decode_fields(encode_fields(odd.fields)) == odd.fields
+    assert (odd.id, odd.seq, odd.size, odd.internal_date.timestamp()) == (7, 3, 42, 1_700_000_000.5)
+    for junk in (b"", b"[]", b"not json", b"[2,null,\"\",false,\"\",\"\",\"\",\"\",\"\",null,[]]"):
+        assert decode_fields(junk) is None
