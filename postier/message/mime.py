@@ -81,7 +81,6 @@ class Part:
     children: list[Part] = field(default_factory=list)
     message: Part | None = None
     close_end: int = -1  # a multipart: where its close-delimiter line ends (before its CRLF), or -1
-    tail: int = 0  # octets at ``end`` shared with the parent's next delimiter line (see _parse_entity)
 
     # -- content type ----------------------------------------------------------------------
 
@@ -330,7 +329,6 @@ def _parse_entity(msg: bytes, start: int, end: int, budget: _Budget, depth: int,
                 # (RFC 2046 §5.1.1). Dovecot counts it in the nested part (its size and lines,
                 # BODY[n], BINARY.SIZE[n]); so do we.
                 child.end += 2
-                child.tail = 2
                 if inner is not child:
                     inner.end += 2
             part.children.append(child)

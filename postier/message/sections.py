@@ -138,7 +138,7 @@ def _binary_body(part: Part) -> Iterator[bytes]:
     for child in part.children:
         yield msg[pos : child.start]  # preamble / delimiter lines
         yield from _binary_entity(child)
-        pos = child.end  # a tail CRLF was sent with the child
+        pos = child.end  # a CRLF shared with the next delimiter (see mime._parse_entity) went with the child
     yield msg[pos : part.end]
 
 
