@@ -2,7 +2,8 @@
 address lists (groups, obsolete routes) parsed leniently: never raising, like Dovecot.
 
 Values stay raw octets as the RFC asks (RFC 2047 encoded words are not decoded); header values are
-unfolded. Sender and Reply-To default to From when absent or empty. Addresses without a domain get
+unfolded, and the Subject and display names also have each run of white space made one space (as
+Dovecot sends them: ``for_humans``). Sender and Reply-To default to From when absent or empty. Addresses without a domain get
 the host "MISSING_DOMAIN" and empty local parts "MISSING_MAILBOX" (Dovecot's convention), so that a
 NIL host keeps meaning "group syntax".
 """
