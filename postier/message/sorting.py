@@ -21,7 +21,7 @@ from functools import partial
 
 from postier.proto.imap.commands import SORT_KEYS, SortCriterion
 
-from .envelope import Address, for_humans, parse_addresses
+from .envelope import ImapAddress, for_humans, parse_addresses
 from .mime import HeaderField, Part, decode_header_text, parse_message
 
 __all__ = [
@@ -137,7 +137,7 @@ def _fields(part: Part) -> dict[str, list[HeaderField]]:
     return out
 
 
-def _first_address(fields: list[HeaderField]) -> Address | None:
+def _first_address(fields: list[HeaderField]) -> ImapAddress | None:
     """The first address of the first such field (a group's start, whose mailbox is the group
     name, counts: "undisclosed-recipients:;" sorts as such, as in Dovecot)."""
     for f in fields:
@@ -146,12 +146,12 @@ def _first_address(fields: list[HeaderField]) -> Address | None:
     return None
 
 
-def _mailbox(a: Address | None) -> str:
+def _mailbox(a: ImapAddress | None) -> str:
     """The addr-mailbox as written (RFC 5256 §3: not RFC 2047-decoded, as in Dovecot)."""
     return "" if a is None or a.mailbox is None else a.mailbox.decode("utf-8", "replace")
 
 
-def _display(a: Address | None) -> str:
+def _display(a: ImapAddress | None) -> str:
     """RFC 5957 §2: the display name (RFC 2047-decoded) if non-empty, else the addr-spec."""
     if a is None:
         return ""

@@ -51,9 +51,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''} in the queue")
         elif args.action == "show":
             msg_id = _id(args)
-            info = spool.message(msg_id)
-            if info is None:
+            found = spool.message(msg_id)
+            if found is None:
                 raise CLIError(f"no such message in the queue: {msg_id}")
+            info = found
             print(f"id:       {info.id}")
             print(f"sender:   <{info.sender}>")
             print(f"arrival:  {_when(info.created)}")
@@ -94,7 +95,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("queue", help="inspect and manage the outbound queue")
     p.add_argument("action", choices=("list", "show", "retry", "delete"))
     p.add_argument("id", nargs="?", help="queue id (from `queue list`)")

@@ -19,12 +19,12 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from .app import Services
+    from .app import App
 
 log = logging.getLogger("postier.server")
 
@@ -37,7 +37,7 @@ class Session:
     #: The bytes sent to a client refused for load (before any protocol exchange).
     busy_line = b""
 
-    def __init__(self, services: Services, role: str, reader: asyncio.StreamReader,
+    def __init__(self, services: App, role: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, tls_implicit: bool):
         self.services = services
         self.role = role
@@ -101,7 +101,7 @@ class ProtocolSession(asyncio.Protocol):
 
     busy_line = b""
 
-    def __init__(self, services: Services, role: str, listeners: ListenerSet, tls_implicit: bool):
+    def __init__(self, services: App, role: str, listeners: ListenerSet, tls_implicit: bool):
         self.services = services
         self.role = role
         self.listeners = listeners
@@ -192,7 +192,7 @@ class _Bound:
 class ListenerSet:
     """Every configured listener, with shared connection accounting."""
 
-    def __init__(self, services: Services, factories: dict[str, Callable[..., Session | ProtocolSession]]):
+    def __init__(self, services: App, factories: Mapping[str, Callable[..., Session | ProtocolSession]]):
         self.services = services
         self.factories = factories
         self.bound: list[_Bound] = []

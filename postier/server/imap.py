@@ -34,12 +34,11 @@ import ssl
 import time
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..accounts import User
+from ..message.types import User
 from ..message.matching import SearchContext
 from ..proto import sasl
 from ..proto.imap import commands as C
@@ -51,8 +50,7 @@ from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.states import State, allowed
 from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
-from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
-from . import throttle
+from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, normalize_name
 from .base import Session
 from .imapfetch import (
     FetchError,
@@ -117,13 +115,6 @@ class Selected:
     saved: list[int] | None = None  # RFC 5182 SEARCHRES, as UIDs
 
 
-def _user_connections(services: Any) -> Counter[str]:
-    c: Counter[str] | None = services.extensions.get("imap_user_connections")
-    if c is None:
-        c = services.extensions["imap_user_connections"] = Counter()
-    return c
-
-
 class IMAPSession(Session):
     busy_line = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
 
@@ -140,7 +131,7 @@ class IMAPSession(Session):
         self.out: list[bytes] = []
         self.out_size = 0
         self.user: User | None = None
-        self.store: MailStore = mailstore_for(self.services)
+        self.store: MailStore = self.services.mailstore
         self.mb: UserMailbox | None = None
         self.sel: Selected | None = None
         self.rev2 = False
@@ -216,7 +207,7 @@ class IMAPSession(Session):
             self.store.executor.submit(self.store.release, self.mb)
             self.mb = None
         if self._counted and self.user is not None:
-            conns = _user_connections(self.services)
+            conns = self.services.imap_user_connections
             conns[self.user.address] -= 1
             if conns[self.user.address] <= 0:
                 del conns[self.user.address]
@@ -260,7 +251,7 @@ class IMAPSession(Session):
             raise _Disconnect()
 
     async def _main(self) -> None:
-        if throttle.get(self.services).blocked(self.peer_ip):
+        if self.services.throttle.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             await self.flush()
             return
@@ -421,7 +412,7 @@ class IMAPSession(Session):
             raise _no("Authenticate after STARTTLS", Code.PRIVACYREQUIRED)
         if cmd.mechanism.upper() != "PLAIN":
             raise _no("Unsupported authentication mechanism", Code.CANNOT)
-        if throttle.get(self.services).blocked(self.peer_ip):
+        if self.services.throttle.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             raise _Disconnect()
         mech = sasl.server_mechanism("PLAIN")
@@ -461,7 +452,7 @@ class IMAPSession(Session):
             self.parser.feed(data)
 
     async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
-        thr = throttle.get(self.services)
+        thr = self.services.throttle
         if thr.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             raise _Disconnect()
@@ -470,7 +461,7 @@ class IMAPSession(Session):
             await self._login_failed()
         assert user is not None
         thr.success(self.peer_ip)
-        conns = _user_connections(self.services)
+        conns = self.services.imap_user_connections
         if conns[user.address] >= self.cfg.imap.max_connections_per_user:
             raise _no("Too many connections for this user", Code.LIMIT)
         if user.mailbox_format != "maildir":
@@ -488,7 +479,7 @@ class IMAPSession(Session):
         return "Logged in", Code.capability(self.capabilities())
 
     async def _login_failed(self) -> None:
-        thr = throttle.get(self.services)
+        thr = self.services.throttle
         await thr.penalize(self.peer_ip)
         if thr.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins", Code.UNAVAILABLE))

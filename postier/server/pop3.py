@@ -34,13 +34,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..accounts import AccountError, User
+from ..message.types import AccountError, User
 from ..config import IMPLICIT_TLS_ROLES
+from ..durable import ensure_dirs
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.index import StoreError
-from ..store.mailbox import MailStore, PopMessage, UserMailbox, mailstore_for
-from . import throttle
+from ..store.mailbox import MailStore, PopMessage, UserMailbox
+from .throttle import AuthThrottle
 from .base import Session
 
 __all__ = ["LOCK_NAME", "POP3Session", "lock_maildrop", "unlock_maildrop"]
@@ -69,7 +70,7 @@ class _CommandTimeout(Exception):
 def lock_maildrop(home: Path) -> int | None:
     """Take the exclusive maildrop lock in `home`: a file descriptor to pass to `unlock_maildrop()`,
     or None when another session holds it (RFC 2449 §8.1 IN-USE)."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(home)
     fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,14 +149,6 @@ def _open_maildrop(store: MailStore, user: User) -> _Maildrop | None:
     return _Maildrop(user, mb, fd, listing, uidvalidity)
 
 
-def _last_logins(services: Any) -> dict[str, float]:
-    """RFC 2449 §6.5 LOGIN-DELAY: when each user last logged in (monotonic seconds)."""
-    d: dict[str, float] | None = services.extensions.get("pop3.last_login")
-    if d is None:
-        d = services.extensions["pop3.last_login"] = {}
-    return d
-
-
 class POP3Session(Session):
     busy_line = ERR_BUSY.to_bytes()
 
@@ -175,7 +168,7 @@ class POP3Session(Session):
             max_errors=max(1, cfg.limits.max_errors),
         )
         self.conn = core.POP3Connection(self.settings)
-        self.store: MailStore = mailstore_for(self.services)
+        self.store: MailStore = self.services.mailstore
         self.drop: _Maildrop | None = None
         self._sasl_failures = 0
         self._drop_after_flush = False
@@ -184,8 +177,8 @@ class POP3Session(Session):
         self._cmd_bytes = 0
 
     @property
-    def throttle(self) -> throttle.AuthThrottle:
-        return throttle.get(self.services)
+    def throttle(self) -> AuthThrottle:
+        return self.services.throttle
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -341,7 +334,7 @@ class POP3Session(Session):
             self.conn.login_failed(unavailable=True)
             return
         delay = self.settings.login_delay
-        last = _last_logins(self.services)
+        last = self.services.pop3_last_login  # RFC 2449 §6.5 LOGIN-DELAY (monotonic seconds)
         now = time.monotonic()
         if delay and now - last.get(user.address, -delay) < delay:  # RFC 2449 §6.5
             self.conn.login_failed(login_delay=True)

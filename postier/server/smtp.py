@@ -23,7 +23,6 @@ smtpd_per_record_deadline and smtpd_min_data_rate); the whole session within
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
@@ -32,45 +31,24 @@ from typing import Any
 
 from ..config import IMPLICIT_TLS_ROLES
 from ..faults import fault_point
-from ..pipeline.inbound import Envelope, LMTPPipeline, MXPipeline, SMTPPipeline
+from ..message.types import Envelope, MessageBody
+from ..pipeline.inbound import SMTPPipeline
 from ..proto import sasl
 from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
-from ..store.maildir import MessageBody
-from . import throttle
+from .throttle import AuthThrottle
 from .base import ProtocolSession
 
 log = logging.getLogger("postier.smtp")
 
-#: role -> pipeline class (or "module:Class" loaded lazily: the submission layer is optional).
-PIPELINES: dict[str, Any] = {
-    "smtp": MXPipeline,
-    "lmtp": LMTPPipeline,
-    "submission": "postier.pipeline.submission:SubmissionPipeline",
-    "submissions": "postier.pipeline.submission:SubmissionPipeline",
-}
 SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 R421_TOO_MANY_AUTH = R.Reply(421, "4.7.0", "Too many failed authentication attempts, try later")
-R554_NOT_AVAILABLE = R.Reply(554, "5.3.2", "This service is not available")
 
-#: Services -> (role, implicit TLS) -> the core's settings, built once per listener.
+#: App -> (role, implicit TLS) -> the core's settings, built once per listener.
 _settings_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], core.ServerSettings]] = (
     weakref.WeakKeyDictionary())
-#: Services -> the directory spilled message bodies go to.
+#: App -> the directory spilled message bodies go to.
 _spool_cache: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
-
-
-def _pipeline_class(role: str) -> type[SMTPPipeline] | None:
-    ref = PIPELINES.get(role)
-    if isinstance(ref, str):
-        mod, _, attr = ref.partition(":")
-        try:
-            cls: type[SMTPPipeline] = getattr(importlib.import_module(mod), attr)
-        except (ModuleNotFoundError, AttributeError):
-            return None
-        PIPELINES[role] = cls
-        return cls
-    return ref
 
 
 def _server_settings(services: Any, role: str, tls_implicit: bool) -> core.ServerSettings:
@@ -124,8 +102,7 @@ class SMTPSession(ProtocolSession):
         self.conn = core.ServerConnection(self.settings)
         self.env = Envelope(role=self.role, peer_ip=self.peer_ip, local_ip=self.local_ip,
                             tls=self.tls_info if self.tls_implicit else None)
-        cls = _pipeline_class(self.role)
-        self.pipeline: SMTPPipeline | None = cls(services, self.role) if cls is not None else None
+        self.pipeline: SMTPPipeline = services.pipelines[self.role]()
         self.body = None
         self._body_failed = False
         self.mech: sasl.ServerMechanism | None = None
@@ -170,9 +147,7 @@ class SMTPSession(ProtocolSession):
             return
         self._greeted = True
         conn = self.conn
-        if self.pipeline is None:
-            conn.greet(R554_NOT_AVAILABLE)
-        elif self.role != "smtp" and self.throttle.blocked(self.peer_ip):
+        if self.role != "smtp" and self.throttle.blocked(self.peer_ip):
             conn.greet(R421_TOO_MANY_AUTH)
         else:
             conn.greet()
@@ -382,14 +357,12 @@ class SMTPSession(ProtocolSession):
         return self._call(self._mail(ev))
 
     async def _mail(self, ev: core.MailFrom) -> None:
-        assert self.pipeline is not None
         self.conn.reply(await self.pipeline.on_mail(self.env, ev.path, ev.params))
 
     def _on_rcpt(self, ev: core.RcptTo) -> bool:
         return self._call(self._rcpt(ev))
 
     async def _rcpt(self, ev: core.RcptTo) -> None:
-        assert self.pipeline is not None
         self.conn.reply(await self.pipeline.on_rcpt(self.env, ev.path, ev.params))
 
     def _on_data_start(self, ev: core.DataStart) -> bool:
@@ -408,7 +381,7 @@ class SMTPSession(ProtocolSession):
         n = len(conn.recipients)
         body, self.body = self.body, None
         try:
-            if ev.problem is not None or body is None or self.pipeline is None:
+            if ev.problem is not None or body is None:
                 fallback = R.R452_NO_SPACE if self._body_failed else R.R451_LOCAL_ERROR
                 replies = [ev.problem or fallback] * n  # RFC 1870 §6.2 for a spool without space
             else:
@@ -455,8 +428,8 @@ class SMTPSession(ProtocolSession):
     # -- AUTH (RFC 4954) --------------------------------------------------------------------------
 
     @property
-    def throttle(self) -> throttle.AuthThrottle:
-        return throttle.get(self.services)
+    def throttle(self) -> AuthThrottle:
+        return self.services.throttle
 
     async def _auth(self, ev: core.AuthStart | core.AuthResponse) -> None:
         conn = self.conn

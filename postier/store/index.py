@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .maildir import fsync_dir
+from ..durable import fsync_dir
 
 __all__ = [
     "FLAG_ANSWERED", "FLAG_DELETED", "FLAG_DRAFT", "FLAG_FLAGGED", "FLAG_SEEN", "INDEX_NAME",
@@ -830,6 +830,7 @@ class UserIndex:
             return row.highestmodseq, []
         letters = row.keywords
         done: list[tuple[MessageRow, str, int, str]] = []
+        renamed: set[str] = set()  # subdirectories whose entries changed
         for m, bits, kws in changes:
             suffix = encode_suffix(m.suffix, bits, kws, letters)
             if suffix != m.suffix or m.sub == 0:
@@ -839,9 +840,13 @@ class UserIndex:
                     os.rename(src, dst)
                 except FileNotFoundError:
                     continue
+                renamed.update(("cur", _SUBDIR[m.sub]))
             done.append((m, suffix, bits, " ".join(kws)))
         if not done:
             return row.highestmodseq, []
+        # The file name is the truth a later sync reads: the renames are durable before the index
+        # says so, or a power cut would bring the old flags back (and a stale copy in new/).
+        fsync_folder(path, sorted(renamed))
         cur = self.folder(row.name) or row
         modseq = _new_modseq(cur.highestmodseq)
         with self.tx() as c:

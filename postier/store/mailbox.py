@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..accounts import User
+from .. import durable
+from ..message.types import User
 from ..faults import fault_point
 from ..proto.imap.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
@@ -51,13 +52,13 @@ from .index import (
     fsync_folder,
     names_to_flags,
 )
-from .maildir import DeliveryError, MaildirDraft, ensure_maildir, fsync_dir, sync_new, unique_name
+from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
     "FolderState",
     "MailStore", "PopMessage", "StatusInfo", "StoreError", "StoreResult", "UserMailbox",
-    "folder_dir_name", "mailstore_for", "normalize_name",
+    "folder_dir_name", "normalize_name", "on_delivery",
 ]
 
 log = logging.getLogger("postier.store")
@@ -325,14 +326,13 @@ class UserMailbox:
     def _create(self, name: str, special_use: str | None) -> None:
         p = self.path_of(name)
         try:
-            os.mkdir(p, 0o700)
+            durable.make_dir(p)  # the new name is durable before CREATE answers OK
         except FileExistsError:
             raise StoreError("mailbox already exists", "ALREADYEXISTS") from None
-        ensure_maildir(p)
         (p / "maildirfolder").touch()  # Maildir++ marker, as Dovecot and Courier write it
+        ensure_maildir(p)  # cur/new/tmp, and p fsynced (the marker with them)
         self.index.forget_folder(name)  # a stale row from a folder deleted behind our back
         self.index.attach_folder(name, p, special_use or "")
-        fsync_dir(self.root)
 
     @_locked
     def delete(self, name: str) -> None:
@@ -344,8 +344,7 @@ class UserMailbox:
             raise StoreError("no such mailbox", "NONEXISTENT")
         p = self.path_of(n)
         trash = self.root / "tmp" / f".deleted.{secrets.token_hex(8)}"
-        os.rename(p, trash)  # atomic: no half-deleted folder is ever listed
-        fsync_dir(self.root)
+        durable.rename(p, trash)  # atomic: no half-deleted folder is ever listed
         self.index.forget_folder(n)
         self.states.pop(n, None)
         shutil.rmtree(trash, ignore_errors=True)
@@ -374,10 +373,9 @@ class UserMailbox:
             if self._exists(b):
                 raise StoreError(f"target mailbox {b} already exists", "ALREADYEXISTS")
         for a, b in moves:
-            os.rename(self.path_of(a), self.path_of(b))
+            durable.rename(self.path_of(a), self.path_of(b))  # both parents fsynced
             self.index.rename_folder(a, b)
             self.states.pop(a, None)
-        fsync_dir(self.root)
         subs = self._subscriptions()
         if any(s == o or s.startswith(prefix) for s in subs):
             self._write_subscriptions([n + s[len(o):] if (s == o or s.startswith(prefix)) else s for s in subs])
@@ -400,9 +398,7 @@ class UserMailbox:
 
     def _write_subscriptions(self, names: Iterable[str]) -> None:
         seen: dict[str, None] = dict.fromkeys(names)
-        tmp = self.root / (SUBSCRIPTIONS_FILE + ".tmp")
-        tmp.write_text("".join(f"{n}\n" for n in seen), "utf-8")
-        os.replace(tmp, self.root / SUBSCRIPTIONS_FILE)
+        durable.write_file(self.root / SUBSCRIPTIONS_FILE, "".join(f"{n}\n" for n in seen).encode("utf-8"))
 
     def _subscribe(self, name: str, on: bool) -> None:
         subs = self._subscriptions()
@@ -1043,7 +1039,7 @@ class MailStore:
                     mb = None
                 if mb is None:
                     md = user.maildir(self.mail_root)
-                    md.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    durable.ensure_dirs(md.parent)
                     mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
                 self._users[user.address] = mb
             mb.refs += 1
@@ -1147,21 +1143,13 @@ class MailStore:
             self.release(mb)
 
 
-def mailstore_for(services: Any) -> MailStore:
-    """The process's MailStore, created on first use and kept in `services.extensions`: deliveries
-    wake IDLE sessions through it, and it closes with the services."""
-    store: MailStore | None = services.extensions.get("mailstore")
-    if store is None:
-        cfg = services.config
-        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders,
-                          poll_interval=cfg.imap.idle_poll_interval)
-        services.extensions["mailstore"] = store
+def on_delivery(store: MailStore) -> Callable[[User, str], None]:
+    """The MDA listener that tells `store` about a delivery: the folder is re-read when next looked
+    at, and IDLE sessions watching it wake up (wired in server/app.py `build_app`)."""
 
-        def delivered(user: User, folder: str) -> None:
-            name = INBOX if folder.upper() == INBOX else folder
-            store.mark_dirty(user.address, name)
-            store.notifier.notify(user.address, name)
+    def delivered(user: User, folder: str) -> None:
+        name = INBOX if folder.upper() == INBOX else folder
+        store.mark_dirty(user.address, name)
+        store.notifier.notify(user.address, name)
 
-        services.mda.listeners.append(delivered)
-        services.on_close(store.close)
-    return store
+    return delivered

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from postier.accounts import User
+from postier.message.types import User
 from postier.store.index import INDEX_NAME, UIDLIST_NAME, StoreError, read_journal
 from postier.store.mailbox import MailStore, UserMailbox, folder_dir_name, normalize_name
 from postier.store.maildir import deliver_maildir

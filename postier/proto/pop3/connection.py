@@ -40,6 +40,7 @@ __all__ = ["POP3Connection", "POP3Settings", "State"]
 _MAX_NUMBER_DIGITS = 9  # message numbers and TOP line counts
 _UID_RE = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 §7 UIDL: 1 to 70 characters 0x21-0x7E
 _EXPIRE_RE = re.compile(r"NEVER|[0-9]{1,5}")  # RFC 2449 §6.7
+type _Bytes = bytes | bytearray | memoryview  # message data as any bytes-like object
 
 
 class State(enum.Enum):
@@ -210,8 +211,8 @@ class POP3Connection:
 
     def next_event(self) -> Event | Sentinel:
         if self._queued is not None:
-            event, self._queued = self._queued, None
-            return event
+            queued, self._queued = self._queued, None
+            return queued
         if self._closed is not None:
             return self._closed
         if self._awaiting is not None:
@@ -286,16 +287,16 @@ class POP3Connection:
         assert mechanism is not None
         self._guarded(lambda: self._sasl_outcome(mechanism.scram_credentials(credentials)))
 
-    def send_message(self, data: bytes | Iterable[bytes]) -> None:
+    def send_message(self, data: _Bytes | Iterable[_Bytes]) -> None:
         """The whole message for Retrieve, as bytes or an iterable of chunks."""
-        chunks: Iterable[bytes] = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+        chunks: Iterable[_Bytes] = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
         for chunk in chunks:
             self.send_message_chunk(chunk)
             if not self.message_needs_more:
                 break
         self.end_message()
 
-    def send_message_chunk(self, chunk: bytes) -> None:
+    def send_message_chunk(self, chunk: _Bytes) -> None:
         """Part of the message for Retrieve; flush ``data_to_send()`` between chunks to stream."""
         self._expect(_Awaiting.MESSAGE)
         assert self._encoder is not None
