@@ -46,7 +46,7 @@ class ReaderLimits:
     parenthesis nesting.
     """
 
-    max_line: int = 8192
+    max_line: int = 64 * 1024  # Dovecot's imap_max_line_length; a long ID or SEARCH fits
     max_literal: int = 64 * 1024
     max_command: int = 128 * 1024
     max_literals: int = 64

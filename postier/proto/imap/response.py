@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .mutf7 import mutf7_encode
+from ..mutf7 import mutf7_encode
 from .seqset import SequenceSet
 
 __all__ = [
