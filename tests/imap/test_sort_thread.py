@@ -47,3 +47,31 @@ def test_sort_thread_esort_with_imaplib(server: IMAPServer) -> None:
         assert typ == "OK" and sorted(data[0].split()) == [b"1", b"2", b"3"]
     finally:
         m.logout()
+
+
+def test_two_sessions_sort_at_once(server: IMAPServer) -> None:
+    """Both fill and read the sort-field cache of one mailbox at the same time."""
+    import threading
+
+    addr = server.user("st")
+    with server.client(addr) as c:
+        for k in range(40):
+            raw = b"Subject: s%02d\r\nDate: Mon, 1 Jan 2024 %02d:00:00 +0000\r\n\r\nx\r\n" % (39 - k, k % 24)
+            c.ok(b"APPEND INBOX {%d+}\r\n" % len(raw) + raw)
+    answers: list[bytes] = []
+    barrier = threading.Barrier(2)
+
+    def sort() -> None:
+        with server.client(addr) as c:
+            c.ok("SELECT INBOX")
+            barrier.wait(timeout=10)
+            for _ in range(3):
+                answers.append(c.ok("SORT (SUBJECT) UTF-8 ALL")[0])
+
+    threads = [threading.Thread(target=sort) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    expected = b"* SORT " + b" ".join(b"%d" % n for n in range(40, 0, -1)) + b"\r\n"
+    assert answers == [expected] * 6
