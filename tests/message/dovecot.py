@@ -8,6 +8,7 @@ unless POSTIER_REQUIRE_INTEROP=1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -85,8 +86,7 @@ class DovecotMaildir:
                     out.append(self._read_response(proc.stdout, tag))
                 except ConnectionError:  # Dovecot gave up (BYE): note it and start again
                     out.append([b"BYE"])
-                    proc.kill()
-                    proc.wait()
+                    self._stop(proc)
                     proc = self._start()
             assert proc.stdin is not None
             proc.stdin.write(b"z LOGOUT\r\n")
@@ -98,7 +98,19 @@ class DovecotMaildir:
                 proc.wait()
         return out
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        """Let a process that said BYE finish writing its index before it is gone."""
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _start(self, retry: bool = True) -> subprocess.Popen[bytes]:
         env = {"HOME": str(self.root), "USER": "test", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         assert IMAP_BINARY is not None
         proc = subprocess.Popen([IMAP_BINARY, "-c", str(self.conf)], stdin=subprocess.PIPE,
@@ -109,7 +121,13 @@ class DovecotMaildir:
         proc.stdin.flush()
         resps = self._read_response(proc.stdout, b"s")
         if not resps[-1].startswith(b"s OK"):
-            raise RuntimeError(f"dovecot SELECT failed: {resps[-1]!r} {self.log()}")
+            self._stop(proc)
+            if not retry:
+                raise RuntimeError(f"dovecot SELECT failed: {resps[-1]!r} {self.log()}")
+            # an index left broken by a process that failed: Dovecot rebuilds it from the Maildir
+            for f in (self.root / "Maildir").glob("dovecot.index*"):
+                f.unlink()
+            return self._start(retry=False)
         return proc
 
     def log(self) -> str:
