@@ -18,6 +18,7 @@ from typing import Any
 
 from ..accounts import Accounts
 from ..config import Config
+from ..http.service import WebService
 from ..store.delivery import LocalDelivery
 from .base import ListenerSet, Session
 
@@ -122,9 +123,12 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
                 stop_event: asyncio.Event | None = None) -> None:
     services = await build_services(config)
     listeners = ListenerSet(services, session_factories())
+    web = WebService(config, services.accounts, services.ssl_context)
     try:
-        bound = await listeners.start()
+        bound = await web.start()  # serving before the mail ports open: ready means all are up
+        bound += await listeners.start()
     except OSError as exc:
+        await web.stop()
         await services.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
@@ -139,6 +143,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     await stop.wait()
     log.info("shutting down")
     await listeners.stop()
+    await web.stop()
     await services.close()
     log.info("stopped")
 

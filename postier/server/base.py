@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from ..config import HTTP_ROLES
+
 if TYPE_CHECKING:
     from .app import Services
 
@@ -205,6 +207,8 @@ class ListenerSet:
         ctx = self.services.ssl_context
         out = []
         for role, lst in cfg.listeners.items():
+            if role in HTTP_ROLES:  # served by postier.http, beside these listeners
+                continue
             factory = self.factories.get(role)
             if factory is None:
                 log.warning("listener %s: this role is not available in this build; skipped", role)
