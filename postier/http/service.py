@@ -12,13 +12,16 @@ import ssl
 from ..accounts import Accounts
 from ..acme.challenges import Challenges
 from ..config import Config
+from ..server.throttle import AuthThrottle
+from .clientsetup import ClientSetup
 from .server import HttpServer, Route
 
 __all__ = ["WebService"]
 
 
 class WebService:
-    def __init__(self, config: Config, accounts: Accounts, mail_tls: ssl.SSLContext | None):
+    def __init__(self, config: Config, accounts: Accounts, mail_tls: ssl.SSLContext | None,
+                 throttle: AuthThrottle):
         self.config = config
         self.accounts = accounts
         self.challenges = Challenges()
@@ -27,6 +30,7 @@ class WebService:
         # ALPN must not reach the mail listeners.
         self.https_tls = config.ssl_context() if "https" in config.listeners else None
         routes: list[Route] = []
+        routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
         self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes)
 
     @property

@@ -20,6 +20,7 @@ from ..accounts import Accounts
 from ..config import Config
 from ..http.service import WebService
 from ..store.delivery import LocalDelivery
+from . import throttle
 from .base import ListenerSet, Session
 
 log = logging.getLogger("postier")
@@ -123,7 +124,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
                 stop_event: asyncio.Event | None = None) -> None:
     services = await build_services(config)
     listeners = ListenerSet(services, session_factories())
-    web = WebService(config, services.accounts, services.ssl_context)
+    web = WebService(config, services.accounts, services.ssl_context, throttle.get(services))
     try:
         bound = await web.start()  # serving before the mail ports open: ready means all are up
         bound += await listeners.start()
