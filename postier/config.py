@@ -234,6 +234,14 @@ class MTASTS:
 
 
 @dataclass(frozen=True)
+class TLSRPT:
+    """SMTP TLS reporting (RFC 8460): where other servers send reports about their TLS sessions with us."""
+
+    #: The rua of our `_smtp._tls` record: a local part (the domain is added) or an address.
+    report_address: str = "tls-reports"
+
+
+@dataclass(frozen=True)
 class ACME:
     """Automatic certificates (RFC 8555) for the hostname and each domain's mta-sts/autoconfig names."""
 
@@ -267,6 +275,7 @@ class Config:
     mailauth: MailAuth = field(default_factory=MailAuth)
     http: HTTP = field(default_factory=HTTP)
     mta_sts: MTASTS = field(default_factory=MTASTS)
+    tlsrpt: TLSRPT = field(default_factory=TLSRPT)
     acme: ACME = field(default_factory=ACME)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None

@@ -14,6 +14,7 @@ from ..acme.challenges import Challenges
 from ..config import Config
 from ..server.throttle import AuthThrottle
 from .clientsetup import ClientSetup
+from .policy import policy_route
 from .server import HttpServer, Route
 
 __all__ = ["WebService"]
@@ -31,6 +32,7 @@ class WebService:
         self.https_tls = config.ssl_context() if "https" in config.listeners else None
         routes: list[Route] = []
         routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
+        routes.append(policy_route(config))
         self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes)
 
     @property

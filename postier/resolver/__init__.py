@@ -32,12 +32,12 @@ import dns.resolver
 import dns.reversename
 
 __all__ = [
-    "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
+    "DNSStatus", "Answer", "MXRecord", "SRVRecord", "TLSARecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
     "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES",
 ]
 
 # Types this layer converts to plain Python values; others are refused with ValueError.
-SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR", "CNAME", "TLSA"})
+SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR", "CNAME", "TLSA", "SRV"})
 MAX_NAME_LENGTH = 253  # RFC 1035 §2.3.4 (255 octets on the wire, 253 in text form)
 
 
@@ -63,6 +63,14 @@ class Answer[T]:
 class MXRecord:
     preference: int
     exchange: str  # lower case, no trailing dot; "." is the root (RFC 7505 null MX)
+
+
+@dataclass(frozen=True, slots=True)
+class SRVRecord:
+    priority: int
+    weight: int
+    port: int
+    target: str  # lower case, no trailing dot; "." means "no such service" (RFC 2782, RFC 6186 §4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +167,8 @@ def convert_rdata(rtype: str, rdata: Any) -> Any:
         return b"".join(rdata.strings)
     if rtype in ("PTR", "CNAME"):
         return _norm_host(rdata.target.to_text())
+    if rtype == "SRV":
+        return SRVRecord(int(rdata.priority), int(rdata.weight), int(rdata.port), _norm_host(rdata.target.to_text()))
     if rtype == "TLSA":
         return TLSARecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert))
     raise ValueError(f"unsupported record type {rtype}")
@@ -184,6 +194,9 @@ class BaseResolver:
 
     async def txt(self, name: str) -> Answer[bytes]:
         return await self.query(name, "TXT")
+
+    async def srv(self, name: str) -> Answer[SRVRecord]:
+        return await self.query(name, "SRV")
 
     async def tlsa(self, name: str) -> Answer[TLSARecord]:
         return await self.query(name, "TLSA")

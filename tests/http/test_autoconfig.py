@@ -149,3 +149,12 @@ def test_no_plaintext_endpoint_is_ever_offered() -> None:
                             "smtp": Listener(port=25)})
     assert [(e.protocol, e.port, e.security) for e in autoconfig.endpoints(cfg)] == [("smtp", 587, "STARTTLS")]
     assert autoconfig.endpoints(dataclasses.replace(cfg, tls=TLS())) == []  # no certificate, no TLS at all
+
+
+def test_mta_sts_policy_is_served_on_its_host(inst: Instance) -> None:
+    with client(inst) as c:
+        r = c.get("/.well-known/mta-sts.txt", headers={"Host": f"mta-sts.{DOMAIN}"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        # RFC 8461 §3.2: CRLF-separated key: value pairs
+        assert r.text == f"version: STSv1\r\nmode: testing\r\nmx: {inst.hostname}\r\nmax_age: 604800\r\n"
+        assert c.get("/.well-known/mta-sts.txt", headers={"Host": DOMAIN}).status_code == 404
