@@ -20,8 +20,12 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["CertificateError", "reload_certificates", "load_pair"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["CertificateError", "reload_certificates", "load_pair", "load_pem_into", "certificate_files"]
 
 
 class CertificateError(Exception):
@@ -51,6 +55,27 @@ def reload_certificates(contexts: Iterable[ssl.SSLContext | None], cert: Path, k
                 ctx.load_cert_chain(path)
 
     _with_file(blob, load_all)
+
+
+def load_pem_into(ctx: ssl.SSLContext, blob: bytes) -> None:
+    """Load a key and chain held in memory (one PEM blob) into `ctx`."""
+    _with_file(blob, lambda path: ctx.load_cert_chain(path))
+
+
+def certificate_files(cfg: Config) -> tuple[Path, Path] | None:
+    """The pair listeners should serve: the ACME-issued one once it exists and is in date, else [tls].
+
+    The SIGHUP reload and start-up both ask here, so a reload never puts the self-signed fallback back
+    over a certificate ACME obtained.
+    """
+    from .acme.store import CertStore  # the ACME layer keeps its files; this module only asks
+
+    issued = CertStore(cfg.data_dir).current_files()
+    if issued is not None:
+        return issued
+    if cfg.tls.cert is None or cfg.tls.key is None:
+        return None
+    return cfg.tls.cert, cfg.tls.key
 
 
 def _with_file(blob: bytes, use: Callable[[str], object]) -> None:

@@ -7,10 +7,13 @@ that a new certificate reaches them all through `tlsreload.reload_certificates()
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 
 from ..accounts import Accounts
 from ..acme.challenges import Challenges
+from ..acme.manager import CertManager
 from ..config import Config
 from ..server.throttle import AuthThrottle
 from .clientsetup import ClientSetup
@@ -34,13 +37,25 @@ class WebService:
         routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
         routes.append(policy_route(config))
         self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes)
+        self.acme = CertManager(config, accounts.list_domains, self.challenges, lambda: self.tls_contexts) \
+            if config.acme.enabled else None
+        self._acme_task: asyncio.Task[None] | None = None
 
     @property
     def tls_contexts(self) -> list[ssl.SSLContext]:
         return [c for c in (self.mail_tls, self.https_tls) if c is not None]
 
     async def start(self) -> list[tuple[str, str, int]]:
-        return await self.http.start()
+        if self.acme is not None:
+            self.acme.install_existing()  # before any listener accepts: serve the issued certificate
+        bound = await self.http.start()
+        if self.acme is not None:
+            self._acme_task = asyncio.create_task(self.acme.run(), name="acme")
+        return bound
 
     async def stop(self) -> None:
+        if self._acme_task is not None:
+            self._acme_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acme_task
         await self.http.stop()
