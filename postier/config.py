@@ -138,6 +138,11 @@ class Outbound:
     tls_policy: str = "opportunistic"
     #: Extra CA certificates (PEM) trusted for outbound TLS, besides the system store.
     ca_file: Path | None = None
+    #: Apply recipient domains' MTA-STS policies (RFC 8461): under "enforce", only listed MX hosts,
+    #: over TLS with a verified certificate, else the message waits in the queue.
+    mta_sts: bool = True
+    #: Port of remote MTA-STS policy hosts (443; tests and private networks may change it).
+    https_port: int = 443
 
 
 @dataclass(frozen=True)

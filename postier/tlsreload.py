@@ -15,6 +15,7 @@ has an ECDSA one would add it beside the old one instead of replacing it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import tempfile
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
     from .config import Config
 
-__all__ = ["CertificateError", "reload_certificates", "load_pair", "load_pem_into", "certificate_files"]
+__all__ = ["CertificateError", "reload_certificates", "load_pair", "load_pem_into", "certificate_files",
+           "tlsa_keys"]
 
 
 class CertificateError(Exception):
@@ -76,6 +80,38 @@ def certificate_files(cfg: Config) -> tuple[Path, Path] | None:
     if cfg.tls.cert is None or cfg.tls.key is None:
         return None
     return cfg.tls.cert, cfg.tls.key
+
+
+def tlsa_keys(cfg: Config) -> list[tuple[str, str]]:
+    """(what, SHA-256 of the SubjectPublicKeyInfo in hex) for DANE-EE 3 1 1 records (RFC 7671 §5.1).
+
+    The key in service first; with ACME on and its certificate not yet in service, also the ACME key
+    that will replace it (created now if need be: it is kept across renewals), so both can be
+    published before the switch (RFC 7671 §8.1).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from .acme.store import CertStore
+
+    def digest(pub: CertificatePublicKeyTypes) -> str:
+        der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(der).hexdigest()
+
+    out: list[tuple[str, str]] = []
+    files = certificate_files(cfg)
+    if files is not None:
+        try:
+            leaf = x509.load_pem_x509_certificate(files[0].read_bytes())
+            out.append(("the key in service", digest(leaf.public_key())))
+        except (OSError, ValueError):
+            pass
+    if cfg.acme.enabled:
+        store = CertStore(cfg.data_dir)
+        nxt = ("the ACME key (kept across renewals)", digest(store.cert_key().public_key()))
+        if nxt[1] not in {d for _, d in out}:
+            out.append(nxt)
+    return out
 
 
 def _with_file(blob: bytes, use: Callable[[str], object]) -> None:

@@ -88,8 +88,8 @@ def dmarc_value(cfg: Config, domain: str) -> str:
     return f"v=DMARC1; p={cfg.mailauth.dmarc_policy}; rua=mailto:{rua_address(cfg, domain)}"
 
 
-def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresses: Sequence[str]
-                     ) -> list[Record]:
+def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresses: Sequence[str],
+                     tlsa: Sequence[tuple[str, str]] = ()) -> list[Record]:
     host = cfg.hostname
     recs = [Record(domain, "MX", f"10 {host}.", "RFC 5321 §5.1: where mail for the domain goes")]
     if addresses:
@@ -112,6 +112,7 @@ def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresse
         recs.append(Record(f"{domain}._report._dmarc.{rua_domain}", "TXT", "v=DMARC1",
                            f"in the zone of {rua_domain}: lets reports about {domain} go there (RFC 7489 §7.1)"))
     recs += service_records(cfg, domain)
+    recs += tlsa_records(cfg, tlsa)
     if addresses:
         for a in addresses:
             recs.append(Record(reverse_name(a), "PTR", f"{host}.", "reverse DNS: set by whoever owns the "
@@ -164,7 +165,7 @@ def _absent(status: DNSStatus) -> bool:
 
 
 async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: Sequence[DKIMKey],
-                       addresses: Sequence[str] = ()) -> list[Finding]:
+                       addresses: Sequence[str] = (), tlsa: Sequence[tuple[str, str]] = ()) -> list[Finding]:
     """Query the live DNS for everything `expected_records` lists, plus rDNS and blocklists."""
     host = cfg.hostname
     found: list[Finding] = []
@@ -258,6 +259,7 @@ async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: S
             found.append(Finding(Status.WRONG, "DMARC", name, str(exc), want))
 
     found += await check_service_records(cfg, domain, resolver, published)
+    found += await check_tlsa(cfg, resolver, tlsa)
 
     # Reverse DNS of each sending address, forward-confirmed (what receivers check first)
     for ip in ips:
@@ -427,6 +429,40 @@ async def check_service_records(cfg: Config, domain: str, resolver: BaseResolver
             found.append(Finding(Status.OK, "SRV", name, f"{host}:{port}"))
         else:
             found.append(Finding(Status.WRONG, "SRV", name, ", ".join(f"{r.target}:{r.port}" for r in recs), want))
+    return found
+
+
+def tlsa_name(cfg: Config) -> str | None:
+    """RFC 7672 §2.2: _PORT._tcp.MXHOST of our MX listener, or None without one."""
+    smtp = cfg.listeners.get("smtp")
+    return f"_{smtp.port}._tcp.{cfg.hostname}" if smtp is not None else None
+
+
+def tlsa_records(cfg: Config, tlsa: Sequence[tuple[str, str]]) -> list[Record]:
+    """DANE-EE SPKI SHA-256 (3 1 1, RFC 7671 §5.1) for each key given; useful only in a DNSSEC-signed zone."""
+    name = tlsa_name(cfg)
+    if name is None:
+        return []
+    return [Record(name, "TLSA", f"3 1 1 {digest}", f"DANE (RFC 7672) for {what}; only in a DNSSEC-signed zone")
+            for what, digest in tlsa]
+
+
+async def check_tlsa(cfg: Config, resolver: BaseResolver, tlsa: Sequence[tuple[str, str]]) -> list[Finding]:
+    name = tlsa_name(cfg)
+    if name is None or not tlsa:
+        return []
+    ans = await resolver.tlsa(name)
+    if ans.status is DNSStatus.TEMPFAIL:
+        return [Finding(Status.UNKNOWN, "TLSA", name, ans.reason)]
+    if _absent(ans.status):  # optional: DANE needs DNSSEC, which not every zone has
+        return [Finding(Status.OK, "TLSA", name, "none published (DANE not used)")]
+    published = {(r.usage, r.selector, r.mtype, r.data.hex()) for r in ans.records}
+    found = []
+    for what, digest in tlsa:
+        if (3, 1, 1, digest) in published:
+            found.append(Finding(Status.OK, "TLSA", name, f"3 1 1 for {what}"))
+        else:  # a DANE sender would refuse our certificate once this key is in service
+            found.append(Finding(Status.WRONG, "TLSA", name, f"no 3 1 1 record for {what}", f"3 1 1 {digest}"))
     return found
 
 

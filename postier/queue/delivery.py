@@ -23,6 +23,7 @@ from ..proto.smtp.address import xtext_encode
 from ..proto.smtp.client import ServerReply
 from ..resolver import BaseResolver, DNSStatus, RouteStatus
 from .client import ConnectionFailed, SMTPClient, Transaction, client_tls_context
+from .mtasts import PolicyCache
 from .spool import MessageInfo, RecipientState
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class Host:
     name: str
     ip: str
     port: int
+    #: TLS with a certificate verified for `name` is required (MTA-STS enforce, RFC 8461 §4.2, §5.1).
+    strict: bool = False
 
     def __str__(self) -> str:
         return f"{self.name}[{self.ip}]:{self.port}"
@@ -164,10 +167,12 @@ def _family_ok(ip: str, source: str | None) -> bool:
 class Router:
     """Where to connect for a destination: MX hosts and their addresses, or the smarthost."""
 
-    def __init__(self, resolver: BaseResolver, out: Outbound, rng: random.Random | None = None) -> None:
+    def __init__(self, resolver: BaseResolver, out: Outbound, rng: random.Random | None = None,
+                 sts: PolicyCache | None = None) -> None:
         self.resolver = resolver
         self.out = out
         self.rng = rng or random.Random()
+        self.sts = sts
 
     async def route(self, domain: str) -> Route:
         out = self.out
@@ -191,9 +196,24 @@ class Router:
             return Route(failure=Failure(Fate.FAILED, f"Host or domain name not found: {name}", "5.1.2"))
         if mx.status is RouteStatus.NO_HOSTS:
             return Route(failure=Failure(Fate.FAILED, f"{name} has no MX and no address record", "5.4.4"))
-        return await self._hosts([(h.name, h.preference) for h in mx.hosts], out.port, implicit=mx.implicit)
+        names = [(h.name, h.preference) for h in mx.hosts]
+        strict = False
+        policy = await self.sts.get(name) if self.sts is not None else None
+        if policy is not None and policy.mode != "none":
+            unlisted = [h for h, _ in names if not policy.matches(h)]
+            if unlisted:
+                log.warning("mta-sts: %s: MX %s not in its %s policy (%s)", name, ",".join(unlisted), policy.mode,
+                            ",".join(policy.mx))
+            if policy.mode == "enforce":
+                # RFC 8461 §5.1: never deliver to an MX the policy does not list; §4.2: TLS, verified
+                names = [(h, p) for h, p in names if policy.matches(h)]
+                strict = True
+                if not names:
+                    return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
+                                                 f"policy ({', '.join(policy.mx)})", "4.7.5"))
+        return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict)
 
-    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool) -> Route:
+    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False) -> Route:
         hosts: list[Host] = []
         tempfail: str | None = None
         for name, _pref in names:
@@ -210,7 +230,7 @@ class Router:
                 addrs = tuple(ans.records)
             for ip in addrs:
                 if _family_ok(ip, self.out.source) and len(hosts) < MAX_ADDRESSES:
-                    hosts.append(Host(name, ip, port))
+                    hosts.append(Host(name, ip, port, strict))
         if hosts:
             return Route(tuple(hosts))
         if tempfail:
@@ -274,7 +294,7 @@ class Connector:
         r = await s.hello(out.helo)
         if not r.is_success:
             return remote(r)
-        must_tls = out.relay or out.tls_policy == "verify"
+        must_tls = out.relay or out.tls_policy == "verify" or host.strict
         if not s.tls.version:
             if s.conn.has("STARTTLS"):  # RFC 3207: opportunistic, whenever offered
                 r2 = await s.starttls(self.tls_ctx, out.helo)

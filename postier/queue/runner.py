@@ -38,6 +38,7 @@ from ..resolver import BaseResolver, Resolver
 from ..store.maildir import MessageBody
 from . import schedule
 from .client import SMTPClient
+from .mtasts import PolicyCache
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
@@ -110,7 +111,10 @@ class Queue:
         if resolver is None:
             resolver = Resolver(list(cfg.dns.nameservers) or None, cfg.dns.timeout)
             services.extensions.setdefault("resolver", resolver)
-        self.router = Router(resolver, self.out, rng)
+        sts = None
+        if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
+            sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
+        self.router = Router(resolver, self.out, rng, sts)
         self.connector = Connector(self.out)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")

@@ -6,7 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import hashlib
+
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from postier.certs import write_self_signed
 from postier.cli import main
@@ -59,6 +63,11 @@ def test_records_and_check(tmp_path: Path, dns: DNSServer, capsys: pytest.Captur
                  "autodiscover.a.test.\t3600\tIN\tCNAME\tmail.a.test.",
                  '_smtp._tls.a.test.\t3600\tIN\tTXT\t"v=TLSRPTv1; rua=mailto:tls-reports@a.test"'):
         assert line in zone, zone
+    tlsa = [line for line in zone.splitlines() if "\tTLSA\t" in line]
+    assert len(tlsa) == 1 and tlsa[0].startswith("_2525._tcp.mail.a.test.\t3600\tIN\tTLSA\t3 1 1 ")
+    cert = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert tlsa[0].endswith(hashlib.sha256(spki).hexdigest())
     sts = next(line for line in zone.splitlines() if line.startswith("_mta-sts.a.test."))
     assert '"v=STSv1; id=' in sts
     load_zone(dns, zone)
@@ -67,6 +76,7 @@ def test_records_and_check(tmp_path: Path, dns: DNSServer, capsys: pytest.Captur
     assert "OK       MTASTS _mta-sts.a.test: mode testing" in out
     assert "OK       SRV    _imaps._tcp.a.test: mail.a.test:2993" in out
     assert "OK       WEB    mta-sts.a.test" in out
+    assert "OK       TLSA   _2525._tcp.mail.a.test: 3 1 1 for the key in service" in out
 
     # the policy changes (enforce): the published id is now stale, and check says so
     config = write_config(tmp_path, dns, "[mta_sts]\nmode = \"enforce\"\n")
@@ -88,3 +98,19 @@ def test_records_and_check(tmp_path: Path, dns: DNSServer, capsys: pytest.Captur
     assert "WRONG    SRV    _pop3._tcp.a.test: points at a service we do not offer" in out
     assert "MISSING  WEB    autoconfig.a.test: does not resolve" in out
     assert "MISSING  TLSRPT _smtp._tls.a.test: no TLS-RPT record" in out
+
+
+def test_tlsa_lists_the_next_acme_key_before_the_switch(tmp_path: Path, dns: DNSServer,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    dns.clear()
+    config = write_config(tmp_path, dns, '[acme]\nenabled = true\nemail = "a@a.test"\n')
+    rc, zone = cli(config, capsys, "dns", "records", "a.test")
+    tlsa = [line.rsplit("\t", 1)[1] for line in zone.splitlines() if "\tTLSA\t" in line]
+    assert len(tlsa) == 2 and tlsa[0] != tlsa[1]  # the self-signed key in service, then the ACME key
+    assert (tmp_path / "acme" / "key.pem").stat().st_mode & 0o777 == 0o600
+    rc2, zone2 = cli(config, capsys, "dns", "records", "a.test")
+    assert [line.rsplit("\t", 1)[1] for line in zone2.splitlines() if "\tTLSA\t" in line] == tlsa  # stable
+    dns.add("_2525._tcp.mail.a.test", "TLSA", tlsa[0])  # only the current key is published
+    rc, out = cli(config, capsys, "dns", "check", "a.test", "--address", "127.0.0.2")
+    assert "OK       TLSA   _2525._tcp.mail.a.test: 3 1 1 for the key in service" in out
+    assert "WRONG    TLSA   _2525._tcp.mail.a.test: no 3 1 1 record for the ACME key" in out
