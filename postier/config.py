@@ -143,6 +143,9 @@ class Outbound:
     mta_sts: bool = True
     #: Port of remote MTA-STS policy hosts (443; tests and private networks may change it).
     https_port: int = 443
+    #: DANE (RFC 7672) where the resolver in [dns] vouches for the MX and TLSA records (AD bit):
+    #: TLS is then mandatory and the certificate must match a TLSA record.
+    dane: bool = True
 
 
 @dataclass(frozen=True)

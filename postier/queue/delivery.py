@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from ..config import ConfigError
 from ..proto.smtp.address import xtext_encode
 from ..proto.smtp.client import ServerReply
-from ..resolver import BaseResolver, DNSStatus, RouteStatus
+from ..resolver import BaseResolver, DNSStatus, RouteStatus, TLSARecord
 from .client import ConnectionFailed, SMTPClient, Transaction, client_tls_context
+from .dane import usable
 from .mtasts import PolicyCache
 from .spool import MessageInfo, RecipientState
 
@@ -79,6 +80,10 @@ class Host:
     port: int
     #: TLS with a certificate verified for `name` is required (MTA-STS enforce, RFC 8461 §4.2, §5.1).
     strict: bool = False
+    #: DANE applies (RFC 7672 §2.2: secure MX, address and TLSA answers): TLS is mandatory, and the
+    #: chain must match one of `tlsa` when it holds usable records.
+    dane: bool = False
+    tlsa: tuple[TLSARecord, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.name}[{self.ip}]:{self.port}"
@@ -101,6 +106,7 @@ class Outbound:
     command_timeout: float = 300.0
     tls_policy: str = "opportunistic"
     ca_file: Path | None = None
+    dane: bool = True
     relay_host: str = ""
     relay_port: int = 587
     relay_tls: str = "starttls"
@@ -125,7 +131,7 @@ class Outbound:
                 raise ConfigError(f"relay.password_file: cannot read {pw_path}: {exc.strerror}") from None
         return cls(helo=cfg.helo_name, port=cfg.outbound.smtp_port, source=source,
                    connect_timeout=cfg.queue.connect_timeout, command_timeout=cfg.queue.command_timeout,
-                   tls_policy=cfg.outbound.tls_policy, ca_file=cfg.outbound.ca_file,
+                   tls_policy=cfg.outbound.tls_policy, ca_file=cfg.outbound.ca_file, dane=cfg.outbound.dane,
                    relay_host=cfg.relay.host, relay_port=cfg.relay.port, relay_tls=cfg.relay.tls,
                    relay_user=cfg.relay.username, relay_password=password)
 
@@ -211,14 +217,18 @@ class Router:
                 if not names:
                     return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
                                                  f"policy ({', '.join(policy.mx)})", "4.7.5"))
-        return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict)
+        return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
+                                 secure=mx.secure and self.out.dane)
 
-    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False) -> Route:
+    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False,
+                     secure: bool = False) -> Route:
         hosts: list[Host] = []
         tempfail: str | None = None
         for name, _pref in names:
             if len(hosts) >= MAX_ADDRESSES:
                 break
+            dane = False
+            tlsa: tuple[TLSARecord, ...] = ()
             try:
                 ipaddress.ip_address(name)
                 addrs: tuple[str, ...] = (name,)
@@ -228,9 +238,17 @@ class Router:
                     tempfail = f"DNS: address lookup for {name} failed: {ans.reason}"
                     continue
                 addrs = tuple(ans.records)
+                if secure and ans.secure:  # RFC 7672 §2.2.2: secure MX and address records
+                    t = await self.resolver.tlsa(f"_{port}._tcp.{name}")
+                    if t.status is DNSStatus.TEMPFAIL:  # RFC 7672 §2.2: the host is unusable, not insecure
+                        tempfail = f"DNS: TLSA lookup for {name} failed: {t.reason}"
+                        continue
+                    if t.ok and t.secure:
+                        dane, tlsa = True, tuple(usable(t.records))
             for ip in addrs:
                 if _family_ok(ip, self.out.source) and len(hosts) < MAX_ADDRESSES:
-                    hosts.append(Host(name, ip, port, strict))
+                    # RFC 8461 §2: where DANE applies it takes precedence over MTA-STS
+                    hosts.append(Host(name, ip, port, strict and not dane, dane, tlsa))
         if hosts:
             return Route(tuple(hosts))
         if tempfail:
@@ -294,7 +312,8 @@ class Connector:
         r = await s.hello(out.helo)
         if not r.is_success:
             return remote(r)
-        must_tls = out.relay or out.tls_policy == "verify" or host.strict
+        must_verify = out.relay or out.tls_policy == "verify" or host.strict or bool(host.tlsa)
+        must_tls = must_verify or host.dane
         if not s.tls.version:
             if s.conn.has("STARTTLS"):  # RFC 3207: opportunistic, whenever offered
                 r2 = await s.starttls(self.tls_ctx, out.helo)
@@ -303,12 +322,14 @@ class Connector:
                         return Failure(Fate.DEFERRED, "STARTTLS refused", "4.7.0", mx=mx, remote_mta=host.name)
                 elif not r2.is_success:
                     return remote(r2)
+                elif host.tlsa:
+                    await s.verify_dane(host.tlsa)  # RFC 7672 §3: TLSA instead of the Web PKI
                 else:
                     await s.verify_tls(out.ca_file)
             elif must_tls:
                 return Failure(Fate.DEFERRED, "TLS is required but the server does not offer STARTTLS", "4.7.0",
                                mx=mx, remote_mta=host.name)
-        if s.tls.version and not s.tls.verified and must_tls:
+        if s.tls.version and not s.tls.verified and must_verify:
             return Failure(Fate.DEFERRED, f"certificate not verified: {s.tls.reason}", "4.7.5", mx=mx,
                            remote_mta=host.name, tls=str(s.tls))
         log.info("%s: connected, TLS %s", mx, s.tls)

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -53,6 +54,9 @@ class Answer[T]:
     status: DNSStatus
     records: tuple[T, ...] = ()
     reason: str = ""
+    #: The resolver set the AD bit: DNSSEC-validated (RFC 4035 §3.2.3); meaningful only from a
+    #: validating resolver we trust (the one named in [dns]), as Postfix's DANE support assumes.
+    secure: bool = False
 
     @property
     def ok(self) -> bool:
@@ -101,6 +105,7 @@ class MXRoute:
     hosts: tuple[MXHost, ...] = ()
     implicit: bool = False  # True when the domain itself is the host (no MX records)
     reason: str = ""
+    secure: bool = False  # the MX (or address) answer was DNSSEC-validated (RFC 7672 §2.2.1)
 
 
 @runtime_checkable
@@ -210,7 +215,7 @@ class BaseResolver:
         v4, v6 = await asyncio.gather(self.a(name), self.aaaa(name))
         records = v6.records + v4.records
         if records:
-            return Answer(DNSStatus.OK, records)
+            return Answer(DNSStatus.OK, records, secure=all(a.secure for a in (v4, v6) if a.records))
         for status in (DNSStatus.TEMPFAIL, DNSStatus.NXDOMAIN):
             if status in (v4.status, v6.status):
                 return Answer(status, (), v4.reason or v6.reason)
@@ -245,7 +250,7 @@ class BaseResolver:
             # RFC 5321 §5.1: no MX records -> the domain itself is the implicit MX, preference 0.
             addrs = await self.addresses(domain)
             if addrs.ok:
-                return MXRoute(RouteStatus.OK, (MXHost(_norm_host(domain), 0),), implicit=True)
+                return MXRoute(RouteStatus.OK, (MXHost(_norm_host(domain), 0),), implicit=True, secure=addrs.secure)
             if addrs.status is DNSStatus.TEMPFAIL:
                 return MXRoute(RouteStatus.TEMPFAIL, reason=addrs.reason)
             if addrs.status is DNSStatus.NXDOMAIN:
@@ -264,7 +269,7 @@ class BaseResolver:
             if host not in seen:
                 seen.add(host)
                 hosts.append(MXHost(host, pref))
-        return MXRoute(RouteStatus.OK, tuple(hosts))
+        return MXRoute(RouteStatus.OK, tuple(hosts), secure=answer.secure)
 
 
 def _name(name: str) -> dns.name.Name:
@@ -292,7 +297,8 @@ def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[Any]:
     if answer.rrset is None:
         return Answer(DNSStatus.NODATA, (), "no data")
     records = tuple(convert_rdata(rtype, r) for r in answer.rrset)
-    return Answer(DNSStatus.OK, records) if records else Answer(DNSStatus.NODATA)
+    secure = bool(answer.response.flags & dns.flags.AD)
+    return Answer(DNSStatus.OK, records, secure=secure) if records else Answer(DNSStatus.NODATA)
 
 
 @dataclass
@@ -323,6 +329,7 @@ class Resolver(BaseResolver):
         res.timeout = self.timeout
         res.lifetime = self.timeout
         res.use_edns(0, 0, 1232)  # the DNS flag day 2020 buffer size; TC answers are retried over TCP
+        res.flags = dns.flags.RD | dns.flags.AD  # RFC 6840 §5.7: ask for the AD bit (DANE, RFC 7672)
         return res
 
     async def query(self, name: str, rtype: str) -> Answer[Any]:
