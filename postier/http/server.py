@@ -170,6 +170,7 @@ class HttpServer:
                                    handler_args={"max_line_size": h.max_request_line,
                                                  "max_field_size": h.max_field_size,
                                                  "max_headers": h.max_headers})
+        self.app.on_response_prepare.append(_headers)
         self.app.router.add_get("/.well-known/acme-challenge/{token}", self._acme_http01)
         for r in routes:
             self.app.router.add_route(r.method, r.path, r.handler)
@@ -299,6 +300,14 @@ class HttpServer:
         if answer is None:
             raise web.HTTPNotFound()
         return web.Response(text=answer, content_type="application/octet-stream")
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    """No software version for scanners; no sniffing of our text and XML as something else."""
+    response.headers["Server"] = "postier"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.secure:
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 #: Where the host-check middleware leaves the validated, lower-case host name for the handlers.

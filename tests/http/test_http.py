@@ -71,6 +71,23 @@ def test_https_serves_our_hosts_over_tls(inst: Instance) -> None:
         assert ext.version() in ("TLSv1.2", "TLSv1.3")
 
 
+def test_many_clients_at_once(inst: Instance) -> None:
+    """Sixteen TLS clients in parallel, each with a few keep-alive requests: every one answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> list[int]:
+        with https(inst) as c:
+            return [c.get(f"/.well-known/mta-sts.txt?n={i}", headers={"Host": f"mta-sts.{DOMAIN}"}).status_code
+                    for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:  # under the per-IP cap of this instance (8)
+        results = list(pool.map(one, range(16)))
+    assert results == [[200, 200, 200]] * 16
+    with https(inst) as c:
+        r = c.get("/.well-known/mta-sts.txt", headers={"Host": f"mta-sts.{DOMAIN}"})
+        assert r.headers["server"] == "postier" and r.headers["x-content-type-options"] == "nosniff"
+
+
 def test_http_redirects_to_https_except_challenges(inst: Instance) -> None:
     with http(inst) as c:
         r = c.get("/some/page?x=1", headers={"Host": DOMAIN})
