@@ -103,31 +103,34 @@ class CertManager:
             await asyncio.sleep(TICK)
 
     async def renew(self, names: list[str] | None = None) -> bool:
-        """One attempt: order, save, swap in. True on success; on failure the old certificate stays."""
+        """One attempt: order, save, swap in. True on success; on failure the old certificate stays.
+
+        When the full set fails (say, a new domain's mta-sts name is not in DNS yet) and no certificate
+        covers the hostname, a certificate for the hostname alone is ordered at once: the mail
+        listeners need that one most. The full set is retried after the backoff.
+        """
         names = names or self.names()
         acme = self.config.acme
         st = self.state
         st.last_attempt = time.time()
         st.names = names
         try:
-            account = self.store.account_key()
-            key = self.store.cert_key()
-            async with ACMEClient(acme.directory, account, email=acme.email,
-                                  ca_bundle=str(acme.ca_bundle) if acme.ca_bundle else None) as client:
-                st.account_url = await client.register()
-                chain = await client.issue(names, key, acme.challenge, self.challenges)
-            leaf = x509.load_pem_x509_certificate(chain)
-            if leaf.public_key() != key.public_key():
-                raise ACMEError("the CA returned a certificate for another key")
-            await asyncio.to_thread(self.store.save_certificate, chain)  # fsyncs: off the loop
-            reload_certificates(self.contexts(), self.store.cert_path, self.store.key_path)
-        except (ACMEError, CertificateError, ValueError, OSError) as exc:
+            leaf = await self._obtain(names)
+        except _FAILURES as exc:
             st.failures += 1
             delay = min(acme.retry_initial * 2 ** (st.failures - 1), acme.retry_max)
             st.next_attempt = time.time() + delay
             st.last_error = " ".join(str(exc).split())
             log.warning("acme: certificate for %s failed (attempt %d, next in %ds): %s", ",".join(names),
                         st.failures, int(delay), st.last_error)
+            host = self.config.hostname
+            current = self.store.certificate()
+            if len(names) > 1 and (current is None or host not in cert_names(current)):
+                try:
+                    await self._obtain([host])
+                    st.last_error += f" (meanwhile a certificate for {host} alone is in service)"
+                except _FAILURES as exc2:
+                    log.warning("acme: certificate for %s alone failed too: %s", host, " ".join(str(exc2).split()))
             await asyncio.to_thread(self.store.save_state, st)
             return False
         st.failures = 0
@@ -135,6 +138,25 @@ class CertManager:
         st.last_success = time.time()
         st.next_attempt = renewal_time(leaf)
         await asyncio.to_thread(self.store.save_state, st)
+        return True
+
+    async def _obtain(self, names: list[str]) -> x509.Certificate:
+        """Order a certificate for `names`, write it, and load it into every listener."""
+        acme = self.config.acme
+        account = self.store.account_key()
+        key = self.store.cert_key()
+        async with ACMEClient(acme.directory, account, email=acme.email,
+                              ca_bundle=str(acme.ca_bundle) if acme.ca_bundle else None) as client:
+            self.state.account_url = await client.register()
+            chain = await client.issue(names, key, acme.challenge, self.challenges)
+        leaf = x509.load_pem_x509_certificate(chain)
+        if leaf.public_key() != key.public_key():
+            raise ACMEError("the CA returned a certificate for another key")
+        await asyncio.to_thread(self.store.save_certificate, chain)  # fsyncs: off the loop
+        reload_certificates(self.contexts(), self.store.cert_path, self.store.key_path)
         log.info("acme: certificate for %s installed, issuer %s, valid until %s", ",".join(names),
                  leaf.issuer.rfc4514_string(), leaf.not_valid_after_utc.isoformat())
-        return True
+        return leaf
+
+
+_FAILURES = (ACMEError, CertificateError, ValueError, OSError)

@@ -228,3 +228,24 @@ def test_tls_alpn01(tmp_path: Path, dns: DNSServer) -> None:
     finally:
         inst.stop()
         pebble.stop()
+
+
+def test_hostname_first_when_a_domain_name_does_not_validate_yet(tmp_path: Path, dns: DNSServer) -> None:
+    """A domain whose autoconfig name is not in DNS yet must not keep the mail host on self-signed."""
+    dns.remove(f"autoconfig.{DOMAIN}")
+    inst, pebble = start(tmp_path, dns, "http-01")
+    try:
+        first = wait_for_issuer(inst, "imaps", "Pebble")
+        san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [f"mail.{DOMAIN}"]
+        status = inst.cli("cert", "status", check=False)
+        assert status.returncode == 1 and "last error" in status.stdout and f"autoconfig.{DOMAIN}" in status.stdout
+        assert f"acme: certificate for mail.{DOMAIN} installed" in inst.log.read_text()
+        dns.add(f"autoconfig.{DOMAIN}", "A", "127.0.0.1")  # the admin publishes the record
+        assert "renewed" in inst.cli("cert", "renew", "--wait", "90").stdout
+        full = verified(inst, "https", pebble.root_pem(), f"autoconfig.{DOMAIN}")
+        assert sorted(full.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                      .get_values_for_type(x509.DNSName)) == sorted(NAMES)
+    finally:
+        inst.stop()
+        pebble.stop()
