@@ -450,6 +450,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("outbound.tls_policy: must be \"opportunistic\" or \"verify\"")
     if not 1 <= cfg.outbound.smtp_port <= 65535:
         raise ConfigError(f"outbound.smtp_port: must be 1-65535, not {cfg.outbound.smtp_port}")
+    if not 1 <= cfg.outbound.https_port <= 65535:
+        raise ConfigError(f"outbound.https_port: must be 1-65535, not {cfg.outbound.https_port}")
     if cfg.outbound.source_address:
         _check_address("outbound.source_address", cfg.outbound.source_address)
     if cfg.mailauth.dmarc_policy not in ("none", "quarantine", "reject"):

@@ -33,6 +33,7 @@ def test_defaults(tmp_path: Path) -> None:
     ('[acme]\nenabled = true\nchallenge = "tls-alpn-01"\n', "acme.challenge: tls-alpn-01 needs a [listeners.https]"),
     ('[acme]\nenabled = true\nca_bundle = "/nonexistent/ca.pem"\n', "acme.ca_bundle: cannot read"),
     ("[http]\nmax_body = 0\n", "http.max_body: must be at least 1"),
+    ("[outbound]\nhttps_port = 70000\n", "outbound.https_port: must be 1-65535"),
     ("[http]\nmax_bodies = 1\n", "http.max_bodies: unknown key"),
 ])
 def test_errors_name_their_key(tmp_path: Path, text: str, error: str) -> None:
