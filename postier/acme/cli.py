@@ -11,12 +11,7 @@ import argparse
 import datetime
 import time
 
-from cryptography import x509
-
 from ..config import load_config
-from ..tlsreload import certificate_files
-from .manager import cert_names, certificate_names
-from .store import CertStore, renewal_time
 
 
 def _when(ts: float) -> str:
@@ -26,8 +21,14 @@ def _when(ts: float) -> str:
 
 
 def cmd_cert(args: argparse.Namespace) -> int:
+    # imported here: every `postier` command builds this parser, and the ACME client pulls in aiohttp
+    from cryptography import x509
+
     from ..accounts import Accounts
     from ..cli import CLIError, _config_path
+    from ..tlsreload import certificate_files
+    from .manager import cert_names, certificate_names
+    from .store import CertStore, renewal_time
 
     cfg = load_config(_config_path(args))
     store = CertStore(cfg.data_dir)
