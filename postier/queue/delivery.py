@@ -84,6 +84,8 @@ class Host:
     #: chain must match one of `tlsa` when it holds usable records.
     dane: bool = False
     tlsa: tuple[TLSARecord, ...] = ()
+    #: The domain has an MTA-STS policy in mode testing: deliver as usual, log what enforce would refuse.
+    sts_testing: bool = False
 
     def __str__(self) -> str:
         return f"{self.name}[{self.ip}]:{self.port}"
@@ -218,10 +220,11 @@ class Router:
                     return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
                                                  f"policy ({', '.join(policy.mx)})", "4.7.5"))
         return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
-                                 secure=mx.secure and self.out.dane)
+                                 secure=mx.secure and self.out.dane,
+                                 sts_testing=policy is not None and policy.mode == "testing")
 
     async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False,
-                     secure: bool = False) -> Route:
+                     secure: bool = False, sts_testing: bool = False) -> Route:
         hosts: list[Host] = []
         tempfail: str | None = None
         for name, _pref in names:
@@ -248,7 +251,7 @@ class Router:
             for ip in addrs:
                 if _family_ok(ip, self.out.source) and len(hosts) < MAX_ADDRESSES:
                     # RFC 8461 §2: where DANE applies it takes precedence over MTA-STS
-                    hosts.append(Host(name, ip, port, strict and not dane, dane, tlsa))
+                    hosts.append(Host(name, ip, port, strict and not dane, dane, tlsa, sts_testing and not dane))
         if hosts:
             return Route(tuple(hosts))
         if tempfail:
@@ -332,6 +335,9 @@ class Connector:
         if s.tls.version and not s.tls.verified and must_verify:
             return Failure(Fate.DEFERRED, f"certificate not verified: {s.tls.reason}", "4.7.5", mx=mx,
                            remote_mta=host.name, tls=str(s.tls))
+        if host.sts_testing and not s.tls.verified:  # RFC 8461 §5: testing reports, never refuses
+            log.warning("mta-sts: %s: the testing policy would refuse this host: %s", mx,
+                        f"certificate not verified: {s.tls.reason}" if s.tls.version else "no TLS")
         log.info("%s: connected, TLS %s", mx, s.tls)
         if out.relay and out.relay_user:
             r = await s.auth_plain(out.relay_user, out.relay_password)
