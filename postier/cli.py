@@ -124,7 +124,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"  postier --config {cfg_path} user add you@{domain}")
         print(f"  postier --config {cfg_path} serve")
         print(f"  publish the DNS records: postier --config {cfg_path} dns records {domain}")
-        print("  replace tls/cert.pem and tls/key.pem with a certificate browsers and MTAs trust")
+        print("  for a trusted certificate, add [acme] enabled = true and email = \"you@...\" (Let's Encrypt);")
+        print("  the self-signed tls/cert.pem serves until the first one arrives")
     return 0
 
 
@@ -238,6 +239,7 @@ EXTRA_COMMANDS = [
     "postier.store.cli",
     "postier.backup",
     "postier.antispam.cli",
+    "postier.acme.cli",
 ]
 
 

@@ -34,9 +34,13 @@ STANDARD_PORTS: dict[str, int] = {
     "pop3": 110,  # RFC 1939
     "pop3s": 995,  # RFC 8314
     "lmtp": 24,  # RFC 2033
+    "http": 80,  # ACME http-01 (RFC 8555 §8.3), autoconfig; everything else redirects to https
+    "https": 443,  # MTA-STS policy (RFC 8461 §3.3), autoconfig, autodiscover
 }
 #: Roles whose socket speaks TLS from the first byte (RFC 8314 §3.3).
-IMPLICIT_TLS_ROLES = frozenset({"submissions", "imaps", "pop3s"})
+IMPLICIT_TLS_ROLES = frozenset({"submissions", "imaps", "pop3s", "https"})
+#: Roles served by the HTTP layer (postier/http) rather than by a mail session.
+HTTP_ROLES = frozenset({"http", "https"})
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -139,6 +143,14 @@ class Outbound:
     tls_policy: str = "opportunistic"
     #: Extra CA certificates (PEM) trusted for outbound TLS, besides the system store.
     ca_file: Path | None = None
+    #: Apply recipient domains' MTA-STS policies (RFC 8461): under "enforce", only listed MX hosts,
+    #: over TLS with a verified certificate, else the message waits in the queue.
+    mta_sts: bool = True
+    #: Port of remote MTA-STS policy hosts (443; tests and private networks may change it).
+    https_port: int = 443
+    #: DANE (RFC 7672) where the resolver in [dns] vouches for the MX and TLSA records (AD bit):
+    #: TLS is then mandatory and the certificate must match a TLSA record.
+    dane: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,47 @@ class Antispam:
 
 
 @dataclass(frozen=True)
+class HTTP:
+    """Bounds of the HTTP listeners (roles http and https); deadlines come from [limits]."""
+
+    max_request_line: int = 8190  # the request line (aiohttp's default, as Apache's LimitRequestLine)
+    max_field_size: int = 8190  # one header field (Apache LimitRequestFieldSize)
+    max_headers: int = 100  # header fields per request (Apache LimitRequestFields)
+    max_body: int = 65536  # request bodies (only autodiscover POSTs have one)
+
+
+@dataclass(frozen=True)
+class MTASTS:
+    """Our inbound MTA-STS policy (RFC 8461 §3.2), served at https://mta-sts.DOMAIN/."""
+
+    mode: str = "testing"  # "testing" | "enforce" | "none"
+    max_age: int = 604800  # seconds (one week); RFC 8461 §3.2 allows up to 31557600
+
+
+@dataclass(frozen=True)
+class TLSRPT:
+    """SMTP TLS reporting (RFC 8460): where other servers send reports about their TLS sessions with us."""
+
+    #: The rua of our `_smtp._tls` record: a local part (the domain is added) or an address.
+    report_address: str = "tls-reports"
+
+
+@dataclass(frozen=True)
+class ACME:
+    """Automatic certificates (RFC 8555) for the hostname and each domain's mta-sts/autoconfig names."""
+
+    enabled: bool = False
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""
+    #: Extra CA certificates (PEM) trusted for the ACME server itself (a private CA, Pebble in tests).
+    ca_bundle: Path | None = None
+    challenge: str = "http-01"  # "http-01" (on the http listener) | "tls-alpn-01" (RFC 8737, on https)
+    #: Seconds before the first retry after a failure; doubles up to retry_max.
+    retry_initial: float = 300.0
+    retry_max: float = 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -286,6 +339,10 @@ class Config:
     pop3: POP3 = field(default_factory=POP3)
     mailauth: MailAuth = field(default_factory=MailAuth)
     antispam: Antispam = field(default_factory=Antispam)
+    http: HTTP = field(default_factory=HTTP)
+    mta_sts: MTASTS = field(default_factory=MTASTS)
+    tlsrpt: TLSRPT = field(default_factory=TLSRPT)
+    acme: ACME = field(default_factory=ACME)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 
@@ -451,6 +508,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("outbound.tls_policy: must be \"opportunistic\" or \"verify\"")
     if not 1 <= cfg.outbound.smtp_port <= 65535:
         raise ConfigError(f"outbound.smtp_port: must be 1-65535, not {cfg.outbound.smtp_port}")
+    if not 1 <= cfg.outbound.https_port <= 65535:
+        raise ConfigError(f"outbound.https_port: must be 1-65535, not {cfg.outbound.https_port}")
     if cfg.outbound.source_address:
         _check_address("outbound.source_address", cfg.outbound.source_address)
     if cfg.mailauth.dmarc_policy not in ("none", "quarantine", "reject"):
@@ -466,6 +525,23 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     _validate_antispam(cfg.antispam)
+    if cfg.mta_sts.mode not in ("testing", "enforce", "none"):
+        raise ConfigError("mta_sts.mode: must be \"testing\", \"enforce\" or \"none\"")
+    if not 1 <= cfg.mta_sts.max_age <= 31557600:  # RFC 8461 §3.2
+        raise ConfigError("mta_sts.max_age: must be 1-31557600 seconds")
+    if cfg.acme.challenge not in ("http-01", "tls-alpn-01"):
+        raise ConfigError("acme.challenge: must be \"http-01\" or \"tls-alpn-01\"")
+    if cfg.acme.enabled:
+        if not cfg.acme.directory.startswith("https://"):
+            raise ConfigError("acme.directory: must be an https:// URL (RFC 8555 §6.1)")
+        need = "http" if cfg.acme.challenge == "http-01" else "https"
+        if need not in cfg.listeners:
+            raise ConfigError(f"acme.challenge: {cfg.acme.challenge} needs a [listeners.{need}]")
+        if cfg.acme.ca_bundle is not None and not os.access(cfg.acme.ca_bundle, os.R_OK):
+            raise ConfigError(f"acme.ca_bundle: cannot read {cfg.acme.ca_bundle}")
+    for name in ("max_request_line", "max_field_size", "max_headers", "max_body"):
+        if getattr(cfg.http, name) < 1:
+            raise ConfigError(f"http.{name}: must be at least 1")
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
         raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
     if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5

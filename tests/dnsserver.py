@@ -83,6 +83,7 @@ class DNSServer:
         self.negative_ttl = 0
         self._refused: set[str] = set()
         self._timeout: set[str] = set()
+        self._secure: set[str] = set()  # names answered with the AD bit (as a validating resolver would)
         self.queries: deque[tuple[str, str, str]] = deque(maxlen=10_000)  # (name, type, "udp"|"tcp")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,6 +115,12 @@ class DNSServer:
             self._servfail.clear()
             self._refused.clear()
             self._timeout.clear()
+            self._secure.clear()
+
+    def secure(self, name: str, on: bool = True) -> None:
+        """Answers for `name` carry the AD bit: DNSSEC-validated, as from a validating resolver."""
+        with self._lock:
+            (self._secure.add if on else self._secure.discard)(_key(name))
 
     def servfail(self, name: str) -> None:
         with self._lock:
@@ -146,6 +153,9 @@ class DNSServer:
         name, qtype = _key(str(q.qname)), QTYPE.get(q.qtype)
         with self._lock:
             self.queries.append((name, str(qtype), transport))
+            # RFC 4035 §3.2.3 / RFC 6840 §5.7: AD only for what "validated" (dnslib's reply() copies
+            # the query's AD flag, which our resolver sets to ask for it)
+            reply.header.ad = 1 if name in self._secure else 0
             if name in self._timeout:
                 return None
             if name in self._servfail:

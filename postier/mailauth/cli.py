@@ -24,6 +24,7 @@ from postier.mailauth.records import Status, check_domain, expected_records, key
     zone_lines
 from postier.mailauth.reports import ReportStore
 from postier.resolver import make_resolver
+from postier.acme.store import tlsa_keys
 
 __all__ = ["register"]
 
@@ -91,14 +92,15 @@ def cmd_dns(args: argparse.Namespace) -> int:
     except KeyError_ as exc:
         raise base.CLIError(str(exc)) from None
     addresses = _addresses(cfg, args.address)
+    tlsa = tlsa_keys(cfg)
     if args.dns_action == "records":
         print(f"; DNS records for {domain}, mail host {cfg.hostname} (postier dns records)")
-        print("\n".join(zone_lines(expected_records(cfg, domain, keys, addresses))))
+        print("\n".join(zone_lines(expected_records(cfg, domain, keys, addresses, tlsa))))
         if not keys:
             print(f"; no DKIM key yet: postier dkim generate {domain}")
         return 0
     resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
-    findings = asyncio.run(check_domain(cfg, domain, resolver, keys, addresses))
+    findings = asyncio.run(check_domain(cfg, domain, resolver, keys, addresses, tlsa))
     for f in findings:
         print(f.line())
     bad = [f for f in findings if f.status is not Status.OK]

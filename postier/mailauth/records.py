@@ -1,5 +1,6 @@
-"""The DNS records a mail domain publishes (RFC 5321 §5.1 MX, RFC 7208 SPF, RFC 6376 DKIM, RFC 7489 DMARC)
-and a live check of them, with reverse DNS and DNS blocklists of the sending address.
+"""The DNS records a mail domain publishes (RFC 5321 §5.1 MX, RFC 7208 SPF, RFC 6376 DKIM, RFC 7489 DMARC,
+RFC 6186/8314 SRV, RFC 8461 MTA-STS, RFC 8460 TLS-RPT) and a live check of them, with reverse DNS and DNS
+blocklists of the sending address.
 
 `expected_records()` says what to publish; `zone_lines()` writes it as zone-file text;
 `check_domain()` asks the DNS (through our Resolver) and returns one `Finding` per record.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from postier import mtasts
 from postier.config import Config
 from postier.mailauth.dmarc import DMARCRecordError, parse_record, psl_organizational_domain
 from postier.mailauth.keys import DKIMKey
@@ -86,8 +88,8 @@ def dmarc_value(cfg: Config, domain: str) -> str:
     return f"v=DMARC1; p={cfg.mailauth.dmarc_policy}; rua=mailto:{rua_address(cfg, domain)}"
 
 
-def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresses: Sequence[str]
-                     ) -> list[Record]:
+def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresses: Sequence[str],
+                     tlsa: Sequence[tuple[str, str]] = ()) -> list[Record]:
     host = cfg.hostname
     recs = [Record(domain, "MX", f"10 {host}.", "RFC 5321 §5.1: where mail for the domain goes")]
     if addresses:
@@ -109,6 +111,8 @@ def expected_records(cfg: Config, domain: str, keys: Sequence[DKIMKey], addresse
         # RFC 7489 §7.1: the report receiver's domain must agree to take reports about ours
         recs.append(Record(f"{domain}._report._dmarc.{rua_domain}", "TXT", "v=DMARC1",
                            f"in the zone of {rua_domain}: lets reports about {domain} go there (RFC 7489 §7.1)"))
+    recs += service_records(cfg, domain)
+    recs += tlsa_records(cfg, tlsa)
     if addresses:
         for a in addresses:
             recs.append(Record(reverse_name(a), "PTR", f"{host}.", "reverse DNS: set by whoever owns the "
@@ -161,7 +165,7 @@ def _absent(status: DNSStatus) -> bool:
 
 
 async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: Sequence[DKIMKey],
-                       addresses: Sequence[str] = ()) -> list[Finding]:
+                       addresses: Sequence[str] = (), tlsa: Sequence[tuple[str, str]] = ()) -> list[Finding]:
     """Query the live DNS for everything `expected_records` lists, plus rDNS and blocklists."""
     host = cfg.hostname
     found: list[Finding] = []
@@ -254,6 +258,9 @@ async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: S
         except DMARCRecordError as exc:
             found.append(Finding(Status.WRONG, "DMARC", name, str(exc), want))
 
+    found += await check_service_records(cfg, domain, resolver, published)
+    found += await check_tlsa(cfg, resolver, tlsa)
+
     # Reverse DNS of each sending address, forward-confirmed (what receivers check first)
     for ip in ips:
         rname = reverse_name(ip)
@@ -293,6 +300,169 @@ async def check_domain(cfg: Config, domain: str, resolver: BaseResolver, keys: S
                 why = f" ({reason[1][0][:200]})" if reason[1] else ""
                 found.append(Finding(Status.LISTED, "DNSBL", zone, f"{ip} is listed: {', '.join(answer.records)}"
                                      + why))
+    return found
+
+
+# -- client set-up and transport security: SRV, the web host names, MTA-STS, TLS-RPT -------------------
+
+#: RFC 6186 §3 and RFC 8314 §5.1: service label, listener role, priority (implicit TLS preferred).
+SRV_SERVICES = (
+    ("_submissions._tcp", "submissions", 0),
+    ("_submission._tcp", "submission", 10),
+    ("_imaps._tcp", "imaps", 0),
+    ("_imap._tcp", "imap", 10),
+    ("_pop3s._tcp", "pop3s", 20),
+    ("_pop3._tcp", "pop3", 30),
+    ("_autodiscover._tcp", "https", 0),
+)
+
+
+def srv_value(cfg: Config, role: str, priority: int) -> str:
+    """"PRIO WEIGHT PORT TARGET."; "0 0 0 ." when we do not offer the service (RFC 6186 §4)."""
+    lst = cfg.listeners.get(role)
+    if lst is None or (role in ("submission", "imap", "pop3") and not (lst.starttls and cfg.tls.cert)):
+        return "0 0 0 ."  # never point a client at a port without TLS
+    return f"{priority} 1 {lst.port} {cfg.hostname}."
+
+
+def web_names(cfg: Config, domain: str) -> list[str]:
+    """The per-domain host names the HTTP layer answers for (and ACME certifies)."""
+    if "https" not in cfg.listeners and "http" not in cfg.listeners:
+        return []
+    names = [f"autoconfig.{domain}", f"autodiscover.{domain}"]
+    if "https" in cfg.listeners:
+        names.insert(0, f"{mtasts.POLICY_HOST_PREFIX}{domain}")
+    return names
+
+
+def service_records(cfg: Config, domain: str) -> list[Record]:
+    host = cfg.hostname
+    recs = []
+    for name in web_names(cfg, domain):
+        recs.append(Record(name, "CNAME", f"{host}.", "served by the mail host's web listener "
+                           "(MTA-STS policy, client autoconfiguration)"))
+    if "https" in cfg.listeners:
+        recs.append(Record(f"_mta-sts.{domain}", "TXT", mtasts.txt_record(cfg),
+                           f"MTA-STS (RFC 8461 §3.1), mode {cfg.mta_sts.mode}; the id changes with the policy"))
+    recs.append(Record(f"_smtp._tls.{domain}", "TXT", mtasts.tlsrpt_record(cfg, domain),
+                       "TLS reporting (RFC 8460 §3): where other servers report TLS trouble with us"))
+    for label, role, prio in SRV_SERVICES:
+        value = srv_value(cfg, role, prio)
+        what = "not offered" if value.endswith(" .") else "clients find the server (RFC 6186, RFC 8314 §5.1)"
+        recs.append(Record(f"{label}.{domain}", "SRV", value, f"{role}: {what}"))
+    return recs
+
+
+def _sts_id(txt: str) -> str | None:
+    """The id of a "v=STSv1; id=..." record (RFC 8461 §3.1), or None when malformed."""
+    fields = [f.strip() for f in txt.split(";")]
+    if fields[0] != "v=STSv1":
+        return None
+    for f in fields[1:]:
+        k, _, v = f.partition("=")
+        if k.strip() == "id" and v.strip().isalnum() and len(v.strip()) <= 32:
+            return v.strip()
+    return None
+
+
+async def check_service_records(cfg: Config, domain: str, resolver: BaseResolver,
+                                host_addresses: Sequence[str]) -> list[Finding]:
+    found: list[Finding] = []
+    host = cfg.hostname
+    for name in web_names(cfg, domain):
+        ans = await resolver.addresses(name)
+        if ans.status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "WEB", name, ans.reason))
+        elif not ans.records:
+            found.append(Finding(Status.MISSING, "WEB", name, "does not resolve", f"CNAME {host}."))
+        elif host_addresses and not set(ans.records) & set(host_addresses):
+            found.append(Finding(Status.WRONG, "WEB", name, ", ".join(ans.records), f"CNAME {host}."))
+        else:
+            found.append(Finding(Status.OK, "WEB", name, ", ".join(ans.records)))
+
+    if "https" in cfg.listeners:
+        name = f"_mta-sts.{domain}"
+        want = mtasts.txt_record(cfg)
+        status, txts = await _txts(resolver, name)
+        sts = [t for t in txts if t.startswith("v=STSv1")]
+        if status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "MTASTS", name, "DNS temporary failure"))
+        elif not sts:
+            found.append(Finding(Status.MISSING, "MTASTS", name, "no MTA-STS record", want))
+        elif len(sts) > 1:  # RFC 8461 §3.1: several records = no policy
+            found.append(Finding(Status.WRONG, "MTASTS", name, "several v=STSv1 records", want))
+        elif _sts_id(sts[0]) != mtasts.policy_id(cfg):
+            found.append(Finding(Status.WRONG, "MTASTS", name, f"{sts[0]!r}: not the current policy's id, "
+                                 "senders keep their cached policy", want))
+        else:
+            found.append(Finding(Status.OK, "MTASTS", name, f"mode {cfg.mta_sts.mode}"))
+
+    name = f"_smtp._tls.{domain}"
+    want = mtasts.tlsrpt_record(cfg, domain)
+    status, txts = await _txts(resolver, name)
+    rpt = [t for t in txts if t.startswith("v=TLSRPTv1")]
+    if status is DNSStatus.TEMPFAIL:
+        found.append(Finding(Status.UNKNOWN, "TLSRPT", name, "DNS temporary failure"))
+    elif not rpt:
+        found.append(Finding(Status.MISSING, "TLSRPT", name, "no TLS-RPT record", want))
+    elif len(rpt) > 1 or "rua=" not in rpt[0]:  # RFC 8460 §3: exactly one, with rua
+        found.append(Finding(Status.WRONG, "TLSRPT", name, "several records or no rua", want))
+    else:
+        found.append(Finding(Status.OK, "TLSRPT", name, rpt[0]))
+
+    for label, role, prio in SRV_SERVICES:
+        name = f"{label}.{domain}"
+        want = srv_value(cfg, role, prio)
+        _, _, port, target = want.split()
+        srv = await resolver.srv(name)
+        recs = list(srv.records)
+        if srv.status is DNSStatus.TEMPFAIL:
+            found.append(Finding(Status.UNKNOWN, "SRV", name, srv.reason))
+        elif target == ".":
+            if any(r.target != "." for r in recs):  # a client would be sent to a service we do not run
+                found.append(Finding(Status.WRONG, "SRV", name, "points at a service we do not offer", want))
+            else:
+                found.append(Finding(Status.OK, "SRV", name, "not offered"))
+        elif not recs:
+            found.append(Finding(Status.MISSING, "SRV", name, "no SRV record", want))
+        elif any(r.target == target.rstrip(".") and r.port == int(port) for r in recs):
+            found.append(Finding(Status.OK, "SRV", name, f"{host}:{port}"))
+        else:
+            found.append(Finding(Status.WRONG, "SRV", name, ", ".join(f"{r.target}:{r.port}" for r in recs), want))
+    return found
+
+
+def tlsa_name(cfg: Config) -> str | None:
+    """RFC 7672 §2.2: _PORT._tcp.MXHOST of our MX listener, or None without one."""
+    smtp = cfg.listeners.get("smtp")
+    return f"_{smtp.port}._tcp.{cfg.hostname}" if smtp is not None else None
+
+
+def tlsa_records(cfg: Config, tlsa: Sequence[tuple[str, str]]) -> list[Record]:
+    """DANE-EE SPKI SHA-256 (3 1 1, RFC 7671 §5.1) for each key given; useful only in a DNSSEC-signed zone."""
+    name = tlsa_name(cfg)
+    if name is None:
+        return []
+    return [Record(name, "TLSA", f"3 1 1 {digest}", f"DANE (RFC 7672) for {what}; only in a DNSSEC-signed zone")
+            for what, digest in tlsa]
+
+
+async def check_tlsa(cfg: Config, resolver: BaseResolver, tlsa: Sequence[tuple[str, str]]) -> list[Finding]:
+    name = tlsa_name(cfg)
+    if name is None or not tlsa:
+        return []
+    ans = await resolver.tlsa(name)
+    if ans.status is DNSStatus.TEMPFAIL:
+        return [Finding(Status.UNKNOWN, "TLSA", name, ans.reason)]
+    if _absent(ans.status):  # optional: DANE needs DNSSEC, which not every zone has
+        return [Finding(Status.OK, "TLSA", name, "none published (DANE not used)")]
+    published = {(r.usage, r.selector, r.mtype, r.data.hex()) for r in ans.records}
+    found = []
+    for what, digest in tlsa:
+        if (3, 1, 1, digest) in published:
+            found.append(Finding(Status.OK, "TLSA", name, f"3 1 1 for {what}"))
+        else:  # a DANE sender would refuse our certificate once this key is in service
+            found.append(Finding(Status.WRONG, "TLSA", name, f"no 3 1 1 record for {what}", f"3 1 1 {digest}"))
     return found
 
 

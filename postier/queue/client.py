@@ -26,7 +26,7 @@ import logging
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from cryptography.x509 import verification
 
 from ..proto.smtp.client import NEED_DATA, ClientConnection, ClientSettings, Closed, ServerReply
 from ..proto.smtp.errors import ProtocolError, UsageError
+from ..resolver import TLSARecord
+from .dane import match_chain
 
 log = logging.getLogger("postier.queue.client")
 
@@ -272,6 +274,16 @@ class SMTPClient:
         chain = [bytes(c) for c in (obj.get_unverified_chain() or [])]  # DER, leaf first
         ok, why = await asyncio.to_thread(verify_chain, chain, self.host, extra_ca)
         self.tls = TLSResult(self.tls.version, self.tls.cipher, ok, why)
+        return self.tls
+
+    async def verify_dane(self, records: Sequence[TLSARecord]) -> TLSResult:
+        """RFC 7672 §3: does the peer's chain match one of the MX host's (usable) TLSA records?"""
+        obj = self.writer.get_extra_info("ssl_object")
+        if obj is None:
+            return self.tls
+        chain = [bytes(c) for c in (obj.get_unverified_chain() or [])]
+        ok, why = await asyncio.to_thread(match_chain, chain, records, self.host)
+        self.tls = TLSResult(self.tls.version, self.tls.cipher, ok, "" if ok else f"DANE: {why}")
         return self.tls
 
     async def auth_plain(self, user: str, password: str) -> ServerReply:

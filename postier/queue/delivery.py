@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 from ..config import ConfigError
 from ..proto.smtp.address import xtext_encode
 from ..proto.smtp.client import ServerReply
-from ..resolver import BaseResolver, DNSStatus, RouteStatus
+from ..resolver import BaseResolver, DNSStatus, RouteStatus, TLSARecord
 from .client import ConnectionFailed, SMTPClient, Transaction, client_tls_context
+from .dane import usable
+from .mtasts import PolicyCache
 from .spool import MessageInfo, RecipientState
 
 if TYPE_CHECKING:
@@ -76,6 +78,14 @@ class Host:
     name: str
     ip: str
     port: int
+    #: TLS with a certificate verified for `name` is required (MTA-STS enforce, RFC 8461 §4.2, §5.1).
+    strict: bool = False
+    #: DANE applies (RFC 7672 §2.2: secure MX, address and TLSA answers): TLS is mandatory, and the
+    #: chain must match one of `tlsa` when it holds usable records.
+    dane: bool = False
+    tlsa: tuple[TLSARecord, ...] = ()
+    #: The domain has an MTA-STS policy in mode testing: deliver as usual, log what enforce would refuse.
+    sts_testing: bool = False
 
     def __str__(self) -> str:
         return f"{self.name}[{self.ip}]:{self.port}"
@@ -98,6 +108,7 @@ class Outbound:
     command_timeout: float = 300.0
     tls_policy: str = "opportunistic"
     ca_file: Path | None = None
+    dane: bool = True
     relay_host: str = ""
     relay_port: int = 587
     relay_tls: str = "starttls"
@@ -122,7 +133,7 @@ class Outbound:
                 raise ConfigError(f"relay.password_file: cannot read {pw_path}: {exc.strerror}") from None
         return cls(helo=cfg.helo_name, port=cfg.outbound.smtp_port, source=source,
                    connect_timeout=cfg.queue.connect_timeout, command_timeout=cfg.queue.command_timeout,
-                   tls_policy=cfg.outbound.tls_policy, ca_file=cfg.outbound.ca_file,
+                   tls_policy=cfg.outbound.tls_policy, ca_file=cfg.outbound.ca_file, dane=cfg.outbound.dane,
                    relay_host=cfg.relay.host, relay_port=cfg.relay.port, relay_tls=cfg.relay.tls,
                    relay_user=cfg.relay.username, relay_password=password)
 
@@ -164,10 +175,12 @@ def _family_ok(ip: str, source: str | None) -> bool:
 class Router:
     """Where to connect for a destination: MX hosts and their addresses, or the smarthost."""
 
-    def __init__(self, resolver: BaseResolver, out: Outbound, rng: random.Random | None = None) -> None:
+    def __init__(self, resolver: BaseResolver, out: Outbound, rng: random.Random | None = None,
+                 sts: PolicyCache | None = None) -> None:
         self.resolver = resolver
         self.out = out
         self.rng = rng or random.Random()
+        self.sts = sts
 
     async def route(self, domain: str) -> Route:
         out = self.out
@@ -191,14 +204,34 @@ class Router:
             return Route(failure=Failure(Fate.FAILED, f"Host or domain name not found: {name}", "5.1.2"))
         if mx.status is RouteStatus.NO_HOSTS:
             return Route(failure=Failure(Fate.FAILED, f"{name} has no MX and no address record", "5.4.4"))
-        return await self._hosts([(h.name, h.preference) for h in mx.hosts], out.port, implicit=mx.implicit)
+        names = [(h.name, h.preference) for h in mx.hosts]
+        strict = False
+        policy = await self.sts.get(name) if self.sts is not None else None
+        if policy is not None and policy.mode != "none":
+            unlisted = [h for h, _ in names if not policy.matches(h)]
+            if unlisted:
+                log.warning("mta-sts: %s: MX %s not in its %s policy (%s)", name, ",".join(unlisted), policy.mode,
+                            ",".join(policy.mx))
+            if policy.mode == "enforce":
+                # RFC 8461 §5.1: never deliver to an MX the policy does not list; §4.2: TLS, verified
+                names = [(h, p) for h, p in names if policy.matches(h)]
+                strict = True
+                if not names:
+                    return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
+                                                 f"policy ({', '.join(policy.mx)})", "4.7.5"))
+        return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
+                                 secure=mx.secure and self.out.dane,
+                                 sts_testing=policy is not None and policy.mode == "testing")
 
-    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool) -> Route:
+    async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False,
+                     secure: bool = False, sts_testing: bool = False) -> Route:
         hosts: list[Host] = []
         tempfail: str | None = None
         for name, _pref in names:
             if len(hosts) >= MAX_ADDRESSES:
                 break
+            dane = False
+            tlsa: tuple[TLSARecord, ...] = ()
             try:
                 ipaddress.ip_address(name)
                 addrs: tuple[str, ...] = (name,)
@@ -208,9 +241,17 @@ class Router:
                     tempfail = f"DNS: address lookup for {name} failed: {ans.reason}"
                     continue
                 addrs = tuple(ans.records)
+                if secure and ans.secure:  # RFC 7672 §2.2.2: secure MX and address records
+                    t = await self.resolver.tlsa(f"_{port}._tcp.{name}")
+                    if t.status is DNSStatus.TEMPFAIL:  # RFC 7672 §2.2: the host is unusable, not insecure
+                        tempfail = f"DNS: TLSA lookup for {name} failed: {t.reason}"
+                        continue
+                    if t.ok and t.secure:
+                        dane, tlsa = True, tuple(usable(t.records))
             for ip in addrs:
                 if _family_ok(ip, self.out.source) and len(hosts) < MAX_ADDRESSES:
-                    hosts.append(Host(name, ip, port))
+                    # RFC 8461 §2: where DANE applies it takes precedence over MTA-STS
+                    hosts.append(Host(name, ip, port, strict and not dane, dane, tlsa, sts_testing and not dane))
         if hosts:
             return Route(tuple(hosts))
         if tempfail:
@@ -274,7 +315,8 @@ class Connector:
         r = await s.hello(out.helo)
         if not r.is_success:
             return remote(r)
-        must_tls = out.relay or out.tls_policy == "verify"
+        must_verify = out.relay or out.tls_policy == "verify" or host.strict or bool(host.tlsa)
+        must_tls = must_verify or host.dane
         if not s.tls.version:
             if s.conn.has("STARTTLS"):  # RFC 3207: opportunistic, whenever offered
                 r2 = await s.starttls(self.tls_ctx, out.helo)
@@ -283,14 +325,19 @@ class Connector:
                         return Failure(Fate.DEFERRED, "STARTTLS refused", "4.7.0", mx=mx, remote_mta=host.name)
                 elif not r2.is_success:
                     return remote(r2)
+                elif host.tlsa:
+                    await s.verify_dane(host.tlsa)  # RFC 7672 §3: TLSA instead of the Web PKI
                 else:
                     await s.verify_tls(out.ca_file)
             elif must_tls:
                 return Failure(Fate.DEFERRED, "TLS is required but the server does not offer STARTTLS", "4.7.0",
                                mx=mx, remote_mta=host.name)
-        if s.tls.version and not s.tls.verified and must_tls:
+        if s.tls.version and not s.tls.verified and must_verify:
             return Failure(Fate.DEFERRED, f"certificate not verified: {s.tls.reason}", "4.7.5", mx=mx,
                            remote_mta=host.name, tls=str(s.tls))
+        if host.sts_testing and not s.tls.verified:  # RFC 8461 §5: testing reports, never refuses
+            log.warning("mta-sts: %s: the testing policy would refuse this host: %s", mx,
+                        f"certificate not verified: {s.tls.reason}" if s.tls.version else "no TLS")
         log.info("%s: connected, TLS %s", mx, s.tls)
         if out.relay and out.relay_user:
             r = await s.auth_plain(out.relay_user, out.relay_password)

@@ -40,6 +40,7 @@ from ..proto.smtp.errors import AddressError
 from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
+from .mtasts import PolicyCache
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
@@ -103,7 +104,10 @@ class Queue:
         self.clock: schedule.Clock = clock or schedule.SystemClock()
         self.spool = Spool(cfg.spool_dir / "queue")
         self.out = Outbound.from_config(cfg)
-        self.router = Router(resolver, self.out, rng)
+        sts = None
+        if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
+            sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
+        self.router = Router(resolver, self.out, rng, sts)
         self.connector = Connector(self.out)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")

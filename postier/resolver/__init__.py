@@ -28,12 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
+import dns.rdtypes.IN.SRV
 import dns.rdtypes.mxbase
 import dns.rdtypes.nsbase
 import dns.rdtypes.tlsabase
@@ -42,13 +44,13 @@ import dns.resolver
 import dns.reversename
 
 __all__ = [
-    "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
-    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
+    "DNSStatus", "Answer", "MXRecord", "SRVRecord", "TLSARecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup",
+    "AsyncLookup", "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
     "AnswerCache", "make_resolver",
 ]
 
 # Types this layer converts to plain Python values; others are refused with ValueError.
-SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR", "CNAME", "TLSA"})
+SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR", "CNAME", "TLSA", "SRV"})
 MAX_NAME_LENGTH = 253  # RFC 1035 §2.3.4 (255 octets on the wire, 253 in text form)
 
 
@@ -67,6 +69,9 @@ class Answer[T]:
     #: Seconds this answer may be reused: the record set's TTL, or for NXDOMAIN/NODATA the negative
     #: TTL of the zone's SOA (RFC 2308 §5); 0 when unknown (temporary failures are never reused).
     ttl: float = 0.0
+    #: The resolver set the AD bit: DNSSEC-validated (RFC 4035 §3.2.3); meaningful only from a
+    #: validating resolver we trust (the one named in [dns]), as Postfix's DANE support assumes.
+    secure: bool = False
 
     @property
     def ok(self) -> bool:
@@ -80,6 +85,14 @@ class MXRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SRVRecord:
+    priority: int
+    weight: int
+    port: int
+    target: str  # lower case, no trailing dot; "." means "no such service" (RFC 2782, RFC 6186 §4)
+
+
+@dataclass(frozen=True, slots=True)
 class TLSARecord:
     usage: int
     selector: int
@@ -89,7 +102,7 @@ class TLSARecord:
 
 # What `Answer.records` holds: A, AAAA, PTR, CNAME -> address or host text (lower case, no final dot);
 # TXT -> bytes (the record's strings joined); MX -> MXRecord; TLSA -> TLSARecord.
-type RecordValue = str | bytes | MXRecord | TLSARecord
+type RecordValue = str | bytes | MXRecord | SRVRecord | TLSARecord
 
 
 class RouteStatus(StrEnum):
@@ -112,6 +125,7 @@ class MXRoute:
     hosts: tuple[MXHost, ...] = ()
     implicit: bool = False  # True when the domain itself is the host (no MX records)
     reason: str = ""
+    secure: bool = False  # the MX (or address) answer was DNSSEC-validated (RFC 7672 §2.2.1)
 
 
 @runtime_checkable
@@ -178,6 +192,8 @@ def convert_rdata(rtype: str, rdata: dns.rdata.Rdata) -> RecordValue:
         return b"".join(rdata.strings)
     if rtype in ("PTR", "CNAME") and isinstance(rdata, dns.rdtypes.nsbase.NSBase):
         return _norm_host(rdata.target.to_text())
+    if rtype == "SRV" and isinstance(rdata, dns.rdtypes.IN.SRV.SRV):
+        return SRVRecord(int(rdata.priority), int(rdata.weight), int(rdata.port), _norm_host(rdata.target.to_text()))
     if rtype == "TLSA" and isinstance(rdata, dns.rdtypes.tlsabase.TLSABase):
         return TLSARecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert))
     raise ValueError(f"unsupported record type {rtype} ({type(rdata).__name__})")
@@ -204,6 +220,9 @@ class BaseResolver:
     async def txt(self, name: str) -> Answer[bytes]:
         return await self.query(name, "TXT")
 
+    async def srv(self, name: str) -> Answer[SRVRecord]:
+        return await self.query(name, "SRV")
+
     async def tlsa(self, name: str) -> Answer[TLSARecord]:
         return await self.query(name, "TLSA")
 
@@ -216,7 +235,7 @@ class BaseResolver:
         v4, v6 = await asyncio.gather(self.a(name), self.aaaa(name))
         records = v6.records + v4.records
         if records:
-            return Answer(DNSStatus.OK, records)
+            return Answer(DNSStatus.OK, records, secure=all(a.secure for a in (v4, v6) if a.records))
         for status in (DNSStatus.TEMPFAIL, DNSStatus.NXDOMAIN):
             if status in (v4.status, v6.status):
                 return Answer(status, (), v4.reason or v6.reason)
@@ -251,7 +270,7 @@ class BaseResolver:
             # RFC 5321 §5.1: no MX records -> the domain itself is the implicit MX, preference 0.
             addrs = await self.addresses(domain)
             if addrs.ok:
-                return MXRoute(RouteStatus.OK, (MXHost(_norm_host(domain), 0),), implicit=True)
+                return MXRoute(RouteStatus.OK, (MXHost(_norm_host(domain), 0),), implicit=True, secure=addrs.secure)
             if addrs.status is DNSStatus.TEMPFAIL:
                 return MXRoute(RouteStatus.TEMPFAIL, reason=addrs.reason)
             if addrs.status is DNSStatus.NXDOMAIN:
@@ -270,7 +289,7 @@ class BaseResolver:
             if host not in seen:
                 seen.add(host)
                 hosts.append(MXHost(host, pref))
-        return MXRoute(RouteStatus.OK, tuple(hosts))
+        return MXRoute(RouteStatus.OK, tuple(hosts), secure=answer.secure)
 
 
 def _name(name: str) -> dns.name.Name:
@@ -311,7 +330,8 @@ def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[RecordValu
     records = tuple(convert_rdata(rtype, r) for r in answer.rrset)
     if not records:
         return Answer(DNSStatus.NODATA, (), "no data", _negative_ttl(answer.response))
-    return Answer(DNSStatus.OK, records, "", float(answer.rrset.ttl))
+    secure = bool(answer.response.flags & dns.flags.AD)
+    return Answer(DNSStatus.OK, records, "", float(answer.rrset.ttl), secure=secure)
 
 
 class AnswerCache:
@@ -405,6 +425,7 @@ class Resolver(BaseResolver):
         res.timeout = self.timeout
         res.lifetime = self.timeout
         res.use_edns(0, 0, 1232)  # the DNS flag day 2020 buffer size; TC answers are retried over TCP
+        res.flags = dns.flags.RD | dns.flags.AD  # RFC 6840 §5.7: ask for the AD bit (DANE, RFC 7672)
         return res
 
     async def query(self, name: str, rtype: str) -> Answer[Any]:

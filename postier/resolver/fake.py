@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from postier.resolver import (
-    SUPPORTED_TYPES, Answer, BaseResolver, DNSStatus, MXRecord, RecordValue, TLSARecord, reverse_name,
+    SUPPORTED_TYPES, Answer, BaseResolver, DNSStatus, MXRecord, RecordValue, SRVRecord, TLSARecord, reverse_name,
 )
 
 MAX_CNAME_CHAIN = 8
@@ -43,6 +43,11 @@ def _value(rtype: str, value: Any) -> RecordValue:
         return value.encode() if isinstance(value, str) else bytes(value)
     if rtype in ("PTR", "CNAME"):
         return _key(str(value))
+    if rtype == "SRV":
+        if isinstance(value, SRVRecord):
+            return value
+        prio, weight, port, target = str(value).split()
+        return SRVRecord(int(prio), int(weight), int(port), _key(target))
     if rtype == "TLSA":
         if isinstance(value, TLSARecord):
             return value

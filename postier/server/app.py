@@ -34,6 +34,7 @@ from ..antispam.verdicts import VerdictLog
 from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
+from ..http.service import WebService
 from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
@@ -92,6 +93,8 @@ class App:
     #: Junk moves over IMAP train Rspamd through it (None without an Rspamd controller).
     learning: LearnQueue | None = None
     spam: SpamCheck | None = None
+    #: The http/https listeners (ACME challenges, autoconfig, MTA-STS policy) and the ACME renewals.
+    web: WebService = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
     imap_user_connections: Counter[str] = field(default_factory=Counter)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
@@ -171,9 +174,11 @@ def build_app(config: Config) -> App:
         "submissions": submission,
     }
     auth = config.auth
+    ssl_context = config.ssl_context()
+    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
     return App(
         config=config,
-        ssl_context=config.ssl_context(),
+        ssl_context=ssl_context,
         accounts=accounts,
         resolver=resolver,
         mda=mda,
@@ -183,13 +188,14 @@ def build_app(config: Config) -> App:
         dkim=dkim,
         dmarc_reports=dmarc_reports,
         report_job=report_job,
-        throttle=AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window),
+        throttle=throttle,
         pipelines=pipelines,
         screener=screener,
         connection_rate=RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None,
         decisions=decisions,
         learning=learning,
         spam=spam,
+        web=WebService(config, accounts, ssl_context, throttle),
     )
 
 
@@ -209,9 +215,12 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     app = build_app(config)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
+    web = app.web
     try:
-        bound = await listeners.start()
+        bound = await web.start()  # serving before the mail ports open: ready means all are up
+        bound += await listeners.start()
     except OSError as exc:
+        await web.stop()
         await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
@@ -226,6 +235,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     await stop.wait()
     log.info("shutting down")
     await listeners.stop()
+    await web.stop()
     await app.close()
     log.info("stopped")
 

@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from ..config import HTTP_ROLES
+
 if TYPE_CHECKING:
     from .app import App
 
@@ -282,6 +284,8 @@ class ListenerSet:
         ctx = self.services.ssl_context
         out = []
         for role, lst in cfg.listeners.items():
+            if role in HTTP_ROLES:  # served by postier.http, beside these listeners
+                continue
             factory = self.factories.get(role)
             if factory is None:
                 log.warning("listener %s: this role is not available in this build; skipped", role)

@@ -46,7 +46,7 @@ def test_records_check_missing_wrong_listed(config: Path, dns: DNSServer, capsys
                  '_dmarc.a.test.\t3600\tIN\tTXT\t"v=DMARC1; p=reject; rua=mailto:dmarc-reports@a.test"',
                  "2.0.0.127.in-addr.arpa.\t3600\tIN\tPTR\tmail.a.test."):
         assert line in zone, zone
-    assert load_zone(dns, zone) == 8  # MX, A, 2 SPF, 2 DKIM, DMARC, PTR
+    assert load_zone(dns, zone) == 16  # MX, A, 2 SPF, 2 DKIM, DMARC, TLS-RPT, 7 SRV (none offered), PTR
 
     rc, out = cli(config, capsys, "dns", "check", "a.test", "--address", "127.0.0.2")
     assert rc == 0, out
