@@ -91,19 +91,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 raise CLIError("no terminal to ask the password on; use --password-stdin")
             ctx = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else ssl.create_default_context()
             port = args.port or (993 if args.security == "tls" else 143)
-            try:
-                client: imaplib.IMAP4
-                if args.security == "tls":
-                    client = imaplib.IMAP4_SSL(args.host, port, ssl_context=ctx, timeout=60)
-                else:
-                    client = imaplib.IMAP4(args.host, port, timeout=60)
-                    if args.security == "starttls":
-                        client.starttls(ctx)
-                    else:
-                        print("postier: warning: --security none sends the password in clear text", file=sys.stderr)
-                client.login(args.user, password)
-            except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
-                raise CLIError(f"{args.host}:{port}: {exc}") from None
+            client = _imap_login(args.host, port, args.security, ctx, args.user, password)
             try:
                 st = import_imap(mb, client, f"imap://{args.user}@{args.host}:{port}", state, verify=args.verify)
             finally:
@@ -129,6 +117,30 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.verify:
         print("verify: " + ("no difference" if not st.differences else f"{len(st.differences)} difference(s)"))
     return 1 if st.differences else 0
+
+
+def _imap_login(host: str, port: int, security: str, ctx: Any, user: str, password: str) -> Any:
+    """A logged-in imaplib client for `postier import imap` (CLIError naming the server on failure)."""
+    import imaplib
+    import ssl
+    import sys
+
+    from ..cli import CLIError
+
+    try:
+        client: imaplib.IMAP4
+        if security == "tls":
+            client = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=60)
+        else:
+            client = imaplib.IMAP4(host, port, timeout=60)
+            if security == "starttls":
+                client.starttls(ctx)
+            else:
+                print("postier: warning: --security none sends the password in clear text", file=sys.stderr)
+        client.login(user, password)
+    except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
+        raise CLIError(f"{host}:{port}: {exc}") from None
+    return client
 
 
 def cmd_export(args: argparse.Namespace) -> int:
