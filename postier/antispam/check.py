@@ -111,7 +111,7 @@ class SpamCheck:
         result = await self.rspamd.check(await self._payload(body), RspamdEnvelope(
             ip=env.peer_ip, helo=env.helo, sender=env.mail_from,
             recipients=tuple(r.address for r in env.recipients), queue_id=env.qid,
-            hostname=env.peer_name or ""))
+            user=env.auth_user.address if env.auth_user is not None else "", hostname=env.peer_name or ""))
         reasons.append(result.explain())
         headers = b"".join(f"{k}: {v}\r\n".encode("utf-8", "replace") for k, v in result.spam_headers())
         headers += b"".join(f"{k}: {v}\r\n".encode("utf-8", "replace") for k, v in result.add_headers

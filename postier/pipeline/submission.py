@@ -34,7 +34,8 @@ from ..config import Config
 from ..message.envelope import MISSING_DOMAIN, MISSING_MAILBOX, parse_addresses
 from ..message.received import return_path
 from ..message.types import (
-    HEADER_LIMIT, AccountError, Enqueuer, Envelope, MailDelivery, MessageBody, Signer, User, remote_targets,
+    HEADER_LIMIT, AccountError, Action, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Signer, User,
+    remote_targets,
 )
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import (
@@ -130,14 +131,17 @@ def header_mailboxes(value: bytes) -> list[str] | None:
 class SubmissionPipeline(SMTPPipeline):
     """Ports 587/465: mail from our authenticated users to anyone."""
 
-    __slots__ = ("_owned", "signer")
+    __slots__ = ("_owned", "scanner", "signer")
 
     relay = True
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None, scanner: InboundCheck | None = None) -> None:
         super().__init__(config, directory, mda, queue)
         self.signer = signer  # None: `[mailauth] dkim_sign` is off
+        #: `[antispam] scan_outbound`: the content filter sees our users' mail too, so that a compromised
+        #: account sending spam is refused (550 5.7.1) instead of relayed.
+        self.scanner = scanner
         self._owned: dict[str, set[str]] = {}
 
     # -- sender policy --------------------------------------------------------------------------
@@ -229,6 +233,12 @@ class SubmissionPipeline(SMTPPipeline):
             added += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
         if "message-id" not in names:  # RFC 6409 §8.3
             added += f"Message-ID: <{env.qid}.{secrets.token_hex(8)}@{self.config.hostname}>\r\n".encode()
+        if self.scanner is not None:
+            verdict = await self.scanner.evaluate(env, body)
+            if verdict.action in (Action.REJECT, Action.DEFER):
+                log.info("%s: outbound message of %s refused by the spam filter: %s", env.qid, user.address,
+                         "; ".join(verdict.reasons))
+                return [verdict.reply or R451_LOCAL_ERROR] * n
         received = self.received(env)
         signature = b""
         if self.signer is not None:

@@ -166,7 +166,8 @@ def build_app(config: Config) -> App:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
     # What happens between MAIL FROM and 250, per SMTP-family role.
-    submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)
+    outbound_scan = spam if a.scan_outbound and rspamd is not None else None
+    submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
         "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, decisions),
         "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue),

@@ -165,7 +165,7 @@ def filtered(tmp_path_factory: pytest.TempPathFactory, rspamd: RspamdServer) -> 
     root = tmp_path_factory.mktemp("filtered")
     inst = Instance(root, "b.test", extra_config=(
         f'[antispam]\nrspamd = "{rspamd.url}"\nrspamd_controller = "{rspamd.controller}"\n'
-        'rspamd_password_file = "rspamd.password"\n'))
+        'rspamd_password_file = "rspamd.password"\nscan_outbound = true\n'))
     (root / "rspamd.password").write_text(rspamd.password + "\n")
     inst.add_user("u@b.test", PASSWORD)
     inst.start()
@@ -228,6 +228,17 @@ def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) 
     while asyncio.run(learned()) < before + 1:  # learnt in the background, after the OK
         assert time.monotonic() < deadline, "the move into Junk never reached Rspamd"
         time.sleep(0.3)
+
+
+def test_outbound_scan_refuses_spam_from_our_own_user(filtered: Instance) -> None:
+    with smtplib.SMTP(*filtered.addr("submission"), timeout=30) as s:
+        s.starttls(context=filtered.client_ssl_context())
+        s.login("u@b.test", PASSWORD)
+        with pytest.raises(smtplib.SMTPDataError) as exc:
+            s.sendmail("u@b.test", ["someone@remote.test"],
+                       b"From: u@b.test\r\nSubject: hi\r\n\r\n" + GTUBE + b"\r\n")
+        assert exc.value.smtp_code == 550
+        s.sendmail("u@b.test", ["u@b.test"], b"From: u@b.test\r\nSubject: note to self\r\n\r\nhello\r\n")
 
 
 def test_rspamd_down_fail_open_and_closed(tmp_path: Path) -> None:
