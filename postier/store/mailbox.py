@@ -440,6 +440,9 @@ class UserMailbox:
     @_locked
     def state(self, name: str) -> FolderState:
         """The folder's state without touching the disk when it is already open."""
+        st = self.states.get(name)  # keys are normalized names: a hit needs no check (per-message calls)
+        if st is not None:
+            return st
         n = normalize_name(name)
         st = self.states.get(n)
         return st if st is not None else self._open(n)
