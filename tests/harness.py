@@ -61,8 +61,10 @@ def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
 
 
 def run_cli(config: Path | None, *args: str, stdin: str | None = None, check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "postier"]
+            cwd: Path | None = None, python: str = PY) -> subprocess.CompletedProcess[str]:
+    if cwd is None and python != PY:  # not the checkout: `-m postier` would import ./postier from there
+        cwd = Path("/")
+    cmd = [python, "-m", "postier"]
     if config is not None:
         cmd += ["--config", str(config)]
     cmd += list(args)
@@ -76,14 +78,15 @@ class Instance:
     """One postier server with its own data directory."""
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
-                 extra_config: str = "", mailauth: bool | None = None):
+                 extra_config: str = "", mailauth: bool | None = None, python: str = PY):
+        self.python = python  # the interpreter running postier (a test may use an installed wheel's venv)
         self.root = root
         self.domain = domain
         self.address = address
         self.offset = free_offset(address)
         self.hostname = hostname or f"mail.{domain}"
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
-                "--listen", address, "--port-offset", str(self.offset), "--quiet")
+                "--listen", address, "--port-offset", str(self.offset), "--quiet", python=python)
         self.config = root / "postier.toml"
         # Tests run without Internet DNS: SPF/DKIM/DMARC would all be temperrors (451). They are
         # off unless the test asks for them or brings its own DNS ([dns] / [mailauth] in extra_config).
@@ -108,7 +111,7 @@ class Instance:
         return ("127.0.0.1" if role == "lmtp" else self.address, self.port(role))
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run_cli(self.config, *args, stdin=stdin, check=check)
+        return run_cli(self.config, *args, stdin=stdin, check=check, python=self.python)
 
     def add_user(self, address: str, password: str = "password123", fmt: str | None = None) -> None:
         args = ["user", "add", address, "--password-stdin"]
@@ -133,7 +136,7 @@ class Instance:
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.logf = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([PY, "-m", "postier", "--config", str(self.config), "serve"],
+        self.proc = subprocess.Popen([self.python, "-m", "postier", "--config", str(self.config), "serve"],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         host, port = self.addr(wait_role)
         deadline = time.monotonic() + timeout
