@@ -14,12 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .accounts import AccountError, Accounts
-from .config import STANDARD_PORTS, Config, ConfigError, load_config, normalize_domain
+from .config import STANDARD_PORTS, Config, ConfigError, Listener, load_config, normalize_domain
 
 DEFAULT_CONFIG = "postier.toml"
 DEMO_DOMAIN = "demo.test"
 DEMO_USER = "demo@demo.test"
 DEMO_PASSWORD = "demo-password"
+#: Where quickstart puts the LMTP socket, relative to the data directory (as Dovecot's /run/dovecot/lmtp).
+LMTP_SOCKET = "run/lmtp"
 
 
 class CLIError(Exception):
@@ -79,8 +81,10 @@ def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
         "",
     ]
     for role, port in STANDARD_PORTS.items():
-        addr = "127.0.0.1" if role == "lmtp" else listen
-        lines += [f"[listeners.{role}]", f"address = {_toml_str(addr)}", f"port = {port + port_offset}", ""]
+        if role == "lmtp":  # a Unix socket in the data directory: two instances never collide
+            lines += ["[listeners.lmtp]", f"path = {_toml_str(LMTP_SOCKET)}", ""]
+            continue
+        lines += [f"[listeners.{role}]", f"address = {_toml_str(listen)}", f"port = {port + port_offset}", ""]
     path = data_dir / "postier.toml"
     path.write_text("\n".join(lines) + extra)
     return path
@@ -117,13 +121,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"postier: wrote {cfg_path}")
         print(f"  domain {domain}, mail host {hostname}, data in {data_dir}")
-        print("  listeners: " + ", ".join(f"{r} {p.address}:{p.port}" for r, p in cfg.listeners.items()))
+        print("  listeners: " + ", ".join(f"{r} {_where(p)}" for r, p in cfg.listeners.items()))
         print("next steps:")
         print(f"  postier --config {cfg_path} user add you@{domain}")
         print(f"  postier --config {cfg_path} serve")
         print(f"  publish the DNS records: postier --config {cfg_path} dns records {domain}")
         print("  replace tls/cert.pem and tls/key.pem with a certificate browsers and MTAs trust")
     return 0
+
+
+def _where(lst: Listener) -> str:
+    return str(lst.path) if lst.path is not None else f"{lst.address}:{lst.port}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -146,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  config:   {cfg_path}")
     print(f"  domain:   {DEMO_DOMAIN} (user {DEMO_USER}, password {DEMO_PASSWORD})")
     for role, lst in cfg.listeners.items():
-        print(f"  {role:<12} {lst.address}:{lst.port}")
+        print(f"  {role:<12} {_where(lst)}")
     smtp = cfg.listeners.get("smtp")
     if smtp:
         print(f"  try: swaks --server {smtp.address}:{smtp.port} --to {DEMO_USER}")

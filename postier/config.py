@@ -67,6 +67,8 @@ class Listener:
     port: int = 0
     #: Offer STARTTLS (roles without implicit TLS); on by default where a certificate is configured.
     starttls: bool = True
+    #: A Unix socket instead of address/port (lmtp only; quickstart puts LMTP on DATA_DIR/run/lmtp).
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,14 @@ def _validate(cfg: Config) -> None:
         key = f"listeners.{role}"
         if role not in STANDARD_PORTS:
             raise ConfigError(f"{key}: unknown role (known: {', '.join(STANDARD_PORTS)})")
+        if lst.path is not None:
+            if role != "lmtp":
+                raise ConfigError(f"{key}.path: only lmtp listens on a Unix socket")
+            if lst.port:
+                raise ConfigError(f"{key}.path: give either path or address and port, not both")
+            if len(os.fsencode(lst.path)) > 107:  # sockaddr_un.sun_path is 108 bytes with its NUL
+                raise ConfigError(f"{key}.path: longer than a Unix socket path may be (107 bytes)")
+            continue
         if not 1 <= lst.port <= 65535:
             raise ConfigError(f"{key}.port: must be 1-65535, not {lst.port}")
         _check_address(f"{key}.address", lst.address)

@@ -47,7 +47,7 @@ def _ephemeral_low() -> int:
 
 
 def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
-    """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP)."""
+    """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP over TCP)."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     # Below the kernel's ephemeral range (32768-60999 by default): an outgoing connection elsewhere
     # on the machine cannot take one of our ports while a test restarts the server.
@@ -78,12 +78,13 @@ class Instance:
     """One postier server with its own data directory."""
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
-                 extra_config: str = "", mailauth: bool | None = None, python: str = PY):
+                 extra_config: str = "", mailauth: bool | None = None, python: str = PY,
+                 offset: int | None = None):
         self.python = python  # the interpreter running postier (a test may use an installed wheel's venv)
         self.root = root
         self.domain = domain
         self.address = address
-        self.offset = free_offset(address)
+        self.offset = free_offset(address) if offset is None else offset
         self.hostname = hostname or f"mail.{domain}"
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
                 "--listen", address, "--port-offset", str(self.offset), "--quiet", python=python)
@@ -108,7 +109,20 @@ class Instance:
         return STANDARD_PORTS[role] + self.offset
 
     def addr(self, role: str) -> tuple[str, int]:
+        """(host, port) of a TCP listener; LMTP is on TCP only after `lmtp_over_tcp()`."""
         return ("127.0.0.1" if role == "lmtp" else self.address, self.port(role))
+
+    @property
+    def lmtp_path(self) -> Path:
+        """LMTP's Unix socket (quickstart's default)."""
+        return self.root / "run" / "lmtp"
+
+    def lmtp_over_tcp(self) -> None:
+        """Move LMTP from its Unix socket to 127.0.0.1:24+offset (before `start()`)."""
+        text = self.config.read_text()
+        old = '[listeners.lmtp]\npath = "run/lmtp"\n'
+        assert old in text
+        self.config.write_text(text.replace(old, f'[listeners.lmtp]\naddress = "127.0.0.1"\nport = {self.port("lmtp")}\n'))
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli(self.config, *args, stdin=stdin, check=check, python=self.python)

@@ -51,7 +51,9 @@ def received_header(*, helo: str, peer_ip: str, peer_name: str | None, by_host: 
     """One Received header, folded, CRLF-terminated. Every peer-supplied token is sanitised."""
     rdns = f"{_token(peer_name)} " if peer_name else ""
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
-    lines = [f"Received: from {_token(helo)} ({rdns}[{ip}])",
+    # RFC 5321 §4.4: TCP-info is the address of a TCP peer; a Unix-socket (LMTP) peer has none.
+    tcp_info = f" ({rdns}[{ip}])" if peer_ip else ""
+    lines = [f"Received: from {_token(helo)}{tcp_info}",
              f"\tby {by_host} (postier) with {protocol} id {qid}"]
     if tls:  # Postfix's form: (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
         version, _, cipher = tls.partition(" ")

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from . import unixsock
+
 if TYPE_CHECKING:
     from .app import Services
 
@@ -45,10 +47,12 @@ class Session:
         self.writer = writer
         self.tls_implicit = tls_implicit
         peer = writer.get_extra_info("peername") or ("?", 0)
+        if isinstance(writer.get_extra_info("sockname"), (str, bytes)):
+            peer = unixsock.LOCAL_PEER  # a Unix socket has no peer address
         self.peer_ip: str = peer[0]
         self.peer_port: int = peer[1]
         sock = writer.get_extra_info("sockname") or ("?", 0)
-        self.local_ip: str = sock[0]
+        self.local_ip: str = sock[0] if self.peer_ip else ""
         self.started = time.monotonic()
         self.closing = False
         self._task: asyncio.Task[Any] | None = None  # the task running this session
@@ -116,8 +120,10 @@ class ProtocolSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         peer = transport.get_extra_info("peername") or ("?", 0)
+        if isinstance(transport.get_extra_info("sockname"), (str, bytes)):
+            peer = unixsock.LOCAL_PEER  # a Unix socket has no peer address
         self.peer_ip, self.peer_port = peer[0], peer[1]
-        self.local_ip = (transport.get_extra_info("sockname") or ("?", 0))[0]
+        self.local_ip = (transport.get_extra_info("sockname") or ("?", 0))[0] if peer[0] else ""
         self.started = time.monotonic()
         transport = self.transport
         if not self.listeners.admit(self):
@@ -211,24 +217,29 @@ class ListenerSet:
                 continue
             implicit = role in ("submissions", "imaps", "pop3s")
             host = None if lst.address in ("*", "") else lst.address
+            tls: dict[str, Any] = {"ssl": ctx, "ssl_handshake_timeout": cfg.limits.tls_handshake_timeout} \
+                if implicit else {}
+            loop = asyncio.get_running_loop()
             if isinstance(factory, type) and issubclass(factory, ProtocolSession):
-                server = await asyncio.get_running_loop().create_server(
-                    functools.partial(factory, self.services, role, self, implicit), host=host, port=lst.port,
-                    ssl=ctx if implicit else None,
-                    ssl_handshake_timeout=cfg.limits.tls_handshake_timeout if implicit else None,
-                    reuse_address=True, backlog=1024, start_serving=False,
-                )
-                self.bound.append(_Bound(role, server))
-                out.append((role, lst.address, lst.port))
-                continue
-            server = await asyncio.start_server(
-                self._make_cb(role, factory, implicit), host=host, port=lst.port,
-                ssl=ctx if implicit else None,
-                ssl_handshake_timeout=cfg.limits.tls_handshake_timeout if implicit else None,
-                reuse_address=True, backlog=1024, limit=READ_SIZE, start_serving=False,
-            )
+                proto = functools.partial(factory, self.services, role, self, implicit)
+                if lst.path is not None:  # a Unix socket (LMTP): see unixsock.py
+                    server = await loop.create_unix_server(proto, path=unixsock.prepare(lst.path), backlog=1024,
+                                                           start_serving=False, **tls)
+                    unixsock.finish(lst.path)
+                else:
+                    server = await loop.create_server(proto, host=host, port=lst.port, reuse_address=True,
+                                                      backlog=1024, start_serving=False, **tls)
+            elif lst.path is not None:
+                server = await asyncio.start_unix_server(
+                    self._make_cb(role, factory, implicit), path=unixsock.prepare(lst.path), backlog=1024,
+                    limit=READ_SIZE, start_serving=False, **tls)
+                unixsock.finish(lst.path)
+            else:
+                server = await asyncio.start_server(
+                    self._make_cb(role, factory, implicit), host=host, port=lst.port,
+                    reuse_address=True, backlog=1024, limit=READ_SIZE, start_serving=False, **tls)
             self.bound.append(_Bound(role, server))
-            out.append((role, lst.address, lst.port))
+            out.append((role, str(lst.path), 0) if lst.path is not None else (role, lst.address, lst.port))
         # Every listener starts listening in the same loop iteration, once all are bound: a client
         # that finds one port open (a test harness, a monitoring probe) finds all of them open.
         await asyncio.gather(*(b.server.start_serving() for b in self.bound))

@@ -22,6 +22,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     if not postfix.available():
         missing("postfix is not installed (Debian package postfix), or we are not root")
     inst = Instance(tmp_path_factory.mktemp("pfx-target"), "a.test")
+    inst.lmtp_over_tcp()  # Postfix's lmtp runs as the postfix user, outside our socket's group
     inst.add_user("alice@a.test")
     inst.start()
     yield inst
