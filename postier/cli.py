@@ -90,6 +90,15 @@ def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
     return path
 
 
+def certificate_names(hostname: str, listen: str) -> list[str]:
+    """What quickstart's certificate names: the MX host, the --listen address when it is one address
+    (clients that connect by IP check it), and localhost."""
+    names = [hostname]
+    if listen not in ("0.0.0.0", "::", "*", ""):
+        names.append(listen)
+    return [*names, "localhost", "127.0.0.1"]
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .certs import write_self_signed
 
@@ -111,12 +120,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         raise CLIError(f"{cfg_path} exists already (use --force to overwrite)")
     tls_dir = data_dir / "tls"
     if not (tls_dir / "cert.pem").exists() or args.force:
-        write_self_signed(tls_dir / "cert.pem", tls_dir / "key.pem", [hostname, "localhost", "127.0.0.1"])
+        write_self_signed(tls_dir / "cert.pem", tls_dir / "key.pem", certificate_names(hostname, args.listen))
     write_config(data_dir, hostname, args.listen, args.port_offset)
     cfg = load_config(cfg_path)
     acc = _accounts(cfg)
     if domain not in acc.list_domains():
         acc.add_domain(domain)
+    if args.admin:  # else postmaster@ and abuse@ reach the first user added
+        acc.set_admin(args.admin)
     acc.close()
     if not args.quiet:
         print(f"postier: wrote {cfg_path}")
@@ -139,7 +150,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg_path = data_dir / "postier.toml"
     if not cfg_path.exists():
         ns = argparse.Namespace(domain=DEMO_DOMAIN, data_dir=str(data_dir), hostname=f"mail.{DEMO_DOMAIN}",
-                                listen=args.listen, port_offset=args.port_offset, force=False, quiet=True)
+                                listen=args.listen, port_offset=args.port_offset, force=False, quiet=True,
+                                admin=None)
         cmd_quickstart(ns)
         with open(cfg_path, "a") as f:
             f.write("\n# The demo runs without Internet DNS: SPF/DKIM/DMARC checks would all be temporary\n"
@@ -258,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hostname", help="the MX host name (default mail.DOMAIN)")
     q.add_argument("--listen", default="0.0.0.0", help="address every listener binds (default 0.0.0.0)")
     q.add_argument("--port-offset", type=int, default=0, help="add N to every standard port (25 -> 25+N)")
+    q.add_argument("--admin", metavar="ADDRESS",
+                   help="who receives postmaster@ and abuse@ of every domain (default: the first user)")
     q.add_argument("--force", action="store_true", help="overwrite an existing configuration")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)

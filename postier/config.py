@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .tlsprofile import server_context
+
 #: Every listener role postier knows, with its standard port (the port offset is added to these).
 STANDARD_PORTS: dict[str, int] = {
     "smtp": 25,  # RFC 5321 MX
@@ -262,10 +264,7 @@ class Config:
         """A server TLS context from [tls], or None when no certificate is configured."""
         if self.tls.cert is None or self.tls.key is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.tls.cert, self.tls.key)
-        return ctx
+        return server_context(self.tls.cert, self.tls.key)  # Mozilla "intermediate" on every listener
 
 
 _NO_KEY = ("source",)

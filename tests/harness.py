@@ -79,7 +79,7 @@ class Instance:
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
                  extra_config: str = "", mailauth: bool | None = None, python: str = PY,
-                 offset: int | None = None):
+                 offset: int | None = None, quickstart_args: tuple[str, ...] = ()):
         self.python = python  # the interpreter running postier (a test may use an installed wheel's venv)
         self.root = root
         self.domain = domain
@@ -87,7 +87,7 @@ class Instance:
         self.offset = free_offset(address) if offset is None else offset
         self.hostname = hostname or f"mail.{domain}"
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
-                "--listen", address, "--port-offset", str(self.offset), "--quiet", python=python)
+                "--listen", address, "--port-offset", str(self.offset), "--quiet", *quickstart_args, python=python)
         self.config = root / "postier.toml"
         # Tests run without Internet DNS: SPF/DKIM/DMARC would all be temperrors (451). They are
         # off unless the test asks for them or brings its own DNS ([dns] / [mailauth] in extra_config).

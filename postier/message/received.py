@@ -19,14 +19,20 @@ def queue_id() -> str:
     return f"{int(time.time()):X}{_rng.getrandbits(40):010X}"
 
 
+def utc_date(when: float) -> str:
+    """RFC 5322 §3.3 date-time in UTC with the zone `+0000`: "-0000" (what email.utils writes for
+    localtime=False) means the local offset is unknown, which is not true of UTC."""
+    return email.utils.formatdate(when, localtime=False)[:-5] + "+0000"
+
+
 def _formatdate(when: float | None) -> str:
     """RFC 5322 §3.3 date-time in UTC, computed once per second for the current time."""
     global _date
     if when is not None:
-        return email.utils.formatdate(when, localtime=False)
+        return utc_date(when)
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, email.utils.formatdate(now, localtime=False))
+        _date = (now, utc_date(now))
     return _date[1]
 
 

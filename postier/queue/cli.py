@@ -10,6 +10,7 @@ import argparse
 import datetime
 import time
 
+from ..adminlog import audit
 from .spool import QUEUED, Spool, valid_id
 
 
@@ -78,16 +79,23 @@ def cmd_queue(args: argparse.Namespace) -> int:
         elif args.action == "retry":
             if args.all:
                 n = spool.retry(None, time.time())
+                audit(f"queue retry --all: {n} recipient{'s' if n != 1 else ''} rescheduled")
             else:
                 msg_id = _id(args)
                 if spool.message(msg_id) is None:
                     raise CLIError(f"no such message in the queue: {msg_id}")
                 n = spool.retry(msg_id, time.time())
+                audit(f"queue retry {msg_id}: {n} recipient{'s' if n != 1 else ''} rescheduled")
             print(f"{n} recipient{'s' if n != 1 else ''} scheduled for immediate delivery")
         elif args.action == "delete":
             msg_id = _id(args)
+            info = spool.message(msg_id)
+            rcpts = [r.address for r in spool.recipients(msg_id) if r.status == QUEUED] if info else []
             if not spool.delete(msg_id):
                 raise CLIError(f"no such message in the queue: {msg_id}")
+            assert info is not None
+            audit(f"queue delete {msg_id}: removed without a DSN, from <{info.sender}>, "
+                  f"{len(rcpts)} undelivered recipient{'s' if len(rcpts) != 1 else ''} ({', '.join(rcpts[:10])})")
             print(f"deleted {msg_id}")
     finally:
         spool.close()
