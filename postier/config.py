@@ -216,10 +216,23 @@ class MailAuth:
 
 
 @dataclass(frozen=True)
+class Server:
+    """Who the server runs as (see server/privileges.py)."""
+
+    #: Started as root, `serve` binds its listeners, then drops to this user; empty = no switch.
+    user: str = ""
+    #: Its group; empty = the user's primary group.
+    group: str = ""
+    #: Allow the server to keep running as root (refused otherwise).
+    allow_root: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
     listeners: dict[str, Listener] = field(default_factory=dict)
+    server: Server = field(default_factory=Server)
     tls: TLS = field(default_factory=TLS)
     limits: Limits = field(default_factory=Limits)
     dns: DNSSettings = field(default_factory=DNSSettings)

@@ -21,6 +21,10 @@ from postier.config import STANDARD_PORTS
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+#: quickstart run as root sets up a service user and a drop of privileges; test instances live in
+#: pytest's private (0700) temporary directories, which that user cannot enter, so they stay root
+#: (tests/test_privileges.py covers the drop itself).
+STAY_ROOT: tuple[str, ...] = ("--allow-root",) if os.geteuid() == 0 else ()
 
 
 def port_free(host: str, port: int) -> bool:
@@ -87,7 +91,8 @@ class Instance:
         self.offset = free_offset(address) if offset is None else offset
         self.hostname = hostname or f"mail.{domain}"
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
-                "--listen", address, "--port-offset", str(self.offset), "--quiet", *quickstart_args, python=python)
+                "--listen", address, "--port-offset", str(self.offset), "--quiet",
+                *(quickstart_args or STAY_ROOT), python=python)
         self.config = root / "postier.toml"
         # Tests run without Internet DNS: SPF/DKIM/DMARC would all be temperrors (451). They are
         # off unless the test asks for them or brings its own DNS ([dns] / [mailauth] in extra_config).

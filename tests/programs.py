@@ -36,6 +36,7 @@ PACKAGES: dict[str, str] = {
     "unshare": "util-linux",
     "systemd-analyze": "systemd",
     "useradd": "passwd",
+    "setfacl": "acl",
 }
 
 #: Perl modules programs need but Debian only recommends (install-test-deps installs them explicitly).

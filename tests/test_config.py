@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from postier.config import ConfigError, load_config
-from tests.harness import run_cli
+from tests.harness import STAY_ROOT, run_cli
 
 BASE = 'hostname = "mail.a.test"\ndata_dir = "."\n[listeners.smtp]\naddress = "127.0.0.1"\nport = 2525\n'
 
@@ -63,7 +63,7 @@ def test_cli_exit_code_2_on_bad_config(tmp_path: Path) -> None:
 
 def test_quickstart_writes_every_listener_with_offset(tmp_path: Path) -> None:
     run_cli(None, "quickstart", "--domain", "Example.TEST", "--data-dir", str(tmp_path / "d"),
-            "--port-offset", "10000", "--listen", "127.0.0.1")
+            "--port-offset", "10000", "--listen", "127.0.0.1", *STAY_ROOT)
     cfg = load_config(tmp_path / "d" / "postier.toml")
     ports = {r: lst.port for r, lst in cfg.listeners.items()}
     assert ports == {"smtp": 10025, "submission": 10587, "submissions": 10465, "imap": 10143, "imaps": 10993,

@@ -19,6 +19,7 @@ from typing import Any
 from ..accounts import Accounts
 from ..config import Config
 from ..store.delivery import LocalDelivery
+from . import privileges, sockets
 from .base import ListenerSet, Session
 
 log = logging.getLogger("postier")
@@ -120,10 +121,23 @@ async def build_services(config: Config) -> Services:
 
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
+    # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
+    # service, child process and session after this line runs as the service user.
+    try:
+        socks = sockets.bind_all(config)
+    except OSError as exc:
+        raise SystemExit(f"postier: cannot listen: {exc}") from None
+    try:
+        privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
+                              sockets.owned_paths(config))
+    except (privileges.PrivilegeError, OSError) as exc:
+        for s in socks.values():
+            s.close()
+        raise SystemExit(f"postier: {exc}") from None
     services = await build_services(config)
     listeners = ListenerSet(services, session_factories())
     try:
-        bound = await listeners.start()
+        bound = await listeners.start(socks)
     except OSError as exc:
         await services.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from . import unixsock
+from . import sockets, unixsock
 
 if TYPE_CHECKING:
     from .app import Services
@@ -206,44 +206,51 @@ class ListenerSet:
         self.tasks: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
 
-    async def start(self) -> list[tuple[str, str, int]]:
+    async def start(self, bound: dict[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
+        """Serve on the sockets `bound` by role (sockets.bind_all; bound here when not given)."""
         cfg = self.services.config
-        ctx = self.services.ssl_context
+        if bound is None:
+            bound = sockets.bind_all(cfg)
         out = []
-        for role, lst in cfg.listeners.items():
-            factory = self.factories.get(role)
-            if factory is None:
-                log.warning("listener %s: this role is not available in this build; skipped", role)
-                continue
-            implicit = role in ("submissions", "imaps", "pop3s")
-            host = None if lst.address in ("*", "") else lst.address
-            tls: dict[str, Any] = {"ssl": ctx, "ssl_handshake_timeout": cfg.limits.tls_handshake_timeout} \
-                if implicit else {}
-            loop = asyncio.get_running_loop()
-            if isinstance(factory, type) and issubclass(factory, ProtocolSession):
-                proto = functools.partial(factory, self.services, role, self, implicit)
-                if lst.path is not None:  # a Unix socket (LMTP): see unixsock.py
-                    server = await loop.create_unix_server(proto, path=unixsock.prepare(lst.path), backlog=1024,
-                                                           start_serving=False, **tls)
-                    unixsock.finish(lst.path)
-                else:
-                    server = await loop.create_server(proto, host=host, port=lst.port, reuse_address=True,
-                                                      backlog=1024, start_serving=False, **tls)
-            elif lst.path is not None:
-                server = await asyncio.start_unix_server(
-                    self._make_cb(role, factory, implicit), path=unixsock.prepare(lst.path), backlog=1024,
-                    limit=READ_SIZE, start_serving=False, **tls)
-                unixsock.finish(lst.path)
-            else:
-                server = await asyncio.start_server(
-                    self._make_cb(role, factory, implicit), host=host, port=lst.port,
-                    reuse_address=True, backlog=1024, limit=READ_SIZE, start_serving=False, **tls)
-            self.bound.append(_Bound(role, server))
-            out.append((role, str(lst.path), 0) if lst.path is not None else (role, lst.address, lst.port))
+        for role, sock in bound.items():
+            lst = cfg.listeners[role]
+            if await self.serve_socket(role, sock) is not None:
+                out.append((role, str(lst.path), 0) if lst.path is not None else (role, lst.address, lst.port))
         # Every listener starts listening in the same loop iteration, once all are bound: a client
         # that finds one port open (a test harness, a monitoring probe) finds all of them open.
         await asyncio.gather(*(b.server.start_serving() for b in self.bound))
         return out
+
+    async def serve_socket(self, role: str, sock: socket.socket) -> asyncio.Server | None:
+        """Wrap one bound socket of `role` in an asyncio server (not yet serving)."""
+        factory = self.factories.get(role)
+        if factory is None:
+            log.warning("listener %s: this role is not available in this build; skipped", role)
+            sock.close()
+            return None
+        cfg = self.services.config
+        implicit = role in ("submissions", "imaps", "pop3s")
+        tls: dict[str, Any] = {"ssl": self.services.ssl_context,
+                               "ssl_handshake_timeout": cfg.limits.tls_handshake_timeout} if implicit else {}
+        loop = asyncio.get_running_loop()
+        unix = sock.family == socket.AF_UNIX
+        server: asyncio.Server
+        if isinstance(factory, type) and issubclass(factory, ProtocolSession):
+            proto = functools.partial(factory, self.services, role, self, implicit)
+            if unix:
+                server = await loop.create_unix_server(proto, sock=sock, backlog=sockets.BACKLOG,
+                                                      start_serving=False, **tls)
+            else:
+                server = await loop.create_server(proto, sock=sock, backlog=sockets.BACKLOG,
+                                                      start_serving=False, **tls)
+        elif unix:
+            server = await asyncio.start_unix_server(self._make_cb(role, factory, implicit), sock=sock,
+                                                     limit=READ_SIZE, backlog=sockets.BACKLOG, start_serving=False, **tls)
+        else:
+            server = await asyncio.start_server(self._make_cb(role, factory, implicit), sock=sock,
+                                                limit=READ_SIZE, backlog=sockets.BACKLOG, start_serving=False, **tls)
+        self.bound.append(_Bound(role, server))
+        return server
 
     def admit(self, session: Session | ProtocolSession) -> bool:
         """Count a new connection, or refuse it when a global or per-IP limit is reached."""

@@ -16,12 +16,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.harness import Instance, run_cli
+from tests.harness import STAY_ROOT, Instance, run_cli
 
 
 @pytest.fixture(scope="module")
 def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
-    inst = Instance(tmp_path_factory.mktemp("mx"), "a.test", quickstart_args=("--admin", "boss@a.test"))
+    inst = Instance(tmp_path_factory.mktemp("mx"), "a.test", quickstart_args=("--admin", "boss@a.test", *STAY_ROOT))
     inst.add_user("alice@a.test")  # the first user: not the admin, since --admin names one
     inst.add_user("boss@a.test")
     inst.add_user("other@a.test")
@@ -68,7 +68,7 @@ def test_an_alias_overrides_the_admin(mx: Instance) -> None:
 def test_first_user_is_admin_without_admin_option(tmp_path: Path) -> None:
     from postier.accounts import Accounts
 
-    run_cli(None, "quickstart", "--domain", "c.test", "--data-dir", str(tmp_path), "--quiet")
+    run_cli(None, "quickstart", "--domain", "c.test", "--data-dir", str(tmp_path), "--quiet", *STAY_ROOT)
     cfg = tmp_path / "postier.toml"
     for u in ("first@c.test", "second@c.test"):
         run_cli(cfg, "user", "add", u, "--password-stdin", stdin="password123\n")
@@ -125,7 +125,7 @@ def test_help_per_role(mx: Instance) -> None:
 
 def test_quickstart_certificate(tmp_path: Path) -> None:
     run_cli(None, "quickstart", "--domain", "d.test", "--data-dir", str(tmp_path), "--listen", "192.0.2.25",
-            "--quiet")
+            "--quiet", *STAY_ROOT)
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "cert.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["mail.d.test", "localhost"]
