@@ -288,6 +288,8 @@ EXTRA_COMMANDS = [
     "postier.queue.cli",
     "postier.mailauth.cli",
     "postier.store.cli",
+    "postier.server.reload",
+    "postier.systemd",
 ]
 
 

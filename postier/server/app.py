@@ -19,7 +19,7 @@ from typing import Any
 from ..accounts import Accounts
 from ..config import Config
 from ..store.delivery import LocalDelivery
-from . import privileges, sockets
+from . import notify, privileges, reload, sockets
 from .base import ListenerSet, Session
 
 log = logging.getLogger("postier")
@@ -136,6 +136,9 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         raise SystemExit(f"postier: {exc}") from None
     services = await build_services(config)
     listeners = ListenerSet(services, session_factories())
+    reloader = reload.Reloader(services, listeners)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
     try:
         bound = await listeners.start(socks)
     except OSError as exc:
@@ -150,7 +153,11 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    reloader.started.set()
+    notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
+    notify.stopping()
+    reload.uninstall(config)
     log.info("shutting down")
     await listeners.stop()
     await services.close()

@@ -26,25 +26,34 @@ def where(lst: Listener) -> str:
 
 
 def bind(lst: Listener) -> socket.socket:
-    """One listening socket for `lst` (not yet accepting in asyncio)."""
+    """One bound socket for `lst`. It does not listen yet: asyncio calls listen() when the server
+    starts serving, so a client connecting earlier is refused rather than left waiting unanswered."""
     if lst.path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(unixsock.prepare(lst.path))
             unixsock.finish(lst.path)
-            sock.listen(BACKLOG)
         except BaseException:
             sock.close()
             raise
         return sock
     if lst.address in ("*", ""):
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(("", lst.port), family=socket.AF_INET6, backlog=BACKLOG,
-                                        dualstack_ipv6=True)
-        return socket.create_server(("", lst.port), backlog=BACKLOG)
-    infos = socket.getaddrinfo(lst.address, lst.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    return socket.create_server(addr[:2], family=family, backlog=BACKLOG)
+        dual = socket.has_dualstack_ipv6()
+        family, addr = (socket.AF_INET6, ("::", lst.port)) if dual else (socket.AF_INET, ("0.0.0.0", lst.port))
+    else:
+        infos = socket.getaddrinfo(lst.address, lst.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sa = infos[0]
+        addr, dual = (str(sa[0]), int(sa[1])), False
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections linger
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def bind_all(cfg: Config, roles: set[str] | None = None) -> dict[str, socket.socket]:
