@@ -290,6 +290,7 @@ EXTRA_COMMANDS = [
     "postier.store.cli",
     "postier.server.reload",
     "postier.systemd",
+    "postier.status",
 ]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..accounts import Accounts
 from ..config import Config
 from ..store.delivery import LocalDelivery
-from . import notify, privileges, reload, sockets
+from . import notify, privileges, reload, sockets, stats
 from .base import ListenerSet, Session
 
 log = logging.getLogger("postier")
@@ -154,10 +154,14 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
+    stats_task = asyncio.create_task(stats.writer(config.data_dir))  # for `postier status`
     notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
     notify.stopping()
     reload.uninstall(config)
+    stats_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stats_task
     log.info("shutting down")
     await listeners.stop()
     await services.close()
