@@ -145,7 +145,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         await services.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
-        log.info("listening: %s on %s:%d", role, addr, port)
+        log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
     if ready:
         ready(bound)
     stop = stop_event or asyncio.Event()
