@@ -23,7 +23,6 @@ UNIT = """\
 #   systemctl daemon-reload && systemctl enable --now postier
 [Unit]
 Description=postier mail server (SMTP, submission, IMAP, POP3, LMTP)
-Documentation=man:systemd.service(5)
 After=network-online.target
 Wants=network-online.target
 
@@ -53,7 +52,7 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
-RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
 RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
