@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dnsserver import DNSServer
+from tests.hardening.conftest import Sink
 from tests.harness import STAY_ROOT, Instance
 from tests.programs import require
 
@@ -95,18 +97,28 @@ def searchable_by(user: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def inst() -> Iterator[Instance]:
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def inst(sink: Sink) -> Iterator[Instance]:
     require("useradd")
-    with _instance() as i:
-        yield i
+    with DNSServer() as dns:
+        dns.add("remote.test", "A", "127.0.0.1")  # implicit MX (RFC 5321 §5.1): the sink
+        with _instance(f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {sink.port}\n') as i:
+            yield i
 
 
 @contextmanager
-def _instance() -> Iterator[Instance]:
+def _instance(extra: str) -> Iterator[Instance]:
     # Not under pytest's 0700 temporary directory: the service user must be able to reach its data.
     root = Path(tempfile.mkdtemp(prefix="postier-priv-", dir="/tmp"))
     os.chmod(root, 0o755)
     i = Instance(root / "data", "p.test", quickstart_args=("--user", "postier"))
+    i.add_config(extra)
     try:
         with searchable_by("postier"):
             i.add_user("alice@p.test", PASSWORD)
@@ -182,6 +194,20 @@ def test_server_and_agent_run_as_the_service_user(inst: Instance) -> None:
     read_back(inst, "alice@p.test", marker)
     log = inst.log.read_text()
     assert f"running as postier (uid {uid}" in log
+
+
+def test_relays_through_the_queue(inst: Instance, sink: Sink) -> None:
+    marker = f"relay-{time.monotonic_ns()}".encode()
+    with smtplib.SMTP(*inst.addr("submission"), timeout=10) as s:
+        s.starttls(context=inst.client_ssl_context())
+        s.login("alice@p.test", PASSWORD)
+        s.sendmail("alice@p.test", ["bob@remote.test"],
+                   b"From: alice@p.test\r\nTo: bob@remote.test\r\nSubject: " + marker + b"\r\n\r\nhi\r\n")
+    deadline = time.monotonic() + 30
+    while sink.count(marker) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sink.count(marker) == 1, inst.log.read_text()[-3000:]
+    assert_nothing_root_owned(inst)
 
 
 def test_runtime_files_are_private(inst: Instance) -> None:
