@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.13 "$$(PYENV_VERSION=3.13.0 pyenv which pytho
 VENV := .venv
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test test-fast lint bench
+.PHONY: demo test test-fast lint typecheck bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 13), "postier needs Python 3.13+: set PYTHON=..."'
@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	./scripts/install-test-deps
 	$(VENV)/bin/ruff check postier tests bench
+	$(VENV)/bin/mypy
 	POSTIER_REQUIRE_INTEROP=1 $(VENV)/bin/python -m pytest -n 2 -q
 
 test-fast: $(VENV)/.installed
@@ -28,6 +29,10 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check postier tests bench
+
+# mypy --strict over postier/ (settings in pyproject.toml [tool.mypy]); also run by `make test`.
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench

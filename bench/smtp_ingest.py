@@ -204,12 +204,26 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="runs per configuration; the median is shown")
     ap.add_argument("--skip-big", action="store_true", help="skip the 20 x 25 MiB peak-memory run")
     ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument("--mailauth", action="store_true",
+                    help="postier with its default SPF, DKIM and DMARC checks, against an in-process DNS server in "
+                         "which the sender domain has no SPF or DMARC record (Postfix still checks nothing)")
+    ap.add_argument("--no-dns-cache", action="store_true", help="with --mailauth: every lookup goes to DNS")
     args = ap.parse_args(argv)
     use_pf = postfix.available() and not args.no_postfix and os.path.exists(SMTP_SOURCE)
     work = Path(tempfile.mkdtemp(prefix="postier-bench-"))
     work.chmod(0o755)
-    inst = Instance(work / "postier", "b.test", extra_config=f"[limits]\nmax_connections_per_ip = {args.idle + 100}\n"
-                    f"max_connections = {args.idle + 200}\n")
+    extra = f"[limits]\nmax_connections_per_ip = {args.idle + 100}\nmax_connections = {args.idle + 200}\n"
+    dns_server = None
+    if args.mailauth:
+        from tests.dnsserver import DNSServer
+        dns_server = DNSServer().start()
+        dns_server.negative_ttl = 300  # as real zones do: NXDOMAIN answers carry an SOA and are cached
+        dns_server.add("remote.test", "MX", "10 mx.remote.test.", ttl=300)  # no SPF, no DMARC: NXDOMAIN
+        dns_server.add("mx.remote.test", "A", "127.0.0.1", ttl=300)
+        extra += (f'\n[dns]\nnameservers = ["{dns_server.nameserver}"]\n'
+                  + ("cache = false\n" if args.no_dns_cache else "")
+                  + "\n[mailauth]\nspf = true\ndkim_verify = true\ndmarc = true\n")
+    inst = Instance(work / "postier", "b.test", extra_config=extra)
     inst.add_user("u@b.test")
     inst.start()
     assert inst.proc is not None
@@ -298,11 +312,15 @@ def main(argv: list[str]) -> int:
                          f"{peak / 1024:.0f} MiB (+{(peak - base) / 1024:.0f}; {t:.1f}s)", pf_peak, "-"))
     finally:
         inst.stop()
+        if dns_server is not None:
+            dns_server.stop()
         if pf is not None:
             pf.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nSMTP ingest: {args.sessions} concurrent sessions, smtp-source as client, {os.cpu_count()} cores, "
-          f"median of {args.rounds} round(s)")
+    checks = ("postier with SPF+DKIM+DMARC" + (", no DNS cache" if args.no_dns_cache else "")) if args.mailauth \
+        else "no checks"
+    print(f"\nSMTP ingest ({checks}): {args.sessions} concurrent sessions, smtp-source as client, "
+          f"{os.cpu_count()} cores, median of {args.rounds} round(s)")
     print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
           "ratio (postier/Postfix 250)")
     for r in rows:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
 import sqlite3
 import threading
@@ -30,12 +29,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import normalize_domain
+from .durable import ensure_dirs, fsync_dir
+from .message.types import AccountError, User
 from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
 _SCHEMA = """
@@ -77,34 +79,6 @@ _MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when fu
 CACHE_CHECK = 0.1  # seconds between two PRAGMA data_version checks of one thread's cache
 
 
-class AccountError(Exception):
-    """A user-facing problem with an account operation (message names the problem)."""
-
-
-@dataclass(frozen=True)
-class User:
-    address: str
-    local: str
-    domain: str
-    mailbox_format: str
-
-    def home(self, mail_root: Path) -> Path:
-        """The user's directory under mail_root, with a containment check."""
-        # Lexical containment check: local parts and domains are validated when created, and this
-        # runs for every delivery, so no resolve() (one lstat per path component) here.
-        root = os.path.normpath(mail_root)
-        p = os.path.normpath(os.path.join(root, self.domain, self.local))
-        if not p.startswith(root + os.sep) or p.count(os.sep) != root.count(os.sep) + 2:
-            raise AccountError(f"mailbox path of {self.address} escapes the mail root")
-        return Path(p)
-
-    def maildir(self, mail_root: Path) -> Path:
-        return self.home(mail_root) / "Maildir"
-
-    def mbox(self, mail_root: Path) -> Path:
-        return self.home(mail_root) / "mbox"
-
-
 class Lookup(Enum):
     FOUND = "found"
     UNKNOWN_USER = "unknown-user"
@@ -116,6 +90,21 @@ class Resolution:
     status: Lookup
     users: tuple[User, ...] = ()
     remote: tuple[str, ...] = ()
+
+
+class Directory(Protocol):
+    """Who the addresses of our domains reach: what the pipelines, the queue and the report job ask
+    of the accounts (`Accounts` implements it)."""
+
+    def resolve(self, address: str) -> Resolution:
+        """Where mail for `address` goes (aliases, plus-addressing and catch-all applied)."""
+
+    def is_local_domain(self, name: str) -> bool: ...
+
+    def list_domains(self) -> list[str]: ...
+
+    def addresses_of(self, user: User) -> set[str]:
+        """The user's own address and every alias reaching it."""
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -168,8 +157,11 @@ class Accounts:
         self._generation = 0  # bumped by every write made through this object
         self._hasher = PasswordHasher()  # argon2id, RFC 9106 defaults of argon2-cffi
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(db_path.parent)
+        new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
+        if new:  # SQLite fsyncs the directory for its journals, not for a new database file
+            fsync_dir(db_path.parent)
 
     # -- plumbing -------------------------------------------------------------------------------
 

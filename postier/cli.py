@@ -13,8 +13,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .accounts import AccountError, Accounts
+from .accounts import Accounts
 from .config import STANDARD_PORTS, Config, ConfigError, Listener, load_config, normalize_domain
+from .durable import ensure_dirs, write_file
+from .message.types import AccountError
 from .server.privileges import (
     DEFAULT_USER,
     PrivilegeError,
@@ -99,7 +101,7 @@ def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
             continue
         lines += [f"[listeners.{role}]", f"address = {_toml_str(listen)}", f"port = {port + port_offset}", ""]
     path = data_dir / "postier.toml"
-    path.write_text("\n".join(lines) + extra)
+    write_file(path, ("\n".join(lines) + extra).encode(), mode=0o644)
     return path
 
 
@@ -127,7 +129,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not 0 <= args.port_offset <= 65535 - 995:
         raise CLIError(f"--port-offset: must be between 0 and {65535 - 995}")
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(data_dir)  # the data directory survives a power cut with everything in it
     cfg_path = data_dir / "postier.toml"
     if cfg_path.exists() and not args.force:
         raise CLIError(f"{cfg_path} exists already (use --force to overwrite)")
@@ -288,7 +290,9 @@ EXTRA_COMMANDS = [
     "postier.queue.cli",
     "postier.mailauth.cli",
     "postier.store.cli",
-    "postier.server.reload",
+    "postier.backup",
+    "postier.antispam.cli",
+    "postier.server.cli",
     "postier.systemd",
     "postier.status",
 ]
@@ -350,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and modname.startswith(exc.name):
                 continue
             raise
-        register: Callable[[argparse._SubParsersAction], None] = mod.register  # type: ignore[type-arg]
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = mod.register
         register(sub)
     return p
 

@@ -19,7 +19,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from .tlsprofile import server_context
 
@@ -110,6 +113,8 @@ class DNSSettings:
     #: "ADDR" or "ADDR:PORT" (IPv6 as "[::1]:53"); empty means the system resolver (/etc/resolv.conf).
     nameservers: tuple[str, ...] = ()
     timeout: float = 5.0
+    #: Reuse answers for their TTL (and negative answers per RFC 2308); false: every lookup goes out.
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,53 @@ class Server:
 
 
 @dataclass(frozen=True)
+class DNSListConfig:
+    """One DNS blocklist or allowlist (RFC 5782) of [antispam] dnsbl / dnswl."""
+
+    zone: str
+    weight: float = 1.0
+    #: The return codes that count ("127.0.0.2"); empty: any 127.0.0.0/8 answer but 127.255.255.x.
+    codes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Antispam:
+    """Spam defence at the MX (port 25 only; never submission): see postier/antispam/."""
+
+    #: Connection screening, postscreen-like: lists queried in parallel at connect; a client whose
+    #: summed weights reach `threshold` is refused (554 5.7.1) at its first command.
+    dnsbl: tuple[DNSListConfig, ...] = ()
+    dnswl: tuple[DNSListConfig, ...] = ()
+    threshold: float = 3.0
+    #: Added to the score of a client that talks before the greeting (see limits.greet_pause).
+    pregreet_weight: float = 1.0
+    screen_timeout: float = 2.0
+    #: Greylisting (off by default): 451 4.7.1 on first sight of (client /24 or /64, sender, recipient).
+    greylist: bool = False
+    greylist_delay: float = 300.0
+    greylist_retry_window: float = 2 * 86400.0
+    greylist_auto_allow: int = 5
+    greylist_max_entries: int = 200_000
+    #: Rspamd's normal worker ("http://127.0.0.1:11333"); empty: no content filtering.
+    rspamd: str = ""
+    #: Rspamd's controller worker, for learning from users' Junk moves; and its password.
+    rspamd_controller: str = ""
+    rspamd_password_file: str = ""
+    rspamd_timeout: float = 15.0
+    #: When Rspamd cannot answer: deliver with "X-Spam-Status: unknown" (true) or 451 (false).
+    fail_open: bool = True
+    #: Scan authenticated submissions too (a compromised account sending spam is refused).
+    scan_outbound: bool = False
+    #: Built-in checks that need no Rspamd: the GTUBE test string refuses a message.
+    gtube: bool = True
+    #: HELO/EHLO sanity (not a FQDN, our own name or address): "off", "log" or "reject" (550 5.7.1).
+    helo_checks: str = "log"
+    #: Per client address on port 25, per minute; 0 = no limit.
+    max_connections_per_minute: int = 0
+    max_messages_per_minute: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -245,6 +297,7 @@ class Config:
     imap: IMAP = field(default_factory=IMAP)
     pop3: POP3 = field(default_factory=POP3)
     mailauth: MailAuth = field(default_factory=MailAuth)
+    antispam: Antispam = field(default_factory=Antispam)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 
@@ -291,10 +344,10 @@ def _check_address(key: str, value: str) -> None:
             raise ConfigError(f"{key}: not an IP address: {value!r}") from None
 
 
-def _convert(key: str, tp: Any, value: Any, base: Path) -> Any:
+def _convert(key: str, tp: Any, value: object, base: Path) -> object:
     """Check `value` against the annotated type `tp`, converting where TOML has no such type."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a nested table ([listeners.smtp], ...)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table")
         return _build(tp, value, base, key + ".")
@@ -341,7 +394,7 @@ def _convert(key: str, tp: Any, value: Any, base: Path) -> Any:
     raise ConfigError(f"{key}: unsupported type")  # pragma: no cover
 
 
-def _build(cls: Any, table: dict[str, Any], base: Path, prefix: str = "") -> Any:
+def _build[T: DataclassInstance](cls: type[T], table: dict[str, object], base: Path, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name not in _NO_KEY}
     for k in table:
@@ -429,10 +482,44 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.min_data_rate: must be at least 1 byte per second")
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
+    _validate_antispam(cfg.antispam)
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
         raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
     if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5
         raise ConfigError("pop3.login_delay: must be a non-negative number of seconds")
+
+
+def _validate_antispam(a: Antispam) -> None:
+    for key, lists in (("antispam.dnsbl", a.dnsbl), ("antispam.dnswl", a.dnswl)):
+        for i, lst in enumerate(lists):
+            try:
+                if normalize_domain(lst.zone) != lst.zone.lower().rstrip("."):
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{key}[{i}].zone: not a DNS zone: {lst.zone!r}") from None
+            for code in lst.codes:
+                try:
+                    if ipaddress.ip_address(code) not in ipaddress.ip_network("127.0.0.0/8"):
+                        raise ValueError
+                except ValueError:
+                    raise ConfigError(f"{key}[{i}].codes: {code!r} is not an address in 127.0.0.0/8 "
+                                      "(RFC 5782 §2.3)") from None
+    for name in ("threshold", "screen_timeout", "greylist_delay", "greylist_retry_window", "rspamd_timeout"):
+        v = getattr(a, name)
+        if not v > 0:
+            raise ConfigError(f"antispam.{name}: must be positive")
+    if a.greylist_retry_window <= a.greylist_delay:
+        raise ConfigError("antispam.greylist_retry_window: must be longer than greylist_delay")
+    for name in ("greylist_auto_allow", "greylist_max_entries", "max_connections_per_minute",
+                 "max_messages_per_minute"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"antispam.{name}: must not be negative")
+    for name in ("rspamd", "rspamd_controller"):
+        url = getattr(a, name)
+        if url and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url):
+            raise ConfigError(f"antispam.{name}: not an http:// or https:// URL: {url!r}")
+    if a.helo_checks not in ("off", "log", "reject"):
+        raise ConfigError('antispam.helo_checks: must be "off", "log" or "reject"')
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -447,7 +534,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"config: {p}: invalid TOML: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8 (TOML 1.0 "Spec")
         raise ConfigError(f"config: {p}: not UTF-8 (byte {exc.start})") from None
-    cfg: Config = _build(Config, raw, p.resolve().parent)
+    cfg = _build(Config, raw, p.resolve().parent)
     cfg = dataclasses.replace(cfg, source=p.resolve())
     _validate(cfg)
     return cfg

@@ -9,6 +9,10 @@
         dns.timeout("slow.test")
         Resolver([dns.nameserver])          # "127.0.0.1:PORT"
 
+Records have TTL 0 unless a test gives one, so the resolvers under test cache nothing and a test may
+change the zone while servers run; a test of caching passes `ttl=`. Negative answers carry no SOA
+and are therefore not cached either (RFC 2308 §5).
+
 UDP and TCP listen on the same free port of 127.0.0.1 (port 0 bound first). The zone is data that
 tests may change while the server runs. Every name is in the server's zone: unknown names are
 NXDOMAIN, known names without the asked type NODATA (also names that only have children, RFC 8020).
@@ -30,7 +34,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
-from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 MAX_TCP_CONNECTIONS = 64
 MAX_TCP_BUFFER = 70_000
@@ -74,6 +78,9 @@ class DNSServer:
         self._lock = threading.Lock()
         self._zone: dict[tuple[str, str], list[tuple[Any, int]]] = {}
         self._servfail: set[str] = set()
+        #: When positive, negative answers (NXDOMAIN, NODATA) carry an SOA with this TTL and MINIMUM in
+        #: their authority section, so that resolvers may cache them (RFC 2308 §3, §5).
+        self.negative_ttl = 0
         self._refused: set[str] = set()
         self._timeout: set[str] = set()
         self.queries: deque[tuple[str, str, str]] = deque(maxlen=10_000)  # (name, type, "udp"|"tcp")
@@ -83,7 +90,7 @@ class DNSServer:
         self._tcp: socket.socket | None = None
 
     # zone editing -------------------------------------------------------------------------------
-    def add(self, name: str, rtype: str, value: Any, ttl: int = 60) -> None:
+    def add(self, name: str, rtype: str, value: Any, ttl: int = 0) -> None:
         rtype = rtype.upper()
         rdata = _rdata(rtype, value)
         with self._lock:
@@ -163,6 +170,10 @@ class DNSServer:
                 name = _key(owner)
             if not reply.rr and not self._exists(name):
                 reply.header.rcode = RCODE.NXDOMAIN
+            if not reply.rr and self.negative_ttl > 0:
+                zone = ".".join(name.split(".")[-2:]) + "."
+                reply.add_auth(RR(zone, QTYPE.SOA, ttl=self.negative_ttl, rdata=SOA(
+                    "ns." + zone, "hostmaster." + zone, (1, 3600, 600, 86400, self.negative_ttl))))
             return reply
 
     def _handle(self, data: bytes, transport: str, limit: int | None) -> bytes | None:

@@ -35,6 +35,9 @@ PACKAGES: dict[str, str] = {
     "ip": "iproute2",
     "unshare": "util-linux",
     "systemd-analyze": "systemd",
+    "rspamd": "rspamd",
+    "redis-server": "redis-server",
+    "fusermount3": "fuse3",
     "useradd": "passwd",
     "setfacl": "acl",
 }

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from postier.accounts import AccountError, Accounts, Lookup, User
+from postier.accounts import Accounts, Lookup
+from postier.message.types import AccountError, User
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from postier.accounts import User
+from postier.message.types import MessageBody, User
 from postier.store.delivery import LocalDelivery
-from postier.store.maildir import MessageBody
 
 PREFIX = b"Return-Path: <a@remote.test>\r\n"
 

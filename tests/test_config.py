@@ -72,3 +72,23 @@ def test_quickstart_writes_every_listener_with_offset(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     r = run_cli(cfg.source, "domain", "list")
     assert r.stdout.split() == ["example.test"]
+
+
+def test_antispam_section(tmp_path: Path) -> None:
+    base = 'hostname = "mail.x.test"\ndata_dir = "."\n[listeners.smtp]\nport = 2525\n'
+    p = tmp_path / "c.toml"
+    p.write_text(base + '[antispam]\ndnsbl = [{zone = "zen.spamhaus.org", weight = 3, codes = ["127.0.0.2"]},'
+                 ' {zone = "bl.spamcop.net"}]\ngreylist = true\nrspamd = "http://127.0.0.1:11333"\n')
+    a = load_config(p).antispam
+    assert a.dnsbl[0].weight == 3.0 and a.dnsbl[1].codes == () and a.greylist
+    for bad, key in (('dnsbl = [{zone = "zen..x"}]', "antispam.dnsbl[0].zone"),
+                     ('dnsbl = [{zone = "x.test", codes = ["10.0.0.1"]}]', "antispam.dnsbl[0].codes"),
+                     ('dnswl = [{weight = 1}]', "antispam.dnswl[0].zone"),
+                     ("threshold = 0", "antispam.threshold"),
+                     ('rspamd = "ftp://x"', "antispam.rspamd"),
+                     ('helo_checks = "maybe"', "antispam.helo_checks"),
+                     ("greylist_delay = 600\ngreylist_retry_window = 60", "antispam.greylist_retry_window")):
+        p.write_text(base + "[antispam]\n" + bad + "\n")
+        with pytest.raises(ConfigError) as exc:
+            load_config(p)
+        assert str(exc.value).startswith(key), (bad, str(exc.value))

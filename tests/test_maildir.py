@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from postier.store.maildir import DeliveryError, MessageBody, deliver_maildir, deliver_mbox, mboxrd_quote, size_from_name
+from postier.message.types import MessageBody
+from postier.store.maildir import DeliveryError, deliver_maildir, deliver_mbox, mboxrd_quote, size_from_name
 
 MSG = b"Subject: hi\r\n\r\nbody\r\nFrom the start\r\n>From quoted\r\n"
 

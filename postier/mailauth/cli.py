@@ -14,16 +14,16 @@ import argparse
 import asyncio
 import ipaddress
 import time
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from postier import cli as base
 from postier.config import Config, normalize_domain
-from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore
+from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
 from postier.mailauth.reports import ReportStore
-from postier.resolver import Resolver
+from postier.resolver import make_resolver
 
 __all__ = ["register"]
 
@@ -73,7 +73,7 @@ def cmd_dkim(args: argparse.Namespace) -> int:
                     created = time.strftime("%Y-%m-%d", time.gmtime(k.created))
                     print(f"{d}\t{k.selector}\t{k.algorithm}\t{k.state}\t{created}\t{key_fingerprint(k.txt)}")
         else:
-            state = "active" if args.dkim_action == "activate" else "retired"
+            state: State = "active" if args.dkim_action == "activate" else "retired"
             key = store.set_state(_domain(args.domain), args.selector, state)
             print(f"{key.domain} {key.selector}: {key.state}")
     except KeyError_ as exc:
@@ -97,7 +97,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
         if not keys:
             print(f"; no DKIM key yet: postier dkim generate {domain}")
         return 0
-    resolver = Resolver(list(cfg.dns.nameservers) or None, timeout=cfg.dns.timeout)
+    resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
     findings = asyncio.run(check_domain(cfg, domain, resolver, keys, addresses))
     for f in findings:
         print(f.line())
@@ -113,8 +113,8 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     store = ReportStore(cfg.data_dir / "dmarc.sqlite")
     try:
         if args.dmarc_action == "sent":
-            for at, domain, report_id, rua, messages, status in store.sent():
-                print(f"{_when(at)}\t{domain}\t{rua}\t{messages} message(s)\t{status}\t{report_id}")
+            for at, to_domain, report_id, rua, messages, status in store.sent():
+                print(f"{_when(at)}\t{to_domain}\t{rua}\t{messages} message(s)\t{status}\t{report_id}")
             return 0
         domain = _domain(args.domain) if args.domain else None
         reports = store.received(domain)
@@ -123,30 +123,41 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     if not reports:
         print("no DMARC aggregate reports received" + (f" for {domain}" if domain else ""))
         return 0
-    totals: dict[str, dict[str, Any]] = defaultdict(lambda: {"reports": 0, "pass": 0, "fail": 0,
-                                                             "failing": defaultdict(int)})
+    totals: defaultdict[str, _Totals] = defaultdict(_Totals)
     for rr in reports:
         rep = rr.report
         auth = "" if rr.authenticated else " (sender not authenticated)"
         print(f"{rep.policy.domain}: report {rep.report_id} from {rep.org_name} <{rep.email}>{auth}")
         print(f"  {_when(rep.begin)} to {_when(rep.end)} UTC, policy p={rep.policy.p}, {rep.messages} message(s)")
         t = totals[rep.policy.domain]
-        t["reports"] += 1
+        t.reports += 1
         for row in rep.rows:
             ok = row.dkim == "pass" or row.spf == "pass"
-            t["pass" if ok else "fail"] += row.count
-            if not ok:
-                t["failing"][row.source_ip] += row.count
+            if ok:
+                t.passed += row.count
+            else:
+                t.failed += row.count
+                t.failing[row.source_ip] += row.count
             print(f"    {row.source_ip:<39} {row.count:>6}  dkim={row.dkim:<4} spf={row.spf:<4} "
                   f"disposition={row.disposition:<10} from={row.header_from}"
                   + ("  DMARC FAIL" if not ok else ""))
     print()
     for d, t in sorted(totals.items()):
-        print(f"{d}: {t['reports']} report(s), {t['pass'] + t['fail']} message(s): {t['pass']} pass, "
-              f"{t['fail']} fail")
-        for ip, n in sorted(t["failing"].items(), key=lambda kv: -kv[1]):
+        print(f"{d}: {t.reports} report(s), {t.passed + t.failed} message(s): {t.passed} pass, "
+              f"{t.failed} fail")
+        for ip, n in sorted(t.failing.items(), key=lambda kv: -kv[1]):
             print(f"  failing source {ip}: {n} message(s)")
     return 0
+
+
+@dataclass
+class _Totals:
+    """One domain's sums over the received aggregate reports."""
+
+    reports: int = 0
+    passed: int = 0
+    failed: int = 0
+    failing: Counter[str] = field(default_factory=Counter)  # source IP -> failing messages
 
 
 def _when(ts: float) -> str:
@@ -155,7 +166,7 @@ def _when(ts: float) -> str:
 
 # -- registration ---------------------------------------------------------------------------------
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dk = sub.add_parser("dkim", help="DKIM keys: generate, list, activate, retire")
     dks = dk.add_subparsers(dest="dkim_action", required=True, metavar="ACTION")
     g = dks.add_parser("generate", help="create a key pair for DOMAIN (RSA 2048 by default)")

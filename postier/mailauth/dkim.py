@@ -185,7 +185,7 @@ def _text(value: bytes | None) -> str:
 
 def _verify_one(verifier: dkimpy.DKIM, idx: int, header_value: bytes, dnsfunc: DnsFunc) -> DKIMResult:
     try:
-        tags = parse_tag_value(re.sub(rb"\r?\n", b"", header_value))
+        tags: dict[bytes, bytes] = parse_tag_value(re.sub(rb"\r?\n", b"", header_value))
     except InvalidTagValueList as exc:
         return DKIMResult("", "", DKIMStatus.NEUTRAL, f"signature syntax: {exc}"[:200], "")
     domain, selector, alg = _text(tags.get(b"d")).lower(), _text(tags.get(b"s")), _text(tags.get(b"a"))

@@ -65,6 +65,9 @@ class Alignment(StrEnum):
     STRICT = "s"
 
 
+PSD = Literal["y", "n", "u"]  # RFC 9989 psd= tag: a public suffix domain, not one, unknown
+
+
 class DMARCRecordError(ValueError):
     """A TXT record that is not a valid DMARC record."""
 
@@ -82,7 +85,7 @@ class DMARCRecord:
     fo: tuple[str, ...] = ("0",)
     rf: tuple[str, ...] = ("afrf",)
     ri: int = 86400
-    psd: Literal["y", "n", "u"] = "u"                # RFC 9989
+    psd: PSD = "u"                                   # RFC 9989
     testing: bool = False                            # t=y (RFC 9989)
 
 
@@ -118,6 +121,7 @@ class DMARCResult:
 _TAG = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s,;!]+(![0-9]+[kmgtKMGT]?)?$")
 _POLICIES = {p.value: p for p in DMARCPolicy}
+_PSD_VALUES: dict[str, PSD] = {"y": "y", "n": "n", "u": "u"}
 _V_FIRST = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
 
 
@@ -163,7 +167,6 @@ def parse_record(txt: str | bytes) -> DMARCRecord:
 
     fo = tuple(v.strip() for v in tags.get("fo", "0").split(":"))
     rf = tuple(v.strip().lower() for v in tags.get("rf", "afrf").split(":"))
-    psd = tags.get("psd", "u").lower()
     # Invalid optional values fall back to their defaults (RFC 7489 §6.3: "syntax errors in the
     # remainder of the record SHOULD be discarded in favor of default values").
     return DMARCRecord(
@@ -178,7 +181,7 @@ def parse_record(txt: str | bytes) -> DMARCRecord:
         fo=fo if all(v in ("0", "1", "d", "s") for v in fo) else ("0",),
         rf=rf if all(rf) else ("afrf",),
         ri=number("ri", 86400, 0, 2**32 - 1),
-        psd=psd if psd in ("y", "n", "u") else "u",  # type: ignore[arg-type]
+        psd=_PSD_VALUES.get(tags.get("psd", "u").lower(), "u"),
         testing=tags.get("t", "n").lower() == "y",
     )
 

@@ -27,17 +27,18 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from postier.config import normalize_domain
+from postier.durable import ensure_dirs, fsync_dir, write_file
 from postier.mailauth.dkim import Algorithm, generate_key, sign_async
 from postier.mailauth.dmarc import FromProblem, from_domain
 
 if TYPE_CHECKING:
-    from postier.pipeline.inbound import Envelope
-    from postier.store.maildir import MessageBody
+    from postier.message.types import Envelope, MessageBody
 
 __all__ = ["KeyStore", "DKIMKey", "KeyError_", "DKIMSigner", "default_selector", "ALGORITHMS"]
 
@@ -68,6 +69,11 @@ class DKIMKey:
     @property
     def dns_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
+
+
+def _one_of[T: str](value: object, allowed: Iterable[T]) -> T | None:
+    """`value` if it is one of `allowed` (a stored name read back as its Literal type), else None."""
+    return next((a for a in allowed if a == value), None)
 
 
 def default_selector(algorithm: Algorithm, when: float | None = None, taken: set[str] | frozenset[str] = frozenset()
@@ -130,6 +136,7 @@ class KeyStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def domains(self) -> list[str]:
         if not self.root.is_dir():
@@ -143,11 +150,14 @@ class KeyStore:
         for selector, meta in self._read_state(domain).items():
             try:
                 txt = (d / f"{_check_selector(selector)}.txt").read_text().strip()
-                alg = str(meta.get("algorithm"))
-                state = str(meta.get("state"))
-                if alg not in ALGORITHMS.values() or state not in STATES:
+                alg = _one_of(meta.get("algorithm"), ALGORITHMS.values())
+                state = _one_of(meta.get("state"), STATES)
+                if alg is None or state is None:
                     continue
-                out.append(DKIMKey(d.name, selector, alg, state, float(meta.get("created", 0)), txt))  # type: ignore[arg-type]
+                created = meta.get("created", 0)
+                if not isinstance(created, int | float | str):
+                    raise TypeError(f"created is {created!r}")
+                out.append(DKIMKey(d.name, selector, alg, state, float(created), txt))
             except (OSError, KeyError_, TypeError, ValueError):
                 log.warning("dkim: skipping unreadable key %s/%s", domain, selector)
         return sorted(out, key=lambda k: (k.created, k.selector))
@@ -168,15 +178,14 @@ class KeyStore:
         if selector in state or (d / f"{selector}.key").exists():
             raise KeyError_(f"selector {selector} exists already for {d.name}")
         pem, txt = generate_key(algorithm, bits)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        d.mkdir(exist_ok=True, mode=0o700)
+        ensure_dirs(d)  # dkim/ and dkim/DOMAIN/, each new one's parent fsynced
         key_path = d / f"{selector}.key"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
             f.flush()
             os.fsync(f.fileno())
-        (d / f"{selector}.txt").write_text(txt + "\n")
+        write_file(d / f"{selector}.txt", (txt + "\n").encode(), mode=0o644)
         has_active = any(m.get("state") == "active" and m.get("algorithm") == algorithm for m in state.values())
         new_state: State = "published" if has_active else "active"
         state[selector] = {"algorithm": algorithm, "created": now, "state": new_state}
@@ -214,7 +223,7 @@ class KeyStore:
 
 
 class DKIMSigner:
-    """services.extensions["dkim"]: signs submitted mail for its From domain (RFC 6376 §5).
+    """The `Signer` of the submission pipeline: signs submitted mail for its From domain (RFC 6376 §5).
 
     `sign(env, body)` returns the DKIM-Signature header lines to prepend (b"" when we hold no key
     for the From domain, or the message has no single From address). Both an RSA and an ed25519

@@ -5,8 +5,8 @@ Three parts:
   we recorded, the reports we sent and the reports other receivers sent about our domains;
 - building and sending: `build_reports()` groups the recorded results per policy domain and rua,
   `report_xml()` writes the Appendix C document, `report_message()` the §7.2.1.1 mail with its
-  gzip'd attachment; `ReportJob` runs once a day in the server (injectable clock) and hands each
-  report to the outbound queue, after the §7.1 check that an external destination agreed;
+  gzip'd attachment, `external_destination_ok()` the §7.1 check that an external destination agreed
+  (the daily job that sends them through the queue is `pipeline/jobs.py` `ReportJob`);
 - reading: `extract_reports()` finds gzip, zip or plain XML attachments in a message and
   `parse_report_xml()` reads them. Hostile input is expected: decompression is bounded (a 10 KB
   zip bomb must not become gigabytes), a DOCTYPE (entity expansion, external entities) is refused,
@@ -18,7 +18,6 @@ Python DMARC report packages we looked at parse without bounds or pull in heavy 
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import gzip
 import io
@@ -32,26 +31,24 @@ import time
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from email import policy as email_policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
+from postier.durable import ensure_dirs
 from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
 from postier.resolver import AsyncLookup, DNSStatus
-
-if TYPE_CHECKING:
-    from postier.server.app import Services
 
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
            "extract_reports", "build_reports", "report_message", "report_filename", "parse_rua",
-           "external_destination_ok", "ReportJob", "DAY"]
+           "external_destination_ok", "DAY", "KEEP_DAYS"]
 
 log = logging.getLogger("postier.dmarc")
 
@@ -199,8 +196,8 @@ def report_xml(report: AggregateReport) -> bytes:
             _sub(se, "scope", s.scope)
             _sub(se, "result", s.result)
     ET.indent(root)
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8",
-                                                                    xml_declaration=False) + b"\n"
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body + b"\n"
 
 
 _DTD = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY)", re.IGNORECASE)
@@ -489,7 +486,7 @@ class ReportStore:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -656,123 +653,3 @@ def _utc(ts: float) -> datetime.datetime:
 
 def _day(ts: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
-
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[Any]]
-
-
-@dataclass
-class ReportJob:
-    """The daily aggregate report run, inside the server (started through services.on_start).
-
-    Each run (at 00:00 UTC) reports every result recorded before that midnight, then forgets
-    results older than KEEP_DAYS. A report whose destination cannot be checked (DNS trouble) or
-    sent (no queue yet) stays pending for the next run.
-    """
-
-    services: Services
-    store: ReportStore
-    resolver: AsyncLookup
-    clock: Clock = time.time
-    sleep: Sleep = asyncio.sleep
-    sign: Callable[[bytes], Awaitable[bytes]] | None = None
-    _task: asyncio.Task[None] | None = field(default=None, init=False)
-
-    @property
-    def submitter(self) -> str:
-        return self.services.config.hostname
-
-    def sender_address(self) -> str:
-        domains = self.services.accounts.list_domains()
-        return f"postmaster@{domains[0] if domains else self.services.config.hostname}"
-
-    async def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Send what is due; returns (policy domain, rua address) per report handed to the queue."""
-        now = self.clock() if now is None else now
-        end = int(now // DAY * DAY)
-        pending = await asyncio.to_thread(self.store.pending, end)
-        sender = await asyncio.to_thread(self.sender_address)
-        outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
-        sent: list[tuple[str, str]] = []
-        done: list[int] = []
-        for out in outgoing:
-            finished = True
-            data = out.gzipped()
-            for address, limit in parse_rua(out.rua):
-                if limit is not None and len(data) > limit:
-                    log.info("dmarc: report for %s too big for %s (%d > %d bytes)", out.report.policy.domain,
-                             address, len(data), limit)
-                    await asyncio.to_thread(self.store.log_sent, out, address, "too-big", now)
-                    continue
-                ok = await external_destination_ok(out.report.policy.domain, address.rpartition("@")[2],
-                                                   self.resolver)
-                if ok is None:
-                    finished = False
-                    log.info("dmarc: cannot check %s for %s now (DNS); next run", address, out.report.policy.domain)
-                    continue
-                if not ok:
-                    log.info("dmarc: %s did not authorize reports for %s (RFC 7489 §7.1)", address,
-                             out.report.policy.domain)
-                    await asyncio.to_thread(self.store.log_sent, out, address, "not-authorized", now)
-                    continue
-                if await self._enqueue(out, sender, address, now):
-                    sent.append((out.report.policy.domain, address))
-                    await asyncio.to_thread(self.store.log_sent, out, address, "queued", now)
-                else:
-                    finished = False
-            if finished:
-                done.extend(out.evaluation_ids)
-        await asyncio.to_thread(self.store.mark_reported, done)
-        await asyncio.to_thread(self.store.prune, now - KEEP_DAYS * DAY)
-        return sent
-
-    async def _enqueue(self, out: OutgoingReport, sender: str, address: str, now: float) -> bool:
-        from postier.pipeline.inbound import Envelope
-        from postier.store.maildir import MessageBody
-
-        queue: Any = self.services.extensions.get("queue")
-        if queue is None:
-            log.warning("dmarc: no outbound queue; report for %s to %s kept for the next run",
-                        out.report.policy.domain, address)
-            return False
-        message = report_message(out, sender, address, now)
-        prefix = b""
-        if self.sign is not None:
-            try:
-                prefix = await self.sign(message)
-            except Exception:
-                log.exception("dmarc: signing the report failed; sending it unsigned")
-        env = Envelope(role="dmarc-report", peer_ip="127.0.0.1", helo=self.services.config.helo_name,
-                       mail_from=sender)
-        body = MessageBody(self.services.config.spool_dir / "outgoing")
-        body.write(message)
-        try:
-            await queue.enqueue(env, [address], prefix, body)
-        except Exception:
-            log.exception("dmarc: queueing the report for %s failed", address)
-            return False
-        finally:
-            body.close()
-        return True
-
-    async def _loop(self) -> None:
-        while True:
-            now = self.clock()
-            await self.sleep(max(1.0, (now // DAY + 1) * DAY - now + 60))  # a minute after midnight UTC
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("dmarc: report run failed")
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dmarc-reports")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None

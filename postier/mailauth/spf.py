@@ -19,7 +19,7 @@ from typing import Any
 
 import spf as pyspf
 
-from postier.resolver import DNSStatus, MXRecord, SyncLookup
+from postier.resolver import AsyncLookup, DNSStatus, MXRecord, SyncLookup
 
 __all__ = ["SPFStatus", "SPFResult", "check_host", "check_helo", "check_spf", "check_spf_helo",
            "pyspf_lookup"]
@@ -49,10 +49,11 @@ class SPFResult:
 
 
 _current: contextvars.ContextVar[SyncLookup] = contextvars.ContextVar("postier_spf_lookup")
-_original_lookup: Callable[..., Any] = pyspf.DNSLookup
+type _Answers = Iterator[tuple[tuple[str, str], Any]]  # pyspf's DNSLookup result: ((name, type), value)
+_original_lookup: Callable[..., _Answers] = pyspf.DNSLookup
 
 
-def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str, str], Any]]]:
+def pyspf_lookup(resolver: SyncLookup) -> Callable[..., _Answers]:
     """A function in the shape of pyspf's `DNSLookup(name, qtype, strict, timeout)` over `resolver`.
 
     It yields ((name, type), value) pairs: A/AAAA -> address text, MX -> (preference, host),
@@ -60,8 +61,7 @@ def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str
     error during evaluation is temperror); NXDOMAIN and NODATA yield nothing (void lookups, §4.6.4).
     """
 
-    def lookup(name: str, qtype: str, strict: Any = True, timeout: float | None = None
-               ) -> Iterator[tuple[tuple[str, str], Any]]:
+    def lookup(name: str, qtype: str, strict: Any = True, timeout: float | None = None) -> _Answers:
         if qtype not in ("A", "AAAA", "MX", "PTR", "TXT"):
             return  # type SPF (99) is not used since RFC 7208 §3.1
         answer = resolver.query_sync(name, qtype, timeout)
@@ -80,18 +80,17 @@ def pyspf_lookup(resolver: SyncLookup) -> Callable[..., Iterator[tuple[tuple[str
     return lookup
 
 
-def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float | None = None
-              ) -> Iterator[tuple[tuple[str, str], Any]]:
+def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float | None = None) -> _Answers:
     resolver = _current.get(None)
     if resolver is None:  # someone else's use of pyspf in this process: leave it as it was
-        return _original_lookup(name, qtype, strict, timeout)  # type: ignore[no-any-return]
+        return _original_lookup(name, qtype, strict, timeout)
     return pyspf_lookup(resolver)(name, qtype, strict, timeout)
 
 
 pyspf.DNSLookup = _dispatch
 
 
-class _Query(pyspf.query):  # type: ignore[misc]
+class _Query(pyspf.query):
     """pyspf's query with RFC 7208 §5.5 error handling for "ptr" and %{p}.
 
     pyspf lets a DNS error in the A lookup of a PTR name end the whole check as temperror; its own
@@ -167,12 +166,45 @@ def check_helo(ip: str, helo: str, resolver: SyncLookup, *, receiver: str = "") 
     return check_host(ip, "", host, resolver, receiver=receiver)
 
 
+def _is_spf_record(txt: bytes) -> bool:
+    """RFC 7208 §4.5: a record starts with the version section "v=spf1" (case-insensitive)."""
+    t = txt[:7].lower()
+    return t == b"v=spf1" or t == b"v=spf1 "
+
+
+def _plain_domain(domain: str) -> bool:
+    labels = domain.split(".")
+    return len(domain) <= 253 and len(labels) > 1 and all(0 < len(lb) <= 63 for lb in labels)
+
+
+async def _without_record(domain: str, resolver: SyncLookup) -> bool:
+    """True when the domain has no SPF record, as the async resolver (and its cache) tells.
+
+    RFC 7208 §4.3: NXDOMAIN -> "none"; §4.5: no record beginning "v=spf1" -> "none". Most mail from
+    domains without SPF is settled here, on the event loop, without pyspf or a worker thread; a
+    domain with a record, a DNS failure, or a resolver that is not asynchronous goes to pyspf.
+    """
+    if not isinstance(resolver, AsyncLookup) or not _plain_domain(domain):
+        return False
+    ans = await resolver.query(domain, "TXT")
+    if ans.status is DNSStatus.NXDOMAIN or ans.status is DNSStatus.NODATA:
+        return True
+    return ans.status is DNSStatus.OK and not any(_is_spf_record(bytes(r)) for r in ans.records)
+
+
 async def check_spf(ip: str, mail_from: str, helo: str, resolver: SyncLookup, *, receiver: str = ""
                     ) -> SPFResult:
-    """`check_host` off the event loop."""
+    """`check_host` off the event loop (or on it, when the domain publishes no SPF record)."""
+    identity = mail_from if "@" in mail_from else f"postmaster@{mail_from or helo}"
+    domain = _domain_of(identity)
+    if mail_from and await _without_record(domain, resolver):
+        return SPFResult(SPFStatus.NONE, "", domain, "mailfrom", identity)
     return await asyncio.to_thread(check_host, ip, mail_from, helo, resolver, receiver=receiver)
 
 
 async def check_spf_helo(ip: str, helo: str, resolver: SyncLookup, *, receiver: str = "") -> SPFResult:
-    """`check_helo` off the event loop."""
+    """`check_helo` off the event loop (or on it, when the HELO name publishes no SPF record)."""
+    host = helo.strip().rstrip(".")
+    if host and not host.startswith("[") and "." in host and await _without_record(host.lower(), resolver):
+        return SPFResult(SPFStatus.NONE, "", host.lower(), "helo", f"postmaster@{host}")
     return await asyncio.to_thread(check_helo, ip, helo, resolver, receiver=receiver)

@@ -15,7 +15,7 @@ from postier.proto.imap.response import Raw, encode_nstring
 
 from .mime import Part
 
-__all__ = ["Address", "Envelope", "encode_envelope", "envelope", "envelope_bytes", "parse_addresses"]
+__all__ = ["ImapAddress", "ImapEnvelope", "encode_envelope", "envelope", "envelope_bytes", "parse_addresses"]
 
 MISSING_DOMAIN = b"MISSING_DOMAIN"
 MISSING_MAILBOX = b"MISSING_MAILBOX"
@@ -23,7 +23,7 @@ _MAX_ADDRESSES = 1000
 
 
 @dataclass(frozen=True, slots=True)
-class Address:
+class ImapAddress:
     """(name adl mailbox host); a group start is (None, None, group-name, None) and a group end
     is all None (RFC 9051 §7.5.2)."""
 
@@ -34,30 +34,30 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class Envelope:
+class ImapEnvelope:
     date: bytes | None
     subject: bytes | None
-    from_: tuple[Address, ...] | None
-    sender: tuple[Address, ...] | None
-    reply_to: tuple[Address, ...] | None
-    to: tuple[Address, ...] | None
-    cc: tuple[Address, ...] | None
-    bcc: tuple[Address, ...] | None
+    from_: tuple[ImapAddress, ...] | None
+    sender: tuple[ImapAddress, ...] | None
+    reply_to: tuple[ImapAddress, ...] | None
+    to: tuple[ImapAddress, ...] | None
+    cc: tuple[ImapAddress, ...] | None
+    bcc: tuple[ImapAddress, ...] | None
     in_reply_to: bytes | None
     message_id: bytes | None
 
 
-def envelope(part: Part) -> Envelope:
+def envelope(part: Part) -> ImapEnvelope:
     """The envelope of a message (the root Part or an encapsulated ``Part.message``)."""
 
-    def addresses(name: bytes) -> tuple[Address, ...] | None:
+    def addresses(name: bytes) -> tuple[ImapAddress, ...] | None:
         value = part.first(name)
         if value is None:
             return None
         return parse_addresses(value) or None
 
     from_ = addresses(b"from")
-    return Envelope(
+    return ImapEnvelope(
         date=part.first(b"date"),
         subject=part.first(b"subject"),
         from_=from_,
@@ -71,13 +71,13 @@ def envelope(part: Part) -> Envelope:
     )
 
 
-def encode_envelope(env: Envelope, *, utf8: bool = False) -> bytes:
+def encode_envelope(env: ImapEnvelope, *, utf8: bool = False) -> bytes:
     """RFC 9051 §9 envelope; address lists are ``"(" 1*address ")"`` with no space between."""
 
     def ns(v: bytes | None) -> bytes:
         return encode_nstring(v, utf8=utf8)
 
-    def alist(addrs: tuple[Address, ...] | None) -> bytes:
+    def alist(addrs: tuple[ImapAddress, ...] | None) -> bytes:
         if addrs is None:
             return b"NIL"
         return b"(" + b"".join(
@@ -169,10 +169,10 @@ def _join(words: list[_Tok]) -> bytes:
     return b"".join(text for kind, text, _ in words if kind != "c")
 
 
-def parse_addresses(value: bytes) -> tuple[Address, ...]:
+def parse_addresses(value: bytes) -> tuple[ImapAddress, ...]:
     """Parse an address-list header value (unfolded); junk is skipped, never raised."""
     toks = _tokens(value)
-    out: list[Address] = []
+    out: list[ImapAddress] = []
     i, n = 0, len(toks)
     in_group = False
     while i < n and len(out) < _MAX_ADDRESSES:
@@ -186,7 +186,7 @@ def parse_addresses(value: bytes) -> tuple[Address, ...]:
             i += 1
         kind = toks[i][0] if i < n else ""
         if kind == ":" and not in_group:  # group start: display-name ":"
-            out.append(Address(None, None, _phrase(words) or b"", None))
+            out.append(ImapAddress(None, None, _phrase(words) or b"", None))
             in_group = True
             i += 1
             continue
@@ -204,26 +204,26 @@ def parse_addresses(value: bytes) -> tuple[Address, ...]:
                 j += 1
             host = _join(domain) or MISSING_DOMAIN
             # "user@host (Real Name)": the comment stands in for the display name
-            out.append(Address(comment, None, _join(words) or MISSING_MAILBOX, host))
+            out.append(ImapAddress(comment, None, _join(words) or MISSING_MAILBOX, host))
             i = j
         elif words:  # a bare local part ("undisclosed-recipients", "root")
-            out.append(Address(comment, None, _join(words), MISSING_DOMAIN))
+            out.append(ImapAddress(comment, None, _join(words), MISSING_DOMAIN))
         # skip to the next separator
         while i < n and toks[i][0] not in (",", ";"):
             i += 1
         if i < n and toks[i][0] == ";":
             if in_group:
-                out.append(Address(None, None, None, None))  # group end
+                out.append(ImapAddress(None, None, None, None))  # group end
                 in_group = False
             i += 1
         elif i < n:
             i += 1
     if in_group:
-        out.append(Address(None, None, None, None))  # unterminated group
+        out.append(ImapAddress(None, None, None, None))  # unterminated group
     return tuple(out)
 
 
-def _angle_addr(toks: list[_Tok], i: int, name: bytes | None) -> tuple[Address | None, int]:
+def _angle_addr(toks: list[_Tok], i: int, name: bytes | None) -> tuple[ImapAddress | None, int]:
     n = len(toks)
     j = i
     while j < n and toks[j][0] != ">":
@@ -237,10 +237,10 @@ def _angle_addr(toks: list[_Tok], i: int, name: bytes | None) -> tuple[Address |
         adl = _join(inner[:colon])
         inner = inner[colon + 1 :]
     if not inner:
-        return Address(name, adl, MISSING_MAILBOX, MISSING_DOMAIN), i  # "<>", as Dovecot shows it
+        return ImapAddress(name, adl, MISSING_MAILBOX, MISSING_DOMAIN), i  # "<>", as Dovecot shows it
     at = max((k for k, t in enumerate(inner) if t[0] == "@"), default=None)
     if at is None:
-        return Address(name, adl, _join(inner), MISSING_DOMAIN), i
+        return ImapAddress(name, adl, _join(inner), MISSING_DOMAIN), i
     local = _join(inner[:at]) or MISSING_MAILBOX
     host = _join(inner[at + 1 :]) or MISSING_DOMAIN
-    return Address(name, adl, local, host), i
+    return ImapAddress(name, adl, local, host), i

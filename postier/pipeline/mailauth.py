@@ -1,11 +1,7 @@
 """Mail authentication at the MX: SPF (RFC 7208), DKIM (RFC 6376, RFC 8463), DMARC (RFC 7489, RFC 9989), RFC 8601.
 
-`attach(services)` (a SERVICE_HOOK of server/app.py) installs:
-- `extensions["resolver"]`: the shared Resolver from [dns] (one created here unless a layer did);
-- `extensions["mailauth"]`: `InboundAuth`, the `MailAuthHook` of pipeline/inbound.py;
-- `extensions["dkim"]`: the DKIM signer the submission pipeline calls (`[mailauth] dkim_sign`);
-- `extensions["dmarc_reports"]`: the report store (`data_dir/dmarc.sqlite`), and with
-  `[mailauth] dmarc_reports` the daily aggregate report job (started through `services.on_start`).
+`InboundAuth` is the `InboundCheck` the MX runs (wired in server/app.py `build_app`, with the shared
+resolver and, with `[mailauth] dmarc`, the report store `data_dir/dmarc.sqlite`).
 
 What happens to one message on port 25:
 1. MAIL FROM: SPF for the MAIL FROM identity and for HELO, kept in `env.auth`. SPF "fail" alone
@@ -32,33 +28,27 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import Config
+from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..mailauth.authresults import authentication_results, strip_forged
 from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
 from ..mailauth.dmarc import DMARCPolicy, DMARCResult, DMARCStatus, FromProblem, evaluate, from_domain
-from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import (
-    MAX_REPORT_MESSAGE, DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportJob, ReportStore, SPFAuth,
+    MAX_REPORT_MESSAGE, DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportStore, SPFAuth,
     extract_reports,
 )
 from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
-from ..resolver import BaseResolver, Resolver
-from ..store.maildir import MessageBody
-from .inbound import Envelope, Verdict
+from ..resolver import BaseResolver
 
-if TYPE_CHECKING:
-    from ..server.app import Services
-
-__all__ = ["attach", "InboundAuth", "RewrittenBody", "R550_DMARC", "R550_FROM", "R451_TEMPERROR",
+__all__ = ["InboundAuth", "RewrittenBody", "R550_DMARC", "R550_FROM", "R451_TEMPERROR",
            "R550_SPF"]
 
 log = logging.getLogger("postier.mailauth")
 
-MAX_HEAD = 256 * 1024  # the header section we inspect (From, forged A-R)
 VERIFY_SLOTS = 4
 
 R550_FROM = Reply(550, "5.7.1", "Message refused: the From header must hold exactly one address")
@@ -130,7 +120,7 @@ def _spf_auth(spf: SPFResult | None, helo: SPFResult | None) -> tuple[SPFAuth, .
 
 
 class InboundAuth:
-    """The `MailAuthHook` for port 25 (see the module docstring)."""
+    """The `InboundCheck` for port 25 (see the module docstring)."""
 
     def __init__(self, config: Config, resolver: BaseResolver, reports: ReportStore | None = None,
                  local_domains: Callable[[], list[str]] | None = None, *, clock: Callable[[], float] = time.time,
@@ -166,8 +156,10 @@ class InboundAuth:
 
     # -- end of DATA --------------------------------------------------------------------------------
 
-    async def _verify(self, body: MessageBody) -> tuple[list[DKIMResult], bool]:
+    async def _verify(self, body: MessageBody, header: bytes) -> tuple[list[DKIMResult], bool]:
         """DKIM results and whether verification was skipped for size."""
+        if b"dkim-signature" not in header.lower():
+            return [], False  # dkim=none (RFC 8601 §2.7.1), without reading the message or a thread hop
         if body.size > self.settings.max_verify_size:
             return [DKIMResult("", "", DKIMStatus.NEUTRAL, "message too large to verify", "")], True
         if self._slots is None:
@@ -180,8 +172,8 @@ class InboundAuth:
         s = self.settings
         authserv_id = self.config.authserv_id
         # An in-memory body needs no thread (the common case: a thread hop costs more than this).
-        header = _header_section(body.head(MAX_HEAD) if body.in_memory
-                                 else await asyncio.to_thread(body.head, MAX_HEAD))
+        header = _header_section(body.head(HEADER_LIMIT) if body.in_memory
+                                 else await asyncio.to_thread(body.head, HEADER_LIMIT))
         # RFC 8601 §5 (the quick test spares the parse when there is no such field at all)
         stripped = strip_forged(header, authserv_id) if b"authentication-results" in header.lower() else header
         new_body = RewrittenBody(body, stripped, len(header)) if stripped != header else None
@@ -191,7 +183,7 @@ class InboundAuth:
             found = from_domain(stripped)
             if isinstance(found, FromProblem):  # RFC 7489 §6.6.1: no evaluation of several authors
                 log.info("%s: refused: %s", env.qid, found.value)
-                return Verdict("reject", R550_FROM.with_text(f"Message refused: {found.value}"))
+                return Verdict(Action.REJECT, R550_FROM.with_text(f"Message refused: {found.value}"))
             author = found
 
         spf: SPFResult | None = env.auth.get("spf")
@@ -201,7 +193,7 @@ class InboundAuth:
         dkim: list[DKIMResult] | None = None
         too_big = False
         if s.dkim_verify:
-            dkim, too_big = await self._verify(body)
+            dkim, too_big = await self._verify(body, header)
 
         dmarc: DMARCResult | None = None
         if author is not None:
@@ -209,12 +201,12 @@ class InboundAuth:
 
         headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc)
         verdict = self._decide(dmarc, spf, dkim or [], too_big, headers, new_body)
-        if verdict.action == "defer":
+        if verdict.action is Action.DEFER:
             log.info("%s: deferred: DMARC %s for %s", env.qid, dmarc.status if dmarc else "-", author)
             return verdict
         if dmarc is not None and dmarc.record is not None and self.reports is not None:
             await self._record(env, dmarc, spf, helo, dkim or [], verdict, too_big)
-        if verdict.action in ("accept", "junk"):
+        if verdict.action in (Action.ACCEPT, Action.JUNK):
             await self._take_reports(env, new_body or body, dmarc)
         if s.spf or s.dkim_verify or s.dmarc:  # with every check off there is nothing to log
             log.info("%s: mailauth spf=%s dkim=%s dmarc=%s -> %s", env.qid, spf.status if spf else "-",
@@ -225,27 +217,27 @@ class InboundAuth:
     def _decide(self, dmarc: DMARCResult | None, spf: SPFResult | None, dkim: list[DKIMResult], too_big: bool,
                 headers: bytes, body: MessageBody | None) -> Verdict:
         if dmarc is None or dmarc.status in (DMARCStatus.NONE, DMARCStatus.PERMERROR, DMARCStatus.PASS):
-            return Verdict("accept", headers=headers, body=body)
+            return Verdict(Action.ACCEPT, headers=headers, body=body)
         if dmarc.status is DMARCStatus.TEMPERROR:
-            return Verdict("defer", R451_TEMPERROR)
+            return Verdict(Action.DEFER, R451_TEMPERROR)
         # DMARC fail. A temporary error in an input could have made it pass (RFC 7489 §6.6.2):
         # try again later rather than reject or junk on a DNS hiccup.
         if dmarc.disposition is not DMARCPolicy.NONE and (
                 (spf is not None and spf.status is SPFStatus.TEMPERROR)
                 or any(r.status is DKIMStatus.TEMPERROR for r in dkim)):
-            return Verdict("defer", R451_TEMPERROR)
+            return Verdict(Action.DEFER, R451_TEMPERROR)
         if dmarc.disposition is DMARCPolicy.REJECT and not too_big:
-            return Verdict("reject", R550_DMARC.with_text(
+            return Verdict(Action.REJECT, R550_DMARC.with_text(
                 f"Message refused by the DMARC policy of {dmarc.domain} ({dmarc.reason})"[:300]))
         if dmarc.disposition in (DMARCPolicy.REJECT, DMARCPolicy.QUARANTINE):
-            return Verdict("junk", headers=headers, body=body)
-        return Verdict("accept", headers=headers, body=body)
+            return Verdict(Action.JUNK, headers=headers, body=body)
+        return Verdict(Action.ACCEPT, headers=headers, body=body)
 
     async def _record(self, env: Envelope, dmarc: DMARCResult, spf: SPFResult | None, helo: SPFResult | None,
                       dkim: list[DKIMResult], verdict: Verdict, too_big: bool) -> None:
         assert self.reports is not None and dmarc.record is not None
         rec = dmarc.record
-        disposition = {"reject": "reject", "junk": "quarantine"}.get(verdict.action, "none")
+        disposition = {Action.REJECT: "reject", Action.JUNK: "quarantine"}.get(verdict.action, "none")
         reasons: tuple[str, ...] = ()
         if dmarc.status is DMARCStatus.FAIL and disposition != dmarc.policy.value:
             # RFC 7489 Appendix C PolicyOverrideType
@@ -295,27 +287,3 @@ class InboundAuth:
                 continue
             log.info("%s: DMARC report %s from %s for %s (%d messages)%s", env.qid, report.report_id,
                      report.org_name, report.policy.domain, report.messages, "" if new else " (duplicate)")
-
-
-def attach(services: Services) -> None:
-    """Install the resolver, the inbound hook, the DKIM signer and DMARC reporting (see module docstring)."""
-    cfg = services.config
-    resolver: Any = services.extensions.get("resolver")
-    if resolver is None:
-        resolver = Resolver(list(cfg.dns.nameservers) or None, timeout=cfg.dns.timeout)
-        services.extensions["resolver"] = resolver
-    store: ReportStore | None = None
-    if cfg.mailauth.dmarc:
-        store = ReportStore(cfg.data_dir / "dmarc.sqlite")
-        services.extensions["dmarc_reports"] = store
-        services.on_close(store.close)
-    services.extensions["mailauth"] = InboundAuth(cfg, resolver, store, services.accounts.list_domains)
-    signer: DKIMSigner | None = None
-    if cfg.mailauth.dkim_sign:
-        signer = DKIMSigner(KeyStore(cfg.dkim_dir))
-        services.extensions["dkim"] = signer
-    if store is not None and cfg.mailauth.dmarc_reports:
-        job = ReportJob(services, store, resolver, sign=signer.sign_bytes if signer else None)
-        services.extensions["dmarc_report_job"] = job
-        services.on_start(job.start)
-        services.on_close(job.stop)

@@ -16,8 +16,8 @@ The listener and the SMTP core have already required TLS and AUTH (RFC 4954; MAI
 
 It adds what RFC 6409 §8.2-8.3 lets an MSA add when missing, Date and Message-ID, by putting the new
 header fields in the prefix written before the message (the body is never copied), plus a Received
-field (RFC 5321 §4.4). DKIM signing plugs in through `services.extensions["dkim"]` (see
-`DKIMSigner`); it sees the message as it will leave, added fields included.
+field (RFC 5321 §4.4). The DKIM signer (a `Signer`, when `[mailauth] dkim_sign` is on) sees the
+message as it will leave, added fields included.
 """
 
 from __future__ import annotations
@@ -27,28 +27,27 @@ import email.utils
 import logging
 import re
 import secrets
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..accounts import AccountError, Lookup, User, normalize_address
+from ..accounts import Directory, normalize_address
+from ..config import Config
 from ..message.envelope import MISSING_DOMAIN, MISSING_MAILBOX, parse_addresses
-from ..message.received import count_received, protocol_name, received_header, return_path
+from ..message.received import return_path
+from ..message.types import (
+    HEADER_LIMIT, AccountError, Enqueuer, Envelope, MailDelivery, MessageBody, Signer, User, remote_targets,
+)
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import (
-    R250_RCPT_OK,
     R250_SENDER_OK,
     R451_LOCAL_ERROR,
     R530_AUTH_REQUIRED,
-    R550_NO_SUCH_USER,
     R553_SOURCE_ROUTE,
     Reply,
 )
-from ..store.maildir import MessageBody
-from .inbound import R451_NO_QUEUE, R550_RELAY_SYNTAX, R554_LOOP, Envelope, Recipient, SMTPPipeline, relay_trick
+from .inbound import R550_RELAY_SYNTAX, SMTPPipeline, relay_trick
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-    from ..server.app import Services
 
 log = logging.getLogger("postier.submission")
 
@@ -60,29 +59,9 @@ R553_NULL_SENDER = Reply(553, "5.7.1", "The null sender is not allowed for submi
 R450_DAILY_LIMIT = Reply(450, "4.7.1", "Daily message limit reached, try again later")
 # RFC 5322 §3.6: exactly one From field, with at least one mailbox
 R550_BAD_FROM = Reply(550, "5.6.0", "The message needs exactly one From header with valid addresses")
-R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
 R550_LITERAL = Reply(550, "5.1.2", "Address literals are not accepted as recipients")  # RFC 3463 X.1.2
 
-HEADER_LIMIT = 256 * 1024
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
-
-
-class DKIMSigner(Protocol):
-    """`services.extensions["dkim"]`: signs outgoing mail (RFC 6376); absent means no signing.
-
-    `sign` gets the envelope (for the sender's domain and the user) and the message exactly as it
-    will be sent (added Date/Message-ID included) and returns the DKIM-Signature header field(s) to
-    prepend, CRLF-terminated, or b"" when there is no key for that domain. An exception is a
-    temporary failure of the submission (451), so that mail never leaves unsigned by accident.
-    """
-
-    async def sign(self, env: Envelope, body: MessageBody) -> bytes: ...
-
-
-class QueueWithLimits(Protocol):
-    async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody) -> Any: ...
-
-    async def sends_today(self, user: str) -> int: ...
 
 
 class PrefixedBody(MessageBody):
@@ -151,8 +130,14 @@ def header_mailboxes(value: bytes) -> list[str] | None:
 class SubmissionPipeline(SMTPPipeline):
     """Ports 587/465: mail from our authenticated users to anyone."""
 
-    def __init__(self, services: Services, role: str):
-        super().__init__(services, role)
+    __slots__ = ("_owned", "signer")
+
+    relay = True
+
+    def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
+                 signer: Signer | None = None) -> None:
+        super().__init__(config, directory, mda, queue)
+        self.signer = signer  # None: `[mailauth] dkim_sign` is off
         self._owned: dict[str, set[str]] = {}
 
     # -- sender policy --------------------------------------------------------------------------
@@ -160,7 +145,7 @@ class SubmissionPipeline(SMTPPipeline):
     async def _addresses(self, user: User) -> set[str]:
         owned = self._owned.get(user.address)
         if owned is None:
-            owned = await asyncio.to_thread(self.services.accounts.addresses_of, user)
+            owned = await asyncio.to_thread(self.directory.addresses_of, user)
             self._owned[user.address] = owned
         return owned
 
@@ -196,9 +181,7 @@ class SubmissionPipeline(SMTPPipeline):
             log.info("%s: %s may not send as <%s>", env.qid, user.address, addr.mailbox)
             return R553_SENDER_NOT_OWNED
         limit = self.config.submission.max_messages_per_day
-        queue: Any = self.queue
-        if (limit and queue is not None and hasattr(queue, "sends_today")
-                and await queue.sends_today(user.address) >= limit):
+        if limit and await self.queue.sends_today(user.address) >= limit:
             log.info("%s: %s reached its daily limit of %d messages", env.qid, user.address, limit)
             return R450_DAILY_LIMIT
         env.mail_from = addr.mailbox
@@ -214,20 +197,8 @@ class SubmissionPipeline(SMTPPipeline):
             return await super().on_rcpt(env, addr, params)
         if addr.is_literal:
             return R550_LITERAL
-        res = await asyncio.to_thread(self.services.accounts.resolve, addr.mailbox)
-        if res.status is Lookup.UNKNOWN_USER:
-            return R550_NO_SUCH_USER
-        if res.status is Lookup.NOT_LOCAL:
-            if self.queue is None:
-                return R451_NO_QUEUE
-            env.recipients.append(Recipient(addr.mailbox, (), (addr.mailbox,), params))
-            return R250_RCPT_OK
-        if res.remote and self.queue is None:
-            if not res.users:
-                return R451_NO_QUEUE
-            res = type(res)(res.status, res.users, ())
-        env.recipients.append(Recipient(addr.mailbox, res.users, res.remote, params))
-        return R250_RCPT_OK
+        res = await asyncio.to_thread(self.directory.resolve, addr.mailbox)
+        return self.expand(env, addr.mailbox, res, params)
 
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         n = len(env.recipients)
@@ -235,11 +206,10 @@ class SubmissionPipeline(SMTPPipeline):
         if user is None:
             return [R530_AUTH_REQUIRED] * n
         head = body.head(HEADER_LIMIT)
-        fields, complete = header_fields(head)
-        if not complete and body.size > len(head):
-            return [R552_HEADER_TOO_BIG] * n
-        if count_received(head) >= self.config.limits.max_received_headers:
-            return [R554_LOOP] * n
+        refused = self.check_head(head, body.size)
+        if refused is not None:
+            return [refused] * n
+        fields, _complete = header_fields(head)
         # RFC 5322 §3.6: one From; RFC 6409 §6.1: the MSA may check it against the authenticated user
         froms = [v for name, v in fields if name == "from"]
         senders = [v for name, v in fields if name == "sender"]
@@ -259,16 +229,11 @@ class SubmissionPipeline(SMTPPipeline):
             added += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
         if "message-id" not in names:  # RFC 6409 §8.3
             added += f"Message-ID: <{env.qid}.{secrets.token_hex(8)}@{self.config.hostname}>\r\n".encode()
-        proto = protocol_name(env.esmtp, env.tls is not None, True)
-        single = env.recipients[0].address if n == 1 else None
-        received = received_header(helo=env.helo, peer_ip=env.peer_ip, peer_name=env.peer_name,
-                                   by_host=self.config.hostname, protocol=proto, qid=env.qid, tls=env.tls,
-                                   recipient=single)
+        received = self.received(env)
         signature = b""
-        signer: Any = self.services.extensions.get("dkim")
-        if signer is not None:
+        if self.signer is not None:
             try:
-                signature = await signer.sign(env, PrefixedBody(added, body) if added else body)
+                signature = await self.signer.sign(env, PrefixedBody(added, body) if added else body)
             except Exception:
                 log.exception("%s: DKIM signing failed", env.qid)
                 return [R451_LOCAL_ERROR] * n
@@ -277,24 +242,16 @@ class SubmissionPipeline(SMTPPipeline):
 
     async def _deliver(self, env: Envelope, body: MessageBody, prefix: bytes) -> list[Reply]:
         n = len(env.recipients)
-        remote = list(dict.fromkeys(a for r in env.recipients for a in r.remote))
-        targets: dict[str, User] = {}
-        for r in env.recipients:
-            for u in r.users:
-                targets.setdefault(u.address, u)
-        queue: Any = self.queue
+        remote = remote_targets(env.recipients)
         qid = env.qid
         try:
             if remote:
-                qid = await queue.enqueue(env, remote, prefix, body) or qid
-            if targets:  # local recipients: straight to the MDA ("delivered", not queued)
-                results = await self.services.mda.deliver([(u, None) for u in targets.values()],
-                                                          return_path(env.mail_from) + prefix, body, env.mail_from)
-                failed = [r.user.address for r in results if not r.ok]
-                if failed:  # disk trouble for some: the queue retries them
-                    if queue is None:
-                        raise RuntimeError("local delivery failed and there is no queue")
-                    await queue.enqueue(env, failed, prefix, body)
+                qid = await self.queue.enqueue(env, remote, prefix, body) or qid
+            # local recipients: straight to the MDA ("delivered", not queued)
+            local = await self.mda.deliver_recipients(env.recipients, return_path(env.mail_from) + prefix, body,
+                                                      env.mail_from)
+            if local.failed_users:  # disk trouble for some: the queue retries them
+                await self.queue.enqueue(env, list(local.failed_users), prefix, body)
         except Exception:
             log.exception("%s: submission failed", env.qid)
             return [R451_LOCAL_ERROR] * n

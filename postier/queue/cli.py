@@ -52,9 +52,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''} in the queue")
         elif args.action == "show":
             msg_id = _id(args)
-            info = spool.message(msg_id)
-            if info is None:
+            found = spool.message(msg_id)
+            if found is None:
                 raise CLIError(f"no such message in the queue: {msg_id}")
+            info = found
             print(f"id:       {info.id}")
             print(f"sender:   <{info.sender}>")
             print(f"arrival:  {_when(info.created)}")
@@ -89,20 +90,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"{n} recipient{'s' if n != 1 else ''} scheduled for immediate delivery")
         elif args.action == "delete":
             msg_id = _id(args)
-            info = spool.message(msg_id)
-            rcpts = [r.address for r in spool.recipients(msg_id) if r.status == QUEUED] if info else []
-            if not spool.delete(msg_id):
+            found = spool.message(msg_id)
+            pending = [r.address for r in spool.recipients(msg_id) if r.status == QUEUED] if found else []
+            if found is None or not spool.delete(msg_id):
                 raise CLIError(f"no such message in the queue: {msg_id}")
-            assert info is not None
-            audit(f"queue delete {msg_id}: removed without a DSN, from <{info.sender}>, "
-                  f"{len(rcpts)} undelivered recipient{'s' if len(rcpts) != 1 else ''} ({', '.join(rcpts[:10])})")
+            audit(f"queue delete {msg_id}: removed without a DSN, from <{found.sender}>, "
+                  f"{len(pending)} undelivered recipient{'s' if len(pending) != 1 else ''} ({', '.join(pending[:10])})")
             print(f"deleted {msg_id}")
     finally:
         spool.close()
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("queue", help="inspect and manage the outbound queue")
     p.add_argument("action", choices=("list", "show", "retry", "delete"))
     p.add_argument("id", nargs="?", help="queue id (from `queue list`)")

@@ -1,7 +1,7 @@
 """The outbound queue at work: durable enqueue, dispatch per destination, retries, expiry and DSNs
 (RFC 5321 §4.5.4 retry strategy, RFC 3461 §6 DSN generation, RFC 5321 §5.1 MX routing).
 
-`Queue` is what the pipelines call (`enqueue`, the `QueueHook` of `pipeline.inbound`) and what runs
+`Queue` is what the pipelines call (`enqueue`: it is their `Enqueuer`) and what runs
 deliveries. Due recipients are grouped into jobs (one message, one destination, at most 100
 recipients); each destination gets up to `queue.concurrency_per_domain` workers (and all of them
 together at most `queue.concurrency_total`), and a worker keeps its SMTP session open for the next
@@ -27,15 +27,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..accounts import Lookup
+from ..accounts import Directory, Lookup
+from ..config import Config
 from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
+from ..message.types import HEADER_LIMIT, Envelope, MailDelivery, MessageBody, Recipient, remote_targets
 from ..message.received import queue_id, return_path
-from ..proto.smtp.address import AddressError, xtext_decode
-from ..resolver import BaseResolver, Resolver
-from ..store.maildir import MessageBody
+from ..proto.smtp.address import xtext_decode
+from ..proto.smtp.errors import AddressError
+from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
 from .delivery import (
@@ -44,10 +46,6 @@ from .delivery import (
 from .spool import (
     DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
 )
-
-if TYPE_CHECKING:
-    from ..pipeline.inbound import Envelope
-    from ..server.app import Services
 
 log = logging.getLogger("postier.queue")
 
@@ -58,7 +56,6 @@ LOCAL_CONCURRENCY = 16
 MEMORY_DATA_LIMIT = 1024 * 1024  # larger messages are streamed from the spool file
 READ_AHEAD = 32  # spool files read per worker-thread hand-off...
 READ_AHEAD_BYTES = 4 * 1024 * 1024  # ...and bytes
-HEAD_LIMIT = 256 * 1024
 DOMAIN_CACHE_TTL = 30.0
 STOP_GRACE = 10.0
 
@@ -96,20 +93,16 @@ def dsn_owed(kind: str, sender: str, notify: str) -> bool:
 class Queue:
     """The queue of one server: spool, dispatcher, workers. Create in an event loop."""
 
-    def __init__(self, services: Services, *, clock: schedule.Clock | None = None,
-                 resolver: BaseResolver | None = None, rng: random.Random | None = None) -> None:
-        cfg = services.config
-        self.services = services
+    def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
+                 clock: schedule.Clock | None = None, rng: random.Random | None = None) -> None:
+        cfg = config
+        self.directory = directory
+        self.mda = mda
         self.config = cfg
         self.qcfg = cfg.queue
         self.clock: schedule.Clock = clock or schedule.SystemClock()
         self.spool = Spool(cfg.spool_dir / "queue")
         self.out = Outbound.from_config(cfg)
-        if resolver is None:
-            resolver = services.extensions.get("resolver")
-        if resolver is None:
-            resolver = Resolver(list(cfg.dns.nameservers) or None, cfg.dns.timeout)
-            services.extensions.setdefault("resolver", resolver)
         self.router = Router(resolver, self.out, rng)
         self.connector = Connector(self.out)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -172,7 +165,7 @@ class Queue:
     async def _io[T](self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io_exec, fn, *args)
 
-    # -- enqueue (the QueueHook) ------------------------------------------------------------------
+    # -- enqueue (the Enqueuer) -------------------------------------------------------------------
 
     async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody,
                       *, sender: str | None = None) -> str:
@@ -198,7 +191,7 @@ class Queue:
                 envid = xtext_decode(params.get("ENVID") or "")
         body_kind = (params.get("BODY") or "").upper()
         eightbit = body_kind in ("8BITMIME", "BINARYMIME") or not prefix.isascii() or (
-            body.in_memory and not body.head(HEAD_LIMIT).isascii())
+            body.in_memory and not body.head(HEADER_LIMIT).isascii())
         user = env.auth_user.address if env.auth_user is not None else ""
         return await self.store(sender=env.mail_from if sender is None else sender, recipients=specs,
                                 prefix=prefix, body=body, user=user, envid=envid,
@@ -251,7 +244,7 @@ class Queue:
         hit = self._local_domains.get(domain)
         if hit is not None and now - hit[1] < DOMAIN_CACHE_TTL:
             return hit[0]
-        local = await asyncio.to_thread(self.services.accounts.is_local_domain, domain)
+        local = await asyncio.to_thread(self.directory.is_local_domain, domain)
         self._local_domains[domain] = (local, now)
         return local
 
@@ -440,32 +433,28 @@ class Queue:
             return []
         assert job.msg is not None
         msg = job.msg
-        accounts = self.services.accounts
         results: list[RcptResult] = []
-        data: bytes | None = None
-        expanded: list[str] = []
+        found: list[Recipient] = []
         for st in job.states:
-            res = await asyncio.to_thread(accounts.resolve, st.address)
+            res = await asyncio.to_thread(self.directory.resolve, st.address)
             if res.status is Lookup.UNKNOWN_USER:
                 results.append(RcptResult(st.address, Fate.FAILED, "550 5.1.1 No such user here", "5.1.1"))
-                continue
-            if res.status is not Lookup.FOUND:
+            elif res.status is not Lookup.FOUND:
                 results.append(RcptResult(st.address, Fate.DEFERRED, "domain is no longer local", "4.3.0"))
-                continue
-            ok = True
-            if res.users:
-                if data is None:
-                    data = await self._io(self.spool.read_file, msg.id)
-                got = await self.services.mda.deliver([(u, None) for u in res.users], return_path(msg.sender),
-                                                      data, msg.sender)
-                ok = all(g.ok for g in got)
-            expanded.extend(a for a in res.remote if a not in expanded)
-            if ok:
-                results.append(RcptResult(st.address, Fate.DELIVERED, "250 2.0.0 delivered to mailbox", "2.0.0",
+            else:
+                found.append(Recipient(st.address, res.users, res.remote))
+        if not found:
+            return results
+        data = await self._io(self.spool.read_file, msg.id) if any(r.users for r in found) else b""
+        local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        for r in found:
+            if r.address in local.delivered:
+                results.append(RcptResult(r.address, Fate.DELIVERED, "250 2.0.0 delivered to mailbox", "2.0.0",
                                           mx="local"))
             else:
-                results.append(RcptResult(st.address, Fate.DEFERRED, "451 4.3.0 local delivery failed", "4.3.0",
+                results.append(RcptResult(r.address, Fate.DEFERRED, "451 4.3.0 local delivery failed", "4.3.0",
                                           mx="local"))
+        expanded = remote_targets(found)
         if expanded:  # alias targets in foreign domains join the message as new recipients
             now = self.clock.time()
             await self._db(_op_add_recipients(msg.id, expanded, now))
@@ -544,7 +533,7 @@ class Queue:
         if not owed:
             return
         if msg.sender:
-            want = max(HEAD_LIMIT, FULL_LIMIT + 1) if msg.ret == "FULL" else HEAD_LIMIT
+            want = max(HEADER_LIMIT, FULL_LIMIT + 1) if msg.ret == "FULL" else HEADER_LIMIT
             head = await self._io(_read_head, self.spool.path(msg_id), want)
             now = self.clock.time()
             recips = []
@@ -668,11 +657,3 @@ def _op_add_recipients(msg_id: str, addresses: list[str], now: float) -> Callabl
         conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt) VALUES (?, ?, ?, ?)",
                          [(msg_id, a, a.rpartition("@")[2].lower(), now) for a in addresses])
     return op
-
-
-def attach(services: Services) -> None:
-    """SERVICE_HOOKS entry: the queue joins the services, runs while the server runs."""
-    queue = Queue(services)
-    services.extensions["queue"] = queue
-    services.on_start(queue.start)
-    services.on_close(queue.stop)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store.maildir import MessageBody, fsync_dir
+from ..durable import ensure_dirs, fsync_dir
+from ..message.types import MessageBody
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -173,13 +174,16 @@ class Spool:
         self.root = root
         self.msg_dir = root / "msg"
         self.db_path = root / "queue.sqlite"
-        self.msg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dirs(self.msg_dir)  # spool/, the queue's directory and msg/: durable before any 250
+        new = not self.db_path.exists()
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
+        if new:  # SQLite fsyncs the directory for its journals, not for a new database file
+            fsync_dir(root)
 
     def close(self) -> None:
         with self._lock:
@@ -467,6 +471,6 @@ class Spool:
                     files += 1
         present = {e.name for e in os.scandir(self.msg_dir)}
         lost = [i for i in known if i not in present]
-        for i in lost:
-            self.execute(lambda c, i=i: c.execute("DELETE FROM messages WHERE id=?", (i,)))
+        if lost:
+            self.execute(lambda c: c.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in lost]))
         return files, len(lost)

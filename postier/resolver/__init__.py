@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-from collections.abc import Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -27,13 +30,21 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
+import dns.rdtypes.mxbase
+import dns.rdtypes.nsbase
+import dns.rdtypes.tlsabase
+import dns.rdtypes.txtbase
 import dns.resolver
 import dns.reversename
 
 __all__ = [
     "DNSStatus", "Answer", "MXRecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup", "AsyncLookup",
-    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES",
+    "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
+    "AnswerCache", "make_resolver",
 ]
 
 # Types this layer converts to plain Python values; others are refused with ValueError.
@@ -53,6 +64,9 @@ class Answer[T]:
     status: DNSStatus
     records: tuple[T, ...] = ()
     reason: str = ""
+    #: Seconds this answer may be reused: the record set's TTL, or for NXDOMAIN/NODATA the negative
+    #: TTL of the zone's SOA (RFC 2308 §5); 0 when unknown (temporary failures are never reused).
+    ttl: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -71,6 +85,11 @@ class TLSARecord:
     selector: int
     mtype: int
     data: bytes
+
+
+# What `Answer.records` holds: A, AAAA, PTR, CNAME -> address or host text (lower case, no final dot);
+# TXT -> bytes (the record's strings joined); MX -> MXRecord; TLSA -> TLSARecord.
+type RecordValue = str | bytes | MXRecord | TLSARecord
 
 
 class RouteStatus(StrEnum):
@@ -147,21 +166,21 @@ def _norm_host(name: str) -> str:
     return name if name == "." else name.rstrip(".")
 
 
-def convert_rdata(rtype: str, rdata: Any) -> Any:
+def convert_rdata(rtype: str, rdata: dns.rdata.Rdata) -> RecordValue:
     """dnspython rdata -> the plain value this layer promises for `rtype`."""
-    if rtype in ("A", "AAAA"):
+    if rtype in ("A", "AAAA") and isinstance(rdata, dns.rdtypes.IN.A.A | dns.rdtypes.IN.AAAA.AAAA):
         return str(rdata.address)
-    if rtype == "MX":
+    if rtype == "MX" and isinstance(rdata, dns.rdtypes.mxbase.MXBase):
         return MXRecord(int(rdata.preference), _norm_host(rdata.exchange.to_text()))
-    if rtype == "TXT":
+    if rtype == "TXT" and isinstance(rdata, dns.rdtypes.txtbase.TXTBase):
         # RFC 7208 §3.3 / RFC 6376 §3.6.2.2: the character-strings of one record are concatenated
         # without separator.
         return b"".join(rdata.strings)
-    if rtype in ("PTR", "CNAME"):
+    if rtype in ("PTR", "CNAME") and isinstance(rdata, dns.rdtypes.nsbase.NSBase):
         return _norm_host(rdata.target.to_text())
-    if rtype == "TLSA":
+    if rtype == "TLSA" and isinstance(rdata, dns.rdtypes.tlsabase.TLSABase):
         return TLSARecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert))
-    raise ValueError(f"unsupported record type {rtype}")
+    raise ValueError(f"unsupported record type {rtype} ({type(rdata).__name__})")
 
 
 class BaseResolver:
@@ -260,9 +279,20 @@ def _name(name: str) -> dns.name.Name:
     return dns.name.from_text(name)  # absolute: never the search list
 
 
+def _negative_ttl(response: Any) -> float:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) from the authority section."""
+    for rrset in getattr(response, "authority", ()) or ():
+        if rrset.rdtype == dns.rdatatype.SOA:
+            for soa in rrset:
+                return float(min(rrset.ttl, soa.minimum))
+    return 0.0
+
+
 def _classify(exc: BaseException) -> Answer[Any]:
     if isinstance(exc, dns.resolver.NXDOMAIN):
-        return Answer(DNSStatus.NXDOMAIN, (), "NXDOMAIN")
+        responses: dict[Any, Any] = getattr(exc, "kwargs", {}).get("responses") or {}
+        ttl = min((_negative_ttl(r) for r in responses.values()), default=0.0)
+        return Answer(DNSStatus.NXDOMAIN, (), "NXDOMAIN", ttl)
     if isinstance(exc, dns.resolver.NoAnswer):
         return Answer(DNSStatus.NODATA, (), "no data")
     if isinstance(exc, (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException,
@@ -275,11 +305,72 @@ def _classify(exc: BaseException) -> Answer[Any]:
     return Answer(DNSStatus.TEMPFAIL, (), f"{exc.__class__.__name__}: {exc}"[:200])
 
 
-def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[Any]:
+def _from_response(rtype: str, answer: dns.resolver.Answer) -> Answer[RecordValue]:
     if answer.rrset is None:
-        return Answer(DNSStatus.NODATA, (), "no data")
+        return Answer(DNSStatus.NODATA, (), "no data", _negative_ttl(answer.response))
     records = tuple(convert_rdata(rtype, r) for r in answer.rrset)
-    return Answer(DNSStatus.OK, records) if records else Answer(DNSStatus.NODATA)
+    if not records:
+        return Answer(DNSStatus.NODATA, (), "no data", _negative_ttl(answer.response))
+    return Answer(DNSStatus.OK, records, "", float(answer.rrset.ttl))
+
+
+class AnswerCache:
+    """Answers kept for their TTL (positive) or negative TTL (RFC 2308), bounded, shared by threads.
+
+    Mail authentication asks the same names again and again (the sender domain's SPF and DMARC
+    records, the HELO name, DNSBL entries of a reconnecting client); each answer is asked once per
+    TTL. Temporary failures are never cached. TTLs are capped (`max_ttl`, `max_negative_ttl`, the
+    3 hours RFC 2308 §5 suggests) so a zone fix is seen within that time; negative answers without a
+    SOA are not cached (RFC 2308 §5: they SHOULD NOT be).
+    """
+
+    def __init__(self, max_entries: int = 20_000, max_ttl: float = 86400.0, max_negative_ttl: float = 10800.0,
+                 default_negative_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.max_ttl = max_ttl
+        self.max_negative_ttl = max_negative_ttl
+        self.default_negative_ttl = default_negative_ttl
+        self.clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, Answer[Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(name: str, rtype: str) -> tuple[str, str]:
+        return name.lower().rstrip("."), rtype
+
+    def get(self, key: tuple[str, str]) -> Answer[Any] | None:
+        now = self.clock()
+        with self._lock:
+            item = self._entries.get(key)
+            if item is None or item[0] <= now:
+                if item is not None:
+                    del self._entries[key]
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return item[1]
+
+    def put(self, key: tuple[str, str], answer: Answer[Any]) -> None:
+        if answer.status is DNSStatus.TEMPFAIL or self.max_entries <= 0:
+            return
+        if answer.status is DNSStatus.OK:
+            ttl = min(answer.ttl, self.max_ttl)
+        else:
+            ttl = min(answer.ttl or self.default_negative_ttl, self.max_negative_ttl)
+        if ttl <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (self.clock() + ttl, answer)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 @dataclass
@@ -288,6 +379,10 @@ class Resolver(BaseResolver):
 
     nameservers: list[str] | None = None
     timeout: float = 5.0
+    #: Answers reused for their TTL; `AnswerCache(max_entries=0)` turns caching off.
+    cache: AnswerCache = field(default_factory=AnswerCache)
+    _inflight: dict[tuple[str, str], asyncio.Future[Answer[Any]]] = field(default_factory=dict, init=False,
+                                                                          repr=False)
     _async: dns.asyncresolver.Resolver = field(init=False, repr=False)
     _sync: dns.resolver.Resolver = field(init=False, repr=False)
 
@@ -315,21 +410,53 @@ class Resolver(BaseResolver):
     async def query(self, name: str, rtype: str) -> Answer[Any]:
         if rtype not in SUPPORTED_TYPES:
             raise ValueError(f"unsupported record type {rtype}")
+        key = self.cache.key(name, rtype)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        # Concurrent sessions asking the same name share one query.
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Answer[Any]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
         try:
-            answer = await self._async.resolve(_name(name), rtype, raise_on_no_answer=False, search=False)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # every DNS or network condition becomes an outcome
-            return _classify(exc)
-        return _from_response(rtype, answer)
+            try:
+                response = await self._async.resolve(_name(name), rtype, raise_on_no_answer=False, search=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every DNS or network condition becomes an outcome
+                answer = _classify(exc)
+            else:
+                answer = _from_response(rtype, response)
+            self.cache.put(key, answer)
+            fut.set_result(answer)
+            return answer
+        finally:
+            if not fut.done():  # this query was cancelled: whoever shared it sees a temporary failure
+                fut.set_result(Answer(DNSStatus.TEMPFAIL, (), "query cancelled"))
+            self._inflight.pop(key, None)
 
     def query_sync(self, name: str, rtype: str, timeout: float | None = None) -> Answer[Any]:
         if rtype not in SUPPORTED_TYPES:
             raise ValueError(f"unsupported record type {rtype}")
+        key = self.cache.key(name, rtype)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
         lifetime = self.timeout if timeout is None else min(self.timeout, timeout)
         try:
-            answer = self._sync.resolve(_name(name), rtype, raise_on_no_answer=False, search=False,
-                                        lifetime=lifetime)
+            response = self._sync.resolve(_name(name), rtype, raise_on_no_answer=False, search=False,
+                                          lifetime=lifetime)
         except Exception as exc:
-            return _classify(exc)
-        return _from_response(rtype, answer)
+            answer = _classify(exc)
+        else:
+            answer = _from_response(rtype, response)
+        self.cache.put(key, answer)
+        return answer
+
+
+def make_resolver(nameservers: Sequence[str], timeout: float, cache: bool = True) -> Resolver:
+    """The resolver [dns] describes: its nameservers (none: the system's), timeout and answer cache."""
+    return Resolver(list(nameservers) or None, timeout=timeout,
+                    cache=AnswerCache() if cache else AnswerCache(max_entries=0))

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from postier.resolver import (
-    SUPPORTED_TYPES, Answer, BaseResolver, DNSStatus, MXRecord, TLSARecord, reverse_name,
+    SUPPORTED_TYPES, Answer, BaseResolver, DNSStatus, MXRecord, RecordValue, TLSARecord, reverse_name,
 )
 
 MAX_CNAME_CHAIN = 8
@@ -23,7 +23,7 @@ def _key(name: str) -> str:
     return name if name == "." else name.rstrip(".")
 
 
-def _value(rtype: str, value: Any) -> Any:
+def _value(rtype: str, value: Any) -> RecordValue:
     if rtype in ("A", "AAAA"):
         addr = ipaddress.ip_address(str(value))
         if (addr.version == 4) != (rtype == "A"):
@@ -55,7 +55,7 @@ class FakeResolver(BaseResolver):
     """In-memory zone: `add(name, rtype, value)`, `tempfail(name[, rtype])`; `queries` logs lookups."""
 
     def __init__(self) -> None:
-        self._records: dict[tuple[str, str], list[Any]] = {}
+        self._records: dict[tuple[str, str], list[RecordValue]] = {}
         self._tempfail: set[tuple[str, str | None]] = set()
         self.queries: deque[tuple[str, str]] = deque(maxlen=10_000)
 
@@ -106,7 +106,9 @@ class FakeResolver(BaseResolver):
                     return Answer(DNSStatus.NODATA, (), "no data")
                 return Answer(DNSStatus.NXDOMAIN, (), "NXDOMAIN")
             seen.add(key)
-            key = cname[0]
+            target = cname[0]
+            assert isinstance(target, str)  # add() stores CNAME values as host text
+            key = target
             if key in seen:
                 break
         return Answer(DNSStatus.TEMPFAIL, (), "CNAME loop or chain too long")

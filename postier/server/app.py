@@ -1,4 +1,10 @@
-"""The running server: shared services, every listener in one asyncio process, graceful stop.
+"""The composition root: how postier is put together (`build_app`), and the running server (`serve`).
+
+`build_app(config)` makes every shared component once, each from the configuration and the few
+other components it uses, and returns them as one frozen `App`; listeners hand the App to their
+sessions. `ROLE_SESSIONS` maps each listener role to its session class. Nothing attaches itself
+anywhere else: a new component, inbound check, job or listener is a line in `build_app` (and a field
+of `App`) or in `ROLE_SESSIONS`. docs/architecture.md walks through it.
 
 `serve(config)` starts each configured listener, runs until SIGTERM or SIGINT, then stops
 accepting, lets sessions finish their current step (an SMTP client mid-session gets 421), waits
@@ -9,120 +15,147 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import functools
 import logging
 import signal
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from ..accounts import Accounts
 from ..config import Config
+from ..mailauth.keys import DKIMSigner, KeyStore
+from ..mailauth.reports import ReportStore
+from ..message.types import InboundCheck
+from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
+from ..pipeline.jobs import ReportJob
+from ..pipeline.mailauth import InboundAuth
+from ..pipeline.submission import SubmissionPipeline
+from ..queue.runner import Queue
+from ..resolver import BaseResolver, make_resolver
 from ..store.delivery import LocalDelivery
+from ..store.mailbox import MailStore, on_delivery
 from . import notify, privileges, reload, sockets, stats
-from .base import ListenerSet, Session
+from .base import ListenerSet, ProtocolSession, Session
+from .imap import IMAPSession
+from .pop3 import POP3Session
+from .smtp import SMTPSession
+from .throttle import AuthThrottle
+
+__all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "serve"]
 
 log = logging.getLogger("postier")
 
-#: role -> "module:attribute" of its Session factory (imported lazily).
-ROLE_SESSIONS = {
-    "smtp": "postier.server.smtp:SMTPSession",
-    "submission": "postier.server.smtp:SMTPSession",
-    "submissions": "postier.server.smtp:SMTPSession",
-    "lmtp": "postier.server.smtp:SMTPSession",
-    "imap": "postier.server.imap:IMAPSession",
-    "imaps": "postier.server.imap:IMAPSession",
-    "pop3": "postier.server.pop3:POP3Session",
-    "pop3s": "postier.server.pop3:POP3Session",
+#: Listener role -> its session class (the roles a config may list under [listeners]).
+ROLE_SESSIONS: Mapping[str, type[Session] | type[ProtocolSession]] = {
+    "smtp": SMTPSession,
+    "submission": SMTPSession,
+    "submissions": SMTPSession,
+    "lmtp": SMTPSession,
+    "imap": IMAPSession,
+    "imaps": IMAPSession,
+    "pop3": POP3Session,
+    "pop3s": POP3Session,
 }
 
 
-class Services:
-    """What every session shares: configuration, accounts, the MDA and, when present, the rest.
+@dataclass(frozen=True, eq=False)
+class App:
+    """What every session shares, made once by `build_app`; `start()` and `close()` run it."""
 
-    Later layers attach themselves here at start-up (queue, resolver, mail authentication,
-    auth throttle, mailbox notifier) so sessions find them in one place.
-    """
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter,
-                                 config.mailbox.default_format)
-        self.ssl_context: ssl.SSLContext | None = config.ssl_context()
-        self.mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
-        self.extensions: dict[str, Any] = {}
-        self._closers: list[Callable[[], Any]] = []
-        self._starters: list[Callable[[], Any]] = []
-
-    def on_start(self, fn: Callable[[], Any]) -> None:
-        self._starters.append(fn)
-
-    def on_close(self, fn: Callable[[], Any]) -> None:
-        self._closers.append(fn)
+    config: Config
+    ssl_context: ssl.SSLContext | None  # None: no certificate configured (no TLS, no STARTTLS)
+    accounts: Accounts
+    resolver: BaseResolver
+    mda: LocalDelivery
+    mailstore: MailStore  # IMAP and POP3 read mailboxes through it; deliveries wake IDLE through it
+    queue: Queue
+    inbound_checks: tuple[InboundCheck, ...]  # run on port 25 at MAIL FROM and end of DATA, in order
+    dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
+    dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
+    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
+    throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP and POP3
+    #: SMTP-family role -> a new pipeline for one session.
+    pipelines: Mapping[str, Callable[[], SMTPPipeline]]
+    #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
+    imap_user_connections: Counter[str] = field(default_factory=Counter)
+    #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
+    pop3_last_login: dict[str, float] = field(default_factory=dict)
 
     async def start(self) -> None:
-        for fn in self._starters:
-            r = fn()
-            if asyncio.iscoroutine(r):
-                await r
+        await self.queue.start()
+        if self.report_job is not None:
+            self.report_job.start()
 
     async def close(self) -> None:
-        for fn in reversed(self._closers):
+        """Stop the jobs and the queue, then close the stores (each step runs even if one fails)."""
+        steps: list[Callable[[], object]] = []
+        if self.report_job is not None:
+            steps.append(self.report_job.stop)
+        steps.append(self.queue.stop)
+        if self.dmarc_reports is not None:
+            steps.append(self.dmarc_reports.close)
+        steps += [self.mailstore.close, self.mda.close, self.accounts.close]
+        for step in steps:
             try:
-                r = fn()
+                r = step()
                 if asyncio.iscoroutine(r):
                     await r
             except Exception:
                 log.exception("error while closing")
-        self.mda.close()
-        self.accounts.close()
 
 
-#: Hooks other layers register to extend Services at start-up (queue, mailauth, ...):
-#: each is called with the Services before listeners start.
-SERVICE_HOOKS: list[str] = [
-    "postier.queue.runner:attach",
-    "postier.pipeline.mailauth:attach",
-    "postier.server.throttle:attach",
-]
-
-
-def _load(ref: str) -> Any | None:
-    mod, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(mod)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == mod or mod.startswith(exc.name + ".")):
-            return None  # that layer is not part of this build
-        raise
-    return getattr(module, attr, None)
-
-
-def session_factories() -> dict[str, Callable[..., Session]]:
-    out = {}
-    for role, ref in ROLE_SESSIONS.items():
-        f = _load(ref)
-        if f is not None:
-            out[role] = f
-    return out
-
-
-async def build_services(config: Config) -> Services:
-    services = Services(config)
-    for ref in SERVICE_HOOKS:
-        hook = _load(ref)
-        if hook is not None:
-            r = hook(services)
-            if asyncio.iscoroutine(r):
-                await r
-    await services.start()
-    return services
+def build_app(config: Config) -> App:
+    """Make every shared component from the configuration, each with the parts it uses."""
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
+    # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
+    mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
+    mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
+                          poll_interval=config.imap.idle_poll_interval)
+    mda.listeners.append(on_delivery(mailstore))
+    queue = Queue(config, accounts, mda, resolver)
+    # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
+    dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
+    inbound_checks: tuple[InboundCheck, ...] = (
+        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
+    )
+    dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
+    report_job = None
+    if dmarc_reports is not None and config.mailauth.dmarc_reports:
+        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
+                               sign=dkim.sign_bytes if dkim is not None else None)
+    # What happens between MAIL FROM and 250, per SMTP-family role.
+    submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)
+    pipelines: dict[str, Callable[[], SMTPPipeline]] = {
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks),
+        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue),
+        "submission": submission,
+        "submissions": submission,
+    }
+    auth = config.auth
+    return App(
+        config=config,
+        ssl_context=config.ssl_context(),
+        accounts=accounts,
+        resolver=resolver,
+        mda=mda,
+        mailstore=mailstore,
+        queue=queue,
+        inbound_checks=inbound_checks,
+        dkim=dkim,
+        dmarc_reports=dmarc_reports,
+        report_job=report_job,
+        throttle=AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window),
+        pipelines=pipelines,
+    )
 
 
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
     # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
-    # service, child process and session after this line runs as the service user.
+    # component, child process and session after this line runs as the service user.
     try:
         socks = sockets.bind_all(config)
     except OSError as exc:
@@ -134,15 +167,16 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         for s in socks.values():
             s.close()
         raise SystemExit(f"postier: {exc}") from None
-    services = await build_services(config)
-    listeners = ListenerSet(services, session_factories())
-    reloader = reload.Reloader(services, listeners)
+    app = build_app(config)
+    await app.start()
+    listeners = ListenerSet(app, ROLE_SESSIONS)
+    reloader = reload.Reloader(listeners)
     with contextlib.suppress(NotImplementedError, RuntimeError):
         reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
     try:
         bound = await listeners.start(socks)
     except OSError as exc:
-        await services.close()
+        await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
         log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
@@ -164,7 +198,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         await stats_task
     log.info("shutting down")
     await listeners.stop()
-    await services.close()
+    await app.close()
     log.info("stopped")
 
 

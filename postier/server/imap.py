@@ -1,59 +1,58 @@
 """IMAP4rev2 and IMAP4rev1 sessions (RFC 9051, RFC 3501): the asyncio driver over `proto.imap`.
 
-The sans-IO `CommandReader` frames commands; this module decides per command (the legal commands
-per state are `proto.imap.states`), talks to the mailbox store through its worker threads, and writes
-responses built by `proto.imap.response`. Extensions: STARTTLS with discarding of bytes that arrived
-before the handshake (RFC 9051 §6.2.1), LOGINDISABLED and PRIVACYREQUIRED before TLS, AUTH=PLAIN with
-SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 2177) woken by deliveries,
-NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and CREATE-SPECIAL-USE
-(RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731), SEARCHRES
-(RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE and QRESYNC
-(RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
+The sans-IO `CommandReader` frames commands and `proto.imap.session.SessionCore` holds the session's
+rules (legal commands per state, capabilities, the selected mailbox as announced, sequence sets, when
+EXISTS/EXPUNGE/VANISHED/FETCH updates may be sent); this module does the I/O around them: it reads
+and writes the socket, STARTTLS, deadlines, logins (one SASL exchange with SMTP and POP3:
+`server/auth.py`), and asks the mail store (`store.api`, in its worker threads) for the facts each
+command needs. Extensions: STARTTLS with discarding of bytes that arrived before the handshake
+(RFC 9051 §6.2.1), LOGINDISABLED and PRIVACYREQUIRED before TLS, AUTH=SCRAM-SHA-256, AUTH=PLAIN and
+AUTH=LOGIN with SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 2177) woken by
+deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and
+CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
+SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
+and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
-(after each command, in NOOP and while IDLE) as EXISTS, EXPUNGE (VANISHED under QRESYNC) and FETCH
-FLAGS; never an EXPUNGE while answering FETCH, STORE or SEARCH by sequence number (RFC 9051 §7.5.1).
-Each session keeps the UID array it last announced (shared with the store's folder state until the
-folder changes), so sequence numbers stay stable between notification points.
+(after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
 
 Abuse bounds (docs/security.md): before login the whole session lasts at most `limits.session_timeout`;
 a command, once its first byte is in, must be complete within `limits.command_timeout` plus one second
-per `limits.min_data_rate` bytes received (slowloris, slow literals); output must be read at that rate
-too; and `limits.max_errors` BAD responses without a successful command in between end the session.
+per `limits.min_data_rate` bytes received (`server.base.CommandClock`); output must be read at that
+rate too; and `limits.max_errors` BAD responses without a successful command in between end the session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
-import re
 import ssl
 import time
-from array import array
-from bisect import bisect_left, bisect_right
-from collections import Counter
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..accounts import User
+from ..message.types import User
 from ..message.matching import SearchContext
 from ..proto import sasl
 from ..proto.imap import commands as C
 from ..proto.imap import response as R
 from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
-from ..proto.imap.response import Atom, Code, ResponseCode
+from ..proto.imap.response import Code, ResponseCode
+from ..proto.imap.listing import list_entries, lsub_entries
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
-from ..proto.imap.states import State, allowed
-from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
-from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
-from . import throttle
-from .base import Session
+from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
+from ..proto.imap.states import State
+from ..store import errors as E
+from ..store.api import Mailboxes, MailStoreAPI, MessageRow
+from ..store.errors import StoreError
+from ..store.index import flags_to_names
+from ..store.mailbox import SEPARATOR, normalize_name
+from .auth import settle
+from .base import CommandTimeout, Session
 from .imapfetch import (
     FetchError,
     FetchOptions,
@@ -68,60 +67,46 @@ log = logging.getLogger("postier.imap")
 
 IDLE_TIMEOUT_AUTH = 31 * 60.0  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
 IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot's default interval)
-PREAUTH_LIMITS = ReaderLimits(max_line=8192, max_literal=8192, max_command=16384, max_literals=4)
+# Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
+PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
-_SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
-_PERMANENT = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-
-
-class Reply(Exception):
-    """Ends a command with a tagged NO or BAD (raised by handlers, turned into bytes by the loop)."""
-
-    def __init__(self, status: str, text: str, code: ResponseCode | None = None):
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.code = code
+#: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
+AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 
 
 class _Disconnect(Exception):
     """The session must end now (BYE already queued)."""
 
 
-def _no(text: str, code: ResponseCode | None = None) -> Reply:
-    return Reply("NO", text, code)
+def _no(text: str, code: ResponseCode | None = None) -> Refusal:
+    return Refusal("NO", text, code)
 
 
-def _bad(text: str, code: ResponseCode | None = None) -> Reply:
-    return Reply("BAD", text, code)
+def _bad(text: str, code: ResponseCode | None = None) -> Refusal:
+    return Refusal("BAD", text, code)
 
 
-def _store_reply(exc: StoreError) -> Reply:
-    return _no(str(exc), Code.named(exc.code) if exc.code else None)
+#: RFC 9051 §7.1 response codes for the store's failures (TRYCREATE instead of NONEXISTENT where the
+#: missing mailbox is the target of APPEND, COPY or MOVE: RFC 9051 §6.3.12, §6.4.7).
+_STORE_CODES: dict[type[StoreError], ResponseCode] = {
+    E.MailboxNotFound: Code.NONEXISTENT,
+    E.MailboxExists: Code.ALREADYEXISTS,
+    E.InvalidName: Code.CANNOT,
+    E.NotPermitted: Code.CANNOT,
+    E.StoreLimit: Code.LIMIT,
+    E.MessageGone: Code.EXPUNGEISSUED,
+    E.OverQuota: Code.OVERQUOTA,
+    E.UnknownSpecialUse: Code.named("USEATTR"),  # RFC 6154 §3
+}
 
 
-@dataclass(slots=True)
-class Selected:
-    """The selected mailbox as this session announced it."""
-
-    name: str
-    readonly: bool
-    uidvalidity: int
-    uids: array[int]  # sequence number n is uids[n - 1]
-    version: int
-    modseq_seen: int
-    recent_from: int  # UIDs at or above it are \Recent for this session (IMAP4rev1 only)
-    own: dict[int, int] = field(default_factory=dict)  # uid -> modseq of our own flag changes
-    saved: list[int] | None = None  # RFC 5182 SEARCHRES, as UIDs
-
-
-def _user_connections(services: Any) -> Counter[str]:
-    c: Counter[str] | None = services.extensions.get("imap_user_connections")
-    if c is None:
-        c = services.extensions["imap_user_connections"] = Counter()
-    return c
+def _store_reply(exc: StoreError, target: bool = False) -> Refusal:
+    """The tagged NO for a store failure; `target` when the mailbox named is a destination."""
+    if target and isinstance(exc, E.MailboxNotFound):
+        return _no(str(exc), Code.TRYCREATE)
+    return _no(str(exc), _STORE_CODES.get(type(exc)))
 
 
 class IMAPSession(Session):
@@ -131,27 +116,21 @@ class IMAPSession(Session):
         super().__init__(*args, **kwargs)
         cfg = self.services.config
         self.cfg = cfg
-        self.tls = self.tls_implicit
         listener = cfg.listeners.get(self.role)
-        self.starttls_ok = (self.services.ssl_context is not None and not self.tls_implicit
-                            and (listener.starttls if listener else True))
+        starttls_ok = (self.services.ssl_context is not None and not self.tls_implicit
+                       and (listener.starttls if listener else True))
+        self.core = SessionCore(SessionSettings(starttls_ok, cfg.auth.allow_plaintext, cfg.imap.appendlimit,
+                                                AUTH_MECHANISMS), tls=self.tls_implicit)
         self.parser = CommandReader(PREAUTH_LIMITS)
-        self.state = State.NOT_AUTHENTICATED
         self.out: list[bytes] = []
         self.out_size = 0
         self.user: User | None = None
-        self.store: MailStore = mailstore_for(self.services)
-        self.mb: UserMailbox | None = None
-        self.sel: Selected | None = None
-        self.rev2 = False
-        self.condstore = False
-        self.qresync = False
+        self.store: MailStoreAPI = self.services.mailstore
+        self.mb: Mailboxes | None = None
         self.logout = False
         self._wake = asyncio.Event()
         self._counted = False
         self._bad = 0  # BAD responses since the last command that completed OK
-        self._cmd_started: float | None = None  # when the command being received started
-        self._cmd_bytes = 0  # bytes received since then
         self._preauth: asyncio.Timeout | None = None
 
     # -- output ---------------------------------------------------------------------------------
@@ -197,7 +176,7 @@ class IMAPSession(Session):
         except TimeoutError:
             self.send(R.bye("Autologout; idle for too long"))
             await self._flush_quietly()
-        except _CommandTimeout:
+        except CommandTimeout:
             self.send(R.bye("Command not received in time"))
             await self._flush_quietly()
         except _Disconnect:
@@ -213,43 +192,20 @@ class IMAPSession(Session):
     def _release(self) -> None:
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
-            self.store.executor.submit(self.store.release, self.mb)
+            self.store.release_later(self.mb)
             self.mb = None
         if self._counted and self.user is not None:
-            conns = _user_connections(self.services)
+            conns = self.services.imap_user_connections
             conns[self.user.address] -= 1
             if conns[self.user.address] <= 0:
                 del conns[self.user.address]
             self._counted = False
 
     def _timeout(self) -> float:
-        return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
-
-    def _read_timeout(self) -> float:
-        """The idle timeout, or less while a command is partly received (the slowloris deadline:
-        command_timeout from its first byte, plus 1/min_data_rate s per byte received since)."""
-        idle = self._timeout()
-        if not self.parser.in_command:
-            self._cmd_started = None
-            return idle
-        now = time.monotonic()
-        if self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, self.parser.buffered
-        lim = self.cfg.limits
-        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
-        if left <= 0:
-            raise _CommandTimeout()
-        return min(idle, left)
+        return self.cfg.limits.idle_timeout if self.core.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
 
     async def _read_command_bytes(self) -> bytes:
-        try:
-            data = await self.read(self._read_timeout())
-        except TimeoutError:
-            if self._cmd_started is not None:
-                raise _CommandTimeout() from None
-            raise
-        self._cmd_bytes += len(data)
-        return data
+        return await self.read_command(self._timeout(), self.parser.in_command, self.parser.buffered)
 
     def _count_bad(self) -> None:
         """One more BAD; at limits.max_errors the session ends (the BYE is queued)."""
@@ -260,11 +216,11 @@ class IMAPSession(Session):
             raise _Disconnect()
 
     async def _main(self) -> None:
-        if throttle.get(self.services).blocked(self.peer_ip):
+        if self.services.throttle.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             await self.flush()
             return
-        self.send(R.untagged_status("OK", "postier IMAP4rev2 ready", Code.capability(self.capabilities())))
+        self.send(R.untagged_status("OK", "postier IMAP4rev2 ready", Code.capability(self.core.capabilities())))
         while not self.logout:
             try:
                 ev = self.parser.next_event()
@@ -280,7 +236,7 @@ class IMAPSession(Session):
                     return
                 self.parser.feed(data)
                 continue
-            self._cmd_started = None  # the next partial command starts its own clock
+            self.clock.stop()  # the next partial command starts its own clock
             if isinstance(ev, NeedContinuation):
                 self._continuation(ev)
             elif isinstance(ev, RawLine):
@@ -305,7 +261,7 @@ class IMAPSession(Session):
     def _continuation(self, ev: NeedContinuation) -> None:
         """A synchronising literal: "+" or a refusal (RFC 9051 §7.5; RFC 7889 APPENDLIMIT)."""
         tag = ev.tag or "*"
-        if ev.command in ("LOGIN", "AUTHENTICATE") and not self._auth_allowed():
+        if ev.command in ("LOGIN", "AUTHENTICATE") and not self.core.auth_allowed:
             self.parser.reject_literal()
             self.send(R.tagged(tag, "NO", "Log in after STARTTLS", Code.PRIVACYREQUIRED))
             return
@@ -318,35 +274,12 @@ class IMAPSession(Session):
 
     # -- capabilities ---------------------------------------------------------------------------
 
-    def _auth_allowed(self) -> bool:
-        return self.tls or self.cfg.auth.allow_plaintext
-
-    def capabilities(self) -> list[str]:
-        caps = ["IMAP4rev1", "IMAP4rev2"]
-        if self.state is State.NOT_AUTHENTICATED:
-            if self.starttls_ok and not self.tls:
-                caps.append("STARTTLS")
-            if self._auth_allowed():
-                caps.append("AUTH=PLAIN")
-            else:
-                caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
-            caps += ["SASL-IR", "ID", "ENABLE", "LITERAL+"]
-            return caps
-        caps += [
-            "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE",
-            "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "LITERAL+",
-            "CHILDREN", f"APPENDLIMIT={self.cfg.imap.appendlimit}", "CONDSTORE", "QRESYNC", "BINARY",
-            "STATUS=SIZE", "SASL-IR",
-        ]
-        return caps
-
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self, cmd: C.Command) -> None:
         tag = cmd.tag
-        if not allowed(self.state, cmd.name):
-            hint = "log in first" if self.state is State.NOT_AUTHENTICATED else (
-                "select a mailbox first" if self.state is State.AUTHENTICATED else "not allowed now")
+        hint = self.core.refusal(cmd.name)
+        if hint is not None:
             self.send(R.tagged(tag, "BAD", f"{cmd.command_name}: {hint}", Code.CLIENTBUG))
             self._count_bad()
             return
@@ -360,19 +293,19 @@ class IMAPSession(Session):
             text, code = result if result else (f"{cmd.command_name} completed", None)
             self.send(R.tagged(tag, "OK", text, code))
             self._bad = 0
-        except Reply as r:
+        except Refusal as r:
             self.send(R.tagged(tag, r.status, r.text, r.code))
             if r.status == "BAD":
                 self._count_bad()
         except _Silent:
             pass
         except StoreError as exc:
-            r = _store_reply(exc)
-            self.send(R.tagged(tag, r.status, r.text, r.code))
+            no = _store_reply(exc)
+            self.send(R.tagged(tag, no.status, no.text, no.code))
         except _Disconnect:
             self.logout = True
             raise
-        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError, _CommandTimeout):
+        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError, CommandTimeout):
             raise
         except Exception:
             log.exception("imap: %s failed for %s", cmd.command_name, self.user.address if self.user else self.peer_ip)
@@ -381,7 +314,7 @@ class IMAPSession(Session):
     # -- any state ------------------------------------------------------------------------------
 
     async def cmd_capability(self, cmd: C.Capability) -> None:
-        self.send(R.capability(self.capabilities()))
+        self.send(R.capability(self.core.capabilities()))
 
     async def cmd_noop(self, cmd: C.Noop | C.Check) -> None:
         await self._updates(allow_expunge=True, sync=True)
@@ -396,53 +329,48 @@ class IMAPSession(Session):
     # -- not authenticated ----------------------------------------------------------------------
 
     async def cmd_starttls(self, cmd: C.StartTLS) -> tuple[str, ResponseCode | None] | None:
-        if not self.starttls_ok or self.tls:
+        if not self.core.settings.starttls_ok or self.core.tls:
             raise _bad("STARTTLS is not available", Code.CLIENTBUG)
         self.send(R.tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
         await self.flush()
-        # RFC 9051 §6.2.1: anything the client sent after STARTTLS is plaintext injection: drop it.
+        # RFC 9051 §6.2.1: anything the client sent after STARTTLS is plaintext injection: drop it
+        # (the reader's bytes here, the stream's in start_tls).
         self.parser.discard_buffered()
-        pending = getattr(self.reader, "_buffer", None)  # the StreamReader's unread bytes, if any
-        if isinstance(pending, bytearray):
-            pending.clear()
         ctx = self.services.ssl_context
         assert ctx is not None
         await self.start_tls(ctx)
-        self.tls = True
+        self.core.tls_started()
         raise _Silent()
 
     async def cmd_login(self, cmd: C.Login) -> tuple[str, ResponseCode | None] | None:
-        if not self._auth_allowed():
+        if not self.core.auth_allowed:
             raise _no("Log in after STARTTLS", Code.PRIVACYREQUIRED)  # RFC 9051 §6.2.3
         return await self._check_login(cmd.userid, cmd.password)
 
     async def cmd_authenticate(self, cmd: C.Authenticate) -> tuple[str, ResponseCode | None] | None:
-        if not self._auth_allowed():
+        """RFC 9051 §6.2.2 AUTHENTICATE (SASL-IR: RFC 4959), one exchange shared with SMTP and POP3."""
+        if not self.core.auth_allowed:
             raise _no("Authenticate after STARTTLS", Code.PRIVACYREQUIRED)
-        if cmd.mechanism.upper() != "PLAIN":
+        exchange = sasl.ServerExchange.for_name(cmd.mechanism, AUTH_MECHANISMS)
+        if exchange is None:
             raise _no("Unsupported authentication mechanism", Code.CANNOT)
-        if throttle.get(self.services).blocked(self.peer_ip):
-            self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
-            raise _Disconnect()
-        mech = sasl.server_mechanism("PLAIN")
-        assert mech is not None
-        outcome = mech.step(cmd.initial_response)
-        for _ in range(8):  # PLAIN needs two steps at most
-            if isinstance(outcome, sasl.Challenge):
-                self.send(R.sasl_challenge(outcome.data))
-                await self.flush()
-                line = await self._read_line()
-                if line == b"*":  # RFC 9051 §6.2.2: the client cancels
-                    raise _bad("AUTHENTICATE cancelled")
-                try:
-                    data = base64.b64decode(line, validate=True)
-                except (binascii.Error, ValueError):
-                    raise _bad("Invalid base64 in the SASL response") from None
-                outcome = mech.step(data)
-            elif isinstance(outcome, sasl.NeedPasswordCheck):
-                return await self._check_login(outcome.authcid, outcome.password)
-            else:
+        self._refuse_if_blocked()
+        res = await settle(exchange, exchange.start(cmd.initial_response), self.services.accounts)
+        for _ in range(8):  # SCRAM needs three round trips, LOGIN two
+            if not isinstance(res.outcome, sasl.Challenge):
                 break
+            self.send(R.sasl_challenge(res.outcome.data))
+            await self.flush()
+            line = await self._read_line()
+            if line == b"*":  # RFC 9051 §6.2.2: the client cancels
+                raise _bad("AUTHENTICATE cancelled")
+            data = sasl.decode_response(line)
+            if data is None:
+                raise _bad("Invalid base64 in the SASL response")
+            res = await settle(exchange, exchange.respond(data), self.services.accounts)
+        if isinstance(res.outcome, sasl.Success) and res.user is not None:
+            return await self._grant(res.user)
+        log.info("imap: %s authentication failed from %s", exchange.name, self.peer_ip)
         await self._login_failed()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -460,17 +388,23 @@ class IMAPSession(Session):
                 raise ConnectionError("client went away")
             self.parser.feed(data)
 
-    async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
-        thr = throttle.get(self.services)
-        if thr.blocked(self.peer_ip):
+    def _refuse_if_blocked(self) -> None:
+        if self.services.throttle.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             raise _Disconnect()
+
+    async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
+        self._refuse_if_blocked()
         user = await self.services.accounts.verify_password_async(userid, password)
         if user is None:
             await self._login_failed()
         assert user is not None
-        thr.success(self.peer_ip)
-        conns = _user_connections(self.services)
+        return await self._grant(user)
+
+    async def _grant(self, user: User) -> tuple[str, ResponseCode | None]:
+        """Authenticated (LOGIN or AUTHENTICATE): open the user's mailboxes."""
+        self.services.throttle.success(self.peer_ip)
+        conns = self.services.imap_user_connections
         if conns[user.address] >= self.cfg.imap.max_connections_per_user:
             raise _no("Too many connections for this user", Code.LIMIT)
         if user.mailbox_format != "maildir":
@@ -480,15 +414,15 @@ class IMAPSession(Session):
         self.user = user
         self.mb = await self.call(self.store.acquire, user)
         await self.call(self.mb.ensure_defaults)
-        self.state = State.AUTHENTICATED
+        self.core.logged_in()
         if self._preauth is not None:
             self._preauth.reschedule(None)
         self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
-        log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.tls else "")
-        return "Logged in", Code.capability(self.capabilities())
+        log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.core.tls else "")
+        return "Logged in", Code.capability(self.core.capabilities())
 
     async def _login_failed(self) -> None:
-        thr = throttle.get(self.services)
+        thr = self.services.throttle
         await thr.penalize(self.peer_ip)
         if thr.blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins", Code.UNAVAILABLE))
@@ -498,21 +432,10 @@ class IMAPSession(Session):
     # -- authenticated --------------------------------------------------------------------------
 
     async def cmd_enable(self, cmd: C.Enable) -> None:
-        done = []
-        for cap in cmd.capabilities:
-            if cap == "CONDSTORE" and not self.condstore:
-                self.condstore = True
-                done.append(cap)
-            elif cap == "QRESYNC" and not self.qresync:  # RFC 7162 §3.2.3: implies CONDSTORE
-                self.qresync = self.condstore = True
-                done.append(cap)
-            elif cap == "IMAP4REV2" and not self.rev2:
-                self.rev2 = True
-                self.parser.utf8 = True
-                done.append("IMAP4rev2")
-        self.send(R.enabled(done))
+        self.send(self.core.enable(cmd.capabilities))
+        self.parser.utf8 = self.core.rev2
 
-    def _mbox(self) -> UserMailbox:
+    def _mbox(self) -> Mailboxes:
         assert self.mb is not None
         return self.mb
 
@@ -523,41 +446,21 @@ class IMAPSession(Session):
             raise _store_reply(exc) from None
 
     async def cmd_select(self, cmd: C.Select) -> tuple[str, ResponseCode | None]:
-        if cmd.qresync is not None and not self.qresync:
+        core = self.core
+        if cmd.qresync is not None and not core.qresync:
             raise _bad("QRESYNC must be enabled first", Code.CLIENTBUG)  # RFC 7162 §3.2.5
-        if self.sel is not None:
-            self.sel = None
-            self.state = State.AUTHENTICATED
-            if self.rev2 or self.condstore:
-                self.send(R.untagged_status("OK", "Previous mailbox closed", Code.CLOSED))  # RFC 7162 §3.2.11
+        for line in core.leave():
+            self.send(line)
         name = self._name(cmd.mailbox)
         mb = self._mbox()
         readonly = cmd.readonly
-        snap, recent_from, first = await self.call(mb.select, name, not readonly and not self.rev2, not self.rev2)
+        snap, recent_from, first = await self.call(mb.select, name, not readonly and not core.rev2, not core.rev2)
         if cmd.condstore:
-            self.condstore = True
-        if self.rev2:
-            recent_from = 1 << 32  # IMAP4rev2 has no \Recent
-        uids = snap.uids
-        sel = Selected(name, readonly, snap.uidvalidity, uids, snap.version, snap.highestmodseq, recent_from)
-        kws = tuple(snap.keywords)
-        self.send(R.flags((*_PERMANENT, *kws)))
-        if readonly:
-            self.send(R.untagged_status("OK", "No permanent flags", Code.permanentflags(())))
-        else:
-            self.send(R.untagged_status("OK", "Flags permitted", Code.permanentflags((*_PERMANENT, *kws, "\\*"))))
-        self.send(R.exists(len(uids)))
-        if not self.rev2:
-            self.send(R.recent(len(uids) - bisect_left(uids, recent_from)))
-            if first is not None:
-                i = bisect_left(uids, first)
-                if i < len(uids):
-                    self.send(R.untagged_status("OK", "First unseen", Code.unseen(i + 1)))
-        self.send(R.untagged_status("OK", "UIDs valid", Code.uidvalidity(snap.uidvalidity)))
-        self.send(R.untagged_status("OK", "Predicted next UID", Code.uidnext(snap.uidnext)))
-        self.send(R.untagged_status("OK", "Highest", Code.highestmodseq(snap.highestmodseq)))
-        self.sel = sel
-        self.state = State.SELECTED
+            core.condstore = True
+        view = FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq, snap.keywords)
+        for line in core.select(name, readonly, view, uidnext=snap.uidnext, keywords=snap.keywords,
+                                recent_from=recent_from, first_unseen=first):
+            self.send(line)
         if cmd.qresync is not None and cmd.qresync.uidvalidity == snap.uidvalidity:
             await self._qresync(cmd.qresync)
         return ("EXAMINE completed" if readonly else "SELECT completed",
@@ -565,7 +468,7 @@ class IMAPSession(Session):
 
     async def _qresync(self, q: C.QResync) -> None:
         """RFC 7162 §3.2.5.2: VANISHED (EARLIER) and the flag changes since the client's MODSEQ."""
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         mb = self._mbox()
         known = q.known_uids
@@ -583,7 +486,7 @@ class IMAPSession(Session):
         for uid, flags, kws, modseq in rows:
             i = bisect_left(sel.uids, uid)
             if i < len(sel.uids) and sel.uids[i] == uid:
-                self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, with_modseq=True))
+                self.send(self.core.flag_fetch(i + 1, uid, flags_to_names(flags, kws), modseq, with_modseq=True))
                 await self.maybe_flush()
 
     async def cmd_create(self, cmd: C.Create) -> None:
@@ -596,7 +499,7 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         await self.call(self._mbox().delete, name)
         self._notify(name)
-        if self.sel is not None and self.sel.name == name:
+        if self.core.sel is not None and self.core.sel.name == name:
             self.send(R.bye("Selected mailbox was deleted"))
             raise _Disconnect()
 
@@ -604,7 +507,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
-        if self.sel is not None and (self.sel.name == old or self.sel.name.startswith(old + SEPARATOR)) \
+        if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
             raise _Disconnect()
@@ -620,85 +523,29 @@ class IMAPSession(Session):
         await self.call(mb.subscribe, name, False)
 
     async def cmd_namespace(self, cmd: C.Namespace) -> None:
-        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.rev2))  # RFC 2342
+        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.rev2))  # RFC 2342
 
     # -- LIST / LSUB / STATUS -------------------------------------------------------------------
 
     async def cmd_list(self, cmd: C.List) -> None:
         mb = self._mbox()
-        folders = await self.call(mb.list_folders)
-        subs = set(await self.call(mb.subscriptions))
-        ext = cmd.extended
-        sel_opts = cmd.selection
-        ret = cmd.returns
-        if not cmd.patterns or cmd.patterns == ("",) and not ext:
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2))  # RFC 9051 §6.3.9
-            return
-        exists = {f.name: f.special_use for f in folders}
-        universe = set(exists)
-        for n in list(exists):
-            parts = n.split(SEPARATOR)
-            for i in range(1, len(parts)):
-                universe.add(SEPARATOR.join(parts[:i]))
-        want_subscribed = "SUBSCRIBED" in sel_opts
-        if want_subscribed:
-            universe |= subs
-        matchers = [_pattern(cmd.reference, p) for p in cmd.patterns if p != ""]
-        children = _children_index(universe)
-        sub_children = _children_index(subs) if "RECURSIVEMATCH" in sel_opts else {}
-        out: list[tuple[str, list[str], list[str]]] = []
-        for name in sorted(universe, key=lambda n: (n != "INBOX", n)):
-            if not any(m(name) for m in matchers):
-                continue
-            exists_here = name in exists
-            use = exists.get(name, "")
-            childinfo: list[str] = []
-            if want_subscribed and name not in subs:
-                if name in sub_children:
-                    childinfo = ["SUBSCRIBED"]  # RFC 5258 §3.5 CHILDINFO
-                else:
-                    continue
-            if "SPECIAL-USE" in sel_opts and not use:
-                continue
-            attrs: list[str] = []
-            if not exists_here:
-                attrs.append("\\NonExistent" if ext else "\\Noselect")
-            attrs.append("\\HasChildren" if name in children else "\\HasNoChildren")
-            if use:
-                attrs.append(use)
-            if (want_subscribed or ret.subscribed) and name in subs:
-                attrs.append("\\Subscribed")
-            out.append((name, attrs, childinfo))
-        for name, attrs, childinfo in out:
-            self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, childinfo=childinfo))
-            if ret.status is not None and name in exists:  # RFC 5819 LIST-STATUS
+        folders = {f.name: f.special_use for f in await self.call(mb.list_folders)}
+        subs = await self.call(mb.subscriptions)
+        status = cmd.returns.status
+        for e in list_entries(cmd, folders, subs, SEPARATOR):
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2,
+                                      childinfo=list(e.childinfo)))
+            if status is not None and e.name in folders:  # RFC 5819 LIST-STATUS
                 with contextlib.suppress(StoreError):
-                    await self._send_status(name, ret.status)
+                    await self._send_status(e.name, status)
             await self.maybe_flush()
 
     async def cmd_lsub(self, cmd: C.Lsub) -> None:
         mb = self._mbox()
         subs = await self.call(mb.subscriptions)
         exists = {f.name for f in await self.call(mb.list_folders)}
-        if cmd.pattern == "":
-            self.send(R.list_response(["\\Noselect"], SEPARATOR, "", utf8=self.rev2, command="LSUB"))
-            return
-        m = _pattern(cmd.reference, cmd.pattern)
-        seen: set[str] = set()
-        for name in sorted(subs, key=lambda n: (n != "INBOX", n)):
-            if m(name):
-                if name not in seen:
-                    seen.add(name)
-                    attrs = [] if name in exists else ["\\Noselect"]
-                    self.send(R.list_response(attrs, SEPARATOR, name, utf8=self.rev2, command="LSUB"))
-                continue
-            parts = name.split(SEPARATOR)  # RFC 3501 §6.3.9: a matching unsubscribed parent is \Noselect
-            for i in range(len(parts) - 1, 0, -1):
-                parent = SEPARATOR.join(parts[:i])
-                if m(parent) and parent not in seen and parent not in subs:
-                    seen.add(parent)
-                    self.send(R.list_response(["\\Noselect"], SEPARATOR, parent, utf8=self.rev2, command="LSUB"))
-                    break
+        for e in lsub_entries(cmd.reference, cmd.pattern, subs, exists, SEPARATOR):
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2, command="LSUB"))
 
     async def cmd_status(self, cmd: C.Status) -> None:
         name = self._name(cmd.mailbox)
@@ -707,13 +554,14 @@ class IMAPSession(Session):
     async def _send_status(self, name: str, items: tuple[str, ...]) -> None:
         info = await self.call(self._mbox().status, name)
         if "HIGHESTMODSEQ" in items:
-            self.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         values = {
             "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
             "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
         }
-        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.rev2))
+        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.rev2))
 
     # -- APPEND ---------------------------------------------------------------------------------
 
@@ -725,9 +573,12 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
         flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
-        uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        try:
+            uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(name)
-        if self.sel is not None:
+        if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
         return "APPEND completed", Code.appenduid(uidvalidity, uid)  # RFC 4315 §3
 
@@ -735,15 +586,15 @@ class IMAPSession(Session):
 
     async def cmd_idle(self, cmd: C.Idle) -> tuple[str, ResponseCode | None] | None:
         """RFC 2177: report changes as they happen until DONE."""
-        if self.sel is not None:
+        if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=True)
         self.send(R.continuation("idling"))
         await self.flush()
         self._wake.clear()
         unwatch: Callable[[], None] | None = None
-        if self.sel is not None and self.user is not None:
+        if self.core.sel is not None and self.user is not None:
             mb = self._mbox()
-            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.path_of(self.sel.name),
+            unwatch = self.store.notifier.watch(self.user.address, self.core.sel.name, mb.watch_path(self.core.sel.name),
                                                 self._wake.set)
         self.parser.expect_line()
         deadline = time.monotonic() + IDLE_TIMEOUT_AUTH
@@ -782,7 +633,7 @@ class IMAPSession(Session):
                     continue
                 if wake in done:
                     self._wake.clear()
-                    if self.sel is not None:
+                    if self.core.sel is not None:
                         await self._updates(allow_expunge=True, sync=True)
                 else:
                     self.send(R.untagged_status("OK", "Still here"))
@@ -801,22 +652,10 @@ class IMAPSession(Session):
 
     # -- selected: updates ----------------------------------------------------------------------
 
-    def _flag_fetch(self, seq: int, uid: int, flags: int, kws: str, modseq: int, with_modseq: bool,
-                    silent_flags: bool = False) -> bytes:
-        names = flags_to_names(flags, kws)
-        sel = self.sel
-        if sel is not None and not self.rev2 and uid >= sel.recent_from:
-            names.append("\\Recent")
-        items: list[tuple[str, Any]] = [("UID", uid)]
-        if not silent_flags:
-            items.append(("FLAGS", tuple(Atom(n) for n in names)))
-        if with_modseq:
-            items.append(("MODSEQ", R.Raw(b"(%d)" % modseq)))
-        return R.fetch(seq, items)
-
     async def _updates(self, allow_expunge: bool, sync: bool) -> None:
-        """A notification point: announce expunges (if allowed), new messages and flag changes."""
-        sel = self.sel
+        """A notification point: the store's facts in, the core's announcements out."""
+        core = self.core
+        sel = core.sel
         if sel is None:
             return
         mb = self._mbox()
@@ -825,147 +664,73 @@ class IMAPSession(Session):
         except StoreError:
             self.send(R.bye("Selected mailbox no longer exists"))
             raise _Disconnect() from None
-        if snap.uidvalidity != sel.uidvalidity:
-            self.send(R.bye("Selected mailbox was replaced (UIDVALIDITY changed)"))
-            raise _Disconnect()
-        view = sel.uids
-        old_max = view[-1] if view else 0
-        if snap.uids is not view and snap.version != sel.version:
-            cur = snap.uids
-            n = len(view)
-            if len(cur) >= n and cur[:n] == view:
-                gone: list[int] = []
-            else:
-                present = set(cur)
-                gone = [u for u in view if u not in present]
-            announced = 0
-            if not gone or allow_expunge:
-                if gone:
-                    self._send_expunges(view, gone)
-                    announced = len(gone)
-                view = cur
-                sel.version = snap.version
-            else:  # expunges must wait (RFC 9051 §7.5.1): add only the new messages
-                i = bisect_right(cur, old_max)
-                if i < len(cur):
-                    view = array("I", view)
-                    view.extend(cur[i:])
-            expected = len(sel.uids) - announced
-            sel.uids = view
-            if len(view) > expected:
-                self.send(R.exists(len(view)))
-                if not self.rev2:
-                    if not sel.readonly:
-                        thr = await self.call(mb.claim_recent, sel.name)
-                        sel.recent_from = min(sel.recent_from, max(thr, old_max + 1))
-                    self.send(R.recent(len(view) - bisect_left(view, sel.recent_from)))
-        if snap.highestmodseq > sel.modseq_seen:
-            rows = await self.call(mb.changed_since, sel.name, sel.modseq_seen, old_max)
-            top = snap.highestmodseq
-            for uid, flags, kws, modseq in rows:
-                top = max(top, modseq)
-                if sel.own.get(uid) == modseq:
-                    continue
-                i = bisect_left(sel.uids, uid)
-                if i < len(sel.uids) and sel.uids[i] == uid:
-                    self.send(self._flag_fetch(i + 1, uid, flags, kws, modseq, self.condstore))
-                    await self.maybe_flush()
-            sel.modseq_seen = top
-            sel.own.clear()
-
-    def _send_expunges(self, view: array[int], gone: list[int]) -> None:
-        sel = self.sel
-        assert sel is not None
-        if self.qresync:
-            self.send(R.vanished(SequenceSet.from_ids(gone)))  # RFC 7162 §3.2.10
-        else:
-            gone_set = set(gone)
-            seqs = [i + 1 for i, u in enumerate(view) if u in gone_set]
-            for s in reversed(seqs):  # from the end, so the earlier numbers stay valid
-                self.send(R.expunge(s))
-        if sel.saved is not None:
-            gs = set(gone)
-            sel.saved = [u for u in sel.saved if u not in gs]
-
-    # -- selected: sequence sets ----------------------------------------------------------------
-
-    def _targets(self, sset: SequenceSet, uid: bool) -> list[tuple[int, int]]:
-        """(seq, uid) pairs the set names, in order (RFC 9051 §9 sequence-set; RFC 5182 "$")."""
-        sel = self.sel
-        assert sel is not None
-        view = sel.uids
-        if sset.saved:
-            if sel.saved is None:
-                return []
-            out = []
-            for u in sel.saved:
-                i = bisect_left(view, u)
-                if i < len(view) and view[i] == u:
-                    out.append((i + 1, u))
-            return out
-        if not view:
-            if not uid and sset.max_number() > 0:
-                raise _bad("Invalid message sequence number (the mailbox is empty)", Code.CLIENTBUG)
-            return []
-        if uid:
-            res: list[tuple[int, int]] = []
-            for a, b in sset.resolve(view[-1]):
-                i, j = bisect_left(view, a), bisect_right(view, b)
-                res.extend((k + 1, view[k]) for k in range(i, j))
-            return res
-        n = len(view)
-        if sset.max_number() > n:
-            raise _bad("Invalid message sequence number", Code.CLIENTBUG)  # RFC 9051 §7.1.5
-        return [(s, view[s - 1]) for a, b in sset.resolve(n) for s in range(max(a, 1), min(b, n) + 1)]
+        try:
+            res = core.sync(FolderView(snap.uidvalidity, snap.uids, snap.version, snap.highestmodseq, snap.keywords),
+                            allow_expunge)
+        except MailboxGone as exc:
+            self.send(R.bye(str(exc)))
+            raise _Disconnect() from None
+        for line in res.out:
+            self.send(line)
+        if res.grew and not core.rev2:
+            claimed = None if sel.readonly else await self.call(mb.claim_recent, sel.name)
+            recent = core.recent(claimed, res.old_max)
+            if recent is not None:
+                self.send(recent)
+        if res.flags_since is not None:
+            rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
+            changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
+            for line in core.flag_updates(changes, snap.highestmodseq):
+                self.send(line)
+                await self.maybe_flush()
 
     # -- selected: commands ---------------------------------------------------------------------
 
     async def cmd_close(self, cmd: C.Close) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if not sel.readonly:  # RFC 9051 §6.4.1: expunge silently
             gone = await self.call(self._mbox().expunge, sel.name, None)
             if gone:
                 self._notify(sel.name)
-        self.sel = None
-        self.state = State.AUTHENTICATED
+        self.core.deselect()
 
     async def cmd_unselect(self, cmd: C.Unselect) -> None:
-        self.sel = None
-        self.state = State.AUTHENTICATED
+        self.core.deselect()
 
     async def cmd_expunge(self, cmd: C.Expunge) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         uids = None
         if cmd.uid and cmd.sequence_set is not None:
-            uids = [u for _s, u in self._targets(cmd.sequence_set, True)]
+            uids = [u for _s, u in self.core.targets(cmd.sequence_set, True)]
         gone = await self.call(self._mbox().expunge, sel.name, uids)
         if gone:
             self._notify(sel.name)
         await self._updates(allow_expunge=True, sync=False)
 
     async def cmd_fetch(self, cmd: C.Fetch) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
-        if cmd.vanished and not (cmd.uid and self.qresync and cmd.changedsince is not None):
+        if cmd.vanished and not (cmd.uid and self.core.qresync and cmd.changedsince is not None):
             raise _bad("VANISHED needs QRESYNC, UID FETCH and CHANGEDSINCE", Code.CLIENTBUG)  # RFC 7162 §3.2.6
         wants_modseq = any(a.name == "MODSEQ" for a in cmd.attributes)
         if cmd.changedsince is not None or wants_modseq:
-            self.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         mb = self._mbox()
         want_uid = cmd.uid or any(a.name == "UID" for a in cmd.attributes)
-        if is_flags_only(cmd.attributes) and cmd.changedsince is None and self._covers_all(cmd.sequence_set, cmd.uid):
+        if is_flags_only(cmd.attributes) and cmd.changedsince is None and self.core.covers_all(cmd.sequence_set, cmd.uid):
             # The whole mailbox's flags (clients' resync): from the folder's flag table, one piece.
             data = await self.call(render_all_flags, mb, sel.name, sel.uids, want_uid, wants_modseq,
-                                   self._recent_from())
+                                   self.core.recent_from())
             if data is not None:
                 self.send(data)
                 return None
-        targets = self._targets(cmd.sequence_set, cmd.uid)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
         if cmd.vanished and cmd.changedsince is not None:
             van = await self.call(mb.vanished_since, sel.name, cmd.changedsince)
             top = sel.uids[-1] if sel.uids else 1
@@ -983,14 +748,14 @@ class IMAPSession(Session):
             for i in range(0, len(targets), FLAGS_BATCH):
                 chunk = targets[i:i + FLAGS_BATCH]
                 lines = await self.call(render_flags, mb, sel.name, chunk, want_uid,
-                                        wants_modseq or add_modseq, self._recent_from(), cmd.changedsince)
+                                        wants_modseq or add_modseq, self.core.recent_from(), cmd.changedsince)
                 for line in lines:
                     self.send(line)
                 await self.maybe_flush()
         else:
-            opts = FetchOptions(utf8=self.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
+            opts = FetchOptions(utf8=self.core.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
-                                recent_from=self._recent_from())
+                                recent_from=self.core.recent_from())
             i = 0
             while i < len(targets):
                 try:
@@ -1000,7 +765,7 @@ class IMAPSession(Session):
                 for line in batch.data:
                     self.send(line)
                 if batch.seen_modseq:
-                    sel.own.update(batch.seen_modseq)
+                    self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
                 missing += batch.missing
                 i += max(batch.done, 1)
@@ -1009,77 +774,52 @@ class IMAPSession(Session):
             return f"{cmd.command_name} completed; some messages were expunged meanwhile", Code.EXPUNGEISSUED
         return None
 
-    def _covers_all(self, sset: SequenceSet, uid: bool) -> bool:
-        """True when the set names every message of the (non-empty) view, e.g. 1:* or UID 1:*."""
-        sel = self.sel
-        assert sel is not None
-        view = sel.uids
-        if sset.saved or not view:
-            return False
-        if uid:
-            return any(a <= view[0] and b >= view[-1] for a, b in sset.resolve(view[-1]))
-        n = len(view)
-        return sset.max_number() <= n and any(a <= 1 and b >= n for a, b in sset.resolve(n))
-
-    def _recent_from(self) -> int:
-        """UIDs at or above this are \\Recent for this session (never, in IMAP4rev2)."""
-        sel = self.sel
-        if sel is None or self.rev2:
-            return 1 << 32
-        return sel.recent_from
-
     async def cmd_store(self, cmd: C.Store) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         if cmd.unchangedsince is not None:
-            self.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
-        targets = self._targets(cmd.sequence_set, cmd.uid)
-        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
-        for f in flags:
-            if f.startswith("\\") and f.upper() not in _SYSTEM_UPPER:
-                raise _bad(f"Unknown system flag {f}", Code.CLIENTBUG)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
+        flags = self.core.store_flags(cmd.flags)
         mb = self._mbox()
         res = await self.call(mb.store, sel.name, [u for _s, u in targets], cmd.mode.value, flags,
                               cmd.unchangedsince)
-        for u in res.changed:
-            sel.own[u] = res.modseq
+        for line in self.core.keywords_known(res.keywords):  # RFC 9051 §7.3.5: before the FETCH
+            self.send(line)
         if res.changed:
             self._notify(sel.name)
-        seq_of = {u: s for s, u in targets}
-        report = dict(res.changed)
-        if not cmd.silent:
-            report.update(res.unchanged)
-        for u in sorted(report, key=lambda x: seq_of.get(x, 0)):
-            row = report[u]
-            silent_flags = cmd.silent  # only changed messages remain here: MODSEQ only (RFC 7162 §3.1.3)
-            if cmd.silent and not self.condstore:
-                continue
-            self.send(self._flag_fetch(seq_of[u], u, row.flags, row.keywords, row.modseq,
-                                       self.condstore, silent_flags=silent_flags))
+        lines, code = self.core.store_answer(
+            targets, _flag_report(res.changed), _flag_report(res.unchanged), res.conflicts, res.modseq,
+            silent=cmd.silent, uid=cmd.uid)
+        for line in lines:
+            self.send(line)
         await self.maybe_flush()
-        if res.conflicts:
-            ids = res.conflicts if cmd.uid else [seq_of[u] for u in res.conflicts]
-            return "Conditional STORE failed for some messages", Code.modified(SequenceSet.from_ids(ids))
+        if code is not None:
+            return "Conditional STORE failed for some messages", code
         return None
 
     async def cmd_copy(self, cmd: C.Copy | C.Move) -> tuple[str, ResponseCode | None] | None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         move = isinstance(cmd, C.Move)
         if move and sel.readonly:
             raise _no("Mailbox is read-only", Code.READ_ONLY)
         await self._updates(allow_expunge=cmd.uid or move, sync=False)
-        targets = self._targets(cmd.sequence_set, cmd.uid)
+        targets = self.core.targets(cmd.sequence_set, cmd.uid)
         dest = self._name(cmd.mailbox)
         mb = self._mbox()
         uids = [u for _s, u in targets]
         if not uids:
             return None
         fn = mb.move if move else mb.copy
-        res = await self.call(fn, sel.name, uids, dest)
+        try:
+            res = await self.call(fn, sel.name, uids, dest)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(dest)
         code = None
         if res.dest_uids:
@@ -1094,16 +834,17 @@ class IMAPSession(Session):
         return "COPY completed", code
 
     async def cmd_search(self, cmd: C.Search) -> None:
-        sel = self.sel
+        sel = self.core.sel
         assert sel is not None
         if _uses_modseq(cmd.criteria):
-            self.condstore = True
+            for line in self.core.use_condstore():
+                self.send(line)
         await self._updates(allow_expunge=cmd.uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
-        recent = self._recent_from()
+        recent = self.core.recent_from()
         mb = self._mbox()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)
@@ -1115,27 +856,8 @@ class IMAPSession(Session):
 
         parts = [targets[i:i + SEARCH_BATCH] for i in range(0, len(targets), SEARCH_BATCH)]
         matches = [m for found in await asyncio.gather(*(batch(p) for p in parts)) for m in found]
-        ids = [u if cmd.uid else s for s, u, _m in matches]
-        modseq = max((m for _s, _u, m in matches), default=None) if _uses_modseq(cmd.criteria) else None
-        returns = cmd.returns
-        if returns is not None and "SAVE" in returns:
-            sel.saved = [u for _s, u, _m in matches]  # RFC 5182
-        if returns is None and not self.rev2:
-            self.send(R.search(ids, modseq))
-            return
-        opts = set(returns or ("ALL",))
-        if opts == {"SAVE"}:
-            return  # RFC 5182 §2.4: SAVE alone gives no ESEARCH response
-        if not opts - {"SAVE"}:
-            opts.add("ALL")
-        self.send(R.esearch(
-            cmd.tag, uid=cmd.uid,
-            min=min(ids) if ids and "MIN" in opts else None,
-            max=max(ids) if ids and "MAX" in opts else None,
-            all=SequenceSet.from_ids(ids) if ids and "ALL" in opts else None,
-            count=len(ids) if "COUNT" in opts else None,
-            modseq=modseq if ids else None,
-        ))
+        for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
+            self.send(line)
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
@@ -1144,8 +866,8 @@ class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
 
 
-class _CommandTimeout(Exception):
-    """A command was started and not finished within its deadline (limits.command_timeout)."""
+def _flag_report(rows: dict[int, MessageRow]) -> dict[int, tuple[list[str], int]]:
+    return {u: (flags_to_names(r.flags, r.keywords), r.modseq) for u, r in rows.items()}
 
 
 def _uses_modseq(key: SearchKey) -> bool:
@@ -1156,28 +878,6 @@ def _uses_modseq(key: SearchKey) -> bool:
         if sub is not None and _uses_modseq(sub):
             return True
     return any(_uses_modseq(k) for k in getattr(key, "keys", ()))
-
-
-def _pattern(reference: str, pattern: str) -> Callable[[str], bool]:
-    """RFC 9051 §6.3.9 LIST matching: "*" matches anything, "%" anything but the separator;
-    the INBOX component is case-insensitive."""
-    full = reference + pattern
-    if full[:5].upper() == "INBOX" and (len(full) == 5 or full[5] in (SEPARATOR, "*", "%")):
-        full = "INBOX" + full[5:]
-    rx = re.compile("".join(
-        ".*" if ch == "*" else f"[^{re.escape(SEPARATOR)}]*" if ch == "%" else re.escape(ch) for ch in full),
-        re.DOTALL)
-    return lambda name: rx.fullmatch(name) is not None
-
-
-def _children_index(names: set[str]) -> set[str]:
-    """The names that have at least one child among `names` (or implied by a deeper name)."""
-    out: set[str] = set()
-    for n in names:
-        parts = n.split(SEPARATOR)
-        for i in range(1, len(parts)):
-            out.add(SEPARATOR.join(parts[:i]))
-    return out
 
 
 IMAPSession._handlers = {

@@ -3,17 +3,20 @@
 What changes at once: the certificate of every new TLS handshake (implicit TLS and STARTTLS alike: the
 listeners keep one SSLContext whose SNI callback, which OpenSSL calls in every handshake with or
 without SNI, hands the handshake to the newest context), listeners added, removed or moved (closed
-ones stop accepting; their sessions go on), and the settings sessions read when they start. Sessions
-already open are not touched: an IMAP IDLE opened before a reload still gets its EXISTS after it.
+ones stop accepting; their sessions go on), and what sessions read from the configuration when they
+start ([limits], [imap], [pop3]: new sessions get a copy of the frozen `App` with the new
+configuration). Sessions already open are not touched: an IMAP IDLE opened before a reload still gets
+its EXISTS after it.
 
-What does not: `data_dir` and `[server]` (who we run as) need a restart and are reported; a listener
-on a port below 1024 cannot be opened once root is dropped (reported, the rest goes on). A broken
-configuration is logged on one line naming the key and the running one stays in force.
+What does not: every other table configures a long-lived component `build_app` made once (the queue,
+mail authentication, the resolver, ...), and `data_dir` and `[server]` (who we run as) are fixed for
+the life of the process; a change to any of them is reported and applies at the next restart. A
+listener on a port below 1024 cannot be opened once root is dropped (reported, the rest goes on). A
+broken configuration is logged on one line naming the key and the running one stays in force.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -22,16 +25,14 @@ import os
 import signal
 import ssl
 from pathlib import Path
-from typing import Any
-
 from ..config import Config, ConfigError, load_config
 from . import notify, sockets
 from .base import ListenerSet
 
 log = logging.getLogger("postier")
 
-#: Settings that only a restart applies (the process is already running as its user, in its data_dir).
-FIXED = ("data_dir", "server")
+#: What a reload applies to new sessions; every other field of Config needs a restart.
+LIVE = frozenset({"listeners", "tls", "limits", "imap", "pop3", "source"})
 
 
 class CertSwitch:
@@ -58,10 +59,9 @@ def pid_file(cfg: Config) -> Path:
 class Reloader:
     """Applies a re-read configuration to running services and listeners."""
 
-    def __init__(self, services: Any, listeners: ListenerSet) -> None:
-        self.services = services
+    def __init__(self, listeners: ListenerSet) -> None:
         self.listeners = listeners
-        ctx = services.ssl_context
+        ctx = listeners.services.ssl_context
         self.certs = CertSwitch(ctx) if ctx is not None else None
         self._lock = asyncio.Lock()
         #: Set once the listeners serve: a SIGHUP that arrives while they start waits for it.
@@ -78,7 +78,8 @@ class Reloader:
                 notify.ready()
 
     async def _reload(self) -> bool:
-        old: Config = self.services.config
+        app = self.listeners.services
+        old: Config = app.config
         assert old.source is not None
         try:
             new = await asyncio.to_thread(load_config, old.source)
@@ -89,19 +90,19 @@ class Reloader:
         except (ssl.SSLError, OSError) as exc:
             log.error("reload failed: tls.cert: %s; keeping the running configuration", exc)
             return False
-        for key in FIXED:
+        fixed = [f.name for f in dataclasses.fields(Config) if f.name not in LIVE]
+        for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
-        new = dataclasses.replace(new, **{k: getattr(old, k) for k in FIXED})
+        new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
         if ctx is not None and self.certs is not None:
             self.certs.update(ctx)
         elif ctx is not None:
             log.warning("reload: tls: a certificate was added; TLS starts at the next restart")
-        self.services.config = new
+        # The App is frozen: new sessions get a copy with the new configuration and the same components
+        # (per-App caches, such as the SMTP listeners' settings, are then rebuilt from it).
+        self.listeners.services = dataclasses.replace(app, config=new)
         await self._listeners(old, new)
-        from . import smtp  # per-listener SMTP settings are built once; rebuild them from `new`
-
-        smtp._settings_cache.pop(self.services, None)
         log.info("reloaded %s", old.source)
         return True
 
@@ -155,8 +156,6 @@ def uninstall(cfg: Config) -> None:
         pid_file(cfg).unlink()
 
 
-# -- `postier reload` -----------------------------------------------------------------------------
-
 def running_pid(cfg: Config) -> int | None:
     """The pid of the server of this configuration, or None when none runs."""
     try:
@@ -167,23 +166,3 @@ def running_pid(cfg: Config) -> int | None:
     if b"serve" not in cmdline or not any(b"postier" in part for part in cmdline):
         return None  # a stale pid file whose pid now belongs to another program
     return pid
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, _load
-
-    cfg = _load(args)
-    pid = running_pid(cfg)
-    if pid is None:
-        raise CLIError(f"no running server for {cfg.source} ({pid_file(cfg)})")
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except OSError as exc:
-        raise CLIError(f"cannot signal the server (pid {pid}): {exc.strerror}") from None
-    print(f"asked the server (pid {pid}) to reload; its log says how it went")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("reload", help="make the running server re-read its configuration and certificates")
-    p.set_defaults(func=cmd_reload)

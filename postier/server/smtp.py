@@ -23,7 +23,6 @@ smtpd_per_record_deadline and smtpd_min_data_rate); the whole session within
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
@@ -32,45 +31,26 @@ from typing import Any
 
 from ..config import IMPLICIT_TLS_ROLES
 from ..faults import fault_point
-from ..pipeline.inbound import Envelope, LMTPPipeline, MXPipeline, SMTPPipeline
+from ..message.types import Envelope, MessageBody
+from ..pipeline.inbound import SMTPPipeline
 from ..proto import sasl
 from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
-from ..store.maildir import MessageBody
-from . import stats, throttle
+from . import stats
+from .auth import settle
+from .throttle import AuthThrottle
 from .base import ProtocolSession
 
 log = logging.getLogger("postier.smtp")
 
-#: role -> pipeline class (or "module:Class" loaded lazily: the submission layer is optional).
-PIPELINES: dict[str, Any] = {
-    "smtp": MXPipeline,
-    "lmtp": LMTPPipeline,
-    "submission": "postier.pipeline.submission:SubmissionPipeline",
-    "submissions": "postier.pipeline.submission:SubmissionPipeline",
-}
 SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 R421_TOO_MANY_AUTH = R.Reply(421, "4.7.0", "Too many failed authentication attempts, try later")
-R554_NOT_AVAILABLE = R.Reply(554, "5.3.2", "This service is not available")
 
-#: Services -> (role, implicit TLS) -> the core's settings, built once per listener.
+#: App -> (role, implicit TLS) -> the core's settings, built once per listener.
 _settings_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], core.ServerSettings]] = (
     weakref.WeakKeyDictionary())
-#: Services -> the directory spilled message bodies go to.
+#: App -> the directory spilled message bodies go to.
 _spool_cache: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
-
-
-def _pipeline_class(role: str) -> type[SMTPPipeline] | None:
-    ref = PIPELINES.get(role)
-    if isinstance(ref, str):
-        mod, _, attr = ref.partition(":")
-        try:
-            cls: type[SMTPPipeline] = getattr(importlib.import_module(mod), attr)
-        except (ModuleNotFoundError, AttributeError):
-            return None
-        PIPELINES[role] = cls
-        return cls
-    return ref
 
 
 def _server_settings(services: Any, role: str, tls_implicit: bool) -> core.ServerSettings:
@@ -124,13 +104,10 @@ class SMTPSession(ProtocolSession):
         self.conn = core.ServerConnection(self.settings)
         self.env = Envelope(role=self.role, peer_ip=self.peer_ip, local_ip=self.local_ip,
                             tls=self.tls_info if self.tls_implicit else None)
-        cls = _pipeline_class(self.role)
-        self.pipeline: SMTPPipeline | None = cls(services, self.role) if cls is not None else None
+        self.pipeline: SMTPPipeline = services.pipelines[self.role]()
         self.body = None
         self._body_failed = False
-        self.mech: sasl.ServerMechanism | None = None
-        self._pending_success: sasl.Success | None = None
-        self._final_sent = False
+        self.exchange: sasl.ServerExchange | None = None
         self._task = None  # a pipeline call waiting for its answer
         self._reading = True
         self._write_paused = False
@@ -141,8 +118,6 @@ class SMTPSession(ProtocolSession):
         # Idle, command and session timeouts: one timer, re-armed from timestamps when it fires.
         now = self.loop.time()
         self._last = now  # the last input (or the end of the server's last step)
-        self._cmd_started: float | None = None  # when the partly received command/transfer began
-        self._cmd_bytes = 0  # bytes received since then
         self._session_deadline = now + self.limits.session_timeout
         self._timer = None
         self._timer_when = 0.0
@@ -170,9 +145,7 @@ class SMTPSession(ProtocolSession):
             return
         self._greeted = True
         conn = self.conn
-        if self.pipeline is None:
-            conn.greet(R554_NOT_AVAILABLE)
-        elif self.role != "smtp" and self.throttle.blocked(self.peer_ip):
+        if self.role != "smtp" and self.throttle.blocked(self.peer_ip):
             conn.greet(R421_TOO_MANY_AUTH)
         else:
             conn.greet()
@@ -200,19 +173,21 @@ class SMTPSession(ProtocolSession):
     def _deadline(self) -> float:
         lim = self.limits
         deadline = min(self._last + lim.idle_timeout, self._session_deadline)
-        if self._cmd_started is not None:
-            deadline = min(deadline, self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate)
+        cmd = self.clock.deadline()
+        if cmd is not None:
+            deadline = min(deadline, cmd)
         return deadline
 
     def _track_command(self, now: float, n: int) -> None:
         """After input: start, advance or stop the clock of a partly received command/transfer."""
+        clock = self.clock
         if not self.conn.partial_input:
-            self._cmd_started = None
-        elif self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, 0
+            clock.stop()
+        elif clock.started is None:
+            clock.start(now)
             self._arm(now + self.limits.command_timeout)
         else:
-            self._cmd_bytes += n
+            clock.add(n)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -224,14 +199,13 @@ class SMTPSession(ProtocolSession):
         elif self._task is not None:  # the server is working, not waiting for the client
             expired = False
             self._last = now
-            if self._cmd_started is not None:
-                self._cmd_started = now
+            self.clock.pause(now)
         else:
             expired = now >= self._deadline()
         if not expired:
             self._arm(self._deadline())
             return
-        if self._cmd_started is not None and now < self._session_deadline:
+        if self.clock.started is not None and now < self._session_deadline:
             log.info("%s: %s did not finish a command in time", self.role, self.peer_ip)
         if self._task is not None:  # answer the step in progress first, then 421
             self.closing = True
@@ -352,8 +326,7 @@ class SMTPSession(ProtocolSession):
             self._finish(abort=True)
             return
         self._last = now = self.loop.time()
-        if self._cmd_started is not None:
-            self._cmd_started = now  # the server's time does not count against the client
+        self.clock.pause(now)  # the server's time does not count against the client
         self._set_reading()
         self._advance()
         if not self._lost:
@@ -382,18 +355,16 @@ class SMTPSession(ProtocolSession):
         return self._call(self._mail(ev))
 
     async def _mail(self, ev: core.MailFrom) -> None:
-        assert self.pipeline is not None
         reply = await self.pipeline.on_mail(self.env, ev.path, ev.params)
-        stats.count_reply(reply.code)
+        stats.count_reply(reply.code)  # `postier status`
         self.conn.reply(reply)
 
     def _on_rcpt(self, ev: core.RcptTo) -> bool:
         return self._call(self._rcpt(ev))
 
     async def _rcpt(self, ev: core.RcptTo) -> None:
-        assert self.pipeline is not None
         reply = await self.pipeline.on_rcpt(self.env, ev.path, ev.params)
-        stats.count_reply(reply.code)
+        stats.count_reply(reply.code)  # `postier status`
         self.conn.reply(reply)
 
     def _on_data_start(self, ev: core.DataStart) -> bool:
@@ -412,7 +383,7 @@ class SMTPSession(ProtocolSession):
         n = len(conn.recipients)
         body, self.body = self.body, None
         try:
-            if ev.problem is not None or body is None or self.pipeline is None:
+            if ev.problem is not None or body is None:
                 fallback = R.R452_NO_SPACE if self._body_failed else R.R451_LOCAL_ERROR
                 replies = [ev.problem or fallback] * n  # RFC 1870 §6.2 for a spool without space
             else:
@@ -463,8 +434,8 @@ class SMTPSession(ProtocolSession):
     # -- AUTH (RFC 4954) --------------------------------------------------------------------------
 
     @property
-    def throttle(self) -> throttle.AuthThrottle:
-        return throttle.get(self.services)
+    def throttle(self) -> AuthThrottle:
+        return self.services.throttle
 
     async def _auth(self, ev: core.AuthStart | core.AuthResponse) -> None:
         conn = self.conn
@@ -473,55 +444,29 @@ class SMTPSession(ProtocolSession):
                 conn.auth_fail(R421_TOO_MANY_AUTH)
                 conn.shutdown(R421_TOO_MANY_AUTH)
                 return
-            self.mech = sasl.server_mechanism(ev.mechanism)
-            if self.mech is None or ev.mechanism not in self.settings.auth_mechanisms:
+            self.exchange = sasl.ServerExchange.for_name(ev.mechanism, self.settings.auth_mechanisms)
+            if self.exchange is None:
                 conn.auth_fail(R.R504_AUTH_MECH)
                 return
-            outcome = self.mech.step(ev.initial_response)
-        elif self._pending_success is not None:  # the empty answer to the SCRAM server-final
-            outcome = self._pending_success if not ev.data else sasl.Failure("unexpected data")
-            self._pending_success = None
+            outcome = self.exchange.start(ev.initial_response)
         else:
-            assert self.mech is not None
-            outcome = self.mech.step(ev.data)
-        for _ in range(4):  # a mechanism asks at most a lookup and a password check per step
-            if isinstance(outcome, sasl.NeedPasswordCheck):
-                user = None
-                if not outcome.authzid or outcome.authzid.lower() == outcome.authcid.lower():
-                    user = await self.services.accounts.verify_password_async(outcome.authcid, outcome.password)
-                if user is not None:
-                    self.env.auth_user = user
-                outcome = self.mech.password_result(user is not None)
-            elif isinstance(outcome, sasl.NeedScramCredentials):
-                creds = await asyncio.to_thread(self.services.accounts.scram_credentials, outcome.username)
-                outcome = self.mech.scram_credentials(creds)
-            else:
-                break
-        if isinstance(outcome, sasl.Challenge):
-            conn.auth_challenge(outcome.data)
-        elif isinstance(outcome, sasl.Success):
-            if outcome.additional and isinstance(ev, core.AuthResponse | core.AuthStart) and not self._final_sent:
-                # RFC 4954 §4: SMTP cannot carry additional data with 235: send it as a challenge.
-                self._final_sent = True
-                self._pending_success = outcome
-                conn.auth_challenge(outcome.additional)
-                return
-            self._final_sent = False
-            user = self.env.auth_user or await asyncio.to_thread(self.services.accounts.get_user,
-                                                                 outcome.authcid)
-            if user is None:
-                await self._auth_failed()
-                return
-            self.env.auth_user = user
+            assert self.exchange is not None
+            outcome = self.exchange.respond(ev.data)
+        res = await settle(self.exchange, outcome, self.services.accounts)
+        if isinstance(res.outcome, sasl.Challenge):
+            conn.auth_challenge(res.outcome.data)
+            return
+        self.exchange = None
+        if isinstance(res.outcome, sasl.Success) and res.user is not None:
+            self.env.auth_user = res.user
             self.throttle.success(self.peer_ip)
-            conn.auth_success(user.address)
-            log.info("%s: %s authenticated as %s", self.role, self.peer_ip, user.address)
+            conn.auth_success(res.user.address)
+            log.info("%s: %s authenticated as %s", self.role, self.peer_ip, res.user.address)
         else:
             await self._auth_failed()
 
     async def _auth_failed(self) -> None:
         self.env.auth_user = None
-        self._final_sent = False
         log.info("%s: authentication failed from %s", self.role, self.peer_ip)
         await self.throttle.penalize(self.peer_ip)
         if self.throttle.blocked(self.peer_ip):

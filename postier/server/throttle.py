@@ -13,10 +13,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .app import Services
 
 MAX_DELAY = 15.0
 MAX_TRACKED = 100_000  # bounded memory under a distributed attack
@@ -66,17 +62,3 @@ class AuthThrottle:
         d = self.delay(ip)
         if d > 0:
             await asyncio.sleep(d)
-
-
-def attach(services: Services) -> None:
-    a = services.config.auth
-    services.extensions["throttle"] = AuthThrottle(a.failure_delay, a.max_failures, a.failure_window)
-
-
-def get(services: Services) -> AuthThrottle:
-    t = services.extensions.get("throttle")
-    if t is None:
-        attach(services)
-        t = services.extensions["throttle"]
-    assert isinstance(t, AuthThrottle)
-    return t

@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..accounts import AccountError, User
+from ..message.types import AccountError, MessageBody, User
+from .maildir import DeliveryError, MaildirDraft, deliver_to_user, folder_root, sync_new
 
 log = logging.getLogger("postier.mda")
 
@@ -114,12 +115,12 @@ class Agent:
             try:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "postier.store.agent", str(self.mail_root), str(self.workers)],
-                    stdin=theirs, stdout=subprocess.DEVNULL, close_fds=True)
+                    stdin=theirs.fileno(), stdout=subprocess.DEVNULL, close_fds=True)
             finally:
                 theirs.close()
             self._shut = socket.socket(fileno=os.dup(ours.fileno()))
             transport, _ = await loop.create_unix_connection(lambda: _Answers(self), sock=ours)
-            self.transport = transport  # type: ignore[assignment]
+            self.transport = transport
             log.info("delivery agent started (pid %d)", self.proc.pid)
             self._starting.set_result(None)
         except BaseException as exc:
@@ -204,9 +205,6 @@ class Agent:
 def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
     """Read requests; deliver the ones that came in together as one batch (see `_Batch`), the rest
     (mbox, spilled bodies) one by one in worker threads; answer each when it is durable."""
-    from .delivery import LocalDelivery
-
-    mda = LocalDelivery(mail_root, workers=1, agent=False)
     slow = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
     syncers = ThreadPoolExecutor(max_workers=max(1, SYNC_THREADS - 1), thread_name_prefix="fsync")
     send_lock = threading.Lock()
@@ -219,7 +217,7 @@ def _serve(sock: socket.socket, mail_root: Path, workers: int) -> None:
                 pass  # the server is gone: nothing to tell
 
     def one(header: dict[str, Any], data: bytes) -> None:
-        send([_answer(header, _deliver_each(mda, header, data))])
+        send([_answer(header, _deliver_each(mail_root, header, data))])
 
     buf = bytearray()
     while True:
@@ -259,10 +257,8 @@ def _answer(header: dict[str, Any], results: list[Result]) -> bytes:
     return _ANSWER.pack(len(data)) + data
 
 
-def _deliver_each(mda: Any, header: dict[str, Any], data: bytes) -> list[Result]:
-    """One request, recipient after recipient, with the MDA's blocking deliver_one."""
-    from .maildir import MessageBody
-
+def _deliver_each(mail_root: Path, header: dict[str, Any], data: bytes) -> list[Result]:
+    """One request, recipient after recipient (mbox, spilled bodies)."""
     try:
         cut = header["prefix"]
         prefix, rest = data[:cut], data[cut:]
@@ -272,11 +268,12 @@ def _deliver_each(mda: Any, header: dict[str, Any], data: bytes) -> list[Result]
             if header["path"] is not None:
                 body = MessageBody.from_spool(header["path"], header["size"])
             try:
-                r = mda.deliver_one(User(address, local, domain, fmt), prefix, body, header["from"], folder)
+                ok, detail = deliver_to_user(mail_root, User(address, local, domain, fmt), prefix, body,
+                                             header["from"], folder)
             finally:
                 if isinstance(body, MessageBody):
                     body.close()
-            results.append((r.ok, r.detail))
+            results.append((ok, detail))
         return results
     except Exception as exc:  # a bug or a vanished spool file: this message fails, the agent lives
         log.exception("delivery agent: request %s failed", header.get("id"))
@@ -295,9 +292,6 @@ class _Batch:
         self.drafts: list[tuple[list[Result | None], int, Any]] = []
 
     def add(self, header: dict[str, Any], data: bytes) -> None:
-        from .delivery import folder_root
-        from .maildir import DeliveryError, MaildirDraft
-
         cut = header["prefix"]
         prefix, body = data[:cut], data[cut:]
         results: list[Result | None] = [None] * len(header["to"])
@@ -314,8 +308,6 @@ class _Batch:
         results[i] = (False, str(exc))
 
     def run(self, syncers: ThreadPoolExecutor) -> list[bytes]:
-        from .maildir import DeliveryError, sync_new
-
         drafts = self.drafts
 
         def sync(part: list[tuple[list[Result | None], int, Any]]) -> None:

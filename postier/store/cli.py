@@ -7,7 +7,7 @@ import argparse
 
 from ..accounts import Accounts
 from ..config import load_config
-from .index import StoreError
+from .errors import StoreError
 from .mailbox import MailStore
 
 
@@ -39,7 +39,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("reindex", help="rebuild users' mailbox indexes from their Maildirs (UIDs are kept)")
     p.add_argument("users", nargs="+", metavar="USER", help="user address")
     p.set_defaults(func=cmd_reindex)

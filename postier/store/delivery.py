@@ -11,38 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..accounts import User
+from ..message.types import LocalOutcome, MessageBody, Recipient, User
 from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
-from .maildir import DeliveryError, MessageBody, deliver_maildir, deliver_mbox
+from .maildir import deliver_to_user
 
 log = logging.getLogger("postier.mda")
-
-#: Maildir++ folder names we deliver into (e.g. "Junk" for DMARC quarantine); a strict pattern,
-#: since the name becomes a directory name.
-_FOLDER_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
-
 
 @dataclass(frozen=True)
 class DeliveryResult:
     user: User
     ok: bool
     detail: str  # file name on success, the error otherwise
-
-
-def folder_root(maildir: Path, folder: str | None) -> Path:
-    """INBOX is the Maildir root; another folder is the Maildir++ subfolder '.Name'."""
-    if not folder or folder.upper() == "INBOX":
-        return maildir
-    if not _FOLDER_RE.match(folder):
-        raise DeliveryError(f"invalid folder name {folder!r}")
-    return maildir / f".{folder}"
 
 
 class LocalDelivery:
@@ -56,16 +41,8 @@ class LocalDelivery:
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None) -> DeliveryResult:
         """Blocking delivery to one user."""
-        try:
-            if user.mailbox_format == "mbox":
-                deliver_mbox(user.mbox(self.mail_root), envelope_from, prefix, body)
-                return DeliveryResult(user, True, "mbox")
-            root = folder_root(user.maildir(self.mail_root), folder)
-            name = deliver_maildir(root, prefix, body)
-            return DeliveryResult(user, True, name)
-        except (DeliveryError, OSError) as exc:
-            log.error("delivery to %s failed: %s", user.address, exc)
-            return DeliveryResult(user, False, str(exc))
+        ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder)
+        return DeliveryResult(user, ok, detail)
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
                       body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
@@ -86,6 +63,21 @@ class LocalDelivery:
                     except Exception:  # a listener's bug must not fail a delivery
                         log.exception("delivery listener failed")
         return results
+
+    async def deliver_recipients(self, recipients: Sequence[Recipient], prefix: bytes, body: MessageBody | bytes,
+                                 envelope_from: str, folder: str | None = None) -> LocalOutcome:
+        """Local delivery after alias expansion, for the pipelines and the queue alike: each distinct
+        user once, whatever the number of recipients reaching them (`MailDelivery`)."""
+        targets: dict[str, User] = {}
+        for r in recipients:
+            for u in r.users:
+                targets.setdefault(u.address, u)
+        if not targets:
+            return LocalOutcome(frozenset(r.address for r in recipients), ())
+        results = await self.deliver([(u, folder) for u in targets.values()], prefix, body, envelope_from)
+        ok = {r.user.address for r in results if r.ok}
+        return LocalOutcome(frozenset(r.address for r in recipients if all(u.address in ok for u in r.users)),
+                            tuple(r.user.address for r in results if not r.ok))
 
     async def _by_agent(self, agent: Agent, users: list[tuple[User, str | None]], prefix: bytes,
                         body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult] | None:

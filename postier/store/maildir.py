@@ -14,20 +14,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import random
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
+from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
+from ..message.types import MessageBody, User
+
+log = logging.getLogger("postier.mda")
 
 SUBDIRS = ("cur", "new", "tmp")
 _counter = itertools.count(1)
@@ -49,26 +50,13 @@ class DeliveryError(Exception):
     """Delivery failed; nothing was made visible in new/ (the caller answers 4xx)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename or create inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_maildir(root: Path) -> None:
-    """Create root/{cur,new,tmp} (mode 0700) if missing, durably."""
-    created = False
-    for sub in SUBDIRS:
-        p = root / sub
-        if not p.is_dir():
-            p.mkdir(mode=0o700, parents=True, exist_ok=True)
-            created = True
-    if created:
-        fsync_dir(root)
-        fsync_dir(root.parent)
+def ensure_maildir(root: Path, again: bool = False) -> None:
+    """Create root/{cur,new,tmp} (mode 0700) and every missing directory above, durably (each new
+    directory's parent fsynced: durable.ensure_dirs). Free once done in this process, unless `again`
+    (the Maildir was removed under us)."""
+    if again:
+        forget(root)
+    ensure_dirs(*(root / sub for sub in SUBDIRS))
 
 
 def unique_name(size: int) -> str:
@@ -88,125 +76,6 @@ def size_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-@dataclass
-class MessageBody:
-    """The message content as it was received: in memory while small, in a spool file once large.
-
-    Writers call `write()` as data arrives; a body over `memory_limit` spills to a temporary file
-    in `spool_dir`, so a 25 MiB message costs at most `memory_limit` bytes of memory.
-    """
-
-    spool_dir: Path
-    memory_limit: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._mem = 0
-        self._file: BinaryIO | None = None
-        self._borrowed = False  # a spool file owned by another process: close() leaves it
-        self.size = 0
-
-    @classmethod
-    def from_spool(cls, path: str, size: int) -> MessageBody:
-        """A read-only body over a spool file another process wrote (the delivery agent's view)."""
-        body = cls(Path(path).parent)
-        body._file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        body._borrowed = True
-        body.size = size
-        return body
-
-    @property
-    def spool_path(self) -> str | None:
-        """The spool file of a spilled body (flushed, so another process can read it), else None."""
-        if self._file is None:
-            return None
-        self._file.flush()
-        return self._file.name
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self._file is None:
-            self._chunks.append(data)
-            self._mem += len(data)
-            if self._mem > self.memory_limit:
-                self._spill()
-        else:
-            self._file.write(data)
-
-    def _spill(self) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        f = tempfile.NamedTemporaryFile(prefix="in.", dir=self.spool_dir, delete=False)  # noqa: SIM115
-        for c in self._chunks:
-            f.write(c)
-        self._chunks = []
-        self._mem = 0
-        self._file = f
-
-    @property
-    def in_memory(self) -> bool:
-        return self._file is None
-
-    def getvalue(self) -> bytes:
-        """The whole body as bytes (reads the spool file back when spilled)."""
-        if self._file is None:
-            return b"".join(self._chunks)
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            return f.read()
-
-    def head(self, limit: int) -> bytes:
-        """Up to `limit` first bytes (for header inspection without reading a large body)."""
-        if self._file is None:
-            data = b"".join(self._chunks)
-            self._chunks = [data] if data else []
-            return data[:limit]
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            return f.read(limit)
-
-    def copy_to(self, out: BinaryIO) -> None:
-        """Write the body to `out` (an open file): from memory, or by an in-kernel copy."""
-        if self._file is None:
-            for c in self._chunks:
-                out.write(c)
-            return
-        self._file.flush()
-        out.flush()
-        with open(self._file.name, "rb") as src:
-            remaining = self.size
-            while remaining > 0:
-                n = os.copy_file_range(src.fileno(), out.fileno(), min(remaining, 1 << 24)) if hasattr(
-                    os, "copy_file_range") else 0
-                if n <= 0:  # not supported here: plain copy of the rest
-                    src.seek(self.size - remaining)
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                    break
-                remaining -= n
-
-    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
-        if self._file is None:
-            yield from self._chunks
-            return
-        self._file.flush()
-        with open(self._file.name, "rb") as f:
-            while chunk := f.read(size):
-                yield chunk
-
-    def close(self) -> None:
-        """Discard the body (removes the spool file, if any)."""
-        if self._file is not None:
-            name = self._file.name
-            self._file.close()
-            self._file = None
-            if not self._borrowed:
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
-        self._chunks = []
-
-
 class _DirSync:
     """Group commit for directory fsyncs: renames into one directory that happen before an fsync of
     it starts are all covered by that one fsync (concurrent deliveries to one Maildir share it).
@@ -221,6 +90,7 @@ class _DirSync:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._ids: dict[str, tuple[int, int]] = {}  # path -> (inode, device) of the kept descriptor
         self._requested: dict[str, int] = {}
         self._done: dict[str, int] = {}
         self._running: set[str] = set()
@@ -228,11 +98,28 @@ class _DirSync:
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
+        if fd is not None:
+            # The directory may have been removed and made again (IMAP DELETE and CREATE in another
+            # process): a kept descriptor would fsync the old one, and the new name would not be
+            # durable. One stat per directory fsync (shared by a group commit); the old inode's
+            # number cannot have been reused meanwhile, since the kept descriptor holds it.
+            try:
+                st = os.stat(path)
+                same = (st.st_ino, st.st_dev) == self._ids.get(path)
+            except OSError:
+                same = False
+            if not same:
+                del self._fds[path]
+                os.close(fd)
+                fd = None
         if fd is None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            st = os.fstat(fd)
             self._fds[path] = fd
+            self._ids[path] = (st.st_ino, st.st_dev)
             while len(self._fds) > self.MAX_FDS:
-                _, old = self._fds.popitem(last=False)
+                gone, old = self._fds.popitem(last=False)
+                self._ids.pop(gone, None)
                 os.close(old)
         else:
             self._fds.move_to_end(path)
@@ -299,7 +186,7 @@ class MaildirDraft:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileNotFoundError:  # the Maildir was removed under us: recreate it once
                 _dirsync.ready.discard(key)
-                ensure_maildir(root)
+                ensure_maildir(root, again=True)
                 _dirsync.ready.add(key)
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -395,7 +282,7 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
     The append is fsynced before returning; on failure the file is truncated back to its old size
     so that no half message stays behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dirs(path.parent)
     raw = prefix + (body.getvalue() if isinstance(body, MessageBody) else body)
     text = mboxrd_quote(raw.replace(b"\r\n", b"\n"))
     if not text.endswith(b"\n"):
@@ -421,7 +308,12 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 raise DeliveryError(f"{path} is locked") from None
             time.sleep(0.05)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            created = True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             start = os.fstat(fd).st_size
@@ -430,6 +322,8 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                if created:  # a new mbox file: its name is durable once the directory is fsynced
+                    fsync_dir(path.parent)
             except OSError as exc:
                 os.ftruncate(fd, start)
                 raise DeliveryError(f"mbox delivery to {path} failed: {exc.strerror}") from exc
@@ -441,3 +335,30 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+#: Maildir++ folder names we deliver into (e.g. "Junk" for DMARC quarantine); a strict pattern,
+#: since the name becomes a directory name.
+_FOLDER_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
+
+
+def folder_root(maildir: Path, folder: str | None) -> Path:
+    """INBOX is the Maildir root; another folder is the Maildir++ subfolder '.Name'."""
+    if not folder or folder.upper() == "INBOX":
+        return maildir
+    if not _FOLDER_RE.match(folder):
+        raise DeliveryError(f"invalid folder name {folder!r}")
+    return maildir / f".{folder}"
+
+
+def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
+                    folder: str | None = None) -> tuple[bool, str]:
+    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error)."""
+    try:
+        if user.mailbox_format == "mbox":
+            deliver_mbox(user.mbox(mail_root), envelope_from, prefix, body)
+            return True, "mbox"
+        return True, deliver_maildir(folder_root(user.maildir(mail_root), folder), prefix, body)
+    except (DeliveryError, OSError) as exc:
+        log.error("delivery to %s failed: %s", user.address, exc)
+        return False, str(exc)

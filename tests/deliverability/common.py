@@ -9,8 +9,7 @@ from typing import Any
 from dnslib import QTYPE, RR
 
 from postier.config import Config, Listener, MailAuth
-from postier.pipeline.inbound import Envelope, Recipient
-from postier.store.maildir import MessageBody
+from postier.message.types import Envelope, MessageBody, Recipient
 
 
 def make_config(root: Path, hostname: str = "mx.b.test", **mailauth: Any) -> Config:

@@ -7,7 +7,6 @@ import gzip
 import io
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postier.mailauth.reports import (
-    DAY, AggregateReport, DKIMAuth, Evaluation, OutgoingReport, PolicyPublished, ReportError, ReportJob,
-    ReportRow, ReportStore, SPFAuth, build_reports, decompress, external_destination_ok, extract_reports,
+    DAY, AggregateReport, DKIMAuth, Evaluation, OutgoingReport, PolicyPublished, ReportError, ReportRow, ReportStore, SPFAuth, build_reports, decompress, external_destination_ok, extract_reports,
     parse_report_xml, parse_rua, report_message, report_xml,
 )
+from postier.pipeline.jobs import ReportJob
 from postier.resolver.fake import FakeResolver
 from tests.deliverability.common import make_config
 
@@ -141,17 +140,22 @@ def test_build_reports_groups_and_counts() -> None:
 
 
 class FakeQueue:
-    def __init__(self) -> None:
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
         self.sent: list[tuple[str, list[str], bytes, bytes]] = []
 
     async def enqueue(self, env: Any, recipients: list[str], prefix: bytes, body: Any) -> str:
+        if self.broken:
+            raise OSError("disk full")
         self.sent.append((env.mail_from, recipients, prefix, body.getvalue()))
         return "Q1"
 
+    async def sends_today(self, user: str) -> int:
+        return 0
 
-def services(tmp_path: Path, queue: FakeQueue | None) -> Any:
-    return SimpleNamespace(config=make_config(tmp_path), extensions={"queue": queue} if queue else {},
-                           accounts=SimpleNamespace(list_domains=lambda: ["b.test"]))
+
+def report_job(tmp_path: Path, queue: FakeQueue, store: ReportStore, dns: FakeResolver, **kw: Any) -> ReportJob:
+    return ReportJob(make_config(tmp_path), lambda: ["b.test"], queue, store, dns, **kw)
 
 
 def test_daily_job(tmp_path: Path) -> None:
@@ -166,13 +170,13 @@ def test_daily_job(tmp_path: Path) -> None:
     async def sign(message: bytes) -> bytes:
         return b"DKIM-Signature: fake\r\n"
 
-    # no queue yet: nothing is lost, the reports wait
-    job = ReportJob(services(tmp_path, None), store, dns, clock=lambda: day0 + DAY + 60)
+    # the queue fails: nothing is lost, the reports wait
+    job = report_job(tmp_path, FakeQueue(broken=True), store, dns, clock=lambda: day0 + DAY + 60)
     assert asyncio.run(job.run_once()) == []
     assert len(store.pending(day0 + DAY)) == 2  # x.test is done: ext.test did not agree (§7.1)
 
     queue = FakeQueue()
-    job = ReportJob(services(tmp_path, queue), store, dns, clock=lambda: day0 + DAY + 60, sign=sign)
+    job = report_job(tmp_path, queue, store, dns, clock=lambda: day0 + DAY + 60, sign=sign)
     assert asyncio.run(job.run_once()) == [("a.test", "d@a.test")]
     [(sender, rcpts, prefix, message)] = queue.sent
     assert (sender, rcpts, prefix) == ("postmaster@b.test", ["d@a.test"], b"DKIM-Signature: fake\r\n")
@@ -195,8 +199,7 @@ def test_job_loop_sleeps_until_after_midnight(tmp_path: Path) -> None:
         if len(naps) >= 2:
             raise asyncio.CancelledError
 
-    job = ReportJob(services(tmp_path, FakeQueue()), store, FakeResolver(), clock=lambda: 5 * DAY + 3600,
-                    sleep=sleep)
+    job = report_job(tmp_path, FakeQueue(), store, FakeResolver(), clock=lambda: 5 * DAY + 3600, sleep=sleep)
 
     async def main() -> None:
         job.start()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from postier.proto import sasl
 from postier.store.maildir import deliver_maildir
 
 from .conftest import PASSWORD, IMAPServer, RawIMAP
@@ -118,6 +119,80 @@ def test_imaplib_starttls_login(server: IMAPServer) -> None:
         c.logout()
 
 
+class _ScramAuth:
+    """imaplib's authobject for SCRAM-SHA-256, built on the project's own client (proto/sasl.py)."""
+
+    def __init__(self, user: str, password: str):
+        self.client = sasl.ScramClient(user, password)
+        self.step = 0
+        self.verified = False
+
+    def __call__(self, challenge: bytes) -> bytes:
+        self.step += 1
+        if self.step == 1:
+            return self.client.first_message()
+        if self.step == 2:
+            return self.client.final_message(challenge)
+        self.verified = self.client.verify_server_final(challenge)
+        return b""
+
+
+def test_authenticate_scram_sha_256_with_imaplib(server: IMAPServer) -> None:
+    addr = server.user()
+    c = imaplib.IMAP4(*server.inst.addr("imap"))
+    try:
+        assert "AUTH=SCRAM-SHA-256" not in c.capabilities  # no mechanism before TLS
+        c.starttls(server.inst.client_ssl_context())
+        assert {"AUTH=SCRAM-SHA-256", "AUTH=PLAIN", "AUTH=LOGIN"} <= set(c.capabilities)
+        auth = _ScramAuth(addr, PASSWORD)
+        typ, _data = c.authenticate("SCRAM-SHA-256", auth)
+        assert typ == "OK" and auth.verified  # the server proved it knows the keys too
+        assert c.select("INBOX")[0] == "OK"
+    finally:
+        c.logout()
+    c = imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=server.inst.client_ssl_context())
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.authenticate("SCRAM-SHA-256", _ScramAuth(addr, "wrong-password"))
+    finally:
+        c.shutdown()
+
+
+def test_authenticate_scram_with_sasl_ir_and_login_mechanism(server: IMAPServer) -> None:
+    addr = server.user()
+    b64 = base64.b64encode
+    with server.client() as c:  # SASL-IR (RFC 4959): client-first in the command line
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        assert first.startswith(b"+ ")
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        final = c.line()
+        assert final.startswith(b"+ ") and scram.verify_server_final(base64.b64decode(final[2:].strip()))
+        c.send(b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK") and b"CAPABILITY" in t
+    with server.client() as c:  # LOGIN: user name, then password, as two challenges
+        c.send(b"a AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(addr.encode()) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(PASSWORD.encode()) + b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK")
+    with server.client() as c:  # a non-empty answer to the server's final message fails
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(b"more") + b"\r\n")
+        _u, t = c.until("a")
+        assert b"NO [AUTHENTICATIONFAILED]" in t
+        u, t = c.cmd("AUTHENTICATE DIGEST-MD5")
+        assert b"NO [CANNOT]" in t
+
+
 def test_per_user_connection_limit(server: IMAPServer) -> None:
     addr = server.user()
     clients = [server.client(addr) for _ in range(6)]
@@ -140,7 +215,9 @@ def test_select_append_fetch_store_search(server: IMAPServer) -> None:
         assert any(b"[PERMANENTFLAGS (" in x and b"\\*" in x for x in u)
         assert append(c, "INBOX", MSG) == 1
         assert append(c, "INBOX", MIME, "\\Seen $Work") == 2
-        assert c.last_untagged[0] == b"* 2 EXISTS\r\n"  # APPEND to the selected mailbox reports it
+        # APPEND to the selected mailbox reports it, and its new keyword first (RFC 9051 §7.3.5)
+        assert c.last_untagged[0].startswith(b"* FLAGS (") and b"$Work" in c.last_untagged[0]
+        assert c.last_untagged[2] == b"* 2 EXISTS\r\n"
         u = c.ok("FETCH 1:2 (UID FLAGS RFC822.SIZE ENVELOPE)")
         assert len(u) == 2
         assert b'"hello there"' in u[0] and b"RFC822.SIZE %d" % len(MSG) in u[0]
@@ -286,6 +363,34 @@ def test_two_sessions_see_each_other(server: IMAPServer) -> None:
         assert b"* 2 EXPUNGE\r\n" in u
         u = b.ok("FETCH 2 (UID)")
         assert b"UID 3" in u[0]
+
+
+def test_store_of_flags_already_set_by_another_session(server: IMAPServer) -> None:
+    """Issue 11: a non-silent +FLAGS/-FLAGS where some messages already have the flags answered
+    NO [SERVERBUG]; now both sessions get OK and the FETCH shows the current flags."""
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        for _ in range(3):
+            append(a, "INBOX", MSG)
+        a.ok("SELECT INBOX")
+        b.ok("SELECT INBOX")
+        u = a.ok("STORE 1 +FLAGS (\\Deleted)")
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1 +FLAGS (\\Deleted)")  # already set by a: unchanged, still reported
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1:3 +FLAGS (\\Seen \\Deleted)")  # a mix of changed and unchanged
+        assert sum(1 for x in u if b"FETCH" in x and b"\\Seen" in x and b"\\Deleted" in x) == 3
+        a.ok("NOOP")  # b's changes reach a here
+        u = a.ok("STORE 1:3 -FLAGS (\\Flagged)")  # nothing to remove: every message unchanged
+        assert sum(1 for x in u if b"FETCH" in x) == 3
+        # Both sessions, interleaved, setting and clearing the same flag on the same messages.
+        for i in range(10):
+            mode = "+" if i % 2 == 0 else "-"
+            for c in (a, b):
+                _u, t = c.cmd(f"STORE 1:* {mode}FLAGS (\\Answered)")
+                assert t.split(b" ")[1] == b"OK", t
+        _u, t = b.cmd("UID STORE 1:* +FLAGS.SILENT (\\Seen)")
+        assert t.split(b" ")[1] == b"OK", t
 
 
 def test_dropped_file_appears_on_noop(server: IMAPServer) -> None:
@@ -511,3 +616,102 @@ def test_more_commands(server: IMAPServer) -> None:
         assert b"NO [NONEXISTENT]" in t
         _u, t = c.cmd("FETCH 1 FLAGS")  # a failed SELECT leaves no mailbox selected
         assert b"BAD" in t
+
+
+# -- compliance (issue 11) ------------------------------------------------------------------------
+
+def test_unusable_but_well_formed_names_get_no(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        for cmd in ('SELECT "a&b"', 'LIST "" "&Jjo"', 'STATUS "x&-&" (MESSAGES)', 'CREATE "a\x01b"'):
+            _u, t = c.cmd(cmd)
+            assert t.split(b" ")[1] == b"NO" and b"[CANNOT]" in t, (cmd, t)
+        _u, t = c.cmd("SELECT (")  # a syntax error stays BAD
+        assert t.split(b" ")[1] == b"BAD"
+
+
+def test_long_id_command_is_accepted(server: IMAPServer) -> None:
+    params = " ".join(f'"key{i}" "{"v" * 1024}"' for i in range(30))  # RFC 2971 §3.3 maxima
+    line = f"ID ({params})"
+    assert 31_000 < len(line) < 32_000
+    with server.client() as c:  # before login
+        _u, t = c.cmd(line)
+        assert t.split(b" ")[1] == b"OK", t
+        c.ok(f"LOGIN {server.user()} {PASSWORD}")
+        _u, t = c.cmd(line)
+        assert t.split(b" ")[1] == b"OK", t
+        _u, t = c.cmd("ID (" + '"k" "' + "v" * 70_000 + '")')  # still bounded
+        assert b"TOOBIG" in t
+
+
+def test_condstore_enabled_by_fetch_modseq_sends_highestmodseq(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        append(c, "INBOX", MSG)
+        c.ok("SELECT INBOX")
+        u = c.ok("FETCH 1 (MODSEQ)")
+        assert u[0].startswith(b"* OK [HIGHESTMODSEQ "), u  # RFC 7162 §3.1, before the FETCH
+        assert u[1].startswith(b"* 1 FETCH (MODSEQ (")
+        u = c.ok("FETCH 1 (MODSEQ)")
+        assert not any(b"HIGHESTMODSEQ" in x for x in u)  # only when it is turned on
+
+
+def test_esearch_min_max_modseq_is_that_message_s(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        for _ in range(3):
+            append(c, "INBOX", MSG)
+        c.ok("ENABLE CONDSTORE")
+        c.ok("SELECT INBOX")
+        c.ok("STORE 1 +FLAGS (\\Flagged)")  # message 1 now has the highest MODSEQ
+        u = c.ok("FETCH 1:3 (MODSEQ)")
+        ms = {int(m.group(1)): int(m.group(2)) for m in (re.search(rb"\* (\d+) FETCH \(MODSEQ \((\d+)\)", x) for x in u)
+              if m}
+        u, t = c.cmd("SEARCH RETURN (MAX) MODSEQ 1", tag="s1")
+        assert t.startswith(b"s1 OK") and u == [b'* ESEARCH (TAG "s1") MAX 3 MODSEQ %d\r\n' % ms[3]]
+        u = c.ok("SEARCH RETURN (MIN MAX) MODSEQ 1")
+        assert u[0].endswith(b"MIN 1 MAX 3 MODSEQ %d\r\n" % max(ms[1], ms[3]))
+        u = c.ok("SEARCH RETURN (COUNT) MODSEQ 1")
+        assert u[0].endswith(b"COUNT 3 MODSEQ %d\r\n" % max(ms.values()))
+
+
+def test_list_extended_recursivematch_childinfo(server: IMAPServer) -> None:
+    with server.client(server.user()) as c:
+        c.ok("CREATE Foo.Bar")
+        c.ok("SUBSCRIBE Foo.Bar")
+        u = c.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Foo%"')
+        assert len(u) == 1 and b'"Foo"' in u[0] and b'("CHILDINFO" ("SUBSCRIBED"))' in u[0]
+        u = c.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Foo*"')  # Foo.Bar is listed itself: no Foo
+        assert len(u) == 1 and b'"Foo.Bar"' in u[0] and b"CHILDINFO" not in u[0], u
+
+
+def test_move_into_the_selected_mailbox(server: IMAPServer) -> None:
+    addr = server.user()
+    with server.client(addr) as c, server.client(addr) as other:
+        append(c, "INBOX", MSG)
+        append(c, "INBOX", MSG)
+        c.ok("SELECT INBOX")
+        other.ok("SELECT INBOX")
+        u = c.ok("UID MOVE 1 INBOX")  # RFC 6851: allowed; the message gets a new UID
+        assert u[0].startswith(b"* OK [COPYUID ") and b" 1 3]" in u[0], u
+        assert b"* 1 EXPUNGE\r\n" in u and b"* 2 EXISTS\r\n" in u
+        u = c.ok("UID FETCH 1:* (UID)")
+        assert [int(x) for x in re.findall(rb"UID (\d+)", b"".join(u))] == [2, 3]
+        u = other.ok("NOOP")
+        assert b"* 1 EXPUNGE\r\n" in u and b"* 2 EXISTS\r\n" in u
+
+
+def test_new_keyword_is_announced_before_it_is_fetched(server: IMAPServer) -> None:
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        append(a, "INBOX", MSG)
+        a.ok("SELECT INBOX")
+        b.ok("SELECT INBOX")
+        u = a.ok("STORE 1 +FLAGS (Project42)")
+        i = next(i for i, x in enumerate(u) if x.startswith(b"* FLAGS "))
+        j = next(i for i, x in enumerate(u) if b"FETCH" in x)
+        assert i < j and b"Project42" in u[i], u  # RFC 9051 §7.3.5
+        assert any(b"PERMANENTFLAGS" in x and b"Project42" in x for x in u)
+        u = b.ok("NOOP")
+        i = next(i for i, x in enumerate(u) if x.startswith(b"* FLAGS "))
+        j = next(i for i, x in enumerate(u) if b"FETCH" in x)
+        assert i < j and b"Project42" in u[i], u
+        u = a.ok("STORE 1 -FLAGS (Project42)")
+        assert not any(x.startswith(b"* FLAGS ") for x in u)  # known now: not announced again

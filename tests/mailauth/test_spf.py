@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from postier.mailauth.spf import SPFStatus, check_helo, check_host, check_spf
-from postier.resolver import SUPPORTED_TYPES
+from postier.mailauth.spf import SPFStatus, check_helo, check_host, check_spf, check_spf_helo
+from postier.resolver import SUPPORTED_TYPES, Resolver
 from postier.resolver.fake import FakeResolver
+from tests.dnsserver import DNSServer
 
 SUITE = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 
@@ -142,3 +143,25 @@ def test_async_wrapper_and_concurrent_resolvers() -> None:
         return [r.status for r in results]
 
     assert asyncio.run(main()) == [SPFStatus.PASS, SPFStatus.FAIL] * 4
+
+
+def test_async_fast_path_agrees_with_pyspf() -> None:
+    """Domains without an SPF record are settled on the event loop; the answer is pyspf's."""
+    with DNSServer() as dns:
+        dns.add("txt-only.test", "TXT", "google-site-verification=abc")
+        dns.add("a-only.test", "A", "192.0.2.1")
+        dns.add("spf.test", "TXT", "v=spf1 ip4:192.0.2.1 -all")
+        dns.add("upper.test", "TXT", "V=SPF1 -all")
+        dns.add("almost.test", "TXT", "v=spf10 -all")
+        dns.servfail("broken.test")
+        r = Resolver([dns.nameserver], timeout=2)
+        for domain in ("nx.test", "txt-only.test", "a-only.test", "spf.test", "upper.test", "almost.test",
+                       "broken.test"):
+            for ip in ("192.0.2.1", "192.0.2.9"):
+                fast = asyncio.run(check_spf(ip, f"user@{domain}", "helo.test", r))
+                slow = check_host(ip, f"user@{domain}", "helo.test", r)
+                assert (fast.status, fast.domain, fast.identity) == (slow.status, slow.domain, slow.identity), domain
+                fast_h = asyncio.run(check_spf_helo(ip, domain, r))
+                slow_h = check_helo(ip, domain, r)
+                assert (fast_h.status, fast_h.identity, fast_h.scope) == (slow_h.status, slow_h.identity,
+                                                                           slow_h.scope), domain

@@ -5,39 +5,39 @@ from __future__ import annotations
 
 import pytest
 
-from postier.message.envelope import Address, envelope, envelope_bytes, parse_addresses
+from postier.message.envelope import ImapAddress, envelope, envelope_bytes, parse_addresses
 from postier.message.mime import parse_message
 
-GROUP_END = Address(None, None, None, None)
+GROUP_END = ImapAddress(None, None, None, None)
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (b"Fred Foobar <foobar@Blurdybloop.example>", [Address(b"Fred Foobar", None, b"foobar", b"Blurdybloop.example")]),
+        (b"Fred Foobar <foobar@Blurdybloop.example>", [ImapAddress(b"Fred Foobar", None, b"foobar", b"Blurdybloop.example")]),
         (b'"Doe, John" <jd@x.org>, a@b.c (Ann B)',
-         [Address(b"Doe, John", None, b"jd", b"x.org"), Address(b"Ann B", None, b"a", b"b.c")]),
-        (b"undisclosed-recipients:;", [Address(None, None, b"undisclosed-recipients", None), GROUP_END]),
+         [ImapAddress(b"Doe, John", None, b"jd", b"x.org"), ImapAddress(b"Ann B", None, b"a", b"b.c")]),
+        (b"undisclosed-recipients:;", [ImapAddress(None, None, b"undisclosed-recipients", None), GROUP_END]),
         (b"A Group:Ed Jones <c@a.test>,joe@where.test,John <jdoe@one.test>;, z@z",
-         [Address(None, None, b"A Group", None), Address(b"Ed Jones", None, b"c", b"a.test"),
-          Address(None, None, b"joe", b"where.test"), Address(b"John", None, b"jdoe", b"one.test"), GROUP_END,
-          Address(None, None, b"z", b"z")]),
-        (b"Unterminated: a@b", [Address(None, None, b"Unterminated", None), Address(None, None, b"a", b"b"), GROUP_END]),
-        (b"<@route1,@route2:user@host>", [Address(None, b"@route1,@route2", b"user", b"host")]),
-        (b"=?utf-8?q?J=C3=B6rg?= <j@x>", [Address(b"=?utf-8?q?J=C3=B6rg?=", None, b"j", b"x")]),  # kept raw
-        (b"root", [Address(None, None, b"root", b"MISSING_DOMAIN")]),
-        (b"<>", [Address(None, None, b"MISSING_MAILBOX", b"MISSING_DOMAIN")]),
-        (b"John Q. Public <jqp@x>", [Address(b"John Q. Public", None, b"jqp", b"x")]),
-        (b'"john doe"@example.com', [Address(None, None, b"john doe", b"example.com")]),
-        (b"Pete(A nice \\) chap) <pete(his account)@silly.test(his host)>", [Address(b"Pete", None, b"pete", b"silly.test")]),
-        (b"a@b,,c@d", [Address(None, None, b"a", b"b"), Address(None, None, b"c", b"d")]),
-        (b"x@[192.0.2.1]", [Address(None, None, b"x", b"[192.0.2.1]")]),
+         [ImapAddress(None, None, b"A Group", None), ImapAddress(b"Ed Jones", None, b"c", b"a.test"),
+          ImapAddress(None, None, b"joe", b"where.test"), ImapAddress(b"John", None, b"jdoe", b"one.test"), GROUP_END,
+          ImapAddress(None, None, b"z", b"z")]),
+        (b"Unterminated: a@b", [ImapAddress(None, None, b"Unterminated", None), ImapAddress(None, None, b"a", b"b"), GROUP_END]),
+        (b"<@route1,@route2:user@host>", [ImapAddress(None, b"@route1,@route2", b"user", b"host")]),
+        (b"=?utf-8?q?J=C3=B6rg?= <j@x>", [ImapAddress(b"=?utf-8?q?J=C3=B6rg?=", None, b"j", b"x")]),  # kept raw
+        (b"root", [ImapAddress(None, None, b"root", b"MISSING_DOMAIN")]),
+        (b"<>", [ImapAddress(None, None, b"MISSING_MAILBOX", b"MISSING_DOMAIN")]),
+        (b"John Q. Public <jqp@x>", [ImapAddress(b"John Q. Public", None, b"jqp", b"x")]),
+        (b'"john doe"@example.com', [ImapAddress(None, None, b"john doe", b"example.com")]),
+        (b"Pete(A nice \\) chap) <pete(his account)@silly.test(his host)>", [ImapAddress(b"Pete", None, b"pete", b"silly.test")]),
+        (b"a@b,,c@d", [ImapAddress(None, None, b"a", b"b"), ImapAddress(None, None, b"c", b"d")]),
+        (b"x@[192.0.2.1]", [ImapAddress(None, None, b"x", b"[192.0.2.1]")]),
         (b"", []),
         (b"<<<>>>,;;::@@\"", None),  # junk: anything but an exception
         (b"(unterminated comment a@b", None),
     ],
 )
-def test_parse_addresses(value: bytes, expected: list[Address] | None) -> None:
+def test_parse_addresses(value: bytes, expected: list[ImapAddress] | None) -> None:
     got = parse_addresses(value)
     if expected is not None:
         assert list(got) == expected

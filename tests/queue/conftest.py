@@ -13,11 +13,12 @@ from unittest import mock
 
 import argon2
 
+from postier.accounts import Accounts
 from postier.config import Config, Outbound, Queue as QueueSettings
 from postier.queue.runner import Queue
 from postier.queue.schedule import ManualClock
 from postier.resolver.fake import FakeResolver
-from postier.server.app import Services
+from postier.store.delivery import LocalDelivery
 
 from .fakemx import FakeMX
 
@@ -35,7 +36,9 @@ def message(sender: str = "alice@a.test", to: str = "bob@b.test", subject: str =
 @dataclass
 class QEnv:
     queue: Queue
-    services: Services
+    accounts: Accounts
+    mda: LocalDelivery
+    config: Config
     dns: FakeResolver
     clock: ManualClock
     mx: FakeMX | None
@@ -59,17 +62,19 @@ async def queue_env(root: Path, mx: FakeMX | None = None, port: int = 0, *, queu
                     outbound=Outbound(smtp_port=port or 25, **(outbound or {})),
                     queue=dataclasses.replace(QueueSettings(), **(queue or {})), **cfg)
     with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):  # the queue never checks passwords
-        services = Services(config)
-        services.accounts.add_domain("a.test")
-        services.accounts.add_user("alice@a.test", "password123")
+        accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+        accounts.add_domain("a.test")
+        accounts.add_user("alice@a.test", "password123")
+    mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
     dns = FakeResolver()
     clock = ManualClock()
-    q = Queue(services, clock=clock, resolver=dns, rng=random.Random(1))
-    env = QEnv(q, services, dns, clock, mx, root)
+    q = Queue(config, accounts, mda, dns, clock=clock, rng=random.Random(1))
+    env = QEnv(q, accounts, mda, config, dns, clock, mx, root)
     try:
         yield env
     finally:
         await q.stop()
         if mx is not None:
             await mx.stop()
-        await services.close()
+        mda.close()
+        accounts.close()

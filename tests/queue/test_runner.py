@@ -350,7 +350,7 @@ def test_restart_resumes_and_cleans_debris(tmp_path: Path) -> None:
             env.queue._stopping = False
             from postier.queue.runner import Queue
 
-            q2 = Queue(env.services, clock=env.clock, resolver=env.dns)
+            q2 = Queue(env.config, env.accounts, env.mda, env.dns, clock=env.clock)
             await q2.start()
             try:
                 for _ in range(100):

@@ -1,19 +1,20 @@
-"""The submission pipeline in-process: the DKIM signer hook sees the message as it will leave,
+"""The submission pipeline in-process: the DKIM signer sees the message as it will leave,
 PrefixedBody, header parsing, and the queue hook's inputs."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from postier.accounts import Accounts
 from postier.config import Config, Submission
-from postier.pipeline.inbound import Envelope
 from postier.pipeline.submission import PrefixedBody, SubmissionPipeline, header_fields, header_mailboxes
 from postier.proto.smtp.address import parse_path
-from postier.server.app import Services
-from postier.store.maildir import MessageBody
+from postier.store.delivery import LocalDelivery
+from postier.message.types import Envelope, MessageBody
 from tests.queue.conftest import FAST_HASHER
 
 
@@ -38,13 +39,29 @@ class Queue:
         return 0
 
 
-def services(tmp_path: Path, **sub: Any) -> Services:
+@dataclass
+class Parts:
+    """What a submission pipeline is made from (as server/app.py build_app makes it)."""
+
+    config: Config
+    accounts: Accounts
+    mda: LocalDelivery
+
+    def pipeline(self, queue: Queue | None = None, signer: Any = None) -> SubmissionPipeline:
+        return SubmissionPipeline(self.config, self.accounts, self.mda, queue or Queue(), signer)
+
+    async def close(self) -> None:
+        self.mda.close()
+        self.accounts.close()
+
+
+def services(tmp_path: Path, **sub: Any) -> Parts:
     cfg = Config(hostname="mail.a.test", data_dir=tmp_path, submission=Submission(**sub))
     with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):
-        s = Services(cfg)
-        s.accounts.add_domain("a.test")
-        s.accounts.add_user("alice@a.test", "password123")
-    return s
+        accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+        accounts.add_domain("a.test")
+        accounts.add_user("alice@a.test", "password123")
+    return Parts(cfg, accounts, LocalDelivery(cfg.mail_root, agent=cfg.mailbox.delivery_agent))
 
 
 def body_of(data: bytes, tmp_path: Path) -> MessageBody:
@@ -68,8 +85,7 @@ def test_signer_sees_added_headers_and_queue_gets_prefix(tmp_path: Path) -> None
     async def main() -> None:
         svc = services(tmp_path)
         signer, queue = Signer(), Queue()
-        svc.extensions.update(dkim=signer, queue=queue)
-        pipe = SubmissionPipeline(svc, "submission")
+        pipe = svc.pipeline(queue, signer)
         env = Envelope(role="submission", peer_ip="192.0.2.1", helo="laptop", esmtp=True, tls="TLSv1.3 X",
                        auth_user=svc.accounts.get_user("alice@a.test"))
         data = b"From: Alice <alice@a.test>\r\nSubject: hi\r\n\r\n" + b"body " * 40 + b"\r\n"
@@ -94,8 +110,7 @@ def test_signer_failure_is_temporary(tmp_path: Path) -> None:
 
     async def main() -> None:
         svc = services(tmp_path)
-        svc.extensions.update(dkim=Broken(), queue=Queue())
-        pipe = SubmissionPipeline(svc, "submission")
+        pipe = svc.pipeline(Queue(), Broken())
         env = Envelope(role="submission", peer_ip="192.0.2.1", auth_user=svc.accounts.get_user("alice@a.test"))
         data = b"From: alice@a.test\r\nDate: x\r\nMessage-ID: <x@y>\r\n\r\nb\r\n"
         (r,) = await submit(pipe, env, "alice@a.test", ["bob@b.test"], data, tmp_path)
@@ -110,7 +125,7 @@ def test_domain_and_any_policies(tmp_path: Path) -> None:
                                      ("any", "x@b.test", 250), ("any", "", 250), ("own", "x@a.test", 553)):
             root = tmp_path / f"{policy}-{code}-{len(sender)}"
             svc = services(root, sender_policy=policy)
-            pipe = SubmissionPipeline(svc, "submission")
+            pipe = svc.pipeline()
             env = Envelope(role="submission", peer_ip="192.0.2.1", auth_user=svc.accounts.get_user("alice@a.test"))
             r = await pipe.on_mail(env, parse_path(f"<{sender}>", null_ok=True)[0], {})
             assert r.code == code, (policy, sender, r)

@@ -57,7 +57,7 @@ from .commands import (
     Unsubscribe,
 )
 from .errors import ParseError
-from .mutf7 import Mutf7Error, mutf7_decode
+from ..mutf7 import Mutf7Error, mutf7_decode
 from .search import (
     AllKey,
     AndKey,
@@ -264,10 +264,10 @@ class _Scanner:
         else:
             try:
                 name = mutf7_decode(raw)  # RFC 3501 §5.1.3
-            except Mutf7Error:
-                raise self.error("Mailbox name is not valid modified UTF-7") from None
+            except Mutf7Error:  # a well-formed string that names no mailbox: NO, not BAD
+                raise self.error("Mailbox name is not valid modified UTF-7", code="CANNOT", status="NO") from None
         if any(ch < " " or ch == "\x7f" for ch in name):
-            raise self.error("Control character in mailbox name")
+            raise self.error("Control character in mailbox name", code="CANNOT", status="NO")
         if inbox and name.upper() == "INBOX":
             return "INBOX"  # RFC 9051 §5.1: INBOX is case-insensitive
         return name

@@ -46,7 +46,7 @@ class ReaderLimits:
     parenthesis nesting.
     """
 
-    max_line: int = 8192
+    max_line: int = 64 * 1024  # Dovecot's imap_max_line_length; a long ID or SEARCH fits
     max_literal: int = 64 * 1024
     max_command: int = 128 * 1024
     max_literals: int = 64
@@ -170,8 +170,8 @@ class CommandReader:
                     return None
                 continue
             event = self._line()
-            if event is not _AGAIN:
-                return event  # type: ignore[return-value]
+            if event is not _Again.AGAIN:
+                return event
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ class CommandReader:
     def _current_tag(self) -> str | None:
         return read_tag(bytes(self._cmd[:256]) if self._cmd else bytes(self._buf[:256]))
 
-    def _line(self) -> Command | NeedContinuation | RawLine | None | object:
+    def _line(self) -> Command | NeedContinuation | RawLine | None | _Again:
         limits = self.limits
         i = self._buf.find(b"\n", self._scan_from)
         too_long = (i < 0 and len(self._buf) > limits.max_line + 1) or i > limits.max_line + 1
@@ -258,7 +258,7 @@ class CommandReader:
         if nonsync:
             self._mode = _Mode.LITERAL
             self._remaining = size
-            return _AGAIN
+            return _Again.AGAIN
         self._mode = _Mode.WAIT
         self._pending = NeedContinuation(tag, self._command_words(), size, binary)
         return self._pending
@@ -273,4 +273,7 @@ class CommandReader:
         return first
 
 
-_AGAIN = object()
+class _Again(Enum):
+    """_line() consumed a line that announced a non-synchronising literal: read on."""
+
+    AGAIN = auto()

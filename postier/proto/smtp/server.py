@@ -530,7 +530,7 @@ class ServerConnection:
         if kind in (AuthStart, AuthResponse) and replies[0].code < 400:
             raise UsageError("use auth_challenge() or auth_success() for positive AUTH answers")
         if kind in (MailFrom, RcptTo, MessageEnd) and any(300 <= r.code < 400 for r in replies):
-            raise UsageError(f"{kind.__name__ if kind else ''} takes 2xx, 4xx or 5xx replies")
+            raise UsageError(f"{kind.__name__} takes 2xx, 4xx or 5xx replies")
         faulty = kind is MessageEnd and self._reader is not None and self._reader.fault is not None
         if faulty and any(r.code < 400 for r in replies):
             raise UsageError("a message with a problem must not be accepted")

@@ -1,0 +1,99 @@
+"""The inbound decision log: every verdict on one line of plain words, kept for `postier why`.
+
+Each inbound transaction's decisions (screening score and lists, greylist, SPF/DKIM/DMARC, Rspamd
+symbols and score, the final action) are recorded with its queue id and Message-ID, so the admin can
+answer "why did this message land in Junk / get refused?" with `postier why QUEUE-ID|MESSAGE-ID`.
+
+SQLite (WAL, synchronous=NORMAL: the log is diagnostic; losing its last lines in a power cut loses
+no mail), bounded by age (`keep_days`) and row count. Blocking; callers use a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    queue_id TEXT NOT NULL DEFAULT '',
+    message_id TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT '',
+    sender TEXT NOT NULL DEFAULT '',
+    recipients TEXT NOT NULL DEFAULT '[]',
+    action TEXT NOT NULL,
+    reasons TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS verdicts_qid ON verdicts(queue_id);
+CREATE INDEX IF NOT EXISTS verdicts_mid ON verdicts(message_id);
+CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    time: float
+    queue_id: str
+    message_id: str
+    client: str
+    sender: str
+    recipients: tuple[str, ...]
+    action: str  # "delivered", "junk", "refused", "deferred", ...
+    reasons: tuple[str, ...]
+
+    def render(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.time))
+        head = (f"{when} UTC  queue id {self.queue_id or '-'}  message-id {self.message_id or '-'}\n"
+                f"  from {self.sender or '<>'} via {self.client or '?'} to {', '.join(self.recipients) or '-'}\n"
+                f"  {self.action}")
+        return head + "".join(f"\n    - {r}" for r in self.reasons)
+
+
+class VerdictLog:
+    def __init__(self, path: Path, keep_days: float = 30.0, max_rows: int = 1_000_000,
+                 clock: Callable[[], float] = time.time):
+        self.keep = keep_days * 86400
+        self.max_rows = max_rows
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._writes = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
+               action: str, reasons: Sequence[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO verdicts(time, queue_id, message_id, client, sender, recipients, action, reasons) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (now, queue_id, message_id.strip().strip("<>"), client, sender, json.dumps(list(recipients)),
+                 action, json.dumps(list(reasons))))
+            self._writes += 1
+            if self._writes % 1000 == 0:
+                self._db.execute("DELETE FROM verdicts WHERE time < ?", (now - self.keep,))
+                self._db.execute("DELETE FROM verdicts WHERE id <= (SELECT max(id) FROM verdicts) - ?",
+                                 (self.max_rows,))
+
+    def find(self, ident: str, limit: int = 20) -> list[Verdict]:
+        """Verdicts for a queue id or a Message-ID (with or without angle brackets), newest first."""
+        key = ident.strip()
+        mid = key.strip("<>")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT time, queue_id, message_id, client, sender, recipients, action, reasons FROM verdicts "
+                "WHERE queue_id=? OR message_id=? ORDER BY id DESC LIMIT ?", (key, mid, limit)).fetchall()
+        return [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
+                for r in rows]
