@@ -10,6 +10,7 @@ BENCHMARKS = {
     "smtp": "bench.smtp_ingest",
     "outbound": "bench.outbound_bench",
     "imap": "bench.imap_bench",
+    "login": "bench.login_bench",
     "pop3": "bench.pop3_bench",
     "load": "bench.load",
 }

@@ -8,6 +8,15 @@ receives what matches nothing else.
 
 Password checks are synchronous here; servers call `verify_password_async`, which runs argon2 in a
 worker thread so the event loop never blocks. Unknown users cost the same argon2 work as known ones.
+Stored hashes are argon2id with RFC 9106 §4's second recommended option (t=3, 64 MiB, p=4); a hash
+made with other parameters still verifies and is replaced at the next successful login.
+
+Successful verifications are remembered (`LoginCache`, as Dovecot's auth cache does), so a client
+that reconnects all day pays argon2 once per hour rather than per connection. An entry is keyed on
+the address, the stored hash (read from the database at every login, so `passwd`, a removed user or
+a change made by another process takes effect at once) and an HMAC-SHA256 of the password under a
+random key that lives only in this process's memory: neither the password nor a fast unsalted hash
+of it is ever kept. Failures are never cached; they go to the login throttle as before.
 
 Recipient resolution (`resolve`, several queries per RCPT) is cached in memory, per thread. The
 cache is dropped whenever the database may have changed: SQLite's `PRAGMA data_version` reports
@@ -25,6 +34,11 @@ import re
 import sqlite3
 import threading
 import time
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,6 +160,54 @@ def _scram_for(password: str) -> str:
         return ""
 
 
+class LoginCache:
+    """A bounded memory of successful password verifications (least recently used dropped first,
+    entries expire after ``ttl`` seconds). Thread-safe. See the module docstring for the key."""
+
+    def __init__(self, size: int = 10_000, ttl: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.ttl = ttl
+        self._clock = clock
+        self._key = secrets.token_bytes(32)  # per process, never stored
+        self._entries: OrderedDict[tuple[str, str, bytes], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entry(self, address: str, stored_hash: str, password: str) -> tuple[str, str, bytes]:
+        mac = hmac.new(self._key, address.encode() + b"\0" + password.encode("utf-8", "surrogatepass"),
+                       hashlib.sha256).digest()
+        return address, stored_hash, mac
+
+    def hit(self, address: str, stored_hash: str, password: str) -> bool:
+        entry = self._entry(address, stored_hash, password)
+        now = self._clock()
+        with self._lock:
+            expires = self._entries.get(entry)
+            if expires is None:
+                return False
+            if expires <= now:
+                del self._entries[entry]
+                return False
+            self._entries.move_to_end(entry)
+            return True
+
+    def add(self, address: str, stored_hash: str, password: str) -> None:
+        if self.size <= 0:
+            return
+        entry = self._entry(address, stored_hash, password)
+        with self._lock:
+            self._entries[entry] = self._clock() + self.ttl
+            self._entries.move_to_end(entry)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Accounts:
     """The account database. Thread-safe: one SQLite connection per thread."""
 
@@ -155,13 +217,23 @@ class Accounts:
         self.default_format = default_format
         self._local = threading.local()
         self._generation = 0  # bumped by every write made through this object
-        self._hasher = PasswordHasher()  # argon2id, RFC 9106 defaults of argon2-cffi
+        # argon2id with RFC 9106 §4's second recommended option (t=3, m=64 MiB, p=4); the first
+        # option's 2 GiB per verification is too much for a mail host serving many logins
+        # (argon2-cffi's defaults, which are that profile: tests/test_login_cache.py checks it)
+        self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
+        self.login_cache = LoginCache()
+        self.rehash = True
         ensure_dirs(db_path.parent)
         new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
         if new:  # SQLite fsyncs the directory for its journals, not for a new database file
             fsync_dir(db_path.parent)
+
+    def configure_logins(self, cache_size: int, cache_ttl: float, rehash: bool) -> None:
+        """Apply the ``[auth]`` login settings: login_cache_size, login_cache_ttl, rehash_passwords."""
+        self.login_cache = LoginCache(cache_size, cache_ttl)
+        self.rehash = rehash
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -311,17 +383,34 @@ class Accounts:
         return _decode_scram(row[0]) if row else None
 
     def verify_password(self, address: str, password: str) -> User | None:
-        """Check a password (blocking: argon2). Unknown users cost a dummy verification too."""
+        """Check a password (blocking: argon2, unless it succeeded recently: ``login_cache``).
+        Unknown users cost a dummy verification too; failures always cost one."""
         user = self.get_user(address) if len(address) <= 320 else None
         row = None
         if user is not None:
             row = self._conn().execute("SELECT password FROM users WHERE address=?", (user.address,)).fetchone()
+        if user is not None and row is not None and self.login_cache.hit(user.address, row[0], password):
+            return user
         stored = row[0] if row else self._dummy_hash
         try:
             self._hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
-        return user if row else None
+        if user is None or row is None:
+            return None
+        if self.rehash and self._hasher.check_needs_rehash(stored):
+            stored = self._rehash(user.address, stored, password)
+        self.login_cache.add(user.address, stored, password)
+        return user
+
+    def _rehash(self, address: str, old: str, password: str) -> str:
+        """Store a hash with the current parameters in place of ``old`` (unless the password was
+        changed meanwhile); returns the hash now stored."""
+        new = self._hasher.hash(password)
+        with self._db() as db:
+            if db.execute("UPDATE users SET password=? WHERE address=? AND password=?", (new, address, old)).rowcount:
+                return new
+        return old
 
     async def verify_password_async(self, address: str, password: str) -> User | None:
         return await asyncio.to_thread(self.verify_password, address, password)

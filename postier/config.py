@@ -173,6 +173,11 @@ class Auth:
     failure_window: float = 600.0
     #: Allow AUTH/LOGIN without TLS (only sensible on loopback test set-ups).
     allow_plaintext: bool = False
+    #: Successful password checks remembered in memory (see accounts.LoginCache); 0 turns it off.
+    login_cache_size: int = 10_000
+    login_cache_ttl: float = 3600.0
+    #: Replace a stored hash made with other argon2 parameters at the next successful login.
+    rehash_passwords: bool = True
 
 
 @dataclass(frozen=True)

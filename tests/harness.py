@@ -100,8 +100,13 @@ class Instance:
             mailauth = "[mailauth]" in extra_config or "[dns]" in extra_config
         if not mailauth and "[mailauth]" not in extra_config:
             extra_config += "\n[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"
-        if extra_config:
-            self.add_config(extra_config)
+        # Tests store argon2's cheapest hashes to keep logins fast: the server must not upgrade them
+        # (a full argon2 hash per new user); tests/test_login_cache.py covers the rehashing.
+        if "[auth]" in extra_config:
+            extra_config = extra_config.replace("[auth]\n", "[auth]\nrehash_passwords = false\n", 1)
+        else:
+            extra_config += "\n[auth]\nrehash_passwords = false\n"
+        self.add_config(extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "server.log"
 

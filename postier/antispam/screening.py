@@ -18,6 +18,7 @@ Rules that keep a DNS answer from blocking mail it should not:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -25,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..config import DNSListConfig
 from ..resolver import AsyncLookup, DNSStatus
 
 log = logging.getLogger("postier.antispam")
@@ -68,6 +70,12 @@ class ScreenResult:
     unavailable: tuple[str, ...] = ()
     ignored: tuple[Hit, ...] = ()  # 127.255.255.x and answers outside 127.0.0.0/8
     pregreet: bool = False
+
+    def with_pregreet(self, weight: float) -> ScreenResult:
+        """The result for a client that talked before the greeting (postscreen's pregreet test)."""
+        if self.allowlisted or self.pregreet:
+            return self
+        return dataclasses.replace(self, score=self.score + weight, pregreet=True)
 
     @property
     def blocked(self) -> bool:
@@ -132,10 +140,7 @@ class Screener:
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        if pregreet and not res.allowlisted:
-            res = ScreenResult(res.score + self.pregreet_weight, res.threshold, res.listed, res.allowlisted,
-                               res.unavailable, res.ignored, True)
-        return res
+        return res.with_pregreet(self.pregreet_weight) if pregreet else res
 
     async def _lookup(self, ip: str) -> tuple[ScreenResult, float]:
         lists = [(lst, False) for lst in self.dnsbl] + [(lst, True) for lst in self.dnswl]
@@ -184,3 +189,8 @@ def _counts(answer: str, lst: DNSList) -> bool:
     if a not in _LOOPBACK or a in _REFUSED:  # RFC 5782 §2.3; Spamhaus error codes
         return False
     return not lst.codes or answer in lst.codes
+
+
+def dns_lists(configured: Sequence[DNSListConfig]) -> tuple[DNSList, ...]:
+    """[antispam] dnsbl / dnswl entries as lists to query."""
+    return tuple(DNSList(c.zone.lower().rstrip("."), c.weight, c.codes) for c in configured)

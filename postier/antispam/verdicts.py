@@ -11,12 +11,17 @@ no mail), bounded by age (`keep_days`) and row count. Blocking; callers use a th
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("postier.antispam")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -33,6 +38,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
 CREATE INDEX IF NOT EXISTS verdicts_qid ON verdicts(queue_id);
 CREATE INDEX IF NOT EXISTS verdicts_mid ON verdicts(message_id);
 CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
+CREATE INDEX IF NOT EXISTS verdicts_client ON verdicts(client);
 """
 
 
@@ -67,10 +73,46 @@ class VerdictLog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._writes = 0
+        self._pending: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join(10)
+            self._writer = None
         with self._lock:
             self._db.close()
+
+    def record_later(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
+                     action: str, reasons: Sequence[str]) -> None:
+        """`record` in a background thread: the SMTP reply never waits for the log (it is diagnostic)."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="verdicts", daemon=True)
+            self._writer.start()
+        self._pending.put((queue_id, message_id, client, sender, tuple(recipients), action, tuple(reasons)))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every `record_later` so far is written (for tests and `close`)."""
+        done = threading.Event()
+        self._pending.put(("__flush__", done))
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="verdicts", daemon=True)
+            self._writer.start()
+        done.wait(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._pending.get()
+            if item is None:
+                return
+            if item[0] == "__flush__":
+                item[1].set()
+                continue
+            try:
+                self.record(*item)
+            except sqlite3.Error as exc:  # diagnostics must never take mail down
+                log.warning("verdict log: %s", exc)
 
     def record(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
                action: str, reasons: Sequence[str]) -> None:
@@ -88,12 +130,14 @@ class VerdictLog:
                                  (self.max_rows,))
 
     def find(self, ident: str, limit: int = 20) -> list[Verdict]:
-        """Verdicts for a queue id or a Message-ID (with or without angle brackets), newest first."""
+        """Verdicts for a queue id, a Message-ID (with or without angle brackets) or a client address,
+        newest first."""
         key = ident.strip()
         mid = key.strip("<>")
         with self._lock:
             rows = self._db.execute(
                 "SELECT time, queue_id, message_id, client, sender, recipients, action, reasons FROM verdicts "
-                "WHERE queue_id=? OR message_id=? ORDER BY id DESC LIMIT ?", (key, mid, limit)).fetchall()
+                "WHERE queue_id=? OR message_id=? OR client=? ORDER BY id DESC LIMIT ?",
+                (key, mid, key, limit)).fetchall()
         return [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
                 for r in rows]

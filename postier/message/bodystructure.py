@@ -2,13 +2,14 @@
 
 Sizes and line counts are of the CRLF form (see ``mime``). Type, subtype and parameters are sent as
 written in the message; defaults are lower-case ("text" "plain" ("charset" "us-ascii") "7bit"), and
-a text part without charset gets ("charset" "us-ascii") appended, as Dovecot does. Plain RFC 2231
-continuations are joined; charset-encoded parameters are passed through for the client to decode.
+a text part without charset gets ("charset" "us-ascii") appended, as Dovecot does. RFC 2231
+parameters are merged and decoded (see ``_join_continuations``).
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 from postier.proto.imap.response import Raw, encode_nstring, encode_string
 
@@ -64,18 +65,28 @@ def _params(params: list[tuple[bytes, bytes]], utf8: bool) -> bytes:
     return b"(" + b" ".join(encode_string(x, utf8=utf8) for pair in params for x in pair) + b")"
 
 
-_SECTION = re.compile(rb"(.+)\*(\d{1,3})")
+_SECTION = re.compile(rb"(.+?)\*(?:(\d{1,3})(\*)?|(\*)?)")  # name*N, name*N*, name*
+_ATTR_CHAR = re.compile(rb"[^A-Za-z0-9!#$&+.^_`|~-]")  # RFC 2231 §7 attribute-char complement
 
 
 def _join_continuations(params: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """RFC 2231 §3: plain ``name*0="a"; name*1="b"`` becomes ``name "ab"`` (as Dovecot shows it);
-    charset-encoded sections (``name*0*``) are left as they are for the client to decode."""
-    sections: dict[bytes, dict[int, bytes]] = {}
+    """RFC 2231 §3/§4 parameters as one value each, in the place of their first section.
+
+    Plain continuations (``name*0="a"; name*1="b"``) are joined as ``name "ab"`` (as Dovecot does).
+    A charset-encoded value (``name*=``, ``name*0*=``...) is charset-decoded (§4) and sent as
+    ``name`` when the result is plain ASCII; otherwise it stays one RFC 2231 extended value
+    ``name*`` "charset'lang'%XX..." (its sections merged, as Dovecot sends it) so that an
+    IMAP4rev1 client still gets 7-bit and decodes it as it does a header.
+    """
+    groups: dict[bytes, dict[int, tuple[bytes, bool]]] = {}
     for name, value in params:
         m = _SECTION.fullmatch(name)
-        if m:
-            sections.setdefault(m.group(1).lower(), {})[int(m.group(2))] = value
-    if not sections:
+        if m is None:
+            continue
+        index = int(m.group(2)) if m.group(2) is not None else 0
+        encoded = bool(m.group(3) or m.group(4)) or (m.group(2) is None)
+        groups.setdefault(m.group(1).lower(), {})[index] = (value, encoded)
+    if not groups:
         return params
     out: list[tuple[bytes, bytes]] = []
     for name, value in params:
@@ -83,11 +94,29 @@ def _join_continuations(params: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
         if m is None:
             out.append((name, value))
             continue
-        base = m.group(1)
-        parts = sections.pop(base.lower(), None)
-        if parts is not None:
-            out.append((base, b"".join(parts[i] for i in sorted(parts))))
+        sections = groups.pop(m.group(1).lower(), None)
+        if sections is not None:
+            out.append(_merge(m.group(1), [sections[i] for i in sorted(sections)]))
     return out
+
+
+def _merge(base: bytes, sections: list[tuple[bytes, bool]]) -> tuple[bytes, bytes]:
+    if not any(enc for _v, enc in sections):
+        return base, b"".join(v for v, _e in sections)
+    first, first_encoded = sections[0]
+    charset, lang = b"", b""
+    if first_encoded and first.count(b"'") >= 2:
+        charset, lang, rest = first.split(b"'", 2)
+        sections = [(rest, True), *sections[1:]]
+    raw = b"".join(urllib.parse.unquote_to_bytes(v) if enc else v for v, enc in sections)
+    try:
+        text = raw.decode(charset.decode("ascii") or "us-ascii")
+    except (LookupError, UnicodeDecodeError, ValueError):
+        text = None
+    if text is not None and text.isascii():
+        return base, text.encode("ascii")
+    encoded = b"".join(v if enc else _ATTR_CHAR.sub(lambda c: b"%%%02X" % c.group()[0], v) for v, enc in sections)
+    return base + b"*", charset + b"'" + lang + b"'" + encoded
 
 
 def _extension(part: Part, utf8: bool) -> list[bytes]:

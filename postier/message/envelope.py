@@ -2,20 +2,25 @@
 address lists (groups, obsolete routes) parsed leniently: never raising, like Dovecot.
 
 Values stay raw octets as the RFC asks (RFC 2047 encoded words are not decoded); header values are
-unfolded. Sender and Reply-To default to From when absent or empty. Addresses without a domain get
+unfolded, and the Subject and display names also have each run of white space made one space (as
+Dovecot sends them: ``for_humans``). Sender and Reply-To default to From when absent or empty. Addresses without a domain get
 the host "MISSING_DOMAIN" and empty local parts "MISSING_MAILBOX" (Dovecot's convention), so that a
 NIL host keeps meaning "group syntax".
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from postier.proto.imap.response import Raw, encode_nstring
 
-from .mime import Part
+from .mime import Part, decode_header_text
 
-__all__ = ["ImapAddress", "ImapEnvelope", "encode_envelope", "envelope", "envelope_bytes", "parse_addresses"]
+__all__ = [
+    "ImapAddress", "ImapEnvelope", "address_text", "encode_envelope", "envelope", "envelope_bytes", "for_humans",
+    "parse_addresses",
+]
 
 MISSING_DOMAIN = b"MISSING_DOMAIN"
 MISSING_MAILBOX = b"MISSING_MAILBOX"
@@ -48,27 +53,52 @@ class ImapEnvelope:
 
 
 def envelope(part: Part) -> ImapEnvelope:
-    """The envelope of a message (the root Part or an encapsulated ``Part.message``)."""
+    """The envelope of a message (the root Part or an encapsulated ``Part.message``).
+
+    Like Dovecot: a repeated address field (two To: lines) contributes the addresses of all its
+    occurrences; a repeated Date, Subject, In-Reply-To or Message-ID gives its last value.
+    """
 
     def addresses(name: bytes) -> tuple[ImapAddress, ...] | None:
-        value = part.first(name)
-        if value is None:
-            return None
-        return parse_addresses(value) or None
+        found: list[ImapAddress] = []
+        for f in part.headers(name):
+            found.extend(parse_addresses(f.unfolded()))
+        return tuple(found[:_MAX_ADDRESSES]) or None
+
+    def last(name: bytes) -> bytes | None:
+        value = None
+        for f in part.headers(name):
+            value = f.unfolded()
+        return None if value is None else _no_nul(value)
 
     from_ = addresses(b"from")
+    subject = last(b"subject")
     return ImapEnvelope(
-        date=part.first(b"date"),
-        subject=part.first(b"subject"),
+        date=last(b"date"),
+        subject=None if subject is None else for_humans(subject),
         from_=from_,
         sender=addresses(b"sender") or from_,  # RFC 9051 §7.5.2: default to from
         reply_to=addresses(b"reply-to") or from_,
         to=addresses(b"to"),
         cc=addresses(b"cc"),
         bcc=addresses(b"bcc"),
-        in_reply_to=part.first(b"in-reply-to"),
-        message_id=part.first(b"message-id"),
+        in_reply_to=last(b"in-reply-to"),
+        message_id=last(b"message-id"),
     )
+
+
+_WSP_RUN = re.compile(rb"[ \t\r\n]+")
+
+
+def for_humans(value: bytes) -> bytes:
+    """Subject and display names as Dovecot sends them: unfolded (RFC 5322 §2.2.3), every run of
+    white space (tab, a lone CR) one space, none at the ends; NUL as U+FFFD."""
+    return _no_nul(_WSP_RUN.sub(b" ", value).strip(b" "))
+
+
+def _no_nul(value: bytes) -> bytes:
+    # an IMAP string cannot carry NUL (RFC 9051 §4.3); Dovecot shows U+FFFD
+    return value.replace(b"\x00", "\ufffd".encode()) if b"\x00" in value else value
 
 
 def encode_envelope(env: ImapEnvelope, *, utf8: bool = False) -> bytes:
@@ -165,6 +195,10 @@ def _phrase(words: list[_Tok]) -> bytes | None:
     return out or None
 
 
+def _name(value: bytes | None) -> bytes | None:
+    return None if value is None else for_humans(value) or None
+
+
 def _join(words: list[_Tok]) -> bytes:
     return b"".join(text for kind, text, _ in words if kind != "c")
 
@@ -191,23 +225,25 @@ def parse_addresses(value: bytes) -> tuple[ImapAddress, ...]:
             i += 1
             continue
         if kind == "<":
-            addr, i = _angle_addr(toks, i + 1, _phrase(words) or comment)
+            addr, i = _angle_addr(toks, i + 1, _name(_phrase(words) or comment))
             if addr is not None:
                 out.append(addr)
         elif kind == "@":
             j = i + 1
             domain: list[_Tok] = []
-            while j < n and toks[j][0] not in (",", ";", "<", ">"):
+            after: bytes | None = None
+            while j < n and toks[j][0] not in (",", ";", "<", ">", ":"):
                 if toks[j][0] == "c":
-                    comment = toks[j][1] or comment
+                    after = toks[j][1] or after
                 domain.append(toks[j])
                 j += 1
             host = _join(domain) or MISSING_DOMAIN
-            # "user@host (Real Name)": the comment stands in for the display name
-            out.append(ImapAddress(comment, None, _join(words) or MISSING_MAILBOX, host))
+            # "user@host (Real Name)": a comment after the address stands in for the display name
+            # (one before it does not, as in Dovecot)
+            out.append(ImapAddress(_name(after), None, _join(words) or MISSING_MAILBOX, host))
             i = j
         elif words:  # a bare local part ("undisclosed-recipients", "root")
-            out.append(ImapAddress(comment, None, _join(words), MISSING_DOMAIN))
+            out.append(ImapAddress(_name(comment), None, _join(words), MISSING_DOMAIN))
         # skip to the next separator
         while i < n and toks[i][0] not in (",", ";"):
             i += 1
@@ -244,3 +280,25 @@ def _angle_addr(toks: list[_Tok], i: int, name: bytes | None) -> tuple[ImapAddre
     local = _join(inner[:at]) or MISSING_MAILBOX
     host = _join(inner[at + 1 :]) or MISSING_DOMAIN
     return ImapAddress(name, adl, local, host), i
+
+
+def address_text(value: bytes) -> str:
+    """An address field as SEARCH FROM/TO/CC/BCC sees it (as Dovecot does): the parsed addresses
+    written out again, ``Name <local@domain>`` or ``local@domain``, names with RFC 2047 words
+    decoded and quoted when they hold specials, groups as ``Team: ...;``, comments and folding
+    gone. So ``<user (comment)@ (comment) domain.org>`` is found as "user@domain.org"."""
+    out: list[str] = []
+    for a in parse_addresses(value):
+        if a.host is None:
+            out.append(";" if a.mailbox is None else decode_header_text(a.mailbox) + ":")
+            continue
+        local = (a.mailbox or b"").decode("utf-8", "replace")
+        spec = local if a.host == MISSING_DOMAIN else local + "@" + a.host.decode("utf-8", "replace")
+        if a.name is None:
+            out.append(spec)
+            continue
+        name = decode_header_text(a.name)
+        if any(c in name for c in '()<>[]:;@\\,."'):
+            name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(f"{name} <{spec}>")
+    return ", ".join(out)

@@ -12,6 +12,7 @@ Date header's own zone (a message without a parseable Date matches no SENT* key)
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_tz
@@ -32,6 +33,7 @@ from postier.proto.imap.search import (
     TextKey,
 )
 
+from .envelope import address_text
 from .mime import Part, decode_body, decode_header_text, parse_message
 
 __all__ = ["SearchContext", "SearchView", "evaluate", "sent_date"]
@@ -130,20 +132,35 @@ def _eval(key: SearchKey, m: _Lazy, ctx: SearchContext) -> bool:
             return have >= date  # SINCE: "within or later than"
         case HeaderKey(field=field, value=value):
             needle = value.casefold()
-            return any(needle in decode_header_text(f.value).casefold() for f in m.part.headers(field))
+            return any(needle in _header_text(field, f.value).casefold() for f in m.part.headers(field))
         case TextKey(scope=scope, value=value):
             needle = value.casefold()
-            if scope == "TEXT" and needle in decode_header_text(m.part.header_bytes).casefold():
-                return True
-            return any(needle in chunk.casefold() for chunk in _body_texts(m.part))
+            return any(needle in chunk.casefold() for chunk in _body_texts(m.part, scope == "TEXT"))
     return False
 
 
-def _body_texts(root: Part) -> Iterator[str]:
+_ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
+_BLANKS = re.compile(r"[ \t]+")
+
+
+def _header_text(field: str, value: bytes) -> str:
+    """A header value as searched: address fields as their parsed addresses (``address_text``),
+    others with encoded words decoded and runs of blanks as one space (as Dovecot searches)."""
+    if field.upper() in _ADDRESS_FIELDS:
+        return address_text(value.replace(b"\r\n", b""))
+    return _BLANKS.sub(" ", decode_header_text(value))
+
+
+def _body_texts(root: Part, headers: bool) -> Iterator[str]:
+    """BODY: the text parts and the headers of encapsulated messages; TEXT (``headers``) also
+    the top-level header and every MIME part header (RFC 9051 §6.4.4 "including MIME header
+    fields")."""
     for p in root.walk():
+        if headers and p.header_end > p.start:
+            yield decode_header_text(p.header_bytes)
         if p.message is None and not p.children and p.maintype == "text":
             yield decode_body(p)
-        elif p.message is not None:
+        elif p.message is not None and not headers:
             yield decode_header_text(p.message.header_bytes)
 
 

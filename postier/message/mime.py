@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "HeaderField", "Part", "UnknownCTE", "decode_body",
-    "decode_header_text", "decode_transfer_encoding", "parse_message", "parse_params", "to_crlf",
+    "decode_header_text", "decode_qp", "decode_transfer_encoding", "no_nul", "parse_message", "parse_params",
+    "to_crlf",
 ]
 
 MAX_DEPTH = 50
@@ -37,6 +38,13 @@ def to_crlf(raw: bytes) -> bytes:
     if raw.count(b"\n") == raw.count(b"\r\n"):
         return raw
     return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
+
+
+def no_nul(data: bytes) -> bytes:
+    """``data`` with NUL octets replaced by 0x80, for BODY[...] and RFC822 answers: an IMAP literal
+    may not carry NUL (RFC 9051 §4.3, CHAR8), only BINARY's literal8 may (RFC 3516 §4.2). 0x80 is
+    what Dovecot sends in their place."""
+    return data.replace(b"\x00", b"\x80") if b"\x00" in data else data
 
 
 @dataclass(slots=True)
@@ -72,6 +80,7 @@ class Part:
     default_type: bool = True  # no valid Content-Type: the default (text/plain or message/rfc822)
     children: list[Part] = field(default_factory=list)
     message: Part | None = None
+    close_end: int = -1  # a multipart: where its close-delimiter line ends (before its CRLF), or -1
 
     # -- content type ----------------------------------------------------------------------
 
@@ -307,12 +316,22 @@ def _parse_entity(msg: bytes, start: int, end: int, budget: _Budget, depth: int,
     capped = depth >= MAX_DEPTH or budget.parts >= MAX_PARTS
     if part.maintype == "multipart":
         boundary = part.param("boundary")
-        spans = _split(msg, body_start, end, boundary) if boundary and not capped else []
+        spans, part.close_end = _split(msg, body_start, end, boundary) if boundary and not capped else ([], -1)
         digest = part.subtype == "digest"
         for cs, ce in spans:
             if budget.parts >= MAX_PARTS:
                 break
-            part.children.append(_parse_entity(msg, cs, ce, budget, depth + 1, digest))
+            child = _parse_entity(msg, cs, ce, budget, depth + 1, digest)
+            inner = child if child.children else child.message
+            if inner is not None and inner.close_end == ce and msg.startswith(b"\r\n", ce) and ce + 2 <= end:
+                # A nested multipart (or a message/rfc822 holding one) closed right before our
+                # delimiter: the CRLF ends its close-delimiter line and also begins our delimiter
+                # (RFC 2046 §5.1.1). Dovecot counts it in the nested part (its size and lines,
+                # BODY[n], BINARY.SIZE[n]); so do we.
+                child.end += 2
+                if inner is not child:
+                    inner.end += 2
+            part.children.append(child)
         if not part.children:
             # RFC 9051 §9 needs 1*body in a multipart: one empty text/plain part, like Dovecot
             part.children.append(_empty(msg, body_start))
@@ -330,9 +349,10 @@ def _empty(msg: bytes, at: int) -> Part:
     return Part(msg, at, at, at, at, False, [], params=[(b"charset", b"us-ascii")])
 
 
-def _split(msg: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+def _split(msg: bytes, start: int, end: int, boundary: bytes) -> tuple[list[tuple[int, int]], int]:
     """Part spans between ``--boundary`` lines (RFC 2046 §5.1.1); the CRLF before a delimiter
-    belongs to the delimiter. Stops at the close delimiter or ``end``."""
+    belongs to the delimiter. Stops at the close delimiter or ``end``; also returns where the close
+    delimiter's line ends (before its CRLF), or -1 without one."""
     delim = b"--" + boundary
     spans: list[tuple[int, int]] = []
     part_start: int | None = None
@@ -354,12 +374,12 @@ def _split(msg: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int,
         if part_start is not None:
             spans.append((part_start, max(part_start, i - 2) if i != start else i))
         if closing:
-            return spans
+            return spans, (end if eol < 0 else eol)
         part_start = line_end
         pos = line_end
     if part_start is not None:
         spans.append((part_start, end))
-    return spans
+    return spans, -1
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -382,8 +402,19 @@ def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
         except (binascii.Error, ValueError):
             return b""
     if enc == "quoted-printable":
-        return binascii.a2b_qp(data)
+        return decode_qp(data)
     raise UnknownCTE(encoding)
+
+
+_QP_TRAILING_WSP = re.compile(rb"[ \t]+(?=\r?\n|\Z)")
+
+
+def decode_qp(data: bytes) -> bytes:
+    """RFC 2045 §6.7 quoted-printable, leniently: whitespace at the end of an encoded line is
+    dropped (rule 3: it was added in transport), so ``=`` followed by spaces then the line end is a
+    soft line break (rule 5); ``=XX`` decodes in either case; a malformed ``=`` stays as it is
+    (the robust reading of note 2), where Dovecot refuses the whole part."""
+    return binascii.a2b_qp(_QP_TRAILING_WSP.sub(b"", data))
 
 
 def _codec(charset: str | None) -> str:

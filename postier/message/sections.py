@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from postier.proto.imap.commands import Section
 
-from .mime import Part, UnknownCTE, decode_transfer_encoding
+from .mime import Part, UnknownCTE, decode_transfer_encoding, no_nul
 
 __all__ = ["UnknownCTE", "binary_section", "body_section", "find_part", "partial"]
 
@@ -48,16 +48,25 @@ def find_part(root: Part, path: tuple[int, ...]) -> Part | None:
 def _header_fields(part: Part, names: tuple[str, ...], negate: bool) -> bytes:
     wanted = {n.lower() for n in names}
     out = bytearray()
+    msg = part.msg
     for f in part.fields:
         if (f.name.lower() in wanted) != negate:
-            out += part.msg[f.start : f.end]
+            out += msg[f.start : f.end]
+            if not msg.startswith(b"\r\n", f.end - 2):
+                out += b"\r\n"  # a header field line always ends in CRLF (RFC 5322 §2.2), as from Dovecot
     if part.has_blank:
-        out += b"\r\n"  # RFC 9051 §6.4.5: the blank line is included in all header fetches
+        # RFC 3501/9051 §6.4.5: the blank line is included in all header fetches "except in the
+        # case of a message which has no body and no blank line" (Dovecot adds one there anyway)
+        out += b"\r\n"
     return bytes(out)
 
 
 def body_section(root: Part, section: Section) -> bytes:
-    """The octets of BODY[section] (before any <partial>)."""
+    """The octets of BODY[section] (before any <partial>), NUL octets replaced (see ``no_nul``)."""
+    return no_nul(_body_section(root, section))
+
+
+def _body_section(root: Part, section: Section) -> bytes:
     part = find_part(root, section.part)
     if part is None:
         return b""
@@ -129,7 +138,7 @@ def _binary_body(part: Part) -> Iterator[bytes]:
     for child in part.children:
         yield msg[pos : child.start]  # preamble / delimiter lines
         yield from _binary_entity(child)
-        pos = child.end
+        pos = child.end  # a CRLF shared with the next delimiter (see mime._parse_entity) went with the child
     yield msg[pos : part.end]
 
 

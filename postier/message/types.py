@@ -10,6 +10,7 @@ the standard library, SMTP addresses and replies, and the trace-header helpers.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -206,6 +207,11 @@ class Envelope:
     _qid: str = field(default="", repr=False)
     #: Per-transaction results of mail authentication (SPF at MAIL FROM; see pipeline/mailauth.py).
     auth: dict[str, Any] = field(default_factory=dict)
+    #: What the connection-level checks found (screening, rate limits), in plain words; kept for the
+    #: whole connection (not reset by RSET), part of every inbound decision's explanation.
+    notes: tuple[str, ...] = ()
+    #: The client is on a DNS allowlist (RFC 5782): greylisting and screening do not apply.
+    allowlisted: bool = False
 
     @property
     def qid(self) -> str:
@@ -244,6 +250,9 @@ class Verdict:
     reply: Reply | None = None  # for DEFER/REJECT
     headers: bytes = b""  # Authentication-Results etc., prepended
     body: MessageBody | None = None  # a replacement body (e.g. forged A-R headers removed)
+    #: What decided it, in plain words ("spf=pass", "rspamd: junk (add header), score 7/15: ..."),
+    #: for the log line and `postier why`.
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,25 @@ class InboundCheck(Protocol):
 
     async def evaluate(self, env: Envelope, body: MessageBody) -> Verdict:
         """At the end of DATA: the verdict on the message."""
+
+    async def check_rcpt(self, env: Envelope, address: str) -> Reply | None:
+        """At RCPT TO, once the recipient is known to be ours: a refusal (greylisting), or None."""
+
+
+class DecisionLog(Protocol):
+    """Where inbound decisions go for `postier why` (antispam/verdicts.py); never slows the reply."""
+
+    def record_later(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
+                     action: str, reasons: Sequence[str]) -> None: ...
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^>\r\n]{1,500}>)")
+
+
+def message_id(head: bytes) -> str:
+    """The Message-ID (RFC 5322 §3.6.4) of a header section, "" when there is none."""
+    m = _MESSAGE_ID.search(head)
+    return m.group(1).decode("utf-8", "replace") if m else ""
 
 
 class Signer(Protocol):

@@ -17,7 +17,8 @@ from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
-    HEADER_LIMIT, Action, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Recipient, remote_targets,
+    HEADER_LIMIT, Action, DecisionLog, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Recipient,
+    message_id, remote_targets,
 )
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import (
@@ -104,6 +105,9 @@ class SMTPPipeline:
                                by_host=self.config.hostname, protocol=proto, qid=env.qid, tls=env.tls,
                                recipient=single)
 
+    def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:
+        """Record an inbound decision (the MX does; other roles have nothing to explain)."""
+
     # -- SMTP stages ----------------------------------------------------------------------------
 
     async def on_mail(self, env: Envelope, addr: Address, params: dict[str, str | None]) -> Reply:
@@ -132,7 +136,14 @@ class SMTPPipeline:
             if addr.is_literal:
                 return R554_RELAY_DENIED
             res = self.directory.resolve(addr.mailbox)
-        return self.expand(env, addr.mailbox, res, params)
+        reply = self.expand(env, addr.mailbox, res, params)
+        if reply.is_success:
+            for check in self.checks:  # e.g. greylisting: only for recipients we would accept
+                refused = await check.check_rcpt(env, addr.mailbox)
+                if refused is not None:
+                    env.recipients.pop()
+                    return refused
+        return reply
 
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""
@@ -142,14 +153,19 @@ class SMTPPipeline:
             return [refused] * n
         headers = b""
         junk = False
+        reasons: list[str] = list(env.notes)
         for check in self.checks:
             verdict = await check.evaluate(env, body)
+            reasons += verdict.reasons
             if verdict.action in (Action.REJECT, Action.DEFER):
+                self._decided(env, body, verdict.action.value, reasons)
                 return [verdict.reply or R451_LOCAL_ERROR] * n
             if verdict.body is not None:
                 body = verdict.body
             headers = verdict.headers + headers
             junk = junk or verdict.action is Action.JUNK
+        if self.checks:
+            self._decided(env, body, "junk" if junk else "inbox", reasons)
         trace = headers + self.received(env)
         local = await self.mda.deliver_recipients(env.recipients, return_path(env.mail_from) + trace, body,
                                                   env.mail_from, "Junk" if junk else None)
@@ -177,7 +193,20 @@ class SMTPPipeline:
 class MXPipeline(SMTPPipeline):
     """Port 25: mail from the Internet for our own domains."""
 
-    __slots__ = ()
+    __slots__ = ("decisions",)
+
+    def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
+                 checks: Sequence[InboundCheck] = (), decisions: DecisionLog | None = None) -> None:
+        super().__init__(config, directory, mda, queue, checks)
+        self.decisions = decisions
+
+    def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:
+        """One log line per inbound decision, and its record for `postier why`."""
+        log.info("%s: %s from %s: %s", env.qid, action, env.peer_ip, "; ".join(reasons) or "no checks")
+        if self.decisions is not None:
+            mid = message_id(body.head(HEADER_LIMIT))
+            self.decisions.record_later(env.qid, mid, env.peer_ip, env.mail_from,
+                                        [r.address for r in env.recipients], action, reasons)
 
 
 class LMTPPipeline(SMTPPipeline):

@@ -24,6 +24,7 @@ if it fails, a p=reject is softened to Junk rather than refusing mail we could n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -144,6 +145,9 @@ class InboundAuth:
         spf = await check_spf(env.peer_ip, mail_from, env.helo, self.resolver, receiver=receiver)
         return spf, helo
 
+    async def check_rcpt(self, env: Envelope, address: str) -> Reply | None:
+        return None  # mail authentication has nothing to say per recipient
+
     async def check_mail(self, env: Envelope, address: Address) -> Reply | None:
         if not self.settings.spf:
             return None
@@ -201,6 +205,12 @@ class InboundAuth:
 
         headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc)
         verdict = self._decide(dmarc, spf, dkim or [], too_big, headers, new_body)
+        if s.spf or s.dkim_verify or s.dmarc:
+            words = (f"spf={spf.status if spf else '-'}"
+                     f" dkim={','.join(r.status for r in dkim) if dkim else ('none' if s.dkim_verify else '-')}"
+                     f" dmarc={dmarc.status if dmarc else '-'}"
+                     + (f" ({dmarc.domain}: {dmarc.reason})" if dmarc is not None and dmarc.reason else ""))
+            verdict = dataclasses.replace(verdict, reasons=(words,))
         if verdict.action is Action.DEFER:
             log.info("%s: deferred: DMARC %s for %s", env.qid, dmarc.status if dmarc else "-", author)
             return verdict

@@ -24,6 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..accounts import Accounts
+from ..antispam.builtin import RateLimiter
+from ..antispam.check import SpamCheck
+from ..antispam.greylist import Greylist
+from ..antispam.learning import LearnQueue
+from ..antispam.rspamd import RspamdClient
+from ..antispam.screening import Screener, dns_lists
+from ..antispam.verdicts import VerdictLog
 from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
@@ -78,22 +85,36 @@ class App:
     throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP and POP3
     #: SMTP-family role -> a new pipeline for one session.
     pipelines: Mapping[str, Callable[[], SMTPPipeline]]
+    #: Port 25 before the greeting: DNS list screening and the connection rate (None: not configured).
+    screener: Screener | None = None
+    connection_rate: RateLimiter | None = None
+    #: Every inbound decision, in plain words, for `postier why`.
+    decisions: VerdictLog | None = None
+    #: Junk moves over IMAP train Rspamd through it (None without an Rspamd controller).
+    learning: LearnQueue | None = None
+    spam: SpamCheck | None = None
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
     imap_user_connections: Counter[str] = field(default_factory=Counter)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
     pop3_last_login: dict[str, float] = field(default_factory=dict)
+    _tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.queue.start()
         if self.report_job is not None:
             self.report_job.start()
+        if self.learning is not None and self.spam is not None and self.spam.rspamd is not None:
+            self._tasks.append(asyncio.ensure_future(self.learning.run(self.spam.rspamd.learn)))
 
     async def close(self) -> None:
         """Stop the jobs and the queue, then close the stores (each step runs even if one fails)."""
-        steps: list[Callable[[], object]] = []
+        steps: list[Callable[[], object]] = [task.cancel for task in self._tasks]
         if self.report_job is not None:
             steps.append(self.report_job.stop)
         steps.append(self.queue.stop)
+        for closer in (self.spam, self.learning, self.decisions):
+            if closer is not None:
+                steps.append(closer.close)
         if self.dmarc_reports is not None:
             steps.append(self.dmarc_reports.close)
         steps += [self.mailstore.close, self.mda.close, self.accounts.close]
@@ -109,6 +130,7 @@ class App:
 def build_app(config: Config) -> App:
     """Make every shared component from the configuration, each with the parts it uses."""
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
@@ -118,8 +140,23 @@ def build_app(config: Config) -> App:
     queue = Queue(config, accounts, mda, resolver)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
+    # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
+    # authentication the built-in checks, greylisting and Rspamd; decisions kept for `postier why`.
+    a = config.antispam
+    screener = Screener(resolver, dns_lists(a.dnsbl), dns_lists(a.dnswl), a.threshold, a.pregreet_weight,
+                        a.screen_timeout) if a.dnsbl or a.dnswl else None
+    rspamd = RspamdClient(a.rspamd, a.rspamd_controller, _secret(config, a.rspamd_password_file),
+                          a.rspamd_timeout) if a.rspamd else None
+    greylist = Greylist(config.data_dir / "greylist.sqlite", a.greylist_delay, a.greylist_retry_window,
+                        auto_allow=a.greylist_auto_allow, max_entries=a.greylist_max_entries) if a.greylist else None
+    smtp_address = config.listeners["smtp"].address if "smtp" in config.listeners else ""
+    spam = SpamCheck(a, config.hostname, [smtp_address], resolver, greylist, rspamd,
+                     resolve_helo=config.mailauth.spf)
+    learning = LearnQueue(config.data_dir / "learn.sqlite") if rspamd is not None and a.rspamd_controller else None
+    decisions = VerdictLog(config.data_dir / "verdicts.sqlite")
     inbound_checks: tuple[InboundCheck, ...] = (
         InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
+        *((spam,) if spam.active else ()),
     )
     dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
     report_job = None
@@ -129,7 +166,7 @@ def build_app(config: Config) -> App:
     # What happens between MAIL FROM and 250, per SMTP-family role.
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, decisions),
         "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue),
         "submission": submission,
         "submissions": submission,
@@ -149,7 +186,23 @@ def build_app(config: Config) -> App:
         report_job=report_job,
         throttle=AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window),
         pipelines=pipelines,
+        screener=screener,
+        connection_rate=RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None,
+        decisions=decisions,
+        learning=learning,
+        spam=spam,
     )
+
+
+def _secret(config: Config, path: str) -> str:
+    """A password kept in a file (relative to the data directory), first line; "" without a file."""
+    if not path:
+        return ""
+    p = config.data_dir / path
+    try:
+        return p.read_text().splitlines()[0].strip() if p.stat().st_size else ""
+    except (OSError, IndexError) as exc:
+        raise SystemExit(f"postier: antispam.rspamd_password_file: cannot read {p}: {exc}") from None
 
 
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,

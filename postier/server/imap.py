@@ -35,6 +35,8 @@ from typing import Any
 
 from ..message.types import User
 from ..message.matching import SearchContext
+from ..message.sorting import SortItem, sort_messages
+from ..message.threading import thread_orderedsubject, thread_references
 from ..proto import sasl
 from ..proto.imap import commands as C
 from ..proto.imap import response as R
@@ -53,6 +55,7 @@ from ..store.index import flags_to_names
 from ..store.mailbox import SEPARATOR, normalize_name
 from .auth import settle
 from .base import CommandTimeout, Session
+from .imapsort import sort_items
 from .imapfetch import (
     FetchError,
     FetchOptions,
@@ -790,6 +793,10 @@ class IMAPSession(Session):
                               cmd.unchangedsince)
         for line in self.core.keywords_known(res.keywords):  # RFC 9051 §7.3.5: before the FETCH
             self.send(line)
+        if cmd.mode is not C.StoreMode.REMOVE and self._junk_folder() is not None and res.changed:
+            marks = {f.lower() for f in flags}
+            if "$junk" in marks or "$notjunk" in marks:  # the keywords mail clients set for a verdict
+                self._learn(sel.name, list(res.changed), spam="$junk" in marks)
         if res.changed:
             self._notify(sel.name)
         lines, code = self.core.store_answer(
@@ -825,6 +832,9 @@ class IMAPSession(Session):
         if res.dest_uids:
             code = Code.copyuid(res.uidvalidity, SequenceSet.from_ids(res.source_uids),
                                 SequenceSet.from_ids(res.dest_uids))
+        junk = self._junk_folder()
+        if junk is not None and (dest == junk) != (sel.name == junk) and dest != "Trash":
+            self._learn(dest, res.dest_uids, spam=dest == junk)  # the user's verdict trains the filter
         if move:
             self._notify(sel.name)
             if code is not None:
@@ -833,13 +843,45 @@ class IMAPSession(Session):
             return "MOVE completed", None
         return "COPY completed", code
 
+    def _junk_folder(self) -> str | None:
+        """The folder whose moves in and out train the spam filter (None: no learning configured)."""
+        if self.services.learning is None or "Junk" not in self.services.config.mailbox.special_use_folders:
+            return None
+        return "Junk"
+
+    def _learn(self, folder: str, uids: list[int], spam: bool) -> None:
+        """Queue training requests for these messages, off the reply's path (antispam/learning.py)."""
+        learning, user, mb = self.services.learning, self.user, self.mb
+        if learning is None or user is None or mb is None or not uids:
+            return
+
+        async def run() -> None:
+            try:
+                rows = await self.call(mb.rows, folder, uids[:LEARN_BATCH])
+                for row in rows.values():
+                    data = await self.call(mb.read, folder, row)
+                    await asyncio.to_thread(learning.add, user.address, data, spam)
+                learning.wake()
+            except Exception:  # training is best effort: never an error for the user
+                log.exception("imap: queueing %s for learning failed", user.address)
+
+        task = asyncio.ensure_future(run())
+        _LEARNING.add(task)
+        task.add_done_callback(_LEARNING.discard)
+
     async def cmd_search(self, cmd: C.Search) -> None:
+        matches = await self._matches(cmd.criteria, cmd.uid)
+        for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
+            self.send(line)
+
+    async def _matches(self, criteria: SearchKey, uid: bool) -> list[tuple[int, int, int]]:
+        """(seq, uid, modseq) of the selected messages matching ``criteria``, in mailbox order."""
         sel = self.core.sel
         assert sel is not None
-        if _uses_modseq(cmd.criteria):
+        if _uses_modseq(criteria):
             for line in self.core.use_condstore():
                 self.send(line)
-        await self._updates(allow_expunge=cmd.uid, sync=False)
+        await self._updates(allow_expunge=uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
@@ -851,15 +893,48 @@ class IMAPSession(Session):
 
         async def batch(part: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
             async with gate:
-                found, _n = await self.call(run_search, mb, sel.name, part, cmd.criteria, ctx, recent)
+                found, _n = await self.call(run_search, mb, sel.name, part, criteria, ctx, recent)
                 return found
 
         parts = [targets[i:i + SEARCH_BATCH] for i in range(0, len(targets), SEARCH_BATCH)]
-        matches = [m for found in await asyncio.gather(*(batch(p) for p in parts)) for m in found]
-        for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
-            self.send(line)
+        return [m for found in await asyncio.gather(*(batch(p) for p in parts)) for m in found]
+
+    async def _sort_items(self, criteria: SearchKey, uid: bool) -> list[SortItem]:
+        matches = await self._matches(criteria, uid)
+        sel = self.core.sel
+        assert sel is not None
+        mb = self._mbox()
+        items: list[SortItem] = []
+        for i in range(0, len(matches), SEARCH_BATCH):
+            part = [(s, u) for s, u, _m in matches[i:i + SEARCH_BATCH]]
+            items += await self.call(sort_items, mb, sel.name, part, uid)
+        return items
+
+    async def cmd_sort(self, cmd: C.Sort) -> None:
+        """RFC 5256 SORT (RFC 5957 DISPLAYFROM/DISPLAYTO); with RETURN, RFC 5267 ESORT."""
+        ordered = [i.id for i in sort_messages(await self._sort_items(cmd.criteria, cmd.uid), cmd.sort)]
+        if cmd.returns is None:
+            self.send(R.sort(ordered))
+            return
+        if "SAVE" in cmd.returns:  # RFC 5182 §2.4: the saved result, in sort order
+            sel = self.core.sel
+            assert sel is not None
+            self.core.save(ordered if cmd.uid else [sel.uids[n - 1] for n in ordered])
+            if set(cmd.returns) == {"SAVE"}:
+                return
+        self.send(R.esort(cmd.tag, ordered, cmd.returns, uid=cmd.uid, partial=cmd.partial))
+
+    async def cmd_thread(self, cmd: C.Thread) -> None:
+        """RFC 5256 THREAD=ORDEREDSUBJECT and THREAD=REFERENCES."""
+        items = await self._sort_items(cmd.criteria, cmd.uid)
+        threads = thread_references(items) if cmd.algorithm == "REFERENCES" else thread_orderedsubject(items)
+        self.send(R.thread(threads))
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+LEARN_BATCH = 100  # messages trained per command at most
+_LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
 
 
 class _Silent(Exception):
@@ -898,6 +973,8 @@ IMAPSession._handlers = {
     C.Subscribe: IMAPSession.cmd_subscribe,
     C.Unsubscribe: IMAPSession.cmd_unsubscribe,
     C.List: IMAPSession.cmd_list,
+    C.Sort: IMAPSession.cmd_sort,  # RFC 5256
+    C.Thread: IMAPSession.cmd_thread,
     C.Lsub: IMAPSession.cmd_lsub,
     C.Namespace: IMAPSession.cmd_namespace,
     C.Status: IMAPSession.cmd_status,

@@ -18,6 +18,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import SearchContext, evaluate
@@ -95,7 +96,9 @@ def _header_only(attrs: Sequence[FetchAttr]) -> bool:
     return True
 
 
-_CACHED = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}
+# Cache kinds carry the version of the message views (postier.message.VIEWS_VERSION): views cached
+# by an older version are simply not found, and recomputed.
+_CACHED = {n: k + VIEWS_VERSION for n, k in (("ENVELOPE", "env"), ("BODYSTRUCTURE", "bs"), ("BODY", "body"))}
 _CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINARY.SIZE"})
 
 
@@ -166,7 +169,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                             part = parse_message(content)
                         if n == "ENVELOPE":
                             hit = bytes(envelope_bytes(part, utf8=opts.utf8))
-                            new_cache.append((uid, "env" + suffix8, hit))
+                            new_cache.append((uid, _CACHED["ENVELOPE"] + suffix8, hit))
                         else:
                             hit = bytes(body_structure(part, extensible=n == "BODYSTRUCTURE", utf8=opts.utf8))
                             new_cache.append((uid, _CACHED[n] + (suffix8 if n != "BODY" else ""), hit))
@@ -346,6 +349,9 @@ def content_need(key: SearchKey) -> str:
 _RANK = {"": 0, "header": 1, "full": 2}
 
 
+_ADDRESS_FIELDS = frozenset({"FROM", "TO", "CC", "BCC", "SENDER", "REPLY-TO"})
+
+
 def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
     """(field pattern, lower-case ASCII value) pairs that a matching message must satisfy (HEADER,
     FROM, SUBJECT... keys joined by AND), to rule out most messages without parsing them. Values
@@ -354,6 +360,10 @@ def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
         case HeaderKey(field=f, value=v) if v and v.isascii() and not any(c.isspace() for c in v) \
                 and f.isascii():
             rx = re.compile(rb"(?:^|\n)" + re.escape(f.lower().encode("ascii")) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+            if f.upper() in _ADDRESS_FIELDS:
+                # address fields are searched as parsed addresses (message.envelope.address_text):
+                # "a@b.org" also matches "<a (c)@ b . org>", so only its pieces must be there
+                return [(rx, t.lower().encode("ascii")) for t in re.split(r'[@.<>"(),:;\\]+', v) if t]
             return [(rx, v.lower().encode("ascii"))]
         case AndKey(keys=ks):
             return [n for k in ks for n in _needles(k)]

@@ -29,6 +29,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from ..antispam.screening import ScreenResult
 from ..config import IMPLICIT_TLS_ROLES
 from ..faults import fault_point
 from ..message.types import Envelope, MessageBody
@@ -45,6 +46,8 @@ log = logging.getLogger("postier.smtp")
 
 SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 R421_TOO_MANY_AUTH = R.Reply(421, "4.7.0", "Too many failed authentication attempts, try later")
+R421_CONNECTION_RATE = R.Reply(421, "4.7.0", "Too many connections from your address; try again later")
+R554_LISTED = R.Reply(554, "5.7.1", "Service unavailable")  # RFC 5321 §3.1, RFC 5782
 
 #: App -> (role, implicit TLS) -> the core's settings, built once per listener.
 _settings_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], core.ServerSettings]] = (
@@ -123,6 +126,18 @@ class SMTPSession(ProtocolSession):
         self._timer_when = 0.0
         # No later than a command deadline could fall: starting one then needs no re-arming.
         self._arm(min(now + min(self.limits.idle_timeout, self.limits.command_timeout), self._session_deadline))
+        # Port 25: the DNS lists are asked at once, while the greeting waits (greet_pause); the
+        # greeting is sent when both are over (antispam/screening.py).
+        self._pregreet = False
+        self._screening: asyncio.Future[ScreenResult] | None = None
+        self._refusal: R.Reply | None = None
+        if self.role == "smtp":
+            rate = services.connection_rate
+            if rate is not None and not rate.hit(self.peer_ip):
+                self._refusal = R421_CONNECTION_RATE
+                log.info("smtp: %s: more than %d connections a minute: refused", self.peer_ip, rate.limit)
+            elif services.screener is not None:
+                self._screening = asyncio.ensure_future(services.screener.screen(self.peer_ip))
         greet_pause = self.limits.greet_pause if self.role == "smtp" else 0.0
         if greet_pause > 0:  # postscreen's pregreet test: wait, and refuse a client that talks first
             self._greet_timer = self.loop.call_later(greet_pause, self._greet)
@@ -131,6 +146,8 @@ class SMTPSession(ProtocolSession):
 
     def stopped(self) -> None:
         self._lost = True
+        if self._screening is not None and not self._screening.done():
+            self._screening.cancel()
         for timer in (self._timer, self._greet_timer):
             if timer is not None:
                 timer.cancel()
@@ -143,13 +160,46 @@ class SMTPSession(ProtocolSession):
         self._greet_timer = None
         if self._greeted or self._lost:
             return
+        screening = self._screening
+        if screening is not None and not screening.done():  # bounded by [antispam] screen_timeout
+            screening.add_done_callback(lambda _f: self._greet())
+            return
         self._greeted = True
         conn = self.conn
-        if self.role != "smtp" and self.throttle.blocked(self.peer_ip):
+        if self._refusal is not None:
+            conn.greet(self._refusal)
+        elif screening is not None:
+            conn.greet(self._screened(screening), early_talker_scored=True)
+        elif self.role != "smtp" and self.throttle.blocked(self.peer_ip):
             conn.greet(R421_TOO_MANY_AUTH)
         else:
             conn.greet()
         self._advance()
+
+    def _screened(self, screening: asyncio.Future[ScreenResult]) -> R.Reply | None:
+        """The greeting after DNS list screening: None (the usual 220) or a 554 naming the lists.
+
+        RFC 5321 §3.1 lets a server refuse at the greeting with 554 and then answer 503 to all but
+        QUIT, which the core does. Chosen over a 554 at the first command because the client then
+        cannot make the session do any more work, and a listed sender learns why at once.
+        """
+        if screening.cancelled() or screening.exception() is not None:
+            return None  # never block on our own failure
+        res = screening.result()
+        if self._pregreet:
+            res = res.with_pregreet(self.services.config.antispam.pregreet_weight)
+        words = res.explain()
+        self.env.notes = (f"screening: {words}",)
+        self.env.allowlisted = bool(res.allowlisted)
+        if not res.blocked:
+            if res.listed or res.pregreet or res.allowlisted:
+                log.info("smtp: %s: %s", self.peer_ip, words)
+            return None
+        log.info("smtp: %s: %s", self.peer_ip, words)
+        if self.services.decisions is not None:
+            self.services.decisions.record_later("", "", self.peer_ip, "", (), "refused", (f"screening: {words}",))
+        lists = ", ".join(h.zone for h in res.listed) or "local policy"
+        return R554_LISTED.with_text(f"Service unavailable; client [{self.peer_ip}] blocked using {lists}"[:300])
 
     def shutdown(self) -> None:
         """Server stopping: a session waiting for the client gets 421 now; a busy one after its reply."""
@@ -220,6 +270,7 @@ class SMTPSession(ProtocolSession):
         self._last = now = self.loop.time()
         self.conn.receive_data(data)
         if not self._greeted:
+            self._pregreet = True
             if self._greet_timer is not None:  # talked before the greeting
                 self._greet_timer.cancel()
             self._greet()

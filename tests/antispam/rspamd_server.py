@@ -33,7 +33,7 @@ def need(program: str) -> str:
 
 
 class RspamdServer:
-    def __init__(self, root: Path, nameserver: str):
+    def __init__(self, root: Path, nameserver: str, add_header: float | None = None):
         self.root = root
         self.nameserver = nameserver
         self.port = free_port()
@@ -41,6 +41,7 @@ class RspamdServer:
         self.redis_port = free_port()
         self.password = "test-controller-secret"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.add_header = add_header  # a lower "add header" threshold, so that tests can make junk
 
     @property
     def url(self) -> str:
@@ -75,6 +76,8 @@ class RspamdServer:
             "local.d/classifier-bayes.conf": (f'backend = "redis";\nservers = "127.0.0.1:{self.redis_port}";\n'
                                               "min_learns = 1;\nmin_tokens = 1;\nautolearn = false;\n"),
         }
+        if self.add_header is not None:
+            files["local.d/actions.conf"] = f"add_header = {self.add_header};\nreject = 15;\ngreylist = null;\n"
         for name, text in files.items():
             (conf / name).write_text(text)
         self.log = open(self.root / "rspamd.out", "ab")  # noqa: SIM115

@@ -114,6 +114,7 @@ def test_header_fields_without_blank_line() -> None:
     # RFC 9051 §6.4.5: no blank line "in the case of a message that has no body and no blank line"
     # (Dovecot adds one anyway; we follow the RFC)
     assert fetch(corpus.HEADER_ONLY, "BODY.PEEK[HEADER.FIELDS (Subject)]") == b"Subject: no body\r\n"
+    assert fetch(b"To: x\r\nSubject: cut", "BODY.PEEK[HEADER.FIELDS (Subject)]") == b"Subject: cut\r\n"
     assert fetch(corpus.HEADER_ONLY, "BODY.PEEK[HEADER]") == corpus.HEADER_ONLY
     assert fetch(corpus.HEADER_ONLY, "BODY.PEEK[TEXT]") == b""
     assert fetch(b"", "BODY.PEEK[HEADER.FIELDS (Subject)]") == b""

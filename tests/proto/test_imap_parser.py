@@ -233,7 +233,7 @@ def test_fetch_sections() -> None:
     assert names == ["BODY[]", "BODY[HEADER.FIELDS (FROM TO CC)]<0>", "BODY[1.2.MIME]",
                      "BODY[2.HEADER.FIELDS.NOT (X-FOO)]", "BODY[3.TEXT]", "BODY[4]", "BODY[TEXT]<5>",
                      "BINARY[1]<0>", "BINARY[]", "BINARY.SIZE[2.1]"]
-    assert [a.sets_seen for a in cmd.attributes] == [True, False, True, True, True, True, True, False, True, True]
+    assert [a.sets_seen for a in cmd.attributes] == [True, False, True, True, True, True, True, False, True, False]
 
 
 @pytest.mark.parametrize(

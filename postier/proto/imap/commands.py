@@ -318,7 +318,7 @@ class FetchAttr:
     @property
     def sets_seen(self) -> bool:
         """True if fetching this sets \\Seen (RFC 9051 §6.4.5: BODY[...] and BINARY[...] but not PEEK)."""
-        if self.peek:
+        if self.peek or self.name == "BINARY.SIZE":  # a size is not a read (RFC 3516 §4.2; as Dovecot)
             return False
         return self.section is not None or self.name in ("RFC822", "RFC822.TEXT")
 
@@ -370,3 +370,49 @@ class Move(Command):
     uid: bool = False
     sequence_set: SequenceSet = field(default_factory=SequenceSet)
     mailbox: str = ""
+
+
+# -- SORT and THREAD (RFC 5256, RFC 5957, RFC 5267) -------------------------------------------------
+
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
+THREAD_ALGORITHMS = frozenset({"ORDEREDSUBJECT", "REFERENCES"})
+
+
+@dataclass(frozen=True, slots=True)
+class SortCriterion:
+    """One sort key (upper-case, one of ``SORT_KEYS``), optionally reversed (RFC 5256 REVERSE)."""
+
+    key: str
+    reverse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sort(Command):
+    """SORT / UID SORT (RFC 5256 §3), with RFC 5267 ESORT return options.
+
+    ``returns`` is None without RETURN (answer ``* SORT``), else the upper-cased options (MIN MAX
+    ALL COUNT SAVE, and CONTEXT=SORT's PARTIAL CONTEXT UPDATE); ``RETURN ()`` means ``("ALL",)``;
+    ``partial`` is PARTIAL's range (low, high), 1-based and inclusive (RFC 5267 §4.4).
+    ``charset`` is mandatory in SORT (upper-cased; strings in ``criteria`` are already decoded).
+    """
+
+    name: ClassVar[str] = "SORT"
+    uid: bool = False
+    sort: tuple[SortCriterion, ...] = ()
+    charset: str = "US-ASCII"
+    criteria: SearchKey = field(default_factory=AllKey)
+    returns: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Thread(Command):
+    """THREAD / UID THREAD (RFC 5256 §3): ``algorithm`` is one of ``THREAD_ALGORITHMS``."""
+
+    name: ClassVar[str] = "THREAD"
+    uid: bool = False
+    algorithm: str = "REFERENCES"
+    charset: str = "US-ASCII"
+    criteria: SearchKey = field(default_factory=AllKey)
+
+__all__ += ["SORT_KEYS", "THREAD_ALGORITHMS", "Sort", "SortCriterion", "Thread"]

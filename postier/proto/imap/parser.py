@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable
 
 from .commands import (
+    SORT_KEYS,
+    THREAD_ALGORITHMS,
     Append,
     Authenticate,
     Capability,
@@ -47,10 +49,13 @@ from .commands import (
     Rename,
     Search,
     Section,
+    Sort,
+    SortCriterion,
     Select,
     StartTLS,
     Status,
     Store,
+    Thread,
     StoreMode,
     Subscribe,
     Unselect,
@@ -104,6 +109,7 @@ STATUS_ITEMS = frozenset({
 })
 _LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+_SORT_RETURN = _SEARCH_RETURN | {"PARTIAL", "CONTEXT", "UPDATE"}  # RFC 5267 §3, §4
 
 _MACROS = {  # RFC 9051 §6.4.5
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
@@ -854,37 +860,106 @@ def _search(s: _Scanner, tag: str, uid: bool) -> Command:
     s.sp()
     returns: tuple[str, ...] | None = None
     if s.at_ci(b"RETURN "):  # RFC 4731 §3
-        s.pos += 7
-        s.open_paren()
-        opts: list[str] = []
-        while not s.at(b")"):
-            if opts:
-                s.sp()
-            opt = s.keyword()
-            if opt not in _SEARCH_RETURN:
-                raise s.error(f"Unknown SEARCH return option {opt}")
-            opts.append(opt)
-        s.close_paren()
+        returns, _partial = _return_options(s, _SEARCH_RETURN)
         s.sp()
-        returns = tuple(dict.fromkeys(opts)) or ("ALL",)  # RFC 4731 §3.1: () means ALL
     charset: str | None = None
     if s.at_ci(b"CHARSET "):
         s.pos += 8
-        charset = s.astring().decode("ascii", "replace").upper()
-        try:
-            codec = codecs.lookup(_python_codec(charset))
-            if not getattr(codec, "_is_text_encoding", True):
-                raise LookupError(charset)
-        except LookupError:
-            raise s.error("Unsupported charset", code="BADCHARSET", status="NO") from None
+        charset = _charset(s)
         s.sp()
+    criteria = _search_criteria(s, charset)
+    return Search(tag=tag, uid=uid, charset=charset, criteria=criteria, returns=returns)
+
+
+def _return_options(s: _Scanner, allowed: frozenset[str]) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """``RETURN (opt ...)`` (RFC 4731 §3; PARTIAL low:high from RFC 5267 §4.4): the upper-cased
+    options, ``()`` meaning ALL (RFC 4731 §3.1), and PARTIAL's range."""
+    s.pos += 7  # "RETURN "
+    s.open_paren()
+    opts: list[str] = []
+    partial: tuple[int, int] | None = None
+    while not s.at(b")"):
+        if opts:
+            s.sp()
+        opt = s.keyword()
+        if opt not in allowed:
+            raise s.error(f"Unknown return option {opt}")
+        if opt == "PARTIAL":
+            s.sp()
+            low = s.number(nonzero=True)
+            s.expect(b":")
+            high = s.number(nonzero=True)
+            partial = (min(low, high), max(low, high))
+        opts.append(opt)
+    s.close_paren()
+    return tuple(dict.fromkeys(opts)) or ("ALL",), partial
+
+
+def _charset(s: _Scanner, raw: bytes | None = None) -> str:
+    """A search charset (read here, or ``raw`` already read) the server can decode, upper-cased,
+    else NO [BADCHARSET] (RFC 9051 §6.4.4)."""
+    charset = (s.astring() if raw is None else raw).decode("ascii", "replace").upper()
+    try:
+        codec = codecs.lookup(_python_codec(charset))
+        if not getattr(codec, "_is_text_encoding", True):
+            raise LookupError(charset)
+    except LookupError:
+        raise s.error("Unsupported charset", code="BADCHARSET", status="NO") from None
+    return charset
+
+
+def _search_criteria(s: _Scanner, charset: str | None) -> SearchKey:
     keys = [_search_key(s, charset)]
     while s.at(b" "):
         s.sp()
         keys.append(_search_key(s, charset))
     s.end()
-    criteria = keys[0] if len(keys) == 1 else AndKey(tuple(keys))
-    return Search(tag=tag, uid=uid, charset=charset, criteria=criteria, returns=returns)
+    return keys[0] if len(keys) == 1 else AndKey(tuple(keys))
+
+
+def _sort(s: _Scanner, tag: str, uid: bool) -> Command:
+    """RFC 5256 §4 ``SORT [RETURN (...)] (criteria) charset search-key...`` (RETURN: RFC 5267)."""
+    s.sp()
+    returns: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
+    if s.at_ci(b"RETURN "):
+        returns, partial = _return_options(s, _SORT_RETURN)
+        s.sp()
+    s.open_paren()
+    program: list[SortCriterion] = []
+    while not s.at(b")"):
+        if program:
+            s.sp()
+        word = s.keyword()
+        reverse = word == "REVERSE"
+        if reverse:
+            s.sp()
+            word = s.keyword()
+        if word not in SORT_KEYS:
+            raise s.error(f"Unknown sort key {word}")
+        program.append(SortCriterion(word, reverse))
+    s.close_paren()
+    if not program:
+        raise s.error("Empty sort criteria")
+    s.sp()
+    raw = s.astring()
+    s.sp()  # a missing search key is BAD before an unknown charset is NO
+    charset = _charset(s, raw)
+    return Sort(tag=tag, uid=uid, sort=tuple(program), charset=charset, criteria=_search_criteria(s, charset),
+                returns=returns, partial=partial)
+
+
+def _thread(s: _Scanner, tag: str, uid: bool) -> Command:
+    """RFC 5256 §4 ``THREAD algorithm charset search-key...``."""
+    s.sp()
+    algorithm = s.keyword()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise s.error(f"Unsupported threading algorithm {algorithm}")
+    s.sp()
+    raw = s.astring()
+    s.sp()
+    charset = _charset(s, raw)
+    return Thread(tag=tag, uid=uid, algorithm=algorithm, charset=charset, criteria=_search_criteria(s, charset))
 
 
 _FLAG_KEYS = {
@@ -1003,8 +1078,10 @@ _COMMANDS: dict[str, _Handler] = {
     "COPY": _copy_move(Copy),
     "MOVE": _copy_move(Move),
     "ID": _id,
+    "SORT": _sort,  # RFC 5256
+    "THREAD": _thread,
 }
-_UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE"})  # RFC 9051 §6.4.9
+_UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})  # RFC 9051 §6.4.9
 
 
 def read_tag(data: bytes) -> str | None:

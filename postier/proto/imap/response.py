@@ -14,6 +14,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..mutf7 import mutf7_encode
 from .seqset import SequenceSet
@@ -414,3 +415,99 @@ def id_response(params: Sequence[tuple[str, str | None]] | None) -> bytes:
         return b"* ID NIL\r\n"
     body = b" ".join(encode_string(k) + b" " + encode_nstring(v) for k, v in params)
     return b"* ID (" + body + b")" + CRLF
+
+
+# -- SORT, THREAD, ESORT (RFC 5256, RFC 5267) -----------------------------------------------------------
+
+class ThreadTree(Protocol):
+    """A THREAD answer node: a message number (None for a dummy parent) and its children."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def children(self) -> Sequence[ThreadTree]: ...
+
+
+def sort(ids: Iterable[int], modseq: int | None = None) -> bytes:
+    """``* SORT 2 3 6`` in sort order (RFC 5256 §4; RFC 7162 §3.1.5 adds ``(MODSEQ n)``)."""
+    return b"* SORT" + search(ids, modseq)[len(b"* SEARCH") :]
+
+
+def _thread_body(node: ThreadTree) -> bytes:
+    """RFC 5256 §4 thread-members without recursion: ``3 6 (4 23)(44 7 96)``; a dummy parent
+    is only the parentheses of its children."""
+    out = bytearray()
+    stack: list[ThreadTree | bytes] = [node]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, bytes):
+            out += x
+            continue
+        kids = x.children
+        if x.id is not None:
+            out += b"%d" % x.id
+            if kids:
+                out += b" "
+        if len(kids) == 1:
+            stack.append(kids[0])
+        else:
+            for c in reversed(kids):
+                stack.extend((b")", c, b"("))
+    return bytes(out)
+
+
+def thread(threads: Iterable[ThreadTree]) -> bytes:
+    """``* THREAD (2)(3 6 (4 23)(44 7 96))`` (RFC 5256 §4); no threads: ``* THREAD``."""
+    body = b"".join(b"(" + _thread_body(t) + b")" for t in threads)
+    return b"* THREAD" + (b" " + body if body else b"") + CRLF
+
+
+def ordered_set(ids: Sequence[int]) -> bytes:
+    """A sequence-set that keeps the order of ``ids`` (ESORT ALL, RFC 5267 §3.2): ascending runs
+    of consecutive numbers become ``a:b``, everything else stays in place."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(b"%d" % ids[i] if j == i else b"%d:%d" % (ids[i], ids[j]))
+        i = j + 1
+    return b",".join(out)
+
+
+def esort(
+    tag: str | None,
+    ids: Sequence[int],
+    returns: Sequence[str],
+    *,
+    uid: bool = False,
+    partial: tuple[int, int] | None = None,
+    modseq: int | None = None,
+) -> bytes:
+    """The ESEARCH answer to SORT RETURN (...) (RFC 5267 §3): ``ids`` in sort order; MIN and MAX are
+    the first and last in that order, ALL keeps it, PARTIAL (RFC 5267 §4.4) is the 1-based
+    inclusive slice ``partial`` of it (NIL when empty)."""
+    out = b"* ESEARCH"
+    if tag is not None:
+        out += b" (TAG " + encode_string(tag) + b")"
+    if uid:
+        out += b" UID"
+    if ids and "MIN" in returns:
+        out += b" MIN %d" % ids[0]
+    if ids and "MAX" in returns:
+        out += b" MAX %d" % ids[-1]
+    if ids and "ALL" in returns:
+        out += b" ALL " + ordered_set(ids)
+    if "COUNT" in returns:
+        out += b" COUNT %d" % len(ids)
+    if partial is not None and "PARTIAL" in returns:
+        low, high = partial
+        chunk = ids[low - 1 : high]
+        out += b" PARTIAL (%d:%d %s)" % (low, high, ordered_set(chunk) if chunk else b"NIL")
+    if modseq is not None:
+        out += b" MODSEQ %d" % modseq
+    return out + CRLF
+
+
+__all__ += ["ThreadTree", "esort", "ordered_set", "sort", "thread"]

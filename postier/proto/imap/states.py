@@ -22,6 +22,7 @@ _AUTH = frozenset({  # §6.3 (ENABLE: RFC 5161 §3.1, authenticated state only)
 })
 _SELECTED = frozenset({  # §6.4; UID variants are checked by their base name
     "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+    "SORT", "THREAD",  # RFC 5256
 })
 
 COMMANDS_BY_STATE: dict[State, frozenset[str]] = {

@@ -328,14 +328,20 @@ class ServerConnection:
         return tuple(self._rcpts)
 
     # Driver side -------------------------------------------------------------------------------------------
-    def greet(self, reply: Reply | None = None) -> None:
-        """Queue the opening reply; input received before this call marks an early talker."""
+    def greet(self, reply: Reply | None = None, early_talker_scored: bool = False) -> None:
+        """Queue the opening reply; input received before this call marks an early talker.
+
+        An early talker is refused (554), unless the driver has already scored it
+        (`early_talker_scored`, postscreen-style screening): then what it sent early is dropped.
+        """
         if self._state is not State.GREETING:
             raise UsageError("greet() called twice")
         if self._pos < len(self._buf):
-            # RFC 5321 §4.3.1: the client waits for the greeting; early talkers are spam engines
-            self._shutdown(R.R554_EARLY_TALKER, "early talker")
-            return
+            if not early_talker_scored:
+                # RFC 5321 §4.3.1: the client waits for the greeting; early talkers are spam engines
+                self._shutdown(R.R554_EARLY_TALKER, "early talker")
+                return
+            self._buf, self._pos = b"", 0  # RFC 5321 §4.3.1: nothing said before the greeting counts
         reply = reply or R.greeting(self.settings.hostname, self.settings.lmtp)
         self._queue(reply)
         if reply.code == 220:
