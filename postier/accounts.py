@@ -74,7 +74,15 @@ CREATE TABLE IF NOT EXISTS aliases (
     target TEXT NOT NULL,
     PRIMARY KEY (alias, target)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+#: Local parts every domain must receive (RFC 5321 §4.5.1 postmaster, RFC 2142 §2 abuse): when no alias
+#: or user of that name exists they reach the admin (`set_admin`, else the first user created).
+ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
 
 #: Local parts we create mailboxes for: a conservative dot-atom subset, so that a user's directory
 #: name is always safe (no "/", no leading dot, no "..").
@@ -438,6 +446,26 @@ class Accounts:
             out.setdefault(alias, []).append(target)
         return list(out.items())
 
+    # -- the admin (postmaster) -----------------------------------------------------------------
+
+    def set_admin(self, address: str) -> str:
+        """Route postmaster@ and abuse@ of every local domain to `address` (unless an alias says otherwise)."""
+        addr = normalize_address(address)
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES ('admin', ?)", (addr,))
+        return addr
+
+    def admin(self) -> str | None:
+        """The admin address: the one set, else the first user created, else None."""
+        return self._admin(self._conn())
+
+    @staticmethod
+    def _admin(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT value FROM settings WHERE key='admin'").fetchone()
+        if row is None:
+            row = conn.execute("SELECT address FROM users ORDER BY created, rowid LIMIT 1").fetchone()
+        return str(row[0]) if row else None
+
     def addresses_of(self, user: User) -> set[str]:
         """The user's own address and every alias that expands to it (for submission sender checks)."""
         found = {user.address}
@@ -523,6 +551,10 @@ class Accounts:
             if row:
                 users[row.address] = row
                 return True
+        if top and candidates[-1].partition("@")[0] in ROLE_LOCAL_PARTS:
+            admin = self._admin(conn)  # RFC 5321 §4.5.1, RFC 2142 §2: postmaster@, abuse@ of every domain
+            if admin and admin not in candidates:
+                return self._expand(conn, admin, users, remote, depth + 1)
         if top:
             catch = conn.execute("SELECT catchall FROM domains WHERE name=?", (domain,)).fetchone()
             if catch and catch[0] and catch[0] != addr:

@@ -14,14 +14,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .accounts import Accounts
-from .message.types import AccountError
-from .config import STANDARD_PORTS, Config, ConfigError, load_config, normalize_domain
+from .config import STANDARD_PORTS, Config, ConfigError, Listener, load_config, normalize_domain
 from .durable import ensure_dirs, write_file
+from .message.types import AccountError
+from .server.privileges import (
+    DEFAULT_USER,
+    PrivilegeError,
+    chown_tree,
+    ensure_system_user,
+    for_admin_command,
+    lookup,
+)
 
 DEFAULT_CONFIG = "postier.toml"
 DEMO_DOMAIN = "demo.test"
 DEMO_USER = "demo@demo.test"
 DEMO_PASSWORD = "demo-password"
+#: Where quickstart puts the LMTP socket, relative to the data directory (as Dovecot's /run/dovecot/lmtp).
+LMTP_SOCKET = "run/lmtp"
 
 
 class CLIError(Exception):
@@ -68,24 +78,40 @@ def _toml_str(s: str) -> str:
 
 
 def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
-                 extra: str = "") -> Path:
+                 extra: str = "", user: str = "", allow_root: bool = False) -> Path:
     """Write DATA_DIR/postier.toml with every role on its standard port + offset."""
     lines = [
         "# postier configuration: written by `postier quickstart`; edit freely.",
         f"hostname = {_toml_str(hostname)}",
         'data_dir = "."',
         "",
+    ]
+    if user or allow_root:  # who serve runs as once its listeners are bound (server/privileges.py)
+        lines += ["[server]"] + ([f"user = {_toml_str(user)}"] if user else []) + (
+            ["allow_root = true"] if allow_root else []) + [""]
+    lines += [
         "[tls]",
         'cert = "tls/cert.pem"',
         'key = "tls/key.pem"',
         "",
     ]
     for role, port in STANDARD_PORTS.items():
-        addr = "127.0.0.1" if role == "lmtp" else listen
-        lines += [f"[listeners.{role}]", f"address = {_toml_str(addr)}", f"port = {port + port_offset}", ""]
+        if role == "lmtp":  # a Unix socket in the data directory: two instances never collide
+            lines += ["[listeners.lmtp]", f"path = {_toml_str(LMTP_SOCKET)}", ""]
+            continue
+        lines += [f"[listeners.{role}]", f"address = {_toml_str(listen)}", f"port = {port + port_offset}", ""]
     path = data_dir / "postier.toml"
     write_file(path, ("\n".join(lines) + extra).encode(), mode=0o644)
     return path
+
+
+def certificate_names(hostname: str, listen: str) -> list[str]:
+    """What quickstart's certificate names: the MX host, the --listen address when it is one address
+    (clients that connect by IP check it), and localhost."""
+    names = [hostname]
+    if listen not in ("0.0.0.0", "::", "*", ""):
+        names.append(listen)
+    return [*names, "localhost", "127.0.0.1"]
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -109,17 +135,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         raise CLIError(f"{cfg_path} exists already (use --force to overwrite)")
     tls_dir = data_dir / "tls"
     if not (tls_dir / "cert.pem").exists() or args.force:
-        write_self_signed(tls_dir / "cert.pem", tls_dir / "key.pem", [hostname, "localhost", "127.0.0.1"])
-    write_config(data_dir, hostname, args.listen, args.port_offset)
+        write_self_signed(tls_dir / "cert.pem", tls_dir / "key.pem", certificate_names(hostname, args.listen))
+    # Run as root, quickstart sets up the service user serve drops to (unless told to stay root).
+    as_root = os.geteuid() == 0
+    user = "" if args.allow_root or not as_root else (args.user or DEFAULT_USER)
+    write_config(data_dir, hostname, args.listen, args.port_offset, user=user, allow_root=args.allow_root)
     cfg = load_config(cfg_path)
     acc = _accounts(cfg)
     if domain not in acc.list_domains():
         acc.add_domain(domain)
+    if args.admin:  # else postmaster@ and abuse@ reach the first user added
+        acc.set_admin(args.admin)
     acc.close()
+    if user:
+        try:
+            ident = ensure_system_user(user) if user == DEFAULT_USER else lookup(user)
+            chown_tree(data_dir, ident)
+        except PrivilegeError as exc:
+            raise CLIError(str(exc)) from None
     if not args.quiet:
         print(f"postier: wrote {cfg_path}")
         print(f"  domain {domain}, mail host {hostname}, data in {data_dir}")
-        print("  listeners: " + ", ".join(f"{r} {p.address}:{p.port}" for r, p in cfg.listeners.items()))
+        print("  listeners: " + ", ".join(f"{r} {_where(p)}" for r, p in cfg.listeners.items()))
         print("next steps:")
         print(f"  postier --config {cfg_path} user add you@{domain}")
         print(f"  postier --config {cfg_path} serve")
@@ -129,12 +166,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where(lst: Listener) -> str:
+    return str(lst.path) if lst.path is not None else f"{lst.address}:{lst.port}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     cfg_path = data_dir / "postier.toml"
     if not cfg_path.exists():
         ns = argparse.Namespace(domain=DEMO_DOMAIN, data_dir=str(data_dir), hostname=f"mail.{DEMO_DOMAIN}",
-                                listen=args.listen, port_offset=args.port_offset, force=False, quiet=True)
+                                listen=args.listen, port_offset=args.port_offset, force=False, quiet=True,
+                                admin=None, user=None, allow_root=os.geteuid() == 0)  # a demo, on high ports
         cmd_quickstart(ns)
         with open(cfg_path, "a") as f:
             f.write("\n# The demo runs without Internet DNS: SPF/DKIM/DMARC checks would all be temporary\n"
@@ -149,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  config:   {cfg_path}")
     print(f"  domain:   {DEMO_DOMAIN} (user {DEMO_USER}, password {DEMO_PASSWORD})")
     for role, lst in cfg.listeners.items():
-        print(f"  {role:<12} {lst.address}:{lst.port}")
+        print(f"  {role:<12} {_where(lst)}")
     smtp = cfg.listeners.get("smtp")
     if smtp:
         print(f"  try: swaks --server {smtp.address}:{smtp.port} --to {DEMO_USER}")
@@ -164,6 +206,18 @@ def _serve(cfg: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run(cfg)
     return 0
+
+
+def _drop_for_admin(args: argparse.Namespace) -> None:
+    """Run as root, an admin command acts as the service user: what it creates stays the server's."""
+    path = _config_path(args)
+    if not path.exists():
+        return  # the command reports the missing configuration itself
+    cfg = load_config(path)
+    try:
+        for_admin_command(cfg.server.user, cfg.server.group)
+    except (PrivilegeError, OSError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -240,6 +294,9 @@ EXTRA_COMMANDS = [
     "postier.backup",
     "postier.antispam.cli",
     "postier.acme.cli",
+    "postier.server.cli",
+    "postier.systemd",
+    "postier.status",
 ]
 
 
@@ -256,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hostname", help="the MX host name (default mail.DOMAIN)")
     q.add_argument("--listen", default="0.0.0.0", help="address every listener binds (default 0.0.0.0)")
     q.add_argument("--port-offset", type=int, default=0, help="add N to every standard port (25 -> 25+N)")
+    q.add_argument("--admin", metavar="ADDRESS",
+                   help="who receives postmaster@ and abuse@ of every domain (default: the first user)")
+    q.add_argument("--user", help=f"run as root: the service user serve drops to (default {DEFAULT_USER}, "
+                                  "created with useradd --system if missing); the data directory becomes its")
+    q.add_argument("--allow-root", action="store_true", help="let serve keep running as root (not advised)")
     q.add_argument("--force", action="store_true", help="overwrite an existing configuration")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)
@@ -268,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")
     s.set_defaults(func=cmd_serve)
+    for cmd in (q, d, s):  # these decide themselves who they run as; every other command drops
+        cmd.set_defaults(keep_privileges=True)
 
     for name, func, actions, extra in (
         ("domain", cmd_domain, ("add", "list", "remove"), None),
@@ -301,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if os.geteuid() == 0 and not getattr(args, "keep_privileges", False):
+            _drop_for_admin(args)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"postier: config error: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+from .tlsprofile import server_context
+
 #: Every listener role postier knows, with its standard port (the port offset is added to these).
 STANDARD_PORTS: dict[str, int] = {
     "smtp": 25,  # RFC 5321 MX
@@ -74,6 +76,8 @@ class Listener:
     port: int = 0
     #: Offer STARTTLS (roles without implicit TLS); on by default where a certificate is configured.
     starttls: bool = True
+    #: A Unix socket instead of address/port (lmtp only; quickstart puts LMTP on DATA_DIR/run/lmtp).
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,18 @@ class MailAuth:
 
 
 @dataclass(frozen=True)
+class Server:
+    """Who the server runs as (see server/privileges.py)."""
+
+    #: Started as root, `serve` binds its listeners, then drops to this user; empty = no switch.
+    user: str = ""
+    #: Its group; empty = the user's primary group.
+    group: str = ""
+    #: Allow the server to keep running as root (refused otherwise).
+    allow_root: bool = False
+
+
+@dataclass(frozen=True)
 class DNSListConfig:
     """One DNS blocklist or allowlist (RFC 5782) of [antispam] dnsbl / dnswl."""
 
@@ -326,6 +342,7 @@ class Config:
     hostname: str
     data_dir: Path
     listeners: dict[str, Listener] = field(default_factory=dict)
+    server: Server = field(default_factory=Server)
     tls: TLS = field(default_factory=TLS)
     limits: Limits = field(default_factory=Limits)
     dns: DNSSettings = field(default_factory=DNSSettings)
@@ -375,10 +392,7 @@ class Config:
         """A server TLS context from [tls], or None when no certificate is configured."""
         if self.tls.cert is None or self.tls.key is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.tls.cert, self.tls.key)
-        return ctx
+        return server_context(self.tls.cert, self.tls.key)  # Mozilla "intermediate" on every listener
 
 
 _NO_KEY = ("source",)
@@ -468,6 +482,14 @@ def _validate(cfg: Config) -> None:
         key = f"listeners.{role}"
         if role not in STANDARD_PORTS:
             raise ConfigError(f"{key}: unknown role (known: {', '.join(STANDARD_PORTS)})")
+        if lst.path is not None:
+            if role != "lmtp":
+                raise ConfigError(f"{key}.path: only lmtp listens on a Unix socket")
+            if lst.port:
+                raise ConfigError(f"{key}.path: give either path or address and port, not both")
+            if len(os.fsencode(lst.path)) > 107:  # sockaddr_un.sun_path is 108 bytes with its NUL
+                raise ConfigError(f"{key}.path: longer than a Unix socket path may be (107 bytes)")
+            continue
         if not 1 <= lst.port <= 65535:
             raise ConfigError(f"{key}.port: must be 1-65535, not {lst.port}")
         _check_address(f"{key}.address", lst.address)

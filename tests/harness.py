@@ -21,6 +21,10 @@ from postier.config import STANDARD_PORTS
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+#: quickstart run as root sets up a service user and a drop of privileges; test instances live in
+#: pytest's private (0700) temporary directories, which that user cannot enter, so they stay root
+#: (tests/test_privileges.py covers the drop itself).
+STAY_ROOT: tuple[str, ...] = ("--allow-root",) if os.geteuid() == 0 else ()
 
 
 def port_free(host: str, port: int) -> bool:
@@ -47,7 +51,7 @@ def _ephemeral_low() -> int:
 
 
 def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
-    """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP)."""
+    """A port offset N such that every standard port + N is free on host (and on 127.0.0.1 for LMTP over TCP)."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     # Below the kernel's ephemeral range (32768-60999 by default): an outgoing connection elsewhere
     # on the machine cannot take one of our ports while a test restarts the server.
@@ -61,8 +65,10 @@ def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
 
 
 def run_cli(config: Path | None, *args: str, stdin: str | None = None, check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "postier"]
+            cwd: Path | None = None, python: str = PY) -> subprocess.CompletedProcess[str]:
+    if cwd is None and python != PY:  # not the checkout: `-m postier` would import ./postier from there
+        cwd = Path("/")
+    cmd = [python, "-m", "postier"]
     if config is not None:
         cmd += ["--config", str(config)]
     cmd += list(args)
@@ -76,14 +82,17 @@ class Instance:
     """One postier server with its own data directory."""
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
-                 extra_config: str = "", mailauth: bool | None = None):
+                 extra_config: str = "", mailauth: bool | None = None, python: str = PY,
+                 offset: int | None = None, quickstart_args: tuple[str, ...] = ()):
+        self.python = python  # the interpreter running postier (a test may use an installed wheel's venv)
         self.root = root
         self.domain = domain
         self.address = address
-        self.offset = free_offset(address)
+        self.offset = free_offset(address) if offset is None else offset
         self.hostname = hostname or f"mail.{domain}"
         run_cli(None, "quickstart", "--domain", domain, "--data-dir", str(root), "--hostname", self.hostname,
-                "--listen", address, "--port-offset", str(self.offset), "--quiet")
+                "--listen", address, "--port-offset", str(self.offset), "--quiet",
+                *(quickstart_args or STAY_ROOT), python=python)
         self.config = root / "postier.toml"
         # Tests run without Internet DNS: SPF/DKIM/DMARC would all be temperrors (451). They are
         # off unless the test asks for them or brings its own DNS ([dns] / [mailauth] in extra_config).
@@ -110,10 +119,23 @@ class Instance:
         return STANDARD_PORTS[role] + self.offset
 
     def addr(self, role: str) -> tuple[str, int]:
+        """(host, port) of a TCP listener; LMTP is on TCP only after `lmtp_over_tcp()`."""
         return ("127.0.0.1" if role == "lmtp" else self.address, self.port(role))
 
+    @property
+    def lmtp_path(self) -> Path:
+        """LMTP's Unix socket (quickstart's default)."""
+        return self.root / "run" / "lmtp"
+
+    def lmtp_over_tcp(self) -> None:
+        """Move LMTP from its Unix socket to 127.0.0.1:24+offset (before `start()`)."""
+        text = self.config.read_text()
+        old = '[listeners.lmtp]\npath = "run/lmtp"\n'
+        assert old in text
+        self.config.write_text(text.replace(old, f'[listeners.lmtp]\naddress = "127.0.0.1"\nport = {self.port("lmtp")}\n'))
+
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run_cli(self.config, *args, stdin=stdin, check=check)
+        return run_cli(self.config, *args, stdin=stdin, check=check, python=self.python)
 
     def add_user(self, address: str, password: str = "password123", fmt: str | None = None) -> None:
         args = ["user", "add", address, "--password-stdin"]
@@ -138,7 +160,7 @@ class Instance:
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.logf = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([PY, "-m", "postier", "--config", str(self.config), "serve"],
+        self.proc = subprocess.Popen([self.python, "-m", "postier", "--config", str(self.config), "serve"],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         host, port = self.addr(wait_role)
         deadline = time.monotonic() + timeout

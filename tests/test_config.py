@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from postier.config import ConfigError, load_config
-from tests.harness import run_cli
+from tests.harness import STAY_ROOT, run_cli
 
 BASE = 'hostname = "mail.a.test"\ndata_dir = "."\n[listeners.smtp]\naddress = "127.0.0.1"\nport = 2525\n'
 
@@ -35,6 +35,9 @@ def test_minimal_config_loads(tmp_path: Path) -> None:
     ("[tls]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n", "tls.cert: cannot read"),
     ("[dns]\nnameservers = [\"x:y\"]\n", "dns.nameservers[0]"),
     ("[listeners.submission]\naddress = \"127.0.0.1\"\nport = 2525\n", "listeners.submission.port: 127.0.0.1:2525 is already used"),
+    ("[listeners.imap]\npath = \"run/imap\"\n", "listeners.imap.path: only lmtp listens on a Unix socket"),
+    ("[listeners.lmtp]\npath = \"run/lmtp\"\nport = 24\n", "listeners.lmtp.path: give either path or address"),
+    ("[listeners.lmtp]\npath = \"" + "x" * 120 + "\"\n", "listeners.lmtp.path: longer than"),
 ])
 def test_errors_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
     text = BASE.replace("[listeners.smtp]", extra + "[listeners.smtp]") if not extra.startswith("[") else BASE + extra
@@ -60,12 +63,13 @@ def test_cli_exit_code_2_on_bad_config(tmp_path: Path) -> None:
 
 def test_quickstart_writes_every_listener_with_offset(tmp_path: Path) -> None:
     run_cli(None, "quickstart", "--domain", "Example.TEST", "--data-dir", str(tmp_path / "d"),
-            "--port-offset", "10000", "--listen", "127.0.0.1")
+            "--port-offset", "10000", "--listen", "127.0.0.1", *STAY_ROOT)
     cfg = load_config(tmp_path / "d" / "postier.toml")
     ports = {r: lst.port for r, lst in cfg.listeners.items()}
     assert ports == {"smtp": 10025, "submission": 10587, "submissions": 10465, "imap": 10143, "imaps": 10993,
-                     "pop3": 10110, "pop3s": 10995, "lmtp": 10024,
+                     "pop3": 10110, "pop3s": 10995, "lmtp": 0,
                      "http": 10080, "https": 10443}
+    assert cfg.listeners["lmtp"].path == tmp_path / "d" / "run" / "lmtp"  # a Unix socket, as Dovecot's
     assert (tmp_path / "d" / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     r = run_cli(cfg.source, "domain", "list")
     assert r.stdout.split() == ["example.test"]

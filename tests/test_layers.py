@@ -22,13 +22,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("proto", ("postier.proto",)),
     ("message", ("postier.message", "postier.faults")),
     ("config, accounts, resolver", ("postier.config", "postier.accounts", "postier.resolver", "postier.certs",
-                                    "postier.tlsreload", "postier.autoconfig", "postier.mtasts")),
+                                    "postier.tlsreload", "postier.autoconfig", "postier.mtasts",
+                                    "postier.tlsprofile")),
     ("mailauth", ("postier.mailauth",)),
     ("store", ("postier.store",)),
     ("queue", ("postier.queue", "postier.acme")),
     ("pipeline", ("postier.pipeline", "postier.antispam", "postier.sieve")),
     ("server", ("postier.server", "postier.http", "postier.web")),
-    ("cli", ("postier.cli", "postier.__main__", "postier.backup")),
+    ("cli", ("postier.cli", "postier.__main__", "postier.backup", "postier.status", "postier.systemd",
+             "postier.adminlog")),
 ]
 NO_IO_IN_PROTO = ("asyncio", "socket")
 

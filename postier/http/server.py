@@ -23,6 +23,8 @@ redirects everything else to https (308 keeps the method, RFC 9110 §15.4.9).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import asyncio
 import contextlib
 import logging
@@ -179,8 +181,9 @@ class HttpServer:
 
     # -- listeners --------------------------------------------------------------------------------
 
-    async def start(self) -> list[tuple[str, str, int]]:
-        """Bind and serve the configured http/https listeners; returns (role, address, port) bound."""
+    async def start(self, socks: Mapping[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
+        """Serve the configured http/https listeners on the sockets bound before privileges were
+        dropped (`server/sockets.py`), or bind them here; returns (role, address, port) served."""
         limits = self.config.limits
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                      keepalive_timeout=limits.idle_timeout, lingering_time=2.0,  # our deadline comes first
@@ -198,10 +201,15 @@ class HttpServer:
                 continue
             host = None if lst.address in ("*", "") else lst.address
             ctx = self.tls if role == "https" else None
-            server = await loop.create_server(
-                lambda: _Guard(self), host=host, port=lst.port, ssl=ctx,
-                ssl_handshake_timeout=limits.tls_handshake_timeout if ctx else None,
-                reuse_address=True, backlog=1024)
+            handshake = limits.tls_handshake_timeout if ctx else None
+            sock = (socks or {}).get(role)
+            if sock is not None:
+                server = await loop.create_server(lambda: _Guard(self), sock=sock, ssl=ctx,
+                                                  ssl_handshake_timeout=handshake, backlog=1024)
+            else:
+                server = await loop.create_server(
+                    lambda: _Guard(self), host=host, port=lst.port, ssl=ctx, ssl_handshake_timeout=handshake,
+                    reuse_address=True, backlog=1024)
             self._servers.append(server)
             bound.append((role, lst.address, lst.port))
         return bound

@@ -7,7 +7,10 @@ that a new certificate reaches them all through `tlsreload.reload_certificates()
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import asyncio
+import socket
 import contextlib
 import ssl
 
@@ -45,10 +48,10 @@ class WebService:
     def tls_contexts(self) -> list[ssl.SSLContext]:
         return [c for c in (self.mail_tls, self.https_tls) if c is not None]
 
-    async def start(self) -> list[tuple[str, str, int]]:
+    async def start(self, socks: Mapping[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
         if self.acme is not None:
             self.acme.install_existing()  # before any listener accepts: serve the issued certificate
-        bound = await self.http.start()
+        bound = await self.http.start(socks)
         if self.acme is not None:
             self._acme_task = asyncio.create_task(self.acme.run(), name="acme")
         return bound

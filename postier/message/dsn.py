@@ -12,10 +12,11 @@ RFC 3461 §6.2 NOTIFY rules); this module only writes it.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import secrets
 from dataclasses import dataclass
+
+from .received import utc_date
 
 #: RFC 3461 §4.3 / Postfix bounce_size_limit: a RET=FULL original larger than this is returned as
 #: headers only (the sender has the message; the DSN must stay deliverable).
@@ -122,7 +123,7 @@ def compose_dsn(*, reporting_mta: str, sender: str, recipients: list[DSNRecipien
     actions = {r.action for r in recipients}
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     message_id = f"<{queue_id}.{secrets.token_hex(6)}.dsn@{reporting_mta}>"
-    date = email.utils.formatdate(now, localtime=False)
+    date = utc_date(now)
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -145,7 +146,7 @@ def compose_dsn(*, reporting_mta: str, sender: str, recipients: list[DSNRecipien
     status = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Postier-Queue-ID: {queue_id}"]
     if envid:
         status.append(f"Original-Envelope-Id: {_ascii(envid, 100)}")  # RFC 3464 §2.2.1
-    status.append(f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}")
+    status.append(f"Arrival-Date: {utc_date(arrival)}")
     fields = "\r\n".join(status) + "\r\n"
     for r in recipients:  # RFC 3464 §2.3: per-recipient fields
         fields += "\r\n"
@@ -160,9 +161,9 @@ def compose_dsn(*, reporting_mta: str, sender: str, recipients: list[DSNRecipien
         if r.diagnostic:
             fields += _fold("Diagnostic-Code", f"smtp; {_ascii(r.diagnostic)}")  # §2.3.6
         if r.last_attempt is not None:
-            fields += f"Last-Attempt-Date: {email.utils.formatdate(r.last_attempt, localtime=False)}\r\n"  # §2.3.7
+            fields += f"Last-Attempt-Date: {utc_date(r.last_attempt)}\r\n"  # §2.3.7
         if r.will_retry_until is not None:
-            fields += f"Will-Retry-Until: {email.utils.formatdate(r.will_retry_until, localtime=False)}\r\n"  # §2.3.9
+            fields += f"Will-Retry-Until: {utc_date(r.will_retry_until)}\r\n"  # §2.3.9
     eight = not headers.isascii()
     full = ret.upper() == "FULL" and complete and len(original) <= FULL_LIMIT and "failed" in actions
     if full:

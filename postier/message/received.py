@@ -19,14 +19,20 @@ def queue_id() -> str:
     return f"{int(time.time()):X}{_rng.getrandbits(40):010X}"
 
 
+def utc_date(when: float) -> str:
+    """RFC 5322 §3.3 date-time in UTC with the zone `+0000`: "-0000" (what email.utils writes for
+    localtime=False) means the local offset is unknown, which is not true of UTC."""
+    return email.utils.formatdate(when, localtime=False)[:-5] + "+0000"
+
+
 def _formatdate(when: float | None) -> str:
     """RFC 5322 §3.3 date-time in UTC, computed once per second for the current time."""
     global _date
     if when is not None:
-        return email.utils.formatdate(when, localtime=False)
+        return utc_date(when)
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, email.utils.formatdate(now, localtime=False))
+        _date = (now, utc_date(now))
     return _date[1]
 
 
@@ -51,7 +57,9 @@ def received_header(*, helo: str, peer_ip: str, peer_name: str | None, by_host: 
     """One Received header, folded, CRLF-terminated. Every peer-supplied token is sanitised."""
     rdns = f"{_token(peer_name)} " if peer_name else ""
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
-    lines = [f"Received: from {_token(helo)} ({rdns}[{ip}])",
+    # RFC 5321 §4.4: TCP-info is the address of a TCP peer; a Unix-socket (LMTP) peer has none.
+    tcp_info = f" ({rdns}[{ip}])" if peer_ip else ""
+    lines = [f"Received: from {_token(helo)}{tcp_info}",
              f"\tby {by_host} (postier) with {protocol} id {qid}"]
     if tls:  # Postfix's form: (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
         version, _, cipher = tls.partition(" ")

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import time
 
+from ..adminlog import audit
 from .spool import QUEUED, Spool, valid_id
 
 
@@ -79,16 +80,22 @@ def cmd_queue(args: argparse.Namespace) -> int:
         elif args.action == "retry":
             if args.all:
                 n = spool.retry(None, time.time())
+                audit(f"queue retry --all: {n} recipient{'s' if n != 1 else ''} rescheduled")
             else:
                 msg_id = _id(args)
                 if spool.message(msg_id) is None:
                     raise CLIError(f"no such message in the queue: {msg_id}")
                 n = spool.retry(msg_id, time.time())
+                audit(f"queue retry {msg_id}: {n} recipient{'s' if n != 1 else ''} rescheduled")
             print(f"{n} recipient{'s' if n != 1 else ''} scheduled for immediate delivery")
         elif args.action == "delete":
             msg_id = _id(args)
-            if not spool.delete(msg_id):
+            found = spool.message(msg_id)
+            pending = [r.address for r in spool.recipients(msg_id) if r.status == QUEUED] if found else []
+            if found is None or not spool.delete(msg_id):
                 raise CLIError(f"no such message in the queue: {msg_id}")
+            audit(f"queue delete {msg_id}: removed without a DSN, from <{found.sender}>, "
+                  f"{len(pending)} undelivered recipient{'s' if len(pending) != 1 else ''} ({', '.join(pending[:10])})")
             print(f"deleted {msg_id}")
     finally:
         spool.close()

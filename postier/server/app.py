@@ -44,6 +44,7 @@ from ..queue.runner import Queue
 from ..resolver import BaseResolver, make_resolver
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
+from . import notify, privileges, reload, sockets, stats
 from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
 from .pop3 import POP3Session
@@ -213,19 +214,35 @@ def _secret(config: Config, path: str) -> str:
 
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
+    # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
+    # component, child process and session after this line runs as the service user.
+    try:
+        socks = sockets.bind_all(config)
+    except OSError as exc:
+        raise SystemExit(f"postier: cannot listen: {exc}") from None
+    try:
+        privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
+                              sockets.owned_paths(config))
+    except (privileges.PrivilegeError, OSError) as exc:
+        for s in socks.values():
+            s.close()
+        raise SystemExit(f"postier: {exc}") from None
     app = build_app(config)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
     web = app.web
+    reloader = reload.Reloader(listeners)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
     try:
-        bound = await web.start()  # serving before the mail ports open: ready means all are up
-        bound += await listeners.start()
+        bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+        bound += await listeners.start(socks)
     except OSError as exc:
         await web.stop()
         await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
-        log.info("listening: %s on %s:%d", role, addr, port)
+        log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
     if ready:
         ready(bound)
     stop = stop_event or asyncio.Event()
@@ -233,7 +250,15 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    reloader.started.set()
+    stats_task = asyncio.create_task(stats.writer(config.data_dir))  # for `postier status`
+    notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
+    notify.stopping()
+    reload.uninstall(config)
+    stats_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stats_task
     log.info("shutting down")
     await listeners.stop()
     await web.stop()

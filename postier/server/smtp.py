@@ -37,6 +37,7 @@ from ..pipeline.inbound import SMTPPipeline
 from ..proto import sasl
 from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
+from . import stats
 from .auth import settle
 from .throttle import AuthThrottle
 from .base import ProtocolSession
@@ -405,13 +406,17 @@ class SMTPSession(ProtocolSession):
         return self._call(self._mail(ev))
 
     async def _mail(self, ev: core.MailFrom) -> None:
-        self.conn.reply(await self.pipeline.on_mail(self.env, ev.path, ev.params))
+        reply = await self.pipeline.on_mail(self.env, ev.path, ev.params)
+        stats.count_reply(reply.code)  # `postier status`
+        self.conn.reply(reply)
 
     def _on_rcpt(self, ev: core.RcptTo) -> bool:
         return self._call(self._rcpt(ev))
 
     async def _rcpt(self, ev: core.RcptTo) -> None:
-        self.conn.reply(await self.pipeline.on_rcpt(self.env, ev.path, ev.params))
+        reply = await self.pipeline.on_rcpt(self.env, ev.path, ev.params)
+        stats.count_reply(reply.code)  # `postier status`
+        self.conn.reply(reply)
 
     def _on_data_start(self, ev: core.DataStart) -> bool:
         if self.body is not None:
@@ -438,6 +443,10 @@ class SMTPSession(ProtocolSession):
             if body is not None:
                 body.close()
         self.env.reset()
+        if any(r.is_success for r in replies):  # `postier status`: messages in the last hour
+            stats.count("accepted")
+        elif replies:
+            stats.count_reply(replies[0].code)
         fault_point("smtp.before_reply")
         if self.settings.lmtp:
             conn.reply_many(replies)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -23,9 +22,14 @@ from cryptography.x509.oid import NameOID
 
 from tests.dnsserver import DNSServer
 from tests.harness import Instance, free_port
+from tests.programs import require
 
-pytestmark = pytest.mark.skipif(shutil.which("pebble") is None, reason="pebble is not installed "
-                                "(scripts/install-test-deps)")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _pebble_installed() -> None:
+    require("pebble")  # fails (naming the package) under POSTIER_REQUIRE_INTEROP=1, else skips
 
 DOMAIN = "example.test"
 NAMES = [f"mail.{DOMAIN}", f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}"]

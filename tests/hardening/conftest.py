@@ -4,7 +4,6 @@ cheap users, waiting for a killed server, and a tiny threaded SMTP sink standing
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 import threading
@@ -216,11 +215,6 @@ def sink() -> Iterator[Sink]:
 
 def require(program: str) -> str | None:
     """The path of an external program, or skip (fail under POSTIER_REQUIRE_INTEROP=1)."""
-    import shutil
+    from tests.programs import require as _require
 
-    path = shutil.which(program) or (f"/usr/sbin/{program}" if os.path.exists(f"/usr/sbin/{program}") else None)
-    if path is None:
-        if os.environ.get("POSTIER_REQUIRE_INTEROP"):
-            pytest.fail(f"{program} is not installed (scripts/install-test-deps)")
-        pytest.skip(f"{program} is not installed")
-    return path
+    return _require(program)

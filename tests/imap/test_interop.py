@@ -15,18 +15,15 @@ import pytest
 
 from postier.store.maildir import deliver_maildir
 
+from tests.programs import require
+
 from .conftest import PASSWORD, IMAPServer, start_instance
 
 pytestmark = pytest.mark.slow
 
 
 def need(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        if os.environ.get("POSTIER_REQUIRE_INTEROP") == "1":
-            pytest.fail(f"{program} is required (POSTIER_REQUIRE_INTEROP=1) but not installed")
-        pytest.skip(f"{program} not installed")
-    return path
+    return require(program)
 
 
 @pytest.fixture(scope="module")

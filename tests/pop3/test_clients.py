@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Instance
+from tests.programs import require
 from tests.pop3.conftest import PASSWORD, deliver, maildir_files, new_user, subject_of
 
 pytestmark = pytest.mark.slow
@@ -28,12 +29,7 @@ FETCHMAIL_RECEIVED = re.compile(
 
 
 def need(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        if os.environ.get("POSTIER_REQUIRE_INTEROP"):
-            pytest.fail(f"{program} is not installed")
-        pytest.skip(f"{program} is not installed")
-    return path
+    return require(program)
 
 
 def maildrop(inst: Instance, user: str) -> dict[str, bytes]:

@@ -299,6 +299,7 @@ def scenario(cutfs: CutMount, dns: DNSServer, cuts: int, per_client: int, kill_a
     inst = Instance(data, "example.org", mailauth=False, extra_config=(
         f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = 2.0\n'
         "[auth]\nfailure_delay = 0.0\n"))
+    inst.lmtp_over_tcp()  # the cut filesystem has no mknod, so no Unix socket can live in the data directory
     inst.add_user(USER, PASSWORD)
     # The harness appended to postier.toml without fsync: that is test set-up, made durable here.
     with open(inst.config, "rb+") as f:

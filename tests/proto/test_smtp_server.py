@@ -162,8 +162,19 @@ S: 501 5.5.4 Syntax error in parameters or arguments
 C: EHLO
 S: 501 5.5.4 Syntax: EHLO hostname
 C: HELP
-S: 214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH HELP
+S: 214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP
 """)
+
+
+@pytest.mark.parametrize(("kw", "listed"), [
+    ({"offer_starttls": True}, "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS HELP"),  # port 25
+    ({"offer_starttls": True, "auth_mechanisms": ("PLAIN",)},
+     "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH HELP"),  # submission
+    ({"lmtp": True, "chunking": False}, "LHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),  # RFC 2033 §4.1
+])
+def test_help_lists_what_this_role_accepts(kw: dict[str, object], listed: str) -> None:
+    greeting = "220 mx.example.org LMTP postier" if kw.get("lmtp") else "220 mx.example.org ESMTP postier"
+    transcript(f"S: {greeting}\nC: HELP\nS: 214 2.0.0 Commands: {listed}\n", **kw)
 
 
 def test_transcript_address_and_param_errors() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.programs import require
+
 from tests.dnsserver import DNSServer
 from tests.harness import Instance, free_port
 
@@ -59,9 +61,7 @@ class Sink:
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     if not os.path.exists(SMTP_SINK):
-        if os.environ.get("POSTIER_REQUIRE_INTEROP"):
-            pytest.fail("smtp-sink (Debian's postfix package) is not installed")
-        pytest.skip("smtp-sink is not installed")
+        require("smtp-sink")
     s = Sink(free_port())
     yield s
     s.stop()

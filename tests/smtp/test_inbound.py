@@ -249,7 +249,9 @@ def test_too_many_errors_disconnects(mx: Instance) -> None:
 def test_lmtp_per_recipient_replies(mx: Instance) -> None:
     """RFC 2033 §4.2: after the final dot, one reply per accepted recipient, in RCPT order."""
     before = len(mx.messages("alice@a.test"))
-    sock = socket.create_connection(mx.addr("lmtp"), timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(mx.lmtp_path))  # quickstart puts LMTP on DATA_DIR/run/lmtp
     r = Raw.__new__(Raw)
     r.sock, r.buf = sock, b""
     try:
@@ -267,7 +269,9 @@ def test_lmtp_per_recipient_replies(mx: Instance) -> None:
         assert r.cmd(b"NOOP").startswith(b"250")
     finally:
         sock.close()
-    assert len(wait_messages(mx, "alice@a.test", before + 1)) == before + 1
+    msgs = wait_messages(mx, "alice@a.test", before + 1)
+    assert len(msgs) == before + 1
+    assert b"Received: from x.test\r\n\tby " in msgs[-1]  # no TCP-info for a Unix-socket peer
 
 
 def test_submission_requires_tls_for_auth(mx: Instance) -> None:

@@ -174,10 +174,15 @@ def test_remote_mail_is_queued_and_listed(msa: Instance) -> None:
     msg_id = next(line.split()[0] for line in out.splitlines() if "<bob@a.test>" in line)
     show = msa.cli("queue", "show", msg_id).stdout
     assert "someone@defer.test: queued, 1 attempt" in show and "user:     bob@a.test" in show
-    assert msa.cli("queue", "retry", msg_id).stdout.startswith("1 recipient")
+    r = msa.cli("queue", "retry", msg_id)
+    assert r.stdout.startswith("1 recipient")
+    assert f"postier: queue retry {msg_id}: 1 recipient rescheduled, by " in r.stderr  # the audit line
     assert msa.cli("queue", "retry", "--all").returncode == 0
     assert msa.cli("queue", "show", "../etc", check=False).returncode == 1
-    assert msa.cli("queue", "delete", msg_id).stdout == f"deleted {msg_id}\n"
+    r = msa.cli("queue", "delete", msg_id)
+    assert r.stdout == f"deleted {msg_id}\n"
+    assert f"postier: queue delete {msg_id}: removed without a DSN, from <bob@a.test>" in r.stderr
+    assert "someone@defer.test" in r.stderr and "uid" in r.stderr
     assert msg_id not in msa.cli("queue", "list").stdout
     assert msa.cli("queue", "delete", msg_id, check=False).returncode == 1
 

@@ -82,9 +82,9 @@ class ReplyError(Exception):
 
 # 2xx ------------------------------------------------------------------------------------------------------
 R211_STATUS: Final = Reply(211, "2.0.0", "System status")  # RFC 5321 §4.2.2
-R214_HELP: Final = Reply(  # RFC 5321 §4.1.1.8
-    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH HELP"
-)
+def help_reply(commands: list[str]) -> Reply:
+    """RFC 5321 §4.1.1.8: 214 with the commands the session accepts."""
+    return Reply(214, "2.0.0", "Commands: " + " ".join(commands))
 R220_TLS_READY: Final = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 §4
 R221_BYE: Final = Reply(221, "2.0.0", "Bye")  # RFC 5321 §4.1.1.10
 R235_AUTH_OK: Final = Reply(235, "2.7.0", "Authentication successful")  # RFC 4954 §6

@@ -856,7 +856,19 @@ class ServerConnection:
         self._send(R.R502_NOT_IMPLEMENTED)  # RFC 5321 §3.5.2 allows refusing EXPN
 
     def _cmd_help(self, arg: str) -> None:
-        self._send(R.R214_HELP)
+        self._send(R.help_reply(self._help_commands()))
+
+    def _help_commands(self) -> list[str]:
+        """RFC 5321 §4.1.1.8: the commands this session accepts (LMTP: LHLO, RFC 2033 §4.1; STARTTLS
+        and AUTH only where they are offered, so port 25 does not list AUTH)."""
+        s = self.settings
+        cmds = ["LHLO"] if s.lmtp else ["EHLO", "HELO"]
+        cmds += ["MAIL", "RCPT", "DATA"] + (["BDAT"] if s.chunking else []) + ["RSET", "NOOP", "QUIT", "VRFY"]
+        if s.offer_starttls and not self._tls:
+            cmds.append("STARTTLS")
+        if s.auth_mechanisms:
+            cmds.append("AUTH")
+        return [*cmds, "HELP"]
 
     def _cmd_starttls(self, arg: str) -> Event:
         if arg:

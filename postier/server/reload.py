@@ -1,0 +1,168 @@
+"""Live reload (SIGHUP, `postier reload`): re-read the configuration and the certificate files.
+
+What changes at once: the certificate of every new TLS handshake (implicit TLS and STARTTLS alike: the
+listeners keep one SSLContext whose SNI callback, which OpenSSL calls in every handshake with or
+without SNI, hands the handshake to the newest context), listeners added, removed or moved (closed
+ones stop accepting; their sessions go on), and what sessions read from the configuration when they
+start ([limits], [imap], [pop3]: new sessions get a copy of the frozen `App` with the new
+configuration). Sessions already open are not touched: an IMAP IDLE opened before a reload still gets
+its EXISTS after it.
+
+What does not: every other table configures a long-lived component `build_app` made once (the queue,
+mail authentication, the resolver, ...), and `data_dir` and `[server]` (who we run as) are fixed for
+the life of the process; a change to any of them is reported and applies at the next restart. A
+listener on a port below 1024 cannot be opened once root is dropped (reported, the rest goes on). A
+broken configuration is logged on one line naming the key and the running one stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+from ..config import Config, ConfigError, load_config
+from . import notify, sockets
+from .base import ListenerSet
+
+log = logging.getLogger("postier")
+
+#: What a reload applies to new sessions; every other field of Config needs a restart.
+LIVE = frozenset({"listeners", "tls", "limits", "imap", "pop3", "source"})
+
+
+class CertSwitch:
+    """Serve new handshakes with the newest certificate, through the base context's SNI callback."""
+
+    def __init__(self, base: ssl.SSLContext) -> None:
+        self.current = base
+        base.sni_callback = self._pick
+
+    def _pick(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+              ctx: ssl.SSLContext) -> int | None:
+        if self.current is not ctx:
+            sslobj.context = self.current
+        return None
+
+    def update(self, ctx: ssl.SSLContext) -> None:
+        self.current = ctx
+
+
+def pid_file(cfg: Config) -> Path:
+    return cfg.data_dir / "run" / "postier.pid"
+
+
+class Reloader:
+    """Applies a re-read configuration to running services and listeners."""
+
+    def __init__(self, listeners: ListenerSet) -> None:
+        self.listeners = listeners
+        ctx = listeners.services.ssl_context
+        self.certs = CertSwitch(ctx) if ctx is not None else None
+        self._lock = asyncio.Lock()
+        #: Set once the listeners serve: a SIGHUP that arrives while they start waits for it.
+        self.started = asyncio.Event()
+
+    async def reload(self) -> bool:
+        """Re-read the configuration; True when it was applied."""
+        await self.started.wait()
+        async with self._lock:
+            notify.reloading()
+            try:
+                return await self._reload()
+            finally:
+                notify.ready()
+
+    async def _reload(self) -> bool:
+        app = self.listeners.services
+        old: Config = app.config
+        assert old.source is not None
+        try:
+            new = await asyncio.to_thread(load_config, old.source)
+            ctx = await asyncio.to_thread(new.ssl_context)
+        except ConfigError as exc:
+            log.error("reload failed: %s; keeping the running configuration", exc)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.error("reload failed: tls.cert: %s; keeping the running configuration", exc)
+            return False
+        fixed = [f.name for f in dataclasses.fields(Config) if f.name not in LIVE]
+        for key in fixed:
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+        new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
+        if ctx is not None and self.certs is not None:
+            self.certs.update(ctx)
+        elif ctx is not None:
+            log.warning("reload: tls: a certificate was added; TLS starts at the next restart")
+        # The App is frozen: new sessions get a copy with the new configuration and the same components
+        # (per-App caches, such as the SMTP listeners' settings, are then rebuilt from it).
+        self.listeners.services = dataclasses.replace(app, config=new)
+        await self._listeners(old, new)
+        log.info("reloaded %s", old.source)
+        return True
+
+    async def _listeners(self, old: Config, new: Config) -> None:
+        for role in dict.fromkeys([*old.listeners, *new.listeners]):
+            before, after = old.listeners.get(role), new.listeners.get(role)
+            if before == after:
+                continue
+            if before is not None:
+                for b in [b for b in self.listeners.bound if b.role == role]:
+                    b.server.close()  # stop accepting; the sessions it started go on
+                    self.listeners.bound.remove(b)
+                if before.path is not None:
+                    with contextlib.suppress(OSError):
+                        before.path.unlink()
+                log.info("reload: closed %s on %s", role, sockets.where(before))
+            if after is not None:
+                try:
+                    sock = sockets.bind(after)
+                except OSError as exc:
+                    log.error("reload: cannot listen: listeners.%s on %s: %s (ports below 1024 need a restart)",
+                              role, sockets.where(after), exc.strerror or exc)
+                    continue
+                server = await self.listeners.serve_socket(role, sock)
+                if server is not None:
+                    await server.start_serving()
+                    log.info("reload: listening: %s on %s", role, sockets.where(after))
+
+
+def install(reloader: Reloader, cfg: Config) -> None:
+    """SIGHUP reloads; the pid file lets `postier reload` find us."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reloader.reload())  # waits until the listeners serve
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)  # SIGHUP's default action would end the server
+    path = pid_file(cfg)
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s (`postier reload` needs it; SIGHUP works)", path, exc)
+
+
+def uninstall(cfg: Config) -> None:
+    with contextlib.suppress(OSError):
+        pid_file(cfg).unlink()
+
+
+def running_pid(cfg: Config) -> int | None:
+    """The pid of the server of this configuration, or None when none runs."""
+    try:
+        pid = int(pid_file(cfg).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    if b"serve" not in cmdline or not any(b"postier" in part for part in cmdline):
+        return None  # a stale pid file whose pid now belongs to another program
+    return pid
