@@ -12,6 +12,7 @@ from postier.config import STANDARD_PORTS, Config, MailAuth
 from postier.message.types import Action, Envelope, MessageBody, Verdict
 from postier.pipeline.inbound import MXPipeline
 from postier.pipeline.jobs import ReportJob
+from postier.antispam.check import SpamCheck
 from postier.pipeline.mailauth import InboundAuth
 from postier.pipeline.submission import SubmissionPipeline
 from postier.proto.smtp.address import Address, parse_path
@@ -38,7 +39,8 @@ def test_every_role_has_a_session_and_every_smtp_role_a_pipeline(tmp_path: Path)
         mx, sub = app.pipelines["smtp"](), app.pipelines["submission"]()
         assert isinstance(mx, MXPipeline) and isinstance(sub, SubmissionPipeline)
         assert mx is not app.pipelines["smtp"]()  # one per session: sessions keep state in them
-        assert [type(c) for c in mx.checks] == [InboundAuth] and not app.pipelines["lmtp"]().checks
+        # mail authentication first, then the spam checks (GTUBE and HELO sanity are on by default)
+        assert [type(c) for c in mx.checks] == [InboundAuth, SpamCheck] and not app.pipelines["lmtp"]().checks
         assert sub.signer is app.dkim is not None and mx.queue is app.queue is sub.queue
     finally:
         asyncio.run(app.close())
@@ -74,6 +76,9 @@ class Check:
     async def evaluate(self, env: Envelope, body: MessageBody) -> Verdict:
         self.seen.append(body.getvalue())
         return self.verdict
+
+    async def check_rcpt(self, env: Envelope, address: str) -> Reply | None:
+        return None
 
 
 def _mx(app: App, *checks: Check) -> MXPipeline:
