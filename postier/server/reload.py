@@ -1,8 +1,8 @@
 """Live reload (SIGHUP, `postier reload`): re-read the configuration and the certificate files.
 
-What changes at once: the certificate of every new TLS handshake (implicit TLS and STARTTLS alike: the
-listeners keep one SSLContext whose SNI callback, which OpenSSL calls in every handshake with or
-without SNI, hands the handshake to the newest context), listeners added, removed or moved (closed
+What changes at once: the certificate of every new TLS handshake (implicit TLS, STARTTLS and https
+alike: the pair in service, ACME's once issued or else [tls], is loaded into the live SSLContexts
+through `tlsreload.reload_certificates`, the same swap ACME renewals use), listeners added, removed or moved (closed
 ones stop accepting; their sessions go on), and what sessions read from the configuration when they
 start ([limits], [imap], [pop3]: new sessions get a copy of the frozen `App` with the new
 configuration). Sessions already open are not touched: an IMAP IDLE opened before a reload still gets
@@ -23,9 +23,10 @@ import dataclasses
 import logging
 import os
 import signal
-import ssl
 from pathlib import Path
+from ..acme.store import certificate_files
 from ..config import Config, ConfigError, load_config
+from ..tlsreload import CertificateError, reload_certificates
 from . import notify, sockets
 from .base import ListenerSet
 
@@ -33,23 +34,6 @@ log = logging.getLogger("postier")
 
 #: What a reload applies to new sessions; every other field of Config needs a restart.
 LIVE = frozenset({"listeners", "tls", "limits", "imap", "pop3", "source"})
-
-
-class CertSwitch:
-    """Serve new handshakes with the newest certificate, through the base context's SNI callback."""
-
-    def __init__(self, base: ssl.SSLContext) -> None:
-        self.current = base
-        base.sni_callback = self._pick
-
-    def _pick(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-              ctx: ssl.SSLContext) -> int | None:
-        if self.current is not ctx:
-            sslobj.context = self.current
-        return None
-
-    def update(self, ctx: ssl.SSLContext) -> None:
-        self.current = ctx
 
 
 def pid_file(cfg: Config) -> Path:
@@ -61,8 +45,6 @@ class Reloader:
 
     def __init__(self, listeners: ListenerSet) -> None:
         self.listeners = listeners
-        ctx = listeners.services.ssl_context
-        self.certs = CertSwitch(ctx) if ctx is not None else None
         self._lock = asyncio.Lock()
         #: Set once the listeners serve: a SIGHUP that arrives while they start waits for it.
         self.started = asyncio.Event()
@@ -83,22 +65,25 @@ class Reloader:
         assert old.source is not None
         try:
             new = await asyncio.to_thread(load_config, old.source)
-            ctx = await asyncio.to_thread(new.ssl_context)
         except ConfigError as exc:
             log.error("reload failed: %s; keeping the running configuration", exc)
             return False
-        except (ssl.SSLError, OSError) as exc:
-            log.error("reload failed: tls.cert: %s; keeping the running configuration", exc)
-            return False
+        # The one certificate swap (tlsreload): the pair in service (ACME's once issued, else [tls]) is
+        # checked, then loaded into every live context, mail and https alike; new handshakes use it.
+        files = certificate_files(new)
+        if files is not None and app.ssl_context is not None:
+            try:
+                await asyncio.to_thread(reload_certificates, [*app.web.tls_contexts], *files)
+            except CertificateError as exc:
+                log.error("reload failed: tls.cert: %s; keeping the running configuration", exc)
+                return False
+        elif files is not None:
+            log.warning("reload: tls: a certificate was added; TLS starts at the next restart")
         fixed = [f.name for f in dataclasses.fields(Config) if f.name not in LIVE]
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
         new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
-        if ctx is not None and self.certs is not None:
-            self.certs.update(ctx)
-        elif ctx is not None:
-            log.warning("reload: tls: a certificate was added; TLS starts at the next restart")
         # The App is frozen: new sessions get a copy with the new configuration and the same components
         # (per-App caches, such as the SMTP listeners' settings, are then rebuilt from it).
         self.listeners.services = dataclasses.replace(app, config=new)
