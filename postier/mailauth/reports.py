@@ -226,7 +226,7 @@ def parse_report_xml(data: bytes) -> AggregateReport:
         raise ReportError("DOCTYPE or ENTITY declarations are not accepted")
     try:
         root = ET.fromstring(data)
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: an unknown encoding="..."
         raise ReportError(f"invalid XML: {exc}") from None
     for el in root.iter():  # RFC 7489 documents have no namespace; its successor's do
         if isinstance(el.tag, str):
