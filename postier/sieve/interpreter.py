@@ -62,6 +62,7 @@ class Message:
     """The message a script sees: an editable header (RFC 5293) over the original body."""
 
     def __init__(self, raw: bytes) -> None:
+        self.lf_only = b"\n" in raw and b"\r\n" not in raw  # written with bare LF (kept for :raw)
         raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         root = parse_message(raw)
         self.fields: list[tuple[str, bytes]] = [(f.name, f.value) for f in root.fields]
@@ -690,8 +691,13 @@ def _environment(ip: Interpreter, node: Node) -> bool:
 def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
     limit = ip.limits.max_body
     root = ip.message.part
+    if not root.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
+        return
     if node.tags.get("raw"):  # RFC 5173 §5.1: the undecoded body
-        yield root.body[:limit].decode("utf-8", "replace")
+        body = root.body[:limit]
+        if ip.message.lf_only:
+            body = body.replace(b"\r\n", b"\n")
+        yield body.decode("utf-8", "replace")
         return
     if "content" in node.tags:
         wanted = [w.lower() for w in ip.sl(node.tags["content"])]
@@ -716,7 +722,11 @@ def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
 
 @_test("body")
 def _body(ip: Interpreter, node: Node) -> bool:
-    return ip.match(node, _body_texts(ip, node), ip.sl(node.pos[0]))
+    saved = ip.match_values
+    try:
+        return ip.match(node, _body_texts(ip, node), ip.sl(node.pos[0]))
+    finally:
+        ip.match_values = saved  # RFC 5173 §6: body never sets match variables
 
 
 # -- date (RFC 5260) -------------------------------------------------------------------------------

@@ -379,7 +379,7 @@ class _Validator:
                 node.tags["addrpart"] = key
             elif key == "comparator":
                 cmp = str(value).lower()
-                if cmp not in ("i;octet", "i;ascii-casemap") and not self.has("comparator-" + cmp):
+                if cmp not in ("i;octet", "i;ascii-casemap", "i;unicode-casemap") and not self.has("comparator-" + cmp):
                     # RFC 5228 §2.7.3: comparators other than the two defaults must be required
                     self.err(a.line, a.column, f"unknown comparator '{value}'")
                     ok = False

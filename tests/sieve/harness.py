@@ -18,6 +18,7 @@ from postier.sieve.interpreter import (
     Handler, TestHandler, _Return, _Stop,
     Environment, Interpreter, Limits, Message, Result, SieveRuntimeError, parse_address,
 )
+from postier.sieve.spamtest import ScoreSource, spam_value, virus_value
 from postier.sieve.match import compare_relational, match_value
 from postier.sieve.vacation import MemoryVacationStore, compose, decide, record
 from postier.sieve.validate import _MATCH, CAPABILITIES, SPECS, CompileError, Node, Script, Spec, compile_script
@@ -296,6 +297,20 @@ def _config_unset(ip: Interpreter, node: Node) -> None:
 def _config_reload(ip: Interpreter, node: Node) -> None:
     cfg = _suite(ip).config
     ip.env.subaddress_delimiter = cfg.get("recipient_delimiter", "+")
+    spam, virus = _score_source(cfg, "spamtest"), _score_source(cfg, "virustest")
+    ip.env.spamtest = lambda message, percent: spam_value(message, spam, percent)
+    ip.env.virustest = lambda message: virus_value(message, virus)
+
+
+def _score_source(cfg: dict[str, str], kind: str) -> ScoreSource:
+    prefix = f"sieve_{kind}_"
+    max_value = cfg.get(prefix + "score_max_value")
+    texts = {int(k.rsplit("/", 1)[1]): v for k, v in cfg.items()
+             if k.startswith(prefix + "text_value/") and k.rsplit("/", 1)[1].isdigit()}
+    return ScoreSource(status_header=cfg.get(prefix + "status_header", ""),
+                       status_type=cfg.get(prefix + "status_type", "score"),
+                       max_header=cfg.get(prefix + "score_max_header", ""),
+                       max_value=float(max_value) if max_value else None, text_values=texts)
 
 
 @_cmd("test_result_reset")
