@@ -98,16 +98,16 @@ def decide(params: dict[str, object], message: Message, sender: str, recipient: 
         return VacationDecision(False, "auto-responses suppressed")
     extra = params.get("addresses")
     listed = [str(x) for x in extra] if isinstance(extra, list) else []
-    mine = {_addr(a) for a in [recipient, *own_addresses, *listed] if a}
-    if sender_addr in mine:  # RFC 5230 §4.5: never to ourselves
+    mine = {_addr(a).lower() for a in [recipient, *own_addresses, *listed] if a}
+    if sender_addr.lower() in mine:  # RFC 5230 §4.5: never to ourselves
         return VacationDecision(False, "sender is ourselves")
-    if not mine & set(_header_addresses(message, _RECIPIENT_HEADERS)):  # RFC 5230 §4.5
+    if not mine & {a.lower() for a in _header_addresses(message, _RECIPIENT_HEADERS)}:  # RFC 5230 §4.5
         return VacationDecision(False, "not addressed to us")
     handle = params.get("handle")
     if handle is None:  # RFC 5230 §4.2: the default handle is derived from the arguments
         handle = hashlib.sha256(repr((params.get("reason"), params.get("subject"), params.get("from"),
                                       params.get("mime"))).encode()).hexdigest()[:32]
-    key = f"{handle}\0{sender_addr}"
+    key = f"{handle}\0{sender_addr.lower()}"  # one reply per sender, however its case is written
     if store.seen(key, now):  # RFC 5230 §4.1: once per sender per period
         return VacationDecision(False, "already replied within the period", key)
     return VacationDecision(True, "reply", key)

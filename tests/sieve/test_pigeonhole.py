@@ -66,7 +66,6 @@ KNOWN_FAILING: dict[str, str] = {
     'extensions/relational/errors.svtest': 'error counts differ',
     'extensions/spamvirustest/errors.svtest': 'error counts differ',
     'extensions/vacation/message.svtest': 'subject truncation and To of the reply',
-    'extensions/vacation/reply.svtest': ':addresses case sensitivity',
     'extensions/vacation/smtp.svtest': 'From of the reply',
     'extensions/variables/errors.svtest': 'error counts differ',
     'extensions/variables/limits.svtest': 'variable size limit counted in characters, Pigeonhole counts octets',
