@@ -62,7 +62,7 @@ class App:
                     c.no("\r\n".join(str(err) for err in e.errors))
                     return
                 if name == "PUTSCRIPT":
-                    self.scripts[bytes(args[0]).decode()] = data  # type: ignore[arg-type]
+                    self.scripts[bytes(args[0]).decode()] = data
                 c.ok()
             case ScriptCommand(name="LISTSCRIPTS"):
                 c.listing((n, n == self.active) for n in sorted(self.scripts))
