@@ -208,7 +208,7 @@ class _Lexer:
             c = s[j]
             if c == '"':
                 self.i = j + 1
-                return "".join(out)
+                return _crlf("".join(out))
             if c == "\\":
                 if j + 1 >= n:
                     raise self._err("unterminated string", self.i)
@@ -242,8 +242,7 @@ class _Lexer:
             k = s.find("\n", j)
             end = n if k < 0 else k
             line = s[j:end]
-            cr = line.endswith("\r")
-            body = line[:-1] if cr else line
+            body = line[:-1] if line.endswith("\r") else line
             if body == ".":
                 if k < 0:
                     self.i = n
@@ -255,9 +254,14 @@ class _Lexer:
                 raise self._err("unterminated multi-line string", start)
             if body.startswith(".."):  # RFC 5228 §8.1: dot-stuffing; ".x" is multiline-dotstart, kept
                 body = body[1:]
-            lines.append(body + ("\r\n" if cr else "\n"))  # line ends kept as written
+            lines.append(body + "\r\n")  # RFC 5228 §2.4.2: line ends in strings are CRLF
             self._newline(k)
             j = k + 1
+
+
+def _crlf(s: str) -> str:
+    """A bare LF inside a string is a line end, CRLF (RFC 5228 §2.4.2), as in multi-line strings."""
+    return s.replace("\r\n", "\n").replace("\n", "\r\n") if "\n" in s else s
 
 
 # -- parser (RFC 5228 §8.2) ---------------------------------------------------------------------

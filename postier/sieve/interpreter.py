@@ -18,6 +18,7 @@ from email.header import Header
 from email.utils import parsedate_tz
 
 from postier.message.envelope import MISSING_DOMAIN, parse_addresses
+from postier.proto.smtp.address import AddressError, parse_path
 from postier.message.mime import Part, decode_body, decode_header_text, decode_transfer_encoding, parse_message
 
 from .match import MatchError, compare_relational, match_value
@@ -62,7 +63,6 @@ class Message:
     """The message a script sees: an editable header (RFC 5293) over the original body."""
 
     def __init__(self, raw: bytes) -> None:
-        self.lf_only = b"\n" in raw and b"\r\n" not in raw  # written with bare LF (kept for :raw)
         raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         root = parse_message(raw)
         self.fields: list[tuple[str, bytes]] = [(f.name, f.value) for f in root.fields]
@@ -144,6 +144,7 @@ class Result:
     implicit_keep: bool = True
     implicit_flags: tuple[str, ...] = ()
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
     duplicate_marks: list[tuple[str, int]] = field(default_factory=list)
 
     def final(self, default_mailbox: str = "INBOX") -> list[Action]:
@@ -275,7 +276,8 @@ class Interpreter:
 
     def set_variable(self, name: str, value: str) -> None:
         name = name.lower()
-        value = value[: self.limits.max_variable_size]
+        if len(value) * 4 > self.limits.max_variable_size:  # RFC 5229 §6: octets, whole characters
+            value = value.encode("utf-8")[: self.limits.max_variable_size].decode("utf-8", "ignore")
         if name.startswith("global."):
             target, name = self.globals, name[7:]
         elif name in self.global_names:
@@ -317,7 +319,12 @@ class Interpreter:
         for v in values:
             for k in keys:
                 self.step()
-                m = match_value(mtype, cmp, rel, v, k)
+                try:
+                    m = match_value(mtype, cmp, rel, v, k)
+                except MatchError as e:  # a regex from a variable: no match, reported as a warning
+                    if len(self.result.warnings) < 10:
+                        self.result.warnings.append(str(e))
+                    continue
                 if m is not None:
                     if capture:  # RFC 5229 §3.2: only a successful match sets ${0}..
                         self.match_values = m[: self.limits.max_match_values]
@@ -556,6 +563,29 @@ def _address(ip: Interpreter, node: Node) -> bool:
     return ip.match(node, _addresses(ip, node, ip.sl(node.pos[0])), ip.sl(node.pos[1]))
 
 
+def _envelope_path(raw: str) -> tuple[str, str] | None:
+    """(local, domain) of an RFC 5321 §4.1.2 path (source route dropped), ("", "") for the null path,
+    None when malformed; a bare address is read as if in angle brackets."""
+    text = raw.strip()
+    if text in ("", "<>"):
+        return "", ""
+    if not text.startswith("<"):
+        text = f"<{text}>"
+    try:
+        addr, rest = parse_path(text, postmaster_ok=True)
+        if not rest:
+            return addr.local, addr.domain
+    except AddressError:
+        pass
+    # Leniency as in Pigeonhole: dot-atoms with stray dots, "_" in host names, a bare local part
+    m = _LENIENT_PATH.fullmatch(text)
+    return (m.group(1), m.group(2) or "") if m else None
+
+
+_HOST = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+_LENIENT_PATH = re.compile(rf"<(?:@{_HOST}(?:,@{_HOST})*:)?([^@<>\s:,]+)(?:@({_HOST}))?>")
+
+
 @_test("envelope")
 def _envelope(ip: Interpreter, node: Node) -> bool:
     """RFC 5228 §5.4; the null reverse-path is the empty string."""
@@ -566,14 +596,13 @@ def _envelope(ip: Interpreter, node: Node) -> bool:
                "auth": ip.env.auth, "orig_to": ip.env.orig_to}.get(p)
         if raw is None:
             continue
-        raw = raw.strip().removeprefix("<").removesuffix(">")
-        if raw == "":
-            if p == "from" and str(node.tags.get("addrpart", "all")) == "all":
-                values.append("")
+        path = _envelope_path(raw)
+        if path is None:
+            continue  # not a valid RFC 5321 path: no value
+        local, domain = path
+        if not local and not domain:  # the null reverse-path: "" for every part
+            values.append("")
             continue
-        local, _, domain = raw.rpartition("@")
-        if not local:
-            local, domain = domain, ""
         v = ip.address_part(node, local, domain)
         if v is not None:
             values.append(v)
@@ -664,6 +693,11 @@ def _set(ip: Interpreter, node: Node) -> None:
         value = value[:1].upper() + value[1:]
     if t.get("quotewildcard"):
         value = _WILDCARDS.sub(r"\\\1", value)
+        limit = ip.limits.max_variable_size
+        if len(value.encode("utf-8")) > limit:  # never cut an escape pair in two
+            value = value.encode("utf-8")[:limit].decode("utf-8", "ignore")
+            if (len(value) - len(value.rstrip("\\"))) % 2:
+                value = value[:-1]
     if t.get("quoteregex"):
         value = _REGEX_SPECIAL.sub(r"\\\1", value)
     if t.get("length"):
@@ -694,10 +728,7 @@ def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
     if not root.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
         return
     if node.tags.get("raw"):  # RFC 5173 §5.1: the undecoded body
-        body = root.body[:limit]
-        if ip.message.lf_only:
-            body = body.replace(b"\r\n", b"\n")
-        yield body.decode("utf-8", "replace")
+        yield root.body[:limit].decode("utf-8", "replace")
         return
     if "content" in node.tags:
         wanted = [w.lower() for w in ip.sl(node.tags["content"])]

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .match import MatchError, regex_compile
 from .grammar import Command, NumberArg, SieveSyntaxError, StringList, TagArg, Test, parse
 
 __all__ = [
@@ -196,7 +197,7 @@ class Script:
 
 # -- encoded-character (RFC 5228 §2.4.2.4) ------------------------------------------------------
 
-_ENCODED = re.compile(r"\$\{(hex|unicode):([^}]*)\}", re.IGNORECASE)
+_ENCODED = re.compile(r"\$\{(hex|unicode):([^}$]*)\}", re.IGNORECASE)
 
 
 def _decode_encoded(s: str, errors: list[str]) -> str:
@@ -439,6 +440,18 @@ class _Validator:
         if "index" in node.tags and isinstance(node.tags["index"], int) and node.tags["index"] < 1:
             self.err(node.line, node.column, "the :index value must be 1 or more")
             ok = False
+        mt = node.tags.get("match")
+        if isinstance(mt, tuple) and mt[0] == "regex" and node.pos:
+            cmp = str(node.tags.get("comparator", "i;ascii-casemap"))
+            keys = node.pos[-1] if isinstance(node.pos[-1], list) else [node.pos[-1]]
+            for key in keys:
+                if self.has("variables") and "${" in str(key):
+                    continue  # known only at run time
+                try:
+                    regex_compile(str(key), cmp)
+                except MatchError as e:  # draft-ietf-sieve-regex-01 §3: an invalid regex is an error
+                    self.err(node.line, node.column, str(e))
+                    ok = False
         if n == "vacation":
             for key in ("days", "seconds"):
                 if key in node.tags:

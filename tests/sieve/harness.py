@@ -9,6 +9,7 @@ an outgoing SMTP list (``test_message :smtp``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -297,6 +298,11 @@ def _config_unset(ip: Interpreter, node: Node) -> None:
 def _config_reload(ip: Interpreter, node: Node) -> None:
     cfg = _suite(ip).config
     ip.env.subaddress_delimiter = cfg.get("recipient_delimiter", "+")
+    limits = {"max_variable_size": "sieve_variables_max_variable_size", "max_variables": "sieve_variables_max_scope_size",
+              "max_include_depth": "sieve_include_max_nesting_depth", "max_includes": "sieve_include_max_includes"}
+    ip.env.limits = dataclasses.replace(ip.env.limits, **{
+        k: int(cfg[v]) for k, v in limits.items() if cfg.get(v, "").isdigit()})
+    ip.limits = ip.env.limits
     spam, virus = _score_source(cfg, "spamtest"), _score_source(cfg, "virustest")
     ip.env.spamtest = lambda message, percent: spam_value(message, spam, percent)
     ip.env.virustest = lambda message: virus_value(message, virus)
@@ -411,7 +417,7 @@ def _script_run(ip: Interpreter, node: Node) -> bool:
     sub.flags = list(suite.result.implicit_flags)
     res = sub.run()
     suite.result_message = msg
-    suite.errors = [res.error] if res.error else []
+    suite.errors = ([res.error] if res.error else []) + res.warnings
     return res.error is None
 
 

@@ -24,7 +24,7 @@ def test_multiline_string_dot_stuffing_and_comments() -> None:
     cmds = parse(src)
     arg = cmds[0].args[1]
     assert isinstance(arg, StringList)
-    assert arg.items[0].value == ".one\n.two\nthree\n"
+    assert arg.items[0].value == ".one\r\n.two\r\nthree\r\n"
     assert cmds[1].name == "keep" and cmds[1].line == 8
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from postier.sieve import Environment, Limits, Message, compile_script, run
+from postier.sieve import CompileError, Environment, Limits, Message, compile_script, run
 from postier.sieve.interpreter import Result
 
 MSG = (b"From: Alice <alice@example.org>\r\nTo: bob+lists@example.com\r\nSubject: Hello world\r\n"
@@ -163,10 +163,15 @@ def test_action_limit() -> None:
     assert res.error is not None and "actions" in res.error
 
 
-def test_huge_regex_refused_at_runtime() -> None:
-    src = 'require "regex"; if header :regex "subject" "' + "a" * 5000 + '" { discard; }'
+def test_huge_or_invalid_regex_refused_at_upload_and_harmless_at_runtime() -> None:
+    with pytest.raises(CompileError, match="longer than"):
+        compile_script('require "regex"; if header :regex "subject" "' + "a" * 5000 + '" { discard; }')
+    with pytest.raises(CompileError, match="invalid regular expression"):
+        compile_script('require "regex"; if header :regex "subject" "[" { discard; }')
+    src = ('require ["regex", "variables"]; set "r" "' + "a" * 5000 + '";'
+           'if header :regex "subject" "${r}" { discard; }')
     res = _run(src)
-    assert res.error is not None and _acts(res) == [("keep", "INBOX")]
+    assert res.error is None and res.warnings and _acts(res) == [("keep", "INBOX")]
 
 
 def test_catastrophic_regex_bounded_by_subject_size() -> None:

@@ -52,8 +52,6 @@ KNOWN_FAILING: dict[str, str] = {
     'extensions/editheader/deleteheader.svtest': 'edge case',
     'extensions/editheader/errors.svtest': 'error counts and size limits differ',
     'extensions/editheader/protected.svtest': 'sieve_editheader_header protection config not implemented',
-    'extensions/encoded-character.svtest': 'RFC example 6',
-    'extensions/envelope.svtest': 'envelope path syntax checks',
     'extensions/environment/basic.svtest': 'environment items not populated by the harness',
     'extensions/environment/rfc.svtest': 'environment items not populated by the harness',
     'extensions/imap4flags/errors.svtest': 'error counts differ',
@@ -68,7 +66,6 @@ KNOWN_FAILING: dict[str, str] = {
     'extensions/vacation/message.svtest': 'subject truncation and To of the reply',
     'extensions/vacation/smtp.svtest': 'From of the reply',
     'extensions/variables/errors.svtest': 'error counts differ',
-    'extensions/variables/limits.svtest': 'variable size limit counted in characters, Pigeonhole counts octets',
 }
 
 
