@@ -18,7 +18,8 @@ from email.header import Header
 from email.utils import parsedate_tz
 
 from postier.message.envelope import MISSING_DOMAIN, parse_addresses
-from postier.proto.smtp.address import AddressError, parse_path
+from postier.proto.smtp.address import parse_path
+from postier.proto.smtp.errors import AddressError
 from postier.message.mime import Part, decode_body, decode_header_text, decode_transfer_encoding, parse_message
 
 from .match import MatchError, compare_relational, match_value
