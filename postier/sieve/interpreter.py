@@ -137,6 +137,7 @@ class Action:
     copy: bool = False
     create: bool = False
     vacation: dict[str, object] | None = None
+    message: bytes | None = None  # the message as edited (RFC 5293) when the action was taken
 
 
 @dataclass(slots=True)
@@ -411,6 +412,8 @@ def _flags_of(ip: Interpreter, node: Node) -> tuple[str, ...] | None:
 def add_action(ip: Interpreter, action: Action) -> None:
     """Add an action: duplicates merge (RFC 5228 §2.10.3), conflicts and limits are runtime errors."""
     res = ip.result
+    if ip.message.edited:  # RFC 5293 §7: each action sees the header as it was then
+        action.message = ip.message.raw
     kinds = {a.kind for a in res.actions}
     if action.kind in ("reject", "ereject"):
         # RFC 5429 §2.2: reject is incompatible with keep, fileinto, redirect and vacation
@@ -433,6 +436,7 @@ def add_action(ip: Interpreter, action: Action) -> None:
             if action.kind == "keep" and a.kind == "store":
                 a.kind = "keep"
             a.copy = a.copy and action.copy
+            a.message = action.message or a.message
             a.create = a.create or action.create
             _cancel_keep(ip, action)
             return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from postier.sieve.interpreter import (
     Handler, TestHandler, _Return, _Stop,
-    Environment, Interpreter, Limits, Message, Result, SieveRuntimeError, parse_address,
+    Action, Environment, Interpreter, Limits, Message, Result, SieveRuntimeError, parse_address,
 )
 from postier.sieve.spamtest import ScoreSource, spam_value, virus_value
 from postier.sieve.match import compare_relational, match_value
@@ -85,6 +85,7 @@ class Suite:
     result: Result = field(default_factory=Result)
     result_message: Message | None = None
     executed: bool = False
+    done: dict[int, Action] = field(default_factory=dict)  # executed actions, kept alive so ids stay unique
     vacation_store: MemoryVacationStore = field(default_factory=MemoryVacationStore)
     duplicates: set[str] = field(default_factory=set)
 
@@ -131,6 +132,7 @@ class Suite:
         ip.flags = []
         self.result_message = ip.message
         self.executed = False
+        self.done.clear()
         self.smtp.clear()
 
     # -- executing a result -----------------------------------------------------------------------
@@ -138,14 +140,15 @@ class Suite:
     def execute(self, ip: SuiteInterpreter) -> bool:
         """test_result_execute: deliver the result into the store and the SMTP list."""
         self.errors = []
-        if self.executed:
-            return True
-        self.executed = True
         msg = self.result_message or ip.message
         env = ip.env
         ok = True
         actions = self.result.final(env.default_mailbox)
+        if self.executed:  # executing again runs only the actions added since (as Pigeonhole does)
+            actions = [a for a in self.result.actions if id(a) not in self.done]
+        self.executed = True
         for a in actions:
+            self.done[id(a)] = a
             if a.kind in ("keep", "store"):
                 box = a.target
                 if box not in self.mailstore:
@@ -155,11 +158,11 @@ class Suite:
                         self.errors.append(f"mailbox {box} does not exist")
                         ok = False
                         continue
-                copy = Message(msg.raw)
+                copy = Message(a.message or msg.raw)
                 copy.flags = list(a.flags or ())  # type: ignore[attr-defined]
                 self.mailstore[box].append(copy)
             elif a.kind == "redirect":
-                self.smtp.append((env.envelope_from, a.target, msg.raw))
+                self.smtp.append((env.envelope_from, a.target, a.message or msg.raw))
             elif a.kind in ("reject", "ereject"):
                 body = (f"From: Postmaster <postmaster@example.com>\r\nTo: <{env.envelope_from}>\r\n"
                         f"Subject: Automatically rejected mail\r\nAuto-Submitted: auto-replied (rejected)\r\n"
