@@ -27,7 +27,7 @@ __all__ = ["MemoryVacationStore", "VacationDecision", "VacationStore", "compose"
 
 MIN_PERIOD = 1  # RFC 6131 §2: :seconds 0 means "reply every time" is allowed; we keep 1 s
 MAX_PERIOD = 90 * 86400
-MAX_SUBJECT = 256  # characters of the original subject kept in "Auto: ..."
+MAX_SUBJECT = 256  # characters of "Auto: <original subject>…" at most
 _ROBOTS = ("mailer-daemon", "listserv", "majordomo", "owner-", "-request", "postmaster")
 _RECIPIENT_HEADERS = ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")
 
@@ -56,6 +56,7 @@ class VacationDecision:
     reply: bool
     reason: str  # why not (or "reply")
     key: str = ""
+    matched: str = ""  # our address as found in the recipient fields: the reply's From
 
 
 def _addr(text: str) -> str:
@@ -101,7 +102,8 @@ def decide(params: dict[str, object], message: Message, sender: str, recipient: 
     mine = {_addr(a).lower() for a in [recipient, *own_addresses, *listed] if a}
     if sender_addr.lower() in mine:  # RFC 5230 §4.5: never to ourselves
         return VacationDecision(False, "sender is ourselves")
-    if not mine & {a.lower() for a in _header_addresses(message, _RECIPIENT_HEADERS)}:  # RFC 5230 §4.5
+    found = [a for a in _header_addresses(message, _RECIPIENT_HEADERS) if a.lower() in mine]
+    if not found:  # RFC 5230 §4.5
         return VacationDecision(False, "not addressed to us")
     handle = params.get("handle")
     if handle is None:  # RFC 5230 §4.2: the default handle is derived from the arguments
@@ -110,7 +112,7 @@ def decide(params: dict[str, object], message: Message, sender: str, recipient: 
     key = f"{handle}\0{sender_addr.lower()}"  # one reply per sender, however its case is written
     if store.seen(key, now):  # RFC 5230 §4.1: once per sender per period
         return VacationDecision(False, "already replied within the period", key)
-    return VacationDecision(True, "reply", key)
+    return VacationDecision(True, "reply", key, found[0])
 
 
 def record(params: dict[str, object], decision: VacationDecision, store: VacationStore,
@@ -125,16 +127,19 @@ def _encode(value: str) -> str:
     return value if value.isascii() else Header(value, "utf-8").encode()
 
 
-def _reply_to(message: Message, sender: str) -> str:
+def _reply_to(message: Message, sender: str, ignore_envelope: bool = False) -> str:
     """The original's From/Sender/Reply-To entry for the envelope sender (keeping its display name),
-    else the bare sender address (RFC 5230 §4.3)."""
+    else the bare sender address (RFC 5230 §4.3); with ``ignore_envelope``, the first of Reply-To,
+    Sender and From whatever the envelope says (for senders rewritten by SRS)."""
     target = _addr(sender)
-    for name in ("from", "sender", "reply-to"):
+    for name in ("reply-to", "sender", "from") if ignore_envelope else ("from", "sender", "reply-to"):
         for raw in message.values(name):
             for a in parse_addresses(raw):
                 if a.mailbox is None or a.host is None:
                     continue
                 addr = a.mailbox.decode("utf-8", "replace") + "@" + a.host.decode("utf-8", "replace")
+                if ignore_envelope:
+                    target = _addr(addr)
                 if _addr(addr) == target and a.name:
                     phrase = decode_header_text(a.name).replace("\\", "\\\\").replace('"', '\\"')
                     return f'{_encode(chr(34) + phrase + chr(34))} <{addr}>'
@@ -145,14 +150,15 @@ def _reply_to(message: Message, sender: str) -> str:
 
 def compose(params: dict[str, object], message: Message, sender: str, recipient: str,
             hostname: str = "localhost", now: float | None = None, *,
-            default_subject: str | None = None, subject_template: str | None = None) -> bytes:
+            default_subject: str | None = None, subject_template: str | None = None,
+            ignore_envelope: bool = False) -> bytes:
     """The reply (RFC 5230 §5); sent with the null reverse-path (RFC 5230 §4.3)."""
     subject = params.get("subject")
     if subject is None:
         original = message.values("subject")
         text = decode_header_text(original[0]) if original else ""
-        if len(text) > MAX_SUBJECT:
-            text = text[:MAX_SUBJECT] + "\u2026"
+        if len("Auto: " + text) > MAX_SUBJECT:  # keep the reply's subject short, with an ellipsis
+            text = text[: MAX_SUBJECT - len("Auto: ") - 1] + "\u2026"
         if subject_template and text:
             subject = subject_template.replace("%{subject}", text).replace("%$", text)
         elif default_subject and not text:
@@ -162,7 +168,7 @@ def compose(params: dict[str, object], message: Message, sender: str, recipient:
     frm = str(params.get("from") or recipient)
     lines = [
         f"From: {_encode(frm)}",
-        f"To: {_reply_to(message, sender)}",
+        f"To: {_reply_to(message, sender, ignore_envelope)}",
         f"Subject: {_encode(str(subject))}",
         f"Date: {formatdate(now, localtime=False)}",
         f"Message-ID: {make_msgid(domain=hostname)}",

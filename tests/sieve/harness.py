@@ -167,7 +167,7 @@ class Suite:
                 body = (f"From: Postmaster <postmaster@example.com>\r\nTo: <{env.envelope_from}>\r\n"
                         f"Subject: Automatically rejected mail\r\nAuto-Submitted: auto-replied (rejected)\r\n"
                         f"\r\n{a.target}\r\n").encode()
-                if env.envelope_from:
+                if env.envelope_from.strip("<> "):  # never to the null sender
                     self.smtp.append(("", env.envelope_from, body))
             elif a.kind == "vacation" and a.vacation is not None:
                 cfg = self.config
@@ -182,7 +182,8 @@ class Suite:
                            MemoryVacationStore())  # like Pigeonhole's harness: no reply memory
                 if d.reply:
                     record(a.vacation, d, self.vacation_store)
-                    reply = compose(a.vacation, msg, env.envelope_from, user or env.envelope_to,
+                    reply = compose(a.vacation, msg, env.envelope_from, d.matched or user or env.envelope_to,
+                                    ignore_envelope=cfg.get("sieve_vacation_to_header_ignore_envelope") == "yes",
                                     default_subject=cfg.get("sieve_vacation_default_subject"),
                                     subject_template=cfg.get("sieve_vacation_default_subject_template"))
                     frm = env.envelope_to if cfg.get("sieve_vacation_send_from_recipient") == "yes" else ""
