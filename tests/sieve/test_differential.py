@@ -97,12 +97,52 @@ SCRIPTS: dict[str, str] = {
     "encoded-character": 'require ["encoded-character", "fileinto"]; fileinto "${hex:41 42}${unicode:263a}";',
     "mailbox-create": 'require ["fileinto", "mailbox"]; fileinto :create "New";',
     "reject-conflict": 'require ["reject", "fileinto"]; fileinto "A"; reject "no";',
+    "matches-wildcards": ('require ["fileinto", "variables"];\n'
+                          'if header :matches "from" "*<*@*>" { fileinto "${3}.${2}"; }\n'
+                          'if header :matches "subject" "?ello ?orld" { fileinto "Q${1}${2}"; }'),
+    "matches-question-star": ('require ["fileinto", "variables"];\n'
+                              'if header :matches "subject" "?ello*" { fileinto "Q${1}"; }'),
+    "matches-escape": 'require "fileinto"; if header :matches "subject" "*\\*" { fileinto "Star"; }',
+    "contains-empty": 'require "fileinto"; if header :contains "subject" "" { fileinto "Any"; }',
+    "is-empty-missing": 'require "fileinto"; if header :is "x-missing" "" { fileinto "Missing"; }',
+    "count-header": ('require ["fileinto", "relational", "comparator-i;ascii-numeric"];\n'
+                     'if header :count "eq" :comparator "i;ascii-numeric" "received" "0" { fileinto "Zero"; }'),
+    "numeric-nondigit": ('require ["fileinto", "comparator-i;ascii-numeric"];\n'
+                         'if header :is :comparator "i;ascii-numeric" "subject" "abc" { fileinto "Inf"; }'),
+    "value-lt-string": ('require ["fileinto", "relational"];\n'
+                        'if header :value "lt" "subject" "M" { fileinto "Before"; }'),
+    "address-groups": ('require "fileinto"; if address :is "cc" "dave@example.net" { fileinto "G"; }'),
+    "header-multiple-keys": ('require "fileinto"; if header :contains ["to", "cc"] ["nobody", "carol"] '
+                             '{ fileinto "Keys"; }'),
+    "envelope-to": ('require ["fileinto", "envelope", "subaddress"];\n'
+                    'if envelope :user "to" "bob" { fileinto "U"; }'),
+    "date-parts": ('require ["date", "fileinto", "variables"];\n'
+                   'if date :originalzone :matches "date" "iso8601" "*" { set "d" "${1}"; }\n'
+                   'if date :originalzone "date" "weekday" "2" { fileinto "Tuesday"; }\n'
+                   'if date :originalzone "date" "julian" "61375" { fileinto "Julian"; }'),
+    "set-modifiers": ('require ["fileinto", "variables"];\n'
+                      'set :length "n" "hello"; set :quotewildcard "q" "a*b"; set :upper "u" "abc";\n'
+                      'fileinto "${n}-${u}"; if string :is "${q}" "a\\\\*b" { fileinto "Quoted"; }'),
+    "regex-class": ('require ["fileinto", "regex"];\n'
+                    'if header :regex "subject" "^[[:upper:]][[:lower:]]+ [[:alpha:]]+$" { fileinto "Class"; }'),
+    "body-text": 'require ["body", "fileinto"]; if body :text :contains "order" { fileinto "T"; }',
+    "keep-flags": 'require "imap4flags"; setflag "\\Answered"; keep :flags ["\\Seen", "$Label1"];',
+    "hasflag": ('require ["imap4flags", "fileinto"]; setflag "A B"; if hasflag :contains "B" { fileinto "HB"; }'),
+    "elsif-chain": ('require "fileinto"; if false { fileinto "1"; } elsif false { fileinto "2"; }\n'
+                    'elsif true { fileinto "3"; } else { fileinto "4"; }'),
+    "redirect-limit": "".join(f'redirect "r{i}@example.net";' for i in range(6)),
+    "multiline-text": ('require "vacation"; vacation :subject "Out" text:\nI am away.\n..dot\n.\n;'),
     # scripts both implementations refuse at upload
     "err-unknown-command": "frop;",
     "err-missing-require": 'fileinto "A";',
     "err-bad-tag": 'if header :frop "a" "b" { keep; }',
     "err-syntax": "if true { keep;",
     "err-comparator": 'if header :comparator "i;frop" "a" "b" { keep; }',
+    "err-require-late": 'keep; require "fileinto";',
+    "err-relational": 'require "relational"; if header :value "frop" "a" "b" { keep; }',
+    "err-elsif": 'elsif true { keep; }',
+    "err-regex": 'require "regex"; if header :regex "a" "(" { keep; }',
+    "err-date-part": 'require "date"; if currentdate "frop" "1" { keep; }',
 }
 
 _ACTION = re.compile(r"^ \* (.*)$")
@@ -183,9 +223,25 @@ def _postier(script: str, message: bytes) -> list[tuple[str, ...]] | None:
     return sorted(out)
 
 
+# Where postier deliberately differs; each case is checked to still differ (so the list stays true).
+KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
+    ("matches-question-star", "list"): "Pigeonhole 2.3.19 matches '?ello*' against '[dev] café release'; "
+                                       "RFC 5228 §2.7.1 does not",
+    ("matches-question-star", "mime"): "Pigeonhole 2.3.19 matches '?ello*' against 'Your order' (it "
+                                       "matches '?x*' against any value of two characters or more)",
+    ("err-date-part", "list"): "postier refuses an unknown date-part at upload (RFC 5260 §4.2 lists the "
+                               "parts); Pigeonhole accepts it and the test is false at run time",
+    ("err-date-part", "mime"): "as above",
+    ("err-date-part", "plain"): "as above",
+}
+
+
 @pytest.mark.parametrize("message", sorted(MESSAGES))
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_same_actions_as_pigeonhole(script: str, message: str) -> None:
     theirs = _pigeonhole(SCRIPTS[script], MESSAGES[message])
     ours = _postier(SCRIPTS[script], MESSAGES[message])
+    if (script, message) in KNOWN_DIFFERENCES:
+        assert ours != theirs, f"no longer differs: {KNOWN_DIFFERENCES[script, message]}"
+        return
     assert ours == theirs
