@@ -234,6 +234,7 @@ EXTRA_COMMANDS = [
     "postier.queue.cli",
     "postier.mailauth.cli",
     "postier.store.cli",
+    "postier.store.sieve_cli",
 ]
 
 
