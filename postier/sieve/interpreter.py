@@ -20,7 +20,9 @@ from email.utils import parsedate_tz
 from postier.message.envelope import MISSING_DOMAIN, parse_addresses
 from postier.proto.smtp.address import parse_path
 from postier.proto.smtp.errors import AddressError
-from postier.message.mime import Part, decode_body, decode_header_text, decode_transfer_encoding, parse_message
+from postier.message.mime import (
+    Part, UnknownCTE, decode_body, decode_header_text, decode_transfer_encoding, parse_message,
+)
 
 from .match import MatchError, compare_relational, match_value
 from .validate import Node, Script
@@ -727,7 +729,58 @@ def _environment(ip: Interpreter, node: Node) -> bool:
 
 # -- body (RFC 5173) -------------------------------------------------------------------------------
 
+_TAG = re.compile(r"<[^>]*>")
+_CTYPE = re.compile(rb"\s*[^/\s;]+/[^/\s;]+\s*(?:;|\Z)")
+_ENTITY = {"&lt;": "<", "&gt;": ">", "&amp;": "&", "&quot;": '"', "&nbsp;": " ", "&#39;": "'"}
+
+
+def _html_text(html: str) -> str:
+    """Text of an HTML part for body :text: tags, scripts and styles dropped, entities decoded."""
+    html = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", html)
+    text = _TAG.sub(" ", html)
+    return re.sub(r"&(?:lt|gt|amp|quot|nbsp|#39);", lambda m: _ENTITY[m.group(0)], text)
+
+
+def _decoded(part: Part) -> str:
+    try:
+        data = decode_transfer_encoding(part.body, part.encoding)
+    except Exception:
+        data = part.body
+    return data.decode("utf-8", "replace")
+
+
+def _prologue_epilogue(part: Part) -> str:
+    """RFC 5173 §5.2: a multipart's own text is its prologue and epilogue, without boundaries."""
+    boundary = part.param("boundary")
+    body = part.body.decode("utf-8", "replace")
+    if not boundary:
+        return body
+    delim = "--" + boundary.decode("utf-8", "replace")
+    lines = body.split("\r\n")
+    out: list[str] = []
+    state = "prologue"
+    for line in lines:
+        if line.startswith(delim):
+            state = "epilogue" if line.rstrip().endswith(delim + "--") else "parts"
+            continue
+        if state != "parts":
+            out.append(line)
+    return "\r\n".join(out)
+
+
+def _content_types(specs: list[str]) -> list[str]:
+    """RFC 5173 §5.2: a type with a leading or trailing "/" or several "/" matches nothing."""
+    out = []
+    for spec in specs:
+        spec = spec.lower().strip()
+        if spec.startswith("/") or spec.endswith("/") or spec.count("/") > 1:
+            continue
+        out.append(spec)
+    return out
+
+
 def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
+    """The texts a body test searches (RFC 5173 §5), each capped at ``limits.max_body``."""
     limit = ip.limits.max_body
     root = ip.message.part
     if not root.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
@@ -735,25 +788,42 @@ def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
     if node.tags.get("raw"):  # RFC 5173 §5.1: the undecoded body
         yield root.body[:limit].decode("utf-8", "replace")
         return
-    if "content" in node.tags:
-        wanted = [w.lower() for w in ip.sl(node.tags["content"])]
-    else:
-        wanted = ["text"]
+    text_mode = "content" not in node.tags
+    wanted = ["text"] if text_mode else _content_types(ip.sl(node.tags["content"]))
+
+    def matches(part: Part) -> bool:
+        ct = f"{part.maintype}/{part.subtype}"
+        return any(w == "" or w == ct or ("/" not in w and w == part.maintype) for w in wanted)
+
     for part in root.walk():
         ct = f"{part.maintype}/{part.subtype}"
-        if part.is_multipart and not any(w == ct or w == part.maintype for w in wanted):
-            continue
-        if any(w == "" or w == ct or w == part.maintype for w in wanted):
-            if part.is_multipart:
-                continue  # RFC 5173 §5.2: a multipart's prologue/epilogue; not searched here
-            if part.maintype == "text" or "content" not in node.tags:
-                yield decode_body(part)[:limit]
-            else:
+        if text_mode:  # :text: every textual part, markup removed
+            if part.is_multipart or part.message is not None:
+                continue
+            raw_ct = part.first("content-type")
+            if raw_ct is not None and not _CTYPE.match(raw_ct):
+                continue  # an invalid Content-Type ("text/plain/stupid") is no known text type
+            if part.maintype == "text" or ct in ("application/xhtml+xml",):
                 try:
-                    data = decode_transfer_encoding(part.body, part.encoding)
-                except Exception:
-                    data = part.body
-                yield data[:limit].decode("utf-8", "replace")
+                    decode_transfer_encoding(b"", part.encoding)
+                except UnknownCTE:
+                    continue  # undecodable: nothing to search
+                text = decode_body(part)
+                if part.subtype in ("html", "xhtml+xml") or ct == "application/xhtml+xml":
+                    text = _html_text(text)
+                yield text[:limit]
+            continue
+        if not matches(part):
+            continue
+        if part.is_multipart:
+            yield _prologue_epilogue(part)[:limit]
+        elif part.message is not None:  # message/rfc822: its header (§5.2)
+            inner = part.message
+            yield inner.msg[inner.start : inner.header_end].decode("utf-8", "replace")[:limit]
+        elif part.maintype == "text":
+            yield decode_body(part)[:limit]
+        else:
+            yield _decoded(part)[:limit]
 
 
 @_test("body")
