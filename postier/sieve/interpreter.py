@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import parsedate_tz
 
+from postier import __version__
 from postier.message.envelope import MISSING_DOMAIN, parse_addresses
 from postier.proto.smtp.address import parse_path
 from postier.proto.smtp.errors import AddressError
@@ -122,7 +123,8 @@ class Environment:
     duplicate_seen: Callable[[str], bool] = lambda key: False
     spamtest: Callable[[Message, bool], str] = lambda message, percent: "0"
     virustest: Callable[[Message], str] = lambda message: "0"
-    environment: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=lambda: {  # RFC 5183 §4 items
+        "name": "postier", "version": __version__, "location": "MDA", "phase": "during"})
     limits: Limits = field(default_factory=Limits)
 
 

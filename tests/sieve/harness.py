@@ -114,6 +114,7 @@ class Suite:
                           mailbox_exists=lambda name: name in self.mailstore,
                           load_script=self.load_script, duplicate_seen=lambda k: k in self.duplicates,
                           limits=Limits(max_steps=200_000))
+        env.environment.update({"location": "MS", "domain": "example.com", "host": "mail.example.com"})
         return env
 
     def load_script(self, location: str, name: str) -> Script | None:
