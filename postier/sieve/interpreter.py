@@ -366,7 +366,17 @@ class Interpreter:
             if part == "user":
                 return local if at < 0 else local[:at]
             return None if at < 0 else local[at + 1 :]
-        return f"{local}@{domain}" if domain else local
+        return addr_spec(local, domain) if domain else local
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*")
+
+
+def addr_spec(local: str, domain: str) -> str:
+    """local@domain with the local part quoted when it is not a dot-atom (RFC 5322 §3.4.1)."""
+    if not _DOT_ATOM.fullmatch(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}"
 
 
 def _command(name: str) -> Callable[[Handler], Handler]:
@@ -482,7 +492,7 @@ def _redirect(ip: Interpreter, node: Node) -> None:
     addr = parse_address(text)
     if addr is None or not addr[0] or not addr[1]:  # RFC 5228 §4.2
         raise SieveRuntimeError(f"invalid redirect address {text!r}")
-    add_action(ip, Action("redirect", f"{addr[0]}@{addr[1].lower()}", copy=bool(node.tags.get("copy"))))
+    add_action(ip, Action("redirect", addr_spec(addr[0], addr[1].lower()), copy=bool(node.tags.get("copy"))))
 
 
 @_command("reject")

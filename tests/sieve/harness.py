@@ -19,6 +19,7 @@ from postier.sieve.interpreter import (
     Handler, TestHandler, _Return, _Stop,
     Action, Environment, Interpreter, Limits, Message, Result, SieveRuntimeError, parse_address,
 )
+from postier.sieve.redirect import envelope_sender, is_loop, redirected_message
 from postier.sieve.spamtest import ScoreSource, spam_value, virus_value
 from postier.sieve.match import compare_relational, match_value
 from postier.sieve.vacation import MemoryVacationStore, compose, decide, record
@@ -163,7 +164,13 @@ class Suite:
                 copy.flags = list(a.flags or ())  # type: ignore[attr-defined]
                 self.mailstore[box].append(copy)
             elif a.kind == "redirect":
-                self.smtp.append((env.envelope_from, a.target, a.message or msg.raw))
+                cfg = self.config
+                user = cfg.get("sieve_user_email") or env.envelope_to
+                if is_loop(msg, user) or is_loop(msg, env.envelope_to):
+                    continue  # a loop: not redirected again (the implicit keep stays)
+                frm = envelope_sender(cfg.get("sieve_redirect_envelope_from", "sender"), env.envelope_from,
+                                      env.envelope_to, env.orig_to, cfg.get("sieve_user_email"))
+                self.smtp.append((frm, a.target, redirected_message(a.message or msg.raw, user)))
             elif a.kind in ("reject", "ereject"):
                 body = (f"From: Postmaster <postmaster@example.com>\r\nTo: <{env.envelope_from}>\r\n"
                         f"Subject: Automatically rejected mail\r\nAuto-Submitted: auto-replied (rejected)\r\n"

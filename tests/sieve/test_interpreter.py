@@ -193,3 +193,20 @@ def test_variable_size_and_count_bounded() -> None:
 def test_invalid_mailbox_runtime_error(mailbox: str) -> None:
     res = _run(f'require ["fileinto", "variables"]; set "n" {mailbox}; fileinto "${{n}}";')
     assert _acts(res) == [("keep", "INBOX")] or res.error is None
+
+
+def test_redirect_loop_and_envelope_sender() -> None:
+    from postier.sieve.redirect import envelope_sender, is_loop, redirected_message
+
+    out = redirected_message(MSG, "bob@example.com")
+    assert out.startswith(b"X-Sieve-Redirected-From: bob@example.com\r\n")
+    assert is_loop(Message(out), "bob@example.com") and not is_loop(Message(MSG), "bob@example.com")
+    assert envelope_sender("sender", "alice@example.org", "bob@example.com", None, None) == "alice@example.org"
+    assert envelope_sender("recipient", "alice@example.org", "bob@example.com", None, None) == "bob@example.com"
+    assert envelope_sender("<fwd@example.com>", "<>", "bob@example.com", None, None) == ""  # never for <>
+    assert envelope_sender("user_email", "a@x.org", "bob@example.com", None, "b@y.org") == "b@y.org"
+
+
+def test_redirect_quotes_local_part() -> None:
+    res = _run('redirect "\\"S[r]us\\"@Example.net"; redirect "\\"Sirius\\"@example.net";')
+    assert _acts(res) == [("redirect", '"S[r]us"@example.net'), ("redirect", "Sirius@example.net")]

@@ -40,10 +40,8 @@ UNSUPPORTED: dict[str, str] = {
 KNOWN_FAILING: dict[str, str] = {
     'compile/errors.svtest': 'error counts/texts: postier stops at the first syntax error and words errors its own way',
     'compile/recover.svtest': 'error counts: postier does not recover after a syntax error',
-    'execute/address-normalize.svtest': 'redirect address normalisation differs',
     'execute/errors-cpu-limit.svtest': 'CPU limit is a step budget, not seconds',
     'execute/errors.svtest': 'error texts and mailbox-name checks differ',
-    'execute/smtp.svtest': 'X-Sieve-Redirected-From and sieve_redirect_envelope_from not implemented',
     'extensions/body/errors.svtest': 'error counts differ',
     'extensions/editheader/errors.svtest': 'error counts and size limits differ',
     'extensions/editheader/protected.svtest': 'sieve_editheader_header protection config not implemented',
