@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.header import Header
@@ -25,7 +26,7 @@ from postier.message.mime import (
     Part, UnknownCTE, decode_body, decode_header_text, decode_transfer_encoding, parse_message,
 )
 
-from .match import MatchError, compare_relational, match_value
+from .match import MatchError, MatchTimeout, compare_relational, match_value
 from .validate import Node, Script
 
 __all__ = [
@@ -59,6 +60,7 @@ class Limits:
     max_header_edits: int = 1000
     max_header_size: int = 2048
     max_body: int = 1 << 20
+    max_match_seconds: float = 2.0  # all :matches/:regex searches of one run together
 
 
 # -- message -------------------------------------------------------------------------------------
@@ -203,6 +205,7 @@ class Interpreter:
         self.limits = env.limits
         self.result = result if result is not None else Result()
         self.steps = 0
+        self.match_seconds = 0.0
         self.variables: dict[str, str] = {}
         self.globals: dict[str, str] = {}
         self.match_values: list[str] = []
@@ -326,7 +329,12 @@ class Interpreter:
             for k in keys:
                 self.step()
                 try:
-                    m = match_value(mtype, cmp, rel, v, k)
+                    if mtype in ("matches", "regex"):
+                        m = self._timed_match(mtype, cmp, rel, v, k)
+                    else:
+                        m = match_value(mtype, cmp, rel, v, k)
+                except MatchTimeout:
+                    raise SieveRuntimeError("pattern matching exceeded its time limit") from None
                 except MatchError as e:  # a regex from a variable: no match, reported as a warning
                     if len(self.result.warnings) < 10:
                         self.result.warnings.append(str(e))
@@ -336,6 +344,18 @@ class Interpreter:
                         self.match_values = m[: self.limits.max_match_values]
                     return True
         return False
+
+    def _timed_match(self, mtype: str, cmp: str, rel: str | None, v: str, k: str) -> list[str] | None:
+        """A :matches/:regex search within what is left of the run's pattern-time budget (the one
+        cost the step budget cannot bound: a single backtracking search)."""
+        left = self.limits.max_match_seconds - self.match_seconds
+        if left <= 0:
+            raise MatchTimeout("budget spent")
+        start = time.monotonic()
+        try:
+            return match_value(mtype, cmp, rel, v, k, timeout=left)
+        finally:
+            self.match_seconds += time.monotonic() - start
 
     # -- message access -------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """Sieve comparators (RFC 4790, RFC 5228 §2.7.3) and match types :is/:contains/:matches (RFC 5228 §2.7.1),
 :value/:count (RFC 5231) and :regex (draft-ietf-sieve-regex-01), with match variables (RFC 5229 §3.2).
 
-:regex uses Python ``re`` on patterns of at most ``MAX_REGEX`` characters whose compiled form is cached
-per script run; the subject is bounded by the caller (header values and bodies are capped), so a
-pathological pattern costs at most one bounded backtracking run per value. POSIX bracket classes
-(``[[:alpha:]]``) are translated; other POSIX ERE syntax is what ``re`` accepts too.
+:regex and :matches run on the ``regex`` package rather than ``re`` because it takes a timeout: a
+single backtracking search (``(a|aa)+$`` on 40 characters runs for seconds in ``re``) is the one piece
+of a script the step budget cannot bound, so every search gets ``timeout`` seconds (the interpreter
+passes what is left of its per-run budget) and raises ``MatchTimeout`` past it. Patterns are at most
+``MAX_REGEX`` characters and cached; POSIX bracket classes (``[[:alpha:]]``) are translated; subjects
+are capped at ``MAX_SUBJECT``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
+import regex
+
 __all__ = [
-    "COMPARATORS", "MAX_REGEX", "MatchError", "compare_relational", "glob_match", "match_value",
+    "COMPARATORS", "MAX_REGEX", "MatchError", "MatchTimeout", "compare_relational", "glob_match", "match_value",
     "regex_compile",
 ]
 
@@ -24,6 +28,10 @@ MAX_SUBJECT = 1 << 20
 
 class MatchError(Exception):
     """A key that cannot be used (bad regex); a runtime error of the script."""
+
+
+class MatchTimeout(MatchError):
+    """A :matches or :regex search ran past its time budget."""
 
 
 COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric", "i;unicode-casemap")
@@ -75,18 +83,21 @@ def compare_relational(comparator: str, rel: str, value: str, key: str) -> bool:
     return {"gt": c > 0, "ge": c >= 0, "lt": c < 0, "le": c <= 0, "eq": c == 0, "ne": c != 0}[rel]
 
 
-def glob_match(pattern: str, value: str, comparator: str) -> list[str] | None:
+def glob_match(pattern: str, value: str, comparator: str, timeout: float | None = None) -> list[str] | None:
     """RFC 5228 §2.7.1 :matches: "*" any sequence, "?" one character, "\\" quotes; returns the
     match values (RFC 5229 §3.2: ${0} the whole value, then one per wildcard) or None."""
     rx = _glob_regex(pattern, comparator)
-    m = rx.fullmatch(value)
+    try:
+        m = rx.fullmatch(value, timeout=timeout)
+    except TimeoutError:
+        raise MatchTimeout(":matches took too long") from None
     if m is None:
         return None
     return [m.group(0), *(g or "" for g in m.groups())]
 
 
 @lru_cache(maxsize=256)
-def _glob_regex(pattern: str, comparator: str) -> re.Pattern[str]:
+def _glob_regex(pattern: str, comparator: str) -> regex.Pattern[str]:
     out: list[str] = []
     i = 0
     while i < len(pattern):
@@ -102,12 +113,12 @@ def _glob_regex(pattern: str, comparator: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(c))
         i += 1
-    flags = re.DOTALL
+    flags = regex.DOTALL | regex.VERSION0
     if comparator == "i;ascii-casemap":
-        flags |= re.IGNORECASE | re.ASCII
+        flags |= regex.IGNORECASE | regex.ASCII
     elif comparator == "i;unicode-casemap":
-        flags |= re.IGNORECASE
-    return re.compile("".join(out), flags)
+        flags |= regex.IGNORECASE
+    return regex.compile("".join(out), flags)
 
 
 _POSIX_CLASSES = {
@@ -117,7 +128,7 @@ _POSIX_CLASSES = {
 }
 
 
-def regex_compile(pattern: str, comparator: str) -> re.Pattern[str]:
+def regex_compile(pattern: str, comparator: str) -> regex.Pattern[str]:
     """Compile a :regex key (bounded size); raises MatchError for an invalid or oversized one."""
     if len(pattern) > MAX_REGEX:
         raise MatchError(f"regular expression longer than {MAX_REGEX} characters")
@@ -125,20 +136,21 @@ def regex_compile(pattern: str, comparator: str) -> re.Pattern[str]:
 
 
 @lru_cache(maxsize=256)
-def _regex(pattern: str, comparator: str) -> re.Pattern[str]:
+def _regex(pattern: str, comparator: str) -> regex.Pattern[str]:
     translated = re.sub(r"\[:([a-z]+):\]", lambda m: _POSIX_CLASSES.get(m.group(1), m.group(0)), pattern)
-    flags = 0
+    flags = regex.VERSION0
     if comparator == "i;ascii-casemap":
-        flags = re.IGNORECASE | re.ASCII
+        flags |= regex.IGNORECASE | regex.ASCII
     elif comparator == "i;unicode-casemap":
-        flags = re.IGNORECASE
+        flags |= regex.IGNORECASE
     try:
-        return re.compile(translated, flags)
-    except (re.error, RecursionError, OverflowError) as e:
+        return regex.compile(translated, flags)
+    except (regex.error, RecursionError, OverflowError) as e:
         raise MatchError(f"invalid regular expression {pattern!r}: {e}") from None
 
 
-def match_value(match: str, comparator: str, rel: str | None, value: str, key: str) -> list[str] | None:
+def match_value(match: str, comparator: str, rel: str | None, value: str, key: str,
+                timeout: float | None = None) -> list[str] | None:
     """Whether ``value`` matches ``key``; the match values for :matches/:regex (else an empty list)
     when it does, None when it does not. :count is evaluated by the caller."""
     value = value[:MAX_SUBJECT]
@@ -151,12 +163,18 @@ def match_value(match: str, comparator: str, rel: str | None, value: str, key: s
         f = _fold(comparator)
         return [] if f(key) in f(value) else None
     if match == "matches":
-        return glob_match(key, value, comparator)
+        if "*" not in key and "?" not in key and "\\" not in key:  # no wildcard: plain equality
+            f = _fold(comparator)
+            return [value] if f(value) == f(key) else None
+        return glob_match(key, value, comparator, timeout)
     if match == "value":  # RFC 5231 §4.1
         assert rel is not None
         return [] if compare_relational(comparator, rel, value, key) else None
     if match == "regex":
-        m = regex_compile(key, comparator).search(value)
+        try:
+            m = regex_compile(key, comparator).search(value, timeout=timeout)
+        except TimeoutError:
+            raise MatchTimeout(":regex took too long") from None
         if m is None:
             return None
         return [m.group(0), *(g or "" for g in m.groups())]
