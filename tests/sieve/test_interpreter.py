@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postier.sieve import CompileError, Environment, Limits, Message, compile_script, run
 from postier.sieve.interpreter import Result
@@ -213,3 +215,40 @@ def test_redirect_loop_and_envelope_sender() -> None:
 def test_redirect_quotes_local_part() -> None:
     res = _run('redirect "\\"S[r]us\\"@Example.net"; redirect "\\"Sirius\\"@example.net";')
     assert _acts(res) == [("redirect", '"S[r]us"@example.net'), ("redirect", "Sirius@example.net")]
+
+
+# -- fuzzing: any compiled script on any message gives a Result, never an exception -----------------
+
+_TESTS = ['header :contains "subject" "${1}"', 'address :domain :matches "from" "*.org"', "true",
+          'header :regex "x" "(a|b)*c"', 'body :contains "x"', 'exists "to"', "size :over 10",
+          'envelope :detail "to" ""', 'string :count "ge" "${a}" "1"', 'date "date" "year" "2026"',
+          'hasflag "x"', 'header :value "gt" :comparator "i;ascii-numeric" "x-n" "3"',
+          'anyof (false, not true)', 'duplicate :seconds 5', 'spamtest :percent "0"']
+_CMDS = ['fileinto "F"', 'redirect "x@example.net"', "keep", "discard", 'set "a" "${1}${a}"',
+         'addflag "$x"', 'addheader "X-A" "${a}"', 'deleteheader :index 1 "received"', "stop",
+         'vacation :days 1 "away"', 'reject "no"', 'set :upper "a" "${0}"', 'fileinto :copy "${a}"']
+_REQ = ('require ["fileinto", "copy", "variables", "regex", "body", "envelope", "subaddress", "relational", '
+        '"comparator-i;ascii-numeric", "date", "imap4flags", "duplicate", "spamtestplus", "editheader", '
+        '"vacation", "reject"];\n')
+
+
+def _script(data: st.DataObject) -> str:
+    n = data.draw(st.integers(0, 8))
+    parts = []
+    for _ in range(n):
+        if data.draw(st.booleans()):
+            parts.append(f"if {data.draw(st.sampled_from(_TESTS))} {{ {data.draw(st.sampled_from(_CMDS))}; }}")
+        else:
+            parts.append(data.draw(st.sampled_from(_CMDS)) + ";")
+    return _REQ + "\n".join(parts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.binary(max_size=400))
+def test_fuzz_scripts_on_messages(data: st.DataObject, raw: bytes) -> None:
+    script = compile_script(_script(data))
+    res = run(script, Message(raw), Environment(limits=Limits(max_match_seconds=0.5)))
+    final = res.final()
+    if res.error is not None:
+        assert [a.kind for a in final] == ["keep"]  # RFC 5228 §2.10.6
+    assert all(a.kind in ("keep", "store", "redirect", "reject", "ereject", "vacation") for a in final)
