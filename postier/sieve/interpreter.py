@@ -212,7 +212,7 @@ class Interpreter:
         self.flags: list[str] = list(self.result.implicit_flags)
         self.included: set[tuple[str, str]] = set()
         self.include_count = 0
-        self.include_stack: list[tuple[str, str]] = [("personal", script.name)]
+        self.include_stack: list[tuple[str, str]] = [(script.location, script.name)]
         self.global_names: set[str] = set()
 
     # -- driving --------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class Script:
     name: str
     requires: frozenset[str]
     commands: list[Node]
+    location: str = "personal"  # RFC 6609 §3.2: where include found it (personal or global)
 
 
 # -- encoded-character (RFC 5228 §2.4.2.4) ------------------------------------------------------

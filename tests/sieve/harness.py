@@ -124,7 +124,7 @@ class Suite:
         if not p.is_file():
             return None
         try:
-            return compile_script(p.read_bytes(), name)
+            return compile_script(p.read_bytes(), name, specs=ALL_SPECS, capabilities=ALL_CAPS)
         except CompileError as e:
             raise SieveRuntimeError(f"included script {name} failed to compile: {e}") from None
 
@@ -406,7 +406,8 @@ def _script_compile(ip: Interpreter, node: Node) -> bool:
     suite.errors = []
     suite.compiled = None
     try:
-        suite.compiled = compile_script(path.read_bytes(), path.stem)
+        suite.compiled = compile_script(path.read_bytes(), path.stem, specs=ALL_SPECS, capabilities=ALL_CAPS)
+        suite.compiled.location = "testsuite"  # not in included/: same-named includes are not itself
     except CompileError as e:
         suite.errors = [e.message for e in e.errors]
         return False
@@ -425,7 +426,8 @@ def _script_run(ip: Interpreter, node: Node) -> bool:
         suite.reset(ip)  # type: ignore[arg-type]
     suite.executed = False
     msg = Message(ip.message.raw)
-    sub = Interpreter(suite.compiled, msg, ip.env, suite.result)
+    sub = SuiteInterpreter(suite.compiled, msg, ip.env, suite.result)
+    sub.suite = suite
     sub.flags = list(suite.result.implicit_flags)
     res = sub.run()
     suite.result_message = msg

@@ -50,7 +50,6 @@ KNOWN_FAILING: dict[str, str] = {
     'extensions/imap4flags/execute.svtest': 'fileinto into a mailbox the harness has not created',
     'extensions/imap4flags/flagstore.svtest': 'flag storage in the harness mail store',
     'extensions/include/errors.svtest': 'includes are resolved at run time, Pigeonhole checks them at compile time',
-    'extensions/include/execute.svtest': 'dict-based script storage',
     'extensions/regex/errors.svtest': 'invalid literal regexes are found at run time, not compile time',
     'extensions/relational/errors.svtest': 'error counts differ',
     'extensions/spamvirustest/errors.svtest': 'error counts differ',
