@@ -500,8 +500,9 @@ def _discard(ip: Interpreter, node: Node) -> None:
 @_command("fileinto")
 def _fileinto(ip: Interpreter, node: Node) -> None:
     mailbox = ip.s(node, 0)
-    if not mailbox or "\0" in mailbox or len(mailbox) > 1024:
-        raise SieveRuntimeError(f"invalid mailbox name {mailbox!r}")
+    if not mailbox or "\0" in mailbox or "\ufffd" in mailbox or len(mailbox) > 1024:
+        # U+FFFD: octets that were not UTF-8 (RFC 5228 §2.4.2.4 hex escapes), never a real name
+        raise SieveRuntimeError(f"invalid folder name {mailbox!r}")
     add_action(ip, Action("store", mailbox, _flags_of(ip, node), copy=bool(node.tags.get("copy")),
                           create=bool(node.tags.get("create"))))
 

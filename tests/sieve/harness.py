@@ -153,11 +153,15 @@ class Suite:
             self.done[id(a)] = a
             if a.kind in ("keep", "store"):
                 box = a.target
+                if "/" in box or any(not part for part in box.split(".")):
+                    self.errors.append(f"failed to store into mailbox '{box}': invalid mailbox name")
+                    ok = False
+                    continue
                 if box not in self.mailstore:
                     if a.create or box == "INBOX":
                         self.mailstore[box] = []
                     else:
-                        self.errors.append(f"mailbox {box} does not exist")
+                        self.errors.append(f"failed to store into mailbox '{box}': Mailbox doesn't exist")
                         ok = False
                         continue
                 copy = Message(a.message or msg.raw)
