@@ -297,8 +297,8 @@ class _Validator:
             self.err(c.line, c.column, f"{kind} '{c.name}' requires extension '{spec.ext[0]}'")
             return None
         node = Node(c.name, {}, [], [], None, c.line, c.column)
+        mark = len(self.errors)
         ok = self.arguments(c, spec, node, kind)
-        # tests
         if spec.tests == "none" and c.tests:
             self.err(c.line, c.column, f"the {c.name} {kind} accepts no tests")
             ok = False
@@ -308,11 +308,6 @@ class _Validator:
         elif spec.tests == "list" and not c.test_list:
             self.err(c.line, c.column, f"the {c.name} {kind} requires a test list")
             ok = False
-        for t in c.tests:
-            sub = self.node(t, True)
-            if sub is not None:
-                node.tests.append(sub)
-        # block
         if isinstance(c, Command):
             if spec.block and c.block is None:
                 self.err(c.line, c.column, f"the {c.name} command requires a block")
@@ -320,9 +315,16 @@ class _Validator:
             elif not spec.block and c.block is not None:
                 self.err(c.line, c.column, f"the {c.name} command does not accept a block")
                 ok = False
-            if c.block is not None:
-                node.block = self.commands(c.block, False)
-        return node if ok else None
+        del self.errors[mark + 1 :]  # one error per command or test: the first says what is wrong
+        if not ok:
+            return None
+        for t in c.tests:
+            sub = self.node(t, True)
+            if sub is not None:
+                node.tests.append(sub)
+        if isinstance(c, Command) and c.block is not None:
+            node.block = self.commands(c.block, False)
+        return node
 
     def arguments(self, c: Command | Test, spec: Spec, node: Node, kind: str) -> bool:
         ok = True

@@ -159,9 +159,9 @@ def test_script_lifecycle_transcript() -> None:
 def test_putscript_parse_error_carries_line() -> None:
     app, _ = _session()
     _login(app)
-    bad = b'require "fileinto";\r\nfileinto "x"\r\nkeep;\r\n'
+    bad = b'require "fileinto";\r\nfrop;\r\nfileinto "x"\r\nkeep;\r\n'
     out = app.feed(b'CHECKSCRIPT {%d+}\r\n' % len(bad) + bad + b"\r\n")
-    text = b"line 2: the fileinto command accepts no tests\r\nline 3: unknown test 'keep'"
+    text = b"line 2: unknown command 'frop'\r\nline 3: the fileinto command accepts no tests"
     assert out == b"NO {%d}\r\n" % len(text) + text + b"\r\n"  # several errors: a literal
     unterminated = b'keep;\r\nif true {\r\n'
     out = app.feed(b'CHECKSCRIPT {%d+}\r\n' % len(unterminated) + unterminated + b"\r\n")
