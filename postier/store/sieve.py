@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .maildir import fsync_dir
 
-__all__ = ["ScriptError", "ScriptStore", "valid_script_name"]
+__all__ = ["ScriptError", "ScriptStore", "TrackingStore", "valid_script_name"]
 
 MAX_NAME = 128
 
@@ -170,3 +170,47 @@ class ScriptStore:
             return name, self.get(name)
         except ScriptError:
             return None
+
+
+class TrackingStore:
+    """Who got a vacation reply and which message ids were seen (RFC 5230 §4.1, RFC 7352 §3), per user:
+    SQLite (WAL) in ``<home>/sieve/.tracking.sqlite``, shared safely by concurrent deliveries.
+
+    Implements ``postier.sieve.vacation.VacationStore`` (``seen``/``record``); duplicate tracking uses
+    the same two calls with its own keys. Expired rows are pruned as new ones are written.
+    """
+
+    def __init__(self, root: Path, max_rows: int = 100_000) -> None:
+        import sqlite3
+
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._db = sqlite3.connect(root / ".tracking.sqlite", timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, until REAL NOT NULL)")
+        self._max_rows = max_rows
+
+    def close(self) -> None:
+        self._db.close()
+
+    def seen(self, key: str, now: float) -> bool:
+        row = self._db.execute("SELECT until FROM seen WHERE key = ?", (key,)).fetchone()
+        return row is not None and float(row[0]) > now
+
+    def record(self, key: str, until: float) -> None:
+        import time
+
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("INSERT INTO seen (key, until) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                             "SET until = max(until, excluded.until)", (key, until))
+            self._db.execute("DELETE FROM seen WHERE until < ?", (time.time(),))
+            count = self._db.execute("SELECT count(*) FROM seen").fetchone()[0]
+            if count > self._max_rows:  # bounded: the oldest entries go first
+                self._db.execute("DELETE FROM seen WHERE key IN (SELECT key FROM seen WHERE key != ? "
+                                 "ORDER BY until LIMIT ?)", (key, count - self._max_rows))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postier.store.sieve import ScriptError, ScriptStore, valid_script_name
+from postier.store.sieve import ScriptError, ScriptStore, TrackingStore, valid_script_name
 
 
 def test_put_get_list_activate(tmp_path: Path) -> None:
@@ -108,3 +108,56 @@ def test_two_sessions_concurrently(tmp_path: Path) -> None:
     active = st.active()
     assert active is not None and st.get(active) == b"keep;"
     assert sum(a for _, a in st.list()) == 1
+
+
+def test_tracking_store_vacation_and_duplicates(tmp_path: Path) -> None:
+    import time
+
+    from postier.sieve import Message
+    from postier.sieve.vacation import decide, record
+
+    t = TrackingStore(tmp_path / "sieve")
+    params: dict[str, object] = {"reason": "away", "seconds": 3600, "handle": None}
+    msg = Message(b"From: a@example.org\r\nTo: bob@example.com\r\n\r\nx\r\n")
+    now = time.time()
+    d = decide(params, msg, "a@example.org", "bob@example.com", [], t, now)
+    assert d.reply
+    record(params, d, t, now)
+    assert not decide(params, msg, "a@example.org", "bob@example.com", [], t, now + 60).reply
+    assert decide(params, msg, "a@example.org", "bob@example.com", [], t, now + 7200).reply
+    t.close()
+    again = TrackingStore(tmp_path / "sieve")  # durable across instances
+    assert again.seen(d.key, now + 60)
+    again.close()
+
+
+def test_tracking_store_two_writers(tmp_path: Path) -> None:
+    import time
+
+    root = tmp_path / "sieve"
+    TrackingStore(root).close()
+    errors: list[BaseException] = []
+    until = time.time() + 3600
+
+    def worker(k: int) -> None:
+        t = TrackingStore(root)
+        try:
+            for i in range(50):
+                t.record(f"k{i % 10}", until + k)
+                assert t.seen(f"k{i % 10}", time.time())
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+        finally:
+            t.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors
+    t = TrackingStore(root, max_rows=5)
+    t.record("new", until)
+    assert t.seen("new", time.time())
+    assert t._db.execute("SELECT count(*) FROM seen").fetchone()[0] == 5
+    t.close()
