@@ -225,6 +225,13 @@ class ManageSieveConnection:
             self._out += quote(name.encode("utf-8")) + (b" ACTIVE" if active else b"") + b"\r\n"
         self._out += _response("OK", None, "")
 
+    def drop_input(self) -> int:
+        """Discard buffered, unread input (call on StartTLS: plaintext pipelined after STARTTLS must
+        not be read as if it came over TLS). Returns the number of octets dropped."""
+        n = len(self._in)
+        self._in.clear()
+        return n
+
     def tls_started(self) -> None:
         """RFC 5804 §2.2: after TLS the server sends its capabilities again."""
         self.tls_active = True
