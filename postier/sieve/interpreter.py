@@ -181,10 +181,6 @@ def parse_address(text: str) -> tuple[str, str] | None:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[0-9]+)\}")
 _PROTECTED = frozenset({"received", "auto-submitted"})  # RFC 5293 §6: never added or removed
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "sender", "resent-from", "resent-to",
-                              "resent-cc", "resent-bcc", "resent-sender", "reply-to", "return-path",
-                              "delivered-to", "x-original-to", "errors-to", "disposition-notification-to",
-                              "envelope-to", "x-envelope-to", "x-envelope-from"})
 
 Handler = Callable[["Interpreter", Node], None]
 TestHandler = Callable[["Interpreter", Node], bool]
@@ -1097,10 +1093,6 @@ def _return(ip: Interpreter, node: Node) -> None:
 def _global(ip: Interpreter, node: Node) -> None:
     for name in ip.sl(node.pos[0]):
         ip.global_names.add(name.lower())  # RFC 6609 §3.3
-
-
-def is_address_header(name: str) -> bool:
-    return name.lower() in _ADDRESS_HEADERS
 
 
 def run(script: Script, message: Message, env: Environment) -> Result:

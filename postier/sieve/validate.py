@@ -465,8 +465,6 @@ class _Validator:
             if literal and not re.fullmatch(r"[!-9;-~]+", field_name):  # RFC 5322 §3.6.8 field-name
                 self.err(node.line, node.column, f"invalid header field name '{field_name}'")
                 ok = False
-        if n == "duplicate" and "seconds" in node.tags and int(str(node.tags["seconds"])) < 0:
-            ok = False
         return ok
 
 
