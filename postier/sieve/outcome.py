@@ -3,7 +3,8 @@ stores, outgoing messages and an SMTP-time refusal; pure code for the MDA to car
 
 ``plan()`` turns ``Result.final()`` into: ``stores`` (mailbox, flags, :create, the octets as edited),
 ``sends`` (redirects with loop detection and the envelope-sender policy of ``redirect.py``; vacation
-replies decided and composed by ``vacation.py``; rejection notices), ``refuse`` (the reason for a 550
+replies decided and composed by ``vacation.py``, with :from and :addresses limited to the user's own
+addresses; rejection notices), ``refuse`` (the reason for a 550
 when the message is still in the SMTP/LMTP transaction and only this recipient is concerned, RFC 5429
 §2.1-2.2: ``ereject`` must, ``reject`` may refuse in protocol) and ``duplicate_marks``. A redirect
 caught in a loop becomes a keep, so no mail is lost.
@@ -16,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 
-from .interpreter import Message, Result
+from .interpreter import Message, Result, parse_address
 from .redirect import envelope_sender, is_loop, redirected_message
 from .vacation import VacationStore, compose, decide, record
 
@@ -100,6 +101,22 @@ def rejection_notice(reason: str, message: Message, d: Delivery, now: float | No
     return text.encode("utf-8")
 
 
+def _own_only(params: dict[str, object], own: list[str]) -> dict[str, object]:
+    """Vacation :from and :addresses limited to the user's own addresses (a script may not reply in
+    someone else's name or on their behalf); a foreign :from falls back to the recipient."""
+    mine = {o.strip("<> ").lower() for o in own if o}
+    out = dict(params)
+    frm = params.get("from")
+    if isinstance(frm, str) and frm:
+        parsed = parse_address(frm)
+        if parsed is None or f"{parsed[0]}@{parsed[1]}".lower() not in mine:
+            out["from"] = None
+    listed = params.get("addresses")
+    if isinstance(listed, list):
+        out["addresses"] = [x for x in listed if str(x).strip("<> ").lower() in mine]
+    return out
+
+
 def plan(result: Result, message: Message, d: Delivery, vacation_store: VacationStore,
          default_mailbox: str = "INBOX", now: float | None = None) -> Plan:
     now = time.time() if now is None else now
@@ -127,9 +144,10 @@ def plan(result: Result, message: Message, d: Delivery, vacation_store: Vacation
                 out.sends.append(Send("reject", "", d.sender, rejection_notice(a.target, message, d, now)))
         elif a.kind == "vacation" and a.vacation is not None:
             own: Iterable[str] = (*d.own_addresses, *((d.user_email,) if d.user_email else ()))
-            decision = decide(a.vacation, message, d.sender, d.recipient, list(own), vacation_store, now)
+            params = _own_only(a.vacation, [d.recipient, *own])
+            decision = decide(params, message, d.sender, d.recipient, list(own), vacation_store, now)
             if decision.reply:
-                record(a.vacation, decision, vacation_store, now)
-                reply = compose(a.vacation, message, d.sender, decision.matched or user, d.hostname, now)
+                record(params, decision, vacation_store, now)
+                reply = compose(params, message, d.sender, decision.matched or user, d.hostname, now)
                 out.sends.append(Send("vacation", "", d.sender, reply))  # RFC 5230 §4.3: null sender
     return out

@@ -59,3 +59,15 @@ def test_vacation_once_with_null_sender() -> None:
 def test_runtime_error_keeps_and_marks_nothing() -> None:
     p = _plan('require ["duplicate", "reject", "fileinto"]; if duplicate { stop; } fileinto "A"; reject "x";')
     assert [s.mailbox for s in p.stores] == ["INBOX"] and p.duplicate_marks == [] and p.sends == []
+
+
+def test_vacation_from_and_addresses_limited_to_own() -> None:
+    d = Delivery(sender="alice@example.org", recipient="bob@example.com",
+                 own_addresses=("bob@example.com", "robert@example.com"))
+    msg = MSG.replace(b"To: bob@example.com", b"To: boss@example.com")
+    foreign = _plan('require "vacation"; vacation :addresses ["boss@example.com"] "Away.";', msg, d)
+    assert foreign.sends == []  # boss@ is not one of bob's addresses
+    spoof = _plan('require "vacation"; vacation :from "ceo@example.com" "Away.";', d=d)
+    assert b"From: bob@example.com" in spoof.sends[0].message
+    mine = _plan('require "vacation"; vacation :from "Robert <robert@example.com>" "Away.";', d=d)
+    assert b"From: Robert <robert@example.com>" in mine.sends[0].message
