@@ -25,6 +25,9 @@ MAX_NODES = 100_000
 _QUANTIFIERS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # RFC 5228 §2.4.1
 
 
+MAX_SYNTAX_ERRORS = 20
+
+
 class SieveSyntaxError(Exception):
     """A script that does not follow the grammar; ``line`` and ``column`` are 1-based."""
 
@@ -33,6 +36,11 @@ class SieveSyntaxError(Exception):
         self.message = message
         self.line = line
         self.column = column
+        self.errors: list[SieveSyntaxError] = [self]  # every error found, this one first
+
+
+class _Fatal(SieveSyntaxError):
+    """A bound was exceeded: parsing stops here, no recovery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +279,35 @@ class _Parser:
         self.toks = toks
         self.k = 0
         self.nodes = 0
+        self.errors: list[SieveSyntaxError] = []
+
+    def _fail(self) -> SieveSyntaxError:
+        first = self.errors[0]
+        first.errors = list(self.errors)
+        return first
+
+    def _recover(self) -> None:
+        """Skip to the end of the broken command: past its ";" or its whole block, or up to the "}"
+        that closes the enclosing block (left for that block to consume)."""
+        depth = 0
+        while True:
+            t = self._peek()
+            if t.kind == "eof":
+                return
+            if t.kind == "punct":
+                if t.value == "{":
+                    depth += 1
+                elif t.value == "}":
+                    if depth == 0:
+                        return
+                    depth -= 1
+                    if depth == 0:
+                        self._next()
+                        return
+                elif t.value == ";" and depth == 0:
+                    self._next()
+                    return
+            self._next()
 
     def _peek(self) -> _Tok:
         return self.toks[self.k]
@@ -284,7 +321,7 @@ class _Parser:
     def _count(self, t: _Tok) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise SieveSyntaxError("script too large", t.line, t.column)
+            raise _Fatal("script too large", t.line, t.column)
 
     @staticmethod
     def _err(t: _Tok, what: str) -> SieveSyntaxError:
@@ -303,7 +340,15 @@ class _Parser:
             if closing and t.kind == "punct" and t.value == "}":
                 self._next()
                 return tuple(out)
-            out.append(self.command(depth))
+            try:
+                out.append(self.command(depth))
+            except _Fatal:
+                raise
+            except SieveSyntaxError as e:  # recover at the end of this command and go on
+                self.errors.append(e)
+                if len(self.errors) >= MAX_SYNTAX_ERRORS:
+                    raise self._fail() from None
+                self._recover()
 
     def command(self, depth: int) -> Command:
         """command = identifier arguments (";" / block) (RFC 5228 §8.2)."""
@@ -312,14 +357,17 @@ class _Parser:
             raise self._err(t, "a command")
         self._count(t)
         args, tests, test_list = self.arguments(depth)
-        end = self._next()
+        end = self._peek()
         block: tuple[Command, ...] | None = None
         if end.kind == "punct" and end.value == "{":
+            self._next()
             if depth + 1 > MAX_NESTING:  # bounded: blocks nest at most MAX_NESTING deep
-                raise SieveSyntaxError("blocks nested too deeply", end.line, end.column)
+                raise _Fatal("blocks nested too deeply", end.line, end.column)
             block = self.commands(depth + 1, True)
-        elif not (end.kind == "punct" and end.value == ";"):
-            raise self._err(end, "';' or '{'")
+        elif end.kind == "punct" and end.value == ";":
+            self._next()
+        else:
+            raise self._err(end, "';' or '{'")  # not consumed: recovery sees a "}" that ends a block
         return Command(str(t.value), args, tests, test_list, block, t.line, t.column)
 
     def arguments(self, depth: int) -> tuple[tuple[Argument, ...], tuple[Test, ...], bool]:
@@ -369,7 +417,7 @@ class _Parser:
         if t.kind != "id":
             raise self._err(t, "a test")
         if depth > MAX_NESTING:
-            raise SieveSyntaxError("tests nested too deeply", t.line, t.column)
+            raise _Fatal("tests nested too deeply", t.line, t.column)
         args, tests, test_list = self.arguments(depth)
         return Test(str(t.value), args, tests, test_list, t.line, t.column)
 
@@ -387,7 +435,8 @@ class _Parser:
 
 
 def parse(script: str | bytes) -> tuple[Command, ...]:
-    """The commands of a script (RFC 5228 §8.2 ``start``); raises SieveSyntaxError only."""
+    """The commands of a script (RFC 5228 §8.2 ``start``); raises SieveSyntaxError only, after
+    recovering at each broken command so that ``errors`` lists every syntax error (at most 20)."""
     if isinstance(script, bytes):
         data = script
         try:
@@ -397,4 +446,8 @@ def parse(script: str | bytes) -> tuple[Command, ...]:
             col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
             raise SieveSyntaxError("script is not valid UTF-8", line, col) from None
     toks = _Lexer(script).tokens()
-    return _Parser(toks).commands(0, False)
+    parser = _Parser(toks)
+    commands = parser.commands(0, False)
+    if parser.errors:
+        raise parser._fail()
+    return commands

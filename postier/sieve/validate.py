@@ -471,12 +471,12 @@ class _Validator:
 def compile_script(source: str | bytes, name: str = "script", *,
                    specs: Mapping[str, Spec] = SPECS,
                    capabilities: frozenset[str] = CAPABILITIES) -> Script:
-    """Parse and validate a script; raises CompileError with every error found (syntax errors stop
-    at the first one)."""
+    """Parse and validate a script; raises CompileError with every error found (syntax errors, or
+    when the syntax is sound, validation errors)."""
     try:
         tree = parse(source)
     except SieveSyntaxError as e:
-        raise CompileError([SieveError(e.line, e.column, e.message)]) from None
+        raise CompileError([SieveError(x.line, x.column, x.message) for x in e.errors]) from None
     v = _Validator(specs, capabilities)
     commands = v.commands(tree, True)
     if v.errors:

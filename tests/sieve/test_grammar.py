@@ -136,3 +136,13 @@ def test_fuzz_text_compile_or_compile_error(src: str) -> None:
         compile_script(src)
     except CompileError:
         pass
+
+
+def test_parser_recovers_and_reports_every_syntax_error() -> None:
+    src = "if true {\n  keep\n}\nif true {\n  keep,\n  keep\n}\nkeep;\nif anyof(true,) { }\ndiscard;\n"
+    with pytest.raises(SieveSyntaxError) as e:
+        parse(src)
+    assert [(x.line, x.column) for x in e.value.errors] == [(3, 1), (5, 7), (9, 15)]
+    with pytest.raises(CompileError) as c:
+        compile_script(src)
+    assert [err.line for err in c.value.errors] == [3, 5, 9]

@@ -39,7 +39,6 @@ UNSUPPORTED: dict[str, str] = {
 KNOWN_FAILING: dict[str, str] = {
     "compile/errors.svtest": "error counts and wording: postier stops at the first syntax error and "
                              "words its errors its own way",
-    "compile/recover.svtest": "error counts: postier does not resynchronise after a syntax error",
     "extensions/editheader/errors.svtest": "field-value and size-limit checks at upload, error wording",
     "extensions/editheader/protected.svtest": "sieve_editheader_header per-header protection settings are "
                                               "not implemented (Received/Auto-Submitted are always protected)",
