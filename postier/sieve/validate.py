@@ -299,7 +299,8 @@ class _Validator:
         node = Node(c.name, {}, [], [], None, c.line, c.column)
         mark = len(self.errors)
         ok = self.arguments(c, spec, node, kind)
-        if spec.tests == "none" and c.tests:
+        stray_tests = spec.tests == "none" and bool(c.tests) and len(self.errors) == mark
+        if spec.tests == "none" and c.tests:  # (its tests are then not checked: one error for it all)
             self.err(c.line, c.column, f"the {c.name} {kind} accepts no tests")
             ok = False
         elif spec.tests == "one" and (len(c.tests) != 1 or c.test_list):
@@ -316,15 +317,13 @@ class _Validator:
                 self.err(c.line, c.column, f"the {c.name} command does not accept a block")
                 ok = False
         del self.errors[mark + 1 :]  # one error per command or test: the first says what is wrong
-        if not ok:
-            return None
-        for t in c.tests:
+        for t in () if stray_tests else c.tests:  # sub-tests and blocks are still checked on their own
             sub = self.node(t, True)
             if sub is not None:
                 node.tests.append(sub)
         if isinstance(c, Command) and c.block is not None:
             node.block = self.commands(c.block, False)
-        return node
+        return node if ok else None
 
     def arguments(self, c: Command | Test, spec: Spec, node: Node, kind: str) -> bool:
         ok = True

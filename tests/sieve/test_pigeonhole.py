@@ -49,7 +49,6 @@ KNOWN_FAILING: dict[str, str] = {
     "extensions/include/errors.svtest": "includes are resolved at run time; Pigeonhole also checks them at "
                                         "compile time",
     "extensions/regex/errors.svtest": "error counts differ",
-    "extensions/relational/errors.svtest": "error counts differ (syntax error recovery)",
     "extensions/variables/errors.svtest": "error counts differ (namespaces, limits)",
 }
 
