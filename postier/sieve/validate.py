@@ -443,6 +443,11 @@ class _Validator:
             self.err(node.line, node.column, "the :index value must be 1 or more")
             ok = False
         mt = node.tags.get("match")
+        if isinstance(mt, tuple) and mt[0] in ("contains", "matches", "regex") and \
+                node.tags.get("comparator") == "i;ascii-numeric":
+            # RFC 4790 §9.1: i;ascii-numeric offers equality and ordering only (RFC 5228 §2.7.3)
+            self.err(node.line, node.column, f"comparator 'i;ascii-numeric' does not support :{mt[0]}")
+            return False
         if isinstance(mt, tuple) and mt[0] == "regex" and node.pos:
             cmp = str(node.tags.get("comparator", "i;ascii-casemap"))
             keys = node.pos[-1] if isinstance(node.pos[-1], list) else [node.pos[-1]]
