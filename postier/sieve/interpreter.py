@@ -56,7 +56,7 @@ class Limits:
     max_includes: int = 255
     max_variables: int = 255  # RFC 5229 §6 asks for at least 128
     max_variable_size: int = 4096
-    max_match_values: int = 32
+    max_match_values: int = 33  # ${0}..${32}
     max_header_edits: int = 1000
     max_header_size: int = 2048
     max_body: int = 1 << 20

@@ -169,6 +169,10 @@ SPECS: dict[str, Spec] = {
 _RELATIONS = frozenset({"gt", "ge", "lt", "le", "eq", "ne"})
 _DATE_PARTS = frozenset({"year", "month", "day", "date", "julian", "hour", "minute", "second", "time",
                          "iso8601", "std11", "zone", "weekday"})
+MAX_VARIABLES = 255  # as Limits.max_variables
+MAX_VARIABLE_NAME = 64
+MAX_MATCH_INDEX = 32  # ${0}..${32}; RFC 5229 §3.2 asks for at least 9
+_VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[0-9]+)\}")
 _VARNAME = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
@@ -232,6 +236,7 @@ class _Validator:
         self.capabilities = capabilities
         self.requires: set[str] = set()
         self.errors: list[SieveError] = []
+        self.declared: set[str] = set()
 
     def err(self, line: int, column: int, msg: str) -> None:
         if len(self.errors) < MAX_ERRORS:
@@ -246,7 +251,24 @@ class _Validator:
             value = _decode_encoded(value, errs)
             for e in errs:
                 self.err(line, column, e)
+        if "${" in value and self.has("variables"):
+            self.variable_refs(value, line, column)
         return value
+
+    def variable_refs(self, value: str, line: int, column: int) -> None:
+        """RFC 5229 §3: references to unknown namespaces, over-long names and match variables past
+        the limit are errors at upload."""
+        known = {"global"} | ({"tst"} if self.has("vnd.dovecot.testsuite") else set())
+        for m in _VAR_REF.finditer(value):
+            name = m.group(1)
+            if name.isdigit():
+                if int(name) > MAX_MATCH_INDEX:
+                    self.err(line, column, f"match variable index {name} is out of range (max "
+                                           f"{MAX_MATCH_INDEX})")
+            elif len(name) > MAX_VARIABLE_NAME:
+                self.err(line, column, f"variable name '{name[:20]}...' is too long")
+            elif "." in name and name.split(".")[0].lower() not in known:
+                self.err(line, column, f"unknown variable namespace in '{name}'")
 
     def commands(self, cmds: Iterable[Command], top: bool) -> list[Node]:
         out: list[Node] = []
@@ -430,6 +452,14 @@ class _Validator:
             if not _VARNAME.match(name) or ("." in name and not name.lower().startswith("global.")):
                 self.err(node.line, node.column, f"invalid variable name '{name}'")  # RFC 5229 §3
                 ok = False
+            elif len(name) > MAX_VARIABLE_NAME:
+                self.err(node.line, node.column, f"variable name '{name[:20]}...' is too long")
+                ok = False
+            else:
+                self.declared.add(name.lower())
+                if len(self.declared) == MAX_VARIABLES + 1:  # RFC 5229 §6: reported once
+                    self.err(node.line, node.column, f"more than {MAX_VARIABLES} variables declared")
+                    ok = False
         if n in ("date", "currentdate"):
             part = str(node.pos[-2]).lower()
             if part not in _DATE_PARTS:  # RFC 5260 §4.2

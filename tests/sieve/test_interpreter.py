@@ -191,7 +191,10 @@ def test_variable_size_and_count_bounded() -> None:
            'fileinto "${n}";')
     assert _acts(_run(src)) == [("store", "4096")]
     many = 'require "variables";' + "".join(f'set "v{i}" "x";' for i in range(300))
-    assert _run(many).error is not None
+    with pytest.raises(CompileError, match="more than 255 variables"):
+        compile_script(many)  # refused at upload (RFC 5229 §6)
+    some = 'require "variables";' + "".join(f'set "v{i}" "x";' for i in range(20))
+    assert _run(some, limits=Limits(max_variables=10)).error is not None  # and bounded at run time
 
 
 @pytest.mark.parametrize("mailbox", ['""', '"a\\u0000"'])

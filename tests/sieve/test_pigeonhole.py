@@ -48,7 +48,6 @@ KNOWN_FAILING: dict[str, str] = {
     "extensions/imap4flags/flagstore.svtest": "expects Dovecot's $HasNoAttachment keyword",
     "extensions/include/errors.svtest": "includes are resolved at run time; Pigeonhole also checks them at "
                                         "compile time",
-    "extensions/variables/errors.svtest": "error counts differ (namespaces, limits)",
 }
 
 
