@@ -1013,7 +1013,7 @@ def _encode_value(value: str) -> bytes:
 def _addheader(ip: Interpreter, node: Node) -> None:
     name, value = ip.s(node, 0), ip.s(node, 1)
     if not re.fullmatch(r"[!-9;-~]+", name):
-        raise SieveRuntimeError(f"invalid header field name {name!r}")
+        raise SieveRuntimeError(f"specified field name '{name}' is invalid")
     if name.lower() in _PROTECTED:
         return  # RFC 5293 §6: silently ignored
     if len(name) + len(value) > ip.limits.max_header_size or "\0" in value:

@@ -467,7 +467,8 @@ class _Validator:
                 ok = False
         if n in ("header", "address", "date", "deleteheader") and node.tags.get("last") and \
                 "index" not in node.tags:
-            self.err(node.line, node.column, "the :last tag requires the :index tag")  # RFC 5260 §6
+            self.err(node.line, node.column,  # RFC 5260 §6
+                     f"the :last tag for the {n} {kind} cannot be specified without the :index tag")
             ok = False
         if "index" in node.tags and isinstance(node.tags["index"], int) and node.tags["index"] < 1:
             self.err(node.line, node.column, "the :index value must be 1 or more")
@@ -497,8 +498,11 @@ class _Validator:
             field_name = str(node.pos[0])
             literal = not self.has("variables") or "${" not in field_name
             if literal and not re.fullmatch(r"[!-9;-~]+", field_name):  # RFC 5322 §3.6.8 field-name
-                self.err(node.line, node.column, f"invalid header field name '{field_name}'")
+                self.err(node.line, node.column, f"specified field name '{field_name}' is invalid")
                 ok = False
+            if n == "addheader" and len(node.pos) > 1 and "\0" in str(node.pos[1]):
+                self.err(node.line, node.column, f"specified value '{node.pos[1]!s}' is invalid")
+                ok = False  # RFC 5293 §4: a NUL can never be part of a header field
         return ok
 
 
