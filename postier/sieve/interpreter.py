@@ -125,6 +125,8 @@ class Environment:
     duplicate_seen: Callable[[str], bool] = lambda key: False
     spamtest: Callable[[Message, bool], str] = lambda message, percent: "0"
     virustest: Callable[[Message], str] = lambda message: "0"
+    forbid_add: frozenset[str] = frozenset()  # header names (lower case) scripts may not add
+    forbid_delete: frozenset[str] = frozenset()  # ... or delete, besides RFC 5293 §6's own
     environment: dict[str, str] = field(default_factory=lambda: {  # RFC 5183 §4 items
         "name": "postier", "version": __version__, "location": "MDA", "phase": "during"})
     limits: Limits = field(default_factory=Limits)
@@ -1014,7 +1016,7 @@ def _addheader(ip: Interpreter, node: Node) -> None:
     name, value = ip.s(node, 0), ip.s(node, 1)
     if not re.fullmatch(r"[!-9;-~]+", name):
         raise SieveRuntimeError(f"specified field name '{name}' is invalid")
-    if name.lower() in _PROTECTED:
+    if name.lower() in _PROTECTED or name.lower() in ip.env.forbid_add:
         return  # RFC 5293 §6: silently ignored
     if len(name) + len(value) > ip.limits.max_header_size or "\0" in value:
         raise SieveRuntimeError("header field too large")
@@ -1026,7 +1028,7 @@ def _addheader(ip: Interpreter, node: Node) -> None:
 @_command("deleteheader")
 def _deleteheader(ip: Interpreter, node: Node) -> None:
     name = ip.s(node, 0)
-    if name.lower() in _PROTECTED:
+    if name.lower() in _PROTECTED or name.lower() in ip.env.forbid_delete:
         return  # RFC 5293 §6
     positions = [i for i, (n, _) in enumerate(ip.message.fields) if n.lower() == name.lower()]
     idx = node.tags.get("index")

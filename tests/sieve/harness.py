@@ -319,6 +319,11 @@ def _config_reload(ip: Interpreter, node: Node) -> None:
     ip.env.limits = dataclasses.replace(ip.env.limits, **{
         k: int(cfg[v]) for k, v in limits.items() if cfg.get(v, "").isdigit()})
     ip.limits = ip.env.limits
+    names = cfg.get("sieve_editheader_header", "").split()
+    ip.env.forbid_add = frozenset(n.lower() for n in names
+                                  if cfg.get(f"sieve_editheader_header/{n}/forbid_add") == "yes")
+    ip.env.forbid_delete = frozenset(n.lower() for n in names
+                                     if cfg.get(f"sieve_editheader_header/{n}/forbid_delete") == "yes")
     spam, virus = _score_source(cfg, "spamtest"), _score_source(cfg, "virustest")
     ip.env.spamtest = lambda message, percent: spam_value(message, spam, percent)
     ip.env.virustest = lambda message: virus_value(message, virus)

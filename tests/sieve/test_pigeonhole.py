@@ -40,8 +40,8 @@ KNOWN_FAILING: dict[str, str] = {
     "compile/errors.svtest": "error counts and wording: postier stops at the first syntax error and "
                              "words its errors its own way",
     "extensions/editheader/errors.svtest": "field-value and size-limit checks at upload, error wording",
-    "extensions/editheader/protected.svtest": "sieve_editheader_header per-header protection settings are "
-                                              "not implemented (Received/Auto-Submitted are always protected)",
+    "extensions/editheader/protected.svtest": "Pigeonhole will not let Subject be protected; postier "
+                                              "honours a configured protection of any header",
     "extensions/environment/basic.svtest": 'expects the implementation name "Pigeonhole Sieve"',
     "extensions/imap4flags/errors.svtest": "error counts differ",
     "extensions/imap4flags/execute.svtest": "Dovecot's mail store creates INBOX.* folders on fileinto",
