@@ -501,6 +501,8 @@ def _fileinto(ip: Interpreter, node: Node) -> None:
     if not mailbox or "\0" in mailbox or "\ufffd" in mailbox or len(mailbox) > 1024:
         # U+FFFD: octets that were not UTF-8 (RFC 5228 §2.4.2.4 hex escapes), never a real name
         raise SieveRuntimeError(f"invalid folder name {mailbox!r}")
+    if mailbox.upper() == "INBOX" or mailbox[:6].upper() == "INBOX.":  # RFC 3501 §5.1: any case
+        mailbox = "INBOX" + mailbox[5:]
     add_action(ip, Action("store", mailbox, _flags_of(ip, node), copy=bool(node.tags.get("copy")),
                           create=bool(node.tags.get("create"))))
 

@@ -37,6 +37,11 @@ def test_fileinto_cancels_implicit_keep_and_copy_does_not() -> None:
         ("store", "Lists"), ("keep", "INBOX")]
 
 
+def test_inbox_any_case_is_the_keep() -> None:
+    assert _acts(_run('require "fileinto"; fileinto "inbox"; keep; fileinto "Inbox.Sub";')) == [
+        ("keep", "INBOX"), ("store", "INBOX.Sub")]
+
+
 def test_discard_and_stop() -> None:
     assert _acts(_run("discard; stop; keep;")) == []
 
