@@ -5,10 +5,12 @@ blocks and tests is limited to ``MAX_NESTING``, and a script holds at most ``MAX
 and arguments. Parsing knows no extension: which commands, tests and tags exist is checked afterwards by
 ``postier.sieve.validate``.
 
-Written here rather than taken from sievelib: sievelib's parser is built for a client that edits
-scripts (it knows a fixed command set at parse time, keeps no column numbers, accepts things the
-grammar refuses such as unterminated bracket comments at the end, and raises with a bare message);
-the server needs exact positions for ManageSieve's answers and a bounded, total parser.
+Written here rather than taken from sievelib (judged at 1.4): it is a client-side library, a parser
+and script generator with no interpreter; ``Parser.parse()`` returns a bool and leaves one message
+string ("line N: parsing error: ...", no column, one error only); encoded-character (RFC 5228
+§2.4.2.4) is not supported and date/index and mailbox only partly; its command set is a global
+registry extended by subclassing. A server needs every error with line and column for ManageSieve,
+validation per required extension, a bounded total parser, and a tree an interpreter can run.
 """
 
 from __future__ import annotations
