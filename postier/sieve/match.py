@@ -2,7 +2,7 @@
 :value/:count (RFC 5231) and :regex (draft-ietf-sieve-regex-01), with match variables (RFC 5229 §3.2).
 
 :regex and :matches run on the ``regex`` package rather than ``re`` because it takes a timeout: a
-single backtracking search (``(a|aa)+$`` on 40 characters runs for seconds in ``re``) is the one piece
+single backtracking search (``(a|aa)+$`` on 33 characters took 1.6 s in ``re`` here) is the one piece
 of a script the step budget cannot bound, so every search gets ``timeout`` seconds (the interpreter
 passes what is left of its per-run budget) and raises ``MatchTimeout`` past it. Patterns are at most
 ``MAX_REGEX`` characters and cached; POSIX bracket classes (``[[:alpha:]]``) are translated; subjects
