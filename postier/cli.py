@@ -238,7 +238,7 @@ EXTRA_COMMANDS = [
     "postier.store.cli",
     "postier.backup",
     "postier.antispam.cli",
-    "postier.store.sieve_cli",
+    "postier.sieve.cli",
 ]
 
 

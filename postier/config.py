@@ -34,6 +34,7 @@ STANDARD_PORTS: dict[str, int] = {
     "pop3": 110,  # RFC 1939
     "pop3s": 995,  # RFC 8314
     "lmtp": 24,  # RFC 2033
+    "managesieve": 4190,  # RFC 5804
 }
 #: Roles whose socket speaks TLS from the first byte (RFC 8314 §3.3).
 IMPLICIT_TLS_ROLES = frozenset({"submissions", "imaps", "pop3s"})
@@ -264,6 +265,19 @@ class Antispam:
 
 
 @dataclass(frozen=True)
+class Sieve:
+    """Server-side filtering (RFC 5228) at delivery on port 25 and LMTP, and ManageSieve (RFC 5804)."""
+
+    enabled: bool = True
+    max_script_size: int = 256 * 1024
+    max_scripts: int = 20
+    max_redirects: int = 4
+    #: A script run for users without an active one (e.g. spam to Junk through spamtest); none: the
+    #: verdict's Junk folder alone.
+    default_script: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -281,6 +295,7 @@ class Config:
     pop3: POP3 = field(default_factory=POP3)
     mailauth: MailAuth = field(default_factory=MailAuth)
     antispam: Antispam = field(default_factory=Antispam)
+    sieve: Sieve = field(default_factory=Sieve)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 
@@ -461,6 +476,8 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     _validate_antispam(cfg.antispam)
+    if cfg.sieve.max_scripts < 1 or cfg.sieve.max_script_size < 1:
+        raise ConfigError("sieve.max_scripts: scripts need room (max_scripts and max_script_size at least 1)")
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
         raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
     if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5

@@ -20,6 +20,7 @@ from ..message.types import (
     HEADER_LIMIT, Action, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Recipient, remote_targets,
 )
 from ..proto.smtp.address import Address
+from .sieve import SieveFilter
 from ..proto.smtp.replies import (
     R250_RCPT_OK,
     R250_SENDER_OK,
@@ -56,14 +57,15 @@ class SMTPPipeline:
     the inbound checks.
     """
 
-    __slots__ = ("checks", "config", "directory", "mda", "queue")  # one per session: kept small
+    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve")  # one per session: kept small
 
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
-                 checks: Sequence[InboundCheck] = ()) -> None:
+                 checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None) -> None:
         self.config = config
+        self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
         self.queue = queue
@@ -137,9 +139,9 @@ class SMTPPipeline:
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""
         n = len(env.recipients)
-        refused = self.check_head(body.head(HEADER_LIMIT), body.size)
-        if refused is not None:
-            return [refused] * n
+        bad_head = self.check_head(body.head(HEADER_LIMIT), body.size)
+        if bad_head is not None:
+            return [bad_head] * n
         headers = b""
         junk = False
         for check in self.checks:
@@ -151,8 +153,14 @@ class SMTPPipeline:
             headers = verdict.headers + headers
             junk = junk or verdict.action is Action.JUNK
         trace = headers + self.received(env)
-        local = await self.mda.deliver_recipients(env.recipients, return_path(env.mail_from) + trace, body,
-                                                  env.mail_from, "Junk" if junk else None)
+        prefix = return_path(env.mail_from) + trace
+        refused: dict[str, Reply] = {}
+        if self.sieve is not None:  # each user's script, after the verdicts (Junk: the implicit keep's folder)
+            got = await self.sieve.deliver(env, env.recipients, prefix, body, "Junk" if junk else None, self.lmtp)
+            local, refused = got.local, got.refused
+        else:
+            local = await self.mda.deliver_recipients(env.recipients, prefix, body, env.mail_from,
+                                                      "Junk" if junk else None)
         remote = sorted(remote_targets(env.recipients))
         remote_ok = True
         if remote:
@@ -165,8 +173,8 @@ class SMTPPipeline:
         delivered = R250_DELIVERED.with_trusted_text(f"Ok: delivered as {env.qid}")
         for r in env.recipients:
             ok = r.address in local.delivered and (remote_ok or not r.remote)
-            replies.append(delivered if ok else R451_LOCAL_ERROR)
-        if not self.lmtp and any(not x.is_success for x in replies):
+            replies.append(refused.get(r.address) or (delivered if ok else R451_LOCAL_ERROR))
+        if not self.lmtp and any(not x.is_success for x in replies) and not refused:
             # One reply for the whole message: the client retries every recipient (RFC 5321 §4.2.5).
             replies = [R451_LOCAL_ERROR] * n
         log.info("%s: from=<%s> to=%s result=%s", env.qid, env.mail_from,

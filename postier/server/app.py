@@ -31,6 +31,7 @@ from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
 from ..pipeline.mailauth import InboundAuth
+from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
 from ..resolver import BaseResolver, make_resolver
@@ -38,6 +39,7 @@ from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
 from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
+from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
 from .smtp import SMTPSession
 from .throttle import AuthThrottle
@@ -56,6 +58,7 @@ ROLE_SESSIONS: Mapping[str, type[Session] | type[ProtocolSession]] = {
     "imaps": IMAPSession,
     "pop3": POP3Session,
     "pop3s": POP3Session,
+    "managesieve": ManageSieveSession,
 }
 
 
@@ -74,7 +77,8 @@ class App:
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
     dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
     report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
-    throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP and POP3
+    throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP, POP3 and ManageSieve
+    sieve: SieveFilter | None  # None: `[sieve] enabled = false` (delivery without scripts, no ManageSieve)
     #: SMTP-family role -> a new pipeline for one session.
     pipelines: Mapping[str, Callable[[], SMTPPipeline]]
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
@@ -125,11 +129,12 @@ def build_app(config: Config) -> App:
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
+    sieve = SieveFilter(config, mda, queue, dkim) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks),
-        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve),
+        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve),
         "submission": submission,
         "submissions": submission,
     }
@@ -147,6 +152,7 @@ def build_app(config: Config) -> App:
         dmarc_reports=dmarc_reports,
         report_job=report_job,
         throttle=AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window),
+        sieve=sieve,
         pipelines=pipelines,
     )
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from ..proto import managesieve as core
 from ..proto import sasl
-from ..sieve import CompileError, compile_script
+from ..sieve import CAPABILITIES, CompileError, compile_script
 from ..store.sieve import ScriptError, ScriptStore
+from .base import Session
 
-__all__ = ["ManageSieveBackend", "serve"]
+__all__ = ["ManageSieveBackend", "ManageSieveSession", "serve"]
 
 READ_SIZE = 65536
 
@@ -136,3 +137,47 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
         return
     finally:
         writer.close()
+
+
+class ManageSieveSession(Session):
+    """The `managesieve` listener role (port 4190): the driver above over the App's accounts, login
+    throttle and TLS context, with each user's scripts where delivery reads them."""
+
+    busy_line = b'BYE "Too many connections"\r\n'
+
+    async def run(self) -> None:
+        app = self.services
+        sieve = app.sieve
+        accounts = app.accounts
+        throttle = app.throttle
+        ip = self.peer_ip
+
+        async def check_password(user: str, password: str) -> bool:
+            if throttle.blocked(ip):
+                return False
+            if await accounts.verify_password_async(user, password) is not None:
+                throttle.success(ip)
+                return True
+            await throttle.penalize(ip)
+            return False
+
+        async def scram_credentials(user: str) -> sasl.ScramCredentials | None:
+            if throttle.blocked(ip):
+                return None
+            return await asyncio.to_thread(accounts.scram_credentials, user)
+
+        def store_for(name: str) -> ScriptStore:
+            user = accounts.get_user(name)
+            if user is None or sieve is None:  # removed meanwhile: an empty store nobody reads
+                raise ConnectionError("account vanished")
+            return sieve.store_for(user)
+
+        cfg = app.config
+        backend = ManageSieveBackend(
+            check_password=check_password, scram_credentials=scram_credentials, store_for=store_for,
+            tls_context=app.ssl_context,
+            settings=core.ManageSieveSettings(
+                sieve_extensions=tuple(sorted(CAPABILITIES)), max_literal=cfg.sieve.max_script_size,
+                max_redirects=cfg.sieve.max_redirects),
+            idle_timeout=cfg.limits.command_timeout)
+        await serve(self.reader, self.writer, backend, tls_active=self.tls_implicit)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .maildir import fsync_dir
+from ..durable import fsync_dir
 
 __all__ = ["ScriptError", "ScriptStore", "TrackingStore", "valid_script_name"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..accounts import Accounts
 from ..config import load_config
-from ..sieve import CompileError, compile_script
-from .sieve import ScriptError, ScriptStore
+from ..store.sieve import ScriptError, ScriptStore
+from .validate import CompileError, compile_script
 
 
 def _check(data: bytes) -> None:
@@ -37,7 +37,7 @@ def cmd_sieve(args: argparse.Namespace) -> int:
         accounts.close()
     if user is None:
         raise CLIError(f"no such user: {args.user}")
-    store = ScriptStore(user.home(cfg.mail_root) / "sieve")
+    store = ScriptStore(user.home(cfg.mail_root) / "sieve", cfg.sieve.max_scripts, cfg.sieve.max_script_size)
     rest: list[str] = args.args
     want = {"list": 0, "get": 1, "put": 2, "activate": 1, "deactivate": 0, "delete": 1, "check": 1}[args.action]
     if len(rest) != want:
