@@ -10,11 +10,13 @@ the end of DATA; alias targets in foreign domains go to the outbound queue (`Enq
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
 from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
+from ..mailauth.srs import SRS, SRSError, is_srs
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
     HEADER_LIMIT, Action, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Recipient, remote_targets,
@@ -37,6 +39,7 @@ R554_LOOP = Reply(554, "5.4.0", "Too many Received headers: mail loop")  # RFC 5
 R550_RELAY_SYNTAX = Reply(550, "5.7.1", "Relay syntax (%, !, quoted @) not accepted")  # RFC 5321 §3.6.1
 R250_DELIVERED = Reply(250, "2.0.0", "Ok: delivered")
 R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
+R550_BAD_SRS = Reply(550, "5.1.1", "Invalid or expired SRS address")  # RFC 3463 X.1.1
 
 
 def relay_trick(addr: Address) -> bool:
@@ -57,14 +60,16 @@ class SMTPPipeline:
     the inbound checks.
     """
 
-    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve")  # one per session: kept small
+    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
 
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
-                 checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None) -> None:
+                 checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None,
+                 srs: SRS | None = None) -> None:
         self.config = config
+        self.srs = srs  # None: forwarded mail keeps its sender (submission)
         self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
@@ -106,6 +111,15 @@ class SMTPPipeline:
                                by_host=self.config.hostname, protocol=proto, qid=env.qid, tls=env.tls,
                                recipient=single)
 
+    def forwarding(self, env: Envelope) -> Envelope:
+        """The envelope of the copies forwarded to remote alias targets: the sender rewritten by SRS
+        at the forwarding address's domain, so that SPF passes at the destination."""
+        if self.srs is None or not env.mail_from:
+            return env
+        via = next(r.address for r in env.recipients if r.remote)
+        sender = self.srs.forward(env.mail_from, via.rpartition("@")[2].lower())
+        return env if sender == env.mail_from else dataclasses.replace(env, mail_from=sender)
+
     # -- SMTP stages ----------------------------------------------------------------------------
 
     async def on_mail(self, env: Envelope, addr: Address, params: dict[str, str | None]) -> Reply:
@@ -133,6 +147,13 @@ class SMTPPipeline:
         else:
             if addr.is_literal:
                 return R554_RELAY_DENIED
+            local, _, domain = addr.mailbox.rpartition("@")
+            if self.srs is not None and is_srs(local) and domain.lower() in self.directory.list_domains():
+                try:  # a bounce to mail we forwarded: back to the original sender, if the address is ours
+                    back = self.srs.reverse(addr.mailbox)
+                except SRSError:
+                    return R550_BAD_SRS
+                return self.expand(env, addr.mailbox, Resolution(Lookup.FOUND, (), (back,)), params)
             res = self.directory.resolve(addr.mailbox)
         return self.expand(env, addr.mailbox, res, params)
 
@@ -165,7 +186,7 @@ class SMTPPipeline:
         remote_ok = True
         if remote:
             try:
-                await self.queue.enqueue(env, remote, trace, body)
+                await self.queue.enqueue(self.forwarding(env), remote, trace, body)
             except Exception:
                 log.exception("%s: queueing forwarded copies failed", env.qid)
                 remote_ok = False

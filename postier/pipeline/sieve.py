@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..mailauth.srs import SRS
 from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
 from ..proto.smtp.replies import Reply
 from ..sieve import CompileError, Environment, Limits, Message, Script, compile_script, run
@@ -54,8 +55,10 @@ def sieve_dir(mail_root: Path, user: User) -> Path:
 class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
-    def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None) -> None:
+    def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
+                 srs: SRS | None = None) -> None:
         self.config = config
+        self.srs = srs
         self.mda = mda
         self.queue = queue
         self.signer = signer
@@ -135,7 +138,10 @@ class SieveFilter:
             ok = ok and res[0].ok
         for send in p.sends:
             try:
-                await self._send(env, send.kind, send.mail_from, send.rcpt_to, send.message)
+                frm = send.mail_from
+                if send.kind == "redirect" and self.srs is not None and frm:  # SPF passes at the target
+                    frm = self.srs.forward(frm, user.domain)
+                await self._send(env, send.kind, frm, send.rcpt_to, send.message)
             except Exception:
                 log.exception("%s: sieve %s to %s could not be queued", env.qid, send.kind, send.rcpt_to)
                 if send.kind == "redirect":

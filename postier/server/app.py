@@ -27,6 +27,7 @@ from ..accounts import Accounts
 from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
+from ..mailauth.srs import SRS, load_secret
 from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
@@ -129,12 +130,13 @@ def build_app(config: Config) -> App:
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
-    sieve = SieveFilter(config, mda, queue, dkim) if config.sieve.enabled else None
+    srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
+    sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve),
-        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs),
+        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve, srs=srs),
         "submission": submission,
         "submissions": submission,
     }
