@@ -9,7 +9,10 @@ vacation store, and the implicit keep of a script that fails at run time.
 from __future__ import annotations
 
 import imaplib
+import os
+import shutil
 import smtplib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +35,7 @@ SCRIPTS = {
 def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     root: Path = tmp_path_factory.mktemp("sieve")
     inst = Instance(root, "a.test")
-    for user in ("alice", "bob", "carol", "dave", "erin", "frank", "gina"):
+    for user in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank"):
         inst.add_user(f"{user}@a.test")
     for addr, text in SCRIPTS.items():
         inst.cli("sieve", "put", addr, "main", "-", stdin=text)
@@ -157,3 +160,41 @@ def test_runtime_error_keeps(mx: Instance) -> None:
     before = len(mx.messages("gina@a.test"))
     assert send(mx, "x@remote.test", ["gina@a.test"], msg("x@remote.test", "gina@a.test", "odd")) == {}
     assert len(wait_messages(mx, "gina@a.test", before + 1)) == before + 1
+
+
+def test_mdn_when_rejecting_one_of_several_recipients(mx: Instance) -> None:
+    before = len(mx.messages("carol@a.test"))
+    assert send(mx, "carol@a.test", ["erin@a.test", "gina@a.test"],
+                msg("carol@a.test", "erin@a.test", "two of them")) == {}
+    got = wait_messages(mx, "carol@a.test", before + 1)[before:]
+    assert any(b"disposition-notification" in m and b"no mail please" in m for m in got)
+    assert mx.messages("erin@a.test") == []
+
+
+@pytest.mark.skipif(shutil.which("sieve-connect") is None and os.environ.get("POSTIER_REQUIRE_INTEROP") != "1",
+                    reason="sieve-connect not installed")
+def test_managesieve_listener_with_sieve_connect(mx: Instance, tmp_path: Path) -> None:
+    """The configured port-4190 listener: STARTTLS, PLAIN through the accounts, a script that delivery runs."""
+    script = tmp_path / "work.sieve"
+    script.write_text('require "fileinto";\nif address :is "from" "boss@x.test" { fileinto "Work"; }\n')
+
+    def sc(*args: str) -> subprocess.CompletedProcess[str]:
+        r, w = os.pipe()
+        os.write(w, b"password123\n")
+        os.close(w)
+        try:
+            return subprocess.run(
+                ["sieve-connect", "--server", "127.0.0.1", "--port", str(mx.port("managesieve")),
+                 "--user", "hank@a.test", "--passwordfd", str(r), "--tlscafile", str(mx.root / "tls" / "cert.pem"),
+                 "--tlshostname", mx.hostname, "--authmech", "PLAIN", *args],
+                capture_output=True, text=True, timeout=60, pass_fds=(r,))
+        finally:
+            os.close(r)
+
+    up = sc("--upload", "--localsieve", str(script), "--remotesieve", "work")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert sc("--activate", "--remotesieve", "work").returncode == 0
+    listing = sc("--list")
+    assert "work" in listing.stdout and "ACTIVE" in listing.stdout.upper()
+    send(mx, "boss@x.test", ["hank@a.test"], msg("boss@x.test", "hank@a.test", "from the boss"))
+    assert len(wait_messages(mx, "hank@a.test", 1, "Work")) == 1
