@@ -119,7 +119,8 @@ def build_app(config: Config) -> App:
     mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
                           poll_interval=config.imap.idle_poll_interval)
     mda.listeners.append(on_delivery(mailstore))
-    queue = Queue(config, accounts, mda, resolver)
+    srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
+    queue = Queue(config, accounts, mda, resolver, srs=srs)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     inbound_checks: tuple[InboundCheck, ...] = (
@@ -130,7 +131,6 @@ def build_app(config: Config) -> App:
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
-    srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
     sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim)

@@ -34,6 +34,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Instance, In
                      '[mailauth]\ndkim_verify = false\ndmarc = false\n')
         a.add_user("alice@a.test")
         a.cli("alias", "add", "fwd@a.test", "bob@b.test")
+        a.cli("alias", "add", "lost@a.test", "nobody@b.test")
         a.cli("sieve", "put", "alice@a.test", "main", "-", stdin='redirect "bob@b.test";\n')
         a.cli("sieve", "activate", "alice@a.test", "main")
         b.add_user("bob@b.test")
@@ -98,3 +99,12 @@ def test_forged_srs_refused(net: tuple[Instance, Instance]) -> None:
         s.mail("")
         code, msg = s.rcpt("SRS0=abcd=aa=b.test=carol@a.test")
     assert code == 550 and b"5.1.1" in msg
+
+
+def test_real_bounce_of_forwarded_mail_returns(net: tuple[Instance, Instance]) -> None:
+    """b.test refuses the forwarded copy (no such user): a.test's DSN goes to the SRS sender, which a.test
+    reverses, and the DSN reaches the original sender at b.test."""
+    a, b = net
+    send(a, "carol@b.test", "lost@a.test", "will not arrive")
+    dsn = wait_for(b, "carol@b.test", b"nobody@b.test", timeout=60)
+    assert b"delivery-status" in dsn.lower() and b"Return-Path: <>" in dsn
