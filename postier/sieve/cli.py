@@ -10,10 +10,11 @@ from pathlib import Path
 from ..accounts import Accounts
 from ..config import load_config
 from ..store.sieve import ScriptError, ScriptStore
-from .validate import CompileError, compile_script
 
 
 def _check(data: bytes) -> None:
+    from .validate import CompileError, compile_script  # noqa: PLC0415 - loaded when a script is checked
+
     try:
         compile_script(data)
     except CompileError as e:  # every error with its line, as ManageSieve reports them
