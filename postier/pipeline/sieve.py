@@ -121,11 +121,7 @@ class SieveFilter:
                    folder: str | None, single: bool) -> tuple[bool, str | None]:
         """One user's script: (every store durable, the refusal reason or None)."""
         default = folder or "INBOX"
-        tracking = TrackingStore(sieve_dir(self.config.mail_root, user))
-        try:
-            p = await asyncio.to_thread(self._plan, env, user, rcpt, script, raw, default, single, tracking)
-        finally:
-            tracking.close()
+        p = await asyncio.to_thread(self._plan, env, user, rcpt, script, raw, default, single)
         if p.refuse is not None and single:
             return True, p.refuse
         # RFC 5228 §4.1: a missing mailbox is created (as :create, RFC 5490 §3.2, would)
@@ -155,10 +151,14 @@ class SieveFilter:
             return False
 
     def _plan(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
-              single: bool, tracking: TrackingStore) -> Plan:
+              single: bool) -> Plan:
         """Run the script and plan its result (blocking: a worker thread)."""
         with self._locks[zlib.crc32(user.address.lower().encode()) % len(self._locks)]:
-            return self._plan_locked(env, user, rcpt, script, raw, default, single, tracking)
+            tracking = TrackingStore(sieve_dir(self.config.mail_root, user))
+            try:
+                return self._plan_locked(env, user, rcpt, script, raw, default, single, tracking)
+            finally:
+                tracking.close()
 
     def _plan_locked(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
                      single: bool, tracking: TrackingStore) -> Plan:
