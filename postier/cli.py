@@ -297,6 +297,7 @@ EXTRA_COMMANDS = [
     "postier.server.cli",
     "postier.systemd",
     "postier.status",
+    "postier.sieve.cli",
 ]
 
 

@@ -38,6 +38,7 @@ STANDARD_PORTS: dict[str, int] = {
     "lmtp": 24,  # RFC 2033
     "http": 80,  # ACME http-01 (RFC 8555 §8.3), autoconfig; everything else redirects to https
     "https": 443,  # MTA-STS policy (RFC 8461 §3.3), autoconfig, autodiscover
+    "managesieve": 4190,  # RFC 5804
 }
 #: Roles whose socket speaks TLS from the first byte (RFC 8314 §3.3).
 IMPLICIT_TLS_ROLES = frozenset({"submissions", "imaps", "pop3s", "https"})
@@ -338,6 +339,19 @@ class ACME:
 
 
 @dataclass(frozen=True)
+class Sieve:
+    """Server-side filtering (RFC 5228) at delivery on port 25 and LMTP, and ManageSieve (RFC 5804)."""
+
+    enabled: bool = True
+    max_script_size: int = 256 * 1024
+    max_scripts: int = 20
+    max_redirects: int = 4
+    #: A script run for users without an active one (e.g. spam to Junk through spamtest); none: the
+    #: verdict's Junk folder alone.
+    default_script: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -360,6 +374,7 @@ class Config:
     mta_sts: MTASTS = field(default_factory=MTASTS)
     tlsrpt: TLSRPT = field(default_factory=TLSRPT)
     acme: ACME = field(default_factory=ACME)
+    sieve: Sieve = field(default_factory=Sieve)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 
@@ -564,6 +579,8 @@ def _validate(cfg: Config) -> None:
     for name in ("max_request_line", "max_field_size", "max_headers", "max_body"):
         if getattr(cfg.http, name) < 1:
             raise ConfigError(f"http.{name}: must be at least 1")
+    if cfg.sieve.max_scripts < 1 or cfg.sieve.max_script_size < 1:
+        raise ConfigError("sieve.max_scripts: scripts need room (max_scripts and max_script_size at least 1)")
     if not re.fullmatch(r"NEVER|[0-9]{1,5}", cfg.pop3.expire):  # RFC 2449 §6.7
         raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
     if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5

@@ -41,6 +41,8 @@ PACKAGES: dict[str, str] = {
     "useradd": "passwd",
     "setfacl": "acl",
     "pebble": "pebble",
+    "sieve-test": "dovecot-sieve",
+    "sieve-connect": "sieve-connect",
 }
 
 #: Perl modules programs need but Debian only recommends (install-test-deps installs them explicitly).

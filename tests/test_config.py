@@ -68,7 +68,7 @@ def test_quickstart_writes_every_listener_with_offset(tmp_path: Path) -> None:
     ports = {r: lst.port for r, lst in cfg.listeners.items()}
     assert ports == {"smtp": 10025, "submission": 10587, "submissions": 10465, "imap": 10143, "imaps": 10993,
                      "pop3": 10110, "pop3s": 10995, "lmtp": 0,
-                     "http": 10080, "https": 10443}
+                     "http": 10080, "https": 10443, "managesieve": 14190}
     assert cfg.listeners["lmtp"].path == tmp_path / "d" / "run" / "lmtp"  # a Unix socket, as Dovecot's
     assert (tmp_path / "d" / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     r = run_cli(cfg.source, "domain", "list")

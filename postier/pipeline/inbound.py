@@ -10,17 +10,20 @@ the end of DATA; alias targets in foreign domains go to the outbound queue (`Enq
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
 from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
+from ..mailauth.srs import SRS, SRSError, is_srs
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
     HEADER_LIMIT, Action, DecisionLog, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Recipient,
     message_id, remote_targets,
 )
 from ..proto.smtp.address import Address
+from .sieve import SieveFilter
 from ..proto.smtp.replies import (
     R250_RCPT_OK,
     R250_SENDER_OK,
@@ -37,6 +40,7 @@ R554_LOOP = Reply(554, "5.4.0", "Too many Received headers: mail loop")  # RFC 5
 R550_RELAY_SYNTAX = Reply(550, "5.7.1", "Relay syntax (%, !, quoted @) not accepted")  # RFC 5321 §3.6.1
 R250_DELIVERED = Reply(250, "2.0.0", "Ok: delivered")
 R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")  # RFC 3463 X.3.4
+R550_BAD_SRS = Reply(550, "5.1.1", "Invalid or expired SRS address")  # RFC 3463 X.1.1
 
 
 def relay_trick(addr: Address) -> bool:
@@ -57,14 +61,17 @@ class SMTPPipeline:
     the inbound checks.
     """
 
-    __slots__ = ("checks", "config", "directory", "mda", "queue")  # one per session: kept small
+    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
 
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
-                 checks: Sequence[InboundCheck] = ()) -> None:
+                 checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None,
+                 srs: SRS | None = None) -> None:
         self.config = config
+        self.srs = srs  # None: forwarded mail keeps its sender (submission)
+        self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
         self.queue = queue
@@ -105,6 +112,15 @@ class SMTPPipeline:
                                by_host=self.config.hostname, protocol=proto, qid=env.qid, tls=env.tls,
                                recipient=single)
 
+    def forwarding(self, env: Envelope) -> Envelope:
+        """The envelope of the copies forwarded to remote alias targets: the sender rewritten by SRS
+        at the forwarding address's domain, so that SPF passes at the destination."""
+        if self.srs is None or not env.mail_from:
+            return env
+        via = next(r.address for r in env.recipients if r.remote)
+        sender = self.srs.forward(env.mail_from, via.rpartition("@")[2].lower())
+        return env if sender == env.mail_from else dataclasses.replace(env, mail_from=sender)
+
     def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:
         """Record an inbound decision (the MX does; other roles have nothing to explain)."""
 
@@ -135,6 +151,13 @@ class SMTPPipeline:
         else:
             if addr.is_literal:
                 return R554_RELAY_DENIED
+            local, _, domain = addr.mailbox.rpartition("@")
+            if self.srs is not None and is_srs(local) and domain.lower() in self.directory.list_domains():
+                try:  # a bounce to mail we forwarded: back to the original sender, if the address is ours
+                    back = self.srs.reverse(addr.mailbox)
+                except SRSError:
+                    return R550_BAD_SRS
+                return self.expand(env, addr.mailbox, Resolution(Lookup.FOUND, (), (back,)), params)
             res = self.directory.resolve(addr.mailbox)
         reply = self.expand(env, addr.mailbox, res, params)
         if reply.is_success:
@@ -148,9 +171,9 @@ class SMTPPipeline:
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""
         n = len(env.recipients)
-        refused = self.check_head(body.head(HEADER_LIMIT), body.size)
-        if refused is not None:
-            return [refused] * n
+        bad_head = self.check_head(body.head(HEADER_LIMIT), body.size)
+        if bad_head is not None:
+            return [bad_head] * n
         headers = b""
         junk = False
         reasons: list[str] = list(env.notes)
@@ -167,13 +190,19 @@ class SMTPPipeline:
         if self.checks:
             self._decided(env, body, "junk" if junk else "inbox", reasons)
         trace = headers + self.received(env)
-        local = await self.mda.deliver_recipients(env.recipients, return_path(env.mail_from) + trace, body,
-                                                  env.mail_from, "Junk" if junk else None)
+        prefix = return_path(env.mail_from) + trace
+        refused: dict[str, Reply] = {}
+        if self.sieve is not None:  # each user's script, after the verdicts (Junk: the implicit keep's folder)
+            got = await self.sieve.deliver(env, env.recipients, prefix, body, "Junk" if junk else None, self.lmtp)
+            local, refused = got.local, got.refused
+        else:
+            local = await self.mda.deliver_recipients(env.recipients, prefix, body, env.mail_from,
+                                                      "Junk" if junk else None)
         remote = sorted(remote_targets(env.recipients))
         remote_ok = True
         if remote:
             try:
-                await self.queue.enqueue(env, remote, trace, body)
+                await self.queue.enqueue(self.forwarding(env), remote, trace, body)
             except Exception:
                 log.exception("%s: queueing forwarded copies failed", env.qid)
                 remote_ok = False
@@ -181,8 +210,8 @@ class SMTPPipeline:
         delivered = R250_DELIVERED.with_trusted_text(f"Ok: delivered as {env.qid}")
         for r in env.recipients:
             ok = r.address in local.delivered and (remote_ok or not r.remote)
-            replies.append(delivered if ok else R451_LOCAL_ERROR)
-        if not self.lmtp and any(not x.is_success for x in replies):
+            replies.append(refused.get(r.address) or (delivered if ok else R451_LOCAL_ERROR))
+        if not self.lmtp and any(not x.is_success for x in replies) and not refused:
             # One reply for the whole message: the client retries every recipient (RFC 5321 §4.2.5).
             replies = [R451_LOCAL_ERROR] * n
         log.info("%s: from=<%s> to=%s result=%s", env.qid, env.mail_from,
@@ -196,8 +225,9 @@ class MXPipeline(SMTPPipeline):
     __slots__ = ("decisions",)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
-                 checks: Sequence[InboundCheck] = (), decisions: DecisionLog | None = None) -> None:
-        super().__init__(config, directory, mda, queue, checks)
+                 checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None, srs: SRS | None = None,
+                 decisions: DecisionLog | None = None) -> None:
+        super().__init__(config, directory, mda, queue, checks, sieve, srs)
         self.decisions = decisions
 
     def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:

@@ -37,6 +37,7 @@ from ..message.types import HEADER_LIMIT, Envelope, MailDelivery, MessageBody, R
 from ..message.received import queue_id, return_path
 from ..proto.smtp.address import xtext_decode
 from ..proto.smtp.errors import AddressError
+from ..mailauth.srs import SRS, SRSError, is_srs
 from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
@@ -95,8 +96,10 @@ class Queue:
     """The queue of one server: spool, dispatcher, workers. Create in an event loop."""
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
-                 clock: schedule.Clock | None = None, rng: random.Random | None = None) -> None:
+                 clock: schedule.Clock | None = None, rng: random.Random | None = None,
+                 srs: SRS | None = None) -> None:
         cfg = config
+        self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
         self.directory = directory
         self.mda = mda
         self.config = cfg
@@ -440,6 +443,13 @@ class Queue:
         results: list[RcptResult] = []
         found: list[Recipient] = []
         for st in job.states:
+            if self.srs is not None and is_srs(st.address.rpartition("@")[0]):
+                try:
+                    found.append(Recipient(st.address, (), (self.srs.reverse(st.address),)))
+                except SRSError:
+                    results.append(RcptResult(st.address, Fate.FAILED, "550 5.1.1 Invalid or expired SRS address",
+                                              "5.1.1"))
+                continue
             res = await asyncio.to_thread(self.directory.resolve, st.address)
             if res.status is Lookup.UNKNOWN_USER:
                 results.append(RcptResult(st.address, Fate.FAILED, "550 5.1.1 No such user here", "5.1.1"))

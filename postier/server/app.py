@@ -35,10 +35,12 @@ from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.service import WebService
+from ..mailauth.srs import SRS, load_secret
 from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
 from ..pipeline.mailauth import InboundAuth
+from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
 from ..resolver import BaseResolver, make_resolver
@@ -47,6 +49,7 @@ from ..store.mailbox import MailStore, on_delivery
 from . import notify, privileges, reload, sockets, stats
 from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
+from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
 from .smtp import SMTPSession
 from .throttle import AuthThrottle
@@ -65,6 +68,7 @@ ROLE_SESSIONS: Mapping[str, type[Session] | type[ProtocolSession]] = {
     "imaps": IMAPSession,
     "pop3": POP3Session,
     "pop3s": POP3Session,
+    "managesieve": ManageSieveSession,
 }
 
 
@@ -83,7 +87,8 @@ class App:
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
     dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
     report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
-    throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP and POP3
+    throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP, POP3 and ManageSieve
+    sieve: SieveFilter | None  # None: `[sieve] enabled = false` (delivery without scripts, no ManageSieve)
     #: SMTP-family role -> a new pipeline for one session.
     pipelines: Mapping[str, Callable[[], SMTPPipeline]]
     #: Port 25 before the greeting: DNS list screening and the connection rate (None: not configured).
@@ -140,7 +145,8 @@ def build_app(config: Config) -> App:
     mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
                           poll_interval=config.imap.idle_poll_interval)
     mda.listeners.append(on_delivery(mailstore))
-    queue = Queue(config, accounts, mda, resolver)
+    srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
+    queue = Queue(config, accounts, mda, resolver, srs=srs)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
@@ -166,12 +172,13 @@ def build_app(config: Config) -> App:
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
+    sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, decisions),
-        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs, decisions),
+        "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve, srs=srs),
         "submission": submission,
         "submissions": submission,
     }
@@ -191,6 +198,7 @@ def build_app(config: Config) -> App:
         dmarc_reports=dmarc_reports,
         report_job=report_job,
         throttle=throttle,
+        sieve=sieve,
         pipelines=pipelines,
         screener=screener,
         connection_rate=RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None,

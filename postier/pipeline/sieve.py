@@ -1,0 +1,199 @@
+"""Runs each local user's active Sieve script at delivery (RFC 5228 §2.10) and carries out its plan:
+stores, redirects and vacation replies through the queue, SMTP-time refusals (RFC 5429 §2.2).
+
+The MX and LMTP pipelines hand their local recipients here after the inbound checks. Users without
+an active script (and no `[sieve] default_script`) are delivered as before, all at once. For a user
+with one, the script runs in a worker thread (CPU-bounded by `sieve.Limits`); `sieve.outcome.plan`
+turns its result into stores, outgoing messages and a refusal. The verdict's Junk folder is the
+default mailbox of the implicit keep, so an explicit `fileinto` wins over it. Any failure of the
+script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is never lost). Stores
+and redirects are durable before the caller answers; a vacation reply that cannot be queued is
+logged, not fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..mailauth.srs import SRS
+from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
+from ..proto.smtp.replies import Reply
+from ..sieve import CompileError, Environment, Limits, Message, Script, compile_script, run
+from ..sieve.outcome import Delivery, Plan, plan
+from ..store.delivery import LocalDelivery
+from ..store.maildir import folder_root
+from ..store.sieve import ScriptStore, TrackingStore
+
+__all__ = ["SieveFilter", "SieveOutcome"]
+
+log = logging.getLogger("postier.sieve")
+
+
+@dataclass(frozen=True, slots=True)
+class SieveOutcome:
+    """Local delivery with scripts: what was delivered, and recipients refused by a script."""
+
+    local: LocalOutcome
+    refused: dict[str, Reply]  # recipient address -> 550 5.7.1 (RFC 5429 §2.2)
+
+
+def sieve_dir(mail_root: Path, user: User) -> Path:
+    """The user's script directory (under the containment-checked home)."""
+    return user.home(mail_root) / "sieve"
+
+
+class SieveFilter:
+    """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
+
+    def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
+                 srs: SRS | None = None) -> None:
+        self.config = config
+        self.srs = srs
+        self.mda = mda
+        self.queue = queue
+        self.signer = signer
+        s = config.sieve
+        self.limits = Limits(max_redirects=s.max_redirects)
+        # Vacation and duplicate decisions are read-then-write on the user's tracking store: one user's
+        # deliveries plan one at a time (striped locks: bounded, whatever the number of users).
+        self._locks = tuple(threading.Lock() for _ in range(64))
+        self._default: Script | None = None
+        if s.default_script is not None:
+            self._default = compile_script(s.default_script.read_bytes(), "default")
+
+    def store_for(self, user: User) -> ScriptStore:
+        s = self.config.sieve
+        return ScriptStore(sieve_dir(self.config.mail_root, user), s.max_scripts, s.max_script_size)
+
+    def _script(self, user: User) -> Script | None:
+        """The user's active script (compiled), else the default one (blocking)."""
+        active = self.store_for(user).active_script()
+        if active is None:
+            return self._default
+        try:
+            return compile_script(active[1], active[0])
+        except CompileError as e:  # checked at upload; a script changed on disk behind our back
+            log.warning("%s: active script %r does not compile: %s", user.address, active[0], e)
+            return None
+
+    async def deliver(self, env: Envelope, recipients: Sequence[Recipient], prefix: bytes, body: MessageBody,
+                      folder: str | None, lmtp: bool) -> SieveOutcome:
+        """Deliver to every local user the recipients reach, each once, through their scripts."""
+        owners: dict[str, tuple[User, Recipient]] = {}
+        for r in recipients:
+            for u in r.users:
+                owners.setdefault(u.address, (u, r))
+        scripts = {a: await asyncio.to_thread(self._script, u) for a, (u, _r) in owners.items()}
+        plain = [dataclasses.replace(r, users=tuple(u for u in r.users if scripts[u.address] is None))
+                 for r in recipients]
+        outcome = await self.mda.deliver_recipients(plain, prefix, body, env.mail_from, folder)
+        failed = set(outcome.failed_users)
+        refused: dict[str, Reply] = {}
+        filtered = [(u, r, s) for a, (u, r) in owners.items() if (s := scripts[a]) is not None]
+        raw = prefix + await asyncio.to_thread(body.getvalue) if filtered else b""
+        # RFC 5429 §2.2: refused in protocol when the reply concerns this recipient alone
+        single = lmtp or (len(recipients) == 1 and len(owners) == 1 and not recipients[0].remote)
+        for user, rcpt, script in filtered:
+            try:
+                ok, refuse = await self._one(env, user, rcpt, script, raw, folder, single)
+            except Exception:
+                log.exception("%s: sieve delivery to %s failed; implicit keep", env.qid, user.address)
+                kept = await self.mda.deliver([(user, folder)], prefix, body, env.mail_from)
+                ok, refuse = kept[0].ok, None
+            if not ok:
+                failed.add(user.address)
+            if refuse is not None:
+                refused[rcpt.address] = Reply(550, "5.7.1", refuse[:200] or "Rejected by the recipient's filter")
+        delivered = frozenset(r.address for r in recipients if not any(u.address in failed for u in r.users))
+        return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed))), refused)
+
+    async def _one(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes,
+                   folder: str | None, single: bool) -> tuple[bool, str | None]:
+        """One user's script: (every store durable, the refusal reason or None)."""
+        default = folder or "INBOX"
+        p = await asyncio.to_thread(self._plan, env, user, rcpt, script, raw, default, single)
+        if p.refuse is not None and single:
+            return True, p.refuse
+        # RFC 5228 §4.1: a missing mailbox is created (as :create, RFC 5490 §3.2, would)
+        targets = [(user, None if st.mailbox.upper() == "INBOX" else st.mailbox) for st in p.stores]
+        ok = True
+        for (u, folder_name), st in zip(targets, p.stores, strict=True):
+            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from)
+            if not res[0].ok and folder_name is not None:  # an unusable folder name: keep in INBOX
+                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from)
+            ok = ok and res[0].ok
+        for send in p.sends:
+            try:
+                frm = send.mail_from
+                if send.kind == "redirect" and self.srs is not None and frm:  # SPF passes at the target
+                    frm = self.srs.forward(frm, user.domain)
+                await self._send(env, send.kind, frm, send.rcpt_to, send.message)
+            except Exception:
+                log.exception("%s: sieve %s to %s could not be queued", env.qid, send.kind, send.rcpt_to)
+                if send.kind == "redirect":
+                    ok = False  # the copy would be lost: the client retries (4xx)
+        return ok, None
+
+    def _exists(self, user: User, box: str) -> bool:
+        try:
+            return folder_root(user.maildir(self.config.mail_root), box).is_dir()
+        except Exception:
+            return False
+
+    def _plan(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
+              single: bool) -> Plan:
+        """Run the script and plan its result (blocking: a worker thread)."""
+        with self._locks[zlib.crc32(user.address.lower().encode()) % len(self._locks)]:
+            tracking = TrackingStore(sieve_dir(self.config.mail_root, user))
+            try:
+                return self._plan_locked(env, user, rcpt, script, raw, default, single, tracking)
+            finally:
+                tracking.close()
+
+    def _plan_locked(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
+                     single: bool, tracking: TrackingStore) -> Plan:
+        message = Message(raw)
+        now = time.time()
+        senv = Environment(
+            envelope_from=env.mail_from, envelope_to=rcpt.address, orig_to=rcpt.address,
+            now=dt.datetime.now(dt.UTC), subaddress_delimiter=self.config.mailbox.recipient_delimiter or "+",
+            default_mailbox=default,
+            mailbox_exists=lambda name: name.upper() == "INBOX" or self._exists(user, name),
+            duplicate_seen=lambda key: tracking.seen("dup\0" + key, time.time()),
+            spamtest=lambda _m, percent: ("100" if percent else "10") if default == "Junk" else (
+                "0" if percent else "1"),
+            limits=self.limits,
+        )
+        result = run(script, message, senv)
+        if result.error is not None:
+            log.info("%s: sieve runtime error for %s: %s (implicit keep)", env.qid, user.address, result.error)
+        d = Delivery(sender=env.mail_from, recipient=rcpt.address, user_email=user.address,
+                     own_addresses=(user.address, rcpt.address), in_smtp=single, hostname=self.config.hostname)
+        p = plan(result, message, d, tracking, default_mailbox=default, now=now)
+        for key, seconds in p.duplicate_marks:  # RFC 7352 §3.3
+            tracking.record("dup\0" + key, now + max(1, seconds))
+        return p
+
+    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes) -> None:
+        """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3)."""
+        out = Envelope(role="sieve", peer_ip="127.0.0.1", mail_from=mail_from,
+                       recipients=[Recipient(rcpt_to)])
+        body = MessageBody(self.config.spool_dir)
+        body.write(message)
+        try:
+            prefix = b""
+            if kind != "redirect" and self.signer is not None:
+                prefix = await self.signer.sign(out, body)
+            await self.queue.enqueue(out, [rcpt_to], prefix, body)
+        finally:
+            body.close()

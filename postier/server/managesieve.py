@@ -1,0 +1,183 @@
+"""The asyncio driver of ManageSieve (RFC 5804, port 4190): a short loop between a connection and the
+sans-IO core (``proto.managesieve``), answering its events from the script store (``store.sieve``).
+
+Kept free of the listener plumbing on purpose: ``serve()`` takes a reader/writer pair and a
+``ManageSieveBackend`` (password and SCRAM look-ups, the user's store, the TLS context), so the
+composition root can mount it on a listener role with a two-line ``Session`` subclass. PUTSCRIPT and
+CHECKSCRIPT compile the script (``postier.sieve``) and answer every error with its line number;
+literals are accepted only up to the store's script size limit. Plaintext pipelined after STARTTLS is
+discarded (the CVE-2011-0411 class of bug). Disk and password work run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..proto import managesieve as core
+from ..proto import sasl
+from ..sieve import CAPABILITIES, CompileError, compile_script
+from ..store.sieve import ScriptError, ScriptStore
+from .base import Session
+
+__all__ = ["ManageSieveBackend", "ManageSieveSession", "serve"]
+
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class ManageSieveBackend:
+    check_password: Callable[[str, str], Awaitable[bool]]
+    scram_credentials: Callable[[str], Awaitable[sasl.ScramCredentials | None]]
+    store_for: Callable[[str], ScriptStore]
+    tls_context: ssl.SSLContext | None
+    settings: core.ManageSieveSettings
+    idle_timeout: float = 600.0
+
+
+def _check(data: bytes) -> None:
+    try:
+        compile_script(data)
+    except CompileError as e:
+        raise ScriptError("\r\n".join(str(err) for err in e.errors)) from None
+
+
+def _answer(conn: core.ManageSieveConnection, store: ScriptStore, ev: core.ScriptCommand) -> None:
+    """One script command against the store (blocking: run in a thread)."""
+    args = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in ev.args]
+    try:
+        match ev.name:
+            case "PUTSCRIPT":
+                data = ev.args[1]
+                assert isinstance(data, bytes)
+                store.put(str(args[0]), data, _check)
+                conn.ok()
+            case "CHECKSCRIPT":
+                data = ev.args[0]
+                assert isinstance(data, bytes)
+                _check(data)
+                conn.ok()
+            case "HAVESPACE":
+                store.have_space(str(args[0]), int(args[1]))
+                conn.ok()
+            case "SETACTIVE":
+                store.set_active(str(args[0]))
+                conn.ok()
+            case "GETSCRIPT":
+                conn.script(store.get(str(args[0])))
+            case "LISTSCRIPTS":
+                conn.listing(store.list())
+            case "DELETESCRIPT":
+                store.delete(str(args[0]))
+                conn.ok()
+            case "RENAMESCRIPT":
+                store.rename(str(args[0]), str(args[1]))
+                conn.ok()
+            case _:  # pragma: no cover - the core only emits the commands above
+                conn.no("unsupported command")
+    except ScriptError as e:
+        conn.no(str(e), e.code or None)
+    except OSError:
+        conn.no("temporary storage failure", "TRYLATER")
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: ManageSieveBackend,
+                *, tls_active: bool = False) -> None:
+    """Run one ManageSieve session until LOGOUT, EOF or the idle timeout."""
+    settings = backend.settings
+    conn = core.ManageSieveConnection(
+        dataclasses.replace(settings, tls_available=backend.tls_context is not None), tls_active=tls_active)
+    store: ScriptStore | None = None
+    try:
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        while True:
+            ev = conn.next_event()
+            if ev is core.NEED_DATA:
+                out = conn.data_to_send()
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+                async with asyncio.timeout(backend.idle_timeout):
+                    data = await reader.read(READ_SIZE)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            match ev:
+                case core.StartTLS():
+                    assert backend.tls_context is not None
+                    conn.drop_input()  # RFC 5804 §2.2: nothing sent before the handshake counts
+                    writer.write(conn.data_to_send())
+                    await writer.drain()
+                    await writer.start_tls(backend.tls_context)
+                    conn.tls_started()
+                case core.AuthCheck(request=sasl.NeedPasswordCheck(authcid=user, password=pw)):
+                    conn.password_result(await backend.check_password(user, pw))
+                case core.AuthCheck(request=sasl.NeedScramCredentials(username=user)):
+                    conn.scram_credentials(await backend.scram_credentials(user))
+                case core.Authenticated(user=user):
+                    store = backend.store_for(user)
+                case core.NeedLiteral(size=size):
+                    limit = store.max_script_size if store is not None else settings.max_line
+                    conn.accept_literal() if size <= limit else conn.reject_literal()
+                case core.ScriptCommand():
+                    if store is None:  # pragma: no cover - the core allows these only after login
+                        conn.no("not authenticated")
+                    else:
+                        await asyncio.to_thread(_answer, conn, store, ev)
+                case core.Logout():
+                    writer.write(conn.data_to_send())
+                    await writer.drain()
+                    return
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        return
+    finally:
+        writer.close()
+
+
+class ManageSieveSession(Session):
+    """The `managesieve` listener role (port 4190): the driver above over the App's accounts, login
+    throttle and TLS context, with each user's scripts where delivery reads them."""
+
+    busy_line = b'BYE "Too many connections"\r\n'
+
+    async def run(self) -> None:
+        app = self.services
+        sieve = app.sieve
+        accounts = app.accounts
+        throttle = app.throttle
+        ip = self.peer_ip
+
+        async def check_password(user: str, password: str) -> bool:
+            if throttle.blocked(ip):
+                return False
+            if await accounts.verify_password_async(user, password) is not None:
+                throttle.success(ip)
+                return True
+            await throttle.penalize(ip)
+            return False
+
+        async def scram_credentials(user: str) -> sasl.ScramCredentials | None:
+            if throttle.blocked(ip):
+                return None
+            return await asyncio.to_thread(accounts.scram_credentials, user)
+
+        def store_for(name: str) -> ScriptStore:
+            user = accounts.get_user(name)
+            if user is None or sieve is None:  # removed meanwhile: an empty store nobody reads
+                raise ConnectionError("account vanished")
+            return sieve.store_for(user)
+
+        cfg = app.config
+        backend = ManageSieveBackend(
+            check_password=check_password, scram_credentials=scram_credentials, store_for=store_for,
+            tls_context=app.ssl_context,
+            settings=core.ManageSieveSettings(
+                sieve_extensions=tuple(sorted(CAPABILITIES)), max_literal=cfg.sieve.max_script_size,
+                max_redirects=cfg.sieve.max_redirects),
+            idle_timeout=cfg.limits.command_timeout)
+        await serve(self.reader, self.writer, backend, tls_active=self.tls_implicit)
