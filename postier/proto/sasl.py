@@ -33,8 +33,10 @@ __all__ = [
     "Outcome",
     "ScramClient",
     "ScramCredentials",
+    "ServerExchange",
     "ServerMechanism",
     "Success",
+    "decode_response",
     "saslprep",
     "scram_credentials_from_password",
     "server_mechanism",
@@ -481,6 +483,65 @@ def server_mechanism(name: str, *, server_nonce: str | None = None) -> ServerMec
             return ScramSha256Mechanism(server_nonce=server_nonce)
         case _:
             return None
+
+
+class ServerExchange:
+    """One AUTHENTICATE / AUTH exchange as every protocol runs it (RFC 4422 §3, §5), over a mechanism:
+    the client's (decoded) responses in, outcomes out. IMAP, SMTP and POP3 cannot carry additional
+    data with their success reply, so a ``Success`` with additional data (the SCRAM server signature)
+    comes out as a last ``Challenge``, and the client's answer to it must be empty (RFC 9051 §6.2.2,
+    RFC 4954 §4, RFC 5034 §4); the caller never sees ``Success.additional``.
+    """
+
+    def __init__(self, mechanism: ServerMechanism) -> None:
+        self.mechanism = mechanism
+        self._final: Success | None = None  # sent as a last challenge, awaiting the empty answer
+
+    @classmethod
+    def for_name(cls, name: str, offered: tuple[str, ...] = MECHANISMS) -> ServerExchange | None:
+        """An exchange for mechanism ``name`` if it is among ``offered`` and supported, else None."""
+        if name.upper() not in (m.upper() for m in offered):
+            return None
+        mechanism = server_mechanism(name)
+        return cls(mechanism) if mechanism is not None else None
+
+    @property
+    def name(self) -> str:
+        return self.mechanism.name
+
+    def start(self, initial: bytes | None) -> Outcome:
+        """The first step, with the initial response (RFC 4959 SASL-IR) or None."""
+        return self._out(self.mechanism.step(initial))
+
+    def respond(self, data: bytes) -> Outcome:
+        """The client's (base64-decoded) answer to the last challenge."""
+        final, self._final = self._final, None
+        if final is not None:
+            return final if not data else Failure("data after the server's final message")
+        return self._out(self.mechanism.step(data))
+
+    def password_result(self, ok: bool) -> Outcome:
+        return self._out(self.mechanism.password_result(ok))
+
+    def scram_credentials(self, credentials: ScramCredentials | None) -> Outcome:
+        return self._out(self.mechanism.scram_credentials(credentials))
+
+    def _out(self, outcome: Outcome) -> Outcome:
+        if isinstance(outcome, Success) and outcome.additional is not None:
+            self._final = Success(outcome.authcid, outcome.authzid)
+            return Challenge(outcome.additional)
+        return outcome
+
+
+def decode_response(line: bytes) -> bytes | None:
+    """A client's base64 SASL response line (RFC 4422 §5), or None when it is not valid base64.
+    An empty line is an empty response; the cancel line "*" is the protocol's to handle."""
+    if not line:
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 class ScramClient:

@@ -1,4 +1,6 @@
-"""asyncio listeners shared by every role: sockets, implicit TLS, connection limits, shutdown.
+"""asyncio listeners shared by every role: sockets, implicit TLS, connection limits, shutdown, and
+the mechanisms every driver shares: the command deadline (`CommandClock`) and STARTTLS's discard of
+bytes that arrived before the handshake.
 
 A role module (smtp, imap, pop3) provides either a `Session` subclass (a coroutine over asyncio
 streams, one task per connection) or a `ProtocolSession` subclass (an `asyncio.Protocol` driven by
@@ -33,6 +35,48 @@ log = logging.getLogger("postier.server")
 READ_SIZE = 65536
 
 
+class CommandTimeout(Exception):
+    """A command was started and not finished within its deadline (see `CommandClock`)."""
+
+
+class CommandClock:
+    """The deadline of one partly received command (slowloris, slow literals and transfers): it must
+    be complete within `limits.command_timeout` from its first byte, plus one second per
+    `limits.min_data_rate` bytes received since (Postfix's smtpd_per_record_deadline and
+    smtpd_min_data_rate; docs/security.md). One clock per session, for every protocol."""
+
+    __slots__ = ("command_timeout", "min_data_rate", "received", "started")
+
+    def __init__(self, command_timeout: float, min_data_rate: float):
+        self.command_timeout = command_timeout
+        self.min_data_rate = min_data_rate
+        self.started: float | None = None  # when the command being received began, if one is
+        self.received = 0  # bytes received since then
+
+    def stop(self) -> None:
+        """No command is partly received (a line was complete, or nothing came yet)."""
+        self.started = None
+
+    def start(self, now: float, received: int = 0) -> None:
+        """A command is partly received: its clock runs from `now` unless it already does."""
+        if self.started is None:
+            self.started, self.received = now, received
+
+    def add(self, n: int) -> None:
+        if self.started is not None:
+            self.received += n
+
+    def pause(self, now: float) -> None:
+        """The server was busy until `now`: its time does not count against the client."""
+        if self.started is not None:
+            self.started = now
+
+    def deadline(self) -> float | None:
+        if self.started is None:
+            return None
+        return self.started + self.command_timeout + self.received / self.min_data_rate
+
+
 class Session:
     """One client connection of one role. Subclasses implement `run()` and `refuse_line()`."""
 
@@ -55,6 +99,8 @@ class Session:
         self.closing = False
         self._task: asyncio.Task[Any] | None = None  # the task running this session
         self._waiting = False  # True while it waits for the client (shutdown may interrupt that)
+        lim = services.config.limits
+        self.clock = CommandClock(lim.command_timeout, lim.min_data_rate)
 
     @property
     def tls_info(self) -> str | None:
@@ -88,8 +134,37 @@ class Session:
         finally:
             self._waiting = False
 
+    async def read_command(self, idle: float, partial: bool, buffered: int = 0) -> bytes:
+        """Read more input: within `idle` seconds, or, while a command is partly received
+        (`partial`; `buffered` bytes of it so far), within what is left of its deadline
+        (`CommandClock`). Raises CommandTimeout when a started command runs out of time."""
+        clock = self.clock
+        if not partial:
+            clock.stop()
+            return await self.read(idle)
+        now = time.monotonic()
+        clock.start(now, buffered)
+        deadline = clock.deadline()
+        assert deadline is not None
+        left = deadline - now
+        if left <= 0:
+            raise CommandTimeout()
+        try:
+            data = await self.read(min(idle, left))
+        except TimeoutError:
+            raise CommandTimeout() from None
+        clock.add(len(data))
+        return data
+
     async def start_tls(self, ctx: ssl.SSLContext) -> None:
-        """Upgrade the connection in place (STARTTLS/STLS)."""
+        """Upgrade the connection in place (STARTTLS/STLS). Bytes the client sent before the
+        handshake are not commands (plaintext injection: RFC 9051 §6.2.1, RFC 2595 §4, RFC 3207
+        §4.2): the caller's protocol core drops what it buffered, this drops what the stream did.
+        Nothing can arrive between this and the transport pausing its reads (no await between)."""
+        buffered = getattr(self.reader, "_buffer", None)  # the StreamReader's unread bytes, if any
+        if isinstance(buffered, bytearray):
+            buffered.clear()
+        self.clock.stop()
         timeout = self.services.config.limits.tls_handshake_timeout
         await self.writer.start_tls(ctx, ssl_handshake_timeout=timeout)
 
@@ -114,6 +189,8 @@ class ProtocolSession(asyncio.Protocol):
         self.local_ip = "?"
         self.closing = False
         self._admitted = False
+        lim = services.config.limits
+        self.clock = CommandClock(lim.command_timeout, lim.min_data_rate)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses

@@ -25,8 +25,6 @@ too; and `limits.max_errors` BAD responses without a successful command in betwe
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import re
@@ -50,10 +48,14 @@ from ..proto.imap.response import Atom, Code, ResponseCode
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.states import State, allowed
-from ..store.index import SYSTEM_FLAGS, StoreError, flags_to_names
-from ..store.mailbox import SEPARATOR, MailStore, UserMailbox, mailstore_for, normalize_name
+from ..store import errors as E
+from ..store.api import Mailboxes, MailStoreAPI
+from ..store.errors import StoreError
+from ..store.index import SYSTEM_FLAGS, flags_to_names
+from ..store.mailbox import SEPARATOR, mailstore_for, normalize_name
 from . import throttle
-from .base import Session
+from .auth import settle
+from .base import CommandTimeout, Session
 from .imapfetch import (
     FetchError,
     FetchOptions,
@@ -73,6 +75,8 @@ FLUSH_AT = 256 * 1024
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
 _SYSTEM_UPPER = frozenset(k.upper() for k in SYSTEM_FLAGS)
+#: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
+AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 _PERMANENT = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
 
@@ -98,8 +102,25 @@ def _bad(text: str, code: ResponseCode | None = None) -> Reply:
     return Reply("BAD", text, code)
 
 
-def _store_reply(exc: StoreError) -> Reply:
-    return _no(str(exc), Code.named(exc.code) if exc.code else None)
+#: RFC 9051 §7.1 response codes for the store's failures (TRYCREATE instead of NONEXISTENT where the
+#: missing mailbox is the target of APPEND, COPY or MOVE: RFC 9051 §6.3.12, §6.4.7).
+_STORE_CODES: dict[type[StoreError], ResponseCode] = {
+    E.MailboxNotFound: Code.NONEXISTENT,
+    E.MailboxExists: Code.ALREADYEXISTS,
+    E.InvalidName: Code.CANNOT,
+    E.NotPermitted: Code.CANNOT,
+    E.StoreLimit: Code.LIMIT,
+    E.MessageGone: Code.EXPUNGEISSUED,
+    E.OverQuota: Code.OVERQUOTA,
+    E.UnknownSpecialUse: Code.named("USEATTR"),  # RFC 6154 §3
+}
+
+
+def _store_reply(exc: StoreError, target: bool = False) -> Reply:
+    """The tagged NO for a store failure; `target` when the mailbox named is a destination."""
+    if target and isinstance(exc, E.MailboxNotFound):
+        return _no(str(exc), Code.TRYCREATE)
+    return _no(str(exc), _STORE_CODES.get(type(exc)))
 
 
 @dataclass(slots=True)
@@ -140,8 +161,8 @@ class IMAPSession(Session):
         self.out: list[bytes] = []
         self.out_size = 0
         self.user: User | None = None
-        self.store: MailStore = mailstore_for(self.services)
-        self.mb: UserMailbox | None = None
+        self.store: MailStoreAPI = mailstore_for(self.services)
+        self.mb: Mailboxes | None = None
         self.sel: Selected | None = None
         self.rev2 = False
         self.condstore = False
@@ -150,8 +171,6 @@ class IMAPSession(Session):
         self._wake = asyncio.Event()
         self._counted = False
         self._bad = 0  # BAD responses since the last command that completed OK
-        self._cmd_started: float | None = None  # when the command being received started
-        self._cmd_bytes = 0  # bytes received since then
         self._preauth: asyncio.Timeout | None = None
 
     # -- output ---------------------------------------------------------------------------------
@@ -197,7 +216,7 @@ class IMAPSession(Session):
         except TimeoutError:
             self.send(R.bye("Autologout; idle for too long"))
             await self._flush_quietly()
-        except _CommandTimeout:
+        except CommandTimeout:
             self.send(R.bye("Command not received in time"))
             await self._flush_quietly()
         except _Disconnect:
@@ -213,7 +232,7 @@ class IMAPSession(Session):
     def _release(self) -> None:
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
-            self.store.executor.submit(self.store.release, self.mb)
+            self.store.release_later(self.mb)
             self.mb = None
         if self._counted and self.user is not None:
             conns = _user_connections(self.services)
@@ -225,31 +244,8 @@ class IMAPSession(Session):
     def _timeout(self) -> float:
         return self.cfg.limits.idle_timeout if self.state is State.NOT_AUTHENTICATED else IDLE_TIMEOUT_AUTH
 
-    def _read_timeout(self) -> float:
-        """The idle timeout, or less while a command is partly received (the slowloris deadline:
-        command_timeout from its first byte, plus 1/min_data_rate s per byte received since)."""
-        idle = self._timeout()
-        if not self.parser.in_command:
-            self._cmd_started = None
-            return idle
-        now = time.monotonic()
-        if self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, self.parser.buffered
-        lim = self.cfg.limits
-        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
-        if left <= 0:
-            raise _CommandTimeout()
-        return min(idle, left)
-
     async def _read_command_bytes(self) -> bytes:
-        try:
-            data = await self.read(self._read_timeout())
-        except TimeoutError:
-            if self._cmd_started is not None:
-                raise _CommandTimeout() from None
-            raise
-        self._cmd_bytes += len(data)
-        return data
+        return await self.read_command(self._timeout(), self.parser.in_command, self.parser.buffered)
 
     def _count_bad(self) -> None:
         """One more BAD; at limits.max_errors the session ends (the BYE is queued)."""
@@ -280,7 +276,7 @@ class IMAPSession(Session):
                     return
                 self.parser.feed(data)
                 continue
-            self._cmd_started = None  # the next partial command starts its own clock
+            self.clock.stop()  # the next partial command starts its own clock
             if isinstance(ev, NeedContinuation):
                 self._continuation(ev)
             elif isinstance(ev, RawLine):
@@ -327,7 +323,7 @@ class IMAPSession(Session):
             if self.starttls_ok and not self.tls:
                 caps.append("STARTTLS")
             if self._auth_allowed():
-                caps.append("AUTH=PLAIN")
+                caps += [f"AUTH={m}" for m in AUTH_MECHANISMS]  # RFC 9051 §6.2.2
             else:
                 caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
             caps += ["SASL-IR", "ID", "ENABLE", "LITERAL+"]
@@ -367,12 +363,12 @@ class IMAPSession(Session):
         except _Silent:
             pass
         except StoreError as exc:
-            r = _store_reply(exc)
-            self.send(R.tagged(tag, r.status, r.text, r.code))
+            no = _store_reply(exc)
+            self.send(R.tagged(tag, no.status, no.text, no.code))
         except _Disconnect:
             self.logout = True
             raise
-        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError, _CommandTimeout):
+        except (ConnectionError, asyncio.CancelledError, TimeoutError, ssl.SSLError, CommandTimeout):
             raise
         except Exception:
             log.exception("imap: %s failed for %s", cmd.command_name, self.user.address if self.user else self.peer_ip)
@@ -400,11 +396,9 @@ class IMAPSession(Session):
             raise _bad("STARTTLS is not available", Code.CLIENTBUG)
         self.send(R.tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
         await self.flush()
-        # RFC 9051 §6.2.1: anything the client sent after STARTTLS is plaintext injection: drop it.
+        # RFC 9051 §6.2.1: anything the client sent after STARTTLS is plaintext injection: drop it
+        # (the reader's bytes here, the stream's in start_tls).
         self.parser.discard_buffered()
-        pending = getattr(self.reader, "_buffer", None)  # the StreamReader's unread bytes, if any
-        if isinstance(pending, bytearray):
-            pending.clear()
         ctx = self.services.ssl_context
         assert ctx is not None
         await self.start_tls(ctx)
@@ -417,32 +411,29 @@ class IMAPSession(Session):
         return await self._check_login(cmd.userid, cmd.password)
 
     async def cmd_authenticate(self, cmd: C.Authenticate) -> tuple[str, ResponseCode | None] | None:
+        """RFC 9051 §6.2.2 AUTHENTICATE (SASL-IR: RFC 4959), one exchange shared with SMTP and POP3."""
         if not self._auth_allowed():
             raise _no("Authenticate after STARTTLS", Code.PRIVACYREQUIRED)
-        if cmd.mechanism.upper() != "PLAIN":
+        exchange = sasl.ServerExchange.for_name(cmd.mechanism, AUTH_MECHANISMS)
+        if exchange is None:
             raise _no("Unsupported authentication mechanism", Code.CANNOT)
-        if throttle.get(self.services).blocked(self.peer_ip):
-            self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
-            raise _Disconnect()
-        mech = sasl.server_mechanism("PLAIN")
-        assert mech is not None
-        outcome = mech.step(cmd.initial_response)
-        for _ in range(8):  # PLAIN needs two steps at most
-            if isinstance(outcome, sasl.Challenge):
-                self.send(R.sasl_challenge(outcome.data))
-                await self.flush()
-                line = await self._read_line()
-                if line == b"*":  # RFC 9051 §6.2.2: the client cancels
-                    raise _bad("AUTHENTICATE cancelled")
-                try:
-                    data = base64.b64decode(line, validate=True)
-                except (binascii.Error, ValueError):
-                    raise _bad("Invalid base64 in the SASL response") from None
-                outcome = mech.step(data)
-            elif isinstance(outcome, sasl.NeedPasswordCheck):
-                return await self._check_login(outcome.authcid, outcome.password)
-            else:
+        self._refuse_if_blocked()
+        res = await settle(exchange, exchange.start(cmd.initial_response), self.services.accounts)
+        for _ in range(8):  # SCRAM needs three round trips, LOGIN two
+            if not isinstance(res.outcome, sasl.Challenge):
                 break
+            self.send(R.sasl_challenge(res.outcome.data))
+            await self.flush()
+            line = await self._read_line()
+            if line == b"*":  # RFC 9051 §6.2.2: the client cancels
+                raise _bad("AUTHENTICATE cancelled")
+            data = sasl.decode_response(line)
+            if data is None:
+                raise _bad("Invalid base64 in the SASL response")
+            res = await settle(exchange, exchange.respond(data), self.services.accounts)
+        if isinstance(res.outcome, sasl.Success) and res.user is not None:
+            return await self._grant(res.user)
+        log.info("imap: %s authentication failed from %s", exchange.name, self.peer_ip)
         await self._login_failed()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -460,16 +451,22 @@ class IMAPSession(Session):
                 raise ConnectionError("client went away")
             self.parser.feed(data)
 
-    async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
-        thr = throttle.get(self.services)
-        if thr.blocked(self.peer_ip):
+    def _refuse_if_blocked(self) -> None:
+        if throttle.get(self.services).blocked(self.peer_ip):
             self.send(R.bye("Too many failed logins; try again later", Code.UNAVAILABLE))
             raise _Disconnect()
+
+    async def _check_login(self, userid: str, password: str) -> tuple[str, ResponseCode | None]:
+        self._refuse_if_blocked()
         user = await self.services.accounts.verify_password_async(userid, password)
         if user is None:
             await self._login_failed()
         assert user is not None
-        thr.success(self.peer_ip)
+        return await self._grant(user)
+
+    async def _grant(self, user: User) -> tuple[str, ResponseCode | None]:
+        """Authenticated (LOGIN or AUTHENTICATE): open the user's mailboxes."""
+        throttle.get(self.services).success(self.peer_ip)
         conns = _user_connections(self.services)
         if conns[user.address] >= self.cfg.imap.max_connections_per_user:
             raise _no("Too many connections for this user", Code.LIMIT)
@@ -512,7 +509,7 @@ class IMAPSession(Session):
                 done.append("IMAP4rev2")
         self.send(R.enabled(done))
 
-    def _mbox(self) -> UserMailbox:
+    def _mbox(self) -> Mailboxes:
         assert self.mb is not None
         return self.mb
 
@@ -725,7 +722,10 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
         flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
-        uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        try:
+            uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(name)
         if self.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
@@ -743,7 +743,7 @@ class IMAPSession(Session):
         unwatch: Callable[[], None] | None = None
         if self.sel is not None and self.user is not None:
             mb = self._mbox()
-            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.path_of(self.sel.name),
+            unwatch = self.store.notifier.watch(self.user.address, self.sel.name, mb.watch_path(self.sel.name),
                                                 self._wake.set)
         self.parser.expect_line()
         deadline = time.monotonic() + IDLE_TIMEOUT_AUTH
@@ -1079,7 +1079,10 @@ class IMAPSession(Session):
         if not uids:
             return None
         fn = mb.move if move else mb.copy
-        res = await self.call(fn, sel.name, uids, dest)
+        try:
+            res = await self.call(fn, sel.name, uids, dest)
+        except StoreError as exc:
+            raise _store_reply(exc, target=True) from None
         self._notify(dest)
         code = None
         if res.dest_uids:
@@ -1142,10 +1145,6 @@ class IMAPSession(Session):
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
-
-
-class _CommandTimeout(Exception):
-    """A command was started and not finished within its deadline (limits.command_timeout)."""
 
 
 def _uses_modseq(key: SearchKey) -> bool:

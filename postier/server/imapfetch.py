@@ -12,8 +12,8 @@ header-only items read only the header block, and BODY[] of a whole message is s
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
+from array import array
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,8 +34,9 @@ from ..proto.imap.search import (
     SearchKey,
     TextKey,
 )
-from ..store.index import FLAG_SEEN, MessageRow, StoreError, flags_to_names
-from ..store.mailbox import FlagTable, FolderState, UserMailbox
+from ..store.api import FlagTable, Mailboxes
+from ..store.errors import StoreError
+from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
 __all__ = ["FetchBatch", "FetchOptions", "content_need", "render_fetch", "run_search"]
 
@@ -98,17 +99,10 @@ _CACHED = {"ENVELOPE": "env", "BODYSTRUCTURE": "bs", "BODY": "body"}
 _CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINARY.SIZE"})
 
 
-def render_fetch(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
+def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
                  opts: FetchOptions) -> FetchBatch:
     """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built."""
-    with mb.lock:
-        return _render(mb, name, targets, attrs, opts)
-
-
-def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
-            opts: FetchOptions) -> FetchBatch:
     out = FetchBatch()
-    st = mb.state(name)
     want_uid = opts.add_uid or any(a.name == "UID" for a in attrs)
     simple = [a for a in attrs if a.name != "UID"]
     needs_seen = opts.set_seen and any(a.sets_seen for a in attrs)
@@ -118,7 +112,7 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
     suffix8 = "8" if opts.utf8 else ""
     # One pass over a slice of targets: rows in one query, cache in one query per kind.
     chunk = list(targets[:2000]) if (needs_content or cached_kinds) else list(targets)
-    rows = mb.index.rows(st.fid, [u for _s, u in chunk])
+    rows = mb.rows(name, [u for _s, u in chunk])
     if needs_seen:
         unseen = [u for _s, u in chunk if u in rows and not rows[u].flags & FLAG_SEEN]
         if unseen:
@@ -129,12 +123,12 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
     cache: dict[str, dict[int, bytes]] = {}
     for n in cached_kinds:
         kind = _CACHED[n] + (suffix8 if n != "BODY" else "")
-        cache[n] = mb.index.cache_get(st.fid, [u for _s, u in chunk if u in rows], kind)
+        cache[n] = mb.cache_get(name, [u for _s, u in chunk if u in rows], kind)
     new_cache: list[tuple[int, str, bytes]] = []
     size = 0
     if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
             and not opts.add_modseq:
-        return _render_bodies(mb, st, chunk, rows, simple[0], want_uid, out)
+        return _render_bodies(mb, name, chunk, rows, want_uid, out)
     for seq, uid in chunk:
         if size >= BATCH_BYTES:
             break
@@ -217,8 +211,8 @@ def _render(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], attr
         size += len(line)
         out.data.append(line)
     if new_cache:
-        mb.index.cache_put(st.fid, new_cache)
-    mb.index.flush_meta()
+        mb.cache_put(name, new_cache)
+    mb.flush_meta()
     return out
 
 
@@ -227,8 +221,8 @@ def _whole_body(a: FetchAttr) -> bool:
         and a.partial is None
 
 
-def _render_bodies(mb: UserMailbox, st: FolderState, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],
-                   attr: FetchAttr, want_uid: bool, out: FetchBatch) -> FetchBatch:
+def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],
+                   want_uid: bool, out: FetchBatch) -> FetchBatch:
     """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals."""
     size = 0
     for seq, uid in chunk:
@@ -240,7 +234,7 @@ def _render_bodies(mb: UserMailbox, st: FolderState, chunk: Sequence[tuple[int, 
             out.missing += 1
             continue
         try:
-            row, data = mb.read_file(st, row)
+            data = mb.read(name, row)
         except StoreError:
             out.missing += 1
             continue
@@ -250,30 +244,27 @@ def _render_bodies(mb: UserMailbox, st: FolderState, chunk: Sequence[tuple[int, 
             line = b"* %d FETCH (BODY[] {%d}\r\n%s)\r\n" % (seq, len(data), data)
         size += len(line)
         out.data.append(line)
-    mb.index.flush_meta()
+    mb.flush_meta()
     return out
 
 
-def render_all_flags(mb: UserMailbox, name: str, view: Sequence[int], want_uid: bool, want_modseq: bool,
+def render_all_flags(mb: Mailboxes, name: str, view: array[int], want_uid: bool, want_modseq: bool,
                      recent_from: int) -> bytes | None:
     """FETCH 1:* (FLAGS [UID] [MODSEQ]) from the folder's in-memory flag table, or None when the
     session's view is not the folder's current UID list (then use `render_flags`)."""
-    with mb.lock:
-        tab = mb.flag_table(name, want_modseq)
-        if tab is None or tab.uids is not view:
-            return None
-        return b"".join(_flags_from_table(tab, want_uid, want_modseq, recent_from))
+    tab = mb.flag_table(name, view, want_modseq)
+    if tab is None:
+        return None
+    return b"".join(_flags_from_table(tab, want_uid, want_modseq, recent_from))
 
 
-def render_flags(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], want_uid: bool,
+def render_flags(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], want_uid: bool,
                  want_modseq: bool, recent_from: int, changedsince: int | None = None) -> list[bytes]:
     """FETCH (FLAGS [UID] [MODSEQ]) for the given messages, from one range query."""
     if not targets:
         return []
-    with mb.lock:
-        st = mb.state(name)
-        lo, hi = targets[0][1], targets[-1][1]
-        rows = {r[0]: r for r in mb.index.flag_rows(st.fid, lo, hi)}
+    lo, hi = targets[0][1], targets[-1][1]
+    rows = {r[0]: r for r in mb.flag_rows(name, lo, hi)}
     memo: dict[tuple[int, str], bytes] = {}
     out: list[bytes] = []
     for seq, uid in targets:
@@ -387,7 +378,7 @@ class _View:
 
     __slots__ = ("_flags", "_mb", "_name", "_need", "_raw", "_row", "seq")
 
-    def __init__(self, mb: UserMailbox, name: str, seq: int, row: MessageRow, need: str, recent: bool,  # noqa: PLR0913
+    def __init__(self, mb: Mailboxes, name: str, seq: int, row: MessageRow, need: str, recent: bool,  # noqa: PLR0913
                  raw: bytes | None = None):
         self._mb = mb
         self._name = name
@@ -427,23 +418,20 @@ class _View:
         return self._raw
 
 
-def run_search(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], key: SearchKey,
+def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key: SearchKey,
                ctx: SearchContext, recent_from: int) -> tuple[list[tuple[int, int, int]], int]:
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
     Returns ([(seq, uid, modseq) of matches], number of targets consumed).
 
-    When the criteria name header fields, headers are read and screened without holding the user
-    lock, so that several batches of one SEARCH can read files in parallel threads; only the
-    messages that may match are parsed and evaluated under the lock."""
+    When the criteria name header fields, headers are peeked at and screened first (`peek_header`
+    reads without the user lock, so several batches of one SEARCH read files in parallel); only the
+    messages that may match are parsed and evaluated."""
     if not targets:
         return [], 0
     need = content_need(key)
     needles = _needles(key) if need == "header" else []
-    with mb.lock:
-        st = mb.state(name)
-        lo, hi = targets[0][1], targets[-1][1]
-        rows = {r.uid: r for r in mb.index.all_rows_between(st.fid, lo, hi)}
-        base = str(st.path)
+    lo, hi = targets[0][1], targets[-1][1]
+    rows = mb.rows_between(name, lo, hi)
     heads: dict[int, bytes] = {}
     if needles:
         kept = []
@@ -451,7 +439,7 @@ def run_search(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], k
             row = rows.get(uid)
             if row is None:
                 continue
-            head = _peek_header(f"{base}/{'cur' if row.sub else 'new'}/{row.base}{row.suffix}")
+            head = mb.peek_header(name, row)
             if head is not None:
                 if _ruled_out(head, needles):
                     continue  # cannot match: no need to parse it
@@ -460,36 +448,14 @@ def run_search(mb: UserMailbox, name: str, targets: Sequence[tuple[int, int]], k
             kept.append((seq, uid))
         targets = kept
     out: list[tuple[int, int, int]] = []
-    with mb.lock:
-        for seq, uid in targets:
-            row = rows.get(uid)
-            if row is None:
-                continue
-            try:
-                if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from, heads.get(uid)), ctx):
-                    out.append((seq, uid, row.modseq))
-            except StoreError:
-                continue
-        mb.index.flush_meta()
+    for seq, uid in targets:
+        row = rows.get(uid)
+        if row is None:
+            continue
+        try:
+            if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from, heads.get(uid)), ctx):
+                out.append((seq, uid, row.modseq))
+        except StoreError:
+            continue
+    mb.flush_meta()
     return out, len(targets)
-
-
-def _peek_header(path: str, limit: int = 16384) -> bytes | None:
-    """The header block of a message file, or None when unreadable here (renamed meanwhile, or a
-    header longer than `limit`): the caller then reads it the careful way, under the lock."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        head = os.read(fd, limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    i = head.find(b"\r\n\r\n")
-    if i >= 0:
-        return head[: i + 4]
-    if b"\n\n" in head or len(head) >= limit:
-        return None
-    return head

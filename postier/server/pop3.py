@@ -32,16 +32,17 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..accounts import AccountError, User
 from ..config import IMPLICIT_TLS_ROLES
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
-from ..store.index import StoreError
-from ..store.mailbox import MailStore, PopMessage, UserMailbox, mailstore_for
+from ..store.api import Mailboxes, MailStoreAPI, PopMessage
+from ..store.errors import StoreError
+from ..store.mailbox import mailstore_for
 from . import throttle
-from .base import Session
+from .base import CommandTimeout, Session
 
 __all__ = ["LOCK_NAME", "POP3Session", "lock_maildrop", "unlock_maildrop"]
 
@@ -58,10 +59,6 @@ ERR_BUSY = Reply(False, "Too many connections, try again later.", "SYS/TEMP")
 ERR_SHUTDOWN = Reply(False, "Server shutting down.", "SYS/TEMP")
 ERR_IDLE = Reply(False, "Disconnected for inactivity.")
 ERR_COMMAND_TIMEOUT = Reply(False, "Command not received in time.")
-
-
-class _CommandTimeout(Exception):
-    """A command line was started and not finished within limits.command_timeout."""
 
 
 # -- the maildrop lock (blocking: run in a worker thread) ---------------------------------------
@@ -88,36 +85,10 @@ def unlock_maildrop(fd: int) -> None:
         os.close(fd)
 
 
-def _open_message(mb: UserMailbox, uid: int) -> IO[bytes] | None:
-    """Open an INBOX message file for reading, or None when it is gone. An IMAP client may have
-    renamed it (flags changed): the folder is resynced once and the file looked up again."""
-    with mb.lock:
-        for attempt in range(2):
-            row = mb.rows(INBOX, [uid]).get(uid)
-            if row is None:
-                return None
-            try:
-                return open(mb.path_of(INBOX) / row.relpath(), "rb")  # noqa: SIM115 - closed by the caller
-            except FileNotFoundError:
-                if attempt == 0:
-                    mb.open(INBOX, force=True)
-    return None
-
-
-def _delete(mb: UserMailbox, uids: list[int], uidvalidity: int) -> bool:
-    """RFC 1939 §6: remove the messages marked deleted; False if the INBOX was renumbered since
-    the listing (UIDVALIDITY changed), in which case nothing is removed."""
-    with mb.lock:
-        if mb.open(INBOX).uidvalidity != uidvalidity:
-            return False
-        mb.delete_uids(INBOX, uids)
-        return True
-
-
 class _Maildrop:
     """What a logged-in session holds: the user's mailboxes, the lock and the listing of login."""
 
-    def __init__(self, user: User, mb: UserMailbox, lock_fd: int, listing: list[PopMessage], uidvalidity: int):
+    def __init__(self, user: User, mb: Mailboxes, lock_fd: int, listing: list[PopMessage], uidvalidity: int):
         self.user = user
         self.mb = mb
         self.lock_fd = lock_fd
@@ -127,18 +98,16 @@ class _Maildrop:
         self.entries = [(m.size, m.uidl) for m in listing]
 
 
-def _open_maildrop(store: MailStore, user: User) -> _Maildrop | None:
+def _open_maildrop(store: MailStoreAPI, mail_root: Path, user: User) -> _Maildrop | None:
     """Lock and list the maildrop (blocking). None when it is locked by another session."""
-    home = user.home(store.mail_root)
+    home = user.home(mail_root)
     fd = lock_maildrop(home)
     if fd is None:
         return None
     try:
         mb = store.acquire(user)
         try:
-            with mb.lock:
-                listing = mb.pop_listing()
-                uidvalidity = mb.open(INBOX).uidvalidity
+            listing, uidvalidity = mb.pop_listing()
         except BaseException:
             store.release(mb)
             raise
@@ -175,13 +144,11 @@ class POP3Session(Session):
             max_errors=max(1, cfg.limits.max_errors),
         )
         self.conn = core.POP3Connection(self.settings)
-        self.store: MailStore = mailstore_for(self.services)
+        self.store: MailStoreAPI = mailstore_for(self.services)
         self.drop: _Maildrop | None = None
         self._sasl_failures = 0
         self._drop_after_flush = False
         self._auth_deadline: asyncio.Timeout | None = None
-        self._cmd_started: float | None = None  # when the partly received command line started
-        self._cmd_bytes = 0
 
     @property
     def throttle(self) -> throttle.AuthThrottle:
@@ -198,7 +165,7 @@ class POP3Session(Session):
                 await self._session(max(MIN_IDLE_TIMEOUT, lim.idle_timeout))
         except TimeoutError:
             await self._say_and_flush(ERR_IDLE)
-        except _CommandTimeout:
+        except CommandTimeout:
             log.info("%s: %s did not finish a command in time", self.role, self.peer_ip)
             await self._say_and_flush(ERR_COMMAND_TIMEOUT)
         except asyncio.CancelledError:
@@ -232,29 +199,6 @@ class POP3Session(Session):
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
 
-    async def _read_command(self, idle: float) -> bytes:
-        """Read more input: within `idle`, or within what is left of the command deadline when a
-        line is partly received (command_timeout from its first byte, plus 1/min_data_rate s per
-        byte received since)."""
-        if not self.conn.partial_input:
-            self._cmd_started = None
-            return await self.read(idle)
-        lim = self.services.config.limits
-        now = time.monotonic()
-        if self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, 0
-        left = self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate - now
-        if left <= 0:
-            raise _CommandTimeout()
-        try:
-            data = await self.read(min(idle, left))
-        except TimeoutError:
-            if left < idle:
-                raise _CommandTimeout() from None
-            raise
-        self._cmd_bytes += len(data)
-        return data
-
     # -- main loop ----------------------------------------------------------------------------------
 
     async def _session(self, idle: float) -> None:
@@ -262,7 +206,7 @@ class POP3Session(Session):
         while True:
             ev = conn.next_event()
             if ev is not core.NEED_DATA:
-                self._cmd_started = None  # a line was complete: the next one starts its own clock
+                self.clock.stop()  # a line was complete: the next one starts its own clock
             if ev is core.NEED_DATA:
                 if conn.sasl_failures > self._sasl_failures:  # SCRAM proof wrong, malformed SASL
                     self._sasl_failures = conn.sasl_failures
@@ -270,7 +214,7 @@ class POP3Session(Session):
                 await self._flush(idle)
                 if self._drop_after_flush:
                     return
-                conn.receive_data(await self._read_command(idle))
+                conn.receive_data(await self.read_command(idle, conn.partial_input))
             elif isinstance(ev, core.StartTLS):
                 await self._start_tls(idle)
             elif isinstance(ev, core.Login):
@@ -302,13 +246,7 @@ class POP3Session(Session):
         ctx = self.services.ssl_context
         assert ctx is not None  # STLS is offered only with a certificate
         await self._flush(idle)
-        # RFC 2595 §4: bytes that arrived before the handshake are not commands. The core dropped
-        # what it had; drop what the stream buffered too. Nothing can arrive between this and the
-        # transport pausing its reads in start_tls (no await in between).
-        buffered = getattr(self.reader, "_buffer", None)
-        if isinstance(buffered, bytearray):
-            buffered.clear()
-        await self.start_tls(ctx)
+        await self.start_tls(ctx)  # RFC 2595 §4: the core dropped its buffered bytes, this the stream's
         self.conn.tls_started()
 
     # -- AUTHORIZATION (RFC 1939 §4, RFC 5034) ---------------------------------------------------
@@ -347,7 +285,7 @@ class POP3Session(Session):
             self.conn.login_failed(login_delay=True)
             return
         try:
-            drop = await self.store.call(_open_maildrop, self.store, user)
+            drop = await self.store.call(_open_maildrop, self.store, self.services.config.mail_root, user)
         except (StoreError, AccountError, OSError) as exc:
             log.error("%s: cannot open the maildrop of %s: %s", self.role, user.address, exc)
             self.conn.login_failed(temporary=True)
@@ -375,7 +313,7 @@ class POP3Session(Session):
         assert drop is not None
         uid = drop.uids[ev.uid]
         try:
-            f = await self.store.call(_open_message, drop.mb, uid)
+            f = await self.store.call(drop.mb.open_message, INBOX, uid)
         except (StoreError, OSError) as exc:
             log.error("%s: cannot open message %d of %s: %s", self.role, uid, drop.user.address, exc)
             f = None
@@ -411,7 +349,7 @@ class POP3Session(Session):
         if ev.deleted_uids:
             uids = [drop.uids[u] for u in ev.deleted_uids]
             try:
-                ok = await self.store.call(_delete, drop.mb, uids, drop.uidvalidity)
+                ok = await self.store.call(drop.mb.pop_delete, uids, drop.uidvalidity)
             except (StoreError, OSError) as exc:
                 log.error("%s: deleting messages of %s failed: %s", self.role, drop.user.address, exc)
                 ok = False

@@ -38,6 +38,7 @@ from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
 from ..store.maildir import MessageBody
 from . import throttle
+from .auth import settle
 from .base import ProtocolSession
 
 log = logging.getLogger("postier.smtp")
@@ -128,9 +129,7 @@ class SMTPSession(ProtocolSession):
         self.pipeline: SMTPPipeline | None = cls(services, self.role) if cls is not None else None
         self.body = None
         self._body_failed = False
-        self.mech: sasl.ServerMechanism | None = None
-        self._pending_success: sasl.Success | None = None
-        self._final_sent = False
+        self.exchange: sasl.ServerExchange | None = None
         self._task = None  # a pipeline call waiting for its answer
         self._reading = True
         self._write_paused = False
@@ -141,8 +140,6 @@ class SMTPSession(ProtocolSession):
         # Idle, command and session timeouts: one timer, re-armed from timestamps when it fires.
         now = self.loop.time()
         self._last = now  # the last input (or the end of the server's last step)
-        self._cmd_started: float | None = None  # when the partly received command/transfer began
-        self._cmd_bytes = 0  # bytes received since then
         self._session_deadline = now + self.limits.session_timeout
         self._timer = None
         self._timer_when = 0.0
@@ -200,19 +197,21 @@ class SMTPSession(ProtocolSession):
     def _deadline(self) -> float:
         lim = self.limits
         deadline = min(self._last + lim.idle_timeout, self._session_deadline)
-        if self._cmd_started is not None:
-            deadline = min(deadline, self._cmd_started + lim.command_timeout + self._cmd_bytes / lim.min_data_rate)
+        cmd = self.clock.deadline()
+        if cmd is not None:
+            deadline = min(deadline, cmd)
         return deadline
 
     def _track_command(self, now: float, n: int) -> None:
         """After input: start, advance or stop the clock of a partly received command/transfer."""
+        clock = self.clock
         if not self.conn.partial_input:
-            self._cmd_started = None
-        elif self._cmd_started is None:
-            self._cmd_started, self._cmd_bytes = now, 0
+            clock.stop()
+        elif clock.started is None:
+            clock.start(now)
             self._arm(now + self.limits.command_timeout)
         else:
-            self._cmd_bytes += n
+            clock.add(n)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -224,14 +223,13 @@ class SMTPSession(ProtocolSession):
         elif self._task is not None:  # the server is working, not waiting for the client
             expired = False
             self._last = now
-            if self._cmd_started is not None:
-                self._cmd_started = now
+            self.clock.pause(now)
         else:
             expired = now >= self._deadline()
         if not expired:
             self._arm(self._deadline())
             return
-        if self._cmd_started is not None and now < self._session_deadline:
+        if self.clock.started is not None and now < self._session_deadline:
             log.info("%s: %s did not finish a command in time", self.role, self.peer_ip)
         if self._task is not None:  # answer the step in progress first, then 421
             self.closing = True
@@ -352,8 +350,7 @@ class SMTPSession(ProtocolSession):
             self._finish(abort=True)
             return
         self._last = now = self.loop.time()
-        if self._cmd_started is not None:
-            self._cmd_started = now  # the server's time does not count against the client
+        self.clock.pause(now)  # the server's time does not count against the client
         self._set_reading()
         self._advance()
         if not self._lost:
@@ -465,55 +462,29 @@ class SMTPSession(ProtocolSession):
                 conn.auth_fail(R421_TOO_MANY_AUTH)
                 conn.shutdown(R421_TOO_MANY_AUTH)
                 return
-            self.mech = sasl.server_mechanism(ev.mechanism)
-            if self.mech is None or ev.mechanism not in self.settings.auth_mechanisms:
+            self.exchange = sasl.ServerExchange.for_name(ev.mechanism, self.settings.auth_mechanisms)
+            if self.exchange is None:
                 conn.auth_fail(R.R504_AUTH_MECH)
                 return
-            outcome = self.mech.step(ev.initial_response)
-        elif self._pending_success is not None:  # the empty answer to the SCRAM server-final
-            outcome = self._pending_success if not ev.data else sasl.Failure("unexpected data")
-            self._pending_success = None
+            outcome = self.exchange.start(ev.initial_response)
         else:
-            assert self.mech is not None
-            outcome = self.mech.step(ev.data)
-        for _ in range(4):  # a mechanism asks at most a lookup and a password check per step
-            if isinstance(outcome, sasl.NeedPasswordCheck):
-                user = None
-                if not outcome.authzid or outcome.authzid.lower() == outcome.authcid.lower():
-                    user = await self.services.accounts.verify_password_async(outcome.authcid, outcome.password)
-                if user is not None:
-                    self.env.auth_user = user
-                outcome = self.mech.password_result(user is not None)
-            elif isinstance(outcome, sasl.NeedScramCredentials):
-                creds = await asyncio.to_thread(self.services.accounts.scram_credentials, outcome.username)
-                outcome = self.mech.scram_credentials(creds)
-            else:
-                break
-        if isinstance(outcome, sasl.Challenge):
-            conn.auth_challenge(outcome.data)
-        elif isinstance(outcome, sasl.Success):
-            if outcome.additional and isinstance(ev, core.AuthResponse | core.AuthStart) and not self._final_sent:
-                # RFC 4954 §4: SMTP cannot carry additional data with 235: send it as a challenge.
-                self._final_sent = True
-                self._pending_success = outcome
-                conn.auth_challenge(outcome.additional)
-                return
-            self._final_sent = False
-            user = self.env.auth_user or await asyncio.to_thread(self.services.accounts.get_user,
-                                                                 outcome.authcid)
-            if user is None:
-                await self._auth_failed()
-                return
-            self.env.auth_user = user
+            assert self.exchange is not None
+            outcome = self.exchange.respond(ev.data)
+        res = await settle(self.exchange, outcome, self.services.accounts)
+        if isinstance(res.outcome, sasl.Challenge):
+            conn.auth_challenge(res.outcome.data)
+            return
+        self.exchange = None
+        if isinstance(res.outcome, sasl.Success) and res.user is not None:
+            self.env.auth_user = res.user
             self.throttle.success(self.peer_ip)
-            conn.auth_success(user.address)
-            log.info("%s: %s authenticated as %s", self.role, self.peer_ip, user.address)
+            conn.auth_success(res.user.address)
+            log.info("%s: %s authenticated as %s", self.role, self.peer_ip, res.user.address)
         else:
             await self._auth_failed()
 
     async def _auth_failed(self) -> None:
         self.env.auth_user = None
-        self._final_sent = False
         log.info("%s: authentication failed from %s", self.role, self.peer_ip)
         await self.throttle.penalize(self.peer_ip)
         if self.throttle.blocked(self.peer_ip):

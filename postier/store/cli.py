@@ -7,7 +7,7 @@ import argparse
 
 from ..accounts import Accounts
 from ..config import load_config
-from .index import StoreError
+from .errors import StoreError
 from .mailbox import MailStore
 
 

@@ -45,11 +45,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 from .maildir import fsync_dir
 
 __all__ = [
     "FLAG_ANSWERED", "FLAG_DELETED", "FLAG_DRAFT", "FLAG_FLAGGED", "FLAG_SEEN", "INDEX_NAME",
-    "KEYWORDS_FILE", "SYSTEM_FLAGS", "UIDLIST_NAME", "FolderRow", "MessageRow", "StoreError",
+    "KEYWORDS_FILE", "SYSTEM_FLAGS", "UIDLIST_NAME", "FolderRow", "MessageRow",
     "SyncResult", "UserIndex", "encode_suffix", "flags_to_names", "names_to_flags", "parse_file_name",
 ]
 
@@ -82,17 +83,6 @@ _DIGITS_RE = re.compile(r"\d{1,15}")
 _TRUST_AGE_NS = 2_000_000_000  # a directory mtime younger than this may hide a same-tick change
 _MAX_UIDLIST_LINE = 4096
 _SUBDIR = ("new", "cur")  # MessageRow.sub 0 and 1
-
-
-class StoreError(Exception):
-    """A mailbox operation failed for a reason to tell the client (the message says why).
-
-    ``code`` is an IMAP response-code atom when one fits (NONEXISTENT, ALREADYEXISTS, CANNOT...).
-    """
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.code = code
 
 
 _SCHEMA = """
@@ -184,7 +174,7 @@ def names_to_flags(names: Iterable[str]) -> tuple[int, list[str]]:
                 bits |= hit[1]
             continue
         if not _KEYWORD_RE.match(n):
-            raise StoreError(f"invalid keyword {n[:40]!r}")
+            raise InvalidKeyword(f"invalid keyword {n[:40]!r}")
         if n.lower() not in (k.lower() for k in kws):
             kws.append(n)
     return bits, kws
@@ -525,7 +515,7 @@ class UserIndex:
     def set_special_use(self, name: str, path: Path, use: str) -> None:
         row = self.folder(name)
         if row is None:
-            raise StoreError("no such mailbox", "NONEXISTENT")
+            raise MailboxNotFound("no such mailbox")
         with self.tx() as c:
             c.execute("UPDATE folders SET special_use=? WHERE id=?", (use, row.id))
         self._rewrite_journal(self.folder(name), path)  # type: ignore[arg-type]
@@ -592,7 +582,7 @@ class UserIndex:
             st_new = os.stat(path / "new")
             st_cur = os.stat(path / "cur")
         except FileNotFoundError:
-            raise StoreError("mailbox directory vanished", "NONEXISTENT") from None
+            raise MailboxNotFound("mailbox directory vanished") from None
         pending = self._pending_journal.pop(fid, None)
         if not force and pending is None:
             r = self.conn.execute("SELECT new_mtime, cur_mtime, trusted FROM folders WHERE id=?", (fid,)).fetchone()
@@ -663,7 +653,7 @@ class UserIndex:
                 flags = decoded[suffix] = (bits, " ".join(kws))
             new_rows.append((fid, uid, b, sub, suffix, flags[0], flags[1], modseq, size, lf))
         if uidnext >= 1 << 32:
-            raise StoreError("mailbox UIDs exhausted; run postier reindex", "LIMIT")
+            raise StoreLimit("mailbox UIDs exhausted; run postier reindex")
         if journal_new:
             append_journal(path, journal_new)
         with self.tx() as c:
@@ -807,7 +797,7 @@ class UserIndex:
         if not new:
             return row
         if len(known) + len(new) > _MAX_KEYWORDS:
-            raise StoreError("too many keywords in this mailbox", "LIMIT")
+            raise StoreLimit("too many keywords in this mailbox")
         known += new
         with self.tx() as c:
             c.execute("UPDATE folders SET keywords=? WHERE id=?", (json.dumps(known), row.id))
@@ -864,7 +854,7 @@ class UserIndex:
         uid0 = cur.uidnext
         uids = list(range(uid0, uid0 + len(entries)))
         if uids and uids[-1] >= 1 << 32:
-            raise StoreError("mailbox UIDs exhausted", "LIMIT")
+            raise StoreLimit("mailbox UIDs exhausted")
         append_journal(path, [(u, e[0]) for u, e in zip(uids, entries, strict=True)])
         modseq = _new_modseq(cur.highestmodseq)
         with self.tx() as c:

@@ -33,30 +33,50 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, Concatenate
 
 from ..accounts import User
 from ..faults import fault_point
-from ..proto.imap.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
     FLAG_DELETED,
     INDEX_NAME,
     FolderRow,
     MessageRow,
-    StoreError,
     UserIndex,
     encode_suffix,
     fsync_folder,
     names_to_flags,
+)
+from .api import (
+    CopyResult,
+    FlagTable,
+    FolderInfo,
+    FolderSnapshot,
+    Mailboxes,
+    PopMessage,
+    StatusInfo,
+    StoreResult,
+)
+from .errors import (
+    InvalidName,
+    MailboxExists,
+    MailboxNotFound,
+    MessageGone,
+    NotPermitted,
+    OverQuota,
+    StoreError,
+    StoreLimit,
+    UnknownSpecialUse,
 )
 from .maildir import DeliveryError, MaildirDraft, ensure_maildir, fsync_dir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
     "FolderState",
-    "MailStore", "PopMessage", "StatusInfo", "StoreError", "StoreResult", "UserMailbox",
+    "MailStore", "PopMessage", "StatusInfo", "StoreResult", "UserMailbox",
     "folder_dir_name", "mailstore_for", "normalize_name",
 ]
 
@@ -86,17 +106,17 @@ def normalize_name(name: str) -> str:
     if name.upper() == INBOX:
         return INBOX
     if not name or len(name) > MAX_NAME_CHARS:
-        raise StoreError("invalid mailbox name (length)", "CANNOT")
+        raise InvalidName("invalid mailbox name (length)")
     if _BAD_CHARS.search(name):
-        raise StoreError("invalid mailbox name (forbidden character)", "CANNOT")
+        raise InvalidName("invalid mailbox name (forbidden character)")
     parts = name.split(SEPARATOR)
     if len(parts) > MAX_DEPTH:
-        raise StoreError("mailbox hierarchy too deep", "LIMIT")
+        raise StoreLimit("mailbox hierarchy too deep")
     for p in parts:
         if not p or p.strip() != p:
-            raise StoreError("invalid mailbox name (empty or padded component)", "CANNOT")
+            raise InvalidName("invalid mailbox name (empty or padded component)")
         if p.lower() in _RESERVED:
-            raise StoreError(f"invalid mailbox name ({p!r} is reserved by Maildir)", "CANNOT")
+            raise InvalidName(f"invalid mailbox name ({p!r} is reserved by Maildir)")
     if parts[0].upper() == INBOX:
         parts[0] = INBOX
     return SEPARATOR.join(parts)
@@ -106,7 +126,7 @@ def folder_dir_name(name: str) -> str:
     """The Maildir++ directory name of a (normalized, non-INBOX) folder: "." + modified UTF-7."""
     enc = mutf7_encode(name)
     if len(enc) + 1 > 255:  # NAME_MAX
-        raise StoreError("mailbox name too long", "LIMIT")
+        raise StoreLimit("mailbox name too long")
     return "." + enc
 
 
@@ -143,76 +163,10 @@ class FolderState:
         return len(self.uids)
 
 
-@dataclass
-class FlagTable:
-    """Flags of every message of a folder, aligned with `uids` (FETCH 1:* FLAGS without SQL rows)."""
-
-    uids: array[int]
-    flags: array[int]  # system-flag bits
-    keywords: dict[int, str]  # uid -> space-separated keywords, only where there are some
-    modseq: array[int] | None  # built on first need
-
-
-@dataclass(frozen=True, slots=True)
-class FolderSnapshot:
-    """A consistent copy of a FolderState's fields, safe to read in the event loop."""
-
-    name: str
-    uidvalidity: int
-    uidnext: int
-    highestmodseq: int
-    uids: array[int]
-    version: int
-    special_use: str
-    keywords: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class FolderInfo:
-    name: str
-    special_use: str  # "" or an RFC 6154 attribute
-
-
-@dataclass(frozen=True, slots=True)
-class StatusInfo:
-    messages: int
-    unseen: int
-    deleted: int
-    size: int
-    uidnext: int
-    uidvalidity: int
-    highestmodseq: int
-    recent: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoreResult:
-    modseq: int
-    changed: dict[int, MessageRow]  # uid -> row after the change (only messages that changed)
-    unchanged: list[int] = field(default_factory=list)  # matched, flags already so
-    conflicts: list[int] = field(default_factory=list)  # RFC 7162 UNCHANGEDSINCE failures
-
-
-@dataclass(frozen=True, slots=True)
-class CopyResult:
-    uidvalidity: int  # of the destination
-    source_uids: list[int]
-    dest_uids: list[int]
-
-
-class PopMessage(NamedTuple):
-    """One INBOX message for POP3: `uidl` is stable across sessions and index rebuilds."""
-
-    uid: int
-    size: int
-    path: Path
-    uidl: str
-
-
 # -- one user's mailboxes -------------------------------------------------------------------------
 
-def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(self: UserMailbox, *args: Any, **kwargs: Any) -> Any:
+def _locked[**P, R](fn: Callable[Concatenate[UserMailbox, P], R]) -> Callable[Concatenate[UserMailbox, P], R]:
+    def wrapper(self: UserMailbox, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with self.lock:
             return fn(self, *args, **kwargs)
     wrapper.__name__ = fn.__name__
@@ -258,7 +212,7 @@ class UserMailbox:
             return self.root
         p = self.root / folder_dir_name(name)
         if p.parent != self.root:  # belt and braces: names never contain "/"
-            raise StoreError("invalid mailbox name", "CANNOT")
+            raise InvalidName("invalid mailbox name")
         return p
 
     def _exists(self, name: str) -> bool:
@@ -317,9 +271,9 @@ class UserMailbox:
         """RFC 9051 §6.3.4 CREATE (with RFC 6154 §3 USE); parents are implied, not created."""
         n = normalize_name(name.rstrip(SEPARATOR) if name.endswith(SEPARATOR) else name)
         if n == INBOX or self._exists(n):
-            raise StoreError("mailbox already exists", "ALREADYEXISTS")
+            raise MailboxExists("mailbox already exists")
         if special_use is not None and special_use not in SPECIAL_USES:
-            raise StoreError("unsupported special-use attribute", "USEATTR")
+            raise UnknownSpecialUse("unsupported special-use attribute")
         self._create(n, special_use)
 
     def _create(self, name: str, special_use: str | None) -> None:
@@ -327,7 +281,7 @@ class UserMailbox:
         try:
             os.mkdir(p, 0o700)
         except FileExistsError:
-            raise StoreError("mailbox already exists", "ALREADYEXISTS") from None
+            raise MailboxExists("mailbox already exists") from None
         ensure_maildir(p)
         (p / "maildirfolder").touch()  # Maildir++ marker, as Dovecot and Courier write it
         self.index.forget_folder(name)  # a stale row from a folder deleted behind our back
@@ -339,9 +293,9 @@ class UserMailbox:
         """RFC 9051 §6.3.5 DELETE: the folder and its messages go; its children stay."""
         n = normalize_name(name)
         if n == INBOX:
-            raise StoreError("INBOX cannot be deleted", "CANNOT")
+            raise NotPermitted("INBOX cannot be deleted")
         if not self._exists(n):
-            raise StoreError("no such mailbox", "NONEXISTENT")
+            raise MailboxNotFound("no such mailbox")
         p = self.path_of(n)
         trash = self.root / "tmp" / f".deleted.{secrets.token_hex(8)}"
         os.rename(p, trash)  # atomic: no half-deleted folder is ever listed
@@ -356,11 +310,11 @@ class UserMailbox:
         o = normalize_name(old)
         n = normalize_name(new)
         if n == INBOX:
-            raise StoreError("cannot rename to INBOX", "ALREADYEXISTS")
+            raise MailboxExists("cannot rename to INBOX")
         if o == n or self._exists(n):
-            raise StoreError("target mailbox already exists", "ALREADYEXISTS")
+            raise MailboxExists("target mailbox already exists")
         if (n + SEPARATOR).startswith(o + SEPARATOR):
-            raise StoreError("cannot rename a mailbox into itself", "CANNOT")
+            raise NotPermitted("cannot rename a mailbox into itself")
         if o == INBOX:
             self._rename_inbox(n)
             return
@@ -368,11 +322,11 @@ class UserMailbox:
         moves = [(x.name, n + x.name[len(o):]) for x in self.list_folders()
                  if x.name == o or x.name.startswith(prefix)]
         if not moves:
-            raise StoreError("no such mailbox", "NONEXISTENT")
+            raise MailboxNotFound("no such mailbox")
         for _a, b in moves:
             normalize_name(b)
             if self._exists(b):
-                raise StoreError(f"target mailbox {b} already exists", "ALREADYEXISTS")
+                raise MailboxExists(f"target mailbox {b} already exists")
         for a, b in moves:
             os.rename(self.path_of(a), self.path_of(b))
             self.index.rename_folder(a, b)
@@ -419,7 +373,7 @@ class UserMailbox:
     def subscribe(self, name: str, on: bool = True) -> None:
         n = normalize_name(name)
         if on and not self._exists(n):
-            raise StoreError("no such mailbox", "NONEXISTENT")
+            raise MailboxNotFound("no such mailbox")
         self._subscribe(n, on)
 
     # -- opening and syncing ------------------------------------------------------------------
@@ -427,7 +381,7 @@ class UserMailbox:
     def _row(self, name: str) -> FolderRow:
         if not self._exists(name):
             self.states.pop(name, None)
-            raise StoreError("no such mailbox", "NONEXISTENT")
+            raise MailboxNotFound("no such mailbox")
         p = self.path_of(name)
         if name not in self.states:
             ensure_maildir(p)  # once per open folder: another tool may have made it without cur/new/tmp
@@ -500,9 +454,16 @@ class UserMailbox:
         return st is None or self.index.needs_sync(st.fid, st.path)
 
     @_locked
-    def flag_table(self, name: str, need_modseq: bool = False) -> FlagTable | None:
-        """The folder's FlagTable (built from the index on first use), or None if it cannot be
-        aligned with the folder's UIDs (the index changed behind our back: use rows instead)."""
+    def flag_table(self, name: str, view: array[int], need_modseq: bool = False) -> FlagTable | None:
+        """A copy of the folder's FlagTable (built from the index on first use) when it is aligned
+        with `view` (the UID array a session announced), else None (then use `flag_rows`)."""
+        tab = self._flag_table(name, need_modseq)
+        if tab is None or tab.uids is not view:
+            return None
+        return FlagTable(tab.uids, array("B", tab.flags), dict(tab.keywords),
+                         array("Q", tab.modseq) if tab.modseq is not None else None)
+
+    def _flag_table(self, name: str, need_modseq: bool) -> FlagTable | None:
         st = self.state(name)
         tab = st.flagtab
         if tab is None or tab.uids is not st.uids:
@@ -555,6 +516,21 @@ class UserMailbox:
         return list(self.index.all_rows(st.fid))
 
     @_locked
+    def rows_between(self, name: str, lo: int, hi: int) -> dict[int, MessageRow]:
+        """Rows of the UIDs lo..hi that exist, by UID."""
+        st = self.state(name)
+        return {r.uid: r for r in self.index.all_rows_between(st.fid, lo, hi)}
+
+    @_locked
+    def flush_meta(self) -> None:
+        """Write the facts learnt while reading (line-end style, INTERNALDATE) to the index."""
+        self.index.flush_meta()
+
+    def watch_path(self, name: str) -> Path | None:
+        """The directory whose changes by other programs concern folder `name` (for IDLE)."""
+        return self.path_of(normalize_name(name))
+
+    @_locked
     def flag_rows(self, name: str, lo: int, hi: int) -> list[tuple[int, int, str, int]]:
         st = self.state(name)
         return self.index.flag_rows(st.fid, lo, hi)
@@ -584,7 +560,7 @@ class UserMailbox:
         self._open(st.name, force=True)
         fresh = self.index.row(st.fid, row.uid)
         if fresh is None:
-            raise StoreError("message was expunged", "EXPUNGEISSUED")
+            raise MessageGone("message was expunged")
         return fresh, self._file(st, fresh)
 
     def _read_file(self, st: FolderState, row: MessageRow, limit: int | None = None) -> tuple[MessageRow, bytes]:
@@ -609,15 +585,14 @@ class UserMailbox:
                 return row, b"".join(chunks)
             finally:
                 os.close(fd)
-        raise StoreError("message was expunged", "EXPUNGEISSUED")
+        raise MessageGone("message was expunged")
 
     @_locked
     def read(self, name: str, row: MessageRow) -> bytes:
         """The message as served: CRLF line ends (a bare-LF file written by another tool converted)."""
-        return self.read_file(self.state(name), row)[1]
+        return self._read_crlf(self.state(name), row)[1]
 
-    def read_file(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, bytes]:
-        """`read()` for a caller that holds the lock and the folder state already."""
+    def _read_crlf(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, bytes]:
         row, data = self._read_file(st, row)
         if row.lf is None:
             lf = int(data.count(b"\n") != data.count(b"\r\n"))
@@ -642,6 +617,48 @@ class UserMailbox:
                 break
         return _to_crlf(head) if b"\n" in head.replace(b"\r\n", b"") else head
 
+    def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
+        """The header block of a message read without the user lock (so that the batches of one
+        SEARCH read files in parallel), or None when that is not possible here: renamed meanwhile,
+        or a header longer than `limit`. The bytes are as on disk (bare LF if `row.lf` says so).
+        The caller then uses `read_header`."""
+        st = self.states.get(name)
+        if st is None:
+            return None
+        try:
+            fd = os.open(f"{st.path}/{'cur' if row.sub else 'new'}/{row.base}{row.suffix}", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            head = os.read(fd, limit)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        i = head.find(b"\r\n\r\n")
+        if i >= 0:
+            return head[: i + 4]
+        if b"\n\n" in head or len(head) >= limit:
+            return None
+        return head
+
+    @_locked
+    def open_message(self, name: str, uid: int) -> IO[bytes] | None:
+        """The message file opened for reading (streamed by POP3 RETR/TOP), or None when it is gone.
+        Another client may have renamed it (flags changed): the folder is resynced once."""
+        n = normalize_name(name)
+        for attempt in range(2):
+            st = self.state(n)
+            row = self.index.rows(st.fid, [uid]).get(uid)
+            if row is None:
+                return None
+            try:
+                return open(st.path / row.relpath(), "rb")  # noqa: SIM115 - closed by the caller
+            except FileNotFoundError:
+                if attempt == 0:
+                    self._open(n, force=True)
+        return None
+
     @_locked
     def internal_date(self, name: str, row: MessageRow) -> int:
         """INTERNALDATE (RFC 9051 §2.3.3) as a Unix time: the file's mtime, as Dovecot keeps it."""
@@ -652,7 +669,7 @@ class UserMailbox:
         try:
             t = int(os.stat(p).st_mtime)
         except FileNotFoundError:
-            raise StoreError("message was expunged", "EXPUNGEISSUED") from None
+            raise MessageGone("message was expunged") from None
         self.index.set_idate(st.fid, row.uid, t)
         return t
 
@@ -702,7 +719,7 @@ class UserMailbox:
         before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
         n = normalize_name(name)
         if not self._exists(n):
-            raise StoreError("no such mailbox", "TRYCREATE")
+            raise MailboxNotFound("no such mailbox")
         st = self._open(n)
         bits, kws = names_to_flags(flag_names)
         row = self.index.folder(n)
@@ -749,7 +766,7 @@ class UserMailbox:
         rows = self.index.rows(st.fid, uids)
         kl = {k.lower() for k in kws}
         changes: list[tuple[MessageRow, int, list[str]]] = []
-        unchanged: list[int] = []
+        unchanged: dict[int, MessageRow] = {}
         conflicts: list[int] = []
         for uid in sorted(rows):
             m = rows[uid]
@@ -766,7 +783,7 @@ class UserMailbox:
                 nb = m.flags & ~bits
                 nk = [k for k in old_k if k.lower() not in kl]
             if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
-                unchanged.append(uid)
+                unchanged[uid] = m
                 continue
             changes.append((m, nb, nk))
         modseq, done = self.index.set_flags(row, st.path, changes)
@@ -825,7 +842,7 @@ class UserMailbox:
         """RFC 9051 §6.4.7 COPY with COPYUID (RFC 4315 §3): hard links where possible, all or nothing."""
         s, d = normalize_name(src), normalize_name(dst)
         if not self._exists(d):
-            raise StoreError("no such mailbox", "TRYCREATE")
+            raise MailboxNotFound("no such mailbox")
         return self._copy(s, list(uids), d, move=False)
 
     @_locked
@@ -833,7 +850,7 @@ class UserMailbox:
         """RFC 6851 MOVE: rename the files into the destination, new UIDs there, expunged here."""
         s, d = normalize_name(src), normalize_name(dst)
         if not self._exists(d):
-            raise StoreError("no such mailbox", "TRYCREATE")
+            raise MailboxNotFound("no such mailbox")
         return self._move(s, list(uids), d)
 
     def _move(self, s: str, uids: list[int], d: str) -> CopyResult:
@@ -843,7 +860,7 @@ class UserMailbox:
         sst = self.state(s)
         dst = self._open(d)
         if s == d and move:
-            raise StoreError("source and destination are the same mailbox", "CANNOT")
+            raise NotPermitted("source and destination are the same mailbox")
         rows = self.index.rows(sst.fid, uids)
         ordered = [rows[u] for u in sorted(rows)]
         drow = self.index.folder(d)
@@ -879,11 +896,11 @@ class UserMailbox:
                 entries.append((base, sub, suffix, r.flags, r.keywords, r.size, r.idate, r.lf))
         except FileNotFoundError:
             self._undo(placed, done_src, sst, move)
-            raise StoreError("a message was expunged meanwhile", "EXPUNGEISSUED") from None
+            raise MessageGone("a message was expunged meanwhile") from None
         except OSError as exc:
             self._undo(placed, done_src, sst, move)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError("no space left", "OVERQUOTA") from None
+                raise OverQuota("no space left") from None
             raise
         fsync_folder(dst.path)
         if move:
@@ -908,14 +925,24 @@ class UserMailbox:
     # -- POP3 (RFC 1939) -------------------------------------------------------------------
 
     @_locked
-    def pop_listing(self) -> list[PopMessage]:
+    def pop_listing(self) -> tuple[list[PopMessage], int]:
+        """The INBOX as POP3 numbers it (UID order) and its UIDVALIDITY, in one consistent step."""
         st = self._open(INBOX)
         out = []
         for r in self.index.all_rows(st.fid):
             # RFC 1939 §7 UIDL: 1-70 printable characters, never reused: UIDVALIDITY and UID,
             # Dovecot's default pop3_uidl_format (%08Xu%08Xv).
             out.append(PopMessage(r.uid, r.size, st.path / r.relpath(), f"{r.uid:08X}{st.uidvalidity:08X}"))
-        return out
+        return out, st.uidvalidity
+
+    @_locked
+    def pop_delete(self, uids: Sequence[int], uidvalidity: int) -> bool:
+        """RFC 1939 §6: remove the messages marked deleted; False if the INBOX was renumbered since
+        the listing (UIDVALIDITY changed), in which case nothing is removed."""
+        if self._open(INBOX).uidvalidity != uidvalidity:
+            return False
+        self.delete_uids(INBOX, uids)
+        return True
 
     @_locked
     def mark_seen(self, uids: Iterable[int]) -> None:
@@ -1049,9 +1076,14 @@ class MailStore:
             mb.refs += 1
             return mb
 
-    def release(self, mb: UserMailbox) -> None:
+    def release_later(self, mb: Mailboxes) -> None:
+        """`release()` in a worker thread, without waiting (the last release may commit an index)."""
+        self.executor.submit(self.release, mb)
+
+    def release(self, mb: Mailboxes) -> None:
         """Done with the user's mailboxes. The last release keeps them open a while (an LRU of
         `keep_idle` users), so a client that reconnects finds its folder states warm."""
+        assert isinstance(mb, UserMailbox)  # handed out by acquire()
         with self._lock:
             mb.refs -= 1
             if mb.refs <= 0 and self._users.get(mb.user.address) is mb:
@@ -1086,7 +1118,7 @@ class MailStore:
         """INBOX messages in UID order (POP3 message numbers are positions in this list)."""
         mb = self.acquire(user)
         try:
-            return mb.pop_listing()
+            return mb.pop_listing()[0]
         finally:
             self.release(mb)
 
@@ -1111,7 +1143,7 @@ class MailStore:
         try:
             rows = mb.rows(INBOX, [uid])
             if uid not in rows:
-                raise StoreError("message was expunged", "EXPUNGEISSUED")
+                raise MessageGone("message was expunged")
             return mb.read(INBOX, rows[uid])
         finally:
             self.release(mb)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from postier.proto import sasl
 from postier.store.maildir import deliver_maildir
 
 from .conftest import PASSWORD, IMAPServer, RawIMAP
@@ -116,6 +117,80 @@ def test_imaplib_starttls_login(server: IMAPServer) -> None:
         assert any('"INBOX"' in n for n in names)
     finally:
         c.logout()
+
+
+class _ScramAuth:
+    """imaplib's authobject for SCRAM-SHA-256, built on the project's own client (proto/sasl.py)."""
+
+    def __init__(self, user: str, password: str):
+        self.client = sasl.ScramClient(user, password)
+        self.step = 0
+        self.verified = False
+
+    def __call__(self, challenge: bytes) -> bytes:
+        self.step += 1
+        if self.step == 1:
+            return self.client.first_message()
+        if self.step == 2:
+            return self.client.final_message(challenge)
+        self.verified = self.client.verify_server_final(challenge)
+        return b""
+
+
+def test_authenticate_scram_sha_256_with_imaplib(server: IMAPServer) -> None:
+    addr = server.user()
+    c = imaplib.IMAP4(*server.inst.addr("imap"))
+    try:
+        assert "AUTH=SCRAM-SHA-256" not in c.capabilities  # no mechanism before TLS
+        c.starttls(server.inst.client_ssl_context())
+        assert {"AUTH=SCRAM-SHA-256", "AUTH=PLAIN", "AUTH=LOGIN"} <= set(c.capabilities)
+        auth = _ScramAuth(addr, PASSWORD)
+        typ, _data = c.authenticate("SCRAM-SHA-256", auth)
+        assert typ == "OK" and auth.verified  # the server proved it knows the keys too
+        assert c.select("INBOX")[0] == "OK"
+    finally:
+        c.logout()
+    c = imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=server.inst.client_ssl_context())
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.authenticate("SCRAM-SHA-256", _ScramAuth(addr, "wrong-password"))
+    finally:
+        c.shutdown()
+
+
+def test_authenticate_scram_with_sasl_ir_and_login_mechanism(server: IMAPServer) -> None:
+    addr = server.user()
+    b64 = base64.b64encode
+    with server.client() as c:  # SASL-IR (RFC 4959): client-first in the command line
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        assert first.startswith(b"+ ")
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        final = c.line()
+        assert final.startswith(b"+ ") and scram.verify_server_final(base64.b64decode(final[2:].strip()))
+        c.send(b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK") and b"CAPABILITY" in t
+    with server.client() as c:  # LOGIN: user name, then password, as two challenges
+        c.send(b"a AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(addr.encode()) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(PASSWORD.encode()) + b"\r\n")
+        _u, t = c.until("a")
+        assert t.startswith(b"a OK")
+    with server.client() as c:  # a non-empty answer to the server's final message fails
+        scram = sasl.ScramClient(addr, PASSWORD)
+        c.send(b"a AUTHENTICATE SCRAM-SHA-256 " + b64(scram.first_message()) + b"\r\n")
+        first = c.line()
+        c.send(b64(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        assert c.line().startswith(b"+ ")
+        c.send(b64(b"more") + b"\r\n")
+        _u, t = c.until("a")
+        assert b"NO [AUTHENTICATIONFAILED]" in t
+        u, t = c.cmd("AUTHENTICATE DIGEST-MD5")
+        assert b"NO [CANNOT]" in t
 
 
 def test_per_user_connection_limit(server: IMAPServer) -> None:
@@ -286,6 +361,34 @@ def test_two_sessions_see_each_other(server: IMAPServer) -> None:
         assert b"* 2 EXPUNGE\r\n" in u
         u = b.ok("FETCH 2 (UID)")
         assert b"UID 3" in u[0]
+
+
+def test_store_of_flags_already_set_by_another_session(server: IMAPServer) -> None:
+    """Issue 11: a non-silent +FLAGS/-FLAGS where some messages already have the flags answered
+    NO [SERVERBUG]; now both sessions get OK and the FETCH shows the current flags."""
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        for _ in range(3):
+            append(a, "INBOX", MSG)
+        a.ok("SELECT INBOX")
+        b.ok("SELECT INBOX")
+        u = a.ok("STORE 1 +FLAGS (\\Deleted)")
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1 +FLAGS (\\Deleted)")  # already set by a: unchanged, still reported
+        assert any(x.startswith(b"* 1 FETCH") and b"\\Deleted" in x for x in u)
+        u = b.ok("STORE 1:3 +FLAGS (\\Seen \\Deleted)")  # a mix of changed and unchanged
+        assert sum(1 for x in u if b"FETCH" in x and b"\\Seen" in x and b"\\Deleted" in x) == 3
+        a.ok("NOOP")  # b's changes reach a here
+        u = a.ok("STORE 1:3 -FLAGS (\\Flagged)")  # nothing to remove: every message unchanged
+        assert sum(1 for x in u if b"FETCH" in x) == 3
+        # Both sessions, interleaved, setting and clearing the same flag on the same messages.
+        for i in range(10):
+            mode = "+" if i % 2 == 0 else "-"
+            for c in (a, b):
+                _u, t = c.cmd(f"STORE 1:* {mode}FLAGS (\\Answered)")
+                assert t.split(b" ")[1] == b"OK", t
+        _u, t = b.cmd("UID STORE 1:* +FLAGS.SILENT (\\Seen)")
+        assert t.split(b" ")[1] == b"OK", t
 
 
 def test_dropped_file_appears_on_noop(server: IMAPServer) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 from collections.abc import Iterator
 
 import pytest
+
+from postier.proto import sasl
 
 from .conftest import PASSWORD, IMAPServer, start_instance
 
@@ -74,4 +77,23 @@ def test_failed_logins_are_throttled(server: IMAPServer) -> None:
     assert greeting.startswith(b"* OK")
     s.sendall(b"a LOGIN %s %s\r\n" % (addr.encode(), PASSWORD.encode()))
     assert read_line(s).startswith(b"a OK")
+    s.close()
+
+
+def test_failed_scram_counts_in_the_throttle(server: IMAPServer) -> None:
+    addr = server.user()
+    s, _g = connect(server, "127.0.0.23")
+    replies = []
+    for i in range(3):
+        scram = sasl.ScramClient(addr, "wrong-password")
+        s.sendall(b"a%d AUTHENTICATE SCRAM-SHA-256 %s\r\n" % (i, base64.b64encode(scram.first_message())))
+        first = read_line(s)
+        assert first.startswith(b"+ "), first
+        s.sendall(base64.b64encode(scram.final_message(base64.b64decode(first[2:].strip()))) + b"\r\n")
+        replies.append(read_line(s))
+    assert b"AUTHENTICATIONFAILED" in replies[0] and b"AUTHENTICATIONFAILED" in replies[1]
+    assert replies[2].startswith(b"* BYE")  # the third failure ends the session
+    s.close()
+    s, greeting = connect(server, "127.0.0.23")
+    assert greeting.startswith(b"* BYE")
     s.close()

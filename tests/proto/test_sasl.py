@@ -261,3 +261,47 @@ def test_random_scram_final_never_raises(final: bytes) -> None:
     m.step(CLIENT_FIRST)
     m.scram_credentials(PENCIL)
     assert isinstance(m.step(CLIENT_FINAL[:20] + final), Failure)
+
+
+# -- the exchange every protocol runs (ServerExchange) ---------------------------------------------
+
+def _scram_exchange(password: str, final_answer: bytes) -> list[sasl.Outcome]:
+    creds = sasl.scram_credentials_from_password("user", salt=b"0123456789abcdef", iterations=4096)
+    ex = sasl.ServerExchange.for_name("scram-sha-256")
+    assert ex is not None and ex.name == "SCRAM-SHA-256"
+    client = sasl.ScramClient("user", password)
+    out = [ex.start(client.first_message())]
+    assert isinstance(out[-1], sasl.NeedScramCredentials)
+    out.append(ex.scram_credentials(creds))
+    first = out[-1]
+    assert isinstance(first, sasl.Challenge)
+    out.append(ex.respond(client.final_message(first.data)))
+    if isinstance(out[-1], sasl.Challenge):
+        out.append(ex.respond(final_answer))
+    return out
+
+
+def test_exchange_sends_scram_server_signature_as_last_challenge() -> None:
+    out = _scram_exchange("user", b"")
+    assert isinstance(out[2], sasl.Challenge) and out[2].data.startswith(b"v=")
+    assert out[3] == sasl.Success("user", "")  # additional data never reaches the protocol
+    out = _scram_exchange("user", b"extra")
+    assert isinstance(out[3], sasl.Failure)
+    out = _scram_exchange("wrong", b"")
+    assert isinstance(out[2], sasl.Failure) and len(out) == 3
+
+
+def test_exchange_for_name_respects_the_offer() -> None:
+    assert sasl.ServerExchange.for_name("PLAIN", ("SCRAM-SHA-256",)) is None
+    assert sasl.ServerExchange.for_name("CRAM-MD5") is None
+    ex = sasl.ServerExchange.for_name("plain", ("PLAIN",))
+    assert ex is not None
+    ask = ex.start(b"\0u\0p")
+    assert ask == sasl.NeedPasswordCheck("u", "p", "")
+    assert ex.password_result(True) == sasl.Success("u", "")
+
+
+def test_decode_response() -> None:
+    assert sasl.decode_response(b"") == b""
+    assert sasl.decode_response(base64.b64encode(b"x")) == b"x"
+    assert sasl.decode_response(b"not base64!") is None

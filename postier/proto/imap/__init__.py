@@ -45,7 +45,7 @@ from .commands import (
     Unsubscribe,
 )
 from .errors import ParseError
-from .mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .parser import parse_command, parse_date, parse_date_time
 from .reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
 from .seqset import SequenceSet

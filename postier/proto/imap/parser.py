@@ -57,7 +57,7 @@ from .commands import (
     Unsubscribe,
 )
 from .errors import ParseError
-from .mutf7 import Mutf7Error, mutf7_decode
+from ..mutf7 import Mutf7Error, mutf7_decode
 from .search import (
     AllKey,
     AndKey,

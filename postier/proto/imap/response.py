@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .mutf7 import mutf7_encode
+from ..mutf7 import mutf7_encode
 from .seqset import SequenceSet
 
 __all__ = [

@@ -149,9 +149,8 @@ class POP3Connection:
         self._awaiting: _Awaiting | None = None
         self._queued: Event | None = None
         self._user: str | None = None  # from USER, waiting for PASS
-        self._sasl: sasl.ServerMechanism | None = None
+        self._sasl: sasl.ServerExchange | None = None
         self._sasl_reading = False  # the next line is a SASL response, not a command
-        self._sasl_success: sasl.Success | None = None  # sent as last challenge, awaiting ""
         self._granted: list[_Message] | None = None  # maildrop from login_ok, before that last ""
         self._messages: list[_Message] = []
         self._encoder: MessageEncoder | None = None
@@ -464,14 +463,14 @@ class POP3Connection:
             self._out += encode_lines(self._mechanisms())
             return None
         name = args[0].upper()
-        mechanism = sasl.server_mechanism(name) if name in self._mechanisms() else None
+        mechanism = sasl.ServerExchange.for_name(name, tuple(self._mechanisms()))
         if mechanism is None:
             raise Pop3Error(R.ERR_UNSUPPORTED_MECHANISM)
         initial: bytes | None = None
         if len(args) == 2:
             initial = b"" if args[1] == "=" else _b64decode(args[1])  # RFC 5034 §4: "=" is empty
         self._sasl = mechanism
-        return self._sasl_outcome(mechanism.step(initial))
+        return self._sasl_outcome(mechanism.start(initial))
 
     def _sasl_response(self, line: bytes) -> Event | None:
         mechanism = self._sasl
@@ -480,18 +479,12 @@ class POP3Connection:
         if line == b"*":  # RFC 5034 §4: the client cancels
             self._end_sasl()
             raise Pop3Error(R.ERR_AUTH_CANCELLED)
-        if self._sasl_success is not None:  # the answer to the additional data must be empty
-            success, self._sasl_success = self._sasl_success, None
-            if line:
-                self._end_sasl()
-                raise Pop3Error(R.ERR_AUTH_FAILED)
-            return self._sasl_succeeded(success)
         try:
             data = _b64decode(line.decode("ascii")) if line else b""
         except (Pop3Error, UnicodeDecodeError):
             self._end_sasl()
             raise Pop3Error(R.ERR_BAD_BASE64) from None
-        return self._sasl_outcome(mechanism.step(data))
+        return self._sasl_outcome(mechanism.respond(data))
 
     def _sasl_outcome(self, outcome: sasl.Outcome) -> Event | None:
         mechanism = self._sasl
@@ -506,11 +499,6 @@ class POP3Connection:
             case sasl.NeedScramCredentials(username):
                 self._awaiting = _Awaiting.SCRAM
                 return ScramLookup(username)
-            case sasl.Success(additional=additional) if additional is not None:
-                # RFC 5034 §4: additional data with success goes out as a challenge, answered by ""
-                self._sasl_success = outcome
-                self._challenge(additional)
-                return None
             case sasl.Success():
                 return self._sasl_succeeded(outcome)
             case _:
@@ -536,7 +524,6 @@ class POP3Connection:
     def _end_sasl(self) -> None:
         self._sasl = None
         self._sasl_reading = False
-        self._sasl_success = None
         self._granted = None
 
     def _enter_transaction(self, messages: list[_Message]) -> None:

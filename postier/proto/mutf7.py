@@ -1,4 +1,5 @@
-"""Modified UTF-7 mailbox names (RFC 3501 §5.1.3), used by IMAP4rev1 clients.
+"""Modified UTF-7 mailbox names (RFC 3501 §5.1.3): IMAP4rev1 clients on the wire, Maildir++ folder
+directory names on disk (as Dovecot writes them), hence outside `proto.imap`.
 
 Written here because Python has no codec for it (the stdlib "utf-7" is RFC 2152 with a different
 shift character and alphabet). The decoder is strict so that every name has one spelling: it refuses
