@@ -120,11 +120,18 @@ async def build_services(config: Config) -> Services:
     return services
 
 
+def _web_mounts(services: Services) -> list[Callable[[Any], None]]:
+    """The browser applications mounted into the HTTPS app (the webmail under /mail/)."""
+    mount = _load("postier.web:mount")
+    return [] if mount is None else [lambda app: mount(app, services)]
+
+
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
     services = await build_services(config)
     listeners = ListenerSet(services, session_factories())
-    web = WebService(config, services.accounts, services.ssl_context, throttle.get(services))
+    web = WebService(config, services.accounts, services.ssl_context, throttle.get(services),
+                     mounts=_web_mounts(services))
     try:
         bound = await web.start()  # serving before the mail ports open: ready means all are up
         bound += await listeners.start()

@@ -1,0 +1,670 @@
+"""The webmail under /mail/ (RFC 9110 HTTP, RFC 6265 cookies): log in with the mail account, read,
+file and write mail in a browser, through the same store, throttle and submission pipeline as IMAP
+and port 587.
+
+Security model:
+- Login is the IMAP check (`Accounts.verify_password_async`, argon2) behind the IMAP/SMTP/POP3 login
+  throttle of `server.throttle`. The session lives on the server (`web.sessions`); the cookie is
+  `Secure; HttpOnly; SameSite=Strict; Path=/mail/`.
+- Every change is a POST carrying the session's CSRF token (form field `csrf` or header
+  `X-CSRF-Token`), and a POST whose Origin names another site is refused.
+- Every folder name, UID and part number comes from the request as a query or form value: folder
+  names must be one of the session user's own folders (as listed by the store), UIDs integers,
+  parts dotted numbers; the store for a request is always the session user's own.
+- Pages carry a strict Content-Security-Policy (scripts only from /mail/static/, no inline script),
+  `frame-ancestors 'none'`, nosniff and no referrer; message HTML is sanitized by nh3 (`web.render`)
+  and shown in a sandboxed iframe without scripts, under its own CSP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.policy
+import email.utils
+import logging
+import mimetypes
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from ..accounts import User
+from ..message.mime import decode_body, decode_transfer_encoding, parse_message
+from ..pipeline.inbound import Envelope
+from ..pipeline.submission import SubmissionPipeline
+from ..proto.smtp.address import Address, parse_path
+from ..proto.smtp.errors import AddressError
+from ..server import throttle as throttle_mod
+from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
+from ..store.errors import StoreError
+from ..store.index import FLAG_FLAGGED as _FLAGGED
+from ..store.index import FLAG_SEEN as _SEEN
+from ..store.maildir import MessageBody
+from ..store.mailbox import mailstore_for
+from . import render
+from .sessions import SessionTable, WebSession
+
+if TYPE_CHECKING:
+    from ..server.app import Services
+
+log = logging.getLogger("postier.webmail")
+
+__all__ = ["COOKIE", "PAGE_SIZE", "Webmail"]
+
+COOKIE = "postier_mail"
+PREFIX = "/mail/"
+PAGE_SIZE = 50
+MAX_FOLDER_NAME = 1000
+MAX_UPLOAD = 25 * 1024 * 1024  # a whole compose form, attachments included
+MAX_RECIPIENTS = 100
+SSE_SECONDS = 25.0  # one event stream lasts at most this long (under the request deadline); the browser reconnects
+HERE = Path(__file__).resolve().parent
+STATIC = {"webmail.js": "text/javascript", "webmail.css": "text/css", "blocked.svg": "image/svg+xml"}
+
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+            "frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+#: The sandboxed message body: no script at all, images only from us (or anywhere once asked for).
+BODY_CSP = ("default-src 'none'; img-src 'self' data:{remote}; style-src 'unsafe-inline'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+_INLINE_IMAGE = {"image/png", "image/gif", "image/jpeg", "image/webp"}
+_SAFE_FILENAME = re.compile(r"[^\w.\- ()\[\]]+")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AuthedHandler = Callable[[web.Request, WebSession, User], Awaitable[web.StreamResponse]]
+
+
+def _secure(resp: web.StreamResponse, csp: str = PAGE_CSP) -> web.StreamResponse:
+    h = resp.headers
+    h.setdefault("Content-Security-Policy", csp)
+    h["X-Content-Type-Options"] = "nosniff"
+    h["Referrer-Policy"] = "no-referrer"
+    h.setdefault("X-Frame-Options", "DENY")
+    h["Cache-Control"] = "no-store"
+    return resp
+
+
+class Webmail:
+    def __init__(self, services: Services):
+        self.services = services
+        self.config = services.config
+        self.accounts = services.accounts
+        self.throttle = throttle_mod.get(services)
+        self.store: MailStoreAPI = mailstore_for(services)
+        self.sessions = SessionTable()
+        self.spool = services.config.spool_dir / "incoming"
+        self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                                            autoescape=True, undefined=jinja2.StrictUndefined)
+
+    def mount(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/mail", self._wrap(self.root))
+        r.add_get("/mail/", self._wrap(self.root))
+        r.add_get("/mail/login", self._wrap(self.login_form))
+        r.add_post("/mail/login", self._wrap(self.login))
+        r.add_get("/mail/static/{name}", self._wrap(self.static))
+        for path, fn, method in (
+            ("/mail/folder", self.folder, "GET"), ("/mail/msg", self.message, "GET"),
+            ("/mail/body", self.body, "GET"), ("/mail/part", self.part, "GET"), ("/mail/cid", self.cid, "GET"),
+            ("/mail/events", self.events, "GET"), ("/mail/compose", self.compose_form, "GET"),
+            ("/mail/act", self.act, "POST"), ("/mail/send", self.send, "POST"),
+            ("/mail/remote", self.allow_remote, "POST"),
+            ("/mail/logout", self.logout, "POST"), ("/mail/logout-all", self.logout_all, "POST"),
+        ):
+            r.add_route(method, path, self._wrap(self._authed(fn)))
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _wrap(self, fn: Handler) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                resp = await fn(request)
+            except web.HTTPException as exc:
+                _secure(exc)
+                raise
+            if not resp.prepared:
+                _secure(resp)
+            return resp
+        return handler
+
+    def _authed(self, fn: AuthedHandler) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            s = self.sessions.get(request.cookies.get(COOKIE))
+            if s is None:
+                if request.method == "GET" and not request.path.startswith(("/mail/events", "/mail/body")):
+                    raise web.HTTPSeeOther("/mail/login")
+                raise web.HTTPForbidden(text="not logged in\n")
+            user = await asyncio.to_thread(self.accounts.get_user, s.address)
+            if user is None:  # the account was removed
+                self.sessions.drop_user(s.address)
+                raise web.HTTPSeeOther("/mail/login")
+            if request.method != "GET":
+                if not self._same_origin(request):
+                    raise web.HTTPForbidden(text="cross-site request refused\n")
+                token = request.headers.get("X-CSRF-Token")
+                if token is None and request.content_type in ("application/x-www-form-urlencoded",
+                                                              "multipart/form-data"):
+                    form = await request.post()
+                    v = form.get("csrf")
+                    token = v if isinstance(v, str) else None
+                if not s.csrf_ok(token):
+                    raise web.HTTPForbidden(text="missing or wrong CSRF token\n")
+            return await fn(request, s, user)
+        return handler
+
+    @staticmethod
+    def _same_origin(request: web.Request) -> bool:
+        """A POST's Origin (when the browser sends one) must be this site (RFC 6454 §7)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+
+    def _page(self, template: str, **ctx: Any) -> web.Response:
+        html = self.templates.get_template(template).render(**ctx)
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def _mailboxes(self, user: User) -> AsyncIterator[Mailboxes]:
+        def acquire() -> Mailboxes:
+            mb = self.store.acquire(user)
+            try:
+                mb.ensure_defaults()  # Sent, Drafts, Trash, Junk, Archive, as at an IMAP login
+            except BaseException:
+                self.store.release(mb)
+                raise
+            return mb
+        mb = await self.store.call(acquire)
+        try:
+            yield mb
+        finally:
+            self.store.release_later(mb)
+
+    @staticmethod
+    def _uid(value: str | None) -> int:
+        if value is None or not value.isdigit() or len(value) > 10 or not 0 < int(value) < 2**32:
+            raise web.HTTPBadRequest(text="bad message id\n")
+        return int(value)
+
+    async def _folders(self, mb: Mailboxes) -> list[FolderInfo]:
+        return await self.store.call(mb.list_folders)
+
+    async def _folder(self, mb: Mailboxes, name: str | None) -> str:
+        """`name` if it is one of this user's folders (exactly as the store lists it), else 404."""
+        if not name or len(name) > MAX_FOLDER_NAME:
+            raise web.HTTPNotFound(text="no such folder\n")
+        for f in await self._folders(mb):
+            if f.name == name:
+                return f.name
+        raise web.HTTPNotFound(text="no such folder\n")
+
+    @staticmethod
+    def _special(folders: list[FolderInfo], use: str, fallback: str) -> str | None:
+        for f in folders:
+            if f.special_use == use:
+                return f.name
+        return next((f.name for f in folders if f.name.lower() == fallback.lower()), None)
+
+    async def _raw(self, mb: Mailboxes, folder: str, uid: int) -> tuple[MessageRow, bytes]:
+        def read() -> tuple[MessageRow, bytes] | None:
+            row = mb.rows(folder, [uid]).get(uid)
+            if row is None:
+                return None
+            return row, mb.read(folder, row)
+        try:
+            got = await self.store.call(read)
+        except StoreError:
+            got = None
+        if got is None:
+            raise web.HTTPNotFound(text="no such message\n")
+        return got
+
+    # -- login ----------------------------------------------------------------------------------------
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        if self.sessions.get(request.cookies.get(COOKIE)) is None:
+            raise web.HTTPSeeOther("/mail/login")
+        raise web.HTTPSeeOther("/mail/folder?f=INBOX")
+
+    async def login_form(self, request: web.Request, error: str = "", status: int = 200) -> web.StreamResponse:
+        resp = self._page("login.html", error=error)
+        resp.set_status(status)
+        return resp
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        if not self._same_origin(request):
+            raise web.HTTPForbidden(text="cross-site request refused\n")
+        ip = request.remote or "?"
+        if self.throttle.blocked(ip):  # the same throttle as IMAP, POP3 and SMTP AUTH
+            return await self.login_form(request, "Too many failed logins; try again later.", 429)
+        form = await request.post()
+        address, password = form.get("address"), form.get("password")
+        user = None
+        if isinstance(address, str) and isinstance(password, str) and 0 < len(address) <= 320 \
+                and 0 < len(password) <= 1024:
+            user = await self.accounts.verify_password_async(address.strip(), password)
+        if user is None:
+            await self.throttle.penalize(ip)
+            log.info("webmail: failed login from %s", ip)
+            return await self.login_form(request, "Wrong address or password.", 401)
+        self.throttle.success(ip)
+        old = request.cookies.get(COOKIE)
+        self.sessions.drop(old)  # no session fixation: a fresh id at every login
+        sid, _s = self.sessions.create(user.address)
+        log.info("webmail: %s logged in from %s", user.address, ip)
+        resp = web.HTTPSeeOther("/mail/folder?f=INBOX")
+        resp.set_cookie(COOKIE, sid, path=PREFIX, secure=True, httponly=True, samesite="Strict")
+        raise resp
+
+    async def logout(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        self.sessions.drop(request.cookies.get(COOKIE))
+        resp = web.HTTPSeeOther("/mail/login")
+        resp.del_cookie(COOKIE, path=PREFIX, secure=True, httponly=True, samesite="Strict")
+        raise resp
+
+    async def logout_all(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        n = self.sessions.drop_user(user.address)
+        log.info("webmail: %s logged out everywhere (%d sessions)", user.address, n)
+        resp = web.HTTPSeeOther("/mail/login")
+        resp.del_cookie(COOKIE, path=PREFIX, secure=True, httponly=True, samesite="Strict")
+        raise resp
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        ctype = STATIC.get(name)  # a fixed list: nothing from the request reaches the file system
+        if ctype is None:
+            raise web.HTTPNotFound()
+        data = await asyncio.to_thread((HERE / "static" / name).read_bytes)
+        resp = web.Response(body=data, content_type=ctype)
+        _secure(resp)
+        resp.headers["Cache-Control"] = "private, max-age=300"
+        return resp
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    async def folder(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        q = request.query
+        page = int(q["p"]) if q.get("p", "").isdigit() and len(q["p"]) < 7 else 0
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, q.get("f", "INBOX"))
+            folders, (total, items) = await self.store.call(_folders_and_page, mb, name, page, PAGE_SIZE)
+        pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+        return self._page("folder.html", user=user.address, csrf=s.csrf, folders=folders, folder=name,
+                          items=items, page=page, pages=pages, total=total, q=_q)
+
+    async def message(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        q = request.query
+        uid = self._uid(q.get("u"))
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, q.get("f"))
+            folders = await self.store.call(_folder_counts, mb)
+            row, raw = await self._raw(mb, name, uid)
+            if not row.flags & _SEEN:
+                with contextlib.suppress(StoreError):
+                    await self.store.call(mb.store, name, [uid], "+FLAGS", ["\\Seen"])
+                self.store.notifier.notify(user.address, name)
+        v = render.view(raw)
+        remote = (name, uid) in s.remote_ok
+        blocked = 0
+        if v.html_part is not None and not remote:
+            root = parse_message(raw)
+            part = render.find(root, v.html_part)
+            if part is not None:
+                _h, blocked = render.sanitize_html(decode_body(part), lambda c: "", False)
+        flagged = bool(row.flags & _FLAGGED)
+        return self._page("message.html", user=user.address, csrf=s.csrf, folders=folders, folder=name, uid=uid,
+                          m=v, remote=remote, blocked=blocked, flagged=flagged, q=_q)
+
+    async def body(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """The sanitized HTML body, for the sandboxed iframe of the message page."""
+        q = request.query
+        uid = self._uid(q.get("u"))
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, q.get("f"))
+            _row, raw = await self._raw(mb, name, uid)
+        root = parse_message(raw)
+        part = render.find(root, q.get("p"))
+        if part is None or part.maintype != "text" or part.subtype != "html":
+            raise web.HTTPNotFound(text="no such part\n")
+        html = decode_body(part)[: render.MAX_HTML]
+        remote = (name, uid) in s.remote_ok
+
+        def cid_url(cid: str) -> str:
+            return "/mail/cid?" + urlencode({"f": name, "u": uid, "c": cid})
+        clean, _blocked = render.sanitize_html(html, cid_url, remote)
+        doc = ('<!DOCTYPE html><html><head><meta charset="utf-8"><base target="_blank">'
+               '<style>body{font-family:sans-serif;margin:8px;overflow-wrap:anywhere}img{max-width:100%}</style>'
+               f"</head><body>{clean}</body></html>")
+        resp = web.Response(text=doc, content_type="text/html", charset="utf-8")
+        csp = BODY_CSP.format(remote=" https: http:" if remote else "")
+        resp.headers["Content-Security-Policy"] = csp
+        resp.headers["X-Frame-Options"] = "SAMEORIGIN"
+        return resp
+
+    async def part(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """An attachment, always as a download (never rendered in our origin)."""
+        q = request.query
+        uid = self._uid(q.get("u"))
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, q.get("f"))
+            _row, raw = await self._raw(mb, name, uid)
+        root = parse_message(raw)
+        part = render.find(root, q.get("p"))
+        if part is None:
+            raise web.HTTPNotFound(text="no such part\n")
+        att = next((a for a in render.view(raw).attachments if a.part == q.get("p")), None)
+        filename = att.filename if att else f"part-{q.get('p')}"
+        data = _decoded(part)
+        resp = web.Response(body=data, content_type="application/octet-stream")
+        resp.headers["Content-Disposition"] = _attachment(filename)
+        resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+        return resp
+
+    async def cid(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """RFC 2392: an inline image of the message, referenced from its HTML as cid:..."""
+        q = request.query
+        uid = self._uid(q.get("u"))
+        cid = q.get("c", "")
+        if not cid or len(cid) > 500:
+            raise web.HTTPNotFound()
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, q.get("f"))
+            _row, raw = await self._raw(mb, name, uid)
+        part = render.cid_part(parse_message(raw), cid)
+        if part is None:
+            raise web.HTTPNotFound()
+        ctype = f"{part.maintype}/{part.subtype}"
+        if ctype not in _INLINE_IMAGE:  # SVG and everything else: not inline
+            ctype = "application/octet-stream"
+        resp = web.Response(body=_decoded(part), content_type=ctype)
+        resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+        return resp
+
+    async def allow_remote(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        form = await request.post()
+        uid = self._uid(_field(form, "u"))
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, _field(form, "f"))
+        if len(s.remote_ok) >= 1000:
+            s.remote_ok.clear()
+        s.remote_ok.add((name, uid))
+        raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uid))
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    async def act(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """Flags, move, delete (to Trash), junk / not junk on the selected messages of a folder."""
+        form = await request.post()
+        op = _field(form, "op")
+        uids = sorted({self._uid(v) for v in form.getall("u", []) if isinstance(v, str)})[:1000]
+        back = _field(form, "back")
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, _field(form, "f"))
+            folders = await self._folders(mb)
+            if not uids:
+                raise web.HTTPBadRequest(text="no message selected\n")
+            dest: str | None = None
+            flag_ops = {"read": ("+FLAGS", "\\Seen"), "unread": ("-FLAGS", "\\Seen"),
+                        "flag": ("+FLAGS", "\\Flagged"), "unflag": ("-FLAGS", "\\Flagged")}
+            try:
+                if op in flag_ops:
+                    mode, flag = flag_ops[op]
+                    await self.store.call(mb.store, name, uids, mode, [flag])
+                elif op == "move":
+                    dest = await self._folder(mb, _field(form, "dest"))
+                elif op == "delete":
+                    trash = self._special(folders, "\\Trash", "Trash")
+                    if trash is None or trash == name:  # already in the Trash: gone for good
+                        await self.store.call(mb.store, name, uids, "+FLAGS", ["\\Deleted"])
+                        await self.store.call(mb.expunge, name, uids)
+                    else:
+                        dest = trash
+                elif op == "junk":
+                    dest = self._special(folders, "\\Junk", "Junk")
+                    if dest is None:
+                        raise web.HTTPConflict(text="there is no Junk folder\n")
+                elif op == "notjunk":
+                    dest = "INBOX"
+                else:
+                    raise web.HTTPBadRequest(text="unknown action\n")
+                if dest is not None and dest != name:
+                    if op == "notjunk":
+                        await self.store.call(mb.store, name, uids, "-FLAGS", ["$Junk"])
+                    await self.store.call(mb.move, name, uids, dest)
+            except StoreError as exc:
+                raise web.HTTPConflict(text=f"{exc}\n") from None
+        self.store.notifier.notify(user.address, name)
+        if dest is not None:
+            self.store.notifier.notify(user.address, dest)
+        log.info("webmail: %s %s %d message(s) in %s%s", user.address, op, len(uids), name,
+                 f" to {dest}" if dest else "")
+        if back == "msg" and op in flag_ops and len(uids) == 1:
+            raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uids[0]))
+        raise web.HTTPSeeOther("/mail/folder?" + _q(f=name))
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    async def compose_form(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        q = request.query
+        mode = q.get("m", "")
+        to = cc = subject = text = in_reply_to = refs = ""
+        if mode in ("reply", "all", "fwd"):
+            uid = self._uid(q.get("u"))
+            async with self._mailboxes(user) as mb:
+                name = await self._folder(mb, q.get("f"))
+                _row, raw = await self._raw(mb, name, uid)
+            v = render.view(raw)
+            quoted = "\n".join("> " + line for line in (v.text or "").splitlines()[:2000])
+            if mode == "fwd":
+                subject = v.subject if v.subject.lower().startswith("fwd:") else f"Fwd: {v.subject}"
+                text = (f"\n\n---------- Forwarded message ----------\nFrom: {v.sender}\nDate: {v.date}\n"
+                        f"Subject: {v.subject}\nTo: {v.to}\n\n{v.text or ''}")
+            else:
+                subject = v.subject if v.subject.lower().startswith("re:") else f"Re: {v.subject}"
+                to = v.reply_to or v.sender
+                if mode == "all":
+                    mine = {a.lower() for a in await asyncio.to_thread(self.accounts.addresses_of, user)}
+                    others = [a for _n, a in email.utils.getaddresses([v.to, v.cc])
+                              if a and a.lower() not in mine]
+                    cc = ", ".join(dict.fromkeys(others))
+                in_reply_to = v.message_id
+                refs = f"{v.references} {v.message_id}".strip()
+                text = f"\n\nOn {v.date}, {v.sender} wrote:\n{quoted}\n"
+        return self._page("compose.html", user=user.address, csrf=s.csrf, to=to, cc=cc, subject=subject,
+                          text=text, in_reply_to=in_reply_to, references=refs, error="", folders=[], q=_q)
+
+    async def send(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """Send through the submission pipeline of port 587 (or save to Drafts), copy to Sent."""
+        if request.content_length is not None and request.content_length > MAX_UPLOAD:
+            raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, request.content_length)
+        form = await request.post()
+        to, cc, bcc = _field(form, "to"), _field(form, "cc"), _field(form, "bcc")
+        subject, text = _field(form, "subject")[:998], _field(form, "text")
+        draft = _field(form, "action") == "draft"
+
+        def again(error: str, status: int = 400) -> web.Response:
+            resp = self._page("compose.html", user=user.address, csrf=s.csrf, to=to, cc=cc, subject=subject,
+                              text=text, in_reply_to=_field(form, "in_reply_to"),
+                              references=_field(form, "references"), error=error, folders=[], q=_q)
+            resp.set_status(status)
+            return resp
+
+        rcpts: list[str] = []
+        heads: dict[str, list[str]] = {"To": [], "Cc": []}
+        for header, value in (("To", to), ("Cc", cc), ("Bcc", bcc)):
+            for _n, a in email.utils.getaddresses([value]) if value.strip() else []:
+                try:
+                    parse_path(f"<{a}>")
+                except AddressError:
+                    return again(f"Not an address: {a}")
+                rcpts.append(a)
+                if header != "Bcc":
+                    heads[header].append(a)
+        rcpts = list(dict.fromkeys(rcpts))
+        if not rcpts and not draft:
+            return again("Add at least one recipient.")
+        if len(rcpts) > MAX_RECIPIENTS:
+            return again(f"At most {MAX_RECIPIENTS} recipients.")
+        msg = EmailMessage(policy=email.policy.SMTP)
+        msg["From"] = user.address
+        if heads["To"]:
+            msg["To"] = ", ".join(heads["To"])
+        if heads["Cc"]:
+            msg["Cc"] = ", ".join(heads["Cc"])
+        msg["Subject"] = subject.replace("\r", " ").replace("\n", " ")
+        msg["Date"] = email.utils.formatdate(localtime=True)
+        msg["Message-ID"] = f"<{secrets.token_hex(12)}@{self.config.hostname}>"
+        for h, fld in (("In-Reply-To", "in_reply_to"), ("References", "references")):
+            v = _field(form, fld).replace("\r", " ").replace("\n", " ").strip()
+            if v and re.fullmatch(r"(<[^<>\s]{1,500}>\s*){1,50}", v):
+                msg[h] = v
+        msg["MIME-Version"] = "1.0"
+        msg.set_content(text.replace("\r\n", "\n"))
+        for f in form.getall("attach", []):
+            if isinstance(f, web.FileField) and f.filename:
+                data = f.file.read(MAX_UPLOAD + 1)
+                ctype = mimetypes.guess_type(f.filename)[0] or "application/octet-stream"
+                main, _, sub = ctype.partition("/")
+                msg.add_attachment(data, maintype=main, subtype=sub, filename=_SAFE_FILENAME.sub("_", f.filename)[:200])
+        data = msg.as_bytes()
+        if len(data) > self.config.limits.max_message_size:
+            return again("The message is too large.", 413)
+        async with self._mailboxes(user) as mb:
+            folders = await self._folders(mb)
+            if draft:
+                drafts = self._special(folders, "\\Drafts", "Drafts")
+                if drafts is None:
+                    return again("There is no Drafts folder.", 409)
+                await self.store.call(mb.append, drafts, data, ["\\Draft", "\\Seen"])
+                self.store.notifier.notify(user.address, drafts)
+                raise web.HTTPSeeOther("/mail/folder?" + _q(f=drafts))
+            error = await self._submit(request, user, rcpts, data)
+            if error:
+                return again(error, 422)
+            sent = self._special(folders, "\\Sent", "Sent")
+            if sent is not None:
+                try:
+                    await self.store.call(mb.append, sent, data, ["\\Seen"])
+                    self.store.notifier.notify(user.address, sent)
+                except StoreError as exc:
+                    log.warning("webmail: %s: copy to Sent failed: %s", user.address, exc)
+        raise web.HTTPSeeOther("/mail/folder?" + _q(f="INBOX", sent="1"))
+
+    async def _submit(self, request: web.Request, user: User, rcpts: list[str], data: bytes) -> str:
+        """Run the message through the port-587 pipeline (sender rights, DKIM, daily limit, queue);
+        returns "" when it was accepted, else the reason shown to the user."""
+        pipe = SubmissionPipeline(self.services, "submission")
+        env = Envelope(role="submission", peer_ip=request.remote or "127.0.0.1", helo="webmail", esmtp=True,
+                       tls="HTTPS", auth_user=user)
+        r = await pipe.on_mail(env, parse_path(f"<{user.address}>")[0], {})
+        if r.code >= 300:
+            return f"Refused: {r.text}"
+        for a in rcpts:
+            addr: Address = parse_path(f"<{a}>")[0]
+            r = await pipe.on_rcpt(env, addr, {})
+            if r.code >= 300:
+                return f"{a}: {r.text}"
+        body = MessageBody(self.spool)
+        try:
+            body.write(data)
+            replies = await pipe.on_message(env, body)
+        finally:
+            body.close()
+        bad = [r for r in replies if r.code >= 300]
+        if bad:
+            return f"Not sent: {bad[0].text}"
+        log.info("webmail: %s sent a message to %d recipient(s)", user.address, len(rcpts))
+        return ""
+
+    # -- live updates ---------------------------------------------------------------------------------
+
+    async def events(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """Server-sent events: "change" whenever the folder changes (the notifier of IMAP IDLE).
+        Each stream ends after SSE_SECONDS (the browser's EventSource reconnects by itself)."""
+        async with self._mailboxes(user) as mb:
+            name = await self._folder(mb, request.query.get("f"))
+            path = await self.store.call(mb.watch_path, name)
+            wake = asyncio.Event()
+            unwatch = self.store.notifier.watch(user.address, name, path, wake.set)
+            try:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+                _secure(resp)
+                await resp.prepare(request)
+                await resp.write(b"retry: 2000\n\n")
+                deadline = time.monotonic() + min(SSE_SECONDS, self.config.limits.command_timeout * 0.8)
+                while (left := deadline - time.monotonic()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), left)
+                    if wake.is_set():
+                        wake.clear()
+                        await resp.write(b"event: change\ndata: " + _q(f=name).encode() + b"\n\n")
+                return resp
+            finally:
+                unwatch()
+
+
+
+
+def _q(**kw: object) -> str:
+    return urlencode({k: str(v) for k, v in kw.items()})
+
+
+def _field(form: Any, name: str) -> str:
+    v = form.get(name)
+    return v if isinstance(v, str) else ""
+
+
+def _decoded(part: Any) -> bytes:
+    try:
+        return decode_transfer_encoding(part.body, part.encoding)
+    except ValueError:
+        return bytes(part.body)
+
+
+def _attachment(filename: str) -> str:
+    """RFC 6266 Content-Disposition: attachment, with an ASCII fallback and the UTF-8 name (RFC 8187)."""
+    ascii_name = _SAFE_FILENAME.sub("_", filename.encode("ascii", "replace").decode("ascii"))[:200] or "attachment"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename[:200], safe='')}"
+
+
+def _folder_counts(mb: Mailboxes) -> list[tuple[FolderInfo, int]]:
+    out = []
+    for f in mb.list_folders():
+        try:
+            out.append((f, mb.status(f.name).unseen))
+        except StoreError:
+            continue
+    return out
+
+
+def _folders_and_page(mb: Mailboxes, name: str, page: int, size: int
+                      ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]]]]:
+    """One worker-thread call: the folder list with unread counts, and one page of the message list,
+    newest first (only that page's rows and headers are read)."""
+    folders = _folder_counts(mb)
+    snap = mb.snapshot(name)
+    total = len(snap.uids)
+    hi = max(0, total - page * size)
+    lo = max(0, hi - size)
+    uids = list(reversed(snap.uids[lo:hi]))
+    rows = mb.rows(name, uids)
+    items = []
+    for uid in uids:
+        row = rows.get(uid)
+        if row is None:
+            continue
+        try:
+            head = mb.peek_header(name, row) or mb.read_header(name, row, 16384)
+        except (StoreError, OSError):
+            continue
+        info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")))
+        info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)
+        items.append(info)
+    return folders, (total, items)
