@@ -28,13 +28,15 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from multidict import MultiDict
 
 from ..accounts import User
 from ..message.mime import decode_body, decode_transfer_encoding, parse_message
@@ -151,9 +153,7 @@ class Webmail:
                 token = request.headers.get("X-CSRF-Token")
                 if token is None and request.content_type in ("application/x-www-form-urlencoded",
                                                               "multipart/form-data"):
-                    form = await request.post()
-                    v = form.get("csrf")
-                    token = v if isinstance(v, str) else None
+                    token = _field(await _form(request), "csrf") or None
                 if not s.csrf_ok(token):
                     raise web.HTTPForbidden(text="missing or wrong CSRF token\n")
             return await fn(request, s, user)
@@ -244,7 +244,7 @@ class Webmail:
         ip = request.remote or "?"
         if self.throttle.blocked(ip):  # the same throttle as IMAP, POP3 and SMTP AUTH
             return await self.login_form(request, "Too many failed logins; try again later.", 429)
-        form = await request.post()
+        form = await _form(request)
         address, password = form.get("address"), form.get("password")
         user = None
         if isinstance(address, str) and isinstance(password, str) and 0 < len(address) <= 320 \
@@ -388,7 +388,7 @@ class Webmail:
         return resp
 
     async def allow_remote(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
-        form = await request.post()
+        form = await _form(request)
         uid = self._uid(_field(form, "u"))
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, _field(form, "f"))
@@ -401,7 +401,7 @@ class Webmail:
 
     async def act(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """Flags, move, delete (to Trash), junk / not junk on the selected messages of a folder."""
-        form = await request.post()
+        form = await _form(request)
         op = _field(form, "op")
         uids = sorted({self._uid(v) for v in form.getall("u", []) if isinstance(v, str)})[:1000]
         back = _field(form, "back")
@@ -482,9 +482,7 @@ class Webmail:
 
     async def send(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """Send through the submission pipeline of port 587 (or save to Drafts), copy to Sent."""
-        if request.content_length is not None and request.content_length > MAX_UPLOAD:
-            raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, request.content_length)
-        form = await request.post()
+        form = await _form(request)
         to, cc, bcc = _field(form, "to"), _field(form, "cc"), _field(form, "bcc")
         subject, text = _field(form, "subject")[:998], _field(form, "text")
         draft = _field(form, "action") == "draft"
@@ -528,11 +526,10 @@ class Webmail:
         msg["MIME-Version"] = "1.0"
         msg.set_content(text.replace("\r\n", "\n"))
         for f in form.getall("attach", []):
-            if isinstance(f, web.FileField) and f.filename:
-                data = f.file.read(MAX_UPLOAD + 1)
+            if isinstance(f, Upload) and f.filename and f.data:
                 ctype = mimetypes.guess_type(f.filename)[0] or "application/octet-stream"
                 main, _, sub = ctype.partition("/")
-                msg.add_attachment(data, maintype=main, subtype=sub, filename=_SAFE_FILENAME.sub("_", f.filename)[:200])
+                msg.add_attachment(f.data, maintype=main, subtype=sub, filename=_SAFE_FILENAME.sub("_", f.filename)[:200])
         data = msg.as_bytes()
         if len(data) > self.config.limits.max_message_size:
             return again("The message is too large.", 413)
@@ -610,6 +607,48 @@ class Webmail:
                 unwatch()
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+_FORM_KEY = web.RequestKey("postier_webmail_form", MultiDict)
+
+
+async def _form(request: web.Request) -> MultiDict[str | Upload]:
+    """The POSTed form, read once. A multipart form (compose with attachments) is streamed here with
+    its own bound, MAX_UPLOAD in all, since the HTTP app's body limit is for small requests."""
+    if _FORM_KEY in request:
+        cached: MultiDict[str | Upload] = request[_FORM_KEY]
+        return cached
+    out: MultiDict[str | Upload] = MultiDict()
+    if request.content_type == "multipart/form-data":
+        if request.content_length is not None and request.content_length > MAX_UPLOAD:
+            raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, request.content_length)
+        reader = await request.multipart()
+        total = 0
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name or len(out) >= 200:
+                raise web.HTTPBadRequest(text="bad form\n")
+            data = bytearray()
+            while chunk := await part.read_chunk(65536):
+                total += len(chunk)
+                if total > MAX_UPLOAD:
+                    raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, total)
+                data += chunk
+            if part.filename is not None:
+                out.add(part.name, Upload(part.filename, bytes(data)))
+            else:
+                out.add(part.name, data.decode("utf-8", "replace"))
+    else:
+        for k, v in (await request.post()).items():
+            if isinstance(v, str):
+                out.add(k, v)
+    request[_FORM_KEY] = out
+    return out
 
 
 def _q(**kw: object) -> str:

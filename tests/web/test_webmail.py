@@ -5,6 +5,7 @@ Mail arrives over SMTP and sent mail is read back over IMAP.
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import re
 import smtplib
@@ -284,7 +285,9 @@ def test_send_goes_through_submission_and_is_kept_in_sent(inst: Instance) -> Non
     with client(inst) as c:
         login(c)
         token = csrf(c, "/mail/compose")
-        files = {"attach": ("notes.txt", b"attached bytes\n", "text/plain")}
+        big = bytes(range(256)) * 800  # 200 KiB: over the HTTP app's small-body limit, under the upload bound
+        files = [("attach", ("notes.txt", b"attached bytes\n", "text/plain")),
+                 ("attach", ("big.bin", big, "application/octet-stream"))]
         r = c.post("/mail/send", data={"csrf": token, "to": BOB, "subject": "hello from the web", "text": "hi bob",
                                        "action": "send"}, files=files)
         assert r.status_code == 303, r.text
@@ -312,6 +315,7 @@ def test_send_goes_through_submission_and_is_kept_in_sent(inst: Instance) -> Non
         assert isinstance(raw, bytes)
         assert b"From: alice@web.test" in raw and b"hi bob" in raw and b"notes.txt" in raw
         assert b"Received:" in raw  # added by the submission pipeline
+        assert b"big.bin" in raw and base64.b64encode(big[:57]) in raw
 
 
 def test_login_throttle_is_shared_with_imap(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -328,3 +332,22 @@ def test_login_throttle_is_shared_with_imap(tmp_path_factory: pytest.TempPathFac
             r = login(c)  # the right password, but this address has failed too often over IMAP
             assert r.status_code == 429
             assert "set-cookie" not in r.headers
+
+
+def test_live_updates_when_mail_arrives(inst: Instance) -> None:
+    with client(inst) as c:
+        login(c, BOB)
+        assert c.get("/mail/events", params={"f": "../x"}).status_code == 404
+        with c.stream("GET", "/mail/events", params={"f": "INBOX"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = r.iter_lines()
+            assert next(lines).startswith("retry:")
+            deliver(inst, BOB, plain(BOB, "live one"))
+            for _ in range(10):
+                line = next(lines)
+                if line == "event: change":
+                    break
+            else:
+                raise AssertionError("no change event")
+    with client(inst) as anon:
+        assert anon.get("/mail/events", params={"f": "INBOX"}).status_code == 403
