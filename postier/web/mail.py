@@ -7,7 +7,8 @@ Security model:
   throttle of `server.throttle`. The session lives on the server (`web.sessions`); the cookie is
   `Secure; HttpOnly; SameSite=Strict; Path=/mail/`.
 - Every change is a POST carrying the session's CSRF token (form field `csrf` or header
-  `X-CSRF-Token`), and a POST whose Origin names another site is refused.
+  `X-CSRF-Token`), and a POST that the browser says comes from another site (Sec-Fetch-Site, or
+  Origin) is refused, the login form's included.
 - Every folder name, UID and part number comes from the request as a query or form value: folder
   names must be one of the session user's own folders (as listed by the store), UIDs integers,
   parts dotted numbers; the store for a request is always the session user's own.
@@ -161,9 +162,14 @@ class Webmail:
 
     @staticmethod
     def _same_origin(request: web.Request) -> bool:
-        """A POST's Origin (when the browser sends one) must be this site (RFC 6454 §7)."""
+        """Is this POST from our own pages? Fetch metadata first (Sec-Fetch-Site, sent whatever the
+        referrer policy), then Origin (RFC 6454 §7; "null" under our no-referrer policy, which leaves
+        the decision to the CSRF token)."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site == "same-origin"
         origin = request.headers.get("Origin")
-        if origin is None:
+        if origin is None or origin == "null":
             return True
         return urlsplit(origin).netloc.lower() == (request.host or "").lower()
 

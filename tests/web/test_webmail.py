@@ -152,6 +152,9 @@ def test_state_changes_need_the_csrf_token(inst: Instance) -> None:
         r = c.post("/mail/act", data={"f": "INBOX", "u": str(uid), "op": "flag", "csrf": token},
                    headers={"Origin": "https://evil.invalid"})
         assert r.status_code == 403
+        r = c.post("/mail/act", data={"f": "INBOX", "u": str(uid), "op": "flag", "csrf": token},
+                   headers={"Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 403
         assert c.get("/mail/act").status_code == 405  # changes are POST only
         assert c.post("/mail/logout").status_code == 403
         r = c.post("/mail/act", data={"f": "INBOX", "u": str(uid), "op": "flag", "csrf": token})
