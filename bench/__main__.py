@@ -12,6 +12,7 @@ BENCHMARKS = {
     "imap": "bench.imap_bench",
     "pop3": "bench.pop3_bench",
     "load": "bench.load",
+    "webmail": "bench.webmail_bench",
 }
 
 

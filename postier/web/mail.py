@@ -127,6 +127,7 @@ class Webmail:
 
     def _wrap(self, fn: Handler) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
+            t0 = time.perf_counter()
             try:
                 resp = await fn(request)
             except web.HTTPException as exc:
@@ -134,6 +135,8 @@ class Webmail:
                 raise
             if not resp.prepared:
                 _secure(resp)
+                # W3C Server Timing: the server's own time for this request (bench/webmail_bench.py)
+                resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
             return resp
         return handler
 
