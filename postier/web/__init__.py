@@ -1,4 +1,5 @@
-"""The browser side of postier: the webmail under /mail/ (`web.mail`), mounted into the HTTPS app."""
+"""The browser side of postier: the webmail under /mail/ (`web.mail`) and the admin console under
+/admin/ (`web.admin`), mounted into the HTTPS app."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ __all__ = ["mount"]
 
 
 def mount(app: web.Application, services: Services) -> None:
-    """Add the webmail's routes (all under /mail/) to the HTTP application."""
+    """Add the webmail's routes (under /mail/) and the admin console's (under /admin/) to the HTTP app."""
+    from .admin import AdminConsole
     from .mail import Webmail
 
-    Webmail(services).mount(app)
+    webmail = Webmail(services)
+    webmail.mount(app)
+    AdminConsole(webmail).mount(app)

@@ -84,6 +84,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AuthedHandler = Callable[[web.Request, WebSession, User], Awaitable[web.StreamResponse]]
 
 
+@dataclass
+class Area:
+    """A part of the site with its own login, cookie and sessions: the webmail (/mail/) or the admin
+    console (/admin/, only for accounts flagged admin)."""
+
+    prefix: str  # "/mail/"
+    cookie: str
+    landing: str  # where a login leads
+    sessions: SessionTable
+    admin: bool = False
+    name: str = "webmail"
+
+    @property
+    def login_path(self) -> str:
+        return self.prefix + "login"
+
+
 def _secure(resp: web.StreamResponse, csp: str = PAGE_CSP) -> web.StreamResponse:
     h = resp.headers
     h.setdefault("Content-Security-Policy", csp)
@@ -101,17 +118,15 @@ class Webmail:
         self.accounts = services.accounts
         self.throttle = throttle_mod.get(services)
         self.store: MailStoreAPI = mailstore_for(services)
-        self.sessions = SessionTable()
+        self.area = Area(PREFIX, COOKIE, "/mail/folder?f=INBOX", SessionTable())
+        self.sessions = self.area.sessions
         self.spool = services.config.spool_dir / "incoming"
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
 
     def mount(self, app: web.Application) -> None:
         r = app.router
-        r.add_get("/mail", self._wrap(self.root))
-        r.add_get("/mail/", self._wrap(self.root))
-        r.add_get("/mail/login", self._wrap(self.login_form))
-        r.add_post("/mail/login", self._wrap(self.login))
+        self.add_login_routes(app, self.area)
         r.add_get("/mail/static/{name}", self._wrap(self.static))
         for path, fn, method in (
             ("/mail/folder", self.folder, "GET"), ("/mail/msg", self.message, "GET"),
@@ -119,9 +134,8 @@ class Webmail:
             ("/mail/events", self.events, "GET"), ("/mail/compose", self.compose_form, "GET"),
             ("/mail/act", self.act, "POST"), ("/mail/send", self.send, "POST"),
             ("/mail/remote", self.allow_remote, "POST"),
-            ("/mail/logout", self.logout, "POST"), ("/mail/logout-all", self.logout_all, "POST"),
         ):
-            r.add_route(method, path, self._wrap(self._authed(fn)))
+            r.add_route(method, path, self._wrap(self._authed(fn, self.area)))
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -140,17 +154,17 @@ class Webmail:
             return resp
         return handler
 
-    def _authed(self, fn: AuthedHandler) -> Handler:
+    def _authed(self, fn: AuthedHandler, area: Area) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            s = self.sessions.get(request.cookies.get(COOKIE))
+            s = area.sessions.get(request.cookies.get(area.cookie))
             if s is None:
                 if request.method == "GET" and not request.path.startswith(("/mail/events", "/mail/body")):
-                    raise web.HTTPSeeOther("/mail/login")
+                    raise web.HTTPSeeOther(area.login_path)
                 raise web.HTTPForbidden(text="not logged in\n")
             user = await asyncio.to_thread(self.accounts.get_user, s.address)
-            if user is None:  # the account was removed
-                self.sessions.drop_user(s.address)
-                raise web.HTTPSeeOther("/mail/login")
+            if user is None or (area.admin and not await asyncio.to_thread(self.accounts.is_admin, s.address)):
+                area.sessions.drop_user(s.address)  # the account was removed, or is no longer admin
+                raise web.HTTPSeeOther(area.login_path)
             if request.method != "GET":
                 if not self._same_origin(request):
                     raise web.HTTPForbidden(text="cross-site request refused\n")
@@ -237,52 +251,74 @@ class Webmail:
 
     # -- login ----------------------------------------------------------------------------------------
 
-    async def root(self, request: web.Request) -> web.StreamResponse:
-        if self.sessions.get(request.cookies.get(COOKIE)) is None:
-            raise web.HTTPSeeOther("/mail/login")
-        raise web.HTTPSeeOther("/mail/folder?f=INBOX")
+    def add_login_routes(self, app: web.Application, area: Area) -> None:
+        """PREFIX, PREFIX + login (GET form, POST check), logout and logout-all for one area."""
 
-    async def login_form(self, request: web.Request, error: str = "", status: int = 200) -> web.StreamResponse:
-        resp = self._page("login.html", error=error)
+        async def root(request: web.Request) -> web.StreamResponse:
+            if area.sessions.get(request.cookies.get(area.cookie)) is None:
+                raise web.HTTPSeeOther(area.login_path)
+            raise web.HTTPSeeOther(area.landing)
+
+        async def form(request: web.Request) -> web.StreamResponse:
+            return self._login_page(area)
+
+        async def login(request: web.Request) -> web.StreamResponse:
+            return await self._login(request, area)
+
+        async def logout(request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+            area.sessions.drop(request.cookies.get(area.cookie))
+            return self._logged_out(area)
+
+        async def logout_all(request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+            n = area.sessions.drop_user(user.address)
+            log.info("%s: %s logged out everywhere (%d sessions)", area.name, user.address, n)
+            return self._logged_out(area)
+
+        r = app.router
+        r.add_get(area.prefix.rstrip("/"), self._wrap(root))
+        r.add_get(area.prefix, self._wrap(root))
+        r.add_get(area.login_path, self._wrap(form))
+        r.add_post(area.login_path, self._wrap(login))
+        r.add_post(area.prefix + "logout", self._wrap(self._authed(logout, area)))
+        r.add_post(area.prefix + "logout-all", self._wrap(self._authed(logout_all, area)))
+
+    def _login_page(self, area: Area, error: str = "", status: int = 200) -> web.Response:
+        resp = self._page("login.html", error=error, action=area.login_path,
+                          heading="Administration" if area.admin else "Log in")
         resp.set_status(status)
         return resp
 
-    async def login(self, request: web.Request) -> web.StreamResponse:
+    @staticmethod
+    def _logged_out(area: Area) -> web.StreamResponse:
+        resp = web.HTTPSeeOther(area.login_path)
+        resp.del_cookie(area.cookie, path=area.prefix, secure=True, httponly=True, samesite="Strict")
+        raise resp
+
+    async def _login(self, request: web.Request, area: Area) -> web.StreamResponse:
         if not self._same_origin(request):
             raise web.HTTPForbidden(text="cross-site request refused\n")
         ip = request.remote or "?"
         if self.throttle.blocked(ip):  # the same throttle as IMAP, POP3 and SMTP AUTH
-            return await self.login_form(request, "Too many failed logins; try again later.", 429)
+            return self._login_page(area, "Too many failed logins; try again later.", 429)
         form = await _form(request)
         address, password = form.get("address"), form.get("password")
         user = None
         if isinstance(address, str) and isinstance(password, str) and 0 < len(address) <= 320 \
                 and 0 < len(password) <= 1024:
             user = await self.accounts.verify_password_async(address.strip(), password)
+        if user is not None and area.admin and not await asyncio.to_thread(self.accounts.is_admin, user.address):
+            log.info("%s: %s is not an admin (from %s)", area.name, user.address, ip)
+            user = None  # counted as a failure: the same answer as a wrong password
         if user is None:
             await self.throttle.penalize(ip)
-            log.info("webmail: failed login from %s", ip)
-            return await self.login_form(request, "Wrong address or password.", 401)
+            log.info("%s: failed login from %s", area.name, ip)
+            return self._login_page(area, "Wrong address or password.", 401)
         self.throttle.success(ip)
-        old = request.cookies.get(COOKIE)
-        self.sessions.drop(old)  # no session fixation: a fresh id at every login
-        sid, _s = self.sessions.create(user.address)
-        log.info("webmail: %s logged in from %s", user.address, ip)
-        resp = web.HTTPSeeOther("/mail/folder?f=INBOX")
-        resp.set_cookie(COOKIE, sid, path=PREFIX, secure=True, httponly=True, samesite="Strict")
-        raise resp
-
-    async def logout(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
-        self.sessions.drop(request.cookies.get(COOKIE))
-        resp = web.HTTPSeeOther("/mail/login")
-        resp.del_cookie(COOKIE, path=PREFIX, secure=True, httponly=True, samesite="Strict")
-        raise resp
-
-    async def logout_all(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
-        n = self.sessions.drop_user(user.address)
-        log.info("webmail: %s logged out everywhere (%d sessions)", user.address, n)
-        resp = web.HTTPSeeOther("/mail/login")
-        resp.del_cookie(COOKIE, path=PREFIX, secure=True, httponly=True, samesite="Strict")
+        area.sessions.drop(request.cookies.get(area.cookie))  # no session fixation: a fresh id at every login
+        sid, _s = area.sessions.create(user.address)
+        log.info("%s: %s logged in from %s", area.name, user.address, ip)
+        resp = web.HTTPSeeOther(area.landing)
+        resp.set_cookie(area.cookie, sid, path=area.prefix, secure=True, httponly=True, samesite="Strict")
         raise resp
 
     async def static(self, request: web.Request) -> web.StreamResponse:
