@@ -339,7 +339,7 @@ class Webmail:
         page = int(q["p"]) if q.get("p", "").isdigit() and len(q["p"]) < 7 else 0
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f", "INBOX"))
-            folders, (total, items) = await self.store.call(_folders_and_page, mb, name, page, PAGE_SIZE)
+            folders, (total, items) = await self.store.call(_folders_and_page, mb, user.address, name, page, PAGE_SIZE)
         pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
         return self._page("folder.html", user=user.address, csrf=s.csrf, folders=folders, folder=name,
                           items=items, page=page, pages=pages, total=total, q=_q)
@@ -349,7 +349,7 @@ class Webmail:
         uid = self._uid(q.get("u"))
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f"))
-            folders = await self.store.call(_folder_counts, mb)
+            folders = await self.store.call(_folder_counts, mb, user.address)
             row, raw = await self._raw(mb, name, uid)
             if not row.flags & _SEEN:
                 with contextlib.suppress(StoreError):
@@ -718,21 +718,39 @@ def _attachment(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename[:200], safe='')}"
 
 
-def _folder_counts(mb: Mailboxes) -> list[tuple[FolderInfo, int]]:
+#: (user, folder) -> (the folder's state stamp, unseen count): counting the unseen messages of a
+#: 100,000-message folder is a scan of its index rows, so it is redone only when the folder changed
+#: (new UIDs, expunges and flag changes all move UIDNEXT, the message count or HIGHESTMODSEQ).
+_UNSEEN: dict[tuple[str, str], tuple[tuple[int, int, int, int], int]] = {}
+_UNSEEN_MAX = 50_000
+
+
+def _folder_counts(mb: Mailboxes, user: str) -> list[tuple[FolderInfo, int]]:
+    """Every folder of `user` with its unseen count (RFC 9051 §6.3.11 STATUS UNSEEN)."""
     out = []
     for f in mb.list_folders():
         try:
-            out.append((f, mb.status(f.name).unseen))
+            snap = mb.snapshot(f.name)
+            stamp = (snap.uidvalidity, snap.uidnext, snap.highestmodseq, len(snap.uids))
+            hit = _UNSEEN.get((user, f.name))
+            if hit is not None and hit[0] == stamp:
+                unseen = hit[1]
+            else:
+                unseen = mb.status(f.name).unseen
+                if len(_UNSEEN) >= _UNSEEN_MAX:
+                    _UNSEEN.clear()
+                _UNSEEN[(user, f.name)] = (stamp, unseen)
+            out.append((f, unseen))
         except StoreError:
             continue
     return out
 
 
-def _folders_and_page(mb: Mailboxes, name: str, page: int, size: int
+def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int
                       ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]]]]:
     """One worker-thread call: the folder list with unread counts, and one page of the message list,
     newest first (only that page's rows and headers are read)."""
-    folders = _folder_counts(mb)
+    folders = _folder_counts(mb, user)
     snap = mb.snapshot(name)
     total = len(snap.uids)
     hi = max(0, total - page * size)

@@ -253,12 +253,25 @@ def test_attachments_download_as_octet_stream(inst: Instance) -> None:
         assert r.content == b"<html><script>alert(1)</script></html>"
 
 
-def test_plain_text_is_escaped(inst: Instance) -> None:
+def unread(c: httpx.Client, folder: str = "INBOX") -> int:
+    page = c.get("/mail/folder", params={"f": folder}).text
+    m = re.search(r'f=' + folder + r'"[^>]*>' + folder + r'</a> <span class="count" aria-label="(\d+) unread"', page)
+    return int(m.group(1)) if m else 0
+
+
+def test_plain_text_is_escaped_and_reading_marks_read(inst: Instance) -> None:
     with client(inst) as c:
         login(c)
         uid = uids(c)["first message"]
+        token = csrf(c)
+        assert c.post("/mail/act", data={"f": "INBOX", "u": str(uid), "op": "unread", "csrf": token}).status_code == 303
+        count = unread(c)
+        assert count >= 1
         r = c.get("/mail/msg", params={"f": "INBOX", "u": str(uid)})
         assert "plain &lt;b&gt;text&lt;/b&gt; &amp; more" in r.text
+        assert unread(c) == count - 1  # the unread count follows flag changes (cached per folder state)
+        assert c.post("/mail/act", data={"f": "INBOX", "u": str(uid), "op": "unread", "csrf": token}).status_code == 303
+        assert unread(c) == count
 
 
 def test_move_delete_junk(inst: Instance) -> None:
