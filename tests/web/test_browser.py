@@ -27,7 +27,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
@@ -208,3 +208,32 @@ def test_compose_reaches_another_user(inst: Instance, browser: webdriver.Chrome)
         first = msg[0]
         assert isinstance(first, tuple)
         assert b"Typed in Chromium." in first[1]
+
+
+def test_new_mail_is_announced_without_reloading(inst: Instance, browser: webdriver.Chrome) -> None:
+    browser.get(url(inst, "/mail/folder?f=INBOX"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    live = browser.find_element(By.ID, "live")
+    assert not live.is_displayed()
+    # the server watches the folder before it answers the page's event stream
+    wait(browser).until(lambda d: live.get_attribute("data-stream") == "open")
+    m = EmailMessage()
+    m["From"] = "Sender <sender@elsewhere.invalid>"
+    m["To"] = ALICE
+    m["Subject"] = "arrives while looking"
+    m.set_content("live")
+    deliver(inst, ALICE, m)
+    wait(browser).until(EC.visibility_of_element_located((By.ID, "live")))
+
+
+def test_move_to_a_folder(inst: Instance, browser: webdriver.Chrome) -> None:
+    browser.get(url(inst, "/mail/folder?f=INBOX"))
+    wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "plain hello")))
+    row = browser.find_element(By.XPATH, "//tr[.//a[text()='plain hello']]")
+    row.find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
+    Select(browser.find_element(By.ID, "dest")).select_by_visible_text("Archive")
+    browser.find_element(By.CSS_SELECTOR, "button[value=move]").click()
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    assert "plain hello" not in browser.page_source
+    browser.get(url(inst, "/mail/folder?f=Archive"))
+    wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "plain hello")))

@@ -25,5 +25,6 @@
   if (h && live && window.EventSource) {
     var es = new EventSource("/mail/events?f=" + encodeURIComponent(h.getAttribute("data-folder")));
     es.addEventListener("change", function () { live.hidden = false; });
+    es.addEventListener("open", function () { live.setAttribute("data-stream", "open"); });
   }
 })();
