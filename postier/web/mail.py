@@ -356,6 +356,9 @@ class Webmail:
                     await self.store.call(mb.store, name, [uid], "+FLAGS", ["\\Seen"])
                 self.store.notifier.notify(user.address, name)
         v = render.view(raw)
+        domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
+        badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
+                                  self.config.authserv_id, domains)
         remote = (name, uid) in s.remote_ok
         blocked = 0
         if v.html_part is not None and not remote:
@@ -365,7 +368,7 @@ class Webmail:
                 _h, blocked = render.sanitize_html(decode_body(part), lambda c: "", False)
         flagged = bool(row.flags & _FLAGGED)
         return self._page("message.html", user=user.address, csrf=s.csrf, folders=folders, folder=name, uid=uid,
-                          m=v, remote=remote, blocked=blocked, flagged=flagged, q=_q)
+                          m=v, remote=remote, blocked=blocked, flagged=flagged, badge=badge, q=_q)
 
     async def body(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """The sanitized HTML body, for the sandboxed iframe of the message page."""

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import authres  # type: ignore[import-untyped]  # no type information shipped
 import nh3
 
 from ..message.mime import Part, decode_body, decode_header_text, parse_message, parse_params
 from ..message.sections import find_part
 
-__all__ = ["BLOCKED_IMAGE", "Attachment", "MessageView", "find", "parse_part_id", "sanitize_html", "summarize",
+__all__ = ["BLOCKED_IMAGE", "Attachment", "AuthBadge", "MessageView", "auth_badge", "find", "parse_part_id", "sanitize_html", "summarize",
            "view"]
 
 #: Shown instead of a remote image until the user asks for remote content.
@@ -84,6 +85,40 @@ class MessageView:
     text: str | None  # the text/plain body (or None)
     html_part: str | None  # part number of the text/html body to show in the iframe
     attachments: list[Attachment] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthBadge:
+    """What our own Authentication-Results field (RFC 8601) says of a message, for the reader."""
+
+    results: tuple[tuple[str, str], ...]  # (method, result): ("spf", "pass"), ("dkim", "fail"), ...
+    own_domain_forged: bool  # From names one of our domains, yet DMARC did not pass
+
+    @property
+    def ok(self) -> bool:
+        return any(m == "dmarc" and r == "pass" for m, r in self.results) and not self.own_domain_forged
+
+
+def auth_badge(raw: bytes, authserv_id: str, local_domains: set[str]) -> AuthBadge | None:
+    """The badge from the first Authentication-Results field carrying our authserv-id (forged ones
+    with that id are removed at delivery, RFC 8601 §5), or None when there is none (local mail)."""
+    root = parse_message(raw)
+    for f in root.headers("authentication-results"):
+        value = f.unfolded().decode("utf-8", "replace")
+        try:
+            h = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value)
+        except Exception:  # authres raises its own and ValueError-like errors on malformed fields
+            continue
+        if str(h.authserv_id).lower() != authserv_id.lower():
+            continue
+        results = tuple((str(r.method).lower(), str(r.result).lower()) for r in h.results)[:10]
+        if not results:  # "none": no method applied (mail authentication is off)
+            return None
+        sender = root.first("from") or b""
+        domains = {a.rpartition("@")[2].lower() for _n, a in email.utils.getaddresses([decode_header_text(sender)])}
+        dmarc_pass = any(m == "dmarc" and r == "pass" for m, r in results)
+        return AuthBadge(results, bool(domains & local_domains) and not dmarc_pass)
+    return None
 
 
 def parse_part_id(value: str | None) -> tuple[int, ...] | None:
@@ -201,6 +236,8 @@ def sanitize_html(html: str, cid_url: Callable[[str], str], remote: bool) -> tup
         nonlocal blocked
         v = value.strip()
         low = v.lower()
+        if name == "style" and ("expression" in low or "url(" in low or "\\" in low or "@" in low):
+            return None  # old IE script in CSS, remote loads, escapes that hide either: the whole attribute goes
         if tag == "a" and name == "href":
             return v if low.startswith(("http://", "https://", "mailto:")) else None
         if tag == "img" and name == "src":

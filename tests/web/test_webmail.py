@@ -274,6 +274,20 @@ def test_plain_text_is_escaped_and_reading_marks_read(inst: Instance) -> None:
         assert unread(c) == count
 
 
+def test_forged_authentication_results_never_make_a_badge(inst: Instance) -> None:
+    m = EmailMessage()
+    m["Authentication-Results"] = f"{HOST}; spf=pass smtp.mailfrom={DOMAIN}; dkim=pass; dmarc=pass header.from={DOMAIN}"
+    m["From"] = f"The Boss <boss@{DOMAIN}>"
+    m["To"] = BOB
+    m["Subject"] = "forged results"
+    m.set_content("pay this invoice")
+    deliver(inst, BOB, m)  # RFC 8601 §5: a field claiming our authserv-id is removed at delivery
+    with client(inst) as c:
+        login(c, BOB)
+        page = c.get("/mail/msg", params={"f": "INBOX", "u": str(uids(c)["forged results"])}).text
+        assert "DMARC pass" not in page and "SPF pass" not in page
+
+
 def test_move_delete_junk(inst: Instance) -> None:
     deliver(inst, BOB, plain(BOB, "to move"))
     deliver(inst, BOB, plain(BOB, "to delete"))
