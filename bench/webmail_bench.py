@@ -8,6 +8,8 @@ answer (the server's own time, without TLS or the client):
   * the same page again (warm), R times: median and maximum,
   * a deep page (page 1000: messages 50,000-50,049 from the top),
   * opening one message,
+  * a search (From/To/Cc/Subject) that fills a page from the newest messages, and one that must
+    read every header,
 
 then the process RSS growth for S more logged-in sessions (each with one folder page viewed).
 
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 page = c.get("/mail/folder", params={"f": "INBOX"}).text
                 uid = page.split("/mail/msg?f=INBOX&amp;u=")[1].split('"')[0]
                 opened = [server_ms(c.get("/mail/msg", params={"f": "INBOX", "u": uid})) for _ in range(args.repeats)]
+                common = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "note"}))
+                rare = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "report 12340 x"}))
                 before = rss_kib(inst.proc.pid)
                 sessions = []
                 for _ in range(args.sessions):
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  first page, warm   median / max  {statistics.median(warm):8.1f} / {max(warm):.1f}")
             print(f"  page 1000          median / max  {statistics.median(deep):8.1f} / {max(deep):.1f}")
             print(f"  open a message     median / max  {statistics.median(opened):8.1f} / {max(opened):.1f}")
+            print(f"  search 'note' (a page of matches among the newest)  {common:8.1f}")
+            print(f"  search 'report 12340 x' (one match: every header)   {rare:8.1f}")
             print(f"  RSS growth for {args.sessions} more sessions: {after - before} KiB "
                   f"({(after - before) / max(1, args.sessions):.1f} KiB each)")
         finally:

@@ -28,7 +28,7 @@ import mimetypes
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -45,7 +45,10 @@ from ..pipeline.inbound import Envelope
 from ..pipeline.submission import SubmissionPipeline
 from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
+from ..message.matching import SearchContext
+from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..server import throttle as throttle_mod
+from ..server.imapfetch import run_search
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
 from ..store.index import FLAG_FLAGGED as _FLAGGED
@@ -68,6 +71,9 @@ PAGE_SIZE = 50
 MAX_FOLDER_NAME = 1000
 MAX_UPLOAD = 25 * 1024 * 1024  # a whole compose form, attachments included
 MAX_RECIPIENTS = 100
+SEARCH_BATCH = 5000  # messages per evaluator call, as IMAP SEARCH
+SEARCH_SECONDS = 10.0  # a search that finds too little stops after this long (the page says so)
+MAX_QUERY = 200
 SSE_SECONDS = 25.0  # one event stream lasts at most this long (under the request deadline); the browser reconnects
 HERE = Path(__file__).resolve().parent
 STATIC = {"webmail.js": "text/javascript", "webmail.css": "text/css", "blocked.svg": "image/svg+xml"}
@@ -337,12 +343,16 @@ class Webmail:
     async def folder(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         q = request.query
         page = int(q["p"]) if q.get("p", "").isdigit() and len(q["p"]) < 7 else 0
+        query = " ".join(q.get("q", "").split())[:MAX_QUERY]
+        body = q.get("b") == "1"
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f", "INBOX"))
-            folders, (total, items) = await self.store.call(_folders_and_page, mb, user.address, name, page, PAGE_SIZE)
-        pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+            folders, (total, items, more) = await self.store.call(
+                _folders_and_page, mb, user.address, name, page, PAGE_SIZE, query, body)
+        pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE) + (1 if more else 0)
         return self._page("folder.html", user=user.address, csrf=s.csrf, folders=folders, folder=name,
-                          items=items, page=page, pages=pages, total=total, q=_q)
+                          items=items, page=page, pages=pages, total=total, query=query, body=body, more=more,
+                          q=_q)
 
     async def message(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         q = request.query
@@ -749,16 +759,24 @@ def _folder_counts(mb: Mailboxes, user: str) -> list[tuple[FolderInfo, int]]:
     return out
 
 
-def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int
-                      ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]]]]:
+def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int, query: str = "",
+                      body: bool = False
+                      ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]], bool]]:
     """One worker-thread call: the folder list with unread counts, and one page of the message list,
-    newest first (only that page's rows and headers are read)."""
+    newest first (only that page's rows and headers are read); with `query`, one page of the messages
+    matching it. Returns (folders, (total, items, more)): `more` when a search stopped early."""
     folders = _folder_counts(mb, user)
     snap = mb.snapshot(name)
+    if query:
+        found, more = _search(mb, name, snap.uids, query, body, (page + 1) * size)
+        return folders, (len(found), _items(mb, name, found[page * size:(page + 1) * size]), more)
     total = len(snap.uids)
     hi = max(0, total - page * size)
     lo = max(0, hi - size)
-    uids = list(reversed(snap.uids[lo:hi]))
+    return folders, (total, _items(mb, name, list(reversed(snap.uids[lo:hi]))), False)
+
+
+def _items(mb: Mailboxes, name: str, uids: list[int]) -> list[dict[str, Any]]:
     rows = mb.rows(name, uids)
     items = []
     for uid in uids:
@@ -772,4 +790,30 @@ def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int
         info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")))
         info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)
         items.append(info)
-    return folders, (total, items)
+    return items
+
+
+def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: bool, want: int
+            ) -> tuple[list[int], bool]:
+    """UIDs matching `query` in From, To, Cc or Subject (and the body when asked), newest first, by the
+    IMAP SEARCH evaluator (RFC 9051 §6.4.4) over batches from the newest message back; it stops once
+    `want` are found (the page asked for) or SEARCH_SECONDS have passed: (uids, stopped early)."""
+    keys: list[SearchKey] = [HeaderKey(f, query) for f in ("FROM", "TO", "CC", "SUBJECT")]
+    if body:
+        keys.append(TextKey("BODY", query))
+    key = keys[0]
+    for k in keys[1:]:
+        key = OrKey(key, k)
+    ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
+    deadline = time.monotonic() + SEARCH_SECONDS
+    found: list[int] = []
+    hi = len(uids)
+    while hi > 0:
+        lo = max(0, hi - SEARCH_BATCH)
+        targets = [(i + 1, uids[i]) for i in range(lo, hi)]
+        matches, _n = run_search(mb, name, targets, key, ctx, 0)
+        found.extend(sorted((u for _s, u, _m in matches), reverse=True))
+        hi = lo
+        if len(found) >= want or time.monotonic() > deadline:
+            return found, hi > 0
+    return found, False

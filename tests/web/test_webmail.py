@@ -381,3 +381,17 @@ def test_live_updates_when_mail_arrives(inst: Instance) -> None:
                 raise AssertionError("no change event")
     with client(inst) as anon:
         assert anon.get("/mail/events", params={"f": "INBOX"}).status_code == 403
+
+
+def test_search_headers_and_body(inst: Instance) -> None:
+    with client(inst) as c:
+        login(c)
+        r = c.get("/mail/folder", params={"f": "INBOX", "q": "FIRST"})
+        assert r.status_code == 200
+        assert "first message" in r.text and "html message" not in r.text
+        r = c.get("/mail/folder", params={"f": "INBOX", "q": "more"})  # only in a body
+        assert "first message" not in r.text
+        r = c.get("/mail/folder", params={"f": "INBOX", "q": "more", "b": "1"})
+        assert "first message" in r.text
+        r = c.get("/mail/folder", params={"f": "INBOX", "q": "<script>" + "x" * 500})
+        assert r.status_code == 200 and "<script>x" not in r.text
