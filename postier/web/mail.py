@@ -39,7 +39,7 @@ import jinja2
 from aiohttp import BodyPartReader, web
 from multidict import MultiDict
 
-from ..accounts import User
+from ..accounts import AccountError, User
 from ..message.mime import decode_body, decode_transfer_encoding, parse_message
 from ..pipeline.inbound import Envelope
 from ..pipeline.submission import SubmissionPipeline
@@ -140,6 +140,7 @@ class Webmail:
             ("/mail/events", self.events, "GET"), ("/mail/compose", self.compose_form, "GET"),
             ("/mail/act", self.act, "POST"), ("/mail/send", self.send, "POST"),
             ("/mail/remote", self.allow_remote, "POST"),
+            ("/mail/settings", self.settings, "GET"), ("/mail/password", self.change_password, "POST"),
         ):
             r.add_route(method, path, self._wrap(self._authed(fn, self.area)))
 
@@ -637,6 +638,39 @@ class Webmail:
             return f"Not sent: {bad[0].text}"
         log.info("webmail: %s sent a message to %d recipient(s)", user.address, len(rcpts))
         return ""
+
+    # -- settings -------------------------------------------------------------------------------------
+
+    async def settings(self, request: web.Request, s: WebSession, user: User, message: str = "",
+                       error: str = "", status: int = 200) -> web.StreamResponse:
+        resp = self._page("settings.html", user=user.address, csrf=s.csrf, message=message, error=error)
+        resp.set_status(status)
+        return resp
+
+    async def change_password(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
+        """A new password, given the current one (checked like a login, behind the same throttle);
+        every other session of the user ends."""
+        form = await _form(request)
+        old, new, again = _field(form, "old"), _field(form, "new"), _field(form, "again")
+        ip = request.remote or "?"
+        if self.throttle.blocked(ip):
+            return await self.settings(request, s, user, error="Too many failed attempts; try again later.",
+                                       status=429)
+        if not old or len(old) > 1024 or await self.accounts.verify_password_async(user.address, old) is None:
+            await self.throttle.penalize(ip)
+            return await self.settings(request, s, user, error="The current password is wrong.", status=403)
+        if new != again:
+            return await self.settings(request, s, user, error="The new passwords differ.", status=400)
+        try:
+            await asyncio.to_thread(self.accounts.set_password, user.address, new)
+        except AccountError as exc:
+            return await self.settings(request, s, user, error=str(exc), status=400)
+        self.sessions.drop_user(user.address)
+        sid, fresh = self.sessions.create(user.address)  # this browser stays logged in, with a new id
+        log.info("webmail: %s changed their password; other sessions ended", user.address)
+        resp = await self.settings(request, fresh, user, message="Password changed.")
+        resp.set_cookie(self.area.cookie, sid, path=self.area.prefix, secure=True, httponly=True, samesite="Strict")
+        return resp
 
     # -- live updates ---------------------------------------------------------------------------------
 

@@ -395,3 +395,30 @@ def test_search_headers_and_body(inst: Instance) -> None:
         assert "first message" in r.text
         r = c.get("/mail/folder", params={"f": "INBOX", "q": "<script>" + "x" * 500})
         assert r.status_code == 200 and "<script>x" not in r.text
+
+
+def test_password_change_needs_the_old_one_and_ends_other_sessions(inst: Instance) -> None:
+    carol = f"carol@{DOMAIN}"
+    inst.add_user(carol, PW)
+    with client(inst) as a, client(inst) as b:
+        login(a, carol)
+        login(b, carol)
+        token = csrf(a, "/mail/settings")
+        r = a.post("/mail/password", data={"csrf": token, "old": "wrong-pass", "new": "new-password-1",
+                                           "again": "new-password-1"})
+        assert r.status_code == 403
+        r = a.post("/mail/password", data={"csrf": token, "old": PW, "new": "new-password-1", "again": "other"})
+        assert r.status_code == 400
+        r = a.post("/mail/password", data={"old": PW, "new": "new-password-1", "again": "new-password-1"})
+        assert r.status_code == 403  # no CSRF token
+        r = a.post("/mail/password", data={"csrf": token, "old": PW, "new": "new-password-1",
+                                           "again": "new-password-1"})
+        assert r.status_code == 200 and "Password changed." in r.text
+        assert a.get("/mail/folder?f=INBOX").status_code == 200  # this browser stays in (new session id)
+        assert b.get("/mail/folder?f=INBOX").status_code == 303  # the other one is logged out
+        assert login(b, carol).status_code == 401
+        assert login(b, carol, "new-password-1").status_code == 303
+    ctx = ssl.create_default_context(cafile=str(inst.root / "tls" / "cert.pem"))
+    ctx.check_hostname = False
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=ctx) as imap:
+        imap.login(carol, "new-password-1")  # the same account for IMAP
