@@ -842,8 +842,10 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
     deadline = time.monotonic() + SEARCH_SECONDS
     found: list[int] = []
     hi = len(uids)
+    batch = max(200, 4 * want)  # small first: a common word fills the page from the newest messages
     while hi > 0:
-        lo = max(0, hi - SEARCH_BATCH)
+        lo = max(0, hi - batch)
+        batch = min(SEARCH_BATCH, batch * 2)
         targets = [(i + 1, uids[i]) for i in range(lo, hi)]
         matches, _n = run_search(mb, name, targets, key, ctx, 0)
         found.extend(sorted((u for _s, u, _m in matches), reverse=True))
