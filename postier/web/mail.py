@@ -360,12 +360,12 @@ class Webmail:
         uid = self._uid(q.get("u"))
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f"))
-            folders = await self.store.call(_folder_counts, mb, user.address)
             row, raw = await self._raw(mb, name, uid)
-            if not row.flags & _SEEN:
+            if not row.flags & _SEEN:  # reading marks read, as IMAP FETCH BODY[] does (RFC 9051 §6.4.5)
                 with contextlib.suppress(StoreError):
                     await self.store.call(mb.store, name, [uid], "+FLAGS", ["\\Seen"])
                 self.store.notifier.notify(user.address, name)
+            folders = await self.store.call(_folder_counts, mb, user.address)
         v = render.view(raw)
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
         badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],

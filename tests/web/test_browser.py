@@ -1,5 +1,6 @@
 """The webmail in a real browser: Debian's Chromium, headless, driven by selenium through chromium-driver.
 
+Skipped when Chromium or its driver is missing, unless POSTIER_REQUIRE_INTEROP=1 (then it fails).
 Log in, read a message delivered over SMTP, open an HTML message full of scripts and remote
 references (no script runs, no connection reaches the "canary" listener they point to), use the
 keyboard shortcuts, and compose a message that another user then reads over IMAP.
@@ -8,6 +9,7 @@ keyboard shortcuts, and compose a message that another user then reads over IMAP
 from __future__ import annotations
 
 import imaplib
+import os
 import shutil
 import smtplib
 import socket
@@ -32,6 +34,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
 if CHROMIUM is None or DRIVER is None:
+    if os.environ.get("POSTIER_REQUIRE_INTEROP") == "1":
+        pytest.fail("chromium and chromium-driver are required (POSTIER_REQUIRE_INTEROP=1) but not installed",
+                    pytrace=False)
     pytest.skip("chromium and chromium-driver are not installed (scripts/install-test-deps)",
                 allow_module_level=True)
 
