@@ -514,14 +514,18 @@ class Webmail:
         q = request.query
         mode = q.get("m", "")
         to = cc = subject = text = in_reply_to = refs = ""
-        if mode in ("reply", "all", "fwd"):
+        attached: dict[str, str] = {}
+        if mode in ("reply", "all", "fwd", "fwdatt"):
             uid = self._uid(q.get("u"))
             async with self._mailboxes(user) as mb:
                 name = await self._folder(mb, q.get("f"))
                 _row, raw = await self._raw(mb, name, uid)
             v = render.view(raw)
             quoted = "\n".join("> " + line for line in (v.text or "").splitlines()[:2000])
-            if mode == "fwd":
+            if mode == "fwdatt":  # RFC 2046 §5.2.1: the original, whole, as a message/rfc822 part
+                subject = v.subject if v.subject.lower().startswith("fwd:") else f"Fwd: {v.subject}"
+                attached = {"af": name, "au": str(uid), "subject": v.subject or "(no subject)"}
+            elif mode == "fwd":
                 subject = v.subject if v.subject.lower().startswith("fwd:") else f"Fwd: {v.subject}"
                 text = (f"\n\n---------- Forwarded message ----------\nFrom: {v.sender}\nDate: {v.date}\n"
                         f"Subject: {v.subject}\nTo: {v.to}\n\n{v.text or ''}")
@@ -536,8 +540,21 @@ class Webmail:
                 in_reply_to = v.message_id
                 refs = f"{v.references} {v.message_id}".strip()
                 text = f"\n\nOn {v.date}, {v.sender} wrote:\n{quoted}\n"
-        return self._page("compose.html", user=user.address, csrf=s.csrf, to=to, cc=cc, subject=subject,
-                          text=text, in_reply_to=in_reply_to, references=refs, error="", folders=[], q=_q)
+        return await self._compose_page(user, s, to=to, cc=cc, subject=subject, text=text, in_reply_to=in_reply_to,
+                                        references=refs, attached=attached, sender=user.address)
+
+    async def _compose_page(self, user: User, s: WebSession, error: str = "", status: int = 200,
+                            **fields: Any) -> web.Response:
+        """The compose form, with the user's own addresses to send as and past correspondents to complete."""
+        identities = sorted(await asyncio.to_thread(self.accounts.addresses_of, user) | {user.address})
+        async with self._mailboxes(user) as mb:
+            folders = await self._folders(mb)
+            sent = self._special(folders, "\\Sent", "Sent")
+            contacts = await self.store.call(_contacts, mb, sent) if sent else []
+        resp = self._page("compose.html", user=user.address, csrf=s.csrf, error=error, folders=[], q=_q,
+                          identities=identities, contacts=contacts, **fields)
+        resp.set_status(status)
+        return resp
 
     async def send(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """Send through the submission pipeline of port 587 (or save to Drafts), copy to Sent."""
@@ -546,12 +563,19 @@ class Webmail:
         subject, text = _field(form, "subject")[:998], _field(form, "text")
         draft = _field(form, "action") == "draft"
 
-        def again(error: str, status: int = 400) -> web.Response:
-            resp = self._page("compose.html", user=user.address, csrf=s.csrf, to=to, cc=cc, subject=subject,
-                              text=text, in_reply_to=_field(form, "in_reply_to"),
-                              references=_field(form, "references"), error=error, folders=[], q=_q)
-            resp.set_status(status)
-            return resp
+        sender = _field(form, "from") or user.address
+        attached: dict[str, str] = {}
+        if _field(form, "af"):
+            attached = {"af": _field(form, "af"), "au": _field(form, "au"), "subject": _field(form, "asubject")}
+
+        async def again(error: str, status: int = 400) -> web.Response:
+            return await self._compose_page(user, s, error, status, to=to, cc=cc, subject=subject, text=text,
+                                            in_reply_to=_field(form, "in_reply_to"),
+                                            references=_field(form, "references"), attached=attached,
+                                            sender=sender)
+
+        if sender != user.address and sender not in await asyncio.to_thread(self.accounts.addresses_of, user):
+            return await again("You cannot send as that address.", 403)
 
         rcpts: list[str] = []
         heads: dict[str, list[str]] = {"To": [], "Cc": []}
@@ -560,17 +584,17 @@ class Webmail:
                 try:
                     parse_path(f"<{a}>")
                 except AddressError:
-                    return again(f"Not an address: {a}")
+                    return await again(f"Not an address: {a}")
                 rcpts.append(a)
                 if header != "Bcc":
                     heads[header].append(a)
         rcpts = list(dict.fromkeys(rcpts))
         if not rcpts and not draft:
-            return again("Add at least one recipient.")
+            return await again("Add at least one recipient.")
         if len(rcpts) > MAX_RECIPIENTS:
-            return again(f"At most {MAX_RECIPIENTS} recipients.")
+            return await again(f"At most {MAX_RECIPIENTS} recipients.")
         msg = EmailMessage(policy=email.policy.SMTP)
-        msg["From"] = user.address
+        msg["From"] = sender
         if heads["To"]:
             msg["To"] = ", ".join(heads["To"])
         if heads["Cc"]:
@@ -589,21 +613,27 @@ class Webmail:
                 ctype = mimetypes.guess_type(f.filename)[0] or "application/octet-stream"
                 main, _, sub = ctype.partition("/")
                 msg.add_attachment(f.data, maintype=main, subtype=sub, filename=_SAFE_FILENAME.sub("_", f.filename)[:200])
+        if attached:
+            async with self._mailboxes(user) as mb:
+                name = await self._folder(mb, attached["af"])
+                _row, original = await self._raw(mb, name, self._uid(attached["au"]))
+            msg.add_attachment(email.message_from_bytes(original, policy=email.policy.SMTP),
+                               filename="forwarded.eml")
         data = msg.as_bytes()
         if len(data) > self.config.limits.max_message_size:
-            return again("The message is too large.", 413)
+            return await again("The message is too large.", 413)
         async with self._mailboxes(user) as mb:
             folders = await self._folders(mb)
             if draft:
                 drafts = self._special(folders, "\\Drafts", "Drafts")
                 if drafts is None:
-                    return again("There is no Drafts folder.", 409)
+                    return await again("There is no Drafts folder.", 409)
                 await self.store.call(mb.append, drafts, data, ["\\Draft", "\\Seen"])
                 self.store.notifier.notify(user.address, drafts)
                 raise web.HTTPSeeOther("/mail/folder?" + _q(f=drafts))
-            error = await self._submit(request, user, rcpts, data)
+            error = await self._submit(request, user, sender, rcpts, data)
             if error:
-                return again(error, 422)
+                return await again(error, 422)
             sent = self._special(folders, "\\Sent", "Sent")
             if sent is not None:
                 try:
@@ -613,13 +643,13 @@ class Webmail:
                     log.warning("webmail: %s: copy to Sent failed: %s", user.address, exc)
         raise web.HTTPSeeOther("/mail/folder?" + _q(f="INBOX", sent="1"))
 
-    async def _submit(self, request: web.Request, user: User, rcpts: list[str], data: bytes) -> str:
+    async def _submit(self, request: web.Request, user: User, sender: str, rcpts: list[str], data: bytes) -> str:
         """Run the message through the port-587 pipeline (sender rights, DKIM, daily limit, queue);
         returns "" when it was accepted, else the reason shown to the user."""
         pipe = SubmissionPipeline(self.services, "submission")
         env = Envelope(role="submission", peer_ip=request.remote or "127.0.0.1", helo="webmail", esmtp=True,
                        tls="HTTPS", auth_user=user)
-        r = await pipe.on_mail(env, parse_path(f"<{user.address}>")[0], {})
+        r = await pipe.on_mail(env, parse_path(f"<{sender}>")[0], {})
         if r.code >= 300:
             return f"Refused: {r.text}"
         for a in rcpts:
@@ -810,7 +840,18 @@ def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int,
     return folders, (total, _items(mb, name, list(reversed(snap.uids[lo:hi]))), False)
 
 
-def _items(mb: Mailboxes, name: str, uids: list[int]) -> list[dict[str, Any]]:
+def _contacts(mb: Mailboxes, sent: str, messages: int = 200, limit: int = 500) -> list[str]:
+    """Addresses the user wrote to, from the To and Cc of the newest `messages` in Sent (for completion)."""
+    uids = list(reversed(mb.snapshot(sent).uids[-messages:]))
+    out: dict[str, None] = {}
+    for item in _items(mb, sent, uids, ("to", "cc")):
+        for _n, a in email.utils.getaddresses([item.get("to", ""), item.get("cc", "")]):
+            if a and "@" in a and len(out) < limit:
+                out.setdefault(a.lower())
+    return list(out)
+
+
+def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = mb.rows(name, uids)
     items = []
     for uid in uids:
@@ -821,7 +862,7 @@ def _items(mb: Mailboxes, name: str, uids: list[int]) -> list[dict[str, Any]]:
             head = mb.peek_header(name, row) or mb.read_header(name, row, 16384)
         except (StoreError, OSError):
             continue
-        info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")))
+        info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))
         info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)
         items.append(info)
     return items

@@ -174,10 +174,13 @@ def _leaves(root: Part) -> list[tuple[str, Part]]:
     return out
 
 
-def summarize(header: bytes) -> dict[str, str]:
-    """Subject, From and Date of a header block, for the message list."""
+def summarize(header: bytes, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Subject, From and Date of a header block (and the `extra` fields), for the message list."""
     root = parse_message(header if header.endswith(b"\r\n\r\n") else header + b"\r\n")
-    return {"subject": _header(root, "subject"), "from": _header(root, "from"), "date": _date(root)}
+    out = {"subject": _header(root, "subject"), "from": _header(root, "from"), "date": _date(root)}
+    for name in extra:
+        out[name] = _header(root, name)
+    return out
 
 
 def _date(root: Part) -> str:

@@ -422,3 +422,35 @@ def test_password_change_needs_the_old_one_and_ends_other_sessions(inst: Instanc
     ctx.check_hostname = False
     with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=ctx) as imap:
         imap.login(carol, "new-password-1")  # the same account for IMAP
+
+
+def test_identities_forward_as_attachment_and_completion(inst: Instance) -> None:
+    inst.cli("alias", "add", f"info@{DOMAIN}", ALICE)
+    with client(inst) as c:
+        login(c)
+        token = csrf(c, "/mail/compose")
+        base = {"csrf": token, "to": BOB, "text": "see attached", "action": "send"}
+        r = c.post("/mail/send", data={**base, "from": BOB, "subject": "as bob"})
+        assert r.status_code == 403  # not one of alice's addresses
+        r = c.post("/mail/send", data={**base, "from": f"info@{DOMAIN}", "subject": "as info"})
+        assert r.status_code == 303, r.text
+        uid = uids(c)["first message"]
+        page = c.get("/mail/compose", params={"m": "fwdatt", "f": "INBOX", "u": str(uid)}).text
+        assert "Forwarding as an attachment" in page
+        assert f'<option value="info@{DOMAIN}">' in page and f'<option value="{BOB}">' in page  # completion
+        r = c.post("/mail/send", data={**base, "subject": "Fwd: first message", "af": "INBOX", "au": str(uid),
+                                       "asubject": "first message"})
+        assert r.status_code == 303, r.text
+        r = c.post("/mail/send", data={**base, "subject": "x", "af": "../../bob@web.test/Maildir", "au": "1"})
+        assert r.status_code == 404
+    ctx = ssl.create_default_context(cafile=str(inst.root / "tls" / "cert.pem"))
+    ctx.check_hostname = False
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=ctx) as imap:
+        imap.login(BOB, PW)
+        imap.select("INBOX")
+        for subject, expect in (("as info", b"From: info@web.test"), ("Fwd: first message", b"message/rfc822")):
+            typ, data = imap.search(None, "SUBJECT", f'"{subject}"')
+            assert typ == "OK" and data[0]
+            typ, msg = imap.fetch(data[0].split()[-1], "(RFC822)")
+            first = msg[0]
+            assert isinstance(first, tuple) and expect in first[1]
