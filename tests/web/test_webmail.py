@@ -10,6 +10,7 @@ import imaplib
 import re
 import smtplib
 import ssl
+import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 
@@ -454,3 +455,42 @@ def test_identities_forward_as_attachment_and_completion(inst: Instance) -> None
             typ, msg = imap.fetch(data[0].split()[-1], "(RFC822)")
             first = msg[0]
             assert isinstance(first, tuple) and expect in first[1]
+
+
+def test_two_sessions_change_the_same_folder_at_once(inst: Instance) -> None:
+    dave = f"dave@{DOMAIN}"
+    inst.add_user(dave, PW)
+    for i in range(6):
+        deliver(inst, dave, plain(dave, f"together {i}"))
+    with client(inst) as a, client(inst) as b:
+        login(a, dave)
+        login(b, dave)
+        ids = uids(a)
+        ta, tb = csrf(a), csrf(b)
+        errors: list[str] = []
+
+        def flagger(c: httpx.Client, token: str) -> None:
+            for n in range(6):
+                op = "flag" if n % 2 == 0 else "unflag"
+                r = c.post("/mail/act", data={"f": "INBOX", "csrf": token, "op": op,
+                                              "u": [str(u) for u in ids.values()]})
+                if r.status_code != 303:
+                    errors.append(f"flag: {r.status_code} {r.text}")
+
+        def mover(c: httpx.Client, token: str) -> None:
+            for subject in ("together 0", "together 1", "together 2"):
+                r = c.post("/mail/act", data={"f": "INBOX", "csrf": token, "op": "move", "dest": "Archive",
+                                              "u": str(ids[subject])})
+                if r.status_code not in (303, 409):  # 409: the message moved under the other session's feet
+                    errors.append(f"move: {r.status_code} {r.text}")
+
+        threads = [threading.Thread(target=flagger, args=(a, ta)), threading.Thread(target=mover, args=(b, tb))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        inbox, archive = uids(a), uids(b, "Archive")
+        assert set(archive) == {"together 0", "together 1", "together 2"}
+        assert set(inbox) == {"together 3", "together 4", "together 5"}
+        assert inst.messages(dave, "Archive") and len(inst.messages(dave)) == 3
