@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS users (
     password TEXT NOT NULL,
     scram TEXT NOT NULL DEFAULT '',
     mailbox_format TEXT NOT NULL DEFAULT 'maildir',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
