@@ -30,6 +30,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -367,6 +368,8 @@ class Webmail:
                 self.store.notifier.notify(user.address, name)
             folders = await self.store.call(_folder_counts, mb, user.address)
         v = render.view(raw)
+        if not v.date and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
+            v.date = datetime.fromtimestamp(row.idate).strftime("%Y-%m-%d %H:%M")
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
         badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
                                   self.config.authserv_id, domains)
@@ -863,6 +866,8 @@ def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = (
         except (StoreError, OSError):
             continue
         info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))
+        if not info["date"] and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
+            info["date"] = datetime.fromtimestamp(row.idate).strftime("%Y-%m-%d %H:%M")
         info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)
         items.append(info)
     return items
