@@ -13,6 +13,7 @@ BENCHMARKS = {
     "login": "bench.login_bench",
     "pop3": "bench.pop3_bench",
     "load": "bench.load",
+    "webmail": "bench.webmail_bench",
 }
 
 

@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS users (
     password TEXT NOT NULL,
     scram TEXT NOT NULL DEFAULT '',
     mailbox_format TEXT NOT NULL DEFAULT 'maildir',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
@@ -227,6 +228,7 @@ class Accounts:
         ensure_dirs(db_path.parent)
         new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
+        self._migrate()
         if new:  # SQLite fsyncs the directory for its journals, not for a new database file
             fsync_dir(db_path.parent)
 
@@ -236,6 +238,17 @@ class Accounts:
         self.rehash = rehash
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to the current schema (columns added with
+        defaults that keep the old behaviour; idempotent, run at every open)."""
+        def columns(db: sqlite3.Connection) -> set[str]:
+            return {r[1] for r in db.execute("PRAGMA table_info(users)")}
+        if "admin" in columns(self._conn()):  # the usual case: no write lock taken
+            return
+        with self._db() as db:
+            if "admin" not in columns(db):  # may use the admin console (/admin/); nobody does by default
+                db.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -315,7 +328,8 @@ class Accounts:
 
     # -- users ----------------------------------------------------------------------------------
 
-    def add_user(self, address: str, password: str, mailbox_format: str | None = None) -> User:
+    def add_user(self, address: str, password: str, mailbox_format: str | None = None,
+                 admin: bool = False) -> User:
         addr = normalize_address(address)
         local, domain = split_address(addr)
         if not _LOCAL_RE.match(local) or len(local) > 64:  # RFC 5321 §4.5.3.1.1: 64 octets
@@ -334,9 +348,9 @@ class Accounts:
             if db.execute("SELECT 1 FROM users WHERE address=?", (addr,)).fetchone():
                 raise AccountError(f"user {addr} already exists")
             db.execute(
-                "INSERT INTO users(address, local, domain, password, scram, mailbox_format, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (addr, local, domain, pw_hash, scram, fmt, time.time()),
+                "INSERT INTO users(address, local, domain, password, scram, mailbox_format, created, admin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (addr, local, domain, pw_hash, scram, fmt, time.time(), int(admin)),
             )
         return User(addr, local, domain, fmt)
 
@@ -347,6 +361,22 @@ class Accounts:
         scram = _scram_for(password)
         with self._db() as db:
             if not db.execute("UPDATE users SET password=?, scram=? WHERE address=?", (pw_hash, scram, addr)).rowcount:
+                raise AccountError(f"no such user: {addr}")
+
+    def is_admin(self, address: str) -> bool:
+        """May this user use the admin console?"""
+        try:
+            addr = normalize_address(address)
+        except AccountError:
+            return False
+        row = self._conn().execute("SELECT admin FROM users WHERE address=?", (addr,)).fetchone()
+        return bool(row and row[0])
+
+    def set_console_admin(self, address: str, admin: bool) -> None:
+        """Allow (or not) this user into the admin console (`user add --admin`)."""
+        addr = normalize_address(address)
+        with self._db() as db:
+            if not db.execute("UPDATE users SET admin=? WHERE address=?", (int(admin), addr)).rowcount:
                 raise AccountError(f"no such user: {addr}")
 
     def remove_user(self, address: str) -> None:

@@ -243,8 +243,8 @@ def cmd_user(args: argparse.Namespace) -> int:
     acc = _accounts(_load(args))
     if args.action == "add":
         addr = _one(args, "address")
-        u = acc.add_user(addr, _read_password(args), args.format)
-        print(f"added user {u.address} ({u.mailbox_format})")
+        u = acc.add_user(addr, _read_password(args), args.format, admin=args.admin)
+        print(f"added user {u.address} ({u.mailbox_format}{', admin' if args.admin else ''})")
     elif args.action == "passwd":
         addr = _one(args, "address")
         if acc.get_user(addr) is None:
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         if extra == "user":
             sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
             sp.add_argument("--format", choices=("maildir", "mbox"), help="mailbox format (default from config)")
+            sp.add_argument("--admin", action="store_true", help="add: the user may use the admin console (/admin/)")
         sp.set_defaults(func=func)
 
     import importlib

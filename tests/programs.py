@@ -43,6 +43,8 @@ PACKAGES: dict[str, str] = {
     "pebble": "pebble",
     "sieve-test": "dovecot-sieve",
     "sieve-connect": "sieve-connect",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 #: Perl modules programs need but Debian only recommends (install-test-deps installs them explicitly).

@@ -13,6 +13,9 @@ import asyncio
 import socket
 import contextlib
 import ssl
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
 
 from ..accounts import Accounts
 from ..acme.challenges import Challenges
@@ -28,7 +31,7 @@ __all__ = ["WebService"]
 
 class WebService:
     def __init__(self, config: Config, accounts: Accounts, mail_tls: ssl.SSLContext | None,
-                 throttle: AuthThrottle):
+                 throttle: AuthThrottle, mounts: Iterable[Callable[[web.Application], None]] = ()):
         self.config = config
         self.accounts = accounts
         self.challenges = Challenges()
@@ -40,9 +43,15 @@ class WebService:
         routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
         routes.append(policy_route(config))
         self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes)
+        for mount in mounts:  # applications under their own path prefix (the webmail's /mail/)
+            mount(self.http.app)
         self.acme = CertManager(config, accounts.list_domains, self.challenges, lambda: self.tls_contexts) \
             if config.acme.enabled else None
         self._acme_task: asyncio.Task[None] | None = None
+
+    def mount(self, mount: Callable[[web.Application], None]) -> None:
+        """Add an application under its own path prefix (before `start`)."""
+        mount(self.http.app)
 
     @property
     def tls_contexts(self) -> list[ssl.SSLContext]:

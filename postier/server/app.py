@@ -35,6 +35,7 @@ from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.service import WebService
+from ..web import mount as mount_webmail
 from ..mailauth.srs import SRS, load_secret
 from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
@@ -185,7 +186,7 @@ def build_app(config: Config) -> App:
     auth = config.auth
     ssl_context = config.ssl_context()
     throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
-    return App(
+    app = App(
         config=config,
         ssl_context=ssl_context,
         accounts=accounts,
@@ -207,6 +208,8 @@ def build_app(config: Config) -> App:
         spam=spam,
         web=WebService(config, accounts, ssl_context, throttle),
     )
+    app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
+    return app
 
 
 def _secret(config: Config, path: str) -> str:
