@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import authres  # type: ignore[import-untyped]  # no type information shipped
+import authres
 import nh3
 
 from ..message.mime import Part, decode_body, decode_header_text, parse_message, parse_params
