@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from postier.config import STANDARD_PORTS, Config, MailAuth
+from postier.config import HTTP_ROLES, STANDARD_PORTS, Config, MailAuth
 from postier.message.types import Action, Envelope, MessageBody, Verdict
 from postier.pipeline.inbound import MXPipeline
 from postier.pipeline.jobs import ReportJob
@@ -32,7 +32,7 @@ def make_app(root: Path, **mailauth: Any) -> App:
 
 
 def test_every_role_has_a_session_and_every_smtp_role_a_pipeline(tmp_path: Path) -> None:
-    assert set(ROLE_SESSIONS) == set(STANDARD_PORTS)
+    assert set(ROLE_SESSIONS) == set(STANDARD_PORTS) - HTTP_ROLES  # http/https: the web service
     app = make_app(tmp_path)
     try:
         assert set(app.pipelines) == {"smtp", "submission", "submissions", "lmtp"}

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 from postier.cli import main
+from tests.harness import STAY_ROOT
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     data = tmp_path / "data"
+    # STAY_ROOT: run as root, an admin command would drop this test process to the service user
     assert main(["quickstart", "--domain", "example.com", "--data-dir", str(data), "--quiet",
-                 "--port-offset", "30000"]) == 0
+                 "--port-offset", "30000", *STAY_ROOT]) == 0
     path = str(data / "postier.toml")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"correct horse battery\n")))
     assert main(["-c", path, "user", "add", "bob@example.com", "--password-stdin"]) == 0
