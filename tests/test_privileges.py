@@ -245,3 +245,29 @@ def test_refuses_to_stay_root(tmp_path: Path) -> None:
     out = str(exc.value)
     assert "postier: refusing to run as root: set [server] user" in out
     assert "[server] allow_root = true" in out
+
+
+def test_certificate_readable_only_by_root_still_serves_tls(tmp_path: Path) -> None:
+    """The TLS contexts are loaded before root is given up (as Postfix and Dovecot read their keys):
+    a key in a root-only directory, as certbot keeps them, works."""
+    require("useradd")
+    with _instance("") as i:
+        i.stop()
+        private = tmp_path / "letsencrypt"
+        private.mkdir(mode=0o700)
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(i.root / "tls" / name, private / name)
+            os.chmod(private / name, 0o600)
+        text = i.config.read_text()
+        text = text.replace('cert = "tls/cert.pem"', f'cert = "{private / "cert.pem"}"')
+        text = text.replace('key = "tls/key.pem"', f'key = "{private / "key.pem"}"')
+        i.config.write_text(text)
+        with searchable_by("postier"):
+            i.start()
+            try:
+                uid, _ = postier_ids()
+                assert i.proc is not None and ids(i.proc.pid)["Uid"][0] == uid
+                with imaplib.IMAP4_SSL(*i.addr("imaps"), ssl_context=i.client_ssl_context(), timeout=10) as m:
+                    m.login("alice@p.test", PASSWORD)
+            finally:
+                i.stop()

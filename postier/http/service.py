@@ -31,14 +31,16 @@ __all__ = ["WebService"]
 
 class WebService:
     def __init__(self, config: Config, accounts: Accounts, mail_tls: ssl.SSLContext | None,
-                 throttle: AuthThrottle, mounts: Iterable[Callable[[web.Application], None]] = ()):
+                 throttle: AuthThrottle, mounts: Iterable[Callable[[web.Application], None]] = (),
+                 https_tls: ssl.SSLContext | None = None):
         self.config = config
         self.accounts = accounts
         self.challenges = Challenges()
         self.mail_tls = mail_tls
         # Its own context (same settings, same certificate): the tls-alpn-01 SNI switch and the http/1.1
         # ALPN must not reach the mail listeners.
-        self.https_tls = config.ssl_context() if "https" in config.listeners else None
+        self.https_tls = https_tls if https_tls is not None else (
+            config.ssl_context() if "https" in config.listeners else None)
         routes: list[Route] = []
         routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
         routes.append(policy_route(config))

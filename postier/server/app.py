@@ -136,7 +136,7 @@ class App:
                 log.exception("error while closing")
 
 
-def build_app(config: Config) -> App:
+def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses."""
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
@@ -184,7 +184,8 @@ def build_app(config: Config) -> App:
         "submissions": submission,
     }
     auth = config.auth
-    ssl_context = config.ssl_context()
+    tls = tls or load_tls(config)
+    ssl_context = tls.mail
     throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
     app = App(
         config=config,
@@ -206,10 +207,24 @@ def build_app(config: Config) -> App:
         decisions=decisions,
         learning=learning,
         spam=spam,
-        web=WebService(config, accounts, ssl_context, throttle),
+        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https),
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
     return app
+
+
+@dataclass(frozen=True)
+class TLSContexts:
+    """The server TLS contexts: the mail listeners' and the https listener's (its own, for ACME's
+    tls-alpn-01 and HTTP/1.1 ALPN). Loaded before privileges are dropped, so certificate files only
+    root may read still work; a reload or renewal later reads files the service user can read."""
+
+    mail: ssl.SSLContext | None
+    https: ssl.SSLContext | None
+
+
+def load_tls(config: Config) -> TLSContexts:
+    return TLSContexts(config.ssl_context(), config.ssl_context() if "https" in config.listeners else None)
 
 
 def _secret(config: Config, path: str) -> str:
@@ -232,13 +247,14 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     except OSError as exc:
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     try:
+        tls = load_tls(config)  # certificate files are read before root is given up
         privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
                               sockets.owned_paths(config))
-    except (privileges.PrivilegeError, OSError) as exc:
+    except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
         for s in socks.values():
             s.close()
         raise SystemExit(f"postier: {exc}") from None
-    app = build_app(config)
+    app = build_app(config, tls)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
     web = app.web
