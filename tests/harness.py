@@ -56,8 +56,19 @@ def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
     # Below the kernel's ephemeral range (32768-60999 by default): an outgoing connection elsewhere
     # on the machine cannot take one of our ports while a test restarts the server.
     top = min(_ephemeral_low(), 65536) - max(STANDARD_PORTS.values()) - 1
+    lo, hi = 10000, max(top, 10001)
+    # Parallel test workers (pytest-xdist) each get their own band, so that the ports of one worker's
+    # instances can never be taken by another's between the check below and the server's bind.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        span = max(STANDARD_PORTS.values()) + 10
+        width = (hi - lo) // count
+        if width > span + 500:
+            lo += int(worker[2:]) % count * width
+            hi = lo + width - span
     for _ in range(tries):
-        off = rng.randrange(10000, max(top, 10001))
+        off = rng.randrange(lo, hi)
         if all(port_free(host, p + off) for p in STANDARD_PORTS.values()) and port_free(
                 "127.0.0.1", STANDARD_PORTS["lmtp"] + off):
             return off

@@ -101,7 +101,7 @@ def test_reject_at_smtp_time(mx: Instance) -> None:
 
 
 def test_reject_per_recipient_over_lmtp(mx: Instance) -> None:
-    with smtplib.LMTP(str(mx.lmtp_path()), timeout=30) as s:  # LMTP listens on its Unix socket
+    with smtplib.LMTP(str(mx.lmtp_path), timeout=30) as s:  # LMTP listens on its Unix socket
         s.ehlo("relay.test")
         s.mail("x@remote.test")
         assert s.rcpt("erin@a.test")[0] == 250

@@ -148,6 +148,18 @@ def wait(drv: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
     return WebDriverWait(drv, 20)
 
 
+def logged_in(inst: Instance, browser: webdriver.Chrome) -> None:
+    """Log in unless this browser already is (xdist may run any test of this module first)."""
+    if browser.get_cookie("postier_mail") is not None:
+        return
+    browser.get(url(inst, "/mail/"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "address")))
+    browser.find_element(By.ID, "address").send_keys(ALICE)
+    browser.find_element(By.ID, "password").send_keys(PW)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+
+
 def test_login_and_read_a_message(inst: Instance, browser: webdriver.Chrome) -> None:
     browser.get(url(inst, "/mail/"))
     wait(browser).until(EC.presence_of_element_located((By.ID, "address")))
@@ -165,6 +177,7 @@ def test_login_and_read_a_message(inst: Instance, browser: webdriver.Chrome) -> 
 
 
 def test_keyboard_shortcuts_open_a_message(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
     browser.get(url(inst, "/mail/folder?f=INBOX"))
     wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
     body = browser.find_element(By.TAG_NAME, "body")
@@ -176,6 +189,7 @@ def test_keyboard_shortcuts_open_a_message(inst: Instance, browser: webdriver.Ch
 
 def test_html_message_runs_no_script_and_loads_nothing_remote(inst: Instance, browser: webdriver.Chrome,
                                                               canary: Canary) -> None:
+    logged_in(inst, browser)
     browser.get(url(inst, "/mail/folder?f=INBOX"))
     wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "html with scripts")))
     browser.find_element(By.LINK_TEXT, "html with scripts").click()
@@ -197,6 +211,7 @@ def test_html_message_runs_no_script_and_loads_nothing_remote(inst: Instance, br
 
 
 def test_compose_reaches_another_user(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
     browser.get(url(inst, "/mail/compose"))
     wait(browser).until(EC.presence_of_element_located((By.ID, "to")))
     browser.find_element(By.ID, "to").send_keys(BOB)
@@ -216,6 +231,7 @@ def test_compose_reaches_another_user(inst: Instance, browser: webdriver.Chrome)
 
 
 def test_new_mail_is_announced_without_reloading(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
     browser.get(url(inst, "/mail/folder?f=INBOX"))
     wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
     live = browser.find_element(By.ID, "live")
@@ -232,6 +248,7 @@ def test_new_mail_is_announced_without_reloading(inst: Instance, browser: webdri
 
 
 def test_move_to_a_folder(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
     browser.get(url(inst, "/mail/folder?f=INBOX"))
     wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "plain hello")))
     row = browser.find_element(By.XPATH, "//tr[.//a[text()='plain hello']]")
