@@ -275,7 +275,7 @@ def backup(data_dir: Path, dest: Path, link_dest: Path | None = None, hardlink: 
             src = Path(de.path)
             try:
                 mode = stat.S_IMODE(de.stat(follow_symlinks=False).st_mode)
-                if _is_sqlite(src):
+                if _maildir_key(rel) is None and _is_sqlite(src):  # message files are never databases
                     databases.append((rel, src, mode))
                     continue
                 if name in _LATE_FILES:

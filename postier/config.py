@@ -19,12 +19,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+from typing import Any, ClassVar, Protocol
 
 from .tlsprofile import server_context
+
+
+class DataclassInstance(Protocol):
+    """What every dataclass has (the shape typeshed names in `_typeshed`, which only exists for checkers)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
 #: Every listener role postier knows, with its standard port (the port offset is added to these).
 STANDARD_PORTS: dict[str, int] = {

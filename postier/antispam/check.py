@@ -71,7 +71,7 @@ class SpamCheck:
             log.info("%s: refused: more than %d messages a minute from %s", env.qid,
                      self.settings.max_messages_per_minute, env.peer_ip)
             return R451_RATE
-        if self.settings.helo_checks != "off" and "helo" not in env.auth:
+        if self.settings.helo_checks != "off" and "helo_problem" not in env.auth:  # once per transaction
             problem = helo_problem(env.helo, [self.hostname], self.our_addresses)
             if problem is None and self.resolve_helo and env.helo and not env.helo.startswith("["):
                 ans = await self.resolver.query(env.helo, "A")

@@ -121,7 +121,7 @@ class SMTPPipeline:
         sender = self.srs.forward(env.mail_from, via.rpartition("@")[2].lower())
         return env if sender == env.mail_from else dataclasses.replace(env, mail_from=sender)
 
-    def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:
+    def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:
         """Record an inbound decision (the MX does; other roles have nothing to explain)."""
 
     # -- SMTP stages ----------------------------------------------------------------------------
@@ -171,7 +171,8 @@ class SMTPPipeline:
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""
         n = len(env.recipients)
-        bad_head = self.check_head(body.head(HEADER_LIMIT), body.size)
+        head = body.head(HEADER_LIMIT)
+        bad_head = self.check_head(head, body.size)
         if bad_head is not None:
             return [bad_head] * n
         headers = b""
@@ -181,14 +182,14 @@ class SMTPPipeline:
             verdict = await check.evaluate(env, body)
             reasons += verdict.reasons
             if verdict.action in (Action.REJECT, Action.DEFER):
-                self._decided(env, body, verdict.action.value, reasons)
+                self._decided(env, head, verdict.action.value, reasons)
                 return [verdict.reply or R451_LOCAL_ERROR] * n
             if verdict.body is not None:
                 body = verdict.body
             headers = verdict.headers + headers
             junk = junk or verdict.action is Action.JUNK
         if self.checks:
-            self._decided(env, body, "junk" if junk else "inbox", reasons)
+            self._decided(env, head, "junk" if junk else "inbox", reasons)
         trace = headers + self.received(env)
         prefix = return_path(env.mail_from) + trace
         refused: dict[str, Reply] = {}
@@ -230,11 +231,11 @@ class MXPipeline(SMTPPipeline):
         super().__init__(config, directory, mda, queue, checks, sieve, srs)
         self.decisions = decisions
 
-    def _decided(self, env: Envelope, body: MessageBody, action: str, reasons: Sequence[str]) -> None:
+    def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:
         """One log line per inbound decision, and its record for `postier why`."""
         log.info("%s: %s from %s: %s", env.qid, action, env.peer_ip, "; ".join(reasons) or "no checks")
         if self.decisions is not None:
-            mid = message_id(body.head(HEADER_LIMIT))
+            mid = message_id(head)  # the header section on_message already read
             self.decisions.record_later(env.qid, mid, env.peer_ip, env.mail_from,
                                         [r.address for r in env.recipients], action, reasons)
 

@@ -129,3 +129,21 @@ def test_verdict_log_find(tmp_path: Path) -> None:
     assert v.queue_id == "Q123" and log.find("Q123")[0].action == "junk"
     assert "rspamd: junk" in v.render() and "Q123" in v.render()
     assert log.find("nothing") == []
+
+
+def test_helo_check_runs_when_spf_already_looked_at_helo() -> None:
+    """The HELO sanity check is not skipped because mail authentication checked HELO's SPF first."""
+    import asyncio
+
+    from postier.antispam.check import SpamCheck
+    from postier.config import Antispam
+    from postier.message.types import Envelope
+    from postier.proto.smtp.address import parse_path
+    from postier.resolver.fake import FakeResolver
+
+    check = SpamCheck(Antispam(helo_checks="reject"), "mail.b.test", ["192.0.2.1"], FakeResolver(),
+                      resolve_helo=False)
+    env = Envelope(role="smtp", peer_ip="198.51.100.9", helo="localhost")
+    env.auth["helo"] = "spf result for the HELO identity"  # what InboundAuth leaves at MAIL FROM
+    reply = asyncio.run(check.check_mail(env, parse_path("<s@remote.test>")[0]))
+    assert reply is not None and reply.code == 550 and "fully qualified" in reply.text
