@@ -355,6 +355,22 @@ class Sieve:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Cluster mode (docs/scaling.md): mailboxes in PostgreSQL, message bodies in an S3 bucket, so
+    that every node serves every user. Off (single-machine mode) while `dsn` is empty."""
+
+    dsn: str = ""  # a libpq connection string or URI
+    s3_endpoint: str = ""  # e.g. "https://s3.example.net"
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    #: A file (relative to the data directory) whose first line is the S3 secret key.
+    s3_secret_key_file: str = ""
+    #: Seconds to wait for a database connection or an object-store answer before failing (4xx/NO).
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -378,6 +394,7 @@ class Config:
     tlsrpt: TLSRPT = field(default_factory=TLSRPT)
     acme: ACME = field(default_factory=ACME)
     sieve: Sieve = field(default_factory=Sieve)
+    cluster: Cluster = field(default_factory=Cluster)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 

@@ -22,6 +22,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..accounts import Accounts
 from ..antispam.builtin import RateLimiter
@@ -55,6 +56,9 @@ from .pop3 import POP3Session
 from .smtp import SMTPSession
 from .throttle import AuthThrottle
 
+if TYPE_CHECKING:
+    from ..store.cluster.store import ClusterStore
+
 __all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "serve"]
 
 log = logging.getLogger("postier")
@@ -82,7 +86,7 @@ class App:
     accounts: Accounts
     resolver: BaseResolver
     mda: LocalDelivery
-    mailstore: MailStore  # IMAP and POP3 read mailboxes through it; deliveries wake IDLE through it
+    mailstore: MailStore | ClusterStore  # IMAP and POP3 read mailboxes through it; deliveries wake IDLE through it
     queue: Queue
     inbound_checks: tuple[InboundCheck, ...]  # run on port 25 at MAIL FROM and end of DATA, in order
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
@@ -142,10 +146,16 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
-    mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
-    mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
-                          poll_interval=config.imap.idle_poll_interval)
-    mda.listeners.append(on_delivery(mailstore))
+    mda: LocalDelivery
+    mailstore: MailStore | ClusterStore
+    if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
+        from ..store.cluster.store import open_cluster
+        mailstore, mda = open_cluster(config)
+    else:
+        mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
+        mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
+                              poll_interval=config.imap.idle_poll_interval)
+        mda.listeners.append(on_delivery(mailstore))
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
     queue = Queue(config, accounts, mda, resolver, srs=srs)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.

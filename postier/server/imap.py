@@ -101,6 +101,7 @@ _STORE_CODES: dict[type[StoreError], ResponseCode] = {
     E.StoreLimit: Code.LIMIT,
     E.MessageGone: Code.EXPUNGEISSUED,
     E.OverQuota: Code.OVERQUOTA,
+    E.StoreUnavailable: Code.UNAVAILABLE,
     E.UnknownSpecialUse: Code.named("USEATTR"),  # RFC 6154 §3
 }
 

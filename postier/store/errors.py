@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "InvalidKeyword", "InvalidName", "MailboxExists", "MailboxNotFound", "MessageGone", "NotPermitted",
-    "OverQuota", "StoreError", "StoreLimit", "UnknownSpecialUse",
+    "OverQuota", "StoreError", "StoreLimit", "StoreUnavailable", "UnknownSpecialUse",
 ]
 
 
@@ -51,3 +51,8 @@ class UnknownSpecialUse(StoreError):
 
 class InvalidKeyword(StoreError):
     """A flag keyword that cannot be stored."""
+
+
+class StoreUnavailable(StoreError):
+    """The storage behind the mailboxes (cluster mode: PostgreSQL or the object store) cannot be
+    reached: nothing was changed, try again later."""

@@ -1,0 +1,80 @@
+"""Message bodies in an S3-compatible object store, once each, under their content hash (SHA-256).
+
+A body is written with PutObject and the store's 200 answer is the confirmation that it is durable;
+the mailbox index (PostgreSQL, `store.cluster.mailboxes`) only refers to a body after that answer,
+so a message is never visible without its bytes. Writing the same body twice writes the same key
+with the same bytes (idempotent), so concurrent deliveries of one message need no coordination.
+Bodies no longer referenced are left for a later collection (docs/scaling.md).
+
+The client is boto3 (botocore's SigV4 signing, retries and endpoint handling, well kept and the
+reference client for S3): the mailbox calls already run in worker threads, and a boto3 client is
+safe to share between threads, so its blocking API fits as it is (aiobotocore would only add an
+event-loop hop back into those threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from ..errors import MessageGone, StoreUnavailable
+
+__all__ = ["BodyStore", "body_key"]
+
+
+def body_key(digest: str) -> str:
+    """The object key of a body: fanned out by the first two hex digits, as object stores like."""
+    return f"bodies/{digest[:2]}/{digest}"
+
+
+class BodyStore:
+    """put/get of message bodies by SHA-256; failures to reach the store raise StoreUnavailable."""
+
+    def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str,
+                 region: str = "us-east-1", timeout: float = 5.0):
+        self.bucket = bucket
+        self.client: Any = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint or None, region_name=region,
+            aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+            config=botocore.config.Config(connect_timeout=timeout, read_timeout=max(timeout, 10.0),
+                                          retries={"max_attempts": 2, "mode": "standard"},
+                                          s3={"addressing_style": "path"}))
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist (`postier cluster init`, tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put(self, data: bytes) -> str:
+        """Store `data`; returns its SHA-256 (hex) once the object store has confirmed the write."""
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=body_key(digest), Body=data,
+                                   ContentType="message/rfc822")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        return digest
+
+    def get(self, digest: str, limit: int | None = None) -> bytes:
+        """A body's bytes (the first `limit` only, if given)."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": body_key(digest)}
+        if limit is not None:
+            args["Range"] = f"bytes=0-{max(0, limit - 1)}"
+        try:
+            got = self.client.get_object(**args)
+            return bytes(got["Body"].read())
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "InvalidRange":  # an empty body asked for by range
+                return b""
+            if code in ("NoSuchKey", "404"):
+                raise MessageGone("message body missing from the object store") from exc
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc

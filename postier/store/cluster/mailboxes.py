@@ -1,0 +1,573 @@
+"""One user's folders in cluster mode: the `store.api.Mailboxes` interface (RFC 9051 mailboxes, RFC
+7162 MODSEQ) over PostgreSQL, with message bodies in the object store (`store.cluster.bodies`).
+
+Each method is one transaction. A write takes the folder's row first (`SELECT ... FOR UPDATE`, then
+`UPDATE folders SET uidnext = uidnext + n, highestmodseq = highestmodseq + 1 ... RETURNING`), so the
+writers of one folder, on any node, queue on that row and commit in the order they drew their UIDs
+and MODSEQs. A body is put in the object store, and confirmed, before the transaction that makes it
+visible; every write also sends a NOTIFY (delivered at commit) that wakes IDLE sessions on every node.
+
+Names are checked by the Maildir store's `normalize_name` (one set of rules for both modes). When
+PostgreSQL or the object store cannot be reached, a method raises `StoreUnavailable` and nothing
+is acknowledged. Per process, the UID array of each open folder is kept (`_State`) and reloaded only
+when the folder's HIGHESTMODSEQ moved, which every change to its messages does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Concatenate
+
+import psycopg
+import psycopg_pool
+
+from ...message.types import User
+from ..api import CopyResult, FlagTable, FolderInfo, FolderSnapshot, MessageRow, PopMessage, StatusInfo, StoreResult
+from ..errors import (
+    MailboxExists,
+    MailboxNotFound,
+    MessageGone,
+    NotPermitted,
+    StoreLimit,
+    StoreUnavailable,
+    UnknownSpecialUse,
+)
+from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags
+from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
+from .bodies import BodyStore
+from .schema import CHANNEL
+
+__all__ = ["ClusterMailboxes"]
+
+MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
+_MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
+type Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+@dataclass
+class _State:
+    fid: int
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    uids: array[int]
+    version: int
+    special_use: str
+    keywords: tuple[str, ...]
+
+
+def _row(r: tuple[Any, ...]) -> MessageRow:
+    # base is the body's SHA-256: the key in the object store (no Maildir file, no line-end question)
+    return MessageRow(r[0], r[1], 0, "", r[2], r[3], r[4], r[5], r[6], 0)
+
+
+def _to_crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _op[**P, R](fn: Callable[Concatenate[ClusterMailboxes, P], R]) -> Callable[Concatenate[ClusterMailboxes, P], R]:
+    """Hold the per-process lock (the cached states) and turn lost connections into StoreUnavailable."""
+    def wrapper(self: ClusterMailboxes, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.lock:
+            try:
+                return fn(self, *args, **kwargs)
+            except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+                self.states.clear()
+                raise StoreUnavailable("mail storage unavailable, try again later") from exc
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class ClusterMailboxes:
+    """Every folder of one user, in PostgreSQL and the object store. All public methods block."""
+
+    def __init__(self, user: User, pool: psycopg_pool.ConnectionPool[Any], bodies: BodyStore,
+                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE)):
+        self.user = user
+        self.owner = user.address
+        self.pool = pool
+        self.bodies = bodies
+        self.special_use_folders = tuple(special_use_folders)
+        self.lock = threading.RLock()
+        self.states: dict[str, _State] = {}
+        self.refs = 0
+        self._defaults_done = False
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Conn]:
+        """One transaction on a pooled connection: committed on success, rolled back on error."""
+        with self.pool.connection() as conn:
+            yield conn
+
+    def _notify(self, conn: Conn, name: str) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.owner}\x1f{name}"))
+
+    def _fid(self, conn: Conn, name: str, lock: bool = False) -> tuple[int, int, tuple[str, ...]]:
+        """(id, uidvalidity, keywords) of a folder; with `lock`, its row is held until commit."""
+        r = conn.execute("SELECT id, uidvalidity, keywords FROM folders WHERE owner=%s AND name=%s"
+                         + (" FOR UPDATE" if lock else ""), (self.owner, name)).fetchone()
+        if r is None:
+            raise MailboxNotFound("no such mailbox")
+        return r[0], r[1], tuple(r[2])
+
+    def _default_use(self, name: str) -> str:
+        return DEFAULT_SPECIAL_USE.get(name, "") if name in self.special_use_folders else ""
+
+    # -- folders --------------------------------------------------------------------------------
+
+    @_op
+    def ensure_defaults(self) -> None:
+        if self._defaults_done:
+            return
+        with self._tx() as conn:
+            conn.execute("INSERT INTO folders (owner, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (self.owner, INBOX))
+            for name in map(normalize_name, self.special_use_folders):
+                cur = conn.execute("INSERT INTO folders (owner, name, special_use) VALUES (%s, %s, %s) "
+                                   "ON CONFLICT DO NOTHING RETURNING id", (self.owner, name, self._default_use(name)))
+                if cur.fetchone() is not None:
+                    conn.execute("INSERT INTO subscriptions VALUES (%s, %s) ON CONFLICT DO NOTHING", (self.owner, name))
+        self._defaults_done = True
+
+    @_op
+    def list_folders(self) -> list[FolderInfo]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT name, special_use FROM folders WHERE owner=%s", (self.owner,)).fetchall()
+        names = {n: u for n, u in rows}
+        out = [FolderInfo(INBOX, "")]
+        out += [FolderInfo(n, names[n] or self._default_use(n)) for n in sorted(names) if n != INBOX]
+        return out
+
+    @_op
+    def create(self, name: str, special_use: str | None = None) -> None:
+        n = normalize_name(name)
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise UnknownSpecialUse(f"unknown special-use attribute {special_use}")
+        if n == INBOX:
+            raise MailboxExists("mailbox already exists")
+        with self._tx() as conn:
+            got = conn.execute("INSERT INTO folders (owner, name, special_use) VALUES (%s, %s, %s) "
+                               "ON CONFLICT DO NOTHING RETURNING id",
+                               (self.owner, n, special_use or self._default_use(n))).fetchone()
+            if got is None:
+                raise MailboxExists("mailbox already exists")
+            self._notify(conn, n)
+
+    @_op
+    def delete(self, name: str) -> None:
+        n = normalize_name(name)
+        if n == INBOX:
+            raise NotPermitted("INBOX cannot be deleted")
+        with self._tx() as conn:
+            if conn.execute("DELETE FROM folders WHERE owner=%s AND name=%s RETURNING id",
+                            (self.owner, n)).fetchone() is None:
+                raise MailboxNotFound("no such mailbox")
+            self._notify(conn, n)
+        self.states.pop(n, None)
+
+    @_op
+    def rename(self, old: str, new: str) -> None:
+        o, n = normalize_name(old), normalize_name(new)
+        if n == INBOX:
+            raise MailboxExists("mailbox already exists")
+        if n.startswith(o + SEPARATOR):
+            raise NotPermitted("cannot rename a mailbox into itself")
+        with self._tx() as conn:
+            self._fid(conn, o, lock=True)
+            if conn.execute("SELECT 1 FROM folders WHERE owner=%s AND name=%s", (self.owner, n)).fetchone():
+                raise MailboxExists("mailbox already exists")
+            if o == INBOX:  # RFC 9051 §6.3.6: the messages move to the new name, INBOX stays, empty
+                conn.execute("UPDATE folders SET name=%s WHERE owner=%s AND name=%s", (n, self.owner, INBOX))
+                conn.execute("INSERT INTO folders (owner, name) VALUES (%s, %s)", (self.owner, INBOX))
+            else:  # the folder and its sub-folders (RFC 9051 §6.3.6)
+                conn.execute("UPDATE folders SET name = %s || substr(name, %s) WHERE owner=%s "
+                             "AND (name=%s OR left(name, %s) = %s)",
+                             (n, len(o) + 1, self.owner, o, len(o) + 1, o + SEPARATOR))
+            self._notify(conn, o)
+        self.states.clear()
+
+    @_op
+    def subscriptions(self) -> list[str]:
+        with self._tx() as conn:
+            return [n for (n,) in conn.execute("SELECT name FROM subscriptions WHERE owner=%s ORDER BY name",
+                                               (self.owner,))]
+
+    @_op
+    def subscribe(self, name: str, on: bool = True) -> None:
+        n = normalize_name(name)
+        with self._tx() as conn:
+            if on:
+                self._fid(conn, n)
+                conn.execute("INSERT INTO subscriptions VALUES (%s, %s) ON CONFLICT DO NOTHING", (self.owner, n))
+            else:
+                conn.execute("DELETE FROM subscriptions WHERE owner=%s AND name=%s", (self.owner, n))
+
+    @_op
+    def status(self, name: str) -> StatusInfo:
+        n = normalize_name(name)
+        with self._tx() as conn:
+            st = self._load(conn, n)
+            r = conn.execute("SELECT count(*), count(*) FILTER (WHERE flags & %s = 0), "
+                             "count(*) FILTER (WHERE flags & %s != 0), coalesce(sum(size), 0), "
+                             "count(*) FILTER (WHERE uid >= (SELECT recent_uid FROM folders WHERE id=%s)) "
+                             "FROM messages WHERE folder=%s", (FLAG_SEEN, FLAG_DELETED, st.fid, st.fid)).fetchone()
+        assert r is not None
+        return StatusInfo(r[0], r[1], r[2], int(r[3]), st.uidnext, st.uidvalidity, st.highestmodseq, r[4])
+
+    def watch_path(self, name: str) -> Path | None:
+        return None  # changes arrive by LISTEN/NOTIFY (store.cluster.store.ClusterNotifier)
+
+    # -- the state of one folder ----------------------------------------------------------------
+
+    def _load(self, conn: Conn, name: str) -> _State:
+        r = conn.execute("SELECT id, uidvalidity, uidnext, highestmodseq, special_use, keywords FROM folders "
+                         "WHERE owner=%s AND name=%s", (self.owner, name)).fetchone()
+        if r is None:
+            self.states.pop(name, None)
+            raise MailboxNotFound("no such mailbox")
+        fid, uidvalidity, uidnext, hms, use, kws = r
+        st = self.states.get(name)
+        if st is not None and st.fid == fid and st.uidvalidity == uidvalidity and st.highestmodseq == hms:
+            return st
+        uids = array("I", [u for (u,) in conn.execute("SELECT uid FROM messages WHERE folder=%s ORDER BY uid",
+                                                      (fid,))])
+        if st is None or st.fid != fid or st.uidvalidity != uidvalidity:
+            st = _State(fid, uidvalidity, uidnext, hms, uids, 1, use or self._default_use(name), tuple(kws))
+            self.states[name] = st
+            return st
+        if uids != st.uids:
+            st.uids = uids  # replaced, never changed in place: sessions keep the array they announced
+            st.version += 1
+        st.uidnext, st.highestmodseq, st.keywords = uidnext, hms, tuple(kws)
+        st.special_use = use or self._default_use(name)
+        return st
+
+    def _state(self, conn: Conn, name: str) -> _State:
+        st = self.states.get(name)
+        return st if st is not None else self._load(conn, normalize_name(name))
+
+    @staticmethod
+    def _snap(name: str, st: _State) -> FolderSnapshot:
+        return FolderSnapshot(name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
+                              st.special_use, st.keywords)
+
+    @_op
+    def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
+        n = normalize_name(name)
+        st = self.states.get(n)
+        if sync or st is None:
+            with self._tx() as conn:
+                st = self._load(conn, n)
+        return self._snap(n, st)
+
+    def _claim(self, conn: Conn, fid: int) -> int:
+        r = conn.execute("UPDATE folders f SET recent_uid = f.uidnext FROM "
+                         "(SELECT recent_uid FROM folders WHERE id=%s FOR UPDATE) old "
+                         "WHERE f.id=%s RETURNING old.recent_uid", (fid, fid)).fetchone()
+        assert r is not None
+        return int(r[0])
+
+    @_op
+    def select(self, name: str, claim_recent: bool, want_unseen: bool) -> tuple[FolderSnapshot, int, int | None]:
+        n = normalize_name(name)
+        with self._tx() as conn:
+            st = self._load(conn, n)
+            if claim_recent:  # RFC 3501 §2.3.2: one session sees a message as \Recent
+                recent = self._claim(conn, st.fid)
+            else:
+                r = conn.execute("SELECT recent_uid FROM folders WHERE id=%s", (st.fid,)).fetchone()
+                recent = int(r[0]) if r else st.uidnext
+            first = None
+            if want_unseen:
+                first = conn.execute("SELECT min(uid) FROM messages WHERE folder=%s AND flags & %s = 0",
+                                     (st.fid, FLAG_SEEN)).fetchone()[0]  # type: ignore[index]
+        return self._snap(n, st), recent, first
+
+    @_op
+    def claim_recent(self, name: str) -> int:
+        with self._tx() as conn:
+            return self._claim(conn, self._load(conn, normalize_name(name)).fid)
+
+    @_op
+    def changed_since(self, name: str, modseq: int, max_uid: int | None = None) -> list[tuple[int, int, str, int]]:
+        with self._tx() as conn:
+            st = self._state(conn, name)
+            return [tuple(r) for r in conn.execute(
+                "SELECT uid, flags, keywords, modseq FROM messages WHERE folder=%s AND modseq > %s "
+                "AND uid <= %s ORDER BY uid", (st.fid, modseq, max_uid if max_uid is not None else 2**32))]
+
+    @_op
+    def vanished_since(self, name: str, modseq: int) -> list[int] | None:
+        with self._tx() as conn:  # every tombstone is kept (RFC 7162 §3.2.5.1 allows fewer)
+            st = self._state(conn, name)
+            return [u for (u,) in conn.execute("SELECT uid FROM expunged WHERE folder=%s AND modseq > %s ORDER BY uid",
+                                               (st.fid, modseq))]
+
+    # -- reading messages -----------------------------------------------------------------------
+
+    @_op
+    def rows(self, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        with self._tx() as conn:
+            st = self._state(conn, name)
+            return {r[0]: _row(r) for r in conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid = ANY(%s)", (st.fid, list(uids)))}
+
+    @_op
+    def rows_between(self, name: str, lo: int, hi: int) -> dict[int, MessageRow]:
+        with self._tx() as conn:
+            st = self._state(conn, name)
+            return {r[0]: _row(r) for r in conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid BETWEEN %s AND %s ORDER BY uid",
+                (st.fid, lo, hi))}
+
+    @_op
+    def flag_rows(self, name: str, lo: int, hi: int) -> list[tuple[int, int, str, int]]:
+        with self._tx() as conn:
+            st = self._state(conn, name)
+            return [tuple(r) for r in conn.execute(
+                "SELECT uid, flags, keywords, modseq FROM messages WHERE folder=%s AND uid BETWEEN %s AND %s "
+                "ORDER BY uid", (st.fid, lo, hi))]
+
+    def flag_table(self, name: str, view: array[int], need_modseq: bool = False) -> FlagTable | None:
+        return None  # callers then ask `flag_rows` (one query per FETCH)
+
+    def read(self, name: str, row: MessageRow) -> bytes:
+        """The body as stored: CRLF line ends (converted when written)."""
+        return self.bodies.get(row.base)
+
+    def read_header(self, name: str, row: MessageRow, limit: int = 256 * 1024) -> bytes:
+        head = self.bodies.get(row.base, min(16384, limit))
+        if b"\r\n\r\n" not in head and len(head) >= min(16384, limit) and limit > 16384:
+            head = self.bodies.get(row.base, limit)
+        i = head.find(b"\r\n\r\n")
+        return head[: i + 4] if i >= 0 else head
+
+    def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
+        return None  # no cheap lock-free path here: the caller uses read_header
+
+    @_op
+    def open_message(self, name: str, uid: int) -> IO[bytes] | None:
+        row = self.rows(name, [uid]).get(uid)
+        if row is None:
+            return None
+        try:
+            return io.BytesIO(self.bodies.get(row.base))
+        except MessageGone:
+            return None
+
+    def internal_date(self, name: str, row: MessageRow) -> int:
+        return row.idate or 0
+
+    def cache_get(self, name: str, uids: Sequence[int], kind: str) -> dict[int, bytes]:
+        return {}  # no parsed-structure cache in cluster mode yet (docs/scaling.md)
+
+    def cache_put(self, name: str, items: Sequence[tuple[int, str, bytes]]) -> None:
+        return None
+
+    def flush_meta(self) -> None:
+        return None
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _keywords(self, conn: Conn, fid: int, known: tuple[str, ...], kws: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
+        """Keywords in the folder's spelling, registering new ones (the folder row is locked)."""
+        by_lower = {k.lower(): k for k in known}
+        new = [k for k in kws if k.lower() not in by_lower]
+        if new:
+            if len(known) + len(new) > MAX_KEYWORDS:
+                raise StoreLimit("too many keywords in this mailbox")
+            known = known + tuple(new)
+            conn.execute("UPDATE folders SET keywords=%s WHERE id=%s", (list(known), fid))
+            by_lower.update({k.lower(): k for k in new})
+        return [by_lower[k.lower()] for k in kws], known
+
+    @staticmethod
+    def _allocate(conn: Conn, fid: int, n: int) -> tuple[int, int]:
+        """(first UID, MODSEQ) for `n` new messages: drawn from the locked folder row, in this transaction."""
+        r = conn.execute("UPDATE folders SET uidnext = uidnext + %s, highestmodseq = highestmodseq + 1 "
+                         "WHERE id=%s RETURNING uidnext - %s, highestmodseq", (n, fid, n)).fetchone()
+        assert r is not None
+        if r[0] + n > 2**32 - 1:
+            raise StoreLimit("no UIDs left in this mailbox")
+        return int(r[0]), int(r[1])
+
+    @staticmethod
+    def _bump(conn: Conn, fid: int) -> int:
+        r = conn.execute("UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id=%s RETURNING highestmodseq",
+                         (fid,)).fetchone()
+        assert r is not None
+        return int(r[0])
+
+    @_op
+    def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
+               internal_date: float | None = None) -> tuple[int, int]:
+        """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
+        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        n = normalize_name(name)
+        bits, kws = names_to_flags(flag_names)
+        if b"\n" in data.replace(b"\r\n", b""):
+            data = _to_crlf(data)
+        with self._tx() as conn:  # fail early (no upload) when the folder is missing
+            self._fid(conn, n)
+        digest = self.bodies.put(data)
+        idate = int(internal_date) if internal_date is not None else int(time.time())
+        with self._tx() as conn:
+            fid, uidvalidity, known = self._fid(conn, n, lock=True)
+            kws, _known = self._keywords(conn, fid, known, kws)
+            uid, modseq = self._allocate(conn, fid, 1)
+            conn.execute("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
+                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                         (fid, uid, digest, len(data), bits, " ".join(kws), modseq, idate))
+            self._notify(conn, n)
+        return uidvalidity, uid
+
+    @_op
+    def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
+              unchangedsince: int | None = None) -> StoreResult:
+        """RFC 9051 §6.4.6 STORE: mode "FLAGS", "+FLAGS" or "-FLAGS"; RFC 7162 §3.1.3 UNCHANGEDSINCE."""
+        n = normalize_name(name)
+        bits, kws = names_to_flags(flag_names)
+        with self._tx() as conn:
+            fid, _v, known = self._fid(conn, n, lock=True)
+            if mode != "-FLAGS":
+                kws, known = self._keywords(conn, fid, known, kws)
+            rows = {r[0]: _row(r) for r in conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid = ANY(%s)", (fid, list(uids)))}
+            kl = {k.lower() for k in kws}
+            changes: list[tuple[int, int, str]] = []
+            unchanged: dict[int, MessageRow] = {}
+            conflicts: list[int] = []
+            for uid in sorted(rows):
+                m = rows[uid]
+                if unchangedsince is not None and m.modseq > unchangedsince:
+                    conflicts.append(uid)
+                    continue
+                old_k = m.keywords.split(" ") if m.keywords else []
+                if mode == "FLAGS":
+                    nb, nk = bits, list(kws)
+                elif mode == "+FLAGS":
+                    nb = m.flags | bits
+                    nk = old_k + [k for k in kws if k.lower() not in {x.lower() for x in old_k}]
+                else:
+                    nb = m.flags & ~bits
+                    nk = [k for k in old_k if k.lower() not in kl]
+                if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
+                    unchanged[uid] = m
+                    continue
+                changes.append((uid, nb, " ".join(nk)))
+            after: dict[int, MessageRow] = {}
+            if changes:
+                modseq = self._bump(conn, fid)
+                with conn.cursor() as cur:
+                    cur.executemany("UPDATE messages SET flags=%s, keywords=%s, modseq=%s WHERE folder=%s AND uid=%s",
+                                    [(nb, nk, modseq, fid, uid) for uid, nb, nk in changes])
+                after = {r[0]: _row(r) for r in conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid = ANY(%s)",
+                    (fid, [c[0] for c in changes]))}
+                self._notify(conn, n)
+            else:
+                r = conn.execute("SELECT highestmodseq FROM folders WHERE id=%s", (fid,)).fetchone()
+                assert r is not None
+                modseq = int(r[0])
+        return StoreResult(modseq, after, unchanged, conflicts, known)
+
+    def _remove(self, conn: Conn, fid: int, name: str, uids: list[int]) -> list[int]:
+        if not uids:
+            return []
+        modseq = self._bump(conn, fid)
+        conn.execute("DELETE FROM messages WHERE folder=%s AND uid = ANY(%s)", (fid, uids))
+        with conn.cursor() as cur:  # tombstones for QRESYNC VANISHED (RFC 7162 §3.2.10)
+            cur.executemany("INSERT INTO expunged (folder, uid, modseq) VALUES (%s, %s, %s) "
+                            "ON CONFLICT DO NOTHING", [(fid, u, modseq) for u in uids])
+        self._notify(conn, name)
+        return uids
+
+    @_op
+    def expunge(self, name: str, uids: Iterable[int] | None = None) -> list[int]:
+        """RFC 9051 §6.4.3 EXPUNGE (RFC 4315 §2.1 UID EXPUNGE when `uids` is given)."""
+        n = normalize_name(name)
+        with self._tx() as conn:
+            fid = self._fid(conn, n, lock=True)[0]
+            q = "SELECT uid FROM messages WHERE folder=%s AND flags & %s != 0"
+            args: tuple[Any, ...] = (fid, FLAG_DELETED)
+            if uids is not None:
+                q += " AND uid = ANY(%s)"
+                args += (list(uids),)
+            return self._remove(conn, fid, n, [u for (u,) in conn.execute(q + " ORDER BY uid", args)])
+
+    @_op
+    def delete_uids(self, name: str, uids: Iterable[int]) -> list[int]:
+        """Remove messages whatever their flags (POP3 DELE at QUIT)."""
+        n = normalize_name(name)
+        with self._tx() as conn:
+            fid = self._fid(conn, n, lock=True)[0]
+            return self._remove(conn, fid, n, [u for (u,) in conn.execute(
+                "SELECT uid FROM messages WHERE folder=%s AND uid = ANY(%s) ORDER BY uid", (fid, list(uids)))])
+
+    @_op
+    def copy(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
+        """RFC 9051 §6.4.7 COPY: new rows referring to the same bodies, all or nothing."""
+        return self._copy(normalize_name(src), list(uids), normalize_name(dst), move=False)
+
+    @_op
+    def move(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
+        """RFC 6851 MOVE: copied and expunged in one transaction."""
+        return self._copy(normalize_name(src), list(uids), normalize_name(dst), move=True)
+
+    def _copy(self, s: str, uids: list[int], d: str, move: bool) -> CopyResult:
+        with self._tx() as conn:
+            # Lock both rows in id order, so that two opposite moves cannot deadlock.
+            found = conn.execute("SELECT id, name FROM folders WHERE owner=%s AND name = ANY(%s) ORDER BY id FOR UPDATE",
+                                 (self.owner, [s, d])).fetchall()
+            ids = {name: fid for fid, name in found}
+            if s not in ids or d not in ids:
+                raise MailboxNotFound("no such mailbox")
+            sfid, dfid, dvalid, dknown = ids[s], *self._fid(conn, d)
+            rows = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid = ANY(%s) ORDER BY uid",
+                                (sfid, uids)).fetchall()
+            if not rows:
+                return CopyResult(dvalid, [], [])
+            kws = sorted({k for r in rows for k in (r[3].split(" ") if r[3] else [])})
+            self._keywords(conn, dfid, dknown, kws)
+            first, modseq = self._allocate(conn, dfid, len(rows))
+            new = list(range(first, first + len(rows)))
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
+                                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                                [(dfid, u, r[1], r[5], r[2], r[3], modseq, r[6]) for u, r in zip(new, rows, strict=True)])
+            self._notify(conn, d)
+            src_uids = [r[0] for r in rows]
+            if move:
+                self._remove(conn, sfid, s, src_uids)
+        return CopyResult(dvalid, src_uids, new)
+
+    # -- POP3 (RFC 1939) ------------------------------------------------------------------------
+
+    @_op
+    def pop_listing(self) -> tuple[list[PopMessage], int]:
+        with self._tx() as conn:
+            st = self._load(conn, INBOX)
+            rows = conn.execute("SELECT uid, size, body FROM messages WHERE folder=%s ORDER BY uid", (st.fid,)).fetchall()
+        # RFC 1939 §7 UIDL as the Maildir store makes it (UID and UIDVALIDITY); no file: the path is the body key
+        return [PopMessage(u, size, Path(body), f"{u:08X}{st.uidvalidity:08X}") for u, size, body in rows], \
+            st.uidvalidity
+
+    @_op
+    def pop_delete(self, uids: Sequence[int], uidvalidity: int) -> bool:
+        with self._tx() as conn:
+            if self._load(conn, INBOX).uidvalidity != uidvalidity:
+                return False
+        self.delete_uids(INBOX, uids)
+        return True
+
+    @_op
+    def mark_seen(self, uids: Iterable[int]) -> None:
+        self.store(INBOX, uids, "+FLAGS", ["\\Seen"])

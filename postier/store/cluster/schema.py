@@ -1,0 +1,73 @@
+"""The PostgreSQL schema of cluster mode's mailbox index (folders, messages, tombstones, subscriptions).
+
+Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
+transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
+MODSEQs become visible in the order they were allocated (RFC 9051 §2.3.1.1 strictly ascending UIDs,
+RFC 7162 §3.1.1 MODSEQ). A sequence would hand out numbers outside the transaction order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+__all__ = ["CHANNEL", "ensure_schema"]
+
+#: LISTEN/NOTIFY channel of mailbox changes; the payload is "owner\x1ffolder".
+CHANNEL = "postier_mail"
+
+_LOCK_KEY = 0x706F7374  # pg_advisory_xact_lock: one node creates the schema at a time
+
+_DDL = """
+CREATE SEQUENCE IF NOT EXISTS uidvalidity_seq;
+CREATE TABLE IF NOT EXISTS folders (
+    id bigserial PRIMARY KEY,
+    owner text NOT NULL,
+    name text NOT NULL,
+    uidvalidity bigint NOT NULL DEFAULT nextval('uidvalidity_seq'),
+    uidnext bigint NOT NULL DEFAULT 1,
+    highestmodseq bigint NOT NULL DEFAULT 1,
+    recent_uid bigint NOT NULL DEFAULT 1,
+    special_use text NOT NULL DEFAULT '',
+    keywords text[] NOT NULL DEFAULT '{}',
+    UNIQUE (owner, name)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    folder bigint NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    uid bigint NOT NULL,
+    body text NOT NULL,
+    size bigint NOT NULL,
+    flags integer NOT NULL DEFAULT 0,
+    keywords text NOT NULL DEFAULT '',
+    modseq bigint NOT NULL,
+    idate bigint NOT NULL,
+    PRIMARY KEY (folder, uid)
+);
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages (folder, modseq);
+CREATE INDEX IF NOT EXISTS messages_body ON messages (body);
+CREATE TABLE IF NOT EXISTS expunged (
+    folder bigint NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    uid bigint NOT NULL,
+    modseq bigint NOT NULL,
+    PRIMARY KEY (folder, uid)
+);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    owner text NOT NULL,
+    name text NOT NULL,
+    PRIMARY KEY (owner, name)
+);
+"""
+
+
+def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Create the tables when missing (idempotent; safe from several nodes at once)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        for stmt in _DDL.split(";"):
+            if stmt.strip():
+                conn.execute(stmt.encode())
+        # UIDVALIDITY values start at the current time, as the Maildir store's do, so that a
+        # mailbox moved between modes gets a new, larger one (RFC 9051 §2.3.1.1).
+        conn.execute("SELECT setval('uidvalidity_seq', greatest(%s, (SELECT last_value FROM uidvalidity_seq)))",
+                      (int(time.time()),))

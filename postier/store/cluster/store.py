@@ -1,0 +1,198 @@
+"""Cluster mode's mail store for one node: `store.api.MailStoreAPI` over PostgreSQL and S3, the
+cross-node change notifier (PostgreSQL LISTEN/NOTIFY feeding IDLE, RFC 2177) and local delivery.
+
+`open_cluster(config)` makes the three from `[cluster]`; server/app.py `build_app` uses them in
+place of the Maildir `MailStore` and `LocalDelivery`. Deliveries are written by this process (no
+delivery agent: the work is network round trips, not fsyncs). The mailbox calls use psycopg's
+blocking API in the store's worker threads, as the Maildir store's calls do, from a
+`psycopg_pool.ConnectionPool`; the notifier is the one asynchronous part (`psycopg.AsyncConnection`
+in the event loop, reconnecting after a loss, then waking every watcher since it may have missed
+changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from ...config import Config
+from ...message.types import MessageBody, User
+from ..api import Mailboxes
+from ..delivery import DeliveryResult, LocalDelivery
+from ..errors import MailboxNotFound, StoreError, StoreUnavailable
+from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, ChangeNotifier, normalize_name
+from .bodies import BodyStore
+from .mailboxes import ClusterMailboxes
+from .schema import CHANNEL, ensure_schema
+
+__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_cluster"]
+
+log = logging.getLogger("postier.cluster")
+
+
+class ClusterNotifier(ChangeNotifier):
+    """`ChangeNotifier` whose changes also come from every node, by LISTEN on `schema.CHANNEL`."""
+
+    def __init__(self, dsn: str, retry: float = 1.0):
+        super().__init__()
+        self.dsn = dsn
+        self.retry = retry
+        self.listening = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin listening (needs a running event loop; again after `close` is a no-op)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    def watch(self, address: str, folder: str, path: Path | None, callback: Callable[[], None]) -> Callable[[], None]:
+        with contextlib.suppress(RuntimeError):
+            self.start()
+        return super().watch(address, folder, None, callback)
+
+    async def _listen(self) -> None:
+        lost = False
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=5)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    if lost:  # changes made while we were not listening: let every watcher look
+                        for key in list(self._watchers):
+                            self.notify(*key)
+                    async for n in conn.notifies():
+                        owner, _, folder = n.payload.partition("\x1f")
+                        self.notify(owner, folder)
+            except (psycopg.Error, OSError) as exc:
+                if not lost:
+                    log.warning("cluster: change notifications lost (%s); reconnecting", exc)
+            self.listening.clear()
+            lost = True
+            await asyncio.sleep(self.retry)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        super().close()
+
+
+class ClusterStore:
+    """Every user's mailboxes for one node of a cluster (`MailStoreAPI`)."""
+
+    def __init__(self, dsn: str, bodies: BodyStore, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
+                 workers: int = 8, timeout: float = 5.0):
+        self.bodies = bodies
+        self.special_use_folders = tuple(special_use_folders)
+        self.pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+            dsn, min_size=1, max_size=workers + 8, open=False, timeout=timeout,
+            kwargs={"connect_timeout": max(1, int(timeout))}, check=psycopg_pool.ConnectionPool.check_connection)
+        self.pool.open(wait=False)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster")
+        self.notifier = ClusterNotifier(dsn)
+        with contextlib.suppress(RuntimeError):  # in the event loop (serve): listen from the start
+            self.notifier.start()
+        self._users: dict[str, ClusterMailboxes] = {}
+        self._lock = threading.Lock()
+        self._schema_done = False
+
+    def ensure_schema(self) -> None:
+        """Create the tables when missing (blocking; done before the first mailbox is handed out)."""
+        if self._schema_done:
+            return
+        try:
+            with self.pool.connection() as conn:
+                ensure_schema(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        self._schema_done = True
+
+    def acquire(self, user: User) -> ClusterMailboxes:
+        self.ensure_schema()
+        with self._lock:
+            mb = self._users.get(user.address)
+            if mb is None:
+                mb = self._users[user.address] = ClusterMailboxes(user, self.pool, self.bodies,
+                                                                  self.special_use_folders)
+            mb.refs += 1
+            return mb
+
+    def release(self, mb: Mailboxes) -> None:
+        assert isinstance(mb, ClusterMailboxes)
+        with self._lock:
+            mb.refs -= 1
+            if mb.refs <= 0 and self._users.get(mb.owner) is mb:
+                del self._users[mb.owner]
+
+    def release_later(self, mb: Mailboxes) -> None:
+        self.release(mb)  # nothing to write back: no need for a worker thread
+
+    def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.notifier.close()
+        self.executor.shutdown(wait=True)
+        self.pool.close()
+
+
+class ClusterDelivery(LocalDelivery):
+    """The MDA of cluster mode: each recipient's copy is an APPEND to its folder (INBOX when the
+    folder a Sieve script named does not exist), so a 250 means the body is in the object store
+    and the row committed. The fan-out, alias handling and listeners are `LocalDelivery`'s."""
+
+    def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16):
+        super().__init__(mail_root, workers=workers, agent=False)
+        self.store = store
+
+    def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
+                    folder: str | None = None) -> DeliveryResult:
+        data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+        try:
+            mb = self.store.acquire(user)
+        except StoreError as exc:
+            log.error("delivery to %s failed: %s", user.address, exc)
+            return DeliveryResult(user, False, str(exc))
+        try:
+            mb.ensure_defaults()
+            name = INBOX
+            if folder:
+                with contextlib.suppress(StoreError):
+                    name = normalize_name(folder)
+            try:
+                v, uid = mb.append(name, data)
+            except MailboxNotFound:
+                v, uid = mb.append(INBOX, data)
+            return DeliveryResult(user, True, f"{v}:{uid}")
+        except StoreError as exc:
+            log.error("delivery to %s failed: %s", user.address, exc)
+            return DeliveryResult(user, False, str(exc))
+        finally:
+            self.store.release(mb)
+
+
+def _secret(config: Config, path: str) -> str:
+    if not path:
+        return ""
+    try:
+        return (config.data_dir / path).read_text().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise SystemExit(f"postier: cluster.s3_secret_key_file: cannot read {config.data_dir / path}: {exc}") from None
+
+
+def open_cluster(config: Config) -> tuple[ClusterStore, ClusterDelivery]:
+    """The mail store and MDA of cluster mode from `[cluster]` (server/app.py `build_app`)."""
+    c = config.cluster
+    bodies = BodyStore(c.s3_endpoint, c.s3_bucket, c.s3_access_key, _secret(config, c.s3_secret_key_file),
+                       c.s3_region, c.timeout)
+    store = ClusterStore(c.dsn, bodies, config.mailbox.special_use_folders, timeout=c.timeout)
+    return store, ClusterDelivery(store, config.mail_root)

@@ -1,0 +1,119 @@
+"""Cluster mode's real services on loopback: a throwaway PostgreSQL 15 cluster (initdb/pg_ctl in a temp
+directory, run as the `postgres` user when the tests run as root, since PostgreSQL refuses root) and
+moto's S3-compatible server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import free_port
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PgServer:
+    """One PostgreSQL cluster: `start()`, `stop()`, `dsn(db)`, `create_db()`."""
+
+    def __init__(self) -> None:
+        if not (PG_BIN / "initdb").exists():
+            pytest.skip("PostgreSQL 15 server binaries are not installed (scripts/install-test-deps)")
+        self.dir = Path(tempfile.mkdtemp(prefix="postier-pg-"))  # not under pytest's 0700 basetemp
+        self.data = self.dir / "data"
+        self.port = free_port("127.0.0.1")
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync")
+        self._names = itertools.count()
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120, cwd=self.dir)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-o", opts, "-w",
+                  "start")
+
+    def stop(self) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def dsn(self, db: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={db}"
+
+    def create_db(self) -> str:
+        import psycopg
+        name = f"t{next(self._names)}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}".encode())
+        return self.dsn(name)
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def pg_own() -> Iterator[PgServer]:
+    """A PostgreSQL a test may stop."""
+    server = PgServer()
+    server.start()
+    yield server
+    server.remove()
+
+
+class S3Server:
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+        self.port = free_port("127.0.0.1")
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._names = itertools.count()
+
+    def bucket(self) -> str:
+        return f"bucket{next(self._names)}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bodies_factory(s3: S3Server) -> Callable[[], object]:
+    from postier.store.cluster.bodies import BodyStore
+    name = s3.bucket()
+
+    def make() -> BodyStore:
+        b = BodyStore(s3.endpoint, name, "test", "test", timeout=2.0)
+        b.ensure_bucket()
+        return b
+    return make

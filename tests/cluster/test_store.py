@@ -1,0 +1,250 @@
+"""The cluster mail store against a real PostgreSQL and a real S3 server (moto): UIDs and MODSEQs from
+the folder row, flags, expunge, copy/move, folders, LISTEN/NOTIFY and the unavailable cases."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+pytest.importorskip("psycopg")
+
+from postier.message.types import User  # noqa: E402
+from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
+from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
+from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
+from postier.store.errors import MailboxExists, MailboxNotFound, NotPermitted, StoreUnavailable  # noqa: E402
+
+from .conftest import PgServer  # noqa: E402
+
+ALICE = User("alice@example.org", "alice", "example.org", "maildir")
+
+
+def msg(n: int | str) -> bytes:
+    return f"From: a@example.org\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+@pytest.fixture
+def store(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> Iterator[ClusterStore]:
+    s = ClusterStore(pg.create_db(), bodies_factory(), timeout=3.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mb(store: ClusterStore) -> Iterator[ClusterMailboxes]:
+    m = store.acquire(ALICE)
+    m.ensure_defaults()
+    yield m
+    store.release(m)
+
+
+def test_append_read_and_one_object_per_body(mb: ClusterMailboxes) -> None:
+    v1, u1 = mb.append("INBOX", msg(1), ["\\Seen", "$Label"])
+    v2, u2 = mb.append("INBOX", msg(1))  # same bytes: same object
+    assert (u1, u2) == (1, 2) and v1 == v2
+    rows = mb.rows("INBOX", [1, 2])
+    assert rows[1].base == rows[2].base == hashlib.sha256(msg(1)).hexdigest()
+    assert rows[1].flag_names == ["\\Seen", "$Label"] and rows[2].flags == 0
+    assert mb.read("INBOX", rows[1]) == msg(1)
+    assert mb.read_header("INBOX", rows[1]) == b"From: a@example.org\r\nSubject: 1\r\n\r\n"
+    got = mb.bodies.client.list_objects_v2(Bucket=mb.bodies.bucket)
+    assert [o["Key"] for o in got["Contents"]] == [body_key(rows[1].base)]
+    snap = mb.snapshot("INBOX")
+    assert list(snap.uids) == [1, 2] and snap.uidnext == 3 and snap.highestmodseq == 3
+    # bare LF bodies are stored with CRLF, as the Maildir store serves them
+    _v, u3 = mb.append("INBOX", b"Subject: lf\n\nx\n")
+    assert mb.read("INBOX", mb.rows("INBOX", [u3])[u3]) == b"Subject: lf\r\n\r\nx\r\n"
+
+
+def test_two_appenders_on_two_connections_commit_uids_in_order(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """Two stores (two pools: two nodes) append at once; a third watches. Every UID list it sees is
+    1..k without holes (commits in UID order), and UIDs and MODSEQs rise together."""
+    dsn = pg.create_db()
+    stores = [ClusterStore(dsn, bodies_factory(), timeout=5.0) for _ in range(3)]
+    try:
+        boxes = [s.acquire(ALICE) for s in stores]
+        boxes[0].ensure_defaults()
+        per_writer = 25
+        got: list[list[int]] = [[], []]
+        seen: list[list[int]] = []
+        done = threading.Event()
+
+        def write(i: int) -> None:
+            for n in range(per_writer):
+                got[i].append(boxes[i].append("INBOX", msg(f"{i}-{n}"))[1])
+
+        def watch() -> None:
+            for _ in range(2000):
+                seen.append(list(boxes[2].snapshot("INBOX").uids))
+                if done.is_set():
+                    break
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        watcher.join(120)
+        for g in got:
+            assert g == sorted(g) and len(g) == per_writer
+        assert sorted(got[0] + got[1]) == list(range(1, 2 * per_writer + 1))
+        for uids in seen:
+            assert uids == list(range(1, len(uids) + 1))
+        rows = boxes[2].rows_between("INBOX", 1, 2 * per_writer)
+        modseqs = [rows[u].modseq for u in sorted(rows)]
+        assert modseqs == sorted(modseqs) and len(set(modseqs)) == len(modseqs)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_flags_modseq_and_unchangedsince(mb: ClusterMailboxes) -> None:
+    for n in range(3):
+        mb.append("INBOX", msg(n))
+    before = mb.snapshot("INBOX").highestmodseq
+    r = mb.store("INBOX", [1, 2], "+FLAGS", ["\\Flagged", "Work"])
+    assert r.modseq == before + 1 and sorted(r.changed) == [1, 2]
+    assert r.changed[1].flag_names == ["\\Flagged", "Work"] and "Work" in r.keywords
+    again = mb.store("INBOX", [1], "+FLAGS", ["\\Flagged", "work"])  # already so (keywords ignore case)
+    assert not again.changed and list(again.unchanged) == [1] and again.modseq == r.modseq
+    assert [c[0] for c in mb.changed_since("INBOX", before)] == [1, 2]
+    conflict = mb.store("INBOX", [1, 3], "-FLAGS", ["\\Flagged"], unchangedsince=before)
+    assert conflict.conflicts == [1] and list(conflict.changed) == [] and list(conflict.unchanged) == [3]
+    r2 = mb.store("INBOX", [2], "FLAGS", ["\\Seen"])
+    assert r2.changed[2].flag_names == ["\\Seen"] and mb.snapshot("INBOX").highestmodseq == r2.modseq
+    assert mb.status("INBOX").unseen == 2
+
+
+def test_expunge_tombstones_and_uids_never_reused(mb: ClusterMailboxes) -> None:
+    for n in range(4):
+        mb.append("INBOX", msg(n))
+    ms = mb.snapshot("INBOX").highestmodseq
+    mb.store("INBOX", [2, 3], "+FLAGS", ["\\Deleted"])
+    assert mb.expunge("INBOX", [3, 4]) == [3]  # UID EXPUNGE: only the listed \Deleted ones
+    assert mb.expunge("INBOX") == [2]
+    assert mb.vanished_since("INBOX", ms) == [2, 3]
+    assert list(mb.snapshot("INBOX").uids) == [1, 4]
+    assert mb.append("INBOX", msg(9))[1] == 5
+    assert mb.delete_uids("INBOX", [1, 77]) == [1]
+
+
+def test_copy_move_share_bodies(mb: ClusterMailboxes) -> None:
+    for n in range(3):
+        mb.append("INBOX", msg(n), ["kw1"] if n == 0 else [])
+    mb.create("Work")
+    c = mb.copy("INBOX", [1, 2], "Work")
+    assert (c.source_uids, c.dest_uids) == ([1, 2], [1, 2])
+    m = mb.move("INBOX", [1, 3], "Work")
+    assert (m.source_uids, m.dest_uids) == ([1, 3], [3, 4])
+    assert list(mb.snapshot("INBOX").uids) == [2]
+    work = mb.rows_between("Work", 1, 10)
+    assert work[3].keywords == "kw1" and mb.read("Work", work[4]) == msg(2)
+    with pytest.raises(MailboxNotFound):
+        mb.copy("INBOX", [2], "Nowhere")
+
+
+def test_folders_create_rename_delete(mb: ClusterMailboxes) -> None:
+    names = [f.name for f in mb.list_folders()]
+    assert names[0] == "INBOX" and {"Sent", "Trash", "Junk", "Drafts", "Archive"} <= set(names)
+    assert dict((f.name, f.special_use) for f in mb.list_folders())["Sent"] == "\\Sent"
+    mb.create("A")
+    mb.create("A.B")
+    with pytest.raises(MailboxExists):
+        mb.create("A")
+    old = mb.snapshot("A.B").uidvalidity
+    mb.rename("A", "C")
+    assert {"C", "C.B"} <= {f.name for f in mb.list_folders()} and "A" not in {f.name for f in mb.list_folders()}
+    with pytest.raises(NotPermitted):
+        mb.rename("C", "C.B.D")
+    mb.delete("C.B")
+    mb.create("C.B")
+    assert mb.snapshot("C.B").uidvalidity > old  # a new mailbox under an old name (RFC 9051 §2.3.1.1)
+    mb.append("INBOX", msg(1))
+    mb.rename("INBOX", "Old")  # RFC 9051 §6.3.6: INBOX's messages move, INBOX stays
+    assert list(mb.snapshot("INBOX").uids) == [] and list(mb.snapshot("Old").uids) == [1]
+    with pytest.raises(NotPermitted):
+        mb.delete("INBOX")
+
+
+def test_delivery_appends_and_falls_back_to_inbox(store: ClusterStore, tmp_path: object) -> None:
+    from pathlib import Path
+    mda = ClusterDelivery(store, Path(str(tmp_path)))
+    try:
+        ok = mda.deliver_one(ALICE, b"Return-Path: <b@example.net>\r\n", msg("d"), "b@example.net", "NoSuchFolder")
+        assert ok.ok, ok.detail
+        mb = store.acquire(ALICE)
+        rows = mb.rows_between("INBOX", 1, 10)
+        assert mb.read("INBOX", rows[1]).startswith(b"Return-Path: <b@example.net>\r\nFrom:")
+        store.release(mb)
+    finally:
+        mda.close()
+
+
+def test_notify_reaches_another_node(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    dsn = pg.create_db()
+
+    async def run() -> None:
+        a = ClusterStore(dsn, bodies_factory())
+        b = ClusterStore(dsn, bodies_factory())
+        try:
+            woke = asyncio.Event()
+            b.notifier.watch(ALICE.address, "INBOX", None, woke.set)
+            await asyncio.wait_for(b.notifier.listening.wait(), 20)
+            mb = await a.call(a.acquire, ALICE)
+            await a.call(mb.ensure_defaults)
+            await a.call(mb.append, "INBOX", msg(1))
+            await asyncio.wait_for(woke.wait(), 20)
+        finally:
+            a.close()
+            b.close()
+    asyncio.run(run())
+
+
+def test_postgresql_down_is_unavailable_and_nothing_is_stored(
+        pg_own: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    s = ClusterStore(pg_own.create_db(), bodies_factory(), timeout=2.0)
+    try:
+        mb = s.acquire(ALICE)
+        mb.ensure_defaults()
+        mb.append("INBOX", msg(1))
+        pg_own.stop()
+        with pytest.raises(StoreUnavailable):
+            mb.append("INBOX", msg(2))
+        with pytest.raises(StoreUnavailable):
+            mb.snapshot("INBOX")
+        pg_own.start()
+        for _ in range(3):  # the pool notices the restart on its own: a broken connection is dropped
+            try:
+                snap = mb.snapshot("INBOX")
+                break
+            except StoreUnavailable:
+                continue
+        assert list(snap.uids) == [1]
+    finally:
+        s.close()
+
+
+def test_object_store_down_is_unavailable_and_no_row_is_committed(pg: PgServer) -> None:
+    from .conftest import S3Server
+    s3 = S3Server()
+    b = BodyStore(s3.endpoint, "down", "test", "test", timeout=1.0)
+    b.ensure_bucket()
+    s = ClusterStore(pg.create_db(), b, timeout=2.0)
+    try:
+        mb = s.acquire(ALICE)
+        mb.ensure_defaults()
+        s3.stop()
+        with pytest.raises(StoreUnavailable):
+            mb.append("INBOX", msg(1))
+        snap = mb.snapshot("INBOX")
+        assert list(snap.uids) == [] and snap.uidnext == 1
+    finally:
+        s.close()
