@@ -1,0 +1,164 @@
+"""Cluster mode end to end: postier nodes on 127.0.0.2 and 127.0.0.3 sharing one PostgreSQL and one S3
+bucket. Mail taken in by node A is read over IMAP on node B with the same UIDs; IDLE on B wakes for an
+APPEND on A; with PostgreSQL stopped, SMTP answers 4xx and IMAP NO [UNAVAILABLE], never an OK."""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psycopg")
+
+from tests.harness import Instance  # noqa: E402
+
+from .conftest import PgServer, S3Server  # noqa: E402
+
+DOMAIN = "example.org"
+ALICE = f"alice@{DOMAIN}"
+PASSWORD = "password123"
+
+
+def _can_bind(addr: str) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind((addr, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]:
+    if not _can_bind("127.0.0.3"):
+        pytest.skip("no 127.0.0.2-3 loopback addresses")
+    bucket = s3.bucket()
+    nodes = []
+    for i in range(count):
+        d = root / f"node{i}"
+        d.mkdir()
+        (d / "s3.secret").write_text("test\n")
+        inst = Instance(d, DOMAIN, address=f"127.0.0.{i + 2}", extra_config=(
+            f'[cluster]\ndsn = "{dsn}"\ns3_endpoint = "{s3.endpoint}"\ns3_bucket = "{bucket}"\n'
+            f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 2.0\n'))
+        inst.add_user(ALICE, PASSWORD)  # accounts are still per node in this slice (docs/scaling.md)
+        nodes.append(inst)
+    from postier.store.cluster.bodies import BodyStore
+    BodyStore(s3.endpoint, bucket, "test", "test").ensure_bucket()  # `postier cluster init` is not built yet
+    for inst in nodes:
+        inst.start()
+    return nodes
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Instance]]:
+    ns = _nodes(tmp_path, pg.create_db(), s3)
+    yield ns
+    for n in ns:
+        n.stop()
+
+
+def imap(inst: Instance) -> imaplib.IMAP4:
+    c = imaplib.IMAP4(*inst.addr("imap"), timeout=20)
+    c.starttls(inst.client_ssl_context())
+    c.login(ALICE, PASSWORD)
+    return c
+
+
+def send(inst: Instance, subject: str) -> None:
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+        s.sendmail("bob@example.net", [ALICE], f"From: bob@example.net\r\nTo: {ALICE}\r\nSubject: {subject}\r\n"
+                   f"\r\nHello from {subject}\r\n")
+
+
+def fetch_all(c: imaplib.IMAP4) -> dict[int, bytes]:
+    typ, data = c.uid("FETCH", "1:*", "(UID BODY.PEEK[])")
+    assert typ == "OK", data
+    out = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = int(item[0].split(b"UID ")[1].split()[0])
+            out[uid] = item[1]
+    return out
+
+
+def test_mail_to_node_a_is_read_on_node_b_with_the_same_uids(nodes: list[Instance]) -> None:
+    a, b = nodes
+    send(a, "one")
+    send(b, "two")
+    send(a, "three")
+    seen = []
+    for inst in (b, a):
+        c = imap(inst)
+        try:
+            typ, data = c.select("INBOX")
+            assert typ == "OK" and data == [b"3"]
+            msgs = fetch_all(c)
+            seen.append({u: m.split(b"Subject: ")[1].split(b"\r\n")[0] for u, m in msgs.items()})
+            assert c.response("UIDVALIDITY")[1] != [None]
+        finally:
+            c.logout()
+    assert seen[0] == seen[1] == {1: b"one", 2: b"two", 3: b"three"}
+
+
+def test_idle_on_b_wakes_for_append_on_a(nodes: list[Instance]) -> None:
+    a, b = nodes
+    watcher = imap(b)
+    writer = imap(a)
+    try:
+        assert watcher.select("INBOX")[1] == [b"0"]
+        tag = watcher._new_tag().decode()
+        watcher.send(f"{tag} IDLE\r\n".encode())
+        assert watcher.readline().startswith(b"+")
+        typ, data = writer.append("INBOX", None, None, b"From: x@example.org\r\nSubject: idle\r\n\r\nx\r\n")
+        assert typ == "OK" and b"APPENDUID" in data[0], data
+        line = watcher.readline()
+        assert line == b"* 1 EXISTS\r\n", line
+        watcher.send(b"DONE\r\n")
+        while not (line := watcher.readline()).startswith(tag.encode()):
+            pass
+        assert b" OK " in line
+    finally:
+        writer.logout()
+        watcher.logout()
+
+
+def test_postgresql_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg_own: PgServer, s3: S3Server) -> None:
+    a, b = _nodes(tmp_path, pg_own.create_db(), s3)
+    try:
+        send(a, "before")
+        c = imap(b)
+        try:
+            assert c.select("INBOX")[1] == [b"1"]
+            pg_own.stop()
+            typ, data = c.append("INBOX", None, None, b"Subject: lost?\r\n\r\nx\r\n")
+            assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (typ, data)
+            typ, data = c.select("INBOX")
+            assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (typ, data)
+        finally:
+            c.logout()
+        with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+            s.ehlo()
+            s.mail("bob@example.net")
+            code, _ = s.rcpt(ALICE)
+            if code < 400:  # the recipient may be accepted (accounts are local): DATA must not be
+                code, text = s.data(b"Subject: lost?\r\n\r\nx\r\n")
+                assert 400 <= code < 500, (code, text)
+            else:
+                assert code < 500
+        pg_own.start()
+        c = imap(b)
+        try:
+            for _ in range(3):  # the node's pool drops its broken connections and reconnects
+                typ, data = c.select("INBOX")
+                if typ == "OK":
+                    break
+            assert data == [b"1"]  # nothing was stored while PostgreSQL was down
+        finally:
+            c.logout()
+    finally:
+        a.stop()
+        b.stop()
