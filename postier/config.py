@@ -557,6 +557,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("mailbox.default_format: must be \"maildir\" or \"mbox\"")
     if len(cfg.mailbox.recipient_delimiter) > 1:
         raise ConfigError("mailbox.recipient_delimiter: must be one character or empty")
+    if cfg.cluster.dsn and not cfg.cluster.s3_bucket:
+        raise ConfigError("cluster.s3_bucket: required in cluster mode (cluster.dsn is set)")
+    if cfg.cluster.timeout <= 0:
+        raise ConfigError("cluster.timeout: must be positive")
     if cfg.submission.sender_policy not in ("own", "domain", "any"):
         raise ConfigError("submission.sender_policy: must be \"own\", \"domain\" or \"any\"")
     if cfg.relay.tls not in ("starttls", "implicit"):

@@ -45,6 +45,10 @@ PACKAGES: dict[str, str] = {
     "sieve-connect": "sieve-connect",
     "chromium": "chromium",
     "chromedriver": "chromium-driver",
+    "runuser": "util-linux",
+    # tests/cluster: Debian keeps them off PATH, in /usr/lib/postgresql/15/bin
+    "initdb": "postgresql",
+    "pg_ctl": "postgresql",
 }
 
 #: Perl modules programs need but Debian only recommends (install-test-deps installs them explicitly).

@@ -38,6 +38,8 @@ def test_minimal_config_loads(tmp_path: Path) -> None:
     ("[listeners.imap]\npath = \"run/imap\"\n", "listeners.imap.path: only lmtp listens on a Unix socket"),
     ("[listeners.lmtp]\npath = \"run/lmtp\"\nport = 24\n", "listeners.lmtp.path: give either path or address"),
     ("[listeners.lmtp]\npath = \"" + "x" * 120 + "\"\n", "listeners.lmtp.path: longer than"),
+    ("[cluster]\ndsn = \"host=db\"\n", "cluster.s3_bucket: required in cluster mode"),
+    ("[cluster]\ndsn = \"host=db\"\ns3_bucket = \"b\"\ntimeout = 0.0\n", "cluster.timeout: must be positive"),
 ])
 def test_errors_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
     text = BASE.replace("[listeners.smtp]", extra + "[listeners.smtp]") if not extra.startswith("[") else BASE + extra

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port
+from tests.programs import PACKAGES, missing, require
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -25,7 +26,7 @@ class PgServer:
 
     def __init__(self) -> None:
         if not (PG_BIN / "initdb").exists():
-            pytest.skip("PostgreSQL 15 server binaries are not installed (scripts/install-test-deps)")
+            missing(f"initdb is not installed in {PG_BIN} (Debian package {PACKAGES['initdb']})")
         self.dir = Path(tempfile.mkdtemp(prefix="postier-pg-"))  # not under pytest's 0700 basetemp
         self.data = self.dir / "data"
         self.port = free_port("127.0.0.1")
@@ -33,7 +34,7 @@ class PgServer:
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._as = [require("runuser"), "-u", "postgres", "--"]
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync")
         self._names = itertools.count()
