@@ -14,6 +14,7 @@ BENCHMARKS = {
     "pop3": "bench.pop3_bench",
     "load": "bench.load",
     "webmail": "bench.webmail_bench",
+    "cluster": "bench.cluster_bench",
 }
 
 

@@ -5,6 +5,7 @@ moto's S3-compatible server."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import pwd
 import shutil
@@ -88,6 +89,7 @@ def pg_own() -> Iterator[PgServer]:
 class S3Server:
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         self.port = free_port("127.0.0.1")
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()

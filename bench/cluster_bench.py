@@ -1,0 +1,73 @@
+"""Cluster store benchmark: APPENDs from two writers on two connection pools (two nodes) into one
+folder, then body reads, against a throwaway PostgreSQL 15 (fsync off) and moto's S3 server in this
+process (so moto's Python HTTP server shares the GIL with the writers: a lower bound, not a cluster
+figure).
+
+    .venv/bin/python -m bench cluster [--messages 200] [--size 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from postier.message.types import User  # noqa: E402
+from postier.store.cluster.bodies import BodyStore  # noqa: E402
+from postier.store.cluster.store import ClusterStore  # noqa: E402
+from tests.cluster.conftest import PgServer, S3Server  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench cluster")
+    ap.add_argument("--messages", type=int, default=200, help="per writer")
+    ap.add_argument("--size", type=int, default=4000)
+    args = ap.parse_args(argv)
+    pg, s3 = PgServer(), S3Server()
+    pg.start()
+    try:
+        dsn = pg.create_db()
+
+        def bodies() -> BodyStore:
+            b = BodyStore(s3.endpoint, "bench", "t", "t")
+            b.ensure_bucket()
+            return b
+        stores = [ClusterStore(dsn, bodies()) for _ in range(2)]
+        user = User("a@example.org", "a", "example.org", "maildir")
+        boxes = [s.acquire(user) for s in stores]
+        boxes[0].ensure_defaults()
+        body = b"Subject: x\r\n\r\n" + b"y" * args.size + b"\r\n"
+        n = args.messages
+
+        def write(i: int) -> None:
+            for k in range(n):
+                boxes[i].append("INBOX", body + f"{i}-{k}\r\n".encode())
+        t = time.perf_counter()
+        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t
+        print(f"{2 * n} appends ({args.size} B, 2 writers): {dt:.2f}s = {2 * n / dt:.0f}/s")
+        rows = boxes[0].rows_between("INBOX", 1, 2 * n)
+        assert sorted(rows) == list(range(1, 2 * n + 1))
+        t = time.perf_counter()
+        for r in list(rows.values())[:n]:
+            boxes[0].read("INBOX", r)
+        dt = time.perf_counter() - t
+        print(f"{n} body reads: {dt:.2f}s = {n / dt:.0f}/s")
+        for s in stores:
+            s.close()
+    finally:
+        s3.stop()
+        pg.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
