@@ -162,3 +162,64 @@ def test_postgresql_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg_o
     finally:
         a.stop()
         b.stop()
+
+
+def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
+    """The IMAP commands that touch the store, on A, seen from B; then POP3 on B."""
+    a, b = nodes
+    for n in range(4):
+        send(a, f"m{n}")
+    c = imap(a)
+    d = imap(b)
+    try:
+        assert c._simple_command("ENABLE", "CONDSTORE QRESYNC")[0] == "OK"
+        typ, _ = c.select("INBOX")
+        assert typ == "OK"
+        assert c.uid("STORE", "1,2", "+FLAGS", r"(\Flagged $Work)")[0] == "OK"
+        typ, data = c.uid("FETCH", "1:*", "(FLAGS MODSEQ)")
+        assert typ == "OK" and len(data) == 4 and b"$Work" in data[0] and b"MODSEQ" in data[0]
+        typ, data = c.uid("SEARCH", "FLAGGED")
+        assert data == [b"1 2"]
+        typ, data = c.uid("SEARCH", "SUBJECT", "m3")
+        assert data == [b"4"]
+        assert c.create("Work")[0] == "OK"
+        typ, data = c.uid("COPY", "1", "Work")
+        assert typ == "OK"
+        typ, data = c.uid("MOVE", "2", "Work")
+        assert typ == "OK"
+        assert c.uid("STORE", "3", "+FLAGS", r"(\Deleted)")[0] == "OK"
+        assert c.expunge()[0] == "OK"
+        typ, data = c.status("Work", "(MESSAGES UIDNEXT UNSEEN HIGHESTMODSEQ)")
+        assert typ == "OK" and b"MESSAGES 2" in data[0] and b"UIDNEXT 3" in data[0]
+        typ, data = c.uid("FETCH", "4", "(BODYSTRUCTURE ENVELOPE RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER])")
+        assert typ == "OK" and b"ENVELOPE" in data[0][0]
+        assert c.rename("Work", "Projects")[0] == "OK"
+        # node B sees all of it
+        typ, data = d.select("INBOX")
+        assert typ == "OK" and data == [b"2"]  # 1 and 4: 2 moved, 3 expunged
+        typ, data = d.list()
+        assert typ == "OK" and any(b"Projects" in x for x in data) and not any(b'"Work"' in x for x in data)
+        typ, data = d.select("Projects")
+        assert typ == "OK" and data == [b"2"]
+        typ, data = d.uid("FETCH", "1:*", "(FLAGS)")
+        assert all(b"$Work" in x for x in data)
+    finally:
+        c.logout()
+        d.logout()
+    import poplib
+    p = poplib.POP3(*b.addr("pop3"), timeout=20)
+    try:
+        p.stls(b.client_ssl_context())
+        p.user(ALICE)
+        p.pass_(PASSWORD)
+        count, _size = p.stat()
+        assert count == 2
+        assert b"Subject: m3" in p.retr(2)[1]
+        p.dele(1)
+    finally:
+        p.quit()
+    c = imap(a)
+    try:
+        assert c.select("INBOX")[1] == [b"1"]  # POP3's DELE on B, applied at QUIT
+    finally:
+        c.logout()
