@@ -50,7 +50,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 # -- migration: import / export (store.transfer) ---------------------------------------------------
 
-def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, MailStore, Any, Any]:
+def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, Any, Any, Any, Path]:
+    """(accounts, store, user, mailboxes, user's home) for import/export: the Maildir store, or in
+    cluster mode (`[cluster]`) the PostgreSQL/S3 one, so that the same commands move a user between
+    the modes (docs/scaling.md)."""
     from ..cli import CLIError, _config_path
 
     cfg = load_config(_config_path(args))
@@ -62,10 +65,20 @@ def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, MailSt
     if user.mailbox_format != "maildir":
         accounts.close()
         raise CLIError(f"{user.address} uses {user.mailbox_format}: import and export need a Maildir user")
-    store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders, workers=1)
-    mb = store.acquire(user)
-    mb.ensure_defaults()
-    return accounts, store, user, mb
+    store: Any
+    if cfg.cluster.dsn:
+        from .cluster.store import open_store
+        store = open_store(cfg, workers=1)
+    else:
+        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders, workers=1)
+    try:
+        mb = store.acquire(user)
+        mb.ensure_defaults()
+    except StoreError as exc:
+        store.close()
+        accounts.close()
+        raise CLIError(f"{user.address}: {exc}") from None
+    return accounts, store, user, mb, user.home(cfg.mail_root)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -77,8 +90,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..cli import CLIError
     from .transfer import ImportState, TransferError, import_imap, import_maildir, import_mbox
 
-    accounts, store, user, mb = _open_user(args, args.into)
-    state = ImportState(user.home(store.mail_root) / "postier-import.sqlite")
+    accounts, store, user, mb, home = _open_user(args, args.into)
+    home.mkdir(parents=True, exist_ok=True)  # cluster mode: the import state is still a local file
+    state = ImportState(home / "postier-import.sqlite")
     try:
         if args.kind == "imap":
             if not args.host or not args.user:
@@ -103,7 +117,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             st = import_maildir(mb, Path(args.path), state)
         else:
             st = import_mbox(mb, Path(args.path), state)
-    except TransferError as exc:
+    except (TransferError, StoreError) as exc:
         raise CLIError(str(exc)) from None
     finally:
         state.close()
@@ -149,10 +163,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if bool(args.maildir) == bool(args.mbox):
         raise CLIError("export needs exactly one of --maildir DIR or --mbox DIR")
-    accounts, store, user, mb = _open_user(args, args.user)
+    accounts, store, user, mb, _home = _open_user(args, args.user)
     try:
         st = export_maildir(mb, Path(args.maildir)) if args.maildir else export_mbox(mb, Path(args.mbox))
-    except TransferError as exc:
+    except (TransferError, StoreError) as exc:
         raise CLIError(str(exc)) from None
     finally:
         store.release(mb)

@@ -223,3 +223,57 @@ def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
         assert c.select("INBOX")[1] == [b"1"]  # POP3's DELE on B, applied at QUIT
     finally:
         c.logout()
+
+
+def _maildir_contents(root: Path) -> dict[str, list[tuple[bytes, str]]]:
+    """folder -> sorted (message bytes, flag letters) of a Maildir++ tree."""
+    out: dict[str, list[tuple[bytes, str]]] = {}
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("."))]:
+        name = "INBOX" if folder == root else folder.name[1:]
+        items = []
+        for sub in ("new", "cur"):
+            if (folder / sub).is_dir():
+                for f in (folder / sub).iterdir():
+                    items.append((f.read_bytes(), f.name.partition(":2,")[2]))
+        out[name] = sorted(items)
+    return out
+
+
+def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[Instance]) -> None:
+    """cluster -> Maildir -> single-machine -> Maildir -> cluster (another user): same messages, folders
+    and flags all the way."""
+    a, b = nodes
+    send(a, "one")
+    send(a, "two")
+    c = imap(a)
+    try:
+        c.select("INBOX")
+        assert c.uid("STORE", "1", "+FLAGS", r"(\Seen \Flagged)")[0] == "OK"
+        assert c.create("Work")[0] == "OK"
+        assert c.uid("COPY", "2", "Work")[0] == "OK"
+    finally:
+        c.logout()
+    out1, out2 = tmp_path / "from-cluster", tmp_path / "from-single"
+    a.cli("export", ALICE, "--maildir", str(out1))
+    (tmp_path / "single").mkdir()
+    single = Instance(tmp_path / "single", DOMAIN)
+    single.add_user(ALICE, PASSWORD)
+    single.cli("import", "maildir", str(out1), "--into", ALICE)
+    single.cli("export", ALICE, "--maildir", str(out2))
+    first, second = _maildir_contents(out1), _maildir_contents(out2)
+    assert first == second
+    assert len(first["INBOX"]) == 2 and len(first["Work"]) == 1 and "FS" in {f for _m, f in first["INBOX"]}
+    bob = f"bob@{DOMAIN}"
+    for inst in (a, b):
+        inst.add_user(bob, PASSWORD)
+    a.cli("import", "maildir", str(out2), "--into", bob)
+    d = imaplib.IMAP4(*b.addr("imap"), timeout=20)
+    d.starttls(b.client_ssl_context())
+    d.login(bob, PASSWORD)
+    try:
+        assert d.select("INBOX")[1] == [b"2"]
+        typ, data = d.uid("FETCH", "1:*", "(FLAGS)")
+        assert any(b"\\Flagged" in x and b"\\Seen" in x for x in data), data
+        assert d.select("Work")[1] == [b"1"]
+    finally:
+        d.logout()

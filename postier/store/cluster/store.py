@@ -34,7 +34,7 @@ from .bodies import BodyStore
 from .mailboxes import ClusterMailboxes
 from .schema import CHANNEL, ensure_schema
 
-__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_cluster"]
+__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_bodies", "open_cluster", "open_store"]
 
 log = logging.getLogger("postier.cluster")
 
@@ -189,10 +189,20 @@ def _secret(config: Config, path: str) -> str:
         raise SystemExit(f"postier: cluster.s3_secret_key_file: cannot read {config.data_dir / path}: {exc}") from None
 
 
+def open_bodies(config: Config) -> BodyStore:
+    c = config.cluster
+    return BodyStore(c.s3_endpoint, c.s3_bucket, c.s3_access_key, _secret(config, c.s3_secret_key_file),
+                     c.s3_region, c.timeout)
+
+
+def open_store(config: Config, workers: int = 8) -> ClusterStore:
+    """Cluster mode's mail store from `[cluster]` (the server, `postier export`/`import`)."""
+    c = config.cluster
+    return ClusterStore(c.dsn, open_bodies(config), config.mailbox.special_use_folders, workers=workers,
+                        timeout=c.timeout)
+
+
 def open_cluster(config: Config) -> tuple[ClusterStore, ClusterDelivery]:
     """The mail store and MDA of cluster mode from `[cluster]` (server/app.py `build_app`)."""
-    c = config.cluster
-    bodies = BodyStore(c.s3_endpoint, c.s3_bucket, c.s3_access_key, _secret(config, c.s3_secret_key_file),
-                       c.s3_region, c.timeout)
-    store = ClusterStore(c.dsn, bodies, config.mailbox.special_use_folders, timeout=c.timeout)
+    store = open_store(config)
     return store, ClusterDelivery(store, config.mail_root)
