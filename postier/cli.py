@@ -298,6 +298,7 @@ EXTRA_COMMANDS = [
     "postier.systemd",
     "postier.status",
     "postier.sieve.cli",
+    "postier.store.cluster.cli",
 ]
 
 

@@ -11,6 +11,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -94,10 +95,10 @@ class S3Server:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._names = itertools.count()
 
     def bucket(self) -> str:
-        return f"bucket{next(self._names)}"
+        # moto keeps its buckets per process, not per server: names must not repeat across modules
+        return f"bucket-{uuid.uuid4().hex[:16]}"
 
     def stop(self) -> None:
         self.server.stop()

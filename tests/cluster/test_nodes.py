@@ -46,8 +46,10 @@ def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]
             f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 2.0\n'))
         inst.add_user(ALICE, PASSWORD)  # accounts are still per node in this slice (docs/scaling.md)
         nodes.append(inst)
-    from postier.store.cluster.bodies import BodyStore
-    BodyStore(s3.endpoint, bucket, "test", "test").ensure_bucket()  # `postier cluster init` is not built yet
+    assert nodes[0].cli("cluster", "status", check=False).returncode == 1  # no bucket, no tables yet
+    nodes[0].cli("cluster", "init")
+    for inst in nodes:
+        assert "postgresql: ok" in inst.cli("cluster", "status").stdout
     for inst in nodes:
         inst.start()
     return nodes
@@ -134,6 +136,8 @@ def test_postgresql_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg_o
         try:
             assert c.select("INBOX")[1] == [b"1"]
             pg_own.stop()
+            st = a.cli("cluster", "status", check=False)
+            assert st.returncode == 1 and "postgresql: UNREACHABLE" in st.stdout, st.stdout
             typ, data = c.append("INBOX", None, None, b"Subject: lost?\r\n\r\nx\r\n")
             assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (typ, data)
             typ, data = c.select("INBOX")
