@@ -281,3 +281,4 @@ def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[In
         assert d.select("Work")[1] == [b"1"]
     finally:
         d.logout()
+    assert a.cli("cluster", "gc").stdout.strip() == "deleted 0 unreferenced bodies"  # all in use, all recent

@@ -248,3 +248,25 @@ def test_object_store_down_is_unavailable_and_no_row_is_committed(pg: PgServer) 
         assert list(snap.uids) == [] and snap.uidnext == 1
     finally:
         s.close()
+
+
+def test_gc_deletes_only_unreferenced_bodies_past_the_grace(mb: ClusterMailboxes, store: ClusterStore) -> None:
+    from postier.store.cluster.gc import collect
+    mb.append("INBOX", msg("gone"))
+    mb.append("INBOX", msg("kept"))
+    mb.create("Work")
+    mb.append("INBOX", msg("copied"))
+    mb.copy("INBOX", [3], "Work")
+    mb.store("INBOX", [1, 3], "+FLAGS", ["\\Deleted"])
+    assert mb.expunge("INBOX") == [1, 3]
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in mb.bodies.client.list_objects_v2(Bucket=mb.bodies.bucket).get("Contents", [])}
+    import psycopg
+    with psycopg.connect(store.pool.conninfo, autocommit=True) as conn:
+        assert collect(conn, mb.bodies, grace=3600) == 0  # too recent
+        assert collect(conn, mb.bodies, grace=0) == 1
+    h = {n: hashlib.sha256(msg(n)).hexdigest() for n in ("gone", "kept", "copied")}
+    assert keys() == {body_key(h["kept"]), body_key(h["copied"])}
+    _v, uid = mb.append("INBOX", msg("gone"))  # the same body again: uploaded again
+    assert mb.read("INBOX", mb.rows("INBOX", [uid])[uid]) == msg("gone")

@@ -4,7 +4,7 @@ A body is written with PutObject and the store's 200 answer is the confirmation 
 the mailbox index (PostgreSQL, `store.cluster.mailboxes`) only refers to a body after that answer,
 so a message is never visible without its bytes. Writing the same body twice writes the same key
 with the same bytes (idempotent), so concurrent deliveries of one message need no coordination.
-Bodies no longer referenced are left for a later collection (docs/scaling.md).
+Bodies no longer referenced are deleted later by `store.cluster.gc` (`postier cluster gc`).
 
 The client is boto3 (botocore's SigV4 signing, retries and endpoint handling, well kept and the
 reference client for S3): the mailbox calls already run in worker threads, and a boto3 client is
@@ -51,15 +51,25 @@ class BodyStore:
         except botocore.exceptions.ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
-    def put(self, data: bytes) -> str:
+    @staticmethod
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def put(self, data: bytes, digest: str | None = None) -> str:
         """Store `data`; returns its SHA-256 (hex) once the object store has confirmed the write."""
-        digest = hashlib.sha256(data).hexdigest()
+        digest = digest or self.digest(data)
         try:
             self.client.put_object(Bucket=self.bucket, Key=body_key(digest), Body=data,
                                    ContentType="message/rfc822")
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         return digest
+
+    def delete(self, digest: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=body_key(digest))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
 
     def get(self, digest: str, limit: int | None = None) -> bytes:
         """A body's bytes (the first `limit` only, if given)."""

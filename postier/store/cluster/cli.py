@@ -1,5 +1,5 @@
-"""`postier cluster init|status`: create cluster mode's tables and bucket, and show whether this node
-reaches PostgreSQL and the object store (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
+"""`postier cluster init|status|gc`: create cluster mode's tables and bucket, show whether this node
+reaches PostgreSQL and the object store, delete unreferenced bodies (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
 imported only when the command runs, so the CLI works without them in single-machine mode."""
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             raise CLIError(f"cluster init failed: {exc}") from None
         print(f"cluster ready: tables in PostgreSQL, bucket {cfg.cluster.s3_bucket}")
         return 0
+    if args.action == "gc":
+        from .gc import collect
+        try:
+            with psycopg.connect(cfg.cluster.dsn, connect_timeout=timeout, autocommit=True) as conn:
+                n = collect(conn, bodies, args.grace)
+        except (psycopg.Error, StoreError) as exc:
+            raise CLIError(f"cluster gc failed: {exc}") from None
+        print(f"deleted {n} unreferenced bodies")
+        return 0
     ok = True
     try:
         with psycopg.connect(cfg.cluster.dsn, connect_timeout=timeout) as conn:
@@ -67,6 +76,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("cluster", help="cluster mode: create the tables and bucket (init), check them (status)")
-    p.add_argument("action", choices=("init", "status"))
+    p = sub.add_parser("cluster", help="cluster mode: create the tables and bucket (init), check them (status), "
+                                       "delete unreferenced bodies (gc)")
+    p.add_argument("action", choices=("init", "status", "gc"))
+    p.add_argument("--grace", type=float, default=86400.0, metavar="SECONDS",
+                   help="gc: keep bodies uploaded less than this long ago (default a day)")
     p.set_defaults(func=cmd_cluster)

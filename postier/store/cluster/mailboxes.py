@@ -415,9 +415,14 @@ class ClusterMailboxes:
         bits, kws = names_to_flags(flag_names)
         if b"\n" in data.replace(b"\r\n", b""):
             data = _to_crlf(data)
+        digest = self.bodies.digest(data)
         with self._tx() as conn:  # fail early (no upload) when the folder is missing
             self._fid(conn, n)
-        digest = self.bodies.put(data)
+            # Renew the body's mark before the upload: the collector (store.cluster.gc) holds this
+            # row while it deletes an unreferenced body, so the upload cannot be deleted under us.
+            conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
+                         (digest,))
+        self.bodies.put(data, digest)
         idate = int(internal_date) if internal_date is not None else int(time.time())
         with self._tx() as conn:
             fid, uidvalidity, known = self._fid(conn, n, lock=True)

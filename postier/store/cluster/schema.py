@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq bigint NOT NULL,
     PRIMARY KEY (folder, uid)
 );
+CREATE TABLE IF NOT EXISTS bodies (
+    hash text PRIMARY KEY,
+    last_put timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS subscriptions (
     owner text NOT NULL,
     name text NOT NULL,
