@@ -270,3 +270,35 @@ def test_gc_deletes_only_unreferenced_bodies_past_the_grace(mb: ClusterMailboxes
     assert keys() == {body_key(h["kept"]), body_key(h["copied"])}
     _v, uid = mb.append("INBOX", msg("gone"))  # the same body again: uploaded again
     assert mb.read("INBOX", mb.rows("INBOX", [uid])[uid]) == msg("gone")
+
+
+def test_two_nodes_storing_flags_at_once_lose_nothing(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    dsn = pg.create_db()
+    stores = [ClusterStore(dsn, bodies_factory(), timeout=5.0) for _ in range(2)]
+    try:
+        boxes = [s.acquire(ALICE) for s in stores]
+        boxes[0].ensure_defaults()
+        boxes[0].append("INBOX", msg(1))
+        boxes[0].append("INBOX", msg(2))
+        rounds = 15
+        modseqs: list[list[int]] = [[], []]
+
+        def write(i: int) -> None:
+            for n in range(rounds):
+                modseqs[i].append(boxes[i].store("INBOX", [1], "+FLAGS", [f"k{i}x{n}"]).modseq)
+                if i == 1 and n == rounds // 2:
+                    boxes[i].store("INBOX", [2], "+FLAGS", ["\\Deleted"])
+                    boxes[i].expunge("INBOX")
+        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        row = boxes[0].rows("INBOX", [1])[1]
+        assert set(row.keywords.split(" ")) == {f"k{i}x{n}" for i in (0, 1) for n in range(rounds)}
+        every = modseqs[0] + modseqs[1]
+        assert len(set(every)) == len(every) and row.modseq == max(every)
+        assert list(boxes[1].snapshot("INBOX").uids) == [1]
+    finally:
+        for s in stores:
+            s.close()

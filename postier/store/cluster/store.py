@@ -163,14 +163,14 @@ class ClusterDelivery(LocalDelivery):
             log.error("delivery to %s failed: %s", user.address, exc)
             return DeliveryResult(user, False, str(exc))
         try:
-            mb.ensure_defaults()
             name = INBOX
             if folder:
                 with contextlib.suppress(StoreError):
                     name = normalize_name(folder)
             try:
                 v, uid = mb.append(name, data)
-            except MailboxNotFound:
+            except MailboxNotFound:  # a new user (no INBOX yet), or a folder a script named
+                mb.ensure_defaults()
                 v, uid = mb.append(INBOX, data)
             return DeliveryResult(user, True, f"{v}:{uid}")
         except StoreError as exc:
