@@ -1,6 +1,7 @@
-"""Cluster mode end to end: postier nodes on 127.0.0.2 and 127.0.0.3 sharing one PostgreSQL and one S3
-bucket. Mail taken in by node A is read over IMAP on node B with the same UIDs; IDLE on B wakes for an
-APPEND on A; with PostgreSQL stopped, SMTP answers 4xx and IMAP NO [UNAVAILABLE], never an OK."""
+"""Cluster mode end to end: postier nodes on 127.0.0.2-4 sharing one PostgreSQL and one S3 bucket.
+Mail taken in by any node is read over IMAP on the others with the same UIDs; IDLE on B wakes for an
+APPEND on A; with PostgreSQL or the object store stopped, SMTP answers 4xx and IMAP NO [UNAVAILABLE],
+never an OK."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def _can_bind(addr: str) -> bool:
 
 
 def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]:
-    if not _can_bind("127.0.0.3"):
-        pytest.skip("no 127.0.0.2-3 loopback addresses")
+    if not _can_bind(f"127.0.0.{count + 1}"):
+        pytest.skip(f"no 127.0.0.2-{count + 1} loopback addresses")
     bucket = s3.bucket()
     nodes = []
     for i in range(count):
@@ -87,13 +88,21 @@ def fetch_all(c: imaplib.IMAP4) -> dict[int, bytes]:
     return out
 
 
-def test_mail_to_node_a_is_read_on_node_b_with_the_same_uids(nodes: list[Instance]) -> None:
-    a, b = nodes
+def test_mail_to_node_a_is_read_on_node_b_with_the_same_uids(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
+    a, b, c3 = _nodes(tmp_path, pg.create_db(), s3, count=3)  # 127.0.0.2-4
+    try:
+        _same_uids_everywhere(a, b, c3)
+    finally:
+        for n in (a, b, c3):
+            n.stop()
+
+
+def _same_uids_everywhere(a: Instance, b: Instance, c3: Instance) -> None:
     send(a, "one")
     send(b, "two")
-    send(a, "three")
+    send(c3, "three")
     seen = []
-    for inst in (b, a):
+    for inst in (b, c3, a):
         c = imap(inst)
         try:
             typ, data = c.select("INBOX")
@@ -103,7 +112,7 @@ def test_mail_to_node_a_is_read_on_node_b_with_the_same_uids(nodes: list[Instanc
             assert c.response("UIDVALIDITY")[1] != [None]
         finally:
             c.logout()
-    assert seen[0] == seen[1] == {1: b"one", 2: b"two", 3: b"three"}
+    assert seen[0] == seen[1] == seen[2] == {1: b"one", 2: b"two", 3: b"three"}
 
 
 def test_idle_on_b_wakes_for_append_on_a(nodes: list[Instance]) -> None:
@@ -282,3 +291,30 @@ def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[In
     finally:
         d.logout()
     assert a.cli("cluster", "gc").stdout.strip() == "deleted 0 unreferenced bodies"  # all in use, all recent
+
+
+def test_object_store_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg: PgServer) -> None:
+    own = S3Server()
+    a, b = _nodes(tmp_path, pg.create_db(), own)
+    try:
+        send(a, "before")
+        c = imap(b)
+        try:
+            assert c.select("INBOX")[1] == [b"1"]
+            own.stop()
+            typ, data = c.append("INBOX", None, None, b"Subject: lost?\r\n\r\nx\r\n")
+            assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (typ, data)
+            assert c.select("INBOX")[1] == [b"1"]  # the index is there; nothing was added
+        finally:
+            c.logout()
+        with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+            s.ehlo()
+            s.mail("bob@example.net")
+            assert s.rcpt(ALICE)[0] == 250
+            code, text = s.data(b"Subject: lost?\r\n\r\nx\r\n")
+            assert 400 <= code < 500, (code, text)
+        st = a.cli("cluster", "status", check=False)
+        assert st.returncode == 1 and "object store: UNREACHABLE" in st.stdout, st.stdout
+    finally:
+        a.stop()
+        b.stop()
