@@ -241,11 +241,18 @@ def test_object_store_down_is_unavailable_and_no_row_is_committed(pg: PgServer) 
     try:
         mb = s.acquire(ALICE)
         mb.ensure_defaults()
+        mb.append("INBOX", msg(0))
+        mb.append("INBOX", msg(1))
+        rows = mb.rows("INBOX", [1, 2])
+        assert mb.read("INBOX", rows[1]) == msg(0)
         s3.stop()
         with pytest.raises(StoreUnavailable):
-            mb.append("INBOX", msg(1))
+            mb.append("INBOX", msg(2))
         snap = mb.snapshot("INBOX")
-        assert list(snap.uids) == [] and snap.uidnext == 1
+        assert list(snap.uids) == [1, 2] and snap.uidnext == 3
+        assert mb.read("INBOX", rows[1]) == msg(0)  # read before: from the cache (a key names its content)
+        with pytest.raises(StoreUnavailable):
+            mb.read("INBOX", rows[2])
     finally:
         s.close()
 

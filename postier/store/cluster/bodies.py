@@ -4,7 +4,10 @@ A body is written with PutObject and the store's 200 answer is the confirmation 
 the mailbox index (PostgreSQL, `store.cluster.mailboxes`) only refers to a body after that answer,
 so a message is never visible without its bytes. Writing the same body twice writes the same key
 with the same bytes (idempotent), so concurrent deliveries of one message need no coordination.
-Bodies no longer referenced are deleted later by `store.cluster.gc` (`postier cluster gc`).
+Bodies no longer referenced are deleted later by `store.cluster.gc` (`postier cluster gc`). A key
+names its content, so read bodies are kept in a small in-process cache (bounded in bytes, bodies up
+to `cache_item` bytes) that can never be stale: an IMAP client's FETCH BODYSTRUCTURE then BODY[]
+costs one GET.
 
 The client is boto3 (botocore's SigV4 signing, retries and endpoint handling, well kept and the
 reference client for S3): the mailbox calls already run in worker threads, and a boto3 client is
@@ -15,6 +18,8 @@ event-loop hop back into those threads).
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import boto3
@@ -35,8 +40,14 @@ class BodyStore:
     """put/get of message bodies by SHA-256; failures to reach the store raise StoreUnavailable."""
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str,
-                 region: str = "us-east-1", timeout: float = 5.0):
+                 region: str = "us-east-1", timeout: float = 5.0, cache_bytes: int = 32 << 20,
+                 cache_item: int = 1 << 20):
         self.bucket = bucket
+        self.cache_bytes = cache_bytes
+        self.cache_item = cache_item
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
         self.client: Any = boto3.session.Session().client(
             "s3", endpoint_url=endpoint or None, region_name=region,
             aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
@@ -65,7 +76,23 @@ class BodyStore:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         return digest
 
+    def _remember(self, digest: str, data: bytes) -> None:
+        if len(data) > self.cache_item:
+            return
+        with self._lock:
+            if digest in self._cache:
+                return
+            self._cache[digest] = data
+            self._cached += len(data)
+            while self._cached > self.cache_bytes:
+                _k, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
     def delete(self, digest: str) -> None:
+        with self._lock:
+            old = self._cache.pop(digest, None)
+            if old is not None:
+                self._cached -= len(old)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=body_key(digest))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
@@ -73,12 +100,18 @@ class BodyStore:
 
     def get(self, digest: str, limit: int | None = None) -> bytes:
         """A body's bytes (the first `limit` only, if given)."""
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                self._cache.move_to_end(digest)
+        if hit is not None:
+            return hit if limit is None else hit[:limit]
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": body_key(digest)}
         if limit is not None:
             args["Range"] = f"bytes=0-{max(0, limit - 1)}"
         try:
             got = self.client.get_object(**args)
-            return bytes(got["Body"].read())
+            data = bytes(got["Body"].read())
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code == "InvalidRange":  # an empty body asked for by range
@@ -88,3 +121,6 @@ class BodyStore:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        if limit is None:
+            self._remember(digest, data)
+        return data
