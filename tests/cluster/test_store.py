@@ -159,9 +159,14 @@ def test_folders_create_rename_delete(mb: ClusterMailboxes) -> None:
     mb.create("A.B")
     with pytest.raises(MailboxExists):
         mb.create("A")
+    mb.subscribe("A.B")
     old = mb.snapshot("A.B").uidvalidity
+    mb.create("X.B")
+    with pytest.raises(MailboxExists):  # a sub-folder's new name is taken
+        mb.rename("A", "X")
     mb.rename("A", "C")
     assert {"C", "C.B"} <= {f.name for f in mb.list_folders()} and "A" not in {f.name for f in mb.list_folders()}
+    assert "C.B" in mb.subscriptions() and "A.B" not in mb.subscriptions()
     with pytest.raises(NotPermitted):
         mb.rename("C", "C.B.D")
     mb.delete("C.B")

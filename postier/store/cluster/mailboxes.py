@@ -187,10 +187,18 @@ class ClusterMailboxes:
             if o == INBOX:  # RFC 9051 §6.3.6: the messages move to the new name, INBOX stays, empty
                 conn.execute("UPDATE folders SET name=%s WHERE owner=%s AND name=%s", (n, self.owner, INBOX))
                 conn.execute("INSERT INTO folders (owner, name) VALUES (%s, %s)", (self.owner, INBOX))
-            else:  # the folder and its sub-folders (RFC 9051 §6.3.6)
-                conn.execute("UPDATE folders SET name = %s || substr(name, %s) WHERE owner=%s "
-                             "AND (name=%s OR left(name, %s) = %s)",
-                             (n, len(o) + 1, self.owner, o, len(o) + 1, o + SEPARATOR))
+            else:  # the folder and its sub-folders, and their subscriptions (RFC 9051 §6.3.6)
+                under = "owner=%s AND (name=%s OR left(name, %s) = %s)"
+                args = (self.owner, o, len(o) + 1, o + SEPARATOR)
+                moves = [(a, n + a[len(o):]) for (a,) in conn.execute(f"SELECT name FROM folders WHERE {under}", args)]
+                targets = [normalize_name(b) for _a, b in moves]  # depth and length limits of the new names
+                if conn.execute("SELECT 1 FROM folders WHERE owner=%s AND name = ANY(%s)",
+                                (self.owner, targets)).fetchone():
+                    raise MailboxExists("a target mailbox already exists")
+                conn.execute(f"UPDATE folders SET name = %s || substr(name, %s) WHERE {under}", (n, len(o) + 1, *args))
+                conn.execute("DELETE FROM subscriptions WHERE owner=%s AND name = ANY(%s)", (self.owner, targets))
+                conn.execute(f"UPDATE subscriptions SET name = %s || substr(name, %s) WHERE {under}",
+                             (n, len(o) + 1, *args))
             self._notify(conn, o)
         self.states.clear()
 
