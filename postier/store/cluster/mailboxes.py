@@ -35,6 +35,7 @@ from ..errors import (
     MailboxNotFound,
     MessageGone,
     NotPermitted,
+    StoreError,
     StoreLimit,
     StoreUnavailable,
     UnknownSpecialUse,
@@ -130,7 +131,11 @@ class ClusterMailboxes:
         with self._tx() as conn:
             conn.execute("INSERT INTO folders (owner, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                          (self.owner, INBOX))
-            for name in map(normalize_name, self.special_use_folders):
+            for name in self.special_use_folders:
+                try:
+                    name = normalize_name(name)
+                except StoreError:  # a configured name that cannot be a folder: skipped, as in Maildir mode
+                    continue
                 cur = conn.execute("INSERT INTO folders (owner, name, special_use) VALUES (%s, %s, %s) "
                                    "ON CONFLICT DO NOTHING RETURNING id", (self.owner, name, self._default_use(name)))
                 if cur.fetchone() is not None:
