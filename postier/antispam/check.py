@@ -21,14 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Antispam
-from ..message.types import Action, Envelope, MessageBody, Verdict
+from ..message.rewrite import RewrittenBody, header_section, remove_fields
+from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
 from ..resolver import BaseResolver, DNSStatus
 from .builtin import RateLimiter, contains_gtube, helo_problem
 from .greylist import Greylist
 from .rspamd import Envelope as RspamdEnvelope
-from .rspamd import RspamdClient, SpamDecision
+from .rspamd import OUR_SPAM_FIELDS, RspamdClient, SpamDecision
 
 log = logging.getLogger("postier.antispam")
 
@@ -120,7 +121,7 @@ class SpamCheck:
             log.warning("%s: rspamd unavailable: %s", env.qid, result.error)
             if not self.settings.fail_open:
                 return Verdict(Action.DEFER, R451_NO_FILTER, reasons=tuple(reasons))
-            return Verdict(Action.ACCEPT, headers=headers, reasons=tuple(reasons))
+            return Verdict(Action.ACCEPT, headers=headers, reasons=tuple(reasons), body=await self._rewrite(body, ()))
         if result.decision is SpamDecision.REJECT:
             msg = result.smtp_message.replace("\r", " ").replace("\n", " ")[:200]
             return Verdict(Action.REJECT, R550_SPAM.with_text(f"Message refused as spam: {msg}" if msg
@@ -129,7 +130,20 @@ class SpamCheck:
         if result.decision is SpamDecision.DEFER:
             return Verdict(Action.DEFER, R451_SPAM, reasons=tuple(reasons))
         action = Action.JUNK if result.decision is SpamDecision.JUNK else Action.ACCEPT
-        return Verdict(action, headers=headers, reasons=tuple(reasons))
+        return Verdict(action, headers=headers, reasons=tuple(reasons),
+                       body=await self._rewrite(body, result.remove_headers))
+
+    @staticmethod
+    async def _rewrite(body: MessageBody, remove: tuple[tuple[str, int], ...]) -> MessageBody | None:
+        """The body without the header fields Rspamd asked to remove and without the sender's own
+        X-Spam-* fields (ours, prepended, are the only ones a client may trust); None: unchanged."""
+        raw = body.head(HEADER_LIMIT) if body.in_memory else await asyncio.to_thread(body.head, HEADER_LIMIT)
+        header = header_section(raw)
+        orders = {name: 0 for name in OUR_SPAM_FIELDS} | {n: o for n, o in remove if _safe_header(n, "")}
+        if not any(f"\n{name.lower()}:".encode() in b"\n" + header.lower() for name in orders):
+            return None  # the common case: nothing to remove, no copy of the header section
+        new = remove_fields(header, orders)
+        return RewrittenBody(body, new, len(header)) if new != header else None
 
     async def _gtube(self, body: MessageBody) -> bool:
         """The test string in the first GTUBE_SCAN octets (where a test message carries it)."""

@@ -14,6 +14,7 @@ from authres import DKIMAuthenticationResult, SPFAuthenticationResult
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 from authres.dmarc import DMARCAuthenticationResult
 
+from postier.message.rewrite import filter_fields
 from postier.mailauth.dkim import DKIMResult
 from postier.mailauth.dmarc import DMARCResult, DMARCStatus
 from postier.mailauth.spf import SPFResult
@@ -133,28 +134,5 @@ def strip_forged(message: bytes, authserv_id: str) -> bytes:
     byte for byte.
     """
     ours = authserv_id.lower()
-    lines = message.splitlines(keepends=True)
-    out: list[bytes] = []
-    field: list[bytes] = []
-
-    def flush() -> None:
-        if field:
-            name, _, value = b"".join(field).partition(b":")
-            forged = (name.strip().lower() == b"authentication-results"
-                      and authserv_id_of(value.decode("utf-8", "replace")) == ours)
-            if not forged:
-                out.extend(field)
-            field.clear()
-
-    for index, line in enumerate(lines):
-        if line in (b"\r\n", b"\n"):  # end of the header section
-            flush()
-            out.extend(lines[index:])
-            return b"".join(out)
-        if line[:1] in (b" ", b"\t") and field:
-            field.append(line)
-        else:
-            flush()
-            field.append(line)
-    flush()
-    return b"".join(out)
+    return filter_fields(message, lambda name, value, _i: name == b"authentication-results"
+                         and authserv_id_of(value.decode("utf-8", "replace")) == ours)

@@ -29,9 +29,9 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from ..config import Config
+from ..message.rewrite import RewrittenBody, header_section
 from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..mailauth.authresults import authentication_results, strip_forged
 from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
@@ -56,55 +56,6 @@ R550_FROM = Reply(550, "5.7.1", "Message refused: the From header must hold exac
 R550_DMARC = Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy")
 R451_TEMPERROR = Reply(451, "4.7.1", "Temporary mail authentication failure (DNS); try again later")
 R550_SPF = Reply(550, "5.7.23", "SPF validation failed")  # RFC 7372 §3.2
-
-
-class RewrittenBody(MessageBody):
-    """The received body with its header section replaced; reads through to the original.
-
-    Owns no file: the original body is closed by its owner (the SMTP session) after delivery.
-    """
-
-    def __init__(self, original: MessageBody, head: bytes, skip: int):
-        super().__init__(original.spool_dir, original.memory_limit)
-        self._orig = original
-        self._head = head
-        self._skip = skip
-        self.size = len(head) + original.size - skip
-
-    def write(self, data: bytes) -> None:
-        raise TypeError("a rewritten body is read-only")
-
-    @property
-    def in_memory(self) -> bool:
-        return self._orig.in_memory
-
-    def getvalue(self) -> bytes:
-        return self._head + self._orig.getvalue()[self._skip:]
-
-    def head(self, limit: int) -> bytes:
-        return (self._head + self._orig.head(limit + self._skip)[self._skip:])[:limit]
-
-    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
-        yield self._head
-        skip = self._skip
-        for chunk in self._orig.iter_chunks(size):
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            yield chunk[skip:]
-            skip = 0
-
-    def copy_to(self, out: Any) -> None:
-        for chunk in self.iter_chunks():
-            out.write(chunk)
-
-    def close(self) -> None:
-        pass
-
-
-def _header_section(head: bytes) -> bytes:
-    end = head.find(b"\r\n\r\n")
-    return head[: end + 4] if end >= 0 else head
 
 
 def _dkim_auth(results: Iterable[DKIMResult]) -> tuple[DKIMAuth, ...]:
@@ -176,7 +127,7 @@ class InboundAuth:
         s = self.settings
         authserv_id = self.config.authserv_id
         # An in-memory body needs no thread (the common case: a thread hop costs more than this).
-        header = _header_section(body.head(HEADER_LIMIT) if body.in_memory
+        header = header_section(body.head(HEADER_LIMIT) if body.in_memory
                                  else await asyncio.to_thread(body.head, HEADER_LIMIT))
         # RFC 8601 §5 (the quick test spares the parse when there is no such field at all)
         stripped = strip_forged(header, authserv_id) if b"authentication-results" in header.lower() else header

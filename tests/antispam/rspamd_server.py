@@ -33,7 +33,8 @@ def need(program: str) -> str:
 
 
 class RspamdServer:
-    def __init__(self, root: Path, nameserver: str, add_header: float | None = None, milter_port: int | None = None):
+    def __init__(self, root: Path, nameserver: str, add_header: float | None = None, milter_port: int | None = None,
+                 local: dict[str, str] | None = None):
         self.root = root
         self.nameserver = nameserver
         self.port = free_port()
@@ -45,6 +46,7 @@ class RspamdServer:
         # A proxy worker speaking the milter protocol, for a Postfix beside postier (bench/smtp_ingest.py);
         # it hands every message to the same normal worker postier uses.
         self.milter_port = milter_port
+        self.local = dict(local or {})  # more local.d files: name -> text
 
     @property
     def url(self) -> str:
@@ -81,6 +83,7 @@ class RspamdServer:
             "local.d/classifier-bayes.conf": (f'backend = "redis";\nservers = "127.0.0.1:{self.redis_port}";\n'
                                               "min_learns = 1;\nmin_tokens = 1;\nautolearn = false;\n"),
         }
+        files.update({f"local.d/{name}": text for name, text in self.local.items()})
         if self.add_header is not None:
             files["local.d/actions.conf"] = f"add_header = {self.add_header};\nreject = 15;\ngreylist = null;\n"
         for name, text in files.items():

@@ -152,7 +152,11 @@ SPAMMY = (b"From: WINNER <promo@remote.test>\r\nTo: u@b.test\r\nSubject: YOU WON
 @pytest.fixture(scope="module")
 def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdServer]:
     with DNSServer() as d:
-        srv = RspamdServer(tmp_path_factory.mktemp("rspamd-mx"), d.nameserver, add_header=2.0)
+        # Rspamd asks for header changes (milter.add_headers / remove_headers) as a site would configure.
+        srv = RspamdServer(tmp_path_factory.mktemp("rspamd-mx"), d.nameserver, add_header=2.0, local={
+            "milter_headers.conf": ('use = ["x-spamd-bar", "remove-headers"];\nskip_local = false;\n'
+                                    "skip_authenticated = false;\n"
+                                    'routines { remove-headers { headers { "X-Upstream-Filter" = 0; } } }\n')})
         srv.start()
         try:
             yield srv
@@ -196,6 +200,18 @@ def test_clean_to_inbox_spammy_to_junk_with_headers(filtered: Instance) -> None:
     assert "inbox" in why and "rspamd: clean" in why, why
 
 
+def test_rspamd_header_changes_applied_and_forged_spam_headers_removed(filtered: Instance) -> None:
+    forged = (b"X-Spam-Status: No, score=-100.00\r\nX-Spam-Flag: NO\r\nX-Upstream-Filter: clean\r\n"
+              b" (folded)\r\n")
+    deliver(filtered, forged + CLEAN.replace(b"clean1", b"forged1"))
+    (msg,) = [m for m in filtered.messages("u@b.test") if b"forged1@remote.test" in m]
+    head = msg.split(b"\r\n\r\n", 1)[0]
+    assert head.count(b"X-Spam-Status:") == 1 and b"score=-100" not in head  # only ours
+    assert b"X-Spam-Flag: NO" not in head
+    assert b"X-Upstream-Filter" not in head and b"(folded)" not in head  # Rspamd's remove_headers
+    assert b"X-Spamd-Bar:" in head  # Rspamd's add_headers
+
+
 def test_gtube_rejected_at_data(filtered: Instance) -> None:
     with smtplib.SMTP(*filtered.addr("smtp"), timeout=30) as s:
         with pytest.raises(smtplib.SMTPDataError) as exc:
@@ -203,17 +219,27 @@ def test_gtube_rejected_at_data(filtered: Instance) -> None:
         assert exc.value.smtp_code == 550
 
 
-def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) -> None:
-    deliver(filtered, CLEAN.replace(b"clean1", b"train1").replace(b"lunch tomorrow", b"cheap meds"))
-
-    async def learned() -> int:
+def learned(rspamd: RspamdServer) -> int:
+    async def stat() -> int:
         c = RspamdClient(rspamd.url, rspamd.controller, rspamd.password)
         try:
             return int((await c.stat()).get("learned", 0))
         finally:
             await c.close()
 
-    before = asyncio.run(learned())
+    return asyncio.run(stat())
+
+
+def wait_learned(rspamd: RspamdServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while learned(rspamd) < count:  # learnt in the background, after the OK
+        assert time.monotonic() < deadline, "the user's verdict never reached Rspamd"
+        time.sleep(0.3)
+
+
+def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) -> None:
+    deliver(filtered, CLEAN.replace(b"clean1", b"train1").replace(b"lunch tomorrow", b"cheap meds"))
+    before = learned(rspamd)
     c = imaplib.IMAP4_SSL(*filtered.addr("imaps"), ssl_context=filtered.client_ssl_context())
     try:
         c.login("u@b.test", PASSWORD)
@@ -224,10 +250,26 @@ def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) 
         assert typ == "OK"
     finally:
         c.logout()
-    deadline = time.monotonic() + 30
-    while asyncio.run(learned()) < before + 1:  # learnt in the background, after the OK
-        assert time.monotonic() < deadline, "the move into Junk never reached Rspamd"
-        time.sleep(0.3)
+    wait_learned(rspamd, before + 1)
+
+
+def test_copy_and_expunge_out_of_junk_trains_ham(filtered: Instance, rspamd: RspamdServer) -> None:
+    """Clients without MOVE (RFC 6851) copy, flag \\Deleted and expunge: the COPY out of Junk is the verdict."""
+    deliver(filtered, SPAMMY.replace(b"CLAIM YOUR PRIZE", b"CLAIM YOUR REWARD") + b"<!-- ham1 -->\r\n")
+    before = learned(rspamd)
+    c = imaplib.IMAP4_SSL(*filtered.addr("imaps"), ssl_context=filtered.client_ssl_context())
+    try:
+        c.login("u@b.test", PASSWORD)
+        c.select("Junk")
+        typ, data = c.uid("SEARCH", "SUBJECT", "REWARD")
+        uid = data[0].split()[-1].decode()
+        assert c.uid("COPY", uid, "INBOX")[0] == "OK"
+        assert c.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert c.expunge()[0] == "OK"
+    finally:
+        c.logout()
+    wait_learned(rspamd, before + 1)
+    assert any(b"ham1" in m for m in filtered.messages("u@b.test"))
 
 
 def test_outbound_scan_refuses_spam_from_our_own_user(filtered: Instance) -> None:
