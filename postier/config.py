@@ -281,6 +281,10 @@ class Antispam:
     greylist_retry_window: float = 2 * 86400.0
     greylist_auto_allow: int = 5
     greylist_max_entries: int = 200_000
+    #: Domains whose DKIM-signed mail skips greylisting: mail whose MAIL FROM is in one of them is
+    #: accepted at RCPT and decided at the end of DATA, where a passing signature (d= one of them)
+    #: lets it through at once, and anything else is greylisted then (451 after the data).
+    greylist_trusted_dkim: tuple[str, ...] = ()
     #: Rspamd's normal worker ("http://127.0.0.1:11333"); empty: no content filtering.
     rspamd: str = ""
     #: Rspamd's controller worker, for learning from users' Junk moves; and its password.
@@ -605,6 +609,12 @@ def _validate_antispam(a: Antispam) -> None:
                 except ValueError:
                     raise ConfigError(f"{key}[{i}].codes: {code!r} is not an address in 127.0.0.0/8 "
                                       "(RFC 5782 §2.3)") from None
+    for i, dom in enumerate(a.greylist_trusted_dkim):
+        try:
+            if normalize_domain(dom) != dom.lower().rstrip("."):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"antispam.greylist_trusted_dkim[{i}]: not a domain: {dom!r}") from None
     for name in ("threshold", "screen_timeout", "greylist_delay", "greylist_retry_window", "rspamd_timeout"):
         v = getattr(a, name)
         if not v > 0:

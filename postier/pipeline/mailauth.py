@@ -150,6 +150,7 @@ class InboundAuth:
         if s.dkim_verify:
             dkim, too_big = await self._verify(body, header)
 
+        env.auth["dkim"] = dkim or []  # for later checks (greylisting's trusted signers)
         dmarc: DMARCResult | None = None
         if author is not None:
             dmarc = await evaluate(author, spf, dkim or [], self.resolver, rng=self.rng)

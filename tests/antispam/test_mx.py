@@ -15,6 +15,7 @@ import pytest
 
 from postier.antispam.builtin import GTUBE
 from postier.antispam.rspamd import RspamdClient
+from postier.mailauth.dkim import generate_key, sign
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
@@ -122,6 +123,45 @@ def test_greylisting_first_try_451_then_accepted_then_allowlisted(greylisted: In
     with smtplib.SMTP(*greylisted.addr("smtp"), timeout=20) as s:
         s.sendmail("other@elsewhere.test", ["v@b.test"], msg)
     assert len(greylisted.messages("v@b.test")) == 1
+
+
+def test_trusted_dkim_signer_skips_greylisting(tmp_path: Path) -> None:
+    """`greylist_trusted_dkim`: a passing signature of the trusted domain goes through at once; the same
+    sender without it is greylisted at the end of DATA, and its retry after the delay passes."""
+    pem, txt = generate_key("ed25519-sha256")
+    with DNSServer() as d:
+        d.add("sel._domainkey.trusted.test", "TXT", txt)
+        inst = Instance(tmp_path / "t", "b.test", extra_config=(
+            f'[dns]\nnameservers = ["{d.nameserver}"]\n'
+            "[mailauth]\nspf = false\ndkim_verify = true\ndmarc = false\n"
+            "[antispam]\ngreylist = true\ngreylist_delay = 1\ngreylist_retry_window = 600\n"
+            'greylist_auto_allow = 5\ngreylist_trusted_dkim = ["trusted.test"]\n'))
+        inst.add_user("u@b.test", PASSWORD)
+        inst.start()
+        try:
+            msg = (b"From: s@trusted.test\r\nTo: u@b.test\r\nSubject: signed\r\n"
+                   b"Message-ID: <signed1@trusted.test>\r\n\r\nhello\r\n")
+            signed = sign(msg, "trusted.test", "sel", pem, "ed25519-sha256") + msg
+            with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+                s.sendmail("s@news.trusted.test", ["u@b.test"], signed)  # first sight, not greylisted
+                with pytest.raises(smtplib.SMTPDataError) as exc:  # unsigned: greylisted after DATA
+                    s.sendmail("t@trusted.test", ["u@b.test"], msg.replace(b"signed1", b"unsigned1"))
+                assert exc.value.smtp_code == 451 and b"4.7.1" in exc.value.smtp_error
+            deadline = time.monotonic() + 10
+            while True:
+                time.sleep(0.5)
+                with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+                    try:
+                        s.sendmail("t@trusted.test", ["u@b.test"], msg.replace(b"signed1", b"unsigned1"))
+                        break
+                    except smtplib.SMTPDataError:
+                        assert time.monotonic() < deadline, "never accepted after the greylisting delay"
+            got = inst.messages("u@b.test")
+            assert sum(b"<signed1@" in m for m in got) == 1 and sum(b"<unsigned1@" in m for m in got) == 1
+            why = inst.cli("why", "<signed1@trusted.test>").stdout
+            assert "DKIM pass from trusted.test" in why, why
+        finally:
+            inst.stop()
 
 
 def test_gtube_refused_without_rspamd(tmp_path: Path) -> None:
