@@ -138,7 +138,8 @@ class App:
 
 def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses."""
-    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
+                        config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
