@@ -40,7 +40,7 @@ def _declared_size(env: Envelope) -> int:
 def _is_full(config: Config, user: User, size: int) -> bool:
     if user.quota is None or user.mailbox_format != "maildir":
         return False
-    used = usage_of_index(user.home(config.mail_root) / INDEX_NAME).bytes
+    used = usage_of_index(user.home(config.mail_root) / INDEX_NAME, maildir=user.maildir(config.mail_root)).bytes
     return used >= user.quota or used + size > user.quota
 
 

@@ -751,7 +751,7 @@ class UserMailbox:
             try:
                 # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
                 quota.reserve(self.index.conn, self.user.quota, draft.name,
-                              "" if n == INBOX else st.path.name, len(data))
+                              "" if n == INBOX else st.path.name, len(data), self.root)
                 draft.sync()
                 if internal_date is not None:
                     os.utime(draft.tmp, (internal_date, internal_date))
@@ -873,7 +873,7 @@ class UserMailbox:
         # RFC 9208 §4.1: a COPY over the quota stores nothing (a MOVE within one user changes nothing).
         hold = f"copy:{secrets.token_hex(8)}"
         size = sum(r.size for r in self.index.rows(self.state(s).fid, ul).values())
-        quota.reserve(self.index.conn, self.user.quota, hold, "", size)
+        quota.reserve(self.index.conn, self.user.quota, hold, "", size, self.root)
         try:
             return self._copy(s, ul, d, move=False)
         finally:

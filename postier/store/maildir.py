@@ -408,7 +408,7 @@ class QuotaHold:
         conn = self._conn()
         try:
             rel = "" if draft.root == self.maildir else draft.root.name
-            quota.reserve(conn, self.user.quota, draft.name, rel, draft.size)
+            quota.reserve(conn, self.user.quota, draft.name, rel, draft.size, self.maildir)
         finally:
             conn.close()
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..message.types import User
+from ..proto.mutf7 import Mutf7Error, mutf7_decode
 from .errors import OverQuota
 
 __all__ = [
@@ -113,16 +114,72 @@ class Usage:
         return self.bytes // 1024
 
 
-def usage(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(bytes, messages) of the index plus the reservations of deliveries not yet indexed."""
+def usage(conn: sqlite3.Connection, maildir: Path | None = None) -> tuple[int, int]:
+    """(bytes, messages) of the index plus the reservations of deliveries not yet indexed, plus (with
+    `maildir`) the files waiting in new/ that neither knows (`unindexed`)."""
     r = conn.execute("SELECT bytes, messages FROM quota_usage WHERE id = 1").fetchone()
     p = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM quota_pending").fetchone()
-    return (r[0] if r else 0) + p[0], (r[1] if r else 0) + p[1]
+    u = unindexed(conn, maildir) if maildir is not None else (0, 0)
+    return (r[0] if r else 0) + p[0] + u[0], (r[1] if r else 0) + p[1] + u[1]
 
 
-def check(conn: sqlite3.Connection, limit: int | None, size: int) -> None:
+def unindexed(conn: sqlite3.Connection, maildir: Path) -> tuple[int, int]:
+    """(bytes, files) in the new/ of every folder that the index has not seen yet and no reservation
+    covers: delivered before the user had a quota, or by another program. Their size is the `,S=`
+    of the name (else a stat); a folder whose new/ the index has seen since it last changed is skipped."""
+    total = count = 0
+    try:
+        dirs = [("INBOX", maildir)] + [(n, maildir / n) for n in os.listdir(maildir) if n.startswith(".")
+                                       and n not in (".", "..") and os.path.isdir(maildir / n / "new")]
+    except OSError:
+        return 0, 0
+    for name, d in dirs:
+        try:
+            mtime = os.stat(d / "new").st_mtime_ns
+            names = [n for n in os.listdir(d / "new") if n[0] != "."]
+        except OSError:
+            continue
+        if not names:
+            continue
+        folder = name if name == "INBOX" else _folder_name(name)
+        row = conn.execute("SELECT id, new_mtime, trusted FROM folders WHERE name = ?", (folder,)).fetchone() \
+            if folder is not None else None
+        if row is not None and row[2] and row[1] == mtime:
+            continue  # the index has seen this new/ as it is
+        for n in names:
+            base = n.partition(":")[0]
+            if row is not None and conn.execute("SELECT 1 FROM msgs WHERE folder = ? AND base = ?",
+                                                (row[0], base)).fetchone():
+                continue
+            if conn.execute("SELECT 1 FROM quota_pending WHERE base = ?", (base,)).fetchone():
+                continue
+            m = _S_RE.search(base)
+            if m is not None:
+                size = int(m.group(1))
+            else:
+                try:
+                    size = os.stat(d / "new" / n).st_size
+                except OSError:
+                    continue
+            total += size
+            count += 1
+    return total, count
+
+
+_S_RE = re.compile(r",S=(\d{1,15})")
+
+
+def _folder_name(dirname: str) -> str | None:
+    """The folder name of a Maildir++ directory (".Name", modified UTF-7), as the index keys it."""
+    try:
+        return mutf7_decode(dirname[1:])
+    except Mutf7Error:
+        return None
+
+
+def check(conn: sqlite3.Connection, limit: int | None, size: int, maildir: Path | None = None) -> None:
     """Raise OverQuota when `size` more bytes would take the usage over `limit`."""
-    if limit is not None and usage(conn)[0] + size > limit:
+    if limit is not None and usage(conn, maildir)[0] + size > limit:
         raise OverQuota("quota exceeded")
 
 
@@ -137,13 +194,15 @@ def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def reserve(conn: sqlite3.Connection, limit: int | None, key: str, folder: str, size: int) -> None:
+def reserve(conn: sqlite3.Connection, limit: int | None, key: str, folder: str, size: int,
+            maildir: Path | None = None) -> None:
     """Check and record `size` bytes on their way in under `key` (a file's base name), in one write
-    transaction: two writers at once see each other's reservation. Raises OverQuota."""
+    transaction: two writers at once see each other's reservation. Raises OverQuota. With `maildir`,
+    unindexed files in new/ count too."""
     if limit is None:
         return
     with _tx(conn):
-        check(conn, limit, size)
+        check(conn, limit, size, maildir)
         conn.execute("INSERT OR REPLACE INTO quota_pending(base, folder, size, created) VALUES (?, ?, ?, ?)",
                      (key, folder, size, int(time.time())))
 
@@ -170,18 +229,30 @@ def prune_pending(conn: sqlite3.Connection, maildir: Path, now: float | None = N
     return len(gone)
 
 
-def usage_of_index(index_path: Path, limit: int | None = None) -> Usage:
-    """A user's usage read from their index file (no index yet: nothing stored, or never indexed)."""
+def usage_of_index(index_path: Path, limit: int | None = None, maildir: Path | None = None) -> Usage:
+    """A user's usage read from their index file (no index yet: nothing indexed), with `maildir` the
+    files waiting in new/ too."""
     if not index_path.exists():
-        return Usage(0, 0, limit)
+        b, m = _no_index(maildir) if maildir is not None else (0, 0)
+        return Usage(b, m, limit)
     conn = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=30)
     try:
         try:
-            b, m = usage(conn)
+            b, m = usage(conn, maildir)
         except sqlite3.OperationalError:  # an index older than quotas: not opened since
             r = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM msgs").fetchone()
             b, m = r[0], r[1]
         return Usage(b, m, limit)
+    finally:
+        conn.close()
+
+
+def _no_index(maildir: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript("CREATE TABLE folders (id, name, new_mtime, trusted); CREATE TABLE msgs (folder, base);"
+                           " CREATE TABLE quota_pending (base);")
+        return unindexed(conn, maildir)
     finally:
         conn.close()
 
@@ -210,7 +281,7 @@ def user_usage_line(mail_root: Path, user: User) -> str:
     if user.mailbox_format != "maildir":
         return "mbox (no usage count)"
     try:
-        u = usage_of_index(user.home(mail_root) / INDEX_NAME, user.quota)
+        u = usage_of_index(user.home(mail_root) / INDEX_NAME, user.quota, user.maildir(mail_root))
     except (sqlite3.Error, OSError) as exc:
         return f"usage unknown ({exc})"
     used = format_size(u.bytes)
