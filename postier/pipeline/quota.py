@@ -13,15 +13,24 @@ LMTP behave alike). `[limits] quota_reject_permanent` chooses 552 5.2.2 over 452
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
 
 from ..config import Config
+from ..message.received import return_path
 from ..message.types import Envelope, LocalOutcome, Recipient, User
 from ..proto.smtp.replies import Reply
-from ..store.index import INDEX_NAME
-from ..store.quota import usage_of_index
+from ..store.delivery import LocalDelivery
+from ..store.index import INDEX_NAME, UserIndex
+from ..store.quota import format_size, usage_of_index, warning_due
 
-__all__ = ["R452_MAILBOX_FULL", "R552_MAILBOX_FULL", "full_recipients", "quota_reply", "rcpt_refusal"]
+__all__ = ["R452_MAILBOX_FULL", "R552_MAILBOX_FULL", "QuotaWarnings", "full_recipients", "quota_reply",
+           "rcpt_refusal"]
+
+log = logging.getLogger("postier.quota")
 
 R452_MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")  # RFC 5321 §4.5.3.1.10, RFC 3463 X.2.2
 R552_MAILBOX_FULL = Reply(552, "5.2.2", "Mailbox full")
@@ -62,3 +71,59 @@ def full_recipients(recipients: Sequence[Recipient], local: LocalOutcome) -> set
         return set()
     return {r.address for r in recipients if r.address not in local.delivered and r.users
             and all(u.address in over for u in r.users if u.address in failed)}
+
+
+# -- warnings at 80 % and 95 % ---------------------------------------------------------------------
+
+class QuotaWarnings:
+    """After each delivery to a user with a quota: when the usage has newly reached 80 % or 95 %
+    (store/quota.py `warning_due`: once per crossing, re-armed when the usage went below), one
+    warning into the user's INBOX through the same local delivery (`LocalDelivery.deliver`), with
+    the null sender and ``Auto-Submitted: auto-generated`` (RFC 3834 §5), so nothing answers it.
+    Wired in server/app.py as a `LocalDelivery.listeners` entry."""
+
+    def __init__(self, config: Config, mda: LocalDelivery) -> None:
+        self.config = config
+        self.mda = mda
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_delivery(self, user: User, folder: str) -> None:
+        if user.quota is None or user.mailbox_format != "maildir":
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._check(user))
+        except RuntimeError:
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _check(self, user: User) -> None:
+        assert user.quota is not None
+        try:
+            level = await asyncio.to_thread(self._due, user, user.quota)
+            if level is not None:
+                await self.mda.deliver([(user, None)], return_path(""), self.warning(user, level, user.quota), "")
+                log.info("%s: quota warning at %d%%", user.address, level)
+        except Exception:  # a warning must never disturb deliveries
+            log.exception("%s: quota warning failed", user.address)
+
+    def _due(self, user: User, limit: int) -> int | None:
+        idx = UserIndex(user.home(self.config.mail_root) / INDEX_NAME)
+        try:
+            return warning_due(idx.conn, limit, user.maildir(self.config.mail_root))
+        finally:
+            idx.close()
+
+    def warning(self, user: User, level: int, limit: int) -> bytes:
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = f"Mail System <postmaster@{self.config.hostname}>"
+        msg["To"] = user.address
+        msg["Subject"] = f"Your mailbox is {level}% full"
+        msg["Date"] = formatdate(localtime=False)
+        msg["Message-ID"] = make_msgid(domain=self.config.hostname)
+        msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 §5
+        msg.set_content(
+            f"Your mailbox {user.address} uses {level}% or more of its {format_size(limit)} quota.\n\n"
+            "When it is full, new mail is refused (senders are told to try again later, or it\n"
+            "bounces). Delete or archive old messages, and empty the Trash, to make room.\n")
+        return msg.as_bytes()

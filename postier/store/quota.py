@@ -38,6 +38,7 @@ from .errors import OverQuota
 __all__ = [
     "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size", "init_schema",
     "parse_size", "prune_pending", "release", "reserve", "usage", "usage_of_index", "user_usage_line",
+    "warning_due",
 ]
 
 INDEX_NAME = "postier-index.sqlite"  # store/index.py's (imported from there would be a cycle)
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS quota_usage (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     bytes INTEGER NOT NULL,
     messages INTEGER NOT NULL,
-    warned INTEGER NOT NULL DEFAULT 0  -- the highest WARN_LEVELS percentage already warned of
+    warned INTEGER NOT NULL DEFAULT 0,  -- the highest WARN_LEVELS percentage already warned of
+    low INTEGER  -- the lowest usage since that warning (NULL: none given): below the level re-arms it
 );
 CREATE TABLE IF NOT EXISTS quota_pending (
     base TEXT PRIMARY KEY,  -- the Maildir file's base name (a key of its own for COPY)
@@ -68,10 +70,12 @@ CREATE TRIGGER IF NOT EXISTS quota_msgs_insert AFTER INSERT ON msgs BEGIN
     DELETE FROM quota_pending WHERE base = NEW.base;
 END;
 CREATE TRIGGER IF NOT EXISTS quota_msgs_delete AFTER DELETE ON msgs BEGIN
-    UPDATE quota_usage SET bytes = bytes - OLD.size, messages = messages - 1 WHERE id = 1;
+    UPDATE quota_usage SET bytes = bytes - OLD.size, messages = messages - 1, low = MIN(low, bytes - OLD.size)
+        WHERE id = 1;
 END;
 CREATE TRIGGER IF NOT EXISTS quota_msgs_size AFTER UPDATE OF size ON msgs BEGIN
-    UPDATE quota_usage SET bytes = bytes - OLD.size + NEW.size WHERE id = 1;
+    UPDATE quota_usage SET bytes = bytes - OLD.size + NEW.size, low = MIN(low, bytes - OLD.size + NEW.size)
+        WHERE id = 1;
 END;
 """
 
@@ -205,6 +209,27 @@ def reserve(conn: sqlite3.Connection, limit: int | None, key: str, folder: str, 
         check(conn, limit, size, maildir)
         conn.execute("INSERT OR REPLACE INTO quota_pending(base, folder, size, created) VALUES (?, ?, ?, ?)",
                      (key, folder, size, int(time.time())))
+
+
+def warning_due(conn: sqlite3.Connection, limit: int, maildir: Path) -> int | None:
+    """The WARN_LEVELS percentage the usage has newly reached (recorded as warned), or None. Once per
+    crossing: a level warned of is re-armed when the usage went below it since (triggers keep `low`)."""
+    with _tx(conn):
+        used = usage(conn, maildir)[0]
+        row = conn.execute("SELECT warned, low FROM quota_usage WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        warned, low = row
+        if warned and low is not None and low * 100 < warned * limit:  # went below since the warning
+            warned = max((lv for lv in WARN_LEVELS if low * 100 >= lv * limit), default=0)
+        level = max((lv for lv in WARN_LEVELS if used * 100 >= lv * limit), default=0)
+        if level > warned:
+            conn.execute("UPDATE quota_usage SET warned = ?, low = ? WHERE id = 1", (level, used))
+            return level
+        if (warned, low) != tuple(row) or (warned and low is not None and used < low):
+            conn.execute("UPDATE quota_usage SET warned = ?, low = ? WHERE id = 1",
+                         (warned, min(used, low) if warned and low is not None else (used if warned else None)))
+        return None
 
 
 def release(conn: sqlite3.Connection, key: str) -> None:

@@ -212,3 +212,40 @@ def test_two_sessions_appending_never_exceed_the_quota(qs: QuotaServer) -> None:
     assert disk_bytes(md) == 7 * one
     with qs.imap(addr) as c:
         assert storage(c) == (7 * one // 1024, 7 * one // 1024)
+
+
+def test_warning_mail_once_per_level(qs: QuotaServer) -> None:
+    limit = 40000
+    addr = qs.user(limit)
+    md = qs.inst.maildir(addr)
+
+    def warnings(level: int) -> list[bytes]:
+        return [m for m in qs.inst.messages(addr) if f"Subject: Your mailbox is {level}% full".encode() in m]
+
+    def fill_to(percent: int) -> None:
+        with qs.smtp() as s:
+            for _ in range(100):  # bounded
+                if disk_bytes(md) * 100 >= percent * limit:
+                    return
+                s.sendmail("s@remote.test", [addr], message(5000 if disk_bytes(md) < 0.7 * limit else 300))
+        raise AssertionError("never filled")
+
+    fill_to(80)
+    assert wait_for(lambda: len(warnings(80)) == 1)
+    warning = warnings(80)[0]
+    assert warning.startswith(b"Return-Path: <>\r\n")
+    assert b"\r\nAuto-Submitted: auto-generated\r\n" in warning
+    fill_to(95)
+    assert wait_for(lambda: len(warnings(95)) == 1)
+    assert len(warnings(80)) == 1  # once per crossing
+    assert disk_bytes(md) <= limit
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll a condition a bounded time (the warning is delivered after the 250 of the message)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False

@@ -163,3 +163,25 @@ def test_concurrent_writers_never_exceed_the_quota(tmp_path: Path) -> None:
     finally:
         stores[0].release(mb)
     one.close()
+
+
+def test_warning_levels_once_per_crossing(store: MailStore) -> None:
+    from postier.store.quota import warning_due
+
+    u = user(10 * len(MSG))
+    mb = store.acquire(u)
+    try:
+        conn = mb.index.conn
+        levels = []
+        for _ in range(10):
+            mb.append("INBOX", MSG)
+            levels.append(warning_due(conn, 10 * len(MSG), mb.root))
+        assert levels == [None] * 7 + [80, None, 95]
+        mb.store("INBOX", list(range(1, 10)), "+FLAGS", ["\\Deleted"])
+        mb.expunge("INBOX")  # down to 10 %: both levels re-armed
+        assert warning_due(conn, 10 * len(MSG), mb.root) is None
+        for _ in range(7):
+            mb.append("INBOX", MSG)
+        assert warning_due(conn, 10 * len(MSG), mb.root) == 80
+    finally:
+        store.release(mb)
