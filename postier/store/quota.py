@@ -27,7 +27,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from .errors import OverQuota
 
 __all__ = [
     "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size", "init_schema",
-    "parse_size", "prune_pending", "release", "reserve", "usage", "usage_of_index", "user_usage_line",
+    "parse_size", "prune_pending", "release", "reserve", "usage", "usage_of_index", "user_usage_line", "user_usages",
     "warning_due",
 ]
 
@@ -299,6 +299,17 @@ def parse_size(text: str) -> int | None:
     if n <= 0 or n >= 1 << 62:
         raise ValueError(f"size out of range: {text!r}")
     return n
+
+
+def user_usages(mail_root: Path, users: Iterable[User]) -> Iterator[tuple[User, Usage]]:
+    """Each Maildir user's usage as of their index's last rescan (plus files waiting in new/)."""
+    for u in users:
+        if u.mailbox_format != "maildir":
+            continue
+        try:
+            yield u, usage_of_index(u.home(mail_root) / INDEX_NAME, u.quota, u.maildir(mail_root))
+        except (sqlite3.Error, OSError):
+            continue
 
 
 def user_usage_line(mail_root: Path, user: User) -> str:

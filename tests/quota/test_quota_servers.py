@@ -249,3 +249,37 @@ def wait_for(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-de
             return True
         time.sleep(0.05)
     return False
+
+
+def test_cli_quota_user_list_and_status(qs: QuotaServer) -> None:
+    addr = f"cli@{DOMAIN}"
+    qs.inst.cli("user", "add", addr, "--quota", "10K", "--password-stdin", stdin=PASSWORD + "\n")
+
+    def listed() -> str:
+        out = qs.inst.cli("user", "list").stdout
+        return next(line for line in out.splitlines() if line.startswith(addr + "\t"))
+
+    assert listed().endswith("0B/10K (0%), 0 messages")
+    md = qs.inst.maildir(addr)
+    with smtplib.LMTP(str(qs.inst.lmtp_path), timeout=30) as s:  # never indexed: counted from new/
+        for _ in range(60):
+            if disk_bytes(md) * 100 >= 95 * 10240:
+                break
+            s.sendmail("s@remote.test", [addr], message(200))
+    pct = disk_bytes(md) * 100 // 10240
+    assert pct >= 95
+    assert f"/10K ({pct}%)" in listed()
+    st = qs.inst.cli("status", check=False)
+    assert f"! quota: {addr} at {pct}% ({disk_bytes(md)} of 10240 bytes)" in st.stdout, st.stdout
+    assert st.returncode == 1
+    qs.inst.cli("user", "quota", addr, "1M")
+    assert "/1M (" in listed()
+    qs.inst.cli("user", "quota", addr, "none")
+    assert "/unlimited, " in listed()
+    qs.inst.cli("domain", "quota", DOMAIN, "5M")
+    qs.inst.cli("user", "quota", addr, "default")
+    assert "/5M (" in listed()
+    qs.inst.cli("domain", "quota", DOMAIN, "default")
+    assert "/unlimited, " in listed()
+    bad = qs.inst.cli("user", "quota", addr, "lots", check=False)
+    assert bad.returncode == 1 and "not a size" in bad.stderr
