@@ -283,3 +283,26 @@ def test_cli_quota_user_list_and_status(qs: QuotaServer) -> None:
     assert "/unlimited, " in listed()
     bad = qs.inst.cli("user", "quota", addr, "lots", check=False)
     assert bad.returncode == 1 and "not a size" in bad.stderr
+
+
+def test_permanent_refusal_when_configured(tmp_path: Path) -> None:
+    inst = Instance(tmp_path / "perm", DOMAIN, extra_config="[limits]\nquota_reject_permanent = true\n")
+    accounts = Accounts(inst.root / "accounts.sqlite")
+    accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)
+    addr = f"p@{DOMAIN}"
+    accounts.add_user(addr, PASSWORD)
+    accounts.set_quota(addr, 1000)
+    inst.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", inst.port("smtp"), timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("s@remote.test")
+            assert s.rcpt(addr)[0] == 250  # empty mailbox: accepted
+            code, text = s.data(message(2000))
+            assert (code, text) == (552, b"5.2.2 Mailbox full")
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as exc:  # SIZE= known at RCPT
+                s.sendmail("s@remote.test", [addr], message(2000))
+            assert exc.value.recipients[addr] == (552, b"5.2.2 Mailbox full")
+        assert files(inst.maildir(addr)) == 0
+    finally:
+        assert inst.stop() == 0
