@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -49,7 +50,11 @@ def _declared_size(env: Envelope) -> int:
 def _is_full(config: Config, user: User, size: int) -> bool:
     if user.quota is None or user.mailbox_format != "maildir":
         return False
-    used = usage_of_index(user.home(config.mail_root) / INDEX_NAME, maildir=user.maildir(config.mail_root)).bytes
+    try:
+        used = usage_of_index(user.home(config.mail_root) / INDEX_NAME, maildir=user.maildir(config.mail_root)).bytes
+    except (sqlite3.Error, OSError) as exc:  # a damaged index: the store decides after DATA
+        log.warning("%s: quota check at RCPT failed: %s", user.address, exc)
+        return False
     return used >= user.quota or used + size > user.quota
 
 

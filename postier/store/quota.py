@@ -132,6 +132,7 @@ def unindexed(conn: sqlite3.Connection, maildir: Path) -> tuple[int, int]:
     covers: delivered before the user had a quota, or by another program. Their size is the `,S=`
     of the name (else a stat); a folder whose new/ the index has seen since it last changed is skipped."""
     total = count = 0
+    pending: set[str] | None = None
     try:
         dirs = [("INBOX", maildir)] + [(n, maildir / n) for n in os.listdir(maildir) if n.startswith(".")
                                        and n not in (".", "..") and os.path.isdir(maildir / n / "new")]
@@ -150,12 +151,13 @@ def unindexed(conn: sqlite3.Connection, maildir: Path) -> tuple[int, int]:
             if folder is not None else None
         if row is not None and row[2] and row[1] == mtime:
             continue  # the index has seen this new/ as it is
+        if pending is None:
+            pending = {b for (b,) in conn.execute("SELECT base FROM quota_pending")}
+        known = {b for (b,) in conn.execute("SELECT base FROM msgs WHERE folder = ? AND sub = 0", (row[0],))} \
+            if row is not None else set()
         for n in names:
             base = n.partition(":")[0]
-            if row is not None and conn.execute("SELECT 1 FROM msgs WHERE folder = ? AND base = ?",
-                                                (row[0], base)).fetchone():
-                continue
-            if conn.execute("SELECT 1 FROM quota_pending WHERE base = ?", (base,)).fetchone():
+            if base in pending or base in known:
                 continue
             m = _S_RE.search(base)
             if m is not None:
