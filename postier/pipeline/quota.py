@@ -25,8 +25,9 @@ from ..message.received import return_path
 from ..message.types import Envelope, LocalOutcome, Recipient, User
 from ..proto.smtp.replies import Reply
 from ..store.delivery import LocalDelivery
-from ..store.index import INDEX_NAME, UserIndex
-from ..store.quota import format_size, usage_of_index, warning_due
+from ..store.index import INDEX_NAME
+from ..store.maildir import QuotaHold
+from ..store.quota import format_size, usage_of_index
 
 __all__ = ["R452_MAILBOX_FULL", "R552_MAILBOX_FULL", "QuotaWarnings", "full_recipients", "quota_reply",
            "rcpt_refusal"]
@@ -105,19 +106,12 @@ class QuotaWarnings:
     async def _check(self, user: User) -> None:
         assert user.quota is not None
         try:
-            level = await asyncio.to_thread(self._due, user, user.quota)
+            level = await asyncio.to_thread(QuotaHold(self.config.mail_root, user).warning_due)
             if level is not None:
                 await self.mda.deliver([(user, None)], return_path(""), self.warning(user, level, user.quota), "")
                 log.info("%s: quota warning at %d%%", user.address, level)
         except Exception:  # a warning must never disturb deliveries
             log.exception("%s: quota warning failed", user.address)
-
-    def _due(self, user: User, limit: int) -> int | None:
-        idx = UserIndex(user.home(self.config.mail_root) / INDEX_NAME)
-        try:
-            return warning_due(idx.conn, limit, user.maildir(self.config.mail_root))
-        finally:
-            idx.close()
 
     def warning(self, user: User, level: int, limit: int) -> bytes:
         msg = EmailMessage(policy=SMTP)

@@ -441,3 +441,11 @@ class QuotaHold:
             conn, lock = self._conn()
             with lock:
                 quota.release(conn, draft.name)
+
+    def warning_due(self) -> int | None:
+        """The warning level newly reached, if any (`quota.warning_due`; pipeline/quota.py sends it)."""
+        if self.user.quota is None:
+            return None
+        conn, lock = self._conn()
+        with lock:
+            return quota.warning_due(conn, self.user.quota, self.maildir)
