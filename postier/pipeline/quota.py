@@ -25,9 +25,8 @@ from ..message.received import return_path
 from ..message.types import Envelope, LocalOutcome, Recipient, User
 from ..proto.smtp.replies import Reply
 from ..store.delivery import LocalDelivery
-from ..store.index import INDEX_NAME
 from ..store.maildir import QuotaHold
-from ..store.quota import format_size, usage_of_index
+from ..store.quota import format_size
 
 __all__ = ["R452_MAILBOX_FULL", "R552_MAILBOX_FULL", "QuotaWarnings", "full_recipients", "quota_reply",
            "rcpt_refusal"]
@@ -52,7 +51,7 @@ def _is_full(config: Config, user: User, size: int) -> bool:
     if user.quota is None or user.mailbox_format != "maildir":
         return False
     try:
-        used = usage_of_index(user.home(config.mail_root) / INDEX_NAME, maildir=user.maildir(config.mail_root)).bytes
+        used = QuotaHold(config.mail_root, user).usage()
     except (sqlite3.Error, OSError) as exc:  # a damaged index: the store decides after DATA
         log.warning("%s: quota check at RCPT failed: %s", user.address, exc)
         return False

@@ -442,6 +442,14 @@ class QuotaHold:
             with lock:
                 quota.release(conn, draft.name)
 
+    def usage(self) -> int:
+        """Bytes in use now: indexed, reserved and waiting unindexed in new/ (the RCPT check)."""
+        if not self.index_path.exists():
+            return quota.unindexed_bytes(self.maildir)
+        conn, lock = self._conn()
+        with lock:
+            return quota.usage(conn, self.maildir)[0]
+
     def warning_due(self) -> int | None:
         """The warning level newly reached, if any (`quota.warning_due`; pipeline/quota.py sends it)."""
         if self.user.quota is None:

@@ -38,6 +38,7 @@ from .errors import OverQuota
 __all__ = [
     "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size", "init_schema",
     "parse_size", "prune_pending", "release", "reserve", "usage", "usage_of_index", "user_usage_line", "user_usages",
+    "unindexed_bytes",
     "warning_due",
 ]
 
@@ -272,6 +273,11 @@ def usage_of_index(index_path: Path, limit: int | None = None, maildir: Path | N
         return Usage(b, m, limit)
     finally:
         conn.close()
+
+
+def unindexed_bytes(maildir: Path) -> int:
+    """Bytes waiting in new/ of a user who has no index yet."""
+    return _no_index(maildir)[0] if maildir.is_dir() else 0
 
 
 def _no_index(maildir: Path) -> tuple[int, int]:
