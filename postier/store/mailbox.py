@@ -1200,6 +1200,7 @@ class MailStore:
         mb = self.acquire(user)
         try:
             with mb.lock:
+                warned = mb.index.conn.execute("SELECT warned, low FROM quota_usage").fetchone()
                 folders = mb.list_folders()
                 names = {f.name for f in folders}
                 for stale in set(mb.index.folder_names()) - names:
@@ -1210,6 +1211,8 @@ class MailStore:
                     mb.states.pop(f.name, None)
                     out[f.name] = len(mb.open(f.name, force=True).uids)
                 quota.prune_pending(mb.index.conn, mb.root)  # the usage is the rebuilt rows' (triggers)
+                if warned is not None:  # a rebuild is no drop in usage: warnings stay as they were
+                    mb.index.conn.execute("UPDATE quota_usage SET warned=?, low=?", warned)
                 return out
         finally:
             self.release(mb)

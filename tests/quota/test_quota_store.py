@@ -185,3 +185,23 @@ def test_warning_levels_once_per_crossing(store: MailStore) -> None:
         assert warning_due(conn, 10 * len(MSG), mb.root) == 80
     finally:
         store.release(mb)
+
+
+def test_reindex_keeps_usage_and_warning_state(store: MailStore) -> None:
+    from postier.store.quota import warning_due
+
+    u = user(10 * len(MSG))
+    mb = store.acquire(u)
+    try:
+        for _ in range(8):
+            mb.append("INBOX", MSG)
+        assert warning_due(mb.index.conn, 10 * len(MSG), mb.root) == 80
+    finally:
+        store.release(mb)
+    store.reindex(u)
+    mb = store.acquire(u)
+    try:
+        assert mb.quota_usage().bytes == 8 * len(MSG)
+        assert warning_due(mb.index.conn, 10 * len(MSG), mb.root) is None  # not warned twice
+    finally:
+        store.release(mb)
