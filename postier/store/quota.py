@@ -1,5 +1,5 @@
 """Storage quotas: each user's usage counted exactly in their mailbox index, and the check made before
-anything is stored (RFC 9208 resources STORAGE and MESSAGE).
+anything is stored (RFC 9208's STORAGE resource; messages are counted too, not limited).
 
 Usage is the sum of the sizes of the indexed messages (the RFC822.SIZE IMAP reports; for the files
 postier writes, CRLF with `,S=` in the name, that is the number of bytes of the file) and their number.
@@ -12,9 +12,11 @@ user who has a quota therefore reserves its size first: one write transaction th
 (indexed plus reserved), refuses when the message would exceed the limit and otherwise records the
 file's name and size in `quota_pending`. The next rescan indexes the file, and the insert trigger
 drops its reservation in the same transaction; a failed delivery drops it at once. APPEND and COPY
-reserve the same way, so that concurrent writers (several IMAP sessions, the delivery agent, another
-server process) serialise on SQLite's write lock and never together exceed the limit. Reservations
-whose file never arrived (a crash between reservation and rename) are pruned after PENDING_TTL.
+reserve the same way, so that concurrent writers (several IMAP sessions, the delivery agent) serialise
+on SQLite's write lock and never together exceed the limit. Files waiting in new/ that neither the
+index nor a reservation knows (delivered before the user had a quota, or by another program) are
+counted at every check from their names' `,S=`. Reservations whose file never arrived (a crash between
+reservation and rename) are pruned after PENDING_TTL.
 
 Why hand-written: the quota lives in the index that already knows every message; no library keeps
 a Maildir++ `maildirsize` file exactly under concurrent writers either (its format is only a cache).
@@ -36,10 +38,9 @@ from ..proto.mutf7 import Mutf7Error, mutf7_decode
 from .errors import OverQuota
 
 __all__ = [
-    "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size", "init_schema",
-    "parse_size", "prune_pending", "release", "reserve", "usage", "usage_of_index", "user_usage_line", "user_usages",
-    "unindexed_bytes",
-    "warning_due",
+    "INDEX_NAME", "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size",
+    "init_schema", "parse_size", "prune_pending", "release", "reserve", "unindexed", "unindexed_bytes", "usage",
+    "usage_of_index", "user_usage_line", "user_usages", "warning_due",
 ]
 
 INDEX_NAME = "postier-index.sqlite"  # store/index.py's (imported from there would be a cycle)
