@@ -114,6 +114,12 @@ class Limits:
     #: Seconds to wait before the SMTP greeting on port 25; a client that talks first is refused
     #: (postscreen's pregreet test). 0 = greet at once (still refusing input that is already there).
     greet_pause: float = 0.0
+    #: Storage quota of every user in bytes unless set per domain or user (`postier user quota`);
+    #: 0 = none (store/quota.py).
+    default_quota: int = 0
+    #: Over quota at RCPT/LMTP: false answers 452 4.2.2 (the sender retries, as Dovecot does by
+    #: default), true 552 5.2.2 (bounced at once).
+    quota_reject_permanent: bool = False
 
 
 @dataclass(frozen=True)

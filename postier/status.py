@@ -2,7 +2,7 @@
 
 Listeners (is each one answering?) and the certificate (subject, issuer, days left), who the server
 runs as, the queue (size, oldest message), the last hour's accepted messages, refusals and deferrals
-(server/stats.py) and the space left where the data lives. Exit status 0 when nothing needs attention,
+(server/stats.py), the space left where the data lives and the users whose quota is (nearly) full. Exit status 0 when nothing needs attention,
 1 otherwise (every problem is a line starting with "!"), 2 for a bad configuration.
 """
 
@@ -151,6 +151,25 @@ def _disk(cfg: Config, r: Report) -> None:
         r.ok(text)
 
 
+def _quotas(cfg: Config, r: Report) -> None:
+    """Users at 95 % of their storage quota or more (store/quota.py), each a problem line."""
+    from .accounts import Accounts
+    from .store.quota import WARN_LEVELS, user_usages
+
+    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format,
+                        cfg.limits.default_quota)
+    try:
+        users = [u for u in accounts.list_users() if u.quota is not None]
+    finally:
+        accounts.close()
+    full = [(u, g) for u, g in user_usages(cfg.mail_root, users) if g.percent >= WARN_LEVELS[-1]]
+    for u, g in full:
+        r.bad(f"quota: {u.address} at {g.percent}% ({g.bytes} of {g.limit} bytes)")
+    if not full:
+        r.ok(f"quotas: {len(users)} user{'s' if len(users) != 1 else ''} with a quota, none at "
+             f"{WARN_LEVELS[-1]}% or more")
+
+
 def status(cfg: Config) -> int:
     r = Report()
     print(f"postier status ({cfg.source})")
@@ -164,6 +183,7 @@ def status(cfg: Config) -> int:
     _queue(cfg, r)
     _traffic(cfg, r, running)
     _disk(cfg, r)
+    _quotas(cfg, r)
     print("needs attention" if r.problems else "all well")
     return 1 if r.problems else 0
 

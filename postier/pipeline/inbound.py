@@ -23,6 +23,7 @@ from ..message.types import (
     message_id, remote_targets,
 )
 from ..proto.smtp.address import Address
+from .quota import full_recipients, quota_reply, rcpt_refusal
 from .sieve import SieveFilter
 from ..proto.smtp.replies import (
     R250_RCPT_OK,
@@ -161,6 +162,10 @@ class SMTPPipeline:
             res = self.directory.resolve(addr.mailbox)
         reply = self.expand(env, addr.mailbox, res, params)
         if reply.is_success:
+            full = await rcpt_refusal(self.config, env, env.recipients[-1])  # pipeline/quota.py
+            if full is not None:
+                env.recipients.pop()
+                return full
             for check in self.checks:  # e.g. greylisting: only for recipients we would accept
                 refused = await check.check_rcpt(env, addr.mailbox)
                 if refused is not None:
@@ -209,10 +214,21 @@ class SMTPPipeline:
                 remote_ok = False
         replies = []
         delivered = R250_DELIVERED.with_trusted_text(f"Ok: delivered as {env.qid}")
+        full = full_recipients(env.recipients, local)  # quota: nothing stored for them (pipeline/quota.py)
+        if full and not self.lmtp and len(full) < n and len(full) + len(local.delivered) == n:
+            try:  # others got it: the full mailboxes' copies are retried (or bounced) by the queue
+                await self.queue.enqueue(env, sorted(set(local.over_quota)), trace, body)
+                local = dataclasses.replace(local, delivered=local.delivered | full)
+                full = set()
+            except Exception:
+                log.exception("%s: queueing copies for full mailboxes failed", env.qid)
         for r in env.recipients:
             ok = r.address in local.delivered and (remote_ok or not r.remote)
-            replies.append(refused.get(r.address) or (delivered if ok else R451_LOCAL_ERROR))
-        if not self.lmtp and any(not x.is_success for x in replies) and not refused:
+            failure = quota_reply(self.config) if r.address in full else R451_LOCAL_ERROR
+            replies.append(refused.get(r.address) or (delivered if ok else failure))
+        if not self.lmtp and full and len(full) == n and not refused:
+            replies = [quota_reply(self.config)] * n  # nobody got it: one reply says why
+        elif not self.lmtp and any(not x.is_success for x in replies) and not refused:
             # One reply for the whole message: the client retries every recipient (RFC 5321 §4.2.5).
             replies = [R451_LOCAL_ERROR] * n
         log.info("%s: from=<%s> to=%s result=%s", env.qid, env.mail_from,

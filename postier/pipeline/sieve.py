@@ -115,7 +115,7 @@ class SieveFilter:
             if refuse is not None:
                 refused[rcpt.address] = Reply(550, "5.7.1", refuse[:200] or "Rejected by the recipient's filter")
         delivered = frozenset(r.address for r in recipients if not any(u.address in failed for u in r.users))
-        return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed))), refused)
+        return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed)), outcome.over_quota), refused)
 
     async def _one(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes,
                    folder: str | None, single: bool) -> tuple[bool, str | None]:

@@ -461,10 +461,18 @@ class Queue:
             return results
         data = await self._io(self.spool.read_file, msg.id) if any(r.users for r in found) else b""
         local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        failed, full = set(local.failed_users), set(local.over_quota)
         for r in found:
             if r.address in local.delivered:
                 results.append(RcptResult(r.address, Fate.DELIVERED, "250 2.0.0 delivered to mailbox", "2.0.0",
                                           mx="local"))
+            elif full and all(u.address in full for u in r.users if u.address in failed):
+                # RFC 3463 X.2.2 mailbox full: retried until the queue lifetime, or bounced at once
+                if self.config.limits.quota_reject_permanent:
+                    results.append(RcptResult(r.address, Fate.FAILED, "552 5.2.2 mailbox full", "5.2.2", mx="local"))
+                else:
+                    results.append(RcptResult(r.address, Fate.DEFERRED, "452 4.2.2 mailbox full", "4.2.2",
+                                              mx="local"))
             else:
                 results.append(RcptResult(r.address, Fate.DEFERRED, "451 4.3.0 local delivery failed", "4.3.0",
                                           mx="local"))

@@ -41,6 +41,7 @@ from ..message.types import InboundCheck
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
 from ..pipeline.mailauth import InboundAuth
+from ..pipeline.quota import QuotaWarnings
 from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
@@ -138,7 +139,8 @@ class App:
 
 def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses."""
-    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
+                        config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
@@ -146,6 +148,7 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
                           poll_interval=config.imap.idle_poll_interval)
     mda.listeners.append(on_delivery(mailstore))
+    mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 % (pipeline/quota.py)
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
     queue = Queue(config, accounts, mda, resolver, srs=srs)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.

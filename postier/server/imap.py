@@ -563,6 +563,7 @@ class IMAPSession(Session):
             "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
             "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
+            "DELETED-STORAGE": info.deleted_size // 1024,  # RFC 9208 §4.2, in STORAGE's units (KiB)
         }
         self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.rev2))
 
@@ -930,11 +931,37 @@ class IMAPSession(Session):
         threads = thread_references(items) if cmd.algorithm == "REFERENCES" else thread_orderedsubject(items)
         self.send(R.thread(threads))
 
+    # -- QUOTA (RFC 9208): one quota root, "", over all of the user's folders (store/quota.py) ----
+
+    async def cmd_getquotaroot(self, cmd: C.GetQuotaRoot) -> None:
+        name = self._name(cmd.mailbox)
+        mb = self._mbox()
+        if not await self.call(mb.exists, name):
+            raise _no("No such mailbox", Code.NONEXISTENT)
+        usage = await self.call(mb.quota_usage)
+        roots = [QUOTA_ROOT] if usage.limit is not None else []  # RFC 9208 §4.1.2: maybe none
+        self.send(R.quotaroot(name, roots, utf8=self.core.rev2))
+        if usage.limit is not None:
+            self.send(R.quota(QUOTA_ROOT, [("STORAGE", usage.kib, usage.limit // 1024)]))
+
+    async def cmd_getquota(self, cmd: C.GetQuota) -> None:
+        usage = await self.call(self._mbox().quota_usage)
+        if cmd.root != QUOTA_ROOT or usage.limit is None:
+            raise _no("No such quota root", Code.NONEXISTENT)  # RFC 9208 §4.1.1
+        self.send(R.quota(QUOTA_ROOT, [("STORAGE", usage.kib, usage.limit // 1024)]))  # §5.1: KiB
+
+    async def cmd_setquota(self, cmd: C.SetQuota) -> None:
+        raise _no("Quotas are set by the administrator (postier user quota)", Code.NOPERM)  # RFC 9208 §4.1.3
+
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
 
 LEARN_BATCH = 100  # messages trained per command at most
 _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
+
+
+#: RFC 9208 §3.2: the quota root of every folder of a user (their whole storage).
+QUOTA_ROOT = ""
 
 
 class _Silent(Exception):
@@ -988,4 +1015,7 @@ IMAPSession._handlers = {
     C.Copy: IMAPSession.cmd_copy,
     C.Move: IMAPSession.cmd_copy,
     C.Search: IMAPSession.cmd_search,
+    C.GetQuota: IMAPSession.cmd_getquota,  # RFC 9208
+    C.GetQuotaRoot: IMAPSession.cmd_getquotaroot,
+    C.SetQuota: IMAPSession.cmd_setquota,
 }

@@ -20,6 +20,7 @@ from ..message.types import LocalOutcome, MessageBody, Recipient, User
 from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
 from .maildir import deliver_to_user
+from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
 
@@ -77,7 +78,8 @@ class LocalDelivery:
         results = await self.deliver([(u, folder) for u in targets.values()], prefix, body, envelope_from)
         ok = {r.user.address for r in results if r.ok}
         return LocalOutcome(frozenset(r.address for r in recipients if all(u.address in ok for u in r.users)),
-                            tuple(r.user.address for r in results if not r.ok))
+                            tuple(r.user.address for r in results if not r.ok),
+                            tuple(r.user.address for r in results if not r.ok and r.detail == OVER_QUOTA))
 
     async def _by_agent(self, agent: Agent, users: list[tuple[User, str | None]], prefix: bytes,
                         body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult] | None:

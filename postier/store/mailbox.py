@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any, Concatenate
 
 from .. import durable
+from . import quota
 from ..message.types import User
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -495,7 +496,22 @@ class UserMailbox:
         r = self.index.folder(n)
         recent_from = r.recent_uid if r else st.uidnext
         recent = len(st.uids) - _bisect(st.uids, recent_from)
-        return StatusInfo(msgs, unseen, deleted, size, st.uidnext, st.uidvalidity, st.highestmodseq, recent)
+        deleted_size = self.index.conn.execute(  # RFC 9208 §4.2 DELETED-STORAGE
+            "SELECT COALESCE(SUM(size), 0) FROM msgs WHERE folder=? AND flags & ? != 0",
+            (st.fid, FLAG_DELETED)).fetchone()[0] if deleted else 0
+        return StatusInfo(msgs, unseen, deleted, size, st.uidnext, st.uidvalidity, st.highestmodseq, recent,
+                          deleted_size)
+
+    @_locked
+    def quota_usage(self) -> quota.Usage:
+        """The user's storage usage and quota (RFC 9208 STORAGE, MESSAGE), every folder rescanned
+        first so that files other programs added or removed are counted."""
+        for f in self.list_folders():
+            with contextlib.suppress(StoreError):
+                self._open(f.name)
+        quota.prune_pending(self.index.conn, self.root)
+        b, m = quota.usage(self.index.conn)
+        return quota.Usage(b, m, self.user.quota)
 
     @_locked
     def first_unseen(self, name: str) -> int | None:
@@ -733,14 +749,22 @@ class UserMailbox:
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
             draft = MaildirDraft(st.path, b"", data)
             try:
+                # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
+                quota.reserve(self.index.conn, self.user.quota, draft.name,
+                              "" if n == INBOX else st.path.name, len(data), self.root)
                 draft.sync()
                 if internal_date is not None:
                     os.utime(draft.tmp, (internal_date, internal_date))
             except BaseException:
                 draft.discard()
+                quota.release(self.index.conn, draft.name)
                 raise
-            draft.publish(suffix)
-            sync_new(draft.dest_dir)
+            try:
+                draft.publish(suffix)
+                sync_new(draft.dest_dir)
+            except BaseException:
+                quota.release(self.index.conn, draft.name)
+                raise
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
         base = draft.name
@@ -843,7 +867,17 @@ class UserMailbox:
         s, d = normalize_name(src), normalize_name(dst)
         if not self._exists(d):
             raise MailboxNotFound("no such mailbox")
-        return self._copy(s, list(uids), d, move=False)
+        ul = list(uids)
+        if self.user.quota is None:
+            return self._copy(s, ul, d, move=False)
+        # RFC 9208 §4.1: a COPY over the quota stores nothing (a MOVE within one user changes nothing).
+        hold = f"copy:{secrets.token_hex(8)}"
+        size = sum(r.size for r in self.index.rows(self.state(s).fid, ul).values())
+        quota.reserve(self.index.conn, self.user.quota, hold, "", size, self.root)
+        try:
+            return self._copy(s, ul, d, move=False)
+        finally:
+            quota.release(self.index.conn, hold)
 
     @_locked
     def move(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
@@ -1073,6 +1107,7 @@ class MailStore:
                     durable.ensure_dirs(md.parent)
                     mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
                 self._users[user.address] = mb
+            mb.user = user  # a new login brings the current quota
             mb.refs += 1
             return mb
 
@@ -1165,6 +1200,7 @@ class MailStore:
         mb = self.acquire(user)
         try:
             with mb.lock:
+                warned = mb.index.conn.execute("SELECT warned, low FROM quota_usage").fetchone()
                 folders = mb.list_folders()
                 names = {f.name for f in folders}
                 for stale in set(mb.index.folder_names()) - names:
@@ -1174,6 +1210,9 @@ class MailStore:
                     mb.index.forget_folder(f.name)
                     mb.states.pop(f.name, None)
                     out[f.name] = len(mb.open(f.name, force=True).uids)
+                quota.prune_pending(mb.index.conn, mb.root)  # the usage is the rebuilt rows' (triggers)
+                if warned is not None:  # a rebuild is no drop in usage: warnings stay as they were
+                    mb.index.conn.execute("UPDATE quota_usage SET warned=?, low=?", warned)
                 return out
         finally:
             self.release(mb)

@@ -11,6 +11,7 @@ clients are told.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import socket
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,10 @@ from pathlib import Path
 from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
 from ..message.types import MessageBody, User
+from . import quota
+from .errors import OverQuota
+from .index import INDEX_NAME, UserIndex
+from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
 
@@ -169,7 +175,7 @@ class MaildirDraft:
     messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
     """
 
-    __slots__ = ("dest_dir", "fd", "key", "name", "root", "tmp")
+    __slots__ = ("dest_dir", "fd", "key", "name", "root", "size", "tmp")
 
     def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes):
         self.root = root
@@ -177,7 +183,7 @@ class MaildirDraft:
         if key not in _dirsync.ready:
             ensure_maildir(root)
             _dirsync.ready.add(key)
-        size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
+        size = self.size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
         self.name = unique_name(size)
         self.tmp = f"{key}/tmp/{self.name}"
         self.dest_dir = f"{key}/new"
@@ -353,12 +359,101 @@ def folder_root(maildir: Path, folder: str | None) -> Path:
 
 def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None) -> tuple[bool, str]:
-    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error)."""
+    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error;
+    `quota.OVER_QUOTA` when the user's quota has no room for the message)."""
     try:
         if user.mailbox_format == "mbox":
             deliver_mbox(user.mbox(mail_root), envelope_from, prefix, body)
             return True, "mbox"
-        return True, deliver_maildir(folder_root(user.maildir(mail_root), folder), prefix, body)
-    except (DeliveryError, OSError) as exc:
+        root = folder_root(user.maildir(mail_root), folder)
+        if user.quota is None:
+            return True, deliver_maildir(root, prefix, body)
+        draft = MaildirDraft(root, prefix, body)
+        hold = QuotaHold(mail_root, user)
+        try:
+            hold.reserve(draft)
+            draft.sync()
+            name = draft.publish()
+            sync_new(draft.dest_dir)
+        except BaseException:
+            draft.discard()
+            hold.release(draft)
+            raise
+        return True, name
+    except OverQuota:
+        log.info("delivery to %s refused: over quota", user.address)
+        return False, OVER_QUOTA
+    except (DeliveryError, OSError, sqlite3.Error) as exc:
         log.error("delivery to %s failed: %s", user.address, exc)
         return False, str(exc)
+
+
+class QuotaHold:
+    """A delivery's reservation of its size in the user's index (store/quota.py): taken once the
+    file is written in tmp/ (its name is the key), dropped by the rescan that indexes it.
+
+    The connections stay open (an LRU of `_KEEP` users): closing the last connection to a WAL
+    database checkpoints and fsyncs it, which would cost each delivery several milliseconds."""
+
+    _KEEP = 64
+    _open: OrderedDict[str, tuple[sqlite3.Connection, int, threading.Lock]] = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self, mail_root: Path, user: User):
+        self.user = user
+        self.maildir = user.maildir(mail_root)
+        self.index_path = user.home(mail_root) / INDEX_NAME
+
+    def _conn(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        key = str(self.index_path)
+        with QuotaHold._lock:
+            got = QuotaHold._open.get(key)
+            if got is not None:
+                try:
+                    same = os.stat(key).st_ino == got[1]
+                except OSError:
+                    same = False
+                if same:
+                    QuotaHold._open.move_to_end(key)
+                    return got[0], got[2]
+                del QuotaHold._open[key]  # the index was replaced (reindex of a damaged one)
+                got[0].close()
+            idx = UserIndex(self.index_path)  # the schema (and the usage row) if the user has no index yet
+            # A lost reservation only under-counts until the rescan indexes the file: no fsync per delivery.
+            idx.conn.execute("PRAGMA synchronous=NORMAL")
+            entry = (idx.conn, os.stat(key).st_ino, threading.Lock())
+            QuotaHold._open[key] = entry
+            while len(QuotaHold._open) > QuotaHold._KEEP:
+                _k, old = QuotaHold._open.popitem(last=False)
+                with old[2]:
+                    old[0].close()
+            return entry[0], entry[2]
+
+    def reserve(self, draft: MaildirDraft) -> None:
+        """Raises OverQuota when the message does not fit (the caller discards the draft)."""
+        conn, lock = self._conn()
+        rel = "" if draft.root == self.maildir else draft.root.name
+        with lock:
+            quota.reserve(conn, self.user.quota, draft.name, rel, draft.size, self.maildir)
+
+    def release(self, draft: MaildirDraft) -> None:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            conn, lock = self._conn()
+            with lock:
+                quota.release(conn, draft.name)
+
+    def usage(self) -> int:
+        """Bytes in use now: indexed, reserved and waiting unindexed in new/ (the RCPT check)."""
+        if not self.index_path.exists():
+            return quota.unindexed_bytes(self.maildir)
+        conn, lock = self._conn()
+        with lock:
+            return quota.usage(conn, self.maildir)[0]
+
+    def warning_due(self) -> int | None:
+        """The warning level newly reached, if any (`quota.warning_due`; pipeline/quota.py sends it)."""
+        if self.user.quota is None:
+            return None
+        conn, lock = self._conn()
+        with lock:
+            return quota.warning_due(conn, self.user.quota, self.maildir)

@@ -416,3 +416,32 @@ class Thread(Command):
     criteria: SearchKey = field(default_factory=AllKey)
 
 __all__ += ["SORT_KEYS", "THREAD_ALGORITHMS", "Sort", "SortCriterion", "Thread"]
+
+
+# -- QUOTA (RFC 9208 §4.1) ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GetQuota(Command):
+    """RFC 9208 §4.1.1: ``root`` is a quota root name as the client sent it."""
+
+    name: ClassVar[str] = "GETQUOTA"
+    root: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GetQuotaRoot(Command):
+    """RFC 9208 §4.1.2."""
+
+    name: ClassVar[str] = "GETQUOTAROOT"
+    mailbox: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetQuota(Command):
+    """RFC 9208 §4.1.3: ``limits`` are (resource name upper-cased, limit) pairs."""
+
+    name: ClassVar[str] = "SETQUOTA"
+    root: str = ""
+    limits: tuple[tuple[str, int], ...] = ()
+
+__all__ += ["GetQuota", "GetQuotaRoot", "SetQuota"]

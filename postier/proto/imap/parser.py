@@ -35,6 +35,8 @@ from .commands import (
     Expunge,
     Fetch,
     FetchAttr,
+    GetQuota,
+    GetQuotaRoot,
     Id,
     Idle,
     List,
@@ -52,6 +54,7 @@ from .commands import (
     Sort,
     SortCriterion,
     Select,
+    SetQuota,
     StartTLS,
     Status,
     Store,
@@ -106,6 +109,7 @@ _SYSTEM_FLAGS = {f.upper(): f for f in (
 STATUS_ITEMS = frozenset({
     "MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT", "HIGHESTMODSEQ",
     "APPENDLIMIT",
+    "DELETED-STORAGE",  # RFC 9208 §4.2
 })
 _LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
@@ -1045,6 +1049,43 @@ def _search_key(s: _Scanner, charset: str | None) -> SearchKey:
     raise s.error(f"Unknown SEARCH key {word}")
 
 
+# -- QUOTA (RFC 9208 §4.1) -----------------------------------------------------------------------
+
+def _getquota(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    root = s.text(s.astring(), "quota root")  # RFC 9208 §8: quota-root-name = astring
+    s.end()
+    return GetQuota(tag=tag, root=root)
+
+
+def _getquotaroot(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    mailbox = s.mailbox()
+    s.end()
+    return GetQuotaRoot(tag=tag, mailbox=mailbox)
+
+
+def _setquota(s: _Scanner, tag: str, uid: bool) -> Command:
+    # RFC 9208 §8: setquota = "SETQUOTA" SP quota-root-name SP setquota-list;
+    # setquota-list = "(" [setquota-resource *(SP setquota-resource)] ")"
+    s.sp()
+    root = s.text(s.astring(), "quota root")
+    s.sp()
+    s.open_paren()
+    limits: list[tuple[str, int]] = []
+    while not s.at(b")"):
+        if limits:
+            s.sp()
+        resource = s.keyword()
+        s.sp()
+        limits.append((resource, s.number(MAX_NUMBER64)))
+        if len(limits) > 32:
+            raise s.error("Too many quota resources")
+    s.close_paren()
+    s.end()
+    return SetQuota(tag=tag, root=root, limits=tuple(limits))
+
+
 # -- dispatch -----------------------------------------------------------------------------------
 
 _COMMANDS: dict[str, _Handler] = {
@@ -1080,6 +1121,9 @@ _COMMANDS: dict[str, _Handler] = {
     "ID": _id,
     "SORT": _sort,  # RFC 5256
     "THREAD": _thread,
+    "GETQUOTA": _getquota,  # RFC 9208
+    "GETQUOTAROOT": _getquotaroot,
+    "SETQUOTA": _setquota,
 }
 _UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})  # RFC 9051 §6.4.9
 

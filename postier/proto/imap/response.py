@@ -336,6 +336,18 @@ def status(name: str, items: Iterable[tuple[str, int]], *, utf8: bool = False) -
     return b"* STATUS " + encode_mailbox(name, utf8=utf8) + b" (" + body + b")" + CRLF
 
 
+def quota(root: str, resources: Iterable[tuple[str, int, int]]) -> bytes:
+    """``* QUOTA "" (STORAGE 10 512 MESSAGE 3 1000)`` (RFC 9208 §5.1): name, usage, limit."""
+    body = b" ".join(f"{name} {used} {limit}".encode("ascii") for name, used, limit in resources)
+    return b"* QUOTA " + encode_string(root.encode("utf-8")) + b" (" + body + b")" + CRLF
+
+
+def quotaroot(mailbox: str, roots: Iterable[str], *, utf8: bool = False) -> bytes:
+    """``* QUOTAROOT INBOX ""`` (RFC 9208 §5.2): the mailbox and its quota roots (maybe none)."""
+    names = b"".join(b" " + encode_string(r.encode("utf-8")) for r in roots)
+    return b"* QUOTAROOT " + encode_mailbox(mailbox, utf8=utf8) + names + CRLF
+
+
 def search(ids: Iterable[int], modseq: int | None = None) -> bytes:
     """``* SEARCH 2 3 6`` (IMAP4rev1; RFC 7162 §3.1.5 adds ``(MODSEQ n)``)."""
     out = b"* SEARCH"
@@ -511,3 +523,4 @@ def esort(
 
 
 __all__ += ["ThreadTree", "esort", "ordered_set", "sort", "thread"]
+__all__ += ["quota", "quotaroot"]

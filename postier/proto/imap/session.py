@@ -42,6 +42,9 @@ BASE_CAPABILITIES = (
     "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "ESORT",  # RFC 5256, 5957, 5267
 )
 
+#: RFC 9208 §3.1, §5: the QUOTA extension and the resources counted (store/quota.py).
+QUOTA_CAPABILITIES = ("QUOTA", "QUOTA=RES-STORAGE")
+
 
 class Refusal(Exception):
     """A rule refuses the command: the driver answers `status` (NO or BAD) with `text` and `code`."""
@@ -144,6 +147,7 @@ class SessionCore:
             return caps
         caps += BASE_CAPABILITIES
         caps.insert(caps.index("CHILDREN") + 1, f"APPENDLIMIT={self.settings.appendlimit}")
+        caps += QUOTA_CAPABILITIES
         return caps
 
     def refusal(self, command_name: str) -> str | None:

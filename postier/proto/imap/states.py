@@ -19,6 +19,7 @@ _NOT_AUTH = frozenset({"STARTTLS", "AUTHENTICATE", "LOGIN"})  # §6.2
 _AUTH = frozenset({  # §6.3 (ENABLE: RFC 5161 §3.1, authenticated state only)
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
     "NAMESPACE", "STATUS", "APPEND", "IDLE",
+    "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",  # RFC 9208 §4.1
 })
 _SELECTED = frozenset({  # §6.4; UID variants are checked by their base name
     "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
