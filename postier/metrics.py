@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -121,6 +122,8 @@ def verdict_action(action: str) -> str:
     return VERDICT_ACTIONS.get(action, "other")
 
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
 #: The queue's (message count, creation time of the oldest or None) and the data directory.
 QueueSummary = Callable[[], tuple[int, float | None]]
 
@@ -175,6 +178,9 @@ class Metrics:
         #: Called with "accepted", "refused" or "deferred" for each SMTP outcome counted here
         #: (server/stats.py's last hour for `postier status` is fed from the same events).
         self.outcome_listeners: list[Callable[[str], None]] = []
+        #: (metric, label values) -> its child: prometheus-client's labels() takes a lock and checks its
+        #: arguments each time (about 3-8 us); the label sets are small, so every child is kept here.
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Gauge | Histogram] = {}
         self.connections = Counter(
             "postier_connections", "Connections accepted by the listeners (refused: over a connection limit).",
             ["role", "result"], registry=r)
@@ -210,7 +216,14 @@ class Metrics:
         self.verdicts = Counter("postier_spam_verdicts", "Inbound decisions of the port-25 checks.", ["action"],
                                 registry=r)
         for role in ("smtp", "submission", "submissions", "lmtp"):  # series exist from the start: rate() works
-            self.received.labels(role)
+            self._of(self.received, role)
+
+    def _of(self, metric: _M, *labels: str) -> _M:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]  # labels() returns the metric's own type
 
     def watch(self, queue: QueueSummary | None = None, data_dir: Path | None = None) -> None:
         """Where the scrape-time values come from."""
@@ -222,17 +235,17 @@ class Metrics:
     def connection(self, role: str, admitted: bool, tls: str | None = None) -> None:
         """A client connected; `tls`: the session's TLS (`tls_info`) when the port is implicit TLS."""
         role = role_label(role)
-        self.connections.labels(role, "accepted" if admitted else "refused").inc()
+        self._of(self.connections, role, "accepted" if admitted else "refused").inc()
         if tls is not None:
-            self.tls.labels(role, tls_version(tls)).inc()
+            self._of(self.tls, role, tls_version(tls)).inc()
         if admitted:
-            self.sessions.labels(role).inc()
+            self._of(self.sessions, role).inc()
 
     def session_closed(self, role: str) -> None:
-        self.sessions.labels(role_label(role)).dec()
+        self._of(self.sessions, role_label(role)).dec()
 
     def tls_started(self, role: str, info: str | None) -> None:
-        self.tls.labels(role_label(role), tls_version(info)).inc()
+        self._of(self.tls, role_label(role), tls_version(info)).inc()
 
     def smtp_reply(self, role: str, stage: str, code: int, enhanced: str = "") -> None:
         """The server's answer to MAIL, RCPT or the end of a message (a 2xx at "data" is a message received)."""
@@ -241,41 +254,41 @@ class Metrics:
             if stage != "data":
                 return
             kind = "accepted"
-            self.received.labels(role).inc()
+            self._of(self.received, role).inc()
         else:
             stage = stage if stage in STAGES else "other"
             kind = "refused" if code >= 500 else "deferred"
-            (self.refused if code >= 500 else self.deferred).labels(role, stage, reply_reason(code, enhanced)).inc()
+            self._of(self.refused if code >= 500 else self.deferred, role, stage, reply_reason(code, enhanced)).inc()
         for listener in self.outcome_listeners:
             listener(kind)
 
     def auth_failed(self, role: str, mechanism: str) -> None:
-        self.auth_failures.labels(role_label(role), auth_mechanism(mechanism)).inc()
+        self._of(self.auth_failures, role_label(role), auth_mechanism(mechanism)).inc()
 
     def local_delivery(self, delivered: int, failed: int, seconds: float) -> None:
         """One message written for `delivered` users (and not for `failed` ones) in `seconds`."""
         if delivered:
-            self.local_deliveries.labels("delivered").inc(delivered)
+            self._of(self.local_deliveries, "delivered").inc(delivered)
         if failed:
-            self.local_deliveries.labels("failed").inc(failed)
+            self._of(self.local_deliveries, "failed").inc(failed)
         self.local_seconds.observe(seconds)
 
     def queue_outcome(self, local: bool, state: str, delay: float) -> None:
         """One recipient's attempt by the queue: "delivered", "deferred" or "bounced" (`delay`: since queued)."""
         destination = "local" if local else "remote"
         outcome = delivery_outcome(state)
-        self.queue_deliveries.labels(destination, outcome).inc()
+        self._of(self.queue_deliveries, destination, outcome).inc()
         if outcome == "delivered":
-            self.queue_delay.labels(destination).observe(max(0.0, delay))
+            self._of(self.queue_delay, destination).observe(max(0.0, delay))
 
     def dns_query(self, rdtype: str, seconds: float, failed: bool) -> None:
         rdtype = dns_rdtype(rdtype)
-        self.dns_seconds.labels(rdtype).observe(seconds)
+        self._of(self.dns_seconds, rdtype).observe(seconds)
         if failed:
-            self.dns_failures.labels(rdtype).inc()
+            self._of(self.dns_failures, rdtype).inc()
 
     def verdict(self, action: str) -> None:
-        self.verdicts.labels(verdict_action(action)).inc()
+        self._of(self.verdicts, verdict_action(action)).inc()
 
     # -- reading ----------------------------------------------------------------------------------
 
