@@ -204,6 +204,10 @@ class Metrics:
         self.queue_deliveries = Counter(
             "postier_queue_deliveries", "Delivery attempts of queued mail per recipient, by outcome.",
             ["destination", "outcome"], registry=r)
+        self.queue_attempt_seconds = Histogram(
+            "postier_queue_attempt_duration_seconds",
+            "Time of one delivery attempt of a queued message (routing, connecting, the SMTP transaction).",
+            ["destination"], registry=r, buckets=DNS_BUCKETS + (30.0, 60.0, 300.0))
         self.queue_delay = Histogram(
             "postier_queue_delivery_delay_seconds", "Time from queueing to delivery of a recipient.",
             ["destination"], registry=r, buckets=QUEUE_BUCKETS)
@@ -280,6 +284,10 @@ class Metrics:
         self._of(self.queue_deliveries, destination, outcome).inc()
         if outcome == "delivered":
             self._of(self.queue_delay, destination).observe(max(0.0, delay))
+
+    def queue_attempt(self, local: bool, seconds: float) -> None:
+        """One message's attempt (all its recipients at one destination) took `seconds`."""
+        self._of(self.queue_attempt_seconds, "local" if local else "remote").observe(seconds)
 
     def dns_query(self, rdtype: str, seconds: float, failed: bool) -> None:
         rdtype = dns_rdtype(rdtype)

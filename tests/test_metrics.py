@@ -146,6 +146,7 @@ def test_deliveries() -> None:
     m.queue_outcome(False, "delivered", 12.0)
     m.queue_outcome(False, "deferred", 12.0)
     m.queue_outcome(True, "bounced", 1.0)
+    m.queue_attempt(False, 0.2)
     assert value(m, "postier_local_deliveries_total", result="delivered") == 3
     assert value(m, "postier_local_deliveries_total", result="failed") == 1
     assert value(m, "postier_local_delivery_duration_seconds_count") == 1
@@ -154,6 +155,7 @@ def test_deliveries() -> None:
     assert value(m, "postier_queue_delivery_delay_seconds_count", destination="remote") == 1
     assert value(m, "postier_queue_delivery_delay_seconds_bucket", destination="remote", le="15.0") == 1
     assert value(m, "postier_queue_delivery_delay_seconds_bucket", destination="remote", le="5.0") == 0
+    assert value(m, "postier_queue_attempt_duration_seconds_bucket", destination="remote", le="0.25") == 1
 
 
 def test_scrape_time_queue_and_disk(tmp_path: Path) -> None:
@@ -254,6 +256,7 @@ def test_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
     m.auth_failed("imap", "password")
     m.local_delivery(1, 0, 0.01)
     m.queue_outcome(False, "delivered", 1.0)
+    m.queue_attempt(False, 0.5)
     m.dns_query("MX", 0.01, True)
     m.verdict("junk")
     known = m.names()

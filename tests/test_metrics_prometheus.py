@@ -34,6 +34,7 @@ def _busy_metrics(tmp_path: Path) -> Metrics:
     m.auth_failed("imap", "password")
     m.local_delivery(1, 0, 0.01)
     m.queue_outcome(False, "delivered", 1.0)
+    m.queue_attempt(False, 0.5)
     m.dns_query("MX", 0.01, True)
     m.verdict("junk")
     return m

@@ -329,6 +329,7 @@ class Queue:
             async with self._total:
                 while (dq := self._dests.get(dest)) and not self._stopping:
                     job = dq.popleft()
+                    started = time.monotonic()
                     try:
                         if dest == LOCAL:
                             results = await self._deliver_local(job)
@@ -344,6 +345,8 @@ class Queue:
                         results = [RcptResult(a, Fate.DEFERRED, f"internal error: {exc.__class__.__name__}",
                                               "4.3.0") for a in job.recipients]
                     await self._complete(job, results)
+                    if self.metrics is not None:
+                        self.metrics.queue_attempt(dest == LOCAL, time.monotonic() - started)
         finally:
             if session is not None:
                 await session.quit()
