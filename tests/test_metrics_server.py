@@ -10,6 +10,7 @@ import json
 import smtplib
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from .harness import Instance, free_port
 
 TOKEN = "metrics-test-token-0123456789"
 MESSAGES = 20
+BATCHES = 4  # concurrent SMTP connections
 GOOD_LOGINS = 2
 BAD_LOGINS = 3
 
@@ -75,16 +77,17 @@ def test_counters_follow_the_load(server: tuple[Instance, int]) -> None:
     assert status == 200
     before = parse(text)
 
-    # SMTP on port 25: MESSAGES messages over a few connections, and one unknown recipient refused.
-    connections = 0
-    for batch in range(4):
-        with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:
-            connections += 1
-            for i in range(MESSAGES // 4):
+    # SMTP on port 25: MESSAGES messages over four concurrent connections, and one unknown recipient refused.
+    def send_batch(batch: int) -> None:
+        with smtplib.SMTP(*inst.addr("smtp"), timeout=30) as s:
+            for i in range(MESSAGES // BATCHES):
                 s.sendmail("bob@remote.test", ["alice@metrics.test"],
                            f"From: bob@remote.test\r\nSubject: load {batch}.{i}\r\n\r\nhello\r\n".encode())
+
+    with ThreadPoolExecutor(BATCHES) as pool:
+        list(pool.map(send_batch, range(BATCHES)))
+    connections = BATCHES + 1
     with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:
-        connections += 1
         s.ehlo()
         s.mail("bob@remote.test")
         code, _ = s.rcpt("nobody@metrics.test")
