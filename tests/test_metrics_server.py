@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import imaplib
 import json
+import poplib
 import smtplib
 import time
 from collections.abc import Iterator
@@ -107,6 +108,22 @@ def test_counters_follow_the_load(server: tuple[Instance, int]) -> None:
                 m.login("alice@metrics.test", "wrong-password")
             m.logout()
 
+    # A wrong password on submission (AUTH PLAIN after STARTTLS) and on POP3 (USER/PASS after STLS).
+    with smtplib.SMTP(*inst.addr("submission"), timeout=10) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        s.user, s.password = "alice@metrics.test", "wrong-password"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.auth("PLAIN", s.auth_plain)
+    pop = poplib.POP3(*inst.addr("pop3"), timeout=10)
+    try:
+        pop.stls(context=ctx)
+        pop.user("alice@metrics.test")
+        with pytest.raises(poplib.error_proto):
+            pop.pass_("wrong-password")
+    finally:
+        pop.close()
+
     # Sessions end asynchronously after the client's close: wait (bounded) for the gauge to settle.
     deadline = time.monotonic() + 10
     while True:
@@ -126,6 +143,9 @@ def test_counters_follow_the_load(server: tuple[Instance, int]) -> None:
     assert moved("postier_connections_total", role="smtp", result="accepted") == connections
     assert moved("postier_connections_total", role="imap", result="accepted") == GOOD_LOGINS + BAD_LOGINS
     assert moved("postier_auth_failures_total", role="imap", mechanism="password") == BAD_LOGINS
+    assert moved("postier_auth_failures_total", role="submission", mechanism="PLAIN") == 1
+    assert moved("postier_auth_failures_total", role="pop3", mechanism="password") == 1
+    assert moved("postier_tls_sessions_total", role="submission", version="TLSv1.3") == 1
     tls = sum(v - before.get(k, 0.0) for k, v in after.items()
               if k[0] == "postier_tls_sessions_total" and ("role", "imap") in k[1])
     assert tls == GOOD_LOGINS + BAD_LOGINS
