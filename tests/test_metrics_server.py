@@ -124,6 +124,15 @@ def test_counters_follow_the_load(server: tuple[Instance, int]) -> None:
     finally:
         pop.close()
 
+    # One request on each web listener (whatever the answer: the connections are what counts).
+    for conn in (http.client.HTTPConnection(*inst.addr("http"), timeout=10),
+                 http.client.HTTPSConnection(*inst.addr("https"), timeout=10, context=ctx)):
+        try:
+            conn.request("GET", "/", headers={"Host": inst.hostname})
+            conn.getresponse().read()
+        finally:
+            conn.close()
+
     # Sessions end asynchronously after the client's close: wait (bounded) for the gauge to settle.
     deadline = time.monotonic() + 10
     while True:
@@ -150,6 +159,9 @@ def test_counters_follow_the_load(server: tuple[Instance, int]) -> None:
               if k[0] == "postier_tls_sessions_total" and ("role", "imap") in k[1])
     assert tls == GOOD_LOGINS + BAD_LOGINS
     assert get(after, "postier_sessions_active", role="imap") == 0
+    assert moved("postier_connections_total", role="http", result="accepted") == 1
+    assert moved("postier_connections_total", role="https", result="accepted") == 1
+    assert moved("postier_tls_sessions_total", role="https", version="TLSv1.3") == 1
     assert get(after, "postier_queue_messages") == 0
     assert get(after, "postier_data_disk_free_bytes") > 0
     assert get(after, "process_resident_memory_bytes") > 0

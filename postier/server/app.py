@@ -214,7 +214,7 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
         decisions=decisions,
         learning=learning,
         spam=spam,
-        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https),
+        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
         metrics=metrics,
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
