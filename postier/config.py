@@ -365,6 +365,28 @@ class Sieve:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint, GET /metrics on a listener of its own (docs/operations.md "Metrics")."""
+
+    #: "ADDRESS:PORT" ("[::1]:9464" for IPv6); "" (the default): no endpoint.
+    listen: str = ""
+    #: Client networks that may scrape; anyone else gets 403.
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: A file whose first line is a bearer token every scrape must send (Authorization: Bearer ...);
+    #: required when `listen` is not a loopback address.
+    token_file: Path | None = None
+
+    def address(self) -> tuple[str, int]:
+        """`listen` as (address, port); ValueError when it is not ADDRESS:PORT."""
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("expected ADDRESS:PORT")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        ipaddress.ip_address(host)
+        return host, int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -388,6 +410,7 @@ class Config:
     tlsrpt: TLSRPT = field(default_factory=TLSRPT)
     acme: ACME = field(default_factory=ACME)
     sieve: Sieve = field(default_factory=Sieve)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
 
@@ -575,6 +598,7 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     _validate_antispam(cfg.antispam)
+    _validate_metrics(cfg.metrics, seen)
     if cfg.mta_sts.mode not in ("testing", "enforce", "none"):
         raise ConfigError("mta_sts.mode: must be \"testing\", \"enforce\" or \"none\"")
     if not 1 <= cfg.mta_sts.max_age <= 31557600:  # RFC 8461 §3.2
@@ -598,6 +622,24 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("pop3.expire: must be \"NEVER\" or a number of days")
     if not 0 <= cfg.pop3.login_delay < 10**9:  # RFC 2449 §6.5
         raise ConfigError("pop3.login_delay: must be a non-negative number of seconds")
+
+
+def _validate_metrics(m: MetricsSettings, seen: dict[tuple[str, int], str]) -> None:
+    if not m.listen:
+        return
+    try:
+        host, port = m.address()
+    except ValueError:
+        raise ConfigError(f"metrics.listen: not ADDRESS:PORT with an IP address: {m.listen!r}") from None
+    if (host, port) in seen:
+        raise ConfigError(f"metrics.listen: {m.listen} is already used by {seen[(host, port)]}")
+    for i, net in enumerate(m.allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"metrics.allow[{i}]: not an address or network: {net!r}") from None
+    if m.token_file is None and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError("metrics.token_file: required when metrics.listen is not a loopback address")
 
 
 def _validate_antispam(a: Antispam) -> None:

@@ -45,6 +45,8 @@ PACKAGES: dict[str, str] = {
     "sieve-connect": "sieve-connect",
     "chromium": "chromium",
     "chromedriver": "chromium-driver",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 
 #: Perl modules programs need but Debian only recommends (install-test-deps installs them explicitly).

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..metrics import Metrics
+
 log = logging.getLogger("postier.antispam")
 
 _SCHEMA = """
@@ -63,7 +65,8 @@ class Verdict:
 
 class VerdictLog:
     def __init__(self, path: Path, keep_days: float = 30.0, max_rows: int = 1_000_000,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
+        self.metrics = metrics  # every decision passes here: counted by action
         self.keep = keep_days * 86400
         self.max_rows = max_rows
         self.clock = clock
@@ -87,6 +90,8 @@ class VerdictLog:
     def record_later(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
                      action: str, reasons: Sequence[str]) -> None:
         """`record` in a background thread: the SMTP reply never waits for the log (it is diagnostic)."""
+        if self.metrics is not None:
+            self.metrics.verdict(action)
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="verdicts", daemon=True)
             self._writer.start()

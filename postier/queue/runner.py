@@ -35,6 +35,7 @@ from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
 from ..message.types import HEADER_LIMIT, Envelope, MailDelivery, MessageBody, Recipient, remote_targets
 from ..message.received import queue_id, return_path
+from ..metrics import Metrics
 from ..proto.smtp.address import xtext_decode
 from ..proto.smtp.errors import AddressError
 from ..mailauth.srs import SRS, SRSError, is_srs
@@ -97,8 +98,9 @@ class Queue:
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
                  clock: schedule.Clock | None = None, rng: random.Random | None = None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, metrics: Metrics | None = None) -> None:
         cfg = config
+        self.metrics = metrics  # each recipient's outcome is counted where it is logged (`_log`)
         self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
         self.directory = directory
         self.mda = mda
@@ -327,6 +329,7 @@ class Queue:
             async with self._total:
                 while (dq := self._dests.get(dest)) and not self._stopping:
                     job = dq.popleft()
+                    started = time.monotonic()
                     try:
                         if dest == LOCAL:
                             results = await self._deliver_local(job)
@@ -342,6 +345,8 @@ class Queue:
                         results = [RcptResult(a, Fate.DEFERRED, f"internal error: {exc.__class__.__name__}",
                                               "4.3.0") for a in job.recipients]
                     await self._complete(job, results)
+                    if self.metrics is not None:
+                        self.metrics.queue_attempt(dest == LOCAL, time.monotonic() - started)
         finally:
             if session is not None:
                 await session.quit()
@@ -541,6 +546,8 @@ class Queue:
         state = {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[o.status]
         self.stats[state] += 1
         delay = now - msg.created if msg else 0.0
+        if self.metrics is not None:
+            self.metrics.queue_outcome(job.dest == LOCAL, "delivered" if o.status == DELIVERED else state, delay)
         log.info("%s: to=<%s> relay=%s delay=%.2f tls=%s status=%s (%s)%s", job.msg_id, o.address, o.mx or "none",
                  delay, o.tls or "none", state, o.reply, "; removed" if removed else "")
 

@@ -436,6 +436,11 @@ class Spool:
     def count(self) -> int:
         return int(self.read("SELECT COUNT(*) FROM messages")[0][0])
 
+    def summary(self) -> tuple[int, float | None]:
+        """(messages queued, creation time of the oldest or None): the queue's size and age for the metrics."""
+        n, oldest = self.read("SELECT COUNT(*), MIN(created) FROM messages")[0]
+        return int(n), None if oldest is None else float(oldest)
+
     def sends_since(self, user: str, since: float) -> int:
         return int(self.read("SELECT COUNT(*) FROM sends WHERE user=? AND time>?", (user, since))[0][0])
 

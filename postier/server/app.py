@@ -34,10 +34,12 @@ from ..antispam.verdicts import VerdictLog
 from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
+from ..http.metrics import MetricsEndpoint
 from ..http.service import WebService
 from ..web import mount as mount_webmail
 from ..mailauth.srs import SRS, load_secret
 from ..message.types import InboundCheck
+from ..metrics import Metrics
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
 from ..pipeline.mailauth import InboundAuth
@@ -103,6 +105,8 @@ class App:
     spam: SpamCheck | None = None
     #: The http/https listeners (ACME challenges, autoconfig, MTA-STS policy) and the ACME renewals.
     web: WebService = field(kw_only=True)
+    #: Prometheus metrics (postier/metrics.py), fed by the listeners, the queue, the MDA, the resolver.
+    metrics: Metrics = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
     imap_user_connections: Counter[str] = field(default_factory=Counter)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
@@ -142,15 +146,18 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
                         config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
-    resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
+    metrics = Metrics()  # its own registry; `postier status`'s last hour is fed from the same events
+    metrics.outcome_listeners.append(stats.count)
+    resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache, metrics=metrics)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
-    mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
+    mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
     mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
                           poll_interval=config.imap.idle_poll_interval)
     mda.listeners.append(on_delivery(mailstore))
     mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 % (pipeline/quota.py)
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
-    queue = Queue(config, accounts, mda, resolver, srs=srs)
+    queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics)
+    metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
@@ -166,7 +173,7 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     spam = SpamCheck(a, config.hostname, [smtp_address], resolver, greylist, rspamd,
                      resolve_helo=config.mailauth.spf)
     learning = LearnQueue(config.data_dir / "learn.sqlite") if rspamd is not None and a.rspamd_controller else None
-    decisions = VerdictLog(config.data_dir / "verdicts.sqlite")
+    decisions = VerdictLog(config.data_dir / "verdicts.sqlite", metrics=metrics)
     inbound_checks: tuple[InboundCheck, ...] = (
         InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
         *((spam,) if spam.active else ()),
@@ -210,7 +217,8 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
         decisions=decisions,
         learning=learning,
         spam=spam,
-        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https),
+        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
+        metrics=metrics,
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
     return app
@@ -245,8 +253,11 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
                 stop_event: asyncio.Event | None = None) -> None:
     # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
     # component, child process and session after this line runs as the service user.
+    endpoint = MetricsEndpoint(config.metrics) if config.metrics.listen else None
     try:
         socks = sockets.bind_all(config)
+        if endpoint is not None:
+            endpoint.bind()  # [metrics] listen, and its token file
     except OSError as exc:
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     try:
@@ -266,8 +277,12 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
     try:
         bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+        if endpoint is not None:
+            bound.append(await endpoint.start(app.metrics))
         bound += await listeners.start(socks)
     except OSError as exc:
+        if endpoint is not None:
+            await endpoint.stop()
         await web.stop()
         await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
@@ -292,6 +307,8 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     log.info("shutting down")
     await listeners.stop()
     await web.stop()
+    if endpoint is not None:
+        await endpoint.stop()
     await app.close()
     log.info("stopped")
 

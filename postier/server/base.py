@@ -169,6 +169,7 @@ class Session:
         self.clock.stop()
         timeout = self.services.config.limits.tls_handshake_timeout
         await self.writer.start_tls(ctx, ssl_handshake_timeout=timeout)
+        self.services.metrics.tls_started(self.role, self.tls_info)
 
 
 class ProtocolSession(asyncio.Protocol):
@@ -264,6 +265,7 @@ class ProtocolSession(asyncio.Protocol):
         if new is None:
             raise ConnectionError("connection closed during the TLS handshake")
         self.transport = new
+        self.services.metrics.tls_started(self.role, self.tls_info)
 
 
 @dataclass
@@ -332,7 +334,9 @@ class ListenerSet:
         """Count a new connection, or refuse it when a global or per-IP limit is reached."""
         limits = self.services.config.limits
         ip = session.peer_ip
-        if len(self.sessions) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+        admitted = len(self.sessions) < limits.max_connections and self.per_ip[ip] < limits.max_connections_per_ip
+        self.services.metrics.connection(session.role, admitted, session.tls_info if session.tls_implicit else None)
+        if not admitted:
             return False
         self.sessions.add(session)
         self.per_ip[ip] += 1
@@ -341,6 +345,7 @@ class ListenerSet:
     def release(self, session: Session | ProtocolSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self.services.metrics.session_closed(session.role)
             ip = session.peer_ip
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:

@@ -374,7 +374,7 @@ class IMAPSession(Session):
         if isinstance(res.outcome, sasl.Success) and res.user is not None:
             return await self._grant(res.user)
         log.info("imap: %s authentication failed from %s", exchange.name, self.peer_ip)
-        await self._login_failed()
+        await self._login_failed(exchange.name)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read_line(self) -> bytes:
@@ -424,7 +424,8 @@ class IMAPSession(Session):
         log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.core.tls else "")
         return "Logged in", Code.capability(self.core.capabilities())
 
-    async def _login_failed(self) -> None:
+    async def _login_failed(self, mechanism: str = "password") -> None:
+        self.services.metrics.auth_failed(self.role, mechanism)
         thr = self.services.throttle
         await thr.penalize(self.peer_ip)
         if thr.blocked(self.peer_ip):

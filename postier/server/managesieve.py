@@ -158,6 +158,7 @@ class ManageSieveSession(Session):
             if await accounts.verify_password_async(user, password) is not None:
                 throttle.success(ip)
                 return True
+            app.metrics.auth_failed("managesieve", "PLAIN")
             await throttle.penalize(ip)
             return False
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..message.types import LocalOutcome, MessageBody, Recipient, User
+from ..metrics import Metrics
 from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
 from .maildir import deliver_to_user
@@ -32,8 +34,10 @@ class DeliveryResult:
 
 
 class LocalDelivery:
-    def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True):
+    def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True, metrics: Metrics | None = None):
         self.mail_root = mail_root
+        #: The agent is another process: its deliveries are counted here, from the results it returns.
+        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mda")
         self.agent = Agent(mail_root) if agent else None
         #: Called (in the event loop) after each successful Maildir delivery: (user, folder).
@@ -49,6 +53,7 @@ class LocalDelivery:
                       body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
         """Deliver to every (user, folder) in parallel worker threads; one result per user."""
         results = None
+        started = time.monotonic()
         if self.agent is not None:
             results = await self._by_agent(self.agent, users, prefix, body, envelope_from)
         if results is None:
@@ -56,6 +61,9 @@ class LocalDelivery:
             futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
                     for u, f in users]
             results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
+        if self.metrics is not None:
+            ok = sum(r.ok for r in results)
+            self.metrics.local_delivery(ok, len(results) - ok, time.monotonic() - started)
         for (_u, f), r in zip(users, results, strict=True):
             if r.ok:
                 for cb in self.listeners:
