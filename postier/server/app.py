@@ -267,29 +267,32 @@ def _secret(config: Config, path: str) -> str:
         raise SystemExit(f"postier: antispam.rspamd_password_file: cannot read {p}: {exc}") from None
 
 
+def prepare(config: Config) -> tuple[dict[str, socket.socket], TLSContexts]:
+    """Bind every listener (as root when started as root), read the certificates, then drop
+    privileges (server/privileges.py): every component, child process and session after this runs
+    as the service user."""
+    try:
+        socks = sockets.bind_all(config)
+    except OSError as exc:
+        raise SystemExit(f"postier: cannot listen: {exc}") from None
+    try:
+        tls = load_tls(config)  # certificate files are read before root is given up
+        privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
+                              sockets.owned_paths(config))
+    except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
+        for s in socks.values():
+            s.close()
+        raise SystemExit(f"postier: {exc}") from None
+    return socks, tls
+
+
 async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
                 stop_event: asyncio.Event | None = None,
                 prepared: tuple[dict[str, socket.socket], TLSContexts] | None = None,
                 worker: WorkerContext | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`). `prepared`, `worker`: the sockets and TLS
     contexts a supervisor made before forking this worker (server/supervisor.py)."""
-    if prepared is None:
-        # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
-        # component, child process and session after this line runs as the service user.
-        try:
-            socks = sockets.bind_all(config)
-        except OSError as exc:
-            raise SystemExit(f"postier: cannot listen: {exc}") from None
-        try:
-            tls = load_tls(config)  # certificate files are read before root is given up
-            privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
-                                  sockets.owned_paths(config))
-        except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
-            for s in socks.values():
-                s.close()
-            raise SystemExit(f"postier: {exc}") from None
-    else:
-        socks, tls = prepared
+    socks, tls = prepared if prepared is not None else prepare(config)
     app = build_app(config, tls, worker)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
@@ -344,7 +347,7 @@ def run(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | No
 
     n = worker_count(config)
     if n > 1:
-        code = supervise(config, n)
+        code = supervise(config, n, prepare, run_worker)
         if code:
             raise SystemExit(code)
         return

@@ -29,15 +29,15 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..queue.spool import Spool
-from . import notify, privileges, reload, sockets
+from . import notify, reload
 from .shared import SharedTable, WorkerContext
 
 if TYPE_CHECKING:
@@ -82,27 +82,21 @@ class _State:
     socks: dict[str, socket.socket]
     tls: TLSContexts
     table: SharedTable
+    run_worker: RunWorker
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False
     announced: bool = False
 
 
-def supervise(config: Config, n: int) -> int:
-    """Run `n` workers until SIGTERM/SIGINT; the exit status of the server."""
-    from .app import load_tls
+#: What the composition root hands in (server/app.py `prepare`, `run_worker`; no import back to it).
+Prepare = Callable[[Config], "tuple[dict[str, socket.socket], TLSContexts]"]
+RunWorker = Callable[[Config, "dict[str, socket.socket]", "TLSContexts", WorkerContext], None]
 
-    try:
-        socks = sockets.bind_all(config)
-    except OSError as exc:
-        raise SystemExit(f"postier: cannot listen: {exc}") from None
-    try:
-        tls = load_tls(config)  # certificate files are read before root is given up
-        privileges.after_bind(config.server.user, config.server.group, config.server.allow_root,
-                              sockets.owned_paths(config))
-    except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
-        for s in socks.values():
-            s.close()
-        raise SystemExit(f"postier: {exc}") from None
+
+def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -> int:
+    """Run `n` workers until SIGTERM/SIGINT; the exit status of the server. `prepare` binds the
+    listeners, reads the certificates and drops root; `run_worker` is a worker's life."""
+    socks, tls = prepare(config)
     # Once per server, before any worker can queue: a spool file without its row is a message whose
     # 250 was never sent (queue/spool.py); with workers running, it could be one being written.
     spool = Spool(config.spool_dir / "queue")
@@ -114,7 +108,7 @@ def supervise(config: Config, n: int) -> int:
         log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
     run_dir = config.data_dir / "run"
     table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
-    st = _State(config, dict(socks), tls, table, [_Worker(i) for i in range(n)])
+    st = _State(config, dict(socks), tls, table, run_worker, [_Worker(i) for i in range(n)])
 
     sel = selectors.DefaultSelector()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -299,8 +293,6 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
             if exc.errno != errno.EPIPE:
                 raise
 
-    from .app import run_worker
-
     ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready)
-    run_worker(st.config, st.socks, st.tls, ctx)
+    st.run_worker(st.config, st.socks, st.tls, ctx)
     return 0
