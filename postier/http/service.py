@@ -59,13 +59,11 @@ class WebService:
     def tls_contexts(self) -> list[ssl.SSLContext]:
         return [c for c in (self.mail_tls, self.https_tls) if c is not None]
 
-    async def start(self, socks: Mapping[str, socket.socket] | None = None,
-                    renew: bool = True) -> list[tuple[str, str, int]]:
-        """Serve; `renew`: run the ACME renewals too (one process of a multi-process server does)."""
+    async def start(self, socks: Mapping[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
         if self.acme is not None:
             self.acme.install_existing()  # before any listener accepts: serve the issued certificate
         bound = await self.http.start(socks)
-        if self.acme is not None and renew:
+        if self.acme is not None:
             self._acme_task = asyncio.create_task(self.acme.run(), name="acme")
         return bound
 

@@ -33,7 +33,7 @@ from ..antispam.learning import LearnQueue
 from ..antispam.rspamd import RspamdClient
 from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
-from ..config import Config
+from ..config import HTTP_ROLES, Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.service import WebService
@@ -239,6 +239,10 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         bus=bus,
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
+    acme = app.web.acme
+    if bus is not None and acme is not None:  # the primary renews; every worker serves the new certificate
+        acme.on_installed = lambda: bus.send(b"C")
+        bus.on(b"C", lambda _data: acme.install_existing())
     return app
 
 
@@ -304,7 +308,17 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         # SIGHUP, `postier reload`: before the first client can see us (a supervisor keeps the pid file)
         reload.install(reloader, config, write_pid=worker is None)
     try:
-        bound = await web.start(socks, renew=app.primary)  # serving before the mail ports: ready = all up
+        if app.primary:
+            bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+        else:
+            # http/https are served by the primary worker alone: web sessions, ACME challenges and
+            # renewals live in its memory (docs/scaling.md); this worker leaves those sockets to it.
+            bound = []
+            if web.acme is not None:
+                web.acme.install_existing()  # the issued certificate for this worker's mail listeners
+            for role in HTTP_ROLES:
+                if role in socks:
+                    socks.pop(role).close()
         bound += await listeners.start(socks)
     except OSError as exc:
         await web.stop()

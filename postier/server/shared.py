@@ -230,7 +230,7 @@ class Bus:
     def __init__(self, run_dir: Path, index: int, workers: int):
         self.index = index
         self.paths = [str(run_dir / f"worker-{i}.sock") for i in range(workers)]
-        self.handlers: dict[bytes, Callable[[bytes], None]] = {}
+        self.handlers: dict[bytes, Callable[[bytes], object]] = {}
         path = self.paths[index]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # our predecessor's, if this worker was restarted
@@ -240,7 +240,7 @@ class Bus:
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
 
-    def on(self, kind: bytes, handler: Callable[[bytes], None]) -> None:
+    def on(self, kind: bytes, handler: Callable[[bytes], object]) -> None:
         self.handlers[kind] = handler
 
     def send(self, kind: bytes, payload: bytes = b"", to: int | None = None) -> None:
