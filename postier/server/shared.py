@@ -15,8 +15,9 @@ State and events take one mechanism each, both set up by the supervisor (server/
   only make a limit stricter for them, never looser.
 - Events are Unix datagrams: each worker binds DATA_DIR/run/worker-<i>.sock and sends a change to
   every other worker's socket (a mailbox changed: IDLE sessions wake and re-read the index; a
-  message was queued: the primary worker's queue runner looks at once). Sends never block; a lost
-  datagram only delays (IDLE's mtime poll, the queue's 5 s scan still see the change).
+  message was queued: the primary worker's queue runner looks at once; a renewed certificate: load
+  it). Sends never block; a lost datagram only delays (IDLE's mtime poll, the queue's 5 s scan
+  still see the change).
 
 Why no SO_REUSEPORT: the supervisor binds each listener once, as root, and the workers inherit it;
 the kernel hands each new connection to whichever worker accepts first, so a busy worker takes

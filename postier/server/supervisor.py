@@ -47,7 +47,7 @@ __all__ = ["STOP_GRACE", "supervise", "worker_count"]
 
 log = logging.getLogger("postier")
 
-STOP_GRACE = 40.0  # seconds a stopping worker may take before it is killed
+STOP_GRACE = 25.0  # seconds a stopping worker may take before it is killed (systemd waits 30)
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
 PR_SET_PDEATHSIG = 1
 
