@@ -464,10 +464,10 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
               f"{ratio:>16}")
     pi = p["_idle"]
     di = d["_idle"] if d else None
-    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB "
+    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB {'':>12} "
           f"{'' if di is None else f'{di:>10.0f}KB':>12} {(f'{pi / di:.2f}' if di else '-'):>16}")
     if d:
-        print(f"{'  dovecot PSS per connection':34} {'':>12} {d['_idle_pss']:>10.0f}KB")
+        print(f"{'  dovecot PSS per connection':34} {'':>12} {'':>12} {d['_idle_pss']:>10.0f}KB")
     checks = [(k, p.get(k), d.get(k) if d else None) for k in ("_flags_lines", "_search_hits", "_bodies")]
     print("sanity (postier, dovecot): " + ", ".join(f"{k[1:]}={a:.0f}/{b if b is None else f'{b:.0f}'}"
                                                    for k, a, b in checks))
