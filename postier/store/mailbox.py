@@ -173,8 +173,6 @@ def _locked[**P, R](fn: Callable[Concatenate[UserMailbox, P], R]) -> Callable[Co
             if self.shared is None:
                 return fn(self, *args, **kwargs)
             with self.shared:
-                if self.shared.depth == 1:
-                    self._catch_up()
                 return fn(self, *args, **kwargs)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -429,6 +427,8 @@ class UserMailbox:
         return self.index.attach_folder(name, p, self._default_use(name))
 
     def _open(self, name: str, force: bool = False) -> FolderState:
+        if self.shared is not None:
+            self._catch_up()  # at every sync point: what other processes committed is seen here
         row = self._row(name)
         p = self.path_of(name)
         res = self.index.sync(row, p, force=force)
