@@ -29,6 +29,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class _State:
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False
     announced: bool = False
+    exit_code: int = 0
+    stop_deadline: float | None = None
 
 
 #: What the composition root hands in (server/app.py `prepare`, `run_worker`; no import back to it).
@@ -125,7 +128,6 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     log.info("starting %d workers", n)
     for w in st.workers:
         _spawn(st, w, sel, wake_r)
-    stop_deadline: float | None = None
     while True:
         timeout = 1.0
         now = time.monotonic()
@@ -145,7 +147,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
             signum = pending.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT) and not st.stopping:
                 st.stopping = True
-                stop_deadline = time.monotonic() + STOP_GRACE
+                st.stop_deadline = time.monotonic() + STOP_GRACE
                 notify.stopping()
                 log.info("stopping %d workers", sum(1 for w in st.workers if w.pid))
                 _signal_all(st, signal.SIGTERM)
@@ -159,10 +161,10 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
         if st.stopping:
             if not any(w.pid for w in st.workers):
                 break
-            if stop_deadline is not None and now > stop_deadline:
+            if st.stop_deadline is not None and now > st.stop_deadline:
                 log.error("workers still running after %.0f s: killed", STOP_GRACE)
                 _signal_all(st, signal.SIGKILL)
-                stop_deadline = None
+                st.stop_deadline = None
             continue
         for w in st.workers:
             if w.restart_at is not None and now >= w.restart_at:
@@ -173,7 +175,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     table.close()
     table.path.unlink(missing_ok=True)
     log.info("stopped")
-    return 0
+    return st.exit_code
 
 
 def _signal_all(st: _State, sig: int) -> None:
@@ -203,10 +205,10 @@ def _spawn(st: _State, w: _Worker, sel: selectors.BaseSelector, wake_r: int) -> 
         try:
             os.close(r)
             code = _worker_main(st, w.index, wfd, wake_r)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-            if exc.code not in (None, 0) and not isinstance(exc.code, int):
-                print(exc.code, flush=True)
+        except SystemExit as exc:  # as the interpreter would: a message goes to stderr, status 1
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, int) and exc.code is not None:
+                print(exc.code, file=sys.stderr, flush=True)
         except BaseException:
             log.exception("worker %d failed", w.index)
         finally:
@@ -256,6 +258,12 @@ def _reap(st: _State, sel: selectors.BaseSelector) -> None:
         st.table.clear_worker(w.index)  # its connections are gone
         if st.stopping:
             log.info("worker %d stopped (%s)", w.index, _how(code))
+            continue
+        if not st.announced:  # a worker that cannot start: the server does not start (as one process)
+            log.error("worker %d (pid %d) failed to start (%s); stopping", w.index, pid, _how(code))
+            st.stopping, st.exit_code = True, code if code > 0 else 1
+            st.stop_deadline = time.monotonic() + STOP_GRACE
+            _signal_all(st, signal.SIGTERM)
             continue
         ran = time.monotonic() - w.started
         if ran >= HEALTHY_AFTER:
