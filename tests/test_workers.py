@@ -303,3 +303,15 @@ def test_stop_reaches_every_worker(tmp_path: Path) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
     assert not (tmp_path / "run" / "workers").exists()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    i = Instance(tmp_path, "f.test", workers=2, extra_config=(
+        '[antispam]\nrspamd = "http://127.0.0.1:9"\nrspamd_controller = "http://127.0.0.1:9"\n'
+        'rspamd_password_file = "missing"\n'))
+    with pytest.raises(AssertionError, match="exited with 1"):
+        i.start()
+    assert i.proc is not None and i.proc.wait(10) == 1
+    log = i.log.read_text()
+    assert "rspamd_password_file: cannot read" in log and "failed to start" in log
+    i.logf.close()
