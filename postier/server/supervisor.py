@@ -284,15 +284,18 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
     os.close(wake_r)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    try:  # the worker ends with the supervisor, even one killed with SIGKILL
+    # The worker ends with the supervisor: a supervisor killed with SIGKILL is a crash of the server
+    # (what it acknowledged is on disk), not a reason to serve on unsupervised.
+    try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError) as exc:
         log.warning("worker %d: cannot follow the supervisor's death: %s", index, exc)
     if os.getppid() == 1:
         return 0  # the supervisor is already gone
     os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
+    os.environ["POSTIER_SUPERVISOR"] = str(os.getppid())  # fault injection crashes the whole server
 
     def ready() -> None:
         try:
