@@ -4,10 +4,13 @@ of the in-process `AuthThrottle` (same fake clock, same answers)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
-from postier.server.shared import SharedConnections, SharedTable, SharedThrottle
+import pytest
+
+from postier.server.shared import Bus, SharedConnections, SharedTable, SharedThrottle
 from postier.server.throttle import AuthThrottle
 
 
@@ -66,3 +69,29 @@ def test_table_is_fresh_and_private(tmp_path: Path) -> None:
     assert os.stat(p).st_mode & 0o777 == 0o600
     assert SharedConnections(table, 2).total() == 0
     table.close()
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_bus_carries_wakeups_to_the_other_workers(tmp_path: Path, deep: bool) -> None:
+    run = tmp_path / ("d" * 110 if deep else "run")  # too deep for a socket path: abstract names
+    run.mkdir()
+
+    async def main() -> list[tuple[int, bytes]]:
+        buses = [Bus(run, i, 3) for i in range(3)]
+        got: list[tuple[int, bytes]] = []
+        for i, b in enumerate(buses):
+            b.on(b"N", lambda data, i=i: got.append((i, data)))
+            b.start()
+        buses[0].send(b"N", b"user\0INBOX")  # to every other worker
+        buses[2].send(b"N", b"only-0", to=0)
+        buses[1].send(b"?", b"unknown kind: ignored")
+        for _ in range(100):
+            if len(got) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        for b in buses:
+            b.close()
+        return sorted(got)
+
+    assert asyncio.run(main()) == [(0, b"only-0"), (1, b"user\0INBOX"), (2, b"user\0INBOX")]
+    assert not list(run.glob("*.sock"))  # removed at close

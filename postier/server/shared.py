@@ -223,6 +223,15 @@ class SharedThrottle(AuthThrottle):
                 self._write(off, h, [])
 
 
+def _bus_path(run_dir: Path, index: int) -> str:
+    """DATA_DIR/run/worker-N.sock; a data directory too deep for a socket path (108 bytes) gets a
+    name in the abstract namespace, derived from it."""
+    path = str(run_dir / f"worker-{index}.sock")
+    if len(os.fsencode(path)) < 100:
+        return path
+    return "\0postier-" + hashlib.sha256(os.fsencode(run_dir)).hexdigest()[:24] + f"-{index}"
+
+
 class Bus:
     """Wake-ups between workers: one datagram socket per worker, a message to all the others."""
 
@@ -230,11 +239,12 @@ class Bus:
 
     def __init__(self, run_dir: Path, index: int, workers: int):
         self.index = index
-        self.paths = [str(run_dir / f"worker-{i}.sock") for i in range(workers)]
+        self.paths = [_bus_path(run_dir, i) for i in range(workers)]
         self.handlers: dict[bytes, Callable[[bytes], object]] = {}
         path = self.paths[index]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # our predecessor's, if this worker was restarted
+        if not path.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # our predecessor's, if this worker was restarted
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
 
@@ -276,8 +286,9 @@ class Bus:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.paths[self.index])
+        if not self.paths[self.index].startswith("\0"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.paths[self.index])
 
 
 @dataclass
