@@ -168,7 +168,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     queue = Queue(config, accounts, mda, resolver, srs=srs)
     bus = None
     if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)
-        bus = Bus(worker.run_dir, worker.index, worker.workers)
+        bus = Bus(worker.run_dir, worker.index, worker.workers, worker.abstract_bus)
         mailstore.notifier.forward = lambda address, folder: bus.send(b"N", f"{address}\0{folder}".encode())
         bus.on(b"N", lambda data: mailstore.changed_elsewhere(*data.decode().split("\0", 1)))
         bus.on(b"Q", lambda _data: queue.wake())

@@ -223,11 +223,12 @@ class SharedThrottle(AuthThrottle):
                 self._write(off, h, [])
 
 
-def _bus_path(run_dir: Path, index: int) -> str:
-    """DATA_DIR/run/worker-N.sock; a data directory too deep for a socket path (108 bytes) gets a
-    name in the abstract namespace, derived from it."""
+def _bus_path(run_dir: Path, index: int, abstract: bool = False) -> str:
+    """DATA_DIR/run/worker-N.sock; a data directory too deep for a socket path (108 bytes), or on a
+    file system without sockets (`abstract`, see `Bus.probe`), gets a name in the abstract namespace,
+    derived from it."""
     path = str(run_dir / f"worker-{index}.sock")
-    if len(os.fsencode(path)) < 100:
+    if len(os.fsencode(path)) < 100 and not abstract:
         return path
     return "\0postier-" + hashlib.sha256(os.fsencode(run_dir)).hexdigest()[:24] + f"-{index}"
 
@@ -237,9 +238,9 @@ class Bus:
 
     MAX = 2048  # bytes per datagram (an address and a folder name are far shorter)
 
-    def __init__(self, run_dir: Path, index: int, workers: int):
+    def __init__(self, run_dir: Path, index: int, workers: int, abstract: bool = False):
         self.index = index
-        self.paths = [_bus_path(run_dir, i) for i in range(workers)]
+        self.paths = [_bus_path(run_dir, i, abstract) for i in range(workers)]
         self.handlers: dict[bytes, Callable[[bytes], object]] = {}
         path = self.paths[index]
         if not path.startswith("\0"):
@@ -247,6 +248,23 @@ class Bus:
                 os.unlink(path)  # our predecessor's, if this worker was restarted
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
+
+    @staticmethod
+    def probe(run_dir: Path) -> bool:
+        """True when Unix sockets cannot be made in `run_dir` (the supervisor asks once; every
+        worker then uses abstract names)."""
+        path = _bus_path(run_dir, -1)
+        if path.startswith("\0"):
+            return True
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.bind(path)
+        except OSError:
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
@@ -300,6 +318,7 @@ class WorkerContext:
     table: SharedTable
     run_dir: Path
     ready: Callable[[], None]  # tells the supervisor this worker serves
+    abstract_bus: bool = False  # `Bus.probe`: no socket files in run_dir
 
     @property
     def primary(self) -> bool:

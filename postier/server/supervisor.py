@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from ..config import Config
 from ..queue.spool import Spool
 from . import notify, reload
-from .shared import SharedTable, WorkerContext
+from .shared import Bus, SharedTable, WorkerContext
 
 if TYPE_CHECKING:
     from .app import TLSContexts
@@ -85,6 +85,7 @@ class _State:
     table: SharedTable
     run_worker: RunWorker
     workers: list[_Worker] = field(default_factory=list)
+    abstract_bus: bool = False
     stopping: bool = False
     announced: bool = False
     exit_code: int = 0
@@ -111,7 +112,8 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
         log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
     run_dir = config.data_dir / "run"
     table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
-    st = _State(config, dict(socks), tls, table, run_worker, [_Worker(i) for i in range(n)])
+    abstract = Bus.probe(run_dir)
+    st = _State(config, dict(socks), tls, table, run_worker, [_Worker(i) for i in range(n)], abstract)
 
     sel = selectors.DefaultSelector()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -304,6 +306,6 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
             if exc.errno != errno.EPIPE:
                 raise
 
-    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready)
+    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus)
     st.run_worker(st.config, st.socks, st.tls, ctx)
     return 0
