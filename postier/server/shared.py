@@ -83,7 +83,14 @@ class SharedTable:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a previous run's: never shared with a new set of workers
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.ftruncate(fd, size)
+        try:
+            # Every block reserved now: a page of a sparse file first written when the disk is full
+            # would kill the writing worker with SIGBUS.
+            os.posix_fallocate(fd, 0, size)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         key = os.urandom(16)
         _HEADER.pack_into(mm, 0, MAGIC, workers, IP_BUCKETS, THROTTLE_SLOTS, ring, key)

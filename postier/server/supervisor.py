@@ -111,7 +111,10 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     if files or rows:
         log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
     run_dir = config.data_dir / "run"
-    table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
+    try:
+        table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
+    except OSError as exc:
+        raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
     st = _State(config, dict(socks), tls, table, run_worker, [_Worker(i) for i in range(n)], abstract)
 
