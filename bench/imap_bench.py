@@ -14,7 +14,10 @@ mailbox selected, in IDLE): postier's process RSS growth, and the growth of the 
 of all Dovecot processes. Both servers are spoken to over plain TCP on loopback so that TLS costs
 nothing on either side.
 
-    python -m bench.imap_bench [--messages 100000] [--connections 1000] [--keep]
+With `--workers N` (N > 1) a third server, postier with `[server] workers = N` on its own copy of
+the Maildir, is timed in the same interleaved steps (docs/scaling.md).
+
+    python -m bench.imap_bench [--messages 100000] [--connections 1000] [--keep] [--workers N]
 """
 
 from __future__ import annotations
@@ -212,8 +215,8 @@ def idle_memory(port: int, user: str, count: int, pids: Callable[[], list[int]])
 
 # -- the two servers ------------------------------------------------------------------------------
 
-def start_postier(root: Path, connections: int) -> Instance:
-    inst = Instance(root / "postier", DOMAIN, extra_config=(
+def start_postier(root: Path, connections: int, workers: int = 1) -> Instance:
+    inst = Instance(root / ("postier" if workers == 1 else "postier-n"), DOMAIN, workers=workers, extra_config=(
         f"[limits]\nmax_connections = {connections + 100}\nmax_connections_per_ip = {connections + 100}\n"
         f"[imap]\nmax_connections_per_user = {connections + 100}\n"
         "[auth]\nallow_plaintext = true\n"))
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the repeatable steps (best kept)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-dovecot", action="store_true", help="measure postier alone")
+    ap.add_argument("--workers", type=int, default=1, help="also time postier with [server] workers = N")
     args = ap.parse_args(argv)
     if not args.no_dovecot and shutil.which("dovecot") is None:
         print("dovecot is not installed (Debian: dovecot-imapd); use --no-dovecot", file=sys.stderr)
@@ -397,11 +401,19 @@ def main(argv: list[str] | None = None) -> int:
                 dst = dove.home(f"{user}")
                 dst.mkdir(parents=True)
                 shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), dst / "Maildir", symlinks=True)
+        multi: Instance | None = None
+        if args.workers != 1:
+            multi = start_postier(tmp, args.connections, args.workers)
+            for user in ("bob", "idle"):
+                shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), multi.maildir(f"{user}@{DOMAIN}"), symlinks=True)
         inst.start(wait_role="imap")
         try:
             assert inst.proc is not None
             pid = inst.proc.pid
             servers = {"postier": (inst.port("imap"), f"bob@{DOMAIN}")}
+            if multi is not None:
+                multi.start(wait_role="imap")
+                servers["postier-n"] = (multi.port("imap"), f"bob@{DOMAIN}")
             if dove is not None:
                 dove.start()
                 servers["dovecot"] = (dove.port, f"bob@{DOMAIN}")
@@ -419,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
             print("timing (interleaved)...", flush=True)
             results = measure(servers, args.repeats)
             for k, v in results.items():
-                v.update(idle[k])
+                v.update(idle.get(k, {}))
         finally:
             inst.stop()
+            if multi is not None:
+                multi.stop()
             if dove is not None:
                 dove.stop()
         report(results, args)
@@ -436,20 +450,24 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     p = results["postier"]
     d = results.get("dovecot")
+    m = results.get("postier-n")
     print()
     print(f"IMAP benchmark: {args.messages} messages, {args.connections} idle connections")
-    print(f"{'':34} {'postier':>12} {'dovecot':>12} {'postier/dovecot':>16}")
+    many = f"postier {args.workers}w" if m else ""
+    print(f"{'':34} {'postier':>12} {many:>12} {'dovecot':>12} {'postier/dovecot':>16}")
     for key in STEPS:
         pv = p[key]
         dv = d[key] if d else None
+        mv = f"{m[key] * 1000:>10.1f}ms" if m else ""
         ratio = f"{pv / dv:.2f}" if dv else "-"
-        print(f"{key:34} {pv * 1000:>10.1f}ms {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} {ratio:>16}")
+        print(f"{key:34} {pv * 1000:>10.1f}ms {mv:>12} {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} "
+              f"{ratio:>16}")
     pi = p["_idle"]
     di = d["_idle"] if d else None
-    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB "
+    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB {'':>12} "
           f"{'' if di is None else f'{di:>10.0f}KB':>12} {(f'{pi / di:.2f}' if di else '-'):>16}")
     if d:
-        print(f"{'  dovecot PSS per connection':34} {'':>12} {d['_idle_pss']:>10.0f}KB")
+        print(f"{'  dovecot PSS per connection':34} {'':>12} {'':>12} {d['_idle_pss']:>10.0f}KB")
     checks = [(k, p.get(k), d.get(k) if d else None) for k in ("_flags_lines", "_search_hits", "_bodies")]
     print("sanity (postier, dovecot): " + ", ".join(f"{k[1:]}={a:.0f}/{b if b is None else f'{b:.0f}'}"
                                                    for k, a, b in checks))

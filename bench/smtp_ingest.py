@@ -14,7 +14,10 @@ The CPU time (user + system, from /proc) per message of each server is printed t
 every process of the instance, exited ones included): unlike a rate, it hardly moves when something
 else runs on the machine.
 
-Usage: python -m bench smtp [--messages 2000] [--idle 500] [--rounds 1] [--skip-big]
+With `--workers N` (N > 1) a second postier instance runs with `[server] workers = N` and the ingest
+rates of both are shown side by side (docs/scaling.md).
+
+Usage: python -m bench smtp [--messages 2000] [--idle 500] [--rounds 1] [--skip-big] [--workers N]
 """
 
 from __future__ import annotations
@@ -216,6 +219,8 @@ def main(argv: list[str]) -> int:
                     help="spam defence on both sides: postier's DNSBL screening and Rspamd; Postfix with postscreen "
                          "and Rspamd's milter (the same Rspamd, started by the bench)")
     ap.add_argument("--no-dns-cache", action="store_true", help="with --mailauth: every lookup goes to DNS")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also measure postier with [server] workers = N (0: one per core), side by side")
     args = ap.parse_args(argv)
     use_pf = postfix.available() and not args.no_postfix and os.path.exists(SMTP_SOURCE)
     work = Path(tempfile.mkdtemp(prefix="postier-bench-"))
@@ -254,6 +259,11 @@ def main(argv: list[str]) -> int:
     inst.start()
     assert inst.proc is not None
     pid = inst.proc.pid
+    multi = None  # the same server with N worker processes
+    if args.workers != 1:
+        multi = Instance(work / "postier-n", "b.test", extra_config=extra, workers=args.workers)
+        multi.add_user("u@b.test")
+        multi.start()
     pf = None
     vmail = work / "vmail"
     if use_pf:
@@ -279,7 +289,7 @@ def main(argv: list[str]) -> int:
         if checks is not None:
             checks.start()
         pf.start()
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
     try:
         # Memory per idle session first, on fresh processes (no load has grown their heaps yet).
         ours_rss, ours_uss = idle_memory(inst.port("smtp"), args.idle, lambda: children(pid))
@@ -303,7 +313,19 @@ def main(argv: list[str]) -> int:
                 n = args.messages if size == 1024 else max(200, args.messages // 2)
                 ours_rates, cpu_ms, pf_rates, pf_md_rates, pf_cpu_ms = [], [], [], [], []
                 rs_ms, pf_rs_ms = [], []  # Rspamd's CPU per message, for each side's messages
+                multi_rates: list[float] = []
+                multi_cpu_ms: list[float] = []
                 for _ in range(args.rounds):
+                    if multi is not None and multi.proc is not None:
+                        m_root = multi.root / "mail"
+                        _aside(m_root)
+                        mcpu0 = postier_cpu(multi.proc.pid)
+                        _t0, t = smtp_source(multi.port("smtp"), "u@b.test", n, size, args.sessions, reuse)
+                        multi_cpu_ms.append((postier_cpu(multi.proc.pid) - mcpu0) * 1000 / n)
+                        got = count_files(m_root)
+                        if got != n:
+                            raise RuntimeError(f"postier (workers): {got} of {n} messages in the Maildir")
+                        multi_rates.append(n / t)
                     # Benchmark trap on ext4: move old Maildirs aside instead of deleting them.
                     _aside(md_root)
                     cpu0, r0, s0 = postier_cpu(pid), rspamd_cpu(rspamd), rspamd_scanned(rspamd)
@@ -333,6 +355,7 @@ def main(argv: list[str]) -> int:
                         pf_rates.append(n / tp)
                         pf_md_rates.append(n / t_md)
                 ours = statistics.median(ours_rates)
+                many = statistics.median(multi_rates) if multi_rates else 0.0
                 theirs, ratio = "-", "-"
                 rs = f" + Rspamd {statistics.median(rs_ms):.2f}" if rspamd else ""
                 if pf_rates:
@@ -340,9 +363,13 @@ def main(argv: list[str]) -> int:
                     theirs = (f"{statistics.median(pf_rates):.0f} / {statistics.median(pf_md_rates):.0f}"
                               f" ({statistics.median(pf_cpu_ms):.2f} ms{pf_rs})")
                     ratio = f"{ours / statistics.median(pf_rates):.2f}x"
-                rows.append((label, f"{ours:.0f} ({statistics.median(cpu_ms):.2f} ms CPU/msg{rs})", theirs, ratio))
+                    if multi_rates:
+                        ratio += f" / {many / statistics.median(pf_rates):.2f}x"
+                rows.append((label, f"{ours:.0f} ({statistics.median(cpu_ms):.2f} ms CPU/msg{rs})",
+                             f"{many:.0f} ({statistics.median(multi_cpu_ms):.2f} ms)" if multi_rates else "-",
+                             theirs, ratio))
         rows.append((f"memory per idle session ({args.idle} sessions)",
-                     f"{ours_rss:.1f} KiB (USS {ours_uss:.1f})", pf_idle, "-"))
+                     f"{ours_rss:.1f} KiB (USS {ours_uss:.1f})", "-", pf_idle, "-"))
         if not args.skip_big:
             big = 25 * 1024 * 1024
             _aside(md_root)
@@ -358,9 +385,11 @@ def main(argv: list[str]) -> int:
                                          lambda: postfix_pids(pf))
                 pf_peak = f"{pk / 1024:.0f} MiB (+{(pk - pf_base) / 1024:.0f}; {tp:.1f}s)"
             rows.append(("peak RSS, 20 concurrent 25 MiB messages",
-                         f"{peak / 1024:.0f} MiB (+{(peak - base) / 1024:.0f}; {t:.1f}s)", pf_peak, "-"))
+                         f"{peak / 1024:.0f} MiB (+{(peak - base) / 1024:.0f}; {t:.1f}s)", "-", pf_peak, "-"))
     finally:
         inst.stop()
+        if multi is not None:
+            multi.stop()
         if dns_server is not None:
             dns_server.stop()
         if rspamd is not None:
@@ -380,10 +409,11 @@ def main(argv: list[str]) -> int:
     what = "; ".join(parts) or "no checks"
     print(f"\nSMTP ingest ({what}): {args.sessions} concurrent sessions, smtp-source as client, "
           f"{os.cpu_count()} cores, median of {args.rounds} round(s)")
-    print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
-          "ratio (postier/Postfix 250)")
+    workers = f"postier {multi.workers} workers" if multi is not None else "postier N workers"
+    print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {workers:<22} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
+          "ratio (postier 1 / N workers vs Postfix 250)")
     for r in rows:
-        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<36} {r[3]}")
+        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<22} {r[3]:<36} {r[4]}")
     return 0
 
 

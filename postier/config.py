@@ -257,6 +257,9 @@ class Server:
     group: str = ""
     #: Allow the server to keep running as root (refused otherwise).
     allow_root: bool = False
+    #: Worker processes sharing every listener (server/supervisor.py); 0 = one per CPU core.
+    #: 1 (the default) is one process with no supervisor; docs/scaling.md says when to raise it.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -591,6 +594,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("mailauth.spf_record: must start with \"v=spf1\"")
     if cfg.limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients: must be at least 1")
+    if not 0 <= cfg.server.workers <= 256:
+        raise ConfigError(f"server.workers: must be 0 (one per core) to 256, not {cfg.server.workers}")
     if cfg.limits.command_timeout <= 0:
         raise ConfigError("limits.command_timeout: must be positive")
     if cfg.limits.min_data_rate < 1:

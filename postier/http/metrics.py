@@ -109,6 +109,12 @@ class MetricsEndpoint:
         host, port = self.sock.getsockname()[:2]
         return "metrics", host, port
 
+    def close(self) -> None:
+        """Close the socket without serving it (a worker that leaves the endpoint to the primary)."""
+        if self._runner is None and self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

@@ -130,6 +130,9 @@ class Queue:
         self._stopping = False
         self._local_domains: dict[str, tuple[bool, float]] = {}
         self._last_prune = 0.0
+        #: Set when another process runs the deliveries (`[server] workers` > 1, not the primary):
+        #: this queue only enqueues, then calls it to wake that process's runner.
+        self.remote_runner: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()
 
     # -- database plumbing ------------------------------------------------------------------------
@@ -238,7 +241,9 @@ class Queue:
         self.stats["queued"] += 1
         log.info("%s: queued from=<%s> size=%d nrcpt=%d%s", mid, sender, size, len(recipients),
                  f" user={user}" if user else "")
-        if not self._stopping:
+        if self.remote_runner is not None:
+            self.remote_runner()  # its runner dispatches the new rows (durable already)
+        elif not self._stopping:
             await self._schedule(info, [_fresh(mid, r, now) for r in recipients])
         return mid
 
@@ -601,11 +606,16 @@ class Queue:
     def wake(self) -> None:
         self._wake.set()
 
-    async def start(self) -> None:
-        files, rows = await self._read(self.spool.recover)
-        if files or rows:
-            log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files,
-                        rows)
+    async def start(self, recover: bool = True) -> None:
+        """Recover the spool after a crash (unless another process did: `recover`), then run, unless
+        `remote_runner` says another process does."""
+        if recover:
+            files, rows = await self._read(self.spool.recover)
+            if files or rows:
+                log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file",
+                            files, rows)
+        if self.remote_runner is not None:
+            return
         n = await self._read(self.spool.count)
         log.info("queue: %d messages waiting", n)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())

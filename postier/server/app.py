@@ -18,10 +18,12 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..accounts import Accounts
 from ..antispam.builtin import RateLimiter
@@ -31,7 +33,7 @@ from ..antispam.learning import LearnQueue
 from ..antispam.rspamd import RspamdClient
 from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
-from ..config import Config
+from ..config import HTTP_ROLES, Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.metrics import MetricsEndpoint
@@ -55,10 +57,11 @@ from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
 from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
+from .shared import Bus, SharedConnections, SharedThrottle, WorkerContext
 from .smtp import SMTPSession
 from .throttle import AuthThrottle
 
-__all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "serve"]
+__all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "run_worker", "serve"]
 
 log = logging.getLogger("postier")
 
@@ -111,10 +114,22 @@ class App:
     imap_user_connections: Counter[str] = field(default_factory=Counter)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
     pop3_last_login: dict[str, float] = field(default_factory=dict)
+    #: `[server] workers` > 1: which worker this is, and the wake-ups between workers (server/shared.py).
+    worker: WorkerContext | None = None
+    bus: Bus | None = None
     _tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
+    @property
+    def primary(self) -> bool:
+        """This process runs what runs once per server (the queue runner, the jobs)."""
+        return self.worker is None or self.worker.primary
+
     async def start(self) -> None:
-        await self.queue.start()
+        if self.bus is not None:
+            self.bus.start()
+        await self.queue.start(recover=self.worker is None)  # the supervisor recovered the spool
+        if not self.primary:
+            return
         if self.report_job is not None:
             self.report_job.start()
         if self.learning is not None and self.spam is not None and self.spam.rspamd is not None:
@@ -132,6 +147,8 @@ class App:
         if self.dmarc_reports is not None:
             steps.append(self.dmarc_reports.close)
         steps += [self.mailstore.close, self.mda.close, self.accounts.close]
+        if self.bus is not None:
+            steps.append(self.bus.close)
         for step in steps:
             try:
                 r = step()
@@ -141,8 +158,9 @@ class App:
                 log.exception("error while closing")
 
 
-def build_app(config: Config, tls: TLSContexts | None = None) -> App:
-    """Make every shared component from the configuration, each with the parts it uses."""
+def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerContext | None = None) -> App:
+    """Make every shared component from the configuration, each with the parts it uses (`worker`:
+    one of several processes serving the same listeners and data, server/supervisor.py)."""
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
                         config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
@@ -152,12 +170,20 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
     mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
-                          poll_interval=config.imap.idle_poll_interval)
+                          poll_interval=config.imap.idle_poll_interval, shared=worker is not None)
     mda.listeners.append(on_delivery(mailstore))
     mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 % (pipeline/quota.py)
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
     queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics)
     metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
+    bus = None
+    if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)
+        bus = Bus(worker.run_dir, worker.index, worker.workers, worker.abstract_bus)
+        mailstore.notifier.forward = lambda address, folder: bus.send(b"N", f"{address}\0{folder}".encode())
+        bus.on(b"N", lambda data: mailstore.changed_elsewhere(*data.decode().split("\0", 1)))
+        bus.on(b"Q", lambda _data: queue.wake())
+        if not worker.primary:
+            queue.remote_runner = lambda: bus.send(b"Q", to=0)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
@@ -196,7 +222,8 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     auth = config.auth
     tls = tls or load_tls(config)
     ssl_context = tls.mail
-    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
+    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window) if worker is None else \
+        SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
     app = App(
         config=config,
         ssl_context=ssl_context,
@@ -219,8 +246,14 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
         spam=spam,
         web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
         metrics=metrics,
+        worker=worker,
+        bus=bus,
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
+    acme = app.web.acme
+    if bus is not None and acme is not None:  # the primary renews; every worker serves the new certificate
+        acme.on_installed = lambda: bus.send(b"C")
+        bus.on(b"C", lambda _data: acme.install_existing())
     return app
 
 
@@ -249,10 +282,19 @@ def _secret(config: Config, path: str) -> str:
         raise SystemExit(f"postier: antispam.rspamd_password_file: cannot read {p}: {exc}") from None
 
 
-async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
-                stop_event: asyncio.Event | None = None) -> None:
-    # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
-    # component, child process and session after this line runs as the service user.
+@dataclass
+class Prepared:
+    """What is made as root before privileges are dropped, and inherited by every worker."""
+
+    socks: dict[str, socket.socket]
+    tls: TLSContexts
+    metrics: MetricsEndpoint | None = None  # [metrics] listen: bound, its token file read
+
+
+def prepare(config: Config) -> Prepared:
+    """Bind every listener (as root when started as root), read the certificates, then drop
+    privileges (server/privileges.py): every component, child process and session after this runs
+    as the service user."""
     endpoint = MetricsEndpoint(config.metrics) if config.metrics.listen else None
     try:
         socks = sockets.bind_all(config)
@@ -267,18 +309,46 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
         for s in socks.values():
             s.close()
+        if endpoint is not None:
+            endpoint.close()
         raise SystemExit(f"postier: {exc}") from None
-    app = build_app(config, tls)
+    return Prepared(socks, tls, endpoint)
+
+
+async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
+                stop_event: asyncio.Event | None = None,
+                prepared: Prepared | None = None, worker: WorkerContext | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`). `prepared`, `worker`: the sockets and TLS
+    contexts a supervisor made before forking this worker (server/supervisor.py)."""
+    prep = prepared if prepared is not None else prepare(config)
+    socks, tls, endpoint = prep.socks, prep.tls, prep.metrics
+    app = build_app(config, tls, worker)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
+    if worker is not None:
+        listeners.shared = SharedConnections(worker.table, worker.index)
     web = app.web
-    reloader = reload.Reloader(listeners)
+    reloader = reload.Reloader(listeners, rebind=worker is None)
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
+        # SIGHUP, `postier reload`: before the first client can see us (a supervisor keeps the pid file)
+        reload.install(reloader, config, write_pid=worker is None)
     try:
-        bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
-        if endpoint is not None:
-            bound.append(await endpoint.start(app.metrics))
+        if app.primary:
+            bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+            if endpoint is not None:  # the primary's own counts (docs/scaling.md: metrics per worker)
+                bound.append(await endpoint.start(app.metrics))
+        else:
+            # http/https are served by the primary worker alone: web sessions, ACME challenges and
+            # renewals live in its memory (docs/scaling.md); this worker leaves those sockets to it.
+            bound = []
+            if web.acme is not None:
+                web.acme.install_existing()  # the issued certificate for this worker's mail listeners
+            for role in HTTP_ROLES:
+                if role in socks:
+                    socks.pop(role).close()
+            if endpoint is not None:
+                endpoint.close()
+                endpoint = None
         bound += await listeners.start(socks)
     except OSError as exc:
         if endpoint is not None:
@@ -287,23 +357,28 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
-        log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
+        if app.primary:
+            log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
     if ready:
         ready(bound)
+    if worker is not None:
+        worker.ready()
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
-    stats_task = asyncio.create_task(stats.writer(config.data_dir))  # for `postier status`
+    stats_task = asyncio.create_task(stats.writer(config.data_dir)) if app.primary else None  # `postier status`
     notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
     notify.stopping()
-    reload.uninstall(config)
-    stats_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await stats_task
+    if worker is None:
+        reload.uninstall(config)
+    if stats_task is not None:
+        stats_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats_task
     log.info("shutting down")
     await listeners.stop()
     await web.stop()
@@ -314,10 +389,28 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
 
 
 def run(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None) -> None:
-    """Run the server until a signal (uses uvloop when installed)."""
+    """Run the server until a signal (uses uvloop when installed); `[server] workers` > 1: a
+    supervisor and its worker processes (server/supervisor.py)."""
+    from .supervisor import supervise, worker_count
+
+    n = worker_count(config)
+    if n > 1:
+        code = supervise(config, n, prepare, run_worker)
+        if code:
+            raise SystemExit(code)
+        return
+    _loop_run(serve(config, ready))
+
+
+def run_worker(config: Config, prepared: Prepared, worker: WorkerContext) -> None:
+    """One worker of a supervisor: serve on the sockets it bound, until SIGTERM."""
+    _loop_run(serve(config, prepared=prepared, worker=worker))
+
+
+def _loop_run(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        asyncio.run(serve(config, ready))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config, ready))
+        uvloop.run(main)

@@ -29,6 +29,7 @@ from . import sockets, unixsock
 
 if TYPE_CHECKING:
     from .app import App
+    from .shared import SharedConnections
 
 log = logging.getLogger("postier.server")
 
@@ -284,6 +285,8 @@ class ListenerSet:
         self.sessions: set[Session | ProtocolSession] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
+        #: With several workers (server/supervisor.py): the limits count every worker's connections.
+        self.shared: SharedConnections | None = None
 
     async def start(self, bound: dict[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
         """Serve on the sockets `bound` by role (sockets.bind_all; bound here when not given)."""
@@ -338,6 +341,9 @@ class ListenerSet:
         self.services.metrics.connection(session.role, admitted, session.tls_info if session.tls_implicit else None)
         if not admitted:
             return False
+        if self.shared is not None and not self.shared.admit(ip, limits.max_connections,
+                                                             limits.max_connections_per_ip):
+            return False
         self.sessions.add(session)
         self.per_ip[ip] += 1
         return True
@@ -350,6 +356,8 @@ class ListenerSet:
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+            if self.shared is not None:
+                self.shared.release(ip)
 
     def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool
                  ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:

@@ -548,6 +548,10 @@ class UserIndex:
             return True
         return not (r[2] and mn == r[0] and mc == r[1])
 
+    def forget_listings(self) -> None:
+        """Another process changed the index: the in-memory listings are re-read when next used."""
+        self._listing.clear()
+
     def _listing_of(self, fid: int) -> tuple[set[str], set[str]]:
         """The file names the index holds, (new/, cur/): kept in memory while the folder is in use
         and updated by every change made here, so a rescan only diffs two listings."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -170,20 +171,50 @@ class FolderState:
 def _locked[**P, R](fn: Callable[Concatenate[UserMailbox, P], R]) -> Callable[Concatenate[UserMailbox, P], R]:
     def wrapper(self: UserMailbox, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with self.lock:
-            return fn(self, *args, **kwargs)
+            if self.shared is None:
+                return fn(self, *args, **kwargs)
+            with self.shared:
+                return fn(self, *args, **kwargs)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+class ProcessLock:
+    """The user lock between processes (`[server] workers` > 1): an exclusive flock on a file beside
+    the index, held while one store call runs (re-entrant within the holder; the per-user thread lock
+    is taken first). Two processes must not interleave an index sync or a UID assignment."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class UserMailbox:
     """Every folder of one user. All public methods block (disk, SQLite) and take the user lock."""
 
     def __init__(self, user: User, maildir: Path, index_path: Path,
-                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE)):
+                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE), shared: bool = False):
         self.user = user
         self.root = maildir
         self.lock = threading.RLock()
+        #: Other processes use this index too: their lock, and what they changed since we looked.
+        self.shared = ProcessLock(index_path.with_name(index_path.name + ".lock")) if shared else None
+        self._data_version = -1
+        self._stale: set[str] = set()
         ensure_maildir(maildir)
         self.index_path = index_path
         self.index = UserIndex(index_path)
@@ -199,6 +230,18 @@ class UserMailbox:
         with self.lock:
             self.index.close()
             self.states.clear()
+            if self.shared is not None:
+                self.shared.close()
+
+    def _catch_up(self) -> None:
+        """Another process committed to the index since our last call (SQLite's data_version moved):
+        forget the file listings and folder states built from what we saw (re-read on next use)."""
+        dv = self.index.conn.execute("PRAGMA data_version").fetchone()[0]
+        if dv != self._data_version:
+            if self._data_version != -1:
+                self.index.forget_listings()
+                self._stale.update(self.states)
+            self._data_version = dv
 
     def index_file_unchanged(self) -> bool:
         try:
@@ -385,6 +428,8 @@ class UserMailbox:
         return self.index.attach_folder(name, p, self._default_use(name))
 
     def _open(self, name: str, force: bool = False) -> FolderState:
+        if self.shared is not None:
+            self._catch_up()  # at every sync point: what other processes committed is seen here
         row = self._row(name)
         p = self.path_of(name)
         res = self.index.sync(row, p, force=force)
@@ -396,10 +441,15 @@ class UserMailbox:
                              row.keywords)
             self.states[name] = st
             return st
+        stale = name in self._stale  # another process changed the index since we built `st`
+        self._stale.discard(name)
         if res.uids_changed:
             st.uids = self.index.uid_array(row.id)
             st.version += 1
-        if res.uids_changed or res.flags_changed:
+        elif stale and (uids := self.index.uid_array(row.id)) != st.uids:
+            st.uids = uids
+            st.version += 1
+        if res.uids_changed or res.flags_changed or stale:
             st.flagtab = None
         st.uidnext = row.uidnext
         st.highestmodseq = row.highestmodseq
@@ -416,7 +466,7 @@ class UserMailbox:
     def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
         """The folder's state (synced with the disk first unless `sync` is False)."""
         n = normalize_name(name)
-        if sync or n not in self.states or n in self.dirty:
+        if sync or n not in self.states or n in self.dirty or n in self._stale:
             self.dirty.discard(n)
             st = self._open(n)
         else:
@@ -442,11 +492,11 @@ class UserMailbox:
     def state(self, name: str) -> FolderState:
         """The folder's state without touching the disk when it is already open."""
         st = self.states.get(name)  # keys are normalized names: a hit needs no check (per-message calls)
-        if st is not None:
+        if st is not None and name not in self._stale:
             return st
         n = normalize_name(name)
         st = self.states.get(n)
-        return st if st is not None else self._open(n)
+        return st if st is not None and n not in self._stale else self._open(n)
 
     @_locked
     def needs_sync(self, name: str) -> bool:
@@ -1026,6 +1076,8 @@ class ChangeNotifier:
 
     def __init__(self, interval: float = 0.5):
         self.interval = max(0.05, interval)
+        #: Also tell other processes serving the same mailboxes (`[server] workers` > 1), or None.
+        self.forward: Callable[[str, str], None] | None = None
         self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -1048,6 +1100,13 @@ class ChangeNotifier:
         return unwatch
 
     def notify(self, address: str, folder: str) -> None:
+        """A change made in this process: wake its watchers, and other processes' (`forward`)."""
+        if self.forward is not None:
+            self.forward(address, folder)
+        self.local(address, folder)
+
+    def local(self, address: str, folder: str) -> None:
+        """Wake this process's watchers of the folder (a change seen here or told by another process)."""
         for cb in list(self._watchers.get((address, folder), ())):
             try:
                 cb()
@@ -1066,7 +1125,7 @@ class ChangeNotifier:
             now = mtimes()
             if now != last:
                 last = now
-                self.notify(*key)
+                self.local(*key)
 
     def close(self) -> None:
         for t in self._pollers.values():
@@ -1080,8 +1139,9 @@ class MailStore:
     a worker pool for the blocking calls, and the change notifier."""
 
     def __init__(self, mail_root: Path, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
-                 workers: int = 8, poll_interval: float = 0.5, keep_idle: int = 16):
+                 workers: int = 8, poll_interval: float = 0.5, keep_idle: int = 16, shared: bool = False):
         self.mail_root = mail_root
+        self.shared = shared  # other processes serve the same mailboxes (a lock between them)
         self.special_use_folders = tuple(special_use_folders)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         self.notifier = ChangeNotifier(poll_interval)
@@ -1105,7 +1165,7 @@ class MailStore:
                 if mb is None:
                     md = user.maildir(self.mail_root)
                     durable.ensure_dirs(md.parent)
-                    mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
+                    mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders, self.shared)
                 self._users[user.address] = mb
             mb.user = user  # a new login brings the current quota
             mb.refs += 1
@@ -1127,6 +1187,11 @@ class MailStore:
                 while len(self._idle) > self.keep_idle:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
+
+    def changed_elsewhere(self, address: str, folder: str) -> None:
+        """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""
+        self.mark_dirty(address, folder)
+        self.notifier.local(address, folder)
 
     def mark_dirty(self, address: str, folder: str) -> None:
         """A delivery wrote into the folder: the next look at it reads the directory."""
