@@ -569,21 +569,29 @@ class IMAPSession(Session):
     # -- APPEND ---------------------------------------------------------------------------------
 
     async def cmd_append(self, cmd: C.Append) -> tuple[str, ResponseCode | None]:
-        if not cmd.message:
-            raise _no("Empty message", Code.CANNOT)
-        if len(cmd.message) > self.cfg.imap.appendlimit:
-            raise _no("Message too large", Code.TOOBIG)
+        """RFC 9051 §6.3.12 APPEND; RFC 3502 MULTIAPPEND (all messages or none)."""
         name = self._name(cmd.mailbox)
-        when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
-        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
+        items: list[tuple[bytes, list[str], float | None]] = []
+        for msg in cmd.messages:
+            data = await self._append_data(msg)
+            if not data:
+                raise _no("Empty message", Code.CANNOT)
+            if len(data) > self.cfg.imap.appendlimit:
+                raise _no("Message too large", Code.TOOBIG)
+            when = msg.internal_date.timestamp() if msg.internal_date is not None else None
+            items.append((data, [f for f in msg.flags if f.upper() != "\\RECENT"], when))
         try:
-            uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+            uidvalidity, uids = await self.call(self._mbox().append_many, name, items)
         except StoreError as exc:
             raise _store_reply(exc, target=True) from None
         self._notify(name)
         if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
-        return "APPEND completed", Code.appenduid(uidvalidity, uid)  # RFC 4315 §3
+        return "APPEND completed", Code.appenduid(uidvalidity, SequenceSet.from_ids(uids))  # RFC 4315 §3
+
+    async def _append_data(self, msg: C.AppendMessage) -> bytes:
+        """One APPEND message's content."""
+        return msg.message
 
     # -- IDLE -----------------------------------------------------------------------------------
 

