@@ -48,6 +48,7 @@ from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
 from ..proto.imap.states import State
+from ..proto.imap.url import UrlError, parse_url
 from ..store import errors as E
 from ..store.api import Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
@@ -64,6 +65,7 @@ from .imapfetch import (
     render_fetch,
     render_flags,
     run_search,
+    url_octets,
 )
 
 log = logging.getLogger("postier.imap")
@@ -590,8 +592,55 @@ class IMAPSession(Session):
         return "APPEND completed", Code.appenduid(uidvalidity, SequenceSet.from_ids(uids))  # RFC 4315 §3
 
     async def _append_data(self, msg: C.AppendMessage) -> bytes:
-        """One APPEND message's content."""
-        return msg.message
+        """One APPEND message's content: its literal, or its CATENATE parts joined (RFC 4469 §3)."""
+        if msg.catenate is None:
+            return msg.message
+        pieces: list[bytes] = []
+        total = 0
+        for part in msg.catenate:
+            data = part.data if part.kind == "TEXT" else await self._url_octets(part.url)
+            total += len(data)
+            if total > self.cfg.imap.appendlimit:  # RFC 4469 §5: TOOBIG
+                raise _no("Message too large", Code.TOOBIG)
+            pieces.append(data)
+        return b"".join(pieces)
+
+    async def _url_octets(self, url: str) -> bytes:
+        """The octets a CATENATE URL names, only ever from this user's own mailboxes (no URLAUTH, no
+        other users: RFC 4469 §5 BADURL for anything else)."""
+        user = self.user
+        assert user is not None
+        bad = _no("CATENATE URL cannot be used", Code.badurl(url))
+        try:
+            u = parse_url(url)
+        except UrlError as exc:
+            raise _no(f"CATENATE URL cannot be used: {exc}", Code.badurl(url)) from None
+        if u.user is not None and u.user.lower() not in (user.address.lower(), user.local.lower()):
+            raise bad  # another user's mailbox: never
+        if u.host is not None and u.host not in (self.cfg.hostname.lower(), user.domain.lower()):
+            raise bad  # RFC 5092 §6: another server
+        sel = self.core.sel
+        if u.mailbox is None:  # relative to the selected mailbox (RFC 5092 §7.1)
+            if sel is None:
+                raise bad
+            name = sel.name
+        else:
+            name = "INBOX" if u.mailbox.upper() == "INBOX" else u.mailbox
+            try:
+                name = normalize_name(name)
+            except StoreError:
+                raise bad from None
+        mb = self._mbox()
+        try:
+            snap = await self.call(mb.snapshot, name, False)
+            if u.uidvalidity is not None and u.uidvalidity != snap.uidvalidity:
+                raise bad
+            data = await self.call(url_octets, mb, name, u.uid, u.section, u.partial)
+        except StoreError:
+            raise bad from None
+        if data is None:
+            raise bad  # expunged or never there
+        return data
 
     # -- IDLE -----------------------------------------------------------------------------------
 

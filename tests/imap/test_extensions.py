@@ -7,6 +7,7 @@ import imaplib
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from postier.message.types import User
 from postier.store.mailbox import MailStore
 
-from .conftest import PASSWORD, IMAPServer, RawIMAP
+from .conftest import PASSWORD, IMAPServer, RawIMAP, start_instance
 
 MSG = b"From: a@example.net\r\nSubject: one\r\n\r\nbody one\r\n"
 
@@ -154,3 +155,127 @@ def test_multiappend_with_imaplib_single_append_still_works(server: IMAPServer) 
         assert typ == "OK" and b"APPENDUID" in data[0]
     finally:
         m.logout()
+
+
+# -- CATENATE ------------------------------------------------------------------------------------
+
+SOURCE = (b"From: a@example.net\r\nSubject: source\r\nMIME-Version: 1.0\r\n"
+          b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain\r\n\r\n"
+          b"part one\r\n--XX\r\nContent-Type: application/octet-stream\r\n\r\nbin\x00ary\r\n--XX--\r\n")
+HEADER = SOURCE[:SOURCE.index(b"\r\n\r\n") + 4]
+
+
+def _fetch_body(c: RawIMAP, box: str, uid: int) -> bytes:
+    c.ok(f"EXAMINE {box}")
+    u = c.ok(f"UID FETCH {uid} BINARY.PEEK[]")  # literal8: NUL kept
+    m = re.search(rb"~?\{(\d+)\}\r\n", u[0])
+    assert m, u
+    return u[0][m.end():m.end() + int(m.group(1))]
+
+
+def test_catenate_text_and_urls(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        assert b"CATENATE" in c.ok("CAPABILITY")[0].split()
+        _u, t = c.cmd(b"APPEND Drafts " + literal(SOURCE))
+        validity, src = appenduid(t)
+        text = b"X-Added: yes\r\n"
+        _u, t = c.cmd(b'APPEND Drafts (\\Draft) CATENATE (URL "/Drafts;UIDVALIDITY=%d/;UID=%s/;section=HEADER"'
+                      b" TEXT %s URL \"/Drafts;UIDVALIDITY=%d/;UID=%s/;SECTION=2\""
+                      b" URL \"/Drafts/;UID=%s/;SECTION=1/;PARTIAL=0.4\")"
+                      % (validity, src.encode(), literal(text), validity, src.encode(), src.encode()))
+        assert b" OK " in t, t
+        uid = int(appenduid(t)[1])
+        assert _fetch_body(c, "Drafts", uid) == HEADER + text + b"bin\x00ary" + b"part"
+        # relative to the selected mailbox (RFC 5092 §7.1), several messages in one command
+        c.ok("SELECT Drafts")
+        _u, t = c.cmd(b"APPEND INBOX CATENATE (URL \";UID=%s\") CATENATE (TEXT %s URL \";UID=%s/;SECTION=TEXT\")"
+                      % (src.encode(), literal(b"Subject: x\r\n\r\n"), src.encode()))
+        assert appenduid(t)[1] == "1:2", t
+        assert _fetch_body(c, "INBOX", 1) == SOURCE
+        assert _fetch_body(c, "INBOX", 2) == b"Subject: x\r\n\r\n" + SOURCE[len(HEADER):]
+
+
+def test_catenate_bad_urls_store_nothing(server: IMAPServer) -> None:
+    user = server.user()
+    other = server.user()
+    with server.client(other) as o:
+        o.cmd(b"APPEND INBOX " + literal(b"Subject: private\r\n\r\nsecret\r\n"))
+    with server.client(user) as c:
+        _u, t = c.cmd(b"APPEND Drafts " + literal(SOURCE))
+        validity, src = appenduid(t)
+        local, domain = other.split("@")
+        bad_urls = [
+            f"/Drafts;UIDVALIDITY={validity + 1}/;UID={src}",  # UIDVALIDITY changed
+            f"/Drafts/;UID={int(src) + 5}",  # no such message
+            "/NoSuchBox/;UID=1",
+            ";UID=1",  # relative, nothing selected
+            f"imap://{local}@{domain}/INBOX/;UID=1",  # another user's mailbox
+            f"imap://{other.replace('@', '%40')}@{domain}/INBOX/;UID=1",
+            "imap://elsewhere.example.com/Drafts/;UID=1",  # another server
+            "/../" + local + "/;UID=1", "/Drafts/;UID=1/;URLAUTH=anonymous:internal:00",
+            "/Drafts/;UID=1/;SECTION=1.2.3.FOO",
+        ]
+        for url in bad_urls:
+            _u, t = c.cmd(b'APPEND Drafts CATENATE (TEXT {3+}\r\nabc URL "%s")' % url.encode())
+            assert t.split()[1] == b"NO" and b"[BADURL " in t, (url, t)
+        assert uids_in(c, "Drafts") == [int(src)]
+    with server.client(other) as o:
+        assert uids_in(o, "INBOX") == [1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IMAPServer]:
+    """A server with a 64 KiB APPENDLIMIT."""
+    inst = start_instance(tmp_path_factory.mktemp("imap-small"), "[imap]\nappendlimit = 65536\n")
+    try:
+        yield IMAPServer(inst)
+    finally:
+        rc = inst.stop()
+        log = inst.log.read_text()
+        assert "Traceback" not in log, log[-4000:]
+        assert rc == 0, log[-2000:]
+
+
+def test_catenate_over_appendlimit_is_toobig(small: IMAPServer) -> None:
+    user = small.user()
+    with small.client(user) as c:
+        assert b"APPENDLIMIT=65536" in c.ok("CAPABILITY")[0]
+        _u, t = c.cmd(b"APPEND Drafts " + literal(SOURCE + b"x" * 20000 + b"\r\n"))
+        src = appenduid(t)[1]
+        parts = b" ".join(b'URL "/Drafts/;UID=%s"' % src.encode() for _ in range(4))
+        _u, t = c.cmd(b"APPEND Drafts CATENATE (" + parts + b")")
+        assert t.split()[1] == b"NO" and b"[TOOBIG]" in t, t
+        _u, t = c.cmd(b"APPEND Drafts CATENATE (TEXT " + literal(b"x" * 65500) + b' URL "/Drafts/;UID=%s")' % src.encode())
+        assert b"[TOOBIG]" in t, t
+        assert uids_in(c, "Drafts") == [int(src)]
+
+
+def test_catenate_from_two_sessions_at_once(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        _u, t = c.cmd(b"APPEND Drafts " + literal(SOURCE))
+        src = appenduid(t)[1]
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    def worker(n: int) -> None:
+        try:
+            with server.client(user) as c:
+                for i in range(8):
+                    _u, t = c.cmd(b'APPEND INBOX CATENATE (TEXT %s URL "/Drafts/;UID=%s/;SECTION=TEXT")'
+                                  % (literal(b"Subject: s%d m%d\r\n\r\n" % (n, i)), src.encode()))
+                    got.append(int(appenduid(t)[1]))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert sorted(got) == list(range(1, 17))
+    with server.client(user) as c:
+        assert uids_in(c, "INBOX") == list(range(1, 17))
+        assert _fetch_body(c, "INBOX", 16).endswith(SOURCE[len(HEADER):])

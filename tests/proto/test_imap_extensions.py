@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from postier.proto.imap import Append, CommandReader, NeedContinuation, ParseError, parse_command
-from postier.proto.imap.commands import AppendMessage
+from postier.proto.imap.commands import AppendMessage, CatPart, Section
+from postier.proto.imap.url import ImapUrl, UrlError, parse_url
 from postier.proto.imap.reader import ReaderLimits
 
 
@@ -54,3 +55,60 @@ def test_reader_asks_for_each_multiappend_literal() -> None:
     r.feed(b"defg\r\n")
     ev = r.next_event()
     assert isinstance(ev, Append) and [m.message for m in ev.messages] == [b"abc", b"defg"]
+
+
+# -- CATENATE (RFC 4469) and IMAP URLs (RFC 5092) -------------------------------------------------
+
+def test_catenate_parts() -> None:
+    cmd = p(b'a APPEND Drafts (\\Draft) CATENATE (URL "/Drafts;UIDVALIDITY=385759045/;UID=20/;section=HEADER"'
+            b" TEXT {4}\r\n\r\nhi URL /INBOX/;UID=3 UTF8 (~{2}\r\n\xc3\xa9))")
+    assert cmd.flags == ("\\Draft",) and cmd.message == b""
+    assert cmd.catenate == (
+        CatPart("URL", url="/Drafts;UIDVALIDITY=385759045/;UID=20/;section=HEADER"),
+        CatPart("TEXT", b"\r\nhi"), CatPart("URL", url="/INBOX/;UID=3"), CatPart("TEXT", b"\xc3\xa9"))
+
+
+def test_catenate_part_count_is_bounded() -> None:
+    assert len(p(b"a APPEND INBOX CATENATE (" + b" ".join([b"URL /A/;UID=1"] * 100) + b")").catenate or ()) == 100
+    with pytest.raises(ParseError) as e:
+        p(b"a APPEND INBOX CATENATE (" + b" ".join([b"URL /A/;UID=1"] * 101) + b")")
+    assert e.value.code == "LIMIT" and e.value.status == "NO"
+
+
+def test_catenate_in_a_multiappend() -> None:
+    cmd = p(b"a APPEND INBOX {1}\r\nx CATENATE (TEXT {1}\r\ny)")
+    assert cmd.messages[1].catenate == (CatPart("TEXT", b"y"),)
+
+
+@pytest.mark.parametrize("bad", [
+    b"a APPEND INBOX CATENATE ()", b"a APPEND INBOX CATENATE (TEXT \"quoted\")", b"a APPEND INBOX CATENATE (FOO x)",
+    b"a APPEND INBOX CATENATE (URL /a/;UID=1", b"a APPEND INBOX CATENATE (URL \"\xc3\xa9\")",
+    b"a APPEND INBOX UTF8 ({1}\r\nx)",  # UTF8 needs literal8
+])
+def test_catenate_malformed(bad: bytes) -> None:
+    with pytest.raises(ParseError):
+        p(bad)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("/INBOX;UIDVALIDITY=385759045/;UID=20/;section=HEADER",
+     ImapUrl(20, "INBOX", 385759045, Section((), "HEADER"))),
+    (";UID=3", ImapUrl(3)),
+    ("imap://bob;AUTH=*@Mail.Example.org:143/Dr%C3%A4fts/;UID=2/;SECTION=1.MIME/;PARTIAL=5.10",
+     ImapUrl(2, "Dräfts", None, Section((1,), "MIME"), (5, 10), "bob", "mail.example.org", 143)),
+    ("/A/;UID=1/;SECTION=HEADER.FIELDS%20(To%20From)/;PARTIAL=7",
+     ImapUrl(1, "A", None, Section((), "HEADER.FIELDS", ("TO", "FROM")), (7, None))),
+])
+def test_url_forms(text: str, want: ImapUrl) -> None:
+    assert parse_url(text) == want
+
+
+@pytest.mark.parametrize("bad", [
+    "", "/INBOX", "/INBOX/", "/INBOX/;UID=0", "/INBOX/;UID=x", "/INBOX/;SECTION=1/;UID=2", "/INBOX/;UID=1/;UID=2",
+    "/INBOX/;UID=1/;URLAUTH=anonymous:internal:abc", "/INBOX/;UID=1/;EXPIRE=2030-01-01T00:00:00Z",
+    "/INBOX/;UID=1/;SECTION=1.FOO", "/INBOX/;UID=1/;PARTIAL=1.0", "/INBOX?SUBJECT%20x", "/%FF/;UID=1",
+    "/INBOX;UIDVALIDITY=0/;UID=1", "http://host/INBOX/;UID=1", "imap://host", "/IN BOX/;UID=1", ";SECTION=1",
+])
+def test_url_refused(bad: str) -> None:
+    with pytest.raises(UrlError):
+        parse_url(bad)

@@ -659,6 +659,10 @@ def _append_message(s: _Scanner) -> AppendMessage:
     return AppendMessage(flags, when, message, binary)
 
 
+#: Parts of one CATENATE: each URL part makes the server read a stored message.
+MAX_CATENATE_PARTS = 100
+
+
 def _utf8_literal(s: _Scanner) -> bytes:
     """RFC 6855 §4: "UTF8" SP "(" literal8 ")" (the word already consumed)."""
     s.open_paren()
@@ -692,6 +696,8 @@ def _catenate(s: _Scanner) -> tuple[CatPart, ...]:
             raise s.error("CATENATE part must be TEXT or URL")
         if not s.at(b" "):
             break
+        if len(parts) >= MAX_CATENATE_PARTS:
+            raise s.error(f"At most {MAX_CATENATE_PARTS} CATENATE parts", code="LIMIT", status="NO")
         s.sp()
     s.close_paren()
     return tuple(parts)
@@ -864,6 +870,16 @@ def _section(s: _Scanner) -> Section:
             fields = _header_list(s)
     s.expect(b"]")
     return Section(part, text, fields)
+
+
+def parse_section(raw: bytes) -> Section:
+    """A section-spec as inside BODY[...] (e.g. ``1.2.MIME``, ``HEADER.FIELDS (To)``), alone: for
+    RFC 5092's ``;SECTION=`` of IMAP URLs. ParseError if it is not one."""
+    data = b"[" + raw + b"]\r\n"
+    s = _Scanner(data, False, DEFAULT_MAX_DEPTH)
+    section = _section(s)
+    s.end()
+    return section
 
 
 def _section_part(s: _Scanner) -> tuple[int, ...]:
