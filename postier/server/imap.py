@@ -11,7 +11,8 @@ AUTH=LOGIN with SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 
 deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and
 CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
-and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
+and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438), MULTIAPPEND (RFC 3502),
+CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
 (after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
@@ -438,7 +439,7 @@ class IMAPSession(Session):
 
     async def cmd_enable(self, cmd: C.Enable) -> None:
         self.send(self.core.enable(cmd.capabilities))
-        self.parser.utf8 = self.core.rev2
+        self.parser.utf8 = self.core.utf8
 
     def _mbox(self) -> Mailboxes:
         assert self.mb is not None
@@ -528,7 +529,7 @@ class IMAPSession(Session):
         await self.call(mb.subscribe, name, False)
 
     async def cmd_namespace(self, cmd: C.Namespace) -> None:
-        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.rev2))  # RFC 2342
+        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.utf8))  # RFC 2342
 
     # -- LIST / LSUB / STATUS -------------------------------------------------------------------
 
@@ -538,7 +539,7 @@ class IMAPSession(Session):
         subs = await self.call(mb.subscriptions)
         status = cmd.returns.status
         for e in list_entries(cmd, folders, subs, SEPARATOR):
-            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2,
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.utf8,
                                       childinfo=list(e.childinfo)))
             if status is not None and e.name in folders:  # RFC 5819 LIST-STATUS
                 with contextlib.suppress(StoreError):
@@ -550,7 +551,7 @@ class IMAPSession(Session):
         subs = await self.call(mb.subscriptions)
         exists = {f.name for f in await self.call(mb.list_folders)}
         for e in lsub_entries(cmd.reference, cmd.pattern, subs, exists, SEPARATOR):
-            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2, command="LSUB"))
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.utf8, command="LSUB"))
 
     async def cmd_status(self, cmd: C.Status) -> None:
         name = self._name(cmd.mailbox)
@@ -566,7 +567,7 @@ class IMAPSession(Session):
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
             "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
         }
-        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.rev2))
+        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.utf8))
 
     # -- APPEND ---------------------------------------------------------------------------------
 
@@ -575,6 +576,8 @@ class IMAPSession(Session):
         name = self._name(cmd.mailbox)
         items: list[tuple[bytes, list[str], float | None]] = []
         for msg in cmd.messages:
+            if msg.utf8 and not self.core.utf8_accept:  # RFC 6855 §4: only once enabled
+                raise _bad("UTF8 in APPEND needs ENABLE UTF8=ACCEPT", Code.CLIENTBUG)
             data = await self._append_data(msg)
             if not data:
                 raise _no("Empty message", Code.CANNOT)
@@ -813,7 +816,7 @@ class IMAPSession(Session):
                     self.send(line)
                 await self.maybe_flush()
         else:
-            opts = FetchOptions(utf8=self.core.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
+            opts = FetchOptions(utf8=self.core.utf8, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
                                 recent_from=self.core.recent_from())
             i = 0
@@ -926,7 +929,14 @@ class IMAPSession(Session):
         _LEARNING.add(task)
         task.add_done_callback(_LEARNING.discard)
 
+    def _check_charset(self, charset: str | None) -> None:
+        """RFC 6855 §3 (errata 4029): once UTF8=ACCEPT is on, strings are UTF-8; a conflicting
+        CHARSET is refused with BAD (UTF-8 and its subset US-ASCII are harmless and accepted)."""
+        if self.core.utf8_accept and charset is not None and charset not in ("UTF-8", "US-ASCII"):
+            raise _bad("CHARSET conflicts with UTF8=ACCEPT", Code.CLIENTBUG)
+
     async def cmd_search(self, cmd: C.Search) -> None:
+        self._check_charset(cmd.charset)
         matches = await self._matches(cmd.criteria, cmd.uid)
         for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
             self.send(line)
@@ -969,6 +979,7 @@ class IMAPSession(Session):
 
     async def cmd_sort(self, cmd: C.Sort) -> None:
         """RFC 5256 SORT (RFC 5957 DISPLAYFROM/DISPLAYTO); with RETURN, RFC 5267 ESORT."""
+        self._check_charset(cmd.charset)
         ordered = [i.id for i in sort_messages(await self._sort_items(cmd.criteria, cmd.uid), cmd.sort)]
         if cmd.returns is None:
             self.send(R.sort(ordered))
@@ -983,6 +994,7 @@ class IMAPSession(Session):
 
     async def cmd_thread(self, cmd: C.Thread) -> None:
         """RFC 5256 THREAD=ORDEREDSUBJECT and THREAD=REFERENCES."""
+        self._check_charset(cmd.charset)
         items = await self._sort_items(cmd.criteria, cmd.uid)
         threads = thread_references(items) if cmd.algorithm == "REFERENCES" else thread_orderedsubject(items)
         self.send(R.thread(threads))

@@ -279,3 +279,66 @@ def test_catenate_from_two_sessions_at_once(server: IMAPServer) -> None:
     with server.client(user) as c:
         assert uids_in(c, "INBOX") == list(range(1, 17))
         assert _fetch_body(c, "INBOX", 16).endswith(SOURCE[len(HEADER):])
+
+
+# -- UTF8=ACCEPT ---------------------------------------------------------------------------------
+
+UTF8_MSG = "From: Jürgen <j@example.net>\r\nSubject: Grüße aus Köln\r\n\r\nHallo\r\n".encode()
+
+
+def test_utf8_accept_names_append_and_headers(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c, server.client(user) as old:
+        assert b"UTF8=ACCEPT" in c.ok("CAPABILITY")[0].split()
+        # before ENABLE: the UTF8 form is refused, names are modified UTF-7 (as today)
+        _u, t = c.cmd(b"APPEND INBOX UTF8 (~{%d+}\r\n%s)" % (len(UTF8_MSG), UTF8_MSG))
+        assert t.split()[1] == b"BAD", t
+        c.ok('CREATE "Entw&APw-rfe"')
+        assert c.ok("ENABLE UTF8=ACCEPT") == [b"* ENABLED UTF8=ACCEPT\r\n"]
+        assert any('"Entwürfe"'.encode() in ln for ln in c.ok('LIST "" "*"'))
+        c.ok('CREATE "Größe"'.encode())
+        _u, t = c.cmd('APPEND "Größe" UTF8 (~{%d+}\r\n'.encode() % len(UTF8_MSG) + UTF8_MSG + b")")
+        assert appenduid(t)[1] == "1"
+        u = c.ok('STATUS "Größe" (MESSAGES)'.encode())
+        assert u == ['* STATUS "Größe" (MESSAGES 1)\r\n'.encode()]
+        c.ok('SELECT "Größe"'.encode())
+        u = c.ok("FETCH 1 (ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert '"Grüße aus Köln"'.encode() in u[0]  # a quoted UTF-8 string (RFC 6855 §3)
+        assert "Subject: Grüße aus Köln\r\n".encode() in u[0]  # the header as stored
+        u = c.ok('SEARCH SUBJECT "Köln"'.encode())
+        assert u == [b"* SEARCH 1\r\n"]
+        _u, t = c.cmd(b"SEARCH CHARSET ISO-8859-1 SUBJECT x")
+        assert t.split()[1] == b"BAD", t  # RFC 6855 §3, errata 4029
+        c.ok("SEARCH CHARSET UTF-8 ALL")
+        # another session that did not enable it sees modified UTF-7 and 8-bit values as literals
+        assert any(b'"Gr&APYA3w-e"' in ln for ln in old.ok('LIST "" "*"'))
+        old.ok('SELECT "Gr&APYA3w-e"')
+        u = old.ok("FETCH 1 ENVELOPE")
+        assert re.search(rb"\{\d+\}\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln", u[0]), u
+
+
+def test_utf8_append_from_two_sessions_at_once(server: IMAPServer) -> None:
+    user = server.user()
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    def worker(n: int) -> None:
+        try:
+            with server.client(user) as c:
+                c.ok("ENABLE UTF8=ACCEPT")
+                for i in range(8):
+                    msg = UTF8_MSG.replace(b"Hallo", b"s%d m%d" % (n, i))
+                    _u, t = c.cmd(b"APPEND INBOX UTF8 (~{%d+}\r\n%s)" % (len(msg), msg))
+                    got.append(int(appenduid(t)[1]))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert sorted(got) == list(range(1, 17))
+    with server.client(user) as c:
+        assert uids_in(c, "INBOX") == list(range(1, 17))

@@ -9,6 +9,7 @@ from postier.proto.imap import Append, CommandReader, NeedContinuation, ParseErr
 from postier.proto.imap.commands import AppendMessage, CatPart, Section
 from postier.proto.imap.url import ImapUrl, UrlError, parse_url
 from postier.proto.imap.reader import ReaderLimits
+from postier.proto.imap.session import SessionCore, SessionSettings
 
 
 def p(data: bytes) -> Append:
@@ -112,3 +113,32 @@ def test_url_forms(text: str, want: ImapUrl) -> None:
 def test_url_refused(bad: str) -> None:
     with pytest.raises(UrlError):
         parse_url(bad)
+
+
+# -- UTF8=ACCEPT (RFC 6855) -----------------------------------------------------------------------
+
+def test_enable_utf8_accept_turns_names_to_utf8() -> None:
+    core = SessionCore(SessionSettings(False, True, 1000))
+    core.logged_in()
+    assert "UTF8=ACCEPT" in core.capabilities() and not core.utf8
+    assert core.enable(["UTF8=ACCEPT"]) == b"* ENABLED UTF8=ACCEPT\r\n"
+    assert core.utf8 and core.utf8_accept and not core.rev2  # \\Recent and the rest stay IMAP4rev1
+    assert core.enable(["UTF8=ACCEPT"]) == b"* ENABLED\r\n"
+
+
+def test_utf8_names_only_after_enabling() -> None:
+    raw = 'a CREATE "Entwürfe"\r\n'.encode()
+    r = CommandReader()
+    r.feed(raw)
+    with pytest.raises(ParseError):  # modified UTF-7 expected: 8-bit is not a valid mUTF-7 name
+        r.next_event()
+    r.utf8 = True  # what the server sets after ENABLE UTF8=ACCEPT
+    r.feed(raw)
+    assert r.next_event() == parse_command(raw, utf8=True)
+    assert parse_command(raw, utf8=True).mailbox == "Entwürfe"  # type: ignore[attr-defined]
+
+
+def test_utf8_append_form() -> None:
+    msg = "Subject: Grüße\r\n\r\nhi\r\n".encode()
+    cmd = p(b"a APPEND INBOX (\\Seen) UTF8 (~{%d}\r\n%s)" % (len(msg), msg))
+    assert cmd.message == msg and cmd.utf8 and cmd.binary and cmd.flags == ("\\Seen",)
