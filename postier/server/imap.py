@@ -12,7 +12,7 @@ deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-US
 CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
 and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438), MULTIAPPEND (RFC 3502),
-CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855).
+CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855), WITHIN (RFC 5032).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
 (after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
@@ -951,7 +951,8 @@ class IMAPSession(Session):
         await self._updates(allow_expunge=uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
-        ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
+        ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved,
+                            now=time.time())  # one clock reading for RFC 5032 OLDER/YOUNGER
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
         recent = self.core.recent_from()
         mb = self._mbox()

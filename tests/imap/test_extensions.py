@@ -7,6 +7,7 @@ import imaplib
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,3 +343,23 @@ def test_utf8_append_from_two_sessions_at_once(server: IMAPServer) -> None:
     assert sorted(got) == list(range(1, 17))
     with server.client(user) as c:
         assert uids_in(c, "INBOX") == list(range(1, 17))
+
+
+# -- WITHIN --------------------------------------------------------------------------------------
+
+def test_within_older_younger(server: IMAPServer) -> None:
+    user = server.user()
+    two_days_ago = time.strftime("%d-%b-%Y %H:%M:%S +0000", time.gmtime(time.time() - 2 * 86400))
+    with server.client(user) as c:
+        assert b"WITHIN" in c.ok("CAPABILITY")[0].split()
+        c.cmd(f'APPEND INBOX "{two_days_ago}" '.encode() + literal(MSG))
+        c.cmd(b"APPEND INBOX " + literal(MSG))  # now
+        c.ok("SELECT INBOX")
+        assert c.ok("SEARCH OLDER 3600") == [b"* SEARCH 1\r\n"]
+        assert c.ok("SEARCH YOUNGER 3600") == [b"* SEARCH 2\r\n"]
+        assert c.ok("UID SEARCH RETURN (COUNT) OLDER 86400")[0].endswith(b"UID COUNT 1\r\n")
+        assert c.ok("SEARCH OLDER 400000") == [b"* SEARCH\r\n"]
+        assert c.ok("SEARCH OR OLDER 3600 YOUNGER 3600") == [b"* SEARCH 1 2\r\n"]
+        assert c.ok("SORT (ARRIVAL) UTF-8 YOUNGER 3600") == [b"* SORT 2\r\n"]
+        _u, t = c.cmd("SEARCH OLDER 0")
+        assert t.split()[1] == b"BAD"

@@ -1,14 +1,20 @@
-"""Parser and reader transcripts (no sockets) for MULTIAPPEND (RFC 3502), CATENATE (RFC 4469),
+"""Parser, reader and evaluator transcripts (no sockets) for MULTIAPPEND (RFC 3502), CATENATE (RFC 4469),
 UTF8=ACCEPT's APPEND form (RFC 6855) and WITHIN (RFC 5032)."""
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
+
 import pytest
 
-from postier.proto.imap import Append, CommandReader, NeedContinuation, ParseError, parse_command
+from postier.message.matching import SearchContext, evaluate
+
+from postier.proto.imap import Append, CommandReader, NeedContinuation, ParseError, Search, parse_command
 from postier.proto.imap.commands import AppendMessage, CatPart, Section
 from postier.proto.imap.url import ImapUrl, UrlError, parse_url
 from postier.proto.imap.reader import ReaderLimits
+from postier.proto.imap.search import AndKey, NotKey, WithinKey
 from postier.proto.imap.session import SessionCore, SessionSettings
 
 
@@ -142,3 +148,37 @@ def test_utf8_append_form() -> None:
     msg = "Subject: Grüße\r\n\r\nhi\r\n".encode()
     cmd = p(b"a APPEND INBOX (\\Seen) UTF8 (~{%d}\r\n%s)" % (len(msg), msg))
     assert cmd.message == msg and cmd.utf8 and cmd.binary and cmd.flags == ("\\Seen",)
+
+
+# -- WITHIN (RFC 5032) ----------------------------------------------------------------------------
+
+def test_older_younger_parse() -> None:
+    cmd = parse_command(b"a UID SEARCH OLDER 3600 NOT YOUNGER 60\r\n")
+    assert isinstance(cmd, Search)
+    assert cmd.criteria == AndKey((WithinKey("OLDER", 3600), NotKey(WithinKey("YOUNGER", 60))))
+    for bad in (b"a SEARCH OLDER 0\r\n", b"a SEARCH YOUNGER\r\n", b"a SEARCH OLDER -5\r\n", b"a SEARCH OLDER x\r\n"):
+        with pytest.raises(ParseError):
+            parse_command(bad)
+
+
+@dataclass
+class _View:
+    internal_date: dt.datetime
+    seq: int = 1
+    uid: int = 1
+    flags: frozenset[str] = frozenset()
+    size: int = 10
+    modseq: int = 1
+
+    def raw(self) -> bytes:
+        return b""
+
+
+@pytest.mark.parametrize(("age", "older", "younger"), [(0, False, True), (99, False, True), (100, True, True),
+                                                        (101, True, False), (86400, True, False)])
+def test_older_younger_evaluate_to_the_second(age: int, older: bool, younger: bool) -> None:
+    now = 1_700_000_000.0
+    view = _View(dt.datetime.fromtimestamp(now - age, dt.UTC))
+    ctx = SearchContext(max_seq=1, max_uid=1, now=now)
+    assert evaluate(WithinKey("OLDER", 100), view, ctx) is older
+    assert evaluate(WithinKey("YOUNGER", 100), view, ctx) is younger

@@ -78,10 +78,11 @@ from .search import (
     SeqSetKey,
     SizeKey,
     TextKey,
+    WithinKey,
 )
 from .seqset import MAX_NUMBER, SequenceSet
 
-__all__ = ["DEFAULT_MAX_DEPTH", "STATUS_ITEMS", "parse_command", "parse_date", "parse_date_time"]
+__all__ = ["DEFAULT_MAX_DEPTH", "STATUS_ITEMS", "parse_command", "parse_date", "parse_date_time", "parse_section"]
 
 DEFAULT_MAX_DEPTH = 32
 MAX_NUMBER64 = 2**63 - 1  # RFC 9051 §9 number64
@@ -1090,6 +1091,8 @@ def _search_key(s: _Scanner, charset: str | None) -> SearchKey:
         return SizeKey(word, s.number(MAX_NUMBER64))
     if word == "UID":
         return SeqSetKey(s.seqset(), uid=True)
+    if word in ("OLDER", "YOUNGER"):  # RFC 5032 §2: interval in seconds
+        return WithinKey(word, s.number(nonzero=True))
     if word == "NOT":
         s.depth += 1
         if s.depth > s.max_depth:
