@@ -54,6 +54,7 @@ from ..store import errors as E
 from ..store.api import Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
 from ..store.index import flags_to_names
+from ..store.maildir import SpoolFile
 from ..store.mailbox import SEPARATOR, normalize_name
 from .auth import settle
 from .base import CommandTimeout, Session
@@ -196,6 +197,7 @@ class IMAPSession(Session):
                 await self.flush()
 
     def _release(self) -> None:
+        self.parser.close()  # a large APPEND literal cut off: its file in tmp/ goes
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
             self.store.release_later(self.mb)
@@ -283,6 +285,16 @@ class IMAPSession(Session):
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self, cmd: C.Command) -> None:
+        try:
+            await self._dispatch_command(cmd)
+        finally:
+            if isinstance(cmd, C.Append):  # spooled literals not delivered: their files go
+                for msg in cmd.messages:
+                    for lit in (msg.message, *(p.data for p in msg.catenate or ())):
+                        if not isinstance(lit, bytes):
+                            lit.discard()
+
+    async def _dispatch_command(self, cmd: C.Command) -> None:
         tag = cmd.tag
         hint = self.core.refusal(cmd.name)
         if hint is not None:
@@ -424,6 +436,7 @@ class IMAPSession(Session):
         if self._preauth is not None:
             self._preauth.reschedule(None)
         self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
+        self.parser.spool = self._spool
         log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.core.tls else "")
         return "Logged in", Code.capability(self.core.capabilities())
 
@@ -574,14 +587,15 @@ class IMAPSession(Session):
     async def cmd_append(self, cmd: C.Append) -> tuple[str, ResponseCode | None]:
         """RFC 9051 §6.3.12 APPEND; RFC 3502 MULTIAPPEND (all messages or none)."""
         name = self._name(cmd.mailbox)
-        items: list[tuple[bytes, list[str], float | None]] = []
+        items: list[tuple[bytes | SpoolFile, list[str], float | None]] = []
         for msg in cmd.messages:
             if msg.utf8 and not self.core.utf8_accept:  # RFC 6855 §4: only once enabled
                 raise _bad("UTF8 in APPEND needs ENABLE UTF8=ACCEPT", Code.CLIENTBUG)
             data = await self._append_data(msg)
-            if not data:
+            size = len(data) if isinstance(data, bytes) else data.received
+            if not size:
                 raise _no("Empty message", Code.CANNOT)
-            if len(data) > self.cfg.imap.appendlimit:
+            if size > self.cfg.imap.appendlimit:
                 raise _no("Message too large", Code.TOOBIG)
             when = msg.internal_date.timestamp() if msg.internal_date is not None else None
             items.append((data, [f for f in msg.flags if f.upper() != "\\RECENT"], when))
@@ -594,14 +608,19 @@ class IMAPSession(Session):
             await self._updates(allow_expunge=True, sync=False)
         return "APPEND completed", Code.appenduid(uidvalidity, SequenceSet.from_ids(uids))  # RFC 4315 §3
 
-    async def _append_data(self, msg: C.AppendMessage) -> bytes:
-        """One APPEND message's content: its literal, or its CATENATE parts joined (RFC 4469 §3)."""
+    async def _append_data(self, msg: C.AppendMessage) -> bytes | SpoolFile:
+        """One APPEND message's content: its literal (in memory or, when large, in a file in the
+        Maildir's tmp/: `_spool`), or its CATENATE parts joined in memory (RFC 4469 §3)."""
         if msg.catenate is None:
-            return msg.message
+            return _spooled(msg.message)
         pieces: list[bytes] = []
         total = 0
         for part in msg.catenate:
-            data = part.data if part.kind == "TEXT" else await self._url_octets(part.url)
+            if part.kind == "TEXT":
+                text = _spooled(part.data)
+                data = text if isinstance(text, bytes) else await self.call(text.read_all)
+            else:
+                data = await self._url_octets(part.url)
             total += len(data)
             if total > self.cfg.imap.appendlimit:  # RFC 4469 §5: TOOBIG
                 raise _no("Message too large", Code.TOOBIG)
@@ -644,6 +663,12 @@ class IMAPSession(Session):
         if data is None:
             raise bad  # expunged or never there
         return data
+
+    def _spool(self, size: int) -> SpoolFile:
+        """Where the reader writes a large APPEND literal as it arrives (`CommandReader.spool`):
+        a file in the user's Maildir tmp/, delivered by rename (memory per APPEND stays bounded;
+        the command's deadline and minimum data rate apply while it arrives, `CommandClock`)."""
+        return self._mbox().spool()
 
     # -- IDLE -----------------------------------------------------------------------------------
 
@@ -1009,6 +1034,14 @@ _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _spooled(data: bytes | C.SpooledLiteral) -> bytes | SpoolFile:
+    """A message literal as the store takes it (the reader's spool is always `_spool`'s SpoolFile)."""
+    if isinstance(data, bytes):
+        return data
+    assert isinstance(data, SpoolFile)
+    return data
 
 
 def _flag_report(rows: dict[int, MessageRow]) -> dict[int, tuple[list[str], int]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .index import MessageRow
+from .maildir import SpoolFile
 
 if TYPE_CHECKING:
     from ..message.types import User
@@ -133,7 +134,8 @@ class Mailboxes(Protocol):
     # -- writing
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]: ...
-    def append_many(self, name: str, messages: Sequence[tuple[bytes, Sequence[str], float | None]]
+    def spool(self) -> SpoolFile: ...
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
                     ) -> tuple[int, list[int]]: ...
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
               unchangedsince: int | None = None) -> StoreResult: ...

@@ -72,7 +72,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
+from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
@@ -718,8 +718,13 @@ class UserMailbox:
         uidvalidity, uids = self.append_many(name, [(data, flag_names, internal_date)])
         return uidvalidity, uids[0]
 
+    def spool(self) -> SpoolFile:
+        """A file in the Maildir's tmp/ for a message that arrives in pieces (a large APPEND
+        literal): `append_many` delivers it by rename. No lock: nothing shared is touched."""
+        return SpoolFile(self.root / "tmp")
+
     @_locked
-    def append_many(self, name: str, messages: Sequence[tuple[bytes, Sequence[str], float | None]]
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
                     ) -> tuple[int, list[int]]:
         """APPEND of (data, flag names, internal date) messages, all or none (RFC 3502 §6.3.11:
         MULTIAPPEND is atomic). Each is durable (tmp, fsync) before any is renamed into the folder,
@@ -733,14 +738,14 @@ class UserMailbox:
         st = self._open(n)
         row = self.index.folder(n)
         assert row is not None
-        prepared: list[tuple[bytes, str, int, list[str], float | None]] = []
+        prepared: list[tuple[bytes | SpoolFile, str, int, list[str], float | None]] = []
         for data, flag_names, internal_date in messages:
             bits, kws = names_to_flags(flag_names)
             row = self.index.add_keywords(row, st.path, kws)
             st.keywords = row.keywords
             kws = self.index.canonical_keywords(row, kws)
-            if b"\n" in data.replace(b"\r\n", b""):
-                data = _to_crlf(data)
+            if isinstance(data, bytes) and b"\n" in data.replace(b"\r\n", b""):
+                data = _to_crlf(data)  # (a SpoolFile did this as it was written)
             suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
             prepared.append((data, suffix, bits, kws, internal_date))
         drafts: list[MaildirDraft] = []
@@ -748,7 +753,8 @@ class UserMailbox:
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
             try:
                 for data, _suffix, _bits, _kws, internal_date in prepared:
-                    draft = MaildirDraft(st.path, b"", data)
+                    draft = MaildirDraft(st.path, b"", data) if isinstance(data, bytes) \
+                        else MaildirDraft.adopt(st.path, data)  # streamed: delivered by rename
                     drafts.append(draft)
                     draft.sync()
                     if internal_date is not None:
@@ -774,7 +780,8 @@ class UserMailbox:
             raise StoreError(f"message not stored: {exc}") from exc
         fault_point("imap.append")  # the files are in the Maildir, not yet in the index
         now = int(time.time())
-        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws), len(data),
+        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws),
+                    len(data) if isinstance(data, bytes) else data.size,
                     int(internal_date) if internal_date is not None else now, 0)
                    for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
         modseq, uids = self.index.add_messages(row, st.path, entries)

@@ -15,8 +15,9 @@ import pytest
 
 from postier.message.types import User
 from postier.store.mailbox import MailStore
+from postier.store.maildir import SpoolFile
 
-from .conftest import PASSWORD, IMAPServer, RawIMAP, start_instance
+from .conftest import PASSWORD, IMAPServer, RawIMAP, start_instance, wait_for
 
 MSG = b"From: a@example.net\r\nSubject: one\r\n\r\nbody one\r\n"
 
@@ -363,3 +364,95 @@ def test_within_older_younger(server: IMAPServer) -> None:
         assert c.ok("SORT (ARRIVAL) UTF-8 YOUNGER 3600") == [b"* SORT 2\r\n"]
         _u, t = c.cmd("SEARCH OLDER 0")
         assert t.split()[1] == b"BAD"
+
+
+# -- APPEND streamed to disk ---------------------------------------------------------------------
+
+def test_spool_file_makes_crlf_across_pieces(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    for piece in (b"A: 1\r", b"\nB: 2\n", b"\n", b"body\r", b"\r\n", b"end\n"):
+        spool.write(piece)
+    assert Path(spool.path).read_bytes() == b"A: 1\r\nB: 2\r\n\r\nbody\r\r\nend\r\n"
+    assert spool.size == len(Path(spool.path).read_bytes()) and spool.received == 23
+    spool.discard()
+    assert not any(tmp_path.iterdir())
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_20_mib_append_is_streamed_to_disk(server: IMAPServer) -> None:
+    """The server's peak RSS grows by far less than the message while it arrives (a literal kept in
+    memory costs its size at least twice: the reader's buffer and the parsed command)."""
+    proc = server.inst.proc
+    assert proc is not None
+    pid = proc.pid
+    user = server.user()
+    size = 20 << 20
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * ((size - 16) // len(line))
+    body += b"y" * (size - len(body))
+    with server.client(user) as c:
+        c.ok("NOOP")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = _status_kib(pid, "VmHWM")
+        c.send(b"b1 APPEND INBOX {%d}\r\n" % size)
+        assert c.line().startswith(b"+ ")
+        for i in range(0, size, 1 << 20):
+            c.send(body[i:i + (1 << 20)])
+        c.send(b"\r\n")
+        _u, t = c.until("b1")
+        grown = _status_kib(pid, "VmHWM") - before
+        print(f"peak RSS growth during a {size >> 20} MiB APPEND: {grown} KiB")
+        assert appenduid(t)[1] == "1", t
+        assert grown < 8 * 1024, f"peak RSS grew by {grown} KiB for a {size >> 20} MiB APPEND"
+        c.ok("SELECT INBOX")
+        u = c.ok("FETCH 1 (RFC822.SIZE BODY.PEEK[]<20971000.1000>)")
+        assert b"RFC822.SIZE %d" % size in u[0] and u[0].rstrip(b")\r\n").endswith(b"y" * 100)
+    assert not any((server.maildir(user) / "tmp").iterdir())
+
+
+def test_cut_off_append_leaves_nothing_in_tmp(server: IMAPServer) -> None:
+    user = server.user()
+    tmp = server.maildir(user) / "tmp"
+    with server.client(user) as c:
+        c.send(b"b1 APPEND INBOX {%d+}\r\n" % (5 << 20) + b"z" * (1 << 20))
+        assert wait_for(lambda: any(tmp.iterdir()))  # the literal is arriving into tmp/
+    assert wait_for(lambda: not any(tmp.iterdir()), timeout=10), list(tmp.iterdir())
+    with server.client(user) as c:
+        assert uids_in(c, "INBOX") == []
+
+
+def test_streamed_multiappend_from_two_sessions_at_once(server: IMAPServer) -> None:
+    user = server.user()
+    big = b"Subject: big\r\n\r\n" + (b"q" * 78 + b"\n") * 2000  # bare LF: stored as CRLF
+    errors: list[BaseException] = []
+    got: list[list[int]] = [[], []]
+
+    def worker(n: int) -> None:
+        try:
+            with server.client(user) as c:
+                for _ in range(3):
+                    _u, t = c.cmd(b"APPEND INBOX " + literal(big) + b" " + literal(MSG) + b" " + literal(big))
+                    lo, _, hi = appenduid(t)[1].partition(":")
+                    got[n] += list(range(int(lo), int(hi) + 1))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert sorted(got[0] + got[1]) == list(range(1, 19))
+    with server.client(user) as c:
+        assert uids_in(c, "INBOX") == list(range(1, 19))
+        u = c.ok("FETCH 1:18 RFC822.SIZE")
+        sizes = {int(re.search(rb"RFC822.SIZE (\d+)", ln)[1]) for ln in u}  # type: ignore[index]
+        assert sizes == {len(big) + 2000, len(MSG)}
+    assert not any((server.maildir(user) / "tmp").iterdir())

@@ -182,3 +182,107 @@ def test_older_younger_evaluate_to_the_second(age: int, older: bool, younger: bo
     ctx = SearchContext(max_seq=1, max_uid=1, now=now)
     assert evaluate(WithinKey("OLDER", 100), view, ctx) is older
     assert evaluate(WithinKey("YOUNGER", 100), view, ctx) is younger
+
+
+# -- APPEND literals spooled to a file (bounded memory) -------------------------------------------
+
+class _Sink:
+    """A SpooledLiteral that counts what it is given (the server's is a file in Maildir tmp/)."""
+
+    def __init__(self, size: int) -> None:
+        self.announced = size
+        self.size = 0
+        self.chunks = 0
+        self.biggest = 0
+        self.discarded = False
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self.chunks += 1
+        self.biggest = max(self.biggest, len(data))
+        self.head = (self.head + data)[:64]
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+def _spooling_reader(append_limit: int = 50 << 20) -> tuple[CommandReader, list[_Sink]]:
+    r = CommandReader(ReaderLimits.authenticated(append_limit))
+    sinks: list[_Sink] = []
+
+    def spool(size: int) -> _Sink:
+        sinks.append(_Sink(size))
+        return sinks[-1]
+
+    r.spool = spool
+    return r, sinks
+
+
+def test_large_append_literal_never_held_in_memory() -> None:
+    r, sinks = _spooling_reader()
+    total, chunk = 20 << 20, 64 * 1024
+    r.feed(b"a1 APPEND INBOX (\\Seen) {%d}\r\n" % total)
+    assert r.next_event() == NeedContinuation("a1", "APPEND", total, False)
+    r.accept_literal()
+    most = 0
+    block = b"Subject: big\r\n\r\n" + b"x" * (chunk - 16)
+    for _ in range(total // chunk):
+        r.feed(block)
+        assert r.next_event() is None
+        most = max(most, r.held)
+    r.feed(b"\r\n")
+    ev = r.next_event()
+    assert isinstance(ev, Append) and ev.message is sinks[0] and ev.flags == ("\\Seen",)
+    assert sinks[0].size == total and sinks[0].biggest <= chunk and not sinks[0].discarded
+    assert most < 2 * 1024  # the command line only: no octet of the literal stays in the reader
+
+
+def test_small_literals_stay_in_memory_and_mix_with_spooled() -> None:
+    r, sinks = _spooling_reader()
+    big = b"y" * (64 * 1024)
+    r.feed(b"a1 APPEND INBOX {3+}\r\nabc {%d+}\r\n%s UTF8 (~{%d+}\r\n%s)\r\n" % (len(big), big, len(big), big))
+    ev = r.next_event()
+    assert isinstance(ev, Append)
+    assert ev.messages[0].message == b"abc" and ev.messages[1].message is sinks[0] and ev.messages[2].message is sinks[1]
+    assert [s.size for s in sinks] == [len(big)] * 2
+
+
+def test_only_append_message_literals_are_spooled() -> None:
+    r, sinks = _spooling_reader()
+    big = b"z" * (64 * 1024)
+    r.feed(b"a1 ID (\"x\" {%d+}\r\n%s)\r\n" % (len(big), big))
+    ev = r.next_event()
+    assert not sinks and ev is not None
+    r.feed(b"a2 APPEND {%d+}\r\n%s {1+}\r\nx\r\n" % (len(big), big))  # a (huge) mailbox name is no message
+    with pytest.raises(ParseError) as e:
+        r.next_event()
+    assert e.value.code == "TOOBIG" and sinks[0].discarded
+
+
+def test_spooled_literals_discarded_on_errors() -> None:
+    big = b"w" * (64 * 1024)
+    r, sinks = _spooling_reader()
+    r.feed(b"a1 APPEND INBOX {%d+}\r\n%s junk\r\n" % (len(big), big))  # parse error after the literal
+    with pytest.raises(ParseError):
+        r.next_event()
+    assert sinks[0].discarded
+    r.feed(b"a2 APPEND INBOX {%d+}\r\n%s {%d}\r\n" % (len(big), big, len(big)))
+    assert isinstance(r.next_event(), NeedContinuation)
+    r.reject_literal()  # e.g. the second message is over APPENDLIMIT: the first one's file goes too
+    assert sinks[1].discarded
+    r.feed(b"a3 APPEND INBOX {%d+}\r\n%s" % (len(big), big[:1000]))
+    assert r.next_event() is None
+    r.close()  # the connection ends mid-literal
+    assert sinks[2].discarded and sinks[2].size == 1000
+
+
+def test_spooled_total_is_bounded() -> None:
+    r, sinks = _spooling_reader(append_limit=100_000)  # 4 x 100000 octets may be spooled
+    msg = b"v" * 90_000
+    r.feed(b"a1 APPEND INBOX" + b"".join(b" {%d+}\r\n%s" % (len(msg), msg) for _ in range(5)) + b"\r\n")
+    with pytest.raises(ParseError) as e:
+        r.next_event()
+    assert e.value.code == "TOOBIG" and len(sinks) == 4 and all(s.discarded for s in sinks)
+    r.feed(b"a2 NOOP\r\n")  # resynchronised: the refused {n+} literal was skipped
+    assert r.next_event() == parse_command(b"a2 NOOP\r\n")

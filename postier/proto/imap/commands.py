@@ -13,14 +13,14 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .search import AllKey, SearchKey
 from .seqset import SequenceSet
 
 __all__ = [
     "Append", "AppendMessage", "Authenticate", "CatPart", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
-    "Enable", "Examine", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
+    "Enable", "Examine", "SpooledLiteral", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
     "Logout", "Lsub", "Move", "Namespace", "Noop", "QResync", "Rename", "Search", "Section", "Select",
     "StartTLS", "Status", "Store", "StoreMode", "Subscribe", "Unselect", "Unsubscribe",
 ]
@@ -209,13 +209,23 @@ class Status(Command):
     items: tuple[str, ...] = ()
 
 
+class SpooledLiteral(Protocol):
+    """A literal the reader passed to a file as it arrived instead of keeping it (a large APPEND
+    message; `CommandReader.spool`). The server owns it once the command is parsed."""
+
+    @property
+    def size(self) -> int: ...
+    def write(self, data: bytes) -> None: ...
+    def discard(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CatPart:
     """One part of a CATENATE (RFC 4469 §5): ``TEXT`` with ``data``, or ``URL`` with ``url``
     (an RFC 5092 IMAP URL, absolute or relative, resolved by the server)."""
 
     kind: str  # "TEXT" or "URL"
-    data: bytes = b""
+    data: bytes | SpooledLiteral = b""
     url: str = ""
 
 
@@ -230,7 +240,7 @@ class AppendMessage:
 
     flags: tuple[str, ...] = ()
     internal_date: dt.datetime | None = None
-    message: bytes = b""
+    message: bytes | SpooledLiteral = b""
     binary: bool = False
     catenate: tuple[CatPart, ...] | None = None
     utf8: bool = False
@@ -245,7 +255,7 @@ class Append(Command):
     mailbox: str = ""
     flags: tuple[str, ...] = ()
     internal_date: dt.datetime | None = None
-    message: bytes = b""
+    message: bytes | SpooledLiteral = b""
     binary: bool = False
     catenate: tuple[CatPart, ...] | None = None
     utf8: bool = False

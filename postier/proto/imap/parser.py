@@ -16,7 +16,7 @@ import binascii
 import codecs
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .commands import (
     SORT_KEYS,
@@ -54,6 +54,7 @@ from .commands import (
     Sort,
     SortCriterion,
     Select,
+    SpooledLiteral,
     StartTLS,
     Status,
     Store,
@@ -128,8 +129,10 @@ _SIMPLE_FETCH = frozenset({
 class _Scanner:
     """Cursor over one framed command; every method consumes exactly its grammar element."""
 
-    def __init__(self, data: bytes, utf8: bool, max_depth: int) -> None:
+    def __init__(self, data: bytes, utf8: bool, max_depth: int,
+                 spooled: Mapping[int, SpooledLiteral] | None = None) -> None:
         self.data = data
+        self.spooled = spooled or {}  # offset where a literal's octets would start -> its file
         self.pos = 0
         self.tag: str | None = None
         self.utf8 = utf8
@@ -220,6 +223,13 @@ class _Scanner:
 
     def literal(self, allow8: bool = False, allow_nul: bool = False) -> tuple[bytes, bool]:
         """Returns (content, is_literal8)."""
+        value, binary = self.message_literal(allow8, allow_nul)
+        if not isinstance(value, bytes):
+            raise self.error("Literal too large here", code="TOOBIG")
+        return value, binary
+
+    def message_literal(self, allow8: bool = False, allow_nul: bool = False) -> tuple[bytes | SpooledLiteral, bool]:
+        """A literal that may have been spooled to a file by the reader (APPEND's messages)."""
         m = _LITERAL.match(self.data, self.pos)
         if m is None:
             raise self.error("Expected literal")
@@ -228,6 +238,10 @@ class _Scanner:
             raise self.error("literal8 not allowed here")
         size = int(m.group(2))
         start = m.end()
+        spooled = self.spooled.get(start)
+        if spooled is not None:  # its octets went to a file (NUL is checked by the server's store)
+            self.pos = start
+            return spooled, binary
         if start + size > len(self.data):
             raise self.error("Truncated literal")
         value = self.data[start : start + size]
@@ -656,7 +670,7 @@ def _append_message(s: _Scanner) -> AppendMessage:
         return AppendMessage(flags, when, message, binary=True, utf8=True)
     if not (s.at(b"{") or s.at(b"~{")):
         raise s.error("APPEND needs the message as a literal")
-    message, binary = s.literal(allow8=True, allow_nul=True)  # RFC 3516 §4.4 literal8
+    message, binary = s.message_literal(allow8=True, allow_nul=True)  # RFC 3516 §4.4 literal8
     return AppendMessage(flags, when, message, binary)
 
 
@@ -664,12 +678,12 @@ def _append_message(s: _Scanner) -> AppendMessage:
 MAX_CATENATE_PARTS = 100
 
 
-def _utf8_literal(s: _Scanner) -> bytes:
+def _utf8_literal(s: _Scanner) -> bytes | SpooledLiteral:
     """RFC 6855 §4: "UTF8" SP "(" literal8 ")" (the word already consumed)."""
     s.open_paren()
     if not s.at(b"~{"):
         raise s.error("UTF8 needs a literal8")
-    message, _binary = s.literal(allow8=True, allow_nul=True)
+    message, _binary = s.message_literal(allow8=True, allow_nul=True)
     s.close_paren()
     return message
 
@@ -683,7 +697,7 @@ def _catenate(s: _Scanner) -> tuple[CatPart, ...]:
         word = s.keyword()
         s.sp()
         if word == "TEXT":
-            data, _binary = s.literal(allow8=True, allow_nul=True)
+            data, _binary = s.message_literal(allow8=True, allow_nul=True)
             parts.append(CatPart("TEXT", data))
         elif word == "UTF8":
             parts.append(CatPart("TEXT", _utf8_literal(s)))
@@ -1169,13 +1183,15 @@ def read_tag(data: bytes) -> str | None:
     return m.group().decode("ascii")
 
 
-def parse_command(data: bytes, *, utf8: bool = False, max_depth: int = DEFAULT_MAX_DEPTH) -> Command:
+def parse_command(data: bytes, *, utf8: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
+                  spooled: Mapping[int, SpooledLiteral] | None = None) -> Command:
     """Parse one framed command (ending in CRLF, literals inline) or raise ParseError.
 
     ``utf8`` selects mailbox-name decoding: False for IMAP4rev1 (modified UTF-7), True once the
-    session has enabled IMAP4rev2 or UTF8=ACCEPT.
+    session has enabled IMAP4rev2 or UTF8=ACCEPT. ``spooled``: literals the reader wrote to files,
+    by the offset in ``data`` where their octets would have been (only APPEND's messages may be).
     """
-    s = _Scanner(data, utf8, max_depth)
+    s = _Scanner(data, utf8, max_depth, spooled)
     if not data.endswith(b"\r\n"):
         raise s.error("Command not terminated by CRLF")
     tag = read_tag(data)
