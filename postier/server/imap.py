@@ -480,6 +480,8 @@ class IMAPSession(Session):
         for line in core.select(name, readonly, view, uidnext=snap.uidnext, keywords=snap.keywords,
                                 recent_from=recent_from, first_unseen=first):
             self.send(line)
+        if core.rev2:  # RFC 9051 §6.3.2: LIST is a required untagged response of SELECT/EXAMINE
+            self.send(R.list_response([], SEPARATOR, name, utf8=True))
         if cmd.qresync is not None and cmd.qresync.uidvalidity == snap.uidvalidity:
             await self._qresync(cmd.qresync)
         return ("EXAMINE completed" if readonly else "SELECT completed",

@@ -456,3 +456,16 @@ def test_streamed_multiappend_from_two_sessions_at_once(server: IMAPServer) -> N
         sizes = {int(re.search(rb"RFC822.SIZE (\d+)", ln)[1]) for ln in u}  # type: ignore[index]
         assert sizes == {len(big) + 2000, len(MSG)}
     assert not any((server.maildir(user) / "tmp").iterdir())
+
+
+# -- IMAP4rev2 SELECT ----------------------------------------------------------------------------
+
+def test_rev2_select_sends_list(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        assert not any(ln.startswith(b"* LIST") for ln in c.ok("SELECT INBOX"))  # IMAP4rev1: none
+        c.ok("UNSELECT")
+        c.ok("ENABLE IMAP4rev2")
+        c.ok('CREATE "Größe"'.encode())
+        assert b'* LIST () "." "INBOX"\r\n' in c.ok("EXAMINE inbox")
+        assert '* LIST () "." "Größe"\r\n'.encode() in c.ok('SELECT "Größe"'.encode())
