@@ -12,7 +12,8 @@ deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-US
 CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
 and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438), MULTIAPPEND (RFC 3502),
-CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855), WITHIN (RFC 5032).
+CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855), WITHIN (RFC 5032),
+NOTIFY (RFC 5465: events sent between commands and in IDLE, `_read_between_commands`).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
 (after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -48,16 +50,19 @@ from ..proto.imap.listing import list_entries, lsub_entries
 from ..proto.imap.search import ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
+from ..proto.imap.notify import MESSAGE_EVENTS as notify_message_events
+from ..proto.imap.notify import NotifyPlan
+from ..proto.imap.notify import plan as notify_plan
 from ..proto.imap.states import State
 from ..proto.imap.url import UrlError, parse_url
 from ..store import errors as E
-from ..store.api import Mailboxes, MailStoreAPI, MessageRow
+from ..store.api import Mailboxes, MailStoreAPI, MessageRow, StatusInfo
 from ..store.errors import StoreError
 from ..store.index import flags_to_names
 from ..store.maildir import SpoolFile
 from ..store.mailbox import SEPARATOR, normalize_name
 from .auth import settle
-from .base import CommandTimeout, Session
+from .base import READ_SIZE, CommandTimeout, Session
 from .imapsort import sort_items
 from .imapfetch import (
     FetchError,
@@ -139,6 +144,13 @@ class IMAPSession(Session):
         self._counted = False
         self._bad = 0  # BAD responses since the last command that completed OK
         self._preauth: asyncio.Timeout | None = None
+        # NOTIFY (RFC 5465): the plan, the watches it needs, what changed, and what was last told
+        self._nplan: NotifyPlan | None = None
+        self._nwatches: list[Callable[[], None]] = []
+        self._nchanged: set[str] = set()
+        self._nstatus: dict[str, tuple[int, int, int, int]] = {}
+        self._nfolders: set[str] = set()
+        self._nsubs: set[str] = set()
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -198,6 +210,7 @@ class IMAPSession(Session):
 
     def _release(self) -> None:
         self.parser.close()  # a large APPEND literal cut off: its file in tmp/ goes
+        self._notify_off()
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
             self.store.release_later(self.mb)
@@ -239,7 +252,7 @@ class IMAPSession(Session):
                 await self.flush()
                 if self.closing:
                     raise asyncio.CancelledError
-                data = await self._read_command_bytes()
+                data = await self._read_between_commands()
                 if not data:
                     return
                 self.parser.feed(data)
@@ -515,11 +528,13 @@ class IMAPSession(Session):
         if len(cmd.special_use) > 1:
             raise _no("One special-use attribute per mailbox", Code.named("USEATTR"))
         await self.call(self._mbox().create, cmd.mailbox, use)
+        await self._names_changed()
 
     async def cmd_delete(self, cmd: C.Delete) -> None:
         name = self._name(cmd.mailbox)
         await self.call(self._mbox().delete, name)
         self._notify(name)
+        await self._names_changed()
         if self.core.sel is not None and self.core.sel.name == name:
             self.send(R.bye("Selected mailbox was deleted"))
             raise _Disconnect()
@@ -528,6 +543,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
+        await self._names_changed()
         if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
@@ -535,6 +551,7 @@ class IMAPSession(Session):
 
     async def cmd_subscribe(self, cmd: C.Subscribe) -> None:
         await self.call(self._mbox().subscribe, cmd.mailbox, True)
+        await self._names_changed()
 
     async def cmd_unsubscribe(self, cmd: C.Unsubscribe) -> None:
         name = self._name(cmd.mailbox)
@@ -542,6 +559,7 @@ class IMAPSession(Session):
         if name not in await self.call(mb.subscriptions):
             raise _no("Not subscribed", Code.NONEXISTENT)
         await self.call(mb.subscribe, name, False)
+        await self._names_changed()
 
     async def cmd_namespace(self, cmd: C.Namespace) -> None:
         self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.utf8))  # RFC 2342
@@ -672,6 +690,183 @@ class IMAPSession(Session):
         the command's deadline and minimum data rate apply while it arrives, `CommandClock`)."""
         return self._mbox().spool()
 
+    # -- NOTIFY (RFC 5465) ----------------------------------------------------------------------
+
+    async def cmd_notify(self, cmd: C.Notify) -> None:
+        self._notify_off()
+        if cmd.none:  # RFC 5465 §3: NOTIFY NONE
+            return
+        self._nplan = notify_plan(cmd)
+        await self._notify_rewatch(send_status=self._nplan.status)
+
+    def _notify_off(self) -> None:
+        for unwatch in self._nwatches:
+            unwatch()
+        self._nwatches.clear()
+        self._nplan = None
+        self._nchanged.clear()
+        self._nstatus.clear()
+
+    def _on_change(self, name: str) -> None:
+        self._nchanged.add(name)
+        self._wake.set()
+
+    async def _notify_rewatch(self, send_status: bool) -> None:
+        """Watch what the plan covers now: the mailboxes with message events, and the user's
+        names and subscriptions; remember what the client was told (to send only changes)."""
+        nplan, user = self._nplan, self.user
+        assert nplan is not None and user is not None
+        for unwatch in self._nwatches:
+            unwatch()
+        self._nwatches.clear()
+        mb = self._mbox()
+        self._nfolders = {f.name for f in await self.call(mb.list_folders)}
+        self._nsubs = set(await self.call(mb.subscriptions))
+        covered = sorted(n for n in self._nfolders
+                         if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
+        if len(covered) > NOTIFY_MAX_MAILBOXES:
+            self._notify_off()
+            raise _no(f"NOTIFY covers more than {NOTIFY_MAX_MAILBOXES} mailboxes", Code.LIMIT)
+        notifier = self.store.notifier
+        for name in covered:
+            self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
+                                                 functools.partial(self._on_change, name)))
+            with contextlib.suppress(StoreError):
+                info = await self.call(mb.status, name)
+                self._nstatus[name] = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
+                if send_status and (self.core.sel is None or self.core.sel.name != name):  # RFC 5465 §3 STATUS
+                    self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
+        if nplan.wants_names:
+            self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
+                                                 lambda: self._on_change(NOTIFY_NAMES)))
+
+    def _status_items(self, info: StatusInfo) -> list[tuple[str, int]]:
+        items = [("MESSAGES", info.messages), ("UIDNEXT", info.uidnext), ("UIDVALIDITY", info.uidvalidity)]
+        if self.core.condstore:  # RFC 5465 §5.2 with RFC 7162
+            items.append(("HIGHESTMODSEQ", info.highestmodseq))
+        return items
+
+    async def _names_changed(self) -> None:
+        """This session created, deleted, renamed or (un)subscribed a mailbox: tell the user's
+        other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
+        if self.user is not None:
+            self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
+        if self._nplan is not None:
+            await self._notify_rewatch(send_status=False)
+            self._nchanged.discard(NOTIFY_NAMES)
+
+    async def _read_between_commands(self) -> bytes:
+        """Read the next command's bytes; with NOTIFY on, send its events while waiting."""
+        nplan = self._nplan
+        if nplan is None or self.parser.in_command or self.user is None:
+            return await self._read_command_bytes()
+        self.clock.stop()
+        unwatch: Callable[[], None] | None = None
+        sel = self.core.sel
+        if sel is not None and nplan.selected is not None:
+            name = sel.name
+            unwatch = self.store.notifier.watch(self.user.address, name, self._mbox().watch_path(name),
+                                                lambda: self._on_change(name))
+        read_task: asyncio.Task[bytes] | None = asyncio.ensure_future(self.reader.read(READ_SIZE))
+        deadline = time.monotonic() + self._timeout()
+        try:
+            while True:
+                if self._nchanged:
+                    await self._notify_updates(selected=True)
+                    await self.flush()
+                    continue
+                if self.closing:
+                    raise asyncio.CancelledError
+                wake = asyncio.ensure_future(self._wake.wait())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._waiting = True
+                try:
+                    assert read_task is not None
+                    done, _pending = await asyncio.wait({read_task, wake}, timeout=remaining,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiting = False
+                    if not wake.done():
+                        wake.cancel()
+                if read_task in done:
+                    data = read_task.result()
+                    read_task = None
+                    return data
+                self._wake.clear()
+        finally:
+            if unwatch is not None:
+                unwatch()
+            if read_task is not None and not read_task.done():
+                read_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await read_task
+
+    async def _notify_updates(self, selected: bool) -> None:
+        """Send what changed since the client was last told (RFC 5465 §5): the selected mailbox's
+        updates (when `selected` and asked for), STATUS of other mailboxes, LIST for names."""
+        nplan = self._nplan
+        if nplan is None:
+            return
+        changed, self._nchanged = self._nchanged, set()
+        sel = self.core.sel
+        if selected and sel is not None and nplan.selected is not None and nplan.selected & notify_message_events:
+            top = sel.uids[-1] if sel.uids else 0
+            await self._updates(allow_expunge=not nplan.delayed, sync=True)  # RFC 5465 §6 SELECTED-DELAYED
+            sel = self.core.sel
+            if nplan.fetch and sel is not None:  # RFC 5465 §5.2: MessageNew's FETCH
+                targets = [(i + 1, u) for i, u in enumerate(sel.uids) if u > top]
+                if targets:
+                    opts = FetchOptions(utf8=self.core.utf8, add_uid=True, set_seen=False,
+                                        recent_from=self.core.recent_from())
+                    with contextlib.suppress(FetchError, StoreError):
+                        batch = await self.call(render_fetch, self._mbox(), sel.name, targets, nplan.fetch, opts)
+                        for line in batch.data:
+                            self.send(line)
+        if NOTIFY_NAMES in changed:
+            await self._notify_names()
+        mb = self._mbox()
+        for name in sorted(changed - {NOTIFY_NAMES}):
+            if sel is not None and sel.name == name:
+                continue
+            events = nplan.events_for(name, self._nsubs, SEPARATOR)
+            if not events & notify_message_events:
+                continue
+            try:
+                info = await self.call(mb.status, name)
+            except StoreError:
+                continue
+            now = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
+            last = self._nstatus.get(name)
+            self._nstatus[name] = now
+            if last is not None and now[:3] == last[:3] and ("FLAGCHANGE" not in events or now[3] == last[3]):
+                continue
+            self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
+            await self.maybe_flush()
+
+    async def _notify_names(self) -> None:
+        """RFC 5465 §5.4/§5.5: LIST for mailboxes created or deleted (a rename shows as both) and
+        for subscriptions changed, by other sessions."""
+        nplan = self._nplan
+        assert nplan is not None
+        before, subs_before = self._nfolders, self._nsubs
+        await self._notify_rewatch(send_status=False)
+        after, subs_after = self._nfolders, self._nsubs
+        utf8 = self.core.utf8
+        for name in sorted(after - before):
+            if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
+                self.send(R.list_response([], SEPARATOR, name, utf8=utf8))
+        for name in sorted(before - after):
+            if "MAILBOXNAME" in nplan.events_for(name, subs_before, SEPARATOR):
+                self.send(R.list_response(["\\NonExistent"], SEPARATOR, name, utf8=utf8))
+        for name in sorted(subs_after ^ subs_before):
+            if "SUBSCRIPTIONCHANGE" in nplan.events_for(name, subs_after | subs_before, SEPARATOR):
+                attrs = ["\\Subscribed"] if name in subs_after else []
+                if name not in after:
+                    attrs.append("\\NonExistent")
+                self.send(R.list_response(attrs, SEPARATOR, name, utf8=utf8))
+
     # -- IDLE -----------------------------------------------------------------------------------
 
     async def cmd_idle(self, cmd: C.Idle) -> tuple[str, ResponseCode | None] | None:
@@ -725,6 +920,8 @@ class IMAPSession(Session):
                     self._wake.clear()
                     if self.core.sel is not None:
                         await self._updates(allow_expunge=True, sync=True)
+                    if self._nplan is not None:  # RFC 5465: NOTIFY's events are sent in IDLE too
+                        await self._notify_updates(selected=False)
                 else:
                     self.send(R.untagged_status("OK", "Still here"))
                 await self.flush()
@@ -1031,6 +1228,8 @@ class IMAPSession(Session):
 
 
 LEARN_BATCH = 100  # messages trained per command at most
+NOTIFY_MAX_MAILBOXES = 1000  # mailboxes one NOTIFY may watch (each is polled while watched)
+NOTIFY_NAMES = "\x00names"  # the notifier's key for a user's mailbox names and subscriptions
 _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
 
 
@@ -1093,4 +1292,5 @@ IMAPSession._handlers = {
     C.Copy: IMAPSession.cmd_copy,
     C.Move: IMAPSession.cmd_copy,
     C.Search: IMAPSession.cmd_search,
+    C.Notify: IMAPSession.cmd_notify,  # RFC 5465
 }

@@ -469,3 +469,85 @@ def test_rev2_select_sends_list(server: IMAPServer) -> None:
         c.ok('CREATE "Größe"'.encode())
         assert b'* LIST () "." "INBOX"\r\n' in c.ok("EXAMINE inbox")
         assert '* LIST () "." "Größe"\r\n'.encode() in c.ok('SELECT "Größe"'.encode())
+
+
+# -- NOTIFY --------------------------------------------------------------------------------------
+
+def nxt(c: RawIMAP) -> bytes:
+    """The next response line that is not IMAP4rev1's RECENT."""
+    while re.fullmatch(rb"\* \d+ RECENT\r\n", ln := c.line()):
+        pass
+    return ln
+
+
+def test_notify_selected_and_personal_events(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as a, server.client(user) as b:
+        assert b"NOTIFY" in a.ok("CAPABILITY")[0].split()
+        a.ok("SELECT INBOX")
+        u = a.ok("NOTIFY SET STATUS (SELECTED (MessageNew (UID) MessageExpunge FlagChange))"
+                 " (PERSONAL (MessageNew MessageExpunge MailboxName SubscriptionChange))")
+        assert any(ln.startswith(b'* STATUS "Sent" (MESSAGES 0 UIDNEXT 1 UIDVALIDITY ') for ln in u), u
+        assert not any(b'STATUS "INBOX"' in ln for ln in u)  # the selected mailbox: not as STATUS
+        # A sends nothing from here on: every line it reads is unsolicited
+        b.cmd(b"APPEND INBOX " + literal(MSG))
+        assert nxt(a) == b"* 1 EXISTS\r\n"
+        assert re.fullmatch(rb"\* 1 FETCH \(UID 1\)\r\n", nxt(a))
+        b.cmd(b"APPEND Sent " + literal(MSG))
+        ln = nxt(a)
+        assert ln.startswith(b'* STATUS "Sent" (MESSAGES 1 UIDNEXT 2 UIDVALIDITY '), ln
+        b.ok("SELECT INBOX")
+        b.ok("STORE 1 +FLAGS (\\Flagged)")
+        assert re.fullmatch(rb"\* 1 FETCH \((UID 1 )?FLAGS \(\\Flagged( \\Recent)?\)\)\r\n", nxt(a))
+        b.ok("CREATE Projekt")
+        assert nxt(a) == b'* LIST () "." "Projekt"\r\n'
+        b.ok("SUBSCRIBE Projekt")
+        assert nxt(a) == b'* LIST (\\Subscribed) "." "Projekt"\r\n'
+        b.ok("DELETE Projekt")
+        assert nxt(a) == b'* LIST (\\NonExistent) "." "Projekt"\r\n'
+        b.ok("STORE 1 +FLAGS (\\Deleted)")
+        assert re.match(rb"\* 1 FETCH \((UID 1 )?FLAGS \(", nxt(a))
+        b.ok("EXPUNGE")
+        assert nxt(a) == b"* 1 EXPUNGE\r\n"
+        # A's own changes are not echoed as names; its commands still work as usual
+        a.ok("CREATE Mine")
+        a.ok("NOTIFY NONE")
+        b.cmd(b"APPEND Sent " + literal(MSG))
+        assert a.ok("NOOP") == []
+
+
+def test_notify_in_idle_and_selected_delayed(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as a, server.client(user) as b:
+        a.ok("SELECT INBOX")
+        a.ok("NOTIFY SET (SELECTED-DELAYED (MessageNew MessageExpunge)) (INBOXES (MessageNew MessageExpunge))"
+             " (MAILBOXES Sent (MessageNew MessageExpunge))")
+        b.cmd(b"APPEND INBOX " + literal(MSG))
+        assert nxt(a) == b"* 1 EXISTS\r\n"
+        b.ok("SELECT INBOX")
+        b.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
+        b.ok("EXPUNGE")  # SELECTED-DELAYED: no EXPUNGE until a command that allows one
+        b.cmd(b"APPEND Drafts " + literal(MSG))  # not covered: nothing
+        a.send(b"i1 IDLE\r\n")
+        assert nxt(a) == b"* 1 EXPUNGE\r\n"  # IDLE allows the delayed expunge
+        assert nxt(a).startswith(b"+ ")
+        b.cmd(b"APPEND Sent " + literal(MSG))
+        assert nxt(a).startswith(b'* STATUS "Sent" (MESSAGES 1 UIDNEXT 2 ')
+        a.send(b"DONE\r\n")
+        u, t = a.until("i1")
+        assert b"OK" in t and u == []
+        assert a.ok("NOOP") == []
+
+
+def test_notify_refusals(server: IMAPServer) -> None:
+    user = server.user()
+    with server.client(user) as c:
+        _u, t = c.cmd("NOTIFY SET (PERSONAL (AnnotationChange))")
+        assert t.split()[1] == b"NO" and b"[BADEVENT (MessageNew MessageExpunge FlagChange MailboxName" in t, t
+        for bad in ("NOTIFY SET (PERSONAL (MessageNew))", "NOTIFY SET (PERSONAL (FlagChange))",
+                    "NOTIFY SET (INBOXES (MessageNew (UID) MessageExpunge))", "NOTIFY SET (PERSONAL (Bogus))",
+                    "NOTIFY SET (SELECTED NONE) (SELECTED NONE)", "NOTIFY SET (NOWHERE NONE)", "NOTIFY"):
+            _u, t = c.cmd(bad)
+            assert t.split()[1] == b"BAD", (bad, t)
+        c.ok("NOTIFY SET (SELECTED NONE) (SUBTREE (Archive INBOX) (MessageNew MessageExpunge))")
+        c.ok("NOTIFY NONE")

@@ -11,11 +11,12 @@ import pytest
 from postier.message.matching import SearchContext, evaluate
 
 from postier.proto.imap import Append, CommandReader, NeedContinuation, ParseError, Search, parse_command
-from postier.proto.imap.commands import AppendMessage, CatPart, Section
+from postier.proto.imap.commands import AppendMessage, CatPart, Notify, NotifyGroup, Section
+from postier.proto.imap.notify import plan as notify_plan
 from postier.proto.imap.url import ImapUrl, UrlError, parse_url
 from postier.proto.imap.reader import ReaderLimits
 from postier.proto.imap.search import AndKey, NotKey, WithinKey
-from postier.proto.imap.session import SessionCore, SessionSettings
+from postier.proto.imap.session import Refusal, SessionCore, SessionSettings
 
 
 def p(data: bytes) -> Append:
@@ -286,3 +287,48 @@ def test_spooled_total_is_bounded() -> None:
     assert e.value.code == "TOOBIG" and len(sinks) == 4 and all(s.discarded for s in sinks)
     r.feed(b"a2 NOOP\r\n")  # resynchronised: the refused {n+} literal was skipped
     assert r.next_event() == parse_command(b"a2 NOOP\r\n")
+
+
+# -- NOTIFY (RFC 5465) ----------------------------------------------------------------------------
+
+def test_notify_parse_and_plan() -> None:
+    cmd = parse_command(b"a NOTIFY SET STATUS (SELECTED (MessageNew (UID BODY.PEEK[HEADER]) MessageExpunge FlagChange))"
+                        b" (SUBTREE (Lists INBOX) (MessageNew MessageExpunge)) (SUBSCRIBED (MailboxName))"
+                        b" (PERSONAL NONE)\r\n")
+    assert isinstance(cmd, Notify) and cmd.status and len(cmd.groups) == 4
+    assert cmd.groups[1] == NotifyGroup("SUBTREE", ("Lists", "INBOX"), ("MessageNew", "MessageExpunge"))
+    plan = notify_plan(cmd)
+    assert plan.selected == {"MESSAGENEW", "MESSAGEEXPUNGE", "FLAGCHANGE"} and not plan.delayed
+    assert [a.name for a in plan.fetch] == ["UID", "BODY"]
+    subs = {"Notes"}
+    assert plan.events_for("Lists.ietf", subs, ".") == {"MESSAGENEW", "MESSAGEEXPUNGE"}
+    assert plan.events_for("Listsx", subs, ".") == frozenset()  # not under Lists: PERSONAL NONE
+    assert plan.events_for("Notes", subs, ".") == {"MAILBOXNAME"}
+    assert plan.wants_names
+    assert parse_command(b"a NOTIFY NONE\r\n") == Notify(tag="a", none=True)
+
+
+@pytest.mark.parametrize(("text", "status"), [
+    (b"a NOTIFY SET (PERSONAL (MessageNew))", "BAD"),
+    (b"a NOTIFY SET (PERSONAL (MessageExpunge FlagChange))", "BAD"),
+    (b"a NOTIFY SET (PERSONAL (FlagChange))", "BAD"),
+    (b"a NOTIFY SET (INBOXES (MessageNew (UID) MessageExpunge))", "BAD"),
+    (b"a NOTIFY SET (SELECTED NONE) (SELECTED-DELAYED NONE)", "BAD"),
+    (b"a NOTIFY SET (PERSONAL (Nonsense))", "BAD"),
+    (b"a NOTIFY SET (PERSONAL (MailboxMetadataChange))", "NO"),
+])
+def test_notify_plan_refusals(text: bytes, status: str) -> None:
+    cmd = parse_command(text + b"\r\n")
+    assert isinstance(cmd, Notify)
+    with pytest.raises(Refusal) as e:
+        notify_plan(cmd)
+    assert e.value.status == status
+    if status == "NO":
+        assert e.value.code is not None and e.value.code.atom == "BADEVENT"
+
+
+@pytest.mark.parametrize("bad", [b"a NOTIFY", b"a NOTIFY SET", b"a NOTIFY SET ()", b"a NOTIFY SET (ELSEWHERE NONE)",
+                                 b"a NOTIFY SET (MAILBOXES NONE)", b"a NOTIFY SET (PERSONAL ())", b"a NOTIFY OFF"])
+def test_notify_malformed(bad: bytes) -> None:
+    with pytest.raises(ParseError):
+        parse_command(bad + b"\r\n")

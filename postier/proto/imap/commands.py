@@ -21,7 +21,7 @@ from .seqset import SequenceSet
 __all__ = [
     "Append", "AppendMessage", "Authenticate", "CatPart", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
     "Enable", "Examine", "SpooledLiteral", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
-    "Logout", "Lsub", "Move", "Namespace", "Noop", "QResync", "Rename", "Search", "Section", "Select",
+    "Logout", "Lsub", "Move", "Namespace", "Noop", "Notify", "NotifyGroup", "QResync", "Rename", "Search", "Section", "Select",
     "StartTLS", "Status", "Store", "StoreMode", "Subscribe", "Unselect", "Unsubscribe",
 ]
 
@@ -462,3 +462,28 @@ class Thread(Command):
     criteria: SearchKey = field(default_factory=AllKey)
 
 __all__ += ["SORT_KEYS", "THREAD_ALGORITHMS", "Sort", "SortCriterion", "Thread"]
+
+
+# -- NOTIFY (RFC 5465) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NotifyGroup:
+    """One event group: ``filter`` "SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL",
+    "SUBSCRIBED", "SUBTREE" or "MAILBOXES" (the last two with ``mailboxes``); ``events`` the
+    event names as written (case kept, compared case-insensitively), empty for NONE;
+    ``fetch``: MessageNew's fetch attributes (RFC 5465 §5.2)."""
+
+    filter: str
+    mailboxes: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    fetch: tuple[FetchAttr, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Notify(Command):
+    """NOTIFY NONE (``groups`` empty, ``none``) or NOTIFY SET [STATUS] groups (RFC 5465 §3)."""
+
+    name: ClassVar[str] = "NOTIFY"
+    none: bool = False
+    status: bool = False
+    groups: tuple[NotifyGroup, ...] = ()

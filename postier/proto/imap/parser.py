@@ -47,6 +47,8 @@ from .commands import (
     Move,
     Namespace,
     Noop,
+    Notify,
+    NotifyGroup,
     QResync,
     Rename,
     Search,
@@ -1136,6 +1138,79 @@ def _search_key(s: _Scanner, charset: str | None) -> SearchKey:
     raise s.error(f"Unknown SEARCH key {word}")
 
 
+# -- NOTIFY (RFC 5465 §8) -----------------------------------------------------------------------
+
+_NOTIFY_FILTERS = frozenset({"SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL", "SUBSCRIBED", "SUBTREE",
+                             "MAILBOXES"})
+_FILTER_NAME = re.compile(rb"[A-Za-z-]+")
+
+
+def _notify(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    word = s.keyword()
+    if word == "NONE":
+        s.end()
+        return Notify(tag=tag, none=True)
+    if word != "SET":
+        raise s.error("NOTIFY needs SET or NONE")
+    s.sp()
+    status = False
+    if s.at_ci(b"STATUS "):
+        s.pos += len(b"STATUS ")
+        status = True
+    groups = [_notify_group(s)]
+    while s.at(b" "):
+        s.sp()
+        groups.append(_notify_group(s))
+    s.end()
+    return Notify(tag=tag, status=status, groups=tuple(groups))
+
+
+def _notify_group(s: _Scanner) -> NotifyGroup:
+    """"(" filter-mailboxes SP events ")"."""
+    s.open_paren()
+    flt = s.match(_FILTER_NAME, "mailbox filter").decode("ascii").upper()
+    if flt not in _NOTIFY_FILTERS:
+        raise s.error(f"Unknown NOTIFY filter {flt}")
+    mailboxes: tuple[str, ...] = ()
+    if flt in ("SUBTREE", "MAILBOXES"):  # one-or-more-mailbox
+        s.sp()
+        if s.at(b"("):
+            s.open_paren()
+            names = [s.mailbox()]
+            while s.at(b" "):
+                s.sp()
+                names.append(s.mailbox())
+            s.close_paren()
+        else:
+            names = [s.mailbox()]
+        mailboxes = tuple(names)
+    s.sp()
+    events: list[str] = []
+    fetch: list[FetchAttr] = []
+    if s.at_ci(b"NONE"):
+        s.pos += 4
+    else:
+        s.open_paren()
+        while True:
+            ev = s.atom().decode("ascii")
+            events.append(ev)
+            if ev.upper() == "MESSAGENEW" and s.at(b" ("):  # RFC 5465 §5.2 fetch-att
+                s.sp()
+                s.open_paren()
+                fetch.extend(_fetch_att(s))
+                while s.at(b" "):
+                    s.sp()
+                    fetch.extend(_fetch_att(s))
+                s.close_paren()
+            if not s.at(b" "):
+                break
+            s.sp()
+        s.close_paren()
+    s.close_paren()
+    return NotifyGroup(flt, mailboxes, tuple(events), tuple(fetch))
+
+
 # -- dispatch -----------------------------------------------------------------------------------
 
 _COMMANDS: dict[str, _Handler] = {
@@ -1170,6 +1245,7 @@ _COMMANDS: dict[str, _Handler] = {
     "MOVE": _copy_move(Move),
     "ID": _id,
     "SORT": _sort,  # RFC 5256
+    "NOTIFY": _notify,  # RFC 5465
     "THREAD": _thread,
 }
 _UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})  # RFC 9051 §6.4.9
