@@ -697,7 +697,8 @@ class IMAPSession(Session):
         if cmd.none:  # RFC 5465 §3: NOTIFY NONE
             return
         self._nplan = notify_plan(cmd)
-        await self._notify_rewatch(send_status=self._nplan.status)
+        if not await self._notify_rewatch(send_status=self._nplan.status):
+            raise _no(f"NOTIFY covers more than {NOTIFY_MAX_MAILBOXES} mailboxes", Code.LIMIT)
 
     def _notify_off(self) -> None:
         for unwatch in self._nwatches:
@@ -711,9 +712,10 @@ class IMAPSession(Session):
         self._nchanged.add(name)
         self._wake.set()
 
-    async def _notify_rewatch(self, send_status: bool) -> None:
+    async def _notify_rewatch(self, send_status: bool) -> bool:
         """Watch what the plan covers now: the mailboxes with message events, and the user's
-        names and subscriptions; remember what the client was told (to send only changes)."""
+        names and subscriptions; remember what the client was told (to send only changes).
+        False (and NOTIFY off) when the plan covers more than NOTIFY_MAX_MAILBOXES mailboxes."""
         nplan, user = self._nplan, self.user
         assert nplan is not None and user is not None
         for unwatch in self._nwatches:
@@ -726,7 +728,7 @@ class IMAPSession(Session):
                          if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
         if len(covered) > NOTIFY_MAX_MAILBOXES:
             self._notify_off()
-            raise _no(f"NOTIFY covers more than {NOTIFY_MAX_MAILBOXES} mailboxes", Code.LIMIT)
+            return False
         notifier = self.store.notifier
         for name in covered:
             self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
@@ -739,6 +741,15 @@ class IMAPSession(Session):
         if nplan.wants_names:
             self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
                                                  lambda: self._on_change(NOTIFY_NAMES)))
+        return True
+
+    async def _notify_rewatch_or_overflow(self) -> bool:
+        """`_notify_rewatch` outside NOTIFY itself: too many mailboxes now ends NOTIFY with
+        NOTIFICATIONOVERFLOW (RFC 5465 §5.8)."""
+        if await self._notify_rewatch(send_status=False):
+            return True
+        self.send(R.untagged_status("OK", "NOTIFY is off: too many mailboxes", Code.named("NOTIFICATIONOVERFLOW")))
+        return False
 
     def _status_items(self, info: StatusInfo) -> list[tuple[str, int]]:
         items = [("MESSAGES", info.messages), ("UIDNEXT", info.uidnext), ("UIDVALIDITY", info.uidvalidity)]
@@ -751,8 +762,7 @@ class IMAPSession(Session):
         other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
         if self.user is not None:
             self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
-        if self._nplan is not None:
-            await self._notify_rewatch(send_status=False)
+        if self._nplan is not None and await self._notify_rewatch_or_overflow():
             self._nchanged.discard(NOTIFY_NAMES)
 
     async def _read_between_commands(self) -> bytes:
@@ -772,7 +782,10 @@ class IMAPSession(Session):
         try:
             while True:
                 if self._nchanged:
-                    await self._notify_updates(selected=True)
+                    try:
+                        await self._notify_updates(selected=True)
+                    except StoreError as exc:  # e.g. a mailbox deleted meanwhile: the next event retries
+                        log.info("imap: NOTIFY update for %s failed: %s", self.user.address, exc)
                     await self.flush()
                     continue
                 if self.closing:
@@ -813,7 +826,8 @@ class IMAPSession(Session):
         sel = self.core.sel
         if selected and sel is not None and nplan.selected is not None and nplan.selected & notify_message_events:
             top = sel.uids[-1] if sel.uids else 0
-            await self._updates(allow_expunge=not nplan.delayed, sync=True)  # RFC 5465 §6 SELECTED-DELAYED
+            await self._updates(allow_expunge=not nplan.delayed, sync=True,  # RFC 5465 §6 SELECTED-DELAYED
+                                flags="FLAGCHANGE" in nplan.selected)
             sel = self.core.sel
             if nplan.fetch and sel is not None:  # RFC 5465 §5.2: MessageNew's FETCH
                 targets = [(i + 1, u) for i, u in enumerate(sel.uids) if u > top]
@@ -826,6 +840,8 @@ class IMAPSession(Session):
                             self.send(line)
         if NOTIFY_NAMES in changed:
             await self._notify_names()
+            if self._nplan is None:  # NOTIFICATIONOVERFLOW
+                return
         mb = self._mbox()
         for name in sorted(changed - {NOTIFY_NAMES}):
             if sel is not None and sel.name == name:
@@ -851,7 +867,8 @@ class IMAPSession(Session):
         nplan = self._nplan
         assert nplan is not None
         before, subs_before = self._nfolders, self._nsubs
-        await self._notify_rewatch(send_status=False)
+        if not await self._notify_rewatch_or_overflow():
+            return
         after, subs_after = self._nfolders, self._nsubs
         utf8 = self.core.utf8
         for name in sorted(after - before):
@@ -874,6 +891,8 @@ class IMAPSession(Session):
         if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=True)
         self.send(R.continuation("idling"))
+        if self._nplan is not None and self._nchanged:  # events that came during the last command
+            await self._notify_updates(selected=False)
         await self.flush()
         self._wake.clear()
         unwatch: Callable[[], None] | None = None
@@ -939,8 +958,9 @@ class IMAPSession(Session):
 
     # -- selected: updates ----------------------------------------------------------------------
 
-    async def _updates(self, allow_expunge: bool, sync: bool) -> None:
-        """A notification point: the store's facts in, the core's announcements out."""
+    async def _updates(self, allow_expunge: bool, sync: bool, flags: bool = True) -> None:
+        """A notification point: the store's facts in, the core's announcements out (`flags`
+        False: flag changes wait for the next notification point, for NOTIFY without FlagChange)."""
         core = self.core
         sel = core.sel
         if sel is None:
@@ -964,7 +984,7 @@ class IMAPSession(Session):
             recent = core.recent(claimed, res.old_max)
             if recent is not None:
                 self.send(recent)
-        if res.flags_since is not None:
+        if res.flags_since is not None and flags:
             rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
             changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
             for line in core.flag_updates(changes, snap.highestmodseq):
