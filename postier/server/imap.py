@@ -762,8 +762,12 @@ class IMAPSession(Session):
         other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
         if self.user is not None:
             self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
-        if self._nplan is not None and await self._notify_rewatch_or_overflow():
-            self._nchanged.discard(NOTIFY_NAMES)
+        if self._nplan is not None:
+            try:
+                if await self._notify_rewatch_or_overflow():
+                    self._nchanged.discard(NOTIFY_NAMES)
+            except StoreError as exc:  # the command itself succeeded: the next event retries
+                log.info("imap: NOTIFY rewatch for %s failed: %s", self.user.address if self.user else "-", exc)
 
     async def _read_between_commands(self) -> bytes:
         """Read the next command's bytes; with NOTIFY on, send its events while waiting."""
