@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_tz
@@ -31,6 +32,7 @@ from postier.proto.imap.search import (
     SeqSetKey,
     SizeKey,
     TextKey,
+    WithinKey,
 )
 
 from .envelope import address_text
@@ -68,6 +70,7 @@ class SearchContext:
     max_seq: int
     max_uid: int
     saved_uids: frozenset[int] | None = None
+    now: float = 0.0  # when the command runs (RFC 5032 OLDER/YOUNGER); 0: read the clock per message
 
 
 class _Lazy:
@@ -130,6 +133,9 @@ def _eval(key: SearchKey, m: _Lazy, ctx: SearchContext) -> bool:
             if op == "ON":
                 return have == date
             return have >= date  # SINCE: "within or later than"
+        case WithinKey(op=op, seconds=seconds):  # RFC 5032 §3
+            age = (ctx.now or time.time()) - m.view.internal_date.timestamp()
+            return age >= seconds if op == "OLDER" else age <= seconds
         case HeaderKey(field=field, value=value):
             needle = value.casefold()
             return any(needle in _header_text(field, f.value).casefold() for f in m.part.headers(field))

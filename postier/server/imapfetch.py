@@ -23,8 +23,8 @@ from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import SearchContext, evaluate
 from ..message.mime import Part, UnknownCTE, parse_message
-from ..message.sections import binary_section, body_section, partial
-from ..proto.imap.commands import FetchAttr
+from ..message.sections import binary_section, body_section, partial, section_octets
+from ..proto.imap.commands import FetchAttr, Section
 from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, format_date_time
 from ..proto.imap.search import (
     AndKey,
@@ -469,3 +469,19 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
             continue
     mb.flush_meta()
     return out, len(targets)
+
+
+def url_octets(mb: Mailboxes, name: str, uid: int, section: Section | None,
+               part_range: tuple[int, int | None] | None) -> bytes | None:
+    """What an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3): the message `uid` of folder
+    `name`, or its `section`, cut to `part_range`; None when there is no such message."""
+    row = mb.rows(name, [uid]).get(uid)
+    if row is None:
+        return None
+    data = mb.read(name, row)
+    if section is not None:
+        data = section_octets(parse_message(data), section)
+    if part_range is not None:  # RFC 5092 §3.4: an offset past the end gives nothing
+        offset, length = part_range
+        data = data[offset:] if length is None else data[offset:offset + length]
+    return data

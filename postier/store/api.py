@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .index import MessageRow
 from .quota import Usage
+from .maildir import SpoolFile
 
 if TYPE_CHECKING:
     from ..message.types import User
@@ -136,6 +137,9 @@ class Mailboxes(Protocol):
     # -- writing
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]: ...
+    def spool(self) -> SpoolFile: ...
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
+                    ) -> tuple[int, list[int]]: ...
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
               unchangedsince: int | None = None) -> StoreResult: ...
     def expunge(self, name: str, uids: Iterable[int] | None = None) -> list[int]: ...

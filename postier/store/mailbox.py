@@ -74,7 +74,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
+from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
@@ -777,53 +777,89 @@ class UserMailbox:
             st.flagtab = None
         st.highestmodseq = max(st.highestmodseq, modseq)
 
-    @_locked
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
-        """RFC 9051 §6.3.12 APPEND: durable (tmp, fsync, rename, fsync dir) before the index and
-        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        """RFC 9051 §6.3.12 APPEND of one message (see `append_many`). Returns (uidvalidity, uid)
+        for APPENDUID (RFC 4315 §3)."""
+        uidvalidity, uids = self.append_many(name, [(data, flag_names, internal_date)])
+        return uidvalidity, uids[0]
+
+    def spool(self) -> SpoolFile:
+        """A file in the Maildir's tmp/ for a message that arrives in pieces (a large APPEND
+        literal): `append_many` delivers it by rename. No lock: nothing shared is touched."""
+        return SpoolFile(self.root / "tmp")
+
+    @_locked
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
+                    ) -> tuple[int, list[int]]:
+        """APPEND of (data, flag names, internal date) messages, all or none (RFC 3502 §6.3.11:
+        MULTIAPPEND is atomic). Each is durable (tmp, fsync) before any is renamed into the folder,
+        the folder is fsynced before the index learns of them, and if one rename fails the others
+        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3)."""
         n = normalize_name(name)
         if not self._exists(n):
             raise MailboxNotFound("no such mailbox")
+        if not messages:
+            raise StoreError("no message to append")
         st = self._open(n)
-        bits, kws = names_to_flags(flag_names)
         row = self.index.folder(n)
         assert row is not None
-        row = self.index.add_keywords(row, st.path, kws)
-        st.keywords = row.keywords
-        kws = self.index.canonical_keywords(row, kws)
-        if b"\n" in data.replace(b"\r\n", b""):
-            data = _to_crlf(data)
-        suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
-        sub = 1 if suffix else 0
+        prepared: list[tuple[bytes | SpoolFile, str, int, list[str], float | None]] = []
+        for data, flag_names, internal_date in messages:
+            bits, kws = names_to_flags(flag_names)
+            row = self.index.add_keywords(row, st.path, kws)
+            st.keywords = row.keywords
+            kws = self.index.canonical_keywords(row, kws)
+            if isinstance(data, bytes) and b"\n" in data.replace(b"\r\n", b""):
+                data = _to_crlf(data)  # (a SpoolFile did this as it was written)
+            suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
+            prepared.append((data, suffix, bits, kws, internal_date))
+        drafts: list[MaildirDraft] = []
+        published: list[str] = []
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
-            draft = MaildirDraft(st.path, b"", data)
             try:
-                # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
-                quota.reserve(self.index.conn, self.user.quota, draft.name,
-                              "" if n == INBOX else st.path.name, len(data), self.root)
-                draft.sync()
-                if internal_date is not None:
-                    os.utime(draft.tmp, (internal_date, internal_date))
+                folder = "" if n == INBOX else st.path.name
+                for data, _suffix, _bits, _kws, internal_date in prepared:
+                    draft = MaildirDraft(st.path, b"", data) if isinstance(data, bytes) \
+                        else MaildirDraft.adopt(st.path, data)  # streamed: delivered by rename
+                    drafts.append(draft)
+                    # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
+                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder,
+                                  len(data) if isinstance(data, bytes) else data.size, self.root)
+                    draft.sync()
+                    if internal_date is not None:
+                        os.utime(draft.tmp, (internal_date, internal_date))
             except BaseException:
-                draft.discard()
-                quota.release(self.index.conn, draft.name)
+                for d in drafts:
+                    d.discard()
+                    quota.release(self.index.conn, d.name)
                 raise
             try:
-                draft.publish(suffix)
-                sync_new(draft.dest_dir)
-            except BaseException:
-                quota.release(self.index.conn, draft.name)
+                for draft, (_data, suffix, *_rest) in zip(drafts, prepared, strict=True):
+                    draft.publish(suffix)
+                    published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
+            except BaseException:  # all or nothing: take back the ones already in the folder
+                for d in drafts[len(published):]:
+                    d.discard()
+                for path in published:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                for d in drafts:
+                    quota.release(self.index.conn, d.name)
                 raise
+            for dest in dict.fromkeys(d.dest_dir for d in drafts):
+                sync_new(dest)
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
-        base = draft.name
-        fault_point("imap.append")  # the file is in the Maildir, not yet in the index
-        idate = int(internal_date) if internal_date is not None else int(time.time())
-        modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),
-                                                                 len(data), idate, 0)])
+        fault_point("imap.append")  # the files are in the Maildir, not yet in the index
+        now = int(time.time())
+        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws),
+                    len(data) if isinstance(data, bytes) else data.size,
+                    int(internal_date) if internal_date is not None else now, 0)
+                   for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
+        modseq, uids = self.index.add_messages(row, st.path, entries)
         self._after_uids_added(st, uids, modseq)
-        return st.uidvalidity, uids[0]
+        return st.uidvalidity, uids
 
     @_locked
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],

@@ -210,6 +210,24 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
+    @classmethod
+    def adopt(cls, root: Path, spool: SpoolFile) -> MaildirDraft:
+        """A draft over a file already written in a Maildir tmp/ on this file system (a streamed
+        IMAP APPEND, `SpoolFile`): `sync()` and `publish()` then move it into `root` by rename."""
+        if spool.failed is not None:
+            raise DeliveryError(f"message not received: {spool.failed}")
+        self = cls.__new__(cls)
+        self.root = root
+        key = self.key = str(root)
+        if key not in _dirsync.ready:
+            ensure_maildir(root)
+            _dirsync.ready.add(key)
+        self.name = unique_name(spool.size)
+        self.tmp = spool.path
+        self.dest_dir = f"{key}/new"
+        self.fd = spool.take_fd()
+        return self
+
     def sync(self) -> None:
         """maildir(5): the file is on disk before it is in new/."""
         try:
@@ -248,6 +266,67 @@ class MaildirDraft:
     def _fail(self, exc: OSError) -> None:
         self.discard()
         raise DeliveryError(f"delivery to {self.root} failed: {exc.strerror or exc}") from exc
+
+
+class SpoolFile:
+    """A message arriving in pieces (a large IMAP APPEND literal), written straight into a file in
+    a Maildir's tmp/ so that memory stays bounded whatever its size; delivered by rename
+    (`MaildirDraft.adopt`). Line ends are made CRLF on the way (bare LF, as `append` does for
+    messages in memory). Writes happen as data arrives (small, into the page cache); a failing
+    write is remembered in `failed` and the rest ignored, so that the reader never raises for the
+    disk: the APPEND is refused when the file is delivered. `discard()` removes the file unless it
+    was delivered."""
+
+    __slots__ = ("_fd", "_prev_cr", "failed", "path", "received", "size")
+
+    def __init__(self, tmp_dir: Path):
+        self.path = f"{tmp_dir}/{unique_name(0)}.append"
+        self.size = 0  # bytes in the file (after CRLF)
+        self.received = 0  # bytes given to write()
+        self.failed: str | None = None
+        self._prev_cr = False
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self._fd = -1
+            self.failed = exc.strerror or str(exc)
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.failed is not None or not data:
+            return
+        head = b""
+        if self._prev_cr and data[:1] == b"\n":  # a CRLF split between two pieces
+            head, data = b"\n", data[1:]
+        if data.count(b"\n") != data.count(b"\r\n"):
+            data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
+        self._prev_cr = data[-1:] == b"\r"
+        try:
+            _write_all(self._fd, [head, data])
+            self.size += len(head) + len(data)
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+
+    def read_all(self) -> bytes:
+        """The content so far (for CATENATE's TEXT parts, bounded by APPENDLIMIT)."""
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def take_fd(self) -> int:
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def sync_new(new_dir: str) -> None:

@@ -204,6 +204,11 @@ class Code:
         return ResponseCode("APPENDUID", f"{uidvalidity} {uids}".encode())  # RFC 4315 §3
 
     @staticmethod
+    def badurl(url: str) -> ResponseCode:
+        """RFC 4469 §5 (errata 4046): the URL bare, no "]" in it."""
+        return ResponseCode("BADURL", url.replace("]", "%5D").encode("ascii", "replace"))
+
+    @staticmethod
     def copyuid(uidvalidity: int, source: SequenceSet, dest: SequenceSet) -> ResponseCode:
         return ResponseCode("COPYUID", f"{uidvalidity} {source} {dest}".encode())  # RFC 4315 §3
 

@@ -28,8 +28,8 @@ _SELECTED = frozenset({  # §6.4; UID variants are checked by their base name
 
 COMMANDS_BY_STATE: dict[State, frozenset[str]] = {
     State.NOT_AUTHENTICATED: _ANY | _NOT_AUTH,
-    State.AUTHENTICATED: _ANY | _AUTH | {"ENABLE"},
-    State.SELECTED: _ANY | _AUTH | _SELECTED,
+    State.AUTHENTICATED: _ANY | _AUTH | {"ENABLE", "NOTIFY"},  # NOTIFY: RFC 5465 §3
+    State.SELECTED: _ANY | _AUTH | _SELECTED | {"NOTIFY"},
     State.LOGOUT: frozenset(),
 }
 
