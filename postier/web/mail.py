@@ -54,6 +54,7 @@ from ..store.index import FLAG_FLAGGED as _FLAGGED
 from ..store.index import FLAG_SEEN as _SEEN
 from ..message.types import MessageBody
 from . import render
+from .prefs import PrefsStore
 from .sessions import SessionTable, WebSession
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class Webmail:
         self.spool = services.config.spool_dir / "incoming"
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
+        self.prefs = PrefsStore(services.config.mail_root)
+        from .settings import SettingsPages  # noqa: PLC0415 - it imports this module's helpers
+        self.settings_pages = SettingsPages(self)
 
     def mount(self, app: web.Application) -> None:
         r = app.router
@@ -141,6 +145,7 @@ class Webmail:
             ("/mail/settings", self.settings, "GET"), ("/mail/password", self.change_password, "POST"),
         ):
             r.add_route(method, path, self._wrap(self._authed(fn, self.area)))
+        self.settings_pages.mount(app)
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -540,6 +545,10 @@ class Webmail:
                 in_reply_to = v.message_id
                 refs = f"{v.references} {v.message_id}".strip()
                 text = f"\n\nOn {v.date}, {v.sender} wrote:\n{quoted}\n"
+        prefs = await asyncio.to_thread(self.prefs.get, user)
+        sig = prefs.signatures.get(user.address, "")
+        if sig:  # the sender's signature, under the "-- " separator line (RFC 3676 §4.3), above any quote
+            text = f"\n\n-- \n{sig}\n{text}"
         return await self._compose_page(user, s, to=to, cc=cc, subject=subject, text=text, in_reply_to=in_reply_to,
                                         references=refs, attached=attached, sender=user.address)
 
@@ -551,8 +560,9 @@ class Webmail:
             folders = await self._folders(mb)
             sent = self._special(folders, "\\Sent", "Sent")
             contacts = await self.store.call(_contacts, mb, sent) if sent else []
+        prefs = await asyncio.to_thread(self.prefs.get, user)
         resp = self._page("compose.html", user=user.address, csrf=s.csrf, error=error, folders=[], q=_q,
-                          identities=identities, contacts=contacts, **fields)
+                          identities=identities, contacts=contacts, signatures=prefs.signatures, **fields)
         resp.set_status(status)
         return resp
 
@@ -673,9 +683,7 @@ class Webmail:
 
     async def settings(self, request: web.Request, s: WebSession, user: User, message: str = "",
                        error: str = "", status: int = 200) -> web.StreamResponse:
-        resp = self._page("settings.html", user=user.address, csrf=s.csrf, message=message, error=error)
-        resp.set_status(status)
-        return resp
+        return await self.settings_pages.page(request, s, user, message, error, status)
 
     async def change_password(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """A new password, given the current one (checked like a login, behind the same throttle);

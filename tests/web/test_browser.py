@@ -14,6 +14,7 @@ import shutil
 import smtplib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -259,3 +260,66 @@ def test_move_to_a_folder(inst: Instance, browser: webdriver.Chrome) -> None:
     assert "plain hello" not in browser.page_source
     browser.get(url(inst, "/mail/folder?f=Archive"))
     wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "plain hello")))
+
+
+def test_vacation_set_in_the_page_answers_mail(inst: Instance, browser: webdriver.Chrome) -> None:
+    """Vacation set through the settings form; Bob writes over SMTP; the reply reaches Bob's INBOX."""
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/settings"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "vacation")))
+    browser.find_element(By.ID, "vacation").click()
+    browser.find_element(By.ID, "vsubject").send_keys("Away this week")
+    browser.find_element(By.ID, "vbody").send_keys("Back on Monday.")
+    browser.find_element(By.ID, "save-rules").click()
+    wait(browser).until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "p.live"), "Filters saved."))
+    assert browser.find_element(By.ID, "vacation").is_selected()
+    m = EmailMessage()
+    m["From"] = f"Bob <{BOB}>"
+    m["To"] = ALICE
+    m["Subject"] = "are you there?"
+    m["Message-ID"] = "<ask-1@browser.test>"
+    m.set_content("question")
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:
+        s.send_message(m, from_addr=BOB, to_addrs=[ALICE])
+    deadline = time.monotonic() + 60
+    found = b""
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(BOB, PW)
+        while not found and time.monotonic() < deadline:
+            imap.select("INBOX")
+            typ, data = imap.search(None, "SUBJECT", '"Away this week"')
+            if typ == "OK" and data[0]:
+                typ, msg = imap.fetch(data[0].split()[-1], "(BODY[])")
+                first = msg[0]
+                assert isinstance(first, tuple)
+                found = first[1]
+            else:
+                time.sleep(0.5)
+    assert found, "no vacation reply reached Bob"
+    assert b"Back on Monday." in found
+    assert b"Auto-Submitted: auto-replied" in found
+    assert b"<ask-1@browser.test>" in found  # In-Reply-To
+
+
+def test_search_finds_a_word_in_the_body(inst: Instance, browser: webdriver.Chrome) -> None:
+    deliver(inst, ALICE, _plain("nothing in the subject", "the parcel code is zanzibar42 today"))
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/folder?f=INBOX"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    box = browser.find_element(By.CSS_SELECTOR, "input[name=q]")
+    box.send_keys("zanzibar42")
+    body = browser.find_elements(By.CSS_SELECTOR, "input[name=b]")
+    if body and not body[0].is_selected():
+        body[0].click()
+    box.submit()
+    wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "nothing in the subject")))
+    assert "plain hello" not in browser.page_source
+
+
+def _plain(subject: str, text: str) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "Sender <sender@elsewhere.invalid>"
+    m["To"] = ALICE
+    m["Subject"] = subject
+    m.set_content(text)
+    return m

@@ -28,3 +28,21 @@
     es.addEventListener("open", function () { live.setAttribute("data-stream", "open"); });
   }
 })();
+// Compose: changing the From identity swaps the signature block ("-- " line and what follows it).
+(function () {
+  var from = document.getElementById("from");
+  var text = document.getElementById("text");
+  if (!from || !text) return;
+  function sig() { var o = from.options[from.selectedIndex]; return o ? o.getAttribute("data-signature") || "" : ""; }
+  var last = sig();
+  from.addEventListener("change", function () {
+    var next = sig();
+    var v = text.value.replace(/\r\n/g, "\n");
+    var oldBlock = last ? "\n-- \n" + last + "\n" : "";
+    var newBlock = next ? "\n-- \n" + next + "\n" : "";
+    if (oldBlock && v.indexOf(oldBlock) >= 0) v = v.replace(oldBlock, newBlock);
+    else if (newBlock) v = "\n" + newBlock + v;
+    text.value = v;
+    last = next;
+  });
+})();
