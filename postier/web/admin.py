@@ -16,7 +16,8 @@ from aiohttp import web
 
 from ..accounts import Accounts
 from ..message.types import AccountError, User
-from .mail import Area, Webmail, _field, _form
+from .forms import _field, _form
+from .mail import Area, Webmail
 from .sessions import SessionTable, WebSession
 
 __all__ = ["AdminConsole"]

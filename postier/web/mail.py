@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
-from aiohttp import BodyPartReader, web
-from multidict import MultiDict
+from aiohttp import web
 
 from ..message.types import AccountError, User
 from ..message.mime import decode_body, decode_transfer_encoding, parse_message
@@ -54,7 +53,9 @@ from ..store.index import FLAG_FLAGGED as _FLAGGED
 from ..store.index import FLAG_SEEN as _SEEN
 from ..message.types import MessageBody
 from . import render
+from .forms import Upload, _field, _form, _q
 from .prefs import PrefsStore
+from .settings import SettingsPages
 from .sessions import SessionTable, WebSession
 
 if TYPE_CHECKING:
@@ -68,7 +69,6 @@ COOKIE = "postier_mail"
 PREFIX = "/mail/"
 PAGE_SIZE = 50
 MAX_FOLDER_NAME = 1000
-MAX_UPLOAD = 25 * 1024 * 1024  # a whole compose form, attachments included
 MAX_RECIPIENTS = 100
 SEARCH_BATCH = 5000  # messages per evaluator call, as IMAP SEARCH
 SEARCH_SECONDS = 10.0  # a search that finds too little stops after this long (the page says so)
@@ -129,7 +129,6 @@ class Webmail:
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
         self.prefs = PrefsStore(services.config.mail_root)
-        from .settings import SettingsPages  # noqa: PLC0415 - it imports this module's helpers
         self.settings_pages = SettingsPages(self)
 
     def mount(self, app: web.Application) -> None:
@@ -737,57 +736,6 @@ class Webmail:
                 unwatch()
 
 
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    filename: str
-    data: bytes
-
-
-_FORM_KEY = web.RequestKey("postier_webmail_form", MultiDict)
-
-
-async def _form(request: web.Request) -> MultiDict[str | Upload]:
-    """The POSTed form, read once. A multipart form (compose with attachments) is streamed here with
-    its own bound, MAX_UPLOAD in all, since the HTTP app's body limit is for small requests."""
-    if _FORM_KEY in request:
-        cached: MultiDict[str | Upload] = request[_FORM_KEY]
-        return cached
-    out: MultiDict[str | Upload] = MultiDict()
-    if request.content_type == "multipart/form-data":
-        if request.content_length is not None and request.content_length > MAX_UPLOAD:
-            raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, request.content_length)
-        reader = await request.multipart()
-        total = 0
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name or len(out) >= 200:
-                raise web.HTTPBadRequest(text="bad form\n")
-            data = bytearray()
-            while chunk := await part.read_chunk(65536):
-                total += len(chunk)
-                if total > MAX_UPLOAD:
-                    raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, total)
-                data += chunk
-            if part.filename is not None:
-                out.add(part.name, Upload(part.filename, bytes(data)))
-            else:
-                out.add(part.name, data.decode("utf-8", "replace"))
-    else:
-        for k, v in (await request.post()).items():
-            if isinstance(v, str):
-                out.add(k, v)
-    request[_FORM_KEY] = out
-    return out
-
-
-def _q(**kw: object) -> str:
-    return urlencode({k: str(v) for k, v in kw.items()})
-
-
-def _field(form: Any, name: str) -> str:
-    v = form.get(name)
-    return v if isinstance(v, str) else ""
 
 
 def _decoded(part: Any) -> bytes:

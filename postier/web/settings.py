@@ -21,6 +21,7 @@ from ..proto.smtp.address import parse_path
 from ..proto.smtp.errors import AddressError
 from ..sieve.validate import CompileError, SieveError, compile_script
 from ..store.sieve import ScriptError, ScriptStore
+from .forms import _field, _form
 from .prefs import ACTIONS, FIELDS, MAX_RULES, MAX_SIGNATURE, MAX_VALUE, Prefs, Rule, Rules, Vacation, generate, \
     read_rules
 from .sessions import WebSession
@@ -91,8 +92,6 @@ class SettingsPages:
 
     async def save_rules(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """The simple form: rules and vacation, turned into the script "webmail" (made active)."""
-        from .mail import _field, _form
-
         form = await _form(request)
         async with self.web._mailboxes(user) as mb:
             folders = {f.name for f in await self.web._folders(mb)}
@@ -136,8 +135,6 @@ class SettingsPages:
 
     async def save_raw(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """The raw script editor: compiled first, stored (as the active script, or "webmail") only when valid."""
-        from .mail import _field, _form
-
         form = await _form(request)
         text = _field(form, "script")
         if len(text) > MAX_SCRIPT_FORM:
@@ -159,8 +156,6 @@ class SettingsPages:
 
     async def save_signature(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """One identity's signature (an address the user may send as)."""
-        from .mail import _field, _form
-
         form = await _form(request)
         identity = _field(form, "identity").strip().lower()
         text = _field(form, "signature").replace("\r\n", "\n").rstrip()
@@ -181,8 +176,6 @@ class SettingsPages:
 
     async def save_senders(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """Remove senders from the list whose remote content is shown (added from a message's page)."""
-        from .mail import _form
-
         form = await _form(request)
         drop = {v.lower() for v in form.getall("remove", []) if isinstance(v, str)}
 
