@@ -46,7 +46,9 @@ from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
+from ..message.threading import ThreadNode, thread_references
 from ..server.imapfetch import run_search
+from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
 from ..store.index import FLAG_FLAGGED as _FLAGGED
@@ -73,6 +75,8 @@ MAX_RECIPIENTS = 100
 SEARCH_BATCH = 5000  # messages per evaluator call, as IMAP SEARCH
 SEARCH_SECONDS = 10.0  # a search that finds too little stops after this long (the page says so)
 MAX_QUERY = 200
+THREAD_WINDOW = 2000  # the thread view groups the newest this many messages of a folder
+MAX_DEPTH = 8  # replies deeper than this are indented as this deep
 SSE_SECONDS = 25.0  # one event stream lasts at most this long (under the request deadline); the browser reconnects
 HERE = Path(__file__).resolve().parent
 STATIC = {"webmail.js": "text/javascript", "webmail.css": "text/css", "blocked.svg": "image/svg+xml"}
@@ -348,14 +352,19 @@ class Webmail:
         page = int(q["p"]) if q.get("p", "").isdigit() and len(q["p"]) < 7 else 0
         query = " ".join(q.get("q", "").split())[:MAX_QUERY]
         body = q.get("b") == "1"
+        threads = q.get("t") == "1" and not query
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f", "INBOX"))
-            folders, (total, items, more) = await self.store.call(
-                _folders_and_page, mb, user.address, name, page, PAGE_SIZE, query, body)
+            if threads:
+                folders, (total, items, more) = await self.store.call(
+                    _folders_and_threads, mb, user.address, name, page, PAGE_SIZE)
+            else:
+                folders, (total, items, more) = await self.store.call(
+                    _folders_and_page, mb, user.address, name, page, PAGE_SIZE, query, body)
         pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE) + (1 if more else 0)
         return self._page("folder.html", user=user.address, csrf=s.csrf, folders=folders, folder=name,
                           items=items, page=page, pages=pages, total=total, query=query, body=body, more=more,
-                          q=_q)
+                          threads=threads, q=_q)
 
     async def message(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         q = request.query
@@ -794,6 +803,38 @@ def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int,
     hi = max(0, total - page * size)
     lo = max(0, hi - size)
     return folders, (total, _items(mb, name, list(reversed(snap.uids[lo:hi]))), False)
+
+
+def _folders_and_threads(mb: Mailboxes, user: str, name: str, page: int, size: int
+                         ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]], bool]]:
+    """The folder list, and one page of conversations (RFC 5256 §3 THREAD=REFERENCES, as IMAP THREAD)
+    over the newest THREAD_WINDOW messages: threads newest activity first, each message with its
+    depth. Returns (folders, (number of threads, items, more messages than the window))."""
+    folders = _folder_counts(mb, user)
+    uids = mb.snapshot(name).uids
+    window = uids[-THREAD_WINDOW:]
+    first = len(uids) - len(window)
+    items = sort_items(mb, name, [(first + i + 1, u) for i, u in enumerate(window)], True)
+    roots = thread_references(items)
+
+    def latest(node: ThreadNode) -> float:
+        own = node.item.sent.timestamp() if node.item is not None else 0.0
+        return max([own, *(latest(c) for c in node.children)])
+    roots.sort(key=latest, reverse=True)
+    chosen: list[tuple[int, int]] = []  # (uid, depth)
+
+    def walk(node: ThreadNode, depth: int) -> None:
+        if node.item is not None:  # a dummy (a message referred to but not here) takes no row
+            chosen.append((node.item.id, min(depth, MAX_DEPTH)))
+        for c in node.children:
+            walk(c, depth + (node.item is not None))
+    for root in roots[page * size:(page + 1) * size]:
+        walk(root, 0)
+    depth = dict(chosen)
+    rows = _items(mb, name, [u for u, _d in chosen])
+    for r in rows:
+        r["depth"] = depth.get(r["uid"], 0)
+    return folders, (len(roots), rows, first > 0)
 
 
 def _contacts(mb: Mailboxes, sent: str, messages: int = 200, limit: int = 500) -> list[str]:
