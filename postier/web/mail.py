@@ -47,6 +47,7 @@ from ..proto.smtp.errors import AddressError
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..message.threading import ThreadNode, thread_references
+from ..server.imap import LEARN_BATCH
 from ..server.imapfetch import run_search
 from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
@@ -56,7 +57,7 @@ from ..store.index import FLAG_SEEN as _SEEN
 from ..message.types import MessageBody
 from . import render
 from .forms import Upload, _field, _form, _q
-from .prefs import PrefsStore
+from .prefs import MAX_REMOTE_SENDERS, Prefs, PrefsStore
 from .settings import SettingsPages
 from .sessions import SessionTable, WebSession
 
@@ -383,7 +384,8 @@ class Webmail:
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
         badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
                                   self.config.authserv_id, domains)
-        remote = (name, uid) in s.remote_ok
+        sender = _sender_address(v.sender)
+        remote = await self._remote_allowed(s, user, name, uid, sender)
         blocked = 0
         if v.html_part is not None and not remote:
             root = parse_message(raw)
@@ -392,7 +394,7 @@ class Webmail:
                 _h, blocked = render.sanitize_html(decode_body(part), lambda c: "", False)
         flagged = bool(row.flags & _FLAGGED)
         return self._page("message.html", user=user.address, csrf=s.csrf, folders=folders, folder=name, uid=uid,
-                          m=v, remote=remote, blocked=blocked, flagged=flagged, badge=badge, q=_q)
+                          m=v, remote=remote, blocked=blocked, flagged=flagged, badge=badge, sender=sender, q=_q)
 
     async def body(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """The sanitized HTML body, for the sandboxed iframe of the message page."""
@@ -406,7 +408,7 @@ class Webmail:
         if part is None or part.maintype != "text" or part.subtype != "html":
             raise web.HTTPNotFound(text="no such part\n")
         html = decode_body(part)[: render.MAX_HTML]
-        remote = (name, uid) in s.remote_ok
+        remote = await self._remote_allowed(s, user, name, uid, _sender_address(render.view(raw).sender))
 
         def cid_url(cid: str) -> str:
             return "/mail/cid?" + urlencode({"f": name, "u": uid, "c": cid})
@@ -464,10 +466,28 @@ class Webmail:
         uid = self._uid(_field(form, "u"))
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, _field(form, "f"))
+            if _field(form, "always") == "1":  # remembered for the sender (managed in the settings)
+                _row, raw = await self._raw(mb, name, uid)
+                sender = _sender_address(render.view(raw).sender)
+                if sender:
+                    def change(p: Prefs) -> None:
+                        if sender not in p.remote_senders:
+                            p.remote_senders = [*p.remote_senders, sender][-MAX_REMOTE_SENDERS:]
+                    await asyncio.to_thread(self.prefs.update, user, change)
+                    log.info("webmail: %s shows remote content from %s", user.address, sender)
         if len(s.remote_ok) >= 1000:
             s.remote_ok.clear()
         s.remote_ok.add((name, uid))
         raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uid))
+
+    async def _remote_allowed(self, s: WebSession, user: User, folder: str, uid: int, sender: str) -> bool:
+        """Remote content of this message is shown: asked for once (this session), or for its sender."""
+        if (folder, uid) in s.remote_ok:
+            return True
+        if not sender:
+            return False
+        prefs = await asyncio.to_thread(self.prefs.get, user)
+        return sender in prefs.remote_senders
 
     # -- changes --------------------------------------------------------------------------------------
 
@@ -509,7 +529,10 @@ class Webmail:
                 if dest is not None and dest != name:
                     if op == "notjunk":
                         await self.store.call(mb.store, name, uids, "-FLAGS", ["$Junk"])
-                    await self.store.call(mb.move, name, uids, dest)
+                    res = await self.store.call(mb.move, name, uids, dest)
+                    junk = self._junk_folder()
+                    if junk is not None and (dest == junk) != (name == junk) and dest != "Trash":
+                        await self._learn(user, mb, dest, res.dest_uids, spam=dest == junk)
             except StoreError as exc:
                 raise web.HTTPConflict(text=f"{exc}\n") from None
         self.store.notifier.notify(user.address, name)
@@ -520,6 +543,27 @@ class Webmail:
         if back == "msg" and op in flag_ops and len(uids) == 1:
             raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uids[0]))
         raise web.HTTPSeeOther("/mail/folder?" + _q(f=name))
+
+    def _junk_folder(self) -> str | None:
+        """The folder whose moves in and out train the spam filter, as for IMAP (None: no learning)."""
+        if self.services.learning is None or "Junk" not in self.config.mailbox.special_use_folders:
+            return None
+        return "Junk"
+
+    async def _learn(self, user: User, mb: Mailboxes, folder: str, uids: list[int], spam: bool) -> None:
+        """The user's verdict trains the spam filter: one request per message on the learning queue
+        that IMAP moves feed (antispam/learning.py); best effort, never an error for the user."""
+        learning = self.services.learning
+        if learning is None or not uids:
+            return
+        try:
+            rows = await self.store.call(mb.rows, folder, uids[:LEARN_BATCH])
+            for row in rows.values():
+                data = await self.store.call(mb.read, folder, row)
+                await asyncio.to_thread(learning.add, user.address, data, spam)
+            learning.wake()
+        except Exception:
+            log.exception("webmail: queueing %s for learning failed", user.address)
 
     # -- writing --------------------------------------------------------------------------------------
 
@@ -745,6 +789,12 @@ class Webmail:
                 unwatch()
 
 
+
+
+def _sender_address(from_field: str) -> str:
+    """The address of a From field, lower-cased ("" when there is none)."""
+    addr = email.utils.parseaddr(from_field)[1].lower()
+    return addr if "@" in addr and len(addr) <= 320 else ""
 
 
 def _decoded(part: Any) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
 from collections.abc import Iterator
 from email.message import EmailMessage
 
@@ -24,7 +25,11 @@ PW = "password123"
 
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
-    i = Instance(tmp_path_factory.mktemp("views"), DOMAIN, extra_config="[auth]\nfailure_delay = 0.0\n")
+    # Rspamd configured but down (nothing listens on port 9): delivery fails open, and training requests
+    # stay on the learning queue, where the test reads them.
+    i = Instance(tmp_path_factory.mktemp("views"), DOMAIN, extra_config=(
+        "[auth]\nfailure_delay = 0.0\n[antispam]\nrspamd = \"http://127.0.0.1:9\"\n"
+        "rspamd_controller = \"http://127.0.0.1:9\"\nrspamd_timeout = 2\n"))
     i.add_user(ALICE, PW)
     i.add_user(BOB, PW)
     i.start()
@@ -79,3 +84,76 @@ def test_conversations_view_groups_replies(inst: Instance) -> None:
         assert 'id="view-list"' in r.text
         plain = c.get("/mail/folder", params={"f": "INBOX"}).text
         assert 'id="view-threads"' in plain and "depth-" not in plain
+
+
+def html_message(sender: str, subject: str) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = f"News <{sender}>"
+    m["To"] = ALICE
+    m["Subject"] = subject
+    m.set_content("text")
+    m.add_alternative('<p>hi</p><img src="https://images.elsewhere.invalid/p.png">', subtype="html")
+    return m
+
+
+def uid_of(c: httpx.Client, subject: str, folder: str = "INBOX") -> int:
+    r = c.get("/mail/folder", params={"f": folder})
+    m = re.search(r'href="/mail/msg\?f=[^&]+&amp;u=(\d+)">' + re.escape(subject) + "</a>", r.text)
+    assert m, r.text
+    return int(m.group(1))
+
+
+def test_remote_content_remembered_per_sender(inst: Instance) -> None:
+    deliver(inst, ALICE, html_message("news@elsewhere.invalid", "news one"))
+    deliver(inst, ALICE, html_message("news@elsewhere.invalid", "news two"))
+    deliver(inst, ALICE, html_message("other@elsewhere.invalid", "other news"))
+    with client(inst) as c:
+        token = csrf(c)
+        one, two, other = (uid_of(c, s) for s in ("news one", "news two", "other news"))
+        page = c.get("/mail/msg", params={"f": "INBOX", "u": one}).text
+        assert "remote image(s) blocked" in page and "Always show from news@elsewhere.invalid" in page
+        assert c.post("/mail/remote", data={"f": "INBOX", "u": one, "always": "1"}).status_code == 403  # CSRF
+        r = c.post("/mail/remote", data={"csrf": token, "f": "INBOX", "u": one, "always": "1"})
+        assert r.status_code == 303
+        page = c.get("/mail/msg", params={"f": "INBOX", "u": two}).text
+        assert "remote image(s) blocked" not in page  # the same sender's other message
+        body = c.get("/mail/body", params={"f": "INBOX", "u": two, "p": "2"})
+        assert "https:" in body.headers["content-security-policy"]
+        assert "images.elsewhere.invalid" in body.text
+        assert "remote image(s) blocked" in c.get("/mail/msg", params={"f": "INBOX", "u": other}).text
+        assert "news@elsewhere.invalid" in c.get("/mail/settings").text
+    with client(inst, BOB) as b:  # another user's choice is their own
+        assert "Always show" not in b.get("/mail/settings").text
+    with client(inst) as c:  # a new session: still remembered, until removed in the settings
+        token = csrf(c)
+        assert "remote image(s) blocked" not in c.get("/mail/msg", params={"f": "INBOX", "u": two}).text
+        r = c.post("/mail/senders", data={"csrf": token, "remove": "news@elsewhere.invalid"})
+        assert r.status_code == 200
+        assert "remote image(s) blocked" in c.get("/mail/msg", params={"f": "INBOX", "u": two}).text
+        body = c.get("/mail/body", params={"f": "INBOX", "u": two, "p": "2"})
+        assert "https:" not in body.headers["content-security-policy"]
+
+
+def learn_requests(inst: Instance) -> list[tuple[str, int]]:
+    (db,) = list(inst.root.rglob("learn.sqlite"))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [(u, s) for u, s in conn.execute("SELECT user, spam FROM requests ORDER BY id")]
+
+
+def test_junk_and_not_junk_feed_the_learning_queue(inst: Instance) -> None:
+    deliver(inst, ALICE, message(ALICE, "cheap meds", "<spam1@t>", "Mon, 01 Jun 2026 10:00:00 +0000"))
+    before = len(learn_requests(inst))
+    with client(inst) as c:
+        token = csrf(c)
+        uid = uid_of(c, "cheap meds")
+        r = c.post("/mail/act", data={"csrf": token, "f": "INBOX", "op": "junk", "u": str(uid)})
+        assert r.status_code == 303
+        assert learn_requests(inst)[before:] == [(ALICE, 1)]
+        uid = uid_of(c, "cheap meds", "Junk")
+        r = c.post("/mail/act", data={"csrf": token, "f": "Junk", "op": "notjunk", "u": str(uid)})
+        assert r.status_code == 303
+        assert learn_requests(inst)[before:] == [(ALICE, 1), (ALICE, 0)]
+        # a move that is no verdict (INBOX to Archive) trains nothing
+        uid = uid_of(c, "cheap meds")
+        c.post("/mail/act", data={"csrf": token, "f": "INBOX", "op": "move", "dest": "Archive", "u": str(uid)})
+        assert len(learn_requests(inst)) == before + 2
