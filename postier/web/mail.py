@@ -614,7 +614,8 @@ class Webmail:
             contacts = await self.store.call(_contacts, mb, sent) if sent else []
         prefs = await asyncio.to_thread(self.prefs.get, user)
         resp = self._page("compose.html", user=user.address, csrf=s.csrf, error=error, folders=[], q=_q,
-                          identities=identities, contacts=contacts, signatures=prefs.signatures, **fields)
+                          identities=identities, contacts=contacts, signatures=prefs.signatures, rich=prefs.rich,
+                          **({"html": ""} | fields))
         resp.set_status(status)
         return resp
 
@@ -632,6 +633,7 @@ class Webmail:
 
         async def again(error: str, status: int = 400) -> web.Response:
             return await self._compose_page(user, s, error, status, to=to, cc=cc, subject=subject, text=text,
+                                            html=render.clean_compose_html(_field(form, "html")),
                                             in_reply_to=_field(form, "in_reply_to"),
                                             references=_field(form, "references"), attached=attached,
                                             sender=sender)
@@ -670,6 +672,10 @@ class Webmail:
                 msg[h] = v
         msg["MIME-Version"] = "1.0"
         msg.set_content(text.replace("\r\n", "\n"))
+        rich = render.clean_compose_html(_field(form, "html")) if _field(form, "html").strip() else ""
+        if rich:  # RFC 2046 §5.1.4: the text part first, then the (sanitized) HTML of the rich editor
+            msg.add_alternative("<!DOCTYPE html><html><head><meta charset=\"utf-8\"></head><body>"
+                                f"{rich}</body></html>", subtype="html")
         for f in form.getall("attach", []):
             if isinstance(f, Upload) and f.filename and f.data:
                 ctype = mimetypes.guess_type(f.filename)[0] or "application/octet-stream"

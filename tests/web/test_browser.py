@@ -8,8 +8,11 @@ keyboard shortcuts, and compose a message that another user then reads over IMAP
 
 from __future__ import annotations
 
+import email
+import email.policy
 import imaplib
 import os
+import re
 import shutil
 import smtplib
 import socket
@@ -323,3 +326,34 @@ def _plain(subject: str, text: str) -> EmailMessage:
     m["Subject"] = subject
     m.set_content(text)
     return m
+
+
+def test_rich_text_compose_sends_html_and_text(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/compose"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "rich-toggle")))
+    browser.find_element(By.ID, "to").send_keys(BOB)
+    browser.find_element(By.ID, "subject").send_keys("rich from the browser")
+    browser.find_element(By.ID, "rich-toggle").click()
+    editor = wait(browser).until(EC.visibility_of_element_located((By.ID, "editor")))
+    editor.click()
+    editor.send_keys("normal ")
+    browser.find_element(By.CSS_SELECTOR, "button[data-cmd=bold]").click()
+    editor.send_keys("strong words")
+    browser.find_element(By.CSS_SELECTOR, "button[value=send]").click()
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(BOB, PW)
+        imap.select("INBOX")
+        typ, data = imap.search(None, "SUBJECT", '"rich from the browser"')
+        assert typ == "OK" and data[0]
+        typ, msg = imap.fetch(data[0].split()[-1], "(BODY[])")
+        first = msg[0]
+        assert isinstance(first, tuple)
+        raw = first[1]
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage) and msg.get_content_type() == "multipart/alternative"
+    text, html = msg.iter_parts()
+    assert isinstance(text, EmailMessage) and isinstance(html, EmailMessage)
+    assert "normal strong words" in text.get_content()
+    assert re.search(r"<(b|strong)>strong words</(b|strong)>", html.get_content()), raw

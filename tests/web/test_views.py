@@ -6,6 +6,10 @@ from the web, and rich-text compose.
 from __future__ import annotations
 
 import contextlib
+import email
+import email.message
+import email.policy
+import imaplib
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -157,3 +161,48 @@ def test_junk_and_not_junk_feed_the_learning_queue(inst: Instance) -> None:
         uid = uid_of(c, "cheap meds")
         c.post("/mail/act", data={"csrf": token, "f": "INBOX", "op": "move", "dest": "Archive", "u": str(uid)})
         assert len(learn_requests(inst)) == before + 2
+
+
+def test_rich_text_is_sanitized_and_sent_with_a_text_part(inst: Instance) -> None:
+    evil = ('<p>Hello <b>bold</b> <i>it</i></p><ul><li>one</li></ul><a href="https://example.org/" onclick="x()">'
+            'link</a><a href="javascript:alert(1)">js</a><script>alert(2)</script><img src="https://t.invalid/p">'
+            '<span style="color:red">plain</span><iframe src="https://t.invalid/"></iframe>')
+    with client(inst) as c:
+        token = csrf(c, "/mail/compose")
+        r = c.post("/mail/send", data={"csrf": token, "to": BOB, "subject": "rich one", "text": "Hello bold it",
+                                       "html": evil, "action": "send"})
+        assert r.status_code == 303, r.text
+    msg = fetch(inst, BOB, "INBOX", "rich one")
+    assert msg.get_content_type() == "multipart/alternative"
+    text, html = (p for p in msg.iter_parts())
+    assert text.get_content_type() == "text/plain" and "Hello bold it" in text.get_content()
+    body = html.get_content()
+    assert html.get_content_type() == "text/html"
+    for good in ("<b>bold</b>", "<i>it</i>", "<li>one</li>", 'href="https://example.org/"', "plain"):
+        assert good in body, body
+    for bad in ("onclick", "javascript:", "<script", "alert(2)", "<img", "style=", "<iframe", "t.invalid"):
+        assert bad not in body, body
+
+
+def fetch(inst: Instance, user: str, folder: str, subject: str) -> email.message.EmailMessage:
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(user, PW)
+        imap.select(folder)
+        typ, data = imap.search(None, "SUBJECT", f'"{subject}"')
+        assert typ == "OK" and data[0]
+        typ, got = imap.fetch(data[0].split()[-1], "(BODY[])")
+        first = got[0]
+        assert isinstance(first, tuple)
+        msg = email.message_from_bytes(first[1], policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        return msg
+
+
+def test_plain_compose_stays_single_part(inst: Instance) -> None:
+    with client(inst) as c:
+        token = csrf(c, "/mail/compose")
+        r = c.post("/mail/send", data={"csrf": token, "to": BOB, "subject": "plain one", "text": "just text",
+                                       "html": "", "action": "send"})
+        assert r.status_code == 303
+    msg = fetch(inst, ALICE, "Sent", "plain one")
+    assert msg.get_content_type() == "text/plain" and "just text" in msg.get_content()
