@@ -385,7 +385,7 @@ class Webmail:
         badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
                                   self.config.authserv_id, domains)
         sender = _sender_address(v.sender)
-        remote = await self._remote_allowed(s, user, name, uid, sender)
+        remote = await self._remote_allowed(s, user, name, uid, sender, badge)
         blocked = 0
         if v.html_part is not None and not remote:
             root = parse_message(raw)
@@ -408,7 +408,8 @@ class Webmail:
         if part is None or part.maintype != "text" or part.subtype != "html":
             raise web.HTTPNotFound(text="no such part\n")
         html = decode_body(part)[: render.MAX_HTML]
-        remote = await self._remote_allowed(s, user, name, uid, _sender_address(render.view(raw).sender))
+        remote = await self._remote_allowed(s, user, name, uid, _sender_address(render.view(raw).sender),
+                                            await self._badge(raw))
 
         def cid_url(cid: str) -> str:
             return "/mail/cid?" + urlencode({"f": name, "u": uid, "c": cid})
@@ -480,11 +481,20 @@ class Webmail:
         s.remote_ok.add((name, uid))
         raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uid))
 
-    async def _remote_allowed(self, s: WebSession, user: User, folder: str, uid: int, sender: str) -> bool:
-        """Remote content of this message is shown: asked for once (this session), or for its sender."""
+    async def _badge(self, raw: bytes) -> render.AuthBadge | None:
+        domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
+        return render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
+                                 self.config.authserv_id, domains)
+
+    async def _remote_allowed(self, s: WebSession, user: User, folder: str, uid: int, sender: str,
+                              badge: render.AuthBadge | None) -> bool:
+        """Remote content of this message is shown: asked for once (this session), or for its sender,
+        unless our own Authentication-Results say the From address is forged (DMARC fail)."""
         if (folder, uid) in s.remote_ok:
             return True
         if not sender:
+            return False
+        if badge is not None and (badge.own_domain_forged or ("dmarc", "fail") in badge.results):
             return False
         prefs = await asyncio.to_thread(self.prefs.get, user)
         return sender in prefs.remote_senders

@@ -113,7 +113,8 @@ class SettingsPages:
             return await self.page(request, s, user, error=f"At most {MAX_RULES} rules.", status=400, form=rules)
         days = _field(form, "days").strip()
         addresses = [a for a in _field(form, "addresses").replace(",", " ").split() if a][:20]
-        rules.vacation = Vacation(_field(form, "vacation") == "1", _field(form, "vsubject").strip()[:200],
+        subject = " ".join(_field(form, "vsubject").split())[:200]  # one line: it becomes a header field
+        rules.vacation = Vacation(_field(form, "vacation") == "1", subject,
                                   _field(form, "vbody")[:4000], int(days) if days.isdigit() and len(days) < 4 else 0,
                                   addresses)
         if not 1 <= rules.vacation.days <= 90:

@@ -138,6 +138,30 @@ def test_remote_content_remembered_per_sender(inst: Instance) -> None:
         assert "https:" not in body.headers["content-security-policy"]
 
 
+def test_remembered_sender_with_failing_dmarc_stays_blocked(inst: Instance) -> None:
+    """A From address can be forged: when our own Authentication-Results say DMARC failed, the
+    sender's remembered choice does not apply (the message was added over IMAP, as delivery would
+    have stamped it)."""
+    m = html_message("trusted@elsewhere.invalid", "forged trusted")
+    m["Authentication-Results"] = f"mail.{DOMAIN}; dmarc=fail header.from=elsewhere.invalid"
+    m2 = html_message("trusted@elsewhere.invalid", "real trusted")
+    m2["Authentication-Results"] = f"mail.{DOMAIN}; dmarc=pass header.from=elsewhere.invalid"
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(ALICE, PW)
+        for msg in (m, m2):
+            typ, _ = imap.append("INBOX", "", imaplib.Time2Internaldate(1.7e9), msg.as_bytes())
+            assert typ == "OK"
+    with client(inst) as c:
+        token = csrf(c)
+        real, forged = uid_of(c, "real trusted"), uid_of(c, "forged trusted")
+        assert c.post("/mail/remote", data={"csrf": token, "f": "INBOX", "u": real, "always": "1"}).status_code == 303
+    with client(inst) as c:
+        assert "remote image(s) blocked" not in c.get("/mail/msg", params={"f": "INBOX", "u": real}).text
+        assert "remote image(s) blocked" in c.get("/mail/msg", params={"f": "INBOX", "u": forged}).text
+        body = c.get("/mail/body", params={"f": "INBOX", "u": forged, "p": "2"})
+        assert "https:" not in body.headers["content-security-policy"]
+
+
 def learn_requests(inst: Instance) -> list[tuple[str, int]]:
     (db,) = list(inst.root.rglob("learn.sqlite"))
     with contextlib.closing(sqlite3.connect(db)) as conn:
