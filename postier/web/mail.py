@@ -176,9 +176,12 @@ class Webmail:
                     raise web.HTTPSeeOther(area.login_path)
                 raise web.HTTPForbidden(text="not logged in\n")
             user = await asyncio.to_thread(self.accounts.get_user, s.address)
-            if user is None or (area.admin and not await asyncio.to_thread(self.accounts.is_admin, s.address)):
-                area.sessions.drop_user(s.address)  # the account was removed, or is no longer admin
+            if user is None:
+                area.sessions.drop_user(s.address)  # the account was removed
                 raise web.HTTPSeeOther(area.login_path)
+            if area.admin and not await asyncio.to_thread(self.accounts.is_admin, s.address):
+                area.sessions.drop_user(s.address)  # no longer an admin: refused, and logged out
+                raise web.HTTPForbidden(text="not an administrator\n")
             if request.method != "GET":
                 if not self._same_origin(request):
                     raise web.HTTPForbidden(text="cross-site request refused\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from postier.accounts import Accounts
 from postier.antispam.verdicts import VerdictLog
 from postier.config import load_config
 from postier.mailauth.reports import AggregateReport, PolicyPublished, ReportRow, ReportStore
@@ -232,3 +233,34 @@ def test_verdict_search_by_address_is_exact(tmp_path: Path) -> None:
         assert vlog.find_address("y.test") == [] and vlog.find_address("") == []
     finally:
         vlog.close()
+
+
+def test_an_admin_no_longer_admin_gets_403_on_every_page(inst: Instance) -> None:
+    other = f"second@{DOMAIN}"
+    inst.cli("user", "add", other, "--password-stdin", "--admin", stdin=PW + "\n")
+    with client(inst) as c:
+        assert c.post("/admin/login", data={"address": other, "password": PW}).status_code == 303
+        r = c.get("/admin/queue")
+        assert r.status_code == 200
+        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        assert m
+        token = m.group(1)
+        acc = Accounts(load_config(inst.config).accounts_db)
+        try:
+            acc.set_console_admin(other, False)
+        finally:
+            acc.close()
+        assert c.post("/admin/queue", data={"op": "retry_all", "csrf": token}).status_code == 403
+        for page in ("/admin/home", *PAGES):
+            assert c.get(page).status_code in (403, 303), page  # 403, then logged out: back to the login
+        assert c.post("/admin/do", data={"op": "domain_add", "domain": "x.test", "csrf": token}).status_code == 403
+    with client(inst) as c:  # the next request of a session that is still open: 403 on each page
+        for page in ("/admin/home", *PAGES):
+            assert c.post("/admin/login", data={"address": ROOT, "password": PW}).status_code == 303
+            acc = Accounts(load_config(inst.config).accounts_db)
+            try:
+                acc.set_console_admin(ROOT, False)
+                assert c.get(page).status_code == 403, page
+            finally:
+                acc.set_console_admin(ROOT, True)
+                acc.close()
