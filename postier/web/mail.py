@@ -886,24 +886,37 @@ def _folders_and_threads(mb: Mailboxes, user: str, name: str, page: int, size: i
     items = sort_items(mb, name, [(first + i + 1, u) for i, u in enumerate(window)], True)
     roots = thread_references(items)
 
-    def latest(node: ThreadNode) -> float:
-        own = node.item.sent.timestamp() if node.item is not None else 0.0
-        return max([own, *(latest(c) for c in node.children)])
-    roots.sort(key=latest, reverse=True)
-    chosen: list[tuple[int, int]] = []  # (uid, depth)
-
-    def walk(node: ThreadNode, depth: int) -> None:
-        if node.item is not None:  # a dummy (a message referred to but not here) takes no row
-            chosen.append((node.item.id, min(depth, MAX_DEPTH)))
-        for c in node.children:
-            walk(c, depth + (node.item is not None))
-    for root in roots[page * size:(page + 1) * size]:
-        walk(root, 0)
+    chosen = _thread_rows(roots, page, size)
     depth = dict(chosen)
     rows = _items(mb, name, [u for u, _d in chosen])
     for r in rows:
         r["depth"] = depth.get(r["uid"], 0)
     return folders, (len(roots), rows, first > 0)
+
+
+def _thread_rows(roots: list[ThreadNode], page: int, size: int) -> list[tuple[int, int]]:
+    """(id, depth) of every message of one page of threads, newest thread first, each thread in reply
+    order. Iterative, as threading.py: a chain of replies may be as long as the window."""
+    def latest(root: ThreadNode) -> tuple[float, int]:
+        """The newest message of a thread: its sent date, then its id (the later arrival) on a tie."""
+        best, stack = (0.0, 0), [root]
+        while stack:
+            node = stack.pop()
+            if node.item is not None:
+                best = max(best, (node.item.sent.timestamp(), node.item.id))
+            stack.extend(node.children)
+        return best
+    ordered = sorted(roots, key=latest, reverse=True)
+    chosen: list[tuple[int, int]] = []
+    for root in ordered[page * size:(page + 1) * size]:
+        walk: list[tuple[ThreadNode, int]] = [(root, 0)]
+        while walk:
+            node, d = walk.pop()
+            if node.item is not None:  # a dummy (a message referred to but not here) takes no row
+                chosen.append((node.item.id, min(d, MAX_DEPTH)))
+            step = 1 if node.item is not None else 0
+            walk.extend((c, d + step) for c in reversed(node.children))
+    return chosen
 
 
 def _contacts(mb: Mailboxes, sent: str, messages: int = 200, limit: int = 500) -> list[str]:
