@@ -203,7 +203,7 @@ def test_decision_log_search_by_address_and_queue_id(inst: Instance) -> None:
                 break
             time.sleep(0.3)
         assert "logged-1@elsewhere.invalid" in r.text, r.text
-        qid = re.search(r"queue id (\S+),", r.text)
+        qid = re.search(r"queue id (\S+) ", r.text)
         assert qid
         r2 = c.get("/admin/log", params={"q": qid.group(1)})
         assert "logged-1@elsewhere.invalid" in r2.text
