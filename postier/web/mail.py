@@ -47,7 +47,7 @@ from ..proto.smtp.errors import AddressError
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..message.threading import ThreadNode, thread_references
-from ..server.imap import LEARN_BATCH
+from ..antispam.learning import JUNK, enqueue, verdict
 from ..server.imapfetch import run_search
 from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
@@ -543,9 +543,9 @@ class Webmail:
                     if op == "notjunk":
                         await self.store.call(mb.store, name, uids, "-FLAGS", ["$Junk"])
                     res = await self.store.call(mb.move, name, uids, dest)
-                    junk = self._junk_folder()
-                    if junk is not None and (dest == junk) != (name == junk) and dest != "Trash":
-                        await self._learn(user, mb, dest, res.dest_uids, spam=dest == junk)
+                    spam = verdict(name, dest, self._junk_folder())
+                    if spam is not None:  # the user's verdict trains the filter, as an IMAP move does
+                        await self._learn(user, mb, dest, res.dest_uids, spam)
             except StoreError as exc:
                 raise web.HTTPConflict(text=f"{exc}\n") from None
         self.store.notifier.notify(user.address, name)
@@ -559,9 +559,9 @@ class Webmail:
 
     def _junk_folder(self) -> str | None:
         """The folder whose moves in and out train the spam filter, as for IMAP (None: no learning)."""
-        if self.services.learning is None or "Junk" not in self.config.mailbox.special_use_folders:
+        if self.services.learning is None or JUNK not in self.config.mailbox.special_use_folders:
             return None
-        return "Junk"
+        return JUNK
 
     async def _learn(self, user: User, mb: Mailboxes, folder: str, uids: list[int], spam: bool) -> None:
         """The user's verdict trains the spam filter: one request per message on the learning queue
@@ -570,11 +570,7 @@ class Webmail:
         if learning is None or not uids:
             return
         try:
-            rows = await self.store.call(mb.rows, folder, uids[:LEARN_BATCH])
-            for row in rows.values():
-                data = await self.store.call(mb.read, folder, row)
-                await asyncio.to_thread(learning.add, user.address, data, spam)
-            learning.wake()
+            await enqueue(learning, self.store.call, mb, user.address, folder, uids, spam)
         except Exception:
             log.exception("webmail: queueing %s for learning failed", user.address)
 

@@ -18,6 +18,7 @@ from email.message import EmailMessage
 import httpx
 import pytest
 
+from postier.antispam.learning import verdict
 from tests.harness import Instance
 from tests.web.test_webmail import deliver
 
@@ -230,3 +231,11 @@ def test_plain_compose_stays_single_part(inst: Instance) -> None:
         assert r.status_code == 303
     msg = fetch(inst, ALICE, "Sent", "plain one")
     assert msg.get_content_type() == "text/plain" and "just text" in msg.get_content()
+
+
+def test_which_moves_are_a_verdict() -> None:
+    assert verdict("INBOX", "Junk", "Junk") is True
+    assert verdict("Junk", "INBOX", "Junk") is False and verdict("Junk", "Archive", "Junk") is False
+    assert verdict("Junk", "Trash", "Junk") is None  # deleting spam is no "not spam"
+    assert verdict("INBOX", "Archive", "Junk") is None and verdict("Junk", "Junk", "Junk") is None
+    assert verdict("INBOX", "Junk", None) is None  # no learning configured
