@@ -1,15 +1,15 @@
 """Learning from the user: messages moved into or out of Junk train Rspamd's classifier, later.
 
-The IMAP layer records a training request (`LearnQueue.add`) when a user moves a message into the
-Junk folder or flags it `$Junk` (spam), or moves it out of Junk or flags it `$NotJunk` (ham); the
-IMAP reply never waits for Rspamd. A background task (`LearnQueue.run`) sends each request to
+IMAP and the webmail record a training request (`enqueue`, then `LearnQueue.add`) when a user moves
+a message into the Junk folder or flags it `$Junk` (spam), or moves it out of Junk or flags it
+`$NotJunk` (ham); `verdict` says which moves count. The user's reply never waits for Rspamd. A background task (`LearnQueue.run`) sends each request to
 Rspamd's controller (`/learnspam`, `/learnham`) and retries with backoff while Rspamd is down.
 
 Requests are durable (SQLite, the message bytes copied: the user may expunge the message before
 it is learnt), so the user's choices survive a restart, and bounded: past `max_pending` the oldest
 requests are dropped with a log line, and messages over `max_size` are truncated (Rspamd's
 classifier reads the first part of a message only). Only the owner of a mailbox can train from it:
-requests come from that user's own IMAP session.
+requests come from that user's own IMAP or webmail session.
 """
 
 from __future__ import annotations
