@@ -10,6 +10,8 @@ answer (the server's own time, without TLS or the client):
   * opening one message,
   * a search (From/To/Cc/Subject) that fills a page from the newest messages, and one that must
     read every header,
+  * the conversations view (RFC 5256 REFERENCES over the newest 2,000 messages), cold and warm,
+  * the settings page (the Sieve script, preferences and folders),
 
 then the process RSS growth for S more logged-in sessions (each with one folder page viewed).
 
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                 opened = [server_ms(c.get("/mail/msg", params={"f": "INBOX", "u": uid})) for _ in range(args.repeats)]
                 common = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "note"}))
                 rare = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "report 12340 x"}))
+                threads_cold = server_ms(c.get("/mail/folder", params={"f": "INBOX", "t": "1"}))
+                threads = [server_ms(c.get("/mail/folder", params={"f": "INBOX", "t": "1"}))
+                           for _ in range(args.repeats)]
+                settings = [server_ms(c.get("/mail/settings")) for _ in range(args.repeats)]
                 before = rss_kib(inst.proc.pid)
                 sessions = []
                 for _ in range(args.sessions):
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  open a message     median / max  {statistics.median(opened):8.1f} / {max(opened):.1f}")
             print(f"  search 'note' (a page of matches among the newest)  {common:8.1f}")
             print(f"  search 'report 12340 x' (one match: every header)   {rare:8.1f}")
+            print(f"  conversations, cold                {threads_cold:8.1f}")
+            print(f"  conversations, warm median / max  {statistics.median(threads):8.1f} / {max(threads):.1f}")
+            print(f"  settings page      median / max  {statistics.median(settings):8.1f} / {max(settings):.1f}")
             print(f"  RSS growth for {args.sessions} more sessions: {after - before} KiB "
                   f"({(after - before) / max(1, args.sessions):.1f} KiB each)")
         finally:

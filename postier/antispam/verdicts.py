@@ -146,3 +146,18 @@ class VerdictLog:
                 (key, mid, key, limit)).fetchall()
         return [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
                 for r in rows]
+
+    def find_address(self, address: str, limit: int = 50) -> list[Verdict]:
+        """Verdicts whose sender or one of whose recipients is `address` (case-insensitively), newest first."""
+        key = address.strip().lower()
+        if not key:
+            return []
+        pattern = "%" + json.dumps(key)[1:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT time, queue_id, message_id, client, sender, recipients, action, reasons FROM verdicts "
+                "WHERE lower(sender)=? OR lower(recipients) LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
+                (key, pattern, limit * 4)).fetchall()
+        out = [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
+               for r in rows]
+        return [v for v in out if v.sender.lower() == key or key in (a.lower() for a in v.recipients)][:limit]

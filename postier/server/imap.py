@@ -36,6 +36,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..antispam.learning import JUNK, enqueue, verdict
 from ..message.types import User
 from ..message.matching import SearchContext
 from ..message.sorting import SortItem, sort_messages
@@ -1142,9 +1143,9 @@ class IMAPSession(Session):
         if res.dest_uids:
             code = Code.copyuid(res.uidvalidity, SequenceSet.from_ids(res.source_uids),
                                 SequenceSet.from_ids(res.dest_uids))
-        junk = self._junk_folder()
-        if junk is not None and (dest == junk) != (sel.name == junk) and dest != "Trash":
-            self._learn(dest, res.dest_uids, spam=dest == junk)  # the user's verdict trains the filter
+        spam = verdict(sel.name, dest, self._junk_folder())
+        if spam is not None:
+            self._learn(dest, res.dest_uids, spam=spam)  # the user's verdict trains the filter
         if move:
             self._notify(sel.name)
             if code is not None:
@@ -1155,9 +1156,9 @@ class IMAPSession(Session):
 
     def _junk_folder(self) -> str | None:
         """The folder whose moves in and out train the spam filter (None: no learning configured)."""
-        if self.services.learning is None or "Junk" not in self.services.config.mailbox.special_use_folders:
+        if self.services.learning is None or JUNK not in self.services.config.mailbox.special_use_folders:
             return None
-        return "Junk"
+        return JUNK
 
     def _learn(self, folder: str, uids: list[int], spam: bool) -> None:
         """Queue training requests for these messages, off the reply's path (antispam/learning.py)."""
@@ -1167,11 +1168,7 @@ class IMAPSession(Session):
 
         async def run() -> None:
             try:
-                rows = await self.call(mb.rows, folder, uids[:LEARN_BATCH])
-                for row in rows.values():
-                    data = await self.call(mb.read, folder, row)
-                    await asyncio.to_thread(learning.add, user.address, data, spam)
-                learning.wake()
+                await enqueue(learning, self.call, mb, user.address, folder, uids, spam)
             except Exception:  # training is best effort: never an error for the user
                 log.exception("imap: queueing %s for learning failed", user.address)
 
@@ -1275,7 +1272,6 @@ class IMAPSession(Session):
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
 
-LEARN_BATCH = 100  # messages trained per command at most
 NOTIFY_MAX_MAILBOXES = 1000  # mailboxes one NOTIFY may watch (each is polled while watched)
 NOTIFY_NAMES = "\x00names"  # the notifier's key for a user's mailbox names and subscriptions
 _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from ..accounts import Accounts
 from ..message.types import AccountError, User
-from .mail import Area, Webmail, _field, _form
+from .forms import _field, _form
+from .mail import Area, Webmail
 from .sessions import SessionTable, WebSession
 
 __all__ = ["AdminConsole"]
@@ -38,6 +39,9 @@ class AdminConsole:
         self.web.add_login_routes(app, self.area)
         app.router.add_get("/admin/home", self.web._wrap(self.web._authed(self.home, self.area)))
         app.router.add_post("/admin/do", self.web._wrap(self.web._authed(self.do, self.area)))
+        from .admin_pages import AdminPages  # noqa: PLC0415 - the status pages and their commands' code
+
+        AdminPages(self).mount(app)
 
     async def home(self, request: web.Request, s: WebSession, user: User, error: str = "",
                    status: int = 200) -> web.StreamResponse:
