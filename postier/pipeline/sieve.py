@@ -31,7 +31,9 @@ from ..proto.smtp.replies import Reply
 from ..sieve import CompileError, Environment, Limits, Message, Script, compile_script, run
 from ..sieve.outcome import Delivery, Plan, plan
 from ..store.delivery import LocalDelivery
-from ..store.maildir import folder_root
+from ..store.index import encode_suffix, names_to_flags
+from ..store.mailbox import MailStore
+from ..store.maildir import DeliveryError, folder_root
 from ..store.sieve import ScriptStore, TrackingStore
 
 __all__ = ["SieveFilter", "SieveOutcome"]
@@ -56,8 +58,9 @@ class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
     def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, mailstore: MailStore | None = None) -> None:
         self.config = config
+        self.mailstore = mailstore  # registers the keywords a script gives a stored message
         self.srs = srs
         self.mda = mda
         self.queue = queue
@@ -128,9 +131,11 @@ class SieveFilter:
         targets = [(user, None if st.mailbox.upper() == "INBOX" else st.mailbox) for st in p.stores]
         ok = True
         for (u, folder_name), st in zip(targets, p.stores, strict=True):
-            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from)
+            info = await self._flags(u, folder_name, st.flags)
+            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from, info)
             if not res[0].ok and folder_name is not None:  # an unusable folder name: keep in INBOX
-                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from)
+                info = await self._flags(u, None, st.flags)
+                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from, info)
             ok = ok and res[0].ok
         for send in p.sends:
             try:
@@ -143,6 +148,34 @@ class SieveFilter:
                 if send.kind == "redirect":
                     ok = False  # the copy would be lost: the client retries (4xx)
         return ok, None
+
+    async def _flags(self, user: User, folder: str | None, flags: Sequence[str]) -> str:
+        """RFC 5232 §5: the Maildir info suffix (":2,FSa") giving the stored message its flags; the
+        keywords are registered with the folder through the mail store (letters are per folder). ""
+        when there are none, for an mbox, or when the folder name is unusable (the caller keeps)."""
+        if not flags or user.mailbox_format != "maildir":
+            return ""
+        try:
+            folder_root(user.maildir(self.config.mail_root), folder)
+        except (DeliveryError, ValueError):
+            return ""
+        store = self.mailstore
+        if store is None:  # system flags only: keywords need the folder's letters
+            bits, _ = names_to_flags([f for f in flags if f.startswith("\\")])
+            return encode_suffix("", bits, (), ()) if bits else ""
+
+        def suffix() -> str:
+            mb = store.acquire(user)
+            try:
+                return mb.delivery_suffix(folder or "INBOX", flags)
+            finally:
+                store.release(mb)
+
+        try:
+            return await store.call(suffix)
+        except Exception:
+            log.exception("%s: cannot register the flags %s; stored without them", user.address, " ".join(flags))
+            return ""
 
     def _exists(self, user: User, box: str) -> bool:
         try:

@@ -173,7 +173,7 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
-    sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
+    sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)

@@ -131,16 +131,20 @@ class Agent:
             self._starting = None
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes, data: list[bytes] | None,
-                      path: str | None, size: int, envelope_from: str) -> list[Result]:
-        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes)."""
+                      path: str | None, size: int, envelope_from: str, info: str = "") -> list[Result]:
+        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes);
+        `info` is the Maildir flags suffix every copy gets (":2,FS"; "" lands in new/)."""
         await self._start()
         assert self.transport is not None
         self._next += 1
         ident = self._next
-        header = json.dumps({
+        request: dict[str, Any] = {
             "id": ident, "from": envelope_from, "prefix": len(prefix), "path": path, "size": size,
             "to": [[u.address, u.local, u.domain, u.mailbox_format, folder] for u, folder in users],
-        }).encode()
+        }
+        if info:
+            request["info"] = info
+        header = json.dumps(request).encode()
         length = len(prefix) + (sum(len(c) for c in data) if data else 0)
         fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
@@ -269,7 +273,7 @@ def _deliver_each(mail_root: Path, header: dict[str, Any], data: bytes) -> list[
                 body = MessageBody.from_spool(header["path"], header["size"])
             try:
                 ok, detail = deliver_to_user(mail_root, User(address, local, domain, fmt), prefix, body,
-                                             header["from"], folder)
+                                             header["from"], folder, str(header.get("info", "")))
             finally:
                 if isinstance(body, MessageBody):
                     body.close()
@@ -299,7 +303,7 @@ class _Batch:
         for i, (address, local, domain, fmt, folder) in enumerate(header["to"]):
             try:
                 root = folder_root(User(address, local, domain, fmt).maildir(self.mail_root), folder)
-                self.drafts.append((results, i, MaildirDraft(root, prefix, body)))
+                self.drafts.append((results, i, MaildirDraft(root, prefix, body, str(header.get("info", "")))))
             except (DeliveryError, AccountError, OSError, ValueError) as exc:
                 self._failed(results, i, address, exc)
 
