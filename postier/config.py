@@ -228,6 +228,9 @@ class MailAuth:
     dkim_verify: bool = True
     dmarc: bool = True
     dkim_sign: bool = True
+    #: ARC (RFC 8617): seal the mail we forward (aliases, Sieve redirect) with the forwarding domain's
+    #: RSA DKIM key, and validate the chain of inbound mail (arc= in Authentication-Results).
+    arc: bool = True
     dmarc_reports: bool = False
     dnsbl: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net")
     #: Refuse MAIL FROM at once when SPF says "fail" (otherwise DMARC decides at the end of DATA).

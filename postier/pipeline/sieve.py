@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
 from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
 from ..proto.smtp.replies import Reply
@@ -58,8 +59,9 @@ class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
     def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
-                 srs: SRS | None = None, mailstore: MailStore | None = None) -> None:
+                 srs: SRS | None = None, mailstore: MailStore | None = None, arc: ARCSealer | None = None) -> None:
         self.config = config
+        self.arc = arc  # seals redirected mail (RFC 8617)
         self.mailstore = mailstore  # registers the keywords a script gives a stored message
         self.srs = srs
         self.mda = mda
@@ -142,7 +144,10 @@ class SieveFilter:
                 frm = send.mail_from
                 if send.kind == "redirect" and self.srs is not None and frm:  # SPF passes at the target
                     frm = self.srs.forward(frm, user.domain)
-                await self._send(env, send.kind, frm, send.rcpt_to, send.message)
+                arc = b""
+                if send.kind == "redirect" and self.arc is not None:  # RFC 8617 §4: we forward, we seal
+                    arc = await self.arc.seal(send.message, user.domain)
+                await self._send(env, send.kind, frm, send.rcpt_to, send.message, arc)
             except Exception:
                 log.exception("%s: sieve %s to %s could not be queued", env.qid, send.kind, send.rcpt_to)
                 if send.kind == "redirect":
@@ -217,14 +222,16 @@ class SieveFilter:
             tracking.record("dup\0" + key, now + max(1, seconds))
         return p
 
-    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes) -> None:
-        """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3)."""
+    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes,
+                    arc: bytes = b"") -> None:
+        """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3),
+        a redirect carries the ARC set `arc`."""
         out = Envelope(role="sieve", peer_ip="127.0.0.1", mail_from=mail_from,
                        recipients=[Recipient(rcpt_to)])
         body = MessageBody(self.config.spool_dir)
         body.write(message)
         try:
-            prefix = b""
+            prefix = arc
             if kind != "redirect" and self.signer is not None:
                 prefix = await self.signer.sign(out, body)
             await self.queue.enqueue(out, [rcpt_to], prefix, body)
