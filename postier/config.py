@@ -353,8 +353,11 @@ class Sieve:
     max_scripts: int = 20
     max_redirects: int = 4
     #: A script run for users without an active one (e.g. spam to Junk through spamtest); none: the
-    #: verdict's Junk folder alone.
+    #: verdict's Junk folder alone. A user's own active script replaces it (it does not run before).
     default_script: Path | None = None
+    #: Per domain ([sieve.domain_scripts] "example.org" = "path"): the default script of that domain's
+    #: users, in place of `default_script`.
+    domain_scripts: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """Runs each local user's active Sieve script at delivery (RFC 5228 §2.10) and carries out its plan:
 stores, redirects and vacation replies through the queue, SMTP-time refusals (RFC 5429 §2.2).
 
-The MX and LMTP pipelines hand their local recipients here after the inbound checks. Users without
-an active script (and no `[sieve] default_script`) are delivered as before, all at once. For a user
-with one, the script runs in a worker thread (CPU-bounded by `sieve.Limits`); `sieve.outcome.plan`
+The MX and LMTP pipelines hand their local recipients here after the inbound checks. A user's own
+active script runs; without one, their domain's default script (`[sieve.domain_scripts]`), else the
+server's (`[sieve] default_script`). A default is replaced by the user's script, never run before it
+(Pigeonhole's `sieve_default`, not `sieve_before`): what a user writes is all that runs for them
+(the verdict's Junk folder still is their implicit keep's). Users with no script at all are
+delivered as before, all at once. For a user with a script, it runs in a worker thread (CPU-bounded by `sieve.Limits`); `sieve.outcome.plan`
 turns its result into stores, outgoing messages and a refusal. The verdict's Junk folder is the
 default mailbox of the implicit keep, so an explicit `fileinto` wins over it. Any failure of the
 script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is never lost). Stores
@@ -75,16 +78,18 @@ class SieveFilter:
         self._default: Script | None = None
         if s.default_script is not None:
             self._default = compile_script(s.default_script.read_bytes(), "default")
+        self._domain_default = {domain.lower().rstrip("."): compile_script(path.read_bytes(), "default")
+                                for domain, path in s.domain_scripts.items()}
 
     def store_for(self, user: User) -> ScriptStore:
         s = self.config.sieve
         return ScriptStore(sieve_dir(self.config.mail_root, user), s.max_scripts, s.max_script_size)
 
     def _script(self, user: User) -> Script | None:
-        """The user's active script (compiled), else the default one (blocking)."""
+        """The user's active script (compiled), else their domain's default, else the server's (blocking)."""
         active = self.store_for(user).active_script()
         if active is None:
-            return self._default
+            return self._domain_default.get(user.domain.lower(), self._default)
         try:
             return compile_script(active[1], active[0])
         except CompileError as e:  # checked at upload; a script changed on disk behind our back

@@ -5,7 +5,8 @@ over IMAP and from the Maildir file names.
 imap4flags (RFC 5232 §5): the flags a script gives (addflag, :flags) are those of the stored message,
 keywords included (registered in the folder's dovecot-keywords), invalid names dropped (§3); two
 sessions at once give each message its own keyword. `[sieve] default_script` runs for users without
-an active script (a DMARC-quarantined message is spam to spamtest); a user's own script replaces it.
+an active script (a DMARC-quarantined message is spam to spamtest), `[sieve.domain_scripts]` in its
+place for a domain's users; a user's own script replaces either.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ADDRESS = "127.0.0.6"
 DEFAULT = (b'require ["spamtest", "relational", "comparator-i;ascii-numeric", "fileinto", "imap4flags"];\n'
            b'if spamtest :value "ge" :comparator "i;ascii-numeric" "5" {\n'
            b'  fileinto :flags ["$DefaultJunk"] "Junk";\n}\n')
+DOMAIN_DEFAULT = b'require ["imap4flags"];\nkeep :flags ["$DomainDefault"];\n'
 SCRIPTS = {
     "ivy@d.test": 'require ["fileinto", "imap4flags"];\naddflag "\\\\Flagged";\naddflag "$Work";\n'
                   'addflag "bad(name";\nfileinto "Work";\n',
@@ -43,10 +45,14 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     with DNSServer() as dns:
         root: Path = tmp_path_factory.mktemp("flags")
         (root / "default.sieve").write_bytes(DEFAULT)
+        (root / "e.sieve").write_bytes(DOMAIN_DEFAULT)
         inst = Instance(root, "d.test", address=ADDRESS, extra_config=(
             f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = 2.0\n'
             '[mailauth]\ndkim_verify = false\n'
-            f'[sieve]\ndefault_script = "{root / "default.sieve"}"\n'))
+            f'[sieve]\ndefault_script = "{root / "default.sieve"}"\n'
+            f'[sieve.domain_scripts]\n"e.test" = "{root / "e.sieve"}"\n'))
+        inst.cli("domain", "add", "e.test")
+        inst.add_user("max@e.test")
         dns.add("evil.test", "TXT", "v=spf1 -all")  # spam: SPF fails, DMARC says quarantine
         dns.add("_dmarc.evil.test", "TXT", "v=DMARC1; p=quarantine")
         dns.add("good.test", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
@@ -155,3 +161,9 @@ def test_own_script_replaces_the_default(mx: Instance) -> None:
     send(mx, "ceo@evil.test", "jack@d.test", "spam2")  # jack's own script: keep, flagged \Seen
     assert len(wait_files(mx, "jack@d.test", 1, "Junk")) == 1  # the verdict's Junk is the keep's folder
     assert imap_flags(mx, "jack@d.test", "Junk") == {"spam2": {"\\Seen"}}  # no $DefaultJunk: not run
+
+
+def test_domain_default_in_place_of_the_servers(mx: Instance) -> None:
+    send(mx, "ceo@evil.test", "max@e.test", "spam3")  # e.test's default: keep, flagged; no Junk filing
+    assert len(wait_files(mx, "max@e.test", 1, "Junk")) == 1  # the verdict's Junk: the keep's folder
+    assert imap_flags(mx, "max@e.test", "Junk") == {"spam3": {"$DomainDefault"}}
