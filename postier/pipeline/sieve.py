@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
 from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
@@ -58,6 +58,16 @@ def sieve_dir(mail_root: Path, user: User) -> Path:
     return user.home(mail_root) / "sieve"
 
 
+def _load(key: str, path: Path) -> Script:
+    """A default script, compiled at start: one that cannot be read or compiled is a configuration error."""
+    try:
+        return compile_script(path.read_bytes(), "default")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    except CompileError as exc:
+        raise ConfigError(f"{key}: {path}: {'; '.join(str(e) for e in exc.errors)}") from None
+
+
 class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
@@ -75,10 +85,8 @@ class SieveFilter:
         # Vacation and duplicate decisions are read-then-write on the user's tracking store: one user's
         # deliveries plan one at a time (striped locks: bounded, whatever the number of users).
         self._locks = tuple(threading.Lock() for _ in range(64))
-        self._default: Script | None = None
-        if s.default_script is not None:
-            self._default = compile_script(s.default_script.read_bytes(), "default")
-        self._domain_default = {domain.lower().rstrip("."): compile_script(path.read_bytes(), "default")
+        self._default = _load("sieve.default_script", s.default_script) if s.default_script else None
+        self._domain_default = {domain.lower().rstrip("."): _load(f"sieve.domain_scripts.{domain}", path)
                                 for domain, path in s.domain_scripts.items()}
 
     def store_for(self, user: User) -> ScriptStore:

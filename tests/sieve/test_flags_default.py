@@ -167,3 +167,18 @@ def test_domain_default_in_place_of_the_servers(mx: Instance) -> None:
     send(mx, "ceo@evil.test", "max@e.test", "spam3")  # e.test's default: keep, flagged; no Junk filing
     assert len(wait_files(mx, "max@e.test", 1, "Junk")) == 1  # the verdict's Junk: the keep's folder
     assert imap_flags(mx, "max@e.test", "Junk") == {"spam3": {"$DomainDefault"}}
+
+
+def test_a_default_script_that_does_not_compile_is_a_config_error(tmp_path: Path) -> None:
+    from postier.config import ConfigError
+    from postier.pipeline.sieve import _load
+
+    bad = tmp_path / "bad.sieve"
+    bad.write_text("keep\n")
+    with pytest.raises(ConfigError, match=r"sieve.default_script: .*line 2"):
+        _load("sieve.default_script", bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        _load("sieve.default_script", tmp_path / "missing.sieve")
+    good = tmp_path / "ok.sieve"
+    good.write_text("keep;\n")
+    assert _load("sieve.default_script", good).commands
