@@ -73,7 +73,7 @@ class SMTPPipeline:
                  srs: SRS | None = None, arc: ARCSealer | None = None) -> None:
         self.config = config
         self.srs = srs  # None: forwarded mail keeps its sender (submission)
-        self.arc = arc  # seals what we forward (RFC 8617); None: the MX only
+        self.arc = arc  # seals the copies we forward (RFC 8617); given to the MX only
         self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
