@@ -234,6 +234,9 @@ class MailAuth:
     dkim_verify: bool = True
     dmarc: bool = True
     dkim_sign: bool = True
+    #: ARC (RFC 8617): seal the mail we forward (aliases, Sieve redirect) with the forwarding domain's
+    #: RSA DKIM key, and validate the chain of inbound mail (arc= in Authentication-Results).
+    arc: bool = True
     dmarc_reports: bool = False
     dnsbl: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net")
     #: Refuse MAIL FROM at once when SPF says "fail" (otherwise DMARC decides at the end of DATA).
@@ -363,8 +366,11 @@ class Sieve:
     max_scripts: int = 20
     max_redirects: int = 4
     #: A script run for users without an active one (e.g. spam to Junk through spamtest); none: the
-    #: verdict's Junk folder alone.
+    #: verdict's Junk folder alone. A user's own active script replaces it (it does not run before).
     default_script: Path | None = None
+    #: Per domain ([sieve.domain_scripts] "example.org" = "path"): the default script of that domain's
+    #: users, in place of `default_script`.
+    domain_scripts: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,12 @@ def _dmarc_clause(result: DMARCResult) -> AuthenticationResult:
 
 
 def authentication_results(authserv_id: str, *, spf: SPFResult | None = None, helo: SPFResult | None = None,
-                           dkim: Sequence[DKIMResult] | None = None, dmarc: DMARCResult | None = None) -> bytes:
+                           dkim: Sequence[DKIMResult] | None = None, dmarc: DMARCResult | None = None,
+                           arc: tuple[str, str] | None = None) -> bytes:
     """The header field to prepend, CRLF-terminated and folded one result per line.
 
     `dkim=None` leaves DKIM out; an empty sequence reports "dkim=none" (the message was not signed).
+    `arc` is the ARC chain validation (status, reason), RFC 8617 §2.2; None leaves it out.
     """
     if not _AUTHSERV_ID.match(authserv_id):
         raise ValueError(f"authserv-id {authserv_id!r} is not a valid RFC 8601 value")
@@ -85,6 +87,11 @@ def authentication_results(authserv_id: str, *, spf: SPFResult | None = None, he
         clauses.extend([str(_dkim_clause(r)) for r in dkim] or ["dkim=none"])
     if dmarc is not None:
         clauses.append(str(_dmarc_clause(dmarc)))
+    if arc is not None:  # RFC 8617 §2.2: arc=none / pass / fail
+        status, reason = arc
+        clauses.append(str(AuthenticationResult(
+            method="arc", result=status if status in ("none", "pass", "fail") else "fail",
+            reason=_clean(reason) or None if status == "fail" else None)))
     if not clauses:
         clauses.append("none")  # RFC 8601 §2.2: no method was applied
     body = ";\r\n\t".join(clauses)

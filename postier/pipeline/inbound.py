@@ -10,12 +10,14 @@ the end of DATA; alias targets in foreign domains go to the outbound queue (`Enq
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
 
 from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
+from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS, SRSError, is_srs
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
@@ -62,16 +64,17 @@ class SMTPPipeline:
     the inbound checks.
     """
 
-    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
+    __slots__ = ("arc", "checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
 
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
                  checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, arc: ARCSealer | None = None) -> None:
         self.config = config
         self.srs = srs  # None: forwarded mail keeps its sender (submission)
+        self.arc = arc  # seals the copies we forward (RFC 8617); given to the MX only
         self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
@@ -118,9 +121,21 @@ class SMTPPipeline:
         at the forwarding address's domain, so that SPF passes at the destination."""
         if self.srs is None or not env.mail_from:
             return env
-        via = next(r.address for r in env.recipients if r.remote)
-        sender = self.srs.forward(env.mail_from, via.rpartition("@")[2].lower())
+        sender = self.srs.forward(env.mail_from, self._forwarder(env))
         return env if sender == env.mail_from else dataclasses.replace(env, mail_from=sender)
+
+    @staticmethod
+    def _forwarder(env: Envelope) -> str:
+        """The domain forwarding the copies: the first recipient with targets elsewhere."""
+        via = next(r.address for r in env.recipients if r.remote)
+        return via.rpartition("@")[2].lower()
+
+    async def _sealed(self, env: Envelope, trace: bytes, body: MessageBody) -> bytes:
+        """RFC 8617 §4: the ARC set of the forwarding domain over the copy we forward (b"": none)."""
+        if self.arc is None:
+            return b""
+        message = trace + await asyncio.to_thread(body.getvalue)
+        return await self.arc.seal(message, self._forwarder(env))
 
     def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:
         """Record an inbound decision (the MX does; other roles have nothing to explain)."""
@@ -208,7 +223,8 @@ class SMTPPipeline:
         remote_ok = True
         if remote:
             try:
-                await self.queue.enqueue(self.forwarding(env), remote, trace, body)
+                arc = await self._sealed(env, trace, body)
+                await self.queue.enqueue(self.forwarding(env), remote, arc + trace, body)
             except Exception:
                 log.exception("%s: queueing forwarded copies failed", env.qid)
                 remote_ok = False
@@ -243,8 +259,8 @@ class MXPipeline(SMTPPipeline):
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
                  checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None, srs: SRS | None = None,
-                 decisions: DecisionLog | None = None) -> None:
-        super().__init__(config, directory, mda, queue, checks, sieve, srs)
+                 decisions: DecisionLog | None = None, arc: ARCSealer | None = None) -> None:
+        super().__init__(config, directory, mda, queue, checks, sieve, srs, arc)
         self.decisions = decisions
 
     def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from ..config import Config
 from ..message.rewrite import RewrittenBody, header_section
 from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
+from ..mailauth.arc import has_chain, verify_chain_async
 from ..mailauth.authresults import authentication_results, strip_forged
 from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
 from ..mailauth.dmarc import DMARCPolicy, DMARCResult, DMARCStatus, FromProblem, evaluate, from_domain
@@ -123,6 +124,18 @@ class InboundAuth:
             message = await asyncio.to_thread(body.getvalue)
             return await verify_all_async(message, self.resolver), False
 
+    async def _verify_arc(self, body: MessageBody) -> tuple[str, str] | None:
+        """The ARC chain's validation: (none / pass / fail, the reason); None: too large to read
+        (not recorded, so a copy we forward is not sealed on top of a chain we did not check)."""
+        if body.size > self.settings.max_verify_size:
+            return None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(VERIFY_SLOTS)
+        async with self._slots:
+            message = await asyncio.to_thread(body.getvalue)
+            result = await verify_chain_async(message, self.resolver)
+        return result.status, result.reason
+
     async def evaluate(self, env: Envelope, body: MessageBody) -> Verdict:
         s = self.settings
         authserv_id = self.config.authserv_id
@@ -154,8 +167,11 @@ class InboundAuth:
         dmarc: DMARCResult | None = None
         if author is not None:
             dmarc = await evaluate(author, spf, dkim or [], self.resolver, rng=self.rng)
+        arc: tuple[str, str] | None = None
+        if s.arc and has_chain(header):  # RFC 8617 §5.2, recorded for our seal's cv= when we forward
+            arc = await self._verify_arc(body)
 
-        headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc)
+        headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc, arc=arc)
         verdict = self._decide(dmarc, spf, dkim or [], too_big, headers, new_body)
         if s.spf or s.dkim_verify or s.dmarc:
             words = (f"spf={spf.status if spf else '-'}"

@@ -34,6 +34,7 @@ from ..antispam.rspamd import RspamdClient
 from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
 from ..config import HTTP_ROLES, Config
+from ..mailauth.arc import ARCSealer
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.metrics import MetricsEndpoint
@@ -209,12 +210,15 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     if dmarc_reports is not None and config.mailauth.dmarc_reports:
         report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
                                sign=dkim.sign_bytes if dkim is not None else None)
-    sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
+    # RFC 8617: forwarded copies (aliases, Sieve redirect) sealed with the domain's DKIM key
+    arc = ARCSealer(dkim.store, config.authserv_id) if dkim is not None and config.mailauth.arc else None
+    sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore, arc) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs, decisions),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs, decisions,
+                                  arc),
         "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve, srs=srs),
         "submission": submission,
         "submissions": submission,

@@ -134,16 +134,20 @@ class Agent:
             self._starting = None
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes, data: list[bytes] | None,
-                      path: str | None, size: int, envelope_from: str) -> list[Result]:
-        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes)."""
+                      path: str | None, size: int, envelope_from: str, info: str = "") -> list[Result]:
+        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes);
+        `info` is the Maildir flags suffix every copy gets (":2,FS"; "" lands in new/)."""
         await self._start()
         assert self.transport is not None
         self._next += 1
         ident = self._next
-        header = json.dumps({
+        request: dict[str, Any] = {
             "id": ident, "from": envelope_from, "prefix": len(prefix), "path": path, "size": size,
             "to": [[u.address, u.local, u.domain, u.mailbox_format, folder, u.quota] for u, folder in users],
-        }).encode()
+        }
+        if info:
+            request["info"] = info
+        header = json.dumps(request).encode()
         length = len(prefix) + (sum(len(c) for c in data) if data else 0)
         fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
@@ -272,7 +276,7 @@ def _deliver_each(mail_root: Path, header: dict[str, Any], data: bytes) -> list[
                 body = MessageBody.from_spool(header["path"], header["size"])
             try:
                 ok, detail = deliver_to_user(mail_root, User(address, local, domain, fmt, *limit[:1]), prefix,
-                                             body, header["from"], folder)
+                                             body, header["from"], folder, str(header.get("info", "")))
             finally:
                 if isinstance(body, MessageBody):
                     body.close()
@@ -304,7 +308,7 @@ class _Batch:
             try:
                 user = User(address, local, domain, fmt, *limit[:1])
                 root = folder_root(user.maildir(self.mail_root), folder)
-                draft = MaildirDraft(root, prefix, body)
+                draft = MaildirDraft(root, prefix, body, str(header.get("info", "")))
                 if user.quota is not None:  # store/quota.py: reserved, or refused with nothing kept
                     hold = QuotaHold(self.mail_root, user)
                     try:

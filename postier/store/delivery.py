@@ -44,21 +44,22 @@ class LocalDelivery:
         self.listeners: list[Callable[[User, str], None]] = []
 
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
-                    folder: str | None = None) -> DeliveryResult:
+                    folder: str | None = None, info: str = "") -> DeliveryResult:
         """Blocking delivery to one user."""
-        ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder)
+        ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder, info)
         return DeliveryResult(user, ok, detail)
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
-                      body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
-        """Deliver to every (user, folder) in parallel worker threads; one result per user."""
+                      body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult]:
+        """Deliver to every (user, folder) in parallel worker threads; one result per user. `info` is
+        the Maildir flags suffix of the stored copies (":2,FS", RFC 5232 §5 for Sieve's flags)."""
         results = None
         started = time.monotonic()
         if self.agent is not None:
-            results = await self._by_agent(self.agent, users, prefix, body, envelope_from)
+            results = await self._by_agent(self.agent, users, prefix, body, envelope_from, info)
         if results is None:
             loop = asyncio.get_running_loop()
-            futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
+            futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f, info)
                     for u, f in users]
             results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
         if self.metrics is not None:
@@ -90,7 +91,7 @@ class LocalDelivery:
                             tuple(r.user.address for r in results if not r.ok and r.detail == OVER_QUOTA))
 
     async def _by_agent(self, agent: Agent, users: list[tuple[User, str | None]], prefix: bytes,
-                        body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult] | None:
+                        body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult] | None:
         """Deliver through the agent; None when this body cannot go there (delivered here instead)."""
         data: list[bytes] | None = None
         path: str | None = None
@@ -105,7 +106,7 @@ class LocalDelivery:
         if data is not None and len(prefix) + size > AGENT_MAX_DATA:
             return None  # a large body handed over in memory (not by the SMTP listeners)
         try:
-            got = await agent.deliver(users, prefix, data, path, size, envelope_from)
+            got = await agent.deliver(users, prefix, data, path, size, envelope_from, info)
         except AgentError as exc:
             log.error("delivery failed: %s", exc)
             return [DeliveryResult(u, False, str(exc)) for u, _f in users]

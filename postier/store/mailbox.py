@@ -64,6 +64,7 @@ from .api import (
     StoreResult,
 )
 from .errors import (
+    InvalidKeyword,
     InvalidName,
     MailboxExists,
     MailboxNotFound,
@@ -860,6 +861,37 @@ class UserMailbox:
         modseq, uids = self.index.add_messages(row, st.path, entries)
         self._after_uids_added(st, uids, modseq)
         return st.uidvalidity, uids
+
+    @_locked
+    def delivery_suffix(self, name: str, flag_names: Sequence[str]) -> str:
+        """The maildir(5) info suffix (":2,FSa") that gives a message delivered into the folder these
+        flags (RFC 5232 §5: Sieve's imap4flags), the folder created when missing. Keywords are
+        registered with the folder first, so their letters mean them once the file appears; names
+        that are not flags are left out (RFC 5232 §3), as are \\Recent and keywords beyond the 26
+        letters a file name can carry."""
+        n = normalize_name(name)
+        if not self._exists(n):
+            with contextlib.suppress(MailboxExists):
+                self._create(n, self._default_use(n) or None)
+        valid: list[str] = []
+        for f in flag_names:
+            with contextlib.suppress(InvalidKeyword):
+                names_to_flags([f])
+                valid.append(f)
+        bits, kws = names_to_flags(valid)
+        if not (bits or kws):
+            return ""
+        row = self._row(n)
+        if kws:
+            try:
+                row = self.index.add_keywords(row, self.path_of(n), kws)
+                kws = self.index.canonical_keywords(row, kws)
+            except StoreLimit:
+                kws = []
+            st = self.states.get(n)
+            if st is not None:
+                st.keywords = row.keywords
+        return encode_suffix("", bits, kws, row.keywords)
 
     @_locked
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],

@@ -167,6 +167,9 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
         view = view[os.write(fd, view):]
 
 
+_INFO_RE = re.compile(r"^(?::2,[A-Za-z]{0,52})?$")
+
+
 class MaildirDraft:
     """One message on its way into a Maildir (maildir(5)): created and written in tmp/ by the
     constructor, then `sync()` (fsync), `publish()` (rename into new/), and new/ is fsynced
@@ -175,10 +178,11 @@ class MaildirDraft:
     messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
     """
 
-    __slots__ = ("dest_dir", "fd", "key", "name", "root", "size", "tmp")
+    __slots__ = ("dest_dir", "fd", "info", "key", "name", "root", "size", "tmp")
 
-    def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes):
+    def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes, info: str = ""):
         self.root = root
+        self.info = info  # the flags `publish()` gives the message unless told otherwise
         key = self.key = str(root)
         if key not in _dirsync.ready:
             ensure_maildir(root)
@@ -218,6 +222,8 @@ class MaildirDraft:
             raise DeliveryError(f"message not received: {spool.failed}")
         self = cls.__new__(cls)
         self.root = root
+        self.info = ""
+        self.size = spool.size
         key = self.key = str(root)
         if key not in _dirsync.ready:
             ensure_maildir(root)
@@ -237,9 +243,12 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
-    def publish(self, info: str = "") -> str:
+    def publish(self, info: str | None = None) -> str:
         """Rename into new/, or with an info suffix (flags, ":2,S") into cur/ (maildir(5)): visible
         to readers, durable once `dest_dir` is fsynced (`sync_new`). Returns the file's name."""
+        info = self.info if info is None else info
+        if not _INFO_RE.match(info):  # it becomes part of a file name: flag letters only
+            self._fail(OSError(f"invalid maildir info {info[:20]!r}"))
         if info:
             self.dest_dir = f"{self.key}/cur"
         fault_point("maildir.before_rename")
@@ -337,13 +346,14 @@ def sync_new(new_dir: str) -> None:
         raise DeliveryError(f"fsync of {new_dir} failed: {exc.strerror or exc}") from exc
 
 
-def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str:
-    """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/).
+def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes, info: str = "") -> str:
+    """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/, or in
+    cur/ with the `info` flags suffix, e.g. ":2,FS").
 
     Blocking. On any error nothing is left in tmp/, and nothing is visible in new/ unless only the
     final fsync of new/ failed (the caller answers 4xx either way).
     """
-    draft = MaildirDraft(root, prefix, body)
+    draft = MaildirDraft(root, prefix, body, info)
     draft.sync()
     name = draft.publish()
     sync_new(draft.dest_dir)  # ...and the rename is on disk before we answer 250
@@ -437,17 +447,18 @@ def folder_root(maildir: Path, folder: str | None) -> Path:
 
 
 def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
-                    folder: str | None = None) -> tuple[bool, str]:
+                    folder: str | None = None, info: str = "") -> tuple[bool, str]:
     """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error;
-    `quota.OVER_QUOTA` when the user's quota has no room for the message)."""
+    `quota.OVER_QUOTA` when the user's quota has no room for the message). `info` is the Maildir flags
+    suffix (":2,FS"); an mbox has no place for flags."""
     try:
         if user.mailbox_format == "mbox":
             deliver_mbox(user.mbox(mail_root), envelope_from, prefix, body)
             return True, "mbox"
         root = folder_root(user.maildir(mail_root), folder)
         if user.quota is None:
-            return True, deliver_maildir(root, prefix, body)
-        draft = MaildirDraft(root, prefix, body)
+            return True, deliver_maildir(root, prefix, body, info)
+        draft = MaildirDraft(root, prefix, body, info)
         hold = QuotaHold(mail_root, user)
         try:
             hold.reserve(draft)
