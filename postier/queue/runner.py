@@ -38,10 +38,12 @@ from ..message.received import queue_id, return_path
 from ..proto.smtp.address import xtext_decode
 from ..proto.smtp.errors import AddressError
 from ..mailauth.srs import SRS, SRSError, is_srs
+from ..mailauth.tlsrpt import TLSReportStore
 from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
 from .mtasts import PolicyCache
+from .tlsrpt import TLSRecorder
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
@@ -97,7 +99,7 @@ class Queue:
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
                  clock: schedule.Clock | None = None, rng: random.Random | None = None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, tls_reports: TLSReportStore | None = None) -> None:
         cfg = config
         self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
         self.directory = directory
@@ -111,7 +113,9 @@ class Queue:
         if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
             sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
         self.router = Router(resolver, self.out, rng, sts)
-        self.connector = Connector(self.out)
+        # RFC 8460: each session attempt's TLS outcome, for the daily TLS reports (not through a smarthost)
+        recorder = TLSRecorder(tls_reports, self.out.source) if tls_reports is not None and not self.out.relay else None
+        self.connector = Connector(self.out, recorder.session if recorder is not None else None)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
         self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []

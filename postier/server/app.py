@@ -34,6 +34,7 @@ from ..antispam.verdicts import VerdictLog
 from ..config import Config
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
+from ..mailauth.tlsrpt import TLSReportStore
 from ..http.service import WebService
 from ..web import mount as mount_webmail
 from ..mailauth.srs import SRS, load_secret
@@ -87,7 +88,7 @@ class App:
     inbound_checks: tuple[InboundCheck, ...]  # run on port 25 at MAIL FROM and end of DATA, in order
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
     dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
-    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
+    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` and `[tlsrpt] send_reports` are off
     throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP, POP3 and ManageSieve
     sieve: SieveFilter | None  # None: `[sieve] enabled = false` (delivery without scripts, no ManageSieve)
     #: SMTP-family role -> a new pipeline for one session.
@@ -100,6 +101,8 @@ class App:
     #: Junk moves over IMAP train Rspamd through it (None without an Rspamd controller).
     learning: LearnQueue | None = None
     spam: SpamCheck | None = None
+    #: TLS reporting (RFC 8460): our outbound sessions' outcomes, the reports sent and received.
+    tls_reports: TLSReportStore | None = None
     #: The http/https listeners (ACME challenges, autoconfig, MTA-STS policy) and the ACME renewals.
     web: WebService = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
@@ -124,8 +127,9 @@ class App:
         for closer in (self.spam, self.learning, self.decisions):
             if closer is not None:
                 steps.append(closer.close)
-        if self.dmarc_reports is not None:
-            steps.append(self.dmarc_reports.close)
+        for store in (self.dmarc_reports, self.tls_reports):
+            if store is not None:
+                steps.append(store.close)
         steps += [self.mailstore.close, self.mda.close, self.accounts.close]
         for step in steps:
             try:
@@ -140,6 +144,10 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses."""
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
+    # The report mailboxes `dns records` publishes (DMARC rua, TLS-RPT rua) reach the admin like
+    # postmaster@ unless a user or alias of that name exists: reports sent to them are never refused.
+    accounts.role_local_parts |= {a for a in (config.mailauth.report_address, config.tlsrpt.report_address)
+                                  if a and "@" not in a}
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
@@ -147,7 +155,11 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
                           poll_interval=config.imap.idle_poll_interval)
     mda.listeners.append(on_delivery(mailstore))
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
-    queue = Queue(config, accounts, mda, resolver, srs=srs)
+    # TLS reporting (RFC 8460): the queue records each session's TLS outcome, the MX keeps reports
+    # others send to our `_smtp._tls` rua, the report job sends ours.
+    tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
+    queue = Queue(config, accounts, mda, resolver, srs=srs,
+                  tls_reports=tls_reports if config.tlsrpt.record else None)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
@@ -165,14 +177,16 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     learning = LearnQueue(config.data_dir / "learn.sqlite") if rspamd is not None and a.rspamd_controller else None
     decisions = VerdictLog(config.data_dir / "verdicts.sqlite")
     inbound_checks: tuple[InboundCheck, ...] = (
-        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
+        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains, tls_reports=tls_reports),
         *((spam,) if spam.active else ()),
     )
     dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
     report_job = None
-    if dmarc_reports is not None and config.mailauth.dmarc_reports:
-        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
-                               sign=dkim.sign_bytes if dkim is not None else None)
+    send_dmarc = dmarc_reports is not None and config.mailauth.dmarc_reports
+    if send_dmarc or config.tlsrpt.send_reports:
+        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports if send_dmarc else None, resolver,
+                               sign=dkim.sign_bytes if dkim is not None else None,
+                               tls=tls_reports if config.tlsrpt.send_reports else None)
     sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
@@ -207,6 +221,7 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
         decisions=decisions,
         learning=learning,
         spam=spam,
+        tls_reports=tls_reports,
         web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https),
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
