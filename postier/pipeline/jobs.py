@@ -24,6 +24,7 @@ from ..mailauth.reports import (
 )
 from ..mailauth.tlsrpt import TLSReportStore
 from ..message.types import Enqueuer, Envelope, MessageBody
+from ..queue.spool import TLS_REPORT_ROLE
 from ..resolver import AsyncLookup, DNSStatus
 
 __all__ = ["Clock", "ReportJob", "Sleep"]
@@ -145,7 +146,7 @@ class ReportJob:
                     continue
                 address = targets[0][0]
                 message = tlsrpt.report_message(rep, self.submitter, sender, address, now)
-                if await self._enqueue(message, sender, address, role="tls-report"):
+                if await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
                     sent.append((domain, address))
                     await asyncio.to_thread(store.log_sent, rep, address, "queued", now)
                     log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,

@@ -190,7 +190,8 @@ class Router:
         self.rng = rng or random.Random()
         self.sts = sts
 
-    async def route(self, domain: str) -> Route:
+    async def route(self, domain: str, tls_optional: bool = False) -> Route:
+        """With `tls_optional` (a TLS report, RFC 8460 §5.3): no MTA-STS, no DANE, nothing recorded."""
         out = self.out
         if out.relay:
             return await self._hosts([(out.relay_host, 0)], out.relay_port, implicit=False)
@@ -214,7 +215,7 @@ class Router:
             return Route(failure=Failure(Fate.FAILED, f"{name} has no MX and no address record", "5.4.4"))
         names = [(h.name, h.preference) for h in mx.hosts]
         strict = False
-        policy = await self.sts.get(name) if self.sts is not None else None
+        policy = await self.sts.get(name) if self.sts is not None and not tls_optional else None
         if policy is not None and policy.mode != "none":
             unlisted = [h for h, _ in names if not policy.matches(h)]
             if unlisted:
@@ -228,8 +229,10 @@ class Router:
                     return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
                                                  f"policy ({', '.join(policy.mx)})", "4.7.5"))
         route = await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
-                                  secure=mx.secure and self.out.dane,
+                                  secure=mx.secure and self.out.dane and not tls_optional,
                                   sts_testing=policy is not None and policy.mode == "testing")
+        if tls_optional:
+            return route
         return replace(route, domain=name, sts=policy if policy is not None and policy.mode != "none" else None)
 
     async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False,

@@ -48,7 +48,7 @@ from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
 from .spool import (
-    DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
+    DELIVERED, FAILED, QUEUED, TLS_REPORT_ROLE, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
 )
 
 log = logging.getLogger("postier.queue")
@@ -207,11 +207,12 @@ class Queue:
         return await self.store(sender=env.mail_from if sender is None else sender, recipients=specs,
                                 prefix=prefix, body=body, user=user, envid=envid,
                                 ret=(params.get("RET") or "").upper(), smtputf8="SMTPUTF8" in params,
-                                eightbit=eightbit, msg_id=env.qid)
+                                eightbit=eightbit, msg_id=env.qid, tls_optional=env.role == TLS_REPORT_ROLE)
 
     async def store(self, *, sender: str, recipients: list[RecipientSpec], prefix: bytes,
                     body: MessageBody | bytes, user: str = "", envid: str = "", ret: str = "",
-                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None) -> str:
+                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None,
+                    tls_optional: bool = False) -> str:
         """Spool file first (fsynced), then the rows (committed): only then is the message queued."""
         if not recipients:
             raise ValueError("no recipients")
@@ -227,7 +228,7 @@ class Queue:
         if size < 0:
             raise RuntimeError("could not allocate a queue id")
         now = self.clock.time()
-        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit)
+        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit, tls_optional=tls_optional)
         fut = asyncio.ensure_future(self._db(Spool.op_insert(info, recipients, now)))
         try:
             await asyncio.shield(fut)  # a cancelled session must not undo a commit in progress
@@ -375,13 +376,17 @@ class Queue:
         if session is not None and session.closed:
             session.close()
             session = None
+        # RFC 8460 §5.3: a TLS report goes out despite TLS failures, over a session of its own (opportunistic
+        # TLS, not counted in the next report) that no other message reuses
+        own = job.msg.tls_optional and session is None
         if session is None:
-            route = await self.router.route(job.domain)
+            route = await self.router.route(job.domain, tls_optional=own)
             failure = route.failure
             if failure is None:
                 session, failure = await self.connector.open(route)
             if failure is not None:
-                await self._fail_destination(job, failure)
+                if not own:
+                    await self._fail_destination(job, failure)
                 return None, [failure.result(s.address) for s in job.states]
         assert session is not None
         msg = job.msg
@@ -398,6 +403,9 @@ class Queue:
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
             session.close()
+            session = None
+        elif own:
+            await session.quit()
             session = None
         return session, results
 
