@@ -265,3 +265,77 @@ def test_daily_job_sends_to_the_rua_of_each_policy_domain(tmp_path: Path) -> Non
     assert asyncio.run(job.run_once()) == []
     assert {r.policy.domain for _, _, r, _ in store.pending(day0 + 2 * DAY)} == {"flaky.test", "b.test"}
     store.close()
+
+
+# -- reports arriving at the MX ---------------------------------------------------------------------------
+
+def test_reports_to_our_tls_rua_are_stored_and_bad_ones_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                ) -> None:
+    import random
+
+    from postier.mailauth.reports import report_mail
+    from postier.pipeline.mailauth import InboundAuth
+    from tests.deliverability.common import body, envelope
+
+    caplog.set_level("INFO", logger="postier.mailauth")
+    store = TLSReportStore(tmp_path / "tlsrpt.sqlite")
+    cfg = make_config(tmp_path, spf=False, dkim_verify=False, dmarc=False)
+    h = InboundAuth(cfg, FakeResolver(), None, lambda: ["b.test"], clock=lambda: 5.0, rng=random.Random(1),
+                    tls_reports=store)
+
+    def deliver(mail: bytes, to: str = "tls-reports@b.test") -> str:
+        env = envelope(to=to)
+        env.qid = "Q1"
+        return asyncio.run(h.evaluate(env, body(tmp_path / "spool", mail))).action
+
+    good = report_message(REPORT, "mail.a.test", "postmaster@a.test", "tls-reports@b.test")
+    assert deliver(good) == "accept" and deliver(good) == "accept"  # the second copy is a duplicate
+    [rr] = store.received("b.test")
+    assert rr.report.report_id == REPORT.report_id and not rr.authenticated
+    assert "TLS report r1.2026-12-04.b.test@mail.a.test from mail.a.test for b.test,c.b.test" in caplog.text
+    assert "(duplicate)" in caplog.text
+    # malformed: logged, the mail still accepted; about another domain: ignored; to another mailbox: not read
+    bad = report_mail("a@a.test", "tls-reports@b.test", "a.test", "s", "t", gzip.compress(b"{nope"),
+                      tlsrpt.MEDIA_TYPE, "x.json.gz")
+    assert deliver(bad) == "accept" and "unreadable TLS report: invalid JSON" in caplog.text
+    other = TLSReport("o", "c", "r2", 0, 1, (PolicyReport(TLSPolicy(NO_POLICY, "elsewhere.test"), 1),))
+    assert deliver(report_message(other, "m.test", "a@a.test", "tls-reports@b.test")) == "accept"
+    assert "TLS report about elsewhere.test, not one of our domains: ignored" in caplog.text
+    mine = TLSReport("o", "c", "r3", 0, 1, (PolicyReport(TLSPolicy(NO_POLICY, "b.test"), 1),))
+    assert deliver(report_message(mine, "m.test", "a@a.test", "bob@b.test"), to="bob@b.test") == "accept"
+    assert [r.report.report_id for r in store.received()] == [REPORT.report_id]
+    store.close()
+
+
+def test_spool_marks_tls_reports_and_upgrades_an_older_spool(tmp_path: Path) -> None:
+    import sqlite3
+
+    from postier.message.types import Envelope
+    from postier.queue.spool import TLS_REPORT_ROLE, Spool, SpoolEnqueuer
+
+    root = tmp_path / "queue"
+    (root / "msg").mkdir(parents=True)
+    old = sqlite3.connect(root / "queue.sqlite")  # a spool from before TLS reports: no tls_optional column
+    old.execute("CREATE TABLE messages (id TEXT PRIMARY KEY, sender TEXT NOT NULL, created REAL NOT NULL, size "
+                "INTEGER NOT NULL, user TEXT NOT NULL DEFAULT '', envid TEXT NOT NULL DEFAULT '', ret TEXT NOT NULL "
+                "DEFAULT '', smtputf8 INTEGER NOT NULL DEFAULT 0, eightbit INTEGER NOT NULL DEFAULT 0, warned "
+                "INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO messages (id, sender, created, size) VALUES ('AAAA0001', 'a@a.test', 1.0, 3)")
+    old.commit()
+    old.close()
+    spool = Spool(root)
+    before = spool.message("AAAA0001")
+    assert before is not None and not before.tls_optional
+    q = SpoolEnqueuer(spool)
+
+    async def put(role: str) -> str:
+        return await q.enqueue(Envelope(role=role, peer_ip="127.0.0.1", helo="h", mail_from="postmaster@a.test"),
+                               ["tls-reports@b.test"], b"", b"Subject: r\r\n\r\nx\r\n")  # type: ignore[arg-type]
+
+    report, other = asyncio.run(put(TLS_REPORT_ROLE)), asyncio.run(put("dmarc-report"))
+    got, plain = spool.message(report), spool.message(other)
+    assert got is not None and got.tls_optional and plain is not None and not plain.tls_optional
+    assert [(i.id, s.address) for i, s in spool.due_full(1e12, 10) if i.tls_optional] == [
+        (report, "tls-reports@b.test")]
+    assert spool.read_file(report) == b"Subject: r\r\n\r\nx\r\n"
+    spool.close()
