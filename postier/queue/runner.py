@@ -114,7 +114,8 @@ class Queue:
             sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
         self.router = Router(resolver, self.out, rng, sts)
         # RFC 8460: each session attempt's TLS outcome, for the daily TLS reports (not through a smarthost)
-        recorder = TLSRecorder(tls_reports, self.out.source) if tls_reports is not None and not self.out.relay else None
+        recorder = (TLSRecorder(tls_reports, self.out.source, sts_failures=sts.failures if sts is not None else None)
+                    if tls_reports is not None and not self.out.relay else None)
         self.connector = Connector(self.out, recorder.session if recorder is not None else None)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")

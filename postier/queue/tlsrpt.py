@@ -4,6 +4,8 @@
 tries it decides which policy applied to the recipient domain (DANE's TLSA records for that host,
 else the domain's MTA-STS policy, else none: RFC 8461 §2, DANE takes precedence), whether the
 session met it, and if not why, and counts that in the TLS report store (`mailauth/tlsrpt.py`).
+A domain whose MTA-STS policy could not be fetched or read (`PolicyCache.failures`, and no cached
+policy in force) has its sessions counted as that failure (§4.3.2.2).
 Connection trouble that never reached TLS (refused, timeouts, a 5xx greeting) is not a TLS outcome
 and is not counted. Recording never costs a delivery: a store error is logged and ignored.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..mailauth.tlsrpt import NO_POLICY, STS, TLSA, SessionResult, TLSPolicy, TLSReportStore
 from .client import TLSResult
@@ -46,10 +48,13 @@ def _tlsa_text(host: Host) -> tuple[str, ...]:
 
 
 class TLSRecorder:
-    def __init__(self, store: TLSReportStore, sending_ip: str | None, clock: Callable[[], float] = time.time):
+    def __init__(self, store: TLSReportStore, sending_ip: str | None, clock: Callable[[], float] = time.time,
+                 sts_failures: Mapping[str, tuple[str, str]] | None = None):
         self.store = store
         self.sending_ip = sending_ip or ""
         self.clock = clock
+        #: `PolicyCache.failures`: domains whose MTA-STS policy could not be fetched or read
+        self.sts_failures: Mapping[str, tuple[str, str]] = sts_failures if sts_failures is not None else {}
 
     def policy(self, route: Route, host: Host) -> TLSPolicy:
         if host.dane and host.tlsa:  # RFC 8460 §4.4: tlsa, policy-string = the TLSA records
@@ -63,6 +68,16 @@ class TLSRecorder:
     def outcome(self, route: Route, host: Host, tls: TLSResult | None, failure: Failure | None
                 ) -> SessionResult | None:
         """What this attempt means for the report, or None when it never reached TLS."""
+        result = self._outcome(route, host, tls, failure)
+        sts_failure = self.sts_failures.get(route.domain)
+        if result is not None and result.policy.type == NO_POLICY and sts_failure is not None:
+            # RFC 8460 §4.3.2.2: the domain publishes a policy we could not fetch or read
+            return SessionResult(TLSPolicy(STS, route.domain), sts_failure[0], self.sending_ip, host.name, host.ip,
+                                 sts_failure[1])
+        return result
+
+    def _outcome(self, route: Route, host: Host, tls: TLSResult | None, failure: Failure | None
+                 ) -> SessionResult | None:
         policy = self.policy(route, host)
         detail = {"sending_ip": self.sending_ip, "receiving_mx": host.name, "receiving_ip": host.ip}
         if tls is None:

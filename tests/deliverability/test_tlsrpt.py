@@ -339,3 +339,40 @@ def test_spool_marks_tls_reports_and_upgrades_an_older_spool(tmp_path: Path) -> 
         (report, "tls-reports@b.test")]
     assert spool.read_file(report) == b"Subject: r\r\n\r\nx\r\n"
     spool.close()
+
+
+def test_policy_fetch_failures_are_reported_as_sts_failures(tmp_path: Path) -> None:
+    import ssl
+
+    from postier.queue.mtasts import PolicyCache
+
+    dns = FakeResolver()
+    dns.add("_mta-sts.b.test", "TXT", "v=STSv1; id=one")
+    answers: list[object] = [OSError("connection refused"), "garbage", ssl.SSLCertVerificationError("bad cert"),
+                             "version: STSv1\r\nmode: enforce\r\nmx: mail.b.test\r\nmax_age: 86400\r\n"]
+
+    async def fetch(domain: str) -> str:
+        a = answers.pop(0)
+        if isinstance(a, BaseException):
+            raise a
+        assert isinstance(a, str)
+        return a
+
+    store = TLSReportStore(tmp_path / "tlsrpt.sqlite")
+    cache = PolicyCache(dns, None, fetch=fetch)
+    rec = TLSRecorder(store, "192.0.2.1", sts_failures=cache.failures)
+    host = Host("mail.b.test", "198.51.100.3", 25)
+    route = Route(domain="b.test")
+    seen = []
+    for _ in range(3):
+        assert asyncio.run(cache.get("b.test")) is None
+        got = rec.outcome(route, host, TLSResult("TLSv1.3", "X", True), None)
+        assert got is not None and got.policy == TLSPolicy(STS, "b.test")
+        seen.append(got.result)
+        # a connection that never reached TLS is still not a TLS outcome
+        assert rec.outcome(route, host, None, Failure(Fate.DEFERRED, "connect to x: refused", "4.4.1")) is None
+    assert seen == ["sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"]
+    assert asyncio.run(cache.get("b.test")) is not None and cache.failures == {}  # fetched: forgotten
+    assert rec.outcome(Route(domain="c.test"), host, TLSResult("TLSv1.3", "X", True), None) == SessionResult(
+        TLSPolicy(NO_POLICY, "c.test"))
+    store.close()
