@@ -11,6 +11,7 @@ step them by hand.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,8 @@ from ..mailauth.reports import (
 from ..mailauth.tlsrpt import TLSReportStore
 from ..message.types import Enqueuer, Envelope, MessageBody
 from ..queue.spool import TLS_REPORT_ROLE
-from ..resolver import AsyncLookup, DNSStatus
+from ..queue.tlsrpt import post_report
+from ..resolver import AsyncLookup, BaseResolver, DNSStatus
 
 __all__ = ["Clock", "ReportJob", "Sleep"]
 
@@ -139,9 +141,12 @@ class ReportJob:
                 continue
             finished = True
             for uri in rua:
+                if uri.lower().startswith("https:"):
+                    await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
+                    continue
                 targets = parse_rua([uri])
-                if not targets:  # https (§3) is not sent by postier
-                    log.info("tlsrpt: %s: rua %s not supported (mailto only)", domain, uri[:100])
+                if not targets:
+                    log.info("tlsrpt: %s: rua %s not usable", domain, uri[:100])
                     await asyncio.to_thread(store.log_sent, rep, uri[:200], "not-supported", now)
                     continue
                 address = targets[0][0]
@@ -158,6 +163,20 @@ class ReportJob:
         await asyncio.to_thread(store.mark_reported, done)
         await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
         return sent
+
+    async def _post_tls(self, rep: tlsrpt.TLSReport, url: str, now: float) -> None:
+        """RFC 8460 §3: an https rua gets the gzip'd report in a POST."""
+        assert self.tls is not None
+        if not isinstance(self.resolver, BaseResolver):
+            why = "no resolver for HTTPS"
+        else:
+            why = await post_report(url, gzip.compress(tlsrpt.report_json(rep), mtime=0), tlsrpt.MEDIA_TYPE,
+                                    self.resolver, self.config.outbound.ca_file)
+        if why:
+            log.info("tlsrpt: report %s for %s not taken by %s: %s", rep.report_id, rep.domains[0], url[:100], why)
+        else:
+            log.info("tlsrpt: report %s for %s posted to %s", rep.report_id, rep.domains[0], url[:100])
+        await asyncio.to_thread(self.tls.log_sent, rep, url[:200], "posted" if not why else "post-failed", now)
 
     async def _tlsrpt_rua(self, domain: str) -> tuple[str, ...] | None:
         """The rua of `domain`'s `_smtp._tls` record (RFC 8460 §3); () without one, None on DNS trouble."""

@@ -8,20 +8,31 @@ A domain whose MTA-STS policy could not be fetched or read (`PolicyCache.failure
 policy in force) has its sessions counted as that failure (§4.3.2.2).
 Connection trouble that never reached TLS (refused, timeouts, a 5xx greeting) is not a TLS outcome
 and is not counted. Recording never costs a delivery: a store error is logged and ignored.
+
+`post_report` is the other way a report travels (§3 "https" rua): a POST over verified TLS, the host
+resolved by our resolver as the MTA-STS policy fetch does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import aiohttp
 
 from ..mailauth.tlsrpt import NO_POLICY, STS, TLSA, SessionResult, TLSPolicy, TLSReportStore
+from ..resolver import BaseResolver
 from .client import TLSResult
 from .delivery import Failure, Host, Route
+from .mtasts import _OurDNS
 
-__all__ = ["TLSRecorder", "classify"]
+__all__ = ["TLSRecorder", "classify", "post_report"]
+
+POST_TIMEOUT = 60.0
 
 log = logging.getLogger("postier.tlsrpt")
 
@@ -105,3 +116,20 @@ class TLSRecorder:
                 log.warning("tlsrpt: the day's bound of distinct outcomes is reached; %s not counted", route.domain)
         except Exception:  # reporting must never cost a delivery
             log.exception("tlsrpt: recording the TLS outcome for %s failed", route.domain)
+
+
+async def post_report(url: str, data: bytes, media_type: str, resolver: BaseResolver, ca_file: Path | None = None
+                      ) -> str:
+    """POST a report to an https rua (RFC 8460 §3); "" when it was taken (2xx), else why not."""
+    tls = ssl.create_default_context()
+    if ca_file is not None:
+        tls.load_verify_locations(str(ca_file))
+    connector = aiohttp.TCPConnector(resolver=_OurDNS(resolver), use_dns_cache=False)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
+                                         connector=connector) as session, \
+                session.post(url, data=data, headers={"Content-Type": media_type}, ssl=tls,
+                             allow_redirects=False) as resp:
+            return "" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, ValueError) as exc:
+        return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -257,7 +257,7 @@ def test_daily_job_sends_to_the_rua_of_each_policy_domain(tmp_path: Path) -> Non
     [rep] = extract_tls_reports(message)
     assert (rep.domains, rep.successes, rep.failed, rep.start, rep.end) == (("b.test",), 1, 1, day0, day0 + DAY)
     assert rep.org_name == "mail.a.test" and rep.contact == "postmaster@a.test"
-    assert [s.status for s in store.sent()] == ["not-supported", "queued"]
+    assert [s.status for s in store.sent()] == ["post-failed", "queued"]  # r.b.test has no address
     left = {r.policy.domain: n for _, _, r, n in store.pending(day0 + 2 * DAY)}
     assert left == {"flaky.test": 1, "b.test": 1}  # quiet.test is done (it wants no reports)
     # the queue fails: nothing is lost
@@ -376,3 +376,47 @@ def test_policy_fetch_failures_are_reported_as_sts_failures(tmp_path: Path) -> N
     assert rec.outcome(Route(domain="c.test"), host, TLSResult("TLSv1.3", "X", True), None) == SessionResult(
         TLSPolicy(NO_POLICY, "c.test"))
     store.close()
+
+
+def test_https_rua_gets_a_post(tmp_path: Path) -> None:
+    """RFC 8460 §3: an https rua receives the gzip'd JSON in a POST over verified TLS."""
+    import ssl
+
+    import trustme
+    from aiohttp import web
+
+    from postier.queue.tlsrpt import post_report
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("r.b.test").configure_cert(server_ctx)
+    got: list[tuple[str, bytes]] = []
+
+    async def take(request: web.Request) -> web.Response:
+        got.append((request.content_type, await request.read()))
+        return web.Response(status=201 if request.path == "/ok" else 500)
+
+    async def main() -> tuple[str, str, str]:
+        app = web.Application()
+        app.router.add_post("/{name}", take)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        dns = FakeResolver()
+        dns.add("r.b.test", "A", "127.0.0.1")
+        data = gzip.compress(report_json(REPORT))
+        try:
+            return (await post_report(f"https://r.b.test:{port}/ok", data, tlsrpt.MEDIA_TYPE, dns, ca_file),
+                    await post_report(f"https://r.b.test:{port}/no", data, tlsrpt.MEDIA_TYPE, dns, ca_file),
+                    await post_report(f"https://r.b.test:{port}/ok", data, tlsrpt.MEDIA_TYPE, dns, None))
+        finally:
+            await runner.cleanup()
+
+    ok, refused, untrusted = asyncio.run(main())
+    assert ok == "" and refused == "HTTP 500" and "certificate" in untrusted.lower()
+    assert got[0][0] == "application/tlsrpt+gzip" and parse_report_json(gzip.decompress(got[0][1])) == REPORT
+    assert len(got) == 2  # the untrusted server never saw the report
