@@ -232,6 +232,7 @@ class Accounts:
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
         self.login_cache = LoginCache()
         self.rehash = True
+        self.role_local_parts = ROLE_LOCAL_PARTS  # build_app adds the report mailboxes we publish
         ensure_dirs(db_path.parent)
         new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
@@ -623,7 +624,7 @@ class Accounts:
             if row:
                 users[row.address] = row
                 return True
-        if top and candidates[-1].partition("@")[0] in ROLE_LOCAL_PARTS:
+        if top and candidates[-1].partition("@")[0] in self.role_local_parts:
             admin = self._admin(conn)  # RFC 5321 §4.5.1, RFC 2142 §2: postmaster@, abuse@ of every domain
             if admin and admin not in candidates:
                 return self._expand(conn, admin, users, remote, depth + 1)

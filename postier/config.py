@@ -340,6 +340,10 @@ class TLSRPT:
 
     #: The rua of our `_smtp._tls` record: a local part (the domain is added) or an address.
     report_address: str = "tls-reports"
+    #: Record the TLS outcome of every outbound session (DATA_DIR/tlsrpt.sqlite), for the reports.
+    record: bool = True
+    #: Send the daily reports to the recipient domains that ask for them (RFC 8460 §3 rua).
+    send_reports: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ What happens to one message on port 25:
    p=none -> delivered. A DNS temporary failure that could change the outcome -> 451 4.7.1, never
    a 5xx. Authentication-Results with our authserv-id is prepended and incoming ones claiming that
    id are removed (RFC 8601 §5).
-3. The DMARC outcome is recorded for aggregate reports; a report addressed to our rua mailbox is
-   parsed and stored (the message is delivered as well).
+3. The DMARC outcome is recorded for aggregate reports; a DMARC aggregate report addressed to our
+   DMARC rua mailbox, or a TLS report (RFC 8460 §5.3) addressed to our `_smtp._tls` rua mailbox, is
+   parsed and stored (the message is delivered as well; an unreadable report is logged, never refused).
 
 Large messages: DKIM needs the whole message in memory, so verification is skipped above
 `[mailauth] max_verify_size` (dkim=neutral). Such a message can then pass DMARC only through SPF;
@@ -41,6 +42,7 @@ from ..mailauth.reports import (
     MAX_REPORT_MESSAGE, DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportStore, SPFAuth,
     extract_reports,
 )
+from ..mailauth.tlsrpt import TLSReportStore, extract_tls_reports
 from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
@@ -77,11 +79,12 @@ class InboundAuth:
 
     def __init__(self, config: Config, resolver: BaseResolver, reports: ReportStore | None = None,
                  local_domains: Callable[[], list[str]] | None = None, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, tls_reports: TLSReportStore | None = None):
         self.config = config
         self.settings = config.mailauth
         self.resolver = resolver
         self.reports = reports
+        self.tls_reports = tls_reports
         self.local_domains = local_domains or (lambda: [])
         self.clock = clock
         self.rng = rng
@@ -231,23 +234,65 @@ class InboundAuth:
         except Exception:  # reporting must never cost a message
             log.exception("%s: recording the DMARC result failed", env.qid)
 
-    def _is_report_address(self, address: str, ours: set[str]) -> bool:
-        target = self.settings.report_address.lower()
+    @staticmethod
+    def _is_report_address(target: str, address: str, ours: set[str]) -> bool:
+        """Is `address` the report mailbox `target` (a local part in each of our domains, or an address)?"""
         local, _, domain = address.lower().rpartition("@")
         if "@" in target:
             return address.lower() == target
         return bool(target) and local == target and domain in ours
 
     async def _take_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None) -> None:
-        """A DMARC aggregate report sent to our rua address: parse and keep it (RFC 7489 §7.2)."""
-        target = self.settings.report_address.lower()
-        if self.reports is None or not target or body.size > MAX_REPORT_MESSAGE:
+        """A DMARC aggregate report (RFC 7489 §7.2) or a TLS report (RFC 8460 §5.3) sent to the rua
+        address we publish for it: parse and keep it."""
+        if body.size > MAX_REPORT_MESSAGE:
             return
-        if not any(r.address.lower().startswith(target.partition("@")[0] + "@") for r in env.recipients):
-            return  # cheap test first: no recipient has the report mailbox's local part
+        kinds = [(target.lower(), store) for target, store in
+                 ((self.settings.report_address, self.reports), (self.config.tlsrpt.report_address, self.tls_reports))
+                 if target and store is not None]
+        # cheap test first: does any recipient have a report mailbox's local part?
+        kinds = [(t, st) for t, st in kinds
+                 if any(r.address.lower().startswith(t.partition("@")[0] + "@") for r in env.recipients)]
+        if not kinds:
+            return
         ours = set(await asyncio.to_thread(self.local_domains))
-        if not any(self._is_report_address(r.address, ours) for r in env.recipients):
+        for target, store in kinds:
+            if not any(self._is_report_address(target, r.address, ours) for r in env.recipients):
+                continue
+            try:
+                if isinstance(store, TLSReportStore):
+                    await self._take_tls_reports(env, body, dmarc, store, ours)
+                else:
+                    await self._take_dmarc_reports(env, body, dmarc, ours)
+            except Exception:  # a report must never cost the message it came in
+                log.exception("%s: reading a report failed", env.qid)
+
+    async def _take_tls_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None,
+                                store: TLSReportStore, ours: set[str]) -> None:
+        try:
+            found = await asyncio.to_thread(extract_tls_reports, await asyncio.to_thread(body.getvalue))
+        except ReportError as exc:
+            log.info("%s: unreadable TLS report: %s", env.qid, exc)
             return
+        authenticated = dmarc is not None and dmarc.status is DMARCStatus.PASS
+        for report in found:
+            mine = [d for d in report.domains if d in ours or any(d.endswith("." + o) for o in ours)]
+            if not mine:
+                log.info("%s: TLS report about %s, not one of our domains: ignored", env.qid,
+                         ",".join(report.domains)[:200])
+                continue
+            try:
+                new = await asyncio.to_thread(store.store_received, report, authenticated, self.clock())
+            except Exception:
+                log.exception("%s: storing a TLS report failed", env.qid)
+                continue
+            log.info("%s: TLS report %s from %s for %s (%d successful, %d failed sessions)%s", env.qid,
+                     report.report_id, report.org_name, ",".join(mine), report.successes, report.failed,
+                     "" if new else " (duplicate)")
+
+    async def _take_dmarc_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None,
+                                  ours: set[str]) -> None:
+        assert self.reports is not None
         try:
             found = await asyncio.to_thread(extract_reports, await asyncio.to_thread(body.getvalue))
         except ReportError as exc:

@@ -39,15 +39,17 @@ from ..metrics import Metrics
 from ..proto.smtp.address import xtext_decode
 from ..proto.smtp.errors import AddressError
 from ..mailauth.srs import SRS, SRSError, is_srs
+from ..mailauth.tlsrpt import TLSReportStore
 from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
 from .mtasts import PolicyCache
+from .tlsrpt import TLSRecorder
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
 from .spool import (
-    DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
+    DELIVERED, FAILED, QUEUED, TLS_REPORT_ROLE, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
 )
 
 log = logging.getLogger("postier.queue")
@@ -98,7 +100,8 @@ class Queue:
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
                  clock: schedule.Clock | None = None, rng: random.Random | None = None,
-                 srs: SRS | None = None, metrics: Metrics | None = None) -> None:
+                 srs: SRS | None = None, metrics: Metrics | None = None,
+                 tls_reports: TLSReportStore | None = None) -> None:
         cfg = config
         self.metrics = metrics  # each recipient's outcome is counted where it is logged (`_log`)
         self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
@@ -113,7 +116,10 @@ class Queue:
         if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
             sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
         self.router = Router(resolver, self.out, rng, sts)
-        self.connector = Connector(self.out)
+        # RFC 8460: each session attempt's TLS outcome, for the daily TLS reports (not through a smarthost)
+        recorder = (TLSRecorder(tls_reports, self.out.source, sts_failures=sts.failures if sts is not None else None)
+                    if tls_reports is not None and not self.out.relay else None)
+        self.connector = Connector(self.out, recorder.session if recorder is not None else None)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
         self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -208,11 +214,12 @@ class Queue:
         return await self.store(sender=env.mail_from if sender is None else sender, recipients=specs,
                                 prefix=prefix, body=body, user=user, envid=envid,
                                 ret=(params.get("RET") or "").upper(), smtputf8="SMTPUTF8" in params,
-                                eightbit=eightbit, msg_id=env.qid)
+                                eightbit=eightbit, msg_id=env.qid, tls_optional=env.role == TLS_REPORT_ROLE)
 
     async def store(self, *, sender: str, recipients: list[RecipientSpec], prefix: bytes,
                     body: MessageBody | bytes, user: str = "", envid: str = "", ret: str = "",
-                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None) -> str:
+                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None,
+                    tls_optional: bool = False) -> str:
         """Spool file first (fsynced), then the rows (committed): only then is the message queued."""
         if not recipients:
             raise ValueError("no recipients")
@@ -228,7 +235,7 @@ class Queue:
         if size < 0:
             raise RuntimeError("could not allocate a queue id")
         now = self.clock.time()
-        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit)
+        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit, tls_optional=tls_optional)
         fut = asyncio.ensure_future(self._db(Spool.op_insert(info, recipients, now)))
         try:
             await asyncio.shield(fut)  # a cancelled session must not undo a commit in progress
@@ -381,13 +388,17 @@ class Queue:
         if session is not None and session.closed:
             session.close()
             session = None
+        # RFC 8460 §5.3: a TLS report goes out despite TLS failures, over a session of its own (opportunistic
+        # TLS, not counted in the next report) that no other message reuses
+        own = job.msg.tls_optional and session is None
         if session is None:
-            route = await self.router.route(job.domain)
+            route = await self.router.route(job.domain, tls_optional=own)
             failure = route.failure
             if failure is None:
                 session, failure = await self.connector.open(route)
             if failure is not None:
-                await self._fail_destination(job, failure)
+                if not own:
+                    await self._fail_destination(job, failure)
                 return None, [failure.result(s.address) for s in job.states]
         assert session is not None
         msg = job.msg
@@ -404,6 +415,9 @@ class Queue:
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
             session.close()
+            session = None
+        elif own:
+            await session.quit()
             session = None
         return session, results
 

@@ -38,6 +38,7 @@ from ..mailauth.arc import ARCSealer
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
 from ..http.metrics import MetricsEndpoint
+from ..mailauth.tlsrpt import TLSReportStore
 from ..http.service import WebService
 from ..web import mount as mount_webmail
 from ..mailauth.srs import SRS, load_secret
@@ -94,7 +95,7 @@ class App:
     inbound_checks: tuple[InboundCheck, ...]  # run on port 25 at MAIL FROM and end of DATA, in order
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
     dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
-    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
+    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` and `[tlsrpt] send_reports` are off
     throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP, POP3 and ManageSieve
     sieve: SieveFilter | None  # None: `[sieve] enabled = false` (delivery without scripts, no ManageSieve)
     #: SMTP-family role -> a new pipeline for one session.
@@ -107,6 +108,8 @@ class App:
     #: Junk moves over IMAP train Rspamd through it (None without an Rspamd controller).
     learning: LearnQueue | None = None
     spam: SpamCheck | None = None
+    #: TLS reporting (RFC 8460): our outbound sessions' outcomes, the reports sent and received.
+    tls_reports: TLSReportStore | None = None
     #: The http/https listeners (ACME challenges, autoconfig, MTA-STS policy) and the ACME renewals.
     web: WebService = field(kw_only=True)
     #: Prometheus metrics (postier/metrics.py), fed by the listeners, the queue, the MDA, the resolver.
@@ -145,8 +148,9 @@ class App:
         for closer in (self.spam, self.learning, self.decisions):
             if closer is not None:
                 steps.append(closer.close)
-        if self.dmarc_reports is not None:
-            steps.append(self.dmarc_reports.close)
+        for store in (self.dmarc_reports, self.tls_reports):
+            if store is not None:
+                steps.append(store.close)
         steps += [self.mailstore.close, self.mda.close, self.accounts.close]
         if self.bus is not None:
             steps.append(self.bus.close)
@@ -167,6 +171,10 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     metrics = Metrics()  # its own registry; `postier status`'s last hour is fed from the same events
     metrics.outcome_listeners.append(stats.count)
+    # The report mailboxes `dns records` publishes (DMARC rua, TLS-RPT rua) reach the admin like
+    # postmaster@ unless a user or alias of that name exists: reports sent to them are never refused.
+    accounts.role_local_parts |= {a for a in (config.mailauth.report_address, config.tlsrpt.report_address)
+                                  if a and "@" not in a}
     resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache, metrics=metrics)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
@@ -175,7 +183,11 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     mda.listeners.append(on_delivery(mailstore))
     mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 % (pipeline/quota.py)
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
-    queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics)
+    # TLS reporting (RFC 8460): the queue records each session's TLS outcome, the MX keeps reports
+    # others send to our `_smtp._tls` rua, the report job sends ours.
+    tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
+    queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics,
+                  tls_reports=tls_reports if config.tlsrpt.record else None)
     metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
     bus = None
     if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)
@@ -202,14 +214,16 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     learning = LearnQueue(config.data_dir / "learn.sqlite") if rspamd is not None and a.rspamd_controller else None
     decisions = VerdictLog(config.data_dir / "verdicts.sqlite", metrics=metrics)
     inbound_checks: tuple[InboundCheck, ...] = (
-        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
+        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains, tls_reports=tls_reports),
         *((spam,) if spam.active else ()),
     )
     dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
     report_job = None
-    if dmarc_reports is not None and config.mailauth.dmarc_reports:
-        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
-                               sign=dkim.sign_bytes if dkim is not None else None)
+    send_dmarc = dmarc_reports is not None and config.mailauth.dmarc_reports
+    if send_dmarc or config.tlsrpt.send_reports:
+        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports if send_dmarc else None, resolver,
+                               sign=dkim.sign_bytes if dkim is not None else None,
+                               tls=tls_reports if config.tlsrpt.send_reports else None)
     # RFC 8617: forwarded copies (aliases, Sieve redirect) sealed with the domain's DKIM key
     arc = ARCSealer(dkim.store, config.authserv_id) if dkim is not None and config.mailauth.arc else None
     sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore, arc) if config.sieve.enabled else None
@@ -248,6 +262,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         decisions=decisions,
         learning=learning,
         spam=spam,
+        tls_reports=tls_reports,
         web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
         metrics=metrics,
         worker=worker,
