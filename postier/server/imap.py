@@ -885,9 +885,11 @@ class IMAPSession(Session):
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
-        targets = list(zip(range(1, len(view) + 1), view, strict=True))
-        recent = self.core.recent_from()
         mb = self._mbox()
+        # the full-text index answers the text keys it can and names the candidates (store.fts)
+        criteria, cands = await self.call(mb.narrow_search, sel.name, criteria)
+        targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        recent = self.core.recent_from()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)
 

@@ -371,12 +371,14 @@ def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
 
 
 def _ruled_out(header: bytes, needles: list[tuple[re.Pattern[bytes], bytes]]) -> bool:
-    """True when some needle's field is absent or lacks the value (encoded words excepted)."""
+    """True when some needle's field is absent or lacks the value (encoded words and 8-bit text
+    excepted)."""
     low = header.lower()
     for rx, value in needles:
         for m in rx.finditer(low):
             seg = m.group(1)
-            if value in seg or b"=?" in seg:
+            # 8-bit text may casefold to the needle ("Straße" holds "strasse"): kept for the matcher
+            if value in seg or b"=?" in seg or not seg.isascii():
                 break
         else:
             return True
@@ -441,7 +443,8 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     need = content_need(key)
     needles = _needles(key) if need == "header" else []
     lo, hi = targets[0][1], targets[-1][1]
-    rows = mb.rows_between(name, lo, hi)
+    # targets thinned out by the full-text index (store.fts) are fetched by UID, not by range
+    rows = mb.rows_between(name, lo, hi) if hi - lo < 4 * len(targets) else mb.rows(name, [u for _s, u in targets])
     heads: dict[int, bytes] = {}
     if needles:
         kept = []

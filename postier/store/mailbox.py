@@ -40,6 +40,7 @@ from typing import IO, Any, Concatenate
 from .. import durable
 from ..message.types import User
 from ..faults import fault_point
+from ..proto.imap.search import SearchKey
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
     FLAG_DELETED,
@@ -72,6 +73,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
+from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, indexable
 from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
 
 __all__ = [
@@ -193,9 +195,11 @@ class UserMailbox:
         self.refs = 0
         #: Folders written to by someone who did not update the index (a delivery): sync before use.
         self.dirty: set[str] = set()
+        self._text: TextIndex | None = None  # the full-text index (store.fts), attached on first use
 
     def close(self) -> None:
         with self.lock:
+            self._text = None
             self.index.close()
             self.states.clear()
 
@@ -692,6 +696,82 @@ class UserMailbox:
         st = self.state(name)
         self.index.cache_put(st.fid, items)
 
+    # -- the full-text index (store.fts) -------------------------------------------------------
+
+    def _text_index(self, create: bool = True) -> TextIndex | None:
+        """The attached FTS file (made when `create`); None when it cannot be used (then every
+        search runs through the matcher, as without an index)."""
+        if self._text is None:
+            path = self.index_path.parent / FTS_NAME
+            if not create and not path.exists():
+                return None
+            try:
+                self._text = TextIndex(self.index.conn, path)
+            except sqlite3.Error as exc:
+                log.warning("full-text index of %s unusable: %s", self.user.address, exc)
+                return None
+        return self._text
+
+    def _text_add(self, items: Sequence[tuple[str, bytes]]) -> None:
+        ti = self._text_index()
+        if ti is not None:
+            try:
+                ti.add(items)
+            except sqlite3.Error as exc:  # a cache: the message is searched by the matcher instead
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    def _text_forget(self, bases: Sequence[str]) -> None:
+        ti = self._text_index(create=False)
+        if ti is not None:
+            try:
+                ti.forget(bases)
+            except sqlite3.Error as exc:  # an entry left behind matches no message of any folder
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    @_locked
+    def narrow_search(self, name: str, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
+        """SEARCH criteria with the text keys the full-text index can answer answered, and the UIDs
+        that may match (None: any). Up to CATCH_UP messages not indexed yet are indexed first; the
+        others are left to the matcher (see store.fts)."""
+        if not indexable(key):
+            return key, None
+        st = self.state(name)
+        ti = self._text_index()
+        if ti is None:
+            return key, None
+        try:
+            todo = ti.unindexed(st.fid, CATCH_UP)
+            if todo:
+                items: list[tuple[str, bytes]] = []
+                for r in self.index.rows(st.fid, todo).values():
+                    with contextlib.suppress(StoreError):
+                        items.append((r.base, self._read_crlf(st, r)[1]))
+                ti.add(items)
+            return ti.narrow(st.fid, key)
+        except sqlite3.Error as exc:
+            log.warning("full-text index of %s not used: %s", self.user.address, exc)
+            return key, None
+
+    @_locked
+    def rebuild_text_index(self) -> int:
+        """Index every message of every folder afresh (`postier reindex`); returns the count."""
+        ti = self._text_index()
+        try:
+            if ti is None:
+                raise sqlite3.DatabaseError("cannot open")
+            ti.clear()
+        except sqlite3.DatabaseError:  # damaged: start a new file (it holds nothing else)
+            if ti is not None:
+                ti.detach()
+            self._text = None
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.index_path.parent / FTS_NAME}{suffix}")
+            ti = self._text_index()
+            if ti is None:
+                return 0
+        return build_from_maildir(ti, [self.path_of(f.name) for f in self.list_folders()])
+
     # -- writes -------------------------------------------------------------------------------
 
     def _after_uids_added(self, st: FolderState, new_uids: Sequence[int], modseq: int) -> None:
@@ -749,6 +829,7 @@ class UserMailbox:
         modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),
                                                                  len(data), idate, 0)])
         self._after_uids_added(st, uids, modseq)
+        self._text_add([(base, data)])
         return st.uidvalidity, uids[0]
 
     @_locked
@@ -829,6 +910,7 @@ class UserMailbox:
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
+        self._text_forget([r.base for r in rows])
         return gone
 
     @_locked
@@ -912,6 +994,7 @@ class UserMailbox:
         if move and src_uids:
             m2 = self.index.remove_messages(srow, done_src)
             self._after_uids_removed(sst, src_uids, m2)
+            self._text_forget([r.base for r in done_src])
         return CopyResult(dst.uidvalidity, src_uids, new_uids)
 
     def _undo(self, placed: list[Path], done: list[MessageRow], sst: FolderState, move: bool) -> None:
@@ -1174,6 +1257,7 @@ class MailStore:
                     mb.index.forget_folder(f.name)
                     mb.states.pop(f.name, None)
                     out[f.name] = len(mb.open(f.name, force=True).uids)
+                mb.rebuild_text_index()
                 return out
         finally:
             self.release(mb)

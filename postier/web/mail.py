@@ -882,6 +882,9 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
     for k in keys[1:]:
         key = OrKey(key, k)
     ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
+    key, cands = mb.narrow_search(name, key)  # the full-text index (store.fts)
+    if cands is not None:
+        uids = [u for u in uids if u in cands]
     deadline = time.monotonic() + SEARCH_SECONDS
     found: list[int] = []
     hi = len(uids)

@@ -1,0 +1,282 @@
+"""The per-user full-text index (SQLite FTS5, trigram tokenizer) that narrows IMAP SEARCH text keys
+(RFC 9051 §6.4.4 SUBJECT, FROM, TO, CC, BCC, BODY, TEXT) and the webmail search.
+
+It is a cache beside the mailbox index (`postier-fts.sqlite`, attached to the index connection as
+schema ``fts``), keyed by the Maildir base name of a message: a Maildir file's contents never change
+(flag changes rename it, the base stays), so one entry serves every folder holding that file (COPY
+makes hard links with the same base). Each entry holds the text `message.matching.search_text`
+extracts (the same decoding as the matcher: RFC 2047 words, transfer encodings, charsets), casefolded,
+and the trigram tokenizer runs case-sensitive over it, so a phrase query for a casefolded needle of
+three or more characters finds exactly the messages whose text contains it (IMAP's case-insensitive
+substring); shorter needles are looked up with ``instr`` over the stored columns.
+
+Consistency does not depend on the index being complete: a message whose base has no entry, or whose
+entry is not exact (text cut at the bound, see `SearchText.exact`), is evaluated by the matcher as
+before. `narrow` rewrites the criteria so that each indexed key becomes "UID in (index hits) or
+(UID in (unchecked) and the key itself)", and returns the candidate UIDs; nothing else changes.
+Entries are written by APPEND (in the same user-locked step), by a search for up to
+`CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
+not touch the index: their messages are indexed by the next search, and evaluated by the matcher
+until then), and rebuilt by `postier reindex`; EXPUNGE removes the entries no folder uses any more.
+Why written here: FTS5 is in the sqlite3 module already; nothing to add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
+from ..proto.imap.search import AndKey, HeaderKey, NotKey, OrKey, SearchKey, SeqSetKey, TextKey
+from ..proto.imap.seqset import SequenceSet
+from .index import parse_file_name
+
+__all__ = ["CATCH_UP", "FTS_NAME", "TextIndex", "UidSet", "build_file", "build_from_maildir", "indexable"]
+
+log = logging.getLogger("postier.store")
+
+FTS_NAME = "postier-fts.sqlite"
+_VERSION = 1  # PRAGMA user_version of the file; another version: the cache is dropped and rebuilt
+CATCH_UP = 2000  # unindexed messages a search indexes at most (the rest go through the matcher)
+_COLUMNS = {"SUBJECT": "subject", "FROM": "hfrom", "TO": "hto", "CC": "hcc", "BCC": "hbcc"}
+# BODY searches text parts and encapsulated headers; TEXT text parts and every part's header.
+_SCOPES = {"BODY": ("leaves", "inner"), "TEXT": ("leaves", "headers")}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fts.docs (
+    id INTEGER PRIMARY KEY,
+    base TEXT NOT NULL UNIQUE,
+    exact INTEGER NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts.ftext USING fts5(
+    subject, hfrom, hto, hcc, hbcc, leaves, headers, inner, tokenize = 'trigram case_sensitive 1'
+);
+CREATE TRIGGER IF NOT EXISTS fts.docs_gone AFTER DELETE ON docs BEGIN
+    DELETE FROM ftext WHERE rowid = old.id;
+END;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UidSet(SequenceSet):
+    """A UID set given by its members (an index answer), for the rewritten criteria."""
+
+    members: frozenset[int] = field(default_factory=frozenset)
+
+    def contains(self, value: int, max_value: int) -> bool:
+        return value in self.members
+
+
+def _uid_key(uids: Iterable[int]) -> SeqSetKey:
+    return SeqSetKey(UidSet(members=frozenset(uids)), uid=True)
+
+
+def _row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
+    t = search_text(raw)
+    return int(t.exact), (*(t.fields[f] for f in INDEXED_FIELDS), t.leaves, t.headers, t.inner)
+
+
+def _column_filter(key: HeaderKey | TextKey) -> tuple[str, ...] | None:
+    if isinstance(key, HeaderKey):
+        col = _COLUMNS.get(key.field.upper())
+        return (col,) if col else None
+    return _SCOPES.get(key.scope.upper())
+
+
+def indexable(key: SearchKey) -> bool:
+    """True when the criteria hold a key the index can answer."""
+    match key:
+        case HeaderKey() | TextKey():
+            return _column_filter(key) is not None and CHUNK_SEP not in key.value and bool(key.value)
+        case NotKey(key=k):
+            return indexable(k)
+        case OrKey(left=a, right=b):
+            return indexable(a) or indexable(b)
+        case AndKey(keys=ks):
+            return any(indexable(k) for k in ks)
+    return False
+
+
+class TextIndex:
+    """The FTS file attached to one user's index connection. Not thread-safe: the caller holds the
+    user lock, as for the index itself."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        conn.execute("ATTACH DATABASE ? AS fts", (str(path),))
+        try:
+            conn.execute("PRAGMA fts.journal_mode=WAL")
+            conn.execute("PRAGMA fts.synchronous=NORMAL")  # a cache: a lost entry is only re-read
+            (version,) = conn.execute("PRAGMA fts.user_version").fetchone()
+            if version not in (0, _VERSION):
+                for stmt in ("DROP TRIGGER IF EXISTS fts.docs_gone", "DROP TABLE IF EXISTS fts.ftext",
+                             "DROP TABLE IF EXISTS fts.docs"):
+                    conn.execute(stmt)
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA fts.user_version={_VERSION}")
+        except BaseException:
+            conn.execute("DETACH DATABASE fts")
+            raise
+
+    def detach(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("DETACH DATABASE fts")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Index (base, CRLF message octets) pairs not indexed yet; returns how many were added."""
+        c = self.conn
+        n = 0
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for base, raw in items:
+                if c.execute("SELECT 1 FROM fts.docs WHERE base=?", (base,)).fetchone():
+                    continue
+                try:
+                    exact, values = _row_values(raw)
+                except Exception:  # a message the parser cannot read: the matcher decides
+                    log.exception("text index: cannot extract %s", base)
+                    continue
+                cur = c.execute("INSERT INTO fts.docs (base, exact) VALUES (?, ?)", (base, exact))
+                c.execute("INSERT INTO fts.ftext (rowid, subject, hfrom, hto, hcc, hbcc, leaves, headers, inner)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (cur.lastrowid, *values))
+                n += 1
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        return n
+
+    def forget(self, bases: Sequence[str]) -> None:
+        """Drop the entries of expunged files that no folder holds any more (EXPUNGE, MOVE)."""
+        if not bases:
+            return
+        c = self.conn
+        fids = [f for (f,) in c.execute("SELECT id FROM folders")]
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for b in bases:
+                if not any(c.execute("SELECT 1 FROM msgs WHERE folder=? AND base=?", (f, b)).fetchone()
+                           for f in fids):
+                    c.execute("DELETE FROM fts.docs WHERE base=?", (b,))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def clear(self) -> None:
+        self.conn.execute("DELETE FROM fts.docs")
+        self.conn.execute("DELETE FROM fts.ftext")
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def unindexed(self, fid: int, limit: int) -> list[int]:
+        """UIDs of the folder's messages with no entry (at most `limit`)."""
+        return [u for (u,) in self.conn.execute(
+            "SELECT uid FROM msgs m WHERE folder=? AND NOT EXISTS"
+            " (SELECT 1 FROM fts.docs d WHERE d.base=m.base) LIMIT ?", (fid, limit))]
+
+    def unchecked(self, fid: int) -> set[int]:
+        """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
+        return {u for (u,) in self.conn.execute(
+            "SELECT uid FROM msgs m WHERE folder=? AND NOT EXISTS"
+            " (SELECT 1 FROM fts.docs d WHERE d.base=m.base AND d.exact)", (fid,))}
+
+    def hits(self, fid: int, key: HeaderKey | TextKey) -> set[int]:
+        """UIDs of the folder whose exact entries contain the key's value in its columns."""
+        cols = _column_filter(key)
+        assert cols is not None
+        needle = key.value.casefold()
+        if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
+            phrase = needle.replace('"', '""')
+            q = f'{{{" ".join(cols)}}} : "{phrase}"'
+            sql = ("SELECT m.uid FROM fts.ftext t JOIN fts.docs d ON d.id=t.rowid"
+                   " JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
+            return {u for (u,) in self.conn.execute(sql, (fid, q))}
+        cond = " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols)
+        sql = ("SELECT m.uid FROM msgs m JOIN fts.docs d ON d.base=m.base JOIN fts.ftext t ON t.rowid=d.id"
+               f" WHERE m.folder=? AND d.exact AND ({cond})")
+        return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
+
+    def narrow(self, fid: int, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
+        """The criteria with each indexed key answered from the index, and the UIDs that may match
+        (None: any message may; evaluate the rewritten criteria on every one)."""
+        unchecked = self.unchecked(fid)
+        return _rewrite(key, lambda k: self.hits(fid, k), unchecked)
+
+
+def _rewrite(key: SearchKey, hits: Callable[[HeaderKey | TextKey], set[int]],
+             unchecked: set[int]) -> tuple[SearchKey, set[int] | None]:
+    match key:
+        case HeaderKey() | TextKey() if indexable(key):
+            sure = hits(key)
+            if not unchecked:
+                return _uid_key(sure), sure
+            return OrKey(_uid_key(sure), AndKey((_uid_key(unchecked), key))), sure | unchecked
+        case NotKey(key=k):
+            inner, _c = _rewrite(k, hits, unchecked)
+            return NotKey(inner), None
+        case OrKey(left=a, right=b):
+            ka, ca = _rewrite(a, hits, unchecked)
+            kb, cb = _rewrite(b, hits, unchecked)
+            return OrKey(ka, kb), (ca | cb if ca is not None and cb is not None else None)
+        case AndKey(keys=ks):
+            parts = [_rewrite(k, hits, unchecked) for k in ks]
+            cands: set[int] | None = None
+            for _k, c in parts:
+                if c is not None:
+                    cands = c if cands is None else cands & c
+            return AndKey(tuple(k for k, _c in parts)), cands
+    return key, None
+
+
+def _crlf(data: bytes) -> bytes:
+    """The octets as the store serves them (store.mailbox `_read_crlf`: a bare-LF file converted)."""
+    if data.count(b"\n") != data.count(b"\r\n"):
+        return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data
+
+
+def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 500) -> int:
+    """Index every message file of the given folder directories (cur/ and new/) not indexed yet,
+    reading the files directly, without the mailbox index (`postier reindex`; a Maildir copied in
+    from elsewhere, before a server first opens it)."""
+    total = 0
+    pending: list[tuple[str, bytes]] = []
+    for folder in folders:
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(folder / sub)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("."):
+                    continue
+                try:
+                    with open(folder / sub / name, "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                pending.append((parse_file_name(name)[0], _crlf(data)))
+                if len(pending) >= batch:
+                    total += index.add(pending)
+                    pending = []
+    if pending:
+        total += index.add(pending)
+    return total
+
+
+def build_file(path: Path, folders: Iterable[Path]) -> int:
+    """`build_from_maildir` into the FTS file at `path`, with no mailbox index open."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        return build_from_maildir(TextIndex(conn, path), folders)
+    finally:
+        conn.close()
