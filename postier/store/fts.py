@@ -197,12 +197,13 @@ class TextIndex:
         if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
             phrase = needle.replace('"', '""')
             q = f'{{{" ".join(cols)}}} : "{phrase}"'
-            sql = ("SELECT m.uid FROM fts.ftext t JOIN fts.docs d ON d.id=t.rowid"
-                   " JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
+            # CROSS JOIN keeps this order: the MATCH first, once (not once per message)
+            sql = ("SELECT m.uid FROM fts.ftext t CROSS JOIN fts.docs d ON d.id=t.rowid"
+                   " CROSS JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
             return {u for (u,) in self.conn.execute(sql, (fid, q))}
         cond = " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols)
-        sql = ("SELECT m.uid FROM msgs m JOIN fts.docs d ON d.base=m.base JOIN fts.ftext t ON t.rowid=d.id"
-               f" WHERE m.folder=? AND d.exact AND ({cond})")
+        sql = ("SELECT m.uid FROM msgs m CROSS JOIN fts.docs d ON d.base=m.base"
+               f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
         return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
 
     def narrow(self, fid: int, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
