@@ -44,7 +44,7 @@ from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
 from ..proto.imap.response import Code, ResponseCode
 from ..proto.imap.listing import list_entries, lsub_entries
-from ..proto.imap.search import ModSeqKey, SearchKey
+from ..proto.imap.search import AllKey, ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
 from ..proto.imap.states import State
@@ -889,6 +889,8 @@ class IMAPSession(Session):
         # the full-text index answers the text keys it can and names the candidates (store.fts)
         criteria, cands = await self.call(mb.narrow_search, sel.name, criteria)
         targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
+            return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
         recent = self.core.recent_from()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
-from ..proto.imap.search import AndKey, HeaderKey, NotKey, OrKey, SearchKey, SeqSetKey, TextKey
+from ..proto.imap.search import AllKey, AndKey, HeaderKey, NotKey, OrKey, SearchKey, SeqSetKey, TextKey
 from ..proto.imap.seqset import SequenceSet
 from .index import parse_file_name
 
@@ -109,6 +109,8 @@ class TextIndex:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
+        self._writes = 0  # bumped by each write here (data_version only counts other connections')
+        self._gap_cache: dict[int, tuple[tuple[object, ...], list[int], set[int]]] = {}
         conn.execute("ATTACH DATABASE ? AS fts", (str(path),))
         try:
             conn.execute("PRAGMA fts.journal_mode=WAL")
@@ -151,6 +153,8 @@ class TextIndex:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        finally:
+            self._writes += 1
         c.execute("COMMIT")
         return n
 
@@ -169,25 +173,43 @@ class TextIndex:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        finally:
+            self._writes += 1
         c.execute("COMMIT")
 
     def clear(self) -> None:
+        self._writes += 1
         self.conn.execute("DELETE FROM fts.docs")
         self.conn.execute("DELETE FROM fts.ftext")
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def unindexed(self, fid: int, limit: int) -> list[int]:
-        """UIDs of the folder's messages with no entry (at most `limit`)."""
-        return [u for (u,) in self.conn.execute(
-            "SELECT uid FROM msgs m WHERE folder=? AND NOT EXISTS"
-            " (SELECT 1 FROM fts.docs d WHERE d.base=m.base) LIMIT ?", (fid, limit))]
+    def _gaps(self, fid: int, version: tuple[int, ...] | None) -> tuple[list[int], set[int]]:
+        """(UIDs with no entry, UIDs with no exact entry) of the folder. Kept while the folder's
+        UIDs (`version`), this connection's writes and other connections' (data_version) stay."""
+        (dv,) = self.conn.execute("PRAGMA fts.data_version").fetchone()
+        stamp = (version, self._writes, dv)
+        got = self._gap_cache.get(fid)
+        if got is not None and got[0] == stamp and version is not None:
+            return got[1], got[2]
+        missing: list[int] = []
+        unchecked: set[int] = set()
+        for uid, indexed in self.conn.execute(
+                "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
+                " WHERE m.folder=? AND (d.id IS NULL OR NOT d.exact)", (fid,)):
+            unchecked.add(uid)
+            if not indexed:
+                missing.append(uid)
+        self._gap_cache[fid] = (stamp, missing, unchecked)
+        return missing, unchecked
 
-    def unchecked(self, fid: int) -> set[int]:
+    def unindexed(self, fid: int, limit: int, version: tuple[int, ...] | None = None) -> list[int]:
+        """UIDs of the folder's messages with no entry (at most `limit`)."""
+        return self._gaps(fid, version)[0][:limit]
+
+    def unchecked(self, fid: int, version: tuple[int, ...] | None = None) -> set[int]:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
-        return {u for (u,) in self.conn.execute(
-            "SELECT uid FROM msgs m WHERE folder=? AND NOT EXISTS"
-            " (SELECT 1 FROM fts.docs d WHERE d.base=m.base AND d.exact)", (fid,))}
+        return self._gaps(fid, version)[1]
 
     def hits(self, fid: int, key: HeaderKey | TextKey) -> set[int]:
         """UIDs of the folder whose exact entries contain the key's value in its columns."""
@@ -206,35 +228,49 @@ class TextIndex:
                f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
         return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
 
-    def narrow(self, fid: int, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
+    def narrow(self, fid: int, key: SearchKey, version: tuple[int, ...] | None = None
+               ) -> tuple[SearchKey, set[int] | None]:
         """The criteria with each indexed key answered from the index, and the UIDs that may match
-        (None: any message may; evaluate the rewritten criteria on every one)."""
-        unchecked = self.unchecked(fid)
+        (None: any message may): a message matches when its UID is in the set and it matches the
+        returned criteria (AllKey: the set is the answer). `version` stands for the folder's UIDs
+        (store.mailbox `_uids_stamp`): while it stays, the list of unindexed messages is reused."""
+        unchecked = self.unchecked(fid, version)
         return _rewrite(key, lambda k: self.hits(fid, k), unchecked)
+
+
+def _within(key: SearchKey, cands: set[int] | None) -> SearchKey:
+    """`key` and "UID in cands" as one criterion."""
+    if cands is None:
+        return key
+    return _uid_key(cands) if isinstance(key, AllKey) else AndKey((_uid_key(cands), key))
 
 
 def _rewrite(key: SearchKey, hits: Callable[[HeaderKey | TextKey], set[int]],
              unchecked: set[int]) -> tuple[SearchKey, set[int] | None]:
+    """(criteria, candidates): a message matches `key` exactly when its UID is among the candidates
+    (None: any) and it matches the returned criteria."""
     match key:
         case HeaderKey() | TextKey() if indexable(key):
             sure = hits(key)
             if not unchecked:
-                return _uid_key(sure), sure
+                return AllKey(), sure
             return OrKey(_uid_key(sure), AndKey((_uid_key(unchecked), key))), sure | unchecked
         case NotKey(key=k):
-            inner, _c = _rewrite(k, hits, unchecked)
-            return NotKey(inner), None
+            return NotKey(_within(*_rewrite(k, hits, unchecked))), None
         case OrKey(left=a, right=b):
             ka, ca = _rewrite(a, hits, unchecked)
             kb, cb = _rewrite(b, hits, unchecked)
-            return OrKey(ka, kb), (ca | cb if ca is not None and cb is not None else None)
+            if isinstance(ka, AllKey) and isinstance(kb, AllKey) and ca is not None and cb is not None:
+                return AllKey(), ca | cb
+            return OrKey(_within(ka, ca), _within(kb, cb)), (ca | cb if ca is not None and cb is not None else None)
         case AndKey(keys=ks):
             parts = [_rewrite(k, hits, unchecked) for k in ks]
             cands: set[int] | None = None
             for _k, c in parts:
                 if c is not None:
                     cands = c if cands is None else cands & c
-            return AndKey(tuple(k for k, _c in parts)), cands
+            rest = tuple(k for k, _c in parts if not isinstance(k, AllKey))
+            return (AndKey(rest) if rest else AllKey()), cands
     return key, None
 
 

@@ -740,14 +740,14 @@ class UserMailbox:
         if ti is None:
             return key, None
         try:
-            todo = ti.unindexed(st.fid, CATCH_UP)
+            todo = ti.unindexed(st.fid, CATCH_UP, _uids_stamp(st))
             if todo:
                 items: list[tuple[str, bytes]] = []
                 for r in self.index.rows(st.fid, todo).values():
                     with contextlib.suppress(StoreError):
                         items.append((r.base, self._read_crlf(st, r)[1]))
                 ti.add(items)
-            return ti.narrow(st.fid, key)
+            return ti.narrow(st.fid, key, _uids_stamp(st))
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
             return key, None
@@ -1030,6 +1030,11 @@ class UserMailbox:
     @_locked
     def mark_seen(self, uids: Iterable[int]) -> None:
         self.store(INBOX, uids, "+FLAGS", ["\\Seen"])
+
+
+def _uids_stamp(st: FolderState) -> tuple[int, ...]:
+    """Changes whenever the folder's UIDs do (for caches keyed by them)."""
+    return st.version, len(st.uids), st.uidnext
 
 
 def _bisect(a: array[int], x: int) -> int:
