@@ -882,14 +882,20 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
     for k in keys[1:]:
         key = OrKey(key, k)
     ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
-    key, cands = mb.narrow_search(name, key)  # the full-text index (store.fts)
-    if cands is not None:
-        uids = [u for u in uids if u in cands]
     deadline = time.monotonic() + SEARCH_SECONDS
     found: list[int] = []
     hi = len(uids)
     batch = max(200, 4 * want)  # small first: a common word fills the page from the newest messages
+    narrowed = False
     while hi > 0:
+        if not narrowed and hi < len(uids):
+            # not a common word: the full-text index (store.fts) names the older candidates
+            narrowed = True
+            key, cands = mb.narrow_search(name, key)
+            if cands is not None:
+                uids = [u for u in uids[:hi] if u in cands]
+                hi = len(uids)
+                continue
         lo = max(0, hi - batch)
         batch = min(SEARCH_BATCH, batch * 2)
         targets = [(i + 1, uids[i]) for i in range(lo, hi)]

@@ -222,3 +222,30 @@ def test_real_server_search(server: IMAPServer) -> None:
         typ, data = a.uid("SEARCH", "TEXT", "e")  # short: the index scans its stored text
         assert typ == "OK" and len(data[0].split()) == 60 - len(got)
 
+
+
+def test_webmail_search_uses_the_index(store: MailStore) -> None:
+    """The webmail search scans the newest messages first (a common word fills the page there), then
+    asks the index for the older ones; the answer is the matcher's either way."""
+    from postier.web.mail import _search as web_search
+    mb = store.acquire(USER)
+    try:
+        mb.append(INBOX, b"From: Old <old@example.org>\r\nSubject: rare word quixotic\r\n\r\nold\r\n")
+        for i in range(300):
+            mb.append(INBOX, b"From: a@example.org\r\nSubject: note %d\r\n\r\nnothing\r\n" % i)
+        uids = list(mb.snapshot(INBOX).uids)
+        calls: list[object] = []
+        real = mb.narrow_search
+
+        def counting(name: str, key: SearchKey) -> object:
+            calls.append(key)
+            return real(name, key)
+
+        mb.narrow_search = counting  # type: ignore[method-assign,assignment]
+        assert web_search(mb, INBOX, uids, "QUIXOTIC", False, 50) == ([uids[0]], False)
+        assert len(calls) == 1
+        found, more = web_search(mb, INBOX, uids, "note", True, 50)
+        assert len(found) >= 50 and more and found[0] == uids[-1]
+        assert len(calls) == 1  # filled from the newest messages: no index needed
+    finally:
+        store.release(mb)
