@@ -106,6 +106,14 @@ def indexable(key: SearchKey) -> bool:
     return False
 
 
+@dataclass
+class _Gaps:
+    stamp: tuple[int, int]
+    last: int = 0  # UIDs up to this one were looked at
+    missing: set[int] = field(default_factory=set)  # no entry
+    unchecked: set[int] = field(default_factory=set)  # no exact entry (missing included)
+
+
 class TextIndex:
     """The FTS file attached to one user's index connection. Not thread-safe: the caller holds the
     user lock, as for the index itself."""
@@ -113,8 +121,8 @@ class TextIndex:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
-        self._writes = 0  # bumped by each write here (data_version only counts other connections')
-        self._gap_cache: dict[int, tuple[tuple[object, ...], list[int], set[int]]] = {}
+        self._clears = 0  # bumped by clear() (data_version only counts other connections' writes)
+        self._gap_cache: dict[int, _Gaps] = {}
         conn.execute("ATTACH DATABASE ? AS fts", (str(path),))
         try:
             conn.execute("PRAGMA fts.journal_mode=WAL")
@@ -157,15 +165,19 @@ class TextIndex:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        finally:
-            self._writes += 1
         c.execute("COMMIT")
         return n
 
-    def forget(self, bases: Sequence[str]) -> None:
-        """Drop the entries of expunged files that no folder holds any more (EXPUNGE, MOVE)."""
-        if not bases:
+    def forget(self, fid: int, gone: Sequence[tuple[int, str]]) -> None:
+        """Messages (uid, base) left folder `fid` (EXPUNGE, MOVE): drop the entries of files no
+        folder holds any more."""
+        if not gone:
             return
+        g = self._gap_cache.get(fid)
+        if g is not None:
+            g.missing.difference_update(u for u, _b in gone)
+            g.unchecked.difference_update(u for u, _b in gone)
+        bases = [b for _u, b in gone]
         c = self.conn
         fids = [f for (f,) in c.execute("SELECT id FROM folders")]
         c.execute("BEGIN IMMEDIATE")
@@ -177,43 +189,68 @@ class TextIndex:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        finally:
-            self._writes += 1
         c.execute("COMMIT")
 
     def clear(self) -> None:
-        self._writes += 1
+        self._clears += 1
         self.conn.execute("DELETE FROM fts.docs")
         self.conn.execute("DELETE FROM fts.ftext")
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _gaps(self, fid: int, version: tuple[int, ...] | None) -> tuple[list[int], set[int]]:
-        """(UIDs with no entry, UIDs with no exact entry) of the folder. Kept while the folder's
-        UIDs (`version`), this connection's writes and other connections' (data_version) stay."""
+    def _gaps(self, fid: int) -> _Gaps:
+        """The folder's messages the index cannot answer for, kept up to date incrementally: UIDs
+        only grow, so each call looks at the UIDs above the last one seen; catch-up indexing
+        rechecks what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops
+        belongs to no message any more). Recomputed when another connection wrote the file
+        (data_version) or it was cleared here. UIDs removed by other programs stay in the sets
+        until then: they match nothing."""
         (dv,) = self.conn.execute("PRAGMA fts.data_version").fetchone()
-        stamp = (version, self._writes, dv)
-        got = self._gap_cache.get(fid)
-        if got is not None and got[0] == stamp and version is not None:
-            return got[1], got[2]
-        missing: list[int] = []
-        unchecked: set[int] = set()
-        for uid, indexed in self.conn.execute(
-                "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
-                " WHERE m.folder=? AND (d.id IS NULL OR NOT d.exact)", (fid,)):
-            unchecked.add(uid)
-            if not indexed:
-                missing.append(uid)
-        self._gap_cache[fid] = (stamp, missing, unchecked)
-        return missing, unchecked
+        stamp = (self._clears, dv)
+        g = self._gap_cache.get(fid)
+        if g is None or g.stamp != stamp:
+            g = self._gap_cache[fid] = _Gaps(stamp)
+        (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
+        if top > g.last:
+            for uid, indexed in self.conn.execute(
+                    "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
+                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ? AND (d.id IS NULL OR NOT d.exact)",
+                    (fid, g.last, top)):
+                g.unchecked.add(uid)
+                if not indexed:
+                    g.missing.add(uid)
+            g.last = top
+        return g
 
-    def unindexed(self, fid: int, limit: int, version: tuple[int, ...] | None = None) -> list[int]:
-        """UIDs of the folder's messages with no entry (at most `limit`)."""
-        return self._gaps(fid, version)[0][:limit]
+    def _recheck(self, fid: int, uids: Sequence[int]) -> None:
+        g = self._gap_cache.get(fid)
+        if g is None:
+            return
+        for i in range(0, len(uids), 500):
+            part = uids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for uid, indexed, exact in self.conn.execute(
+                    "SELECT m.uid, d.id IS NOT NULL, ifnull(d.exact, 0) FROM msgs m"
+                    f" LEFT JOIN fts.docs d ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
+                    (fid, *part)):
+                if indexed:
+                    g.missing.discard(uid)
+                if exact:
+                    g.unchecked.discard(uid)
 
-    def unchecked(self, fid: int, version: tuple[int, ...] | None = None) -> set[int]:
+    def unindexed(self, fid: int, limit: int) -> list[int]:
+        """UIDs of the folder's messages with no entry (the lowest `limit`)."""
+        missing = self._gaps(fid).missing
+        return sorted(missing)[:limit] if missing else []
+
+    def index_messages(self, fid: int, items: Sequence[tuple[int, str, bytes]]) -> None:
+        """Index (uid, base, octets) of messages of one folder (catch-up) and note them indexed."""
+        self.add([(base, raw) for _u, base, raw in items])
+        self._recheck(fid, [u for u, _b, _r in items])
+
+    def unchecked(self, fid: int) -> set[int]:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
-        return self._gaps(fid, version)[1]
+        return self._gaps(fid).unchecked
 
     def hits(self, fid: int, key: HeaderKey | TextKey) -> set[int]:
         """UIDs of the folder whose exact entries contain the key's value in its columns."""
@@ -233,13 +270,11 @@ class TextIndex:
                f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
         return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
 
-    def narrow(self, fid: int, key: SearchKey, version: tuple[int, ...] | None = None
-               ) -> tuple[SearchKey, set[int] | None]:
+    def narrow(self, fid: int, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
         """The criteria with each indexed key answered from the index, and the UIDs that may match
         (None: any message may): a message matches when its UID is in the set and it matches the
-        returned criteria (AllKey: the set is the answer). `version` stands for the folder's UIDs
-        (store.mailbox `_uids_stamp`): while it stays, the list of unindexed messages is reused."""
-        unchecked = self.unchecked(fid, version)
+        returned criteria (AllKey: the set is the answer)."""
+        unchecked = self.unchecked(fid)
         return _rewrite(key, lambda k: self.hits(fid, k), unchecked)
 
 

@@ -720,11 +720,11 @@ class UserMailbox:
             except sqlite3.Error as exc:  # a cache: the message is searched by the matcher instead
                 log.warning("full-text index of %s not updated: %s", self.user.address, exc)
 
-    def _text_forget(self, bases: Sequence[str]) -> None:
+    def _text_forget(self, fid: int, rows: Sequence[MessageRow]) -> None:
         ti = self._text_index(create=False)
         if ti is not None:
             try:
-                ti.forget(bases)
+                ti.forget(fid, [(r.uid, r.base) for r in rows])
             except sqlite3.Error as exc:  # an entry left behind matches no message of any folder
                 log.warning("full-text index of %s not updated: %s", self.user.address, exc)
 
@@ -740,14 +740,14 @@ class UserMailbox:
         if ti is None:
             return key, None
         try:
-            todo = ti.unindexed(st.fid, CATCH_UP, _uids_stamp(st))
+            todo = ti.unindexed(st.fid, CATCH_UP)
             if todo:
-                items: list[tuple[str, bytes]] = []
+                items: list[tuple[int, str, bytes]] = []
                 for r in self.index.rows(st.fid, todo).values():
                     with contextlib.suppress(StoreError):
-                        items.append((r.base, self._read_crlf(st, r)[1]))
-                ti.add(items)
-            return ti.narrow(st.fid, key, _uids_stamp(st))
+                        items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
+                ti.index_messages(st.fid, items)
+            return ti.narrow(st.fid, key)
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
             return key, None
@@ -910,7 +910,7 @@ class UserMailbox:
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
-        self._text_forget([r.base for r in rows])
+        self._text_forget(st.fid, rows)
         return gone
 
     @_locked
@@ -994,7 +994,7 @@ class UserMailbox:
         if move and src_uids:
             m2 = self.index.remove_messages(srow, done_src)
             self._after_uids_removed(sst, src_uids, m2)
-            self._text_forget([r.base for r in done_src])
+            self._text_forget(sst.fid, done_src)
         return CopyResult(dst.uidvalidity, src_uids, new_uids)
 
     def _undo(self, placed: list[Path], done: list[MessageRow], sst: FolderState, move: bool) -> None:
@@ -1030,11 +1030,6 @@ class UserMailbox:
     @_locked
     def mark_seen(self, uids: Iterable[int]) -> None:
         self.store(INBOX, uids, "+FLAGS", ["\\Seen"])
-
-
-def _uids_stamp(st: FolderState) -> tuple[int, ...]:
-    """Changes whenever the folder's UIDs do (for caches keyed by them)."""
-    return st.version, len(st.uids), st.uidnext
 
 
 def _bisect(a: array[int], x: int) -> int:

@@ -134,11 +134,17 @@ def test_delivered_mail_indexed_by_search_and_reindex(store: MailStore, monkeypa
         ti = mb._text_index()
         assert ti is not None
         assert len(ti.unindexed(mb.state(INBOX).fid, 10**6)) == 0
+        for i in range(5):  # later deliveries: the new UIDs are looked at, the rest is known
+            deliver_maildir(mb.root, b"", b"Subject: report late %d\r\n\r\nx\r\n" % i)
+        late = _search(mb, key, index=False)
+        assert len(late) == len(scan) + 5
+        assert _search(mb, key, index=True) == late
+        assert ti.unchecked(mb.state(INBOX).fid) == set()
         ti.clear()
     finally:
         store.release(mb)
     counts = store.reindex(USER)
-    assert counts[INBOX] == 50 + 30
+    assert counts[INBOX] == 50 + 30 + 5
     mb = store.acquire(USER)
     try:
         ti = mb._text_index()
