@@ -63,6 +63,7 @@ from .imapfetch import (
     render_all_flags,
     render_fetch,
     render_flags,
+    narrow,
     run_search,
 )
 
@@ -887,7 +888,7 @@ class IMAPSession(Session):
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
         mb = self._mbox()
         # the full-text index answers the text keys it can and names the candidates (store.fts)
-        criteria, cands = await self.call(mb.narrow_search, sel.name, criteria)
+        criteria, cands = await self.call(narrow, mb, sel.name, criteria)
         targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
         if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
             return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from ..proto.imap.search import SearchKey
 from .index import MessageRow
 
 if TYPE_CHECKING:
@@ -130,7 +129,8 @@ class Mailboxes(Protocol):
     def cache_get(self, name: str, uids: Sequence[int], kind: str) -> dict[int, bytes]: ...
     def cache_put(self, name: str, items: Sequence[tuple[int, str, bytes]]) -> None: ...
     def flush_meta(self) -> None: ...
-    def narrow_search(self, name: str, key: SearchKey) -> tuple[SearchKey, set[int] | None]: ...
+    def text_search(self, name: str, queries: Sequence[tuple[str, str]]
+                    ) -> tuple[list[set[int]], set[int]] | None: ...
 
     # -- writing
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),

@@ -1,5 +1,5 @@
-"""The per-user full-text index (SQLite FTS5, trigram tokenizer) that narrows IMAP SEARCH text keys
-(RFC 9051 §6.4.4 SUBJECT, FROM, TO, CC, BCC, BODY, TEXT) and the webmail search.
+"""The per-user full-text index (SQLite FTS5, trigram tokenizer) that answers the text searches of IMAP
+SEARCH (RFC 9051 §6.4.4 SUBJECT, FROM, TO, CC, BCC, BODY, TEXT) and of the webmail.
 
 It is a cache beside the mailbox index (`postier-fts.sqlite`, attached to the index connection as
 schema ``fts``), keyed by the Maildir base name of a message: a Maildir file's contents never change
@@ -11,13 +11,13 @@ three or more characters finds exactly the messages whose text contains it (IMAP
 substring); shorter needles are looked up with ``instr`` over the stored columns.
 
 Consistency does not depend on the index being complete: a message whose base has no entry, or whose
-entry is not exact (text cut at the bound, see `SearchText.exact`), is evaluated by the matcher as
-before. `narrow` rewrites the criteria so that each indexed key becomes "UID in (index hits) or
-(UID in (unchecked) and the key itself)", and returns the candidate UIDs; a key the index answers
-for every message of the folder becomes the candidate set alone. An exact entry's answer is not
-confirmed by the matcher again: it is the matcher's own text and comparison (casefolded substring,
-chunk by chunk), so confirming would only re-parse every hit (a second per thousand hits on 100,000
-messages); `tests/imap/test_fts.py` asserts index and matcher give the same UIDs.
+entry is not exact (text cut at the bound, see `SearchText.exact`), is reported as not covered and
+evaluated by the matcher as before (`UserMailbox.text_search` answers per (field, needle);
+`server.imapfetch.narrow` turns the answers into rewritten SEARCH criteria and candidate UIDs, so
+the store knows nothing of IMAP). An exact entry's answer is not confirmed by the matcher again: it
+is the matcher's own text and comparison (casefolded substring, chunk by chunk), so confirming would
+only re-parse every hit (a second per thousand hits on 100,000 messages); `tests/imap/test_fts.py`
+asserts index and matcher give the same UIDs.
 Entries are written by APPEND (in the same user-locked step), by a search for up to
 `CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
 not touch the index: their messages are indexed by the next search, and evaluated by the matcher
@@ -31,16 +31,14 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
-from ..proto.imap.search import AllKey, AndKey, HeaderKey, NotKey, OrKey, SearchKey, SeqSetKey, TextKey
-from ..proto.imap.seqset import SequenceSet
 from .index import parse_file_name
 
-__all__ = ["CATCH_UP", "FTS_NAME", "TextIndex", "UidSet", "build_file", "build_from_maildir", "indexable"]
+__all__ = ["CATCH_UP", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "searchable"]
 
 log = logging.getLogger("postier.store")
 
@@ -66,44 +64,15 @@ END;
 """
 
 
-@dataclass(frozen=True, slots=True)
-class UidSet(SequenceSet):
-    """A UID set given by its members (an index answer), for the rewritten criteria."""
-
-    members: frozenset[int] = field(default_factory=frozenset)
-
-    def contains(self, value: int, max_value: int) -> bool:
-        return value in self.members
-
-
-def _uid_key(uids: Iterable[int]) -> SeqSetKey:
-    return SeqSetKey(UidSet(members=frozenset(uids)), uid=True)
-
-
 def _row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
     t = search_text(raw)
     return int(t.exact), (*(t.fields[f] for f in INDEXED_FIELDS), t.leaves, t.headers, t.inner)
 
 
-def _column_filter(key: HeaderKey | TextKey) -> tuple[str, ...] | None:
-    if isinstance(key, HeaderKey):
-        col = _COLUMNS.get(key.field.upper())
-        return (col,) if col else None
-    return _SCOPES.get(key.scope.upper())
-
-
-def indexable(key: SearchKey) -> bool:
-    """True when the criteria hold a key the index can answer."""
-    match key:
-        case HeaderKey() | TextKey():
-            return _column_filter(key) is not None and CHUNK_SEP not in key.value and bool(key.value)
-        case NotKey(key=k):
-            return indexable(k)
-        case OrKey(left=a, right=b):
-            return indexable(a) or indexable(b)
-        case AndKey(keys=ks):
-            return any(indexable(k) for k in ks)
-    return False
+def searchable(field: str, needle: str) -> bool:
+    """True when the index can answer "the `field` text contains `needle`": `field` one of
+    INDEXED_FIELDS (a header field), "BODY" or "TEXT" (as `message.matching` scopes them)."""
+    return (field in _COLUMNS or field in _SCOPES) and bool(needle) and CHUNK_SEP not in needle
 
 
 @dataclass
@@ -252,11 +221,10 @@ class TextIndex:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
         return self._gaps(fid).unchecked
 
-    def hits(self, fid: int, key: HeaderKey | TextKey) -> set[int]:
-        """UIDs of the folder whose exact entries contain the key's value in its columns."""
-        cols = _column_filter(key)
-        assert cols is not None
-        needle = key.value.casefold()
+    def hits(self, fid: int, field: str, needle: str) -> set[int]:
+        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`)."""
+        cols = (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
+        needle = needle.casefold()
         # RFC 9051 §6.4.4: case-insensitive substring (both sides casefolded, as message.matching)
         if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
             phrase = needle.replace('"', '""')
@@ -269,49 +237,6 @@ class TextIndex:
         sql = ("SELECT m.uid FROM msgs m CROSS JOIN fts.docs d ON d.base=m.base"
                f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
         return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
-
-    def narrow(self, fid: int, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
-        """The criteria with each indexed key answered from the index, and the UIDs that may match
-        (None: any message may): a message matches when its UID is in the set and it matches the
-        returned criteria (AllKey: the set is the answer)."""
-        unchecked = self.unchecked(fid)
-        return _rewrite(key, lambda k: self.hits(fid, k), unchecked)
-
-
-def _within(key: SearchKey, cands: set[int] | None) -> SearchKey:
-    """`key` and "UID in cands" as one criterion."""
-    if cands is None:
-        return key
-    return _uid_key(cands) if isinstance(key, AllKey) else AndKey((_uid_key(cands), key))
-
-
-def _rewrite(key: SearchKey, hits: Callable[[HeaderKey | TextKey], set[int]],
-             unchecked: set[int]) -> tuple[SearchKey, set[int] | None]:
-    """(criteria, candidates): a message matches `key` exactly when its UID is among the candidates
-    (None: any) and it matches the returned criteria."""
-    match key:
-        case HeaderKey() | TextKey() if indexable(key):
-            sure = hits(key)
-            if not unchecked:
-                return AllKey(), sure
-            return OrKey(_uid_key(sure), AndKey((_uid_key(unchecked), key))), sure | unchecked
-        case NotKey(key=k):
-            return NotKey(_within(*_rewrite(k, hits, unchecked))), None
-        case OrKey(left=a, right=b):
-            ka, ca = _rewrite(a, hits, unchecked)
-            kb, cb = _rewrite(b, hits, unchecked)
-            if isinstance(ka, AllKey) and isinstance(kb, AllKey) and ca is not None and cb is not None:
-                return AllKey(), ca | cb
-            return OrKey(_within(ka, ca), _within(kb, cb)), (ca | cb if ca is not None and cb is not None else None)
-        case AndKey(keys=ks):
-            parts = [_rewrite(k, hits, unchecked) for k in ks]
-            cands: set[int] | None = None
-            for _k, c in parts:
-                if c is not None:
-                    cands = c if cands is None else cands & c
-            rest = tuple(k for k, _c in parts if not isinstance(k, AllKey))
-            return (AndKey(rest) if rest else AllKey()), cands
-    return key, None
 
 
 def _crlf(data: bytes) -> bytes:

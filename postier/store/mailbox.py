@@ -40,7 +40,6 @@ from typing import IO, Any, Concatenate
 from .. import durable
 from ..message.types import User
 from ..faults import fault_point
-from ..proto.imap.search import SearchKey
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .index import (
     FLAG_DELETED,
@@ -73,7 +72,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, indexable
+from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, searchable
 from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
 
 __all__ = [
@@ -729,16 +728,18 @@ class UserMailbox:
                 log.warning("full-text index of %s not updated: %s", self.user.address, exc)
 
     @_locked
-    def narrow_search(self, name: str, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
-        """SEARCH criteria with the text keys the full-text index can answer answered, and the UIDs
-        that may match (None: any). Up to CATCH_UP messages not indexed yet are indexed first; the
-        others are left to the matcher (see store.fts)."""
-        if not indexable(key):
-            return key, None
+    def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
+        """The full-text index's answer to each (field, needle) query (field: SUBJECT, FROM, TO, CC,
+        BCC, BODY or TEXT, as `message.matching` searches them): the UIDs whose text contains the
+        needle, among the messages it covers; and the UIDs it does not cover (to be checked by the
+        matcher). None when the index cannot answer (then search without it). Up to CATCH_UP
+        messages not indexed yet are indexed first (see store.fts)."""
+        if not queries or not all(searchable(f, n) for f, n in queries):
+            return None
         st = self.state(name)
         ti = self._text_index()
         if ti is None:
-            return key, None
+            return None
         try:
             todo = ti.unindexed(st.fid, CATCH_UP)
             if todo:
@@ -747,10 +748,10 @@ class UserMailbox:
                     with contextlib.suppress(StoreError):
                         items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
                 ti.index_messages(st.fid, items)
-            return ti.narrow(st.fid, key)
+            return [ti.hits(st.fid, f, n) for f, n in queries], ti.unchecked(st.fid)
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
-            return key, None
+            return None
 
     @_locked
     def rebuild_text_index(self) -> int:

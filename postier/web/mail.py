@@ -47,7 +47,7 @@ from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
-from ..server.imapfetch import run_search
+from ..server.imapfetch import narrow, run_search
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
 from ..store.index import FLAG_FLAGGED as _FLAGGED
@@ -891,7 +891,7 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
         if not narrowed and hi < len(uids):
             # not a common word: the full-text index (store.fts) names the older candidates
             narrowed = True
-            key, cands = mb.narrow_search(name, key)
+            key, cands = narrow(mb, name, key)
             if cands is not None:
                 uids = [u for u in uids[:hi] if u in cands]
                 hi = len(uids)

@@ -8,6 +8,7 @@ import base64
 import imaplib
 import random
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from postier.message.matching import SearchContext
 from postier.message.types import User
 from postier.proto.imap.search import AndKey, HeaderKey, NotKey, OrKey, SearchKey, TextKey
-from postier.server.imapfetch import run_search
+from postier.server.imapfetch import narrow, run_search
 from postier.store.fts import FTS_NAME
 from postier.store.maildir import deliver_maildir
 from postier.store.mailbox import INBOX, MailStore, UserMailbox
@@ -85,7 +86,7 @@ def _search(mb: UserMailbox, key: SearchKey, index: bool) -> list[int]:
     ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
     cands = None
     if index:
-        key, cands = mb.narrow_search(INBOX, key)
+        key, cands = narrow(mb, INBOX, key)
     targets = [(s, u) for s, u in enumerate(uids, 1) if cands is None or u in cands]
     return [u for _s, u, _m in run_search(mb, INBOX, targets, key, ctx, 0)[0]]
 
@@ -241,13 +242,13 @@ def test_webmail_search_uses_the_index(store: MailStore) -> None:
             mb.append(INBOX, b"From: a@example.org\r\nSubject: note %d\r\n\r\nnothing\r\n" % i)
         uids = list(mb.snapshot(INBOX).uids)
         calls: list[object] = []
-        real = mb.narrow_search
+        real = mb.text_search
 
-        def counting(name: str, key: SearchKey) -> object:
-            calls.append(key)
-            return real(name, key)
+        def counting(name: str, queries: Sequence[tuple[str, str]]) -> object:
+            calls.append(queries)
+            return real(name, queries)
 
-        mb.narrow_search = counting  # type: ignore[method-assign,assignment]
+        mb.text_search = counting  # type: ignore[method-assign,assignment]
         assert web_search(mb, INBOX, uids, "QUIXOTIC", False, 50) == ([uids[0]], False)
         assert len(calls) == 1
         found, more = web_search(mb, INBOX, uids, "note", True, 50)
