@@ -14,6 +14,8 @@ answer (the server's own time, without TLS or the client):
   * the settings page (the Sieve script, preferences and folders),
 
 then the process RSS growth for S more logged-in sessions (each with one folder page viewed).
+The full-text index (store/fts.py) is built from the generated Maildir before the server starts, as
+`postier reindex` does for a Maildir copied in (--no-text-index: searches then read the messages).
 
     python -m bench.webmail_bench [--messages 100000] [--repeats 20] [--sessions 200] [--keep]
 """
@@ -25,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +38,7 @@ from argon2.profiles import CHEAPEST  # noqa: E402
 
 from bench.imap_bench import DOMAIN, PASSWORD, generate  # noqa: E402
 from postier.accounts import Accounts  # noqa: E402
+from postier.store.fts import FTS_NAME, build_file  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
 USER = f"bob@{DOMAIN}"
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--no-text-index", action="store_true", help="do not build the full-text index first")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="postier-webmail-bench-"))
     try:
@@ -84,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         accounts.close()
         print(f"generating {args.messages} messages ...", flush=True)
         generate(inst.maildir(USER), args.messages)
+        if not args.no_text_index:
+            t0 = time.monotonic()
+            md = inst.maildir(USER)
+            build_file(md.parent / FTS_NAME, [md])
+            print(f"full-text index built in {time.monotonic() - t0:.1f}s", flush=True)
         inst.start()
         try:
             assert inst.proc is not None

@@ -48,7 +48,7 @@ from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
 from ..proto.imap.response import Code, ResponseCode
 from ..proto.imap.listing import list_entries, lsub_entries
-from ..proto.imap.search import ModSeqKey, SearchKey
+from ..proto.imap.search import AllKey, ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
 from ..proto.imap.notify import MESSAGE_EVENTS as notify_message_events
@@ -72,6 +72,7 @@ from .imapfetch import (
     render_all_flags,
     render_fetch,
     render_flags,
+    narrow,
     run_search,
     url_octets,
 )
@@ -1203,6 +1204,12 @@ class IMAPSession(Session):
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
         recent = self.core.recent_from()
         mb = self._mbox()
+        # the full-text index answers the text keys it can and names the candidates (store.fts)
+        criteria, cands = await self.call(narrow, mb, sel.name, criteria)
+        targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
+            return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
+        recent = self.core.recent_from()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)
 

@@ -75,6 +75,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
+from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, searchable
 from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
@@ -226,9 +227,11 @@ class UserMailbox:
         self.refs = 0
         #: Folders written to by someone who did not update the index (a delivery): sync before use.
         self.dirty: set[str] = set()
+        self._text: TextIndex | None = None  # the full-text index (store.fts), attached on first use
 
     def close(self) -> None:
         with self.lock:
+            self._text = None
             self.index.close()
             self.states.clear()
             if self.shared is not None:
@@ -759,6 +762,84 @@ class UserMailbox:
         st = self.state(name)
         self.index.cache_put(st.fid, items)
 
+    # -- the full-text index (store.fts) -------------------------------------------------------
+
+    def _text_index(self, create: bool = True) -> TextIndex | None:
+        """The attached FTS file (made when `create`); None when it cannot be used (then every
+        search runs through the matcher, as without an index)."""
+        if self._text is None:
+            path = self.index_path.parent / FTS_NAME
+            if not create and not path.exists():
+                return None
+            try:
+                self._text = TextIndex(self.index.conn, path)
+            except sqlite3.Error as exc:
+                log.warning("full-text index of %s unusable: %s", self.user.address, exc)
+                return None
+        return self._text
+
+    def _text_add(self, items: Sequence[tuple[str, bytes]]) -> None:
+        ti = self._text_index()
+        if ti is not None:
+            try:
+                ti.add(items)
+            except sqlite3.Error as exc:  # a cache: the message is searched by the matcher instead
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    def _text_forget(self, fid: int, rows: Sequence[MessageRow]) -> None:
+        ti = self._text_index(create=False)
+        if ti is not None:
+            try:
+                ti.forget(fid, [(r.uid, r.base) for r in rows])
+            except sqlite3.Error as exc:  # an entry left behind matches no message of any folder
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    @_locked
+    def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
+        """The full-text index's answer to each (field, needle) query (field: SUBJECT, FROM, TO, CC,
+        BCC, BODY or TEXT, as `message.matching` searches them): the UIDs whose text contains the
+        needle, among the messages it covers; and the UIDs it does not cover (to be checked by the
+        matcher). None when the index cannot answer (then search without it). Up to CATCH_UP
+        messages not indexed yet are indexed first (see store.fts)."""
+        if not queries or not all(searchable(f, n) for f, n in queries):
+            return None
+        st = self.state(name)
+        ti = self._text_index()
+        if ti is None:
+            return None
+        try:
+            todo = ti.unindexed(st.fid, CATCH_UP)
+            if todo:
+                items: list[tuple[int, str, bytes]] = []
+                for r in self.index.rows(st.fid, todo).values():
+                    with contextlib.suppress(StoreError):
+                        items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
+                ti.index_messages(st.fid, items)
+            return [ti.hits(st.fid, f, n) for f, n in queries], ti.unchecked(st.fid)
+        except sqlite3.Error as exc:
+            log.warning("full-text index of %s not used: %s", self.user.address, exc)
+            return None
+
+    @_locked
+    def rebuild_text_index(self) -> int:
+        """Index every message of every folder afresh (`postier reindex`); returns the count."""
+        ti = self._text_index()
+        try:
+            if ti is None:
+                raise sqlite3.DatabaseError("cannot open")
+            ti.clear()
+        except sqlite3.DatabaseError:  # damaged: start a new file (it holds nothing else)
+            if ti is not None:
+                ti.detach()
+            self._text = None
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.index_path.parent / FTS_NAME}{suffix}")
+            ti = self._text_index()
+            if ti is None:
+                return 0
+        return build_from_maildir(ti, [self.path_of(f.name) for f in self.list_folders()])
+
     # -- writes -------------------------------------------------------------------------------
 
     def _after_uids_added(self, st: FolderState, new_uids: Sequence[int], modseq: int) -> None:
@@ -860,6 +941,9 @@ class UserMailbox:
                    for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
         modseq, uids = self.index.add_messages(row, st.path, entries)
         self._after_uids_added(st, uids, modseq)
+        # the full-text index (store/fts.py); a streamed message is indexed by the next search's catch-up
+        self._text_add([(d.name, data) for d, (data, *_rest) in zip(drafts, prepared, strict=True)
+                        if isinstance(data, bytes)])
         return st.uidvalidity, uids
 
     @_locked
@@ -971,6 +1055,7 @@ class UserMailbox:
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
+        self._text_forget(st.fid, rows)
         return gone
 
     @_locked
@@ -1064,6 +1149,7 @@ class UserMailbox:
         if move and src_uids:
             m2 = self.index.remove_messages(srow, done_src)
             self._after_uids_removed(sst, src_uids, m2)
+            self._text_forget(sst.fid, done_src)
         return CopyResult(dst.uidvalidity, src_uids, new_uids)
 
     def _undo(self, placed: list[Path], done: list[MessageRow], sst: FolderState, move: bool) -> None:
@@ -1346,6 +1432,7 @@ class MailStore:
                 quota.prune_pending(mb.index.conn, mb.root)  # the usage is the rebuilt rows' (triggers)
                 if warned is not None:  # a rebuild is no drop in usage: warnings stay as they were
                     mb.index.conn.execute("UPDATE quota_usage SET warned=?, low=?", warned)
+                mb.rebuild_text_index()
                 return out
         finally:
             self.release(mb)

@@ -48,7 +48,7 @@ from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..message.threading import ThreadNode, thread_references
 from ..antispam.learning import JUNK, enqueue, verdict
-from ..server.imapfetch import run_search
+from ..server.imapfetch import narrow, run_search
 from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
@@ -961,7 +961,16 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
     found: list[int] = []
     hi = len(uids)
     batch = max(200, 4 * want)  # small first: a common word fills the page from the newest messages
+    narrowed = False
     while hi > 0:
+        if not narrowed and hi < len(uids):
+            # not a common word: the full-text index (store.fts) names the older candidates
+            narrowed = True
+            key, cands = narrow(mb, name, key)
+            if cands is not None:
+                uids = [u for u in uids[:hi] if u in cands]
+                hi = len(uids)
+                continue
         lo = max(0, hi - batch)
         batch = min(SEARCH_BATCH, batch * 2)
         targets = [(i + 1, uids[i]) for i in range(lo, hi)]
