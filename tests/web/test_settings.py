@@ -151,8 +151,6 @@ def test_two_sessions_change_preferences_at_once(inst: Instance) -> None:
         assert "one 4" in c1.get("/mail/settings").text
 
 
-@pytest.mark.xfail(strict=False, reason="flags set by a script (imap4flags) are stored at delivery once "
-                                        "pipeline/sieve.py keeps them")
 def test_mark_read_rule_delivers_the_message_seen(inst: Instance) -> None:
     with client(inst, BOB) as c:
         token = csrf(c)
