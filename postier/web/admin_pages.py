@@ -56,6 +56,18 @@ class _DayBar:
 
 
 @dataclass
+class _TLSRow:
+    day: str
+    domain: str
+    policy: str  # STS | TLSA | NO_POLICY
+    reporter: str
+    successes: int
+    failures: int
+    kinds: str  # the failures' result types with their counts
+    authenticated: bool
+
+
+@dataclass
 class _SourceRow:
     day: str
     domain: str
@@ -223,7 +235,26 @@ class AdminPages:
                     src.failed += row.count
         bars = sorted(days.values(), key=lambda b: b.day)[-MAX_REPORT_DAYS:]
         table = sorted(rows.values(), key=lambda r: (r.day, r.domain, -r.failed, r.source), reverse=True)
-        return self._render("admin_dmarc.html", s, user, chart=_chart(bars), table=table, reports=len(reports))
+        tls = await asyncio.to_thread(self._tls_rows)
+        return self._render("admin_dmarc.html", s, user, chart=_chart(bars), table=table, reports=len(reports),
+                            tls_rows=tls)
+
+    def _tls_rows(self) -> list[_TLSRow]:
+        """Received TLS reports (RFC 8460 §4.4), one row per report and policy, newest first."""
+        store = self.web.services.tls_reports
+        if store is None:
+            return []
+        out = []
+        for rr in reversed(store.received(limit=MAX_LOG_ROWS)):
+            rep = rr.report
+            day = datetime.datetime.fromtimestamp(rep.start, datetime.UTC).strftime("%Y-%m-%d")
+            for p in rep.policies:
+                kinds: dict[str, int] = {}
+                for f in p.failures:
+                    kinds[f.result_type] = kinds.get(f.result_type, 0) + f.count
+                out.append(_TLSRow(day, p.policy.domain, p.policy.type, rep.org_name, p.successes, p.failed,
+                                   ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items())), rr.authenticated))
+        return out
 
     # -- the decision log -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from postier.accounts import Accounts
 from postier.antispam.verdicts import VerdictLog
 from postier.config import load_config
 from postier.mailauth.reports import AggregateReport, PolicyPublished, ReportRow, ReportStore
+from postier.mailauth.tlsrpt import FailureDetail, PolicyReport, TLSPolicy, TLSReport, TLSReportStore
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
@@ -183,6 +184,26 @@ def test_dmarc_reports_table_and_chart(inst: Instance) -> None:
         assert re.search(r"<td>2026-05-29</td><td>" + re.escape(DOMAIN) + r"</td><td>198.51.100.9</td>"
                          r"<td>Example Org</td><td>0</td><td>7</td>", r.text)
         assert 'id="tls-rpt"' in r.text
+
+
+def test_tls_reports_table(inst: Instance) -> None:
+    """Received TLS reports (RFC 8460) are listed under the DMARC ones, failures with their result types."""
+    cfg = load_config(inst.config)
+    store = TLSReportStore(cfg.data_dir / "tlsrpt.sqlite")
+    try:
+        day = 86400 * 20600  # 2026-05-27
+        policy = PolicyReport(TLSPolicy("sts", DOMAIN, ("version: STSv1", "mode: enforce"), ("mx." + DOMAIN,)),
+                              12, (FailureDetail("certificate-host-mismatch", 3, "192.0.2.7", "mx." + DOMAIN),))
+        rep = TLSReport("Sender Org", "mailto:tls@sender.example", "tls-r1", day, day + 86399, (policy,))
+        assert store.store_received(rep, True, time.time())
+    finally:
+        store.close()
+    with client(inst) as c:
+        admin(c)
+        r = c.get("/admin/dmarc")
+        assert r.status_code == 200
+        assert re.search(r"<td>2026-05-27</td><td>" + re.escape(DOMAIN) + r"</td><td>sts</td><td>Sender Org</td>"
+                         r"<td>12</td><td>3</td><td>certificate-host-mismatch \(3\)</td>", r.text), r.text
 
 
 def test_decision_log_search_by_address_and_queue_id(inst: Instance) -> None:
