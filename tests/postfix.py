@@ -71,7 +71,8 @@ class Postfix:
         self.prefix = list(prefix or [])
         self.etc = root / "etc"
         self.etc.mkdir(parents=True, exist_ok=True)
-        (root / "spool").mkdir(exist_ok=True)
+        (root / "spool").mkdir(mode=0o755, exist_ok=True)
+        (root / "spool").chmod(0o755)  # whatever the umask: Postfix's daemons (not root) traverse it
         (root / "data").mkdir(exist_ok=True)
         shutil.chown(root / "data", "postfix")
         self.maillog = root / "maillog"
