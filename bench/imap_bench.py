@@ -6,15 +6,27 @@ free loopback ports, never the system instance) serving a copy of the same Maild
 
   * the first SELECT (no index yet) and a second SELECT on a new connection,
   * UID FETCH 1:* (FLAGS),
-  * UID SEARCH HEADER SUBJECT x (the first search: nothing cached),
+  * UID SEARCH HEADER SUBJECT x (the first search: nothing cached; a one-character needle),
+  * UID SEARCH SUBJECT/FROM/BODY/TEXT with longer needles, each first (on a fresh connection, the
+    first search of that key) and repeated (best of --repeats): postier answers them from its
+    full-text index (store/fts.py), which the bench builds from the generated Maildir before the
+    server starts, as `postier reindex` does for a Maildir copied in (the build time is reported);
+    Dovecot runs without an FTS plugin, as Debian's dovecot-imapd ships,
   * FETCH 1:1000 (BODY.PEEK[]),
 
 then the memory each server needs per idle connection (C connections logged in, INBOX of a small
 mailbox selected, in IDLE): postier's process RSS growth, and the growth of the summed RSS and PSS
-of all Dovecot processes. Both servers are spoken to over plain TCP on loopback so that TLS costs
+of all Dovecot processes; and a stress figure: 10 clients (--stress-clients) for 30 s
+(--stress-seconds) on one user with a small INBOX, each in a loop logging in, selecting, fetching
+flags and headers, storing flags, appending, expunging what it appended and logging out:
+commands per second and errors, on each server in turn. Both servers are spoken to over plain TCP on loopback so that TLS costs
 nothing on either side.
 
-    python -m bench.imap_bench [--messages 100000] [--connections 1000] [--keep]
+With `--workers N` (N > 1) a third server, postier with `[server] workers = N` on its own copy of
+the Maildir, is timed in the same interleaved steps (docs/scaling.md).
+
+    python -m bench.imap_bench [--messages 100000] [--connections 1000] [--repeats 3]
+                               [--stress-seconds 30] [--keep] [--workers N]
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +53,7 @@ from argon2 import PasswordHasher  # noqa: E402
 from argon2.profiles import CHEAPEST  # noqa: E402
 
 from postier.accounts import Accounts  # noqa: E402
+from postier.store.fts import FTS_NAME, build_file  # noqa: E402
 from tests.harness import Instance, free_port  # noqa: E402
 
 PASSWORD = "bench-password"
@@ -212,14 +226,14 @@ def idle_memory(port: int, user: str, count: int, pids: Callable[[], list[int]])
 
 # -- the two servers ------------------------------------------------------------------------------
 
-def start_postier(root: Path, connections: int) -> Instance:
-    inst = Instance(root / "postier", DOMAIN, extra_config=(
+def start_postier(root: Path, connections: int, workers: int = 1) -> Instance:
+    inst = Instance(root / ("postier" if workers == 1 else "postier-n"), DOMAIN, workers=workers, extra_config=(
         f"[limits]\nmax_connections = {connections + 100}\nmax_connections_per_ip = {connections + 100}\n"
         f"[imap]\nmax_connections_per_user = {connections + 100}\n"
         "[auth]\nallow_plaintext = true\n"))
     accounts = Accounts(inst.root / "accounts.sqlite")
     accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)  # the bench measures IMAP, not argon2
-    for user in ("bob", "idle"):
+    for user in ("bob", "idle", "stress"):
         accounts.add_user(f"{user}@{DOMAIN}", PASSWORD)
     accounts.close()
     return inst
@@ -324,11 +338,72 @@ class Dovecot:
             self.pid = None
 
 
+# -- many clients at once -------------------------------------------------------------------------
+
+STRESS_MESSAGE = (b"From: Stress <stress@example.net>\r\nTo: stress@" + DOMAIN.encode() + b"\r\n"
+                  b"Subject: appended\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\n" + b"body line\r\n" * 20)
+
+
+def _stress_client(port: int, user: str, deadline: float, counts: list[int]) -> None:
+    """One client's loop until `deadline`: counts[0] commands answered OK, counts[1] errors (a
+    failed command or connection; the client then starts over on a new connection)."""
+    while time.monotonic() < deadline:
+        c: Client | None = None
+        try:
+            c = Client(port)
+            for text in (f"LOGIN {user} {PASSWORD}", "SELECT INBOX", "UID FETCH 1:* (FLAGS)",
+                         "FETCH 1:10 (BODY.PEEK[HEADER])", "STORE 1:5 +FLAGS (\\Seen)"):
+                c.cmd(text)
+                counts[0] += 1
+            _t, data = c.cmd(f"APPEND INBOX {{{len(STRESS_MESSAGE)}+}}\r\n" + STRESS_MESSAGE.decode())
+            counts[0] += 1
+            i = data.find(b"[APPENDUID ")
+            uid = int(data[i:].split(b"]", 1)[0].split()[2])
+            for text in (f"UID STORE {uid} +FLAGS.SILENT (\\Deleted)", f"UID EXPUNGE {uid}", "LOGOUT"):
+                c.cmd(text)
+                counts[0] += 1
+        except (OSError, RuntimeError, ValueError, IndexError):
+            counts[1] += 1
+        finally:
+            if c is not None:
+                c.close()
+
+
+def stress(port: int, user: str, clients: int, seconds: float) -> tuple[float, int]:
+    """(commands per second, errors) of `clients` concurrent clients over `seconds`."""
+    counts = [[0, 0] for _ in range(clients)]
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    threads = [threading.Thread(target=_stress_client, args=(port, user, deadline, counts[i]))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    return sum(c[0] for c in counts) / elapsed, sum(c[1] for c in counts)
+
+
 # -- the run --------------------------------------------------------------------------------------
 
+#: The text searches (the generated mail: every tenth subject says "report"; 97 senders; each
+#: body says "Message number N."), timed first and repeated.
+TEXT_SEARCHES = {
+    "SUBJECT": "UID SEARCH SUBJECT report",
+    "FROM": "UID SEARCH FROM sender42@",
+    "BODY": 'UID SEARCH BODY "number 4242."',
+    "TEXT": 'UID SEARCH TEXT "<4242.bench@"',
+}
 STEPS = ("first SELECT", "second SELECT", "UID FETCH 1:* (FLAGS)", "UID SEARCH HEADER SUBJECT x",
+         *(f"SEARCH {k} first" for k in TEXT_SEARCHES), *(f"SEARCH {k} repeated" for k in TEXT_SEARCHES),
          "FETCH 1:1000 (BODY.PEEK[])")
-REPEATABLE = ("second SELECT", "UID FETCH 1:* (FLAGS)", "FETCH 1:1000 (BODY.PEEK[])")
+REPEATABLE = ("second SELECT", "UID FETCH 1:* (FLAGS)", *(f"SEARCH {k} repeated" for k in TEXT_SEARCHES),
+              "FETCH 1:1000 (BODY.PEEK[])")
+
+
+def _hits(data: bytes) -> int:
+    line = next(x for x in data.split(b"\r\n") if x.startswith(b"* SEARCH"))  # Dovecot sends
+    return len(line.split()) - 2  # progress lines ("* OK Searched 30%") first
 
 
 def step(name: str, port: int, user: str, out: dict[str, float]) -> None:
@@ -346,8 +421,10 @@ def step(name: str, port: int, user: str, out: dict[str, float]) -> None:
                 out["_flags_lines"] = data.count(b" FETCH (")
             elif name == "UID SEARCH HEADER SUBJECT x":
                 t, data = c.cmd("UID SEARCH HEADER SUBJECT x")
-                line = next(x for x in data.split(b"\r\n") if x.startswith(b"* SEARCH"))  # Dovecot sends
-                out["_search_hits"] = len(line.split()) - 2  # progress lines ("* OK Searched 30%") first
+                out["_search_hits"] = _hits(data)
+            elif name.startswith("SEARCH "):
+                t, data = c.cmd(TEXT_SEARCHES[name.split()[1]])
+                out[f"_{name.split()[1].lower()}_hits"] = _hits(data)
             else:
                 t, data = c.cmd("FETCH 1:1000 (BODY.PEEK[])")
                 out["_bodies"] = data.count(b" FETCH (")
@@ -377,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the repeatable steps (best kept)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-dovecot", action="store_true", help="measure postier alone")
+    ap.add_argument("--workers", type=int, default=1, help="also time postier with [server] workers = N")
+    ap.add_argument("--stress-seconds", type=float, default=30.0, help="duration of the stress run (0: skip)")
+    ap.add_argument("--stress-clients", type=int, default=10)
     args = ap.parse_args(argv)
     if not args.no_dovecot and shutil.which("dovecot") is None:
         print("dovecot is not installed (Debian: dovecot-imapd); use --no-dovecot", file=sys.stderr)
@@ -389,19 +469,34 @@ def main(argv: list[str] | None = None) -> int:
         inst = start_postier(tmp, args.connections)
         generate(inst.maildir(f"bob@{DOMAIN}"), args.messages)
         generate(inst.maildir(f"idle@{DOMAIN}"), args.idle_messages)
+        generate(inst.maildir(f"stress@{DOMAIN}"), 200)
         print(f"generated {args.messages} messages in {time.monotonic() - t0:.1f}s", flush=True)
+        t0 = time.monotonic()
+        md = inst.maildir(f"bob@{DOMAIN}")
+        indexed = build_file(md.parent / FTS_NAME, [md])
+        fts_build = time.monotonic() - t0
+        print(f"postier full-text index: {indexed} messages in {fts_build:.1f}s", flush=True)
         dove: Dovecot | None = None
         if not args.no_dovecot:
             dove = Dovecot(tmp / "dovecot", args.connections)
-            for user in ("bob", "idle"):
+            for user in ("bob", "idle", "stress"):
                 dst = dove.home(f"{user}")
                 dst.mkdir(parents=True)
                 shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), dst / "Maildir", symlinks=True)
+        multi: Instance | None = None
+        if args.workers != 1:
+            multi = start_postier(tmp, args.connections, args.workers)
+            for user in ("bob", "idle", "stress"):
+                shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), multi.maildir(f"{user}@{DOMAIN}"), symlinks=True)
+            shutil.copy2(md.parent / FTS_NAME, multi.maildir(f"bob@{DOMAIN}").parent / FTS_NAME)  # the same index
         inst.start(wait_role="imap")
         try:
             assert inst.proc is not None
             pid = inst.proc.pid
             servers = {"postier": (inst.port("imap"), f"bob@{DOMAIN}")}
+            if multi is not None:
+                multi.start(wait_role="imap")
+                servers["postier-n"] = (multi.port("imap"), f"bob@{DOMAIN}")
             if dove is not None:
                 dove.start()
                 servers["dovecot"] = (dove.port, f"bob@{DOMAIN}")
@@ -419,9 +514,19 @@ def main(argv: list[str] | None = None) -> int:
             print("timing (interleaved)...", flush=True)
             results = measure(servers, args.repeats)
             for k, v in results.items():
-                v.update(idle[k])
+                v.update(idle.get(k, {}))
+            results["postier"]["_fts_build"] = fts_build
+            if args.stress_seconds > 0:
+                for server, (port, _user) in servers.items():
+                    print(f"{server}: stress, {args.stress_clients} clients, {args.stress_seconds:.0f}s...",
+                          flush=True)
+                    rate, errors = stress(port, f"stress@{DOMAIN}", args.stress_clients, args.stress_seconds)
+                    results[server]["_stress"] = rate
+                    results[server]["_stress_errors"] = errors
         finally:
             inst.stop()
+            if multi is not None:
+                multi.stop()
             if dove is not None:
                 dove.stop()
         report(results, args)
@@ -436,21 +541,34 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     p = results["postier"]
     d = results.get("dovecot")
+    m = results.get("postier-n")
     print()
     print(f"IMAP benchmark: {args.messages} messages, {args.connections} idle connections")
-    print(f"{'':34} {'postier':>12} {'dovecot':>12} {'postier/dovecot':>16}")
+    many = f"postier {args.workers}w" if m else ""
+    print(f"{'':34} {'postier':>12} {many:>12} {'dovecot':>12} {'postier/dovecot':>16}")
     for key in STEPS:
         pv = p[key]
         dv = d[key] if d else None
+        mv = f"{m[key] * 1000:>10.1f}ms" if m else ""
         ratio = f"{pv / dv:.2f}" if dv else "-"
-        print(f"{key:34} {pv * 1000:>10.1f}ms {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} {ratio:>16}")
+        print(f"{key:34} {pv * 1000:>10.1f}ms {mv:>12} {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} "
+              f"{ratio:>16}")
     pi = p["_idle"]
     di = d["_idle"] if d else None
-    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB "
+    print(f"{'memory per idle connection (RSS)':34} {pi:>10.0f}KB {'':>12} "
           f"{'' if di is None else f'{di:>10.0f}KB':>12} {(f'{pi / di:.2f}' if di else '-'):>16}")
     if d:
-        print(f"{'  dovecot PSS per connection':34} {'':>12} {d['_idle_pss']:>10.0f}KB")
-    checks = [(k, p.get(k), d.get(k) if d else None) for k in ("_flags_lines", "_search_hits", "_bodies")]
+        print(f"{'  dovecot PSS per connection':34} {'':>12} {'':>12} {d['_idle_pss']:>10.0f}KB")
+    if "_stress" in p:
+        ds = d.get("_stress") if d else None
+        print(f"{'stress: commands/s (errors)':34} {p['_stress']:>9.0f}/s {'' if ds is None else f'{ds:>9.0f}/s':>12} "
+              f"{(f'{p['_stress'] / ds:.2f}' if ds else '-'):>16}   errors {p['_stress_errors']:.0f}"
+              + ("" if d is None else f" / {d['_stress_errors']:.0f}"))
+    print(f"postier full-text index built from the Maildir before the run: {p['_fts_build']:.1f}s"
+          " (Dovecot: no FTS plugin)")
+    checks = [(k, p.get(k), d.get(k) if d else None)
+              for k in ("_flags_lines", "_search_hits", "_subject_hits", "_from_hits", "_body_hits", "_text_hits",
+                        "_bodies")]
     print("sanity (postier, dovecot): " + ", ".join(f"{k[1:]}={a:.0f}/{b if b is None else f'{b:.0f}'}"
                                                    for k, a, b in checks))
 

@@ -14,7 +14,10 @@ The CPU time (user + system, from /proc) per message of each server is printed t
 every process of the instance, exited ones included): unlike a rate, it hardly moves when something
 else runs on the machine.
 
-Usage: python -m bench smtp [--messages 2000] [--idle 500] [--rounds 1] [--skip-big]
+With `--workers N` (N > 1) a second postier instance runs with `[server] workers = N` and the ingest
+rates of both are shown side by side (docs/scaling.md).
+
+Usage: python -m bench smtp [--messages 2000] [--idle 500] [--rounds 1] [--skip-big] [--workers N]
 """
 
 from __future__ import annotations
@@ -30,9 +33,13 @@ import threading
 import time
 from pathlib import Path
 
+from bench import postfix_checks
+from bench.postfix_checks import PostfixChecks
 from tests import postfix
+from tests.antispam.rspamd_server import RspamdServer
 from tests.harness import Instance, free_port
 
+DNSBL = "bl.bench.test"  # the bench's DNS blocklist: lists nobody (every query NXDOMAIN, cached by its SOA)
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 
@@ -205,29 +212,58 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-big", action="store_true", help="skip the 20 x 25 MiB peak-memory run")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--mailauth", action="store_true",
-                    help="postier with its default SPF, DKIM and DMARC checks, against an in-process DNS server in "
-                         "which the sender domain has no SPF or DMARC record (Postfix still checks nothing)")
+                    help="SPF, DKIM and DMARC checks on both sides, against an in-process DNS server in which the "
+                         "sender domain has no SPF or DMARC record: postier's own checks; Postfix with "
+                         "policyd-spf, OpenDKIM and OpenDMARC (bench/postfix_checks.py)")
+    ap.add_argument("--antispam", action="store_true",
+                    help="spam defence on both sides: postier's DNSBL screening and Rspamd; Postfix with postscreen "
+                         "and Rspamd's milter (the same Rspamd, started by the bench)")
     ap.add_argument("--no-dns-cache", action="store_true", help="with --mailauth: every lookup goes to DNS")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also measure postier with [server] workers = N (0: one per core), side by side")
     args = ap.parse_args(argv)
     use_pf = postfix.available() and not args.no_postfix and os.path.exists(SMTP_SOURCE)
     work = Path(tempfile.mkdtemp(prefix="postier-bench-"))
     work.chmod(0o755)
     extra = f"[limits]\nmax_connections_per_ip = {args.idle + 100}\nmax_connections = {args.idle + 200}\n"
     dns_server = None
-    if args.mailauth:
+    checks: PostfixChecks | None = None
+    rspamd = None
+    if (args.mailauth or args.antispam) and use_pf:
+        if postfix_checks.missing():
+            raise SystemExit("the Postfix side needs: apt-get install " + " ".join(postfix_checks.missing())
+                             + " (or --no-postfix)")
+        checks = PostfixChecks(work / "checks", mailauth=args.mailauth, dnsbl=DNSBL if args.antispam else None,
+                               rspamd_milter=free_port() if args.antispam else None)
+    if args.mailauth or args.antispam:
         from tests.dnsserver import DNSServer
-        dns_server = DNSServer().start()
+        # On port 53 when Postfix's checks must find it through resolv.conf (postfix_checks.py).
+        dns_server = (DNSServer(postfix_checks.DNS_HOST, 53) if checks else DNSServer()).start()
         dns_server.negative_ttl = 300  # as real zones do: NXDOMAIN answers carry an SOA and are cached
         dns_server.add("remote.test", "MX", "10 mx.remote.test.", ttl=300)  # no SPF, no DMARC: NXDOMAIN
         dns_server.add("mx.remote.test", "A", "127.0.0.1", ttl=300)
         extra += (f'\n[dns]\nnameservers = ["{dns_server.nameserver}"]\n'
-                  + ("cache = false\n" if args.no_dns_cache else "")
-                  + "\n[mailauth]\nspf = true\ndkim_verify = true\ndmarc = true\n")
+                  + ("cache = false\n" if args.no_dns_cache else ""))
+        if args.mailauth:
+            extra += "\n[mailauth]\nspf = true\ndkim_verify = true\ndmarc = true\n"
+    if args.antispam:
+        assert dns_server is not None
+        rspamd = RspamdServer(work / "rspamd", dns_server.nameserver,
+                              milter_port=checks.rspamd_milter if checks else None)
+        print("starting Rspamd (its first start compiles its regular expressions: up to a few minutes)")
+        rspamd.start()
+        extra += (f'\n[antispam]\nrspamd = "{rspamd.url}"\n'
+                  f'dnsbl = [{{ zone = "{DNSBL}", weight = 3 }}]\nthreshold = 3\n')
     inst = Instance(work / "postier", "b.test", extra_config=extra)
     inst.add_user("u@b.test")
     inst.start()
     assert inst.proc is not None
     pid = inst.proc.pid
+    multi = None  # the same server with N worker processes
+    if args.workers != 1:
+        multi = Instance(work / "postier-n", "b.test", extra_config=extra, workers=args.workers)
+        multi.add_user("u@b.test")
+        multi.start()
     pf = None
     vmail = work / "vmail"
     if use_pf:
@@ -247,9 +283,13 @@ def main(argv: list[str]) -> int:
             "smtpd_client_message_rate_limit": "0",
             "smtpd_client_event_limit_exceptions": "127.0.0.0/8",
             "virtual_destination_concurrency_limit": "20",
-        })
+            **(checks.main_cf() if checks else {}),
+        }, master_extra=checks.master_cf() if checks else "", prefix=checks.prefix() if checks else None,
+            postscreen=args.antispam)
+        if checks is not None:
+            checks.start()
         pf.start()
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
     try:
         # Memory per idle session first, on fresh processes (no load has grown their heaps yet).
         ours_rss, ours_uss = idle_memory(inst.port("smtp"), args.idle, lambda: children(pid))
@@ -258,17 +298,41 @@ def main(argv: list[str]) -> int:
             pf_rss, pf_uss = idle_memory(pf.port, args.idle, lambda: postfix_pids(pf))
             pf_idle = f"{pf_rss:.1f} KiB (USS {pf_uss:.1f})"
         md_root = inst.root / "mail"
+        if args.antispam or args.mailauth:
+            # Both servers cache what they learn about a client (postscreen its verdict and greeting
+            # wait, postier its DNS answers): one warm-up batch each, so no round pays for a cold cache.
+            smtp_source(inst.port("smtp"), "u@b.test", args.sessions, 1024, args.sessions, False)
+            if pf is not None:
+                smtp_source(pf.port, "u@b.test", args.sessions, 1024, args.sessions, False)
+                deadline = time.monotonic() + 120
+                while _count(vmail / "b.test" / "u" / "new") < args.sessions and time.monotonic() < deadline:
+                    time.sleep(0.05)
         for size in (1024, 65536):
             for reuse in (False, True):
                 label = f"{size // 1024} KiB, {'reused' if reuse else 'new'} connections"
                 n = args.messages if size == 1024 else max(200, args.messages // 2)
                 ours_rates, cpu_ms, pf_rates, pf_md_rates, pf_cpu_ms = [], [], [], [], []
+                rs_ms, pf_rs_ms = [], []  # Rspamd's CPU per message, for each side's messages
+                multi_rates: list[float] = []
+                multi_cpu_ms: list[float] = []
                 for _ in range(args.rounds):
+                    if multi is not None and multi.proc is not None:
+                        m_root = multi.root / "mail"
+                        _aside(m_root)
+                        mcpu0 = postier_cpu(multi.proc.pid)
+                        _t0, t = smtp_source(multi.port("smtp"), "u@b.test", n, size, args.sessions, reuse)
+                        multi_cpu_ms.append((postier_cpu(multi.proc.pid) - mcpu0) * 1000 / n)
+                        got = count_files(m_root)
+                        if got != n:
+                            raise RuntimeError(f"postier (workers): {got} of {n} messages in the Maildir")
+                        multi_rates.append(n / t)
                     # Benchmark trap on ext4: move old Maildirs aside instead of deleting them.
                     _aside(md_root)
-                    cpu0 = postier_cpu(pid)
+                    cpu0, r0, s0 = postier_cpu(pid), rspamd_cpu(rspamd), rspamd_scanned(rspamd)
                     _t0, t = smtp_source(inst.port("smtp"), "u@b.test", n, size, args.sessions, reuse)
                     cpu_ms.append((postier_cpu(pid) - cpu0) * 1000 / n)
+                    rs_ms.append((rspamd_cpu(rspamd) - r0) * 1000 / n)
+                    _assert_scanned("postier", s0, rspamd, n)
                     got = count_files(md_root)
                     if got != n:
                         raise RuntimeError(f"postier: {got} of {n} messages in the Maildir")
@@ -276,24 +340,36 @@ def main(argv: list[str]) -> int:
                     if pf is not None:
                         _aside(vmail, keep_owner=True)
                         new = vmail / "b.test" / "u" / "new"
-                        pcpu0 = postfix_cpu(pf)
+                        pcpu0, ccpu0, r0 = postfix_cpu(pf), checks_cpu(checks), rspamd_cpu(rspamd)
+                        s0 = rspamd_scanned(rspamd)
                         t0, tp = smtp_source(pf.port, "u@b.test", n, size, args.sessions, reuse)
                         deadline = time.monotonic() + 600
                         while _count(new) < n and time.monotonic() < deadline:
                             time.sleep(0.01)
                         t_md = time.perf_counter() - t0
-                        pf_cpu_ms.append((postfix_cpu(pf) - pcpu0) * 1000 / n)
+                        pf_cpu_ms.append((postfix_cpu(pf) - pcpu0 + checks_cpu(checks) - ccpu0) * 1000 / n)
+                        pf_rs_ms.append((rspamd_cpu(rspamd) - r0) * 1000 / n)
+                        _assert_scanned("Postfix", s0, rspamd, n)
+                        if checks is not None:
+                            _assert_checked(new, args.mailauth, args.antispam)
                         pf_rates.append(n / tp)
                         pf_md_rates.append(n / t_md)
                 ours = statistics.median(ours_rates)
+                many = statistics.median(multi_rates) if multi_rates else 0.0
                 theirs, ratio = "-", "-"
+                rs = f" + Rspamd {statistics.median(rs_ms):.2f}" if rspamd else ""
                 if pf_rates:
+                    pf_rs = f" + Rspamd {statistics.median(pf_rs_ms):.2f}" if rspamd else ""
                     theirs = (f"{statistics.median(pf_rates):.0f} / {statistics.median(pf_md_rates):.0f}"
-                              f" ({statistics.median(pf_cpu_ms):.2f} ms)")
+                              f" ({statistics.median(pf_cpu_ms):.2f} ms{pf_rs})")
                     ratio = f"{ours / statistics.median(pf_rates):.2f}x"
-                rows.append((label, f"{ours:.0f} ({statistics.median(cpu_ms):.2f} ms CPU/msg)", theirs, ratio))
+                    if multi_rates:
+                        ratio += f" / {many / statistics.median(pf_rates):.2f}x"
+                rows.append((label, f"{ours:.0f} ({statistics.median(cpu_ms):.2f} ms CPU/msg{rs})",
+                             f"{many:.0f} ({statistics.median(multi_cpu_ms):.2f} ms)" if multi_rates else "-",
+                             theirs, ratio))
         rows.append((f"memory per idle session ({args.idle} sessions)",
-                     f"{ours_rss:.1f} KiB (USS {ours_uss:.1f})", pf_idle, "-"))
+                     f"{ours_rss:.1f} KiB (USS {ours_uss:.1f})", "-", pf_idle, "-"))
         if not args.skip_big:
             big = 25 * 1024 * 1024
             _aside(md_root)
@@ -309,23 +385,74 @@ def main(argv: list[str]) -> int:
                                          lambda: postfix_pids(pf))
                 pf_peak = f"{pk / 1024:.0f} MiB (+{(pk - pf_base) / 1024:.0f}; {tp:.1f}s)"
             rows.append(("peak RSS, 20 concurrent 25 MiB messages",
-                         f"{peak / 1024:.0f} MiB (+{(peak - base) / 1024:.0f}; {t:.1f}s)", pf_peak, "-"))
+                         f"{peak / 1024:.0f} MiB (+{(peak - base) / 1024:.0f}; {t:.1f}s)", "-", pf_peak, "-"))
     finally:
         inst.stop()
+        if multi is not None:
+            multi.stop()
         if dns_server is not None:
             dns_server.stop()
+        if rspamd is not None:
+            rspamd.stop()
         if pf is not None:
             pf.stop()
+        if checks is not None:
+            checks.stop()
         shutil.rmtree(work, ignore_errors=True)
-    checks = ("postier with SPF+DKIM+DMARC" + (", no DNS cache" if args.no_dns_cache else "")) if args.mailauth \
-        else "no checks"
-    print(f"\nSMTP ingest ({checks}): {args.sessions} concurrent sessions, smtp-source as client, "
+    parts = []
+    if args.mailauth:
+        parts.append("SPF+DKIM+DMARC" + ("; Postfix with policyd-spf, OpenDKIM and OpenDMARC" if checks else ""))
+    if args.antispam:
+        parts.append("DNSBL screening + Rspamd" + ("; Postfix with postscreen and Rspamd's milter" if checks else ""))
+    if args.no_dns_cache:
+        parts.append("postier without its DNS cache")
+    what = "; ".join(parts) or "no checks"
+    print(f"\nSMTP ingest ({what}): {args.sessions} concurrent sessions, smtp-source as client, "
           f"{os.cpu_count()} cores, median of {args.rounds} round(s)")
-    print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
-          "ratio (postier/Postfix 250)")
+    workers = f"postier {multi.workers} workers" if multi is not None else "postier N workers"
+    print(f"{'measure':<45} {'postier msg/s (CPU/msg)':<30} {workers:<22} {'Postfix 250 / Maildir msg/s (CPU)':<36} "
+          "ratio (postier 1 / N workers vs Postfix 250)")
     for r in rows:
-        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<36} {r[3]}")
+        print(f"{r[0]:<45} {r[1]:<30} {r[2]:<22} {r[3]:<36} {r[4]}")
     return 0
+
+
+def checks_cpu(checks: PostfixChecks | None) -> float:
+    """CPU seconds of the milters (policyd-spf is a child of Postfix's master, counted with it)."""
+    if checks is None:
+        return 0.0
+    return sum(cpu_seconds(q) for p in checks.pids() for q in children(p))
+
+
+def rspamd_cpu(rspamd: RspamdServer | None) -> float:
+    return 0.0 if rspamd is None else sum(cpu_seconds(p) for p in children(rspamd.pid()))
+
+
+def rspamd_scanned(rspamd: RspamdServer | None) -> int:
+    """Rspamd's count of scanned messages (its controller's /stat)."""
+    if rspamd is None:
+        return 0
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(rspamd.controller + "/stat", headers={"Password": rspamd.password})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return int(json.load(r).get("scanned", 0))
+
+
+def _assert_scanned(who: str, before: int, rspamd: RspamdServer | None, n: int) -> None:
+    if rspamd is not None and rspamd_scanned(rspamd) - before < n:
+        raise RuntimeError(f"{who}: Rspamd scanned {rspamd_scanned(rspamd) - before} of {n} messages")
+
+
+def _assert_checked(new: Path, mailauth: bool, antispam: bool) -> None:
+    """Every check must have run on Postfix's side too, or the comparison means nothing."""
+    name = next(iter(sorted(os.listdir(new))))
+    head = (new / name).read_bytes().split(b"\n\n", 1)[0]
+    marks = (b"Received-SPF:", b"dmarc=", b"dkim=") if mailauth else ()  # policyd-spf, OpenDMARC, OpenDKIM
+    for mark in marks:
+        if mark not in head:
+            raise RuntimeError(f"Postfix's checks did not run ({mark.decode()} missing):\n{head.decode()}")
 
 
 def _count(d: Path) -> int:

@@ -10,8 +10,12 @@ answer (the server's own time, without TLS or the client):
   * opening one message,
   * a search (From/To/Cc/Subject) that fills a page from the newest messages, and one that must
     read every header,
+  * the conversations view (RFC 5256 REFERENCES over the newest 2,000 messages), cold and warm,
+  * the settings page (the Sieve script, preferences and folders),
 
 then the process RSS growth for S more logged-in sessions (each with one folder page viewed).
+The full-text index (store/fts.py) is built from the generated Maildir before the server starts, as
+`postier reindex` does for a Maildir copied in (--no-text-index: searches then read the messages).
 
     python -m bench.webmail_bench [--messages 100000] [--repeats 20] [--sessions 200] [--keep]
 """
@@ -23,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +38,7 @@ from argon2.profiles import CHEAPEST  # noqa: E402
 
 from bench.imap_bench import DOMAIN, PASSWORD, generate  # noqa: E402
 from postier.accounts import Accounts  # noqa: E402
+from postier.store.fts import FTS_NAME, build_file  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
 USER = f"bob@{DOMAIN}"
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--no-text-index", action="store_true", help="do not build the full-text index first")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="postier-webmail-bench-"))
     try:
@@ -82,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         accounts.close()
         print(f"generating {args.messages} messages ...", flush=True)
         generate(inst.maildir(USER), args.messages)
+        if not args.no_text_index:
+            t0 = time.monotonic()
+            md = inst.maildir(USER)
+            build_file(md.parent / FTS_NAME, [md])
+            print(f"full-text index built in {time.monotonic() - t0:.1f}s", flush=True)
         inst.start()
         try:
             assert inst.proc is not None
@@ -96,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 opened = [server_ms(c.get("/mail/msg", params={"f": "INBOX", "u": uid})) for _ in range(args.repeats)]
                 common = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "note"}))
                 rare = server_ms(c.get("/mail/folder", params={"f": "INBOX", "q": "report 12340 x"}))
+                threads_cold = server_ms(c.get("/mail/folder", params={"f": "INBOX", "t": "1"}))
+                threads = [server_ms(c.get("/mail/folder", params={"f": "INBOX", "t": "1"}))
+                           for _ in range(args.repeats)]
+                settings = [server_ms(c.get("/mail/settings")) for _ in range(args.repeats)]
                 before = rss_kib(inst.proc.pid)
                 sessions = []
                 for _ in range(args.sessions):
@@ -114,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  open a message     median / max  {statistics.median(opened):8.1f} / {max(opened):.1f}")
             print(f"  search 'note' (a page of matches among the newest)  {common:8.1f}")
             print(f"  search 'report 12340 x' (one match: every header)   {rare:8.1f}")
+            print(f"  conversations, cold                {threads_cold:8.1f}")
+            print(f"  conversations, warm median / max  {statistics.median(threads):8.1f} / {max(threads):.1f}")
+            print(f"  settings page      median / max  {statistics.median(settings):8.1f} / {max(settings):.1f}")
             print(f"  RSS growth for {args.sessions} more sessions: {after - before} KiB "
                   f"({(after - before) / max(1, args.sessions):.1f} KiB each)")
         finally:

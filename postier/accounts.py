@@ -58,7 +58,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
     name TEXT PRIMARY KEY,
     catchall TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    quota INTEGER  -- bytes for each user of the domain; NULL: [limits] default_quota, 0: none
 );
 CREATE TABLE IF NOT EXISTS users (
     address TEXT PRIMARY KEY,
@@ -68,7 +69,8 @@ CREATE TABLE IF NOT EXISTS users (
     scram TEXT NOT NULL DEFAULT '',
     mailbox_format TEXT NOT NULL DEFAULT 'maildir',
     created REAL NOT NULL,
-    admin INTEGER NOT NULL DEFAULT 0
+    admin INTEGER NOT NULL DEFAULT 0,
+    quota INTEGER  -- bytes; NULL: the domain's (else the default), 0: none
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
@@ -80,6 +82,9 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 """
+
+_USER_SELECT = ("SELECT u.address, u.local, u.domain, u.mailbox_format, u.quota, d.quota"
+                " FROM users u JOIN domains d ON d.name = u.domain")
 
 #: Local parts every domain must receive (RFC 5321 §4.5.1 postmaster, RFC 2142 §2 abuse): when no alias
 #: or user of that name exists they reach the admin (`set_admin`, else the first user created).
@@ -212,8 +217,10 @@ class LoginCache:
 class Accounts:
     """The account database. Thread-safe: one SQLite connection per thread."""
 
-    def __init__(self, db_path: Path, recipient_delimiter: str = "+", default_format: str = "maildir"):
+    def __init__(self, db_path: Path, recipient_delimiter: str = "+", default_format: str = "maildir",
+                 default_quota: int = 0):
         self.db_path = db_path
+        self.default_quota = default_quota  # bytes, 0: none (`[limits] default_quota`)
         self.delimiter = recipient_delimiter
         self.default_format = default_format
         self._local = threading.local()
@@ -225,6 +232,7 @@ class Accounts:
         self._dummy_hash = self._hasher.hash("postier-dummy-password")
         self.login_cache = LoginCache()
         self.rehash = True
+        self.role_local_parts = ROLE_LOCAL_PARTS  # build_app adds the report mailboxes we publish
         ensure_dirs(db_path.parent)
         new = not db_path.exists()
         self._conn().executescript(_SCHEMA)
@@ -242,13 +250,17 @@ class Accounts:
     def _migrate(self) -> None:
         """Bring a database made by an older version up to the current schema (columns added with
         defaults that keep the old behaviour; idempotent, run at every open)."""
-        def columns(db: sqlite3.Connection) -> set[str]:
-            return {r[1] for r in db.execute("PRAGMA table_info(users)")}
-        if "admin" in columns(self._conn()):  # the usual case: no write lock taken
-            return
+        def columns(db: sqlite3.Connection, table: str = "users") -> set[str]:
+            return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if "quota" in columns(self._conn()) and "quota" in columns(self._conn(), "domains"):
+            return  # the usual case: no write lock taken
         with self._db() as db:
             if "admin" not in columns(db):  # may use the admin console (/admin/); nobody does by default
                 db.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
+            if "quota" not in columns(db):  # storage quotas (store/quota.py): none until set
+                db.execute("ALTER TABLE users ADD COLUMN quota INTEGER")
+            if "quota" not in columns(db, "domains"):
+                db.execute("ALTER TABLE domains ADD COLUMN quota INTEGER")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -352,7 +364,7 @@ class Accounts:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (addr, local, domain, pw_hash, scram, fmt, time.time(), int(admin)),
             )
-        return User(addr, local, domain, fmt)
+        return self.get_user(addr) or User(addr, local, domain, fmt)
 
     def set_password(self, address: str, password: str) -> None:
         addr = normalize_address(address)
@@ -387,22 +399,53 @@ class Accounts:
             db.execute("DELETE FROM aliases WHERE target=?", (addr,))
 
     def list_users(self, domain: str | None = None) -> list[User]:
-        q = "SELECT address, local, domain, mailbox_format FROM users"
+        q = _USER_SELECT
         args: tuple[str, ...] = ()
         if domain:
-            q += " WHERE domain=?"
+            q += " WHERE u.domain=?"
             args = (self._domain_arg(domain),)
-        return [User(*r) for r in self._conn().execute(q + " ORDER BY domain, local", args)]
+        return [self._user(r) for r in self._conn().execute(q + " ORDER BY u.domain, u.local", args)]
+
+    # -- quotas (store/quota.py) ----------------------------------------------------------------
+
+    def _user(self, row: tuple[str, str, str, str, int | None, int | None]) -> User:
+        """A User from a `_USER_SELECT` row, with its effective quota: its own, else its domain's,
+        else the default; 0 at any level means none."""
+        q = row[4] if row[4] is not None else row[5] if row[5] is not None else self.default_quota
+        return User(row[0], row[1], row[2], row[3], q or None)
+
+    def set_quota(self, address: str, quota: int | None) -> None:
+        """The user's own quota in bytes: None for none at all, -1 to inherit the domain's/default."""
+        addr = normalize_address(address)
+        value = None if quota == -1 else (quota or 0)
+        with self._db() as db:
+            if not db.execute("UPDATE users SET quota=? WHERE address=?", (value, addr)).rowcount:
+                raise AccountError(f"no such user: {addr}")
+
+    def set_domain_quota(self, name: str, quota: int | None) -> None:
+        """Every user's quota in the domain unless set per user: None for none, -1 for the default."""
+        domain = self._domain_arg(name)
+        value = None if quota == -1 else (quota or 0)
+        with self._db() as db:
+            if not db.execute("UPDATE domains SET quota=? WHERE name=?", (value, domain)).rowcount:
+                raise AccountError(f"no such domain: {domain}")
+
+    def own_quota(self, address: str) -> str:
+        """Where the user's quota comes from: "user", "domain" or "default"."""
+        row = self._conn().execute(
+            "SELECT u.quota, d.quota FROM users u JOIN domains d ON d.name = u.domain WHERE u.address=?",
+            (normalize_address(address),)).fetchone()
+        if row is None:
+            raise AccountError(f"no such user: {address}")
+        return "user" if row[0] is not None else "domain" if row[1] is not None else "default"
 
     def get_user(self, address: str) -> User | None:
         try:
             addr = normalize_address(address)
         except AccountError:
             return None
-        row = self._conn().execute(
-            "SELECT address, local, domain, mailbox_format FROM users WHERE address=?", (addr,)
-        ).fetchone()
-        return User(*row) if row else None
+        row = self._conn().execute(_USER_SELECT + " WHERE u.address=?", (addr,)).fetchone()
+        return self._user(row) if row else None
 
     def scram_credentials(self, address: str) -> ScramCredentials | None:
         try:
@@ -581,7 +624,7 @@ class Accounts:
             if row:
                 users[row.address] = row
                 return True
-        if top and candidates[-1].partition("@")[0] in ROLE_LOCAL_PARTS:
+        if top and candidates[-1].partition("@")[0] in self.role_local_parts:
             admin = self._admin(conn)  # RFC 5321 §4.5.1, RFC 2142 §2: postmaster@, abuse@ of every domain
             if admin and admin not in candidates:
                 return self._expand(conn, admin, users, remote, depth + 1)
@@ -591,11 +634,9 @@ class Accounts:
                 return self._expand(conn, catch[0], users, remote, depth + 1)
         return False
 
-    @staticmethod
-    def _user_row(conn: sqlite3.Connection, addr: str) -> User | None:
-        row = conn.execute("SELECT address, local, domain, mailbox_format FROM users WHERE address=?",
-                           (addr,)).fetchone()
-        return User(*row) if row else None
+    def _user_row(self, conn: sqlite3.Connection, addr: str) -> User | None:
+        row = conn.execute(_USER_SELECT + " WHERE u.address=?", (addr,)).fetchone()
+        return self._user(row) if row else None
 
 
 def _check_password(password: str) -> None:

@@ -54,7 +54,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _accounts(cfg: Config) -> Accounts:
-    return Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    return Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format,
+                    cfg.limits.default_quota)
 
 
 def _read_password(args: argparse.Namespace, confirm: bool = True) -> str:
@@ -233,6 +234,11 @@ def cmd_domain(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         acc.remove_domain(_one(args, "domain"))
         print(f"removed domain {args.names[0]}")
+    elif args.action == "quota":
+        if len(args.names) != 2:
+            raise CLIError("usage: domain quota DOMAIN SIZE|none|default")
+        acc.set_domain_quota(args.names[0], _quota_arg(args.names[1]))
+        print(f"quota of {args.names[0]}'s users: {args.names[1]}")
     else:
         for d in acc.list_domains():
             print(d)
@@ -243,8 +249,17 @@ def cmd_user(args: argparse.Namespace) -> int:
     acc = _accounts(_load(args))
     if args.action == "add":
         addr = _one(args, "address")
+        quota = _quota_arg(args.quota) if args.quota else -1
         u = acc.add_user(addr, _read_password(args), args.format, admin=args.admin)
-        print(f"added user {u.address} ({u.mailbox_format}{', admin' if args.admin else ''})")
+        if quota != -1:
+            acc.set_quota(u.address, quota)
+        print(f"added user {u.address} ({u.mailbox_format}{', admin' if args.admin else ''}"
+              f"{f', quota {args.quota}' if args.quota else ''})")
+    elif args.action == "quota":
+        if len(args.names) != 2:
+            raise CLIError("usage: user quota ADDRESS SIZE|none|default")
+        acc.set_quota(args.names[0], _quota_arg(args.names[1]))
+        print(f"quota of {args.names[0]}: {args.names[1]}")
     elif args.action == "passwd":
         addr = _one(args, "address")
         if acc.get_user(addr) is None:
@@ -255,9 +270,24 @@ def cmd_user(args: argparse.Namespace) -> int:
         acc.remove_user(_one(args, "address"))
         print(f"removed user {args.names[0]} (the mailbox stays on disk)")
     else:
+        from .store.quota import user_usage_line
+
+        cfg = _load(args)
         for u in acc.list_users(args.names[0] if args.names else None):
-            print(f"{u.address}\t{u.mailbox_format}")
+            print(f"{u.address}\t{u.mailbox_format}\t{user_usage_line(cfg.mail_root, u)}")
     return 0
+
+
+def _quota_arg(text: str) -> int | None:
+    """SIZE (500M, 1G, bytes) -> bytes; "none" -> None (no quota); "default" -> -1 (inherit)."""
+    if text.strip().lower() == "default":
+        return -1
+    from .store.quota import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
@@ -336,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(keep_privileges=True)
 
     for name, func, actions, extra in (
-        ("domain", cmd_domain, ("add", "list", "remove"), None),
-        ("user", cmd_user, ("add", "list", "passwd", "remove"), "user"),
+        ("domain", cmd_domain, ("add", "list", "remove", "quota"), None),
+        ("user", cmd_user, ("add", "list", "passwd", "quota", "remove"), "user"),
         ("alias", cmd_alias, ("add", "list", "remove"), None),
     ):
         sp = sub.add_parser(name, help={"domain": "manage local domains", "user": "manage users (mailboxes)",
@@ -348,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
             sp.add_argument("--format", choices=("maildir", "mbox"), help="mailbox format (default from config)")
             sp.add_argument("--admin", action="store_true", help="add: the user may use the admin console (/admin/)")
+            sp.add_argument("--quota", metavar="SIZE", help="add: storage quota (500M, 1G, none; default from "
+                                                            "the domain or [limits] default_quota)")
         sp.set_defaults(func=func)
 
     import importlib

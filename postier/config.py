@@ -114,6 +114,12 @@ class Limits:
     #: Seconds to wait before the SMTP greeting on port 25; a client that talks first is refused
     #: (postscreen's pregreet test). 0 = greet at once (still refusing input that is already there).
     greet_pause: float = 0.0
+    #: Storage quota of every user in bytes unless set per domain or user (`postier user quota`);
+    #: 0 = none (store/quota.py).
+    default_quota: int = 0
+    #: Over quota at RCPT/LMTP: false answers 452 4.2.2 (the sender retries, as Dovecot does by
+    #: default), true 552 5.2.2 (bounced at once).
+    quota_reject_permanent: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,9 @@ class MailAuth:
     dkim_verify: bool = True
     dmarc: bool = True
     dkim_sign: bool = True
+    #: ARC (RFC 8617): seal the mail we forward (aliases, Sieve redirect) with the forwarding domain's
+    #: RSA DKIM key, and validate the chain of inbound mail (arc= in Authentication-Results).
+    arc: bool = True
     dmarc_reports: bool = False
     dnsbl: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net")
     #: Refuse MAIL FROM at once when SPF says "fail" (otherwise DMARC decides at the end of DATA).
@@ -251,6 +260,9 @@ class Server:
     group: str = ""
     #: Allow the server to keep running as root (refused otherwise).
     allow_root: bool = False
+    #: Worker processes sharing every listener (server/supervisor.py); 0 = one per CPU core.
+    #: 1 (the default) is one process with no supervisor; docs/scaling.md says when to raise it.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,10 @@ class Antispam:
     greylist_retry_window: float = 2 * 86400.0
     greylist_auto_allow: int = 5
     greylist_max_entries: int = 200_000
+    #: Domains whose DKIM-signed mail skips greylisting: mail whose MAIL FROM is in one of them is
+    #: accepted at RCPT and decided at the end of DATA, where a passing signature (d= one of them)
+    #: lets it through at once, and anything else is greylisted then (451 after the data).
+    greylist_trusted_dkim: tuple[str, ...] = ()
     #: Rspamd's normal worker ("http://127.0.0.1:11333"); empty: no content filtering.
     rspamd: str = ""
     #: Rspamd's controller worker, for learning from users' Junk moves; and its password.
@@ -324,6 +340,10 @@ class TLSRPT:
 
     #: The rua of our `_smtp._tls` record: a local part (the domain is added) or an address.
     report_address: str = "tls-reports"
+    #: Record the TLS outcome of every outbound session (DATA_DIR/tlsrpt.sqlite), for the reports.
+    record: bool = True
+    #: Send the daily reports to the recipient domains that ask for them (RFC 8460 §3 rua).
+    send_reports: bool = False
 
 
 @dataclass(frozen=True)
@@ -350,8 +370,33 @@ class Sieve:
     max_scripts: int = 20
     max_redirects: int = 4
     #: A script run for users without an active one (e.g. spam to Junk through spamtest); none: the
-    #: verdict's Junk folder alone.
+    #: verdict's Junk folder alone. A user's own active script replaces it (it does not run before).
     default_script: Path | None = None
+    #: Per domain ([sieve.domain_scripts] "example.org" = "path"): the default script of that domain's
+    #: users, in place of `default_script`.
+    domain_scripts: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint, GET /metrics on a listener of its own (docs/operations.md "Metrics")."""
+
+    #: "ADDRESS:PORT" ("[::1]:9464" for IPv6); "" (the default): no endpoint.
+    listen: str = ""
+    #: Client networks that may scrape; anyone else gets 403.
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: A file whose first line is a bearer token every scrape must send (Authorization: Bearer ...);
+    #: required when `listen` is not a loopback address.
+    token_file: Path | None = None
+
+    def address(self) -> tuple[str, int]:
+        """`listen` as (address, port); ValueError when it is not ADDRESS:PORT."""
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("expected ADDRESS:PORT")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        ipaddress.ip_address(host)
+        return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -394,6 +439,7 @@ class Config:
     tlsrpt: TLSRPT = field(default_factory=TLSRPT)
     acme: ACME = field(default_factory=ACME)
     sieve: Sieve = field(default_factory=Sieve)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cluster: Cluster = field(default_factory=Cluster)
     #: Where this configuration was read from (not a TOML key).
     source: Path | None = None
@@ -579,6 +625,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("mailauth.spf_record: must start with \"v=spf1\"")
     if cfg.limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients: must be at least 1")
+    if not 0 <= cfg.server.workers <= 256:
+        raise ConfigError(f"server.workers: must be 0 (one per core) to 256, not {cfg.server.workers}")
     if cfg.limits.command_timeout <= 0:
         raise ConfigError("limits.command_timeout: must be positive")
     if cfg.limits.min_data_rate < 1:
@@ -586,6 +634,7 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_message_size < 1024:
         raise ConfigError("limits.max_message_size: must be at least 1024")
     _validate_antispam(cfg.antispam)
+    _validate_metrics(cfg.metrics, seen)
     if cfg.mta_sts.mode not in ("testing", "enforce", "none"):
         raise ConfigError("mta_sts.mode: must be \"testing\", \"enforce\" or \"none\"")
     if not 1 <= cfg.mta_sts.max_age <= 31557600:  # RFC 8461 §3.2
@@ -611,6 +660,24 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("pop3.login_delay: must be a non-negative number of seconds")
 
 
+def _validate_metrics(m: MetricsSettings, seen: dict[tuple[str, int], str]) -> None:
+    if not m.listen:
+        return
+    try:
+        host, port = m.address()
+    except ValueError:
+        raise ConfigError(f"metrics.listen: not ADDRESS:PORT with an IP address: {m.listen!r}") from None
+    if (host, port) in seen:
+        raise ConfigError(f"metrics.listen: {m.listen} is already used by {seen[(host, port)]}")
+    for i, net in enumerate(m.allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"metrics.allow[{i}]: not an address or network: {net!r}") from None
+    if m.token_file is None and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError("metrics.token_file: required when metrics.listen is not a loopback address")
+
+
 def _validate_antispam(a: Antispam) -> None:
     for key, lists in (("antispam.dnsbl", a.dnsbl), ("antispam.dnswl", a.dnswl)):
         for i, lst in enumerate(lists):
@@ -626,6 +693,12 @@ def _validate_antispam(a: Antispam) -> None:
                 except ValueError:
                     raise ConfigError(f"{key}[{i}].codes: {code!r} is not an address in 127.0.0.0/8 "
                                       "(RFC 5782 §2.3)") from None
+    for i, dom in enumerate(a.greylist_trusted_dkim):
+        try:
+            if normalize_domain(dom) != dom.lower().rstrip("."):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"antispam.greylist_trusted_dkim[{i}]: not a domain: {dom!r}") from None
     for name in ("threshold", "screen_timeout", "greylist_delay", "greylist_retry_window", "rspamd_timeout"):
         v = getattr(a, name)
         if not v > 0:

@@ -1,7 +1,8 @@
 """Fault injection for crash tests: named points where the process kills itself (SIGKILL).
 
 Gated by the environment and inert otherwise: `POSTIER_FAULT=NAME` kills the process the first time
-the point NAME is reached, `POSTIER_FAULT=NAME:N` on the N-th time. A test starts `postier serve`
+the point NAME is reached, `POSTIER_FAULT=NAME:N` on the N-th time (counted per process); in a worker
+of several the supervisor is killed first, so that the whole server crashes. A test starts `postier serve`
 with the variable set, drives traffic, and checks the invariants after a restart (every
 acknowledged message delivered, queued or bounced exactly once; nothing half-written visible).
 
@@ -39,4 +40,7 @@ def fault_point(name: str) -> None:
         _hits += 1
         if _hits < _target:
             return
+    supervisor = os.environ.get("POSTIER_SUPERVISOR", "")
+    if supervisor.isdigit():  # a worker of several (server/supervisor.py): the whole server crashes
+        os.kill(int(supervisor), signal.SIGKILL)  # its workers follow it (their parent-death signal)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -72,9 +72,11 @@ def _rdata(rtype: str, value: Any) -> Any:
 
 
 class DNSServer:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """port 0: a free port; a fixed one (53, as root) serves programs that read resolv.conf."""
         self.host = host
         self.port = 0
+        self._want_port = port
         self._lock = threading.Lock()
         self._zone: dict[tuple[str, str], list[tuple[Any, int]]] = {}
         self._servfail: set[str] = set()
@@ -210,7 +212,7 @@ class DNSServer:
     def _bind(self) -> None:
         for _ in range(50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind((self.host, 0))
+            udp.bind((self.host, self._want_port))
             port = udp.getsockname()[1]
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -219,7 +221,7 @@ class DNSServer:
             except OSError as exc:
                 udp.close()
                 tcp.close()
-                if exc.errno != errno.EADDRINUSE:
+                if exc.errno != errno.EADDRINUSE or self._want_port:
                     raise
                 continue
             tcp.listen(16)

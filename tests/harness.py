@@ -7,6 +7,7 @@ offset, on the chosen loopback address), adds domains and users through the real
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -94,7 +95,7 @@ class Instance:
 
     def __init__(self, root: Path, domain: str, address: str = "127.0.0.1", hostname: str | None = None,
                  extra_config: str = "", mailauth: bool | None = None, python: str = PY,
-                 offset: int | None = None, quickstart_args: tuple[str, ...] = ()):
+                 offset: int | None = None, quickstart_args: tuple[str, ...] = (), workers: int | None = None):
         self.python = python  # the interpreter running postier (a test may use an installed wheel's venv)
         self.root = root
         self.domain = domain
@@ -118,6 +119,15 @@ class Instance:
         else:
             extra_config += "\n[auth]\nrehash_passwords = false\n"
         self.add_config(extra_config)
+        # `[server] workers`: POSTIER_TEST_WORKERS=2 runs every instance as a supervisor and 2 workers.
+        self.workers = workers if workers is not None else int(os.environ.get("POSTIER_TEST_WORKERS", "1") or 1)
+        if self.workers != 1:
+            text = self.config.read_text()
+            if "\n[server]\n" in text:
+                text = text.replace("\n[server]\n", f"\n[server]\nworkers = {self.workers}\n", 1)
+            else:
+                text += f"\n[server]\nworkers = {self.workers}\n"
+            self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "server.log"
 
@@ -206,6 +216,37 @@ class Instance:
             self.proc.wait()
             self.proc = None
             self.logf.close()
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index -> pid, from DATA_DIR/run/workers (empty with one process)."""
+        try:
+            text = (self.root / "run" / "workers").read_text()
+        except FileNotFoundError:
+            return {}
+        return {int(i): int(p) for i, p in (ln.split() for ln in text.splitlines() if ln.strip())}
+
+    def worker_of(self, sock: socket.socket) -> int | None:
+        """The pid of the worker process holding the server side of the client socket `sock`
+        (found through /proc: the connection's socket inode among each worker's descriptors)."""
+        cport = sock.getsockname()[1]
+        sport = sock.getpeername()[1]
+        inode = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for ln in Path(table).read_text().splitlines()[1:]:
+                    f = ln.split()
+                    if int(f[1].rsplit(":", 1)[1], 16) == sport and int(f[2].rsplit(":", 1)[1], 16) == cport:
+                        inode = f[9]
+        if inode is None:
+            return None
+        want = f"socket:[{inode}]"
+        for pid in self.worker_pids().values():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
+                            return pid
+        return None
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts this instance's self-signed certificate."""

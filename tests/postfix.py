@@ -44,13 +44,23 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+POSTSCREEN_CF = """\
+{listen} inet n - n - 1 postscreen
+smtpd     pass  -       -       n       -       -       smtpd
+dnsblog   unix  -       -       n       -       0       dnsblog
+tlsproxy  unix  -       -       n       -       0       tlsproxy"""
+
 
 def available() -> bool:
     return os.path.exists(POSTFIX) and os.geteuid() == 0
 
 
 class Postfix:
-    def __init__(self, listen: str, port: int, main: dict[str, str] | None = None):
+    def __init__(self, listen: str, port: int, main: dict[str, str] | None = None, master_extra: str = "",
+                 prefix: list[str] | None = None, postscreen: bool = False):
+        """`master_extra`: more master.cf services (a policy service); `prefix`: a command that runs
+        `postfix start` (and so the whole instance) inside it, as bench/postfix_checks.py's namespace;
+        `postscreen`: postscreen(8) owns the port and passes clients to smtpd."""
         # Not under pytest's tmp_path: its parents are mode 0700 and Postfix's daemons run as the
         # postfix user, which must traverse to data_directory.
         root = Path(tempfile.mkdtemp(prefix="postier-postfix-"))
@@ -58,9 +68,11 @@ class Postfix:
         self.root = root
         self.port = port
         self.listen = listen
+        self.prefix = list(prefix or [])
         self.etc = root / "etc"
         self.etc.mkdir(parents=True, exist_ok=True)
-        (root / "spool").mkdir(exist_ok=True)
+        (root / "spool").mkdir(mode=0o755, exist_ok=True)
+        (root / "spool").chmod(0o755)  # whatever the umask: Postfix's daemons (not root) traverse it
         (root / "data").mkdir(exist_ok=True)
         shutil.chown(root / "data", "postfix")
         self.maillog = root / "maillog"
@@ -88,14 +100,18 @@ class Postfix:
         }
         settings.update(main or {})
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.etc / "master.cf").write_text(MASTER_CF.format(listen=f"{listen}:{port}"))
+        master = MASTER_CF.format(listen=f"{listen}:{port}")
+        if postscreen:
+            master = master.replace(f"{listen}:{port} inet n - n - - smtpd", POSTSCREEN_CF.format(listen=f"{listen}:{port}"))
+        (self.etc / "master.cf").write_text(master + master_extra)
 
-    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _postfix(self, *args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
         # postfix(1) prints its fatal errors only to a terminal or the log: keep both readable.
-        return subprocess.run([POSTFIX, "-c", str(self.etc), *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([*(prefix or []), POSTFIX, "-c", str(self.etc), *args], capture_output=True,
+                              text=True, timeout=60)
 
     def start(self, timeout: float = 20) -> None:
-        p = self._postfix("start")
+        p = self._postfix("start", prefix=self.prefix)
         if p.returncode != 0:
             raise RuntimeError(f"postfix start failed: {p.stderr} {self.log()}")
         import socket

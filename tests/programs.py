@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,8 @@ PACKAGES: dict[str, str] = {
     "sieve-connect": "sieve-connect",
     "chromium": "chromium",
     "chromedriver": "chromium-driver",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
     "runuser": "util-linux",
     # tests/cluster: Debian keeps them off PATH, in /usr/lib/postgresql/15/bin
     "initdb": "postgresql",
@@ -89,3 +92,44 @@ def require_perl_module(module: str) -> None:
         ["perl", f"-M{module}", "-e", "1"], capture_output=True, timeout=30).returncode == 0
     if not ok:
         missing(f"Perl module {module} is not installed (Debian package {PERL_MODULES[module]})")
+
+
+def mbsync_config(rc: Path, local: Path, port: int, user: str, password: str, cafile: Path,
+                  ssl_type: str = "IMAPS") -> Path:
+    """An mbsync (isync) configuration syncing every folder of `user` both ways with the Maildir
+    `local`, over IMAPS or STARTTLS (`ssl_type`), trusting `cafile`; written to `rc`."""
+    rc.write_text(f"""IMAPAccount postier
+Host 127.0.0.1
+Port {port}
+User {user}
+Pass {password}
+SSLType {ssl_type}
+CertificateFile {cafile}
+
+IMAPStore remote
+Account postier
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+SubFolders Verbatim
+
+Channel c
+Far :remote:
+Near :local:
+Patterns *
+Create Both
+Expunge Both
+Remove Both
+SyncState *
+Sync All
+""")
+    return rc
+
+
+def mbsync(rc: Path, verbose: bool = False) -> str:
+    """Run `mbsync -a` with that configuration; its output (the test fails on a non-zero exit)."""
+    p = subprocess.run([require("mbsync"), *(["-V"] if verbose else []), "-c", str(rc), "-a"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout + p.stderr

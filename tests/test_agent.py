@@ -119,3 +119,31 @@ def test_many_concurrent_deliveries(mda: LocalDelivery, tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert len(files(tmp_path / "mail", "hal")) == 200
+
+
+@pytest.mark.parametrize("agent", [True, False])
+def test_flags_suffix_lands_in_cur_and_a_bad_one_is_refused(tmp_path: Path, agent: bool) -> None:
+    """The info suffix (Sieve's imap4flags, RFC 5232 §5) names the file in cur/, through the agent
+    (batch and spilled paths) and without it; anything but flag letters is refused, nothing left in tmp/."""
+    mda = LocalDelivery(tmp_path / "mail", workers=2, agent=agent)
+    root = tmp_path / "mail" / "a.test"
+
+    async def go() -> None:
+        try:
+            r = await mda.deliver([(user("ann"), "Work")], PREFIX, b"flagged\r\n", "", ":2,FSa")
+            assert r[0].ok and r[0].detail.endswith(":2,FSa"), r
+            spilled = body_of(b"x" * 5000, tmp_path / "spool", memory_limit=1000)
+            r = await mda.deliver([(user("ann"), None)], PREFIX, spilled, "", ":2,S")
+            spilled.close()
+            assert r[0].ok and r[0].detail.endswith(":2,S"), r
+            r = await mda.deliver([(user("bob"), None)], PREFIX, b"bad\r\n", "", ":2,S/../../x")
+            assert not r[0].ok
+        finally:
+            mda.close()
+
+    asyncio.run(go())
+    assert [p.name[-6:] for p in (root / "ann" / "Maildir" / ".Work" / "cur").iterdir()] == [":2,FSa"]
+    assert len(list((root / "ann" / "Maildir" / "cur").iterdir())) == 1
+    assert not list((root / "ann" / "Maildir" / "new").iterdir())
+    assert not list((root / "bob" / "Maildir" / "tmp").iterdir())
+    assert not list((root / "bob" / "Maildir" / "new").iterdir())

@@ -38,6 +38,7 @@ def test_minimal_config_loads(tmp_path: Path) -> None:
     ("[listeners.imap]\npath = \"run/imap\"\n", "listeners.imap.path: only lmtp listens on a Unix socket"),
     ("[listeners.lmtp]\npath = \"run/lmtp\"\nport = 24\n", "listeners.lmtp.path: give either path or address"),
     ("[listeners.lmtp]\npath = \"" + "x" * 120 + "\"\n", "listeners.lmtp.path: longer than"),
+    ("[server]\nworkers = 300\n", "server.workers: must be 0 (one per core) to 256"),
     ("[cluster]\ndsn = \"host=db\"\n", "cluster.s3_bucket: required in cluster mode"),
     ("[cluster]\ndsn = \"host=db\"\ns3_bucket = \"b\"\ntimeout = 0.0\n", "cluster.timeout: must be positive"),
 ])

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("message", ("postier.message", "postier.faults")),
     ("config, accounts, resolver", ("postier.config", "postier.accounts", "postier.resolver", "postier.certs",
                                     "postier.tlsreload", "postier.autoconfig", "postier.mtasts",
-                                    "postier.tlsprofile")),
+                                    "postier.tlsprofile", "postier.metrics")),
     ("mailauth", ("postier.mailauth",)),
     ("store", ("postier.store",)),
     ("queue", ("postier.queue", "postier.acme")),

@@ -61,6 +61,8 @@ class CertManager:
         self.contexts = contexts
         self.store = CertStore(config.data_dir)
         self.state = self.store.state()
+        #: Called once a renewed certificate is installed here (other worker processes load it too).
+        self.on_installed: Callable[[], None] | None = None
 
     def names(self) -> list[str]:
         return certificate_names(self.config, self.domains())
@@ -154,6 +156,8 @@ class CertManager:
             raise ACMEError("the CA returned a certificate for another key")
         await asyncio.to_thread(self.store.save_certificate, chain)  # fsyncs: off the loop
         reload_certificates(self.contexts(), self.store.cert_path, self.store.key_path)
+        if self.on_installed is not None:
+            self.on_installed()
         log.info("acme: certificate for %s installed, issuer %s, valid until %s", ",".join(names),
                  leaf.issuer.rfc4514_string(), leaf.not_valid_after_utc.isoformat())
         return leaf

@@ -21,14 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Antispam
-from ..message.types import Action, Envelope, MessageBody, Verdict
+from ..mailauth.dkim import DKIMResult, DKIMStatus
+from ..message.rewrite import RewrittenBody, header_section, remove_fields
+from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
 from ..resolver import BaseResolver, DNSStatus
 from .builtin import RateLimiter, contains_gtube, helo_problem
 from .greylist import Greylist
 from .rspamd import Envelope as RspamdEnvelope
-from .rspamd import RspamdClient, SpamDecision
+from .rspamd import OUR_SPAM_FIELDS, RspamdClient, SpamDecision
 
 log = logging.getLogger("postier.antispam")
 
@@ -88,6 +90,10 @@ class SpamCheck:
     async def check_rcpt(self, env: Envelope, address: str) -> Reply | None:
         if self.greylist is None or env.allowlisted:
             return None
+        if self._trusted(env.mail_from.rpartition("@")[2]):
+            # Its signature decides, at the end of DATA (evaluate): a pass skips greylisting.
+            env.auth.setdefault("greylist_pending", []).append(address)
+            return None
         res = await asyncio.to_thread(self.greylist.check, env.peer_ip, env.mail_from, address)
         if not res.ok:
             log.info("%s: greylisted %s -> %s from %s (retry after %.0f s)", env.qid, env.mail_from or "<>",
@@ -103,7 +109,19 @@ class SpamCheck:
         if problem:
             reasons.append(problem)
         if self.greylist is not None and not env.allowlisted:
-            reasons.append("greylist: passed")
+            pending: list[str] = env.auth.get("greylist_pending") or []
+            signer = self._trusted_signer(env) if pending else None
+            if signer is not None:
+                reasons.append(f"greylist: skipped (DKIM pass from {signer})")
+            else:
+                for rcpt in pending:
+                    res = await asyncio.to_thread(self.greylist.check, env.peer_ip, env.mail_from, rcpt)
+                    if not res.ok:
+                        log.info("%s: greylisted %s -> %s from %s at the end of DATA (no trusted DKIM pass)",
+                                 env.qid, env.mail_from, rcpt, env.peer_ip)
+                        return Verdict(Action.DEFER, R451_GREYLIST, reasons=(
+                            *reasons, "greylisted: a trusted domain's sender without its DKIM signature"))
+                reasons.append("greylist: passed")
         if self.settings.gtube and await self._gtube(body):
             return Verdict(Action.REJECT, R550_GTUBE, reasons=(*reasons, "refused: GTUBE test string"))
         if self.rspamd is None:
@@ -120,7 +138,7 @@ class SpamCheck:
             log.warning("%s: rspamd unavailable: %s", env.qid, result.error)
             if not self.settings.fail_open:
                 return Verdict(Action.DEFER, R451_NO_FILTER, reasons=tuple(reasons))
-            return Verdict(Action.ACCEPT, headers=headers, reasons=tuple(reasons))
+            return Verdict(Action.ACCEPT, headers=headers, reasons=tuple(reasons), body=await self._rewrite(body, ()))
         if result.decision is SpamDecision.REJECT:
             msg = result.smtp_message.replace("\r", " ").replace("\n", " ")[:200]
             return Verdict(Action.REJECT, R550_SPAM.with_text(f"Message refused as spam: {msg}" if msg
@@ -129,7 +147,37 @@ class SpamCheck:
         if result.decision is SpamDecision.DEFER:
             return Verdict(Action.DEFER, R451_SPAM, reasons=tuple(reasons))
         action = Action.JUNK if result.decision is SpamDecision.JUNK else Action.ACCEPT
-        return Verdict(action, headers=headers, reasons=tuple(reasons))
+        return Verdict(action, headers=headers, reasons=tuple(reasons),
+                       body=await self._rewrite(body, result.remove_headers))
+
+    @staticmethod
+    async def _rewrite(body: MessageBody, remove: tuple[tuple[str, int], ...]) -> MessageBody | None:
+        """The body without the header fields Rspamd asked to remove and without the sender's own
+        X-Spam-* fields (ours, prepended, are the only ones a client may trust); None: unchanged."""
+        raw = body.head(HEADER_LIMIT) if body.in_memory else await asyncio.to_thread(body.head, HEADER_LIMIT)
+        header = header_section(raw)
+        orders = {name: 0 for name in OUR_SPAM_FIELDS} | {n: o for n, o in remove if _safe_header(n, "")}
+        if not any(f"\n{name.lower()}:".encode() in b"\n" + header.lower() for name in orders):
+            return None  # the common case: nothing to remove, no copy of the header section
+        new = remove_fields(header, orders)
+        return RewrittenBody(body, new, len(header)) if new != header else None
+
+    def _trusted(self, domain: str) -> str | None:
+        """The `greylist_trusted_dkim` entry this domain is (or is under), if any."""
+        domain = domain.lower().rstrip(".")
+        for t in self.settings.greylist_trusted_dkim:
+            t = t.lower().rstrip(".")
+            if domain == t or domain.endswith("." + t):
+                return t
+        return None
+
+    def _trusted_signer(self, env: Envelope) -> str | None:
+        """d= of a passing DKIM signature by the trusted domain of the envelope sender (RFC 6376 §6.1)."""
+        want = self._trusted(env.mail_from.rpartition("@")[2])
+        for r in env.auth.get("dkim") or ():
+            if isinstance(r, DKIMResult) and r.status is DKIMStatus.PASS and want and self._trusted(r.domain) == want:
+                return r.domain
+        return None
 
     async def _gtube(self, body: MessageBody) -> bool:
         """The test string in the first GTUBE_SCAN octets (where a test message carries it)."""

@@ -1,15 +1,15 @@
 """Learning from the user: messages moved into or out of Junk train Rspamd's classifier, later.
 
-The IMAP layer records a training request (`LearnQueue.add`) when a user moves a message into the
-Junk folder or flags it `$Junk` (spam), or moves it out of Junk or flags it `$NotJunk` (ham); the
-IMAP reply never waits for Rspamd. A background task (`LearnQueue.run`) sends each request to
+IMAP and the webmail record a training request (`enqueue`, then `LearnQueue.add`) when a user moves
+a message into the Junk folder or flags it `$Junk` (spam), or moves it out of Junk or flags it
+`$NotJunk` (ham); `verdict` says which moves count. The user's reply never waits for Rspamd. A background task (`LearnQueue.run`) sends each request to
 Rspamd's controller (`/learnspam`, `/learnham`) and retries with backoff while Rspamd is down.
 
 Requests are durable (SQLite, the message bytes copied: the user may expunge the message before
 it is learnt), so the user's choices survive a restart, and bounded: past `max_pending` the oldest
 requests are dropped with a log line, and messages over `max_size` are truncated (Rspamd's
 classifier reads the first part of a message only). Only the owner of a mailbox can train from it:
-requests come from that user's own IMAP session.
+requests come from that user's own IMAP or webmail session.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from ..store.api import Mailboxes
 
 log = logging.getLogger("postier.antispam")
 
@@ -37,6 +40,30 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_next ON requests(next);
 """
+
+LEARN_BATCH = 100  # messages trained per user action at most
+JUNK = "Junk"  # the folder whose moves in and out are a verdict (the special-use Junk folder)
+
+
+def verdict(src: str, dest: str, junk: str | None) -> bool | None:
+    """What moving a message from `src` to `dest` says: True spam (into Junk), False ham (out of Junk,
+    except into Trash), None nothing (no learning, or a move that does not cross Junk)."""
+    if junk is None or (dest == junk) == (src == junk) or dest == "Trash":
+        return None
+    return dest == junk
+
+
+async def enqueue(learning: LearnQueue, call: Callable[..., Awaitable[Any]], mb: Mailboxes, user: str,
+                  folder: str, uids: Sequence[int], spam: bool) -> None:
+    """One training request per message (at most LEARN_BATCH) of `folder`, read through the user's
+    own store (`call` runs a store function on its worker), then the worker woken: the one way IMAP
+    and the webmail feed the queue."""
+    rows = await call(mb.rows, folder, list(uids[:LEARN_BATCH]))
+    for row in rows.values():
+        data = await call(mb.read, folder, row)
+        await asyncio.to_thread(learning.add, user, data, spam)
+    learning.wake()
+
 
 #: (message, spam) -> (done, reason): `RspamdClient.learn`.
 Learner = Callable[[bytes, bool], Awaitable[tuple[bool, str]]]

@@ -14,7 +14,7 @@ inbound decision (`RspamdAction` -> `SpamDecision`):
 SPF, DKIM and DMARC were already evaluated by postier (pipeline/mailauth.py): their groups are
 disabled per request (`Settings` header), so Rspamd does not redo the DNS work. The milter-style
 header changes Rspamd asks for (`milter.add_headers` / `remove_headers`) and its subject rewrite
-are returned for the pipeline to apply.
+are returned for the spam check (antispam/check.py) to apply.
 
 When Rspamd cannot be reached, or does not answer within `timeout`, the result is `unavailable`;
 the caller applies `fail_open` (deliver with `X-Spam-Status: unknown`) or answers 451.
@@ -79,7 +79,8 @@ class RspamdResult:
     smtp_message: str = ""
     subject: str | None = None
     add_headers: tuple[tuple[str, str], ...] = ()
-    remove_headers: tuple[str, ...] = ()
+    #: (field name, order): 0 every instance, N > 0 the Nth from the top, N < 0 from the bottom.
+    remove_headers: tuple[tuple[str, int], ...] = ()
     error: str = ""
 
     @property
@@ -113,6 +114,11 @@ class RspamdResult:
         if flag == "Yes":
             out.append(("X-Spam-Flag", "YES"))
         return out
+
+
+#: The fields `spam_headers` writes (and Rspamd's own flag): a sender's copies are removed from the
+#: delivered message, so that a mail client filtering on them sees only ours.
+OUR_SPAM_FIELDS = ("X-Spam-Status", "X-Spam-Action", "X-Spam-Report", "X-Spam-Flag", "X-Spam")
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,8 @@ def parse_check_reply(d: Any) -> RspamdResult:
         vals = val if isinstance(val, list) else [val]
         for v in vals:
             add.append((str(name), str(v.get("value", "")) if isinstance(v, dict) else str(v)))
-    remove = tuple(str(n) for n in (milter.get("remove_headers") or {}))
+    remove = tuple((str(n), v if isinstance(v, int) and not isinstance(v, bool) else 0)
+                   for n, v in (milter.get("remove_headers") or {}).items())
     subject = d.get("subject")
     return RspamdResult(decision, action, float(d.get("score", 0.0)), float(d.get("required_score", 0.0)),
                         tuple(symbols), str(messages.get("smtp_message", "")) if isinstance(messages, dict) else "",

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..metrics import Metrics
+
 log = logging.getLogger("postier.antispam")
 
 _SCHEMA = """
@@ -63,7 +65,8 @@ class Verdict:
 
 class VerdictLog:
     def __init__(self, path: Path, keep_days: float = 30.0, max_rows: int = 1_000_000,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
+        self.metrics = metrics  # every decision passes here: counted by action
         self.keep = keep_days * 86400
         self.max_rows = max_rows
         self.clock = clock
@@ -87,6 +90,8 @@ class VerdictLog:
     def record_later(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
                      action: str, reasons: Sequence[str]) -> None:
         """`record` in a background thread: the SMTP reply never waits for the log (it is diagnostic)."""
+        if self.metrics is not None:
+            self.metrics.verdict(action)
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="verdicts", daemon=True)
             self._writer.start()
@@ -141,3 +146,18 @@ class VerdictLog:
                 (key, mid, key, limit)).fetchall()
         return [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
                 for r in rows]
+
+    def find_address(self, address: str, limit: int = 50) -> list[Verdict]:
+        """Verdicts whose sender or one of whose recipients is `address` (case-insensitively), newest first."""
+        key = address.strip().lower()
+        if not key:
+            return []
+        pattern = "%" + json.dumps(key)[1:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT time, queue_id, message_id, client, sender, recipients, action, reasons FROM verdicts "
+                "WHERE lower(sender)=? OR lower(recipients) LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
+                (key, pattern, limit * 4)).fetchall()
+        out = [Verdict(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], tuple(json.loads(r[7])))
+               for r in rows]
+        return [v for v in out if v.sender.lower() == key or key in (a.lower() for a in v.recipients)][:limit]

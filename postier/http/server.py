@@ -41,6 +41,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..acme.challenges import Challenges
 from ..config import Config
+from ..metrics import Metrics
 
 log = logging.getLogger("postier.http")
 
@@ -84,10 +85,18 @@ class _Guard(asyncio.Protocol):
         self.pending = False  # bytes of a request head arrived since the last response
         self.timer: asyncio.TimerHandle | None = None
 
+    @property
+    def role(self) -> str:
+        return "http" if self.transport is None or self.transport.get_extra_info("sslcontext") is None else "https"
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.peer_ip = (t.get_extra_info("peername") or ("?", 0))[0]
-        if not self.owner.admit(self.peer_ip):
+        admitted = self.owner.admit(self.peer_ip)
+        if self.owner.metrics is not None:
+            tls = t.get_extra_info("ssl_object")
+            self.owner.metrics.connection(self.role, admitted, (tls.version() or "") if tls is not None else None)
+        if not admitted:
             log.info("http: refusing %s: too many connections", self.peer_ip)
             t.write(_BUSY)
             t.close()
@@ -124,6 +133,8 @@ class _Guard(asyncio.Protocol):
         if self.inner is not None:
             self.owner.guards.pop(self.inner, None)
             self.owner.release(self.peer_ip)
+            if self.owner.metrics is not None:
+                self.owner.metrics.session_closed(self.role)
             inner, self.inner = self.inner, None
             inner.connection_lost(exc)
 
@@ -153,8 +164,9 @@ class HttpServer:
     """The http and https listeners of one postier process, with their routes."""
 
     def __init__(self, config: Config, domains: Callable[[], Iterable[str]], challenges: Challenges,
-                 tls: ssl.SSLContext | None, routes: Iterable[Route] = ()):
+                 tls: ssl.SSLContext | None, routes: Iterable[Route] = (), metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics  # connections and open connections per role, like the mail listeners'
         self._domains = domains
         self.challenges = challenges
         self.tls = tls

@@ -21,6 +21,7 @@ from ..accounts import Accounts
 from ..acme.challenges import Challenges
 from ..acme.manager import CertManager
 from ..config import Config
+from ..metrics import Metrics
 from ..server.throttle import AuthThrottle
 from .clientsetup import ClientSetup
 from .policy import policy_route
@@ -32,7 +33,7 @@ __all__ = ["WebService"]
 class WebService:
     def __init__(self, config: Config, accounts: Accounts, mail_tls: ssl.SSLContext | None,
                  throttle: AuthThrottle, mounts: Iterable[Callable[[web.Application], None]] = (),
-                 https_tls: ssl.SSLContext | None = None):
+                 https_tls: ssl.SSLContext | None = None, metrics: Metrics | None = None):
         self.config = config
         self.accounts = accounts
         self.challenges = Challenges()
@@ -44,7 +45,7 @@ class WebService:
         routes: list[Route] = []
         routes += ClientSetup(config, accounts, throttle, accounts.list_domains).routes()
         routes.append(policy_route(config))
-        self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes)
+        self.http = HttpServer(config, accounts.list_domains, self.challenges, self.https_tls, routes, metrics)
         for mount in mounts:  # applications under their own path prefix (the webmail's /mail/)
             mount(self.http.app)
         self.acme = CertManager(config, accounts.list_domains, self.challenges, lambda: self.tls_contexts) \

@@ -14,6 +14,7 @@ from authres import DKIMAuthenticationResult, SPFAuthenticationResult
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 from authres.dmarc import DMARCAuthenticationResult
 
+from postier.message.rewrite import filter_fields
 from postier.mailauth.dkim import DKIMResult
 from postier.mailauth.dmarc import DMARCResult, DMARCStatus
 from postier.mailauth.spf import SPFResult
@@ -68,10 +69,12 @@ def _dmarc_clause(result: DMARCResult) -> AuthenticationResult:
 
 
 def authentication_results(authserv_id: str, *, spf: SPFResult | None = None, helo: SPFResult | None = None,
-                           dkim: Sequence[DKIMResult] | None = None, dmarc: DMARCResult | None = None) -> bytes:
+                           dkim: Sequence[DKIMResult] | None = None, dmarc: DMARCResult | None = None,
+                           arc: tuple[str, str] | None = None) -> bytes:
     """The header field to prepend, CRLF-terminated and folded one result per line.
 
     `dkim=None` leaves DKIM out; an empty sequence reports "dkim=none" (the message was not signed).
+    `arc` is the ARC chain validation (status, reason), RFC 8617 §2.2; None leaves it out.
     """
     if not _AUTHSERV_ID.match(authserv_id):
         raise ValueError(f"authserv-id {authserv_id!r} is not a valid RFC 8601 value")
@@ -84,6 +87,11 @@ def authentication_results(authserv_id: str, *, spf: SPFResult | None = None, he
         clauses.extend([str(_dkim_clause(r)) for r in dkim] or ["dkim=none"])
     if dmarc is not None:
         clauses.append(str(_dmarc_clause(dmarc)))
+    if arc is not None:  # RFC 8617 §2.2: arc=none / pass / fail
+        status, reason = arc
+        clauses.append(str(AuthenticationResult(
+            method="arc", result=status if status in ("none", "pass", "fail") else "fail",
+            reason=_clean(reason) or None if status == "fail" else None)))
     if not clauses:
         clauses.append("none")  # RFC 8601 §2.2: no method was applied
     body = ";\r\n\t".join(clauses)
@@ -133,28 +141,5 @@ def strip_forged(message: bytes, authserv_id: str) -> bytes:
     byte for byte.
     """
     ours = authserv_id.lower()
-    lines = message.splitlines(keepends=True)
-    out: list[bytes] = []
-    field: list[bytes] = []
-
-    def flush() -> None:
-        if field:
-            name, _, value = b"".join(field).partition(b":")
-            forged = (name.strip().lower() == b"authentication-results"
-                      and authserv_id_of(value.decode("utf-8", "replace")) == ours)
-            if not forged:
-                out.extend(field)
-            field.clear()
-
-    for index, line in enumerate(lines):
-        if line in (b"\r\n", b"\n"):  # end of the header section
-            flush()
-            out.extend(lines[index:])
-            return b"".join(out)
-        if line[:1] in (b" ", b"\t") and field:
-            field.append(line)
-        else:
-            flush()
-            field.append(line)
-    flush()
-    return b"".join(out)
+    return filter_fields(message, lambda name, value, _i: name == b"authentication-results"
+                         and authserv_id_of(value.decode("utf-8", "replace")) == ours)

@@ -1,4 +1,5 @@
-"""Admin commands for deliverability: `postier dkim`, `postier dns`, `postier dmarc` (RFC 6376, 7208, 7489).
+"""Admin commands for deliverability: `postier dkim`, `postier dns`, `postier dmarc`, `postier tls`
+(RFC 6376, 7208, 7489, 8460).
 
     postier dkim generate DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N]
     postier dkim list [DOMAIN] | activate DOMAIN SELECTOR | retire DOMAIN SELECTOR
@@ -6,13 +7,17 @@
     postier dns check DOMAIN [--address IP]...        live check; exit 0 only when everything is OK
     postier dmarc reports [DOMAIN]                    aggregate reports others sent about our domains
     postier dmarc sent                                reports we sent
+    postier tls reports [--domain D] [--json] [--sent]  TLS reports others sent about our domains (or ours)
+    postier tls report-now                            send the TLS reports of the outcomes recorded so far
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
+import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
 from postier.mailauth.reports import ReportStore
+from postier.mailauth.tlsrpt import TLSReportStore, report_json
 from postier.resolver import make_resolver
 from postier.acme.store import tlsa_keys
 
@@ -166,6 +172,77 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
 
 
+# -- tls (RFC 8460) ------------------------------------------------------------------------------
+
+def cmd_tls(args: argparse.Namespace) -> int:
+    cfg = base._load(args)
+    store = TLSReportStore(cfg.data_dir / "tlsrpt.sqlite")
+    try:
+        if args.tls_action == "report-now":
+            return _tls_report_now(cfg, store)
+        if args.sent:
+            sent = store.sent()
+            if args.json:
+                print(json.dumps([dataclasses.asdict(s) for s in sent], indent=1))
+                return 0
+            for s in sent:
+                print(f"{_when(s.at)}\t{s.domain}\t{s.rua}\t{s.successes} ok, {s.failures} failed\t{s.status}"
+                      f"\t{s.report_id}")
+            return 0
+        domain = _domain(args.domain) if args.domain else None
+        reports = store.received(domain)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([{"received": rr.received, "authenticated": rr.authenticated,
+                           "report": json.loads(report_json(rr.report))} for rr in reports], indent=1))
+        return 0
+    if not reports:
+        print("no TLS reports received" + (f" for {domain}" if domain else ""))
+        return 0
+    for rr in reports:
+        rep = rr.report
+        auth = "" if rr.authenticated else " (sender not authenticated)"
+        print(f"report {rep.report_id} from {rep.org_name} <{rep.contact}>{auth}")
+        print(f"  {_when(rep.start)} to {_when(rep.end)} UTC: {rep.successes} successful, {rep.failed} failed "
+              f"session(s)")
+        for pr in rep.policies:
+            pol = pr.policy
+            mx = f" (mx {', '.join(pol.mx_host)})" if pol.mx_host else ""
+            print(f"  {pol.domain}: policy {pol.type}{mx}: {pr.successes} successful, {pr.failed} failed")
+            for f in pr.failures:
+                where = f"{f.receiving_mx or '?'}[{f.receiving_ip or '?'}]" + (f" from {f.sending_ip}"
+                                                                              if f.sending_ip else "")
+                print(f"    {f.result_type:<26} {f.count:>6}  {where}" + (f": {f.reason}" if f.reason else ""))
+    return 0
+
+
+def _tls_report_now(cfg: Config, store: TLSReportStore) -> int:
+    """Run the TLS half of the daily report job now, over everything recorded so far (today included);
+    the reports go into the queue, which a running server delivers at its next scan."""
+    from postier.mailauth.keys import DKIMSigner
+    from postier.pipeline.jobs import ReportJob
+    from postier.queue.spool import Spool, SpoolEnqueuer
+
+    accounts = base._accounts(cfg)
+    spool = Spool(cfg.spool_dir / "queue")
+    try:
+        resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
+        signer = DKIMSigner(KeyStore(cfg.dkim_dir)) if cfg.mailauth.dkim_sign else None
+        job = ReportJob(cfg, accounts.list_domains, SpoolEnqueuer(spool), None, resolver,
+                        sign=signer.sign_bytes if signer is not None else None, tls=store)
+        now = time.time()
+        sent = asyncio.run(job.send_tls(now, int(now)))
+    finally:
+        spool.close()
+        accounts.close()
+    for domain, address in sent:
+        print(f"{domain}: report queued for {address}")
+    if not sent:
+        print("no TLS report to send (nothing recorded for a domain with a _smtp._tls rua)")
+    return 0
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -201,3 +278,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("domain", nargs="?")
     dms.add_parser("sent", help="reports postier sent to other domains")
     dm.set_defaults(func=cmd_dmarc)
+
+    tl = sub.add_parser("tls", help="SMTP TLS reports (RFC 8460): received, sent, send now")
+    tls_sub = tl.add_subparsers(dest="tls_action", required=True, metavar="ACTION")
+    r = tls_sub.add_parser("reports", help="TLS reports others sent about our domains (--sent: the ones we sent)")
+    r.add_argument("--domain", help="only the policies about this domain")
+    r.add_argument("--json", action="store_true", help="the reports as RFC 8460 §4.4 JSON")
+    r.add_argument("--sent", action="store_true", help="the reports postier sent")
+    tls_sub.add_parser("report-now", help="queue the TLS reports of every outcome recorded so far, today included")
+    tl.set_defaults(func=cmd_tls)

@@ -47,7 +47,7 @@ from postier.resolver import AsyncLookup, DNSStatus
 
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
-           "extract_reports", "build_reports", "report_message", "report_filename", "parse_rua",
+           "extract_reports", "attachments", "build_reports", "report_message", "report_mail", "report_filename", "parse_rua",
            "external_destination_ok", "DAY", "KEEP_DAYS"]
 
 log = logging.getLogger("postier.dmarc")
@@ -305,34 +305,34 @@ def _unzip(data: bytes, limit: int) -> bytes:
         raise ReportError(f"bad zip data: {exc.__class__.__name__}: {exc}") from None
 
 
-def decompress(data: bytes, limit: int = MAX_XML_SIZE) -> bytes:
-    """gzip, zip or plain XML (by content, not by name) -> the XML bytes, at most `limit` of them."""
+def decompress(data: bytes, limit: int = MAX_XML_SIZE, plain: bytes = b"<") -> bytes:
+    """gzip, zip or a plain document (by content, not by name: `plain` is its first byte, "<" for XML,
+    "{" for JSON) -> the document's bytes, at most `limit` of them."""
     if data[:2] == b"\x1f\x8b":
         return _gunzip(data, limit)
     if data[:4] == b"PK\x03\x04":
         return _unzip(data, limit)
-    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == plain:
         if len(data) > limit:
             raise ReportError("report too large")
         return data
-    raise ReportError("neither gzip, zip nor XML")
+    raise ReportError("neither gzip, zip nor " + ("XML" if plain == b"<" else "JSON"))
 
 
 _REPORT_TYPES = ("application/gzip", "application/x-gzip", "application/zip", "application/x-zip-compressed",
                  "application/x-zip", "application/xml", "text/xml", "application/octet-stream")
 
 
-def extract_reports(message: bytes) -> list[AggregateReport]:
-    """Every aggregate report attached to `message` (or forming its body). Unreadable parts are skipped;
-    ReportError only when the message had candidates and none could be read."""
+def attachments(message: bytes, types: Sequence[str], suffixes: tuple[str, ...]) -> list[bytes]:
+    """The decoded payloads of `message`'s parts that look like reports (by media type or file name
+    suffix), at most MAX_PARTS parts looked at. Shared by DMARC and TLS-RPT (RFC 8460 §5.3) readers."""
     if len(message) > MAX_REPORT_MESSAGE:
         raise ReportError("message too large to hold a report")
     try:
         msg = BytesParser(policy=email_policy.compat32).parsebytes(message)
     except Exception as exc:  # the stdlib parser is lenient; be safe anyway
         raise ReportError(f"unparsable message: {exc.__class__.__name__}") from None
-    reports: list[AggregateReport] = []
-    errors: list[str] = []
+    out: list[bytes] = []
     for n, part in enumerate(msg.walk()):
         if n >= MAX_PARTS:
             break
@@ -340,14 +340,23 @@ def extract_reports(message: bytes) -> list[AggregateReport]:
             continue
         ctype = part.get_content_type().lower()
         name = (part.get_filename() or "").lower()
-        if ctype not in _REPORT_TYPES and not name.endswith((".xml", ".gz", ".zip")):
+        if ctype not in types and not name.endswith(suffixes):
             continue
         try:
             payload = part.get_payload(decode=True)
         except Exception:
             payload = None
-        if not isinstance(payload, bytes) or not payload:
-            continue
+        if isinstance(payload, bytes) and payload:
+            out.append(payload)
+    return out
+
+
+def extract_reports(message: bytes) -> list[AggregateReport]:
+    """Every aggregate report attached to `message` (or forming its body). Unreadable parts are skipped;
+    ReportError only when the message had candidates and none could be read."""
+    reports: list[AggregateReport] = []
+    errors: list[str] = []
+    for payload in attachments(message, _REPORT_TYPES, (".xml", ".gz", ".zip")):
         try:
             reports.append(parse_report_xml(decompress(payload)))
         except ReportError as exc:
@@ -634,16 +643,34 @@ def build_reports(pending: Sequence[tuple[int, Evaluation]], *, org_name: str, e
 def report_message(out: OutgoingReport, from_addr: str, to_addr: str, now: float | None = None) -> bytes:
     """The report mail (RFC 7489 §7.2.1.1): subject, a short text part, the gzip'd XML attachment."""
     rep = out.report
+    return report_mail(
+        from_addr, to_addr, out.submitter,
+        f"Report Domain: {rep.policy.domain} Submitter: {out.submitter} Report-ID: <{rep.report_id}>",
+        f"DMARC aggregate report for {rep.policy.domain} from {out.submitter}, "
+        f"{rep.messages} message(s), {_day(rep.begin)} to {_day(rep.end)} (UTC).\n",
+        out.gzipped(), "application/gzip", out.filename, now=now)
+
+
+def report_mail(from_addr: str, to_addr: str, submitter: str, subject: str, text: str, attachment: bytes,
+                media_type: str, filename: str, *, headers: Sequence[tuple[str, str]] = (),
+                report_type: str = "", now: float | None = None) -> bytes:
+    """A report mail: a short text part and the report attached (DMARC and TLS-RPT). With
+    `report_type`, the container is multipart/report (RFC 6522) of that report type (RFC 8460 §5.3)."""
     msg = EmailMessage(policy=email_policy.SMTP)
     msg["From"] = from_addr
     msg["To"] = to_addr
-    msg["Subject"] = f"Report Domain: {rep.policy.domain} Submitter: {out.submitter} Report-ID: <{rep.report_id}>"
+    msg["Subject"] = subject
     msg["Date"] = format_datetime(_utc(now if now is not None else time.time()))
-    msg["Message-ID"] = make_msgid(domain=out.submitter)
+    msg["Message-ID"] = make_msgid(domain=submitter)
+    for name, value in headers:
+        msg[name] = value
     msg["MIME-Version"] = "1.0"
-    msg.set_content(f"DMARC aggregate report for {rep.policy.domain} from {out.submitter}, "
-                    f"{rep.messages} message(s), {_day(rep.begin)} to {_day(rep.end)} (UTC).\n")
-    msg.add_attachment(out.gzipped(), maintype="application", subtype="gzip", filename=out.filename)
+    msg.set_content(text)
+    maintype, _, subtype = media_type.partition("/")
+    msg.add_attachment(attachment, maintype=maintype, subtype=subtype, filename=filename)
+    if report_type:
+        msg.set_type("multipart/report")
+        msg.set_param("report-type", report_type)
     return msg.as_bytes()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_tz
@@ -31,12 +32,15 @@ from postier.proto.imap.search import (
     SeqSetKey,
     SizeKey,
     TextKey,
+    WithinKey,
 )
 
 from .envelope import address_text
 from .mime import Part, decode_body, decode_header_text, parse_message
 
-__all__ = ["SearchContext", "SearchView", "evaluate", "sent_date"]
+__all__ = [
+    "INDEXED_FIELDS", "SearchContext", "SearchText", "SearchView", "evaluate", "search_text", "sent_date",
+]
 
 
 class SearchView(Protocol):
@@ -68,6 +72,7 @@ class SearchContext:
     max_seq: int
     max_uid: int
     saved_uids: frozenset[int] | None = None
+    now: float = 0.0  # when the command runs (RFC 5032 OLDER/YOUNGER); 0: read the clock per message
 
 
 class _Lazy:
@@ -130,6 +135,9 @@ def _eval(key: SearchKey, m: _Lazy, ctx: SearchContext) -> bool:
             if op == "ON":
                 return have == date
             return have >= date  # SINCE: "within or later than"
+        case WithinKey(op=op, seconds=seconds):  # RFC 5032 §3
+            age = (ctx.now or time.time()) - m.view.internal_date.timestamp()
+            return age >= seconds if op == "OLDER" else age <= seconds
         case HeaderKey(field=field, value=value):
             needle = value.casefold()
             return any(needle in _header_text(field, f.value).casefold() for f in m.part.headers(field))
@@ -176,3 +184,57 @@ def sent_date(part: Part) -> dt.date | None:
         return dt.date(parsed[0], parsed[1], parsed[2])
     except ValueError:
         return None
+
+
+#: The header fields whose searchable text `search_text` extracts (for a full-text index).
+INDEXED_FIELDS = ("SUBJECT", "FROM", "TO", "CC", "BCC")
+#: Separates the chunks of one column in `SearchText` (a noncharacter: not NUL, which ends an
+#: FTS5 text); with a needle that lacks it, "needle in column" holds exactly when some chunk
+#: contains the needle (a needle holding it is not looked up in an index).
+CHUNK_SEP = "\uffff"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchText:
+    """The text `evaluate` compares a message's text keys against, casefolded, for an index:
+    ``fields`` by INDEXED_FIELDS name, ``leaves`` the text parts (BODY and TEXT), ``headers`` every
+    part's header (TEXT), ``inner`` the headers of encapsulated messages (BODY). Chunks are joined
+    by CHUNK_SEP. ``exact`` is False when a column is not the whole story (text beyond ``limit``
+    left out, or a chunk holding CHUNK_SEP itself): such a message must be checked by `evaluate`."""
+
+    fields: dict[str, str]
+    leaves: str
+    headers: str
+    inner: str
+    exact: bool
+
+
+def search_text(raw: bytes, limit: int = 4 << 20) -> SearchText:
+    """What `evaluate` would search in this message (the same decoding: `_header_text` and the
+    walk of `_body_texts`), at most ``limit`` characters of body text and headers."""
+    part = parse_message(raw)
+    exact = True
+    fields: dict[str, str] = {}
+    for f in INDEXED_FIELDS:
+        values = [_header_text(f, h.value).casefold() for h in part.headers(f)]
+        exact = exact and not any(CHUNK_SEP in v for v in values)
+        fields[f] = CHUNK_SEP.join(values)
+    cols: dict[str, list[str]] = {"leaves": [], "headers": [], "inner": []}
+    budget = limit
+    for p in part.walk():  # the walk of _body_texts, each chunk labelled by the scope that sees it
+        chunks: list[tuple[str, str]] = []
+        if p.header_end > p.start:
+            chunks.append(("headers", decode_header_text(p.header_bytes)))
+        if p.message is None and not p.children and p.maintype == "text":
+            chunks.append(("leaves", decode_body(p)))
+        elif p.message is not None:
+            chunks.append(("inner", decode_header_text(p.message.header_bytes)))
+        for col, text in chunks:
+            if len(text) > budget:
+                text, exact = text[:budget], False
+            budget -= len(text)
+            if CHUNK_SEP in text:
+                exact = False
+            cols[col].append(text.casefold())
+    return SearchText(fields, CHUNK_SEP.join(cols["leaves"]), CHUNK_SEP.join(cols["headers"]),
+                      CHUNK_SEP.join(cols["inner"]), exact)

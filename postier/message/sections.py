@@ -66,6 +66,11 @@ def body_section(root: Part, section: Section) -> bytes:
     return no_nul(_body_section(root, section))
 
 
+def section_octets(root: Part, section: Section) -> bytes:
+    """The octets of BODY[section] as stored, NUL included (RFC 4469 CATENATE copies them)."""
+    return _body_section(root, section)
+
+
 def _body_section(root: Part, section: Section) -> bytes:
     part = find_part(root, section.part)
     if part is None:

@@ -42,6 +42,9 @@ class User:
     local: str
     domain: str
     mailbox_format: str
+    #: Storage quota in bytes (the user's own, else the domain's, else `[limits] default_quota`);
+    #: None: no quota (store/quota.py).
+    quota: int | None = None
 
     def home(self, mail_root: Path) -> Path:
         """The user's directory under mail_root, with a containment check."""
@@ -261,6 +264,7 @@ class LocalOutcome:
 
     delivered: frozenset[str]  # recipient addresses every user of which got the message
     failed_users: tuple[str, ...]  # addresses of the users whose delivery failed
+    over_quota: tuple[str, ...] = ()  # those of failed_users refused because their quota is full
 
 
 # -- the interfaces the layers meet at (implemented above, wired in server/app.py) ----------------

@@ -10,12 +10,14 @@ the end of DATA; alias targets in foreign domains go to the outbound queue (`Enq
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
 
 from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
+from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS, SRSError, is_srs
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
@@ -23,6 +25,7 @@ from ..message.types import (
     message_id, remote_targets,
 )
 from ..proto.smtp.address import Address
+from .quota import full_recipients, quota_reply, rcpt_refusal
 from .sieve import SieveFilter
 from ..proto.smtp.replies import (
     R250_RCPT_OK,
@@ -61,16 +64,17 @@ class SMTPPipeline:
     the inbound checks.
     """
 
-    __slots__ = ("checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
+    __slots__ = ("arc", "checks", "config", "directory", "mda", "queue", "sieve", "srs")  # one per session: kept small
 
     lmtp = False  # RFC 2033: one reply per recipient, local users only
     relay = False  # recipients outside our domains may be accepted (authenticated submission)
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
                  checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, arc: ARCSealer | None = None) -> None:
         self.config = config
         self.srs = srs  # None: forwarded mail keeps its sender (submission)
+        self.arc = arc  # seals the copies we forward (RFC 8617); given to the MX only
         self.sieve = sieve  # None: no Sieve here (submission) or `[sieve] enabled = false`
         self.directory = directory
         self.mda = mda
@@ -117,9 +121,21 @@ class SMTPPipeline:
         at the forwarding address's domain, so that SPF passes at the destination."""
         if self.srs is None or not env.mail_from:
             return env
-        via = next(r.address for r in env.recipients if r.remote)
-        sender = self.srs.forward(env.mail_from, via.rpartition("@")[2].lower())
+        sender = self.srs.forward(env.mail_from, self._forwarder(env))
         return env if sender == env.mail_from else dataclasses.replace(env, mail_from=sender)
+
+    @staticmethod
+    def _forwarder(env: Envelope) -> str:
+        """The domain forwarding the copies: the first recipient with targets elsewhere."""
+        via = next(r.address for r in env.recipients if r.remote)
+        return via.rpartition("@")[2].lower()
+
+    async def _sealed(self, env: Envelope, trace: bytes, body: MessageBody) -> bytes:
+        """RFC 8617 §4: the ARC set of the forwarding domain over the copy we forward (b"": none)."""
+        if self.arc is None:
+            return b""
+        message = trace + await asyncio.to_thread(body.getvalue)
+        return await self.arc.seal(message, self._forwarder(env))
 
     def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:
         """Record an inbound decision (the MX does; other roles have nothing to explain)."""
@@ -161,6 +177,10 @@ class SMTPPipeline:
             res = self.directory.resolve(addr.mailbox)
         reply = self.expand(env, addr.mailbox, res, params)
         if reply.is_success:
+            full = await rcpt_refusal(self.config, env, env.recipients[-1])  # pipeline/quota.py
+            if full is not None:
+                env.recipients.pop()
+                return full
             for check in self.checks:  # e.g. greylisting: only for recipients we would accept
                 refused = await check.check_rcpt(env, addr.mailbox)
                 if refused is not None:
@@ -203,16 +223,28 @@ class SMTPPipeline:
         remote_ok = True
         if remote:
             try:
-                await self.queue.enqueue(self.forwarding(env), remote, trace, body)
+                arc = await self._sealed(env, trace, body)
+                await self.queue.enqueue(self.forwarding(env), remote, arc + trace, body)
             except Exception:
                 log.exception("%s: queueing forwarded copies failed", env.qid)
                 remote_ok = False
         replies = []
         delivered = R250_DELIVERED.with_trusted_text(f"Ok: delivered as {env.qid}")
+        full = full_recipients(env.recipients, local)  # quota: nothing stored for them (pipeline/quota.py)
+        if full and not self.lmtp and len(full) < n and len(full) + len(local.delivered) == n:
+            try:  # others got it: the full mailboxes' copies are retried (or bounced) by the queue
+                await self.queue.enqueue(env, sorted(set(local.over_quota)), trace, body)
+                local = dataclasses.replace(local, delivered=local.delivered | full)
+                full = set()
+            except Exception:
+                log.exception("%s: queueing copies for full mailboxes failed", env.qid)
         for r in env.recipients:
             ok = r.address in local.delivered and (remote_ok or not r.remote)
-            replies.append(refused.get(r.address) or (delivered if ok else R451_LOCAL_ERROR))
-        if not self.lmtp and any(not x.is_success for x in replies) and not refused:
+            failure = quota_reply(self.config) if r.address in full else R451_LOCAL_ERROR
+            replies.append(refused.get(r.address) or (delivered if ok else failure))
+        if not self.lmtp and full and len(full) == n and not refused:
+            replies = [quota_reply(self.config)] * n  # nobody got it: one reply says why
+        elif not self.lmtp and any(not x.is_success for x in replies) and not refused:
             # One reply for the whole message: the client retries every recipient (RFC 5321 §4.2.5).
             replies = [R451_LOCAL_ERROR] * n
         log.info("%s: from=<%s> to=%s result=%s", env.qid, env.mail_from,
@@ -227,8 +259,8 @@ class MXPipeline(SMTPPipeline):
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, queue: Enqueuer,
                  checks: Sequence[InboundCheck] = (), sieve: SieveFilter | None = None, srs: SRS | None = None,
-                 decisions: DecisionLog | None = None) -> None:
-        super().__init__(config, directory, mda, queue, checks, sieve, srs)
+                 decisions: DecisionLog | None = None, arc: ARCSealer | None = None) -> None:
+        super().__init__(config, directory, mda, queue, checks, sieve, srs, arc)
         self.decisions = decisions
 
     def _decided(self, env: Envelope, head: bytes, action: str, reasons: Sequence[str]) -> None:

@@ -1,13 +1,17 @@
-"""Jobs the server runs on its own schedule: the daily DMARC aggregate reports (RFC 7489 §7.2).
+"""Jobs the server runs on its own schedule: the daily reports, DMARC aggregate (RFC 7489 §7.2) and
+SMTP TLS (RFC 8460 §4, §5.3).
 
-A job sends mail like any other sender, through the outbound queue (`Enqueuer`); what it sends is
-built by the pure functions of `mailauth/reports.py`. Jobs are made and started by
-`server/app.py` `build_app`; time and sleep are injectable, so tests step them by hand.
+A job sends mail like any other sender, through the outbound queue (`Enqueuer`), DKIM-signed when
+signing is on; what it sends is built by the pure functions of `mailauth/reports.py` and
+`mailauth/tlsrpt.py`. Jobs are made and started by `server/app.py` `build_app` (`postier tls
+report-now` runs the TLS half once, from the command line); time and sleep are injectable, so tests
+step them by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,11 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
+from ..mailauth import tlsrpt
 from ..mailauth.reports import (
-    DAY, KEEP_DAYS, OutgoingReport, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
+    DAY, KEEP_DAYS, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
 )
+from ..mailauth.tlsrpt import TLSReportStore
 from ..message.types import Enqueuer, Envelope, MessageBody
-from ..resolver import AsyncLookup
+from ..queue.spool import TLS_REPORT_ROLE
+from ..queue.tlsrpt import post_report
+from ..resolver import AsyncLookup, BaseResolver, DNSStatus
 
 __all__ = ["Clock", "ReportJob", "Sleep"]
 
@@ -31,7 +39,8 @@ Sleep = Callable[[float], Awaitable[Any]]
 
 @dataclass
 class ReportJob:
-    """The daily aggregate report run, inside the server.
+    """The daily report run, inside the server: DMARC aggregate reports (with `store`) and TLS reports
+    (with `tls`).
 
     Each run (at 00:00 UTC) reports every result recorded before that midnight, then forgets
     results older than KEEP_DAYS. A report whose destination cannot be checked (DNS trouble) or
@@ -41,11 +50,12 @@ class ReportJob:
     config: Config
     local_domains: Callable[[], list[str]]
     queue: Enqueuer
-    store: ReportStore
+    store: ReportStore | None
     resolver: AsyncLookup
     clock: Clock = time.time
     sleep: Sleep = asyncio.sleep
     sign: Callable[[bytes], Awaitable[bytes]] | None = None  # the DKIM signer's `sign_bytes`, when signing
+    tls: TLSReportStore | None = None
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
@@ -59,6 +69,13 @@ class ReportJob:
     async def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
         """Send what is due; returns (policy domain, rua address) per report handed to the queue."""
         now = self.clock() if now is None else now
+        sent = await self.send_dmarc(now) if self.store is not None else []
+        if self.tls is not None:
+            sent += await self.send_tls(now, int(now // DAY * DAY))
+        return sent
+
+    async def send_dmarc(self, now: float) -> list[tuple[str, str]]:
+        assert self.store is not None
         end = int(now // DAY * DAY)
         pending = await asyncio.to_thread(self.store.pending, end)
         sender = await asyncio.to_thread(self.sender_address)
@@ -85,7 +102,7 @@ class ReportJob:
                              out.report.policy.domain)
                     await asyncio.to_thread(self.store.log_sent, out, address, "not-authorized", now)
                     continue
-                if await self._enqueue(out, sender, address, now):
+                if await self._enqueue(report_message(out, sender, address, now), sender, address):
                     sent.append((out.report.policy.domain, address))
                     await asyncio.to_thread(self.store.log_sent, out, address, "queued", now)
                 else:
@@ -96,21 +113,93 @@ class ReportJob:
         await asyncio.to_thread(self.store.prune, now - KEEP_DAYS * DAY)
         return sent
 
-    async def _enqueue(self, out: OutgoingReport, sender: str, address: str, now: float) -> bool:
-        message = report_message(out, sender, address, now)
+    async def send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
+        """TLS reports (RFC 8460 §4) of the outcomes recorded before `end` (midnight; `now` to report
+        today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record."""
+        assert self.tls is not None
+        store = self.tls
+        pending = await asyncio.to_thread(store.pending, end)
+        sender = await asyncio.to_thread(self.sender_address)
+        reports = tlsrpt.build_reports([(day, r, n) for _, day, r, n in pending], org_name=self.submitter,
+                                       contact=sender, submitter=self.submitter, end=end)
+        rows: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for rid, day, r, n in pending:
+            rows.setdefault((day, r.policy.domain), []).append((rid, n))
+        sent: list[tuple[str, str]] = []
+        done: list[tuple[int, int]] = []
+        rua_of: dict[str, tuple[str, ...] | None] = {}
+        for rep in reports:
+            domain = rep.domains[0]
+            if domain not in rua_of:
+                rua_of[domain] = await self._tlsrpt_rua(domain)
+            rua = rua_of[domain]
+            taken = rows[(rep.start // DAY, domain)]
+            if rua is None:  # DNS trouble: next run
+                continue
+            if not rua:  # §3: no (single, valid) record: the domain does not want reports
+                done.extend(taken)
+                continue
+            finished = True
+            for uri in rua:
+                if uri.lower().startswith("https:"):
+                    await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
+                    continue
+                targets = parse_rua([uri])
+                if not targets:
+                    log.info("tlsrpt: %s: rua %s not usable", domain, uri[:100])
+                    await asyncio.to_thread(store.log_sent, rep, uri[:200], "not-supported", now)
+                    continue
+                address = targets[0][0]
+                message = tlsrpt.report_message(rep, self.submitter, sender, address, now)
+                if await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
+                    sent.append((domain, address))
+                    await asyncio.to_thread(store.log_sent, rep, address, "queued", now)
+                    log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,
+                             address, rep.successes, rep.failed)
+                else:
+                    finished = False
+            if finished:
+                done.extend(taken)
+        await asyncio.to_thread(store.mark_reported, done)
+        await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
+        return sent
+
+    async def _post_tls(self, rep: tlsrpt.TLSReport, url: str, now: float) -> None:
+        """RFC 8460 §3: an https rua gets the gzip'd report in a POST."""
+        assert self.tls is not None
+        if not isinstance(self.resolver, BaseResolver):
+            why = "no resolver for HTTPS"
+        else:
+            why = await post_report(url, gzip.compress(tlsrpt.report_json(rep), mtime=0), tlsrpt.MEDIA_TYPE,
+                                    self.resolver, self.config.outbound.ca_file)
+        if why:
+            log.info("tlsrpt: report %s for %s not taken by %s: %s", rep.report_id, rep.domains[0], url[:100], why)
+        else:
+            log.info("tlsrpt: report %s for %s posted to %s", rep.report_id, rep.domains[0], url[:100])
+        await asyncio.to_thread(self.tls.log_sent, rep, url[:200], "posted" if not why else "post-failed", now)
+
+    async def _tlsrpt_rua(self, domain: str) -> tuple[str, ...] | None:
+        """The rua of `domain`'s `_smtp._tls` record (RFC 8460 §3); () without one, None on DNS trouble."""
+        ans = await self.resolver.query(f"_smtp._tls.{domain}", "TXT")
+        if ans.status is DNSStatus.TEMPFAIL:
+            log.info("tlsrpt: cannot look up _smtp._tls.%s now (DNS); next run", domain)
+            return None
+        return tlsrpt.parse_record(bytes(r).decode("utf-8", "replace") for r in ans.records) or ()
+
+    async def _enqueue(self, message: bytes, sender: str, address: str, role: str = "dmarc-report") -> bool:
         prefix = b""
-        if self.sign is not None:
+        if self.sign is not None:  # RFC 8460 §5.3: a report mail MUST be DKIM-signed
             try:
                 prefix = await self.sign(message)
             except Exception:
-                log.exception("dmarc: signing the report failed; sending it unsigned")
-        env = Envelope(role="dmarc-report", peer_ip="127.0.0.1", helo=self.config.helo_name, mail_from=sender)
+                log.exception("%s: signing the report failed; sending it unsigned", role)
+        env = Envelope(role=role, peer_ip="127.0.0.1", helo=self.config.helo_name, mail_from=sender)
         body = MessageBody(self.config.spool_dir / "outgoing")
         body.write(message)
         try:
             await self.queue.enqueue(env, [address], prefix, body)
         except Exception:
-            log.exception("dmarc: queueing the report for %s failed; kept for the next run", address)
+            log.exception("%s: queueing the report for %s failed; kept for the next run", role, address)
             return False
         finally:
             body.close()
@@ -123,10 +212,10 @@ class ReportJob:
             try:
                 await self.run_once()
             except Exception:
-                log.exception("dmarc: report run failed")
+                log.exception("report run failed")
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dmarc-reports")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="daily-reports")
 
     async def stop(self) -> None:
         if self._task is not None:

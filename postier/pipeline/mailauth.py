@@ -12,8 +12,9 @@ What happens to one message on port 25:
    p=none -> delivered. A DNS temporary failure that could change the outcome -> 451 4.7.1, never
    a 5xx. Authentication-Results with our authserv-id is prepended and incoming ones claiming that
    id are removed (RFC 8601 §5).
-3. The DMARC outcome is recorded for aggregate reports; a report addressed to our rua mailbox is
-   parsed and stored (the message is delivered as well).
+3. The DMARC outcome is recorded for aggregate reports; a DMARC aggregate report addressed to our
+   DMARC rua mailbox, or a TLS report (RFC 8460 §5.3) addressed to our `_smtp._tls` rua mailbox, is
+   parsed and stored (the message is delivered as well; an unreadable report is logged, never refused).
 
 Large messages: DKIM needs the whole message in memory, so verification is skipped above
 `[mailauth] max_verify_size` (dkim=neutral). Such a message can then pass DMARC only through SPF;
@@ -29,10 +30,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from ..config import Config
+from ..message.rewrite import RewrittenBody, header_section
 from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
+from ..mailauth.arc import has_chain, verify_chain_async
 from ..mailauth.authresults import authentication_results, strip_forged
 from ..mailauth.dkim import DKIMResult, DKIMStatus, verify_all_async
 from ..mailauth.dmarc import DMARCPolicy, DMARCResult, DMARCStatus, FromProblem, evaluate, from_domain
@@ -40,6 +42,7 @@ from ..mailauth.reports import (
     MAX_REPORT_MESSAGE, DKIMAuth, Evaluation, PolicyPublished, ReportError, ReportStore, SPFAuth,
     extract_reports,
 )
+from ..mailauth.tlsrpt import TLSReportStore, extract_tls_reports
 from ..mailauth.spf import SPFResult, SPFStatus, check_spf, check_spf_helo
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
@@ -56,55 +59,6 @@ R550_FROM = Reply(550, "5.7.1", "Message refused: the From header must hold exac
 R550_DMARC = Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy")
 R451_TEMPERROR = Reply(451, "4.7.1", "Temporary mail authentication failure (DNS); try again later")
 R550_SPF = Reply(550, "5.7.23", "SPF validation failed")  # RFC 7372 §3.2
-
-
-class RewrittenBody(MessageBody):
-    """The received body with its header section replaced; reads through to the original.
-
-    Owns no file: the original body is closed by its owner (the SMTP session) after delivery.
-    """
-
-    def __init__(self, original: MessageBody, head: bytes, skip: int):
-        super().__init__(original.spool_dir, original.memory_limit)
-        self._orig = original
-        self._head = head
-        self._skip = skip
-        self.size = len(head) + original.size - skip
-
-    def write(self, data: bytes) -> None:
-        raise TypeError("a rewritten body is read-only")
-
-    @property
-    def in_memory(self) -> bool:
-        return self._orig.in_memory
-
-    def getvalue(self) -> bytes:
-        return self._head + self._orig.getvalue()[self._skip:]
-
-    def head(self, limit: int) -> bytes:
-        return (self._head + self._orig.head(limit + self._skip)[self._skip:])[:limit]
-
-    def iter_chunks(self, size: int = 1 << 20) -> Iterable[bytes]:
-        yield self._head
-        skip = self._skip
-        for chunk in self._orig.iter_chunks(size):
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            yield chunk[skip:]
-            skip = 0
-
-    def copy_to(self, out: Any) -> None:
-        for chunk in self.iter_chunks():
-            out.write(chunk)
-
-    def close(self) -> None:
-        pass
-
-
-def _header_section(head: bytes) -> bytes:
-    end = head.find(b"\r\n\r\n")
-    return head[: end + 4] if end >= 0 else head
 
 
 def _dkim_auth(results: Iterable[DKIMResult]) -> tuple[DKIMAuth, ...]:
@@ -125,11 +79,12 @@ class InboundAuth:
 
     def __init__(self, config: Config, resolver: BaseResolver, reports: ReportStore | None = None,
                  local_domains: Callable[[], list[str]] | None = None, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, tls_reports: TLSReportStore | None = None):
         self.config = config
         self.settings = config.mailauth
         self.resolver = resolver
         self.reports = reports
+        self.tls_reports = tls_reports
         self.local_domains = local_domains or (lambda: [])
         self.clock = clock
         self.rng = rng
@@ -172,11 +127,23 @@ class InboundAuth:
             message = await asyncio.to_thread(body.getvalue)
             return await verify_all_async(message, self.resolver), False
 
+    async def _verify_arc(self, body: MessageBody) -> tuple[str, str] | None:
+        """The ARC chain's validation: (none / pass / fail, the reason); None: too large to read
+        (not recorded, so a copy we forward is not sealed on top of a chain we did not check)."""
+        if body.size > self.settings.max_verify_size:
+            return None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(VERIFY_SLOTS)
+        async with self._slots:
+            message = await asyncio.to_thread(body.getvalue)
+            result = await verify_chain_async(message, self.resolver)
+        return result.status, result.reason
+
     async def evaluate(self, env: Envelope, body: MessageBody) -> Verdict:
         s = self.settings
         authserv_id = self.config.authserv_id
         # An in-memory body needs no thread (the common case: a thread hop costs more than this).
-        header = _header_section(body.head(HEADER_LIMIT) if body.in_memory
+        header = header_section(body.head(HEADER_LIMIT) if body.in_memory
                                  else await asyncio.to_thread(body.head, HEADER_LIMIT))
         # RFC 8601 §5 (the quick test spares the parse when there is no such field at all)
         stripped = strip_forged(header, authserv_id) if b"authentication-results" in header.lower() else header
@@ -199,11 +166,15 @@ class InboundAuth:
         if s.dkim_verify:
             dkim, too_big = await self._verify(body, header)
 
+        env.auth["dkim"] = dkim or []  # for later checks (greylisting's trusted signers)
         dmarc: DMARCResult | None = None
         if author is not None:
             dmarc = await evaluate(author, spf, dkim or [], self.resolver, rng=self.rng)
+        arc: tuple[str, str] | None = None
+        if s.arc and has_chain(header):  # RFC 8617 §5.2, recorded for our seal's cv= when we forward
+            arc = await self._verify_arc(body)
 
-        headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc)
+        headers = authentication_results(authserv_id, spf=spf, helo=helo, dkim=dkim, dmarc=dmarc, arc=arc)
         verdict = self._decide(dmarc, spf, dkim or [], too_big, headers, new_body)
         if s.spf or s.dkim_verify or s.dmarc:
             words = (f"spf={spf.status if spf else '-'}"
@@ -263,23 +234,65 @@ class InboundAuth:
         except Exception:  # reporting must never cost a message
             log.exception("%s: recording the DMARC result failed", env.qid)
 
-    def _is_report_address(self, address: str, ours: set[str]) -> bool:
-        target = self.settings.report_address.lower()
+    @staticmethod
+    def _is_report_address(target: str, address: str, ours: set[str]) -> bool:
+        """Is `address` the report mailbox `target` (a local part in each of our domains, or an address)?"""
         local, _, domain = address.lower().rpartition("@")
         if "@" in target:
             return address.lower() == target
         return bool(target) and local == target and domain in ours
 
     async def _take_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None) -> None:
-        """A DMARC aggregate report sent to our rua address: parse and keep it (RFC 7489 §7.2)."""
-        target = self.settings.report_address.lower()
-        if self.reports is None or not target or body.size > MAX_REPORT_MESSAGE:
+        """A DMARC aggregate report (RFC 7489 §7.2) or a TLS report (RFC 8460 §5.3) sent to the rua
+        address we publish for it: parse and keep it."""
+        if body.size > MAX_REPORT_MESSAGE:
             return
-        if not any(r.address.lower().startswith(target.partition("@")[0] + "@") for r in env.recipients):
-            return  # cheap test first: no recipient has the report mailbox's local part
+        kinds = [(target.lower(), store) for target, store in
+                 ((self.settings.report_address, self.reports), (self.config.tlsrpt.report_address, self.tls_reports))
+                 if target and store is not None]
+        # cheap test first: does any recipient have a report mailbox's local part?
+        kinds = [(t, st) for t, st in kinds
+                 if any(r.address.lower().startswith(t.partition("@")[0] + "@") for r in env.recipients)]
+        if not kinds:
+            return
         ours = set(await asyncio.to_thread(self.local_domains))
-        if not any(self._is_report_address(r.address, ours) for r in env.recipients):
+        for target, store in kinds:
+            if not any(self._is_report_address(target, r.address, ours) for r in env.recipients):
+                continue
+            try:
+                if isinstance(store, TLSReportStore):
+                    await self._take_tls_reports(env, body, dmarc, store, ours)
+                else:
+                    await self._take_dmarc_reports(env, body, dmarc, ours)
+            except Exception:  # a report must never cost the message it came in
+                log.exception("%s: reading a report failed", env.qid)
+
+    async def _take_tls_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None,
+                                store: TLSReportStore, ours: set[str]) -> None:
+        try:
+            found = await asyncio.to_thread(extract_tls_reports, await asyncio.to_thread(body.getvalue))
+        except ReportError as exc:
+            log.info("%s: unreadable TLS report: %s", env.qid, exc)
             return
+        authenticated = dmarc is not None and dmarc.status is DMARCStatus.PASS
+        for report in found:
+            mine = [d for d in report.domains if d in ours or any(d.endswith("." + o) for o in ours)]
+            if not mine:
+                log.info("%s: TLS report about %s, not one of our domains: ignored", env.qid,
+                         ",".join(report.domains)[:200])
+                continue
+            try:
+                new = await asyncio.to_thread(store.store_received, report, authenticated, self.clock())
+            except Exception:
+                log.exception("%s: storing a TLS report failed", env.qid)
+                continue
+            log.info("%s: TLS report %s from %s for %s (%d successful, %d failed sessions)%s", env.qid,
+                     report.report_id, report.org_name, ",".join(mine), report.successes, report.failed,
+                     "" if new else " (duplicate)")
+
+    async def _take_dmarc_reports(self, env: Envelope, body: MessageBody, dmarc: DMARCResult | None,
+                                  ours: set[str]) -> None:
+        assert self.reports is not None
         try:
             found = await asyncio.to_thread(extract_reports, await asyncio.to_thread(body.getvalue))
         except ReportError as exc:

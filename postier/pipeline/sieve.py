@@ -1,9 +1,12 @@
 """Runs each local user's active Sieve script at delivery (RFC 5228 §2.10) and carries out its plan:
 stores, redirects and vacation replies through the queue, SMTP-time refusals (RFC 5429 §2.2).
 
-The MX and LMTP pipelines hand their local recipients here after the inbound checks. Users without
-an active script (and no `[sieve] default_script`) are delivered as before, all at once. For a user
-with one, the script runs in a worker thread (CPU-bounded by `sieve.Limits`); `sieve.outcome.plan`
+The MX and LMTP pipelines hand their local recipients here after the inbound checks. A user's own
+active script runs; without one, their domain's default script (`[sieve.domain_scripts]`), else the
+server's (`[sieve] default_script`). A default is replaced by the user's script, never run before it
+(Pigeonhole's `sieve_default`, not `sieve_before`): what a user writes is all that runs for them
+(the verdict's Junk folder still is their implicit keep's). Users with no script at all are
+delivered as before, all at once. For a user with a script, it runs in a worker thread (CPU-bounded by `sieve.Limits`); `sieve.outcome.plan`
 turns its result into stores, outgoing messages and a refusal. The verdict's Junk folder is the
 default mailbox of the implicit keep, so an explicit `fileinto` wins over it. Any failure of the
 script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is never lost). Stores
@@ -24,14 +27,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
 from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
 from ..proto.smtp.replies import Reply
 from ..sieve import CompileError, Environment, Limits, Message, Script, compile_script, run
 from ..sieve.outcome import Delivery, Plan, plan
 from ..store.delivery import LocalDelivery
-from ..store.maildir import folder_root
+from ..store.index import encode_suffix, names_to_flags
+from ..store.mailbox import MailStore
+from ..store.maildir import DeliveryError, folder_root
 from ..store.sieve import ScriptStore, TrackingStore
 
 __all__ = ["SieveFilter", "SieveOutcome"]
@@ -52,12 +58,24 @@ def sieve_dir(mail_root: Path, user: User) -> Path:
     return user.home(mail_root) / "sieve"
 
 
+def _load(key: str, path: Path) -> Script:
+    """A default script, compiled at start: one that cannot be read or compiled is a configuration error."""
+    try:
+        return compile_script(path.read_bytes(), "default")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    except CompileError as exc:
+        raise ConfigError(f"{key}: {path}: {'; '.join(str(e) for e in exc.errors)}") from None
+
+
 class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
     def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, mailstore: MailStore | None = None, arc: ARCSealer | None = None) -> None:
         self.config = config
+        self.arc = arc  # seals redirected mail (RFC 8617)
+        self.mailstore = mailstore  # registers the keywords a script gives a stored message
         self.srs = srs
         self.mda = mda
         self.queue = queue
@@ -67,19 +85,19 @@ class SieveFilter:
         # Vacation and duplicate decisions are read-then-write on the user's tracking store: one user's
         # deliveries plan one at a time (striped locks: bounded, whatever the number of users).
         self._locks = tuple(threading.Lock() for _ in range(64))
-        self._default: Script | None = None
-        if s.default_script is not None:
-            self._default = compile_script(s.default_script.read_bytes(), "default")
+        self._default = _load("sieve.default_script", s.default_script) if s.default_script else None
+        self._domain_default = {domain.lower().rstrip("."): _load(f"sieve.domain_scripts.{domain}", path)
+                                for domain, path in s.domain_scripts.items()}
 
     def store_for(self, user: User) -> ScriptStore:
         s = self.config.sieve
         return ScriptStore(sieve_dir(self.config.mail_root, user), s.max_scripts, s.max_script_size)
 
     def _script(self, user: User) -> Script | None:
-        """The user's active script (compiled), else the default one (blocking)."""
+        """The user's active script (compiled), else their domain's default, else the server's (blocking)."""
         active = self.store_for(user).active_script()
         if active is None:
-            return self._default
+            return self._domain_default.get(user.domain.lower(), self._default)
         try:
             return compile_script(active[1], active[0])
         except CompileError as e:  # checked at upload; a script changed on disk behind our back
@@ -115,7 +133,7 @@ class SieveFilter:
             if refuse is not None:
                 refused[rcpt.address] = Reply(550, "5.7.1", refuse[:200] or "Rejected by the recipient's filter")
         delivered = frozenset(r.address for r in recipients if not any(u.address in failed for u in r.users))
-        return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed))), refused)
+        return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed)), outcome.over_quota), refused)
 
     async def _one(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes,
                    folder: str | None, single: bool) -> tuple[bool, str | None]:
@@ -128,21 +146,54 @@ class SieveFilter:
         targets = [(user, None if st.mailbox.upper() == "INBOX" else st.mailbox) for st in p.stores]
         ok = True
         for (u, folder_name), st in zip(targets, p.stores, strict=True):
-            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from)
+            info = await self._flags(u, folder_name, st.flags)
+            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from, info)
             if not res[0].ok and folder_name is not None:  # an unusable folder name: keep in INBOX
-                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from)
+                info = await self._flags(u, None, st.flags)
+                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from, info)
             ok = ok and res[0].ok
         for send in p.sends:
             try:
                 frm = send.mail_from
                 if send.kind == "redirect" and self.srs is not None and frm:  # SPF passes at the target
                     frm = self.srs.forward(frm, user.domain)
-                await self._send(env, send.kind, frm, send.rcpt_to, send.message)
+                arc = b""
+                if send.kind == "redirect" and self.arc is not None:  # RFC 8617 §4: we forward, we seal
+                    arc = await self.arc.seal(send.message, user.domain)
+                await self._send(env, send.kind, frm, send.rcpt_to, send.message, arc)
             except Exception:
                 log.exception("%s: sieve %s to %s could not be queued", env.qid, send.kind, send.rcpt_to)
                 if send.kind == "redirect":
                     ok = False  # the copy would be lost: the client retries (4xx)
         return ok, None
+
+    async def _flags(self, user: User, folder: str | None, flags: Sequence[str]) -> str:
+        """RFC 5232 §5: the Maildir info suffix (":2,FSa") giving the stored message its flags; the
+        keywords are registered with the folder through the mail store (letters are per folder). ""
+        when there are none, for an mbox, or when the folder name is unusable (the caller keeps)."""
+        if not flags or user.mailbox_format != "maildir":
+            return ""
+        try:
+            folder_root(user.maildir(self.config.mail_root), folder)
+        except (DeliveryError, ValueError):
+            return ""
+        store = self.mailstore
+        if store is None:  # system flags only: keywords need the folder's letters
+            bits, _ = names_to_flags([f for f in flags if f.startswith("\\")])
+            return encode_suffix("", bits, (), ()) if bits else ""
+
+        def suffix() -> str:
+            mb = store.acquire(user)
+            try:
+                return mb.delivery_suffix(folder or "INBOX", flags)
+            finally:
+                store.release(mb)
+
+        try:
+            return await store.call(suffix)
+        except Exception:
+            log.exception("%s: cannot register the flags %s; stored without them", user.address, " ".join(flags))
+            return ""
 
     def _exists(self, user: User, box: str) -> bool:
         try:
@@ -184,14 +235,16 @@ class SieveFilter:
             tracking.record("dup\0" + key, now + max(1, seconds))
         return p
 
-    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes) -> None:
-        """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3)."""
+    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes,
+                    arc: bytes = b"") -> None:
+        """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3),
+        a redirect carries the ARC set `arc`."""
         out = Envelope(role="sieve", peer_ip="127.0.0.1", mail_from=mail_from,
                        recipients=[Recipient(rcpt_to)])
         body = MessageBody(self.config.spool_dir)
         body.write(message)
         try:
-            prefix = b""
+            prefix = arc
             if kind != "redirect" and self.signer is not None:
                 prefix = await self.signer.sign(out, body)
             await self.queue.enqueue(out, [rcpt_to], prefix, body)

@@ -1,9 +1,12 @@
 """Sans-IO ManageSieve server session (RFC 5804): bytes in, events out, replies serialised here.
 
 Shape of h11 and ``proto/pop3``: ``receive_data()``, ``next_event()`` (an event or ``NEED_DATA``),
-``data_to_send()``. The core answers CAPABILITY, NOOP, LOGOUT, UNAUTHENTICATE, STARTTLS's OK, syntax
-errors and the SASL exchange (``proto/sasl.py``) itself; anything that needs TLS, passwords or the
-script store is an event the application answers through ``ok()``/``no()``/``script()``/``listing()``.
+``data_to_send()``. The core answers CAPABILITY, NOOP, LOGOUT, UNAUTHENTICATE, STARTTLS's OK and syntax
+errors itself; anything that needs TLS, passwords or the script store is an event the application
+answers through ``ok()``/``no()``/``script()``/``listing()``. AUTHENTICATE is framed here (the
+mechanism name, base64 responses, the client's cancel) and run by the application, with the same
+``proto.sasl.ServerExchange`` and ``server/auth.settle`` as every other protocol: ``AuthStart`` and
+``AuthResponse`` out, ``auth_challenge()``/``auth_success()``/``auth_failure()``/``bye()`` back.
 
 Every buffer is bounded: a line is at most ``max_line`` octets, a literal (RFC 5804 §4 ``{n+}`` or
 ``{n}``) is *signalled* with ``NeedLiteral`` before it is read: the application accepts it
@@ -22,10 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from postier.proto import sasl
 
 __all__ = [
-    "NEED_DATA", "Authenticated", "AuthCheck", "Event", "Logout", "ManageSieveConnection",
+    "NEED_DATA", "AuthResponse", "AuthStart", "Authenticated", "Event", "Logout", "ManageSieveConnection",
     "ManageSieveSettings", "NeedLiteral", "ScriptCommand", "StartTLS", "State",
 ]
 
@@ -63,11 +65,20 @@ class StartTLS:
 
 
 @dataclass(frozen=True, slots=True)
-class AuthCheck:
-    """The SASL machine asks (``sasl.NeedPasswordCheck`` or ``sasl.NeedScramCredentials``); answer
-    with ``password_result()`` or ``scram_credentials()``."""
+class AuthStart:
+    """AUTHENTICATE with a mechanism among ``settings.mechanisms`` and its decoded initial response
+    (None: none sent); answer with ``auth_challenge()``, ``auth_success()``, ``auth_failure()`` or
+    ``bye()``."""
 
-    request: sasl.NeedPasswordCheck | sasl.NeedScramCredentials
+    mechanism: str
+    initial: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """The client's decoded answer to the last ``auth_challenge()``; answered the same way."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +108,7 @@ class Logout:
     """BYE or OK sent; close the connection once ``data_to_send()`` is flushed."""
 
 
-Event = StartTLS | AuthCheck | Authenticated | NeedLiteral | ScriptCommand | Logout
+Event = StartTLS | AuthStart | AuthResponse | Authenticated | NeedLiteral | ScriptCommand | Logout
 
 
 class ProtocolError(Exception):
@@ -157,7 +168,7 @@ class ManageSieveConnection:
         self._pending_literal: tuple[int, bool] | None = None
         self._skipping_command = False
         self._awaiting_reply: str | None = None
-        self._sasl: sasl.ServerMechanism | None = None
+        self._sasl_pending = False  # an AuthStart/AuthResponse waits for the application's answer
         self._sasl_wait = False  # waiting for a client SASL response line
         self._out += self.capability_lines() + _response("OK", None, f"{settings.implementation} ready")
 
@@ -173,7 +184,7 @@ class ManageSieveConnection:
 
     def next_event(self) -> Event | _Sentinel:
         while not self._events:
-            if self.state is State.LOGOUT or self._awaiting_reply or self._pending_literal:
+            if self.state is State.LOGOUT or self._awaiting_reply or self._pending_literal or self._sasl_pending:
                 return NEED_DATA
             if not self._step():
                 return NEED_DATA
@@ -250,13 +261,40 @@ class ManageSieveConnection:
         self._pending_literal = None
         self._skipping_command = True
 
-    def password_result(self, ok: bool) -> None:
-        assert self._sasl is not None
-        self._sasl_outcome(self._sasl.password_result(ok))
+    def _auth_answered(self) -> None:
+        if not self._sasl_pending:
+            raise RuntimeError("no authentication step waits for an answer")
+        self._sasl_pending = False
 
-    def scram_credentials(self, credentials: sasl.ScramCredentials | None) -> None:
-        assert self._sasl is not None
-        self._sasl_outcome(self._sasl.scram_credentials(credentials))
+    def auth_challenge(self, data: bytes) -> None:
+        """RFC 5804 §2.1: a server challenge (base64 in a string); the client's line comes back as
+        ``AuthResponse``."""
+        self._auth_answered()
+        self._out += quote(base64.b64encode(data)) + b"\r\n"
+        self._sasl_wait = True
+
+    def auth_success(self, user: str, additional: bytes | None = None) -> None:
+        """Authenticated as ``user``; ``additional`` (SCRAM's server signature) goes in the OK."""
+        self._auth_answered()
+        self.state = State.AUTH
+        self.user = user
+        code = None
+        if additional is not None:  # RFC 5804 §2.1: additional data in the OK response code
+            code = 'SASL "' + base64.b64encode(additional).decode("ascii") + '"'
+        self._out += _response("OK", code, "Authenticated")
+        self._events.append(Authenticated(user))
+
+    def auth_failure(self) -> None:
+        self._auth_answered()
+        self._sasl_fail("authentication failed")
+
+    def bye(self, text: str) -> None:
+        """End the session (RFC 5804 §1.3 BYE), e.g. too many failed logins; ``Logout`` follows."""
+        self._sasl_pending = False
+        self._sasl_wait = False
+        self._out += _response("BYE", None, text)
+        self.state = State.LOGOUT
+        self._events.append(Logout())
 
     # -- framing ------------------------------------------------------------------------------------
 
@@ -432,11 +470,9 @@ class ManageSieveConnection:
             self._out += _response("NO", "ENCRYPT-NEEDED", "authentication needs TLS")
             return
         mech_name = bytes(args[0]).decode("ascii", "replace") if isinstance(args[0], bytes) else ""
-        mech = sasl.server_mechanism(mech_name) if mech_name.upper() in self.settings.mechanisms else None
-        if mech is None:
+        if mech_name.upper() not in (m.upper() for m in self.settings.mechanisms):
             self._out += _response("NO", None, "unsupported mechanism")
             return
-        self._sasl = mech
         initial: bytes | None = None
         if len(args) > 1:
             try:
@@ -444,7 +480,8 @@ class ManageSieveConnection:
             except (binascii.Error, ValueError):
                 self._sasl_fail("bad base64")
                 return
-        self._sasl_outcome(mech.step(initial))
+        self._sasl_pending = True
+        self._events.append(AuthStart(mech_name.upper(), initial))
 
     def _sasl_line(self, line: bytes) -> None:
         self._sasl_wait = False
@@ -465,30 +502,10 @@ class ManageSieveConnection:
         except (binascii.Error, ValueError):
             self._sasl_fail("bad base64")
             return
-        assert self._sasl is not None
-        self._sasl_outcome(self._sasl.step(decoded))
-
-    def _sasl_outcome(self, outcome: sasl.Outcome) -> None:
-        match outcome:
-            case sasl.Challenge(data=data):
-                self._out += quote(base64.b64encode(data)) + b"\r\n"
-                self._sasl_wait = True
-            case sasl.NeedPasswordCheck() | sasl.NeedScramCredentials():
-                self._events.append(AuthCheck(outcome))
-            case sasl.Success(authcid=user, additional=extra):
-                self._sasl = None
-                self.state = State.AUTH
-                self.user = user
-                code = None
-                if extra is not None:  # RFC 5804 §2.1: additional data in the OK response code
-                    code = 'SASL "' + base64.b64encode(extra).decode("ascii") + '"'
-                self._out += _response("OK", code, "Authenticated")
-                self._events.append(Authenticated(user))
-            case sasl.Failure():
-                self._sasl_fail("authentication failed")
+        self._sasl_pending = True
+        self._events.append(AuthResponse(decoded))
 
     def _sasl_fail(self, why: str) -> None:
-        self._sasl = None
         self._sasl_wait = False
         self._out += _response("NO", None, "Authentication failed")
 

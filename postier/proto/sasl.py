@@ -490,20 +490,23 @@ class ServerExchange:
     the client's (decoded) responses in, outcomes out. IMAP, SMTP and POP3 cannot carry additional
     data with their success reply, so a ``Success`` with additional data (the SCRAM server signature)
     comes out as a last ``Challenge``, and the client's answer to it must be empty (RFC 9051 §6.2.2,
-    RFC 4954 §4, RFC 5034 §4); the caller never sees ``Success.additional``.
+    RFC 4954 §4, RFC 5034 §4); the caller never sees ``Success.additional``. ManageSieve carries it
+    in its OK (RFC 5804 §2.1): with ``success_data`` the ``Success`` keeps it.
     """
 
-    def __init__(self, mechanism: ServerMechanism) -> None:
+    def __init__(self, mechanism: ServerMechanism, success_data: bool = False) -> None:
         self.mechanism = mechanism
+        self.success_data = success_data
         self._final: Success | None = None  # sent as a last challenge, awaiting the empty answer
 
     @classmethod
-    def for_name(cls, name: str, offered: tuple[str, ...] = MECHANISMS) -> ServerExchange | None:
+    def for_name(cls, name: str, offered: tuple[str, ...] = MECHANISMS,
+                 success_data: bool = False) -> ServerExchange | None:
         """An exchange for mechanism ``name`` if it is among ``offered`` and supported, else None."""
         if name.upper() not in (m.upper() for m in offered):
             return None
         mechanism = server_mechanism(name)
-        return cls(mechanism) if mechanism is not None else None
+        return cls(mechanism, success_data) if mechanism is not None else None
 
     @property
     def name(self) -> str:
@@ -527,7 +530,7 @@ class ServerExchange:
         return self._out(self.mechanism.scram_credentials(credentials))
 
     def _out(self, outcome: Outcome) -> Outcome:
-        if isinstance(outcome, Success) and outcome.additional is not None:
+        if isinstance(outcome, Success) and outcome.additional is not None and not self.success_data:
             self._final = Success(outcome.authcid, outcome.authzid)
             return Challenge(outcome.additional)
         return outcome

@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,9 +23,9 @@ from ..config import ConfigError
 from ..proto.smtp.address import xtext_encode
 from ..proto.smtp.client import ServerReply
 from ..resolver import BaseResolver, DNSStatus, RouteStatus, TLSARecord
-from .client import ConnectionFailed, SMTPClient, Transaction, client_tls_context
+from .client import ConnectionFailed, SMTPClient, TLSResult, Transaction, client_tls_context
 from .dane import usable
-from .mtasts import PolicyCache
+from .mtasts import Policy, PolicyCache
 from .spool import MessageInfo, RecipientState
 
 if TYPE_CHECKING:
@@ -95,6 +96,13 @@ class Host:
 class Route:
     hosts: tuple[Host, ...] = ()
     failure: Failure | None = None
+    domain: str = ""  # the recipient domain (RFC 8460's policy domain); "" for the smarthost
+    sts: Policy | None = None  # its MTA-STS policy in force (mode testing or enforce)
+
+
+#: Told of each host's session attempt (TLS reporting, `queue/tlsrpt.py`): the route, the host, the
+#: session's TLS state when it came up, else the failure.
+SessionHook = Callable[[Route, Host, TLSResult | None, "Failure | None"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,8 @@ class Router:
         self.rng = rng or random.Random()
         self.sts = sts
 
-    async def route(self, domain: str) -> Route:
+    async def route(self, domain: str, tls_optional: bool = False) -> Route:
+        """With `tls_optional` (a TLS report, RFC 8460 §5.3): no MTA-STS, no DANE, nothing recorded."""
         out = self.out
         if out.relay:
             return await self._hosts([(out.relay_host, 0)], out.relay_port, implicit=False)
@@ -206,7 +215,7 @@ class Router:
             return Route(failure=Failure(Fate.FAILED, f"{name} has no MX and no address record", "5.4.4"))
         names = [(h.name, h.preference) for h in mx.hosts]
         strict = False
-        policy = await self.sts.get(name) if self.sts is not None else None
+        policy = await self.sts.get(name) if self.sts is not None and not tls_optional else None
         if policy is not None and policy.mode != "none":
             unlisted = [h for h, _ in names if not policy.matches(h)]
             if unlisted:
@@ -219,9 +228,12 @@ class Router:
                 if not names:
                     return Route(failure=Failure(Fate.DEFERRED, f"MTA-STS: no MX host of {name} matches its "
                                                  f"policy ({', '.join(policy.mx)})", "4.7.5"))
-        return await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
-                                 secure=mx.secure and self.out.dane,
-                                 sts_testing=policy is not None and policy.mode == "testing")
+        route = await self._hosts(names, out.port, implicit=mx.implicit, strict=strict,
+                                  secure=mx.secure and self.out.dane and not tls_optional,
+                                  sts_testing=policy is not None and policy.mode == "testing")
+        if tls_optional:
+            return route
+        return replace(route, domain=name, sts=policy if policy is not None and policy.mode != "none" else None)
 
     async def _hosts(self, names: list[tuple[str, int]], port: int, implicit: bool, strict: bool = False,
                      secure: bool = False, sts_testing: bool = False) -> Route:
@@ -263,15 +275,18 @@ class Router:
 class Connector:
     """Opens a ready session (greeted, EHLO done, TLS and AUTH as configured) to the first host that works."""
 
-    def __init__(self, out: Outbound) -> None:
+    def __init__(self, out: Outbound, on_session: SessionHook | None = None) -> None:
         self.out = out
         self.tls_ctx = client_tls_context()
+        self.on_session = on_session
 
     async def open(self, route: Route) -> tuple[SMTPClient | None, Failure | None]:
         assert route.failure is None
         last: Failure | None = None
         for host in route.hosts:
             session, failure = await self._open_one(host)
+            if self.on_session is not None and route.domain:
+                await self.on_session(route, host, session.tls if session is not None else None, failure)
             if session is not None:
                 return session, None
             last = failure

@@ -115,6 +115,16 @@ def mx_matches(pattern: str, host: str) -> bool:
 Fetcher = Callable[[str], Awaitable[str]]
 
 
+MAX_FAILURES = 10_000  # failed fetches remembered for TLS reports (oldest forgotten first)
+
+
+def _fetch_failure(exc: BaseException) -> str:
+    """RFC 8460 §4.3.2.2: why a domain's policy could not be fetched."""
+    if isinstance(exc, (ssl.SSLCertVerificationError, aiohttp.ClientConnectorCertificateError)):
+        return "sts-webpki-invalid"  # the policy host's certificate did not verify
+    return "sts-policy-fetch-error"
+
+
 class PolicyCache:
     def __init__(self, resolver: BaseResolver, path: Path | None, ca_file: Path | None = None, port: int = 443,
                  fetch: Fetcher | None = None):
@@ -127,6 +137,8 @@ class PolicyCache:
         self._fetch = fetch or self._https_get
         self._policies: dict[str, Policy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: domain -> (RFC 8460 §4.3.2.2 result type, reason) of its last failed fetch, for TLS reports
+        self.failures: dict[str, tuple[str, str]] = {}
         self._load()
 
     def _load(self) -> None:
@@ -165,24 +177,36 @@ class PolicyCache:
         ans = await self.resolver.txt(f"_mta-sts.{domain}")
         if ans.status is not DNSStatus.OK:
             # RFC 8461 §5.1: no record (or DNS trouble) and a cached policy: keep using it
+            if ans.status is not DNSStatus.TEMPFAIL:
+                self.failures.pop(domain, None)
             return cached
         ident = parse_txt([bytes(r).decode("ascii", "replace") for r in ans.records])
-        if ident is None:
-            return cached
-        if cached is not None and cached.id == ident:
+        if ident is None or (cached is not None and cached.id == ident):
+            self.failures.pop(domain, None)
             return cached
         try:
             text = await self._fetch(domain)
-            policy = parse_policy(text, domain, ident, now)
         except (PolicyError, aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, UnicodeError) as exc:
-            log.warning("mta-sts: %s: policy fetch failed: %s", domain, " ".join(str(exc).split()) or
-                        type(exc).__name__)
+            self._failed(domain, _fetch_failure(exc), exc)
             return cached  # §5.1: a failed refresh keeps the cached policy
+        try:
+            policy = parse_policy(text, domain, ident, now)
+        except PolicyError as exc:
+            self._failed(domain, "sts-policy-invalid", exc)  # RFC 8460 §4.3.2.2
+            return cached
+        self.failures.pop(domain, None)
         self._policies[domain] = policy
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self._save)
         log.info("mta-sts: %s: policy %s, mode %s, mx %s", domain, ident, policy.mode, ",".join(policy.mx))
         return policy
+
+    def _failed(self, domain: str, kind: str, exc: BaseException) -> None:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        log.warning("mta-sts: %s: policy fetch failed: %s", domain, why)
+        self.failures[domain] = (kind, why[:200])
+        if len(self.failures) > MAX_FAILURES:
+            self.failures.pop(next(iter(self.failures)))
 
     async def _https_get(self, domain: str) -> str:
         """RFC 8461 §3.3: GET over verified TLS for mta-sts.DOMAIN, 200 only, no redirects, text/plain."""

@@ -35,18 +35,21 @@ from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
 from ..message.types import HEADER_LIMIT, Envelope, MailDelivery, MessageBody, Recipient, remote_targets
 from ..message.received import queue_id, return_path
+from ..metrics import Metrics
 from ..proto.smtp.address import xtext_decode
 from ..proto.smtp.errors import AddressError
 from ..mailauth.srs import SRS, SRSError, is_srs
+from ..mailauth.tlsrpt import TLSReportStore
 from ..resolver import BaseResolver
 from . import schedule
 from .client import SMTPClient
 from .mtasts import PolicyCache
+from .tlsrpt import TLSRecorder
 from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
 from .spool import (
-    DELIVERED, FAILED, QUEUED, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
+    DELIVERED, FAILED, QUEUED, TLS_REPORT_ROLE, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
 )
 
 log = logging.getLogger("postier.queue")
@@ -97,8 +100,10 @@ class Queue:
 
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
                  clock: schedule.Clock | None = None, rng: random.Random | None = None,
-                 srs: SRS | None = None) -> None:
+                 srs: SRS | None = None, metrics: Metrics | None = None,
+                 tls_reports: TLSReportStore | None = None) -> None:
         cfg = config
+        self.metrics = metrics  # each recipient's outcome is counted where it is logged (`_log`)
         self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
         self.directory = directory
         self.mda = mda
@@ -111,7 +116,10 @@ class Queue:
         if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
             sts = PolicyCache(resolver, cfg.data_dir / "mta-sts.json", cfg.outbound.ca_file, cfg.outbound.https_port)
         self.router = Router(resolver, self.out, rng, sts)
-        self.connector = Connector(self.out)
+        # RFC 8460: each session attempt's TLS outcome, for the daily TLS reports (not through a smarthost)
+        recorder = (TLSRecorder(tls_reports, self.out.source, sts_failures=sts.failures if sts is not None else None)
+                    if tls_reports is not None and not self.out.relay else None)
+        self.connector = Connector(self.out, recorder.session if recorder is not None else None)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
         self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -128,6 +136,9 @@ class Queue:
         self._stopping = False
         self._local_domains: dict[str, tuple[bool, float]] = {}
         self._last_prune = 0.0
+        #: Set when another process runs the deliveries (`[server] workers` > 1, not the primary):
+        #: this queue only enqueues, then calls it to wake that process's runner.
+        self.remote_runner: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()
 
     # -- database plumbing ------------------------------------------------------------------------
@@ -203,11 +214,12 @@ class Queue:
         return await self.store(sender=env.mail_from if sender is None else sender, recipients=specs,
                                 prefix=prefix, body=body, user=user, envid=envid,
                                 ret=(params.get("RET") or "").upper(), smtputf8="SMTPUTF8" in params,
-                                eightbit=eightbit, msg_id=env.qid)
+                                eightbit=eightbit, msg_id=env.qid, tls_optional=env.role == TLS_REPORT_ROLE)
 
     async def store(self, *, sender: str, recipients: list[RecipientSpec], prefix: bytes,
                     body: MessageBody | bytes, user: str = "", envid: str = "", ret: str = "",
-                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None) -> str:
+                    smtputf8: bool = False, eightbit: bool = False, msg_id: str | None = None,
+                    tls_optional: bool = False) -> str:
         """Spool file first (fsynced), then the rows (committed): only then is the message queued."""
         if not recipients:
             raise ValueError("no recipients")
@@ -223,7 +235,7 @@ class Queue:
         if size < 0:
             raise RuntimeError("could not allocate a queue id")
         now = self.clock.time()
-        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit)
+        info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit, tls_optional=tls_optional)
         fut = asyncio.ensure_future(self._db(Spool.op_insert(info, recipients, now)))
         try:
             await asyncio.shield(fut)  # a cancelled session must not undo a commit in progress
@@ -236,7 +248,9 @@ class Queue:
         self.stats["queued"] += 1
         log.info("%s: queued from=<%s> size=%d nrcpt=%d%s", mid, sender, size, len(recipients),
                  f" user={user}" if user else "")
-        if not self._stopping:
+        if self.remote_runner is not None:
+            self.remote_runner()  # its runner dispatches the new rows (durable already)
+        elif not self._stopping:
             await self._schedule(info, [_fresh(mid, r, now) for r in recipients])
         return mid
 
@@ -327,6 +341,7 @@ class Queue:
             async with self._total:
                 while (dq := self._dests.get(dest)) and not self._stopping:
                     job = dq.popleft()
+                    started = time.monotonic()
                     try:
                         if dest == LOCAL:
                             results = await self._deliver_local(job)
@@ -342,6 +357,8 @@ class Queue:
                         results = [RcptResult(a, Fate.DEFERRED, f"internal error: {exc.__class__.__name__}",
                                               "4.3.0") for a in job.recipients]
                     await self._complete(job, results)
+                    if self.metrics is not None:
+                        self.metrics.queue_attempt(dest == LOCAL, time.monotonic() - started)
         finally:
             if session is not None:
                 await session.quit()
@@ -371,13 +388,17 @@ class Queue:
         if session is not None and session.closed:
             session.close()
             session = None
+        # RFC 8460 §5.3: a TLS report goes out despite TLS failures, over a session of its own (opportunistic
+        # TLS, not counted in the next report) that no other message reuses
+        own = job.msg.tls_optional and session is None
         if session is None:
-            route = await self.router.route(job.domain)
+            route = await self.router.route(job.domain, tls_optional=own)
             failure = route.failure
             if failure is None:
                 session, failure = await self.connector.open(route)
             if failure is not None:
-                await self._fail_destination(job, failure)
+                if not own:
+                    await self._fail_destination(job, failure)
                 return None, [failure.result(s.address) for s in job.states]
         assert session is not None
         msg = job.msg
@@ -394,6 +415,9 @@ class Queue:
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
             session.close()
+            session = None
+        elif own:
+            await session.quit()
             session = None
         return session, results
 
@@ -461,10 +485,18 @@ class Queue:
             return results
         data = await self._io(self.spool.read_file, msg.id) if any(r.users for r in found) else b""
         local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        failed, full = set(local.failed_users), set(local.over_quota)
         for r in found:
             if r.address in local.delivered:
                 results.append(RcptResult(r.address, Fate.DELIVERED, "250 2.0.0 delivered to mailbox", "2.0.0",
                                           mx="local"))
+            elif full and all(u.address in full for u in r.users if u.address in failed):
+                # RFC 3463 X.2.2 mailbox full: retried until the queue lifetime, or bounced at once
+                if self.config.limits.quota_reject_permanent:
+                    results.append(RcptResult(r.address, Fate.FAILED, "552 5.2.2 mailbox full", "5.2.2", mx="local"))
+                else:
+                    results.append(RcptResult(r.address, Fate.DEFERRED, "452 4.2.2 mailbox full", "4.2.2",
+                                              mx="local"))
             else:
                 results.append(RcptResult(r.address, Fate.DEFERRED, "451 4.3.0 local delivery failed", "4.3.0",
                                           mx="local"))
@@ -533,6 +565,8 @@ class Queue:
         state = {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[o.status]
         self.stats[state] += 1
         delay = now - msg.created if msg else 0.0
+        if self.metrics is not None:
+            self.metrics.queue_outcome(job.dest == LOCAL, "delivered" if o.status == DELIVERED else state, delay)
         log.info("%s: to=<%s> relay=%s delay=%.2f tls=%s status=%s (%s)%s", job.msg_id, o.address, o.mx or "none",
                  delay, o.tls or "none", state, o.reply, "; removed" if removed else "")
 
@@ -586,11 +620,16 @@ class Queue:
     def wake(self) -> None:
         self._wake.set()
 
-    async def start(self) -> None:
-        files, rows = await self._read(self.spool.recover)
-        if files or rows:
-            log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files,
-                        rows)
+    async def start(self, recover: bool = True) -> None:
+        """Recover the spool after a crash (unless another process did: `recover`), then run, unless
+        `remote_runner` says another process does."""
+        if recover:
+            files, rows = await self._read(self.spool.recover)
+            if files or rows:
+                log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file",
+                            files, rows)
+        if self.remote_runner is not None:
+            return
         n = await self._read(self.spool.count)
         log.info("queue: %d messages waiting", n)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())

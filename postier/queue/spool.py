@@ -18,18 +18,21 @@ Every method here blocks on the disk; the runner calls them from worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..durable import ensure_dirs, fsync_dir
-from ..message.types import MessageBody
+from ..message.received import queue_id
+from ..message.types import Envelope, MessageBody
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -42,7 +45,8 @@ CREATE TABLE IF NOT EXISTS messages (
     ret TEXT NOT NULL DEFAULT '',
     smtputf8 INTEGER NOT NULL DEFAULT 0,
     eightbit INTEGER NOT NULL DEFAULT 0,
-    warned INTEGER NOT NULL DEFAULT 0
+    warned INTEGER NOT NULL DEFAULT 0,
+    tls_optional INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipients (
     msg_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -83,6 +87,8 @@ _ID_RE = re.compile(r"^[0-9A-F]{6,40}$")
 MAX_ATTEMPTS_KEPT = 50  # per recipient, for `queue show`; older attempts are dropped
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
+#: The envelope role of a TLS report (pipeline/jobs.py): the queue delivers it despite TLS failures.
+TLS_REPORT_ROLE = "tls-report"
 
 
 class SpoolError(Exception):
@@ -114,6 +120,8 @@ class MessageInfo:
     smtputf8: bool = False
     eightbit: bool = False
     warned: bool = False
+    #: A TLS report (RFC 8460 §5.3): delivered despite TLS failures, with opportunistic TLS only.
+    tls_optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,9 @@ class Spool:
         self._conn.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(messages)")}
+        if "tls_optional" not in columns:  # a spool made before TLS reports
+            self._conn.execute("ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0")
         if new:  # SQLite fsyncs the directory for its journals, not for a new database file
             fsync_dir(root)
 
@@ -295,10 +306,10 @@ class Spool:
                   ) -> Callable[[sqlite3.Connection], None]:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO messages(id, sender, created, size, user, envid, ret, smtputf8, eightbit)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages(id, sender, created, size, user, envid, ret, smtputf8, eightbit, tls_optional)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (info.id, info.sender, info.created, info.size, info.user, info.envid, info.ret,
-                 int(info.smtputf8), int(info.eightbit)))
+                 int(info.smtputf8), int(info.eightbit), int(info.tls_optional)))
             conn.executemany(
                 "INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt, notify, orcpt)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -385,7 +396,7 @@ class Spool:
         """Like `due()`, with each recipient's state and its message (one query, for the dispatcher)."""
         rows = self.read(
             "SELECT m.id, m.sender, m.created, m.size, m.user, m.envid, m.ret, m.smtputf8, m.eightbit, m.warned,"
-            " r.msg_id, r.address, r.domain, r.status, r.next_attempt, r.attempts, r.last_reply, r.status_code,"
+            " m.tls_optional, r.msg_id, r.address, r.domain, r.status, r.next_attempt, r.attempts, r.last_reply, r.status_code,"
             " r.remote_mta, r.notify, r.orcpt, r.dsn FROM recipients r JOIN messages m ON m.id = r.msg_id"
             " WHERE r.status='queued' AND r.next_attempt<=? ORDER BY r.next_attempt LIMIT ?", (now, limit))
         infos: dict[str, MessageInfo] = {}
@@ -394,8 +405,8 @@ class Spool:
             info = infos.get(r[0])
             if info is None:
                 info = infos[r[0]] = MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]),
-                                                 bool(r[9]))
-            out.append((info, RecipientState(*r[10:])))
+                                                 bool(r[9]), bool(r[10]))
+            out.append((info, RecipientState(*r[11:])))
         return out
 
     def next_due(self) -> float | None:
@@ -406,12 +417,12 @@ class Spool:
         return [r[0] for r in self.read("SELECT DISTINCT msg_id FROM recipients WHERE dsn!=''")]
 
     def message(self, msg_id: str) -> MessageInfo | None:
-        rows = self.read("SELECT id, sender, created, size, user, envid, ret, smtputf8, eightbit, warned"
+        rows = self.read("SELECT id, sender, created, size, user, envid, ret, smtputf8, eightbit, warned, tls_optional"
                          " FROM messages WHERE id=?", (msg_id,))
         if not rows:
             return None
         r = rows[0]
-        return MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]), bool(r[9]))
+        return MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), bool(r[8]), bool(r[9]), bool(r[10]))
 
     def recipients(self, msg_id: str) -> list[RecipientState]:
         rows = self.read("SELECT msg_id, address, domain, status, next_attempt, attempts, last_reply, status_code,"
@@ -435,6 +446,11 @@ class Spool:
 
     def count(self) -> int:
         return int(self.read("SELECT COUNT(*) FROM messages")[0][0])
+
+    def summary(self) -> tuple[int, float | None]:
+        """(messages queued, creation time of the oldest or None): the queue's size and age for the metrics."""
+        n, oldest = self.read("SELECT COUNT(*), MIN(created) FROM messages")[0]
+        return int(n), None if oldest is None else float(oldest)
 
     def sends_since(self, user: str, since: float) -> int:
         return int(self.read("SELECT COUNT(*) FROM sends WHERE user=? AND time>?", (user, since))[0][0])
@@ -474,3 +490,35 @@ class Spool:
         if lost:
             self.execute(lambda c: c.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in lost]))
         return files, len(lost)
+
+
+class SpoolEnqueuer:
+    """The `Enqueuer` for admin commands (`postier tls report-now`): the message goes into the spool as
+    `Queue.store` puts it there (file fsynced, then the committed rows); the running server picks it
+    up at its next scan of the database (runner.POLL_INTERVAL), as it does after `postier queue retry`."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody) -> str:
+        def put() -> str:
+            for _ in range(5):
+                mid = queue_id()
+                try:
+                    size = self.spool.write_file(mid, prefix, body)
+                except FileExistsError:
+                    continue
+                now = time.time()
+                info = MessageInfo(mid, env.mail_from, now, size, eightbit=not prefix.isascii(),
+                                   tls_optional=env.role == TLS_REPORT_ROLE)
+                [result] = self.spool.run([Spool.op_insert(info, [RecipientSpec(r) for r in recipients], now)])
+                if isinstance(result, Exception):
+                    self.spool.remove_file(mid)
+                    raise result
+                return mid
+            raise RuntimeError("could not allocate a queue id")
+
+        return await asyncio.to_thread(put)
+
+    async def sends_today(self, user: str) -> int:
+        return 0

@@ -43,6 +43,8 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import dns.reversename
 
+from ..metrics import Metrics
+
 __all__ = [
     "DNSStatus", "Answer", "MXRecord", "SRVRecord", "TLSARecord", "MXHost", "RouteStatus", "MXRoute", "SyncLookup",
     "AsyncLookup", "BaseResolver", "Resolver", "parse_nameserver", "reverse_name", "SUPPORTED_TYPES", "RecordValue",
@@ -401,6 +403,8 @@ class Resolver(BaseResolver):
     timeout: float = 5.0
     #: Answers reused for their TTL; `AnswerCache(max_entries=0)` turns caching off.
     cache: AnswerCache = field(default_factory=AnswerCache)
+    #: Queries sent (not answers from the cache) are timed and counted here.
+    metrics: Metrics | None = field(default=None, repr=False)
     _inflight: dict[tuple[str, str], asyncio.Future[Answer[Any]]] = field(default_factory=dict, init=False,
                                                                           repr=False)
     _async: dns.asyncresolver.Resolver = field(init=False, repr=False)
@@ -442,6 +446,7 @@ class Resolver(BaseResolver):
         fut: asyncio.Future[Answer[Any]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
+            started = time.monotonic()
             try:
                 response = await self._async.resolve(_name(name), rtype, raise_on_no_answer=False, search=False)
             except asyncio.CancelledError:
@@ -450,6 +455,8 @@ class Resolver(BaseResolver):
                 answer = _classify(exc)
             else:
                 answer = _from_response(rtype, response)
+            if self.metrics is not None:
+                self.metrics.dns_query(rtype, time.monotonic() - started, answer.status is DNSStatus.TEMPFAIL)
             self.cache.put(key, answer)
             fut.set_result(answer)
             return answer
@@ -466,6 +473,7 @@ class Resolver(BaseResolver):
         if cached is not None:
             return cached
         lifetime = self.timeout if timeout is None else min(self.timeout, timeout)
+        started = time.monotonic()
         try:
             response = self._sync.resolve(_name(name), rtype, raise_on_no_answer=False, search=False,
                                           lifetime=lifetime)
@@ -473,11 +481,14 @@ class Resolver(BaseResolver):
             answer = _classify(exc)
         else:
             answer = _from_response(rtype, response)
+        if self.metrics is not None:
+            self.metrics.dns_query(rtype, time.monotonic() - started, answer.status is DNSStatus.TEMPFAIL)
         self.cache.put(key, answer)
         return answer
 
 
-def make_resolver(nameservers: Sequence[str], timeout: float, cache: bool = True) -> Resolver:
+def make_resolver(nameservers: Sequence[str], timeout: float, cache: bool = True,
+                  metrics: Metrics | None = None) -> Resolver:
     """The resolver [dns] describes: its nameservers (none: the system's), timeout and answer cache."""
     return Resolver(list(nameservers) or None, timeout=timeout,
-                    cache=AnswerCache() if cache else AnswerCache(max_entries=0))
+                    cache=AnswerCache() if cache else AnswerCache(max_entries=0), metrics=metrics)

@@ -18,11 +18,12 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..accounts import Accounts
 from ..antispam.builtin import RateLimiter
@@ -32,16 +33,21 @@ from ..antispam.learning import LearnQueue
 from ..antispam.rspamd import RspamdClient
 from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
-from ..config import Config
+from ..config import HTTP_ROLES, Config
+from ..mailauth.arc import ARCSealer
 from ..mailauth.keys import DKIMSigner, KeyStore
 from ..mailauth.reports import ReportStore
+from ..http.metrics import MetricsEndpoint
+from ..mailauth.tlsrpt import TLSReportStore
 from ..http.service import WebService
 from ..web import mount as mount_webmail
 from ..mailauth.srs import SRS, load_secret
 from ..message.types import InboundCheck
+from ..metrics import Metrics
 from ..pipeline.inbound import LMTPPipeline, MXPipeline, SMTPPipeline
 from ..pipeline.jobs import ReportJob
 from ..pipeline.mailauth import InboundAuth
+from ..pipeline.quota import QuotaWarnings
 from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
@@ -53,13 +59,14 @@ from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
 from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
+from .shared import Bus, SharedConnections, SharedThrottle, WorkerContext
 from .smtp import SMTPSession
 from .throttle import AuthThrottle
 
 if TYPE_CHECKING:
     from ..store.cluster.store import ClusterStore
 
-__all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "serve"]
+__all__ = ["ROLE_SESSIONS", "App", "build_app", "run", "run_worker", "serve"]
 
 log = logging.getLogger("postier")
 
@@ -91,7 +98,7 @@ class App:
     inbound_checks: tuple[InboundCheck, ...]  # run on port 25 at MAIL FROM and end of DATA, in order
     dkim: DKIMSigner | None  # None: `[mailauth] dkim_sign` is off
     dmarc_reports: ReportStore | None  # None: `[mailauth] dmarc` is off
-    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` is off
+    report_job: ReportJob | None  # None: `[mailauth] dmarc_reports` and `[tlsrpt] send_reports` are off
     throttle: AuthThrottle  # failed logins per client IP, for SMTP AUTH, IMAP, POP3 and ManageSieve
     sieve: SieveFilter | None  # None: `[sieve] enabled = false` (delivery without scripts, no ManageSieve)
     #: SMTP-family role -> a new pipeline for one session.
@@ -104,16 +111,32 @@ class App:
     #: Junk moves over IMAP train Rspamd through it (None without an Rspamd controller).
     learning: LearnQueue | None = None
     spam: SpamCheck | None = None
+    #: TLS reporting (RFC 8460): our outbound sessions' outcomes, the reports sent and received.
+    tls_reports: TLSReportStore | None = None
     #: The http/https listeners (ACME challenges, autoconfig, MTA-STS policy) and the ACME renewals.
     web: WebService = field(kw_only=True)
+    #: Prometheus metrics (postier/metrics.py), fed by the listeners, the queue, the MDA, the resolver.
+    metrics: Metrics = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
     imap_user_connections: Counter[str] = field(default_factory=Counter)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
     pop3_last_login: dict[str, float] = field(default_factory=dict)
+    #: `[server] workers` > 1: which worker this is, and the wake-ups between workers (server/shared.py).
+    worker: WorkerContext | None = None
+    bus: Bus | None = None
     _tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
+    @property
+    def primary(self) -> bool:
+        """This process runs what runs once per server (the queue runner, the jobs)."""
+        return self.worker is None or self.worker.primary
+
     async def start(self) -> None:
-        await self.queue.start()
+        if self.bus is not None:
+            self.bus.start()
+        await self.queue.start(recover=self.worker is None)  # the supervisor recovered the spool
+        if not self.primary:
+            return
         if self.report_job is not None:
             self.report_job.start()
         if self.learning is not None and self.spam is not None and self.spam.rspamd is not None:
@@ -128,9 +151,12 @@ class App:
         for closer in (self.spam, self.learning, self.decisions):
             if closer is not None:
                 steps.append(closer.close)
-        if self.dmarc_reports is not None:
-            steps.append(self.dmarc_reports.close)
+        for store in (self.dmarc_reports, self.tls_reports):
+            if store is not None:
+                steps.append(store.close)
         steps += [self.mailstore.close, self.mda.close, self.accounts.close]
+        if self.bus is not None:
+            steps.append(self.bus.close)
         for step in steps:
             try:
                 r = step()
@@ -140,24 +166,48 @@ class App:
                 log.exception("error while closing")
 
 
-def build_app(config: Config, tls: TLSContexts | None = None) -> App:
-    """Make every shared component from the configuration, each with the parts it uses."""
-    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerContext | None = None) -> App:
+    """Make every shared component from the configuration, each with the parts it uses (`worker`:
+    one of several processes serving the same listeners and data, server/supervisor.py)."""
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
+                        config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
-    resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache)
+    metrics = Metrics()  # its own registry; `postier status`'s last hour is fed from the same events
+    metrics.outcome_listeners.append(stats.count)
+    # The report mailboxes `dns records` publishes (DMARC rua, TLS-RPT rua) reach the admin like
+    # postmaster@ unless a user or alias of that name exists: reports sent to them are never refused.
+    accounts.role_local_parts |= {a for a in (config.mailauth.report_address, config.tlsrpt.report_address)
+                                  if a and "@" not in a}
+    resolver = make_resolver(config.dns.nameservers, config.dns.timeout, config.dns.cache, metrics=metrics)
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda: LocalDelivery
     mailstore: MailStore | ClusterStore
     if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
         from ..store.cluster.store import open_cluster
-        mailstore, mda = open_cluster(config)
+        mailstore, mda = open_cluster(config, metrics)
     else:
-        mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
+        mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
         mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
-                              poll_interval=config.imap.idle_poll_interval)
+                              poll_interval=config.imap.idle_poll_interval, shared=worker is not None)
         mda.listeners.append(on_delivery(mailstore))
+        mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 % (pipeline/quota.py)
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
-    queue = Queue(config, accounts, mda, resolver, srs=srs)
+    # TLS reporting (RFC 8460): the queue records each session's TLS outcome, the MX keeps reports
+    # others send to our `_smtp._tls` rua, the report job sends ours.
+    tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
+    queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics,
+                  tls_reports=tls_reports if config.tlsrpt.record else None)
+    metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
+    bus = None
+    if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)
+        bus = Bus(worker.run_dir, worker.index, worker.workers, worker.abstract_bus)
+        if isinstance(mailstore, MailStore):  # (cluster mode: every worker LISTENs to PostgreSQL itself)
+            local = mailstore
+            local.notifier.forward = lambda address, folder: bus.send(b"N", f"{address}\0{folder}".encode())
+            bus.on(b"N", lambda data: local.changed_elsewhere(*data.decode().split("\0", 1)))
+        bus.on(b"Q", lambda _data: queue.wake())
+        if not worker.primary:
+            queue.remote_runner = lambda: bus.send(b"Q", to=0)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
     dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
@@ -173,22 +223,28 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     spam = SpamCheck(a, config.hostname, [smtp_address], resolver, greylist, rspamd,
                      resolve_helo=config.mailauth.spf)
     learning = LearnQueue(config.data_dir / "learn.sqlite") if rspamd is not None and a.rspamd_controller else None
-    decisions = VerdictLog(config.data_dir / "verdicts.sqlite")
+    decisions = VerdictLog(config.data_dir / "verdicts.sqlite", metrics=metrics)
     inbound_checks: tuple[InboundCheck, ...] = (
-        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains),
+        InboundAuth(config, resolver, dmarc_reports, accounts.list_domains, tls_reports=tls_reports),
         *((spam,) if spam.active else ()),
     )
     dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
     report_job = None
-    if dmarc_reports is not None and config.mailauth.dmarc_reports:
-        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports, resolver,
-                               sign=dkim.sign_bytes if dkim is not None else None)
-    sieve = SieveFilter(config, mda, queue, dkim, srs) if config.sieve.enabled else None
+    send_dmarc = dmarc_reports is not None and config.mailauth.dmarc_reports
+    if send_dmarc or config.tlsrpt.send_reports:
+        report_job = ReportJob(config, accounts.list_domains, queue, dmarc_reports if send_dmarc else None, resolver,
+                               sign=dkim.sign_bytes if dkim is not None else None,
+                               tls=tls_reports if config.tlsrpt.send_reports else None)
+    # RFC 8617: forwarded copies (aliases, Sieve redirect) sealed with the domain's DKIM key
+    arc = ARCSealer(dkim.store, config.authserv_id) if dkim is not None and config.mailauth.arc else None
+    sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore if isinstance(mailstore, MailStore) else None,
+                        arc) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)
     pipelines: dict[str, Callable[[], SMTPPipeline]] = {
-        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs, decisions),
+        "smtp": functools.partial(MXPipeline, config, accounts, mda, queue, inbound_checks, sieve, srs, decisions,
+                                  arc),
         "lmtp": functools.partial(LMTPPipeline, config, accounts, mda, queue, sieve=sieve, srs=srs),
         "submission": submission,
         "submissions": submission,
@@ -196,7 +252,8 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
     auth = config.auth
     tls = tls or load_tls(config)
     ssl_context = tls.mail
-    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
+    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window) if worker is None else \
+        SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
     app = App(
         config=config,
         ssl_context=ssl_context,
@@ -217,9 +274,17 @@ def build_app(config: Config, tls: TLSContexts | None = None) -> App:
         decisions=decisions,
         learning=learning,
         spam=spam,
-        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https),
+        tls_reports=tls_reports,
+        web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
+        metrics=metrics,
+        worker=worker,
+        bus=bus,
     )
     app.web.mount(lambda http_app: mount_webmail(http_app, app))  # the webmail (/mail/), admin (/admin/)
+    acme = app.web.acme
+    if bus is not None and acme is not None:  # the primary renews; every worker serves the new certificate
+        acme.on_installed = lambda: bus.send(b"C")
+        bus.on(b"C", lambda _data: acme.install_existing())
     return app
 
 
@@ -248,12 +313,24 @@ def _secret(config: Config, path: str) -> str:
         raise SystemExit(f"postier: antispam.rspamd_password_file: cannot read {p}: {exc}") from None
 
 
-async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
-                stop_event: asyncio.Event | None = None) -> None:
-    # Bind first (as root when started as root), then drop privileges (server/privileges.py): every
-    # component, child process and session after this line runs as the service user.
+@dataclass
+class Prepared:
+    """What is made as root before privileges are dropped, and inherited by every worker."""
+
+    socks: dict[str, socket.socket]
+    tls: TLSContexts
+    metrics: MetricsEndpoint | None = None  # [metrics] listen: bound, its token file read
+
+
+def prepare(config: Config) -> Prepared:
+    """Bind every listener (as root when started as root), read the certificates, then drop
+    privileges (server/privileges.py): every component, child process and session after this runs
+    as the service user."""
+    endpoint = MetricsEndpoint(config.metrics) if config.metrics.listen else None
     try:
         socks = sockets.bind_all(config)
+        if endpoint is not None:
+            endpoint.bind()  # [metrics] listen, and its token file
     except OSError as exc:
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     try:
@@ -263,51 +340,108 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     except (privileges.PrivilegeError, OSError, ssl.SSLError) as exc:
         for s in socks.values():
             s.close()
+        if endpoint is not None:
+            endpoint.close()
         raise SystemExit(f"postier: {exc}") from None
-    app = build_app(config, tls)
+    return Prepared(socks, tls, endpoint)
+
+
+async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None,
+                stop_event: asyncio.Event | None = None,
+                prepared: Prepared | None = None, worker: WorkerContext | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`). `prepared`, `worker`: the sockets and TLS
+    contexts a supervisor made before forking this worker (server/supervisor.py)."""
+    prep = prepared if prepared is not None else prepare(config)
+    socks, tls, endpoint = prep.socks, prep.tls, prep.metrics
+    app = build_app(config, tls, worker)
     await app.start()
     listeners = ListenerSet(app, ROLE_SESSIONS)
+    if worker is not None:
+        listeners.shared = SharedConnections(worker.table, worker.index)
     web = app.web
-    reloader = reload.Reloader(listeners)
+    reloader = reload.Reloader(listeners, rebind=worker is None)
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        reload.install(reloader, config)  # SIGHUP, `postier reload`: before the first client can see us
+        # SIGHUP, `postier reload`: before the first client can see us (a supervisor keeps the pid file)
+        reload.install(reloader, config, write_pid=worker is None)
     try:
-        bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+        if app.primary:
+            bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
+            if endpoint is not None:  # the primary's own counts (docs/scaling.md: metrics per worker)
+                bound.append(await endpoint.start(app.metrics))
+        else:
+            # http/https are served by the primary worker alone: web sessions, ACME challenges and
+            # renewals live in its memory (docs/scaling.md); this worker leaves those sockets to it.
+            bound = []
+            if web.acme is not None:
+                web.acme.install_existing()  # the issued certificate for this worker's mail listeners
+            for role in HTTP_ROLES:
+                if role in socks:
+                    socks.pop(role).close()
+            if endpoint is not None:
+                endpoint.close()
+                endpoint = None
         bound += await listeners.start(socks)
     except OSError as exc:
+        if endpoint is not None:
+            await endpoint.stop()
         await web.stop()
         await app.close()
         raise SystemExit(f"postier: cannot listen: {exc}") from None
     for role, addr, port in bound:
-        log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
+        if app.primary:
+            log.info("listening: %s on %s", role, f"{addr}:{port}" if port else addr)  # port 0: a Unix socket
     if ready:
         ready(bound)
+    if worker is not None:
+        worker.ready()
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
-    stats_task = asyncio.create_task(stats.writer(config.data_dir))  # for `postier status`
+    stats_task = asyncio.create_task(stats.writer(config.data_dir)) if app.primary else None  # `postier status`
     notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
     notify.stopping()
-    reload.uninstall(config)
-    stats_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await stats_task
+    if worker is None:
+        reload.uninstall(config)
+    if stats_task is not None:
+        stats_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats_task
     log.info("shutting down")
     await listeners.stop()
     await web.stop()
+    if endpoint is not None:
+        await endpoint.stop()
     await app.close()
     log.info("stopped")
 
 
 def run(config: Config, ready: Callable[[list[tuple[str, str, int]]], None] | None = None) -> None:
-    """Run the server until a signal (uses uvloop when installed)."""
+    """Run the server until a signal (uses uvloop when installed); `[server] workers` > 1: a
+    supervisor and its worker processes (server/supervisor.py)."""
+    from .supervisor import supervise, worker_count
+
+    n = worker_count(config)
+    if n > 1:
+        code = supervise(config, n, prepare, run_worker)
+        if code:
+            raise SystemExit(code)
+        return
+    _loop_run(serve(config, ready))
+
+
+def run_worker(config: Config, prepared: Prepared, worker: WorkerContext) -> None:
+    """One worker of a supervisor: serve on the sockets it bound, until SIGTERM."""
+    _loop_run(serve(config, prepared=prepared, worker=worker))
+
+
+def _loop_run(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        asyncio.run(serve(config, ready))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config, ready))
+        uvloop.run(main)

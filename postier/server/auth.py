@@ -1,4 +1,4 @@
-"""The application's half of a SASL exchange (RFC 4422), shared by the SMTP, IMAP and POP3 drivers.
+"""The application's half of a SASL exchange (RFC 4422), shared by the SMTP, IMAP, POP3 and ManageSieve drivers.
 
 `proto.sasl.ServerExchange` runs the mechanism and asks for what only the application knows: a
 password check (PLAIN, LOGIN) or a user's stored SCRAM-SHA-256 keys. `settle()` answers those asks

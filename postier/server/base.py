@@ -29,6 +29,7 @@ from . import sockets, unixsock
 
 if TYPE_CHECKING:
     from .app import App
+    from .shared import SharedConnections
 
 log = logging.getLogger("postier.server")
 
@@ -169,6 +170,7 @@ class Session:
         self.clock.stop()
         timeout = self.services.config.limits.tls_handshake_timeout
         await self.writer.start_tls(ctx, ssl_handshake_timeout=timeout)
+        self.services.metrics.tls_started(self.role, self.tls_info)
 
 
 class ProtocolSession(asyncio.Protocol):
@@ -264,6 +266,7 @@ class ProtocolSession(asyncio.Protocol):
         if new is None:
             raise ConnectionError("connection closed during the TLS handshake")
         self.transport = new
+        self.services.metrics.tls_started(self.role, self.tls_info)
 
 
 @dataclass
@@ -282,6 +285,8 @@ class ListenerSet:
         self.sessions: set[Session | ProtocolSession] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.per_ip: Counter[str] = Counter()
+        #: With several workers (server/supervisor.py): the limits count every worker's connections.
+        self.shared: SharedConnections | None = None
 
     async def start(self, bound: dict[str, socket.socket] | None = None) -> list[tuple[str, str, int]]:
         """Serve on the sockets `bound` by role (sockets.bind_all; bound here when not given)."""
@@ -332,7 +337,12 @@ class ListenerSet:
         """Count a new connection, or refuse it when a global or per-IP limit is reached."""
         limits = self.services.config.limits
         ip = session.peer_ip
-        if len(self.sessions) >= limits.max_connections or self.per_ip[ip] >= limits.max_connections_per_ip:
+        admitted = len(self.sessions) < limits.max_connections and self.per_ip[ip] < limits.max_connections_per_ip
+        self.services.metrics.connection(session.role, admitted, session.tls_info if session.tls_implicit else None)
+        if not admitted:
+            return False
+        if self.shared is not None and not self.shared.admit(ip, limits.max_connections,
+                                                             limits.max_connections_per_ip):
             return False
         self.sessions.add(session)
         self.per_ip[ip] += 1
@@ -341,10 +351,13 @@ class ListenerSet:
     def release(self, session: Session | ProtocolSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self.services.metrics.session_closed(session.role)
             ip = session.peer_ip
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+            if self.shared is not None:
+                self.shared.release(ip)
 
     def _make_cb(self, role: str, factory: Callable[..., Session], implicit: bool
                  ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:

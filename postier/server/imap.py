@@ -11,7 +11,9 @@ AUTH=LOGIN with SASL-IR (RFC 4959), ID (RFC 2971), ENABLE (RFC 5161), IDLE (RFC 
 deliveries, NAMESPACE, UNSELECT, UIDPLUS (RFC 4315), MOVE (RFC 6851), SPECIAL-USE and
 CREATE-SPECIAL-USE (RFC 6154), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LITERAL+ (RFC 7888), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889), CONDSTORE
-and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438).
+and QRESYNC (RFC 7162), BINARY (RFC 3516), STATUS=SIZE (RFC 8438), MULTIAPPEND (RFC 3502),
+CATENATE (RFC 4469, URLs: `proto.imap.url`), UTF8=ACCEPT (RFC 6855), WITHIN (RFC 5032),
+NOTIFY (RFC 5465: events sent between commands and in IDLE, `_read_between_commands`).
 
 Changes by other sessions, deliveries and other programs reach a session at its notification points
 (after each command, in NOOP and while IDLE); the rules of what is sent then are the core's.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -33,6 +36,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..antispam.learning import JUNK, enqueue, verdict
 from ..message.types import User
 from ..message.matching import SearchContext
 from ..message.sorting import SortItem, sort_messages
@@ -44,17 +48,22 @@ from ..proto.imap.errors import ParseError
 from ..proto.imap.reader import CommandReader, NeedContinuation, RawLine, ReaderLimits
 from ..proto.imap.response import Code, ResponseCode
 from ..proto.imap.listing import list_entries, lsub_entries
-from ..proto.imap.search import ModSeqKey, SearchKey
+from ..proto.imap.search import AllKey, ModSeqKey, SearchKey
 from ..proto.imap.seqset import SequenceSet
 from ..proto.imap.session import FlagChange, FolderView, MailboxGone, Refusal, SessionCore, SessionSettings
+from ..proto.imap.notify import MESSAGE_EVENTS as notify_message_events
+from ..proto.imap.notify import NotifyPlan
+from ..proto.imap.notify import plan as notify_plan
 from ..proto.imap.states import State
+from ..proto.imap.url import UrlError, parse_url
 from ..store import errors as E
-from ..store.api import Mailboxes, MailStoreAPI, MessageRow
+from ..store.api import Mailboxes, MailStoreAPI, MessageRow, StatusInfo
 from ..store.errors import StoreError
 from ..store.index import flags_to_names
+from ..store.maildir import SpoolFile
 from ..store.mailbox import SEPARATOR, normalize_name
 from .auth import settle
-from .base import CommandTimeout, Session
+from .base import READ_SIZE, CommandTimeout, Session
 from .imapsort import sort_items
 from .imapfetch import (
     FetchError,
@@ -63,7 +72,9 @@ from .imapfetch import (
     render_all_flags,
     render_fetch,
     render_flags,
+    narrow,
     run_search,
+    url_octets,
 )
 
 log = logging.getLogger("postier.imap")
@@ -136,6 +147,13 @@ class IMAPSession(Session):
         self._counted = False
         self._bad = 0  # BAD responses since the last command that completed OK
         self._preauth: asyncio.Timeout | None = None
+        # NOTIFY (RFC 5465): the plan, the watches it needs, what changed, and what was last told
+        self._nplan: NotifyPlan | None = None
+        self._nwatches: list[Callable[[], None]] = []
+        self._nchanged: set[str] = set()
+        self._nstatus: dict[str, tuple[int, int, int, int]] = {}
+        self._nfolders: set[str] = set()
+        self._nsubs: set[str] = set()
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -194,6 +212,8 @@ class IMAPSession(Session):
                 await self.flush()
 
     def _release(self) -> None:
+        self.parser.close()  # a large APPEND literal cut off: its file in tmp/ goes
+        self._notify_off()
         if self.mb is not None:
             # Off the event loop: the last release may close an index (a final commit).
             self.store.release_later(self.mb)
@@ -235,7 +255,7 @@ class IMAPSession(Session):
                 await self.flush()
                 if self.closing:
                     raise asyncio.CancelledError
-                data = await self._read_command_bytes()
+                data = await self._read_between_commands()
                 if not data:
                     return
                 self.parser.feed(data)
@@ -281,6 +301,16 @@ class IMAPSession(Session):
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self, cmd: C.Command) -> None:
+        try:
+            await self._dispatch_command(cmd)
+        finally:
+            if isinstance(cmd, C.Append):  # spooled literals not delivered: their files go
+                for msg in cmd.messages:
+                    for lit in (msg.message, *(p.data for p in msg.catenate or ())):
+                        if not isinstance(lit, bytes):
+                            lit.discard()
+
+    async def _dispatch_command(self, cmd: C.Command) -> None:
         tag = cmd.tag
         hint = self.core.refusal(cmd.name)
         if hint is not None:
@@ -375,7 +405,7 @@ class IMAPSession(Session):
         if isinstance(res.outcome, sasl.Success) and res.user is not None:
             return await self._grant(res.user)
         log.info("imap: %s authentication failed from %s", exchange.name, self.peer_ip)
-        await self._login_failed()
+        await self._login_failed(exchange.name)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read_line(self) -> bytes:
@@ -422,10 +452,12 @@ class IMAPSession(Session):
         if self._preauth is not None:
             self._preauth.reschedule(None)
         self.parser.limits = ReaderLimits.authenticated(self.cfg.imap.appendlimit)
+        self.parser.spool = self._spool
         log.info("imap login %s from %s%s", user.address, self.peer_ip, " (TLS)" if self.core.tls else "")
         return "Logged in", Code.capability(self.core.capabilities())
 
-    async def _login_failed(self) -> None:
+    async def _login_failed(self, mechanism: str = "password") -> None:
+        self.services.metrics.auth_failed(self.role, mechanism)
         thr = self.services.throttle
         await thr.penalize(self.peer_ip)
         if thr.blocked(self.peer_ip):
@@ -437,7 +469,7 @@ class IMAPSession(Session):
 
     async def cmd_enable(self, cmd: C.Enable) -> None:
         self.send(self.core.enable(cmd.capabilities))
-        self.parser.utf8 = self.core.rev2
+        self.parser.utf8 = self.core.utf8
 
     def _mbox(self) -> Mailboxes:
         assert self.mb is not None
@@ -465,6 +497,8 @@ class IMAPSession(Session):
         for line in core.select(name, readonly, view, uidnext=snap.uidnext, keywords=snap.keywords,
                                 recent_from=recent_from, first_unseen=first):
             self.send(line)
+        if core.rev2:  # RFC 9051 §6.3.2: LIST is a required untagged response of SELECT/EXAMINE
+            self.send(R.list_response([], SEPARATOR, name, utf8=True))
         if cmd.qresync is not None and cmd.qresync.uidvalidity == snap.uidvalidity:
             await self._qresync(cmd.qresync)
         return ("EXAMINE completed" if readonly else "SELECT completed",
@@ -498,11 +532,13 @@ class IMAPSession(Session):
         if len(cmd.special_use) > 1:
             raise _no("One special-use attribute per mailbox", Code.named("USEATTR"))
         await self.call(self._mbox().create, cmd.mailbox, use)
+        await self._names_changed()
 
     async def cmd_delete(self, cmd: C.Delete) -> None:
         name = self._name(cmd.mailbox)
         await self.call(self._mbox().delete, name)
         self._notify(name)
+        await self._names_changed()
         if self.core.sel is not None and self.core.sel.name == name:
             self.send(R.bye("Selected mailbox was deleted"))
             raise _Disconnect()
@@ -511,6 +547,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
+        await self._names_changed()
         if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
@@ -518,6 +555,7 @@ class IMAPSession(Session):
 
     async def cmd_subscribe(self, cmd: C.Subscribe) -> None:
         await self.call(self._mbox().subscribe, cmd.mailbox, True)
+        await self._names_changed()
 
     async def cmd_unsubscribe(self, cmd: C.Unsubscribe) -> None:
         name = self._name(cmd.mailbox)
@@ -525,9 +563,10 @@ class IMAPSession(Session):
         if name not in await self.call(mb.subscriptions):
             raise _no("Not subscribed", Code.NONEXISTENT)
         await self.call(mb.subscribe, name, False)
+        await self._names_changed()
 
     async def cmd_namespace(self, cmd: C.Namespace) -> None:
-        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.rev2))  # RFC 2342
+        self.send(R.namespace([("", SEPARATOR)], None, None, utf8=self.core.utf8))  # RFC 2342
 
     # -- LIST / LSUB / STATUS -------------------------------------------------------------------
 
@@ -537,7 +576,7 @@ class IMAPSession(Session):
         subs = await self.call(mb.subscriptions)
         status = cmd.returns.status
         for e in list_entries(cmd, folders, subs, SEPARATOR):
-            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2,
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.utf8,
                                       childinfo=list(e.childinfo)))
             if status is not None and e.name in folders:  # RFC 5819 LIST-STATUS
                 with contextlib.suppress(StoreError):
@@ -549,7 +588,7 @@ class IMAPSession(Session):
         subs = await self.call(mb.subscriptions)
         exists = {f.name for f in await self.call(mb.list_folders)}
         for e in lsub_entries(cmd.reference, cmd.pattern, subs, exists, SEPARATOR):
-            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.rev2, command="LSUB"))
+            self.send(R.list_response(list(e.attributes), SEPARATOR, e.name, utf8=self.core.utf8, command="LSUB"))
 
     async def cmd_status(self, cmd: C.Status) -> None:
         name = self._name(cmd.mailbox)
@@ -564,27 +603,295 @@ class IMAPSession(Session):
             "MESSAGES": info.messages, "UIDNEXT": info.uidnext, "UIDVALIDITY": info.uidvalidity,
             "UNSEEN": info.unseen, "DELETED": info.deleted, "SIZE": info.size, "RECENT": info.recent,
             "HIGHESTMODSEQ": info.highestmodseq, "APPENDLIMIT": self.cfg.imap.appendlimit,
+            "DELETED-STORAGE": info.deleted_size // 1024,  # RFC 9208 §4.2, in STORAGE's units (KiB)
         }
-        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.rev2))
+        self.send(R.status(name, [(k, values[k]) for k in items if k in values], utf8=self.core.utf8))
 
     # -- APPEND ---------------------------------------------------------------------------------
 
     async def cmd_append(self, cmd: C.Append) -> tuple[str, ResponseCode | None]:
-        if not cmd.message:
-            raise _no("Empty message", Code.CANNOT)
-        if len(cmd.message) > self.cfg.imap.appendlimit:
-            raise _no("Message too large", Code.TOOBIG)
+        """RFC 9051 §6.3.12 APPEND; RFC 3502 MULTIAPPEND (all messages or none)."""
         name = self._name(cmd.mailbox)
-        when = cmd.internal_date.timestamp() if cmd.internal_date is not None else None
-        flags = [f for f in cmd.flags if f.upper() != "\\RECENT"]
+        items: list[tuple[bytes | SpoolFile, list[str], float | None]] = []
+        for msg in cmd.messages:
+            if msg.utf8 and not self.core.utf8_accept:  # RFC 6855 §4: only once enabled
+                raise _bad("UTF8 in APPEND needs ENABLE UTF8=ACCEPT", Code.CLIENTBUG)
+            data = await self._append_data(msg)
+            size = len(data) if isinstance(data, bytes) else data.received
+            if not size:
+                raise _no("Empty message", Code.CANNOT)
+            if size > self.cfg.imap.appendlimit:
+                raise _no("Message too large", Code.TOOBIG)
+            when = msg.internal_date.timestamp() if msg.internal_date is not None else None
+            items.append((data, [f for f in msg.flags if f.upper() != "\\RECENT"], when))
         try:
-            uidvalidity, uid = await self.call(self._mbox().append, name, cmd.message, flags, when)
+            uidvalidity, uids = await self.call(self._mbox().append_many, name, items)
         except StoreError as exc:
             raise _store_reply(exc, target=True) from None
         self._notify(name)
         if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
-        return "APPEND completed", Code.appenduid(uidvalidity, uid)  # RFC 4315 §3
+        return "APPEND completed", Code.appenduid(uidvalidity, SequenceSet.from_ids(uids))  # RFC 4315 §3
+
+    async def _append_data(self, msg: C.AppendMessage) -> bytes | SpoolFile:
+        """One APPEND message's content: its literal (in memory or, when large, in a file in the
+        Maildir's tmp/: `_spool`), or its CATENATE parts joined in memory (RFC 4469 §3)."""
+        if msg.catenate is None:
+            return _spooled(msg.message)
+        pieces: list[bytes] = []
+        total = 0
+        for part in msg.catenate:
+            if part.kind == "TEXT":
+                text = _spooled(part.data)
+                data = text if isinstance(text, bytes) else await self.call(text.read_all)
+            else:
+                data = await self._url_octets(part.url)
+            total += len(data)
+            if total > self.cfg.imap.appendlimit:  # RFC 4469 §5: TOOBIG
+                raise _no("Message too large", Code.TOOBIG)
+            pieces.append(data)
+        return b"".join(pieces)
+
+    async def _url_octets(self, url: str) -> bytes:
+        """The octets a CATENATE URL names, only ever from this user's own mailboxes (no URLAUTH, no
+        other users: RFC 4469 §5 BADURL for anything else)."""
+        user = self.user
+        assert user is not None
+        bad = _no("CATENATE URL cannot be used", Code.badurl(url))
+        try:
+            u = parse_url(url)
+        except UrlError as exc:
+            raise _no(f"CATENATE URL cannot be used: {exc}", Code.badurl(url)) from None
+        if u.user is not None and u.user.lower() not in (user.address.lower(), user.local.lower()):
+            raise bad  # another user's mailbox: never
+        if u.host is not None and u.host not in (self.cfg.hostname.lower(), user.domain.lower()):
+            raise bad  # RFC 5092 §6: another server
+        sel = self.core.sel
+        if u.mailbox is None:  # relative to the selected mailbox (RFC 5092 §7.1)
+            if sel is None:
+                raise bad
+            name = sel.name
+        else:
+            name = "INBOX" if u.mailbox.upper() == "INBOX" else u.mailbox
+            try:
+                name = normalize_name(name)
+            except StoreError:
+                raise bad from None
+        mb = self._mbox()
+        try:
+            snap = await self.call(mb.snapshot, name, False)
+            if u.uidvalidity is not None and u.uidvalidity != snap.uidvalidity:
+                raise bad
+            data = await self.call(url_octets, mb, name, u.uid, u.section, u.partial)
+        except StoreError:
+            raise bad from None
+        if data is None:
+            raise bad  # expunged or never there
+        return data
+
+    def _spool(self, size: int) -> SpoolFile:
+        """Where the reader writes a large APPEND literal as it arrives (`CommandReader.spool`):
+        a file in the user's Maildir tmp/, delivered by rename (memory per APPEND stays bounded;
+        the command's deadline and minimum data rate apply while it arrives, `CommandClock`)."""
+        return self._mbox().spool()
+
+    # -- NOTIFY (RFC 5465) ----------------------------------------------------------------------
+
+    async def cmd_notify(self, cmd: C.Notify) -> None:
+        self._notify_off()
+        if cmd.none:  # RFC 5465 §3: NOTIFY NONE
+            return
+        self._nplan = notify_plan(cmd)
+        if not await self._notify_rewatch(send_status=self._nplan.status):
+            raise _no(f"NOTIFY covers more than {NOTIFY_MAX_MAILBOXES} mailboxes", Code.LIMIT)
+
+    def _notify_off(self) -> None:
+        for unwatch in self._nwatches:
+            unwatch()
+        self._nwatches.clear()
+        self._nplan = None
+        self._nchanged.clear()
+        self._nstatus.clear()
+
+    def _on_change(self, name: str) -> None:
+        self._nchanged.add(name)
+        self._wake.set()
+
+    async def _notify_rewatch(self, send_status: bool) -> bool:
+        """Watch what the plan covers now: the mailboxes with message events, and the user's
+        names and subscriptions; remember what the client was told (to send only changes).
+        False (and NOTIFY off) when the plan covers more than NOTIFY_MAX_MAILBOXES mailboxes."""
+        nplan, user = self._nplan, self.user
+        assert nplan is not None and user is not None
+        for unwatch in self._nwatches:
+            unwatch()
+        self._nwatches.clear()
+        mb = self._mbox()
+        self._nfolders = {f.name for f in await self.call(mb.list_folders)}
+        self._nsubs = set(await self.call(mb.subscriptions))
+        covered = sorted(n for n in self._nfolders
+                         if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
+        if len(covered) > NOTIFY_MAX_MAILBOXES:
+            self._notify_off()
+            return False
+        notifier = self.store.notifier
+        for name in covered:
+            self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
+                                                 functools.partial(self._on_change, name)))
+            with contextlib.suppress(StoreError):
+                info = await self.call(mb.status, name)
+                self._nstatus[name] = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
+                if send_status and (self.core.sel is None or self.core.sel.name != name):  # RFC 5465 §3 STATUS
+                    self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
+        if nplan.wants_names:
+            self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
+                                                 lambda: self._on_change(NOTIFY_NAMES)))
+        return True
+
+    async def _notify_rewatch_or_overflow(self) -> bool:
+        """`_notify_rewatch` outside NOTIFY itself: too many mailboxes now ends NOTIFY with
+        NOTIFICATIONOVERFLOW (RFC 5465 §5.8)."""
+        if await self._notify_rewatch(send_status=False):
+            return True
+        self.send(R.untagged_status("OK", "NOTIFY is off: too many mailboxes", Code.named("NOTIFICATIONOVERFLOW")))
+        return False
+
+    def _status_items(self, info: StatusInfo) -> list[tuple[str, int]]:
+        items = [("MESSAGES", info.messages), ("UIDNEXT", info.uidnext), ("UIDVALIDITY", info.uidvalidity)]
+        if self.core.condstore:  # RFC 5465 §5.2 with RFC 7162
+            items.append(("HIGHESTMODSEQ", info.highestmodseq))
+        return items
+
+    async def _names_changed(self) -> None:
+        """This session created, deleted, renamed or (un)subscribed a mailbox: tell the user's
+        other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
+        if self.user is not None:
+            self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
+        if self._nplan is not None:
+            try:
+                if await self._notify_rewatch_or_overflow():
+                    self._nchanged.discard(NOTIFY_NAMES)
+            except StoreError as exc:  # the command itself succeeded: the next event retries
+                log.info("imap: NOTIFY rewatch for %s failed: %s", self.user.address if self.user else "-", exc)
+
+    async def _read_between_commands(self) -> bytes:
+        """Read the next command's bytes; with NOTIFY on, send its events while waiting."""
+        nplan = self._nplan
+        if nplan is None or self.parser.in_command or self.user is None:
+            return await self._read_command_bytes()
+        self.clock.stop()
+        unwatch: Callable[[], None] | None = None
+        sel = self.core.sel
+        if sel is not None and nplan.selected is not None:
+            name = sel.name
+            unwatch = self.store.notifier.watch(self.user.address, name, self._mbox().watch_path(name),
+                                                lambda: self._on_change(name))
+        read_task: asyncio.Task[bytes] | None = asyncio.ensure_future(self.reader.read(READ_SIZE))
+        deadline = time.monotonic() + self._timeout()
+        try:
+            while True:
+                if self._nchanged:
+                    try:
+                        await self._notify_updates(selected=True)
+                    except StoreError as exc:  # e.g. a mailbox deleted meanwhile: the next event retries
+                        log.info("imap: NOTIFY update for %s failed: %s", self.user.address, exc)
+                    await self.flush()
+                    continue
+                if self.closing:
+                    raise asyncio.CancelledError
+                wake = asyncio.ensure_future(self._wake.wait())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._waiting = True
+                try:
+                    assert read_task is not None
+                    done, _pending = await asyncio.wait({read_task, wake}, timeout=remaining,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiting = False
+                    if not wake.done():
+                        wake.cancel()
+                if read_task in done:
+                    data = read_task.result()
+                    read_task = None
+                    return data
+                self._wake.clear()
+        finally:
+            if unwatch is not None:
+                unwatch()
+            if read_task is not None and not read_task.done():
+                read_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await read_task
+
+    async def _notify_updates(self, selected: bool) -> None:
+        """Send what changed since the client was last told (RFC 5465 §5): the selected mailbox's
+        updates (when `selected` and asked for), STATUS of other mailboxes, LIST for names."""
+        nplan = self._nplan
+        if nplan is None:
+            return
+        changed, self._nchanged = self._nchanged, set()
+        sel = self.core.sel
+        if selected and sel is not None and nplan.selected is not None and nplan.selected & notify_message_events:
+            top = sel.uids[-1] if sel.uids else 0
+            await self._updates(allow_expunge=not nplan.delayed, sync=True,  # RFC 5465 §6 SELECTED-DELAYED
+                                flags="FLAGCHANGE" in nplan.selected)
+            sel = self.core.sel
+            if nplan.fetch and sel is not None:  # RFC 5465 §5.2: MessageNew's FETCH
+                targets = [(i + 1, u) for i, u in enumerate(sel.uids) if u > top]
+                if targets:
+                    opts = FetchOptions(utf8=self.core.utf8, add_uid=True, set_seen=False,
+                                        recent_from=self.core.recent_from())
+                    with contextlib.suppress(FetchError, StoreError):
+                        batch = await self.call(render_fetch, self._mbox(), sel.name, targets, nplan.fetch, opts)
+                        for line in batch.data:
+                            self.send(line)
+        if NOTIFY_NAMES in changed:
+            await self._notify_names()
+            if self._nplan is None:  # NOTIFICATIONOVERFLOW
+                return
+        mb = self._mbox()
+        for name in sorted(changed - {NOTIFY_NAMES}):
+            if sel is not None and sel.name == name:
+                continue
+            events = nplan.events_for(name, self._nsubs, SEPARATOR)
+            if not events & notify_message_events:
+                continue
+            try:
+                info = await self.call(mb.status, name)
+            except StoreError:
+                continue
+            now = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
+            last = self._nstatus.get(name)
+            self._nstatus[name] = now
+            if last is not None and now[:3] == last[:3] and ("FLAGCHANGE" not in events or now[3] == last[3]):
+                continue
+            self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
+            await self.maybe_flush()
+
+    async def _notify_names(self) -> None:
+        """RFC 5465 §5.4/§5.5: LIST for mailboxes created or deleted (a rename shows as both) and
+        for subscriptions changed, by other sessions."""
+        nplan = self._nplan
+        assert nplan is not None
+        before, subs_before = self._nfolders, self._nsubs
+        if not await self._notify_rewatch_or_overflow():
+            return
+        after, subs_after = self._nfolders, self._nsubs
+        utf8 = self.core.utf8
+        for name in sorted(after - before):
+            if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
+                self.send(R.list_response([], SEPARATOR, name, utf8=utf8))
+        for name in sorted(before - after):
+            if "MAILBOXNAME" in nplan.events_for(name, subs_before, SEPARATOR):
+                self.send(R.list_response(["\\NonExistent"], SEPARATOR, name, utf8=utf8))
+        for name in sorted(subs_after ^ subs_before):
+            if "SUBSCRIPTIONCHANGE" in nplan.events_for(name, subs_after | subs_before, SEPARATOR):
+                attrs = ["\\Subscribed"] if name in subs_after else []
+                if name not in after:
+                    attrs.append("\\NonExistent")
+                self.send(R.list_response(attrs, SEPARATOR, name, utf8=utf8))
 
     # -- IDLE -----------------------------------------------------------------------------------
 
@@ -593,6 +900,8 @@ class IMAPSession(Session):
         if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=True)
         self.send(R.continuation("idling"))
+        if self._nplan is not None and self._nchanged:  # events that came during the last command
+            await self._notify_updates(selected=False)
         await self.flush()
         self._wake.clear()
         unwatch: Callable[[], None] | None = None
@@ -639,6 +948,8 @@ class IMAPSession(Session):
                     self._wake.clear()
                     if self.core.sel is not None:
                         await self._updates(allow_expunge=True, sync=True)
+                    if self._nplan is not None:  # RFC 5465: NOTIFY's events are sent in IDLE too
+                        await self._notify_updates(selected=False)
                 else:
                     self.send(R.untagged_status("OK", "Still here"))
                 await self.flush()
@@ -656,8 +967,9 @@ class IMAPSession(Session):
 
     # -- selected: updates ----------------------------------------------------------------------
 
-    async def _updates(self, allow_expunge: bool, sync: bool) -> None:
-        """A notification point: the store's facts in, the core's announcements out."""
+    async def _updates(self, allow_expunge: bool, sync: bool, flags: bool = True) -> None:
+        """A notification point: the store's facts in, the core's announcements out (`flags`
+        False: flag changes wait for the next notification point, for NOTIFY without FlagChange)."""
         core = self.core
         sel = core.sel
         if sel is None:
@@ -681,7 +993,7 @@ class IMAPSession(Session):
             recent = core.recent(claimed, res.old_max)
             if recent is not None:
                 self.send(recent)
-        if res.flags_since is not None:
+        if res.flags_since is not None and flags:
             rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
             changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
             for line in core.flag_updates(changes, snap.highestmodseq):
@@ -757,7 +1069,7 @@ class IMAPSession(Session):
                     self.send(line)
                 await self.maybe_flush()
         else:
-            opts = FetchOptions(utf8=self.core.rev2, add_uid=cmd.uid, add_modseq=add_modseq,
+            opts = FetchOptions(utf8=self.core.utf8, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
                                 recent_from=self.core.recent_from())
             i = 0
@@ -833,9 +1145,9 @@ class IMAPSession(Session):
         if res.dest_uids:
             code = Code.copyuid(res.uidvalidity, SequenceSet.from_ids(res.source_uids),
                                 SequenceSet.from_ids(res.dest_uids))
-        junk = self._junk_folder()
-        if junk is not None and (dest == junk) != (sel.name == junk) and dest != "Trash":
-            self._learn(dest, res.dest_uids, spam=dest == junk)  # the user's verdict trains the filter
+        spam = verdict(sel.name, dest, self._junk_folder())
+        if spam is not None:
+            self._learn(dest, res.dest_uids, spam=spam)  # the user's verdict trains the filter
         if move:
             self._notify(sel.name)
             if code is not None:
@@ -846,9 +1158,9 @@ class IMAPSession(Session):
 
     def _junk_folder(self) -> str | None:
         """The folder whose moves in and out train the spam filter (None: no learning configured)."""
-        if self.services.learning is None or "Junk" not in self.services.config.mailbox.special_use_folders:
+        if self.services.learning is None or JUNK not in self.services.config.mailbox.special_use_folders:
             return None
-        return "Junk"
+        return JUNK
 
     def _learn(self, folder: str, uids: list[int], spam: bool) -> None:
         """Queue training requests for these messages, off the reply's path (antispam/learning.py)."""
@@ -858,11 +1170,7 @@ class IMAPSession(Session):
 
         async def run() -> None:
             try:
-                rows = await self.call(mb.rows, folder, uids[:LEARN_BATCH])
-                for row in rows.values():
-                    data = await self.call(mb.read, folder, row)
-                    await asyncio.to_thread(learning.add, user.address, data, spam)
-                learning.wake()
+                await enqueue(learning, self.call, mb, user.address, folder, uids, spam)
             except Exception:  # training is best effort: never an error for the user
                 log.exception("imap: queueing %s for learning failed", user.address)
 
@@ -870,7 +1178,14 @@ class IMAPSession(Session):
         _LEARNING.add(task)
         task.add_done_callback(_LEARNING.discard)
 
+    def _check_charset(self, charset: str | None) -> None:
+        """RFC 6855 §3 (errata 4029): once UTF8=ACCEPT is on, strings are UTF-8; a conflicting
+        CHARSET is refused with BAD (UTF-8 and its subset US-ASCII are harmless and accepted)."""
+        if self.core.utf8_accept and charset is not None and charset not in ("UTF-8", "US-ASCII"):
+            raise _bad("CHARSET conflicts with UTF8=ACCEPT", Code.CLIENTBUG)
+
     async def cmd_search(self, cmd: C.Search) -> None:
+        self._check_charset(cmd.charset)
         matches = await self._matches(cmd.criteria, cmd.uid)
         for line in self.core.search_responses(cmd.tag, cmd.uid, matches, cmd.returns, _uses_modseq(cmd.criteria)):
             self.send(line)
@@ -885,10 +1200,17 @@ class IMAPSession(Session):
         await self._updates(allow_expunge=uid, sync=False)
         view = sel.uids
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
-        ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved)
+        ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved,
+                            now=time.time())  # one clock reading for RFC 5032 OLDER/YOUNGER
         targets = list(zip(range(1, len(view) + 1), view, strict=True))
         recent = self.core.recent_from()
         mb = self._mbox()
+        # the full-text index answers the text keys it can and names the candidates (store.fts)
+        criteria, cands = await self.call(narrow, mb, sel.name, criteria)
+        targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
+            return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
+        recent = self.core.recent_from()
         # Batches run two at a time: their file reads overlap (see run_search).
         gate = asyncio.Semaphore(2)
 
@@ -913,6 +1235,7 @@ class IMAPSession(Session):
 
     async def cmd_sort(self, cmd: C.Sort) -> None:
         """RFC 5256 SORT (RFC 5957 DISPLAYFROM/DISPLAYTO); with RETURN, RFC 5267 ESORT."""
+        self._check_charset(cmd.charset)
         ordered = [i.id for i in sort_messages(await self._sort_items(cmd.criteria, cmd.uid), cmd.sort)]
         if cmd.returns is None:
             self.send(R.sort(ordered))
@@ -927,19 +1250,55 @@ class IMAPSession(Session):
 
     async def cmd_thread(self, cmd: C.Thread) -> None:
         """RFC 5256 THREAD=ORDEREDSUBJECT and THREAD=REFERENCES."""
+        self._check_charset(cmd.charset)
         items = await self._sort_items(cmd.criteria, cmd.uid)
         threads = thread_references(items) if cmd.algorithm == "REFERENCES" else thread_orderedsubject(items)
         self.send(R.thread(threads))
 
+    # -- QUOTA (RFC 9208): one quota root, "", over all of the user's folders (store/quota.py) ----
+
+    async def cmd_getquotaroot(self, cmd: C.GetQuotaRoot) -> None:
+        name = self._name(cmd.mailbox)
+        mb = self._mbox()
+        if not await self.call(mb.exists, name):
+            raise _no("No such mailbox", Code.NONEXISTENT)
+        usage = await self.call(mb.quota_usage)
+        roots = [QUOTA_ROOT] if usage.limit is not None else []  # RFC 9208 §4.1.2: maybe none
+        self.send(R.quotaroot(name, roots, utf8=self.core.rev2))
+        if usage.limit is not None:
+            self.send(R.quota(QUOTA_ROOT, [("STORAGE", usage.kib, usage.limit // 1024)]))
+
+    async def cmd_getquota(self, cmd: C.GetQuota) -> None:
+        usage = await self.call(self._mbox().quota_usage)
+        if cmd.root != QUOTA_ROOT or usage.limit is None:
+            raise _no("No such quota root", Code.NONEXISTENT)  # RFC 9208 §4.1.1
+        self.send(R.quota(QUOTA_ROOT, [("STORAGE", usage.kib, usage.limit // 1024)]))  # §5.1: KiB
+
+    async def cmd_setquota(self, cmd: C.SetQuota) -> None:
+        raise _no("Quotas are set by the administrator (postier user quota)", Code.NOPERM)  # RFC 9208 §4.1.3
+
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
 
-LEARN_BATCH = 100  # messages trained per command at most
+NOTIFY_MAX_MAILBOXES = 1000  # mailboxes one NOTIFY may watch (each is polled while watched)
+NOTIFY_NAMES = "\x00names"  # the notifier's key for a user's mailbox names and subscriptions
 _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
+
+
+#: RFC 9208 §3.2: the quota root of every folder of a user (their whole storage).
+QUOTA_ROOT = ""
 
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _spooled(data: bytes | C.SpooledLiteral) -> bytes | SpoolFile:
+    """A message literal as the store takes it (the reader's spool is always `_spool`'s SpoolFile)."""
+    if isinstance(data, bytes):
+        return data
+    assert isinstance(data, SpoolFile)
+    return data
 
 
 def _flag_report(rows: dict[int, MessageRow]) -> dict[int, tuple[list[str], int]]:
@@ -989,4 +1348,8 @@ IMAPSession._handlers = {
     C.Copy: IMAPSession.cmd_copy,
     C.Move: IMAPSession.cmd_copy,
     C.Search: IMAPSession.cmd_search,
+    C.GetQuota: IMAPSession.cmd_getquota,  # RFC 9208
+    C.GetQuotaRoot: IMAPSession.cmd_getquotaroot,
+    C.SetQuota: IMAPSession.cmd_setquota,
+    C.Notify: IMAPSession.cmd_notify,  # RFC 5465
 }

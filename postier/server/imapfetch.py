@@ -21,25 +21,28 @@ from dataclasses import dataclass, field
 from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
-from ..message.matching import SearchContext, evaluate
+from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchContext, evaluate
 from ..message.mime import Part, UnknownCTE, parse_message
-from ..message.sections import binary_section, body_section, partial
-from ..proto.imap.commands import FetchAttr
+from ..message.sections import binary_section, body_section, partial, section_octets
+from ..proto.imap.commands import FetchAttr, Section
 from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, format_date_time
 from ..proto.imap.search import (
+    AllKey,
     AndKey,
     DateKey,
     HeaderKey,
     NotKey,
     OrKey,
     SearchKey,
+    SeqSetKey,
     TextKey,
 )
+from ..proto.imap.seqset import SequenceSet
 from ..store.api import FlagTable, Mailboxes
 from ..store.errors import StoreError
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["FetchBatch", "FetchOptions", "content_need", "render_fetch", "run_search"]
+__all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
@@ -371,12 +374,14 @@ def _needles(key: SearchKey) -> list[tuple[re.Pattern[bytes], bytes]]:
 
 
 def _ruled_out(header: bytes, needles: list[tuple[re.Pattern[bytes], bytes]]) -> bool:
-    """True when some needle's field is absent or lacks the value (encoded words excepted)."""
+    """True when some needle's field is absent or lacks the value (encoded words and 8-bit text
+    excepted)."""
     low = header.lower()
     for rx, value in needles:
         for m in rx.finditer(low):
             seg = m.group(1)
-            if value in seg or b"=?" in seg:
+            # 8-bit text may casefold to the needle ("Straße" holds "strasse"): kept for the matcher
+            if value in seg or b"=?" in seg or not seg.isascii():
                 break
         else:
             return True
@@ -428,6 +433,93 @@ class _View:
         return self._raw
 
 
+# -- the full-text index (store.fts) --------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class UidSet(SequenceSet):
+    """A UID set given by its members (an index answer), for the rewritten criteria."""
+
+    members: frozenset[int] = field(default_factory=frozenset)
+
+    def contains(self, value: int, max_value: int) -> bool:
+        return value in self.members
+
+
+def _uid_key(uids: set[int]) -> SeqSetKey:
+    return SeqSetKey(UidSet(members=frozenset(uids)), uid=True)
+
+
+def _query(key: SearchKey) -> tuple[str, str] | None:
+    """The (field, needle) the index could answer for a text key (Mailboxes.text_search)."""
+    match key:
+        case HeaderKey(field=f, value=v) if f.upper() in INDEXED_FIELDS:
+            return (f.upper(), v) if v and CHUNK_SEP not in v else None
+        case TextKey(scope=sc, value=v) if sc.upper() in ("BODY", "TEXT"):
+            return (sc.upper(), v) if v and CHUNK_SEP not in v else None
+    return None
+
+
+def _leaves(key: SearchKey) -> list[tuple[str, str]]:
+    match key:
+        case NotKey(key=k):
+            return _leaves(k)
+        case OrKey(left=a, right=b):
+            return _leaves(a) + _leaves(b)
+        case AndKey(keys=ks):
+            return [q for k in ks for q in _leaves(k)]
+    q = _query(key)
+    return [q] if q is not None else []
+
+
+def narrow(mb: Mailboxes, name: str, key: SearchKey) -> tuple[SearchKey, set[int] | None]:
+    """The criteria with each text key the full-text index can answer answered from it, and the
+    UIDs that may match (None: any): a message matches `key` exactly when its UID is in the set and
+    it matches the returned criteria (AllKey: the set is the answer). Each answered key becomes
+    "UID in (index hits) or (UID not covered by the index and the key itself)"; a key the index
+    answers for every message of the folder becomes the candidate set alone."""
+    queries = list(dict.fromkeys(_leaves(key)))
+    got = mb.text_search(name, queries) if queries else None
+    if got is None:
+        return key, None
+    hits = dict(zip(queries, got[0], strict=True))
+    return _rewrite(key, hits, got[1])
+
+
+def _within(key: SearchKey, cands: set[int] | None) -> SearchKey:
+    """`key` and "UID in cands" as one criterion."""
+    if cands is None:
+        return key
+    return _uid_key(cands) if isinstance(key, AllKey) else AndKey((_uid_key(cands), key))
+
+
+def _rewrite(key: SearchKey, hits: dict[tuple[str, str], set[int]],
+             unchecked: set[int]) -> tuple[SearchKey, set[int] | None]:
+    q = _query(key)
+    if q is not None:
+        sure = hits[q]
+        if not unchecked:
+            return AllKey(), sure
+        return OrKey(_uid_key(sure), AndKey((_uid_key(unchecked), key))), sure | unchecked
+    match key:
+        case NotKey(key=k):
+            return NotKey(_within(*_rewrite(k, hits, unchecked))), None
+        case OrKey(left=a, right=b):
+            ka, ca = _rewrite(a, hits, unchecked)
+            kb, cb = _rewrite(b, hits, unchecked)
+            if isinstance(ka, AllKey) and isinstance(kb, AllKey) and ca is not None and cb is not None:
+                return AllKey(), ca | cb
+            return OrKey(_within(ka, ca), _within(kb, cb)), (ca | cb if ca is not None and cb is not None else None)
+        case AndKey(keys=ks):
+            parts = [_rewrite(k, hits, unchecked) for k in ks]
+            cands: set[int] | None = None
+            for _k, c in parts:
+                if c is not None:
+                    cands = c if cands is None else cands & c
+            rest = tuple(k for k, _c in parts if not isinstance(k, AllKey))
+            return (AndKey(rest) if rest else AllKey()), cands
+    return key, None
+
+
 def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key: SearchKey,
                ctx: SearchContext, recent_from: int) -> tuple[list[tuple[int, int, int]], int]:
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
@@ -441,7 +533,8 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     need = content_need(key)
     needles = _needles(key) if need == "header" else []
     lo, hi = targets[0][1], targets[-1][1]
-    rows = mb.rows_between(name, lo, hi)
+    # targets thinned out by the full-text index (store.fts) are fetched by UID, not by range
+    rows = mb.rows_between(name, lo, hi) if hi - lo < 4 * len(targets) else mb.rows(name, [u for _s, u in targets])
     heads: dict[int, bytes] = {}
     if needles:
         kept = []
@@ -469,3 +562,19 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
             continue
     mb.flush_meta()
     return out, len(targets)
+
+
+def url_octets(mb: Mailboxes, name: str, uid: int, section: Section | None,
+               part_range: tuple[int, int | None] | None) -> bytes | None:
+    """What an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3): the message `uid` of folder
+    `name`, or its `section`, cut to `part_range`; None when there is no such message."""
+    row = mb.rows(name, [uid]).get(uid)
+    if row is None:
+        return None
+    data = mb.read(name, row)
+    if section is not None:
+        data = section_octets(parse_message(data), section)
+    if part_range is not None:  # RFC 5092 §3.4: an offset past the end gives nothing
+        offset, length = part_range
+        data = data[offset:] if length is None else data[offset:offset + length]
+    return data

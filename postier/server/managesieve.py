@@ -7,21 +7,31 @@ composition root can mount it on a listener role with a two-line ``Session`` sub
 CHECKSCRIPT compile the script (``postier.sieve``) and answer every error with its line number;
 literals are accepted only up to the store's script size limit. Plaintext pipelined after STARTTLS is
 discarded (the CVE-2011-0411 class of bug). Disk and password work run in threads.
+
+AUTHENTICATE runs as in SMTP, IMAP and POP3: ``proto.sasl.ServerExchange`` answered by
+``server/auth.settle`` from the accounts, every failure (PLAIN or SCRAM) counted in the login throttle
+shared with the other protocols, and a client over its limit gets BYE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..proto import managesieve as core
 from ..proto import sasl
 from ..sieve import CAPABILITIES, CompileError, compile_script
 from ..store.sieve import ScriptError, ScriptStore
+from ..metrics import Metrics
+from .auth import AccountLookup, settle
 from .base import Session
+from .throttle import AuthThrottle
+
+log = logging.getLogger("postier.managesieve")
 
 __all__ = ["ManageSieveBackend", "ManageSieveSession", "serve"]
 
@@ -30,12 +40,64 @@ READ_SIZE = 65536
 
 @dataclass(frozen=True)
 class ManageSieveBackend:
-    check_password: Callable[[str, str], Awaitable[bool]]
-    scram_credentials: Callable[[str], Awaitable[sasl.ScramCredentials | None]]
+    accounts: AccountLookup  # what `settle` answers SASL exchanges from
     store_for: Callable[[str], ScriptStore]
     tls_context: ssl.SSLContext | None
     settings: core.ManageSieveSettings
     idle_timeout: float = 600.0
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)  # the server's: shared with IMAP & co.
+    metrics: Metrics | None = None  # failed logins counted (postier/metrics.py)
+
+
+class _Auth:
+    """One AUTHENTICATE at a time: the exchange between the core's AuthStart/AuthResponse events."""
+
+    def __init__(self, conn: core.ManageSieveConnection, backend: ManageSieveBackend, peer_ip: str) -> None:
+        self.conn = conn
+        self.backend = backend
+        self.ip = peer_ip
+        self.exchange: sasl.ServerExchange | None = None
+
+    async def start(self, mechanism: str, initial: bytes | None) -> None:
+        throttle = self.backend.throttle
+        if throttle.blocked(self.ip):
+            self.conn.bye("Too many failed logins; try again later")
+            return
+        # RFC 5804 §2.1: SCRAM's server signature rides in the OK (SASL "...")
+        self.exchange = sasl.ServerExchange.for_name(mechanism, self.backend.settings.mechanisms,
+                                                     success_data=True)
+        if self.exchange is None:  # offered but not implemented: a configuration mistake
+            self.conn.auth_failure()
+            return
+        await self._step(self.exchange.start(initial))
+
+    async def respond(self, data: bytes) -> None:
+        if self.exchange is None:  # pragma: no cover - the core sends responses only mid-exchange
+            self.conn.auth_failure()
+            return
+        await self._step(self.exchange.respond(data))
+
+    async def _step(self, outcome: sasl.Outcome) -> None:
+        assert self.exchange is not None
+        res = await settle(self.exchange, outcome, self.backend.accounts)
+        if isinstance(res.outcome, sasl.Challenge):
+            self.conn.auth_challenge(res.outcome.data)
+            return
+        name, self.exchange = self.exchange.name, None
+        throttle = self.backend.throttle
+        if isinstance(res.outcome, sasl.Success) and res.user is not None:
+            throttle.success(self.ip)
+            self.conn.auth_success(res.user.address, res.outcome.additional)
+            log.info("managesieve login %s from %s (%s)", res.user.address, self.ip, name)
+            return
+        log.info("managesieve: %s authentication failed from %s", name, self.ip)
+        if self.backend.metrics is not None:
+            self.backend.metrics.auth_failed("managesieve", name)
+        await throttle.penalize(self.ip)
+        if throttle.blocked(self.ip):
+            self.conn.bye("Too many failed logins")
+        else:
+            self.conn.auth_failure()
 
 
 def _check(data: bytes) -> None:
@@ -85,11 +147,15 @@ def _answer(conn: core.ManageSieveConnection, store: ScriptStore, ev: core.Scrip
 
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: ManageSieveBackend,
-                *, tls_active: bool = False) -> None:
+                *, tls_active: bool = False, peer_ip: str | None = None) -> None:
     """Run one ManageSieve session until LOGOUT, EOF or the idle timeout."""
     settings = backend.settings
     conn = core.ManageSieveConnection(
         dataclasses.replace(settings, tls_available=backend.tls_context is not None), tls_active=tls_active)
+    if peer_ip is None:
+        peer = writer.get_extra_info("peername")
+        peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+    auth = _Auth(conn, backend, peer_ip)
     store: ScriptStore | None = None
     try:
         writer.write(conn.data_to_send())
@@ -115,10 +181,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
                     await writer.drain()
                     await writer.start_tls(backend.tls_context)
                     conn.tls_started()
-                case core.AuthCheck(request=sasl.NeedPasswordCheck(authcid=user, password=pw)):
-                    conn.password_result(await backend.check_password(user, pw))
-                case core.AuthCheck(request=sasl.NeedScramCredentials(username=user)):
-                    conn.scram_credentials(await backend.scram_credentials(user))
+                case core.AuthStart(mechanism=mechanism, initial=initial):
+                    await auth.start(mechanism, initial)
+                case core.AuthResponse(data=response):
+                    await auth.respond(response)
                 case core.Authenticated(user=user):
                     store = backend.store_for(user)
                 case core.NeedLiteral(size=size):
@@ -149,22 +215,6 @@ class ManageSieveSession(Session):
         app = self.services
         sieve = app.sieve
         accounts = app.accounts
-        throttle = app.throttle
-        ip = self.peer_ip
-
-        async def check_password(user: str, password: str) -> bool:
-            if throttle.blocked(ip):
-                return False
-            if await accounts.verify_password_async(user, password) is not None:
-                throttle.success(ip)
-                return True
-            await throttle.penalize(ip)
-            return False
-
-        async def scram_credentials(user: str) -> sasl.ScramCredentials | None:
-            if throttle.blocked(ip):
-                return None
-            return await asyncio.to_thread(accounts.scram_credentials, user)
 
         def store_for(name: str) -> ScriptStore:
             user = accounts.get_user(name)
@@ -174,10 +224,10 @@ class ManageSieveSession(Session):
 
         cfg = app.config
         backend = ManageSieveBackend(
-            check_password=check_password, scram_credentials=scram_credentials, store_for=store_for,
+            accounts=accounts, throttle=app.throttle, store_for=store_for, metrics=app.metrics,
             tls_context=app.ssl_context,
             settings=core.ManageSieveSettings(
                 sieve_extensions=tuple(sorted(CAPABILITIES)), max_literal=cfg.sieve.max_script_size,
                 max_redirects=cfg.sieve.max_redirects),
             idle_timeout=cfg.limits.command_timeout)
-        await serve(self.reader, self.writer, backend, tls_active=self.tls_implicit)
+        await serve(self.reader, self.writer, backend, tls_active=self.tls_implicit, peer_ip=self.peer_ip)

@@ -202,7 +202,7 @@ class POP3Session(Session):
             if ev is core.NEED_DATA:
                 if conn.sasl_failures > self._sasl_failures:  # SCRAM proof wrong, malformed SASL
                     self._sasl_failures = conn.sasl_failures
-                    await self._penalize()
+                    await self._penalize("SASL")
                 await self._flush(idle)
                 if self._drop_after_flush:
                     return
@@ -243,7 +243,8 @@ class POP3Session(Session):
 
     # -- AUTHORIZATION (RFC 1939 §4, RFC 5034) ---------------------------------------------------
 
-    async def _penalize(self) -> None:
+    async def _penalize(self, mechanism: str) -> None:
+        self.services.metrics.auth_failed(self.role, mechanism)
         log.info("%s: authentication failed from %s", self.role, self.peer_ip)
         await self.throttle.penalize(self.peer_ip)
         if self.throttle.blocked(self.peer_ip):
@@ -258,7 +259,7 @@ class POP3Session(Session):
         if not ev.authzid or ev.authzid.lower() == ev.user.lower():  # no proxy logins
             user = await self.services.accounts.verify_password_async(ev.user, ev.password)
         if user is None:
-            await self._penalize()
+            await self._penalize(ev.mechanism)
             self.conn.login_failed()
             return
         await self._grant(user, ev.mechanism)

@@ -43,8 +43,11 @@ def pid_file(cfg: Config) -> Path:
 class Reloader:
     """Applies a re-read configuration to running services and listeners."""
 
-    def __init__(self, listeners: ListenerSet) -> None:
+    def __init__(self, listeners: ListenerSet, rebind: bool = True) -> None:
         self.listeners = listeners
+        #: False in a worker of several (server/supervisor.py): the listening sockets are the
+        #: supervisor's, so a listener added or moved needs a restart.
+        self.rebind = rebind
         self._lock = asyncio.Lock()
         #: Set once the listeners serve: a SIGHUP that arrives while they start waits for it.
         self.started = asyncio.Event()
@@ -96,6 +99,10 @@ class Reloader:
             before, after = old.listeners.get(role), new.listeners.get(role)
             if before == after:
                 continue
+            if not self.rebind:
+                log.warning("reload: listeners.%s changed; with several workers it takes effect at the next restart",
+                            role)
+                continue
             if before is not None:
                 for b in [b for b in self.listeners.bound if b.role == role]:
                     b.server.close()  # stop accepting; the sessions it started go on
@@ -117,8 +124,9 @@ class Reloader:
                     log.info("reload: listening: %s on %s", role, sockets.where(after))
 
 
-def install(reloader: Reloader, cfg: Config) -> None:
-    """SIGHUP reloads; the pid file lets `postier reload` find us."""
+def install(reloader: Reloader, cfg: Config, write_pid: bool = True) -> None:
+    """SIGHUP reloads; the pid file lets `postier reload` find us (a worker's supervisor writes it
+    and passes SIGHUP on: `write_pid` False)."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[bool]] = set()
 
@@ -128,6 +136,8 @@ def install(reloader: Reloader, cfg: Config) -> None:
         task.add_done_callback(tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)  # SIGHUP's default action would end the server
+    if not write_pid:
+        return
     path = pid_file(cfg)
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)

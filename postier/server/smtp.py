@@ -37,7 +37,6 @@ from ..pipeline.inbound import SMTPPipeline
 from ..proto import sasl
 from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
-from . import stats
 from .auth import settle
 from .throttle import AuthThrottle
 from .base import ProtocolSession
@@ -407,7 +406,7 @@ class SMTPSession(ProtocolSession):
 
     async def _mail(self, ev: core.MailFrom) -> None:
         reply = await self.pipeline.on_mail(self.env, ev.path, ev.params)
-        stats.count_reply(reply.code)  # `postier status`
+        self.services.metrics.smtp_reply(self.role, "mail", reply.code, reply.enhanced)  # and `postier status`
         self.conn.reply(reply)
 
     def _on_rcpt(self, ev: core.RcptTo) -> bool:
@@ -415,7 +414,7 @@ class SMTPSession(ProtocolSession):
 
     async def _rcpt(self, ev: core.RcptTo) -> None:
         reply = await self.pipeline.on_rcpt(self.env, ev.path, ev.params)
-        stats.count_reply(reply.code)  # `postier status`
+        self.services.metrics.smtp_reply(self.role, "rcpt", reply.code, reply.enhanced)  # and `postier status`
         self.conn.reply(reply)
 
     def _on_data_start(self, ev: core.DataStart) -> bool:
@@ -443,10 +442,9 @@ class SMTPSession(ProtocolSession):
             if body is not None:
                 body.close()
         self.env.reset()
-        if any(r.is_success for r in replies):  # `postier status`: messages in the last hour
-            stats.count("accepted")
-        elif replies:
-            stats.count_reply(replies[0].code)
+        if replies:  # a message received, or why not (metrics; `postier status`: the last hour)
+            r0 = next((r for r in replies if r.is_success), replies[0])
+            self.services.metrics.smtp_reply(self.role, "data", r0.code, r0.enhanced)
         fault_point("smtp.before_reply")
         if self.settings.lmtp:
             conn.reply_many(replies)
@@ -507,17 +505,18 @@ class SMTPSession(ProtocolSession):
         if isinstance(res.outcome, sasl.Challenge):
             conn.auth_challenge(res.outcome.data)
             return
-        self.exchange = None
+        mechanism, self.exchange = self.exchange.name, None
         if isinstance(res.outcome, sasl.Success) and res.user is not None:
             self.env.auth_user = res.user
             self.throttle.success(self.peer_ip)
             conn.auth_success(res.user.address)
             log.info("%s: %s authenticated as %s", self.role, self.peer_ip, res.user.address)
         else:
-            await self._auth_failed()
+            await self._auth_failed(mechanism)
 
-    async def _auth_failed(self) -> None:
+    async def _auth_failed(self, mechanism: str) -> None:
         self.env.auth_user = None
+        self.services.metrics.auth_failed(self.role, mechanism)
         log.info("%s: authentication failed from %s", self.role, self.peer_ip)
         await self.throttle.penalize(self.peer_ip)
         if self.throttle.blocked(self.peer_ip):

@@ -1,4 +1,4 @@
-"""Failed-login throttling per client IP, shared by SMTP AUTH, IMAP and POP3.
+"""Failed-login throttling per client IP, shared by SMTP AUTH, IMAP, POP3 and ManageSieve.
 
 Each failure within `failure_window` seconds adds `failure_delay` seconds before the failure reply
 (capped at 15 s, so a client cannot make us hold many slow sessions for long); at `max_failures`

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -39,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..message.types import AccountError, MessageBody, User
-from .maildir import DeliveryError, MaildirDraft, deliver_to_user, folder_root, sync_new
+from .errors import OverQuota
+from .maildir import DeliveryError, MaildirDraft, QuotaHold, deliver_to_user, folder_root, sync_new
+from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
 
@@ -131,16 +134,20 @@ class Agent:
             self._starting = None
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes, data: list[bytes] | None,
-                      path: str | None, size: int, envelope_from: str) -> list[Result]:
-        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes)."""
+                      path: str | None, size: int, envelope_from: str, info: str = "") -> list[Result]:
+        """Deliver prefix + body (`data` chunks in memory, or the spool file at `path` of `size` bytes);
+        `info` is the Maildir flags suffix every copy gets (":2,FS"; "" lands in new/)."""
         await self._start()
         assert self.transport is not None
         self._next += 1
         ident = self._next
-        header = json.dumps({
+        request: dict[str, Any] = {
             "id": ident, "from": envelope_from, "prefix": len(prefix), "path": path, "size": size,
-            "to": [[u.address, u.local, u.domain, u.mailbox_format, folder] for u, folder in users],
-        }).encode()
+            "to": [[u.address, u.local, u.domain, u.mailbox_format, folder, u.quota] for u, folder in users],
+        }
+        if info:
+            request["info"] = info
+        header = json.dumps(request).encode()
         length = len(prefix) + (sum(len(c) for c in data) if data else 0)
         fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
@@ -263,13 +270,13 @@ def _deliver_each(mail_root: Path, header: dict[str, Any], data: bytes) -> list[
         cut = header["prefix"]
         prefix, rest = data[:cut], data[cut:]
         results: list[Result] = []
-        for address, local, domain, fmt, folder in header["to"]:
+        for address, local, domain, fmt, folder, *limit in header["to"]:
             body: MessageBody | bytes = rest
             if header["path"] is not None:
                 body = MessageBody.from_spool(header["path"], header["size"])
             try:
-                ok, detail = deliver_to_user(mail_root, User(address, local, domain, fmt), prefix, body,
-                                             header["from"], folder)
+                ok, detail = deliver_to_user(mail_root, User(address, local, domain, fmt, *limit[:1]), prefix,
+                                             body, header["from"], folder, str(header.get("info", "")))
             finally:
                 if isinstance(body, MessageBody):
                     body.close()
@@ -290,17 +297,31 @@ class _Batch:
         self.mail_root = mail_root
         self.jobs: list[tuple[dict[str, Any], list[Result | None]]] = []
         self.drafts: list[tuple[list[Result | None], int, Any]] = []
+        self.holds: list[tuple[list[Result | None], int, QuotaHold, MaildirDraft]] = []
 
     def add(self, header: dict[str, Any], data: bytes) -> None:
         cut = header["prefix"]
         prefix, body = data[:cut], data[cut:]
         results: list[Result | None] = [None] * len(header["to"])
         self.jobs.append((header, results))
-        for i, (address, local, domain, fmt, folder) in enumerate(header["to"]):
+        for i, (address, local, domain, fmt, folder, *limit) in enumerate(header["to"]):
             try:
-                root = folder_root(User(address, local, domain, fmt).maildir(self.mail_root), folder)
-                self.drafts.append((results, i, MaildirDraft(root, prefix, body)))
-            except (DeliveryError, AccountError, OSError, ValueError) as exc:
+                user = User(address, local, domain, fmt, *limit[:1])
+                root = folder_root(user.maildir(self.mail_root), folder)
+                draft = MaildirDraft(root, prefix, body, str(header.get("info", "")))
+                if user.quota is not None:  # store/quota.py: reserved, or refused with nothing kept
+                    hold = QuotaHold(self.mail_root, user)
+                    try:
+                        hold.reserve(draft)
+                    except BaseException:
+                        draft.discard()
+                        raise
+                    self.holds.append((results, i, hold, draft))
+                self.drafts.append((results, i, draft))
+            except OverQuota:
+                log.info("delivery to %s refused: over quota", address)
+                results[i] = (False, OVER_QUOTA)
+            except (DeliveryError, AccountError, OSError, ValueError, sqlite3.Error) as exc:
                 self._failed(results, i, address, exc)
 
     def _failed(self, results: list[Result | None], i: int, address: str, exc: Exception) -> None:
@@ -342,6 +363,10 @@ class _Batch:
                 continue
             for results, i, name in done:
                 results[i] = (True, name)
+        for results, i, hold, draft in self.holds:
+            got = results[i]
+            if got is None or not got[0]:
+                hold.release(draft)
         return [_answer(header, [r or (False, "not delivered") for r in results]) for header, results in self.jobs]
 
 

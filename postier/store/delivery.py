@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..message.types import LocalOutcome, MessageBody, Recipient, User
+from ..metrics import Metrics
 from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
 from .maildir import deliver_to_user
+from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
 
@@ -31,30 +34,37 @@ class DeliveryResult:
 
 
 class LocalDelivery:
-    def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True):
+    def __init__(self, mail_root: Path, workers: int = 16, agent: bool = True, metrics: Metrics | None = None):
         self.mail_root = mail_root
+        #: The agent is another process: its deliveries are counted here, from the results it returns.
+        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mda")
         self.agent = Agent(mail_root) if agent else None
         #: Called (in the event loop) after each successful Maildir delivery: (user, folder).
         self.listeners: list[Callable[[User, str], None]] = []
 
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
-                    folder: str | None = None) -> DeliveryResult:
+                    folder: str | None = None, info: str = "") -> DeliveryResult:
         """Blocking delivery to one user."""
-        ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder)
+        ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder, info)
         return DeliveryResult(user, ok, detail)
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
-                      body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult]:
-        """Deliver to every (user, folder) in parallel worker threads; one result per user."""
+                      body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult]:
+        """Deliver to every (user, folder) in parallel worker threads; one result per user. `info` is
+        the Maildir flags suffix of the stored copies (":2,FS", RFC 5232 §5 for Sieve's flags)."""
         results = None
+        started = time.monotonic()
         if self.agent is not None:
-            results = await self._by_agent(self.agent, users, prefix, body, envelope_from)
+            results = await self._by_agent(self.agent, users, prefix, body, envelope_from, info)
         if results is None:
             loop = asyncio.get_running_loop()
-            futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f)
+            futs = [loop.run_in_executor(self.executor, self.deliver_one, u, prefix, body, envelope_from, f, info)
                     for u, f in users]
             results = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
+        if self.metrics is not None:
+            ok = sum(r.ok for r in results)
+            self.metrics.local_delivery(ok, len(results) - ok, time.monotonic() - started)
         for (_u, f), r in zip(users, results, strict=True):
             if r.ok:
                 for cb in self.listeners:
@@ -77,10 +87,11 @@ class LocalDelivery:
         results = await self.deliver([(u, folder) for u in targets.values()], prefix, body, envelope_from)
         ok = {r.user.address for r in results if r.ok}
         return LocalOutcome(frozenset(r.address for r in recipients if all(u.address in ok for u in r.users)),
-                            tuple(r.user.address for r in results if not r.ok))
+                            tuple(r.user.address for r in results if not r.ok),
+                            tuple(r.user.address for r in results if not r.ok and r.detail == OVER_QUOTA))
 
     async def _by_agent(self, agent: Agent, users: list[tuple[User, str | None]], prefix: bytes,
-                        body: MessageBody | bytes, envelope_from: str) -> list[DeliveryResult] | None:
+                        body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult] | None:
         """Deliver through the agent; None when this body cannot go there (delivered here instead)."""
         data: list[bytes] | None = None
         path: str | None = None
@@ -95,7 +106,7 @@ class LocalDelivery:
         if data is not None and len(prefix) + size > AGENT_MAX_DATA:
             return None  # a large body handed over in memory (not by the SMTP listeners)
         try:
-            got = await agent.deliver(users, prefix, data, path, size, envelope_from)
+            got = await agent.deliver(users, prefix, data, path, size, envelope_from, info)
         except AgentError as exc:
             log.error("delivery failed: %s", exc)
             return [DeliveryResult(u, False, str(exc)) for u, _f in users]

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..durable import fsync_dir
+from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "SyncResult", "UserIndex", "encode_suffix", "flags_to_names", "names_to_flags", "parse_file_name",
 ]
 
-INDEX_NAME = "postier-index.sqlite"
+INDEX_NAME = quota.INDEX_NAME  # "postier-index.sqlite" (store/quota.py reads indexes too)
 UIDLIST_NAME = "postier-uidlist"
 KEYWORDS_FILE = "dovecot-keywords"  # Dovecot's name and format: "<n> <keyword>" lines
 _UIDLIST_MAGIC = "postier-uidlist"
@@ -412,6 +413,7 @@ class UserIndex:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA cache_size=-4000")
         self.conn.executescript(_SCHEMA)
+        quota.init_schema(self.conn)  # usage kept by triggers on msgs (store/quota.py)
         #: UIDs read from a journal while attaching a folder, applied by its next sync.
         self._pending_journal: dict[int, dict[str, int]] = {}
         self._listing: dict[int, tuple[set[str], set[str]]] = {}
@@ -545,6 +547,10 @@ class UserIndex:
         except OSError:
             return True
         return not (r[2] and mn == r[0] and mc == r[1])
+
+    def forget_listings(self) -> None:
+        """Another process changed the index: the in-memory listings are re-read when next used."""
+        self._listing.clear()
 
     def _listing_of(self, fid: int) -> tuple[set[str], set[str]]:
         """The file names the index holds, (new/, cur/): kept in memory while the folder is in use

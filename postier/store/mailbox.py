@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, Concatenate
 
 from .. import durable
+from . import quota
 from ..message.types import User
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -62,6 +64,7 @@ from .api import (
     StoreResult,
 )
 from .errors import (
+    InvalidKeyword,
     InvalidName,
     MailboxExists,
     MailboxNotFound,
@@ -72,7 +75,8 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .maildir import DeliveryError, MaildirDraft, ensure_maildir, sync_new, unique_name
+from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, searchable
+from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
     "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
@@ -169,20 +173,50 @@ class FolderState:
 def _locked[**P, R](fn: Callable[Concatenate[UserMailbox, P], R]) -> Callable[Concatenate[UserMailbox, P], R]:
     def wrapper(self: UserMailbox, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with self.lock:
-            return fn(self, *args, **kwargs)
+            if self.shared is None:
+                return fn(self, *args, **kwargs)
+            with self.shared:
+                return fn(self, *args, **kwargs)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+class ProcessLock:
+    """The user lock between processes (`[server] workers` > 1): an exclusive flock on a file beside
+    the index, held while one store call runs (re-entrant within the holder; the per-user thread lock
+    is taken first). Two processes must not interleave an index sync or a UID assignment."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class UserMailbox:
     """Every folder of one user. All public methods block (disk, SQLite) and take the user lock."""
 
     def __init__(self, user: User, maildir: Path, index_path: Path,
-                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE)):
+                 special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE), shared: bool = False):
         self.user = user
         self.root = maildir
         self.lock = threading.RLock()
+        #: Other processes use this index too: their lock, and what they changed since we looked.
+        self.shared = ProcessLock(index_path.with_name(index_path.name + ".lock")) if shared else None
+        self._data_version = -1
+        self._stale: set[str] = set()
         ensure_maildir(maildir)
         self.index_path = index_path
         self.index = UserIndex(index_path)
@@ -193,11 +227,25 @@ class UserMailbox:
         self.refs = 0
         #: Folders written to by someone who did not update the index (a delivery): sync before use.
         self.dirty: set[str] = set()
+        self._text: TextIndex | None = None  # the full-text index (store.fts), attached on first use
 
     def close(self) -> None:
         with self.lock:
+            self._text = None
             self.index.close()
             self.states.clear()
+            if self.shared is not None:
+                self.shared.close()
+
+    def _catch_up(self) -> None:
+        """Another process committed to the index since our last call (SQLite's data_version moved):
+        forget the file listings and folder states built from what we saw (re-read on next use)."""
+        dv = self.index.conn.execute("PRAGMA data_version").fetchone()[0]
+        if dv != self._data_version:
+            if self._data_version != -1:
+                self.index.forget_listings()
+                self._stale.update(self.states)
+            self._data_version = dv
 
     def index_file_unchanged(self) -> bool:
         try:
@@ -384,6 +432,8 @@ class UserMailbox:
         return self.index.attach_folder(name, p, self._default_use(name))
 
     def _open(self, name: str, force: bool = False) -> FolderState:
+        if self.shared is not None:
+            self._catch_up()  # at every sync point: what other processes committed is seen here
         row = self._row(name)
         p = self.path_of(name)
         res = self.index.sync(row, p, force=force)
@@ -395,10 +445,15 @@ class UserMailbox:
                              row.keywords)
             self.states[name] = st
             return st
+        stale = name in self._stale  # another process changed the index since we built `st`
+        self._stale.discard(name)
         if res.uids_changed:
             st.uids = self.index.uid_array(row.id)
             st.version += 1
-        if res.uids_changed or res.flags_changed:
+        elif stale and (uids := self.index.uid_array(row.id)) != st.uids:
+            st.uids = uids
+            st.version += 1
+        if res.uids_changed or res.flags_changed or stale:
             st.flagtab = None
         st.uidnext = row.uidnext
         st.highestmodseq = row.highestmodseq
@@ -415,7 +470,7 @@ class UserMailbox:
     def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
         """The folder's state (synced with the disk first unless `sync` is False)."""
         n = normalize_name(name)
-        if sync or n not in self.states or n in self.dirty:
+        if sync or n not in self.states or n in self.dirty or n in self._stale:
             self.dirty.discard(n)
             st = self._open(n)
         else:
@@ -441,11 +496,11 @@ class UserMailbox:
     def state(self, name: str) -> FolderState:
         """The folder's state without touching the disk when it is already open."""
         st = self.states.get(name)  # keys are normalized names: a hit needs no check (per-message calls)
-        if st is not None:
+        if st is not None and name not in self._stale:
             return st
         n = normalize_name(name)
         st = self.states.get(n)
-        return st if st is not None else self._open(n)
+        return st if st is not None and n not in self._stale else self._open(n)
 
     @_locked
     def needs_sync(self, name: str) -> bool:
@@ -495,7 +550,22 @@ class UserMailbox:
         r = self.index.folder(n)
         recent_from = r.recent_uid if r else st.uidnext
         recent = len(st.uids) - _bisect(st.uids, recent_from)
-        return StatusInfo(msgs, unseen, deleted, size, st.uidnext, st.uidvalidity, st.highestmodseq, recent)
+        deleted_size = self.index.conn.execute(  # RFC 9208 §4.2 DELETED-STORAGE
+            "SELECT COALESCE(SUM(size), 0) FROM msgs WHERE folder=? AND flags & ? != 0",
+            (st.fid, FLAG_DELETED)).fetchone()[0] if deleted else 0
+        return StatusInfo(msgs, unseen, deleted, size, st.uidnext, st.uidvalidity, st.highestmodseq, recent,
+                          deleted_size)
+
+    @_locked
+    def quota_usage(self) -> quota.Usage:
+        """The user's storage usage and quota (RFC 9208 STORAGE, MESSAGE), every folder rescanned
+        first so that files other programs added or removed are counted."""
+        for f in self.list_folders():
+            with contextlib.suppress(StoreError):
+                self._open(f.name)
+        quota.prune_pending(self.index.conn, self.root)
+        b, m = quota.usage(self.index.conn)
+        return quota.Usage(b, m, self.user.quota)
 
     @_locked
     def first_unseen(self, name: str) -> int | None:
@@ -692,6 +762,84 @@ class UserMailbox:
         st = self.state(name)
         self.index.cache_put(st.fid, items)
 
+    # -- the full-text index (store.fts) -------------------------------------------------------
+
+    def _text_index(self, create: bool = True) -> TextIndex | None:
+        """The attached FTS file (made when `create`); None when it cannot be used (then every
+        search runs through the matcher, as without an index)."""
+        if self._text is None:
+            path = self.index_path.parent / FTS_NAME
+            if not create and not path.exists():
+                return None
+            try:
+                self._text = TextIndex(self.index.conn, path)
+            except sqlite3.Error as exc:
+                log.warning("full-text index of %s unusable: %s", self.user.address, exc)
+                return None
+        return self._text
+
+    def _text_add(self, items: Sequence[tuple[str, bytes]]) -> None:
+        ti = self._text_index()
+        if ti is not None:
+            try:
+                ti.add(items)
+            except sqlite3.Error as exc:  # a cache: the message is searched by the matcher instead
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    def _text_forget(self, fid: int, rows: Sequence[MessageRow]) -> None:
+        ti = self._text_index(create=False)
+        if ti is not None:
+            try:
+                ti.forget(fid, [(r.uid, r.base) for r in rows])
+            except sqlite3.Error as exc:  # an entry left behind matches no message of any folder
+                log.warning("full-text index of %s not updated: %s", self.user.address, exc)
+
+    @_locked
+    def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
+        """The full-text index's answer to each (field, needle) query (field: SUBJECT, FROM, TO, CC,
+        BCC, BODY or TEXT, as `message.matching` searches them): the UIDs whose text contains the
+        needle, among the messages it covers; and the UIDs it does not cover (to be checked by the
+        matcher). None when the index cannot answer (then search without it). Up to CATCH_UP
+        messages not indexed yet are indexed first (see store.fts)."""
+        if not queries or not all(searchable(f, n) for f, n in queries):
+            return None
+        st = self.state(name)
+        ti = self._text_index()
+        if ti is None:
+            return None
+        try:
+            todo = ti.unindexed(st.fid, CATCH_UP)
+            if todo:
+                items: list[tuple[int, str, bytes]] = []
+                for r in self.index.rows(st.fid, todo).values():
+                    with contextlib.suppress(StoreError):
+                        items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
+                ti.index_messages(st.fid, items)
+            return [ti.hits(st.fid, f, n) for f, n in queries], ti.unchecked(st.fid)
+        except sqlite3.Error as exc:
+            log.warning("full-text index of %s not used: %s", self.user.address, exc)
+            return None
+
+    @_locked
+    def rebuild_text_index(self) -> int:
+        """Index every message of every folder afresh (`postier reindex`); returns the count."""
+        ti = self._text_index()
+        try:
+            if ti is None:
+                raise sqlite3.DatabaseError("cannot open")
+            ti.clear()
+        except sqlite3.DatabaseError:  # damaged: start a new file (it holds nothing else)
+            if ti is not None:
+                ti.detach()
+            self._text = None
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.index_path.parent / FTS_NAME}{suffix}")
+            ti = self._text_index()
+            if ti is None:
+                return 0
+        return build_from_maildir(ti, [self.path_of(f.name) for f in self.list_folders()])
+
     # -- writes -------------------------------------------------------------------------------
 
     def _after_uids_added(self, st: FolderState, new_uids: Sequence[int], modseq: int) -> None:
@@ -711,45 +859,123 @@ class UserMailbox:
             st.flagtab = None
         st.highestmodseq = max(st.highestmodseq, modseq)
 
-    @_locked
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
-        """RFC 9051 §6.3.12 APPEND: durable (tmp, fsync, rename, fsync dir) before the index and
-        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        """RFC 9051 §6.3.12 APPEND of one message (see `append_many`). Returns (uidvalidity, uid)
+        for APPENDUID (RFC 4315 §3)."""
+        uidvalidity, uids = self.append_many(name, [(data, flag_names, internal_date)])
+        return uidvalidity, uids[0]
+
+    def spool(self) -> SpoolFile:
+        """A file in the Maildir's tmp/ for a message that arrives in pieces (a large APPEND
+        literal): `append_many` delivers it by rename. No lock: nothing shared is touched."""
+        return SpoolFile(self.root / "tmp")
+
+    @_locked
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
+                    ) -> tuple[int, list[int]]:
+        """APPEND of (data, flag names, internal date) messages, all or none (RFC 3502 §6.3.11:
+        MULTIAPPEND is atomic). Each is durable (tmp, fsync) before any is renamed into the folder,
+        the folder is fsynced before the index learns of them, and if one rename fails the others
+        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3)."""
         n = normalize_name(name)
         if not self._exists(n):
             raise MailboxNotFound("no such mailbox")
+        if not messages:
+            raise StoreError("no message to append")
         st = self._open(n)
-        bits, kws = names_to_flags(flag_names)
         row = self.index.folder(n)
         assert row is not None
-        row = self.index.add_keywords(row, st.path, kws)
-        st.keywords = row.keywords
-        kws = self.index.canonical_keywords(row, kws)
-        if b"\n" in data.replace(b"\r\n", b""):
-            data = _to_crlf(data)
-        suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
-        sub = 1 if suffix else 0
+        prepared: list[tuple[bytes | SpoolFile, str, int, list[str], float | None]] = []
+        for data, flag_names, internal_date in messages:
+            bits, kws = names_to_flags(flag_names)
+            row = self.index.add_keywords(row, st.path, kws)
+            st.keywords = row.keywords
+            kws = self.index.canonical_keywords(row, kws)
+            if isinstance(data, bytes) and b"\n" in data.replace(b"\r\n", b""):
+                data = _to_crlf(data)  # (a SpoolFile did this as it was written)
+            suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
+            prepared.append((data, suffix, bits, kws, internal_date))
+        drafts: list[MaildirDraft] = []
+        published: list[str] = []
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
-            draft = MaildirDraft(st.path, b"", data)
             try:
-                draft.sync()
-                if internal_date is not None:
-                    os.utime(draft.tmp, (internal_date, internal_date))
+                folder = "" if n == INBOX else st.path.name
+                for data, _suffix, _bits, _kws, internal_date in prepared:
+                    draft = MaildirDraft(st.path, b"", data) if isinstance(data, bytes) \
+                        else MaildirDraft.adopt(st.path, data)  # streamed: delivered by rename
+                    drafts.append(draft)
+                    # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
+                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder,
+                                  len(data) if isinstance(data, bytes) else data.size, self.root)
+                    draft.sync()
+                    if internal_date is not None:
+                        os.utime(draft.tmp, (internal_date, internal_date))
             except BaseException:
-                draft.discard()
+                for d in drafts:
+                    d.discard()
+                    quota.release(self.index.conn, d.name)
                 raise
-            draft.publish(suffix)
-            sync_new(draft.dest_dir)
+            try:
+                for draft, (_data, suffix, *_rest) in zip(drafts, prepared, strict=True):
+                    draft.publish(suffix)
+                    published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
+            except BaseException:  # all or nothing: take back the ones already in the folder
+                for d in drafts[len(published):]:
+                    d.discard()
+                for path in published:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                for d in drafts:
+                    quota.release(self.index.conn, d.name)
+                raise
+            for dest in dict.fromkeys(d.dest_dir for d in drafts):
+                sync_new(dest)
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
-        base = draft.name
-        fault_point("imap.append")  # the file is in the Maildir, not yet in the index
-        idate = int(internal_date) if internal_date is not None else int(time.time())
-        modseq, uids = self.index.add_messages(row, st.path, [(base, sub, suffix, bits, " ".join(kws),
-                                                                 len(data), idate, 0)])
+        fault_point("imap.append")  # the files are in the Maildir, not yet in the index
+        now = int(time.time())
+        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws),
+                    len(data) if isinstance(data, bytes) else data.size,
+                    int(internal_date) if internal_date is not None else now, 0)
+                   for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
+        modseq, uids = self.index.add_messages(row, st.path, entries)
         self._after_uids_added(st, uids, modseq)
-        return st.uidvalidity, uids[0]
+        # the full-text index (store/fts.py); a streamed message is indexed by the next search's catch-up
+        self._text_add([(d.name, data) for d, (data, *_rest) in zip(drafts, prepared, strict=True)
+                        if isinstance(data, bytes)])
+        return st.uidvalidity, uids
+
+    @_locked
+    def delivery_suffix(self, name: str, flag_names: Sequence[str]) -> str:
+        """The maildir(5) info suffix (":2,FSa") that gives a message delivered into the folder these
+        flags (RFC 5232 §5: Sieve's imap4flags), the folder created when missing. Keywords are
+        registered with the folder first, so their letters mean them once the file appears; names
+        that are not flags are left out (RFC 5232 §3), as are \\Recent and keywords beyond the 26
+        letters a file name can carry."""
+        n = normalize_name(name)
+        if not self._exists(n):
+            with contextlib.suppress(MailboxExists):
+                self._create(n, self._default_use(n) or None)
+        valid: list[str] = []
+        for f in flag_names:
+            with contextlib.suppress(InvalidKeyword):
+                names_to_flags([f])
+                valid.append(f)
+        bits, kws = names_to_flags(valid)
+        if not (bits or kws):
+            return ""
+        row = self._row(n)
+        if kws:
+            try:
+                row = self.index.add_keywords(row, self.path_of(n), kws)
+                kws = self.index.canonical_keywords(row, kws)
+            except StoreLimit:
+                kws = []
+            st = self.states.get(n)
+            if st is not None:
+                st.keywords = row.keywords
+        return encode_suffix("", bits, kws, row.keywords)
 
     @_locked
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
@@ -829,6 +1055,7 @@ class UserMailbox:
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
+        self._text_forget(st.fid, rows)
         return gone
 
     @_locked
@@ -843,7 +1070,17 @@ class UserMailbox:
         s, d = normalize_name(src), normalize_name(dst)
         if not self._exists(d):
             raise MailboxNotFound("no such mailbox")
-        return self._copy(s, list(uids), d, move=False)
+        ul = list(uids)
+        if self.user.quota is None:
+            return self._copy(s, ul, d, move=False)
+        # RFC 9208 §4.1: a COPY over the quota stores nothing (a MOVE within one user changes nothing).
+        hold = f"copy:{secrets.token_hex(8)}"
+        size = sum(r.size for r in self.index.rows(self.state(s).fid, ul).values())
+        quota.reserve(self.index.conn, self.user.quota, hold, "", size, self.root)
+        try:
+            return self._copy(s, ul, d, move=False)
+        finally:
+            quota.release(self.index.conn, hold)
 
     @_locked
     def move(self, src: str, uids: Iterable[int], dst: str) -> CopyResult:
@@ -912,6 +1149,7 @@ class UserMailbox:
         if move and src_uids:
             m2 = self.index.remove_messages(srow, done_src)
             self._after_uids_removed(sst, src_uids, m2)
+            self._text_forget(sst.fid, done_src)
         return CopyResult(dst.uidvalidity, src_uids, new_uids)
 
     def _undo(self, placed: list[Path], done: list[MessageRow], sst: FolderState, move: bool) -> None:
@@ -992,6 +1230,8 @@ class ChangeNotifier:
 
     def __init__(self, interval: float = 0.5):
         self.interval = max(0.05, interval)
+        #: Also tell other processes serving the same mailboxes (`[server] workers` > 1), or None.
+        self.forward: Callable[[str, str], None] | None = None
         self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -1014,6 +1254,13 @@ class ChangeNotifier:
         return unwatch
 
     def notify(self, address: str, folder: str) -> None:
+        """A change made in this process: wake its watchers, and other processes' (`forward`)."""
+        if self.forward is not None:
+            self.forward(address, folder)
+        self.local(address, folder)
+
+    def local(self, address: str, folder: str) -> None:
+        """Wake this process's watchers of the folder (a change seen here or told by another process)."""
         for cb in list(self._watchers.get((address, folder), ())):
             try:
                 cb()
@@ -1032,7 +1279,7 @@ class ChangeNotifier:
             now = mtimes()
             if now != last:
                 last = now
-                self.notify(*key)
+                self.local(*key)
 
     def close(self) -> None:
         for t in self._pollers.values():
@@ -1046,8 +1293,9 @@ class MailStore:
     a worker pool for the blocking calls, and the change notifier."""
 
     def __init__(self, mail_root: Path, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
-                 workers: int = 8, poll_interval: float = 0.5, keep_idle: int = 16):
+                 workers: int = 8, poll_interval: float = 0.5, keep_idle: int = 16, shared: bool = False):
         self.mail_root = mail_root
+        self.shared = shared  # other processes serve the same mailboxes (a lock between them)
         self.special_use_folders = tuple(special_use_folders)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         self.notifier = ChangeNotifier(poll_interval)
@@ -1071,8 +1319,9 @@ class MailStore:
                 if mb is None:
                     md = user.maildir(self.mail_root)
                     durable.ensure_dirs(md.parent)
-                    mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders)
+                    mb = UserMailbox(user, md, self.index_path(user), self.special_use_folders, self.shared)
                 self._users[user.address] = mb
+            mb.user = user  # a new login brings the current quota
             mb.refs += 1
             return mb
 
@@ -1092,6 +1341,11 @@ class MailStore:
                 while len(self._idle) > self.keep_idle:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
+
+    def changed_elsewhere(self, address: str, folder: str) -> None:
+        """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""
+        self.mark_dirty(address, folder)
+        self.notifier.local(address, folder)
 
     def mark_dirty(self, address: str, folder: str) -> None:
         """A delivery wrote into the folder: the next look at it reads the directory."""
@@ -1165,6 +1419,7 @@ class MailStore:
         mb = self.acquire(user)
         try:
             with mb.lock:
+                warned = mb.index.conn.execute("SELECT warned, low FROM quota_usage").fetchone()
                 folders = mb.list_folders()
                 names = {f.name for f in folders}
                 for stale in set(mb.index.folder_names()) - names:
@@ -1174,6 +1429,10 @@ class MailStore:
                     mb.index.forget_folder(f.name)
                     mb.states.pop(f.name, None)
                     out[f.name] = len(mb.open(f.name, force=True).uids)
+                quota.prune_pending(mb.index.conn, mb.root)  # the usage is the rebuilt rows' (triggers)
+                if warned is not None:  # a rebuild is no drop in usage: warnings stay as they were
+                    mb.index.conn.execute("UPDATE quota_usage SET warned=?, low=?", warned)
+                mb.rebuild_text_index()
                 return out
         finally:
             self.release(mb)

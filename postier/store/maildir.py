@@ -11,6 +11,7 @@ clients are told.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import socket
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,10 @@ from pathlib import Path
 from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
 from ..message.types import MessageBody, User
+from . import quota
+from .errors import OverQuota
+from .index import INDEX_NAME, UserIndex
+from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
 
@@ -161,6 +167,9 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
         view = view[os.write(fd, view):]
 
 
+_INFO_RE = re.compile(r"^(?::2,[A-Za-z]{0,52})?$")
+
+
 class MaildirDraft:
     """One message on its way into a Maildir (maildir(5)): created and written in tmp/ by the
     constructor, then `sync()` (fsync), `publish()` (rename into new/), and new/ is fsynced
@@ -169,15 +178,16 @@ class MaildirDraft:
     messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
     """
 
-    __slots__ = ("dest_dir", "fd", "key", "name", "root", "tmp")
+    __slots__ = ("dest_dir", "fd", "info", "key", "name", "root", "size", "tmp")
 
-    def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes):
+    def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes, info: str = ""):
         self.root = root
+        self.info = info  # the flags `publish()` gives the message unless told otherwise
         key = self.key = str(root)
         if key not in _dirsync.ready:
             ensure_maildir(root)
             _dirsync.ready.add(key)
-        size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
+        size = self.size = len(prefix) + (body.size if isinstance(body, MessageBody) else len(body))
         self.name = unique_name(size)
         self.tmp = f"{key}/tmp/{self.name}"
         self.dest_dir = f"{key}/new"
@@ -204,6 +214,26 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
+    @classmethod
+    def adopt(cls, root: Path, spool: SpoolFile) -> MaildirDraft:
+        """A draft over a file already written in a Maildir tmp/ on this file system (a streamed
+        IMAP APPEND, `SpoolFile`): `sync()` and `publish()` then move it into `root` by rename."""
+        if spool.failed is not None:
+            raise DeliveryError(f"message not received: {spool.failed}")
+        self = cls.__new__(cls)
+        self.root = root
+        self.info = ""
+        self.size = spool.size
+        key = self.key = str(root)
+        if key not in _dirsync.ready:
+            ensure_maildir(root)
+            _dirsync.ready.add(key)
+        self.name = unique_name(spool.size)
+        self.tmp = spool.path
+        self.dest_dir = f"{key}/new"
+        self.fd = spool.take_fd()
+        return self
+
     def sync(self) -> None:
         """maildir(5): the file is on disk before it is in new/."""
         try:
@@ -213,9 +243,12 @@ class MaildirDraft:
         except OSError as exc:
             self._fail(exc)
 
-    def publish(self, info: str = "") -> str:
+    def publish(self, info: str | None = None) -> str:
         """Rename into new/, or with an info suffix (flags, ":2,S") into cur/ (maildir(5)): visible
         to readers, durable once `dest_dir` is fsynced (`sync_new`). Returns the file's name."""
+        info = self.info if info is None else info
+        if not _INFO_RE.match(info):  # it becomes part of a file name: flag letters only
+            self._fail(OSError(f"invalid maildir info {info[:20]!r}"))
         if info:
             self.dest_dir = f"{self.key}/cur"
         fault_point("maildir.before_rename")
@@ -244,6 +277,67 @@ class MaildirDraft:
         raise DeliveryError(f"delivery to {self.root} failed: {exc.strerror or exc}") from exc
 
 
+class SpoolFile:
+    """A message arriving in pieces (a large IMAP APPEND literal), written straight into a file in
+    a Maildir's tmp/ so that memory stays bounded whatever its size; delivered by rename
+    (`MaildirDraft.adopt`). Line ends are made CRLF on the way (bare LF, as `append` does for
+    messages in memory). Writes happen as data arrives (small, into the page cache); a failing
+    write is remembered in `failed` and the rest ignored, so that the reader never raises for the
+    disk: the APPEND is refused when the file is delivered. `discard()` removes the file unless it
+    was delivered."""
+
+    __slots__ = ("_fd", "_prev_cr", "failed", "path", "received", "size")
+
+    def __init__(self, tmp_dir: Path):
+        self.path = f"{tmp_dir}/{unique_name(0)}.append"
+        self.size = 0  # bytes in the file (after CRLF)
+        self.received = 0  # bytes given to write()
+        self.failed: str | None = None
+        self._prev_cr = False
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self._fd = -1
+            self.failed = exc.strerror or str(exc)
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.failed is not None or not data:
+            return
+        head = b""
+        if self._prev_cr and data[:1] == b"\n":  # a CRLF split between two pieces
+            head, data = b"\n", data[1:]
+        if data.count(b"\n") != data.count(b"\r\n"):
+            data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
+        self._prev_cr = data[-1:] == b"\r"
+        try:
+            _write_all(self._fd, [head, data])
+            self.size += len(head) + len(data)
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+
+    def read_all(self) -> bytes:
+        """The content so far (for CATENATE's TEXT parts, bounded by APPENDLIMIT)."""
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def take_fd(self) -> int:
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
 def sync_new(new_dir: str) -> None:
     """fsync a Maildir's new/ (or cur/) (group commit with concurrent callers); DeliveryError on failure."""
     try:
@@ -252,13 +346,14 @@ def sync_new(new_dir: str) -> None:
         raise DeliveryError(f"fsync of {new_dir} failed: {exc.strerror or exc}") from exc
 
 
-def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes) -> str:
-    """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/).
+def deliver_maildir(root: Path, prefix: bytes, body: MessageBody | bytes, info: str = "") -> str:
+    """Deliver prefix+body into the Maildir at `root`; return the new file's name (in new/, or in
+    cur/ with the `info` flags suffix, e.g. ":2,FS").
 
     Blocking. On any error nothing is left in tmp/, and nothing is visible in new/ unless only the
     final fsync of new/ failed (the caller answers 4xx either way).
     """
-    draft = MaildirDraft(root, prefix, body)
+    draft = MaildirDraft(root, prefix, body, info)
     draft.sync()
     name = draft.publish()
     sync_new(draft.dest_dir)  # ...and the rename is on disk before we answer 250
@@ -352,13 +447,103 @@ def folder_root(maildir: Path, folder: str | None) -> Path:
 
 
 def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
-                    folder: str | None = None) -> tuple[bool, str]:
-    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error)."""
+                    folder: str | None = None, info: str = "") -> tuple[bool, str]:
+    """Blocking delivery to one user's Maildir folder or mbox: (True, file name) or (False, the error;
+    `quota.OVER_QUOTA` when the user's quota has no room for the message). `info` is the Maildir flags
+    suffix (":2,FS"); an mbox has no place for flags."""
     try:
         if user.mailbox_format == "mbox":
             deliver_mbox(user.mbox(mail_root), envelope_from, prefix, body)
             return True, "mbox"
-        return True, deliver_maildir(folder_root(user.maildir(mail_root), folder), prefix, body)
-    except (DeliveryError, OSError) as exc:
+        root = folder_root(user.maildir(mail_root), folder)
+        if user.quota is None:
+            return True, deliver_maildir(root, prefix, body, info)
+        draft = MaildirDraft(root, prefix, body, info)
+        hold = QuotaHold(mail_root, user)
+        try:
+            hold.reserve(draft)
+            draft.sync()
+            name = draft.publish()
+            sync_new(draft.dest_dir)
+        except BaseException:
+            draft.discard()
+            hold.release(draft)
+            raise
+        return True, name
+    except OverQuota:
+        log.info("delivery to %s refused: over quota", user.address)
+        return False, OVER_QUOTA
+    except (DeliveryError, OSError, sqlite3.Error) as exc:
         log.error("delivery to %s failed: %s", user.address, exc)
         return False, str(exc)
+
+
+class QuotaHold:
+    """A delivery's reservation of its size in the user's index (store/quota.py): taken once the
+    file is written in tmp/ (its name is the key), dropped by the rescan that indexes it.
+
+    The connections stay open (an LRU of `_KEEP` users): closing the last connection to a WAL
+    database checkpoints and fsyncs it, which would cost each delivery several milliseconds."""
+
+    _KEEP = 64
+    _open: OrderedDict[str, tuple[sqlite3.Connection, int, threading.Lock]] = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self, mail_root: Path, user: User):
+        self.user = user
+        self.maildir = user.maildir(mail_root)
+        self.index_path = user.home(mail_root) / INDEX_NAME
+
+    def _conn(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        key = str(self.index_path)
+        with QuotaHold._lock:
+            got = QuotaHold._open.get(key)
+            if got is not None:
+                try:
+                    same = os.stat(key).st_ino == got[1]
+                except OSError:
+                    same = False
+                if same:
+                    QuotaHold._open.move_to_end(key)
+                    return got[0], got[2]
+                del QuotaHold._open[key]  # the index was replaced (reindex of a damaged one)
+                got[0].close()
+            idx = UserIndex(self.index_path)  # the schema (and the usage row) if the user has no index yet
+            # A lost reservation only under-counts until the rescan indexes the file: no fsync per delivery.
+            idx.conn.execute("PRAGMA synchronous=NORMAL")
+            entry = (idx.conn, os.stat(key).st_ino, threading.Lock())
+            QuotaHold._open[key] = entry
+            while len(QuotaHold._open) > QuotaHold._KEEP:
+                _k, old = QuotaHold._open.popitem(last=False)
+                with old[2]:
+                    old[0].close()
+            return entry[0], entry[2]
+
+    def reserve(self, draft: MaildirDraft) -> None:
+        """Raises OverQuota when the message does not fit (the caller discards the draft)."""
+        conn, lock = self._conn()
+        rel = "" if draft.root == self.maildir else draft.root.name
+        with lock:
+            quota.reserve(conn, self.user.quota, draft.name, rel, draft.size, self.maildir)
+
+    def release(self, draft: MaildirDraft) -> None:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            conn, lock = self._conn()
+            with lock:
+                quota.release(conn, draft.name)
+
+    def usage(self) -> int:
+        """Bytes in use now: indexed, reserved and waiting unindexed in new/ (the RCPT check)."""
+        if not self.index_path.exists():
+            return quota.unindexed_bytes(self.maildir)
+        conn, lock = self._conn()
+        with lock:
+            return quota.usage(conn, self.maildir)[0]
+
+    def warning_due(self) -> int | None:
+        """The warning level newly reached, if any (`quota.warning_due`; pipeline/quota.py sends it)."""
+        if self.user.quota is None:
+            return None
+        conn, lock = self._conn()
+        with lock:
+            return quota.warning_due(conn, self.user.quota, self.maildir)

@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
-from aiohttp import BodyPartReader, web
-from multidict import MultiDict
+from aiohttp import web
 
 from ..message.types import AccountError, User
 from ..message.mime import decode_body, decode_transfer_encoding, parse_message
@@ -47,13 +46,19 @@ from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
-from ..server.imapfetch import run_search
+from ..message.threading import ThreadNode, thread_references
+from ..antispam.learning import JUNK, enqueue, verdict
+from ..server.imapfetch import narrow, run_search
+from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
 from ..store.errors import StoreError
 from ..store.index import FLAG_FLAGGED as _FLAGGED
 from ..store.index import FLAG_SEEN as _SEEN
 from ..message.types import MessageBody
 from . import render
+from .forms import Upload, _field, _form, _q
+from .prefs import MAX_REMOTE_SENDERS, Prefs, PrefsStore
+from .settings import SettingsPages
 from .sessions import SessionTable, WebSession
 
 if TYPE_CHECKING:
@@ -67,11 +72,12 @@ COOKIE = "postier_mail"
 PREFIX = "/mail/"
 PAGE_SIZE = 50
 MAX_FOLDER_NAME = 1000
-MAX_UPLOAD = 25 * 1024 * 1024  # a whole compose form, attachments included
 MAX_RECIPIENTS = 100
 SEARCH_BATCH = 5000  # messages per evaluator call, as IMAP SEARCH
 SEARCH_SECONDS = 10.0  # a search that finds too little stops after this long (the page says so)
 MAX_QUERY = 200
+THREAD_WINDOW = 2000  # the thread view groups the newest this many messages of a folder
+MAX_DEPTH = 8  # replies deeper than this are indented as this deep
 SSE_SECONDS = 25.0  # one event stream lasts at most this long (under the request deadline); the browser reconnects
 HERE = Path(__file__).resolve().parent
 STATIC = {"webmail.js": "text/javascript", "webmail.css": "text/css", "blocked.svg": "image/svg+xml"}
@@ -127,6 +133,8 @@ class Webmail:
         self.spool = services.config.spool_dir / "incoming"
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
+        self.prefs = PrefsStore(services.config.mail_root)
+        self.settings_pages = SettingsPages(self)
 
     def mount(self, app: web.Application) -> None:
         r = app.router
@@ -141,6 +149,7 @@ class Webmail:
             ("/mail/settings", self.settings, "GET"), ("/mail/password", self.change_password, "POST"),
         ):
             r.add_route(method, path, self._wrap(self._authed(fn, self.area)))
+        self.settings_pages.mount(app)
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -167,9 +176,12 @@ class Webmail:
                     raise web.HTTPSeeOther(area.login_path)
                 raise web.HTTPForbidden(text="not logged in\n")
             user = await asyncio.to_thread(self.accounts.get_user, s.address)
-            if user is None or (area.admin and not await asyncio.to_thread(self.accounts.is_admin, s.address)):
-                area.sessions.drop_user(s.address)  # the account was removed, or is no longer admin
+            if user is None:
+                area.sessions.drop_user(s.address)  # the account was removed
                 raise web.HTTPSeeOther(area.login_path)
+            if area.admin and not await asyncio.to_thread(self.accounts.is_admin, s.address):
+                area.sessions.drop_user(s.address)  # no longer an admin: refused, and logged out
+                raise web.HTTPForbidden(text="not an administrator\n")
             if request.method != "GET":
                 if not self._same_origin(request):
                     raise web.HTTPForbidden(text="cross-site request refused\n")
@@ -344,14 +356,19 @@ class Webmail:
         page = int(q["p"]) if q.get("p", "").isdigit() and len(q["p"]) < 7 else 0
         query = " ".join(q.get("q", "").split())[:MAX_QUERY]
         body = q.get("b") == "1"
+        threads = q.get("t") == "1" and not query
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, q.get("f", "INBOX"))
-            folders, (total, items, more) = await self.store.call(
-                _folders_and_page, mb, user.address, name, page, PAGE_SIZE, query, body)
+            if threads:
+                folders, (total, items, more) = await self.store.call(
+                    _folders_and_threads, mb, user.address, name, page, PAGE_SIZE)
+            else:
+                folders, (total, items, more) = await self.store.call(
+                    _folders_and_page, mb, user.address, name, page, PAGE_SIZE, query, body)
         pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE) + (1 if more else 0)
         return self._page("folder.html", user=user.address, csrf=s.csrf, folders=folders, folder=name,
                           items=items, page=page, pages=pages, total=total, query=query, body=body, more=more,
-                          q=_q)
+                          threads=threads, q=_q)
 
     async def message(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         q = request.query
@@ -370,7 +387,8 @@ class Webmail:
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
         badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
                                   self.config.authserv_id, domains)
-        remote = (name, uid) in s.remote_ok
+        sender = _sender_address(v.sender)
+        remote = await self._remote_allowed(s, user, name, uid, sender, badge)
         blocked = 0
         if v.html_part is not None and not remote:
             root = parse_message(raw)
@@ -379,7 +397,7 @@ class Webmail:
                 _h, blocked = render.sanitize_html(decode_body(part), lambda c: "", False)
         flagged = bool(row.flags & _FLAGGED)
         return self._page("message.html", user=user.address, csrf=s.csrf, folders=folders, folder=name, uid=uid,
-                          m=v, remote=remote, blocked=blocked, flagged=flagged, badge=badge, q=_q)
+                          m=v, remote=remote, blocked=blocked, flagged=flagged, badge=badge, sender=sender, q=_q)
 
     async def body(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """The sanitized HTML body, for the sandboxed iframe of the message page."""
@@ -393,7 +411,8 @@ class Webmail:
         if part is None or part.maintype != "text" or part.subtype != "html":
             raise web.HTTPNotFound(text="no such part\n")
         html = decode_body(part)[: render.MAX_HTML]
-        remote = (name, uid) in s.remote_ok
+        remote = await self._remote_allowed(s, user, name, uid, _sender_address(render.view(raw).sender),
+                                            await self._badge(raw))
 
         def cid_url(cid: str) -> str:
             return "/mail/cid?" + urlencode({"f": name, "u": uid, "c": cid})
@@ -451,10 +470,37 @@ class Webmail:
         uid = self._uid(_field(form, "u"))
         async with self._mailboxes(user) as mb:
             name = await self._folder(mb, _field(form, "f"))
+            if _field(form, "always") == "1":  # remembered for the sender (managed in the settings)
+                _row, raw = await self._raw(mb, name, uid)
+                sender = _sender_address(render.view(raw).sender)
+                if sender:
+                    def change(p: Prefs) -> None:
+                        if sender not in p.remote_senders:
+                            p.remote_senders = [*p.remote_senders, sender][-MAX_REMOTE_SENDERS:]
+                    await asyncio.to_thread(self.prefs.update, user, change)
+                    log.info("webmail: %s shows remote content from %s", user.address, sender)
         if len(s.remote_ok) >= 1000:
             s.remote_ok.clear()
         s.remote_ok.add((name, uid))
         raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uid))
+
+    async def _badge(self, raw: bytes) -> render.AuthBadge | None:
+        domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
+        return render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
+                                 self.config.authserv_id, domains)
+
+    async def _remote_allowed(self, s: WebSession, user: User, folder: str, uid: int, sender: str,
+                              badge: render.AuthBadge | None) -> bool:
+        """Remote content of this message is shown: asked for once (this session), or for its sender,
+        unless our own Authentication-Results say the From address is forged (DMARC fail)."""
+        if (folder, uid) in s.remote_ok:
+            return True
+        if not sender:
+            return False
+        if badge is not None and (badge.own_domain_forged or ("dmarc", "fail") in badge.results):
+            return False
+        prefs = await asyncio.to_thread(self.prefs.get, user)
+        return sender in prefs.remote_senders
 
     # -- changes --------------------------------------------------------------------------------------
 
@@ -496,7 +542,10 @@ class Webmail:
                 if dest is not None and dest != name:
                     if op == "notjunk":
                         await self.store.call(mb.store, name, uids, "-FLAGS", ["$Junk"])
-                    await self.store.call(mb.move, name, uids, dest)
+                    res = await self.store.call(mb.move, name, uids, dest)
+                    spam = verdict(name, dest, self._junk_folder())
+                    if spam is not None:  # the user's verdict trains the filter, as an IMAP move does
+                        await self._learn(user, mb, dest, res.dest_uids, spam)
             except StoreError as exc:
                 raise web.HTTPConflict(text=f"{exc}\n") from None
         self.store.notifier.notify(user.address, name)
@@ -507,6 +556,23 @@ class Webmail:
         if back == "msg" and op in flag_ops and len(uids) == 1:
             raise web.HTTPSeeOther("/mail/msg?" + _q(f=name, u=uids[0]))
         raise web.HTTPSeeOther("/mail/folder?" + _q(f=name))
+
+    def _junk_folder(self) -> str | None:
+        """The folder whose moves in and out train the spam filter, as for IMAP (None: no learning)."""
+        if self.services.learning is None or JUNK not in self.config.mailbox.special_use_folders:
+            return None
+        return JUNK
+
+    async def _learn(self, user: User, mb: Mailboxes, folder: str, uids: list[int], spam: bool) -> None:
+        """The user's verdict trains the spam filter: one request per message on the learning queue
+        that IMAP moves feed (antispam/learning.py); best effort, never an error for the user."""
+        learning = self.services.learning
+        if learning is None or not uids:
+            return
+        try:
+            await enqueue(learning, self.store.call, mb, user.address, folder, uids, spam)
+        except Exception:
+            log.exception("webmail: queueing %s for learning failed", user.address)
 
     # -- writing --------------------------------------------------------------------------------------
 
@@ -540,6 +606,10 @@ class Webmail:
                 in_reply_to = v.message_id
                 refs = f"{v.references} {v.message_id}".strip()
                 text = f"\n\nOn {v.date}, {v.sender} wrote:\n{quoted}\n"
+        prefs = await asyncio.to_thread(self.prefs.get, user)
+        sig = prefs.signatures.get(user.address, "")
+        if sig:  # the sender's signature, under the "-- " separator line (RFC 3676 §4.3), above any quote
+            text = f"\n\n-- \n{sig}\n{text}"
         return await self._compose_page(user, s, to=to, cc=cc, subject=subject, text=text, in_reply_to=in_reply_to,
                                         references=refs, attached=attached, sender=user.address)
 
@@ -551,8 +621,10 @@ class Webmail:
             folders = await self._folders(mb)
             sent = self._special(folders, "\\Sent", "Sent")
             contacts = await self.store.call(_contacts, mb, sent) if sent else []
+        prefs = await asyncio.to_thread(self.prefs.get, user)
         resp = self._page("compose.html", user=user.address, csrf=s.csrf, error=error, folders=[], q=_q,
-                          identities=identities, contacts=contacts, **fields)
+                          identities=identities, contacts=contacts, signatures=prefs.signatures, rich=prefs.rich,
+                          **({"html": ""} | fields))
         resp.set_status(status)
         return resp
 
@@ -570,6 +642,7 @@ class Webmail:
 
         async def again(error: str, status: int = 400) -> web.Response:
             return await self._compose_page(user, s, error, status, to=to, cc=cc, subject=subject, text=text,
+                                            html=render.clean_compose_html(_field(form, "html")),
                                             in_reply_to=_field(form, "in_reply_to"),
                                             references=_field(form, "references"), attached=attached,
                                             sender=sender)
@@ -608,6 +681,10 @@ class Webmail:
                 msg[h] = v
         msg["MIME-Version"] = "1.0"
         msg.set_content(text.replace("\r\n", "\n"))
+        rich = render.clean_compose_html(_field(form, "html")) if _field(form, "html").strip() else ""
+        if rich:  # RFC 2046 §5.1.4: the text part first, then the (sanitized) HTML of the rich editor
+            msg.add_alternative("<!DOCTYPE html><html><head><meta charset=\"utf-8\"></head><body>"
+                                f"{rich}</body></html>", subtype="html")
         for f in form.getall("attach", []):
             if isinstance(f, Upload) and f.filename and f.data:
                 ctype = mimetypes.guess_type(f.filename)[0] or "application/octet-stream"
@@ -673,9 +750,7 @@ class Webmail:
 
     async def settings(self, request: web.Request, s: WebSession, user: User, message: str = "",
                        error: str = "", status: int = 200) -> web.StreamResponse:
-        resp = self._page("settings.html", user=user.address, csrf=s.csrf, message=message, error=error)
-        resp.set_status(status)
-        return resp
+        return await self.settings_pages.page(request, s, user, message, error, status)
 
     async def change_password(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """A new password, given the current one (checked like a login, behind the same throttle);
@@ -731,55 +806,10 @@ class Webmail:
 
 
 
-@dataclass(frozen=True, slots=True)
-class Upload:
-    filename: str
-    data: bytes
-
-
-_FORM_KEY = web.RequestKey("postier_webmail_form", MultiDict)
-
-
-async def _form(request: web.Request) -> MultiDict[str | Upload]:
-    """The POSTed form, read once. A multipart form (compose with attachments) is streamed here with
-    its own bound, MAX_UPLOAD in all, since the HTTP app's body limit is for small requests."""
-    if _FORM_KEY in request:
-        cached: MultiDict[str | Upload] = request[_FORM_KEY]
-        return cached
-    out: MultiDict[str | Upload] = MultiDict()
-    if request.content_type == "multipart/form-data":
-        if request.content_length is not None and request.content_length > MAX_UPLOAD:
-            raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, request.content_length)
-        reader = await request.multipart()
-        total = 0
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name or len(out) >= 200:
-                raise web.HTTPBadRequest(text="bad form\n")
-            data = bytearray()
-            while chunk := await part.read_chunk(65536):
-                total += len(chunk)
-                if total > MAX_UPLOAD:
-                    raise web.HTTPRequestEntityTooLarge(MAX_UPLOAD, total)
-                data += chunk
-            if part.filename is not None:
-                out.add(part.name, Upload(part.filename, bytes(data)))
-            else:
-                out.add(part.name, data.decode("utf-8", "replace"))
-    else:
-        for k, v in (await request.post()).items():
-            if isinstance(v, str):
-                out.add(k, v)
-    request[_FORM_KEY] = out
-    return out
-
-
-def _q(**kw: object) -> str:
-    return urlencode({k: str(v) for k, v in kw.items()})
-
-
-def _field(form: Any, name: str) -> str:
-    v = form.get(name)
-    return v if isinstance(v, str) else ""
+def _sender_address(from_field: str) -> str:
+    """The address of a From field, lower-cased ("" when there is none)."""
+    addr = email.utils.parseaddr(from_field)[1].lower()
+    return addr if "@" in addr and len(addr) <= 320 else ""
 
 
 def _decoded(part: Any) -> bytes:
@@ -840,6 +870,51 @@ def _folders_and_page(mb: Mailboxes, user: str, name: str, page: int, size: int,
     return folders, (total, _items(mb, name, list(reversed(snap.uids[lo:hi]))), False)
 
 
+def _folders_and_threads(mb: Mailboxes, user: str, name: str, page: int, size: int
+                         ) -> tuple[list[tuple[FolderInfo, int]], tuple[int, list[dict[str, Any]], bool]]:
+    """The folder list, and one page of conversations (RFC 5256 §3 THREAD=REFERENCES, as IMAP THREAD)
+    over the newest THREAD_WINDOW messages: threads newest activity first, each message with its
+    depth. Returns (folders, (number of threads, items, more messages than the window))."""
+    folders = _folder_counts(mb, user)
+    uids = mb.snapshot(name).uids
+    window = uids[-THREAD_WINDOW:]
+    first = len(uids) - len(window)
+    items = sort_items(mb, name, [(first + i + 1, u) for i, u in enumerate(window)], True)
+    roots = thread_references(items)
+
+    chosen = _thread_rows(roots, page, size)
+    depth = dict(chosen)
+    rows = _items(mb, name, [u for u, _d in chosen])
+    for r in rows:
+        r["depth"] = depth.get(r["uid"], 0)
+    return folders, (len(roots), rows, first > 0)
+
+
+def _thread_rows(roots: list[ThreadNode], page: int, size: int) -> list[tuple[int, int]]:
+    """(id, depth) of every message of one page of threads, newest thread first, each thread in reply
+    order. Iterative, as threading.py: a chain of replies may be as long as the window."""
+    def latest(root: ThreadNode) -> tuple[float, int]:
+        """The newest message of a thread: its sent date, then its id (the later arrival) on a tie."""
+        best, stack = (0.0, 0), [root]
+        while stack:
+            node = stack.pop()
+            if node.item is not None:
+                best = max(best, (node.item.sent.timestamp(), node.item.id))
+            stack.extend(node.children)
+        return best
+    ordered = sorted(roots, key=latest, reverse=True)
+    chosen: list[tuple[int, int]] = []
+    for root in ordered[page * size:(page + 1) * size]:
+        walk: list[tuple[ThreadNode, int]] = [(root, 0)]
+        while walk:
+            node, d = walk.pop()
+            if node.item is not None:  # a dummy (a message referred to but not here) takes no row
+                chosen.append((node.item.id, min(d, MAX_DEPTH)))
+            step = 1 if node.item is not None else 0
+            walk.extend((c, d + step) for c in reversed(node.children))
+    return chosen
+
+
 def _contacts(mb: Mailboxes, sent: str, messages: int = 200, limit: int = 500) -> list[str]:
     """Addresses the user wrote to, from the To and Cc of the newest `messages` in Sent (for completion)."""
     uids = list(reversed(mb.snapshot(sent).uids[-messages:]))
@@ -886,7 +961,16 @@ def _search(mb: Mailboxes, name: str, uids: Sequence[int], query: str, body: boo
     found: list[int] = []
     hi = len(uids)
     batch = max(200, 4 * want)  # small first: a common word fills the page from the newest messages
+    narrowed = False
     while hi > 0:
+        if not narrowed and hi < len(uids):
+            # not a common word: the full-text index (store.fts) names the older candidates
+            narrowed = True
+            key, cands = narrow(mb, name, key)
+            if cands is not None:
+                uids = [u for u in uids[:hi] if u in cands]
+                hi = len(uids)
+                continue
         lo = max(0, hi - batch)
         batch = min(SEARCH_BATCH, batch * 2)
         targets = [(i + 1, uids[i]) for i in range(lo, hi)]

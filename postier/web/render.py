@@ -262,3 +262,17 @@ def sanitize_html(html: str, cid_url: Callable[[str], str], remote: bool) -> tup
                       filter_style_properties=_STYLE_PROPS, set_tag_attribute_values={"a": {"target": "_blank"}},
                       link_rel="noopener noreferrer")
     return clean, blocked
+
+
+#: What the rich-text compose editor may send: bold, italic, lists and links, nothing else.
+COMPOSE_TAGS = {"p", "div", "br", "b", "strong", "i", "em", "ul", "ol", "li", "a"}
+MAX_COMPOSE_HTML = 1024 * 1024
+
+
+def clean_compose_html(html: str) -> str:
+    """The rich-text compose body, cleaned by nh3 before it is sent: only COMPOSE_TAGS, links only
+    http(s) and mailto, no attribute but a link's href; "" when nothing is left."""
+    clean = nh3.clean(html[:MAX_COMPOSE_HTML], tags=COMPOSE_TAGS, clean_content_tags=_DROP_CONTENT,
+                      attributes={"a": {"href"}}, url_schemes={"http", "https", "mailto"},
+                      link_rel="noopener noreferrer")
+    return clean.strip()

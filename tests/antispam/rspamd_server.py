@@ -33,7 +33,8 @@ def need(program: str) -> str:
 
 
 class RspamdServer:
-    def __init__(self, root: Path, nameserver: str, add_header: float | None = None):
+    def __init__(self, root: Path, nameserver: str, add_header: float | None = None, milter_port: int | None = None,
+                 local: dict[str, str] | None = None):
         self.root = root
         self.nameserver = nameserver
         self.port = free_port()
@@ -42,6 +43,10 @@ class RspamdServer:
         self.password = "test-controller-secret"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.add_header = add_header  # a lower "add header" threshold, so that tests can make junk
+        # A proxy worker speaking the milter protocol, for a Postfix beside postier (bench/smtp_ingest.py);
+        # it hands every message to the same normal worker postier uses.
+        self.milter_port = milter_port
+        self.local = dict(local or {})  # more local.d files: name -> text
 
     @property
     def url(self) -> str:
@@ -64,7 +69,9 @@ class RspamdServer:
             "local.d/worker-controller.inc": (f'bind_socket = "127.0.0.1:{self.controller_port}";\n'
                                               f'password = "{self.password}";\n'
                                               f'enable_password = "{self.password}";\ncount = 1;\n'),
-            "local.d/worker-proxy.inc": "enabled = false;\n",
+            "local.d/worker-proxy.inc": "enabled = false;\n" if self.milter_port is None else (
+                f'bind_socket = "127.0.0.1:{self.milter_port}";\nmilter = yes;\ntimeout = 120s;\ncount = 1;\n'
+                f'upstream "local" {{ default = yes; hosts = "127.0.0.1:{self.port}"; }}\n'),
             "local.d/worker-fuzzy.inc": "enabled = false;\n",
             "local.d/logging.inc": f'type = "file";\nfilename = "{conf}/log/rspamd.log";\nlevel = "info";\n',
             "local.d/options.inc": (f'dns {{ nameserver = ["{host}:{port}"]; timeout = 1s; retransmits = 1; }}\n'
@@ -76,6 +83,7 @@ class RspamdServer:
             "local.d/classifier-bayes.conf": (f'backend = "redis";\nservers = "127.0.0.1:{self.redis_port}";\n'
                                               "min_learns = 1;\nmin_tokens = 1;\nautolearn = false;\n"),
         }
+        files.update({f"local.d/{name}": text for name, text in self.local.items()})
         if self.add_header is not None:
             files["local.d/actions.conf"] = f"add_header = {self.add_header};\nreject = 15;\ngreylist = null;\n"
         for name, text in files.items():
@@ -110,3 +118,7 @@ class RspamdServer:
                     p.kill()
                     p.wait()
         self.procs.clear()
+
+    def pid(self) -> int:
+        """The main rspamd process (its workers are its children)."""
+        return self.procs[-1].pid

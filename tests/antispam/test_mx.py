@@ -15,6 +15,7 @@ import pytest
 
 from postier.antispam.builtin import GTUBE
 from postier.antispam.rspamd import RspamdClient
+from postier.mailauth.dkim import generate_key, sign
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
@@ -124,6 +125,45 @@ def test_greylisting_first_try_451_then_accepted_then_allowlisted(greylisted: In
     assert len(greylisted.messages("v@b.test")) == 1
 
 
+def test_trusted_dkim_signer_skips_greylisting(tmp_path: Path) -> None:
+    """`greylist_trusted_dkim`: a passing signature of the trusted domain goes through at once; the same
+    sender without it is greylisted at the end of DATA, and its retry after the delay passes."""
+    pem, txt = generate_key("ed25519-sha256")
+    with DNSServer() as d:
+        d.add("sel._domainkey.trusted.test", "TXT", txt)
+        inst = Instance(tmp_path / "t", "b.test", extra_config=(
+            f'[dns]\nnameservers = ["{d.nameserver}"]\n'
+            "[mailauth]\nspf = false\ndkim_verify = true\ndmarc = false\n"
+            "[antispam]\ngreylist = true\ngreylist_delay = 1\ngreylist_retry_window = 600\n"
+            'greylist_auto_allow = 5\ngreylist_trusted_dkim = ["trusted.test"]\n'))
+        inst.add_user("u@b.test", PASSWORD)
+        inst.start()
+        try:
+            msg = (b"From: s@trusted.test\r\nTo: u@b.test\r\nSubject: signed\r\n"
+                   b"Message-ID: <signed1@trusted.test>\r\n\r\nhello\r\n")
+            signed = sign(msg, "trusted.test", "sel", pem, "ed25519-sha256") + msg
+            with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+                s.sendmail("s@news.trusted.test", ["u@b.test"], signed)  # first sight, not greylisted
+                with pytest.raises(smtplib.SMTPDataError) as exc:  # unsigned: greylisted after DATA
+                    s.sendmail("t@trusted.test", ["u@b.test"], msg.replace(b"signed1", b"unsigned1"))
+                assert exc.value.smtp_code == 451 and b"4.7.1" in exc.value.smtp_error
+            deadline = time.monotonic() + 10
+            while True:
+                time.sleep(0.5)
+                with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+                    try:
+                        s.sendmail("t@trusted.test", ["u@b.test"], msg.replace(b"signed1", b"unsigned1"))
+                        break
+                    except smtplib.SMTPDataError:
+                        assert time.monotonic() < deadline, "never accepted after the greylisting delay"
+            got = inst.messages("u@b.test")
+            assert sum(b"<signed1@" in m for m in got) == 1 and sum(b"<unsigned1@" in m for m in got) == 1
+            why = inst.cli("why", "<signed1@trusted.test>").stdout
+            assert "DKIM pass from trusted.test" in why, why
+        finally:
+            inst.stop()
+
+
 def test_gtube_refused_without_rspamd(tmp_path: Path) -> None:
     inst = Instance(tmp_path / "plain", "b.test")
     inst.add_user("u@b.test", PASSWORD)
@@ -152,7 +192,11 @@ SPAMMY = (b"From: WINNER <promo@remote.test>\r\nTo: u@b.test\r\nSubject: YOU WON
 @pytest.fixture(scope="module")
 def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdServer]:
     with DNSServer() as d:
-        srv = RspamdServer(tmp_path_factory.mktemp("rspamd-mx"), d.nameserver, add_header=2.0)
+        # Rspamd asks for header changes (milter.add_headers / remove_headers) as a site would configure.
+        srv = RspamdServer(tmp_path_factory.mktemp("rspamd-mx"), d.nameserver, add_header=2.0, local={
+            "milter_headers.conf": ('use = ["x-spamd-bar", "remove-headers"];\nskip_local = false;\n'
+                                    "skip_authenticated = false;\n"
+                                    'routines { remove-headers { headers { "X-Upstream-Filter" = 0; } } }\n')})
         srv.start()
         try:
             yield srv
@@ -196,6 +240,18 @@ def test_clean_to_inbox_spammy_to_junk_with_headers(filtered: Instance) -> None:
     assert "inbox" in why and "rspamd: clean" in why, why
 
 
+def test_rspamd_header_changes_applied_and_forged_spam_headers_removed(filtered: Instance) -> None:
+    forged = (b"X-Spam-Status: No, score=-100.00\r\nX-Spam-Flag: NO\r\nX-Upstream-Filter: clean\r\n"
+              b" (folded)\r\n")
+    deliver(filtered, forged + CLEAN.replace(b"clean1", b"forged1"))
+    (msg,) = [m for m in filtered.messages("u@b.test") if b"forged1@remote.test" in m]
+    head = msg.split(b"\r\n\r\n", 1)[0]
+    assert head.count(b"X-Spam-Status:") == 1 and b"score=-100" not in head  # only ours
+    assert b"X-Spam-Flag: NO" not in head
+    assert b"X-Upstream-Filter" not in head and b"(folded)" not in head  # Rspamd's remove_headers
+    assert b"X-Spamd-Bar:" in head  # Rspamd's add_headers
+
+
 def test_gtube_rejected_at_data(filtered: Instance) -> None:
     with smtplib.SMTP(*filtered.addr("smtp"), timeout=30) as s:
         with pytest.raises(smtplib.SMTPDataError) as exc:
@@ -203,17 +259,27 @@ def test_gtube_rejected_at_data(filtered: Instance) -> None:
         assert exc.value.smtp_code == 550
 
 
-def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) -> None:
-    deliver(filtered, CLEAN.replace(b"clean1", b"train1").replace(b"lunch tomorrow", b"cheap meds"))
-
-    async def learned() -> int:
+def learned(rspamd: RspamdServer) -> int:
+    async def stat() -> int:
         c = RspamdClient(rspamd.url, rspamd.controller, rspamd.password)
         try:
             return int((await c.stat()).get("learned", 0))
         finally:
             await c.close()
 
-    before = asyncio.run(learned())
+    return asyncio.run(stat())
+
+
+def wait_learned(rspamd: RspamdServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while learned(rspamd) < count:  # learnt in the background, after the OK
+        assert time.monotonic() < deadline, "the user's verdict never reached Rspamd"
+        time.sleep(0.3)
+
+
+def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) -> None:
+    deliver(filtered, CLEAN.replace(b"clean1", b"train1").replace(b"lunch tomorrow", b"cheap meds"))
+    before = learned(rspamd)
     c = imaplib.IMAP4_SSL(*filtered.addr("imaps"), ssl_context=filtered.client_ssl_context())
     try:
         c.login("u@b.test", PASSWORD)
@@ -224,10 +290,26 @@ def test_move_into_junk_trains_rspamd(filtered: Instance, rspamd: RspamdServer) 
         assert typ == "OK"
     finally:
         c.logout()
-    deadline = time.monotonic() + 30
-    while asyncio.run(learned()) < before + 1:  # learnt in the background, after the OK
-        assert time.monotonic() < deadline, "the move into Junk never reached Rspamd"
-        time.sleep(0.3)
+    wait_learned(rspamd, before + 1)
+
+
+def test_copy_and_expunge_out_of_junk_trains_ham(filtered: Instance, rspamd: RspamdServer) -> None:
+    """Clients without MOVE (RFC 6851) copy, flag \\Deleted and expunge: the COPY out of Junk is the verdict."""
+    deliver(filtered, SPAMMY.replace(b"CLAIM YOUR PRIZE", b"CLAIM YOUR REWARD") + b"<!-- ham1 -->\r\n")
+    before = learned(rspamd)
+    c = imaplib.IMAP4_SSL(*filtered.addr("imaps"), ssl_context=filtered.client_ssl_context())
+    try:
+        c.login("u@b.test", PASSWORD)
+        c.select("Junk")
+        typ, data = c.uid("SEARCH", "SUBJECT", "REWARD")
+        uid = data[0].split()[-1].decode()
+        assert c.uid("COPY", uid, "INBOX")[0] == "OK"
+        assert c.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert c.expunge()[0] == "OK"
+    finally:
+        c.logout()
+    wait_learned(rspamd, before + 1)
+    assert any(b"ham1" in m for m in filtered.messages("u@b.test"))
 
 
 def test_outbound_scan_refuses_spam_from_our_own_user(filtered: Instance) -> None:

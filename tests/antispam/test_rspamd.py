@@ -113,7 +113,7 @@ def test_parse_reply_actions_and_milter() -> None:
                            "milter": {"add_headers": {"X-Extra": {"value": "1", "order": 0}},
                                       "remove_headers": {"X-Old": 1}}})
     assert r.decision is SpamDecision.JUNK and r.report() == "BAYES_SPAM(5.1)"
-    assert r.add_headers == (("X-Extra", "1"),) and r.remove_headers == ("X-Old",)
+    assert r.add_headers == (("X-Extra", "1"),) and r.remove_headers == (("X-Old", 1),)
     assert parse_check_reply({"action": "soft reject"}).decision is SpamDecision.DEFER
     with pytest.raises(ValueError):
         parse_check_reply({"action": "explode"})

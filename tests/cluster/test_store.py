@@ -314,3 +314,21 @@ def test_two_nodes_storing_flags_at_once_lose_nothing(pg: PgServer, bodies_facto
     finally:
         for s in stores:
             s.close()
+
+
+def test_multiappend_is_one_step_and_quota_counts_every_folder(mb: ClusterMailboxes) -> None:
+    spooled = mb.spool()
+    spooled.write(b"Subject: spooled\n\nbody\n")  # bare LF: stored with CRLF, as written
+    v, uids = mb.append_many("INBOX", [(msg(1), ["\\Seen"], None), (spooled, [], 1_700_000_000.0), (msg(3), [], None)])
+    assert uids == [1, 2, 3] and v == mb.snapshot("INBOX").uidvalidity
+    rows = mb.rows("INBOX", uids)
+    assert len({r.modseq for r in rows.values()}) == 1 and rows[2].idate == 1_700_000_000
+    assert mb.read("INBOX", rows[2]) == b"Subject: spooled\r\n\r\nbody\r\n"
+    with pytest.raises(MailboxNotFound):
+        mb.append_many("Nowhere", [(msg(4), [], None)])
+    assert mb.exists("INBOX") and not mb.exists("Nowhere")
+    mb.copy("INBOX", [1], "Trash")
+    usage = mb.quota_usage()
+    assert usage.messages == 4 and usage.bytes == sum(r.size for r in rows.values()) + rows[1].size
+    mb.store("INBOX", [1], "+FLAGS", ["\\Deleted"])
+    assert mb.status("INBOX").deleted_size == rows[1].size

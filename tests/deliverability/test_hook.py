@@ -16,7 +16,8 @@ from postier.mailauth.dkim import generate_key, sign
 from postier.mailauth.reports import (
     AggregateReport, OutgoingReport, PolicyPublished, ReportRow, ReportStore, report_message,
 )
-from postier.pipeline.mailauth import InboundAuth, RewrittenBody
+from postier.message.rewrite import RewrittenBody
+from postier.pipeline.mailauth import InboundAuth
 from postier.proto.smtp.address import parse_path
 from postier.resolver.fake import FakeResolver
 from tests.deliverability.common import body, envelope, make_config

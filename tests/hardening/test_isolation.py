@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from postier.config import Config, Limits, Listener
+from postier.metrics import Metrics
 from postier.server.base import ListenerSet, Session
 from tests.harness import Instance
 
@@ -47,7 +48,7 @@ def test_exceptions_in_one_session_spare_the_others(tmp_path: Path) -> None:
     async def scenario() -> None:
         cfg = Config(hostname="t.test", data_dir=tmp_path, listeners={"imap": Listener("127.0.0.1", 0)},
                      limits=Limits(max_connections=10, max_connections_per_ip=10))
-        services = SimpleNamespace(config=cfg, ssl_context=None, extensions={})
+        services = SimpleNamespace(config=cfg, ssl_context=None, extensions={}, metrics=Metrics())
         ls = ListenerSet(services, {"imap": _Tricky})  # type: ignore[arg-type]
         await ls.start()
         port = ls.bound[0].server.sockets[0].getsockname()[1]

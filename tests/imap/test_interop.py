@@ -15,7 +15,7 @@ import pytest
 
 from postier.store.maildir import deliver_maildir
 
-from tests.programs import require
+from tests.programs import mbsync, mbsync_config, require
 
 from .conftest import PASSWORD, IMAPServer, start_instance
 
@@ -56,7 +56,6 @@ def files(d: Path) -> dict[str, str]:
 
 
 def test_mbsync_both_ways(server: IMAPServer, tmp_path: Path) -> None:
-    mbsync = need("mbsync")
     addr = server.user("sync")
     md = server.maildir(addr)
     for i in range(3):
@@ -64,37 +63,11 @@ def test_mbsync_both_ways(server: IMAPServer, tmp_path: Path) -> None:
     local = tmp_path / "local"
     local.mkdir()
     rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""IMAPAccount postier
-Host 127.0.0.1
-Port {server.inst.port('imap')}
-User {addr}
-Pass {PASSWORD}
-SSLType STARTTLS
-CertificateFile {server.inst.root}/tls/cert.pem
-
-IMAPStore remote
-Account postier
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel c
-Far :remote:
-Near :local:
-Patterns *
-Create Both
-Expunge Both
-Remove Both
-SyncState *
-Sync All
-""")
+    mbsync_config(rc, local, server.inst.port("imap"), addr, PASSWORD, server.inst.root / "tls" / "cert.pem",
+                  ssl_type="STARTTLS")
 
     def sync() -> None:
-        p = subprocess.run([mbsync, "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60,
-                           stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, p.stdout + p.stderr
+        mbsync(rc)
 
     sync()
     assert set(files(local / "INBOX")) == {"server 0", "server 1", "server 2"}

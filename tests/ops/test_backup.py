@@ -11,7 +11,6 @@ from __future__ import annotations
 import imaplib
 import json
 import os
-import shutil
 import smtplib
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Instance, run_cli
+from tests.programs import mbsync, mbsync_config, require
 
 PASSWORD = "password123"
 
@@ -144,11 +144,7 @@ def test_backup_restore_under_load_same_uids(server: Instance, tmp_path: Path) -
 
 
 def test_mbsync_against_restored_server_transfers_nothing(server: Instance, tmp_path: Path) -> None:
-    mbsync = shutil.which("mbsync")
-    if mbsync is None:
-        if os.environ.get("POSTIER_REQUIRE_INTEROP") == "1":
-            pytest.fail("mbsync (Debian package isync) is required but not installed")
-        pytest.skip("mbsync not installed")
+    require("mbsync")
     for i in range(5):
         send(server, i)
     local = tmp_path / "local"
@@ -156,38 +152,10 @@ def test_mbsync_against_restored_server_transfers_nothing(server: Instance, tmp_
     rc = tmp_path / "mbsyncrc"
 
     def write_rc(inst: Instance) -> None:
-        rc.write_text(f"""IMAPAccount postier
-Host 127.0.0.1
-Port {inst.port('imaps')}
-User alice@b.test
-Pass {PASSWORD}
-SSLType IMAPS
-CertificateFile {inst.root}/tls/cert.pem
-
-IMAPStore remote
-Account postier
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel c
-Far :remote:
-Near :local:
-Patterns *
-Create Both
-Expunge Both
-Remove Both
-SyncState *
-Sync All
-""")
+        mbsync_config(rc, local, inst.port("imaps"), "alice@b.test", PASSWORD, inst.root / "tls" / "cert.pem")
 
     def sync() -> str:
-        p = subprocess.run([mbsync, "-V", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60,
-                           stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return p.stdout + p.stderr
+        return mbsync(rc, verbose=True)
 
     write_rc(server)
     sync()

@@ -27,6 +27,8 @@ FRAGMENTS = [
     b" ", b"NIL", b"OR ", b"NOT ", b"CHARSET UTF-8 ", b"RETURN (MIN) ", b"(QRESYNC (1 2 1:3 (1 2)))",
     b"\\Seen", b"+FLAGS.SILENT ", b"&AOQ-", b"\xc3\xa9", b"\x00", b"IDLE", b"DONE", b"1-Feb-2020",
     b"\" 7-Feb-1994 21:52:25 -0800\"", b"INBOX", b"%", b"abc",
+    b"CATENATE (", b"TEXT ", b"URL \"/INBOX/;UID=1\"", b"UTF8 (", b"NOTIFY SET STATUS ", b"NOTIFY NONE",
+    b"(SELECTED (MessageNew (UID) MessageExpunge))", b"(SUBTREE (A B) NONE)", b"OLDER 5 ", b"YOUNGER ",
 ]
 
 LIMITS = ReaderLimits(max_line=200, max_literal=100, max_command=1000, max_literals=8, max_nonsync=50)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from postier.proto import sasl
 from postier.proto.managesieve import (
-    NEED_DATA, Authenticated, AuthCheck, Logout, ManageSieveConnection, ManageSieveSettings, NeedLiteral,
-    ScriptCommand, StartTLS,
+    NEED_DATA, Authenticated, AuthResponse, AuthStart, Logout, ManageSieveConnection, ManageSieveSettings,
+    NeedLiteral, ScriptCommand, StartTLS,
 )
 from postier.sieve import CompileError, compile_script
 
@@ -34,6 +34,7 @@ class App:
         self.scripts: dict[str, bytes] = {}
         self.active: str | None = None
         self.events: list[object] = []
+        self.exchange: sasl.ServerExchange | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.conn.receive_data(data)
@@ -49,10 +50,13 @@ class App:
                 c.tls_started()
             case NeedLiteral(size=size):
                 c.accept_literal() if size <= 100 else c.reject_literal()
-            case AuthCheck(request=sasl.NeedPasswordCheck(authcid=user, password=pw)):
-                c.password_result(user == "bob@example.com" and pw == "secret")
-            case AuthCheck(request=sasl.NeedScramCredentials()):
-                c.scram_credentials(None)
+            case AuthStart(mechanism=mech, initial=initial):
+                self.exchange = sasl.ServerExchange.for_name(mech, success_data=True)
+                assert self.exchange is not None
+                self.auth(self.exchange.start(initial))
+            case AuthResponse(data=data):
+                assert self.exchange is not None
+                self.auth(self.exchange.respond(data))
             case ScriptCommand(name="PUTSCRIPT" | "CHECKSCRIPT" as name, args=args):
                 data = args[-1]
                 assert isinstance(data, bytes)
@@ -94,6 +98,23 @@ class App:
                 pass
             case _:  # pragma: no cover
                 raise AssertionError(ev)
+
+
+    def auth(self, outcome: sasl.Outcome) -> None:
+        """What server/auth.settle does, with one password and no SCRAM keys."""
+        assert self.exchange is not None
+        while True:
+            match outcome:
+                case sasl.NeedPasswordCheck(authcid=user, password=pw):
+                    outcome = self.exchange.password_result(user == "bob@example.com" and pw == "secret")
+                case sasl.NeedScramCredentials():
+                    outcome = self.exchange.scram_credentials(None)
+                case sasl.Challenge(data=data):
+                    return self.conn.auth_challenge(data)
+                case sasl.Success(authcid=user, additional=extra):
+                    return self.conn.auth_success(user, extra)
+                case _:
+                    return self.conn.auth_failure()
 
 
 def _plain(user: str, pw: str) -> bytes:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from postier.message.types import User
 from postier.proto import sasl
 from postier.proto.managesieve import ManageSieveSettings
 from postier.server.managesieve import ManageSieveBackend, serve
@@ -31,20 +32,29 @@ SIEVE_CONNECT = shutil.which("sieve-connect")
 PASSWORD = "correct horse battery"
 
 
+class OneAccount:
+    """The accounts `server/auth.settle` asks: one user, one password, no SCRAM keys."""
+
+    user = User("bob@example.com", "bob", "example.com", "maildir")
+
+    async def verify_password_async(self, address: str, password: str) -> User | None:
+        return self.user if (address, password) == (self.user.address, PASSWORD) else None
+
+    def scram_credentials(self, address: str) -> sasl.ScramCredentials | None:
+        return None
+
+    def get_user(self, address: str) -> User | None:
+        return self.user if address == self.user.address else None
+
+
 class Server:
     def __init__(self, root: Path, ca: trustme.CA) -> None:
         cert = ca.issue_cert("localhost", "127.0.0.1")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(ctx)
 
-        async def check(user: str, pw: str) -> bool:
-            return user == "bob@example.com" and pw == PASSWORD
-
-        async def scram(user: str) -> sasl.ScramCredentials | None:
-            return None
-
         self.backend = ManageSieveBackend(
-            check_password=check, scram_credentials=scram,
+            accounts=OneAccount(),
             store_for=lambda user: ScriptStore(root / user / "sieve", max_script_size=4096), tls_context=ctx,
             settings=ManageSieveSettings(sieve_extensions=tuple(sorted(CAPABILITIES)), mechanisms=("PLAIN",)),
             idle_timeout=30)

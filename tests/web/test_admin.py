@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import smtplib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,19 @@ def test_only_admins_log_in(inst: Instance) -> None:
         r = c.get("/admin/home")
         assert r.status_code == 200 and USER in r.text and DOMAIN in r.text
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+def test_users_table_shows_storage_against_the_quota(inst: Instance) -> None:
+    """The users table shows each user's usage and quota (store/quota.py), as `postier user list` does."""
+    quota_user = f"quota@{DOMAIN}"
+    inst.cli("user", "add", quota_user, "--password-stdin", "--quota", "10M", stdin=PW + "\n")
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=20) as s:
+        s.sendmail("a@b.example", [quota_user], b"From: a@b.example\r\nSubject: q\r\n\r\n" + b"x" * 2000 + b"\r\n")
+    with client(inst) as c:
+        login(c, "admin", ROOT)
+        page = c.get("/admin/home").text
+    row = re.search(r"<td>" + re.escape(quota_user) + r"</td><td>maildir</td><td>([^<]*)</td>", page)
+    assert row and "/10M" in row.group(1), page
 
 
 def test_admin_changes_need_csrf_and_are_logged(inst: Instance) -> None:

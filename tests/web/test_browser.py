@@ -8,12 +8,16 @@ keyboard shortcuts, and compose a message that another user then reads over IMAP
 
 from __future__ import annotations
 
+import email
+import email.policy
 import imaplib
 import os
+import re
 import shutil
 import smtplib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -259,3 +263,97 @@ def test_move_to_a_folder(inst: Instance, browser: webdriver.Chrome) -> None:
     assert "plain hello" not in browser.page_source
     browser.get(url(inst, "/mail/folder?f=Archive"))
     wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "plain hello")))
+
+
+def test_vacation_set_in_the_page_answers_mail(inst: Instance, browser: webdriver.Chrome) -> None:
+    """Vacation set through the settings form; Bob writes over SMTP; the reply reaches Bob's INBOX."""
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/settings"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "vacation")))
+    browser.find_element(By.ID, "vacation").click()
+    browser.find_element(By.ID, "vsubject").send_keys("Away this week")
+    browser.find_element(By.ID, "vbody").send_keys("Back on Monday.")
+    browser.find_element(By.ID, "save-rules").click()
+    wait(browser).until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "p.live"), "Filters saved."))
+    assert browser.find_element(By.ID, "vacation").is_selected()
+    m = EmailMessage()
+    m["From"] = f"Bob <{BOB}>"
+    m["To"] = ALICE
+    m["Subject"] = "are you there?"
+    m["Message-ID"] = "<ask-1@browser.test>"
+    m.set_content("question")
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:
+        s.send_message(m, from_addr=BOB, to_addrs=[ALICE])
+    deadline = time.monotonic() + 60
+    found = b""
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(BOB, PW)
+        while not found and time.monotonic() < deadline:
+            imap.select("INBOX")
+            typ, data = imap.search(None, "SUBJECT", '"Away this week"')
+            if typ == "OK" and data[0]:
+                typ, msg = imap.fetch(data[0].split()[-1], "(BODY[])")
+                first = msg[0]
+                assert isinstance(first, tuple)
+                found = first[1]
+            else:
+                time.sleep(0.5)
+    assert found, "no vacation reply reached Bob"
+    assert b"Back on Monday." in found
+    assert b"Auto-Submitted: auto-replied" in found
+    assert b"<ask-1@browser.test>" in found  # In-Reply-To
+
+
+def test_search_finds_a_word_in_the_body(inst: Instance, browser: webdriver.Chrome) -> None:
+    deliver(inst, ALICE, _plain("nothing in the subject", "the parcel code is zanzibar42 today"))
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/folder?f=INBOX"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    box = browser.find_element(By.CSS_SELECTOR, "input[name=q]")
+    box.send_keys("zanzibar42")
+    body = browser.find_elements(By.CSS_SELECTOR, "input[name=b]")
+    if body and not body[0].is_selected():
+        body[0].click()
+    box.submit()
+    wait(browser).until(EC.presence_of_element_located((By.LINK_TEXT, "nothing in the subject")))
+    assert "plain hello" not in browser.page_source
+
+
+def _plain(subject: str, text: str) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "Sender <sender@elsewhere.invalid>"
+    m["To"] = ALICE
+    m["Subject"] = subject
+    m.set_content(text)
+    return m
+
+
+def test_rich_text_compose_sends_html_and_text(inst: Instance, browser: webdriver.Chrome) -> None:
+    logged_in(inst, browser)
+    browser.get(url(inst, "/mail/compose"))
+    wait(browser).until(EC.presence_of_element_located((By.ID, "rich-toggle")))
+    browser.find_element(By.ID, "to").send_keys(BOB)
+    browser.find_element(By.ID, "subject").send_keys("rich from the browser")
+    browser.find_element(By.ID, "rich-toggle").click()
+    editor = wait(browser).until(EC.visibility_of_element_located((By.ID, "editor")))
+    editor.click()
+    editor.send_keys("normal ")
+    browser.find_element(By.CSS_SELECTOR, "button[data-cmd=bold]").click()
+    editor.send_keys("strong words")
+    browser.find_element(By.CSS_SELECTOR, "button[value=send]").click()
+    wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
+    with imaplib.IMAP4_SSL(inst.address, inst.port("imaps"), ssl_context=inst.client_ssl_context()) as imap:
+        imap.login(BOB, PW)
+        imap.select("INBOX")
+        typ, data = imap.search(None, "SUBJECT", '"rich from the browser"')
+        assert typ == "OK" and data[0]
+        typ, msg = imap.fetch(data[0].split()[-1], "(BODY[])")
+        first = msg[0]
+        assert isinstance(first, tuple)
+        raw = first[1]
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage) and msg.get_content_type() == "multipart/alternative"
+    text, html = msg.iter_parts()
+    assert isinstance(text, EmailMessage) and isinstance(html, EmailMessage)
+    assert "normal strong words" in text.get_content()
+    assert re.search(r"<(b|strong)>strong words</(b|strong)>", html.get_content()), raw

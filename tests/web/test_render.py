@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
 
+from postier.message.sorting import SortFields, SortItem
+from postier.message.threading import thread_references
+from postier.web.mail import MAX_DEPTH, _thread_rows
 from postier.web import render
 
 HOST = "mail.example.test"
@@ -101,3 +105,23 @@ def test_remote_images_are_replaced_until_allowed() -> None:
 def test_harmless_styles_are_kept() -> None:
     clean, _ = render.sanitize_html('<p style="color: red; font-weight: bold; position: fixed">x</p>', str, False)
     assert "color:red" in clean.replace(" ", "") and "position" not in clean
+
+
+def _item(uid: int, msgid: str, refs: tuple[str, ...], minute: int) -> SortItem:
+    when = dt.datetime(2026, 6, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=minute)
+    f = SortFields(when, msgid[0], bool(refs), "a@x", "b@x", "", "a@x", "b@x", msgid, refs)
+    return SortItem(uid, uid, when, 100, f)
+
+
+def test_thread_rows_order_and_depth_without_recursion() -> None:
+    # a chain of 3000 replies (deeper than Python's recursion limit) and a newer thread of two
+    chain = [_item(i + 1, f"c{i}@x", (f"c{i - 1}@x",) if i else (), i) for i in range(3000)]
+    other = [_item(3001, "o0@x", (), 5000), _item(3002, "o1@x", ("o0@x",), 5001)]
+    rows = _thread_rows(thread_references(chain + other), 0, 50)
+    assert rows[:2] == [(3001, 0), (3002, 1)]  # the thread with the newest message first
+    assert rows[2:5] == [(1, 0), (2, 1), (3, 2)] and rows[-1] == (3000, MAX_DEPTH)
+    assert len(rows) == 3002
+    assert _thread_rows(thread_references(chain + other), 1, 1) == rows[2:]  # the second page: one thread
+    # same dates: the later arrival (higher UID) decides
+    a, b = _item(1, "a@x", (), 0), _item(2, "b@x", (), 0)
+    assert _thread_rows(thread_references([a, b]), 0, 50) == [(2, 0), (1, 0)]

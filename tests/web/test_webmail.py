@@ -438,7 +438,7 @@ def test_identities_forward_as_attachment_and_completion(inst: Instance) -> None
         uid = uids(c)["first message"]
         page = c.get("/mail/compose", params={"m": "fwdatt", "f": "INBOX", "u": str(uid)}).text
         assert "Forwarding as an attachment" in page
-        assert f'<option value="info@{DOMAIN}">' in page and f'<option value="{BOB}">' in page  # completion
+        assert f'<option value="info@{DOMAIN}" data-signature="">' in page and f'<option value="{BOB}">' in page  # completion
         r = c.post("/mail/send", data={**base, "subject": "Fwd: first message", "af": "INBOX", "au": str(uid),
                                        "asubject": "first message"})
         assert r.status_code == 303, r.text

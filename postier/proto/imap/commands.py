@@ -13,15 +13,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .search import AllKey, SearchKey
 from .seqset import SequenceSet
 
 __all__ = [
-    "Append", "Authenticate", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
-    "Enable", "Examine", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
-    "Logout", "Lsub", "Move", "Namespace", "Noop", "QResync", "Rename", "Search", "Section", "Select",
+    "Append", "AppendMessage", "Authenticate", "CatPart", "Capability", "Check", "Close", "Command", "Copy", "Create", "Delete",
+    "Enable", "Examine", "SpooledLiteral", "Expunge", "Fetch", "FetchAttr", "Id", "Idle", "List", "ListReturn", "Login",
+    "Logout", "Lsub", "Move", "Namespace", "Noop", "Notify", "NotifyGroup", "QResync", "Rename", "Search", "Section", "Select",
     "StartTLS", "Status", "Store", "StoreMode", "Subscribe", "Unselect", "Unsubscribe",
 ]
 
@@ -209,16 +209,62 @@ class Status(Command):
     items: tuple[str, ...] = ()
 
 
+class SpooledLiteral(Protocol):
+    """A literal the reader passed to a file as it arrived instead of keeping it (a large APPEND
+    message; `CommandReader.spool`). The server owns it once the command is parsed."""
+
+    @property
+    def size(self) -> int: ...
+    def write(self, data: bytes) -> None: ...
+    def discard(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CatPart:
+    """One part of a CATENATE (RFC 4469 §5): ``TEXT`` with ``data``, or ``URL`` with ``url``
+    (an RFC 5092 IMAP URL, absolute or relative, resolved by the server)."""
+
+    kind: str  # "TEXT" or "URL"
+    data: bytes | SpooledLiteral = b""
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendMessage:
+    """One message of an APPEND (RFC 3502 MULTIAPPEND: there may be several).
+
+    ``binary``: the message came as literal8 (RFC 3516 §4.4) or in RFC 6855's ``UTF8 (~{n})``;
+    ``utf8``: it came in that UTF8 form (RFC 6855 §4); ``catenate``: the parts of a CATENATE
+    (RFC 4469), ``message`` is then empty.
+    """
+
+    flags: tuple[str, ...] = ()
+    internal_date: dt.datetime | None = None
+    message: bytes | SpooledLiteral = b""
+    binary: bool = False
+    catenate: tuple[CatPart, ...] | None = None
+    utf8: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Append(Command):
-    """``binary`` is True when the message came as literal8 (RFC 3516 §4.4)."""
+    """The first message's fields inline (the usual one-message APPEND); ``more``: the further
+    messages of a MULTIAPPEND (RFC 3502); ``messages``: all of them in order."""
 
     name: ClassVar[str] = "APPEND"
     mailbox: str = ""
     flags: tuple[str, ...] = ()
     internal_date: dt.datetime | None = None
-    message: bytes = b""
+    message: bytes | SpooledLiteral = b""
     binary: bool = False
+    catenate: tuple[CatPart, ...] | None = None
+    utf8: bool = False
+    more: tuple[AppendMessage, ...] = ()
+
+    @property
+    def messages(self) -> tuple[AppendMessage, ...]:
+        first = AppendMessage(self.flags, self.internal_date, self.message, self.binary, self.catenate, self.utf8)
+        return (first, *self.more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,3 +462,55 @@ class Thread(Command):
     criteria: SearchKey = field(default_factory=AllKey)
 
 __all__ += ["SORT_KEYS", "THREAD_ALGORITHMS", "Sort", "SortCriterion", "Thread"]
+
+
+# -- QUOTA (RFC 9208 §4.1) ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GetQuota(Command):
+    """RFC 9208 §4.1.1: ``root`` is a quota root name as the client sent it."""
+
+    name: ClassVar[str] = "GETQUOTA"
+    root: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GetQuotaRoot(Command):
+    """RFC 9208 §4.1.2."""
+
+    name: ClassVar[str] = "GETQUOTAROOT"
+    mailbox: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetQuota(Command):
+    """RFC 9208 §4.1.3: ``limits`` are (resource name upper-cased, limit) pairs."""
+
+    name: ClassVar[str] = "SETQUOTA"
+    root: str = ""
+    limits: tuple[tuple[str, int], ...] = ()
+
+__all__ += ["GetQuota", "GetQuotaRoot", "SetQuota"]
+# -- NOTIFY (RFC 5465) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NotifyGroup:
+    """One event group: ``filter`` "SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL",
+    "SUBSCRIBED", "SUBTREE" or "MAILBOXES" (the last two with ``mailboxes``); ``events`` the
+    event names as written (case kept, compared case-insensitively), empty for NONE;
+    ``fetch``: MessageNew's fetch attributes (RFC 5465 §5.2)."""
+
+    filter: str
+    mailboxes: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    fetch: tuple[FetchAttr, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Notify(Command):
+    """NOTIFY NONE (``groups`` empty, ``none``) or NOTIFY SET [STATUS] groups (RFC 5465 §3)."""
+
+    name: ClassVar[str] = "NOTIFY"
+    none: bool = False
+    status: bool = False
+    groups: tuple[NotifyGroup, ...] = ()

@@ -16,14 +16,16 @@ import binascii
 import codecs
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .commands import (
     SORT_KEYS,
     THREAD_ALGORITHMS,
     Append,
+    AppendMessage,
     Authenticate,
     Capability,
+    CatPart,
     Check,
     Close,
     Command,
@@ -35,6 +37,8 @@ from .commands import (
     Expunge,
     Fetch,
     FetchAttr,
+    GetQuota,
+    GetQuotaRoot,
     Id,
     Idle,
     List,
@@ -45,6 +49,8 @@ from .commands import (
     Move,
     Namespace,
     Noop,
+    Notify,
+    NotifyGroup,
     QResync,
     Rename,
     Search,
@@ -52,6 +58,8 @@ from .commands import (
     Sort,
     SortCriterion,
     Select,
+    SetQuota,
+    SpooledLiteral,
     StartTLS,
     Status,
     Store,
@@ -76,10 +84,11 @@ from .search import (
     SeqSetKey,
     SizeKey,
     TextKey,
+    WithinKey,
 )
 from .seqset import MAX_NUMBER, SequenceSet
 
-__all__ = ["DEFAULT_MAX_DEPTH", "STATUS_ITEMS", "parse_command", "parse_date", "parse_date_time"]
+__all__ = ["DEFAULT_MAX_DEPTH", "STATUS_ITEMS", "parse_command", "parse_date", "parse_date_time", "parse_section"]
 
 DEFAULT_MAX_DEPTH = 32
 MAX_NUMBER64 = 2**63 - 1  # RFC 9051 §9 number64
@@ -106,6 +115,7 @@ _SYSTEM_FLAGS = {f.upper(): f for f in (
 STATUS_ITEMS = frozenset({
     "MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT", "HIGHESTMODSEQ",
     "APPENDLIMIT",
+    "DELETED-STORAGE",  # RFC 9208 §4.2
 })
 _LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
@@ -125,8 +135,10 @@ _SIMPLE_FETCH = frozenset({
 class _Scanner:
     """Cursor over one framed command; every method consumes exactly its grammar element."""
 
-    def __init__(self, data: bytes, utf8: bool, max_depth: int) -> None:
+    def __init__(self, data: bytes, utf8: bool, max_depth: int,
+                 spooled: Mapping[int, SpooledLiteral] | None = None) -> None:
         self.data = data
+        self.spooled = spooled or {}  # offset where a literal's octets would start -> its file
         self.pos = 0
         self.tag: str | None = None
         self.utf8 = utf8
@@ -217,6 +229,13 @@ class _Scanner:
 
     def literal(self, allow8: bool = False, allow_nul: bool = False) -> tuple[bytes, bool]:
         """Returns (content, is_literal8)."""
+        value, binary = self.message_literal(allow8, allow_nul)
+        if not isinstance(value, bytes):
+            raise self.error("Literal too large here", code="TOOBIG")
+        return value, binary
+
+    def message_literal(self, allow8: bool = False, allow_nul: bool = False) -> tuple[bytes | SpooledLiteral, bool]:
+        """A literal that may have been spooled to a file by the reader (APPEND's messages)."""
         m = _LITERAL.match(self.data, self.pos)
         if m is None:
             raise self.error("Expected literal")
@@ -225,6 +244,10 @@ class _Scanner:
             raise self.error("literal8 not allowed here")
         size = int(m.group(2))
         start = m.end()
+        spooled = self.spooled.get(start)
+        if spooled is not None:  # its octets went to a file (NUL is checked by the server's store)
+            self.pos = start
+            return spooled, binary
         if start + size > len(self.data):
             raise self.error("Truncated literal")
         value = self.data[start : start + size]
@@ -623,6 +646,18 @@ def _status(s: _Scanner, tag: str, uid: bool) -> Command:
 def _append(s: _Scanner, tag: str, uid: bool) -> Command:
     s.sp()
     mailbox = s.mailbox()
+    messages = [_append_message(s)]
+    while s.at(b" "):  # RFC 3502 §6: MULTIAPPEND, 1*append-message
+        messages.append(_append_message(s))
+    s.end()
+    first = messages[0]
+    return Append(tag=tag, mailbox=mailbox, flags=first.flags, internal_date=first.internal_date,
+                  message=first.message, binary=first.binary, catenate=first.catenate, utf8=first.utf8,
+                  more=tuple(messages[1:]))
+
+
+def _append_message(s: _Scanner) -> AppendMessage:
+    """SP [flag-list SP] [date-time SP] append-data (RFC 3502 §6, RFC 4466 §2.3)."""
     s.sp()
     flags: tuple[str, ...] = ()
     when: dt.datetime | None = None
@@ -632,11 +667,61 @@ def _append(s: _Scanner, tag: str, uid: bool) -> Command:
     if s.at(b'"'):
         when = s.date_time()
         s.sp()
+    if s.at_ci(b"CATENATE "):  # RFC 4469 §5
+        s.pos += len(b"CATENATE ")
+        return AppendMessage(flags, when, catenate=_catenate(s))
+    if s.at_ci(b"UTF8 "):  # RFC 6855 §4 utf8-literal
+        s.pos += len(b"UTF8 ")
+        message = _utf8_literal(s)
+        return AppendMessage(flags, when, message, binary=True, utf8=True)
     if not (s.at(b"{") or s.at(b"~{")):
         raise s.error("APPEND needs the message as a literal")
-    message, binary = s.literal(allow8=True, allow_nul=True)  # RFC 3516 §4.4 literal8
-    s.end()
-    return Append(tag=tag, mailbox=mailbox, flags=flags, internal_date=when, message=message, binary=binary)
+    message, binary = s.message_literal(allow8=True, allow_nul=True)  # RFC 3516 §4.4 literal8
+    return AppendMessage(flags, when, message, binary)
+
+
+#: Parts of one CATENATE: each URL part makes the server read a stored message.
+MAX_CATENATE_PARTS = 100
+
+
+def _utf8_literal(s: _Scanner) -> bytes | SpooledLiteral:
+    """RFC 6855 §4: "UTF8" SP "(" literal8 ")" (the word already consumed)."""
+    s.open_paren()
+    if not s.at(b"~{"):
+        raise s.error("UTF8 needs a literal8")
+    message, _binary = s.message_literal(allow8=True, allow_nul=True)
+    s.close_paren()
+    return message
+
+
+def _catenate(s: _Scanner) -> tuple[CatPart, ...]:
+    """RFC 4469 §5: "(" cat-part *(SP cat-part) ")"; cat-part = "TEXT" SP literal / "URL" SP astring
+    (RFC 6855 §4 adds "UTF8" SP "(" literal8 ")")."""
+    s.open_paren()
+    parts: list[CatPart] = []
+    while True:
+        word = s.keyword()
+        s.sp()
+        if word == "TEXT":
+            data, _binary = s.message_literal(allow8=True, allow_nul=True)
+            parts.append(CatPart("TEXT", data))
+        elif word == "UTF8":
+            parts.append(CatPart("TEXT", _utf8_literal(s)))
+        elif word == "URL":
+            url = s.astring()
+            try:
+                parts.append(CatPart("URL", url=url.decode("ascii")))  # RFC 5092: URLs are ASCII
+            except UnicodeDecodeError:
+                raise s.error("URL must be ASCII") from None
+        else:
+            raise s.error("CATENATE part must be TEXT or URL")
+        if not s.at(b" "):
+            break
+        if len(parts) >= MAX_CATENATE_PARTS:
+            raise s.error(f"At most {MAX_CATENATE_PARTS} CATENATE parts", code="LIMIT", status="NO")
+        s.sp()
+    s.close_paren()
+    return tuple(parts)
 
 
 def _expunge(s: _Scanner, tag: str, uid: bool) -> Command:
@@ -806,6 +891,16 @@ def _section(s: _Scanner) -> Section:
             fields = _header_list(s)
     s.expect(b"]")
     return Section(part, text, fields)
+
+
+def parse_section(raw: bytes) -> Section:
+    """A section-spec as inside BODY[...] (e.g. ``1.2.MIME``, ``HEADER.FIELDS (To)``), alone: for
+    RFC 5092's ``;SECTION=`` of IMAP URLs. ParseError if it is not one."""
+    data = b"[" + raw + b"]\r\n"
+    s = _Scanner(data, False, DEFAULT_MAX_DEPTH)
+    section = _section(s)
+    s.end()
+    return section
 
 
 def _section_part(s: _Scanner) -> tuple[int, ...]:
@@ -1016,6 +1111,8 @@ def _search_key(s: _Scanner, charset: str | None) -> SearchKey:
         return SizeKey(word, s.number(MAX_NUMBER64))
     if word == "UID":
         return SeqSetKey(s.seqset(), uid=True)
+    if word in ("OLDER", "YOUNGER"):  # RFC 5032 §2: interval in seconds
+        return WithinKey(word, s.number(nonzero=True))
     if word == "NOT":
         s.depth += 1
         if s.depth > s.max_depth:
@@ -1043,6 +1140,114 @@ def _search_key(s: _Scanner, charset: str | None) -> SearchKey:
             s.sp()
         return ModSeqKey(s.number(MAX_NUMBER64), entry_name, entry_type)
     raise s.error(f"Unknown SEARCH key {word}")
+
+
+# -- QUOTA (RFC 9208 §4.1) -----------------------------------------------------------------------
+
+def _getquota(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    root = s.text(s.astring(), "quota root")  # RFC 9208 §8: quota-root-name = astring
+    s.end()
+    return GetQuota(tag=tag, root=root)
+
+
+def _getquotaroot(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    mailbox = s.mailbox()
+    s.end()
+    return GetQuotaRoot(tag=tag, mailbox=mailbox)
+
+
+def _setquota(s: _Scanner, tag: str, uid: bool) -> Command:
+    # RFC 9208 §8: setquota = "SETQUOTA" SP quota-root-name SP setquota-list;
+    # setquota-list = "(" [setquota-resource *(SP setquota-resource)] ")"
+    s.sp()
+    root = s.text(s.astring(), "quota root")
+    s.sp()
+    s.open_paren()
+    limits: list[tuple[str, int]] = []
+    while not s.at(b")"):
+        if limits:
+            s.sp()
+        resource = s.keyword()
+        s.sp()
+        limits.append((resource, s.number(MAX_NUMBER64)))
+        if len(limits) > 32:
+            raise s.error("Too many quota resources")
+    s.close_paren()
+    s.end()
+    return SetQuota(tag=tag, root=root, limits=tuple(limits))
+# -- NOTIFY (RFC 5465 §8) -----------------------------------------------------------------------
+
+_NOTIFY_FILTERS = frozenset({"SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL", "SUBSCRIBED", "SUBTREE",
+                             "MAILBOXES"})
+_FILTER_NAME = re.compile(rb"[A-Za-z-]+")
+
+
+def _notify(s: _Scanner, tag: str, uid: bool) -> Command:
+    s.sp()
+    word = s.keyword()
+    if word == "NONE":
+        s.end()
+        return Notify(tag=tag, none=True)
+    if word != "SET":
+        raise s.error("NOTIFY needs SET or NONE")
+    s.sp()
+    status = False
+    if s.at_ci(b"STATUS "):
+        s.pos += len(b"STATUS ")
+        status = True
+    groups = [_notify_group(s)]
+    while s.at(b" "):
+        s.sp()
+        groups.append(_notify_group(s))
+    s.end()
+    return Notify(tag=tag, status=status, groups=tuple(groups))
+
+
+def _notify_group(s: _Scanner) -> NotifyGroup:
+    """"(" filter-mailboxes SP events ")"."""
+    s.open_paren()
+    flt = s.match(_FILTER_NAME, "mailbox filter").decode("ascii").upper()
+    if flt not in _NOTIFY_FILTERS:
+        raise s.error(f"Unknown NOTIFY filter {flt}")
+    mailboxes: tuple[str, ...] = ()
+    if flt in ("SUBTREE", "MAILBOXES"):  # one-or-more-mailbox
+        s.sp()
+        if s.at(b"("):
+            s.open_paren()
+            names = [s.mailbox()]
+            while s.at(b" "):
+                s.sp()
+                names.append(s.mailbox())
+            s.close_paren()
+        else:
+            names = [s.mailbox()]
+        mailboxes = tuple(names)
+    s.sp()
+    events: list[str] = []
+    fetch: list[FetchAttr] = []
+    if s.at_ci(b"NONE"):
+        s.pos += 4
+    else:
+        s.open_paren()
+        while True:
+            ev = s.atom().decode("ascii")
+            events.append(ev)
+            if ev.upper() == "MESSAGENEW" and s.at(b" ("):  # RFC 5465 §5.2 fetch-att
+                s.sp()
+                s.open_paren()
+                fetch.extend(_fetch_att(s))
+                while s.at(b" "):
+                    s.sp()
+                    fetch.extend(_fetch_att(s))
+                s.close_paren()
+            if not s.at(b" "):
+                break
+            s.sp()
+        s.close_paren()
+    s.close_paren()
+    return NotifyGroup(flt, mailboxes, tuple(events), tuple(fetch))
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -1079,7 +1284,11 @@ _COMMANDS: dict[str, _Handler] = {
     "MOVE": _copy_move(Move),
     "ID": _id,
     "SORT": _sort,  # RFC 5256
+    "NOTIFY": _notify,  # RFC 5465
     "THREAD": _thread,
+    "GETQUOTA": _getquota,  # RFC 9208
+    "GETQUOTAROOT": _getquotaroot,
+    "SETQUOTA": _setquota,
 }
 _UID_COMMANDS = frozenset({"COPY", "MOVE", "FETCH", "SEARCH", "STORE", "EXPUNGE", "SORT", "THREAD"})  # RFC 9051 §6.4.9
 
@@ -1092,13 +1301,15 @@ def read_tag(data: bytes) -> str | None:
     return m.group().decode("ascii")
 
 
-def parse_command(data: bytes, *, utf8: bool = False, max_depth: int = DEFAULT_MAX_DEPTH) -> Command:
+def parse_command(data: bytes, *, utf8: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
+                  spooled: Mapping[int, SpooledLiteral] | None = None) -> Command:
     """Parse one framed command (ending in CRLF, literals inline) or raise ParseError.
 
     ``utf8`` selects mailbox-name decoding: False for IMAP4rev1 (modified UTF-7), True once the
-    session has enabled IMAP4rev2 or UTF8=ACCEPT.
+    session has enabled IMAP4rev2 or UTF8=ACCEPT. ``spooled``: literals the reader wrote to files,
+    by the offset in ``data`` where their octets would have been (only APPEND's messages may be).
     """
-    s = _Scanner(data, utf8, max_depth)
+    s = _Scanner(data, utf8, max_depth, spooled)
     if not data.endswith(b"\r\n"):
         raise s.error("Command not terminated by CRLF")
     tag = read_tag(data)

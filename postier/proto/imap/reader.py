@@ -12,7 +12,12 @@ Bytes in, events out, in the style of h11::
 
 The reader only frames: it collects one command's lines and literals (never more than the limits)
 and hands the whole to ``parse_command``. A synchronising literal ``{n}`` is *signalled*, not read:
-the server decides whether to send "+" (RFC 9051 §7.5). Literals over ``limits.max_literal`` are
+the server decides whether to send "+" (RFC 9051 §7.5). An APPEND literal of at least
+``limits.spool_from`` octets is not kept either: when the server has set ``reader.spool``, its
+octets go to the ``SpooledLiteral`` that ``spool(size)`` returns as they arrive, so one command
+holds at most a read's worth of such a literal in memory; the parsed command carries the spooled
+object, and the server discards it when done (the reader discards those of a command that fails
+to parse, and all on ``close()``). Literals over ``limits.max_literal`` are
 refused by the reader itself with ``ParseError(code="TOOBIG")`` and no "+" is ever needed. After any
 ParseError the reader has resynchronised on the next command: a too-long line is skipped up to its
 LF, and a refused non-synchronising literal ``{n+}`` (which the client sends anyway) is counted
@@ -22,10 +27,11 @@ away without being stored. Call ``next_event`` until it returns None after every
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from .commands import Command
+from .commands import Command, SpooledLiteral
 from .errors import ParseError
 from .parser import DEFAULT_MAX_DEPTH, parse_command, read_tag
 
@@ -52,12 +58,15 @@ class ReaderLimits:
     max_literals: int = 64
     max_nonsync: int | None = None
     max_depth: int = DEFAULT_MAX_DEPTH
+    spool_from: int | None = None  # APPEND literals this large go to ``reader.spool`` (None: never)
+    max_spooled: int = 0  # all spooled literals of one command together
 
     @classmethod
     def authenticated(cls, append_limit: int, *, max_nonsync: int | None = None) -> ReaderLimits:
-        """Limits after login: literals up to the APPENDLIMIT (RFC 7889)."""
+        """Limits after login: literals up to the APPENDLIMIT (RFC 7889); APPEND literals of 64 KiB
+        or more spooled, at most four APPENDLIMITs of them per command (RFC 3502 MULTIAPPEND)."""
         return cls(max_literal=append_limit, max_command=append_limit + 128 * 1024,
-                   max_nonsync=max_nonsync)
+                   max_nonsync=max_nonsync, spool_from=64 * 1024, max_spooled=4 * append_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,12 @@ class CommandReader:
         self._pending: NeedContinuation | None = None
         self._skip_tail = b""
         self._raw = False
+        #: Where large APPEND literals go (set by the server once a user is logged in).
+        self.spool: Callable[[int], SpooledLiteral] | None = None
+        self._spooled: dict[int, SpooledLiteral] = {}  # of the command being read, by offset in _cmd
+        self._spooled_size = 0
+        self._sink: SpooledLiteral | None = None  # the literal being received goes here
+        self._pending_spool = False
 
     # -- driver API -----------------------------------------------------------------------------
 
@@ -114,6 +129,12 @@ class CommandReader:
     def buffered(self) -> int:
         """Bytes received but not consumed yet (the command being assembled excluded)."""
         return len(self._buf)
+
+    @property
+    def held(self) -> int:
+        """Bytes held in memory: unread input plus the command assembled so far (a spooled
+        literal's octets are not held)."""
+        return len(self._buf) + len(self._cmd)
 
     @property
     def in_command(self) -> bool:
@@ -140,12 +161,18 @@ class CommandReader:
         self._remaining = self._pending.size
         self._pending = None
         self._mode = _Mode.LITERAL
+        if self._pending_spool:
+            self._start_spool(self._remaining)
 
     def reject_literal(self) -> None:
         """The server answered the command with BAD/NO instead of "+": the client will not send
         the literal, and the next bytes start a new command."""
         if self._mode is not _Mode.WAIT:
             raise RuntimeError("no literal is waiting")
+        self._reset()
+
+    def close(self) -> None:
+        """The session ends: discard the spooled literals of a command not handed over."""
         self._reset()
 
     def next_event(self) -> Command | NeedContinuation | RawLine | None:
@@ -158,11 +185,15 @@ class CommandReader:
             if mode is _Mode.LITERAL or mode is _Mode.SKIP_LITERAL:
                 take = min(self._remaining, len(self._buf))
                 if mode is _Mode.LITERAL:
-                    self._cmd += self._buf[:take]
+                    if self._sink is not None:
+                        self._sink.write(bytes(self._buf[:take]))
+                    else:
+                        self._cmd += self._buf[:take]
                 del self._buf[:take]
                 self._remaining -= take
                 if self._remaining:
                     return None
+                self._sink = None
                 self._mode = _Mode.LINE if mode is _Mode.LITERAL else _Mode.SKIP_LINE
                 continue
             if mode is _Mode.SKIP_LINE:
@@ -181,6 +212,26 @@ class CommandReader:
         self._pending = None
         self._mode = _Mode.LINE
         self._remaining = 0
+        self._discard_spooled(self._take_spooled())
+
+    def _take_spooled(self) -> dict[int, SpooledLiteral]:
+        spooled, self._spooled = self._spooled, {}
+        self._spooled_size = 0
+        self._sink = None
+        self._pending_spool = False
+        return spooled
+
+    @staticmethod
+    def _discard_spooled(spooled: dict[int, SpooledLiteral]) -> None:
+        for lit in spooled.values():
+            lit.discard()
+
+    def _start_spool(self, size: int) -> None:
+        assert self.spool is not None
+        self._sink = self.spool(size)
+        self._spooled[len(self._cmd)] = self._sink  # where its octets would have started
+        self._spooled_size += size
+        self._pending_spool = False
 
     def _fail(self, message: str, tag: str | None, code: str | None = None) -> ParseError:
         self._reset()
@@ -235,18 +286,25 @@ class CommandReader:
         m = _LITERAL_AT_END.search(body)
         if m is None:
             data = bytes(self._cmd)
+            spooled = self._take_spooled()
             self._reset()
             if data == b"\r\n":
                 raise ParseError("Empty command line")
-            return parse_command(data, utf8=self.utf8, max_depth=limits.max_depth)
+            try:
+                return parse_command(data, utf8=self.utf8, max_depth=limits.max_depth, spooled=spooled)
+            except BaseException:
+                self._discard_spooled(spooled)
+                raise
         size = int(m.group(2)) if len(m.group(2)) <= 20 else 1 << 70
         binary = bool(m.group(1))
         nonsync = bool(m.group(3))
         tag = self._current_tag()
         self._literals += 1
+        spool = (self.spool is not None and limits.spool_from is not None and size >= limits.spool_from
+                 and self._command_words() == "APPEND")
         too_big = (
             size > limits.max_literal
-            or len(self._cmd) + size > limits.max_command
+            or (self._spooled_size + size > limits.max_spooled if spool else len(self._cmd) + size > limits.max_command)
             or (nonsync and limits.max_nonsync is not None and size > limits.max_nonsync)
         )
         if too_big or self._literals > limits.max_literals:
@@ -258,7 +316,10 @@ class CommandReader:
         if nonsync:
             self._mode = _Mode.LITERAL
             self._remaining = size
+            if spool:
+                self._start_spool(size)
             return _Again.AGAIN
+        self._pending_spool = spool
         self._mode = _Mode.WAIT
         self._pending = NeedContinuation(tag, self._command_words(), size, binary)
         return self._pending

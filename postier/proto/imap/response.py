@@ -204,6 +204,11 @@ class Code:
         return ResponseCode("APPENDUID", f"{uidvalidity} {uids}".encode())  # RFC 4315 §3
 
     @staticmethod
+    def badurl(url: str) -> ResponseCode:
+        """RFC 4469 §5 (errata 4046): the URL bare, no "]" in it."""
+        return ResponseCode("BADURL", url.replace("]", "%5D").encode("ascii", "replace"))
+
+    @staticmethod
     def copyuid(uidvalidity: int, source: SequenceSet, dest: SequenceSet) -> ResponseCode:
         return ResponseCode("COPYUID", f"{uidvalidity} {source} {dest}".encode())  # RFC 4315 §3
 
@@ -334,6 +339,18 @@ def status(name: str, items: Iterable[tuple[str, int]], *, utf8: bool = False) -
     """``* STATUS "box" (MESSAGES 3 UIDNEXT 9)`` (RFC 9051 §7.3.2)."""
     body = b" ".join(f"{k} {v}".encode("ascii") for k, v in items)
     return b"* STATUS " + encode_mailbox(name, utf8=utf8) + b" (" + body + b")" + CRLF
+
+
+def quota(root: str, resources: Iterable[tuple[str, int, int]]) -> bytes:
+    """``* QUOTA "" (STORAGE 10 512 MESSAGE 3 1000)`` (RFC 9208 §5.1): name, usage, limit."""
+    body = b" ".join(f"{name} {used} {limit}".encode("ascii") for name, used, limit in resources)
+    return b"* QUOTA " + encode_string(root.encode("utf-8")) + b" (" + body + b")" + CRLF
+
+
+def quotaroot(mailbox: str, roots: Iterable[str], *, utf8: bool = False) -> bytes:
+    """``* QUOTAROOT INBOX ""`` (RFC 9208 §5.2): the mailbox and its quota roots (maybe none)."""
+    names = b"".join(b" " + encode_string(r.encode("utf-8")) for r in roots)
+    return b"* QUOTAROOT " + encode_mailbox(mailbox, utf8=utf8) + names + CRLF
 
 
 def search(ids: Iterable[int], modseq: int | None = None) -> bytes:
@@ -511,3 +528,4 @@ def esort(
 
 
 __all__ += ["ThreadTree", "esort", "ordered_set", "sort", "thread"]
+__all__ += ["quota", "quotaroot"]

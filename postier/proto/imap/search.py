@@ -1,4 +1,4 @@
-"""SEARCH criteria as a small tree (RFC 9051 §6.4.4, RFC 3501 §6.4.4, RFC 7162 §3.1.5 MODSEQ).
+"""SEARCH criteria as a small tree (RFC 9051 §6.4.4, RFC 3501 §6.4.4, RFC 7162 §3.1.5 MODSEQ, RFC 5032 WITHIN).
 
 The parser lowers the many keywords onto a few node types: FROM/TO/CC/BCC/SUBJECT become
 ``HeaderKey``, SEEN/UNSEEN/KEYWORD/NEW/OLD/... become ``FlagKey`` (NEW is RECENT and UNSEEN), so an
@@ -14,7 +14,7 @@ from .seqset import SequenceSet
 
 __all__ = [
     "AllKey", "AndKey", "DateKey", "FlagKey", "HeaderKey", "ModSeqKey", "NotKey", "OrKey",
-    "SearchKey", "SeqSetKey", "SizeKey", "TextKey",
+    "SearchKey", "SeqSetKey", "SizeKey", "TextKey", "WithinKey",
 ]
 
 
@@ -85,6 +85,15 @@ class ModSeqKey:
 
 
 @dataclass(frozen=True, slots=True)
+class WithinKey:
+    """RFC 5032 OLDER/YOUNGER: INTERNALDATE at least / at most ``seconds`` before the search runs
+    (to the second, unlike the date-only BEFORE/SINCE)."""
+
+    op: str  # "OLDER" or "YOUNGER"
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class NotKey:
     key: SearchKey
 
@@ -101,6 +110,6 @@ class AndKey:
 
 
 type SearchKey = (
-    AllKey | SeqSetKey | FlagKey | DateKey | SizeKey | HeaderKey | TextKey | ModSeqKey | NotKey
+    AllKey | SeqSetKey | FlagKey | DateKey | SizeKey | HeaderKey | TextKey | ModSeqKey | WithinKey | NotKey
     | OrKey | AndKey
 )

@@ -40,7 +40,14 @@ BASE_CAPABILITIES = (
     "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "LITERAL+",
     "CHILDREN", "CONDSTORE", "QRESYNC", "BINARY", "STATUS=SIZE", "SASL-IR",
     "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "ESORT",  # RFC 5256, 5957, 5267
+    "MULTIAPPEND", "CATENATE",  # RFC 3502, RFC 4469
+    "UTF8=ACCEPT",  # RFC 6855
+    "WITHIN",  # RFC 5032
+    "NOTIFY",  # RFC 5465
 )
+
+#: RFC 9208 §3.1, §5: the QUOTA extension and the resources counted (store/quota.py).
+QUOTA_CAPABILITIES = ("QUOTA", "QUOTA=RES-STORAGE")
 
 
 class Refusal(Exception):
@@ -119,11 +126,18 @@ class SessionCore:
         self.tls = tls
         self.state = State.NOT_AUTHENTICATED
         self.rev2 = False  # ENABLE IMAP4rev2 (RFC 9051 §6.3.1): UTF-8 names, no \Recent
+        self.utf8_accept = False  # ENABLE UTF8=ACCEPT (RFC 6855 §3): UTF-8 names and strings
         self.condstore = False  # RFC 7162 §3.1: enabled explicitly or by a CONDSTORE-using command
         self.qresync = False
         self.sel: Selected | None = None
 
     # -- state, legal commands and capabilities -------------------------------------------------
+
+    @property
+    def utf8(self) -> bool:
+        """Mailbox names and quoted strings are UTF-8, not modified UTF-7 and 7-bit (RFC 9051 §5.1
+        once IMAP4rev2 is enabled, RFC 6855 §3 once UTF8=ACCEPT is)."""
+        return self.rev2 or self.utf8_accept
 
     @property
     def auth_allowed(self) -> bool:
@@ -144,6 +158,7 @@ class SessionCore:
             return caps
         caps += BASE_CAPABILITIES
         caps.insert(caps.index("CHILDREN") + 1, f"APPENDLIMIT={self.settings.appendlimit}")
+        caps += QUOTA_CAPABILITIES
         return caps
 
     def refusal(self, command_name: str) -> str | None:
@@ -173,6 +188,9 @@ class SessionCore:
             elif cap == "IMAP4REV2" and not self.rev2:
                 self.rev2 = True
                 done.append("IMAP4rev2")
+            elif cap == "UTF8=ACCEPT" and not self.utf8_accept:  # RFC 6855 §3
+                self.utf8_accept = True
+                done.append(cap)
         return R.enabled(done)
 
     # -- selecting ------------------------------------------------------------------------------

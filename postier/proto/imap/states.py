@@ -19,6 +19,7 @@ _NOT_AUTH = frozenset({"STARTTLS", "AUTHENTICATE", "LOGIN"})  # §6.2
 _AUTH = frozenset({  # §6.3 (ENABLE: RFC 5161 §3.1, authenticated state only)
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
     "NAMESPACE", "STATUS", "APPEND", "IDLE",
+    "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",  # RFC 9208 §4.1
 })
 _SELECTED = frozenset({  # §6.4; UID variants are checked by their base name
     "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
@@ -27,8 +28,8 @@ _SELECTED = frozenset({  # §6.4; UID variants are checked by their base name
 
 COMMANDS_BY_STATE: dict[State, frozenset[str]] = {
     State.NOT_AUTHENTICATED: _ANY | _NOT_AUTH,
-    State.AUTHENTICATED: _ANY | _AUTH | {"ENABLE"},
-    State.SELECTED: _ANY | _AUTH | _SELECTED,
+    State.AUTHENTICATED: _ANY | _AUTH | {"ENABLE", "NOTIFY"},  # NOTIFY: RFC 5465 §3
+    State.SELECTED: _ANY | _AUTH | _SELECTED | {"NOTIFY"},
     State.LOGOUT: frozenset(),
 }
 

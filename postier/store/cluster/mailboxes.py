@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 import threading
 import time
 from array import array
@@ -41,6 +42,8 @@ from ..errors import (
     UnknownSpecialUse,
 )
 from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags
+from ..maildir import SpoolFile
+from ..quota import Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from .bodies import BodyStore
 from .schema import CHANNEL
@@ -230,10 +233,30 @@ class ClusterMailboxes:
             st = self._load(conn, n)
             r = conn.execute("SELECT count(*), count(*) FILTER (WHERE flags & %s = 0), "
                              "count(*) FILTER (WHERE flags & %s != 0), coalesce(sum(size), 0), "
-                             "count(*) FILTER (WHERE uid >= (SELECT recent_uid FROM folders WHERE id=%s)) "
-                             "FROM messages WHERE folder=%s", (FLAG_SEEN, FLAG_DELETED, st.fid, st.fid)).fetchone()
+                             "count(*) FILTER (WHERE uid >= (SELECT recent_uid FROM folders WHERE id=%s)), "
+                             "coalesce(sum(size) FILTER (WHERE flags & %s != 0), 0) "
+                             "FROM messages WHERE folder=%s",
+                             (FLAG_SEEN, FLAG_DELETED, st.fid, FLAG_DELETED, st.fid)).fetchone()
         assert r is not None
-        return StatusInfo(r[0], r[1], r[2], int(r[3]), st.uidnext, st.uidvalidity, st.highestmodseq, r[4])
+        return StatusInfo(r[0], r[1], r[2], int(r[3]), st.uidnext, st.uidvalidity, st.highestmodseq, r[4], int(r[5]))
+
+    @_op
+    def exists(self, name: str) -> bool:
+        n = normalize_name(name)
+        with self._tx() as conn:
+            return conn.execute("SELECT 1 FROM folders WHERE owner=%s AND name=%s", (self.owner, n)).fetchone() is not None
+
+    @_op
+    def quota_usage(self) -> Usage:
+        """RFC 9208 STORAGE and MESSAGE usage: every message of the user, in every folder."""
+        with self._tx() as conn:
+            r = conn.execute("SELECT coalesce(sum(m.size), 0), count(*) FROM messages m JOIN folders f ON f.id = m.folder "
+                             "WHERE f.owner=%s", (self.owner,)).fetchone()
+        assert r is not None
+        return Usage(int(r[0]), int(r[1]), self.user.quota)
+
+    def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
+        return None  # no full-text index in cluster mode yet: the matcher reads the messages
 
     def watch_path(self, name: str) -> Path | None:
         return None  # changes arrive by LISTEN/NOTIFY (store.cluster.store.ClusterNotifier)
@@ -419,33 +442,61 @@ class ClusterMailboxes:
         assert r is not None
         return int(r[0])
 
-    @_op
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
         before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        v, uids = self.append_many(name, [(data, flag_names, internal_date)])
+        return v, uids[0]
+
+    def spool(self) -> SpoolFile:
+        """A local temporary file for a message that arrives in pieces (a large APPEND literal)."""
+        return SpoolFile(Path(tempfile.gettempdir()))
+
+    @_op
+    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
+                    ) -> tuple[int, list[int]]:
+        """APPEND of several messages, all or none (RFC 3502 MULTIAPPEND): every body is put and
+        confirmed first, then one transaction draws their UIDs and inserts the rows."""
         n = normalize_name(name)
-        bits, kws = names_to_flags(flag_names)
-        if b"\n" in data.replace(b"\r\n", b""):
-            data = _to_crlf(data)
-        digest = self.bodies.digest(data)
+        if not messages:
+            raise StoreError("no message to append")
         with self._tx() as conn:  # fail early (no upload) when the folder is missing
             self._fid(conn, n)
-            # Renew the body's mark before the upload: the collector (store.cluster.gc) holds this
-            # row while it deletes an unreferenced body, so the upload cannot be deleted under us.
-            conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
-                         (digest,))
-        self.bodies.put(data, digest)
-        idate = int(internal_date) if internal_date is not None else int(time.time())
+        prepared: list[tuple[str, int, int, list[str], int]] = []
+        for item, flag_names, internal_date in messages:
+            if isinstance(item, SpoolFile):
+                data = item.read_all()
+                item.discard()
+            else:
+                data = item
+                if b"\n" in data.replace(b"\r\n", b""):
+                    data = _to_crlf(data)
+            bits, kws = names_to_flags(flag_names)
+            digest = self.bodies.digest(data)
+            with self._tx() as conn:
+                # Renew the body's mark before the upload: the collector (store.cluster.gc) holds this
+                # row while it deletes an unreferenced body, so the upload cannot be deleted under us.
+                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
+                             (digest,))
+            self.bodies.put(data, digest)
+            idate = int(internal_date) if internal_date is not None else int(time.time())
+            prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
             fid, uidvalidity, known = self._fid(conn, n, lock=True)
-            kws, _known = self._keywords(conn, fid, known, kws)
-            uid, modseq = self._allocate(conn, fid, 1)
-            conn.execute("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
-                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                         (fid, uid, digest, len(data), bits, " ".join(kws), modseq, idate))
+            rows = []
+            for digest, size, bits, kws, idate in prepared:
+                canon, known = self._keywords(conn, fid, known, kws)
+                rows.append((digest, size, bits, " ".join(canon), idate))
+            first, modseq = self._allocate(conn, fid, len(rows))
+            uids = list(range(first, first + len(rows)))
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
+                                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                                [(fid, u, d, size, bits, kw, modseq, idate)
+                                 for u, (d, size, bits, kw, idate) in zip(uids, rows, strict=True)])
             self._notify(conn, n)
-        return uidvalidity, uid
+        return uidvalidity, uids
 
     @_op
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],

@@ -26,6 +26,7 @@ import psycopg_pool
 
 from ...config import Config
 from ...message.types import MessageBody, User
+from ...metrics import Metrics
 from ..api import Mailboxes
 from ..delivery import DeliveryResult, LocalDelivery
 from ..errors import MailboxNotFound, StoreError, StoreUnavailable
@@ -37,6 +38,9 @@ from .schema import CHANNEL, ensure_schema
 __all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_bodies", "open_cluster", "open_store"]
 
 log = logging.getLogger("postier.cluster")
+
+#: maildir(5) info letters -> IMAP system flags
+_LETTER_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
 
 class ClusterNotifier(ChangeNotifier):
@@ -150,13 +154,15 @@ class ClusterDelivery(LocalDelivery):
     folder a Sieve script named does not exist), so a 250 means the body is in the object store
     and the row committed. The fan-out, alias handling and listeners are `LocalDelivery`'s."""
 
-    def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16):
-        super().__init__(mail_root, workers=workers, agent=False)
+    def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16, metrics: Metrics | None = None):
+        super().__init__(mail_root, workers=workers, agent=False, metrics=metrics)
         self.store = store
 
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
-                    folder: str | None = None) -> DeliveryResult:
+                    folder: str | None = None, info: str = "") -> DeliveryResult:
         data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+        # `info` is a Maildir flags suffix (":2,FS", Sieve's flags): the same flags on the row
+        flags = [_LETTER_FLAGS[ch] for ch in info.partition(":2,")[2] if ch in _LETTER_FLAGS]
         try:
             mb = self.store.acquire(user)
         except StoreError as exc:
@@ -168,10 +174,10 @@ class ClusterDelivery(LocalDelivery):
                 with contextlib.suppress(StoreError):
                     name = normalize_name(folder)
             try:
-                v, uid = mb.append(name, data)
+                v, uid = mb.append(name, data, flags)
             except MailboxNotFound:  # a new user (no INBOX yet), or a folder a script named
                 mb.ensure_defaults()
-                v, uid = mb.append(INBOX, data)
+                v, uid = mb.append(INBOX, data, flags)
             return DeliveryResult(user, True, f"{v}:{uid}")
         except StoreError as exc:
             log.error("delivery to %s failed: %s", user.address, exc)
@@ -202,7 +208,7 @@ def open_store(config: Config, workers: int = 8) -> ClusterStore:
                         timeout=c.timeout)
 
 
-def open_cluster(config: Config) -> tuple[ClusterStore, ClusterDelivery]:
+def open_cluster(config: Config, metrics: Metrics | None = None) -> tuple[ClusterStore, ClusterDelivery]:
     """The mail store and MDA of cluster mode from `[cluster]` (server/app.py `build_app`)."""
     store = open_store(config)
-    return store, ClusterDelivery(store, config.mail_root)
+    return store, ClusterDelivery(store, config.mail_root, metrics=metrics)

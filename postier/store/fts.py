@@ -1,0 +1,284 @@
+"""The per-user full-text index (SQLite FTS5, trigram tokenizer) that answers the text searches of IMAP
+SEARCH (RFC 9051 §6.4.4 SUBJECT, FROM, TO, CC, BCC, BODY, TEXT) and of the webmail.
+
+It is a cache beside the mailbox index (`postier-fts.sqlite`, attached to the index connection as
+schema ``fts``), keyed by the Maildir base name of a message: a Maildir file's contents never change
+(flag changes rename it, the base stays), so one entry serves every folder holding that file (COPY
+makes hard links with the same base). Each entry holds the text `message.matching.search_text`
+extracts (the same decoding as the matcher: RFC 2047 words, transfer encodings, charsets), casefolded,
+and the trigram tokenizer runs case-sensitive over it, so a phrase query for a casefolded needle of
+three or more characters finds exactly the messages whose text contains it (IMAP's case-insensitive
+substring); shorter needles are looked up with ``instr`` over the stored columns.
+
+Consistency does not depend on the index being complete: a message whose base has no entry, or whose
+entry is not exact (text cut at the bound, see `SearchText.exact`), is reported as not covered and
+evaluated by the matcher as before (`UserMailbox.text_search` answers per (field, needle);
+`server.imapfetch.narrow` turns the answers into rewritten SEARCH criteria and candidate UIDs, so
+the store knows nothing of IMAP). An exact entry's answer is not confirmed by the matcher again: it
+is the matcher's own text and comparison (casefolded substring, chunk by chunk), so confirming would
+only re-parse every hit (a second per thousand hits on 100,000 messages); `tests/imap/test_fts.py`
+asserts index and matcher give the same UIDs.
+Entries are written by APPEND (in the same user-locked step), by a search for up to
+`CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
+not touch the index: their messages are indexed by the next search, and evaluated by the matcher
+until then), and rebuilt by `postier reindex`; EXPUNGE removes the entries no folder uses any more.
+Why written here: FTS5 is in the sqlite3 module already; nothing to add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
+from .index import parse_file_name
+
+__all__ = ["CATCH_UP", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "searchable"]
+
+log = logging.getLogger("postier.store")
+
+FTS_NAME = "postier-fts.sqlite"
+_VERSION = 1  # PRAGMA user_version of the file; another version: the cache is dropped and rebuilt
+CATCH_UP = 1000  # unindexed messages a search indexes at most (the rest go through the matcher)
+_COLUMNS = {"SUBJECT": "subject", "FROM": "hfrom", "TO": "hto", "CC": "hcc", "BCC": "hbcc"}
+# BODY searches text parts and encapsulated headers; TEXT text parts and every part's header.
+_SCOPES = {"BODY": ("leaves", "inner"), "TEXT": ("leaves", "headers")}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fts.docs (
+    id INTEGER PRIMARY KEY,
+    base TEXT NOT NULL UNIQUE,
+    exact INTEGER NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts.ftext USING fts5(
+    subject, hfrom, hto, hcc, hbcc, leaves, headers, inner, tokenize = 'trigram case_sensitive 1'
+);
+CREATE TRIGGER IF NOT EXISTS fts.docs_gone AFTER DELETE ON docs BEGIN
+    DELETE FROM ftext WHERE rowid = old.id;
+END;
+"""
+
+
+def _row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
+    t = search_text(raw)
+    return int(t.exact), (*(t.fields[f] for f in INDEXED_FIELDS), t.leaves, t.headers, t.inner)
+
+
+def searchable(field: str, needle: str) -> bool:
+    """True when the index can answer "the `field` text contains `needle`": `field` one of
+    INDEXED_FIELDS (a header field), "BODY" or "TEXT" (as `message.matching` scopes them)."""
+    return (field in _COLUMNS or field in _SCOPES) and bool(needle) and CHUNK_SEP not in needle
+
+
+@dataclass
+class _Gaps:
+    stamp: tuple[int, int]
+    last: int = 0  # UIDs up to this one were looked at
+    missing: set[int] = field(default_factory=set)  # no entry
+    unchecked: set[int] = field(default_factory=set)  # no exact entry (missing included)
+
+
+class TextIndex:
+    """The FTS file attached to one user's index connection. Not thread-safe: the caller holds the
+    user lock, as for the index itself."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        self._clears = 0  # bumped by clear() (data_version only counts other connections' writes)
+        self._gap_cache: dict[int, _Gaps] = {}
+        conn.execute("ATTACH DATABASE ? AS fts", (str(path),))
+        try:
+            conn.execute("PRAGMA fts.journal_mode=WAL")
+            conn.execute("PRAGMA fts.synchronous=NORMAL")  # a cache: a lost entry is only re-read
+            (version,) = conn.execute("PRAGMA fts.user_version").fetchone()
+            if version not in (0, _VERSION):
+                for stmt in ("DROP TRIGGER IF EXISTS fts.docs_gone", "DROP TABLE IF EXISTS fts.ftext",
+                             "DROP TABLE IF EXISTS fts.docs"):
+                    conn.execute(stmt)
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA fts.user_version={_VERSION}")
+        except BaseException:
+            conn.execute("DETACH DATABASE fts")
+            raise
+
+    def detach(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("DETACH DATABASE fts")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Index (base, CRLF message octets) pairs not indexed yet; returns how many were added."""
+        c = self.conn
+        n = 0
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for base, raw in items:
+                if c.execute("SELECT 1 FROM fts.docs WHERE base=?", (base,)).fetchone():
+                    continue
+                try:
+                    exact, values = _row_values(raw)
+                except Exception:  # a message the parser cannot read: the matcher decides
+                    log.exception("text index: cannot extract %s", base)
+                    continue
+                cur = c.execute("INSERT INTO fts.docs (base, exact) VALUES (?, ?)", (base, exact))
+                c.execute("INSERT INTO fts.ftext (rowid, subject, hfrom, hto, hcc, hbcc, leaves, headers, inner)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (cur.lastrowid, *values))
+                n += 1
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        return n
+
+    def forget(self, fid: int, gone: Sequence[tuple[int, str]]) -> None:
+        """Messages (uid, base) left folder `fid` (EXPUNGE, MOVE): drop the entries of files no
+        folder holds any more."""
+        if not gone:
+            return
+        g = self._gap_cache.get(fid)
+        if g is not None:
+            g.missing.difference_update(u for u, _b in gone)
+            g.unchecked.difference_update(u for u, _b in gone)
+        bases = [b for _u, b in gone]
+        c = self.conn
+        fids = [f for (f,) in c.execute("SELECT id FROM folders")]
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for b in bases:
+                if not any(c.execute("SELECT 1 FROM msgs WHERE folder=? AND base=?", (f, b)).fetchone()
+                           for f in fids):
+                    c.execute("DELETE FROM fts.docs WHERE base=?", (b,))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def clear(self) -> None:
+        self._clears += 1
+        self.conn.execute("DELETE FROM fts.docs")
+        self.conn.execute("DELETE FROM fts.ftext")
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _gaps(self, fid: int) -> _Gaps:
+        """The folder's messages the index cannot answer for, kept up to date incrementally: UIDs
+        only grow, so each call looks at the UIDs above the last one seen; catch-up indexing
+        rechecks what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops
+        belongs to no message any more). Recomputed when another connection wrote the file
+        (data_version) or it was cleared here. UIDs removed by other programs stay in the sets
+        until then: they match nothing."""
+        (dv,) = self.conn.execute("PRAGMA fts.data_version").fetchone()
+        stamp = (self._clears, dv)
+        g = self._gap_cache.get(fid)
+        if g is None or g.stamp != stamp:
+            g = self._gap_cache[fid] = _Gaps(stamp)
+        (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
+        if top > g.last:
+            for uid, indexed in self.conn.execute(
+                    "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
+                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ? AND (d.id IS NULL OR NOT d.exact)",
+                    (fid, g.last, top)):
+                g.unchecked.add(uid)
+                if not indexed:
+                    g.missing.add(uid)
+            g.last = top
+        return g
+
+    def _recheck(self, fid: int, uids: Sequence[int]) -> None:
+        g = self._gap_cache.get(fid)
+        if g is None:
+            return
+        for i in range(0, len(uids), 500):
+            part = uids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for uid, indexed, exact in self.conn.execute(
+                    "SELECT m.uid, d.id IS NOT NULL, ifnull(d.exact, 0) FROM msgs m"
+                    f" LEFT JOIN fts.docs d ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
+                    (fid, *part)):
+                if indexed:
+                    g.missing.discard(uid)
+                if exact:
+                    g.unchecked.discard(uid)
+
+    def unindexed(self, fid: int, limit: int) -> list[int]:
+        """UIDs of the folder's messages with no entry (the lowest `limit`)."""
+        missing = self._gaps(fid).missing
+        return sorted(missing)[:limit] if missing else []
+
+    def index_messages(self, fid: int, items: Sequence[tuple[int, str, bytes]]) -> None:
+        """Index (uid, base, octets) of messages of one folder (catch-up) and note them indexed."""
+        self.add([(base, raw) for _u, base, raw in items])
+        self._recheck(fid, [u for u, _b, _r in items])
+
+    def unchecked(self, fid: int) -> set[int]:
+        """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
+        return self._gaps(fid).unchecked
+
+    def hits(self, fid: int, field: str, needle: str) -> set[int]:
+        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`)."""
+        cols = (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
+        needle = needle.casefold()
+        # RFC 9051 §6.4.4: case-insensitive substring (both sides casefolded, as message.matching)
+        if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
+            phrase = needle.replace('"', '""')
+            q = f'{{{" ".join(cols)}}} : "{phrase}"'
+            # CROSS JOIN keeps this order: the MATCH first, once (not once per message)
+            sql = ("SELECT m.uid FROM fts.ftext t CROSS JOIN fts.docs d ON d.id=t.rowid"
+                   " CROSS JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
+            return {u for (u,) in self.conn.execute(sql, (fid, q))}
+        cond = " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols)
+        sql = ("SELECT m.uid FROM msgs m CROSS JOIN fts.docs d ON d.base=m.base"
+               f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
+        return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
+
+
+def _crlf(data: bytes) -> bytes:
+    """The octets as the store serves them (store.mailbox `_read_crlf`: a bare-LF file converted)."""
+    if data.count(b"\n") != data.count(b"\r\n"):
+        return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data
+
+
+def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 500) -> int:
+    """Index every message file of the given folder directories (cur/ and new/) not indexed yet,
+    reading the files directly, without the mailbox index (`postier reindex`; a Maildir copied in
+    from elsewhere, before a server first opens it)."""
+    total = 0
+    pending: list[tuple[str, bytes]] = []
+    for folder in folders:
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(folder / sub)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("."):
+                    continue
+                try:
+                    with open(folder / sub / name, "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                pending.append((parse_file_name(name)[0], _crlf(data)))
+                if len(pending) >= batch:
+                    total += index.add(pending)
+                    pending = []
+    if pending:
+        total += index.add(pending)
+    return total
+
+
+def build_file(path: Path, folders: Iterable[Path]) -> int:
+    """`build_from_maildir` into the FTS file at `path`, with no mailbox index open."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        return build_from_maildir(TextIndex(conn, path), folders)
+    finally:
+        conn.close()

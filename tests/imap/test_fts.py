@@ -1,0 +1,258 @@
+"""The full-text index (store.fts): the same SEARCH answers with and without it over a generated
+corpus (encoded words, QP, base64, charsets, multipart, encapsulated messages), kept up to date
+by APPEND/EXPUNGE/MOVE from two sessions at once, rebuilt by reindex, and used by a real server."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import random
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from postier.message.matching import SearchContext
+from postier.message.types import User
+from postier.proto.imap.search import AndKey, HeaderKey, NotKey, OrKey, SearchKey, TextKey
+from postier.server.imapfetch import narrow, run_search
+from postier.store.fts import FTS_NAME
+from postier.store.maildir import deliver_maildir
+from postier.store.mailbox import INBOX, MailStore, UserMailbox
+from tests.message.corpus import ALL as CORPUS
+
+from .conftest import PASSWORD, IMAPServer
+
+USER = User("bob@example.org", "bob", "example.org", "maildir")
+
+WORDS = ["Grüße", "Köln", "straße", "STRASSE", "café", "report", "Zürich", "naïve", "日本語", "résumé",
+         "meeting", "x", "ab", "quarterly", "ÆØÅ", "İstanbul"]
+
+
+def _qp(text: str) -> str:
+    return "".join(c if c.isascii() and c not in "=" else "".join(f"={b:02X}" for b in c.encode())
+                   for c in text)
+
+
+def _message(i: int, rng: random.Random) -> bytes:
+    w = rng.sample(WORDS, 4)
+    subject = f"{w[0]} {i}" if i % 3 else f"=?UTF-8?B?{base64.b64encode(f'{w[0]} enc {i}'.encode()).decode()}?="
+    sender = f"=?ISO-8859-1?Q?J=F6rg_{i}?= <joerg{i % 7}@example.org>" if i % 4 == 0 \
+        else f"Sender {i % 5} <s{i % 5}@example.net>"
+    head = (f"From: {sender}\r\nTo: bob@example.org, team{i % 3}@example.org\r\n"
+            + (f"Cc: Carol <carol{i % 2}@example.com>\r\n" if i % 2 else "")
+            + f"Subject: {subject}\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\nMIME-Version: 1.0\r\n")
+    kind = i % 5
+    if kind == 0:
+        body = f"plain {w[1]} text {i}\r\n"
+        return (head + "Content-Type: text/plain; charset=utf-8\r\n\r\n" + body).encode()
+    if kind == 1:
+        return (head + "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable"
+                "\r\n\r\n" + _qp(f"quoted {w[1]} {w[2]} {i}") + "\r\n").encode()
+    if kind == 2:
+        b64 = base64.b64encode(f"base64 {w[2]} body {i}".encode()).decode()
+        return (head + "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                + b64 + "\r\n").encode()
+    if kind == 3:
+        latin = f"latin {w[1]} {i}".encode("latin-1", "replace")
+        return (head + "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n"
+                "Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n").encode() \
+            + latin + (f"\r\n--b\r\nContent-Type: application/octet-stream\r\nX-Part: {w[3]}\r\n\r\n"
+                       f"binary {w[3]}\r\n--b--\r\n").encode()
+    inner = (f"From: inner{i}@example.org\r\nSubject: =?UTF-8?Q?{_qp(w[3]).replace(' ', '_')}?=\r\n\r\n"
+             f"inner body {w[2]}\r\n")
+    return (head + "Content-Type: multipart/mixed; boundary=\"o\"\r\n\r\n--o\r\n"
+            "Content-Type: text/plain\r\n\r\nouter\r\n--o\r\nContent-Type: message/rfc822\r\n\r\n"
+            + inner + "--o--\r\n").encode()
+
+
+def _keys() -> list[SearchKey]:
+    keys: list[SearchKey] = []
+    for w in [*WORDS, "enc", "jörg", "JOERG3", "s1@", "example.org", "team2", "carol1", "inner", "x-part",
+              "grüsse", "ss", "1", "e 1", '"q', "zz not there"]:
+        for f in ("SUBJECT", "FROM", "TO", "CC", "BCC"):
+            keys.append(HeaderKey(f, w))
+        keys.append(TextKey("BODY", w))
+        keys.append(TextKey("TEXT", w))
+    keys += [AndKey((HeaderKey("SUBJECT", "report"), TextKey("BODY", "köln"))),
+             OrKey(HeaderKey("FROM", "jörg"), NotKey(TextKey("TEXT", "meeting"))),
+             NotKey(HeaderKey("SUBJECT", "café")), HeaderKey("SUBJECT", ""), HeaderKey("X-PART", "æøå")]
+    return keys
+
+
+def _search(mb: UserMailbox, key: SearchKey, index: bool) -> list[int]:
+    uids = list(mb.snapshot(INBOX).uids)
+    ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
+    cands = None
+    if index:
+        key, cands = narrow(mb, INBOX, key)
+    targets = [(s, u) for s, u in enumerate(uids, 1) if cands is None or u in cands]
+    return [u for _s, u, _m in run_search(mb, INBOX, targets, key, ctx, 0)[0]]
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = MailStore(tmp_path / "mail")
+    yield s
+    s.close()
+
+
+def test_index_and_scan_agree(store: MailStore) -> None:
+    mb = store.acquire(USER)
+    try:
+        rng = random.Random(7)
+        msgs = [_message(i, rng) for i in range(120)] + list(CORPUS.values())
+        msgs.append(b"Subject: big\r\n\r\n" + b"filler line\r\n" * 400_000 + b"needle at the end\r\n")
+        for m in msgs:
+            mb.append(INBOX, m)
+        assert (store.index_path(USER).parent / FTS_NAME).exists()
+        assert _search(mb, TextKey("BODY", "needle at the end"), True) == [len(msgs)]  # beyond the bound
+        for rounds in ("one message left to the matcher", "every message answered by the index"):
+            total = 0
+            for key in _keys():
+                scan = _search(mb, key, index=False)
+                assert _search(mb, key, index=True) == scan, (rounds, key)
+                total += len(scan)
+            assert total > 500  # the corpus exercises the keys
+            mb.store(INBOX, [len(msgs)], "+FLAGS", ["\\Deleted"])
+            mb.expunge(INBOX)
+    finally:
+        store.release(mb)
+
+
+def test_delivered_mail_indexed_by_search_and_reindex(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("postier.store.mailbox.CATCH_UP", 50)
+    mb = store.acquire(USER)
+    try:
+        rng = random.Random(3)
+        for i in range(50 + 30):  # deliveries bypass the index: a search catches up
+            deliver_maildir(mb.root, b"", _message(i, rng))
+        key = HeaderKey("SUBJECT", "report")
+        scan = _search(mb, key, index=False)
+        assert _search(mb, key, index=True) == scan  # 50 indexed, 30 through the matcher
+        assert _search(mb, key, index=True) == scan
+        ti = mb._text_index()
+        assert ti is not None
+        assert len(ti.unindexed(mb.state(INBOX).fid, 10**6)) == 0
+        for i in range(5):  # later deliveries: the new UIDs are looked at, the rest is known
+            deliver_maildir(mb.root, b"", b"Subject: report late %d\r\n\r\nx\r\n" % i)
+        late = _search(mb, key, index=False)
+        assert len(late) == len(scan) + 5
+        assert _search(mb, key, index=True) == late
+        assert ti.unchecked(mb.state(INBOX).fid) == set()
+        ti.clear()
+    finally:
+        store.release(mb)
+    counts = store.reindex(USER)
+    assert counts[INBOX] == 50 + 30 + 5
+    mb = store.acquire(USER)
+    try:
+        ti = mb._text_index()
+        assert ti is not None
+        assert ti.unchecked(mb.state(INBOX).fid) == set()
+        assert _search(mb, key, index=True) == _search(mb, key, index=False)
+    finally:
+        store.release(mb)
+
+
+def test_two_sessions_append_expunge_move(store: MailStore) -> None:
+    """Two threads (two sessions of one user) append, move and expunge at once; afterwards every
+    folder's index answers equal the scan and no entry is left for a message no folder holds."""
+    mb = store.acquire(USER)
+    mb.create("Archive2")
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        m = store.acquire(USER)
+        try:
+            rng = random.Random(n)
+            for i in range(40):
+                _v, uid = m.append(INBOX, _message(n * 100 + i, rng))
+                if i % 3 == 0:
+                    m.move(INBOX, [uid], "Archive2")
+                elif i % 3 == 1:
+                    m.store(INBOX, [uid], "+FLAGS", ["\\Deleted"])
+                    m.expunge(INBOX, [uid])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.release(m)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors, errors
+        for key in (HeaderKey("SUBJECT", "report"), TextKey("TEXT", "köln"), HeaderKey("FROM", "jörg")):
+            assert _search(mb, key, True) == _search(mb, key, False)
+        archive = list(mb.snapshot("Archive2").uids)
+        assert len(archive) == 2 * 14
+        ti = mb._text_index()
+        assert ti is not None
+        assert ti.unchecked(mb.state("Archive2").fid) == set()  # moved files kept their entries
+        live = {r.base for f in (INBOX, "Archive2") for r in mb.all_rows(f)}
+        docs = {b for (b,) in mb.index.conn.execute("SELECT base FROM fts.docs")}
+        assert docs == live  # expunged ones were dropped
+    finally:
+        store.release(mb)
+
+
+def test_real_server_search(server: IMAPServer) -> None:
+    addr = server.user("fts")
+    rng = random.Random(11)
+    msgs = [_message(i, rng) for i in range(60)]
+    ctx = server.inst.client_ssl_context()
+    with imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=ctx) as a, \
+            imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=ctx) as b:
+        a.login(addr, PASSWORD)
+        b.login(addr, PASSWORD)
+        for i, m in enumerate(msgs):
+            (a if i % 2 else b).append("INBOX", None, None, m)
+        a.select("INBOX")
+        b.select("INBOX")
+        expect = {i + 1 for i, m in enumerate(msgs) if b"report" in m.split(b"\r\n\r\n")[0].lower()
+                  and b"=?UTF-8?B?" not in m.split(b"\r\n\r\n")[0]}
+        typ, data = a.uid("SEARCH", "SUBJECT", "report")
+        assert typ == "OK"
+        got = {int(x) for x in data[0].split()}
+        assert expect <= got  # plus the base64-encoded subjects holding the word
+        typ, data2 = b.uid("SEARCH", "CHARSET", "UTF-8", "BODY", "quoted")
+        assert typ == "OK"
+        assert {int(x) for x in data2[0].split()} == {i + 1 for i in range(60) if i % 5 == 1}
+        b.uid("STORE", ",".join(str(u) for u in sorted(got)), "+FLAGS", "(\\Deleted)")
+        b.expunge()
+        typ, data = a.uid("SEARCH", "SUBJECT", "report")
+        assert typ == "OK" and data[0].split() == []
+        typ, data = a.uid("SEARCH", "TEXT", "e")  # short: the index scans its stored text
+        assert typ == "OK" and len(data[0].split()) == 60 - len(got)
+
+
+
+def test_webmail_search_uses_the_index(store: MailStore) -> None:
+    """The webmail search scans the newest messages first (a common word fills the page there), then
+    asks the index for the older ones; the answer is the matcher's either way."""
+    from postier.web.mail import _search as web_search
+    mb = store.acquire(USER)
+    try:
+        mb.append(INBOX, b"From: Old <old@example.org>\r\nSubject: rare word quixotic\r\n\r\nold\r\n")
+        for i in range(300):
+            mb.append(INBOX, b"From: a@example.org\r\nSubject: note %d\r\n\r\nnothing\r\n" % i)
+        uids = list(mb.snapshot(INBOX).uids)
+        calls: list[object] = []
+        real = mb.text_search
+
+        def counting(name: str, queries: Sequence[tuple[str, str]]) -> object:
+            calls.append(queries)
+            return real(name, queries)
+
+        mb.text_search = counting  # type: ignore[method-assign,assignment]
+        assert web_search(mb, INBOX, uids, "QUIXOTIC", False, 50) == ([uids[0]], False)
+        assert len(calls) == 1
+        found, more = web_search(mb, INBOX, uids, "note", True, 50)
+        assert len(found) >= 50 and more and found[0] == uids[-1]
+        assert len(calls) == 1  # filled from the newest messages: no index needed
+    finally:
+        store.release(mb)

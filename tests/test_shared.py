@@ -1,0 +1,97 @@
+"""The state worker processes share (server/shared.py), without processes: two workers' views of one
+memory-mapped table agree on connection counts and on the login throttle, whose rules are those
+of the in-process `AuthThrottle` (same fake clock, same answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from postier.server.shared import Bus, SharedConnections, SharedTable, SharedThrottle
+from postier.server.throttle import AuthThrottle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_connection_counts_are_summed_over_workers(tmp_path: Path) -> None:
+    table = SharedTable.create(tmp_path / "run" / "workers.shm", 2, 10)
+    w0, w1 = SharedConnections(table, 0), SharedConnections(table, 1)
+    assert w0.admit("10.0.0.1", 3, 2) and w1.admit("10.0.0.1", 3, 2)
+    assert not w0.admit("10.0.0.1", 3, 2) and not w1.admit("10.0.0.1", 3, 2)  # per IP, both workers
+    assert w1.admit("10.0.0.2", 3, 2)
+    assert not w0.admit("10.0.0.3", 3, 2)  # global: 3 open in all
+    assert (w0.total(), w0.per_ip("10.0.0.1")) == (3, 2)
+    table.clear_worker(1)  # worker 1 died: its connections are gone
+    assert (w0.total(), w0.per_ip("10.0.0.1"), w0.per_ip("10.0.0.2")) == (1, 1, 0)
+    w0.release("10.0.0.1")
+    w0.release("10.0.0.1")  # never below zero
+    assert w0.total() == 0 and w0.admit("10.0.0.1", 3, 2)
+    table.close()
+
+
+def test_throttle_shared_by_two_workers_follows_the_same_rules(tmp_path: Path) -> None:
+    clock = Clock()
+    table = SharedTable.create(tmp_path / "workers.shm", 2, 3)
+    a = SharedThrottle(table, 1.0, 3, 600.0, clock)
+    b = SharedThrottle(table, 1.0, 3, 600.0, clock)
+    ref = AuthThrottle(1.0, 3, 600.0, clock)
+    ip = "192.0.2.7"
+    for t, step in ((a, 0.0), (b, 10.0), (a, 10.0)):
+        clock.now += step
+        assert t.blocked(ip) == ref.blocked(ip) and t.delay(ip) == ref.delay(ip)
+        t.failure(ip)
+        ref.failure(ip)
+    assert a.blocked(ip) and b.blocked(ip) and ref.blocked(ip)
+    assert not a.blocked("192.0.2.8")  # other IPs untouched
+    clock.now += 585.0  # the first failure ages out (600 s window)
+    assert not b.blocked(ip) and b.delay(ip) == ref.delay(ip) == 2.0
+    b.failure(ip)
+    ref.failure(ip)
+    assert a.blocked(ip)
+    a.success(ip)  # a login succeeds in one worker: cleared in both
+    assert not b.blocked(ip) and b.delay(ip) == 0.0
+    table.close()
+
+
+def test_table_is_fresh_and_private(tmp_path: Path) -> None:
+    p = tmp_path / "workers.shm"
+    p.write_bytes(b"old")
+    table = SharedTable.create(p, 3, 10)
+    assert os.stat(p).st_mode & 0o777 == 0o600
+    assert SharedConnections(table, 2).total() == 0
+    table.close()
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_bus_carries_wakeups_to_the_other_workers(tmp_path: Path, deep: bool) -> None:
+    run = tmp_path / ("d" * 110 if deep else "run")  # too deep for a socket path: abstract names
+    run.mkdir()
+
+    async def main() -> list[tuple[int, bytes]]:
+        buses = [Bus(run, i, 3) for i in range(3)]
+        got: list[tuple[int, bytes]] = []
+        for i, b in enumerate(buses):
+            b.on(b"N", lambda data, i=i: got.append((i, data)))
+            b.start()
+        buses[0].send(b"N", b"user\0INBOX")  # to every other worker
+        buses[2].send(b"N", b"only-0", to=0)
+        buses[1].send(b"?", b"unknown kind: ignored")
+        for _ in range(100):
+            if len(got) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        for b in buses:
+            b.close()
+        return sorted(got)
+
+    assert asyncio.run(main()) == [(0, b"only-0"), (1, b"user\0INBOX"), (2, b"user\0INBOX")]
+    assert not list(run.glob("*.sock"))  # removed at close

@@ -1,0 +1,317 @@
+"""`[server] workers = 2` against real clients: a supervisor and two worker processes sharing every
+listener (server/supervisor.py, server/shared.py). Each cross-session behaviour is proven with two
+clients that are known to be served by different workers (the harness finds the worker holding a
+connection through /proc): IDLE wakes and concurrent-session updates, the connection limits, the
+login throttle, the daily sending limit and POP3's maildrop lock are shared; reload and stop reach
+every worker; a worker killed with SIGKILL is restarted and loses nothing it acknowledged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dnsserver import DNSServer
+from tests.harness import Instance
+from tests.hardening.conftest import PASSWORD, Line, add_cheap_user, wait_for
+
+CONFIG = """
+[limits]
+max_connections = 200
+max_connections_per_ip = 4
+[auth]
+failure_delay = 0.05
+max_failures = 3
+allow_plaintext = true
+[imap]
+max_connections_per_user = 100
+[submission]
+max_messages_per_day = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
+    with DNSServer() as dns:
+        dns.servfail("defer.test")
+        root: Path = tmp_path_factory.mktemp("workers")
+        i = Instance(root, "w.test", extra_config=CONFIG + f'[dns]\nnameservers = ["{dns.nameserver}"]\n',
+                     workers=2)
+        i.start()
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        try:
+            yield i
+        finally:
+            i.stop()
+
+
+def spread[C](inst: Instance, connect: Callable[[], C], sock: Callable[[C], socket.socket],
+              close: Callable[[C], object], tries: int = 60) -> tuple[C, C]:
+    """Two connections served by different workers: connect until both workers hold one (bounded),
+    closing the rest."""
+    held: dict[int, C] = {}
+    try:
+        for _ in range(tries):
+            c = connect()
+            pid = inst.worker_of(sock(c))
+            if pid is not None and pid not in held:
+                held[pid] = c
+                if len(held) == 2:
+                    a, b = held.values()
+                    return a, b
+            else:
+                close(c)
+                time.sleep(0.1)  # the server sees the close (per-IP limit) before the next connect
+        raise AssertionError(f"no two workers in {tries} connections: {inst.worker_pids()}")
+    except BaseException:
+        for c in held.values():
+            close(c)
+        raise
+
+
+def imap_pair(inst: Instance, user: str, source: str) -> tuple[Line, Line]:
+    def connect() -> Line:
+        c = Line(inst.addr("imap"), source)
+        assert c.line().startswith(b"* OK")
+        assert c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1].startswith(b"l OK")
+        return c
+    return spread(inst, connect, lambda c: c.sock, Line.close)
+
+
+def next_matching(c: Line, pred: Callable[[bytes], bool], most: int = 10) -> bytes:
+    """The next line the server sends that satisfies `pred` (other untagged lines skipped)."""
+    seen = []
+    for _ in range(most):
+        ln = c.line()
+        if pred(ln):
+            return ln
+        seen.append(ln)
+    raise AssertionError(f"not among {seen}")
+
+
+def test_supervisor_runs_two_workers_and_reload_reaches_both(inst: Instance) -> None:
+    pids = inst.worker_pids()
+    assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
+    sup = int((inst.root / "run" / "postier.pid").read_text())
+    assert sup == inst.proc.pid if inst.proc else False  # `postier reload` signals the supervisor
+    before = inst.log.read_text().count("reloaded ")
+    assert inst.cli("reload").returncode == 0
+    wait_for(lambda: inst.log.read_text().count("reloaded ") >= before + 2, 20, "both workers reloaded")
+
+
+def test_idle_wakes_across_workers(inst: Instance) -> None:
+    user = add_cheap_user(inst, "idle@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.31")
+    with a, b:
+        assert b.imap(b"s", b"SELECT INBOX")[1].startswith(b"s OK")
+        b.send(b"i IDLE\r\n")
+        assert b.line().startswith(b"+ ")
+        msg = b"From: a@w.test\r\nSubject: across\r\n\r\nhello\r\n"
+        a.send(b"p APPEND INBOX {%d}\r\n" % len(msg))
+        assert a.line().startswith(b"+")
+        a.send(msg + b"\r\n")
+        assert a.line().startswith(b"p OK")
+        t0 = time.monotonic()
+        b.sock.settimeout(10)
+        assert b.line() == b"* 1 EXISTS"
+        woke = time.monotonic() - t0
+        # flags and expunges made in one worker reach the other's selected session too
+        assert a.imap(b"s", b"SELECT INBOX")[1].startswith(b"s OK")
+        assert a.imap(b"f", b"STORE 1 +FLAGS (\\Flagged)")[1].startswith(b"f OK")
+        ln = next_matching(b, lambda x: x.startswith(b"* 1 FETCH"))
+        assert b"\\Flagged" in ln, ln
+        assert a.imap(b"x", b"STORE 1 +FLAGS (\\Deleted)")[1].startswith(b"x OK")
+        assert a.imap(b"e", b"EXPUNGE")[1].startswith(b"e OK")
+        next_matching(b, lambda x: x == b"* 1 EXPUNGE")
+        b.send(b"DONE\r\n")
+        assert b.imap(b"n", b"NOOP")[1].startswith(b"n OK") or True
+    # the datagram wake-up, not the 0.5 s mtime poll: a busy machine may still take a while
+    assert woke < 5.0, woke
+
+
+def test_uids_stay_unique_when_both_workers_append(inst: Instance) -> None:
+    user = add_cheap_user(inst, "uids@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.32")
+    n = 20
+
+    def append(c: Line, tag: bytes) -> None:
+        for i in range(n):
+            msg = b"Subject: %s %d\r\n\r\nx\r\n" % (tag, i)
+            c.send(tag + b" APPEND INBOX {%d+}\r\n" % len(msg) + msg + b"\r\n")
+            assert c.line().startswith(tag + b" OK")
+
+    with a, b:
+        ta = threading.Thread(target=append, args=(a, b"A"))
+        ta.start()
+        append(b, b"B")
+        ta.join(60)
+        for c in (a, b):
+            untagged, tagged = c.imap(b"s", b"SELECT INBOX")
+            assert tagged.startswith(b"s OK") and b"* %d EXISTS" % (2 * n) in untagged, untagged
+            untagged, tagged = c.imap(b"u", b"UID SEARCH ALL")
+            uids = [int(x) for x in untagged[0].split()[2:]]
+            assert len(uids) == len(set(uids)) == 2 * n
+
+
+def test_connection_limit_per_ip_counts_both_workers(inst: Instance) -> None:
+    src = "127.0.0.33"
+
+    def connect() -> Line:
+        c = Line(inst.addr("smtp"), src)
+        assert c.reply().startswith(b"220 "), "refused before the limit"
+        return c
+
+    a, b = spread(inst, connect, lambda c: c.sock, Line.close)
+    with a, b, connect(), connect():  # the third and fourth from this IP, on either worker
+        for _ in range(4):  # the fifth is refused whichever worker accepts it
+            with Line(inst.addr("smtp"), src) as extra:
+                assert extra.reply().startswith(b"421 4.7.0")
+    time.sleep(0.3)
+    with Line(inst.addr("smtp"), src) as again:  # released everywhere once closed
+        assert again.reply().startswith(b"220 ")
+
+
+def test_login_throttle_is_shared(inst: Instance) -> None:
+    user = add_cheap_user(inst, "throttle@w.test")
+    src = "127.0.0.34"
+
+    def connect() -> Line:
+        c = Line(inst.addr("imap"), src)
+        assert c.line().startswith(b"* OK")
+        return c
+
+    a, b = spread(inst, connect, lambda c: c.sock, Line.close)
+    with a, b:
+        for i, c in enumerate((a, b)):  # two failures, one in each worker
+            r = c.imap(b"x%d" % i, b"LOGIN " + user.encode() + b" wrong")[1]
+            assert r.startswith(b"x%d NO" % i), r
+        # the third (a's second): the IP has had max_failures = 3, counted across both workers
+        a.send(b"x3 LOGIN " + user.encode() + b" wrong\r\n")
+        assert a.line().startswith(b"* BYE [UNAVAILABLE] Too many failed logins")
+    # refused on every worker now, even with the right password
+    for _ in range(4):
+        with Line(inst.addr("imap"), src) as c:
+            first = c.line()
+            if first.startswith(b"* OK"):
+                first = c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1]
+            assert b"BYE" in first or b"NO" in first, first
+
+
+def test_pop3_maildrop_lock_across_workers(inst: Instance) -> None:
+    user = add_cheap_user(inst, "pop@w.test")
+
+    def connect() -> Line:
+        c = Line(inst.addr("pop3"), "127.0.0.35")
+        assert c.line().startswith(b"+OK")
+        return c
+
+    a, b = spread(inst, connect, lambda c: c.sock, Line.close)
+    with a, b:
+        assert a.cmd(b"USER " + user.encode()).startswith(b"+OK")
+        assert a.cmd(b"PASS " + PASSWORD.encode()).startswith(b"+OK")
+        assert b.cmd(b"USER " + user.encode()).startswith(b"+OK")
+        r = b.cmd(b"PASS " + PASSWORD.encode())
+        assert r.startswith(b"-ERR [IN-USE]"), r
+        assert a.cmd(b"QUIT").startswith(b"+OK")
+    with connect() as c:
+        assert c.cmd(b"USER " + user.encode()).startswith(b"+OK")
+        assert c.cmd(b"PASS " + PASSWORD.encode()).startswith(b"+OK")
+
+
+def test_daily_sending_limit_across_workers(inst: Instance) -> None:
+    user = add_cheap_user(inst, "daily@w.test")
+
+    def connect() -> smtplib.SMTP:
+        s = smtplib.SMTP(*inst.addr("submission"), timeout=10, source_address=("127.0.0.36", 0))
+        s.login(user, PASSWORD)
+        return s
+
+    def sock(s: smtplib.SMTP) -> socket.socket:
+        assert s.sock is not None
+        return s.sock
+
+    a, b = spread(inst, connect, sock, smtplib.SMTP.close)
+    replies = []
+    for s in (a, b, a):
+        code, text = s.docmd("MAIL", f"FROM:<{user}>")
+        if code == 250:
+            s.rcpt("x@defer.test")
+            code, text = s.data(f"From: {user}\r\nSubject: limit\r\n\r\nx\r\n".encode())
+        replies.append((code, text))
+    a.close()
+    b.close()
+    assert [c for c, _ in replies] == [250, 250, 450], replies
+
+
+def test_kill_one_worker_under_load_loses_nothing_acknowledged(inst: Instance) -> None:
+    user = add_cheap_user(inst, "load@w.test")
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 400:
+            try:
+                with smtplib.SMTP(*inst.addr("smtp"), timeout=10, source_address=(f"127.0.1.{k + 1}", 0)) as s:
+                    for _ in range(5):
+                        tag = f"m{k}-{i}"
+                        i += 1
+                        s.sendmail("sender@example.net", [user],
+                                   f"From: sender@example.net\r\nSubject: {tag}\r\n\r\n{tag}\r\n".encode())
+                        with lock:
+                            acked.append(tag)
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)  # the killed worker's connections: no 250, so nothing owed
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acked) >= 20, 60, "mail flowing")
+    victim = inst.worker_pids()[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(acked) >= 60, 60, "mail flowing after the kill")
+    stop.set()
+    for t in threads:
+        t.join(60)
+    wait_for(lambda: inst.worker_pids().get(1, victim) != victim, 30, "the worker restarted")
+    assert f"worker 1 (pid {victim}) died (signal SIGKILL)" in inst.log.read_text()
+    got: set[str] = set()
+    for m in inst.messages(user):
+        for ln in m.split(b"\r\n"):
+            if ln.startswith(b"Subject: "):
+                got.add(ln[9:].decode())
+    missing = set(acked) - got
+    assert not missing, f"{len(missing)} acknowledged messages lost of {len(acked)}: {sorted(missing)[:5]}"
+    with Line(inst.addr("smtp"), "127.0.0.37") as c:  # both workers serve again
+        assert c.reply().startswith(b"220 ")
+
+
+def test_stop_reaches_every_worker(tmp_path: Path) -> None:
+    i = Instance(tmp_path, "s.test", workers=2)
+    i.start()
+    wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+    pids = list(i.worker_pids().values())
+    assert i.stop() == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+    assert not (tmp_path / "run" / "workers").exists()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    i = Instance(tmp_path, "f.test", workers=2, extra_config=(
+        '[antispam]\nrspamd = "http://127.0.0.1:9"\nrspamd_controller = "http://127.0.0.1:9"\n'
+        'rspamd_password_file = "missing"\n'))
+    with pytest.raises(AssertionError, match="exited with 1"):
+        i.start()
+    assert i.proc is not None and i.proc.wait(10) == 1
+    log = i.log.read_text()
+    assert "rspamd_password_file: cannot read" in log and "failed to start" in log
+    i.logf.close()
