@@ -41,7 +41,7 @@ import re
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +162,36 @@ def flags_to_names(flags: int, keywords: str) -> list[str]:
     if keywords:
         out.extend(keywords.split(" "))
     return out
+
+
+def plan_store(rows: Mapping[int, MessageRow], mode: str, bits: int, kws: Sequence[str],
+               unchangedsince: int | None) -> tuple[list[tuple[MessageRow, int, list[str]]], dict[int, MessageRow],
+                                                     list[int]]:
+    """What a STORE (RFC 9051 §6.4.6; UNCHANGEDSINCE, RFC 7162 §3.1.3) does to each row, whatever holds
+    the rows: (changes as (row, new flag bits, new keywords), rows left as they were, conflicting UIDs)."""
+    kl = {k.lower() for k in kws}
+    changes: list[tuple[MessageRow, int, list[str]]] = []
+    unchanged: dict[int, MessageRow] = {}
+    conflicts: list[int] = []
+    for uid in sorted(rows):
+        m = rows[uid]
+        if unchangedsince is not None and m.modseq > unchangedsince:
+            conflicts.append(uid)
+            continue
+        old_k = m.keywords.split(" ") if m.keywords else []
+        if mode == "FLAGS":
+            nb, nk = bits, list(kws)
+        elif mode == "+FLAGS":
+            nb = m.flags | bits
+            nk = old_k + [k for k in kws if k.lower() not in {x.lower() for x in old_k}]
+        else:
+            nb = m.flags & ~bits
+            nk = [k for k in old_k if k.lower() not in kl]
+        if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
+            unchanged[uid] = m
+            continue
+        changes.append((m, nb, nk))
+    return changes, unchanged, conflicts
 
 
 def names_to_flags(names: Iterable[str]) -> tuple[int, list[str]]:

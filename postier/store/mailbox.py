@@ -52,6 +52,7 @@ from .index import (
     encode_suffix,
     fsync_folder,
     names_to_flags,
+    plan_store,
 )
 from .api import (
     CopyResult,
@@ -990,28 +991,7 @@ class UserMailbox:
             row = self.index.add_keywords(row, st.path, kws)
             kws = self.index.canonical_keywords(row, kws)
         rows = self.index.rows(st.fid, uids)
-        kl = {k.lower() for k in kws}
-        changes: list[tuple[MessageRow, int, list[str]]] = []
-        unchanged: dict[int, MessageRow] = {}
-        conflicts: list[int] = []
-        for uid in sorted(rows):
-            m = rows[uid]
-            if unchangedsince is not None and m.modseq > unchangedsince:
-                conflicts.append(uid)
-                continue
-            old_k = m.keywords.split(" ") if m.keywords else []
-            if mode == "FLAGS":
-                nb, nk = bits, list(kws)
-            elif mode == "+FLAGS":
-                nb = m.flags | bits
-                nk = old_k + [k for k in kws if k.lower() not in {x.lower() for x in old_k}]
-            else:
-                nb = m.flags & ~bits
-                nk = [k for k in old_k if k.lower() not in kl]
-            if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
-                unchanged[uid] = m
-                continue
-            changes.append((m, nb, nk))
+        changes, unchanged, conflicts = plan_store(rows, mode, bits, kws, unchangedsince)
         modseq, done = self.index.set_flags(row, st.path, changes)
         st.highestmodseq = max(st.highestmodseq, modseq)
         st.keywords = row.keywords

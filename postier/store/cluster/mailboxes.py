@@ -41,7 +41,7 @@ from ..errors import (
     StoreUnavailable,
     UnknownSpecialUse,
 )
-from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags
+from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
 from ..quota import Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
@@ -510,28 +510,8 @@ class ClusterMailboxes:
                 kws, known = self._keywords(conn, fid, known, kws)
             rows = {r[0]: _row(r) for r in conn.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE folder=%s AND uid = ANY(%s)", (fid, list(uids)))}
-            kl = {k.lower() for k in kws}
-            changes: list[tuple[int, int, str]] = []
-            unchanged: dict[int, MessageRow] = {}
-            conflicts: list[int] = []
-            for uid in sorted(rows):
-                m = rows[uid]
-                if unchangedsince is not None and m.modseq > unchangedsince:
-                    conflicts.append(uid)
-                    continue
-                old_k = m.keywords.split(" ") if m.keywords else []
-                if mode == "FLAGS":
-                    nb, nk = bits, list(kws)
-                elif mode == "+FLAGS":
-                    nb = m.flags | bits
-                    nk = old_k + [k for k in kws if k.lower() not in {x.lower() for x in old_k}]
-                else:
-                    nb = m.flags & ~bits
-                    nk = [k for k in old_k if k.lower() not in kl]
-                if nb == m.flags and sorted(x.lower() for x in nk) == sorted(x.lower() for x in old_k):
-                    unchanged[uid] = m
-                    continue
-                changes.append((uid, nb, " ".join(nk)))
+            planned, unchanged, conflicts = plan_store(rows, mode, bits, kws, unchangedsince)
+            changes = [(m.uid, nb, " ".join(nk)) for m, nb, nk in planned]
             after: dict[int, MessageRow] = {}
             if changes:
                 modseq = self._bump(conn, fid)
