@@ -94,3 +94,16 @@ def test_smoke_smtp_in_imap_out(venv: Path, tmp_path: Path) -> None:
         log = inst.log.read_text()
         assert str(venv) in run(venv, "python", "-c", "import postier; print(postier.__file__)").stdout
     assert "Traceback" not in log, log
+
+
+def test_cluster_mode_without_its_extra_says_what_to_install(venv: Path, tmp_path: Path) -> None:
+    """The wheel without the `cluster` extra: the CLI works, and only cluster mode stops, on one line."""
+    data = tmp_path / "data"
+    q = run(venv, "postier", "quickstart", "--domain", "wheel.test", "--data-dir", str(data), "--listen",
+            "127.0.0.1", "--port-offset", "19400", "--quiet", "--allow-root")
+    assert q.returncode == 0, q.stderr
+    cfg = data / "postier.toml"
+    cfg.write_text(cfg.read_text() + '\n[cluster]\ndsn = "host=127.0.0.1 dbname=none"\ns3_bucket = "bodies"\n')
+    p = run(venv, "postier", "--config", str(cfg), "cluster", "status")
+    assert p.returncode != 0
+    assert p.stderr.strip() == "postier: cluster mode needs psycopg, psycopg_pool, boto3: pip install 'postier[cluster]'"

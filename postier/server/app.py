@@ -183,6 +183,8 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     mda: LocalDelivery
     mailstore: MailStore | ClusterStore
     if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
+        from ..store.cluster import require_extra
+        require_extra()
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
     else:

@@ -67,6 +67,8 @@ def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, Any, A
         raise CLIError(f"{user.address} uses {user.mailbox_format}: import and export need a Maildir user")
     store: Any
     if cfg.cluster.dsn:
+        from .cluster import require_extra
+        require_extra()
         from .cluster.store import open_store
         store = open_store(cfg, workers=1)
     else:

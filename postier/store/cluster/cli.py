@@ -19,6 +19,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    from . import require_extra
+
+    require_extra()
     import botocore.exceptions
     import psycopg
 
