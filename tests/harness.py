@@ -178,6 +178,16 @@ class Instance:
                     out.append(f.read_bytes())
         return out
 
+    def wait_message(self, address: str, marker: bytes, timeout: float = 30.0) -> bytes:
+        """The first message of `address` containing `marker`, polled until `timeout` (then the log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages(address):
+                if marker in m:
+                    return m
+            time.sleep(0.05)
+        raise AssertionError(f"not delivered to {address}; log:\n{self.log.read_text()[-4000:]}")
+
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.logf = open(self.log, "ab")  # noqa: SIM115
