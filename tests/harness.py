@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from postier.config import STANDARD_PORTS
 
@@ -264,8 +267,26 @@ class Instance:
         ctx.check_hostname = False
         return ctx
 
+    def web(self, host: str | None = None, tls: bool = True, timeout: float = 20.0) -> httpx.Client:
+        """An HTTP client for this instance's https (or http) listener, naming `host` in Host:."""
+        headers = {"Host": host} if host else {}
+        if tls:
+            return httpx.Client(base_url=f"https://127.0.0.1:{self.port('https')}", verify=self.client_ssl_context(),
+                                timeout=timeout, follow_redirects=False, headers=headers)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port('http')}", timeout=timeout,
+                            follow_redirects=False, headers=headers)
+
     def __enter__(self) -> Instance:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def csrf_token(c: httpx.Client, path: str) -> str:
+    """The CSRF token of the form on the page at `path` (webmail and admin pages)."""
+    r = c.get(path)
+    assert r.status_code == 200, r.text
+    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+    assert m, r.text
+    return m.group(1)
