@@ -212,10 +212,28 @@ class Instance:
 
     def kill(self) -> None:
         if self.proc is not None:
+            workers = list(self.worker_pids().values())
             self.proc.kill()
             self.proc.wait()
             self.proc = None
             self.logf.close()
+            self._wait_gone(workers)
+
+    @staticmethod
+    def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+        """Wait (bounded) until the workers of a supervisor that was killed are gone too: they die
+        by their parent-death signal, and until their exit is over the kernel still completes
+        connections on the listening sockets they hold, which a restart would take for its own."""
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            while time.monotonic() < deadline:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    break
+                if "\nState:\tZ" in status:
+                    break
+                time.sleep(0.02)
 
     def worker_pids(self) -> dict[int, int]:
         """Worker index -> pid, from DATA_DIR/run/workers (empty with one process)."""

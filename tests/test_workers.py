@@ -315,3 +315,41 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     log = i.log.read_text()
     assert "rspamd_password_file: cannot read" in log and "failed to start" in log
     i.logf.close()
+
+
+def test_port25_rates_count_both_workers(tmp_path: Path) -> None:
+    """`[antispam]` per-minute rates of port 25 count every worker's connections and messages: with
+    connections known to be on both workers, exactly the limit is let in (per-worker counts would
+    let one worker's share in on top of the other's)."""
+    conns, msgs = 12, 3
+    i = Instance(tmp_path, "r.test", workers=2, extra_config=(
+        f"[antispam]\nmax_connections_per_minute = {conns}\nmax_messages_per_minute = {msgs}\n"))
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        src = "127.0.0.38"
+        used = [0]
+
+        def connect() -> Line:
+            used[0] += 1
+            c = Line(i.addr("smtp"), src)
+            assert c.reply().startswith(b"220 "), "refused before the limit"
+            return c
+
+        a, b = spread(i, connect, lambda c: c.sock, Line.close, tries=conns)
+        with a, b:
+            for c in (a, b):
+                assert c.smtp(b"EHLO client.example").startswith(b"250")
+            replies = [c.smtp(b"MAIL FROM:<s@example.net>")[:3] + (c.smtp(b"RSET")[:0]) for c in (a, b, a, b)]
+            assert replies == [b"250", b"250", b"250", b"451"], replies  # 3 a minute, whichever worker
+            accepted = used[0]
+            for _ in range(conns + 2):  # connect until refused, on whichever worker
+                with Line(i.addr("smtp"), src) as c:
+                    r = c.reply()
+                if not r.startswith(b"220 "):
+                    assert r.startswith(b"421 "), r
+                    break
+                accepted += 1
+            assert accepted == conns, (accepted, conns)
+    finally:
+        i.stop()

@@ -20,7 +20,6 @@ import logging
 import signal
 import socket
 import ssl
-from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,9 +58,10 @@ from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
 from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
-from .shared import Bus, SharedConnections, SharedThrottle, WorkerContext
+from .shared import (Bus, SharedConnections, SharedLogins, SharedRateLimiter, SharedThrottle, SharedUserSessions,
+                     WorkerContext)
 from .smtp import SMTPSession
-from .throttle import AuthThrottle
+from .throttle import AuthThrottle, LastLogins, UserSessions
 
 if TYPE_CHECKING:
     from ..store.cluster.store import ClusterStore
@@ -118,9 +118,9 @@ class App:
     #: Prometheus metrics (postier/metrics.py), fed by the listeners, the queue, the MDA, the resolver.
     metrics: Metrics = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
-    imap_user_connections: Counter[str] = field(default_factory=Counter)
+    imap_user_connections: UserSessions = field(default_factory=UserSessions)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
-    pop3_last_login: dict[str, float] = field(default_factory=dict)
+    pop3_last_login: LastLogins = field(default_factory=LastLogins)
     #: `[server] workers` > 1: which worker this is, and the wake-ups between workers (server/shared.py).
     worker: WorkerContext | None = None
     bus: Bus | None = None
@@ -254,8 +254,19 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     auth = config.auth
     tls = tls or load_tls(config)
     ssl_context = tls.mail
-    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window) if worker is None else \
-        SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
+    # What limits logins and port 25's rates is one process's memory, or with several workers the
+    # table they share (server/shared.py: same rules, counted over every worker).
+    throttle: AuthThrottle
+    connection_rate = RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None
+    if worker is None:
+        throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
+        user_sessions, last_logins = UserSessions(), LastLogins()
+    else:
+        throttle = SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
+        user_sessions, last_logins = SharedUserSessions(worker.table, worker.index), SharedLogins(worker.table)
+        if connection_rate is not None:
+            connection_rate = SharedRateLimiter(worker.table, 0, a.max_connections_per_minute)
+        spam.messages = SharedRateLimiter(worker.table, 1, a.max_messages_per_minute)
     app = App(
         config=config,
         ssl_context=ssl_context,
@@ -272,13 +283,15 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         sieve=sieve,
         pipelines=pipelines,
         screener=screener,
-        connection_rate=RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None,
+        connection_rate=connection_rate,
         decisions=decisions,
         learning=learning,
         spam=spam,
         tls_reports=tls_reports,
         web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
         metrics=metrics,
+        imap_user_connections=user_sessions,
+        pop3_last_login=last_logins,
         worker=worker,
         bus=bus,
     )

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import faults
 from ..config import Config
 from ..queue.spool import Spool
 from . import notify, reload
@@ -114,6 +115,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     except OSError as exc:
         raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
+    faults.share_count(str(run_dir / "fault-hits"))  # POSTIER_FAULT=NAME:N counts every worker's hits
     st = _State(config, prepared, table, run_worker, [_Worker(i) for i in range(n)], abstract)
 
     sel = selectors.DefaultSelector()
