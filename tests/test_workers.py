@@ -353,3 +353,40 @@ def test_port25_rates_count_both_workers(tmp_path: Path) -> None:
             assert accepted == conns, (accepted, conns)
     finally:
         i.stop()
+
+
+def test_reload_hands_a_new_listener_to_both_workers(inst: Instance) -> None:
+    """A listener removed, then added back, by a reload: the supervisor closes and binds it and
+    hands the socket to each worker (no restart: a session opened before goes on)."""
+    good = inst.config.read_text()
+    block = f'[listeners.pop3]\naddress = "{inst.address}"\nport = {inst.port("pop3")}\n'
+    assert block in good
+
+    def reload() -> None:
+        before = inst.log.read_text().count("reloaded ")
+        assert inst.cli("reload").returncode == 0
+        wait_for(lambda: inst.log.read_text().count("reloaded ") >= before + 2, 20, "both workers reloaded")
+
+    user = add_cheap_user(inst, "hand@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.39")
+    with a, b:
+        try:
+            inst.config.write_text(good.replace(block, ""))
+            reload()
+            for _ in range(4):  # closed in both workers and in the supervisor
+                with pytest.raises(OSError):
+                    socket.create_connection(inst.addr("pop3"), timeout=5).close()
+        finally:
+            inst.config.write_text(good)
+        reload()
+
+        def connect() -> Line:
+            c = Line(inst.addr("pop3"), "127.0.0.40")
+            assert c.line().startswith(b"+OK")
+            return c
+
+        p, q = spread(inst, connect, lambda c: c.sock, Line.close)  # served by both workers
+        p.close()
+        q.close()
+        for c in (a, b):  # the IMAP sessions from before the reloads go on
+            assert c.imap(b"n", b"NOOP")[1].startswith(b"n OK")

@@ -374,7 +374,8 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     if worker is not None:
         listeners.shared = SharedConnections(worker.table, worker.index)
     web = app.web
-    reloader = reload.Reloader(listeners, rebind=worker is None)
+    reloader = reload.Reloader(listeners, rebind=worker is None,
+                               handed=worker.handed_sockets if worker is not None else None)
     with contextlib.suppress(NotImplementedError, RuntimeError):
         # SIGHUP, `postier reload`: before the first client can see us (a supervisor keeps the pid file)
         reload.install(reloader, config, write_pid=worker is None)

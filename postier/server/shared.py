@@ -459,6 +459,34 @@ class WorkerContext:
     run_dir: Path
     ready: Callable[[], None]  # tells the supervisor this worker serves
     abstract_bus: bool = False  # `Bus.probe`: no socket files in run_dir
+    #: The supervisor's control socket (SOCK_SEQPACKET): listening sockets bound at a reload.
+    control: socket.socket | None = None
+
+    def handed_sockets(self) -> dict[str, socket.socket]:
+        """The listening sockets the supervisor has handed over since the last call, by role (each
+        message a role's name and its descriptor, SCM_RIGHTS; sent before the SIGHUP that asks for
+        them, so they are waiting)."""
+        out: dict[str, socket.socket] = {}
+        if self.control is None:
+            return out
+        self.control.setblocking(False)  # (recv_fds drops its flags argument: no MSG_DONTWAIT)
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.control, 256, 1)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as exc:
+                log.error("worker %d: control socket: %s", self.index, exc)
+                return out
+            if not data and not fds:
+                return out  # the supervisor is gone
+            for fd in fds[1:]:
+                os.close(fd)
+            if fds:
+                old = out.pop(data.decode(errors="replace"), None)
+                if old is not None:
+                    old.close()
+                out[data.decode(errors="replace")] = socket.socket(fileno=fds[0])
 
     @property
     def primary(self) -> bool:

@@ -9,8 +9,13 @@ ACME renewals, the status file). The kernel gives each new connection to a worke
 
 The supervisor does no mail work and has no event loop: it waits for signals and for its children.
 SIGTERM/SIGINT: SIGTERM to every worker, each drains as one process does (`serve`), then exit;
-workers still running after `STOP_GRACE` seconds are killed. SIGHUP: forwarded to every worker (each
-reloads its configuration and certificates; new listeners need a restart). A worker that dies is
+workers still running after `STOP_GRACE` seconds are killed. SIGHUP: the supervisor re-reads the
+configuration, binds each listener added or moved (closes its copy of each removed one) and hands
+the new sockets to every worker over its control socket (SCM_RIGHTS), then forwards SIGHUP; each
+worker reloads its configuration and certificates and serves the sockets it was handed. Handing
+over rather than restarting the workers keeps every open session (IMAP IDLE above all); a worker
+started later inherits the new set. Ports below 1024 cannot be bound once root is dropped (as
+in one process: reported, the rest goes on). A worker that dies is
 restarted after a backoff (1 s, doubling to 30 s; reset once it has run a minute); connections it had
 are gone, mail it acknowledged is on disk (the queue and Maildir are durable before every 250), and
 the primary's queue runner retries whatever was in flight. READY=1 goes to systemd once every worker
@@ -28,6 +33,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -36,9 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import faults
-from ..config import Config
+from ..config import Config, ConfigError, load_config
 from ..queue.spool import Spool
-from . import notify, reload
+from . import notify, reload, sockets
 from .shared import Bus, SharedTable, WorkerContext
 
 if TYPE_CHECKING:
@@ -73,6 +79,7 @@ class _Worker:
     started: float = 0.0
     ready: bool = False
     ready_fd: int = -1
+    control: socket.socket | None = None  # our end of its control socket (reload: new listeners)
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None
 
@@ -158,6 +165,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
                 _signal_all(st, signal.SIGTERM)
             elif signum == signal.SIGHUP and not st.stopping:
                 notify.reloading()
+                _reload_listeners(st)
                 log.info("reload: asking every worker")
                 _signal_all(st, signal.SIGHUP)
                 notify.ready()
@@ -183,6 +191,38 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     return st.exit_code
 
 
+def _reload_listeners(st: _State) -> None:
+    """SIGHUP: bind the listeners added or moved in the configuration file, close the removed ones,
+    and hand the new sockets to every running worker before it is asked to reload. A broken file
+    changes nothing here (each worker reports it as one process does)."""
+    old = st.config
+    assert old.source is not None
+    try:
+        new = reload.live_part(old, load_config(old.source))
+    except ConfigError:
+        return
+    socks = st.prepared.socks
+    for role, before, after in reload.changed_listeners(old, new):
+        if before is not None and role in socks:
+            socks.pop(role).close()  # the workers close theirs: the port is free once all have
+        if after is None:
+            continue
+        try:
+            sock = sockets.bind(after)
+        except OSError as exc:
+            log.error("reload: cannot listen: listeners.%s on %s: %s (ports below 1024 need a restart)",
+                      role, sockets.where(after), exc.strerror or exc)
+            continue
+        socks[role] = sock  # and every worker started from now on inherits it
+        for w in st.workers:
+            if w.pid and w.control is not None:
+                try:
+                    socket.send_fds(w.control, [role.encode()], [sock.fileno()])
+                except OSError as exc:
+                    log.error("reload: cannot hand listeners.%s to worker %d: %s", role, w.index, exc)
+    st.config = new
+
+
 def _signal_all(st: _State, sig: int) -> None:
     for w in st.workers:
         if w.pid:
@@ -204,12 +244,19 @@ def _write_workers(st: _State) -> None:
 
 def _spawn(st: _State, w: _Worker, sel: selectors.BaseSelector, wake_r: int) -> None:
     r, wfd = os.pipe2(os.O_CLOEXEC)
+    if w.control is not None:
+        w.control.close()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the worker
         code = 1
         try:
             os.close(r)
-            code = _worker_main(st, w.index, wfd, wake_r)
+            ours.close()
+            for other in st.workers:  # the other workers' control sockets are not ours to read
+                if other.control is not None:
+                    other.control.close()
+            code = _worker_main(st, w.index, wfd, wake_r, theirs)
         except SystemExit as exc:  # as the interpreter would: a message goes to stderr, status 1
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
             if not isinstance(exc.code, int) and exc.code is not None:
@@ -220,6 +267,8 @@ def _spawn(st: _State, w: _Worker, sel: selectors.BaseSelector, wake_r: int) -> 
             logging.shutdown()
             os._exit(code)
     os.close(wfd)
+    theirs.close()
+    w.control = ours
     w.pid, w.started, w.ready, w.ready_fd, w.restart_at = pid, time.monotonic(), False, r, None
     sel.register(r, selectors.EVENT_READ, w)
     log.info("worker %d started (pid %d)", w.index, pid)
@@ -283,7 +332,7 @@ def _how(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
-def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
+def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int, control: socket.socket) -> int:
     """In the forked worker: plain signals, no supervisor state, then `serve` until told to stop."""
     signal.set_wakeup_fd(-1)
     os.close(wake_r)
@@ -309,6 +358,7 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
             if exc.errno != errno.EPIPE:
                 raise
 
-    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus)
+    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus,
+                        control)
     st.run_worker(st.config, st.prepared, ctx)
     return 0
