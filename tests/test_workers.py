@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DNSServer
-from tests.harness import Instance
+from tests.harness import Instance, free_port
 from tests.hardening.conftest import PASSWORD, Line, add_cheap_user, wait_for
 
 CONFIG = """
@@ -390,3 +390,57 @@ def test_reload_hands_a_new_listener_to_both_workers(inst: Instance) -> None:
         q.close()
         for c in (a, b):  # the IMAP sessions from before the reloads go on
             assert c.imap(b"n", b"NOOP")[1].startswith(b"n OK")
+
+
+def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
+    """/metrics (served by worker 0) reports every worker's counts: SMTP load on connections known
+    to be on each worker moves the totals by exactly that load; a worker killed with SIGKILL takes
+    its open sessions out of the gauge but never lowers a counter."""
+    from tests.test_metrics_server import get, parse, scrape
+
+    port = free_port()
+    i = Instance(tmp_path, "m.test", workers=2, extra_config=(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\nallow = ["127.0.0.1/32"]\n'))
+    i.add_user("u@m.test")
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        before = parse(scrape(port, token=None)[1])
+        opened = [0]
+
+        def connect() -> smtplib.SMTP:
+            opened[0] += 1
+            return smtplib.SMTP(*i.addr("smtp"), timeout=10)
+
+        def sock(s: smtplib.SMTP) -> socket.socket:
+            assert s.sock is not None
+            return s.sock
+
+        a, b = spread(i, connect, sock, smtplib.SMTP.close)
+        per = 3
+        for s in (a, b):
+            for k in range(per):
+                s.sendmail("x@remote.test", ["u@m.test"], b"Subject: m%d\r\n\r\nx\r\n" % k)
+        mid = parse(scrape(port, token=None)[1])
+
+        def moved(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+            return get(after, name, **labels) - get(before, name, **labels)
+
+        assert moved(mid, "postier_messages_received_total", role="smtp") == 2 * per
+        assert moved(mid, "postier_local_deliveries_total", result="delivered") == 2 * per
+        assert moved(mid, "postier_connections_total", role="smtp", result="accepted") == opened[0]
+        assert get(mid, "postier_sessions_active", role="smtp") == 2  # one open in each worker
+        if i.worker_of(sock(a)) != i.worker_pids()[0]:
+            a, b = b, a
+        victim = i.worker_of(sock(b))  # worker 1's (worker 0 serves /metrics)
+        assert victim == i.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: i.worker_pids().get(1, victim) != victim, 30, "worker 1 restarted")
+        after = parse(scrape(port, token=None)[1])
+        assert moved(after, "postier_messages_received_total", role="smtp") == 2 * per  # not lowered
+        assert moved(after, "postier_connections_total", role="smtp", result="accepted") == opened[0]
+        assert get(after, "postier_sessions_active", role="smtp") == 1  # a's; b's worker is gone
+        a.quit()
+        b.close()
+    finally:
+        i.stop()

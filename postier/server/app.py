@@ -172,7 +172,9 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
                         config.limits.default_quota)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
-    metrics = Metrics()  # its own registry; `postier status`'s last hour is fed from the same events
+    # Its own registry; `postier status`'s last hour is fed from the same events. With several
+    # workers the values are mapped into files the scraping worker sums (postier/metrics.py).
+    metrics = Metrics(shared_dir=worker.metrics_dir if worker is not None else None)
     metrics.outcome_listeners.append(stats.count)
     # The report mailboxes `dns records` publishes (DMARC rua, TLS-RPT rua) reach the admin like
     # postmaster@ unless a user or alias of that name exists: reports sent to them are never refused.
@@ -382,7 +384,7 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     try:
         if app.primary:
             bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
-            if endpoint is not None:  # the primary's own counts (docs/scaling.md: metrics per worker)
+            if endpoint is not None:  # every worker's counts, summed (postier/metrics.py)
                 bound.append(await endpoint.start(app.metrics))
         else:
             # http/https are served by the primary worker alone: web sessions, ACME challenges and

@@ -461,6 +461,8 @@ class WorkerContext:
     abstract_bus: bool = False  # `Bus.probe`: no socket files in run_dir
     #: The supervisor's control socket (SOCK_SEQPACKET): listening sockets bound at a reload.
     control: socket.socket | None = None
+    #: Where every worker's metric values are mapped (postier/metrics.py), fresh for each run.
+    metrics_dir: Path | None = None
 
     def handed_sockets(self) -> dict[str, socket.socket]:
         """The listening sockets the supervisor has handed over since the last call, by role (each

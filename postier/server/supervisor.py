@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -40,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from prometheus_client import multiprocess
 
 from .. import faults
 from ..config import Config, ConfigError, load_config
@@ -92,6 +95,7 @@ class _State:
     run_worker: RunWorker
     workers: list[_Worker] = field(default_factory=list)
     abstract_bus: bool = False
+    metrics_dir: Path | None = None
     stopping: bool = False
     announced: bool = False
     exit_code: int = 0
@@ -122,8 +126,11 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     except OSError as exc:
         raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
+    metrics_dir = run_dir / "metrics"  # the workers' metric values (postier/metrics.py): a new run, new counts
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     faults.share_count(str(run_dir / "fault-hits"))  # POSTIER_FAULT=NAME:N counts every worker's hits
-    st = _State(config, prepared, table, run_worker, [_Worker(i) for i in range(n)], abstract)
+    st = _State(config, prepared, table, run_worker, [_Worker(i) for i in range(n)], abstract, metrics_dir)
 
     sel = selectors.DefaultSelector()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -310,6 +317,8 @@ def _reap(st: _State, sel: selectors.BaseSelector) -> None:
             os.close(w.ready_fd)
             w.ready_fd = -1
         st.table.clear_worker(w.index)  # its connections are gone
+        if st.metrics_dir is not None:  # its open sessions too (its counters stay in the sums)
+            multiprocess.mark_process_dead(pid, str(st.metrics_dir))  # type: ignore[no-untyped-call]
         if st.stopping:
             log.info("worker %d stopped (%s)", w.index, _how(code))
             continue
@@ -359,6 +368,6 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int, control: so
                 raise
 
     ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus,
-                        control)
+                        control, st.metrics_dir)
     st.run_worker(st.config, st.prepared, ctx)
     return 0
