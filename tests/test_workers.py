@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from postier.server import stats
 from tests.dnsserver import DNSServer
 from tests.harness import Instance, free_port
 from tests.hardening.conftest import PASSWORD, Line, add_cheap_user, wait_for
@@ -394,8 +395,9 @@ def test_reload_hands_a_new_listener_to_both_workers(inst: Instance) -> None:
 
 def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
     """/metrics (served by worker 0) reports every worker's counts: SMTP load on connections known
-    to be on each worker moves the totals by exactly that load; a worker killed with SIGKILL takes
-    its open sessions out of the gauge but never lowers a counter."""
+    to be on each worker moves the totals by exactly that load (and `postier status`'s last hour
+    adds up both); a worker killed with SIGKILL takes its open sessions out of the gauge but never
+    lowers a counter."""
     from tests.test_metrics_server import get, parse, scrape
 
     port = free_port()
@@ -430,6 +432,13 @@ def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
         assert moved(mid, "postier_local_deliveries_total", result="delivered") == 2 * per
         assert moved(mid, "postier_connections_total", role="smtp", result="accepted") == opened[0]
         assert get(mid, "postier_sessions_active", role="smtp") == 2  # one open in each worker
+
+        def last_hour() -> object:  # `postier status`: each worker's file, added up
+            data = stats.read(tmp_path)
+            return data.get("last_hour") if data is not None else None
+
+        wait_for(lambda: isinstance(h := last_hour(), dict) and h.get("accepted") == 2 * per, 10,
+                 "both workers' counts in the last hour")
         if i.worker_of(sock(a)) != i.worker_pids()[0]:
             a, b = b, a
         victim = i.worker_of(sock(b))  # worker 1's (worker 0 serves /metrics)

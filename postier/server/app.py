@@ -418,16 +418,18 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
-    stats_task = asyncio.create_task(stats.writer(config.data_dir)) if app.primary else None  # `postier status`
+    if worker is None:
+        stats.clear_workers(config.data_dir)  # (a supervisor clears them before forking)
+    # `postier status`'s last hour: each worker writes its own counts (server/stats.py)
+    stats_task = asyncio.create_task(stats.writer(config.data_dir, worker.index if worker is not None else 0))
     notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
     notify.stopping()
     if worker is None:
         reload.uninstall(config)
-    if stats_task is not None:
-        stats_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stats_task
+    stats_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stats_task
     log.info("shutting down")
     await listeners.stop()
     await web.stop()

@@ -47,7 +47,7 @@ from prometheus_client import multiprocess
 from .. import faults
 from ..config import Config, ConfigError, load_config
 from ..queue.spool import Spool
-from . import notify, reload, sockets
+from . import notify, reload, sockets, stats
 from .shared import Bus, SharedTable, WorkerContext
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     except OSError as exc:
         raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
+    stats.clear_workers(config.data_dir)  # `postier status`: this run's workers' files only
     metrics_dir = run_dir / "metrics"  # the workers' metric values (postier/metrics.py): a new run, new counts
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
