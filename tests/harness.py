@@ -119,15 +119,16 @@ class Instance:
         else:
             extra_config += "\n[auth]\nrehash_passwords = false\n"
         self.add_config(extra_config)
-        # `[server] workers`: POSTIER_TEST_WORKERS=2 runs every instance as a supervisor and 2 workers.
+        # `[server] workers`, always written (the default, one per core, would make each test's server
+        # depend on the machine): 1 unless the test asks; POSTIER_TEST_WORKERS=2 runs every instance
+        # as a supervisor and two workers.
         self.workers = workers if workers is not None else int(os.environ.get("POSTIER_TEST_WORKERS", "1") or 1)
-        if self.workers != 1:
-            text = self.config.read_text()
-            if "\n[server]\n" in text:
-                text = text.replace("\n[server]\n", f"\n[server]\nworkers = {self.workers}\n", 1)
-            else:
-                text += f"\n[server]\nworkers = {self.workers}\n"
-            self.config.write_text(text)
+        text = self.config.read_text()
+        if "\n[server]\n" in text:
+            text = text.replace("\n[server]\n", f"\n[server]\nworkers = {self.workers}\n", 1)
+        else:
+            text += f"\n[server]\nworkers = {self.workers}\n"
+        self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "server.log"
 

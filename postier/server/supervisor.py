@@ -57,17 +57,20 @@ __all__ = ["STOP_GRACE", "supervise", "worker_count"]
 
 log = logging.getLogger("postier")
 
+MAX_WORKERS = 256  # config.py's bound for an explicit value; one per core is capped to it too
 STOP_GRACE = 25.0  # seconds a stopping worker may take before it is killed (systemd waits 30)
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
 PR_SET_PDEATHSIG = 1
 
 
 def worker_count(config: Config) -> int:
-    """`[server] workers`, 0 meaning one per CPU core this process may use."""
+    """`[server] workers`, 0 (the default) meaning one per CPU core this process may use (its
+    affinity mask: a unit's CPUAffinity=, a container's cpuset); with one core, one process and no
+    supervisor."""
     n = config.server.workers
     if n == 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n)
+        n = os.process_cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
 
 
 def workers_file(config: Config) -> Path:
