@@ -181,6 +181,7 @@ class Instance:
 
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        served = self._served()
         self.logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([self.python, "-m", "postier", "--config", str(self.config), "serve"],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
@@ -191,14 +192,28 @@ class Instance:
                 raise AssertionError(f"postier exited with {self.proc.returncode}: {self.log.read_text()}")
             try:
                 with socket.create_connection((host, port), timeout=0.5):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            # With several workers one may serve `wait_role` before worker 0 serves http/https:
+            # wait for the supervisor's word that every worker serves.
+            if self.workers == 1 or self._served() > served:
+                return
+            time.sleep(0.05)
         raise AssertionError(f"postier did not listen on {host}:{port}: {self.log.read_text()}")
+
+    def _served(self) -> int:
+        """How many times the log says every worker of a supervisor serves."""
+        try:
+            return self.log.read_text(errors="replace").count(" workers serve")
+        except FileNotFoundError:
+            return 0
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
+        workers = list(self.worker_pids().values())
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -209,6 +224,7 @@ class Instance:
         rc = self.proc.returncode
         self.proc = None
         self.logf.close()
+        self._wait_gone(workers)  # a supervisor that crashed: its workers die after it
         return rc
 
     def kill(self) -> None:

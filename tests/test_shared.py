@@ -142,7 +142,7 @@ def test_last_logins_shared_follow_the_same_rules(tmp_path: Path) -> None:
 @pytest.mark.parametrize("limit", [3, 40])
 def test_rate_limiter_shared_by_two_workers_follows_the_same_rules(tmp_path: Path, limit: int) -> None:
     clock = Clock()
-    table = SharedTable.create(tmp_path / "workers.shm", 2, 10)
+    table = SharedTable.create(tmp_path / "workers.shm", 2, 10, (True, True))
     a, b = SharedRateLimiter(table, 0, limit, clock=clock), SharedRateLimiter(table, 0, limit, clock=clock)
     ref = RateLimiter(limit, clock=clock)
     other = SharedRateLimiter(table, 1, limit, clock=clock)  # the message rate: its own region

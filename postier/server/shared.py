@@ -51,8 +51,8 @@ log = logging.getLogger("postier.server")
 IP_BUCKETS = 16384  # per worker and kind: u32 counts by hashed key (client IP, IMAP user)
 COUNT_KINDS = 2  # the counted rows: 0 connections by client IP, 1 IMAP sessions by user
 THROTTLE_SLOTS = 16384  # failure records (the in-process throttle keeps up to 100,000 IPs)
-LOGIN_SLOTS = 16384  # POP3 LOGIN-DELAY: the last login per hashed user
-RATE_SLOTS = 8192  # port 25's per-minute rates, per hashed client IP (one region per rate)
+LOGIN_SLOTS = 8192  # POP3 LOGIN-DELAY: the last login per hashed user
+RATE_SLOTS = 8192  # port 25's per-minute rates, per hashed client IP (one region per configured rate)
 RATE_RING = 32  # (stamp, count) groups kept per IP and rate (more events: the oldest groups merge)
 PROBES = 4  # a record lives in one of the PROBES slots after its hash
 MAX_RING = 64  # failure stamps kept per IP (max_failures above this counts as this)
@@ -118,7 +118,8 @@ class SharedTable:
     """The memory-mapped state file: a header, the counted rows (N per kind), then the records of
     the throttle, POP3's last logins and port 25's two rates."""
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, workers: int, ring: int, key: bytes):
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, workers: int, ring: int, key: bytes,
+                 rates: tuple[bool, bool] = (False, False)):
         self.path = path
         self.fd = fd
         self.mm = mm
@@ -132,21 +133,25 @@ class SharedTable:
         off += _Records.size_of(THROTTLE_SLOTS, ring)
         self.logins = _Records(self, off, LOGIN_SLOTS, 1)
         off += _Records.size_of(LOGIN_SLOTS, 1)
-        self.rates = []
-        for _ in range(2):  # port 25: connections, then messages, per minute
-            self.rates.append(_Records(self, off, RATE_SLOTS, RATE_RING, 2))
-            off += _Records.size_of(RATE_SLOTS, RATE_RING, 2)
+        #: Port 25's connections, then messages, per minute: a region each when that limit is set
+        #: (`[antispam]` is read once per start, so a reload cannot add one).
+        self.rates: list[_Records | None] = []
+        for used in rates:
+            self.rates.append(_Records(self, off, RATE_SLOTS, RATE_RING, 2) if used else None)
+            off += _Records.size_of(RATE_SLOTS, RATE_RING, 2) if used else 0
 
     @staticmethod
-    def size(workers: int, ring: int) -> int:
+    def size(workers: int, ring: int, rates: tuple[bool, bool] = (False, False)) -> int:
         return (_HEADER.size + 4 * COUNT_KINDS * workers * (1 + IP_BUCKETS) + _Records.size_of(THROTTLE_SLOTS, ring)
-                + _Records.size_of(LOGIN_SLOTS, 1) + 2 * _Records.size_of(RATE_SLOTS, RATE_RING, 2))
+                + _Records.size_of(LOGIN_SLOTS, 1) + sum(rates) * _Records.size_of(RATE_SLOTS, RATE_RING, 2))
 
     @classmethod
-    def create(cls, path: Path, workers: int, max_failures: int) -> SharedTable:
-        """A new, zeroed table for `workers` processes (the supervisor, before forking)."""
+    def create(cls, path: Path, workers: int, max_failures: int,
+               rates: tuple[bool, bool] = (False, False)) -> SharedTable:
+        """A new, zeroed table for `workers` processes (the supervisor, before forking); `rates`:
+        whether port 25's connection and message rates are limited (each region is 4.3 MB)."""
         ring = _ring(max_failures)
-        size = cls.size(workers, ring)
+        size = cls.size(workers, ring, rates)
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a previous run's: never shared with a new set of workers
@@ -162,7 +167,7 @@ class SharedTable:
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         key = os.urandom(16)
         _HEADER.pack_into(mm, 0, MAGIC, workers, IP_BUCKETS, THROTTLE_SLOTS, ring, key)
-        return cls(path, fd, mm, workers, ring, key)
+        return cls(path, fd, mm, workers, ring, key, rates)
 
     def ip_hash(self, ip: str) -> int:
         """The keyed 64-bit hash of a client IP or a user (never 0: 0 marks an empty slot)."""
@@ -328,7 +333,10 @@ class SharedRateLimiter(RateLimiter):
                  clock: Callable[[], float] = time.monotonic):
         super().__init__(limit, window, clock=clock)
         self.table = table
-        self.records = table.rates[which]
+        records = table.rates[which]
+        if records is None and limit > 0:
+            raise ValueError("the shared table was made without this rate")
+        self.records = records
 
     def _live(self, values: list[float], now: float) -> list[float]:
         out: list[float] = []
@@ -338,28 +346,32 @@ class SharedRateLimiter(RateLimiter):
         return out
 
     def hit(self, key: str) -> bool:
-        if self.limit <= 0:
+        records = self.records
+        if self.limit <= 0 or records is None:
             return True
         h = self.table.ip_hash(key)
         now = self.clock()
         with self.table.locked():
-            off, found = self.records.find(h, now - self.window)
-            values = self._live(self.records.read(off)[1], now) if found else []
+            off, found = records.find(h, now - self.window)
+            values = self._live(records.read(off)[1], now) if found else []
             if sum(values[1::2]) >= self.limit:
-                self.records.write(off, h, values)
+                records.write(off, h, values)
                 return False
             values += [now, 1.0]
-            while len(values) > 2 * self.records.ring:  # merge the two oldest groups (stricter)
+            while len(values) > 2 * records.ring:  # merge the two oldest groups (stricter)
                 values[0:4] = [values[2], values[1] + values[3]]
-            self.records.write(off, h, values)
+            records.write(off, h, values)
             return True
 
     def count(self, key: str) -> int:
+        records = self.records
+        if records is None:
+            return 0
         h = self.table.ip_hash(key)
         now = self.clock()
         with self.table.locked():
-            off, found = self.records.find(h, now - self.window)
-            values = self._live(self.records.read(off)[1], now) if found else []
+            off, found = records.find(h, now - self.window)
+            values = self._live(records.read(off)[1], now) if found else []
         return int(sum(values[1::2]))
 
 

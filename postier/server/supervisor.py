@@ -125,7 +125,9 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
         log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
     run_dir = config.data_dir / "run"
     try:
-        table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
+        a = config.antispam
+        table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures,
+                                   (a.max_connections_per_minute > 0, a.max_messages_per_minute > 0))
     except OSError as exc:
         raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
@@ -207,10 +209,11 @@ def _reload_listeners(st: _State) -> None:
     and hand the new sockets to every running worker before it is asked to reload. A broken file
     changes nothing here (each worker reports it as one process does)."""
     old = st.config
-    assert old.source is not None
+    if old.source is None:  # not read from a file: nothing to re-read
+        return
     try:
         new = reload.live_part(old, load_config(old.source))
-    except ConfigError:
+    except (ConfigError, OSError):
         return
     socks = st.prepared.socks
     for role, before, after in reload.changed_listeners(old, new):
