@@ -453,3 +453,18 @@ def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
         b.close()
     finally:
         i.stop()
+
+
+def test_default_is_one_worker_per_core(tmp_path: Path) -> None:
+    """`[server] workers` defaults to 0: one per CPU core this process may use (quickstart leaves
+    the key commented out)."""
+    from postier.config import load_config
+    from postier.server.supervisor import worker_count
+
+    from tests.harness import run_cli
+    run_cli(None, "quickstart", "--domain", "d.test", "--data-dir", str(tmp_path), "--quiet", "--allow-root")
+    text = (tmp_path / "postier.toml").read_text()
+    assert "\n# workers = 0" in text and "\nworkers =" not in text
+    cfg = load_config(tmp_path / "postier.toml")
+    assert cfg.server.workers == 0
+    assert worker_count(cfg) == (os.process_cpu_count() or 1)
