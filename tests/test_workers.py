@@ -468,3 +468,42 @@ def test_default_is_one_worker_per_core(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "postier.toml")
     assert cfg.server.workers == 0
     assert worker_count(cfg) == (os.process_cpu_count() or 1)
+
+
+def test_per_user_limits_count_both_workers(tmp_path: Path) -> None:
+    """`[imap] max_connections_per_user` and POP3's LOGIN-DELAY hold across workers: sessions known
+    to be on different workers count together, and a POP3 login in one worker delays the next in
+    the other."""
+    i = Instance(tmp_path, "u.test", workers=2, extra_config=(
+        "[auth]\nallow_plaintext = true\n[imap]\nmax_connections_per_user = 2\n[pop3]\nlogin_delay = 600\n"))
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        user = add_cheap_user(i, "u@u.test")
+        a, b = imap_pair(i, user, "127.0.0.41")  # two sessions, one in each worker
+        with a, b:
+            for _ in range(3):  # a third is refused whichever worker takes it
+                with Line(i.addr("imap"), "127.0.0.41") as c:
+                    assert c.line().startswith(b"* OK")
+                    t = c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1]
+                    assert t.startswith(b"l NO [LIMIT]"), t
+            assert b.imap(b"o", b"LOGOUT")[1].startswith(b"o OK")
+        with Line(i.addr("imap"), "127.0.0.41") as c:  # released in the other worker: room again
+            assert c.line().startswith(b"* OK")
+            assert c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1].startswith(b"l OK")
+
+        def connect() -> Line:
+            c = Line(i.addr("pop3"), "127.0.0.42")
+            assert c.line().startswith(b"+OK")
+            return c
+
+        p, q = spread(i, connect, lambda c: c.sock, Line.close)
+        with p, q:
+            assert p.cmd(b"USER " + user.encode()).startswith(b"+OK")
+            assert p.cmd(b"PASS " + PASSWORD.encode()).startswith(b"+OK")
+            assert p.cmd(b"QUIT").startswith(b"+OK")
+            assert q.cmd(b"USER " + user.encode()).startswith(b"+OK")
+            r = q.cmd(b"PASS " + PASSWORD.encode())  # the other worker: logged in too recently
+            assert r.startswith(b"-ERR [LOGIN-DELAY]"), r
+    finally:
+        i.stop()
