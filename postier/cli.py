@@ -87,9 +87,11 @@ def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
         'data_dir = "."',
         "",
     ]
-    if user or allow_root:  # who serve runs as once its listeners are bound (server/privileges.py)
-        lines += ["[server]"] + ([f"user = {_toml_str(user)}"] if user else []) + (
-            ["allow_root = true"] if allow_root else []) + [""]
+    # Who serve runs as once its listeners are bound (server/privileges.py), and how many worker
+    # processes share them (server/supervisor.py, docs/scaling.md).
+    lines += ["[server]"] + ([f"user = {_toml_str(user)}"] if user else []) + (
+        ["allow_root = true"] if allow_root else []) + [
+        "# workers = 0   # processes sharing every listener: 0 (the default) = one per CPU core, 1 = one", ""]
     lines += [
         "[tls]",
         'cert = "tls/cert.pem"',

@@ -219,10 +219,7 @@ class IMAPSession(Session):
             self.store.release_later(self.mb)
             self.mb = None
         if self._counted and self.user is not None:
-            conns = self.services.imap_user_connections
-            conns[self.user.address] -= 1
-            if conns[self.user.address] <= 0:
-                del conns[self.user.address]
+            self.services.imap_user_connections.release(self.user.address)
             self._counted = False
 
     def _timeout(self) -> float:
@@ -438,12 +435,10 @@ class IMAPSession(Session):
     async def _grant(self, user: User) -> tuple[str, ResponseCode | None]:
         """Authenticated (LOGIN or AUTHENTICATE): open the user's mailboxes."""
         self.services.throttle.success(self.peer_ip)
-        conns = self.services.imap_user_connections
-        if conns[user.address] >= self.cfg.imap.max_connections_per_user:
-            raise _no("Too many connections for this user", Code.LIMIT)
         if user.mailbox_format != "maildir":
             raise _no("This account's mailbox is not served over IMAP", Code.UNAVAILABLE)
-        conns[user.address] += 1
+        if not self.services.imap_user_connections.admit(user.address, self.cfg.imap.max_connections_per_user):
+            raise _no("Too many connections for this user", Code.LIMIT)
         self._counted = True
         self.user = user
         self.mb = await self.call(self.store.acquire, user)

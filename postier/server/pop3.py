@@ -30,7 +30,6 @@ import fcntl
 import logging
 import os
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +271,8 @@ class POP3Session(Session):
             self.conn.login_failed(unavailable=True)
             return
         delay = self.settings.login_delay
-        last = self.services.pop3_last_login  # RFC 2449 §6.5 LOGIN-DELAY (monotonic seconds)
-        now = time.monotonic()
-        if delay and now - last.get(user.address, -delay) < delay:  # RFC 2449 §6.5
+        last = self.services.pop3_last_login  # RFC 2449 §6.5 LOGIN-DELAY
+        if delay and last.last(user.address, delay) is not None:  # RFC 2449 §6.5
             self.conn.login_failed(login_delay=True)
             return
         try:
@@ -288,10 +286,7 @@ class POP3Session(Session):
             return
         self.drop = drop
         if delay:
-            for name, at in list(last.items()):  # bounded: forget logins older than the delay
-                if now - at >= delay:
-                    del last[name]
-            last[user.address] = now
+            last.record(user.address, delay)
         if self._auth_deadline is not None:
             self._auth_deadline.reschedule(None)
         self.conn.login_ok(drop.entries)

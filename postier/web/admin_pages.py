@@ -277,7 +277,7 @@ class AdminPages:
         cfg = self.config
 
         report = await asyncio.to_thread(health.check_all, cfg)
-        sessions = sum(self.web.services.imap_user_connections.values())
+        sessions = self.web.services.imap_user_connections.total()
         report.lines.append((True, f"connections: {sessions} IMAP session(s), "
                                    f"{len(self.web.sessions)} webmail session(s) open"))
         return self._render("admin_health.html", s, user, lines=report.lines, problems=report.problems)
