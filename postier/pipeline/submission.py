@@ -41,10 +41,12 @@ from ..proto.smtp.address import Address
 from ..proto.smtp.replies import (
     R250_SENDER_OK,
     R451_LOCAL_ERROR,
+    R451_TEMP_LOOKUP,
     R530_AUTH_REQUIRED,
     R553_SOURCE_ROUTE,
     Reply,
 )
+from ..store.errors import StoreUnavailable
 from .inbound import R550_RELAY_SYNTAX, SMTPPipeline, relay_trick
 
 if TYPE_CHECKING:
@@ -201,7 +203,11 @@ class SubmissionPipeline(SMTPPipeline):
             return await super().on_rcpt(env, addr, params)
         if addr.is_literal:
             return R550_LITERAL
-        res = await asyncio.to_thread(self.directory.resolve, addr.mailbox)
+        try:
+            res = await asyncio.to_thread(self.directory.resolve, addr.mailbox)
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("recipient lookup of %s failed: %s", addr.mailbox, exc)
+            return R451_TEMP_LOOKUP
         return self.expand(env, addr.mailbox, res, params)
 
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
