@@ -177,4 +177,8 @@ def test_postgresql_down_is_unavailable_not_unknown(pg_own: PgServer) -> None:
         acc.add_user("bob@example.org", PW)
     pg_own.start()
     assert acc.verify_password("alice@example.org", PW) is not None  # connected again
+    pg_own.stop()  # a restart between two lookups: the lost connection is replaced, no error
+    pg_own.start()
+    assert acc.verify_password("alice@example.org", PW) is not None
+    acc.add_user("bob@example.org", PW)
     acc.close()

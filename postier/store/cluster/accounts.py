@@ -71,10 +71,14 @@ class _PGConnection:
         self.timeout = timeout
         self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
+        self.in_transaction = False
+
+    def _stale(self) -> bool:
+        return self._conn is None or self._conn.closed or self._conn.broken
 
     def raw(self) -> psycopg.Connection[Any]:
         conn = self._conn
-        if conn is None or conn.closed or conn.broken:
+        if conn is None or self._stale():
             try:
                 conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
                 self.schema.ensure(conn)
@@ -84,10 +88,16 @@ class _PGConnection:
         return conn
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
-        try:
-            return self.raw().execute(_pg(sql), parameters)
-        except _LOST as exc:
-            raise StoreUnavailable(_DOWN) from exc
+        for retry in (True, False):
+            fresh = self._stale()
+            try:
+                return self.raw().execute(_pg(sql), parameters)
+            except _LOST as exc:
+                # a connection lost since its last use (PostgreSQL restarted, a failover): once more
+                # on a new one, unless a transaction was under way on it
+                if fresh or self.in_transaction or not retry:
+                    raise StoreUnavailable(_DOWN) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         if self._conn is not None:
@@ -112,14 +122,18 @@ class PGAccountStorage:
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
         assert isinstance(conn, _PGConnection)
+        conn.execute("SELECT 1")  # a live connection (made again if it was lost) before the transaction
         raw = conn.raw()
         try:
             with raw.transaction():
+                conn.in_transaction = True
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", (ACCOUNTS_LOCK,))
                 yield
                 raw.execute("UPDATE account_version SET n = n + 1")  # the other nodes' caches
         except _LOST as exc:
             raise StoreUnavailable(_DOWN) from exc
+        finally:
+            conn.in_transaction = False
 
     def data_version(self, conn: Connection) -> int:
         row = conn.execute("SELECT n FROM account_version").fetchone()
