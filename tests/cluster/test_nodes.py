@@ -8,6 +8,7 @@ from __future__ import annotations
 import imaplib
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,7 +161,15 @@ def test_postgresql_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg_o
             code, _ = s.rcpt(ALICE)
             assert 400 <= code < 500, code  # the accounts are in PostgreSQL too: no lookup, no 250
         pg_own.start()
-        c = imap(b)
+        for _ in range(60):  # the node's pool reconnects with a back-off: until then NO [UNAVAILABLE]
+            try:
+                c = imap(b)
+                break
+            except imaplib.IMAP4.error as exc:
+                assert "UNAVAILABLE" in str(exc), exc
+                time.sleep(0.5)
+        else:
+            raise AssertionError("no login on B after PostgreSQL came back")
         try:
             for _ in range(3):  # the node's pool drops its broken connections and reconnects
                 typ, data = c.select("INBOX")
