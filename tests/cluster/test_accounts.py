@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ from postier.mailauth.keys import DKIMSigner, KeyError_  # noqa: E402
 from postier.message.types import AccountError  # noqa: E402
 from postier.store.cluster.accounts import ClusterKeyStore, PGAccountStorage  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
+
+from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
 
@@ -182,3 +185,48 @@ def test_postgresql_down_is_unavailable_not_unknown(pg_own: PgServer) -> None:
     assert acc.verify_password("alice@example.org", PW) is not None
     acc.add_user("bob@example.org", PW)
     acc.close()
+
+
+def test_every_account_command_works_on_postgresql(tmp_path: Path, pg: PgServer) -> None:
+    """`postier domain|user|alias|dkim|dns` with `[cluster]` configured: what one node's commands
+    change, another node's commands show (no server running: the commands alone)."""
+    dsn = pg.create_db()
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        nodes.append(Instance(tmp_path / name, "example.org", extra_config=(
+            f'[cluster]\ndsn = "{dsn}"\ns3_bucket = "unused"\ntimeout = 2.0\n')))
+    a, b = nodes
+    a.cli("domain", "add", "example.org")
+    a.cli("domain", "add", "example.net")
+    assert b.cli("domain", "list").stdout.split() == ["example.net", "example.org"]
+    a.cli("user", "add", "alice@example.org", "--password-stdin", "--admin", "--quota", "1G", stdin=PW + "\n")
+    assert "already exists" in b.cli("user", "add", "alice@example.org", "--password-stdin", stdin=PW + "\n",
+                                     check=False).stderr
+    b.cli("user", "passwd", "alice@example.org", "--password-stdin", stdin="another-password\n")
+    b.cli("user", "quota", "alice@example.org", "500M")
+    a.cli("domain", "quota", "example.org", "2G")
+    b.cli("alias", "add", "team@example.org", "alice@example.org", "far@remote.test")
+    assert a.cli("alias", "list").stdout.strip() == "team@example.org\talice@example.org, far@remote.test"
+    a.cli("alias", "remove", "team@example.org", "far@remote.test")
+    assert b.cli("alias", "list").stdout.strip() == "team@example.org\talice@example.org"
+    out = b.cli("dkim", "generate", "example.org", "--selector", "s1", "--bits", "1024").stdout
+    assert "(active)" in out and "note:" not in out  # example.org is a local domain, in PostgreSQL
+    b.cli("dkim", "generate", "example.org", "--selector", "s2", "--algorithm", "ed25519")
+    a.cli("dkim", "retire", "example.org", "s1")
+    listed = b.cli("dkim", "list").stdout
+    assert "\ts1\trsa-sha256\tretired\t" in listed and "\ts2\ted25519-sha256\tactive\t" in listed
+    assert "s2._domainkey.example.org" in a.cli("dns", "records", "example.org").stdout
+    assert not list((tmp_path / "a").glob("**/dkim/example.org"))  # no key files on the node
+    acc = Accounts(PGAccountStorage(dsn, 2.0))
+    try:
+        alice = acc.verify_password("alice@example.org", "another-password")
+        assert alice is not None and alice.quota == 500 * 1024 ** 2 and acc.is_admin(alice.address)
+        assert acc.own_quota(alice.address) == "user"
+    finally:
+        acc.close()
+    a.cli("user", "remove", "alice@example.org")
+    assert b.cli("user", "list").stdout.strip() == ""
+    assert b.cli("alias", "list").stdout.strip() == ""  # the alias's only target went with the user
+    b.cli("domain", "remove", "example.net")
+    assert a.cli("domain", "list").stdout.split() == ["example.org"]
