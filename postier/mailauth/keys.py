@@ -179,9 +179,9 @@ class KeyStore:
         """Every selector of `domain`, oldest first."""
         name = _check_domain(domain)
         out = []
-        for selector, meta in self._read_state(domain).items():
+        for selector, meta in self._read_state(name).items():
             try:
-                txt = self._txt(domain, selector)
+                txt = self._txt(name, selector)
                 alg = _one_of(meta.get("algorithm"), ALGORITHMS.values())
                 state = _one_of(meta.get("state"), STATES)
                 if alg is None or state is None:
@@ -209,7 +209,7 @@ class KeyStore:
             _check_selector(selector)
         pem, txt = generate_key(algorithm, bits)
         with self._locked(name):
-            state = self._read_state(domain)
+            state = self._read_state(name)
             selector = _check_selector(selector) if selector else default_selector(algorithm, now, set(state))
             if selector in state or self._exists(name, selector):
                 raise KeyError_(f"selector {selector} exists already for {name}")
@@ -222,17 +222,18 @@ class KeyStore:
     def set_state(self, domain: str, selector: str, new: State) -> DKIMKey:
         """activate (the previous active key of that algorithm becomes published) or retire a selector."""
         selector = _check_selector(selector)
-        with self._locked(_check_domain(domain)):
-            state = self._read_state(domain)
+        name = _check_domain(domain)
+        with self._locked(name):
+            state = self._read_state(name)
             meta = state.get(selector)
             if meta is None:
-                raise KeyError_(f"no selector {selector} for {_check_domain(domain)}")
+                raise KeyError_(f"no selector {selector} for {name}")
             if new == "active":
                 for other in state.values():
                     if other.get("state") == "active" and other.get("algorithm") == meta.get("algorithm"):
                         other["state"] = "published"
             meta["state"] = new
-            self._write_state(domain, state)
+            self._write_state(name, state)
         return next(k for k in self.keys(domain) if k.selector == selector)
 
     def signing_domain(self, domain: str) -> str | None:

@@ -140,7 +140,7 @@ def test_dkim_key_made_on_one_node_signs_on_another(pg: PgServer) -> None:
     try:
         key = a.generate("example.org", "rsa-sha256", "s1", bits=1024)
         assert key.state == "active" and b.domains() == ["example.org"]
-        assert [k.selector for k in b.active("example.org")] == ["s1"]
+        assert [k.selector for k in b.active("Example.ORG")] == ["s1"]  # names fold as the files' do
         assert b.signing_domain("mail.example.org") == "example.org"  # relaxed alignment (RFC 7489 §3.1.1)
         with pytest.raises(KeyError_, match="exists already"):
             b.generate("example.org", "rsa-sha256", "s1", bits=1024)
