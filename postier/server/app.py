@@ -34,7 +34,7 @@ from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
 from ..config import HTTP_ROLES, Config
 from ..mailauth.arc import ARCSealer
-from ..mailauth.keys import DKIMSigner, KeyStore
+from ..mailauth.keys import DKIMSigner
 from ..mailauth.reports import ReportStore
 from ..http.metrics import MetricsEndpoint
 from ..mailauth.tlsrpt import TLSReportStore
@@ -51,6 +51,7 @@ from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
 from ..resolver import BaseResolver, make_resolver
+from ..store.accountdb import open_accounts, open_key_store
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
 from . import notify, privileges, reload, sockets, stats
@@ -169,8 +170,7 @@ class App:
 def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerContext | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses (`worker`:
     one of several processes serving the same listeners and data, server/supervisor.py)."""
-    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
-                        config.limits.default_quota)
+    accounts = open_accounts(config)  # SQLite, or PostgreSQL in cluster mode (store/accountdb.py)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
     # Its own registry; `postier status`'s last hour is fed from the same events. With several
     # workers the values are mapped into files the scraping worker sums (postier/metrics.py).
@@ -232,7 +232,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         InboundAuth(config, resolver, dmarc_reports, accounts.list_domains, tls_reports=tls_reports),
         *((spam,) if spam.active else ()),
     )
-    dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
+    dkim = DKIMSigner(open_key_store(config)) if config.mailauth.dkim_sign else None
     report_job = None
     send_dmarc = dmarc_reports is not None and config.mailauth.dmarc_reports
     if send_dmarc or config.tlsrpt.send_reports:

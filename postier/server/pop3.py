@@ -39,7 +39,7 @@ from ..durable import ensure_dirs
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.api import Mailboxes, MailStoreAPI, PopMessage
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from .base import CommandTimeout, Session
 from .throttle import AuthThrottle
 
@@ -256,7 +256,12 @@ class POP3Session(Session):
             return
         user = None
         if not ev.authzid or ev.authzid.lower() == ev.user.lower():  # no proxy logins
-            user = await self.services.accounts.verify_password_async(ev.user, ev.password)
+            try:
+                user = await self.services.accounts.verify_password_async(ev.user, ev.password)
+            except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+                log.error("%s: login of %s impossible: %s", self.role, ev.user, exc)
+                self.conn.login_failed(temporary=True)
+                return
         if user is None:
             await self._penalize(ev.mechanism)
             self.conn.login_failed()

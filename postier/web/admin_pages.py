@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..acme.store import CertStore, certificate_files, tlsa_keys
 from ..antispam.verdicts import Verdict
-from ..mailauth.keys import KeyStore
+from ..store.accountdb import open_key_store
 from ..mailauth.records import Finding, Record, check_domain, expected_records, public_addresses
 from ..mailauth.reports import ReceivedReport, ReportStore
 from ..message.types import User
@@ -114,7 +114,7 @@ class AdminPages:
         findings: list[Finding] = []
         if domain:
             def gather() -> tuple[list[Record], Any, list[str], list[tuple[str, str]]]:
-                keys = KeyStore(cfg.dkim_dir).keys(domain)
+                keys = open_key_store(cfg).keys(domain)
                 addresses = public_addresses(cfg)
                 tlsa = tlsa_keys(cfg)
                 return expected_records(cfg, domain, keys, addresses, tlsa), keys, addresses, tlsa
