@@ -33,7 +33,7 @@ import logging
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..antispam.learning import JUNK, enqueue, verdict
@@ -1207,7 +1207,8 @@ class IMAPSession(Session):
         mb = self._mbox()
         # the full-text index answers the text keys it can and names the candidates (store.fts)
         criteria, cands = await self.call(narrow, mb, sel.name, criteria)
-        targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        if cands is not None:
+            targets = _in_view(view, cands)
         if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
             return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
         recent = self.core.recent_from()
@@ -1291,6 +1292,21 @@ QUOTA_ROOT = ""
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _in_view(view: Sequence[int], uids: set[int]) -> list[tuple[int, int]]:
+    """(sequence number, UID) of the members of `uids` in `view` (the session's ascending UIDs), in
+    order: a bisection per member when they are few (an index answer of 10,000 UIDs among
+    100,000), a pass over the view otherwise."""
+    n = len(view)
+    if len(uids) > n // 16:
+        return [(s, u) for s, u in enumerate(view, 1) if u in uids]
+    out: list[tuple[int, int]] = []
+    for u in sorted(uids):
+        i = bisect_left(view, u)
+        if i < n and view[i] == u:
+            out.append((i + 1, u))
+    return out
 
 
 def _spooled(data: bytes | C.SpooledLiteral) -> bytes | SpoolFile:

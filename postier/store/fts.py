@@ -81,6 +81,19 @@ class _Gaps:
     last: int = 0  # UIDs up to this one were looked at
     missing: set[int] = field(default_factory=set)  # no entry
     unchecked: set[int] = field(default_factory=set)  # no exact entry (missing included)
+    uid_of: dict[int, int] = field(default_factory=dict)  # exact entry's id -> UID in the folder
+
+    def note(self, uid: int, doc: int | None, exact: bool) -> None:
+        if doc is None:
+            self.missing.add(uid)
+            self.unchecked.add(uid)
+            return
+        self.missing.discard(uid)
+        if exact:
+            self.unchecked.discard(uid)
+            self.uid_of[doc] = uid
+        else:
+            self.unchecked.add(uid)
 
 
 class TextIndex:
@@ -148,6 +161,14 @@ class TextIndex:
             g.unchecked.difference_update(u for u, _b in gone)
         bases = [b for _u, b in gone]
         c = self.conn
+        if g is not None:
+            for i in range(0, len(gone), 500):
+                part = gone[i:i + 500]
+                uid_at = {b: u for u, b in part}
+                for doc, base in c.execute(f"SELECT id, base FROM fts.docs WHERE base IN ({','.join('?' * len(part))})",
+                                           [b for _u, b in part]):
+                    if g.uid_of.get(doc) == uid_at[base]:
+                        del g.uid_of[doc]
         fids = [f for (f,) in c.execute("SELECT id FROM folders")]
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -168,12 +189,14 @@ class TextIndex:
     # -- reading ---------------------------------------------------------------------------------
 
     def _gaps(self, fid: int) -> _Gaps:
-        """The folder's messages the index cannot answer for, kept up to date incrementally: UIDs
-        only grow, so each call looks at the UIDs above the last one seen; catch-up indexing
-        rechecks what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops
-        belongs to no message any more). Recomputed when another connection wrote the file
-        (data_version) or it was cleared here. UIDs removed by other programs stay in the sets
-        until then: they match nothing."""
+        """The folder's messages the index cannot answer for, and the UID of each exact entry's
+        message (a hit's entry id -> UID without a lookup by base per hit: 10,000 hits cost a
+        dictionary look-up each, not two index searches), kept up to date incrementally: UIDs only
+        grow, so each call looks at the UIDs above the last one seen; catch-up indexing rechecks
+        what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops belongs
+        to no message any more). Recomputed when another connection wrote the file (data_version)
+        or it was cleared here. UIDs removed by other programs stay until then: the caller keeps
+        only the folder's current UIDs (`UserMailbox.text_search`)."""
         (dv,) = self.conn.execute("PRAGMA fts.data_version").fetchone()
         stamp = (self._clears, dv)
         g = self._gap_cache.get(fid)
@@ -181,13 +204,10 @@ class TextIndex:
             g = self._gap_cache[fid] = _Gaps(stamp)
         (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
         if top > g.last:
-            for uid, indexed in self.conn.execute(
-                    "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
-                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ? AND (d.id IS NULL OR NOT d.exact)",
-                    (fid, g.last, top)):
-                g.unchecked.add(uid)
-                if not indexed:
-                    g.missing.add(uid)
+            for uid, doc, exact in self.conn.execute(
+                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
+                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ?", (fid, g.last, top)):
+                g.note(uid, doc, bool(exact))
             g.last = top
         return g
 
@@ -198,14 +218,11 @@ class TextIndex:
         for i in range(0, len(uids), 500):
             part = uids[i:i + 500]
             marks = ",".join("?" * len(part))
-            for uid, indexed, exact in self.conn.execute(
-                    "SELECT m.uid, d.id IS NOT NULL, ifnull(d.exact, 0) FROM msgs m"
+            for uid, doc, exact in self.conn.execute(
+                    "SELECT m.uid, d.id, d.exact FROM msgs m"
                     f" LEFT JOIN fts.docs d ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
                     (fid, *part)):
-                if indexed:
-                    g.missing.discard(uid)
-                if exact:
-                    g.unchecked.discard(uid)
+                g.note(uid, doc, bool(exact))
 
     def unindexed(self, fid: int, limit: int) -> list[int]:
         """UIDs of the folder's messages with no entry (the lowest `limit`)."""
@@ -222,21 +239,20 @@ class TextIndex:
         return self._gaps(fid).unchecked
 
     def hits(self, fid: int, field: str, needle: str) -> set[int]:
-        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`)."""
+        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`);
+        may name UIDs other programs removed meanwhile (see `_gaps`)."""
         cols = (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
         needle = needle.casefold()
         # RFC 9051 §6.4.4: case-insensitive substring (both sides casefolded, as message.matching)
         if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
             phrase = needle.replace('"', '""')
-            q = f'{{{" ".join(cols)}}} : "{phrase}"'
-            # CROSS JOIN keeps this order: the MATCH first, once (not once per message)
-            sql = ("SELECT m.uid FROM fts.ftext t CROSS JOIN fts.docs d ON d.id=t.rowid"
-                   " CROSS JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
-            return {u for (u,) in self.conn.execute(sql, (fid, q))}
-        cond = " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols)
-        sql = ("SELECT m.uid FROM msgs m CROSS JOIN fts.docs d ON d.base=m.base"
-               f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
-        return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
+            rows = self.conn.execute("SELECT rowid FROM fts.ftext WHERE ftext MATCH ?",
+                                     (f'{{{" ".join(cols)}}} : "{phrase}"',))
+        else:  # shorter than a trigram: one pass over the stored text (in C), entry by entry
+            cond = " OR ".join(f"instr({c}, ?) > 0" for c in cols)
+            rows = self.conn.execute(f"SELECT rowid FROM fts.ftext WHERE {cond}", [needle] * len(cols))
+        uid_of = self._gaps(fid).uid_of
+        return {uid_of[doc] for (doc,) in rows if doc in uid_of}  # exact entries of this folder's messages
 
 
 def _crlf(data: bytes) -> bytes:
