@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS fts.docs (
 CREATE VIRTUAL TABLE IF NOT EXISTS fts.ftext USING fts5(
     subject, hfrom, hto, hcc, hbcc, leaves, headers, inner, tokenize = 'trigram case_sensitive 1'
 );
+-- base -> (id, exact) in one B-tree search (the UNIQUE index needs a second one in the table):
+-- a folder's first search looks up every message's base (100,000: 90 ms instead of 240)
+CREATE INDEX IF NOT EXISTS fts.docs_base ON docs(base, exact);
 CREATE TRIGGER IF NOT EXISTS fts.docs_gone AFTER DELETE ON docs BEGIN
     DELETE FROM ftext WHERE rowid = old.id;
 END;
@@ -204,10 +207,16 @@ class TextIndex:
             g = self._gap_cache[fid] = _Gaps(stamp)
         (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
         if top > g.last:
+            uid_of, missing, unchecked = g.uid_of, g.missing, g.unchecked
             for uid, doc, exact in self.conn.execute(
-                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
-                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ?", (fid, g.last, top)):
-                g.note(uid, doc, bool(exact))
+                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d INDEXED BY docs_base"
+                    " ON d.base=m.base WHERE m.folder=? AND m.uid > ? AND m.uid <= ?", (fid, g.last, top)):
+                if exact:  # UIDs not seen before: `note` without its discards
+                    uid_of[doc] = uid
+                else:
+                    unchecked.add(uid)
+                    if doc is None:
+                        missing.add(uid)
             g.last = top
         return g
 
@@ -219,8 +228,8 @@ class TextIndex:
             part = uids[i:i + 500]
             marks = ",".join("?" * len(part))
             for uid, doc, exact in self.conn.execute(
-                    "SELECT m.uid, d.id, d.exact FROM msgs m"
-                    f" LEFT JOIN fts.docs d ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
+                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d INDEXED BY docs_base"
+                    f" ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
                     (fid, *part)):
                 g.note(uid, doc, bool(exact))
 
