@@ -1202,13 +1202,10 @@ class IMAPSession(Session):
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved,
                             now=time.time())  # one clock reading for RFC 5032 OLDER/YOUNGER
-        targets = list(zip(range(1, len(view) + 1), view, strict=True))
-        recent = self.core.recent_from()
         mb = self._mbox()
         # the full-text index answers the text keys it can and names the candidates (store.fts)
         criteria, cands = await self.call(narrow, mb, sel.name, criteria)
-        if cands is not None:
-            targets = _in_view(view, cands)
+        targets = list(enumerate(view, 1)) if cands is None else _in_view(view, cands)
         if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
             return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
         recent = self.core.recent_from()

@@ -243,6 +243,12 @@ class TextIndex:
         self.add([(base, raw) for _u, base, raw in items])
         self._recheck(fid, [u for u, _b, _r in items])
 
+    def known(self, fid: int) -> int:
+        """How many UIDs of the folder the index accounts for (exact entries and unchecked): more
+        than the folder holds when other programs removed some (`_gaps`)."""
+        g = self._gaps(fid)
+        return len(g.uid_of) + len(g.unchecked)
+
     def unchecked(self, fid: int) -> set[int]:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
         return self._gaps(fid).unchecked

@@ -817,7 +817,10 @@ class UserMailbox:
                     with contextlib.suppress(StoreError):
                         items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
                 ti.index_messages(st.fid, items)
-            return [_present(st.uids, ti.hits(st.fid, f, n)) for f, n in queries], ti.unchecked(st.fid)
+            answers = [ti.hits(st.fid, f, n) for f, n in queries]
+            if ti.known(st.fid) != len(st.uids):  # messages removed behind the index's back: only current ones
+                answers = [_present(st.uids, a) for a in answers]
+            return answers, ti.unchecked(st.fid)
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
             return None
