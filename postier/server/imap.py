@@ -1293,16 +1293,26 @@ class _Silent(Exception):
 
 def _in_view(view: Sequence[int], uids: set[int]) -> list[tuple[int, int]]:
     """(sequence number, UID) of the members of `uids` in `view` (the session's ascending UIDs), in
-    order: a bisection per member when they are few (an index answer of 10,000 UIDs among
-    100,000), a pass over the view otherwise."""
+    order. When they are a few (an index answer of 10,000 UIDs among 100,000) each is looked for
+    after the previous one: as UIDs strictly ascend, u can be no further than (u - view[i]) places
+    beyond position i, where it stands when no UID in between was expunged (one comparison);
+    else a bisection of that stretch. Many: one pass over the view."""
     n = len(view)
-    if len(uids) > n // 16:
+    if len(uids) > n // 4:
         return [(s, u) for s, u in enumerate(view, 1) if u in uids]
     out: list[tuple[int, int]] = []
+    i = 0
     for u in sorted(uids):
-        i = bisect_left(view, u)
-        if i < n and view[i] == u:
-            out.append((i + 1, u))
+        if i >= n:
+            break
+        hi = min(n, i + u - view[i] + 1)
+        if hi <= i:
+            continue  # below view[i]: not in the view
+        j = hi - 1 if view[hi - 1] == u else bisect_left(view, u, i, hi)
+        if j < hi and view[j] == u:
+            out.append((j + 1, u))
+            j += 1
+        i = j
     return out
 
 

@@ -20,8 +20,8 @@ only re-parse every hit (a second per thousand hits on 100,000 messages); `tests
 asserts index and matcher give the same UIDs.
 The index answers with entry ids; a per-folder map from exact entry id to UID, held in memory while
 the user's mailboxes are open and kept up to date with the sets of uncovered messages (`_gaps`:
-built by the folder's first search, one pass over its messages; about 120 bytes per message), turns
-10,000 hits into UIDs with dictionary look-ups instead of two index searches per hit.
+built by the folder's first search, one pass over its messages; 4 bytes per entry of the user), turns
+10,000 hits into UIDs with array look-ups instead of two index searches per hit.
 Entries are written by APPEND (in the same user-locked step), by a search for up to
 `CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
 not touch the index: their messages are indexed by the next search, and evaluated by the matcher
@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,29 @@ class _Gaps:
     last: int = 0  # UIDs up to this one were looked at
     missing: set[int] = field(default_factory=set)  # no entry
     unchecked: set[int] = field(default_factory=set)  # no exact entry (missing included)
-    uid_of: dict[int, int] = field(default_factory=dict)  # exact entry's id -> UID in the folder
+    # the UID of each exact entry's message in the folder, indexed by entry id (0: none); an array,
+    # not a dict: 4 bytes an entry, and 10,000 look-ups in 1 ms instead of 5 (no scattered objects)
+    uid_of: array[int] = field(default_factory=lambda: array("I"))
+    exact: int = 0  # non-zero slots of uid_of
+
+    def reserve(self, doc: int) -> None:
+        a = self.uid_of
+        if doc >= len(a):
+            a.frombytes(bytes(a.itemsize * max(doc + 1 - len(a), len(a) // 2, 1024)))
+
+    def map(self, doc: int, uid: int) -> None:
+        a = self.uid_of
+        if doc >= len(a):
+            self.reserve(doc)
+        if not a[doc]:
+            self.exact += 1
+        a[doc] = uid
+
+    def unmap(self, doc: int, uid: int) -> None:
+        a = self.uid_of
+        if doc < len(a) and a[doc] == uid:
+            a[doc] = 0
+            self.exact -= 1
 
     def note(self, uid: int, doc: int | None, exact: bool) -> None:
         if doc is None:
@@ -98,7 +121,7 @@ class _Gaps:
         self.missing.discard(uid)
         if exact:
             self.unchecked.discard(uid)
-            self.uid_of[doc] = uid
+            self.map(doc, uid)
         else:
             self.unchecked.add(uid)
 
@@ -174,8 +197,7 @@ class TextIndex:
                 uid_at = {b: u for u, b in part}
                 for doc, base in c.execute(f"SELECT id, base FROM fts.docs WHERE base IN ({','.join('?' * len(part))})",
                                            [b for _u, b in part]):
-                    if g.uid_of.get(doc) == uid_at[base]:
-                        del g.uid_of[doc]
+                    g.unmap(doc, uid_at[base])
         fids = [f for (f,) in c.execute("SELECT id FROM folders")]
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -211,12 +233,15 @@ class TextIndex:
             g = self._gap_cache[fid] = _Gaps(stamp)
         (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
         if top > g.last:
-            uid_of, missing, unchecked = g.uid_of, g.missing, g.unchecked
+            if not g.last:  # the folder's first pass: the array sized once
+                (most,) = self.conn.execute("SELECT ifnull(max(id), 0) FROM fts.docs").fetchone()
+                g.reserve(most)
+            mapping, missing, unchecked = g.map, g.missing, g.unchecked
             for uid, doc, exact in self.conn.execute(
                     "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d INDEXED BY docs_base"
                     " ON d.base=m.base WHERE m.folder=? AND m.uid > ? AND m.uid <= ?", (fid, g.last, top)):
                 if exact:  # UIDs not seen before: `note` without its discards
-                    uid_of[doc] = uid
+                    mapping(doc, uid)
                 else:
                     unchecked.add(uid)
                     if doc is None:
@@ -251,7 +276,7 @@ class TextIndex:
         """How many UIDs of the folder the index accounts for (exact entries and unchecked): more
         than the folder holds when other programs removed some (`_gaps`)."""
         g = self._gaps(fid)
-        return len(g.uid_of) + len(g.unchecked)
+        return g.exact + len(g.unchecked)
 
     def unchecked(self, fid: int) -> set[int]:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
@@ -271,7 +296,10 @@ class TextIndex:
         else:  # shorter than a trigram: one pass over the stored text (in C), entry by entry
             cond = " OR ".join(f"instr({c}, ?) > 0" for c in cols)
             rows = self.conn.execute(f"SELECT rowid FROM fts.ftext WHERE {cond}", [needle] * len(cols))
-        return {uid_of[doc] for (doc,) in rows if doc in uid_of}  # exact entries of this folder's messages
+        n = len(uid_of)
+        found = {uid_of[doc] for (doc,) in rows if doc < n}
+        found.discard(0)  # not an exact entry of this folder's messages
+        return found
 
 
 def _crlf(data: bytes) -> bytes:
