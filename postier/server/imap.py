@@ -1296,8 +1296,13 @@ def _in_view(view: Sequence[int], uids: set[int]) -> list[tuple[int, int]]:
     order. When they are a few (an index answer of 10,000 UIDs among 100,000) each is looked for
     after the previous one: as UIDs strictly ascend, u can be no further than (u - view[i]) places
     beyond position i, where it stands when no UID in between was expunged (one comparison);
-    else a bisection of that stretch. Many: one pass over the view."""
+    else a bisection of that stretch. Many: one pass over the view. A view without gaps: arithmetic."""
     n = len(view)
+    if not n:
+        return []
+    first, top = view[0], view[-1]
+    if top - first == n - 1:  # no UID missing in between (nothing expunged): seq follows from UID
+        return [(u - first + 1, u) for u in sorted(uids) if first <= u <= top]
     if len(uids) > n // 4:
         return [(s, u) for s, u in enumerate(view, 1) if u in uids]
     out: list[tuple[int, int]] = []
