@@ -136,6 +136,20 @@ def test_idle_wakes_across_workers(inst: Instance) -> None:
     assert woke < 5.0, woke
 
 
+def test_notify_rename_across_workers(inst: Instance) -> None:
+    """RFC 5465 §5.4: a rename in one worker reaches a NOTIFY session in the other as one LIST with
+    OLDNAME (the rename travels on the workers' bus)."""
+    user = add_cheap_user(inst, "notify@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.38")
+    with a, b:
+        assert b.imap(b"n", b"NOTIFY SET (PERSONAL (MailboxName))")[1].startswith(b"n OK")
+        b.sock.settimeout(10)
+        assert a.imap(b"c", b"CREATE Alt")[1].startswith(b"c OK")
+        assert b.line() == b'* LIST () "." "Alt"'
+        assert a.imap(b"r", b"RENAME Alt Neu")[1].startswith(b"r OK")
+        assert b.line() == b'* LIST () "." "Neu" ("OLDNAME" ("Alt"))'
+
+
 def test_uids_stay_unique_when_both_workers_append(inst: Instance) -> None:
     user = add_cheap_user(inst, "uids@w.test")
     a, b = imap_pair(inst, user, "127.0.0.32")

@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1203,10 +1203,21 @@ def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
 
 # -- every user, one process ----------------------------------------------------------------------
 
+#: The notifier's key for a user's mailbox names and subscriptions (created, deleted, renamed,
+#: (un)subscribed), which IMAP NOTIFY watches (RFC 5465 §5.4, §5.5).
+NAMES = "\x00names"
+_RENAMED = "\x00renamed\x00"  # a NAMES change that is a rename: "\x00renamed\x00OLD\x00NEW"
+RENAMES_KEPT = 64  # renames remembered per user while someone watches the user's NAMES
+
+
 class ChangeNotifier:
     """Wakes IDLE sessions: deliveries and other sessions call `notify()`; for changes made by other
     programs, each watched folder's `new/` and `cur/` mtimes are polled every `interval` seconds
-    (two stat calls per folder, in the event loop) while someone watches it."""
+    (two stat calls per folder, in the event loop) while someone watches it.
+
+    A rename (`renamed`) wakes the NAMES watchers like any name change and is also remembered,
+    numbered, while someone watches NAMES, so that NOTIFY can tell it from a deletion and a
+    creation (`renames_since`); it travels to other processes as a key of its own."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = max(0.05, interval)
@@ -1214,6 +1225,8 @@ class ChangeNotifier:
         self.forward: Callable[[str, str], None] | None = None
         self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._renames: dict[str, deque[tuple[int, str, str]]] = {}
+        self._rename_seq = 0
 
     def watch(self, address: str, folder: str, path: Path | None, callback: Callable[[], None]) -> Callable[[], None]:
         key = (address, folder)
@@ -1228,6 +1241,8 @@ class ChangeNotifier:
                 ws.discard(callback)
                 if not ws:
                     del self._watchers[key]
+                    if folder == NAMES:
+                        self._renames.pop(address, None)
                     t = self._pollers.pop(key, None)
                     if t is not None:
                         t.cancel()
@@ -1239,8 +1254,23 @@ class ChangeNotifier:
             self.forward(address, folder)
         self.local(address, folder)
 
+    def renamed(self, address: str, old: str, new: str) -> None:
+        """The user's mailbox `old` is now `new` (children included): a NAMES change, remembered."""
+        self.notify(address, f"{_RENAMED}{old}\x00{new}")
+
+    def renames_since(self, address: str, seq: int) -> tuple[int, list[tuple[str, str]]]:
+        """The renames remembered for the user after number `seq` (oldest first), and the last number."""
+        kept = self._renames.get(address, ())
+        return self._rename_seq, [(o, n) for s, o, n in kept if s > seq]
+
     def local(self, address: str, folder: str) -> None:
         """Wake this process's watchers of the folder (a change seen here or told by another process)."""
+        if folder.startswith(_RENAMED):
+            old, _, new = folder[len(_RENAMED):].partition("\x00")
+            folder = NAMES
+            if (address, NAMES) in self._watchers:
+                self._rename_seq += 1
+                self._renames.setdefault(address, deque(maxlen=RENAMES_KEPT)).append((self._rename_seq, old, new))
         for cb in list(self._watchers.get((address, folder), ())):
             try:
                 cb()
@@ -1324,7 +1354,8 @@ class MailStore:
 
     def changed_elsewhere(self, address: str, folder: str) -> None:
         """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""
-        self.mark_dirty(address, folder)
+        if not folder.startswith("\x00"):  # NAMES and renames are not folders
+            self.mark_dirty(address, folder)
         self.notifier.local(address, folder)
 
     def mark_dirty(self, address: str, folder: str) -> None:
