@@ -455,17 +455,26 @@ class UserIndex:
         self.conn.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `durable=False` for what a power loss may take back harmlessly
+        (a directory's recorded mtimes, a \\Recent claim): its commit is not fsynced (WAL with
+        synchronous=NORMAL keeps the database consistent); the next durable commit's fsync covers it."""
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
+        if not durable:
+            c.execute("PRAGMA synchronous=NORMAL")
         try:
-            self._write_meta(c)
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_meta(c)
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            else:
+                c.execute("COMMIT")
+        finally:
+            if not durable:
+                c.execute("PRAGMA synchronous=FULL")
 
     # -- folders ----------------------------------------------------------------------------------
 
@@ -632,9 +641,11 @@ class UserIndex:
         disk_cur = {n for n in os.listdir(path / "cur") if n[0] != "." and "\n" not in n}
         idx_new, idx_cur = self._listing_of(fid)
         if disk_new == idx_new and disk_cur == idx_cur:
-            with self.tx() as c:
-                c.execute("UPDATE folders SET new_mtime=?, cur_mtime=?, trusted=? WHERE id=?",
-                          (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted, fid))
+            r = self.conn.execute("SELECT new_mtime, cur_mtime, trusted FROM folders WHERE id=?", (fid,)).fetchone()
+            if r is None or tuple(r) != (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted):
+                with self.tx(durable=False) as c:  # a hint: lost in a power cut, the next sync rescans
+                    c.execute("UPDATE folders SET new_mtime=?, cur_mtime=?, trusted=? WHERE id=?",
+                              (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted, fid))
             return SyncResult(row, False)
         appeared: dict[str, tuple[int, str]] = {}  # base -> (sub, suffix); cur/ wins over new/
         for sub, names in ((1, disk_cur - idx_cur), (0, disk_new - idx_new)):
@@ -820,7 +831,8 @@ class UserIndex:
             return 1 << 32
         if r[0] >= r[1]:
             return int(r[0])  # nothing new to claim: no write
-        with self.tx() as c:
+        # Not fsynced: a claim lost in a power cut shows those messages as \\Recent once more.
+        with self.tx(durable=False) as c:
             r = c.execute("SELECT recent_uid, uidnext FROM folders WHERE id=?", (fid,)).fetchone()
             c.execute("UPDATE folders SET recent_uid=? WHERE id=?", (r[1], fid))
         return int(r[0])

@@ -1031,7 +1031,7 @@ class UserMailbox:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(st.path / r.relpath())
             fault_point(fault)  # some files are gone, the index not yet updated
-        fsync_folder(st.path)
+        fsync_folder(st.path, sorted({r.relpath().split("/", 1)[0] for r in rows}))  # where files went
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
