@@ -872,53 +872,75 @@ class UserMailbox:
         literal): `append_many` delivers it by rename. No lock: nothing shared is touched."""
         return SpoolFile(self.root / "tmp")
 
-    @_locked
     def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
                     ) -> tuple[int, list[int]]:
         """APPEND of (data, flag names, internal date) messages, all or none (RFC 3502 §6.3.11:
         MULTIAPPEND is atomic). Each is durable (tmp, fsync) before any is renamed into the folder,
         the folder is fsynced before the index learns of them, and if one rename fails the others
-        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3)."""
+        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3).
+
+        The files are written and fsynced in the Maildir's tmp/ before the user lock is taken
+        (nothing shared is touched there, as with `spool`), so that the user's other sessions do
+        not wait for those fsyncs; under the lock they are moved into the folder by rename."""
+        if not messages:
+            raise StoreError("no message to append")
+        spooled: list[tuple[SpoolFile, bytes | None, Sequence[str]]] = []
+        try:
+            for data, flag_names, internal_date in messages:
+                if isinstance(data, bytes):
+                    if b"\n" in data.replace(b"\r\n", b""):
+                        data = _to_crlf(data)  # (a SpoolFile did this as it was written)
+                    spool = self.spool()
+                    spooled.append((spool, data, flag_names))
+                    spool.write(data)
+                else:
+                    spool = data
+                    spooled.append((spool, None, flag_names))
+                spool.sync(internal_date)
+                if spool.failed is not None:
+                    raise StoreError(f"message not stored: {spool.failed}")
+            return self._append_spooled(name, spooled)
+        finally:
+            for spool, _data, _flags in spooled:
+                spool.discard()  # (nothing to do for a delivered one)
+
+    @_locked
+    def _append_spooled(self, name: str, messages: Sequence[tuple[SpoolFile, bytes | None, Sequence[str]]]
+                        ) -> tuple[int, list[int]]:
+        """`append_many`'s part under the lock: (spooled and fsynced file, its content when it was
+        in memory, flag names) into the folder, then the index."""
         n = normalize_name(name)
         if not self._exists(n):
             raise MailboxNotFound("no such mailbox")
-        if not messages:
-            raise StoreError("no message to append")
         st = self._open(n)
         row = self.index.folder(n)
         assert row is not None
-        prepared: list[tuple[bytes | SpoolFile, str, int, list[str], float | None]] = []
-        for data, flag_names, internal_date in messages:
+        prepared: list[tuple[SpoolFile, bytes | None, str, int, list[str]]] = []
+        for spool, data, flag_names in messages:
             bits, kws = names_to_flags(flag_names)
             row = self.index.add_keywords(row, st.path, kws)
             st.keywords = row.keywords
             kws = self.index.canonical_keywords(row, kws)
-            if isinstance(data, bytes) and b"\n" in data.replace(b"\r\n", b""):
-                data = _to_crlf(data)  # (a SpoolFile did this as it was written)
             suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
-            prepared.append((data, suffix, bits, kws, internal_date))
+            prepared.append((spool, data, suffix, bits, kws))
         drafts: list[MaildirDraft] = []
         published: list[str] = []
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
             try:
                 folder = "" if n == INBOX else st.path.name
-                for data, _suffix, _bits, _kws, internal_date in prepared:
-                    draft = MaildirDraft(st.path, b"", data) if isinstance(data, bytes) \
-                        else MaildirDraft.adopt(st.path, data)  # streamed: delivered by rename
+                for spool, _data, _suffix, _bits, _kws in prepared:
+                    draft = MaildirDraft.adopt(st.path, spool)  # fsynced in tmp/: delivered by rename
                     drafts.append(draft)
                     # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
-                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder,
-                                  len(data) if isinstance(data, bytes) else data.size, self.root)
-                    draft.sync()
-                    if internal_date is not None:
-                        os.utime(draft.tmp, (internal_date, internal_date))
+                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder, spool.size, self.root)
+                    draft.sync()  # (its data was fsynced before the lock: nothing left to write)
             except BaseException:
                 for d in drafts:
                     d.discard()
                     quota.release(self.index.conn, d.name)
                 raise
             try:
-                for draft, (_data, suffix, *_rest) in zip(drafts, prepared, strict=True):
+                for draft, (_spool, _data, suffix, *_rest) in zip(drafts, prepared, strict=True):
                     draft.publish(suffix)
                     published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
             except BaseException:  # all or nothing: take back the ones already in the folder
@@ -936,15 +958,14 @@ class UserMailbox:
             raise StoreError(f"message not stored: {exc}") from exc
         fault_point("imap.append")  # the files are in the Maildir, not yet in the index
         now = int(time.time())
-        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws),
-                    len(data) if isinstance(data, bytes) else data.size,
-                    int(internal_date) if internal_date is not None else now, 0)
-                   for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
+        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws), spool.size,
+                    spool.mtime if spool.mtime is not None else now, 0)
+                   for draft, (spool, _data, suffix, bits, kws) in zip(drafts, prepared, strict=True)]
         modseq, uids = self.index.add_messages(row, st.path, entries)
         self._after_uids_added(st, uids, modseq)
         # the full-text index (store/fts.py); a streamed message is indexed by the next search's catch-up
-        self._text_add([(d.name, data) for d, (data, *_rest) in zip(drafts, prepared, strict=True)
-                        if isinstance(data, bytes)])
+        self._text_add([(d.name, data) for d, (_spool, data, *_rest) in zip(drafts, prepared, strict=True)
+                        if data is not None])
         return st.uidvalidity, uids
 
     @_locked

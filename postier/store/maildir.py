@@ -286,13 +286,14 @@ class SpoolFile:
     disk: the APPEND is refused when the file is delivered. `discard()` removes the file unless it
     was delivered."""
 
-    __slots__ = ("_fd", "_prev_cr", "failed", "path", "received", "size")
+    __slots__ = ("_fd", "_prev_cr", "failed", "mtime", "path", "received", "size")
 
     def __init__(self, tmp_dir: Path):
         self.path = f"{tmp_dir}/{unique_name(0)}.append"
         self.size = 0  # bytes in the file (after CRLF)
         self.received = 0  # bytes given to write()
         self.failed: str | None = None
+        self.mtime: int | None = None  # the internal date `sync` gave the file
         self._prev_cr = False
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -320,6 +321,20 @@ class SpoolFile:
         """The content so far (for CATENATE's TEXT parts, bounded by APPENDLIMIT)."""
         with open(self.path, "rb") as f:
             return f.read()
+
+    def sync(self, mtime: float | None = None) -> None:
+        """The whole message is here: give it its internal date (`mtime`) and fsync it, before it is
+        delivered (`MaildirDraft.adopt`; its own `sync` then finds nothing left to write). A failure
+        is remembered in `failed`, as for `write`."""
+        if self.failed is not None or self._fd < 0:
+            return
+        try:
+            if mtime is not None:
+                os.utime(self._fd, (mtime, mtime))
+                self.mtime = int(mtime)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
 
     def take_fd(self) -> int:
         fd, self._fd = self._fd, -1
