@@ -35,17 +35,18 @@ Everything here blocks on the disk and runs in worker threads; the caller serial
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, together
 from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
@@ -328,8 +329,12 @@ def write_journal(path: Path, uidvalidity: int, uidnext: int, modseq: int, speci
     return n
 
 
-def append_journal(path: Path, entries: Sequence[tuple[int, str]]) -> None:
+def append_journal(path: Path, entries: Sequence[tuple[int, str]],
+                   alongside: Sequence[Callable[[], None]] = ()) -> None:
+    """Journal UIDs; `alongside`: other fsyncs (the folder's directory after an APPEND's renames)
+    run at the same time as the journal's (`durable.together`: one disk flush)."""
     if not entries:
+        together(alongside)
         return
     data = "".join(f"{uid} {base}\n" for uid, base in entries).encode("utf-8", "surrogateescape")
     fd = os.open(path / UIDLIST_NAME, os.O_WRONLY | os.O_APPEND)
@@ -337,7 +342,8 @@ def append_journal(path: Path, entries: Sequence[tuple[int, str]]) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fdatasync(fd)  # the UIDs are durable before the index (and a client) sees them
+        # the UIDs are durable before the index (and a client) sees them
+        together([*alongside, functools.partial(os.fdatasync, fd)])
     finally:
         os.close(fd)
 
@@ -899,16 +905,17 @@ class UserIndex:
         return modseq, [m.uid for m, _s, _b, _k in done]
 
     def add_messages(self, row: FolderRow, path: Path,
-                     entries: Sequence[tuple[str, int, str, int, str, int, int | None, int | None]]
-                     ) -> tuple[int, list[int]]:
+                     entries: Sequence[tuple[str, int, str, int, str, int, int | None, int | None]],
+                     alongside: Sequence[Callable[[], None]] = ()) -> tuple[int, list[int]]:
         """Index files already placed in the folder: (base, sub, suffix, flags, keywords, size, idate, lf).
-        Assigns UIDs in order, journals them first. Returns (modseq, uids)."""
+        Assigns UIDs in order, journals them first (with the fsyncs `alongside`, at the same time).
+        Returns (modseq, uids)."""
         cur = self.folder(row.name) or row
         uid0 = cur.uidnext
         uids = list(range(uid0, uid0 + len(entries)))
         if uids and uids[-1] >= 1 << 32:
             raise StoreLimit("mailbox UIDs exhausted")
-        append_journal(path, [(u, e[0]) for u, e in zip(uids, entries, strict=True)])
+        append_journal(path, [(u, e[0]) for u, e in zip(uids, entries, strict=True)], alongside)
         modseq = _new_modseq(cur.highestmodseq)
         with self.tx() as c:
             c.executemany(
@@ -1010,6 +1017,8 @@ def _crlf_size(p: Path) -> int:
 
 
 def fsync_folder(path: Path, subs: Iterable[str] = ("cur", "new")) -> None:
-    for s in subs:
+    """fsync the folder's subdirectories, at the same time (`durable.together`: one disk flush)."""
+    def one(d: Path) -> None:
         with contextlib.suppress(OSError):
-            fsync_dir(path / s)
+            fsync_dir(d)
+    together([functools.partial(one, path / s) for s in subs])

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -540,7 +541,7 @@ class UserMailbox:
 
     @_locked
     def claim_recent(self, name: str) -> int:
-        st = self._open(normalize_name(name))
+        st = self.state(normalize_name(name))  # the claim is the index's: no directory scan first
         return self.index.claim_recent(st.fid)
 
     @_locked
@@ -952,8 +953,6 @@ class UserMailbox:
                 for d in drafts:
                     quota.release(self.index.conn, d.name)
                 raise
-            for dest in dict.fromkeys(d.dest_dir for d in drafts):
-                sync_new(dest)
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
         fault_point("imap.append")  # the files are in the Maildir, not yet in the index
@@ -961,7 +960,13 @@ class UserMailbox:
         entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws), spool.size,
                     spool.mtime if spool.mtime is not None else now, 0)
                    for draft, (spool, _data, suffix, bits, kws) in zip(drafts, prepared, strict=True)]
-        modseq, uids = self.index.add_messages(row, st.path, entries)
+        # The renames are durable (the directory fsynced, with the UID journal at the same time)
+        # before the index learns of the messages.
+        renamed_into = [functools.partial(sync_new, d) for d in dict.fromkeys(d.dest_dir for d in drafts)]
+        try:
+            modseq, uids = self.index.add_messages(row, st.path, entries, renamed_into)
+        except (DeliveryError, OSError) as exc:
+            raise StoreError(f"message not stored: {exc}") from exc
         self._after_uids_added(st, uids, modseq)
         # the full-text index (store/fts.py); a streamed message is indexed by the next search's catch-up
         self._text_add([(d.name, data) for d, (_spool, data, *_rest) in zip(drafts, prepared, strict=True)
