@@ -472,13 +472,36 @@ class UserMailbox:
     def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
         """The folder's state (synced with the disk first unless `sync` is False)."""
         n = normalize_name(name)
-        if sync or n not in self.states or n in self.dirty or n in self._stale:
+        if self.shared is not None and not sync:
+            self._catch_up()  # another process's commits (its changes go through the index)
+        if sync or n not in self.states or n in self.dirty:
             self.dirty.discard(n)
             st = self._open(n)
+        elif n in self._stale:
+            st = self._reload(n)
         else:
             st = self.states[n]
         return FolderSnapshot(st.name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
                               st.special_use, st.keywords)
+
+    def _reload(self, name: str) -> FolderState:
+        """The folder's state read again from the index alone, after another process committed to
+        it (no directory scan: what it changed, it changed through the index)."""
+        st = self.states[name]
+        row = self.index.folder(name)
+        if row is None or row.id != st.fid or row.uidvalidity != st.uidvalidity:
+            return self._open(name)
+        self._stale.discard(name)
+        uids = self.index.uid_array(row.id)
+        if uids != st.uids:
+            st.uids = uids
+            st.version += 1
+        st.flagtab = None
+        st.uidnext = row.uidnext
+        st.highestmodseq = row.highestmodseq
+        st.keywords = row.keywords
+        st.special_use = row.special_use or self._default_use(name)
+        return st
 
     @_locked
     def select(self, name: str, claim_recent: bool, want_unseen: bool) -> tuple[FolderSnapshot, int, int | None]:
@@ -1233,6 +1256,7 @@ def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
 #: (un)subscribed), which IMAP NOTIFY watches (RFC 5465 §5.4, §5.5).
 NAMES = "\x00names"
 _RENAMED = "\x00renamed\x00"  # a NAMES change that is a rename: "\x00renamed\x00OLD\x00NEW"
+_DELIVERED = "\x00delivered\x00"  # to other processes: files no index knows yet ("\x00delivered\x00FOLDER")
 RENAMES_KEPT = 64  # renames remembered per user while someone watches the user's NAMES
 
 
@@ -1278,6 +1302,13 @@ class ChangeNotifier:
         """A change made in this process: wake its watchers, and other processes' (`forward`)."""
         if self.forward is not None:
             self.forward(address, folder)
+        self.local(address, folder)
+
+    def delivered(self, address: str, folder: str) -> None:
+        """`notify` for files that no index knows yet (a delivery): other processes must read the
+        directory, not only the index (`MailStore.changed_elsewhere`)."""
+        if self.forward is not None:
+            self.forward(address, _DELIVERED + folder)
         self.local(address, folder)
 
     def renamed(self, address: str, old: str, new: str) -> None:
@@ -1379,8 +1410,11 @@ class MailStore:
                     old.close()
 
     def changed_elsewhere(self, address: str, folder: str) -> None:
-        """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""
-        if not folder.startswith("\x00"):  # NAMES and renames are not folders
+        """Another process changed the folder, or delivered into it: wake its IDLE sessions. A
+        delivery makes the next look at the folder read its directory; a change through the index
+        only needs the index re-read (`UserMailbox.snapshot` sees that SQLite's data_version moved)."""
+        if folder.startswith(_DELIVERED):
+            folder = folder[len(_DELIVERED):]
             self.mark_dirty(address, folder)
         self.notifier.local(address, folder)
 
@@ -1482,6 +1516,6 @@ def on_delivery(store: MailStore) -> Callable[[User, str], None]:
     def delivered(user: User, folder: str) -> None:
         name = INBOX if folder.upper() == INBOX else folder
         store.mark_dirty(user.address, name)
-        store.notifier.notify(user.address, name)
+        store.notifier.delivered(user.address, name)
 
     return delivered
