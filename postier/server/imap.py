@@ -57,7 +57,7 @@ from ..proto.imap.notify import plan as notify_plan
 from ..proto.imap.states import State
 from ..proto.imap.url import UrlError, parse_url
 from ..store import errors as E
-from ..store.api import Mailboxes, MailStoreAPI, MessageRow, StatusInfo
+from ..store.api import FolderSnapshot, Mailboxes, MailStoreAPI, MessageRow, StatusInfo
 from ..store.errors import StoreError
 from ..store.index import flags_to_names
 from ..store.maildir import SpoolFile
@@ -1025,8 +1025,11 @@ class IMAPSession(Session):
         if sel is None:
             return
         mb = self._mbox()
-        try:
-            snap = await self.call(mb.snapshot, sel.name, sync)
+        old_max = sel.uids[-1] if sel.uids else 0
+        claim = not core.rev2 and not sel.readonly
+        try:  # what the notification point may need from the store, in one step (`_store_updates`)
+            snap, claimed, rows = await self.call(mb.at_once, _store_updates, mb, sel.name, sync, claim, old_max,
+                                                  sel.modseq_seen if flags else None)
         except StoreError:
             self.send(R.bye("Selected mailbox no longer exists"))
             raise _Disconnect() from None
@@ -1039,12 +1042,14 @@ class IMAPSession(Session):
         for line in res.out:
             self.send(line)
         if res.grew and not core.rev2:
-            claimed = None if sel.readonly else await self.call(mb.claim_recent, sel.name)
+            if claimed is None and not sel.readonly:
+                claimed = await self.call(mb.claim_recent, sel.name)
             recent = core.recent(claimed, res.old_max)
             if recent is not None:
                 self.send(recent)
         if res.flags_since is not None and flags:
-            rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
+            if rows is None or res.flags_since != sel.modseq_seen or res.old_max != old_max:
+                rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
             changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
             for line in core.flag_updates(changes, snap.highestmodseq):
                 self.send(line)
@@ -1328,6 +1333,18 @@ class IMAPSession(Session):
         raise _no("Quotas are set by the administrator (postier user quota)", Code.NOPERM)  # RFC 9208 §4.1.3
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+def _store_updates(mb: Mailboxes, name: str, sync: bool, claim: bool, old_max: int, modseq_seen: int | None
+                   ) -> tuple[FolderSnapshot, int | None, list[tuple[int, int, str, int]] | None]:
+    """A notification point's reads, in one store step (`Mailboxes.at_once`): the folder's snapshot;
+    when it holds messages beyond `old_max` and `claim`, the \\Recent claim (RFC 3501 §2.3.2); when
+    its HIGHESTMODSEQ passed `modseq_seen`, the flag changes since then among the known messages."""
+    snap = mb.snapshot(name, sync)
+    claimed = mb.claim_recent(name) if claim and snap.uids and snap.uids[-1] > old_max else None
+    rows = mb.changed_since(name, modseq_seen, old_max) \
+        if modseq_seen is not None and snap.highestmodseq > modseq_seen else None
+    return snap, claimed, rows
 
 
 NOTIFY_MAX_MAILBOXES = 1000  # mailboxes one NOTIFY may watch (each is polled while watched)

@@ -283,9 +283,14 @@ class UserMailbox:
 
     # -- folders ------------------------------------------------------------------------------
 
-    @_locked
     def ensure_defaults(self) -> None:
         """Create the special-use folders (Sent, Drafts, Trash, Junk, Archive) when missing."""
+        if self._defaults_done:  # set once, never unset: read without waiting for the lock (each login)
+            return
+        self._ensure_defaults()
+
+    @_locked
+    def _ensure_defaults(self) -> None:
         if self._defaults_done:
             return
         for name in self.special_use_folders:
@@ -561,6 +566,11 @@ class UserMailbox:
                 return None
             tab.modseq = ms
         return tab
+
+    @_locked
+    def at_once[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` under the user lock, taken once (the methods it calls take it again, cheaply)."""
+        return fn(*args)
 
     @_locked
     def claim_recent(self, name: str) -> int:
