@@ -893,7 +893,13 @@ class UserIndex:
         fsync_folder(path, sorted(renamed))
         cur = self.folder(row.name) or row
         modseq = _new_modseq(cur.highestmodseq)
-        with self.tx() as c:
+        # With the names durable, the index's commit needs no fsync of its own when the names say
+        # everything (no keyword beyond the 26 letters, which only the index holds): a power cut
+        # that takes it back leaves the renamed files, which the next sync reads again (the
+        # directories' mtimes moved), under a new MODSEQ (time-based: never one already handed out).
+        lettered = {k.lower() for k in letters[:_MAX_LETTER_KEYWORDS]}
+        in_names = all(k.lower() in lettered for _m, _b, kws in changes for k in kws)
+        with self.tx(durable=not in_names) as c:
             c.executemany("UPDATE msgs SET sub=1, suffix=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                           [(sfx, bits, kws, modseq, row.id, m.uid) for m, sfx, bits, kws in done])
             c.execute("UPDATE folders SET highestmodseq=?, trusted=0 WHERE id=?", (modseq, row.id))
@@ -931,7 +937,10 @@ class UserIndex:
         return modseq, uids
 
     def remove_messages(self, row: FolderRow, rows: Sequence[MessageRow]) -> int:
-        """Drop index rows (files already gone) with tombstones for QRESYNC; returns the modseq."""
+        """Drop index rows (files already gone) with tombstones for QRESYNC; returns the modseq.
+        The unlinks are durable (the caller fsynced the directories): the commit needs no fsync of
+        its own, a power cut that takes it back leaves files missing that the next sync drops again
+        (under a new, time-based MODSEQ)."""
         uids = [m.uid for m in rows]
         lst = self._listing.get(row.id)
         if lst is not None:
@@ -939,7 +948,7 @@ class UserIndex:
                 lst[m.sub].discard(m.file_name)
         cur = self.folder(row.name) or row
         modseq = _new_modseq(cur.highestmodseq)
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.executemany("DELETE FROM msgs WHERE folder=? AND uid=?", [(row.id, u) for u in uids])
             c.executemany("DELETE FROM cache WHERE folder=? AND uid=?", [(row.id, u) for u in uids])
             c.executemany("INSERT OR REPLACE INTO tombs(folder, uid, modseq) VALUES (?, ?, ?)",
