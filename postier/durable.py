@@ -48,6 +48,14 @@ def fsync_dir(path: StrPath) -> None:
 _together: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _together
+    _together = None  # a forked worker has none of the parent's threads: it makes its own pool
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def together(calls: Sequence[Callable[[], None]]) -> None:
     """Run fsync steps that do not depend on each other at the same time (the last in this thread,
     the others in helper threads), and return when all are done: the file system commits them in
