@@ -333,6 +333,10 @@ class ClusterMailboxes:
             return self._claim(conn, self._load(conn, normalize_name(name)).fid)
 
     @_op
+    def at_once[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`: each call is its own transaction here (PostgreSQL orders them)."""
+        return fn(*args)
+
     def changed_since(self, name: str, modseq: int, max_uid: int | None = None) -> list[tuple[int, int, str, int]]:
         with self._tx() as conn:
             st = self._state(conn, name)
