@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any, Concatenate
 
 from .. import durable
-from . import quota
+from . import maildrop, quota
 from ..message.types import User
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -1321,6 +1321,11 @@ class MailStore:
                 while len(self._idle) > self.keep_idle:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
+
+    def lock_maildrop(self, user: User) -> Callable[[], None] | None:
+        """POP3's exclusive maildrop lock (RFC 1939 §8; blocking): its release function, or None
+        when another session, in this process or another, holds it (`store.maildrop`)."""
+        return maildrop.lock_maildrop(user.home(self.mail_root))
 
     def changed_elsewhere(self, address: str, folder: str) -> None:
         """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""

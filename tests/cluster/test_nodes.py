@@ -6,6 +6,7 @@ never an OK."""
 from __future__ import annotations
 
 import imaplib
+import poplib
 import smtplib
 import socket
 from collections.abc import Iterator
@@ -219,7 +220,6 @@ def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
     finally:
         c.logout()
         d.logout()
-    import poplib
     p = poplib.POP3(*b.addr("pop3"), timeout=20)
     try:
         p.stls(b.client_ssl_context())
@@ -236,6 +236,40 @@ def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
         assert c.select("INBOX")[1] == [b"1"]  # POP3's DELE on B, applied at QUIT
     finally:
         c.logout()
+
+
+def pop3(inst: Instance) -> poplib.POP3:
+    p = poplib.POP3(*inst.addr("pop3"), timeout=20)
+    p.stls(inst.client_ssl_context())
+    p.user(ALICE)
+    return p
+
+
+def test_pop3_maildrop_lock_across_nodes(nodes: list[Instance]) -> None:
+    """RFC 1939 §8 / RFC 2449 §8.1: while a POP3 session on A holds the maildrop, a session on B (and a
+    second one on A) gets -ERR [IN-USE]; after A's QUIT, B gets in."""
+    a, b = nodes
+    send(a, "one")
+    first = pop3(a)
+    try:
+        first.pass_(PASSWORD)
+        for inst in (b, a):
+            second = pop3(inst)
+            try:
+                with pytest.raises(poplib.error_proto, match=r"-ERR \[IN-USE\]"):
+                    second.pass_(PASSWORD)
+            finally:
+                second.close()
+        assert first.stat()[0] == 1
+        first.dele(1)
+    finally:
+        first.quit()
+    second = pop3(b)
+    try:
+        second.pass_(PASSWORD)
+        assert second.stat()[0] == 0  # A's DELE was applied at its QUIT, before the lock was let go
+    finally:
+        second.quit()
 
 
 def _maildir_contents(root: Path) -> dict[str, list[tuple[bytes, str]]]:

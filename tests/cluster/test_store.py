@@ -332,3 +332,42 @@ def test_multiappend_is_one_step_and_quota_counts_every_folder(mb: ClusterMailbo
     assert usage.messages == 4 and usage.bytes == sum(r.size for r in rows.values()) + rows[1].size
     mb.store("INBOX", [1], "+FLAGS", ["\\Deleted"])
     assert mb.status("INBOX").deleted_size == rows[1].size
+
+
+def test_pop3_maildrop_lock_spans_nodes(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """RFC 1939 §8 across nodes: one holder per user, whichever node; another user is not blocked; a
+    release (or the holder's connection ending) frees it."""
+    dsn = pg.create_db()
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    bob = User("bob@example.org", "bob", "example.org", "maildir")
+    try:
+        unlock = a.lock_maildrop(ALICE)
+        assert unlock is not None
+        assert b.lock_maildrop(ALICE) is None  # another node
+        assert a.lock_maildrop(ALICE) is None  # another session on the same node
+        other = b.lock_maildrop(bob)
+        assert other is not None
+        other()
+        unlock()
+        again = b.lock_maildrop(ALICE)
+        assert again is not None
+        assert a.lock_maildrop(ALICE) is None
+        again()
+        # two sessions racing for it from two threads on two nodes: exactly one wins
+        got: list[Callable[[], None] | None] = [None, None]
+        go = threading.Barrier(2)
+
+        def take(i: int, s: ClusterStore) -> None:
+            go.wait()
+            got[i] = s.lock_maildrop(ALICE)
+        ts = [threading.Thread(target=take, args=(i, s)) for i, s in enumerate((a, b))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        held = [g for g in got if g is not None]
+        assert len(held) == 1
+        held[0]()
+    finally:
+        a.close()
+        b.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +36,8 @@ from .bodies import BodyStore
 from .mailboxes import ClusterMailboxes
 from .schema import CHANNEL, ensure_schema
 
-__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_bodies", "open_cluster", "open_store"]
+__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "maildrop_key", "open_bodies", "open_cluster",
+           "open_store"]
 
 log = logging.getLogger("postier.cluster")
 
@@ -90,12 +92,19 @@ class ClusterNotifier(ChangeNotifier):
         super().close()
 
 
+def maildrop_key(address: str) -> int:
+    """The advisory-lock key of a user's POP3 maildrop: 64 bits of SHA-256 (a signed bigint)."""
+    return int.from_bytes(hashlib.sha256(b"pop3\x1f" + address.encode()).digest()[:8], "big", signed=True)
+
+
 class ClusterStore:
     """Every user's mailboxes for one node of a cluster (`MailStoreAPI`)."""
 
     def __init__(self, dsn: str, bodies: BodyStore, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
                  workers: int = 8, timeout: float = 5.0):
         self.bodies = bodies
+        self.dsn = dsn
+        self.timeout = timeout
         self.special_use_folders = tuple(special_use_folders)
         self.pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=workers + 8, open=False, timeout=timeout,
@@ -142,6 +151,29 @@ class ClusterStore:
 
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def lock_maildrop(self, user: User) -> Callable[[], None] | None:
+        """POP3's exclusive maildrop lock across every node (RFC 1939 §8; blocking): its release
+        function, or None when a session on any node holds it (RFC 2449 §8.1 IN-USE).
+
+        A session-level advisory lock on a connection of its own (not the pool's): PostgreSQL drops
+        it when that connection ends, so a node that dies frees its users' maildrops once its
+        connections are seen closed (TCP keepalives bound that for a node that vanished). Advisory
+        locks are re-entrant within one connection, which is why each POP3 session has its own."""
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
+                                   keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        except psycopg.Error as exc:
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        try:
+            r = conn.execute("SELECT pg_try_advisory_lock(%s)", (maildrop_key(user.address),)).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        if r is None or not r[0]:
+            conn.close()
+            return None
+        return conn.close  # ending the session releases its advisory locks
 
     def close(self) -> None:
         self.notifier.close()
