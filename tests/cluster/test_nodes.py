@@ -272,6 +272,50 @@ def test_pop3_maildrop_lock_across_nodes(nodes: list[Instance]) -> None:
         second.quit()
 
 
+def test_sieve_script_from_node_a_runs_at_delivery_on_node_b(tmp_path: Path, nodes: list[Instance]) -> None:
+    """A script uploaded over ManageSieve (sieve-connect) on A files mail taken in by B into a new
+    folder with its imap4flags, keywords included (RFC 5232); `postier sieve` on B lists it."""
+    import os
+    import subprocess
+
+    from tests.programs import require
+    a, b = nodes
+    script = tmp_path / "work.sieve"
+    script.write_text('require ["fileinto", "imap4flags"];\n'
+                      'if header :contains "subject" "boss" { addflag ["\\\\Flagged", "$Boss"]; fileinto "Work"; }\n')
+
+    def sc(*args: str) -> subprocess.CompletedProcess[str]:
+        r, w = os.pipe()
+        os.write(w, PASSWORD.encode() + b"\n")
+        os.close(w)
+        host, port = a.addr("managesieve")
+        try:
+            return subprocess.run(
+                [require("sieve-connect"), "--server", host, "--port", str(port), "--user", ALICE,
+                 "--passwordfd", str(r), "--tlscafile", str(a.root / "tls" / "cert.pem"),
+                 "--tlshostname", a.hostname, "--authmech", "PLAIN", *args],
+                capture_output=True, text=True, timeout=60, pass_fds=(r,))
+        finally:
+            os.close(r)
+
+    up = sc("--upload", "--localsieve", str(script), "--remotesieve", "work")
+    assert up.returncode == 0, up.stdout + up.stderr
+    act = sc("--activate", "--remotesieve", "work")
+    assert act.returncode == 0, act.stdout + act.stderr
+    assert "work  (active)" in b.cli("sieve", "list", ALICE).stdout
+    send(b, "from the boss")
+    send(b, "plain")
+    c = imap(a)
+    try:
+        assert c.select("INBOX")[1] == [b"1"]
+        assert c.select("Work")[1] == [b"1"]
+        typ, data = c.uid("FETCH", "1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and b"\\Flagged" in data[0][0] and b"$Boss" in data[0][0], data
+        assert b"from the boss" in data[0][1]
+    finally:
+        c.logout()
+
+
 def _maildir_contents(root: Path) -> dict[str, list[tuple[bytes, str]]]:
     """folder -> sorted (message bytes, flag letters) of a Maildir++ tree."""
     out: dict[str, list[tuple[bytes, str]]] = {}

@@ -180,10 +180,11 @@ def test_folders_create_rename_delete(mb: ClusterMailboxes) -> None:
 
 
 def test_delivery_appends_and_falls_back_to_inbox(store: ClusterStore, tmp_path: object) -> None:
+    """A folder that cannot be one (a bad name) means INBOX; a missing one is created (below)."""
     from pathlib import Path
     mda = ClusterDelivery(store, Path(str(tmp_path)))
     try:
-        ok = mda.deliver_one(ALICE, b"Return-Path: <b@example.net>\r\n", msg("d"), "b@example.net", "NoSuchFolder")
+        ok = mda.deliver_one(ALICE, b"Return-Path: <b@example.net>\r\n", msg("d"), "b@example.net", "a..b")
         assert ok.ok, ok.detail
         mb = store.acquire(ALICE)
         rows = mb.rows_between("INBOX", 1, 10)
@@ -371,3 +372,76 @@ def test_pop3_maildrop_lock_spans_nodes(pg: PgServer, bodies_factory: Callable[[
     finally:
         a.close()
         b.close()
+
+
+def test_sieve_scripts_are_shared_by_the_nodes(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """RFC 5804 semantics over PostgreSQL: a script put and activated through one node is the active
+    script on the other; quotas, RENAMESCRIPT of the active script, DELETESCRIPT of it refused."""
+    from postier.store.sieve import ScriptError
+    dsn = pg.create_db()
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    try:
+        sa = a.sieve_storage(2, 100).scripts(ALICE)
+        sb = b.sieve_storage(2, 100).scripts(ALICE)
+        assert sb.active_script() is None and sb.list() == []
+        sa.put("one", b"keep;")
+        sa.set_active("one")
+        assert sb.active_script() == ("one", b"keep;")
+        sb.put("one", b"discard;")  # replaced, still active
+        assert sa.active_script() == ("one", b"discard;")
+        sa.put("two", b"keep;")
+        with pytest.raises(ScriptError) as e:
+            sb.put("three", b"keep;")
+        assert e.value.code == "QUOTA/MAXSCRIPTS"
+        with pytest.raises(ScriptError) as e:
+            sb.have_space("two", 101)
+        assert e.value.code == "QUOTA/MAXSIZE"
+        with pytest.raises(ScriptError) as e:
+            sb.delete("one")
+        assert e.value.code == "ACTIVE"
+        sb.rename("one", "first")
+        assert sa.list() == [("first", True), ("two", False)]
+        with pytest.raises(ScriptError) as e:
+            sa.rename("two", "first")
+        assert e.value.code == "ALREADYEXISTS"
+        sa.set_active("two")
+        assert sb.list() == [("first", False), ("two", True)]
+        with pytest.raises(ScriptError) as e:
+            sb.set_active("nope")
+        assert e.value.code == "NONEXISTENT"
+        sb.set_active("")
+        assert sa.active() is None
+        sa.delete("first")
+        with pytest.raises(ScriptError):
+            sa.get("../x")
+        bob = User("bob@example.org", "bob", "example.org", "maildir")
+        assert b.sieve_storage(2, 100).scripts(bob).list() == []  # per user
+        # vacation / duplicate tracking, seen from the other node
+        ta, tb = a.sieve_storage(2, 100).tracking(ALICE), b.sieve_storage(2, 100).tracking(ALICE)
+        ta.record("vacation\0x@example.net", 2e9)
+        assert tb.seen("vacation\0x@example.net", 1e9) and not tb.seen("other", 1e9)
+        assert not tb.seen("vacation\0x@example.net", 3e9)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sieve_flags_and_a_missing_folder_at_delivery(store: ClusterStore, tmp_path: object) -> None:
+    """RFC 5232 imap4flags on a delivered copy: system flags and keywords; RFC 5228 §4.1 fileinto of
+    a missing folder creates it."""
+    from pathlib import Path
+    mda = ClusterDelivery(store, Path(str(tmp_path)))
+    mb = store.acquire(ALICE)
+    try:
+        mb.ensure_defaults()
+        info = mb.delivery_suffix("Lists.Work", ["\\Flagged", "$Important", "bad keyword(", "\\Recent"])
+        assert mb.exists("Lists.Work")
+        res = mda.deliver_one(ALICE, b"", msg("k"), "b@example.net", "Lists.Work", info)
+        assert res.ok, res.detail
+        row = mb.rows_between("Lists.Work", 1, 10)[1]
+        assert set(row.flag_names) == {"\\Flagged", "$Important"}
+        res = mda.deliver_one(ALICE, b"", msg("n"), "b@example.net", "Other", "")  # no flags, no folder yet
+        assert res.ok and mb.exists("Other") and list(mb.snapshot("Other").uids) == [1]
+    finally:
+        store.release(mb)
+        mda.close()

@@ -48,8 +48,10 @@ from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, norma
 from .bodies import BodyStore
 from .schema import CHANNEL
 
-__all__ = ["ClusterMailboxes"]
+__all__ = ["FLAGS_INFO", "ClusterMailboxes"]
 
+#: `delivery_suffix`'s answer: this, then the flag names separated by spaces (not a Maildir suffix)
+FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
@@ -597,6 +599,23 @@ class ClusterMailboxes:
             if move:
                 self._remove(conn, sfid, s, src_uids)
         return CopyResult(dvalid, src_uids, new)
+
+    def delivery_suffix(self, name: str, flag_names: Sequence[str]) -> str:
+        """What `ClusterDelivery` needs to give a message delivered into the folder these flags (RFC
+        5232 §5: Sieve's imap4flags), the folder created when missing (RFC 5228 §4.1): FLAGS_INFO and
+        the flag names. Keywords are registered when the message is appended (no letters here, unlike
+        a Maildir file name, so none is dropped); names that are not flags are left out (RFC 5232 §3)."""
+        n = normalize_name(name)
+        if n != INBOX and not self.exists(n):
+            with contextlib.suppress(MailboxExists):
+                self.create(n)
+        valid: list[str] = []
+        for f in flag_names:
+            with contextlib.suppress(StoreError):
+                names_to_flags([f])
+                if f.lower() != "\\recent":
+                    valid.append(f)
+        return FLAGS_INFO + " ".join(valid) if valid else ""
 
     # -- POP3 (RFC 1939) ------------------------------------------------------------------------
 

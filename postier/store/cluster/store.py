@@ -30,11 +30,12 @@ from ...message.types import MessageBody, User
 from ...metrics import Metrics
 from ..api import Mailboxes
 from ..delivery import DeliveryResult, LocalDelivery
-from ..errors import MailboxNotFound, StoreError, StoreUnavailable
+from ..errors import MailboxExists, MailboxNotFound, StoreError, StoreUnavailable
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, ChangeNotifier, normalize_name
 from .bodies import BodyStore
-from .mailboxes import ClusterMailboxes
+from .mailboxes import FLAGS_INFO, ClusterMailboxes
 from .schema import CHANNEL, ensure_schema
+from .sieve import ClusterSieve
 
 __all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "maildrop_key", "open_bodies", "open_cluster",
            "open_store"]
@@ -152,6 +153,10 @@ class ClusterStore:
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def sieve_storage(self, max_scripts: int, max_script_size: int) -> ClusterSieve:
+        """Sieve's scripts and tracking in PostgreSQL, through this node's pool (`store.sieve.SieveStorage`)."""
+        return ClusterSieve(self.pool, self.ensure_schema, max_scripts, max_script_size)
+
     def lock_maildrop(self, user: User) -> Callable[[], None] | None:
         """POP3's exclusive maildrop lock across every node (RFC 1939 §8; blocking): its release
         function, or None when a session on any node holds it (RFC 2449 §8.1 IN-USE).
@@ -182,8 +187,8 @@ class ClusterStore:
 
 
 class ClusterDelivery(LocalDelivery):
-    """The MDA of cluster mode: each recipient's copy is an APPEND to its folder (INBOX when the
-    folder a Sieve script named does not exist), so a 250 means the body is in the object store
+    """The MDA of cluster mode: each recipient's copy is an APPEND to its folder (created when a Sieve
+    script named one that does not exist; INBOX when the name cannot be a folder), so a 250 means the body is in the object store
     and the row committed. The fan-out, alias handling and listeners are `LocalDelivery`'s."""
 
     def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16, metrics: Metrics | None = None):
@@ -193,8 +198,7 @@ class ClusterDelivery(LocalDelivery):
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
         data = prefix + (body if isinstance(body, bytes) else body.getvalue())
-        # `info` is a Maildir flags suffix (":2,FS", Sieve's flags): the same flags on the row
-        flags = [_LETTER_FLAGS[ch] for ch in info.partition(":2,")[2] if ch in _LETTER_FLAGS]
+        flags = _info_flags(info)
         try:
             mb = self.store.acquire(user)
         except StoreError as exc:
@@ -209,13 +213,24 @@ class ClusterDelivery(LocalDelivery):
                 v, uid = mb.append(name, data, flags)
             except MailboxNotFound:  # a new user (no INBOX yet), or a folder a script named
                 mb.ensure_defaults()
-                v, uid = mb.append(INBOX, data, flags)
+                if name != INBOX:  # RFC 5228 §4.1: a missing folder is created, as in Maildir mode
+                    with contextlib.suppress(MailboxExists):
+                        mb.create(name)
+                v, uid = mb.append(name, data, flags)
             return DeliveryResult(user, True, f"{v}:{uid}")
         except StoreError as exc:
             log.error("delivery to %s failed: %s", user.address, exc)
             return DeliveryResult(user, False, str(exc))
         finally:
             self.store.release(mb)
+
+
+def _info_flags(info: str) -> list[str]:
+    """The flags a delivery's `info` names: `ClusterMailboxes.delivery_suffix`'s FLAGS_INFO list
+    (Sieve's imap4flags, keywords included), or a Maildir suffix (":2,FS": system flags only)."""
+    if info.startswith(FLAGS_INFO):
+        return info[len(FLAGS_INFO):].split()
+    return [_LETTER_FLAGS[ch] for ch in info.partition(":2,")[2] if ch in _LETTER_FLAGS]
 
 
 def _secret(config: Config, path: str) -> str:
