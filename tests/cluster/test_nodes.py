@@ -316,6 +316,40 @@ def test_sieve_script_from_node_a_runs_at_delivery_on_node_b(tmp_path: Path, nod
         c.logout()
 
 
+def test_quota_at_smtp_and_imap_across_nodes(nodes: list[Instance]) -> None:
+    """The single-machine quota checks on cluster nodes (pipeline/quota.py, RFC 9208): usage is the
+    user's rows in PostgreSQL, whichever node stored them. RCPT with a SIZE= that cannot fit and DATA
+    that does not fit get 452 4.2.2 on B after A filled the mailbox; IMAP APPEND gets NO [OVERQUOTA]."""
+    a, b = nodes
+    carol = f"carol@{DOMAIN}"
+    for inst in (a, b):
+        inst.cli("user", "add", carol, "--password-stdin", "--quota", "2K", stdin=PASSWORD + "\n")
+    big = "x" * 1400
+    with smtplib.SMTP(*a.addr("smtp"), timeout=20) as s:
+        s.sendmail("bob@example.net", [carol], f"Subject: fits\r\n\r\n{big}\r\n")
+    with smtplib.SMTP(*b.addr("smtp"), timeout=20) as s:
+        s.ehlo()
+        assert s.mail("bob@example.net", ["SIZE=1000"])[0] == 250
+        code, text = s.rcpt(carol)
+        assert (code, text[:5]) == (452, b"4.2.2"), (code, text)
+        s.rset()
+        s.mail("bob@example.net")
+        assert s.rcpt(carol)[0] == 250  # no SIZE=: room is left, the message decides
+        code, text = s.data(f"Subject: too big\r\n\r\n{big}\r\n".encode())
+        assert (code, text[:5]) == (452, b"4.2.2"), (code, text)
+    c = imaplib.IMAP4(*a.addr("imap"), timeout=20)
+    c.starttls(a.client_ssl_context())
+    c.login(carol, PASSWORD)
+    try:
+        typ, data = c.append("INBOX", None, None, f"Subject: append\r\n\r\n{big}\r\n".encode())
+        assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+        assert c.select("INBOX")[1] == [b"1"]
+        typ, data = c.getquotaroot("INBOX")
+        assert typ == "OK" and b"STORAGE 1 2" in data[1][0], data
+    finally:
+        c.logout()
+
+
 def _maildir_contents(root: Path) -> dict[str, list[tuple[bytes, str]]]:
     """folder -> sorted (message bytes, flag letters) of a Maildir++ tree."""
     out: dict[str, list[tuple[bytes, str]]] = {}

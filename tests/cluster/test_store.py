@@ -445,3 +445,55 @@ def test_sieve_flags_and_a_missing_folder_at_delivery(store: ClusterStore, tmp_p
     finally:
         store.release(mb)
         mda.close()
+
+
+def test_quota_refuses_append_copy_and_delivery_across_nodes(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore], tmp_path: object) -> None:
+    """RFC 9208 §4.1 in cluster mode: an APPEND, a COPY or a delivery that would pass the limit stores
+    nothing (MOVE is allowed); writers on two nodes at once never pass it together."""
+    from pathlib import Path
+
+    from postier.store.errors import OverQuota
+    from postier.store.quota import OVER_QUOTA
+    dsn = pg.create_db()
+    size = len(msg("0-00"))
+    limited = User("carol@example.org", "carol", "example.org", "maildir", quota=size * 10)
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    mda = ClusterDelivery(b, Path(str(tmp_path)))
+    try:
+        ma, mb_ = a.acquire(limited), b.acquire(limited)
+        ma.ensure_defaults()
+        ma.create("Work")
+        got: list[list[int]] = [[], []]
+        refused = [0, 0]
+
+        def fill(i: int, box: ClusterMailboxes) -> None:
+            for n in range(10):
+                try:
+                    got[i].append(box.append("INBOX", msg(f"{i}-{n:02d}"))[1])
+                except OverQuota:
+                    refused[i] += 1
+        ts = [threading.Thread(target=fill, args=(i, box)) for i, box in enumerate((ma, mb_))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert len(got[0]) + len(got[1]) == 10 and sum(refused) == 10
+        usage = mb_.quota_usage()
+        assert usage.bytes == size * 10 and usage.limit == size * 10
+        with pytest.raises(OverQuota):
+            ma.copy("INBOX", [1], "Work")
+        assert ma.status("Work").messages == 0
+        assert ma.move("INBOX", [1], "Work").dest_uids == [1]  # a move adds nothing
+        res = mda.deliver_one(limited, b"", msg("late"), "x@example.net")
+        assert not res.ok and res.detail == OVER_QUOTA
+        assert mda.quota_used(limited) == size * 10
+        ma.store("INBOX", [2], "+FLAGS", ["\\Deleted"])
+        ma.expunge("INBOX")
+        assert mda.deliver_one(limited, b"", msg("9-99"), "x@example.net").ok  # room again
+        a.release(ma)
+        b.release(mb_)
+    finally:
+        mda.close()
+        a.close()
+        b.close()

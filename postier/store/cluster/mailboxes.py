@@ -16,6 +16,7 @@ when the folder's HIGHESTMODSEQ moved, which every change to its messages does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from ..errors import (
     MailboxNotFound,
     MessageGone,
     NotPermitted,
+    OverQuota,
     StoreError,
     StoreLimit,
     StoreUnavailable,
@@ -67,6 +69,11 @@ class _State:
     version: int
     special_use: str
     keywords: tuple[str, ...]
+
+
+def _quota_key(owner: str) -> int:
+    """The transaction advisory-lock key that queues one user's quota-checked writes."""
+    return int.from_bytes(hashlib.sha256(b"quota\x1f" + owner.encode()).digest()[:8], "big", signed=True)
 
 
 def _row(r: tuple[Any, ...]) -> MessageRow:
@@ -444,6 +451,24 @@ class ClusterMailboxes:
         assert r is not None
         return int(r[0])
 
+    def _used(self, conn: Conn) -> int:
+        r = conn.execute("SELECT coalesce(sum(m.size), 0) FROM messages m JOIN folders f ON f.id = m.folder "
+                         "WHERE f.owner=%s", (self.owner,)).fetchone()
+        assert r is not None
+        return int(r[0])
+
+    def _check_quota(self, conn: Conn, size: int) -> None:
+        """RFC 9208 §4.1 (STORAGE): raise OverQuota when `size` more bytes would pass the user's limit.
+        In a writing transaction, after its folder rows are locked: the user's transaction advisory
+        lock (taken last, so never in a cycle with the folder rows) queues the user's writers on
+        every node until commit, so two of them cannot both fit in the same room."""
+        limit = self.user.quota
+        if limit is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_quota_key(self.owner),))
+        if self._used(conn) + size > limit:
+            raise OverQuota("quota exceeded")
+
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
@@ -463,8 +488,11 @@ class ClusterMailboxes:
         n = normalize_name(name)
         if not messages:
             raise StoreError("no message to append")
-        with self._tx() as conn:  # fail early (no upload) when the folder is missing
+        with self._tx() as conn:  # fail early (no upload) when the folder is missing or the quota full
             self._fid(conn, n)
+            limit = self.user.quota
+            if limit is not None and self._used(conn) >= limit:
+                raise OverQuota("quota exceeded")
         prepared: list[tuple[str, int, int, list[str], int]] = []
         for item, flag_names, internal_date in messages:
             if isinstance(item, SpoolFile):
@@ -486,6 +514,7 @@ class ClusterMailboxes:
             prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
             fid, uidvalidity, known = self._fid(conn, n, lock=True)
+            self._check_quota(conn, sum(p[1] for p in prepared))
             rows = []
             for digest, size, bits, kws, idate in prepared:
                 canon, known = self._keywords(conn, fid, known, kws)
@@ -586,6 +615,8 @@ class ClusterMailboxes:
                                 (sfid, uids)).fetchall()
             if not rows:
                 return CopyResult(dvalid, [], [])
+            if not move:  # RFC 9208 §4.1: a COPY over the quota stores nothing (a MOVE adds nothing)
+                self._check_quota(conn, sum(int(r[5]) for r in rows))
             kws = sorted({k for r in rows for k in (r[3].split(" ") if r[3] else [])})
             self._keywords(conn, dfid, dknown, kws)
             first, modseq = self._allocate(conn, dfid, len(rows))

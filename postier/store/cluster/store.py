@@ -30,7 +30,8 @@ from ...message.types import MessageBody, User
 from ...metrics import Metrics
 from ..api import Mailboxes
 from ..delivery import DeliveryResult, LocalDelivery
-from ..errors import MailboxExists, MailboxNotFound, StoreError, StoreUnavailable
+from ..errors import MailboxExists, MailboxNotFound, OverQuota, StoreError, StoreUnavailable
+from ..quota import OVER_QUOTA
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, ChangeNotifier, normalize_name
 from .bodies import BodyStore
 from .mailboxes import FLAGS_INFO, ClusterMailboxes
@@ -137,6 +138,7 @@ class ClusterStore:
             if mb is None:
                 mb = self._users[user.address] = ClusterMailboxes(user, self.pool, self.bodies,
                                                                   self.special_use_folders)
+            mb.user = user  # a new login or delivery brings the current quota
             mb.refs += 1
             return mb
 
@@ -195,6 +197,14 @@ class ClusterDelivery(LocalDelivery):
         super().__init__(mail_root, workers=workers, agent=False, metrics=metrics)
         self.store = store
 
+    def quota_used(self, user: User) -> int:
+        """The user's bytes in PostgreSQL's rows, for the quota check at RCPT (blocking)."""
+        mb = self.store.acquire(user)
+        try:
+            return mb.quota_usage().bytes
+        finally:
+            self.store.release(mb)
+
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
         data = prefix + (body if isinstance(body, bytes) else body.getvalue())
@@ -218,6 +228,9 @@ class ClusterDelivery(LocalDelivery):
                         mb.create(name)
                 v, uid = mb.append(name, data, flags)
             return DeliveryResult(user, True, f"{v}:{uid}")
+        except OverQuota:  # nothing stored for this user; the pipelines answer 452/552 (pipeline/quota.py)
+            log.info("delivery to %s refused: over quota", user.address)
+            return DeliveryResult(user, False, OVER_QUOTA)
         except StoreError as exc:
             log.error("delivery to %s failed: %s", user.address, exc)
             return DeliveryResult(user, False, str(exc))
