@@ -1140,6 +1140,11 @@ class UserMailbox:
                 else:
                     os.unlink(target)
 
+    def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
+                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+        """Not offered here (False: the importer appends, new UIDs); cluster mode keeps them."""
+        return False
+
     # -- POP3 (RFC 1939) -------------------------------------------------------------------
 
     @_locked

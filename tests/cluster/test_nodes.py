@@ -402,6 +402,22 @@ def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[In
         assert d.select("Work")[1] == [b"1"]
     finally:
         d.logout()
+    # cluster -> Maildir -> cluster keeps UIDVALIDITY and UIDs (from the export's dovecot-uidlist)
+    carol = f"carol@{DOMAIN}"
+    for inst in (a, b):
+        inst.add_user(carol, PASSWORD)
+    a.cli("import", "maildir", str(out1), "--into", carol)
+    seen = []
+    for who in (ALICE, carol):
+        d = imaplib.IMAP4(*b.addr("imap"), timeout=20)
+        d.starttls(b.client_ssl_context())
+        d.login(who, PASSWORD)
+        try:
+            d.select("Work")
+            seen.append((d.response("UIDVALIDITY")[1], fetch_all(d)))
+        finally:
+            d.logout()
+    assert seen[0] == seen[1] and list(seen[0][1]) == [1]
     assert a.cli("cluster", "gc").stdout.strip() == "deleted 0 unreferenced bodies"  # all in use, all recent
 
 

@@ -497,3 +497,62 @@ def test_quota_refuses_append_copy_and_delivery_across_nodes(
         mda.close()
         a.close()
         b.close()
+
+
+def test_export_then_import_keeps_uidvalidity_and_uids(store: ClusterStore, mb: ClusterMailboxes,
+                                                       tmp_path: object) -> None:
+    """Cluster -> Maildir (dovecot-uidlist) -> another user's new folders: the same UIDVALIDITY, UIDs
+    (gaps included), UIDNEXT, flags, keywords, dates and bytes; twice the same body in one folder is
+    two messages. A second import changes nothing; into a folder that held mail, UIDs are new."""
+    from pathlib import Path
+
+    from postier.store.transfer import ImportState, export_maildir, import_maildir
+    root = Path(str(tmp_path))
+    for n in range(5):
+        mb.append("INBOX", msg(n), ["\\Seen", "$Work"] if n == 1 else [], 1_600_000_000 + n)
+    mb.append("INBOX", msg(1))  # the same body again (uid 6)
+    mb.store("INBOX", [2, 4], "+FLAGS", ["\\Deleted"])
+    mb.expunge("INBOX")
+    mb.create("Work")
+    mb.copy("INBOX", [1, 3], "Work")
+    export_maildir(mb, root / "out")
+    bob = User("bob@example.org", "bob", "example.org", "maildir")
+    other = store.acquire(bob)
+    try:
+        other.ensure_defaults()
+        state = ImportState(root / "state.sqlite")
+        try:
+            stats = import_maildir(other, root / "out", state)
+            assert stats.copied == 6  # 4 in INBOX, 2 in Work
+            for name in ("INBOX", "Work"):
+                want, got = mb.snapshot(name), other.snapshot(name)
+                assert (got.uidvalidity, list(got.uids), got.uidnext) == (want.uidvalidity, list(want.uids),
+                                                                         want.uidnext), name
+                w, g = mb.rows(name, want.uids), other.rows(name, got.uids)
+                for uid in want.uids:
+                    assert (g[uid].flag_names, g[uid].idate, g[uid].size) == (w[uid].flag_names, w[uid].idate,
+                                                                              w[uid].size)
+                    assert other.read(name, g[uid]) == mb.read(name, w[uid])
+            assert list(other.snapshot("INBOX").uids) == [1, 3, 5, 6]
+            again = import_maildir(other, root / "out", state)
+            assert (again.copied, again.skipped) == (0, 6)
+        finally:
+            state.close()
+        # into a folder that already held mail: appended, new UIDs
+        carol = store.acquire(User("carol@example.org", "carol", "example.org", "maildir"))
+        try:
+            carol.ensure_defaults()
+            carol.append("INBOX", msg("x"))
+            carol.delete_uids("INBOX", [1])
+            state = ImportState(root / "state2.sqlite")
+            try:
+                import_maildir(carol, root / "out", state)
+            finally:
+                state.close()
+            snap = carol.snapshot("INBOX")
+            assert list(snap.uids) == [2, 3, 4, 5] and snap.uidvalidity != mb.snapshot("INBOX").uidvalidity
+            assert list(carol.snapshot("Work").uids) == [1, 2] == list(mb.snapshot("Work").uids)
+        finally:
+            store.release(carol)
+    finally:
+        store.release(other)

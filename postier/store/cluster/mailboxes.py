@@ -529,6 +529,71 @@ class ClusterMailboxes:
             self._notify(conn, n)
         return uidvalidity, uids
 
+    def _unused(self, conn: Conn, name: str, lock: bool = False) -> tuple[int, tuple[str, ...]] | None:
+        """(id, keywords) of a folder that never held a message (UIDNEXT 1), else None."""
+        r = conn.execute("SELECT id, uidnext, keywords FROM folders WHERE owner=%s AND name=%s"
+                         + (" FOR UPDATE" if lock else ""), (self.owner, name)).fetchone()
+        if r is None:
+            raise MailboxNotFound("no such mailbox")
+        return (int(r[0]), tuple(r[2])) if r[1] == 1 else None
+
+    @_op
+    def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
+                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+        """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
+        dovecot-uidlist), so clients need not resynchronise (RFC 9051 §2.3.1.1: the triple of name,
+        UIDVALIDITY and UID still names the same message). Only into a folder that never held a
+        message (UIDNEXT 1): False, with nothing consumed or changed, otherwise, and the caller
+        appends instead. Bodies are put first, as APPEND's are; then one transaction sets
+        UIDVALIDITY, UIDNEXT (at least the highest UID + 1) and inserts the rows, all or none."""
+        n = normalize_name(name)
+        if not 0 < uidvalidity < 2**32:
+            return False
+        with self._tx() as conn:
+            if self._unused(conn, n) is None:
+                return False
+        prepared: list[tuple[int, str, int, int, list[str], int]] = []
+        seen: set[int] = set()
+        for uid, data, flag_names, internal_date in messages:
+            if not 0 < uid < 2**32 - 1 or uid in seen:
+                raise StoreError(f"bad or repeated UID {uid} in the import")
+            seen.add(uid)
+            if b"\n" in data.replace(b"\r\n", b""):
+                data = _to_crlf(data)
+            bits, kws = names_to_flags(flag_names)
+            digest = self.bodies.digest(data)
+            with self._tx() as conn:  # renew the body's mark before the upload (see append_many)
+                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
+                             (digest,))
+            self.bodies.put(data, digest)
+            idate = int(internal_date) if internal_date is not None else int(time.time())
+            prepared.append((uid, digest, len(data), bits, kws, idate))
+        prepared.sort()
+        nxt = max(uidnext, prepared[-1][0] + 1 if prepared else 1)
+        if nxt > 2**32 - 1:
+            raise StoreLimit("no UIDs left in this mailbox")
+        with self._tx() as conn:
+            got = self._unused(conn, n, lock=True)
+            if got is None:  # someone appended meanwhile: the bodies are orphans, collected later
+                return False
+            fid, known = got
+            self._check_quota(conn, sum(p[2] for p in prepared))
+            rows = []
+            for uid, digest, size, bits, kws, idate in prepared:
+                canon, known = self._keywords(conn, fid, known, kws)
+                rows.append((fid, uid, digest, size, bits, " ".join(canon), idate))
+            r = conn.execute("UPDATE folders SET uidvalidity=%s, uidnext=%s, recent_uid=%s, "
+                             "highestmodseq = highestmodseq + 1 WHERE id=%s RETURNING highestmodseq",
+                             (uidvalidity, nxt, nxt, fid)).fetchone()
+            assert r is not None
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
+                                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                                [(*row[:6], r[0], row[6]) for row in rows])
+            self._notify(conn, n)
+        self.states.pop(n, None)
+        return True
+
     @_op
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
               unchangedsince: int | None = None) -> StoreResult:
