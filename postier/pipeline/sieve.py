@@ -38,6 +38,7 @@ from ..store.delivery import LocalDelivery
 from ..store.index import encode_suffix, names_to_flags
 from ..store.maildir import DeliveryError, folder_root
 from ..store.api import MailStoreAPI
+from ..store.errors import StoreError
 from ..store.sieve import FileSieveStorage, Scripts, SieveStorage, Tracking
 
 __all__ = ["SieveFilter", "SieveOutcome"]
@@ -108,11 +109,20 @@ class SieveFilter:
         for r in recipients:
             for u in r.users:
                 owners.setdefault(u.address, (u, r))
-        scripts = {a: await asyncio.to_thread(self._script, u) for a, (u, _r) in owners.items()}
-        plain = [dataclasses.replace(r, users=tuple(u for u in r.users if scripts[u.address] is None))
+        scripts: dict[str, Script | None] = {}
+        unavailable: set[str] = set()  # whose script could not be read: nothing delivered, 4xx (retried)
+        for a, (u, _r) in owners.items():
+            try:
+                scripts[a] = await asyncio.to_thread(self._script, u)
+            except (StoreError, OSError) as exc:  # e.g. cluster mode's PostgreSQL unreachable
+                log.error("%s: cannot read the Sieve script of %s: %s", env.qid, u.address, exc)
+                scripts[a] = None
+                unavailable.add(a)
+        plain = [dataclasses.replace(r, users=tuple(u for u in r.users if scripts[u.address] is None
+                                                    and u.address not in unavailable))
                  for r in recipients]
         outcome = await self.mda.deliver_recipients(plain, prefix, body, env.mail_from, folder)
-        failed = set(outcome.failed_users)
+        failed = set(outcome.failed_users) | unavailable
         refused: dict[str, Reply] = {}
         filtered = [(u, r, s) for a, (u, r) in owners.items() if (s := scripts[a]) is not None]
         raw = prefix + await asyncio.to_thread(body.getvalue) if filtered else b""
