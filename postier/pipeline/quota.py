@@ -25,7 +25,6 @@ from ..message.received import return_path
 from ..message.types import Envelope, LocalOutcome, MailDelivery, Recipient, User
 from ..proto.smtp.replies import Reply
 from ..store.delivery import LocalDelivery
-from ..store.maildir import QuotaHold
 from ..store.errors import StoreError
 from ..store.quota import format_size
 
@@ -86,7 +85,8 @@ class QuotaWarnings:
     (store/quota.py `warning_due`: once per crossing, re-armed when the usage went below), one
     warning into the user's INBOX through the same local delivery (`LocalDelivery.deliver`), with
     the null sender and ``Auto-Submitted: auto-generated`` (RFC 3834 §5), so nothing answers it.
-    Wired in server/app.py as a `LocalDelivery.listeners` entry."""
+    Wired in server/app.py as a `LocalDelivery.listeners` entry (in cluster mode too: the MDA keeps
+    the warned level, `LocalDelivery.quota_warning_due`)."""
 
     def __init__(self, config: Config, mda: LocalDelivery) -> None:
         self.config = config
@@ -106,7 +106,7 @@ class QuotaWarnings:
     async def _check(self, user: User) -> None:
         assert user.quota is not None
         try:
-            level = await asyncio.to_thread(QuotaHold(self.config.mail_root, user).warning_due)
+            level = await asyncio.to_thread(self.mda.quota_warning_due, user)
             if level is not None:
                 await self.mda.deliver([(user, None)], return_path(""), self.warning(user, level, user.quota), "")
                 log.info("%s: quota warning at %d%%", user.address, level)

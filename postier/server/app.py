@@ -190,6 +190,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
         sieve_storage = mailstore.sieve_storage(config.sieve.max_scripts, config.sieve.max_script_size)
+        mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 %, state in PostgreSQL
     else:
         mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
         mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,

@@ -53,6 +53,11 @@ class LocalDelivery:
         """Bytes the user's mailboxes use now, for the RCPT check (store/quota.py; blocking)."""
         return QuotaHold(self.mail_root, user).usage()
 
+    def quota_warning_due(self, user: User) -> int | None:
+        """The quota warning level (store/quota.py WARN_LEVELS) the user newly reached, recorded as
+        warned, or None (pipeline/quota.py `QuotaWarnings`; blocking)."""
+        return QuotaHold(self.mail_root, user).warning_due()
+
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
                       body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult]:
         """Deliver to every (user, folder) in parallel worker threads; one result per user. `info` is

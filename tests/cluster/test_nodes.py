@@ -9,6 +9,7 @@ import imaplib
 import poplib
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -346,6 +347,29 @@ def test_quota_at_smtp_and_imap_across_nodes(nodes: list[Instance]) -> None:
         assert c.select("INBOX")[1] == [b"1"]
         typ, data = c.getquotaroot("INBOX")
         assert typ == "OK" and b"STORAGE 1 2" in data[1][0], data
+    finally:
+        c.logout()
+    # the 80 % warning, its state in PostgreSQL: mail through B and C... until 17 of 20 KiB are used
+    erin = f"erin@{DOMAIN}"
+    for inst in (a, b):
+        inst.cli("user", "add", erin, "--password-stdin", "--quota", "20K", stdin=PASSWORD + "\n")
+    c = imaplib.IMAP4(*a.addr("imap"), timeout=20)
+    c.starttls(a.client_ssl_context())
+    c.login(erin, PASSWORD)
+    try:
+        for n in range(20):
+            with smtplib.SMTP(*nodes[n % 2].addr("smtp"), timeout=20) as s:
+                s.sendmail("bob@example.net", [erin], f"Subject: m{n}\r\n\r\n{'y' * 900}\r\n")
+            typ, data = c.getquotaroot("INBOX")
+            if int(data[1][0].split(b"STORAGE ")[1].split()[0]) >= 17:
+                break
+        for _ in range(100):  # the warning follows the delivery (a task): bounded wait
+            c.select("INBOX")
+            typ, data = c.uid("SEARCH", "SUBJECT", "\"80% full\"")
+            if data[0]:
+                break
+            time.sleep(0.2)
+        assert len(data[0].split()) == 1, data
     finally:
         c.logout()
 

@@ -556,3 +556,33 @@ def test_export_then_import_keeps_uidvalidity_and_uids(store: ClusterStore, mb: 
             store.release(carol)
     finally:
         store.release(other)
+
+
+def test_quota_warnings_once_per_crossing(store: ClusterStore, tmp_path: object) -> None:
+    """80 % and 95 % warnings (pipeline/quota.py) in cluster mode: once per crossing, re-armed when a
+    later check finds the usage below the level; a user without a quota never gets one."""
+    from pathlib import Path
+    size = len(msg("00"))
+    dave = User("dave@example.org", "dave", "example.org", "maildir", quota=size * 20)
+    mda = ClusterDelivery(store, Path(str(tmp_path)))
+    try:
+        levels = []
+        for n in range(20):
+            assert mda.deliver_one(dave, b"", msg(f"{n:02d}"), "x@example.net").ok
+            levels.append(mda.quota_warning_due(dave))
+        assert levels[15] == 80 and levels[18] == 95  # 16 and 19 of 20 messages
+        assert [lv for lv in levels if lv is not None] == [80, 95]
+        mb = store.acquire(dave)
+        try:
+            mb.delete_uids("INBOX", list(range(1, 11)))  # down to 50 %
+        finally:
+            store.release(mb)
+        assert mda.quota_warning_due(dave) is None  # the check after the deletion re-arms
+        got = []
+        for n in range(6):  # up to 80 % again
+            assert mda.deliver_one(dave, b"", msg(f"b{n}"), "x@example.net").ok
+            got.append(mda.quota_warning_due(dave))
+        assert got == [None] * 5 + [80]
+        assert mda.quota_warning_due(ALICE) is None
+    finally:
+        mda.close()

@@ -45,7 +45,7 @@ from ..errors import (
 )
 from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
-from ..quota import Usage
+from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from .bodies import BodyStore
 from .schema import CHANNEL
@@ -263,6 +263,31 @@ class ClusterMailboxes:
                              "WHERE f.owner=%s", (self.owner,)).fetchone()
         assert r is not None
         return Usage(int(r[0]), int(r[1]), self.user.quota)
+
+    @_op
+    def quota_warning_due(self) -> int | None:
+        """The WARN_LEVELS percentage the usage newly reached (recorded as warned), or None: once per
+        crossing, as `store.quota.warning_due` in Maildir mode. A level is re-armed when a check
+        finds the usage below it (checks follow deliveries: PostgreSQL has no trigger keeping the
+        lowest usage since the warning, as the Maildir index has)."""
+        limit = self.user.quota
+        if not limit:
+            return None
+        with self._tx() as conn:
+            conn.execute("INSERT INTO quota_warned (owner) VALUES (%s) ON CONFLICT DO NOTHING", (self.owner,))
+            r = conn.execute("SELECT warned, low FROM quota_warned WHERE owner=%s FOR UPDATE", (self.owner,)).fetchone()
+            assert r is not None
+            used = self._used(conn)
+            warned, low = int(r[0]), r[1]
+            low = used if low is None else min(int(low), used)
+            if warned and low * 100 < warned * limit:  # went below since the warning
+                warned = max((lv for lv in WARN_LEVELS if low * 100 >= lv * limit), default=0)
+            level = max((lv for lv in WARN_LEVELS if used * 100 >= lv * limit), default=0)
+            due = level if level > warned else None
+            # the lowest usage seen since the warning (reset to now when one is given)
+            conn.execute("UPDATE quota_warned SET warned=%s, low=%s WHERE owner=%s",
+                         (level if due else warned, used if due else low, self.owner))
+        return due
 
     def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
         return None  # no full-text index in cluster mode yet: the matcher reads the messages

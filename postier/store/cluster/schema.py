@@ -70,6 +70,11 @@ CREATE TABLE IF NOT EXISTS sieve_scripts (
     PRIMARY KEY (owner, name)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sieve_scripts_one_active ON sieve_scripts (owner) WHERE active;
+CREATE TABLE IF NOT EXISTS quota_warned (
+    owner text PRIMARY KEY,
+    warned integer NOT NULL DEFAULT 0,
+    low bigint
+);
 CREATE TABLE IF NOT EXISTS sieve_tracking (
     owner text NOT NULL,
     key bytea NOT NULL,

@@ -205,6 +205,14 @@ class ClusterDelivery(LocalDelivery):
         finally:
             self.store.release(mb)
 
+    def quota_warning_due(self, user: User) -> int | None:
+        """The quota warning level newly reached, kept in PostgreSQL (`ClusterMailboxes.quota_warning_due`)."""
+        mb = self.store.acquire(user)
+        try:
+            return mb.quota_warning_due()
+        finally:
+            self.store.release(mb)
+
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
         data = prefix + (body if isinstance(body, bytes) else body.getvalue())
