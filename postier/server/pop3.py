@@ -8,8 +8,9 @@ UIDL values are the IMAP identity of each message (UID and UIDVALIDITY) and a RE
 Maildrop lock (RFC 1939 §8): the store's `lock_maildrop` (an exclusive `flock()` on
 `postier-pop3.lock` in the user's home directory, `store.maildrop`; in cluster mode a PostgreSQL
 advisory lock, so a session on another node is kept out too), taken when the user logs in and
-released after the UPDATE state or when the connection drops. A session's listing is fixed at login (RFC 1939 §5: message numbers stay valid for the session): mail
-delivered meanwhile shows up in the next session. Deletions happen only in the UPDATE state after
+released after the UPDATE state or when the connection drops. A session's listing is fixed at
+login (RFC 1939 §5: message numbers stay valid for the session): mail delivered meanwhile shows
+up in the next session. Deletions happen only in the UPDATE state after
 QUIT; a dropped connection deletes nothing (RFC 1939 §6).
 
 RETR and TOP stream the message file in chunks through the core's encoder (CRLF line ends and

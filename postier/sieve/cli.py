@@ -48,8 +48,8 @@ def cmd_sieve(args: argparse.Namespace) -> int:
         from ..store.cluster import require_extra
         require_extra()
         from ..store.cluster.store import open_store
-        cluster = closing = open_store(cfg, workers=1)
-        store: Scripts = cluster.sieve_storage(cfg.sieve.max_scripts, cfg.sieve.max_script_size).scripts(user)
+        closing = open_store(cfg, workers=1)
+        store: Scripts = closing.sieve_storage(cfg.sieve.max_scripts, cfg.sieve.max_script_size).scripts(user)
     else:
         store = FileSieveStorage(cfg.mail_root, cfg.sieve.max_scripts, cfg.sieve.max_script_size).scripts(user)
     try:
