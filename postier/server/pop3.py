@@ -65,7 +65,7 @@ class _Maildrop:
                  uidvalidity: int):
         self.user = user
         self.mb = mb
-        self.unlock = unlock
+        self.unlock: Callable[[], None] | None = unlock  # None once released
         self.uids = {m.uidl: m.uid for m in listing}
         self.uidvalidity = uidvalidity
         #: RFC 1939 §5: (size in CRLF octets, UIDL) in message-number order, fixed for the session
@@ -144,12 +144,18 @@ class POP3Session(Session):
             self._release()
 
     def _release(self) -> None:
-        """Drop the maildrop without any UPDATE (RFC 1939 §6). Releasing the lock (closing a
-        descriptor or a database connection) and dropping a reference are quick, so this runs in the
-        event loop (it must also run when cancelled)."""
+        """Drop the maildrop without any UPDATE (RFC 1939 §6). This runs in the event loop (it must
+        also run when cancelled), so a lock still held is released in a worker thread without
+        waiting (in cluster mode that is a database round trip); after QUIT `_update` has released
+        it already, before its answer."""
         drop, self.drop = self.drop, None
         if drop is not None:
-            drop.unlock()
+            unlock, drop.unlock = drop.unlock, None
+            if unlock is not None:
+                try:
+                    self.store.call(unlock)  # scheduled now; nothing to wait for
+                except RuntimeError:  # the workers are shut down already
+                    unlock()
             self.store.release(drop.mb)
 
     async def _say_and_flush(self, reply: Reply) -> None:
@@ -322,5 +328,8 @@ class POP3Session(Session):
                 ok = False
             self.store.notifier.notify(drop.user.address, INBOX)
             log.info("%s: %s deleted %d messages", self.role, drop.user.address, len(uids) if ok else 0)
+        unlock, drop.unlock = drop.unlock, None
+        if unlock is not None:  # released before the answer: a new session may come in at once
+            await self.store.call(unlock)
         self._release()
         self.conn.update_done(ok)

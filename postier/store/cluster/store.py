@@ -166,21 +166,33 @@ class ClusterStore:
         A session-level advisory lock on a connection of its own (not the pool's): PostgreSQL drops
         it when that connection ends, so a node that dies frees its users' maildrops once its
         connections are seen closed (TCP keepalives bound that for a node that vanished). Advisory
-        locks are re-entrant within one connection, which is why each POP3 session has its own."""
+        locks are re-entrant within one connection, which is why each POP3 session has its own.
+        The release function blocks (a round trip): run it in a worker thread."""
         try:
             conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
         except psycopg.Error as exc:
             raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        key = maildrop_key(user.address)
         try:
-            r = conn.execute("SELECT pg_try_advisory_lock(%s)", (maildrop_key(user.address),)).fetchone()
+            r = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         except psycopg.Error as exc:
             conn.close()
             raise StoreUnavailable("mail storage unavailable, try again later") from exc
         if r is None or not r[0]:
             conn.close()
             return None
-        return conn.close  # ending the session releases its advisory locks
+
+        def release() -> None:
+            # Unlocked explicitly (answered when done): closing alone would leave the release to the
+            # server process's exit, which a new session on another node could overtake.
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg.Error:
+                pass  # the connection is gone: so is the lock
+            finally:
+                conn.close()
+        return release
 
     def close(self) -> None:
         self.notifier.close()
