@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any, Concatenate
 
 from .. import durable
-from . import quota
+from . import maildrop, quota
 from ..message.types import User
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -1203,6 +1203,11 @@ class UserMailbox:
                 else:
                     os.unlink(target)
 
+    def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
+                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+        """Not offered here (False: the importer appends, new UIDs); cluster mode keeps them."""
+        return False
+
     # -- POP3 (RFC 1939) -------------------------------------------------------------------
 
     @_locked
@@ -1435,6 +1440,11 @@ class MailStore:
                 while len(self._idle) > self.keep_idle:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
+
+    def lock_maildrop(self, user: User) -> Callable[[], None] | None:
+        """POP3's exclusive maildrop lock (RFC 1939 §8; blocking): its release function, or None
+        when another session, in this process or another, holds it (`store.maildrop`)."""
+        return maildrop.lock_maildrop(user.home(self.mail_root))
 
     def changed_elsewhere(self, address: str, folder: str) -> None:
         """Another process changed the folder, or delivered into it: wake its IDLE sessions. A
