@@ -95,11 +95,11 @@ def require_perl_module(module: str) -> None:
 
 
 def mbsync_config(rc: Path, local: Path, port: int, user: str, password: str, cafile: Path,
-                  ssl_type: str = "IMAPS") -> Path:
+                  ssl_type: str = "IMAPS", host: str = "127.0.0.1") -> Path:
     """An mbsync (isync) configuration syncing every folder of `user` both ways with the Maildir
     `local`, over IMAPS or STARTTLS (`ssl_type`), trusting `cafile`; written to `rc`."""
     rc.write_text(f"""IMAPAccount postier
-Host 127.0.0.1
+Host {host}
 Port {port}
 User {user}
 Pass {password}

@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("psycopg")
 
 from tests.harness import Instance  # noqa: E402
+from tests.programs import mbsync, mbsync_config  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
 
@@ -471,3 +472,54 @@ def test_object_store_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg
     finally:
         a.stop()
         b.stop()
+
+
+def test_mbsync_against_node_a_then_node_b_sees_no_change(nodes: list[Instance], tmp_path: Path) -> None:
+    """A client that synchronised with node A and is then pointed at node B (a DNS name that moved, a
+    load balancer) finds the same UIDVALIDITY, UIDs and flags there: mbsync copies nothing and
+    changes nothing, in either direction."""
+    a, b = nodes
+    for n in range(3):
+        send(a if n % 2 else b, f"sync {n}")
+    c = imap(a)
+    try:
+        c.create("Work")
+        c.select("INBOX")
+        c.uid("COPY", "1", "Work")
+        c.uid("STORE", "2", "+FLAGS", r"(\Seen \Flagged)")
+    finally:
+        c.logout()
+    local = tmp_path / "local"
+    local.mkdir()
+    rc = tmp_path / "mbsyncrc"
+
+    def sync(inst: Instance) -> str:
+        mbsync_config(rc, local, inst.port("imap"), ALICE, PASSWORD, inst.root / "tls" / "cert.pem",
+                      ssl_type="STARTTLS", host=inst.address)
+        return mbsync(rc, verbose=True)
+
+    def files() -> set[str]:
+        return {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and "mbsync" not in p.name}
+
+    def server_state() -> dict[str, list[bytes]]:
+        c = imap(a)
+        try:
+            out = {}
+            for box in ("INBOX", "Work"):
+                c.select(box, readonly=True)
+                typ, data = c.uid("FETCH", "1:*", "(UID FLAGS)")
+                assert typ == "OK"
+                out[box] = sorted(d for d in data if isinstance(d, bytes))
+            return out
+        finally:
+            c.logout()
+
+    sync(a)
+    before = server_state()
+    got = files()
+    assert sum(1 for f in got if "/cur/" in f or "/new/" in f) == 4, got  # three in INBOX, one in Work
+    assert any(f.endswith("FS") for f in got), got  # the \Flagged \Seen message
+    out = sync(b)
+    assert files() == got, out  # nothing copied, renamed (flags) or removed on the client
+    assert "far side: 3 messages" in out and "far side: 1 messages" in out, out  # the same folders
+    assert server_state() == before, out  # nor on the server
