@@ -1,6 +1,7 @@
 """`postier queue list | show ID | retry ID|--all | delete ID`: inspect and steer the outbound queue.
 
-Works on the spool database directly, so it works whether or not the server runs; a running server
+Works on the spool database directly (in cluster mode, the cluster's queue in PostgreSQL), so it
+works whether or not the server runs; a running server
 notices `retry` within its poll interval (a few seconds). `delete` removes a message without a DSN.
 """
 
@@ -11,17 +12,23 @@ import datetime
 import time
 
 from ..adminlog import audit
-from .spool import QUEUED, Spool, valid_id
+from .spool import QUEUED, QueueSpool, Spool, valid_id
 
 
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _spool(args: argparse.Namespace) -> Spool:
+def _spool(args: argparse.Namespace) -> QueueSpool:
     from ..cli import _load
 
     cfg = _load(args)
+    if cfg.cluster.dsn:  # cluster mode: the queue every node shares (queue/cluster.py)
+        from ..store.cluster import require_extra
+        require_extra()
+        from ..store.cluster.store import open_store
+        from .cluster import ClusterSpool
+        return ClusterSpool(open_store(cfg, workers=1), cfg.cluster.queue_lease, owns_store=True)
     return Spool(cfg.spool_dir / "queue")
 
 

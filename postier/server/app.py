@@ -51,6 +51,7 @@ from ..pipeline.quota import QuotaWarnings
 from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
+from ..queue.spool import QueueSpool
 from ..resolver import BaseResolver, make_resolver
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
@@ -182,11 +183,14 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda: LocalDelivery
     mailstore: MailStore | ClusterStore
+    spool: QueueSpool | None = None  # None: this node's spool (queue/spool.py)
     if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
         from ..store.cluster import require_extra
         require_extra()
+        from ..queue.cluster import ClusterSpool
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
+        spool = ClusterSpool(mailstore, config.cluster.queue_lease)  # the queue every node shares
     else:
         mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
         mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
@@ -198,7 +202,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     # others send to our `_smtp._tls` rua, the report job sends ours.
     tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
     queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics,
-                  tls_reports=tls_reports if config.tlsrpt.record else None)
+                  tls_reports=tls_reports if config.tlsrpt.record else None, spool=spool)
     metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
     bus = None
     if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)

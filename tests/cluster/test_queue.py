@@ -1,0 +1,195 @@
+"""The cluster queue (postier/queue/cluster.py) against a real PostgreSQL and moto's S3: concurrent
+claims never hand one recipient to two nodes, a lease that runs out lets another node deliver, the
+daily counter is shared, and nothing is queued unless the body is confirmed. The runners are real
+(`queue.runner.Queue`), delivering to a scripted MX on loopback; time is a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("psycopg")
+
+from postier.message.received import queue_id  # noqa: E402
+from postier.queue.spool import QUEUED, MessageInfo, Outcome, RecipientSpec  # noqa: E402
+from tests.queue.conftest import message, queue_env  # noqa: E402
+from tests.queue.fakemx import FakeMX  # noqa: E402
+
+from .conftest import PgServer  # noqa: E402
+
+MX_IP = "127.0.0.12"
+LEASE = 60.0
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def stores(pg: PgServer, bodies_factory: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
+    """Makes cluster stores (one per simulated node) on one fresh database and bucket."""
+    from postier.store.cluster.store import ClusterStore
+    dsn = pg.create_db()
+    made: list[Any] = []
+
+    def make() -> Any:
+        s = ClusterStore(dsn, bodies_factory(), workers=2)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def spool(store: Any, node: str) -> Any:
+    from postier.queue.cluster import ClusterSpool
+    return ClusterSpool(store, LEASE, node=node, clock=lambda: T0)
+
+
+def accept(sp: Any, to: list[str], now: float = T0, claim: bool = False, user: str = "") -> str:
+    """What `Queue.store` does: body first (confirmed), then the rows."""
+    mid = queue_id()
+    size = sp.write_file(mid, b"", message("alice@a.test", to[0], subject=mid))
+    info = MessageInfo(mid, "alice@a.test", now, size, user=user)
+    [result] = sp.run([sp.op_insert(info, [RecipientSpec(a) for a in to], now, claim)])
+    assert result is None or result is True, result
+    return mid
+
+
+def test_concurrent_claims_never_share_a_recipient(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    want = set()
+    for i in range(60):
+        to = [f"r{i}-{j}@b.test" for j in range(3)]
+        mid = accept(a if i % 2 else b, to)
+        want |= {(mid, r) for r in to}
+    got: dict[str, list[tuple[str, str]]] = {"node-a": [], "node-b": []}
+    barrier = threading.Barrier(2)
+
+    def claim(sp: Any) -> None:
+        barrier.wait(10)
+        for _ in range(200):  # bounded: 180 recipients, 7 at a time
+            rows = sp.due_full(T0 + 1, 7)
+            if not rows:
+                return
+            got[sp.node].extend((info.id, st.address) for info, st in rows)
+
+    threads = [threading.Thread(target=claim, args=(sp,)) for sp in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not set(got["node-a"]) & set(got["node-b"])
+    assert len(got["node-a"]) + len(got["node-b"]) == len(want)
+    assert set(got["node-a"]) | set(got["node-b"]) == want
+    assert a.due_full(T0 + 1, 1000) == [] and b.due_full(T0 + 1, 1000) == []  # all leased
+    assert b.next_due() == pytest.approx(T0 + 1 + LEASE)
+
+
+def test_a_lease_runs_out_then_another_node_claims(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["bob@b.test"], claim=True)  # accepted by A, leased to A in the same commit
+    assert b.due_full(T0 + 1, 10) == []
+    assert a.renew([(mid, "bob@b.test")], T0 + 30) == []  # A is alive: its lease moves on
+    assert b.due_full(T0 + LEASE + 1, 10) == []
+    (info, st), = b.due_full(T0 + 30 + LEASE + 1, 10)  # A stopped renewing: B takes it
+    assert (info.id, st.address, st.status) == (mid, "bob@b.test", QUEUED)
+    assert a.renew([(mid, "bob@b.test")], T0 + 100) == [(mid, "bob@b.test")]  # A learns it lost it
+    assert b.read_file(mid) == message("alice@a.test", "bob@b.test", subject=mid)
+    # B records the delivery: the lease ends, the message leaves the queue
+    done = b.op_complete(mid, [Outcome("bob@b.test", "delivered", "250 ok", "2.0.0")], T0 + 100, True)
+    assert b.run([done]) == [True]
+    assert a.message(mid) is None and a.count() == 0
+
+
+def test_release_and_deferral_free_the_recipient(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1 = accept(a, ["x@b.test"], claim=True)
+    m2 = accept(a, ["y@b.test"], claim=True)
+    a.release([(m1, "x@b.test")])  # A stops: what it holds is anyone's
+    assert [i.id for i, _ in b.due_full(T0, 10)] == [m1]
+    deferred = a.op_complete(m2, [Outcome("y@b.test", QUEUED, "451 later", "4.0.0", next_attempt=T0 + 300)],
+                             T0, True)
+    assert a.run([deferred]) == [False]
+    assert b.due_full(T0 + 59, 10) == []  # m1 is B's now (until T0 + LEASE), m2 not due
+    assert [i.id for i, _ in b.due_full(T0 + 300, 10)] == [m1, m2]  # B's own lease ran out too; m2 is due
+    assert [(x.address, x.mx) for x in b.attempts(m2)] == [("y@b.test", "")]
+
+
+def test_daily_counter_is_shared(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    accept(a, ["x@b.test"], user="alice@a.test")
+    accept(b, ["y@b.test"], user="alice@a.test")
+    accept(b, ["z@b.test"], user="carol@a.test")
+    assert a.sends_since("alice@a.test", T0 - 86400) == b.sends_since("alice@a.test", T0 - 86400) == 2
+    b.prune_sends(T0 + 1)
+    assert a.sends_since("alice@a.test", 0) == 0
+
+
+def test_object_store_down_means_nothing_queued(stores: Callable[[], Any], pg: PgServer) -> None:
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.bodies import BodyStore
+    from postier.store.errors import StoreUnavailable
+    good = stores()
+    good.ensure_schema()
+    down = BodyStore("http://127.0.0.1:9", "nowhere", "test", "test", timeout=1.0)  # discard port: refused
+    sp = ClusterSpool(type(good)(good.pool.conninfo, down, workers=1), LEASE, node="n")
+    try:
+        with pytest.raises(StoreUnavailable):
+            accept(sp, ["x@b.test"])
+        assert sp.count() == 0
+    finally:
+        sp.store.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def test_two_runners_deliver_each_recipient_once(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """Two real runners share the queue: messages accepted by a third process (unclaimed), then both
+    dispatch at the same time; the MX sees every recipient exactly once."""
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        small = {"concurrency_total": 2}  # each scan claims 10 recipients (runner.CLAIM_MIN)
+        async with queue_env(tmp_path / "a", mx, spool=sa, queue=small) as a, \
+                queue_env(tmp_path / "b", port=mx.port, spool=sb, queue=small) as b:
+            for env in (a, b):
+                env.dns.add("b.test", "MX", "10 mx.b.test")
+                env.dns.add("mx.b.test", "A", MX_IP)
+            now = a.clock.time()
+            sa.clock = sb.clock = a.clock.time
+            ids = [await asyncio.to_thread(accept, sa, [f"u{i}@b.test", f"v{i}@b.test"], now) for i in range(20)]
+            for _ in range(10):  # bounded: 40 recipients, 10 a scan
+                if sum(await asyncio.gather(a.queue.run_once(), b.queue.run_once())) == 0:
+                    break
+            rcpts = sorted(r for d in mx.delivered for r in d.rcpts)
+            assert len(rcpts) == 40 and len(set(rcpts)) == 40, rcpts
+            assert a.queue.stats["sent"] > 0 and b.queue.stats["sent"] > 0  # both worked
+            assert a.queue.stats["sent"] + b.queue.stats["sent"] == 40
+            assert await asyncio.to_thread(sa.count) == 0  # every message left the queue
+            assert [await asyncio.to_thread(sb.message, i) for i in ids] == [None] * len(ids)
+    run(main())
+
+
+def test_a_dead_runners_message_is_delivered_by_the_other_after_its_lease(tmp_path: Path,
+                                                                          stores: Callable[[], Any]) -> None:
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        async with queue_env(tmp_path / "b", mx, spool=sb) as b:
+            b.dns.add("b.test", "MX", "10 mx.b.test")
+            b.dns.add("mx.b.test", "A", MX_IP)
+            sb.clock = b.clock.time
+            now = b.clock.time()
+            # A accepted (and claimed) the message, then died before delivering it
+            mid = await asyncio.to_thread(accept, sa, ["bob@b.test"], now, True)
+            assert await b.queue.run_once() == 0 and mx.delivered == []
+            b.clock.advance(LEASE + 1)
+            assert await b.queue.run_once() == 1
+            assert [d.rcpts for d in mx.delivered] == [["RCPT TO:<bob@b.test>"]]
+            assert await asyncio.to_thread(sb.message, mid) is None
+    run(main())
