@@ -12,7 +12,8 @@ import datetime
 import time
 
 from ..adminlog import audit
-from .spool import QUEUED, QueueSpool, Spool, valid_id
+from .cluster import open_spool
+from .spool import QUEUED, QueueSpool, valid_id
 
 
 def _when(t: float) -> str:
@@ -22,14 +23,7 @@ def _when(t: float) -> str:
 def _spool(args: argparse.Namespace) -> QueueSpool:
     from ..cli import _load
 
-    cfg = _load(args)
-    if cfg.cluster.dsn:  # cluster mode: the queue every node shares (queue/cluster.py)
-        from ..store.cluster import require_extra
-        require_extra()
-        from ..store.cluster.store import open_store
-        from .cluster import ClusterSpool
-        return ClusterSpool(open_store(cfg, workers=1), cfg.cluster.queue_lease, owns_store=True)
-    return Spool(cfg.spool_dir / "queue")
+    return open_spool(_load(args))
 
 
 def _id(args: argparse.Namespace) -> str:

@@ -36,11 +36,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import Config
 from ..message.types import MessageBody
 from ..store.errors import MessageGone, StoreUnavailable
 from .spool import (
-    MAX_ATTEMPTS_KEPT, QUEUED, Attempt, MessageInfo, Op, Outcome, RecipientSpec, RecipientState, Removed, SpoolError,
-    valid_id,
+    MAX_ATTEMPTS_KEPT, QUEUED, Attempt, MessageInfo, Op, Outcome, QueueSpool, RecipientSpec, RecipientState, Removed,
+    Spool, SpoolError, valid_id,
 )
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 else:
     Conn = Any
 
-__all__ = ["ClusterSpool", "node_id"]
+__all__ = ["ClusterSpool", "node_id", "open_spool"]
 
 _MSG_COLS = "id, sender, created, size, owner, envid, ret, smtputf8, eightbit, warned, tls_optional"
 _RCPT_COLS = ("msg_id, address, domain, status, next_attempt, attempts, last_reply, status_code, remote_mta, notify,"
@@ -414,3 +415,15 @@ class ClusterSpool:
         """Nothing to repair after a crash: uploads without rows are the collector's, and the leases
         of a dead process run out by themselves."""
         return 0, 0
+
+
+def open_spool(config: Config) -> QueueSpool:
+    """The queue as the admin commands open it (`postier queue`, the web admin, `tls report-now`):
+    this machine's spool, or in cluster mode the queue every node shares (a `ClusterSpool` over a
+    mail store of its own, which its `close()` closes)."""
+    if not config.cluster.dsn:
+        return Spool(config.spool_dir / "queue")
+    from ..store.cluster import require_extra
+    require_extra()
+    from ..store.cluster.store import open_store
+    return ClusterSpool(open_store(config, workers=1), config.cluster.queue_lease, owns_store=True)

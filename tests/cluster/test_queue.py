@@ -193,3 +193,21 @@ def test_a_dead_runners_message_is_delivered_by_the_other_after_its_lease(tmp_pa
             assert [d.rcpts for d in mx.delivered] == [["RCPT TO:<bob@b.test>"]]
             assert await asyncio.to_thread(sb.message, mid) is None
     run(main())
+
+
+def test_admin_list_show_retry_delete(stores: Callable[[], Any]) -> None:
+    """What `postier queue` and the web admin call, on the shared queue from another node."""
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1 = accept(a, ["x@b.test", "y@b.test"])
+    m2 = accept(a, ["z@b.test"])
+    later = a.op_complete(m1, [Outcome("x@b.test", QUEUED, "451 later", "4.0.0", mx="mx.b.test",
+                                       next_attempt=T0 + 900)], T0, False)
+    assert a.run([later]) == [None]
+    listing = b.list_messages()
+    assert [(i.id, [r.address for r in rs]) for i, rs in listing] == [(m1, ["x@b.test", "y@b.test"]),
+                                                                      (m2, ["z@b.test"])]
+    assert [(x.address, x.mx, x.reply) for x in b.attempts(m1)] == [("x@b.test", "mx.b.test", "451 later")]
+    assert b.retry(m1, T0 + 1) == 2 and b.recipients(m1)[0].next_attempt == T0 + 1
+    assert b.summary() == (2, T0)
+    assert b.delete(m2) and not b.delete(m2)
+    assert a.count() == 1 and a.message(m2) is None
