@@ -22,7 +22,7 @@ from .test_nodes import ALICE, DOMAIN, PASSWORD, _can_bind  # noqa: E402
 
 REMOTE = "remote.test"
 BOB = f"bob@{REMOTE}"
-LEASE = 3  # seconds: renewed every second by a live node
+LEASE = 6  # seconds: renewed every 2 s by a live node
 
 
 def _cluster_nodes(root: Path, dsn: str, s3: S3Server, extra: str, count: int = 2) -> list[Instance]:
