@@ -266,6 +266,13 @@ class ClusterSpool:
                                  (msg_id, o.address, MAX_ATTEMPTS_KEPT))
 
     @staticmethod
+    def _hold(conn: Conn, msg_id: str) -> None:
+        """Hold the message's row until commit: nodes finishing different recipients of one message
+        take turns, so the last of them sees every other outcome and removes the message (without
+        it, two concurrent transactions could each see the other's recipient still queued)."""
+        conn.execute("SELECT 1 FROM queue_messages WHERE id=%s FOR UPDATE", (msg_id,))
+
+    @staticmethod
     def _finish(conn: Conn, msg_id: str) -> bool | Removed:
         left = conn.execute("SELECT 1 FROM queue_recipients WHERE msg_id=%s AND (status='queued' OR dsn<>'')"
                             " LIMIT 1", (msg_id,)).fetchone()
@@ -279,12 +286,15 @@ class ClusterSpool:
         """Record outcomes; when this was the message's last job in flight here, delete it if it is
         done (recipients claimed by other nodes are still queued, so it stays for them)."""
         def op(conn: Conn) -> bool | Removed | None:
+            if last:
+                self._hold(conn, msg_id)
             self._record(conn, msg_id, outcomes, now)
             return self._finish(conn, msg_id) if last else None
         return op
 
     def op_dsn_done(self, msg_id: str, addresses: list[str], warned: bool = False) -> Op[None]:
         def op(conn: Conn) -> None:
+            self._hold(conn, msg_id)  # before `op_finish` in the same transaction (runner.send_dsns)
             conn.execute("UPDATE queue_recipients SET dsn='' WHERE msg_id=%s AND address = ANY(%s)",
                          (msg_id, addresses))
             if warned:
@@ -293,6 +303,7 @@ class ClusterSpool:
 
     def op_finish(self, msg_id: str) -> Op[bool | Removed]:
         def op(conn: Conn) -> bool | Removed:
+            self._hold(conn, msg_id)
             return self._finish(conn, msg_id)
         return op
 

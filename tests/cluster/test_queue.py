@@ -211,3 +211,35 @@ def test_admin_list_show_retry_delete(stores: Callable[[], Any]) -> None:
     assert b.summary() == (2, T0)
     assert b.delete(m2) and not b.delete(m2)
     assert a.count() == 1 and a.message(m2) is None
+
+
+def test_two_nodes_finishing_one_message_remove_it(stores: Callable[[], Any]) -> None:
+    """A message whose two recipients were claimed by two nodes: the node that records second, while
+    the first's transaction is still open, waits for it and then sees both outcomes, so the message
+    leaves the queue instead of staying with nothing left to do."""
+    import time
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["r@b.test", "s@b.test"])
+    [(_, ra)] = a.due_full(T0, 1)
+    [(_, rb)] = b.due_full(T0, 1)
+    assert {ra.address, rb.address} == {"r@b.test", "s@b.test"}
+    done = [Outcome(ra.address, "delivered", "250 ok", "2.0.0")]
+    other = [Outcome(rb.address, "delivered", "250 ok", "2.0.0")]
+    results: list[Any] = []
+    with a.pool.connection() as conn:
+        with conn.transaction():
+            assert a.op_complete(mid, done, T0, True)(conn) is False  # the other is still queued
+            t = threading.Thread(target=lambda: results.extend(b.run([b.op_complete(mid, other, T0, True)])))
+            t.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until B waits for the message's row lock
+                with b.pool.connection() as watch:
+                    waiting = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                            " AND datname = current_database()").fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.05)
+            assert waiting == 1
+        t.join(20)
+    assert results == [True]
+    assert a.count() == 0
