@@ -55,6 +55,7 @@ else:
 
 __all__ = ["ClusterSpool", "node_id", "open_spool"]
 
+CONFLICT_RETRIES = 3  # runs of a batch that PostgreSQL rolled back for a deadlock with another node
 _MSG_COLS = "id, sender, created, size, owner, envid, ret, smtputf8, eightbit, warned, tls_optional"
 _RCPT_COLS = ("msg_id, address, domain, status, next_attempt, attempts, last_reply, status_code, remote_mta, notify,"
               " orcpt, dsn")
@@ -95,6 +96,10 @@ class ClusterSpool:
         self.owns_store = owns_store  # `postier queue`: closing the spool closes the store it opened
         self._down: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError,
                                                    psycopg_pool.PoolTimeout)
+        #: PostgreSQL rolled the transaction back for another's sake (a deadlock between two nodes'
+        #: batches locking the same messages in another order): run it again
+        self._conflict: tuple[type[Exception], ...] = (psycopg.errors.TransactionRollback,
+                                                       psycopg.errors.DeadlockDetected)
         self._pending: dict[str, str] = {}  # msg_id -> body digest, uploaded, rows not yet inserted
         self._lock = threading.Lock()
 
@@ -111,6 +116,8 @@ class ClusterSpool:
             self.store.ensure_schema()
             with self.pool.connection() as conn, conn.transaction():
                 yield conn
+        except self._conflict:
+            raise
         except self._down as exc:
             raise StoreUnavailable("queue storage unavailable, try again later") from exc
 
@@ -119,24 +126,35 @@ class ClusterSpool:
         that one failure spares the others (as `Spool.run`). Bodies are never deleted here: a body
         may be shared, and the collector removes it once nothing refers to it."""
         ops = list(ops)
-        try:
-            with self._tx() as conn:
-                results = [op(conn) for op in ops]
-        except StoreUnavailable:
-            raise
-        except Exception:  # noqa: BLE001 - one operation failed: isolate it
-            results = []
-            with self._tx() as conn:
-                for op in ops:
-                    try:
-                        with conn.transaction():  # a savepoint
-                            results.append(op(conn))
-                    except self._down:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
-                        results.append(exc)
+        results: list[Any] = []
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                with self._tx() as conn:
+                    results = [op(conn) for op in ops]
+                break
+            except self._conflict as exc:
+                if attempt == CONFLICT_RETRIES:
+                    raise StoreUnavailable("queue storage busy, try again later") from exc
+            except StoreUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - one operation failed: isolate it
+                results = self._run_isolated(ops)
+                break
         if unlink:
             results = [True if isinstance(r, Removed) else r for r in results]
+        return results
+
+    def _run_isolated(self, ops: list[Op[Any]]) -> list[Any]:
+        results: list[Any] = []
+        with self._tx() as conn:
+            for op in ops:
+                try:
+                    with conn.transaction():  # a savepoint
+                        results.append(op(conn))
+                except self._down:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
+                    results.append(exc)
         return results
 
     def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:

@@ -243,3 +243,35 @@ def test_two_nodes_finishing_one_message_remove_it(stores: Callable[[], Any]) ->
         t.join(20)
     assert results == [True]
     assert a.count() == 0
+
+
+def test_a_deadlock_between_two_nodes_batches_is_run_again(stores: Callable[[], Any]) -> None:
+    """Two nodes' group commits take two messages' rows in opposite orders: PostgreSQL aborts one
+    transaction, which runs again, and both batches end committed with their results."""
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1, m2 = accept(a, ["x@b.test"]), accept(a, ["y@b.test"])
+    assert b.count() == 2  # B's first call (its schema check) is done before the race
+    barrier = threading.Barrier(2)
+    passed: set[str] = set()
+    crossed: list[str] = []
+
+    def gate(name: str) -> Callable[[Any], None]:
+        def op(conn: Any) -> None:
+            if name not in passed:  # the first run only: both hold their first row here
+                passed.add(name)
+                barrier.wait(20)
+                crossed.append(name)
+        return op
+
+    results: dict[str, list[Any]] = {}
+
+    def batch(sp: Any, first: str, second: str) -> None:
+        results[sp.node] = sp.run([sp.op_dsn_done(first, []), gate(sp.node), sp.op_dsn_done(second, [])])
+
+    threads = [threading.Thread(target=batch, args=(a, m1, m2)), threading.Thread(target=batch, args=(b, m2, m1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(crossed) == ["node-a", "node-b"]  # both held their first message's row at once
+    assert results == {"node-a": [None, None, None], "node-b": [None, None, None]}
