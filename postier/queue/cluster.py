@@ -315,8 +315,7 @@ class ClusterSpool:
             self._hold(conn, msg_id)  # before `op_finish` in the same transaction (runner.send_dsns)
             conn.execute("UPDATE queue_recipients SET dsn='' WHERE msg_id=%s AND address = ANY(%s)",
                          (msg_id, addresses))
-            if warned:
-                conn.execute("UPDATE queue_messages SET warned=true WHERE id=%s", (msg_id,))
+            conn.execute("UPDATE queue_messages SET dsn_until=0, warned=warned OR %s WHERE id=%s", (warned, msg_id))
         return op
 
     def op_finish(self, msg_id: str) -> Op[bool | Removed]:
@@ -359,6 +358,13 @@ class ClusterSpool:
                 (now + self.lease, self.node, [k[0] for k in keys], [k[1] for k in keys])).fetchall()
         held = {(r[0], r[1]) for r in kept}
         return [k for k in keys if k not in held]
+
+    def claim_dsn(self, msg_id: str, now: float) -> bool:
+        """Take the duty of sending the DSN a message owes for `lease` seconds (or until it is sent,
+        `op_dsn_done`): two nodes finishing recipients of one message do not both send it."""
+        with self._tx() as conn:
+            return conn.execute("UPDATE queue_messages SET dsn_until=%s WHERE id=%s AND dsn_until<%s RETURNING 1",
+                                (now + self.lease, msg_id, now)).fetchone() is not None
 
     def release(self, keys: list[tuple[str, str]]) -> None:
         """Give up this node's leases on `keys` (stopping): any node may claim them at once."""

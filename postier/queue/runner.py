@@ -581,6 +581,8 @@ class Queue:
         """Send the DSN a message owes (one for all its recipients that owe one), then clean up."""
         if self._inflight.get(msg_id):
             return  # the last job of this message sends it
+        if not await self._read(self.spool.claim_dsn, msg_id, self.clock.time()):
+            return  # another node is sending it (a shared queue)
         msg = await self._read(self.spool.message, msg_id)
         if msg is None:
             return

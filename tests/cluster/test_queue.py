@@ -275,3 +275,39 @@ def test_a_deadlock_between_two_nodes_batches_is_run_again(stores: Callable[[], 
         t.join(60)
     assert sorted(crossed) == ["node-a", "node-b"]  # both held their first message's row at once
     assert results == {"node-a": [None, None, None], "node-b": [None, None, None]}
+
+
+def test_one_node_sends_a_dsn(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["x@b.test"])
+    assert a.claim_dsn(mid, T0) and not b.claim_dsn(mid, T0 + 1)  # A sends it
+    a.run([a.op_dsn_done(mid, ["x@b.test"])])
+    assert b.claim_dsn(mid, T0 + 2)  # sent: the next DSN of this message is anyone's
+    assert a.claim_dsn(mid, T0 + 3 + LEASE)  # not sent by B within the lease: anyone's again
+
+
+def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """Every recipient refused (550): the DSNs, from whichever node finished which recipient, name
+    each recipient exactly once, and come back to the sender through the shared queue."""
+    async def main() -> None:
+        mx = FakeMX([MX_IP], rcpt_reply=lambda line: "550 5.1.1 no such user")
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        small = {"concurrency_total": 2}
+        async with queue_env(tmp_path / "a", mx, spool=sa, queue=small) as a, \
+                queue_env(tmp_path / "b", port=mx.port, spool=sb, queue=small) as b:
+            for env in (a, b):
+                env.dns.add("b.test", "MX", "10 mx.b.test")
+                env.dns.add("mx.b.test", "A", MX_IP)
+            sa.clock = sb.clock = a.clock.time
+            now = a.clock.time()
+            for i in range(12):
+                await asyncio.to_thread(accept, sa, [f"u{i}@b.test", f"v{i}@b.test"], now)
+            for _ in range(20):  # bounded: 24 recipients and their DSNs, 10 claimed a scan
+                if sum(await asyncio.gather(a.queue.run_once(), b.queue.run_once())) == 0:
+                    break
+            reports = a.maildir("alice@a.test") + b.maildir("alice@a.test")
+            named = [line for m in reports for line in m.split(b"\r\n") if line.startswith(b"Final-Recipient:")]
+            assert sorted(named) == sorted(f"Final-Recipient: rfc822; {p}{i}@b.test".encode()
+                                           for i in range(12) for p in "uv"), named
+            assert await asyncio.to_thread(sa.count) == 0
+    run(main())

@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS queue_messages (
     smtputf8 boolean NOT NULL DEFAULT false,
     eightbit boolean NOT NULL DEFAULT false,
     warned boolean NOT NULL DEFAULT false,
-    tls_optional boolean NOT NULL DEFAULT false
+    tls_optional boolean NOT NULL DEFAULT false,
+    dsn_until double precision NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS queue_messages_body ON queue_messages (body);
 CREATE TABLE IF NOT EXISTS queue_recipients (
