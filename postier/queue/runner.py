@@ -12,6 +12,10 @@ concurrent jobs share one commit (group commit). A crash loses no accepted messa
 every recipient still `queued` is tried again, so a message in flight at the crash may arrive twice,
 never zero times. Time comes from an injectable clock (`schedule.Clock`); `dispatch()` and `drain()`
 let tests step the queue by hand.
+
+The storage is a `spool.QueueSpool`: this machine's spool (`spool.Spool`), or in cluster mode the
+queue all nodes share (`cluster.ClusterSpool`), where each scan claims due recipients under a lease
+that this runner renews while it holds them (docs/scaling.md).
 """
 
 from __future__ import annotations
