@@ -15,6 +15,7 @@ BENCHMARKS = {
     "load": "bench.load",
     "webmail": "bench.webmail_bench",
     "cluster": "bench.cluster_bench",
+    "cluster-accounts": "bench.cluster_accounts_bench",
 }
 
 

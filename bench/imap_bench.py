@@ -406,42 +406,65 @@ def _hits(data: bytes) -> int:
     return len(line.split()) - 2  # progress lines ("* OK Searched 30%") first
 
 
-def step(name: str, port: int, user: str, out: dict[str, float]) -> None:
-    """One timed step on a fresh connection (login not timed); the best of repeated runs is kept."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of the processes (all their threads), in seconds (1/CLK_TCK steps)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / _TICK
+
+
+def step(name: str, port: int, user: str, out: dict[str, float], pids: Callable[[], list[int]]) -> None:
+    """One timed step on a fresh connection (login not timed); the best of repeated runs is kept,
+    for the wall-clock time and for the server's CPU time during the timed command."""
     c = login(port, user)
+    cpu = 0.0
+
+    def timed(text: str) -> tuple[float, bytes]:
+        nonlocal cpu
+        procs = pids()  # after the login: Dovecot's imap process of this connection exists
+        before = cpu_seconds(procs)
+        t, data = c.cmd(text)
+        cpu = cpu_seconds(procs) - before
+        return t, data
+
     try:
-        if name == "first SELECT":
-            t, _ = c.cmd("SELECT INBOX")
+        if name in ("first SELECT", "second SELECT"):
+            t, _ = timed("SELECT INBOX")
         else:
-            sel, _ = c.cmd("SELECT INBOX")
-            if name == "second SELECT":
-                t = sel
-            elif name == "UID FETCH 1:* (FLAGS)":
-                t, data = c.cmd("UID FETCH 1:* (FLAGS)")
+            c.cmd("SELECT INBOX")
+            if name == "UID FETCH 1:* (FLAGS)":
+                t, data = timed("UID FETCH 1:* (FLAGS)")
                 out["_flags_lines"] = data.count(b" FETCH (")
             elif name == "UID SEARCH HEADER SUBJECT x":
-                t, data = c.cmd("UID SEARCH HEADER SUBJECT x")
+                t, data = timed("UID SEARCH HEADER SUBJECT x")
                 out["_search_hits"] = _hits(data)
             elif name.startswith("SEARCH "):
-                t, data = c.cmd(TEXT_SEARCHES[name.split()[1]])
+                t, data = timed(TEXT_SEARCHES[name.split()[1]])
                 out[f"_{name.split()[1].lower()}_hits"] = _hits(data)
             else:
-                t, data = c.cmd("FETCH 1:1000 (BODY.PEEK[])")
+                t, data = timed("FETCH 1:1000 (BODY.PEEK[])")
                 out["_bodies"] = data.count(b" FETCH (")
         c.cmd("LOGOUT")
     finally:
         c.close()
     out[name] = min(out.get(name, t), t)
+    out["_cpu " + name] = min(out.get("_cpu " + name, cpu), cpu)
 
 
-def measure(servers: dict[str, tuple[int, str]], repeats: int) -> dict[str, dict[str, float]]:
+def measure(servers: dict[str, tuple[int, str, Callable[[], list[int]]]], repeats: int) -> dict[str, dict[str, float]]:
     """Each step on each server in turn (interleaved, so that a busy moment of the machine hurts
     both alike); repeatable steps run `repeats` times and keep their best time."""
     results: dict[str, dict[str, float]] = {k: {} for k in servers}
     for name in STEPS:
         for _ in range(repeats if name in REPEATABLE else 1):
-            for server, (port, user) in servers.items():
-                step(name, port, user, results[server])
+            for server, (port, user, pids) in servers.items():
+                step(name, port, user, results[server], pids)
     return results
 
 
@@ -493,13 +516,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             assert inst.proc is not None
             pid = inst.proc.pid
-            servers = {"postier": (inst.port("imap"), f"bob@{DOMAIN}")}
+            servers: dict[str, tuple[int, str, Callable[[], list[int]]]] = {
+                "postier": (inst.port("imap"), f"bob@{DOMAIN}", lambda: _children(pid))}
             if multi is not None:
                 multi.start(wait_role="imap")
-                servers["postier-n"] = (multi.port("imap"), f"bob@{DOMAIN}")
+                assert multi.proc is not None
+                mpid = multi.proc.pid
+                servers["postier-n"] = (multi.port("imap"), f"bob@{DOMAIN}", lambda: _children(mpid))
             if dove is not None:
                 dove.start()
-                servers["dovecot"] = (dove.port, f"bob@{DOMAIN}")
+                servers["dovecot"] = (dove.port, f"bob@{DOMAIN}", dove.pids)
             # Memory first, on fresh processes: a Python process reuses memory freed by earlier
             # large commands, which would hide what the connections cost.
             print("postier: idle connections...", flush=True)
@@ -517,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 v.update(idle.get(k, {}))
             results["postier"]["_fts_build"] = fts_build
             if args.stress_seconds > 0:
-                for server, (port, _user) in servers.items():
+                for server, (port, _user, _pids) in servers.items():
                     print(f"{server}: stress, {args.stress_clients} clients, {args.stress_seconds:.0f}s...",
                           flush=True)
                     rate, errors = stress(port, f"stress@{DOMAIN}", args.stress_clients, args.stress_seconds)
@@ -552,6 +578,14 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
         mv = f"{m[key] * 1000:>10.1f}ms" if m else ""
         ratio = f"{pv / dv:.2f}" if dv else "-"
         print(f"{key:34} {pv * 1000:>10.1f}ms {mv:>12} {'' if dv is None else f'{dv * 1000:>10.1f}ms':>12} "
+              f"{ratio:>16}")
+    print(f"server CPU time of the timed command (best run; {1000 / _TICK:.0f} ms steps):")
+    for key in STEPS:
+        pc = p["_cpu " + key]
+        dc = d["_cpu " + key] if d else None
+        mc = f"{m['_cpu ' + key] * 1000:>10.0f}ms" if m else ""
+        ratio = f"{pc / dc:.2f}" if dc else "-"
+        print(f"  {key:32} {pc * 1000:>10.0f}ms {mc:>12} {'' if dc is None else f'{dc * 1000:>10.0f}ms':>12} "
               f"{ratio:>16}")
     pi = p["_idle"]
     di = d["_idle"] if d else None

@@ -24,6 +24,12 @@ commits made through any other connection (the CLI adding or removing a user whi
 runs) and is asked at most every `CACHE_CHECK` seconds (it starts a read transaction: two fcntl
 locks and an fstat), so a change made elsewhere is seen within that time; a generation counter
 covers the writes made through this object at once.
+
+Where the tables live is pluggable (`AccountStorage`): a SQLite file on one machine
+(`SQLiteStorage`), PostgreSQL in cluster mode (store/cluster/accounts.py), so that every node
+sees every account at once. The rules above are the same for both; the statements are written in
+the SQL both understand, and the storage supplies the rest (schema, write transactions, the change
+counter that invalidates the resolution caches).
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -97,6 +103,96 @@ _MAX_ALIAS_DEPTH = 10
 _MAX_EXPANSION = 1000
 _MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when full)
 CACHE_CHECK = 0.1  # seconds between two PRAGMA data_version checks of one thread's cache
+
+
+class Cursor(Protocol):
+    """What the account queries use of a DB-API cursor."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """One thread's connection: statements with `?` placeholders (sqlite3.Connection is one)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor: ...
+
+    def close(self) -> None: ...
+
+
+class AccountStorage(Protocol):
+    """Where the account tables live: `SQLiteStorage`, or PostgreSQL in cluster mode."""
+
+    #: the first user created (the admin when none is set)
+    first_user_sql: str
+
+    def connect(self) -> Connection:
+        """A new connection, used by one thread only; the tables exist once it returns."""
+
+    def write(self, conn: Connection) -> AbstractContextManager[None]:
+        """A write transaction: writers are serialized (committed on success, else rolled back)."""
+
+    def data_version(self, conn: Connection) -> int:
+        """A number that changes whenever another connection has committed a change."""
+
+
+class SQLiteStorage:
+    """The accounts in one SQLite file (WAL, synchronous=FULL), as on a single machine."""
+
+    first_user_sql = "SELECT address FROM users ORDER BY created, rowid LIMIT 1"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._ready = False
+
+    def connect(self) -> Connection:
+        if not self._ready:
+            ensure_dirs(self.path.parent)
+        new = not self.path.exists()
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        if not self._ready:
+            conn.executescript(_SCHEMA)
+            self._migrate(conn)
+            if new:  # SQLite fsyncs the directory for its journals, not for a new database file
+                fsync_dir(self.path.parent)
+            self._ready = True
+        return conn
+
+    @contextmanager
+    def write(self, conn: Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def data_version(self, conn: Connection) -> int:
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _migrate(self, conn: Connection) -> None:
+        """Bring a database made by an older version up to the current schema (columns added with
+        defaults that keep the old behaviour; idempotent, run at every open)."""
+        def columns(table: str = "users") -> set[str]:
+            return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if "quota" in columns() and "quota" in columns("domains"):
+            return  # the usual case: no write lock taken
+        with self.write(conn):
+            if "admin" not in columns():  # may use the admin console (/admin/); nobody does by default
+                conn.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
+            if "quota" not in columns():  # storage quotas (store/quota.py): none until set
+                conn.execute("ALTER TABLE users ADD COLUMN quota INTEGER")
+            if "quota" not in columns("domains"):
+                conn.execute("ALTER TABLE domains ADD COLUMN quota INTEGER")
 
 
 class Lookup(Enum):
@@ -215,11 +311,12 @@ class LoginCache:
 
 
 class Accounts:
-    """The account database. Thread-safe: one SQLite connection per thread."""
+    """The account database. Thread-safe: one connection per thread. `db` is the SQLite file, or
+    another `AccountStorage` (cluster mode's PostgreSQL)."""
 
-    def __init__(self, db_path: Path, recipient_delimiter: str = "+", default_format: str = "maildir",
+    def __init__(self, db: Path | AccountStorage, recipient_delimiter: str = "+", default_format: str = "maildir",
                  default_quota: int = 0):
-        self.db_path = db_path
+        self.storage: AccountStorage = SQLiteStorage(db) if isinstance(db, Path) else db
         self.default_quota = default_quota  # bytes, 0: none (`[limits] default_quota`)
         self.delimiter = recipient_delimiter
         self.default_format = default_format
@@ -233,12 +330,7 @@ class Accounts:
         self.login_cache = LoginCache()
         self.rehash = True
         self.role_local_parts = ROLE_LOCAL_PARTS  # build_app adds the report mailboxes we publish
-        ensure_dirs(db_path.parent)
-        new = not db_path.exists()
-        self._conn().executescript(_SCHEMA)
-        self._migrate()
-        if new:  # SQLite fsyncs the directory for its journals, not for a new database file
-            fsync_dir(db_path.parent)
+        self._conn()  # the tables exist from here on
 
     def configure_logins(self, cache_size: int, cache_ttl: float, rehash: bool) -> None:
         """Apply the ``[auth]`` login settings: login_cache_size, login_cache_ttl, rehash_passwords."""
@@ -247,42 +339,18 @@ class Accounts:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        """Bring a database made by an older version up to the current schema (columns added with
-        defaults that keep the old behaviour; idempotent, run at every open)."""
-        def columns(db: sqlite3.Connection, table: str = "users") -> set[str]:
-            return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-        if "quota" in columns(self._conn()) and "quota" in columns(self._conn(), "domains"):
-            return  # the usual case: no write lock taken
-        with self._db() as db:
-            if "admin" not in columns(db):  # may use the admin console (/admin/); nobody does by default
-                db.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
-            if "quota" not in columns(db):  # storage quotas (store/quota.py): none until set
-                db.execute("ALTER TABLE users ADD COLUMN quota INTEGER")
-            if "quota" not in columns(db, "domains"):
-                db.execute("ALTER TABLE domains ADD COLUMN quota INTEGER")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
+            conn = self._local.conn = self.storage.connect()
         return conn
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self) -> Iterator[Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+            with self.storage.write(conn):
+                yield conn
         finally:
             self._generation += 1
 
@@ -500,7 +568,7 @@ class Accounts:
             if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
                 raise AccountError(f"domain {domain} is not a local domain; add it first")
             for t in tgts:
-                db.execute("INSERT OR IGNORE INTO aliases(alias, target) VALUES (?, ?)", (a, t))
+                db.execute("INSERT INTO aliases(alias, target) VALUES (?, ?) ON CONFLICT DO NOTHING", (a, t))
 
     def remove_alias(self, alias: str, targets: list[str] | None = None) -> None:
         a = normalize_address(alias)
@@ -525,18 +593,18 @@ class Accounts:
         """Route postmaster@ and abuse@ of every local domain to `address` (unless an alias says otherwise)."""
         addr = normalize_address(address)
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES ('admin', ?)", (addr,))
+            db.execute("INSERT INTO settings(key, value) VALUES ('admin', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (addr,))
         return addr
 
     def admin(self) -> str | None:
         """The admin address: the one set, else the first user created, else None."""
         return self._admin(self._conn())
 
-    @staticmethod
-    def _admin(conn: sqlite3.Connection) -> str | None:
+    def _admin(self, conn: Connection) -> str | None:
         row = conn.execute("SELECT value FROM settings WHERE key='admin'").fetchone()
         if row is None:
-            row = conn.execute("SELECT address FROM users ORDER BY created, rowid LIMIT 1").fetchone()
+            row = conn.execute(self.storage.first_user_sql).fetchone()
         return str(row[0]) if row else None
 
     def addresses_of(self, user: User) -> set[str]:
@@ -564,7 +632,7 @@ class Accounts:
         cache: dict[str, Resolution] | None = getattr(local, "cache", None)
         now = time.monotonic()
         if cache is None or now >= local.cache_checked + CACHE_CHECK or local.cache_generation != self._generation:
-            version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+            version = self.storage.data_version(self._conn())
             if cache is None or local.cache_version != version or local.cache_generation != self._generation:
                 cache = local.cache = {}
                 local.cache_version = version
@@ -594,7 +662,7 @@ class Accounts:
             return Resolution(Lookup.UNKNOWN_USER)
         return Resolution(Lookup.FOUND, tuple(users.values()), tuple(remote))
 
-    def _expand(self, conn: sqlite3.Connection, addr: str, users: dict[str, User],
+    def _expand(self, conn: Connection, addr: str, users: dict[str, User],
                 remote: dict[str, None], depth: int, top: bool = False) -> bool:
         if depth > _MAX_ALIAS_DEPTH or len(users) + len(remote) >= _MAX_EXPANSION:
             return bool(users or remote)
@@ -634,7 +702,7 @@ class Accounts:
                 return self._expand(conn, catch[0], users, remote, depth + 1)
         return False
 
-    def _user_row(self, conn: sqlite3.Connection, addr: str) -> User | None:
+    def _user_row(self, conn: Connection, addr: str) -> User | None:
         row = conn.execute(_USER_SELECT + " WHERE u.address=?", (addr,)).fetchone()
         return self._user(row) if row else None
 

@@ -17,6 +17,7 @@ from .accounts import Accounts
 from .config import STANDARD_PORTS, Config, ConfigError, Listener, load_config, normalize_domain
 from .durable import ensure_dirs, write_file
 from .message.types import AccountError
+from .store.errors import StoreUnavailable
 from .server.privileges import (
     DEFAULT_USER,
     PrivilegeError,
@@ -54,8 +55,10 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _accounts(cfg: Config) -> Accounts:
-    return Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format,
-                    cfg.limits.default_quota)
+    """The accounts: the local SQLite file, or PostgreSQL in cluster mode (store/accountdb.py)."""
+    from .store.accountdb import open_accounts
+
+    return open_accounts(cfg)
 
 
 def _read_password(args: argparse.Namespace, confirm: bool = True) -> str:
@@ -87,9 +90,11 @@ def write_config(data_dir: Path, hostname: str, listen: str, port_offset: int,
         'data_dir = "."',
         "",
     ]
-    if user or allow_root:  # who serve runs as once its listeners are bound (server/privileges.py)
-        lines += ["[server]"] + ([f"user = {_toml_str(user)}"] if user else []) + (
-            ["allow_root = true"] if allow_root else []) + [""]
+    # Who serve runs as once its listeners are bound (server/privileges.py), and how many worker
+    # processes share them (server/supervisor.py, docs/scaling.md).
+    lines += ["[server]"] + ([f"user = {_toml_str(user)}"] if user else []) + (
+        ["allow_root = true"] if allow_root else []) + [
+        "# workers = 0   # processes sharing every listener: 0 (the default) = one per CPU core, 1 = one", ""]
     lines += [
         "[tls]",
         'cert = "tls/cert.pem"',
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"postier: config error: {exc}", file=sys.stderr)
         return 2
-    except (AccountError, CLIError) as exc:
+    except (AccountError, CLIError, StoreUnavailable) as exc:
         print(f"postier: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -260,9 +260,9 @@ class Server:
     group: str = ""
     #: Allow the server to keep running as root (refused otherwise).
     allow_root: bool = False
-    #: Worker processes sharing every listener (server/supervisor.py); 0 = one per CPU core.
-    #: 1 (the default) is one process with no supervisor; docs/scaling.md says when to raise it.
-    workers: int = 1
+    #: Worker processes sharing every listener (server/supervisor.py); 0 (the default) = one per
+    #: CPU core this process may use (one core: one process); 1 = one process with no supervisor.
+    workers: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Fault injection for crash tests: named points where the process kills itself (SIGKILL).
 
 Gated by the environment and inert otherwise: `POSTIER_FAULT=NAME` kills the process the first time
-the point NAME is reached, `POSTIER_FAULT=NAME:N` on the N-th time (counted per process); in a worker
-of several the supervisor is killed first, so that the whole server crashes. A test starts `postier serve`
+the point NAME is reached, `POSTIER_FAULT=NAME:N` on the N-th time. The count is the server's: with
+`[server] workers` > 1 the supervisor names a file in POSTIER_FAULT_HITS that every worker (and
+its delivery agent) appends one byte to per hit, so the N-th hit in any process fires, whichever
+worker took the message; in a worker of several the supervisor is killed first, so that the whole
+server crashes. One process alone counts in memory. A test starts `postier serve`
 with the variable set, drives traffic, and checks the invariants after a restart (every
 acknowledged message delivered, queued or bounced exactly once; nothing half-written visible).
 
@@ -38,9 +41,27 @@ def fault_point(name: str) -> None:
     global _hits
     with _lock:
         _hits += 1
-        if _hits < _target:
-            return
+        hits = _hits
+    shared = os.environ.get("POSTIER_FAULT_HITS", "")
+    if shared:  # the server's count: an O_APPEND write is atomic, its end offset is this hit's rank
+        fd = os.open(shared, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b".")
+            hits = os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
+    if hits < _target:
+        return
     supervisor = os.environ.get("POSTIER_SUPERVISOR", "")
     if supervisor.isdigit():  # a worker of several (server/supervisor.py): the whole server crashes
         os.kill(int(supervisor), signal.SIGKILL)  # its workers follow it (their parent-death signal)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def share_count(path: str) -> None:
+    """Count the hits of every process started from here on in the file `path` (the supervisor,
+    before forking its workers); inert without POSTIER_FAULT."""
+    if _name:
+        with open(path, "wb"):  # a new server: a new count
+            pass
+        os.environ["POSTIER_FAULT_HITS"] = path

@@ -13,6 +13,19 @@ docs/operations.md ("Metrics"); contrib/grafana/postier.json is a dashboard over
 
 prometheus-client rather than our own text writer: it is the reference implementation of the format
 (escaping, histogram buckets, `_created` samples) and its parser is what the tests read back with.
+
+With `[server] workers` > 1 (server/supervisor.py) each worker counts its own events and /metrics,
+served by worker 0, must show the server's totals. For that this uses prometheus-client's own
+multiprocess mode (`Metrics(shared_dir=...)`, one per worker process) rather than rows of our own in
+the workers' shared table (server/shared.py): every value is a slot in a memory-mapped file per
+process in a directory the supervisor makes fresh for each run (DATA_DIR/run/metrics), an event is
+one write to that mapping (no lock between processes, no message), and a scrape merges every file:
+counters and histograms are summed, including those of workers that died, so a restart never makes a
+total go down (which Prometheus would read as a reset); `postier_sessions_active` sums the live
+workers only (the supervisor removes a dead worker's gauge file). Writing our own would mean a second
+serialiser for every metric type and label set, which the library already keeps. What that mode
+cannot do: `_created` samples are not exported, and the `process_*` metrics are those of the
+scraping worker alone.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -170,11 +183,20 @@ class _Scraped(Collector):
 class Metrics:
     """postier's metrics on their own registry; one method per event, labels bounded here."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_dir: Path | None = None) -> None:
         self.registry = r = CollectorRegistry()
-        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self._scraped = _Scraped()
+        #: What /metrics renders: this registry, or with `shared_dir` the sums over every worker.
+        self.exposed = r
+        if shared_dir is not None:  # a worker of several (see the module docstring): for this process
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared_dir)
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]  # mapped from now on
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed, str(shared_dir))  # type: ignore[no-untyped-call]
+            r = self.exposed  # the process and scrape-time values are read by the scraping worker
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         r.register(self._scraped)
+        r = self.registry
         #: Called with "accepted", "refused" or "deferred" for each SMTP outcome counted here
         #: (server/stats.py's last hour for `postier status` is fed from the same events).
         self.outcome_listeners: list[Callable[[str], None]] = []
@@ -184,7 +206,8 @@ class Metrics:
         self.connections = Counter(
             "postier_connections", "Connections accepted by the listeners (refused: over a connection limit).",
             ["role", "result"], registry=r)
-        self.sessions = Gauge("postier_sessions_active", "Open client sessions.", ["role"], registry=r)
+        self.sessions = Gauge("postier_sessions_active", "Open client sessions.", ["role"], registry=r,
+                              multiprocess_mode="livesum")
         self.tls = Counter("postier_tls_sessions", "TLS sessions set up (implicit TLS or STARTTLS), by version.",
                            ["role", "version"], registry=r)
         self.received = Counter("postier_messages_received",
@@ -302,4 +325,4 @@ class Metrics:
 
     def names(self) -> set[str]:
         """Every sample name the registry exposes now (…_total, …_bucket, …_count, gauges)."""
-        return {s.name for family in self.registry.collect() for s in family.samples}
+        return {s.name for family in self.exposed.collect() for s in family.samples}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from postier.config import STANDARD_PORTS
 
@@ -119,15 +122,16 @@ class Instance:
         else:
             extra_config += "\n[auth]\nrehash_passwords = false\n"
         self.add_config(extra_config)
-        # `[server] workers`: POSTIER_TEST_WORKERS=2 runs every instance as a supervisor and 2 workers.
+        # `[server] workers`, always written (the default, one per core, would make each test's server
+        # depend on the machine): 1 unless the test asks; POSTIER_TEST_WORKERS=2 runs every instance
+        # as a supervisor and two workers.
         self.workers = workers if workers is not None else int(os.environ.get("POSTIER_TEST_WORKERS", "1") or 1)
-        if self.workers != 1:
-            text = self.config.read_text()
-            if "\n[server]\n" in text:
-                text = text.replace("\n[server]\n", f"\n[server]\nworkers = {self.workers}\n", 1)
-            else:
-                text += f"\n[server]\nworkers = {self.workers}\n"
-            self.config.write_text(text)
+        text = self.config.read_text()
+        if "\n[server]\n" in text:
+            text = text.replace("\n[server]\n", f"\n[server]\nworkers = {self.workers}\n", 1)
+        else:
+            text += f"\n[server]\nworkers = {self.workers}\n"
+        self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "server.log"
 
@@ -178,8 +182,19 @@ class Instance:
                     out.append(f.read_bytes())
         return out
 
+    def wait_message(self, address: str, marker: bytes, timeout: float = 30.0) -> bytes:
+        """The first message of `address` containing `marker`, polled until `timeout` (then the log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages(address):
+                if marker in m:
+                    return m
+            time.sleep(0.05)
+        raise AssertionError(f"not delivered to {address}; log:\n{self.log.read_text()[-4000:]}")
+
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        served = self._served()
         self.logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([self.python, "-m", "postier", "--config", str(self.config), "serve"],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
@@ -190,14 +205,28 @@ class Instance:
                 raise AssertionError(f"postier exited with {self.proc.returncode}: {self.log.read_text()}")
             try:
                 with socket.create_connection((host, port), timeout=0.5):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            # With several workers one may serve `wait_role` before worker 0 serves http/https:
+            # wait for the supervisor's word that every worker serves.
+            if self.workers == 1 or self._served() > served:
+                return
+            time.sleep(0.05)
         raise AssertionError(f"postier did not listen on {host}:{port}: {self.log.read_text()}")
+
+    def _served(self) -> int:
+        """How many times the log says every worker of a supervisor serves."""
+        try:
+            return self.log.read_text(errors="replace").count(" workers serve")
+        except FileNotFoundError:
+            return 0
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
+        workers = list(self.worker_pids().values())
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -208,14 +237,33 @@ class Instance:
         rc = self.proc.returncode
         self.proc = None
         self.logf.close()
+        self._wait_gone(workers)  # a supervisor that crashed: its workers die after it
         return rc
 
     def kill(self) -> None:
         if self.proc is not None:
+            workers = list(self.worker_pids().values())
             self.proc.kill()
             self.proc.wait()
             self.proc = None
             self.logf.close()
+            self._wait_gone(workers)
+
+    @staticmethod
+    def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+        """Wait (bounded) until the workers of a supervisor that was killed are gone too: they die
+        by their parent-death signal, and until their exit is over the kernel still completes
+        connections on the listening sockets they hold, which a restart would take for its own."""
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            while time.monotonic() < deadline:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    break
+                if "\nState:\tZ" in status:
+                    break
+                time.sleep(0.02)
 
     def worker_pids(self) -> dict[int, int]:
         """Worker index -> pid, from DATA_DIR/run/workers (empty with one process)."""
@@ -254,8 +302,26 @@ class Instance:
         ctx.check_hostname = False
         return ctx
 
+    def web(self, host: str | None = None, tls: bool = True, timeout: float = 20.0) -> httpx.Client:
+        """An HTTP client for this instance's https (or http) listener, naming `host` in Host:."""
+        headers = {"Host": host} if host else {}
+        if tls:
+            return httpx.Client(base_url=f"https://127.0.0.1:{self.port('https')}", verify=self.client_ssl_context(),
+                                timeout=timeout, follow_redirects=False, headers=headers)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port('http')}", timeout=timeout,
+                            follow_redirects=False, headers=headers)
+
     def __enter__(self) -> Instance:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def csrf_token(c: httpx.Client, path: str) -> str:
+    """The CSRF token of the form on the page at `path` (webmail and admin pages)."""
+    r = c.get(path)
+    assert r.status_code == 200, r.text
+    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+    assert m, r.text
+    return m.group(1)

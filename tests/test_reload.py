@@ -54,7 +54,8 @@ def reloads(inst: Instance) -> int:
 
 
 def hup(inst: Instance, command: bool = False) -> str:
-    """Reload (SIGHUP, or `postier reload`) and wait until it has finished, applied or not."""
+    """Reload (SIGHUP, or `postier reload`) and wait until it has finished, applied or not (in
+    every worker, with POSTIER_TEST_WORKERS)."""
     assert inst.proc is not None
     before = reloads(inst)
     if command:
@@ -63,7 +64,7 @@ def hup(inst: Instance, command: bool = False) -> str:
         inst.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if reloads(inst) > before:
+        if reloads(inst) >= before + max(1, inst.workers):
             return inst.log.read_text()
         time.sleep(0.05)
     raise AssertionError(inst.log.read_text()[-3000:])

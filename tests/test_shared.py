@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from postier.server.shared import Bus, SharedConnections, SharedTable, SharedThrottle
-from postier.server.throttle import AuthThrottle
+from postier.antispam.builtin import RateLimiter
+from postier.server.shared import (
+    RATE_RING,
+    Bus,
+    SharedConnections,
+    SharedLogins,
+    SharedRateLimiter,
+    SharedTable,
+    SharedThrottle,
+    SharedUserSessions,
+)
+from postier.server.throttle import AuthThrottle, LastLogins, UserSessions
 
 
 class Clock:
@@ -95,3 +105,58 @@ def test_bus_carries_wakeups_to_the_other_workers(tmp_path: Path, deep: bool) ->
 
     assert asyncio.run(main()) == [(0, b"only-0"), (1, b"user\0INBOX"), (2, b"user\0INBOX")]
     assert not list(run.glob("*.sock"))  # removed at close
+
+
+def test_imap_sessions_per_user_are_counted_over_workers(tmp_path: Path) -> None:
+    table = SharedTable.create(tmp_path / "workers.shm", 2, 10)
+    a, b = SharedUserSessions(table, 0), SharedUserSessions(table, 1)
+    ref = UserSessions()
+    for s in (a, b, a):
+        assert s.admit("u@x.test", 3) and ref.admit("u@x.test", 3)
+    assert not b.admit("U@x.test", 3) and not ref.admit("U@x.test", 3)  # addresses compare without case
+    assert a.admit("v@x.test", 3) and (a.total(), b.total(), ref.total()) == (4, 4, 3)
+    b.release("u@x.test")
+    ref.release("u@x.test")
+    assert a.admit("u@x.test", 3) and ref.admit("u@x.test", 3)
+    assert SharedConnections(table, 0).total() == 0  # a kind of its own: not the IP connection counts
+    table.clear_worker(0)  # worker 0 died: its sessions are gone
+    assert b.total() == 0 and a.admit("u@x.test", 1)
+    table.close()
+
+
+def test_last_logins_shared_follow_the_same_rules(tmp_path: Path) -> None:
+    clock = Clock()
+    table = SharedTable.create(tmp_path / "workers.shm", 2, 10)
+    a, b, ref = SharedLogins(table, clock), SharedLogins(table, clock), LastLogins(clock)
+    assert a.last("p@x.test", 30) is None is ref.last("p@x.test", 30)
+    a.record("p@x.test", 30)
+    ref.record("p@x.test", 30)
+    clock.now += 10
+    assert b.last("P@x.test", 30) == ref.last("p@x.test", 30) == 1000.0  # the other worker sees it
+    assert b.last("q@x.test", 30) is None
+    clock.now += 20  # the delay is over
+    assert b.last("p@x.test", 30) is None is ref.last("p@x.test", 30)
+    table.close()
+
+
+@pytest.mark.parametrize("limit", [3, 40])
+def test_rate_limiter_shared_by_two_workers_follows_the_same_rules(tmp_path: Path, limit: int) -> None:
+    clock = Clock()
+    table = SharedTable.create(tmp_path / "workers.shm", 2, 10, (True, True))
+    a, b = SharedRateLimiter(table, 0, limit, clock=clock), SharedRateLimiter(table, 0, limit, clock=clock)
+    ref = RateLimiter(limit, clock=clock)
+    other = SharedRateLimiter(table, 1, limit, clock=clock)  # the message rate: its own region
+    ip = "198.51.100.4"
+    answers, expected = [], []
+    for i in range(3 * limit):
+        clock.now += 0.5 if i % 4 else 7.0
+        answers.append((a if i % 2 else b).hit(ip))
+        expected.append(ref.hit(ip))
+    if limit <= RATE_RING:
+        assert answers == expected and a.count(ip) == ref.count(ip)
+    else:  # more events than groups kept: merged groups leave later, never earlier
+        assert all(e or not g for g, e in zip(answers, expected, strict=True)) and sum(answers) >= limit
+    assert other.count(ip) == 0 and other.hit(ip)
+    clock.now += 61
+    assert a.count(ip) == 0 and b.hit(ip)
+    table.close()

@@ -49,14 +49,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Instanc
                 inst.stop()
 
 
-def wait_for(inst: Instance, address: str, marker: bytes, timeout: float = 20.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"not delivered to {address}; log:\n{inst.log.read_text()[-4000:]}")
 
 
 def test_same_offset_different_addresses(pair: dict[str, Instance]) -> None:
@@ -77,7 +69,7 @@ def test_exchange_mail_by_mx(pair: dict[str, Instance], src: str, dst: str) -> N
         s.login(f"user@{src}", "password123")
         s.sendmail(f"user@{src}", [f"user@{dst}"],
                    f"From: user@{src}\r\nTo: user@{dst}\r\nSubject: {marker}\r\n\r\nhi\r\n".encode())
-    got = wait_for(d_inst, f"user@{dst}", marker.encode())
+    got = d_inst.wait_message(f"user@{dst}", marker.encode())
     assert f"Received: from {s_inst.hostname} ([{s_inst.address}])".encode() in got
 
 
@@ -104,4 +96,4 @@ def test_each_lmtp_socket_delivers_to_its_own_instance(pair: dict[str, Instance]
             assert cmd(f"RCPT TO:<user@{domain}>".encode()).startswith(b"250")
             assert cmd(b"DATA").startswith(b"354")
             assert cmd(f"Subject: {marker}\r\n\r\nbody\r\n.".encode()).startswith(b"250")
-        wait_for(inst, f"user@{domain}", marker.encode())
+        inst.wait_message(f"user@{domain}", marker.encode())

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from postier.server import stats
 from tests.dnsserver import DNSServer
-from tests.harness import Instance
+from tests.harness import Instance, free_port
 from tests.hardening.conftest import PASSWORD, Line, add_cheap_user, wait_for
 
 CONFIG = """
@@ -315,3 +316,194 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     log = i.log.read_text()
     assert "rspamd_password_file: cannot read" in log and "failed to start" in log
     i.logf.close()
+
+
+def test_port25_rates_count_both_workers(tmp_path: Path) -> None:
+    """`[antispam]` per-minute rates of port 25 count every worker's connections and messages: with
+    connections known to be on both workers, exactly the limit is let in (per-worker counts would
+    let one worker's share in on top of the other's)."""
+    conns, msgs = 12, 3
+    i = Instance(tmp_path, "r.test", workers=2, extra_config=(
+        f"[antispam]\nmax_connections_per_minute = {conns}\nmax_messages_per_minute = {msgs}\n"))
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        src = "127.0.0.38"
+        used = [0]
+
+        def connect() -> Line:
+            used[0] += 1
+            c = Line(i.addr("smtp"), src)
+            assert c.reply().startswith(b"220 "), "refused before the limit"
+            return c
+
+        a, b = spread(i, connect, lambda c: c.sock, Line.close, tries=conns)
+        with a, b:
+            for c in (a, b):
+                assert c.smtp(b"EHLO client.example").startswith(b"250")
+            replies = [c.smtp(b"MAIL FROM:<s@example.net>")[:3] + (c.smtp(b"RSET")[:0]) for c in (a, b, a, b)]
+            assert replies == [b"250", b"250", b"250", b"451"], replies  # 3 a minute, whichever worker
+            accepted = used[0]
+            for _ in range(conns + 2):  # connect until refused, on whichever worker
+                with Line(i.addr("smtp"), src) as c:
+                    r = c.reply()
+                if not r.startswith(b"220 "):
+                    assert r.startswith(b"421 "), r
+                    break
+                accepted += 1
+            assert accepted == conns, (accepted, conns)
+    finally:
+        i.stop()
+
+
+def test_reload_hands_a_new_listener_to_both_workers(inst: Instance) -> None:
+    """A listener removed, then added back, by a reload: the supervisor closes and binds it and
+    hands the socket to each worker (no restart: a session opened before goes on)."""
+    good = inst.config.read_text()
+    block = f'[listeners.pop3]\naddress = "{inst.address}"\nport = {inst.port("pop3")}\n'
+    assert block in good
+
+    def reload() -> None:
+        before = inst.log.read_text().count("reloaded ")
+        assert inst.cli("reload").returncode == 0
+        wait_for(lambda: inst.log.read_text().count("reloaded ") >= before + 2, 20, "both workers reloaded")
+
+    user = add_cheap_user(inst, "hand@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.39")
+    with a, b:
+        try:
+            inst.config.write_text(good.replace(block, ""))
+            reload()
+            for _ in range(4):  # closed in both workers and in the supervisor
+                with pytest.raises(OSError):
+                    socket.create_connection(inst.addr("pop3"), timeout=5).close()
+        finally:
+            inst.config.write_text(good)
+        reload()
+
+        def connect() -> Line:
+            c = Line(inst.addr("pop3"), "127.0.0.40")
+            assert c.line().startswith(b"+OK")
+            return c
+
+        p, q = spread(inst, connect, lambda c: c.sock, Line.close)  # served by both workers
+        p.close()
+        q.close()
+        for c in (a, b):  # the IMAP sessions from before the reloads go on
+            assert c.imap(b"n", b"NOOP")[1].startswith(b"n OK")
+
+
+def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
+    """/metrics (served by worker 0) reports every worker's counts: SMTP load on connections known
+    to be on each worker moves the totals by exactly that load (and `postier status`'s last hour
+    adds up both); a worker killed with SIGKILL takes its open sessions out of the gauge but never
+    lowers a counter."""
+    from tests.test_metrics_server import get, parse, scrape
+
+    port = free_port()
+    i = Instance(tmp_path, "m.test", workers=2, extra_config=(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\nallow = ["127.0.0.1/32"]\n'))
+    i.add_user("u@m.test")
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        before = parse(scrape(port, token=None)[1])
+        opened = [0]
+
+        def connect() -> smtplib.SMTP:
+            opened[0] += 1
+            return smtplib.SMTP(*i.addr("smtp"), timeout=10)
+
+        def sock(s: smtplib.SMTP) -> socket.socket:
+            assert s.sock is not None
+            return s.sock
+
+        a, b = spread(i, connect, sock, smtplib.SMTP.close)
+        per = 3
+        for s in (a, b):
+            for k in range(per):
+                s.sendmail("x@remote.test", ["u@m.test"], b"Subject: m%d\r\n\r\nx\r\n" % k)
+        mid = parse(scrape(port, token=None)[1])
+
+        def moved(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+            return get(after, name, **labels) - get(before, name, **labels)
+
+        assert moved(mid, "postier_messages_received_total", role="smtp") == 2 * per
+        assert moved(mid, "postier_local_deliveries_total", result="delivered") == 2 * per
+        assert moved(mid, "postier_connections_total", role="smtp", result="accepted") == opened[0]
+        assert get(mid, "postier_sessions_active", role="smtp") == 2  # one open in each worker
+
+        def last_hour() -> object:  # `postier status`: each worker's file, added up
+            data = stats.read(tmp_path)
+            return data.get("last_hour") if data is not None else None
+
+        wait_for(lambda: isinstance(h := last_hour(), dict) and h.get("accepted") == 2 * per, 10,
+                 "both workers' counts in the last hour")
+        if i.worker_of(sock(a)) != i.worker_pids()[0]:
+            a, b = b, a
+        victim = i.worker_of(sock(b))  # worker 1's (worker 0 serves /metrics)
+        assert victim == i.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: i.worker_pids().get(1, victim) != victim, 30, "worker 1 restarted")
+        after = parse(scrape(port, token=None)[1])
+        assert moved(after, "postier_messages_received_total", role="smtp") == 2 * per  # not lowered
+        assert moved(after, "postier_connections_total", role="smtp", result="accepted") == opened[0]
+        assert get(after, "postier_sessions_active", role="smtp") == 1  # a's; b's worker is gone
+        a.quit()
+        b.close()
+    finally:
+        i.stop()
+
+
+def test_default_is_one_worker_per_core(tmp_path: Path) -> None:
+    """`[server] workers` defaults to 0: one per CPU core this process may use (quickstart leaves
+    the key commented out)."""
+    from postier.config import load_config
+    from postier.server.supervisor import worker_count
+
+    from tests.harness import run_cli
+    run_cli(None, "quickstart", "--domain", "d.test", "--data-dir", str(tmp_path), "--quiet", "--allow-root")
+    text = (tmp_path / "postier.toml").read_text()
+    assert "\n# workers = 0" in text and "\nworkers =" not in text
+    cfg = load_config(tmp_path / "postier.toml")
+    assert cfg.server.workers == 0
+    assert worker_count(cfg) == (os.process_cpu_count() or 1)
+
+
+def test_per_user_limits_count_both_workers(tmp_path: Path) -> None:
+    """`[imap] max_connections_per_user` and POP3's LOGIN-DELAY hold across workers: sessions known
+    to be on different workers count together, and a POP3 login in one worker delays the next in
+    the other."""
+    i = Instance(tmp_path, "u.test", workers=2, extra_config=(
+        "[auth]\nallow_plaintext = true\n[imap]\nmax_connections_per_user = 2\n[pop3]\nlogin_delay = 600\n"))
+    i.start()
+    try:
+        wait_for(lambda: len(i.worker_pids()) == 2, 20, "two workers")
+        user = add_cheap_user(i, "u@u.test")
+        a, b = imap_pair(i, user, "127.0.0.41")  # two sessions, one in each worker
+        with a, b:
+            for _ in range(3):  # a third is refused whichever worker takes it
+                with Line(i.addr("imap"), "127.0.0.41") as c:
+                    assert c.line().startswith(b"* OK")
+                    t = c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1]
+                    assert t.startswith(b"l NO [LIMIT]"), t
+            assert b.imap(b"o", b"LOGOUT")[1].startswith(b"o OK")
+        with Line(i.addr("imap"), "127.0.0.41") as c:  # released in the other worker: room again
+            assert c.line().startswith(b"* OK")
+            assert c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1].startswith(b"l OK")
+
+        def connect() -> Line:
+            c = Line(i.addr("pop3"), "127.0.0.42")
+            assert c.line().startswith(b"+OK")
+            return c
+
+        p, q = spread(i, connect, lambda c: c.sock, Line.close)
+        with p, q:
+            assert p.cmd(b"USER " + user.encode()).startswith(b"+OK")
+            assert p.cmd(b"PASS " + PASSWORD.encode()).startswith(b"+OK")
+            assert p.cmd(b"QUIT").startswith(b"+OK")
+            assert q.cmd(b"USER " + user.encode()).startswith(b"+OK")
+            r = q.cmd(b"PASS " + PASSWORD.encode())  # the other worker: logged in too recently
+            assert r.startswith(b"-ERR [LOGIN-DELAY]"), r
+    finally:
+        i.stop()

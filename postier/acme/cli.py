@@ -24,7 +24,7 @@ def cmd_cert(args: argparse.Namespace) -> int:
     # imported here: every `postier` command builds this parser, and the ACME client pulls in aiohttp
     from cryptography import x509
 
-    from ..accounts import Accounts
+    from ..store.accountdb import open_accounts
     from ..cli import CLIError, _config_path
     from .store import certificate_files
     from .manager import cert_names, certificate_names
@@ -63,7 +63,7 @@ def cmd_cert(args: argparse.Namespace) -> int:
     if not cfg.acme.enabled:
         print("acme: off")
         return 0
-    acc = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    acc = open_accounts(cfg)
     try:
         wanted = certificate_names(cfg, acc.list_domains())
     finally:

@@ -92,7 +92,7 @@ class MetricsEndpoint:
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, headers={"Allow": "GET, HEAD"})
         assert self.metrics is not None
-        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
+        body = await asyncio.to_thread(generate_latest, self.metrics.exposed)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self, metrics: Metrics) -> tuple[str, str, int]:

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 
 from postier import cli as base
 from postier.config import Config, normalize_domain
-from postier.mailauth.keys import ALGORITHMS, KeyError_, KeyStore, State
+from postier.mailauth.keys import ALGORITHMS, KeyError_, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
 from postier.mailauth.reports import ReportStore
 from postier.mailauth.tlsrpt import TLSReportStore, report_json
 from postier.resolver import make_resolver
+from postier.store.accountdb import open_key_store
 from postier.acme.store import tlsa_keys
 
 __all__ = ["register"]
@@ -56,7 +57,7 @@ def _addresses(cfg: Config, given: list[str] | None) -> list[str]:
 
 def cmd_dkim(args: argparse.Namespace) -> int:
     cfg = base._load(args)
-    store = KeyStore(cfg.dkim_dir)
+    store = open_key_store(cfg)
     try:
         if args.dkim_action == "generate":
             domain = _domain(args.domain)
@@ -94,7 +95,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
     cfg = base._load(args)
     domain = _domain(args.domain)
     try:
-        keys = KeyStore(cfg.dkim_dir).keys(domain)
+        keys = open_key_store(cfg).keys(domain)
     except KeyError_ as exc:
         raise base.CLIError(str(exc)) from None
     addresses = _addresses(cfg, args.address)
@@ -229,7 +230,7 @@ def _tls_report_now(cfg: Config, store: TLSReportStore) -> int:
     spool = open_spool(cfg)
     try:
         resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
-        signer = DKIMSigner(KeyStore(cfg.dkim_dir)) if cfg.mailauth.dkim_sign else None
+        signer = DKIMSigner(open_key_store(cfg)) if cfg.mailauth.dkim_sign else None
         job = ReportJob(cfg, accounts.list_domains, SpoolEnqueuer(spool), None, resolver,
                         sign=signer.sign_bytes if signer is not None else None, tls=store)
         now = time.time()

@@ -17,6 +17,9 @@ A selector's state is one of:
 Rotation with two selectors: generate (published), publish, activate (the old one becomes
 published), and later retire the old one. Domain and selector names are checked against strict
 patterns before they become path components, and every path is checked to stay inside the store.
+
+In cluster mode the same keys live in PostgreSQL (store/cluster/accounts.py `ClusterKeyStore`, a
+subclass that replaces the storage methods below), so a key made on one node signs on every node.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -103,7 +107,10 @@ def _check_domain(domain: str) -> str:
 
 
 class KeyStore:
-    """Keys on disk. Cheap to create; reads state.json on every call (the CLI may change it)."""
+    """Keys on disk. Cheap to create; reads keys.json on every call (the CLI may change it).
+
+    The rules (selectors, states, rotation) are here; where keys are kept is in the storage methods
+    (`_read_state`, `_write_state`, `_txt`, `_exists`, `_add_key`, `private_key`, `domains`, `_locked`)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -138,6 +145,31 @@ class KeyStore:
         os.replace(tmp, path)
         fsync_dir(path.parent)
 
+    @contextmanager
+    def _locked(self, domain: str) -> Iterator[None]:
+        """Around a read-change-write of a domain's keys (the files need no lock: one admin at a time)."""
+        yield
+
+    def _txt(self, domain: str, selector: str) -> str:
+        return (self._dir(domain) / f"{_check_selector(selector)}.txt").read_text().strip()
+
+    def _exists(self, domain: str, selector: str) -> bool:
+        return (self._dir(domain) / f"{selector}.key").exists()
+
+    def _add_key(self, domain: str, selector: str, pem: bytes, txt: str, state: dict[str, dict[str, object]]
+                 ) -> None:
+        """Keep a new key and the domain's key list `state` (which lists it)."""
+        d = self._dir(domain)
+        ensure_dirs(d)  # dkim/ and dkim/DOMAIN/, each new one's parent fsynced
+        key_path = d / f"{selector}.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        write_file(d / f"{selector}.txt", (txt + "\n").encode(), mode=0o644)
+        self._write_state(domain, state)
+
     def domains(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -145,11 +177,11 @@ class KeyStore:
 
     def keys(self, domain: str) -> list[DKIMKey]:
         """Every selector of `domain`, oldest first."""
-        d = self._dir(domain)
+        name = _check_domain(domain)
         out = []
-        for selector, meta in self._read_state(domain).items():
+        for selector, meta in self._read_state(name).items():
             try:
-                txt = (d / f"{_check_selector(selector)}.txt").read_text().strip()
+                txt = self._txt(name, selector)
                 alg = _one_of(meta.get("algorithm"), ALGORITHMS.values())
                 state = _one_of(meta.get("state"), STATES)
                 if alg is None or state is None:
@@ -157,7 +189,7 @@ class KeyStore:
                 created = meta.get("created", 0)
                 if not isinstance(created, int | float | str):
                     raise TypeError(f"created is {created!r}")
-                out.append(DKIMKey(d.name, selector, alg, state, float(created), txt))
+                out.append(DKIMKey(name, selector, alg, state, float(created), txt))
             except (OSError, KeyError_, TypeError, ValueError):
                 log.warning("dkim: skipping unreadable key %s/%s", domain, selector)
         return sorted(out, key=lambda k: (k.created, k.selector))
@@ -172,39 +204,36 @@ class KeyStore:
                  bits: int = 2048, now: float | None = None) -> DKIMKey:
         """Create a key. It is active when the domain has no active key of that algorithm yet."""
         now = time.time() if now is None else now
-        d = self._dir(domain)
-        state = self._read_state(domain)
-        selector = _check_selector(selector) if selector else default_selector(algorithm, now, set(state))
-        if selector in state or (d / f"{selector}.key").exists():
-            raise KeyError_(f"selector {selector} exists already for {d.name}")
+        name = _check_domain(domain)
+        if selector:
+            _check_selector(selector)
         pem, txt = generate_key(algorithm, bits)
-        ensure_dirs(d)  # dkim/ and dkim/DOMAIN/, each new one's parent fsynced
-        key_path = d / f"{selector}.key"
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        write_file(d / f"{selector}.txt", (txt + "\n").encode(), mode=0o644)
-        has_active = any(m.get("state") == "active" and m.get("algorithm") == algorithm for m in state.values())
-        new_state: State = "published" if has_active else "active"
-        state[selector] = {"algorithm": algorithm, "created": now, "state": new_state}
-        self._write_state(domain, state)
-        return DKIMKey(d.name, selector, algorithm, new_state, now, txt)
+        with self._locked(name):
+            state = self._read_state(name)
+            selector = _check_selector(selector) if selector else default_selector(algorithm, now, set(state))
+            if selector in state or self._exists(name, selector):
+                raise KeyError_(f"selector {selector} exists already for {name}")
+            has_active = any(m.get("state") == "active" and m.get("algorithm") == algorithm for m in state.values())
+            new_state: State = "published" if has_active else "active"
+            state[selector] = {"algorithm": algorithm, "created": now, "state": new_state}
+            self._add_key(name, selector, pem, txt, state)
+        return DKIMKey(name, selector, algorithm, new_state, now, txt)
 
     def set_state(self, domain: str, selector: str, new: State) -> DKIMKey:
         """activate (the previous active key of that algorithm becomes published) or retire a selector."""
         selector = _check_selector(selector)
-        state = self._read_state(domain)
-        meta = state.get(selector)
-        if meta is None:
-            raise KeyError_(f"no selector {selector} for {_check_domain(domain)}")
-        if new == "active":
-            for other in state.values():
-                if other.get("state") == "active" and other.get("algorithm") == meta.get("algorithm"):
-                    other["state"] = "published"
-        meta["state"] = new
-        self._write_state(domain, state)
+        name = _check_domain(domain)
+        with self._locked(name):
+            state = self._read_state(name)
+            meta = state.get(selector)
+            if meta is None:
+                raise KeyError_(f"no selector {selector} for {name}")
+            if new == "active":
+                for other in state.values():
+                    if other.get("state") == "active" and other.get("algorithm") == meta.get("algorithm"):
+                        other["state"] = "published"
+            meta["state"] = new
+            self._write_state(name, state)
         return next(k for k in self.keys(domain) if k.selector == selector)
 
     def signing_domain(self, domain: str) -> str | None:

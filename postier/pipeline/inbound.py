@@ -25,12 +25,14 @@ from ..message.types import (
     message_id, remote_targets,
 )
 from ..proto.smtp.address import Address
+from ..store.errors import StoreUnavailable
 from .quota import full_recipients, quota_reply, rcpt_refusal
 from .sieve import SieveFilter
 from ..proto.smtp.replies import (
     R250_RCPT_OK,
     R250_SENDER_OK,
     R451_LOCAL_ERROR,
+    R451_TEMP_LOOKUP,
     R550_NO_SUCH_USER,
     R553_SOURCE_ROUTE,
     R554_RELAY_DENIED,
@@ -157,24 +159,18 @@ class SMTPPipeline:
         # RFC 5321 §3.6.2 / §7.1: refuse anything that would make us relay for strangers.
         if addr.source_route or relay_trick(addr):
             return R550_RELAY_SYNTAX if not addr.source_route else R553_SOURCE_ROUTE
-        if addr.is_postmaster:  # RFC 5321 §4.5.1: <postmaster> must be accepted
-            res = self.directory.resolve(f"postmaster@{self.config.hostname}")
-            domains = self.directory.list_domains()
-            if res.status is not Lookup.FOUND and domains:
-                res = self.directory.resolve(f"postmaster@{domains[0]}")
-            if res.status is Lookup.NOT_LOCAL:
-                return R554_RELAY_DENIED
-        else:
-            if addr.is_literal:
-                return R554_RELAY_DENIED
-            local, _, domain = addr.mailbox.rpartition("@")
-            if self.srs is not None and is_srs(local) and domain.lower() in self.directory.list_domains():
-                try:  # a bounce to mail we forwarded: back to the original sender, if the address is ours
-                    back = self.srs.reverse(addr.mailbox)
-                except SRSError:
-                    return R550_BAD_SRS
-                return self.expand(env, addr.mailbox, Resolution(Lookup.FOUND, (), (back,)), params)
-            res = self.directory.resolve(addr.mailbox)
+        if addr.is_literal and not addr.is_postmaster:
+            return R554_RELAY_DENIED
+        try:  # in a worker thread: in cluster mode the accounts are a network round trip away
+            found = await asyncio.to_thread(self._lookup, addr)
+        except StoreUnavailable as exc:  # the account database is out of reach: try again later
+            log.error("recipient lookup of %s failed: %s", addr.mailbox, exc)
+            return R451_TEMP_LOOKUP
+        if isinstance(found, Reply):
+            return found
+        res, srs_bounce = found
+        if srs_bounce:
+            return self.expand(env, addr.mailbox, res, params)
         reply = self.expand(env, addr.mailbox, res, params)
         if reply.is_success:
             full = await rcpt_refusal(self.config, env, env.recipients[-1])  # pipeline/quota.py
@@ -187,6 +183,26 @@ class SMTPPipeline:
                     env.recipients.pop()
                     return refused
         return reply
+
+    def _lookup(self, addr: Address) -> Reply | tuple[Resolution, bool]:
+        """Where `addr` goes (blocking): a refusal, or its resolution and whether it is the bounce of
+        mail we forwarded (SRS, sent back to the original sender)."""
+        if addr.is_postmaster:  # RFC 5321 §4.5.1: <postmaster> must be accepted
+            res = self.directory.resolve(f"postmaster@{self.config.hostname}")
+            domains = self.directory.list_domains()
+            if res.status is not Lookup.FOUND and domains:
+                res = self.directory.resolve(f"postmaster@{domains[0]}")
+            if res.status is Lookup.NOT_LOCAL:
+                return R554_RELAY_DENIED
+            return res, False
+        local, _, domain = addr.mailbox.rpartition("@")
+        if self.srs is not None and is_srs(local) and domain.lower() in self.directory.list_domains():
+            try:  # a bounce to mail we forwarded: back to the original sender, if the address is ours
+                back = self.srs.reverse(addr.mailbox)
+            except SRSError:
+                return R550_BAD_SRS
+            return Resolution(Lookup.FOUND, (), (back,)), True
+        return self.directory.resolve(addr.mailbox), False
 
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
         """Deliver; one reply per accepted recipient (identical for SMTP, per recipient for LMTP)."""

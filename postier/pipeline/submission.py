@@ -41,10 +41,12 @@ from ..proto.smtp.address import Address
 from ..proto.smtp.replies import (
     R250_SENDER_OK,
     R451_LOCAL_ERROR,
+    R451_TEMP_LOOKUP,
     R530_AUTH_REQUIRED,
     R553_SOURCE_ROUTE,
     Reply,
 )
+from ..store.errors import StoreUnavailable
 from .inbound import R550_RELAY_SYNTAX, SMTPPipeline, relay_trick
 
 if TYPE_CHECKING:
@@ -181,9 +183,15 @@ class SubmissionPipeline(SMTPPipeline):
         if addr.is_null:
             if self.config.submission.sender_policy != "any":
                 return R553_NULL_SENDER
-        elif not await self.may_send_as(user, addr.mailbox):
-            log.info("%s: %s may not send as <%s>", env.qid, user.address, addr.mailbox)
-            return R553_SENDER_NOT_OWNED
+        else:
+            try:
+                allowed = await self.may_send_as(user, addr.mailbox)
+            except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+                log.error("%s: sender check of %s failed: %s", env.qid, user.address, exc)
+                return R451_TEMP_LOOKUP
+            if not allowed:
+                log.info("%s: %s may not send as <%s>", env.qid, user.address, addr.mailbox)
+                return R553_SENDER_NOT_OWNED
         limit = self.config.submission.max_messages_per_day
         if limit:
             try:
@@ -207,7 +215,11 @@ class SubmissionPipeline(SMTPPipeline):
             return await super().on_rcpt(env, addr, params)
         if addr.is_literal:
             return R550_LITERAL
-        res = await asyncio.to_thread(self.directory.resolve, addr.mailbox)
+        try:
+            res = await asyncio.to_thread(self.directory.resolve, addr.mailbox)
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("recipient lookup of %s failed: %s", addr.mailbox, exc)
+            return R451_TEMP_LOOKUP
         return self.expand(env, addr.mailbox, res, params)
 
     async def on_message(self, env: Envelope, body: MessageBody) -> list[Reply]:
@@ -230,7 +242,12 @@ class SubmissionPipeline(SMTPPipeline):
         if not mailboxes or sender_mbx is None:
             return [R550_BAD_FROM] * n
         for a in mailboxes + sender_mbx:
-            if not await self.may_send_as(user, a):
+            try:
+                allowed = await self.may_send_as(user, a)
+            except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+                log.error("%s: sender check of %s failed: %s", env.qid, user.address, exc)
+                return [R451_TEMP_LOOKUP] * n
+            if not allowed:
                 log.info("%s: %s may not use From/Sender <%s>", env.qid, user.address, a)
                 return [R553_FROM_NOT_OWNED] * n
         names = {name for name, _ in fields}

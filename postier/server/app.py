@@ -20,7 +20,6 @@ import logging
 import signal
 import socket
 import ssl
-from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,7 @@ from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
 from ..config import HTTP_ROLES, Config
 from ..mailauth.arc import ARCSealer
-from ..mailauth.keys import DKIMSigner, KeyStore
+from ..mailauth.keys import DKIMSigner
 from ..mailauth.reports import ReportStore
 from ..http.metrics import MetricsEndpoint
 from ..mailauth.tlsrpt import TLSReportStore
@@ -53,6 +52,7 @@ from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
 from ..queue.spool import QueueSpool
 from ..resolver import BaseResolver, make_resolver
+from ..store.accountdb import open_accounts, open_key_store
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
 from . import notify, privileges, reload, sockets, stats
@@ -60,9 +60,10 @@ from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
 from .managesieve import ManageSieveSession
 from .pop3 import POP3Session
-from .shared import Bus, SharedConnections, SharedThrottle, WorkerContext
+from .shared import (Bus, SharedConnections, SharedLogins, SharedRateLimiter, SharedThrottle, SharedUserSessions,
+                     WorkerContext)
 from .smtp import SMTPSession
-from .throttle import AuthThrottle
+from .throttle import AuthThrottle, LastLogins, UserSessions
 
 if TYPE_CHECKING:
     from ..store.cluster.store import ClusterStore
@@ -119,9 +120,9 @@ class App:
     #: Prometheus metrics (postier/metrics.py), fed by the listeners, the queue, the MDA, the resolver.
     metrics: Metrics = field(kw_only=True)
     #: IMAP: open sessions per user (`[imap] max_connections_per_user`).
-    imap_user_connections: Counter[str] = field(default_factory=Counter)
+    imap_user_connections: UserSessions = field(default_factory=UserSessions)
     #: POP3: when each user last logged in (RFC 2449 §6.5 LOGIN-DELAY).
-    pop3_last_login: dict[str, float] = field(default_factory=dict)
+    pop3_last_login: LastLogins = field(default_factory=LastLogins)
     #: `[server] workers` > 1: which worker this is, and the wake-ups between workers (server/shared.py).
     worker: WorkerContext | None = None
     bus: Bus | None = None
@@ -170,10 +171,11 @@ class App:
 def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerContext | None = None) -> App:
     """Make every shared component from the configuration, each with the parts it uses (`worker`:
     one of several processes serving the same listeners and data, server/supervisor.py)."""
-    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
-                        config.limits.default_quota)
+    accounts = open_accounts(config)  # SQLite, or PostgreSQL in cluster mode (store/accountdb.py)
     accounts.configure_logins(config.auth.login_cache_size, config.auth.login_cache_ttl, config.auth.rehash_passwords)
-    metrics = Metrics()  # its own registry; `postier status`'s last hour is fed from the same events
+    # Its own registry; `postier status`'s last hour is fed from the same events. With several
+    # workers the values are mapped into files the scraping worker sums (postier/metrics.py).
+    metrics = Metrics(shared_dir=worker.metrics_dir if worker is not None else None)
     metrics.outcome_listeners.append(stats.count)
     # The report mailboxes `dns records` publishes (DMARC rua, TLS-RPT rua) reach the admin like
     # postmaster@ unless a user or alias of that name exists: reports sent to them are never refused.
@@ -234,7 +236,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         InboundAuth(config, resolver, dmarc_reports, accounts.list_domains, tls_reports=tls_reports),
         *((spam,) if spam.active else ()),
     )
-    dkim = DKIMSigner(KeyStore(config.dkim_dir)) if config.mailauth.dkim_sign else None
+    dkim = DKIMSigner(open_key_store(config)) if config.mailauth.dkim_sign else None
     report_job = None
     send_dmarc = dmarc_reports is not None and config.mailauth.dmarc_reports
     if send_dmarc or config.tlsrpt.send_reports:
@@ -258,8 +260,19 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     auth = config.auth
     tls = tls or load_tls(config)
     ssl_context = tls.mail
-    throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window) if worker is None else \
-        SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
+    # What limits logins and port 25's rates is one process's memory, or with several workers the
+    # table they share (server/shared.py: same rules, counted over every worker).
+    throttle: AuthThrottle
+    connection_rate = RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None
+    if worker is None:
+        throttle = AuthThrottle(auth.failure_delay, auth.max_failures, auth.failure_window)
+        user_sessions, last_logins = UserSessions(), LastLogins()
+    else:
+        throttle = SharedThrottle(worker.table, auth.failure_delay, auth.max_failures, auth.failure_window)
+        user_sessions, last_logins = SharedUserSessions(worker.table, worker.index), SharedLogins(worker.table)
+        if connection_rate is not None:
+            connection_rate = SharedRateLimiter(worker.table, 0, a.max_connections_per_minute)
+        spam.messages = SharedRateLimiter(worker.table, 1, a.max_messages_per_minute)
     app = App(
         config=config,
         ssl_context=ssl_context,
@@ -276,13 +289,15 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         sieve=sieve,
         pipelines=pipelines,
         screener=screener,
-        connection_rate=RateLimiter(a.max_connections_per_minute) if a.max_connections_per_minute else None,
+        connection_rate=connection_rate,
         decisions=decisions,
         learning=learning,
         spam=spam,
         tls_reports=tls_reports,
         web=WebService(config, accounts, ssl_context, throttle, https_tls=tls.https, metrics=metrics),
         metrics=metrics,
+        imap_user_connections=user_sessions,
+        pop3_last_login=last_logins,
         worker=worker,
         bus=bus,
     )
@@ -365,14 +380,15 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
     if worker is not None:
         listeners.shared = SharedConnections(worker.table, worker.index)
     web = app.web
-    reloader = reload.Reloader(listeners, rebind=worker is None)
+    reloader = reload.Reloader(listeners, rebind=worker is None,
+                               handed=worker.handed_sockets if worker is not None else None)
     with contextlib.suppress(NotImplementedError, RuntimeError):
         # SIGHUP, `postier reload`: before the first client can see us (a supervisor keeps the pid file)
         reload.install(reloader, config, write_pid=worker is None)
     try:
         if app.primary:
             bound = await web.start(socks)  # serving before the mail ports open: ready means all are up
-            if endpoint is not None:  # the primary's own counts (docs/scaling.md: metrics per worker)
+            if endpoint is not None:  # every worker's counts, summed (postier/metrics.py)
                 bound.append(await endpoint.start(app.metrics))
         else:
             # http/https are served by the primary worker alone: web sessions, ACME challenges and
@@ -406,16 +422,18 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
-    stats_task = asyncio.create_task(stats.writer(config.data_dir)) if app.primary else None  # `postier status`
+    if worker is None:
+        stats.clear_workers(config.data_dir)  # (a supervisor clears them before forking)
+    # `postier status`'s last hour: each worker writes its own counts (server/stats.py)
+    stats_task = asyncio.create_task(stats.writer(config.data_dir, worker.index if worker is not None else 0))
     notify.ready(f"{len(bound)} listeners")  # bound, privileges dropped, serving (sd_notify READY=1)
     await stop.wait()
     notify.stopping()
     if worker is None:
         reload.uninstall(config)
-    if stats_task is not None:
-        stats_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stats_task
+    stats_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stats_task
     log.info("shutting down")
     await listeners.stop()
     await web.stop()

@@ -157,11 +157,10 @@ def _disk(cfg: Config, r: Report) -> None:
 
 def _quotas(cfg: Config, r: Report) -> None:
     """Users at 95 % of their storage quota or more (store/quota.py), each a problem line."""
-    from ..accounts import Accounts
+    from ..store.accountdb import open_accounts
     from ..store.quota import WARN_LEVELS, user_usages
 
-    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format,
-                        cfg.limits.default_quota)
+    accounts = open_accounts(cfg)
     try:
         users = [u for u in accounts.list_users() if u.quota is not None]
     finally:

@@ -33,7 +33,7 @@ import logging
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..antispam.learning import JUNK, enqueue, verdict
@@ -219,10 +219,7 @@ class IMAPSession(Session):
             self.store.release_later(self.mb)
             self.mb = None
         if self._counted and self.user is not None:
-            conns = self.services.imap_user_connections
-            conns[self.user.address] -= 1
-            if conns[self.user.address] <= 0:
-                del conns[self.user.address]
+            self.services.imap_user_connections.release(self.user.address)
             self._counted = False
 
     def _timeout(self) -> float:
@@ -438,12 +435,10 @@ class IMAPSession(Session):
     async def _grant(self, user: User) -> tuple[str, ResponseCode | None]:
         """Authenticated (LOGIN or AUTHENTICATE): open the user's mailboxes."""
         self.services.throttle.success(self.peer_ip)
-        conns = self.services.imap_user_connections
-        if conns[user.address] >= self.cfg.imap.max_connections_per_user:
-            raise _no("Too many connections for this user", Code.LIMIT)
         if user.mailbox_format != "maildir":
             raise _no("This account's mailbox is not served over IMAP", Code.UNAVAILABLE)
-        conns[user.address] += 1
+        if not self.services.imap_user_connections.admit(user.address, self.cfg.imap.max_connections_per_user):
+            raise _no("Too many connections for this user", Code.LIMIT)
         self._counted = True
         self.user = user
         self.mb = await self.call(self.store.acquire, user)
@@ -1202,12 +1197,10 @@ class IMAPSession(Session):
         ctx_saved = frozenset(sel.saved) if sel.saved is not None else None
         ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0, saved_uids=ctx_saved,
                             now=time.time())  # one clock reading for RFC 5032 OLDER/YOUNGER
-        targets = list(zip(range(1, len(view) + 1), view, strict=True))
-        recent = self.core.recent_from()
         mb = self._mbox()
         # the full-text index answers the text keys it can and names the candidates (store.fts)
         criteria, cands = await self.call(narrow, mb, sel.name, criteria)
-        targets = [(s, u) for s, u in enumerate(view, 1) if cands is None or u in cands]
+        targets = list(enumerate(view, 1)) if cands is None else _in_view(view, cands)
         if cands is not None and isinstance(criteria, AllKey) and not _uses_modseq(criteria):
             return [(s, u, 0) for s, u in targets]  # the index answered: no message to look at
         recent = self.core.recent_from()
@@ -1291,6 +1284,36 @@ QUOTA_ROOT = ""
 
 class _Silent(Exception):
     """The handler already sent its tagged response (STARTTLS)."""
+
+
+def _in_view(view: Sequence[int], uids: set[int]) -> list[tuple[int, int]]:
+    """(sequence number, UID) of the members of `uids` in `view` (the session's ascending UIDs), in
+    order. When they are a few (an index answer of 10,000 UIDs among 100,000) each is looked for
+    after the previous one: as UIDs strictly ascend, u can be no further than (u - view[i]) places
+    beyond position i, where it stands when no UID in between was expunged (one comparison);
+    else a bisection of that stretch. Many: one pass over the view. A view without gaps: arithmetic."""
+    n = len(view)
+    if not n:
+        return []
+    first, top = view[0], view[-1]
+    if top - first == n - 1:  # no UID missing in between (nothing expunged): seq follows from UID
+        return [(u - first + 1, u) for u in sorted(uids) if first <= u <= top]
+    if len(uids) > n // 4:
+        return [(s, u) for s, u in enumerate(view, 1) if u in uids]
+    out: list[tuple[int, int]] = []
+    i = 0
+    for u in sorted(uids):
+        if i >= n:
+            break
+        hi = min(n, i + u - view[i] + 1)
+        if hi <= i:
+            continue  # below view[i]: not in the view
+        j = hi - 1 if view[hi - 1] == u else bisect_left(view, u, i, hi)
+        if j < hi and view[j] == u:
+            out.append((j + 1, u))
+            j += 1
+        i = j
+    return out
 
 
 def _spooled(data: bytes | C.SpooledLiteral) -> bytes | SpoolFile:

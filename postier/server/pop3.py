@@ -30,7 +30,6 @@ import fcntl
 import logging
 import os
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from ..durable import ensure_dirs
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.api import Mailboxes, MailStoreAPI, PopMessage
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from .base import CommandTimeout, Session
 from .throttle import AuthThrottle
 
@@ -257,7 +256,12 @@ class POP3Session(Session):
             return
         user = None
         if not ev.authzid or ev.authzid.lower() == ev.user.lower():  # no proxy logins
-            user = await self.services.accounts.verify_password_async(ev.user, ev.password)
+            try:
+                user = await self.services.accounts.verify_password_async(ev.user, ev.password)
+            except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+                log.error("%s: login of %s impossible: %s", self.role, ev.user, exc)
+                self.conn.login_failed(temporary=True)
+                return
         if user is None:
             await self._penalize(ev.mechanism)
             self.conn.login_failed()
@@ -272,9 +276,8 @@ class POP3Session(Session):
             self.conn.login_failed(unavailable=True)
             return
         delay = self.settings.login_delay
-        last = self.services.pop3_last_login  # RFC 2449 §6.5 LOGIN-DELAY (monotonic seconds)
-        now = time.monotonic()
-        if delay and now - last.get(user.address, -delay) < delay:  # RFC 2449 §6.5
+        last = self.services.pop3_last_login  # RFC 2449 §6.5 LOGIN-DELAY
+        if delay and last.last(user.address, delay) is not None:  # RFC 2449 §6.5
             self.conn.login_failed(login_delay=True)
             return
         try:
@@ -288,10 +291,7 @@ class POP3Session(Session):
             return
         self.drop = drop
         if delay:
-            for name, at in list(last.items()):  # bounded: forget logins older than the delay
-                if now - at >= delay:
-                    del last[name]
-            last[user.address] = now
+            last.record(user.address, delay)
         if self._auth_deadline is not None:
             self._auth_deadline.reschedule(None)
         self.conn.login_ok(drop.entries)

@@ -3,7 +3,8 @@
 What changes at once: the certificate of every new TLS handshake (implicit TLS, STARTTLS and https
 alike: the pair in service, ACME's once issued or else [tls], is loaded into the live SSLContexts
 through `tlsreload.reload_certificates`, the same swap ACME renewals use), listeners added, removed or moved (closed
-ones stop accepting; their sessions go on), and what sessions read from the configuration when they
+ones stop accepting; their sessions go on; with several workers the supervisor binds the new
+ones and hands each worker a copy over its control socket, server/supervisor.py), and what sessions read from the configuration when they
 start ([limits], [imap], [pop3]: new sessions get a copy of the frozen `App` with the new
 configuration). Sessions already open are not touched: an IMAP IDLE opened before a reload still gets
 its EXISTS after it.
@@ -23,9 +24,11 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from ..acme.store import certificate_files
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, Listener, load_config
 from ..tlsreload import CertificateError, reload_certificates
 from . import notify, sockets
 from .base import ListenerSet
@@ -43,11 +46,14 @@ def pid_file(cfg: Config) -> Path:
 class Reloader:
     """Applies a re-read configuration to running services and listeners."""
 
-    def __init__(self, listeners: ListenerSet, rebind: bool = True) -> None:
+    def __init__(self, listeners: ListenerSet, rebind: bool = True,
+                 handed: Callable[[], dict[str, socket.socket]] | None = None) -> None:
         self.listeners = listeners
         #: False in a worker of several (server/supervisor.py): the listening sockets are the
-        #: supervisor's, so a listener added or moved needs a restart.
+        #: supervisor's; it binds a listener added or moved and hands it over (`handed`: the
+        #: sockets received since the last reload, by role) before passing SIGHUP on.
         self.rebind = rebind
+        self.handed = handed
         self._lock = asyncio.Lock()
         #: Set once the listeners serve: a SIGHUP that arrives while they start waits for it.
         self.started = asyncio.Event()
@@ -82,11 +88,7 @@ class Reloader:
                 return False
         elif files is not None:
             log.warning("reload: tls: a certificate was added; TLS starts at the next restart")
-        fixed = [f.name for f in dataclasses.fields(Config) if f.name not in LIVE]
-        for key in fixed:
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload: %s changed; it takes effect at the next restart", key)
-        new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
+        new = live_part(old, new, report=True)
         # The App is frozen: new sessions get a copy with the new configuration and the same components
         # (per-App caches, such as the SMTP listeners' settings, are then rebuilt from it).
         self.listeners.services = dataclasses.replace(app, config=new)
@@ -95,25 +97,24 @@ class Reloader:
         return True
 
     async def _listeners(self, old: Config, new: Config) -> None:
-        for role in dict.fromkeys([*old.listeners, *new.listeners]):
-            before, after = old.listeners.get(role), new.listeners.get(role)
-            if before == after:
-                continue
-            if not self.rebind:
-                log.warning("reload: listeners.%s changed; with several workers it takes effect at the next restart",
-                            role)
-                continue
+        handed = self.handed() if self.handed is not None else {}
+        for role, before, after in changed_listeners(old, new):
             if before is not None:
                 for b in [b for b in self.listeners.bound if b.role == role]:
                     b.server.close()  # stop accepting; the sessions it started go on
                     self.listeners.bound.remove(b)
-                if before.path is not None:
+                if before.path is not None and self.rebind:  # (several workers: the supervisor's file)
                     with contextlib.suppress(OSError):
                         before.path.unlink()
                 log.info("reload: closed %s on %s", role, sockets.where(before))
             if after is not None:
                 try:
-                    sock = sockets.bind(after)
+                    if self.rebind:
+                        sock = sockets.bind(after)
+                    elif role in handed:
+                        sock = handed.pop(role)
+                    else:  # the supervisor could not bind it (it logged why)
+                        raise OSError(0, "not bound by the supervisor")
                 except OSError as exc:
                     log.error("reload: cannot listen: listeners.%s on %s: %s (ports below 1024 need a restart)",
                               role, sockets.where(after), exc.strerror or exc)
@@ -122,6 +123,28 @@ class Reloader:
                 if server is not None:
                     await server.start_serving()
                     log.info("reload: listening: %s on %s", role, sockets.where(after))
+        for sock in handed.values():  # handed for a change this worker did not see (the file changed again)
+            sock.close()
+
+
+def live_part(old: Config, new: Config, report: bool = False) -> Config:
+    """`new` with every field a reload does not apply kept from `old` (`report`: log each such change)."""
+    fixed = [f.name for f in dataclasses.fields(Config) if f.name not in LIVE]
+    if report:
+        for key in fixed:
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+    return dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
+
+
+def changed_listeners(old: Config, new: Config) -> list[tuple[str, Listener | None, Listener | None]]:
+    """(role, before, after) for each listener added, removed or changed (None: not configured)."""
+    out = []
+    for role in dict.fromkeys([*old.listeners, *new.listeners]):
+        before, after = old.listeners.get(role), new.listeners.get(role)
+        if before != after:
+            out.append((role, before, after))
+    return out
 
 
 def install(reloader: Reloader, cfg: Config, write_pid: bool = True) -> None:

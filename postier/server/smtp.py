@@ -37,6 +37,7 @@ from ..pipeline.inbound import SMTPPipeline
 from ..proto import sasl
 from ..proto.smtp import replies as R
 from ..proto.smtp import server as core
+from ..store.errors import StoreUnavailable
 from .auth import settle
 from .throttle import AuthThrottle
 from .base import ProtocolSession
@@ -501,7 +502,13 @@ class SMTPSession(ProtocolSession):
         else:
             assert self.exchange is not None
             outcome = self.exchange.respond(ev.data)
-        res = await settle(self.exchange, outcome, self.services.accounts)
+        try:
+            res = await settle(self.exchange, outcome, self.services.accounts)
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("%s: authentication of %s impossible: %s", self.role, self.peer_ip, exc)
+            self.exchange = None
+            conn.auth_fail(R.R454_AUTH_TEMP)  # RFC 4954 §6
+            return
         if isinstance(res.outcome, sasl.Challenge):
             conn.auth_challenge(res.outcome.data)
             return

@@ -9,8 +9,13 @@ ACME renewals, the status file). The kernel gives each new connection to a worke
 
 The supervisor does no mail work and has no event loop: it waits for signals and for its children.
 SIGTERM/SIGINT: SIGTERM to every worker, each drains as one process does (`serve`), then exit;
-workers still running after `STOP_GRACE` seconds are killed. SIGHUP: forwarded to every worker (each
-reloads its configuration and certificates; new listeners need a restart). A worker that dies is
+workers still running after `STOP_GRACE` seconds are killed. SIGHUP: the supervisor re-reads the
+configuration, binds each listener added or moved (closes its copy of each removed one) and hands
+the new sockets to every worker over its control socket (SCM_RIGHTS), then forwards SIGHUP; each
+worker reloads its configuration and certificates and serves the sockets it was handed. Handing
+over rather than restarting the workers keeps every open session (IMAP IDLE above all); a worker
+started later inherits the new set. Ports below 1024 cannot be bound once root is dropped (as
+in one process: reported, the rest goes on). A worker that dies is
 restarted after a backoff (1 s, doubling to 30 s; reset once it has run a minute); connections it had
 are gone, mail it acknowledged is on disk (the queue and Maildir are durable before every 250), and
 the primary's queue runner retries whatever was in flight. READY=1 goes to systemd once every worker
@@ -27,7 +32,9 @@ import errno
 import logging
 import os
 import selectors
+import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -35,9 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config
+from prometheus_client import multiprocess
+
+from .. import faults
+from ..config import Config, ConfigError, load_config
 from ..queue.spool import Spool
-from . import notify, reload
+from . import notify, reload, sockets, stats
 from .shared import Bus, SharedTable, WorkerContext
 
 if TYPE_CHECKING:
@@ -47,17 +57,20 @@ __all__ = ["STOP_GRACE", "supervise", "worker_count"]
 
 log = logging.getLogger("postier")
 
+MAX_WORKERS = 256  # config.py's bound for an explicit value; one per core is capped to it too
 STOP_GRACE = 25.0  # seconds a stopping worker may take before it is killed (systemd waits 30)
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
 PR_SET_PDEATHSIG = 1
 
 
 def worker_count(config: Config) -> int:
-    """`[server] workers`, 0 meaning one per CPU core this process may use."""
+    """`[server] workers`, 0 (the default) meaning one per CPU core this process may use (its
+    affinity mask: a unit's CPUAffinity=, a container's cpuset); with one core, one process and no
+    supervisor."""
     n = config.server.workers
     if n == 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n)
+        n = os.process_cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
 
 
 def workers_file(config: Config) -> Path:
@@ -72,6 +85,7 @@ class _Worker:
     started: float = 0.0
     ready: bool = False
     ready_fd: int = -1
+    control: socket.socket | None = None  # our end of its control socket (reload: new listeners)
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None
 
@@ -84,6 +98,7 @@ class _State:
     run_worker: RunWorker
     workers: list[_Worker] = field(default_factory=list)
     abstract_bus: bool = False
+    metrics_dir: Path | None = None
     stopping: bool = False
     announced: bool = False
     exit_code: int = 0
@@ -110,11 +125,18 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
         log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
     run_dir = config.data_dir / "run"
     try:
-        table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures)
+        a = config.antispam
+        table = SharedTable.create(run_dir / "workers.shm", n, config.auth.max_failures,
+                                   (a.max_connections_per_minute > 0, a.max_messages_per_minute > 0))
     except OSError as exc:
         raise SystemExit(f"postier: cannot create {run_dir / 'workers.shm'}: {exc.strerror or exc}") from None
     abstract = Bus.probe(run_dir)
-    st = _State(config, prepared, table, run_worker, [_Worker(i) for i in range(n)], abstract)
+    stats.clear_workers(config.data_dir)  # `postier status`: this run's workers' files only
+    metrics_dir = run_dir / "metrics"  # the workers' metric values (postier/metrics.py): a new run, new counts
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    faults.share_count(str(run_dir / "fault-hits"))  # POSTIER_FAULT=NAME:N counts every worker's hits
+    st = _State(config, prepared, table, run_worker, [_Worker(i) for i in range(n)], abstract, metrics_dir)
 
     sel = selectors.DefaultSelector()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -156,6 +178,7 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
                 _signal_all(st, signal.SIGTERM)
             elif signum == signal.SIGHUP and not st.stopping:
                 notify.reloading()
+                _reload_listeners(st)
                 log.info("reload: asking every worker")
                 _signal_all(st, signal.SIGHUP)
                 notify.ready()
@@ -181,6 +204,39 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     return st.exit_code
 
 
+def _reload_listeners(st: _State) -> None:
+    """SIGHUP: bind the listeners added or moved in the configuration file, close the removed ones,
+    and hand the new sockets to every running worker before it is asked to reload. A broken file
+    changes nothing here (each worker reports it as one process does)."""
+    old = st.config
+    if old.source is None:  # not read from a file: nothing to re-read
+        return
+    try:
+        new = reload.live_part(old, load_config(old.source))
+    except (ConfigError, OSError):
+        return
+    socks = st.prepared.socks
+    for role, before, after in reload.changed_listeners(old, new):
+        if before is not None and role in socks:
+            socks.pop(role).close()  # the workers close theirs: the port is free once all have
+        if after is None:
+            continue
+        try:
+            sock = sockets.bind(after)
+        except OSError as exc:
+            log.error("reload: cannot listen: listeners.%s on %s: %s (ports below 1024 need a restart)",
+                      role, sockets.where(after), exc.strerror or exc)
+            continue
+        socks[role] = sock  # and every worker started from now on inherits it
+        for w in st.workers:
+            if w.pid and w.control is not None:
+                try:
+                    socket.send_fds(w.control, [role.encode()], [sock.fileno()])
+                except OSError as exc:
+                    log.error("reload: cannot hand listeners.%s to worker %d: %s", role, w.index, exc)
+    st.config = new
+
+
 def _signal_all(st: _State, sig: int) -> None:
     for w in st.workers:
         if w.pid:
@@ -202,12 +258,19 @@ def _write_workers(st: _State) -> None:
 
 def _spawn(st: _State, w: _Worker, sel: selectors.BaseSelector, wake_r: int) -> None:
     r, wfd = os.pipe2(os.O_CLOEXEC)
+    if w.control is not None:
+        w.control.close()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the worker
         code = 1
         try:
             os.close(r)
-            code = _worker_main(st, w.index, wfd, wake_r)
+            ours.close()
+            for other in st.workers:  # the other workers' control sockets are not ours to read
+                if other.control is not None:
+                    other.control.close()
+            code = _worker_main(st, w.index, wfd, wake_r, theirs)
         except SystemExit as exc:  # as the interpreter would: a message goes to stderr, status 1
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
             if not isinstance(exc.code, int) and exc.code is not None:
@@ -218,6 +281,8 @@ def _spawn(st: _State, w: _Worker, sel: selectors.BaseSelector, wake_r: int) -> 
             logging.shutdown()
             os._exit(code)
     os.close(wfd)
+    theirs.close()
+    w.control = ours
     w.pid, w.started, w.ready, w.ready_fd, w.restart_at = pid, time.monotonic(), False, r, None
     sel.register(r, selectors.EVENT_READ, w)
     log.info("worker %d started (pid %d)", w.index, pid)
@@ -259,6 +324,8 @@ def _reap(st: _State, sel: selectors.BaseSelector) -> None:
             os.close(w.ready_fd)
             w.ready_fd = -1
         st.table.clear_worker(w.index)  # its connections are gone
+        if st.metrics_dir is not None:  # its open sessions too (its counters stay in the sums)
+            multiprocess.mark_process_dead(pid, str(st.metrics_dir))  # type: ignore[no-untyped-call]
         if st.stopping:
             log.info("worker %d stopped (%s)", w.index, _how(code))
             continue
@@ -281,7 +348,7 @@ def _how(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
-def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
+def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int, control: socket.socket) -> int:
     """In the forked worker: plain signals, no supervisor state, then `serve` until told to stop."""
     signal.set_wakeup_fd(-1)
     os.close(wake_r)
@@ -307,6 +374,7 @@ def _worker_main(st: _State, index: int, ready_fd: int, wake_r: int) -> int:
             if exc.errno != errno.EPIPE:
                 raise
 
-    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus)
+    ctx = WorkerContext(index, st.table.workers, st.table, st.config.data_dir / "run", ready, st.abstract_bus,
+                        control, st.metrics_dir)
     st.run_worker(st.config, st.prepared, ctx)
     return 0

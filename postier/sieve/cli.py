@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..accounts import Accounts
+from ..store.accountdb import open_accounts
 from ..config import load_config
 from ..store.sieve import ScriptError, ScriptStore
 
@@ -31,7 +31,7 @@ def cmd_sieve(args: argparse.Namespace) -> int:
     if args.action == "check" and args.user is None:
         raise CLIError("check needs a file")
     cfg = load_config(_config_path(args))
-    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    accounts = open_accounts(cfg)
     try:
         user = accounts.get_user(args.user)
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..accounts import Accounts
+from .accountdb import open_accounts
 from ..config import load_config
 from .errors import StoreError
 from .mailbox import MailStore
@@ -17,7 +18,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from ..cli import CLIError, _config_path
 
     cfg = load_config(_config_path(args))
-    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    accounts = open_accounts(cfg)
     try:
         for address in args.users:
             user = accounts.get_user(address)
@@ -57,7 +58,7 @@ def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, Any, A
     from ..cli import CLIError, _config_path
 
     cfg = load_config(_config_path(args))
-    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    accounts = open_accounts(cfg)
     user = accounts.get_user(address)
     if user is None:
         accounts.close()

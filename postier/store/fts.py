@@ -18,6 +18,10 @@ the store knows nothing of IMAP). An exact entry's answer is not confirmed by th
 is the matcher's own text and comparison (casefolded substring, chunk by chunk), so confirming would
 only re-parse every hit (a second per thousand hits on 100,000 messages); `tests/imap/test_fts.py`
 asserts index and matcher give the same UIDs.
+The index answers with entry ids; a per-folder map from exact entry id to UID, held in memory while
+the user's mailboxes are open and kept up to date with the sets of uncovered messages (`_gaps`:
+built by the folder's first search, one pass over its messages; 4 bytes per entry of the user), turns
+10,000 hits into UIDs with array look-ups instead of two index searches per hit.
 Entries are written by APPEND (in the same user-locked step), by a search for up to
 `CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
 not touch the index: their messages are indexed by the next search, and evaluated by the matcher
@@ -31,6 +35,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +63,9 @@ CREATE TABLE IF NOT EXISTS fts.docs (
 CREATE VIRTUAL TABLE IF NOT EXISTS fts.ftext USING fts5(
     subject, hfrom, hto, hcc, hbcc, leaves, headers, inner, tokenize = 'trigram case_sensitive 1'
 );
+-- base -> (id, exact) in one B-tree search (the UNIQUE index needs a second one in the table):
+-- a folder's first search looks up every message's base (100,000: 90 ms instead of 240)
+CREATE INDEX IF NOT EXISTS fts.docs_base ON docs(base, exact);
 CREATE TRIGGER IF NOT EXISTS fts.docs_gone AFTER DELETE ON docs BEGIN
     DELETE FROM ftext WHERE rowid = old.id;
 END;
@@ -81,6 +89,41 @@ class _Gaps:
     last: int = 0  # UIDs up to this one were looked at
     missing: set[int] = field(default_factory=set)  # no entry
     unchecked: set[int] = field(default_factory=set)  # no exact entry (missing included)
+    # the UID of each exact entry's message in the folder, indexed by entry id (0: none); an array,
+    # not a dict: 4 bytes an entry, and 10,000 look-ups in 1 ms instead of 5 (no scattered objects)
+    uid_of: array[int] = field(default_factory=lambda: array("I"))
+    exact: int = 0  # non-zero slots of uid_of
+
+    def reserve(self, doc: int) -> None:
+        a = self.uid_of
+        if doc >= len(a):
+            a.frombytes(bytes(a.itemsize * max(doc + 1 - len(a), len(a) // 2, 1024)))
+
+    def map(self, doc: int, uid: int) -> None:
+        a = self.uid_of
+        if doc >= len(a):
+            self.reserve(doc)
+        if not a[doc]:
+            self.exact += 1
+        a[doc] = uid
+
+    def unmap(self, doc: int, uid: int) -> None:
+        a = self.uid_of
+        if doc < len(a) and a[doc] == uid:
+            a[doc] = 0
+            self.exact -= 1
+
+    def note(self, uid: int, doc: int | None, exact: bool) -> None:
+        if doc is None:
+            self.missing.add(uid)
+            self.unchecked.add(uid)
+            return
+        self.missing.discard(uid)
+        if exact:
+            self.unchecked.discard(uid)
+            self.map(doc, uid)
+        else:
+            self.unchecked.add(uid)
 
 
 class TextIndex:
@@ -148,6 +191,13 @@ class TextIndex:
             g.unchecked.difference_update(u for u, _b in gone)
         bases = [b for _u, b in gone]
         c = self.conn
+        if g is not None:
+            for i in range(0, len(gone), 500):
+                part = gone[i:i + 500]
+                uid_at = {b: u for u, b in part}
+                for doc, base in c.execute(f"SELECT id, base FROM fts.docs WHERE base IN ({','.join('?' * len(part))})",
+                                           [b for _u, b in part]):
+                    g.unmap(doc, uid_at[base])
         fids = [f for (f,) in c.execute("SELECT id FROM folders")]
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -168,12 +218,14 @@ class TextIndex:
     # -- reading ---------------------------------------------------------------------------------
 
     def _gaps(self, fid: int) -> _Gaps:
-        """The folder's messages the index cannot answer for, kept up to date incrementally: UIDs
-        only grow, so each call looks at the UIDs above the last one seen; catch-up indexing
-        rechecks what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops
-        belongs to no message any more). Recomputed when another connection wrote the file
-        (data_version) or it was cleared here. UIDs removed by other programs stay in the sets
-        until then: they match nothing."""
+        """The folder's messages the index cannot answer for, and the UID of each exact entry's
+        message (a hit's entry id -> UID without a lookup by base per hit: 10,000 hits cost a
+        dictionary look-up each, not two index searches), kept up to date incrementally: UIDs only
+        grow, so each call looks at the UIDs above the last one seen; catch-up indexing rechecks
+        what it indexed (`_recheck`); `forget` takes expunged UIDs out (an entry it drops belongs
+        to no message any more). Recomputed when another connection wrote the file (data_version)
+        or it was cleared here. UIDs removed by other programs stay until then: the caller keeps
+        only the folder's current UIDs (`UserMailbox.text_search`)."""
         (dv,) = self.conn.execute("PRAGMA fts.data_version").fetchone()
         stamp = (self._clears, dv)
         g = self._gap_cache.get(fid)
@@ -181,13 +233,19 @@ class TextIndex:
             g = self._gap_cache[fid] = _Gaps(stamp)
         (top,) = self.conn.execute("SELECT ifnull(max(uid), 0) FROM msgs WHERE folder=?", (fid,)).fetchone()
         if top > g.last:
-            for uid, indexed in self.conn.execute(
-                    "SELECT m.uid, d.id IS NOT NULL FROM msgs m LEFT JOIN fts.docs d ON d.base=m.base"
-                    " WHERE m.folder=? AND m.uid > ? AND m.uid <= ? AND (d.id IS NULL OR NOT d.exact)",
-                    (fid, g.last, top)):
-                g.unchecked.add(uid)
-                if not indexed:
-                    g.missing.add(uid)
+            if not g.last:  # the folder's first pass: the array sized once
+                (most,) = self.conn.execute("SELECT ifnull(max(id), 0) FROM fts.docs").fetchone()
+                g.reserve(most)
+            mapping, missing, unchecked = g.map, g.missing, g.unchecked
+            for uid, doc, exact in self.conn.execute(
+                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d INDEXED BY docs_base"
+                    " ON d.base=m.base WHERE m.folder=? AND m.uid > ? AND m.uid <= ?", (fid, g.last, top)):
+                if exact:  # UIDs not seen before: `note` without its discards
+                    mapping(doc, uid)
+                else:
+                    unchecked.add(uid)
+                    if doc is None:
+                        missing.add(uid)
             g.last = top
         return g
 
@@ -198,14 +256,11 @@ class TextIndex:
         for i in range(0, len(uids), 500):
             part = uids[i:i + 500]
             marks = ",".join("?" * len(part))
-            for uid, indexed, exact in self.conn.execute(
-                    "SELECT m.uid, d.id IS NOT NULL, ifnull(d.exact, 0) FROM msgs m"
-                    f" LEFT JOIN fts.docs d ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
+            for uid, doc, exact in self.conn.execute(
+                    "SELECT m.uid, d.id, d.exact FROM msgs m LEFT JOIN fts.docs d INDEXED BY docs_base"
+                    f" ON d.base=m.base WHERE m.folder=? AND m.uid IN ({marks})",
                     (fid, *part)):
-                if indexed:
-                    g.missing.discard(uid)
-                if exact:
-                    g.unchecked.discard(uid)
+                g.note(uid, doc, bool(exact))
 
     def unindexed(self, fid: int, limit: int) -> list[int]:
         """UIDs of the folder's messages with no entry (the lowest `limit`)."""
@@ -217,26 +272,34 @@ class TextIndex:
         self.add([(base, raw) for _u, base, raw in items])
         self._recheck(fid, [u for u, _b, _r in items])
 
+    def known(self, fid: int) -> int:
+        """How many UIDs of the folder the index accounts for (exact entries and unchecked): more
+        than the folder holds when other programs removed some (`_gaps`)."""
+        g = self._gaps(fid)
+        return g.exact + len(g.unchecked)
+
     def unchecked(self, fid: int) -> set[int]:
         """UIDs the index cannot answer for: no entry, or an entry that is not exact."""
         return self._gaps(fid).unchecked
 
     def hits(self, fid: int, field: str, needle: str) -> set[int]:
-        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`)."""
+        """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`);
+        may name UIDs other programs removed meanwhile (see `_gaps`)."""
         cols = (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
+        uid_of = self._gaps(fid).uid_of
         needle = needle.casefold()
         # RFC 9051 §6.4.4: case-insensitive substring (both sides casefolded, as message.matching)
         if len(needle) >= 3:  # the trigram index: a phrase of the needle's trigrams is a substring
             phrase = needle.replace('"', '""')
-            q = f'{{{" ".join(cols)}}} : "{phrase}"'
-            # CROSS JOIN keeps this order: the MATCH first, once (not once per message)
-            sql = ("SELECT m.uid FROM fts.ftext t CROSS JOIN fts.docs d ON d.id=t.rowid"
-                   " CROSS JOIN msgs m ON m.folder=? AND m.base=d.base WHERE t.ftext MATCH ? AND d.exact")
-            return {u for (u,) in self.conn.execute(sql, (fid, q))}
-        cond = " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols)
-        sql = ("SELECT m.uid FROM msgs m CROSS JOIN fts.docs d ON d.base=m.base"
-               f" CROSS JOIN fts.ftext t ON t.rowid=d.id WHERE m.folder=? AND d.exact AND ({cond})")
-        return {u for (u,) in self.conn.execute(sql, (fid, *([needle] * len(cols))))}
+            rows = self.conn.execute("SELECT rowid FROM fts.ftext WHERE ftext MATCH ?",
+                                     (f'{{{" ".join(cols)}}} : "{phrase}"',))
+        else:  # shorter than a trigram: one pass over the stored text (in C), entry by entry
+            cond = " OR ".join(f"instr({c}, ?) > 0" for c in cols)
+            rows = self.conn.execute(f"SELECT rowid FROM fts.ftext WHERE {cond}", [needle] * len(cols))
+        n = len(uid_of)
+        found = {uid_of[doc] for (doc,) in rows if doc < n}
+        found.discard(0)  # not an exact entry of this folder's messages
+        return found
 
 
 def _crlf(data: bytes) -> bytes:

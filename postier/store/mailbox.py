@@ -18,6 +18,7 @@ last announced (arrays are replaced, never changed in place), so idle sessions c
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 import contextlib
 import errno
 import fcntl
@@ -816,7 +817,10 @@ class UserMailbox:
                     with contextlib.suppress(StoreError):
                         items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
                 ti.index_messages(st.fid, items)
-            return [ti.hits(st.fid, f, n) for f, n in queries], ti.unchecked(st.fid)
+            answers = [ti.hits(st.fid, f, n) for f, n in queries]
+            if ti.known(st.fid) != len(st.uids):  # messages removed behind the index's back: only current ones
+                answers = [_present(st.uids, a) for a in answers]
+            return answers, ti.unchecked(st.fid)
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
             return None
@@ -1176,6 +1180,19 @@ def _bisect(a: array[int], x: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def _present(uids: array[int], found: set[int]) -> set[int]:
+    """The members of `found` that are in `uids` (ascending): the folder's current messages."""
+    n = len(uids)
+    if len(found) > n // 16:
+        return found.intersection(uids)
+    out: set[int] = set()
+    for u in found:
+        i = bisect_left(uids, u)
+        if i < n and uids[i] == u:
+            out.add(u)
+    return out
 
 
 def _to_crlf(data: bytes) -> bytes:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..acme.store import CertStore, certificate_files, tlsa_keys
 from ..antispam.verdicts import Verdict
-from ..mailauth.keys import KeyStore
+from ..store.accountdb import open_key_store
 from ..mailauth.records import Finding, Record, check_domain, expected_records, public_addresses
 from ..mailauth.reports import ReceivedReport, ReportStore
 from ..message.types import User
@@ -115,7 +115,7 @@ class AdminPages:
         findings: list[Finding] = []
         if domain:
             def gather() -> tuple[list[Record], Any, list[str], list[tuple[str, str]]]:
-                keys = KeyStore(cfg.dkim_dir).keys(domain)
+                keys = open_key_store(cfg).keys(domain)
                 addresses = public_addresses(cfg)
                 tlsa = tlsa_keys(cfg)
                 return expected_records(cfg, domain, keys, addresses, tlsa), keys, addresses, tlsa
@@ -278,7 +278,7 @@ class AdminPages:
         cfg = self.config
 
         report = await asyncio.to_thread(health.check_all, cfg)
-        sessions = sum(self.web.services.imap_user_connections.values())
+        sessions = self.web.services.imap_user_connections.total()
         report.lines.append((True, f"connections: {sessions} IMAP session(s), "
                                    f"{len(self.web.sessions)} webmail session(s) open"))
         return self._render("admin_health.html", s, user, lines=report.lines, problems=report.problems)

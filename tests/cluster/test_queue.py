@@ -311,3 +311,28 @@ def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Cal
                                            for i in range(12) for p in "uv"), named
             assert await asyncio.to_thread(sa.count) == 0
     run(main())
+
+
+def test_postgresql_down_means_nothing_queued(pg_own: PgServer, bodies_factory: Callable[[], Any]) -> None:
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.store import ClusterStore
+    from postier.store.errors import StoreUnavailable
+    store = ClusterStore(pg_own.create_db(), bodies_factory(), workers=1, timeout=2.0)
+    try:
+        sp = ClusterSpool(store, LEASE, node="n")
+        accept(sp, ["x@b.test"])
+        pg_own.stop()
+        with pytest.raises(StoreUnavailable):
+            accept(sp, ["y@b.test"])
+        with pytest.raises(StoreUnavailable):
+            sp.due_full(T0, 10)
+        pg_own.start()
+        for _ in range(3):  # the pool drops its broken connections and reconnects
+            try:
+                n = sp.count()
+                break
+            except StoreUnavailable:
+                n = -1
+        assert n == 1  # only the acknowledged message
+    finally:
+        store.close()

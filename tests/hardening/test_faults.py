@@ -376,8 +376,12 @@ def fiu_inst(tmp_path: Path) -> Iterator[tuple[Instance, str]]:
 
 
 def _fiu(ctrl: str, inst: Instance, command: str) -> None:
+    """libfiu's control reaches the processes it names: the server's, and with `[server] workers`
+    (POSTIER_TEST_WORKERS) each worker's too (fiu-run's library follows the fork, one control
+    FIFO per process)."""
     assert inst.proc is not None
-    subprocess.run(["fiu-ctrl", "-f", ctrl, "-c", command, str(inst.proc.pid)], check=True, timeout=10)
+    pids = [inst.proc.pid, *inst.worker_pids().values()]
+    subprocess.run(["fiu-ctrl", "-f", ctrl, "-c", command, *map(str, pids)], check=True, timeout=10)
 
 
 def test_fsync_failure_is_never_acknowledged(fiu_inst: tuple[Instance, str]) -> None:

@@ -31,10 +31,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 
 def client(inst: Instance, tls: bool = True) -> httpx.Client:
-    if tls:
-        return httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                            timeout=10)
-    return httpx.Client(base_url=f"http://127.0.0.1:{inst.port('http')}", timeout=10)
+    return inst.web(tls=tls, timeout=10)
 
 
 def check_thunderbird(inst: Instance, body: bytes) -> None:

@@ -31,12 +31,11 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 
 def https(inst: Instance) -> httpx.Client:
-    return httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                        timeout=10, follow_redirects=False)
+    return inst.web(timeout=10)
 
 
 def http(inst: Instance) -> httpx.Client:
-    return httpx.Client(base_url=f"http://127.0.0.1:{inst.port('http')}", timeout=10, follow_redirects=False)
+    return inst.web(tls=False, timeout=10)
 
 
 def raw(inst: Instance, data: bytes, tls: bool = False, read: bool = True) -> bytes:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import os
 import random
 import threading
 from collections.abc import Sequence
+from array import array
 from pathlib import Path
 
 import pytest
 
 from postier.message.matching import SearchContext
 from postier.message.types import User
-from postier.proto.imap.search import AndKey, HeaderKey, NotKey, OrKey, SearchKey, TextKey
+from postier.proto.imap.search import AllKey, AndKey, HeaderKey, NotKey, OrKey, SearchKey, TextKey
+from postier.server.imap import _in_view
 from postier.server.imapfetch import narrow, run_search
 from postier.store.fts import FTS_NAME
 from postier.store.maildir import deliver_maildir
@@ -82,13 +85,21 @@ def _keys() -> list[SearchKey]:
 
 
 def _search(mb: UserMailbox, key: SearchKey, index: bool) -> list[int]:
-    uids = list(mb.snapshot(INBOX).uids)
+    return _search_in(mb, INBOX, key, index)
+
+
+def _search_in(mb: UserMailbox, folder: str, key: SearchKey, index: bool, view: array[int] | None = None) -> list[int]:
+    """As the server searches: `view` is the session's UIDs (by default the folder's, just synced)."""
+    uids = mb.snapshot(folder).uids if view is None else view
     ctx = SearchContext(max_seq=len(uids), max_uid=uids[-1] if uids else 0)
-    cands = None
+    targets = list(enumerate(uids, 1))
     if index:
-        key, cands = narrow(mb, INBOX, key)
-    targets = [(s, u) for s, u in enumerate(uids, 1) if cands is None or u in cands]
-    return [u for _s, u, _m in run_search(mb, INBOX, targets, key, ctx, 0)[0]]
+        key, cands = narrow(mb, folder, key)
+        if cands is not None:
+            targets = _in_view(uids, cands)  # as the server maps the index's answer
+            if isinstance(key, AllKey):
+                return [u for _s, u in targets]  # the index answered: the server reads no message
+    return [u for _s, u, _m in run_search(mb, folder, targets, key, ctx, 0)[0]]
 
 
 @pytest.fixture
@@ -169,6 +180,9 @@ def test_two_sessions_append_expunge_move(store: MailStore) -> None:
             rng = random.Random(n)
             for i in range(40):
                 _v, uid = m.append(INBOX, _message(n * 100 + i, rng))
+                if i % 4 == 0:  # searches meanwhile: the index's per-folder state follows the changes
+                    narrow(m, INBOX, HeaderKey("SUBJECT", "report"))
+                    narrow(m, "Archive2", TextKey("TEXT", "o"))
                 if i % 3 == 0:
                     m.move(INBOX, [uid], "Archive2")
                 elif i % 3 == 1:
@@ -186,18 +200,93 @@ def test_two_sessions_append_expunge_move(store: MailStore) -> None:
         t.join(60)
     try:
         assert not errors, errors
-        for key in (HeaderKey("SUBJECT", "report"), TextKey("TEXT", "köln"), HeaderKey("FROM", "jörg")):
+        for key in (HeaderKey("SUBJECT", "report"), TextKey("TEXT", "köln"), HeaderKey("FROM", "jörg"),
+                    TextKey("TEXT", "o"), HeaderKey("SUBJECT", "1")):
             assert _search(mb, key, True) == _search(mb, key, False)
+            assert _search_in(mb, "Archive2", key, True) == _search_in(mb, "Archive2", key, False)
         archive = list(mb.snapshot("Archive2").uids)
         assert len(archive) == 2 * 14
         ti = mb._text_index()
         assert ti is not None
         assert ti.unchecked(mb.state("Archive2").fid) == set()  # moved files kept their entries
+        for f in (INBOX, "Archive2"):  # each exact entry maps to its message here, none to a gone one
+            g = ti._gaps(mb.state(f).fid)
+            assert sorted(u for u in g.uid_of if u) == list(mb.snapshot(f).uids) and g.exact == len(g.uid_of) - g.uid_of.count(0)
         live = {r.base for f in (INBOX, "Archive2") for r in mb.all_rows(f)}
         docs = {b for (b,) in mb.index.conn.execute("SELECT base FROM fts.docs")}
         assert docs == live  # expunged ones were dropped
     finally:
         store.release(mb)
+
+
+def _bench_like(i: int) -> bytes:
+    subject = f"report {i} x" if i % 10 == 0 else f"note {i}"
+    return (f"From: Sender {i % 7} <sender{i % 7}@example.net>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{i}.t@example.net>\r\n\r\nMessage number {i}.\r\n").encode()
+
+
+def test_many_hits_short_needles_and_removed_files(store: MailStore) -> None:
+    """Needles of one or two characters (no trigram: a pass over the stored text) and needles that
+    hit a tenth, most or all of the folder give the matcher's answers, in a folder and in a copy of
+    it sharing the entries; files removed behind the store's back, expunged messages and an entry
+    id reused after an expunge never show up in an answer."""
+    mb = store.acquire(USER)
+    try:
+        mb.create("Copy")
+        for i in range(400):
+            mb.append(INBOX, _bench_like(i))
+        view = mb.snapshot(INBOX).uids
+        uids = list(view)
+        mb.copy(INBOX, uids[::3], "Copy")
+        keys: list[SearchKey] = [HeaderKey("SUBJECT", n) for n in ("x", "report", "report 3", "NOTE", "o", "1", "12")]
+        keys += [HeaderKey("FROM", "s"), HeaderKey("FROM", "sender3@"), TextKey("BODY", "m"),
+                 TextKey("BODY", "number 31"), TextKey("TEXT", "r"), TextKey("TEXT", "<12.t@"),
+                 NotKey(HeaderKey("SUBJECT", "x")), OrKey(HeaderKey("SUBJECT", "x"), TextKey("BODY", "9."))]
+
+        def agree(view: array[int] | None = None) -> None:
+            for folder in (INBOX, "Copy"):
+                for key in keys:
+                    v = view if folder == INBOX else None
+                    assert _search_in(mb, folder, key, True, v) == _search_in(mb, folder, key, False, v), (folder, key)
+
+        agree()
+        crit, cands = narrow(mb, INBOX, HeaderKey("SUBJECT", "x"))
+        assert isinstance(crit, AllKey) and cands is not None and len(cands) == 40  # the index alone answered
+        assert len(_search(mb, HeaderKey("SUBJECT", "o"), True)) == 400
+        # removed by another program: the store notices at its next sync; the index knows nothing
+        md = mb.root
+        gone = sorted(p for sub in ("cur", "new") for p in (md / sub).iterdir())[:30:10]
+        for p in gone:
+            os.unlink(p)
+        for sub in ("cur", "new"):
+            st = os.stat(md / sub)
+            os.utime(md / sub, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+        assert len(mb.snapshot(INBOX).uids) == 400 - len(gone)
+        agree(view)  # a session not told yet: its view still holds them, they match nothing
+        agree()
+        # expunged here, then new mail: the newest entry's id is used again
+        last = mb.snapshot(INBOX).uids[-1]
+        mb.store(INBOX, [last, *uids[:20]], "+FLAGS", ["\\Deleted"])
+        mb.expunge(INBOX)
+        mb.append(INBOX, b"Subject: fresh x\r\n\r\nnew\r\n")
+        agree()
+        assert _search(mb, HeaderKey("SUBJECT", "x"), True)[-1] == mb.snapshot(INBOX).uids[-1]
+    finally:
+        store.release(mb)
+
+
+def test_in_view() -> None:
+    """The server's mapping of an index answer to (seq, UID): dense and gapped views, few and many."""
+    for view in (array("I", range(3, 3000, 3)), array("I", range(7, 3000)), array("I")):
+        for uids in ({3, 4, 2997, 3000, 9}, set(range(0, 3001, 2)), set(), set(range(3000))):
+            assert _in_view(view, uids) == [(s, u) for s, u in enumerate(view, 1) if u in uids]
+    rng = random.Random(5)
+    for _ in range(2000):
+        lo = rng.randint(1, 500)
+        view = array("I", sorted(rng.sample(range(1, 1000), rng.randint(0, 300)))) if rng.random() < 0.7 \
+            else array("I", range(lo, lo + rng.randint(0, 300)))
+        uids = set(rng.sample(range(0, 1100), rng.randint(0, len(view) // 4 + 3)))
+        assert _in_view(view, uids) == [(s, u) for s, u in enumerate(view, 1) if u in uids], (view, uids)
 
 
 def test_real_server_search(server: IMAPServer) -> None:

@@ -6,7 +6,6 @@ import email
 import itertools
 import poplib
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from argon2.profiles import CHEAPEST
 
 from postier.accounts import Accounts
 from postier.store.index import read_journal
+from tests.hardening.conftest import Line
 from tests.harness import Instance
 
 PASSWORD = "password123"
@@ -114,32 +114,14 @@ def retr_text(lines: list[bytes]) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
-class Raw:
+class Raw(Line):
     """A raw POP3 connection for byte-exact checks."""
 
     def __init__(self, inst: Instance, role: str = "pop3", source: str | None = None):
+        super().__init__(inst.addr(role), source, timeout=20)
         self.inst = inst
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            inst.addr(role), timeout=20, source_address=(source, 0) if source else None)
         if role == "pop3s":
             self.sock = inst.client_ssl_context().wrap_socket(self.sock, server_hostname="mail.a.test")
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def cmd(self, command: bytes) -> bytes:
-        self.send(command + b"\r\n")
-        return self.line()
 
     def multiline(self) -> bytes:
         """The raw body of a multi-line response, up to and including the terminating ".\\r\\n"."""
@@ -153,9 +135,10 @@ class Raw:
         body, self.buf = framed[2:end], framed[end:]
         return body
 
-    def starttls(self) -> None:
-        assert isinstance(self.sock, socket.socket) and not isinstance(self.sock, ssl.SSLSocket)
-        self.sock = self.inst.client_ssl_context().wrap_socket(self.sock, server_hostname="mail.a.test")
+    def starttls(self, ctx: ssl.SSLContext | None = None) -> None:
+        assert not isinstance(self.sock, ssl.SSLSocket)
+        ctx = ctx or self.inst.client_ssl_context()
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="mail.a.test")
 
     def close(self) -> None:
         self.sock.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,9 +109,10 @@ class Net:
                        f"From: alice@a.test\r\nTo: bob@b.test\r\nSubject: {marker}\r\n\r\n{marker}\r\n")
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    tmp = tmp_path_factory.mktemp("sts")
+def sts_net(tmp: Path, b_names: tuple[str, ...], mx_hosts: tuple[str, ...],
+            prepare: Callable[[DNSServer, Instance, Instance], None] = lambda dns, a, b: None) -> Iterator[Net]:
+    """a.test (alice) and b.test (bob) on their own addresses, a's DNS and outbound ports pointing at b,
+    b with a certificate for `b_names` from a test CA that a trusts, and b's MTA-STS policy in enforce."""
     ca = trustme.CA()
     ca_file = tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -119,14 +120,15 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         a = Instance(tmp / "a", "a.test", address=A_IP)
         b = Instance(tmp / "b", "b.test", address=B_IP)
         dns.add("b.test", "MX", "10 mail.b.test")
-        for name in ("mail.b.test", "mx.b.test", "mta-sts.b.test"):
+        for name in mx_hosts:
             dns.add(name, "A", B_IP)
         a.add_config(f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {b.port("smtp")}\n'
                      f'https_port = {b.port("https")}\nca_file = "{ca_file}"\n')
         a.add_user("alice@a.test")
-        b.add_user("bob@b.test")
+        b.add_user("bob@b.test")  # the first user: the admin, who gets postmaster@ and the report mailboxes
+        prepare(dns, a, b)
         n = Net(tmp, ca, dns, a, b)
-        n.b_cert("mail.b.test", "mta-sts.b.test")
+        n.b_cert(*b_names)
         try:
             a.start()
             n.b_mode("enforce")
@@ -134,6 +136,12 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         finally:
             a.stop()
             b.stop()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    yield from sts_net(tmp_path_factory.mktemp("sts"), ("mail.b.test", "mta-sts.b.test"),
+                       ("mail.b.test", "mx.b.test", "mta-sts.b.test"))
 
 
 def delivered(inst: Instance, marker: str, timeout: float = 20.0) -> bool:

@@ -11,43 +11,25 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import trustme
 
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
-from tests.queue.test_mtasts import A_IP, B_IP, Net, deferred_with
+from tests.queue.test_mtasts import A_IP, B_IP, Net, deferred_with, sts_net
+
+
+def _prepare(dns: DNSServer, a: Instance, b: Instance) -> None:
+    a.cli("dkim", "generate", "a.test")  # §5.3: reports are DKIM-signed
+    # b.test's TLS-RPT record, exactly as `dns records` prints it
+    line = next(x for x in b.cli("dns", "records", "b.test").stdout.splitlines()
+                if x.startswith("_smtp._tls.b.test."))
+    dns.add("_smtp._tls.b.test", "TXT", line.split('"')[1])
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    tmp = tmp_path_factory.mktemp("tlsrpt")
-    ca = trustme.CA()
-    ca_file = tmp / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    with DNSServer() as dns:
-        a = Instance(tmp / "a", "a.test", address=A_IP)
-        b = Instance(tmp / "b", "b.test", address=B_IP)
-        dns.add("b.test", "MX", "10 mail.b.test")
-        for name in ("mail.b.test", "mta-sts.b.test"):
-            dns.add(name, "A", B_IP)
-        a.add_config(f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {b.port("smtp")}\n'
-                     f'https_port = {b.port("https")}\nca_file = "{ca_file}"\n')
-        a.add_user("alice@a.test")
-        a.cli("dkim", "generate", "a.test")  # §5.3: reports are DKIM-signed
-        b.add_user("bob@b.test")  # the first user: the admin, who gets postmaster@ and the report mailboxes
-        # b.test's TLS-RPT record, exactly as `dns records` prints it
-        line = next(x for x in b.cli("dns", "records", "b.test").stdout.splitlines()
-                    if x.startswith("_smtp._tls.b.test."))
-        dns.add("_smtp._tls.b.test", "TXT", line.split('"')[1])
-        n = Net(tmp, ca, dns, a, b)
-        n.b_cert("other.b.test", "mta-sts.b.test")  # the policy host verifies; the MX does not
-        try:
-            a.start()
-            n.b_mode("enforce")
-            yield n
-        finally:
-            a.stop()
-            b.stop()
+    # the policy host verifies; the MX does not
+    yield from sts_net(tmp_path_factory.mktemp("tlsrpt"), ("other.b.test", "mta-sts.b.test"),
+                       ("mail.b.test", "mta-sts.b.test"), _prepare)
 
 
 def wait_for(what: str, probe: object, timeout: float = 30.0) -> str:

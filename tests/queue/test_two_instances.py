@@ -70,14 +70,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
                 inst.stop()
 
 
-def wait_for(inst: Instance, address: str, marker: bytes, timeout: float = 20.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"not delivered to {address}; log:\n{inst.log.read_text()[-4000:]}")
 
 
 def message(sender: str, to: str, marker: str) -> bytes:
@@ -93,7 +85,7 @@ def test_a_to_b_over_587_with_starttls(net: Net) -> None:
         s.starttls(context=net.ctx())
         s.login("alice@a.test", PASSWORD)
         assert s.sendmail("alice@a.test", ["bob@b.test"], message("alice@a.test", "bob@b.test", marker)) == {}
-    got = wait_for(b, "bob@b.test", marker.encode())
+    got = b.wait_message("bob@b.test", marker.encode())
     elapsed = time.monotonic() - t0
     assert got.startswith(b"Return-Path: <alice@a.test>\r\n")
     # b's MX saw a's queue connect from 127.0.0.2 (the source address) over TLS
@@ -111,7 +103,7 @@ def test_b_to_a_over_465(net: Net) -> None:
     with smtplib.SMTP_SSL(*b.addr("submissions"), context=net.ctx(), timeout=10) as s:
         s.login("bob@b.test", PASSWORD)
         s.sendmail("bob@b.test", ["alice@a.test"], message("bob@b.test", "alice@a.test", marker))
-    got = wait_for(a, "alice@a.test", marker.encode())
+    got = a.wait_message("alice@a.test", marker.encode())
     assert b"Received: from mail.b.test ([127.0.0.3])" in got
 
 
@@ -121,8 +113,8 @@ def test_unknown_remote_user_bounces_to_sender(net: Net) -> None:
     with smtplib.SMTP_SSL(*a.addr("submissions"), context=net.ctx(), timeout=10) as s:
         s.login("alice@a.test", PASSWORD)
         s.sendmail("alice@a.test", ["bob@b.test", "nobody@b.test"], message("alice@a.test", "bob@b.test", marker))
-    wait_for(net.insts["b.test"], "bob@b.test", marker.encode())
-    dsn = wait_for(a, "alice@a.test", b"Final-Recipient: rfc822; nobody@b.test")
+    net.insts["b.test"].wait_message("bob@b.test", marker.encode())
+    dsn = a.wait_message("alice@a.test", b"Final-Recipient: rfc822; nobody@b.test")
     assert marker.encode() in dsn  # the original headers
     assert b"Status: 5.1.1" in dsn and b"Remote-MTA: dns; mail.b.test" in dsn
     assert b"bob@b.test\r\nAction" not in dsn  # only the failed recipient
@@ -135,7 +127,7 @@ def test_c_relays_through_b_smarthost(net: Net) -> None:
         s.starttls(context=net.ctx())
         s.login("carol@c.test", PASSWORD)
         s.sendmail("carol@c.test", ["alice@a.test"], message("carol@c.test", "alice@a.test", marker))
-    got = wait_for(a, "alice@a.test", marker.encode())
+    got = a.wait_message("alice@a.test", marker.encode())
     assert b"by mail.b.test (postier) with ESMTPSA" in got  # c -> b authenticated (relay@b.test)
     assert b"Received: from mail.b.test ([127.0.0.3])" in got  # b -> a by MX
     assert "authenticated as relay@b.test" in b.log.read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import time
 from collections.abc import Iterator
 
 import dkim as dkimpy
@@ -51,14 +50,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Instance, In
             b.stop()
 
 
-def wait_for(inst: Instance, address: str, marker: bytes, timeout: float = 30.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"not delivered to {address}; log:\n{inst.log.read_text()[-4000:]}")
 
 
 def header_fields(message: bytes, name: str) -> list[str]:
@@ -78,7 +69,7 @@ def test_forwarded_mail_is_arc_sealed_and_the_chain_passes(net: tuple[Instance, 
     with smtplib.SMTP(*a.addr("smtp"), local_hostname="mail.c.test", source_address=(ADDRS["c.test"], 0),
                       timeout=30) as s:
         s.sendmail("carol@c.test", [via], data)
-    got = wait_for(b, "bob@b.test", subject.encode())
+    got = b.wait_message("bob@b.test", subject.encode())
 
     seals = header_fields(got, "ARC-Seal")
     assert len(seals) == 1 and "i=1;" in seals[0] and "cv=none" in seals[0] and "d=a.test" in seals[0], seals

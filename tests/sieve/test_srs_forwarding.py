@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -48,14 +47,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Instance, In
             b.stop()
 
 
-def wait_for(inst: Instance, address: str, marker: bytes, timeout: float = 30.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"not delivered to {address}; log:\n{inst.log.read_text()[-4000:]}")
 
 
 def send(inst: Instance, frm: str, to: str, subject: str) -> None:
@@ -74,7 +65,7 @@ def forwarded_sender(msg: bytes) -> str:
 def test_forwarded_with_srs_passes_spf(net: tuple[Instance, Instance], via: str) -> None:
     a, b = net
     send(a, "carol@b.test", via, f"forwarded by {via}")
-    got = wait_for(b, "bob@b.test", f"forwarded by {via}".encode())
+    got = b.wait_message("bob@b.test", f"forwarded by {via}".encode())
     sender = forwarded_sender(got)
     assert sender.startswith("SRS0=") and sender.endswith("@a.test") and "=b.test=carol@" in sender
     assert re.search(rb"spf=pass[^;]*smtp.mailfrom=" + re.escape(sender.encode()), got), got[:800]
@@ -83,13 +74,13 @@ def test_forwarded_with_srs_passes_spf(net: tuple[Instance, Instance], via: str)
 def test_bounce_to_srs_returns_to_the_original_sender(net: tuple[Instance, Instance]) -> None:
     a, b = net
     send(a, "carol@b.test", "fwd@a.test", "to be bounced")
-    sender = forwarded_sender(wait_for(b, "bob@b.test", b"to be bounced"))
+    sender = forwarded_sender(b.wait_message("bob@b.test", b"to be bounced"))
     # b.test's bounce: the null sender, to the SRS address, from b.test's address
     dsn = (b"From: MAILER-DAEMON@mail.b.test\r\nTo: <" + sender.encode() + b">\r\nSubject: bounce of it\r\n"
            b"Auto-Submitted: auto-replied\r\n\r\nundeliverable\r\n")
     with smtplib.SMTP(*a.addr("smtp"), timeout=30, source_address=(ADDRS["b.test"], 0)) as s:
         s.sendmail("", [sender], dsn)
-    wait_for(b, "carol@b.test", b"bounce of it")
+    b.wait_message("carol@b.test", b"bounce of it")
 
 
 def test_forged_srs_refused(net: tuple[Instance, Instance]) -> None:
@@ -106,5 +97,5 @@ def test_real_bounce_of_forwarded_mail_returns(net: tuple[Instance, Instance]) -
     reverses, and the DSN reaches the original sender at b.test."""
     a, b = net
     send(a, "carol@b.test", "lost@a.test", "will not arrive")
-    dsn = wait_for(b, "carol@b.test", b"nobody@b.test", timeout=60)
+    dsn = b.wait_message("carol@b.test", b"nobody@b.test", timeout=60)
     assert b"delivery-status" in dsn.lower() and b"Return-Path: <>" in dsn

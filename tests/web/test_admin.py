@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from postier.accounts import Accounts
-from tests.harness import Instance
+from tests.harness import Instance, csrf_token
 
 DOMAIN = "admin.test"
 HOST = f"mail.{DOMAIN}"
@@ -31,20 +31,15 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 
 def client(inst: Instance) -> httpx.Client:
-    return httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                        timeout=20, follow_redirects=False, headers={"Host": HOST})
+    return inst.web(HOST, timeout=20)
 
 
 def login(c: httpx.Client, area: str, address: str, password: str = PW) -> httpx.Response:
     return c.post(f"/{area}/login", data={"address": address, "password": password})
 
 
-def csrf(c: httpx.Client) -> str:
-    r = c.get("/admin/home")
-    assert r.status_code == 200, r.text
-    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-    assert m
-    return m.group(1)
+def csrf(c: httpx.Client, path: str = "/admin/home") -> str:
+    return csrf_token(c, path)
 
 
 def test_only_admins_log_in(inst: Instance) -> None:

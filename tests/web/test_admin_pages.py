@@ -54,8 +54,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, dns: DNSServer) -> Iterator[I
 
 
 def client(inst: Instance) -> httpx.Client:
-    return httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                        timeout=30, follow_redirects=False, headers={"Host": HOST})
+    return inst.web(HOST, timeout=30)
 
 
 def admin(c: httpx.Client) -> str:

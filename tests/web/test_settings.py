@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.harness import Instance
+from tests.harness import Instance, csrf_token
 from tests.web.test_webmail import deliver, plain
 
 DOMAIN = "settings.test"
@@ -35,18 +35,13 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 @contextlib.contextmanager
 def client(inst: Instance, address: str = ALICE) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                      timeout=20, follow_redirects=False, headers={"Host": HOST}) as c:
+    with inst.web(HOST) as c:
         assert c.post("/mail/login", data={"address": address, "password": PW}).status_code == 303
         yield c
 
 
-def csrf(c: httpx.Client) -> str:
-    r = c.get("/mail/settings")
-    assert r.status_code == 200, r.text
-    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-    assert m
-    return m.group(1)
+def csrf(c: httpx.Client, path: str = "/mail/settings") -> str:
+    return csrf_token(c, path)
 
 
 def subjects(c: httpx.Client, folder: str) -> list[str]:
@@ -60,8 +55,7 @@ def test_every_settings_change_needs_the_csrf_token(inst: Instance) -> None:
         for path in ("/mail/rules", "/mail/sieve", "/mail/signature", "/mail/senders"):
             assert c.post(path, data={"script": "keep;"}).status_code == 403, path
             assert c.post(path, data={"script": "keep;", "csrf": "wrong"}).status_code == 403, path
-    with httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                      headers={"Host": HOST}) as anon:
+    with inst.web(HOST) as anon:
         assert anon.post("/mail/rules", data={}).status_code == 403  # not logged in
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from postier.antispam.learning import verdict
-from tests.harness import Instance
+from tests.harness import Instance, csrf_token
 from tests.web.test_webmail import deliver
 
 DOMAIN = "views.test"
@@ -44,18 +44,13 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 @contextlib.contextmanager
 def client(inst: Instance, address: str = ALICE) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                      timeout=20, follow_redirects=False, headers={"Host": HOST}) as c:
+    with inst.web(HOST) as c:
         assert c.post("/mail/login", data={"address": address, "password": PW}).status_code == 303
         yield c
 
 
 def csrf(c: httpx.Client, path: str = "/mail/settings") -> str:
-    r = c.get(path)
-    assert r.status_code == 200, r.text
-    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-    assert m
-    return m.group(1)
+    return csrf_token(c, path)
 
 
 def message(to: str, subject: str, msgid: str, date: str, parent: str = "", sender: str = "x@elsewhere.invalid"

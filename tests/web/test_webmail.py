@@ -17,7 +17,7 @@ from email.message import EmailMessage
 import httpx
 import pytest
 
-from tests.harness import Instance
+from tests.harness import Instance, csrf_token
 
 DOMAIN = "web.test"
 HOST = f"mail.{DOMAIN}"
@@ -78,8 +78,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 
 def client(inst: Instance) -> httpx.Client:
-    return httpx.Client(base_url=f"https://127.0.0.1:{inst.port('https')}", verify=inst.client_ssl_context(),
-                        timeout=20, follow_redirects=False, headers={"Host": HOST})
+    return inst.web(HOST, timeout=20)
 
 
 def login(c: httpx.Client, address: str = ALICE, password: str = PW) -> httpx.Response:
@@ -87,11 +86,7 @@ def login(c: httpx.Client, address: str = ALICE, password: str = PW) -> httpx.Re
 
 
 def csrf(c: httpx.Client, path: str = "/mail/folder?f=INBOX") -> str:
-    r = c.get(path)
-    assert r.status_code == 200, r.text
-    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-    assert m
-    return m.group(1)
+    return csrf_token(c, path)
 
 
 def uids(c: httpx.Client, folder: str = "INBOX") -> dict[str, int]:

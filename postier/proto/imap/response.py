@@ -355,9 +355,7 @@ def quotaroot(mailbox: str, roots: Iterable[str], *, utf8: bool = False) -> byte
 
 def search(ids: Iterable[int], modseq: int | None = None) -> bytes:
     """``* SEARCH 2 3 6`` (IMAP4rev1; RFC 7162 §3.1.5 adds ``(MODSEQ n)``)."""
-    out = b"* SEARCH"
-    for n in ids:
-        out += b" %d" % n
+    out = b" ".join([b"* SEARCH", *(b"%d" % n for n in ids)])  # one join: 10,000 numbers in linear time
     if modseq is not None:
         out += b" (MODSEQ %d)" % modseq
     return out + CRLF

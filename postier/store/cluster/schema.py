@@ -1,5 +1,6 @@
-"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions)
-and the outbound queue (`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
+"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions),
+accounts and DKIM keys, and the outbound queue (`queue_*`: messages, recipients with their leases,
+attempts, sends; queue/cluster.py).
 
 Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
@@ -13,7 +14,7 @@ import time
 
 import psycopg
 
-__all__ = ["CHANNEL", "ensure_schema"]
+__all__ = ["ACCOUNTS_LOCK", "CHANNEL", "ensure_schema"]
 
 #: LISTEN/NOTIFY channel of mailbox changes; the payload is "owner\x1ffolder".
 CHANNEL = "postier_mail"
@@ -113,6 +114,56 @@ CREATE TABLE IF NOT EXISTS queue_sends (
 );
 CREATE INDEX IF NOT EXISTS queue_sends_owner ON queue_sends (owner, time);
 """
+
+# Accounts (postier/accounts.py's tables, store/cluster/accounts.py) and DKIM keys (mailauth/keys.py):
+# every node reads them here. `account_version` is bumped by every account write (the nodes'
+# resolution caches compare it); `pg_advisory_xact_lock(ACCOUNTS_LOCK)` serializes account writers.
+_DDL += """
+CREATE TABLE IF NOT EXISTS domains (
+    name text PRIMARY KEY,
+    catchall text,
+    created double precision NOT NULL,
+    quota bigint
+);
+CREATE TABLE IF NOT EXISTS users (
+    address text PRIMARY KEY,
+    local text NOT NULL,
+    domain text NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    password text NOT NULL,
+    scram text NOT NULL DEFAULT '',
+    mailbox_format text NOT NULL DEFAULT 'maildir',
+    created double precision NOT NULL,
+    admin integer NOT NULL DEFAULT 0,
+    quota bigint
+);
+CREATE INDEX IF NOT EXISTS users_domain ON users (domain);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias text NOT NULL,
+    target text NOT NULL,
+    PRIMARY KEY (alias, target)
+);
+CREATE INDEX IF NOT EXISTS aliases_target ON aliases (target);
+CREATE TABLE IF NOT EXISTS settings (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS account_version (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    n bigint NOT NULL DEFAULT 0
+);
+INSERT INTO account_version (one, n) VALUES (true, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS dkim_keys (
+    domain text NOT NULL,
+    selector text NOT NULL,
+    algorithm text NOT NULL,
+    state text NOT NULL,
+    created double precision NOT NULL,
+    private_key bytea NOT NULL,
+    txt text NOT NULL,
+    PRIMARY KEY (domain, selector)
+);
+"""
+ACCOUNTS_LOCK = 0x706F7375  # pg_advisory_xact_lock key of account writes
 
 
 def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:
