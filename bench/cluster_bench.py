@@ -1,10 +1,22 @@
-"""Cluster store benchmark: APPENDs from two writers on two connection pools (two nodes) into one
-folder, then body reads; then the shared outbound queue: messages accepted by two nodes (body put,
-rows committed), then claimed and recorded by both at once (`queue/cluster.py`); against a throwaway PostgreSQL 15 (fsync off) and moto's S3 server in this
-process (so moto's Python HTTP server shares the GIL with the writers: a lower bound, not a cluster
-figure).
+"""Cluster benchmarks against a throwaway PostgreSQL 15 (fsync off) and moto's S3 server.
+
+Store mode (the default): APPENDs from two writers on two connection pools (two nodes) into one
+folder, then body reads, then the shared outbound queue (messages accepted by two nodes, then
+claimed and recorded by both at once: `queue/cluster.py`), with moto in this process (its Python
+HTTP server shares the GIL with the writers: a lower bound for the code path, not a cluster figure).
 
     .venv/bin/python -m bench cluster [--messages 200] [--size 4000]
+
+Node mode (`--nodes 3`): three `postier serve` processes on 127.0.0.2-4 sharing the PostgreSQL and
+an S3 bucket (moto in a process of its own). Several client threads send N messages over SMTP,
+round-robin over the nodes and over the users, each on persistent connections; every message is
+then read back over IMAP (FETCH BODY.PEEK[]) on a node chosen per user, so that two thirds of what
+it reads came in through the other nodes, and checked (all there, once, byte counts). Prints the
+SMTP acceptance rate (250 after DATA), its p50/p99 latency, the IMAP read rate, and the CPU time per
+message of the nodes, PostgreSQL, moto and the clients. Bounded: --messages, and --time-limit stops
+sending (the figures then cover what was sent).
+
+    .venv/bin/python -m bench cluster --nodes 3 [--messages 600] [--clients 6] [--users 12] [--size 4000]
 """
 
 from __future__ import annotations
@@ -28,9 +40,18 @@ from tests.cluster.conftest import PgServer, S3Server  # noqa: E402
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench cluster")
-    ap.add_argument("--messages", type=int, default=200, help="per writer")
-    ap.add_argument("--size", type=int, default=4000)
+    ap.add_argument("--messages", type=int, default=None,
+                    help="per writer in store mode (default 200); in all with --nodes (default 600)")
+    ap.add_argument("--size", type=int, default=4000, help="body bytes per message")
+    ap.add_argument("--nodes", type=int, default=0, help="run N postier nodes (3: 127.0.0.2-4) instead")
+    ap.add_argument("--clients", type=int, default=6, help="node mode: SMTP/IMAP client threads")
+    ap.add_argument("--users", type=int, default=12, help="node mode: recipients")
+    ap.add_argument("--time-limit", type=float, default=300.0, help="node mode: stop sending after this")
     args = ap.parse_args(argv)
+    if args.nodes:
+        from bench.cluster_nodes import run_nodes
+        return run_nodes(args.nodes, args.messages or 600, args.clients, args.users, args.size, args.time_limit)
+    args.messages = args.messages or 200
     pg, s3 = PgServer(), S3Server()
     pg.start()
     try:

@@ -19,14 +19,18 @@ mailbox selected, in IDLE): postier's process RSS growth, and the growth of the 
 of all Dovecot processes; and a stress figure: 10 clients (--stress-clients) for 30 s
 (--stress-seconds) on one user with a small INBOX, each in a loop logging in, selecting, fetching
 flags and headers, storing flags, appending, expunging what it appended and logging out:
-commands per second and errors, on each server in turn. Both servers are spoken to over plain TCP on loopback so that TLS costs
-nothing on either side.
+commands per second, errors and the servers' CPU time per command (every process of the server,
+exited ones included), the servers taking turns in --stress-rounds rounds so that a busy moment of
+the machine hurts each alike. Both servers are spoken to over plain TCP on loopback so that TLS costs
+nothing on either side (Dovecot: `ssl = no`; postier's plain `imap` listener).
 
 With `--workers N` (N > 1) a third server, postier with `[server] workers = N` on its own copy of
-the Maildir, is timed in the same interleaved steps (docs/scaling.md).
+the Maildir, is timed in the same interleaved steps and stress rounds (docs/scaling.md).
+`--stress-only` runs the stress figure alone (no large mailbox, no idle-memory or step timings).
 
     python -m bench.imap_bench [--messages 100000] [--connections 1000] [--repeats 3]
-                               [--stress-seconds 30] [--keep] [--workers N]
+                               [--stress-seconds 30] [--stress-rounds 3] [--keep] [--workers N]
+    python -m bench imap --stress-only --workers 2      # the stress figure: 1 and 2 workers, Dovecot
 """
 
 from __future__ import annotations
@@ -369,8 +373,8 @@ def _stress_client(port: int, user: str, deadline: float, counts: list[int]) -> 
                 c.close()
 
 
-def stress(port: int, user: str, clients: int, seconds: float) -> tuple[float, int]:
-    """(commands per second, errors) of `clients` concurrent clients over `seconds`."""
+def stress(port: int, user: str, clients: int, seconds: float) -> tuple[int, int, float]:
+    """(commands answered OK, errors, seconds taken) of `clients` concurrent clients over `seconds`."""
     counts = [[0, 0] for _ in range(clients)]
     t0 = time.monotonic()
     deadline = t0 + seconds
@@ -381,7 +385,38 @@ def stress(port: int, user: str, clients: int, seconds: float) -> tuple[float, i
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t0
-    return sum(c[0] for c in counts) / elapsed, sum(c[1] for c in counts)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), elapsed
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) of a server's processes, their threads and their exited children
+    (a process's reaped children count in its cutime/cstime: Dovecot's short-lived imap processes)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def stress_rounds(servers: dict[str, tuple[int, Callable[[], list[int]]]], user: str, clients: int,
+                  seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+    """Each server `seconds` in all, in `rounds` turns interleaved: commands/s, errors, CPU ms per command."""
+    totals = {k: [0, 0, 0.0, 0.0] for k in servers}
+    for r in range(rounds):
+        for server, (port, pids) in servers.items():
+            print(f"{server}: stress round {r + 1}/{rounds}, {clients} clients, {seconds / rounds:.0f}s...", flush=True)
+            cpu0 = tree_cpu(pids())
+            n, errors, elapsed = stress(port, user, clients, seconds / rounds)
+            t = totals[server]
+            t[0] += n
+            t[1] += errors
+            t[2] += elapsed
+            t[3] += max(0.0, tree_cpu(pids()) - cpu0)
+    return {k: {"_stress": n / el, "_stress_errors": e, "_stress_cpu": cpu / n * 1000 if n else 0.0}
+            for k, (n, e, el, cpu) in totals.items()}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -480,7 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="also time postier with [server] workers = N")
     ap.add_argument("--stress-seconds", type=float, default=30.0, help="duration of the stress run (0: skip)")
     ap.add_argument("--stress-clients", type=int, default=10)
+    ap.add_argument("--stress-rounds", type=int, default=3, help="turns the servers take in the stress run")
+    ap.add_argument("--stress-only", action="store_true", help="only the stress figure")
     args = ap.parse_args(argv)
+    if args.stress_only:
+        args.messages = 0
+        args.stress_seconds = args.stress_seconds or 30.0
     if not args.no_dovecot and shutil.which("dovecot") is None:
         print("dovecot is not installed (Debian: dovecot-imapd); use --no-dovecot", file=sys.stderr)
         return 2
@@ -496,9 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.messages} messages in {time.monotonic() - t0:.1f}s", flush=True)
         t0 = time.monotonic()
         md = inst.maildir(f"bob@{DOMAIN}")
-        indexed = build_file(md.parent / FTS_NAME, [md])
-        fts_build = time.monotonic() - t0
-        print(f"postier full-text index: {indexed} messages in {fts_build:.1f}s", flush=True)
+        fts_build = 0.0
+        if not args.stress_only:
+            indexed = build_file(md.parent / FTS_NAME, [md])
+            fts_build = time.monotonic() - t0
+            print(f"postier full-text index: {indexed} messages in {fts_build:.1f}s", flush=True)
         dove: Dovecot | None = None
         if not args.no_dovecot:
             dove = Dovecot(tmp / "dovecot", args.connections)
@@ -511,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
             multi = start_postier(tmp, args.connections, args.workers)
             for user in ("bob", "idle", "stress"):
                 shutil.copytree(inst.maildir(f"{user}@{DOMAIN}"), multi.maildir(f"{user}@{DOMAIN}"), symlinks=True)
-            shutil.copy2(md.parent / FTS_NAME, multi.maildir(f"bob@{DOMAIN}").parent / FTS_NAME)  # the same index
+            if not args.stress_only:
+                shutil.copy2(md.parent / FTS_NAME, multi.maildir(f"bob@{DOMAIN}").parent / FTS_NAME)  # the same index
         inst.start(wait_role="imap")
         try:
             assert inst.proc is not None
@@ -526,29 +569,30 @@ def main(argv: list[str] | None = None) -> int:
             if dove is not None:
                 dove.start()
                 servers["dovecot"] = (dove.port, f"bob@{DOMAIN}", dove.pids)
-            # Memory first, on fresh processes: a Python process reuses memory freed by earlier
-            # large commands, which would hide what the connections cost.
-            print("postier: idle connections...", flush=True)
-            idle: dict[str, dict[str, float]] = {"postier": {}, "dovecot": {}}
-            idle["postier"]["_idle"] = idle_memory(inst.port("imap"), f"idle@{DOMAIN}", args.connections,
-                                                  lambda: [pid])[0]
-            if dove is not None:
-                print("dovecot: idle connections...", flush=True)
-                rss, pss = idle_memory(dove.port, f"idle@{DOMAIN}", args.connections, dove.pids)
-                idle["dovecot"]["_idle"] = rss
-                idle["dovecot"]["_idle_pss"] = pss
-            print("timing (interleaved)...", flush=True)
-            results = measure(servers, args.repeats)
-            for k, v in results.items():
-                v.update(idle.get(k, {}))
+            results = {k: {} for k in servers}
+            if not args.stress_only:
+                # Memory first, on fresh processes: a Python process reuses memory freed by earlier
+                # large commands, which would hide what the connections cost.
+                print("postier: idle connections...", flush=True)
+                idle: dict[str, dict[str, float]] = {"postier": {}, "dovecot": {}}
+                idle["postier"]["_idle"] = idle_memory(inst.port("imap"), f"idle@{DOMAIN}", args.connections,
+                                                      lambda: [pid])[0]
+                if dove is not None:
+                    print("dovecot: idle connections...", flush=True)
+                    rss, pss = idle_memory(dove.port, f"idle@{DOMAIN}", args.connections, dove.pids)
+                    idle["dovecot"]["_idle"] = rss
+                    idle["dovecot"]["_idle_pss"] = pss
+                print("timing (interleaved)...", flush=True)
+                results = measure(servers, args.repeats)
+                for k, v in results.items():
+                    v.update(idle.get(k, {}))
             results["postier"]["_fts_build"] = fts_build
             if args.stress_seconds > 0:
-                for server, (port, _user, _pids) in servers.items():
-                    print(f"{server}: stress, {args.stress_clients} clients, {args.stress_seconds:.0f}s...",
-                          flush=True)
-                    rate, errors = stress(port, f"stress@{DOMAIN}", args.stress_clients, args.stress_seconds)
-                    results[server]["_stress"] = rate
-                    results[server]["_stress_errors"] = errors
+                trees = {k: (port, tree) for k, (port, _user, tree) in servers.items()}
+                figures = stress_rounds(trees, f"stress@{DOMAIN}", args.stress_clients, args.stress_seconds,
+                                        max(1, args.stress_rounds))
+                for k, v in figures.items():
+                    results[k].update(v)
         finally:
             inst.stop()
             if multi is not None:
@@ -569,6 +613,9 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
     d = results.get("dovecot")
     m = results.get("postier-n")
     print()
+    if args.stress_only:
+        report_stress(results, args)
+        return
     print(f"IMAP benchmark: {args.messages} messages, {args.connections} idle connections")
     many = f"postier {args.workers}w" if m else ""
     print(f"{'':34} {'postier':>12} {many:>12} {'dovecot':>12} {'postier/dovecot':>16}")
@@ -594,10 +641,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
     if d:
         print(f"{'  dovecot PSS per connection':34} {'':>12} {'':>12} {d['_idle_pss']:>10.0f}KB")
     if "_stress" in p:
-        ds = d.get("_stress") if d else None
-        print(f"{'stress: commands/s (errors)':34} {p['_stress']:>9.0f}/s {'' if ds is None else f'{ds:>9.0f}/s':>12} "
-              f"{(f'{p['_stress'] / ds:.2f}' if ds else '-'):>16}   errors {p['_stress_errors']:.0f}"
-              + ("" if d is None else f" / {d['_stress_errors']:.0f}"))
+        report_stress(results, args)
     print(f"postier full-text index built from the Maildir before the run: {p['_fts_build']:.1f}s"
           " (Dovecot: no FTS plugin)")
     checks = [(k, p.get(k), d.get(k) if d else None)
@@ -605,6 +649,21 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
                         "_bodies")]
     print("sanity (postier, dovecot): " + ", ".join(f"{k[1:]}={a:.0f}/{b if b is None else f'{b:.0f}'}"
                                                    for k, a, b in checks))
+
+
+def report_stress(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    """The stress figure: each server's commands/s, its ratio to Dovecot's, errors, CPU per command."""
+    d = results.get("dovecot")
+    print(f"stress: {args.stress_clients} clients, {args.stress_seconds:.0f}s each in {args.stress_rounds} rounds "
+          "(login, select, fetch, store, append, expunge, logout)")
+    names = {"postier": "postier 1 worker", "postier-n": f"postier {args.workers} workers", "dovecot": "dovecot"}
+    for key, label in names.items():
+        r = results.get(key)
+        if r is None or "_stress" not in r:
+            continue
+        ratio = f"{r['_stress'] / d['_stress']:.2f}x dovecot" if d and d.get("_stress") and key != "dovecot" else ""
+        print(f"  {label:20} {r['_stress']:>7.0f} commands/s  {ratio:>14}  errors {r['_stress_errors']:.0f}"
+              f"  CPU {r['_stress_cpu']:.2f} ms/command")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 StrPath = str | os.PathLike[str]
@@ -41,6 +43,45 @@ def fsync_dir(path: StrPath) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_together: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _together
+    _together = None  # a forked worker has none of the parent's threads: it makes its own pool
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def together(calls: Sequence[Callable[[], None]]) -> None:
+    """Run fsync steps that do not depend on each other at the same time (the last in this thread,
+    the others in helper threads), and return when all are done: the file system commits them in
+    one journal commit (one flush of the disk's cache) rather than one each. The first error is
+    raised, after every step has finished."""
+    global _together
+    if len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with _lock:
+        if _together is None:
+            _together = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+        pool = _together
+    futures = [pool.submit(call) for call in calls[:-1]]
+    error: BaseException | None = None
+    try:
+        calls[-1]()
+    except BaseException as exc:
+        error = exc
+    for f in futures:
+        failed = f.exception()
+        if failed is not None and error is None:
+            error = failed
+    if error is not None:
+        raise error
 
 
 def fsync_file(path: StrPath) -> None:

@@ -6,6 +6,7 @@ themselves are recorded (os.fsync is wrapped to note the directory each descript
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,31 @@ def test_a_remembered_directory_removed_meanwhile_is_made_again(tmp_path: Path, 
     durable.forget(md)  # what ensure_maildir(again=True) does
     durable.ensure_dirs(md / "new")
     assert (md / "new").is_dir()
+
+
+def test_together_runs_every_step_at_once_and_raises_the_first_error(tmp_path: Path, synced: list[str]) -> None:
+    """`together`: independent fsyncs in parallel threads (the file system commits them at once);
+    every step runs even when one fails, and the error comes out after all have finished."""
+    import threading
+
+    dirs = [tmp_path / n for n in ("a", "b", "c")]
+    for d in dirs:
+        d.mkdir()
+    threads: set[str] = set()
+
+    def step(d: Path) -> None:
+        threads.add(threading.current_thread().name)
+        durable.fsync_dir(d)
+
+    durable.together([functools.partial(step, d) for d in dirs])
+    assert sorted(synced) == [str(d) for d in dirs]
+    assert len(threads) >= 2 and threading.current_thread().name in threads  # the last one here
+    synced.clear()
+
+    def boom() -> None:
+        raise OSError(5, "EIO")
+
+    with pytest.raises(OSError, match="EIO"):
+        durable.together([boom, lambda: durable.fsync_dir(dirs[0])])
+    assert synced == [str(dirs[0])]
+    durable.together([])  # nothing to do

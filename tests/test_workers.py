@@ -137,6 +137,72 @@ def test_idle_wakes_across_workers(inst: Instance) -> None:
     assert woke < 5.0, woke
 
 
+def test_notify_rename_across_workers(inst: Instance) -> None:
+    """RFC 5465 §5.4: a rename in one worker reaches a NOTIFY session in the other as one LIST with
+    OLDNAME (the rename travels on the workers' bus)."""
+    user = add_cheap_user(inst, "notify@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.38")
+    with a, b:
+        assert b.imap(b"n", b"NOTIFY SET (PERSONAL (MailboxName))")[1].startswith(b"n OK")
+        b.sock.settimeout(10)
+        assert a.imap(b"c", b"CREATE Alt")[1].startswith(b"c OK")
+        assert b.line() == b'* LIST () "." "Alt"'
+        assert a.imap(b"r", b"RENAME Alt Neu")[1].startswith(b"r OK")
+        assert b.line() == b'* LIST () "." "Neu" ("OLDNAME" ("Alt"))'
+
+
+def test_changes_in_one_worker_reach_the_others_selected_session_at_the_next_command(inst: Instance) -> None:
+    """A change made through the index in one worker (APPEND, STORE, EXPUNGE) is announced by the
+    other worker at the end of any command (not only NOOP), read again from the index alone."""
+    user = add_cheap_user(inst, "next@w.test")
+    a, b = imap_pair(inst, user, "127.0.0.39")
+    msg = b"Subject: next\r\n\r\nx\r\n"
+    with a, b:
+        assert a.imap(b"a", b"APPEND INBOX {%d+}\r\n" % len(msg) + msg)[1].startswith(b"a OK")
+        u, t = b.imap(b"s", b"SELECT INBOX")
+        assert t.startswith(b"s OK") and b"* 1 EXISTS" in u
+        assert a.imap(b"a", b"APPEND INBOX {%d+}\r\n" % len(msg) + msg)[1].startswith(b"a OK")
+        u, t = b.imap(b"f", b"UID FETCH 1 (FLAGS)")
+        assert t.startswith(b"f OK") and b"* 2 EXISTS" in u, u
+        assert a.imap(b"s", b"SELECT INBOX")[1].startswith(b"s OK")
+        assert a.imap(b"x", b"STORE 1 +FLAGS.SILENT (\\Flagged \\Deleted)")[1].startswith(b"x OK")
+        u, t = b.imap(b"f", b"UID FETCH 2 (FLAGS)")
+        assert t.startswith(b"f OK") and any(ln.startswith(b"* 1 FETCH") and b"\\Flagged" in ln for ln in u), u
+        assert a.imap(b"e", b"EXPUNGE")[1].startswith(b"e OK")
+        u, t = b.imap(b"g", b"UID STORE 2 +FLAGS.SILENT (\\Seen)")  # UID commands allow an EXPUNGE
+        assert t.startswith(b"g OK") and b"* 1 EXPUNGE" in u, u
+
+
+def test_a_delivery_in_either_worker_reaches_a_selected_session_without_noop(inst: Instance) -> None:
+    """A delivery writes files no index knows: the other worker is told so on the bus and reads the
+    directory at its session's next command (here UID FETCH, polled a bounded number of times: the
+    bus is a datagram that may arrive after the SMTP reply)."""
+    user = add_cheap_user(inst, "deliv@w.test")
+    with Line(inst.addr("imap"), "127.0.0.40") as c:
+        assert c.imap(b"l", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())[1].startswith(b"l OK")
+        assert c.imap(b"s", b"SELECT INBOX")[1].startswith(b"s OK")
+        def sock(s: smtplib.SMTP) -> socket.socket:
+            assert s.sock is not None
+            return s.sock
+
+        s1, s2 = spread(inst, lambda: smtplib.SMTP(*inst.addr("smtp"), timeout=10, source_address=("127.0.0.40", 0)),
+                        sock, smtplib.SMTP.close)
+        try:
+            for i, s in enumerate((s1, s2), 1):
+                s.sendmail("sender@example.net", [user], b"From: sender@example.net\r\nSubject: d\r\n\r\nx\r\n")
+                for _ in range(50):
+                    u, t = c.imap(b"f", b"UID FETCH 1:* (UID)")
+                    assert t.startswith(b"f OK"), t
+                    if b"* %d EXISTS" % i in u:
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError(f"delivery {i} not announced")
+        finally:
+            s1.close()
+            s2.close()
+
+
 def test_uids_stay_unique_when_both_workers_append(inst: Instance) -> None:
     user = add_cheap_user(inst, "uids@w.test")
     a, b = imap_pair(inst, user, "127.0.0.32")

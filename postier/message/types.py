@@ -326,6 +326,9 @@ class MailDelivery(Protocol):
                                  envelope_from: str, folder: str | None = None) -> LocalOutcome:
         """Deliver durably to every user the recipients reach, each once."""
 
+    def quota_used(self, user: User) -> int:
+        """Bytes the user's mailboxes use now, for the quota check at RCPT (blocking)."""
+
 
 def remote_targets(recipients: Iterable[Recipient]) -> list[str]:
     """The addresses outside our domains that the recipients expand to, once each, in order."""

@@ -173,7 +173,7 @@ class SMTPPipeline:
             return self.expand(env, addr.mailbox, res, params)
         reply = self.expand(env, addr.mailbox, res, params)
         if reply.is_success:
-            full = await rcpt_refusal(self.config, env, env.recipients[-1])  # pipeline/quota.py
+            full = await rcpt_refusal(self.config, env, env.recipients[-1], self.mda)  # pipeline/quota.py
             if full is not None:
                 env.recipients.pop()
                 return full

@@ -22,10 +22,10 @@ from email.utils import formatdate, make_msgid
 
 from ..config import Config
 from ..message.received import return_path
-from ..message.types import Envelope, LocalOutcome, Recipient, User
+from ..message.types import Envelope, LocalOutcome, MailDelivery, Recipient, User
 from ..proto.smtp.replies import Reply
 from ..store.delivery import LocalDelivery
-from ..store.maildir import QuotaHold
+from ..store.errors import StoreError
 from ..store.quota import format_size
 
 __all__ = ["R452_MAILBOX_FULL", "R552_MAILBOX_FULL", "QuotaWarnings", "full_recipients", "quota_reply",
@@ -47,25 +47,25 @@ def _declared_size(env: Envelope) -> int:
     return int(raw) if raw.isdigit() and len(raw) < 16 else 0
 
 
-def _is_full(config: Config, user: User, size: int) -> bool:
+def _is_full(mda: MailDelivery, user: User, size: int) -> bool:
     if user.quota is None or user.mailbox_format != "maildir":
         return False
     try:
-        used = QuotaHold(config.mail_root, user).usage()
-    except (sqlite3.Error, OSError) as exc:  # a damaged index: the store decides after DATA
+        used = mda.quota_used(user)  # the Maildir index's count, or cluster mode's PostgreSQL rows
+    except (sqlite3.Error, OSError, StoreError) as exc:  # a damaged index: the store decides after DATA
         log.warning("%s: quota check at RCPT failed: %s", user.address, exc)
         return False
     return used >= user.quota or used + size > user.quota
 
 
-async def rcpt_refusal(config: Config, env: Envelope, rcpt: Recipient) -> Reply | None:
+async def rcpt_refusal(config: Config, env: Envelope, rcpt: Recipient, mda: MailDelivery) -> Reply | None:
     """The quota reply for a recipient just accepted when every mailbox it reaches is full (an alias
     reaching some room somewhere is accepted; the full ones are handled after DATA), else None."""
     users = [u for u in rcpt.users if u.quota is not None]
     if not users or rcpt.remote or len(users) != len(rcpt.users):
         return None
     size = _declared_size(env)
-    full = await asyncio.to_thread(lambda: all(_is_full(config, u, size) for u in users))
+    full = await asyncio.to_thread(lambda: all(_is_full(mda, u, size) for u in users))
     return quota_reply(config) if full else None
 
 
@@ -85,7 +85,8 @@ class QuotaWarnings:
     (store/quota.py `warning_due`: once per crossing, re-armed when the usage went below), one
     warning into the user's INBOX through the same local delivery (`LocalDelivery.deliver`), with
     the null sender and ``Auto-Submitted: auto-generated`` (RFC 3834 §5), so nothing answers it.
-    Wired in server/app.py as a `LocalDelivery.listeners` entry."""
+    Wired in server/app.py as a `LocalDelivery.listeners` entry (in cluster mode too: the MDA keeps
+    the warned level, `LocalDelivery.quota_warning_due`)."""
 
     def __init__(self, config: Config, mda: LocalDelivery) -> None:
         self.config = config
@@ -105,7 +106,7 @@ class QuotaWarnings:
     async def _check(self, user: User) -> None:
         assert user.quota is not None
         try:
-            level = await asyncio.to_thread(QuotaHold(self.config.mail_root, user).warning_due)
+            level = await asyncio.to_thread(self.mda.quota_warning_due, user)
             if level is not None:
                 await self.mda.deliver([(user, None)], return_path(""), self.warning(user, level, user.quota), "")
                 log.info("%s: quota warning at %d%%", user.address, level)

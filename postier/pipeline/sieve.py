@@ -36,9 +36,10 @@ from ..sieve import CompileError, Environment, Limits, Message, Script, compile_
 from ..sieve.outcome import Delivery, Plan, plan
 from ..store.delivery import LocalDelivery
 from ..store.index import encode_suffix, names_to_flags
-from ..store.mailbox import MailStore
 from ..store.maildir import DeliveryError, folder_root
-from ..store.sieve import ScriptStore, TrackingStore
+from ..store.api import MailStoreAPI
+from ..store.errors import StoreError
+from ..store.sieve import FileSieveStorage, Scripts, SieveStorage, Tracking
 
 __all__ = ["SieveFilter", "SieveOutcome"]
 
@@ -51,11 +52,6 @@ class SieveOutcome:
 
     local: LocalOutcome
     refused: dict[str, Reply]  # recipient address -> 550 5.7.1 (RFC 5429 §2.2)
-
-
-def sieve_dir(mail_root: Path, user: User) -> Path:
-    """The user's script directory (under the containment-checked home)."""
-    return user.home(mail_root) / "sieve"
 
 
 def _load(key: str, path: Path) -> Script:
@@ -72,7 +68,8 @@ class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
     def __init__(self, config: Config, mda: LocalDelivery, queue: Enqueuer, signer: Signer | None,
-                 srs: SRS | None = None, mailstore: MailStore | None = None, arc: ARCSealer | None = None) -> None:
+                 srs: SRS | None = None, mailstore: MailStoreAPI | None = None, arc: ARCSealer | None = None,
+                 storage: SieveStorage | None = None) -> None:
         self.config = config
         self.arc = arc  # seals redirected mail (RFC 8617)
         self.mailstore = mailstore  # registers the keywords a script gives a stored message
@@ -81,6 +78,8 @@ class SieveFilter:
         self.queue = queue
         self.signer = signer
         s = config.sieve
+        #: scripts and tracking: each user's home, or PostgreSQL in cluster mode
+        self.storage = storage or FileSieveStorage(config.mail_root, s.max_scripts, s.max_script_size)
         self.limits = Limits(max_redirects=s.max_redirects)
         # Vacation and duplicate decisions are read-then-write on the user's tracking store: one user's
         # deliveries plan one at a time (striped locks: bounded, whatever the number of users).
@@ -89,9 +88,8 @@ class SieveFilter:
         self._domain_default = {domain.lower().rstrip("."): _load(f"sieve.domain_scripts.{domain}", path)
                                 for domain, path in s.domain_scripts.items()}
 
-    def store_for(self, user: User) -> ScriptStore:
-        s = self.config.sieve
-        return ScriptStore(sieve_dir(self.config.mail_root, user), s.max_scripts, s.max_script_size)
+    def store_for(self, user: User) -> Scripts:
+        return self.storage.scripts(user)
 
     def _script(self, user: User) -> Script | None:
         """The user's active script (compiled), else their domain's default, else the server's (blocking)."""
@@ -111,11 +109,20 @@ class SieveFilter:
         for r in recipients:
             for u in r.users:
                 owners.setdefault(u.address, (u, r))
-        scripts = {a: await asyncio.to_thread(self._script, u) for a, (u, _r) in owners.items()}
-        plain = [dataclasses.replace(r, users=tuple(u for u in r.users if scripts[u.address] is None))
+        scripts: dict[str, Script | None] = {}
+        unavailable: set[str] = set()  # whose script could not be read: nothing delivered, 4xx (retried)
+        for a, (u, _r) in owners.items():
+            try:
+                scripts[a] = await asyncio.to_thread(self._script, u)
+            except (StoreError, OSError) as exc:  # e.g. cluster mode's PostgreSQL unreachable
+                log.error("%s: cannot read the Sieve script of %s: %s", env.qid, u.address, exc)
+                scripts[a] = None
+                unavailable.add(a)
+        plain = [dataclasses.replace(r, users=tuple(u for u in r.users if scripts[u.address] is None
+                                                    and u.address not in unavailable))
                  for r in recipients]
         outcome = await self.mda.deliver_recipients(plain, prefix, body, env.mail_from, folder)
-        failed = set(outcome.failed_users)
+        failed = set(outcome.failed_users) | unavailable
         refused: dict[str, Reply] = {}
         filtered = [(u, r, s) for a, (u, r) in owners.items() if (s := scripts[a]) is not None]
         raw = prefix + await asyncio.to_thread(body.getvalue) if filtered else b""
@@ -196,8 +203,21 @@ class SieveFilter:
             return ""
 
     def _exists(self, user: User, box: str) -> bool:
+        """RFC 5490 §3.1 mailboxexists (blocking): the Maildir folder, else the mail store's (cluster mode)."""
         try:
-            return folder_root(user.maildir(self.config.mail_root), box).is_dir()
+            if folder_root(user.maildir(self.config.mail_root), box).is_dir():
+                return True
+        except Exception:
+            return False
+        store = self.mailstore
+        if store is None:
+            return False
+        try:
+            mb = store.acquire(user)
+            try:
+                return mb.exists(box)
+            finally:
+                store.release(mb)
         except Exception:
             return False
 
@@ -205,14 +225,14 @@ class SieveFilter:
               single: bool) -> Plan:
         """Run the script and plan its result (blocking: a worker thread)."""
         with self._locks[zlib.crc32(user.address.lower().encode()) % len(self._locks)]:
-            tracking = TrackingStore(sieve_dir(self.config.mail_root, user))
+            tracking = self.storage.tracking(user)
             try:
                 return self._plan_locked(env, user, rcpt, script, raw, default, single, tracking)
             finally:
                 tracking.close()
 
     def _plan_locked(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
-                     single: bool, tracking: TrackingStore) -> Plan:
+                     single: bool, tracking: Tracking) -> Plan:
         message = Message(raw)
         now = time.time()
         senv = Environment(

@@ -55,6 +55,7 @@ from ..resolver import BaseResolver, make_resolver
 from ..store.accountdb import open_accounts, open_key_store
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
+from ..store.sieve import SieveStorage
 from . import notify, privileges, reload, sockets, stats
 from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
@@ -186,6 +187,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     mda: LocalDelivery
     mailstore: MailStore | ClusterStore
     spool: QueueSpool | None = None  # None: this node's spool (queue/spool.py)
+    sieve_storage: SieveStorage | None = None  # None: each user's home (store/sieve.py)
     if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
         from ..store.cluster import require_extra
         require_extra()
@@ -193,6 +195,8 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
         spool = ClusterSpool(mailstore, config.cluster.queue_lease)  # the queue every node shares
+        sieve_storage = mailstore.sieve_storage(config.sieve.max_scripts, config.sieve.max_script_size)
+        mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 %, state in PostgreSQL
     else:
         mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent, metrics=metrics)
         mailstore = MailStore(config.mail_root, config.mailbox.special_use_folders,
@@ -245,8 +249,8 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
                                tls=tls_reports if config.tlsrpt.send_reports else None)
     # RFC 8617: forwarded copies (aliases, Sieve redirect) sealed with the domain's DKIM key
     arc = ARCSealer(dkim.store, config.authserv_id) if dkim is not None and config.mailauth.arc else None
-    sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore if isinstance(mailstore, MailStore) else None,
-                        arc) if config.sieve.enabled else None
+    sieve = SieveFilter(config, mda, queue, dkim, srs, mailstore, arc,
+                        sieve_storage) if config.sieve.enabled else None
     # What happens between MAIL FROM and 250, per SMTP-family role.
     outbound_scan = spam if a.scan_outbound and rspamd is not None else None
     submission = functools.partial(SubmissionPipeline, config, accounts, mda, queue, dkim, outbound_scan)

@@ -57,10 +57,11 @@ from ..proto.imap.notify import plan as notify_plan
 from ..proto.imap.states import State
 from ..proto.imap.url import UrlError, parse_url
 from ..store import errors as E
-from ..store.api import Mailboxes, MailStoreAPI, MessageRow, StatusInfo
+from ..store.api import FolderSnapshot, Mailboxes, MailStoreAPI, MessageRow, StatusInfo
 from ..store.errors import StoreError
 from ..store.index import flags_to_names
 from ..store.maildir import SpoolFile
+from ..store.mailbox import NAMES as NOTIFY_NAMES
 from ..store.mailbox import SEPARATOR, normalize_name
 from .auth import settle
 from .base import READ_SIZE, CommandTimeout, Session
@@ -154,6 +155,8 @@ class IMAPSession(Session):
         self._nstatus: dict[str, tuple[int, int, int, int]] = {}
         self._nfolders: set[str] = set()
         self._nsubs: set[str] = set()
+        self._nrenames = 0  # the notifier's last rename number when the names were last read
+        self._notifying = False  # sending NOTIFY's events between commands (written without waiting)
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -161,20 +164,34 @@ class IMAPSession(Session):
         self.out.append(data)
         self.out_size += len(data)
 
+    def _write_out(self) -> int:
+        """Hand what was sent to the transport (without waiting for the client); its size."""
+        if not self.out:
+            return 0
+        data = b"".join(self.out)
+        self.out.clear()
+        self.out_size = 0
+        self.writer.write(data)
+        return len(data)
+
     async def flush(self) -> None:
         if self.out:
-            data = b"".join(self.out)
-            self.out.clear()
-            self.out_size = 0
-            self.writer.write(data)
+            size = self._write_out()
             lim = self.cfg.limits
             # A client that stops reading is dropped like one that stops sending.
-            async with asyncio.timeout(lim.command_timeout + len(data) / lim.min_data_rate):
+            async with asyncio.timeout(lim.command_timeout + size / lim.min_data_rate):
                 await self.writer.drain()
 
     async def maybe_flush(self) -> None:
         if self.out_size >= FLUSH_AT:
-            await self.flush()
+            if self._notifying:  # NOTIFY's events between commands: bounded by NOTIFY_MAX_PENDING instead
+                self._write_out()
+            else:
+                await self.flush()
+
+    def _unread(self) -> int:
+        """Bytes sent to the client that it has not yet taken (beyond what the kernel holds)."""
+        return self.out_size + self.writer.transport.get_write_buffer_size()
 
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self.store.call(fn, *args)
@@ -542,7 +559,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
-        await self._names_changed()
+        await self._names_changed(renamed=(old, normalize_name(cmd.new_mailbox)))
         if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
@@ -722,6 +739,8 @@ class IMAPSession(Session):
             unwatch()
         self._nwatches.clear()
         mb = self._mbox()
+        notifier = self.store.notifier
+        self._nrenames = notifier.renames_since(user.address, self._nrenames)[0]  # before the names are read
         self._nfolders = {f.name for f in await self.call(mb.list_folders)}
         self._nsubs = set(await self.call(mb.subscriptions))
         covered = sorted(n for n in self._nfolders
@@ -729,7 +748,6 @@ class IMAPSession(Session):
         if len(covered) > NOTIFY_MAX_MAILBOXES:
             self._notify_off()
             return False
-        notifier = self.store.notifier
         for name in covered:
             self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
                                                  functools.partial(self._on_change, name)))
@@ -748,8 +766,13 @@ class IMAPSession(Session):
         NOTIFICATIONOVERFLOW (RFC 5465 §5.8)."""
         if await self._notify_rewatch(send_status=False):
             return True
-        self.send(R.untagged_status("OK", "NOTIFY is off: too many mailboxes", Code.named("NOTIFICATIONOVERFLOW")))
+        self._notify_overflow("too many mailboxes")
         return False
+
+    def _notify_overflow(self, why: str) -> None:
+        """RFC 5465 §5.8: events are lost from here on; the client must assume NOTIFY NONE."""
+        self._notify_off()
+        self.send(R.untagged_status("OK", f"NOTIFY is off: {why}", Code.named("NOTIFICATIONOVERFLOW")))
 
     def _status_items(self, info: StatusInfo) -> list[tuple[str, int]]:
         items = [("MESSAGES", info.messages), ("UIDNEXT", info.uidnext), ("UIDVALIDITY", info.uidvalidity)]
@@ -757,11 +780,14 @@ class IMAPSession(Session):
             items.append(("HIGHESTMODSEQ", info.highestmodseq))
         return items
 
-    async def _names_changed(self) -> None:
+    async def _names_changed(self, renamed: tuple[str, str] | None = None) -> None:
         """This session created, deleted, renamed or (un)subscribed a mailbox: tell the user's
         other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
         if self.user is not None:
-            self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
+            if renamed is not None:
+                self.store.notifier.renamed(self.user.address, *renamed)
+            else:
+                self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
         if self._nplan is not None:
             try:
                 if await self._notify_rewatch_or_overflow():
@@ -786,11 +812,21 @@ class IMAPSession(Session):
         try:
             while True:
                 if self._nchanged:
+                    if self._nplan is None:  # NOTIFICATIONOVERFLOW ended NOTIFY in this wait
+                        self._nchanged.clear()
+                        continue
+                    if self._unread() > NOTIFY_MAX_PENDING:  # RFC 5465 §5.8: the client does not keep up
+                        self._notify_overflow("the client is not reading its notifications")
+                        self._write_out()
+                        continue
+                    self._notifying = True  # written without waiting for the client: bounded above
                     try:
                         await self._notify_updates(selected=True)
                     except StoreError as exc:  # e.g. a mailbox deleted meanwhile: the next event retries
                         log.info("imap: NOTIFY update for %s failed: %s", self.user.address, exc)
-                    await self.flush()
+                    finally:
+                        self._notifying = False
+                    self._write_out()
                     continue
                 if self.closing:
                     raise asyncio.CancelledError
@@ -866,19 +902,33 @@ class IMAPSession(Session):
             await self.maybe_flush()
 
     async def _notify_names(self) -> None:
-        """RFC 5465 §5.4/§5.5: LIST for mailboxes created or deleted (a rename shows as both) and
+        """RFC 5465 §5.4/§5.5: LIST for mailboxes created, deleted or renamed (with OLDNAME) and
         for subscriptions changed, by other sessions."""
-        nplan = self._nplan
-        assert nplan is not None
+        nplan, user = self._nplan, self.user
+        assert nplan is not None and user is not None
         before, subs_before = self._nfolders, self._nsubs
+        renames = self.store.notifier.renames_since(user.address, self._nrenames)[1]
         if not await self._notify_rewatch_or_overflow():
             return
         after, subs_after = self._nfolders, self._nsubs
+        gone, new = before - after, after - before
+        oldnames: dict[str, str] = {}  # new name -> old name, for the renames seen in this change
+        for old, renamed_to in renames:
+            for name in sorted(gone):
+                if name == old or name.startswith(old + SEPARATOR):  # children move with their parent
+                    moved = renamed_to + name[len(old):]
+                    if moved in new and moved not in oldnames:
+                        oldnames[moved] = name
+        gone -= set(oldnames.values())
         utf8 = self.core.utf8
-        for name in sorted(after - before):
-            if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
+        for name in sorted(new):
+            if name in oldnames:  # RFC 5465 §5.4, RFC 5258 §3.4: a rename is one LIST with OLDNAME
+                if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR) \
+                        or "MAILBOXNAME" in nplan.events_for(oldnames[name], subs_before, SEPARATOR):
+                    self.send(R.list_response([], SEPARATOR, name, utf8=utf8, oldname=oldnames[name]))
+            elif "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
                 self.send(R.list_response([], SEPARATOR, name, utf8=utf8))
-        for name in sorted(before - after):
+        for name in sorted(gone):
             if "MAILBOXNAME" in nplan.events_for(name, subs_before, SEPARATOR):
                 self.send(R.list_response(["\\NonExistent"], SEPARATOR, name, utf8=utf8))
         for name in sorted(subs_after ^ subs_before):
@@ -970,8 +1020,11 @@ class IMAPSession(Session):
         if sel is None:
             return
         mb = self._mbox()
-        try:
-            snap = await self.call(mb.snapshot, sel.name, sync)
+        old_max = sel.uids[-1] if sel.uids else 0
+        claim = not core.rev2 and not sel.readonly
+        try:  # what the notification point may need from the store, in one step (`_store_updates`)
+            snap, claimed, rows = await self.call(mb.at_once, _store_updates, mb, sel.name, sync, claim, old_max,
+                                                  sel.modseq_seen if flags else None)
         except StoreError:
             self.send(R.bye("Selected mailbox no longer exists"))
             raise _Disconnect() from None
@@ -984,12 +1037,14 @@ class IMAPSession(Session):
         for line in res.out:
             self.send(line)
         if res.grew and not core.rev2:
-            claimed = None if sel.readonly else await self.call(mb.claim_recent, sel.name)
+            if claimed is None and not sel.readonly:
+                claimed = await self.call(mb.claim_recent, sel.name)
             recent = core.recent(claimed, res.old_max)
             if recent is not None:
                 self.send(recent)
         if res.flags_since is not None and flags:
-            rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
+            if rows is None or res.flags_since != sel.modseq_seen or res.old_max != old_max:
+                rows = await self.call(mb.changed_since, sel.name, res.flags_since, res.old_max)
             changes = [FlagChange(uid, tuple(flags_to_names(flags, kws)), modseq) for uid, flags, kws, modseq in rows]
             for line in core.flag_updates(changes, snap.highestmodseq):
                 self.send(line)
@@ -1273,8 +1328,22 @@ class IMAPSession(Session):
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
 
+def _store_updates(mb: Mailboxes, name: str, sync: bool, claim: bool, old_max: int, modseq_seen: int | None
+                   ) -> tuple[FolderSnapshot, int | None, list[tuple[int, int, str, int]] | None]:
+    """A notification point's reads, in one store step (`Mailboxes.at_once`): the folder's snapshot;
+    when it holds messages beyond `old_max` and `claim`, the \\Recent claim (RFC 3501 §2.3.2); when
+    its HIGHESTMODSEQ passed `modseq_seen`, the flag changes since then among the known messages."""
+    snap = mb.snapshot(name, sync)
+    claimed = mb.claim_recent(name) if claim and snap.uids and snap.uids[-1] > old_max else None
+    rows = mb.changed_since(name, modseq_seen, old_max) \
+        if modseq_seen is not None and snap.highestmodseq > modseq_seen else None
+    return snap, claimed, rows
+
+
 NOTIFY_MAX_MAILBOXES = 1000  # mailboxes one NOTIFY may watch (each is polled while watched)
-NOTIFY_NAMES = "\x00names"  # the notifier's key for a user's mailbox names and subscriptions
+#: Bytes of events a client may leave unread (beyond the kernel's socket buffers) between commands
+#: before NOTIFY ends with NOTIFICATIONOVERFLOW (RFC 5465 §5.8).
+NOTIFY_MAX_PENDING = 256 * 1024
 _LEARNING: set[asyncio.Future[None]] = set()  # training requests being queued (kept from the GC)
 
 

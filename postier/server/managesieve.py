@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from ..proto import managesieve as core
 from ..proto import sasl
 from ..sieve import CAPABILITIES, CompileError, compile_script
-from ..store.sieve import ScriptError, ScriptStore
+from ..store.errors import StoreError
+from ..store.sieve import ScriptError, Scripts
 from ..metrics import Metrics
 from .auth import AccountLookup, settle
 from .base import Session
@@ -41,7 +42,7 @@ READ_SIZE = 65536
 @dataclass(frozen=True)
 class ManageSieveBackend:
     accounts: AccountLookup  # what `settle` answers SASL exchanges from
-    store_for: Callable[[str], ScriptStore]
+    store_for: Callable[[str], Scripts]
     tls_context: ssl.SSLContext | None
     settings: core.ManageSieveSettings
     idle_timeout: float = 600.0
@@ -107,7 +108,7 @@ def _check(data: bytes) -> None:
         raise ScriptError("\r\n".join(str(err) for err in e.errors)) from None
 
 
-def _answer(conn: core.ManageSieveConnection, store: ScriptStore, ev: core.ScriptCommand) -> None:
+def _answer(conn: core.ManageSieveConnection, store: Scripts, ev: core.ScriptCommand) -> None:
     """One script command against the store (blocking: run in a thread)."""
     args = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in ev.args]
     try:
@@ -142,7 +143,7 @@ def _answer(conn: core.ManageSieveConnection, store: ScriptStore, ev: core.Scrip
                 conn.no("unsupported command")
     except ScriptError as e:
         conn.no(str(e), e.code or None)
-    except OSError:
+    except (OSError, StoreError):  # a disk error, or cluster mode's PostgreSQL unreachable
         conn.no("temporary storage failure", "TRYLATER")
 
 
@@ -156,7 +157,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
         peer = writer.get_extra_info("peername")
         peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
     auth = _Auth(conn, backend, peer_ip)
-    store: ScriptStore | None = None
+    store: Scripts | None = None
     try:
         writer.write(conn.data_to_send())
         await writer.drain()
@@ -216,7 +217,7 @@ class ManageSieveSession(Session):
         sieve = app.sieve
         accounts = app.accounts
 
-        def store_for(name: str) -> ScriptStore:
+        def store_for(name: str) -> Scripts:
             user = accounts.get_user(name)
             if user is None or sieve is None:  # removed meanwhile: an empty store nobody reads
                 raise ConnectionError("account vanished")

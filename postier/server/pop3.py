@@ -5,12 +5,12 @@ A short loop between the socket and the sans-IO core (`proto.pop3`): read, feed,
 write. The maildrop is the user's INBOX in the mailbox store shared with IMAP (`store.mailbox`), so
 UIDL values are the IMAP identity of each message (UID and UIDVALIDITY) and a RETR sets \\Seen there.
 
-Maildrop lock (RFC 1939 §8): an exclusive `flock()` on `postier-pop3.lock` in the user's home
-directory, taken when the user logs in and released after the UPDATE state or when the connection
-drops. `flock()` conflicts between separate opens of the file, so one lock serves two sessions in
-this process and two postier processes alike, and the kernel drops it if the process dies. A
-session's listing is fixed at login (RFC 1939 §5: message numbers stay valid for the session): mail
-delivered meanwhile shows up in the next session. Deletions happen only in the UPDATE state after
+Maildrop lock (RFC 1939 §8): the store's `lock_maildrop` (an exclusive `flock()` on
+`postier-pop3.lock` in the user's home directory, `store.maildrop`; in cluster mode a PostgreSQL
+advisory lock, so a session on another node is kept out too), taken when the user logs in and
+released after the UPDATE state or when the connection drops. A session's listing is fixed at
+login (RFC 1939 §5: message numbers stay valid for the session): mail delivered meanwhile shows
+up in the next session. Deletions happen only in the UPDATE state after
 QUIT; a dropped connection deletes nothing (RFC 1939 §6).
 
 RETR and TOP stream the message file in chunks through the core's encoder (CRLF line ends and
@@ -26,29 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import ssl
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..message.types import AccountError, User
 from ..config import IMPLICIT_TLS_ROLES
-from ..durable import ensure_dirs
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.api import Mailboxes, MailStoreAPI, PopMessage
 from ..store.errors import StoreError, StoreUnavailable
+from ..store.maildrop import LOCK_NAME
 from .base import CommandTimeout, Session
 from .throttle import AuthThrottle
 
-__all__ = ["LOCK_NAME", "POP3Session", "lock_maildrop", "unlock_maildrop"]
+__all__ = ["LOCK_NAME", "POP3Session"]
 
 log = logging.getLogger("postier.pop3")
 
 INBOX = "INBOX"  # RFC 1939 §1: the maildrop is the INBOX
-LOCK_NAME = "postier-pop3.lock"
 CHUNK = 64 * 1024
 MIN_IDLE_TIMEOUT = 600.0  # RFC 1939 §3: an autologout timer is at least 10 minutes
 FLUSH_TIMEOUT = 5.0
@@ -60,48 +57,24 @@ ERR_IDLE = Reply(False, "Disconnected for inactivity.")
 ERR_COMMAND_TIMEOUT = Reply(False, "Command not received in time.")
 
 
-# -- the maildrop lock (blocking: run in a worker thread) ---------------------------------------
-
-def lock_maildrop(home: Path) -> int | None:
-    """Take the exclusive maildrop lock in `home`: a file descriptor to pass to `unlock_maildrop()`,
-    or None when another session holds it (RFC 2449 §8.1 IN-USE)."""
-    ensure_dirs(home)
-    fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def unlock_maildrop(fd: int) -> None:
-    """Release the lock (closing the descriptor drops the flock)."""
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
 class _Maildrop:
     """What a logged-in session holds: the user's mailboxes, the lock and the listing of login."""
 
-    def __init__(self, user: User, mb: Mailboxes, lock_fd: int, listing: list[PopMessage], uidvalidity: int):
+    def __init__(self, user: User, mb: Mailboxes, unlock: Callable[[], None], listing: list[PopMessage],
+                 uidvalidity: int):
         self.user = user
         self.mb = mb
-        self.lock_fd = lock_fd
+        self.unlock: Callable[[], None] | None = unlock  # None once released
         self.uids = {m.uidl: m.uid for m in listing}
         self.uidvalidity = uidvalidity
         #: RFC 1939 §5: (size in CRLF octets, UIDL) in message-number order, fixed for the session
         self.entries = [(m.size, m.uidl) for m in listing]
 
 
-def _open_maildrop(store: MailStoreAPI, mail_root: Path, user: User) -> _Maildrop | None:
+def _open_maildrop(store: MailStoreAPI, user: User) -> _Maildrop | None:
     """Lock and list the maildrop (blocking). None when it is locked by another session."""
-    home = user.home(mail_root)
-    fd = lock_maildrop(home)
-    if fd is None:
+    unlock = store.lock_maildrop(user)
+    if unlock is None:
         return None
     try:
         mb = store.acquire(user)
@@ -111,9 +84,9 @@ def _open_maildrop(store: MailStoreAPI, mail_root: Path, user: User) -> _Maildro
             store.release(mb)
             raise
     except BaseException:
-        unlock_maildrop(fd)
+        unlock()
         raise
-    return _Maildrop(user, mb, fd, listing, uidvalidity)
+    return _Maildrop(user, mb, unlock, listing, uidvalidity)
 
 
 class POP3Session(Session):
@@ -170,11 +143,18 @@ class POP3Session(Session):
             self._release()
 
     def _release(self) -> None:
-        """Drop the maildrop without any UPDATE (RFC 1939 §6). Closing a descriptor and dropping a
-        reference are quick, so this runs in the event loop (it must also run when cancelled)."""
+        """Drop the maildrop without any UPDATE (RFC 1939 §6). This runs in the event loop (it must
+        also run when cancelled), so a lock still held is released in a worker thread without
+        waiting (in cluster mode that is a database round trip); after QUIT `_update` has released
+        it already, before its answer."""
         drop, self.drop = self.drop, None
         if drop is not None:
-            unlock_maildrop(drop.lock_fd)
+            unlock, drop.unlock = drop.unlock, None
+            if unlock is not None:
+                try:
+                    self.store.call(unlock)  # scheduled now; nothing to wait for
+                except RuntimeError:  # the workers are shut down already
+                    unlock()
             self.store.release(drop.mb)
 
     async def _say_and_flush(self, reply: Reply) -> None:
@@ -281,7 +261,7 @@ class POP3Session(Session):
             self.conn.login_failed(login_delay=True)
             return
         try:
-            drop = await self.store.call(_open_maildrop, self.store, self.services.config.mail_root, user)
+            drop = await self.store.call(_open_maildrop, self.store, user)
         except (StoreError, AccountError, OSError) as exc:
             log.error("%s: cannot open the maildrop of %s: %s", self.role, user.address, exc)
             self.conn.login_failed(temporary=True)
@@ -348,5 +328,8 @@ class POP3Session(Session):
                 ok = False
             self.store.notifier.notify(drop.user.address, INBOX)
             log.info("%s: %s deleted %d messages", self.role, drop.user.address, len(uids) if ok else 0)
+        unlock, drop.unlock = drop.unlock, None
+        if unlock is not None:  # released before the answer: a new session may come in at once
+            await self.store.call(unlock)
         self._release()
         self.conn.update_done(ok)

@@ -1,5 +1,5 @@
 """`postier sieve list|get|put|activate|deactivate|delete|check USER ...`: a user's Sieve scripts (RFC 5228)
-for the administrator, over the same store ManageSieve uses (``store/sieve.py``)."""
+for the administrator, over the same store ManageSieve uses (``store/sieve.py``; PostgreSQL in cluster mode)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..store.accountdb import open_accounts
 from ..config import load_config
-from ..store.sieve import ScriptError, ScriptStore
+from ..store.errors import StoreError
+from ..store.sieve import FileSieveStorage, ScriptError, Scripts
 
 
 def _check(data: bytes) -> None:
@@ -38,11 +39,19 @@ def cmd_sieve(args: argparse.Namespace) -> int:
         accounts.close()
     if user is None:
         raise CLIError(f"no such user: {args.user}")
-    store = ScriptStore(user.home(cfg.mail_root) / "sieve", cfg.sieve.max_scripts, cfg.sieve.max_script_size)
     rest: list[str] = args.args
     want = {"list": 0, "get": 1, "put": 2, "activate": 1, "deactivate": 0, "delete": 1, "check": 1}[args.action]
     if len(rest) != want:
         raise CLIError(f"sieve {args.action} takes {want} argument(s) after USER")
+    closing = None
+    if cfg.cluster.dsn:  # cluster mode: the scripts are in PostgreSQL (docs/scaling.md)
+        from ..store.cluster import require_extra
+        require_extra()
+        from ..store.cluster.store import open_store
+        closing = open_store(cfg, workers=1)
+        store: Scripts = closing.sieve_storage(cfg.sieve.max_scripts, cfg.sieve.max_script_size).scripts(user)
+    else:
+        store = FileSieveStorage(cfg.mail_root, cfg.sieve.max_scripts, cfg.sieve.max_script_size).scripts(user)
     try:
         if args.action == "list":
             for name, active in store.list():
@@ -63,8 +72,11 @@ def cmd_sieve(args: argparse.Namespace) -> int:
             print("script is valid")
     except ScriptError as exc:
         raise CLIError(str(exc)) from None
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         raise CLIError(str(exc)) from None
+    finally:
+        if closing is not None:
+            closing.close()
     return 0
 
 

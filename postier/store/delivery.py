@@ -21,7 +21,7 @@ from ..message.types import LocalOutcome, MessageBody, Recipient, User
 from ..metrics import Metrics
 from .agent import MAX_DATA as AGENT_MAX_DATA
 from .agent import Agent, AgentError
-from .maildir import deliver_to_user
+from .maildir import QuotaHold, deliver_to_user
 from .quota import OVER_QUOTA
 
 log = logging.getLogger("postier.mda")
@@ -48,6 +48,15 @@ class LocalDelivery:
         """Blocking delivery to one user."""
         ok, detail = deliver_to_user(self.mail_root, user, prefix, body, envelope_from, folder, info)
         return DeliveryResult(user, ok, detail)
+
+    def quota_used(self, user: User) -> int:
+        """Bytes the user's mailboxes use now, for the RCPT check (store/quota.py; blocking)."""
+        return QuotaHold(self.mail_root, user).usage()
+
+    def quota_warning_due(self, user: User) -> int | None:
+        """The quota warning level (store/quota.py WARN_LEVELS) the user newly reached, recorded as
+        warned, or None (pipeline/quota.py `QuotaWarnings`; blocking)."""
+        return QuotaHold(self.mail_root, user).warning_due()
 
     async def deliver(self, users: list[tuple[User, str | None]], prefix: bytes,
                       body: MessageBody | bytes, envelope_from: str, info: str = "") -> list[DeliveryResult]:

@@ -35,17 +35,18 @@ Everything here blocks on the disk and runs in worker threads; the caller serial
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, together
 from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
@@ -328,8 +329,12 @@ def write_journal(path: Path, uidvalidity: int, uidnext: int, modseq: int, speci
     return n
 
 
-def append_journal(path: Path, entries: Sequence[tuple[int, str]]) -> None:
+def append_journal(path: Path, entries: Sequence[tuple[int, str]],
+                   alongside: Sequence[Callable[[], None]] = ()) -> None:
+    """Journal UIDs; `alongside`: other fsyncs (the folder's directory after an APPEND's renames)
+    run at the same time as the journal's (`durable.together`: one disk flush)."""
     if not entries:
+        together(alongside)
         return
     data = "".join(f"{uid} {base}\n" for uid, base in entries).encode("utf-8", "surrogateescape")
     fd = os.open(path / UIDLIST_NAME, os.O_WRONLY | os.O_APPEND)
@@ -337,7 +342,8 @@ def append_journal(path: Path, entries: Sequence[tuple[int, str]]) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fdatasync(fd)  # the UIDs are durable before the index (and a client) sees them
+        # the UIDs are durable before the index (and a client) sees them
+        together([*alongside, functools.partial(os.fdatasync, fd)])
     finally:
         os.close(fd)
 
@@ -455,17 +461,26 @@ class UserIndex:
         self.conn.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `durable=False` for what a power loss may take back harmlessly
+        (a directory's recorded mtimes, a \\Recent claim): its commit is not fsynced (WAL with
+        synchronous=NORMAL keeps the database consistent); the next durable commit's fsync covers it."""
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
+        if not durable:
+            c.execute("PRAGMA synchronous=NORMAL")
         try:
-            self._write_meta(c)
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_meta(c)
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            else:
+                c.execute("COMMIT")
+        finally:
+            if not durable:
+                c.execute("PRAGMA synchronous=FULL")
 
     # -- folders ----------------------------------------------------------------------------------
 
@@ -632,9 +647,11 @@ class UserIndex:
         disk_cur = {n for n in os.listdir(path / "cur") if n[0] != "." and "\n" not in n}
         idx_new, idx_cur = self._listing_of(fid)
         if disk_new == idx_new and disk_cur == idx_cur:
-            with self.tx() as c:
-                c.execute("UPDATE folders SET new_mtime=?, cur_mtime=?, trusted=? WHERE id=?",
-                          (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted, fid))
+            r = self.conn.execute("SELECT new_mtime, cur_mtime, trusted FROM folders WHERE id=?", (fid,)).fetchone()
+            if r is None or tuple(r) != (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted):
+                with self.tx(durable=False) as c:  # a hint: lost in a power cut, the next sync rescans
+                    c.execute("UPDATE folders SET new_mtime=?, cur_mtime=?, trusted=? WHERE id=?",
+                              (st_new.st_mtime_ns, st_cur.st_mtime_ns, trusted, fid))
             return SyncResult(row, False)
         appeared: dict[str, tuple[int, str]] = {}  # base -> (sub, suffix); cur/ wins over new/
         for sub, names in ((1, disk_cur - idx_cur), (0, disk_new - idx_new)):
@@ -820,7 +837,8 @@ class UserIndex:
             return 1 << 32
         if r[0] >= r[1]:
             return int(r[0])  # nothing new to claim: no write
-        with self.tx() as c:
+        # Not fsynced: a claim lost in a power cut shows those messages as \\Recent once more.
+        with self.tx(durable=False) as c:
             r = c.execute("SELECT recent_uid, uidnext FROM folders WHERE id=?", (fid,)).fetchone()
             c.execute("UPDATE folders SET recent_uid=? WHERE id=?", (r[1], fid))
         return int(r[0])
@@ -875,7 +893,13 @@ class UserIndex:
         fsync_folder(path, sorted(renamed))
         cur = self.folder(row.name) or row
         modseq = _new_modseq(cur.highestmodseq)
-        with self.tx() as c:
+        # With the names durable, the index's commit needs no fsync of its own when the names say
+        # everything (no keyword beyond the 26 letters, which only the index holds): a power cut
+        # that takes it back leaves the renamed files, which the next sync reads again (the
+        # directories' mtimes moved), under a new MODSEQ (time-based: never one already handed out).
+        lettered = {k.lower() for k in letters[:_MAX_LETTER_KEYWORDS]}
+        in_names = all(k.lower() in lettered for _m, _b, kws in changes for k in kws)
+        with self.tx(durable=not in_names) as c:
             c.executemany("UPDATE msgs SET sub=1, suffix=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                           [(sfx, bits, kws, modseq, row.id, m.uid) for m, sfx, bits, kws in done])
             c.execute("UPDATE folders SET highestmodseq=?, trusted=0 WHERE id=?", (modseq, row.id))
@@ -887,16 +911,17 @@ class UserIndex:
         return modseq, [m.uid for m, _s, _b, _k in done]
 
     def add_messages(self, row: FolderRow, path: Path,
-                     entries: Sequence[tuple[str, int, str, int, str, int, int | None, int | None]]
-                     ) -> tuple[int, list[int]]:
+                     entries: Sequence[tuple[str, int, str, int, str, int, int | None, int | None]],
+                     alongside: Sequence[Callable[[], None]] = ()) -> tuple[int, list[int]]:
         """Index files already placed in the folder: (base, sub, suffix, flags, keywords, size, idate, lf).
-        Assigns UIDs in order, journals them first. Returns (modseq, uids)."""
+        Assigns UIDs in order, journals them first (with the fsyncs `alongside`, at the same time).
+        Returns (modseq, uids)."""
         cur = self.folder(row.name) or row
         uid0 = cur.uidnext
         uids = list(range(uid0, uid0 + len(entries)))
         if uids and uids[-1] >= 1 << 32:
             raise StoreLimit("mailbox UIDs exhausted")
-        append_journal(path, [(u, e[0]) for u, e in zip(uids, entries, strict=True)])
+        append_journal(path, [(u, e[0]) for u, e in zip(uids, entries, strict=True)], alongside)
         modseq = _new_modseq(cur.highestmodseq)
         with self.tx() as c:
             c.executemany(
@@ -912,7 +937,10 @@ class UserIndex:
         return modseq, uids
 
     def remove_messages(self, row: FolderRow, rows: Sequence[MessageRow]) -> int:
-        """Drop index rows (files already gone) with tombstones for QRESYNC; returns the modseq."""
+        """Drop index rows (files already gone) with tombstones for QRESYNC; returns the modseq.
+        The unlinks are durable (the caller fsynced the directories): the commit needs no fsync of
+        its own, a power cut that takes it back leaves files missing that the next sync drops again
+        (under a new, time-based MODSEQ)."""
         uids = [m.uid for m in rows]
         lst = self._listing.get(row.id)
         if lst is not None:
@@ -920,7 +948,7 @@ class UserIndex:
                 lst[m.sub].discard(m.file_name)
         cur = self.folder(row.name) or row
         modseq = _new_modseq(cur.highestmodseq)
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.executemany("DELETE FROM msgs WHERE folder=? AND uid=?", [(row.id, u) for u in uids])
             c.executemany("DELETE FROM cache WHERE folder=? AND uid=?", [(row.id, u) for u in uids])
             c.executemany("INSERT OR REPLACE INTO tombs(folder, uid, modseq) VALUES (?, ?, ?)",
@@ -998,6 +1026,8 @@ def _crlf_size(p: Path) -> int:
 
 
 def fsync_folder(path: Path, subs: Iterable[str] = ("cur", "new")) -> None:
-    for s in subs:
+    """fsync the folder's subdirectories, at the same time (`durable.together`: one disk flush)."""
+    def one(d: Path) -> None:
         with contextlib.suppress(OSError):
-            fsync_dir(path / s)
+            fsync_dir(d)
+    together([functools.partial(one, path / s) for s in subs])

@@ -22,6 +22,7 @@ from bisect import bisect_left
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ import stat
 import threading
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any, Concatenate
 
 from .. import durable
-from . import quota
+from . import maildrop, quota
 from ..message.types import User
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -283,9 +284,14 @@ class UserMailbox:
 
     # -- folders ------------------------------------------------------------------------------
 
-    @_locked
     def ensure_defaults(self) -> None:
         """Create the special-use folders (Sent, Drafts, Trash, Junk, Archive) when missing."""
+        if self._defaults_done:  # set once, never unset: read without waiting for the lock (each login)
+            return
+        self._ensure_defaults()
+
+    @_locked
+    def _ensure_defaults(self) -> None:
         if self._defaults_done:
             return
         for name in self.special_use_folders:
@@ -472,13 +478,36 @@ class UserMailbox:
     def snapshot(self, name: str, sync: bool = True) -> FolderSnapshot:
         """The folder's state (synced with the disk first unless `sync` is False)."""
         n = normalize_name(name)
-        if sync or n not in self.states or n in self.dirty or n in self._stale:
+        if self.shared is not None and not sync:
+            self._catch_up()  # another process's commits (its changes go through the index)
+        if sync or n not in self.states or n in self.dirty:
             self.dirty.discard(n)
             st = self._open(n)
+        elif n in self._stale:
+            st = self._reload(n)
         else:
             st = self.states[n]
         return FolderSnapshot(st.name, st.uidvalidity, st.uidnext, st.highestmodseq, st.uids, st.version,
                               st.special_use, st.keywords)
+
+    def _reload(self, name: str) -> FolderState:
+        """The folder's state read again from the index alone, after another process committed to
+        it (no directory scan: what it changed, it changed through the index)."""
+        st = self.states[name]
+        row = self.index.folder(name)
+        if row is None or row.id != st.fid or row.uidvalidity != st.uidvalidity:
+            return self._open(name)
+        self._stale.discard(name)
+        uids = self.index.uid_array(row.id)
+        if uids != st.uids:
+            st.uids = uids
+            st.version += 1
+        st.flagtab = None
+        st.uidnext = row.uidnext
+        st.highestmodseq = row.highestmodseq
+        st.keywords = row.keywords
+        st.special_use = row.special_use or self._default_use(name)
+        return st
 
     @_locked
     def select(self, name: str, claim_recent: bool, want_unseen: bool) -> tuple[FolderSnapshot, int, int | None]:
@@ -540,8 +569,13 @@ class UserMailbox:
         return tab
 
     @_locked
+    def at_once[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` under the user lock, taken once (the methods it calls take it again, cheaply)."""
+        return fn(*args)
+
+    @_locked
     def claim_recent(self, name: str) -> int:
-        st = self._open(normalize_name(name))
+        st = self.state(normalize_name(name))  # the claim is the index's: no directory scan first
         return self.index.claim_recent(st.fid)
 
     @_locked
@@ -876,53 +910,75 @@ class UserMailbox:
         literal): `append_many` delivers it by rename. No lock: nothing shared is touched."""
         return SpoolFile(self.root / "tmp")
 
-    @_locked
     def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
                     ) -> tuple[int, list[int]]:
         """APPEND of (data, flag names, internal date) messages, all or none (RFC 3502 §6.3.11:
         MULTIAPPEND is atomic). Each is durable (tmp, fsync) before any is renamed into the folder,
         the folder is fsynced before the index learns of them, and if one rename fails the others
-        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3)."""
+        are taken back out. Returns (uidvalidity, uids in order) for APPENDUID (RFC 4315 §3).
+
+        The files are written and fsynced in the Maildir's tmp/ before the user lock is taken
+        (nothing shared is touched there, as with `spool`), so that the user's other sessions do
+        not wait for those fsyncs; under the lock they are moved into the folder by rename."""
+        if not messages:
+            raise StoreError("no message to append")
+        spooled: list[tuple[SpoolFile, bytes | None, Sequence[str]]] = []
+        try:
+            for data, flag_names, internal_date in messages:
+                if isinstance(data, bytes):
+                    if b"\n" in data.replace(b"\r\n", b""):
+                        data = _to_crlf(data)  # (a SpoolFile did this as it was written)
+                    spool = self.spool()
+                    spooled.append((spool, data, flag_names))
+                    spool.write(data)
+                else:
+                    spool = data
+                    spooled.append((spool, None, flag_names))
+                spool.sync(internal_date)
+                if spool.failed is not None:
+                    raise StoreError(f"message not stored: {spool.failed}")
+            return self._append_spooled(name, spooled)
+        finally:
+            for spool, _data, _flags in spooled:
+                spool.discard()  # (nothing to do for a delivered one)
+
+    @_locked
+    def _append_spooled(self, name: str, messages: Sequence[tuple[SpoolFile, bytes | None, Sequence[str]]]
+                        ) -> tuple[int, list[int]]:
+        """`append_many`'s part under the lock: (spooled and fsynced file, its content when it was
+        in memory, flag names) into the folder, then the index."""
         n = normalize_name(name)
         if not self._exists(n):
             raise MailboxNotFound("no such mailbox")
-        if not messages:
-            raise StoreError("no message to append")
         st = self._open(n)
         row = self.index.folder(n)
         assert row is not None
-        prepared: list[tuple[bytes | SpoolFile, str, int, list[str], float | None]] = []
-        for data, flag_names, internal_date in messages:
+        prepared: list[tuple[SpoolFile, bytes | None, str, int, list[str]]] = []
+        for spool, data, flag_names in messages:
             bits, kws = names_to_flags(flag_names)
             row = self.index.add_keywords(row, st.path, kws)
             st.keywords = row.keywords
             kws = self.index.canonical_keywords(row, kws)
-            if isinstance(data, bytes) and b"\n" in data.replace(b"\r\n", b""):
-                data = _to_crlf(data)  # (a SpoolFile did this as it was written)
             suffix = encode_suffix("", bits, kws, row.keywords) if (bits or kws) else ""
-            prepared.append((data, suffix, bits, kws, internal_date))
+            prepared.append((spool, data, suffix, bits, kws))
         drafts: list[MaildirDraft] = []
         published: list[str] = []
         try:  # the same durable write as a delivery: tmp, fsync, rename, fsync of the directory
             try:
                 folder = "" if n == INBOX else st.path.name
-                for data, _suffix, _bits, _kws, internal_date in prepared:
-                    draft = MaildirDraft(st.path, b"", data) if isinstance(data, bytes) \
-                        else MaildirDraft.adopt(st.path, data)  # streamed: delivered by rename
+                for spool, _data, _suffix, _bits, _kws in prepared:
+                    draft = MaildirDraft.adopt(st.path, spool)  # fsynced in tmp/: delivered by rename
                     drafts.append(draft)
                     # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below).
-                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder,
-                                  len(data) if isinstance(data, bytes) else data.size, self.root)
-                    draft.sync()
-                    if internal_date is not None:
-                        os.utime(draft.tmp, (internal_date, internal_date))
+                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder, spool.size, self.root)
+                    draft.sync()  # (its data was fsynced before the lock: nothing left to write)
             except BaseException:
                 for d in drafts:
                     d.discard()
                     quota.release(self.index.conn, d.name)
                 raise
             try:
-                for draft, (_data, suffix, *_rest) in zip(drafts, prepared, strict=True):
+                for draft, (_spool, _data, suffix, *_rest) in zip(drafts, prepared, strict=True):
                     draft.publish(suffix)
                     published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
             except BaseException:  # all or nothing: take back the ones already in the folder
@@ -934,21 +990,24 @@ class UserMailbox:
                 for d in drafts:
                     quota.release(self.index.conn, d.name)
                 raise
-            for dest in dict.fromkeys(d.dest_dir for d in drafts):
-                sync_new(dest)
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
         fault_point("imap.append")  # the files are in the Maildir, not yet in the index
         now = int(time.time())
-        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws),
-                    len(data) if isinstance(data, bytes) else data.size,
-                    int(internal_date) if internal_date is not None else now, 0)
-                   for draft, (data, suffix, bits, kws, internal_date) in zip(drafts, prepared, strict=True)]
-        modseq, uids = self.index.add_messages(row, st.path, entries)
+        entries = [(draft.name, 1 if suffix else 0, suffix, bits, " ".join(kws), spool.size,
+                    spool.mtime if spool.mtime is not None else now, 0)
+                   for draft, (spool, _data, suffix, bits, kws) in zip(drafts, prepared, strict=True)]
+        # The renames are durable (the directory fsynced, with the UID journal at the same time)
+        # before the index learns of the messages.
+        renamed_into = [functools.partial(sync_new, d) for d in dict.fromkeys(d.dest_dir for d in drafts)]
+        try:
+            modseq, uids = self.index.add_messages(row, st.path, entries, renamed_into)
+        except (DeliveryError, OSError) as exc:
+            raise StoreError(f"message not stored: {exc}") from exc
         self._after_uids_added(st, uids, modseq)
         # the full-text index (store/fts.py); a streamed message is indexed by the next search's catch-up
-        self._text_add([(d.name, data) for d, (data, *_rest) in zip(drafts, prepared, strict=True)
-                        if isinstance(data, bytes)])
+        self._text_add([(d.name, data) for d, (_spool, data, *_rest) in zip(drafts, prepared, strict=True)
+                        if data is not None])
         return st.uidvalidity, uids
 
     @_locked
@@ -1035,7 +1094,7 @@ class UserMailbox:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(st.path / r.relpath())
             fault_point(fault)  # some files are gone, the index not yet updated
-        fsync_folder(st.path)
+        fsync_folder(st.path, sorted({r.relpath().split("/", 1)[0] for r in rows}))  # where files went
         gone = [r.uid for r in rows]
         modseq = self.index.remove_messages(row, rows)
         self._after_uids_removed(st, gone, modseq)
@@ -1144,6 +1203,11 @@ class UserMailbox:
                 else:
                     os.unlink(target)
 
+    def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
+                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+        """Not offered here (False: the importer appends, new UIDs); cluster mode keeps them."""
+        return False
+
     # -- POP3 (RFC 1939) -------------------------------------------------------------------
 
     @_locked
@@ -1220,10 +1284,22 @@ def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
 
 # -- every user, one process ----------------------------------------------------------------------
 
+#: The notifier's key for a user's mailbox names and subscriptions (created, deleted, renamed,
+#: (un)subscribed), which IMAP NOTIFY watches (RFC 5465 §5.4, §5.5).
+NAMES = "\x00names"
+_RENAMED = "\x00renamed\x00"  # a NAMES change that is a rename: "\x00renamed\x00OLD\x00NEW"
+_DELIVERED = "\x00delivered\x00"  # to other processes: files no index knows yet ("\x00delivered\x00FOLDER")
+RENAMES_KEPT = 64  # renames remembered per user while someone watches the user's NAMES
+
+
 class ChangeNotifier:
     """Wakes IDLE sessions: deliveries and other sessions call `notify()`; for changes made by other
     programs, each watched folder's `new/` and `cur/` mtimes are polled every `interval` seconds
-    (two stat calls per folder, in the event loop) while someone watches it."""
+    (two stat calls per folder, in the event loop) while someone watches it.
+
+    A rename (`renamed`) wakes the NAMES watchers like any name change and is also remembered,
+    numbered, while someone watches NAMES, so that NOTIFY can tell it from a deletion and a
+    creation (`renames_since`); it travels to other processes as a key of its own."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = max(0.05, interval)
@@ -1231,6 +1307,8 @@ class ChangeNotifier:
         self.forward: Callable[[str, str], None] | None = None
         self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._renames: dict[str, deque[tuple[int, str, str]]] = {}
+        self._rename_seq = 0
 
     def watch(self, address: str, folder: str, path: Path | None, callback: Callable[[], None]) -> Callable[[], None]:
         key = (address, folder)
@@ -1245,6 +1323,8 @@ class ChangeNotifier:
                 ws.discard(callback)
                 if not ws:
                     del self._watchers[key]
+                    if folder == NAMES:
+                        self._renames.pop(address, None)
                     t = self._pollers.pop(key, None)
                     if t is not None:
                         t.cancel()
@@ -1256,8 +1336,30 @@ class ChangeNotifier:
             self.forward(address, folder)
         self.local(address, folder)
 
+    def delivered(self, address: str, folder: str) -> None:
+        """`notify` for files that no index knows yet (a delivery): other processes must read the
+        directory, not only the index (`MailStore.changed_elsewhere`)."""
+        if self.forward is not None:
+            self.forward(address, _DELIVERED + folder)
+        self.local(address, folder)
+
+    def renamed(self, address: str, old: str, new: str) -> None:
+        """The user's mailbox `old` is now `new` (children included): a NAMES change, remembered."""
+        self.notify(address, f"{_RENAMED}{old}\x00{new}")
+
+    def renames_since(self, address: str, seq: int) -> tuple[int, list[tuple[str, str]]]:
+        """The renames remembered for the user after number `seq` (oldest first), and the last number."""
+        kept = self._renames.get(address, ())
+        return self._rename_seq, [(o, n) for s, o, n in kept if s > seq]
+
     def local(self, address: str, folder: str) -> None:
         """Wake this process's watchers of the folder (a change seen here or told by another process)."""
+        if folder.startswith(_RENAMED):
+            old, _, new = folder[len(_RENAMED):].partition("\x00")
+            folder = NAMES
+            if (address, NAMES) in self._watchers:
+                self._rename_seq += 1
+                self._renames.setdefault(address, deque(maxlen=RENAMES_KEPT)).append((self._rename_seq, old, new))
         for cb in list(self._watchers.get((address, folder), ())):
             try:
                 cb()
@@ -1339,9 +1441,18 @@ class MailStore:
                     _addr, old = self._idle.popitem(last=False)
                     old.close()
 
+    def lock_maildrop(self, user: User) -> Callable[[], None] | None:
+        """POP3's exclusive maildrop lock (RFC 1939 §8; blocking): its release function, or None
+        when another session, in this process or another, holds it (`store.maildrop`)."""
+        return maildrop.lock_maildrop(user.home(self.mail_root))
+
     def changed_elsewhere(self, address: str, folder: str) -> None:
-        """Another process changed (or delivered into) the folder: re-read it, wake its IDLE sessions."""
-        self.mark_dirty(address, folder)
+        """Another process changed the folder, or delivered into it: wake its IDLE sessions. A
+        delivery makes the next look at the folder read its directory; a change through the index
+        only needs the index re-read (`UserMailbox.snapshot` sees that SQLite's data_version moved)."""
+        if folder.startswith(_DELIVERED):
+            folder = folder[len(_DELIVERED):]
+            self.mark_dirty(address, folder)
         self.notifier.local(address, folder)
 
     def mark_dirty(self, address: str, folder: str) -> None:
@@ -1442,6 +1553,6 @@ def on_delivery(store: MailStore) -> Callable[[User, str], None]:
     def delivered(user: User, folder: str) -> None:
         name = INBOX if folder.upper() == INBOX else folder
         store.mark_dirty(user.address, name)
-        store.notifier.notify(user.address, name)
+        store.notifier.delivered(user.address, name)
 
     return delivered

@@ -178,11 +178,12 @@ class MaildirDraft:
     messages at a time (several fsyncs in parallel, one fsync of new/ for all the renames into it).
     """
 
-    __slots__ = ("dest_dir", "fd", "info", "key", "name", "root", "size", "tmp")
+    __slots__ = ("dest_dir", "fd", "info", "key", "name", "root", "size", "synced", "tmp")
 
     def __init__(self, root: Path, prefix: bytes, body: MessageBody | bytes, info: str = ""):
         self.root = root
         self.info = info  # the flags `publish()` gives the message unless told otherwise
+        self.synced = False
         key = self.key = str(root)
         if key not in _dirsync.ready:
             ensure_maildir(root)
@@ -223,6 +224,7 @@ class MaildirDraft:
         self = cls.__new__(cls)
         self.root = root
         self.info = ""
+        self.synced = spool.synced  # `SpoolFile.sync` fsynced it already
         self.size = spool.size
         key = self.key = str(root)
         if key not in _dirsync.ready:
@@ -237,7 +239,9 @@ class MaildirDraft:
     def sync(self) -> None:
         """maildir(5): the file is on disk before it is in new/."""
         try:
-            os.fsync(self.fd)
+            if not self.synced:  # (a second fsync of a clean file still flushes the disk's cache)
+                os.fsync(self.fd)
+                self.synced = True
             fd, self.fd = self.fd, -1
             os.close(fd)  # released even when it reports an error
         except OSError as exc:
@@ -286,13 +290,15 @@ class SpoolFile:
     disk: the APPEND is refused when the file is delivered. `discard()` removes the file unless it
     was delivered."""
 
-    __slots__ = ("_fd", "_prev_cr", "failed", "path", "received", "size")
+    __slots__ = ("_fd", "_prev_cr", "failed", "mtime", "path", "received", "size", "synced")
 
     def __init__(self, tmp_dir: Path):
         self.path = f"{tmp_dir}/{unique_name(0)}.append"
         self.size = 0  # bytes in the file (after CRLF)
         self.received = 0  # bytes given to write()
         self.failed: str | None = None
+        self.mtime: int | None = None  # the internal date `sync` gave the file
+        self.synced = False  # `sync` fsynced it, nothing written since
         self._prev_cr = False
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -302,6 +308,7 @@ class SpoolFile:
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
+        self.synced = False
         if self.failed is not None or not data:
             return
         head = b""
@@ -320,6 +327,21 @@ class SpoolFile:
         """The content so far (for CATENATE's TEXT parts, bounded by APPENDLIMIT)."""
         with open(self.path, "rb") as f:
             return f.read()
+
+    def sync(self, mtime: float | None = None) -> None:
+        """The whole message is here: give it its internal date (`mtime`) and fsync it, before it is
+        delivered (`MaildirDraft.adopt`; its own `sync` then finds nothing left to write). A failure
+        is remembered in `failed`, as for `write`."""
+        if self.failed is not None or self._fd < 0:
+            return
+        try:
+            if mtime is not None:
+                os.utime(self._fd, (mtime, mtime))
+                self.mtime = int(mtime)
+            os.fsync(self._fd)
+            self.synced = True
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
 
     def take_fd(self) -> int:
         fd, self._fd = self._fd, -1

@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..durable import fsync_dir
+from ..message.types import User
 
-__all__ = ["ScriptError", "ScriptStore", "TrackingStore", "valid_script_name"]
+__all__ = ["FileSieveStorage", "ScriptError", "ScriptStore", "Scripts", "SieveStorage", "Tracking", "TrackingStore",
+           "valid_script_name"]
 
 MAX_NAME = 128
 
@@ -39,6 +42,54 @@ def valid_script_name(name: str) -> bool:
     if not name or len(name) > MAX_NAME or name.startswith(".") or "/" in name or "\\" in name:
         return False
     return not any(unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") or c in "\ufffe\uffff" for c in name)
+
+
+class Scripts(Protocol):
+    """One user's scripts, wherever they are kept: `ScriptStore` (files under the user's home) or, in
+    cluster mode, PostgreSQL (`store.cluster.sieve.ClusterScripts`). Every method blocks."""
+
+    max_script_size: int
+    def active(self) -> str | None: ...
+    def list(self) -> list[tuple[str, bool]]: ...
+    def get(self, name: str) -> bytes: ...
+    def have_space(self, name: str, size: int) -> None: ...
+    def put(self, name: str, data: bytes, check: Callable[[bytes], None] | None = None) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def rename(self, old: str, new: str) -> None: ...
+    def set_active(self, name: str) -> None: ...
+    def active_script(self) -> tuple[str, bytes] | None: ...
+
+
+class Tracking(Protocol):
+    """Vacation and duplicate tracking of one user (`TrackingStore`, or PostgreSQL in cluster mode)."""
+
+    def seen(self, key: str, now: float) -> bool: ...
+    def record(self, key: str, until: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class SieveStorage(Protocol):
+    """Where each user's scripts and tracking are: `FileSieveStorage` on one machine, PostgreSQL in
+    cluster mode (`store.cluster.sieve.ClusterSieve`). Delivery, ManageSieve, the web settings and
+    `postier sieve` all reach the scripts through it."""
+
+    def scripts(self, user: User) -> Scripts: ...
+    def tracking(self, user: User) -> Tracking: ...
+
+
+@dataclass(frozen=True)
+class FileSieveStorage:
+    """Single-machine mode: ``<home>/sieve`` of each user (`ScriptStore`, `TrackingStore`)."""
+
+    mail_root: Path
+    max_scripts: int = 20
+    max_script_size: int = 256 * 1024
+
+    def scripts(self, user: User) -> ScriptStore:
+        return ScriptStore(user.home(self.mail_root) / "sieve", self.max_scripts, self.max_script_size)
+
+    def tracking(self, user: User) -> TrackingStore:
+        return TrackingStore(user.home(self.mail_root) / "sieve")
 
 
 @dataclass

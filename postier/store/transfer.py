@@ -2,6 +2,9 @@
 
 Everything goes through the mail-store interface (`store.api.Mailboxes`): an imported message is
 appended like an IMAP APPEND (durable before it counts), with its flags, keywords and internal date.
+A Maildir folder with a `dovecot-uidlist` (an export's, or Dovecot's) imported into a folder that
+never held mail keeps its UIDVALIDITY and UIDs where the store offers it (cluster mode's
+`import_with_uids`): the round trip between the modes is then UID-exact.
 
 Import is resumable and idempotent. A state database in the user's home
 (`postier-import.sqlite`) records, per source and folder, the SHA-256 of every message copied, and
@@ -351,6 +354,81 @@ def _read_keywords(folder: Path) -> dict[str, str]:
     return out
 
 
+def _read_message(f: Path, keywords: dict[str, str]) -> tuple[bytes, list[str], float]:
+    """A Maildir file's bytes, flags (from its name's info) and mtime (the internal date)."""
+    info = f.name.partition(":2,")[2]
+    flags = [_LETTER_FLAGS[c] for c in info if c in _LETTER_FLAGS]
+    flags += [keywords[c] for c in info if c in keywords]
+    try:
+        return f.read_bytes(), flags, f.stat().st_mtime
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise TransferError(f"{f}: {exc.strerror}") from None
+
+
+def read_uidlist(folder: Path) -> tuple[int, int, dict[str, int]] | None:
+    """(UIDVALIDITY, UIDNEXT, base name -> UID) of a folder's dovecot-uidlist, version 3 (what
+    `export_maildir` and Dovecot write), or None when there is none or it cannot be read."""
+    try:
+        lines = (folder / "dovecot-uidlist").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    if not lines:
+        return None
+    head = lines[0].split()
+    fields = {h[0]: h[1:] for h in head[1:] if h}
+    if head[0] != "3" or not fields.get("V", "").isdigit():
+        return None
+    validity, uidnext = int(fields["V"]), int(fields["N"]) if fields.get("N", "").isdigit() else 1
+    uids: dict[str, int] = {}
+    for line in lines[1:]:
+        num, sep, base = line.partition(" :")  # "<uid> [extension fields] :<base name>"
+        num = num.split(" ", 1)[0]
+        if sep and num.isdigit() and base:
+            uids[base] = int(num)
+    return validity, uidnext, uids
+
+
+def _restore_uids(mb: Mailboxes, state: ImportState, source: str, target: str, folder: Path, files: list[Path],
+                  keywords: dict[str, str], seen: dict[str, int], stats: Stats, progress: Progress) -> list[Path]:
+    """Import the messages a dovecot-uidlist names with their UIDs and the folder's UIDVALIDITY, when
+    the store can (`Mailboxes.import_with_uids`: cluster mode, into a folder that never held mail).
+    Returns the files still to append (all of them when it could not)."""
+    listed = read_uidlist(folder)
+    if listed is None:
+        return files
+    validity, uidnext, uids = listed
+    keep = [f for f in files if f.name.partition(":")[0] in uids]
+    if not keep:
+        return files
+    digests: list[tuple[str, int]] = []
+
+    def messages() -> Iterator[tuple[int, bytes, Sequence[str], float | None]]:
+        for f in keep:
+            try:
+                data, flags, mtime = _read_message(f, keywords)
+            except FileNotFoundError:
+                continue
+            digests.append((hashlib.sha256(data).hexdigest(), len(data)))
+            yield uids[f.name.partition(":")[0]], data, flags, mtime
+
+    try:
+        done = mb.import_with_uids(target, validity, uidnext, messages())
+    except StoreError as exc:
+        raise TransferError(f"{target}: messages not stored: {exc}") from None
+    if not done:
+        return files
+    for digest, size in digests:  # a second run finds them copied (and this folder no longer new)
+        seen[digest] = seen.get(digest, 0) + 1
+        state.add(source, target, digest)
+        stats.copied += 1
+        stats.bytes += size
+        progress.tick(size, folder=target)
+    kept = set(keep)
+    return [f for f in files if f not in kept]
+
+
 def import_maildir(mb: Mailboxes, root: Path, state: ImportState, progress: Progress | None = None) -> Stats:
     """A Maildir or Maildir++ tree (Dovecot's layout, its keyword file honoured) into mb."""
     progress = progress or Progress()
@@ -370,17 +448,12 @@ def import_maildir(mb: Mailboxes, root: Path, state: ImportState, progress: Prog
                         if f.is_file()), key=lambda f: f.name)
         progress.total += len(files)
         seen: dict[str, int] = {}
+        files = _restore_uids(mb, state, source, target, folder, files, keywords, seen, stats, progress)
         for f in files:
-            info = f.name.partition(":2,")[2]
-            flags = [_LETTER_FLAGS[c] for c in info if c in _LETTER_FLAGS]
-            flags += [keywords[c] for c in info if c in keywords]
             try:
-                data = f.read_bytes()
-                mtime = f.stat().st_mtime
+                data, flags, mtime = _read_message(f, keywords)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                raise TransferError(f"{f}: {exc.strerror}") from None
             _copy_one(mb, state, source, target, data, flags, mtime, seen, stats, progress)
         stats.folders += 1
     progress.finish()
@@ -500,6 +573,7 @@ def export_maildir(mb: Mailboxes, dest: Path) -> Stats:
         rows = mb.rows(name, list(snap.uids))
         letters = list(snap.keywords)[:26]
         lines = [f"3 V{snap.uidvalidity} N{snap.uidnext} G{os.urandom(16).hex()}"]
+        used: set[str] = set()
         for uid in snap.uids:
             row = rows.get(uid)
             if row is None:
@@ -507,14 +581,17 @@ def export_maildir(mb: Mailboxes, dest: Path) -> Stats:
             data = mb.read(name, row)
             flag_letters = "".join(sorted(c for c, f in _LETTER_FLAGS.items() if f in row.flag_names))
             kw = "".join(sorted(chr(97 + letters.index(k)) for k in row.keywords.split() if k in letters))
-            target = d / "cur" / f"{row.base}:2,{flag_letters}{kw}"
+            # cluster mode names a body by its hash: two copies of one body in a folder need two files
+            base = row.base if row.base not in used else f"{row.base}.{uid}"
+            used.add(base)
+            target = d / "cur" / f"{base}:2,{flag_letters}{kw}"
             with open(target, "wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             if row.idate:
                 os.utime(target, (row.idate, row.idate))
-            lines.append(f"{uid} :{row.base}")
+            lines.append(f"{uid} :{base}")
             stats.copied += 1
             stats.bytes += len(data)
         (d / "dovecot-uidlist").write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ from ..message.types import User
 from ..proto.smtp.address import parse_path
 from ..proto.smtp.errors import AddressError
 from ..sieve.validate import CompileError, SieveError, compile_script
-from ..store.sieve import ScriptError, ScriptStore
+from ..store.sieve import ScriptError, Scripts
 from .forms import _field, _form
 from .prefs import ACTIONS, FIELDS, MAX_RULES, MAX_SIGNATURE, MAX_VALUE, Prefs, Rule, Rules, Vacation, generate, \
     read_rules
@@ -48,7 +48,7 @@ class SettingsPages:
                          ("/mail/signature", self.save_signature), ("/mail/senders", self.save_senders)):
             r.add_post(path, w._wrap(w._authed(fn, w.area)))
 
-    def _scripts(self, user: User) -> ScriptStore | None:
+    def _scripts(self, user: User) -> Scripts | None:
         sieve = self.web.services.sieve
         return None if sieve is None else sieve.store_for(user)
 

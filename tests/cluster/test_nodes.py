@@ -6,6 +6,7 @@ never an OK."""
 from __future__ import annotations
 
 import imaplib
+import poplib
 import smtplib
 import socket
 import time
@@ -225,7 +226,6 @@ def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
     finally:
         c.logout()
         d.logout()
-    import poplib
     p = poplib.POP3(*b.addr("pop3"), timeout=20)
     try:
         p.stls(b.client_ssl_context())
@@ -240,6 +240,141 @@ def test_imap_and_pop3_commands_across_nodes(nodes: list[Instance]) -> None:
     c = imap(a)
     try:
         assert c.select("INBOX")[1] == [b"1"]  # POP3's DELE on B, applied at QUIT
+    finally:
+        c.logout()
+
+
+def pop3(inst: Instance) -> poplib.POP3:
+    p = poplib.POP3(*inst.addr("pop3"), timeout=20)
+    p.stls(inst.client_ssl_context())
+    p.user(ALICE)
+    return p
+
+
+def test_pop3_maildrop_lock_across_nodes(nodes: list[Instance]) -> None:
+    """RFC 1939 §8 / RFC 2449 §8.1: while a POP3 session on A holds the maildrop, a session on B (and a
+    second one on A) gets -ERR [IN-USE]; after A's QUIT, B gets in."""
+    a, b = nodes
+    send(a, "one")
+    first = pop3(a)
+    try:
+        first.pass_(PASSWORD)
+        for inst in (b, a):
+            second = pop3(inst)
+            try:
+                with pytest.raises(poplib.error_proto, match=r"-ERR \[IN-USE\]"):
+                    second.pass_(PASSWORD)
+            finally:
+                second.close()
+        assert first.stat()[0] == 1
+        first.dele(1)
+    finally:
+        first.quit()
+    second = pop3(b)
+    try:
+        second.pass_(PASSWORD)
+        assert second.stat()[0] == 0  # A's DELE was applied at its QUIT, before the lock was let go
+    finally:
+        second.quit()
+
+
+def test_sieve_script_from_node_a_runs_at_delivery_on_node_b(tmp_path: Path, nodes: list[Instance]) -> None:
+    """A script uploaded over ManageSieve (sieve-connect) on A files mail taken in by B into a new
+    folder with its imap4flags, keywords included (RFC 5232); `postier sieve` on B lists it."""
+    import os
+    import subprocess
+
+    from tests.programs import require
+    a, b = nodes
+    script = tmp_path / "work.sieve"
+    script.write_text('require ["fileinto", "imap4flags"];\n'
+                      'if header :contains "subject" "boss" { addflag ["\\\\Flagged", "$Boss"]; fileinto "Work"; }\n')
+
+    def sc(*args: str) -> subprocess.CompletedProcess[str]:
+        r, w = os.pipe()
+        os.write(w, PASSWORD.encode() + b"\n")
+        os.close(w)
+        host, port = a.addr("managesieve")
+        try:
+            return subprocess.run(
+                [require("sieve-connect"), "--server", host, "--port", str(port), "--user", ALICE,
+                 "--passwordfd", str(r), "--tlscafile", str(a.root / "tls" / "cert.pem"),
+                 "--tlshostname", a.hostname, "--authmech", "PLAIN", *args],
+                capture_output=True, text=True, timeout=60, pass_fds=(r,))
+        finally:
+            os.close(r)
+
+    up = sc("--upload", "--localsieve", str(script), "--remotesieve", "work")
+    assert up.returncode == 0, up.stdout + up.stderr
+    act = sc("--activate", "--remotesieve", "work")
+    assert act.returncode == 0, act.stdout + act.stderr
+    assert "work  (active)" in b.cli("sieve", "list", ALICE).stdout
+    send(b, "from the boss")
+    send(b, "plain")
+    c = imap(a)
+    try:
+        assert c.select("INBOX")[1] == [b"1"]
+        assert c.select("Work")[1] == [b"1"]
+        typ, data = c.uid("FETCH", "1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and b"\\Flagged" in data[0][0] and b"$Boss" in data[0][0], data
+        assert b"from the boss" in data[0][1]
+    finally:
+        c.logout()
+
+
+def test_quota_at_smtp_and_imap_across_nodes(nodes: list[Instance]) -> None:
+    """The single-machine quota checks on cluster nodes (pipeline/quota.py, RFC 9208): usage is the
+    user's rows in PostgreSQL, whichever node stored them. RCPT with a SIZE= that cannot fit and DATA
+    that does not fit get 452 4.2.2 on B after A filled the mailbox; IMAP APPEND gets NO [OVERQUOTA]."""
+    a, b = nodes
+    carol = f"carol@{DOMAIN}"
+    for inst in (a, b):
+        inst.cli("user", "add", carol, "--password-stdin", "--quota", "2K", stdin=PASSWORD + "\n")
+    big = "x" * 1400
+    with smtplib.SMTP(*a.addr("smtp"), timeout=20) as s:
+        s.sendmail("bob@example.net", [carol], f"Subject: fits\r\n\r\n{big}\r\n")
+    with smtplib.SMTP(*b.addr("smtp"), timeout=20) as s:
+        s.ehlo()
+        assert s.mail("bob@example.net", ["SIZE=1000"])[0] == 250
+        code, text = s.rcpt(carol)
+        assert (code, text[:5]) == (452, b"4.2.2"), (code, text)
+        s.rset()
+        s.mail("bob@example.net")
+        assert s.rcpt(carol)[0] == 250  # no SIZE=: room is left, the message decides
+        code, text = s.data(f"Subject: too big\r\n\r\n{big}\r\n".encode())
+        assert (code, text[:5]) == (452, b"4.2.2"), (code, text)
+    c = imaplib.IMAP4(*a.addr("imap"), timeout=20)
+    c.starttls(a.client_ssl_context())
+    c.login(carol, PASSWORD)
+    try:
+        typ, data = c.append("INBOX", None, None, f"Subject: append\r\n\r\n{big}\r\n".encode())
+        assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+        assert c.select("INBOX")[1] == [b"1"]
+        typ, data = c.getquotaroot("INBOX")
+        assert typ == "OK" and b"STORAGE 1 2" in data[1][0], data
+    finally:
+        c.logout()
+    # the 80 % warning, its state in PostgreSQL: mail through B and C... until 17 of 20 KiB are used
+    erin = f"erin@{DOMAIN}"
+    for inst in (a, b):
+        inst.cli("user", "add", erin, "--password-stdin", "--quota", "20K", stdin=PASSWORD + "\n")
+    c = imaplib.IMAP4(*a.addr("imap"), timeout=20)
+    c.starttls(a.client_ssl_context())
+    c.login(erin, PASSWORD)
+    try:
+        for n in range(20):
+            with smtplib.SMTP(*nodes[n % 2].addr("smtp"), timeout=20) as s:
+                s.sendmail("bob@example.net", [erin], f"Subject: m{n}\r\n\r\n{'y' * 900}\r\n")
+            typ, data = c.getquotaroot("INBOX")
+            if int(data[1][0].split(b"STORAGE ")[1].split()[0]) >= 17:
+                break
+        for _ in range(100):  # the warning follows the delivery (a task): bounded wait
+            c.select("INBOX")
+            typ, data = c.uid("SEARCH", "SUBJECT", "\"80% full\"")
+            if data[0]:
+                break
+            time.sleep(0.2)
+        assert len(data[0].split()) == 1, data
     finally:
         c.logout()
 
@@ -295,6 +430,22 @@ def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[In
         assert d.select("Work")[1] == [b"1"]
     finally:
         d.logout()
+    # cluster -> Maildir -> cluster keeps UIDVALIDITY and UIDs (from the export's dovecot-uidlist)
+    carol = f"carol@{DOMAIN}"
+    for inst in (a, b):
+        inst.add_user(carol, PASSWORD)
+    a.cli("import", "maildir", str(out1), "--into", carol)
+    seen = []
+    for who in (ALICE, carol):
+        d = imaplib.IMAP4(*b.addr("imap"), timeout=20)
+        d.starttls(b.client_ssl_context())
+        d.login(who, PASSWORD)
+        try:
+            d.select("Work")
+            seen.append((d.response("UIDVALIDITY")[1], fetch_all(d)))
+        finally:
+            d.logout()
+    assert seen[0] == seen[1] and list(seen[0][1]) == [1]
     assert a.cli("cluster", "gc").stdout.strip() == "deleted 0 unreferenced bodies"  # all in use, all recent
 
 

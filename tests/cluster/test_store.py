@@ -180,10 +180,11 @@ def test_folders_create_rename_delete(mb: ClusterMailboxes) -> None:
 
 
 def test_delivery_appends_and_falls_back_to_inbox(store: ClusterStore, tmp_path: object) -> None:
+    """A folder that cannot be one (a bad name) means INBOX; a missing one is created (below)."""
     from pathlib import Path
     mda = ClusterDelivery(store, Path(str(tmp_path)))
     try:
-        ok = mda.deliver_one(ALICE, b"Return-Path: <b@example.net>\r\n", msg("d"), "b@example.net", "NoSuchFolder")
+        ok = mda.deliver_one(ALICE, b"Return-Path: <b@example.net>\r\n", msg("d"), "b@example.net", "a..b")
         assert ok.ok, ok.detail
         mb = store.acquire(ALICE)
         rows = mb.rows_between("INBOX", 1, 10)
@@ -332,3 +333,256 @@ def test_multiappend_is_one_step_and_quota_counts_every_folder(mb: ClusterMailbo
     assert usage.messages == 4 and usage.bytes == sum(r.size for r in rows.values()) + rows[1].size
     mb.store("INBOX", [1], "+FLAGS", ["\\Deleted"])
     assert mb.status("INBOX").deleted_size == rows[1].size
+
+
+def test_pop3_maildrop_lock_spans_nodes(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """RFC 1939 §8 across nodes: one holder per user, whichever node; another user is not blocked; a
+    release (or the holder's connection ending) frees it."""
+    dsn = pg.create_db()
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    bob = User("bob@example.org", "bob", "example.org", "maildir")
+    try:
+        unlock = a.lock_maildrop(ALICE)
+        assert unlock is not None
+        assert b.lock_maildrop(ALICE) is None  # another node
+        assert a.lock_maildrop(ALICE) is None  # another session on the same node
+        other = b.lock_maildrop(bob)
+        assert other is not None
+        other()
+        unlock()
+        again = b.lock_maildrop(ALICE)
+        assert again is not None
+        assert a.lock_maildrop(ALICE) is None
+        again()
+        # two sessions racing for it from two threads on two nodes: exactly one wins
+        got: list[Callable[[], None] | None] = [None, None]
+        go = threading.Barrier(2)
+
+        def take(i: int, s: ClusterStore) -> None:
+            go.wait()
+            got[i] = s.lock_maildrop(ALICE)
+        ts = [threading.Thread(target=take, args=(i, s)) for i, s in enumerate((a, b))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        held = [g for g in got if g is not None]
+        assert len(held) == 1
+        held[0]()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sieve_scripts_are_shared_by_the_nodes(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """RFC 5804 semantics over PostgreSQL: a script put and activated through one node is the active
+    script on the other; quotas, RENAMESCRIPT of the active script, DELETESCRIPT of it refused."""
+    from postier.store.sieve import ScriptError
+    dsn = pg.create_db()
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    try:
+        sa = a.sieve_storage(2, 100).scripts(ALICE)
+        sb = b.sieve_storage(2, 100).scripts(ALICE)
+        assert sb.active_script() is None and sb.list() == []
+        sa.put("one", b"keep;")
+        sa.set_active("one")
+        assert sb.active_script() == ("one", b"keep;")
+        sb.put("one", b"discard;")  # replaced, still active
+        assert sa.active_script() == ("one", b"discard;")
+        sa.put("two", b"keep;")
+        with pytest.raises(ScriptError) as e:
+            sb.put("three", b"keep;")
+        assert e.value.code == "QUOTA/MAXSCRIPTS"
+        with pytest.raises(ScriptError) as e:
+            sb.have_space("two", 101)
+        assert e.value.code == "QUOTA/MAXSIZE"
+        with pytest.raises(ScriptError) as e:
+            sb.delete("one")
+        assert e.value.code == "ACTIVE"
+        sb.rename("one", "first")
+        assert sa.list() == [("first", True), ("two", False)]
+        with pytest.raises(ScriptError) as e:
+            sa.rename("two", "first")
+        assert e.value.code == "ALREADYEXISTS"
+        sa.set_active("two")
+        assert sb.list() == [("first", False), ("two", True)]
+        with pytest.raises(ScriptError) as e:
+            sb.set_active("nope")
+        assert e.value.code == "NONEXISTENT"
+        sb.set_active("")
+        assert sa.active() is None
+        sa.delete("first")
+        with pytest.raises(ScriptError):
+            sa.get("../x")
+        bob = User("bob@example.org", "bob", "example.org", "maildir")
+        assert b.sieve_storage(2, 100).scripts(bob).list() == []  # per user
+        # vacation / duplicate tracking, seen from the other node
+        ta, tb = a.sieve_storage(2, 100).tracking(ALICE), b.sieve_storage(2, 100).tracking(ALICE)
+        ta.record("vacation\0x@example.net", 2e9)
+        assert tb.seen("vacation\0x@example.net", 1e9) and not tb.seen("other", 1e9)
+        assert not tb.seen("vacation\0x@example.net", 3e9)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sieve_flags_and_a_missing_folder_at_delivery(store: ClusterStore, tmp_path: object) -> None:
+    """RFC 5232 imap4flags on a delivered copy: system flags and keywords; RFC 5228 §4.1 fileinto of
+    a missing folder creates it."""
+    from pathlib import Path
+    mda = ClusterDelivery(store, Path(str(tmp_path)))
+    mb = store.acquire(ALICE)
+    try:
+        mb.ensure_defaults()
+        info = mb.delivery_suffix("Lists.Work", ["\\Flagged", "$Important", "bad keyword(", "\\Recent"])
+        assert mb.exists("Lists.Work")
+        res = mda.deliver_one(ALICE, b"", msg("k"), "b@example.net", "Lists.Work", info)
+        assert res.ok, res.detail
+        row = mb.rows_between("Lists.Work", 1, 10)[1]
+        assert set(row.flag_names) == {"\\Flagged", "$Important"}
+        res = mda.deliver_one(ALICE, b"", msg("n"), "b@example.net", "Other", "")  # no flags, no folder yet
+        assert res.ok and mb.exists("Other") and list(mb.snapshot("Other").uids) == [1]
+    finally:
+        store.release(mb)
+        mda.close()
+
+
+def test_quota_refuses_append_copy_and_delivery_across_nodes(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore], tmp_path: object) -> None:
+    """RFC 9208 §4.1 in cluster mode: an APPEND, a COPY or a delivery that would pass the limit stores
+    nothing (MOVE is allowed); writers on two nodes at once never pass it together."""
+    from pathlib import Path
+
+    from postier.store.errors import OverQuota
+    from postier.store.quota import OVER_QUOTA
+    dsn = pg.create_db()
+    size = len(msg("0-00"))
+    limited = User("carol@example.org", "carol", "example.org", "maildir", quota=size * 10)
+    a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
+    mda = ClusterDelivery(b, Path(str(tmp_path)))
+    try:
+        ma, mb_ = a.acquire(limited), b.acquire(limited)
+        ma.ensure_defaults()
+        ma.create("Work")
+        got: list[list[int]] = [[], []]
+        refused = [0, 0]
+
+        def fill(i: int, box: ClusterMailboxes) -> None:
+            for n in range(10):
+                try:
+                    got[i].append(box.append("INBOX", msg(f"{i}-{n:02d}"))[1])
+                except OverQuota:
+                    refused[i] += 1
+        ts = [threading.Thread(target=fill, args=(i, box)) for i, box in enumerate((ma, mb_))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert len(got[0]) + len(got[1]) == 10 and sum(refused) == 10
+        usage = mb_.quota_usage()
+        assert usage.bytes == size * 10 and usage.limit == size * 10
+        with pytest.raises(OverQuota):
+            ma.copy("INBOX", [1], "Work")
+        assert ma.status("Work").messages == 0
+        assert ma.move("INBOX", [1], "Work").dest_uids == [1]  # a move adds nothing
+        res = mda.deliver_one(limited, b"", msg("late"), "x@example.net")
+        assert not res.ok and res.detail == OVER_QUOTA
+        assert mda.quota_used(limited) == size * 10
+        ma.store("INBOX", [2], "+FLAGS", ["\\Deleted"])
+        ma.expunge("INBOX")
+        assert mda.deliver_one(limited, b"", msg("9-99"), "x@example.net").ok  # room again
+        a.release(ma)
+        b.release(mb_)
+    finally:
+        mda.close()
+        a.close()
+        b.close()
+
+
+def test_export_then_import_keeps_uidvalidity_and_uids(store: ClusterStore, mb: ClusterMailboxes,
+                                                       tmp_path: object) -> None:
+    """Cluster -> Maildir (dovecot-uidlist) -> another user's new folders: the same UIDVALIDITY, UIDs
+    (gaps included), UIDNEXT, flags, keywords, dates and bytes; twice the same body in one folder is
+    two messages. A second import changes nothing; into a folder that held mail, UIDs are new."""
+    from pathlib import Path
+
+    from postier.store.transfer import ImportState, export_maildir, import_maildir
+    root = Path(str(tmp_path))
+    for n in range(5):
+        mb.append("INBOX", msg(n), ["\\Seen", "$Work"] if n == 1 else [], 1_600_000_000 + n)
+    mb.append("INBOX", msg(1))  # the same body again (uid 6)
+    mb.store("INBOX", [2, 4], "+FLAGS", ["\\Deleted"])
+    mb.expunge("INBOX")
+    mb.create("Work")
+    mb.copy("INBOX", [1, 3], "Work")
+    export_maildir(mb, root / "out")
+    bob = User("bob@example.org", "bob", "example.org", "maildir")
+    other = store.acquire(bob)
+    try:
+        other.ensure_defaults()
+        state = ImportState(root / "state.sqlite")
+        try:
+            stats = import_maildir(other, root / "out", state)
+            assert stats.copied == 6  # 4 in INBOX, 2 in Work
+            for name in ("INBOX", "Work"):
+                want, got = mb.snapshot(name), other.snapshot(name)
+                assert (got.uidvalidity, list(got.uids), got.uidnext) == (want.uidvalidity, list(want.uids),
+                                                                         want.uidnext), name
+                w, g = mb.rows(name, want.uids), other.rows(name, got.uids)
+                for uid in want.uids:
+                    assert (g[uid].flag_names, g[uid].idate, g[uid].size) == (w[uid].flag_names, w[uid].idate,
+                                                                              w[uid].size)
+                    assert other.read(name, g[uid]) == mb.read(name, w[uid])
+            assert list(other.snapshot("INBOX").uids) == [1, 3, 5, 6]
+            again = import_maildir(other, root / "out", state)
+            assert (again.copied, again.skipped) == (0, 6)
+        finally:
+            state.close()
+        # into a folder that already held mail: appended, new UIDs
+        carol = store.acquire(User("carol@example.org", "carol", "example.org", "maildir"))
+        try:
+            carol.ensure_defaults()
+            carol.append("INBOX", msg("x"))
+            carol.delete_uids("INBOX", [1])
+            state = ImportState(root / "state2.sqlite")
+            try:
+                import_maildir(carol, root / "out", state)
+            finally:
+                state.close()
+            snap = carol.snapshot("INBOX")
+            assert list(snap.uids) == [2, 3, 4, 5] and snap.uidvalidity != mb.snapshot("INBOX").uidvalidity
+            assert list(carol.snapshot("Work").uids) == [1, 2] == list(mb.snapshot("Work").uids)
+        finally:
+            store.release(carol)
+    finally:
+        store.release(other)
+
+
+def test_quota_warnings_once_per_crossing(store: ClusterStore, tmp_path: object) -> None:
+    """80 % and 95 % warnings (pipeline/quota.py) in cluster mode: once per crossing, re-armed when a
+    later check finds the usage below the level; a user without a quota never gets one."""
+    from pathlib import Path
+    size = len(msg("00"))
+    dave = User("dave@example.org", "dave", "example.org", "maildir", quota=size * 20)
+    mda = ClusterDelivery(store, Path(str(tmp_path)))
+    try:
+        levels = []
+        for n in range(20):
+            assert mda.deliver_one(dave, b"", msg(f"{n:02d}"), "x@example.net").ok
+            levels.append(mda.quota_warning_due(dave))
+        assert levels[15] == 80 and levels[18] == 95  # 16 and 19 of 20 messages
+        assert [lv for lv in levels if lv is not None] == [80, 95]
+        mb = store.acquire(dave)
+        try:
+            mb.delete_uids("INBOX", list(range(1, 11)))  # down to 50 %
+        finally:
+            store.release(mb)
+        assert mda.quota_warning_due(dave) is None  # the check after the deletion re-arms
+        got = []
+        for n in range(6):  # up to 80 % again
+            assert mda.deliver_one(dave, b"", msg(f"b{n}"), "x@example.net").ok
+            got.append(mda.quota_warning_due(dave))
+        assert got == [None] * 5 + [80]
+        assert mda.quota_warning_due(ALICE) is None
+    finally:
+        mda.close()

@@ -49,10 +49,16 @@ class IMAPServer:
 class RawIMAP:
     """A byte-level IMAP client: commands in, (untagged lines, tagged line) out."""
 
-    def __init__(self, inst: Instance, tls: str = "implicit", timeout: float = 10.0):
+    def __init__(self, inst: Instance, tls: str = "implicit", timeout: float = 10.0, rcvbuf: int = 0):
         self.inst = inst
         role = "imaps" if tls == "implicit" else "imap"
-        sock = socket.create_connection(inst.addr(role), timeout=timeout)
+        if rcvbuf:  # a small receive window: a client that stops reading holds up the server soon
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect(inst.addr(role))
+        else:
+            sock = socket.create_connection(inst.addr(role), timeout=timeout)
         self.sock: socket.socket | ssl.SSLSocket = sock
         if tls == "implicit":
             self.sock = inst.client_ssl_context().wrap_socket(sock)

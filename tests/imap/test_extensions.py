@@ -539,6 +539,55 @@ def test_notify_in_idle_and_selected_delayed(server: IMAPServer) -> None:
         assert a.ok("NOOP") == []
 
 
+def test_notify_rename_is_one_list_with_oldname(server: IMAPServer) -> None:
+    """RFC 5465 §5.4: a rename by another session is LIST with OLDNAME (RFC 5258 §3.4), children too;
+    a deletion and a later creation stay two events."""
+    user = server.user()
+    with server.client(user) as a, server.client(user) as b:
+        b.ok("CREATE Alt")
+        b.ok("CREATE Alt.Kind")
+        a.ok("NOTIFY SET (PERSONAL (MailboxName))")
+        b.ok("RENAME Alt Neu")
+        assert nxt(a) == b'* LIST () "." "Neu" ("OLDNAME" ("Alt"))\r\n'
+        assert nxt(a) == b'* LIST () "." "Neu.Kind" ("OLDNAME" ("Alt.Kind"))\r\n'
+        b.ok("DELETE Neu.Kind")
+        assert nxt(a) == b'* LIST (\\NonExistent) "." "Neu.Kind"\r\n'
+        b.ok("CREATE Alt")
+        assert nxt(a) == b'* LIST () "." "Alt"\r\n'
+        a.ok("RENAME Alt Mine")  # A's own rename is not echoed
+        assert a.ok("NOOP") == []
+
+
+def test_notify_overflow_when_the_client_does_not_read(server: IMAPServer) -> None:
+    """RFC 5465 §5.8: a client that leaves its events unread (beyond the kernel's socket buffers and
+    NOTIFY_MAX_PENDING) gets NOTIFICATIONOVERFLOW, then no more events; its session goes on."""
+    user = server.user()
+    big = MSG + b"x" * 200_000 + b"\r\n"
+    a = RawIMAP(server.inst, rcvbuf=4096)
+    try:
+        a.ok(f"LOGIN {user} {PASSWORD}")
+        a.ok("SELECT INBOX")
+        a.ok("NOTIFY SET (SELECTED (MessageNew (UID BODY.PEEK[]) MessageExpunge))")
+        with server.client(user) as b:
+            for _ in range(APPENDS_FOR_OVERFLOW):  # A stops reading; each APPEND is 200 KB of events for A
+                _u, t = b.cmd(b"APPEND INBOX " + literal(big))
+                assert b" OK " in t
+            a.sock.settimeout(10)
+            fetched = 0
+            while not (ln := a.line()).startswith(b"* OK [NOTIFICATIONOVERFLOW]"):
+                assert re.fullmatch(rb"\* \d+ (EXISTS|RECENT)\r\n", ln) or ln.endswith(big + b")\r\n"), ln[:80]
+                fetched += b" FETCH " in ln
+            assert 0 < fetched < APPENDS_FOR_OVERFLOW
+            # NOTIFY is off: the selected mailbox's updates come with a command again, without BODY[]
+            u = a.ok("NOOP")
+            assert b"* %d EXISTS\r\n" % APPENDS_FOR_OVERFLOW in u and not any(b"BODY[]" in ln for ln in u), u[:3]
+    finally:
+        a.sock.close()
+
+
+APPENDS_FOR_OVERFLOW = 60  # 12 MB of events: more than the kernel's socket buffers and NOTIFY_MAX_PENDING
+
+
 def test_notify_refusals(server: IMAPServer) -> None:
     user = server.user()
     with server.client(user) as c:

@@ -219,6 +219,44 @@ def test_store_flags_rename_file(mb: UserMailbox) -> None:
     assert r4.conflicts == [1]
 
 
+def test_store_and_expunge_survive_their_index_commit_taken_back(store: MailStore) -> None:
+    """STORE and EXPUNGE commit the index without an fsync of its own (the renamed and unlinked
+    files are durable): with the index as it was before them (what a power cut may leave), the next
+    sync reads the flags from the file names and drops the expunged message, under a MODSEQ above
+    every one handed out."""
+    mb = store.acquire(USER)
+    deliver(mb)
+    deliver(mb)
+    mb.open("INBOX")
+    store.release(mb)
+    store.close()
+    idx = USER.home(store.mail_root) / INDEX_NAME
+    before = idx.read_bytes()
+    s2 = MailStore(store.mail_root)
+    mb = s2.acquire(USER)
+    mb.open("INBOX")
+    m1 = mb.store("INBOX", [1], "+FLAGS", ["\\Flagged", "\\Answered"]).modseq
+    mb.store("INBOX", [2], "+FLAGS", ["\\Deleted"])
+    assert mb.expunge("INBOX") == [2]
+    m2 = mb.snapshot("INBOX").highestmodseq
+    assert m2 > m1
+    s2.release(mb)
+    s2.close()
+    for extra in ("-wal", "-shm"):
+        Path(str(idx) + extra).unlink(missing_ok=True)
+    idx.write_bytes(before)  # the two commits lost
+    s3 = MailStore(store.mail_root)
+    try:
+        mb = s3.acquire(USER)
+        st = mb.open("INBOX")
+        assert list(st.uids) == [1]
+        assert set(mb.rows("INBOX", [1])[1].flag_names) == {"\\Flagged", "\\Answered"}
+        assert st.highestmodseq > m2
+        s3.release(mb)
+    finally:
+        s3.close()
+
+
 def test_append_durable_and_uid(mb: UserMailbox) -> None:
     t = 1_600_000_000
     uv, uid = mb.append("INBOX", b"Subject: a\nX: y\n\nbody\n", ["\\Seen"], t)

@@ -16,6 +16,7 @@ when the folder's HIGHESTMODSEQ moved, which every change to its messages does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from ..errors import (
     MailboxNotFound,
     MessageGone,
     NotPermitted,
+    OverQuota,
     StoreError,
     StoreLimit,
     StoreUnavailable,
@@ -43,14 +45,16 @@ from ..errors import (
 )
 from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
-from ..quota import Usage
+from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from .bodies import BodyStore
 from .gc import mark
 from .schema import CHANNEL
 
-__all__ = ["ClusterMailboxes"]
+__all__ = ["FLAGS_INFO", "ClusterMailboxes"]
 
+#: `delivery_suffix`'s answer: this, then the flag names separated by spaces (not a Maildir suffix)
+FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
@@ -66,6 +70,11 @@ class _State:
     version: int
     special_use: str
     keywords: tuple[str, ...]
+
+
+def _quota_key(owner: str) -> int:
+    """The transaction advisory-lock key that queues one user's quota-checked writes."""
+    return int.from_bytes(hashlib.sha256(b"quota\x1f" + owner.encode()).digest()[:8], "big", signed=True)
 
 
 def _row(r: tuple[Any, ...]) -> MessageRow:
@@ -256,6 +265,31 @@ class ClusterMailboxes:
         assert r is not None
         return Usage(int(r[0]), int(r[1]), self.user.quota)
 
+    @_op
+    def quota_warning_due(self) -> int | None:
+        """The WARN_LEVELS percentage the usage newly reached (recorded as warned), or None: once per
+        crossing, as `store.quota.warning_due` in Maildir mode. A level is re-armed when a check
+        finds the usage below it (checks follow deliveries: PostgreSQL has no trigger keeping the
+        lowest usage since the warning, as the Maildir index has)."""
+        limit = self.user.quota
+        if not limit:
+            return None
+        with self._tx() as conn:
+            conn.execute("INSERT INTO quota_warned (owner) VALUES (%s) ON CONFLICT DO NOTHING", (self.owner,))
+            r = conn.execute("SELECT warned, low FROM quota_warned WHERE owner=%s FOR UPDATE", (self.owner,)).fetchone()
+            assert r is not None
+            used = self._used(conn)
+            warned, low = int(r[0]), r[1]
+            low = used if low is None else min(int(low), used)
+            if warned and low * 100 < warned * limit:  # went below since the warning
+                warned = max((lv for lv in WARN_LEVELS if low * 100 >= lv * limit), default=0)
+            level = max((lv for lv in WARN_LEVELS if used * 100 >= lv * limit), default=0)
+            due = level if level > warned else None
+            # the lowest usage seen since the warning (reset to now when one is given)
+            conn.execute("UPDATE quota_warned SET warned=%s, low=%s WHERE owner=%s",
+                         (level if due else warned, used if due else low, self.owner))
+        return due
+
     def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
         return None  # no full-text index in cluster mode yet: the matcher reads the messages
 
@@ -334,6 +368,10 @@ class ClusterMailboxes:
             return self._claim(conn, self._load(conn, normalize_name(name)).fid)
 
     @_op
+    def at_once[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`: each call is its own transaction here (PostgreSQL orders them)."""
+        return fn(*args)
+
     def changed_since(self, name: str, modseq: int, max_uid: int | None = None) -> list[tuple[int, int, str, int]]:
         with self._tx() as conn:
             st = self._state(conn, name)
@@ -443,6 +481,24 @@ class ClusterMailboxes:
         assert r is not None
         return int(r[0])
 
+    def _used(self, conn: Conn) -> int:
+        r = conn.execute("SELECT coalesce(sum(m.size), 0) FROM messages m JOIN folders f ON f.id = m.folder "
+                         "WHERE f.owner=%s", (self.owner,)).fetchone()
+        assert r is not None
+        return int(r[0])
+
+    def _check_quota(self, conn: Conn, size: int) -> None:
+        """RFC 9208 §4.1 (STORAGE): raise OverQuota when `size` more bytes would pass the user's limit.
+        In a writing transaction, after its folder rows are locked: the user's transaction advisory
+        lock (taken last, so never in a cycle with the folder rows) queues the user's writers on
+        every node until commit, so two of them cannot both fit in the same room."""
+        limit = self.user.quota
+        if limit is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_quota_key(self.owner),))
+        if self._used(conn) + size > limit:
+            raise OverQuota("quota exceeded")
+
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
@@ -462,8 +518,11 @@ class ClusterMailboxes:
         n = normalize_name(name)
         if not messages:
             raise StoreError("no message to append")
-        with self._tx() as conn:  # fail early (no upload) when the folder is missing
+        with self._tx() as conn:  # fail early (no upload) when the folder is missing or the quota full
             self._fid(conn, n)
+            limit = self.user.quota
+            if limit is not None and self._used(conn) >= limit:
+                raise OverQuota("quota exceeded")
         prepared: list[tuple[str, int, int, list[str], int]] = []
         for item, flag_names, internal_date in messages:
             if isinstance(item, SpoolFile):
@@ -482,6 +541,7 @@ class ClusterMailboxes:
             prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
             fid, uidvalidity, known = self._fid(conn, n, lock=True)
+            self._check_quota(conn, sum(p[1] for p in prepared))
             rows = []
             for digest, size, bits, kws, idate in prepared:
                 canon, known = self._keywords(conn, fid, known, kws)
@@ -495,6 +555,71 @@ class ClusterMailboxes:
                                  for u, (d, size, bits, kw, idate) in zip(uids, rows, strict=True)])
             self._notify(conn, n)
         return uidvalidity, uids
+
+    def _unused(self, conn: Conn, name: str, lock: bool = False) -> tuple[int, tuple[str, ...]] | None:
+        """(id, keywords) of a folder that never held a message (UIDNEXT 1), else None."""
+        r = conn.execute("SELECT id, uidnext, keywords FROM folders WHERE owner=%s AND name=%s"
+                         + (" FOR UPDATE" if lock else ""), (self.owner, name)).fetchone()
+        if r is None:
+            raise MailboxNotFound("no such mailbox")
+        return (int(r[0]), tuple(r[2])) if r[1] == 1 else None
+
+    @_op
+    def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
+                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+        """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
+        dovecot-uidlist), so clients need not resynchronise (RFC 9051 §2.3.1.1: the triple of name,
+        UIDVALIDITY and UID still names the same message). Only into a folder that never held a
+        message (UIDNEXT 1): False, with nothing consumed or changed, otherwise, and the caller
+        appends instead. Bodies are put first, as APPEND's are; then one transaction sets
+        UIDVALIDITY, UIDNEXT (at least the highest UID + 1) and inserts the rows, all or none."""
+        n = normalize_name(name)
+        if not 0 < uidvalidity < 2**32:
+            return False
+        with self._tx() as conn:
+            if self._unused(conn, n) is None:
+                return False
+        prepared: list[tuple[int, str, int, int, list[str], int]] = []
+        seen: set[int] = set()
+        for uid, data, flag_names, internal_date in messages:
+            if not 0 < uid < 2**32 - 1 or uid in seen:
+                raise StoreError(f"bad or repeated UID {uid} in the import")
+            seen.add(uid)
+            if b"\n" in data.replace(b"\r\n", b""):
+                data = _to_crlf(data)
+            bits, kws = names_to_flags(flag_names)
+            digest = self.bodies.digest(data)
+            with self._tx() as conn:  # renew the body's mark before the upload (see append_many)
+                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
+                             (digest,))
+            self.bodies.put(data, digest)
+            idate = int(internal_date) if internal_date is not None else int(time.time())
+            prepared.append((uid, digest, len(data), bits, kws, idate))
+        prepared.sort()
+        nxt = max(uidnext, prepared[-1][0] + 1 if prepared else 1)
+        if nxt > 2**32 - 1:
+            raise StoreLimit("no UIDs left in this mailbox")
+        with self._tx() as conn:
+            got = self._unused(conn, n, lock=True)
+            if got is None:  # someone appended meanwhile: the bodies are orphans, collected later
+                return False
+            fid, known = got
+            self._check_quota(conn, sum(p[2] for p in prepared))
+            rows = []
+            for uid, digest, size, bits, kws, idate in prepared:
+                canon, known = self._keywords(conn, fid, known, kws)
+                rows.append((fid, uid, digest, size, bits, " ".join(canon), idate))
+            r = conn.execute("UPDATE folders SET uidvalidity=%s, uidnext=%s, recent_uid=%s, "
+                             "highestmodseq = highestmodseq + 1 WHERE id=%s RETURNING highestmodseq",
+                             (uidvalidity, nxt, nxt, fid)).fetchone()
+            assert r is not None
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
+                                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                                [(*row[:6], r[0], row[6]) for row in rows])
+            self._notify(conn, n)
+        self.states.pop(n, None)
+        return True
 
     @_op
     def store(self, name: str, uids: Iterable[int], mode: str, flag_names: Sequence[str],
@@ -582,6 +707,8 @@ class ClusterMailboxes:
                                 (sfid, uids)).fetchall()
             if not rows:
                 return CopyResult(dvalid, [], [])
+            if not move:  # RFC 9208 §4.1: a COPY over the quota stores nothing (a MOVE adds nothing)
+                self._check_quota(conn, sum(int(r[5]) for r in rows))
             kws = sorted({k for r in rows for k in (r[3].split(" ") if r[3] else [])})
             self._keywords(conn, dfid, dknown, kws)
             first, modseq = self._allocate(conn, dfid, len(rows))
@@ -595,6 +722,23 @@ class ClusterMailboxes:
             if move:
                 self._remove(conn, sfid, s, src_uids)
         return CopyResult(dvalid, src_uids, new)
+
+    def delivery_suffix(self, name: str, flag_names: Sequence[str]) -> str:
+        """What `ClusterDelivery` needs to give a message delivered into the folder these flags (RFC
+        5232 §5: Sieve's imap4flags), the folder created when missing (RFC 5228 §4.1): FLAGS_INFO and
+        the flag names. Keywords are registered when the message is appended (no letters here, unlike
+        a Maildir file name, so none is dropped); names that are not flags are left out (RFC 5232 §3)."""
+        n = normalize_name(name)
+        if n != INBOX and not self.exists(n):
+            with contextlib.suppress(MailboxExists):
+                self.create(n)
+        valid: list[str] = []
+        for f in flag_names:
+            with contextlib.suppress(StoreError):
+                names_to_flags([f])
+                if f.lower() != "\\recent":
+                    valid.append(f)
+        return FLAGS_INFO + " ".join(valid) if valid else ""
 
     # -- POP3 (RFC 1939) ------------------------------------------------------------------------
 

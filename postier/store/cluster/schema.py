@@ -1,6 +1,6 @@
 """The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions),
-accounts and DKIM keys, and the outbound queue (`queue_*`: messages, recipients with their leases,
-attempts, sends; queue/cluster.py).
+accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
+(`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
 
 Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
@@ -62,6 +62,25 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     owner text NOT NULL,
     name text NOT NULL,
     PRIMARY KEY (owner, name)
+);
+CREATE TABLE IF NOT EXISTS sieve_scripts (
+    owner text NOT NULL,
+    name text NOT NULL,
+    body bytea NOT NULL,
+    active boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (owner, name)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sieve_scripts_one_active ON sieve_scripts (owner) WHERE active;
+CREATE TABLE IF NOT EXISTS quota_warned (
+    owner text PRIMARY KEY,
+    warned integer NOT NULL DEFAULT 0,
+    low bigint
+);
+CREATE TABLE IF NOT EXISTS sieve_tracking (
+    owner text NOT NULL,
+    key bytea NOT NULL,
+    until double precision NOT NULL,
+    PRIMARY KEY (owner, key)
 );
 CREATE TABLE IF NOT EXISTS queue_messages (
     id text PRIMARY KEY,
@@ -164,6 +183,9 @@ CREATE TABLE IF NOT EXISTS dkim_keys (
 );
 """
 ACCOUNTS_LOCK = 0x706F7375  # pg_advisory_xact_lock key of account writes
+
+
+# sieve_tracking.key is bytea: the keys hold NULs (pipeline/sieve.py), which a text column refuses.
 
 
 def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,13 +30,16 @@ from ...message.types import MessageBody, User
 from ...metrics import Metrics
 from ..api import Mailboxes
 from ..delivery import DeliveryResult, LocalDelivery
-from ..errors import MailboxNotFound, StoreError, StoreUnavailable
+from ..errors import MailboxExists, MailboxNotFound, OverQuota, StoreError, StoreUnavailable
+from ..quota import OVER_QUOTA
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, ChangeNotifier, normalize_name
 from .bodies import BodyStore
-from .mailboxes import ClusterMailboxes
+from .mailboxes import FLAGS_INFO, ClusterMailboxes
 from .schema import CHANNEL, ensure_schema
+from .sieve import ClusterSieve
 
-__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "open_bodies", "open_cluster", "open_store"]
+__all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "maildrop_key", "open_bodies", "open_cluster",
+           "open_store"]
 
 log = logging.getLogger("postier.cluster")
 
@@ -90,12 +94,19 @@ class ClusterNotifier(ChangeNotifier):
         super().close()
 
 
+def maildrop_key(address: str) -> int:
+    """The advisory-lock key of a user's POP3 maildrop: 64 bits of SHA-256 (a signed bigint)."""
+    return int.from_bytes(hashlib.sha256(b"pop3\x1f" + address.encode()).digest()[:8], "big", signed=True)
+
+
 class ClusterStore:
     """Every user's mailboxes for one node of a cluster (`MailStoreAPI`)."""
 
     def __init__(self, dsn: str, bodies: BodyStore, special_use_folders: Sequence[str] = tuple(DEFAULT_SPECIAL_USE),
                  workers: int = 8, timeout: float = 5.0):
         self.bodies = bodies
+        self.dsn = dsn
+        self.timeout = timeout
         self.special_use_folders = tuple(special_use_folders)
         self.pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=workers + 8, open=False, timeout=timeout,
@@ -127,6 +138,7 @@ class ClusterStore:
             if mb is None:
                 mb = self._users[user.address] = ClusterMailboxes(user, self.pool, self.bodies,
                                                                   self.special_use_folders)
+            mb.user = user  # a new login or delivery brings the current quota
             mb.refs += 1
             return mb
 
@@ -143,6 +155,45 @@ class ClusterStore:
     def call[T](self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def sieve_storage(self, max_scripts: int, max_script_size: int) -> ClusterSieve:
+        """Sieve's scripts and tracking in PostgreSQL, through this node's pool (`store.sieve.SieveStorage`)."""
+        return ClusterSieve(self.pool, self.ensure_schema, max_scripts, max_script_size)
+
+    def lock_maildrop(self, user: User) -> Callable[[], None] | None:
+        """POP3's exclusive maildrop lock across every node (RFC 1939 §8; blocking): its release
+        function, or None when a session on any node holds it (RFC 2449 §8.1 IN-USE).
+
+        A session-level advisory lock on a connection of its own (not the pool's): PostgreSQL drops
+        it when that connection ends, so a node that dies frees its users' maildrops once its
+        connections are seen closed (TCP keepalives bound that for a node that vanished). Advisory
+        locks are re-entrant within one connection, which is why each POP3 session has its own.
+        The release function blocks (a round trip): run it in a worker thread."""
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
+                                   keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        except psycopg.Error as exc:
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        key = maildrop_key(user.address)
+        try:
+            r = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        if r is None or not r[0]:
+            conn.close()
+            return None
+
+        def release() -> None:
+            # Unlocked explicitly (answered when done): closing alone would leave the release to the
+            # server process's exit, which a new session on another node could overtake.
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg.Error:
+                pass  # the connection is gone: so is the lock
+            finally:
+                conn.close()
+        return release
+
     def close(self) -> None:
         self.notifier.close()
         self.executor.shutdown(wait=True)
@@ -150,19 +201,34 @@ class ClusterStore:
 
 
 class ClusterDelivery(LocalDelivery):
-    """The MDA of cluster mode: each recipient's copy is an APPEND to its folder (INBOX when the
-    folder a Sieve script named does not exist), so a 250 means the body is in the object store
+    """The MDA of cluster mode: each recipient's copy is an APPEND to its folder (created when a Sieve
+    script named one that does not exist; INBOX when the name cannot be a folder), so a 250 means the body is in the object store
     and the row committed. The fan-out, alias handling and listeners are `LocalDelivery`'s."""
 
     def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16, metrics: Metrics | None = None):
         super().__init__(mail_root, workers=workers, agent=False, metrics=metrics)
         self.store = store
 
+    def quota_used(self, user: User) -> int:
+        """The user's bytes in PostgreSQL's rows, for the quota check at RCPT (blocking)."""
+        mb = self.store.acquire(user)
+        try:
+            return mb.quota_usage().bytes
+        finally:
+            self.store.release(mb)
+
+    def quota_warning_due(self, user: User) -> int | None:
+        """The quota warning level newly reached, kept in PostgreSQL (`ClusterMailboxes.quota_warning_due`)."""
+        mb = self.store.acquire(user)
+        try:
+            return mb.quota_warning_due()
+        finally:
+            self.store.release(mb)
+
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
         data = prefix + (body if isinstance(body, bytes) else body.getvalue())
-        # `info` is a Maildir flags suffix (":2,FS", Sieve's flags): the same flags on the row
-        flags = [_LETTER_FLAGS[ch] for ch in info.partition(":2,")[2] if ch in _LETTER_FLAGS]
+        flags = _info_flags(info)
         try:
             mb = self.store.acquire(user)
         except StoreError as exc:
@@ -177,13 +243,27 @@ class ClusterDelivery(LocalDelivery):
                 v, uid = mb.append(name, data, flags)
             except MailboxNotFound:  # a new user (no INBOX yet), or a folder a script named
                 mb.ensure_defaults()
-                v, uid = mb.append(INBOX, data, flags)
+                if name != INBOX:  # RFC 5228 §4.1: a missing folder is created, as in Maildir mode
+                    with contextlib.suppress(MailboxExists):
+                        mb.create(name)
+                v, uid = mb.append(name, data, flags)
             return DeliveryResult(user, True, f"{v}:{uid}")
+        except OverQuota:  # nothing stored for this user; the pipelines answer 452/552 (pipeline/quota.py)
+            log.info("delivery to %s refused: over quota", user.address)
+            return DeliveryResult(user, False, OVER_QUOTA)
         except StoreError as exc:
             log.error("delivery to %s failed: %s", user.address, exc)
             return DeliveryResult(user, False, str(exc))
         finally:
             self.store.release(mb)
+
+
+def _info_flags(info: str) -> list[str]:
+    """The flags a delivery's `info` names: `ClusterMailboxes.delivery_suffix`'s FLAGS_INFO list
+    (Sieve's imap4flags, keywords included), or a Maildir suffix (":2,FS": system flags only)."""
+    if info.startswith(FLAGS_INFO):
+        return info[len(FLAGS_INFO):].split()
+    return [_LETTER_FLAGS[ch] for ch in info.partition(":2,")[2] if ch in _LETTER_FLAGS]
 
 
 def _secret(config: Config, path: str) -> str:
