@@ -328,7 +328,8 @@ def test_quota_at_smtp_and_imap_across_nodes(nodes: list[Instance]) -> None:
     that does not fit get 452 4.2.2 on B after A filled the mailbox; IMAP APPEND gets NO [OVERQUOTA]."""
     a, b = nodes
     carol = f"carol@{DOMAIN}"
-    a.cli("user", "add", carol, "--password-stdin", "--quota", "2K", stdin=PASSWORD + "\n")  # every node's
+    for inst in (a, b):
+        inst.cli("user", "add", carol, "--password-stdin", "--quota", "2K", stdin=PASSWORD + "\n")
     big = "x" * 1400
     with smtplib.SMTP(*a.addr("smtp"), timeout=20) as s:
         s.sendmail("bob@example.net", [carol], f"Subject: fits\r\n\r\n{big}\r\n")
@@ -355,7 +356,8 @@ def test_quota_at_smtp_and_imap_across_nodes(nodes: list[Instance]) -> None:
         c.logout()
     # the 80 % warning, its state in PostgreSQL: mail through B and C... until 17 of 20 KiB are used
     erin = f"erin@{DOMAIN}"
-    a.cli("user", "add", erin, "--password-stdin", "--quota", "20K", stdin=PASSWORD + "\n")  # every node's
+    for inst in (a, b):
+        inst.cli("user", "add", erin, "--password-stdin", "--quota", "20K", stdin=PASSWORD + "\n")
     c = imaplib.IMAP4(*a.addr("imap"), timeout=20)
     c.starttls(a.client_ssl_context())
     c.login(erin, PASSWORD)
@@ -430,7 +432,8 @@ def test_export_import_moves_a_user_between_modes(tmp_path: Path, nodes: list[In
         d.logout()
     # cluster -> Maildir -> cluster keeps UIDVALIDITY and UIDs (from the export's dovecot-uidlist)
     carol = f"carol@{DOMAIN}"
-    a.add_user(carol, PASSWORD)  # accounts are in PostgreSQL: one add for every node
+    for inst in (a, b):
+        inst.add_user(carol, PASSWORD)
     a.cli("import", "maildir", str(out1), "--into", carol)
     seen = []
     for who in (ALICE, carol):
