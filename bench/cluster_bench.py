@@ -1,8 +1,9 @@
 """Cluster benchmarks against a throwaway PostgreSQL 15 (fsync off) and moto's S3 server.
 
 Store mode (the default): APPENDs from two writers on two connection pools (two nodes) into one
-folder, then body reads, with moto in this process (its Python HTTP server shares the GIL with the
-writers: a lower bound for the code path, not a cluster figure).
+folder, then body reads, then the shared outbound queue (messages accepted by two nodes, then
+claimed and recorded by both at once: `queue/cluster.py`), with moto in this process (its Python
+HTTP server shares the GIL with the writers: a lower bound for the code path, not a cluster figure).
 
     .venv/bin/python -m bench cluster [--messages 200] [--size 4000]
 
@@ -28,7 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from postier.message.received import queue_id  # noqa: E402
 from postier.message.types import User  # noqa: E402
+from postier.queue.cluster import ClusterSpool  # noqa: E402
+from postier.queue.spool import DELIVERED, MessageInfo, Outcome, RecipientSpec  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from tests.cluster.conftest import PgServer, S3Server  # noqa: E402
@@ -82,12 +86,56 @@ def main(argv: list[str]) -> int:
             boxes[0].read("INBOX", r)
         dt = time.perf_counter() - t
         print(f"{n} body reads: {dt:.2f}s = {n / dt:.0f}/s")
+        queue(stores, n, body)
         for s in stores:
             s.close()
     finally:
         s3.stop()
         pg.remove()
     return 0
+
+
+def queue(stores: list[ClusterStore], n: int, body: bytes) -> None:
+    """Each node accepts n messages (2 recipients each), then both claim and record at once."""
+    spools = [ClusterSpool(s, 300.0, node=f"node{i}") for i, s in enumerate(stores)]
+    now = time.time()
+
+    def accept(i: int) -> None:
+        sp = spools[i]
+        for k in range(n):
+            mid = queue_id()
+            size = sp.write_file(mid, b"", body + f"q{i}-{k}\r\n".encode())
+            info = MessageInfo(mid, "a@example.org", now, size, user="a@example.org")
+            [err] = sp.run([sp.op_insert(info, [RecipientSpec(f"r{k}@x.test"), RecipientSpec(f"s{k}@x.test")], now)])
+            assert err is None, err
+
+    claimed: list[list[tuple[str, str]]] = [[], []]
+
+    def work(i: int) -> None:
+        sp = spools[i]
+        for _ in range(10 * n):  # bounded
+            rows = sp.due_full(time.time(), 50)
+            if not rows:
+                return
+            by_msg: dict[str, list[Outcome]] = {}
+            for info, st in rows:
+                claimed[i].append((info.id, st.address))
+                by_msg.setdefault(info.id, []).append(Outcome(st.address, DELIVERED, "250 ok", "2.0.0"))
+            sp.run([sp.op_complete(m, outs, time.time(), True) for m, outs in by_msg.items()])
+
+    for name, fn, count in (("accepted", accept, 2 * n), ("recipients claimed and recorded", work, 4 * n)):
+        t = time.perf_counter()
+        threads = [threading.Thread(target=fn, args=(i,)) for i in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t
+        print(f"queue: {count} {name} (2 nodes): {dt:.2f}s = {count / dt:.0f}/s")
+    both = claimed[0] + claimed[1]
+    assert len(both) == len(set(both)) == 4 * n, "a recipient was claimed twice or lost"
+    assert spools[0].count() == 0
+    print(f"queue: node0 {len(claimed[0])} + node1 {len(claimed[1])} recipients, none twice, queue empty")
 
 
 if __name__ == "__main__":

@@ -413,6 +413,9 @@ class Cluster:
     s3_secret_key_file: str = ""
     #: Seconds to wait for a database connection or an object-store answer before failing (4xx/NO).
     timeout: float = 5.0
+    #: Seconds a node holds the outbound-queue recipients it claimed without renewing them (it renews
+    #: every third of it): after a node dies, its recipients wait this long before another node takes them.
+    queue_lease: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -607,6 +610,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cluster.s3_bucket: required in cluster mode (cluster.dsn is set)")
     if cfg.cluster.timeout <= 0:
         raise ConfigError("cluster.timeout: must be positive")
+    if cfg.cluster.queue_lease < 1:
+        raise ConfigError("cluster.queue_lease: at least 1 second")
     if cfg.submission.sender_policy not in ("own", "domain", "any"):
         raise ConfigError("submission.sender_policy: must be \"own\", \"domain\" or \"any\"")
     if cfg.relay.tls not in ("starttls", "implicit"):

@@ -223,10 +223,11 @@ def _tls_report_now(cfg: Config, store: TLSReportStore) -> int:
     the reports go into the queue, which a running server delivers at its next scan."""
     from postier.mailauth.keys import DKIMSigner
     from postier.pipeline.jobs import ReportJob
-    from postier.queue.spool import Spool, SpoolEnqueuer
+    from postier.queue.cluster import open_spool
+    from postier.queue.spool import SpoolEnqueuer
 
     accounts = base._accounts(cfg)
-    spool = Spool(cfg.spool_dir / "queue")
+    spool = open_spool(cfg)
     try:
         resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache)
         signer = DKIMSigner(open_key_store(cfg)) if cfg.mailauth.dkim_sign else None

@@ -193,9 +193,15 @@ class SubmissionPipeline(SMTPPipeline):
                 log.info("%s: %s may not send as <%s>", env.qid, user.address, addr.mailbox)
                 return R553_SENDER_NOT_OWNED
         limit = self.config.submission.max_messages_per_day
-        if limit and await self.queue.sends_today(user.address) >= limit:
-            log.info("%s: %s reached its daily limit of %d messages", env.qid, user.address, limit)
-            return R450_DAILY_LIMIT
+        if limit:
+            try:
+                sent = await self.queue.sends_today(user.address)
+            except Exception as exc:  # the queue's database is away (cluster mode): try again later
+                log.error("%s: daily limit of %s not checked: %s", env.qid, user.address, exc)
+                return R451_LOCAL_ERROR
+            if sent >= limit:
+                log.info("%s: %s reached its daily limit of %d messages", env.qid, user.address, limit)
+                return R450_DAILY_LIMIT
         env.mail_from = addr.mailbox
         env.mail_params = params
         return R250_SENDER_OK

@@ -1,6 +1,7 @@
 """`postier queue list | show ID | retry ID|--all | delete ID`: inspect and steer the outbound queue.
 
-Works on the spool database directly, so it works whether or not the server runs; a running server
+Works on the spool database directly (in cluster mode, the cluster's queue in PostgreSQL), so it
+works whether or not the server runs; a running server
 notices `retry` within its poll interval (a few seconds). `delete` removes a message without a DSN.
 """
 
@@ -11,18 +12,18 @@ import datetime
 import time
 
 from ..adminlog import audit
-from .spool import QUEUED, Spool, valid_id
+from .cluster import open_spool
+from .spool import QUEUED, QueueSpool, valid_id
 
 
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _spool(args: argparse.Namespace) -> Spool:
+def _spool(args: argparse.Namespace) -> QueueSpool:
     from ..cli import _load
 
-    cfg = _load(args)
-    return Spool(cfg.spool_dir / "queue")
+    return open_spool(_load(args))
 
 
 def _id(args: argparse.Namespace) -> str:

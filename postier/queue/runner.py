@@ -12,6 +12,10 @@ concurrent jobs share one commit (group commit). A crash loses no accepted messa
 every recipient still `queued` is tried again, so a message in flight at the crash may arrive twice,
 never zero times. Time comes from an injectable clock (`schedule.Clock`); `dispatch()` and `drain()`
 let tests step the queue by hand.
+
+The storage is a `spool.QueueSpool`: this machine's spool (`spool.Spool`), or in cluster mode the
+queue all nodes share (`cluster.ClusterSpool`), where each scan claims due recipients under a lease
+that this runner renews while it holds them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -49,13 +52,15 @@ from .delivery import (
     MAX_RCPTS_PER_TRANSACTION, Connector, Failure, Fate, Outbound, RcptResult, Router, transact,
 )
 from .spool import (
-    DELIVERED, FAILED, QUEUED, TLS_REPORT_ROLE, MessageInfo, Outcome, RecipientSpec, RecipientState, Removed, Spool,
+    DELIVERED, FAILED, QUEUED, TLS_REPORT_ROLE, MessageInfo, Op, Outcome, QueueSpool, RecipientSpec, RecipientState,
+    Removed, Spool,
 )
 
 log = logging.getLogger("postier.queue")
 
 POLL_INTERVAL = 5.0  # longest sleep between scans of the database (enqueue and retry wake earlier)
 DUE_BATCH = 5000
+CLAIM_MIN = 10  # recipients a node of a cluster claims per scan, at least
 LOCAL = "local"  # the destination key of recipients in our own domains
 LOCAL_CONCURRENCY = 16
 MEMORY_DATA_LIMIT = 1024 * 1024  # larger messages are streamed from the spool file
@@ -101,7 +106,7 @@ class Queue:
     def __init__(self, config: Config, directory: Directory, mda: MailDelivery, resolver: BaseResolver, *,
                  clock: schedule.Clock | None = None, rng: random.Random | None = None,
                  srs: SRS | None = None, metrics: Metrics | None = None,
-                 tls_reports: TLSReportStore | None = None) -> None:
+                 tls_reports: TLSReportStore | None = None, spool: QueueSpool | None = None) -> None:
         cfg = config
         self.metrics = metrics  # each recipient's outcome is counted where it is logged (`_log`)
         self.srs = srs  # bounces to our SRS addresses (the queue's own DSNs) go back to the original sender
@@ -110,7 +115,8 @@ class Queue:
         self.config = cfg
         self.qcfg = cfg.queue
         self.clock: schedule.Clock = clock or schedule.SystemClock()
-        self.spool = Spool(cfg.spool_dir / "queue")
+        #: The queue's storage: this node's spool, or the cluster's (`queue.cluster`, built by server/app.py).
+        self.spool: QueueSpool = spool if spool is not None else Spool(cfg.spool_dir / "queue")
         self.out = Outbound.from_config(cfg)
         sts = None
         if cfg.outbound.mta_sts and not self.out.relay:  # a smarthost applies its own policy
@@ -122,7 +128,7 @@ class Queue:
         self.connector = Connector(self.out, recorder.session if recorder is not None else None)
         self._db_exec = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self._io_exec = ThreadPoolExecutor(8, thread_name_prefix="queue-io")
-        self._ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._ops: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._unlinks: set[asyncio.Future[None]] = set()
         self._busy: set[tuple[str, str]] = set()  # (msg_id, address) dispatched, not yet recorded
@@ -133,6 +139,7 @@ class Queue:
         self._total = asyncio.Semaphore(max(1, self.qcfg.concurrency_total))
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._local_domains: dict[str, tuple[bool, float]] = {}
         self._last_prune = 0.0
@@ -143,7 +150,7 @@ class Queue:
 
     # -- database plumbing ------------------------------------------------------------------------
 
-    async def _db(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _db(self, op: Op[Any]) -> Any:
         """Run a write operation; concurrent ones share a transaction (group commit)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ops.append((op, fut))
@@ -164,7 +171,7 @@ class Queue:
                 continue
             removed = [r.msg_id for r in results if isinstance(r, Removed)]
             if removed:  # committed: the spool files can go (one hand-off for the batch, off this thread)
-                unlink = loop.run_in_executor(self._io_exec, _remove_many, self.spool, removed)
+                unlink = loop.run_in_executor(self._io_exec, self.spool.remove_many, removed)
                 self._unlinks.add(unlink)
                 unlink.add_done_callback(self._unlinks.discard)
             for (_, f), r in zip(batch, results, strict=True):
@@ -236,7 +243,9 @@ class Queue:
             raise RuntimeError("could not allocate a queue id")
         now = self.clock.time()
         info = MessageInfo(mid, sender, now, size, user, envid, ret, smtputf8, eightbit, tls_optional=tls_optional)
-        fut = asyncio.ensure_future(self._db(Spool.op_insert(info, recipients, now)))
+        # claimed at once when this process schedules it itself (the dispatcher of another node must not)
+        claim = self.remote_runner is None and not self._stopping
+        fut = asyncio.ensure_future(self._db(self.spool.op_insert(info, recipients, now, claim)))
         try:
             await asyncio.shield(fut)  # a cancelled session must not undo a commit in progress
         except asyncio.CancelledError:
@@ -300,7 +309,9 @@ class Queue:
 
     async def dispatch(self) -> int:
         """Schedule every queued recipient whose time has come; returns the number of new jobs."""
-        rows = await self._read(self.spool.due_full, self.clock.time(), DUE_BATCH)
+        # A shared queue hands each node a few rounds of work at a time, not everything that is due
+        batch = DUE_BATCH if self.spool.lease <= 0 else max(CLAIM_MIN, 2 * self.qcfg.concurrency_total)
+        rows = await self._read(self.spool.due_full, self.clock.time(), batch)
         per_msg: dict[str, tuple[MessageInfo, list[RecipientState]]] = {}
         for info, st in rows:
             if (info.id, st.address) not in self._busy:
@@ -404,7 +415,7 @@ class Queue:
         msg = job.msg
         data: bytes | Path
         if msg.size > MEMORY_DATA_LIMIT:
-            data = self.spool.path(msg.id)  # streamed from the file
+            data = await self._io(self.spool.source, msg.id)  # streamed from the spool file
         else:
             if job.data is None:
                 await self._read_ahead(job)
@@ -435,7 +446,7 @@ class Queue:
         for j in batch:
             j.reading = True
         try:
-            contents = await self._io(_read_many, [self.spool.path(j.msg_id) for j in batch])
+            contents = await self._io(self.spool.read_many, [j.msg_id for j in batch])
         finally:
             for j in batch:
                 j.reading = False
@@ -503,7 +514,7 @@ class Queue:
         expanded = remote_targets(found)
         if expanded:  # alias targets in foreign domains join the message as new recipients
             now = self.clock.time()
-            await self._db(_op_add_recipients(msg.id, expanded, now))
+            await self._db(self.spool.op_add_recipients(msg.id, expanded, now))
             await self._schedule(msg, [_fresh(msg.id, RecipientSpec(a), now) for a in expanded])
         return results
 
@@ -548,7 +559,7 @@ class Queue:
         finished: bool | None = None
         if outcomes or last:
             try:
-                finished = await self._db(Spool.op_complete(job.msg_id, outcomes, now, last))
+                finished = await self._db(self.spool.op_complete(job.msg_id, outcomes, now, last))
             except Exception:
                 log.exception("%s: recording the outcome failed (it will be retried)", job.msg_id)
         self._busy.difference_update((job.msg_id, a) for a in job.recipients)
@@ -574,6 +585,8 @@ class Queue:
         """Send the DSN a message owes (one for all its recipients that owe one), then clean up."""
         if self._inflight.get(msg_id):
             return  # the last job of this message sends it
+        if not await self._read(self.spool.claim_dsn, msg_id, self.clock.time()):
+            return  # another node is sending it (a shared queue)
         msg = await self._read(self.spool.message, msg_id)
         if msg is None:
             return
@@ -582,7 +595,7 @@ class Queue:
             return
         if msg.sender:
             want = max(HEADER_LIMIT, FULL_LIMIT + 1) if msg.ret == "FULL" else HEADER_LIMIT
-            head = await self._io(_read_head, self.spool.path(msg_id), want)
+            head = await self._io(self.spool.read_head, msg_id, want)
             now = self.clock.time()
             recips = []
             for s in owed:
@@ -605,10 +618,10 @@ class Queue:
                      ",".join(sorted({s.dsn for s in owed})))
         self.stats["dsn"] += 1
         warned = any(s.dsn == "delayed" for s in owed)
-        done = Spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
-        finish = Spool.op_finish(msg_id)
+        done = self.spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
+        finish = self.spool.op_finish(msg_id)
 
-        def op(conn: sqlite3.Connection) -> bool | Removed:
+        def op(conn: Any) -> bool | Removed:
             done(conn)
             return finish(conn)
 
@@ -633,6 +646,26 @@ class Queue:
         n = await self._read(self.spool.count)
         log.info("queue: %d messages waiting", n)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self.spool.lease > 0:
+            self._renew_task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """Keep the leases of every recipient this node holds (dispatched, not yet recorded) alive, so
+        that no other node takes them over while they are waiting or being delivered here."""
+        while not self._stopping:
+            await asyncio.sleep(self.spool.lease / 3)
+            held = sorted(self._busy)
+            if not held:
+                continue
+            try:
+                lost = await self._read(self.spool.renew, held, self.clock.time())
+            except Exception as exc:  # noqa: BLE001 - the database is away: the next round tries again
+                log.warning("queue: renewing %d leases failed: %s", len(held), exc)
+                continue
+            lost = [k for k in lost if k in self._busy]  # not just recorded meanwhile
+            if lost:  # expired and claimable by another node: both may deliver these (at least once)
+                log.warning("queue: %d of %d leases ran out before renewal (%s to <%s>, ...)", len(lost), len(held),
+                            *lost[0])
 
     async def _run(self) -> None:
         for msg_id in await self._read(self.spool.owing_dsn):  # DSNs a crash interrupted
@@ -648,6 +681,9 @@ class Queue:
                 if now - self._last_prune > 3600:
                     self._last_prune = now
                     await self._read(self.spool.prune_sends, now - 2 * 86400)
+                    if self.spool.lease > 0:  # DSNs owed by messages of a node that died meanwhile
+                        for msg_id in await self._read(self.spool.owing_dsn):
+                            await self.send_dsns(msg_id)
                 nxt = await self._read(self.spool.next_due)
             except Exception:
                 log.exception("queue: dispatch failed")
@@ -660,9 +696,10 @@ class Queue:
         """Stop dispatching; let running jobs finish for a while, then cancel them (they will be retried)."""
         self._stopping = True
         self._wake.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._renew_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         with contextlib.suppress(TimeoutError):
             await self.drain(STOP_GRACE)
         for t in list(self._tasks):
@@ -671,6 +708,9 @@ class Queue:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._busy and self.spool.lease > 0:  # what was not recorded: any node may take it now
+            with contextlib.suppress(Exception):
+                await self._read(self.spool.release, sorted(self._busy))
         self._db_exec.shutdown(wait=True)
         self._io_exec.shutdown(wait=True)
         self.spool.close()
@@ -680,33 +720,3 @@ def _fresh(msg_id: str, r: RecipientSpec, now: float) -> RecipientState:
     """The state of a recipient just queued (as `Spool.op_insert` writes it)."""
     return RecipientState(msg_id, r.address, r.address.rpartition("@")[2].lower(), QUEUED, now, 0, "", "", "",
                           r.notify, r.orcpt, "")
-
-
-def _read_many(paths: list[Path]) -> list[bytes | None]:
-    out: list[bytes | None] = []
-    for p in paths:
-        try:
-            out.append(p.read_bytes())
-        except OSError:
-            out.append(None)  # gone (deleted by an admin): the job finds out when it loads
-    return out
-
-
-def _remove_many(spool: Spool, ids: list[str]) -> None:
-    for i in ids:
-        spool.remove_file(i)
-
-
-def _read_head(path: Path, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except FileNotFoundError:
-        return b""
-
-
-def _op_add_recipients(msg_id: str, addresses: list[str], now: float) -> Callable[[sqlite3.Connection], None]:
-    def op(conn: sqlite3.Connection) -> None:
-        conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt) VALUES (?, ?, ?, ?)",
-                         [(msg_id, a, a.rpartition("@")[2].lower(), now) for a in addresses])
-    return op

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..durable import ensure_dirs, fsync_dir
 from ..message.received import queue_id
@@ -175,8 +175,60 @@ def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+#: An operation of a queue backend: a function of its connection, run in a transaction by `run()`.
+type Op[T] = Callable[[Any], T]
+
+
+class QueueSpool(Protocol):
+    """What the runner (`queue.runner.Queue`) needs of a queue backend: `Spool` (this module: one
+    node, SQLite and files) and `queue.cluster.ClusterSpool` (PostgreSQL and the object store).
+
+    Writes are operations (`op_*`) run by `run()` in one transaction. `due_full()` hands out due
+    recipients; a backend shared by several nodes *claims* them (`lease` > 0 seconds: the runner
+    then calls `renew()` every `lease / 3` seconds for what it holds, and `release()` at stop).
+    """
+
+    lease: float
+
+    def run(self, ops: Iterable[Op[Any]], unlink: bool = True) -> list[Any]: ...
+    def close(self) -> None: ...
+    def write_file(self, msg_id: str, prefix: bytes, body: MessageBody | bytes) -> int: ...
+    def read_file(self, msg_id: str) -> bytes: ...
+    def read_many(self, ids: list[str]) -> list[bytes | None]: ...
+    def read_head(self, msg_id: str, limit: int) -> bytes: ...
+    def source(self, msg_id: str) -> bytes | Path: ...
+    def remove_file(self, msg_id: str) -> None: ...
+    def remove_many(self, ids: list[str]) -> None: ...
+    def op_insert(self, info: MessageInfo, recipients: list[RecipientSpec], now: float,
+                  claim: bool = False) -> Op[None]: ...
+    def op_add_recipients(self, msg_id: str, addresses: list[str], now: float) -> Op[None]: ...
+    def op_complete(self, msg_id: str, outcomes: list[Outcome], now: float, last: bool
+                    ) -> Op[bool | Removed | None]: ...
+    def op_dsn_done(self, msg_id: str, addresses: list[str], warned: bool = False) -> Op[None]: ...
+    def op_finish(self, msg_id: str) -> Op[bool | Removed]: ...
+    def due_full(self, now: float, limit: int) -> list[tuple[MessageInfo, RecipientState]]: ...
+    def renew(self, keys: list[tuple[str, str]], now: float) -> list[tuple[str, str]]: ...
+    def claim_dsn(self, msg_id: str, now: float) -> bool: ...
+    def release(self, keys: list[tuple[str, str]]) -> None: ...
+    def next_due(self) -> float | None: ...
+    def owing_dsn(self) -> list[str]: ...
+    def message(self, msg_id: str) -> MessageInfo | None: ...
+    def recipients(self, msg_id: str) -> list[RecipientState]: ...
+    def attempts(self, msg_id: str) -> list[Attempt]: ...
+    def list_messages(self, limit: int = 10000) -> list[tuple[MessageInfo, list[RecipientState]]]: ...
+    def count(self) -> int: ...
+    def summary(self) -> tuple[int, float | None]: ...
+    def sends_since(self, user: str, since: float) -> int: ...
+    def retry(self, msg_id: str | None, now: float) -> int: ...
+    def delete(self, msg_id: str) -> bool: ...
+    def prune_sends(self, before: float) -> None: ...
+    def recover(self) -> tuple[int, int]: ...
+
+
 class Spool:
     """The queue's files and database under `root` (thread-safe: one connection, one lock)."""
+
+    lease = 0.0  # one node: nothing to claim (the runner's own bookkeeping keeps jobs apart)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -299,11 +351,37 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             self.path(msg_id).unlink()
 
+    def remove_many(self, ids: list[str]) -> None:
+        for i in ids:
+            self.remove_file(i)
+
+    def read_many(self, ids: list[str]) -> list[bytes | None]:
+        """The spool files of several messages (None for one that is gone: deleted by an admin)."""
+        out: list[bytes | None] = []
+        for i in ids:
+            try:
+                out.append(self.path(i).read_bytes())
+            except OSError:
+                out.append(None)
+        return out
+
+    def read_head(self, msg_id: str, limit: int) -> bytes:
+        try:
+            with open(self.path(msg_id), "rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def source(self, msg_id: str) -> bytes | Path:
+        """What a large message is sent from: its spool file, streamed."""
+        return self.path(msg_id)
+
     # -- operations (run inside a transaction) ----------------------------------------------------
 
     @staticmethod
-    def op_insert(info: MessageInfo, recipients: list[RecipientSpec], now: float
+    def op_insert(info: MessageInfo, recipients: list[RecipientSpec], now: float, claim: bool = False
                   ) -> Callable[[sqlite3.Connection], None]:
+        """The message's rows (`claim` is for backends shared by several nodes)."""
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO messages(id, sender, created, size, user, envid, ret, smtputf8, eightbit, tls_optional)"
@@ -316,6 +394,14 @@ class Spool:
                 [(info.id, r.address, _domain_of(r.address), now, r.notify, r.orcpt) for r in recipients])
             if info.user:
                 conn.execute("INSERT INTO sends(user, time) VALUES (?, ?)", (info.user, info.created))
+        return op
+
+    @staticmethod
+    def op_add_recipients(msg_id: str, addresses: list[str], now: float) -> Callable[[sqlite3.Connection], None]:
+        """New recipients of a queued message (alias targets found at local delivery)."""
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, address, domain, next_attempt) VALUES (?, ?, ?, ?)",
+                             [(msg_id, a, _domain_of(a), now) for a in addresses])
         return op
 
     @staticmethod
@@ -409,6 +495,15 @@ class Spool:
             out.append((info, RecipientState(*r[11:])))
         return out
 
+    def renew(self, keys: list[tuple[str, str]], now: float) -> list[tuple[str, str]]:
+        return []  # no leases: nothing is ever lost
+
+    def release(self, keys: list[tuple[str, str]]) -> None:
+        pass
+
+    def claim_dsn(self, msg_id: str, now: float) -> bool:
+        return True  # one runner: `Queue._inflight` already keeps its jobs from sending one twice
+
     def next_due(self) -> float | None:
         row = self.read("SELECT MIN(next_attempt) FROM recipients WHERE status='queued'")
         return row[0][0] if row and row[0][0] is not None else None
@@ -497,7 +592,7 @@ class SpoolEnqueuer:
     `Queue.store` puts it there (file fsynced, then the committed rows); the running server picks it
     up at its next scan of the database (runner.POLL_INTERVAL), as it does after `postier queue retry`."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: QueueSpool) -> None:
         self.spool = spool
 
     async def enqueue(self, env: Envelope, recipients: list[str], prefix: bytes, body: MessageBody) -> str:
@@ -511,7 +606,7 @@ class SpoolEnqueuer:
                 now = time.time()
                 info = MessageInfo(mid, env.mail_from, now, size, eightbit=not prefix.isascii(),
                                    tls_optional=env.role == TLS_REPORT_ROLE)
-                [result] = self.spool.run([Spool.op_insert(info, [RecipientSpec(r) for r in recipients], now)])
+                [result] = self.spool.run([self.spool.op_insert(info, [RecipientSpec(r) for r in recipients], now)])
                 if isinstance(result, Exception):
                     self.spool.remove_file(mid)
                     raise result

@@ -50,6 +50,7 @@ from ..pipeline.quota import QuotaWarnings
 from ..pipeline.sieve import SieveFilter
 from ..pipeline.submission import SubmissionPipeline
 from ..queue.runner import Queue
+from ..queue.spool import QueueSpool
 from ..resolver import BaseResolver, make_resolver
 from ..store.accountdb import open_accounts, open_key_store
 from ..store.delivery import LocalDelivery
@@ -185,12 +186,15 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     # Storage: the MDA writes mail (Maildir, mbox); the mail store reads and changes it (IMAP, POP3).
     mda: LocalDelivery
     mailstore: MailStore | ClusterStore
+    spool: QueueSpool | None = None  # None: this node's spool (queue/spool.py)
     sieve_storage: SieveStorage | None = None  # None: each user's home (store/sieve.py)
     if config.cluster.dsn:  # cluster mode: PostgreSQL and S3 (docs/scaling.md; the `cluster` extra)
         from ..store.cluster import require_extra
         require_extra()
+        from ..queue.cluster import ClusterSpool
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
+        spool = ClusterSpool(mailstore, config.cluster.queue_lease)  # the queue every node shares
         sieve_storage = mailstore.sieve_storage(config.sieve.max_scripts, config.sieve.max_script_size)
         mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 %, state in PostgreSQL
     else:
@@ -204,7 +208,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     # others send to our `_smtp._tls` rua, the report job sends ours.
     tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
     queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics,
-                  tls_reports=tls_reports if config.tlsrpt.record else None)
+                  tls_reports=tls_reports if config.tlsrpt.record else None, spool=spool)
     metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
     bus = None
     if worker is not None:  # changes and new queue rows reach the other workers (server/shared.py)

@@ -105,19 +105,22 @@ def _process(cfg: Config, r: Report) -> bool:
 
 
 def _queue(cfg: Config, r: Report) -> None:
-    from ..queue.spool import Spool
+    from ..queue.cluster import open_spool
+    from ..store.errors import StoreUnavailable
 
-    spool = Spool(cfg.spool_dir / "queue")
+    spool = open_spool(cfg)  # in cluster mode, the queue every node shares
     try:
-        rows = spool.list_messages()
+        n, oldest = spool.summary()
+    except StoreUnavailable as exc:
+        r.bad(f"queue: {exc}")
+        return
     finally:
         spool.close()
-    if not rows:
+    if not n or oldest is None:
         r.ok("queue: empty")
         return
-    oldest = min(info.created for info, _ in rows)
     age = time.time() - oldest
-    text = f"queue: {len(rows)} message{'s' if len(rows) != 1 else ''}, oldest {age / 3600:.1f} hours"
+    text = f"queue: {n} message{'s' if n != 1 else ''}, oldest {age / 3600:.1f} hours"
     if age > QUEUE_WARN_AGE:
         r.bad(text + " (see `postier queue list`)")
     else:

@@ -27,7 +27,8 @@ from ..store.accountdb import open_key_store
 from ..mailauth.records import Finding, Record, check_domain, expected_records, public_addresses
 from ..mailauth.reports import ReceivedReport, ReportStore
 from ..message.types import User
-from ..queue.spool import QUEUED, Attempt, MessageInfo, RecipientState, Spool, valid_id
+from ..queue.cluster import open_spool
+from ..queue.spool import QUEUED, Attempt, MessageInfo, QueueSpool, RecipientState, valid_id
 from ..server import health
 from .forms import _field, _form, _q
 from .sessions import WebSession
@@ -139,8 +140,8 @@ class AdminPages:
 
     # -- the outbound queue ---------------------------------------------------------------------------
 
-    def _spool(self) -> Spool:
-        return Spool(self.config.spool_dir / "queue")  # as `postier queue` opens it
+    def _spool(self) -> QueueSpool:
+        return open_spool(self.config)  # as `postier queue` opens it
 
     async def queue(self, request: web.Request, s: WebSession, user: User, error: str = "", message: str = "",
                     status: int = 200) -> web.StreamResponse:

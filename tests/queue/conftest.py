@@ -55,7 +55,7 @@ class QEnv:
 
 @contextlib.asynccontextmanager
 async def queue_env(root: Path, mx: FakeMX | None = None, port: int = 0, *, queue: dict[str, Any] | None = None,
-                    outbound: dict[str, Any] | None = None, **cfg: Any) -> AsyncIterator[QEnv]:
+                    outbound: dict[str, Any] | None = None, spool: Any = None, **cfg: Any) -> AsyncIterator[QEnv]:
     if mx is not None:
         port = await mx.start()
     config = Config(hostname="mail.a.test", data_dir=root,
@@ -68,7 +68,7 @@ async def queue_env(root: Path, mx: FakeMX | None = None, port: int = 0, *, queu
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
     dns = FakeResolver()
     clock = ManualClock()
-    q = Queue(config, accounts, mda, dns, clock=clock, rng=random.Random(1))
+    q = Queue(config, accounts, mda, dns, clock=clock, rng=random.Random(1), spool=spool)
     env = QEnv(q, accounts, mda, config, dns, clock, mx, root)
     try:
         yield env

@@ -1,7 +1,8 @@
 """Collection of unreferenced message bodies in cluster mode (`postier cluster gc`).
 
 Every upload first renews its body's row in `bodies` (last_put = now(), its own committed
-transaction; `ClusterMailboxes.append`). The collector takes, row-locked (`FOR UPDATE SKIP LOCKED`,
+transaction; `mark`, called by `ClusterMailboxes.append` and the cluster queue). A body is referenced
+by a mailbox message or by a queued message (`queue_messages`). The collector takes, row-locked (`FOR UPDATE SKIP LOCKED`,
 so several nodes may run it at once), bodies that no message refers to and that were last uploaded
 more than `grace` seconds ago, deletes their objects and then their rows in the same transaction.
 An upload of the same body meanwhile waits on that row lock and then uploads again, so a committed
@@ -17,7 +18,14 @@ import psycopg
 
 from .bodies import BodyStore
 
-__all__ = ["collect"]
+__all__ = ["collect", "mark"]
+
+
+def mark(conn: psycopg.Connection[tuple[Any, ...]], digest: str) -> None:
+    """Renew a body's mark before its upload (committed on its own): the collector holds this row
+    while it deletes an unreferenced body, so an upload cannot be deleted under its writer."""
+    conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
+                 (digest,))
 
 
 def collect(conn: psycopg.Connection[tuple[Any, ...]], bodies: BodyStore, grace: float = 86400.0,
@@ -29,6 +37,7 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]], bodies: BodyStore, grace:
             found = [h for (h,) in conn.execute(
                 "SELECT hash FROM bodies b WHERE last_put < now() - make_interval(secs => %s) "
                 "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.hash) "
+                "AND NOT EXISTS (SELECT 1 FROM queue_messages q WHERE q.body = b.hash) "
                 "ORDER BY hash LIMIT %s FOR UPDATE SKIP LOCKED", (grace, batch))]
             if not found:
                 break

@@ -48,6 +48,7 @@ from ..maildir import SpoolFile
 from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from .bodies import BodyStore
+from .gc import mark
 from .schema import CHANNEL
 
 __all__ = ["FLAGS_INFO", "ClusterMailboxes"]
@@ -534,10 +535,7 @@ class ClusterMailboxes:
             bits, kws = names_to_flags(flag_names)
             digest = self.bodies.digest(data)
             with self._tx() as conn:
-                # Renew the body's mark before the upload: the collector (store.cluster.gc) holds this
-                # row while it deletes an unreferenced body, so the upload cannot be deleted under us.
-                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
-                             (digest,))
+                mark(conn, digest)  # before the upload (store.cluster.gc)
             self.bodies.put(data, digest)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, len(data), bits, kws, idate))

@@ -1,5 +1,6 @@
 """The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions),
-accounts, DKIM keys and Sieve state (scripts, vacation/duplicate tracking).
+accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
+(`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
 
 Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
@@ -81,6 +82,56 @@ CREATE TABLE IF NOT EXISTS sieve_tracking (
     until double precision NOT NULL,
     PRIMARY KEY (owner, key)
 );
+CREATE TABLE IF NOT EXISTS queue_messages (
+    id text PRIMARY KEY,
+    body text NOT NULL,
+    sender text NOT NULL,
+    created double precision NOT NULL,
+    size bigint NOT NULL,
+    owner text NOT NULL DEFAULT '',
+    envid text NOT NULL DEFAULT '',
+    ret text NOT NULL DEFAULT '',
+    smtputf8 boolean NOT NULL DEFAULT false,
+    eightbit boolean NOT NULL DEFAULT false,
+    warned boolean NOT NULL DEFAULT false,
+    tls_optional boolean NOT NULL DEFAULT false,
+    dsn_until double precision NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_messages_body ON queue_messages (body);
+CREATE TABLE IF NOT EXISTS queue_recipients (
+    msg_id text NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
+    address text NOT NULL,
+    domain text NOT NULL,
+    status text NOT NULL DEFAULT 'queued',
+    next_attempt double precision NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    last_reply text NOT NULL DEFAULT '',
+    status_code text NOT NULL DEFAULT '',
+    remote_mta text NOT NULL DEFAULT '',
+    notify text NOT NULL DEFAULT '',
+    orcpt text NOT NULL DEFAULT '',
+    dsn text NOT NULL DEFAULT '',
+    lease_owner text NOT NULL DEFAULT '',
+    lease_until double precision NOT NULL DEFAULT 0,
+    PRIMARY KEY (msg_id, address)
+);
+CREATE INDEX IF NOT EXISTS queue_recipients_due ON queue_recipients (next_attempt) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS queue_recipients_dsn ON queue_recipients (msg_id) WHERE dsn <> '';
+CREATE TABLE IF NOT EXISTS queue_attempts (
+    id bigserial PRIMARY KEY,
+    msg_id text NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
+    address text NOT NULL,
+    time double precision NOT NULL,
+    mx text NOT NULL,
+    tls text NOT NULL,
+    reply text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_attempts_msg ON queue_attempts (msg_id);
+CREATE TABLE IF NOT EXISTS queue_sends (
+    owner text NOT NULL,
+    time double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_sends_owner ON queue_sends (owner, time);
 """
 
 # Accounts (postier/accounts.py's tables, store/cluster/accounts.py) and DKIM keys (mailauth/keys.py):

@@ -1,0 +1,338 @@
+"""The cluster queue (postier/queue/cluster.py) against a real PostgreSQL and moto's S3: concurrent
+claims never hand one recipient to two nodes, a lease that runs out lets another node deliver, the
+daily counter is shared, and nothing is queued unless the body is confirmed. The runners are real
+(`queue.runner.Queue`), delivering to a scripted MX on loopback; time is a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("psycopg")
+
+from postier.message.received import queue_id  # noqa: E402
+from postier.queue.spool import QUEUED, MessageInfo, Outcome, RecipientSpec  # noqa: E402
+from tests.queue.conftest import message, queue_env  # noqa: E402
+from tests.queue.fakemx import FakeMX  # noqa: E402
+
+from .conftest import PgServer  # noqa: E402
+
+MX_IP = "127.0.0.12"
+LEASE = 60.0
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def stores(pg: PgServer, bodies_factory: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
+    """Makes cluster stores (one per simulated node) on one fresh database and bucket."""
+    from postier.store.cluster.store import ClusterStore
+    dsn = pg.create_db()
+    made: list[Any] = []
+
+    def make() -> Any:
+        s = ClusterStore(dsn, bodies_factory(), workers=2)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def spool(store: Any, node: str) -> Any:
+    from postier.queue.cluster import ClusterSpool
+    return ClusterSpool(store, LEASE, node=node, clock=lambda: T0)
+
+
+def accept(sp: Any, to: list[str], now: float = T0, claim: bool = False, user: str = "") -> str:
+    """What `Queue.store` does: body first (confirmed), then the rows."""
+    mid = queue_id()
+    size = sp.write_file(mid, b"", message("alice@a.test", to[0], subject=mid))
+    info = MessageInfo(mid, "alice@a.test", now, size, user=user)
+    [result] = sp.run([sp.op_insert(info, [RecipientSpec(a) for a in to], now, claim)])
+    assert result is None or result is True, result
+    return mid
+
+
+def test_concurrent_claims_never_share_a_recipient(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    want = set()
+    for i in range(60):
+        to = [f"r{i}-{j}@b.test" for j in range(3)]
+        mid = accept(a if i % 2 else b, to)
+        want |= {(mid, r) for r in to}
+    got: dict[str, list[tuple[str, str]]] = {"node-a": [], "node-b": []}
+    barrier = threading.Barrier(2)
+
+    def claim(sp: Any) -> None:
+        barrier.wait(10)
+        for _ in range(200):  # bounded: 180 recipients, 7 at a time
+            rows = sp.due_full(T0 + 1, 7)
+            if not rows:
+                return
+            got[sp.node].extend((info.id, st.address) for info, st in rows)
+
+    threads = [threading.Thread(target=claim, args=(sp,)) for sp in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not set(got["node-a"]) & set(got["node-b"])
+    assert len(got["node-a"]) + len(got["node-b"]) == len(want)
+    assert set(got["node-a"]) | set(got["node-b"]) == want
+    assert a.due_full(T0 + 1, 1000) == [] and b.due_full(T0 + 1, 1000) == []  # all leased
+    assert b.next_due() == pytest.approx(T0 + 1 + LEASE)
+
+
+def test_a_lease_runs_out_then_another_node_claims(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["bob@b.test"], claim=True)  # accepted by A, leased to A in the same commit
+    assert b.due_full(T0 + 1, 10) == []
+    assert a.renew([(mid, "bob@b.test")], T0 + 30) == []  # A is alive: its lease moves on
+    assert b.due_full(T0 + LEASE + 1, 10) == []
+    (info, st), = b.due_full(T0 + 30 + LEASE + 1, 10)  # A stopped renewing: B takes it
+    assert (info.id, st.address, st.status) == (mid, "bob@b.test", QUEUED)
+    assert a.renew([(mid, "bob@b.test")], T0 + 100) == [(mid, "bob@b.test")]  # A learns it lost it
+    assert b.read_file(mid) == message("alice@a.test", "bob@b.test", subject=mid)
+    # B records the delivery: the lease ends, the message leaves the queue
+    done = b.op_complete(mid, [Outcome("bob@b.test", "delivered", "250 ok", "2.0.0")], T0 + 100, True)
+    assert b.run([done]) == [True]
+    assert a.message(mid) is None and a.count() == 0
+
+
+def test_release_and_deferral_free_the_recipient(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1 = accept(a, ["x@b.test"], claim=True)
+    m2 = accept(a, ["y@b.test"], claim=True)
+    a.release([(m1, "x@b.test")])  # A stops: what it holds is anyone's
+    assert [i.id for i, _ in b.due_full(T0, 10)] == [m1]
+    deferred = a.op_complete(m2, [Outcome("y@b.test", QUEUED, "451 later", "4.0.0", next_attempt=T0 + 300)],
+                             T0, True)
+    assert a.run([deferred]) == [False]
+    assert b.due_full(T0 + 59, 10) == []  # m1 is B's now (until T0 + LEASE), m2 not due
+    assert [i.id for i, _ in b.due_full(T0 + 300, 10)] == [m1, m2]  # B's own lease ran out too; m2 is due
+    assert [(x.address, x.mx) for x in b.attempts(m2)] == [("y@b.test", "")]
+
+
+def test_daily_counter_is_shared(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    accept(a, ["x@b.test"], user="alice@a.test")
+    accept(b, ["y@b.test"], user="alice@a.test")
+    accept(b, ["z@b.test"], user="carol@a.test")
+    assert a.sends_since("alice@a.test", T0 - 86400) == b.sends_since("alice@a.test", T0 - 86400) == 2
+    b.prune_sends(T0 + 1)
+    assert a.sends_since("alice@a.test", 0) == 0
+
+
+def test_object_store_down_means_nothing_queued(stores: Callable[[], Any], pg: PgServer) -> None:
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.bodies import BodyStore
+    from postier.store.errors import StoreUnavailable
+    good = stores()
+    good.ensure_schema()
+    down = BodyStore("http://127.0.0.1:9", "nowhere", "test", "test", timeout=1.0)  # discard port: refused
+    sp = ClusterSpool(type(good)(good.pool.conninfo, down, workers=1), LEASE, node="n")
+    try:
+        with pytest.raises(StoreUnavailable):
+            accept(sp, ["x@b.test"])
+        assert sp.count() == 0
+    finally:
+        sp.store.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def test_two_runners_deliver_each_recipient_once(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """Two real runners share the queue: messages accepted by a third process (unclaimed), then both
+    dispatch at the same time; the MX sees every recipient exactly once."""
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        small = {"concurrency_total": 2}  # each scan claims 10 recipients (runner.CLAIM_MIN)
+        async with queue_env(tmp_path / "a", mx, spool=sa, queue=small) as a, \
+                queue_env(tmp_path / "b", port=mx.port, spool=sb, queue=small) as b:
+            for env in (a, b):
+                env.dns.add("b.test", "MX", "10 mx.b.test")
+                env.dns.add("mx.b.test", "A", MX_IP)
+            now = a.clock.time()
+            sa.clock = sb.clock = a.clock.time
+            ids = [await asyncio.to_thread(accept, sa, [f"u{i}@b.test", f"v{i}@b.test"], now) for i in range(20)]
+            for _ in range(10):  # bounded: 40 recipients, 10 a scan
+                if sum(await asyncio.gather(a.queue.run_once(), b.queue.run_once())) == 0:
+                    break
+            rcpts = sorted(r for d in mx.delivered for r in d.rcpts)
+            assert len(rcpts) == 40 and len(set(rcpts)) == 40, rcpts
+            assert a.queue.stats["sent"] > 0 and b.queue.stats["sent"] > 0  # both worked
+            assert a.queue.stats["sent"] + b.queue.stats["sent"] == 40
+            assert await asyncio.to_thread(sa.count) == 0  # every message left the queue
+            assert [await asyncio.to_thread(sb.message, i) for i in ids] == [None] * len(ids)
+    run(main())
+
+
+def test_a_dead_runners_message_is_delivered_by_the_other_after_its_lease(tmp_path: Path,
+                                                                          stores: Callable[[], Any]) -> None:
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        async with queue_env(tmp_path / "b", mx, spool=sb) as b:
+            b.dns.add("b.test", "MX", "10 mx.b.test")
+            b.dns.add("mx.b.test", "A", MX_IP)
+            sb.clock = b.clock.time
+            now = b.clock.time()
+            # A accepted (and claimed) the message, then died before delivering it
+            mid = await asyncio.to_thread(accept, sa, ["bob@b.test"], now, True)
+            assert await b.queue.run_once() == 0 and mx.delivered == []
+            b.clock.advance(LEASE + 1)
+            assert await b.queue.run_once() == 1
+            assert [d.rcpts for d in mx.delivered] == [["RCPT TO:<bob@b.test>"]]
+            assert await asyncio.to_thread(sb.message, mid) is None
+    run(main())
+
+
+def test_admin_list_show_retry_delete(stores: Callable[[], Any]) -> None:
+    """What `postier queue` and the web admin call, on the shared queue from another node."""
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1 = accept(a, ["x@b.test", "y@b.test"])
+    m2 = accept(a, ["z@b.test"])
+    later = a.op_complete(m1, [Outcome("x@b.test", QUEUED, "451 later", "4.0.0", mx="mx.b.test",
+                                       next_attempt=T0 + 900)], T0, False)
+    assert a.run([later]) == [None]
+    listing = b.list_messages()
+    assert [(i.id, [r.address for r in rs]) for i, rs in listing] == [(m1, ["x@b.test", "y@b.test"]),
+                                                                      (m2, ["z@b.test"])]
+    assert [(x.address, x.mx, x.reply) for x in b.attempts(m1)] == [("x@b.test", "mx.b.test", "451 later")]
+    assert b.retry(m1, T0 + 1) == 2 and b.recipients(m1)[0].next_attempt == T0 + 1
+    assert b.summary() == (2, T0)
+    assert b.delete(m2) and not b.delete(m2)
+    assert a.count() == 1 and a.message(m2) is None
+
+
+def test_two_nodes_finishing_one_message_remove_it(stores: Callable[[], Any]) -> None:
+    """A message whose two recipients were claimed by two nodes: the node that records second, while
+    the first's transaction is still open, waits for it and then sees both outcomes, so the message
+    leaves the queue instead of staying with nothing left to do."""
+    import time
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["r@b.test", "s@b.test"])
+    [(_, ra)] = a.due_full(T0, 1)
+    [(_, rb)] = b.due_full(T0, 1)
+    assert {ra.address, rb.address} == {"r@b.test", "s@b.test"}
+    done = [Outcome(ra.address, "delivered", "250 ok", "2.0.0")]
+    other = [Outcome(rb.address, "delivered", "250 ok", "2.0.0")]
+    results: list[Any] = []
+    with a.pool.connection() as conn:
+        with conn.transaction():
+            assert a.op_complete(mid, done, T0, True)(conn) is False  # the other is still queued
+            t = threading.Thread(target=lambda: results.extend(b.run([b.op_complete(mid, other, T0, True)])))
+            t.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until B waits for the message's row lock
+                with b.pool.connection() as watch:
+                    waiting = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                            " AND datname = current_database()").fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.05)
+            assert waiting == 1
+        t.join(20)
+    assert results == [True]
+    assert a.count() == 0
+
+
+def test_a_deadlock_between_two_nodes_batches_is_run_again(stores: Callable[[], Any]) -> None:
+    """Two nodes' group commits take two messages' rows in opposite orders: PostgreSQL aborts one
+    transaction, which runs again, and both batches end committed with their results."""
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    m1, m2 = accept(a, ["x@b.test"]), accept(a, ["y@b.test"])
+    assert b.count() == 2  # B's first call (its schema check) is done before the race
+    barrier = threading.Barrier(2)
+    passed: set[str] = set()
+    crossed: list[str] = []
+
+    def gate(name: str) -> Callable[[Any], None]:
+        def op(conn: Any) -> None:
+            if name not in passed:  # the first run only: both hold their first row here
+                passed.add(name)
+                barrier.wait(20)
+                crossed.append(name)
+        return op
+
+    results: dict[str, list[Any]] = {}
+
+    def batch(sp: Any, first: str, second: str) -> None:
+        results[sp.node] = sp.run([sp.op_dsn_done(first, []), gate(sp.node), sp.op_dsn_done(second, [])])
+
+    threads = [threading.Thread(target=batch, args=(a, m1, m2)), threading.Thread(target=batch, args=(b, m2, m1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(crossed) == ["node-a", "node-b"]  # both held their first message's row at once
+    assert results == {"node-a": [None, None, None], "node-b": [None, None, None]}
+
+
+def test_one_node_sends_a_dsn(stores: Callable[[], Any]) -> None:
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    mid = accept(a, ["x@b.test"])
+    assert a.claim_dsn(mid, T0) and not b.claim_dsn(mid, T0 + 1)  # A sends it
+    a.run([a.op_dsn_done(mid, ["x@b.test"])])
+    assert b.claim_dsn(mid, T0 + 2)  # sent: the next DSN of this message is anyone's
+    assert a.claim_dsn(mid, T0 + 3 + LEASE)  # not sent by B within the lease: anyone's again
+
+
+def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """Every recipient refused (550): the DSNs, from whichever node finished which recipient, name
+    each recipient exactly once, and come back to the sender through the shared queue."""
+    async def main() -> None:
+        mx = FakeMX([MX_IP], rcpt_reply=lambda line: "550 5.1.1 no such user")
+        sa, sb = spool(stores(), "node-a"), spool(stores(), "node-b")
+        small = {"concurrency_total": 2}
+        async with queue_env(tmp_path / "a", mx, spool=sa, queue=small) as a, \
+                queue_env(tmp_path / "b", port=mx.port, spool=sb, queue=small) as b:
+            for env in (a, b):
+                env.dns.add("b.test", "MX", "10 mx.b.test")
+                env.dns.add("mx.b.test", "A", MX_IP)
+            sa.clock = sb.clock = a.clock.time
+            now = a.clock.time()
+            for i in range(12):
+                await asyncio.to_thread(accept, sa, [f"u{i}@b.test", f"v{i}@b.test"], now)
+            for _ in range(20):  # bounded: 24 recipients and their DSNs, 10 claimed a scan
+                if sum(await asyncio.gather(a.queue.run_once(), b.queue.run_once())) == 0:
+                    break
+            reports = a.maildir("alice@a.test") + b.maildir("alice@a.test")
+            named = [line for m in reports for line in m.split(b"\r\n") if line.startswith(b"Final-Recipient:")]
+            assert sorted(named) == sorted(f"Final-Recipient: rfc822; {p}{i}@b.test".encode()
+                                           for i in range(12) for p in "uv"), named
+            assert await asyncio.to_thread(sa.count) == 0
+    run(main())
+
+
+def test_postgresql_down_means_nothing_queued(pg_own: PgServer, bodies_factory: Callable[[], Any]) -> None:
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.store import ClusterStore
+    from postier.store.errors import StoreUnavailable
+    store = ClusterStore(pg_own.create_db(), bodies_factory(), workers=1, timeout=2.0)
+    try:
+        sp = ClusterSpool(store, LEASE, node="n")
+        accept(sp, ["x@b.test"])
+        pg_own.stop()
+        with pytest.raises(StoreUnavailable):
+            accept(sp, ["y@b.test"])
+        with pytest.raises(StoreUnavailable):
+            sp.due_full(T0, 10)
+        pg_own.start()
+        for _ in range(3):  # the pool drops its broken connections and reconnects
+            try:
+                n = sp.count()
+                break
+            except StoreUnavailable:
+                n = -1
+        assert n == 1  # only the acknowledged message
+    finally:
+        store.close()
