@@ -36,7 +36,10 @@ def _can_bind(addr: str) -> bool:
         return False
 
 
-def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]:
+def make_nodes(root: Path, dsn: str, s3: S3Server, count: int = 2, cluster: str = "",
+               extra: str = "") -> list[Instance]:
+    """`count` cluster nodes on 127.0.0.2.. sharing one database and bucket (`cluster`: more keys of
+    `[cluster]`, `extra`: more tables), the tables made and the domain and alice added once; not started."""
     if not _can_bind(f"127.0.0.{count + 1}"):
         pytest.skip(f"no 127.0.0.2-{count + 1} loopback addresses")
     bucket = s3.bucket()
@@ -47,12 +50,19 @@ def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]
         (d / "s3.secret").write_text("test\n")
         inst = Instance(d, DOMAIN, address=f"127.0.0.{i + 2}", extra_config=(
             f'[cluster]\ndsn = "{dsn}"\ns3_endpoint = "{s3.endpoint}"\ns3_bucket = "{bucket}"\n'
-            f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 2.0\n'))
+            f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 2.0\n{cluster}'))
+        if extra:
+            inst.add_config(extra)
         nodes.append(inst)
     assert nodes[0].cli("cluster", "status", check=False).returncode == 1  # no bucket, no tables yet
     nodes[0].cli("cluster", "init")
     nodes[0].cli("domain", "add", DOMAIN)  # accounts are in PostgreSQL: added once, for every node
     nodes[0].add_user(ALICE, PASSWORD)
+    return nodes
+
+
+def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]:
+    nodes = make_nodes(root, dsn, s3, count)
     for inst in nodes:
         assert "postgresql: ok" in inst.cli("cluster", "status").stdout
     for inst in nodes:

@@ -19,7 +19,7 @@ from tests.dnsserver import DNSServer  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
-from .test_nodes import ALICE, DOMAIN, PASSWORD, _can_bind  # noqa: E402
+from .test_nodes import ALICE, PASSWORD, _can_bind, make_nodes  # noqa: E402
 
 REMOTE = "remote.test"
 BOB = f"bob@{REMOTE}"
@@ -27,21 +27,7 @@ LEASE = 6  # seconds: renewed every 2 s by a live node
 
 
 def _cluster_nodes(root: Path, dsn: str, s3: S3Server, extra: str, count: int = 2) -> list[Instance]:
-    bucket = s3.bucket()
-    nodes = []
-    for i in range(count):
-        d = root / f"node{i}"
-        d.mkdir()
-        (d / "s3.secret").write_text("test\n")
-        inst = Instance(d, DOMAIN, address=f"127.0.0.{i + 2}", extra_config=(
-            f'[cluster]\ndsn = "{dsn}"\ns3_endpoint = "{s3.endpoint}"\ns3_bucket = "{bucket}"\n'
-            f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 2.0\nqueue_lease = {LEASE}\n'))
-        inst.add_config(extra)
-        nodes.append(inst)
-    nodes[0].cli("cluster", "init")
-    nodes[0].cli("domain", "add", DOMAIN)  # accounts are in PostgreSQL: added once, for every node
-    nodes[0].add_user(ALICE, PASSWORD)
-    return nodes
+    return make_nodes(root, dsn, s3, count, cluster=f"queue_lease = {LEASE}\n", extra=extra)
 
 
 def submit(inst: Instance, subject: str) -> tuple[int, bytes, str]:
