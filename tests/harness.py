@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -182,15 +183,18 @@ class Instance:
                     out.append(f.read_bytes())
         return out
 
-    def wait_message(self, address: str, marker: bytes, timeout: float = 30.0) -> bytes:
-        """The first message of `address` containing `marker`, polled until `timeout` (then the log)."""
+    def wait_message(self, address: str, marker: bytes, timeout: float = 30.0,
+                     log: Callable[[], str] | None = None) -> bytes:
+        """The first message of `address` containing `marker`, polled until `timeout`; then the test
+        fails with the end of `log()` (default: this instance's log)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for m in self.messages(address):
                 if marker in m:
                     return m
             time.sleep(0.05)
-        raise AssertionError(f"not delivered to {address}; log:\n{self.log.read_text()[-4000:]}")
+        text = log() if log is not None else self.log.read_text()
+        raise AssertionError(f"{marker!r} not delivered to {address}; log:\n{text[-4000:]}")
 
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -32,15 +32,6 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     assert "Traceback" not in inst.log.read_text()
 
 
-def wait_marker(inst: Instance, address: str, marker: bytes) -> bytes:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"{marker!r} not delivered to {address}")
-
 
 @pytest.mark.parametrize("rcpt", ["<postmaster>", "<POSTMASTER>", "<PostMaster@a.test>", "<postmaster@b.test>",
                                   "<abuse@a.test>", "<ABUSE@b.test>"])
@@ -52,7 +43,7 @@ def test_role_addresses_reach_the_admin(mx: Instance, rcpt: str) -> None:
         code, msg = s.docmd("RCPT TO:" + rcpt)
         assert code == 250, msg
         assert s.data(b"Subject: " + marker + b"\r\n\r\nfor the admin\r\n")[0] == 250
-    wait_marker(mx, "boss@a.test", marker)
+    mx.wait_message("boss@a.test", marker)
     assert not any(marker in m for m in mx.messages("alice@a.test"))
 
 
@@ -62,7 +53,7 @@ def test_an_alias_overrides_the_admin(mx: Instance) -> None:
     time.sleep(0.2)  # the server's recipient cache re-reads the database after CACHE_CHECK (0.1 s)
     with smtplib.SMTP(*mx.addr("smtp"), timeout=10) as s:
         s.sendmail("x@remote.test", ["abuse@b.test"], b"Subject: " + marker + b"\r\n\r\nhi\r\n")
-    wait_marker(mx, "other@a.test", marker)
+    mx.wait_message("other@a.test", marker)
 
 
 def test_first_user_is_admin_without_admin_option(tmp_path: Path) -> None:
@@ -86,7 +77,7 @@ def test_received_date_is_plus_0000(mx: Instance) -> None:
     marker = f"date-{time.monotonic_ns()}".encode()
     with smtplib.SMTP(*mx.addr("smtp"), timeout=10) as s:
         s.sendmail("x@remote.test", ["alice@a.test"], b"Subject: " + marker + b"\r\n\r\nhi\r\n")
-    got = wait_marker(mx, "alice@a.test", marker)
+    got = mx.wait_message("alice@a.test", marker)
     received = got.split(b"\r\n\r\n")[0].split(b"Received:")[1]
     assert b" +0000\r\n" in received and b"-0000" not in received  # RFC 5322 §3.3
 

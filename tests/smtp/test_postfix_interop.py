@@ -39,15 +39,6 @@ def run_postfix(transport: str) -> postfix.Postfix:
     return pf
 
 
-def wait_for(inst: Instance, address: str, marker: bytes, pf: postfix.Postfix, timeout: float = 30) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in inst.messages(address):
-            if marker in m:
-                return m
-        time.sleep(0.2)
-    raise AssertionError(f"message never arrived; postfix log:\n{pf.log()[-3000:]}")
-
 
 @pytest.mark.parametrize("mode", ["smtp", "lmtp"])
 def test_postfix_delivers_into_postier(target: Instance, tmp_path: Path, mode: str) -> None:
@@ -62,7 +53,7 @@ def test_postfix_delivers_into_postier(target: Instance, tmp_path: Path, mode: s
             s.sendmail("sender@postfix.test", ["Alice@a.test"],
                        b"From: sender@postfix.test\r\nTo: alice@a.test\r\nSubject: " + marker
                        + b"\r\n\r\nRelayed by Postfix.\r\n")
-        got = wait_for(target, "alice@a.test", marker, pf)
+        got = target.wait_message("alice@a.test", marker, log=pf.log)
         assert b"Relayed by Postfix." in got
         assert b"by postfix.test (Postfix)" in got  # Postfix's own Received header came along
         proto = b"LMTP" if mode == "lmtp" else b"ESMTP"
