@@ -56,7 +56,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import normalize_domain
-from .durable import ensure_dirs, fsync_dir
+from .durable import ensure_dirs, fsync_dir, use_wal
 from .message.types import AccountError, User
 from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
@@ -154,7 +154,7 @@ class SQLiteStorage:
             ensure_dirs(self.path.parent)
         new = not self.path.exists()
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         if not self._ready:

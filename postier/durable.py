@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,3 +215,17 @@ def forget(path: StrPath) -> None:
 def is_known(path: StrPath) -> bool:
     """True once `path` was made durable by this process (for tests)."""
     return _abs(path) in _known
+
+
+def use_wal(conn: sqlite3.Connection, pragma: str = "journal_mode", tries: int = 50) -> None:
+    """Put an SQLite database in WAL mode. Switching needs a moment's exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy handler, while another process (a sibling worker
+    opening the same file at start-up) holds one: retry for up to about 5 s before giving up."""
+    for attempt in range(tries):
+        try:
+            conn.execute(f"PRAGMA {pragma}=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.1)

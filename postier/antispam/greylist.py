@@ -18,6 +18,8 @@ Time comes from an injectable clock so tests need not wait five minutes.
 
 from __future__ import annotations
 
+from ..durable import use_wal
+
 import ipaddress
 import re
 import sqlite3
@@ -93,7 +95,7 @@ class Greylist:
         self.clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._checks = 0

@@ -18,6 +18,8 @@ Python DMARC report packages we looked at parse without bounds or pull in heavy 
 
 from __future__ import annotations
 
+from ..durable import use_wal
+
 import datetime
 import gzip
 import io
@@ -498,7 +500,7 @@ class ReportStore:
         ensure_dirs(path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 

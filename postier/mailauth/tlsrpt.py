@@ -19,6 +19,8 @@ The JSON is written and read with the standard library: the §4.4 schema is smal
 
 from __future__ import annotations
 
+from ..durable import use_wal
+
 import datetime
 import gzip
 import json
@@ -397,7 +399,7 @@ class TLSReportStore:
         ensure_dirs(path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)

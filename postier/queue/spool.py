@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..durable import ensure_dirs, fsync_dir
+from ..durable import ensure_dirs, fsync_dir, use_wal
 from ..message.received import queue_id
 from ..message.types import Envelope, MessageBody
 
@@ -238,7 +238,7 @@ class Spool:
         new = not self.db_path.exists()
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._conn)
         self._conn.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..durable import fsync_dir, together
+from ..durable import fsync_dir, together, use_wal
 from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
@@ -444,7 +444,7 @@ class UserIndex:
     def __init__(self, db_path: Path):
         self.db_path = db_path
         self.conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.conn)
         # FULL: a UID handed to a client must survive a power loss (UIDNEXT never goes back).
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA cache_size=-4000")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, use_wal
 from ..message.types import User
 
 __all__ = ["FileSieveStorage", "ScriptError", "ScriptStore", "Scripts", "SieveStorage", "Tracking", "TrackingStore",
@@ -237,7 +237,7 @@ class TrackingStore:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._db = sqlite3.connect(root / ".tracking.sqlite", timeout=30, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, until REAL NOT NULL)")
         self._max_rows = max_rows

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..durable import use_wal
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .api import Mailboxes
 from .errors import StoreError
@@ -104,7 +105,7 @@ class ImportState:
 
     def __init__(self, path: Path):
         self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db)
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript("""
             CREATE TABLE IF NOT EXISTS copied (source TEXT, folder TEXT, sha256 TEXT, n INTEGER,
