@@ -670,6 +670,8 @@ class UserIndex:
         modseq = _new_modseq(cur.highestmodseq)
         uidnext = cur.uidnext
         new_rows: list[tuple[object, ...]] = []
+        new_sizes: list[int] = []
+        new_bases: list[str] = []
         journal_new: list[tuple[int, str]] = []
         taken: set[int] = set()
         if pending:
@@ -705,6 +707,8 @@ class UserIndex:
                 bits, kws = _decode_suffix(suffix, letters)
                 flags = decoded[suffix] = (bits, " ".join(kws))
             new_rows.append((fid, uid, b, sub, suffix, flags[0], flags[1], modseq, size, lf))
+            new_sizes.append(size)
+            new_bases.append(b)
         if uidnext >= 1 << 32:
             raise StoreLimit("mailbox UIDs exhausted; run postier reindex")
         if journal_new:
@@ -716,9 +720,18 @@ class UserIndex:
                 c.executemany("INSERT OR REPLACE INTO tombs(folder, uid, modseq) VALUES (?, ?, ?)",
                               [(fid, u, modseq) for u in gone])
             if new_rows:
-                c.executemany(
-                    "INSERT OR REPLACE INTO msgs(folder, uid, base, sub, suffix, flags, keywords, modseq, size, lf)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", new_rows)
+                # Plain INSERT: the rows are new by base and UID, and SQLite's REPLACE path (with the
+                # quota triggers) costs twice as much. A row that is there after all (an index another
+                # process changed behind our listing) is replaced, as before.
+                ins = ("INTO msgs(folder, uid, base, sub, suffix, flags, keywords, modseq, size, lf)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                c.execute("SAVEPOINT fresh")
+                try:
+                    quota.bulk_insert(c, "INSERT " + ins, new_rows, new_sizes, new_bases)
+                except sqlite3.IntegrityError:
+                    c.execute("ROLLBACK TO fresh")
+                    quota.bulk_insert(c, "INSERT OR REPLACE " + ins, new_rows, new_sizes, new_bases)
+                c.execute("RELEASE fresh")
             lower_letters = {x.lower() for x in letters[:_MAX_LETTER_KEYWORDS]}
             for _b, uid, sub, suffix in moved:
                 bits, kws = _decode_suffix(suffix, letters)

@@ -29,7 +29,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from ..proto.mutf7 import Mutf7Error, mutf7_decode
 from .errors import OverQuota
 
 __all__ = [
-    "INDEX_NAME", "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "check", "format_size",
+    "BULK_ROWS", "INDEX_NAME", "OVER_QUOTA", "PENDING_TTL", "SCHEMA", "WARN_LEVELS", "Usage", "bulk_insert", "check", "format_size",
     "init_schema", "parse_size", "prune_pending", "release", "reserve", "unindexed", "unindexed_bytes", "usage",
     "usage_of_index", "user_usage_line", "user_usages", "warning_due",
 ]
@@ -66,11 +66,13 @@ CREATE TABLE IF NOT EXISTS quota_pending (
     created INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
-_TRIGGERS = """
+_INSERT_TRIGGER = """
 CREATE TRIGGER IF NOT EXISTS quota_msgs_insert AFTER INSERT ON msgs BEGIN
     UPDATE quota_usage SET bytes = bytes + NEW.size, messages = messages + 1 WHERE id = 1;
     DELETE FROM quota_pending WHERE base = NEW.base;
 END;
+"""
+_TRIGGERS = _INSERT_TRIGGER + """
 CREATE TRIGGER IF NOT EXISTS quota_msgs_delete AFTER DELETE ON msgs BEGIN
     UPDATE quota_usage SET bytes = bytes - OLD.size, messages = messages - 1, low = MIN(low, bytes - OLD.size)
         WHERE id = 1;
@@ -102,6 +104,33 @@ def init_schema(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+#: Rows from which `bulk_insert` pays for dropping and re-creating the insert trigger.
+BULK_ROWS = 512
+
+
+def bulk_insert(c: sqlite3.Connection, sql: str, rows: Sequence[Sequence[object]],
+                sizes: Iterable[int], bases: Iterable[str]) -> None:
+    """`c.executemany(sql, rows)` into msgs inside the caller's write transaction, with the usage
+    the insert trigger would keep. From BULK_ROWS rows the trigger is dropped for the statement and
+    its work done once (a first SELECT of 100,000 messages spent 0.6 s in 100,000 trigger runs);
+    the drop, the insert, the totals and the re-created trigger commit or roll back together, and
+    a writer in another process waits on the same write lock, so nobody sees the table without it.
+    The delete trigger still counts rows an INSERT OR REPLACE displaces. `sizes` and `bases` are
+    the rows' size and base columns."""
+    if len(rows) < BULK_ROWS:
+        c.executemany(sql, rows)
+        return
+    c.execute("DROP TRIGGER IF EXISTS quota_msgs_insert")
+    c.executemany(sql, rows)
+    c.execute("UPDATE quota_usage SET bytes = bytes + ?, messages = messages + ? WHERE id = 1",
+              (sum(sizes), len(rows)))
+    pending = {b for (b,) in c.execute("SELECT base FROM quota_pending")}
+    if pending:
+        done = pending & set(bases)
+        c.executemany("DELETE FROM quota_pending WHERE base = ?", [(b,) for b in done])
+    c.execute(_INSERT_TRIGGER)
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,3 +205,56 @@ def test_reindex_keeps_usage_and_warning_state(store: MailStore) -> None:
         assert warning_due(mb.index.conn, 10 * len(MSG), mb.root) is None  # not warned twice
     finally:
         store.release(mb)
+
+
+def test_a_large_first_sync_counts_usage_in_bulk(store: MailStore) -> None:
+    """From quota.BULK_ROWS new files a sync inserts without the per-row trigger and adds the totals
+    once: the usage, the reservations it settles and the trigger afterwards are as row by row."""
+    from postier.store import quota
+
+    u = user(10 << 20)
+    mb = store.acquire(u)
+    try:
+        new = mb.root / "new"
+        n = quota.BULK_ROWS + 88
+        for i in range(n):
+            body = MSG + b"y" * (i % 7)
+            (new / f"1700000000.M{i}P1Q{i}.host,S={len(body)}").write_bytes(body)
+        # a delivery in flight reserved its bytes under its base name; another is still on its way
+        quota.reserve(mb.index.conn, u.quota, f"1700000000.M5P1Q5.host,S={len(MSG) + 5}", "", len(MSG) + 5)
+        quota.reserve(mb.index.conn, u.quota, "elsewhere", "", 4000)
+        snap, _, _ = mb.select("INBOX", True, True)
+        assert len(snap.uids) == n
+        conn = mb.index.conn
+        assert conn.execute("SELECT bytes, messages FROM quota_usage").fetchone() == (disk_bytes(mb.root), n)
+        assert [b for (b,) in conn.execute("SELECT base FROM quota_pending")] == ["elsewhere"]
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name='quota_msgs_insert'").fetchone()
+        mb.append("INBOX", MSG)  # the trigger counts again
+        assert conn.execute("SELECT bytes, messages FROM quota_usage").fetchone() == (disk_bytes(mb.root), n + 1)
+        assert mb.quota_usage().bytes == disk_bytes(mb.root) + 4000  # with the reservation still pending
+    finally:
+        store.release(mb)
+
+
+def test_bulk_insert_rolled_back_keeps_its_trigger(tmp_path: Path) -> None:
+    import sqlite3
+
+    from postier.store import quota
+    from postier.store.index import UserIndex
+
+    idx = UserIndex(tmp_path / "i.sqlite")
+    c = idx.conn
+    rows = [(1, i, f"b{i}", 0, "", 0, "", 1, 10, None) for i in range(1, quota.BULK_ROWS + 2)]
+    rows.append(rows[0])  # a duplicate: the statement fails half way
+    sql = "INSERT INTO msgs(folder, uid, base, sub, suffix, flags, keywords, modseq, size, lf) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("SAVEPOINT s")
+    with pytest.raises(sqlite3.IntegrityError):
+        quota.bulk_insert(c, sql, rows, [10] * len(rows), [str(r[2]) for r in rows])
+    c.execute("ROLLBACK TO s")
+    c.execute("RELEASE s")
+    c.execute("COMMIT")
+    assert c.execute("SELECT COUNT(*) FROM msgs").fetchone() == (0,)
+    assert c.execute("SELECT bytes, messages FROM quota_usage").fetchone() == (0, 0)
+    assert c.execute("SELECT 1 FROM sqlite_master WHERE name='quota_msgs_insert'").fetchone()
+    idx.close()
