@@ -158,6 +158,10 @@ def source(tmp_path: Path) -> tuple[Path, Path, Path]:
     scripts.put("a", b"keep;\n")
     scripts.put("b", b"discard;\n")
     scripts.set_active("b")
+    tracking = FileSieveStorage(mail).tracking(User(f"u0@{DOMAIN}", "u0", DOMAIN, "maildir"))
+    tracking.record("vacation\0bob@example.net", time.time() + 3600)  # a reply sent: none again for an hour
+    tracking.record("expired", time.time() - 1)  # pruned at once; never copied
+    tracking.close()
     return db, keys, mail
 
 
@@ -187,11 +191,13 @@ def test_two_imports_at_once_copy_each_row_once(pg: PgServer, source: tuple[Path
     assert not errors and len(outcomes) == 2
     first, second = sorted(outcomes, key=lambda o: -sum(o.copied.values()))
     assert dict(first.copied) == {"domains": 2, "users": 5, "aliases": 1, "settings": 1, "dkim_keys": 2,
-                                  "sieve_scripts": 2}
-    assert not second.copied and not second.conflicts and sum(second.unchanged.values()) == 13
+                                  "sieve_scripts": 2, "sieve_tracking": 1}
+    assert not +second.copied and not second.conflicts and sum(second.unchanged.values()) == 14
     assert counts(dsn) == (2, 5, 5, 2, 2)
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT name FROM sieve_scripts WHERE active").fetchall() == [("b",)]
+        assert conn.execute("SELECT owner, key FROM sieve_tracking").fetchall() == [
+            (f"u0@{DOMAIN}", b"vacation\0bob@example.net")]
 
 
 def test_active_key_or_script_of_postgresql_is_a_conflict(pg: PgServer, source: tuple[Path, Path, Path]) -> None:

@@ -5,22 +5,23 @@ What a node kept in its data directory becomes rows of the tables of schema.py, 
 nothing needs making again: domains, users (the password hash and SCRAM keys as stored, never made
 again from a password; quotas, mailbox format and the console's admin flag), aliases and settings
 from the SQLite accounts file (read-only), DKIM keys from `dkim/` (the private key's PEM as stored,
-selector, algorithm, rotation state, creation time) and each user's Sieve scripts and active choice
-from `mail/DOMAIN/LOCAL/sieve/`.
+selector, algorithm, rotation state, creation time) and each user's Sieve scripts, active choice
+and unexpired vacation/duplicate tracking (RFC 5230 §4.1, RFC 7352 §3) from `mail/DOMAIN/LOCAL/sieve/`.
 
 Everything is one transaction under the account writers' advisory lock (and the locks of each
 domain's keys and each user's scripts that `ClusterKeyStore` and `ClusterScripts` take), so two
 imports at once run one after the other and the second finds everything there. A row already
 present and equal is skipped; `created` times are copied but not compared (a domain added again by
 hand is the same domain). A row present with other content is a conflict: every conflict is named
-and nothing at all is copied, unless `overwrite`, which makes the rows the file's. Nothing is ever
-deleted from PostgreSQL. Mail itself is not copied here: `postier export` and `postier import
+and nothing at all is copied, unless `overwrite`, which makes the rows the file's. Tracking entries
+never conflict: each keeps the later of its two expiry times. Nothing is ever deleted from PostgreSQL. Mail itself is not copied here: `postier export` and `postier import
 maildir` move it.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,9 @@ _TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "dkim_keys": (("domain", "selector"), ("algorithm", "state", "private_key", "txt"), ("created",)),
     "sieve_scripts": (("owner", "name"), ("body", "active"), ()),
 }
-KINDS = ("domains", "users", "aliases", "settings", "dkim_keys", "sieve_scripts")
+KINDS = ("domains", "users", "aliases", "settings", "dkim_keys", "sieve_scripts", "sieve_tracking")
 _LABEL = {"domains": "domain", "users": "user", "aliases": "alias", "settings": "setting",
-          "dkim_keys": "DKIM key", "sieve_scripts": "Sieve script"}
+          "dkim_keys": "DKIM key", "sieve_scripts": "Sieve script", "sieve_tracking": "Sieve tracking entry"}
 #: the single-machine columns an older accounts file may lack, with the values its migration gives them
 _DEFAULTS: dict[str, object] = {"admin": 0, "quota": None, "scram": "", "mailbox_format": "maildir"}
 
@@ -61,6 +62,8 @@ class Source:
 
     rows: dict[str, dict[Row, Row]] = field(default_factory=lambda: {t: {} for t in _TABLES})
     aliases: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: (owner, key) -> until: the vacation replies sent and message ids seen that still count
+    tracking: dict[tuple[str, bytes], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,22 @@ def read_source(accounts_db: Path, dkim_dir: Path, mail_root: Path) -> Source:
             scripts = sieve.scripts(user)
             for name, active in scripts.list():
                 src.rows["sieve_scripts"][(user.address, name)] = (scripts.get(name), active)
-        except (OSError, ScriptError, AccountError) as exc:
+            _read_tracking(scripts.root / ".tracking.sqlite", user.address, src.tracking)
+        except (OSError, ScriptError, AccountError, sqlite3.Error) as exc:
             raise AccountError(f"cannot read the Sieve scripts of {address}: {exc}") from None
     return src
+
+
+def _read_tracking(path: Path, owner: str, into: dict[tuple[str, bytes], float]) -> None:
+    """The entries of a user's `store.sieve.TrackingStore` file that have not expired."""
+    if not path.is_file():
+        return
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+    try:
+        for key, until in conn.execute("SELECT key, until FROM seen WHERE until > ?", (time.time(),)):
+            into[(owner, str(key).encode())] = float(until)  # bytea there: the keys may hold NULs
+    finally:
+        conn.close()
 
 
 def _differing(names: tuple[str, ...], mine: Row, theirs: Row) -> tuple[str, ...]:
@@ -221,6 +237,12 @@ def copy_into(conn: Conn, src: Source, overwrite: bool = False) -> Outcome:
                          (owner, name))
         for sql, params in plan:
             conn.execute(sql, params)
+        for (owner, entry), until in sorted(src.tracking.items()):  # merged as TrackingStore.record does
+            n = conn.execute("INSERT INTO sieve_tracking (owner, key, until) VALUES (%s, %s, %s) "
+                             "ON CONFLICT (owner, key) DO UPDATE SET until = excluded.until "
+                             "WHERE sieve_tracking.until < excluded.until", (owner, entry, until)).rowcount
+            out.copied["sieve_tracking"] += n
+            out.unchanged["sieve_tracking"] += 1 - n
         if plan or clash:
             conn.execute("UPDATE account_version SET n = n + 1")  # the nodes' resolution caches
     return out
