@@ -71,7 +71,18 @@ def counts(dsn: str) -> tuple[int, ...]:
 
 def test_import_then_login_sign_and_filter_on_the_cluster(single: Instance, node: tuple[Instance, str]) -> None:
     n, dsn = node
-    out = n.cli("cluster", "import-accounts", "--from", str(single.root)).stdout
+    outs: list[str] = []
+
+    def run() -> None:
+        outs.append(n.cli("cluster", "import-accounts", "--from", str(single.root)).stdout)
+    both = [threading.Thread(target=run) for _ in range(2)]  # two admins at once: one copies, one finds it done
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(120)
+    assert len(outs) == 2
+    out, other = sorted(outs, key=lambda o: "users: 2 copied" not in o)
+    assert "users: 0 copied, 0 replaced, 2 unchanged" in other and "dkim keys: 0 copied" in other, other
     assert "domains: 0 copied, 0 replaced, 1 unchanged" in out, out  # example.org is there already
     assert "users: 2 copied" in out and "aliases: 1 copied" in out and "dkim keys: 1 copied" in out, out
     assert "sieve scripts: 1 copied" in out, out
