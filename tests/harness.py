@@ -310,9 +310,9 @@ class Instance:
         """An HTTP client for this instance's https (or http) listener, naming `host` in Host:."""
         headers = {"Host": host} if host else {}
         if tls:
-            return httpx.Client(base_url=f"https://127.0.0.1:{self.port('https')}", verify=self.client_ssl_context(),
+            return httpx.Client(base_url=f"https://{self.address}:{self.port('https')}", verify=self.client_ssl_context(),
                                 timeout=timeout, follow_redirects=False, headers=headers)
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port('http')}", timeout=timeout,
+        return httpx.Client(base_url=f"http://{self.address}:{self.port('http')}", timeout=timeout,
                             follow_redirects=False, headers=headers)
 
     def __enter__(self) -> Instance:

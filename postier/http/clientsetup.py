@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
@@ -18,7 +19,10 @@ from .. import autoconfig
 from ..accounts import Accounts
 from ..config import Config
 from ..server.throttle import AuthThrottle
+from ..store.errors import StoreUnavailable
 from .server import HOST_KEY, Route
+
+log = logging.getLogger("postier.http")
 
 __all__ = ["ClientSetup"]
 
@@ -89,7 +93,12 @@ class ClientSetup:
         if self.throttle.blocked(ip):
             return web.Response(status=429, text="too many failed logins; try later\n")
         creds = _basic(request.headers.get("Authorization", ""))
-        user = await self.accounts.verify_password_async(*creds) if creds else None
+        try:
+            user = await self.accounts.verify_password_async(*creds) if creds else None
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("mobileconfig: login from %s impossible: %s", ip, exc)
+            return web.Response(status=503, text="the account database cannot be reached; try again later\n",
+                                headers={"Retry-After": "30"})
         if user is None:
             if creds:
                 await self.throttle.penalize(ip)

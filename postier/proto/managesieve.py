@@ -288,6 +288,13 @@ class ManageSieveConnection:
         self._auth_answered()
         self._sasl_fail("authentication failed")
 
+    def auth_unavailable(self, text: str = "Authentication is impossible right now; try again later") -> None:
+        """The credentials could not be checked (the account database is out of reach): not a
+        failure of the client's. RFC 5804 §1.3 TRYLATER: the client may try the same again later."""
+        self._auth_answered()
+        self._sasl_wait = False
+        self._out += _response("NO", "TRYLATER", text)
+
     def bye(self, text: str) -> None:
         """End the session (RFC 5804 §1.3 BYE), e.g. too many failed logins; ``Logout`` follows."""
         self._sasl_pending = False

@@ -10,7 +10,9 @@ discarded (the CVE-2011-0411 class of bug). Disk and password work run in thread
 
 AUTHENTICATE runs as in SMTP, IMAP and POP3: ``proto.sasl.ServerExchange`` answered by
 ``server/auth.settle`` from the accounts, every failure (PLAIN or SCRAM) counted in the login throttle
-shared with the other protocols, and a client over its limit gets BYE.
+shared with the other protocols, and a client over its limit gets BYE. With the account database out
+of reach (cluster mode's PostgreSQL) the answer is ``NO (TRYLATER)``, as SMTP answers 454 and IMAP
+``NO [UNAVAILABLE]``, and nothing is counted against the client.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from ..proto import managesieve as core
 from ..proto import sasl
 from ..sieve import CAPABILITIES, CompileError, compile_script
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from ..store.sieve import ScriptError, Scripts
 from ..metrics import Metrics
 from .auth import AccountLookup, settle
@@ -80,7 +82,13 @@ class _Auth:
 
     async def _step(self, outcome: sasl.Outcome) -> None:
         assert self.exchange is not None
-        res = await settle(self.exchange, outcome, self.backend.accounts)
+        try:
+            res = await settle(self.exchange, outcome, self.backend.accounts)
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("managesieve: authentication from %s impossible: %s", self.ip, exc)
+            self.exchange = None
+            self.conn.auth_unavailable()  # RFC 5804 §1.3 TRYLATER; not counted as a failed login
+            return
         if isinstance(res.outcome, sasl.Challenge):
             self.conn.auth_challenge(res.outcome.data)
             return
@@ -147,6 +155,15 @@ def _answer(conn: core.ManageSieveConnection, store: Scripts, ev: core.ScriptCom
         conn.no("temporary storage failure", "TRYLATER")
 
 
+async def _open(backend: ManageSieveBackend, user: str) -> Scripts | None:
+    """The user's scripts; None while the account database is out of reach (asked again later)."""
+    try:
+        return await asyncio.to_thread(backend.store_for, user)
+    except StoreError as exc:
+        log.error("managesieve: scripts of %s unavailable: %s", user, exc)
+        return None
+
+
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: ManageSieveBackend,
                 *, tls_active: bool = False, peer_ip: str | None = None) -> None:
     """Run one ManageSieve session until LOGOUT, EOF or the idle timeout."""
@@ -158,6 +175,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
         peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
     auth = _Auth(conn, backend, peer_ip)
     store: Scripts | None = None
+    owner: str | None = None
     try:
         writer.write(conn.data_to_send())
         await writer.drain()
@@ -187,15 +205,22 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
                 case core.AuthResponse(data=response):
                     await auth.respond(response)
                 case core.Authenticated(user=user):
-                    store = backend.store_for(user)
+                    owner = user
+                    store = await _open(backend, owner)
                 case core.NeedLiteral(size=size):
+                    if store is None and owner is not None:
+                        store = await _open(backend, owner)
                     limit = store.max_script_size if store is not None else settings.max_line
                     conn.accept_literal() if size <= limit else conn.reject_literal()
                 case core.ScriptCommand():
-                    if store is None:  # pragma: no cover - the core allows these only after login
-                        conn.no("not authenticated")
-                    else:
+                    if store is None and owner is not None:
+                        store = await _open(backend, owner)
+                    if store is not None:
                         await asyncio.to_thread(_answer, conn, store, ev)
+                    elif owner is not None:  # the account database out of reach since the login
+                        conn.no("temporary storage failure", "TRYLATER")
+                    else:  # pragma: no cover - the core allows these only after login
+                        conn.no("not authenticated")
                 case core.Logout():
                     writer.write(conn.data_to_send())
                     await writer.drain()

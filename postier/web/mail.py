@@ -51,7 +51,7 @@ from ..antispam.learning import JUNK, enqueue, verdict
 from ..server.imapfetch import narrow, run_search
 from ..server.imapsort import sort_items
 from ..store.api import FolderInfo, Mailboxes, MailStoreAPI, MessageRow
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from ..store.index import FLAG_FLAGGED as _FLAGGED
 from ..store.index import FLAG_SEEN as _SEEN
 from ..message.types import MessageBody
@@ -111,6 +111,20 @@ class Area:
         return self.prefix + "login"
 
 
+#: What a login or a page says while the account database (or the mail storage) is out of reach:
+#: HTTP 503 with Retry-After (RFC 9110 §15.6.4, §10.2.3), never "wrong password" nor a 500.
+UNAVAILABLE = "The account database cannot be reached right now; please try again in a few minutes."
+RETRY_AFTER = "30"
+
+
+def _unavailable(request: web.Request) -> web.Response:
+    """503 as JSON for a client that asked for JSON (the pages' scripts), else as text."""
+    headers = {"Retry-After": RETRY_AFTER}
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response({"error": "unavailable", "message": UNAVAILABLE}, status=503, headers=headers)
+    return web.Response(status=503, text=UNAVAILABLE + "\n", headers=headers)
+
+
 def _secure(resp: web.StreamResponse, csp: str = PAGE_CSP) -> web.StreamResponse:
     h = resp.headers
     h.setdefault("Content-Security-Policy", csp)
@@ -161,6 +175,9 @@ class Webmail:
             except web.HTTPException as exc:
                 _secure(exc)
                 raise
+            except StoreUnavailable as exc:  # cluster mode: PostgreSQL or the object store out of reach
+                log.error("web: %s %s: %s", request.method, request.path, exc)
+                resp = _unavailable(request)
             if not resp.prepared:
                 _secure(resp)
                 # W3C Server Timing: the server's own time for this request (bench/webmail_bench.py)
@@ -320,12 +337,18 @@ class Webmail:
         form = await _form(request)
         address, password = form.get("address"), form.get("password")
         user = None
-        if isinstance(address, str) and isinstance(password, str) and 0 < len(address) <= 320 \
-                and 0 < len(password) <= 1024:
-            user = await self.accounts.verify_password_async(address.strip(), password)
-        if user is not None and area.admin and not await asyncio.to_thread(self.accounts.is_admin, user.address):
-            log.info("%s: %s is not an admin (from %s)", area.name, user.address, ip)
-            user = None  # counted as a failure: the same answer as a wrong password
+        try:
+            if isinstance(address, str) and isinstance(password, str) and 0 < len(address) <= 320 \
+                    and 0 < len(password) <= 1024:
+                user = await self.accounts.verify_password_async(address.strip(), password)
+            if user is not None and area.admin and not await asyncio.to_thread(self.accounts.is_admin, user.address):
+                log.info("%s: %s is not an admin (from %s)", area.name, user.address, ip)
+                user = None  # counted as a failure: the same answer as a wrong password
+        except StoreUnavailable as exc:  # cluster mode: the account database is out of reach
+            log.error("%s: login from %s impossible: %s", area.name, ip, exc)
+            resp = self._login_page(area, UNAVAILABLE, 503)  # not counted against the client
+            resp.headers["Retry-After"] = RETRY_AFTER
+            return resp
         if user is None:
             await self.throttle.penalize(ip)
             log.info("%s: failed login from %s", area.name, ip)

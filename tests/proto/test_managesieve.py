@@ -35,6 +35,7 @@ class App:
         self.active: str | None = None
         self.events: list[object] = []
         self.exchange: sasl.ServerExchange | None = None
+        self.down = False  # the account database is out of reach
 
     def feed(self, data: bytes) -> bytes:
         self.conn.receive_data(data)
@@ -105,6 +106,8 @@ class App:
         assert self.exchange is not None
         while True:
             match outcome:
+                case sasl.NeedPasswordCheck() if self.down:
+                    return self.conn.auth_unavailable()
                 case sasl.NeedPasswordCheck(authcid=user, password=pw):
                     outcome = self.exchange.password_result(user == "bob@example.com" and pw == "secret")
                 case sasl.NeedScramCredentials():
@@ -155,6 +158,22 @@ def test_authenticate_plain_with_challenge_and_failure() -> None:
                     _plain("bob@example.com", "secret") + b"\r\n") == b'OK "Authenticated"\r\n'
     assert app.conn.user == "bob@example.com"
     assert app.feed(b"CAPABILITY\r\n").endswith(b'"OWNER" "bob@example.com"\r\n"VERSION" "1.0"\r\nOK\r\n')
+
+
+def test_authenticate_while_the_accounts_are_out_of_reach_is_trylater() -> None:
+    """RFC 5804 §1.3 TRYLATER, not "Authentication failed"; the session stays unauthenticated and
+    the same AUTHENTICATE succeeds once the database is back."""
+    app, _ = _session()
+    app.down = True
+    assert app.feed(b'AUTHENTICATE "PLAIN" "' + _plain("bob@example.com", "secret") + b'"\r\n') == \
+        b'NO (TRYLATER) "Authentication is impossible right now; try again later"\r\n'
+    assert app.conn.user is None
+    assert app.feed(b"LISTSCRIPTS\r\n") == b'NO "LISTSCRIPTS not allowed now"\r\n'
+    assert app.feed(b'AUTHENTICATE "PLAIN"\r\n') == b'""\r\n'  # the same after a challenge
+    assert app.feed(b'"' + _plain("bob@example.com", "secret") + b'"\r\n').startswith(b"NO (TRYLATER) ")
+    app.down = False
+    assert app.feed(b'AUTHENTICATE "PLAIN" "' + _plain("bob@example.com", "secret") + b'"\r\n') == \
+        b'OK "Authenticated"\r\n'
 
 
 def test_script_lifecycle_transcript() -> None:

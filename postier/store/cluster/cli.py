@@ -1,10 +1,13 @@
-"""`postier cluster init|status|gc`: create cluster mode's tables and bucket, show whether this node
-reaches PostgreSQL and the object store, delete unreferenced bodies (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
+"""`postier cluster init|status|gc|import-accounts`: create cluster mode's tables and bucket, show whether
+this node reaches PostgreSQL and the object store, delete unreferenced bodies, copy a single-machine
+node's accounts, DKIM keys and Sieve scripts into PostgreSQL (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
 imported only when the command runs, so the CLI works without them in single-machine mode."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ...config import Config, load_config
 
@@ -31,6 +34,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from .store import open_bodies
 
     cfg = _config(args)
+    if args.action == "import-accounts":
+        return _import_accounts(cfg, args)
     bodies = open_bodies(cfg)
     timeout = max(1, int(cfg.cluster.timeout))
     if args.action == "init":
@@ -78,10 +83,50 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _import_accounts(cfg: Config, args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ...cli import CLIError
+    from ...message.types import AccountError
+    from .importer import copy_into, read_source
+    from .schema import ensure_schema
+
+    source = Path(args.source) if args.source else cfg.data_dir
+    # a data directory, or its accounts file: the keys and scripts are beside it (config.py's layout)
+    data_dir = source if source.is_dir() else source.parent
+    db = data_dir / cfg.accounts_db.name if source.is_dir() else source
+    try:
+        src = read_source(db, data_dir / cfg.dkim_dir.name, data_dir / cfg.mail_root.name)
+    except AccountError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        with psycopg.connect(cfg.cluster.dsn, connect_timeout=max(1, int(cfg.cluster.timeout))) as conn:
+            ensure_schema(conn)
+            out = copy_into(conn, src, overwrite=args.overwrite)
+    except psycopg.Error as exc:
+        raise CLIError(f"cluster import-accounts failed: {str(exc).strip()}") from None
+    for conflict in out.conflicts:
+        print(f"{'replaced' if args.overwrite else 'conflict'}: {conflict}", file=sys.stderr)
+    if out.conflicts and not args.overwrite:
+        raise CLIError(f"{len(out.conflicts)} conflict(s) with what PostgreSQL holds: nothing copied "
+                       "(--overwrite makes those rows this node's)")
+    print(f"from {db}:")
+    for line in out.lines():
+        print(f"  {line}")
+    print("mail is not copied: move it with `postier export` and `postier import maildir`")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cluster", help="cluster mode: create the tables and bucket (init), check them (status), "
-                                       "delete unreferenced bodies (gc)")
-    p.add_argument("action", choices=("init", "status", "gc"))
+                                       "delete unreferenced bodies (gc), copy this node's accounts, DKIM keys "
+                                       "and Sieve scripts into PostgreSQL (import-accounts)")
+    p.add_argument("action", choices=("init", "status", "gc", "import-accounts"))
     p.add_argument("--grace", type=float, default=86400.0, metavar="SECONDS",
                    help="gc: keep bodies uploaded less than this long ago (default a day)")
+    p.add_argument("--from", dest="source", metavar="PATH",
+                   help="import-accounts: a single-machine data directory or its accounts.sqlite "
+                        "(default this node's data directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="import-accounts: replace rows that PostgreSQL holds with other content")
     p.set_defaults(func=cmd_cluster)
