@@ -25,6 +25,7 @@ from ..durable import use_wal
 from ..metrics import Metrics
 
 log = logging.getLogger("postier.antispam")
+_BATCH = 256  # lines written in one transaction at most
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -109,31 +110,48 @@ class VerdictLog:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._pending.get()
-            if item is None:
+            batch = [self._pending.get()]
+            # What queued up meanwhile goes in the same transaction (one commit, not one per line).
+            while len(batch) < _BATCH and batch[-1] is not None and batch[-1][0] != "__flush__":
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            last = batch[-1]
+            rows = [it for it in batch if it is not None and it[0] != "__flush__"]
+            if rows:
+                try:
+                    self._insert(rows)
+                except sqlite3.Error as exc:  # diagnostics must never take mail down
+                    log.warning("verdict log: %s", exc)
+            if last is None:
                 return
-            if item[0] == "__flush__":
-                item[1].set()
-                continue
-            try:
-                self.record(*item)
-            except sqlite3.Error as exc:  # diagnostics must never take mail down
-                log.warning("verdict log: %s", exc)
+            if last[0] == "__flush__":
+                last[1].set()
 
     def record(self, queue_id: str, message_id: str, client: str, sender: str, recipients: Sequence[str],
                action: str, reasons: Sequence[str]) -> None:
+        self._insert([(queue_id, message_id, client, sender, recipients, action, reasons)])
+
+    def _insert(self, items: Sequence[tuple[Any, ...]]) -> None:
         now = self.clock()
+        rows = [(now, qid, mid.strip().strip("<>"), client, sender, json.dumps(list(rcpts)), action,
+                 json.dumps(list(reasons))) for qid, mid, client, sender, rcpts, action, reasons in items]
         with self._lock:
-            self._db.execute(
-                "INSERT INTO verdicts(time, queue_id, message_id, client, sender, recipients, action, reasons) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (now, queue_id, message_id.strip().strip("<>"), client, sender, json.dumps(list(recipients)),
-                 action, json.dumps(list(reasons))))
-            self._writes += 1
-            if self._writes % 1000 == 0:
-                self._db.execute("DELETE FROM verdicts WHERE time < ?", (now - self.keep,))
-                self._db.execute("DELETE FROM verdicts WHERE id <= (SELECT max(id) FROM verdicts) - ?",
-                                 (self.max_rows,))
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO verdicts(time, queue_id, message_id, client, sender, recipients, action, reasons) "
+                    "VALUES (?,?,?,?,?,?,?,?)", rows)
+                before, self._writes = self._writes, self._writes + len(rows)
+                if before // 1000 != self._writes // 1000:
+                    self._db.execute("DELETE FROM verdicts WHERE time < ?", (now - self.keep,))
+                    self._db.execute("DELETE FROM verdicts WHERE id <= (SELECT max(id) FROM verdicts) - ?",
+                                     (self.max_rows,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def find(self, ident: str, limit: int = 20) -> list[Verdict]:
         """Verdicts for a queue id, a Message-ID (with or without angle brackets) or a client address,

@@ -131,6 +131,28 @@ def test_verdict_log_find(tmp_path: Path) -> None:
     assert log.find("nothing") == []
 
 
+def test_verdict_log_batches_from_two_threads_and_stays_bounded(tmp_path: Path) -> None:
+    """Lines queued by two sessions at once are all written (in batches), and the row bound holds."""
+    import threading
+
+    log = VerdictLog(tmp_path / "v.sqlite", max_rows=1500)
+
+    def burst(tag: str) -> None:
+        for i in range(1200):
+            log.record_later(f"{tag}{i}", "", "192.0.2.1", "s@x.test", ["u@b.test"], "delivered", [])
+
+    threads = [threading.Thread(target=burst, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.flush()
+    assert log.find("a1199") and log.find("b1199")
+    (n,) = log._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()
+    assert 1500 <= n < 1500 + 1000 + 256  # pruned to the newest max_rows each thousand lines
+    log.close()
+
+
 def test_helo_check_runs_when_spf_already_looked_at_helo() -> None:
     """The HELO sanity check is not skipped because mail authentication checked HELO's SPF first."""
     import asyncio
