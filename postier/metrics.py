@@ -30,6 +30,7 @@ scraping worker alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,8 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+log = logging.getLogger("postier.metrics")
 
 __all__ = ["Metrics", "auth_mechanism", "delivery_outcome", "dns_rdtype", "reply_reason", "role_label",
            "tls_version", "verdict_action"]
@@ -152,7 +155,14 @@ class _Scraped(Collector):
         return self._families(None, None, None, None)
 
     def collect(self) -> Iterable[Metric]:
-        count, oldest = self.queue() if self.queue is not None else (0, None)
+        count: int | None = 0
+        oldest: float | None = None
+        if self.queue is not None:
+            try:
+                count, oldest = self.queue()
+            except Exception as exc:  # the queue's database out of reach (cluster mode): the other
+                log.warning("metrics: queue size not read: %s", exc)  # values are still served
+                count = None
         free = size = None
         if self.data_dir is not None:
             try:
@@ -161,7 +171,7 @@ class _Scraped(Collector):
                 pass
             else:
                 free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        age = None if count is None else max(0.0, time.time() - oldest) if oldest is not None else 0.0
         return self._families(count, age, free, size)
 
     @staticmethod

@@ -169,6 +169,21 @@ def test_scrape_time_queue_and_disk(tmp_path: Path) -> None:
     assert got[("postier_data_disk_size_bytes", ())] >= got[("postier_data_disk_free_bytes", ())]
 
 
+def test_scrape_without_the_queue_still_serves_the_rest(tmp_path: Path) -> None:
+    """Cluster mode with PostgreSQL out of reach: the queue gauges have no sample, the scrape works."""
+    from postier.store.errors import StoreUnavailable
+
+    def down() -> tuple[int, float | None]:
+        raise StoreUnavailable("PostgreSQL unreachable")
+
+    m = Metrics()
+    m.watch(down, tmp_path)
+    got = samples(m)
+    assert ("postier_queue_messages", ()) not in got
+    assert ("postier_queue_oldest_message_age_seconds", ()) not in got
+    assert got[("postier_data_disk_free_bytes", ())] > 0
+
+
 def test_verdicts_counted_where_they_are_logged(tmp_path: Path) -> None:
     m = Metrics()
     log = VerdictLog(tmp_path / "v.sqlite", metrics=m)
