@@ -116,13 +116,16 @@ def supervise(config: Config, n: int, prepare: Prepare, run_worker: RunWorker) -
     prepared = prepare(config)
     # Once per server, before any worker can queue: a spool file without its row is a message whose
     # 250 was never sent (queue/spool.py); with workers running, it could be one being written.
-    spool = Spool(config.spool_dir / "queue")
-    try:
-        files, rows = spool.recover()
-    finally:
-        spool.close()
-    if files or rows:
-        log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file", files, rows)
+    # In cluster mode the queue lives in PostgreSQL (queue/cluster.py) and the local spool is unused.
+    if not config.cluster.dsn:
+        spool = Spool(config.spool_dir / "queue")
+        try:
+            files, rows = spool.recover()
+        finally:
+            spool.close()
+        if files or rows:
+            log.warning("queue recovery: removed %d unacknowledged spool files, %d messages without file",
+                        files, rows)
     run_dir = config.data_dir / "run"
     try:
         a = config.antispam
