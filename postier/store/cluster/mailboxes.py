@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import tempfile
 import threading
 import time
@@ -45,8 +46,10 @@ from ..errors import (
 )
 from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
+from ..fts import CATCH_UP, searchable
 from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
+from . import fulltext
 from .bodies import BodyStore
 from .gc import mark
 from .schema import CHANNEL
@@ -58,6 +61,8 @@ FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
+
+log = logging.getLogger("postier.store")
 
 
 @dataclass
@@ -290,8 +295,30 @@ class ClusterMailboxes:
                          (level if due else warned, used if due else low, self.owner))
         return due
 
+    @_op
     def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
-        return None  # no full-text index in cluster mode yet: the matcher reads the messages
+        """The full-text index's answer to each (field, needle) query (as `UserMailbox.text_search`):
+        the UIDs whose text contains the needle among the messages it covers, and the UIDs it does
+        not cover (for the matcher). Up to CATCH_UP bodies of the folder without a row get one first
+        (store.cluster.fulltext)."""
+        if not queries or not all(searchable(f, n) for f, n in queries):
+            return None
+        n = normalize_name(name)
+        with self._tx() as conn:
+            fid = self._state(conn, n).fid
+        try:
+            fulltext.catch_up(self._tx, self.bodies.get, fid, CATCH_UP)
+            with self._tx() as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return fulltext.answer(conn, fid, queries)
+        except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
+            log.warning("full-text search of %s not used: %s", self.owner, exc)
+            return None
+
+    @_op
+    def rebuild_text_index(self) -> int:
+        """Rewrite the full-text rows of every body of the user (`postier reindex`); returns the count."""
+        return fulltext.rebuild(self._tx, self.bodies.get, self.owner)
 
     def watch_path(self, name: str) -> Path | None:
         return None  # changes arrive by LISTEN/NOTIFY (store.cluster.store.ClusterNotifier)
@@ -524,6 +551,7 @@ class ClusterMailboxes:
             if limit is not None and self._used(conn) >= limit:
                 raise OverQuota("quota exceeded")
         prepared: list[tuple[str, int, int, list[str], int]] = []
+        texts: list[fulltext.TextRow] = []
         for item, flag_names, internal_date in messages:
             if isinstance(item, SpoolFile):
                 data = item.read_all()
@@ -536,7 +564,12 @@ class ClusterMailboxes:
             digest = self.bodies.digest(data)
             with self._tx() as conn:
                 mark(conn, digest)  # before the upload (store.cluster.gc)
+                known_text = fulltext.has_row(conn, digest)
             self.bodies.put(data, digest)
+            if not known_text:  # written with the message rows (store.cluster.fulltext)
+                text = fulltext.text_row(digest, data)
+                if text is not None:
+                    texts.append(text)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
@@ -553,6 +586,7 @@ class ClusterMailboxes:
                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                                 [(fid, u, d, size, bits, kw, modseq, idate)
                                  for u, (d, size, bits, kw, idate) in zip(uids, rows, strict=True)])
+            fulltext.write_rows(conn, texts)
             self._notify(conn, n)
         return uidvalidity, uids
 
@@ -581,6 +615,7 @@ class ClusterMailboxes:
                 return False
         prepared: list[tuple[int, str, int, int, list[str], int]] = []
         seen: set[int] = set()
+        texts: list[fulltext.TextRow] = []
         for uid, data, flag_names, internal_date in messages:
             if not 0 < uid < 2**32 - 1 or uid in seen:
                 raise StoreError(f"bad or repeated UID {uid} in the import")
@@ -590,9 +625,13 @@ class ClusterMailboxes:
             bits, kws = names_to_flags(flag_names)
             digest = self.bodies.digest(data)
             with self._tx() as conn:  # renew the body's mark before the upload (see append_many)
-                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
-                             (digest,))
+                mark(conn, digest)
+                known_text = fulltext.has_row(conn, digest)
             self.bodies.put(data, digest)
+            if not known_text:
+                text = fulltext.text_row(digest, data)
+                if text is not None:
+                    texts.append(text)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((uid, digest, len(data), bits, kws, idate))
         prepared.sort()
@@ -617,6 +656,7 @@ class ClusterMailboxes:
                 cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                                 [(*row[:6], r[0], row[6]) for row in rows])
+            fulltext.write_rows(conn, texts)
             self._notify(conn, n)
         self.states.pop(n, None)
         return True
