@@ -49,18 +49,21 @@ type TextRow = tuple[str, bool, tuple[str, ...]]  # (hash, exact, COLUMNS' text)
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)  # "inner" is an SQL keyword: every name quoted
 
 # The table itself is created with the others (schema._DDL); this part needs the pg_trgm extension.
-_INDEX = ("CREATE INDEX IF NOT EXISTS body_text_trgm ON body_text USING gin ("
-          + ", ".join(f'"{c}" gin_trgm_ops' for c in COLUMNS) + ")")
+# One index per column, not one over all of them: the planner prices a multicolumn GIN scan by the
+# whole index and then reads every row instead (36 ms instead of 2 for BODY over 6,000 rows).
+_INDEXES = [f'CREATE INDEX IF NOT EXISTS body_text_trgm_{c} ON body_text USING gin ("{c}" gin_trgm_ops)'
+            for c in COLUMNS]
 
 
 def create_index(conn: Conn) -> bool:
-    """The pg_trgm extension and the trigram index, inside the caller's schema transaction (a
+    """The pg_trgm extension and one trigram index per column, inside the caller's schema transaction (a
     savepoint: when the extension is not installed or not allowed, searches still answer exactly,
     by reading the text column of the folder's rows; a warning says so). True when made."""
     try:
         with conn.transaction():
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-            conn.execute(_INDEX.encode())
+            for stmt in _INDEXES:
+                conn.execute(stmt.encode())
     except psycopg.errors.DatabaseError as exc:
         log.warning("cluster full-text search without a trigram index (pg_trgm unavailable: %s)",
                     str(exc).strip())

@@ -307,13 +307,19 @@ class ClusterMailboxes:
         with self._tx() as conn:
             fid = self._state(conn, n).fid
         try:
-            fulltext.catch_up(self._tx, self.bodies.get, fid, CATCH_UP)
-            with self._tx() as conn:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                return fulltext.answer(conn, fid, queries)
+            got = self._text_answer(fid, queries)
+            # bodies without a row (stored before the index): the next CATCH_UP get one, then ask again
+            if got[1] and fulltext.catch_up(self._tx, self.bodies.get, fid, CATCH_UP):
+                got = self._text_answer(fid, queries)
+            return got
         except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
             log.warning("full-text search of %s not used: %s", self.owner, exc)
             return None
+
+    def _text_answer(self, fid: int, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]]:
+        with self._tx() as conn:  # hits and the uncovered UIDs from one snapshot
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return fulltext.answer(conn, fid, queries)
 
     @_op
     def rebuild_text_index(self) -> int:
