@@ -100,7 +100,8 @@ def write_rows(conn: Conn, rows: Sequence[TextRow], replace: bool = False) -> in
         return 0
     live = {h for (h,) in conn.execute("SELECT hash FROM bodies WHERE hash = ANY(%s) ORDER BY hash FOR SHARE",
                                        (sorted({r[0] for r in rows}),))}
-    todo = [r for r in rows if r[0] in live]
+    # one row per body, in hash order: two transactions writing the same bodies wait, never deadlock
+    todo = sorted({r[0]: r for r in rows if r[0] in live}.values())
     if not todo:
         return 0
     sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in ("version", "exact", *COLUMNS))
