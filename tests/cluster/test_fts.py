@@ -19,6 +19,7 @@ pytest.importorskip("psycopg")
 
 import psycopg  # noqa: E402
 
+from postier.message.types import User  # noqa: E402
 from postier.proto.imap.search import HeaderKey, SearchKey, TextKey  # noqa: E402
 from postier.server.imapfetch import narrow  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
@@ -185,6 +186,48 @@ def test_two_sessions_append_while_a_third_searches(pg: PgServer, bodies_factory
             assert got == [u for u in view if kinds[u]]
         assert _search_in(boxes[2], INBOX, HeaderKey("SUBJECT", "report"), True) == sorted(  # type: ignore[arg-type]
             u for u, r in kinds.items() if r)
+        for s, m in zip(stores, boxes, strict=True):
+            s.release(m)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_two_nodes_appending_the_same_bodies_in_opposite_orders(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """Two users on two nodes MULTIAPPEND the same two bodies at once, in opposite orders: each body
+    gets one row, no transaction fails, both users find them. (The rows are written in hash order so
+    that two such transactions cannot deadlock; the uploads before them make the interleaving
+    unlikely here, so this checks the outcome, not that order.)"""
+    dsn = pg.create_db()
+    stores = [ClusterStore(dsn, bodies_factory(), timeout=5.0) for _ in range(2)]
+    users = [USER, User("carol@example.org", "carol", "example.org", "maildir")]
+    try:
+        boxes = [s.acquire(u) for s, u in zip(stores, users, strict=True)]
+        for m in boxes:
+            m.ensure_defaults()
+        errors: list[BaseException] = []
+        gate = threading.Barrier(2, timeout=30)
+
+        def write(i: int) -> None:
+            try:
+                for n in range(10):
+                    pair = [f"Subject: shared {n} {k}\r\n\r\nbody {k}\r\n".encode() for k in (0, 1)]
+                    gate.wait()
+                    boxes[i].append_many(INBOX, [(m, (), None) for m in (pair if i else pair[::-1])])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*), count(*) FILTER (WHERE exact) FROM body_text").fetchone() == (20, 20)
+        for m in boxes:
+            assert m.text_search(INBOX, [("SUBJECT", "shared 3 ")]) == ([set(range(7, 9))], set())
         for s, m in zip(stores, boxes, strict=True):
             s.release(m)
     finally:
