@@ -258,6 +258,8 @@ def test_imap_search_through_two_nodes(tmp_path: Path, pg: PgServer, s3: S3Serve
             assert typ == "OK" and {int(x) for x in data[0].split()} == {i + 1 for i in range(30) if i % 5 == 1}
             typ, data = cb.uid("SEARCH", "NOT", "FROM", "sender")
             assert typ == "OK" and {int(x) for x in data[0].split()} == {i + 1 for i in range(30) if i % 4 == 0}
+            out = a.cli("cluster", "status").stdout
+            assert "full-text rows 30 " in out and "trigram index: yes" in out, out
             out = a.cli("reindex", ALICE).stdout
             assert "30 message bodies" in out, out
             typ, data = cb.uid("SEARCH", "TO", "team2")
