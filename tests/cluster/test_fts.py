@@ -196,9 +196,7 @@ def test_two_sessions_append_while_a_third_searches(pg: PgServer, bodies_factory
 def test_two_nodes_appending_the_same_bodies_in_opposite_orders(
         pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
     """Two users on two nodes MULTIAPPEND the same two bodies at once, in opposite orders: each body
-    gets one row, no transaction fails, both users find them. (The rows are written in hash order so
-    that two such transactions cannot deadlock; the uploads before them make the interleaving
-    unlikely here, so this checks the outcome, not that order.)"""
+    gets one row, no transaction fails, both users find them."""
     dsn = pg.create_db()
     stores = [ClusterStore(dsn, bodies_factory(), timeout=5.0) for _ in range(2)]
     users = [USER, User("carol@example.org", "carol", "example.org", "maildir")]

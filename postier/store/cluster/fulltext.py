@@ -10,8 +10,10 @@ casefolded needle is looked for as an exact substring (`LIKE` with its wildcards
 comparison runs on (pg_trgm's trigrams are lower-cased and word-split, so the index may return
 more rows, never fewer; PostgreSQL rechecks each with the operator).
 
-Rows are written in the transaction that inserts the message rows (APPEND, MULTIAPPEND, delivery,
-import: `text_row`/`write_rows`), so an index answer is never behind the folder. A message whose
+A body's row is committed right after its upload, before the transaction that inserts the message
+rows (APPEND, MULTIAPPEND, delivery, import: `ClusterMailboxes._put_body`), so an index answer is
+never behind the folder; not in that transaction itself, so that a MULTIAPPEND or an import does
+not hold every message's text in memory until it commits. A message whose
 body has no row of the current `VERSION` (stored before this table existed, or unreadable by the
 parser), or an inexact row (`SearchText.exact`), is not covered: a search first fills the rows of
 up to CATCH_UP such bodies of the folder (`catch_up`, reading them from the object store, which the

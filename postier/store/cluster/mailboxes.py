@@ -532,6 +532,25 @@ class ClusterMailboxes:
         if self._used(conn) + size > limit:
             raise OverQuota("quota exceeded")
 
+    def _put_body(self, data: bytes) -> str:
+        """Store a body (CRLF) and its full-text row; returns its hash. The mark comes first (store.
+        cluster.gc), then the upload, then the text row in its own transaction (store.cluster.
+        fulltext): both are committed before the caller's transaction makes a message refer to the
+        body, so a search never finds a message without its row, and a MULTIAPPEND or an import does
+        not hold every message's text until its commit. A row left by a transaction that then fails
+        belongs to an orphan body and goes with it (`postier cluster gc`)."""
+        digest = self.bodies.digest(data)
+        with self._tx() as conn:
+            mark(conn, digest)
+            known = fulltext.has_row(conn, digest)
+        self.bodies.put(data, digest)
+        if not known:
+            row = fulltext.text_row(digest, data)
+            if row is not None:
+                with self._tx() as conn:
+                    fulltext.write_rows(conn, [row])
+        return digest
+
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
@@ -557,7 +576,6 @@ class ClusterMailboxes:
             if limit is not None and self._used(conn) >= limit:
                 raise OverQuota("quota exceeded")
         prepared: list[tuple[str, int, int, list[str], int]] = []
-        texts: list[fulltext.TextRow] = []
         for item, flag_names, internal_date in messages:
             if isinstance(item, SpoolFile):
                 data = item.read_all()
@@ -567,15 +585,7 @@ class ClusterMailboxes:
                 if b"\n" in data.replace(b"\r\n", b""):
                     data = _to_crlf(data)
             bits, kws = names_to_flags(flag_names)
-            digest = self.bodies.digest(data)
-            with self._tx() as conn:
-                mark(conn, digest)  # before the upload (store.cluster.gc)
-                known_text = fulltext.has_row(conn, digest)
-            self.bodies.put(data, digest)
-            if not known_text:  # written with the message rows (store.cluster.fulltext)
-                text = fulltext.text_row(digest, data)
-                if text is not None:
-                    texts.append(text)
+            digest = self._put_body(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
@@ -592,7 +602,6 @@ class ClusterMailboxes:
                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                                 [(fid, u, d, size, bits, kw, modseq, idate)
                                  for u, (d, size, bits, kw, idate) in zip(uids, rows, strict=True)])
-            fulltext.write_rows(conn, texts)
             self._notify(conn, n)
         return uidvalidity, uids
 
@@ -621,7 +630,6 @@ class ClusterMailboxes:
                 return False
         prepared: list[tuple[int, str, int, int, list[str], int]] = []
         seen: set[int] = set()
-        texts: list[fulltext.TextRow] = []
         for uid, data, flag_names, internal_date in messages:
             if not 0 < uid < 2**32 - 1 or uid in seen:
                 raise StoreError(f"bad or repeated UID {uid} in the import")
@@ -629,15 +637,7 @@ class ClusterMailboxes:
             if b"\n" in data.replace(b"\r\n", b""):
                 data = _to_crlf(data)
             bits, kws = names_to_flags(flag_names)
-            digest = self.bodies.digest(data)
-            with self._tx() as conn:  # renew the body's mark before the upload (see append_many)
-                mark(conn, digest)
-                known_text = fulltext.has_row(conn, digest)
-            self.bodies.put(data, digest)
-            if not known_text:
-                text = fulltext.text_row(digest, data)
-                if text is not None:
-                    texts.append(text)
+            digest = self._put_body(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((uid, digest, len(data), bits, kws, idate))
         prepared.sort()
@@ -662,7 +662,6 @@ class ClusterMailboxes:
                 cur.executemany("INSERT INTO messages (folder, uid, body, size, flags, keywords, modseq, idate) "
                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                                 [(*row[:6], r[0], row[6]) for row in rows])
-            fulltext.write_rows(conn, texts)
             self._notify(conn, n)
         self.states.pop(n, None)
         return True
