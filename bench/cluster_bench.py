@@ -17,6 +17,15 @@ message of the nodes, PostgreSQL, moto and the clients. Bounded: --messages, and
 sending (the figures then cover what was sent).
 
     .venv/bin/python -m bench cluster --nodes 3 [--messages 600] [--clients 6] [--users 12] [--size 4000]
+
+Search mode (`--search 5000`): N messages in one folder (MULTIAPPENDs of 500: the full-text rows are
+written with them, store.cluster.fulltext), then IMAP SEARCH SUBJECT as the server runs it (`narrow`,
+then `run_search` over what is left), first and repeated: with the index, without it (the matcher
+reads every header from the object store), and with the rows deleted (mail stored before the index:
+each search catches up CATCH_UP bodies). Every answer is checked against the expected UIDs. moto
+runs in this process, as in store mode: object-store reads are slower than a real S3's.
+
+    .venv/bin/python -m bench cluster --search 5000
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from postier.message.types import User  # noqa: E402
 from postier.queue.cluster import ClusterSpool  # noqa: E402
 from postier.queue.spool import DELIVERED, MessageInfo, Outcome, RecipientSpec  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
+from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from tests.cluster.conftest import PgServer, S3Server  # noqa: E402
 
@@ -47,7 +57,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=6, help="node mode: SMTP/IMAP client threads")
     ap.add_argument("--users", type=int, default=12, help="node mode: recipients")
     ap.add_argument("--time-limit", type=float, default=300.0, help="node mode: stop sending after this")
+    ap.add_argument("--search", type=int, default=0, metavar="N", help="search mode: N messages in one folder")
     args = ap.parse_args(argv)
+    if args.search:
+        return search(args.search)
     if args.nodes:
         from bench.cluster_nodes import run_nodes
         return run_nodes(args.nodes, args.messages or 600, args.clients, args.users, args.size, args.time_limit)
@@ -136,6 +149,88 @@ def queue(stores: list[ClusterStore], n: int, body: bytes) -> None:
     assert len(both) == len(set(both)) == 4 * n, "a recipient was claimed twice or lost"
     assert spools[0].count() == 0
     print(f"queue: node0 {len(claimed[0])} + node1 {len(claimed[1])} recipients, none twice, queue empty")
+
+
+def _message(i: int) -> bytes:
+    subject = f"quarterly report {i}" if i % 50 == 0 else f"note {i} about things"
+    return (f"From: Sender {i % 7} <sender{i % 7}@example.net>\r\nTo: a@example.org\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{i}.b@example.net>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            + f"Line {i} of a message body with some words in it.\r\n" * 30).encode()
+
+
+def _search(mb: ClusterMailboxes, needle: str, index: bool) -> list[int]:
+    """SEARCH SUBJECT needle as the IMAP server runs it (server.imap `_matches`, one batch at a time)."""
+    from postier.message.matching import SearchContext
+    from postier.proto.imap.search import AllKey, HeaderKey, SearchKey
+    from postier.server.imap import SEARCH_BATCH, _in_view
+    from postier.server.imapfetch import narrow, run_search
+
+    view = mb.snapshot("INBOX").uids
+    key: SearchKey = HeaderKey("SUBJECT", needle)
+    targets = list(enumerate(view, 1))
+    if index:
+        key, cands = narrow(mb, "INBOX", key)
+        if cands is not None:
+            targets = _in_view(view, cands)
+            if isinstance(key, AllKey):
+                return [u for _s, u in targets]
+    ctx = SearchContext(max_seq=len(view), max_uid=view[-1] if view else 0)
+    found: list[int] = []
+    for i in range(0, len(targets), SEARCH_BATCH):
+        found += [u for _s, u, _m in run_search(mb, "INBOX", targets[i:i + SEARCH_BATCH], key, ctx, 0)[0]]
+    return found
+
+
+def search(n: int) -> int:
+    import psycopg
+
+    pg, s3 = PgServer(), S3Server()
+    pg.start()
+    try:
+        dsn = pg.create_db()
+        b = BodyStore(s3.endpoint, "bench", "t", "t")
+        b.ensure_bucket()
+        store = ClusterStore(dsn, b)
+        mb = store.acquire(User("a@example.org", "a", "example.org", "maildir"))
+        mb.ensure_defaults()
+        t = time.perf_counter()
+        for lo in range(0, n, 500):
+            mb.append_many("INBOX", [(_message(i), (), None) for i in range(lo, min(n, lo + 500))])
+        dt = time.perf_counter() - t
+        print(f"{n} messages appended (MULTIAPPEND of 500, text rows written): {dt:.2f}s = {n / dt:.0f}/s")
+        expect = [i + 1 for i in range(n) if i % 50 == 0]
+
+        def timed(label: str, index: bool, needle: str = "quarterly report") -> None:
+            for run in ("first", "repeated"):
+                t = time.perf_counter()
+                got = _search(mb, needle, index)
+                dt = time.perf_counter() - t
+                assert got == expect, (label, run, len(got))
+                print(f"SEARCH SUBJECT \"{needle}\" ({len(got)} hits) {label}, {run}: {dt * 1000:.0f} ms")
+
+        from postier.store.cluster.fulltext import text_row
+        t = time.perf_counter()
+        for i in range(200):
+            text_row("x", _message(i))
+        print(f"text extraction alone (store.fts.row_values): {(time.perf_counter() - t) / 200 * 1000:.2f} ms a message")
+        timed("with the index", True)
+        # header reads by range are not kept in the body cache: each search reads every header again
+        timed("without the index (the matcher reads every header from the object store)", False)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM body_text")
+        for k in range(0, n + 1000, 1000):
+            t = time.perf_counter()
+            got = _search(mb, "quarterly report", True)
+            dt = time.perf_counter() - t
+            assert got == expect
+            print(f"SEARCH with the rows deleted, search {k // 1000 + 1} (catches up 1000): {dt * 1000:.0f} ms")
+        timed("with the index, caught up", True)
+        store.release(mb)
+        store.close()
+    finally:
+        s3.stop()
+        pg.remove()
+    return 0
 
 
 if __name__ == "__main__":

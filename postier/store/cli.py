@@ -1,5 +1,6 @@
 """`postier reindex USER`: rebuild a user's mailbox index from the Maildir, keeping the UIDs its
-journals record (see `store.index`)."""
+journals record (see `store.index`); in cluster mode, rewrite the user's full-text rows
+(store.cluster.fulltext)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from ..cli import CLIError, _config_path
 
     cfg = load_config(_config_path(args))
+    if cfg.cluster.dsn:
+        return _reindex_cluster(args)
     accounts = open_accounts(cfg)
     try:
         for address in args.users:
@@ -42,8 +45,28 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reindex_cluster(args: argparse.Namespace) -> int:
+    """Cluster mode: the mailbox index is PostgreSQL itself (nothing to rebuild); the full-text rows of
+    every body of each user are rewritten (store.cluster.fulltext)."""
+    from ..cli import CLIError
+
+    for address in args.users:
+        accounts, store, user, mb, _home = _open_user(args, address)
+        try:
+            n = mb.rebuild_text_index()
+        except StoreError as exc:
+            raise CLIError(f"{user.address}: {exc}") from None
+        finally:
+            store.release(mb)
+            store.close()
+            accounts.close()
+        print(f"reindexed {user.address}: full-text rows of {n} message bodies rewritten")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("reindex", help="rebuild users' mailbox indexes from their Maildirs (UIDs are kept)")
+    p = sub.add_parser("reindex", help="rebuild users' mailbox indexes from their Maildirs (UIDs are kept); "
+                                       "in cluster mode, their full-text search rows")
     p.add_argument("users", nargs="+", metavar="USER", help="user address")
     p.set_defaults(func=cmd_reindex)
     register_transfer(sub)

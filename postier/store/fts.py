@@ -43,7 +43,8 @@ from pathlib import Path
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
 from .index import parse_file_name
 
-__all__ = ["CATCH_UP", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "searchable"]
+__all__ = ["CATCH_UP", "COLUMNS", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "columns_of", "row_values",
+           "searchable"]
 
 log = logging.getLogger("postier.store")
 
@@ -72,9 +73,19 @@ END;
 """
 
 
-def _row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
+#: The stored text columns, in the order of `row_values` (also cluster mode's, store.cluster.fulltext).
+COLUMNS = ("subject", "hfrom", "hto", "hcc", "hbcc", "leaves", "headers", "inner")
+
+
+def row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
+    """(exact, the COLUMNS' text) of a message: `search_text`, casefolded, chunks joined by CHUNK_SEP."""
     t = search_text(raw)
     return int(t.exact), (*(t.fields[f] for f in INDEXED_FIELDS), t.leaves, t.headers, t.inner)
+
+
+def columns_of(field: str) -> tuple[str, ...]:
+    """The COLUMNS a `searchable` field's text is in."""
+    return (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
 
 
 def searchable(field: str, needle: str) -> bool:
@@ -166,7 +177,7 @@ class TextIndex:
                 if c.execute("SELECT 1 FROM fts.docs WHERE base=?", (base,)).fetchone():
                     continue
                 try:
-                    exact, values = _row_values(raw)
+                    exact, values = row_values(raw)
                 except Exception:  # a message the parser cannot read: the matcher decides
                     log.exception("text index: cannot extract %s", base)
                     continue
@@ -285,7 +296,7 @@ class TextIndex:
     def hits(self, fid: int, field: str, needle: str) -> set[int]:
         """UIDs of the folder whose exact entries' `field` text contains `needle` (`searchable`);
         may name UIDs other programs removed meanwhile (see `_gaps`)."""
-        cols = (_COLUMNS[field],) if field in _COLUMNS else _SCOPES[field]
+        cols = columns_of(field)
         uid_of = self._gaps(fid).uid_of
         needle = needle.casefold()
         # RFC 9051 §6.4.4: case-insensitive substring (both sides casefolded, as message.matching)

@@ -30,6 +30,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     from ...cli import CLIError
     from ..errors import StoreError
+    from .fulltext import VERSION
     from .schema import ensure_schema
     from .store import open_bodies
 
@@ -64,10 +65,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             counts = conn.execute(
                 "SELECT (SELECT count(DISTINCT owner) FROM folders), (SELECT count(*) FROM folders), "
                 "count(*), count(DISTINCT body), coalesce(sum(size), 0) FROM messages").fetchone()
-        assert version is not None and counts is not None
+            text = conn.execute(  # store.cluster.fulltext: rows of the current version, trigram indexes
+                "SELECT (SELECT count(*) FROM body_text WHERE version = %s), "
+                "(SELECT count(*) FROM pg_indexes WHERE tablename = 'body_text' AND indexname LIKE 'body_text_trgm%%')",
+                (VERSION,)).fetchone()
+        assert version is not None and counts is not None and text is not None
         print(f"postgresql: ok (server {version[0]})")
         print(f"  users {counts[0]}, folders {counts[1]}, messages {counts[2]}, bodies {counts[3]}, "
               f"bytes {counts[4]}")
+        print(f"  full-text rows {text[0]} (bodies without one are caught up by searches or `postier reindex`), "
+              f"trigram index: {'yes' if text[1] else 'no (pg_trgm unavailable: searches read the rows)'}")
     except psycopg.errors.UndefinedTable:
         print("postgresql: reachable, but no tables: run `postier cluster init`")
         ok = False

@@ -4,7 +4,8 @@ Every upload first renews its body's row in `bodies` (last_put = now(), its own 
 transaction; `mark`, called by `ClusterMailboxes.append` and the cluster queue). A body is referenced
 by a mailbox message or by a queued message (`queue_messages`). The collector takes, row-locked (`FOR UPDATE SKIP LOCKED`,
 so several nodes may run it at once), bodies that no message refers to and that were last uploaded
-more than `grace` seconds ago, deletes their objects and then their rows in the same transaction.
+more than `grace` seconds ago, deletes their objects and then their rows (and their full-text rows,
+`body_text`) in the same transaction.
 An upload of the same body meanwhile waits on that row lock and then uploads again, so a committed
 message never refers to a deleted object. `grace` must exceed the longest time between an upload
 and the commit of its message (seconds in practice; the default is a day).
@@ -43,6 +44,7 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]], bodies: BodyStore, grace:
                 break
             for digest in found:
                 bodies.delete(digest)
+            conn.execute("DELETE FROM body_text WHERE hash = ANY(%s)", (found,))  # store.cluster.fulltext
             conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))
         total += len(found)
     return total

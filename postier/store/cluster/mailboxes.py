@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import tempfile
 import threading
 import time
@@ -45,8 +46,10 @@ from ..errors import (
 )
 from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
+from ..fts import CATCH_UP, searchable
 from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
+from . import fulltext
 from .bodies import BodyStore
 from .gc import mark
 from .schema import CHANNEL
@@ -58,6 +61,8 @@ FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
+
+log = logging.getLogger("postier.store")
 
 
 @dataclass
@@ -290,8 +295,36 @@ class ClusterMailboxes:
                          (level if due else warned, used if due else low, self.owner))
         return due
 
+    @_op
     def text_search(self, name: str, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]] | None:
-        return None  # no full-text index in cluster mode yet: the matcher reads the messages
+        """The full-text index's answer to each (field, needle) query (as `UserMailbox.text_search`):
+        the UIDs whose text contains the needle among the messages it covers, and the UIDs it does
+        not cover (for the matcher). Up to CATCH_UP bodies of the folder without a row get one first
+        (store.cluster.fulltext)."""
+        if not queries or not all(searchable(f, n) for f, n in queries):
+            return None
+        n = normalize_name(name)
+        with self._tx() as conn:
+            fid = self._state(conn, n).fid
+        try:
+            got = self._text_answer(fid, queries)
+            # bodies without a row (stored before the index): the next CATCH_UP get one, then ask again
+            if got[1] and fulltext.catch_up(self._tx, self.bodies.get, fid, CATCH_UP):
+                got = self._text_answer(fid, queries)
+            return got
+        except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
+            log.warning("full-text search of %s not used: %s", self.owner, exc)
+            return None
+
+    def _text_answer(self, fid: int, queries: Sequence[tuple[str, str]]) -> tuple[list[set[int]], set[int]]:
+        with self._tx() as conn:  # hits and the uncovered UIDs from one snapshot
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return fulltext.answer(conn, fid, queries)
+
+    @_op
+    def rebuild_text_index(self) -> int:
+        """Rewrite the full-text rows of every body of the user (`postier reindex`); returns the count."""
+        return fulltext.rebuild(self._tx, self.bodies.get, self.owner)
 
     def watch_path(self, name: str) -> Path | None:
         return None  # changes arrive by LISTEN/NOTIFY (store.cluster.store.ClusterNotifier)
@@ -499,6 +532,25 @@ class ClusterMailboxes:
         if self._used(conn) + size > limit:
             raise OverQuota("quota exceeded")
 
+    def _put_body(self, data: bytes) -> str:
+        """Store a body (CRLF) and its full-text row; returns its hash. The mark comes first (store.
+        cluster.gc), then the upload, then the text row in its own transaction (store.cluster.
+        fulltext): both are committed before the caller's transaction makes a message refer to the
+        body, so a search never finds a message without its row, and a MULTIAPPEND or an import does
+        not hold every message's text until its commit. A row left by a transaction that then fails
+        belongs to an orphan body and goes with it (`postier cluster gc`)."""
+        digest = self.bodies.digest(data)
+        with self._tx() as conn:
+            mark(conn, digest)
+            known = fulltext.has_row(conn, digest)
+        self.bodies.put(data, digest)
+        if not known:
+            row = fulltext.text_row(digest, data)
+            if row is not None:
+                with self._tx() as conn:
+                    fulltext.write_rows(conn, [row])
+        return digest
+
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
@@ -533,10 +585,7 @@ class ClusterMailboxes:
                 if b"\n" in data.replace(b"\r\n", b""):
                     data = _to_crlf(data)
             bits, kws = names_to_flags(flag_names)
-            digest = self.bodies.digest(data)
-            with self._tx() as conn:
-                mark(conn, digest)  # before the upload (store.cluster.gc)
-            self.bodies.put(data, digest)
+            digest = self._put_body(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, len(data), bits, kws, idate))
         with self._tx() as conn:
@@ -588,11 +637,7 @@ class ClusterMailboxes:
             if b"\n" in data.replace(b"\r\n", b""):
                 data = _to_crlf(data)
             bits, kws = names_to_flags(flag_names)
-            digest = self.bodies.digest(data)
-            with self._tx() as conn:  # renew the body's mark before the upload (see append_many)
-                conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
-                             (digest,))
-            self.bodies.put(data, digest)
+            digest = self._put_body(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((uid, digest, len(data), bits, kws, idate))
         prepared.sort()

@@ -1,4 +1,5 @@
-"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions),
+"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions,
+the full-text rows of bodies: store.cluster.fulltext),
 accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
 (`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import time
 
 import psycopg
+
+from .fulltext import create_index
 
 __all__ = ["ACCOUNTS_LOCK", "CHANNEL", "ensure_schema"]
 
@@ -57,6 +60,19 @@ CREATE TABLE IF NOT EXISTS expunged (
 CREATE TABLE IF NOT EXISTS bodies (
     hash text PRIMARY KEY,
     last_put timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS body_text (
+    hash text PRIMARY KEY,
+    version smallint NOT NULL,
+    exact boolean NOT NULL,
+    subject text NOT NULL,
+    hfrom text NOT NULL,
+    hto text NOT NULL,
+    hcc text NOT NULL,
+    hbcc text NOT NULL,
+    leaves text NOT NULL,
+    headers text NOT NULL,
+    "inner" text NOT NULL
 );
 CREATE TABLE IF NOT EXISTS subscriptions (
     owner text NOT NULL,
@@ -195,6 +211,7 @@ def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:
         for stmt in _DDL.split(";"):
             if stmt.strip():
                 conn.execute(stmt.encode())
+        create_index(conn)  # the trigram index of body_text (store.cluster.fulltext)
         # UIDVALIDITY values start at the current time, as the Maildir store's do, so that a
         # mailbox moved between modes gets a new, larger one (RFC 9051 §2.3.1.1).
         conn.execute("SELECT setval('uidvalidity_seq', greatest(%s, (SELECT last_value FROM uidvalidity_seq)))",
