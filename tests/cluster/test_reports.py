@@ -1,7 +1,8 @@
 """Cluster mode's report stores against a real PostgreSQL: two nodes' TLS recorders counting the same
 domain at once give exact sums; the daily report job run on two nodes at once sends each DMARC and
 TLS report once; reports received by one node are read (and deduplicated) on another, also by
-`postier tls reports` and `postier dmarc reports` of a node that never saw them."""
+`postier tls reports` and `postier dmarc reports` of a node that never saw them; PostgreSQL down
+costs no delivery and counting resumes when it is back."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from postier.queue.mtasts import Policy  # noqa: E402
 from postier.queue.tlsrpt import TLSRecorder  # noqa: E402
 from postier.resolver.fake import FakeResolver  # noqa: E402
 from postier.store.cluster.reports import PGReportStorage  # noqa: E402
+from postier.store.errors import StoreUnavailable  # noqa: E402
 from tests.deliverability.common import make_config  # noqa: E402
 from tests.deliverability.test_reports import FakeQueue, evaluation  # noqa: E402
 
@@ -166,3 +168,17 @@ def test_reports_received_on_one_node_are_read_on_another(tmp_path: Path, pg: Pg
     assert [r["report"]["report-id"] for r in out] == ["rep-1"]
     text = node.cli("dmarc", "reports").stdout
     assert "report agg-1 from Other Org" in text and "5 message(s): 4 pass, 1 fail" in text
+
+
+def test_postgresql_down_costs_no_delivery_and_counting_resumes(pg_own: PgServer) -> None:
+    store = tls_store(pg_own.create_db())
+    rec = TLSRecorder(store, "192.0.2.1", clock=lambda: DAY0)
+    asyncio.run(rec.session(ROUTE, HOST, OK, None))
+    pg_own.stop()
+    with pytest.raises(StoreUnavailable):
+        store.record(SessionResult(TLSPolicy(STS, "b.test")), DAY0)
+    asyncio.run(rec.session(ROUTE, HOST, OK, None))  # logged, not raised: the delivery goes on
+    pg_own.start()
+    asyncio.run(rec.session(ROUTE, HOST, OK, None))  # a new connection
+    assert [n for *_, n in store.pending(DAY0 + DAY)] == [2]
+    store.close()
