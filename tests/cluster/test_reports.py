@@ -32,6 +32,7 @@ from postier.store.cluster.reports import PGReportStorage  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
 from tests.deliverability.common import make_config  # noqa: E402
 from tests.deliverability.test_reports import FakeQueue, evaluation  # noqa: E402
+from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
 from .test_nodes import make_nodes  # noqa: E402
@@ -182,3 +183,39 @@ def test_postgresql_down_costs_no_delivery_and_counting_resumes(pg_own: PgServer
     asyncio.run(rec.session(ROUTE, HOST, OK, None))  # a new connection
     assert [n for *_, n in store.pending(DAY0 + DAY)] == [2]
     store.close()
+
+
+def test_sessions_of_two_real_nodes_are_one_report(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
+    """End to end: a message submitted on each node is delivered to a remote MX; each node records its
+    session into the shared store; `postier tls report-now` on node A sends one report counting both,
+    and on node B then finds nothing left to send."""
+    from tests.dnsserver import DNSServer
+
+    from .test_queue_nodes import BOB, REMOTE, submit, wait_for
+    with DNSServer() as dns:
+        (tmp_path / "mx").mkdir()
+        mx = Instance(tmp_path / "mx", REMOTE, address="127.0.0.4")
+        mx.add_user(BOB, "password123")
+        dns.add(REMOTE, "MX", f"10 {mx.hostname}")
+        dns.add(mx.hostname, "A", "127.0.0.4")
+        dns.add(f"_smtp._tls.{REMOTE}", "TXT", f"v=TLSRPTv1; rua=mailto:{BOB}")
+        a, b = make_nodes(tmp_path, pg.create_db(), s3, 2, extra=(
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {mx.port("smtp")}\n'))
+        try:
+            mx.start()
+            a.start()
+            b.start()
+            for node in (a, b):
+                code, text, _ = submit(node, f"via {node.address}")
+                assert code == 250, (code, text)
+            wait_for(lambda: len(mx.messages(BOB)) == 2, 60, "both messages at the MX")
+            out = a.cli("tls", "report-now").stdout
+            assert f"{REMOTE}: report queued for {BOB}" in out, out
+            [sent] = b.cli("tls", "reports", "--sent").stdout.splitlines()  # the log is shared too
+            ok, _, failed = sent.split("\t")[3].partition(" ok, ")
+            assert int(ok) + int(failed.split()[0]) == 2 and sent.split("\t")[4] == "queued", sent
+            assert "no TLS report to send" in b.cli("tls", "report-now").stdout
+        finally:
+            a.stop()
+            b.stop()
+            mx.stop()
