@@ -98,6 +98,11 @@ class ReportDB:
         with self._lock:
             return self._db.execute(sql, parameters)
 
+    def _rows(self, sql: str, parameters: Any = ()) -> list[Any]:
+        """Every row of a statement, read while the lock is held (the connection is shared)."""
+        with self._lock:
+            return list(self._db.execute(sql, parameters))
+
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self._lock, self.storage.write(self._db):
@@ -109,9 +114,9 @@ class ReportDB:
 
     def claim(self, name: str, until: float, now: float) -> bool:
         """Take the lease `name` until `until`; False while another holder's lease runs (after `now`)."""
-        taken = list(self._execute(  # every row read: SQLite ends the statement (and its write) then
+        taken = self._rows(  # every row read: SQLite ends the statement (and its write) then
             "INSERT INTO report_claim (name, until) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
-            "SET until = excluded.until WHERE report_claim.until < ? RETURNING name", (name, until, now)))
+            "SET until = excluded.until WHERE report_claim.until < ? RETURNING name", (name, until, now))
         return bool(taken)
 
     def release(self, name: str) -> None:

@@ -508,9 +508,9 @@ class ReportStore(ReportDB):
              "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
 
     def pending(self, before: float) -> list[tuple[int, Evaluation]]:
-        rows = list(self._execute(
+        rows = self._rows(
             "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
-            "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,)))
+            "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,))
         out = []
         for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth in rows:
             d, s, reasons = _auth_from(auth)
@@ -531,7 +531,7 @@ class ReportStore(ReportDB):
 
     def sent(self) -> list[tuple[float, str, str, str, int, str]]:
         return [(float(at), domain, report_id, rua, int(n), status) for at, domain, report_id, rua, n, status in
-                self._execute("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY id")]
+                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY id")]
 
     def prune(self, before: float) -> int:
         return self._execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount
@@ -562,11 +562,11 @@ class ReportStore(ReportDB):
             args = (domain,)
         out = []
         with self._lock:
-            reports = list(self._execute(q + " ORDER BY begin, id", args))
+            reports = self._rows(q + " ORDER BY begin, id", args)
             for rid, received, org, email, report_id, begin, end, pol, authed in reports:
-                rows = list(self._execute(
+                rows = self._rows(
                     "SELECT source_ip, count, disposition, dkim, spf, header_from, auth FROM report_row "
-                    f"WHERE report = ? ORDER BY {self.rowid}", (rid,)))
+                    f"WHERE report = ? ORDER BY {self.rowid}", (rid,))
                 rrows = []
                 for ip, count, disp, dkim, spf, hfrom, auth in rows:
                     d, s, reasons = _auth_from(auth)

@@ -428,9 +428,9 @@ class TLSReportStore(ReportDB):
 
     def pending(self, before: float) -> list[tuple[int, int, SessionResult, int]]:
         """(row id, day, outcome, count) of every outcome recorded on a day that began before `before`."""
-        rows = list(self._execute(
+        rows = self._rows(
             "SELECT id, day, domain, policy, result, sending_ip, receiving_mx, receiving_ip, reason, count "
-            "FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY id", (before,)))
+            "FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY id", (before,))
         out = []
         for rid, day, domain, pol, result, sip, rmx, rip, reason, count in rows:
             ptype, strings, mx = json.loads(pol)
@@ -455,8 +455,8 @@ class TLSReportStore(ReportDB):
                                        report.successes, report.failed, status))
 
     def sent(self) -> list[SentTLSReport]:
-        rows = self._execute("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
-                             "ORDER BY id")
+        rows = self._rows("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
+                          "ORDER BY id")
         return [SentTLSReport(*r) for r in rows]
 
     # -- reports others sent us --
@@ -478,13 +478,13 @@ class TLSReportStore(ReportDB):
     def received(self, domain: str | None = None, limit: int = 1000) -> list[ReceivedTLSReport]:
         """Reports received (about `domain`, or any), oldest first, at most the `limit` newest."""
         if domain:
-            rows = list(self._execute(
+            rows = self._rows(
                 "SELECT received, document, authenticated FROM report_in WHERE id IN "
                 "(SELECT report FROM report_domain WHERE domain = ?) ORDER BY start DESC, id DESC LIMIT ?",
-                (domain, limit)))
+                (domain, limit))
         else:
-            rows = list(self._execute("SELECT received, document, authenticated FROM report_in "
-                                      "ORDER BY start DESC, id DESC LIMIT ?", (limit,)))
+            rows = self._rows("SELECT received, document, authenticated FROM report_in "
+                              "ORDER BY start DESC, id DESC LIMIT ?", (limit,))
         out = []
         for received, document, authed in reversed(rows):
             rep = parse_report_json(document.encode())
