@@ -27,10 +27,10 @@ from postier.config import Config, normalize_domain
 from postier.mailauth.keys import ALGORITHMS, KeyError_, State
 from postier.mailauth.records import Status, check_domain, expected_records, key_fingerprint, public_addresses, \
     zone_lines
-from postier.mailauth.reports import ReportStore
 from postier.mailauth.tlsrpt import TLSReportStore, report_json
 from postier.resolver import make_resolver
 from postier.store.accountdb import open_key_store
+from postier.store.reportdb import open_dmarc_reports, open_tls_reports
 from postier.acme.store import tlsa_keys
 
 __all__ = ["register"]
@@ -119,7 +119,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
 
 def cmd_dmarc(args: argparse.Namespace) -> int:
     cfg = base._load(args)
-    store = ReportStore(cfg.data_dir / "dmarc.sqlite")
+    store = open_dmarc_reports(cfg)  # in cluster mode, every node's (store/cluster/reports.py)
     try:
         if args.dmarc_action == "sent":
             for at, to_domain, report_id, rua, messages, status in store.sent():
@@ -177,7 +177,7 @@ def _when(ts: float) -> str:
 
 def cmd_tls(args: argparse.Namespace) -> int:
     cfg = base._load(args)
-    store = TLSReportStore(cfg.data_dir / "tlsrpt.sqlite")
+    store = open_tls_reports(cfg)
     try:
         if args.tls_action == "report-now":
             return _tls_report_now(cfg, store)

@@ -1,7 +1,8 @@
 """DMARC aggregate reports (RFC 7489 §7.2, Appendix C): record results, send daily reports, read others'.
 
 Three parts:
-- `ReportStore`: one SQLite file (`data_dir/dmarc.sqlite`, WAL) with the per-message DMARC results
+- `ReportStore`: one SQLite file (`data_dir/dmarc.sqlite`, WAL; in cluster mode the same tables in
+  PostgreSQL, `reportdb.py`) with the per-message DMARC results
   we recorded, the reports we sent and the reports other receivers sent about our domains;
 - building and sending: `build_reports()` groups the recorded results per policy domain and rua,
   `report_xml()` writes the Appendix C document, `report_message()` the §7.2.1.1 mail with its
@@ -18,8 +19,6 @@ Python DMARC report packages we looked at parse without bounds or pull in heavy 
 
 from __future__ import annotations
 
-from ..durable import use_wal
-
 import datetime
 import gzip
 import io
@@ -27,8 +26,6 @@ import json
 import logging
 import re
 import secrets
-import sqlite3
-import threading
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -43,9 +40,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from postier.durable import ensure_dirs
 from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
 from postier.resolver import AsyncLookup, DNSStatus
+
+from .reportdb import ReportDB, ReportStorage, SQLiteReportStorage
 
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
@@ -435,7 +433,7 @@ CREATE TABLE IF NOT EXISTS report_in (
     report_id TEXT NOT NULL,
     domain TEXT NOT NULL,
     begin INTEGER NOT NULL,
-    end INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
     policy TEXT NOT NULL,
     authenticated INTEGER NOT NULL,
     UNIQUE (org_name, report_id)
@@ -457,7 +455,7 @@ CREATE TABLE IF NOT EXISTS report_out (
     domain TEXT NOT NULL,
     report_id TEXT NOT NULL,
     begin INTEGER NOT NULL,
-    end INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
     rua TEXT NOT NULL,
     messages INTEGER NOT NULL,
     status TEXT NOT NULL
@@ -492,36 +490,27 @@ class ReceivedReport:
     authenticated: bool
 
 
-class ReportStore:
-    """dmarc.sqlite. Thread-safe (one connection behind a lock); every method blocks briefly."""
+class ReportStore(ReportDB):
+    """The DMARC report tables: `dmarc.sqlite`, or another `ReportStorage` (cluster mode's
+    PostgreSQL, where every node records into the same tables). Thread-safe; every method blocks
+    briefly. Each message's result is a row of its own: two nodes recording at once lose nothing."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        ensure_dirs(path.parent)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        use_wal(self._db)
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def __init__(self, db: Path | ReportStorage):
+        self.path = db if isinstance(db, Path) else None
+        super().__init__(SQLiteReportStorage(db, _SCHEMA) if isinstance(db, Path) else db)
 
     def record(self, ev: Evaluation) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO evaluation (at, source_ip, header_from, envelope_from, policy, policy_domain, rua, "
-                "disposition, dkim, spf, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (ev.at, ev.source_ip, ev.header_from, ev.envelope_from, _policy_json(ev.policy), ev.policy.domain,
-                 json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
-                 "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
+        self._execute(
+            "INSERT INTO evaluation (at, source_ip, header_from, envelope_from, policy, policy_domain, rua, "
+            "disposition, dkim, spf, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (ev.at, ev.source_ip, ev.header_from, ev.envelope_from, _policy_json(ev.policy), ev.policy.domain,
+             json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
+             "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
 
     def pending(self, before: float) -> list[tuple[int, Evaluation]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
-                "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,)).fetchall()
+        rows = self._rows(
+            "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
+            "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,))
         out = []
         for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth in rows:
             d, s, reasons = _auth_from(auth)
@@ -530,64 +519,54 @@ class ReportStore:
         return out
 
     def mark_reported(self, ids: Iterable[int]) -> None:
-        with self._lock:
-            self._db.executemany("UPDATE evaluation SET reported = 1 WHERE id = ?", [(i,) for i in ids])
+        with self._write() as db:
+            for i in ids:
+                db.execute("UPDATE evaluation SET reported = 1 WHERE id = ?", (i,))
 
     def log_sent(self, out: OutgoingReport, rua: str, status: str, at: float) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO report_out (at, domain, report_id, begin, end, rua, messages, status) "
-                "VALUES (?,?,?,?,?,?,?,?)", (at, out.report.policy.domain, out.report.report_id, out.report.begin,
-                                             out.report.end, rua, out.report.messages, status))
+        self._execute(
+            'INSERT INTO report_out (at, domain, report_id, begin, "end", rua, messages, status) '
+            "VALUES (?,?,?,?,?,?,?,?)", (at, out.report.policy.domain, out.report.report_id, out.report.begin,
+                                         out.report.end, rua, out.report.messages, status))
 
     def sent(self) -> list[tuple[float, str, str, str, int, str]]:
-        with self._lock:
-            return self._db.execute("SELECT at, domain, report_id, rua, messages, status FROM report_out "
-                                    "ORDER BY id").fetchall()
+        return [(float(at), domain, report_id, rua, int(n), status) for at, domain, report_id, rua, n, status in
+                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY id")]
 
     def prune(self, before: float) -> int:
-        with self._lock:
-            return self._db.execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount
+        return self._execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount
 
     def store_received(self, report: AggregateReport, authenticated: bool, at: float) -> bool:
         """Keep a report someone sent us; False when we have it already (same org and report id)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO report_in (received, org_name, email, report_id, domain, begin, end, "
-                    "policy, authenticated) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (at, report.org_name, report.email, report.report_id, report.policy.domain, report.begin,
-                     report.end, _policy_json(report.policy), int(authenticated)))
-                if cur.rowcount == 0:
-                    self._db.execute("ROLLBACK")
-                    return False
-                rid = cur.lastrowid
-                self._db.executemany(
+        with self._write() as db:
+            got = list(db.execute(
+                'INSERT INTO report_in (received, org_name, email, report_id, domain, begin, "end", policy, '
+                "authenticated) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (org_name, report_id) DO NOTHING RETURNING id",
+                (at, report.org_name, report.email, report.report_id, report.policy.domain, report.begin,
+                 report.end, _policy_json(report.policy), int(authenticated))))
+            if not got:
+                return False
+            for r in report.rows:
+                db.execute(
                     "INSERT INTO report_row (report, source_ip, count, disposition, dkim, spf, header_from, auth) "
                     "VALUES (?,?,?,?,?,?,?,?)",
-                    [(rid, r.source_ip, r.count, r.disposition, r.dkim, r.spf, r.header_from,
-                      _auth_json(r.dkim_auth, r.spf_auth, r.reasons)) for r in report.rows])
-                self._db.execute("COMMIT")
-                return True
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    (got[0][0], r.source_ip, r.count, r.disposition, r.dkim, r.spf, r.header_from,
+                     _auth_json(r.dkim_auth, r.spf_auth, r.reasons)))
+            return True
 
     def received(self, domain: str | None = None) -> list[ReceivedReport]:
+        q = 'SELECT id, received, org_name, email, report_id, begin, "end", policy, authenticated FROM report_in'
+        args: tuple[Any, ...] = ()
+        if domain:
+            q += " WHERE domain = ?"
+            args = (domain,)
+        out = []
         with self._lock:
-            q = ("SELECT id, received, org_name, email, report_id, begin, end, policy, authenticated "
-                 "FROM report_in")
-            args: tuple[Any, ...] = ()
-            if domain:
-                q += " WHERE domain = ?"
-                args = (domain,)
-            reports = self._db.execute(q + " ORDER BY begin, id", args).fetchall()
-            out = []
+            reports = self._rows(q + " ORDER BY begin, id", args)
             for rid, received, org, email, report_id, begin, end, pol, authed in reports:
-                rows = self._db.execute(
+                rows = self._rows(
                     "SELECT source_ip, count, disposition, dkim, spf, header_from, auth FROM report_row "
-                    "WHERE report = ? ORDER BY rowid", (rid,)).fetchall()
+                    f"WHERE report = ? ORDER BY {self.rowid}", (rid,))
                 rrows = []
                 for ip, count, disp, dkim, spf, hfrom, auth in rows:
                     d, s, reasons = _auth_from(auth)

@@ -2,7 +2,8 @@
 
 Three parts, as for DMARC reports (`reports.py`, whose bounded decompression, attachment walker,
 report mail and mailto parsing this module reuses):
-- `TLSReportStore`: one SQLite file (`data_dir/tlsrpt.sqlite`, WAL) with the outcome of each TLS
+- `TLSReportStore`: one SQLite file (`data_dir/tlsrpt.sqlite`, WAL; in cluster mode the same tables
+  in PostgreSQL, `reportdb.py`) with the outcome of each TLS
   session attempt the queue made, aggregated per day, policy and failure detail (so its size is
   bounded by the variety of outcomes, not their number, and capped at MAX_SESSION_ROWS per day),
   the reports we sent and the reports other senders sent about our domains;
@@ -19,22 +20,18 @@ The JSON is written and read with the standard library: the §4.4 schema is smal
 
 from __future__ import annotations
 
-from ..durable import use_wal
-
 import datetime
 import gzip
 import json
 import re
 import secrets
-import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postier.durable import ensure_dirs
 from postier.mailauth.dmarc import normalize_domain
+from postier.mailauth.reportdb import ReportDB, ReportStorage, SQLiteReportStorage
 from postier.mailauth.reports import DAY, ReportError, attachments, decompress, report_mail
 
 __all__ = ["RESULT_TYPES", "STS", "TLSA", "NO_POLICY", "TLSPolicy", "SessionResult", "FailureDetail",
@@ -388,51 +385,52 @@ def _policy_key(p: TLSPolicy) -> str:
     return json.dumps([p.type, list(p.strings), list(p.mx_host)])
 
 
-class TLSReportStore:
-    """tlsrpt.sqlite. Thread-safe (one connection behind a lock); every method blocks briefly.
+class TLSReportStore(ReportDB):
+    """The TLS report tables: `tlsrpt.sqlite`, or another `ReportStorage` (cluster mode's PostgreSQL,
+    where every node counts into the same rows). Thread-safe; every method blocks briefly.
 
-    A recorded outcome is committed in WAL mode with synchronous=NORMAL: it survives a crash of the
-    process, a power cut may lose the last ones (they are statistics, not mail)."""
+    In SQLite a recorded outcome is committed in WAL mode with synchronous=NORMAL: it survives a
+    crash of the process, a power cut may lose the last ones (they are statistics, not mail)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        ensure_dirs(path.parent)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        use_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+    def __init__(self, db: Path | ReportStorage):
+        self.path = db if isinstance(db, Path) else None
+        super().__init__(SQLiteReportStorage(db, _SCHEMA, "NORMAL") if isinstance(db, Path) else db)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    @property
+    def _key(self) -> str:
+        """The unique key of `session` (in PostgreSQL the long columns by their digest: store/cluster/reports.py)."""
+        if self.storage.dialect == "sqlite":
+            return "(day, domain, policy, result, sending_ip, receiving_mx, receiving_ip, reason)"
+        return "(day, domain, md5(policy), result, sending_ip, receiving_mx, receiving_ip, md5(reason))"
 
     # -- outcomes of our own sessions --
 
     def record(self, r: SessionResult, at: float) -> bool:
-        """Count one session outcome; False when the day's bound of distinct outcomes is reached."""
+        """Count one session outcome; False when the day's bound of distinct outcomes is reached.
+        Two processes (or nodes) counting the same outcome at once both count: the row is added to
+        in place (`ON CONFLICT DO UPDATE`), never read and written back. Several counting a new
+        outcome at once may pass the day's bound by one each."""
         key = (int(at // DAY), r.policy.domain, _policy_key(r.policy), r.result, r.sending_ip[:64],
                r.receiving_mx[:255], r.receiving_ip[:64], r.reason[:256])
         with self._lock:
-            cur = self._db.execute(
+            cur = self._execute(
                 "UPDATE session SET count = count + 1 WHERE day=? AND domain=? AND policy=? AND result=? AND "
                 "sending_ip=? AND receiving_mx=? AND receiving_ip=? AND reason=?", key)
             if cur.rowcount:
                 return True
-            (n,) = self._db.execute("SELECT COUNT(*) FROM session WHERE day = ?", (key[0],)).fetchone()
+            (n,) = self._execute("SELECT COUNT(*) FROM session WHERE day = ?", (key[0],)).fetchone()
             if n >= MAX_SESSION_ROWS:
                 return False
-            self._db.execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
-                             "receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,1)", key)
+            self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
+                          f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,1) ON CONFLICT {self._key} "
+                          "DO UPDATE SET count = session.count + 1", key)
             return True
 
     def pending(self, before: float) -> list[tuple[int, int, SessionResult, int]]:
         """(row id, day, outcome, count) of every outcome recorded on a day that began before `before`."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, day, domain, policy, result, sending_ip, receiving_mx, receiving_ip, reason, count "
-                "FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY id", (before,)).fetchall()
+        rows = self._rows(
+            "SELECT id, day, domain, policy, result, sending_ip, receiving_mx, receiving_ip, reason, count "
+            "FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY id", (before,))
         out = []
         for rid, day, domain, pol, result, sip, rmx, rip, reason, count in rows:
             ptype, strings, mx = json.loads(pol)
@@ -442,62 +440,51 @@ class TLSReportStore:
 
     def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
         """Subtract what a report covered ((row id, count) pairs): outcomes counted meanwhile stay."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("UPDATE session SET count = count - ? WHERE id = ?", [(n, i) for i, n in taken])
-            self._db.execute("DELETE FROM session WHERE count <= 0")
-            self._db.execute("COMMIT")
+        with self._write() as db:
+            for rid, n in taken:
+                db.execute("UPDATE session SET count = count - ? WHERE id = ?", (n, rid))
+            db.execute("DELETE FROM session WHERE count <= 0")
 
     def prune(self, before: float) -> int:
-        with self._lock:
-            return self._db.execute("DELETE FROM session WHERE (day + 1) * 86400 < ?", (before,)).rowcount
+        return self._execute("DELETE FROM session WHERE (day + 1) * 86400 < ?", (before,)).rowcount
 
     def log_sent(self, report: TLSReport, rua: str, status: str, at: float) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO report_out (at, domain, report_id, rua, successes, failures, status) "
-                "VALUES (?,?,?,?,?,?,?)", (at, report.domains[0] if report.domains else "", report.report_id, rua,
-                                           report.successes, report.failed, status))
+        self._execute(
+            "INSERT INTO report_out (at, domain, report_id, rua, successes, failures, status) "
+            "VALUES (?,?,?,?,?,?,?)", (at, report.domains[0] if report.domains else "", report.report_id, rua,
+                                       report.successes, report.failed, status))
 
     def sent(self) -> list[SentTLSReport]:
-        with self._lock:
-            rows = self._db.execute("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
-                                    "ORDER BY id").fetchall()
+        rows = self._rows("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
+                          "ORDER BY id")
         return [SentTLSReport(*r) for r in rows]
 
     # -- reports others sent us --
 
     def store_received(self, report: TLSReport, authenticated: bool, at: float) -> bool:
         """Keep a report someone sent us; False when we have it already (same organization and report id)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO report_in (received, org_name, report_id, start, document, authenticated) "
-                    "VALUES (?,?,?,?,?,?)", (at, report.org_name, report.report_id, report.start,
-                                             report_json(report).decode(), int(authenticated)))
-                if cur.rowcount == 0:
-                    self._db.execute("ROLLBACK")
-                    return False
-                self._db.executemany("INSERT INTO report_domain (report, domain) VALUES (?,?)",
-                                     [(cur.lastrowid, d) for d in report.domains])
-                self._db.execute("COMMIT")
-                return True
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write() as db:
+            got = list(db.execute(
+                "INSERT INTO report_in (received, org_name, report_id, start, document, authenticated) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (org_name, report_id) DO NOTHING RETURNING id",
+                (at, report.org_name, report.report_id, report.start, report_json(report).decode(),
+                 int(authenticated))))
+            if not got:
+                return False
+            for d in report.domains:
+                db.execute("INSERT INTO report_domain (report, domain) VALUES (?,?)", (got[0][0], d))
+            return True
 
     def received(self, domain: str | None = None, limit: int = 1000) -> list[ReceivedTLSReport]:
         """Reports received (about `domain`, or any), oldest first, at most the `limit` newest."""
-        with self._lock:
-            if domain:
-                rows = self._db.execute(
-                    "SELECT received, document, authenticated FROM report_in WHERE id IN "
-                    "(SELECT report FROM report_domain WHERE domain = ?) ORDER BY start DESC, id DESC LIMIT ?",
-                    (domain, limit)).fetchall()
-            else:
-                rows = self._db.execute("SELECT received, document, authenticated FROM report_in "
-                                        "ORDER BY start DESC, id DESC LIMIT ?", (limit,)).fetchall()
+        if domain:
+            rows = self._rows(
+                "SELECT received, document, authenticated FROM report_in WHERE id IN "
+                "(SELECT report FROM report_domain WHERE domain = ?) ORDER BY start DESC, id DESC LIMIT ?",
+                (domain, limit))
+        else:
+            rows = self._rows("SELECT received, document, authenticated FROM report_in "
+                              "ORDER BY start DESC, id DESC LIMIT ?", (limit,))
         out = []
         for received, document, authed in reversed(rows):
             rep = parse_report_json(document.encode())

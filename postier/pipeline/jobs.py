@@ -23,6 +23,7 @@ from ..mailauth import tlsrpt
 from ..mailauth.reports import (
     DAY, KEEP_DAYS, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
 )
+from ..mailauth.reportdb import ReportDB
 from ..mailauth.tlsrpt import TLSReportStore
 from ..message.types import Enqueuer, Envelope, MessageBody
 from ..queue.spool import TLS_REPORT_ROLE
@@ -34,6 +35,7 @@ __all__ = ["Clock", "ReportJob", "Sleep"]
 log = logging.getLogger("postier.dmarc")
 
 Clock = Callable[[], float]
+CLAIM_LEASE = 3600.0  # seconds a report run holds its claim at most (longer than any run)
 Sleep = Callable[[float], Awaitable[Any]]
 
 
@@ -43,7 +45,8 @@ class ReportJob:
     (with `tls`).
 
     Each run (at 00:00 UTC) reports every result recorded before that midnight, then forgets
-    results older than KEEP_DAYS. A report whose destination cannot be checked (DNS trouble) or
+    results older than KEEP_DAYS. A run holds its store's claim while it sends (`_claimed`): in
+    cluster mode every node runs the job on the shared store and one of them sends each report. A report whose destination cannot be checked (DNS trouble) or
     queued (the queue failed) stays pending for the next run.
     """
 
@@ -74,7 +77,31 @@ class ReportJob:
             sent += await self.send_tls(now, int(now // DAY * DAY))
         return sent
 
+    async def _claimed(self, store: ReportDB, name: str, now: float,
+                       run: Callable[[], Awaitable[list[tuple[str, str]]]]) -> list[tuple[str, str]]:
+        """`run` under the store's claim `name`: with the store shared (cluster mode) the job may
+        run on every node at once; the one that takes the claim reads what is due and sends it, and
+        subtracts it before it lets go, so another node's run (then, or later) finds it done."""
+        if not await asyncio.to_thread(store.claim, name, now + CLAIM_LEASE, now):
+            log.info("%s: another process is sending these reports now", name)
+            return []
+        try:
+            return await run()
+        finally:
+            await asyncio.to_thread(store.release, name)
+
     async def send_dmarc(self, now: float) -> list[tuple[str, str]]:
+        """DMARC aggregate reports (RFC 7489 §7.2) of the results recorded before midnight."""
+        assert self.store is not None
+        return await self._claimed(self.store, "dmarc", now, lambda: self._send_dmarc(now))
+
+    async def send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
+        """TLS reports (RFC 8460 §4) of the outcomes recorded before `end` (midnight; `now` to report
+        today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record."""
+        assert self.tls is not None
+        return await self._claimed(self.tls, "tlsrpt", now, lambda: self._send_tls(now, end))
+
+    async def _send_dmarc(self, now: float) -> list[tuple[str, str]]:
         assert self.store is not None
         end = int(now // DAY * DAY)
         pending = await asyncio.to_thread(self.store.pending, end)
@@ -113,9 +140,7 @@ class ReportJob:
         await asyncio.to_thread(self.store.prune, now - KEEP_DAYS * DAY)
         return sent
 
-    async def send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
-        """TLS reports (RFC 8460 §4) of the outcomes recorded before `end` (midnight; `now` to report
-        today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record."""
+    async def _send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
         assert self.tls is not None
         store = self.tls
         pending = await asyncio.to_thread(store.pending, end)

@@ -1,7 +1,7 @@
 """Mail authentication at the MX: SPF (RFC 7208), DKIM (RFC 6376, RFC 8463), DMARC (RFC 7489, RFC 9989), RFC 8601.
 
 `InboundAuth` is the `InboundCheck` the MX runs (wired in server/app.py `build_app`, with the shared
-resolver and, with `[mailauth] dmarc`, the report store `data_dir/dmarc.sqlite`).
+resolver and, with `[mailauth] dmarc`, the report store `data_dir/dmarc.sqlite`, in cluster mode PostgreSQL).
 
 What happens to one message on port 25:
 1. MAIL FROM: SPF for the MAIL FROM identity and for HELO, kept in `env.auth`. SPF "fail" alone

@@ -56,6 +56,7 @@ from ..store.accountdb import open_accounts, open_key_store
 from ..store.delivery import LocalDelivery
 from ..store.mailbox import MailStore, on_delivery
 from ..store.sieve import SieveStorage
+from ..store.reportdb import open_dmarc_reports, open_tls_reports
 from . import notify, privileges, reload, sockets, stats
 from .base import ListenerSet, ProtocolSession, Session
 from .imap import IMAPSession
@@ -206,7 +207,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
     srs = SRS(load_secret(config.data_dir / "srs.key"))  # forwarded mail's sender (aliases, redirect)
     # TLS reporting (RFC 8460): the queue records each session's TLS outcome, the MX keeps reports
     # others send to our `_smtp._tls` rua, the report job sends ours.
-    tls_reports = TLSReportStore(config.data_dir / "tlsrpt.sqlite")
+    tls_reports = open_tls_reports(config)  # in cluster mode, the tables every node shares
     queue = Queue(config, accounts, mda, resolver, srs=srs, metrics=metrics,
                   tls_reports=tls_reports if config.tlsrpt.record else None, spool=spool)
     metrics.watch(queue=queue.spool.summary, data_dir=config.data_dir)  # read at scrape time
@@ -221,7 +222,7 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         if not worker.primary:
             queue.remote_runner = lambda: bus.send(b"Q", to=0)
     # Mail authentication: the inbound checks of port 25, the DKIM signer of submission, DMARC reports.
-    dmarc_reports = ReportStore(config.data_dir / "dmarc.sqlite") if config.mailauth.dmarc else None
+    dmarc_reports = open_dmarc_reports(config) if config.mailauth.dmarc else None
     # Spam defence at the MX (postier/antispam): DNS lists before the greeting, then after mail
     # authentication the built-in checks, greylisting and Rspamd; decisions kept for `postier why`.
     a = config.antispam

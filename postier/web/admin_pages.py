@@ -24,8 +24,9 @@ from aiohttp import web
 from ..acme.store import CertStore, certificate_files, tlsa_keys
 from ..antispam.verdicts import Verdict
 from ..store.accountdb import open_key_store
+from ..store.reportdb import open_dmarc_reports
 from ..mailauth.records import Finding, Record, check_domain, expected_records, public_addresses
-from ..mailauth.reports import ReceivedReport, ReportStore
+from ..mailauth.reports import ReceivedReport
 from ..message.types import User
 from ..queue.cluster import open_spool
 from ..queue.spool import QUEUED, Attempt, MessageInfo, QueueSpool, RecipientState, valid_id
@@ -208,11 +209,14 @@ class AdminPages:
     async def dmarc(self, request: web.Request, s: WebSession, user: User) -> web.StreamResponse:
         """Received aggregate reports: pass/fail per day and source, and a bar chart of the days."""
         path = self.config.data_dir / "dmarc.sqlite"
+        shared = self.web.services.dmarc_reports  # None with `[mailauth] dmarc` off
 
         def gather() -> list[ReceivedReport]:
-            if not path.exists():
+            if shared is not None:  # the server's store (in cluster mode every node's reports)
+                return shared.received()
+            if not self.config.cluster.dsn and not path.exists():
                 return []
-            store = ReportStore(path)
+            store = open_dmarc_reports(self.config)
             try:
                 return store.received()
             finally:

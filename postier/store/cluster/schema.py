@@ -19,7 +19,8 @@ from .fulltext import create_index
 
 __all__ = ["ACCOUNTS_LOCK", "CHANNEL", "ensure_schema"]
 
-#: LISTEN/NOTIFY channel of mailbox changes; the payload is "owner\x1ffolder".
+#: LISTEN/NOTIFY channel of mailbox changes; the payload is "owner\x1ffolder" (a folder's messages), or
+#: "owner\x1fkey\x1forigin" for a names change (store.py `ClusterNotifier._publish`).
 CHANNEL = "postier_mail"
 
 _LOCK_KEY = 0x706F7374  # pg_advisory_xact_lock: one node creates the schema at a time

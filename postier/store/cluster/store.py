@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,9 @@ __all__ = ["ClusterDelivery", "ClusterNotifier", "ClusterStore", "maildrop_key",
 
 log = logging.getLogger("postier.cluster")
 
+_NAMES_SEP = "\x1e"  # a NUL of a names key, in a NOTIFY payload (PostgreSQL text holds no NUL)
+_OUTBOX = 1000  # names changes waiting to be sent to the other nodes
+
 #: maildir(5) info letters -> IMAP system flags
 _LETTER_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
@@ -56,6 +60,11 @@ class ClusterNotifier(ChangeNotifier):
         self.retry = retry
         self.listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: this notifier's mark on the names changes it sends (its own come back to it: skipped)
+        self.origin = secrets.token_hex(8)
+        self._outbox: asyncio.Queue[str] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self.forward = self._publish
 
     def start(self) -> None:
         """Begin listening (needs a running event loop; again after `close` is a no-op)."""
@@ -77,10 +86,14 @@ class ClusterNotifier(ChangeNotifier):
                     self.listening.set()
                     if lost:  # changes made while we were not listening: let every watcher look
                         for key in list(self._watchers):
-                            self.notify(*key)
+                            self.local(*key)
                     async for n in conn.notifies():
                         owner, _, folder = n.payload.partition("\x1f")
-                        self.notify(owner, folder)
+                        folder, names, origin = folder.partition("\x1f")
+                        if not names:  # a folder's messages changed (mailboxes.py, at commit)
+                            self.local(owner, folder)
+                        elif origin != self.origin:  # a names change made on another node
+                            self.local(owner, folder.replace(_NAMES_SEP, "\x00"))
             except (psycopg.Error, OSError) as exc:
                 if not lost:
                     log.warning("cluster: change notifications lost (%s); reconnecting", exc)
@@ -88,9 +101,50 @@ class ClusterNotifier(ChangeNotifier):
             lost = True
             await asyncio.sleep(self.retry)
 
+    def _publish(self, address: str, key: str) -> None:
+        """`forward`: a names change made by a session of this node (created, deleted, renamed,
+        (un)subscribed: the NAMES key, a rename with both names) goes to every other node, so that
+        their NOTIFY sessions send what a session here gets, a rename as one LIST with OLDNAME
+        (RFC 5465 §5.4, RFC 5258 §3.4), not a deletion and a creation. Message changes are not sent
+        here: mailboxes.py announces them in the transaction that makes them. Sent after the change
+        is committed (the session calls this once the store call returned), in order, on a
+        connection of its own; a payload holds no NUL (mailbox names hold no control character)."""
+        if not key.startswith("\x00"):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(maxsize=_OUTBOX)
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send(self._outbox))
+        with contextlib.suppress(asyncio.QueueFull):  # PostgreSQL unreachable for long: dropped
+            self._outbox.put_nowait(f"{address}\x1f{key.replace(chr(0), _NAMES_SEP)}\x1f{self.origin}")
+
+    async def _send(self, outbox: asyncio.Queue[str]) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                payload = await outbox.get()
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("cluster: a mailbox names change was not sent to the other nodes (%s)", exc)
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                await conn.close()
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
         super().close()
 
 
