@@ -1,4 +1,5 @@
-"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions),
+"""The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions,
+the parsed-view cache `body_views` of store/cluster/cache.py),
 accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
 (`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import time
 
 import psycopg
+
+from .cache import DDL as _VIEWS_DDL
 
 __all__ = ["ACCOUNTS_LOCK", "CHANNEL", "ensure_schema"]
 
@@ -133,6 +136,7 @@ CREATE TABLE IF NOT EXISTS queue_sends (
 );
 CREATE INDEX IF NOT EXISTS queue_sends_owner ON queue_sends (owner, time);
 """
+_DDL += _VIEWS_DDL  # body_views: parsed views by body hash (store/cluster/cache.py)
 
 # Accounts (postier/accounts.py's tables, store/cluster/accounts.py) and DKIM keys (mailauth/keys.py):
 # every node reads them here. `account_version` is bumped by every account write (the nodes'
