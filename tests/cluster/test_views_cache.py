@@ -1,14 +1,17 @@
 """Cluster mode's shared parsed-view cache (store/cluster/cache.py) against a real PostgreSQL and S3
 server (moto): views computed on one node are read on another without the object store, a COPY
 finds the same rows, two nodes storing one view at once, the collector removing them, and the same
-FETCH answers with and without the cache over the message-view test corpus."""
+FETCH answers with and without the cache over the message-view test corpus; and the same through
+two running nodes over IMAP."""
 
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +32,8 @@ from tests.imap.test_message_views import COMMENTS, NUL_MESSAGE, QP_MESSAGE  # n
 from tests.message import corpus  # noqa: E402
 from tests.message.test_dovecot_diff import CORPUS  # noqa: E402
 
-from .conftest import PgServer  # noqa: E402
+from .conftest import PgServer, S3Server  # noqa: E402
+from .test_nodes import _nodes, imap  # noqa: E402
 from .test_store import ALICE, msg  # noqa: E402
 
 ITEMS = b"(UID BODYSTRUCTURE ENVELOPE BODY)"
@@ -173,3 +177,41 @@ def test_cache_failures_never_fail_a_fetch(pg_own: PgServer, bodies_factory: Cal
         assert any("not cached" in r.getMessage() for r in caplog.records)
         with pytest.raises(StoreUnavailable):  # as every read of the index
             a.cache_get("INBOX", [1], "env2")
+
+
+def _fetch_views(c: imaplib.IMAP4) -> list[object]:
+    typ, data = c.fetch("1:*", "(BODYSTRUCTURE ENVELOPE)")
+    assert typ == "OK", data
+    return list(data)
+
+
+def test_fetch_on_node_b_with_the_object_store_stopped_after_node_a(tmp_path: Path, pg: PgServer) -> None:
+    """Two `postier serve` nodes: FETCH BODYSTRUCTURE ENVELOPE on A caches the views; with the object
+    store stopped, B (which never read a body) answers the same from PostgreSQL, also after a COPY."""
+    own = S3Server()
+    a, b = _nodes(tmp_path, pg.create_db(), own)
+    try:
+        c = imap(a)
+        try:
+            raws = [corpus.ALTERNATIVE, corpus.NESTED, corpus.ATTACHMENT, corpus.DIGEST, COMMENTS, QP_MESSAGE]
+            for raw in raws:
+                assert c.append("INBOX", None, None, raw)[0] == "OK"
+            c.select("INBOX")
+            on_a = _fetch_views(c)
+        finally:
+            c.logout()
+        own.stop()
+        c = imap(b)
+        try:
+            assert c.select("INBOX")[1] == [str(len(raws)).encode()]
+            assert _fetch_views(c) == on_a
+            _typ, data = c.fetch("1", "(BODY.PEEK[])")  # the object store is really out of reach:
+            assert not any(isinstance(d, tuple) for d in data), data  # no body comes back
+            assert c.create("Copies")[0] == "OK" and c.copy("1:*", "Copies")[0] == "OK"
+            c.select("Copies")
+            assert _fetch_views(c) == on_a
+        finally:
+            c.logout()
+    finally:
+        a.stop()
+        b.stop()
