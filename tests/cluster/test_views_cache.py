@@ -158,6 +158,34 @@ def test_gc_removes_the_views_of_the_bodies_it_collects(pg: PgServer, bodies_fac
         assert view_rows(dsn) == [] and a.cache_get("INBOX", [2], "small") == {}
 
 
+def test_a_view_stored_while_its_body_is_collected_leaves_no_row(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore], caplog: pytest.LogCaptureFixture) -> None:
+    """The interleaving the foreign key is for: the collector holds the body's row and deletes it;
+    a cache_put that already saw the row waits on that lock, then fails its check: no orphan row."""
+    dsn = pg.create_db()
+    with node(dsn, bodies_factory()) as a, psycopg.connect(dsn) as collector:
+        a.append("INBOX", msg("raced"))
+        digest = a.rows("INBOX", [1])[1].base
+        collector.execute("SELECT hash FROM bodies WHERE hash=%s FOR UPDATE", (digest,))  # as gc.collect
+        collector.execute("DELETE FROM bodies WHERE hash=%s", (digest,))
+        with caplog.at_level(logging.WARNING, logger="postier.cluster"):
+            putter = threading.Thread(target=a.cache_put, args=("INBOX", [(1, "env2", b"view")]))
+            putter.start()
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                for _ in range(600):  # until the INSERT waits on the collector's row lock (bounded)
+                    if watch.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE 'INSERT INTO body_views%%'").fetchone():
+                        break
+                    putter.join(0.05)
+                else:
+                    pytest.fail("the cache_put never waited on the collector")
+            collector.commit()
+            putter.join(30)
+        assert not putter.is_alive()
+        assert any("not cached" in r.getMessage() for r in caplog.records)
+        assert view_rows(dsn) == []
+
+
 def test_cache_failures_never_fail_a_fetch(pg_own: PgServer, bodies_factory: Callable[[], BodyStore],
                                            caplog: pytest.LogCaptureFixture) -> None:
     dsn = pg_own.create_db()
