@@ -17,6 +17,7 @@ BENCHMARKS = {
     "cluster": "bench.cluster_bench",
     "cluster-accounts": "bench.cluster_accounts_bench",
     "cluster-reports": "bench.cluster_reports_bench",
+    "cluster-views": "bench.cluster_views",
 }
 
 

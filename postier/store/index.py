@@ -51,7 +51,7 @@ from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
 __all__ = [
-    "FLAG_ANSWERED", "FLAG_DELETED", "FLAG_DRAFT", "FLAG_FLAGGED", "FLAG_SEEN", "INDEX_NAME",
+    "CACHE_ITEM_LIMIT", "FLAG_ANSWERED", "FLAG_DELETED", "FLAG_DRAFT", "FLAG_FLAGGED", "FLAG_SEEN", "INDEX_NAME",
     "KEYWORDS_FILE", "SYSTEM_FLAGS", "UIDLIST_NAME", "FolderRow", "MessageRow",
     "SyncResult", "UserIndex", "encode_suffix", "flags_to_names", "names_to_flags", "parse_file_name",
 ]
@@ -134,6 +134,9 @@ CREATE TABLE IF NOT EXISTS cache (
     PRIMARY KEY (folder, uid, kind)
 ) WITHOUT ROWID;
 """
+#: The largest cached view (ENVELOPE, BODYSTRUCTURE...) kept, here and in cluster mode's shared
+#: cache (store/cluster/cache.py); a larger one (a message of some hundreds of parts) is recomputed.
+CACHE_ITEM_LIMIT = 64 * 1024
 _MAX_TOMBS = 50_000  # per folder; older tombstones are dropped and tomb_floor records how far
 
 
@@ -1001,10 +1004,10 @@ class UserIndex:
         return out
 
     def cache_put(self, fid: int, items: Sequence[tuple[int, str, bytes]]) -> None:
-        if items:
+        keep = [(fid, u, k, d) for u, k, d in items if len(d) <= CACHE_ITEM_LIMIT]
+        if keep:
             with self.tx() as c:
-                c.executemany("INSERT OR REPLACE INTO cache(folder, uid, kind, data) VALUES (?, ?, ?, ?)",
-                              [(fid, u, k, d) for u, k, d in items])
+                c.executemany("INSERT OR REPLACE INTO cache(folder, uid, kind, data) VALUES (?, ?, ?, ?)", keep)
 
     def copy_cache(self, src_fid: int, dst_fid: int, pairs: Sequence[tuple[int, int]]) -> None:
         with self.tx() as c:

@@ -353,3 +353,12 @@ def test_pop3_api(store: MailStore) -> None:
     msgs = store.open_inbox(USER)
     assert [m.uid for m in msgs] == [1] and msgs[0].path.name.endswith(":2,S")
     assert store.message_bytes(USER, 1) == MSG
+
+
+def test_view_cache_keeps_views_up_to_the_bound(mb: UserMailbox) -> None:
+    from postier.store.index import CACHE_ITEM_LIMIT
+    deliver(mb)
+    mb.snapshot("INBOX")
+    big, small = b"x" * (CACHE_ITEM_LIMIT + 1), b"x" * CACHE_ITEM_LIMIT
+    mb.cache_put("INBOX", [(1, "big", big), (1, "small", small)])  # a larger view is recomputed, not kept
+    assert mb.cache_get("INBOX", [1], "big") == {} and mb.cache_get("INBOX", [1], "small") == {1: small}

@@ -50,6 +50,7 @@ from ..fts import CATCH_UP, searchable
 from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from . import fulltext
+from . import cache as views
 from .bodies import BodyStore
 from .gc import mark
 from .schema import CHANNEL
@@ -61,6 +62,7 @@ FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
+log = logging.getLogger("postier.cluster")
 
 log = logging.getLogger("postier.store")
 
@@ -474,11 +476,27 @@ class ClusterMailboxes:
     def internal_date(self, name: str, row: MessageRow) -> int:
         return row.idate or 0
 
+    @_op
     def cache_get(self, name: str, uids: Sequence[int], kind: str) -> dict[int, bytes]:
-        return {}  # no parsed-structure cache in cluster mode yet (docs/scaling.md)
+        """Parsed views shared by every node, keyed by body hash (store.cluster.cache). PostgreSQL
+        out of reach is StoreUnavailable, as for the rows; a missing table is an empty cache."""
+        try:
+            with self._tx() as conn:
+                return views.get(conn, self._state(conn, name).fid, uids, kind)
+        except psycopg.errors.UndefinedTable as exc:
+            log.warning("cluster: parsed-view cache not readable: %s", exc)
+            return {}
 
     def cache_put(self, name: str, items: Sequence[tuple[int, str, bytes]]) -> None:
-        return None
+        """Best effort: a view not stored is computed again, so no failure here fails the FETCH."""
+        if not items:
+            return
+        with self.lock:
+            try:
+                with self._tx() as conn:
+                    views.put(conn, self._state(conn, name).fid, items)
+            except (psycopg.Error, psycopg_pool.PoolTimeout, StoreError) as exc:
+                log.warning("cluster: parsed views of %s not cached: %s", self.owner, exc)
 
     def flush_meta(self) -> None:
         return None

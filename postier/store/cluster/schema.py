@@ -1,5 +1,5 @@
 """The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions,
-the full-text rows of bodies: store.cluster.fulltext),
+the full-text rows of bodies: store.cluster.fulltext; the parsed-view cache `body_views` of store/cluster/cache.py),
 accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
 (`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
 
@@ -16,6 +16,7 @@ import time
 import psycopg
 
 from .fulltext import create_index
+from .cache import DDL as _VIEWS_DDL
 
 __all__ = ["ACCOUNTS_LOCK", "CHANNEL", "ensure_schema"]
 
@@ -150,6 +151,7 @@ CREATE TABLE IF NOT EXISTS queue_sends (
 );
 CREATE INDEX IF NOT EXISTS queue_sends_owner ON queue_sends (owner, time);
 """
+_DDL += _VIEWS_DDL  # body_views: parsed views by body hash (store/cluster/cache.py)
 
 # Accounts (postier/accounts.py's tables, store/cluster/accounts.py) and DKIM keys (mailauth/keys.py):
 # every node reads them here. `account_version` is bumped by every account write (the nodes'
