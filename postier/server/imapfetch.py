@@ -39,7 +39,7 @@ from ..proto.imap.search import (
 )
 from ..proto.imap.seqset import SequenceSet
 from ..store.api import FlagTable, Mailboxes
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
 __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
@@ -204,6 +204,8 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                         else:
                             data = partial(data, a.partial)
                             items.append((a.response_name, Literal8(data) if b"\x00" in data else Literal(data)))
+        except StoreUnavailable:  # the storage is out of reach (cluster mode): NO [UNAVAILABLE], not "expunged"
+            raise
         except StoreError:
             out.missing += 1
             continue
@@ -241,6 +243,8 @@ def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], r
             continue
         try:
             data = mb.read(name, row)
+        except StoreUnavailable:
+            raise
         except StoreError:
             out.missing += 1
             continue
@@ -558,6 +562,8 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
         try:
             if evaluate(key, _View(mb, name, seq, row, need, uid >= recent_from, heads.get(uid)), ctx):
                 out.append((seq, uid, row.modseq))
+        except StoreUnavailable:
+            raise
         except StoreError:
             continue
     mb.flush_meta()

@@ -469,6 +469,10 @@ def test_object_store_down_means_4xx_and_unavailable_never_ok(tmp_path: Path, pg
             typ, data = c.append("INBOX", None, None, b"Subject: lost?\r\n\r\nx\r\n")
             assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (typ, data)
             assert c.select("INBOX")[1] == [b"1"]  # the index is there; nothing was added
+            # the body is only on the stopped object store (B never read it): not "expunged meanwhile"
+            for what in ("(BODY.PEEK[])", "(BODY.PEEK[HEADER] BODYSTRUCTURE)"):
+                typ, data = c.fetch("1", what)
+                assert typ == "NO" and b"[UNAVAILABLE]" in data[0], (what, typ, data)
         finally:
             c.logout()
         with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
