@@ -416,13 +416,18 @@ class Queue:
         msg = job.msg
         data: bytes | Path
         if msg.size > MEMORY_DATA_LIMIT:
-            data = await self._io(self.spool.source, msg.id)  # streamed from the spool file
+            # streamed from the spool file (in cluster mode from a download of the body into a file)
+            data = await self._io(self.spool.source, msg.id)
+            try:
+                results = await transact(session, msg, job.states, data)
+            finally:
+                await self._io(self.spool.release_source, data)
         else:
             if job.data is None:
                 await self._read_ahead(job)
             data = job.data if job.data is not None else await self._io(self.spool.read_file, msg.id)
             job.data = None
-        results = await transact(session, msg, job.states, data)
+            results = await transact(session, msg, job.states, data)
         if any(r.fate is Fate.DELIVERED for r in results):
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):

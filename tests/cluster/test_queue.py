@@ -313,6 +313,52 @@ def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Cal
     run(main())
 
 
+def test_a_large_message_is_sent_from_a_download_that_is_then_removed(tmp_path: Path,
+                                                                     stores: Callable[[], Any]) -> None:
+    """A message above the runner's in-memory limit (runner.MEMORY_DATA_LIMIT) is streamed from the
+    object store into a file under the spool's `tmp_dir` and sent from it in chunks, as a spool file
+    is; the MX gets every byte, and the file is gone once the attempt is over (a leftover of a crash
+    goes at the next start, `recover`)."""
+    from postier.queue.cluster import ClusterSpool
+    from postier.queue.runner import MEMORY_DATA_LIMIT
+
+    async def main() -> None:
+        mx = FakeMX([MX_IP])
+        downloads = tmp_path / "cluster-send"
+        sent_from: list[Any] = []
+
+        class Recording(ClusterSpool):
+            def source(self, msg_id: str) -> Any:
+                sent_from.append(super().source(msg_id))
+                return sent_from[-1]
+
+        sa = Recording(stores(), LEASE, node="node-a", tmp_dir=downloads)
+        async with queue_env(tmp_path / "a", mx, spool=sa) as a:
+            a.dns.add("b.test", "MX", "10 mx.b.test")
+            a.dns.add("mx.b.test", "A", MX_IP)
+            sa.clock = a.clock.time
+            line = b"x" * 998 + b"\r\n"
+            body = b"From: <alice@a.test>\r\nTo: <bob@b.test>\r\nSubject: large\r\n\r\n" + line * (
+                MEMORY_DATA_LIMIT // len(line) + 200)
+            mid = queue_id()
+            size = await asyncio.to_thread(sa.write_file, mid, b"", body)
+            assert size > MEMORY_DATA_LIMIT
+            info = MessageInfo(mid, "alice@a.test", a.clock.time(), size)
+            await asyncio.to_thread(sa.run, [sa.op_insert(info, [RecipientSpec("bob@b.test")], a.clock.time())])
+            got = await asyncio.to_thread(sa.source, mid)  # what the runner sends from
+            assert isinstance(got, Path) and got.parent == downloads and got.read_bytes() == body
+            await asyncio.to_thread(sa.release_source, got)
+            assert list(downloads.iterdir()) == []
+            (downloads / "left-by-a-crash").write_bytes(b"x")
+            await asyncio.to_thread(sa.recover)
+            assert list(downloads.iterdir()) == []
+            assert await a.queue.run_once() == 1
+            assert [d.data for d in mx.delivered] == [body]
+            assert len(sent_from) == 2 and isinstance(sent_from[1], Path)  # the runner's was a download too
+            assert list(downloads.iterdir()) == [] and await asyncio.to_thread(sa.count) == 0
+    run(main())
+
+
 class PausingSpool:
     """Makes a `ClusterSpool` whose DSN sender stops after reading what is owed until the other
     node has recorded its own bounce and lost the claim of the DSN: the interleaving in which a
