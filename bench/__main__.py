@@ -16,6 +16,7 @@ BENCHMARKS = {
     "webmail": "bench.webmail_bench",
     "cluster": "bench.cluster_bench",
     "cluster-accounts": "bench.cluster_accounts_bench",
+    "cluster-send": "bench.cluster_send_rss",
 }
 
 

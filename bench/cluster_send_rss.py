@@ -9,7 +9,7 @@ its RSS just before the send (everything imported and connected; the peak counte
 message cost. `--tree DIR` runs the child on another checkout of
 postier (e.g. `git archive` of an earlier commit), to compare before and after a change.
 
-    .venv/bin/python bench/cluster_send_rss.py [--size 20] [--tree DIR]
+    .venv/bin/python -m bench cluster-send [--size 20] [--tree DIR]
 """
 
 from __future__ import annotations
