@@ -83,7 +83,8 @@ class ClusterSpool:
     """The queue of every node of a cluster (thread-safe: each call takes a pooled connection)."""
 
     def __init__(self, store: ClusterStore, lease: float = 300.0, node: str | None = None,
-                 clock: Callable[[], float] = time.time, owns_store: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, owns_store: bool = False,
+                 tmp_dir: Path | None = None) -> None:
         import psycopg
         import psycopg_pool
 
@@ -94,6 +95,8 @@ class ClusterSpool:
         self.node = node or node_id()
         self.clock = clock
         self.owns_store = owns_store  # `postier queue`: closing the spool closes the store it opened
+        #: where large messages are downloaded to be sent (`source`); None: they are read into memory
+        self.tmp_dir = tmp_dir
         self._down: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError,
                                                    psycopg_pool.PoolTimeout)
         #: PostgreSQL rolled the transaction back for another's sake (a deadlock between two nodes'
@@ -214,7 +217,27 @@ class ClusterSpool:
             return b""
 
     def source(self, msg_id: str) -> bytes | Path:
-        return self.read_file(msg_id)  # large messages too: bounded by the message size limit
+        """What a large message is sent from: its body streamed from the object store into a file
+        of its own under `tmp_dir`, which the runner then reads in chunks as it reads a spool file
+        (memory bounded whatever the size) and hands back to `release_source`."""
+        if self.tmp_dir is None:
+            return self.read_file(msg_id)
+        digest = self._digests([msg_id]).get(msg_id)
+        if digest is None:
+            raise FileNotFoundError(f"no such message in the queue: {msg_id}")
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{msg_id}.{secrets.token_hex(6)}"
+        try:
+            self.bodies.download(digest, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def release_source(self, source: bytes | Path) -> None:
+        """The runner is done with what `source` returned: its downloaded file goes."""
+        if isinstance(source, Path) and self.tmp_dir is not None and source.parent == self.tmp_dir:
+            source.unlink(missing_ok=True)
 
     def remove_file(self, msg_id: str) -> None:
         with self._lock:
@@ -448,7 +471,11 @@ class ClusterSpool:
 
     def recover(self) -> tuple[int, int]:
         """Nothing to repair after a crash: uploads without rows are the collector's, and the leases
-        of a dead process run out by themselves."""
+        of a dead process run out by themselves. Downloads a crash left in `tmp_dir` are removed
+        (the runner recovers at its start, before it sends anything)."""
+        if self.tmp_dir is not None and self.tmp_dir.is_dir():
+            for leftover in self.tmp_dir.iterdir():
+                leftover.unlink(missing_ok=True)
         return 0, 0
 
 

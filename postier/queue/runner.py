@@ -68,6 +68,7 @@ READ_AHEAD = 32  # spool files read per worker-thread hand-off...
 READ_AHEAD_BYTES = 4 * 1024 * 1024  # ...and bytes
 DOMAIN_CACHE_TTL = 30.0
 STOP_GRACE = 10.0
+DSN_ROUNDS = 5  # rounds of `send_dsns` for DSNs recorded by other nodes meanwhile
 
 
 @dataclass
@@ -415,13 +416,18 @@ class Queue:
         msg = job.msg
         data: bytes | Path
         if msg.size > MEMORY_DATA_LIMIT:
-            data = await self._io(self.spool.source, msg.id)  # streamed from the spool file
+            # streamed from the spool file (in cluster mode from a download of the body into a file)
+            data = await self._io(self.spool.source, msg.id)
+            try:
+                results = await transact(session, msg, job.states, data)
+            finally:
+                await self._io(self.spool.release_source, data)
         else:
             if job.data is None:
                 await self._read_ahead(job)
             data = job.data if job.data is not None else await self._io(self.spool.read_file, msg.id)
             job.data = None
-        results = await transact(session, msg, job.states, data)
+            results = await transact(session, msg, job.states, data)
         if any(r.fate is Fate.DELIVERED for r in results):
             fault_point("queue.after_remote_ok")  # the remote MX said 250, the queue does not know yet
         if session.closed or any(r.fate is Fate.DEFERRED and not r.remote for r in results):
@@ -582,20 +588,45 @@ class Queue:
                  delay, o.tls or "none", state, o.reply, "; removed" if removed else "")
 
     async def send_dsns(self, msg_id: str) -> None:
-        """Send the DSN a message owes (one for all its recipients that owe one), then clean up."""
-        if self._inflight.get(msg_id):
-            return  # the last job of this message sends it
-        if not await self._read(self.spool.claim_dsn, msg_id, self.clock.time()):
-            return  # another node is sending it (a shared queue)
-        msg = await self._read(self.spool.message, msg_id)
-        if msg is None:
-            return
-        owed = [s for s in await self._read(self.spool.recipients, msg_id) if s.dsn]
-        if not owed:
-            return
+        """Send the DSNs a message owes (one per round for all its recipients that owe one), then clean up.
+
+        In a shared queue another node can record a recipient that owes a DSN while this node holds
+        the duty (`claim_dsn`): that node's claim fails and it leaves the DSN to the holder. So the
+        holder looks again after handing the duty back (a committed read, later than the other
+        node's failed claim, sees its recipient) and takes another round if anything is owed; a
+        node recording after the hand-back wins the claim itself. The rounds are bounded: what is
+        left is found by the periodic `owing_dsn` scan."""
+        for _ in range(DSN_ROUNDS):
+            if self._inflight.get(msg_id):
+                return  # the last job of this message sends it
+            if not await self._read(self.spool.claim_dsn, msg_id, self.clock.time()):
+                return  # another node is sending it (a shared queue)
+            msg = await self._read(self.spool.message, msg_id)
+            if msg is None:
+                return
+            owed = [s for s in await self._read(self.spool.recipients, msg_id) if s.dsn]
+            if owed and not await self._send_dsn(msg, owed):
+                return  # the duty stays claimed until its lease runs out; `owing_dsn` finds it
+            warned = any(s.dsn == "delayed" for s in owed)
+            # also hands the duty back when nothing was owed (it would block other nodes for a lease)
+            done = self.spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
+            finish = self.spool.op_finish(msg_id)
+
+            def op(conn: Any, done: Op[None] = done, finish: Op[bool | Removed] = finish) -> bool | Removed:
+                done(conn)
+                return finish(conn)
+
+            if await self._db(op):
+                log.info("%s: removed", msg_id)
+                return
+            if not any(s.dsn for s in await self._read(self.spool.recipients, msg_id)):
+                return
+
+    async def _send_dsn(self, msg: MessageInfo, owed: list[RecipientState]) -> bool:
+        """Queue the DSN about `owed` (none to the null sender); False if it could not be queued."""
         if msg.sender:
             want = max(HEADER_LIMIT, FULL_LIMIT + 1) if msg.ret == "FULL" else HEADER_LIMIT
-            head = await self._io(self.spool.read_head, msg_id, want)
+            head = await self._io(self.spool.read_head, msg.id, want)
             now = self.clock.time()
             recips = []
             for s in owed:
@@ -612,21 +643,12 @@ class Queue:
                 dsn_id = await self.store(sender="", recipients=[RecipientSpec(msg.sender, "NEVER")], prefix=b"",
                                           body=dsn.data, eightbit=dsn.eightbit, smtputf8=dsn.smtputf8)
             except Exception:
-                log.exception("%s: could not queue the DSN (will try again)", msg_id)
-                return
-            log.info("%s: sender non-delivery notification: %s (%s)", msg_id, dsn_id,
+                log.exception("%s: could not queue the DSN (will try again)", msg.id)
+                return False
+            log.info("%s: sender non-delivery notification: %s (%s)", msg.id, dsn_id,
                      ",".join(sorted({s.dsn for s in owed})))
         self.stats["dsn"] += 1
-        warned = any(s.dsn == "delayed" for s in owed)
-        done = self.spool.op_dsn_done(msg_id, [s.address for s in owed], warned)
-        finish = self.spool.op_finish(msg_id)
-
-        def op(conn: Any) -> bool | Removed:
-            done(conn)
-            return finish(conn)
-
-        if await self._db(op):
-            log.info("%s: removed", msg_id)
+        return True
 
     # -- life cycle -------------------------------------------------------------------------------
 

@@ -195,7 +195,8 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         from ..queue.cluster import ClusterSpool
         from ..store.cluster.store import open_cluster
         mailstore, mda = open_cluster(config, metrics)
-        spool = ClusterSpool(mailstore, config.cluster.queue_lease)  # the queue every node shares
+        # the queue every node shares; large messages are downloaded into the spool directory to be sent
+        spool = ClusterSpool(mailstore, config.cluster.queue_lease, tmp_dir=config.spool_dir / "cluster-send")
         sieve_storage = mailstore.sieve_storage(config.sieve.max_scripts, config.sieve.max_script_size)
         mda.listeners.append(QuotaWarnings(config, mda).on_delivery)  # 80 % / 95 %, state in PostgreSQL
     else:

@@ -96,7 +96,8 @@ def _open_user(args: argparse.Namespace, address: str) -> tuple[Accounts, Any, A
         from .cluster.store import open_store
         store = open_store(cfg, workers=1)
     else:
-        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders, workers=1)
+        # the user lock file of a server's workers (`[server] workers`): an import excludes their sessions
+        store = MailStore(cfg.mail_root, cfg.mailbox.special_use_folders, workers=1, shared=True)
     try:
         mb = store.acquire(user)
         mb.ensure_defaults()

@@ -952,6 +952,35 @@ class UserIndex:
                 lst[e[1]].add(e[0] + e[2])
         return modseq, uids
 
+    def import_messages(self, row: FolderRow, path: Path, uidvalidity: int, uidnext: int,
+                        entries: Sequence[tuple[int, str, int, str, int, str, int, int | None, int | None]]) -> int:
+        """Index files already placed (and fsynced) in a folder that never held a message, under the
+        UIDVALIDITY and UIDs they had in another store: (uid, base, sub, suffix, flags, keywords,
+        size, idate, lf), UIDs ascending and below `uidnext`. The journal is rewritten first
+        (atomically, its directory fsynced) with the new UIDVALIDITY, UIDNEXT and every UID, so that
+        a rebuilt index keeps them (`attach_folder`: the journal's UIDVALIDITY wins over the row's);
+        then one transaction changes the folder's row and inserts the messages. Returns the MODSEQ.
+        The caller holds the user lock and has checked that the folder is unused (UIDNEXT 1)."""
+        modseq = _new_modseq(row.highestmodseq)
+        n = write_journal(path, uidvalidity, uidnext, modseq, row.special_use, [(e[0], e[1]) for e in entries])
+        fsync_dir(path)  # the journal's rename is durable before the index says anything
+        with self.tx() as c:
+            last = c.execute("SELECT value FROM meta WHERE key='last_uidvalidity'").fetchone()
+            if not last or last[0] < uidvalidity:  # RFC 9051 §2.3.1.1: later folders go above it
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_uidvalidity', ?)", (uidvalidity,))
+            c.executemany(
+                "INSERT INTO msgs(folder, uid, base, sub, suffix, flags, keywords, modseq, size, idate, lf)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(row.id, *e[:6], modseq, *e[6:]) for e in entries])
+            # not \Recent (RFC 3501 §2.3.2): they were seen in the store they come from
+            c.execute("UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, recent_uid=?, trusted=0,"
+                      " journal_lines=? WHERE id=?", (uidvalidity, uidnext, modseq, uidnext, n, row.id))
+        lst = self._listing.get(row.id)
+        if lst is not None:
+            for e in entries:
+                lst[e[2]].add(e[1] + e[3])
+        return modseq
+
     def remove_messages(self, row: FolderRow, rows: Sequence[MessageRow]) -> int:
         """Drop index rows (files already gone) with tombstones for QRESYNC; returns the modseq.
         The unlinks are durable (the caller fsynced the directories): the commit needs no fsync of

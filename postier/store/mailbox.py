@@ -1205,8 +1205,110 @@ class UserMailbox:
 
     def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
                          messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
-        """Not offered here (False: the importer appends, new UIDs); cluster mode keeps them."""
-        return False
+        """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
+        dovecot-uidlist), so clients need not resynchronise (RFC 9051 §2.3.1.1: the triple of name,
+        UIDVALIDITY and UID still names the same message). Only into a folder that never held a
+        message (UIDNEXT 1, no file in new/ or cur/): otherwise False, with nothing changed, and the
+        caller appends instead (nothing is consumed when that is known before the first message).
+
+        As APPEND does, each message is written and fsynced in tmp/ (with its internal date) before
+        the user lock is taken; under the lock, after checking again that the folder is unused, the
+        files are renamed into cur/ with their flags, cur/ is fsynced, the journal is rewritten with
+        the new UIDVALIDITY, UIDNEXT (at least the highest UID + 1) and every UID, and the index
+        commits (`UserIndex.import_messages`). A delivery or APPEND meanwhile waits for the lock (a
+        delivered file that lands in new/ is indexed by the next sync), so its UID comes after the
+        imported ones. All or none: a failed rename takes the others back out."""
+        n = normalize_name(name)
+        if not 0 < uidvalidity < 2**32 or not self._unused(n):
+            return False
+        spooled: list[tuple[int, SpoolFile, Sequence[str]]] = []
+        seen: set[int] = set()
+        try:
+            for uid, data, flag_names, internal_date in messages:
+                if not 0 < uid < 2**32 - 1 or uid in seen:
+                    raise StoreError(f"bad or repeated UID {uid} in the import")
+                seen.add(uid)
+                names_to_flags(flag_names)  # InvalidKeyword before anything is placed
+                spool = self.spool()
+                spooled.append((uid, spool, flag_names))
+                spool.write(data)  # (bare LF becomes CRLF as it is written)
+                spool.sync(internal_date if internal_date is not None else time.time())
+                if spool.failed is not None:
+                    raise StoreError(f"message not stored: {spool.failed}")
+            spooled.sort(key=lambda m: m[0])
+            nxt = max(uidnext, spooled[-1][0] + 1 if spooled else 1)
+            if nxt > 2**32 - 1:
+                raise StoreLimit("no UIDs left in this mailbox")
+            return self._import_spooled(n, uidvalidity, nxt, spooled)
+        finally:
+            for _uid, spool, _flags in spooled:
+                spool.discard()  # (nothing to do for a delivered one)
+
+    @_locked
+    def _unused(self, n: str) -> bool:
+        """The folder exists and never held a message (UIDNEXT 1, no file in new/ or cur/)."""
+        if not self._exists(n):
+            raise MailboxNotFound("no such mailbox")
+        st = self._open(n, force=True)  # indexes any file delivered meanwhile
+        if st.uidnext != 1 or st.uids:
+            return False
+        for sub in ("new", "cur"):  # a file that landed after that sync
+            with os.scandir(st.path / sub) as it:
+                if any(not e.name.startswith(".") for e in it):
+                    return False
+        return True
+
+    @_locked
+    def _import_spooled(self, n: str, uidvalidity: int, uidnext: int,
+                        messages: Sequence[tuple[int, SpoolFile, Sequence[str]]]) -> bool:
+        """`import_with_uids`'s part under the lock: (UID, spooled and fsynced file, flag names)."""
+        if not self._unused(n):
+            return False
+        st = self.states[n]
+        row = self.index.folder(n)
+        assert row is not None
+        wanted: list[str] = []
+        flags: list[tuple[int, list[str]]] = []
+        for _uid, _spool, flag_names in messages:
+            bits, kws = names_to_flags(flag_names)
+            flags.append((bits, kws))
+            wanted += kws
+        row = self.index.add_keywords(row, st.path, dict.fromkeys(wanted))
+        folder = "" if n == INBOX else st.path.name
+        drafts: list[MaildirDraft] = []
+        published: list[str] = []
+        entries: list[tuple[int, str, int, str, int, str, int, int | None, int | None]] = []
+        try:
+            try:
+                for _uid, spool, _flags in messages:
+                    draft = MaildirDraft.adopt(st.path, spool)
+                    drafts.append(draft)
+                    # RFC 9208 §4.1: over the quota, nothing is stored (reserved until indexed below)
+                    quota.reserve(self.index.conn, self.user.quota, draft.name, folder, spool.size, self.root)
+                    draft.sync()
+                for draft, (uid, spool, _flags), (bits, kws) in zip(drafts, messages, flags, strict=True):
+                    kws = self.index.canonical_keywords(row, kws)
+                    # into cur/ (":2," and the flags): seen by clients in the store they come from
+                    suffix = encode_suffix("", bits, kws, row.keywords)
+                    draft.publish(suffix)
+                    published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
+                    entries.append((uid, draft.name, 1, suffix, bits, " ".join(kws), spool.size, spool.mtime, 0))
+                fsync_folder(st.path, ("cur",))
+            except BaseException:  # all or nothing: take back the ones already in the folder
+                for d in drafts[len(published):]:
+                    d.discard()
+                for path in published:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                for d in drafts:
+                    quota.release(self.index.conn, d.name)
+                raise
+        except (DeliveryError, OSError) as exc:
+            raise StoreError(f"message not stored: {exc}") from exc
+        self.index.import_messages(row, st.path, uidvalidity, uidnext, entries)
+        self.states.pop(n, None)  # a new UIDVALIDITY: a new state
+        self._open(n)
+        return True
 
     # -- POP3 (RFC 1939) -------------------------------------------------------------------
 

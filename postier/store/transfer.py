@@ -3,8 +3,8 @@
 Everything goes through the mail-store interface (`store.api.Mailboxes`): an imported message is
 appended like an IMAP APPEND (durable before it counts), with its flags, keywords and internal date.
 A Maildir folder with a `dovecot-uidlist` (an export's, or Dovecot's) imported into a folder that
-never held mail keeps its UIDVALIDITY and UIDs where the store offers it (cluster mode's
-`import_with_uids`): the round trip between the modes is then UID-exact.
+never held mail keeps its UIDVALIDITY and UIDs (`Mailboxes.import_with_uids`, in both modes): the
+round trip between the modes is then UID-exact.
 
 Import is resumable and idempotent. A state database in the user's home
 (`postier-import.sqlite`) records, per source and folder, the SHA-256 of every message copied, and
@@ -394,7 +394,7 @@ def read_uidlist(folder: Path) -> tuple[int, int, dict[str, int]] | None:
 def _restore_uids(mb: Mailboxes, state: ImportState, source: str, target: str, folder: Path, files: list[Path],
                   keywords: dict[str, str], seen: dict[str, int], stats: Stats, progress: Progress) -> list[Path]:
     """Import the messages a dovecot-uidlist names with their UIDs and the folder's UIDVALIDITY, when
-    the store can (`Mailboxes.import_with_uids`: cluster mode, into a folder that never held mail).
+    the store can (`Mailboxes.import_with_uids`: into a folder that never held mail).
     Returns the files still to append (all of them when it could not)."""
     listed = read_uidlist(folder)
     if listed is None:

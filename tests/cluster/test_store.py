@@ -586,3 +586,45 @@ def test_quota_warnings_once_per_crossing(store: ClusterStore, tmp_path: object)
         assert mda.quota_warning_due(ALICE) is None
     finally:
         mda.close()
+
+
+def test_export_then_import_into_the_maildir_store_keeps_uids(mb: ClusterMailboxes, tmp_path: object) -> None:
+    """Cluster -> Maildir (dovecot-uidlist) -> the single-machine store (a user moved out of the
+    cluster): the same UIDVALIDITY, UIDs (gaps included), UIDNEXT, flags, keywords, dates and bytes,
+    and the next APPEND continues after them."""
+    from pathlib import Path
+
+    from postier.store.mailbox import MailStore
+    from postier.store.transfer import ImportState, export_maildir, import_maildir
+    root = Path(str(tmp_path))
+    for n in range(5):
+        mb.append("INBOX", msg(n), ["\\Seen", "$Work"] if n == 1 else [], 1_600_000_000 + n)
+    mb.append("INBOX", msg(1), ["\\Flagged"])  # the same body again (uid 6): two files in the export
+    mb.store("INBOX", [2, 4], "+FLAGS", ["\\Deleted"])
+    mb.expunge("INBOX")
+    mb.create("Work")
+    mb.copy("INBOX", [1, 3], "Work")
+    export_maildir(mb, root / "out")
+    single = MailStore(root / "mail")
+    other = single.acquire(ALICE)
+    try:
+        other.ensure_defaults()
+        state = ImportState(root / "state.sqlite")
+        try:
+            assert import_maildir(other, root / "out", state).copied == 6
+        finally:
+            state.close()
+        for name in ("INBOX", "Work"):
+            want, got = mb.snapshot(name), other.snapshot(name)
+            assert (got.uidvalidity, list(got.uids), got.uidnext) == (want.uidvalidity, list(want.uids),
+                                                                     want.uidnext), name
+            w, g = mb.rows(name, want.uids), other.rows(name, got.uids)
+            for uid in want.uids:
+                assert (g[uid].flag_names, other.internal_date(name, g[uid]), g[uid].size) == (
+                    w[uid].flag_names, w[uid].idate, w[uid].size)
+                assert other.read(name, g[uid]) == mb.read(name, w[uid])
+        assert list(other.snapshot("INBOX").uids) == [1, 3, 5, 6]
+        assert other.append("INBOX", msg("next"))[1] == 7
+    finally:
+        single.release(other)
+        single.close()

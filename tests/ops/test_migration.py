@@ -218,3 +218,43 @@ def test_mbox_and_maildir_round_trip(target: Instance, tmp_path: Path) -> None:
     assert final_crlf(u["INBOX"]) == final_crlf(v["INBOX"]) and u["Old"] == v["Old"]
     assert sum(1 for a, b in zip(sorted(u["INBOX"]), sorted(v["INBOX"]), strict=True) if a != b) <= 1
     assert any("Work" in m[0] for m in v["Old"])
+
+
+def _by_uid(folder: Path) -> tuple[str, dict[int, tuple[str, bytes]]]:
+    """An exported folder: (its dovecot-uidlist header without the GUID, {uid: (flag letters, bytes)})."""
+    lines = (folder / "dovecot-uidlist").read_text().splitlines()
+    files = {f.name.partition(":2,")[0]: f for f in (folder / "cur").iterdir()}
+    out = {}
+    for line in lines[1:]:
+        uid, _, base = line.partition(" :")
+        f = files[base]
+        out[int(uid)] = (f.name.partition(":2,")[2], f.read_bytes())
+    return " ".join(w for w in lines[0].split() if not w.startswith("G")), out
+
+
+def test_maildir_export_then_import_into_a_new_user_is_uid_exact(target: Instance, tmp_path: Path) -> None:
+    """single-machine -> Maildir -> single-machine (another user): the same UIDVALIDITY, UIDNEXT and
+    UIDs (gaps included) with the same flags and bytes; a second import copies nothing."""
+    src = tmp_path / "src"
+    write_maildir(src, "INBOX", [(m, fl, 1_600_000_000 + i) for i, (m, fl) in
+                                 enumerate(zip(MESSAGES[:4], ["S", "FS", "", "RT"], strict=True))])
+    write_maildir(src, "Old", [(MESSAGES[4], "a", 1_600_001_000)], keywords=["Work"])
+    target.cli("import", "maildir", str(src), "--into", "u@d.test")  # no uidlist: UIDs 1..n
+    mbox_dir = tmp_path / "mbox"
+    target.cli("export", "u@d.test", "--mbox", str(mbox_dir))  # (reads every folder: they exist)
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    target.cli("export", "u@d.test", "--maildir", str(out1))
+    # a gap: UID 2 of INBOX left out of the export, as if expunged before it
+    head, *rest = (out1 / "dovecot-uidlist").read_text().splitlines()
+    gone = next(line for line in rest if line.startswith("2 :")).partition(" :")[2]
+    next(f for f in (out1 / "cur").iterdir() if f.name.startswith(gone)).unlink()
+    (out1 / "dovecot-uidlist").write_text("\n".join([head, *(x for x in rest if not x.startswith("2 :"))]) + "\n")
+    r = target.cli("import", "maildir", str(out1), "--into", "v@d.test")
+    assert "4 messages copied" in r.stdout, r.stdout
+    r = target.cli("import", "maildir", str(out1), "--into", "v@d.test")
+    assert "0 messages copied" in r.stdout, r.stdout
+    target.cli("export", "v@d.test", "--maildir", str(out2))
+    for folder in (Path(""), Path(".Old")):
+        first, second = _by_uid(out1 / folder), _by_uid(out2 / folder)
+        assert first == second, folder
+    assert sorted(_by_uid(out2)[1]) == [1, 3, 4] and "N5" in _by_uid(out2)[0]

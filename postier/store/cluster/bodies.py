@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -97,6 +98,30 @@ class BodyStore:
             self.client.delete_object(Bucket=self.bucket, Key=body_key(digest))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+
+    def download(self, digest: str, dest: Path, chunk: int = 256 << 10) -> int:
+        """Write a body into the new file `dest`, `chunk` bytes at a time from the GET's streaming
+        body (memory bounded by `chunk`, whatever the body's size), checking its SHA-256 against its
+        key on the way; returns its size. The file is for reading back at once, not durable (no
+        fsync); on failure the caller removes it."""
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=body_key(digest))
+            with open(dest, "xb") as out:
+                for piece in got["Body"].iter_chunks(chunk):
+                    sha.update(piece)
+                    out.write(piece)
+                    size += len(piece)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise MessageGone("message body missing from the object store") from exc
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        if sha.hexdigest() != digest:
+            raise StoreUnavailable(f"object store returned other bytes for body {digest[:12]}")
+        return size
 
     def get(self, digest: str, limit: int | None = None) -> bytes:
         """A body's bytes (the first `limit` only, if given)."""
