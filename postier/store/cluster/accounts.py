@@ -19,6 +19,7 @@ connection is made again at its next use.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import threading
 from collections.abc import Iterator
@@ -240,4 +241,9 @@ def open_key_store(config: Config) -> ClusterKeyStore:
 
 @functools.lru_cache(maxsize=4)
 def _key_store(dsn: str, timeout: float) -> ClusterKeyStore:
-    return ClusterKeyStore(dsn, timeout)
+    store = ClusterKeyStore(dsn, timeout)
+    # Closed at exit while its pool's threads still run: left to the pool's finalizer, each thread is
+    # waited for (5 s) after the interpreter has stopped running threads, 15-20 s for every process
+    # that used a key (`postier dkim list`, a node's shutdown).
+    atexit.register(store.close)
+    return store
