@@ -56,7 +56,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import normalize_domain
-from .durable import ensure_dirs, fsync_dir, use_wal
+from .durable import ensure_dirs, fsync_dir, immediate, use_wal
 from .message.types import AccountError, User
 from .proto.sasl import ScramCredentials, scram_credentials_from_password
 
@@ -167,14 +167,9 @@ class SQLiteStorage:
 
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        assert isinstance(conn, sqlite3.Connection)
+        with immediate(conn):
             yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
     def data_version(self, conn: Connection) -> int:
         return int(conn.execute("PRAGMA data_version").fetchone()[0])

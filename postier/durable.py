@@ -20,12 +20,13 @@ directories, bringing back the bug this module fixes, so that the power-cut test
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -215,6 +216,20 @@ def forget(path: StrPath) -> None:
 def is_known(path: StrPath) -> bool:
     """True once `path` was made durable by this process (for tests)."""
     return _abs(path) in _known
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an autocommit SQLite connection: BEGIN IMMEDIATE takes the write
+    lock at once (no upgrade deadlock between two readers turned writers), COMMIT on success,
+    ROLLBACK on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def use_wal(conn: sqlite3.Connection, pragma: str = "journal_mode", tries: int = 50) -> None:

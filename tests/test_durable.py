@@ -157,3 +157,19 @@ def test_together_runs_every_step_at_once_and_raises_the_first_error(tmp_path: P
         durable.together([boom, lambda: durable.fsync_dir(dirs[0])])
     assert synced == [str(dirs[0])]
     durable.together([])  # nothing to do
+
+
+def test_immediate_commits_or_rolls_back(tmp_path: Path) -> None:
+    import sqlite3
+
+    from postier.durable import immediate
+
+    conn = sqlite3.connect(tmp_path / "t.sqlite", isolation_level=None)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    with immediate(conn):
+        conn.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(RuntimeError), immediate(conn):
+        conn.execute("INSERT INTO t VALUES (2)")
+        raise RuntimeError("taken back")
+    assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+    assert not conn.in_transaction

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..accounts import Connection, Cursor
-from ..durable import ensure_dirs, use_wal
+from ..durable import ensure_dirs, immediate, use_wal
 
 __all__ = ["CLAIM_SCHEMA", "ReportDB", "ReportStorage", "SQLiteReportStorage"]
 
@@ -70,14 +70,9 @@ class SQLiteReportStorage:
 
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        assert isinstance(conn, sqlite3.Connection)
+        with immediate(conn):
             yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
 
 class ReportDB:

@@ -982,13 +982,7 @@ class UserMailbox:
                     draft.publish(suffix)
                     published.append(f"{draft.dest_dir}/{draft.name}{suffix}")
             except BaseException:  # all or nothing: take back the ones already in the folder
-                for d in drafts[len(published):]:
-                    d.discard()
-                for path in published:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                for d in drafts:
-                    quota.release(self.index.conn, d.name)
+                self._take_back(drafts, published)
                 raise
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc
@@ -1203,6 +1197,17 @@ class UserMailbox:
                 else:
                     os.unlink(target)
 
+    def _take_back(self, drafts: Sequence[MaildirDraft], published: Sequence[str]) -> None:
+        """All or nothing: discard the drafts not yet in the folder, remove the files that are
+        (`published`, in the drafts' order), and release every draft's quota reservation."""
+        for d in drafts[len(published):]:
+            d.discard()
+        for path in published:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for d in drafts:
+            quota.release(self.index.conn, d.name)
+
     def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
                          messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
         """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
@@ -1295,13 +1300,7 @@ class UserMailbox:
                     entries.append((uid, draft.name, 1, suffix, bits, " ".join(kws), spool.size, spool.mtime, 0))
                 fsync_folder(st.path, ("cur",))
             except BaseException:  # all or nothing: take back the ones already in the folder
-                for d in drafts[len(published):]:
-                    d.discard()
-                for path in published:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                for d in drafts:
-                    quota.release(self.index.conn, d.name)
+                self._take_back(drafts, published)
                 raise
         except (DeliveryError, OSError) as exc:
             raise StoreError(f"message not stored: {exc}") from exc

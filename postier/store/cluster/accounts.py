@@ -100,6 +100,21 @@ class _PGConnection:
                     raise StoreUnavailable(_DOWN) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @contextmanager
+    def transaction(self, down: str = _DOWN) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction on a live connection (made again if it was lost before it began); a
+        connection lost during it is StoreUnavailable(down) (the storages' `write`)."""
+        self.execute("SELECT 1")
+        raw = self.raw()
+        try:
+            with raw.transaction():
+                self.in_transaction = True
+                yield raw
+        except _LOST as exc:
+            raise StoreUnavailable(down) from exc
+        finally:
+            self.in_transaction = False
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -123,18 +138,10 @@ class PGAccountStorage:
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
         assert isinstance(conn, _PGConnection)
-        conn.execute("SELECT 1")  # a live connection (made again if it was lost) before the transaction
-        raw = conn.raw()
-        try:
-            with raw.transaction():
-                conn.in_transaction = True
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (ACCOUNTS_LOCK,))
-                yield
-                raw.execute("UPDATE account_version SET n = n + 1")  # the other nodes' caches
-        except _LOST as exc:
-            raise StoreUnavailable(_DOWN) from exc
-        finally:
-            conn.in_transaction = False
+        with conn.transaction() as raw:
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (ACCOUNTS_LOCK,))
+            yield
+            raw.execute("UPDATE account_version SET n = n + 1")  # the other nodes' caches
 
     def data_version(self, conn: Connection) -> int:
         row = conn.execute("SELECT n FROM account_version").fetchone()

@@ -27,8 +27,7 @@ from ...accounts import Connection
 from ...config import Config
 from ...mailauth.reports import ReportStore
 from ...mailauth.tlsrpt import TLSReportStore
-from ..errors import StoreUnavailable
-from .accounts import _LOST, _PGConnection, _Schema
+from .accounts import _PGConnection, _Schema
 
 __all__ = ["PGReportStorage", "open_dmarc_reports", "open_tls_reports"]
 
@@ -184,16 +183,8 @@ class PGReportStorage:
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
         assert isinstance(conn, _PGConnection)
-        conn.execute("SELECT 1")  # a live connection (made again if it was lost) before the transaction
-        raw = conn.raw()
-        try:
-            with raw.transaction():
-                conn.in_transaction = True
-                yield
-        except _LOST as exc:
-            raise StoreUnavailable(_DOWN) from exc
-        finally:
-            conn.in_transaction = False
+        with conn.transaction(_DOWN):
+            yield
 
 
 def open_dmarc_reports(config: Config) -> ReportStore:
