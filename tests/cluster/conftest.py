@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,14 @@ def bodies_factory(s3: S3Server) -> Callable[[], object]:
         b.ensure_bucket()
         return b
     return make
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Any]]:
+    """Two started cluster nodes sharing `pg` (a fresh database) and `s3` (test_nodes.py `_nodes`)."""
+    from .test_nodes import _nodes
+
+    ns = _nodes(tmp_path, pg.create_db(), s3)
+    yield ns
+    for n in ns:
+        n.stop()

@@ -10,7 +10,6 @@ import poplib
 import smtplib
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,14 +67,6 @@ def _nodes(root: Path, dsn: str, s3: S3Server, count: int = 2) -> list[Instance]
     for inst in nodes:
         inst.start()
     return nodes
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Instance]]:
-    ns = _nodes(tmp_path, pg.create_db(), s3)
-    yield ns
-    for n in ns:
-        n.stop()
 
 
 def imap(inst: Instance) -> imaplib.IMAP4:

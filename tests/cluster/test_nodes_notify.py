@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -19,16 +18,8 @@ from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.mailbox import NAMES  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
-from .conftest import PgServer, S3Server  # noqa: E402
-from .test_nodes import _nodes, imap  # noqa: E402
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Instance]]:
-    ns = _nodes(tmp_path, pg.create_db(), s3)
-    yield ns
-    for n in ns:
-        n.stop()
+from .conftest import PgServer  # noqa: E402
+from .test_nodes import imap  # noqa: E402
 
 
 def _ok(c: imaplib.IMAP4, command: str) -> None:
