@@ -236,6 +236,41 @@ def test_a_large_first_sync_counts_usage_in_bulk(store: MailStore) -> None:
         store.release(mb)
 
 
+def test_two_processes_syncing_a_large_folder_at_once_count_it_once(tmp_path: Path) -> None:
+    """Two workers' views of one user (each its own index connection, as two processes have) select
+    a folder of 600 new files at the same moment: one sync indexes them in bulk, the other finds
+    them indexed; usage is counted once and the trigger is there afterwards."""
+    from postier.store import quota
+    from postier.store.mailbox import UserMailbox
+
+    u = user(None)
+    root = tmp_path / "u" / "Maildir"
+    root.parent.mkdir()
+    views = [UserMailbox(u, root, tmp_path / "u" / quota.INDEX_NAME, shared=True) for _ in range(2)]
+    n = quota.BULK_ROWS + 88
+    for i in range(n):
+        (root / "new" / f"1700000000.M{i}P2Q{i}.host,S={len(MSG)}").write_bytes(MSG)
+    start = threading.Barrier(2)
+    got: list[int] = []
+
+    def select(mb: UserMailbox) -> None:
+        start.wait()
+        got.append(len(mb.select("INBOX", False, True)[0].uids))
+
+    threads = [threading.Thread(target=select, args=(v,)) for v in views]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [n, n]
+    conn = views[0].index.conn
+    assert conn.execute("SELECT bytes, messages FROM quota_usage").fetchone() == (n * len(MSG), n)
+    assert conn.execute("SELECT COUNT(*) FROM msgs").fetchone() == (n,)
+    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name='quota_msgs_insert'").fetchone()
+    for v in views:
+        v.close()
+
+
 def test_bulk_insert_rolled_back_keeps_its_trigger(tmp_path: Path) -> None:
     import sqlite3
 
