@@ -463,10 +463,14 @@ class UserMailbox:
             st.version += 1
         if res.uids_changed or res.flags_changed or stale:
             st.flagtab = None
+        return self._take_row(st, row)
+
+    def _take_row(self, st: FolderState, row: FolderRow) -> FolderState:
+        """The folder row's counters and attributes into the kept state (after a sync or a reload)."""
         st.uidnext = row.uidnext
         st.highestmodseq = row.highestmodseq
         st.keywords = row.keywords
-        st.special_use = row.special_use or self._default_use(name)
+        st.special_use = row.special_use or self._default_use(st.name)
         return st
 
     @_locked
@@ -503,11 +507,7 @@ class UserMailbox:
             st.uids = uids
             st.version += 1
         st.flagtab = None
-        st.uidnext = row.uidnext
-        st.highestmodseq = row.highestmodseq
-        st.keywords = row.keywords
-        st.special_use = row.special_use or self._default_use(name)
-        return st
+        return self._take_row(st, row)
 
     @_locked
     def select(self, name: str, claim_recent: bool, want_unseen: bool) -> tuple[FolderSnapshot, int, int | None]:
