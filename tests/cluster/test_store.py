@@ -136,6 +136,70 @@ def test_expunge_tombstones_and_uids_never_reused(mb: ClusterMailboxes) -> None:
     assert mb.delete_uids("INBOX", [1, 77]) == [1]
 
 
+def test_a_node_catches_up_on_changes_instead_of_reloading_the_uid_list(
+        pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
+    """Node A holds a folder's UID list; node B appends, expunges and stores flags. A's next snapshot
+    applies the changes since its MODSEQ (tombstones out, higher UIDs in) and equals a fresh node's
+    full load; a flags-only change keeps the very same list. Then B writes while A snapshots over and
+    over: every list A sees is strictly ascending, and the last one equals the full load."""
+    dsn = pg.create_db()
+    stores = [ClusterStore(dsn, bodies_factory(), timeout=5.0) for _ in range(2)]
+    try:
+        a, b = (s.acquire(ALICE) for s in stores)
+        a.ensure_defaults()
+        for n in range(6):
+            b.append("INBOX", msg(n))
+        first = a.snapshot("INBOX")
+        assert list(first.uids) == [1, 2, 3, 4, 5, 6]
+        b.store("INBOX", [2], "+FLAGS", ["\\Seen"])
+        flags_only = a.snapshot("INBOX")
+        assert flags_only.uids is first.uids and flags_only.version == first.version
+        assert flags_only.highestmodseq > first.highestmodseq
+        b.append("INBOX", msg(7))
+        b.append("INBOX", msg(8))
+        assert b.delete_uids("INBOX", [1, 4, 8]) == [1, 4, 8]
+        b.append("INBOX", msg(9))
+        got = a.snapshot("INBOX")
+        assert list(got.uids) == [2, 3, 5, 6, 7, 9] and got.version == first.version + 1
+        assert list(first.uids) == [1, 2, 3, 4, 5, 6]  # what sessions announced is never changed in place
+
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                for n in range(40):
+                    _v, uid = b.append("INBOX", msg(f"w{n}"))
+                    if n % 3 == 0:
+                        b.delete_uids("INBOX", [uid - 1])
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                stop.set()
+
+        t = threading.Thread(target=write)
+        t.start()
+        seen = 0
+        while not stop.is_set() or seen == 0:
+            uids = list(a.snapshot("INBOX").uids)
+            assert uids == sorted(set(uids))
+            seen += 1
+        t.join()
+        assert not errors
+        fresh = ClusterStore(dsn, bodies_factory(), timeout=5.0)
+        try:
+            c = fresh.acquire(ALICE)
+            assert list(a.snapshot("INBOX").uids) == list(c.snapshot("INBOX").uids)
+            fresh.release(c)
+        finally:
+            fresh.close()
+        for s, m in zip(stores, (a, b), strict=True):
+            s.release(m)
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_copy_move_share_bodies(mb: ClusterMailboxes) -> None:
     for n in range(3):
         mb.append("INBOX", msg(n), ["kw1"] if n == 0 else [])

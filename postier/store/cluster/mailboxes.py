@@ -341,10 +341,13 @@ class ClusterMailboxes:
             raise MailboxNotFound("no such mailbox")
         fid, uidvalidity, uidnext, hms, use, kws = r
         st = self.states.get(name)
-        if st is not None and st.fid == fid and st.uidvalidity == uidvalidity and st.highestmodseq == hms:
-            return st
-        uids = array("I", [u for (u,) in conn.execute("SELECT uid FROM messages WHERE folder=%s ORDER BY uid",
-                                                      (fid,))])
+        if st is not None and st.fid == fid and st.uidvalidity == uidvalidity:
+            if st.highestmodseq == hms:
+                return st
+            uids = self._catch_up(conn, st)
+        else:
+            uids = array("I", [u for (u,) in conn.execute("SELECT uid FROM messages WHERE folder=%s ORDER BY uid",
+                                                          (fid,))])
         if st is None or st.fid != fid or st.uidvalidity != uidvalidity:
             st = _State(fid, uidvalidity, uidnext, hms, uids, 1, use or self._default_use(name), tuple(kws))
             self.states[name] = st
@@ -355,6 +358,25 @@ class ClusterMailboxes:
         st.uidnext, st.highestmodseq, st.keywords = uidnext, hms, tuple(kws)
         st.special_use = use or self._default_use(name)
         return st
+
+    @staticmethod
+    def _catch_up(conn: Conn, st: _State) -> array[int]:
+        """The folder's UID list now, from the one this node holds and the changes since its MODSEQ,
+        instead of the whole list again (what a NOOP in a busy large folder would otherwise cost):
+        the UIDs expunged since (their tombstones carry the MODSEQ of the expunge) go, and the UIDs
+        above the highest one held come. Nothing in between can be missing: a folder's UIDs are
+        allocated by updating its row, so they commit in UID order (RFC 9051 §2.3.1.1: UIDs only
+        grow), and tombstones are never pruned while the folder lives."""
+        gone = {u for (u,) in conn.execute("SELECT uid FROM expunged WHERE folder=%s AND modseq > %s",
+                                           (st.fid, st.highestmodseq))}
+        last = st.uids[-1] if st.uids else 0
+        new = [u for (u,) in conn.execute("SELECT uid FROM messages WHERE folder=%s AND uid > %s ORDER BY uid",
+                                          (st.fid, last))]
+        if not gone and not new:
+            return st.uids  # only flags changed: the same list
+        kept = array("I", (u for u in st.uids if u not in gone)) if gone else array("I", st.uids)
+        kept.extend(u for u in new if u not in gone)
+        return kept
 
     def _state(self, conn: Conn, name: str) -> _State:
         st = self.states.get(name)

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq bigint NOT NULL,
     PRIMARY KEY (folder, uid)
 );
+CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged (folder, modseq);
 CREATE TABLE IF NOT EXISTS bodies (
     hash text PRIMARY KEY,
     last_put timestamptz NOT NULL DEFAULT now()
