@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS bodies (
     hash text PRIMARY KEY,
     last_put timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS gc_state (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    cursor text NOT NULL DEFAULT '',
+    finished timestamptz,
+    collected bigint NOT NULL DEFAULT 0,
+    listed bigint NOT NULL DEFAULT 0,
+    adopted bigint NOT NULL DEFAULT 0,
+    deleted bigint NOT NULL DEFAULT 0
+);
+INSERT INTO gc_state (one) VALUES (true) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS body_text (
     hash text PRIMARY KEY,
     version smallint NOT NULL,
