@@ -342,6 +342,48 @@ def test_an_upload_waits_on_the_listing_pass_row_then_uploads_again(cl: Cluster)
     assert digest in cl.rows()
 
 
+# -- a COPY raced by an EXPUNGE of its source ---------------------------------------------------------
+
+def test_a_copy_whose_source_is_expunged_meanwhile_keeps_its_body(cl: Cluster) -> None:
+    """COPY adds rows for an old body without marking it. It holds the source folder's row until it
+    commits, and an EXPUNGE takes that row first, so a collector sees the source or the copy, never
+    neither. Forced: the COPY, past its read of the source, is held on the user's quota lock by a
+    second connection; the EXPUNGE of the source, from another node, waits on the folder row; both
+    passes run then."""
+    from postier.store.cluster.mailboxes import _quota_key
+
+    bob = User("bob@example.org", "bob", "example.org", "maildir", quota=1 << 30)
+    mb = cl.store.acquire(bob)
+    other = ClusterStore(cl.dsn, cl.fresh(), timeout=5.0)
+    mb2 = other.acquire(bob)
+    try:
+        mb.ensure_defaults()
+        mb.create("Work")
+        _v, uid = mb.append("INBOX", msg("copied"))
+        cl.sql("UPDATE bodies SET last_put = now() - interval '2 days'")
+        mb.store("INBOX", [uid], "+FLAGS", ["\\Deleted"])
+        with psycopg.connect(cl.dsn) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (_quota_key(bob.address),))  # until commit
+            copier, copied = in_thread(lambda: mb.copy("INBOX", [uid], "Work"))
+            wait_on_lock(cl.dsn, "SELECT pg_advisory_xact_lock", copier)
+            expunger, expunged = in_thread(lambda: mb2.expunge("INBOX"))
+            wait_on_lock(cl.dsn, "SELECT id, uidvalidity, keywords FROM folders", expunger)
+            with gc_conn(cl) as conn:
+                assert collect(conn, cl.bodies, grace=3600) == 0
+                assert collect_orphans(conn, cl.bodies, grace=ANY_AGE).deleted == 0
+            holder.commit()
+        new = finish(copier, copied).dest_uids
+        assert finish(expunger, expunged) == [uid]
+        with gc_conn(cl) as conn:
+            assert collect(conn, cl.bodies, grace=3600) == 0
+        row = mb.rows("Work", new)[new[0]]
+        assert mb.read("Work", row) == msg("copied") and cl.fresh().get(row.base) == msg("copied")
+    finally:
+        cl.store.release(mb)
+        other.release(mb2)
+        other.close()
+
+
 # -- the command ---------------------------------------------------------------------------------------
 
 def test_cluster_gc_command_prints_and_status_shows_the_counts(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
