@@ -389,7 +389,10 @@ def test_a_copy_whose_source_is_expunged_meanwhile_keeps_its_body(cl: Cluster) -
 def test_cluster_gc_command_prints_and_status_shows_the_counts(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
     from .test_nodes import make_nodes
 
-    node = make_nodes(tmp_path, pg.create_db(), s3, count=1)[0]
+    dsn = pg.create_db()
+    node = make_nodes(tmp_path, dsn, s3, count=1)[0]
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as a cluster made before the table
+        conn.execute("DROP TABLE gc_state")
     bucket = re.search(r's3_bucket = "([^"]+)"', node.config.read_text())
     assert bucket is not None
     b = BodyStore(s3.endpoint, bucket.group(1), "test", "test")

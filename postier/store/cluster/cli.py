@@ -76,7 +76,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 "SELECT (SELECT count(*) FROM body_text WHERE version = %s), "
                 "(SELECT count(*) FROM pg_indexes WHERE tablename = 'body_text' AND indexname LIKE 'body_text_trgm%%')",
                 (VERSION,)).fetchone()
-            gc = conn.execute("SELECT finished, collected, listed, adopted, deleted, cursor FROM gc_state").fetchone()
+            gc = conn.execute(  # store.cluster.gc; no table before a node or `gc` of this version ran
+                "SELECT finished, collected, listed, adopted, deleted, cursor FROM gc_state").fetchone() \
+                if conn.execute("SELECT to_regclass('gc_state')").fetchone() != (None,) else None
         assert version is not None and counts is not None and text is not None
         print(f"postgresql: ok (server {version[0]})")
         print(f"  users {counts[0]}, folders {counts[1]}, messages {counts[2]}, bodies {counts[3]}, "
