@@ -221,8 +221,8 @@ def test_listing_is_bounded_per_run_and_goes_on_from_the_last_key(cl: Cluster) -
     order = sorted(sha(n) for n in [*names, "kept"])
     runs = []
     with gc_conn(cl) as conn:
-        for _ in range(4):  # 3 keys a run, 2 a request
-            r = collect_orphans(conn, cl.bodies, grace=ANY_AGE, limit=3, page=2)
+        for _ in range(4):  # 3 keys a run, 2 a request, 1 a transaction
+            r = collect_orphans(conn, cl.bodies, grace=ANY_AGE, limit=3, page=2, batch=1)
             runs.append((r.listed, r.deleted, r.end))
             cursor = cl.sql("SELECT cursor FROM gc_state")[0][0]
             if not r.end:

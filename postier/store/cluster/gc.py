@@ -88,10 +88,11 @@ class GcRun:
 
 
 def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit: int = 100_000,
-                    page: int = 1000) -> GcRun:
+                    page: int = 1000, batch: int = 500) -> GcRun:
     """List up to `limit` body objects, `page` per request (S3 answers at most 1,000), after the
     previous run's last key; adopt or delete those no row names that are older than `grace` seconds
-    (the module docstring says how), one transaction per page."""
+    (the module docstring says how), one transaction per `batch` of them (as `collect`'s: what an
+    upload of one of them may wait)."""
     with conn.transaction():
         row = conn.execute("SELECT cursor, now() FROM gc_state").fetchone()
     if row is None:
@@ -107,8 +108,8 @@ def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit
         if got:
             cursor = got[-1][0]
         old = sorted(d for key, modified in got if (d := body_digest(key)) is not None and modified < before)
-        if old:
-            took, dropped = _settle(conn, bodies, old)
+        for i in range(0, len(old), max(1, batch)):
+            took, dropped = _settle(conn, bodies, old[i:i + max(1, batch)])
             adopted += took
             deleted += dropped
         if not more or not got:
