@@ -57,13 +57,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=6, help="node mode: SMTP/IMAP client threads")
     ap.add_argument("--users", type=int, default=12, help="node mode: recipients")
     ap.add_argument("--time-limit", type=float, default=300.0, help="node mode: stop sending after this")
+    ap.add_argument("--relay", type=int, default=0, metavar="N",
+                    help="node mode: then N messages submitted for a remote domain, delivered by the nodes' "
+                         "shared queue to smtp-sink")
     ap.add_argument("--search", type=int, default=0, metavar="N", help="search mode: N messages in one folder")
     args = ap.parse_args(argv)
     if args.search:
         return search(args.search)
     if args.nodes:
         from bench.cluster_nodes import run_nodes
-        return run_nodes(args.nodes, args.messages or 600, args.clients, args.users, args.size, args.time_limit)
+        return run_nodes(args.nodes, args.messages or 600, args.clients, args.users, args.size, args.time_limit,
+                         args.relay)
     args.messages = args.messages or 200
     pg, s3 = PgServer(), S3Server()
     pg.start()

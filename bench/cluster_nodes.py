@@ -18,12 +18,15 @@ import threading
 import time
 from pathlib import Path
 
+from bench.outbound_bench import Sink
 from bench.smtp_ingest import children, cpu_seconds
 from tests.cluster.conftest import PgServer
+from tests.dnsserver import DNSServer
 from tests.hardening.conftest import PASSWORD, add_cheap_user
 from tests.harness import Instance, free_port
 
 DOMAIN = "cluster.test"
+SINK_DOMAIN = "sink.test"
 
 
 class MotoProcess:
@@ -87,7 +90,8 @@ def _pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
-def run_nodes(count: int, messages: int, clients: int, users: int, size: int, time_limit: float) -> int:
+def run_nodes(count: int, messages: int, clients: int, users: int, size: int, time_limit: float,
+              relay: int = 0) -> int:
     addrs = [f"127.0.0.{i + 2}" for i in range(count)]
     for a in addrs:
         try:
@@ -98,6 +102,15 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
             return 2
     pg, s3 = PgServer(), MotoProcess()
     nodes: list[Instance] = []
+    sink: Sink | None = None
+    dns: DNSServer | None = None
+    outbound = ""
+    if relay:
+        # The remote domain: its A record is 127.0.0.1 (no MX, RFC 5321 §5.1), where smtp-sink listens.
+        sink, dns = Sink(), DNSServer().start()
+        dns.negative_ttl = 300  # cached as real answers are (the MX and AAAA queries get NXDOMAIN/NODATA)
+        dns.add(SINK_DOMAIN, "A", "127.0.0.1", ttl=300)
+        outbound = f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {sink.port}\n'
     tmp = Path(tempfile.mkdtemp(prefix="postier-cluster-bench-"))
     try:
         pg.start()
@@ -110,13 +123,13 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
                 f'[cluster]\ndsn = "{dsn}"\ns3_endpoint = "{s3.endpoint}"\ns3_bucket = "bench"\n'
                 f's3_access_key = "test"\ns3_secret_key_file = "s3.secret"\ntimeout = 10.0\n'
                 "[limits]\nmax_connections = 1000\nmax_connections_per_ip = 1000\n"
-                "[auth]\nfailure_delay = 0.0\n"))
+                "[auth]\nfailure_delay = 0.0\n" + outbound))
             nodes.append(inst)
         names = [f"u{k}@{DOMAIN}" for k in range(users)]
-        for inst in nodes:  # accounts are each node's own (docs/scaling.md)
-            for n in names:
-                add_cheap_user(inst, n)
+        for n in names:  # made on node 0's single-machine store, then copied into PostgreSQL
+            add_cheap_user(nodes[0], n)
         nodes[0].cli("cluster", "init")
+        nodes[0].cli("cluster", "import-accounts")
         for inst in nodes:
             inst.start()
         print(f"{count} nodes on {', '.join(addrs)}; PostgreSQL 15 (fsync off) and moto S3 in their own "
@@ -236,10 +249,95 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
               f"{read / imap_time:.0f} msg/s; {len(problems)} problems")
         for line in (errors + problems)[:10]:
             print("  " + line)
-        return 0 if not errors and not problems and ok == messages else 1
+        good = not errors and not problems and ok == messages
+        if relay:
+            assert sink is not None
+            good = _relay(nodes, pg, s3, sink, names, relay, clients, size) and good
+        return 0 if good else 1
     finally:
         for inst in nodes:
             inst.stop()
         s3.stop()
+        if sink is not None:
+            sink.stop()
+        if dns is not None:
+            dns.stop()
         pg.remove()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _relay(nodes: list[Instance], pg: PgServer, s3: MotoProcess, sink: Sink, names: list[str], n: int,
+           clients: int, size: int) -> bool:
+    """The shared queue under load: N messages submitted (587, STARTTLS, AUTH) round-robin to the
+    nodes for a remote domain; every node's runner claims from the one queue in PostgreSQL and
+    delivers to smtp-sink. Prints the submission rate, the delivery rate (first to N-th message at
+    the sink), what each node delivered, and checks that nothing was delivered twice."""
+    count = len(nodes)
+    sent = [inst.log.read_text(errors="replace").count("status=sent") for inst in nodes]
+    errors: list[str] = []
+    lock = threading.Lock()
+    next_i = iter(range(n))
+    ctxs = [inst.client_ssl_context() for inst in nodes]
+
+    def sender() -> None:
+        conns: dict[tuple[int, str], smtplib.SMTP] = {}
+        try:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                node, user = i % count, names[(i // count) % len(names)]
+                try:
+                    c = conns.get((node, user))
+                    if c is None:
+                        c = smtplib.SMTP(*nodes[node].addr("submission"), timeout=60)
+                        c.starttls(context=ctxs[node])
+                        c.login(user, PASSWORD)
+                        conns[(node, user)] = c
+                    rcpt = f"r{i}@{SINK_DOMAIN}"
+                    c.sendmail(user, [rcpt], _message(i, rcpt, size).replace(b"load@example.net", user.encode(), 1))
+                except (smtplib.SMTPException, OSError) as exc:
+                    conns.pop((node, user), None)
+                    with lock:
+                        errors.append(f"relay message {i} via node {node}: {exc}")
+        finally:
+            for c in conns.values():
+                try:
+                    c.quit()
+                except (smtplib.SMTPException, OSError):
+                    pass
+
+    cpu0 = (_nodes_cpu(nodes), _pg_cpu(pg), cpu_seconds(s3.proc.pid))
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=sender) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    submit_time = time.monotonic() - t0
+    accepted = n - len(errors)
+    try:
+        sink.wait(accepted, timeout=max(120.0, accepted / 10))
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    done = time.monotonic()
+    cpu1 = (_nodes_cpu(nodes), _pg_cpu(pg), cpu_seconds(s3.proc.pid))
+    time.sleep(2.0)  # a duplicate would arrive meanwhile
+    assert sink.first is not None or errors
+    span = max(sink.times.values(), default=t0) - (sink.first or t0)
+    per_node = [inst.log.read_text(errors="replace").count("status=sent") - k
+                for inst, k in zip(nodes, sent, strict=True)]
+    nodes_cpu, pg_cpu, s3_cpu = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+    per = max(accepted, 1)
+    print(f"Relay: {accepted} of {n} submitted in {submit_time:.1f} s = {accepted / submit_time:.1f} msg/s; "
+          f"at the sink {sink.count} in {span:.1f} s from the first = {sink.count / max(span, 1e-9):.1f} msg/s, "
+          f"all there {done - t0:.1f} s after the first submission")
+    print(f"  delivered per node: {', '.join(str(k) for k in per_node)}; CPU per message: nodes "
+          f"{1000 * nodes_cpu / per:.1f} ms (all {count}, submission and delivery), PostgreSQL "
+          f"{1000 * pg_cpu / per:.1f} ms, moto S3 {1000 * s3_cpu / per:.1f} ms")
+    if sink.count != accepted:
+        errors.append(f"the sink got {sink.count} messages for {accepted} accepted")
+    for line in errors[:10]:
+        print("  " + line)
+    return not errors
