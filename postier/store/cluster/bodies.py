@@ -18,8 +18,10 @@ event-loop hop back into those threads).
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,21 @@ import botocore.exceptions
 
 from ..errors import MessageGone, StoreUnavailable
 
-__all__ = ["BodyStore", "body_key"]
+__all__ = ["BodyStore", "body_digest", "body_key"]
+
+PREFIX = "bodies/"
+_KEY = re.compile(r"bodies/([0-9a-f]{2})/([0-9a-f]{64})")
 
 
 def body_key(digest: str) -> str:
     """The object key of a body: fanned out by the first two hex digits, as object stores like."""
-    return f"bodies/{digest[:2]}/{digest}"
+    return f"{PREFIX}{digest[:2]}/{digest}"
+
+
+def body_digest(key: str) -> str | None:
+    """The hash a key names when it is a body's key (`body_key`'s form exactly), else None."""
+    m = _KEY.fullmatch(key)
+    return m.group(2) if m and m.group(2).startswith(m.group(1)) else None
 
 
 class BodyStore:
@@ -98,6 +109,16 @@ class BodyStore:
             self.client.delete_object(Bucket=self.bucket, Key=body_key(digest))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+
+    def list_page(self, start_after: str, limit: int = 1000) -> tuple[list[tuple[str, datetime]], bool]:
+        """One ListObjectsV2 page of the keys under `bodies/` after `start_after`, in key order (at
+        most `limit`, which S3 caps at 1,000): (key, LastModified) each, and whether more follow."""
+        try:
+            got = self.client.list_objects_v2(Bucket=self.bucket, Prefix=PREFIX, StartAfter=start_after,
+                                              MaxKeys=max(1, min(limit, 1000)))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        return [(o["Key"], o["LastModified"]) for o in got.get("Contents", [])], bool(got.get("IsTruncated"))
 
     def download(self, digest: str, dest: Path, chunk: int = 256 << 10) -> int:
         """Write a body into the new file `dest`, `chunk` bytes at a time from the GET's streaming

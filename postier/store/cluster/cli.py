@@ -1,5 +1,6 @@
 """`postier cluster init|status|gc|import-accounts`: create cluster mode's tables and bucket, show whether
-this node reaches PostgreSQL and the object store, delete unreferenced bodies, copy a single-machine
+this node reaches PostgreSQL and the object store, delete unreferenced bodies (from the table and from a
+listing of the bucket), copy a single-machine
 node's accounts, DKIM keys and Sieve scripts into PostgreSQL (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
 imported only when the command runs, so the CLI works without them in single-machine mode."""
 
@@ -50,13 +51,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(f"cluster ready: tables in PostgreSQL, bucket {cfg.cluster.s3_bucket}")
         return 0
     if args.action == "gc":
-        from .gc import collect
+        from .gc import run
         try:
             with psycopg.connect(cfg.cluster.dsn, connect_timeout=timeout, autocommit=True) as conn:
-                n = collect(conn, bodies, args.grace)
+                ensure_schema(conn)  # gc_state, for a cluster made before it
+                done = run(conn, bodies, args.grace, orphans=not args.no_orphans, limit=args.list_limit)
         except (psycopg.Error, StoreError) as exc:
             raise CLIError(f"cluster gc failed: {exc}") from None
-        print(f"deleted {n} unreferenced bodies")
+        print(f"deleted {done.collected} unreferenced bodies")
+        if not args.no_orphans:
+            print(f"listed {done.listed} objects of the bucket"
+                  f"{' (to its end)' if done.end else ' (the next run goes on from there)'}: "
+                  f"{done.adopted} without a row but referenced (row added), "
+                  f"{done.deleted} without a row or a reference (deleted)")
         return 0
     ok = True
     try:
@@ -69,12 +76,20 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 "SELECT (SELECT count(*) FROM body_text WHERE version = %s), "
                 "(SELECT count(*) FROM pg_indexes WHERE tablename = 'body_text' AND indexname LIKE 'body_text_trgm%%')",
                 (VERSION,)).fetchone()
+            gc = conn.execute(  # store.cluster.gc; no table before a node or `gc` of this version ran
+                "SELECT finished, collected, listed, adopted, deleted, cursor FROM gc_state").fetchone() \
+                if conn.execute("SELECT to_regclass('gc_state')").fetchone() != (None,) else None
         assert version is not None and counts is not None and text is not None
         print(f"postgresql: ok (server {version[0]})")
         print(f"  users {counts[0]}, folders {counts[1]}, messages {counts[2]}, bodies {counts[3]}, "
               f"bytes {counts[4]}")
         print(f"  full-text rows {text[0]} (bodies without one are caught up by searches or `postier reindex`), "
               f"trigram index: {'yes' if text[1] else 'no (pg_trgm unavailable: searches read the rows)'}")
+        if gc is None or gc[0] is None:
+            print("  last gc: never (`postier cluster gc`)")
+        else:
+            print(f"  last gc: {gc[0]:%Y-%m-%d %H:%M:%S %Z}: {gc[1]} bodies collected; {gc[2]} objects listed, "
+                  f"{gc[3]} adopted, {gc[4]} deleted; next listing from {gc[5] or 'the start'}")
     except psycopg.errors.UndefinedTable:
         print("postgresql: reachable, but no tables: run `postier cluster init`")
         ok = False
@@ -131,6 +146,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("action", choices=("init", "status", "gc", "import-accounts"))
     p.add_argument("--grace", type=float, default=86400.0, metavar="SECONDS",
                    help="gc: keep bodies uploaded less than this long ago (default a day)")
+    p.add_argument("--no-orphans", action="store_true",
+                   help="gc: skip the listing of the bucket (objects no row names), collect from the table only")
+    p.add_argument("--list-limit", type=int, default=100_000, metavar="N",
+                   help="gc: list at most N objects of the bucket per run, going on from the last run's key "
+                        "(default 100000)")
     p.add_argument("--from", dest="source", metavar="PATH",
                    help="import-accounts: a single-machine data directory or its accounts.sqlite "
                         "(default this node's data directory)")

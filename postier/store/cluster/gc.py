@@ -1,35 +1,54 @@
 """Collection of unreferenced message bodies in cluster mode (`postier cluster gc`).
 
 Every upload first renews its body's row in `bodies` (last_put = now(), its own committed
-transaction; `mark`, called by `ClusterMailboxes.append` and the cluster queue). A body is referenced
-by a mailbox message or by a queued message (`queue_messages`). The collector takes, row-locked (`FOR UPDATE SKIP LOCKED`,
-so several nodes may run it at once), bodies that no message refers to and that were last uploaded
-more than `grace` seconds ago, deletes their objects and then their rows (and their full-text rows,
-`body_text`) in the same transaction.
-An upload of the same body meanwhile waits on that row lock and then uploads again, so a committed
-message never refers to a deleted object. `grace` must exceed the longest time between an upload
-and the commit of its message (seconds in practice; the default is a day).
+transaction; `mark`, called by `ClusterMailboxes._put_body` and the cluster queue), then PUTs the
+object, then commits the message rows that refer to it. A body is referenced by a mailbox message
+or by a queued message (`queue_messages`).
+
+`collect` works from the table: it takes, row-locked (`FOR UPDATE SKIP LOCKED`, so several nodes may
+run it at once), bodies that no message refers to and that were last uploaded more than `grace`
+seconds ago, deletes their objects and then their rows (and their full-text rows, `body_text`) in
+the same transaction. An upload of the same body meanwhile waits on that row lock in `mark`, then
+inserts a new row and uploads again, so a committed message never refers to a deleted object; an
+upload whose mark committed first has renewed `last_put`, which the locking SELECT rechecks. `grace`
+must exceed the longest time between a mark and the commit of its message (seconds in practice; the
+default is a day).
+
+`collect_orphans` works from a listing of the bucket (ListObjectsV2, a bounded number of keys per
+run, resumed after the last key seen by the previous run; `gc_state` keeps that key): the objects
+that no `bodies` row names, last modified more than `grace` ago: uploads whose row was lost, and
+bodies uploaded before the `bodies` table existed. For those it inserts their row itself (ON CONFLICT
+DO NOTHING, so a row that appeared meanwhile is left to `collect`) and, holding that uncommitted row,
+checks the message and queue tables: a body a message refers to keeps the row (adopted, from then on
+`collect`'s); the others lose their object, then the row, in the same transaction. An upload of the
+same body meanwhile waits in `mark` on that uncommitted row, exactly as it waits on `collect`'s lock,
+and uploads after the delete; an upload whose mark committed before the insert makes it do nothing.
 """
 
 from __future__ import annotations
 
+import datetime
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from .bodies import BodyStore
+from ..errors import StoreUnavailable
+from .bodies import BodyStore, body_digest
 
-__all__ = ["collect", "mark"]
+__all__ = ["GcRun", "collect", "collect_orphans", "mark", "run"]
+
+type Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def mark(conn: psycopg.Connection[tuple[Any, ...]], digest: str) -> None:
+def mark(conn: Conn, digest: str) -> None:
     """Renew a body's mark before its upload (committed on its own): the collector holds this row
     while it deletes an unreferenced body, so an upload cannot be deleted under its writer."""
     conn.execute("INSERT INTO bodies (hash) VALUES (%s) ON CONFLICT (hash) DO UPDATE SET last_put = now()",
                  (digest,))
 
 
-def collect(conn: psycopg.Connection[tuple[Any, ...]], bodies: BodyStore, grace: float = 86400.0,
+def collect(conn: Conn, bodies: BodyStore, grace: float = 86400.0,
             batch: int = 500, max_batches: int = 10_000) -> int:
     """Delete unreferenced bodies older than `grace` seconds; returns how many were deleted."""
     total = 0
@@ -42,9 +61,96 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]], bodies: BodyStore, grace:
                 "ORDER BY hash LIMIT %s FOR UPDATE SKIP LOCKED", (grace, batch))]
             if not found:
                 break
-            for digest in found:
-                bodies.delete(digest)
-            conn.execute("DELETE FROM body_text WHERE hash = ANY(%s)", (found,))  # store.cluster.fulltext
-            conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))
+            _delete(conn, bodies, found)
         total += len(found)
     return total
+
+
+def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> None:
+    """The objects, then their rows: in the caller's transaction, which holds the rows."""
+    for digest in found:
+        bodies.delete(digest)
+    conn.execute("DELETE FROM body_text WHERE hash = ANY(%s)", (found,))  # store.cluster.fulltext
+    conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))  # body_views go with them (cache.py)
+
+
+@dataclass(frozen=True)
+class GcRun:
+    """What one `postier cluster gc` did: bodies collected from the table, then the listing pass's
+    objects listed, adopted (no row, a message refers to them) and deleted (no row, no reference);
+    `end` when the listing reached the bucket's end (the next run starts over)."""
+
+    collected: int = 0
+    listed: int = 0
+    adopted: int = 0
+    deleted: int = 0
+    end: bool = False
+
+
+def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit: int = 100_000,
+                    page: int = 1000, batch: int = 500) -> GcRun:
+    """List up to `limit` body objects, `page` per request (S3 answers at most 1,000), after the
+    previous run's last key; adopt or delete those no row names that are older than `grace` seconds
+    (the module docstring says how), one transaction per `batch` of them (as `collect`'s: what an
+    upload of one of them may wait)."""
+    with conn.transaction():
+        row = conn.execute("SELECT cursor, now() FROM gc_state").fetchone()
+    if row is None:
+        raise StoreUnavailable("gc_state has no row: run `postier cluster init`")
+    cursor: str = row[0]
+    before: datetime.datetime = row[1] - datetime.timedelta(seconds=grace)
+    limit = max(1, limit)
+    listed = adopted = deleted = 0
+    end = False
+    while listed < limit:
+        got, more = bodies.list_page(cursor, min(page, limit - listed))
+        listed += len(got)
+        if got:
+            cursor = got[-1][0]
+        old = sorted(d for key, modified in got if (d := body_digest(key)) is not None and modified < before)
+        for i in range(0, len(old), max(1, batch)):
+            took, dropped = _settle(conn, bodies, old[i:i + max(1, batch)])
+            adopted += took
+            deleted += dropped
+        if not more or not got:
+            cursor, end = "", True
+            break
+    with conn.transaction():
+        conn.execute("UPDATE gc_state SET cursor = %s", (cursor,))
+    return GcRun(0, listed, adopted, deleted, end)
+
+
+def _settle(conn: Conn, bodies: BodyStore, digests: list[str]) -> tuple[int, int]:
+    """Adopt or delete the listed bodies that no row names; returns (adopted, deleted)."""
+    with conn.transaction():
+        missing = [h for (h,) in conn.execute(
+            "SELECT h FROM unnest(%s::text[]) AS h WHERE NOT EXISTS (SELECT 1 FROM bodies WHERE hash = h)",
+            (digests,))]
+        if not missing:
+            return 0, 0
+        # Our own rows, uncommitted: a concurrent `mark` of one of them waits until we commit.
+        ours = [h for (h,) in conn.execute(
+            "INSERT INTO bodies (hash) SELECT h FROM unnest(%s::text[]) AS h ORDER BY h "
+            "ON CONFLICT (hash) DO NOTHING RETURNING hash", (missing,))]
+        if not ours:
+            return 0, 0
+        used = {h for (h,) in conn.execute(
+            "SELECT h FROM unnest(%s::text[]) AS h WHERE EXISTS (SELECT 1 FROM messages m WHERE m.body = h) "
+            "OR EXISTS (SELECT 1 FROM queue_messages q WHERE q.body = h)", (ours,))}
+        gone = sorted(h for h in ours if h not in used)
+        if gone:
+            _delete(conn, bodies, gone)
+    return len(used), len(gone)
+
+
+def run(conn: Conn, bodies: BodyStore, grace: float = 86400.0, orphans: bool = True,
+        limit: int = 100_000) -> GcRun:
+    """`postier cluster gc`: `collect`, then (unless `orphans` is False) `collect_orphans`; the
+    counts are kept in `gc_state` for `postier cluster status`."""
+    collected = collect(conn, bodies, grace)
+    listing = collect_orphans(conn, bodies, grace, limit) if orphans else GcRun()
+    out = GcRun(collected, listing.listed, listing.adopted, listing.deleted, listing.end)
+    with conn.transaction():
+        conn.execute("UPDATE gc_state SET finished = now(), collected = %s, listed = %s, adopted = %s, deleted = %s",
+                     (out.collected, out.listed, out.adopted, out.deleted))
+    return out

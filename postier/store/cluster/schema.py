@@ -1,7 +1,8 @@
 """The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions,
 the full-text rows of bodies: store.cluster.fulltext; the parsed-view cache `body_views` of store/cluster/cache.py),
-accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking) and the outbound queue
-(`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py).
+accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking), the outbound queue
+(`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py) and the body
+collector's `bodies` marks and `gc_state` (store.cluster.gc).
 
 Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
@@ -64,6 +65,16 @@ CREATE TABLE IF NOT EXISTS bodies (
     hash text PRIMARY KEY,
     last_put timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS gc_state (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    cursor text NOT NULL DEFAULT '',
+    finished timestamptz,
+    collected bigint NOT NULL DEFAULT 0,
+    listed bigint NOT NULL DEFAULT 0,
+    adopted bigint NOT NULL DEFAULT 0,
+    deleted bigint NOT NULL DEFAULT 0
+);
+INSERT INTO gc_state (one) VALUES (true) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS body_text (
     hash text PRIMARY KEY,
     version smallint NOT NULL,
