@@ -34,10 +34,20 @@ __all__ = ["PGReportStorage", "open_dmarc_reports", "open_tls_reports"]
 _DOWN = "report database unavailable, try again later"
 _LOCK_KEY = 0x706F7376  # pg_advisory_xact_lock: one node creates a report schema at a time
 
+#: mailauth/reportdb.py's CLAIM_SCHEMA
 _CLAIM = """
 CREATE TABLE IF NOT EXISTS {s}.report_claim (
     name text PRIMARY KEY,
     until double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.report_origin (
+    id text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.report_imported (
+    origin text NOT NULL,
+    item text NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (origin, item)
 );
 """
 
