@@ -13,7 +13,7 @@ report, named by `claim_name(kind, day, domain)`, before it reads that report's 
 sends it: with the rows shared, two nodes running the job at once share the reports between them
 and each is sent once; a node that dies mid-send leaves its lease to run out, then another takes it.
 
-`ReportDB.origin` and `imported` / `note_imported` serve `import_from` of the two stores (a
+`ReportDB.origin`, `importing`, `imported` and `note_imported` serve `import_from` of the two stores (a
 single machine's files copied into cluster mode's tables, store/cluster/importer.py): the source
 file gets a random id of its own once, and the target notes, per (that id, source row), what it
 has copied, so a second copy of the same file adds nothing.
@@ -57,8 +57,9 @@ IMPORT_LOCK = 0x706F7377  # pg_advisory_xact_lock(IMPORT_LOCK, hashtext(origin))
 
 
 def claim_name(kind: str, day: int, domain: str) -> str:
-    """The claim of one report: `kind` ("dmarc", "tlsrpt") about `domain`, of the run ending at or
-    the outcomes of `day` (days since the epoch, UTC)."""
+    """The claim of one report: `kind` ("dmarc", "tlsrpt") about the policy domain `domain`; `day`
+    (days since the epoch, UTC) is for DMARC the day the run ends at (its midnight), for TLS the
+    day of the outcomes."""
     return f"{kind}/{day}/{domain}"
 
 
@@ -182,10 +183,10 @@ class ReportDB:
                 db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (IMPORT_LOCK, origin))
             yield
 
-    def imported(self, origin: str, item: str) -> int:
-        """How much of the row `item` of the store `origin` was copied before (0: nothing)."""
-        rows = self._rows("SELECT count FROM report_imported WHERE origin = ? AND item = ?", (origin, item))
-        return int(rows[0][0]) if rows else 0
+    def imported(self, origin: str) -> dict[str, int]:
+        """How much of each row (item) of the store `origin` was copied before (within `importing`)."""
+        return {str(item): int(n) for item, n in
+                self._rows("SELECT item, count FROM report_imported WHERE origin = ?", (origin,))}
 
     def note_imported(self, origin: str, item: str, count: int) -> None:
         """`count` of `item` of the store `origin` is copied now (within `importing`)."""

@@ -567,11 +567,12 @@ class ReportStore(ReportDB):
         results, received = ImportTally(), ImportTally()
         origin = src.origin()
         with self.importing(origin):
+            done = self.imported(origin)
             for rid, ev in src.pending(float("inf")):
                 item = f"evaluation/{rid}/{ev.at!r}"
                 if ev.at < now - KEEP_DAYS * DAY:
                     results.skipped += 1
-                elif self.imported(origin, item):
+                elif item in done:
                     results.unchanged += 1
                 else:
                     self.record(ev)

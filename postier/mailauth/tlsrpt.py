@@ -469,10 +469,11 @@ class TLSReportStore(ReportDB):
         sessions, received = ImportTally(), ImportTally()
         origin = src.origin()
         with self.importing(origin):
+            done = self.imported(origin)
             for rid, day, r, n in src.pending(float("inf")):
                 key = json.dumps(_session_key(r, day * DAY))
                 item = f"session/{rid}/{hashlib.sha256(key.encode()).hexdigest()[:32]}"
-                before = self.imported(origin, item)
+                before = done.get(item, 0)
                 if (day + 1) * DAY < now - KEEP_DAYS * DAY:
                     sessions.skipped += n
                 elif n <= before:
