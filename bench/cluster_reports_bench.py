@@ -81,7 +81,8 @@ def measure_import(dsn: str, n: int) -> list[tuple[str, float, float]]:
         src_tls, src_dmarc = TLSReportStore(root / "tlsrpt.sqlite"), ReportStore(root / "dmarc.sqlite")
         for i in range(n):  # distinct outcomes of yesterday, each counted 3 times
             r = SessionResult(TLSPolicy(STS, f"d{i % 50}.test"), "validation-failure", receiving_ip=f"10.0.{i // 250}.{i % 250}")
-            src_tls.record(r, now - DAY, 3)
+            for _ in range(3):
+                src_tls.record(r, now - DAY)
         with src_dmarc._write():  # one transaction: the source's making is not measured
             for i in range(n):
                 _dmarc(src_dmarc, i)

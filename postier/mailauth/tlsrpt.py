@@ -412,25 +412,38 @@ class TLSReportStore(ReportDB):
 
     # -- outcomes of our own sessions --
 
-    def record(self, r: SessionResult, at: float, count: int = 1) -> bool:
-        """Count one session outcome (`count` of them: an import); False when the day's bound of
-        distinct outcomes is reached. Two processes (or nodes) counting the same outcome at once
-        both count: the row is added to in place (`ON CONFLICT DO UPDATE`), never read and written
-        back. Several counting a new outcome at once may pass the day's bound by one each."""
+    def record(self, r: SessionResult, at: float) -> bool:
+        """Count one session outcome; False when the day's bound of distinct outcomes is reached.
+        Two processes (or nodes) counting the same outcome at once both count: the row is added to
+        in place (`ON CONFLICT DO UPDATE`), never read and written back. Several counting a new
+        outcome at once may pass the day's bound by one each."""
         key = _session_key(r, at)
         with self._lock:
-            cur = self._execute(
-                "UPDATE session SET count = count + ? WHERE day=? AND domain=? AND policy=? AND result=? AND "
-                "sending_ip=? AND receiving_mx=? AND receiving_ip=? AND reason=?", (count, *key))
-            if cur.rowcount:
+            if self._add(key, 1):
                 return True
             (n,) = self._execute("SELECT COUNT(*) FROM session WHERE day = ?", (key[0],)).fetchone()
             if n >= MAX_SESSION_ROWS:
                 return False
-            self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
-                          f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT {self._key} "
-                          "DO UPDATE SET count = session.count + excluded.count", (*key, count))
+            self._insert(key, 1)
             return True
+
+    def _add(self, key: tuple[Any, ...], count: int) -> bool:
+        """Add `count` to the outcome's row, if there is one."""
+        if self.storage.dialect == "sqlite":
+            return bool(self._execute(
+                "UPDATE session SET count = count + ? WHERE day=? AND domain=? AND policy=? AND result=? AND "
+                "sending_ip=? AND receiving_mx=? AND receiving_ip=? AND reason=?", (count, *key)).rowcount)
+        day, domain, policy, result, sip, rmx, rip, reason = key
+        return bool(self._execute(  # the unique index's expressions, so that it finds the row
+            "UPDATE session SET count = count + ? WHERE day=? AND domain=? AND md5(policy)=md5(?) AND result=? "
+            "AND sending_ip=? AND receiving_mx=? AND receiving_ip=? AND md5(reason)=md5(?) AND policy=? AND "
+            "reason=?", (count, day, domain, policy, result, sip, rmx, rip, reason, policy, reason)).rowcount)
+
+    def _insert(self, key: tuple[Any, ...], count: int) -> None:
+        """A new outcome's row (added to, should another process have made it meanwhile)."""
+        self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
+                      f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT {self._key} "
+                      "DO UPDATE SET count = session.count + excluded.count", (*key, count))
 
     def pending(self, before: float, day: int | None = None,
                 domain: str = "") -> list[tuple[int, int, SessionResult, int]]:
@@ -470,20 +483,27 @@ class TLSReportStore(ReportDB):
         origin = src.origin()
         with self.importing(origin):
             done = self.imported(origin)
+            # the days' numbers of distinct outcomes, counted once (as `record` does for each new one)
+            rows_of = {int(d): int(n) for d, n in self._rows("SELECT day, COUNT(*) FROM session GROUP BY day")}
             for rid, day, r, n in src.pending(float("inf")):
-                key = json.dumps(_session_key(r, day * DAY))
-                item = f"session/{rid}/{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+                key = _session_key(r, day * DAY)
+                item = f"session/{rid}/{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
                 before = done.get(item, 0)
                 if (day + 1) * DAY < now - KEEP_DAYS * DAY:
                     sessions.skipped += n
-                elif n <= before:
+                    continue
+                if n <= before:
                     sessions.unchanged += n
-                elif self.record(r, day * DAY, n - before):
-                    self.note_imported(origin, item, n)
-                    sessions.copied += n - before
-                    sessions.unchanged += before
-                else:
-                    sessions.skipped += n - before
+                    continue
+                if not self._add(key, n - before):
+                    if rows_of.get(day, 0) >= MAX_SESSION_ROWS:
+                        sessions.skipped += n - before
+                        continue
+                    self._insert(key, n - before)
+                    rows_of[day] = rows_of.get(day, 0) + 1
+                self.note_imported(origin, item, n)
+                sessions.copied += n - before
+                sessions.unchanged += before
             for rr in src.received(limit=1 << 62):
                 if self.store_received(rr.report, rr.authenticated, rr.received):
                     received.copied += 1
