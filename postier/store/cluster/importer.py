@@ -321,4 +321,4 @@ def copy_reports(data_dir: Path, dmarc: ReportStore, tls: TLSReportStore, now: f
             out.add("tls_sessions", sessions)
             out.add("tls_reports", treceived)
     except sqlite3.Error as exc:
-        raise AccountError(f"cannot read the report files in {data_dir}: {exc}") from None
+        raise AccountError(f"cannot copy the report files of {data_dir}: {exc}") from None
