@@ -1,13 +1,16 @@
 """The daily report job claims each report (kind, day, policy domain) on its own, against a real
 PostgreSQL: two nodes running the job at once share the reports and send each once, with the
 interleaving forced (one node stops while sending its first report and holds that claim while the
-other runs to the end); a node that dies holding a claim leaves that report until the lease runs
-out, then another node sends it."""
+other runs to the end); a node killed while it sends a report leaves that report until the lease
+runs out, then another node sends it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +124,48 @@ def test_two_runs_at_once_share_the_reports_and_send_each_once(tmp_path: Path, p
     b_store.close()
 
 
+#: a node whose report job stops for good in its queue, at its first report (killed there by the test)
+DYING_NODE = """
+import asyncio, sys
+from pathlib import Path
+from tests.cluster.test_report_claims import node
+from tests.deliverability.test_reports import FakeQueue
+
+class Stuck(FakeQueue):
+    async def enqueue(self, *args):
+        Path(sys.argv[4]).write_text("sending")
+        await asyncio.Event().wait()
+
+job, _ = node(Path(sys.argv[3]), sys.argv[1], sys.argv[2], Stuck())
+asyncio.run(job.run_once())
+"""
+
+
 @pytest.mark.parametrize("kind", ["dmarc", "tlsrpt"])
 def test_a_dead_claimants_report_is_sent_once_its_lease_ran_out(tmp_path: Path, pg: PgServer, kind: str) -> None:
+    """A node's job takes a.test's claim and is killed (SIGKILL) while it sends that report: another
+    node's runs skip a.test until the lease has run out, then send it, once."""
     dsn = pg.create_db()
-    day = DAY0 // DAY + (1 if kind == "dmarc" else 0)
-    _, dead = node(tmp_path / "dead", dsn, kind, FakeQueue())
-    record(dead)
-    # a node took a.test's report as its run would, then died (its connection gone, no release)
-    assert dead.claim(claim_name(kind, day, "a.test"), NOW + CLAIM_LEASE, NOW)
-    dead.close()
     queue = FakeQueue()
     job, store = node(tmp_path / "b", dsn, kind, queue)
+    record(store)
+    marker = tmp_path / "sending"
+    dying = subprocess.Popen([sys.executable, "-c", DYING_NODE, dsn, kind, str(tmp_path / "dead"), str(marker)],
+                             cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and dying.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the dying node never reached its first report"
+    finally:
+        dying.kill()
+        dying.wait(30)
     assert [d for d, _ in asyncio.run(job.run_once())] == ["c.test", "e.test"]
     late, late_store = node(tmp_path / "b", dsn, kind, queue, now=NOW + CLAIM_LEASE - 1)
     assert asyncio.run(late.run_once()) == []  # still held
     later, later_store = node(tmp_path / "b", dsn, kind, queue, now=NOW + CLAIM_LEASE + 1)
     assert [d for d, _ in asyncio.run(later.run_once())] == ["a.test"]
     assert len(queue.sent) == 3 and store.pending(NOW) == []
+    assert asyncio.run(later.run_once()) == []
     for s in (store, late_store, later_store):
         s.close()
