@@ -521,6 +521,13 @@ class ReportStore(ReportDB):
                                         dkim == "pass", spf == "pass", d, s, reasons)))
         return out
 
+    def pending_domains(self, before: float) -> list[str]:
+        """The policy domains with results to report (not reported yet, recorded before `before`,
+        with a rua), in order: the reports a run claims one by one."""
+        return [str(d) for (d,) in self._rows(
+            "SELECT DISTINCT policy_domain FROM evaluation WHERE reported = 0 AND at < ? AND rua <> '[]' "
+            "ORDER BY policy_domain", (before,))]
+
     def mark_reported(self, ids: Iterable[int]) -> None:
         with self._write() as db:
             for i in ids:

@@ -460,6 +460,13 @@ class TLSReportStore(ReportDB):
                                                 rmx, rip, reason), count))
         return out
 
+    def pending_reports(self, before: float) -> list[tuple[int, str]]:
+        """(day, policy domain) of each report due (outcomes of a day that began before `before`),
+        in order: the reports a run claims one by one."""
+        return [(int(day), str(domain)) for day, domain in self._rows(
+            "SELECT DISTINCT day, domain FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY day, domain",
+            (before,))]
+
     def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
         """Subtract what a report covered ((row id, count) pairs): outcomes counted meanwhile stay."""
         with self._write() as db:

@@ -101,9 +101,8 @@ class ReportJob:
         assert self.store is not None
         store = self.store
         end = int(now // DAY * DAY)
-        pending = await asyncio.to_thread(store.pending, end)
         sent: list[tuple[str, str]] = []
-        for domain in sorted({ev.policy.domain for _, ev in pending if ev.rua}):
+        for domain in await asyncio.to_thread(store.pending_domains, end):
             sent += await self._claimed(store, claim_name("dmarc", end // DAY, domain), now,
                                         functools.partial(self._send_dmarc, now, end, domain))
         await asyncio.to_thread(store.prune, now - KEEP_DAYS * DAY)
@@ -116,10 +115,9 @@ class ReportJob:
         each under a claim of its own."""
         assert self.tls is not None
         store = self.tls
-        pending = await asyncio.to_thread(store.pending, end)
         sent: list[tuple[str, str]] = []
         rua_of: dict[str, tuple[str, ...] | None] = {}
-        for day, domain in sorted({(day, r.policy.domain) for _, day, r, _n in pending}):
+        for day, domain in await asyncio.to_thread(store.pending_reports, end):
             sent += await self._claimed(store, claim_name("tlsrpt", day, domain), now,
                                         functools.partial(self._send_tls, now, end, day, domain, rua_of))
         await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
