@@ -9,7 +9,7 @@ ON CONFLICT`, `RETURNING`), on a `ReportStorage`'s connection, as `accounts.Acco
 node's counts add up in one place and received reports are read the same from any node.
 
 `ReportDB.claim` is the lease the daily report run (the report job, pipeline/jobs.py) takes on one
-report, named by `claim_name(kind, day, domain)`, before it reads that report's rows again and
+report, named by `claim_name(kind, day, domain)`, before it reads that report's rows and
 sends it: with the rows shared, two nodes running the job at once share the reports between them
 and each is sent once; a node that dies mid-send leaves its lease to run out, then another takes it.
 

@@ -81,7 +81,7 @@ class ReportJob:
 
     async def _claimed(self, store: ReportDB, name: str, now: float,
                        run: Callable[[], Awaitable[list[tuple[str, str]]]]) -> list[tuple[str, str]]:
-        """`run` (one report: it reads that report's rows again, sends it and marks them reported)
+        """`run` (one report: it reads that report's rows, sends it and marks them reported)
         under the store's claim `name` (`reportdb.claim_name`): with the store shared (cluster mode)
         the job may run on every node at once; each report is sent by the node that takes its
         claim, while the others go on with the next one, and a run that takes the claim after the
@@ -127,7 +127,7 @@ class ReportJob:
     async def _send_dmarc(self, now: float, end: int, domain: str) -> list[tuple[str, str]]:
         """The reports about `domain` (one per policy and rua it published), under its claim."""
         assert self.store is not None
-        pending = await asyncio.to_thread(self.store.pending, end, domain)  # read again, under the claim
+        pending = await asyncio.to_thread(self.store.pending, end, domain)  # read under the claim
         sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
         sent: list[tuple[str, str]] = []
@@ -167,9 +167,9 @@ class ReportJob:
         """The report about `domain` on `day`, under its claim."""
         assert self.tls is not None
         store = self.tls
-        pending = await asyncio.to_thread(store.pending, end, day, domain)  # read again, under the claim
+        pending = await asyncio.to_thread(store.pending, end, day, domain)  # read under the claim
         if not pending:
-            return []  # another node sent it between our first read and the claim
+            return []  # another node sent it after we listed it
         sender = await asyncio.to_thread(self.sender_address)
         [rep] = tlsrpt.build_reports([(d, r, n) for _, d, r, n in pending], org_name=self.submitter,
                                      contact=sender, submitter=self.submitter, end=end)

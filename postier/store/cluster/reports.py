@@ -8,7 +8,7 @@ connection (store/cluster/accounts.py: `?` placeholders, autocommit, connected a
 TLS outcomes are summed per day and outcome in place (`INSERT ... ON CONFLICT DO UPDATE`), so two
 nodes counting at once lose nothing; DMARC results are a row per message. The daily report job
 takes each report's claim (`ReportDB.claim`, a row of `report_claim` per kind, day and policy
-domain) before it reads that report's rows again and sends it, so the nodes share the reports and
+domain) before it reads that report's rows and sends it, so the nodes share the reports and
 one node sends each. `report_origin` and `report_imported` serve `import_from` (a single machine's
 files copied in by `postier cluster import-accounts`).
 
