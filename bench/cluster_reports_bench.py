@@ -1,8 +1,11 @@
 """Report stores benchmark, SQLite against cluster mode's PostgreSQL: TLS outcomes (RFC 8460) and DMARC
 results (RFC 7489 §7.2) recorded by two stores at once (two nodes, or two workers on one file), from
-two threads, with the sums checked exact at the end. A throwaway PostgreSQL 15 (fsync off) on loopback.
+two threads, with the sums checked exact at the end; then the import of a single machine's report
+files into PostgreSQL (`import_from`, as `postier cluster import-accounts` runs it): --import
+results and as many distinct TLS outcomes, copied, then copied again (nothing to add). A throwaway
+PostgreSQL 15 (fsync off) on loopback.
 
-    .venv/bin/python -m bench cluster-reports [--records 2000] [--rounds 3]
+    .venv/bin/python -m bench cluster-reports [--records 2000] [--rounds 3] [--import 10000]
 """
 
 from __future__ import annotations
@@ -69,10 +72,40 @@ def measure(make_tls: Callable[[], TLSReportStore], make_dmarc: Callable[[], Rep
     return out
 
 
+def measure_import(dsn: str, n: int) -> list[tuple[str, float, float]]:
+    """(kind, seconds of the first import, seconds of the second) of `n` rows of each kind."""
+    now = time.time()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="postier-bench-") as tmp:
+        root = Path(tmp)
+        src_tls, src_dmarc = TLSReportStore(root / "tlsrpt.sqlite"), ReportStore(root / "dmarc.sqlite")
+        for i in range(n):  # distinct outcomes of yesterday, each counted 3 times
+            r = SessionResult(TLSPolicy(STS, f"d{i % 50}.test"), "validation-failure", receiving_ip=f"10.0.{i // 250}.{i % 250}")
+            for _ in range(3):
+                src_tls.record(r, now - DAY)
+        with src_dmarc._write():  # one transaction: the source's making is not measured
+            for i in range(n):
+                _dmarc(src_dmarc, i)
+        src_dmarc._execute("UPDATE evaluation SET at = ? + id", (now - DAY,))
+        for kind, src, dst in (("TLS outcome rows", src_tls, TLSReportStore(PGReportStorage(dsn, "tlsrpt"))),
+                               ("DMARC results", src_dmarc, ReportStore(PGReportStorage(dsn, "dmarc")))):
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                tally, _received = dst.import_from(src, now)  # type: ignore[arg-type]
+                times.append(time.perf_counter() - t)
+                assert tally.copied + tally.unchanged == (3 * n if kind.startswith("TLS") else n), tally
+            out.append((kind, times[0], times[1]))
+            dst.close()
+            src.close()
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench cluster-reports")
     ap.add_argument("--records", type=int, default=2000, help="records per store and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--import", dest="imports", type=int, default=10000, help="rows of each kind imported")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="postier-bench-") as tmp:
         root = Path(tmp)
@@ -84,12 +117,15 @@ def main(argv: list[str]) -> int:
         dsn = pg.create_db()
         cluster = measure(lambda: TLSReportStore(PGReportStorage(dsn, "tlsrpt")),
                           lambda: ReportStore(PGReportStorage(dsn, "dmarc")), args.records, args.rounds)
+        imports = measure_import(pg.create_db(), args.imports)
     finally:
         pg.remove()
     print(f"{'two stores at once, best of ' + str(args.rounds):<32} {'SQLite':>10} {'PostgreSQL':>12}")
     for key in sqlite:
         print(f"{key:<32} {sqlite[key]:>10.0f} {cluster[key]:>12.0f}")
     print("sums exact in every round")
+    for kind, first, again in imports:
+        print(f"import of {args.imports} {kind}: {first:.2f} s ({args.imports / first:.0f}/s), again {again:.2f} s")
     return 0
 
 

@@ -8,32 +8,69 @@ ON CONFLICT`, `RETURNING`), on a `ReportStorage`'s connection, as `accounts.Acco
 (store/cluster/reports.py) keeps the same tables in PostgreSQL, shared by every node, so each
 node's counts add up in one place and received reports are read the same from any node.
 
-`ReportDB.claim` is the lease one daily report run takes before it reads what to report (the
-report job, pipeline/jobs.py): with the rows shared, two nodes running the job at once would
-otherwise both send the same reports.
+`ReportDB.claim` is the lease the daily report run (the report job, pipeline/jobs.py) takes on one
+report, named by `claim_name(kind, day, domain)`, before it reads that report's rows and
+sends it: with the rows shared, two nodes running the job at once share the reports between them
+and each is sent once; a node that dies mid-send leaves its lease to run out, then another takes it.
+
+`ReportDB.origin`, `importing`, `imported` and `note_imported` serve `import_from` of the two stores (a
+single machine's files copied into cluster mode's tables, store/cluster/importer.py): the source
+file gets a random id of its own once, and the target notes, per (that id, source row), what it
+has copied, so a second copy of the same file adds nothing.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..accounts import Connection, Cursor
 from ..durable import ensure_dirs, immediate, use_wal
 
-__all__ = ["CLAIM_SCHEMA", "ReportDB", "ReportStorage", "SQLiteReportStorage"]
+__all__ = ["CLAIM_SCHEMA", "ImportTally", "ReportDB", "ReportStorage", "SQLiteReportStorage", "claim_name"]
 
-#: The claims of report runs (`ReportDB.claim`), in every report store.
+#: The claims of reports being sent (`ReportDB.claim`), the store's own id (`ReportDB.origin`) and
+#: what was imported from other stores (`ReportDB.imported`), in every report store.
 CLAIM_SCHEMA = """
 CREATE TABLE IF NOT EXISTS report_claim (
     name TEXT PRIMARY KEY,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS report_origin (
+    id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS report_imported (
+    origin TEXT NOT NULL,
+    item TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (origin, item)
+);
 """
+
+IMPORT_LOCK = 0x706F7377  # pg_advisory_xact_lock(IMPORT_LOCK, hashtext(origin)): one import from a store at a time
+
+
+def claim_name(kind: str, day: int, domain: str) -> str:
+    """The claim of one report: `kind` ("dmarc", "tlsrpt") about the policy domain `domain`; `day`
+    (days since the epoch, UTC) is for DMARC the day the run ends at (its midnight), for TLS the
+    day of the outcomes."""
+    return f"{kind}/{day}/{domain}"
+
+
+@dataclass
+class ImportTally:
+    """What `import_from` did with one kind of row: copied, found copied before, or left out
+    (expired, or over the day's bound)."""
+
+    copied: int = 0
+    unchanged: int = 0
+    skipped: int = 0
 
 
 class ReportStorage(Protocol):
@@ -71,6 +108,9 @@ class SQLiteReportStorage:
     @contextmanager
     def write(self, conn: Connection) -> Iterator[None]:
         assert isinstance(conn, sqlite3.Connection)
+        if conn.in_transaction:  # within an outer one (`ReportDB.importing`)
+            yield
+            return
         with immediate(conn):
             yield
 
@@ -108,7 +148,8 @@ class ReportDB:
             self._db.close()
 
     def claim(self, name: str, until: float, now: float) -> bool:
-        """Take the lease `name` until `until`; False while another holder's lease runs (after `now`)."""
+        """Take the lease `name` (`claim_name`) until `until`; False while another holder's lease
+        runs (after `now`). A holder that dies keeps it until `until`, then anyone may take it."""
         taken = self._rows(  # every row read: SQLite ends the statement (and its write) then
             "INSERT INTO report_claim (name, until) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
             "SET until = excluded.until WHERE report_claim.until < ? RETURNING name", (name, until, now))
@@ -116,3 +157,38 @@ class ReportDB:
 
     def release(self, name: str) -> None:
         self._execute("DELETE FROM report_claim WHERE name = ?", (name,))
+
+    def forget_claims(self, now: float) -> None:
+        """Drop the leases that ran out (their holders died before `release`)."""
+        self._execute("DELETE FROM report_claim WHERE until < ?", (now,))
+
+    # -- importing another store's rows (`import_from` of the stores) --
+
+    def origin(self) -> str:
+        """This store's id, made at the first call: what an import from it notes its rows by."""
+        with self._write() as db:
+            row = db.execute("SELECT id FROM report_origin").fetchone()
+            if row is not None:
+                return str(row[0])
+            made = secrets.token_hex(16)
+            db.execute("INSERT INTO report_origin (id) VALUES (?)", (made,))
+            return made
+
+    @contextmanager
+    def importing(self, origin: str) -> Iterator[None]:
+        """One write transaction for an import from the store `origin`; two imports from it at once
+        run one after the other (PostgreSQL: an advisory lock; SQLite: the file's write lock)."""
+        with self._write() as db:
+            if self.storage.dialect == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (IMPORT_LOCK, origin))
+            yield
+
+    def imported(self, origin: str) -> dict[str, int]:
+        """How much of each row (item) of the store `origin` was copied before (within `importing`)."""
+        return {str(item): int(n) for item, n in
+                self._rows("SELECT item, count FROM report_imported WHERE origin = ?", (origin,))}
+
+    def note_imported(self, origin: str, item: str, count: int) -> None:
+        """`count` of `item` of the store `origin` is copied now (within `importing`)."""
+        self._execute("INSERT INTO report_imported (origin, item, count) VALUES (?, ?, ?) ON CONFLICT "
+                      "(origin, item) DO UPDATE SET count = excluded.count", (origin, item, count))

@@ -43,7 +43,7 @@ from urllib.parse import unquote
 from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
 from postier.resolver import AsyncLookup, DNSStatus
 
-from .reportdb import ReportDB, ReportStorage, SQLiteReportStorage
+from .reportdb import ImportTally, ReportDB, ReportStorage, SQLiteReportStorage
 
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
@@ -507,16 +507,26 @@ class ReportStore(ReportDB):
              json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
              "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
 
-    def pending(self, before: float) -> list[tuple[int, Evaluation]]:
+    def pending(self, before: float, domain: str | None = None) -> list[tuple[int, Evaluation]]:
+        """(row id, result) of the results not reported yet, recorded before `before` (about the
+        policy domain `domain`, or any)."""
+        where, args = ("", (before,)) if domain is None else (" AND policy_domain = ?", (before, domain))
         rows = self._rows(
             "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
-            "FROM evaluation WHERE reported = 0 AND at < ? ORDER BY id", (before,))
+            f"FROM evaluation WHERE reported = 0 AND at < ?{where} ORDER BY id", args)
         out = []
         for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth in rows:
             d, s, reasons = _auth_from(auth)
             out.append((rid, Evaluation(at, ip, hfrom, efrom, _policy_from(pol), tuple(json.loads(rua)), disp,
                                         dkim == "pass", spf == "pass", d, s, reasons)))
         return out
+
+    def pending_domains(self, before: float) -> list[str]:
+        """The policy domains with results to report (not reported yet, recorded before `before`,
+        with a rua), in order: the reports a run claims one by one."""
+        return [str(d) for (d,) in self._rows(
+            "SELECT DISTINCT policy_domain FROM evaluation WHERE reported = 0 AND at < ? AND rua <> '[]' "
+            "ORDER BY policy_domain", (before,))]
 
     def mark_reported(self, ids: Iterable[int]) -> None:
         with self._write() as db:
@@ -553,6 +563,34 @@ class ReportStore(ReportDB):
                     (got[0][0], r.source_ip, r.count, r.disposition, r.dkim, r.spf, r.header_from,
                      _auth_json(r.dkim_auth, r.spf_auth, r.reasons)))
             return True
+
+    def import_from(self, src: ReportStore, now: float) -> tuple[ImportTally, ImportTally]:
+        """Copy `src`'s results not reported yet and the reports it received (a single machine's
+        file into cluster mode's tables): (results, received reports) copied, found copied before
+        and left out. Each result copied is noted by `src`'s id and row id (`ReportDB.imported`),
+        in the same transaction, so copying the same file again adds nothing; results already
+        reported from `src` are not copied (they were sent), nor those older than KEEP_DAYS (the
+        next run would drop them). A received report is kept once per (org, report id) as always."""
+        results, received = ImportTally(), ImportTally()
+        origin = src.origin()
+        with self.importing(origin):
+            done = self.imported(origin)
+            for rid, ev in src.pending(float("inf")):
+                item = f"evaluation/{rid}/{ev.at!r}"
+                if ev.at < now - KEEP_DAYS * DAY:
+                    results.skipped += 1
+                elif item in done:
+                    results.unchanged += 1
+                else:
+                    self.record(ev)
+                    self.note_imported(origin, item, 1)
+                    results.copied += 1
+            for rr in src.received():
+                if self.store_received(rr.report, rr.authenticated, rr.received):
+                    received.copied += 1
+                else:
+                    received.unchanged += 1
+        return results, received
 
     def received(self, domain: str | None = None) -> list[ReceivedReport]:
         q = 'SELECT id, received, org_name, email, report_id, begin, "end", policy, authenticated FROM report_in'

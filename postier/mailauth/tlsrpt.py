@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import hashlib
 import json
 import re
 import secrets
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from postier.mailauth.dmarc import normalize_domain
-from postier.mailauth.reportdb import ReportDB, ReportStorage, SQLiteReportStorage
+from postier.mailauth.reportdb import ImportTally, ReportDB, ReportStorage, SQLiteReportStorage
 from postier.mailauth.reports import DAY, ReportError, attachments, decompress, report_mail
 
 __all__ = ["RESULT_TYPES", "STS", "TLSA", "NO_POLICY", "TLSPolicy", "SessionResult", "FailureDetail",
@@ -385,6 +386,12 @@ def _policy_key(p: TLSPolicy) -> str:
     return json.dumps([p.type, list(p.strings), list(p.mx_host)])
 
 
+def _session_key(r: SessionResult, at: float) -> tuple[int, str, str, str, str, str, str, str]:
+    """The unique key of an outcome's `session` row: its day, policy and failure detail (bounded)."""
+    return (int(at // DAY), r.policy.domain, _policy_key(r.policy), r.result, r.sending_ip[:64],
+            r.receiving_mx[:255], r.receiving_ip[:64], r.reason[:256])
+
+
 class TLSReportStore(ReportDB):
     """The TLS report tables: `tlsrpt.sqlite`, or another `ReportStorage` (cluster mode's PostgreSQL,
     where every node counts into the same rows). Thread-safe; every method blocks briefly.
@@ -410,33 +417,55 @@ class TLSReportStore(ReportDB):
         Two processes (or nodes) counting the same outcome at once both count: the row is added to
         in place (`ON CONFLICT DO UPDATE`), never read and written back. Several counting a new
         outcome at once may pass the day's bound by one each."""
-        key = (int(at // DAY), r.policy.domain, _policy_key(r.policy), r.result, r.sending_ip[:64],
-               r.receiving_mx[:255], r.receiving_ip[:64], r.reason[:256])
+        key = _session_key(r, at)
         with self._lock:
-            cur = self._execute(
-                "UPDATE session SET count = count + 1 WHERE day=? AND domain=? AND policy=? AND result=? AND "
-                "sending_ip=? AND receiving_mx=? AND receiving_ip=? AND reason=?", key)
-            if cur.rowcount:
+            if self._add(key, 1):
                 return True
             (n,) = self._execute("SELECT COUNT(*) FROM session WHERE day = ?", (key[0],)).fetchone()
             if n >= MAX_SESSION_ROWS:
                 return False
-            self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
-                          f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,1) ON CONFLICT {self._key} "
-                          "DO UPDATE SET count = session.count + 1", key)
+            self._insert(key, 1)
             return True
 
-    def pending(self, before: float) -> list[tuple[int, int, SessionResult, int]]:
-        """(row id, day, outcome, count) of every outcome recorded on a day that began before `before`."""
+    def _add(self, key: tuple[Any, ...], count: int) -> bool:
+        """Add `count` to the outcome's row, if there is one."""
+        if self.storage.dialect == "sqlite":
+            return bool(self._execute(
+                "UPDATE session SET count = count + ? WHERE day=? AND domain=? AND policy=? AND result=? AND "
+                "sending_ip=? AND receiving_mx=? AND receiving_ip=? AND reason=?", (count, *key)).rowcount)
+        day, domain, policy, result, sip, rmx, rip, reason = key
+        return bool(self._execute(  # the unique index's expressions, so that it finds the row
+            "UPDATE session SET count = count + ? WHERE day=? AND domain=? AND md5(policy)=md5(?) AND result=? "
+            "AND sending_ip=? AND receiving_mx=? AND receiving_ip=? AND md5(reason)=md5(?) AND policy=? AND "
+            "reason=?", (count, day, domain, policy, result, sip, rmx, rip, reason, policy, reason)).rowcount)
+
+    def _insert(self, key: tuple[Any, ...], count: int) -> None:
+        """A new outcome's row (added to, should another process have made it meanwhile)."""
+        self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
+                      f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT {self._key} "
+                      "DO UPDATE SET count = session.count + excluded.count", (*key, count))
+
+    def pending(self, before: float, day: int | None = None,
+                domain: str = "") -> list[tuple[int, int, SessionResult, int]]:
+        """(row id, day, outcome, count) of every outcome recorded on a day that began before `before`
+        (with `day` and `domain`: that day's outcomes of that policy domain only)."""
+        where, args = ("", (before,)) if day is None else (" AND day = ? AND domain = ?", (before, day, domain))
         rows = self._rows(
             "SELECT id, day, domain, policy, result, sending_ip, receiving_mx, receiving_ip, reason, count "
-            "FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY id", (before,))
+            f"FROM session WHERE day * 86400 < ? AND count > 0{where} ORDER BY id", args)
         out = []
         for rid, day, domain, pol, result, sip, rmx, rip, reason, count in rows:
             ptype, strings, mx = json.loads(pol)
             out.append((rid, day, SessionResult(TLSPolicy(ptype, domain, tuple(strings), tuple(mx)), result, sip,
                                                 rmx, rip, reason), count))
         return out
+
+    def pending_reports(self, before: float) -> list[tuple[int, str]]:
+        """(day, policy domain) of each report due (outcomes of a day that began before `before`),
+        in order: the reports a run claims one by one."""
+        return [(int(day), str(domain)) for day, domain in self._rows(
+            "SELECT DISTINCT day, domain FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY day, domain",
+            (before,))]
 
     def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
         """Subtract what a report covered ((row id, count) pairs): outcomes counted meanwhile stay."""
@@ -447,6 +476,47 @@ class TLSReportStore(ReportDB):
 
     def prune(self, before: float) -> int:
         return self._execute("DELETE FROM session WHERE (day + 1) * 86400 < ?", (before,)).rowcount
+
+    def import_from(self, src: TLSReportStore, now: float) -> tuple[ImportTally, ImportTally]:
+        """Add `src`'s outcomes not reported yet to this store's counts and copy the reports it
+        received (a single machine's file into cluster mode's tables): (sessions, received reports)
+        copied, found copied before and left out. Each outcome row's count is noted by `src`'s id,
+        row id and outcome (`ReportDB.imported`) in the same transaction, and a second copy adds
+        only what the row gained since (nothing, from a stopped node): counts are never added
+        twice. What `src` reported was subtracted there when it was sent, so it is not sent again;
+        outcomes of days `prune` would drop (KEEP_DAYS) are left out, and so is a new outcome on a
+        day that holds MAX_SESSION_ROWS already, as `record` does."""
+        sessions, received = ImportTally(), ImportTally()
+        origin = src.origin()
+        with self.importing(origin):
+            done = self.imported(origin)
+            # the days' numbers of distinct outcomes, counted once (as `record` does for each new one)
+            rows_of = {int(d): int(n) for d, n in self._rows("SELECT day, COUNT(*) FROM session GROUP BY day")}
+            for rid, day, r, n in src.pending(float("inf")):
+                key = _session_key(r, day * DAY)
+                item = f"session/{rid}/{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
+                before = done.get(item, 0)
+                if (day + 1) * DAY < now - KEEP_DAYS * DAY:
+                    sessions.skipped += n
+                    continue
+                if n <= before:
+                    sessions.unchanged += n
+                    continue
+                if not self._add(key, n - before):
+                    if rows_of.get(day, 0) >= MAX_SESSION_ROWS:
+                        sessions.skipped += n - before
+                        continue
+                    self._insert(key, n - before)
+                    rows_of[day] = rows_of.get(day, 0) + 1
+                self.note_imported(origin, item, n)
+                sessions.copied += n - before
+                sessions.unchanged += before
+            for rr in src.received(limit=1 << 62):
+                if self.store_received(rr.report, rr.authenticated, rr.received):
+                    received.copied += 1
+                else:
+                    received.unchanged += 1
+        return sessions, received
 
     def log_sent(self, report: TLSReport, rua: str, status: str, at: float) -> None:
         self._execute(

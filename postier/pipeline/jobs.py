@@ -11,6 +11,7 @@ step them by hand.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import logging
 import time
@@ -23,7 +24,7 @@ from ..mailauth import tlsrpt
 from ..mailauth.reports import (
     DAY, KEEP_DAYS, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
 )
-from ..mailauth.reportdb import ReportDB
+from ..mailauth.reportdb import ReportDB, claim_name
 from ..mailauth.tlsrpt import TLSReportStore
 from ..message.types import Enqueuer, Envelope, MessageBody
 from ..queue.spool import TLS_REPORT_ROLE
@@ -35,7 +36,7 @@ __all__ = ["Clock", "ReportJob", "Sleep"]
 log = logging.getLogger("postier.dmarc")
 
 Clock = Callable[[], float]
-CLAIM_LEASE = 3600.0  # seconds a report run holds its claim at most (longer than any run)
+CLAIM_LEASE = 3600.0  # seconds a run holds one report's claim at most (longer than sending one takes)
 Sleep = Callable[[float], Awaitable[Any]]
 
 
@@ -45,9 +46,10 @@ class ReportJob:
     (with `tls`).
 
     Each run (at 00:00 UTC) reports every result recorded before that midnight, then forgets
-    results older than KEEP_DAYS. A run holds its store's claim while it sends (`_claimed`): in
-    cluster mode every node runs the job on the shared store and one of them sends each report. A report whose destination cannot be checked (DNS trouble) or
-    queued (the queue failed) stays pending for the next run.
+    results older than KEEP_DAYS. A run holds one report's claim while it sends that report
+    (`_claimed`): in cluster mode every node runs the job on the shared store, the nodes share the
+    reports between them and each is sent once. A report whose destination cannot be checked (DNS
+    trouble) or queued (the queue failed) stays pending for the next run.
     """
 
     config: Config
@@ -79,11 +81,14 @@ class ReportJob:
 
     async def _claimed(self, store: ReportDB, name: str, now: float,
                        run: Callable[[], Awaitable[list[tuple[str, str]]]]) -> list[tuple[str, str]]:
-        """`run` under the store's claim `name`: with the store shared (cluster mode) the job may
-        run on every node at once; the one that takes the claim reads what is due and sends it, and
-        subtracts it before it lets go, so another node's run (then, or later) finds it done."""
+        """`run` (one report: it reads that report's rows, sends it and marks them reported)
+        under the store's claim `name` (`reportdb.claim_name`): with the store shared (cluster mode)
+        the job may run on every node at once; each report is sent by the node that takes its
+        claim, while the others go on with the next one, and a run that takes the claim after the
+        holder let go finds the rows reported and sends nothing. A node that dies mid-send holds
+        the claim until its lease (CLAIM_LEASE) runs out: then the next run of any node sends it."""
         if not await asyncio.to_thread(store.claim, name, now + CLAIM_LEASE, now):
-            log.info("%s: another process is sending these reports now", name)
+            log.info("%s: another process is sending this report now", name)
             return []
         try:
             return await run()
@@ -91,20 +96,38 @@ class ReportJob:
             await asyncio.to_thread(store.release, name)
 
     async def send_dmarc(self, now: float) -> list[tuple[str, str]]:
-        """DMARC aggregate reports (RFC 7489 §7.2) of the results recorded before midnight."""
+        """DMARC aggregate reports (RFC 7489 §7.2) of the results recorded before midnight, each
+        policy domain's under a claim of its own."""
         assert self.store is not None
-        return await self._claimed(self.store, "dmarc", now, lambda: self._send_dmarc(now))
+        store = self.store
+        end = int(now // DAY * DAY)
+        sent: list[tuple[str, str]] = []
+        for domain in await asyncio.to_thread(store.pending_domains, end):
+            sent += await self._claimed(store, claim_name("dmarc", end // DAY, domain), now,
+                                        functools.partial(self._send_dmarc, now, end, domain))
+        await asyncio.to_thread(store.prune, now - KEEP_DAYS * DAY)
+        await asyncio.to_thread(store.forget_claims, now)
+        return sent
 
     async def send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
         """TLS reports (RFC 8460 §4) of the outcomes recorded before `end` (midnight; `now` to report
-        today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record."""
+        today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record,
+        each under a claim of its own."""
         assert self.tls is not None
-        return await self._claimed(self.tls, "tlsrpt", now, lambda: self._send_tls(now, end))
+        store = self.tls
+        sent: list[tuple[str, str]] = []
+        rua_of: dict[str, tuple[str, ...] | None] = {}
+        for day, domain in await asyncio.to_thread(store.pending_reports, end):
+            sent += await self._claimed(store, claim_name("tlsrpt", day, domain), now,
+                                        functools.partial(self._send_tls, now, end, day, domain, rua_of))
+        await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
+        await asyncio.to_thread(store.forget_claims, now)
+        return sent
 
-    async def _send_dmarc(self, now: float) -> list[tuple[str, str]]:
+    async def _send_dmarc(self, now: float, end: int, domain: str) -> list[tuple[str, str]]:
+        """The reports about `domain` (one per policy and rua it published), under its claim."""
         assert self.store is not None
-        end = int(now // DAY * DAY)
-        pending = await asyncio.to_thread(self.store.pending, end)
+        pending = await asyncio.to_thread(self.store.pending, end, domain)  # read under the claim
         sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
         sent: list[tuple[str, str]] = []
@@ -137,56 +160,47 @@ class ReportJob:
             if finished:
                 done.extend(out.evaluation_ids)
         await asyncio.to_thread(self.store.mark_reported, done)
-        await asyncio.to_thread(self.store.prune, now - KEEP_DAYS * DAY)
         return sent
 
-    async def _send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
+    async def _send_tls(self, now: float, end: int, day: int, domain: str,
+                        rua_of: dict[str, tuple[str, ...] | None]) -> list[tuple[str, str]]:
+        """The report about `domain` on `day`, under its claim."""
         assert self.tls is not None
         store = self.tls
-        pending = await asyncio.to_thread(store.pending, end)
+        pending = await asyncio.to_thread(store.pending, end, day, domain)  # read under the claim
+        if not pending:
+            return []  # another node sent it after we listed it
         sender = await asyncio.to_thread(self.sender_address)
-        reports = tlsrpt.build_reports([(day, r, n) for _, day, r, n in pending], org_name=self.submitter,
-                                       contact=sender, submitter=self.submitter, end=end)
-        rows: dict[tuple[int, str], list[tuple[int, int]]] = {}
-        for rid, day, r, n in pending:
-            rows.setdefault((day, r.policy.domain), []).append((rid, n))
+        [rep] = tlsrpt.build_reports([(d, r, n) for _, d, r, n in pending], org_name=self.submitter,
+                                     contact=sender, submitter=self.submitter, end=end)
+        taken = [(rid, n) for rid, _, _, n in pending]
+        if domain not in rua_of:
+            rua_of[domain] = await self._tlsrpt_rua(domain)
+        rua = rua_of[domain]
+        if rua is None:  # DNS trouble: next run
+            return []
         sent: list[tuple[str, str]] = []
-        done: list[tuple[int, int]] = []
-        rua_of: dict[str, tuple[str, ...] | None] = {}
-        for rep in reports:
-            domain = rep.domains[0]
-            if domain not in rua_of:
-                rua_of[domain] = await self._tlsrpt_rua(domain)
-            rua = rua_of[domain]
-            taken = rows[(rep.start // DAY, domain)]
-            if rua is None:  # DNS trouble: next run
+        finished = True
+        for uri in rua:  # §3: none (no single, valid record): the domain does not want reports
+            if uri.lower().startswith("https:"):
+                await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
                 continue
-            if not rua:  # §3: no (single, valid) record: the domain does not want reports
-                done.extend(taken)
+            targets = parse_rua([uri])
+            if not targets:
+                log.info("tlsrpt: %s: rua %s not usable", domain, uri[:100])
+                await asyncio.to_thread(store.log_sent, rep, uri[:200], "not-supported", now)
                 continue
-            finished = True
-            for uri in rua:
-                if uri.lower().startswith("https:"):
-                    await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
-                    continue
-                targets = parse_rua([uri])
-                if not targets:
-                    log.info("tlsrpt: %s: rua %s not usable", domain, uri[:100])
-                    await asyncio.to_thread(store.log_sent, rep, uri[:200], "not-supported", now)
-                    continue
-                address = targets[0][0]
-                message = tlsrpt.report_message(rep, self.submitter, sender, address, now)
-                if await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
-                    sent.append((domain, address))
-                    await asyncio.to_thread(store.log_sent, rep, address, "queued", now)
-                    log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,
-                             address, rep.successes, rep.failed)
-                else:
-                    finished = False
-            if finished:
-                done.extend(taken)
-        await asyncio.to_thread(store.mark_reported, done)
-        await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
+            address = targets[0][0]
+            message = tlsrpt.report_message(rep, self.submitter, sender, address, now)
+            if await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
+                sent.append((domain, address))
+                await asyncio.to_thread(store.log_sent, rep, address, "queued", now)
+                log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,
+                         address, rep.successes, rep.failed)
+            else:
+                finished = False
+        if finished:
+            await asyncio.to_thread(store.mark_reported, taken)
         return sent
 
     async def _post_tls(self, rep: tlsrpt.TLSReport, url: str, now: float) -> None:

@@ -13,7 +13,10 @@ from ..config import Config
 from ..mailauth.reports import ReportStore
 from ..mailauth.tlsrpt import TLSReportStore
 
-__all__ = ["open_dmarc_reports", "open_tls_reports"]
+__all__ = ["DMARC_FILE", "TLS_FILE", "open_dmarc_reports", "open_tls_reports"]
+
+DMARC_FILE = "dmarc.sqlite"  # in DATA_DIR
+TLS_FILE = "tlsrpt.sqlite"
 
 
 def open_dmarc_reports(config: Config) -> ReportStore:
@@ -23,7 +26,7 @@ def open_dmarc_reports(config: Config) -> ReportStore:
         require_extra()
         from .cluster.reports import open_dmarc_reports as open_cluster_dmarc
         return open_cluster_dmarc(config)
-    return ReportStore(config.data_dir / "dmarc.sqlite")
+    return ReportStore(config.data_dir / DMARC_FILE)
 
 
 def open_tls_reports(config: Config) -> TLSReportStore:
@@ -33,4 +36,4 @@ def open_tls_reports(config: Config) -> TLSReportStore:
         require_extra()
         from .cluster.reports import open_tls_reports as open_cluster_tls
         return open_cluster_tls(config)
-    return TLSReportStore(config.data_dir / "tlsrpt.sqlite")
+    return TLSReportStore(config.data_dir / TLS_FILE)

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("psycopg")
 
 from postier.mailauth import tlsrpt  # noqa: E402
+from postier.mailauth.reportdb import claim_name  # noqa: E402
 from postier.mailauth.reports import (  # noqa: E402
     DAY, AggregateReport, PolicyPublished, ReportRow, ReportStore, extract_reports,
 )
@@ -133,8 +134,9 @@ def test_the_report_job_on_two_nodes_at_once_sends_each_report_once(tmp_path: Pa
     job, queue, dmarc, tls = nodes[1]
     assert asyncio.run(job.run_once()) == []
     assert dmarc.pending(DAY0 + DAY) == [] and tls.pending(DAY0 + DAY) == []
-    assert dmarc.claim("dmarc", DAY0 + 2 * DAY, DAY0 + DAY) and tls.claim("tlsrpt", DAY0 + 2 * DAY, DAY0 + DAY)
-    assert not tls.claim("tlsrpt", DAY0 + 3 * DAY, DAY0 + DAY + 1)  # held until its lease ends
+    dmarc_claim, tls_claim = claim_name("dmarc", DAY0 // DAY + 1, "a.test"), claim_name("tlsrpt", DAY0 // DAY, "b.test")
+    assert dmarc.claim(dmarc_claim, DAY0 + 2 * DAY, DAY0 + DAY) and tls.claim(tls_claim, DAY0 + 2 * DAY, DAY0 + DAY)
+    assert not tls.claim(tls_claim, DAY0 + 3 * DAY, DAY0 + DAY + 1)  # held until its lease ends
     for _job, _queue, dmarc, tls in nodes:
         dmarc.close()
         tls.close()

@@ -1,13 +1,14 @@
 """`postier cluster init|status|gc|import-accounts`: create cluster mode's tables and bucket, show whether
 this node reaches PostgreSQL and the object store, delete unreferenced bodies (from the table and from a
-listing of the bucket), copy a single-machine
-node's accounts, DKIM keys and Sieve scripts into PostgreSQL (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
+listing of the bucket), copy a single-machine node's accounts, DKIM keys and Sieve scripts, and its
+reports not sent yet (the DMARC and TLS report files), into PostgreSQL (docs/scaling.md). psycopg and boto3 (the `cluster` extra) are
 imported only when the command runs, so the CLI works without them in single-machine mode."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from ...config import Config, load_config
@@ -110,7 +111,8 @@ def _import_accounts(cfg: Config, args: argparse.Namespace) -> int:
 
     from ...cli import CLIError
     from ...message.types import AccountError
-    from .importer import copy_into, read_source
+    from .importer import copy_into, copy_reports, read_source
+    from .reports import open_dmarc_reports, open_tls_reports
     from .schema import ensure_schema
 
     source = Path(args.source) if args.source else cfg.data_dir
@@ -125,13 +127,22 @@ def _import_accounts(cfg: Config, args: argparse.Namespace) -> int:
         with psycopg.connect(cfg.cluster.dsn, connect_timeout=max(1, int(cfg.cluster.timeout))) as conn:
             ensure_schema(conn)
             out = copy_into(conn, src, overwrite=args.overwrite)
+        for conflict in out.conflicts:
+            print(f"{'replaced' if args.overwrite else 'conflict'}: {conflict}", file=sys.stderr)
+        if out.conflicts and not args.overwrite:
+            raise CLIError(f"{len(out.conflicts)} conflict(s) with what PostgreSQL holds: nothing copied "
+                           "(--overwrite makes those rows this node's)")
+        # the report files beside the accounts file: what the node had not reported yet
+        dmarc, tls = open_dmarc_reports(cfg), open_tls_reports(cfg)
+        try:
+            copy_reports(data_dir, dmarc, tls, time.time(), out)
+        finally:
+            dmarc.close()
+            tls.close()
+    except AccountError as exc:
+        raise CLIError(str(exc)) from None
     except psycopg.Error as exc:
         raise CLIError(f"cluster import-accounts failed: {str(exc).strip()}") from None
-    for conflict in out.conflicts:
-        print(f"{'replaced' if args.overwrite else 'conflict'}: {conflict}", file=sys.stderr)
-    if out.conflicts and not args.overwrite:
-        raise CLIError(f"{len(out.conflicts)} conflict(s) with what PostgreSQL holds: nothing copied "
-                       "(--overwrite makes those rows this node's)")
     print(f"from {db}:")
     for line in out.lines():
         print(f"  {line}")
@@ -142,7 +153,8 @@ def _import_accounts(cfg: Config, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cluster", help="cluster mode: create the tables and bucket (init), check them (status), "
                                        "delete unreferenced bodies (gc), copy this node's accounts, DKIM keys "
-                                       "and Sieve scripts into PostgreSQL (import-accounts)")
+                                       "and Sieve scripts, and its reports not sent yet, into PostgreSQL "
+                                       "(import-accounts)")
     p.add_argument("action", choices=("init", "status", "gc", "import-accounts"))
     p.add_argument("--grace", type=float, default=86400.0, metavar="SECONDS",
                    help="gc: keep bodies uploaded less than this long ago (default a day)")
@@ -152,7 +164,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="gc: list at most N objects of the bucket per run, going on from the last run's key "
                         "(default 100000)")
     p.add_argument("--from", dest="source", metavar="PATH",
-                   help="import-accounts: a single-machine data directory or its accounts.sqlite "
+                   help="import-accounts: a single-machine data directory or its accounts.sqlite, "
+                        "with the DKIM keys, Sieve scripts and report files beside it "
                         "(default this node's data directory)")
     p.add_argument("--overwrite", action="store_true",
                    help="import-accounts: replace rows that PostgreSQL holds with other content")

@@ -16,6 +16,21 @@ hand is the same domain). A row present with other content is a conflict: every 
 and nothing at all is copied, unless `overwrite`, which makes the rows the file's. Tracking entries
 never conflict: each keeps the later of its two expiry times. Nothing is ever deleted from PostgreSQL. Mail itself is not copied here: `postier export` and `postier import
 maildir` move it.
+
+`copy_reports` then copies the node's report files beside the accounts file (`dmarc.sqlite`,
+`tlsrpt.sqlite`; a missing one holds nothing) into the shared report tables, so that what the node
+recorded but had not reported yet is reported by the cluster's daily job: the DMARC results not
+reported yet, the TLS outcomes still counted (added to the shared counts) and the reports others
+sent it (the admin console and `postier dmarc|tls reports` show them). The rules are the stores'
+(`ReportStore.import_from`, `TLSReportStore.import_from`): the live retention (nothing older than
+KEEP_DAYS) and the day's bound of distinct TLS outcomes hold, what the node already sent is not
+copied. A rerun copies nothing: the rows have no natural key (a result is a row per message, a
+TLS outcome a running count), so the source file is given a random id once (its `report_origin`
+table; the one write into the node's files) and PostgreSQL notes, in the transaction that copies
+them, each row copied by that id and row id (and a TLS row's count: only a later increase would be
+added). Two imports of the same file at once take turns on an advisory lock named by that id.
+Received reports are kept once per (organization, report id), as when they arrive. The log of
+reports the node sent is not copied.
 """
 
 from __future__ import annotations
@@ -30,12 +45,16 @@ from typing import Any
 import psycopg
 
 from ...mailauth.keys import KeyError_, KeyStore
+from ...mailauth.reportdb import ImportTally
+from ...mailauth.reports import ReportStore
+from ...mailauth.tlsrpt import TLSReportStore
 from ...message.types import AccountError, User
+from ..reportdb import DMARC_FILE, TLS_FILE
 from ..sieve import FileSieveStorage, ScriptError
 from .schema import ACCOUNTS_LOCK
 from .sieve import _user_key
 
-__all__ = ["KINDS", "Conflict", "Outcome", "Source", "copy_into", "read_source"]
+__all__ = ["KINDS", "REPORT_KINDS", "Conflict", "Outcome", "Source", "copy_into", "copy_reports", "read_source"]
 
 type Conn = psycopg.Connection[tuple[Any, ...]]
 type Row = tuple[object, ...]
@@ -50,6 +69,10 @@ _TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "sieve_scripts": (("owner", "name"), ("body", "active"), ()),
 }
 KINDS = ("domains", "users", "aliases", "settings", "dkim_keys", "sieve_scripts", "sieve_tracking")
+#: what `copy_reports` copies, in the order printed
+REPORT_KINDS = ("dmarc_results", "dmarc_reports", "tls_sessions", "tls_reports")
+_REPORT_LABEL = {"dmarc_results": "DMARC results not reported yet", "dmarc_reports": "DMARC reports received",
+                 "tls_sessions": "TLS sessions not reported yet", "tls_reports": "TLS reports received"}
 _LABEL = {"domains": "domain", "users": "user", "aliases": "alias", "settings": "setting",
           "dkim_keys": "DKIM key", "sieve_scripts": "Sieve script", "sieve_tracking": "Sieve tracking entry"}
 #: the single-machine columns an older accounts file may lack, with the values its migration gives them
@@ -82,10 +105,20 @@ class Outcome:
     replaced: Counter[str] = field(default_factory=Counter)
     unchanged: Counter[str] = field(default_factory=Counter)
     conflicts: list[Conflict] = field(default_factory=list)
+    #: report rows left out (expired, or over the day's bound of TLS outcomes)
+    skipped: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
         return [f"{kind.replace('_', ' ')}: {self.copied[kind]} copied, {self.replaced[kind]} replaced, "
-                f"{self.unchanged[kind]} unchanged" for kind in KINDS]
+                f"{self.unchanged[kind]} unchanged" for kind in KINDS] + [
+                f"{_REPORT_LABEL[kind]}: {self.copied[kind]} copied, {self.unchanged[kind]} unchanged"
+                + (f", {self.skipped[kind]} left out (expired or over the day's bound)" if self.skipped[kind] else "")
+                for kind in REPORT_KINDS]
+
+    def add(self, kind: str, tally: ImportTally) -> None:
+        self.copied[kind] += tally.copied
+        self.unchanged[kind] += tally.unchanged
+        self.skipped[kind] += tally.skipped
 
 
 def _sqlite_rows(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
@@ -264,3 +297,28 @@ def _aliases(conn: Conn, src: Source, out: Outcome) -> list[tuple[bytes, tuple[o
         plan.append((b"DELETE FROM aliases WHERE alias = %s", (alias,)))
         plan.extend((b"INSERT INTO aliases (alias, target) VALUES (%s, %s)", (alias, t)) for t in sorted(targets))
     return plan
+
+
+def copy_reports(data_dir: Path, dmarc: ReportStore, tls: TLSReportStore, now: float, out: Outcome) -> None:
+    """Copy the report files of the data directory `data_dir` into the stores `dmarc` and `tls`
+    (cluster mode's, in PostgreSQL; see the module docstring); a file that is not there holds
+    nothing. Each store's copy is one transaction. `now` decides what has expired."""
+    try:
+        if (data_dir / DMARC_FILE).is_file():
+            src = ReportStore(data_dir / DMARC_FILE)
+            try:
+                results, received = dmarc.import_from(src, now)
+            finally:
+                src.close()
+            out.add("dmarc_results", results)
+            out.add("dmarc_reports", received)
+        if (data_dir / TLS_FILE).is_file():
+            tsrc = TLSReportStore(data_dir / TLS_FILE)
+            try:
+                sessions, treceived = tls.import_from(tsrc, now)
+            finally:
+                tsrc.close()
+            out.add("tls_sessions", sessions)
+            out.add("tls_reports", treceived)
+    except sqlite3.Error as exc:
+        raise AccountError(f"cannot copy the report files of {data_dir}: {exc}") from None

@@ -7,8 +7,10 @@ statements on the same table names as their SQLite files, here in a PostgreSQL s
 connection (store/cluster/accounts.py: `?` placeholders, autocommit, connected again after a loss).
 TLS outcomes are summed per day and outcome in place (`INSERT ... ON CONFLICT DO UPDATE`), so two
 nodes counting at once lose nothing; DMARC results are a row per message. The daily report job
-takes the store's run claim (`ReportDB.claim`, a row of `report_claim`) before it reads what to
-report, so one node sends each report.
+takes each report's claim (`ReportDB.claim`, a row of `report_claim` per kind, day and policy
+domain) before it reads that report's rows and sends it, so the nodes share the reports and
+one node sends each. `report_origin` and `report_imported` serve `import_from` (a single machine's
+files copied in by `postier cluster import-accounts`).
 
 PostgreSQL out of reach is `StoreUnavailable`: the recorder logs it and the delivery goes on, a
 received report is not kept (the mail is delivered), the report run is tried again the next day.
@@ -34,10 +36,20 @@ __all__ = ["PGReportStorage", "open_dmarc_reports", "open_tls_reports"]
 _DOWN = "report database unavailable, try again later"
 _LOCK_KEY = 0x706F7376  # pg_advisory_xact_lock: one node creates a report schema at a time
 
+#: mailauth/reportdb.py's CLAIM_SCHEMA
 _CLAIM = """
 CREATE TABLE IF NOT EXISTS {s}.report_claim (
     name text PRIMARY KEY,
     until double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.report_origin (
+    id text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.report_imported (
+    origin text NOT NULL,
+    item text NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (origin, item)
 );
 """
 
