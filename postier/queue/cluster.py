@@ -168,24 +168,42 @@ class ClusterSpool:
 
     def write_file(self, msg_id: str, prefix: bytes, body: MessageBody | bytes) -> int:
         """Put the body in the object store and wait for its confirmation (the 250 depends on it).
-        FileExistsError if the id is taken."""
+        FileExistsError if the id is taken. A body spooled to a file (SMTP DATA spills past its
+        memory limit) and larger than the runner's in-memory limit is uploaded from its file
+        (`BodyStore.put_stream`: hashed, then sent in windows) without being read whole."""
         if not valid_id(msg_id):
             raise SpoolError(f"invalid queue id {msg_id!r}")
-        data = prefix + (body if isinstance(body, bytes) else body.getvalue())
-        digest = self.bodies.digest(data)
-        from ..store.cluster.gc import mark
+        from ..store.cluster.bodies import SpooledSource
+        from .runner import MEMORY_DATA_LIMIT
 
         with self._lock:
             if msg_id in self._pending:
                 raise FileExistsError(msg_id)
+        if isinstance(body, MessageBody) and body.spool_path is not None and (
+                len(prefix) + body.size > MEMORY_DATA_LIMIT):
+            with SpooledSource(prefix, body.spool_path, len(prefix) + body.size) as src:
+                digest = self.bodies.digest_stream(src.read_at, src.size)
+                self._mark(msg_id, digest)
+                self.bodies.put_stream(src.read_at, src.size, digest)  # StoreUnavailable unless confirmed
+                size = src.size
+        else:
+            data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+            digest = self.bodies.digest(data)
+            self._mark(msg_id, digest)
+            self.bodies.put(data, digest)  # StoreUnavailable unless the object store confirmed it
+            size = len(data)
+        with self._lock:
+            self._pending[msg_id] = digest
+        return size
+
+    def _mark(self, msg_id: str, digest: str) -> None:
+        """FileExistsError if the id is taken; else renew the body's mark before its upload (store.cluster.gc)."""
+        from ..store.cluster.gc import mark
+
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM queue_messages WHERE id=%s", (msg_id,)).fetchone():
                 raise FileExistsError(msg_id)
             mark(conn, digest)
-        self.bodies.put(data, digest)  # StoreUnavailable unless the object store confirmed it
-        with self._lock:
-            self._pending[msg_id] = digest
-        return len(data)
 
     def _digests(self, ids: list[str]) -> dict[str, str]:
         return {r[0]: r[1] for r in self._read("SELECT id, body FROM queue_messages WHERE id = ANY(%s)", (ids,))}
