@@ -19,6 +19,7 @@ BENCHMARKS = {
     "cluster-reports": "bench.cluster_reports_bench",
     "cluster-views": "bench.cluster_views",
     "cluster-send": "bench.cluster_send_rss",
+    "cluster-accept": "bench.cluster_accept_rss",
 }
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config
 from ..message.types import MessageBody
 from ..store.errors import MessageGone, StoreUnavailable
+from .runner import MEMORY_DATA_LIMIT
 from .spool import (
     MAX_ATTEMPTS_KEPT, QUEUED, Attempt, MessageInfo, Op, Outcome, QueueSpool, RecipientSpec, RecipientState, Removed,
     Spool, SpoolError, valid_id,
@@ -174,7 +175,6 @@ class ClusterSpool:
         if not valid_id(msg_id):
             raise SpoolError(f"invalid queue id {msg_id!r}")
         from ..store.cluster.bodies import SpooledSource
-        from .runner import MEMORY_DATA_LIMIT
 
         with self._lock:
             if msg_id in self._pending:
