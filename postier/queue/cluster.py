@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..message.types import MessageBody
+from ..message.types import MEMORY_DATA_LIMIT, MessageBody
 from ..store.errors import MessageGone, StoreUnavailable
-from .runner import MEMORY_DATA_LIMIT
 from .spool import (
     MAX_ATTEMPTS_KEPT, QUEUED, Attempt, MessageInfo, Op, Outcome, QueueSpool, RecipientSpec, RecipientState, Removed,
     Spool, SpoolError, valid_id,

@@ -81,6 +81,18 @@ class SpooledSource:
         os.close(self._fd)
         self._fd = -1
 
+    def crlf_clean(self) -> bool:
+        """Whether every LF follows a CR (the mailbox stores CRLF; a body with a bare LF is
+        rewritten in memory instead, as `append` does)."""
+        prev_cr = False
+        for offset in range(0, self.size, READ_CHUNK):
+            piece = self.read_at(offset, READ_CHUNK)
+            pairs = piece.count(b"\r\n") + (1 if prev_cr and piece[:1] == b"\n" else 0)
+            if piece.count(b"\n") != pairs:
+                return False
+            prev_cr = piece[-1:] == b"\r"
+        return True
+
     def read_at(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))
         out = b""
