@@ -26,7 +26,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Concatenate
+from typing import IO, Any, Concatenate, cast
 
 import psycopg
 import psycopg_pool
@@ -572,7 +572,10 @@ class ClusterMailboxes:
         else:
             self.bodies.put(data, digest)
         if not known:
-            row = fulltext.text_row(digest, data.read_at(0, data.size) if isinstance(data, SpooledSource) else data)
+            # a bytearray from read_all (one copy instead of two) is only read by the parser, as
+            # bytes are: slices, searches, decoding (the same rows over the message-view corpora)
+            text = cast(bytes, data.read_all()) if isinstance(data, SpooledSource) else data
+            row = fulltext.text_row(digest, text)
             if row is not None:
                 with self._tx() as conn:
                     fulltext.write_rows(conn, [row])
