@@ -229,11 +229,13 @@ class BodyStore:
         return digest
 
     def _holds(self, key: str, size: int) -> bool:
-        """Whether the object is there already, with `size` bytes (a body is its key's content)."""
+        """Whether the object is there already, with `size` bytes (a body is its key's content). A
+        403 counts as absent: S3 answers a HEAD of a missing key so to a client without ListBucket,
+        and the upload then says whether the client may write at all."""
         try:
             got = self.client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound", "403", "Forbidden"):
                 return False
             raise
         return int(got.get("ContentLength", -1)) == size
