@@ -1,7 +1,7 @@
 """Large messages through running cluster nodes (postier on 127.0.0.2-3, one PostgreSQL, one bucket) and a
 remote domain's MX on 127.0.0.4: a submission of 12 MiB to a local and a remote recipient is read back
-byte for byte over IMAP on the other node and delivered byte for byte by the shared queue, its queued
-copy having gone up from the node's spool file in a multipart upload; two sessions on two nodes
+byte for byte over IMAP on the other node and delivered byte for byte by the shared queue, both
+copies (the mailbox's and the queue's) having gone up from the node's spool file in multipart uploads; two sessions on two nodes
 submitting the same large message at once are both accepted and both delivered; the object store
 failing a part mid-upload makes DATA answer 4xx with nothing queued and no parts left behind."""
 
