@@ -6,8 +6,9 @@
 store. A message is accepted only once both halves are durable: the body (prefix + message, exactly
 as it will be sent) is put in the object store under its SHA-256 and confirmed, its mark renewed in
 `bodies` (`store.cluster.gc.mark`), and then the rows are committed. A large message spooled to a
-file goes up from that file, in parts (`BodyStore.put_stream`), never read whole. The commit is the acceptance;
-an uploaded body whose rows never committed is collected by `postier cluster gc` after its grace.
+file goes up from that file, in parts (`BodyStore.put_stream`), never read whole. The commit is the
+acceptance; an uploaded body whose rows never committed is collected by `postier cluster gc` after
+its grace.
 
 Any node delivers any message. A recipient is handed to a node by a *lease*: `due_full()` claims due
 recipients with `SELECT ... FOR UPDATE SKIP LOCKED` (concurrent claimers skip each other's rows and
