@@ -315,12 +315,12 @@ def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Cal
 
 def test_a_large_message_is_sent_from_a_download_that_is_then_removed(tmp_path: Path,
                                                                      stores: Callable[[], Any]) -> None:
-    """A message above the runner's in-memory limit (runner.MEMORY_DATA_LIMIT) is streamed from the
+    """A message above the runner's in-memory limit (message.types.MEMORY_DATA_LIMIT) is streamed from the
     object store into a file under the spool's `tmp_dir` and sent from it in chunks, as a spool file
     is; the MX gets every byte, and the file is gone once the attempt is over (a leftover of a crash
     goes at the next start, `recover`)."""
+    from postier.message.types import MEMORY_DATA_LIMIT
     from postier.queue.cluster import ClusterSpool
-    from postier.queue.runner import MEMORY_DATA_LIMIT
 
     async def main() -> None:
         mx = FakeMX([MX_IP])
