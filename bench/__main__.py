@@ -20,6 +20,7 @@ BENCHMARKS = {
     "cluster-views": "bench.cluster_views",
     "cluster-send": "bench.cluster_send_rss",
     "cluster-gc": "bench.cluster_gc",
+    "cluster-accept": "bench.cluster_accept_rss",
 }
 
 

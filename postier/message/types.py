@@ -22,12 +22,16 @@ from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply
 from .received import queue_id
 
-__all__ = ["HEADER_LIMIT", "AccountError", "Action", "Enqueuer", "Envelope", "InboundCheck", "LocalOutcome",
+__all__ = ["HEADER_LIMIT", "MEMORY_DATA_LIMIT", "AccountError", "Action", "Enqueuer", "Envelope", "InboundCheck", "LocalOutcome",
            "MailDelivery", "MessageBody", "Recipient", "Signer", "User", "Verdict", "remote_targets"]
 
 #: The header block of a message must end within this many octets (DESIGN: every header block has a
 #: cap); the pipelines refuse longer ones (552 5.3.4) and every header inspection reads this much.
 HEADER_LIMIT = 256 * 1024
+
+#: A message larger than this is not read whole to be moved: the queue sends it from its spool file
+#: (queue/runner.py), and in cluster mode it is uploaded from its spool file (store/cluster/bodies.py).
+MEMORY_DATA_LIMIT = 1024 * 1024
 
 
 class AccountError(Exception):

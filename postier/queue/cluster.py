@@ -5,8 +5,10 @@
 (`store.cluster.schema`: queue_messages, queue_recipients, queue_attempts, queue_sends) and its body
 store. A message is accepted only once both halves are durable: the body (prefix + message, exactly
 as it will be sent) is put in the object store under its SHA-256 and confirmed, its mark renewed in
-`bodies` (`store.cluster.gc.mark`), and then the rows are committed. The commit is the acceptance;
-an uploaded body whose rows never committed is collected by `postier cluster gc` after its grace.
+`bodies` (`store.cluster.gc.mark`), and then the rows are committed. A large message spooled to a
+file goes up from that file, in parts (`BodyStore.put_stream`), never read whole. The commit is the
+acceptance; an uploaded body whose rows never committed is collected by `postier cluster gc` after
+its grace.
 
 Any node delivers any message. A recipient is handed to a node by a *lease*: `due_full()` claims due
 recipients with `SELECT ... FOR UPDATE SKIP LOCKED` (concurrent claimers skip each other's rows and
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..message.types import MessageBody
+from ..message.types import MEMORY_DATA_LIMIT, MessageBody
 from ..store.errors import MessageGone, StoreUnavailable
 from .spool import (
     MAX_ATTEMPTS_KEPT, QUEUED, Attempt, MessageInfo, Op, Outcome, QueueSpool, RecipientSpec, RecipientState, Removed,
@@ -168,24 +170,41 @@ class ClusterSpool:
 
     def write_file(self, msg_id: str, prefix: bytes, body: MessageBody | bytes) -> int:
         """Put the body in the object store and wait for its confirmation (the 250 depends on it).
-        FileExistsError if the id is taken."""
+        FileExistsError if the id is taken. A body spooled to a file (SMTP DATA spills past its
+        memory limit) and larger than the runner's in-memory limit is uploaded from its file
+        (`BodyStore.put_stream`: hashed, then sent in windows) without being read whole."""
         if not valid_id(msg_id):
             raise SpoolError(f"invalid queue id {msg_id!r}")
-        data = prefix + (body if isinstance(body, bytes) else body.getvalue())
-        digest = self.bodies.digest(data)
-        from ..store.cluster.gc import mark
+        from ..store.cluster.bodies import SpooledSource
 
         with self._lock:
             if msg_id in self._pending:
                 raise FileExistsError(msg_id)
+        if isinstance(body, MessageBody) and body.spool_path is not None and (
+                len(prefix) + body.size > MEMORY_DATA_LIMIT):
+            with SpooledSource(prefix, body.spool_path, len(prefix) + body.size) as src:
+                digest = self.bodies.digest_stream(src.read_at, src.size)
+                self._mark(msg_id, digest)
+                self.bodies.put_stream(src.read_at, src.size, digest)  # StoreUnavailable unless confirmed
+                size = src.size
+        else:
+            data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+            digest = self.bodies.digest(data)
+            self._mark(msg_id, digest)
+            self.bodies.put(data, digest)  # StoreUnavailable unless the object store confirmed it
+            size = len(data)
+        with self._lock:
+            self._pending[msg_id] = digest
+        return size
+
+    def _mark(self, msg_id: str, digest: str) -> None:
+        """FileExistsError if the id is taken; else renew the body's mark before its upload (store.cluster.gc)."""
+        from ..store.cluster.gc import mark
+
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM queue_messages WHERE id=%s", (msg_id,)).fetchone():
                 raise FileExistsError(msg_id)
             mark(conn, digest)
-        self.bodies.put(data, digest)  # StoreUnavailable unless the object store confirmed it
-        with self._lock:
-            self._pending[msg_id] = digest
-        return len(data)
 
     def _digests(self, ids: list[str]) -> dict[str, str]:
         return {r[0]: r[1] for r in self._read("SELECT id, body FROM queue_messages WHERE id = ANY(%s)", (ids,))}

@@ -36,7 +36,7 @@ from ..accounts import Directory, Lookup
 from ..config import Config
 from ..faults import fault_point
 from ..message.dsn import FULL_LIMIT, DSNRecipient, compose_dsn
-from ..message.types import HEADER_LIMIT, Envelope, MailDelivery, MessageBody, Recipient, remote_targets
+from ..message.types import HEADER_LIMIT, MEMORY_DATA_LIMIT, Envelope, MailDelivery, MessageBody, Recipient, remote_targets
 from ..message.received import queue_id, return_path
 from ..metrics import Metrics
 from ..proto.smtp.address import xtext_decode
@@ -63,7 +63,6 @@ DUE_BATCH = 5000
 CLAIM_MIN = 10  # recipients a node of a cluster claims per scan, at least
 LOCAL = "local"  # the destination key of recipients in our own domains
 LOCAL_CONCURRENCY = 16
-MEMORY_DATA_LIMIT = 1024 * 1024  # larger messages are streamed from the spool file
 READ_AHEAD = 32  # spool files read per worker-thread hand-off...
 READ_AHEAD_BYTES = 4 * 1024 * 1024  # ...and bytes
 DOMAIN_CACHE_TTL = 30.0

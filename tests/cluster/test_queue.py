@@ -315,12 +315,12 @@ def test_bounces_from_two_runners_each_reported_once(tmp_path: Path, stores: Cal
 
 def test_a_large_message_is_sent_from_a_download_that_is_then_removed(tmp_path: Path,
                                                                      stores: Callable[[], Any]) -> None:
-    """A message above the runner's in-memory limit (runner.MEMORY_DATA_LIMIT) is streamed from the
+    """A message above the runner's in-memory limit (message.types.MEMORY_DATA_LIMIT) is streamed from the
     object store into a file under the spool's `tmp_dir` and sent from it in chunks, as a spool file
     is; the MX gets every byte, and the file is gone once the attempt is over (a leftover of a crash
     goes at the next start, `recover`)."""
+    from postier.message.types import MEMORY_DATA_LIMIT
     from postier.queue.cluster import ClusterSpool
-    from postier.queue.runner import MEMORY_DATA_LIMIT
 
     async def main() -> None:
         mx = FakeMX([MX_IP])
@@ -444,3 +444,116 @@ def test_postgresql_down_means_nothing_queued(pg_own: PgServer, bodies_factory: 
         assert n == 1  # only the acknowledged message
     finally:
         store.close()
+
+
+def spooled_body(root: Path, size: int, seed: str) -> tuple[Any, bytes]:
+    """A `MessageBody` spilled to its spool file, as SMTP DATA leaves a large message, and its bytes."""
+    from postier.message.types import MessageBody
+    line = (seed * 40)[:98].encode() + b"\r\n"
+    head = message("alice@a.test", "bob@b.test", subject=f"large {seed}")
+    body = MessageBody(root)
+    whole = head + line * ((size - len(head)) // len(line))
+    for i in range(0, len(whole), 65536):  # as DATA hands it over
+        body.write(whole[i:i + 65536])
+    assert not body.in_memory
+    return body, whole
+
+
+def test_a_large_spooled_message_is_uploaded_in_parts_and_sent_byte_exact(tmp_path: Path,
+                                                                          stores: Callable[[], Any]) -> None:
+    """A spilled body above the in-memory limit goes up from its file (a multipart upload above
+    8 MiB): the object is the prefix and body, under their SHA-256, and the runner sends exactly that."""
+    import hashlib
+
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.bodies import PART_SIZE, body_key
+
+    async def main() -> None:
+        mx = FakeMX([MX_IP], caps=["PIPELINING", "SIZE 1000000000", "8BITMIME", "ENHANCEDSTATUSCODES"])
+        sa = ClusterSpool(stores(), LEASE, node="node-a", tmp_dir=tmp_path / "cluster-send")
+        async with queue_env(tmp_path / "a", mx, spool=sa) as a:
+            a.dns.add("b.test", "MX", "10 mx.b.test")
+            a.dns.add("mx.b.test", "A", MX_IP)
+            sa.clock = a.clock.time
+            body, whole = spooled_body(tmp_path, PART_SIZE + (3 << 20), "p")
+            prefix = b"Received: from a.test by mail.a.test; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
+            mid = queue_id()
+            size = await asyncio.to_thread(sa.write_file, mid, prefix, body)
+            body.close()
+            assert size == len(prefix + whole)
+            digest = sa._digests([mid]) or sa._pending[mid]
+            assert digest == hashlib.sha256(prefix + whole).hexdigest()
+            client = sa.bodies.client
+            etag = client.head_object(Bucket=sa.bodies.bucket, Key=body_key(digest))["ETag"]
+            assert etag.strip('"').endswith("-2")  # two parts: 8 MiB and the rest
+            info = MessageInfo(mid, "alice@a.test", a.clock.time(), size)
+            await asyncio.to_thread(sa.run, [sa.op_insert(info, [RecipientSpec("bob@b.test")], a.clock.time())])
+            assert await a.queue.run_once() == 1
+            assert [d.data for d in mx.delivered] == [prefix + whole]
+            assert await asyncio.to_thread(sa.count) == 0
+    run(main())
+
+
+def test_a_failed_part_refuses_the_message_and_leaves_nothing(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """The object store failing a part mid-upload: the acceptance raises StoreUnavailable (the
+    pipeline's 451), the multipart upload is aborted (no parts kept), no object and no queue rows."""
+    from moto.s3.models import S3Backend
+
+    from postier.store.cluster.bodies import PART_SIZE
+    from postier.store.errors import StoreUnavailable
+    sp = spool(stores(), "n")
+    body, _whole = spooled_body(tmp_path, PART_SIZE * 2 + 100, "f")
+    part = S3Backend.upload_part
+
+    def failing(self: Any, bucket_name: str, multipart_id: str, part_id: int, value: bytes) -> Any:
+        if int(part_id) == 2:
+            raise RuntimeError("the object store failed this part")  # moto answers 500
+        return part(self, bucket_name, multipart_id, part_id, value)
+    mid = queue_id()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S3Backend, "upload_part", failing)
+        with pytest.raises(StoreUnavailable):
+            sp.write_file(mid, b"", body)
+    client, bucket = sp.bodies.client, sp.bodies.bucket
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert sp.count() == 0 and mid not in sp._pending
+    size = sp.write_file(mid, b"", body)  # the store is back: the same id is accepted
+    info = MessageInfo(mid, "alice@a.test", T0, size)
+    assert sp.run([sp.op_insert(info, [RecipientSpec("bob@b.test")], T0)]) == [None]
+    assert sp.count() == 1
+    body.close()
+
+
+def test_two_nodes_accept_the_same_large_message_at_once(tmp_path: Path, stores: Callable[[], Any]) -> None:
+    """Two sessions (on two nodes) upload the same large body at once from their own spool files:
+    both are accepted, both refer to the one object, and each reads back whole."""
+    from postier.store.cluster.bodies import PART_SIZE
+    a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
+    made = [spooled_body(tmp_path / n, PART_SIZE + (1 << 20), "same") for n in ("a", "b")]
+    barrier = threading.Barrier(2)
+    ids: list[str | BaseException] = []
+
+    def accept_large(sp: Any, body: Any) -> None:
+        mid = queue_id()
+        try:
+            barrier.wait(10)
+            size = sp.write_file(mid, b"", body)
+            info = MessageInfo(mid, "alice@a.test", T0, size)
+            [res] = sp.run([sp.op_insert(info, [RecipientSpec("bob@b.test")], T0)])
+            ids.append(res if isinstance(res, Exception) else mid)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            ids.append(exc)
+    threads = [threading.Thread(target=accept_large, args=(sp, body)) for sp, (body, _) in zip((a, b), made, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(ids) == 2 and all(isinstance(i, str) for i in ids), ids
+    digests = a._digests([str(i) for i in ids])
+    assert len(digests) == 2 and len(set(digests.values())) == 1
+    whole = made[0][1]
+    assert [a.read_file(str(i)) for i in ids] == [whole, whole]
+    assert a.bodies.client.list_multipart_uploads(Bucket=a.bodies.bucket).get("Uploads", []) == []
+    for body, _ in made:
+        body.close()

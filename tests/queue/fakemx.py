@@ -139,7 +139,7 @@ class FakeMX:
                         continue
                     send("354 go ahead")
                     await writer.drain()
-                    data = b""
+                    data = bytearray()  # not bytes +=: quadratic for a message of many MiB
                     while True:
                         ln = await asyncio.wait_for(line(), 10)
                         if ln is None:
@@ -152,7 +152,7 @@ class FakeMX:
                         writer.close()
                         return
                     if reply.startswith("2"):
-                        self.delivered.append(Delivery(ip, conn_id, mail, rcpts, data))
+                        self.delivered.append(Delivery(ip, conn_id, mail, rcpts, bytes(data)))
                     else:
                         self.refused.append(reply)
                     send(reply)

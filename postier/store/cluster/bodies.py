@@ -13,17 +13,35 @@ The client is boto3 (botocore's SigV4 signing, retries and endpoint handling, we
 reference client for S3): the mailbox calls already run in worker threads, and a boto3 client is
 safe to share between threads, so its blocking API fits as it is (aiobotocore would only add an
 event-loop hop back into those threads).
+
+A large body (a spooled message) is uploaded without ever being held whole (`put_stream`): its
+SHA-256 is computed first, reading the file in 256 KiB pieces (the key is the hash, and the index
+must be marked before the upload), then it is sent from the file by offset. Up to `part_size` (8 MiB)
+that is one PutObject whose body is a window on the file; above, an S3 multipart upload
+(CreateMultipartUpload, UploadPart per 8 MiB window, as S3 wants parts of 5 MiB or more but the
+last, then CompleteMultipartUpload, whose 200 is the confirmation), aborted (AbortMultipartUpload)
+on any failure so that no parts are left behind. botocore reads each window in pieces (the SigV4
+payload hash, its checksum, the socket) and rewinds it for a retry, so memory is bounded by its
+pieces, not by the body. Not boto3's `upload_fileobj`: its managed transfer reads each part of a
+file object into memory (a part size per worker thread) and would also need the prefix joined to
+the file in one object; the three calls are few and keep the key, the confirmation and the abort
+in view. An object already present under the key (HEAD, with the same length) is not uploaded
+again: its mark was renewed first, so the collector cannot delete it before the commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Buffer, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
 import botocore.config
@@ -31,10 +49,15 @@ import botocore.exceptions
 
 from ..errors import MessageGone, StoreUnavailable
 
-__all__ = ["BodyStore", "body_digest", "body_key"]
+__all__ = ["BodyStore", "SpooledSource", "body_digest", "body_key"]
 
 PREFIX = "bodies/"
 _KEY = re.compile(r"bodies/([0-9a-f]{2})/([0-9a-f]{64})")
+PART_SIZE = 8 << 20  # multipart part (S3: at least 5 MiB, except the last part)
+READ_CHUNK = 256 << 10  # hashing a spooled body, and the download's chunk
+
+#: (offset, n) -> up to n bytes of a body from `offset` (fewer only at its end)
+type ReadAt = Callable[[int, int], bytes]
 
 
 def body_key(digest: str) -> str:
@@ -48,13 +71,114 @@ def body_digest(key: str) -> str | None:
     return m.group(2) if m and m.group(2).startswith(m.group(1)) else None
 
 
+class SpooledSource:
+    """A message as it is stored: `head` (bytes in memory: the queue's prefix) then the file at
+    `path` (a spooled body, `MessageBody.spool_path`), `size` bytes in all, read by offset
+    (os.pread, so windows on it need no shared file position). A context manager: the file is
+    open between enter and exit."""
+
+    def __init__(self, head: bytes, path: str, size: int) -> None:
+        self.head = head
+        self.path = path
+        self.size = size
+        self._fd = -1
+
+    def __enter__(self) -> Self:
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+        self._fd = -1
+
+    def crlf_clean(self) -> bool:
+        """Whether every LF follows a CR (the mailbox stores CRLF; a body with a bare LF is
+        rewritten in memory instead, as `append` does)."""
+        prev_cr = False
+        for offset in range(0, self.size, READ_CHUNK):
+            piece = self.read_at(offset, READ_CHUNK)
+            pairs = piece.count(b"\r\n") + (1 if prev_cr and piece[:1] == b"\n" else 0)
+            if piece.count(b"\n") != pairs:
+                return False
+            prev_cr = piece[-1:] == b"\r"
+        return True
+
+    def read_all(self) -> bytes | bytearray:
+        """The whole content in one buffer, for a parser that needs it whole (the full-text
+        extraction): one copy of it, where joining the head to the file's bytes would make two."""
+        if not self.head:
+            data = os.pread(self._fd, self.size, 0)
+            if len(data) != self.size:
+                raise OSError(f"{self.path} ended early")
+            return data
+        buf = bytearray(self.size)
+        buf[:len(self.head)] = self.head
+        view = memoryview(buf)[len(self.head):]
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], done)
+            if n <= 0:
+                raise OSError(f"{self.path} ended early")
+            done += n
+        return buf
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        out = b""
+        if offset < len(self.head):
+            out = self.head[offset:offset + n]
+            offset, n = len(self.head), n - len(out)
+        if n > 0:
+            out += os.pread(self._fd, n, offset - len(self.head))
+        return out
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of a body read by offset, as the file object of one request:
+    readable, seekable (botocore rewinds a body to retry its request) and never held whole."""
+
+    def __init__(self, read_at: ReadAt, start: int, length: int) -> None:
+        super().__init__()
+        self._read_at = read_at
+        self._start = start
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._length - self._pos)
+        if want <= 0:
+            return 0
+        data = self._read_at(self._start + self._pos, want)
+        if len(data) != want:
+            raise OSError(f"body source ended early at {self._start + self._pos + len(data)}")
+        view[:want] = data
+        self._pos += want
+        return want
+
+
 class BodyStore:
     """put/get of message bodies by SHA-256; failures to reach the store raise StoreUnavailable."""
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str,
                  region: str = "us-east-1", timeout: float = 5.0, cache_bytes: int = 32 << 20,
-                 cache_item: int = 1 << 20):
+                 cache_item: int = 1 << 20, part_size: int = PART_SIZE):
         self.bucket = bucket
+        self.part_size = part_size
         self.cache_bytes = cache_bytes
         self.cache_item = cache_item
         self._cache: OrderedDict[str, bytes] = OrderedDict()
@@ -88,6 +212,62 @@ class BodyStore:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         return digest
 
+    @staticmethod
+    def digest_stream(read_at: ReadAt, size: int) -> str:
+        """The SHA-256 (hex) of `size` bytes read by offset, READ_CHUNK at a time."""
+        sha = hashlib.sha256()
+        for offset in range(0, size, READ_CHUNK):
+            sha.update(read_at(offset, READ_CHUNK))
+        return sha.hexdigest()
+
+    def put_stream(self, read_at: ReadAt, size: int, digest: str) -> str:
+        """Store `size` bytes read by offset whose SHA-256 is `digest` (`digest_stream`, with the
+        body's mark renewed before this call) without holding them whole: one streamed PutObject up
+        to `part_size`, a multipart upload above, aborted if any part of it fails. Returns `digest`
+        once the object store has confirmed the write (or already holds the object)."""
+        key = body_key(digest)
+        try:
+            if self._holds(key, size):
+                return digest
+            if size <= self.part_size:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=_Window(read_at, 0, size),
+                                       ContentLength=size, ContentType="message/rfc822")
+            else:
+                self._multipart(key, read_at, size)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        return digest
+
+    def _holds(self, key: str, size: int) -> bool:
+        """Whether the object is there already, with `size` bytes (a body is its key's content). A
+        403 counts as absent: S3 answers a HEAD of a missing key so to a client without ListBucket,
+        and the upload then says whether the client may write at all."""
+        try:
+            got = self.client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound", "403", "Forbidden"):
+                return False
+            raise
+        return int(got.get("ContentLength", -1)) == size
+
+    def _multipart(self, key: str, read_at: ReadAt, size: int) -> None:
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                                     ContentType="message/rfc822")["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, self.part_size), 1):
+                length = min(self.part_size, size - start)
+                got = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
+                                              Body=_Window(read_at, start, length), ContentLength=length)
+                parts.append({"PartNumber": number, "ETag": got["ETag"]})
+            # botocore turns a 200 carrying an error (S3 may answer so once it has started) into an error
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+
     def _remember(self, digest: str, data: bytes) -> None:
         if len(data) > self.cache_item:
             return
@@ -120,7 +300,7 @@ class BodyStore:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         return [(o["Key"], o["LastModified"]) for o in got.get("Contents", [])], bool(got.get("IsTruncated"))
 
-    def download(self, digest: str, dest: Path, chunk: int = 256 << 10) -> int:
+    def download(self, digest: str, dest: Path, chunk: int = READ_CHUNK) -> int:
         """Write a body into the new file `dest`, `chunk` bytes at a time from the GET's streaming
         body (memory bounded by `chunk`, whatever the body's size), checking its SHA-256 against its
         key on the way; returns its size. The file is for reading back at once, not durable (no

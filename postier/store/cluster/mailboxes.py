@@ -26,12 +26,12 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Concatenate
+from typing import IO, Any, Concatenate, cast
 
 import psycopg
 import psycopg_pool
 
-from ...message.types import User
+from ...message.types import MEMORY_DATA_LIMIT, User
 from ..api import CopyResult, FlagTable, FolderInfo, FolderSnapshot, MessageRow, PopMessage, StatusInfo, StoreResult
 from ..errors import (
     MailboxExists,
@@ -51,7 +51,7 @@ from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from . import fulltext
 from . import cache as views
-from .bodies import BodyStore
+from .bodies import BodyStore, SpooledSource
 from .gc import mark
 from .schema import CHANNEL
 
@@ -572,29 +572,42 @@ class ClusterMailboxes:
         if self._used(conn) + size > limit:
             raise OverQuota("quota exceeded")
 
-    def _put_body(self, data: bytes) -> str:
+    def _put_body(self, data: bytes | SpooledSource) -> str:
         """Store a body (CRLF) and its full-text row; returns its hash. The mark comes first (store.
         cluster.gc), then the upload, then the text row in its own transaction (store.cluster.
         fulltext): both are committed before the caller's transaction makes a message refer to the
         body, so a search never finds a message without its row, and a MULTIAPPEND or an import does
         not hold every message's text until its commit. A row left by a transaction that then fails
-        belongs to an orphan body and goes with it (`postier cluster gc`)."""
-        digest = self.bodies.digest(data)
+        belongs to an orphan body and goes with it (`postier cluster gc`). A body in a file (an open
+        `SpooledSource`) is hashed and uploaded from it (`BodyStore.put_stream`); only its text
+        extraction, which parses the whole message, reads it whole, and only when the body has no
+        row yet (not for a second copy of it)."""
+        if isinstance(data, SpooledSource):
+            digest = self.bodies.digest_stream(data.read_at, data.size)
+        else:
+            digest = self.bodies.digest(data)
         with self._tx() as conn:
             mark(conn, digest)
             known = fulltext.has_row(conn, digest)
-        self.bodies.put(data, digest)
+        if isinstance(data, SpooledSource):
+            self.bodies.put_stream(data.read_at, data.size, digest)
+        else:
+            self.bodies.put(data, digest)
         if not known:
-            row = fulltext.text_row(digest, data)
+            # a bytearray from read_all (one copy instead of two) is only read by the parser, as
+            # bytes are: slices, searches, decoding (the same rows over the message-view corpora)
+            text = cast(bytes, data.read_all()) if isinstance(data, SpooledSource) else data
+            row = fulltext.text_row(digest, text)
             if row is not None:
                 with self._tx() as conn:
                     fulltext.write_rows(conn, [row])
         return digest
 
-    def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
+    def append(self, name: str, data: bytes | SpooledSource, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
-        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3)."""
+        before the caller answers OK. Returns (uidvalidity, uid) for APPENDUID (RFC 4315 §3).
+        `data` in a file (an open `SpooledSource`, CRLF already) is uploaded from it (`_put_body`)."""
         v, uids = self.append_many(name, [(data, flag_names, internal_date)])
         return v, uids[0]
 
@@ -603,10 +616,12 @@ class ClusterMailboxes:
         return SpoolFile(Path(tempfile.gettempdir()))
 
     @_op
-    def append_many(self, name: str, messages: Sequence[tuple[bytes | SpoolFile, Sequence[str], float | None]]
+    def append_many(self, name: str,
+                    messages: Sequence[tuple[bytes | SpoolFile | SpooledSource, Sequence[str], float | None]]
                     ) -> tuple[int, list[int]]:
         """APPEND of several messages, all or none (RFC 3502 MULTIAPPEND): every body is put and
-        confirmed first, then one transaction draws their UIDs and inserts the rows."""
+        confirmed first, then one transaction draws their UIDs and inserts the rows. A literal
+        spooled to a file (`SpoolFile`, CRLF on the way) above MEMORY_DATA_LIMIT goes up from it."""
         n = normalize_name(name)
         if not messages:
             raise StoreError("no message to append")
@@ -617,17 +632,26 @@ class ClusterMailboxes:
                 raise OverQuota("quota exceeded")
         prepared: list[tuple[str, int, int, list[str], int]] = []
         for item, flag_names, internal_date in messages:
-            if isinstance(item, SpoolFile):
-                data = item.read_all()
-                item.discard()
-            else:
-                data = item
-                if b"\n" in data.replace(b"\r\n", b""):
-                    data = _to_crlf(data)
             bits, kws = names_to_flags(flag_names)
-            digest = self._put_body(data)
+            if isinstance(item, SpoolFile) and item.failed is None and item.size > MEMORY_DATA_LIMIT:
+                try:
+                    with SpooledSource(b"", item.path, item.size) as src:
+                        digest, size = self._put_body(src), src.size
+                finally:
+                    item.discard()
+            elif isinstance(item, SpooledSource):
+                digest, size = self._put_body(item), item.size
+            else:
+                if isinstance(item, SpoolFile):
+                    data = item.read_all()
+                    item.discard()
+                else:
+                    data = item
+                    if b"\n" in data.replace(b"\r\n", b""):
+                        data = _to_crlf(data)
+                digest, size = self._put_body(data), len(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
-            prepared.append((digest, len(data), bits, kws, idate))
+            prepared.append((digest, size, bits, kws, idate))
         with self._tx() as conn:
             fid, uidvalidity, known = self._fid(conn, n, lock=True)
             self._check_quota(conn, sum(p[1] for p in prepared))

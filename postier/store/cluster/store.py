@@ -27,14 +27,14 @@ import psycopg
 import psycopg_pool
 
 from ...config import Config
-from ...message.types import MessageBody, User
+from ...message.types import MEMORY_DATA_LIMIT, MessageBody, User
 from ...metrics import Metrics
 from ..api import Mailboxes
 from ..delivery import DeliveryResult, LocalDelivery
 from ..errors import MailboxExists, MailboxNotFound, OverQuota, StoreError, StoreUnavailable
 from ..quota import OVER_QUOTA
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, ChangeNotifier, normalize_name
-from .bodies import BodyStore
+from .bodies import BodyStore, SpooledSource
 from .mailboxes import FLAGS_INFO, ClusterMailboxes
 from .schema import CHANNEL, ensure_schema
 from .sieve import ClusterSieve
@@ -281,7 +281,20 @@ class ClusterDelivery(LocalDelivery):
 
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
-        data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+        """One user's copy: an APPEND of prefix and body. A body spooled to a file above
+        MEMORY_DATA_LIMIT (with CRLF line ends, as SMTP gives them) is uploaded from its file."""
+        with contextlib.ExitStack() as stack:
+            data: bytes | SpooledSource = b""
+            if isinstance(body, MessageBody) and body.spool_path is not None and (
+                    len(prefix) + body.size > MEMORY_DATA_LIMIT):
+                src = stack.enter_context(SpooledSource(prefix, body.spool_path, len(prefix) + body.size))
+                if src.crlf_clean():
+                    data = src
+            if not isinstance(data, SpooledSource):
+                data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+            return self._deliver(user, data, folder, info)
+
+    def _deliver(self, user: User, data: bytes | SpooledSource, folder: str | None, info: str) -> DeliveryResult:
         flags = _info_flags(info)
         try:
             mb = self.store.acquire(user)

@@ -1,0 +1,164 @@
+"""Peak memory of a cluster node accepting one large message into the shared queue (docs/scaling.md, "The queue").
+
+The driver starts a throwaway PostgreSQL 15 and moto's S3 server in this process; a child process
+(the node) writes a message of --size MiB into a `MessageBody` in 64 KiB pieces, as SMTP DATA does
+(it spills to a spool file past 256 KiB), then accepts it as `Queue.store` does: `ClusterSpool.
+write_file` (body uploaded and confirmed) and the rows committed. The child resets its peak RSS
+counter just before the acceptance (/proc/self/clear_refs) and prints its RSS then and its peak
+during it (VmHWM), with tracemalloc's peak of Python allocations during it. The driver then checks
+the stored body's SHA-256 against the message. `--mailbox` measures a local delivery instead
+(`ClusterDelivery.deliver_one`: the copy of one user's INBOX, with its full-text row). `--tree DIR`
+runs the child on another checkout of postier (e.g. `git archive` of an earlier commit), to compare
+before and after a change.
+
+    .venv/bin/python -m bench cluster-accept [--size 30] [--mailbox] [--attachment] [--tree DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = b"Received: from a.test by node.test; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
+
+
+def _pieces(size_mib: int, attachment: bool = False) -> list[bytes]:
+    """The message in lines: a header, then varied text lines (or with `attachment`, a short text
+    part and a base64 attachment of 76-character lines, the usual shape of a large message)."""
+    head = b"From: <alice@a.test>\r\nTo: <bob@b.test>\r\nSubject: large\r\n"
+    if attachment:
+        head += (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\n"
+                 b"Content-Type: text/plain\r\n\r\nSee the file.\r\n--b1\r\nContent-Type: application/pdf\r\n"
+                 b"Content-Transfer-Encoding: base64\r\n")
+    total, out, i = size_mib << 20, [head + b"\r\n"], 0
+    size = len(out[0])
+    while size < total:
+        digest = hashlib.sha256(str(i).encode()).digest()
+        line = (base64.b64encode(digest * 2)[:76] if attachment else digest.hex().encode() * 15) + b"\r\n"
+        out.append(line)
+        size += len(line)
+        i += 1
+    if attachment:
+        out.append(b"--b1--\r\n")
+    return out
+
+
+def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailbox: bool, attachment: bool) -> None:
+    """The node: accepts one message; prints {"before", "after", "traced", "digest", "size", "module"}."""
+    import tracemalloc
+
+    import postier
+    import postier.queue.runner  # noqa: F401 - loaded in a node before any message arrives
+    from bench.cluster_send_rss import _reset_peak, _status_mib
+    from postier.message.received import queue_id
+    from postier.message.types import MessageBody, User
+    from postier.queue.cluster import ClusterSpool
+    from postier.queue.spool import MessageInfo, RecipientSpec
+    from postier.store.cluster.bodies import BodyStore
+    from postier.store.cluster.store import ClusterDelivery, ClusterStore
+
+    store = ClusterStore(dsn, BodyStore(endpoint, bucket, "test", "test", timeout=10.0), workers=2)
+    spool = ClusterSpool(store, 300.0, node="measured")
+    store.ensure_schema()
+    body = MessageBody(work)
+    buf = b""
+    for line in _pieces(size_mib, attachment):  # as SMTP DATA hands them over: pieces of 64 KiB
+        buf += line
+        if len(buf) >= 65536:
+            body.write(buf)
+            buf = b""
+    body.write(buf)
+    mid = queue_id()
+    user = User("bob@b.test", "bob", "b.test", "maildir")
+    if mailbox:  # the user's folders exist already
+        mb = store.acquire(user)
+        mb.ensure_defaults()
+        store.release(mb)
+    _reset_peak()
+    before = _status_mib("VmRSS")
+    tracemalloc.start()
+    if mailbox:
+        got = ClusterDelivery(store, work).deliver_one(user, PREFIX, body, "alice@a.test")
+        n, res = len(PREFIX) + body.size, got.detail
+    else:
+        n = spool.write_file(mid, PREFIX, body)
+        [res] = spool.run([spool.op_insert(MessageInfo(mid, "alice@a.test", 1_800_000_000.0, n),
+                                           [RecipientSpec("bob@b.test")], 1_800_000_000.0)])
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    after = _status_mib("VmHWM")
+    if mailbox:
+        mb = store.acquire(user)
+        digest = next(iter(mb.rows_between("INBOX", 1, 1).values())).base
+        store.release(mb)
+    else:
+        digest = spool._digests([mid])[mid]
+    body.close()
+    store.close()
+    print(json.dumps({"before": before, "after": after, "traced": traced, "digest": digest, "size": n,
+                      "result": repr(res), "module": postier.__file__}))
+
+
+def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool) -> None:
+    sys.path.insert(0, str(ROOT))
+    from postier.store.cluster.bodies import BodyStore
+    from tests.cluster.conftest import PgServer, S3Server
+
+    pg = PgServer()
+    pg.start()
+    s3 = S3Server()
+    try:
+        dsn, bucket = pg.create_db(), s3.bucket()
+        bodies = BodyStore(s3.endpoint, bucket, "test", "test", timeout=10.0)
+        bodies.ensure_bucket()
+        sha = hashlib.sha256(PREFIX)
+        for piece in _pieces(size_mib, attachment):
+            sha.update(piece)
+        with tempfile.TemporaryDirectory(prefix="postier-rss-") as work:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", dsn, s3.endpoint,
+                                bucket, str(size_mib), work, "mailbox" if mailbox else "queue",
+                                "attachment" if attachment else "text"], env=env, cwd=work, capture_output=True, text=True,
+                               timeout=600)
+            if p.returncode != 0:
+                raise SystemExit(f"child failed: {p.stderr[-3000:]}")
+            got = json.loads(p.stdout.strip().splitlines()[-1])
+            stored = Path(work) / "stored"
+            bodies.download(got["digest"], stored)  # checks the bytes against the key on the way
+        ok = got["digest"] == sha.hexdigest()
+        print(f"message {got['size'] / 2**20:.1f} MiB, postier from {got['module']}")
+        print(f"{'local delivery' if mailbox else 'queue acceptance'}: "
+              f"node RSS {got['before']:.1f} MiB before the acceptance, peak during it {got['after']:.1f} MiB "
+              f"(+{got['after'] - got['before']:.1f} MiB); tracemalloc peak {got['traced']:.1f} MiB; "
+              f"stored body {'matches' if ok else 'DOES NOT MATCH'} the message's SHA-256")
+        if not ok:
+            raise SystemExit(1)
+    finally:
+        s3.stop()
+        pg.remove()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        child(argv[1], argv[2], argv[3], int(argv[4]), Path(argv[5]), argv[6] == "mailbox", argv[7] == "attachment")
+        return 0
+    ap = argparse.ArgumentParser(prog="cluster_accept_rss")
+    ap.add_argument("--size", type=int, default=30, help="message size in MiB")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the postier checkout the node runs from")
+    ap.add_argument("--mailbox", action="store_true", help="a local delivery instead of the queue's acceptance")
+    ap.add_argument("--attachment", action="store_true", help="a message with a base64 attachment, not text")
+    args = ap.parse_args(argv)
+    driver(args.size, args.tree.resolve(), args.mailbox, args.attachment)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

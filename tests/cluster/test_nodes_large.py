@@ -1,0 +1,158 @@
+"""Large messages through running cluster nodes (postier on 127.0.0.2-3, one PostgreSQL, one bucket) and a
+remote domain's MX on 127.0.0.4: a submission of 12 MiB to a local and a remote recipient is read back
+byte for byte over IMAP on the other node and delivered byte for byte by the shared queue, both
+copies (the mailbox's and the queue's) having gone up from the node's spool file in multipart uploads; two sessions on two nodes
+submitting the same large message at once are both accepted and both delivered; the object store
+failing a part mid-upload makes DATA answer 4xx with nothing queued and no parts left behind."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("psycopg")
+
+from tests.dnsserver import DNSServer  # noqa: E402
+from tests.harness import Instance  # noqa: E402
+
+from .conftest import PgServer, S3Server  # noqa: E402
+from .test_nodes import ALICE, PASSWORD, _can_bind, imap, make_nodes  # noqa: E402
+
+REMOTE = "remote.test"
+BOB = f"bob@{REMOTE}"
+SIZE = 12 << 20  # above the 8 MiB part: two parts
+
+
+def large(tag: str) -> bytes:
+    """A message of about SIZE bytes: lines of 100 bytes, varied by `tag`, none starting with a dot."""
+    head = (f"From: {ALICE}\r\nTo: {ALICE}, {BOB}\r\nSubject: large {tag}\r\nDate: Sat, 05 Dec 2026 02:00:00 +0000\r\n"
+            f"Message-ID: <large-{tag}@example.org>\r\n\r\n").encode()
+    line = (f"{tag}-" * 50)[:98].encode() + b"\r\n"
+    return head + line * ((SIZE - len(head)) // len(line))
+
+
+def submit(inst: Instance, data: bytes, to: list[str]) -> tuple[int, bytes]:
+    """Submission (587, STARTTLS, AUTH): the reply to the end of DATA."""
+    with smtplib.SMTP(*inst.addr("submission"), timeout=120) as s:
+        s.starttls(context=inst.client_ssl_context())
+        s.login(ALICE, PASSWORD)
+        assert s.mail(ALICE)[0] == 250
+        for r in to:
+            assert s.rcpt(r)[0] == 250
+        return s.data(data)
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def uploads_left(s3: S3Server) -> list[Any]:
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+    return [u for b in client.list_buckets()["Buckets"]
+            for u in client.list_multipart_uploads(Bucket=b["Name"]).get("Uploads", [])]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instance, Instance, Instance]]:
+    """Nodes A and B and the remote MX, started; mail to REMOTE goes to the MX."""
+    if not _can_bind("127.0.0.4"):
+        pytest.skip("no 127.0.0.2-4 loopback addresses")
+    with DNSServer() as dns:
+        (tmp_path / "mx").mkdir()
+        mx = Instance(tmp_path / "mx", REMOTE, address="127.0.0.4")
+        mx.add_user(BOB, PASSWORD)
+        dns.add(REMOTE, "MX", f"10 {mx.hostname}")
+        dns.add(mx.hostname, "A", "127.0.0.4")
+        a, b = make_nodes(tmp_path, pg.create_db(), s3, 2, extra=(
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {mx.port("smtp")}\n'))
+        try:
+            mx.start()
+            a.start()
+            b.start()
+            yield a, b, mx
+        finally:
+            a.stop()
+            b.stop()
+            mx.stop()
+
+
+def test_a_large_message_is_read_back_and_delivered_byte_exact(cluster: tuple[Instance, Instance, Instance],
+                                                               s3: S3Server) -> None:
+    a, b, mx = cluster
+    data = large("one")
+    code, text = submit(a, data, [ALICE, BOB])
+    assert code == 250, (code, text)
+    wait_for(lambda: mx.messages(BOB), 90, "the queue's delivery to the MX")
+    [got] = mx.messages(BOB)
+    assert got.endswith(data)  # the MX added its trace header, the rest is byte for byte
+    c = imap(b)  # the other node
+    try:
+        assert c.select("INBOX")[0] == "OK"
+        typ, fetched = c.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        assert typ == "OK"
+        bodies = [item[1] for item in fetched if isinstance(item, tuple)]
+        assert len(bodies) == 1 and bodies[0].endswith(data)
+    finally:
+        c.logout()
+    assert uploads_left(s3) == []
+    log = a.log.read_text()
+    assert "status=sent" in log, log[-3000:]
+
+    # Two sessions on two nodes submit the same large message at once: both accepted, both sent.
+    same = large("two")
+    replies: list[tuple[int, bytes] | BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run(inst: Instance) -> None:
+        try:
+            barrier.wait(10)
+            replies.append(submit(inst, same, [BOB]))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            replies.append(exc)
+    threads = [threading.Thread(target=run, args=(n,)) for n in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [r[0] if isinstance(r, tuple) else r for r in replies] == [250, 250], replies
+    wait_for(lambda: len(mx.messages(BOB)) == 3, 120, "both copies at the MX")
+    copies = [m for m in mx.messages(BOB) if b"Subject: large two" in m]
+    assert len(copies) == 2 and all(m.endswith(same) for m in copies)
+    wait_for(lambda: "-- 0 messages" in a.cli("queue", "list").stdout, 30, "the queue to empty")
+    assert uploads_left(s3) == []
+
+
+def test_a_part_failing_mid_upload_means_4xx_and_nothing_left(cluster: tuple[Instance, Instance, Instance],
+                                                             s3: S3Server) -> None:
+    from moto.s3.models import S3Backend
+    a, _b, mx = cluster
+    part = S3Backend.upload_part
+
+    def failing(self: Any, bucket_name: str, multipart_id: str, part_id: int, value: bytes) -> Any:
+        if int(part_id) == 2:  # moto (the object store, in this process) answers 500 for every try
+            raise RuntimeError("the object store failed this part")
+        return part(self, bucket_name, multipart_id, part_id, value)
+    data = large("fails")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S3Backend, "upload_part", failing)
+        code, text = submit(a, data, [BOB])
+    assert 400 <= code < 500, (code, text)
+    assert uploads_left(s3) == []  # the multipart upload was aborted
+    assert "-- 0 messages" in a.cli("queue", "list").stdout  # no rows
+    code, text = submit(a, data, [BOB])  # the store is back: the same message is taken
+    assert code == 250, (code, text)
+    wait_for(lambda: mx.messages(BOB), 90, "the delivery to the MX")
+    assert mx.messages(BOB)[0].endswith(data) and uploads_left(s3) == []
