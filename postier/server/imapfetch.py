@@ -529,9 +529,10 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
     Returns ([(seq, uid, modseq) of matches], number of targets consumed).
 
-    When the criteria name header fields, headers are peeked at and screened first (`peek_header`
-    reads without the user lock, so several batches of one SEARCH read files in parallel); only the
-    messages that may match are parsed and evaluated."""
+    When the criteria name header fields, headers are peeked at and screened first (`peek_headers`
+    reads without the user lock, so several batches of one SEARCH read files in parallel; in cluster
+    mode, one query for the batch's kept header blocks); only the messages that may match are
+    parsed and evaluated."""
     if not targets:
         return [], 0
     need = content_need(key)
@@ -542,11 +543,12 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     heads: dict[int, bytes] = {}
     if needles:
         kept = []
+        peeked = mb.peek_headers(name, [r for _s, u in targets if (r := rows.get(u)) is not None])
         for seq, uid in targets:
             row = rows.get(uid)
             if row is None:
                 continue
-            head = mb.peek_header(name, row)
+            head = peeked.get(uid)
             if head is not None:
                 if _ruled_out(head, needles):
                     continue  # cannot match: no need to parse it

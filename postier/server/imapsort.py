@@ -28,6 +28,8 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
     uids = [u for _s, u in matches]
     rows = mb.rows(name, uids)
     cached = mb.cache_get(name, [u for u in uids if u in rows], _KIND)
+    # the header blocks of the rest at once (cluster mode: one query); as read_header's for CRLF files
+    peeked = mb.peek_headers(name, [r for u in uids if u not in cached and (r := rows.get(u)) is not None])
     out: list[SortItem] = []
     new: list[tuple[int, str, bytes]] = []
     for seq, uid in matches:
@@ -40,7 +42,8 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
             hit = cached.get(uid)
             fields = decode_fields(hit) if hit is not None else None
             if fields is None:
-                item = sort_item(ident, seq, when, row.size, mb.read_header(name, row))
+                head = peeked.get(uid) if row.lf == 0 else None
+                item = sort_item(ident, seq, when, row.size, head if head is not None else mb.read_header(name, row))
                 new.append((uid, _KIND, encode_fields(item.fields)))
             else:
                 item = SortItem(ident, seq, dt.datetime.fromtimestamp(when, dt.UTC), row.size, fields)

@@ -454,14 +454,55 @@ class ClusterMailboxes:
         return self.bodies.get(row.base)
 
     def read_header(self, name: str, row: MessageRow, limit: int = 256 * 1024) -> bytes:
-        head = self.bodies.get(row.base, min(16384, limit))
-        if b"\r\n\r\n" not in head and len(head) >= min(16384, limit) and limit > 16384:
+        """The header block (up to and including the empty line, at most `limit` bytes): the body's
+        kept block (store.cluster.cache `body_heads`), else the first bytes of the object, from
+        which the block is then kept (bodies stored before the table)."""
+        kept = self.peek_headers(name, [row]).get(row.uid)
+        if kept is not None:
+            return kept[:limit]  # what the reads below give: the block, cut at `limit`
+        want = min(16384, limit)
+        head = self.bodies.get(row.base, want)
+        if b"\r\n\r\n" not in head and len(head) >= want and limit > want:
+            want = limit
             head = self.bodies.get(row.base, limit)
+        block = views.head_of(head, complete=len(head) < want)  # shorter than asked: the whole body
+        if block is not None:
+            self._keep_heads([(row.base, block)])
         i = head.find(b"\r\n\r\n")
         return head[: i + 4] if i >= 0 else head
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
-        return None  # no cheap lock-free path here: the caller uses read_header
+        """The kept header block when it has one of at most `limit` bytes, else None (the caller
+        then uses `read_header`)."""
+        head = self.peek_headers(name, [row]).get(row.uid)
+        return head if head is not None and len(head) <= limit else None
+
+    def peek_headers(self, name: str, rows: Iterable[MessageRow]) -> dict[int, bytes]:
+        """uid -> kept header block (store.cluster.cache `body_heads`), in one query, for those of
+        `rows` whose body has one: the same bytes `read_header` gives. PostgreSQL out of reach is
+        StoreUnavailable; a missing table gives nothing (the object store answers)."""
+        by_body: dict[str, list[int]] = {}
+        for r in rows:
+            by_body.setdefault(r.base, []).append(r.uid)
+        if not by_body:
+            return {}
+        try:
+            with self._tx() as conn:  # no user lock: the batches of one SEARCH read at once
+                heads = views.get_heads(conn, list(by_body))
+        except psycopg.errors.UndefinedTable as exc:
+            log.warning("cluster: header blocks not readable: %s", exc)
+            return {}
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        return {u: head for body, head in heads.items() for u in by_body[body]}
+
+    def _keep_heads(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Best effort, as `cache_put`: a block not kept is read from the object store next time."""
+        try:
+            with self._tx() as conn:
+                views.put_heads(conn, items)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.warning("cluster: header blocks of %s not kept: %s", self.owner, exc)
 
     @_op
     def open_message(self, name: str, uid: int) -> IO[bytes] | None:
@@ -551,22 +592,26 @@ class ClusterMailboxes:
             raise OverQuota("quota exceeded")
 
     def _put_body(self, data: bytes) -> str:
-        """Store a body (CRLF) and its full-text row; returns its hash. The mark comes first (store.
-        cluster.gc), then the upload, then the text row in its own transaction (store.cluster.
-        fulltext): both are committed before the caller's transaction makes a message refer to the
-        body, so a search never finds a message without its row, and a MULTIAPPEND or an import does
-        not hold every message's text until its commit. A row left by a transaction that then fails
-        belongs to an orphan body and goes with it (`postier cluster gc`)."""
+        """Store a body (CRLF), its full-text row and its header block; returns its hash. The mark
+        comes first (store.cluster.gc), then the upload, then both rows in one transaction of their
+        own (store.cluster.fulltext, store.cluster.cache `put_heads`): committed before the caller's
+        transaction makes a message refer to the body, so a search never finds a message without its
+        rows, and a MULTIAPPEND or an import does not hold every message's text until its commit.
+        Rows left by a transaction that then fails belong to an orphan body and go with it
+        (`postier cluster gc`)."""
         digest = self.bodies.digest(data)
         with self._tx() as conn:
             mark(conn, digest)
             known = fulltext.has_row(conn, digest)
         self.bodies.put(data, digest)
-        if not known:
-            row = fulltext.text_row(digest, data)
-            if row is not None:
-                with self._tx() as conn:
+        row = None if known else fulltext.text_row(digest, data)
+        head = views.head_of(data)
+        if row is not None or head is not None:
+            with self._tx() as conn:
+                if row is not None:
                     fulltext.write_rows(conn, [row])
+                if head is not None:
+                    views.put_heads(conn, [(digest, head)])
         return digest
 
     def append(self, name: str, data: bytes, flag_names: Sequence[str] = (),
