@@ -66,6 +66,7 @@ log = logging.getLogger("postier.cluster")
 
 log = logging.getLogger("postier.store")
 
+_HEADS_PENDING = 500  # header blocks read from the object store, kept together at most this many
 
 @dataclass
 class _State:
@@ -121,6 +122,11 @@ class ClusterMailboxes:
         self.states: dict[str, _State] = {}
         self.refs = 0
         self._defaults_done = False
+        # header blocks read from the object store, kept at the next flush_meta (one transaction),
+        # and the bodies the last peek_headers found without one (read_header then asks no more)
+        self._heads_lock = threading.Lock()
+        self._new_heads: dict[str, bytes] = {}
+        self._headless: set[str] = set()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Conn]:
@@ -457,7 +463,9 @@ class ClusterMailboxes:
         """The header block (up to and including the empty line, at most `limit` bytes): the body's
         kept block (store.cluster.cache `body_heads`), else the first bytes of the object, from
         which the block is then kept (bodies stored before the table)."""
-        kept = self.peek_headers(name, [row]).get(row.uid)
+        with self._heads_lock:
+            known_missing = row.base in self._headless
+        kept = None if known_missing else self.peek_headers(name, [row]).get(row.uid)
         if kept is not None:
             return kept[:limit]  # what the reads below give: the block, cut at `limit`
         want = min(16384, limit)
@@ -467,7 +475,11 @@ class ClusterMailboxes:
             head = self.bodies.get(row.base, limit)
         block = views.head_of(head, complete=len(head) < want)  # shorter than asked: the whole body
         if block is not None:
-            self._keep_heads([(row.base, block)])
+            with self._heads_lock:
+                self._new_heads[row.base] = block
+                full = len(self._new_heads) >= _HEADS_PENDING
+            if full:
+                self._flush_heads()
         i = head.find(b"\r\n\r\n")
         return head[: i + 4] if i >= 0 else head
 
@@ -494,6 +506,11 @@ class ClusterMailboxes:
             return {}
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        with self._heads_lock:
+            if len(self._headless) > _HEADS_PENDING * 10:
+                self._headless.clear()
+            self._headless.difference_update(heads)
+            self._headless.update(b for b in by_body if b not in heads)
         return {u: head for body, head in heads.items() for u in by_body[body]}
 
     def _keep_heads(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -540,7 +557,16 @@ class ClusterMailboxes:
                 log.warning("cluster: parsed views of %s not cached: %s", self.owner, exc)
 
     def flush_meta(self) -> None:
-        return None
+        """Keep the header blocks read from the object store since the last call (one transaction)."""
+        with self._heads_lock:
+            self._headless.clear()
+        self._flush_heads()
+
+    def _flush_heads(self) -> None:
+        with self._heads_lock:
+            items, self._new_heads = list(self._new_heads.items()), {}
+        if items:
+            self._keep_heads(items)
 
     # -- writing --------------------------------------------------------------------------------
 
