@@ -45,6 +45,7 @@ from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
+PEEK_AHEAD = 200  # header-only FETCH: header blocks asked for at once (Mailboxes.peek_headers)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -135,7 +136,21 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
             and not opts.add_modseq:
         return _render_bodies(mb, name, chunk, rows, want_uid, out)
-    for seq, uid in chunk:
+    heads: dict[int, bytes] = {}
+    ahead = 0
+
+    def header(i: int, row: MessageRow) -> bytes:
+        """The header block: peeked at PEEK_AHEAD messages at once (cluster mode: one query), as
+        read_header gives it for a CRLF file; otherwise read_header's."""
+        nonlocal heads, ahead
+        if i >= ahead:
+            ahead = i + PEEK_AHEAD
+            heads = mb.peek_headers(name, [r for _s, u in chunk[i:ahead] if (r := rows.get(u)) is not None
+                                           and r.lf == 0])
+        head = heads.get(row.uid) if row.lf == 0 else None
+        return head if head is not None else mb.read_header(name, row)
+
+    for i, (seq, uid) in enumerate(chunk):
         if size >= BATCH_BYTES:
             break
         out.done += 1
@@ -168,7 +183,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                     if hit is None:
                         if part is None:
                             content = content if content is not None else (
-                                mb.read_header(name, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
+                                header(i, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
                             part = parse_message(content)
                         if n == "ENVELOPE":
                             hit = bytes(envelope_bytes(part, utf8=opts.utf8))
@@ -180,7 +195,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                     items.append((n, Raw(hit)))
                 else:  # content items
                     if content is None:
-                        content = mb.read_header(name, row) if header_only else mb.read(name, row)
+                        content = header(i, row) if header_only else mb.read(name, row)
                     if n == "BODY" and a.section is not None and not a.section.part and a.section.text is None:
                         data = content  # BODY[]: the whole message, no parsing
                         items.append((a.response_name, Literal(partial(data, a.partial))))
