@@ -45,7 +45,7 @@ from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
-PEEK_AHEAD = 200  # header-only FETCH: header blocks asked for at once (Mailboxes.peek_headers)
+PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -544,10 +544,10 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
     Returns ([(seq, uid, modseq) of matches], number of targets consumed).
 
-    When the criteria name header fields, headers are peeked at and screened first (`peek_headers`
-    reads without the user lock, so several batches of one SEARCH read files in parallel; in cluster
-    mode, one query for the batch's kept header blocks); only the messages that may match are
-    parsed and evaluated."""
+    When the criteria name header fields, headers are peeked at and screened first, PEEK_AHEAD at a
+    time (`peek_headers` reads without the user lock, so several batches of one SEARCH read files in
+    parallel; in cluster mode, one query for their kept header blocks); only the messages that may
+    match are parsed and evaluated."""
     if not targets:
         return [], 0
     need = content_need(key)
@@ -558,18 +558,20 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     heads: dict[int, bytes] = {}
     if needles:
         kept = []
-        peeked = mb.peek_headers(name, [r for _s, u in targets if (r := rows.get(u)) is not None])
-        for seq, uid in targets:
-            row = rows.get(uid)
-            if row is None:
-                continue
-            head = peeked.get(uid)
-            if head is not None:
-                if _ruled_out(head, needles):
-                    continue  # cannot match: no need to parse it
-                if row.lf == 0:
-                    heads[uid] = head
-            kept.append((seq, uid))
+        for i in range(0, len(targets), PEEK_AHEAD):  # PEEK_AHEAD blocks held at a time
+            part = targets[i:i + PEEK_AHEAD]
+            peeked = mb.peek_headers(name, [r for _s, u in part if (r := rows.get(u)) is not None])
+            for seq, uid in part:
+                row = rows.get(uid)
+                if row is None:
+                    continue
+                head = peeked.get(uid)
+                if head is not None:
+                    if _ruled_out(head, needles):
+                        continue  # cannot match: no need to parse it
+                    if row.lf == 0:
+                        heads[uid] = head
+                kept.append((seq, uid))
         targets = kept
     out: list[tuple[int, int, int]] = []
     for seq, uid in targets:

@@ -16,6 +16,7 @@ from ..message import VIEWS_VERSION
 from ..message.sorting import SortItem, decode_fields, encode_fields, sort_item
 from ..store.api import Mailboxes
 from ..store.errors import StoreError
+from .imapfetch import PEEK_AHEAD
 
 __all__ = ["sort_items"]
 
@@ -28,11 +29,14 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
     uids = [u for _s, u in matches]
     rows = mb.rows(name, uids)
     cached = mb.cache_get(name, [u for u in uids if u in rows], _KIND)
-    # the header blocks of the rest at once (cluster mode: one query); as read_header's for CRLF files
-    peeked = mb.peek_headers(name, [r for u in uids if u not in cached and (r := rows.get(u)) is not None])
     out: list[SortItem] = []
     new: list[tuple[int, str, bytes]] = []
-    for seq, uid in matches:
+    peeked: dict[int, bytes] = {}
+    for i, (seq, uid) in enumerate(matches):
+        if i % PEEK_AHEAD == 0:  # the uncached ones' header blocks, PEEK_AHEAD at once (cluster mode:
+            # one query); as read_header gives them for CRLF files
+            peeked = mb.peek_headers(name, [r for u in uids[i:i + PEEK_AHEAD]
+                                            if u not in cached and (r := rows.get(u)) is not None and r.lf == 0])
         row = rows.get(uid)
         if row is None:
             continue

@@ -5,7 +5,8 @@ transaction; `mark`, called by `ClusterMailboxes.append` and the cluster queue).
 by a mailbox message or by a queued message (`queue_messages`). The collector takes, row-locked (`FOR UPDATE SKIP LOCKED`,
 so several nodes may run it at once), bodies that no message refers to and that were last uploaded
 more than `grace` seconds ago, deletes their objects and then their rows (and their full-text rows,
-`body_text`) in the same transaction.
+`body_text`) in the same transaction; their parsed views and header blocks go with the rows (ON
+DELETE CASCADE, store.cluster.cache).
 An upload of the same body meanwhile waits on that row lock and then uploads again, so a committed
 message never refers to a deleted object. `grace` must exceed the longest time between an upload
 and the commit of its message (seconds in practice; the default is a day).
