@@ -33,7 +33,7 @@ import psycopg
 
 from ..index import CACHE_ITEM_LIMIT
 
-__all__ = ["DDL", "get", "get_heads", "head_of", "put", "put_heads"]
+__all__ = ["DDL", "get", "get_heads", "has_head", "head_of", "put", "put_heads"]
 
 type Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -92,6 +92,11 @@ def head_of(data: bytes, complete: bool = True) -> bytes | None:
     else:
         return None
     return head if len(head) <= CACHE_ITEM_LIMIT else None
+
+
+def has_head(conn: Conn, digest: str) -> bool:
+    """True when the body's header block is kept (an APPEND of a known body then writes nothing)."""
+    return conn.execute("SELECT 1 FROM body_heads WHERE body=%s", (digest,)).fetchone() is not None
 
 
 def get_heads(conn: Conn, digests: Sequence[str]) -> dict[str, bytes]:

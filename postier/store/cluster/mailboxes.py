@@ -629,9 +629,10 @@ class ClusterMailboxes:
         with self._tx() as conn:
             mark(conn, digest)
             known = fulltext.has_row(conn, digest)
+            head_known = views.has_head(conn, digest)
         self.bodies.put(data, digest)
         row = None if known else fulltext.text_row(digest, data)
-        head = views.head_of(data)
+        head = None if head_known else views.head_of(data)
         if row is not None or head is not None:
             with self._tx() as conn:
                 if row is not None:
