@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.imap.test_fts import _keys, _message  # noqa: E402
 from tests.message import corpus  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
-from .test_nodes import _nodes, imap  # noqa: E402
+from .test_nodes import ALICE, PASSWORD, _nodes, imap  # noqa: E402
 from .test_store import msg  # noqa: E402
 from .test_views_cache import fetch, messages, node, unreachable_bodies  # noqa: E402
 
@@ -269,6 +270,11 @@ def test_header_commands_on_node_b_with_the_object_store_stopped(tmp_path: Path,
             assert not any(isinstance(d, tuple) for d in data), data  # no body comes back
         finally:
             c.logout()
+        with b.web(b.hostname) as web:  # the webmail's message list reads the header blocks too
+            assert web.post("/mail/login", data={"address": ALICE, "password": PASSWORD}).status_code == 303
+            r = web.get("/mail/folder", params={"f": "INBOX"})
+            assert r.status_code == 200 and "padded 20000" in r.text, r.text[:2000]
+            assert len(set(re.findall(r'href="/mail/msg\?f=INBOX&amp;u=(\d+)"', r.text))) == len(raws)
     finally:
         a.stop()
         b.stop()
