@@ -18,6 +18,7 @@ BENCHMARKS = {
     "cluster-accounts": "bench.cluster_accounts_bench",
     "cluster-reports": "bench.cluster_reports_bench",
     "cluster-views": "bench.cluster_views",
+    "cluster-heads": "bench.cluster_heads",
     "cluster-send": "bench.cluster_send_rss",
     "cluster-gc": "bench.cluster_gc",
     "cluster-accept": "bench.cluster_accept_rss",

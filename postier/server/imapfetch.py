@@ -45,6 +45,7 @@ from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
+PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -135,7 +136,21 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
             and not opts.add_modseq:
         return _render_bodies(mb, name, chunk, rows, want_uid, out)
-    for seq, uid in chunk:
+    heads: dict[int, bytes] = {}
+    ahead = 0
+
+    def header(i: int, row: MessageRow) -> bytes:
+        """The header block: peeked at PEEK_AHEAD messages at once (cluster mode: one query), as
+        read_header gives it for a CRLF file; otherwise read_header's."""
+        nonlocal heads, ahead
+        if i >= ahead:
+            ahead = i + PEEK_AHEAD
+            heads = mb.peek_headers(name, [r for _s, u in chunk[i:ahead] if (r := rows.get(u)) is not None
+                                           and r.lf == 0])
+        head = heads.get(row.uid) if row.lf == 0 else None
+        return head if head is not None else mb.read_header(name, row)
+
+    for i, (seq, uid) in enumerate(chunk):
         if size >= BATCH_BYTES:
             break
         out.done += 1
@@ -168,7 +183,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                     if hit is None:
                         if part is None:
                             content = content if content is not None else (
-                                mb.read_header(name, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
+                                header(i, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
                             part = parse_message(content)
                         if n == "ENVELOPE":
                             hit = bytes(envelope_bytes(part, utf8=opts.utf8))
@@ -180,7 +195,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                     items.append((n, Raw(hit)))
                 else:  # content items
                     if content is None:
-                        content = mb.read_header(name, row) if header_only else mb.read(name, row)
+                        content = header(i, row) if header_only else mb.read(name, row)
                     if n == "BODY" and a.section is not None and not a.section.part and a.section.text is None:
                         data = content  # BODY[]: the whole message, no parsing
                         items.append((a.response_name, Literal(partial(data, a.partial))))
@@ -529,9 +544,10 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     """Evaluate `key` on targets ((seq, uid) in order, at most a few thousand per call).
     Returns ([(seq, uid, modseq) of matches], number of targets consumed).
 
-    When the criteria name header fields, headers are peeked at and screened first (`peek_header`
-    reads without the user lock, so several batches of one SEARCH read files in parallel); only the
-    messages that may match are parsed and evaluated."""
+    When the criteria name header fields, headers are peeked at and screened first, PEEK_AHEAD at a
+    time (`peek_headers` reads without the user lock, so several batches of one SEARCH read files in
+    parallel; in cluster mode, one query for their kept header blocks); only the messages that may
+    match are parsed and evaluated."""
     if not targets:
         return [], 0
     need = content_need(key)
@@ -542,17 +558,20 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     heads: dict[int, bytes] = {}
     if needles:
         kept = []
-        for seq, uid in targets:
-            row = rows.get(uid)
-            if row is None:
-                continue
-            head = mb.peek_header(name, row)
-            if head is not None:
-                if _ruled_out(head, needles):
-                    continue  # cannot match: no need to parse it
-                if row.lf == 0:
-                    heads[uid] = head
-            kept.append((seq, uid))
+        for i in range(0, len(targets), PEEK_AHEAD):  # PEEK_AHEAD blocks held at a time
+            part = targets[i:i + PEEK_AHEAD]
+            peeked = mb.peek_headers(name, [r for _s, u in part if (r := rows.get(u)) is not None])
+            for seq, uid in part:
+                row = rows.get(uid)
+                if row is None:
+                    continue
+                head = peeked.get(uid)
+                if head is not None:
+                    if _ruled_out(head, needles):
+                        continue  # cannot match: no need to parse it
+                    if row.lf == 0:
+                        heads[uid] = head
+                kept.append((seq, uid))
         targets = kept
     out: list[tuple[int, int, int]] = []
     for seq, uid in targets:

@@ -16,6 +16,7 @@ from ..message import VIEWS_VERSION
 from ..message.sorting import SortItem, decode_fields, encode_fields, sort_item
 from ..store.api import Mailboxes
 from ..store.errors import StoreError
+from .imapfetch import PEEK_AHEAD
 
 __all__ = ["sort_items"]
 
@@ -30,7 +31,12 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
     cached = mb.cache_get(name, [u for u in uids if u in rows], _KIND)
     out: list[SortItem] = []
     new: list[tuple[int, str, bytes]] = []
-    for seq, uid in matches:
+    peeked: dict[int, bytes] = {}
+    for i, (seq, uid) in enumerate(matches):
+        if i % PEEK_AHEAD == 0:  # the uncached ones' header blocks, PEEK_AHEAD at once (cluster mode:
+            # one query); as read_header gives them for CRLF files
+            peeked = mb.peek_headers(name, [r for u in uids[i:i + PEEK_AHEAD]
+                                            if u not in cached and (r := rows.get(u)) is not None and r.lf == 0])
         row = rows.get(uid)
         if row is None:
             continue
@@ -40,7 +46,8 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
             hit = cached.get(uid)
             fields = decode_fields(hit) if hit is not None else None
             if fields is None:
-                item = sort_item(ident, seq, when, row.size, mb.read_header(name, row))
+                head = peeked.get(uid) if row.lf == 0 else None
+                item = sort_item(ident, seq, when, row.size, head if head is not None else mb.read_header(name, row))
                 new.append((uid, _KIND, encode_fields(item.fields)))
             else:
                 item = SortItem(ident, seq, dt.datetime.fromtimestamp(when, dt.UTC), row.size, fields)

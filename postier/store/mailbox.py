@@ -747,6 +747,10 @@ class UserMailbox:
             return None
         return head
 
+    def peek_headers(self, name: str, rows: Iterable[MessageRow]) -> dict[int, bytes]:
+        """`peek_header` of each row (uid -> block, for those it gives one), without the user lock."""
+        return {r.uid: h for r in rows if (h := self.peek_header(name, r)) is not None}
+
     @_locked
     def open_message(self, name: str, uid: int) -> IO[bytes] | None:
         """The message file opened for reading (streamed by POP3 RETR/TOP), or None when it is gone.

@@ -952,12 +952,16 @@ def _contacts(mb: Mailboxes, sent: str, messages: int = 200, limit: int = 500) -
 def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = mb.rows(name, uids)
     items = []
+    try:
+        heads = mb.peek_headers(name, rows.values())  # cluster mode: one query for the page
+    except (StoreError, OSError):
+        heads = {}
     for uid in uids:
         row = rows.get(uid)
         if row is None:
             continue
         try:
-            head = mb.peek_header(name, row) or mb.read_header(name, row, 16384)
+            head = heads.get(uid) or mb.read_header(name, row, 16384)
         except (StoreError, OSError):
             continue
         info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))

@@ -1,5 +1,6 @@
 """The parsed-view cache of cluster mode: ENVELOPE, BODYSTRUCTURE, BODY (RFC 9051 §7.5.2) and SORT
-fields of a message body, in PostgreSQL and shared by every node.
+fields of a message body, and its raw header block (RFC 5322 §2.1), in PostgreSQL and shared by
+every node.
 
 A body is immutable and named by its SHA-256 (`store.cluster.bodies`), so its views are keyed by
 (body hash, kind) rather than by folder and UID: every node, folder, COPY/MOVE and user holding the
@@ -12,6 +13,15 @@ Each row refers to its `bodies` row (ON DELETE CASCADE): the collector (`store.c
 a body's views with its row, and an insert racing with that collection waits on the collector's row
 lock and then fails its foreign-key check instead of leaving a row for a deleted body. Views larger
 than `index.CACHE_ITEM_LIMIT` are not kept (the same bound as the single-machine index).
+
+`body_heads` holds each body's header block, the bytes `ClusterMailboxes.read_header` answers (up
+to and including the first empty line; the whole body when it has none), so that header-only reads
+(SEARCH on header fields, FETCH BODY.PEEK[HEADER...], ENVELOPE, SORT keys) need no GET from the
+object store. The row is written with the body's full-text row, right after the upload
+(`ClusterMailboxes._put_body`); a body stored before the table gets it from the first GET of its
+header (`head_of` on the bytes read). Header blocks over CACHE_ITEM_LIMIT are not kept: those
+messages are read from the object store as before. Same keying, collection and ordering as the
+views: by body hash, ON DELETE CASCADE, inserted in hash order with ON CONFLICT DO NOTHING.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import psycopg
 
 from ..index import CACHE_ITEM_LIMIT
 
-__all__ = ["DDL", "get", "put"]
+__all__ = ["DDL", "get", "get_heads", "has_head", "head_of", "put", "put_heads"]
 
 type Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -34,6 +44,10 @@ CREATE TABLE IF NOT EXISTS body_views (
     kind text NOT NULL,
     data bytea NOT NULL,
     PRIMARY KEY (body, kind)
+);
+CREATE TABLE IF NOT EXISTS body_heads (
+    body text PRIMARY KEY REFERENCES bodies(hash) ON DELETE CASCADE,
+    head bytea NOT NULL
 );
 """
 
@@ -62,4 +76,46 @@ def put(conn: Conn, fid: int, items: Sequence[tuple[int, str, bytes]]) -> int:
         "JOIN messages m ON m.folder = %s AND m.uid = i.uid JOIN bodies b ON b.hash = m.body "
         "ORDER BY m.body, i.kind ON CONFLICT DO NOTHING",
         ([u for u, _k, _d in keep], [k for _u, k, _d in keep], [d for _u, _k, d in keep], fid))
+    return cur.rowcount
+
+
+def head_of(data: bytes, complete: bool = True) -> bytes | None:
+    """The header block of a body (CRLF octets) as `read_header` answers it: up to and including
+    the first CRLF CRLF (RFC 5322 §2.1), or the whole body when it has none. `data` may be only the
+    body's first bytes (`complete` False): without the empty line in them, the block is unknown
+    (None). None too for a block over CACHE_ITEM_LIMIT, which is not kept."""
+    i = data.find(b"\r\n\r\n")
+    if i >= 0:
+        head = data[: i + 4]
+    elif complete:
+        head = data
+    else:
+        return None
+    return head if len(head) <= CACHE_ITEM_LIMIT else None
+
+
+def has_head(conn: Conn, digest: str) -> bool:
+    """True when the body's header block is kept (an APPEND of a known body then writes nothing)."""
+    return conn.execute("SELECT 1 FROM body_heads WHERE body=%s", (digest,)).fetchone() is not None
+
+
+def get_heads(conn: Conn, digests: Sequence[str]) -> dict[str, bytes]:
+    """body hash -> its kept header block, for those of `digests` that have one."""
+    if not digests:
+        return {}
+    return {h: bytes(d) for h, d in conn.execute(
+        "SELECT body, head FROM body_heads WHERE body = ANY(%s)", (sorted(set(digests)),))}
+
+
+def put_heads(conn: Conn, items: Sequence[tuple[str, bytes]]) -> int:
+    """Keep (body hash, header block) rows (blocks from `head_of`); returns how many were new.
+    Bodies without a `bodies` row are left out; rows go in hash order (no deadlock between nodes)."""
+    keep = sorted({h: d for h, d in items if len(d) <= CACHE_ITEM_LIMIT}.items())
+    if not keep:
+        return 0
+    cur = conn.execute(
+        "INSERT INTO body_heads (body, head) SELECT i.body, i.head "
+        "FROM unnest(%s::text[], %s::bytea[]) AS i(body, head) JOIN bodies b ON b.hash = i.body "
+        "ORDER BY i.body ON CONFLICT DO NOTHING",
+        ([h for h, _d in keep], [d for _h, d in keep]))
     return cur.rowcount

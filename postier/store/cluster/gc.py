@@ -8,7 +8,8 @@ or by a queued message (`queue_messages`).
 `collect` works from the table: it takes, row-locked (`FOR UPDATE SKIP LOCKED`, so several nodes may
 run it at once), bodies that no message refers to and that were last uploaded more than `grace`
 seconds ago, deletes their objects and then their rows (and their full-text rows, `body_text`) in
-the same transaction. An upload of the same body meanwhile waits on that row lock in `mark`, then
+the same transaction; their parsed views and header blocks go with the rows (ON DELETE CASCADE,
+store.cluster.cache). An upload of the same body meanwhile waits on that row lock in `mark`, then
 inserts a new row and uploads again, so a committed message never refers to a deleted object; an
 upload whose mark committed first has renewed `last_put`, which the locking SELECT rechecks. `grace`
 must exceed the longest time between a mark and the commit of its message (seconds in practice; the

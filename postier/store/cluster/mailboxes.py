@@ -44,7 +44,7 @@ from ..errors import (
     StoreUnavailable,
     UnknownSpecialUse,
 )
-from ..index import FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
+from ..index import CACHE_ITEM_LIMIT, FLAG_DELETED, FLAG_SEEN, names_to_flags, plan_store
 from ..maildir import SpoolFile
 from ..fts import CATCH_UP, searchable
 from ..quota import WARN_LEVELS, Usage
@@ -66,6 +66,7 @@ log = logging.getLogger("postier.cluster")
 
 log = logging.getLogger("postier.store")
 
+_HEADS_PENDING = 500  # header blocks read from the object store, kept together at most this many
 
 @dataclass
 class _State:
@@ -121,6 +122,11 @@ class ClusterMailboxes:
         self.states: dict[str, _State] = {}
         self.refs = 0
         self._defaults_done = False
+        # header blocks read from the object store, kept at the next flush_meta (one transaction),
+        # and the bodies the last peek_headers found without one (read_header then asks no more)
+        self._heads_lock = threading.Lock()
+        self._new_heads: dict[str, bytes] = {}
+        self._headless: set[str] = set()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Conn]:
@@ -476,14 +482,66 @@ class ClusterMailboxes:
         return self.bodies.get(row.base)
 
     def read_header(self, name: str, row: MessageRow, limit: int = 256 * 1024) -> bytes:
-        head = self.bodies.get(row.base, min(16384, limit))
-        if b"\r\n\r\n" not in head and len(head) >= min(16384, limit) and limit > 16384:
+        """The header block (up to and including the empty line, at most `limit` bytes): the body's
+        kept block (store.cluster.cache `body_heads`), else the first bytes of the object, from
+        which the block is then kept (bodies stored before the table)."""
+        with self._heads_lock:
+            known_missing = row.base in self._headless
+        kept = None if known_missing else self.peek_headers(name, [row]).get(row.uid)
+        if kept is not None:
+            return kept[:limit]  # what the reads below give: the block, cut at `limit`
+        want = min(16384, limit)
+        head = self.bodies.get(row.base, want)
+        if b"\r\n\r\n" not in head and len(head) >= want and limit > want:
+            want = limit
             head = self.bodies.get(row.base, limit)
+        block = views.head_of(head, complete=len(head) < want)  # shorter than asked: the whole body
+        if block is not None:
+            with self._heads_lock:
+                self._new_heads[row.base] = block
+                full = len(self._new_heads) >= _HEADS_PENDING
+            if full:
+                self._flush_heads()
         i = head.find(b"\r\n\r\n")
         return head[: i + 4] if i >= 0 else head
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
-        return None  # no cheap lock-free path here: the caller uses read_header
+        """The kept header block when it has one of at most `limit` bytes, else None (the caller
+        then uses `read_header`)."""
+        head = self.peek_headers(name, [row]).get(row.uid)
+        return head if head is not None and len(head) <= limit else None
+
+    def peek_headers(self, name: str, rows: Iterable[MessageRow]) -> dict[int, bytes]:
+        """uid -> kept header block (store.cluster.cache `body_heads`), in one query, for those of
+        `rows` whose body has one: the same bytes `read_header` gives. PostgreSQL out of reach is
+        StoreUnavailable; a missing table gives nothing (the object store answers)."""
+        by_body: dict[str, list[int]] = {}
+        for r in rows:
+            by_body.setdefault(r.base, []).append(r.uid)
+        if not by_body:
+            return {}
+        try:
+            with self._tx() as conn:  # no user lock: the batches of one SEARCH read at once
+                heads = views.get_heads(conn, list(by_body))
+        except psycopg.errors.UndefinedTable as exc:
+            log.warning("cluster: header blocks not readable: %s", exc)
+            return {}
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            raise StoreUnavailable("mail storage unavailable, try again later") from exc
+        with self._heads_lock:
+            if len(self._headless) > _HEADS_PENDING * 10:
+                self._headless.clear()
+            self._headless.difference_update(heads)
+            self._headless.update(b for b in by_body if b not in heads)
+        return {u: head for body, head in heads.items() for u in by_body[body]}
+
+    def _keep_heads(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Best effort, as `cache_put`: a block not kept is read from the object store next time."""
+        try:
+            with self._tx() as conn:
+                views.put_heads(conn, items)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.warning("cluster: header blocks of %s not kept: %s", self.owner, exc)
 
     @_op
     def open_message(self, name: str, uid: int) -> IO[bytes] | None:
@@ -521,7 +579,16 @@ class ClusterMailboxes:
                 log.warning("cluster: parsed views of %s not cached: %s", self.owner, exc)
 
     def flush_meta(self) -> None:
-        return None
+        """Keep the header blocks read from the object store since the last call (one transaction)."""
+        with self._heads_lock:
+            self._headless.clear()
+        self._flush_heads()
+
+    def _flush_heads(self) -> None:
+        with self._heads_lock:
+            items, self._new_heads = list(self._new_heads.items()), {}
+        if items:
+            self._keep_heads(items)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -573,15 +640,15 @@ class ClusterMailboxes:
             raise OverQuota("quota exceeded")
 
     def _put_body(self, data: bytes | SpooledSource) -> str:
-        """Store a body (CRLF) and its full-text row; returns its hash. The mark comes first (store.
-        cluster.gc), then the upload, then the text row in its own transaction (store.cluster.
-        fulltext): both are committed before the caller's transaction makes a message refer to the
-        body, so a search never finds a message without its row, and a MULTIAPPEND or an import does
-        not hold every message's text until its commit. A row left by a transaction that then fails
-        belongs to an orphan body and goes with it (`postier cluster gc`). A body in a file (an open
-        `SpooledSource`) is hashed and uploaded from it (`BodyStore.put_stream`); only its text
-        extraction, which parses the whole message, reads it whole, and only when the body has no
-        row yet (not for a second copy of it)."""
+        """Store a body (CRLF), its full-text row and its header block; returns its hash. The mark
+        comes first (store.cluster.gc), then the upload, then both rows in one transaction of their
+        own (store.cluster.fulltext, store.cluster.cache `put_heads`): committed before the caller's
+        transaction makes a message refer to the body, so a search never finds a message without its
+        rows, and a MULTIAPPEND or an import does not hold every message's text until its commit.
+        Rows left by a transaction that then fails belong to an orphan body and go with it
+        (`postier cluster gc`). A body in a file (an open `SpooledSource`) is hashed and uploaded
+        from it (`BodyStore.put_stream`); only its text extraction, which parses the whole message,
+        reads it whole, and only when the body has no row yet (not for a second copy of it)."""
         if isinstance(data, SpooledSource):
             digest = self.bodies.digest_stream(data.read_at, data.size)
         else:
@@ -589,18 +656,29 @@ class ClusterMailboxes:
         with self._tx() as conn:
             mark(conn, digest)
             known = fulltext.has_row(conn, digest)
+            head_known = views.has_head(conn, digest)
         if isinstance(data, SpooledSource):
             self.bodies.put_stream(data.read_at, data.size, digest)
         else:
             self.bodies.put(data, digest)
+        row = head = None
         if not known:
             # a bytearray from read_all (one copy instead of two) is only read by the parser, as
             # bytes are: slices, searches, decoding (the same rows over the message-view corpora)
             text = cast(bytes, data.read_all()) if isinstance(data, SpooledSource) else data
             row = fulltext.text_row(digest, text)
-            if row is not None:
-                with self._tx() as conn:
+        if not head_known:
+            if isinstance(data, SpooledSource):  # the block is at most CACHE_ITEM_LIMIT: no more is read
+                first = data.read_at(0, CACHE_ITEM_LIMIT + 4)
+                head = views.head_of(first, complete=len(first) == data.size)
+            else:
+                head = views.head_of(data)
+        if row is not None or head is not None:
+            with self._tx() as conn:
+                if row is not None:
                     fulltext.write_rows(conn, [row])
+                if head is not None:
+                    views.put_heads(conn, [(digest, head)])
         return digest
 
     def append(self, name: str, data: bytes | SpooledSource, flag_names: Sequence[str] = (),

@@ -1,8 +1,9 @@
 """The PostgreSQL schema of cluster mode: the mailbox index (folders, messages, tombstones, subscriptions,
-the full-text rows of bodies: store.cluster.fulltext; the parsed-view cache `body_views` of store/cluster/cache.py),
-accounts, DKIM keys, Sieve state (scripts, vacation/duplicate tracking), the outbound queue
-(`queue_*`: messages, recipients with their leases, attempts, sends; queue/cluster.py) and the body
-collector's `bodies` marks and `gc_state` (store.cluster.gc).
+the full-text rows of bodies: store.cluster.fulltext; the parsed-view cache `body_views` and the
+header blocks `body_heads` of store/cluster/cache.py), accounts, DKIM keys, Sieve state (scripts,
+vacation/duplicate tracking), the outbound queue (`queue_*`: messages, recipients with their leases,
+attempts, sends; queue/cluster.py) and the body collector's `bodies` marks and `gc_state`
+(store.cluster.gc).
 
 Every change to a folder's messages updates its `folders` row first (uidnext, highestmodseq) in the
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
@@ -163,7 +164,7 @@ CREATE TABLE IF NOT EXISTS queue_sends (
 );
 CREATE INDEX IF NOT EXISTS queue_sends_owner ON queue_sends (owner, time);
 """
-_DDL += _VIEWS_DDL  # body_views: parsed views by body hash (store/cluster/cache.py)
+_DDL += _VIEWS_DDL  # body_views, body_heads: by body hash (store/cluster/cache.py)
 
 # Accounts (postier/accounts.py's tables, store/cluster/accounts.py) and DKIM keys (mailauth/keys.py):
 # every node reads them here. `account_version` is bumped by every account write (the nodes'
