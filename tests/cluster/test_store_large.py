@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("psycopg")
 
 from postier.message.types import MessageBody, User  # noqa: E402
+from postier.store.cluster import cache as views  # noqa: E402
 from postier.store.cluster import fulltext  # noqa: E402
 from postier.store.cluster.bodies import PART_SIZE, BodyStore, body_key  # noqa: E402
 from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
@@ -90,6 +91,8 @@ def test_a_large_delivery_to_two_users_goes_up_from_its_spool_file(store: Cluste
     assert etag.strip('"').endswith("-2") and uploads_left(bodies) == []
     with store.pool.connection() as conn:
         assert fulltext.has_row(conn, digest)  # searchable as any body
+        # its header block too, read from the file's first bytes (header reads need no GET)
+        assert views.get_heads(conn, [digest]) == {digest: (PREFIX + data).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"}
 
 
 def test_a_large_delivery_with_bare_lfs_is_stored_with_crlf(store: ClusterStore, tmp_path: Path) -> None:
