@@ -23,7 +23,12 @@ cache is dropped whenever the database may have changed: SQLite's `PRAGMA data_v
 commits made through any other connection (the CLI adding or removing a user while the server
 runs) and is asked at most every `CACHE_CHECK` seconds (it starts a read transaction: two fcntl
 locks and an fstat), so a change made elsewhere is seen within that time; a generation counter
-covers the writes made through this object at once.
+covers the writes made through this object at once. Each resolution a thread answers is also
+published, with the deadline its thread's last check allows (that check's time + `CACHE_CHECK`) and
+the generation it was made under, for `resolve_cached`: the event loop answers RCPT from it without
+a thread hop while that deadline is ahead and the generation unchanged, so no answer is older than a
+thread's would be. The deadline travels with each entry because `data_version` numbers of two
+connections cannot be compared.
 
 Where the tables live is pluggable (`AccountStorage`): a SQLite file on one machine
 (`SQLiteStorage`), PostgreSQL in cluster mode (store/cluster/accounts.py), so that every node
@@ -210,6 +215,9 @@ class Directory(Protocol):
     def resolve(self, address: str) -> Resolution:
         """Where mail for `address` goes (aliases, plus-addressing and catch-all applied)."""
 
+    def resolve_cached(self, address: str) -> Resolution | None:
+        """`resolve`'s answer when it is known without blocking (None: call `resolve` in a thread)."""
+
     def is_local_domain(self, name: str) -> bool: ...
 
     def list_domains(self) -> list[str]: ...
@@ -317,6 +325,8 @@ class Accounts:
         self.default_format = default_format
         self._local = threading.local()
         self._generation = 0  # bumped by every write made through this object
+        # address -> (deadline, generation, resolution): what any thread answered (`resolve_cached`)
+        self._published: dict[str, tuple[float, int, Resolution]] = {}
         # argon2id with RFC 9106 §4's second recommended option (t=3, m=64 MiB, p=4); the first
         # option's 2 GiB per verification is too much for a mail host serving many logins
         # (argon2-cffi's defaults, which are that profile: tests/test_login_cache.py checks it)
@@ -638,7 +648,21 @@ class Accounts:
         found = cache.get(address)
         if found is None:
             found = cache[address] = self._resolve(address)
+        published = self._published
+        if len(published) >= _MAX_CACHED:
+            published = self._published = {}
+        published[address] = (local.cache_checked + CACHE_CHECK, local.cache_generation, found)
         return found
+
+    def resolve_cached(self, address: str) -> Resolution | None:
+        """`resolve`'s answer without blocking (for the event loop), or None when no thread of this
+        process has answered it under a check still fresh: no answer given is older than CACHE_CHECK
+        seconds after a data_version check, and none survives a write made through this object.
+        Thread-safe: entries are replaced whole, one dictionary operation each."""
+        entry = self._published.get(address)
+        if entry is None or entry[1] != self._generation or time.monotonic() >= entry[0]:
+            return None
+        return entry[2]
 
     def _resolve(self, address: str) -> Resolution:
         try:

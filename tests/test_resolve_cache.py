@@ -1,6 +1,7 @@
 """The recipient resolution cache of Accounts: writes through the same object are seen at once,
 writes by another connection or process (the CLI) within accounts.CACHE_CHECK seconds."""
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -68,3 +69,85 @@ def test_each_thread_has_its_own_cache(tmp_path: Path) -> None:
     t.join()
     assert seen == [Lookup.UNKNOWN_USER]
     assert a.resolve("z@a.test").status is Lookup.UNKNOWN_USER  # the generation counter tells this thread
+
+
+def test_cached_answers_only_what_a_thread_answered_fresh(tmp_path: Path) -> None:
+    """`resolve_cached` (the event loop's RCPT fast path) knows only what `resolve` answered, and
+    forgets it at once on a write through the same object."""
+    a = Accounts(tmp_path / "acc.sqlite")
+    a.add_domain("a.test")
+    a.add_user("w@a.test", "password123")
+    assert a.resolve_cached("w@a.test") is None  # nobody asked yet
+    found = a.resolve("w@a.test")
+    assert found.status is Lookup.FOUND
+    assert a.resolve_cached("w@a.test") == found
+    a.remove_user("w@a.test")
+    assert a.resolve_cached("w@a.test") is None  # the generation moved
+    assert a.resolve("w@a.test").status is Lookup.UNKNOWN_USER
+    assert a.resolve_cached("w@a.test") == accounts.Resolution(Lookup.UNKNOWN_USER)
+
+
+def test_cached_answer_expires_with_the_check_that_made_it(tmp_path: Path) -> None:
+    a = Accounts(tmp_path / "acc.sqlite")
+    a.add_domain("a.test")
+    a.resolve("v@a.test")
+    t0 = time.monotonic()
+    assert a.resolve_cached("v@a.test") is not None
+    while time.monotonic() < t0 + accounts.CACHE_CHECK:
+        time.sleep(0.02)
+    assert a.resolve_cached("v@a.test") is None  # a thread has to look again
+
+
+def test_cached_answers_follow_another_process_from_two_threads_and_the_loop(tmp_path: Path) -> None:
+    """Two threads resolve while the event loop answers from the published entries and another
+    connection (the CLI) adds and removes the user: no answer the loop gives is older than
+    CACHE_CHECK seconds after the change was committed."""
+    server = Accounts(tmp_path / "acc.sqlite")
+    cli = Accounts(tmp_path / "acc.sqlite")
+    cli.add_domain("a.test")
+    changes: list[tuple[float, bool]] = [(time.monotonic(), False)]  # (committed by, exists)
+    writing = threading.Event()  # set from before a change begins until it is in `changes`
+    stop = threading.Event()
+
+    def resolver() -> None:
+        while not stop.is_set():
+            server.resolve("t@a.test")
+            time.sleep(0.001)
+
+    def writer() -> None:
+        for i in range(6):
+            time.sleep(0.25)
+            writing.set()
+            if i % 2 == 0:
+                cli.add_user("t@a.test", "password123")
+            else:
+                cli.remove_user("t@a.test")
+            changes.append((time.monotonic(), i % 2 == 0))
+            writing.clear()
+        stop.set()
+
+    async def loop_reader() -> int:
+        answered = 0
+        while not stop.is_set():
+            before, n = writing.is_set(), len(changes)
+            asked = time.monotonic()
+            got = server.resolve_cached("t@a.test")
+            if got is not None:
+                answered += 1
+                done, exists = changes[n - 1]
+                quiet = not before and not writing.is_set() and len(changes) == n  # no change overlapped
+                if quiet and done + accounts.CACHE_CHECK <= asked:  # the last change is past the bound
+                    assert (got.status is Lookup.FOUND) == exists, (asked, changes)
+            await asyncio.sleep(0.001)
+        return answered
+
+    threads = [threading.Thread(target=resolver) for _ in range(2)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    try:
+        answered = asyncio.run(asyncio.wait_for(loop_reader(), 30))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert answered > 0

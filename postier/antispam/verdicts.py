@@ -26,6 +26,9 @@ from ..metrics import Metrics
 
 log = logging.getLogger("postier.antispam")
 _BATCH = 256  # lines written in one transaction at most
+# After the first line of a batch, the writer waits this long for more before writing: the SMTP
+# sessions' puts then wake no thread (one wake-up and one commit per LINGER, not per message).
+LINGER = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -80,10 +83,12 @@ class VerdictLog:
         self._writes = 0
         self._pending: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._hurry = threading.Event()  # set by flush and close: write now, no lingering
 
     def close(self) -> None:
         if self._writer is not None:
             self._pending.put(None)
+            self._hurry.set()
             self._writer.join(10)
             self._writer = None
         with self._lock:
@@ -103,6 +108,7 @@ class VerdictLog:
         """Wait until every `record_later` so far is written (for tests and `close`)."""
         done = threading.Event()
         self._pending.put(("__flush__", done))
+        self._hurry.set()
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="verdicts", daemon=True)
             self._writer.start()
@@ -111,6 +117,8 @@ class VerdictLog:
     def _write_loop(self) -> None:
         while True:
             batch = [self._pending.get()]
+            if batch[-1] is not None and batch[-1][0] != "__flush__" and self._hurry.wait(LINGER):
+                self._hurry.clear()  # a flush or close came during the wait: its marker is queued
             # What queued up meanwhile goes in the same transaction (one commit, not one per line).
             while len(batch) < _BATCH and batch[-1] is not None and batch[-1][0] != "__flush__":
                 try:

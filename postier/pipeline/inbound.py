@@ -161,11 +161,13 @@ class SMTPPipeline:
             return R550_RELAY_SYNTAX if not addr.source_route else R553_SOURCE_ROUTE
         if addr.is_literal and not addr.is_postmaster:
             return R554_RELAY_DENIED
-        try:  # in a worker thread: in cluster mode the accounts are a network round trip away
-            found = await asyncio.to_thread(self._lookup, addr)
-        except StoreUnavailable as exc:  # the account database is out of reach: try again later
-            log.error("recipient lookup of %s failed: %s", addr.mailbox, exc)
-            return R451_TEMP_LOOKUP
+        found: Reply | tuple[Resolution, bool] | None = self._lookup_cached(addr)
+        if found is None:
+            try:  # in a worker thread: in cluster mode the accounts are a network round trip away
+                found = await asyncio.to_thread(self._lookup, addr)
+            except StoreUnavailable as exc:  # the account database is out of reach: try again later
+                log.error("recipient lookup of %s failed: %s", addr.mailbox, exc)
+                return R451_TEMP_LOOKUP
         if isinstance(found, Reply):
             return found
         res, srs_bounce = found
@@ -183,6 +185,14 @@ class SMTPPipeline:
                     env.recipients.pop()
                     return refused
         return reply
+
+    def _lookup_cached(self, addr: Address) -> tuple[Resolution, bool] | None:
+        """`_lookup`'s answer for a plain address when the accounts know it fresh without blocking
+        (`Directory.resolve_cached`), else None. Postmaster and SRS addresses take the thread."""
+        if addr.is_postmaster or (self.srs is not None and is_srs(addr.mailbox.rpartition("@")[0])):
+            return None
+        res = self.directory.resolve_cached(addr.mailbox)
+        return None if res is None else (res, False)
 
     def _lookup(self, addr: Address) -> Reply | tuple[Resolution, bool]:
         """Where `addr` goes (blocking): a refusal, or its resolution and whether it is the bounce of

@@ -12,6 +12,13 @@ default mailbox of the implicit keep, so an explicit `fileinto` wins over it. An
 script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is never lost). Stores
 and redirects are durable before the caller answers; a vacation reply that cannot be queued is
 logged, not fatal.
+
+Which script a user has is remembered per process (`_ScriptCache`), as the recipient resolution is
+(accounts.py): a delivery within `accounts.CACHE_CHECK` seconds of the last read of the user's
+scripts takes the answer (often "none") on the event loop, with no thread hop and no disk access, and
+a script whose text did not change is not compiled again. A change made by another process (another
+worker's ManageSieve, `postier sieve`) therefore applies within CACHE_CHECK (0.1 s); one made in this
+process (ManageSieve, the web settings: both go through `store_for`) applies to the next delivery.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..accounts import CACHE_CHECK
 from ..config import Config, ConfigError
 from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
@@ -64,6 +72,68 @@ def _load(key: str, path: Path) -> Script:
         raise ConfigError(f"{key}: {path}: {'; '.join(str(e) for e in exc.errors)}") from None
 
 
+_MAX_CACHED = 1000  # users whose script (or its absence) is remembered; emptied when full
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What `SieveFilter._script` found for one user: the script to run (None: plain delivery)."""
+
+    until: float  # monotonic deadline: the read's start + CACHE_CHECK
+    generation: int  # the filter's change counter when the read started
+    source: tuple[str, bytes] | None  # the active script's name and text, None for a default or none
+    script: Script | None
+
+
+class _Watched:
+    """One user's scripts as ManageSieve and the web settings use them: every change, once made,
+    also forgets what the filter remembered (`SieveFilter._changed`)."""
+
+    def __init__(self, inner: Scripts, changed: Callable[[], None]) -> None:
+        self._inner = inner
+        self._changed = changed
+        self.max_script_size = inner.max_script_size
+
+    def active(self) -> str | None:
+        return self._inner.active()
+
+    def list(self) -> list[tuple[str, bool]]:
+        return self._inner.list()
+
+    def get(self, name: str) -> bytes:
+        return self._inner.get(name)
+
+    def have_space(self, name: str, size: int) -> None:
+        self._inner.have_space(name, size)
+
+    def active_script(self) -> tuple[str, bytes] | None:
+        return self._inner.active_script()
+
+    def put(self, name: str, data: bytes, check: Callable[[bytes], None] | None = None) -> None:
+        try:
+            self._inner.put(name, data, check)
+        finally:
+            self._changed()
+
+    def delete(self, name: str) -> None:
+        try:
+            self._inner.delete(name)
+        finally:
+            self._changed()
+
+    def rename(self, old: str, new: str) -> None:
+        try:
+            self._inner.rename(old, new)
+        finally:
+            self._changed()
+
+    def set_active(self, name: str) -> None:
+        try:
+            self._inner.set_active(name)
+        finally:
+            self._changed()
+
+
 class SieveFilter:
     """Delivery through Sieve for the MX and LMTP pipelines (one per server, shared by sessions)."""
 
@@ -88,19 +158,46 @@ class SieveFilter:
         self._domain_default = {domain.lower().rstrip("."): _load(f"sieve.domain_scripts.{domain}", path)
                                 for domain, path in s.domain_scripts.items()}
 
+        self._known: dict[str, _Known] = {}  # address -> the user's script, as last read (module docstring)
+        self._generation = 0  # bumped after every change made through `store_for`
+        self._generation_lock = threading.Lock()
+
     def store_for(self, user: User) -> Scripts:
-        return self.storage.scripts(user)
+        """The user's scripts for ManageSieve and the web settings (changes apply to the next delivery)."""
+        return _Watched(self.storage.scripts(user), self._changed)
+
+    def _changed(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
+
+    def _cached(self, user: User) -> _Known | None:
+        """The user's script as read less than CACHE_CHECK seconds ago and not changed here since
+        (non-blocking, for the event loop), else None."""
+        known = self._known.get(user.address)
+        if known is None or known.generation != self._generation or time.monotonic() >= known.until:
+            return None
+        return known
 
     def _script(self, user: User) -> Script | None:
         """The user's active script (compiled), else their domain's default, else the server's (blocking)."""
-        active = self.store_for(user).active_script()
+        until, generation = time.monotonic() + CACHE_CHECK, self._generation
+        active = self.storage.scripts(user).active_script()
+        before = self._known.get(user.address)
         if active is None:
-            return self._domain_default.get(user.domain.lower(), self._default)
-        try:
-            return compile_script(active[1], active[0])
-        except CompileError as e:  # checked at upload; a script changed on disk behind our back
-            log.warning("%s: active script %r does not compile: %s", user.address, active[0], e)
-            return None
+            script = self._domain_default.get(user.domain.lower(), self._default)
+        elif before is not None and before.source == active:  # unchanged: compiled already
+            script = before.script
+        else:
+            try:
+                script = compile_script(active[1], active[0])
+            except CompileError as e:  # checked at upload; a script changed on disk behind our back
+                log.warning("%s: active script %r does not compile: %s", user.address, active[0], e)
+                script = None
+        known = self._known
+        if len(known) >= _MAX_CACHED:
+            known = self._known = {}
+        known[user.address] = _Known(until, generation, active, script)
+        return script
 
     async def deliver(self, env: Envelope, recipients: Sequence[Recipient], prefix: bytes, body: MessageBody,
                       folder: str | None, lmtp: bool) -> SieveOutcome:
@@ -112,6 +209,10 @@ class SieveFilter:
         scripts: dict[str, Script | None] = {}
         unavailable: set[str] = set()  # whose script could not be read: nothing delivered, 4xx (retried)
         for a, (u, _r) in owners.items():
+            known = self._cached(u)
+            if known is not None:  # read less than CACHE_CHECK seconds ago: no thread hop
+                scripts[a] = known.script
+                continue
             try:
                 scripts[a] = await asyncio.to_thread(self._script, u)
             except (StoreError, OSError) as exc:  # e.g. cluster mode's PostgreSQL unreachable
