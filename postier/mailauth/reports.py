@@ -545,12 +545,20 @@ class ReportStore(ReportDB):
         """Count `ev` (`ev.count` messages) in its day's row; False when it is a new result and the
         day holds MAX_EVALUATION_ROWS distinct ones already (dropped, logged once a day). Several
         recording a new result at once may pass the day's bound by one each."""
+        return self._count(ev)
+
+    def _count(self, ev: Evaluation, rows_of: dict[int, int] | None = None) -> bool:
+        """`record`; with `rows_of`, the days' numbers of rows are taken from it (and kept up to
+        date in it) rather than counted in the table for each new result (`import_from`)."""
         columns = _columns(ev)
         day, digest = int(ev.at // DAY), _digest(columns)
         with self._lock:
             if self._add(day, digest, ev.count, ev.at):
                 return True
-            (n,) = self._execute("SELECT COUNT(*) FROM evaluation WHERE day = ?", (day,)).fetchone()
+            if rows_of is None:
+                (n,) = self._execute("SELECT COUNT(*) FROM evaluation WHERE day = ?", (day,)).fetchone()
+            else:
+                n = rows_of.get(day, 0)
             if n >= MAX_EVALUATION_ROWS:
                 if self._full_day != day:
                     self._full_day = day
@@ -563,6 +571,8 @@ class ReportStore(ReportDB):
                 "disposition, dkim, spf, auth, day, digest, count) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (day, digest) DO UPDATE SET count = evaluation.count + excluded.count, "
                 f"at = {least}(evaluation.at, excluded.at)", (ev.at, *columns, day, digest, ev.count))
+            if rows_of is not None:
+                rows_of[day] = n + 1
             return True
 
     def _add(self, day: int, digest: str, count: int, at: float) -> bool:
@@ -644,6 +654,9 @@ class ReportStore(ReportDB):
         origin = src.origin()
         with self.importing(origin):
             done = self.imported(origin)
+            # the days' numbers of distinct results, counted once (as `record` does for each new one)
+            rows_of = {int(d): int(n) for d, n in self._rows(
+                "SELECT day, COUNT(*) FROM evaluation WHERE day IS NOT NULL GROUP BY day")}
             for rid, ev in src.pending(float("inf")):
                 item = f"evaluation/{rid}/{_digest(_columns(ev))}"
                 # a row of one message, copied before counting, was noted by its time
@@ -652,7 +665,7 @@ class ReportStore(ReportDB):
                     results.skipped += ev.count
                 elif ev.count <= before:
                     results.unchanged += ev.count
-                elif self.record(dataclasses.replace(ev, count=ev.count - before)):
+                elif self._count(dataclasses.replace(ev, count=ev.count - before), rows_of):
                     self.note_imported(origin, item, ev.count)
                     results.copied += ev.count - before
                     results.unchanged += before
