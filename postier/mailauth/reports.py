@@ -2,8 +2,8 @@
 
 Three parts:
 - `ReportStore`: one SQLite file (`data_dir/dmarc.sqlite`, WAL; in cluster mode the same tables in
-  PostgreSQL, `reportdb.py`) with the per-message DMARC results
-  we recorded, the reports we sent and the reports other receivers sent about our domains;
+  PostgreSQL, `reportdb.py`) with the DMARC results we recorded (identical results of a day counted in
+  one row, at most MAX_EVALUATION_ROWS distinct ones a day), the reports we sent and the reports other receivers sent about our domains;
 - building and sending: `build_reports()` groups the recorded results per policy domain and rua,
   `report_xml()` writes the Appendix C document, `report_message()` the §7.2.1.1 mail with its
   gzip'd attachment, `external_destination_ok()` the §7.1 check that an external destination agreed
@@ -19,8 +19,10 @@ Python DMARC report packages we looked at parse without bounds or pull in heavy 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -48,7 +50,7 @@ from .reportdb import ImportTally, ReportDB, ReportStorage, SQLiteReportStorage
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
            "extract_reports", "attachments", "build_reports", "report_message", "report_mail", "report_filename", "parse_rua",
-           "external_destination_ok", "DAY", "KEEP_DAYS"]
+           "external_destination_ok", "DAY", "KEEP_DAYS", "MAX_EVALUATION_ROWS"]
 
 log = logging.getLogger("postier.dmarc")
 
@@ -61,6 +63,7 @@ MAX_PARTS = 32                        # MIME parts looked at per message
 MAX_REPORT_MESSAGE = 10 * 1024 * 1024 # messages bigger than this are not searched for reports
 MAX_RUA = 5                           # rua destinations used per policy
 KEEP_DAYS = 14                        # recorded results are kept this long (then dropped, sent or not)
+MAX_EVALUATION_ROWS = 20_000          # distinct recorded results per day (further new ones are dropped)
 
 
 class ReportError(Exception):
@@ -124,7 +127,8 @@ class AggregateReport:
 
 @dataclass(frozen=True, slots=True)
 class Evaluation:
-    """One message's DMARC outcome, as recorded at the end of DATA."""
+    """One message's DMARC outcome, as recorded at the end of DATA; read back from the store, `count`
+    identical outcomes of a day (`at` the first one's time)."""
 
     at: float
     source_ip: str
@@ -138,6 +142,7 @@ class Evaluation:
     dkim_auth: tuple[DKIMAuth, ...] = ()
     spf_auth: tuple[SPFAuth, ...] = ()
     reasons: tuple[str, ...] = ()
+    count: int = 1
 
 
 # --- XML (RFC 7489 Appendix C) ----------------------------------------------------------------------
@@ -422,7 +427,10 @@ CREATE TABLE IF NOT EXISTS evaluation (
     dkim TEXT NOT NULL,
     spf TEXT NOT NULL,
     auth TEXT NOT NULL,          -- JSON {"dkim": [...], "spf": [...], "reasons": [...]}
-    reported INTEGER NOT NULL DEFAULT 0
+    reported INTEGER NOT NULL DEFAULT 0,  -- 1: sent (rows of one message each, recorded before counting)
+    day INTEGER,                 -- UTC day number of `at`; NULL on rows recorded before counting
+    digest TEXT,                 -- _digest(): the counted fields; NULL on rows recorded before counting
+    count INTEGER NOT NULL DEFAULT 1  -- identical results of the day (`at` is the first one's time)
 );
 CREATE INDEX IF NOT EXISTS evaluation_pending ON evaluation(reported, at);
 CREATE TABLE IF NOT EXISTS report_in (
@@ -490,48 +498,117 @@ class ReceivedReport:
     authenticated: bool
 
 
+def _digest(columns: Sequence[str]) -> str:
+    """The key of a result's counted row within its day: every field recorded but the time (the
+    policy, rua, source IP, identifiers, disposition, aligned results, auth results and reasons)."""
+    return hashlib.sha256(json.dumps(list(columns)).encode()).hexdigest()[:32]
+
+
+def _columns(ev: Evaluation) -> tuple[str, ...]:
+    """(source_ip, header_from, envelope_from, policy, policy_domain, rua, disposition, dkim, spf, auth)."""
+    return (ev.source_ip, ev.header_from, ev.envelope_from, _policy_json(ev.policy), ev.policy.domain,
+            json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
+            "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons))
+
+
 class ReportStore(ReportDB):
     """The DMARC report tables: `dmarc.sqlite`, or another `ReportStorage` (cluster mode's
     PostgreSQL, where every node records into the same tables). Thread-safe; every method blocks
-    briefly. Each message's result is a row of its own: two nodes recording at once lose nothing."""
+    briefly.
+
+    Identical results of a day (every field `build_reports` puts in a <record>, and the envelope
+    sender) are counted in one `evaluation` row, added to in place (`INSERT ... ON CONFLICT DO
+    UPDATE`, as the TLS store counts its outcomes): two processes or nodes recording at once lose
+    nothing. A day holds at most MAX_EVALUATION_ROWS distinct results: past it, a result like one
+    already counted that day is still counted, a new one is dropped (`record` returns False; the
+    delivery goes on) and the first drop of the day is logged (once per process). Reports built from
+    what was kept are exact for it. Rows written before counting (one message each: `day` and
+    `digest` NULL, `count` 1) are read and reported as before."""
 
     def __init__(self, db: Path | ReportStorage):
         self.path = db if isinstance(db, Path) else None
         super().__init__(SQLiteReportStorage(db, _SCHEMA) if isinstance(db, Path) else db)
+        self._full_day = -1  # the last day a new result was dropped (logged once)
+        if self.storage.dialect == "sqlite":
+            self._upgrade()  # PostgreSQL's tables are upgraded where they are made (store/cluster/reports.py)
 
-    def record(self, ev: Evaluation) -> None:
-        self._execute(
-            "INSERT INTO evaluation (at, source_ip, header_from, envelope_from, policy, policy_domain, rua, "
-            "disposition, dkim, spf, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (ev.at, ev.source_ip, ev.header_from, ev.envelope_from, _policy_json(ev.policy), ev.policy.domain,
-             json.dumps(list(ev.rua)), ev.disposition, "pass" if ev.dkim_aligned else "fail",
-             "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons)))
+    def _upgrade(self) -> None:
+        """Add the counting columns to a file written before them (its rows stay, one message each)."""
+        with self._write() as db:
+            have = {str(r[1]) for r in db.execute("PRAGMA table_info(evaluation)")}
+            for column, decl in (("day", "INTEGER"), ("digest", "TEXT"), ("count", "INTEGER NOT NULL DEFAULT 1")):
+                if column not in have:
+                    db.execute(f"ALTER TABLE evaluation ADD COLUMN {column} {decl}")
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS evaluation_key ON evaluation(day, digest)")
+
+    def record(self, ev: Evaluation) -> bool:
+        """Count `ev` (`ev.count` messages) in its day's row; False when it is a new result and the
+        day holds MAX_EVALUATION_ROWS distinct ones already (dropped, logged once a day). Several
+        recording a new result at once may pass the day's bound by one each."""
+        return self._count(ev)
+
+    def _count(self, ev: Evaluation, rows_of: dict[int, int] | None = None) -> bool:
+        """`record`; with `rows_of`, the days' numbers of rows are taken from it (and kept up to
+        date in it) rather than counted in the table for each new result (`import_from`)."""
+        columns = _columns(ev)
+        day, digest = int(ev.at // DAY), _digest(columns)
+        with self._lock:
+            if self._add(day, digest, ev.count, ev.at):
+                return True
+            if rows_of is None:
+                (n,) = self._execute("SELECT COUNT(*) FROM evaluation WHERE day = ?", (day,)).fetchone()
+            else:
+                n = rows_of.get(day, 0)
+            if n >= MAX_EVALUATION_ROWS:
+                if self._full_day != day:
+                    self._full_day = day
+                    log.warning("dmarc: %d distinct results recorded for day %s: new ones are not kept for "
+                                "the reports of that day (identical ones are still counted)", n, _day(day * DAY))
+                return False
+            least = "min" if self.storage.dialect == "sqlite" else "LEAST"
+            self._execute(  # added to, should another process have made the row meanwhile
+                "INSERT INTO evaluation (at, source_ip, header_from, envelope_from, policy, policy_domain, rua, "
+                "disposition, dkim, spf, auth, day, digest, count) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (day, digest) DO UPDATE SET count = evaluation.count + excluded.count, "
+                f"at = {least}(evaluation.at, excluded.at)", (ev.at, *columns, day, digest, ev.count))
+            if rows_of is not None:
+                rows_of[day] = n + 1
+            return True
+
+    def _add(self, day: int, digest: str, count: int, at: float) -> bool:
+        """Add `count` to the day's row of the result `digest`, if there is one."""
+        least = "min" if self.storage.dialect == "sqlite" else "LEAST"
+        return bool(self._execute(f"UPDATE evaluation SET count = count + ?, at = {least}(at, ?) "
+                                  "WHERE day = ? AND digest = ?", (count, at, day, digest)).rowcount)
 
     def pending(self, before: float, domain: str | None = None) -> list[tuple[int, Evaluation]]:
         """(row id, result) of the results not reported yet, recorded before `before` (about the
-        policy domain `domain`, or any)."""
+        policy domain `domain`, or any); each result's `count` is its row's."""
         where, args = ("", (before,)) if domain is None else (" AND policy_domain = ?", (before, domain))
         rows = self._rows(
-            "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth "
-            f"FROM evaluation WHERE reported = 0 AND at < ?{where} ORDER BY id", args)
+            "SELECT id, at, source_ip, header_from, envelope_from, policy, rua, disposition, dkim, spf, auth, count "
+            f"FROM evaluation WHERE reported = 0 AND count > 0 AND at < ?{where} ORDER BY id", args)
         out = []
-        for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth in rows:
+        for rid, at, ip, hfrom, efrom, pol, rua, disp, dkim, spf, auth, count in rows:
             d, s, reasons = _auth_from(auth)
             out.append((rid, Evaluation(at, ip, hfrom, efrom, _policy_from(pol), tuple(json.loads(rua)), disp,
-                                        dkim == "pass", spf == "pass", d, s, reasons)))
+                                        dkim == "pass", spf == "pass", d, s, reasons, int(count))))
         return out
 
     def pending_domains(self, before: float) -> list[str]:
         """The policy domains with results to report (not reported yet, recorded before `before`,
         with a rua), in order: the reports a run claims one by one."""
         return [str(d) for (d,) in self._rows(
-            "SELECT DISTINCT policy_domain FROM evaluation WHERE reported = 0 AND at < ? AND rua <> '[]' "
-            "ORDER BY policy_domain", (before,))]
+            "SELECT DISTINCT policy_domain FROM evaluation WHERE reported = 0 AND count > 0 AND at < ? "
+            "AND rua <> '[]' ORDER BY policy_domain", (before,))]
 
-    def mark_reported(self, ids: Iterable[int]) -> None:
+    def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
+        """Subtract what a report covered ((row id, count) pairs, `OutgoingReport.taken`): results
+        counted meanwhile stay for the next report."""
         with self._write() as db:
-            for i in ids:
-                db.execute("UPDATE evaluation SET reported = 1 WHERE id = ?", (i,))
+            for rid, n in taken:
+                db.execute("UPDATE evaluation SET count = count - ? WHERE id = ?", (n, rid))
+            db.execute("DELETE FROM evaluation WHERE count <= 0")
 
     def log_sent(self, out: OutgoingReport, rua: str, status: str, at: float) -> None:
         self._execute(
@@ -567,24 +644,33 @@ class ReportStore(ReportDB):
     def import_from(self, src: ReportStore, now: float) -> tuple[ImportTally, ImportTally]:
         """Copy `src`'s results not reported yet and the reports it received (a single machine's
         file into cluster mode's tables): (results, received reports) copied, found copied before
-        and left out. Each result copied is noted by `src`'s id and row id (`ReportDB.imported`),
-        in the same transaction, so copying the same file again adds nothing; results already
-        reported from `src` are not copied (they were sent), nor those older than KEEP_DAYS (the
-        next run would drop them). A received report is kept once per (org, report id) as always."""
+        and left out, results counted in messages. Each result row's count is noted by `src`'s id
+        and row id (`ReportDB.imported`) in the same transaction, and a second copy adds only what
+        the row gained since (nothing, from a stopped node): counts are never added twice. Results
+        `src` reported are not copied (they were sent), nor those older than KEEP_DAYS (the next
+        run would drop them), nor a new result on a day that holds MAX_EVALUATION_ROWS already, as
+        `record` does. A received report is kept once per (org, report id) as always."""
         results, received = ImportTally(), ImportTally()
         origin = src.origin()
         with self.importing(origin):
             done = self.imported(origin)
+            # the days' numbers of distinct results, counted once (as `record` does for each new one)
+            rows_of = {int(d): int(n) for d, n in self._rows(
+                "SELECT day, COUNT(*) FROM evaluation WHERE day IS NOT NULL GROUP BY day")}
             for rid, ev in src.pending(float("inf")):
-                item = f"evaluation/{rid}/{ev.at!r}"
+                item = f"evaluation/{rid}/{_digest(_columns(ev))}"
+                # a row of one message, copied before counting, was noted by its time
+                before = done.get(item, done.get(f"evaluation/{rid}/{ev.at!r}", 0))
                 if ev.at < now - KEEP_DAYS * DAY:
-                    results.skipped += 1
-                elif item in done:
-                    results.unchanged += 1
+                    results.skipped += ev.count
+                elif ev.count <= before:
+                    results.unchanged += ev.count
+                elif self._count(dataclasses.replace(ev, count=ev.count - before), rows_of):
+                    self.note_imported(origin, item, ev.count)
+                    results.copied += ev.count - before
+                    results.unchanged += before
                 else:
-                    self.record(ev)
-                    self.note_imported(origin, item, 1)
-                    results.copied += 1
+                    results.skipped += ev.count - before
             for rr in src.received():
                 if self.store_received(rr.report, rr.authenticated, rr.received):
                     received.copied += 1
@@ -620,7 +706,7 @@ class ReportStore(ReportDB):
 class OutgoingReport:
     report: AggregateReport
     rua: tuple[str, ...]          # the rua URIs of the policy
-    evaluation_ids: tuple[int, ...]
+    taken: tuple[tuple[int, int], ...]  # (row id, count) of the results covered: `ReportStore.mark_reported`
     submitter: str
 
     @property
@@ -638,7 +724,8 @@ def report_filename(submitter: str, report: AggregateReport) -> str:
 
 def build_reports(pending: Sequence[tuple[int, Evaluation]], *, org_name: str, email: str, submitter: str,
                   end: int) -> list[OutgoingReport]:
-    """Group recorded results by (policy, rua) and aggregate identical rows (RFC 7489 §7.2)."""
+    """Group recorded results by (policy, rua) and aggregate identical rows (RFC 7489 §7.2), adding
+    up their counts (a stored result is `count` identical messages)."""
     groups: dict[tuple[PolicyPublished, tuple[str, ...]], list[tuple[int, Evaluation]]] = {}
     for rid, ev in pending:
         if ev.rua:
@@ -649,13 +736,13 @@ def build_reports(pending: Sequence[tuple[int, Evaluation]], *, org_name: str, e
         for _, ev in items:
             key = (ev.source_ip, ev.disposition, "pass" if ev.dkim_aligned else "fail",
                    "pass" if ev.spf_aligned else "fail", ev.header_from, ev.reasons, ev.dkim_auth, ev.spf_auth)
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + ev.count
         rows = tuple(ReportRow(ip, n, disp, dkim, spf, hfrom, reasons, dauth, sauth)
                      for (ip, disp, dkim, spf, hfrom, reasons, dauth, sauth), n in counts.items())
         begin = int(min(ev.at for _, ev in items))
         report_id = f"{begin}.{policy.domain}.{secrets.token_hex(6)}"
         out.append(OutgoingReport(AggregateReport(org_name, email, report_id, begin, end, policy, rows[:MAX_ROWS]),
-                                  rua, tuple(rid for rid, _ in items), submitter))
+                                  rua, tuple((rid, ev.count) for rid, ev in items), submitter))
     return out
 
 

@@ -131,7 +131,7 @@ class ReportJob:
         sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
         sent: list[tuple[str, str]] = []
-        done: list[int] = []
+        done: list[tuple[int, int]] = []
         for out in outgoing:
             finished = True
             data = out.gzipped()
@@ -158,7 +158,7 @@ class ReportJob:
                 else:
                     finished = False
             if finished:
-                done.extend(out.evaluation_ids)
+                done.extend(out.taken)
         await asyncio.to_thread(self.store.mark_reported, done)
         return sent
 

@@ -88,7 +88,7 @@ def test_bombs_stop_at_the_bound() -> None:
 
 
 def test_report_message_and_extraction() -> None:
-    out = OutgoingReport(REPORT, ("mailto:dmarc@a.test",), (1, 2), "mx.b.test")
+    out = OutgoingReport(REPORT, ("mailto:dmarc@a.test",), ((1, 1), (2, 1)), "mx.b.test")
     mail = report_message(out, "postmaster@b.test", "dmarc@a.test", now=1_790_090_000)
     head = mail.split(b"\r\n\r\n", 1)[0]
     assert b"Subject: Report Domain: a.test Submitter: mx.b.test Report-ID: <rid-1>" in head
@@ -135,7 +135,7 @@ def test_build_reports_groups_and_counts() -> None:
                             end=DAY)
     assert [r.report.policy.domain for r in reports] == ["a.test", "q.test"]  # no rua: no report
     a = reports[0]
-    assert a.evaluation_ids == (1, 2, 3) and a.report.begin == 100 and a.report.end == DAY
+    assert a.taken == ((1, 1), (2, 1), (3, 1)) and a.report.begin == 100 and a.report.end == DAY
     assert sorted((r.source_ip, r.count) for r in a.report.rows) == [("192.0.2.1", 2), ("198.51.100.7", 1)]
 
 

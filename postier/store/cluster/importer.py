@@ -23,11 +23,12 @@ recorded but had not reported yet is reported by the cluster's daily job: the DM
 reported yet, the TLS outcomes still counted (added to the shared counts) and the reports others
 sent it (the admin console and `postier dmarc|tls reports` show them). The rules are the stores'
 (`ReportStore.import_from`, `TLSReportStore.import_from`): the live retention (nothing older than
-KEEP_DAYS) and the day's bound of distinct TLS outcomes hold, what the node already sent is not
-copied. A rerun copies nothing: the rows have no natural key (a result is a row per message, a
-TLS outcome a running count), so the source file is given a random id once (its `report_origin`
-table; the one write into the node's files) and PostgreSQL notes, in the transaction that copies
-them, each row copied by that id and row id (and a TLS row's count: only a later increase would be
+KEEP_DAYS) and the days' bounds of distinct DMARC results and TLS outcomes hold, what the node
+already sent is not copied. A rerun copies nothing: the rows have no natural key (a DMARC result
+and a TLS outcome are running counts), so the source file is given a random id once (its
+`report_origin` table; the one write into the node's files, besides the counting columns a DMARC
+file written before them gets when it is opened) and PostgreSQL notes, in the transaction that
+copies them, each row copied by that id and row id with its count (only a later increase would be
 added). Two imports of the same file at once take turns on an advisory lock named by that id.
 Received reports are kept once per (organization, report id), as when they arrive. The log of
 reports the node sent is not copied.

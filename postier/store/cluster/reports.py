@@ -5,8 +5,8 @@
 statements on the same table names as their SQLite files, here in a PostgreSQL schema of their own
 (`dmarc`, `tlsrpt`) that each connection's `search_path` selects, through the account storage's
 connection (store/cluster/accounts.py: `?` placeholders, autocommit, connected again after a loss).
-TLS outcomes are summed per day and outcome in place (`INSERT ... ON CONFLICT DO UPDATE`), so two
-nodes counting at once lose nothing; DMARC results are a row per message. The daily report job
+TLS outcomes and DMARC results are summed per day and outcome in place (`INSERT ... ON CONFLICT DO
+UPDATE`), so two nodes counting at once lose nothing. The daily report job
 takes each report's claim (`ReportDB.claim`, a row of `report_claim` per kind, day and policy
 domain) before it reads that report's rows and sends it, so the nodes share the reports and
 one node sends each. `report_origin` and `report_imported` serve `import_from` (a single machine's
@@ -97,7 +97,8 @@ CREATE TABLE IF NOT EXISTS {s}.report_out (
 );
 """
 
-#: mailauth/reports.py's tables.
+#: mailauth/reports.py's tables. The counting columns (day, digest, count) are added to tables made
+#: before them, whose rows (one message each) stay as they are (count 1, no day or digest).
 _DMARC = _CLAIM + """
 CREATE TABLE IF NOT EXISTS {s}.evaluation (
     id bigserial PRIMARY KEY,
@@ -112,8 +113,15 @@ CREATE TABLE IF NOT EXISTS {s}.evaluation (
     dkim text NOT NULL,
     spf text NOT NULL,
     auth text NOT NULL,
-    reported integer NOT NULL DEFAULT 0
+    reported integer NOT NULL DEFAULT 0,
+    day bigint,
+    digest text,
+    count bigint NOT NULL DEFAULT 1
 );
+ALTER TABLE {s}.evaluation ADD COLUMN IF NOT EXISTS day bigint;
+ALTER TABLE {s}.evaluation ADD COLUMN IF NOT EXISTS digest text;
+ALTER TABLE {s}.evaluation ADD COLUMN IF NOT EXISTS count bigint NOT NULL DEFAULT 1;
+CREATE UNIQUE INDEX IF NOT EXISTS evaluation_key ON {s}.evaluation (day, digest);
 CREATE INDEX IF NOT EXISTS evaluation_pending ON {s}.evaluation (reported, at);
 CREATE TABLE IF NOT EXISTS {s}.report_in (
     id bigserial PRIMARY KEY,
