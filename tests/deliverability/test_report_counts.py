@@ -86,16 +86,16 @@ def test_counted_results_build_the_reports_one_row_per_message_gave(tmp_path: Pa
     store.close()
 
 
-def test_two_recorders_at_once_give_exact_sums(tmp_path: Path) -> None:
-    stores = [ReportStore(tmp_path / "dmarc.sqlite"), ReportStore(tmp_path / "dmarc.sqlite")]  # two workers
-    per_store = 200
-    start = threading.Barrier(2)
+def record_at_once(stores: list[ReportStore], each: int) -> None:
+    """Every store (a worker, or a node) records the same few results `each` times, all at once:
+    new to the table at first for all of them; then the counts add up exactly."""
+    start = threading.Barrier(len(stores))
     errors: list[BaseException] = []
 
     def work(store: ReportStore) -> None:
         try:
             start.wait(30)
-            for i in range(per_store):  # the same few results, new to the table at first for both
+            for i in range(each):
                 assert store.record(evaluation(DAY0 + i, f"192.0.2.{i % 5}", i % 3 != 0))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -106,8 +106,13 @@ def test_two_recorders_at_once_give_exact_sums(tmp_path: Path) -> None:
     for t in threads:
         t.join(120)
     assert not errors
-    pending = stores[1].pending(DAY0 + DAY)
-    assert sum(ev.count for _, ev in pending) == 2 * per_store and len(pending) <= 10
+    pending = stores[-1].pending(DAY0 + DAY)
+    assert sum(ev.count for _, ev in pending) == len(stores) * each and len(pending) <= 10
+
+
+def test_two_recorders_at_once_give_exact_sums(tmp_path: Path) -> None:
+    stores = [ReportStore(tmp_path / "dmarc.sqlite"), ReportStore(tmp_path / "dmarc.sqlite")]  # two workers
+    record_at_once(stores, 200)
     for s in stores:
         s.close()
 
