@@ -499,8 +499,23 @@ class Queue:
                 found.append(Recipient(st.address, res.users, res.remote))
         if not found:
             return results
-        data = await self._io(self.spool.read_file, msg.id) if any(r.users for r in found) else b""
-        local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        data: bytes | MessageBody = b""
+        source: bytes | Path | None = None
+        if any(r.users for r in found):
+            if msg.size > MEMORY_DATA_LIMIT:
+                # as a large message is sent: from its spool file (in cluster mode a download of it),
+                # which the delivery agent, or the object store's upload, reads in pieces
+                source = await self._io(self.spool.source, msg.id)
+                data = source if isinstance(source, bytes) else await self._io(_spooled, source)
+            else:
+                data = await self._io(self.spool.read_file, msg.id)
+        try:
+            local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        finally:
+            if isinstance(data, MessageBody):
+                data.close()  # a borrowed file: the queue's, left in place
+            if source is not None:
+                await self._io(self.spool.release_source, source)
         failed, full = set(local.failed_users), set(local.over_quota)
         for r in found:
             if r.address in local.delivered:
@@ -741,3 +756,9 @@ def _fresh(msg_id: str, r: RecipientSpec, now: float) -> RecipientState:
     """The state of a recipient just queued (as `Spool.op_insert` writes it)."""
     return RecipientState(msg_id, r.address, r.address.rpartition("@")[2].lower(), QUEUED, now, 0, "", "", "",
                           r.notify, r.orcpt, "")
+
+
+def _spooled(path: Path) -> MessageBody:
+    """A read-only body over a queued message's file (its spool file, or its download in cluster
+    mode), for a local delivery that must not read it whole (blocking: opens the file)."""
+    return MessageBody.from_spool(str(path), path.stat().st_size)

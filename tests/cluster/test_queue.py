@@ -359,6 +359,31 @@ def test_a_large_message_is_sent_from_a_download_that_is_then_removed(tmp_path: 
     run(main())
 
 
+def test_a_large_message_goes_to_a_local_mailbox_from_its_download(tmp_path: Path,
+                                                                   stores: Callable[[], Any]) -> None:
+    """A local recipient of a large queued message: the runner hands the mailbox store a view of
+    the message's download (not the bytes), the copy is byte-exact and the download is removed."""
+    from postier.message.types import MEMORY_DATA_LIMIT
+    from postier.queue.cluster import ClusterSpool
+
+    async def main() -> None:
+        downloads = tmp_path / "cluster-send"
+        sa = ClusterSpool(stores(), LEASE, node="node-a", tmp_dir=downloads)
+        async with queue_env(tmp_path / "a", None, spool=sa) as a:
+            sa.clock = a.clock.time
+            line = b"y" * 998 + b"\r\n"
+            body = b"From: <x@b.test>\r\nTo: <alice@a.test>\r\nSubject: large\r\n\r\n" + line * (
+                MEMORY_DATA_LIMIT // len(line) + 200)
+            mid = queue_id()
+            size = await asyncio.to_thread(sa.write_file, mid, b"", body)
+            info = MessageInfo(mid, "x@b.test", a.clock.time(), size)
+            await asyncio.to_thread(sa.run, [sa.op_insert(info, [RecipientSpec("alice@a.test")], a.clock.time())])
+            assert await a.queue.run_once() == 1
+            assert a.maildir("alice@a.test") == [b"Return-Path: <x@b.test>\r\n" + body]
+            assert list(downloads.iterdir()) == [] and await asyncio.to_thread(sa.count) == 0
+    run(main())
+
+
 class PausingSpool:
     """Makes a `ClusterSpool` whose DSN sender stops after reading what is owed until the other
     node has recorded its own bounce and lost the claim of the DSN: the interleaving in which a

@@ -339,6 +339,29 @@ def test_local_recipients_go_to_the_mda(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_large_message_goes_to_local_mailboxes_from_its_spool_file(tmp_path: Path) -> None:
+    """Over MEMORY_DATA_LIMIT, the local copy is made from the queue's file (the delivery agent
+    reads it by path) and is byte-exact; the file stays for the remote recipient still queued, who
+    then gets the same bytes."""
+    from postier.message.types import MEMORY_DATA_LIMIT
+
+    async def main() -> None:
+        mx = FakeMX([MX_IP], final=["451 4.3.0 Try again later", "250 2.0.0 Ok"])
+        async with queue_env(tmp_path, mx) as env:
+            mx_for(env, "b.test")
+            big = message("x@b.test", "alice@a.test") + b"0123456789abcdef" * (MEMORY_DATA_LIMIT // 8) + b"\r\n"
+            mid = await send(env, ["alice@a.test", "bob@b.test"], sender="x@b.test", body=big)
+            await env.queue.drain()
+            (got,) = env.maildir("alice@a.test")
+            assert got == b"Return-Path: <x@b.test>\r\n" + big
+            assert env.queue.spool.path(mid).exists()  # bob's copy is still due: the file stays
+            env.clock.advance(300)
+            await env.queue.run_once()
+            assert [d.data for d in mx.delivered] == [big] and await env.state(mid) == []
+            assert env.maildir("alice@a.test") == [got]  # delivered locally once
+    run(main())
+
+
 def test_restart_resumes_and_cleans_debris(tmp_path: Path) -> None:
     async def main() -> None:
         mx = FakeMX([MX_IP])
