@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.outbound_bench import Sink
@@ -81,6 +82,15 @@ def _message(i: int, rcpt: str, size: int) -> bytes:
     body = (line * (size // len(line) + 1))[:size]
     return (f"From: load@example.net\r\nTo: {rcpt}\r\nSubject: bench {i}\r\n"
             f"Message-ID: <bench-{i}@example.net>\r\n\r\n").encode() + body + b"\r\n"
+
+
+def _quit(conns: Iterable[smtplib.SMTP]) -> None:
+    """End the client sessions of a sender thread (one that broke is simply left)."""
+    for c in conns:
+        try:
+            c.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -169,11 +179,7 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
                         latencies.append(dt)
                         sent_to[rcpt].append(i)
             finally:
-                for c in conns.values():
-                    try:
-                        c.quit()
-                    except (smtplib.SMTPException, OSError):
-                        pass
+                _quit(conns.values())
 
         cpu0 = (_nodes_cpu(nodes), _pg_cpu(pg), cpu_seconds(s3.proc.pid), _self_cpu())
         t0 = time.perf_counter()
@@ -302,11 +308,7 @@ def _relay(nodes: list[Instance], pg: PgServer, s3: MotoProcess, sink: Sink, nam
                     with lock:
                         errors.append(f"relay message {i} via node {node}: {exc}")
         finally:
-            for c in conns.values():
-                try:
-                    c.quit()
-                except (smtplib.SMTPException, OSError):
-                    pass
+            _quit(conns.values())
 
     cpu0 = (_nodes_cpu(nodes), _pg_cpu(pg), cpu_seconds(s3.proc.pid))
     t0 = time.monotonic()

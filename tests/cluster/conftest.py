@@ -152,3 +152,14 @@ def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Any]]:
     yield ns
     for n in ns:
         n.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Any, str]]:
+    """One cluster node on a fresh database of `pg`, not started, and that database's DSN."""
+    from .test_nodes import make_nodes
+
+    dsn = pg.create_db()
+    (n,) = make_nodes(tmp_path, dsn, s3, count=1)
+    yield n, dsn
+    n.stop()

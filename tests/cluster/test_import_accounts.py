@@ -10,7 +10,6 @@ import email
 import smtplib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,8 @@ from postier.store.sieve import FileSieveStorage  # noqa: E402
 
 from tests.harness import Instance  # noqa: E402
 
-from .conftest import PgServer, S3Server  # noqa: E402
-from .test_nodes import ALICE, DOMAIN, PASSWORD, make_nodes  # noqa: E402
+from .conftest import PgServer  # noqa: E402
+from .test_nodes import ALICE, DOMAIN, PASSWORD  # noqa: E402
 from .test_nodes_accounts import inbox, login, login_fails  # noqa: E402
 
 CAROL, DAVE, ERIN, TEAM = (f"{n}@{DOMAIN}" for n in ("carol", "dave", "erin", "team"))
@@ -49,15 +48,6 @@ def single(tmp_path: Path) -> Instance:
     s.cli("sieve", "put", CAROL, "boss", str(tmp_path / "boss.sieve"))
     s.cli("sieve", "activate", CAROL, "boss")
     return s
-
-
-@pytest.fixture
-def node(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instance, str]]:
-    """One cluster node (PostgreSQL holds example.org and alice already), not started."""
-    dsn = pg.create_db()
-    (n,) = make_nodes(tmp_path, dsn, s3, count=1)
-    yield n, dsn
-    n.stop()
 
 
 def counts(dsn: str) -> tuple[int, ...]:

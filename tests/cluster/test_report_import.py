@@ -11,7 +11,6 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,8 +34,8 @@ from tests.deliverability.test_hook import TXT, message, run, signed  # noqa: E4
 from tests.deliverability.test_reports import FakeQueue  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
-from .conftest import PgServer, S3Server  # noqa: E402
-from .test_nodes import DOMAIN, make_nodes  # noqa: E402
+from .conftest import PgServer  # noqa: E402
+from .test_nodes import DOMAIN  # noqa: E402
 from .test_reports import DMARC_IN, HOST, MISMATCH, OK, ROUTE, TLS_IN, tls_store  # noqa: E402
 
 TODAY = int(time.time() // DAY)  # the import decides what has expired by the clock
@@ -105,14 +104,6 @@ def single_node(root: Path, resolver: FakeResolver) -> Path:
     dmarc.close()
     tls.close()
     return data
-
-
-@pytest.fixture
-def node(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instance, str]]:
-    dsn = pg.create_db()
-    (n,) = make_nodes(tmp_path, dsn, s3, count=1)
-    yield n, dsn
-    n.stop()
 
 
 def cluster_job(root: Path, dsn: str, queue: FakeQueue) -> tuple[ReportJob, ReportStore, TLSReportStore]:
