@@ -155,8 +155,10 @@ class ReportDB:
             "SET until = excluded.until WHERE report_claim.until < ? RETURNING name", (name, until, now))
         return bool(taken)
 
-    def release(self, name: str) -> None:
-        self._execute("DELETE FROM report_claim WHERE name = ?", (name,))
+    def release(self, name: str, until: float) -> None:
+        """Give back the lease `name` taken until `until`: only that one (a lease that ran out and
+        was taken by another holder meanwhile is theirs, and stays)."""
+        self._execute("DELETE FROM report_claim WHERE name = ? AND until = ?", (name, until))
 
     def forget_claims(self, now: float) -> None:
         """Drop the leases that ran out (their holders died before `release`)."""

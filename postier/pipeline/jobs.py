@@ -80,20 +80,26 @@ class ReportJob:
         return sent
 
     async def _claimed(self, store: ReportDB, name: str, now: float,
-                       run: Callable[[], Awaitable[list[tuple[str, str]]]]) -> list[tuple[str, str]]:
-        """`run` (one report: it reads that report's rows, sends it and marks them reported)
-        under the store's claim `name` (`reportdb.claim_name`): with the store shared (cluster mode)
-        the job may run on every node at once; each report is sent by the node that takes its
-        claim, while the others go on with the next one, and a run that takes the claim after the
-        holder let go finds the rows reported and sends nothing. A node that dies mid-send holds
-        the claim until its lease (CLAIM_LEASE) runs out: then the next run of any node sends it."""
-        if not await asyncio.to_thread(store.claim, name, now + CLAIM_LEASE, now):
+                       run: Callable[[], Awaitable[tuple[list[tuple[str, str]], bool]]]) -> list[tuple[str, str]]:
+        """`run` (one report: it reads that report's rows, sends it and marks them reported; it
+        returns what it sent and whether the report is done) under the store's claim `name`
+        (`reportdb.claim_name`): with the store shared (cluster mode) the job may run on every node
+        at once; each report is sent by the node that takes its claim, while the others go on with
+        the next one, and a run that takes the claim after the holder let go finds the rows
+        reported and sends nothing. A report that some destinations took while others did not (DNS
+        trouble, the queue refused it for one) stays pending and keeps its claim until the lease
+        (CLAIM_LEASE) runs out, so that no other node sends it again that night to the destinations
+        that have it: the next day's run does, as on one machine; so does a node that dies
+        mid-send. One that no destination took is let go (`run` says it may be), and may be tried
+        again at once."""
+        until = now + CLAIM_LEASE
+        if not await asyncio.to_thread(store.claim, name, until, now):
             log.info("%s: another process is sending this report now", name)
             return []
-        try:
-            return await run()
-        finally:
-            await asyncio.to_thread(store.release, name)
+        sent, done = await run()
+        if done:
+            await asyncio.to_thread(store.release, name, until)
+        return sent
 
     async def send_dmarc(self, now: float) -> list[tuple[str, str]]:
         """DMARC aggregate reports (RFC 7489 §7.2) of the results recorded before midnight, each
@@ -124,14 +130,16 @@ class ReportJob:
         await asyncio.to_thread(store.forget_claims, now)
         return sent
 
-    async def _send_dmarc(self, now: float, end: int, domain: str) -> list[tuple[str, str]]:
-        """The reports about `domain` (one per policy and rua it published), under its claim."""
+    async def _send_dmarc(self, now: float, end: int, domain: str) -> tuple[list[tuple[str, str]], bool]:
+        """The reports about `domain` (one per policy and rua it published), under its claim: what
+        was sent, and whether its claim may be let go (every report done, or none sent)."""
         assert self.store is not None
         pending = await asyncio.to_thread(self.store.pending, end, domain)  # read under the claim
         sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
         sent: list[tuple[str, str]] = []
         done: list[tuple[int, int]] = []
+        complete = True
         for out in outgoing:
             finished = True
             data = out.gzipped()
@@ -159,17 +167,19 @@ class ReportJob:
                     finished = False
             if finished:
                 done.extend(out.taken)
+            complete = complete and finished
         await asyncio.to_thread(self.store.mark_reported, done)
-        return sent
+        return sent, complete or not sent
 
     async def _send_tls(self, now: float, end: int, day: int, domain: str,
-                        rua_of: dict[str, tuple[str, ...] | None]) -> list[tuple[str, str]]:
-        """The report about `domain` on `day`, under its claim."""
+                        rua_of: dict[str, tuple[str, ...] | None]) -> tuple[list[tuple[str, str]], bool]:
+        """The report about `domain` on `day`, under its claim: what was sent, and whether its claim
+        may be let go (the report done, or no destination reached)."""
         assert self.tls is not None
         store = self.tls
         pending = await asyncio.to_thread(store.pending, end, day, domain)  # read under the claim
         if not pending:
-            return []  # another node sent it after we listed it
+            return [], True  # another node sent it after we listed it
         sender = await asyncio.to_thread(self.sender_address)
         [rep] = tlsrpt.build_reports([(d, r, n) for _, d, r, n in pending], org_name=self.submitter,
                                      contact=sender, submitter=self.submitter, end=end)
@@ -178,12 +188,14 @@ class ReportJob:
             rua_of[domain] = await self._tlsrpt_rua(domain)
         rua = rua_of[domain]
         if rua is None:  # DNS trouble: next run
-            return []
+            return [], False
         sent: list[tuple[str, str]] = []
         finished = True
+        posted = False
         for uri in rua:  # §3: none (no single, valid record): the domain does not want reports
             if uri.lower().startswith("https:"):
                 await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
+                posted = True
                 continue
             targets = parse_rua([uri])
             if not targets:
@@ -201,7 +213,7 @@ class ReportJob:
                 finished = False
         if finished:
             await asyncio.to_thread(store.mark_reported, taken)
-        return sent
+        return sent, finished or not (sent or posted)
 
     async def _post_tls(self, rep: tlsrpt.TLSReport, url: str, now: float) -> None:
         """RFC 8460 §3: an https rua gets the gzip'd report in a POST."""

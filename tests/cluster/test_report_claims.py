@@ -169,3 +169,38 @@ def test_a_dead_claimants_report_is_sent_once_its_lease_ran_out(tmp_path: Path, 
     assert asyncio.run(later.run_once()) == []
     for s in (store, late_store, later_store):
         s.close()
+
+
+class RefusingQueue(FakeQueue):
+    """A node's queue that refuses every report for one address (as a full disk or a queue error)."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+
+    async def enqueue(self, env: Any, recipients: list[str], prefix: bytes, body: Any) -> str:
+        if self.refused in recipients:
+            raise OSError("the queue refused it")
+        return await super().enqueue(env, recipients, prefix, body)
+
+
+def test_a_report_left_pending_keeps_its_claim_so_no_other_node_sends_it_again_that_night(
+        tmp_path: Path, pg: PgServer) -> None:
+    """a.test's report goes to two addresses; node A's queue takes one and refuses the other, so the
+    report stays pending. Node B, running the job the same night, must not send it again to the
+    address that has it: A keeps the claim until its lease runs out, and the next run after that
+    (as on one machine: the next day's) sends it."""
+    dsn = pg.create_db()
+    qa, qb = RefusingQueue("x@a.test"), FakeQueue()
+    a, a_store = node(tmp_path / "a", dsn, "dmarc", qa)
+    b, b_store = node(tmp_path / "b", dsn, "dmarc", qb)
+    assert isinstance(a_store, ReportStore)
+    a_store.record(evaluation(DAY0 + 5, "192.0.2.1", True, "a.test", ("mailto:d@a.test", "mailto:x@a.test")))
+    assert asyncio.run(a.run_once()) == [("a.test", "d@a.test")]
+    assert len(a_store.pending(NOW)) == 1  # not done: x@a.test has not got it
+    assert asyncio.run(b.run_once()) == [] and qb.sent == []  # d@a.test does not get it twice tonight
+    later, later_store = node(tmp_path / "b", dsn, "dmarc", qb, now=NOW + CLAIM_LEASE + 1)
+    assert sorted(asyncio.run(later.run_once())) == [("a.test", "d@a.test"), ("a.test", "x@a.test")]
+    assert later_store.pending(NOW) == []
+    for s in (a_store, b_store, later_store):
+        s.close()
