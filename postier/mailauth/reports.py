@@ -499,9 +499,13 @@ class ReceivedReport:
 
 
 def _digest(columns: Sequence[str]) -> str:
-    """The key of a result's counted row within its day: every field recorded but the time (the
-    policy, rua, source IP, identifiers, disposition, aligned results, auth results and reasons)."""
-    return hashlib.sha256(json.dumps(list(columns)).encode()).hexdigest()[:32]
+    """The key of a result's counted row within its day: every field a report's <record> is made
+    of (the policy, rua, source IP, header_from, disposition, aligned results, auth results and
+    reasons), from `_columns`; not the time, nor the envelope sender, which no report carries: a
+    sender with a new bounce address per message (lists, bulk mail) would otherwise make a row per
+    message and fill the day's bound. The row keeps the first such message's envelope sender."""
+    source_ip, header_from, _envelope_from, *rest = columns
+    return hashlib.sha256(json.dumps([source_ip, header_from, *rest]).encode()).hexdigest()[:32]
 
 
 def _columns(ev: Evaluation) -> tuple[str, ...]:
@@ -516,8 +520,8 @@ class ReportStore(ReportDB):
     PostgreSQL, where every node records into the same tables). Thread-safe; every method blocks
     briefly.
 
-    Identical results of a day (every field `build_reports` puts in a <record>, and the envelope
-    sender) are counted in one `evaluation` row, added to in place (`INSERT ... ON CONFLICT DO
+    Identical results of a day (every field `build_reports` puts in a <record>: `_digest`) are
+    counted in one `evaluation` row, added to in place (`INSERT ... ON CONFLICT DO
     UPDATE`, as the TLS store counts its outcomes): two processes or nodes recording at once lose
     nothing. A day holds at most MAX_EVALUATION_ROWS distinct results: past it, a result like one
     already counted that day is still counted, a new one is dropped (`record` returns False; the

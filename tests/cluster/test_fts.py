@@ -109,6 +109,36 @@ def test_missing_and_stale_rows_are_left_to_the_matcher_then_caught_up(
     assert got is not None and got == ([{8}, set(range(1, 9))], set())
 
 
+def test_a_body_gone_from_the_object_store_is_not_caught_up_again_at_every_search(
+        mb: ClusterMailboxes, store: ClusterStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message whose row is missing and whose object is gone for good (deleted behind our back):
+    the catch-up notes it once (an inexact empty row: the matcher decides), so it does not pick it
+    again at every search, and the folder's later bodies get their rows."""
+    from postier.store.cluster import fulltext
+    from postier.store.cluster.bodies import body_key
+
+    monkeypatch.setattr("postier.store.cluster.mailboxes.CATCH_UP", 1)
+    for i in range(3):
+        mb.append(INBOX, f"From: a@example.org\r\nSubject: lost {i}\r\n\r\nbody {i}\r\n".encode())
+    _sql(store, "DELETE FROM body_text")
+    first = mb.rows(INBOX, [1])[1].base
+    mb.bodies.client.delete_object(Bucket=mb.bodies.bucket, Key=body_key(first))
+    mb.bodies._cache.clear()
+    picked: list[str] = []
+    get = mb.bodies.get
+
+    def counting(digest: str) -> bytes:
+        picked.append(digest)
+        return get(digest)
+
+    monkeypatch.setattr(mb.bodies, "get", counting)
+    for _ in range(3):
+        mb.text_search(INBOX, [("SUBJECT", "lost")])
+    assert picked.count(first) == 1 and len(set(picked)) == 3  # each body read once, the gone one too
+    assert _sql(store, "SELECT exact, subject FROM body_text WHERE hash = %s", (first,)) == [(False, "")]
+    assert _sql(store, "SELECT count(*) FROM body_text WHERE version = %s", (fulltext.VERSION,)) == [(3,)]
+
+
 def test_search_on_another_node_gc_and_reindex(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
     from postier.store.cluster.gc import collect
     dsn = pg.create_db()

@@ -35,6 +35,7 @@ from typing import Any
 
 import psycopg
 
+from ..errors import MessageGone
 from ..fts import COLUMNS, columns_of, row_values
 
 __all__ = ["VERSION", "TextRow", "answer", "catch_up", "create_index", "has_row", "rebuild", "text_row", "write_rows"]
@@ -73,15 +74,21 @@ def create_index(conn: Conn) -> bool:
     return True
 
 
-def text_row(digest: str, data: bytes) -> TextRow | None:
-    """The row of one body (CRLF octets); None when the parser cannot read it (the matcher decides).
-    PostgreSQL text holds neither NUL nor lone surrogates: a column with one is stored without it
-    and the row marked inexact, so the matcher checks that message."""
+def _unknown(digest: str) -> TextRow:
+    """The row of a body whose text is not known (an inexact row: the matcher checks its messages),
+    so that the catch-up does not pick it again at every search."""
+    return digest, False, ("",) * len(COLUMNS)
+
+
+def text_row(digest: str, data: bytes) -> TextRow:
+    """The row of one body (CRLF octets); an inexact empty one when the parser cannot read it (the
+    matcher decides). PostgreSQL text holds neither NUL nor lone surrogates: a column with one is
+    stored without it and the row marked inexact, so the matcher checks that message."""
     try:
         exact_i, values = row_values(data)
     except Exception:  # as store.fts: a message the parser cannot read is left to the matcher
         log.exception("full-text row: cannot extract %s", digest)
-        return None
+        return _unknown(digest)
     exact = bool(exact_i)
     out: list[str] = []
     for v in values:
@@ -126,12 +133,14 @@ def _fill(get: Callable[[str], bytes], digests: Iterable[str]) -> list[TextRow]:
     for d in digests:
         try:
             data = get(d)
-        except Exception as exc:  # gone meanwhile (collected) or unreadable: the matcher decides
+        except MessageGone as exc:  # its object is gone for good: the matcher decides, once a search
+            log.warning("full-text row: body %s is gone: %s", d, exc)
+            out.append(_unknown(d))
+            continue
+        except Exception as exc:  # out of reach now (the object store down): a later search tries again
             log.warning("full-text row: cannot read body %s: %s", d, exc)
             continue
-        row = text_row(d, data)
-        if row is not None:
-            out.append(row)
+        out.append(text_row(d, data))
     return out
 
 

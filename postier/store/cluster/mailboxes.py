@@ -62,8 +62,6 @@ FLAGS_INFO = "flags:"
 MAX_KEYWORDS = 1000  # per folder, as the Maildir store (RFC 9051 §2.3.2 lets a server limit them)
 _MSG_COLS = "uid, body, flags, keywords, modseq, size, idate"
 type Conn = psycopg.Connection[tuple[Any, ...]]
-log = logging.getLogger("postier.cluster")
-
 log = logging.getLogger("postier.store")
 
 _HEADS_PENDING = 500  # header blocks read from the object store, kept together at most this many
