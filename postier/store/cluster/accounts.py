@@ -104,6 +104,7 @@ class _PGConnection:
     def transaction(self, down: str = _DOWN) -> Iterator[psycopg.Connection[Any]]:
         """One transaction on a live connection (made again if it was lost before it began); a
         connection lost during it is StoreUnavailable(down) (the storages' `write`)."""
+        outer = self.in_transaction  # nested (a savepoint): the outer one is still under way after it
         self.execute("SELECT 1")
         raw = self.raw()
         try:
@@ -113,7 +114,7 @@ class _PGConnection:
         except _LOST as exc:
             raise StoreUnavailable(down) from exc
         finally:
-            self.in_transaction = False
+            self.in_transaction = outer
 
     def close(self) -> None:
         if self._conn is not None:
