@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..message import VIEWS_VERSION
 from ..message.sorting import SortItem, decode_fields, encode_fields, sort_item
 from ..store.api import Mailboxes
-from ..store.errors import StoreError
+from ..store.errors import StoreError, StoreUnavailable
 from .imapfetch import PEEK_AHEAD
 
 __all__ = ["sort_items"]
@@ -51,6 +51,8 @@ def sort_items(mb: Mailboxes, name: str, matches: Sequence[tuple[int, int]], use
                 new.append((uid, _KIND, encode_fields(item.fields)))
             else:
                 item = SortItem(ident, seq, dt.datetime.fromtimestamp(when, dt.UTC), row.size, fields)
+        except StoreUnavailable:  # the storage is out of reach (cluster mode): NO [UNAVAILABLE], not "expunged"
+            raise
         except StoreError:
             continue
         out.append(item)

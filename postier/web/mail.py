@@ -954,6 +954,8 @@ def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = (
     items = []
     try:
         heads = mb.peek_headers(name, rows.values())  # cluster mode: one query for the page
+    except StoreUnavailable:  # out of reach (cluster mode): the page answers 503, not an empty list
+        raise
     except (StoreError, OSError):
         heads = {}
     for uid in uids:
@@ -962,7 +964,9 @@ def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = (
             continue
         try:
             head = heads.get(uid) or mb.read_header(name, row, 16384)
-        except (StoreError, OSError):
+        except StoreUnavailable:
+            raise
+        except (StoreError, OSError):  # expunged meanwhile
             continue
         info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))
         if not info["date"] and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
