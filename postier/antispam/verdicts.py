@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..durable import use_wal
+from ..durable import immediate, use_wal
 from ..metrics import Metrics
 
 log = logging.getLogger("postier.antispam")
@@ -145,21 +145,15 @@ class VerdictLog:
         now = self.clock()
         rows = [(now, qid, mid.strip().strip("<>"), client, sender, json.dumps(list(rcpts)), action,
                  json.dumps(list(reasons))) for qid, mid, client, sender, rcpts, action, reasons in items]
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT INTO verdicts(time, queue_id, message_id, client, sender, recipients, action, reasons) "
-                    "VALUES (?,?,?,?,?,?,?,?)", rows)
-                before, self._writes = self._writes, self._writes + len(rows)
-                if before // 1000 != self._writes // 1000:
-                    self._db.execute("DELETE FROM verdicts WHERE time < ?", (now - self.keep,))
-                    self._db.execute("DELETE FROM verdicts WHERE id <= (SELECT max(id) FROM verdicts) - ?",
-                                     (self.max_rows,))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db):
+            self._db.executemany(
+                "INSERT INTO verdicts(time, queue_id, message_id, client, sender, recipients, action, reasons) "
+                "VALUES (?,?,?,?,?,?,?,?)", rows)
+            before, self._writes = self._writes, self._writes + len(rows)
+            if before // 1000 != self._writes // 1000:
+                self._db.execute("DELETE FROM verdicts WHERE time < ?", (now - self.keep,))
+                self._db.execute("DELETE FROM verdicts WHERE id <= (SELECT max(id) FROM verdicts) - ?",
+                                 (self.max_rows,))
 
     def find(self, ident: str, limit: int = 20) -> list[Verdict]:
         """Verdicts for a queue id, a Message-ID (with or without angle brackets) or a client address,
