@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,12 +415,8 @@ class Queue:
         msg = job.msg
         data: bytes | Path
         if msg.size > MEMORY_DATA_LIMIT:
-            # streamed from the spool file (in cluster mode from a download of the body into a file)
-            data = await self._io(self.spool.source, msg.id)
-            try:
+            async with self._source(msg.id) as data:
                 results = await transact(session, msg, job.states, data)
-            finally:
-                await self._io(self.spool.release_source, data)
         else:
             if job.data is None:
                 await self._read_ahead(job)
@@ -474,6 +470,34 @@ class Queue:
             else:
                 await self._complete(j, [])
 
+    @contextlib.asynccontextmanager
+    async def _source(self, msg_id: str) -> AsyncIterator[bytes | Path]:
+        """A large message to read in pieces: its spool file (in cluster mode a download of its
+        body into a file), given back when the caller is done, whatever the outcome."""
+        source = await self._io(self.spool.source, msg_id)
+        try:
+            yield source
+        finally:
+            await self._io(self.spool.release_source, source)
+
+    @contextlib.asynccontextmanager
+    async def _local_body(self, msg: MessageInfo) -> AsyncIterator[bytes | MessageBody]:
+        """A queued message for the mailboxes: in memory when small; a large one as a read-only
+        view of its file (`_source`), which the delivery agent, or cluster mode's upload, reads in
+        pieces, as a large message is sent."""
+        if msg.size <= MEMORY_DATA_LIMIT:
+            yield await self._io(self.spool.read_file, msg.id)
+            return
+        async with self._source(msg.id) as source:
+            if isinstance(source, bytes):
+                yield source
+                return
+            body = await self._io(_spooled, source)
+            try:
+                yield body
+            finally:
+                body.close()  # a borrowed file: the queue's, left in place
+
     async def _deliver_local(self, job: Job) -> list[RcptResult]:
         """Recipients in our own domains: straight to the MDA (aliases may add remote recipients)."""
         if not await self._load(job):
@@ -499,23 +523,11 @@ class Queue:
                 found.append(Recipient(st.address, res.users, res.remote))
         if not found:
             return results
-        data: bytes | MessageBody = b""
-        source: bytes | Path | None = None
         if any(r.users for r in found):
-            if msg.size > MEMORY_DATA_LIMIT:
-                # as a large message is sent: from its spool file (in cluster mode a download of it),
-                # which the delivery agent, or the object store's upload, reads in pieces
-                source = await self._io(self.spool.source, msg.id)
-                data = source if isinstance(source, bytes) else await self._io(_spooled, source)
-            else:
-                data = await self._io(self.spool.read_file, msg.id)
-        try:
-            local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
-        finally:
-            if isinstance(data, MessageBody):
-                data.close()  # a borrowed file: the queue's, left in place
-            if source is not None:
-                await self._io(self.spool.release_source, source)
+            async with self._local_body(msg) as data:
+                local = await self.mda.deliver_recipients(found, return_path(msg.sender), data, msg.sender)
+        else:  # only remote targets (aliases): the MDA queues them, with no body to read here
+            local = await self.mda.deliver_recipients(found, return_path(msg.sender), b"", msg.sender)
         failed, full = set(local.failed_users), set(local.over_quota)
         for r in found:
             if r.address in local.delivered:
