@@ -39,7 +39,8 @@ from .envelope import address_text
 from .mime import Part, decode_body, decode_header_text, parse_message
 
 __all__ = [
-    "INDEXED_FIELDS", "SearchContext", "SearchText", "SearchView", "evaluate", "search_text", "sent_date",
+    "INDEXED_FIELDS", "TEXT_LIMIT", "SearchContext", "SearchText", "SearchView", "evaluate", "part_search_text",
+    "search_text", "sent_date",
 ]
 
 
@@ -209,10 +210,18 @@ class SearchText:
     exact: bool
 
 
-def search_text(raw: bytes, limit: int = 4 << 20) -> SearchText:
+#: Characters of body text and headers `search_text` keeps of one message (a full-text index's bound).
+TEXT_LIMIT = 4 << 20
+
+
+def search_text(raw: bytes, limit: int = TEXT_LIMIT) -> SearchText:
     """What `evaluate` would search in this message (the same decoding: `_header_text` and the
     walk of `_body_texts`), at most ``limit`` characters of body text and headers."""
-    part = parse_message(raw)
+    return part_search_text(parse_message(raw), limit)
+
+
+def part_search_text(part: Part, limit: int = TEXT_LIMIT) -> SearchText:
+    """`search_text` of a message already parsed (`mime.parse_message`)."""
     exact = True
     fields: dict[str, str] = {}
     for f in INDEXED_FIELDS:

@@ -40,11 +40,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, search_text
+from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchText, search_text
+from ..message.textscan import ReadAt, search_text_at
 from .index import parse_file_name
 
 __all__ = ["CATCH_UP", "COLUMNS", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "columns_of", "row_values",
-           "searchable"]
+           "row_values_at", "searchable"]
 
 log = logging.getLogger("postier.store")
 
@@ -79,7 +80,17 @@ COLUMNS = ("subject", "hfrom", "hto", "hcc", "hbcc", "leaves", "headers", "inner
 
 def row_values(raw: bytes) -> tuple[int, tuple[str, ...]]:
     """(exact, the COLUMNS' text) of a message: `search_text`, casefolded, chunks joined by CHUNK_SEP."""
-    t = search_text(raw)
+    return _values(search_text(raw))
+
+
+def row_values_at(read_at: ReadAt, size: int) -> tuple[int, tuple[str, ...]]:
+    """`row_values` of a message of `size` bytes read by offset (a file), holding a bounded part
+    of it (`message.textscan.search_text_at`: inexact and empty when its text is not had within
+    TEXT_LIMIT octets)."""
+    return _values(search_text_at(read_at, size))
+
+
+def _values(t: SearchText) -> tuple[int, tuple[str, ...]]:
     return int(t.exact), (*(t.fields[f] for f in INDEXED_FIELDS), t.leaves, t.headers, t.inner)
 
 

@@ -103,25 +103,6 @@ class SpooledSource:
             prev_cr = piece[-1:] == b"\r"
         return True
 
-    def read_all(self) -> bytes | bytearray:
-        """The whole content in one buffer, for a parser that needs it whole (the full-text
-        extraction): one copy of it, where joining the head to the file's bytes would make two."""
-        if not self.head:
-            data = os.pread(self._fd, self.size, 0)
-            if len(data) != self.size:
-                raise OSError(f"{self.path} ended early")
-            return data
-        buf = bytearray(self.size)
-        buf[:len(self.head)] = self.head
-        view = memoryview(buf)[len(self.head):]
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], done)
-            if n <= 0:
-                raise OSError(f"{self.path} ended early")
-            done += n
-        return buf
-
     def read_at(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))
         out = b""

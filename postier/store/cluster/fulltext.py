@@ -36,9 +36,11 @@ from typing import Any
 import psycopg
 
 from ..errors import MessageGone
-from ..fts import COLUMNS, columns_of, row_values
+from ...message.textscan import ReadAt
+from ..fts import COLUMNS, columns_of, row_values, row_values_at
 
-__all__ = ["VERSION", "TextRow", "answer", "catch_up", "create_index", "has_row", "rebuild", "text_row", "write_rows"]
+__all__ = ["VERSION", "TextRow", "answer", "catch_up", "create_index", "has_row", "rebuild", "text_row", "text_row_at",
+           "write_rows"]
 
 log = logging.getLogger("postier.store")
 
@@ -89,6 +91,25 @@ def text_row(digest: str, data: bytes) -> TextRow:
     except Exception:  # as store.fts: a message the parser cannot read is left to the matcher
         log.exception("full-text row: cannot extract %s", digest)
         return _unknown(digest)
+    return _stored(digest, exact_i, values)
+
+
+def text_row_at(digest: str, read_at: ReadAt, size: int) -> TextRow:
+    """`text_row` of a body of `size` bytes read by offset (a spooled message), holding at most about
+    TEXT_LIMIT octets of it (`store.fts.row_values_at`: the row is inexact and empty when its
+    searched text is larger, and the matcher checks that message). A file that cannot be read
+    raises (OSError), as reading it to upload it would."""
+    try:
+        exact_i, values = row_values_at(read_at, size)
+    except OSError:
+        raise
+    except Exception:
+        log.exception("full-text row: cannot extract %s", digest)
+        return _unknown(digest)
+    return _stored(digest, exact_i, values)
+
+
+def _stored(digest: str, exact_i: int, values: tuple[str, ...]) -> TextRow:
     exact = bool(exact_i)
     out: list[str] = []
     for v in values:

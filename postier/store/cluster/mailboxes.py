@@ -26,7 +26,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Concatenate, cast
+from typing import IO, Any, Concatenate
 
 import psycopg
 import psycopg_pool
@@ -645,8 +645,8 @@ class ClusterMailboxes:
         rows, and a MULTIAPPEND or an import does not hold every message's text until its commit.
         Rows left by a transaction that then fails belong to an orphan body and go with it
         (`postier cluster gc`). A body in a file (an open `SpooledSource`) is hashed and uploaded
-        from it (`BodyStore.put_stream`); only its text extraction, which parses the whole message,
-        reads it whole, and only when the body has no row yet (not for a second copy of it)."""
+        from it (`BodyStore.put_stream`), and its text extracted from it holding a bounded part of it
+        (`fulltext.text_row_at`), only when the body has no row yet (not for a second copy of it)."""
         if isinstance(data, SpooledSource):
             digest = self.bodies.digest_stream(data.read_at, data.size)
         else:
@@ -661,10 +661,10 @@ class ClusterMailboxes:
             self.bodies.put(data, digest)
         row = head = None
         if not known:
-            # a bytearray from read_all (one copy instead of two) is only read by the parser, as
-            # bytes are: slices, searches, decoding (the same rows over the message-view corpora)
-            text = cast(bytes, data.read_all()) if isinstance(data, SpooledSource) else data
-            row = fulltext.text_row(digest, text)
+            if isinstance(data, SpooledSource):  # a bounded part of it (fulltext.text_row_at)
+                row = fulltext.text_row_at(digest, data.read_at, data.size)
+            else:
+                row = fulltext.text_row(digest, data)
         if not head_known:
             if isinstance(data, SpooledSource):  # the block is at most CACHE_ITEM_LIMIT: no more is read
                 first = data.read_at(0, CACHE_ITEM_LIMIT + 4)

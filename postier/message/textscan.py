@@ -1,0 +1,190 @@
+"""The searchable text of a large message read from a file in pieces (RFC 9051 §6.4.4 text keys,
+RFC 2046 §5.1.1 delimiters), with a bounded amount of it held: `search_text_at`.
+
+`matching.search_text` parses a message whole; for a message in a file (a spooled delivery, an
+APPEND literal) that would hold the whole message and its decoded text. Here the file is read
+once, line by line, and a copy is made that keeps every line the extraction can depend on and
+leaves out the bodies of the parts it never reads:
+
+- every header block (from the start, and after each line that begins with ``--``, up to its
+  blank line), every line that begins with ``--`` (so every delimiter of every multipart), and the
+  body lines of text parts, multiparts (preamble, epilogue) and of what a header block does not
+  classify, all kept whole;
+- of any other part's body (an attachment: not text/*, multipart/* or an encapsulated message, as
+  that part's own header says), only its first and last lines (at most 1 KiB of each): the rest is
+  left out, and where it was is noted.
+
+The copy is then parsed by `mime.parse_message` and extracted by `matching.part_search_text`, the
+one extraction and the one limit (`TEXT_LIMIT`) of every full-text index. Leaving out lines that
+do not begin with ``--`` from the middle of a body cannot make or unmake a delimiter, a header
+block or a part, so the tree is the original's; the classification of the scan is only a guess
+(a ``--`` line in a text part is taken for a delimiter), and so after the parse each place where
+bytes were left out is checked to lie inside the body of a part whose body is not searched (a leaf
+that is not text/*). When one does not, or when what must be kept exceeds TEXT_LIMIT octets (a
+large text part, a huge header block, a ``--`` line over 1 KiB), the answer is an inexact empty
+text (`SearchText.exact` False): the index leaves that message to the matcher, as it does for a
+message whose text `search_text` cut at the limit. So the memory held is bounded by TEXT_LIMIT
+octets of copy (plus its decoded text), whatever the size of the message.
+Why written here: the stdlib's `email.feedparser` parses incrementally but keeps every part's body
+(attachments included) in memory, and the offsets and degradation rules must be `mime`'s anyway.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+from .matching import INDEXED_FIELDS, TEXT_LIMIT, SearchText, part_search_text
+from .mime import Part, parse_message
+
+__all__ = ["search_text_at", "sparse_copy"]
+
+PIECE = 256 << 10  # bytes read from the file at a time
+SKIP_LINE = 1024  # bytes kept of the first and last line of a body left out
+
+_HEAD, _KEEP, _SKIP = range(3)
+
+#: (offset, n) -> up to n bytes of the message from `offset` (fewer only at its end)
+type ReadAt = Callable[[int, int], bytes]
+
+
+class _Lines:
+    """The lines of `size` bytes read by offset, PIECE at a time; a line longer than a caller's cap
+    is cut (its rest read past, never held)."""
+
+    def __init__(self, read_at: ReadAt, size: int) -> None:
+        self._read_at = read_at
+        self._size = size
+        self._buf = b""
+        self._i = 0
+        self._next = 0
+
+    def _more(self) -> bool:
+        if self._next >= self._size:
+            return False
+        piece = self._read_at(self._next, min(PIECE, self._size - self._next))
+        if not piece:
+            raise OSError("message file ended early")
+        self._next += len(piece)
+        self._buf = self._buf[self._i:] + piece
+        self._i = 0
+        return True
+
+    def line(self, cap: int) -> tuple[bytes, int] | None:
+        """The next line with its line end, or None at the end. A line of more than `cap` bytes
+        comes back as its first `cap` bytes then its line end, with `cap` (where bytes were left
+        out); a whole line with -1."""
+        while True:
+            buf, i = self._buf, self._i
+            j = buf.find(b"\n", i)
+            if j >= 0 and j + 1 - i <= cap:
+                self._i = j + 1
+                return buf[i:j + 1], -1
+            if j >= 0 or len(buf) - i > cap:
+                head = buf[i:i + cap]
+                self._i = i + cap
+                return head + self._rest(), cap
+            if not self._more():
+                if i >= len(buf):
+                    return None
+                self._i = len(buf)
+                return buf[i:], -1
+
+    def _rest(self) -> bytes:
+        """Read past the rest of the current line; its line end (CRLF, LF, or none at the end)."""
+        prev = self._buf[self._i - 1:self._i]
+        while True:
+            buf, i = self._buf, self._i
+            j = buf.find(b"\n", i)
+            if j >= 0:
+                before = buf[j - 1:j] if j > i else prev
+                self._i = j + 1
+                return b"\r\n" if before == b"\r" else b"\n"
+            if len(buf) > i:
+                prev = buf[-1:]
+            self._i = len(buf)
+            if not self._more():
+                return b""
+
+
+def _body_mode(header: bytes) -> int:
+    """How the scan treats the body after this header block (a guess, checked after the parse)."""
+    p = parse_message(header)
+    if p.maintype == "message" and p.subtype in ("rfc822", "global") and p.encoding in ("7bit", "8bit", "binary"):
+        return _HEAD  # the encapsulated message's header follows (as mime._parse_entity parses it)
+    return _KEEP if p.maintype in ("text", "multipart") else _SKIP
+
+
+def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[bytes, list[int]] | None:
+    """The message (CRLF line ends: a bare LF becomes CRLF, as `mime.parse_message` makes it) with
+    the middle of each body that looks unsearched left out, and the offsets in the copy where bytes
+    were left out; None when what must be kept exceeds `limit` octets."""
+    lines = _Lines(read_at, size)
+    out = bytearray()
+    cuts: list[int] = []
+    mode, block = _HEAD, 0
+    first: bool = True  # the next line of a left-out body is its first
+    last: tuple[bytes, int] | None = None  # the latest line of a left-out body (kept if it is its last)
+    dropped = False  # lines were left out between the first and `last`
+
+    def end_run() -> None:
+        nonlocal last, dropped
+        if dropped:
+            cuts.append(len(out))
+        if last is not None:
+            text, cut = last
+            if cut >= 0:
+                cuts.append(len(out) + cut)
+            out.extend(text)
+        last, dropped = None, False
+
+    while (got := lines.line(SKIP_LINE if mode == _SKIP else limit - len(out) + 1)) is not None:
+        text, cut = got
+        if text.endswith(b"\n") and not text.endswith(b"\r\n"):
+            text = text[:-1] + b"\r\n"  # as mime.to_crlf does (a line's LF follows its own bytes)
+        dashes = text.startswith(b"--")
+        if mode == _SKIP and not dashes:
+            if first:
+                if cut >= 0:
+                    cuts.append(len(out) + cut)
+                out.extend(text)
+                first = False
+            else:
+                dropped = dropped or last is not None
+                last = (text, cut)
+            continue
+        if mode == _SKIP:
+            end_run()
+        if cut >= 0 or len(out) + len(text) > limit:
+            return None
+        out.extend(text)
+        if dashes:
+            mode, block = _HEAD, len(out)
+        elif mode == _HEAD and text == b"\r\n":
+            mode, first = _body_mode(bytes(out[block:])), True
+            block = len(out)
+    if mode == _SKIP:
+        end_run()
+    return bytes(out), cuts
+
+
+def _unsearched(part: Part) -> tuple[list[int], list[int]]:
+    """The bodies `part_search_text` never reads (leaves that are not text/*), as sorted
+    (body_start, end) columns."""
+    spans = sorted((p.body_start, p.end) for p in part.walk()
+                   if not p.children and p.message is None and p.maintype != "text")
+    return [s for s, _e in spans], [e for _s, e in spans]
+
+
+def search_text_at(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> SearchText:
+    """`matching.search_text` of a message of `size` bytes read by offset, holding at most about
+    `limit` octets of it; inexact and empty when the text cannot be had within that (see above)."""
+    got = sparse_copy(read_at, size, limit)
+    if got is not None:
+        copy, cuts = got
+        part = parse_message(copy)
+        starts, ends = _unsearched(part)
+        # a place left out lies inside an unsearched body: after its first line, up to its end
+        if all((k := bisect_left(starts, x) - 1) >= 0 and starts[k] < x <= ends[k] for x in cuts):
+            return part_search_text(part, limit)
+    return SearchText({f: "" for f in INDEXED_FIELDS}, "", "", "", False)
