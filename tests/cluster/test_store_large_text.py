@@ -2,7 +2,8 @@
 fulltext.py `text_row_at`) against a real PostgreSQL and moto's S3: a spooled message with a large
 attachment gets an exact row of its text parts (before and after the attachment) and is read back
 byte for byte; one whose text is beyond TEXT_LIMIT gets an inexact row, so a search leaves it to the
-matcher; two large deliveries at once, each to two users."""
+matcher; two large deliveries at once, each to two users; a large body is hashed and uploaded once
+for all the users of one delivery."""
 
 from __future__ import annotations
 
@@ -136,3 +137,39 @@ def test_text_beyond_the_limit_is_left_to_the_matcher(store: ClusterStore, tmp_p
     assert read_back(store, ALICE) == [PREFIX + data]
     assert text_row(store, hashlib.sha256(PREFIX + data).hexdigest()) == (False, "")
     assert search(store, ALICE, "platypus") == (set(), {1})  # not covered: the matcher decides
+
+
+def test_a_large_body_is_hashed_and_uploaded_once_per_delivery(store: ClusterStore, tmp_path: Path) -> None:
+    """Four users of one delivery: one SHA-256 pass over the spool file, one upload (three copies
+    find the object), four rows."""
+    from moto.s3.models import S3Backend
+    data = with_attachment(3 << 20, "echidna", "dingo")
+    body = spilled(tmp_path, data)
+    hashed: list[int] = []
+    puts: list[str] = []
+    digest_stream, put_object = BodyStore.digest_stream, S3Backend.put_object
+
+    def counting_digest(read_at: Any, size: int) -> str:
+        hashed.append(size)
+        return digest_stream(read_at, size)
+
+    def counting_put(self: Any, bucket_name: str, key_name: str, *args: Any, **kwargs: Any) -> Any:
+        puts.append(key_name)
+        return put_object(self, bucket_name, key_name, *args, **kwargs)
+    mda = ClusterDelivery(store, tmp_path)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(BodyStore, "digest_stream", staticmethod(counting_digest))
+            mp.setattr(S3Backend, "put_object", counting_put)
+            results = asyncio.run(mda.deliver([(u, None) for u in (ALICE, BOB, CAROL, DAVE)], PREFIX, body,
+                                              "c@example.net"))
+            assert [r.ok for r in results] == [True] * 4, results
+            # a later delivery of the same body (a Sieve user's own copy) is not hashed again either
+            assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net", "Archive").ok
+    finally:
+        mda.close()
+        body.close()
+    assert hashed == [len(PREFIX + data)] and len(puts) == 1
+    for u in (ALICE, BOB, CAROL, DAVE):
+        assert read_back(store, u) == [PREFIX + data]
+        assert search(store, u, "dingo") == ({1}, set())

@@ -77,10 +77,12 @@ class SpooledSource:
     (os.pread, so windows on it need no shared file position). A context manager: the file is
     open between enter and exit."""
 
-    def __init__(self, head: bytes, path: str, size: int) -> None:
+    def __init__(self, head: bytes, path: str, size: int, digest: str | None = None) -> None:
         self.head = head
         self.path = path
         self.size = size
+        #: its SHA-256 when already known (`BodyStore.digest_stream` of this same content), else None
+        self.digest = digest
         self._fd = -1
 
     def __enter__(self) -> Self:

@@ -644,11 +644,11 @@ class ClusterMailboxes:
         transaction makes a message refer to the body, so a search never finds a message without its
         rows, and a MULTIAPPEND or an import does not hold every message's text until its commit.
         Rows left by a transaction that then fails belong to an orphan body and go with it
-        (`postier cluster gc`). A body in a file (an open `SpooledSource`) is hashed and uploaded
-        from it (`BodyStore.put_stream`), and its text extracted from it holding a bounded part of it
+        (`postier cluster gc`). A body in a file (an open `SpooledSource`) is hashed (unless its
+        `digest` is known already) and uploaded from it (`BodyStore.put_stream`), and its text extracted from it holding a bounded part of it
         (`fulltext.text_row_at`), only when the body has no row yet (not for a second copy of it)."""
         if isinstance(data, SpooledSource):
-            digest = self.bodies.digest_stream(data.read_at, data.size)
+            digest = data.digest or self.bodies.digest_stream(data.read_at, data.size)
         else:
             digest = self.bodies.digest(data)
         with self._tx() as conn:

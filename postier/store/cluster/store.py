@@ -18,8 +18,10 @@ import hashlib
 import logging
 import secrets
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +264,8 @@ class ClusterDelivery(LocalDelivery):
     def __init__(self, store: ClusterStore, mail_root: Path, workers: int = 16, metrics: Metrics | None = None):
         super().__init__(mail_root, workers=workers, agent=False, metrics=metrics)
         self.store = store
+        self._shared: dict[tuple[int, bytes, int], tuple[weakref.ref[MessageBody], _Shared]] = {}
+        self._shared_lock = threading.Lock()
 
     def quota_used(self, user: User) -> int:
         """The user's bytes in PostgreSQL's rows, for the quota check at RCPT (blocking)."""
@@ -282,17 +286,41 @@ class ClusterDelivery(LocalDelivery):
     def deliver_one(self, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,
                     folder: str | None = None, info: str = "") -> DeliveryResult:
         """One user's copy: an APPEND of prefix and body. A body spooled to a file above
-        MEMORY_DATA_LIMIT (with CRLF line ends, as SMTP gives them) is uploaded from its file."""
-        with contextlib.ExitStack() as stack:
-            data: bytes | SpooledSource = b""
-            if isinstance(body, MessageBody) and body.spool_path is not None and (
-                    len(prefix) + body.size > MEMORY_DATA_LIMIT):
-                src = stack.enter_context(SpooledSource(prefix, body.spool_path, len(prefix) + body.size))
-                if src.crlf_clean():
-                    data = src
-            if not isinstance(data, SpooledSource):
-                data = prefix + (body if isinstance(body, bytes) else body.getvalue())
-            return self._deliver(user, data, folder, info)
+        MEMORY_DATA_LIMIT (with CRLF line ends, as SMTP gives them) is uploaded from its file. The
+        copies of one such body (the users of one delivery, in parallel threads, or later ones of
+        the same body, as a Sieve user's) share one reading of its line ends and one SHA-256 pass,
+        and one upload: the first copy holds `_Shared.lock` until its APPEND is done, the others
+        then find the object (HEAD) and the text row, and only mark the body and add their rows."""
+        if isinstance(body, MessageBody) and body.spool_path is not None and (
+                len(prefix) + body.size > MEMORY_DATA_LIMIT):
+            shared = self._shared_for(body, prefix)
+            with SpooledSource(prefix, body.spool_path, len(prefix) + body.size) as src:
+                with shared.lock:
+                    if shared.clean is None:
+                        shared.clean = src.crlf_clean()
+                        if shared.clean:
+                            src.digest = shared.digest = BodyStore.digest_stream(src.read_at, src.size)
+                            return self._deliver(user, src, folder, info)
+                if shared.clean:
+                    src.digest = shared.digest
+                    return self._deliver(user, src, folder, info)
+        data = prefix + (body if isinstance(body, bytes) else body.getvalue())
+        return self._deliver(user, data, folder, info)
+
+    def _shared_for(self, body: MessageBody, prefix: bytes) -> _Shared:
+        """The `_Shared` of this body object with this prefix and size (a MessageBody only grows, so
+        the same object and size is the same content). Entries of body objects gone are dropped
+        here (not by a weakref callback, which the collector could run while this lock is held)."""
+        key = (id(body), prefix, body.size)
+        with self._shared_lock:
+            got = self._shared.get(key)
+            if got is not None and got[0]() is body:
+                return got[1]
+            for k in [k for k, (ref, _s) in self._shared.items() if ref() is None]:
+                del self._shared[k]
+            shared = _Shared()
+            self._shared[key] = (weakref.ref(body), shared)
+            return shared
 
     def _deliver(self, user: User, data: bytes | SpooledSource, folder: str | None, info: str) -> DeliveryResult:
         flags = _info_flags(info)
@@ -323,6 +351,15 @@ class ClusterDelivery(LocalDelivery):
             return DeliveryResult(user, False, str(exc))
         finally:
             self.store.release(mb)
+
+
+@dataclass
+class _Shared:
+    """What the copies of one spooled body share (`ClusterDelivery.deliver_one`)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    clean: bool | None = None  # every LF after a CR (None: not read yet; False: copies made CRLF in memory)
+    digest: str | None = None  # its SHA-256 when clean
 
 
 def _info_flags(info: str) -> list[str]:
