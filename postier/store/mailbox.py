@@ -1213,7 +1213,7 @@ class UserMailbox:
             quota.release(self.index.conn, d.name)
 
     def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
-                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+                         messages: Iterable[tuple[int, bytes | SpoolFile, Sequence[str], float | None]]) -> bool:
         """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
         dovecot-uidlist), so clients need not resynchronise (RFC 9051 §2.3.1.1: the triple of name,
         UIDVALIDITY and UID still names the same message). Only into a folder that never held a
@@ -1226,7 +1226,8 @@ class UserMailbox:
         the new UIDVALIDITY, UIDNEXT (at least the highest UID + 1) and every UID, and the index
         commits (`UserIndex.import_messages`). A delivery or APPEND meanwhile waits for the lock (a
         delivered file that lands in new/ is indexed by the next sync), so its UID comes after the
-        imported ones. All or none: a failed rename takes the others back out."""
+        imported ones. All or none: a failed rename takes the others back out. A message given as a
+        `SpoolFile` (of `spool`: a large one, never held whole) is that file, discarded in any case."""
         n = normalize_name(name)
         if not 0 < uidvalidity < 2**32 or not self._unused(n):
             return False
@@ -1234,13 +1235,14 @@ class UserMailbox:
         seen: set[int] = set()
         try:
             for uid, data, flag_names, internal_date in messages:
+                spool = data if isinstance(data, SpoolFile) else self.spool()
+                spooled.append((uid, spool, flag_names))
                 if not 0 < uid < 2**32 - 1 or uid in seen:
                     raise StoreError(f"bad or repeated UID {uid} in the import")
                 seen.add(uid)
+                if not isinstance(data, SpoolFile):
+                    spool.write(data)  # (bare LF becomes CRLF as it is written)
                 names_to_flags(flag_names)  # InvalidKeyword before anything is placed
-                spool = self.spool()
-                spooled.append((uid, spool, flag_names))
-                spool.write(data)  # (bare LF becomes CRLF as it is written)
                 spool.sync(internal_date if internal_date is not None else time.time())
                 if spool.failed is not None:
                     raise StoreError(f"message not stored: {spool.failed}")

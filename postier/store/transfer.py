@@ -43,15 +43,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..durable import use_wal
+from ..message.types import MEMORY_DATA_LIMIT
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from .api import Mailboxes
 from .errors import StoreError
 from .index import KEYWORDS_FILE
 from .mailbox import INBOX, SEPARATOR, folder_dir_name
+from .maildir import SpoolFile
 
 STATE_NAME = "postier-import.sqlite"
 BATCH = 50
 MAX_MESSAGE = 256 * 1024 * 1024
+_PIECE = 1 << 20  # a large message file is read this much at a time
 _SYSTEM = {"\\seen": "\\Seen", "\\answered": "\\Answered", "\\flagged": "\\Flagged", "\\deleted": "\\Deleted",
            "\\draft": "\\Draft"}
 _LETTER_FLAGS = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "T": "\\Deleted", "D": "\\Draft"}
@@ -177,23 +180,27 @@ def _ensure(mb: Mailboxes, name: str, existing: set[str]) -> None:
                 existing.add(sub)
 
 
-def _copy_one(mb: Mailboxes, state: ImportState, source: str, folder: str, data: bytes, flags: Sequence[str],
-              idate: float | None, seen: dict[str, int], stats: Stats, progress: Progress) -> None:
+def _copy_one(mb: Mailboxes, state: ImportState, source: str, folder: str, data: bytes | LargeFile,
+              flags: Sequence[str], idate: float | None, seen: dict[str, int], stats: Stats, progress: Progress) -> None:
     """Append one message unless this run or an earlier one already copied it (same bytes, same folder)."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest, size = (data.digest, data.size) if isinstance(data, LargeFile) else (hashlib.sha256(data).hexdigest(),
+                                                                                  len(data))
     seen[digest] = seen.get(digest, 0) + 1
     if seen[digest] <= state.count(source, folder, digest):
         stats.skipped += 1
-        progress.tick(len(data), copied=False, folder=folder)
+        progress.tick(size, copied=False, folder=folder)
         return
     try:
-        mb.append(folder, data, flags, idate)
+        if isinstance(data, LargeFile):
+            mb.append_many(folder, [(data.spool(mb), flags, idate)])
+        else:
+            mb.append(folder, data, flags, idate)
     except StoreError as exc:
         raise TransferError(f"{folder}: message not stored: {exc}") from None
     state.add(source, folder, digest)
     stats.copied += 1
-    stats.bytes += len(data)
-    progress.tick(len(data), folder=folder)
+    stats.bytes += size
+    progress.tick(size, folder=folder)
 
 
 # -- IMAP -------------------------------------------------------------------------------------------
@@ -355,13 +362,51 @@ def _read_keywords(folder: Path) -> dict[str, str]:
     return out
 
 
-def _read_message(f: Path, keywords: dict[str, str]) -> tuple[bytes, list[str], float]:
-    """A Maildir file's bytes, flags (from its name's info) and mtime (the internal date)."""
+@dataclass(frozen=True)
+class LargeFile:
+    """A message file above MEMORY_DATA_LIMIT, never read whole: its SHA-256 (for the import state)
+    is computed reading it 1 MiB at a time, and the store gets it as a file of its own spool
+    (`Mailboxes.spool`, bare LF made CRLF on the way), copied in the same pieces, as a large APPEND
+    literal: renamed into the Maildir, or in cluster mode uploaded from the file
+    (`BodyStore.put_stream`)."""
+
+    path: Path
+    digest: str
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> LargeFile:
+        sha, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while piece := f.read(_PIECE):
+                sha.update(piece)
+                size += len(piece)
+        return cls(path, sha.hexdigest(), size)
+
+    def spool(self, mb: Mailboxes) -> SpoolFile:
+        """The message in a new spool file of `mb` (the caller hands it to the store, which
+        discards it); TransferError when the file cannot be read."""
+        spool = mb.spool()
+        try:
+            with open(self.path, "rb") as f:
+                while piece := f.read(_PIECE):
+                    spool.write(piece)
+        except OSError as exc:
+            spool.discard()
+            raise TransferError(f"{self.path}: {exc.strerror}") from None
+        return spool
+
+
+def _read_message(f: Path, keywords: dict[str, str]) -> tuple[bytes | LargeFile, list[str], float]:
+    """A Maildir file's bytes (a `LargeFile` above MEMORY_DATA_LIMIT), flags (from its name's info)
+    and mtime (the internal date)."""
     info = f.name.partition(":2,")[2]
     flags = [_LETTER_FLAGS[c] for c in info if c in _LETTER_FLAGS]
     flags += [keywords[c] for c in info if c in keywords]
     try:
-        return f.read_bytes(), flags, f.stat().st_mtime
+        st = f.stat()
+        data = LargeFile.of(f) if st.st_size > MEMORY_DATA_LIMIT else f.read_bytes()
+        return data, flags, st.st_mtime
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -405,14 +450,19 @@ def _restore_uids(mb: Mailboxes, state: ImportState, source: str, target: str, f
         return files
     digests: list[tuple[str, int]] = []
 
-    def messages() -> Iterator[tuple[int, bytes, Sequence[str], float | None]]:
+    def messages() -> Iterator[tuple[int, bytes | SpoolFile, Sequence[str], float | None]]:
         for f in keep:
             try:
                 data, flags, mtime = _read_message(f, keywords)
             except FileNotFoundError:
                 continue
-            digests.append((hashlib.sha256(data).hexdigest(), len(data)))
-            yield uids[f.name.partition(":")[0]], data, flags, mtime
+            uid = uids[f.name.partition(":")[0]]
+            if isinstance(data, LargeFile):
+                digests.append((data.digest, data.size))
+                yield uid, data.spool(mb), flags, mtime
+            else:
+                digests.append((hashlib.sha256(data).hexdigest(), len(data)))
+                yield uid, data, flags, mtime
 
     try:
         done = mb.import_with_uids(target, validity, uidnext, messages())

@@ -679,6 +679,21 @@ class ClusterMailboxes:
                     views.put_heads(conn, [(digest, head)])
         return digest
 
+    def _put_spooled(self, item: SpoolFile) -> tuple[str, int]:
+        """`_put_body` of a message spooled to a file (`spool`; CRLF made on the way): uploaded from
+        the file above MEMORY_DATA_LIMIT, read into memory below; (hash, size). The file is
+        discarded in any case."""
+        try:
+            if item.failed is not None:
+                raise StoreError(f"message not stored: {item.failed}")
+            if item.size > MEMORY_DATA_LIMIT:
+                with SpooledSource(b"", item.path, item.size) as src:
+                    return self._put_body(src), src.size
+            data = item.read_all()
+            return self._put_body(data), len(data)
+        finally:
+            item.discard()
+
     def append(self, name: str, data: bytes | SpooledSource, flag_names: Sequence[str] = (),
                internal_date: float | None = None) -> tuple[int, int]:
         """RFC 9051 §6.3.12 APPEND: the body confirmed by the object store, then the row committed,
@@ -709,22 +724,14 @@ class ClusterMailboxes:
         prepared: list[tuple[str, int, int, list[str], int]] = []
         for item, flag_names, internal_date in messages:
             bits, kws = names_to_flags(flag_names)
-            if isinstance(item, SpoolFile) and item.failed is None and item.size > MEMORY_DATA_LIMIT:
-                try:
-                    with SpooledSource(b"", item.path, item.size) as src:
-                        digest, size = self._put_body(src), src.size
-                finally:
-                    item.discard()
+            if isinstance(item, SpoolFile):
+                digest, size = self._put_spooled(item)
             elif isinstance(item, SpooledSource):
                 digest, size = self._put_body(item), item.size
             else:
-                if isinstance(item, SpoolFile):
-                    data = item.read_all()
-                    item.discard()
-                else:
-                    data = item
-                    if b"\n" in data.replace(b"\r\n", b""):
-                        data = _to_crlf(data)
+                data = item
+                if b"\n" in data.replace(b"\r\n", b""):
+                    data = _to_crlf(data)
                 digest, size = self._put_body(data), len(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, size, bits, kws, idate))
@@ -755,7 +762,7 @@ class ClusterMailboxes:
 
     @_op
     def import_with_uids(self, name: str, uidvalidity: int, uidnext: int,
-                         messages: Iterable[tuple[int, bytes, Sequence[str], float | None]]) -> bool:
+                         messages: Iterable[tuple[int, bytes | SpoolFile, Sequence[str], float | None]]) -> bool:
         """Messages moved from another store keep their UIDVALIDITY and UIDs (an export's
         dovecot-uidlist), so clients need not resynchronise (RFC 9051 §2.3.1.1: the triple of name,
         UIDVALIDITY and UID still names the same message). Only into a folder that never held a
@@ -771,15 +778,23 @@ class ClusterMailboxes:
         prepared: list[tuple[int, str, int, int, list[str], int]] = []
         seen: set[int] = set()
         for uid, data, flag_names, internal_date in messages:
-            if not 0 < uid < 2**32 - 1 or uid in seen:
-                raise StoreError(f"bad or repeated UID {uid} in the import")
-            seen.add(uid)
-            if b"\n" in data.replace(b"\r\n", b""):
-                data = _to_crlf(data)
-            bits, kws = names_to_flags(flag_names)
-            digest = self._put_body(data)
+            try:
+                if not 0 < uid < 2**32 - 1 or uid in seen:
+                    raise StoreError(f"bad or repeated UID {uid} in the import")
+                seen.add(uid)
+                bits, kws = names_to_flags(flag_names)
+            except BaseException:
+                if isinstance(data, SpoolFile):
+                    data.discard()
+                raise
+            if isinstance(data, SpoolFile):  # a large message, uploaded from its file
+                digest, size = self._put_spooled(data)
+            else:
+                if b"\n" in data.replace(b"\r\n", b""):
+                    data = _to_crlf(data)
+                digest, size = self._put_body(data), len(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
-            prepared.append((uid, digest, len(data), bits, kws, idate))
+            prepared.append((uid, digest, size, bits, kws, idate))
         prepared.sort()
         nxt = max(uidnext, prepared[-1][0] + 1 if prepared else 1)
         if nxt > 2**32 - 1:
