@@ -3,8 +3,9 @@ RFC 2046 §5.1.1 delimiters), with a bounded amount of it held: `search_text_at`
 
 `matching.search_text` parses a message whole; for a message in a file (a spooled delivery, an
 APPEND literal) that would hold the whole message and its decoded text. Here the file is read
-once, line by line, and a copy is made that keeps every line the extraction can depend on and
-leaves out the bodies of the parts it never reads:
+once, 256 KiB at a time, and a copy is made that keeps every line the extraction can depend on and
+leaves out the bodies of the parts it never reads (passed by jumping from one LF followed by ``--``
+to the next, not line by line: 30 MiB of base64 in 25 ms here, a SHA-256 pass costs about as much):
 
 - every header block (from the start, and after each line that begins with ``--``, up to its
   blank line), every line that begins with ``--`` (so every delimiter of every multipart), and the
@@ -90,6 +91,37 @@ class _Lines:
                 self._i = len(buf)
                 return buf[i:], -1
 
+    def pass_run(self, cap: int) -> tuple[tuple[bytes, int] | None, bool]:
+        """Read past the lines up to the next one that begins with ``--`` (left to be read) or the
+        end, jumping from one LF followed by ``--`` to the next rather than line by line. Returns
+        the last line passed (as `line` gives it, cut to `cap`), or None when none was, and whether
+        other lines were passed before it."""
+        last: tuple[bytes, int] | None = None
+        dropped = False
+        while True:
+            while len(self._buf) - self._i < 2 and self._more():
+                pass
+            buf, i = self._buf, self._i
+            if i >= len(buf) or buf.startswith(b"--", i):
+                return last, dropped
+            k = buf.find(b"\n--", i)
+            end = k if k >= 0 else buf.rfind(b"\n", i)
+            if end < 0:  # the line goes on past what is read: taken whole (or cut) by `line`
+                got = self.line(cap)
+                if got is None:
+                    return last, dropped
+                dropped, last = dropped or last is not None, got
+                continue
+            before = buf.rfind(b"\n", i, end)  # complete lines up to `end`: the last of them kept
+            start = before + 1 if before >= 0 else i
+            dropped = dropped or last is not None or start > i
+            line = buf[start:end + 1]
+            if len(line) <= cap:
+                last = line, -1
+            else:
+                last = line[:cap] + (b"\r\n" if line.endswith(b"\r\n") else b"\n"), cap
+            self._i = end + 1
+
     def _rest(self) -> bytes:
         """Read past the rest of the current line; its line end (CRLF, LF, or none at the end)."""
         prev = self._buf[self._i - 1:self._i]
@@ -123,49 +155,39 @@ def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[by
     out = bytearray()
     cuts: list[int] = []
     mode, block = _HEAD, 0
-    first: bool = True  # the next line of a left-out body is its first
-    last: tuple[bytes, int] | None = None  # the latest line of a left-out body (kept if it is its last)
-    dropped = False  # lines were left out between the first and `last`
-
-    def end_run() -> None:
-        nonlocal last, dropped
-        if dropped:
-            cuts.append(len(out))
-        if last is not None:
-            text, cut = last
+    skip = max(SKIP_LINE, 2)  # a line cut to it still shows whether it begins with "--"
+    while (got := lines.line(skip if mode == _SKIP else limit - len(out) + 1)) is not None:
+        text, cut = _crlf(got)
+        dashes = text.startswith(b"--")
+        if mode == _SKIP and not dashes:  # a body left out: its first line, then up to the next "--" line
             if cut >= 0:
                 cuts.append(len(out) + cut)
             out.extend(text)
-        last, dropped = None, False
-
-    while (got := lines.line(SKIP_LINE if mode == _SKIP else limit - len(out) + 1)) is not None:
-        text, cut = got
-        if text.endswith(b"\n") and not text.endswith(b"\r\n"):
-            text = text[:-1] + b"\r\n"  # as mime.to_crlf does (a line's LF follows its own bytes)
-        dashes = text.startswith(b"--")
-        if mode == _SKIP and not dashes:
-            if first:
+            last, dropped = lines.pass_run(skip)
+            if dropped:
+                cuts.append(len(out))
+            if last is not None:  # its last line (a delimiter's CRLF is the end of it)
+                text, cut = _crlf(last)
                 if cut >= 0:
                     cuts.append(len(out) + cut)
                 out.extend(text)
-                first = False
-            else:
-                dropped = dropped or last is not None
-                last = (text, cut)
             continue
-        if mode == _SKIP:
-            end_run()
         if cut >= 0 or len(out) + len(text) > limit:
             return None
         out.extend(text)
         if dashes:
             mode, block = _HEAD, len(out)
         elif mode == _HEAD and text == b"\r\n":
-            mode, first = _body_mode(bytes(out[block:])), True
-            block = len(out)
-    if mode == _SKIP:
-        end_run()
+            mode, block = _body_mode(bytes(out[block:])), len(out)
     return bytes(out), cuts
+
+
+def _crlf(got: tuple[bytes, int]) -> tuple[bytes, int]:
+    """A line with a bare LF ending in CRLF, as mime.to_crlf makes it (a line's LF follows its own bytes)."""
+    text, cut = got
+    if text.endswith(b"\n") and not text.endswith(b"\r\n"):
+        return text[:-1] + b"\r\n", cut
+    return text, cut
 
 
 def _unsearched(part: Part) -> tuple[list[int], list[int]]:
