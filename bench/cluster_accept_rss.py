@@ -7,11 +7,13 @@ write_file` (body uploaded and confirmed) and the rows committed. The child rese
 counter just before the acceptance (/proc/self/clear_refs) and prints its RSS then and its peak
 during it (VmHWM), with tracemalloc's peak of Python allocations during it. The driver then checks
 the stored body's SHA-256 against the message. `--mailbox` measures a local delivery instead
-(`ClusterDelivery.deliver_one`: the copy of one user's INBOX, with its full-text row). `--tree DIR`
+(`ClusterDelivery.deliver_one`: the copy of one user's INBOX, with its full-text row; with `--users N`,
+`ClusterDelivery.deliver` to N users at once, as one message to N local recipients, and the time it
+took). `--tree DIR`
 runs the child on another checkout of postier (e.g. `git archive` of an earlier commit), to compare
 before and after a change.
 
-    .venv/bin/python -m bench cluster-accept [--size 30] [--mailbox] [--attachment] [--tree DIR]
+    .venv/bin/python -m bench cluster-accept [--size 30] [--mailbox [--users N]] [--attachment] [--tree DIR]
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def _pieces(size_mib: int, attachment: bool = False) -> list[bytes]:
     return out
 
 
-def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailbox: bool, attachment: bool) -> None:
-    """The node: accepts one message; prints {"before", "after", "traced", "digest", "size", "module"}."""
+def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailbox: bool, attachment: bool,
+          users: int = 1) -> None:
+    """The node: accepts one message; prints {"before", "after", "traced", "digest", "size", "module", "seconds"}."""
+    import asyncio
+    import time
     import tracemalloc
 
     import postier
@@ -78,20 +83,29 @@ def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailb
     body.write(buf)
     mid = queue_id()
     user = User("bob@b.test", "bob", "b.test", "maildir")
-    if mailbox:  # the user's folders exist already
-        mb = store.acquire(user)
-        mb.ensure_defaults()
-        store.release(mb)
+    others = [User(f"u{i}@b.test", f"u{i}", "b.test", "maildir") for i in range(1, users)]
+    if mailbox:  # the users' folders exist already
+        for u in (user, *others):
+            mb = store.acquire(u)
+            mb.ensure_defaults()
+            store.release(mb)
     _reset_peak()
     before = _status_mib("VmRSS")
     tracemalloc.start()
-    if mailbox:
+    started = time.monotonic()
+    if mailbox and others:
+        mda = ClusterDelivery(store, work)
+        results = asyncio.run(mda.deliver([(u, None) for u in (user, *others)], PREFIX, body, "alice@a.test"))
+        mda.close()
+        n, res = len(PREFIX) + body.size, [r.detail for r in results]
+    elif mailbox:
         got = ClusterDelivery(store, work).deliver_one(user, PREFIX, body, "alice@a.test")
         n, res = len(PREFIX) + body.size, got.detail
     else:
         n = spool.write_file(mid, PREFIX, body)
         [res] = spool.run([spool.op_insert(MessageInfo(mid, "alice@a.test", 1_800_000_000.0, n),
                                            [RecipientSpec("bob@b.test")], 1_800_000_000.0)])
+    seconds = time.monotonic() - started
     traced = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     after = _status_mib("VmHWM")
@@ -104,10 +118,11 @@ def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailb
     body.close()
     store.close()
     print(json.dumps({"before": before, "after": after, "traced": traced, "digest": digest, "size": n,
-                      "result": repr(res), "module": postier.__file__}))
+                      "result": repr(res), "module": postier.__file__,
+                      "seconds": seconds}))
 
 
-def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool) -> None:
+def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool, users: int = 1) -> None:
     sys.path.insert(0, str(ROOT))
     from postier.store.cluster.bodies import BodyStore
     from tests.cluster.conftest import PgServer, S3Server
@@ -126,7 +141,7 @@ def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool) -> None:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", dsn, s3.endpoint,
                                 bucket, str(size_mib), work, "mailbox" if mailbox else "queue",
-                                "attachment" if attachment else "text"], env=env, cwd=work, capture_output=True, text=True,
+                                "attachment" if attachment else "text", str(users)], env=env, cwd=work, capture_output=True, text=True,
                                timeout=600)
             if p.returncode != 0:
                 raise SystemExit(f"child failed: {p.stderr[-3000:]}")
@@ -135,7 +150,9 @@ def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool) -> None:
             bodies.download(got["digest"], stored)  # checks the bytes against the key on the way
         ok = got["digest"] == sha.hexdigest()
         print(f"message {got['size'] / 2**20:.1f} MiB, postier from {got['module']}")
-        print(f"{'local delivery' if mailbox else 'queue acceptance'}: "
+        what = f"local delivery to {users} users" if mailbox and users > 1 else (
+            "local delivery" if mailbox else "queue acceptance")
+        print(f"{what} ({got['seconds']:.2f} s): "
               f"node RSS {got['before']:.1f} MiB before the acceptance, peak during it {got['after']:.1f} MiB "
               f"(+{got['after'] - got['before']:.1f} MiB); tracemalloc peak {got['traced']:.1f} MiB; "
               f"stored body {'matches' if ok else 'DOES NOT MATCH'} the message's SHA-256")
@@ -148,15 +165,17 @@ def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
-        child(argv[1], argv[2], argv[3], int(argv[4]), Path(argv[5]), argv[6] == "mailbox", argv[7] == "attachment")
+        child(argv[1], argv[2], argv[3], int(argv[4]), Path(argv[5]), argv[6] == "mailbox", argv[7] == "attachment",
+              int(argv[8]))
         return 0
     ap = argparse.ArgumentParser(prog="cluster_accept_rss")
     ap.add_argument("--size", type=int, default=30, help="message size in MiB")
     ap.add_argument("--tree", type=Path, default=ROOT, help="the postier checkout the node runs from")
     ap.add_argument("--mailbox", action="store_true", help="a local delivery instead of the queue's acceptance")
     ap.add_argument("--attachment", action="store_true", help="a message with a base64 attachment, not text")
+    ap.add_argument("--users", type=int, default=1, help="with --mailbox: deliver to this many users at once")
     args = ap.parse_args(argv)
-    driver(args.size, args.tree.resolve(), args.mailbox, args.attachment)
+    driver(args.size, args.tree.resolve(), args.mailbox, args.attachment, max(1, args.users))
     return 0
 
 
