@@ -3,7 +3,8 @@ fulltext.py `text_row_at`) against a real PostgreSQL and moto's S3: a spooled me
 attachment gets an exact row of its text parts (before and after the attachment) and is read back
 byte for byte; one whose text is beyond TEXT_LIMIT gets an inexact row, so a search leaves it to the
 matcher; two large deliveries at once, each to two users; a large body is hashed and uploaded once
-for all the users of one delivery."""
+for all the users of one delivery; a search's catch-up and `postier reindex` extract a large body
+from a download into a file."""
 
 from __future__ import annotations
 
@@ -173,3 +174,30 @@ def test_a_large_body_is_hashed_and_uploaded_once_per_delivery(store: ClusterSto
     for u in (ALICE, BOB, CAROL, DAVE):
         assert read_back(store, u) == [PREFIX + data]
         assert search(store, u, "dingo") == ({1}, set())
+
+
+def test_catch_up_and_reindex_extract_a_large_body_from_a_download(store: ClusterStore, tmp_path: Path) -> None:
+    """A large body without a row (stored before the index) gets its exact row from a search's catch-up,
+    downloaded into a file and extracted from it; `postier reindex` rewrites it the same way."""
+    data = with_attachment(3 << 20, "bandicoot", "wallaby")
+    body = spilled(tmp_path, data)
+    mda = ClusterDelivery(store, tmp_path)
+    try:
+        assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net").ok
+    finally:
+        mda.close()
+        body.close()
+    digest = hashlib.sha256(PREFIX + data).hexdigest()
+    with store.pool.connection() as conn:
+        conn.execute("DELETE FROM body_text WHERE hash=%s", (digest,))
+    assert search(store, ALICE, "wallaby") == ({1}, set())  # caught up, then answered by the row
+    exact, leaves = text_row(store, digest)
+    assert exact and "bandicoot" in leaves and "wallaby" in leaves
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE body_text SET exact=false, leaves='' WHERE hash=%s", (digest,))
+    mb = store.acquire(ALICE)
+    try:
+        assert mb.rebuild_text_index() == 1
+    finally:
+        store.release(mb)
+    assert text_row(store, digest)[0] and search(store, ALICE, "bandicoot") == ({1}, set())

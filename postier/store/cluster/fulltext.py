@@ -17,7 +17,8 @@ not hold every message's text in memory until it commits. A message whose
 body has no row of the current `VERSION` (stored before this table existed, or unreadable by the
 parser), or an inexact row (`SearchText.exact`), is not covered: a search first fills the rows of
 up to CATCH_UP such bodies of the folder (`catch_up`, reading them from the object store, which the
-matcher would have done anyway), and reports the rest as unchecked, for the matcher. `postier
+matcher would have done anyway; one above MEMORY_DATA_LIMIT into a temporary file, extracted from
+it as a spooled body is), and reports the rest as unchecked, for the matcher. `postier
 reindex` rewrites the rows of every body of a user (`rebuild`); `postier cluster gc` drops the
 rows of the bodies it deletes.
 
@@ -30,13 +31,17 @@ Why written here: pg_trgm ships with PostgreSQL (Debian's postgresql-15 contrib)
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from ..errors import MessageGone
 from ...message.textscan import ReadAt
+from ...message.types import MEMORY_DATA_LIMIT
+from ..errors import MessageGone
+from .bodies import BodyStore, SpooledSource
 from ..fts import COLUMNS, columns_of, row_values, row_values_at
 
 __all__ = ["VERSION", "TextRow", "answer", "catch_up", "create_index", "has_row", "rebuild", "text_row", "text_row_at",
@@ -149,46 +154,56 @@ def has_row(conn: Conn, digest: str) -> bool:
     return conn.execute("SELECT 1 FROM body_text WHERE hash=%s AND version=%s", (digest, VERSION)).fetchone() is not None
 
 
-def _fill(get: Callable[[str], bytes], digests: Iterable[str]) -> list[TextRow]:
+def _fill(bodies: BodyStore, items: Iterable[tuple[str, int]]) -> list[TextRow]:
+    """The rows of (hash, size) bodies read from the object store: up to MEMORY_DATA_LIMIT whole,
+    larger ones downloaded into a temporary file (`BodyStore.download`, in pieces) and extracted
+    from it (`text_row_at`), so a catch-up over large messages holds a bounded part of each."""
     out = []
-    for d in digests:
-        try:
-            data = get(d)
-        except MessageGone as exc:  # its object is gone for good: the matcher decides, once a search
-            log.warning("full-text row: body %s is gone: %s", d, exc)
-            out.append(_unknown(d))
-            continue
-        except Exception as exc:  # out of reach now (the object store down): a later search tries again
-            log.warning("full-text row: cannot read body %s: %s", d, exc)
-            continue
-        out.append(text_row(d, data))
+    with tempfile.TemporaryDirectory(prefix="postier-text-") as work:
+        for d, size in items:
+            try:
+                if size > MEMORY_DATA_LIMIT:
+                    path = Path(work) / d
+                    try:
+                        size = bodies.download(d, path)
+                        with SpooledSource(b"", str(path), size) as src:
+                            out.append(text_row_at(d, src.read_at, size))
+                    finally:
+                        path.unlink(missing_ok=True)
+                else:
+                    out.append(text_row(d, bodies.get(d)))
+            except MessageGone as exc:  # its object is gone for good: the matcher decides, once a search
+                log.warning("full-text row: body %s is gone: %s", d, exc)
+                out.append(_unknown(d))
+            except Exception as exc:  # out of reach now (the object store down): a later search tries again
+                log.warning("full-text row: cannot read body %s: %s", d, exc)
     return out
 
 
-def catch_up(tx: Callable[[], Any], get: Callable[[str], bytes], fid: int, limit: int) -> int:
+def catch_up(tx: Callable[[], Any], bodies: BodyStore, fid: int, limit: int) -> int:
     """Write the rows of up to `limit` bodies of folder `fid` that have none of this VERSION (the
-    folder's oldest first); `tx()` gives a transaction's connection, `get` reads a body."""
+    folder's oldest first); `tx()` gives a transaction's connection."""
     with tx() as conn:
-        todo = [h for (h,) in conn.execute(
-            "SELECT m.body FROM messages m LEFT JOIN body_text t ON t.hash = m.body WHERE m.folder=%s "
+        todo = [(h, int(n)) for h, n in conn.execute(
+            "SELECT m.body, max(m.size) FROM messages m LEFT JOIN body_text t ON t.hash = m.body WHERE m.folder=%s "
             "AND (t.hash IS NULL OR t.version <> %s) GROUP BY m.body ORDER BY min(m.uid) LIMIT %s",
             (fid, VERSION, limit))]
     if not todo:
         return 0
-    rows = _fill(get, todo)
+    rows = _fill(bodies, todo)
     with tx() as conn:
         return write_rows(conn, rows)
 
 
-def rebuild(tx: Callable[[], Any], get: Callable[[str], bytes], owner: str, batch: int = 200) -> int:
+def rebuild(tx: Callable[[], Any], bodies: BodyStore, owner: str, batch: int = 200) -> int:
     """Rewrite the rows of every body of `owner`'s messages (`postier reindex`); returns the count."""
     with tx() as conn:
-        digests = [h for (h,) in conn.execute(
-            "SELECT DISTINCT m.body FROM messages m JOIN folders f ON f.id = m.folder WHERE f.owner=%s ORDER BY 1",
-            (owner,))]
+        items = [(h, int(n)) for h, n in conn.execute(
+            "SELECT m.body, max(m.size) FROM messages m JOIN folders f ON f.id = m.folder WHERE f.owner=%s "
+            "GROUP BY m.body ORDER BY 1", (owner,))]
     total = 0
-    for i in range(0, len(digests), batch):
-        rows = _fill(get, digests[i:i + batch])
+    for i in range(0, len(items), batch):
+        rows = _fill(bodies, items[i:i + batch])
         with tx() as conn:
             total += write_rows(conn, rows, replace=True)
     return total

@@ -315,7 +315,7 @@ class ClusterMailboxes:
         try:
             got = self._text_answer(fid, queries)
             # bodies without a row (stored before the index): the next CATCH_UP get one, then ask again
-            if got[1] and fulltext.catch_up(self._tx, self.bodies.get, fid, CATCH_UP):
+            if got[1] and fulltext.catch_up(self._tx, self.bodies, fid, CATCH_UP):
                 got = self._text_answer(fid, queries)
             return got
         except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
@@ -330,7 +330,7 @@ class ClusterMailboxes:
     @_op
     def rebuild_text_index(self) -> int:
         """Rewrite the full-text rows of every body of the user (`postier reindex`); returns the count."""
-        return fulltext.rebuild(self._tx, self.bodies.get, self.owner)
+        return fulltext.rebuild(self._tx, self.bodies, self.owner)
 
     def watch_path(self, name: str) -> Path | None:
         return None  # changes arrive by LISTEN/NOTIFY (store.cluster.store.ClusterNotifier)
