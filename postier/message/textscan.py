@@ -171,6 +171,8 @@ def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[by
                 if cut >= 0:
                     cuts.append(len(out) + cut)
                 out.extend(text)
+            if len(out) > limit:  # everything kept counts (many small attachments too)
+                return None
             continue
         if cut >= 0 or len(out) + len(text) > limit:
             return None

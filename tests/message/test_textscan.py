@@ -105,6 +105,14 @@ def test_a_dash_line_in_text_is_no_license_to_drop_it() -> None:
     assert "secret words" in search_text(raw).leaves
 
 
+def test_many_small_attachments_count_against_the_limit() -> None:
+    part = b"--b\r\nContent-Type: image/png\r\n\r\n" + b"x" * 900 + b"\r\n" + b"y" * 900 + b"\r\n"
+    raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + part * 50 + b"--b--\r\n"
+    assert search_text_at(reader(raw), len(raw), limit=200_000).exact
+    assert sparse_copy(reader(raw), len(raw), limit=50_000) is None
+    assert not search_text_at(reader(raw), len(raw), limit=50_000).exact
+
+
 def test_a_long_dash_line_gives_up() -> None:
     raw = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: image/png\r\n\r\nxx\r\n"
            + b"--" + b" " * 5000 + b"\r\n--b--\r\n")
