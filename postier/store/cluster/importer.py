@@ -22,7 +22,7 @@ maildir` move it.
 recorded but had not reported yet is reported by the cluster's daily job: the DMARC results not
 reported yet, the TLS outcomes still counted (added to the shared counts) and the reports others
 sent it (the admin console and `postier dmarc|tls reports` show them). The rules are the stores'
-(`ReportStore.import_from`, `TLSReportStore.import_from`): the live retention (nothing older than
+(`ReportDB.import_from`, written once for both): the live retention (nothing older than
 KEEP_DAYS) and the days' bounds of distinct DMARC results and TLS outcomes hold, what the node
 already sent is not copied. A rerun copies nothing: the rows have no natural key (a DMARC result
 and a TLS outcome are running counts), so the source file is given a random id once (its
