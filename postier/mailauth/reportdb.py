@@ -19,8 +19,9 @@ name, the table of counted rows): `ReportDB.mark_reported` subtracts what a repo
 (store/cluster/importer.py), each store saying how its counted rows are read and added
 (`_importable`, `_count_imported`) and which reports it received (`_received_all`). The source file
 gets a random id of its own once (`origin`), and the target notes, per (that id, source row), what
-it has copied (`imported`, `note_imported`), so a second copy of the same file adds nothing; two
-copies at once take turns (`importing`).
+it has copied (`imported`, `note_imported`): the counts, and each entry of the log of reports sent
+(`report_out`, `kind.sent` its columns), so a second copy of the same file adds nothing; two copies
+at once take turns (`importing`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ReportKind:
     name: str       # "dmarc", "tlsrpt": its reports' claims (`claim_name`)
     counted: str    # the table of counted rows: `id`, `day` (UTC day number) and a running `count`
     keep_days: int  # recorded rows not reported within this time are dropped (`prune`)
+    sent: tuple[str, ...]  # the columns of `report_out`, the log of reports sent, besides its `id`
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,17 +241,19 @@ class ReportDB[K]:
                 db.execute(f"UPDATE {table} SET count = count - ? WHERE id = ?", (n, rid))
             db.execute(f"DELETE FROM {table} WHERE count <= 0")
 
-    def import_from(self, src: Self, now: float) -> tuple[ImportTally, ImportTally]:
+    def import_from(self, src: Self, now: float, sent: ImportTally | None = None) -> tuple[ImportTally, ImportTally]:
         """Add `src`'s counted rows not reported yet to this store's counts and copy the reports it
-        received (a single machine's file into cluster mode's tables): (counted rows, received
-        reports) copied, found copied before and left out, rows counted in what they count. Each
+        received and its log of reports sent (a single machine's file into cluster mode's tables):
+        (counted rows, received reports) copied, found copied before and left out, rows counted in
+        what they count; the log's entries are counted in `sent`, when given. Each
         row's count is noted by `src`'s id and its row (`Counted.items`) in the same transaction,
         and a second copy adds only what the row gained since (nothing, from a stopped node): counts
         are never added twice. What `src` reported was subtracted there when it was sent, so it is
         not sent again; rows the store's retention would drop are left out (`Counted.expired`), and
         so is a new row on a day that holds the store's bound of distinct rows already
         (`_count_imported`, as the store's `record` does). A received report is kept once per
-        (organization, report id), as when it arrives."""
+        (organization, report id), as when it arrives. An entry of the log of reports sent is noted
+        by `src`'s id and its row id, and copied once (the log is kept whole, as on one machine)."""
         counted, received = ImportTally(), ImportTally()
         origin = src.origin()
         with self.importing(origin):
@@ -274,7 +278,22 @@ class ReportDB[K]:
                     received.copied += 1
                 else:
                     received.unchanged += 1
+            self._import_sent(src, origin, done, ImportTally() if sent is None else sent)
         return counted, received
+
+    def _import_sent(self, src: Self, origin: str, done: dict[str, int], tally: ImportTally) -> None:
+        """Copy the entries of `src`'s log of reports sent that are not noted as copied (within
+        `importing`), each with its time, so that `sent` lists them among this store's own."""
+        columns = ", ".join(self.kind.sent)
+        insert = f"INSERT INTO report_out ({columns}) VALUES ({', '.join('?' * len(self.kind.sent))})"
+        for rid, *values in src._rows(f"SELECT id, {columns} FROM report_out ORDER BY id"):
+            item = f"report_out/{rid}"
+            if item in done:
+                tally.unchanged += 1
+                continue
+            self._execute(insert, values)
+            self.note_imported(origin, item, 1)
+            tally.copied += 1
 
     def _importable(self, now: float) -> Iterable[Counted[K]]:
         """This store's counted rows not reported yet, as an import from it reads them at `now`."""

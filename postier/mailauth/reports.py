@@ -529,7 +529,8 @@ class ReportStore(ReportDB[Evaluation]):
     what was kept are exact for it. Rows written before counting (one message each: `day` and
     `digest` NULL, `count` 1) are read and reported as before."""
 
-    kind = ReportKind("dmarc", "evaluation", KEEP_DAYS)
+    kind = ReportKind("dmarc", "evaluation", KEEP_DAYS,
+                      ("at", "domain", "report_id", "begin", '"end"', "rua", "messages", "status"))
 
     def __init__(self, db: Path | ReportStorage):
         self.path = db if isinstance(db, Path) else None
@@ -615,8 +616,10 @@ class ReportStore(ReportDB[Evaluation]):
                                          out.report.end, rua, out.report.messages, status))
 
     def sent(self) -> list[tuple[float, str, str, str, int, str]]:
+        """The log of reports sent (`postier dmarc sent`), oldest first: (when, policy domain, report
+        id, rua, messages, status); a node's entries imported into cluster mode among the others by time."""
         return [(float(at), domain, report_id, rua, int(n), status) for at, domain, report_id, rua, n, status in
-                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY id")]
+                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY at, id")]
 
     def prune(self, before: float) -> int:
         return self._execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount

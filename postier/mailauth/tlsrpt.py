@@ -403,7 +403,8 @@ class TLSReportStore(ReportDB[SessionKey]):
     In SQLite a recorded outcome is committed in WAL mode with synchronous=NORMAL: it survives a
     crash of the process, a power cut may lose the last ones (they are statistics, not mail)."""
 
-    kind = ReportKind("tlsrpt", "session", KEEP_DAYS)
+    kind = ReportKind("tlsrpt", "session", KEEP_DAYS,
+                      ("at", "domain", "report_id", "rua", "successes", "failures", "status"))
 
     def __init__(self, db: Path | ReportStorage):
         self.path = db if isinstance(db, Path) else None
@@ -509,8 +510,10 @@ class TLSReportStore(ReportDB[SessionKey]):
                                        report.successes, report.failed, status))
 
     def sent(self) -> list[SentTLSReport]:
+        """The log of reports sent (`postier tls reports --sent`), oldest first; a node's entries
+        imported into cluster mode among the others by time."""
         rows = self._rows("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
-                          "ORDER BY id")
+                          "ORDER BY at, id")
         return [SentTLSReport(*r) for r in rows]
 
     # -- reports others sent us --

@@ -31,7 +31,9 @@ file written before them gets when it is opened) and PostgreSQL notes, in the tr
 copies them, each row copied by that id and row id with its count (only a later increase would be
 added). Two imports of the same file at once take turns on an advisory lock named by that id.
 Received reports are kept once per (organization, report id), as when they arrive. The log of
-reports the node sent is not copied.
+reports the node sent (`report_out`: what `postier dmarc sent` and `postier tls reports --sent`
+list) is copied whole, each entry with its time, noted in the same way by the file's id and its row
+id (a count of 1), so a rerun copies only what the node logged since.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ _TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
 }
 KINDS = ("domains", "users", "aliases", "settings", "dkim_keys", "sieve_scripts", "sieve_tracking")
 #: what `copy_reports` copies, in the order printed
-REPORT_KINDS = ("dmarc_results", "dmarc_reports", "tls_sessions", "tls_reports")
+REPORT_KINDS = ("dmarc_results", "dmarc_reports", "dmarc_sent", "tls_sessions", "tls_reports", "tls_sent")
 _REPORT_LABEL = {"dmarc_results": "DMARC results not reported yet", "dmarc_reports": "DMARC reports received",
-                 "tls_sessions": "TLS sessions not reported yet", "tls_reports": "TLS reports received"}
+                 "dmarc_sent": "DMARC reports sent (log)", "tls_sessions": "TLS sessions not reported yet",
+                 "tls_reports": "TLS reports received", "tls_sent": "TLS reports sent (log)"}
 _LABEL = {"domains": "domain", "users": "user", "aliases": "alias", "settings": "setting",
           "dkim_keys": "DKIM key", "sieve_scripts": "Sieve script", "sieve_tracking": "Sieve tracking entry"}
 #: the single-machine columns an older accounts file may lack, with the values its migration gives them
@@ -307,19 +310,23 @@ def copy_reports(data_dir: Path, dmarc: ReportStore, tls: TLSReportStore, now: f
     try:
         if (data_dir / DMARC_FILE).is_file():
             src = ReportStore(data_dir / DMARC_FILE)
+            sent = ImportTally()
             try:
-                results, received = dmarc.import_from(src, now)
+                results, received = dmarc.import_from(src, now, sent)
             finally:
                 src.close()
             out.add("dmarc_results", results)
             out.add("dmarc_reports", received)
+            out.add("dmarc_sent", sent)
         if (data_dir / TLS_FILE).is_file():
             tsrc = TLSReportStore(data_dir / TLS_FILE)
+            tsent = ImportTally()
             try:
-                sessions, treceived = tls.import_from(tsrc, now)
+                sessions, treceived = tls.import_from(tsrc, now, tsent)
             finally:
                 tsrc.close()
             out.add("tls_sessions", sessions)
             out.add("tls_reports", treceived)
+            out.add("tls_sent", tsent)
     except sqlite3.Error as exc:
         raise AccountError(f"cannot copy the report files of {data_dir}: {exc}") from None
