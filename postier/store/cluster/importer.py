@@ -41,6 +41,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from typing import Any
 import psycopg
 
 from ...mailauth.keys import KeyError_, KeyStore
-from ...mailauth.reportdb import ImportTally
+from ...mailauth.reportdb import ImportTally, ReportDB
 from ...mailauth.reports import ReportStore
 from ...mailauth.tlsrpt import TLSReportStore
 from ...message.types import AccountError, User
@@ -308,25 +309,23 @@ def copy_reports(data_dir: Path, dmarc: ReportStore, tls: TLSReportStore, now: f
     (cluster mode's, in PostgreSQL; see the module docstring); a file that is not there holds
     nothing. Each store's copy is one transaction. `now` decides what has expired."""
     try:
-        if (data_dir / DMARC_FILE).is_file():
-            src = ReportStore(data_dir / DMARC_FILE)
-            sent = ImportTally()
-            try:
-                results, received = dmarc.import_from(src, now, sent)
-            finally:
-                src.close()
-            out.add("dmarc_results", results)
-            out.add("dmarc_reports", received)
-            out.add("dmarc_sent", sent)
-        if (data_dir / TLS_FILE).is_file():
-            tsrc = TLSReportStore(data_dir / TLS_FILE)
-            tsent = ImportTally()
-            try:
-                sessions, treceived = tls.import_from(tsrc, now, tsent)
-            finally:
-                tsrc.close()
-            out.add("tls_sessions", sessions)
-            out.add("tls_reports", treceived)
-            out.add("tls_sent", tsent)
+        _copy_store(data_dir / DMARC_FILE, ReportStore, dmarc, now, out, ("dmarc_results", "dmarc_reports", "dmarc_sent"))
+        _copy_store(data_dir / TLS_FILE, TLSReportStore, tls, now, out, ("tls_sessions", "tls_reports", "tls_sent"))
     except sqlite3.Error as exc:
         raise AccountError(f"cannot copy the report files of {data_dir}: {exc}") from None
+
+
+def _copy_store[S: ReportDB[Any]](path: Path, open_: Callable[[Path], S], target: S, now: float, out: Outcome,
+                                  kinds: tuple[str, str, str]) -> None:
+    """The report file `path` (when there is one) into `target` (`ReportDB.import_from`), its
+    counted rows, received reports and log of reports sent counted in `out` as `kinds`."""
+    if not path.is_file():
+        return
+    src = open_(path)
+    sent = ImportTally()
+    try:
+        counted, received = target.import_from(src, now, sent)
+    finally:
+        src.close()
+    for kind, tally in zip(kinds, (counted, received, sent), strict=True):
+        out.add(kind, tally)
