@@ -22,22 +22,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..proto.crlf import to_crlf
+
 __all__ = [
     "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "HeaderField", "Part", "UnknownCTE", "decode_body",
     "decode_header_text", "decode_qp", "decode_transfer_encoding", "no_nul", "parse_message", "parse_params",
-    "to_crlf",
 ]
 
 MAX_DEPTH = 50
 MAX_PARTS = 10_000
 MAX_HEADER_FIELDS = 5_000  # per part; further lines stay in the raw header only
-
-
-def to_crlf(raw: bytes) -> bytes:
-    """Turn bare LF into CRLF (existing CRLF untouched; a lone CR stays)."""
-    if raw.count(b"\n") == raw.count(b"\r\n"):
-        return raw
-    return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
 
 
 def no_nul(data: bytes) -> bytes:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..durable import use_wal
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..proto.crlf import to_crlf
 from .api import Mailboxes
 from .errors import StoreError
 from .index import KEYWORDS_FILE
@@ -297,7 +298,7 @@ def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -
     if typ == "OK":
         for item in data:
             if isinstance(item, tuple):
-                d = hashlib.sha256(_crlf(item[1])).hexdigest()
+                d = hashlib.sha256(to_crlf(item[1])).hexdigest()
                 src[d] = src.get(d, 0) + 1
     return _compare(name, target, src, _hashes(mb, target))
 
@@ -323,10 +324,6 @@ def _compare(src_name: str, target: str, src: dict[str, int], dst: dict[str, int
     if extra:
         diffs.append(f"{src_name} -> {target}: {extra} message(s) here that the source does not have")
     return diffs
-
-
-def _crlf(data: bytes) -> bytes:
-    return re.sub(rb"(?<!\r)\n", b"\r\n", data) if b"\n" in data.replace(b"\r\n", b"") else data
 
 
 # -- Maildir ----------------------------------------------------------------------------------------

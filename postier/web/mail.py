@@ -44,6 +44,7 @@ from ..message.mime import decode_body, decode_transfer_encoding, parse_message
 from ..message.types import Envelope
 from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
+from ..proto.crlf import to_crlf
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..message.threading import ThreadNode, thread_references
@@ -968,7 +969,7 @@ def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = (
             raise
         except (StoreError, OSError):  # expunged meanwhile
             continue
-        info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))
+        info: dict[str, Any] = dict(render.summarize(to_crlf(head), extra))
         if not info["date"] and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
             info["date"] = datetime.fromtimestamp(row.idate).strftime("%Y-%m-%d %H:%M")
         info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)
