@@ -43,6 +43,7 @@ from typing import IO, Any, Concatenate
 from .. import durable
 from . import maildrop, quota
 from ..message.types import User
+from ..message.mime import header_end, header_section
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
 from ..proto.crlf import bare_lf, to_crlf
@@ -716,12 +717,7 @@ class UserMailbox:
         row, head = self._read_file(st, row, 16384)
         if b"\n\r\n" not in head and b"\n\n" not in head and len(head) == 16384:
             row, head = self._read_file(st, row, limit)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = head.find(sep)
-            if i >= 0:
-                head = head[: i + len(sep)]
-                break
-        return to_crlf(head)
+        return header_section(to_crlf(head))
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
         """The header block of a message read without the user lock (so that the batches of one
@@ -741,9 +737,9 @@ class UserMailbox:
             return None
         finally:
             os.close(fd)
-        i = head.find(b"\r\n\r\n")
-        if i >= 0:
-            return head[: i + 4]
+        end = header_end(head)
+        if end >= 0:
+            return head[:end]
         if b"\n\n" in head or len(head) >= limit:
             return None
         return head

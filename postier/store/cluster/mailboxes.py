@@ -32,6 +32,7 @@ import psycopg
 import psycopg_pool
 
 from ...message.types import MEMORY_DATA_LIMIT, User
+from ...message.mime import header_end, header_section
 from ...proto.crlf import to_crlf
 from ..api import CopyResult, FlagTable, FolderInfo, FolderSnapshot, MessageRow, PopMessage, StatusInfo, StoreResult
 from ..errors import (
@@ -487,7 +488,7 @@ class ClusterMailboxes:
             return kept[:limit]  # what the reads below give: the block, cut at `limit`
         want = min(16384, limit)
         head = self.bodies.get(row.base, want)
-        if b"\r\n\r\n" not in head and len(head) >= want and limit > want:
+        if header_end(head) < 0 and len(head) >= want and limit > want:
             want = limit
             head = self.bodies.get(row.base, limit)
         block = views.head_of(head, complete=len(head) < want)  # shorter than asked: the whole body
@@ -497,8 +498,7 @@ class ClusterMailboxes:
                 full = len(self._new_heads) >= _HEADS_PENDING
             if full:
                 self._flush_heads()
-        i = head.find(b"\r\n\r\n")
-        return head[: i + 4] if i >= 0 else head
+        return header_section(head)
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
         """The kept header block when it has one of at most `limit` bytes, else None (the caller
