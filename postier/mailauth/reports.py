@@ -663,8 +663,7 @@ class ReportStore(ReportDB):
                 "SELECT day, COUNT(*) FROM evaluation WHERE day IS NOT NULL GROUP BY day")}
             for rid, ev in src.pending(float("inf")):
                 item = f"evaluation/{rid}/{_digest(_columns(ev))}"
-                # a row of one message, copied before counting, was noted by its time
-                before = done.get(item, done.get(f"evaluation/{rid}/{ev.at!r}", 0))
+                before = done.get(item, 0)
                 if ev.at < now - KEEP_DAYS * DAY:
                     results.skipped += ev.count
                 elif ev.count <= before:
