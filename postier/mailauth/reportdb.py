@@ -81,11 +81,11 @@ class ReportKind:
 
 @dataclass(frozen=True, slots=True)
 class Counted[K]:
-    """One counted row of a store, as `ReportDB.import_from` reads it from the source: its notes in
-    `report_imported` (the first is written; the others are older names of the same row), whether
-    it has expired, its count and the key the target counts it by (`_count_imported`)."""
+    """One counted row of a store, as `ReportDB.import_from` reads it from the source: its note in
+    `report_imported`, whether it has expired, its count and the key the target counts it by
+    (`_count_imported`)."""
 
-    items: tuple[str, ...]
+    item: str
     expired: bool
     count: int
     key: K
@@ -262,13 +262,13 @@ class ReportDB[K]:
             rows_of = {int(d): int(n) for d, n in self._rows(
                 f"SELECT day, COUNT(*) FROM {self.kind.counted} WHERE day IS NOT NULL GROUP BY day")}
             for row in src._importable(now):
-                before = next((done[item] for item in row.items if item in done), 0)
+                before = done.get(row.item, 0)
                 if row.expired:
                     counted.skipped += row.count
                 elif row.count <= before:
                     counted.unchanged += row.count
                 elif self._count_imported(row.key, row.count - before, rows_of):
-                    self.note_imported(origin, row.items[0], row.count)
+                    self.note_imported(origin, row.item, row.count)
                     counted.copied += row.count - before
                     counted.unchanged += before
                 else:

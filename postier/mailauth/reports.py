@@ -646,10 +646,9 @@ class ReportStore(ReportDB[Evaluation]):
 
     def _importable(self, now: float) -> Iterable[Counted[Evaluation]]:
         """The results not reported yet (not those older than KEEP_DAYS: the next run would drop
-        them); a row of one message, copied before counting, was noted by its time."""
+        them), each noted by its row id and digest."""
         for rid, ev in self.pending(float("inf")):
-            yield Counted((f"evaluation/{rid}/{_digest(_columns(ev))}", f"evaluation/{rid}/{ev.at!r}"),
-                          ev.at < now - KEEP_DAYS * DAY, ev.count, ev)
+            yield Counted(f"evaluation/{rid}/{_digest(_columns(ev))}", ev.at < now - KEEP_DAYS * DAY, ev.count, ev)
 
     def _count_imported(self, key: Evaluation, count: int, rows_of: dict[int, int]) -> bool:
         return self._count(dataclasses.replace(key, count=count), rows_of)

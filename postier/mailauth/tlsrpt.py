@@ -495,7 +495,7 @@ class TLSReportStore(ReportDB[SessionKey]):
         for rid, day, r, n in self.pending(float("inf")):
             key = _session_key(r, day * DAY)
             item = f"session/{rid}/{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
-            yield Counted((item,), (day + 1) * DAY < now - KEEP_DAYS * DAY, n, key)
+            yield Counted(item, (day + 1) * DAY < now - KEEP_DAYS * DAY, n, key)
 
     def _count_imported(self, key: SessionKey, count: int, rows_of: dict[int, int]) -> bool:
         return self._count(key, count, rows_of)
