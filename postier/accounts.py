@@ -110,6 +110,44 @@ _MAX_CACHED = 10000  # resolutions kept per thread (the cache is emptied when fu
 CACHE_CHECK = 0.1  # seconds between two PRAGMA data_version checks of one thread's cache
 
 
+class FreshCache[K, V]:
+    """Answers a process remembers for the event loop, each until its own monotonic deadline and only
+    while nothing changed through this process since it was made: key -> (deadline, generation,
+    value), at most `size` keys (emptied when full). `changed()` makes every entry stale at once.
+    Used by the recipient resolution (`Accounts.resolve_cached`) and the Sieve script of each user
+    (pipeline/sieve.py). Thread-safe: entries are replaced whole, one dictionary operation each."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.generation = 0  # bumped by `changed`; an entry made under another one is stale
+        self._entries: dict[K, tuple[float, int, V]] = {}
+        self._lock = threading.Lock()
+
+    def changed(self) -> None:
+        with self._lock:
+            self.generation += 1
+
+    def get(self, key: K) -> V | None:
+        """The value kept for `key` while its deadline is ahead and no change was made since, else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] != self.generation or time.monotonic() >= entry[0]:
+            return None
+        return entry[2]
+
+    def last(self, key: K) -> V | None:
+        """The value last kept for `key`, however old (to reuse what did not change)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[2]
+
+    def put(self, key: K, value: V, until: float, generation: int) -> None:
+        """Keep `value` until the monotonic time `until`, made under `generation` (read before the
+        value was, so that a change made meanwhile makes it stale)."""
+        entries = self._entries
+        if len(entries) >= self.size:
+            entries = self._entries = {}
+        entries[key] = (until, generation, value)
+
+
 class Cursor(Protocol):
     """What the account queries use of a DB-API cursor."""
 
@@ -324,9 +362,9 @@ class Accounts:
         self.delimiter = recipient_delimiter
         self.default_format = default_format
         self._local = threading.local()
-        self._generation = 0  # bumped by every write made through this object
-        # address -> (deadline, generation, resolution): what any thread answered (`resolve_cached`)
-        self._published: dict[str, tuple[float, int, Resolution]] = {}
+        # address -> what any thread answered (`resolve_cached`); its generation is bumped by every
+        # write made through this object
+        self._published: FreshCache[str, Resolution] = FreshCache(_MAX_CACHED)
         # argon2id with RFC 9106 §4's second recommended option (t=3, m=64 MiB, p=4); the first
         # option's 2 GiB per verification is too much for a mail host serving many logins
         # (argon2-cffi's defaults, which are that profile: tests/test_login_cache.py checks it)
@@ -357,7 +395,7 @@ class Accounts:
             with self.storage.write(conn):
                 yield conn
         finally:
-            self._generation += 1
+            self._published.changed()
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -635,23 +673,20 @@ class Accounts:
         """Where does mail for `address` go? Aliases, plus-addressing and catch-all applied."""
         local = self._local
         cache: dict[str, Resolution] | None = getattr(local, "cache", None)
-        now = time.monotonic()
-        if cache is None or now >= local.cache_checked + CACHE_CHECK or local.cache_generation != self._generation:
+        now, generation = time.monotonic(), self._published.generation
+        if cache is None or now >= local.cache_checked + CACHE_CHECK or local.cache_generation != generation:
             version = self.storage.data_version(self._conn())
-            if cache is None or local.cache_version != version or local.cache_generation != self._generation:
+            if cache is None or local.cache_version != version or local.cache_generation != generation:
                 cache = local.cache = {}
                 local.cache_version = version
-                local.cache_generation = self._generation
+                local.cache_generation = generation
             local.cache_checked = now
         elif len(cache) >= _MAX_CACHED:
             cache = local.cache = {}
         found = cache.get(address)
         if found is None:
             found = cache[address] = self._resolve(address)
-        published = self._published
-        if len(published) >= _MAX_CACHED:
-            published = self._published = {}
-        published[address] = (local.cache_checked + CACHE_CHECK, local.cache_generation, found)
+        self._published.put(address, found, local.cache_checked + CACHE_CHECK, local.cache_generation)
         return found
 
     def resolve_cached(self, address: str) -> Resolution | None:
@@ -659,10 +694,7 @@ class Accounts:
         process has answered it under a check still fresh: no answer given is older than CACHE_CHECK
         seconds after a data_version check, and none survives a write made through this object.
         Thread-safe: entries are replaced whole, one dictionary operation each."""
-        entry = self._published.get(address)
-        if entry is None or entry[1] != self._generation or time.monotonic() >= entry[0]:
-            return None
-        return entry[2]
+        return self._published.get(address)
 
     def _resolve(self, address: str) -> Resolution:
         try:

@@ -151,3 +151,38 @@ def test_cached_answers_follow_another_process_from_two_threads_and_the_loop(tmp
         for t in threads:
             t.join()
     assert answered > 0
+
+
+# -- the expiry both this cache and the Sieve script cache use (accounts.FreshCache) -------------------
+
+def test_fresh_cache_deadline_generation_and_bound() -> None:
+    c: accounts.FreshCache[str, int] = accounts.FreshCache(size=3)
+    now = time.monotonic()
+    c.put("a", 1, now + 60, c.generation)
+    c.put("old", 2, now - 1, c.generation)  # its deadline passed
+    assert (c.get("a"), c.get("old"), c.get("none")) == (1, None, None)
+    assert c.last("old") == 2  # kept for reuse, whatever its age
+    made_under = c.generation
+    c.changed()  # a write through this process: every entry is stale at once
+    assert c.get("a") is None and c.last("a") == 1
+    c.put("b", 3, now + 60, made_under)  # read before the change: stale as soon as it is kept
+    assert c.get("b") is None
+    c.put("b", 3, now + 60, c.generation)
+    assert c.get("b") == 3
+    c.put("c", 4, now + 60, c.generation)  # a fourth key: emptied first, then kept
+    assert (c.last("a"), c.get("c")) == (None, 4)
+
+
+def test_fresh_cache_changes_from_two_threads_all_count() -> None:
+    c: accounts.FreshCache[str, int] = accounts.FreshCache(size=10)
+
+    def bump() -> None:
+        for _ in range(10_000):
+            c.changed()
+
+    threads = [threading.Thread(target=bump) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.generation == 20_000

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..config import Antispam
 from ..mailauth.dkim import DKIMResult, DKIMStatus
-from ..message.rewrite import RewrittenBody, header_section, remove_fields
+from ..message.mime import header_section
+from ..message.rewrite import RewrittenBody, remove_fields
 from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..proto.smtp.address import Address
 from ..proto.smtp.replies import Reply

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Literal
 from postier.config import normalize_domain
 from postier.durable import ensure_dirs, fsync_dir, write_file
 from postier.mailauth.dkim import Algorithm, generate_key, sign_async
+from postier.message.mime import header_section
 from postier.mailauth.dmarc import FromProblem, from_domain
 
 if TYPE_CHECKING:
@@ -264,9 +265,7 @@ class DKIMSigner:
         self.store = store
 
     async def sign_bytes(self, message: bytes) -> bytes:
-        end = message.find(b"\r\n\r\n")
-        head = message[: end + 2] if end >= 0 else message
-        author = from_domain(head[:MAX_HEADER_SCAN])
+        author = from_domain(header_section(message, empty_line=False)[:MAX_HEADER_SCAN])
         if isinstance(author, FromProblem):
             return b""
         domain = await asyncio.to_thread(self.store.signing_domain, author)

@@ -13,10 +13,15 @@ report, named by `claim_name(kind, day, domain)`, before it reads that report's 
 sends it: with the rows shared, two nodes running the job at once share the reports between them
 and each is sent once; a node that dies mid-send leaves its lease to run out, then another takes it.
 
-`ReportDB.origin`, `importing`, `imported` and `note_imported` serve `import_from` of the two stores (a
-single machine's files copied into cluster mode's tables, store/cluster/importer.py): the source
-file gets a random id of its own once, and the target notes, per (that id, source row), what it
-has copied, so a second copy of the same file adds nothing.
+What the two stores share is written once here, told apart by their `ReportKind` (the claims'
+name, the table of counted rows): `ReportDB.mark_reported` subtracts what a report covered, and
+`ReportDB.import_from` copies a single machine's file into cluster mode's tables
+(store/cluster/importer.py), each store saying how its counted rows are read and added
+(`_importable`, `_count_imported`) and which reports it received (`_received_all`). The source file
+gets a random id of its own once (`origin`), and the target notes, per (that id, source row), what
+it has copied (`imported`, `note_imported`): the counts, and each entry of the log of reports sent
+(`report_out`, `kind.sent` its columns), so a second copy of the same file adds nothing; two copies
+at once take turns (`importing`).
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from ..accounts import Connection, Cursor
 from ..durable import ensure_dirs, immediate, use_wal
 
-__all__ = ["CLAIM_SCHEMA", "ImportTally", "ReportDB", "ReportStorage", "SQLiteReportStorage", "claim_name"]
+__all__ = ["CLAIM_SCHEMA", "Counted", "ImportTally", "ReportDB", "ReportKind", "ReportStorage", "SQLiteReportStorage",
+           "claim_name"]
 
 #: The claims of reports being sent (`ReportDB.claim`), the store's own id (`ReportDB.origin`) and
 #: what was imported from other stores (`ReportDB.imported`), in every report store.
@@ -61,6 +67,28 @@ def claim_name(kind: str, day: int, domain: str) -> str:
     (days since the epoch, UTC) is for DMARC the day the run ends at (its midnight), for TLS the
     day of the outcomes."""
     return f"{kind}/{day}/{domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportKind:
+    """What tells one report store from the other where they share a mechanism (`ReportDB`)."""
+
+    name: str       # "dmarc", "tlsrpt": its reports' claims (`claim_name`)
+    counted: str    # the table of counted rows: `id`, `day` (UTC day number) and a running `count`
+    keep_days: int  # recorded rows not reported within this time are dropped (`prune`)
+    sent: tuple[str, ...]  # the columns of `report_out`, the log of reports sent, besides its `id`
+
+
+@dataclass(frozen=True, slots=True)
+class Counted[K]:
+    """One counted row of a store, as `ReportDB.import_from` reads it from the source: its note in
+    `report_imported`, whether it has expired, its count and the key the target counts it by
+    (`_count_imported`)."""
+
+    item: str
+    expired: bool
+    count: int
+    key: K
 
 
 @dataclass
@@ -115,9 +143,12 @@ class SQLiteReportStorage:
             yield
 
 
-class ReportDB:
-    """A report store's plumbing: one connection behind a lock (every method blocks briefly), and
-    the run claims."""
+class ReportDB[K]:
+    """A report store's plumbing: one connection behind a lock (every method blocks briefly), the
+    run claims, and what both stores do alike (`mark_reported`, `import_from`); `K` is the key a
+    store counts a row by."""
+
+    kind: ClassVar[ReportKind]
 
     def __init__(self, storage: ReportStorage):
         self.storage = storage
@@ -194,3 +225,89 @@ class ReportDB:
         """`count` of `item` of the store `origin` is copied now (within `importing`)."""
         self._execute("INSERT INTO report_imported (origin, item, count) VALUES (?, ?, ?) ON CONFLICT "
                       "(origin, item) DO UPDATE SET count = excluded.count", (origin, item, count))
+
+    # -- what both stores do alike, by their kind --
+
+    def prune(self, before: float) -> int:
+        """Drop the counted rows older than `before` (sent or not); how many."""
+        raise NotImplementedError
+
+    def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
+        """Subtract what a report covered ((row id, count) pairs of the counted rows it was built
+        from): what was counted meanwhile stays for the next report."""
+        table = self.kind.counted
+        with self._write() as db:
+            for rid, n in taken:
+                db.execute(f"UPDATE {table} SET count = count - ? WHERE id = ?", (n, rid))
+            db.execute(f"DELETE FROM {table} WHERE count <= 0")
+
+    def import_from(self, src: Self, now: float, sent: ImportTally | None = None) -> tuple[ImportTally, ImportTally]:
+        """Add `src`'s counted rows not reported yet to this store's counts and copy the reports it
+        received and its log of reports sent (a single machine's file into cluster mode's tables):
+        (counted rows, received reports) copied, found copied before and left out, rows counted in
+        what they count; the log's entries are counted in `sent`, when given. Each
+        row's count is noted by `src`'s id and its row (`Counted.items`) in the same transaction,
+        and a second copy adds only what the row gained since (nothing, from a stopped node): counts
+        are never added twice. What `src` reported was subtracted there when it was sent, so it is
+        not sent again; rows the store's retention would drop are left out (`Counted.expired`), and
+        so is a new row on a day that holds the store's bound of distinct rows already
+        (`_count_imported`, as the store's `record` does). A received report is kept once per
+        (organization, report id), as when it arrives. An entry of the log of reports sent is noted
+        by `src`'s id and its row id, and copied once (the log is kept whole, as on one machine)."""
+        counted, received = ImportTally(), ImportTally()
+        origin = src.origin()
+        with self.importing(origin):
+            done = self.imported(origin)
+            # the days' numbers of distinct rows, counted once (as `record` does for each new one)
+            rows_of = {int(d): int(n) for d, n in self._rows(
+                f"SELECT day, COUNT(*) FROM {self.kind.counted} WHERE day IS NOT NULL GROUP BY day")}
+            for row in src._importable(now):
+                before = done.get(row.item, 0)
+                if row.expired:
+                    counted.skipped += row.count
+                elif row.count <= before:
+                    counted.unchanged += row.count
+                elif self._count_imported(row.key, row.count - before, rows_of):
+                    self.note_imported(origin, row.item, row.count)
+                    counted.copied += row.count - before
+                    counted.unchanged += before
+                else:
+                    counted.skipped += row.count - before
+            for report, authenticated, at in src._received_all():
+                if self.store_received(report, authenticated, at):
+                    received.copied += 1
+                else:
+                    received.unchanged += 1
+            self._import_sent(src, origin, done, ImportTally() if sent is None else sent)
+        return counted, received
+
+    def _import_sent(self, src: Self, origin: str, done: dict[str, int], tally: ImportTally) -> None:
+        """Copy the entries of `src`'s log of reports sent that are not noted as copied (within
+        `importing`), each with its time, so that `sent` lists them among this store's own."""
+        columns = ", ".join(self.kind.sent)
+        insert = f"INSERT INTO report_out ({columns}) VALUES ({', '.join('?' * len(self.kind.sent))})"
+        for rid, *values in src._rows(f"SELECT id, {columns} FROM report_out ORDER BY id"):
+            item = f"report_out/{rid}"
+            if item in done:
+                tally.unchanged += 1
+                continue
+            self._execute(insert, values)
+            self.note_imported(origin, item, 1)
+            tally.copied += 1
+
+    def _importable(self, now: float) -> Iterable[Counted[K]]:
+        """This store's counted rows not reported yet, as an import from it reads them at `now`."""
+        raise NotImplementedError
+
+    def _count_imported(self, key: K, count: int, rows_of: dict[int, int]) -> bool:
+        """Add `count` to the row of `key` (made if new); False when it is new and its day holds the
+        bound of distinct rows already (the days' numbers of rows are `rows_of`, kept up to date)."""
+        raise NotImplementedError
+
+    def _received_all(self) -> Sequence[tuple[Any, bool, float]]:
+        """Every report received: (report, authenticated, when received), as `store_received` takes them."""
+        raise NotImplementedError
+
+    def store_received(self, report: Any, authenticated: bool, at: float) -> bool:
+        """Keep a report someone sent us; False when we have it already."""
+        raise NotImplementedError

@@ -45,7 +45,7 @@ from urllib.parse import unquote
 from postier.mailauth.dmarc import normalize_domain, psl_organizational_domain
 from postier.resolver import AsyncLookup, DNSStatus
 
-from .reportdb import ImportTally, ReportDB, ReportStorage, SQLiteReportStorage
+from .reportdb import Counted, ReportDB, ReportKind, ReportStorage, SQLiteReportStorage
 
 __all__ = ["ReportError", "DKIMAuth", "SPFAuth", "ReportRow", "PolicyPublished", "AggregateReport",
            "Evaluation", "OutgoingReport", "ReportStore", "report_xml", "parse_report_xml", "decompress",
@@ -515,7 +515,7 @@ def _columns(ev: Evaluation) -> tuple[str, ...]:
             "pass" if ev.spf_aligned else "fail", _auth_json(ev.dkim_auth, ev.spf_auth, ev.reasons))
 
 
-class ReportStore(ReportDB):
+class ReportStore(ReportDB[Evaluation]):
     """The DMARC report tables: `dmarc.sqlite`, or another `ReportStorage` (cluster mode's
     PostgreSQL, where every node records into the same tables). Thread-safe; every method blocks
     briefly.
@@ -528,6 +528,9 @@ class ReportStore(ReportDB):
     delivery goes on) and the first drop of the day is logged (once per process). Reports built from
     what was kept are exact for it. Rows written before counting (one message each: `day` and
     `digest` NULL, `count` 1) are read and reported as before."""
+
+    kind = ReportKind("dmarc", "evaluation", KEEP_DAYS,
+                      ("at", "domain", "report_id", "begin", '"end"', "rua", "messages", "status"))
 
     def __init__(self, db: Path | ReportStorage):
         self.path = db if isinstance(db, Path) else None
@@ -606,14 +609,6 @@ class ReportStore(ReportDB):
             "SELECT DISTINCT policy_domain FROM evaluation WHERE reported = 0 AND count > 0 AND at < ? "
             "AND rua <> '[]' ORDER BY policy_domain", (before,))]
 
-    def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
-        """Subtract what a report covered ((row id, count) pairs, `OutgoingReport.taken`): results
-        counted meanwhile stay for the next report."""
-        with self._write() as db:
-            for rid, n in taken:
-                db.execute("UPDATE evaluation SET count = count - ? WHERE id = ?", (n, rid))
-            db.execute("DELETE FROM evaluation WHERE count <= 0")
-
     def log_sent(self, out: OutgoingReport, rua: str, status: str, at: float) -> None:
         self._execute(
             'INSERT INTO report_out (at, domain, report_id, begin, "end", rua, messages, status) '
@@ -621,8 +616,10 @@ class ReportStore(ReportDB):
                                          out.report.end, rua, out.report.messages, status))
 
     def sent(self) -> list[tuple[float, str, str, str, int, str]]:
+        """The log of reports sent (`postier dmarc sent`), oldest first: (when, policy domain, report
+        id, rua, messages, status); a node's entries imported into cluster mode among the others by time."""
         return [(float(at), domain, report_id, rua, int(n), status) for at, domain, report_id, rua, n, status in
-                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY id")]
+                self._rows("SELECT at, domain, report_id, rua, messages, status FROM report_out ORDER BY at, id")]
 
     def prune(self, before: float) -> int:
         return self._execute("DELETE FROM evaluation WHERE at < ?", (before,)).rowcount
@@ -645,42 +642,19 @@ class ReportStore(ReportDB):
                      _auth_json(r.dkim_auth, r.spf_auth, r.reasons)))
             return True
 
-    def import_from(self, src: ReportStore, now: float) -> tuple[ImportTally, ImportTally]:
-        """Copy `src`'s results not reported yet and the reports it received (a single machine's
-        file into cluster mode's tables): (results, received reports) copied, found copied before
-        and left out, results counted in messages. Each result row's count is noted by `src`'s id
-        and row id (`ReportDB.imported`) in the same transaction, and a second copy adds only what
-        the row gained since (nothing, from a stopped node): counts are never added twice. Results
-        `src` reported are not copied (they were sent), nor those older than KEEP_DAYS (the next
-        run would drop them), nor a new result on a day that holds MAX_EVALUATION_ROWS already, as
-        `record` does. A received report is kept once per (org, report id) as always."""
-        results, received = ImportTally(), ImportTally()
-        origin = src.origin()
-        with self.importing(origin):
-            done = self.imported(origin)
-            # the days' numbers of distinct results, counted once (as `record` does for each new one)
-            rows_of = {int(d): int(n) for d, n in self._rows(
-                "SELECT day, COUNT(*) FROM evaluation WHERE day IS NOT NULL GROUP BY day")}
-            for rid, ev in src.pending(float("inf")):
-                item = f"evaluation/{rid}/{_digest(_columns(ev))}"
-                # a row of one message, copied before counting, was noted by its time
-                before = done.get(item, done.get(f"evaluation/{rid}/{ev.at!r}", 0))
-                if ev.at < now - KEEP_DAYS * DAY:
-                    results.skipped += ev.count
-                elif ev.count <= before:
-                    results.unchanged += ev.count
-                elif self._count(dataclasses.replace(ev, count=ev.count - before), rows_of):
-                    self.note_imported(origin, item, ev.count)
-                    results.copied += ev.count - before
-                    results.unchanged += before
-                else:
-                    results.skipped += ev.count - before
-            for rr in src.received():
-                if self.store_received(rr.report, rr.authenticated, rr.received):
-                    received.copied += 1
-                else:
-                    received.unchanged += 1
-        return results, received
+    # -- `import_from` (reportdb.py): results not reported yet, by row id and digest --
+
+    def _importable(self, now: float) -> Iterable[Counted[Evaluation]]:
+        """The results not reported yet (not those older than KEEP_DAYS: the next run would drop
+        them), each noted by its row id and digest."""
+        for rid, ev in self.pending(float("inf")):
+            yield Counted(f"evaluation/{rid}/{_digest(_columns(ev))}", ev.at < now - KEEP_DAYS * DAY, ev.count, ev)
+
+    def _count_imported(self, key: Evaluation, count: int, rows_of: dict[int, int]) -> bool:
+        return self._count(dataclasses.replace(key, count=count), rows_of)
+
+    def _received_all(self) -> list[tuple[AggregateReport, bool, float]]:
+        return [(rr.report, rr.authenticated, rr.received) for rr in self.received()]
 
     def received(self, domain: str | None = None) -> list[ReceivedReport]:
         q = 'SELECT id, received, org_name, email, report_id, begin, "end", policy, authenticated FROM report_in'

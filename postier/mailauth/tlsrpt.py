@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from postier.mailauth.dmarc import normalize_domain
-from postier.mailauth.reportdb import ImportTally, ReportDB, ReportStorage, SQLiteReportStorage
+from postier.mailauth.reportdb import Counted, ReportDB, ReportKind, ReportStorage, SQLiteReportStorage
 from postier.mailauth.reports import DAY, ReportError, attachments, decompress, report_mail
 
 __all__ = ["RESULT_TYPES", "STS", "TLSA", "NO_POLICY", "TLSPolicy", "SessionResult", "FailureDetail",
@@ -386,18 +386,25 @@ def _policy_key(p: TLSPolicy) -> str:
     return json.dumps([p.type, list(p.strings), list(p.mx_host)])
 
 
-def _session_key(r: SessionResult, at: float) -> tuple[int, str, str, str, str, str, str, str]:
+#: the unique key of an outcome's `session` row (`_session_key`)
+type SessionKey = tuple[int, str, str, str, str, str, str, str]
+
+
+def _session_key(r: SessionResult, at: float) -> SessionKey:
     """The unique key of an outcome's `session` row: its day, policy and failure detail (bounded)."""
     return (int(at // DAY), r.policy.domain, _policy_key(r.policy), r.result, r.sending_ip[:64],
             r.receiving_mx[:255], r.receiving_ip[:64], r.reason[:256])
 
 
-class TLSReportStore(ReportDB):
+class TLSReportStore(ReportDB[SessionKey]):
     """The TLS report tables: `tlsrpt.sqlite`, or another `ReportStorage` (cluster mode's PostgreSQL,
     where every node counts into the same rows). Thread-safe; every method blocks briefly.
 
     In SQLite a recorded outcome is committed in WAL mode with synchronous=NORMAL: it survives a
     crash of the process, a power cut may lose the last ones (they are statistics, not mail)."""
+
+    kind = ReportKind("tlsrpt", "session", KEEP_DAYS,
+                      ("at", "domain", "report_id", "rua", "successes", "failures", "status"))
 
     def __init__(self, db: Path | ReportStorage):
         self.path = db if isinstance(db, Path) else None
@@ -417,17 +424,28 @@ class TLSReportStore(ReportDB):
         Two processes (or nodes) counting the same outcome at once both count: the row is added to
         in place (`ON CONFLICT DO UPDATE`), never read and written back. Several counting a new
         outcome at once may pass the day's bound by one each."""
-        key = _session_key(r, at)
+        return self._count(_session_key(r, at), 1)
+
+    def _count(self, key: SessionKey, count: int, rows_of: dict[int, int] | None = None) -> bool:
+        """`record` (`count` sessions of the outcome `key`); with `rows_of`, the days' numbers of
+        rows are taken from it (and kept up to date in it) rather than counted in the table for
+        each new outcome (`import_from`)."""
+        day = key[0]
         with self._lock:
-            if self._add(key, 1):
+            if self._add(key, count):
                 return True
-            (n,) = self._execute("SELECT COUNT(*) FROM session WHERE day = ?", (key[0],)).fetchone()
+            if rows_of is None:
+                (n,) = self._execute("SELECT COUNT(*) FROM session WHERE day = ?", (day,)).fetchone()
+            else:
+                n = rows_of.get(day, 0)
             if n >= MAX_SESSION_ROWS:
                 return False
-            self._insert(key, 1)
+            self._insert(key, count)
+            if rows_of is not None:
+                rows_of[day] = n + 1
             return True
 
-    def _add(self, key: tuple[Any, ...], count: int) -> bool:
+    def _add(self, key: SessionKey, count: int) -> bool:
         """Add `count` to the outcome's row, if there is one."""
         if self.storage.dialect == "sqlite":
             return bool(self._execute(
@@ -439,7 +457,7 @@ class TLSReportStore(ReportDB):
             "AND sending_ip=? AND receiving_mx=? AND receiving_ip=? AND md5(reason)=md5(?) AND policy=? AND "
             "reason=?", (count, day, domain, policy, result, sip, rmx, rip, reason, policy, reason)).rowcount)
 
-    def _insert(self, key: tuple[Any, ...], count: int) -> None:
+    def _insert(self, key: SessionKey, count: int) -> None:
         """A new outcome's row (added to, should another process have made it meanwhile)."""
         self._execute("INSERT INTO session (day, domain, policy, result, sending_ip, receiving_mx, "
                       f"receiving_ip, reason, count) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT {self._key} "
@@ -467,56 +485,23 @@ class TLSReportStore(ReportDB):
             "SELECT DISTINCT day, domain FROM session WHERE day * 86400 < ? AND count > 0 ORDER BY day, domain",
             (before,))]
 
-    def mark_reported(self, taken: Iterable[tuple[int, int]]) -> None:
-        """Subtract what a report covered ((row id, count) pairs): outcomes counted meanwhile stay."""
-        with self._write() as db:
-            for rid, n in taken:
-                db.execute("UPDATE session SET count = count - ? WHERE id = ?", (n, rid))
-            db.execute("DELETE FROM session WHERE count <= 0")
-
     def prune(self, before: float) -> int:
         return self._execute("DELETE FROM session WHERE (day + 1) * 86400 < ?", (before,)).rowcount
 
-    def import_from(self, src: TLSReportStore, now: float) -> tuple[ImportTally, ImportTally]:
-        """Add `src`'s outcomes not reported yet to this store's counts and copy the reports it
-        received (a single machine's file into cluster mode's tables): (sessions, received reports)
-        copied, found copied before and left out. Each outcome row's count is noted by `src`'s id,
-        row id and outcome (`ReportDB.imported`) in the same transaction, and a second copy adds
-        only what the row gained since (nothing, from a stopped node): counts are never added
-        twice. What `src` reported was subtracted there when it was sent, so it is not sent again;
-        outcomes of days `prune` would drop (KEEP_DAYS) are left out, and so is a new outcome on a
-        day that holds MAX_SESSION_ROWS already, as `record` does."""
-        sessions, received = ImportTally(), ImportTally()
-        origin = src.origin()
-        with self.importing(origin):
-            done = self.imported(origin)
-            # the days' numbers of distinct outcomes, counted once (as `record` does for each new one)
-            rows_of = {int(d): int(n) for d, n in self._rows("SELECT day, COUNT(*) FROM session GROUP BY day")}
-            for rid, day, r, n in src.pending(float("inf")):
-                key = _session_key(r, day * DAY)
-                item = f"session/{rid}/{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
-                before = done.get(item, 0)
-                if (day + 1) * DAY < now - KEEP_DAYS * DAY:
-                    sessions.skipped += n
-                    continue
-                if n <= before:
-                    sessions.unchanged += n
-                    continue
-                if not self._add(key, n - before):
-                    if rows_of.get(day, 0) >= MAX_SESSION_ROWS:
-                        sessions.skipped += n - before
-                        continue
-                    self._insert(key, n - before)
-                    rows_of[day] = rows_of.get(day, 0) + 1
-                self.note_imported(origin, item, n)
-                sessions.copied += n - before
-                sessions.unchanged += before
-            for rr in src.received(limit=1 << 62):
-                if self.store_received(rr.report, rr.authenticated, rr.received):
-                    received.copied += 1
-                else:
-                    received.unchanged += 1
-        return sessions, received
+    # -- `import_from` (reportdb.py): outcomes still counted, by row id and outcome --
+
+    def _importable(self, now: float) -> Iterable[Counted[SessionKey]]:
+        """The outcomes still counted (not those of days `prune` would drop: KEEP_DAYS)."""
+        for rid, day, r, n in self.pending(float("inf")):
+            key = _session_key(r, day * DAY)
+            item = f"session/{rid}/{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
+            yield Counted(item, (day + 1) * DAY < now - KEEP_DAYS * DAY, n, key)
+
+    def _count_imported(self, key: SessionKey, count: int, rows_of: dict[int, int]) -> bool:
+        return self._count(key, count, rows_of)
+
+    def _received_all(self) -> list[tuple[TLSReport, bool, float]]:
+        return [(rr.report, rr.authenticated, rr.received) for rr in self.received(limit=1 << 62)]
 
     def log_sent(self, report: TLSReport, rua: str, status: str, at: float) -> None:
         self._execute(
@@ -525,8 +510,10 @@ class TLSReportStore(ReportDB):
                                        report.successes, report.failed, status))
 
     def sent(self) -> list[SentTLSReport]:
+        """The log of reports sent (`postier tls reports --sent`), oldest first; a node's entries
+        imported into cluster mode among the others by time."""
         rows = self._rows("SELECT at, domain, report_id, rua, successes, failures, status FROM report_out "
-                          "ORDER BY id")
+                          "ORDER BY at, id")
         return [SentTLSReport(*r) for r in rows]
 
     # -- reports others sent us --

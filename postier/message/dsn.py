@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 
 from .received import utc_date
+from .mime import header_section
 
 #: RFC 3461 §4.3 / Postfix bounce_size_limit: a RET=FULL original larger than this is returned as
 #: headers only (the sender has the message; the DSN must stay deliverable).
@@ -68,8 +69,7 @@ def _fold(name: str, value: str) -> str:
 
 def header_block(original: bytes) -> bytes:
     """The original's header block (up to, not including, the blank line), CRLF-terminated, bounded."""
-    end = original.find(b"\r\n\r\n")
-    block = original[: end + 2] if end >= 0 else original
+    block = header_section(original, empty_line=False)
     if len(block) > MAX_HEADER_BLOCK:
         cut = block.rfind(b"\r\n", 0, MAX_HEADER_BLOCK)
         block = block[: cut + 2] if cut > 0 else b""

@@ -22,22 +22,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..proto.crlf import to_crlf
+
 __all__ = [
     "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "HeaderField", "Part", "UnknownCTE", "decode_body",
-    "decode_header_text", "decode_qp", "decode_transfer_encoding", "no_nul", "parse_message", "parse_params",
-    "to_crlf",
+    "decode_header_text", "decode_qp", "decode_transfer_encoding", "header_end", "header_section", "no_nul",
+    "parse_message", "parse_params",
 ]
 
 MAX_DEPTH = 50
 MAX_PARTS = 10_000
 MAX_HEADER_FIELDS = 5_000  # per part; further lines stay in the raw header only
-
-
-def to_crlf(raw: bytes) -> bytes:
-    """Turn bare LF into CRLF (existing CRLF untouched; a lone CR stays)."""
-    if raw.count(b"\n") == raw.count(b"\r\n"):
-        return raw
-    return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
 
 
 def no_nul(data: bytes) -> bytes:
@@ -150,21 +145,42 @@ class Part:
 
 # -- header parsing ----------------------------------------------------------------------------
 
+def header_end(data: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
+    """Where the body of the message at ``start`` begins: the offset just past the empty line that
+    ends its header section (RFC 5322 §2.1), or -1 when ``data[start:end]`` holds none (a header cut
+    short, or a message without body). A message that starts with the empty line has an empty
+    header section. The one search for that line: the parser's, the stores' header blocks
+    (`read_header`, the cluster's kept `body_heads`), DSNs, DKIM signing, loop detection, mbox."""
+    stop = len(data) if end is None else end
+    if data.startswith(b"\r\n", start, stop):
+        return start + 2
+    i = data.find(b"\r\n\r\n", start, stop)
+    return i + 4 if i >= 0 else -1
+
+
+def header_section(data: bytes, empty_line: bool = True) -> bytes:
+    """The header section at the start of ``data`` (RFC 5322 §2.1), with the empty line that ends it
+    or (``empty_line`` False) without it, so ending with its last field's CRLF or empty; all of
+    ``data`` when it holds no empty line (`header_end`)."""
+    end = header_end(data)
+    if end < 0:
+        return data
+    return data[: end if empty_line else end - 2]
+
+
 def _parse_header(msg: bytes, start: int, end: int) -> tuple[list[HeaderField], int, int, bool]:
-    """Fields from ``start``; returns (fields, header_end, body_start, has_blank)."""
-    if msg.startswith(b"\r\n", start) and start + 2 <= end:
-        return [], start, start + 2, True
-    blank = msg.find(b"\r\n\r\n", start, end)
-    if blank < 0:
-        header_end, body_start, has_blank = end, end, False
+    """Fields from ``start``; returns (fields, head_end, body_start, has_blank)."""
+    stop = header_end(msg, start, end)
+    if stop < 0:
+        head_end, body_start, has_blank = end, end, False
     else:
-        header_end, body_start, has_blank = blank + 2, blank + 4, True
+        head_end, body_start, has_blank = stop - 2, stop, True
     fields: list[HeaderField] = []
     pos = start
     current: HeaderField | None = None
-    while pos < header_end:
-        eol = msg.find(b"\r\n", pos, header_end)
-        line_end = header_end if eol < 0 else eol + 2
+    while pos < head_end:
+        eol = msg.find(b"\r\n", pos, head_end)
+        line_end = head_end if eol < 0 else eol + 2
         first = msg[pos]
         if first in (0x20, 0x09) and current is not None:
             current.end = line_end  # RFC 5322 §2.2.3 continuation line
@@ -183,7 +199,7 @@ def _parse_header(msg: bytes, start: int, end: int) -> tuple[list[HeaderField], 
         colon = msg.find(b":", f.start, f.end) if f.name else f.start - 1
         value_end = f.end - 2 if msg[f.end - 2 : f.end] == b"\r\n" else f.end
         f.value = msg[colon + 1 : value_end]
-    return fields, header_end, body_start, has_blank
+    return fields, head_end, body_start, has_blank
 
 
 # -- parameters (RFC 2045 §5.1) ------------------------------------------------------------------

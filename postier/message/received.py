@@ -7,6 +7,8 @@ import random
 import re
 import time
 
+from .mime import header_section
+
 _UNSAFE = re.compile(r"[^\x21-\x7e]")  # printable ASCII without space, for tokens from the peer
 # Queue ids need uniqueness, not secrecy: a generator seeded from os.urandom once per process
 # instead of a getrandom() system call per id (two ids per message on the MX hot path).
@@ -78,6 +80,4 @@ def return_path(sender: str) -> bytes:
 
 def count_received(head: bytes) -> int:
     """Number of Received headers in a header block (loop detection, RFC 5321 §6.3)."""
-    end = head.find(b"\r\n\r\n")
-    block = head if end < 0 else head[: end + 2]
-    return len(re.findall(rb"(?im)^received:", block))
+    return len(re.findall(rb"(?im)^received:", header_section(head, empty_line=False)))

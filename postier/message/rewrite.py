@@ -58,12 +58,6 @@ class RewrittenBody(MessageBody):
         pass
 
 
-def header_section(head: bytes) -> bytes:
-    """The header section of a message's first octets, with its empty line (all of it if none)."""
-    end = head.find(b"\r\n\r\n")
-    return head[: end + 4] if end >= 0 else head
-
-
 def filter_fields(header: bytes, drop: Callable[[bytes, bytes, int], bool]) -> bytes:
     """The header section without the fields `drop(lowercased name, value, index)` chooses.
 

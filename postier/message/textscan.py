@@ -185,7 +185,7 @@ def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[by
 
 
 def _crlf(got: tuple[bytes, int]) -> tuple[bytes, int]:
-    """A line with a bare LF ending in CRLF, as mime.to_crlf makes it (a line's LF follows its own bytes)."""
+    """A line with a bare LF ending in CRLF, as proto.crlf.to_crlf makes it (a line's LF follows its own bytes)."""
     text, cut = got
     if text.endswith(b"\n") and not text.endswith(b"\r\n"):
         return text[:-1] + b"\r\n", cut

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from ..accounts import Directory, Lookup, Resolution
 from ..config import Config
 from ..mailauth.arc import ARCSealer
+from ..message.mime import header_end
 from ..mailauth.srs import SRS, SRSError, is_srs
 from ..message.received import count_received, protocol_name, received_header, return_path
 from ..message.types import (
@@ -55,7 +56,7 @@ def relay_trick(addr: Address) -> bool:
 
 def header_complete(head: bytes) -> bool:
     """Does the header block end (blank line) within `head`, the first octets of a message?"""
-    return head.startswith(b"\r\n") or b"\r\n\r\n" in head
+    return header_end(head) >= 0
 
 
 class SMTPPipeline:

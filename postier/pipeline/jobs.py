@@ -15,14 +15,14 @@ import functools
 import gzip
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
 from ..mailauth import tlsrpt
 from ..mailauth.reports import (
-    DAY, KEEP_DAYS, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
+    DAY, OutgoingReport, ReportStore, build_reports, external_destination_ok, parse_rua, report_message,
 )
 from ..mailauth.reportdb import ReportDB, claim_name
 from ..mailauth.tlsrpt import TLSReportStore
@@ -38,6 +38,20 @@ log = logging.getLogger("postier.dmarc")
 Clock = Callable[[], float]
 CLAIM_LEASE = 3600.0  # seconds a run holds one report's claim at most (longer than sending one takes)
 Sleep = Callable[[float], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One destination's turn with a report (`ReportJob._deliver`): the status logged with `rua`
+    ("": nothing logged), the (policy domain, address) it was queued for, whether the destination
+    has the report now (queued, or posted: not tried again), and whether the report must be tried
+    again next run for it."""
+
+    rua: str = ""
+    status: str = ""
+    queued: tuple[str, str] | None = None
+    reached: bool = False
+    again: bool = False
 
 
 @dataclass
@@ -79,7 +93,7 @@ class ReportJob:
             sent += await self.send_tls(now, int(now // DAY * DAY))
         return sent
 
-    async def _claimed(self, store: ReportDB, name: str, now: float,
+    async def _claimed(self, store: ReportDB[Any], name: str, now: float,
                        run: Callable[[], Awaitable[tuple[list[tuple[str, str]], bool]]]) -> list[tuple[str, str]]:
         """`run` (one report: it reads that report's rows, sends it and marks them reported; it
         returns what it sent and whether the report is done) under the store's claim `name`
@@ -105,79 +119,98 @@ class ReportJob:
         """DMARC aggregate reports (RFC 7489 §7.2) of the results recorded before midnight, each
         policy domain's under a claim of its own."""
         assert self.store is not None
-        store = self.store
         end = int(now // DAY * DAY)
-        sent: list[tuple[str, str]] = []
-        for domain in await asyncio.to_thread(store.pending_domains, end):
-            sent += await self._claimed(store, claim_name("dmarc", end // DAY, domain), now,
-                                        functools.partial(self._send_dmarc, now, end, domain))
-        await asyncio.to_thread(store.prune, now - KEEP_DAYS * DAY)
-        await asyncio.to_thread(store.forget_claims, now)
-        return sent
+        due = [(end // DAY, domain) for domain in await asyncio.to_thread(self.store.pending_domains, end)]
+        return await self._send_due(self.store, now, due, functools.partial(self._send_dmarc, now, end))
 
     async def send_tls(self, now: float, end: int) -> list[tuple[str, str]]:
         """TLS reports (RFC 8460 §4) of the outcomes recorded before `end` (midnight; `now` to report
         today's so far), one per policy domain and day, to the rua of the domain's `_smtp._tls` record,
         each under a claim of its own."""
         assert self.tls is not None
-        store = self.tls
-        sent: list[tuple[str, str]] = []
         rua_of: dict[str, tuple[str, ...] | None] = {}
-        for day, domain in await asyncio.to_thread(store.pending_reports, end):
-            sent += await self._claimed(store, claim_name("tlsrpt", day, domain), now,
-                                        functools.partial(self._send_tls, now, end, day, domain, rua_of))
-        await asyncio.to_thread(store.prune, now - tlsrpt.KEEP_DAYS * DAY)
+        due = await asyncio.to_thread(self.tls.pending_reports, end)
+        return await self._send_due(self.tls, now, due, functools.partial(self._send_tls, now, end, rua_of))
+
+    async def _send_due(self, store: ReportDB[Any], now: float, due: list[tuple[int, str]],
+                        send: Callable[[int, str], Awaitable[tuple[list[tuple[str, str]], bool]]]
+                        ) -> list[tuple[str, str]]:
+        """Each report due ((day, policy domain)) sent by `send` under its claim (`_claimed`, named
+        by the store's kind), then the rows older than the kind keeps and the leases that ran out
+        forgotten: what was handed to the queue."""
+        sent: list[tuple[str, str]] = []
+        for day, domain in due:
+            sent += await self._claimed(store, claim_name(store.kind.name, day, domain), now,
+                                        functools.partial(send, day, domain))
+        await asyncio.to_thread(store.prune, now - store.kind.keep_days * DAY)
         await asyncio.to_thread(store.forget_claims, now)
         return sent
 
-    async def _send_dmarc(self, now: float, end: int, domain: str) -> tuple[list[tuple[str, str]], bool]:
-        """The reports about `domain` (one per policy and rua it published), under its claim: what
-        was sent, and whether its claim may be let go (every report done, or none sent)."""
+    async def _deliver[R, D](self, store: ReportDB[Any], now: float,
+                             reports: Sequence[tuple[R, Sequence[tuple[int, int]], Sequence[D]]],
+                             attempt: Callable[[R, D], Awaitable[_Attempt]],
+                             log_sent: Callable[[R, str, str, float], None]) -> tuple[list[tuple[str, str]], bool]:
+        """Each of one claim's reports (report, the (row id, count) pairs it covers, its
+        destinations) to each destination (`attempt`), the outcome logged (`log_sent`); the rows of
+        a report that every destination is done with are marked reported, one that a destination
+        could not take now (DNS trouble, the queue failed) stays for the next run. What was queued,
+        and whether the claim may be let go (every report done, or no destination reached)."""
+        sent: list[tuple[str, str]] = []
+        done: list[tuple[int, int]] = []
+        complete, reached = True, False
+        for report, taken, destinations in reports:
+            finished = True
+            for destination in destinations:
+                step = await attempt(report, destination)
+                if step.status:
+                    await asyncio.to_thread(log_sent, report, step.rua, step.status, now)
+                if step.queued is not None:
+                    sent.append(step.queued)
+                reached = reached or step.reached
+                finished = finished and not step.again
+            if finished:
+                done.extend(taken)
+            complete = complete and finished
+        if done:
+            await asyncio.to_thread(store.mark_reported, done)
+        return sent, complete or not reached
+
+    async def _send_dmarc(self, now: float, end: int, _day: int, domain: str
+                          ) -> tuple[list[tuple[str, str]], bool]:
+        """The reports about `domain` (one per policy and rua it published), under its claim."""
         assert self.store is not None
         pending = await asyncio.to_thread(self.store.pending, end, domain)  # read under the claim
         sender = await asyncio.to_thread(self.sender_address)
         outgoing = build_reports(pending, org_name=self.submitter, email=sender, submitter=self.submitter, end=end)
-        sent: list[tuple[str, str]] = []
-        done: list[tuple[int, int]] = []
-        complete = True
-        for out in outgoing:
-            finished = True
-            data = out.gzipped()
-            for address, limit in parse_rua(out.rua):
-                if limit is not None and len(data) > limit:
-                    log.info("dmarc: report for %s too big for %s (%d > %d bytes)", out.report.policy.domain,
-                             address, len(data), limit)
-                    await asyncio.to_thread(self.store.log_sent, out, address, "too-big", now)
-                    continue
-                ok = await external_destination_ok(out.report.policy.domain, address.rpartition("@")[2],
-                                                   self.resolver)
-                if ok is None:
-                    finished = False
-                    log.info("dmarc: cannot check %s for %s now (DNS); next run", address, out.report.policy.domain)
-                    continue
-                if not ok:
-                    log.info("dmarc: %s did not authorize reports for %s (RFC 7489 §7.1)", address,
-                             out.report.policy.domain)
-                    await asyncio.to_thread(self.store.log_sent, out, address, "not-authorized", now)
-                    continue
-                if await self._enqueue(report_message(out, sender, address, now), sender, address):
-                    sent.append((out.report.policy.domain, address))
-                    await asyncio.to_thread(self.store.log_sent, out, address, "queued", now)
-                else:
-                    finished = False
-            if finished:
-                done.extend(out.taken)
-            complete = complete and finished
-        await asyncio.to_thread(self.store.mark_reported, done)
-        return sent, complete or not sent
 
-    async def _send_tls(self, now: float, end: int, day: int, domain: str,
-                        rua_of: dict[str, tuple[str, ...] | None]) -> tuple[list[tuple[str, str]], bool]:
-        """The report about `domain` on `day`, under its claim: what was sent, and whether its claim
-        may be let go (the report done, or no destination reached)."""
+        async def attempt(out: OutgoingReport, target: tuple[str, int | None, int]) -> _Attempt:
+            address, limit, size = target
+            policy_domain = out.report.policy.domain
+            if limit is not None and size > limit:
+                log.info("dmarc: report for %s too big for %s (%d > %d bytes)", policy_domain, address, size, limit)
+                return _Attempt(address, "too-big")
+            ok = await external_destination_ok(policy_domain, address.rpartition("@")[2], self.resolver)
+            if ok is None:
+                log.info("dmarc: cannot check %s for %s now (DNS); next run", address, policy_domain)
+                return _Attempt(again=True)
+            if not ok:
+                log.info("dmarc: %s did not authorize reports for %s (RFC 7489 §7.1)", address, policy_domain)
+                return _Attempt(address, "not-authorized")
+            if await self._enqueue(report_message(out, sender, address, now), sender, address):
+                return _Attempt(address, "queued", (policy_domain, address), reached=True)
+            return _Attempt(again=True)
+
+        reports = []
+        for out in outgoing:
+            size = len(out.gzipped())
+            reports.append((out, out.taken, [(address, limit, size) for address, limit in parse_rua(out.rua)]))
+        return await self._deliver(self.store, now, reports, attempt, self.store.log_sent)
+
+    async def _send_tls(self, now: float, end: int, rua_of: dict[str, tuple[str, ...] | None], day: int,
+                        domain: str) -> tuple[list[tuple[str, str]], bool]:
+        """The report about `domain` on `day`, under its claim."""
         assert self.tls is not None
-        store = self.tls
-        pending = await asyncio.to_thread(store.pending, end, day, domain)  # read under the claim
+        pending = await asyncio.to_thread(self.tls.pending, end, day, domain)  # read under the claim
         if not pending:
             return [], True  # another node sent it after we listed it
         sender = await asyncio.to_thread(self.sender_address)
@@ -189,35 +222,27 @@ class ReportJob:
         rua = rua_of[domain]
         if rua is None:  # DNS trouble: next run
             return [], False
-        sent: list[tuple[str, str]] = []
-        finished = True
-        posted = False
-        for uri in rua:  # §3: none (no single, valid record): the domain does not want reports
-            if uri.lower().startswith("https:"):
-                await self._post_tls(rep, uri, now)  # not retried: the other rua may have taken it
-                posted = True
-                continue
+
+        async def attempt(rep: tlsrpt.TLSReport, uri: str) -> _Attempt:
+            if uri.lower().startswith("https:"):  # not retried: the other rua may have taken it
+                return _Attempt(uri[:200], await self._post_tls(rep, uri), reached=True)
             targets = parse_rua([uri])
             if not targets:
                 log.info("tlsrpt: %s: rua %s not usable", domain, uri[:100])
-                await asyncio.to_thread(store.log_sent, rep, uri[:200], "not-supported", now)
-                continue
+                return _Attempt(uri[:200], "not-supported")
             address = targets[0][0]
             message = tlsrpt.report_message(rep, self.submitter, sender, address, now)
-            if await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
-                sent.append((domain, address))
-                await asyncio.to_thread(store.log_sent, rep, address, "queued", now)
-                log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,
-                         address, rep.successes, rep.failed)
-            else:
-                finished = False
-        if finished:
-            await asyncio.to_thread(store.mark_reported, taken)
-        return sent, finished or not (sent or posted)
+            if not await self._enqueue(message, sender, address, role=TLS_REPORT_ROLE):
+                return _Attempt(again=True)
+            log.info("tlsrpt: report %s for %s queued for %s (%d ok, %d failed)", rep.report_id, domain,
+                     address, rep.successes, rep.failed)
+            return _Attempt(address, "queued", (domain, address), reached=True)
 
-    async def _post_tls(self, rep: tlsrpt.TLSReport, url: str, now: float) -> None:
-        """RFC 8460 §3: an https rua gets the gzip'd report in a POST."""
-        assert self.tls is not None
+        # §3: no rua (no single, valid record): the domain does not want reports
+        return await self._deliver(self.tls, now, [(rep, taken, rua)], attempt, self.tls.log_sent)
+
+    async def _post_tls(self, rep: tlsrpt.TLSReport, url: str) -> str:
+        """RFC 8460 §3: an https rua gets the gzip'd report in a POST; the status logged."""
         if not isinstance(self.resolver, BaseResolver):
             why = "no resolver for HTTPS"
         else:
@@ -227,7 +252,7 @@ class ReportJob:
             log.info("tlsrpt: report %s for %s not taken by %s: %s", rep.report_id, rep.domains[0], url[:100], why)
         else:
             log.info("tlsrpt: report %s for %s posted to %s", rep.report_id, rep.domains[0], url[:100])
-        await asyncio.to_thread(self.tls.log_sent, rep, url[:200], "posted" if not why else "post-failed", now)
+        return "posted" if not why else "post-failed"
 
     async def _tlsrpt_rua(self, domain: str) -> tuple[str, ...] | None:
         """The rua of `domain`'s `_smtp._tls` record (RFC 8460 §3); () without one, None on DNS trouble."""

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..config import Config
-from ..message.rewrite import RewrittenBody, header_section
+from ..message.mime import header_section
+from ..message.rewrite import RewrittenBody
 from ..message.types import HEADER_LIMIT, Action, Envelope, MessageBody, Verdict
 from ..mailauth.arc import has_chain, verify_chain_async
 from ..mailauth.authresults import authentication_results, strip_forged

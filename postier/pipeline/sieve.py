@@ -13,8 +13,8 @@ script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is n
 and redirects are durable before the caller answers; a vacation reply that cannot be queued is
 logged, not fatal.
 
-Which script a user has is remembered per process (`_ScriptCache`), as the recipient resolution is
-(accounts.py): a delivery within `accounts.CACHE_CHECK` seconds of the last read of the user's
+Which script a user has is remembered per process (`SieveFilter._known`, an `accounts.FreshCache`
+as the recipient resolution's): a delivery within `accounts.CACHE_CHECK` seconds of the last read of the user's
 scripts takes the answer (often "none") on the event loop, with no thread hop and no disk access, and
 a script whose text did not change is not compiled again. A change made by another process (another
 worker's ManageSieve, `postier sieve`) therefore applies within CACHE_CHECK (0.1 s); one made in this
@@ -24,17 +24,19 @@ process (ManageSieve, the web settings: both go through `store_for`) applies to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..accounts import CACHE_CHECK
+from ..accounts import CACHE_CHECK, FreshCache
 from ..config import Config, ConfigError
 from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
@@ -79,59 +81,48 @@ _MAX_CACHED = 1000  # users whose script (or its absence) is remembered; emptied
 class _Known:
     """What `SieveFilter._script` found for one user: the script to run (None: plain delivery)."""
 
-    until: float  # monotonic deadline: the read's start + CACHE_CHECK
-    generation: int  # the filter's change counter when the read started
     source: tuple[str, bytes] | None  # the active script's name and text, None for a default or none
     script: Script | None
 
 
 class _Watched:
-    """One user's scripts as ManageSieve and the web settings use them: every change, once made,
-    also forgets what the filter remembered (`SieveFilter._changed`)."""
+    """One user's scripts as ManageSieve and the web settings use them: every change, once made (or
+    failed part way), also forgets what the filter remembered (`FreshCache.changed`).
+
+    Reads (and `max_script_size`) reach the inner store through `__getattr__`, so they need no
+    method here. The writes are the methods of `Scripts` that change a script or which one is active;
+    each is named below because each must forget, and a write added to `Scripts` must be added here
+    too (tests/sieve/test_script_cache.py fails on a method of `Scripts` it does not know)."""
 
     def __init__(self, inner: Scripts, changed: Callable[[], None]) -> None:
         self._inner = inner
         self._changed = changed
-        self.max_script_size = inner.max_script_size
 
-    def active(self) -> str | None:
-        return self._inner.active()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
-    def list(self) -> list[tuple[str, bool]]:
-        return self._inner.list()
-
-    def get(self, name: str) -> bytes:
-        return self._inner.get(name)
-
-    def have_space(self, name: str, size: int) -> None:
-        self._inner.have_space(name, size)
-
-    def active_script(self) -> tuple[str, bytes] | None:
-        return self._inner.active_script()
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._changed()
 
     def put(self, name: str, data: bytes, check: Callable[[bytes], None] | None = None) -> None:
-        try:
+        with self._changing():
             self._inner.put(name, data, check)
-        finally:
-            self._changed()
 
     def delete(self, name: str) -> None:
-        try:
+        with self._changing():
             self._inner.delete(name)
-        finally:
-            self._changed()
 
     def rename(self, old: str, new: str) -> None:
-        try:
+        with self._changing():
             self._inner.rename(old, new)
-        finally:
-            self._changed()
 
     def set_active(self, name: str) -> None:
-        try:
+        with self._changing():
             self._inner.set_active(name)
-        finally:
-            self._changed()
 
 
 class SieveFilter:
@@ -158,31 +149,18 @@ class SieveFilter:
         self._domain_default = {domain.lower().rstrip("."): _load(f"sieve.domain_scripts.{domain}", path)
                                 for domain, path in s.domain_scripts.items()}
 
-        self._known: dict[str, _Known] = {}  # address -> the user's script, as last read (module docstring)
-        self._generation = 0  # bumped after every change made through `store_for`
-        self._generation_lock = threading.Lock()
+        # address -> the user's script, as last read (module docstring); changed through `store_for`
+        self._known: FreshCache[str, _Known] = FreshCache(_MAX_CACHED)
 
     def store_for(self, user: User) -> Scripts:
         """The user's scripts for ManageSieve and the web settings (changes apply to the next delivery)."""
-        return _Watched(self.storage.scripts(user), self._changed)
-
-    def _changed(self) -> None:
-        with self._generation_lock:
-            self._generation += 1
-
-    def _cached(self, user: User) -> _Known | None:
-        """The user's script as read less than CACHE_CHECK seconds ago and not changed here since
-        (non-blocking, for the event loop), else None."""
-        known = self._known.get(user.address)
-        if known is None or known.generation != self._generation or time.monotonic() >= known.until:
-            return None
-        return known
+        return _Watched(self.storage.scripts(user), self._known.changed)
 
     def _script(self, user: User) -> Script | None:
         """The user's active script (compiled), else their domain's default, else the server's (blocking)."""
-        until, generation = time.monotonic() + CACHE_CHECK, self._generation
+        until, generation = time.monotonic() + CACHE_CHECK, self._known.generation
         active = self.storage.scripts(user).active_script()
-        before = self._known.get(user.address)
+        before = self._known.last(user.address)
         if active is None:
             script = self._domain_default.get(user.domain.lower(), self._default)
         elif before is not None and before.source == active:  # unchanged: compiled already
@@ -193,10 +171,7 @@ class SieveFilter:
             except CompileError as e:  # checked at upload; a script changed on disk behind our back
                 log.warning("%s: active script %r does not compile: %s", user.address, active[0], e)
                 script = None
-        known = self._known
-        if len(known) >= _MAX_CACHED:
-            known = self._known = {}
-        known[user.address] = _Known(until, generation, active, script)
+        self._known.put(user.address, _Known(active, script), until, generation)
         return script
 
     async def deliver(self, env: Envelope, recipients: Sequence[Recipient], prefix: bytes, body: MessageBody,
@@ -209,7 +184,7 @@ class SieveFilter:
         scripts: dict[str, Script | None] = {}
         unavailable: set[str] = set()  # whose script could not be read: nothing delivered, 4xx (retried)
         for a, (u, _r) in owners.items():
-            known = self._cached(u)
+            known = self._known.get(u.address)
             if known is not None:  # read less than CACHE_CHECK seconds ago: no thread hop
                 scripts[a] = known.script
                 continue

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..accounts import Directory, normalize_address
 from ..config import Config
 from ..message.envelope import MISSING_DOMAIN, MISSING_MAILBOX, parse_addresses
+from ..message.mime import header_end
 from ..message.received import return_path
 from ..message.types import (
     HEADER_LIMIT, AccountError, Action, Enqueuer, Envelope, InboundCheck, MailDelivery, MessageBody, Signer, User,
@@ -105,9 +106,9 @@ class PrefixedBody(MessageBody):
 def header_fields(head: bytes) -> tuple[list[tuple[str, bytes]], bool]:
     """(name, unfolded value) of each field of the header block at the start of `head`; and whether
     the block ends (blank line) within `head`. Lines that are not fields are skipped."""
-    end = head.find(b"\r\n\r\n")
-    complete = end >= 0 or head.startswith(b"\r\n")
-    block = head[: end + 2] if end >= 0 else (b"" if head.startswith(b"\r\n") else head)
+    end = header_end(head)
+    complete = end >= 0
+    block = head[: end - 2] if complete else head
     fields: list[tuple[str, bytes]] = []
     for raw in re.split(rb"\r\n(?![ \t])", block):  # RFC 5322 §2.2.3: folded lines start with WSP
         m = _FIELD_NAME.match(raw)

@@ -20,6 +20,7 @@ from email.utils import parsedate_tz
 
 from postier import __version__
 from postier.message.envelope import MISSING_DOMAIN, parse_addresses
+from postier.proto.crlf import to_crlf
 from postier.proto.smtp.address import parse_path
 from postier.proto.smtp.errors import AddressError
 from postier.message.mime import (
@@ -69,7 +70,7 @@ class Message:
     """The message a script sees: an editable header (RFC 5293) over the original body."""
 
     def __init__(self, raw: bytes) -> None:
-        raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        raw = to_crlf(raw)
         root = parse_message(raw)
         self.fields: list[tuple[str, bytes]] = [(f.name, f.value) for f in root.fields]
         self.body = raw[root.header_end:]  # the blank line and the body

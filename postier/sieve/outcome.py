@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 
+from ..message.mime import header_section
 from .interpreter import Message, Result, parse_address
 from .redirect import envelope_sender, is_loop, redirected_message
 from .vacation import VacationStore, compose, decide, record
@@ -96,8 +97,8 @@ def rejection_notice(reason: str, message: Message, d: Delivery, now: float | No
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    head = message.raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    text = "\r\n".join(lines) + "\r\n" + head + f"\r\n\r\n--{boundary}--\r\n"
+    head = header_section(message.raw, empty_line=False).decode("utf-8", "replace")
+    text = "\r\n".join(lines) + "\r\n" + head + f"\r\n--{boundary}--\r\n"
     return text.encode("utf-8")
 
 

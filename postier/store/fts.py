@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchText, search_text
 from ..message.textscan import ReadAt, search_text_at
+from ..proto.crlf import to_crlf
 from .index import parse_file_name
 
 __all__ = ["CATCH_UP", "COLUMNS", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "columns_of", "row_values",
@@ -324,13 +325,6 @@ class TextIndex:
         return found
 
 
-def _crlf(data: bytes) -> bytes:
-    """The octets as the store serves them (store.mailbox `_read_crlf`: a bare-LF file converted)."""
-    if data.count(b"\n") != data.count(b"\r\n"):
-        return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data
-
-
 def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 500) -> int:
     """Index every message file of the given folder directories (cur/ and new/) not indexed yet,
     reading the files directly, without the mailbox index (`postier reindex`; a Maildir copied in
@@ -351,7 +345,7 @@ def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 5
                         data = f.read()
                 except OSError:
                     continue
-                pending.append((parse_file_name(name)[0], _crlf(data)))
+                pending.append((parse_file_name(name)[0], to_crlf(data)))  # as the store serves them (a bare-LF file converted)
                 if len(pending) >= batch:
                     total += index.add(pending)
                     pending = []

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..durable import fsync_dir, together, use_wal
+from ..proto.crlf import bare_lf
 from . import quota
 from .errors import InvalidKeyword, MailboxNotFound, StoreLimit
 
@@ -1052,19 +1053,17 @@ def _has_bare_lf(p: Path, limit: int = 1 << 16) -> int:
             head = f.read(limit)
     except OSError:
         return 0
-    return int(head.count(b"\n") != head.count(b"\r\n"))
+    return int(bare_lf(head) > 0)
 
 
 def _crlf_size(p: Path) -> int:
     n = 0
     try:
         with open(p, "rb") as f:
-            prev = b""
+            prev_cr = False
             while chunk := f.read(1 << 20):
-                n += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
-                if prev == b"\r" and chunk[:1] == b"\n":
-                    n -= 1
-                prev = chunk[-1:]
+                n += len(chunk) + bare_lf(chunk, prev_cr)
+                prev_cr = chunk[-1:] == b"\r"
     except OSError:
         return 0
     return n

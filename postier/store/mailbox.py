@@ -43,8 +43,10 @@ from typing import IO, Any, Concatenate
 from .. import durable
 from . import maildrop, quota
 from ..message.types import User
+from ..message.mime import header_end, header_section
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..proto.crlf import bare_lf, to_crlf
 from .index import (
     FLAG_DELETED,
     INDEX_NAME,
@@ -700,12 +702,12 @@ class UserMailbox:
     def _read_crlf(self, st: FolderState, row: MessageRow) -> tuple[MessageRow, bytes]:
         row, data = self._read_file(st, row)
         if row.lf is None:
-            lf = int(data.count(b"\n") != data.count(b"\r\n"))
+            lf = int(bare_lf(data) > 0)
             if lf:
-                data = _to_crlf(data)
+                data = to_crlf(data)
             self.index.set_lf(st.fid, row.uid, lf, len(data))
         elif row.lf:
-            data = _to_crlf(data)
+            data = to_crlf(data)
         return row, data
 
     @_locked
@@ -715,12 +717,7 @@ class UserMailbox:
         row, head = self._read_file(st, row, 16384)
         if b"\n\r\n" not in head and b"\n\n" not in head and len(head) == 16384:
             row, head = self._read_file(st, row, limit)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            i = head.find(sep)
-            if i >= 0:
-                head = head[: i + len(sep)]
-                break
-        return _to_crlf(head) if b"\n" in head.replace(b"\r\n", b"") else head
+        return header_section(to_crlf(head))
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
         """The header block of a message read without the user lock (so that the batches of one
@@ -740,9 +737,9 @@ class UserMailbox:
             return None
         finally:
             os.close(fd)
-        i = head.find(b"\r\n\r\n")
-        if i >= 0:
-            return head[: i + 4]
+        end = header_end(head)
+        if end >= 0:
+            return head[:end]
         if b"\n\n" in head or len(head) >= limit:
             return None
         return head
@@ -930,8 +927,7 @@ class UserMailbox:
         try:
             for data, flag_names, internal_date in messages:
                 if isinstance(data, bytes):
-                    if b"\n" in data.replace(b"\r\n", b""):
-                        data = _to_crlf(data)  # (a SpoolFile did this as it was written)
+                    data = to_crlf(data)  # (a SpoolFile did this as it was written)
                     spool = self.spool()
                     spooled.append((spool, data, flag_names))
                     spool.write(data)
@@ -1364,10 +1360,6 @@ def _present(uids: array[int], found: set[int]) -> set[int]:
         if i < n and uids[i] == u:
             out.add(u)
     return out
-
-
-def _to_crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:

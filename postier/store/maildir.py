@@ -29,6 +29,7 @@ from pathlib import Path
 from ..durable import ensure_dirs, forget, fsync_dir
 from ..faults import fault_point
 from ..message.types import MessageBody, User
+from ..proto.crlf import to_crlf
 from . import quota
 from .errors import OverQuota
 from .index import INDEX_NAME, UserIndex
@@ -314,8 +315,7 @@ class SpoolFile:
         head = b""
         if self._prev_cr and data[:1] == b"\n":  # a CRLF split between two pieces
             head, data = b"\n", data[1:]
-        if data.count(b"\n") != data.count(b"\r\n"):
-            data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
+        data = to_crlf(data)
         self._prev_cr = data[-1:] == b"\r"
         try:
             _write_all(self._fd, [head, data])

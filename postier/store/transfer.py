@@ -43,8 +43,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..durable import use_wal
+from ..message.mime import header_section
 from ..message.types import MEMORY_DATA_LIMIT
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..proto.crlf import to_crlf
 from .api import Mailboxes
 from .errors import StoreError
 from .index import KEYWORDS_FILE
@@ -304,7 +306,7 @@ def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -
     if typ == "OK":
         for item in data:
             if isinstance(item, tuple):
-                d = hashlib.sha256(_crlf(item[1])).hexdigest()
+                d = hashlib.sha256(to_crlf(item[1])).hexdigest()
                 src[d] = src.get(d, 0) + 1
     return _compare(name, target, src, _hashes(mb, target))
 
@@ -330,10 +332,6 @@ def _compare(src_name: str, target: str, src: dict[str, int], dst: dict[str, int
     if extra:
         diffs.append(f"{src_name} -> {target}: {extra} message(s) here that the source does not have")
     return diffs
-
-
-def _crlf(data: bytes) -> bytes:
-    return re.sub(rb"(?<!\r)\n", b"\r\n", data) if b"\n" in data.replace(b"\r\n", b"") else data
 
 
 # -- Maildir ----------------------------------------------------------------------------------------
@@ -545,8 +543,8 @@ def _mbox_body(lines: list[bytes]) -> bytes:
 
 def _status_flags(msg: bytes) -> tuple[bytes, list[str]]:
     """Strip the Status/X-Status/X-Keywords header fields mutt and Dovecot write; flags from them."""
-    end = msg.find(b"\r\n\r\n")
-    head, body = (msg[:end + 2], msg[end + 2:]) if end >= 0 else (msg, b"")
+    head = header_section(msg, empty_line=False)
+    body = msg[len(head):]
     kept: list[bytes] = []
     flags: list[str] = []
     for field_ in re.split(rb"\r\n(?![ \t])", head.rstrip(b"\r\n")):
@@ -682,8 +680,8 @@ def export_mbox(mb: Mailboxes, dest: Path) -> Stats:
 def _mbox_entry(data: bytes, flags: Sequence[str], idate: int | None) -> bytes:
     when = datetime.fromtimestamp(idate or 0, UTC)
     from_line = b"From MAILER-DAEMON " + when.strftime("%a %b %d %H:%M:%S %Y").encode() + b"\n"
-    end = data.find(b"\r\n\r\n")
-    head, body = (data[:end + 2], data[end + 2:]) if end >= 0 else (data, b"\r\n")
+    head = header_section(data, empty_line=False)
+    body = data[len(head):] or b"\r\n"
     extra = b""
     if "\\Seen" in flags:
         extra += b"Status: RO\r\n"

@@ -40,10 +40,11 @@ import jinja2
 from aiohttp import web
 
 from ..message.types import AccountError, User
-from ..message.mime import decode_body, decode_transfer_encoding, parse_message
+from ..message.mime import decode_body, decode_transfer_encoding, header_section, parse_message
 from ..message.types import Envelope
 from ..proto.smtp.address import Address, parse_path
 from ..proto.smtp.errors import AddressError
+from ..proto.crlf import to_crlf
 from ..message.matching import SearchContext
 from ..proto.imap.search import HeaderKey, OrKey, SearchKey, TextKey
 from ..message.threading import ThreadNode, thread_references
@@ -408,7 +409,7 @@ class Webmail:
         if not v.date and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
             v.date = datetime.fromtimestamp(row.idate).strftime("%Y-%m-%d %H:%M")
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
-        badge = render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
+        badge = render.auth_badge(header_section(raw),
                                   self.config.authserv_id, domains)
         sender = _sender_address(v.sender)
         remote = await self._remote_allowed(s, user, name, uid, sender, badge)
@@ -509,7 +510,7 @@ class Webmail:
 
     async def _badge(self, raw: bytes) -> render.AuthBadge | None:
         domains = {d.lower() for d in await asyncio.to_thread(self.accounts.list_domains)}
-        return render.auth_badge(raw[: raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)],
+        return render.auth_badge(header_section(raw),
                                  self.config.authserv_id, domains)
 
     async def _remote_allowed(self, s: WebSession, user: User, folder: str, uid: int, sender: str,
@@ -968,7 +969,7 @@ def _items(mb: Mailboxes, name: str, uids: list[int], extra: tuple[str, ...] = (
             raise
         except (StoreError, OSError):  # expunged meanwhile
             continue
-        info: dict[str, Any] = dict(render.summarize(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), extra))
+        info: dict[str, Any] = dict(render.summarize(to_crlf(head), extra))
         if not info["date"] and row.idate:  # no usable Date field: the arrival time (INTERNALDATE)
             info["date"] = datetime.fromtimestamp(row.idate).strftime("%Y-%m-%d %H:%M")
         info.update(uid=uid, seen=bool(row.flags & _SEEN), flagged=bool(row.flags & _FLAGGED), size=row.size)

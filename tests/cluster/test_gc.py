@@ -23,6 +23,7 @@ from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
 from postier.store.cluster.gc import collect, collect_orphans, mark  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
+from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
@@ -189,9 +190,10 @@ def test_listing_adopts_referenced_bodies_and_deletes_the_rest(cl: Cluster) -> N
     cl.bodies.put(msg("queued"))  # a queued message's body without a row
     cl.sql("INSERT INTO queue_messages (id, body, sender, created, size) VALUES ('q1', %s, '', 0, 1)",
            (sha("queued"),))
-    lost = cl.expunged_body("lost")  # its row lost: an orphan with a full-text row
-    cl.sql("DELETE FROM bodies WHERE hash = %s", (lost,))
+    lost = cl.expunged_body("lost")  # its row lost: an orphan; its full-text row went with the row
     assert cl.sql("SELECT 1 FROM body_text WHERE hash = %s", (lost,))
+    cl.sql("DELETE FROM bodies WHERE hash = %s", (lost,))
+    assert not cl.sql("SELECT 1 FROM body_text WHERE hash = %s", (lost,))  # ON DELETE CASCADE
     cl.bodies.put(msg("orphan"))  # uploaded, its row never committed
     other = hashlib.sha256(b"x").hexdigest()
     foreign = {"bodies/zz/not-a-hash", f"bodies/00/{other}", "elsewhere/x"}  # not body keys: never touched
@@ -234,6 +236,26 @@ def test_listing_is_bounded_per_run_and_goes_on_from_the_last_key(cl: Cluster) -
     assert cl.objects() == {body_key(sha("kept"))}
     cl.read_back(uid, "kept")
 
+
+
+def test_a_database_made_before_the_full_text_cascade_gets_it_once(cl: Cluster) -> None:
+    """`body_text` rows were once deleted by gc by hand, with no foreign key: `ensure_schema` drops the
+    rows of bodies without a `bodies` row, adds the key (ON DELETE CASCADE), and finds it the next time."""
+    digest = cl.expunged_body("old")
+    stray = hashlib.sha256(b"stray").hexdigest()
+    fk = "SELECT conname FROM pg_constraint WHERE conrelid = 'body_text'::regclass AND contype = 'f'"
+    [(name,)] = cl.sql(fk)
+    cl.sql(f'ALTER TABLE body_text DROP CONSTRAINT "{name}"')  # as an older postier made the table
+    cl.sql("INSERT INTO body_text SELECT %s, version, exact, subject, hfrom, hto, hcc, hbcc, leaves, headers, "
+           '"inner" FROM body_text WHERE hash = %s', (stray, digest))
+    with gc_conn(cl) as conn:
+        ensure_schema(conn)
+        ensure_schema(conn)  # the second start: nothing left to do
+    assert len(cl.sql(fk)) == 1
+    assert {h for (h,) in cl.sql("SELECT hash FROM body_text WHERE hash IN (%s, %s)", (digest, stray))} == {digest}
+    with gc_conn(cl) as conn:
+        assert collect(conn, cl.bodies, grace=ANY_AGE) == 1
+    assert not cl.sql("SELECT 1 FROM body_text WHERE hash = %s", (digest,))  # went with its bodies row
 
 # -- the table pass raced by an upload ---------------------------------------------------------------
 

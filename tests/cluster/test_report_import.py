@@ -3,7 +3,8 @@ tables: the DMARC results and TLS outcomes it recorded (with the real recording 
 reported yet, and the reports it received. The cluster's report job then sends them once; what the
 node had sent already is not sent again, what has expired is not copied; a rerun copies nothing;
 two imports at once copy each row once and sum the TLS counts exactly; a TLS row that grew since
-the last import adds only its increase."""
+the last import adds only its increase. The node's log of reports sent is copied too, each entry
+once (a rerun, two imports at once), and listed among the cluster's own by time."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import psycopg  # noqa: E402
 
 from postier.accounts import Accounts  # noqa: E402
 from postier.mailauth import tlsrpt  # noqa: E402
-from postier.mailauth.reports import DAY, ReportStore, extract_reports  # noqa: E402
+from postier.mailauth.reports import DAY, ReportStore, build_reports, extract_reports  # noqa: E402
 from postier.mailauth.tlsrpt import TLSReportStore  # noqa: E402
 from postier.pipeline.jobs import ReportJob  # noqa: E402
 from postier.pipeline.mailauth import InboundAuth  # noqa: E402
@@ -31,7 +32,7 @@ from postier.store.cluster.importer import Outcome, copy_reports  # noqa: E402
 from postier.store.cluster.reports import PGReportStorage  # noqa: E402
 from tests.deliverability.common import make_config  # noqa: E402
 from tests.deliverability.test_hook import TXT, message, run, signed  # noqa: E402
-from tests.deliverability.test_reports import FakeQueue  # noqa: E402
+from tests.deliverability.test_reports import FakeQueue, evaluation  # noqa: E402
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
@@ -135,8 +136,13 @@ def test_import_then_the_cluster_sends_each_report_once(tmp_path: Path, node: tu
     assert "DMARC results not reported yet: 0 copied, 4 unchanged" in second, second
     assert "TLS sessions not reported yet: 0 copied, 5 unchanged" in second, second
     assert "DMARC reports received: 0 copied, 1 unchanged" in second, second
+    assert "DMARC reports sent (log): 1 copied, 0 unchanged" in first, first  # its job's a.test report
+    assert "TLS reports sent (log): 1 copied, 0 unchanged" in first, first
+    assert "DMARC reports sent (log): 0 copied, 1 unchanged" in second, second
+    assert "TLS reports sent (log): 0 copied, 1 unchanged" in second, second
     again = n.cli("cluster", "import-accounts", "--from", str(data)).stdout  # a rerun: nothing
     assert "TLS sessions not reported yet: 0 copied, 5 unchanged" in again and " 4 copied" not in again, again
+    assert "DMARC reports sent (log): 0 copied, 1 unchanged" in again, again
 
     queue = FakeQueue()
     job, dmarc, tls = cluster_job(tmp_path, dsn, queue)
@@ -158,9 +164,18 @@ def test_import_then_the_cluster_sends_each_report_once(tmp_path: Path, node: tu
     finally:
         dmarc.close()
         tls.close()
+    # `postier dmarc sent` on the cluster: the node's report (sent the day before), then the cluster's
+    listed = [line.split("\t")[1:5] for line in n.cli("dmarc", "sent").stdout.splitlines()]
+    assert listed == [["a.test", "dmarc@a.test", "1 message(s)", "queued"],
+                      ["a.test", "dmarc@a.test", "3 message(s)", "queued"],
+                      ["q.test", "dmarc@q.test", "1 message(s)", "queued"]], listed
+    tls_sent = [line.split("\t")[1:5] for line in n.cli("tls", "reports", "--sent").stdout.splitlines()]
+    assert tls_sent == [["b.test", "tls@b.test", "2 ok, 0 failed", "queued"],
+                        ["b.test", "tls@b.test", "4 ok, 1 failed", "queued"]], tls_sent
     # an import after the cluster sent them: nothing again (the notes outlive the rows)
     again = n.cli("cluster", "import-accounts", "--from", str(data)).stdout
     assert "DMARC results not reported yet: 0 copied, 4 unchanged" in again, again
+    assert "DMARC reports sent (log): 0 copied, 1 unchanged" in again, again
     job, dmarc, tls = cluster_job(tmp_path, dsn, queue)
     try:
         assert asyncio.run(job.run_once()) == [] and len(queue.sent) == 3
@@ -260,3 +275,126 @@ def test_the_day_bound_holds_for_imported_outcomes(tmp_path: Path, pg: PgServer,
         live.close()
     assert (out.copied["tls_sessions"], out.skipped["tls_sessions"]) == (2, 3)
     assert pg_sessions(dsn) == [(TODAY - 1, "", 3)]
+
+
+def node_job(data: Path, dmarc: ReportStore, tls: TLSReportStore, now: float) -> ReportJob:
+    """The single machine's own report job, over its files (as `single_node` runs it)."""
+    tls_dns = FakeResolver()
+    tls_dns.add("_smtp._tls.b.test", "TXT", "v=TLSRPTv1; rua=mailto:tls@b.test")
+    return ReportJob(make_config(data, hostname="mx.b.test"), lambda: ["b.test"], FakeQueue(), dmarc, tls_dns,
+                     clock=lambda: now, tls=tls)
+
+
+def test_the_log_of_reports_sent_is_copied_once_and_listed_by_time(tmp_path: Path, pg: PgServer) -> None:
+    """The node's log of reports sent (by its own report job) is copied, each entry with its time,
+    and listed among the cluster's own by time; a rerun copies nothing; entries the node logged
+    since (it was not stopped) are copied alone at the next import."""
+    dsn = pg.create_db()
+    resolver = sender_dns()
+    data = single_node(tmp_path, resolver)
+    node_dmarc, node_tls = ReportStore(data / "dmarc.sqlite"), TLSReportStore(data / "tlsrpt.sqlite")
+    queue = FakeQueue()
+    job, dmarc, tls = cluster_job(tmp_path, dsn, queue)
+    try:
+        # the cluster sent reports of its own, today, before the import
+        record_mail(tmp_path, dmarc, resolver, (TODAY - 1) * DAY + 700, signed(message()))
+        record_sessions(tls, (TODAY - 1) * DAY + 700, 1, 0)
+        assert sorted(asyncio.run(job.run_once())) == [("a.test", "dmarc@a.test"), ("b.test", "tls@b.test")]
+        cluster_dmarc, cluster_tls = dmarc.sent(), tls.sent()
+        before_dmarc, before_tls = node_dmarc.sent(), node_tls.sent()
+        assert [(d, rua, n, status) for _, d, _, rua, n, status in before_dmarc] == [
+            ("a.test", "dmarc@a.test", 1, "queued")]
+        assert [(s.domain, s.rua, s.status) for s in before_tls] == [("b.test", "tls@b.test", "queued")]
+
+        out = Outcome()
+        copy_reports(data, dmarc, tls, time.time(), out)
+        assert (out.copied["dmarc_sent"], out.unchanged["dmarc_sent"]) == (1, 0)
+        assert (out.copied["tls_sent"], out.unchanged["tls_sent"]) == (1, 0)
+        assert "DMARC reports sent (log): 1 copied, 0 unchanged" in out.lines()
+        # the node's entries are the same (report id, time and all), before the cluster's later ones
+        assert dmarc.sent() == before_dmarc + cluster_dmarc and tls.sent() == before_tls + cluster_tls
+
+        out = Outcome()  # a rerun: nothing
+        copy_reports(data, dmarc, tls, time.time(), out)
+        assert (out.copied["dmarc_sent"], out.unchanged["dmarc_sent"]) == (0, 1)
+        assert (out.copied["tls_sent"], out.unchanged["tls_sent"]) == (0, 1)
+        assert dmarc.sent() == before_dmarc + cluster_dmarc and tls.sent() == before_tls + cluster_tls
+
+        # the node was not stopped: its job ran again at midnight and logged yesterday's reports (and
+        # the TLS report of the day too old to import, which it had not sent either)
+        assert sorted(asyncio.run(node_job(data, node_dmarc, node_tls, TODAY * DAY + 30).run_once())) == [
+            ("a.test", "dmarc@a.test"), ("b.test", "tls@b.test"), ("b.test", "tls@b.test"), ("q.test", "dmarc@q.test")]
+        later_dmarc, later_tls = node_dmarc.sent()[1:], node_tls.sent()[1:]
+        out = Outcome()
+        copy_reports(data, dmarc, tls, time.time(), out)
+        assert (out.copied["dmarc_sent"], out.unchanged["dmarc_sent"]) == (2, 1)
+        assert (out.copied["tls_sent"], out.unchanged["tls_sent"]) == (2, 1)
+        assert dmarc.sent() == before_dmarc + later_dmarc + cluster_dmarc  # by time: 00:00:30, then 00:01
+        assert tls.sent() == before_tls + later_tls + cluster_tls
+    finally:
+        node_dmarc.close()
+        node_tls.close()
+        dmarc.close()
+        tls.close()
+
+
+def pg_count(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT COUNT(*) FROM {table}".encode()).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_two_imports_at_once_copy_each_entry_of_the_log_once(tmp_path: Path, pg: PgServer) -> None:
+    """Two imports of the same files at once: they take turns, and each entry of the node's log of
+    reports sent is copied once, as it was."""
+    dsn = pg.create_db()
+    data = tmp_path / "d"
+    data.mkdir()
+    src_dmarc, src_tls = ReportStore(data / "dmarc.sqlite"), TLSReportStore(data / "tlsrpt.sqlite")
+    n = 150
+    for i in range(n):  # a node that sent reports for a while: entries of every status
+        at = (TODAY - 1) * DAY - i * 600
+        [out] = build_reports([(1, evaluation(at - 100, f"192.0.2.{i % 200}", i % 3 > 0))], org_name="mx.b.test",
+                              email="postmaster@b.test", submitter="mx.b.test", end=int(at))
+        src_dmarc.log_sent(out, f"d{i}@a.test", ("queued", "too-big", "not-authorized")[i % 3], at)
+        outcome = tlsrpt.SessionResult(tlsrpt.TLSPolicy(tlsrpt.STS, "b.test", ("version: STSv1",)), "", "192.0.2.1")
+        [rep] = tlsrpt.build_reports([(int(at // DAY), outcome, i + 1)], org_name="mx.b.test",
+                                     contact="postmaster@b.test", submitter="mx.b.test", end=int(at))
+        src_tls.log_sent(rep, f"https://r{i}.b.test/" if i % 2 else f"tls{i}@b.test",
+                         "post-failed" if i % 2 else "queued", at)
+    expected_dmarc, expected_tls = src_dmarc.sent(), src_tls.sent()
+    assert len(expected_dmarc) == len(expected_tls) == n
+    src_dmarc.close()
+    src_tls.close()
+    outcomes: list[Outcome] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def import_() -> None:
+        out = Outcome()
+        dmarc, tls = ReportStore(PGReportStorage(dsn, "dmarc")), tls_store(dsn)
+        try:
+            start.wait(30)
+            copy_reports(data, dmarc, tls, time.time(), out)
+            outcomes.append(out)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            dmarc.close()
+            tls.close()
+    threads = [threading.Thread(target=import_) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(outcomes) == 2
+    for kind in ("dmarc_sent", "tls_sent"):
+        assert sorted((o.copied[kind], o.unchanged[kind]) for o in outcomes) == [(0, n), (n, 0)], kind
+    assert pg_count(dsn, "dmarc.report_out") == pg_count(dsn, "tlsrpt.report_out") == n
+    dmarc, tls = ReportStore(PGReportStorage(dsn, "dmarc")), tls_store(dsn)
+    try:
+        assert dmarc.sent() == expected_dmarc and tls.sent() == expected_tls
+    finally:
+        dmarc.close()
+        tls.close()

@@ -23,7 +23,8 @@ import pytest
 from postier.message.bodystructure import body_structure
 from postier.message.envelope import envelope_bytes
 from postier.message.matching import SearchContext, evaluate
-from postier.message.mime import UnknownCTE, parse_message, to_crlf
+from postier.message.mime import UnknownCTE, parse_message
+from postier.proto.crlf import to_crlf
 from postier.message.sections import binary_section, body_section, partial
 from postier.message.sorting import SortItem, sort_fields, sort_messages
 from postier.message.threading import thread_orderedsubject, thread_references

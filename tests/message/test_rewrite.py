@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from postier.antispam.rspamd import parse_check_reply
-from postier.message.rewrite import RewrittenBody, header_section, remove_fields
+from postier.message.mime import header_section
+from postier.message.rewrite import RewrittenBody, remove_fields
 from postier.message.types import MessageBody
 
 HEAD = (b"Received: one\r\nX-Spam: a\r\n folded a\r\nSubject: hi\r\nx-spam: b\r\nX-SPAM: c\r\n\r\n")

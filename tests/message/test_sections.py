@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from postier.message.mime import UnknownCTE, parse_message, to_crlf
+from postier.message.mime import UnknownCTE, parse_message
+from postier.proto.crlf import to_crlf
 from postier.message.sections import binary_section, body_section, find_part, partial
 from postier.proto.imap import Fetch, Section, parse_command
 

@@ -259,6 +259,7 @@ def test_move_to_a_folder(inst: Instance, browser: webdriver.Chrome) -> None:
     row.find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
     Select(browser.find_element(By.ID, "dest")).select_by_visible_text("Archive")
     browser.find_element(By.CSS_SELECTOR, "button[value=move]").click()
+    wait(browser).until(EC.staleness_of(row))  # the page before the move is gone (its row with it)
     wait(browser).until(EC.presence_of_element_located((By.ID, "folder-name")))
     assert "plain hello" not in browser.page_source
     browser.get(url(inst, "/mail/folder?f=Archive"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .errors import ProtocolError, UsageError
+from ..crlf import to_crlf
 
 _REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")  # RFC 5321 §4.2 Reply-line
 _ENHANCED: Final = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: |$)")  # RFC 2034 §4, RFC 3463 §2
@@ -199,11 +200,7 @@ class ClientConnection:
         self._cr = b""
         if not final and data.endswith(b"\r"):
             data, self._cr = data[:-1], b"\r"
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-            # RFC 5321 §2.3.8: every bare CR or LF becomes CRLF
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        return data
+        return to_crlf(data, bare_cr=True)  # RFC 5321 §2.3.8: every bare CR or LF becomes CRLF
 
     def send_message_data(self, chunk: bytes) -> None:
         """Message content after the 354 reply to DATA; any chunking, any line endings."""

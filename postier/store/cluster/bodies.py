@@ -48,6 +48,7 @@ import botocore.config
 import botocore.exceptions
 
 from ..errors import MessageGone, StoreUnavailable
+from ...proto.crlf import bare_lf
 
 __all__ = ["BodyStore", "SpooledSource", "body_digest", "body_key"]
 
@@ -99,8 +100,7 @@ class SpooledSource:
         prev_cr = False
         for offset in range(0, self.size, READ_CHUNK):
             piece = self.read_at(offset, READ_CHUNK)
-            pairs = piece.count(b"\r\n") + (1 if prev_cr and piece[:1] == b"\n" else 0)
-            if piece.count(b"\n") != pairs:
+            if bare_lf(piece, prev_cr):
                 return False
             prev_cr = piece[-1:] == b"\r"
         return True

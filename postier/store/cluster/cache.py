@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from ...message.mime import header_end
 from ..index import CACHE_ITEM_LIMIT
 
 __all__ = ["DDL", "get", "get_heads", "has_head", "head_of", "put", "put_heads"]
@@ -84,13 +85,10 @@ def head_of(data: bytes, complete: bool = True) -> bytes | None:
     the first CRLF CRLF (RFC 5322 §2.1), or the whole body when it has none. `data` may be only the
     body's first bytes (`complete` False): without the empty line in them, the block is unknown
     (None). None too for a block over CACHE_ITEM_LIMIT, which is not kept."""
-    i = data.find(b"\r\n\r\n")
-    if i >= 0:
-        head = data[: i + 4]
-    elif complete:
-        head = data
-    else:
+    end = header_end(data)
+    if end < 0 and not complete:
         return None
+    head = data[:end] if end >= 0 else data
     return head if len(head) <= CACHE_ITEM_LIMIT else None
 
 

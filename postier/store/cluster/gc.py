@@ -7,9 +7,9 @@ or by a queued message (`queue_messages`).
 
 `collect` works from the table: it takes, row-locked (`FOR UPDATE SKIP LOCKED`, so several nodes may
 run it at once), bodies that no message refers to and that were last uploaded more than `grace`
-seconds ago, deletes their objects and then their rows (and their full-text rows, `body_text`) in
-the same transaction; their parsed views and header blocks go with the rows (ON DELETE CASCADE,
-store.cluster.cache). An upload of the same body meanwhile waits on that row lock in `mark`, then
+seconds ago, deletes their objects and then their rows in the same transaction; their full-text rows
+(`body_text`, store.cluster.fulltext), parsed views and header blocks (store.cluster.cache) go with
+the rows (ON DELETE CASCADE, store.cluster.schema). An upload of the same body meanwhile waits on that row lock in `mark`, then
 inserts a new row and uploads again, so a committed message never refers to a deleted object; an
 upload whose mark committed first has renewed `last_put`, which the locking SELECT rechecks. `grace`
 must exceed the longest time between a mark and the commit of its message (seconds in practice; the
@@ -71,8 +71,8 @@ def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> None:
     """The objects, then their rows: in the caller's transaction, which holds the rows."""
     for digest in found:
         bodies.delete(digest)
-    conn.execute("DELETE FROM body_text WHERE hash = ANY(%s)", (found,))  # store.cluster.fulltext
-    conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))  # body_views go with them (cache.py)
+    # body_text, body_views and body_heads go with them (ON DELETE CASCADE)
+    conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))
 
 
 @dataclass(frozen=True)

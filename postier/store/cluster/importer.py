@@ -22,7 +22,7 @@ maildir` move it.
 recorded but had not reported yet is reported by the cluster's daily job: the DMARC results not
 reported yet, the TLS outcomes still counted (added to the shared counts) and the reports others
 sent it (the admin console and `postier dmarc|tls reports` show them). The rules are the stores'
-(`ReportStore.import_from`, `TLSReportStore.import_from`): the live retention (nothing older than
+(`ReportDB.import_from`, written once for both): the live retention (nothing older than
 KEEP_DAYS) and the days' bounds of distinct DMARC results and TLS outcomes hold, what the node
 already sent is not copied. A rerun copies nothing: the rows have no natural key (a DMARC result
 and a TLS outcome are running counts), so the source file is given a random id once (its
@@ -31,7 +31,9 @@ file written before them gets when it is opened) and PostgreSQL notes, in the tr
 copies them, each row copied by that id and row id with its count (only a later increase would be
 added). Two imports of the same file at once take turns on an advisory lock named by that id.
 Received reports are kept once per (organization, report id), as when they arrive. The log of
-reports the node sent is not copied.
+reports the node sent (`report_out`: what `postier dmarc sent` and `postier tls reports --sent`
+list) is copied whole, each entry with its time, noted in the same way by the file's id and its row
+id (a count of 1), so a rerun copies only what the node logged since.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from typing import Any
 import psycopg
 
 from ...mailauth.keys import KeyError_, KeyStore
-from ...mailauth.reportdb import ImportTally
+from ...mailauth.reportdb import ImportTally, ReportDB
 from ...mailauth.reports import ReportStore
 from ...mailauth.tlsrpt import TLSReportStore
 from ...message.types import AccountError, User
@@ -71,9 +74,10 @@ _TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
 }
 KINDS = ("domains", "users", "aliases", "settings", "dkim_keys", "sieve_scripts", "sieve_tracking")
 #: what `copy_reports` copies, in the order printed
-REPORT_KINDS = ("dmarc_results", "dmarc_reports", "tls_sessions", "tls_reports")
+REPORT_KINDS = ("dmarc_results", "dmarc_reports", "dmarc_sent", "tls_sessions", "tls_reports", "tls_sent")
 _REPORT_LABEL = {"dmarc_results": "DMARC results not reported yet", "dmarc_reports": "DMARC reports received",
-                 "tls_sessions": "TLS sessions not reported yet", "tls_reports": "TLS reports received"}
+                 "dmarc_sent": "DMARC reports sent (log)", "tls_sessions": "TLS sessions not reported yet",
+                 "tls_reports": "TLS reports received", "tls_sent": "TLS reports sent (log)"}
 _LABEL = {"domains": "domain", "users": "user", "aliases": "alias", "settings": "setting",
           "dkim_keys": "DKIM key", "sieve_scripts": "Sieve script", "sieve_tracking": "Sieve tracking entry"}
 #: the single-machine columns an older accounts file may lack, with the values its migration gives them
@@ -305,21 +309,23 @@ def copy_reports(data_dir: Path, dmarc: ReportStore, tls: TLSReportStore, now: f
     (cluster mode's, in PostgreSQL; see the module docstring); a file that is not there holds
     nothing. Each store's copy is one transaction. `now` decides what has expired."""
     try:
-        if (data_dir / DMARC_FILE).is_file():
-            src = ReportStore(data_dir / DMARC_FILE)
-            try:
-                results, received = dmarc.import_from(src, now)
-            finally:
-                src.close()
-            out.add("dmarc_results", results)
-            out.add("dmarc_reports", received)
-        if (data_dir / TLS_FILE).is_file():
-            tsrc = TLSReportStore(data_dir / TLS_FILE)
-            try:
-                sessions, treceived = tls.import_from(tsrc, now)
-            finally:
-                tsrc.close()
-            out.add("tls_sessions", sessions)
-            out.add("tls_reports", treceived)
+        _copy_store(data_dir / DMARC_FILE, ReportStore, dmarc, now, out, ("dmarc_results", "dmarc_reports", "dmarc_sent"))
+        _copy_store(data_dir / TLS_FILE, TLSReportStore, tls, now, out, ("tls_sessions", "tls_reports", "tls_sent"))
     except sqlite3.Error as exc:
         raise AccountError(f"cannot copy the report files of {data_dir}: {exc}") from None
+
+
+def _copy_store[S: ReportDB[Any]](path: Path, open_: Callable[[Path], S], target: S, now: float, out: Outcome,
+                                  kinds: tuple[str, str, str]) -> None:
+    """The report file `path` (when there is one) into `target` (`ReportDB.import_from`), its
+    counted rows, received reports and log of reports sent counted in `out` as `kinds`."""
+    if not path.is_file():
+        return
+    src = open_(path)
+    sent = ImportTally()
+    try:
+        counted, received = target.import_from(src, now, sent)
+    finally:
+        src.close()
+    for kind, tally in zip(kinds, (counted, received, sent), strict=True):
+        out.add(kind, tally)

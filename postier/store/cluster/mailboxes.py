@@ -32,6 +32,8 @@ import psycopg
 import psycopg_pool
 
 from ...message.types import MEMORY_DATA_LIMIT, User
+from ...message.mime import header_end, header_section
+from ...proto.crlf import to_crlf
 from ..api import CopyResult, FlagTable, FolderInfo, FolderSnapshot, MessageRow, PopMessage, StatusInfo, StoreResult
 from ..errors import (
     MailboxExists,
@@ -86,10 +88,6 @@ def _quota_key(owner: str) -> int:
 def _row(r: tuple[Any, ...]) -> MessageRow:
     # base is the body's SHA-256: the key in the object store (no Maildir file, no line-end question)
     return MessageRow(r[0], r[1], 0, "", r[2], r[3], r[4], r[5], r[6], 0)
-
-
-def _to_crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _op[**P, R](fn: Callable[Concatenate[ClusterMailboxes, P], R]) -> Callable[Concatenate[ClusterMailboxes, P], R]:
@@ -490,7 +488,7 @@ class ClusterMailboxes:
             return kept[:limit]  # what the reads below give: the block, cut at `limit`
         want = min(16384, limit)
         head = self.bodies.get(row.base, want)
-        if b"\r\n\r\n" not in head and len(head) >= want and limit > want:
+        if header_end(head) < 0 and len(head) >= want and limit > want:
             want = limit
             head = self.bodies.get(row.base, limit)
         block = views.head_of(head, complete=len(head) < want)  # shorter than asked: the whole body
@@ -500,8 +498,7 @@ class ClusterMailboxes:
                 full = len(self._new_heads) >= _HEADS_PENDING
             if full:
                 self._flush_heads()
-        i = head.find(b"\r\n\r\n")
-        return head[: i + 4] if i >= 0 else head
+        return header_section(head)
 
     def peek_header(self, name: str, row: MessageRow, limit: int = 16384) -> bytes | None:
         """The kept header block when it has one of at most `limit` bytes, else None (the caller
@@ -729,9 +726,7 @@ class ClusterMailboxes:
             elif isinstance(item, SpooledSource):
                 digest, size = self._put_body(item), item.size
             else:
-                data = item
-                if b"\n" in data.replace(b"\r\n", b""):
-                    data = _to_crlf(data)
+                data = to_crlf(item)
                 digest, size = self._put_body(data), len(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((digest, size, bits, kws, idate))
@@ -790,8 +785,7 @@ class ClusterMailboxes:
             if isinstance(data, SpoolFile):  # a large message, uploaded from its file
                 digest, size = self._put_spooled(data)
             else:
-                if b"\n" in data.replace(b"\r\n", b""):
-                    data = _to_crlf(data)
+                data = to_crlf(data)
                 digest, size = self._put_body(data), len(data)
             idate = int(internal_date) if internal_date is not None else int(time.time())
             prepared.append((uid, digest, size, bits, kws, idate))

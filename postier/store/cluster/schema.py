@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS gc_state (
 );
 INSERT INTO gc_state (one) VALUES (true) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS body_text (
-    hash text PRIMARY KEY,
+    hash text PRIMARY KEY REFERENCES bodies(hash) ON DELETE CASCADE,
     version smallint NOT NULL,
     exact boolean NOT NULL,
     subject text NOT NULL,
@@ -220,6 +220,19 @@ ACCOUNTS_LOCK = 0x706F7375  # pg_advisory_xact_lock key of account writes
 # sieve_tracking.key is bytea: the keys hold NULs (pipeline/sieve.py), which a text column refuses.
 
 
+def _body_text_cascade(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Migration of a database made before `body_text` referred to `bodies` (its rows were deleted by
+    cluster gc by hand): the rows of bodies without a `bodies` row go (a search's catch-up writes them
+    again once the body is adopted, store.cluster.fulltext), then the foreign key is added, so that gc's
+    delete of a `bodies` row takes its full-text row along, as it takes `body_views` and `body_heads`.
+    Done once: later starts find the constraint."""
+    if conn.execute("SELECT 1 FROM pg_constraint WHERE conrelid = 'body_text'::regclass AND contype = 'f'"
+                    ).fetchone() is not None:
+        return
+    conn.execute("DELETE FROM body_text t WHERE NOT EXISTS (SELECT 1 FROM bodies b WHERE b.hash = t.hash)")
+    conn.execute("ALTER TABLE body_text ADD FOREIGN KEY (hash) REFERENCES bodies(hash) ON DELETE CASCADE")
+
+
 def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Create the tables when missing (idempotent; safe from several nodes at once)."""
     with conn.transaction():
@@ -227,6 +240,7 @@ def ensure_schema(conn: psycopg.Connection[tuple[object, ...]]) -> None:
         for stmt in _DDL.split(";"):
             if stmt.strip():
                 conn.execute(stmt.encode())
+        _body_text_cascade(conn)
         create_index(conn)  # the trigram index of body_text (store.cluster.fulltext)
         # UIDVALIDITY values start at the current time, as the Maildir store's do, so that a
         # mailbox moved between modes gets a new, larger one (RFC 9051 §2.3.1.1).
