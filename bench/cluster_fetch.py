@@ -9,8 +9,9 @@ folder's UIDNEXT and HIGHESTMODSEQ set to match), so that a large folder costs s
 Two nodes (127.0.0.2 and .3) serve it. On node A one IMAP session selects INBOX and runs each
 command --repeat times; for each, pg_stat_statements is reset before the last run and read after it
 (statements of the benchmark's database, BEGIN/COMMIT/ROLLBACK counted apart), and the median
-wall time of the runs is printed. "after B's STORE" runs follow one STORE +FLAGS on node B
-(a flag change by another node, which A's next FETCH must show).
+wall time of the runs is printed. Runs named "B: ..." follow a command of session B on node B
+(not timed, not counted): a flag change, an APPEND (A's NOOP then takes in the new message) or an
+EXPUNGE (A, not told of it, answers for the messages still there), which A's next FETCH must show.
 
     .venv/bin/python -m bench cluster-fetch [--messages 20000] [--repeat 5]
 """
@@ -103,9 +104,12 @@ def _imap(inst: Instance) -> imaplib.IMAP4:
 
 
 def _measure(label: str, admin: psycopg.Connection[Any], run: Callable[[], object], repeat: int,
-             verbose: bool) -> None:
+             verbose: bool, before: Callable[[], object] | None = None) -> None:
+    """`run` timed `repeat` times, each after `before` (not timed, not counted)."""
     times = []
     for k in range(repeat):
+        if before is not None:
+            before()
         if k == repeat - 1:
             admin.execute("SELECT pg_stat_statements_reset()")
         t = time.perf_counter()
@@ -170,26 +174,41 @@ def main(argv: list[str]) -> int:
                         return data
                     return run
 
-                def after_store(*cmd: str) -> Callable[[], object]:
-                    flip = iter(range(10**6))
+                flip = iter(range(10**6))
 
+                def b_store() -> None:
+                    typ, _d = b.store("1", "-FLAGS" if next(flip) % 2 else "+FLAGS", "(\\Flagged)")
+                    assert typ == "OK"
+
+                def b_append() -> None:
+                    assert b.append("INBOX", None, None, _message(n))[0] == "OK"
+
+                def b_expunge() -> None:
+                    top = int(b.select("INBOX")[1][0] or 0)
+                    assert b.store(str(top - 1), "+FLAGS", "(\\Deleted)")[0] == "OK"
+                    assert b.expunge()[0] == "OK"
+
+                def a_noop_fetch(*cmd: str) -> Callable[[], object]:
                     def run() -> object:
-                        typ, _d = b.store("1", "-FLAGS" if next(flip) % 2 else "+FLAGS", "(\\Flagged)")
-                        assert typ == "OK"
+                        assert a.noop()[0] == "OK"
                         return fetch(*cmd)()
                     return run
 
-                print(f"{'':<48} (each: the last of {args.repeat} runs; PostgreSQL's counts include B's STORE "
-                      "where named)")
                 r = args.repeat
+                print(f"{'':<48} (each: the last of {args.repeat} runs; node B's command before each run is "
+                      "neither timed nor counted)")
                 _measure("FETCH 1 (FLAGS)", admin, fetch("1", "(FLAGS)"), r, args.verbose)
                 _measure(f"FETCH 1,{n} (FLAGS)", admin, fetch(f"1,{n}", "(FLAGS)"), r, args.verbose)
                 _measure("FETCH 1:* (FLAGS)", admin, fetch("1:*", "(FLAGS)"), r, args.verbose)
                 _measure("FETCH 1:* (FLAGS MODSEQ)", admin, fetch("1:*", "(FLAGS MODSEQ)"), r, args.verbose)
                 _measure("FETCH 1:* (FLAGS) (CHANGEDSINCE high)", admin, fetch("1:*", "(FLAGS) (CHANGEDSINCE 1000000)"),
                          r, args.verbose)
-                _measure("B: STORE 1 FLAGS; A: FETCH 1:* (FLAGS)", admin, after_store("1:*", "(FLAGS)"), r,
-                         args.verbose)
+                _measure("B: STORE; A: FETCH 1:* (FLAGS)", admin, fetch("1:*", "(FLAGS)"), r, args.verbose, b_store)
+                _measure("B: APPEND; A: NOOP, FETCH 1:* (FLAGS)", admin, a_noop_fetch("1:*", "(FLAGS)"), r,
+                         args.verbose, b_append)
+                _measure("B: EXPUNGE; A: FETCH 1:* (FLAGS)", admin, fetch("1:*", "(FLAGS)"), r, args.verbose,
+                         b_expunge)
+                _measure("A: NOOP, FETCH 1:* (FLAGS)", admin, a_noop_fetch("1:*", "(FLAGS)"), r, args.verbose)
                 _measure("FETCH 1:10 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])", admin,
                          fetch("1:10", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"), r, args.verbose)
                 _measure("FETCH 1:10 (ENVELOPE)", admin, fetch("1:10", "(ENVELOPE)"), r, args.verbose)

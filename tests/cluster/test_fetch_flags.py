@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import random
+import threading
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,9 +197,9 @@ def test_header_blocks_are_read_only_for_what_the_batch_answers(
 
 def _command(c: imaplib.IMAP4, line: str) -> list[bytes]:
     """The untagged lines of one command (after checking its OK), literals left out."""
-    tag = c._new_tag().decode()  # type: ignore[attr-defined]
+    tag = c._new_tag().decode()
     c.send(f"{tag} {line}\r\n".encode())
-    out = []
+    out: list[bytes] = []
     while True:
         got = c.readline()
         if got.startswith(tag.encode()):
@@ -268,5 +269,58 @@ def test_two_sessions_on_two_nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -
         for c in (ca, cb):
             c.logout()
     finally:
-        for n in nodes:
-            n.stop()
+        for inst in nodes:
+            inst.stop()
+
+
+def test_fetches_on_node_a_while_node_b_writes_at_the_same_time(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
+    """Session B (node 2) adds keywords, appends and expunges from a thread while session A (node 1)
+    fetches every message's flags over and over: each message's flags and MODSEQ only grow from one
+    of A's answers to the next (B only adds), a message gone from an answer never comes back, and
+    after B stops A's answer at its next sync point is what PostgreSQL holds."""
+    dsn = pg.create_db()
+    nodes: list[Instance] = _nodes(tmp_path, dsn, s3)
+    try:
+        ca, cb = imap(nodes[0]), imap(nodes[1])
+        for n in range(20):
+            assert cb.append("INBOX", None, None, msg(n))[0] == "OK"
+        assert ca.select("INBOX")[1] == [b"20"] and cb.select("INBOX")[0] == "OK"
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                for k in range(30):
+                    assert cb.uid("STORE", str(k % 20 + 1), "+FLAGS", f"($K{k})")[0] == "OK"
+                    if k % 7 == 3:
+                        assert cb.append("INBOX", None, None, msg(f"w{k}"))[0] == "OK"
+                    if k % 10 == 5:
+                        u = str(k // 10 * 6 + 2)
+                        assert cb.uid("STORE", u, "+FLAGS", "(\\Deleted)")[0] == "OK"
+                        assert cb.uid("EXPUNGE", u)[0] == "OK"
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=write)
+        t.start()
+        last: dict[int, tuple[set[bytes], int]] = {}
+        gone: set[int] = set()
+        rounds = 0
+        while (t.is_alive() or rounds == 0) and rounds < 300:
+            got = {u: (set(f.split()), m) for u, f, m in _answer(ca, "FETCH 1:* (UID FLAGS MODSEQ)").values()}
+            assert not gone & set(got)
+            for u, (flags, modseq) in got.items():
+                if u in last:
+                    assert last[u][0] <= flags and last[u][1] <= modseq, (u, last[u], flags, modseq)
+            gone |= set(last) - set(got)
+            last = got
+            rounds += 1
+        t.join(60)
+        assert not errors and not t.is_alive()
+        _command(ca, "NOOP")  # A's sync point
+        final = {u: (f, m) for u, f, m in _answer(ca, "FETCH 1:* (UID FLAGS MODSEQ)").values()}
+        assert final == _db_rows(dsn) and len(final) == 20 + 4 - 3
+        for c in (ca, cb):
+            c.logout()
+    finally:
+        for inst in nodes:
+            inst.stop()

@@ -79,6 +79,11 @@ class _State:
     keywords: tuple[str, ...]
     flagtab: FlagTable | None = None  # every message's flags, aligned with flagtab.uids (`flag_table`)
     flag_hms: int = 0  # the folder's HIGHESTMODSEQ when flagtab was last brought up to date
+    flag_gone: array[int] | None = None  # a UID list with a message expunged since: no table for it
+
+
+class _ViewGone(Exception):
+    """A message of the UID list a flag table was asked for is expunged (`flag_table`)."""
 
 
 def _quota_key(owner: str) -> int:
@@ -489,33 +494,35 @@ class ClusterMailboxes:
         again next time). Modseqs are always kept (`need_modseq` is for stores that build them late)."""
         n = normalize_name(name)
         st = self.states.get(n)
-        if st is None or st.uids is not view:
-            return None
+        if st is None or st.uids is not view or st.flag_gone is view:
+            return None  # the last: a message of it is gone for good, the rows answer without asking again
         with self._tx() as conn:
             r = conn.execute("SELECT highestmodseq, uidvalidity FROM folders WHERE id=%s", (st.fid,)).fetchone()
             if r is None or r[1] != st.uidvalidity:
                 return None
             hms = int(r[0])
             tab = st.flagtab
-            if tab is not None and (hms != st.flag_hms or tab.uids is not view):
-                tab = self._update_flags(conn, st.fid, tab, st.flag_hms, view)
-            if tab is None:
-                tab = self._build_flags(conn, st.fid, view)
+            try:
+                if tab is not None and (hms != st.flag_hms or tab.uids is not view):
+                    tab = self._update_flags(conn, st.fid, tab, st.flag_hms, view)
+                if tab is None:
+                    tab = self._build_flags(conn, st.fid, view)
+            except _ViewGone:
+                st.flagtab, st.flag_gone = None, view
+                return None
         st.flagtab, st.flag_hms = tab, hms
-        if tab is None:
-            return None
         assert tab.modseq is not None
         return FlagTable(tab.uids, array("B", tab.flags), dict(tab.keywords), array("Q", tab.modseq))
 
     @staticmethod
-    def _build_flags(conn: Conn, fid: int, view: array[int]) -> FlagTable | None:
-        """Every message's flags, read whole; None when a message of `view` is gone (UIDs above it
-        are new messages, not in the table)."""
+    def _build_flags(conn: Conn, fid: int, view: array[int]) -> FlagTable:
+        """Every message's flags, read whole (UIDs above `view` are new messages, not in the table);
+        _ViewGone when a message of `view` is gone."""
         n = len(view)
         rows = conn.execute("SELECT uid, flags, keywords, modseq FROM messages WHERE folder=%s AND uid <= %s "
                             "ORDER BY uid", (fid, view[-1] if n else 0)).fetchall()
         if len(rows) != n or any(r[0] != u for r, u in zip(rows, view, strict=True)):
-            return None
+            raise _ViewGone
         return FlagTable(view, array("B", [r[1] for r in rows]), {r[0]: r[2] for r in rows if r[2]},
                          array("Q", [r[3] for r in rows]))
 
@@ -523,8 +530,8 @@ class ClusterMailboxes:
     def _update_flags(conn: Conn, fid: int, tab: FlagTable, since: int, view: array[int]) -> FlagTable | None:
         """`tab` brought up to date with the changes after MODSEQ `since` and extended to `view` when
         that is its UIDs and new ones above them (one statement: the rows changed or new, and the
-        tombstones, from one snapshot); None when a message of `view` is gone, or `view` is not
-        such an extension (the caller then reads the table whole)."""
+        tombstones, from one snapshot); None when `view` is not such an extension (the caller then
+        reads the table whole); _ViewGone when a message of `view` is gone."""
         old, k = tab.uids, len(tab.uids)
         if view is not old and (len(view) < k or view[:k] != old):
             return None
@@ -544,14 +551,14 @@ class ClusterMailboxes:
             if i == k or old[i] != uid:
                 continue  # expunged before the table was made
             if gone:
-                return None
+                raise _ViewGone
             tab.flags[i], tab.modseq[i] = flags, modseq
             if kws:
                 tab.keywords[uid] = kws
             else:
                 tab.keywords.pop(uid, None)
         if len(added) != len(view) - k or any(r[0] != u for r, u in zip(added, view[k:], strict=True)):
-            return None
+            raise _ViewGone  # a new message of `view` expunged meanwhile
         if not added:
             return tab
         tab.flags.extend(r[1] for r in added)
