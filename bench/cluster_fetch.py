@@ -5,7 +5,8 @@ postier/store/cluster/mailboxes.py).
 A throwaway PostgreSQL 15 (fsync off, pg_stat_statements loaded) and moto's S3 server (a process of
 its own) hold one user's INBOX of N messages: 100 distinct ones appended through a ClusterStore in
 this process, then N - 100 more rows made by one INSERT that refer to those bodies in turn (the
-folder's UIDNEXT and HIGHESTMODSEQ set to match), so that a large folder costs seconds to make.
+folder's UIDNEXT and HIGHESTMODSEQ set to match), so that a large folder costs seconds to make;
+and a folder "Big" of 600 messages with header blocks of 30 KB (a FETCH batch holds about 70).
 Two nodes (127.0.0.2 and .3) serve it. On node A one IMAP session selects INBOX and runs each
 command --repeat times; for each, pg_stat_statements is reset before the last run and read after it
 (statements of the benchmark's database, BEGIN/COMMIT/ROLLBACK counted apart), and the median
@@ -42,6 +43,7 @@ from tests.harness import Instance  # noqa: E402
 DOMAIN = "cluster.test"
 USER = f"fetch@{DOMAIN}"
 _TX = ("BEGIN", "COMMIT", "ROLLBACK")
+BIG = 600  # messages of the folder "Big"
 
 
 class _StatsPg(PgServer):
@@ -54,8 +56,9 @@ class _StatsPg(PgServer):
                   "start")
 
 
-def _message(i: int) -> bytes:
+def _message(i: int, pad: int = 0) -> bytes:
     return (f"From: Sender {i} <sender{i}@example.net>\r\nTo: {USER}\r\nSubject: message {i}\r\n"
+            + "".join(f"X-Pad-{k}: {'p' * 990}\r\n" for k in range(pad // 1000)) +
             f"Date: Mon, 1 Jan 2024 10:{i % 60:02d}:00 +0000\r\nMessage-ID: <fetch-{i}@example.net>\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n").encode() + b"text\r\n" * 50
 
@@ -71,6 +74,9 @@ def _populate(dsn: str, endpoint: str, n: int) -> None:
         mb = store.acquire(User(USER, "fetch", DOMAIN, "maildir"))
         mb.ensure_defaults()
         mb.append_many("INBOX", [(_message(i), (), None) for i in range(min(n, 100))])
+        mb.create("Big")  # header blocks of 30 KB: a FETCH batch (2 MiB) holds about 70
+        for lo in range(0, BIG, 100):
+            mb.append_many("Big", [(_message(i, pad=30_000), (), None) for i in range(lo, lo + 100)])
     finally:
         store.close()
     if n <= 100:
@@ -214,6 +220,9 @@ def main(argv: list[str]) -> int:
                 _measure("FETCH 1:10 (ENVELOPE)", admin, fetch("1:10", "(ENVELOPE)"), r, args.verbose)
                 _measure("FETCH 1:* (ENVELOPE) (CHANGEDSINCE high)", admin,
                          fetch("1:*", "(ENVELOPE) (CHANGEDSINCE 1000000)"), r, args.verbose)
+                assert a.select("Big")[0] == "OK"
+                _measure(f"Big: FETCH 1:* (BODY.PEEK[HEADER]), {BIG} x 30 KB", admin,
+                         fetch("1:*", "(BODY.PEEK[HEADER])"), r, args.verbose)
             finally:
                 for c in (a, b):
                     c.logout()

@@ -46,6 +46,7 @@ __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "re
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
+BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -125,8 +126,10 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
-    # One pass over a slice of targets: rows in one query, cache in one query per kind.
-    chunk = list(targets[:2000]) if (needs_content or cached_kinds) else list(targets)
+    # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
+    # what the batch is likely to answer for, judged by the command's previous batch (a quarter more).
+    chunk = list(targets[:_likely(BATCH_SLICE, BATCH_BYTES, line_bytes)]) if (needs_content or cached_kinds) \
+        else list(targets)
     rows = mb.rows(name, [u for _s, u in chunk])
     if needs_seen:
         unseen = [u for _s, u in chunk if u in rows and not rows[u].flags & FLAG_SEEN]
@@ -164,8 +167,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
         nonlocal heads, ahead
         if i >= ahead and row.lf == 0:
             start = bisect_left(head_at, i)
-            per = size // len(out.data) if out.data else line_bytes
-            window = min(PEEK_AHEAD, 1 + (BATCH_BYTES - size) * 5 // (per * 4)) if per > 0 else PEEK_AHEAD
+            window = _likely(PEEK_AHEAD, BATCH_BYTES - size, size // len(out.data) if out.data else line_bytes)
             take = head_at[start:start + window]
             ahead = take[-1] + 1 if take else i + 1
             heads = mb.peek_headers(name, [rows[chunk[j][1]] for j in take])
@@ -260,6 +262,12 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
         mb.cache_put(name, new_cache)
     mb.flush_meta()
     return out
+
+
+def _likely(most: int, budget: int, per: int) -> int:
+    """How many more answers of about `per` bytes (0: not known) a batch with `budget` bytes left
+    will build, with a quarter more; at most `most`."""
+    return min(most, 1 + budget * 5 // (per * 4)) if per > 0 else most
 
 
 def _whole_body(a: FetchAttr) -> bool:
