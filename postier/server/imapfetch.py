@@ -117,7 +117,7 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
                  opts: FetchOptions, line_bytes: int = 0) -> FetchBatch:
     """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built.
     `line_bytes`: bytes per answer in the command's previous batch (`FetchBatch.line_bytes`), 0 for
-    its first; it bounds how many header blocks are read ahead."""
+    its first; it bounds how many rows and header blocks are read ahead."""
     out = FetchBatch()
     want_uid = opts.add_uid or any(a.name == "UID" for a in attrs)
     simple = [a for a in attrs if a.name != "UID"]
