@@ -22,6 +22,7 @@ BENCHMARKS = {
     "cluster-send": "bench.cluster_send_rss",
     "cluster-gc": "bench.cluster_gc",
     "cluster-accept": "bench.cluster_accept_rss",
+    "cluster-fetch": "bench.cluster_fetch",
 }
 
 

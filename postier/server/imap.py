@@ -1122,10 +1122,10 @@ class IMAPSession(Session):
             opts = FetchOptions(utf8=self.core.utf8, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
                                 recent_from=self.core.recent_from())
-            i = 0
+            i = line_bytes = 0
             while i < len(targets):
                 try:
-                    batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts)
+                    batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts, line_bytes)
                 except FetchError as exc:
                     raise _no(str(exc), Code.named(exc.code)) from None
                 for line in batch.data:
@@ -1134,6 +1134,7 @@ class IMAPSession(Session):
                     self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
                 missing += batch.missing
+                line_bytes = batch.line_bytes or line_bytes
                 i += max(batch.done, 1)
                 await self.maybe_flush()
         if missing:

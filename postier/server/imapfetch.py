@@ -46,6 +46,7 @@ __all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "re
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
+BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -73,6 +74,12 @@ class FetchBatch:
     done: int = 0  # how many targets this batch consumed
     missing: int = 0  # targets whose message was expunged meanwhile
     seen_modseq: dict[int, int] = field(default_factory=dict)  # uid -> modseq of an implicit \Seen
+    size: int = 0  # bytes of `data`
+
+    @property
+    def line_bytes(self) -> int:
+        """Bytes per answer in this batch (render_fetch's `line_bytes` for the command's next one)."""
+        return self.size // len(self.data) if self.data else 0
 
 
 def _flags_value(row: MessageRow, recent_from: int) -> tuple[Atom, ...]:
@@ -107,8 +114,10 @@ _CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINAR
 
 
 def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
-                 opts: FetchOptions) -> FetchBatch:
-    """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built."""
+                 opts: FetchOptions, line_bytes: int = 0) -> FetchBatch:
+    """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built.
+    `line_bytes`: bytes per answer in the command's previous batch (`FetchBatch.line_bytes`), 0 for
+    its first; it bounds how many rows and header blocks are read ahead."""
     out = FetchBatch()
     want_uid = opts.add_uid or any(a.name == "UID" for a in attrs)
     simple = [a for a in attrs if a.name != "UID"]
@@ -117,8 +126,10 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
-    # One pass over a slice of targets: rows in one query, cache in one query per kind.
-    chunk = list(targets[:2000]) if (needs_content or cached_kinds) else list(targets)
+    # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
+    # what the batch is likely to answer for, judged by the command's previous batch (a quarter more).
+    chunk = list(targets[:_likely(BATCH_SLICE, BATCH_BYTES, line_bytes)]) if (needs_content or cached_kinds) \
+        else list(targets)
     rows = mb.rows(name, [u for _s, u in chunk])
     if needs_seen:
         unseen = [u for _s, u in chunk if u in rows and not rows[u].flags & FLAG_SEEN]
@@ -127,26 +138,39 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
             for u, r in res.changed.items():
                 rows[u] = r
                 out.seen_modseq[u] = res.modseq
+    # the messages this FETCH answers for (RFC 7162 §3.1.4.1: with CHANGEDSINCE, those changed since)
+    wanted = [u for _s, u in chunk if (m := rows.get(u)) is not None
+              and (opts.changedsince is None or m.modseq > opts.changedsince)]
     cache: dict[str, dict[int, bytes]] = {}
     for n in cached_kinds:
         kind = _CACHED[n] + (suffix8 if n != "BODY" else "")
-        cache[n] = mb.cache_get(name, [u for _s, u in chunk if u in rows], kind)
+        cache[n] = mb.cache_get(name, wanted, kind) if wanted else {}
     new_cache: list[tuple[int, str, bytes]] = []
     size = 0
     if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
             and not opts.add_modseq:
         return _render_bodies(mb, name, chunk, rows, want_uid, out)
+    # Header blocks are peeked at (cluster mode: one query) for the messages that will read one: a
+    # header-only content item, or an ENVELOPE not cached. At most PEEK_AHEAD at once, and no more
+    # than the rest of the batch is likely to take, judged by the bytes per answer so far (in this
+    # batch, else in the command's previous one), with a quarter more.
+    env_cache = cache.get("ENVELOPE")
+    answered = set(wanted)
+    head_at = [i for i, (_s, u) in enumerate(chunk) if u in answered and rows[u].lf == 0
+               and (needs_content or (env_cache is not None and u not in env_cache))] if header_only else []
     heads: dict[int, bytes] = {}
     ahead = 0
 
     def header(i: int, row: MessageRow) -> bytes:
-        """The header block: peeked at PEEK_AHEAD messages at once (cluster mode: one query), as
-        read_header gives it for a CRLF file; otherwise read_header's."""
+        """The header block: peeked at with the next ones of `head_at`, as read_header gives it for
+        a CRLF file; otherwise read_header's."""
         nonlocal heads, ahead
-        if i >= ahead:
-            ahead = i + PEEK_AHEAD
-            heads = mb.peek_headers(name, [r for _s, u in chunk[i:ahead] if (r := rows.get(u)) is not None
-                                           and r.lf == 0])
+        if i >= ahead and row.lf == 0:
+            start = bisect_left(head_at, i)
+            window = _likely(PEEK_AHEAD, BATCH_BYTES - size, size // len(out.data) if out.data else line_bytes)
+            take = head_at[start:start + window]
+            ahead = take[-1] + 1 if take else i + 1
+            heads = mb.peek_headers(name, [rows[chunk[j][1]] for j in take])
         head = heads.get(row.uid) if row.lf == 0 else None
         return head if head is not None else mb.read_header(name, row)
 
@@ -233,10 +257,17 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
         line = fetch(seq, items, utf8=opts.utf8)  # type: ignore[arg-type]
         size += len(line)
         out.data.append(line)
+    out.size = size
     if new_cache:
         mb.cache_put(name, new_cache)
     mb.flush_meta()
     return out
+
+
+def _likely(most: int, budget: int, per: int) -> int:
+    """How many more answers of about `per` bytes (0: not known) a batch with `budget` bytes left
+    will build, with a quarter more; at most `most`."""
+    return min(most, 1 + budget * 5 // (per * 4)) if per > 0 else most
 
 
 def _whole_body(a: FetchAttr) -> bool:
@@ -285,11 +316,18 @@ def render_all_flags(mb: Mailboxes, name: str, view: array[int], want_uid: bool,
 
 def render_flags(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], want_uid: bool,
                  want_modseq: bool, recent_from: int, changedsince: int | None = None) -> list[bytes]:
-    """FETCH (FLAGS [UID] [MODSEQ]) for the given messages, from one range query."""
+    """FETCH (FLAGS [UID] [MODSEQ]) for the given messages, from one query: with CHANGEDSINCE, the
+    rows changed since (RFC 7162 §3.1.4.1; the store's MODSEQ index); else the UID range when the
+    messages fill most of it, or the messages by UID (FETCH 1,20000 reads two rows, not 20,000)."""
     if not targets:
         return []
     lo, hi = targets[0][1], targets[-1][1]
-    rows = {r[0]: r for r in mb.flag_rows(name, lo, hi)}
+    if changedsince is not None:
+        rows = {r[0]: r for r in mb.changed_since(name, changedsince, hi)}
+    elif _dense(lo, hi, len(targets)):
+        rows = {r[0]: r for r in mb.flag_rows(name, lo, hi)}
+    else:
+        rows = {u: (u, r.flags, r.keywords, r.modseq) for u, r in mb.rows(name, [u for _s, u in targets]).items()}
     memo: dict[tuple[int, str], bytes] = {}
     out: list[bytes] = []
     for seq, uid in targets:
@@ -307,6 +345,11 @@ def render_flags(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], w
             parts += b" MODSEQ (%d)" % r[3]
         out.append(b"* %d FETCH (%s)\r\n" % (seq, parts))
     return out
+
+
+def _dense(lo: int, hi: int, count: int) -> bool:
+    """Whether `count` UIDs between lo and hi are better read as the range lo..hi than one by one."""
+    return hi - lo < 4 * count
 
 
 def _flag_texts(recent: bool) -> list[bytes]:
@@ -554,7 +597,7 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     needles = _needles(key) if need == "header" else []
     lo, hi = targets[0][1], targets[-1][1]
     # targets thinned out by the full-text index (store.fts) are fetched by UID, not by range
-    rows = mb.rows_between(name, lo, hi) if hi - lo < 4 * len(targets) else mb.rows(name, [u for _s, u in targets])
+    rows = mb.rows_between(name, lo, hi) if _dense(lo, hi, len(targets)) else mb.rows(name, [u for _s, u in targets])
     heads: dict[int, bytes] = {}
     if needles:
         kept = []

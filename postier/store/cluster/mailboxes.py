@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,13 @@ class _State:
     version: int
     special_use: str
     keywords: tuple[str, ...]
+    flagtab: FlagTable | None = None  # every message's flags, aligned with flagtab.uids (`flag_table`)
+    flag_hms: int = 0  # the folder's HIGHESTMODSEQ when flagtab was last brought up to date
+    flag_gone: array[int] | None = None  # a UID list with a message expunged since: no table for it
+
+
+class _ViewGone(Exception):
+    """A message of the UID list a flag table was asked for is expunged (`flag_table`)."""
 
 
 def _quota_key(owner: str) -> int:
@@ -431,6 +439,7 @@ class ClusterMailboxes:
         """`fn(*args)`: each call is its own transaction here (PostgreSQL orders them)."""
         return fn(*args)
 
+    @_op
     def changed_since(self, name: str, modseq: int, max_uid: int | None = None) -> list[tuple[int, int, str, int]]:
         with self._tx() as conn:
             st = self._state(conn, name)
@@ -470,8 +479,90 @@ class ClusterMailboxes:
                 "SELECT uid, flags, keywords, modseq FROM messages WHERE folder=%s AND uid BETWEEN %s AND %s "
                 "ORDER BY uid", (st.fid, lo, hi))]
 
+    @_op
     def flag_table(self, name: str, view: array[int], need_modseq: bool = False) -> FlagTable | None:
-        return None  # callers then ask `flag_rows` (one query per FETCH)
+        """A copy of the folder's flag table when `view` (the UID array a session announced) is this
+        node's UID list of the folder and none of its messages was expunged since, else None (the
+        caller then asks `flag_rows`). Kept per node with the HIGHESTMODSEQ it is exact for: a FETCH
+        reads the folder's row (one statement) and, only when that moved, the changes since (one
+        more: rows whose MODSEQ passed it, and tombstones), instead of every message's flags. As
+        exact as reading the rows: every change to a message gives it the folder's new MODSEQ, and
+        the writers of a folder commit in MODSEQ order (the folder row is theirs until commit), so
+        the rows above the MODSEQ read hold every change up to it (later ones, read early, are read
+        again next time). Modseqs are always kept (`need_modseq` is for stores that build them late)."""
+        n = normalize_name(name)
+        st = self.states.get(n)
+        if st is None or st.uids is not view or st.flag_gone is view:
+            return None  # the last: a message of it is gone for good, the rows answer without asking again
+        with self._tx() as conn:
+            r = conn.execute("SELECT highestmodseq, uidvalidity FROM folders WHERE id=%s", (st.fid,)).fetchone()
+            if r is None or r[1] != st.uidvalidity:
+                return None
+            hms = int(r[0])
+            tab = st.flagtab
+            try:
+                if tab is not None and (hms != st.flag_hms or tab.uids is not view):
+                    tab = self._update_flags(conn, st.fid, tab, st.flag_hms, view)
+                if tab is None:
+                    tab = self._build_flags(conn, st.fid, view)
+            except _ViewGone:
+                st.flagtab, st.flag_gone = None, view
+                return None
+        st.flagtab, st.flag_hms = tab, hms
+        assert tab.modseq is not None
+        return FlagTable(tab.uids, array("B", tab.flags), dict(tab.keywords), array("Q", tab.modseq))
+
+    @staticmethod
+    def _build_flags(conn: Conn, fid: int, view: array[int]) -> FlagTable:
+        """Every message's flags, read whole (UIDs above `view` are new messages, not in the table);
+        _ViewGone when a message of `view` is gone."""
+        n = len(view)
+        rows = conn.execute("SELECT uid, flags, keywords, modseq FROM messages WHERE folder=%s AND uid <= %s "
+                            "ORDER BY uid", (fid, view[-1] if n else 0)).fetchall()
+        if len(rows) != n or any(r[0] != u for r, u in zip(rows, view, strict=True)):
+            raise _ViewGone
+        return FlagTable(view, array("B", [r[1] for r in rows]), {r[0]: r[2] for r in rows if r[2]},
+                         array("Q", [r[3] for r in rows]))
+
+    @staticmethod
+    def _update_flags(conn: Conn, fid: int, tab: FlagTable, since: int, view: array[int]) -> FlagTable | None:
+        """`tab` brought up to date with the changes after MODSEQ `since` and extended to `view` when
+        that is its UIDs and new ones above them (one statement: the rows changed or new, and the
+        tombstones, from one snapshot); None when `view` is not such an extension (the caller then
+        reads the table whole); _ViewGone when a message of `view` is gone."""
+        old, k = tab.uids, len(tab.uids)
+        if view is not old and (len(view) < k or view[:k] != old):
+            return None
+        assert tab.modseq is not None
+        top, old_top = (view[-1] if view else 0), (old[-1] if k else 0)
+        added: list[tuple[int, int, str, int]] = []
+        for uid, flags, kws, modseq, gone in conn.execute(
+                "SELECT uid, flags, keywords, modseq, false FROM messages WHERE folder=%s AND uid <= %s "
+                "AND (modseq > %s OR uid > %s) UNION ALL "
+                "SELECT uid, 0, '', modseq, true FROM expunged WHERE folder=%s AND modseq > %s AND uid <= %s "
+                "ORDER BY 1", (fid, top, since, old_top, fid, since, top)):
+            if uid > old_top:
+                if not gone:
+                    added.append((uid, flags, kws, modseq))
+                continue  # a tombstone of a new message: the count below tells whether it was in `view`
+            i = bisect_left(old, uid)
+            if i == k or old[i] != uid:
+                continue  # expunged before the table was made
+            if gone:
+                raise _ViewGone
+            tab.flags[i], tab.modseq[i] = flags, modseq
+            if kws:
+                tab.keywords[uid] = kws
+            else:
+                tab.keywords.pop(uid, None)
+        if len(added) != len(view) - k or any(r[0] != u for r, u in zip(added, view[k:], strict=True)):
+            raise _ViewGone  # a new message of `view` expunged meanwhile
+        if not added:
+            return tab
+        tab.flags.extend(r[1] for r in added)
+        tab.modseq.extend(r[3] for r in added)
+        tab.keywords.update((r[0], r[2]) for r in added if r[2])
+        return FlagTable(view, tab.flags, tab.keywords, tab.modseq)
 
     def read(self, name: str, row: MessageRow) -> bytes:
         """The body as stored: CRLF line ends (converted when written)."""
