@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import imaplib
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 
-from bench.cluster_nodes import MotoProcess  # noqa: E402
+from bench.cluster_nodes import MotoProcess, loopback_free  # noqa: E402
 from tests.cluster.conftest import PG_BIN, PgServer  # noqa: E402
 from tests.hardening.conftest import PASSWORD, add_cheap_user  # noqa: E402
 from tests.harness import Instance  # noqa: E402
@@ -135,13 +134,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--verbose", action="store_true", help="print each statement of the measured run")
     args = ap.parse_args(argv)
-    for addr in ("127.0.0.2", "127.0.0.3"):
-        try:
-            with socket.socket() as s:
-                s.bind((addr, 0))
-        except OSError:
-            print(f"cannot bind {addr}: the benchmark needs 127.0.0.2-3", file=sys.stderr)
-            return 2
+    if not loopback_free(2, "the benchmark"):
+        return 2
     pg, s3 = _StatsPg(), MotoProcess()
     tmp = Path(tempfile.mkdtemp(prefix="postier-fetch-bench-"))
     nodes: list[Instance] = []

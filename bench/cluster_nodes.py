@@ -100,16 +100,25 @@ def _pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
-def run_nodes(count: int, messages: int, clients: int, users: int, size: int, time_limit: float,
-              relay: int = 0) -> int:
-    addrs = [f"127.0.0.{i + 2}" for i in range(count)]
-    for a in addrs:
+def loopback_free(count: int, what: str) -> bool:
+    """Whether 127.0.0.2 up to 127.0.0.(count + 1), one per node, can be bound here; says which
+    cannot on stderr (`what` names the benchmark)."""
+    for i in range(count):
+        a = f"127.0.0.{i + 2}"
         try:
             with socket.socket() as s:
                 s.bind((a, 0))
         except OSError:
-            print(f"cannot bind {a}: the node mode needs 127.0.0.2-{count + 1}", file=sys.stderr)
-            return 2
+            print(f"cannot bind {a}: {what} needs 127.0.0.2-{count + 1}", file=sys.stderr)
+            return False
+    return True
+
+
+def run_nodes(count: int, messages: int, clients: int, users: int, size: int, time_limit: float,
+              relay: int = 0) -> int:
+    addrs = [f"127.0.0.{i + 2}" for i in range(count)]
+    if not loopback_free(count, "the node mode"):
+        return 2
     pg, s3 = PgServer(), MotoProcess()
     nodes: list[Instance] = []
     sink: Sink | None = None

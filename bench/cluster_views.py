@@ -23,7 +23,6 @@ import imaplib
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cluster_nodes import MotoProcess, _pg_cpu  # noqa: E402
+from bench.cluster_nodes import MotoProcess, _pg_cpu, loopback_free  # noqa: E402
 from bench.smtp_ingest import children, cpu_seconds  # noqa: E402
 from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
@@ -87,13 +86,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--size", type=int, default=2000, help="text bytes added to each message")
     args = ap.parse_args(argv)
-    for a in ("127.0.0.2", "127.0.0.3"):
-        try:
-            with socket.socket() as s:
-                s.bind((a, 0))
-        except OSError:
-            print(f"cannot bind {a}: this benchmark needs 127.0.0.2-3", file=sys.stderr)
-            return 2
+    if not loopback_free(2, "this benchmark"):
+        return 2
     pg, s3 = PgServer(), MotoProcess()
     nodes: list[Instance] = []
     tmp = Path(tempfile.mkdtemp(prefix="postier-views-bench-"))

@@ -204,18 +204,9 @@ def pg_sessions(dsn: str) -> list[tuple[int, str, int]]:
             "SELECT day, result, count FROM tlsrpt.session ORDER BY day, result")]
 
 
-def test_two_imports_at_once_sum_each_count_once(tmp_path: Path, pg: PgServer) -> None:
-    """Two imports of the same files at once, into tables where a node already counted the same
-    outcomes: every count is added once. The node then counted more (it was not stopped) and a
-    third import adds only that."""
-    dsn = pg.create_db()
-    data = tmp_path / "d"
-    data.mkdir()
-    src = TLSReportStore(data / "tlsrpt.sqlite")
-    day = (TODAY - 1) * DAY
-    record_sessions(src, day + 10, 40, 7)
-    live = tls_store(dsn)
-    record_sessions(live, day + 20, 3, 1)  # a cluster node's own, on the same rows
+def imports_at_once(data: Path, dsn: str) -> list[Outcome]:
+    """Two imports of the node's report files started together (a barrier), each in its own
+    thread with its own connections to the cluster's tables; their outcomes."""
     outcomes: list[Outcome] = []
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -238,6 +229,22 @@ def test_two_imports_at_once_sum_each_count_once(tmp_path: Path, pg: PgServer) -
     for t in threads:
         t.join(120)
     assert not errors and len(outcomes) == 2
+    return outcomes
+
+
+def test_two_imports_at_once_sum_each_count_once(tmp_path: Path, pg: PgServer) -> None:
+    """Two imports of the same files at once, into tables where a node already counted the same
+    outcomes: every count is added once. The node then counted more (it was not stopped) and a
+    third import adds only that."""
+    dsn = pg.create_db()
+    data = tmp_path / "d"
+    data.mkdir()
+    src = TLSReportStore(data / "tlsrpt.sqlite")
+    day = (TODAY - 1) * DAY
+    record_sessions(src, day + 10, 40, 7)
+    live = tls_store(dsn)
+    record_sessions(live, day + 20, 3, 1)  # a cluster node's own, on the same rows
+    outcomes = imports_at_once(data, dsn)
     assert sorted(o.copied["tls_sessions"] for o in outcomes) == [0, 47]
     assert sorted(o.unchanged["tls_sessions"] for o in outcomes) == [0, 47]
     assert pg_sessions(dsn) == [(TODAY - 1, "", 43), (TODAY - 1, "certificate-host-mismatch", 8)]
@@ -367,28 +374,7 @@ def test_two_imports_at_once_copy_each_entry_of_the_log_once(tmp_path: Path, pg:
     assert len(expected_dmarc) == len(expected_tls) == n
     src_dmarc.close()
     src_tls.close()
-    outcomes: list[Outcome] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def import_() -> None:
-        out = Outcome()
-        dmarc, tls = ReportStore(PGReportStorage(dsn, "dmarc")), tls_store(dsn)
-        try:
-            start.wait(30)
-            copy_reports(data, dmarc, tls, time.time(), out)
-            outcomes.append(out)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-        finally:
-            dmarc.close()
-            tls.close()
-    threads = [threading.Thread(target=import_) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors and len(outcomes) == 2
+    outcomes = imports_at_once(data, dsn)
     for kind in ("dmarc_sent", "tls_sent"):
         assert sorted((o.copied[kind], o.unchanged[kind]) for o in outcomes) == [(0, n), (n, 0)], kind
     assert pg_count(dsn, "dmarc.report_out") == pg_count(dsn, "tlsrpt.report_out") == n
