@@ -26,6 +26,8 @@ Entries are written by APPEND (in the same user-locked step), by a search for up
 `CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
 not touch the index: their messages are indexed by the next search, and evaluated by the matcher
 until then), and rebuilt by `postier reindex`; EXPUNGE removes the entries no folder uses any more.
+The catch-up and the rebuild read a message file above MEMORY_DATA_LIMIT in pieces
+(`file_row_values`: `message.textscan`, holding about TEXT_LIMIT octets of it, not the file).
 Why written here: FTS5 is in the sqlite3 module already; nothing to add.
 """
 
