@@ -23,6 +23,7 @@ BENCHMARKS = {
     "cluster-gc": "bench.cluster_gc",
     "cluster-accept": "bench.cluster_accept_rss",
     "cluster-fetch": "bench.cluster_fetch",
+    "fts-large": "bench.fts_large",
 }
 
 

@@ -26,6 +26,8 @@ Entries are written by APPEND (in the same user-locked step), by a search for up
 `CATCH_UP` unindexed messages of the folder (deliveries go through the delivery agent, which does
 not touch the index: their messages are indexed by the next search, and evaluated by the matcher
 until then), and rebuilt by `postier reindex`; EXPUNGE removes the entries no folder uses any more.
+The catch-up and the rebuild read a message file above MEMORY_DATA_LIMIT in pieces
+(`file_row_values`: `message.textscan`, holding about TEXT_LIMIT octets of it, not the file).
 Why written here: FTS5 is in the sqlite3 module already; nothing to add.
 """
 
@@ -42,11 +44,12 @@ from pathlib import Path
 
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchText, search_text
 from ..message.textscan import ReadAt, search_text_at
+from ..message.types import MEMORY_DATA_LIMIT
 from ..proto.crlf import to_crlf
 from .index import parse_file_name
 
-__all__ = ["CATCH_UP", "COLUMNS", "FTS_NAME", "TextIndex", "build_file", "build_from_maildir", "columns_of", "row_values",
-           "row_values_at", "searchable"]
+__all__ = ["CATCH_UP", "COLUMNS", "FTS_NAME", "Source", "TextIndex", "build_file", "build_from_maildir", "columns_of",
+           "file_row_values", "row_values", "row_values_at", "searchable"]
 
 log = logging.getLogger("postier.store")
 
@@ -89,6 +92,24 @@ def row_values_at(read_at: ReadAt, size: int) -> tuple[int, tuple[str, ...]]:
     of it (`message.textscan.search_text_at`: inexact and empty when its text is not had within
     TEXT_LIMIT octets)."""
     return _values(search_text_at(read_at, size))
+
+
+#: A message `TextIndex.add` indexes: its CRLF octets, or the path of its Maildir file (`file_row_values`).
+type Source = bytes | Path
+
+
+def file_row_values(path: Path) -> tuple[int, tuple[str, ...]]:
+    """`row_values` of a Maildir message file: up to MEMORY_DATA_LIMIT read whole (line ends made
+    CRLF, as the store serves it); above it read in pieces (`row_values_at`), so a 30 MiB message
+    holds about TEXT_LIMIT octets, not 30 MiB (its row inexact and empty when its text is not had
+    within TEXT_LIMIT: left to the matcher, as a message whose text was cut at the bound).
+    OSError when the file cannot be read."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if size <= MEMORY_DATA_LIMIT:
+            return row_values(to_crlf(f.read()))
+        return row_values_at(lambda offset, n: os.pread(fd, n, offset), size)
 
 
 def _values(t: SearchText) -> tuple[int, tuple[str, ...]]:
@@ -179,17 +200,21 @@ class TextIndex:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def add(self, items: Iterable[tuple[str, bytes]]) -> int:
-        """Index (base, CRLF message octets) pairs not indexed yet; returns how many were added."""
+    def add(self, items: Iterable[tuple[str, Source]]) -> int:
+        """Index (base, message) pairs not indexed yet (the message's CRLF octets, or its file's
+        path: `file_row_values`); returns how many were added."""
         c = self.conn
         n = 0
         c.execute("BEGIN IMMEDIATE")
         try:
-            for base, raw in items:
+            for base, src in items:
                 if c.execute("SELECT 1 FROM fts.docs WHERE base=?", (base,)).fetchone():
                     continue
                 try:
-                    exact, values = row_values(raw)
+                    exact, values = row_values(src) if isinstance(src, bytes) else file_row_values(src)
+                except OSError as exc:  # the file gone meanwhile (expunged, renamed): left unindexed
+                    log.info("text index: cannot read %s: %s", base, exc)
+                    continue
                 except Exception:  # a message the parser cannot read: the matcher decides
                     log.exception("text index: cannot extract %s", base)
                     continue
@@ -290,8 +315,8 @@ class TextIndex:
         missing = self._gaps(fid).missing
         return sorted(missing)[:limit] if missing else []
 
-    def index_messages(self, fid: int, items: Sequence[tuple[int, str, bytes]]) -> None:
-        """Index (uid, base, octets) of messages of one folder (catch-up) and note them indexed."""
+    def index_messages(self, fid: int, items: Sequence[tuple[int, str, Source]]) -> None:
+        """Index (uid, base, message: `add`) of messages of one folder (catch-up) and note them indexed."""
         self.add([(base, raw) for _u, base, raw in items])
         self._recheck(fid, [u for u, _b, _r in items])
 
@@ -328,9 +353,10 @@ class TextIndex:
 def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 500) -> int:
     """Index every message file of the given folder directories (cur/ and new/) not indexed yet,
     reading the files directly, without the mailbox index (`postier reindex`; a Maildir copied in
-    from elsewhere, before a server first opens it)."""
+    from elsewhere, before a server first opens it), one at a time (`file_row_values`: a file above
+    MEMORY_DATA_LIMIT in pieces)."""
     total = 0
-    pending: list[tuple[str, bytes]] = []
+    pending: list[tuple[str, Source]] = []
     for folder in folders:
         for sub in ("cur", "new"):
             try:
@@ -340,12 +366,7 @@ def build_from_maildir(index: TextIndex, folders: Iterable[Path], batch: int = 5
             for name in names:
                 if name.startswith("."):
                     continue
-                try:
-                    with open(folder / sub / name, "rb") as f:
-                        data = f.read()
-                except OSError:
-                    continue
-                pending.append((parse_file_name(name)[0], to_crlf(data)))  # as the store serves them (a bare-LF file converted)
+                pending.append((parse_file_name(name)[0], folder / sub / name))
                 if len(pending) >= batch:
                     total += index.add(pending)
                     pending = []

@@ -42,7 +42,7 @@ from typing import IO, Any, Concatenate
 
 from .. import durable
 from . import maildrop, quota
-from ..message.types import User
+from ..message.types import MEMORY_DATA_LIMIT, User
 from ..message.mime import header_end, header_section
 from ..faults import fault_point
 from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
@@ -80,7 +80,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .fts import CATCH_UP, FTS_NAME, TextIndex, build_from_maildir, searchable
+from .fts import CATCH_UP, FTS_NAME, Source, TextIndex, build_from_maildir, searchable
 from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
@@ -847,10 +847,10 @@ class UserMailbox:
         try:
             todo = ti.unindexed(st.fid, CATCH_UP)
             if todo:
-                items: list[tuple[int, str, bytes]] = []
+                items: list[tuple[int, str, Source]] = []
                 for r in self.index.rows(st.fid, todo).values():
                     with contextlib.suppress(StoreError):
-                        items.append((r.uid, r.base, self._read_crlf(st, r)[1]))
+                        items.append((r.uid, r.base, self._text_source(st, r)))
                 ti.index_messages(st.fid, items)
             answers = [ti.hits(st.fid, f, n) for f, n in queries]
             if ti.known(st.fid) != len(st.uids):  # messages removed behind the index's back: only current ones
@@ -859,6 +859,13 @@ class UserMailbox:
         except sqlite3.Error as exc:
             log.warning("full-text index of %s not used: %s", self.user.address, exc)
             return None
+
+    def _text_source(self, st: FolderState, row: MessageRow) -> Source:
+        """What the text index reads of a message: up to MEMORY_DATA_LIMIT its octets as served; above
+        it its file's path (following a rename by another program), read in pieces (store.fts)."""
+        if row.size <= MEMORY_DATA_LIMIT:
+            return self._read_crlf(st, row)[1]
+        return self._resolve(st, row)[1]
 
     @_locked
     def rebuild_text_index(self) -> int:
