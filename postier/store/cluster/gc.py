@@ -24,6 +24,17 @@ checks the message and queue tables: a body a message refers to keeps the row (a
 `collect`'s); the others lose their object, then the row, in the same transaction. An upload of the
 same body meanwhile waits in `mark` on that uncommitted row, exactly as it waits on `collect`'s lock,
 and uploads after the delete; an upload whose mark committed before the insert makes it do nothing.
+
+Both passes work a batch at a time (up to 1,000 bodies, S3's limit for one DeleteObjects request):
+one transaction holds the batch's rows, one DeleteObjects request (Quiet: the answer names only
+the keys not deleted) removes their objects, then the rows of the objects actually deleted are
+deleted and the transaction commits. So the safety argument above holds per batch: every object is
+deleted while its row is held, every row goes only after its object, and an upload of one of the
+batch's bodies waits at most one request. A body whose object the store refused keeps its row
+(the listing pass's own row is committed: `collect`'s from then on) and is tried again by a later
+run. A request that fails as a whole rolls its batch back (the run stops with StoreUnavailable): an
+object it did delete leaves, in the table pass, a row without its object, which an upload renews and
+uploads again (its HEAD finds nothing) and the next run deletes (deleting a missing key succeeds).
 """
 
 from __future__ import annotations
