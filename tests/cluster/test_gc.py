@@ -518,3 +518,24 @@ def test_many_bodies_go_in_batches_of_one_request_each(
         cl.bodies.delete(digests)
     assert sizes[5:] == [2, 2, 1]
     assert cl.objects() == {body_key(sha("kept"))}
+
+
+def test_an_upload_of_one_body_of_a_batch_waits_for_the_batch_then_uploads_again(cl: Cluster) -> None:
+    """The collector holds a batch of three rows (before its one DeleteObjects); an APPEND of the
+    middle body waits in `mark`; the batch goes whole, then the APPEND uploads and commits."""
+    digests = [cl.expunged_body(n, age="2 days") for n in ("b0", "b1", "b2")]
+    middle = sorted(zip(digests, ("b0", "b1", "b2"), strict=True))[1][1]
+    gate = Gate()
+    cl.bodies.before_delete = gate
+    with gc_conn(cl) as conn:
+        collector, collected = in_thread(lambda: collect(conn, cl.bodies, grace=3600))
+        assert gate.reached.wait(30)
+        cl.bodies.before_delete = None
+        appender, appended = in_thread(lambda: cl.mb.append("INBOX", msg(middle)))
+        wait_on_lock(cl.dsn, "INSERT INTO bodies", appender)
+        assert cl.objects() == {body_key(d) for d in digests}  # not yet deleted
+        gate.open()
+        assert finish(collector, collected) == 3
+    _v, uid = finish(appender, appended)
+    cl.read_back(uid, middle)
+    assert cl.rows() == {sha(middle)} and cl.objects() == {body_key(sha(middle))}
