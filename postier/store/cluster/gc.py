@@ -31,8 +31,8 @@ the keys not deleted) removes their objects, then the rows of the objects actual
 deleted and the transaction commits. So the safety argument above holds per batch: every object is
 deleted while its row is held, every row goes only after its object, and an upload of one of the
 batch's bodies waits at most one request. A body whose object the store refused keeps its row
-(the listing pass's own row is committed: `collect`'s from then on) and is tried again by a later
-run. A request that fails as a whole rolls its batch back (the run stops with StoreUnavailable): an
+(the listing pass's own row is committed: `collect`'s from then on, once `grace` has passed) and
+is tried again by a later run. A request that fails as a whole rolls its batch back (the run stops with StoreUnavailable): an
 object it did delete leaves, in the table pass, a row without its object, which an upload renews and
 uploads again (its HEAD finds nothing) and the next run deletes (deleting a missing key succeeds).
 """
