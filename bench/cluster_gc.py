@@ -1,7 +1,8 @@
 """Body collection benchmark: the listing pass of `postier cluster gc` (store/cluster/gc.py
 `collect_orphans`) over a bucket of N objects, half of them named by a `bodies` row and half orphans,
-then again over the rows' half alone (listing and checking only). A throwaway PostgreSQL 15 (fsync
-off) and moto's S3 server in this process, on loopback.
+then again over the rows' half alone (listing and checking only), then the table pass (`collect`)
+over those rows, which no message refers to. A throwaway PostgreSQL 15 (fsync off) and moto's S3
+server in this process, on loopback.
 
     .venv/bin/python -m bench cluster-gc [--objects 2000]
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
-from postier.store.cluster.gc import collect_orphans, mark  # noqa: E402
+from postier.store.cluster.gc import collect, collect_orphans, mark  # noqa: E402
 from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from tests.cluster.conftest import PgServer, S3Server  # noqa: E402
 
@@ -44,6 +45,10 @@ def main(argv: list[str]) -> int:
                 took = time.perf_counter() - t
                 print(f"{what:<13} listed {run.listed:>7}, deleted {run.deleted:>7}: {took:6.2f} s "
                       f"({took / max(1, run.listed) * 1e3:.2f} ms per object listed)")
+            t = time.perf_counter()
+            gone = collect(conn, bodies, grace=-60)
+            took = time.perf_counter() - t
+            print(f"{'table pass':<13} deleted {gone:>7}: {took:6.2f} s ({took / max(1, gone) * 1e3:.2f} ms per body)")
     finally:
         pg.remove()
         s3.stop()

@@ -429,3 +429,113 @@ def test_cluster_gc_command_prints_and_status_shows_the_counts(tmp_path: Path, p
     assert "0 bodies collected; 1 objects listed, 0 adopted, 1 deleted; next listing from the start" \
            in node.cli("cluster", "status").stdout
     assert b.list_page("")[0] == []
+
+
+# -- batched deletes (DeleteObjects) ---------------------------------------------------------------
+
+@pytest.fixture
+def delete_requests() -> Iterator[tuple[list[int], set[str]]]:
+    """moto's DeleteObjects, counted (keys per request), refusing the keys put in the set as S3 does
+    a key it may not delete (an AccessDenied in the answer's Errors, the others deleted)."""
+    from moto.s3.models import S3Backend
+    real = S3Backend.delete_objects
+    sizes: list[int] = []
+    refuse: set[str] = set()
+
+    def counted(self: Any, bucket_name: str, objects: list[dict[str, Any]], *a: Any, **kw: Any) -> Any:
+        sizes.append(len(objects))
+        deleted, errors = real(self, bucket_name, [o for o in objects if o["Key"] not in refuse], *a, **kw)
+        return deleted, [*errors, *(o["Key"] for o in objects if o["Key"] in refuse)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S3Backend, "delete_objects", counted)
+        yield sizes, refuse
+
+
+def test_a_body_the_store_refuses_to_delete_keeps_its_row_in_both_passes(
+        cl: Cluster, delete_requests: tuple[list[int], set[str]]) -> None:
+    sizes, refuse = delete_requests
+    names = ["t0", "t1", "t2"]
+    for n in names:
+        cl.expunged_body(n, age="2 days")
+    refuse.add(body_key(sha("t1")))
+    with gc_conn(cl) as conn:
+        assert collect(conn, cl.bodies, grace=3600) == 2  # one request; t1 is not tried again this run
+    assert sizes == [3]
+    assert cl.rows() == {sha("t1")} and cl.objects() == {body_key(sha("t1"))}
+    for n in ("o0", "o1", "o2"):  # orphans: no row
+        cl.bodies.put(msg(n))
+    refuse.add(body_key(sha("o2")))
+    with gc_conn(cl) as conn:
+        done = collect_orphans(conn, cl.bodies, grace=ANY_AGE)
+    assert (done.listed, done.adopted, done.deleted) == (4, 0, 2)
+    assert sizes == [3, 3]  # t1 has its row: not the listing's
+    assert cl.rows() == {sha("t1"), sha("o2")}  # the refused orphan keeps the row the pass gave it
+    assert cl.objects() == {body_key(sha("t1")), body_key(sha("o2"))}
+    refuse.clear()
+    with gc_conn(cl) as conn:  # the store is back: the next run deletes them
+        assert collect(conn, cl.bodies, grace=ANY_AGE) == 2
+    assert cl.rows() == set() and cl.objects() == set()
+
+
+def test_a_failed_delete_request_keeps_every_row_of_its_batch(cl: Cluster) -> None:
+    from moto.s3.models import S3Backend
+    from postier.store.errors import StoreUnavailable
+    for n in ("a", "b"):
+        cl.expunged_body(n, age="2 days")
+
+    def failing(self: Any, *a: Any, **kw: Any) -> Any:
+        raise RuntimeError("the object store failed this request")  # moto answers 500
+    with pytest.MonkeyPatch.context() as mp, gc_conn(cl) as conn:
+        mp.setattr(S3Backend, "delete_objects", failing)
+        with pytest.raises(StoreUnavailable):
+            collect(conn, cl.bodies, grace=3600)
+    assert cl.rows() == {sha("a"), sha("b")} and len(cl.objects()) == 2
+    with gc_conn(cl) as conn:
+        assert collect(conn, cl.bodies, grace=3600) == 2
+    assert cl.rows() == set() and cl.objects() == set()
+
+
+def test_many_bodies_go_in_batches_of_one_request_each(
+        cl: Cluster, delete_requests: tuple[list[int], set[str]]) -> None:
+    import postier.store.cluster.bodies as bodies_module
+    sizes, _refuse = delete_requests
+    for i in range(5):
+        cl.expunged_body(f"t{i}", age="2 days")
+    for i in range(5):
+        cl.bodies.put(msg(f"o{i}"))
+    _v, uid = cl.mb.append("INBOX", msg("kept"))
+    with gc_conn(cl) as conn:
+        assert collect(conn, cl.bodies, grace=3600, batch=2) == 5
+        assert sizes == [2, 2, 1]  # a transaction (its rows held) per request
+        done = collect_orphans(conn, cl.bodies, grace=ANY_AGE, batch=3)
+    assert (done.listed, done.adopted, done.deleted) == (6, 0, 5)
+    assert sizes[:3] == [2, 2, 1] and sorted(sizes[3:]) == [2, 3]  # "kept" is in one of the listing's
+    assert cl.rows() == {sha("kept")} and cl.objects() == {body_key(sha("kept"))}
+    cl.read_back(uid, "kept")
+    with pytest.MonkeyPatch.context() as mp:  # one call of more keys than a request takes (S3: 1,000)
+        mp.setattr(bodies_module, "DELETE_BATCH", 2)
+        digests = [cl.bodies.put(msg(f"d{i}")) for i in range(5)]
+        cl.bodies.delete(digests)
+    assert sizes[5:] == [2, 2, 1]
+    assert cl.objects() == {body_key(sha("kept"))}
+
+
+def test_an_upload_of_one_body_of_a_batch_waits_for_the_batch_then_uploads_again(cl: Cluster) -> None:
+    """The collector holds a batch of three rows (before its one DeleteObjects); an APPEND of the
+    middle body waits in `mark`; the batch goes whole, then the APPEND uploads and commits."""
+    digests = [cl.expunged_body(n, age="2 days") for n in ("b0", "b1", "b2")]
+    middle = sorted(zip(digests, ("b0", "b1", "b2"), strict=True))[1][1]
+    gate = Gate()
+    cl.bodies.before_delete = gate
+    with gc_conn(cl) as conn:
+        collector, collected = in_thread(lambda: collect(conn, cl.bodies, grace=3600))
+        assert gate.reached.wait(30)
+        cl.bodies.before_delete = None
+        appender, appended = in_thread(lambda: cl.mb.append("INBOX", msg(middle)))
+        wait_on_lock(cl.dsn, "INSERT INTO bodies", appender)
+        assert cl.objects() == {body_key(d) for d in digests}  # not yet deleted
+        gate.open()
+        assert finish(collector, collected) == 3
+    _v, uid = finish(appender, appended)
+    cl.read_back(uid, middle)
+    assert cl.rows() == {sha(middle)} and cl.objects() == {body_key(sha(middle))}

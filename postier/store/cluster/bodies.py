@@ -4,7 +4,8 @@ A body is written with PutObject and the store's 200 answer is the confirmation 
 the mailbox index (PostgreSQL, `store.cluster.mailboxes`) only refers to a body after that answer,
 so a message is never visible without its bytes. Writing the same body twice writes the same key
 with the same bytes (idempotent), so concurrent deliveries of one message need no coordination.
-Bodies no longer referenced are deleted later by `store.cluster.gc` (`postier cluster gc`). A key
+Bodies no longer referenced are deleted later by `store.cluster.gc` (`postier cluster gc`), up to
+1,000 a DeleteObjects request, whose answer names any key it did not delete. A key
 names its content, so read bodies are kept in a small in-process cache (bounded in bytes, bodies up
 to `cache_item` bytes) that can never be stale: an IMAP client's FETCH BODYSTRUCTURE then BODY[]
 costs one GET.
@@ -38,7 +39,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Buffer, Callable
+from collections.abc import Buffer, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
@@ -50,15 +51,26 @@ import botocore.exceptions
 from ..errors import MessageGone, StoreUnavailable
 from ...proto.crlf import bare_lf
 
-__all__ = ["BodyStore", "SpooledSource", "body_digest", "body_key"]
+__all__ = ["BodiesNotDeleted", "BodyStore", "SpooledSource", "body_digest", "body_key"]
 
 PREFIX = "bodies/"
 _KEY = re.compile(r"bodies/([0-9a-f]{2})/([0-9a-f]{64})")
 PART_SIZE = 8 << 20  # multipart part (S3: at least 5 MiB, except the last part)
 READ_CHUNK = 256 << 10  # hashing a spooled body, and the download's chunk
+DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
 
 #: (offset, n) -> up to n bytes of a body from `offset` (fewer only at its end)
 type ReadAt = Callable[[int, int], bytes]
+
+
+class BodiesNotDeleted(StoreUnavailable):
+    """A DeleteObjects answer named keys it did not delete (`failed`: digest -> the store's code and
+    message); the other objects of the call are gone."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        first = next(iter(failed.items()))
+        super().__init__(f"object store did not delete {len(failed)} bodies (first {first[0][:12]}: {first[1]})")
+        self.failed = failed
 
 
 def body_key(digest: str) -> str:
@@ -263,15 +275,31 @@ class BodyStore:
                 _k, old = self._cache.popitem(last=False)
                 self._cached -= len(old)
 
-    def delete(self, digest: str) -> None:
+    def delete(self, digests: str | Iterable[str]) -> None:
+        """Delete the objects of one body or of several: DeleteObjects, up to DELETE_BATCH keys a
+        request, in Quiet mode (S3 then answers only the keys it could not delete). A key that is
+        already gone counts as deleted (S3 answers so). Raises `BodiesNotDeleted` naming the bodies
+        whose objects the store refused (the others are gone), StoreUnavailable when a request
+        failed as a whole (its keys may or may not be gone)."""
+        wanted = [digests] if isinstance(digests, str) else list(digests)
         with self._lock:
-            old = self._cache.pop(digest, None)
-            if old is not None:
-                self._cached -= len(old)
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=body_key(digest))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+            for digest in wanted:
+                old = self._cache.pop(digest, None)
+                if old is not None:
+                    self._cached -= len(old)
+        failed: dict[str, str] = {}
+        for i in range(0, len(wanted), DELETE_BATCH):
+            keys = [{"Key": body_key(d)} for d in wanted[i:i + DELETE_BATCH]]
+            try:
+                got = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+            for err in got.get("Errors", []):
+                refused = body_digest(str(err.get("Key", "")))
+                if refused is not None:
+                    failed[refused] = f"{err.get('Code', '?')}: {err.get('Message', '')}"
+        if failed:
+            raise BodiesNotDeleted(failed)
 
     def list_page(self, start_after: str, limit: int = 1000) -> tuple[list[tuple[str, datetime]], bool]:
         """One ListObjectsV2 page of the keys under `bodies/` after `start_after`, in key order (at

@@ -24,22 +24,36 @@ checks the message and queue tables: a body a message refers to keeps the row (a
 `collect`'s); the others lose their object, then the row, in the same transaction. An upload of the
 same body meanwhile waits in `mark` on that uncommitted row, exactly as it waits on `collect`'s lock,
 and uploads after the delete; an upload whose mark committed before the insert makes it do nothing.
+
+Both passes work a batch at a time (up to 1,000 bodies, S3's limit for one DeleteObjects request):
+one transaction holds the batch's rows, one DeleteObjects request (Quiet: the answer names only
+the keys not deleted) removes their objects, then the rows of the objects actually deleted are
+deleted and the transaction commits. So the safety argument above holds per batch: every object is
+deleted while its row is held, every row goes only after its object, and an upload of one of the
+batch's bodies waits at most one request. A body whose object the store refused keeps its row
+(the listing pass's own row is committed: `collect`'s from then on, once `grace` has passed) and
+is tried again by a later run. A request that fails as a whole rolls its batch back (the run stops with StoreUnavailable): an
+object it did delete leaves, in the table pass, a row without its object, which an upload renews and
+uploads again (its HEAD finds nothing) and the next run deletes (deleting a missing key succeeds).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
 from ..errors import StoreUnavailable
-from .bodies import BodyStore, body_digest
+from .bodies import BodiesNotDeleted, BodyStore, body_digest
 
 __all__ = ["GcRun", "collect", "collect_orphans", "mark", "run"]
 
 type Conn = psycopg.Connection[tuple[Any, ...]]
+
+log = logging.getLogger("postier.cluster")
 
 
 def mark(conn: Conn, digest: str) -> None:
@@ -50,29 +64,42 @@ def mark(conn: Conn, digest: str) -> None:
 
 
 def collect(conn: Conn, bodies: BodyStore, grace: float = 86400.0,
-            batch: int = 500, max_batches: int = 10_000) -> int:
-    """Delete unreferenced bodies older than `grace` seconds; returns how many were deleted."""
+            batch: int = 1000, max_batches: int = 10_000) -> int:
+    """Delete unreferenced bodies older than `grace` seconds, `batch` a transaction (one
+    DeleteObjects request); returns how many were deleted. A body whose object the store refused to
+    delete keeps its row (the next run tries again) and is not selected again in this run."""
     total = 0
+    refused: list[str] = []
     for _ in range(max_batches):
         with conn.transaction():
             found = [h for (h,) in conn.execute(
                 "SELECT hash FROM bodies b WHERE last_put < now() - make_interval(secs => %s) "
                 "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.hash) "
                 "AND NOT EXISTS (SELECT 1 FROM queue_messages q WHERE q.body = b.hash) "
-                "ORDER BY hash LIMIT %s FOR UPDATE SKIP LOCKED", (grace, batch))]
+                "AND NOT b.hash = ANY(%s) "
+                "ORDER BY hash LIMIT %s FOR UPDATE SKIP LOCKED", (grace, refused, max(1, batch)))]
             if not found:
                 break
-            _delete(conn, bodies, found)
-        total += len(found)
+            gone = _delete(conn, bodies, found)
+        total += len(gone)
+        refused += [h for h in found if h not in gone]
     return total
 
 
-def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> None:
-    """The objects, then their rows: in the caller's transaction, which holds the rows."""
-    for digest in found:
-        bodies.delete(digest)
+def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> set[str]:
+    """The objects (one DeleteObjects request for up to 1,000), then the rows of those the store
+    deleted: in the caller's transaction, which holds the rows. Returns the bodies deleted; a body
+    whose object the store refused keeps its row, still held until the caller commits."""
+    refused: dict[str, str] = {}
+    try:
+        bodies.delete(found)
+    except BodiesNotDeleted as exc:
+        refused = exc.failed
+        log.warning("gc: %s", exc)
+    gone = {h for h in found if h not in refused}
     # body_text, body_views and body_heads go with them (ON DELETE CASCADE)
-    conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (found,))
+    conn.execute("DELETE FROM bodies WHERE hash = ANY(%s)", (sorted(gone),))
+    return gone
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,7 @@ class GcRun:
 
 
 def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit: int = 100_000,
-                    page: int = 1000, batch: int = 500) -> GcRun:
+                    page: int = 1000, batch: int = 1000) -> GcRun:
     """List up to `limit` body objects, `page` per request (S3 answers at most 1,000), after the
     previous run's last key; adopt or delete those no row names that are older than `grace` seconds
     (the module docstring says how), one transaction per `batch` of them (as `collect`'s: what an
@@ -138,9 +165,9 @@ def _settle(conn: Conn, bodies: BodyStore, digests: list[str]) -> tuple[int, int
         used = {h for (h,) in conn.execute(
             "SELECT h FROM unnest(%s::text[]) AS h WHERE EXISTS (SELECT 1 FROM messages m WHERE m.body = h) "
             "OR EXISTS (SELECT 1 FROM queue_messages q WHERE q.body = h)", (ours,))}
-        gone = sorted(h for h in ours if h not in used)
-        if gone:
-            _delete(conn, bodies, gone)
+        unused = sorted(h for h in ours if h not in used)
+        # a body whose object the store refused keeps this row: `collect`'s from then on
+        gone = _delete(conn, bodies, unused) if unused else set()
     return len(used), len(gone)
 
 
