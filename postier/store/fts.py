@@ -56,6 +56,7 @@ log = logging.getLogger("postier.store")
 FTS_NAME = "postier-fts.sqlite"
 _VERSION = 1  # PRAGMA user_version of the file; another version: the cache is dropped and rebuilt
 CATCH_UP = 1000  # unindexed messages a search indexes at most (the rest go through the matcher)
+CATCH_UP_HELD = 16 << 20  # octets of messages a catch-up holds at once (it indexes them, then reads on)
 _COLUMNS = {"SUBJECT": "subject", "FROM": "hfrom", "TO": "hto", "CC": "hcc", "BCC": "hbcc"}
 # BODY searches text parts and encapsulated headers; TEXT text parts and every part's header.
 _SCOPES = {"BODY": ("leaves", "inner"), "TEXT": ("leaves", "headers")}

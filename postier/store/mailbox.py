@@ -80,7 +80,7 @@ from .errors import (
     StoreLimit,
     UnknownSpecialUse,
 )
-from .fts import CATCH_UP, FTS_NAME, Source, TextIndex, build_from_maildir, searchable
+from .fts import CATCH_UP, CATCH_UP_HELD, FTS_NAME, Source, TextIndex, build_from_maildir, searchable
 from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
 
 __all__ = [
@@ -848,10 +848,17 @@ class UserMailbox:
             todo = ti.unindexed(st.fid, CATCH_UP)
             if todo:
                 items: list[tuple[int, str, Source]] = []
+                held = 0  # octets read into `items`: indexed each time they reach CATCH_UP_HELD
                 for r in self.index.rows(st.fid, todo).values():
                     with contextlib.suppress(StoreError):
-                        items.append((r.uid, r.base, self._text_source(st, r)))
-                ti.index_messages(st.fid, items)
+                        source = self._text_source(st, r)
+                        items.append((r.uid, r.base, source))
+                        held += len(source) if isinstance(source, bytes) else 0
+                    if held >= CATCH_UP_HELD:
+                        ti.index_messages(st.fid, items)
+                        items, held = [], 0
+                if items:
+                    ti.index_messages(st.fid, items)
             answers = [ti.hits(st.fid, f, n) for f, n in queries]
             if ti.known(st.fid) != len(st.uids):  # messages removed behind the index's back: only current ones
                 answers = [_present(st.uids, a) for a in answers]

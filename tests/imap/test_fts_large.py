@@ -19,6 +19,7 @@ from postier.message.matching import TEXT_LIMIT
 from postier.message.types import MEMORY_DATA_LIMIT, User
 from postier.proto.imap.search import HeaderKey, SearchKey, TextKey
 from postier.store.maildir import deliver_maildir
+from postier.store.fts import CATCH_UP_HELD
 from postier.store.mailbox import INBOX, MailStore, UserMailbox
 
 from .conftest import PASSWORD, IMAPServer
@@ -181,3 +182,24 @@ def test_real_server_append_and_search_from_two_sessions(server: IMAPServer) -> 
         assert typ == "OK" and data[0].split() == []
         typ, data = b.uid("SEARCH", "NOT", "TEXT", "aardvark")
         assert typ == "OK" and data[0].split() == [b"2"]
+
+
+def test_a_catch_up_of_many_messages_under_the_limit_holds_a_bounded_part_of_them(store: MailStore) -> None:
+    """Messages of up to MEMORY_DATA_LIMIT are read whole, but a catch-up indexes them each time
+    what it holds reaches CATCH_UP_HELD, so 40 of 900 KiB (36 MiB) never sit in memory together;
+    every one is indexed (exact) and found."""
+    mb = store.acquire(USER)
+    try:
+        filler = b"plain filler text for the index\r\n" * (900 * 1024 // 34)
+        for i in range(40):
+            deliver_maildir(mb.root, b"", b"Subject: part %d\r\n\r\nword%dword\r\n" % (i, i) + filler)
+        mb.snapshot(INBOX)
+        rows = mb.all_rows(INBOX)
+        assert len(rows) == 40 and all(r.size <= MEMORY_DATA_LIMIT for r in rows)
+        assert sum(r.size for r in rows) > 2 * CATCH_UP_HELD
+        peak, got = _peak_of_search(mb, [("BODY", "word7word"), ("BODY", "word39word")])
+        assert peak < CATCH_UP_HELD + (12 << 20), peak  # one part read, plus its text being indexed
+        assert got is not None
+        assert got[0] == [{8}, {40}] and not got[1]  # every message has an exact entry
+    finally:
+        store.release(mb)
