@@ -21,7 +21,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
-from postier.store.cluster.gc import collect, collect_orphans, mark  # noqa: E402
+from postier.store.cluster.gc import collect, collect_orphans, mark, run  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
@@ -474,6 +474,26 @@ def test_a_body_the_store_refuses_to_delete_keeps_its_row_in_both_passes(
     refuse.clear()
     with gc_conn(cl) as conn:  # the store is back: the next run deletes them
         assert collect(conn, cl.bodies, grace=ANY_AGE) == 2
+    assert cl.rows() == set() and cl.objects() == set()
+
+
+def test_a_run_counts_the_bodies_the_store_refused_for_status(
+        cl: Cluster, delete_requests: tuple[list[int], set[str]]) -> None:
+    """`run` (the command) counts what either pass could not delete, and keeps it in gc_state for
+    `postier cluster status`; a run after the store accepts counts none."""
+    _sizes, refuse = delete_requests
+    cl.expunged_body("t0", age="2 days")
+    cl.expunged_body("t1", age="2 days")
+    cl.bodies.put(msg("o0"))  # an orphan: no row
+    refuse.update({body_key(sha("t1")), body_key(sha("o0"))})
+    with gc_conn(cl) as conn:
+        done = run(conn, cl.bodies, grace=ANY_AGE)
+        assert (done.collected, done.deleted, done.refused) == (1, 0, 2)
+        assert conn.execute("SELECT refused FROM gc_state").fetchone() == (2,)
+        refuse.clear()
+        done = run(conn, cl.bodies, grace=ANY_AGE)
+        assert (done.collected, done.refused) == (2, 0)
+        assert conn.execute("SELECT refused FROM gc_state").fetchone() == (0,)
     assert cl.rows() == set() and cl.objects() == set()
 
 

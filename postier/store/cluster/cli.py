@@ -65,6 +65,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                   f"{' (to its end)' if done.end else ' (the next run goes on from there)'}: "
                   f"{done.adopted} without a row but referenced (row added), "
                   f"{done.deleted} without a row or a reference (deleted)")
+        if done.refused:
+            print(f"the object store refused to delete {done.refused} bodies (their rows are kept; "
+                  "the next run tries again; the log names them)", file=sys.stderr)
+            return 1
         return 0
     ok = True
     try:
@@ -77,8 +81,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 "SELECT (SELECT count(*) FROM body_text WHERE version = %s), "
                 "(SELECT count(*) FROM pg_indexes WHERE tablename = 'body_text' AND indexname LIKE 'body_text_trgm%%')",
                 (VERSION,)).fetchone()
-            gc = conn.execute(  # store.cluster.gc; no table before a node or `gc` of this version ran
-                "SELECT finished, collected, listed, adopted, deleted, cursor FROM gc_state").fetchone() \
+            # store.cluster.gc; no table (or no `refused`) before a node or `gc` of this version ran
+            gc = conn.execute(
+                "SELECT finished, collected, listed, adopted, deleted, cursor, "
+                "(to_jsonb(g) ->> 'refused')::bigint FROM gc_state g").fetchone() \
                 if conn.execute("SELECT to_regclass('gc_state')").fetchone() != (None,) else None
         assert version is not None and counts is not None and text is not None
         print(f"postgresql: ok (server {version[0]})")
@@ -90,7 +96,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print("  last gc: never (`postier cluster gc`)")
         else:
             print(f"  last gc: {gc[0]:%Y-%m-%d %H:%M:%S %Z}: {gc[1]} bodies collected; {gc[2]} objects listed, "
-                  f"{gc[3]} adopted, {gc[4]} deleted; next listing from {gc[5] or 'the start'}")
+                  f"{gc[3]} adopted, {gc[4]} deleted; next listing from {gc[5] or 'the start'}"
+                  + (f"; {gc[6]} bodies the object store refused to delete (rows kept)" if gc[6] else ""))
     except psycopg.errors.UndefinedTable:
         print("postgresql: reachable, but no tables: run `postier cluster init`")
         ok = False

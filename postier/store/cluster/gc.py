@@ -68,6 +68,12 @@ def collect(conn: Conn, bodies: BodyStore, grace: float = 86400.0,
     """Delete unreferenced bodies older than `grace` seconds, `batch` a transaction (one
     DeleteObjects request); returns how many were deleted. A body whose object the store refused to
     delete keeps its row (the next run tries again) and is not selected again in this run."""
+    return _collect(conn, bodies, grace, batch, max_batches)[0]
+
+
+def _collect(conn: Conn, bodies: BodyStore, grace: float, batch: int = 1000,
+             max_batches: int = 10_000) -> tuple[int, int]:
+    """`collect`: (bodies deleted, bodies whose object the store refused to delete)."""
     total = 0
     refused: list[str] = []
     for _ in range(max_batches):
@@ -83,7 +89,7 @@ def collect(conn: Conn, bodies: BodyStore, grace: float = 86400.0,
             gone = _delete(conn, bodies, found)
         total += len(gone)
         refused += [h for h in found if h not in gone]
-    return total
+    return total, len(refused)
 
 
 def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> set[str]:
@@ -106,13 +112,15 @@ def _delete(conn: Conn, bodies: BodyStore, found: list[str]) -> set[str]:
 class GcRun:
     """What one `postier cluster gc` did: bodies collected from the table, then the listing pass's
     objects listed, adopted (no row, a message refers to them) and deleted (no row, no reference);
-    `end` when the listing reached the bucket's end (the next run starts over)."""
+    `end` when the listing reached the bucket's end (the next run starts over); `refused`: bodies of
+    either pass whose object the store refused to delete (rows kept, tried again by the next run)."""
 
     collected: int = 0
     listed: int = 0
     adopted: int = 0
     deleted: int = 0
     end: bool = False
+    refused: int = 0
 
 
 def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit: int = 100_000,
@@ -128,7 +136,7 @@ def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit
     cursor: str = row[0]
     before: datetime.datetime = row[1] - datetime.timedelta(seconds=grace)
     limit = max(1, limit)
-    listed = adopted = deleted = 0
+    listed = adopted = deleted = refused = 0
     end = False
     while listed < limit:
         got, more = bodies.list_page(cursor, min(page, limit - listed))
@@ -137,48 +145,52 @@ def collect_orphans(conn: Conn, bodies: BodyStore, grace: float = 86400.0, limit
             cursor = got[-1][0]
         old = sorted(d for key, modified in got if (d := body_digest(key)) is not None and modified < before)
         for i in range(0, len(old), max(1, batch)):
-            took, dropped = _settle(conn, bodies, old[i:i + max(1, batch)])
+            took, dropped, kept = _settle(conn, bodies, old[i:i + max(1, batch)])
             adopted += took
             deleted += dropped
+            refused += kept
         if not more or not got:
             cursor, end = "", True
             break
     with conn.transaction():
         conn.execute("UPDATE gc_state SET cursor = %s", (cursor,))
-    return GcRun(0, listed, adopted, deleted, end)
+    return GcRun(0, listed, adopted, deleted, end, refused)
 
 
-def _settle(conn: Conn, bodies: BodyStore, digests: list[str]) -> tuple[int, int]:
-    """Adopt or delete the listed bodies that no row names; returns (adopted, deleted)."""
+def _settle(conn: Conn, bodies: BodyStore, digests: list[str]) -> tuple[int, int, int]:
+    """Adopt or delete the listed bodies that no row names; returns (adopted, deleted, refused by
+    the store)."""
     with conn.transaction():
         missing = [h for (h,) in conn.execute(
             "SELECT h FROM unnest(%s::text[]) AS h WHERE NOT EXISTS (SELECT 1 FROM bodies WHERE hash = h)",
             (digests,))]
         if not missing:
-            return 0, 0
+            return 0, 0, 0
         # Our own rows, uncommitted: a concurrent `mark` of one of them waits until we commit.
         ours = [h for (h,) in conn.execute(
             "INSERT INTO bodies (hash) SELECT h FROM unnest(%s::text[]) AS h ORDER BY h "
             "ON CONFLICT (hash) DO NOTHING RETURNING hash", (missing,))]
         if not ours:
-            return 0, 0
+            return 0, 0, 0
         used = {h for (h,) in conn.execute(
             "SELECT h FROM unnest(%s::text[]) AS h WHERE EXISTS (SELECT 1 FROM messages m WHERE m.body = h) "
             "OR EXISTS (SELECT 1 FROM queue_messages q WHERE q.body = h)", (ours,))}
         unused = sorted(h for h in ours if h not in used)
         # a body whose object the store refused keeps this row: `collect`'s from then on
         gone = _delete(conn, bodies, unused) if unused else set()
-    return len(used), len(gone)
+    return len(used), len(gone), len(unused) - len(gone)
 
 
 def run(conn: Conn, bodies: BodyStore, grace: float = 86400.0, orphans: bool = True,
         limit: int = 100_000) -> GcRun:
     """`postier cluster gc`: `collect`, then (unless `orphans` is False) `collect_orphans`; the
     counts are kept in `gc_state` for `postier cluster status`."""
-    collected = collect(conn, bodies, grace)
+    collected, refused = _collect(conn, bodies, grace)
     listing = collect_orphans(conn, bodies, grace, limit) if orphans else GcRun()
-    out = GcRun(collected, listing.listed, listing.adopted, listing.deleted, listing.end)
+    out = GcRun(collected, listing.listed, listing.adopted, listing.deleted, listing.end,
+                refused + listing.refused)
     with conn.transaction():
-        conn.execute("UPDATE gc_state SET finished = now(), collected = %s, listed = %s, adopted = %s, deleted = %s",
-                     (out.collected, out.listed, out.adopted, out.deleted))
+        conn.execute("UPDATE gc_state SET finished = now(), collected = %s, listed = %s, adopted = %s, "
+                     "deleted = %s, refused = %s",
+                     (out.collected, out.listed, out.adopted, out.deleted, out.refused))
     return out

@@ -73,8 +73,10 @@ CREATE TABLE IF NOT EXISTS gc_state (
     collected bigint NOT NULL DEFAULT 0,
     listed bigint NOT NULL DEFAULT 0,
     adopted bigint NOT NULL DEFAULT 0,
-    deleted bigint NOT NULL DEFAULT 0
+    deleted bigint NOT NULL DEFAULT 0,
+    refused bigint NOT NULL DEFAULT 0
 );
+ALTER TABLE gc_state ADD COLUMN IF NOT EXISTS refused bigint NOT NULL DEFAULT 0;
 INSERT INTO gc_state (one) VALUES (true) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS body_text (
     hash text PRIMARY KEY REFERENCES bodies(hash) ON DELETE CASCADE,
