@@ -646,16 +646,21 @@ class _MboxMessage:
         self._header = False
 
     def _out(self, data: bytes) -> None:
-        self._sha.update(data)
-        self._size += len(data)
-        if self._spool is not None:
-            self._spool.write(data)
-            return
         self._mem += data
-        if len(self._mem) > MEMORY_DATA_LIMIT:
+        if self._spool is None and len(self._mem) > MEMORY_DATA_LIMIT:
             self._spool = self.mb.spool()
-            self._spool.write(bytes(self._mem))
-            self._mem = bytearray()
+        if self._spool is not None and len(self._mem) >= _MBOX_READ:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Written on to the spool file in pieces of about _MBOX_READ (one write per line would cost
+        a system call each)."""
+        assert self._spool is not None
+        piece = bytes(self._mem)
+        self._sha.update(piece)
+        self._size += len(piece)
+        self._spool.write(piece)
+        self._mem.clear()
 
     def finish(self) -> bytes | Spooled:
         """The message's bytes (in memory, or `Spooled` above MEMORY_DATA_LIMIT)."""
@@ -666,6 +671,7 @@ class _MboxMessage:
             self._end_header()
         if self._spool is None:
             return bytes(self._mem)
+        self._flush()
         return Spooled(self._spool, self._sha.hexdigest(), self._size)
 
     def discard(self) -> None:
