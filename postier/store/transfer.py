@@ -24,6 +24,10 @@ version 3, maps each UID to the file's base name; UIDVALIDITY and UIDNEXT are ke
 Status/X-Status/X-Keywords headers as Dovecot and mutt write them) that `import mbox` reads back to
 the same messages, flags and dates.
 
+Large messages are never held whole: a Maildir file above MEMORY_DATA_LIMIT is copied into the
+store's spool in pieces (`LargeFile`), and an mbox file is read a line at a time, a message above
+MEMORY_DATA_LIMIT written on to a spool file as it is read (`_mbox_messages`).
+
 Written here (not with an external sync tool) because the round trip must keep postier's own
 guarantees: durable appends, UIDs kept on export, idempotent resumption.
 """
