@@ -207,6 +207,8 @@ def _copy_one(mb: Mailboxes, state: ImportState, source: str, folder: str, data:
         else:
             mb.append(folder, data, flags, idate)
     except StoreError as exc:
+        if isinstance(data, Spooled):
+            data.spool.discard()  # (when the store refused it before taking it)
         raise TransferError(f"{folder}: message not stored: {exc}") from None
     state.add(source, folder, digest)
     stats.copied += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytest.importorskip("psycopg")
 from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
-from postier.store.transfer import ImportState, import_maildir, import_mbox  # noqa: E402
+from postier.store.transfer import ImportState, TransferError, import_maildir, import_mbox  # noqa: E402
 from tests.imap.test_import_large import mbox_file  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
@@ -111,3 +112,25 @@ def test_large_mbox_message_goes_up_from_its_spool_file(store: ClusterStore, tmp
         assert bodies.client.head_object(Bucket=bodies.bucket, Key=body_key(rows[1].base))["ETag"].endswith('-2"')
     finally:
         store.release(mb)
+
+
+def test_large_mbox_message_refused_before_upload_leaves_no_spool_file(
+        store: ClusterStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quota full after the first message: the large one is refused before any upload, the
+    import stops with a clear error and its spool file is gone."""
+    raw, want = mbox_file(3 << 20)
+    (tmp_path / "inbox").write_bytes(raw)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    mb = store.acquire(User("bob@example.org", "bob", "example.org", "maildir", quota=len(want[0])))
+    state = ImportState(tmp_path / "state.sqlite")
+    try:
+        mb.ensure_defaults()
+        with pytest.raises(TransferError, match="not stored"):
+            import_mbox(mb, tmp_path / "inbox", state)
+        assert len(mb.rows_between("INBOX", 1, 10)) == 1
+    finally:
+        state.close()
+        store.release(mb)
+    assert list(spool_dir.iterdir()) == []

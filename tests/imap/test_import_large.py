@@ -153,3 +153,22 @@ def test_mbox_read_in_tiny_pieces_gives_the_same_messages(tmp_path: Path, monkey
     monkeypatch.setattr(transfer, "_MBOX_LINE", 24)
     monkeypatch.setattr(transfer, "MEMORY_DATA_LIMIT", 32)
     assert run("pieces") == whole
+
+
+def test_mbox_message_over_quota_leaves_no_spool_file(tmp_path: Path) -> None:
+    """A large message the store refuses (the quota) stops the import with a clear error; its spool
+    file is gone."""
+    raw, _ = mbox_file(3 << 20)
+    (tmp_path / "inbox").write_bytes(raw)
+    s = MailStore(tmp_path / "mail")
+    mb = s.acquire(User("bob@example.org", "bob", "example.org", "maildir", quota=2 << 20))
+    state = ImportState(tmp_path / "state.sqlite")
+    try:
+        mb.ensure_defaults()
+        with pytest.raises(transfer.TransferError, match="not stored"):
+            import_mbox(mb, tmp_path / "inbox", state)
+    finally:
+        state.close()
+        s.release(mb)
+        s.close()
+    assert [p for p in (tmp_path / "mail").rglob("tmp/*") if p.is_file()] == []
