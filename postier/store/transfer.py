@@ -25,8 +25,9 @@ Status/X-Status/X-Keywords headers as Dovecot and mutt write them) that `import 
 the same messages, flags and dates.
 
 Large messages are never held whole: a Maildir file above MEMORY_DATA_LIMIT is copied into the
-store's spool in pieces (`LargeFile`), and an mbox file is read a line at a time, a message above
-MEMORY_DATA_LIMIT written on to a spool file as it is read (`_mbox_messages`).
+store's spool in pieces (`LargeFile`), an mbox file is read a line at a time, a message above
+MEMORY_DATA_LIMIT written on to a spool file as it is read (`_mbox_messages`), and a fetched IMAP
+literal above MEMORY_DATA_LIMIT goes on to a spool file as it arrives (`_spooling_literals`).
 
 Written here (not with an external sync tool) because the round trip must keep postier's own
 guarantees: durable appends, UIDs kept on export, idempotent resumption.
@@ -42,6 +43,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import BinaryIO
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -289,26 +291,61 @@ def import_imap(mb: Mailboxes, client: imaplib.IMAP4, source: str, state: Import
         seen: dict[str, int] = {}
         for i in range(0, len(uids), BATCH):
             batch = uids[i:i + BATCH]
-            typ, data = client.uid("FETCH", ",".join(map(str, batch)), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
-            _imap_ok(typ, data, f"UID FETCH {name}")
-            for item in data:
-                if not isinstance(item, tuple):
-                    continue
-                head, body = item
-                if len(body) > MAX_MESSAGE:
-                    raise TransferError(f"{name}: a message of {len(body)} bytes is over the limit")
-                fl = re.search(rb"FLAGS \(([^)]*)\)", head)
-                flag_names = [_SYSTEM.get(f.lower(), f) for f in (fl.group(1).decode().split() if fl else [])
-                              if f.lower() != "\\recent"]
-                idate = imaplib.Internaldate2tuple(head)
-                ts = time.mktime(idate) if idate else None
-                _copy_one(mb, state, key, target, body, flag_names, ts, seen, stats, progress)
+            with _spooling_literals(mb, client, name):
+                typ, data = client.uid("FETCH", ",".join(map(str, batch)), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+                _imap_ok(typ, data, f"UID FETCH {name}")
+                for item in data:
+                    if not isinstance(item, tuple):
+                        continue
+                    head, body = item
+                    fl = re.search(rb"FLAGS \(([^)]*)\)", head)
+                    flag_names = [_SYSTEM.get(f.lower(), f) for f in (fl.group(1).decode().split() if fl else [])
+                                  if f.lower() != "\\recent"]
+                    idate = imaplib.Internaldate2tuple(head)
+                    ts = time.mktime(idate) if idate else None
+                    _copy_one(mb, state, key, target, body, flag_names, ts, seen, stats, progress)
             state.set_checkpoint(key, target, uidvalidity, batch[-1])
         stats.folders += 1
         if verify:
             stats.differences += _verify_imap(mb, client, name, target)
     progress.finish()
     return stats
+
+
+@contextmanager
+def _spooling_literals(mb: Mailboxes, client: imaplib.IMAP4, name: str) -> Iterator[None]:
+    """For one command: imaplib reads each literal of a response whole (`IMAP4.read(size)`) and keeps
+    it until the command completes; here a literal above MEMORY_DATA_LIMIT is written on to a spool
+    file of `mb` in pieces as it arrives, and imaplib keeps a `Spooled` instead. A literal above
+    MAX_MESSAGE stops the import (TransferError) before it is read. Spool files the store did not
+    take are removed at the end."""
+    made: list[SpoolFile] = []
+    plain = client.read
+
+    def read(size: int) -> bytes | Spooled:
+        if size <= MEMORY_DATA_LIMIT:
+            return plain(size)
+        if size > MAX_MESSAGE:
+            raise TransferError(f"{name}: a message of {size} bytes is over the limit")
+        spool = mb.spool()
+        made.append(spool)
+        sha, left = hashlib.sha256(), size
+        while left:
+            piece = plain(min(_PIECE, left))
+            if not piece:
+                raise imaplib.IMAP4.abort("the connection closed inside a literal")
+            sha.update(piece)
+            spool.write(piece)
+            left -= len(piece)
+        return Spooled(spool, sha.hexdigest(), size)
+
+    client.read = read  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        vars(client).pop("read", None)
+        for spool in made:
+            spool.discard()  # (nothing to do for one the store took)
 
 
 def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -> list[str]:
