@@ -44,10 +44,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import BinaryIO
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from ..durable import use_wal
 from ..message.mime import header_section
@@ -571,7 +571,8 @@ _MBOX_LINE = 256 * 1024  # a longer line arrives in pieces of this size
 
 @dataclass(frozen=True)
 class Spooled:
-    """A message already written to a spool file of the store, with the SHA-256 and size of its bytes."""
+    """A message already written to a spool file of the store (a large one of an mbox file, or a large
+    IMAP literal), with the SHA-256 and size of the bytes written."""
 
     spool: SpoolFile
     digest: str
