@@ -24,6 +24,11 @@ version 3, maps each UID to the file's base name; UIDVALIDITY and UIDNEXT are ke
 Status/X-Status/X-Keywords headers as Dovecot and mutt write them) that `import mbox` reads back to
 the same messages, flags and dates.
 
+Large messages are never held whole: a Maildir file above MEMORY_DATA_LIMIT is copied into the
+store's spool in pieces (`LargeFile`), an mbox file is read a line at a time, a message above
+MEMORY_DATA_LIMIT written on to a spool file as it is read (`_mbox_messages`), and a fetched IMAP
+literal above MEMORY_DATA_LIMIT goes on to a spool file as it arrives (`_spooling_literals`).
+
 Written here (not with an external sync tool) because the round trip must keep postier's own
 guarantees: durable appends, UIDs kept on export, idempotent resumption.
 """
@@ -38,9 +43,11 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from ..durable import use_wal
 from ..message.mime import header_section
@@ -182,22 +189,28 @@ def _ensure(mb: Mailboxes, name: str, existing: set[str]) -> None:
                 existing.add(sub)
 
 
-def _copy_one(mb: Mailboxes, state: ImportState, source: str, folder: str, data: bytes | LargeFile,
+def _copy_one(mb: Mailboxes, state: ImportState, source: str, folder: str, data: bytes | LargeFile | Spooled,
               flags: Sequence[str], idate: float | None, seen: dict[str, int], stats: Stats, progress: Progress) -> None:
     """Append one message unless this run or an earlier one already copied it (same bytes, same folder)."""
-    digest, size = (data.digest, data.size) if isinstance(data, LargeFile) else (hashlib.sha256(data).hexdigest(),
-                                                                                  len(data))
+    digest, size = (data.digest, data.size) if isinstance(data, LargeFile | Spooled) else (
+        hashlib.sha256(data).hexdigest(), len(data))
     seen[digest] = seen.get(digest, 0) + 1
     if seen[digest] <= state.count(source, folder, digest):
+        if isinstance(data, Spooled):
+            data.spool.discard()
         stats.skipped += 1
         progress.tick(size, copied=False, folder=folder)
         return
     try:
         if isinstance(data, LargeFile):
             mb.append_many(folder, [(data.spool(mb), flags, idate)])
+        elif isinstance(data, Spooled):
+            mb.append_many(folder, [(data.spool, flags, idate)])
         else:
             mb.append(folder, data, flags, idate)
     except StoreError as exc:
+        if isinstance(data, Spooled):
+            data.spool.discard()  # (when the store refused it before taking it)
         raise TransferError(f"{folder}: message not stored: {exc}") from None
     state.add(source, folder, digest)
     stats.copied += 1
@@ -278,26 +291,61 @@ def import_imap(mb: Mailboxes, client: imaplib.IMAP4, source: str, state: Import
         seen: dict[str, int] = {}
         for i in range(0, len(uids), BATCH):
             batch = uids[i:i + BATCH]
-            typ, data = client.uid("FETCH", ",".join(map(str, batch)), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
-            _imap_ok(typ, data, f"UID FETCH {name}")
-            for item in data:
-                if not isinstance(item, tuple):
-                    continue
-                head, body = item
-                if len(body) > MAX_MESSAGE:
-                    raise TransferError(f"{name}: a message of {len(body)} bytes is over the limit")
-                fl = re.search(rb"FLAGS \(([^)]*)\)", head)
-                flag_names = [_SYSTEM.get(f.lower(), f) for f in (fl.group(1).decode().split() if fl else [])
-                              if f.lower() != "\\recent"]
-                idate = imaplib.Internaldate2tuple(head)
-                ts = time.mktime(idate) if idate else None
-                _copy_one(mb, state, key, target, body, flag_names, ts, seen, stats, progress)
+            with _spooling_literals(mb, client, name):
+                typ, data = client.uid("FETCH", ",".join(map(str, batch)), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+                _imap_ok(typ, data, f"UID FETCH {name}")
+                for item in data:
+                    if not isinstance(item, tuple):
+                        continue
+                    head, body = item
+                    fl = re.search(rb"FLAGS \(([^)]*)\)", head)
+                    flag_names = [_SYSTEM.get(f.lower(), f) for f in (fl.group(1).decode().split() if fl else [])
+                                  if f.lower() != "\\recent"]
+                    idate = imaplib.Internaldate2tuple(head)
+                    ts = time.mktime(idate) if idate else None
+                    _copy_one(mb, state, key, target, body, flag_names, ts, seen, stats, progress)
             state.set_checkpoint(key, target, uidvalidity, batch[-1])
         stats.folders += 1
         if verify:
             stats.differences += _verify_imap(mb, client, name, target)
     progress.finish()
     return stats
+
+
+@contextmanager
+def _spooling_literals(mb: Mailboxes, client: imaplib.IMAP4, name: str) -> Iterator[None]:
+    """For one command: imaplib reads each literal of a response whole (`IMAP4.read(size)`) and keeps
+    it until the command completes; here a literal above MEMORY_DATA_LIMIT is written on to a spool
+    file of `mb` in pieces as it arrives, and imaplib keeps a `Spooled` instead. A literal above
+    MAX_MESSAGE stops the import (TransferError) before it is read. Spool files the store did not
+    take are removed at the end."""
+    made: list[SpoolFile] = []
+    plain = client.read
+
+    def read(size: int) -> bytes | Spooled:
+        if size <= MEMORY_DATA_LIMIT:
+            return plain(size)
+        if size > MAX_MESSAGE:
+            raise TransferError(f"{name}: a message of {size} bytes is over the limit")
+        spool = mb.spool()
+        made.append(spool)
+        sha, left = hashlib.sha256(), size
+        while left:
+            piece = plain(min(_PIECE, left))
+            if not piece:
+                raise imaplib.IMAP4.abort("the connection closed inside a literal")
+            sha.update(piece)
+            spool.write(piece)
+            left -= len(piece)
+        return Spooled(spool, sha.hexdigest(), size)
+
+    client.read = read  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        vars(client).pop("read", None)
+        for spool in made:
+            spool.discard()  # (nothing to do for one the store took)
 
 
 def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -> list[str]:
@@ -510,57 +558,215 @@ def import_maildir(mb: Mailboxes, root: Path, state: ImportState, progress: Prog
 
 
 # -- mbox -------------------------------------------------------------------------------------------
+#
+# Our own reader rather than the standard library's `mailbox.mbox`: that one does not undo mboxrd
+# quoting (">>From " -> ">From "), rewrites line ends and reads each message whole. This one reads
+# the file a line at a time (a line over _MBOX_LINE in pieces) through a 256 KiB buffer, and keeps a
+# message in memory up to MEMORY_DATA_LIMIT, then writes it on to a spool file of the store: the
+# memory held stays a few MiB whatever the size of the file or of its messages.
 
-def _split_mbox(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(From_ line, message with mboxrd quoting undone) for each message of an mbox file.
-
-    Our own reader rather than the standard library's `mailbox.mbox`: that one does not undo
-    mboxrd quoting (">>From " -> ">From ") and rewrites line ends.
-    """
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    start: bytes | None = None
-    cur: list[bytes] = []
-    for ln in lines:
-        if ln.startswith(b"From ") and (start is None or not cur or cur[-1] == b""):
-            if start is not None:
-                yield start, _mbox_body(cur)
-            start, cur = ln, []
-            continue
-        if start is None:
-            continue  # junk before the first From_ line
-        cur.append(ln[1:] if _FROM_LINE.match(ln) and ln.startswith(b">") else ln)
-    if start is not None:
-        yield start, _mbox_body(cur)
+_MBOX_READ = 256 * 1024  # the file is read this much at a time
+_MBOX_LINE = 256 * 1024  # a longer line arrives in pieces of this size
 
 
-def _mbox_body(lines: list[bytes]) -> bytes:
-    if lines and lines[-1] == b"":
-        lines = lines[:-1]  # the empty line that separates messages
-    return b"\r\n".join(ln.rstrip(b"\r") for ln in lines) + b"\r\n"
+@dataclass(frozen=True)
+class Spooled:
+    """A message already written to a spool file of the store (a large one of an mbox file, or a large
+    IMAP literal), with the SHA-256 and size of the bytes written."""
+
+    spool: SpoolFile
+    digest: str
+    size: int
 
 
-def _status_flags(msg: bytes) -> tuple[bytes, list[str]]:
-    """Strip the Status/X-Status/X-Keywords header fields mutt and Dovecot write; flags from them."""
-    head = header_section(msg, empty_line=False)
-    body = msg[len(head):]
-    kept: list[bytes] = []
-    flags: list[str] = []
-    for field_ in re.split(rb"\r\n(?![ \t])", head.rstrip(b"\r\n")):
-        name, _, value = field_.partition(b":")
-        low = name.strip().lower()
-        v = value.strip().decode("ascii", "replace")
-        if low == b"status":
-            flags += ["\\Seen"] if "R" in v else []
-        elif low == b"x-status":
-            flags += [f for c, f in (("A", "\\Answered"), ("F", "\\Flagged"), ("T", "\\Draft"), ("D", "\\Deleted"))
-                      if c in v]
-        elif low == b"x-keywords":
-            flags += [k for k in re.split(r"[\s,]+", v) if k]
+def _flag_field(field_: bytes) -> list[str] | None:
+    """The flags a Status/X-Status/X-Keywords header field (as mutt and Dovecot write them) carries,
+    or None for any other field (kept in the message)."""
+    name, _, value = field_.partition(b":")
+    low = name.strip().lower()
+    v = value.strip().decode("ascii", "replace")
+    if low == b"status":
+        return ["\\Seen"] if "R" in v else []
+    if low == b"x-status":
+        return [f for c, f in (("A", "\\Answered"), ("F", "\\Flagged"), ("T", "\\Draft"), ("D", "\\Deleted"))
+                if c in v]
+    if low == b"x-keywords":
+        return [k for k in re.split(r"[\s,]+", v) if k]
+    return None
+
+
+class _MboxMessage:
+    """One message of an mbox file as it is read: its lines (mboxrd quoting undone by the reader)
+    joined with CRLF, the empty line before the next From_ line left out, the flag fields of its
+    header section (`_flag_field`) taken out as flags (a message whose fields were all taken out,
+    or whose header section is empty, gets an empty line for them). Held in memory up to
+    MEMORY_DATA_LIMIT, then in a spool file of `mb`. A header section with a field above
+    MEMORY_DATA_LIMIT or a line above _MBOX_LINE is kept as it is from there on."""
+
+    def __init__(self, mb: Mailboxes, from_line: bytes):
+        self.mb, self.from_line = mb, from_line
+        self.flags: list[str] = []
+        self.raw_lines = 0  # lines of the file given, the empty ones included
+        self._lines = 0  # lines written out
+        self._empty = False  # an empty line held back: the last one of the message is left out
+        self._cr = 0  # CRs held back at the end of a piece of a long line (a line's last CRs go)
+        self._start = False  # with them, the start of the line
+        self._mem = bytearray()
+        self._spool: SpoolFile | None = None
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._header = True
+        self._field: bytearray | None = None
+        self._kept = False  # a header field was kept
+
+    def add(self, piece: bytes, start: bool, end: bool) -> None:
+        """A line of the file (`start` and `end`), or a piece of a long one, without its LF."""
+        if start:
+            self.raw_lines += 1
+            if self._empty:
+                self._empty = False
+                self._line(b"", True, True)
+            if end and piece == b"":
+                self._empty = True
+                return
+        stripped = piece.rstrip(b"\r")  # a line's last CRs go, CRs inside it stay
+        held = len(piece) - len(stripped)
+        if self._cr and stripped:
+            stripped, self._cr = b"\r" * self._cr + stripped, 0
+        self._cr = 0 if end else self._cr + held
+        if not stripped and not end:  # only CRs so far: the line may still be an empty one
+            self._start = self._start or start
+            return
+        start, self._start = start or self._start, False
+        self._line(stripped, start, end)
+
+    def _line(self, piece: bytes, start: bool, end: bool) -> None:
+        if start:
+            self._lines += 1
+        if not self._header:
+            self._out(piece)
+            if end:
+                self._out(b"\r\n")
+            return
+        if not (start and end):  # a line too long for a header section: kept as it is from here
+            if self._field is None or piece[:1] not in (b" ", b"\t"):
+                self._end_field()
+            self._end_header(kept=True)
+            self._out(piece)
+            if end:
+                self._out(b"\r\n")
+            return
+        if piece == b"":  # RFC 5322 §2.1: the empty line ends the header section
+            self._end_header()
+            self._out(b"\r\n")
+        elif self._field is not None and piece[:1] in (b" ", b"\t"):  # RFC 5322 §2.2.3 continuation line
+            self._field += b"\r\n" + piece
+            if len(self._field) > MEMORY_DATA_LIMIT:
+                self._end_header(kept=True)
         else:
-            kept.append(field_)
-    return b"\r\n".join(kept) + b"\r\n" + body, flags
+            self._end_field()
+            self._field = bytearray(piece)
+
+    def _end_field(self) -> None:
+        if self._field is None:
+            return
+        field_, self._field = bytes(self._field), None
+        flags = _flag_field(field_)
+        if flags is None:
+            self._out(field_ + b"\r\n")
+            self._kept = True
+        else:
+            self.flags += flags
+
+    def _end_header(self, kept: bool = False) -> None:
+        if kept:
+            if self._field is not None:
+                self._out(bytes(self._field) + b"\r\n")
+                self._field = None
+            self._kept = True
+        self._end_field()
+        if not self._kept:
+            self._out(b"\r\n")
+        self._header = False
+
+    def _out(self, data: bytes) -> None:
+        self._mem += data
+        if self._spool is None and len(self._mem) > MEMORY_DATA_LIMIT:
+            self._spool = self.mb.spool()
+        if self._spool is not None and len(self._mem) >= _MBOX_READ:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Written on to the spool file in pieces of about _MBOX_READ (one write per line would cost
+        a system call each)."""
+        assert self._spool is not None
+        piece = bytes(self._mem)
+        self._sha.update(piece)
+        self._size += len(piece)
+        self._spool.write(piece)
+        self._mem.clear()
+
+    def finish(self) -> bytes | Spooled:
+        """The message's bytes (in memory, or `Spooled` above MEMORY_DATA_LIMIT)."""
+        if self._lines == 0:  # no line at all: an empty one
+            self._empty = False
+            self._line(b"", True, True)
+        if self._header:
+            self._end_header()
+        if self._spool is None:
+            return bytes(self._mem)
+        self._flush()
+        return Spooled(self._spool, self._sha.hexdigest(), self._size)
+
+    def discard(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+
+
+def _mbox_messages(mb: Mailboxes, f: BinaryIO) -> Iterator[tuple[bytes, bytes | Spooled, list[str]]]:
+    """(From_ line, message, flags) for each message of an mbox file (mboxrd and mboxo): a message
+    starts at a "From " line that follows an empty line (or opens the file or comes right after the
+    previous From_ line); a line of ">From ", ">>From " ... loses one ">"; what comes before the
+    first From_ line is skipped."""
+    msg: _MboxMessage | None = None
+    prev_empty = False
+    try:
+        while line := f.readline(_MBOX_LINE):
+            end = line.endswith(b"\n") or len(line) < _MBOX_LINE  # (or the file's last line, without LF)
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            if line.startswith(b"From ") and (msg is None or msg.raw_lines == 0 or prev_empty):
+                if msg is not None:
+                    done, msg = msg, None
+                    yield done.from_line, done.finish(), done.flags
+                while not end:  # (a From_ line above 4 pieces loses the rest)
+                    piece = f.readline(_MBOX_LINE)
+                    end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
+                    if len(line) < 4 * _MBOX_LINE:
+                        line += piece[:-1] if piece.endswith(b"\n") else piece
+                msg, prev_empty = _MboxMessage(mb, line), False
+                continue
+            prev_empty = end and line == b""
+            if msg is None:
+                _skip_line(f, end)  # junk before the first From_ line
+                continue
+            msg.add(line[1:] if _FROM_LINE.match(line) and line.startswith(b">") else line, True, end)
+            while not end:
+                piece = f.readline(_MBOX_LINE)
+                end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
+                msg.add(piece[:-1] if piece.endswith(b"\n") else piece, False, end)
+        if msg is not None:
+            done, msg = msg, None
+            yield done.from_line, done.finish(), done.flags
+    finally:
+        if msg is not None:
+            msg.discard()
+
+
+def _skip_line(f: BinaryIO, end: bool) -> None:
+    while not end:
+        piece = f.readline(_MBOX_LINE)
+        end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
 
 
 def _from_date(line: bytes) -> float | None:
@@ -584,15 +790,14 @@ def import_mbox(mb: Mailboxes, path: Path, state: ImportState, progress: Progres
         stem = f.name[:-5] if f.name.endswith(".mbox") else f.name
         target = map_folder(stem, "/", None, ours)
         _ensure(mb, target, existing)
-        try:
-            data = f.read_bytes()
-        except OSError as exc:
-            raise TransferError(f"{f}: {exc.strerror}") from None
         source = f"mbox:{f.resolve()}"
         seen: dict[str, int] = {}
-        for from_line, msg in _split_mbox(data):
-            clean, flags = _status_flags(msg)
-            _copy_one(mb, state, source, target, clean, flags, _from_date(from_line), seen, stats, progress)
+        try:
+            with open(f, "rb", buffering=_MBOX_READ) as fh:
+                for from_line, msg, flags in _mbox_messages(mb, fh):
+                    _copy_one(mb, state, source, target, msg, flags, _from_date(from_line), seen, stats, progress)
+        except OSError as exc:
+            raise TransferError(f"{f}: {exc.strerror}") from None
         stats.folders += 1
     progress.finish()
     return stats

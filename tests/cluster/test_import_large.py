@@ -3,13 +3,15 @@ mailboxes.py `import_with_uids` and `append_many` with a spool file) against a r
 moto's S3: a file above MEMORY_DATA_LIMIT goes up from a spool file (a multipart upload for 12 MiB;
 tests/imap/test_import_large.py shows the importer's memory stays bounded), is read back byte for
 byte (bare LF made CRLF), keeps its UID where the folder's dovecot-uidlist names it, is searchable,
-and a second run copies nothing."""
+and a second run copies nothing. `postier import mbox` likewise: a 12 MiB message of an mbox file
+goes up from the spool file it was written to as the file was read."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +22,8 @@ pytest.importorskip("psycopg")
 from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
-from postier.store.transfer import ImportState, import_maildir  # noqa: E402
+from postier.store.transfer import ImportState, TransferError, import_maildir, import_mbox  # noqa: E402
+from tests.imap.test_import_large import mbox_file  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
 
@@ -86,3 +89,48 @@ def test_large_files_are_imported_from_their_files(store: ClusterStore, tmp_path
         assert mb.text_search("Work", [("TEXT", "lyrebird")]) == ([{1}], set())
     finally:
         store.release(mb)
+
+
+def test_large_mbox_message_goes_up_from_its_spool_file(store: ClusterStore, tmp_path: Path) -> None:
+    raw, want = mbox_file(12 << 20)
+    (tmp_path / "inbox").write_bytes(raw)
+    mb = store.acquire(ALICE)
+    try:
+        mb.ensure_defaults()
+        state = ImportState(tmp_path / "state.sqlite")
+        try:
+            assert import_mbox(mb, tmp_path / "inbox", state).copied == 3
+            again = import_mbox(mb, tmp_path / "inbox", state)
+            assert (again.copied, again.skipped) == (0, 3)
+        finally:
+            state.close()
+        rows = list(mb.rows_between("INBOX", 1, 10).values())
+        assert [mb.read("INBOX", r) for r in rows] == want
+        assert [sorted(r.flag_names) for r in rows] == [["\\Seen"], ["Work", "\\Answered", "\\Flagged"], []]
+        assert [mb.internal_date("INBOX", r) for r in rows] == [1_641_031_200, 1_641_121_200, 1_641_211_200]
+        bodies = store.bodies  # streamed from the spool file: in parts (a whole body in memory is one PUT)
+        assert bodies.client.head_object(Bucket=bodies.bucket, Key=body_key(rows[1].base))["ETag"].endswith('-2"')
+    finally:
+        store.release(mb)
+
+
+def test_large_mbox_message_refused_before_upload_leaves_no_spool_file(
+        store: ClusterStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quota full after the first message: the large one is refused before any upload, the
+    import stops with a clear error and its spool file is gone."""
+    raw, want = mbox_file(3 << 20)
+    (tmp_path / "inbox").write_bytes(raw)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    mb = store.acquire(User("bob@example.org", "bob", "example.org", "maildir", quota=len(want[0])))
+    state = ImportState(tmp_path / "state.sqlite")
+    try:
+        mb.ensure_defaults()
+        with pytest.raises(TransferError, match="not stored"):
+            import_mbox(mb, tmp_path / "inbox", state)
+        assert len(mb.rows_between("INBOX", 1, 10)) == 1
+    finally:
+        state.close()
+        store.release(mb)
+    assert list(spool_dir.iterdir()) == []

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ import pytest
 
 from bench.imap_bench import PASSWORD as DOVECOT_PASSWORD
 from bench.imap_bench import Dovecot
+from postier.message.types import User
+from postier.store.mailbox import MailStore
+from postier.store.transfer import ImportState, import_imap
 from tests.harness import Instance
 
 pytestmark = pytest.mark.slow
@@ -258,3 +262,43 @@ def test_maildir_export_then_import_into_a_new_user_is_uid_exact(target: Instanc
         first, second = _by_uid(out1 / folder), _by_uid(out2 / folder)
         assert first == second, folder
     assert sorted(_by_uid(out2)[1]) == [1, 3, 4] and "N5" in _by_uid(out2)[0]
+
+
+def test_import_imap_spools_a_large_literal(tmp_path: Path) -> None:
+    """A fetched literal above MEMORY_DATA_LIMIT (12 MiB here) goes to a spool file of the store as
+    it arrives (tracemalloc's peak stays a few MiB); bytes, flags and dates arrive; a second run and
+    --verify find nothing to do; no spool file is left behind."""
+    need("dovecot")
+    top = Path(tempfile.mkdtemp(prefix="postier-dovecot-"))
+    top.chmod(0o711)
+    d = Dovecot(top / "dovecot", 4)
+    big = b"From: big@x.test\r\nSubject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * ((12 << 20) // 100)
+    write_maildir(d.home("olduser") / "Maildir", "INBOX", [(MESSAGES[0], "S", 1_600_000_000),
+                                                          (big, "F", 1_600_000_100)])
+    d.start()
+    store = MailStore(tmp_path / "mail")
+    mb = store.acquire(User("w@d.test", "w", "d.test", "maildir"))
+    state = ImportState(tmp_path / "state.sqlite")
+    client = imaplib.IMAP4("127.0.0.1", d.port)
+    try:
+        mb.ensure_defaults()
+        client.login("olduser", DOVECOT_PASSWORD)
+        tracemalloc.start()
+        stats = import_imap(mb, client, "imap://test", state)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert stats.copied == 2 and stats.bytes == len(MESSAGES[0]) + len(big)
+        assert peak < 6 << 20, peak  # pieces of 1 MiB, not the 12 MiB literal
+        again = import_imap(mb, client, "imap://test", state, verify=True)
+        assert (again.copied, again.differences) == (0, [])
+        rows = list(mb.rows_between("INBOX", 1, 10).values())
+        assert [(mb.read("INBOX", r), r.flag_names) for r in rows] == [(MESSAGES[0], ["\\Seen"]), (big, ["\\Flagged"])]
+        assert mb.internal_date("INBOX", rows[1]) == 1_600_000_100
+    finally:
+        client.logout()
+        state.close()
+        store.release(mb)
+        store.close()
+        d.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    assert [p for p in (tmp_path / "mail").rglob("tmp/*") if p.is_file()] == []
