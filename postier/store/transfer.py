@@ -731,30 +731,27 @@ def _mbox_messages(mb: Mailboxes, f: BinaryIO) -> Iterator[tuple[bytes, bytes | 
     msg: _MboxMessage | None = None
     prev_empty = False
     try:
-        while line := f.readline(_MBOX_LINE):
-            end = line.endswith(b"\n") or len(line) < _MBOX_LINE  # (or the file's last line, without LF)
-            if line.endswith(b"\n"):
-                line = line[:-1]
+        while (got := _mbox_piece(f)) is not None:
+            line, end = got
             if line.startswith(b"From ") and (msg is None or msg.raw_lines == 0 or prev_empty):
                 if msg is not None:
                     done, msg = msg, None
                     yield done.from_line, done.finish(), done.flags
                 while not end:  # (a From_ line above 4 pieces loses the rest)
-                    piece = f.readline(_MBOX_LINE)
-                    end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
+                    piece, end = _mbox_piece(f) or (b"", True)
                     if len(line) < 4 * _MBOX_LINE:
-                        line += piece[:-1] if piece.endswith(b"\n") else piece
+                        line += piece
                 msg, prev_empty = _MboxMessage(mb, line), False
                 continue
             prev_empty = end and line == b""
-            if msg is None:
-                _skip_line(f, end)  # junk before the first From_ line
+            if msg is None:  # junk before the first From_ line
+                while not end:
+                    _piece, end = _mbox_piece(f) or (b"", True)
                 continue
             msg.add(line[1:] if _FROM_LINE.match(line) and line.startswith(b">") else line, True, end)
             while not end:
-                piece = f.readline(_MBOX_LINE)
-                end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
-                msg.add(piece[:-1] if piece.endswith(b"\n") else piece, False, end)
+                piece, end = _mbox_piece(f) or (b"", True)
+                msg.add(piece, False, end)
         if msg is not None:
             done, msg = msg, None
             yield done.from_line, done.finish(), done.flags
@@ -763,10 +760,16 @@ def _mbox_messages(mb: Mailboxes, f: BinaryIO) -> Iterator[tuple[bytes, bytes | 
             msg.discard()
 
 
-def _skip_line(f: BinaryIO, end: bool) -> None:
-    while not end:
-        piece = f.readline(_MBOX_LINE)
-        end = piece.endswith(b"\n") or len(piece) < _MBOX_LINE
+def _mbox_piece(f: BinaryIO) -> tuple[bytes, bool] | None:
+    """The next piece of a line of an mbox file (at most _MBOX_LINE octets, without its LF) and
+    whether it ends the line (True also for the file's last line without LF); None at the end of
+    the file (a line cut exactly there ends with it: the callers read None as an end)."""
+    piece = f.readline(_MBOX_LINE)
+    if not piece:
+        return None
+    if piece.endswith(b"\n"):
+        return piece[:-1], True
+    return piece, len(piece) < _MBOX_LINE
 
 
 def _from_date(line: bytes) -> float | None:
