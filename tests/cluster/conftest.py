@@ -144,6 +144,15 @@ def bodies_factory(s3: S3Server) -> Callable[[], object]:
 
 
 @pytest.fixture
+def store(pg: PgServer, bodies_factory: Callable[[], Any]) -> Iterator[Any]:
+    """A ClusterStore on a fresh database of `pg` and a fresh bucket (store/cluster/store.py)."""
+    from postier.store.cluster.store import ClusterStore
+    s = ClusterStore(pg.create_db(), bodies_factory(), timeout=3.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Any]]:
     """Two started cluster nodes sharing `pg` (a fresh database) and `s3` (test_nodes.py `_nodes`)."""
     from .test_nodes import _nodes

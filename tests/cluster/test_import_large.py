@@ -12,7 +12,6 @@ import base64
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,13 @@ import pytest
 pytest.importorskip("psycopg")
 
 from postier.message.types import User  # noqa: E402
-from postier.store.cluster.bodies import BodyStore, body_key  # noqa: E402
+from postier.store.cluster.bodies import body_key  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.transfer import ImportState, TransferError, import_maildir, import_mbox  # noqa: E402
 from tests.imap.test_import_large import mbox_file  # noqa: E402
 
-from .conftest import PgServer  # noqa: E402
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")
-
-
-@pytest.fixture
-def store(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> Iterator[ClusterStore]:
-    s = ClusterStore(pg.create_db(), bodies_factory(), timeout=3.0)
-    yield s
-    s.close()
 
 
 def large(size: int, word: str, eol: bytes) -> bytes:

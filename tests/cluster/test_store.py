@@ -28,13 +28,6 @@ def msg(n: int | str) -> bytes:
 
 
 @pytest.fixture
-def store(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> Iterator[ClusterStore]:
-    s = ClusterStore(pg.create_db(), bodies_factory(), timeout=3.0)
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def mb(store: ClusterStore) -> Iterator[ClusterMailboxes]:
     m = store.acquire(ALICE)
     m.ensure_defaults()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,12 @@ from postier.message.types import MessageBody, User  # noqa: E402
 from postier.store.cluster.bodies import PART_SIZE, BodyStore  # noqa: E402
 from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
 
-from .conftest import PgServer  # noqa: E402
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")
 BOB = User("bob@example.org", "bob", "example.org", "maildir")
 CAROL = User("carol@example.org", "carol", "example.org", "maildir")
 DAVE = User("dave@example.org", "dave", "example.org", "maildir")
 PREFIX = b"Return-Path: <c@example.net>\r\nReceived: from example.net; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
-
-
-@pytest.fixture
-def store(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> Iterator[ClusterStore]:
-    s = ClusterStore(pg.create_db(), bodies_factory(), timeout=3.0)
-    yield s
-    s.close()
 
 
 def with_attachment(size: int, before: str, after: str) -> bytes:
