@@ -735,31 +735,36 @@ class IMAPSession(Session):
         False (and NOTIFY off) when the plan covers more than NOTIFY_MAX_MAILBOXES mailboxes."""
         nplan, user = self._nplan, self.user
         assert nplan is not None and user is not None
-        for unwatch in self._nwatches:
-            unwatch()
-        self._nwatches.clear()
-        mb = self._mbox()
-        notifier = self.store.notifier
-        self._nrenames = notifier.renames_since(user.address, self._nrenames)[0]  # before the names are read
-        self._nfolders = {f.name for f in await self.call(mb.list_folders)}
-        self._nsubs = set(await self.call(mb.subscriptions))
-        covered = sorted(n for n in self._nfolders
-                         if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
-        if len(covered) > NOTIFY_MAX_MAILBOXES:
-            self._notify_off()
-            return False
-        for name in covered:
-            self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
-                                                 functools.partial(self._on_change, name)))
-            with contextlib.suppress(StoreError):
-                info = await self.call(mb.status, name)
-                self._nstatus[name] = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
-                if send_status and (self.core.sel is None or self.core.sel.name != name):  # RFC 5465 §3 STATUS
-                    self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
-        if nplan.wants_names:
-            self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
-                                                 lambda: self._on_change(NOTIFY_NAMES)))
-        return True
+        # The old watches go only once the new ones are in place, and the names are watched before
+        # they are read: a change made while this awaits the store (another node's CREATE, say)
+        # wakes the session again instead of falling between an unwatch and a watch.
+        old, self._nwatches = self._nwatches, []
+        try:
+            mb = self._mbox()
+            notifier = self.store.notifier
+            if nplan.wants_names:
+                self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
+                                                     lambda: self._on_change(NOTIFY_NAMES)))
+            self._nrenames = notifier.renames_since(user.address, self._nrenames)[0]  # before the names are read
+            self._nfolders = {f.name for f in await self.call(mb.list_folders)}
+            self._nsubs = set(await self.call(mb.subscriptions))
+            covered = sorted(n for n in self._nfolders
+                             if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
+            if len(covered) > NOTIFY_MAX_MAILBOXES:
+                self._notify_off()
+                return False
+            for name in covered:
+                self._nwatches.append(notifier.watch(user.address, name, mb.watch_path(name),
+                                                     functools.partial(self._on_change, name)))
+                with contextlib.suppress(StoreError):
+                    info = await self.call(mb.status, name)
+                    self._nstatus[name] = (info.messages, info.uidnext, info.uidvalidity, info.highestmodseq)
+                    if send_status and (self.core.sel is None or self.core.sel.name != name):  # RFC 5465 §3 STATUS
+                        self.send(R.status(name, self._status_items(info), utf8=self.core.utf8))
+            return True
+        finally:
+            for unwatch in old:
+                unwatch()
 
     async def _notify_rewatch_or_overflow(self) -> bool:
         """`_notify_rewatch` outside NOTIFY itself: too many mailboxes now ends NOTIFY with
