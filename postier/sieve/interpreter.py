@@ -10,6 +10,7 @@ included scripts) are small callables in ``Environment``; nothing here touches t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import time
@@ -946,10 +947,11 @@ def _text_leaf(part: Part) -> bool:
 
 
 def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
-    """The texts a body test searches (RFC 5173 §5), each capped at ``limits.max_body``. A message
-    above `WHOLE` octets is not read whole: :raw reads the first max_body octets of its body, :text
-    and :content walk `Message.body_tree` (the bodies they do not read left out, or the first
-    TEXT_LIMIT octets of the message when that is not enough)."""
+    """The texts a body test searches (RFC 5173 §5), each capped at ``limits.max_body`` and decoded
+    from at most the first 2 × max_body octets of its part's body. A message above `WHOLE` octets
+    is not read whole: :raw reads the first max_body octets of its body, :text and :content walk
+    `Message.body_tree` (the bodies they do not read left out, or the first TEXT_LIMIT octets of the
+    message when that is not enough)."""
     limit = ip.limits.max_body
     message = ip.message
     if not message.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
@@ -968,6 +970,8 @@ def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
         return not (_text_leaf(leaf) if text_mode else matches(leaf))
 
     for part in message.body_tree(unread).walk():
+        if not part.children and part.message is None:  # a leaf: decoded from its first octets only
+            part = dataclasses.replace(part, end=min(part.end, part.body_start + 2 * limit))
         if text_mode:  # :text: every textual part, markup removed
             if part.is_multipart or part.message is not None or not _text_leaf(part):
                 continue
