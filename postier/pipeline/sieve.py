@@ -13,6 +13,12 @@ script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is n
 and redirects are durable before the caller answers; a vacation reply that cannot be queued is
 logged, not fatal.
 
+The message is never read whole (`sieve.Message.at` over the prefix and the spooled body: its header
+section only, the body read by a body test within bounds); a copy stored unchanged is the received
+prefix and body themselves, delivered as without a script; an edited or redirected copy is written
+into a new spooled `MessageBody` a piece at a time (`_spooled`). The ARC seal of a redirect is the one
+exception: dkimpy hashes the body from bytes.
+
 Which script a user has is remembered per process (`SieveFilter._known`, an `accounts.FreshCache`
 as the recipient resolution's): a delivery within `accounts.CACHE_CHECK` seconds of the last read of the user's
 scripts takes the answer (often "none") on the event loop, with no thread hop and no disk access, and

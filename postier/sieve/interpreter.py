@@ -6,6 +6,16 @@ redirects, include depth and count, variables and their size, match values, head
 size searched. Exceeding one is a runtime error; a runtime error keeps the message (RFC 5228 §2.10.6:
 implicit keep), so ``Result.final()`` never loses mail. Stores (mailbox existence, duplicate tracking,
 included scripts) are small callables in ``Environment``; nothing here touches the disk or the clock.
+
+A message is its header section (held, editable) over a body that stays where it is, read by offset
+(``Message.at``: a spooled file); only a body test reads it, and what delivery stores or sends is a
+``Copy`` (trace fields, the header as edited, the original body) read in pieces. A body test reads a
+message up to ``WHOLE`` (MEMORY_DATA_LIMIT, 1 MiB) whole. Above, RFC 5173 §8 asks that body tests
+not burden the server, and what they examine is bounded: :raw the first ``max_body`` octets of the
+body (as for any message); :text and :content the MIME tree of textscan's reduced copy (at most
+TEXT_LIMIT octets, the bodies the test does not read left out), or the first TEXT_LIMIT octets of
+the message parsed when the copy cannot serve (a text part beyond TEXT_LIMIT, :content naming an
+attachment's type); each part decoded from at most its first 2 × ``max_body`` octets.
 """
 
 from __future__ import annotations
