@@ -151,3 +151,34 @@ def test_copy_reads_by_offset_as_joined(size: int) -> None:
     c = Copy(m, m.head, b"T: 1\r\n")
     assert bytes(c) == b"T: 1\r\n" + edited and b"".join(c.pieces(7)) == bytes(c) and c.size == len(bytes(c))
     assert bytes(Copy(m)) == raw and Copy(m).original
+
+
+def test_a_script_without_body_test_reads_the_header_only() -> None:
+    """Only the piece holding the header section is read, whatever the script does with the header;
+    a body test reads more (a bounded copy), :raw only the start of the body."""
+    from postier.sieve import Environment, compile_script, run
+    from postier.sieve.interpreter import Message
+    from postier.sieve.outcome import Delivery, plan
+    from postier.sieve.vacation import MemoryVacationStore
+
+    def reads_of(script: str) -> int:
+        """How far into the message the run and its plan read."""
+        furthest = 0
+
+        def read_at(offset: int, n: int) -> bytes:
+            nonlocal furthest
+            got = DATA[offset:offset + n]
+            furthest = max(furthest, offset + len(got))
+            return got
+
+        m = Message.at(read_at, len(DATA), 1 << 18)
+        res = run(compile_script(script.encode()), m, Environment(envelope_from="x@remote.test"))
+        plan(res, m, Delivery(sender="x@remote.test", recipient="alice@a.test"), MemoryVacationStore())
+        return furthest
+
+    headers = ('require ["fileinto", "editheader", "vacation", "copy"];\n'
+               'if anyof (header :contains "subject" "large", size :over 1M, exists "to") '
+               '{ addheader "X-A" "1"; fileinto :copy "Big"; redirect "c@b.test"; vacation "away"; }\n')
+    assert reads_of(headers) <= 64 << 10  # the first piece read looking for the blank line
+    assert reads_of('require "body";\nif body :raw :contains "x" { keep; }\n') <= (1 << 20) + (64 << 10)
+    assert reads_of('require "body";\nif body :text :contains "x" { keep; }\n') == len(DATA)  # pieces
