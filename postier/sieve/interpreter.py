@@ -94,6 +94,7 @@ def chained(first: bytes, then: ReadAt, at: int = 0) -> ReadAt:
 WHOLE = MEMORY_DATA_LIMIT  # a body test reads a message up to this size whole, a larger one bounded
 _HEAD_PIECE = 64 << 10  # octets read at a time looking for the end of the header section
 
+
 class Message:
     """The message a script sees: an editable header (RFC 5293) over the original body, which stays
     where it is (bytes, or a spooled file read by offset) and is read only by a body test.
@@ -184,7 +185,7 @@ class Message:
         size = self.size
         if size <= WHOLE:
             return self.part
-        tree = sparse_part(self.read_at, size, unread, TEXT_LIMIT)
+        tree = sparse_part(self.read_at, size, unread, TEXT_LIMIT)  # RFC 5173 §8: bounded
         return tree if tree is not None else parse_message(self.read_at(0, TEXT_LIMIT))
 
     def values(self, name: str) -> list[bytes]:
