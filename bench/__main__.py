@@ -24,6 +24,7 @@ BENCHMARKS = {
     "cluster-accept": "bench.cluster_accept_rss",
     "cluster-fetch": "bench.cluster_fetch",
     "fts-large": "bench.fts_large",
+    "sieve-large": "bench.sieve_large",
 }
 
 

@@ -404,6 +404,11 @@ class UnknownCTE(ValueError):
     """A Content-Transfer-Encoding the server cannot decode (RFC 3516 §4.3 ``NO [UNKNOWN-CTE]``)."""
 
 
+#: the octets that are not base64's alphabet (RFC 2045 §6.8: ignored when decoding)
+_NOT_BASE64 = bytes(c for c in range(256)
+                    if not (0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A or 0x30 <= c <= 0x39 or c in b"+/"))
+
+
 def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
     """Undo a Content-Transfer-Encoding, leniently (garbage characters skipped, never raising on
     broken data); raise UnknownCTE for an encoding that is not RFC 2045's."""
@@ -411,7 +416,7 @@ def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
     if enc in ("7bit", "8bit", "binary", ""):
         return data
     if enc == "base64":
-        clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+        clean = data.translate(None, _NOT_BASE64)  # one copy (a regex substitution held each line apart)
         clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
         try:
             return base64.b64decode(clean + b"=" * (-len(clean) % 4))

@@ -26,6 +26,8 @@ large text part, a huge header block, a ``--`` line over 1 KiB), the answer is a
 text (`SearchText.exact` False): the index leaves that message to the matcher, as it does for a
 message whose text `search_text` cut at the limit. So the memory held is bounded by TEXT_LIMIT
 octets of copy (plus its decoded text), whatever the size of the message.
+The same copy, with the check made against the bodies another reader never reads, serves the
+Sieve body test on a large message (`sparse_part`; RFC 5173, `sieve/interpreter.py`).
 Why written here: the stdlib's `email.feedparser` parses incrementally but keeps every part's body
 (attachments included) in memory, and the offsets and degradation rules must be `mime`'s anyway.
 """
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from .matching import INDEXED_FIELDS, TEXT_LIMIT, SearchText, part_search_text
 from .mime import Part, parse_message
 
-__all__ = ["search_text_at", "sparse_copy"]
+__all__ = ["search_text_at", "sparse_copy", "sparse_part"]
 
 PIECE = 256 << 10  # bytes read from the file at a time
 SKIP_LINE = 1024  # bytes kept of the first and last line of a body left out
@@ -192,23 +194,27 @@ def _crlf(got: tuple[bytes, int]) -> tuple[bytes, int]:
     return text, cut
 
 
-def _unsearched(part: Part) -> tuple[list[int], list[int]]:
-    """The bodies `part_search_text` never reads (leaves that are not text/*), as sorted
-    (body_start, end) columns."""
-    spans = sorted((p.body_start, p.end) for p in part.walk()
-                   if not p.children and p.message is None and p.maintype != "text")
-    return [s for s, _e in spans], [e for _s, e in spans]
+def sparse_part(read_at: ReadAt, size: int, unread: Callable[[Part], bool], limit: int = TEXT_LIMIT) -> Part | None:
+    """The MIME tree of `sparse_copy`, when each place where bytes were left out lies inside the body
+    of a leaf part (not a multipart, not an encapsulated message) that `unread` says is not read,
+    after its first line; else None (as when the copy would exceed `limit` octets)."""
+    got = sparse_copy(read_at, size, limit)
+    if got is None:
+        return None
+    copy, cuts = got
+    part = parse_message(copy)
+    spans = sorted((p.body_start, p.end) for p in part.walk() if not p.children and p.message is None and unread(p))
+    starts, ends = [s for s, _e in spans], [e for _s, e in spans]
+    if all((k := bisect_left(starts, x) - 1) >= 0 and starts[k] < x <= ends[k] for x in cuts):
+        return part
+    return None
 
 
 def search_text_at(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> SearchText:
     """`matching.search_text` of a message of `size` bytes read by offset, holding at most about
     `limit` octets of it; inexact and empty when the text cannot be had within that (see above)."""
-    got = sparse_copy(read_at, size, limit)
-    if got is not None:
-        copy, cuts = got
-        part = parse_message(copy)
-        starts, ends = _unsearched(part)
-        # a place left out lies inside an unsearched body: after its first line, up to its end
-        if all((k := bisect_left(starts, x) - 1) >= 0 and starts[k] < x <= ends[k] for x in cuts):
-            return part_search_text(part, limit)
+    # `part_search_text` reads the bodies of text/* leaves only
+    part = sparse_part(read_at, size, lambda p: p.maintype != "text", limit)
+    if part is not None:
+        return part_search_text(part, limit)
     return SearchText({f: "" for f in INDEXED_FIELDS}, "", "", "", False)

@@ -143,6 +143,17 @@ class MessageBody:
         with open(self._file.name, "rb") as f:
             return f.read(limit)
 
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Up to `n` bytes from `offset` (fewer only at the end): from memory, or by `os.pread` on
+        the spool file (no shared file position, so threads may read at once)."""
+        n = max(0, min(n, self.size - offset))
+        if self._file is None:
+            if len(self._chunks) > 1:
+                self._chunks = [b"".join(self._chunks)]
+            return self._chunks[0][offset:offset + n] if self._chunks else b""
+        self._file.flush()
+        return os.pread(self._file.fileno(), n, offset) if n else b""
+
     def copy_to(self, out: BinaryIO) -> None:
         """Write the body to `out` (an open file): from memory, or by an in-kernel copy."""
         if self._file is None:

@@ -13,6 +13,12 @@ script or the plan falls back to the implicit keep (RFC 5228 §2.10.6: mail is n
 and redirects are durable before the caller answers; a vacation reply that cannot be queued is
 logged, not fatal.
 
+The message is never read whole (`sieve.Message.at` over the prefix and the spooled body: its header
+section only, the body read by a body test within bounds); a copy stored unchanged is the received
+prefix and body themselves, delivered as without a script; an edited or redirected copy is written
+into a new spooled `MessageBody` a piece at a time (`_spooled`). The ARC seal of a redirect is the one
+exception: dkimpy hashes the body from bytes.
+
 Which script a user has is remembered per process (`SieveFilter._known`, an `accounts.FreshCache`
 as the recipient resolution's): a delivery within `accounts.CACHE_CHECK` seconds of the last read of the user's
 scripts takes the answer (often "none") on the event loop, with no thread hop and no disk access, and
@@ -31,7 +37,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +46,10 @@ from ..accounts import CACHE_CHECK, FreshCache
 from ..config import Config, ConfigError
 from ..mailauth.arc import ARCSealer
 from ..mailauth.srs import SRS
-from ..message.types import Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
+from ..message.types import HEADER_LIMIT, Enqueuer, Envelope, LocalOutcome, MessageBody, Recipient, Signer, User
 from ..proto.smtp.replies import Reply
 from ..sieve import CompileError, Environment, Limits, Message, Script, compile_script, run
+from ..sieve.interpreter import Copy, chained
 from ..sieve.outcome import Delivery, Plan, plan
 from ..store.delivery import LocalDelivery
 from ..store.index import encode_suffix, names_to_flags
@@ -201,12 +208,11 @@ class SieveFilter:
         failed = set(outcome.failed_users) | unavailable
         refused: dict[str, Reply] = {}
         filtered = [(u, r, s) for a, (u, r) in owners.items() if (s := scripts[a]) is not None]
-        raw = prefix + await asyncio.to_thread(body.getvalue) if filtered else b""
         # RFC 5429 §2.2: refused in protocol when the reply concerns this recipient alone
         single = lmtp or (len(recipients) == 1 and len(owners) == 1 and not recipients[0].remote)
         for user, rcpt, script in filtered:
             try:
-                ok, refuse = await self._one(env, user, rcpt, script, raw, folder, single)
+                ok, refuse = await self._one(env, user, rcpt, script, prefix, body, folder, single)
             except Exception:
                 log.exception("%s: sieve delivery to %s failed; implicit keep", env.qid, user.address)
                 kept = await self.mda.deliver([(user, folder)], prefix, body, env.mail_from)
@@ -218,22 +224,23 @@ class SieveFilter:
         delivered = frozenset(r.address for r in recipients if not any(u.address in failed for u in r.users))
         return SieveOutcome(LocalOutcome(delivered, tuple(sorted(failed)), outcome.over_quota), refused)
 
-    async def _one(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes,
-                   folder: str | None, single: bool) -> tuple[bool, str | None]:
+    async def _one(self, env: Envelope, user: User, rcpt: Recipient, script: Script, prefix: bytes,
+                   body: MessageBody, folder: str | None, single: bool) -> tuple[bool, str | None]:
         """One user's script: (every store durable, the refusal reason or None)."""
         default = folder or "INBOX"
-        p = await asyncio.to_thread(self._plan, env, user, rcpt, script, raw, default, single)
+        p = await asyncio.to_thread(self._plan, env, user, rcpt, script, prefix, body, default, single)
         if p.refuse is not None and single:
             return True, p.refuse
         # RFC 5228 §4.1: a missing mailbox is created (as :create, RFC 5490 §3.2, would)
         targets = [(user, None if st.mailbox.upper() == "INBOX" else st.mailbox) for st in p.stores]
         ok = True
         for (u, folder_name), st in zip(targets, p.stores, strict=True):
-            info = await self._flags(u, folder_name, st.flags)
-            res = await self.mda.deliver([(u, folder_name)], b"", st.message, env.mail_from, info)
-            if not res[0].ok and folder_name is not None:  # an unusable folder name: keep in INBOX
-                info = await self._flags(u, None, st.flags)
-                res = await self.mda.deliver([(u, None)], b"", st.message, env.mail_from, info)
+            async with self._copied(st.message, prefix, body) as (head, data):
+                info = await self._flags(u, folder_name, st.flags)
+                res = await self.mda.deliver([(u, folder_name)], head, data, env.mail_from, info)
+                if not res[0].ok and folder_name is not None:  # an unusable folder name: keep in INBOX
+                    info = await self._flags(u, None, st.flags)
+                    res = await self.mda.deliver([(u, None)], head, data, env.mail_from, info)
             ok = ok and res[0].ok
         for send in p.sends:
             try:
@@ -242,13 +249,41 @@ class SieveFilter:
                     frm = self.srs.forward(frm, user.domain)
                 arc = b""
                 if send.kind == "redirect" and self.arc is not None:  # RFC 8617 §4: we forward, we seal
-                    arc = await self.arc.seal(send.message, user.domain)
+                    # dkimpy hashes the body from bytes: the one place a redirect reads the copy whole
+                    whole = await asyncio.to_thread(bytes, send.message)
+                    arc = await self.arc.seal(whole, user.domain)
+                    del whole
                 await self._send(env, send.kind, frm, send.rcpt_to, send.message, arc)
             except Exception:
                 log.exception("%s: sieve %s to %s could not be queued", env.qid, send.kind, send.rcpt_to)
                 if send.kind == "redirect":
                     ok = False  # the copy would be lost: the client retries (4xx)
         return ok, None
+
+    @contextlib.asynccontextmanager
+    async def _copied(self, copy: Copy, prefix: bytes, body: MessageBody) -> AsyncIterator[tuple[bytes, MessageBody]]:
+        """What to deliver for a copy the plan stores: the message as received is `prefix` and `body`
+        themselves (delivered from where they are, as without a script); an edited one is written,
+        its header then the original's body a piece at a time, into a new spooled body."""
+        if copy.original:
+            yield prefix, body
+            return
+        spooled = await asyncio.to_thread(self._spooled, copy)
+        try:
+            yield b"", spooled
+        finally:
+            spooled.close()
+
+    def _spooled(self, copy: Copy) -> MessageBody:
+        """`copy` in a new MessageBody (spilled to the spool directory once large; blocking)."""
+        out = MessageBody(self.config.spool_dir)
+        try:
+            for piece in copy.pieces():
+                out.write(piece)
+        except BaseException:
+            out.close()
+            raise
+        return out
 
     async def _flags(self, user: User, folder: str | None, flags: Sequence[str]) -> str:
         """RFC 5232 §5: the Maildir info suffix (":2,FSa") giving the stored message its flags; the
@@ -297,19 +332,21 @@ class SieveFilter:
         except Exception:
             return False
 
-    def _plan(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
-              single: bool) -> Plan:
-        """Run the script and plan its result (blocking: a worker thread)."""
+    def _plan(self, env: Envelope, user: User, rcpt: Recipient, script: Script, prefix: bytes, body: MessageBody,
+              default: str, single: bool) -> Plan:
+        """Run the script and plan its result (blocking: a worker thread). The script sees the
+        message (`prefix` then `body`) through its header alone; only a body test reads the body
+        (`sieve.Message`), and the plan refers to it without reading it (`sieve.Copy`)."""
+        message = Message.at(chained(prefix, body.read_at), len(prefix) + body.size, len(prefix) + HEADER_LIMIT)
         with self._locks[zlib.crc32(user.address.lower().encode()) % len(self._locks)]:
             tracking = self.storage.tracking(user)
             try:
-                return self._plan_locked(env, user, rcpt, script, raw, default, single, tracking)
+                return self._plan_locked(env, user, rcpt, script, message, default, single, tracking)
             finally:
                 tracking.close()
 
-    def _plan_locked(self, env: Envelope, user: User, rcpt: Recipient, script: Script, raw: bytes, default: str,
-                     single: bool, tracking: Tracking) -> Plan:
-        message = Message(raw)
+    def _plan_locked(self, env: Envelope, user: User, rcpt: Recipient, script: Script, message: Message,
+                     default: str, single: bool, tracking: Tracking) -> Plan:
         now = time.time()
         senv = Environment(
             envelope_from=env.mail_from, envelope_to=rcpt.address, orig_to=rcpt.address,
@@ -331,14 +368,17 @@ class SieveFilter:
             tracking.record("dup\0" + key, now + max(1, seconds))
         return p
 
-    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: bytes,
+    async def _send(self, env: Envelope, kind: str, mail_from: str, rcpt_to: str, message: Copy | bytes,
                     arc: bytes = b"") -> None:
         """Queue one outgoing message; vacation replies and notices are DKIM-signed (RFC 5230 §4.3),
-        a redirect carries the ARC set `arc`."""
+        a redirect (a `Copy`, written into the spool a piece at a time) carries the ARC set `arc`."""
         out = Envelope(role="sieve", peer_ip="127.0.0.1", mail_from=mail_from,
                        recipients=[Recipient(rcpt_to)])
-        body = MessageBody(self.config.spool_dir)
-        body.write(message)
+        if isinstance(message, Copy):
+            body = await asyncio.to_thread(self._spooled, message)
+        else:
+            body = MessageBody(self.config.spool_dir)
+            body.write(message)
         try:
             prefix = arc
             if kind != "redirect" and self.signer is not None:

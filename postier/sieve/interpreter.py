@@ -6,10 +6,21 @@ redirects, include depth and count, variables and their size, match values, head
 size searched. Exceeding one is a runtime error; a runtime error keeps the message (RFC 5228 §2.10.6:
 implicit keep), so ``Result.final()`` never loses mail. Stores (mailbox existence, duplicate tracking,
 included scripts) are small callables in ``Environment``; nothing here touches the disk or the clock.
+
+A message is its header section (held, editable) over a body that stays where it is, read by offset
+(``Message.at``: a spooled file); only a body test reads it, and what delivery stores or sends is a
+``Copy`` (trace fields, the header as edited, the original body) read in pieces. A body test reads a
+message up to ``WHOLE`` (MEMORY_DATA_LIMIT, 1 MiB) whole. Above, RFC 5173 §8 asks that body tests
+not burden the server, and what they examine is bounded: :raw the first ``max_body`` octets of the
+body (as for any message); :text and :content the MIME tree of textscan's reduced copy (at most
+TEXT_LIMIT octets, the bodies the test does not read left out), or the first TEXT_LIMIT octets of
+the message parsed when the copy cannot serve (a text part beyond TEXT_LIMIT, :content naming an
+attachment's type); each part decoded from at most its first 2 × ``max_body`` octets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import time
@@ -23,15 +34,18 @@ from postier.message.envelope import MISSING_DOMAIN, parse_addresses
 from postier.proto.crlf import to_crlf
 from postier.proto.smtp.address import parse_path
 from postier.proto.smtp.errors import AddressError
+from postier.message.matching import TEXT_LIMIT
 from postier.message.mime import (
-    Part, UnknownCTE, decode_body, decode_header_text, decode_transfer_encoding, parse_message,
+    Part, UnknownCTE, decode_body, decode_header_text, decode_transfer_encoding, header_end, parse_message,
 )
+from postier.message.textscan import PIECE, ReadAt, sparse_part
+from postier.message.types import MEMORY_DATA_LIMIT
 
 from .match import MatchError, MatchTimeout, compare_relational, match_value
 from .validate import Node, Script
 
 __all__ = [
-    "Action", "Environment", "Interpreter", "Limits", "Message", "Result", "SieveRuntimeError",
+    "WHOLE", "Action", "Copy", "chained", "Environment", "Interpreter", "Limits", "Message", "Result", "SieveRuntimeError",
     "parse_address",
 ]
 
@@ -66,31 +80,113 @@ class Limits:
 
 # -- message -------------------------------------------------------------------------------------
 
+def chained(first: bytes, then: ReadAt, at: int = 0) -> ReadAt:
+    """`first` followed by what `then` reads from offset `at` on, read by offset as one message (a
+    header before a body that stays in its file; a `ReadAt` gives fewer octets only at its end)."""
+    def read_at(offset: int, n: int) -> bytes:
+        out = first[offset:offset + n]
+        if len(out) < n:
+            out += then(at + max(0, offset - len(first)), n - len(out))
+        return out
+    return read_at
+
+
+WHOLE = MEMORY_DATA_LIMIT  # a body test reads a message up to this size whole, a larger one bounded
+_HEAD_PIECE = 64 << 10  # octets read at a time looking for the end of the header section
+
+
 class Message:
-    """The message a script sees: an editable header (RFC 5293) over the original body."""
+    """The message a script sees: an editable header (RFC 5293) over the original body, which stays
+    where it is (bytes, or a spooled file read by offset) and is read only by a body test.
+
+    `Message(raw)` takes the octets; `Message.at` reads the header section of a message in a file
+    and nothing else. The body test (RFC 5173) reads a message up to `WHOLE` octets whole, a larger
+    one through `body_tree`'s bounded copy. Delivery copies it through `Copy` in pieces.
+    """
 
     def __init__(self, raw: bytes) -> None:
         raw = to_crlf(raw)
-        root = parse_message(raw)
+        self._setup(raw, lambda offset, n: raw[offset:offset + n], len(raw))
+
+    @classmethod
+    def at(cls, read_at: ReadAt, size: int, head_limit: int) -> Message:
+        """The message of `size` octets read by offset (CRLF line ends, as SMTP and LMTP give them):
+        its header section is read, a piece at a time, and held; ValueError when it does not end
+        within `head_limit` octets (the pipelines refuse such a message before it gets here)."""
+        head = b""
+        while header_end(head) < 0 and len(head) < min(size, head_limit):
+            piece = read_at(len(head), min(_HEAD_PIECE, size - len(head)))
+            if not piece:
+                raise ValueError("message file ended early")
+            head += piece
+        end = header_end(head)
+        if end < 0 and size > len(head):
+            raise ValueError(f"header section longer than {head_limit} octets")
+        m = cls.__new__(cls)
+        m._setup(head[:end] if end >= 0 else head, read_at, size)
+        return m
+
+    def _setup(self, head: bytes, read_at: ReadAt, size: int) -> None:
+        root = parse_message(head)
         self.fields: list[tuple[str, bytes]] = [(f.name, f.value) for f in root.fields]
-        self.body = raw[root.header_end:]  # the blank line and the body
-        self._part: Part | None = root
+        self.has_blank = root.has_blank  # RFC 5173 §4: without the blank line there is no body
+        self._original = head[:root.header_end]  # the fields as received, up to the blank line
+        self._read_at = read_at
+        self._size = size
+        self._part: Part | None = root if len(head) == size else None  # read whole already
         self.edited = False
 
     @property
+    def original_head(self) -> bytes:
+        """The header fields as received, without the blank line."""
+        return self._original
+
+    @property
+    def head(self) -> bytes:
+        """The header fields as they are now (edited or not), without the blank line."""
+        if not self.edited:
+            return self._original
+        return b"".join(n.encode("utf-8", "replace") + b":" + v + b"\r\n" for n, v in self.fields)
+
+    @property
+    def size(self) -> int:
+        """RFC 5228 §5.9: the message's size in octets, as it is now."""
+        return self.size_with(self.head)
+
+    def size_with(self, head: bytes) -> int:
+        """The size of the message with `head` for its fields."""
+        return self._size - len(self._original) + len(head)
+
+    def read_at(self, offset: int, n: int, head: bytes | None = None) -> bytes:
+        """Up to `n` octets from `offset` of the message as it is now, or with `head` for its fields."""
+        return chained(self.head if head is None else head, self._read_at, len(self._original))(offset, n)
+
+    @property
     def raw(self) -> bytes:
-        head = b"".join(n.encode("utf-8", "replace") + b":" + v + b"\r\n" for n, v in self.fields)
-        return head + self.body
+        """The whole message as it is now (read whole: small messages and tests)."""
+        return self.read_at(0, self.size)
 
     @property
     def part(self) -> Part:
+        """The whole message parsed (read whole: for a message up to `WHOLE` octets)."""
         if self._part is None:
             self._part = parse_message(self.raw)
         return self._part
 
-    @property
-    def size(self) -> int:
-        return len(self.raw)
+    def raw_body(self, limit: int) -> bytes:
+        """RFC 5173 §5.1: the first `limit` octets of the body, undecoded."""
+        start = len(self.head) + 2
+        return self.read_at(start, min(limit, self.size - start)) if self.has_blank else b""
+
+    def body_tree(self, unread: Callable[[Part], bool]) -> Part:
+        """The MIME tree a body test walks: the whole message's up to `WHOLE` octets; above, the
+        bounded copy of `textscan.sparse_part`, whose left-out places all lie in bodies the test
+        does not read (`unread`: a leaf part's body), else the first TEXT_LIMIT octets parsed."""
+        size = self.size
+        if size <= WHOLE:
+            return self.part
+        tree = sparse_part(self.read_at, size, unread, TEXT_LIMIT)  # RFC 5173 §8: bounded
+        return tree if tree is not None else parse_message(self.read_at(0, TEXT_LIMIT))
 
     def values(self, name: str) -> list[bytes]:
         lname = name.lower()
@@ -108,6 +204,40 @@ class Message:
         self._part = None
         self.edited = True
         self.fields = [f for i, f in enumerate(self.fields) if i not in indexes]
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A copy of the message to store or send: `trace` (fields put before it: a redirect's), then
+    `head` (its header fields as edited; None: as received), then the original's blank line and
+    body. Read in pieces (`pieces`) or by offset; joined only by `bytes()` (small messages, tests)."""
+
+    message: Message
+    head: bytes | None = None
+    trace: bytes = b""
+
+    @property
+    def original(self) -> bool:
+        """Whether it is the message exactly as received (delivered from where it is, no copy)."""
+        return self.head is None and not self.trace
+
+    def _head(self) -> bytes:
+        return self.message.original_head if self.head is None else self.head
+
+    @property
+    def size(self) -> int:
+        return len(self.trace) + self.message.size_with(self._head())
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        head = self._head()
+        return chained(self.trace, lambda o, k: self.message.read_at(o, k, head))(offset, n)
+
+    def pieces(self, size: int = PIECE) -> Iterator[bytes]:
+        for offset in range(0, self.size, size):
+            yield self.read_at(offset, size)
+
+    def __bytes__(self) -> bytes:
+        return self.read_at(0, self.size)
 
 
 @dataclass(slots=True)
@@ -146,7 +276,7 @@ class Action:
     copy: bool = False
     create: bool = False
     vacation: dict[str, object] | None = None
-    message: bytes | None = None  # the message as edited (RFC 5293) when the action was taken
+    head: bytes | None = None  # the header fields as edited (RFC 5293) when the action was taken
 
 
 @dataclass(slots=True)
@@ -446,7 +576,7 @@ def add_action(ip: Interpreter, action: Action) -> None:
     """Add an action: duplicates merge (RFC 5228 §2.10.3), conflicts and limits are runtime errors."""
     res = ip.result
     if ip.message.edited:  # RFC 5293 §7: each action sees the header as it was then
-        action.message = ip.message.raw
+        action.head = ip.message.head
     kinds = {a.kind for a in res.actions}
     if action.kind in ("reject", "ereject"):
         # RFC 5429 §2.2: reject is incompatible with keep, fileinto, redirect and vacation
@@ -469,7 +599,7 @@ def add_action(ip: Interpreter, action: Action) -> None:
             if action.kind == "keep" and a.kind == "store":
                 a.kind = "keep"
             a.copy = a.copy and action.copy
-            a.message = action.message or a.message
+            a.head = action.head if action.head is not None else a.head
             a.create = a.create or action.create
             _cancel_keep(ip, action)
             return
@@ -813,14 +943,32 @@ def _content_types(specs: list[str]) -> list[str]:
     return out
 
 
+def _text_leaf(part: Part) -> bool:
+    """Whether body :text searches this leaf: a textual part with a valid type and a known encoding."""
+    raw_ct = part.first("content-type")
+    if raw_ct is not None and not _CTYPE.match(raw_ct):
+        return False  # an invalid Content-Type ("text/plain/stupid") is no known text type
+    if not (part.maintype == "text" or (part.maintype, part.subtype) == ("application", "xhtml+xml")):
+        return False
+    try:
+        decode_transfer_encoding(b"", part.encoding)
+    except UnknownCTE:
+        return False  # undecodable: nothing to search
+    return True
+
+
 def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
-    """The texts a body test searches (RFC 5173 §5), each capped at ``limits.max_body``."""
+    """The texts a body test searches (RFC 5173 §5), each capped at ``limits.max_body`` and decoded
+    from at most the first 2 × max_body octets of its part's body. A message above `WHOLE` octets
+    is not read whole: :raw reads the first max_body octets of its body, :text and :content walk
+    `Message.body_tree` (the bodies they do not read left out, or the first TEXT_LIMIT octets of the
+    message when that is not enough)."""
     limit = ip.limits.max_body
-    root = ip.message.part
-    if not root.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
+    message = ip.message
+    if not message.has_blank:  # RFC 5173 §4: a header without a blank line has no body at all
         return
     if node.tags.get("raw"):  # RFC 5173 §5.1: the undecoded body
-        yield root.body[:limit].decode("utf-8", "replace")
+        yield message.raw_body(limit).decode("utf-8", "replace")
         return
     text_mode = "content" not in node.tags
     wanted = ["text"] if text_mode else _content_types(ip.sl(node.tags["content"]))
@@ -829,23 +977,19 @@ def _body_texts(ip: Interpreter, node: Node) -> Iterator[str]:
         ct = f"{part.maintype}/{part.subtype}"
         return any(w == "" or w == ct or ("/" not in w and w == part.maintype) for w in wanted)
 
-    for part in root.walk():
-        ct = f"{part.maintype}/{part.subtype}"
+    def unread(leaf: Part) -> bool:
+        return not (_text_leaf(leaf) if text_mode else matches(leaf))
+
+    for part in message.body_tree(unread).walk():
+        if not part.children and part.message is None:  # a leaf: decoded from its first octets only
+            part = dataclasses.replace(part, end=min(part.end, part.body_start + 2 * limit))
         if text_mode:  # :text: every textual part, markup removed
-            if part.is_multipart or part.message is not None:
+            if part.is_multipart or part.message is not None or not _text_leaf(part):
                 continue
-            raw_ct = part.first("content-type")
-            if raw_ct is not None and not _CTYPE.match(raw_ct):
-                continue  # an invalid Content-Type ("text/plain/stupid") is no known text type
-            if part.maintype == "text" or ct in ("application/xhtml+xml",):
-                try:
-                    decode_transfer_encoding(b"", part.encoding)
-                except UnknownCTE:
-                    continue  # undecodable: nothing to search
-                text = decode_body(part)
-                if part.subtype in ("html", "xhtml+xml") or ct == "application/xhtml+xml":
-                    text = _html_text(text)
-                yield text[:limit]
+            text = decode_body(part)
+            if part.subtype in ("html", "xhtml+xml"):
+                text = _html_text(text)
+            yield text[:limit]
             continue
         if not matches(part):
             continue

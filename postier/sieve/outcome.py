@@ -1,7 +1,8 @@
 """What delivery does with a Sieve result (RFC 5228 §2.10, RFC 5429, RFC 5230, RFC 5293): a plan of
 stores, outgoing messages and an SMTP-time refusal; pure code for the MDA to carry out.
 
-``plan()`` turns ``Result.final()`` into: ``stores`` (mailbox, flags, :create, the octets as edited),
+``plan()`` turns ``Result.final()`` into: ``stores`` (mailbox, flags, :create, the message as edited:
+a ``Copy``, its header over the original's body, which is never read here),
 ``sends`` (redirects with loop detection and the envelope-sender policy of ``redirect.py``; vacation
 replies decided and composed by ``vacation.py``, with :from and :addresses limited to the user's own
 addresses; rejection notices), ``refuse`` (the reason for a 550
@@ -17,9 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 
-from ..message.mime import header_section
-from .interpreter import Message, Result, parse_address
-from .redirect import envelope_sender, is_loop, redirected_message
+from .interpreter import Copy, Message, Result, parse_address
+from .redirect import envelope_sender, is_loop, redirect_trace
 from .vacation import VacationStore, compose, decide, record
 
 __all__ = ["Delivery", "Plan", "Send", "Store", "plan", "rejection_notice"]
@@ -30,7 +30,7 @@ class Store:
     mailbox: str
     flags: tuple[str, ...]
     create: bool
-    message: bytes
+    message: Copy  # the message as the action saw it, over the original's body (never joined here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Send:
     kind: str  # "redirect", "vacation", "reject"
     mail_from: str  # "" is the null reverse-path
     rcpt_to: str
-    message: bytes
+    message: Copy | bytes  # a redirect's copy of the message; a reply or notice composed here
 
 
 @dataclass(slots=True)
@@ -97,7 +97,7 @@ def rejection_notice(reason: str, message: Message, d: Delivery, now: float | No
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    head = header_section(message.raw, empty_line=False).decode("utf-8", "replace")
+    head = message.head.decode("utf-8", "replace")
     text = "\r\n".join(lines) + "\r\n" + head + f"\r\n--{boundary}--\r\n"
     return text.encode("utf-8")
 
@@ -122,11 +122,11 @@ def plan(result: Result, message: Message, d: Delivery, vacation_store: Vacation
          default_mailbox: str = "INBOX", now: float | None = None) -> Plan:
     now = time.time() if now is None else now
     out = Plan(duplicate_marks=list(result.duplicate_marks) if result.error is None else [])
-    raw = message.raw
+    final = message.head if message.edited else None  # the header after every edit (None: as received)
     keep_added = False
     user = d.user_email or d.recipient
     for a in result.final(default_mailbox):
-        body = a.message or raw
+        body = Copy(message, a.head if a.head is not None else final)
         if a.kind in ("keep", "store"):
             out.stores.append(Store(a.target, a.flags or (), a.create, body))
             keep_added = keep_added or a.target == default_mailbox
@@ -137,7 +137,7 @@ def plan(result: Result, message: Message, d: Delivery, vacation_store: Vacation
                     keep_added = True
                 continue
             frm = envelope_sender(d.redirect_sender, d.sender, d.recipient, d.orig_recipient, d.user_email)
-            out.sends.append(Send("redirect", frm, a.target, redirected_message(body, user)))
+            out.sends.append(Send("redirect", frm, a.target, Copy(message, body.head, redirect_trace(user))))
         elif a.kind in ("reject", "ereject"):
             if d.in_smtp:
                 out.refuse = a.target  # RFC 5429 §2.2: refused in protocol, nothing else sent

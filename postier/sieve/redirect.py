@@ -16,7 +16,7 @@ from postier.message.envelope import parse_addresses
 
 from .interpreter import Message
 
-__all__ = ["REDIRECTED_FROM", "envelope_sender", "is_loop", "redirected_message"]
+__all__ = ["REDIRECTED_FROM", "envelope_sender", "is_loop", "redirect_trace", "redirected_message"]
 
 REDIRECTED_FROM = "X-Sieve-Redirected-From"
 
@@ -58,6 +58,11 @@ def is_loop(message: Message, user: str) -> bool:
     return False
 
 
+def redirect_trace(user: str) -> bytes:
+    """The trace field prepended to a redirected copy (`outcome.plan` puts it before the message)."""
+    return f"{REDIRECTED_FROM}: {_norm(user)}\r\n".encode()
+
+
 def redirected_message(raw: bytes, user: str) -> bytes:
     """The forwarded octets: the message unchanged but for the prepended trace field."""
-    return f"{REDIRECTED_FROM}: {_norm(user)}\r\n".encode() + raw
+    return redirect_trace(user) + raw

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postier.sieve.interpreter import (
+    Copy,
     Handler, TestHandler, _Return, _Stop,
     Action, Environment, Interpreter, Limits, Message, Result, SieveRuntimeError, parse_address,
 )
@@ -164,7 +165,7 @@ class Suite:
                         self.errors.append(f"failed to store into mailbox '{box}': Mailbox doesn't exist")
                         ok = False
                         continue
-                copy = Message(a.message or msg.raw)
+                copy = Message(bytes(Copy(msg, a.head if a.head is not None else msg.head)))
                 copy.flags = list(a.flags or ())  # type: ignore[attr-defined]
                 self.mailstore[box].append(copy)
             elif a.kind == "redirect":
@@ -174,7 +175,8 @@ class Suite:
                     continue  # a loop: not redirected again (the implicit keep stays)
                 frm = envelope_sender(cfg.get("sieve_redirect_envelope_from", "sender"), env.envelope_from,
                                       env.envelope_to, env.orig_to, cfg.get("sieve_user_email"))
-                self.smtp.append((frm, a.target, redirected_message(a.message or msg.raw, user)))
+                edited = bytes(Copy(msg, a.head if a.head is not None else msg.head))
+                self.smtp.append((frm, a.target, redirected_message(edited, user)))
             elif a.kind in ("reject", "ereject"):
                 body = (f"From: Postmaster <postmaster@example.com>\r\nTo: <{env.envelope_from}>\r\n"
                         f"Subject: Automatically rejected mail\r\nAuto-Submitted: auto-replied (rejected)\r\n"

@@ -22,7 +22,7 @@ def test_stores_with_flags_and_edited_header() -> None:
     p = _plan('require ["fileinto", "imap4flags", "editheader"]; addheader "X-Seen-By" "sieve"; '
               'fileinto :flags "\\\\Seen" "Lists"; keep;')
     assert [(s.mailbox, s.flags) for s in p.stores] == [("Lists", ("\\Seen",)), ("INBOX", ())]
-    assert all(s.message.startswith(b"X-Seen-By: sieve\r\n") for s in p.stores)
+    assert all(bytes(s.message).startswith(b"X-Seen-By: sieve\r\n") for s in p.stores)
     assert p.sends == [] and p.refuse is None
 
 
@@ -30,7 +30,7 @@ def test_redirect_and_loop_kept() -> None:
     p = _plan('redirect "carol@example.net";')
     assert [(s.kind, s.mail_from, s.rcpt_to) for s in p.sends] == [
         ("redirect", "alice@example.org", "carol@example.net")]
-    assert p.sends[0].message.startswith(b"X-Sieve-Redirected-From: bob@example.com\r\n")
+    assert bytes(p.sends[0].message).startswith(b"X-Sieve-Redirected-From: bob@example.com\r\n")
     looped = _plan('redirect "carol@example.net";', b"X-Sieve-Redirected-From: bob@example.com\r\n" + MSG)
     assert looped.sends == [] and [s.mailbox for s in looped.stores] == ["INBOX"]
 

@@ -1,0 +1,110 @@
+"""Peak memory (tracemalloc) of a Sieve user's delivery of one large spooled message
+(pipeline/sieve.py `SieveFilter.deliver`), per kind of script: header-only fileinto, editheader then
+fileinto, body :text, redirect (into the real queue's spool).
+
+The message (--size MiB) is a multipart with a text part before and one after a base64 attachment
+(bench/fts_large.py), spooled to a file as the SMTP listeners spool it; the delivery writes into a
+fresh Maildir in this process (no delivery agent), so everything it allocates is counted. `--tree DIR`
+runs on another checkout of postier (e.g. `git archive` of an earlier commit into DIR), to compare
+before and after a change:
+
+    .venv/bin/python -m bench sieve-large [--size 30] [--tree DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.fts_large import large_message
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPTS = {
+    "fileinto": 'require "fileinto";\nif header :contains "subject" "large" { fileinto "Big"; }\n',
+    "editheader": 'require ["editheader", "fileinto"];\naddheader "X-Tag" "tagged";\nfileinto "Tagged";\n',
+    "body-text": 'require ["body", "fileinto"];\nif body :text :contains "aardvark" { fileinto "Found"; }\n',
+    "redirect": 'redirect "carol@b.test";\n',
+}
+PREFIX = b"Return-Path: <x@remote.test>\r\nReceived: from remote.test; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
+
+
+async def _one(tmp: Path, script: str, data: bytes) -> int:
+    import random
+    import tracemalloc
+
+    from postier.accounts import Accounts
+    from postier.config import Config
+    from postier.message.types import Envelope, MessageBody, Recipient, User
+    from postier.pipeline.sieve import SieveFilter
+    from postier.queue.runner import Queue
+    from postier.queue.schedule import ManualClock
+    from postier.resolver.fake import FakeResolver
+    from postier.store.delivery import LocalDelivery
+
+    config = Config(hostname="mail.a.test", data_dir=tmp)
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    mda = LocalDelivery(config.mail_root, agent=False)
+    queue = Queue(config, accounts, mda, FakeResolver(), clock=ManualClock(), rng=random.Random(1))
+    user = User("alice@a.test", "alice", "a.test", "maildir")
+    sieve = SieveFilter(config, mda, queue, None)
+    scripts = sieve.store_for(user)
+    scripts.put("main", script.encode())
+    scripts.set_active("main")
+    body = MessageBody(config.spool_dir)
+    for i in range(0, len(data), 1 << 20):
+        body.write(data[i:i + (1 << 20)])
+    env = Envelope(role="mx", peer_ip="127.0.0.1", mail_from="x@remote.test",
+                   recipients=[Recipient(user.address, (user,))])
+    try:
+        tracemalloc.start()
+        got = await sieve.deliver(env, env.recipients, PREFIX, body, None, False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got.local.delivered == {user.address}, got
+    finally:
+        body.close()
+        await queue.stop()
+        mda.close()
+        accounts.close()
+    return peak
+
+
+def _child(size: int) -> dict[str, object]:
+    data = large_message(size << 20, "aardvark", "zebrafinch")
+    out: dict[str, object] = {}
+    for name, script in SCRIPTS.items():
+        with tempfile.TemporaryDirectory(prefix="sieve-large-") as tmp:
+            out[f"{name}_peak_mib"] = round(asyncio.run(_one(Path(tmp), script, data)) / (1 << 20), 2)
+    import postier
+
+    return {"postier": str(Path(postier.__file__).parent), "size_mib": size, **out}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench sieve-large", description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=30, help="message size in MiB")
+    ap.add_argument("--tree", type=Path, default=None, help="another checkout of postier to run on")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(_child(a.size)))
+        return 0
+    tree = (a.tree or ROOT).resolve()
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{ROOT}")
+    # the bench module from this checkout, postier from `tree` (first on the path; run from "/",
+    # since `-c` puts the working directory before it)
+    code = f"import sys; from bench.sieve_large import main; sys.exit(main(['--child', '--size', '{a.size}']))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", check=True, capture_output=True, text=True)
+    print(f"{tree}: {out.stdout.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
