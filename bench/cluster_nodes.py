@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from bench.objectstore import MotoProcess as MotoProcess  # noqa: F401 - its old home, for other benchmarks
 from bench.objectstore import ObjectStore, start_store
 from bench.outbound_bench import Sink
 from bench.smtp_ingest import children, cpu_seconds
