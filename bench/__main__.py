@@ -21,6 +21,7 @@ BENCHMARKS = {
     "cluster-heads": "bench.cluster_heads",
     "cluster-send": "bench.cluster_send_rss",
     "cluster-gc": "bench.cluster_gc",
+    "cluster-s3": "bench.cluster_s3",
     "cluster-accept": "bench.cluster_accept_rss",
     "cluster-fetch": "bench.cluster_fetch",
     "fts-large": "bench.fts_large",

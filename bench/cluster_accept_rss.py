@@ -11,9 +11,11 @@ the stored body's SHA-256 against the message. `--mailbox` measures a local deli
 `ClusterDelivery.deliver` to N users at once, as one message to N local recipients, and the time it
 took). `--tree DIR`
 runs the child on another checkout of postier (e.g. `git archive` of an earlier commit), to compare
-before and after a change.
+before and after a change. `--s3 seaweedfs` stores into SeaweedFS's S3 gateway instead of moto
+(bench/objectstore.py).
 
     .venv/bin/python -m bench cluster-accept [--size 30] [--mailbox [--users N]] [--attachment] [--tree DIR]
+        [--s3 moto|seaweedfs]
 """
 
 from __future__ import annotations
@@ -122,16 +124,18 @@ def child(dsn: str, endpoint: str, bucket: str, size_mib: int, work: Path, mailb
                       "seconds": seconds}))
 
 
-def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool, users: int = 1) -> None:
+def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool, users: int = 1,
+           s3_kind: str = "moto") -> None:
     sys.path.insert(0, str(ROOT))
+    from bench.objectstore import ObjectStore, start_store
     from postier.store.cluster.bodies import BodyStore
     from tests.cluster.conftest import PgServer, S3Server
 
     pg = PgServer()
     pg.start()
-    s3 = S3Server()
+    s3: S3Server | ObjectStore = S3Server() if s3_kind == "moto" else start_store(s3_kind)
     try:
-        dsn, bucket = pg.create_db(), s3.bucket()
+        dsn, bucket = pg.create_db(), s3.bucket() if isinstance(s3, S3Server) else "bench-accept"
         bodies = BodyStore(s3.endpoint, bucket, "test", "test", timeout=10.0)
         bodies.ensure_bucket()
         sha = hashlib.sha256(PREFIX)
@@ -149,7 +153,7 @@ def driver(size_mib: int, tree: Path, mailbox: bool, attachment: bool, users: in
             stored = Path(work) / "stored"
             bodies.download(got["digest"], stored)  # checks the bytes against the key on the way
         ok = got["digest"] == sha.hexdigest()
-        print(f"message {got['size'] / 2**20:.1f} MiB, postier from {got['module']}")
+        print(f"message {got['size'] / 2**20:.1f} MiB, postier from {got['module']}, S3: {s3_kind}")
         what = f"local delivery to {users} users" if mailbox and users > 1 else (
             "local delivery" if mailbox else "queue acceptance")
         print(f"{what} ({got['seconds']:.2f} s): "
@@ -168,14 +172,18 @@ def main(argv: list[str]) -> int:
         child(argv[1], argv[2], argv[3], int(argv[4]), Path(argv[5]), argv[6] == "mailbox", argv[7] == "attachment",
               int(argv[8]))
         return 0
+    sys.path.insert(0, str(ROOT))  # not in the child: it imports postier from --tree
+    from bench import objectstore
     ap = argparse.ArgumentParser(prog="cluster_accept_rss")
     ap.add_argument("--size", type=int, default=30, help="message size in MiB")
     ap.add_argument("--tree", type=Path, default=ROOT, help="the postier checkout the node runs from")
     ap.add_argument("--mailbox", action="store_true", help="a local delivery instead of the queue's acceptance")
     ap.add_argument("--attachment", action="store_true", help="a message with a base64 attachment, not text")
     ap.add_argument("--users", type=int, default=1, help="with --mailbox: deliver to this many users at once")
+    objectstore.add_option(ap)
     args = ap.parse_args(argv)
-    driver(args.size, args.tree.resolve(), args.mailbox, args.attachment, max(1, args.users))
+    objectstore.kinds(args.s3)
+    driver(args.size, args.tree.resolve(), args.mailbox, args.attachment, max(1, args.users), args.s3)
     return 0
 
 

@@ -17,6 +17,10 @@ message of the nodes, PostgreSQL, moto and the clients. Bounded: --messages, and
 sending (the figures then cover what was sent).
 
     .venv/bin/python -m bench cluster --nodes 3 [--messages 600] [--clients 6] [--users 12] [--size 4000]
+        [--s3 moto|seaweedfs]
+
+`--s3 seaweedfs` runs the nodes against SeaweedFS's S3 gateway instead of moto (bench/objectstore.py;
+node mode only: store and search modes keep moto in this process).
 
 Search mode (`--search 5000`): N messages in one folder (MULTIAPPENDs of 500: the full-text rows are
 written with them, store.cluster.fulltext), then IMAP SEARCH SUBJECT as the server runs it (`narrow`,
@@ -38,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import objectstore  # noqa: E402
 from postier.message.received import queue_id  # noqa: E402
 from postier.message.types import User  # noqa: E402
 from postier.queue.cluster import ClusterSpool  # noqa: E402
@@ -61,13 +66,14 @@ def main(argv: list[str]) -> int:
                     help="node mode: then N messages submitted for a remote domain, delivered by the nodes' "
                          "shared queue to smtp-sink")
     ap.add_argument("--search", type=int, default=0, metavar="N", help="search mode: N messages in one folder")
+    objectstore.add_option(ap)
     args = ap.parse_args(argv)
     if args.search:
         return search(args.search)
     if args.nodes:
         from bench.cluster_nodes import run_nodes
         return run_nodes(args.nodes, args.messages or 600, args.clients, args.users, args.size, args.time_limit,
-                         args.relay)
+                         args.relay, objectstore.kinds(args.s3)[0])
     args.messages = args.messages or 200
     pg, s3 = PgServer(), S3Server()
     pg.start()

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 
-from bench.cluster_nodes import MotoProcess, loopback_free  # noqa: E402
+from bench.cluster_nodes import loopback_free  # noqa: E402
+from bench.objectstore import MotoProcess  # noqa: E402
 from tests.cluster.conftest import PG_BIN, PgServer  # noqa: E402
 from tests.hardening.conftest import PASSWORD, add_cheap_user  # noqa: E402
 from tests.harness import Instance  # noqa: E402

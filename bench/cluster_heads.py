@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 
-from bench.cluster_nodes import MotoProcess  # noqa: E402
+from bench.objectstore import MotoProcess  # noqa: E402
 from postier.message.matching import SearchContext  # noqa: E402
 from postier.message.types import User  # noqa: E402
 from postier.proto.imap import Fetch, parse_command  # noqa: E402

@@ -1,5 +1,6 @@
 """The bounded load run of cluster mode (`python -m bench cluster --nodes 3`, see bench/cluster_bench.py):
-three postier nodes on 127.0.0.2-4 sharing one PostgreSQL and one S3 bucket (moto in its own process),
+three postier nodes on 127.0.0.2-4 sharing one PostgreSQL and one S3 bucket (moto's or SeaweedFS's
+server in its own process: bench/objectstore.py, `--s3`),
 SMTP in round-robin from several clients, IMAP reads on other nodes, rates, latency and CPU per message.
 """
 
@@ -11,7 +12,6 @@ import resource
 import shutil
 import smtplib
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -19,43 +19,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from bench.objectstore import MotoProcess as MotoProcess  # noqa: F401 - its old home, for other benchmarks
+from bench.objectstore import ObjectStore, start_store
 from bench.outbound_bench import Sink
 from bench.smtp_ingest import children, cpu_seconds
 from tests.cluster.conftest import PgServer
 from tests.dnsserver import DNSServer
 from tests.hardening.conftest import PASSWORD, add_cheap_user
-from tests.harness import Instance, free_port
+from tests.harness import Instance
 
 DOMAIN = "cluster.test"
 SINK_DOMAIN = "sink.test"
-
-
-class MotoProcess:
-    """moto's S3 server in a process of its own (not sharing the GIL with the clients)."""
-
-    def __init__(self) -> None:
-        self.port = free_port("127.0.0.1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto's S3 server did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _pg_cpu(pg: PgServer) -> float:
@@ -115,11 +89,11 @@ def loopback_free(count: int, what: str) -> bool:
 
 
 def run_nodes(count: int, messages: int, clients: int, users: int, size: int, time_limit: float,
-              relay: int = 0) -> int:
+              relay: int = 0, s3_kind: str = "moto") -> int:
     addrs = [f"127.0.0.{i + 2}" for i in range(count)]
     if not loopback_free(count, "the node mode"):
         return 2
-    pg, s3 = PgServer(), MotoProcess()
+    pg, s3 = PgServer(), start_store(s3_kind)
     nodes: list[Instance] = []
     sink: Sink | None = None
     dns: DNSServer | None = None
@@ -151,7 +125,7 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
         nodes[0].cli("cluster", "import-accounts")
         for inst in nodes:
             inst.start()
-        print(f"{count} nodes on {', '.join(addrs)}; PostgreSQL 15 (fsync off) and moto S3 in their own "
+        print(f"{count} nodes on {', '.join(addrs)}; PostgreSQL 15 (fsync off) and {s3.name} S3 in their own "
               f"processes; {messages} messages of {size} B to {users} users from {clients} clients", flush=True)
 
         # -- SMTP: message i goes to node i % count, user (i // count) % users ---------------------------
@@ -258,7 +232,7 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
               f"latency p50 {1000 * _pct(latencies, 50):.0f} ms, p99 {1000 * _pct(latencies, 99):.0f} ms, "
               f"max {1000 * max(latencies, default=0):.0f} ms; {len(errors)} errors")
         print(f"CPU per accepted message: nodes {1000 * nodes_cpu / per:.1f} ms (all {count}), PostgreSQL "
-              f"{1000 * pg_cpu / per:.1f} ms, moto S3 {1000 * s3_cpu / per:.1f} ms, clients "
+              f"{1000 * pg_cpu / per:.1f} ms, {s3.name} S3 {1000 * s3_cpu / per:.1f} ms, clients "
               f"{1000 * cli_cpu / per:.1f} ms; machine: {os.cpu_count()} CPUs")
         print(f"IMAP: {read} messages ({read_bytes / 1e6:.1f} MB) read on other nodes in {imap_time:.1f} s = "
               f"{read / imap_time:.0f} msg/s; {len(problems)} problems")
@@ -281,7 +255,7 @@ def run_nodes(count: int, messages: int, clients: int, users: int, size: int, ti
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _relay(nodes: list[Instance], pg: PgServer, s3: MotoProcess, sink: Sink, names: list[str], n: int,
+def _relay(nodes: list[Instance], pg: PgServer, s3: ObjectStore, sink: Sink, names: list[str], n: int,
            clients: int, size: int) -> bool:
     """The shared queue under load: N messages submitted (587, STARTTLS, AUTH) round-robin to the
     nodes for a remote domain; every node's runner claims from the one queue in PostgreSQL and
@@ -346,7 +320,7 @@ def _relay(nodes: list[Instance], pg: PgServer, s3: MotoProcess, sink: Sink, nam
           f"all there {done - t0:.1f} s after the first submission")
     print(f"  delivered per node: {', '.join(str(k) for k in per_node)}; CPU per message: nodes "
           f"{1000 * nodes_cpu / per:.1f} ms (all {count}, submission and delivery), PostgreSQL "
-          f"{1000 * pg_cpu / per:.1f} ms, moto S3 {1000 * s3_cpu / per:.1f} ms")
+          f"{1000 * pg_cpu / per:.1f} ms, {s3.name} S3 {1000 * s3_cpu / per:.1f} ms")
     if sink.count != accepted:
         errors.append(f"the sink got {sink.count} messages for {accepted} accepted")
     for line in errors[:10]:

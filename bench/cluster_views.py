@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cluster_nodes import MotoProcess, _pg_cpu, loopback_free  # noqa: E402
+from bench.cluster_nodes import _pg_cpu, loopback_free  # noqa: E402
+from bench.objectstore import MotoProcess  # noqa: E402
 from bench.smtp_ingest import children, cpu_seconds  # noqa: E402
 from postier.message.types import User  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402

@@ -559,3 +559,23 @@ def test_an_upload_of_one_body_of_a_batch_waits_for_the_batch_then_uploads_again
     _v, uid = finish(appender, appended)
     cl.read_back(uid, middle)
     assert cl.rows() == {sha(middle)} and cl.objects() == {body_key(sha(middle))}
+
+
+def test_a_candidate_used_again_before_its_batch_is_left_alone(cl: Cluster) -> None:
+    """The table pass finds its candidates with one query, then locks each batch with every condition
+    checked again: a body of a later batch appended again (its mark renewed, a message referring to
+    it) while the first batch is held is not deleted, and the rest of the run goes on."""
+    names = ("c0", "c1", "c2", "c3")
+    digests = sorted((cl.expunged_body(n, age="2 days"), n) for n in names)
+    last = digests[-1][1]  # in the second batch of two
+    gate = Gate()
+    cl.bodies.before_delete = gate
+    with gc_conn(cl) as conn:
+        collector, collected = in_thread(lambda: collect(conn, cl.bodies, grace=3600, batch=2))
+        assert gate.reached.wait(30)
+        cl.bodies.before_delete = None
+        _v, uid = cl.mb.append("INBOX", msg(last))  # not held: its row is not in the first batch
+        gate.open()
+        assert finish(collector, collected) == 3
+    assert cl.rows() == {sha(last)} and cl.objects() == {body_key(sha(last))}
+    cl.read_back(uid, last)
