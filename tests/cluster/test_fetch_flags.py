@@ -200,11 +200,12 @@ def test_header_blocks_are_read_only_for_what_the_batch_answers(
     spy = _Peeks(a)
     got, batches = _fetch_all(spy, spec, targets)
     assert got == whole and batches >= 10
-    # The first batch reads every row and PEEK_AHEAD blocks (nothing tells yet how large its answers
-    # are); later ones what their budget takes, and a quarter more (about 540 blocks and 640 rows,
-    # where reading 200 blocks and up to 2,000 rows a batch took about 2,000 and 3,000)
-    assert len(spy.peeked) < len(targets) + imapfetch.PEEK_AHEAD + 6 * batches, len(spy.peeked)
-    assert spy.rows_read < 2 * len(targets) + 6 * batches, spy.rows_read
+    # The first batch reads FIRST_SLICE rows and FIRST_PEEK blocks before its answers tell their size
+    # (test_the_first_batch_reads_a_bounded_number_of_rows_and_header_blocks); later ones what their
+    # budget takes, and a quarter more (where reading 200 blocks and up to 2,000 rows a batch took
+    # about 2,000 and 3,000)
+    assert len(spy.peeked) < len(targets) + imapfetch.FIRST_SLICE + 6 * batches, len(spy.peeked)
+    assert spy.rows_read < len(targets) + imapfetch.FIRST_SLICE + 6 * batches, spy.rows_read
     monkeypatch.setattr(imapfetch, "BATCH_BYTES", 2 * 1024 * 1024)
 
     spy = _Peeks(a)  # ENVELOPEs now cached: no header block is read
