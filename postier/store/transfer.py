@@ -356,8 +356,8 @@ def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -
     MEMORY_DATA_LIMIT goes to a spool file as it arrives (`_spooling_literals`, as the import does) and
     is never held whole."""
     typ, data = client.uid("FETCH", "1:*", "(UID RFC822.SIZE)")
-    if typ != "OK":
-        return [f"{name} -> {target}: the source's UID FETCH failed: {typ}"]
+    if typ != "OK":  # (a server may refuse 1:* in an empty folder): the source holds nothing
+        data = []
     sizes = sorted((int(u.group(1)), int(z.group(1))) for item in data if isinstance(item, bytes)
                    and (u := re.search(rb"UID (\d+)", item)) and (z := re.search(rb"RFC822\.SIZE (\d+)", item)))
     src: dict[str, int] = {}
@@ -403,13 +403,14 @@ class _CrlfHash:
         self._prev_cr = False
 
     def update(self, data: bytes) -> None:
+        if not data:
+            return
         if self._prev_cr and data[:1] == b"\n":
             self.sha.update(b"\n")
             data = data[1:]
         data = to_crlf(data)
-        if data:
-            self._prev_cr = data[-1:] == b"\r"
-            self.sha.update(data)
+        self._prev_cr = data[-1:] == b"\r"
+        self.sha.update(data)
 
     def of(self, f: IO[bytes]) -> str:
         while piece := f.read(_PIECE):
