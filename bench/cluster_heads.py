@@ -40,7 +40,7 @@ from postier.message.types import User  # noqa: E402
 from postier.proto.imap import Fetch, parse_command  # noqa: E402
 from postier.proto.imap.search import HeaderKey  # noqa: E402
 from postier.server.imap import SEARCH_BATCH  # noqa: E402
-from postier.server.imapfetch import FetchOptions, render_fetch, run_search  # noqa: E402
+from postier.server.imapfetch import FetchOptions, FetchPace, render_fetch, run_search  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
@@ -95,8 +95,9 @@ def _fetch(mb: Any) -> list[bytes]:
     assert isinstance(cmd, Fetch)
     targets = list(enumerate(mb.snapshot("INBOX").uids, 1))
     out: list[bytes] = []
+    pace = FetchPace()
     while targets:
-        batch = render_fetch(mb, "INBOX", targets, cmd.attributes, FetchOptions(set_seen=False))
+        batch = render_fetch(mb, "INBOX", targets, cmd.attributes, FetchOptions(set_seen=False), pace)
         out += batch.data
         targets = targets[batch.done:]
     return out

@@ -69,6 +69,8 @@ from .imapsort import sort_items
 from .imapfetch import (
     FetchError,
     FetchOptions,
+    FetchPace,
+    changed_targets,
     is_flags_only,
     render_all_flags,
     render_fetch,
@@ -879,10 +881,15 @@ class IMAPSession(Session):
                 if targets:
                     opts = FetchOptions(utf8=self.core.utf8, add_uid=True, set_seen=False,
                                         recent_from=self.core.recent_from())
+                    pace = FetchPace()
                     with contextlib.suppress(FetchError, StoreError):
-                        batch = await self.call(render_fetch, self._mbox(), sel.name, targets, nplan.fetch, opts)
-                        for line in batch.data:
-                            self.send(line)
+                        while targets:
+                            batch = await self.call(render_fetch, self._mbox(), sel.name, targets, nplan.fetch, opts,
+                                                    pace)
+                            for line in batch.data:
+                                self.send(line)
+                            targets = targets[max(batch.done, 1):]
+                            await self.maybe_flush()
         if NOTIFY_NAMES in changed:
             await self._notify_names()
             if self._nplan is None:  # NOTIFICATIONOVERFLOW
@@ -1124,13 +1131,16 @@ class IMAPSession(Session):
                     self.send(line)
                 await self.maybe_flush()
         else:
+            if cmd.changedsince is not None:  # RFC 7162 §3.1.4.1: only the messages changed since are read
+                targets = await self.call(changed_targets, mb, sel.name, targets, cmd.changedsince)
             opts = FetchOptions(utf8=self.core.utf8, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
                                 recent_from=self.core.recent_from())
-            i = line_bytes = 0
+            i = 0
+            pace = FetchPace()
             while i < len(targets):
                 try:
-                    batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts, line_bytes)
+                    batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts, pace)
                 except FetchError as exc:
                     raise _no(str(exc), Code.named(exc.code)) from None
                 for line in batch.data:
@@ -1139,7 +1149,6 @@ class IMAPSession(Session):
                     self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
                 missing += batch.missing
-                line_bytes = batch.line_bytes or line_bytes
                 i += max(batch.done, 1)
                 await self.maybe_flush()
         if missing:

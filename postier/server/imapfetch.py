@@ -42,11 +42,14 @@ from ..store.api import FlagTable, Mailboxes
 from ..store.errors import StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["FetchBatch", "FetchOptions", "UidSet", "content_need", "narrow", "render_fetch", "run_search"]
+__all__ = ["FetchBatch", "FetchOptions", "FetchPace", "UidSet", "changed_targets", "content_need", "narrow",
+           "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
 BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
+FIRST_SLICE = 64  # ... and while no batch of the command has answered yet (doubled after each that did not)
+FIRST_PEEK = 16  # header blocks asked for at once while nothing tells how large the answers are
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -78,8 +81,28 @@ class FetchBatch:
 
     @property
     def line_bytes(self) -> int:
-        """Bytes per answer in this batch (render_fetch's `line_bytes` for the command's next one)."""
+        """Bytes per answer in this batch (0: it answered nothing)."""
         return self.size // len(self.data) if self.data else 0
+
+
+@dataclass(slots=True)
+class FetchPace:
+    """What one FETCH command's batches so far tell of its answers, for the next batch's read-ahead
+    (rows and header blocks): `render_fetch` reads it and updates it. Before any answer, a batch
+    reads `blind` rows (FIRST_SLICE, doubled after each batch that answered nothing); after, as
+    many as the rest of BATCH_BYTES is likely to take at `line_bytes` per answer."""
+
+    line_bytes: int = 0  # bytes per answer in the last batch that answered, 0: none yet
+    blind: int = FIRST_SLICE
+
+    def rows_ahead(self) -> int:
+        return _likely(BATCH_SLICE, BATCH_BYTES, self.line_bytes) if self.line_bytes else self.blind
+
+    def took(self, batch: FetchBatch) -> None:
+        if batch.data:
+            self.line_bytes = batch.line_bytes
+        elif not self.line_bytes:
+            self.blind = min(2 * self.blind, BATCH_SLICE)
 
 
 def _flags_value(row: MessageRow, recent_from: int) -> tuple[Atom, ...]:
@@ -114,10 +137,20 @@ _CONTENT = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT", "BINARY", "BINAR
 
 
 def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],
-                 opts: FetchOptions, line_bytes: int = 0) -> FetchBatch:
+                 opts: FetchOptions, pace: FetchPace | None = None) -> FetchBatch:
     """FETCH responses for `targets` ((seq, uid) in order) until about BATCH_BYTES are built.
-    `line_bytes`: bytes per answer in the command's previous batch (`FetchBatch.line_bytes`), 0 for
-    its first; it bounds how many rows and header blocks are read ahead."""
+    `pace`: the command's (one for all its batches; updated here); it bounds how many rows and
+    header blocks are read ahead. A command's first batch reads FIRST_SLICE rows and blocks at most
+    (nothing tells yet how large its answers are), so that FETCH 1:* of large headers or bodies
+    does not read 2,000 rows for the 70 or 2 answers a batch holds."""
+    pace = pace if pace is not None else FetchPace()
+    out = _render(mb, name, targets, attrs, opts, pace.rows_ahead(), pace.line_bytes)
+    pace.took(out)
+    return out
+
+
+def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs: Sequence[FetchAttr],  # noqa: PLR0913
+            opts: FetchOptions, ahead_rows: int, line_bytes: int) -> FetchBatch:
     out = FetchBatch()
     want_uid = opts.add_uid or any(a.name == "UID" for a in attrs)
     simple = [a for a in attrs if a.name != "UID"]
@@ -127,9 +160,9 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
     # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
-    # what the batch is likely to answer for, judged by the command's previous batch (a quarter more).
-    chunk = list(targets[:_likely(BATCH_SLICE, BATCH_BYTES, line_bytes)]) if (needs_content or cached_kinds) \
-        else list(targets)
+    # what the batch is likely to answer for, judged by the command's previous batch (a quarter more;
+    # FetchPace).
+    chunk = list(targets[:ahead_rows]) if (needs_content or cached_kinds) else list(targets)
     rows = mb.rows(name, [u for _s, u in chunk])
     if needs_seen:
         unseen = [u for _s, u in chunk if u in rows and not rows[u].flags & FLAG_SEEN]
@@ -153,7 +186,8 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
     # Header blocks are peeked at (cluster mode: one query) for the messages that will read one: a
     # header-only content item, or an ENVELOPE not cached. At most PEEK_AHEAD at once, and no more
     # than the rest of the batch is likely to take, judged by the bytes per answer so far (in this
-    # batch, else in the command's previous one), with a quarter more.
+    # batch, else in the command's previous one), with a quarter more; FIRST_PEEK while nothing
+    # has been answered yet.
     env_cache = cache.get("ENVELOPE")
     answered = set(wanted)
     head_at = [i for i, (_s, u) in enumerate(chunk) if u in answered and rows[u].lf == 0
@@ -167,7 +201,8 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
         nonlocal heads, ahead
         if i >= ahead and row.lf == 0:
             start = bisect_left(head_at, i)
-            window = _likely(PEEK_AHEAD, BATCH_BYTES - size, size // len(out.data) if out.data else line_bytes)
+            per = size // len(out.data) if out.data else line_bytes
+            window = _likely(PEEK_AHEAD, BATCH_BYTES - size, per) if per else FIRST_PEEK
             take = head_at[start:start + window]
             ahead = take[-1] + 1 if take else i + 1
             heads = mb.peek_headers(name, [rows[chunk[j][1]] for j in take])
@@ -262,6 +297,18 @@ def render_fetch(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], a
         mb.cache_put(name, new_cache)
     mb.flush_meta()
     return out
+
+
+def changed_targets(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]],
+                    changedsince: int) -> list[tuple[int, int]]:
+    """The targets whose MODSEQ passed `changedsince` (RFC 7162 §3.1.4.1: CHANGEDSINCE answers only for
+    those), from one read of the store's MODSEQ index (`changed_since`, as FETCH of flags does): a
+    FETCH of content with CHANGEDSINCE then reads rows and header blocks of these messages only.
+    `render_fetch` still skips a row at or below `changedsince` (none: a MODSEQ only grows)."""
+    if not targets:
+        return []
+    changed = {r[0] for r in mb.changed_since(name, changedsince, targets[-1][1])}
+    return [t for t in targets if t[1] in changed]
 
 
 def _likely(most: int, budget: int, per: int) -> int:

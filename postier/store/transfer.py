@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from ..durable import use_wal
 from ..message.mime import header_section
@@ -63,6 +63,7 @@ from .maildir import SpoolFile
 STATE_NAME = "postier-import.sqlite"
 BATCH = 50
 MAX_MESSAGE = 256 * 1024 * 1024
+VERIFY_BYTES = 8 * 1024 * 1024  # --verify: literal bytes one source UID FETCH holds in memory at most
 _PIECE = 1 << 20  # a large message file is read this much at a time
 _SYSTEM = {"\\seen": "\\Seen", "\\answered": "\\Answered", "\\flagged": "\\Flagged", "\\deleted": "\\Deleted",
            "\\draft": "\\Draft"}
@@ -349,25 +350,107 @@ def _spooling_literals(mb: Mailboxes, client: imaplib.IMAP4, name: str) -> Itera
 
 
 def _verify_imap(mb: Mailboxes, client: imaplib.IMAP4, name: str, target: str) -> list[str]:
-    typ, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    """--verify of one folder: the multiset of SHA-256 of the source's messages (bare LF made CRLF, as
+    the store keeps them) against the target's. The source is fetched in UID ranges of at most BATCH
+    messages and VERIFY_BYTES of literals held in memory (judged by RFC822.SIZE); a literal above
+    MEMORY_DATA_LIMIT goes to a spool file as it arrives (`_spooling_literals`, as the import does) and
+    is never held whole."""
+    typ, data = client.uid("FETCH", "1:*", "(UID RFC822.SIZE)")
+    if typ != "OK":  # (a server may refuse 1:* in an empty folder): the source holds nothing
+        data = []
+    sizes = sorted((int(u.group(1)), int(z.group(1))) for item in data if isinstance(item, bytes)
+                   and (u := re.search(rb"UID (\d+)", item)) and (z := re.search(rb"RFC822\.SIZE (\d+)", item)))
     src: dict[str, int] = {}
-    if typ == "OK":
-        for item in data:
-            if isinstance(item, tuple):
-                d = hashlib.sha256(to_crlf(item[1])).hexdigest()
-                src[d] = src.get(d, 0) + 1
+    for lo, hi in _verify_ranges(sizes):
+        with _spooling_literals(mb, client, name):
+            typ, data = client.uid("FETCH", f"{lo}:{hi}", "(BODY.PEEK[])")
+            if typ != "OK":
+                return [f"{name} -> {target}: the source's UID FETCH {lo}:{hi} failed: {typ}"]
+            for item in data:
+                if isinstance(item, tuple):
+                    d = _crlf_digest(item[1], name)
+                    src[d] = src.get(d, 0) + 1
+            del data  # the batch's literals, before the next batch is read
     return _compare(name, target, src, _hashes(mb, target))
 
 
+def _verify_ranges(sizes: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """UID ranges lo:hi of the (uid, size) pairs, in order, each of at most BATCH messages whose
+    literals held in memory (those up to MEMORY_DATA_LIMIT; larger ones are spooled) stay within
+    VERIFY_BYTES (a single message may pass it)."""
+    count = held = 0
+    lo = hi = 0
+    for uid, size in sizes:
+        mem = size if size <= MEMORY_DATA_LIMIT else 0
+        if count and (count == BATCH or held + mem > VERIFY_BYTES):
+            yield lo, hi
+            count = held = 0
+        if not count:
+            lo = uid
+        hi = uid
+        count += 1
+        held += mem
+    if count:
+        yield lo, hi
+
+
+class _CrlfHash:
+    """SHA-256 of a message given in pieces, each bare LF made CRLF as `SpoolFile.write` does (a CRLF
+    split between two pieces kept as it is)."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self._prev_cr = False
+
+    def update(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._prev_cr and data[:1] == b"\n":
+            self.sha.update(b"\n")
+            data = data[1:]
+        data = to_crlf(data)
+        self._prev_cr = data[-1:] == b"\r"
+        self.sha.update(data)
+
+    def of(self, f: IO[bytes]) -> str:
+        while piece := f.read(_PIECE):
+            self.update(piece)
+        return self.sha.hexdigest()
+
+
+def _crlf_digest(item: bytes | Spooled, name: str) -> str:
+    """The SHA-256 of a fetched literal with bare LF made CRLF. A spooled one was hashed as it arrived,
+    and its spool file holds it with CRLF: when nothing was converted, that hash is the answer, else
+    the file is hashed in pieces."""
+    if not isinstance(item, Spooled):
+        return hashlib.sha256(to_crlf(item)).hexdigest()
+    spool = item.spool
+    if spool.failed is not None:
+        raise TransferError(f"{name}: a spool file could not be written: {spool.failed}")
+    if spool.size == spool.received:
+        return item.digest
+    with open(spool.path, "rb") as f:
+        return _CrlfHash().of(f)
+
+
 def _hashes(mb: Mailboxes, folder: str) -> dict[str, int]:
+    """The target's side of --verify: each message above MEMORY_DATA_LIMIT is hashed in pieces."""
     snap = mb.snapshot(folder)
     out: dict[str, int] = {}
     rows = mb.rows(folder, list(snap.uids))
     for uid in snap.uids:
         row = rows.get(uid)
-        if row is not None:
+        if row is None:
+            continue
+        if row.size > MEMORY_DATA_LIMIT:
+            f = mb.open_message(folder, uid)
+            if f is None:
+                continue
+            with f:
+                d = _CrlfHash().of(f)
+        else:
             d = hashlib.sha256(mb.read(folder, row)).hexdigest()
-            out[d] = out.get(d, 0) + 1
+        out[d] = out.get(d, 0) + 1
     return out
 
 

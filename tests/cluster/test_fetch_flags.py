@@ -23,7 +23,14 @@ import psycopg  # noqa: E402
 from postier.message.types import User  # noqa: E402
 from postier.proto.imap import Fetch, parse_command  # noqa: E402
 from postier.server import imapfetch  # noqa: E402
-from postier.server.imapfetch import FetchOptions, render_all_flags, render_fetch, render_flags  # noqa: E402
+from postier.server.imapfetch import (  # noqa: E402
+    FetchOptions,
+    FetchPace,
+    changed_targets,
+    render_all_flags,
+    render_fetch,
+    render_flags,
+)
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
@@ -164,17 +171,21 @@ class _Peeks:
         return getattr(self._mb, attr)
 
 
-def _fetch_all(mb: Any, spec: bytes, targets: list[tuple[int, int]], **opts: Any) -> tuple[list[bytes], int]:
+def _fetch_all(mb: Any, spec: bytes, targets: list[tuple[int, int]], first: Callable[[], object] | None = None,
+               **opts: Any) -> tuple[list[bytes], int]:
+    """Every batch of one FETCH, as the IMAP driver runs them (`first`: called after the first)."""
     cmd = parse_command(b"a FETCH 1:* " + spec + b"\r\n")
     assert isinstance(cmd, Fetch)
     out: list[bytes] = []
-    batches = line_bytes = 0
+    batches = 0
+    pace = FetchPace()
     while targets:
-        batch = render_fetch(mb, "INBOX", targets, cmd.attributes, FetchOptions(set_seen=False, **opts), line_bytes)
+        batch = render_fetch(mb, "INBOX", targets, cmd.attributes, FetchOptions(set_seen=False, **opts), pace)
         out += batch.data
-        line_bytes = batch.line_bytes or line_bytes
         targets = targets[max(batch.done, 1):]
         batches += 1
+        if batches == 1 and first is not None:
+            first()
     return out, batches
 
 
@@ -189,11 +200,12 @@ def test_header_blocks_are_read_only_for_what_the_batch_answers(
     spy = _Peeks(a)
     got, batches = _fetch_all(spy, spec, targets)
     assert got == whole and batches >= 10
-    # The first batch reads every row and PEEK_AHEAD blocks (nothing tells yet how large its answers
-    # are); later ones what their budget takes, and a quarter more (about 540 blocks and 640 rows,
-    # where reading 200 blocks and up to 2,000 rows a batch took about 2,000 and 3,000)
-    assert len(spy.peeked) < len(targets) + imapfetch.PEEK_AHEAD + 6 * batches, len(spy.peeked)
-    assert spy.rows_read < 2 * len(targets) + 6 * batches, spy.rows_read
+    # The first batch reads FIRST_SLICE rows and FIRST_PEEK blocks before its answers tell their size
+    # (test_the_first_batch_reads_a_bounded_number_of_rows_and_header_blocks); later ones what their
+    # budget takes, and a quarter more (where reading 200 blocks and up to 2,000 rows a batch took
+    # about 2,000 and 3,000)
+    assert len(spy.peeked) < len(targets) + imapfetch.FIRST_SLICE + 6 * batches, len(spy.peeked)
+    assert spy.rows_read < len(targets) + imapfetch.FIRST_SLICE + 6 * batches, spy.rows_read
     monkeypatch.setattr(imapfetch, "BATCH_BYTES", 2 * 1024 * 1024)
 
     spy = _Peeks(a)  # ENVELOPEs now cached: no header block is read
@@ -208,6 +220,97 @@ def test_header_blocks_are_read_only_for_what_the_batch_answers(
     assert [re.sub(rb" MODSEQ \(\d+\)", b"", g).split(b"{")[0] for g in got] == [
         b"* 10 FETCH (BODY[HEADER.FIELDS (SUBJECT)] ", b"* 20 FETCH (BODY[HEADER.FIELDS (SUBJECT)] "]
     assert spy.peeked == [10, 20]
+
+
+def test_the_first_batch_reads_a_bounded_number_of_rows_and_header_blocks(
+        two: tuple[ClusterMailboxes, ClusterMailboxes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing tells a command's first batch how large its answers are: it reads FIRST_SLICE rows and
+    peeks at FIRST_PEEK header blocks before its first answers tell (it read up to 2,000 rows and
+    200 blocks), and the answers are the same bytes."""
+    a, b = two
+    b.append_many("INBOX", [(msg(n, pad=30_000), (), None) for n in range(150)])
+    targets = list(enumerate(a.snapshot("INBOX").uids, 1))
+    spec = b"(BODY.PEEK[HEADER])"
+    whole, _n = _fetch_all(a, spec, targets)
+    assert len(whole) == 150
+    monkeypatch.setattr(imapfetch, "BATCH_BYTES", 400_000)  # about 13 answers of 30 KB a batch
+    spy = _Peeks(a)
+    first: list[tuple[int, int]] = []
+    got, batches = _fetch_all(spy, spec, targets, first=lambda: first.append((spy.rows_read, len(spy.peeked))))
+    assert got == whole and batches >= 10
+    assert first == [(imapfetch.FIRST_SLICE, imapfetch.FIRST_PEEK)], first
+    # later batches read what their budget takes, and a quarter more
+    assert len(spy.peeked) < len(targets) + imapfetch.FIRST_PEEK + 5 * batches, len(spy.peeked)
+    assert spy.rows_read < len(targets) + imapfetch.FIRST_SLICE + 5 * batches, spy.rows_read
+    monkeypatch.setattr(imapfetch, "BATCH_BYTES", 2 * 1024 * 1024)
+    for n, (seq, uid) in ((1, targets[0]), (2, targets[-1])):  # FETCH 1, FETCH 150: one row, one block
+        spy = _Peeks(a)
+        got, batches = _fetch_all(spy, b"(BODY.PEEK[HEADER] ENVELOPE)", [(seq, uid)])
+        assert batches == 1 and spy.rows_read == 1 and spy.peeked == [uid] and len(got) == 1, n
+    # a first batch of answers that are all gone (expunged meanwhile) reads twice as many next time
+    spy = _Peeks(a)
+    gone = [(i, 10**6 + i) for i in range(1, 301)]
+    got, batches = _fetch_all(spy, b"(ENVELOPE)", gone)
+    assert got == [] and batches == 3 and spy.rows_read == 300  # 64, 128, then the rest
+
+
+def test_content_fetch_with_changedsince_reads_only_the_changed_rows(
+        two: tuple[ClusterMailboxes, ClusterMailboxes]) -> None:
+    """FETCH of content with CHANGEDSINCE (RFC 7162 §3.1.4.1) reads the MODSEQ index first, then rows
+    and header blocks of the changed messages only, while node B changes flags: its answer is the
+    unfiltered path's (every row read, those at or below CHANGEDSINCE skipped), each answer holds
+    the changes B made before it, and answers only grow (a MODSEQ only grows)."""
+    a, b = two
+    b.append_many("INBOX", [(msg(n, pad=300), (), None) for n in range(400)])
+    targets = list(enumerate(a.snapshot("INBOX").uids, 1))
+    since = max(r.modseq for r in a.rows("INBOX", [u for _s, u in targets]).values())
+    spec = b"(UID FLAGS ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+
+    def filtered() -> tuple[list[bytes], _Peeks, list[tuple[int, int]]]:
+        spy = _Peeks(a)
+        changed = changed_targets(spy, "INBOX", targets, since)
+        got, _n = _fetch_all(spy, spec, changed, changedsince=since, add_modseq=True)
+        return got, spy, changed
+
+    rng = random.Random(3)
+    done: set[int] = set()
+    for step in range(4):
+        uids = rng.sample(range(1, 401), 7)
+        b.store("INBOX", uids, "+FLAGS", [f"$S{step}"])
+        done |= set(uids)
+        got, spy, changed = filtered()
+        assert {u for _s, u in changed} == done and spy.rows_read == len(done) and len(spy.peeked) <= len(done)
+        assert got == _fetch_all(a, spec, targets, changedsince=since, add_modseq=True)[0]
+        assert [int(re.findall(rb"UID (\d+)", g)[0]) for g in got] == sorted(done)
+    errors: list[BaseException] = []
+    made: list[set[int]] = []  # B's changes, in order, each recorded once it is committed
+
+    def write() -> None:
+        try:
+            for k in range(25):
+                uids = rng.sample(range(1, 401), 3)
+                b.store("INBOX", uids, "+FLAGS", ["\\Seen", f"$W{k}"])
+                made.append(set(uids))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=write)
+    t.start()
+    last: set[int] = set()
+    rounds = 0
+    while (t.is_alive() or rounds == 0) and rounds < 100:
+        before = done.union(*made)
+        got, spy, changed = filtered()
+        answered = {int(re.findall(rb"UID (\d+)", g)[0]) for g in got}
+        assert before <= answered and last <= answered and spy.rows_read == len(changed) == len(answered)
+        assert all(int(re.findall(rb"MODSEQ \((\d+)\)", g)[0]) > since for g in got)
+        last = answered
+        rounds += 1
+    t.join(60)
+    assert not errors and not t.is_alive()
+    got, spy, changed = filtered()
+    assert spy.rows_read == len(done.union(*made)) < 400
+    assert got == _fetch_all(a, spec, targets, changedsince=since, add_modseq=True)[0]
 
 
 # -- two IMAP sessions on two nodes -----------------------------------------------------------------

@@ -20,7 +20,7 @@ pytest.importorskip("psycopg")
 import psycopg  # noqa: E402
 
 from postier.proto.imap import Fetch, parse_command  # noqa: E402
-from postier.server.imapfetch import FetchOptions, render_fetch  # noqa: E402
+from postier.server.imapfetch import FetchOptions, FetchPace, render_fetch  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.gc import collect  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
@@ -68,8 +68,9 @@ def fetch(mb: ClusterMailboxes, name: str, items: bytes = ITEMS, utf8: bool = Fa
     assert isinstance(cmd, Fetch)
     targets = list(enumerate(mb.snapshot(name).uids, 1))
     out: list[bytes] = []
+    pace = FetchPace()
     while targets:
-        batch = render_fetch(mb, name, targets, cmd.attributes, FetchOptions(utf8=utf8, set_seen=False))
+        batch = render_fetch(mb, name, targets, cmd.attributes, FetchOptions(utf8=utf8, set_seen=False), pace)
         assert batch.missing == 0
         out += batch.data
         targets = targets[batch.done:]

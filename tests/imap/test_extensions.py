@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from postier.message.types import User
+from postier.server import imapfetch
 from postier.store.mailbox import MailStore
 from postier.store.maildir import SpoolFile
 
@@ -514,6 +515,26 @@ def test_notify_selected_and_personal_events(server: IMAPServer) -> None:
         a.ok("NOTIFY NONE")
         b.cmd(b"APPEND Sent " + literal(MSG))
         assert a.ok("NOOP") == []
+
+
+def test_notify_fetches_every_new_message_of_one_change(server: IMAPServer) -> None:
+    """RFC 5465 §5.2: MessageNew's FETCH answers for each message one COPY brings, over several FETCH
+    batches (a command's first batch reads FIRST_SLICE rows)."""
+    user = server.user()
+    with server.client(user) as a, server.client(user) as b:
+        b.ok("CREATE Work")
+        for n in range(imapfetch.FIRST_SLICE + 36):
+            b.cmd(b"APPEND Work " + literal(MSG.replace(b"one", b"n%d" % n)))
+        a.ok("SELECT INBOX")
+        a.ok("NOTIFY SET (SELECTED (MessageNew (UID ENVELOPE) MessageExpunge))")
+        b.ok("SELECT Work")
+        b.ok(f"COPY 1:{imapfetch.FIRST_SLICE + 36} INBOX")
+        total = imapfetch.FIRST_SLICE + 36
+        assert nxt(a) == b"* %d EXISTS\r\n" % total
+        for n in range(total):
+            ln = nxt(a)
+            assert ln.startswith(b"* %d FETCH (UID %d ENVELOPE (" % (n + 1, n + 1)) and b'"n%d"' % n in ln, ln
+        assert not any(b"ENVELOPE" in ln for ln in a.ok("NOOP"))  # each once
 
 
 def test_notify_in_idle_and_selected_delayed(server: IMAPServer) -> None:

@@ -460,6 +460,11 @@ def test_condstore_qresync(server: IMAPServer) -> None:
         assert b"[MODIFIED 1]" in t
         u = c.ok(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {ms})")
         assert len(u) == 1 and b"UID 1" in u[0] and b"MODSEQ" in u[0]
+        # content with CHANGEDSINCE (read from the changed messages only): what FETCH gives that message
+        u = c.ok(f"UID FETCH 1:* (ENVELOPE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)]) (CHANGEDSINCE {ms})")
+        assert u == c.ok("UID FETCH 1 (ENVELOPE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)] MODSEQ)")
+        assert len(u) >= 1 and u[0].startswith(b"* 1 FETCH (UID 1 ENVELOPE (")
+        assert c.ok(f"UID FETCH 2:* (ENVELOPE) (CHANGEDSINCE {ms})") == []
         c.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
         u = c.ok("EXPUNGE")
         assert u[0].startswith(b"* VANISHED 2")

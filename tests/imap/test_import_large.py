@@ -9,7 +9,9 @@ messages as reading it whole."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from postier.message.types import User
+from postier.proto.crlf import to_crlf
 from postier.store.mailbox import MailStore
 from postier.store import transfer
 from postier.store.transfer import ImportState, import_maildir, import_mbox
@@ -172,3 +175,19 @@ def test_mbox_message_over_quota_leaves_no_spool_file(tmp_path: Path) -> None:
         s.release(mb)
         s.close()
     assert [p for p in (tmp_path / "mail").rglob("tmp/*") if p.is_file()] == []
+
+
+def test_verify_hash_of_pieces_is_the_hash_of_the_message_made_crlf() -> None:
+    """`import imap --verify` hashes a large message in pieces (transfer._CrlfHash), bare LF made CRLF
+    as the store keeps it: the same hash as the whole message's, wherever the pieces are cut (a CRLF
+    split between two pieces, empty pieces)."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        data = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randint(0, 40)))
+        h = transfer._CrlfHash()
+        i = 0
+        while i < len(data):
+            k = rng.randint(0, 5)
+            h.update(data[i:i + k])
+            i += k
+        assert h.sha.hexdigest() == hashlib.sha256(to_crlf(data)).hexdigest(), data

@@ -24,6 +24,7 @@ from bench.imap_bench import PASSWORD as DOVECOT_PASSWORD
 from bench.imap_bench import Dovecot
 from postier.message.types import User
 from postier.store.mailbox import MailStore
+from postier.store import transfer
 from postier.store.transfer import ImportState, import_imap
 from tests.harness import Instance
 
@@ -294,6 +295,72 @@ def test_import_imap_spools_a_large_literal(tmp_path: Path) -> None:
         rows = list(mb.rows_between("INBOX", 1, 10).values())
         assert [(mb.read("INBOX", r), r.flag_names) for r in rows] == [(MESSAGES[0], ["\\Seen"]), (big, ["\\Flagged"])]
         assert mb.internal_date("INBOX", rows[1]) == 1_600_000_100
+    finally:
+        client.logout()
+        state.close()
+        store.release(mb)
+        store.close()
+        d.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    assert [p for p in (tmp_path / "mail").rglob("tmp/*") if p.is_file()] == []
+
+
+def test_import_imap_verify_fetches_in_bounded_batches(tmp_path: Path) -> None:
+    """`--verify` fetches the source in UID ranges of at most BATCH messages and VERIFY_BYTES of
+    literals held in memory, and hashes a literal above MEMORY_DATA_LIMIT as it arrives: over 150
+    messages (20 of 900 KB, 4 of 4 MiB; 34 MiB in all) its peak stays far below the folder's size,
+    and it still finds a message that differs in its last byte, and one missing."""
+    need("dovecot")
+    top = Path(tempfile.mkdtemp(prefix="postier-dovecot-"))
+    top.chmod(0o711)
+    d = Dovecot(top / "dovecot", 4)
+
+    def sized(i: int, size: int) -> bytes:
+        head = f"From: s{i}@x.test\r\nSubject: sized {i}\r\n\r\n".encode()
+        return head + (f"{i:>6} ".encode() + b"z" * 91 + b"\r\n") * ((size - len(head)) // 100)
+
+    items = [(b"From: a@x.test\r\nSubject: small %d\r\n\r\nhello %d\r\n" % (i, i), "S", 1_600_000_000 + i)
+             for i in range(126)]
+    items[10:10] = [(sized(i, 900_000), "", 1_600_001_000 + i) for i in range(20)]
+    items[40:40] = [(sized(100 + i, 4 << 20), "F", 1_600_002_000 + i) for i in range(4)]
+    write_maildir(d.home("olduser") / "Maildir", "INBOX", items)
+    d.start()
+    store = MailStore(tmp_path / "mail")
+    mb = store.acquire(User("w@d.test", "w", "d.test", "maildir"))
+    state = ImportState(tmp_path / "state.sqlite")
+    client = imaplib.IMAP4("127.0.0.1", d.port)
+    fetched: list[str] = []
+    uid = client.uid
+
+    def spy(command: str, *args: str) -> tuple[str, list[object]]:
+        if command == "FETCH" and "BODY.PEEK[]" in args[-1]:
+            fetched.append(args[0])
+        return uid(command, *args)
+
+    try:
+        mb.ensure_defaults()
+        client.login("olduser", DOVECOT_PASSWORD)
+        assert import_imap(mb, client, "imap://test", state).copied == 150
+        client.uid = spy  # type: ignore[method-assign]
+        tracemalloc.start()
+        again = import_imap(mb, client, "imap://test", state, verify=True)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (again.copied, again.differences) == (0, [])
+        assert peak < 16 << 20, peak  # at most VERIFY_BYTES of literals, not the folder's 34 MiB
+        spans = [tuple(map(int, r.split(":"))) for r in fetched]
+        assert len(spans) >= 5 and all(hi - lo < transfer.BATCH for lo, hi in spans), spans
+        assert [u for lo, hi in spans for u in range(lo, hi + 1)] == list(range(1, 151))  # each UID once, in order
+        # a large message that differs in its last byte, and a small one gone: both found
+        rows = mb.rows_between("INBOX", 1, 200)
+        large = next(r for r in rows.values() if r.size > 4_000_000)
+        data = mb.read("INBOX", large)
+        mb.append("INBOX", data[:-3] + b"Z\r\n")
+        mb.store("INBOX", [large.uid, 1], "+FLAGS", ["\\Deleted"])
+        assert sorted(mb.expunge("INBOX")) == [1, large.uid]
+        found = transfer._verify_imap(mb, client, "INBOX", "INBOX")
+        assert found == ["INBOX -> INBOX: 2 source message(s) missing here",
+                         "INBOX -> INBOX: 1 message(s) here that the source does not have"], found
     finally:
         client.logout()
         state.close()
