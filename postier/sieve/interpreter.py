@@ -575,8 +575,10 @@ def _flags_of(ip: Interpreter, node: Node) -> tuple[str, ...] | None:
 def add_action(ip: Interpreter, action: Action) -> None:
     """Add an action: duplicates merge (RFC 5228 §2.10.3), conflicts and limits are runtime errors."""
     res = ip.result
-    if ip.message.edited:  # RFC 5293 §7: each action sees the header as it was then
-        action.head = ip.message.head
+    # RFC 5293 §7: each action sees the header as it was then (unedited: the original's fields, so
+    # an addheader after a fileinto does not reach that copy); only the implicit keep, added by
+    # `Result.final`, takes the header as the script left it
+    action.head = ip.message.head
     kinds = {a.kind for a in res.actions}
     if action.kind in ("reject", "ereject"):
         # RFC 5429 §2.2: reject is incompatible with keep, fileinto, redirect and vacation

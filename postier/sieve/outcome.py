@@ -126,7 +126,8 @@ def plan(result: Result, message: Message, d: Delivery, vacation_store: Vacation
     keep_added = False
     user = d.user_email or d.recipient
     for a in result.final(default_mailbox):
-        body = Copy(message, a.head if a.head is not None else final)
+        head = a.head if a.head is not None else final  # None: the implicit keep (see add_action)
+        body = Copy(message, None if head == message.original_head else head)
         if a.kind in ("keep", "store"):
             out.stores.append(Store(a.target, a.flags or (), a.create, body))
             keep_added = keep_added or a.target == default_mailbox

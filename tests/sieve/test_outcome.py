@@ -26,6 +26,21 @@ def test_stores_with_flags_and_edited_header() -> None:
     assert p.sends == [] and p.refuse is None
 
 
+def test_an_edit_reaches_only_the_actions_after_it() -> None:
+    # RFC 5293 §7: a copy filed before the addheader is the original; the implicit keep takes the
+    # header as the script left it; an unedited copy is the message as received (no copy made)
+    p = _plan('require ["fileinto", "editheader"]; fileinto "Before"; addheader "X-A" "1"; '
+              'fileinto "After"; deleteheader "X-A"; addheader "X-B" "2";')
+    got = {s.mailbox: bytes(s.message) for s in p.stores}
+    assert list(got) == ["Before", "After"]
+    assert got["Before"] == MSG and p.stores[0].message.original
+    assert got["After"] == b"X-A: 1\r\n" + MSG
+    kept = _plan('require ["fileinto", "editheader"]; fileinto "Before"; addheader "X-A" "1"; keep;')
+    assert [bytes(s.message).startswith(b"X-A: 1\r\n") for s in kept.stores] == [False, True]
+    implicit = _plan('require ["editheader"]; addheader "X-A" "1";')
+    assert [bytes(s.message) for s in implicit.stores] == [b"X-A: 1\r\n" + MSG]
+
+
 def test_redirect_and_loop_kept() -> None:
     p = _plan('redirect "carol@example.net";')
     assert [(s.kind, s.mail_from, s.rcpt_to) for s in p.sends] == [
