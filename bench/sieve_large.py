@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.fts_large import large_message
+from bench.trees import child_in_tree
 
-ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPTS = {
     "fileinto": 'require "fileinto";\nif header :contains "subject" "large" { fileinto "Big"; }\n',
@@ -96,13 +94,7 @@ def main(argv: list[str]) -> int:
     if a.child:
         print(json.dumps(_child(a.size)))
         return 0
-    tree = (a.tree or ROOT).resolve()
-    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{ROOT}")
-    # the bench module from this checkout, postier from `tree` (first on the path; run from "/",
-    # since `-c` puts the working directory before it)
-    code = f"import sys; from bench.sieve_large import main; sys.exit(main(['--child', '--size', '{a.size}']))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", check=True, capture_output=True, text=True)
-    print(f"{tree}: {out.stdout.strip()}")
+    print(child_in_tree("sieve_large", ["--child", "--size", str(a.size)], a.tree))
     return 0
 
 
