@@ -283,8 +283,9 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         spam.messages = SharedRateLimiter(worker.table, 1, a.max_messages_per_minute)
     if config.cluster.dsn and config.cluster.throttle_interval:
         # Failed logins of every node (docs/scaling.md): this node's count above, plus the others'
-        # read in the background. With workers, each exchanges the failures it saw itself under the
-        # node's name (no failure is written twice) and adds the other nodes' to the table they share.
+        # read in the background. With workers, each writes the failures it saw itself under the
+        # node's name (none is written twice, and no worker waits for another) and reads the other
+        # nodes' itself; its own node's count is the table the workers share.
         from ..store.cluster.throttle import PGThrottleExchange
         node = node_id(config.data_dir)
         exchange = PGThrottleExchange(config.cluster.dsn, node, auth.failure_window,
