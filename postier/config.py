@@ -416,6 +416,9 @@ class Cluster:
     #: Seconds a node holds the outbound-queue recipients it claimed without renewing them (it renews
     #: every third of it): after a node dies, its recipients wait this long before another node takes them.
     queue_lease: float = 300.0
+    #: Seconds between a node's exchanges of failed-login counts with the other nodes (one statement
+    #: each, server/throttle.py `ClusterThrottle`); 0 keeps the login throttle per node.
+    throttle_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -612,6 +615,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cluster.timeout: must be positive")
     if cfg.cluster.queue_lease < 1:
         raise ConfigError("cluster.queue_lease: at least 1 second")
+    if cfg.cluster.throttle_interval and not 0.1 <= cfg.cluster.throttle_interval <= 60:
+        raise ConfigError("cluster.throttle_interval: 0 (per node) or 0.1 to 60 seconds")
     if cfg.submission.sender_policy not in ("own", "domain", "any"):
         raise ConfigError("submission.sender_policy: must be \"own\", \"domain\" or \"any\"")
     if cfg.relay.tls not in ("starttls", "implicit"):

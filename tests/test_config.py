@@ -41,6 +41,7 @@ def test_minimal_config_loads(tmp_path: Path) -> None:
     ("[server]\nworkers = 300\n", "server.workers: must be 0 (one per core) to 256"),
     ("[cluster]\ndsn = \"host=db\"\n", "cluster.s3_bucket: required in cluster mode"),
     ("[cluster]\ndsn = \"host=db\"\ns3_bucket = \"b\"\ntimeout = 0.0\n", "cluster.timeout: must be positive"),
+    ("[cluster]\ndsn = \"host=db\"\ns3_bucket = \"b\"\nthrottle_interval = 0.01\n", "cluster.throttle_interval: 0"),
 ])
 def test_errors_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
     text = BASE.replace("[listeners.smtp]", extra + "[listeners.smtp]") if not extra.startswith("[") else BASE + extra

@@ -65,7 +65,7 @@ from .pop3 import POP3Session
 from .shared import (Bus, SharedConnections, SharedLogins, SharedRateLimiter, SharedThrottle, SharedUserSessions,
                      WorkerContext)
 from .smtp import SMTPSession
-from .throttle import AuthThrottle, LastLogins, UserSessions
+from .throttle import AuthThrottle, ClusterThrottle, LastLogins, UserSessions, node_id
 
 if TYPE_CHECKING:
     from ..store.cluster.store import ClusterStore
@@ -139,6 +139,8 @@ class App:
         if self.bus is not None:
             self.bus.start()
         await self.queue.start(recover=self.worker is None)  # the supervisor recovered the spool
+        if isinstance(self.throttle, ClusterThrottle):  # every worker exchanges its own failures
+            self._tasks.append(asyncio.ensure_future(self.throttle.run()))
         if not self.primary:
             return
         if self.report_job is not None:
@@ -279,6 +281,17 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         if connection_rate is not None:
             connection_rate = SharedRateLimiter(worker.table, 0, a.max_connections_per_minute)
         spam.messages = SharedRateLimiter(worker.table, 1, a.max_messages_per_minute)
+    if config.cluster.dsn and config.cluster.throttle_interval:
+        # Failed logins of every node (docs/scaling.md): this node's count above, plus the others'
+        # read in the background. With workers, each writes the failures it saw itself under the
+        # node's name (none is written twice, and no worker waits for another) and reads the other
+        # nodes' itself; its own node's count is the table the workers share.
+        from ..store.cluster.throttle import PGThrottleExchange
+        node = node_id(config.data_dir)
+        exchange = PGThrottleExchange(config.cluster.dsn, node, auth.failure_window,
+                                      ClusterThrottle.ring_for(auth.max_failures), config.cluster.timeout,
+                                      config.cluster.throttle_interval)
+        throttle = ClusterThrottle(throttle, node, exchange, config.cluster.throttle_interval)
     app = App(
         config=config,
         ssl_context=ssl_context,
