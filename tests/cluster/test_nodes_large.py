@@ -7,6 +7,7 @@ failing a part mid-upload makes DATA answer 4xx with nothing queued and no parts
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import threading
 import time
@@ -107,6 +108,16 @@ def test_a_large_message_is_read_back_and_delivered_byte_exact(cluster: tuple[In
         assert len(bodies) == 1 and bodies[0].endswith(data)
     finally:
         c.logout()
+    # POP3 RETR on the other node too: the body is downloaded into a file and sent from it in pieces
+    p = poplib.POP3(*b.addr("pop3"), timeout=60)
+    try:
+        p.stls(b.client_ssl_context())
+        p.user(ALICE)
+        p.pass_(PASSWORD)
+        _resp, lines, _octets = p.retr(1)
+        assert b"\r\n".join(lines).endswith(data.rstrip(b"\r\n"))
+    finally:
+        p.quit()
     assert uploads_left(s3) == []
     log = a.log.read_text()
     assert "status=sent" in log, log[-3000:]

@@ -631,11 +631,20 @@ class ClusterMailboxes:
 
     @_op
     def open_message(self, name: str, uid: int) -> IO[bytes] | None:
+        """The message for reading in pieces (POP3 RETR/TOP, `import imap --verify`), or None when
+        it is gone: up to MEMORY_DATA_LIMIT its bytes; a larger body is downloaded in pieces into an
+        unnamed temporary file (`BodyStore.download`: memory bounded by one piece, the SHA-256
+        checked), which the caller's close removes."""
         row = self.rows(name, [uid]).get(uid)
         if row is None:
             return None
         try:
-            return io.BytesIO(self.bodies.get(row.base))
+            if row.size <= MEMORY_DATA_LIMIT:
+                return io.BytesIO(self.bodies.get(row.base))
+            with tempfile.TemporaryDirectory(prefix="postier-open-") as work:
+                path = Path(work) / "body"
+                self.bodies.download(row.base, path)
+                return open(path, "rb")  # noqa: SIM115 - closed by the caller; unnamed once `work` goes
         except MessageGone:
             return None
 
