@@ -30,11 +30,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import ssl
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 from ..antispam.learning import JUNK, enqueue, verdict
 from ..message.types import User
@@ -70,6 +71,7 @@ from .imapfetch import (
     FetchError,
     FetchOptions,
     FetchPace,
+    StreamedAnswer,
     changed_targets,
     is_flags_only,
     render_all_flags,
@@ -87,6 +89,7 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 # Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
 PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
+STREAM_CHUNK = 256 * 1024  # a large message sent from its file (FETCH BODY[]), a piece at a time
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
 #: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
@@ -887,6 +890,7 @@ class IMAPSession(Session):
                             batch = await self.call(render_fetch, self._mbox(), sel.name, targets, nplan.fetch, opts,
                                                     pace)
                             for line in batch.data:
+                                assert isinstance(line, bytes)  # no StreamedAnswer without opts.stream
                                 self.send(line)
                             targets = targets[max(batch.done, 1):]
                             await self.maybe_flush()
@@ -1135,7 +1139,7 @@ class IMAPSession(Session):
                 targets = await self.call(changed_targets, mb, sel.name, targets, cmd.changedsince)
             opts = FetchOptions(utf8=self.core.utf8, add_uid=cmd.uid, add_modseq=add_modseq,
                                 changedsince=cmd.changedsince, set_seen=not sel.readonly,
-                                recent_from=self.core.recent_from())
+                                recent_from=self.core.recent_from(), stream=True)
             i = 0
             pace = FetchPace()
             while i < len(targets):
@@ -1143,8 +1147,12 @@ class IMAPSession(Session):
                     batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts, pace)
                 except FetchError as exc:
                     raise _no(str(exc), Code.named(exc.code)) from None
-                for line in batch.data:
-                    self.send(line)
+                for answer in batch.data:
+                    if isinstance(answer, StreamedAnswer):
+                        if not await self._send_streamed(mb, sel.name, answer):
+                            missing += 1
+                        continue
+                    self.send(answer)
                 if batch.seen_modseq:
                     self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
@@ -1154,6 +1162,32 @@ class IMAPSession(Session):
         if missing:
             return f"{cmd.command_name} completed; some messages were expunged meanwhile", Code.EXPUNGEISSUED
         return None
+
+    async def _send_streamed(self, mb: Mailboxes, name: str, answer: StreamedAnswer) -> bool:
+        """Send a FETCH answer whose literal is a whole message from its file, STREAM_CHUNK octets
+        at a time, each handed to the client before the next is read (memory: one piece). False
+        when the message is gone (expunged meanwhile: nothing of the answer was sent). A file that
+        ends early once its size was announced cannot be answered any more: the session ends."""
+        f = await self.call(mb.open_message, name, answer.uid)
+        if f is None:
+            return False
+        try:
+            size = await asyncio.to_thread(_file_size, f)
+            self.send(answer.head + b"{%d}\r\n" % size)  # RFC 9051 §4.3: the literal's octet count
+            left = size
+            while left:
+                piece = await asyncio.to_thread(f.read, min(STREAM_CHUNK, left))
+                if not piece:
+                    log.error("%s: message %d of %s ended %d octets early while sent", self.role, answer.uid,
+                              name, left)
+                    raise _Disconnect()
+                self.send(piece)
+                left -= len(piece)
+                await self.maybe_flush()
+            self.send(answer.tail)
+        finally:
+            f.close()
+        return True
 
     async def cmd_store(self, cmd: C.Store) -> tuple[str, ResponseCode | None] | None:
         sel = self.core.sel
@@ -1341,6 +1375,13 @@ class IMAPSession(Session):
         raise _no("Quotas are set by the administrator (postier user quota)", Code.NOPERM)  # RFC 9208 §4.1.3
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+def _file_size(f: IO[bytes]) -> int:
+    """The size of an open message (the octets its literal announces), read from its start after."""
+    end = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    return end
 
 
 def _store_updates(mb: Mailboxes, name: str, sync: bool, claim: bool, old_max: int, modseq_seen: int | None

@@ -7,6 +7,10 @@ whole answer in memory. They turn index rows and message files into response byt
 cached in the index after their first computation (RFC 9051 makes them immutable per message).
 Work is kept proportional to what was asked: FLAGS/UID/MODSEQ/RFC822.SIZE come from the index alone,
 header-only items read only the header block, and BODY[] of a whole message is sent without parsing.
+A whole message above STREAM_FROM (BODY[] or RFC822, the only content item asked for) is not read
+here at all: the batch holds a `StreamedAnswer` (the line's two ends), and the session sends the
+message from its file a piece at a time between them (`IMAPSession._send_streamed`), as Dovecot
+does, so a FETCH of a 30 MiB attachment holds one piece of it, not two copies.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchContext, evaluat
 from ..message.mime import Part, UnknownCTE, parse_message
 from ..message.sections import binary_section, body_section, partial, section_octets
 from ..proto.imap.commands import FetchAttr, Section
-from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, format_date_time
+from ..message.types import MEMORY_DATA_LIMIT
+from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, fetch_around, format_date_time
 from ..proto.imap.search import (
     AllKey,
     AndKey,
@@ -42,7 +47,7 @@ from ..store.api import FlagTable, Mailboxes
 from ..store.errors import StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["FetchBatch", "FetchOptions", "FetchPace", "UidSet", "changed_targets", "content_need", "narrow",
+__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
            "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
@@ -50,6 +55,7 @@ PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Ma
 BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 FIRST_SLICE = 64  # ... and while no batch of the command has answered yet (doubled after each that did not)
 FIRST_PEEK = 16  # header blocks asked for at once while nothing tells how large the answers are
+STREAM_FROM = MEMORY_DATA_LIMIT  # a whole message larger than this is sent from its file (FetchOptions.stream)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -69,11 +75,27 @@ class FetchOptions:
     changedsince: int | None = None
     set_seen: bool = True  # False in a read-only (EXAMINE) mailbox
     recent_from: int = 1 << 32  # UIDs at or above it get \\Recent (IMAP4rev1 sessions)
+    stream: bool = False  # the caller sends StreamedAnswers (a whole message above STREAM_FROM)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedAnswer:
+    """A FETCH answer whose literal is a whole message sent from its file: `head` (up to the item's
+    name and a space), then ``{n}`` CRLF and the message's octets, then `tail` (to the line's end).
+    `size` is the message's size in the index (its file's, which the sender reads, is authoritative)."""
+
+    head: bytes
+    uid: int
+    size: int
+    tail: bytes
+
+    def __len__(self) -> int:
+        return len(self.head) + self.size + len(self.tail)
 
 
 @dataclass(slots=True)
 class FetchBatch:
-    data: list[bytes] = field(default_factory=list)
+    data: list[bytes | StreamedAnswer] = field(default_factory=list)
     done: int = 0  # how many targets this batch consumed
     missing: int = 0  # targets whose message was expunged meanwhile
     seen_modseq: dict[int, int] = field(default_factory=dict)  # uid -> modseq of an implicit \Seen
@@ -159,6 +181,10 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
     needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
+    # the whole message is the only content asked for: a large one is sent from its file (StreamedAnswer)
+    contents = [a for a in simple if a.section is not None or a.name in _CONTENT]
+    stream = (contents[0] if opts.stream and not cached_kinds and len(contents) == 1
+              and (_whole_body(contents[0]) or contents[0].name == "RFC822") else None)
     # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
     # what the batch is likely to answer for, judged by the command's previous batch (a quarter more;
     # FetchPace).
@@ -182,7 +208,7 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
     size = 0
     if len(simple) == 1 and _whole_body(simple[0]) and not needs_seen and opts.changedsince is None \
             and not opts.add_modseq:
-        return _render_bodies(mb, name, chunk, rows, want_uid, out)
+        return _render_bodies(mb, name, chunk, rows, want_uid, out, opts.stream)
     # Header blocks are peeked at (cluster mode: one query) for the messages that will read one: a
     # header-only content item, or an ENVELOPE not cached. At most PEEK_AHEAD at once, and no more
     # than the rest of the batch is likely to take, judged by the bytes per answer so far (in this
@@ -225,9 +251,14 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
         content: bytes | None = None
         part: Part | None = None
         flags_sent = False
+        streamed = stream is not None and row.lf == 0 and row.size > STREAM_FROM
+        split: tuple[int, str] | None = None  # where the streamed literal goes: (items before it, its name)
         try:
             for a in simple:
                 n = a.name
+                if streamed and a is stream:
+                    split = (len(items), a.response_name)
+                    continue
                 if n == "FLAGS":
                     items.append(("FLAGS", _flags_value(row, opts.recent_from)))
                     flags_sent = True
@@ -289,6 +320,13 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
             items.append(("FLAGS", _flags_value(row, opts.recent_from)))
         if opts.add_modseq and not any(k == "MODSEQ" for k, _v in items):
             items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
+        if split is not None:
+            at, item = split
+            head, tail = fetch_around(seq, items[:at], item, items[at:], utf8=opts.utf8)  # type: ignore[arg-type]
+            answer = StreamedAnswer(head, uid, row.size, tail)
+            size += len(answer)
+            out.data.append(answer)
+            continue
         line = fetch(seq, items, utf8=opts.utf8)  # type: ignore[arg-type]
         size += len(line)
         out.data.append(line)
@@ -322,9 +360,10 @@ def _whole_body(a: FetchAttr) -> bool:
         and a.partial is None
 
 
-def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],
-                   want_uid: bool, out: FetchBatch) -> FetchBatch:
-    """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals."""
+def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],  # noqa: PLR0913
+                   want_uid: bool, out: FetchBatch, stream: bool) -> FetchBatch:
+    """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals (with
+    `stream`, a message above STREAM_FROM is left for the session to send from its file)."""
     size = 0
     for seq, uid in chunk:
         if size >= BATCH_BYTES:
@@ -333,6 +372,12 @@ def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], r
         row = rows.get(uid)
         if row is None:
             out.missing += 1
+            continue
+        if stream and row.lf == 0 and row.size > STREAM_FROM:
+            head = b"* %d FETCH (UID %d BODY[] " % (seq, uid) if want_uid else b"* %d FETCH (BODY[] " % seq
+            answer = StreamedAnswer(head, uid, row.size, b")\r\n")
+            size += len(answer)
+            out.data.append(answer)
             continue
         try:
             data = mb.read(name, row)

@@ -417,6 +417,62 @@ def test_20_mib_append_is_streamed_to_disk(server: IMAPServer) -> None:
     assert not any((server.maildir(user) / "tmp").iterdir())
 
 
+def test_fetch_of_a_20_mib_message_is_sent_from_its_file(server: IMAPServer) -> None:
+    """BODY.PEEK[] alone, BODY.PEEK[] among other items (as Thunderbird asks), and RFC822 (which
+    sets \\Seen) of a 20 MiB message, from two sessions at once: each answer is the message byte
+    for byte with the right items around it, and the server's peak RSS grows by far less than the
+    message (read whole, an answer costs it twice: the file's bytes and the response line)."""
+    proc = server.inst.proc
+    assert proc is not None
+    pid = proc.pid
+    user = server.user()
+    size = 20 << 20
+    line = b"z" * 998 + b"\r\n"
+    head = b"Subject: big fetch\r\n\r\n"
+    msg = head + line * ((size - len(head)) // len(line))
+    ctx = server.inst.client_ssl_context()
+    with imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=ctx) as a, \
+            imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=ctx) as b:
+        a.login(user, PASSWORD)
+        b.login(user, PASSWORD)
+        assert a.append("INBOX", None, None, msg)[0] == "OK"
+        assert a.append("INBOX", None, None, b"Subject: small\r\n\r\nsmall\r\n")[0] == "OK"
+        a.select("INBOX")
+        b.select("INBOX")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = _status_kib(pid, "VmHWM")
+        got: dict[str, list[object]] = {}
+        errors: list[BaseException] = []
+
+        def fetch(key: str, conn: imaplib.IMAP4_SSL, *args: str) -> None:
+            try:
+                typ, data = conn.uid("FETCH", *args)
+                assert typ == "OK", data
+                got[key] = data
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fetch, args=("peek", a, "1:*", "(BODY.PEEK[])")),
+                   threading.Thread(target=fetch, args=("items", b, "1:*", "(UID RFC822.SIZE FLAGS BODY.PEEK[])"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        fetch("rfc822", a, "1", "(RFC822)")
+        assert not errors, errors
+        grown = _status_kib(pid, "VmHWM") - before
+        print(f"peak RSS growth during three FETCHes of a {size >> 20} MiB message: {grown} KiB")
+        peek, items, rfc822 = got["peek"], got["items"], got["rfc822"]
+        assert isinstance(peek[0], tuple) and peek[0][1] == msg and peek[0][0].endswith(b"BODY[] {%d}" % len(msg))
+        assert isinstance(peek[2], tuple) and peek[2][1] == b"Subject: small\r\n\r\nsmall\r\n"
+        assert isinstance(items[0], tuple) and items[0][1] == msg
+        assert re.search(rb"UID 1 RFC822\.SIZE %d FLAGS \(\) BODY\[\] \{%d\}$" % (len(msg), len(msg)), items[0][0])
+        assert isinstance(rfc822[0], tuple) and rfc822[0][1] == msg and rfc822[0][0].endswith(b"RFC822 {%d}" % len(msg))
+        assert b"\\Seen" in rfc822[1]  # RFC 9051 §6.4.5: the flags changed, so FLAGS follows
+        assert grown < 8 * 1024, f"peak RSS grew by {grown} KiB for three FETCHes of a {size >> 20} MiB message"
+
+
 def test_cut_off_append_leaves_nothing_in_tmp(server: IMAPServer) -> None:
     user = server.user()
     tmp = server.maildir(user) / "tmp"

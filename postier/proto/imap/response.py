@@ -22,7 +22,7 @@ from .seqset import SequenceSet
 __all__ = [
     "Atom", "Code", "Literal", "Literal8", "Raw", "ResponseCode", "Value", "bye", "capability",
     "continuation", "enabled", "encode_astring", "encode_mailbox", "encode_nstring", "encode_string",
-    "encode_value", "esearch", "exists", "expunge", "fetch", "flags", "format_date_time", "id_response",
+    "encode_value", "esearch", "exists", "expunge", "fetch", "fetch_around", "flags", "format_date_time", "id_response",
     "list_response", "namespace", "recent", "sasl_challenge", "search", "status", "tagged", "untagged",
     "untagged_status", "vanished",
 ]
@@ -401,6 +401,16 @@ def fetch(seq: int, items: Iterable[tuple[str, Value]], *, utf8: bool = False) -
     """
     body = b" ".join(name.encode("ascii") + b" " + encode_value(value, utf8=utf8) for name, value in items)
     return b"* %d FETCH (" % seq + body + b")" + CRLF
+
+
+def fetch_around(seq: int, before: Iterable[tuple[str, Value]], name: str, after: Iterable[tuple[str, Value]],
+                 *, utf8: bool = False) -> tuple[bytes, bytes]:
+    """The two ends of a ``fetch`` line whose item `name` is a literal the caller sends itself
+    (a large message from its file): up to and including ``name`` and its space, and from the
+    literal's end to the line's; the caller puts ``{n}`` CRLF and the n octets between them."""
+    head = b"".join(n.encode("ascii") + b" " + encode_value(v, utf8=utf8) + b" " for n, v in before)
+    tail = b"".join(b" " + n.encode("ascii") + b" " + encode_value(v, utf8=utf8) for n, v in after)
+    return b"* %d FETCH (" % seq + head + name.encode("ascii") + b" ", tail + b")" + CRLF
 
 
 def namespace(
