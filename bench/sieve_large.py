@@ -13,15 +13,13 @@ before and after a change:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.fts_large import large_message
-from bench.trees import child_in_tree
+from bench.trees import size_bench
 
 
 SCRIPTS = {
@@ -86,16 +84,7 @@ def _child(size: int) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench sieve-large", description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=30, help="message size in MiB")
-    ap.add_argument("--tree", type=Path, default=None, help="another checkout of postier to run on")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.child:
-        print(json.dumps(_child(a.size)))
-        return 0
-    print(child_in_tree("sieve_large", ["--child", "--size", str(a.size)], a.tree))
-    return 0
+    return size_bench(argv, "sieve_large", __doc__.splitlines()[0], _child)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def spilled(root: Path, data: bytes) -> MessageBody:
     assert not body.in_memory
     return body
 
+def deliver_to_alice(store: ClusterStore, tmp_path: Path, data: bytes) -> None:
+    """One delivery of `data` (spooled: above MEMORY_DATA_LIMIT) to ALICE's INBOX, acknowledged."""
+    body = spilled(tmp_path, data)
+    mda = ClusterDelivery(store, tmp_path)
+    try:
+        assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net").ok
+    finally:
+        mda.close()
+        body.close()
+
+
 
 def text_row(store: ClusterStore, digest: str) -> tuple[bool, str]:
     with store.pool.connection() as conn:
@@ -119,13 +130,7 @@ def test_two_large_deliveries_at_once_are_searchable(store: ClusterStore, tmp_pa
 
 def test_text_beyond_the_limit_is_left_to_the_matcher(store: ClusterStore, tmp_path: Path) -> None:
     data = plain(TEXT_LIMIT + (1 << 20), "platypus")
-    body = spilled(tmp_path, data)
-    mda = ClusterDelivery(store, tmp_path)
-    try:
-        assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net").ok
-    finally:
-        mda.close()
-        body.close()
+    deliver_to_alice(store, tmp_path, data)
     assert read_back(store, ALICE) == [PREFIX + data]
     assert text_row(store, hashlib.sha256(PREFIX + data).hexdigest()) == (False, "")
     assert search(store, ALICE, "platypus") == (set(), {1})  # not covered: the matcher decides
@@ -171,13 +176,7 @@ def test_catch_up_and_reindex_extract_a_large_body_from_a_download(store: Cluste
     """A large body without a row (stored before the index) gets its exact row from a search's catch-up,
     downloaded into a file and extracted from it; `postier reindex` rewrites it the same way."""
     data = with_attachment(3 << 20, "bandicoot", "wallaby")
-    body = spilled(tmp_path, data)
-    mda = ClusterDelivery(store, tmp_path)
-    try:
-        assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net").ok
-    finally:
-        mda.close()
-        body.close()
+    deliver_to_alice(store, tmp_path, data)
     digest = hashlib.sha256(PREFIX + data).hexdigest()
     with store.pool.connection() as conn:
         conn.execute("DELETE FROM body_text WHERE hash=%s", (digest,))
@@ -202,13 +201,7 @@ def test_open_message_downloads_a_large_body_in_pieces(store: ClusterStore, tmp_
     import threading
 
     data = with_attachment(6 << 20, "quokka", "numbat")
-    body = spilled(tmp_path, data)
-    mda = ClusterDelivery(store, tmp_path)
-    try:
-        assert mda.deliver_one(ALICE, PREFIX, body, "c@example.net").ok
-    finally:
-        mda.close()
-        body.close()
+    deliver_to_alice(store, tmp_path, data)
     mb = store.acquire(ALICE)
     try:
         before = set(Path(tempfile.gettempdir()).glob("postier-open-*"))
