@@ -89,6 +89,7 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 # Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
 PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
+RENAME_WAITS, RENAME_WAIT = 10, 0.05  # NOTIFY: how long a rename told apart from its change is waited for
 STREAM_CHUNK = 256 * 1024  # a large message sent from its file (FETCH BODY[]), a piece at a time
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
@@ -923,18 +924,22 @@ class IMAPSession(Session):
         nplan, user = self._nplan, self.user
         assert nplan is not None and user is not None
         before, subs_before = self._nfolders, self._nsubs
-        renames = self.store.notifier.renames_since(user.address, self._nrenames)[1]
+        since = self._nrenames
         if not await self._notify_rewatch_or_overflow():
             return
         after, subs_after = self._nfolders, self._nsubs
         gone, new = before - after, after - before
-        oldnames: dict[str, str] = {}  # new name -> old name, for the renames seen in this change
-        for old, renamed_to in renames:
-            for name in sorted(gone):
-                if name == old or name.startswith(old + SEPARATOR):  # children move with their parent
-                    moved = renamed_to + name[len(old):]
-                    if moved in new and moved not in oldnames:
-                        oldnames[moved] = name
+        oldnames = _oldnames(self.store.notifier.renames_since(user.address, since)[1], gone, new)
+        # Another process's or node's rename reaches this one as two messages: the change (which may
+        # wake this session for an earlier event, and which the folder list read above shows) and
+        # the rename with both names. When a name went and another came and no rename seen yet
+        # explains them, the rename is waited for a little (a deletion and a creation are told that
+        # much later), so that the client gets one LIST with OLDNAME, not two.
+        for _ in range(RENAME_WAITS):
+            if oldnames or not (gone and new):
+                break
+            await asyncio.sleep(RENAME_WAIT)
+            oldnames = _oldnames(self.store.notifier.renames_since(user.address, since)[1], gone, new)
         gone -= set(oldnames.values())
         utf8 = self.core.utf8
         for name in sorted(new):
@@ -1375,6 +1380,19 @@ class IMAPSession(Session):
         raise _no("Quotas are set by the administrator (postier user quota)", Code.NOPERM)  # RFC 9208 §4.1.3
 
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
+
+
+def _oldnames(renames: list[tuple[str, str]], gone: set[str], new: set[str]) -> dict[str, str]:
+    """New name -> old name, for the mailboxes that `renames` (oldest first) moved from `gone` to
+    `new` (a renamed mailbox's children move with it)."""
+    out: dict[str, str] = {}
+    for old, renamed_to in renames:
+        for name in sorted(gone):
+            if name == old or name.startswith(old + SEPARATOR):
+                moved = renamed_to + name[len(old):]
+                if moved in new and moved not in out:
+                    out[moved] = name
+    return out
 
 
 def _file_size(f: IO[bytes]) -> int:
