@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+from typing import Any
 from pathlib import Path
 
 from bench.fts_large import large_message
@@ -31,13 +32,41 @@ SCRIPTS = {
 PREFIX = b"Return-Path: <x@remote.test>\r\nReceived: from remote.test; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
 
 
+async def deliver_through_script(sieve: Any, user: Any, script: str, prefix: bytes, data: bytes,
+                                 spool: Path, sender: str = "x@remote.test") -> tuple[Any, int]:
+    """`user`'s active script made `script`, `data` spooled in pieces of 1 MiB (a MessageBody in
+    `spool`, as SMTP leaves it) and delivered through `sieve` (a `pipeline.sieve.SieveFilter`):
+    (its outcome, tracemalloc's peak during the delivery). Shared with the tests of this path."""
+    import tracemalloc
+
+    from postier.message.types import Envelope, MessageBody, Recipient
+
+    scripts = sieve.store_for(user)
+    scripts.put("main", script.encode())
+    scripts.set_active("main")
+    body = MessageBody(spool)
+    try:
+        for i in range(0, len(data), 1 << 20):
+            body.write(data[i:i + (1 << 20)])
+        assert not body.in_memory, "a message this small is not spooled: nothing large is measured"
+        env = Envelope(role="mx", peer_ip="127.0.0.1", mail_from=sender,
+                       recipients=[Recipient(user.address, (user,))])
+        tracemalloc.start()
+        try:
+            got = await sieve.deliver(env, env.recipients, prefix, body, None, False)
+            return got, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        body.close()
+
+
 async def _one(tmp: Path, script: str, data: bytes) -> int:
     import random
-    import tracemalloc
 
     from postier.accounts import Accounts
     from postier.config import Config
-    from postier.message.types import Envelope, MessageBody, Recipient, User
+    from postier.message.types import User
     from postier.pipeline.sieve import SieveFilter
     from postier.queue.runner import Queue
     from postier.queue.schedule import ManualClock
@@ -50,22 +79,10 @@ async def _one(tmp: Path, script: str, data: bytes) -> int:
     queue = Queue(config, accounts, mda, FakeResolver(), clock=ManualClock(), rng=random.Random(1))
     user = User("alice@a.test", "alice", "a.test", "maildir")
     sieve = SieveFilter(config, mda, queue, None)
-    scripts = sieve.store_for(user)
-    scripts.put("main", script.encode())
-    scripts.set_active("main")
-    body = MessageBody(config.spool_dir)
-    for i in range(0, len(data), 1 << 20):
-        body.write(data[i:i + (1 << 20)])
-    env = Envelope(role="mx", peer_ip="127.0.0.1", mail_from="x@remote.test",
-                   recipients=[Recipient(user.address, (user,))])
     try:
-        tracemalloc.start()
-        got = await sieve.deliver(env, env.recipients, PREFIX, body, None, False)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        got, peak = await deliver_through_script(sieve, user, script, PREFIX, data, config.spool_dir)
         assert got.local.delivered == {user.address}, got
     finally:
-        body.close()
         await queue.stop()
         mda.close()
         accounts.close()

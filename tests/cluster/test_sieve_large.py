@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("psycopg")
 
 from bench.fts_large import large_message  # noqa: E402
+from bench.sieve_large import deliver_through_script  # noqa: E402
 from postier.config import Config  # noqa: E402
-from postier.message.types import Envelope, MessageBody, Recipient, User  # noqa: E402
+from postier.message.types import User  # noqa: E402
 from postier.pipeline.sieve import SieveFilter  # noqa: E402
 from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
 
@@ -49,18 +50,10 @@ def test_large_delivery_through_a_script(store: ClusterStore, tmp_path: Path) ->
     config = Config(hostname="mail.example.org", data_dir=tmp_path)
     mda = ClusterDelivery(store, config.mail_root)
     sieve = SieveFilter(config, mda, None, None, mailstore=store)  # type: ignore[arg-type]  # nothing is queued
-    scripts = sieve.store_for(USER)
-    scripts.put("main", SCRIPT.encode())
-    scripts.set_active("main")
-    body = MessageBody(config.spool_dir)
-    for i in range(0, len(DATA), 1 << 20):
-        body.write(DATA[i:i + (1 << 20)])
-    env = Envelope(role="mx", peer_ip="127.0.0.1", mail_from="c@example.net",
-                   recipients=[Recipient(USER.address, (USER,))])
     try:
-        got = asyncio.run(sieve.deliver(env, env.recipients, PREFIX, body, None, False))
+        got, _peak = asyncio.run(deliver_through_script(sieve, USER, SCRIPT, PREFIX, DATA, config.spool_dir,
+                                                        "c@example.net"))
     finally:
-        body.close()
         mda.close()
     assert got.local.delivered == {USER.address} and not got.refused
     # RFC 5293 §7: the copies filed before the addheader are the message as received (the spooled

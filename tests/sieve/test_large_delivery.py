@@ -13,14 +13,14 @@ behaviour is the rest of tests/sieve). End to end over SMTP: tests/sieve/test_la
 from __future__ import annotations
 
 import asyncio
-import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from bench.fts_large import large_message
+from bench.sieve_large import deliver_through_script
 from postier.message.matching import TEXT_LIMIT
-from postier.message.types import MEMORY_DATA_LIMIT, Envelope, MessageBody, Recipient, User
+from postier.message.types import MEMORY_DATA_LIMIT, User
 from postier.pipeline.sieve import SieveFilter
 from postier.store.delivery import LocalDelivery
 from tests.queue.conftest import queue_env
@@ -37,35 +37,15 @@ def maildir_files(root: Path, folder: str = "") -> list[bytes]:
     return [p.read_bytes() for sub in ("new", "cur") if (md / sub).is_dir() for p in sorted((md / sub).iterdir())]
 
 
-def spooled(spool: Path, data: bytes) -> MessageBody:
-    body = MessageBody(spool)
-    for i in range(0, len(data), 1 << 20):
-        body.write(data[i:i + (1 << 20)])
-    assert not body.in_memory and body.size > MEMORY_DATA_LIMIT
-    return body
-
-
 async def deliver(root: Path, script: str, data: bytes = DATA) -> tuple[int, list[tuple[str, bytes]]]:
     """Deliver `data` to alice through `script`; tracemalloc's peak of the delivery and the queued
     messages (recipient, octets)."""
     async with queue_env(root) as q:
         mda = LocalDelivery(q.config.mail_root, agent=False)  # written in this process: measured here
         sieve = SieveFilter(q.config, mda, q.queue, None)
-        scripts = sieve.store_for(USER)
-        scripts.put("main", script.encode())
-        scripts.set_active("main")
-        body = spooled(q.config.spool_dir, data)
-        env = Envelope(role="mx", peer_ip="127.0.0.1", mail_from="x@remote.test",
-                       recipients=[Recipient(USER.address, (USER,))])
         try:
-            tracemalloc.start()
-            try:
-                got = await sieve.deliver(env, env.recipients, PREFIX, body, None, False)
-                peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
+            got, peak = await deliver_through_script(sieve, USER, script, PREFIX, data, q.config.spool_dir)
         finally:
-            body.close()
             mda.close()
         assert got.local.delivered == {USER.address} and not got.refused
         queued = [(r.address, q.queue.spool.read_file(info.id))
