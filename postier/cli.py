@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -207,9 +206,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _serve(cfg: Config) -> int:
+    from .logsetup import configure
     from .server.app import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure()
     run(cfg)
     return 0
 

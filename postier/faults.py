@@ -27,6 +27,8 @@ import os
 import signal
 import threading
 
+from . import logsetup
+
 _spec = os.environ.get("POSTIER_FAULT", "")
 _name, _, _count = _spec.partition(":")
 _target = int(_count) if _count.isdigit() else 1
@@ -52,6 +54,7 @@ def fault_point(name: str) -> None:
             os.close(fd)
     if hits < _target:
         return
+    logsetup.flush()  # the lines logged before the crash, as a real crash after them would leave them
     supervisor = os.environ.get("POSTIER_SUPERVISOR", "")
     if supervisor.isdigit():  # a worker of several (server/supervisor.py): the whole server crashes
         os.kill(int(supervisor), signal.SIGKILL)  # its workers follow it (their parent-death signal)

@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .. import logsetup
+from ..logsetup import configure
 from ..message.types import AccountError, MessageBody, User
 from .errors import OverQuota
 from .maildir import DeliveryError, MaildirDraft, QuotaHold, deliver_to_user, folder_root, sync_new
@@ -186,6 +188,7 @@ class Agent:
         if rc != 0:
             log.error("delivery agent (pid %d) exited with status %d", proc.pid, rc)
         if rc == -signal.SIGKILL and os.environ.get("POSTIER_FAULT"):
+            logsetup.flush()
             os.kill(os.getpid(), signal.SIGKILL)  # a fault point fired in the agent: the server crashes
 
     def close(self, timeout: float = 30.0) -> None:
@@ -375,7 +378,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m postier.store.agent MAIL_ROOT WORKERS", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the agent ends (EOF)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(0))
