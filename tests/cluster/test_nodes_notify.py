@@ -52,9 +52,9 @@ def test_rename_on_node_a_is_one_list_with_oldname_on_node_b(nodes: list[Instanc
 
 
 def test_names_changes_travel_between_notifiers_once(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
-    """The notifiers of two nodes: a rename told to A reaches B's NAMES watchers with both names; A's
-    own comes back from PostgreSQL and is skipped (remembered once); a folder's message change is not
-    sent again by the notifier (mailboxes.py sends it in its transaction)."""
+    """The notifiers of two nodes: a names change told to A wakes B's NAMES watchers; A's own comes
+    back from PostgreSQL and is skipped (A's watchers woken once, by A); a folder's message change
+    is not sent again by the notifier (mailboxes.py sends it in its transaction)."""
     dsn = pg.create_db()
     user = "alice@example.org"
 
@@ -62,19 +62,24 @@ def test_names_changes_travel_between_notifiers_once(pg: PgServer, bodies_factor
         a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
         try:
             woke = {"a": asyncio.Event(), "b": asyncio.Event()}
-            a.notifier.watch(user, NAMES, None, woke["a"].set)
-            b.notifier.watch(user, NAMES, None, woke["b"].set)
+            wakes = {"a": 0, "b": 0}
+
+            def on(node: str) -> None:
+                wakes[node] += 1
+                woke[node].set()
+            a.notifier.watch(user, NAMES, None, lambda: on("a"))
+            b.notifier.watch(user, NAMES, None, lambda: on("b"))
             b.notifier.watch(user, "INBOX", None, lambda: pytest.fail("a message change was forwarded"))
             await asyncio.wait_for(a.notifier.listening.wait(), 20)
             await asyncio.wait_for(b.notifier.listening.wait(), 20)
             a.notifier.notify(user, "INBOX")  # only this node's watchers
-            a.notifier.renamed(user, "Alt", "Neu")
+            a.notifier.notify(user, NAMES)
             await asyncio.wait_for(woke["b"].wait(), 20)
-            assert b.notifier.renames_since(user, 0)[1] == [("Alt", "Neu")]
+            assert wakes == {"a": 1, "b": 1}
             woke["a"].clear()
-            b.notifier.notify(user, NAMES)  # sent after A's: when A has it, A had its own rename back
+            b.notifier.notify(user, NAMES)  # sent after A's: when A has it, A had its own back
             await asyncio.wait_for(woke["a"].wait(), 20)
-            assert a.notifier.renames_since(user, 0)[1] == [("Alt", "Neu")]  # once
+            assert wakes == {"a": 2, "b": 2}  # A's own change woke A once
         finally:
             a.close()
             b.close()
