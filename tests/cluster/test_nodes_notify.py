@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import re
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -84,3 +86,78 @@ def test_names_changes_travel_between_notifiers_once(pg: PgServer, bodies_factor
             a.close()
             b.close()
     asyncio.run(run())
+
+
+_LIST = re.compile(rb'^\* LIST \(([^)]*)\) "\." "([^"]*)"(?: \("OLDNAME" \("([^"]*)"\)\))?\r\n$')
+
+
+def _pipelined(c: imaplib.IMAP4, commands: list[str]) -> None:
+    """Send the commands at once, then read their answers: each must be OK."""
+    tags = [c._new_tag() for _ in commands]
+    c.send(b"".join(tag + b" " + cmd.encode() + b"\r\n" for tag, cmd in zip(tags, commands, strict=True)))
+    for tag in tags:
+        line = c.readline()
+        assert line.startswith(tag + b" OK"), line
+
+
+def test_renames_racing_on_node_b_reach_node_a_as_oldname(nodes: list[Instance]) -> None:
+    """A NOTIFY session on node A follows the names while sessions on node B rename: a chain of
+    renames sent at once (with a child), and in each round a rename of P<r>, then a creation of P<r>
+    again, racing a creation of Z<r> in another session. Every mailbox reaches the client as one LIST
+    with OLDNAME from the name the client knew, never as a deletion and a creation (RFC 5465 §5.4):
+    the client's picture, kept from the LISTs alone, ends as node B's list."""
+    a, b = nodes
+    watcher, w1, w2 = imap(a), imap(b), imap(b)
+    rounds = 5
+    try:
+        for name in ["M0", "M0.K", *(f"P{r}" for r in range(rounds))]:
+            assert w1.create(name)[0] == "OK"
+        watcher.sock.settimeout(20)
+        _ok(watcher, "NOTIFY SET (PERSONAL (MailboxName))")
+        typ, data = w1.list()
+        assert typ == "OK"
+        known = {m.group(2).decode(): m.group(2).decode() for line in data if isinstance(line, bytes)
+                 for m in [_LIST.match(b"* LIST " + line + b"\r\n")] if m}  # name -> the name it had first
+        _pipelined(w1, [f"RENAME M{i} M{i + 1}" for i in range(6)])  # quick succession
+        for r in range(rounds):
+            go = threading.Barrier(2)
+
+            def rename_then_create(r: int = r, go: threading.Barrier = go) -> None:
+                go.wait()
+                _pipelined(w1, [f"RENAME P{r} Q{r}", f"CREATE P{r}"])
+
+            def create(r: int = r, go: threading.Barrier = go) -> None:
+                go.wait()
+                _pipelined(w2, [f"CREATE Z{r}"])
+            ts = [threading.Thread(target=rename_then_create), threading.Thread(target=create)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        _ok(w2, "CREATE zzEnd")  # after every change above: the last name the client is told of
+        created: list[str] = []
+        while "zzEnd" not in known:
+            line = watcher.readline()
+            m = _LIST.match(line)
+            assert m is not None, line
+            attrs, name, old = m.group(1), m.group(2).decode(), m.group(3)
+            assert b"NonExistent" not in attrs, line  # nothing was deleted
+            if old is not None:
+                assert old.decode() in known and name not in known, line
+                known[name] = known.pop(old.decode())
+            else:
+                assert name not in known, line
+                known[name] = name
+                created.append(name)
+        assert sorted(created) == sorted([*(f"P{r}" for r in range(rounds)), *(f"Z{r}" for r in range(rounds)),
+                                          "zzEnd"])
+        assert known["M6"] == "M0" and known["M6.K"] == "M0.K"
+        assert all(known[f"Q{r}"] == f"P{r}" for r in range(rounds))
+        typ, data = w1.list()
+        assert typ == "OK"
+        assert set(known) == {m.group(2).decode() for line in data if isinstance(line, bytes)
+                              for m in [_LIST.match(b"* LIST " + line + b"\r\n")] if m}
+        _ok(watcher, "NOOP")
+    finally:
+        for c in (watcher, w1, w2):
+            c.logout()
