@@ -1,7 +1,8 @@
 """IMAP NOTIFY across cluster nodes (RFC 5465 §5.4): a mailbox created, renamed or deleted on node A
 reaches a NOTIFY session on node B as the LIST a session on A gets, a rename as one LIST with OLDNAME
-(RFC 5258 §3.4), not as a deletion and a creation; between two nodes' notifiers a names change
-travels once and a message change not at all (it has its own notification)."""
+(RFC 5258 §3.4), not as a deletion and a creation, also for renames in quick succession and racing
+creations (the rename log read with the names in one snapshot); between two nodes' notifiers a names
+change travels once and a message change not at all (it has its own notification)."""
 
 from __future__ import annotations
 
