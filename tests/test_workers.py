@@ -8,6 +8,7 @@ every worker; a worker killed with SIGKILL is restarted and loses nothing it ack
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -139,7 +140,8 @@ def test_idle_wakes_across_workers(inst: Instance) -> None:
 
 def test_notify_rename_across_workers(inst: Instance) -> None:
     """RFC 5465 §5.4: a rename in one worker reaches a NOTIFY session in the other as one LIST with
-    OLDNAME (the rename travels on the workers' bus)."""
+    OLDNAME (the workers' bus wakes it; it reads the rename from the index's rename log, with the
+    names, under the user lock); so do renames sent at once, and a creation of the old name after."""
     user = add_cheap_user(inst, "notify@w.test")
     a, b = imap_pair(inst, user, "127.0.0.38")
     with a, b:
@@ -149,6 +151,17 @@ def test_notify_rename_across_workers(inst: Instance) -> None:
         assert b.line() == b'* LIST () "." "Alt"'
         assert a.imap(b"r", b"RENAME Alt Neu")[1].startswith(b"r OK")
         assert b.line() == b'* LIST () "." "Neu" ("OLDNAME" ("Alt"))'
+        a.send(b"r1 RENAME Neu X1\r\nr2 RENAME X1 X2\r\nc2 CREATE Neu\r\n")
+        assert [a.line()[:5] for _ in range(3)] == [b"r1 OK", b"r2 OK", b"c2 OK"]
+        known = {"Neu": "Neu"}  # name -> the name the client knew it by
+        while "Neu" not in known or "X2" not in known:
+            m = re.fullmatch(rb'\* LIST \(\) "\." "(\w+)"(?: \("OLDNAME" \("(\w+)"\)\))?', b.line())
+            assert m is not None  # no \NonExistent: nothing was deleted
+            if m.group(2):
+                known[m.group(1).decode()] = known.pop(m.group(2).decode())
+            else:
+                known[m.group(1).decode()] = m.group(1).decode()
+        assert known == {"X2": "Neu", "Neu": "Neu"}
 
 
 def test_changes_in_one_worker_reach_the_others_selected_session_at_the_next_command(inst: Instance) -> None:

@@ -63,7 +63,7 @@ from ..store.errors import StoreError
 from ..store.index import flags_to_names
 from ..store.maildir import SpoolFile
 from ..store.mailbox import NAMES as NOTIFY_NAMES
-from ..store.mailbox import SEPARATOR, normalize_name
+from ..store.mailbox import INBOX, SEPARATOR, normalize_name
 from .auth import settle
 from .base import READ_SIZE, CommandTimeout, Session
 from .imapsort import sort_items
@@ -89,7 +89,6 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 # Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
 PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
-RENAME_WAITS, RENAME_WAIT = 10, 0.05  # NOTIFY: how long a rename told apart from its change is waited for
 STREAM_CHUNK = 256 * 1024  # a large message sent from its file (FETCH BODY[]), a piece at a time
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
@@ -161,7 +160,8 @@ class IMAPSession(Session):
         self._nstatus: dict[str, tuple[int, int, int, int]] = {}
         self._nfolders: set[str] = set()
         self._nsubs: set[str] = set()
-        self._nrenames = 0  # the notifier's last rename number when the names were last read
+        self._ncursor: int | None = None  # the store's rename log position when the names were last read
+        self._nrenames: list[tuple[str, str]] | None = None  # the renames that read brought (None: not known)
         self._notifying = False  # sending NOTIFY's events between commands (written without waiting)
 
     # -- output ---------------------------------------------------------------------------------
@@ -565,7 +565,7 @@ class IMAPSession(Session):
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
-        await self._names_changed(renamed=(old, normalize_name(cmd.new_mailbox)))
+        await self._names_changed()
         if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
                 and old != "INBOX":
             self.send(R.bye("Selected mailbox was renamed"))
@@ -751,9 +751,10 @@ class IMAPSession(Session):
             if nplan.wants_names:
                 self._nwatches.append(notifier.watch(user.address, NOTIFY_NAMES, None,
                                                      lambda: self._on_change(NOTIFY_NAMES)))
-            self._nrenames = notifier.renames_since(user.address, self._nrenames)[0]  # before the names are read
-            self._nfolders = {f.name for f in await self.call(mb.list_folders)}
-            self._nsubs = set(await self.call(mb.subscriptions))
+            # RFC 5465 §5.4: the names and the renames that led to them, read in one step
+            view = await self.call(mb.names_since, self._ncursor)
+            self._ncursor, self._nrenames = view.cursor, view.renames
+            self._nfolders, self._nsubs = set(view.folders), set(view.subscriptions)
             covered = sorted(n for n in self._nfolders
                              if nplan.events_for(n, self._nsubs, SEPARATOR) & notify_message_events)
             if len(covered) > NOTIFY_MAX_MAILBOXES:
@@ -791,14 +792,11 @@ class IMAPSession(Session):
             items.append(("HIGHESTMODSEQ", info.highestmodseq))
         return items
 
-    async def _names_changed(self, renamed: tuple[str, str] | None = None) -> None:
+    async def _names_changed(self) -> None:
         """This session created, deleted, renamed or (un)subscribed a mailbox: tell the user's
         other NOTIFY sessions; this one knows (RFC 5465 §5.4: the client's own change is not echoed)."""
         if self.user is not None:
-            if renamed is not None:
-                self.store.notifier.renamed(self.user.address, *renamed)
-            else:
-                self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
+            self.store.notifier.notify(self.user.address, NOTIFY_NAMES)
         if self._nplan is not None:
             try:
                 if await self._notify_rewatch_or_overflow():
@@ -924,34 +922,24 @@ class IMAPSession(Session):
         nplan, user = self._nplan, self.user
         assert nplan is not None and user is not None
         before, subs_before = self._nfolders, self._nsubs
-        since = self._nrenames
         if not await self._notify_rewatch_or_overflow():
             return
         after, subs_after = self._nfolders, self._nsubs
-        gone, new = before - after, after - before
-        oldnames = _oldnames(self.store.notifier.renames_since(user.address, since)[1], gone, new)
-        # Another process's or node's rename reaches this one as two messages: the change (which may
-        # wake this session for an earlier event, and which the folder list read above shows) and
-        # the rename with both names. When a name went and another came and no rename seen yet
-        # explains them, the rename is waited for a little (a deletion and a creation are told that
-        # much later), so that the client gets one LIST with OLDNAME, not two.
-        for _ in range(RENAME_WAITS):
-            if oldnames or not (gone and new):
-                break
-            await asyncio.sleep(RENAME_WAIT)
-            oldnames = _oldnames(self.store.notifier.renames_since(user.address, since)[1], gone, new)
-        gone -= set(oldnames.values())
+        # The store read the names and the renames since the last read in one step (`names_since`):
+        # every rename that changed the names is there, so none is told as a deletion and a creation.
+        # Without them (a log pruned past this session's position), only the difference is known.
+        gone, moved, new = _name_changes(self._nrenames or [], before, after)
         utf8 = self.core.utf8
-        for name in sorted(new):
-            if name in oldnames:  # RFC 5465 §5.4, RFC 5258 §3.4: a rename is one LIST with OLDNAME
-                if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR) \
-                        or "MAILBOXNAME" in nplan.events_for(oldnames[name], subs_before, SEPARATOR):
-                    self.send(R.list_response([], SEPARATOR, name, utf8=utf8, oldname=oldnames[name]))
-            elif "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
-                self.send(R.list_response([], SEPARATOR, name, utf8=utf8))
-        for name in sorted(gone):
+        for name in sorted(gone):  # first: a name deleted may be taken again by a rename or creation
             if "MAILBOXNAME" in nplan.events_for(name, subs_before, SEPARATOR):
                 self.send(R.list_response(["\\NonExistent"], SEPARATOR, name, utf8=utf8))
+        for name, oldname in sorted(moved.items()):  # RFC 5465 §5.4, RFC 5258 §3.4: one LIST with OLDNAME
+            if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR) \
+                    or "MAILBOXNAME" in nplan.events_for(oldname, subs_before, SEPARATOR):
+                self.send(R.list_response([], SEPARATOR, name, utf8=utf8, oldname=oldname))
+        for name in sorted(new):
+            if "MAILBOXNAME" in nplan.events_for(name, subs_after, SEPARATOR):
+                self.send(R.list_response([], SEPARATOR, name, utf8=utf8))
         for name in sorted(subs_after ^ subs_before):
             if "SUBSCRIPTIONCHANGE" in nplan.events_for(name, subs_after | subs_before, SEPARATOR):
                 attrs = ["\\Subscribed"] if name in subs_after else []
@@ -1382,17 +1370,25 @@ class IMAPSession(Session):
     _handlers: dict[type, Callable[..., Awaitable[Any]]] = {}
 
 
-def _oldnames(renames: list[tuple[str, str]], gone: set[str], new: set[str]) -> dict[str, str]:
-    """New name -> old name, for the mailboxes that `renames` (oldest first) moved from `gone` to
-    `new` (a renamed mailbox's children move with it)."""
-    out: dict[str, str] = {}
-    for old, renamed_to in renames:
-        for name in sorted(gone):
-            if name == old or name.startswith(old + SEPARATOR):
-                moved = renamed_to + name[len(old):]
-                if moved in new and moved not in out:
-                    out[moved] = name
-    return out
+def _name_changes(renames: Sequence[tuple[str, str]], before: set[str], after: set[str]
+                  ) -> tuple[set[str], dict[str, str], set[str]]:
+    """How the mailbox names went from `before` to `after` given every rename made in between
+    (oldest first; a mailbox's children move with it): the names deleted, the mailboxes renamed
+    (new name -> old name, several renames in a row told as one) and the names created. Each
+    mailbox of `before` is followed through the renames; a name taken by a rename while the log
+    says nothing of its mailbox's deletion is one deleted. A rename of INBOX moves its messages, not
+    the mailbox (RFC 9051 §6.3.6): its new name is a creation."""
+    where = {name: name for name in before}  # current name -> the name the client knows
+    for old, new in renames:
+        if old == INBOX:
+            continue
+        moving = {name: known for name, known in where.items() if name == old or name.startswith(old + SEPARATOR)}
+        for name in moving:
+            del where[name]
+        where.update((new + name[len(old):], known) for name, known in moving.items())
+    kept = {name: known for name, known in where.items() if name in after}
+    moved = {name: known for name, known in kept.items() if name != known}
+    return before - set(kept.values()), moved, after - kept.keys()
 
 
 def _file_size(f: IO[bytes]) -> int:

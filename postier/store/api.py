@@ -24,9 +24,12 @@ if TYPE_CHECKING:
     from ..message.types import User
 
 __all__ = [
-    "CopyResult", "FlagTable", "FolderInfo", "FolderSnapshot", "MailStoreAPI", "Mailboxes", "MessageRow",
-    "PopMessage", "StatusInfo", "StoreResult",
+    "RENAMES_KEPT", "CopyResult", "FlagTable", "FolderInfo", "FolderSnapshot", "MailStoreAPI", "Mailboxes",
+    "MessageRow", "NamesView", "PopMessage", "StatusInfo", "StoreResult", "renames_after",
 ]
+
+#: Renames kept per user in the store's rename log (`Mailboxes.names_since`); older ones are pruned.
+RENAMES_KEPT = 64
 
 
 @dataclass
@@ -57,6 +60,37 @@ class FolderSnapshot:
 class FolderInfo:
     name: str
     special_use: str  # "" or an RFC 6154 attribute
+
+
+@dataclass(frozen=True, slots=True)
+class NamesView:
+    """A user's mailbox names and subscriptions, and the renames that led to them, read at one
+    moment (`Mailboxes.names_since`): IMAP NOTIFY's MailboxName events (RFC 5465 §5.4) compare two.
+
+    `cursor` is the rename log's position at that moment, to pass to the next call. `renames` are the
+    renames (old, new; a mailbox's children moved with it) made after the cursor given, oldest first,
+    every one of them and no other: so the two views' difference is exactly explained. None when that
+    is not known (no cursor given, or the log no longer holds them all: pruned, or rebuilt); the
+    caller then has only the difference of the names (a rename looks like a deletion and a creation)."""
+
+    cursor: int
+    folders: list[str]
+    subscriptions: list[str]
+    renames: list[tuple[str, str]] | None
+
+
+def renames_after(cursor: int | None, head: int, rows: Sequence[tuple[int, str, str]]) -> list[tuple[str, str]] | None:
+    """`NamesView.renames` from a rename log numbered 1, 2, 3... without gaps: the log's last number
+    `head` and its kept rows (number, old, new) after `cursor`, in order. None when they are not all
+    there: the rows from cursor + 1 were pruned (`RENAMES_KEPT`), or the log is behind the cursor
+    (rebuilt: a number no longer names the same rename)."""
+    if cursor is None or cursor > head:
+        return None
+    if cursor == head:
+        return []
+    if not rows or rows[0][0] != cursor + 1 or rows[-1][0] != head or len(rows) != head - cursor:
+        return None
+    return [(old, new) for _n, old, new in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +143,10 @@ class Mailboxes(Protocol):
     def rename(self, old: str, new: str) -> None: ...
     def subscriptions(self) -> list[str]: ...
     def subscribe(self, name: str, on: bool = True) -> None: ...
+    def names_since(self, cursor: int | None) -> NamesView:
+        """The folder names and subscriptions, and the renames after `cursor`, in one consistent
+        read: no rename is half seen (its new name listed but not the rename, or the reverse)."""
+        ...
     def status(self, name: str) -> StatusInfo: ...
     def exists(self, name: str) -> bool: ...
     def watch_path(self, name: str) -> Path | None: ...
@@ -171,8 +209,6 @@ class Notifier(Protocol):
     def watch(self, address: str, folder: str, path: Path | None,
               callback: Callable[[], None]) -> Callable[[], None]: ...
     def notify(self, address: str, folder: str) -> None: ...
-    def renamed(self, address: str, old: str, new: str) -> None: ...
-    def renames_since(self, address: str, seq: int) -> tuple[int, list[tuple[str, str]]]: ...
 
 
 class MailStoreAPI(Protocol):

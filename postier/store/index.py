@@ -134,6 +134,12 @@ CREATE TABLE IF NOT EXISTS cache (
     data BLOB NOT NULL,
     PRIMARY KEY (folder, uid, kind)
 ) WITHOUT ROWID;
+-- the user's last renames (IMAP NOTIFY, `UserMailbox.names_since`); meta 'rename_seq' is the last number
+CREATE TABLE IF NOT EXISTS renames (
+    seq INTEGER PRIMARY KEY,
+    old TEXT NOT NULL,
+    new TEXT NOT NULL
+);
 """
 #: The largest cached view (ENVELOPE, BODYSTRUCTURE...) kept, here and in cluster mode's shared
 #: cache (store/cluster/cache.py); a larger one (a message of some hundreds of parts) is recomputed.
@@ -557,6 +563,24 @@ class UserIndex:
         if row is not None:
             with self.tx() as c:
                 self._drop_folder_rows(c, row.id)
+
+    def log_rename(self, old: str, new: str, keep: int) -> None:
+        """Number the rename of mailbox `old` to `new` (children included) in the rename log, which
+        keeps the last `keep` (RFC 5465 §5.4 OLDNAME, `UserMailbox.names_since`)."""
+        with self.tx(durable=False) as c:  # lost to a power cut: a later NOTIFY diff without OLDNAME
+            r = c.execute("SELECT value FROM meta WHERE key='rename_seq'").fetchone()
+            seq = (r[0] if r else 0) + 1
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rename_seq', ?)", (seq,))
+            c.execute("INSERT OR REPLACE INTO renames VALUES (?, ?, ?)", (seq, old, new))
+            c.execute("DELETE FROM renames WHERE seq <= ?", (seq - keep,))
+
+    def renames(self, after: int | None) -> tuple[int, list[tuple[int, str, str]]]:
+        """The rename log's last number, and its kept rows after number `after` (none when None)."""
+        r = self.conn.execute("SELECT value FROM meta WHERE key='rename_seq'").fetchone()
+        if after is None:
+            return (r[0] if r else 0), []
+        rows = self.conn.execute("SELECT seq, old, new FROM renames WHERE seq > ? ORDER BY seq", (after,)).fetchall()
+        return (r[0] if r else 0), [(a, b, c) for a, b, c in rows]
 
     def rename_folder(self, old: str, new: str) -> None:
         with self.tx() as c:

@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,14 +59,17 @@ from .index import (
     plan_store,
 )
 from .api import (
+    RENAMES_KEPT,
     CopyResult,
     FlagTable,
     FolderInfo,
     FolderSnapshot,
     Mailboxes,
+    NamesView,
     PopMessage,
     StatusInfo,
     StoreResult,
+    renames_after,
 )
 from .errors import (
     InvalidKeyword,
@@ -374,6 +377,7 @@ class UserMailbox:
             raise NotPermitted("cannot rename a mailbox into itself")
         if o == INBOX:
             self._rename_inbox(n)
+            self.index.log_rename(o, n, RENAMES_KEPT)
             return
         prefix = o + SEPARATOR
         moves = [(x.name, n + x.name[len(o):]) for x in self.list_folders()
@@ -391,6 +395,7 @@ class UserMailbox:
         subs = self._subscriptions()
         if any(s == o or s.startswith(prefix) for s in subs):
             self._write_subscriptions([n + s[len(o):] if (s == o or s.startswith(prefix)) else s for s in subs])
+        self.index.log_rename(o, n, RENAMES_KEPT)  # under the user lock, as `names_since` reads
 
     def _rename_inbox(self, new: str) -> None:
         # RFC 9051 §6.3.6: all INBOX messages move to the new name; INBOX stays, empty.
@@ -422,6 +427,15 @@ class UserMailbox:
     @_locked
     def subscriptions(self) -> list[str]:
         return self._subscriptions()
+
+    @_locked
+    def names_since(self, cursor: int | None) -> NamesView:
+        """The folders, subscriptions and renames after `cursor` under the user lock, which every
+        rename holds until it is logged (between processes too): one consistent read for the
+        renames made by postier. A folder renamed by another program is seen as deleted and created."""
+        head, rows = self.index.renames(cursor)
+        return NamesView(head, [f.name for f in self.list_folders()], self._subscriptions(),
+                         renames_after(cursor, head, rows))
 
     @_locked
     def subscribe(self, name: str, on: bool = True) -> None:
@@ -1400,9 +1414,7 @@ def _link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
 #: The notifier's key for a user's mailbox names and subscriptions (created, deleted, renamed,
 #: (un)subscribed), which IMAP NOTIFY watches (RFC 5465 §5.4, §5.5).
 NAMES = "\x00names"
-_RENAMED = "\x00renamed\x00"  # a NAMES change that is a rename: "\x00renamed\x00OLD\x00NEW"
 _DELIVERED = "\x00delivered\x00"  # to other processes: files no index knows yet ("\x00delivered\x00FOLDER")
-RENAMES_KEPT = 64  # renames remembered per user while someone watches the user's NAMES
 
 
 class ChangeNotifier:
@@ -1410,9 +1422,8 @@ class ChangeNotifier:
     programs, each watched folder's `new/` and `cur/` mtimes are polled every `interval` seconds
     (two stat calls per folder, in the event loop) while someone watches it.
 
-    A rename (`renamed`) wakes the NAMES watchers like any name change and is also remembered,
-    numbered, while someone watches NAMES, so that NOTIFY can tell it from a deletion and a
-    creation (`renames_since`); it travels to other processes as a key of its own."""
+    A change of the user's mailbox names is told as the `NAMES` key: it only wakes. What changed,
+    renames included, NOTIFY reads from the store in one step (`Mailboxes.names_since`)."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = max(0.05, interval)
@@ -1420,8 +1431,6 @@ class ChangeNotifier:
         self.forward: Callable[[str, str], None] | None = None
         self._watchers: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._pollers: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._renames: dict[str, deque[tuple[int, str, str]]] = {}
-        self._rename_seq = 0
 
     def watch(self, address: str, folder: str, path: Path | None, callback: Callable[[], None]) -> Callable[[], None]:
         key = (address, folder)
@@ -1436,8 +1445,6 @@ class ChangeNotifier:
                 ws.discard(callback)
                 if not ws:
                     del self._watchers[key]
-                    if folder == NAMES:
-                        self._renames.pop(address, None)
                     t = self._pollers.pop(key, None)
                     if t is not None:
                         t.cancel()
@@ -1456,23 +1463,8 @@ class ChangeNotifier:
             self.forward(address, _DELIVERED + folder)
         self.local(address, folder)
 
-    def renamed(self, address: str, old: str, new: str) -> None:
-        """The user's mailbox `old` is now `new` (children included): a NAMES change, remembered."""
-        self.notify(address, f"{_RENAMED}{old}\x00{new}")
-
-    def renames_since(self, address: str, seq: int) -> tuple[int, list[tuple[str, str]]]:
-        """The renames remembered for the user after number `seq` (oldest first), and the last number."""
-        kept = self._renames.get(address, ())
-        return self._rename_seq, [(o, n) for s, o, n in kept if s > seq]
-
     def local(self, address: str, folder: str) -> None:
         """Wake this process's watchers of the folder (a change seen here or told by another process)."""
-        if folder.startswith(_RENAMED):
-            old, _, new = folder[len(_RENAMED):].partition("\x00")
-            folder = NAMES
-            if (address, NAMES) in self._watchers:
-                self._rename_seq += 1
-                self._renames.setdefault(address, deque(maxlen=RENAMES_KEPT)).append((self._rename_seq, old, new))
         for cb in list(self._watchers.get((address, folder), ())):
             try:
                 cb()

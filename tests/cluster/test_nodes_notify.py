@@ -1,12 +1,15 @@
 """IMAP NOTIFY across cluster nodes (RFC 5465 §5.4): a mailbox created, renamed or deleted on node A
 reaches a NOTIFY session on node B as the LIST a session on A gets, a rename as one LIST with OLDNAME
-(RFC 5258 §3.4), not as a deletion and a creation; between two nodes' notifiers a names change
-travels once and a message change not at all (it has its own notification)."""
+(RFC 5258 §3.4), not as a deletion and a creation, also for renames in quick succession and racing
+creations (the rename log read with the names in one snapshot); between two nodes' notifiers a names
+change travels once and a message change not at all (it has its own notification)."""
 
 from __future__ import annotations
 
 import asyncio
 import imaplib
+import re
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -52,9 +55,9 @@ def test_rename_on_node_a_is_one_list_with_oldname_on_node_b(nodes: list[Instanc
 
 
 def test_names_changes_travel_between_notifiers_once(pg: PgServer, bodies_factory: Callable[[], BodyStore]) -> None:
-    """The notifiers of two nodes: a rename told to A reaches B's NAMES watchers with both names; A's
-    own comes back from PostgreSQL and is skipped (remembered once); a folder's message change is not
-    sent again by the notifier (mailboxes.py sends it in its transaction)."""
+    """The notifiers of two nodes: a names change told to A wakes B's NAMES watchers; A's own comes
+    back from PostgreSQL and is skipped (A's watchers woken once, by A); a folder's message change
+    is not sent again by the notifier (mailboxes.py sends it in its transaction)."""
     dsn = pg.create_db()
     user = "alice@example.org"
 
@@ -62,20 +65,100 @@ def test_names_changes_travel_between_notifiers_once(pg: PgServer, bodies_factor
         a, b = ClusterStore(dsn, bodies_factory()), ClusterStore(dsn, bodies_factory())
         try:
             woke = {"a": asyncio.Event(), "b": asyncio.Event()}
-            a.notifier.watch(user, NAMES, None, woke["a"].set)
-            b.notifier.watch(user, NAMES, None, woke["b"].set)
+            wakes = {"a": 0, "b": 0}
+
+            def on(node: str) -> None:
+                wakes[node] += 1
+                woke[node].set()
+            a.notifier.watch(user, NAMES, None, lambda: on("a"))
+            b.notifier.watch(user, NAMES, None, lambda: on("b"))
             b.notifier.watch(user, "INBOX", None, lambda: pytest.fail("a message change was forwarded"))
             await asyncio.wait_for(a.notifier.listening.wait(), 20)
             await asyncio.wait_for(b.notifier.listening.wait(), 20)
             a.notifier.notify(user, "INBOX")  # only this node's watchers
-            a.notifier.renamed(user, "Alt", "Neu")
+            a.notifier.notify(user, NAMES)
             await asyncio.wait_for(woke["b"].wait(), 20)
-            assert b.notifier.renames_since(user, 0)[1] == [("Alt", "Neu")]
+            assert wakes == {"a": 1, "b": 1}
             woke["a"].clear()
-            b.notifier.notify(user, NAMES)  # sent after A's: when A has it, A had its own rename back
+            b.notifier.notify(user, NAMES)  # sent after A's: when A has it, A had its own back
             await asyncio.wait_for(woke["a"].wait(), 20)
-            assert a.notifier.renames_since(user, 0)[1] == [("Alt", "Neu")]  # once
+            assert wakes == {"a": 2, "b": 2}  # A's own change woke A once
         finally:
             a.close()
             b.close()
     asyncio.run(run())
+
+
+_LIST = re.compile(rb'^\* LIST \(([^)]*)\) "\." "([^"]*)"(?: \("OLDNAME" \("([^"]*)"\)\))?\r\n$')
+
+
+def _pipelined(c: imaplib.IMAP4, commands: list[str]) -> None:
+    """Send the commands at once, then read their answers: each must be OK."""
+    tags = [c._new_tag() for _ in commands]
+    c.send(b"".join(tag + b" " + cmd.encode() + b"\r\n" for tag, cmd in zip(tags, commands, strict=True)))
+    for tag in tags:
+        line = c.readline()
+        assert line.startswith(tag + b" OK"), line
+
+
+def test_renames_racing_on_node_b_reach_node_a_as_oldname(nodes: list[Instance]) -> None:
+    """A NOTIFY session on node A follows the names while sessions on node B rename: a chain of
+    renames sent at once (with a child), and in each round a rename of P<r>, then a creation of P<r>
+    again, racing a creation of Z<r> in another session. Every mailbox reaches the client as one LIST
+    with OLDNAME from the name the client knew, never as a deletion and a creation (RFC 5465 §5.4):
+    the client's picture, kept from the LISTs alone, ends as node B's list."""
+    a, b = nodes
+    watcher, w1, w2 = imap(a), imap(b), imap(b)
+    rounds = 5
+    try:
+        for name in ["M0", "M0.K", *(f"P{r}" for r in range(rounds))]:
+            assert w1.create(name)[0] == "OK"
+        watcher.sock.settimeout(20)
+        _ok(watcher, "NOTIFY SET (PERSONAL (MailboxName))")
+        typ, data = w1.list()
+        assert typ == "OK"
+        known = {m.group(2).decode(): m.group(2).decode() for line in data if isinstance(line, bytes)
+                 for m in [_LIST.match(b"* LIST " + line + b"\r\n")] if m}  # name -> the name it had first
+        _pipelined(w1, [f"RENAME M{i} M{i + 1}" for i in range(6)])  # quick succession
+        for r in range(rounds):
+            go = threading.Barrier(2)
+
+            def rename_then_create(r: int = r, go: threading.Barrier = go) -> None:
+                go.wait()
+                _pipelined(w1, [f"RENAME P{r} Q{r}", f"CREATE P{r}"])
+
+            def create(r: int = r, go: threading.Barrier = go) -> None:
+                go.wait()
+                _pipelined(w2, [f"CREATE Z{r}"])
+            ts = [threading.Thread(target=rename_then_create), threading.Thread(target=create)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        _ok(w2, "CREATE zzEnd")  # after every change above: the last name the client is told of
+        created: list[str] = []
+        while "zzEnd" not in known:
+            line = watcher.readline()
+            m = _LIST.match(line)
+            assert m is not None, line
+            attrs, name, old = m.group(1), m.group(2).decode(), m.group(3)
+            assert b"NonExistent" not in attrs, line  # nothing was deleted
+            if old is not None:
+                assert old.decode() in known and name not in known, line
+                known[name] = known.pop(old.decode())
+            else:
+                assert name not in known, line
+                known[name] = name
+                created.append(name)
+        assert sorted(created) == sorted([*(f"P{r}" for r in range(rounds)), *(f"Z{r}" for r in range(rounds)),
+                                          "zzEnd"])
+        assert known["M6"] == "M0" and known["M6.K"] == "M0.K"
+        assert all(known[f"Q{r}"] == f"P{r}" for r in range(rounds))
+        typ, data = w1.list()
+        assert typ == "OK"
+        assert set(known) == {m.group(2).decode() for line in data if isinstance(line, bytes)
+                              for m in [_LIST.match(b"* LIST " + line + b"\r\n")] if m}
+        _ok(watcher, "NOOP")
+    finally:
+        for c in (watcher, w1, w2):
+            c.logout()

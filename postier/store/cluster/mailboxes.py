@@ -35,7 +35,19 @@ import psycopg_pool
 from ...message.types import MEMORY_DATA_LIMIT, User
 from ...message.mime import header_end, header_section
 from ...proto.crlf import to_crlf
-from ..api import CopyResult, FlagTable, FolderInfo, FolderSnapshot, MessageRow, PopMessage, StatusInfo, StoreResult
+from ..api import (
+    RENAMES_KEPT,
+    CopyResult,
+    FlagTable,
+    FolderInfo,
+    FolderSnapshot,
+    MessageRow,
+    NamesView,
+    PopMessage,
+    StatusInfo,
+    StoreResult,
+    renames_after,
+)
 from ..errors import (
     MailboxExists,
     MailboxNotFound,
@@ -216,6 +228,12 @@ class ClusterMailboxes:
         if n.startswith(o + SEPARATOR):
             raise NotPermitted("cannot rename a mailbox into itself")
         with self._tx() as conn:
+            # The rename log's number first: the head row queues the user's renames until commit, so
+            # their numbers are in commit order and a snapshot holding one holds every earlier one.
+            head = conn.execute("INSERT INTO rename_heads VALUES (%s, 1) ON CONFLICT (owner) DO UPDATE "
+                                "SET seq = rename_heads.seq + 1 RETURNING seq", (self.owner,)).fetchone()
+            assert head is not None
+            seq = head[0]
             self._fid(conn, o, lock=True)
             if conn.execute("SELECT 1 FROM folders WHERE owner=%s AND name=%s", (self.owner, n)).fetchone():
                 raise MailboxExists("mailbox already exists")
@@ -234,6 +252,9 @@ class ClusterMailboxes:
                 conn.execute("DELETE FROM subscriptions WHERE owner=%s AND name = ANY(%s)", (self.owner, targets))
                 conn.execute(f"UPDATE subscriptions SET name = %s || substr(name, %s) WHERE {under}",
                              (n, len(o) + 1, *args))
+            # RFC 5465 §5.4 OLDNAME: logged in the transaction that renames, the last RENAMES_KEPT kept
+            conn.execute("INSERT INTO renames VALUES (%s, %s, %s, %s)", (self.owner, seq, o, n))
+            conn.execute("DELETE FROM renames WHERE owner=%s AND seq <= %s", (self.owner, seq - RENAMES_KEPT))
             self._notify(conn, o)
         self.states.clear()
 
@@ -242,6 +263,24 @@ class ClusterMailboxes:
         with self._tx() as conn:
             return [n for (n,) in conn.execute("SELECT name FROM subscriptions WHERE owner=%s ORDER BY name",
                                                (self.owner,))]
+
+    @_op
+    def names_since(self, cursor: int | None) -> NamesView:
+        """The folders, subscriptions and renames after `cursor` in one REPEATABLE READ snapshot: a
+        rename's new names are listed if and only if its log row is read (RFC 5465 §5.4)."""
+        with self._tx() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            folders = [n for (n,) in conn.execute("SELECT name FROM folders WHERE owner=%s", (self.owner,))]
+            subs = [n for (n,) in conn.execute("SELECT name FROM subscriptions WHERE owner=%s ORDER BY name",
+                                               (self.owner,))]
+            r = conn.execute("SELECT seq FROM rename_heads WHERE owner=%s", (self.owner,)).fetchone()
+            head = r[0] if r else 0
+            rows: list[tuple[int, str, str]] = []
+            if cursor is not None and cursor < head:
+                rows = [(a, b, c) for a, b, c in conn.execute(
+                    "SELECT seq, old, new FROM renames WHERE owner=%s AND seq > %s ORDER BY seq", (self.owner, cursor))]
+        names = sorted(n for n in folders if n != INBOX)
+        return NamesView(head, [INBOX, *names], subs, renames_after(cursor, head, rows))  # as list_folders
 
     @_op
     def subscribe(self, name: str, on: bool = True) -> None:

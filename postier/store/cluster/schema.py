@@ -9,6 +9,11 @@ Every change to a folder's messages updates its `folders` row first (uidnext, hi
 transaction that changes the messages: the row lock orders the writers of one folder, so UIDs and
 MODSEQs become visible in the order they were allocated (RFC 9051 §2.3.1.1 strictly ascending UIDs,
 RFC 7162 §3.1.1 MODSEQ). A sequence would hand out numbers outside the transaction order.
+The rename log (`renames`, numbered per user by `rename_heads`, whose row every rename of the user
+takes first) is ordered the same way: IMAP NOTIFY reads it with the folders in one snapshot
+(`ClusterMailboxes.names_since`). Tables are added by `CREATE ... IF NOT EXISTS` (and columns by
+`ADD COLUMN IF NOT EXISTS`): `ensure_schema` (`postier cluster init`, every node's start) brings an
+existing database up to date.
 """
 
 from __future__ import annotations
@@ -95,6 +100,17 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     owner text NOT NULL,
     name text NOT NULL,
     PRIMARY KEY (owner, name)
+);
+CREATE TABLE IF NOT EXISTS rename_heads (
+    owner text PRIMARY KEY,
+    seq bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS renames (
+    owner text NOT NULL,
+    seq bigint NOT NULL,
+    old text NOT NULL,
+    new text NOT NULL,
+    PRIMARY KEY (owner, seq)
 );
 CREATE TABLE IF NOT EXISTS sieve_scripts (
     owner text NOT NULL,

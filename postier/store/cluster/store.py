@@ -105,12 +105,12 @@ class ClusterNotifier(ChangeNotifier):
 
     def _publish(self, address: str, key: str) -> None:
         """`forward`: a names change made by a session of this node (created, deleted, renamed,
-        (un)subscribed: the NAMES key, a rename with both names) goes to every other node, so that
-        their NOTIFY sessions send what a session here gets, a rename as one LIST with OLDNAME
-        (RFC 5465 §5.4, RFC 5258 §3.4), not a deletion and a creation. Message changes are not sent
-        here: mailboxes.py announces them in the transaction that makes them. Sent after the change
-        is committed (the session calls this once the store call returned), in order, on a
-        connection of its own; a payload holds no NUL (mailbox names hold no control character)."""
+        (un)subscribed: the NAMES key) goes to every other node, to wake their NOTIFY sessions, which
+        then read what changed, renames included, from PostgreSQL in one snapshot
+        (`ClusterMailboxes.names_since`; RFC 5465 §5.4). Message changes are not sent here:
+        mailboxes.py announces them in the transaction that makes them. Sent after the change is
+        committed (the session calls this once the store call returned), in order, on a connection
+        of its own; a payload holds no NUL (a key's NULs are sent as `_NAMES_SEP`)."""
         if not key.startswith("\x00"):
             return
         try:

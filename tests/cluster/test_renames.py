@@ -1,0 +1,126 @@
+"""Cluster mode's rename log (store/cluster/mailboxes.py `names_since`, schema.py `renames`): written in
+the transaction that renames, read with the folders in one snapshot, pruned to the last RENAMES_KEPT
+with a full difference for a reader behind that, and added to an existing database by `ensure_schema`
+(`postier cluster init`). NOTIFY between nodes over it: test_nodes_notify.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+pytest.importorskip("psycopg")
+
+from postier.message.types import User  # noqa: E402
+from postier.server.imap import _name_changes  # noqa: E402
+from postier.store.api import RENAMES_KEPT  # noqa: E402
+from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
+from postier.store.cluster.schema import ensure_schema  # noqa: E402
+from postier.store.cluster.store import ClusterStore  # noqa: E402
+from postier.store.errors import MailboxExists  # noqa: E402
+
+ALICE = User("alice@example.org", "alice", "example.org", "maildir")
+
+
+@pytest.fixture
+def mb(store: ClusterStore) -> Iterator[ClusterMailboxes]:
+    m = store.acquire(ALICE)
+    m.ensure_defaults()
+    yield m
+    store.release(m)
+
+
+def test_log_cursor_and_prune(mb: ClusterMailboxes) -> None:
+    first = mb.names_since(None)
+    assert first.renames is None and first.cursor == 0 and first.folders[0] == "INBOX"
+    assert first.folders == [f.name for f in mb.list_folders()]
+    assert first.subscriptions == mb.subscriptions()
+    mb.create("A")
+    mb.create("A.K")
+    mb.subscribe("A.K")
+    mb.rename("A", "B")
+    with pytest.raises(MailboxExists):  # a refused rename takes no number
+        mb.rename("B", "Sent")
+    mb.rename("B", "C")
+    v = mb.names_since(first.cursor)
+    assert v.renames == [("A", "B"), ("B", "C")] and v.cursor == 2
+    assert "C.K" in v.folders and "C.K" in v.subscriptions and "A" not in v.folders
+    for i in range(RENAMES_KEPT):
+        mb.rename("C" if i == 0 else f"R{i - 1}", f"R{i}")
+    old = mb.names_since(v.cursor - 1)  # the rename after it was pruned: only the difference
+    assert old.renames is None and old.cursor == v.cursor + RENAMES_KEPT
+    recent = mb.names_since(v.cursor)
+    assert recent.renames is not None and len(recent.renames) == RENAMES_KEPT and recent.renames[0] == ("C", "R0")
+    gone, moved, new = _name_changes([], set(v.folders), set(old.folders))
+    last = f"R{RENAMES_KEPT - 1}"
+    assert (gone, moved, new) == ({"C", "C.K"}, {}, {last, f"{last}.K"})
+    assert _name_changes(recent.renames, set(v.folders), set(recent.folders)) == (set(), {last: "C", f"{last}.K": "C.K"},
+                                                                                  set())
+    assert mb.names_since(recent.cursor + 5).renames is None  # a cursor past the log (a database restored)
+
+
+def test_schema_added_to_an_existing_database(store: ClusterStore, mb: ClusterMailboxes) -> None:
+    """A database made before the log: `ensure_schema` (cluster init, a node's start) adds it, and
+    renames made before it are simply not logged."""
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE renames")
+        conn.execute("DROP TABLE rename_heads")
+        mb.create("Before")
+        ensure_schema(conn)
+        ensure_schema(conn)  # again: nothing to do
+    start = mb.names_since(None)
+    mb.rename("Before", "After")
+    assert mb.names_since(start.cursor).renames == [("Before", "After")]
+
+
+def test_two_connections_reads_never_see_half_a_rename(store: ClusterStore, mb: ClusterMailboxes) -> None:
+    """A writer renames (with a child) on its own ClusterMailboxes, as another node would, while a
+    reader reads the names: between any two reads the renames read explain every change."""
+    other = ClusterMailboxes(ALICE, store.pool, store.bodies)
+    mb.create("M0")
+    mb.create("M0.K")
+    done = threading.Event()
+    n = RENAMES_KEPT - 4  # fewer than the log keeps: the reader is never behind it
+
+    def renamer() -> None:
+        try:
+            for i in range(n):
+                other.rename(f"M{i}", f"M{i + 1}")
+        finally:
+            done.set()
+    t = threading.Thread(target=renamer)
+    last = mb.names_since(None)
+    t.start()
+    reads = 0
+    while not done.is_set() or reads == 0:
+        v = mb.names_since(last.cursor)
+        assert v.renames is not None
+        gone, moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
+        assert not gone and not new, (v.renames, gone, new)
+        last, reads = v, reads + 1
+    t.join()
+    assert {f"M{n}", f"M{n}.K"} <= set(mb.names_since(None).folders)
+
+
+def test_concurrent_renames_of_one_user_are_numbered_in_commit_order(store: ClusterStore, mb: ClusterMailboxes) -> None:
+    """Renames of different mailboxes of one user from two connections at once: numbers without a
+    gap or a repeat, and the log replays to the final names."""
+    others = [ClusterMailboxes(ALICE, store.pool, store.bodies) for _ in range(2)]
+    for k in range(2):
+        mb.create(f"T{k}_0")
+    start = mb.names_since(None)
+
+    def renamer(k: int) -> None:
+        for i in range(20):
+            others[k].rename(f"T{k}_{i}", f"T{k}_{i + 1}")
+    ts = [threading.Thread(target=renamer, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    end = mb.names_since(start.cursor)
+    assert end.cursor == start.cursor + 40 and end.renames is not None and len(end.renames) == 40
+    assert _name_changes(end.renames, set(start.folders), set(end.folders)) == (set(), {"T0_20": "T0_0",
+                                                                                        "T1_20": "T1_0"}, set())
