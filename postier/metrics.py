@@ -190,6 +190,23 @@ class _Scraped(Collector):
             yield family
 
 
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _process_id() -> int:
+    """This process's id, for prometheus-client's multiprocess mode (it must differ between the
+    processes running at once, which the real pid, refreshed after a fork, does)."""
+    return _pid
+
+
 class Metrics:
     """postier's metrics on their own registry; one method per event, labels bounded here."""
 
@@ -200,7 +217,9 @@ class Metrics:
         self.exposed = r
         if shared_dir is not None:  # a worker of several (see the module docstring): for this process
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared_dir)
-            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]  # mapped from now on
+            # The library asks its process identifier at every event to notice a fork; ours is the
+            # pid remembered at start-up and after each fork (no getpid system call per event).
+            values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
             self.exposed = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposed, str(shared_dir))  # type: ignore[no-untyped-call]
             r = self.exposed  # the process and scrape-time values are read by the scraping worker

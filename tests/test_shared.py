@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,58 @@ def test_bus_carries_wakeups_to_the_other_workers(tmp_path: Path, deep: bool) ->
 
     assert asyncio.run(main()) == [(0, b"only-0"), (1, b"user\0INBOX"), (2, b"user\0INBOX")]
     assert not list(run.glob("*.sock"))  # removed at close
+
+
+def test_bus_gathers_the_wakeups_of_one_step(tmp_path: Path) -> None:
+    """Deliveries answered together wake the other workers with one datagram, each wake-up once;
+    more than a datagram holds goes in several; from a thread, at once."""
+    run = tmp_path / "run"
+    run.mkdir()
+
+    async def main() -> tuple[list[bytes], int]:
+        a, b = Bus(run, 0, 2), Bus(run, 1, 2)
+        got: list[bytes] = []
+        b.on(b"N", got.append)
+        b.start()
+        datagrams = 0
+        recv = b.sock.recv
+
+        def counting(n: int) -> bytes:
+            nonlocal datagrams
+            data = recv(n)
+            datagrams += 1
+            return data
+
+        b.sock = _Counting(b.sock, counting)  # type: ignore[assignment]
+        await asyncio.to_thread(a.send, b"N", b"from a thread")
+        for _ in range(3):
+            a.send(b"N", b"u@x.test\0INBOX")  # three deliveries to one folder: one wake-up
+        a.send(b"N", b"v@x.test\0INBOX")
+        for i in range(40):  # 40 x ~60 bytes: more than one datagram
+            a.send(b"N", f"user{i}@x.test\0{'F' * 40}".encode())
+        for _ in range(100):
+            if len(got) >= 43:
+                break
+            await asyncio.sleep(0.01)
+        a.close()
+        b.close()
+        return got, datagrams
+
+    got, datagrams = asyncio.run(main())
+    assert got[0] == b"from a thread"  # sent at once, before the step's gathered ones
+    assert got[1:3] == [b"u@x.test\0INBOX", b"v@x.test\0INBOX"]
+    assert got[3:] == [f"user{i}@x.test\0{'F' * 40}".encode() for i in range(40)]
+    assert 2 <= datagrams - 1 <= 3  # 42 wake-ups of the step in two datagrams (2048 bytes each)
+
+
+class _Counting:
+    """A socket whose recv is counted (the Bus reads with recv only)."""
+
+    def __init__(self, sock: socket.socket, recv: Callable[[int], bytes]) -> None:
+        self._sock, self.recv = sock, recv
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
 
 
 def test_imap_sessions_per_user_are_counted_over_workers(tmp_path: Path) -> None:

@@ -385,6 +385,9 @@ def _bus_path(run_dir: Path, index: int, abstract: bool = False) -> str:
     return "\0postier-" + hashlib.sha256(os.fsencode(run_dir)).hexdigest()[:24] + f"-{index}"
 
 
+_RECORD = struct.Struct("!H")  # a wake-up's length, before it, in a datagram of several
+
+
 class Bus:
     """Wake-ups between workers: one datagram socket per worker, a message to all the others."""
 
@@ -394,6 +397,7 @@ class Bus:
         self.index = index
         self.paths = [_bus_path(run_dir, i, abstract) for i in range(workers)]
         self.handlers: dict[bytes, Callable[[bytes], object]] = {}
+        self._gathered: dict[tuple[bytes, int | None], None] = {}  # this step's wake-ups, in order
         path = self.paths[index]
         if not path.startswith("\0"):
             with contextlib.suppress(FileNotFoundError):
@@ -425,32 +429,71 @@ class Bus:
         self.handlers[kind] = handler
 
     def send(self, kind: bytes, payload: bytes = b"", to: int | None = None) -> None:
-        """Tell every other worker (or only worker `to`); never blocks, a failure is only logged."""
+        """Tell every other worker (or only worker `to`); never blocks, a failure is only logged.
+
+        On the event loop the wake-ups of one step are gathered, the same one kept once, and sent
+        together when the step is over: deliveries answered by one agent batch make one datagram
+        per worker instead of one per message (a wake-up only says "look again", so two are one)."""
         data = kind + payload
-        if len(data) > self.MAX:
+        if len(data) > self.MAX - _RECORD.size:
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a thread: at once
+            self._send_now([data], to)
+            return
+        key = (data, to)
+        if key in self._gathered:
+            return
+        if not self._gathered:
+            loop.call_soon(self._flush)
+        self._gathered[key] = None
+
+    def _flush(self) -> None:
+        gathered = list(self._gathered)
+        self._gathered.clear()
+        for to in {to for _data, to in gathered}:
+            self._send_now([data for data, t in gathered if t == to], to)
+
+    def _send_now(self, records: list[bytes], to: int | None) -> None:
+        datagrams: list[bytes] = []
+        part = bytearray()
+        for data in records:
+            if len(part) + _RECORD.size + len(data) > self.MAX:
+                datagrams.append(bytes(part))
+                part.clear()
+            part += _RECORD.pack(len(data)) + data
+        if part:
+            datagrams.append(bytes(part))
         for i, path in enumerate(self.paths):
             if i == self.index or (to is not None and i != to):
                 continue
-            try:
-                self.sock.sendto(data, path)
-            except OSError as exc:  # not up yet (starting, restarting) or its queue is full
-                log.debug("worker %d: no wake-up to worker %d: %s", self.index, i, exc)
+            for datagram in datagrams:
+                try:
+                    self.sock.sendto(datagram, path)
+                except OSError as exc:  # not up yet (starting, restarting) or its queue is full
+                    log.debug("worker %d: no wake-up to worker %d: %s", self.index, i, exc)
+                    break
 
     def _readable(self) -> None:
         for _ in range(256):
             try:
-                data = self.sock.recv(self.MAX)
+                datagram = self.sock.recv(self.MAX)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            handler = self.handlers.get(data[:1])
-            if handler is not None:
-                try:
-                    handler(data[1:])
-                except Exception:
-                    log.exception("worker %d: wake-up handler failed", self.index)
+            pos = 0
+            while pos + _RECORD.size <= len(datagram):
+                (n,) = _RECORD.unpack_from(datagram, pos)
+                data = datagram[pos + _RECORD.size:pos + _RECORD.size + n]
+                pos += _RECORD.size + n
+                handler = self.handlers.get(data[:1])
+                if handler is not None:
+                    try:
+                        handler(data[1:])
+                    except Exception:
+                        log.exception("worker %d: wake-up handler failed", self.index)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
