@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "postier"
 
 #: (layer name, module prefixes), lowest first. Sub-command modules (`postier/*/cli.py`) are cli.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("durable", ("postier.durable",)),
+    ("durable, logsetup", ("postier.durable", "postier.logsetup")),
     ("proto", ("postier.proto",)),
     ("message", ("postier.message", "postier.faults")),
     ("config, accounts, resolver", ("postier.config", "postier.accounts", "postier.resolver", "postier.certs",
