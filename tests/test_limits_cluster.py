@@ -253,3 +253,16 @@ def test_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(200):
         a.logins.record(f"u{i}@example.org", 300)
     assert len(a.limits._logins) == 50
+
+
+def test_a_login_read_before_this_node_asked_for_any_delay_is_kept() -> None:
+    """The rows carry the writer's delay: a node that has not yet asked about LOGIN-DELAY (no
+    POP3 login since its start) keeps what it reads until then."""
+    clock, _table, (a, b) = _nodes()
+    a.logins.record("alice@example.org", 300)
+    _sync(a, b)
+    clock.now += 10
+    assert b.logins.last("alice@example.org", 300) == clock.now - 10
+    clock.now += 291
+    _sync(b)  # past the writer's delay: forgotten
+    assert not b.limits._remote_logins

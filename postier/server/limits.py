@@ -113,7 +113,7 @@ class ClusterLimits:
         self._written: dict[str, float] = {}  # user -> when its nonzero count was last written
         self._remote_sessions: OrderedDict[str, dict[str, tuple[int, float]]] = OrderedDict()  # -> until
         self._logins: OrderedDict[str, float] = OrderedDict()
-        self._remote_logins: OrderedDict[str, float] = OrderedDict()
+        self._remote_logins: OrderedDict[str, tuple[float, float]] = OrderedDict()  # -> (when, until)
         self._reset = True  # the first exchange blanks the rows of this process's previous life
 
     # -- the accept and login paths: memory only ---------------------------------------------------
@@ -157,19 +157,26 @@ class ClusterLimits:
 
     def opened(self, user: str) -> None:
         self._open[user] += 1
-        self._changed[user] = None
+        self._change(user)
 
     def closed(self, user: str) -> None:
         self._open[user] -= 1
         if self._open[user] <= 0:
             del self._open[user]
+        self._change(user)
+
+    def _change(self, user: str) -> None:
+        """`user`'s count is to be written (beyond MAX_TRACKED waiting, the oldest gives way: an
+        open count is written at its refresh, a closed one stops counting at its lease)."""
+        self._changed.pop(user, None)
         self._changed[user] = None
+        _bound(self._changed, MAX_TRACKED)
 
     def last_login(self, user: str, delay: float) -> float | None:
         """Another node's last login of `user`, if within `delay` seconds."""
         self.login_window = max(self.login_window, delay)
-        at = self._remote_logins.get(user)
-        return at if at is not None and self.clock() - at < delay else None
+        seen = self._remote_logins.get(user)
+        return seen[0] if seen is not None and self.clock() - seen[0] < delay else None
 
     def login(self, user: str, delay: float) -> None:
         self.login_window = max(self.login_window, delay)
@@ -195,11 +202,11 @@ class ClusterLimits:
         while self._changed and len(batch.sessions) < FLUSH_LIMIT:
             user, _ = self._changed.popitem(last=False)
             batch.sessions[user] = self._open.get(user, 0)
-        for user, at in self._written.items():  # refresh the open ones before their rows age out
+        for user, n in self._open.items():  # rewrite the open ones before their rows age out
             if len(batch.sessions) >= FLUSH_LIMIT:
                 break
-            if at < now - self.lease / 3 and user not in batch.sessions:
-                batch.sessions[user] = self._open.get(user, 0)
+            if self._written.get(user, float("-inf")) < now - self.lease / 3 and user not in batch.sessions:
+                batch.sessions[user] = n
         for user, n in batch.sessions.items():
             if n:
                 self._written[user] = now
@@ -264,12 +271,12 @@ class ClusterLimits:
                         del self._remote_sessions[key]
             elif kind == LOGINS and ages:
                 at = now - min(ages)
-                if at > self._remote_logins.get(key, float("-inf")):
+                if at > self._remote_logins.get(key, (float("-inf"), 0.0))[0]:
                     self._remote_logins.pop(key, None)
-                    self._remote_logins[key] = at
+                    self._remote_logins[key] = (at, now + left)  # (the writer's delay: it may not be ours yet)
                     _bound(self._remote_logins, MAX_TRACKED)
-        cutoff = now - self.login_window  # forget the logins older than any delay (bounded)
-        while self._remote_logins and next(iter(self._remote_logins.values())) < cutoff:
+        # forget the logins past their delay, oldest first (bounded as well by MAX_TRACKED)
+        while self._remote_logins and next(iter(self._remote_logins.values()))[1] < now:
             self._remote_logins.popitem(last=False)
 
 
