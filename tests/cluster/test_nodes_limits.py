@@ -167,3 +167,31 @@ def test_two_clients_connecting_at_once_on_two_nodes(two: tuple[Instance, Instan
     _caught_up(a, dsn, "127.0.5.6")
     _caught_up(b, dsn, "127.0.5.7")
     assert smtp_greeting(a, ip).startswith(b"421 ") and smtp_greeting(b, ip).startswith(b"421 ")
+
+
+def test_imap_sessions_with_two_workers_on_one_node(tmp_path: Path, pg: PgServer, s3: S3Server) -> None:
+    """Node A runs two workers (each writes its own row; A's count is the table its workers share,
+    server/shared.py), B one: one session on each node and A refuses a third login, whichever
+    worker takes it (a login let in meanwhile is closed at once: it only delays the proof)."""
+    dsn = pg.create_db()
+    a, b = _throttle_nodes(tmp_path, dsn, s3, auth=LIMITS, workers_a=2)
+    on_a = on_b = None
+    try:
+        on_a, r = login(a, "127.0.6.1")
+        assert r.startswith(b"t1 OK"), r
+        on_b, r = login(b, "127.0.6.2")
+        assert r.startswith(b"t1 OK"), r
+
+        def a_refuses() -> bool:
+            s, r = login(a, "127.0.6.1")
+            s.close()
+            assert r.startswith(b"t1 OK") or b" NO [LIMIT]" in r, r
+            return b" NO [LIMIT]" in r
+        wait_for("A refuses a third session", a_refuses)
+        assert len({k.rsplit("#", 1)[0] for k in rows(dsn, "s", ALICE)}) == 2  # rows of both nodes
+    finally:
+        for s in (on_a, on_b):
+            if s is not None:
+                s.close()
+        a.stop()
+        b.stop()
