@@ -416,8 +416,9 @@ class Cluster:
     #: Seconds a node holds the outbound-queue recipients it claimed without renewing them (it renews
     #: every third of it): after a node dies, its recipients wait this long before another node takes them.
     queue_lease: float = 300.0
-    #: Seconds between a node's exchanges of failed-login counts with the other nodes (one statement
-    #: each, server/throttle.py `ClusterThrottle`); 0 keeps the login throttle per node.
+    #: Seconds between a node's exchanges of failed-login counts, port 25's rates, IMAP sessions per
+    #: user and POP3's last logins with the other nodes (one statement each, server/throttle.py
+    #: `ClusterThrottle`, server/limits.py); 0 keeps them per node.
     throttle_interval: float = 1.0
 
 

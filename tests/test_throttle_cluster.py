@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -47,8 +48,8 @@ class Exchange:
         self.node = node
         self.seen = 0
 
-    async def exchange(self, ips: Sequence[str], ages: Sequence[float],
-                       clears: Sequence[str]) -> list[tuple[str, str, list[float]]]:
+    async def exchange(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str],
+                       limits: object = None) -> tuple[list[tuple[str, str, list[float]]], list[Any]]:
         t = self.table
         t.calls += 1
         if t.down:
@@ -67,7 +68,7 @@ class Exchange:
         for ip, stamps in fresh.items():
             old = [] if ip in clears else t.rows.get((ip, self.node), ([], 0))[0]
             t._set((ip, self.node), sorted(s for s in old + stamps if s > now - t.window)[-t.ring:])
-        return read
+        return read, []
 
     async def close(self) -> None:
         pass

@@ -65,6 +65,7 @@ from .pop3 import POP3Session
 from .shared import (Bus, SharedConnections, SharedLogins, SharedRateLimiter, SharedThrottle, SharedUserSessions,
                      WorkerContext)
 from .smtp import SMTPSession
+from .limits import CONNECTIONS, MESSAGES, ClusterLimits, ClusterLogins, ClusterRateLimiter, ClusterUserSessions
 from .throttle import AuthThrottle, ClusterThrottle, LastLogins, UserSessions, node_id
 
 if TYPE_CHECKING:
@@ -285,13 +286,23 @@ def build_app(config: Config, tls: TLSContexts | None = None, worker: WorkerCont
         # Failed logins of every node (docs/scaling.md): this node's count above, plus the others'
         # read in the background. With workers, each writes the failures it saw itself under the
         # node's name (none is written twice, and no worker waits for another) and reads the other
-        # nodes' itself; its own node's count is the table the workers share.
+        # nodes' itself; its own node's count is the table the workers share. The same exchange
+        # carries port 25's rates, IMAP sessions per user and POP3's last logins (server/limits.py),
+        # each worker's under (node, its index).
         from ..store.cluster.throttle import PGThrottleExchange
         node = node_id(config.data_dir)
+        interval = config.cluster.throttle_interval
         exchange = PGThrottleExchange(config.cluster.dsn, node, auth.failure_window,
                                       ClusterThrottle.ring_for(auth.max_failures), config.cluster.timeout,
-                                      config.cluster.throttle_interval)
-        throttle = ClusterThrottle(throttle, node, exchange, config.cluster.throttle_interval)
+                                      interval, proc=worker.index if worker is not None else 0)
+        limits = ClusterLimits(interval)
+        if connection_rate is not None:
+            connection_rate = ClusterRateLimiter(connection_rate, limits, CONNECTIONS)
+        if spam.messages.limit > 0:
+            spam.messages = ClusterRateLimiter(spam.messages, limits, MESSAGES)
+        user_sessions = ClusterUserSessions(user_sessions, limits)
+        last_logins = ClusterLogins(last_logins, limits)
+        throttle = ClusterThrottle(throttle, node, exchange, interval, limits)
     app = App(
         config=config,
         ssl_context=ssl_context,

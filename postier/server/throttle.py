@@ -9,7 +9,8 @@ same reply and the same delay are given whether or not the user exists (no enume
 
 Each class here is one process's memory; with `[server] workers` > 1 server/shared.py subclasses
 each over the table the workers share, with the same rules. In cluster mode `ClusterThrottle` adds
-the other nodes' failures to this node's, exchanged in the background (see its docstring).
+the other nodes' failures to this node's, exchanged in the background (see its docstring); the
+same exchange carries the other limits counted across nodes (server/limits.py).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..store.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .limits import ClusterLimits, LimitBatch, LimitRow
 
 log = logging.getLogger("postier.server")
 
@@ -89,10 +93,13 @@ class ThrottleExchange(Protocol):
     """Where the nodes meet (store/cluster/throttle.py `PGThrottleExchange`): one call writes this
     node's new failures (`ips` and `ages` parallel, one entry per failure, ages in seconds) and the
     IPs that logged in here, and returns the rows changed since the last call: (ip, node, the ages
-    of that node's failures of that IP within the window; none once cleared)."""
+    of that node's failures of that IP within the window; none once cleared). With `limits` (the
+    other limits' batch, server/limits.py) the same call writes it and also returns the other
+    nodes' changed rows of those limits (none without `limits`)."""
 
-    async def exchange(self, ips: Sequence[str], ages: Sequence[float],
-                       clears: Sequence[str]) -> list[tuple[str, str, list[float]]]: ...
+    async def exchange(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str],
+                       limits: LimitBatch | None = None
+                       ) -> tuple[list[tuple[str, str, list[float]]], list[LimitRow]]: ...
 
     async def close(self) -> None: ...
 
@@ -141,12 +148,13 @@ class ClusterThrottle(AuthThrottle):
     bounded page (the rest follow at the next ones)."""
 
     def __init__(self, local: AuthThrottle, node: str, exchange: ThrottleExchange | None = None,
-                 interval: float = 1.0):
+                 interval: float = 1.0, limits: ClusterLimits | None = None):
         super().__init__(local.failure_delay, local.max_failures, local.window, local.clock)
         self.local = local
         self.node = node
         self.exchange = exchange
         self.interval = interval
+        self.limits = limits  # the other limits shared by the same exchange (server/limits.py)
         self.ring = self.ring_for(local.max_failures)
         self._pending: OrderedDict[str, list[float]] = OrderedDict()
         self._clears: OrderedDict[str, float] = OrderedDict()  # IP -> when it logged in
@@ -260,20 +268,25 @@ class ClusterThrottle(AuthThrottle):
         """One exchange (False: it failed, and what it held waits for the next one)."""
         assert self.exchange is not None
         batch = self.take()
+        limits = self.limits.take() if self.limits is not None else None
         ips, ages = batch.flat(self.clock())
         try:
-            rows = await self.exchange.exchange(ips, ages, list(batch.clears))
+            rows, limit_rows = await self.exchange.exchange(ips, ages, list(batch.clears), limits)
         except StoreUnavailable as exc:
             self.restore(batch)
+            if self.limits is not None and limits is not None:
+                self.limits.restore(limits)
             if self.shared:
-                log.warning("cluster: failed logins are counted on this node only until PostgreSQL answers "
-                            "(%s: %s)", exc, exc.__cause__)
+                log.warning("cluster: failed logins and the shared limits are counted on this node only until "
+                            "PostgreSQL answers (%s: %s)", exc, exc.__cause__)
                 self.shared = False
             return False
         if not self.shared:
-            log.warning("cluster: failed logins are shared with the other nodes again")
+            log.warning("cluster: failed logins and the shared limits are shared with the other nodes again")
             self.shared = True
         self.merge(batch, rows)
+        if self.limits is not None:
+            self.limits.merge(limit_rows)
         return True
 
     async def run(self) -> None:

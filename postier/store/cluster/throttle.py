@@ -28,11 +28,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from ..errors import StoreUnavailable
+
+if TYPE_CHECKING:  # (the types only: the batch's own `flat` gives the statement its parameters)
+    from ...server.limits import LimitBatch, LimitRow
 
 __all__ = ["PGThrottleExchange", "READ_LIMIT", "SWEEP", "SWEEP_LIMIT"]
 
@@ -51,12 +54,25 @@ CREATE UNLOGGED TABLE IF NOT EXISTS throttle_failures (
     PRIMARY KEY (ip, node)
 );
 CREATE INDEX IF NOT EXISTS throttle_failures_updated ON throttle_failures (updated, ip, node);
+CREATE UNLOGGED TABLE IF NOT EXISTS cluster_limits (
+    kind text NOT NULL,
+    key text NOT NULL,
+    node text NOT NULL,
+    proc integer NOT NULL,
+    stamps double precision[] NOT NULL,
+    counts integer[] NOT NULL,
+    updated double precision NOT NULL,
+    expires double precision NOT NULL,
+    PRIMARY KEY (kind, key, node, proc)
+);
+CREATE INDEX IF NOT EXISTS cluster_limits_updated ON cluster_limits (updated, kind, key, node, proc);
+CREATE INDEX IF NOT EXISTS cluster_limits_expires ON cluster_limits (expires);
 """
 
 #: The exchange: %(ips)s and %(ages)s are parallel (one entry per failure, ages in seconds before
 #: now); %(clears)s the IPs that logged in. A cleared IP that also failed here since is written
 #: afresh on this node's row (its earlier stamps dropped) rather than blanked.
-EXCHANGE = """
+_WRITES = """
 WITH now AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS t),
 cleared AS (
     UPDATE throttle_failures f SET stamps = '{}', updated = now.t FROM now
@@ -76,6 +92,9 @@ written AS (
                        WHERE s > excluded.updated - %(window)s ORDER BY s DESC LIMIT %(ring)s),
         updated = excluded.updated
 )
+"""
+
+EXCHANGE = _WRITES + """
 SELECT f.ip, f.node, ARRAY(SELECT now.t - s FROM unnest(f.stamps) AS s WHERE s > now.t - %(window)s), f.updated
 FROM throttle_failures f, now
 WHERE (f.updated, f.ip, f.node) > (%(at)s, %(after_ip)s, %(after_node)s) AND f.updated > now.t - %(window)s
@@ -83,11 +102,65 @@ ORDER BY f.updated, f.ip, f.node
 LIMIT %(limit)s
 """
 
+#: The exchange with the other limits (server/limits.py): the failures' part as above, then
+#: %(kinds)s, %(keys)s, %(lages)s, %(counts)s, parallel, one entry per (kind, key) written by this
+#: process (`proc`): a rate group is appended to its row (the groups within the minute kept), a
+#: session count or a last login replaces it; `expires` is when the row stops counting (the writer's
+#: lease or delay). With %(reset)s this process's session rows not written now are blanked (its
+#: first exchange: they are a previous life's). The read returns the failures' rows (kind 'f') and
+#: the other nodes' limit rows, each part after its own cursor.
+EXCHANGE_LIMITS = _WRITES + """,
+lfresh AS (
+    SELECT * FROM unnest(%(kinds)s::text[], %(keys)s::text[], %(lages)s::float8[], %(counts)s::int[])
+        AS n(kind, key, age, n)
+),
+lreset AS (
+    UPDATE cluster_limits l SET counts = '{0}', updated = now.t, expires = now.t + %(lease)s FROM now
+    WHERE %(reset)s AND l.kind = 's' AND l.node = %(node)s AND l.proc = %(proc)s AND l.counts <> '{0}'
+      AND NOT EXISTS (SELECT 1 FROM lfresh WHERE lfresh.kind = 's' AND lfresh.key = l.key)
+),
+lwritten AS (
+    INSERT INTO cluster_limits AS l (kind, key, node, proc, stamps, counts, updated, expires)
+    SELECT n.kind, n.key, %(node)s, %(proc)s, ARRAY[now.t - n.age], ARRAY[n.n], now.t,
+           now.t + CASE n.kind WHEN 's' THEN %(lease)s WHEN 'l' THEN %(login_window)s ELSE %(rate_window)s END
+    FROM lfresh n, now
+    ON CONFLICT (kind, key, node, proc) DO UPDATE SET
+        stamps = CASE WHEN l.kind IN ('c', 'm') THEN ARRAY(
+            SELECT g.s FROM unnest(l.stamps || excluded.stamps, l.counts || excluded.counts) WITH ORDINALITY AS g(s, c, i)
+            WHERE g.s > excluded.updated - %(rate_window)s ORDER BY g.i) ELSE excluded.stamps END,
+        counts = CASE WHEN l.kind IN ('c', 'm') THEN ARRAY(
+            SELECT g.c FROM unnest(l.stamps || excluded.stamps, l.counts || excluded.counts) WITH ORDINALITY AS g(s, c, i)
+            WHERE g.s > excluded.updated - %(rate_window)s ORDER BY g.i) ELSE excluded.counts END,
+        updated = excluded.updated,
+        expires = excluded.expires
+)
+(SELECT 'f'::text, f.ip, f.node, 0, ARRAY(SELECT now.t - s FROM unnest(f.stamps) AS s WHERE s > now.t - %(window)s),
+        '{}'::int[], f.updated, 0::float8
+ FROM throttle_failures f, now
+ WHERE (f.updated, f.ip, f.node) > (%(at)s, %(after_ip)s, %(after_node)s) AND f.updated > now.t - %(window)s
+ ORDER BY f.updated, f.ip, f.node
+ LIMIT %(limit)s)
+UNION ALL
+(SELECT l.kind, l.key, l.node, l.proc, ARRAY(SELECT now.t - s FROM unnest(l.stamps) AS s), l.counts, l.updated,
+        l.expires - now.t
+ FROM cluster_limits l, now
+ WHERE (l.updated, l.kind, l.key, l.node, l.proc) > (%(lat)s, %(lkind)s, %(lkey)s, %(lnode)s, %(lproc)s)
+   AND l.node <> %(node)s AND l.expires > now.t
+ ORDER BY l.updated, l.kind, l.key, l.node, l.proc
+ LIMIT %(limit)s)
+"""
+
 SWEEP_SQL = """
-DELETE FROM throttle_failures WHERE (ip, node) IN (
-    SELECT ip, node FROM throttle_failures
-    WHERE updated < extract(epoch FROM clock_timestamp()) - %(window)s
-    ORDER BY updated LIMIT %(limit)s)
+WITH failures AS (
+    DELETE FROM throttle_failures WHERE (ip, node) IN (
+        SELECT ip, node FROM throttle_failures
+        WHERE updated < extract(epoch FROM clock_timestamp()) - %(window)s
+        ORDER BY updated LIMIT %(limit)s)
+)
+DELETE FROM cluster_limits WHERE (kind, key, node, proc) IN (
+    SELECT kind, key, node, proc FROM cluster_limits
+    WHERE expires < extract(epoch FROM clock_timestamp())
+    ORDER BY expires LIMIT %(limit)s)
 """
 
 #: (ip, node, ages of its stamps within the window: empty once cleared)
@@ -95,18 +168,21 @@ Row = tuple[str, str, list[float]]
 
 
 class PGThrottleExchange:
-    """One worker's connection to `throttle_failures` (`server.throttle.ThrottleExchange`)."""
+    """One worker's connection to `throttle_failures` and `cluster_limits`
+    (`server.throttle.ThrottleExchange`); `proc`: the worker's index (its rows of the other limits)."""
 
     def __init__(self, dsn: str, node: str, window: float, ring: int, timeout: float = 5.0,
-                 interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+                 interval: float = 1.0, clock: Callable[[], float] = time.monotonic, proc: int = 0):
         self.dsn = dsn
         self.node = node
+        self.proc = proc
         self.window = window
         self.ring = ring
         self.timeout = timeout
         self.margin = 2.0 + 2 * interval  # seconds read again: rows committed after a read that began earlier
         self.clock = clock
         self.cursor: tuple[float, str, str] = (0.0, "", "")
+        self.limits_cursor: tuple[float, str, str, str, int] = (0.0, "", "", "", -1)
         self.statements = 0  # sent by this object (the exchanges, the sweeps, the table's creation)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._swept = clock()
@@ -127,32 +203,55 @@ class PGThrottleExchange:
                 for stmt in DDL.split(";"):
                     if stmt.strip():
                         await conn.execute(stmt.encode())
-            self.statements += 3
+                        self.statements += 1
+            self.statements += 1
         except BaseException:
             await conn.close()
             raise
         self._conn = conn
         return conn
 
-    async def _run(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str]) -> list[Row]:
+    async def _run(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str],
+                   limits: LimitBatch | None) -> tuple[list[Row], list[LimitRow]]:
         if self._conn is not None:
             try:
-                return await self._once(ips, ages, clears)
+                return await self._once(ips, ages, clears, limits)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 # lost since its last use (PostgreSQL restarted, a failover): once more on a new
                 # one (should the lost statement have been applied, its failures count twice: stricter)
                 await self.close()
-        return await self._once(ips, ages, clears)
+        return await self._once(ips, ages, clears, limits)
 
-    async def _once(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str]) -> list[Row]:
+    async def _once(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str],
+                    limits: LimitBatch | None) -> tuple[list[Row], list[LimitRow]]:
         conn = await self._connect()
         at, after_ip, after_node = self.cursor
-        self.statements += 1
-        cur = await conn.execute(EXCHANGE, {
+        params: dict[str, Any] = {
             "node": self.node, "ips": list(ips), "ages": list(ages), "clears": list(clears),
             "window": self.window, "ring": self.ring, "at": at, "after_ip": after_ip,
-            "after_node": after_node, "limit": READ_LIMIT})
-        rows = await cur.fetchall()
+            "after_node": after_node, "limit": READ_LIMIT}
+        self.statements += 1
+        if limits is None:
+            cur = await conn.execute(EXCHANGE, params)
+            rows = await cur.fetchall()
+            limit_rows: list[LimitRow] = []
+        else:
+            kinds, keys, lages, counts = limits.flat(self.clock())
+            lat, lkind, lkey, lnode, lproc = self.limits_cursor
+            params.update(proc=self.proc, kinds=kinds, keys=keys, lages=lages, counts=counts, reset=limits.reset,
+                          lease=limits.lease, login_window=limits.login_window, rate_window=limits.rate_window,
+                          lat=lat, lkind=lkind, lkey=lkey, lnode=lnode, lproc=lproc)
+            cur = await conn.execute(EXCHANGE_LIMITS, params)
+            both = await cur.fetchall()
+            rows = [(ip, node, stamps_, updated) for kind, ip, node, _p, stamps_, _c, updated, _l in both if kind == "f"]
+            lrows = [r for r in both if r[0] != "f"]
+            if len(lrows) >= READ_LIMIT:
+                last = lrows[-1]
+                self.limits_cursor = (last[6], last[0], last[1], last[2], last[3])
+            elif lrows:
+                self.limits_cursor = (max(lat, lrows[-1][6] - self.margin), "", "", "", -1)
+            limit_rows = [(kind, key, node, proc, list(ages_), list(counts_), left)
+                          for kind, key, node, proc, ages_, counts_, _updated, left in lrows]
         if len(rows) >= READ_LIMIT:  # more to read: from the last one, at the next exchange
             self.cursor = (rows[-1][3], rows[-1][0], rows[-1][1])
         elif rows:
@@ -161,14 +260,16 @@ class PGThrottleExchange:
             self._swept = self.clock()
             self.statements += 1
             await conn.execute(SWEEP_SQL, {"window": self.window, "limit": SWEEP_LIMIT})
-        return [(ip, node, list(ages_)) for ip, node, ages_, _updated in rows]
+        return [(ip, node, list(ages_)) for ip, node, ages_, _updated in rows], limit_rows
 
-    async def exchange(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str]) -> list[Row]:
-        """Write this node's new failures and clears, read the rows changed since the last read
-        (StoreUnavailable when PostgreSQL does not answer within the timeout)."""
+    async def exchange(self, ips: Sequence[str], ages: Sequence[float], clears: Sequence[str],
+                       limits: LimitBatch | None = None) -> tuple[list[Row], list[LimitRow]]:
+        """Write this node's new failures and clears (and with `limits` this process's limit
+        events), read the rows changed since the last read (StoreUnavailable when PostgreSQL does
+        not answer within the timeout)."""
         try:
             # a connection (connect_timeout) then a statement (statement_timeout), perhaps twice
-            return await asyncio.wait_for(self._run(ips, ages, clears), 4 * self.timeout + 1)
+            return await asyncio.wait_for(self._run(ips, ages, clears, limits), 4 * self.timeout + 1)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self.close()
             raise StoreUnavailable(_DOWN) from exc
