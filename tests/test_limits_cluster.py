@@ -23,10 +23,11 @@ from postier.server.limits import (
     ClusterRateLimiter,
     ClusterUserSessions,
     LimitBatch,
-    LimitRow,
 )
 from postier.server.throttle import AuthThrottle, ClusterThrottle, LastLogins, UserSessions
 from postier.store.errors import StoreUnavailable
+
+type LimitRow = tuple[str, str, str, int, list[float], list[int], float]  # store/cluster/throttle.py's
 
 
 class Clock:

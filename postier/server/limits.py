@@ -29,21 +29,21 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..antispam.builtin import RateLimiter
 from .throttle import FLUSH_LIMIT, MAX_TRACKED, LastLogins, UserSessions
 
+if TYPE_CHECKING:  # the rows' shape is the store's (psycopg is the optional cluster extra)
+    from ..store.cluster.throttle import LimitRow
+
 __all__ = ["CONNECTIONS", "LOGINS", "MESSAGES", "SESSIONS", "ClusterLimits", "ClusterLogins", "ClusterRateLimiter",
-           "ClusterUserSessions", "LimitBatch", "LimitRow"]
+           "ClusterUserSessions", "LimitBatch"]
 
 CONNECTIONS, MESSAGES, SESSIONS, LOGINS = "c", "m", "s", "l"  # the kinds of rows in `cluster_limits`
 RATE_WINDOW = 60.0  # port 25's rates are per minute (antispam/builtin.py RateLimiter)
 RATE_RING = 32  # groups kept per IP and other node (as server/shared.py's RATE_RING)
 
-#: (kind, key, node, process, ages of its stamps, counts, seconds the row still stands): a row another
-#: node changed. Rates: the groups' ages and counts; sessions: ([], [open sessions]); logins:
-#: ([age of the last login], [1]).
-LimitRow = tuple[str, str, str, int, list[float], list[int], float]
 
 
 @dataclass

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 from ..store.errors import StoreUnavailable
 
 if TYPE_CHECKING:
-    from .limits import ClusterLimits, LimitBatch, LimitRow
+    from ..store.cluster.throttle import LimitRow
+    from .limits import ClusterLimits, LimitBatch
 
 log = logging.getLogger("postier.server")
 

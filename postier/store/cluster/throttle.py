@@ -28,16 +28,30 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 
 from ..errors import StoreUnavailable
 
-if TYPE_CHECKING:  # (the types only: the batch's own `flat` gives the statement its parameters)
-    from ...server.limits import LimitBatch, LimitRow
+__all__ = ["LimitBatch", "LimitRow", "PGThrottleExchange", "READ_LIMIT", "SWEEP", "SWEEP_LIMIT"]
 
-__all__ = ["PGThrottleExchange", "READ_LIMIT", "SWEEP", "SWEEP_LIMIT"]
+#: (kind, key, node, process, ages of its stamps, counts, seconds the row still stands): a row another
+#: node changed in `cluster_limits`. Rates: the groups' ages and counts; sessions: ([], [open
+#: sessions]); logins: ([age of the last login], [1]).
+LimitRow = tuple[str, str, str, int, list[float], list[int], float]
+
+
+class LimitBatch(Protocol):
+    """What an exchange writes of the other limits (server/limits.py `LimitBatch` is the one)."""
+
+    reset: bool
+    lease: float
+    login_window: float
+    rate_window: float
+
+    def flat(self, now: float) -> tuple[list[str], list[str], list[float], list[int]]: ...
+    def __bool__(self) -> bool: ...
 
 READ_LIMIT = 5000  # rows read back per exchange (the rest at the next one)
 SWEEP = 60.0  # seconds between two deletions of aged rows
