@@ -21,16 +21,18 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchContext, evaluate
-from ..message.mime import Part, UnknownCTE, parse_message
-from ..message.sections import binary_section, body_section, partial, section_octets
+from ..message.mime import Part, UnknownCTE, no_nul, parse_message
+from ..message.sections import binary_section, body_section, partial, section_octets, section_span
+from ..message.textscan import Layout, layout_at
 from ..proto.imap.commands import FetchAttr, Section
 from ..message.types import MEMORY_DATA_LIMIT
-from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, fetch_around, format_date_time
+from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, fetch_split, format_date_time
 from ..proto.imap.search import (
     AllKey,
     AndKey,
@@ -44,10 +46,10 @@ from ..proto.imap.search import (
 )
 from ..proto.imap.seqset import SequenceSet
 from ..store.api import FlagTable, Mailboxes
-from ..store.errors import StoreError, StoreUnavailable
+from ..store.errors import MessageGone, StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
+__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "FileSpan", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
            "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
@@ -79,18 +81,47 @@ class FetchOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class StreamedAnswer:
-    """A FETCH answer whose literal is a whole message sent from its file: `head` (up to the item's
-    name and a space), then ``{n}`` CRLF and the message's octets, then `tail` (to the line's end).
-    `size` is the message's size in the index (its file's, which the sender reads, is authoritative)."""
+class FileSpan:
+    """A FETCH item's literal sent from the message's file by the session: ``{n}`` CRLF and the
+    octets from `start` to `end` (None: the file's end), `end` cut to the file's size. `nul`: NUL
+    octets sent as 0x80 (`mime.no_nul`: every BODY[section] but BODY[], as `body_section` does)."""
 
-    head: bytes
+    start: int
+    end: int | None = None
+    nul: bool = False
+
+    def cut(self, spec: tuple[int, int] | None) -> FileSpan:
+        """``<offset.length>`` of it (`sections.partial`: past the end, nothing)."""
+        if spec is None:
+            return self
+        start = self.start + spec[0]
+        end = start + spec[1] if self.end is None else min(self.end, start + spec[1])
+        return FileSpan(start, end, self.nul)
+
+    def length(self, size: int) -> int:
+        """Its octets in a file of `size` octets."""
+        return max(0, (size if self.end is None else min(self.end, size)) - self.start)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedAnswer:
+    """A FETCH answer with literals sent from the message's file: `parts` are the line's bytes and
+    its `FileSpan`s in order (`response.fetch_split`). `file` is the message opened while the
+    answer was made (a section's offsets are that file's), else None: the sender opens it. `size`
+    is the answer's size as far as the index tells (the file's, which the sender reads, is
+    authoritative)."""
+
+    parts: list[bytes | FileSpan]
     uid: int
     size: int
-    tail: bytes
+    file: IO[bytes] | None = None
 
     def __len__(self) -> int:
-        return len(self.head) + self.size + len(self.tail)
+        return self.size
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass(slots=True)
@@ -181,10 +212,6 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
     needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
-    # the whole message is the only content asked for: a large one is sent from its file (StreamedAnswer)
-    contents = [a for a in simple if a.section is not None or a.name in _CONTENT]
-    stream = (contents[0] if opts.stream and not cached_kinds and len(contents) == 1
-              and (_whole_body(contents[0]) or contents[0].name == "RFC822") else None)
     # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
     # what the batch is likely to answer for, judged by the command's previous batch (a quarter more;
     # FetchPace).
@@ -251,14 +278,12 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
         content: bytes | None = None
         part: Part | None = None
         flags_sent = False
-        streamed = stream is not None and row.lf == 0 and row.size > STREAM_FROM
-        split: tuple[int, str] | None = None  # where the streamed literal goes: (items before it, its name)
+        # a large message: its content items sent from its file, its views made from a bounded scan
+        large = _Large(mb, name, row) if opts.stream and not header_only and row.lf == 0 \
+            and row.size > STREAM_FROM else None
         try:
             for a in simple:
                 n = a.name
-                if streamed and a is stream:
-                    split = (len(items), a.response_name)
-                    continue
                 if n == "FLAGS":
                     items.append(("FLAGS", _flags_value(row, opts.recent_from)))
                     flags_sent = True
@@ -271,19 +296,27 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
                 elif n in cached_kinds:
                     hit = cache[n].get(uid)
                     if hit is None:
-                        if part is None:
+                        top = large.top() if large is not None and n == "ENVELOPE" else None
+                        lay = large.layout() if large is not None and n != "ENVELOPE" else None
+                        if part is None and top is None and lay is None:
                             content = content if content is not None else (
                                 header(i, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
                             part = parse_message(content)
                         if n == "ENVELOPE":
-                            hit = bytes(envelope_bytes(part, utf8=opts.utf8))
+                            hit = bytes(envelope_bytes(top or part, utf8=opts.utf8))  # type: ignore[arg-type]
                             new_cache.append((uid, _CACHED["ENVELOPE"] + suffix8, hit))
                         else:
-                            hit = bytes(body_structure(part, extensible=n == "BODYSTRUCTURE", utf8=opts.utf8))
+                            ext = n == "BODYSTRUCTURE"
+                            hit = bytes(body_structure(lay.part, extensible=ext, utf8=opts.utf8, measure=lay.measure)
+                                        if lay is not None and part is None else
+                                        body_structure(part, extensible=ext, utf8=opts.utf8))  # type: ignore[arg-type]
                             new_cache.append((uid, _CACHED[n] + (suffix8 if n != "BODY" else ""), hit))
                         cache[n][uid] = hit
                     items.append((n, Raw(hit)))
                 else:  # content items
+                    if large is not None and content is None and (sent := large.item(a)) is not None:
+                        items.append((a.response_name, sent))
+                        continue
                     if content is None:
                         content = header(i, row) if header_only else mb.read(name, row)
                     if n == "BODY" and a.section is not None and not a.section.part and a.section.text is None:
@@ -310,23 +343,32 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
                             data = partial(data, a.partial)
                             items.append((a.response_name, Literal8(data) if b"\x00" in data else Literal(data)))
         except StoreUnavailable:  # the storage is out of reach (cluster mode): NO [UNAVAILABLE], not "expunged"
+            _close(out, large)
             raise
         except StoreError:
+            if large is not None:
+                large.close()
             out.missing += 1
             continue
         except UnknownCTE as exc:
+            _close(out, large)
             raise FetchError(f"unknown Content-Transfer-Encoding: {exc}", "UNKNOWN-CTE") from None
+        except BaseException:
+            _close(out, large)
+            raise
         if uid in out.seen_modseq and not flags_sent:
             items.append(("FLAGS", _flags_value(row, opts.recent_from)))
         if opts.add_modseq and not any(k == "MODSEQ" for k, _v in items):
             items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
-        if split is not None:
-            at, item = split
-            head, tail = fetch_around(seq, items[:at], item, items[at:], utf8=opts.utf8)  # type: ignore[arg-type]
-            answer = StreamedAnswer(head, uid, row.size, tail)
+        if large is not None and any(isinstance(v, FileSpan) for _k, v in items):
+            parts = fetch_split(seq, items, FileSpan, utf8=opts.utf8)
+            answer = StreamedAnswer(parts, uid, sum(len(p) if isinstance(p, bytes) else p.length(row.size)
+                                                    for p in parts), large.file)
             size += len(answer)
             out.data.append(answer)
             continue
+        if large is not None:
+            large.close()
         line = fetch(seq, items, utf8=opts.utf8)  # type: ignore[arg-type]
         size += len(line)
         out.data.append(line)
@@ -360,6 +402,95 @@ def _whole_body(a: FetchAttr) -> bool:
         and a.partial is None
 
 
+def _close(batch: FetchBatch, large: _Large | None) -> None:
+    """Close the files a batch that will not be sent opened."""
+    for answer in batch.data:
+        if isinstance(answer, StreamedAnswer):
+            answer.close()
+    if large is not None:
+        large.close()
+
+
+class _Large:
+    """A message above STREAM_FROM (CRLF file) whose FETCH items are made without reading it whole:
+    a content item is a `FileSpan` of its file (BODY[], RFC822, TEXT and a part's body: their
+    offsets from the top-level header, or for a part from the `textscan.Layout` of the file, read
+    once in pieces) or bytes of its header blocks; BODYSTRUCTURE and BODY are made from the layout,
+    ENVELOPE from the header. None where that cannot be had (BINARY, a layout the scan could not
+    make): the caller reads the message whole, as for a smaller one."""
+
+    __slots__ = ("_head", "_layout", "_mb", "_name", "_row", "file")
+
+    def __init__(self, mb: Mailboxes, name: str, row: MessageRow) -> None:
+        self._mb, self._name, self._row = mb, name, row
+        self.file: IO[bytes] | None = None  # opened for the layout: the answer's spans are this file's
+        self._layout: Layout | None | bool = False  # False: not scanned yet
+        self._head: Part | None | bool = False
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        assert self.file is not None
+        self.file.seek(offset)
+        return self.file.read(n)
+
+    def layout(self) -> Layout | None:
+        if self._layout is False:
+            f = self._mb.open_message(self._name, self._row.uid)
+            if f is None:
+                raise MessageGone("message was expunged")
+            self.file = f
+            self._layout = layout_at(self._read_at, f.seek(0, 2))
+        assert not isinstance(self._layout, bool)
+        return self._layout
+
+    def top(self) -> Part | None:
+        """The top-level entity as far as its header: parsed from the header block alone when that
+        is all of it up to the blank line (and within the first 64 KiB, where `row.lf` was judged),
+        else the layout's."""
+        if self._head is False:
+            header = self._mb.read_header(self._name, self._row)
+            p = parse_message(header)
+            self._head = p if p.has_blank and p.body_start == len(header) <= 1 << 16 else None
+        if self._head is not None:
+            assert not isinstance(self._head, bool)
+            return self._head
+        lay = self.layout()
+        return lay.part if lay is not None else None
+
+    def _text_start(self, top: Part) -> int:
+        """Where the top-level body begins in the file."""
+        lay = self._layout
+        return lay.at(top.body_start) if isinstance(lay, Layout) and top is lay.part else top.body_start
+
+    def item(self, a: FetchAttr) -> FileSpan | Literal | None:
+        n, sec = a.name, a.section
+        if n == "RFC822" or (n == "BODY" and sec is not None and not sec.part and sec.text is None):
+            return FileSpan(0).cut(a.partial)  # the whole message as stored (BODY[] is not no_nul'd)
+        if n == "RFC822.TEXT" or (n == "BODY" and sec is not None and not sec.part and sec.text == "TEXT"):
+            top = self.top()
+            if top is None:
+                return None
+            return FileSpan(self._text_start(top), None, n == "BODY").cut(a.partial)
+        if n == "RFC822.HEADER" or (n == "BODY" and sec is not None and not sec.part):
+            top = self.top()
+            if top is None:
+                return None
+            return Literal(top.header_bytes if sec is None else partial(body_section(top, sec), a.partial))
+        if n != "BODY" or sec is None:
+            return None  # BINARY, BINARY.SIZE: read whole
+        lay = self.layout()
+        if lay is None:
+            return None
+        got = section_span(lay.part, sec)
+        if isinstance(got, bytes):
+            return Literal(partial(no_nul(got), a.partial))
+        return FileSpan(lay.at(got[0]), lay.at(got[1]), True).cut(a.partial)
+
+
 def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],  # noqa: PLR0913
                    want_uid: bool, out: FetchBatch, stream: bool) -> FetchBatch:
     """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals (with
@@ -375,7 +506,7 @@ def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], r
             continue
         if stream and row.lf == 0 and row.size > STREAM_FROM:
             head = b"* %d FETCH (UID %d BODY[] " % (seq, uid) if want_uid else b"* %d FETCH (BODY[] " % seq
-            answer = StreamedAnswer(head, uid, row.size, b")\r\n")
+            answer = StreamedAnswer([head, FileSpan(0), b")\r\n"], uid, len(head) + row.size + 3)
             size += len(answer)
             out.data.append(answer)
             continue
