@@ -40,7 +40,6 @@ from typing import IO, Any
 from ..antispam.learning import JUNK, enqueue, verdict
 from ..message.types import User
 from ..message.matching import SearchContext
-from ..message.mime import no_nul
 from ..message.sorting import SortItem, sort_messages
 from ..message.threading import thread_orderedsubject, thread_references
 from ..proto import sasl
@@ -90,7 +89,6 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 # Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
 PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
-STREAM_CHUNK = 256 * 1024  # a large message sent from its file (FETCH BODY[]), a piece at a time
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
 #: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
@@ -1164,9 +1162,9 @@ class IMAPSession(Session):
 
     async def _send_streamed(self, mb: Mailboxes, name: str, answer: StreamedAnswer) -> bool:
         """Send a FETCH answer whose literals are octets of a message's file (the whole message, or
-        a part of it), STREAM_CHUNK octets at a time, each handed to the client before the next is
-        read (memory: one piece). False when the message is gone (expunged meanwhile: nothing of
-        the answer was sent). A file that ends early once its size was announced cannot be
+        a part of it, decoded for BINARY), a piece at a time (`Spliced.pieces`: 256 KiB), each
+        handed to the client before the next is read (memory: one piece). False when the message
+        is gone (expunged meanwhile: nothing of the answer was sent). A file that ends early once its size was announced cannot be
         answered any more: the session ends."""
         f = answer.file if answer.file is not None else await self.call(mb.open_message, name, answer.uid)
         if f is None:
@@ -1178,15 +1176,15 @@ class IMAPSession(Session):
                     self.send(part)
                     continue
                 left = part.length(size)
-                self.send(b"{%d}\r\n" % left)  # RFC 9051 §4.3: the literal's octet count
-                f.seek(part.start)
+                self.send(part.prefix(size))
+                pieces = part.pieces(f, size)
                 while left:
-                    piece = await asyncio.to_thread(f.read, min(STREAM_CHUNK, left))
+                    piece = await asyncio.to_thread(next, pieces, b"")
                     if not piece:
                         log.error("%s: message %d of %s ended %d octets early while sent", self.role, answer.uid,
                                   name, left)
                         raise _Disconnect()
-                    self.send(no_nul(piece) if part.nul else piece)
+                    self.send(piece)
                     left -= len(piece)
                     await self.maybe_flush()
         finally:

@@ -19,7 +19,7 @@ import datetime as dt
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -27,8 +27,9 @@ from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchContext, evaluate
-from ..message.mime import Part, UnknownCTE, no_nul, parse_message
-from ..message.sections import binary_section, body_section, partial, section_octets, section_span
+from ..message.mime import Decoder, Part, UnknownCTE, no_nul, parse_message
+from ..message.sections import binary_section, body_section, find_part, partial, section_octets, section_span
+from ..message import textscan
 from ..message.textscan import Layout, layout_at
 from ..proto.imap.commands import FetchAttr, Section
 from ..message.types import MEMORY_DATA_LIMIT
@@ -49,7 +50,7 @@ from ..store.api import FlagTable, Mailboxes
 from ..store.errors import MessageGone, StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "FileSpan", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
+__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "DecodedSpan", "FileSpan", "Spliced", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
            "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
@@ -80,8 +81,24 @@ class FetchOptions:
     stream: bool = False  # the caller sends StreamedAnswers (a whole message above STREAM_FROM)
 
 
+class Spliced:
+    """A literal of a `StreamedAnswer`, sent by the session from the message's file: `prefix` (its
+    ``{n}`` CRLF, in a file of `size` octets), then `pieces` (`length` octets in all)."""
+
+    __slots__ = ()
+
+    def length(self, size: int) -> int:
+        raise NotImplementedError
+
+    def prefix(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
-class FileSpan:
+class FileSpan(Spliced):
     """A FETCH item's literal sent from the message's file by the session: ``{n}`` CRLF and the
     octets from `start` to `end` (None: the file's end), `end` cut to the file's size. `nul`: NUL
     octets sent as 0x80 (`mime.no_nul`: every BODY[section] but BODY[], as `body_section` does)."""
@@ -102,16 +119,68 @@ class FileSpan:
         """Its octets in a file of `size` octets."""
         return max(0, (size if self.end is None else min(self.end, size)) - self.start)
 
+    def prefix(self, size: int) -> bytes:
+        return b"{%d}\r\n" % self.length(size)  # RFC 9051 §4.3: the literal's octet count
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        """Its octets, textscan.PIECE at a time (fewer only if the file ends early)."""
+        left = self.length(size)
+        f.seek(self.start)
+        while left and (piece := f.read(min(textscan.PIECE, left))):
+            left -= len(piece)
+            yield no_nul(piece) if self.nul else piece
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedSpan(Spliced):
+    """BINARY[n]<o.l> of a leaf part (RFC 3516 §4.2) sent from the file: the octets `start` to `end`
+    (its body) with their Content-Transfer-Encoding undone in pieces (`mime.Decoder`), `skip`
+    decoded octets left out, then `count` sent, as literal8 (``~{n}``) when they hold NUL.
+    `count` and `binary` come from a first pass over the body (`_Large.decoded`)."""
+
+    start: int
+    end: int
+    encoding: str
+    skip: int
+    count: int
+    binary: bool
+
+    def length(self, size: int) -> int:
+        return self.count
+
+    def prefix(self, size: int) -> bytes:
+        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        d = Decoder(self.encoding)
+        f.seek(self.start)
+        raw_left, skip, left = self.end - self.start, self.skip, self.count
+        while left:
+            raw = f.read(min(textscan.PIECE, raw_left)) if raw_left else b""
+            if raw_left and not raw:
+                return  # the file ended early
+            raw_left -= len(raw)
+            out = d.feed(raw) if raw else d.end()
+            if skip:
+                k = min(skip, len(out))
+                out, skip = out[k:], skip - k
+            out = out[:left]
+            left -= len(out)
+            if out:
+                yield out
+            if not raw:
+                return
+
 
 @dataclass(frozen=True, slots=True)
 class StreamedAnswer:
     """A FETCH answer with literals sent from the message's file: `parts` are the line's bytes and
-    its `FileSpan`s in order (`response.fetch_split`). `file` is the message opened while the
+    its literals (`FileSpan`, `DecodedSpan`) in order (`response.fetch_split`). `file` is the message opened while the
     answer was made (a section's offsets are that file's), else None: the sender opens it. `size`
     is the answer's size as far as the index tells (the file's, which the sender reads, is
     authoritative)."""
 
-    parts: list[bytes | FileSpan]
+    parts: list[bytes | Spliced]
     uid: int
     size: int
     file: IO[bytes] | None = None
@@ -315,7 +384,7 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
                     items.append((n, Raw(hit)))
                 else:  # content items
                     if large is not None and content is None and (sent := large.item(a)) is not None:
-                        items.append((a.response_name, sent))
+                        items.append(sent if isinstance(sent, tuple) else (a.response_name, sent))
                         continue
                     if content is None:
                         content = header(i, row) if header_only else mb.read(name, row)
@@ -360,8 +429,8 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
             items.append(("FLAGS", _flags_value(row, opts.recent_from)))
         if opts.add_modseq and not any(k == "MODSEQ" for k, _v in items):
             items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
-        if large is not None and any(isinstance(v, FileSpan) for _k, v in items):
-            parts = fetch_split(seq, items, FileSpan, utf8=opts.utf8)
+        if large is not None and any(isinstance(v, Spliced) for _k, v in items):
+            parts = fetch_split(seq, items, Spliced, utf8=opts.utf8)
             answer = StreamedAnswer(parts, uid, sum(len(p) if isinstance(p, bytes) else p.length(row.size)
                                                     for p in parts), large.file)
             size += len(answer)
@@ -466,7 +535,30 @@ class _Large:
         lay = self._layout
         return lay.at(top.body_start) if isinstance(lay, Layout) and top is lay.part else top.body_start
 
-    def item(self, a: FetchAttr) -> FileSpan | Literal | None:
+    def decoded(self, start: int, end: int, encoding: str, spec: tuple[int, int] | None) -> DecodedSpan:
+        """BINARY[n]<spec> of the leaf whose body is start..end: how many octets it sends and whether
+        they hold NUL, from a first pass decoding the body in pieces (only `spec`'s octets read,
+        when there is nothing to decode)."""
+        d = Decoder(encoding)  # UnknownCTE: NO [UNKNOWN-CTE] (RFC 3516 §4.3), as read whole
+        lo, hi = (0, 1 << 62) if spec is None else (spec[0], spec[0] + spec[1])
+        if d.identity:
+            count = max(0, min(hi, end - start) - lo)
+            binary = any(b"\x00" in self._read_at(at, min(textscan.PIECE, start + lo + count - at))
+                         for at in range(start + lo, start + lo + count, textscan.PIECE))
+            return DecodedSpan(start, end, encoding, lo, count, binary)
+        total, binary, at = 0, False, start
+        while True:
+            raw = self._read_at(at, min(textscan.PIECE, end - at)) if at < end else b""
+            if at < end and not raw:
+                raise OSError("message file ended early")
+            at += len(raw)
+            out = d.feed(raw) if raw else d.end()
+            binary = binary or out.find(b"\x00", max(lo - total, 0), max(hi - total, 0)) >= 0
+            total += len(out)
+            if not raw:
+                return DecodedSpan(start, end, encoding, lo, max(0, min(hi, total) - lo), binary)
+
+    def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | Literal | tuple[str, int] | None:
         n, sec = a.name, a.section
         if n == "RFC822" or (n == "BODY" and sec is not None and not sec.part and sec.text is None):
             return FileSpan(0).cut(a.partial)  # the whole message as stored (BODY[] is not no_nul'd)
@@ -480,11 +572,19 @@ class _Large:
             if top is None:
                 return None
             return Literal(top.header_bytes if sec is None else partial(body_section(top, sec), a.partial))
-        if n != "BODY" or sec is None:
-            return None  # BINARY, BINARY.SIZE: read whole
-        lay = self.layout()
+        lay = self.layout() if n in ("BODY", "BINARY", "BINARY.SIZE") and (sec is None or sec.part) else None
         if lay is None:
-            return None
+            return None  # BINARY[], BINARY.SIZE[]: read whole (their header rewritten); a layout not made
+        if n != "BODY":
+            assert sec is not None
+            p = find_part(lay.part, sec.part)
+            if p is None or p.children or p.message is not None:
+                return None  # BINARY of an entity (each leaf decoded, its header rewritten): read whole
+            span = self.decoded(lay.at(p.body_start), lay.at(p.end), p.encoding, a.partial)
+            if n == "BINARY.SIZE":
+                return f"BINARY.SIZE[{'.'.join(map(str, sec.part))}]", span.count
+            return span
+        assert sec is not None
         got = section_span(lay.part, sec)
         if isinstance(got, bytes):
             return Literal(partial(no_nul(got), a.partial))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from postier.message.mime import no_nul, parse_message
-from postier.message.sections import body_section
+from postier.message.mime import parse_message
+from postier.message.sections import binary_section, body_section
 from postier.message.types import User
 from postier.proto.imap import Fetch, parse_command
 from postier.server import imapfetch
@@ -42,13 +42,16 @@ ITEMS = [
     "(UID FLAGS RFC822.SIZE BODYSTRUCTURE ENVELOPE BODY.PEEK[1] BODY.PEEK[2])", "(RFC822.HEADER RFC822.TEXT)",
     "(BODY.PEEK[4.HEADER] BODY.PEEK[4.TEXT] BODY.PEEK[4.1] BODY.PEEK[4.MIME])", "(BODY.PEEK[9] BODY.PEEK[1.2.3])",
     "(BODY.PEEK[3.HEADER.FIELDS (Subject)] BODY.PEEK[HEADER.FIELDS.NOT (To)])", "(RFC822 BODYSTRUCTURE)",
-    "(BINARY.PEEK[2]<0.100> BINARY.SIZE[1] BODY.PEEK[1])", "(BODY.PEEK[1.1] BODY.PEEK[2.1])",
+    "(BINARY.PEEK[2]<0.100> BINARY.SIZE[1] BODY.PEEK[1])", "(BODY.PEEK[1.1] BODY.PEEK[2.1])", "(BINARY.PEEK[2])",
+    "(BINARY.SIZE[2] BINARY.SIZE[3] BINARY.PEEK[3]<2.100000> BINARY.PEEK[4.1])", "(BINARY.PEEK[1]<5.5> BINARY.PEEK[])",
+    "(BINARY[2]<70000.100000> BINARY.PEEK[4])",
 ]
 
 
 def big_mail(lines: int, nul: bool = False) -> bytes:
-    """A text part, a base64 attachment of `lines` lines, a second text part (with a NUL octet: sent
-    as 0x80 in BODY[...]), and a message/rfc822 part holding a multipart message."""
+    """A text part, a base64 attachment of `lines` lines, a second text part in quoted-printable
+    (with a NUL octet: sent as 0x80 in BODY[...], in a literal8 in BINARY[...]), and a
+    message/rfc822 part holding a multipart message."""
     inner = (b"From: carol@c.example\r\nSubject: inner\r\nContent-Type: multipart/alternative; boundary=in\r\n\r\n"
              b"--in\r\nContent-Type: text/plain\r\n\r\ninner text\r\n--in\r\nContent-Type: text/html\r\n\r\n"
              b"<p>inner</p>\r\n--in--\r\n")
@@ -58,8 +61,9 @@ def big_mail(lines: int, nul: bool = False) -> bytes:
         b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee the file, Bj\xc3\xb6rn.\r\n-- \r\nAlice\r\n"
         b"--b1\r\nContent-Type: application/pdf; name=r.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n",
         *(base64.b64encode(hashlib.sha256(str(i).encode()).digest() * 2)[:76] + b"\r\n" for i in range(lines)),
-        b"--b1\r\nContent-Type: text/plain\r\nSubject: not a header of the message\r\n\r\n",
-        b"words\x00 after\r\n" if nul else b"words after\r\n", b"text line\r\n" * min(lines, 5000),
+        b"--b1\r\nContent-Type: text/plain\r\nSubject: not a header of the message\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+        b"words\x00 after\r\n" if nul else b"words after\r\n", b"text line=20\r\n=C3=A9t=C3=A9 soft=\r\n" * min(lines, 5000),
         b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--b1--\r\nepilogue\r\n",
     ])
 
@@ -83,10 +87,10 @@ def sent(mb: Mailboxes, name: str, answer: bytes | StreamedAnswer) -> bytes:
             if isinstance(p, bytes):
                 out += p
                 continue
-            n = p.length(size)
-            f.seek(p.start)
-            data = f.read(n)
-            out += b"{%d}\r\n" % n + (no_nul(data) if p.nul else data)
+            out += p.prefix(size)
+            data = b"".join(p.pieces(f, size))
+            assert len(data) == p.length(size)
+            out += data
     return bytes(out)
 
 
@@ -228,10 +232,12 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         partials = "(BODYSTRUCTURE BODY.PEEK[]<0.65536> BODY.PEEK[2]<1000.2000000> BODY.PEEK[1] BODY.PEEK[3])"
         measured("section FETCH BODY.PEEK[2]", ("a", a, "(BODY.PEEK[2])"))
         measured("uncached BODYSTRUCTURE and partials", ("b", b, partials))
+        measured("BINARY.PEEK[2] (base64 undone)", ("bin", a, "(BINARY.PEEK[2])"))
         measured("both from two sessions at once", ("a", a, "(BODY.PEEK[2])"), ("b2", b, partials.replace("BODYSTRUCTURE ", "")))
         fetch("c", a, "(BODY.PEEK[4.1])")
         assert not errors, errors
         first, second, third = got["a"], got["b"], got["c"]
+        assert isinstance(got["bin"][0], tuple) and _sha(got["bin"][0][1]) == _sha(binary_section(whole, (2,)))
         assert isinstance(first[0], tuple) and first[0][0].endswith(b"BODY[2] {%d}" % len(section("2")))
         assert _sha(first[0][1]) == want["attachment"]
         assert [_sha(p[1]) for p in second if isinstance(p, tuple)] == [
