@@ -7,10 +7,12 @@ whole answer in memory. They turn index rows and message files into response byt
 cached in the index after their first computation (RFC 9051 makes them immutable per message).
 Work is kept proportional to what was asked: FLAGS/UID/MODSEQ/RFC822.SIZE come from the index alone,
 header-only items read only the header block, and BODY[] of a whole message is sent without parsing.
-A whole message above STREAM_FROM (BODY[] or RFC822, the only content item asked for) is not read
-here at all: the batch holds a `StreamedAnswer` (the line's two ends), and the session sends the
-message from its file a piece at a time between them (`IMAPSession._send_streamed`), as Dovecot
-does, so a FETCH of a 30 MiB attachment holds one piece of it, not two copies.
+A message above STREAM_FROM is not read whole here at all (`_Large`): its content items are ranges
+of its file (found from its top-level header, or for a section from `textscan.layout_at`, which
+also gives BODYSTRUCTURE), the batch holds a `StreamedAnswer` (the line's bytes around them), and
+the session sends each range from the file a piece at a time (`IMAPSession._send_streamed`;
+BINARY decoded while sent), as Dovecot does, so a FETCH of a 30 MiB attachment holds one piece of
+it, not two copies.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Ma
 BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 FIRST_SLICE = 64  # ... and while no batch of the command has answered yet (doubled after each that did not)
 FIRST_PEEK = 16  # header blocks asked for at once while nothing tells how large the answers are
-STREAM_FROM = MEMORY_DATA_LIMIT  # a whole message larger than this is sent from its file (FetchOptions.stream)
+STREAM_FROM = MEMORY_DATA_LIMIT  # a message larger than this is answered from its file (FetchOptions.stream)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -78,7 +80,7 @@ class FetchOptions:
     changedsince: int | None = None
     set_seen: bool = True  # False in a read-only (EXAMINE) mailbox
     recent_from: int = 1 << 32  # UIDs at or above it get \\Recent (IMAP4rev1 sessions)
-    stream: bool = False  # the caller sends StreamedAnswers (a whole message above STREAM_FROM)
+    stream: bool = False  # the caller sends StreamedAnswers (the content of a message above STREAM_FROM)
 
 
 class Spliced:
