@@ -60,6 +60,7 @@ PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Ma
 BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 FIRST_SLICE = 64  # ... and while no batch of the command has answered yet (doubled after each that did not)
 FIRST_PEEK = 16  # header blocks asked for at once while nothing tells how large the answers are
+FILES_HELD = 8  # stop a batch once this many answers hold their message's file (cluster mode: a download each)
 STREAM_FROM = MEMORY_DATA_LIMIT  # a message larger than this is answered from its file (FetchOptions.stream)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
@@ -333,8 +334,9 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
         head = heads.get(row.uid) if row.lf == 0 else None
         return head if head is not None else mb.read_header(name, row)
 
+    held = 0  # answers holding their message's file open (a section's offsets are that file's)
     for i, (seq, uid) in enumerate(chunk):
-        if size >= BATCH_BYTES:
+        if size >= BATCH_BYTES or held >= FILES_HELD:
             break
         out.done += 1
         row = rows.get(uid)
@@ -435,6 +437,7 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
             parts = fetch_split(seq, items, Spliced, utf8=opts.utf8)
             answer = StreamedAnswer(parts, uid, sum(len(p) if isinstance(p, bytes) else p.length(row.size)
                                                     for p in parts), large.file)
+            held += answer.file is not None
             size += len(answer)
             out.data.append(answer)
             continue

@@ -248,3 +248,20 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         assert [_sha(p[1]) for p in got["b2"] if isinstance(p, tuple)] == [
             want["start"], want["range"], want["text1"], want["text3"]]
         assert all(k < 8 * 1024 for k in grown.values()), grown
+
+
+def test_a_batch_holds_few_files_open(mb: Mailboxes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partials of sections of many large messages: a batch stops at FILES_HELD answers holding
+    their file (in cluster mode, a download each), the next batch goes on."""
+    monkeypatch.setattr(imapfetch, "STREAM_FROM", 0)
+    for _ in range(20):
+        mb.append("INBOX", corpus.ATTACHMENT)
+    cmd = parse_command(b"a FETCH 1:* (BODY.PEEK[2]<0.10>)\r\n")
+    assert isinstance(cmd, Fetch)
+    targets = list(enumerate(mb.snapshot("INBOX").uids, 1))
+    batch = render_fetch(mb, "INBOX", targets, cmd.attributes, FetchOptions(set_seen=False, stream=True))
+    held = [a for a in batch.data if isinstance(a, StreamedAnswer) and a.file is not None]
+    assert batch.done == len(held) == imapfetch.FILES_HELD
+    for a in held:
+        a.close()
+    assert len(fetch_hashes(mb, "INBOX", "(BODY.PEEK[2]<0.10>)", stream=True)) == 20
