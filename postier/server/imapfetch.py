@@ -489,9 +489,10 @@ class _Large:
     """A message above STREAM_FROM (CRLF file) whose FETCH items are made without reading it whole:
     a content item is a `FileSpan` of its file (BODY[], RFC822, TEXT and a part's body: their
     offsets from the top-level header, or for a part from the `textscan.Layout` of the file, read
-    once in pieces) or bytes of its header blocks; BODYSTRUCTURE and BODY are made from the layout,
-    ENVELOPE from the header. None where that cannot be had (BINARY, a layout the scan could not
-    make): the caller reads the message whole, as for a smaller one."""
+    once in pieces), a `DecodedSpan` (BINARY of a leaf) or bytes of its header blocks; BODYSTRUCTURE
+    and BODY are made from the layout, ENVELOPE from the header. None where that cannot be had
+    (BINARY[] and BINARY of a multipart or message/rfc822 part, whose headers are rewritten; a
+    layout the scan could not make): the caller reads the message whole, as for a smaller one."""
 
     __slots__ = ("_head", "_layout", "_mb", "_name", "_row", "file")
 
