@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable
 
 from postier.proto.imap.response import Raw, encode_nstring, encode_string
 
@@ -19,12 +20,21 @@ from .mime import Part, parse_params
 __all__ = ["body_structure"]
 
 
-def body_structure(part: Part, *, extensible: bool = True, utf8: bool = False) -> Raw:
+#: a part's (body size, body lines): `Part.body_size` and `Part.body_lines`, or for a tree parsed
+#: from a copy of a large message, its `textscan.Layout.measure`
+type Measure = Callable[[Part], tuple[int, int]]
+
+
+def _own(part: Part) -> tuple[int, int]:
+    return part.body_size, part.body_lines
+
+
+def body_structure(part: Part, *, extensible: bool = True, utf8: bool = False, measure: Measure = _own) -> Raw:
     """Serialised BODYSTRUCTURE (or BODY with ``extensible=False``) of a message or part."""
-    return Raw(_body(part, extensible, utf8))
+    return Raw(_body(part, extensible, utf8, measure))
 
 
-def _body(part: Part, ext: bool, utf8: bool) -> bytes:
+def _body(part: Part, ext: bool, utf8: bool, measure: Measure) -> bytes:
     def s(v: bytes | str) -> bytes:
         return encode_string(v, utf8=utf8)
 
@@ -33,10 +43,11 @@ def _body(part: Part, ext: bool, utf8: bool) -> bytes:
 
     if part.children:
         # body-type-mpart = 1*body SP media-subtype [SP body-ext-mpart]: no SP between bodies
-        out = b"".join(_body(c, ext, utf8) for c in part.children) + b" " + s(part.ctype[1])
+        out = b"".join(_body(c, ext, utf8, measure) for c in part.children) + b" " + s(part.ctype[1])
         if ext:
             out += b" " + b" ".join([_params(part.params, utf8), *_extension(part, utf8)])
         return b"(" + out + b")"
+    size, lines = measure(part)
     fields = [
         s(part.ctype[0]),
         s(part.ctype[1]),
@@ -44,14 +55,14 @@ def _body(part: Part, ext: bool, utf8: bool) -> bytes:
         ns(part.first(b"content-id")),
         ns(part.first(b"content-description")),
         s(_encoding_as_written(part)),
-        str(part.body_size).encode(),
+        str(size).encode(),
     ]
     if part.message is not None:  # body-type-msg: envelope, body, lines
         fields.append(encode_envelope(envelope(part.message), utf8=utf8))
-        fields.append(_body(part.message, ext, utf8))
-        fields.append(str(part.body_lines).encode())
+        fields.append(_body(part.message, ext, utf8, measure))
+        fields.append(str(lines).encode())
     elif part.maintype == "text":  # body-type-text: lines
-        fields.append(str(part.body_lines).encode())
+        fields.append(str(lines).encode())
     if ext:  # body-ext-1part: md5, then disposition, language, location
         fields.append(ns(part.first(b"content-md5")))
         fields.extend(_extension(part, utf8))

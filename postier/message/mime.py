@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..proto.crlf import to_crlf
 
 __all__ = [
-    "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "HeaderField", "Part", "UnknownCTE", "decode_body",
+    "MAX_DEPTH", "MAX_HEADER_FIELDS", "MAX_PARTS", "Decoder", "HeaderField", "Part", "UnknownCTE", "decode_body",
     "decode_header_text", "decode_qp", "decode_transfer_encoding", "header_end", "header_section", "no_nul",
     "parse_message", "parse_params",
 ]
@@ -412,19 +412,59 @@ _NOT_BASE64 = bytes(c for c in range(256)
 def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
     """Undo a Content-Transfer-Encoding, leniently (garbage characters skipped, never raising on
     broken data); raise UnknownCTE for an encoding that is not RFC 2045's."""
-    enc = encoding.lower()
-    if enc in ("7bit", "8bit", "binary", ""):
+    d = Decoder(encoding)
+    if d.identity:
         return data
-    if enc == "base64":
-        clean = data.translate(None, _NOT_BASE64)  # one copy (a regex substitution held each line apart)
-        clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
-        try:
-            return base64.b64decode(clean + b"=" * (-len(clean) % 4))
-        except (binascii.Error, ValueError):
-            return b""
-    if enc == "quoted-printable":
-        return decode_qp(data)
-    raise UnknownCTE(encoding)
+    return d.feed(data) + d.end()
+
+
+QP_HOLD = 64 << 10  # a quoted-printable line longer than this is decoded in pieces (Decoder)
+
+
+class Decoder:
+    """`decode_transfer_encoding` of a body given in pieces (`feed` each, then `end`): the same
+    octets, holding one piece and at most a few octets of the next (base64: the characters after
+    the last group of four; quoted-printable: the line begun, cut where nothing spans the cut once
+    it exceeds QP_HOLD). UnknownCTE for an encoding that is not RFC 2045's."""
+
+    __slots__ = ("_enc", "_rest")
+
+    def __init__(self, encoding: str) -> None:
+        enc = encoding.lower()
+        if enc not in ("7bit", "8bit", "binary", "", "base64", "quoted-printable"):
+            raise UnknownCTE(encoding)
+        self._enc = enc
+        self._rest = b""
+
+    @property
+    def identity(self) -> bool:
+        """7bit, 8bit, binary: nothing to undo."""
+        return self._enc not in ("base64", "quoted-printable")
+
+    def feed(self, data: bytes) -> bytes:
+        if self._enc == "base64":  # groups of four characters of the alphabet decode independently
+            clean = self._rest + data.translate(None, _NOT_BASE64)  # RFC 2045 §6.8: the others ignored
+            k = len(clean) - len(clean) % 4
+            self._rest = clean[k:]
+            return binascii.a2b_base64(clean[:k]) if k else b""
+        if self._enc == "quoted-printable":  # RFC 2045 §6.7: decoded line by line
+            data = self._rest + data
+            k = data.rfind(b"\n") + 1
+            if not k and len(data) > QP_HOLD:  # a long line: cut after an octet that ends nothing
+                k = next((i for i in range(len(data), max(len(data) - 8, 0), -1)
+                          if data[i - 1] not in b"= \t\r" and b"=" not in data[max(i - 3, 0):i - 1]), 0)
+            self._rest = data[k:]
+            return decode_qp(data[:k]) if k else b""
+        return data
+
+    def end(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        if self._enc == "base64":
+            # a lone last character is dropped; two or three are padded (lenient, as Dovecot)
+            return base64.b64decode(rest + b"=" * (-len(rest) % 4)) if len(rest) > 1 else b""
+        if self._enc == "quoted-printable":
+            return decode_qp(rest)
+        return b""
 
 
 _QP_TRAILING_WSP = re.compile(rb"[ \t]+(?=\r?\n|\Z)")

@@ -16,7 +16,7 @@ from postier.proto.imap.commands import Section
 
 from .mime import Part, UnknownCTE, decode_transfer_encoding, no_nul
 
-__all__ = ["UnknownCTE", "binary_section", "body_section", "find_part", "partial"]
+__all__ = ["UnknownCTE", "binary_section", "body_section", "find_part", "partial", "section_span"]
 
 
 def find_part(root: Part, path: tuple[int, ...]) -> Part | None:
@@ -72,25 +72,32 @@ def section_octets(root: Part, section: Section) -> bytes:
 
 
 def _body_section(root: Part, section: Section) -> bytes:
+    got = section_span(root, section)
+    return root.msg[got[0]:got[1]] if isinstance(got, tuple) else got
+
+
+def section_span(root: Part, section: Section) -> tuple[int, int] | bytes:
+    """Where BODY[section] lies in ``root.msg`` (start, end), or its octets when it is made of
+    header fields (HEADER.FIELDS[.NOT], whose lines are picked) or is empty."""
     part = find_part(root, section.part)
     if part is None:
         return b""
     text = section.text
     if text is None:
         if not section.part:
-            return root.msg[root.start : root.end]  # BODY[]: the whole message
-        return part.body
+            return root.start, root.end  # BODY[]: the whole message
+        return part.body_start, part.end
     if text == "MIME":
-        return part.header_bytes
+        return part.start, part.body_start
     # HEADER, HEADER.FIELDS[.NOT], TEXT: of the message, or of the encapsulated message
     if section.part:
         if part.message is None:
             return b""
         part = part.message
     if text == "HEADER":
-        return part.header_bytes
+        return part.start, part.body_start
     if text == "TEXT":
-        return part.body
+        return part.body_start, part.end
     return _header_fields(part, section.fields, negate=text == "HEADER.FIELDS.NOT")
 
 

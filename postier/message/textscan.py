@@ -34,13 +34,14 @@ Why written here: the stdlib's `email.feedparser` parses incrementally but keeps
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .matching import INDEXED_FIELDS, TEXT_LIMIT, SearchText, part_search_text
 from .mime import Part, parse_message
 
-__all__ = ["search_text_at", "sparse_copy", "sparse_part"]
+__all__ = ["Layout", "layout_at", "search_text_at", "sparse_copy", "sparse_part"]
 
 PIECE = 256 << 10  # bytes read from the file at a time
 SKIP_LINE = 1024  # bytes kept of the first and last line of a body left out
@@ -55,12 +56,24 @@ class _Lines:
     """The lines of `size` bytes read by offset, PIECE at a time; a line longer than a caller's cap
     is cut (its rest read past, never held)."""
 
-    def __init__(self, read_at: ReadAt, size: int) -> None:
+    def __init__(self, read_at: ReadAt, size: int, exact: bool = False) -> None:
         self._read_at = read_at
         self._size = size
         self._buf = b""
         self._i = 0
         self._next = 0
+        self.exact = exact  # count the LFs of the lines passed (`passed_lf`) and note a bare LF (`bare`)
+        self.passed_lf = 0
+        self.bare = False
+
+    def tell(self) -> int:
+        """The offset of the next byte to be read."""
+        return self._next - len(self._buf) + self._i
+
+    def _passed(self, line: bytes) -> None:
+        if self.exact and line.endswith(b"\n"):
+            self.passed_lf += 1
+            self.bare = self.bare or not line.endswith(b"\r\n")
 
     def _more(self) -> bool:
         if self._next >= self._size:
@@ -93,12 +106,13 @@ class _Lines:
                 self._i = len(buf)
                 return buf[i:], -1
 
-    def pass_run(self, cap: int) -> tuple[tuple[bytes, int] | None, bool]:
+    def pass_run(self, cap: int) -> tuple[tuple[bytes, int, int, int] | None, bool]:
         """Read past the lines up to the next one that begins with ``--`` (left to be read) or the
         end, jumping from one LF followed by ``--`` to the next rather than line by line. Returns
-        the last line passed (as `line` gives it, cut to `cap`), or None when none was, and whether
-        other lines were passed before it."""
-        last: tuple[bytes, int] | None = None
+        the last line passed (as `line` gives it, cut to `cap`, with the offsets where it begins and
+        ends), or
+        None when none was, and whether other lines were passed before it."""
+        last: tuple[bytes, int, int, int] | None = None
         dropped = False
         while True:
             while len(self._buf) - self._i < 2 and self._more():
@@ -109,20 +123,30 @@ class _Lines:
             k = buf.find(b"\n--", i)
             end = k if k >= 0 else buf.rfind(b"\n", i)
             if end < 0:  # the line goes on past what is read: taken whole (or cut) by `line`
+                at = self.tell()
                 got = self.line(cap)
                 if got is None:
                     return last, dropped
-                dropped, last = dropped or last is not None, got
+                if last is not None:
+                    self._passed(last[0])
+                dropped, last = dropped or last is not None, (*got, at, self.tell())
                 continue
             before = buf.rfind(b"\n", i, end)  # complete lines up to `end`: the last of them kept
             start = before + 1 if before >= 0 else i
+            if last is not None:
+                self._passed(last[0])
+            if self.exact and start > i:
+                lf = buf.count(b"\n", i, start)
+                self.passed_lf += lf
+                self.bare = self.bare or buf.count(b"\r\n", i, start) != lf
             dropped = dropped or last is not None or start > i
             line = buf[start:end + 1]
-            if len(line) <= cap:
-                last = line, -1
-            else:
-                last = line[:cap] + (b"\r\n" if line.endswith(b"\r\n") else b"\n"), cap
+            at = self._next - len(buf) + start
             self._i = end + 1
+            if len(line) <= cap:
+                last = line, -1, at, at + len(line)
+            else:
+                last = line[:cap] + (b"\r\n" if line.endswith(b"\r\n") else b"\n"), cap, at, at + len(line)
 
     def _rest(self) -> bytes:
         """Read past the rest of the current line; its line end (CRLF, LF, or none at the end)."""
@@ -141,39 +165,56 @@ class _Lines:
                 return b""
 
 
-def _body_mode(header: bytes) -> int:
+def _body_mode(header: bytes, keep_text: bool) -> int:
     """How the scan treats the body after this header block (a guess, checked after the parse)."""
     p = parse_message(header)
     if p.maintype == "message" and p.subtype in ("rfc822", "global") and p.encoding in ("7bit", "8bit", "binary"):
         return _HEAD  # the encapsulated message's header follows (as mime._parse_entity parses it)
-    return _KEEP if p.maintype in ("text", "multipart") else _SKIP
+    return _KEEP if p.maintype == "multipart" or (keep_text and p.maintype == "text") else _SKIP
 
 
-def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[bytes, list[int]] | None:
+#: (offset in the copy, offset in the message, LFs left out before it): where a copy resumes after a cut
+type Mark = tuple[int, int, int]
+
+
+def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT, *, keep_text: bool = True,  # noqa: C901, PLR0912
+                marks: list[Mark] | None = None) -> tuple[bytes, list[int]] | None:
     """The message (CRLF line ends: a bare LF becomes CRLF, as `mime.parse_message` makes it) with
-    the middle of each body that looks unsearched left out, and the offsets in the copy where bytes
-    were left out; None when what must be kept exceeds `limit` octets."""
-    lines = _Lines(read_at, size)
+    the middle of each body that looks unsearched left out (`keep_text` False: the bodies of text
+    parts too), and the offsets in the copy where bytes were left out; None when what must be kept
+    exceeds `limit` octets. With `marks`, a message with a bare LF is None (the copy's offsets are
+    then the message's outside the cuts) and each cut adds its Mark to `marks`."""
+    lines = _Lines(read_at, size, exact=marks is not None)
     out = bytearray()
     cuts: list[int] = []
+
+    def cut_at(copy_at: int, at: int) -> None:
+        cuts.append(copy_at)
+        if marks is not None:
+            marks.append((copy_at, at, lines.passed_lf))
+
     mode, block = _HEAD, 0
     skip = max(SKIP_LINE, 2)  # a line cut to it still shows whether it begins with "--"
     while (got := lines.line(skip if mode == _SKIP else limit - len(out) + 1)) is not None:
         text, cut = _crlf(got)
+        if lines.exact and len(text) != len(got[0]):
+            return None
         dashes = text.startswith(b"--")
         if mode == _SKIP and not dashes:  # a body left out: its first line, then up to the next "--" line
-            if cut >= 0:
-                cuts.append(len(out) + cut)
+            if cut >= 0:  # the rest of the line left out, up to its line end
+                cut_at(len(out) + cut, lines.tell() - (len(text) - cut))
             out.extend(text)
             last, dropped = lines.pass_run(skip)
-            if dropped:
-                cuts.append(len(out))
             if last is not None:  # its last line (a delimiter's CRLF is the end of it)
-                text, cut = _crlf(last)
+                text, cut = _crlf(last[:2])
+                if lines.exact and len(text) != len(last[0]):
+                    return None
+                if dropped:
+                    cut_at(len(out), last[2])
                 if cut >= 0:
-                    cuts.append(len(out) + cut)
+                    cut_at(len(out) + cut, last[3] - (len(text) - cut))
                 out.extend(text)
-            if len(out) > limit:  # everything kept counts (many small attachments too)
+            if len(out) > limit or lines.bare:  # everything kept counts (many small attachments too)
                 return None
             continue
         if cut >= 0 or len(out) + len(text) > limit:
@@ -182,7 +223,7 @@ def sparse_copy(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> tuple[by
         if dashes:
             mode, block = _HEAD, len(out)
         elif mode == _HEAD and text == b"\r\n":
-            mode, block = _body_mode(bytes(out[block:])), len(out)
+            mode, block = _body_mode(bytes(out[block:]), keep_text), len(out)
     return bytes(out), cuts
 
 
@@ -194,11 +235,12 @@ def _crlf(got: tuple[bytes, int]) -> tuple[bytes, int]:
     return text, cut
 
 
-def sparse_part(read_at: ReadAt, size: int, unread: Callable[[Part], bool], limit: int = TEXT_LIMIT) -> Part | None:
+def sparse_part(read_at: ReadAt, size: int, unread: Callable[[Part], bool], limit: int = TEXT_LIMIT, *,
+                keep_text: bool = True, marks: list[Mark] | None = None) -> Part | None:
     """The MIME tree of `sparse_copy`, when each place where bytes were left out lies inside the body
     of a leaf part (not a multipart, not an encapsulated message) that `unread` says is not read,
     after its first line; else None (as when the copy would exceed `limit` octets)."""
-    got = sparse_copy(read_at, size, limit)
+    got = sparse_copy(read_at, size, limit, keep_text=keep_text, marks=marks)
     if got is None:
         return None
     copy, cuts = got
@@ -208,6 +250,43 @@ def sparse_part(read_at: ReadAt, size: int, unread: Callable[[Part], bool], limi
     if all((k := bisect_left(starts, x) - 1) >= 0 and starts[k] < x <= ends[k] for x in cuts):
         return part
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The MIME tree of a message in a file (`layout_at`): `part` is parsed from a copy that leaves
+    out the middle of every leaf body; `at` gives an offset of the copy in the message, `body_lines`
+    and `body_size` a part's as `mime.Part` gives them for the whole message."""
+
+    part: Part
+    marks: list[Mark]  # in copy order, the first (0, 0, 0)
+
+    def _mark(self, x: int) -> Mark:
+        return self.marks[bisect_right(self.marks, (x, 1 << 62, 0)) - 1]
+
+    def at(self, x: int) -> int:
+        copy_at, at, _lf = self._mark(x)
+        return at + x - copy_at
+
+    def body_size(self, p: Part) -> int:
+        return self.at(p.end) - self.at(p.body_start)
+
+    def body_lines(self, p: Part) -> int:
+        return p.body_lines + self._mark(p.end)[2] - self._mark(p.body_start)[2]
+
+    def measure(self, p: Part) -> tuple[int, int]:
+        """(body size, body lines) of `p` in the message (`bodystructure.body_structure`)."""
+        return self.body_size(p), self.body_lines(p)
+
+
+def layout_at(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> Layout | None:
+    """The `Layout` of a message of `size` bytes with CRLF line ends read by offset, holding at most
+    about `limit` octets of it (its header blocks, delimiter lines, multipart preambles and the
+    first and last lines of each leaf body); None when that is not enough (more to keep, a bare LF,
+    a guess of the scan that the parse does not confirm): the caller reads the message whole."""
+    marks: list[Mark] = [(0, 0, 0)]
+    part = sparse_part(read_at, size, lambda p: True, limit, keep_text=False, marks=marks)
+    return Layout(part, marks) if part is not None else None
 
 
 def search_text_at(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> SearchText:

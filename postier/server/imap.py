@@ -89,7 +89,6 @@ IDLE_KEEPALIVE = 120.0  # "* OK Still here" during IDLE, for NAT boxes (Dovecot'
 # Before login: a line as long as after (a 32 KB ID is legal), little else (literals are for LOGIN).
 PREAUTH_LIMITS = ReaderLimits(max_line=64 * 1024, max_literal=8192, max_command=80 * 1024, max_literals=4)
 FLUSH_AT = 256 * 1024
-STREAM_CHUNK = 256 * 1024  # a large message sent from its file (FETCH BODY[]), a piece at a time
 SEARCH_BATCH = 5000
 FLAGS_BATCH = 1_000_000  # FETCH FLAGS lines are short: one batch even for a large mailbox
 #: SASL mechanisms for AUTHENTICATE, offered (like LOGIN) only over TLS unless auth.allow_plaintext.
@@ -1140,12 +1139,17 @@ class IMAPSession(Session):
                     batch = await self.call(render_fetch, mb, sel.name, targets[i:], cmd.attributes, opts, pace)
                 except FetchError as exc:
                     raise _no(str(exc), Code.named(exc.code)) from None
-                for answer in batch.data:
-                    if isinstance(answer, StreamedAnswer):
-                        if not await self._send_streamed(mb, sel.name, answer):
-                            missing += 1
-                        continue
-                    self.send(answer)
+                try:
+                    for answer in batch.data:
+                        if isinstance(answer, StreamedAnswer):
+                            if not await self._send_streamed(mb, sel.name, answer):
+                                missing += 1
+                            continue
+                        self.send(answer)
+                finally:  # the files of answers not sent (the session ended meanwhile)
+                    for answer in batch.data:
+                        if isinstance(answer, StreamedAnswer):
+                            answer.close()
                 if batch.seen_modseq:
                     self.core.own_changes(batch.seen_modseq)
                     self._notify(sel.name)
@@ -1157,27 +1161,32 @@ class IMAPSession(Session):
         return None
 
     async def _send_streamed(self, mb: Mailboxes, name: str, answer: StreamedAnswer) -> bool:
-        """Send a FETCH answer whose literal is a whole message from its file, STREAM_CHUNK octets
-        at a time, each handed to the client before the next is read (memory: one piece). False
-        when the message is gone (expunged meanwhile: nothing of the answer was sent). A file that
-        ends early once its size was announced cannot be answered any more: the session ends."""
-        f = await self.call(mb.open_message, name, answer.uid)
+        """Send a FETCH answer whose literals are octets of a message's file (the whole message, or
+        a part of it, decoded for BINARY), a piece at a time (`Spliced.pieces`: 256 KiB), each
+        handed to the client before the next is read (memory: one piece). False when the message
+        is gone (expunged meanwhile: nothing of the answer was sent). A file that ends early once its size was announced cannot be
+        answered any more: the session ends."""
+        f = answer.file if answer.file is not None else await self.call(mb.open_message, name, answer.uid)
         if f is None:
             return False
         try:
             size = await asyncio.to_thread(_file_size, f)
-            self.send(answer.head + b"{%d}\r\n" % size)  # RFC 9051 §4.3: the literal's octet count
-            left = size
-            while left:
-                piece = await asyncio.to_thread(f.read, min(STREAM_CHUNK, left))
-                if not piece:
-                    log.error("%s: message %d of %s ended %d octets early while sent", self.role, answer.uid,
-                              name, left)
-                    raise _Disconnect()
-                self.send(piece)
-                left -= len(piece)
-                await self.maybe_flush()
-            self.send(answer.tail)
+            for part in answer.parts:
+                if isinstance(part, bytes):
+                    self.send(part)
+                    continue
+                left = part.length(size)
+                self.send(part.prefix(size))
+                pieces = part.pieces(f, size)
+                while left:
+                    piece = await asyncio.to_thread(next, pieces, b"")
+                    if not piece:
+                        log.error("%s: message %d of %s ended %d octets early while sent", self.role, answer.uid,
+                                  name, left)
+                        raise _Disconnect()
+                    self.send(piece)
+                    left -= len(piece)
+                    await self.maybe_flush()
         finally:
             f.close()
         return True

@@ -7,10 +7,12 @@ whole answer in memory. They turn index rows and message files into response byt
 cached in the index after their first computation (RFC 9051 makes them immutable per message).
 Work is kept proportional to what was asked: FLAGS/UID/MODSEQ/RFC822.SIZE come from the index alone,
 header-only items read only the header block, and BODY[] of a whole message is sent without parsing.
-A whole message above STREAM_FROM (BODY[] or RFC822, the only content item asked for) is not read
-here at all: the batch holds a `StreamedAnswer` (the line's two ends), and the session sends the
-message from its file a piece at a time between them (`IMAPSession._send_streamed`), as Dovecot
-does, so a FETCH of a 30 MiB attachment holds one piece of it, not two copies.
+A message above STREAM_FROM is not read whole here at all (`_Large`): its content items are ranges
+of its file (found from its top-level header, or for a section from `textscan.layout_at`, which
+also gives BODYSTRUCTURE), the batch holds a `StreamedAnswer` (the line's bytes around them), and
+the session sends each range from the file a piece at a time (`IMAPSession._send_streamed`;
+BINARY decoded while sent), as Dovecot does, so a FETCH of a 30 MiB attachment holds one piece of
+it, not two copies.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ import datetime as dt
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from ..message import VIEWS_VERSION
 from ..message.bodystructure import body_structure
 from ..message.envelope import envelope_bytes
 from ..message.matching import CHUNK_SEP, INDEXED_FIELDS, SearchContext, evaluate
-from ..message.mime import Part, UnknownCTE, parse_message
-from ..message.sections import binary_section, body_section, partial, section_octets
+from ..message.mime import Decoder, Part, UnknownCTE, no_nul, parse_message
+from ..message.sections import binary_section, body_section, find_part, partial, section_octets, section_span
+from ..message import textscan
+from ..message.textscan import Layout, layout_at
 from ..proto.imap.commands import FetchAttr, Section
 from ..message.types import MEMORY_DATA_LIMIT
-from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, fetch_around, format_date_time
+from ..proto.imap.response import Atom, Literal, Literal8, Raw, fetch, fetch_split, format_date_time
 from ..proto.imap.search import (
     AllKey,
     AndKey,
@@ -44,10 +49,10 @@ from ..proto.imap.search import (
 )
 from ..proto.imap.seqset import SequenceSet
 from ..store.api import FlagTable, Mailboxes
-from ..store.errors import StoreError, StoreUnavailable
+from ..store.errors import MessageGone, StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
+__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "DecodedSpan", "FileSpan", "Spliced", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
            "render_fetch", "run_search"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
@@ -55,7 +60,8 @@ PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Ma
 BATCH_SLICE = 2000  # FETCH of content or parsed views: messages whose rows one batch reads at most
 FIRST_SLICE = 64  # ... and while no batch of the command has answered yet (doubled after each that did not)
 FIRST_PEEK = 16  # header blocks asked for at once while nothing tells how large the answers are
-STREAM_FROM = MEMORY_DATA_LIMIT  # a whole message larger than this is sent from its file (FetchOptions.stream)
+FILES_HELD = 8  # stop a batch once this many answers hold their message's file (cluster mode: a download each)
+STREAM_FROM = MEMORY_DATA_LIMIT  # a message larger than this is answered from its file (FetchOptions.stream)
 _LOCAL_TZ = dt.datetime.now().astimezone().tzinfo
 
 
@@ -75,22 +81,119 @@ class FetchOptions:
     changedsince: int | None = None
     set_seen: bool = True  # False in a read-only (EXAMINE) mailbox
     recent_from: int = 1 << 32  # UIDs at or above it get \\Recent (IMAP4rev1 sessions)
-    stream: bool = False  # the caller sends StreamedAnswers (a whole message above STREAM_FROM)
+    stream: bool = False  # the caller sends StreamedAnswers (the content of a message above STREAM_FROM)
+
+
+class Spliced:
+    """A literal of a `StreamedAnswer`, sent by the session from the message's file: `prefix` (its
+    ``{n}`` CRLF, in a file of `size` octets), then `pieces` (`length` octets in all)."""
+
+    __slots__ = ()
+
+    def length(self, size: int) -> int:
+        raise NotImplementedError
+
+    def prefix(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan(Spliced):
+    """A FETCH item's literal sent from the message's file by the session: ``{n}`` CRLF and the
+    octets from `start` to `end` (None: the file's end), `end` cut to the file's size. `nul`: NUL
+    octets sent as 0x80 (`mime.no_nul`: every BODY[section] but BODY[], as `body_section` does)."""
+
+    start: int
+    end: int | None = None
+    nul: bool = False
+
+    def cut(self, spec: tuple[int, int] | None) -> FileSpan:
+        """``<offset.length>`` of it (`sections.partial`: past the end, nothing)."""
+        if spec is None:
+            return self
+        start = self.start + spec[0]
+        end = start + spec[1] if self.end is None else min(self.end, start + spec[1])
+        return FileSpan(start, end, self.nul)
+
+    def length(self, size: int) -> int:
+        """Its octets in a file of `size` octets."""
+        return max(0, (size if self.end is None else min(self.end, size)) - self.start)
+
+    def prefix(self, size: int) -> bytes:
+        return b"{%d}\r\n" % self.length(size)  # RFC 9051 §4.3: the literal's octet count
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        """Its octets, textscan.PIECE at a time (fewer only if the file ends early)."""
+        left = self.length(size)
+        f.seek(self.start)
+        while left and (piece := f.read(min(textscan.PIECE, left))):
+            left -= len(piece)
+            yield no_nul(piece) if self.nul else piece
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedSpan(Spliced):
+    """BINARY[n]<o.l> of a leaf part (RFC 3516 §4.2) sent from the file: the octets `start` to `end`
+    (its body) with their Content-Transfer-Encoding undone in pieces (`mime.Decoder`), `skip`
+    decoded octets left out, then `count` sent, as literal8 (``~{n}``) when they hold NUL.
+    `count` and `binary` come from a first pass over the body (`_Large.decoded`)."""
+
+    start: int
+    end: int
+    encoding: str
+    skip: int
+    count: int
+    binary: bool
+
+    def length(self, size: int) -> int:
+        return self.count
+
+    def prefix(self, size: int) -> bytes:
+        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        d = Decoder(self.encoding)
+        f.seek(self.start)
+        raw_left, skip, left = self.end - self.start, self.skip, self.count
+        while left:
+            raw = f.read(min(textscan.PIECE, raw_left)) if raw_left else b""
+            if raw_left and not raw:
+                return  # the file ended early
+            raw_left -= len(raw)
+            out = d.feed(raw) if raw else d.end()
+            if skip:
+                k = min(skip, len(out))
+                out, skip = out[k:], skip - k
+            out = out[:left]
+            left -= len(out)
+            if out:
+                yield out
+            if not raw:
+                return
 
 
 @dataclass(frozen=True, slots=True)
 class StreamedAnswer:
-    """A FETCH answer whose literal is a whole message sent from its file: `head` (up to the item's
-    name and a space), then ``{n}`` CRLF and the message's octets, then `tail` (to the line's end).
-    `size` is the message's size in the index (its file's, which the sender reads, is authoritative)."""
+    """A FETCH answer with literals sent from the message's file: `parts` are the line's bytes and
+    its literals (`FileSpan`, `DecodedSpan`) in order (`response.fetch_split`). `file` is the message opened while the
+    answer was made (a section's offsets are that file's), else None: the sender opens it. `size`
+    is the answer's size as far as the index tells (the file's, which the sender reads, is
+    authoritative)."""
 
-    head: bytes
+    parts: list[bytes | Spliced]
     uid: int
     size: int
-    tail: bytes
+    file: IO[bytes] | None = None
 
     def __len__(self) -> int:
-        return len(self.head) + self.size + len(self.tail)
+        return self.size
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass(slots=True)
@@ -181,10 +284,6 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
     needs_content = any(a.section is not None or a.name in _CONTENT for a in simple)
     header_only = _header_only(simple)
     suffix8 = "8" if opts.utf8 else ""
-    # the whole message is the only content asked for: a large one is sent from its file (StreamedAnswer)
-    contents = [a for a in simple if a.section is not None or a.name in _CONTENT]
-    stream = (contents[0] if opts.stream and not cached_kinds and len(contents) == 1
-              and (_whole_body(contents[0]) or contents[0].name == "RFC822") else None)
     # One pass over a slice of targets: rows in one query, cache in one query per kind. The slice is
     # what the batch is likely to answer for, judged by the command's previous batch (a quarter more;
     # FetchPace).
@@ -235,8 +334,9 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
         head = heads.get(row.uid) if row.lf == 0 else None
         return head if head is not None else mb.read_header(name, row)
 
+    held = 0  # answers holding their message's file open (a section's offsets are that file's)
     for i, (seq, uid) in enumerate(chunk):
-        if size >= BATCH_BYTES:
+        if size >= BATCH_BYTES or held >= FILES_HELD:
             break
         out.done += 1
         row = rows.get(uid)
@@ -251,14 +351,12 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
         content: bytes | None = None
         part: Part | None = None
         flags_sent = False
-        streamed = stream is not None and row.lf == 0 and row.size > STREAM_FROM
-        split: tuple[int, str] | None = None  # where the streamed literal goes: (items before it, its name)
+        # a large message: its content items sent from its file, its views made from a bounded scan
+        large = _Large(mb, name, row) if opts.stream and not header_only and row.lf == 0 \
+            and row.size > STREAM_FROM else None
         try:
             for a in simple:
                 n = a.name
-                if streamed and a is stream:
-                    split = (len(items), a.response_name)
-                    continue
                 if n == "FLAGS":
                     items.append(("FLAGS", _flags_value(row, opts.recent_from)))
                     flags_sent = True
@@ -271,19 +369,27 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
                 elif n in cached_kinds:
                     hit = cache[n].get(uid)
                     if hit is None:
-                        if part is None:
+                        top = large.top() if large is not None and n == "ENVELOPE" else None
+                        lay = large.layout() if large is not None and n != "ENVELOPE" else None
+                        if part is None and top is None and lay is None:
                             content = content if content is not None else (
                                 header(i, row) if n == "ENVELOPE" and header_only else mb.read(name, row))
                             part = parse_message(content)
                         if n == "ENVELOPE":
-                            hit = bytes(envelope_bytes(part, utf8=opts.utf8))
+                            hit = bytes(envelope_bytes(top or part, utf8=opts.utf8))  # type: ignore[arg-type]
                             new_cache.append((uid, _CACHED["ENVELOPE"] + suffix8, hit))
                         else:
-                            hit = bytes(body_structure(part, extensible=n == "BODYSTRUCTURE", utf8=opts.utf8))
+                            ext = n == "BODYSTRUCTURE"
+                            hit = bytes(body_structure(lay.part, extensible=ext, utf8=opts.utf8, measure=lay.measure)
+                                        if lay is not None and part is None else
+                                        body_structure(part, extensible=ext, utf8=opts.utf8))  # type: ignore[arg-type]
                             new_cache.append((uid, _CACHED[n] + (suffix8 if n != "BODY" else ""), hit))
                         cache[n][uid] = hit
                     items.append((n, Raw(hit)))
                 else:  # content items
+                    if large is not None and content is None and (sent := large.item(a)) is not None:
+                        items.append(sent if isinstance(sent, tuple) else (a.response_name, sent))
+                        continue
                     if content is None:
                         content = header(i, row) if header_only else mb.read(name, row)
                     if n == "BODY" and a.section is not None and not a.section.part and a.section.text is None:
@@ -310,23 +416,33 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
                             data = partial(data, a.partial)
                             items.append((a.response_name, Literal8(data) if b"\x00" in data else Literal(data)))
         except StoreUnavailable:  # the storage is out of reach (cluster mode): NO [UNAVAILABLE], not "expunged"
+            _close(out, large)
             raise
         except StoreError:
+            if large is not None:
+                large.close()
             out.missing += 1
             continue
         except UnknownCTE as exc:
+            _close(out, large)
             raise FetchError(f"unknown Content-Transfer-Encoding: {exc}", "UNKNOWN-CTE") from None
+        except BaseException:
+            _close(out, large)
+            raise
         if uid in out.seen_modseq and not flags_sent:
             items.append(("FLAGS", _flags_value(row, opts.recent_from)))
         if opts.add_modseq and not any(k == "MODSEQ" for k, _v in items):
             items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
-        if split is not None:
-            at, item = split
-            head, tail = fetch_around(seq, items[:at], item, items[at:], utf8=opts.utf8)  # type: ignore[arg-type]
-            answer = StreamedAnswer(head, uid, row.size, tail)
+        if large is not None and any(isinstance(v, Spliced) for _k, v in items):
+            parts = fetch_split(seq, items, Spliced, utf8=opts.utf8)
+            answer = StreamedAnswer(parts, uid, sum(len(p) if isinstance(p, bytes) else p.length(row.size)
+                                                    for p in parts), large.file)
+            held += answer.file is not None
             size += len(answer)
             out.data.append(answer)
             continue
+        if large is not None:
+            large.close()
         line = fetch(seq, items, utf8=opts.utf8)  # type: ignore[arg-type]
         size += len(line)
         out.data.append(line)
@@ -360,6 +476,127 @@ def _whole_body(a: FetchAttr) -> bool:
         and a.partial is None
 
 
+def _close(batch: FetchBatch, large: _Large | None) -> None:
+    """Close the files a batch that will not be sent opened."""
+    for answer in batch.data:
+        if isinstance(answer, StreamedAnswer):
+            answer.close()
+    if large is not None:
+        large.close()
+
+
+class _Large:
+    """A message above STREAM_FROM (CRLF file) whose FETCH items are made without reading it whole:
+    a content item is a `FileSpan` of its file (BODY[], RFC822, TEXT and a part's body: their
+    offsets from the top-level header, or for a part from the `textscan.Layout` of the file, read
+    once in pieces), a `DecodedSpan` (BINARY of a leaf) or bytes of its header blocks; BODYSTRUCTURE
+    and BODY are made from the layout, ENVELOPE from the header. None where that cannot be had
+    (BINARY[] and BINARY of a multipart or message/rfc822 part, whose headers are rewritten; a
+    layout the scan could not make): the caller reads the message whole, as for a smaller one."""
+
+    __slots__ = ("_head", "_layout", "_mb", "_name", "_row", "file")
+
+    def __init__(self, mb: Mailboxes, name: str, row: MessageRow) -> None:
+        self._mb, self._name, self._row = mb, name, row
+        self.file: IO[bytes] | None = None  # opened for the layout: the answer's spans are this file's
+        self._layout: Layout | None | bool = False  # False: not scanned yet
+        self._head: Part | None | bool = False
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        assert self.file is not None
+        self.file.seek(offset)
+        return self.file.read(n)
+
+    def layout(self) -> Layout | None:
+        if self._layout is False:
+            f = self._mb.open_message(self._name, self._row.uid)
+            if f is None:
+                raise MessageGone("message was expunged")
+            self.file = f
+            self._layout = layout_at(self._read_at, f.seek(0, 2))
+        assert not isinstance(self._layout, bool)
+        return self._layout
+
+    def top(self) -> Part | None:
+        """The top-level entity as far as its header: parsed from the header block alone when that
+        is all of it up to the blank line (and within the first 64 KiB, where `row.lf` was judged),
+        else the layout's."""
+        if self._head is False:
+            header = self._mb.read_header(self._name, self._row)
+            p = parse_message(header)
+            self._head = p if p.has_blank and p.body_start == len(header) <= 1 << 16 else None
+        if self._head is not None:
+            assert not isinstance(self._head, bool)
+            return self._head
+        lay = self.layout()
+        return lay.part if lay is not None else None
+
+    def _text_start(self, top: Part) -> int:
+        """Where the top-level body begins in the file."""
+        lay = self._layout
+        return lay.at(top.body_start) if isinstance(lay, Layout) and top is lay.part else top.body_start
+
+    def decoded(self, start: int, end: int, encoding: str, spec: tuple[int, int] | None) -> DecodedSpan:
+        """BINARY[n]<spec> of the leaf whose body is start..end: how many octets it sends and whether
+        they hold NUL, from a first pass decoding the body in pieces (only `spec`'s octets read,
+        when there is nothing to decode)."""
+        d = Decoder(encoding)  # UnknownCTE: NO [UNKNOWN-CTE] (RFC 3516 §4.3), as read whole
+        lo, hi = (0, 1 << 62) if spec is None else (spec[0], spec[0] + spec[1])
+        if d.identity:
+            count = max(0, min(hi, end - start) - lo)
+            binary = any(b"\x00" in self._read_at(at, min(textscan.PIECE, start + lo + count - at))
+                         for at in range(start + lo, start + lo + count, textscan.PIECE))
+            return DecodedSpan(start, end, encoding, lo, count, binary)
+        total, binary, at = 0, False, start
+        while True:
+            raw = self._read_at(at, min(textscan.PIECE, end - at)) if at < end else b""
+            if at < end and not raw:
+                raise OSError("message file ended early")
+            at += len(raw)
+            out = d.feed(raw) if raw else d.end()
+            binary = binary or out.find(b"\x00", max(lo - total, 0), max(hi - total, 0)) >= 0
+            total += len(out)
+            if not raw:
+                return DecodedSpan(start, end, encoding, lo, max(0, min(hi, total) - lo), binary)
+
+    def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | Literal | tuple[str, int] | None:
+        n, sec = a.name, a.section
+        if n == "RFC822" or (n == "BODY" and sec is not None and not sec.part and sec.text is None):
+            return FileSpan(0).cut(a.partial)  # the whole message as stored (BODY[] is not no_nul'd)
+        if n == "RFC822.TEXT" or (n == "BODY" and sec is not None and not sec.part and sec.text == "TEXT"):
+            top = self.top()
+            if top is None:
+                return None
+            return FileSpan(self._text_start(top), None, n == "BODY").cut(a.partial)
+        if n == "RFC822.HEADER" or (n == "BODY" and sec is not None and not sec.part):
+            top = self.top()
+            if top is None:
+                return None
+            return Literal(top.header_bytes if sec is None else partial(body_section(top, sec), a.partial))
+        lay = self.layout() if n in ("BODY", "BINARY", "BINARY.SIZE") and (sec is None or sec.part) else None
+        if lay is None:
+            return None  # BINARY[], BINARY.SIZE[]: read whole (their header rewritten); a layout not made
+        if n != "BODY":
+            assert sec is not None
+            p = find_part(lay.part, sec.part)
+            if p is None or p.children or p.message is not None:
+                return None  # BINARY of an entity (each leaf decoded, its header rewritten): read whole
+            span = self.decoded(lay.at(p.body_start), lay.at(p.end), p.encoding, a.partial)
+            if n == "BINARY.SIZE":
+                return f"BINARY.SIZE[{'.'.join(map(str, sec.part))}]", span.count
+            return span
+        assert sec is not None
+        got = section_span(lay.part, sec)
+        if isinstance(got, bytes):
+            return Literal(partial(no_nul(got), a.partial))
+        return FileSpan(lay.at(got[0]), lay.at(got[1]), True).cut(a.partial)
+
+
 def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],  # noqa: PLR0913
                    want_uid: bool, out: FetchBatch, stream: bool) -> FetchBatch:
     """FETCH BODY[] / BODY.PEEK[] of whole messages: file bytes straight into literals (with
@@ -375,7 +612,7 @@ def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], r
             continue
         if stream and row.lf == 0 and row.size > STREAM_FROM:
             head = b"* %d FETCH (UID %d BODY[] " % (seq, uid) if want_uid else b"* %d FETCH (BODY[] " % seq
-            answer = StreamedAnswer(head, uid, row.size, b")\r\n")
+            answer = StreamedAnswer([head, FileSpan(0), b")\r\n"], uid, len(head) + row.size + 3)
             size += len(answer)
             out.data.append(answer)
             continue

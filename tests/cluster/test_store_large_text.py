@@ -232,3 +232,44 @@ def test_open_message_downloads_a_large_body_in_pieces(store: ClusterStore, tmp_
         assert mb.open_message("INBOX", 99) is None
     finally:
         store.release(mb)
+
+
+def test_fetch_of_sections_of_a_large_body_from_its_download(store: ClusterStore, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """FETCH of sections, partials, BINARY and an uncached BODYSTRUCTURE of a large body (server/imapfetch.py
+    `_Large`) comes from `open_message`'s download, the body never read whole (`get`), two sessions
+    at once; every answer is the whole-message path's (by hash), the views computed again there."""
+    import threading
+
+    from tests.imap.test_fetch_large import ITEMS, big_mail, fetch_hashes
+
+    deliver_to_alice(store, tmp_path, big_mail(30_000, nul=True))
+    items = [i for i in ITEMS if "BINARY.PEEK[]" not in i and "BINARY.PEEK[4])" not in i]  # these read whole
+    mb = store.acquire(ALICE)
+    try:
+        whole = {i: fetch_hashes(mb, "INBOX", i, stream=False) for i in items}
+        with store.pool.connection() as conn:
+            conn.execute("DELETE FROM body_views")  # the views are made again, from the layout
+        read_whole: list[str] = []
+        get = store.bodies.get
+        monkeypatch.setattr(store.bodies, "get", lambda d, limit=None: read_whole.append(d) or get(d, limit))
+        got: list[dict[str, list[str]]] = [{}, {}]
+        errors: list[BaseException] = []
+
+        def session(n: int) -> None:
+            try:
+                for i in items if n == 0 else reversed(items):
+                    got[n][i] = fetch_hashes(mb, "INBOX", i, stream=True)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=session, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert got[0] == got[1] == whole
+        assert read_whole == []
+    finally:
+        store.release(mb)

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postier.message import textscan
+from postier.message.bodystructure import body_structure
+from postier.message.mime import parse_message
 from postier.message.matching import search_text
 from postier.message.textscan import search_text_at, sparse_copy
 
@@ -140,3 +142,60 @@ def test_exact_means_equal(parts: list[bytes], piece: int, line: int) -> None:
         got = search_text_at(reader(raw), len(raw), limit=400)
     if got.exact:
         assert got == search_text(raw, limit=400)
+
+
+# -- layout_at: the MIME tree of a large message with its offsets in the file (FETCH of a section)
+
+def same_layout(raw: bytes, lay: textscan.Layout) -> None:
+    """The layout's tree is the whole parse's: every part's offsets, body size and lines, and the
+    BODYSTRUCTURE and BODY made from it."""
+    whole = parse_message(raw)
+    mine, theirs = list(whole.walk()), list(lay.part.walk())
+    assert len(mine) == len(theirs)
+    for p, q in zip(mine, theirs, strict=True):
+        assert (p.start, p.header_end, p.body_start, p.end) == tuple(
+            lay.at(x) for x in (q.start, q.header_end, q.body_start, q.end))
+        assert (p.body_size, p.body_lines) == lay.measure(q)
+        assert p.header_bytes == q.header_bytes
+    for ext in (True, False):
+        assert body_structure(whole, extensible=ext) == body_structure(lay.part, extensible=ext, measure=lay.measure)
+
+
+def test_layout_of_a_large_message_holds_its_headers_only() -> None:
+    inner = b"Subject: forwarded words\r\nFrom: carol@c.example\r\n\r\ninner body text\r\n" * 3
+    raw = attachment_mail(40_000, b"a second text part\r\n" * 5000, inner)
+    assert len(raw) > 3_000_000
+    lay = textscan.layout_at(reader(raw), len(raw))
+    assert lay is not None and len(lay.part.msg) < 3000  # the leaf bodies' first and last lines
+    same_layout(raw, lay)
+    with small(7, 24):
+        lay = textscan.layout_at(reader(raw), len(raw))
+    assert lay is not None
+    same_layout(raw, lay)
+
+
+def test_layout_of_the_corpus() -> None:
+    for name, raw in corpus.ALL.items():
+        for piece, line in ((1 << 18, 1024), (7, 24), (1, 2)):
+            with small(piece, line):
+                lay = textscan.layout_at(reader(raw), len(raw))
+            if b"\n" in raw.replace(b"\r\n", b""):
+                assert lay is None, name  # a bare LF: the offsets of the served form are not the file's
+                continue
+            if lay is not None:
+                same_layout(raw, lay)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from([*FRAGMENTS, b"Content-Type: image/png\r\n", b"AAAA\r\n" * 3, b"x" * 40,
+                                 b"\r\n-", b"-\r\n", b"--", b"B\r\nC\r\n" * 4, b"Content-Type: message/rfc822\r\n\r\n",
+                                 b"Content-Type: text/plain\r\n\r\n", b"\r\n\r\n", b"\r", b"\n"]),
+                max_size=50),
+       st.integers(1, 64), st.integers(1, 16))
+def test_layout_means_equal(parts: list[bytes], piece: int, line: int) -> None:
+    raw = b"".join(parts)
+    with small(piece, line):
+        lay = textscan.layout_at(reader(raw), len(raw), limit=400)
+    if lay is not None:
+        same_layout(raw, lay)
+        assert b"\n" not in raw.replace(b"\r\n", b"")

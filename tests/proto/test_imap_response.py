@@ -112,3 +112,18 @@ def test_fetch_response() -> None:
                    b"RFC822.SIZE 44827 BODY[HEADER.FIELDS (FROM)] {13}\r\nFrom: a@b\r\n\r\n "
                    b"BINARY[1] ~{2}\r\n\x00\x01 MODSEQ (624140003))\r\n")
     assert r.fetch(1, [("FLAGS", ())]) == b"* 1 FETCH (FLAGS ())\r\n"
+
+
+class _Outside:
+    """A literal the caller sends itself (a range of a message's file)."""
+
+
+def test_fetch_split_is_fetch_cut_at_the_callers_literals() -> None:
+    a, b = _Outside(), _Outside()
+    items: list[tuple[str, object]] = [("UID", 7), ("BODY[2]", a), ("BODY[1]", Literal(b"hi")), ("BODY[3]", b),
+                                       ("FLAGS", (Atom("\\Seen"),))]
+    got = r.fetch_split(3, items, _Outside)
+    assert got == [b"* 3 FETCH (UID 7 BODY[2] ", a, b" BODY[1] {2}\r\nhi BODY[3] ", b, b" FLAGS (\\Seen))\r\n"]
+    sent = b"".join(p if isinstance(p, bytes) else b"{1}\r\nx" for p in got)
+    assert sent == r.fetch(3, [(k, Literal(b"x") if isinstance(v, _Outside) else v) for k, v in items])  # type: ignore[misc]
+    assert r.fetch_split(1, [("BODY[]", a)], _Outside) == [b"* 1 FETCH (BODY[] ", a, b")\r\n"]

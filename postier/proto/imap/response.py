@@ -22,7 +22,7 @@ from .seqset import SequenceSet
 __all__ = [
     "Atom", "Code", "Literal", "Literal8", "Raw", "ResponseCode", "Value", "bye", "capability",
     "continuation", "enabled", "encode_astring", "encode_mailbox", "encode_nstring", "encode_string",
-    "encode_value", "esearch", "exists", "expunge", "fetch", "fetch_around", "flags", "format_date_time", "id_response",
+    "encode_value", "esearch", "exists", "expunge", "fetch", "fetch_split", "flags", "format_date_time", "id_response",
     "list_response", "namespace", "recent", "sasl_challenge", "search", "status", "tagged", "untagged",
     "untagged_status", "vanished",
 ]
@@ -403,14 +403,23 @@ def fetch(seq: int, items: Iterable[tuple[str, Value]], *, utf8: bool = False) -
     return b"* %d FETCH (" % seq + body + b")" + CRLF
 
 
-def fetch_around(seq: int, before: Iterable[tuple[str, Value]], name: str, after: Iterable[tuple[str, Value]],
-                 *, utf8: bool = False) -> tuple[bytes, bytes]:
-    """The two ends of a ``fetch`` line whose item `name` is a literal the caller sends itself
-    (a large message from its file): up to and including ``name`` and its space, and from the
-    literal's end to the line's; the caller puts ``{n}`` CRLF and the n octets between them."""
-    head = b"".join(n.encode("ascii") + b" " + encode_value(v, utf8=utf8) + b" " for n, v in before)
-    tail = b"".join(b" " + n.encode("ascii") + b" " + encode_value(v, utf8=utf8) for n, v in after)
-    return b"* %d FETCH (" % seq + head + name.encode("ascii") + b" ", tail + b")" + CRLF
+def fetch_split[T](seq: int, items: Iterable[tuple[str, object]], outside: type[T], *,
+                   utf8: bool = False) -> list[bytes | T]:
+    """A ``fetch`` line cut where the value of an item is an `outside` (a literal the caller sends
+    itself, ``{n}`` CRLF and the n octets: a large message or a part of it, from its file): the
+    line's bytes up to it (the item's name and its space), the value, the bytes up to the next one
+    or to the line's end. Every other value is a Value."""
+    out: list[bytes | T] = []
+    cur = b"* %d FETCH (" % seq
+    for i, (name, value) in enumerate(items):
+        cur += (b" " if i else b"") + name.encode("ascii") + b" "
+        if isinstance(value, outside):
+            out += [cur, value]
+            cur = b""
+        else:
+            cur += encode_value(value, utf8=utf8)  # type: ignore[arg-type]  # a Value: not an outside
+    out.append(cur + b")" + CRLF)
+    return out
 
 
 def namespace(
