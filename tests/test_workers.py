@@ -586,3 +586,47 @@ def test_per_user_limits_count_both_workers(tmp_path: Path) -> None:
             assert r.startswith(b"-ERR [LOGIN-DELAY]"), r
     finally:
         i.stop()
+
+
+def test_vacation_replies_once_when_both_workers_deliver_at_once(inst: Instance) -> None:
+    """RFC 5230 §4.1 across processes: deliveries to one Sieve user in both workers at the same
+    moment, from one sender, make one vacation reply (the tracking is held across workers)."""
+    away, sender = add_cheap_user(inst, "away@w.test"), add_cheap_user(inst, "asker@w.test")
+    inst.cli("sieve", "put", away, "away", "-", stdin='require ["vacation"];\nvacation :days 1 "I am away.";\n')
+    inst.cli("sieve", "activate", away, "away")
+
+    def connect() -> smtplib.SMTP:
+        s = smtplib.SMTP(*inst.addr("smtp"), timeout=30, source_address=("127.0.0.37", 0))
+        s.ehlo("client.test")
+        return s
+
+    def sock(s: smtplib.SMTP) -> socket.socket:
+        assert s.sock is not None
+        return s.sock
+
+    rounds = 5
+    a, b = spread(inst, connect, sock, smtplib.SMTP.close)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def send(s: smtplib.SMTP, side: str) -> None:
+        try:
+            for i in range(rounds):
+                start.wait(10)  # both workers deliver at the same moment
+                data = f"From: <{sender}>\r\nTo: <{away}>\r\nSubject: question {side}{i}\r\n\r\nthere?\r\n"
+                s.sendmail(sender, [away], data.encode())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(s, side)) for s, side in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    a.close()
+    b.close()
+    assert not errors, errors
+    wait_for(lambda: len(inst.messages(away)) == 2 * rounds, 30, "every message delivered")
+    wait_for(lambda: any(b"I am away." in m for m in inst.messages(sender)), 30, "the vacation reply")
+    time.sleep(1.0)  # a second reply, if one were due, would be queued by now
+    assert sum(b"I am away." in m for m in inst.messages(sender)) == 1

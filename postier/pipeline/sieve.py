@@ -341,7 +341,8 @@ class SieveFilter:
         with self._locks[zlib.crc32(user.address.lower().encode()) % len(self._locks)]:
             tracking = self.storage.tracking(user)
             try:
-                return self._plan_locked(env, user, rcpt, script, message, default, single, tracking)
+                with tracking.exclusive():  # and against the other worker processes and nodes
+                    return self._plan_locked(env, user, rcpt, script, message, default, single, tracking)
             finally:
                 tracking.close()
 

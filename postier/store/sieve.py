@@ -15,7 +15,7 @@ import fcntl
 import os
 import unicodedata
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +63,11 @@ class Scripts(Protocol):
 class Tracking(Protocol):
     """Vacation and duplicate tracking of one user (`TrackingStore`, or PostgreSQL in cluster mode)."""
 
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold the user's tracking for this process alone, against every other process and node,
+        until the block ends: a delivery's checks (`seen`) and marks (`record`) are then one step,
+        so two deliveries at once cannot both find "not replied yet" (RFC 5230 §4.1, RFC 7352 §3)."""
+        ...
     def seen(self, key: str, now: float) -> bool: ...
     def record(self, key: str, until: float) -> None: ...
     def close(self) -> None: ...
@@ -241,9 +246,21 @@ class TrackingStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, until REAL NOT NULL)")
         self._max_rows = max_rows
+        self._lock_path = root / ".tracking.lock"
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """`Tracking.exclusive`: an flock on ``.tracking.lock`` (the worker processes of one machine;
+        released by the kernel if the holder dies)."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def seen(self, key: str, now: float) -> bool:
         row = self._db.execute("SELECT until FROM seen WHERE key = ?", (key,)).fetchone()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -478,6 +479,24 @@ def test_sieve_scripts_are_shared_by_the_nodes(pg: PgServer, bodies_factory: Cal
         ta.record("vacation\0x@example.net", 2e9)
         assert tb.seen("vacation\0x@example.net", 1e9) and not tb.seen("other", 1e9)
         assert not tb.seen("vacation\0x@example.net", 3e9)
+        # two nodes deciding at once: inside `exclusive` the check and the mark are one step
+        winners: list[str] = []
+        start = threading.Barrier(2)
+
+        def decide(node: str, store: ClusterStore) -> None:
+            t = store.sieve_storage(2, 100).tracking(ALICE)
+            start.wait(10)
+            with t.exclusive():
+                if not t.seen("vacation\0race@example.net", 1e9):
+                    time.sleep(0.2)  # the other node tries meanwhile, and must wait
+                    t.record("vacation\0race@example.net", 2e9)
+                    winners.append(node)
+        threads = [threading.Thread(target=decide, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(winners) == 1, winners
     finally:
         a.close()
         b.close()

@@ -162,14 +162,37 @@ class ClusterTracking(_Base):
                  max_rows: int = 100_000):
         super().__init__(pool, owner, ready)
         self.max_rows = max_rows
+        self._held: Conn | None = None  # the transaction of `exclusive`, while it lasts
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """`store.sieve.Tracking.exclusive`: one transaction holding the user's tracking lock (an
+        advisory lock of its own, not the scripts'), in which `seen` and `record` run, committed at
+        the end of the block; released by PostgreSQL if the node dies."""
+        with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_user_key("tracking\0" + self.owner),))
+            self._held = conn
+            try:
+                yield
+            finally:
+                self._held = None
+
+    @contextmanager
+    def _step(self, lock: bool = False) -> Iterator[Conn]:
+        """The transaction of `exclusive` while it is held, else one of its own."""
+        if self._held is not None:
+            yield self._held
+            return
+        with self._tx(lock=lock) as conn:
+            yield conn
 
     def seen(self, key: str, now: float) -> bool:
-        with self._tx() as conn:
+        with self._step() as conn:
             r = conn.execute("SELECT until FROM sieve_tracking WHERE owner=%s AND key=%s", (self.owner, key.encode())).fetchone()
         return r is not None and float(r[0]) > now
 
     def record(self, key: str, until: float) -> None:
-        with self._tx(lock=True) as conn:
+        with self._step(lock=True) as conn:
             conn.execute("INSERT INTO sieve_tracking (owner, key, until) VALUES (%s, %s, %s) ON CONFLICT (owner, key) "
                          "DO UPDATE SET until = greatest(sieve_tracking.until, excluded.until)", (self.owner, key.encode(), until))
             conn.execute("DELETE FROM sieve_tracking WHERE owner=%s AND until < %s", (self.owner, time.time()))
