@@ -223,3 +223,22 @@ def test_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(b._clears) == 50
     clock.now += 700
     assert b.count("198.51.100.199") == 0 and "198.51.100.199" not in b._remote
+
+
+def test_a_success_in_another_worker_drops_this_workers_unsent_failures() -> None:
+    """Two workers of node a share the node's count (one AuthThrottle here, the workers' table in
+    server/shared.py): a failure seen by worker 0, then a login in worker 1 before worker 0's
+    exchange, must not reach the other nodes after the success that cleared it."""
+    clock = Clock()
+    table = Table(clock, 600.0, 6)
+    shared = AuthThrottle(0.5, 6, 600.0, clock)
+    w0 = ClusterThrottle(shared, "a", Exchange(table, "a"))
+    w1 = ClusterThrottle(shared, "a", Exchange(table, "a"))
+    b = ClusterThrottle(AuthThrottle(0.5, 6, 600.0, clock), "b", Exchange(table, "b"))
+    for _ in range(3):
+        w0.failure("192.0.2.9")
+    w1.success("192.0.2.9")
+    w0.failure("192.0.2.10")  # another IP's failure still goes out
+    _sync(w1, w0, b)
+    assert b.count("192.0.2.9") == 0
+    assert b.count("192.0.2.10") == 1

@@ -215,6 +215,10 @@ class ClusterThrottle(AuthThrottle):
         while self._pending and len(failures) < FLUSH_LIMIT:
             ip, stamps = self._pending.popitem(last=False)
             stamps = [t for t in stamps if t >= cutoff]
+            # A success on this node since cleared them (in another worker: the node's count is the
+            # table its workers share); without this they would reach the other nodes after it.
+            known = self.local.count(ip)
+            stamps = stamps[-known:] if known else []
             if stamps:
                 failures[ip] = stamps
         clears: dict[str, float] = {}

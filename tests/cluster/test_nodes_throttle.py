@@ -304,7 +304,8 @@ def test_postgresql_stopped_logins_answer_and_the_throttle_recovers(tmp_path: Pa
         pg_own.start()
         for inst in (a, b):
             wait_for("shared again", lambda i=inst: "shared with the other nodes again" in i.log.read_text(), 60)
-            assert inst.log.read_text().count("counted on this node only") == 1  # one warning per outage
+            warned = inst.log.read_text().count("counted on this node only")
+            assert 1 <= warned <= inst.workers, warned  # one warning per outage (and worker process)
         ip = "127.0.1.9"
         replies: list[bytes] = []
         end = time.monotonic() + 60
