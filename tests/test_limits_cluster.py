@@ -28,14 +28,7 @@ from postier.server.throttle import AuthThrottle, ClusterThrottle, LastLogins, U
 from postier.store.errors import StoreUnavailable
 
 type LimitRow = tuple[str, str, str, int, list[float], list[int], float]  # store/cluster/throttle.py's
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.test_throttle_cluster import Clock  # noqa: E402  # the fake clock the throttle's tests use
 
 
 class Table:

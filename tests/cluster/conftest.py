@@ -153,6 +153,17 @@ def store(pg: PgServer, bodies_factory: Callable[[], Any]) -> Iterator[Any]:
 
 
 @pytest.fixture
+def mb(store: Any) -> Iterator[Any]:
+    """alice@example.org's mailboxes in `store`, the default folders made (a test module may
+    define its own for another user)."""
+    from postier.message.types import User
+    m = store.acquire(User("alice@example.org", "alice", "example.org", "maildir"))
+    m.ensure_defaults()
+    yield m
+    store.release(m)
+
+
+@pytest.fixture
 def nodes(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[list[Any]]:
     """Two started cluster nodes sharing `pg` (a fresh database) and `s3` (test_nodes.py `_nodes`)."""
     from .test_nodes import _nodes

@@ -6,7 +6,6 @@ with a full difference for a reader behind that, and added to an existing databa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -21,15 +20,7 @@ from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.errors import MailboxExists  # noqa: E402
 
-ALICE = User("alice@example.org", "alice", "example.org", "maildir")
-
-
-@pytest.fixture
-def mb(store: ClusterStore) -> Iterator[ClusterMailboxes]:
-    m = store.acquire(ALICE)
-    m.ensure_defaults()
-    yield m
-    store.release(m)
+ALICE = User("alice@example.org", "alice", "example.org", "maildir")  # conftest.py's `mb` is hers
 
 
 def test_log_cursor_and_prune(mb: ClusterMailboxes) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -26,14 +26,6 @@ ALICE = User("alice@example.org", "alice", "example.org", "maildir")
 
 def msg(n: int | str) -> bytes:
     return f"From: a@example.org\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode()
-
-
-@pytest.fixture
-def mb(store: ClusterStore) -> Iterator[ClusterMailboxes]:
-    m = store.acquire(ALICE)
-    m.ensure_defaults()
-    yield m
-    store.release(m)
 
 
 def test_append_read_and_one_object_per_body(mb: ClusterMailboxes) -> None:
