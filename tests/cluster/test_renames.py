@@ -19,6 +19,7 @@ from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.errors import MailboxExists  # noqa: E402
+from tests.imap.test_names_log import reads_racing_renames  # noqa: E402
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")  # conftest.py's `mb` is hers
 
@@ -69,30 +70,7 @@ def test_schema_added_to_an_existing_database(store: ClusterStore, mb: ClusterMa
 def test_two_connections_reads_never_see_half_a_rename(store: ClusterStore, mb: ClusterMailboxes) -> None:
     """A writer renames (with a child) on its own ClusterMailboxes, as another node would, while a
     reader reads the names: between any two reads the renames read explain every change."""
-    other = ClusterMailboxes(ALICE, store.pool, store.bodies)
-    mb.create("M0")
-    mb.create("M0.K")
-    done = threading.Event()
-    n = RENAMES_KEPT - 4  # fewer than the log keeps: the reader is never behind it
-
-    def renamer() -> None:
-        try:
-            for i in range(n):
-                other.rename(f"M{i}", f"M{i + 1}")
-        finally:
-            done.set()
-    t = threading.Thread(target=renamer)
-    last = mb.names_since(None)
-    t.start()
-    reads = 0
-    while not done.is_set() or reads == 0:
-        v = mb.names_since(last.cursor)
-        assert v.renames is not None
-        gone, moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
-        assert not gone and not new, (v.renames, gone, new)
-        last, reads = v, reads + 1
-    t.join()
-    assert {f"M{n}", f"M{n}.K"} <= set(mb.names_since(None).folders)
+    reads_racing_renames(mb, ClusterMailboxes(ALICE, store.pool, store.bodies))
 
 
 def test_concurrent_renames_of_one_user_are_numbered_in_commit_order(store: ClusterStore, mb: ClusterMailboxes) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from postier.message.types import User
 from postier.server.imap import _name_changes
-from postier.store.api import RENAMES_KEPT, renames_after
+from postier.store.api import RENAMES_KEPT, Mailboxes, renames_after
 from postier.store.mailbox import MailStore, UserMailbox
 
 USER = User("bob@example.org", "bob", "example.org", "maildir")
@@ -92,25 +92,33 @@ def test_maildir_log_and_its_prune(mb: UserMailbox) -> None:
 def test_maildir_reads_never_see_half_a_rename(mb: UserMailbox) -> None:
     """Two sessions: one renames a mailbox (with a child) round and round, the other reads the names:
     between any two reads, the renames read explain every change (no deletion, no creation)."""
-    mb.create("M0")
-    mb.create("M0.K")
+    reads_racing_renames(mb, mb)
+
+
+def reads_racing_renames(reader: Mailboxes, writer: Mailboxes) -> None:
+    """`writer` renames M0 (with a child) to M1, M2... in a thread while `reader` reads the names
+    over and over: the renames read between two reads must explain every change (no deletion, no
+    creation). Used by the cluster tests too (two connections, as two nodes)."""
+    reader.create("M0")
+    reader.create("M0.K")
     done = threading.Event()
+    n = RENAMES_KEPT - 4  # fewer than the log keeps: the reader is never behind it
 
     def renamer() -> None:
         try:
-            for i in range(RENAMES_KEPT - 4):  # fewer than the log keeps: the reader is never behind it
-                mb.rename(f"M{i}", f"M{i + 1}")
+            for i in range(n):
+                writer.rename(f"M{i}", f"M{i + 1}")
         finally:
             done.set()
     t = threading.Thread(target=renamer)
-    last = mb.names_since(None)
+    last = reader.names_since(None)
     t.start()
     reads = 0
     while not done.is_set() or reads == 0:
-        v = mb.names_since(last.cursor)
+        v = reader.names_since(last.cursor)
         assert v.renames is not None
-        gone, moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
+        gone, _moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
         assert not gone and not new, (v.renames, gone, new)
         last, reads = v, reads + 1
     t.join()
-    assert {f"M{RENAMES_KEPT - 4}", f"M{RENAMES_KEPT - 4}.K"} <= set(mb.names_since(None).folders)
+    assert {f"M{n}", f"M{n}.K"} <= set(reader.names_since(None).folders)
