@@ -61,6 +61,7 @@ class LoopBufferedHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self._gathered: list[str] = []
         self._size = 0
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held (Handler.handle)
         try:
@@ -77,8 +78,9 @@ class LoopBufferedHandler(logging.StreamHandler[TextIO]):
                 self._gathered.append(line)
                 self._write()
                 return
-            if not self._gathered:
+            if self._flush_on is not loop:  # none due on this loop (another may have ended first)
                 loop.call_soon(self.flush)
+                self._flush_on = loop
             self._gathered.append(line)
             self._size += len(line)
             if self._size >= BUFFER_LIMIT:
@@ -96,6 +98,7 @@ class LoopBufferedHandler(logging.StreamHandler[TextIO]):
     def flush(self) -> None:
         assert self.lock is not None  # made by Handler.__init__
         with self.lock:
+            self._flush_on = None
             if self._gathered:
                 try:
                     self._write()

@@ -88,3 +88,22 @@ def test_the_format_is_basicconfigs() -> None:
         import sys
         record = logging.LogRecord("postier", logging.ERROR, "", 0, "failed", (), sys.exc_info())
     assert LineFormatter().format(record) == logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s").format(record)
+
+
+def test_lines_left_by_a_loop_that_ended_go_out_with_the_next_loops_step() -> None:
+    stream = CountingStream()
+    log, _ = _logger(stream)
+
+    loop = asyncio.new_event_loop()
+    loop.call_soon(log.info, "from a loop that ends before its flush runs")
+    loop.call_soon(loop.stop)  # the flush the line scheduled would run in the next batch: never
+    loop.run_forever()
+    loop.close()
+    assert stream.getvalue() == ""
+
+    async def main() -> None:
+        log.info("next")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert stream.getvalue().count("\n") == 2
