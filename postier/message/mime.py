@@ -418,16 +418,23 @@ def decode_transfer_encoding(data: bytes, encoding: str) -> bytes:
     return d.feed(data) + d.end()
 
 
-QP_HOLD = 64 << 10  # a quoted-printable line longer than this is decoded in pieces (Decoder)
+#: RFC 2045 §6.7 rule 3: a decoder deletes the white space ending an encoded line (transport may
+#: add it); rule 5: an encoded line holds at most 76 octets (any line 998, RFC 5322 §2.1.1). A run
+#: longer than this cannot be such padding: it is kept as it is whatever follows, decided once
+#: QP_WSP_MAX + 1 octets of it are seen, so no decoder holds more of it (dropping it instead would
+#: lose the text of an over-long line; Dovecot stops at 76 and refuses the part when text follows).
+QP_WSP_MAX = 998
 
 
 class Decoder:
     """`decode_transfer_encoding` of a body given in pieces (`feed` each, then `end`): the same
     octets, holding one piece and at most a few octets of the next (base64: the characters after
-    the last group of four; quoted-printable: the line begun, cut where nothing spans the cut once
-    it exceeds QP_HOLD). UnknownCTE for an encoding that is not RFC 2045's."""
+    the last group of four; quoted-printable: what may still change with the octets that follow:
+    ``=`` or ``=X`` that may begin an escape, or white space (at most QP_WSP_MAX octets, with the
+    ``=`` before it and a CR after it) that may end its line). UnknownCTE for an encoding that is
+    not RFC 2045's."""
 
-    __slots__ = ("_enc", "_rest")
+    __slots__ = ("_enc", "_rest", "_wsp")
 
     def __init__(self, encoding: str) -> None:
         enc = encoding.lower()
@@ -435,6 +442,7 @@ class Decoder:
             raise UnknownCTE(encoding)
         self._enc = enc
         self._rest = b""
+        self._wsp = False  # quoted-printable: inside a white space run longer than QP_WSP_MAX
 
     @property
     def identity(self) -> bool:
@@ -447,35 +455,82 @@ class Decoder:
             k = len(clean) - len(clean) % 4
             self._rest = clean[k:]
             return binascii.a2b_base64(clean[:k]) if k else b""
-        if self._enc == "quoted-printable":  # RFC 2045 §6.7: decoded line by line
+        if self._enc == "quoted-printable":  # RFC 2045 §6.7
+            lead = b""
+            if self._wsp:  # the rest of a run too long to be trailing white space: kept (QP_WSP_MAX)
+                rest = data.lstrip(b" \t")
+                lead, data = data[: len(data) - len(rest)], rest
+                if not data:
+                    return lead
+                self._wsp = False
             data = self._rest + data
-            k = data.rfind(b"\n") + 1
-            if not k and len(data) > QP_HOLD:  # a long line: cut after an octet that ends nothing
-                k = next((i for i in range(len(data), max(len(data) - 8, 0), -1)
-                          if data[i - 1] not in b"= \t\r" and b"=" not in data[max(i - 3, 0):i - 1]), 0)
+            k, self._wsp = _qp_cut(data)
             self._rest = data[k:]
-            return decode_qp(data[:k]) if k else b""
+            return lead + _qp(data[:k], False) if k else lead
         return data
 
     def end(self) -> bytes:
-        rest, self._rest = self._rest, b""
+        rest, self._rest, self._wsp = self._rest, b"", False
         if self._enc == "base64":
             # a lone last character is dropped; two or three are padded (lenient, as Dovecot)
             return base64.b64decode(rest + b"=" * (-len(rest) % 4)) if len(rest) > 1 else b""
         if self._enc == "quoted-printable":
-            return decode_qp(rest)
+            return _qp(rest, True)
         return b""
 
 
-_QP_TRAILING_WSP = re.compile(rb"[ \t]+(?=\r?\n|\Z)")
+_HEX_DIGITS = b"0123456789ABCDEFabcdef"
+
+
+def _opens_escape(data: bytes, end: int) -> bool:
+    """Whether the ``=`` ending ``data[:end]`` begins an escape: it ends a run of odd length, as
+    ``==`` decodes to ``=`` (binascii's reading, kept) and ``data`` begins where nothing is pending."""
+    return end > 0 and data[end - 1] == 0x3D and (end - len(data[:end].rstrip(b"="))) % 2 == 1
+
+
+def _qp_cut(data: bytes) -> tuple[int, bool]:
+    """Where quoted-printable ``data`` (from a point where nothing is pending) can be cut so that
+    what precedes it decodes alike whatever follows, and whether it ends in a white space run too
+    long to be trailing (QP_WSP_MAX), which goes on in the next piece. What follows the cut is at
+    most QP_WSP_MAX + 2 octets, so a piece costs time linear in its length plus at most that."""
+    n = len(data)
+    if n >= 2 and data[-1] in _HEX_DIGITS and _opens_escape(data, n - 1):
+        return n - 2, False  # "=X": RFC 2045 §6.7 rule 1 "=XY" when a hex digit follows
+    end = n - 1 if n and data[-1] == 0x0D else n  # a CR: the line's CRLF may follow
+    lo = max(end - QP_WSP_MAX - 1, 0)
+    j = lo + len(data[lo:end].rstrip(b" \t"))  # data[j:end]: the white space before it
+    if end - j > QP_WSP_MAX:  # RFC 2045 §6.7 rule 5: too long to end an encoded line, kept
+        return end, end == n
+    if _opens_escape(data, j):  # "=" + white space + line end: a soft line break (rule 5)
+        j -= 1
+    return j, False
+
+
+#: RFC 2045 §6.7 rule 3: white space ending a line (or the body) is deleted; a run of at most
+#: QP_WSP_MAX octets, matched from its start (the lookbehind keeps it linear on long runs)
+_QP_TRAILING_WSP = re.compile(rb"[ \t](?<![ \t][ \t])[ \t]{0,%d}+(?=\r?\n|\Z)" % (QP_WSP_MAX - 1))
+_QP_LINE_END_WSP = re.compile(rb"[ \t](?<![ \t][ \t])[ \t]{0,%d}+(?=\r?\n)" % (QP_WSP_MAX - 1))
+
+
+def _qp(data: bytes, final: bool) -> bytes:
+    """Quoted-printable ``data``, the end of the body when ``final`` (trailing white space then
+    deleted at the end too), else cut where `_qp_cut` cuts."""
+    # "==" is "=" (binascii's reading, kept), spelt "=3D" here so that every "=" left begins an
+    # escape; RFC 2045 §6.7 note 2: "=" before a CR that begins no CRLF is kept with the CR
+    # (binascii drops all up to the next LF), before white space is deleted: "=" CR blank LF is
+    # no soft line break
+    data = data.replace(b"==", b"=3D").replace(b"=\r\n", b"=\n").replace(b"=\r", b"=3D\r")
+    return binascii.a2b_qp((_QP_TRAILING_WSP if final else _QP_LINE_END_WSP).sub(b"", data))
 
 
 def decode_qp(data: bytes) -> bytes:
     """RFC 2045 §6.7 quoted-printable, leniently: whitespace at the end of an encoded line is
     dropped (rule 3: it was added in transport), so ``=`` followed by spaces then the line end is a
     soft line break (rule 5); ``=XX`` decodes in either case; a malformed ``=`` stays as it is
-    (the robust reading of note 2), where Dovecot refuses the whole part."""
-    return binascii.a2b_qp(_QP_TRAILING_WSP.sub(b"", data))
+    (the robust reading of note 2), where Dovecot refuses the whole part. A white space run longer
+    than QP_WSP_MAX is kept (it cannot be trailing), so `Decoder` holds at most that much of it.
+    Linear time in ``len(data)``."""
+    return _qp(data, True)
 
 
 def _codec(charset: str | None) -> str:
