@@ -78,7 +78,7 @@ def sent(mb: Mailboxes, name: str, answer: bytes | StreamedAnswer) -> bytes:
     """The bytes `IMAPSession._send_streamed` sends for an answer."""
     if isinstance(answer, bytes):
         return answer
-    f = answer.file if answer.file is not None else mb.open_message(name, answer.uid)
+    f = answer.file if answer.file is not None else mb.open_message(name, answer.uid, answer.partial)
     assert f is not None
     with f:
         size = f.seek(0, 2)
