@@ -9,6 +9,8 @@ StoreUnavailable, and NO [UNAVAILABLE] on a running node."""
 
 from __future__ import annotations
 
+import hashlib
+import imaplib
 import socket
 import threading
 from collections.abc import Iterator
@@ -47,6 +49,7 @@ class Relay:
         self.port = free_port("127.0.0.1")
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.served = 0
+        self.cut_at: int | None = None  # when `served` passes it, the connections are cut
         self._lock = threading.Lock()
         self._sock = socket.create_server(("127.0.0.1", self.port))
         self._conns: list[socket.socket] = []
@@ -70,6 +73,9 @@ class Relay:
                 if count:
                     with self._lock:
                         self.served += len(data)
+                        cut = self.cut_at is not None and self.served > self.cut_at
+                    if cut:
+                        return
                 dst.sendall(data)
         except OSError:
             pass
@@ -198,7 +204,8 @@ def test_object_store_out_of_reach_is_unavailable(pg: PgServer, s3: S3Server, tm
 
 def test_a_node_answers_unavailable(pg: PgServer, s3: S3Server, tmp_path: Path) -> None:
     """A running node: a section of a large message with the object store out of reach is NO
-    [UNAVAILABLE] (nothing of the answer sent), and the session goes on."""
+    [UNAVAILABLE] (nothing of the answer sent), and the session goes on; the object store lost
+    while an answer is under way ends the session (never a literal with other octets)."""
     from .test_nodes import imap, make_nodes
 
     relay = Relay(int(s3.endpoint.rsplit(":", 1)[1]))
@@ -212,7 +219,22 @@ def test_a_node_answers_unavailable(pg: PgServer, s3: S3Server, tmp_path: Path) 
             assert c.append("INBOX", None, None, data)[0] == "OK"
             c.select("INBOX")
             typ, got = c.fetch("1", "(BODY.PEEK[2]<0.1000> BODY.PEEK[1])")  # the layout kept, if it was not
-            assert typ == "OK" and isinstance(got[0], tuple) and got[0][1] == data[data.index(b"base64\r\n\r\n") + 10:][:1000]
+            attachment = data[data.index(b"base64\r\n\r\n") + 10:]
+            assert typ == "OK" and isinstance(got[0], tuple) and got[0][1] == attachment[:1000]
+        finally:
+            c.logout()
+        c = imap(inst)
+        c.select("INBOX")
+        relay.cut_at = relay.served + (600 << 10)  # in the second GET of the answer (256 KiB, then 512)
+        with pytest.raises(imaplib.IMAP4.abort):
+            c.fetch("1", "(BODY.PEEK[2]<0.1400000>)")
+        relay.cut_at = None
+        c = imap(inst)
+        try:
+            c.select("INBOX")
+            typ, got = c.fetch("1", "(BODY.PEEK[2]<0.1400000>)")
+            assert typ == "OK" and isinstance(got[0], tuple)
+            assert hashlib.sha256(got[0][1]).digest() == hashlib.sha256(attachment[:1400000]).digest()
             relay.stop()
             for items in ("(BODY.PEEK[2]<0.1000>)", "(BODY.PEEK[1])", "(BODY.PEEK[]<0.100>)"):
                 typ, got = c.fetch("1", items)
