@@ -1176,10 +1176,12 @@ class IMAPSession(Session):
         try:
             size = await asyncio.to_thread(_file_size, f)
             spans = [(part, part.pieces(f, size)) for part in answer.parts if not isinstance(part, bytes)]
+            # the first octets read (of the first literal that has any; those before it read nothing)
+            primed = next((k for k, (part, _p) in enumerate(spans) if part.length(size)), -1)
             first = b""
-            if spans and spans[0][0].length(size):
+            if primed >= 0:
                 try:
-                    first = await asyncio.to_thread(next, spans[0][1], b"")
+                    first = await asyncio.to_thread(next, spans[primed][1], b"")
                 except E.MessageGone:
                     return False
             for part in answer.parts:

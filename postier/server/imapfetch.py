@@ -12,7 +12,9 @@ of its file (found from its top-level header, or for a section from `textscan.la
 also gives BODYSTRUCTURE), the batch holds a `StreamedAnswer` (the line's bytes around them), and
 the session sends each range from the file a piece at a time (`IMAPSession._send_streamed`;
 BINARY decoded while sent), as Dovecot does, so a FETCH of a 30 MiB attachment holds one piece of
-it, not two copies.
+it, not two copies. The layout is kept in the view cache (`textscan.LAYOUT_KIND`), and an answer
+reading at most half the message opens it with `partial` (cluster mode: ranged GETs of the spans
+instead of a download of the whole body).
 """
 
 from __future__ import annotations
