@@ -245,3 +245,37 @@ def test_a_node_answers_unavailable(pg: PgServer, s3: S3Server, tmp_path: Path) 
     finally:
         inst.stop()
         relay.stop()
+
+
+def test_ranged_body_reads(bodies_factory: object) -> None:
+    """`RangedBody` on its own: a read at a new position asks for what it reads, reads going on ask
+    for doubling windows (a 6 MiB body read through in 256 KiB pieces: 5 GETs), seeks anywhere,
+    the bytes the object's; a body shorter than the index says reads short; a missing one is MessageGone."""
+    import random
+
+    from postier.store.cluster.bodies import RANGE_MAX, RangedBody
+    from postier.store.errors import MessageGone
+
+    bodies = bodies_factory()  # type: ignore[operator]
+    data = random.Random(5).randbytes(6 << 20)
+    digest = bodies.put(data)
+    f = RangedBody(bodies, digest, len(data))
+    got = hashlib.sha256()
+    while piece := f.read(256 << 10):
+        got.update(piece)
+    assert got.digest() == hashlib.sha256(data).digest() and f.requests == 5  # 256K, 512K, 1M, 2M, then the rest
+    assert RANGE_MAX == 4 << 20
+    rng = random.Random(7)
+    for _ in range(20):
+        at, n = rng.randrange(len(data) + 10), rng.randrange(1, 4096)
+        f.seek(at)
+        assert f.read(n) == data[at:at + n]
+    f.seek(-10, 2)
+    assert f.read(100) == data[-10:] and f.read(5) == b""
+    f.close()
+    short = RangedBody(bodies, digest, len(data) + 100)
+    short.seek(len(data) - 5)
+    assert short.read(50) == data[-5:]
+    short.close()
+    with pytest.raises(MessageGone):
+        RangedBody(bodies, "0" * 64, 10).read(5)
