@@ -24,6 +24,7 @@ BENCHMARKS = {
     "cluster-s3": "bench.cluster_s3",
     "cluster-accept": "bench.cluster_accept_rss",
     "cluster-fetch": "bench.cluster_fetch",
+    "cluster-ranged": "bench.cluster_ranged",
     "fts-large": "bench.fts_large",
     "sieve-large": "bench.sieve_large",
 }

@@ -34,19 +34,23 @@ Why written here: the stdlib's `email.feedparser` parses incrementally but keeps
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import VIEWS_VERSION
 from .matching import INDEXED_FIELDS, TEXT_LIMIT, SearchText, part_search_text
 from .mime import Part, parse_message
 
-__all__ = ["Layout", "layout_at", "search_text_at", "sparse_copy", "sparse_part"]
+__all__ = ["LAYOUT_KIND", "Layout", "layout_at", "search_text_at", "sparse_copy", "sparse_part"]
 
 PIECE = 256 << 10  # bytes read from the file at a time
 SKIP_LINE = 1024  # bytes kept of the first and last line of a body left out
 
 _HEAD, _KEEP, _SKIP = range(3)
+#: the view-cache kind of a kept `Layout` (`Layout.dump`): a new scan or views version is a new kind
+LAYOUT_KIND = "lay1." + VIEWS_VERSION
 
 #: (offset, n) -> up to n bytes of the message from `offset` (fewer only at its end)
 type ReadAt = Callable[[int, int], bytes]
@@ -277,6 +281,20 @@ class Layout:
     def measure(self, p: Part) -> tuple[int, int]:
         """(body size, body lines) of `p` in the message (`bodystructure.body_structure`)."""
         return self.body_size(p), self.body_lines(p)
+
+    def dump(self) -> bytes:
+        """The layout as bytes for the view cache (`load` gives it back): its marks, then the copy
+        its tree is parsed from."""
+        flat = [v for m in self.marks for v in m]
+        return struct.pack(f"<I{len(flat)}q", len(self.marks), *flat) + self.part.msg
+
+    @staticmethod
+    def load(data: bytes) -> Layout:
+        """The layout `dump` made (the copy parsed again: the same tree)."""
+        (n,) = struct.unpack_from("<I", data)
+        flat = struct.unpack_from(f"<{3 * n}q", data, 4)
+        marks: list[Mark] = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * n, 3)]
+        return Layout(parse_message(data[4 + 24 * n:]), marks)
 
 
 def layout_at(read_at: ReadAt, size: int, limit: int = TEXT_LIMIT) -> Layout | None:

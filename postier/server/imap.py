@@ -1165,21 +1165,42 @@ class IMAPSession(Session):
         a part of it, decoded for BINARY), a piece at a time (`Spliced.pieces`: 256 KiB), each
         handed to the client before the next is read (memory: one piece). False when the message
         is gone (expunged meanwhile: nothing of the answer was sent). A file that ends early once its size was announced cannot be
-        answered any more: the session ends."""
-        f = answer.file if answer.file is not None else await self.call(mb.open_message, name, answer.uid)
+        answered any more: the session ends. The file may be read as it is sent (cluster mode:
+        ranged GETs, `answer.partial`): the first piece is read before anything is sent, so the
+        storage out of reach then is NO [UNAVAILABLE] as before; once the answer has begun, the
+        session ends instead (a literal cannot be taken back)."""
+        f = answer.file if answer.file is not None else \
+            await self.call(mb.open_message, name, answer.uid, answer.partial)
         if f is None:
             return False
         try:
             size = await asyncio.to_thread(_file_size, f)
+            spans = [(part, part.pieces(f, size)) for part in answer.parts if not isinstance(part, bytes)]
+            # the first octets read (of the first literal that has any; those before it read nothing)
+            primed = next((k for k, (part, _p) in enumerate(spans) if part.length(size)), -1)
+            first = b""
+            if primed >= 0:
+                try:
+                    first = await asyncio.to_thread(next, spans[primed][1], b"")
+                except E.MessageGone:
+                    return False
             for part in answer.parts:
                 if isinstance(part, bytes):
                     self.send(part)
                     continue
                 left = part.length(size)
                 self.send(part.prefix(size))
-                pieces = part.pieces(f, size)
+                pieces = spans.pop(0)[1]
                 while left:
-                    piece = await asyncio.to_thread(next, pieces, b"")
+                    if first:
+                        piece, first = first, b""
+                    else:
+                        try:
+                            piece = await asyncio.to_thread(next, pieces, b"")
+                        except StoreError as exc:  # the answer has begun
+                            log.error("%s: message %d of %s not read while sent: %s", self.role, answer.uid,
+                                      name, exc)
+                            raise _Disconnect() from None
                     if not piece:
                         log.error("%s: message %d of %s ended %d octets early while sent", self.role, answer.uid,
                                   name, left)

@@ -12,7 +12,9 @@ of its file (found from its top-level header, or for a section from `textscan.la
 also gives BODYSTRUCTURE), the batch holds a `StreamedAnswer` (the line's bytes around them), and
 the session sends each range from the file a piece at a time (`IMAPSession._send_streamed`;
 BINARY decoded while sent), as Dovecot does, so a FETCH of a 30 MiB attachment holds one piece of
-it, not two copies.
+it, not two copies. The layout is kept in the view cache (`textscan.LAYOUT_KIND`), and an answer
+reading at most half the message opens it with `partial` (cluster mode: ranged GETs of the spans
+instead of a download of the whole body).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class Spliced:
     def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
         raise NotImplementedError
 
+    def reads(self, size: int) -> int:
+        """At most how many octets of the file `pieces` reads."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class FileSpan(Spliced):
@@ -124,6 +130,9 @@ class FileSpan(Spliced):
 
     def prefix(self, size: int) -> bytes:
         return b"{%d}\r\n" % self.length(size)  # RFC 9051 §4.3: the literal's octet count
+
+    def reads(self, size: int) -> int:
+        return self.length(size)
 
     def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
         """Its octets, textscan.PIECE at a time (fewer only if the file ends early)."""
@@ -154,12 +163,15 @@ class DecodedSpan(Spliced):
     def prefix(self, size: int) -> bytes:
         return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
 
+    def reads(self, size: int) -> int:
+        return _encoded_reads(self.end - self.start, self.skip + self.count)
+
     def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
         d = Decoder(self.encoding)
         f.seek(self.start)
         raw_left, skip, left = self.end - self.start, self.skip, self.count
         while left:
-            raw = f.read(min(textscan.PIECE, raw_left)) if raw_left else b""
+            raw = f.read(_encoded_reads(min(textscan.PIECE, raw_left), skip + left, 1024)) if raw_left else b""
             if raw_left and not raw:
                 return  # the file ended early
             raw_left -= len(raw)
@@ -179,7 +191,8 @@ class DecodedSpan(Spliced):
 class StreamedAnswer:
     """A FETCH answer with literals sent from the message's file: `parts` are the line's bytes and
     its literals (`FileSpan`, `DecodedSpan`) in order (`response.fetch_split`). `file` is the message opened while the
-    answer was made (a section's offsets are that file's), else None: the sender opens it. `size`
+    answer was made (a section's offsets are that file's), else None: the sender opens it
+    (`Mailboxes.open_message`, with `partial` when the literals read at most half of it). `size`
     is the answer's size as far as the index tells (the file's, which the sender reads, is
     authoritative)."""
 
@@ -187,6 +200,7 @@ class StreamedAnswer:
     uid: int
     size: int
     file: IO[bytes] | None = None
+    partial: bool = False
 
     def __len__(self) -> int:
         return self.size
@@ -435,8 +449,9 @@ def _render(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], attrs:
             items.append(("MODSEQ", Raw(b"(%d)" % row.modseq)))
         if large is not None and any(isinstance(v, Spliced) for _k, v in items):
             parts = fetch_split(seq, items, Spliced, utf8=opts.utf8)
+            reads = sum(p.reads(row.size) for p in parts if not isinstance(p, bytes))
             answer = StreamedAnswer(parts, uid, sum(len(p) if isinstance(p, bytes) else p.length(row.size)
-                                                    for p in parts), large.file)
+                                                    for p in parts), large.file, _partial(reads, row.size))
             held += answer.file is not None
             size += len(answer)
             out.data.append(answer)
@@ -476,6 +491,21 @@ def _whole_body(a: FetchAttr) -> bool:
         and a.partial is None
 
 
+def _partial(reads: int, size: int) -> bool:
+    """Whether reading `reads` octets of a message of `size` is reading parts of it
+    (`Mailboxes.open_message(partial=True)`): at most half of it. A store that fetches parts alone
+    (cluster mode: ranged GETs) then does; more is read whole (cluster mode: one download)."""
+    return 2 * reads <= size
+
+
+def _encoded_reads(raw: int, decoded: int, slack: int = textscan.PIECE) -> int:
+    """At most how many of `raw` encoded octets are read for `decoded` octets (quoted-printable: 3
+    for 1, base64 less), with `slack` more (the decoder's line): a partial BINARY reads no more of a
+    large part than it needs (cluster mode: the ranged GETs), a read falling short is followed by
+    another."""
+    return min(raw, 3 * decoded + slack)
+
+
 def _close(batch: FetchBatch, large: _Large | None) -> None:
     """Close the files a batch that will not be sent opened."""
     for answer in batch.data:
@@ -495,6 +525,9 @@ class _Large:
     layout the scan could not make): the caller reads the message whole, as for a smaller one."""
 
     __slots__ = ("_head", "_layout", "_mb", "_name", "_row", "file")
+    # The layout is kept in the view cache (textscan.LAYOUT_KIND; cluster mode writes it at upload
+    # too): a later section of the message reads only its span (in cluster mode by ranged GETs)
+    # rather than scanning the whole message again.
 
     def __init__(self, mb: Mailboxes, name: str, row: MessageRow) -> None:
         self._mb, self._name, self._row = mb, name, row
@@ -507,6 +540,15 @@ class _Large:
             self.file.close()
             self.file = None
 
+    def _open(self, reads: int) -> IO[bytes]:
+        """The message's file, opened for reading `reads` octets of it (`_partial`) if not open yet."""
+        if self.file is None:
+            f = self._mb.open_message(self._name, self._row.uid, partial=_partial(reads, self._row.size))
+            if f is None:
+                raise MessageGone("message was expunged")
+            self.file = f
+        return self.file
+
     def _read_at(self, offset: int, n: int) -> bytes:
         assert self.file is not None
         self.file.seek(offset)
@@ -514,11 +556,14 @@ class _Large:
 
     def layout(self) -> Layout | None:
         if self._layout is False:
-            f = self._mb.open_message(self._name, self._row.uid)
-            if f is None:
-                raise MessageGone("message was expunged")
-            self.file = f
-            self._layout = layout_at(self._read_at, f.seek(0, 2))
+            kept = self._mb.cache_get(self._name, [self._row.uid], textscan.LAYOUT_KIND).get(self._row.uid)
+            if kept is not None:
+                self._layout = Layout.load(kept)
+            else:
+                f = self._open(self._row.size)  # the scan reads it all
+                self._layout = lay = layout_at(self._read_at, f.seek(0, 2))
+                if lay is not None:
+                    self._mb.cache_put(self._name, [(self._row.uid, textscan.LAYOUT_KIND, lay.dump())])
         assert not isinstance(self._layout, bool)
         return self._layout
 
@@ -547,6 +592,7 @@ class _Large:
         when there is nothing to decode)."""
         d = Decoder(encoding)  # UnknownCTE: NO [UNKNOWN-CTE] (RFC 3516 §4.3), as read whole
         lo, hi = (0, 1 << 62) if spec is None else (spec[0], spec[0] + spec[1])
+        self._open(min(end - start, hi) if d.identity else _encoded_reads(end - start, hi))
         if d.identity:
             count = max(0, min(hi, end - start) - lo)
             binary = any(b"\x00" in self._read_at(at, min(textscan.PIECE, start + lo + count - at))
@@ -554,14 +600,14 @@ class _Large:
             return DecodedSpan(start, end, encoding, lo, count, binary)
         total, binary, at = 0, False, start
         while True:
-            raw = self._read_at(at, min(textscan.PIECE, end - at)) if at < end else b""
+            raw = self._read_at(at, _encoded_reads(min(textscan.PIECE, end - at), hi - total, 1024)) if at < end else b""
             if at < end and not raw:
                 raise OSError("message file ended early")
             at += len(raw)
             out = d.feed(raw) if raw else d.end()
             binary = binary or out.find(b"\x00", max(lo - total, 0), max(hi - total, 0)) >= 0
             total += len(out)
-            if not raw:
+            if not raw or total >= hi:  # the octets after `hi` change neither the count nor `binary`
                 return DecodedSpan(start, end, encoding, lo, max(0, min(hi, total) - lo), binary)
 
     def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | Literal | tuple[str, int] | None:

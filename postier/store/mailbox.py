@@ -763,8 +763,9 @@ class UserMailbox:
         return {r.uid: h for r in rows if (h := self.peek_header(name, r)) is not None}
 
     @_locked
-    def open_message(self, name: str, uid: int) -> IO[bytes] | None:
-        """The message file opened for reading (streamed by POP3 RETR/TOP), or None when it is gone.
+    def open_message(self, name: str, uid: int, partial: bool = False) -> IO[bytes] | None:
+        """The message file opened for reading (streamed by POP3 RETR/TOP), or None when it is gone
+        (`partial` changes nothing: a file is read by offset anyway).
         Another client may have renamed it (flags changed): the folder is resynced once."""
         n = normalize_name(name)
         for attempt in range(2):

@@ -93,3 +93,31 @@ def test_concurrent_renames_of_one_user_are_numbered_in_commit_order(store: Clus
     assert end.cursor == start.cursor + 40 and end.renames is not None and len(end.renames) == 40
     assert _name_changes(end.renames, set(start.folders), set(end.folders)) == (set(), {"T0_20": "T0_0",
                                                                                         "T1_20": "T1_0"}, set())
+
+
+def test_user_remove_keeps_the_mailbox_and_its_rename_log(store: ClusterStore, mb: ClusterMailboxes) -> None:
+    """`postier user remove` ends the account, not the mailbox (as on one machine: "the mailbox stays"):
+    the folders stay and so does their rename log, whose numbers go on if the address is added again.
+    A log purged while the folders stay would number again from 1, so a session still holding a
+    cursor from before would be handed renames it never saw as the ones after its cursor."""
+    from postier.accounts import Accounts
+    from postier.store.cluster.accounts import PGAccountStorage
+
+    acc = Accounts(PGAccountStorage(store.dsn, 3.0))
+    try:
+        acc.add_domain("example.org")
+        acc.add_user(ALICE.address, "password123")
+        mb.create("A")
+        mb.rename("A", "B")
+        before = mb.names_since(None)
+        acc.remove_user(ALICE.address)
+        with psycopg.connect(store.dsn, autocommit=True) as conn:
+            kept = conn.execute("SELECT (SELECT count(*) FROM folders WHERE owner=%(o)s), (SELECT seq FROM "
+                                "rename_heads WHERE owner=%(o)s), (SELECT count(*) FROM renames WHERE owner=%(o)s)",
+                                {"o": ALICE.address}).fetchone()
+        assert kept == (len(before.folders), before.cursor, 1)
+        acc.add_user(ALICE.address, "password123")
+        mb.rename("B", "C")
+        assert mb.names_since(before.cursor).renames == [("B", "C")]
+    finally:
+        acc.close()

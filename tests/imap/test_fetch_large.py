@@ -78,7 +78,7 @@ def sent(mb: Mailboxes, name: str, answer: bytes | StreamedAnswer) -> bytes:
     """The bytes `IMAPSession._send_streamed` sends for an answer."""
     if isinstance(answer, bytes):
         return answer
-    f = answer.file if answer.file is not None else mb.open_message(name, answer.uid)
+    f = answer.file if answer.file is not None else mb.open_message(name, answer.uid, answer.partial)
     assert f is not None
     with f:
         size = f.seek(0, 2)
@@ -151,10 +151,12 @@ def compare(mb: Mailboxes, raws: list[bytes], monkeypatch: pytest.MonkeyPatch) -
         whole = fetch_hashes(mb, f"Whole{k}", items, stream=False)
         parts = fetch_hashes(mb, f"Parts{k}", items, stream=True)
         assert parts == whole, items
+        # again, each layout read back from the view cache (textscan.LAYOUT_KIND, Layout.load)
+        assert fetch_hashes(mb, f"Parts{k}", items, stream=True) == whole, items
         n += len(whole)
     parted = [r for r in reads if r.startswith("Parts")]
     print(f"{len(reads) - len(parted)} messages read whole for Whole*, {len(parted)} for Parts*, {STREAMED}")
-    assert len(parted) < (len(reads) - len(parted)) / 3
+    assert len(parted) < 2 * (len(reads) - len(parted)) / 3  # both passes
     return n
 
 

@@ -28,6 +28,13 @@ file object into memory (a part size per worker thread) and would also need the 
 the file in one object; the three calls are few and keep the key, the confirmation and the abort
 in view. An object already present under the key (HEAD, with the same length) is not uploaded
 again: its mark was renewed first, so the collector cannot delete it before the commit.
+
+A part of a large body (a FETCH of a section or a partial range, server/imapfetch.py) is read by
+ranged GETs (`RangedBody`, RFC 9110 §14.1.2 byte ranges), not downloaded whole: a read at a new
+position asks for the bytes asked for, and reads that go on from there ask for windows that double,
+up to RANGE_MAX, each streamed from the answer a piece at a time (memory: the caller's piece). Such
+bytes cannot be checked against the key (only a whole body can): the whole-body path
+(`download`) stays for what reads the whole message.
 """
 
 from __future__ import annotations
@@ -51,13 +58,14 @@ import botocore.exceptions
 from ..errors import MessageGone, StoreUnavailable
 from ...proto.crlf import bare_lf
 
-__all__ = ["BodiesNotDeleted", "BodyStore", "SpooledSource", "body_digest", "body_key"]
+__all__ = ["BodiesNotDeleted", "BodyStore", "RangedBody", "SpooledSource", "body_digest", "body_key"]
 
 PREFIX = "bodies/"
 _KEY = re.compile(r"bodies/([0-9a-f]{2})/([0-9a-f]{64})")
 PART_SIZE = 8 << 20  # multipart part (S3: at least 5 MiB, except the last part)
 READ_CHUNK = 256 << 10  # hashing a spooled body, and the download's chunk
 DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
+RANGE_MAX = 4 << 20  # the largest window of one ranged GET of `RangedBody`
 
 #: (offset, n) -> up to n bytes of a body from `offset` (fewer only at its end)
 type ReadAt = Callable[[int, int], bytes]
@@ -361,3 +369,87 @@ class BodyStore:
         if limit is None:
             self._remember(digest, data)
         return data
+
+    def get_range(self, digest: str, start: int, end: int) -> Any:
+        """The streaming body of a ranged GET of octets start..end - 1 (`end` > `start`; fewer when
+        the body is shorter), to be read and closed by the caller (`RangedBody`)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=body_key(digest),
+                                          Range=f"bytes={start}-{end - 1}")["Body"]  # RFC 9110 §14.1.2
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
+                raise MessageGone("message body missing from the object store") from exc
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+
+
+class RangedBody(io.RawIOBase):
+    """A large body opened for reading parts of it (`ClusterMailboxes.open_message(partial=True)`),
+    `size` octets as the index tells: seekable, read by ranged GETs (`BodyStore.get_range`). A read
+    at a new position asks for what it asks for; a read going on from where the previous one ended
+    goes on in the same answer, or asks for a window twice the last one (up to RANGE_MAX). Nothing
+    is held but the answer being read; a seek elsewhere closes it. The object store out of reach is
+    StoreUnavailable, the object gone MessageGone, at the read."""
+
+    def __init__(self, bodies: BodyStore, digest: str, size: int) -> None:
+        super().__init__()
+        self._bodies, self._digest, self._size = bodies, digest, size
+        self._pos = 0
+        self._stream: Any = None  # the open answer: octets _at.._end - 1 of the body
+        self._at = self._end = 0
+        self._window = 0
+        self.requests = 0  # ranged GETs made (tests, bench)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        done = 0
+        while done < want:
+            if self._stream is None or self._at != self._pos + done or self._at >= self._end:
+                go_on = self._stream is not None and self._at == self._pos + done
+                self._drop()
+                # a new position: what is asked for; going on: twice the last window
+                self._window = min(RANGE_MAX, max(want - done, 2 * self._window if go_on else 0))
+                self._at = self._pos + done
+                self._end = min(self._size, self._at + self._window)
+                self._stream = self._bodies.get_range(self._digest, self._at, self._end)
+                self.requests += 1
+            try:
+                piece = self._stream.read(min(want - done, self._end - self._at))
+            except (botocore.exceptions.BotoCoreError, OSError) as exc:
+                self._drop()
+                raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+            if not piece:  # the object is shorter than the index says
+                self._drop()
+                break
+            view[done:done + len(piece)] = piece
+            done += len(piece)
+            self._at += len(piece)
+        self._pos += done
+        return done

@@ -12,7 +12,10 @@ view at once both succeed and one row is kept.
 Each row refers to its `bodies` row (ON DELETE CASCADE): the collector (`store.cluster.gc`) deletes
 a body's views with its row, and an insert racing with that collection waits on the collector's row
 lock and then fails its foreign-key check instead of leaving a row for a deleted body. Views larger
-than `index.CACHE_ITEM_LIMIT` are not kept (the same bound as the single-machine index).
+than `index.CACHE_ITEM_LIMIT` are not kept (the same bound as the single-machine index). A large
+body's MIME layout (`textscan.LAYOUT_KIND`: its header blocks and delimiter lines with their
+offsets) is one more kind, written at its upload (`put_by_body`) or by the first FETCH that scans
+the body: a FETCH of a section then reads only that span, by ranged GETs.
 
 `body_heads` holds each body's header block, the bytes `ClusterMailboxes.read_header` answers (up
 to and including the first empty line; the whole body when it has none), so that header-only reads
@@ -34,7 +37,7 @@ import psycopg
 from ...message.mime import header_end
 from ..index import CACHE_ITEM_LIMIT
 
-__all__ = ["DDL", "get", "get_heads", "has_head", "head_of", "put", "put_heads"]
+__all__ = ["DDL", "get", "get_heads", "has_head", "head_of", "put", "put_by_body", "put_heads"]
 
 type Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -77,6 +80,21 @@ def put(conn: Conn, fid: int, items: Sequence[tuple[int, str, bytes]]) -> int:
         "JOIN messages m ON m.folder = %s AND m.uid = i.uid JOIN bodies b ON b.hash = m.body "
         "ORDER BY m.body, i.kind ON CONFLICT DO NOTHING",
         ([u for u, _k, _d in keep], [k for _u, k, _d in keep], [d for _u, _k, d in keep], fid))
+    return cur.rowcount
+
+
+def put_by_body(conn: Conn, items: Sequence[tuple[str, str, bytes]]) -> int:
+    """Store (body hash, kind, data) views of bodies (a large body's layout, written at its upload:
+    ClusterMailboxes._put_body), as `put` does for a folder's messages: over the size bound or
+    without a `bodies` row left out, in key order, ON CONFLICT DO NOTHING."""
+    keep = sorted({(h, k): d for h, k, d in items if len(d) <= CACHE_ITEM_LIMIT}.items())
+    if not keep:
+        return 0
+    cur = conn.execute(
+        "INSERT INTO body_views (body, kind, data) SELECT i.body, i.kind, i.data "
+        "FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS i(body, kind, data) "
+        "JOIN bodies b ON b.hash = i.body ORDER BY i.body, i.kind ON CONFLICT DO NOTHING",
+        ([h for (h, _k), _d in keep], [k for (_h, k), _d in keep], [d for _key, d in keep]))
     return cur.rowcount
 
 

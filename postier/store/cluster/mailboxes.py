@@ -27,13 +27,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Concatenate
+from typing import IO, Any, Concatenate, cast
 
 import psycopg
 import psycopg_pool
 
 from ...message.types import MEMORY_DATA_LIMIT, User
 from ...message.mime import header_end, header_section
+from ...message.textscan import LAYOUT_KIND, layout_at
 from ...proto.crlf import to_crlf
 from ..api import (
     RENAMES_KEPT,
@@ -66,7 +67,7 @@ from ..quota import WARN_LEVELS, Usage
 from ..mailbox import DEFAULT_SPECIAL_USE, INBOX, SEPARATOR, SPECIAL_USES, normalize_name
 from . import fulltext
 from . import cache as views
-from .bodies import BodyStore, SpooledSource
+from .bodies import BodyStore, RangedBody, SpooledSource
 from .gc import mark
 from .schema import CHANNEL
 
@@ -669,17 +670,21 @@ class ClusterMailboxes:
             log.warning("cluster: header blocks of %s not kept: %s", self.owner, exc)
 
     @_op
-    def open_message(self, name: str, uid: int) -> IO[bytes] | None:
-        """The message for reading in pieces (POP3 RETR/TOP, `import imap --verify`), or None when
-        it is gone: up to MEMORY_DATA_LIMIT its bytes; a larger body is downloaded in pieces into an
-        unnamed temporary file (`BodyStore.download`: memory bounded by one piece, the SHA-256
-        checked), which the caller's close removes."""
+    def open_message(self, name: str, uid: int, partial: bool = False) -> IO[bytes] | None:
+        """The message for reading in pieces (POP3 RETR/TOP, `import imap --verify`, a FETCH of a
+        large message), or None when it is gone: up to MEMORY_DATA_LIMIT its bytes; a larger body
+        read for parts of it (`partial`: a section, a partial range) is read by ranged GETs as they
+        come (`RangedBody`), else downloaded in pieces into an unnamed temporary file
+        (`BodyStore.download`: memory bounded by one piece, the SHA-256 checked), which the caller's
+        close removes."""
         row = self.rows(name, [uid]).get(uid)
         if row is None:
             return None
         try:
             if row.size <= MEMORY_DATA_LIMIT:
                 return io.BytesIO(self.bodies.get(row.base))
+            if partial:
+                return cast(IO[bytes], RangedBody(self.bodies, row.base, row.size))
             with tempfile.TemporaryDirectory(prefix="postier-open-") as work:
                 path = Path(work) / "body"
                 self.bodies.download(row.base, path)
@@ -782,7 +787,9 @@ class ClusterMailboxes:
         Rows left by a transaction that then fails belong to an orphan body and go with it
         (`postier cluster gc`). A body in a file (an open `SpooledSource`) is hashed (unless its
         `digest` is known already) and uploaded from it (`BodyStore.put_stream`), and its text extracted from it holding a bounded part of it
-        (`fulltext.text_row_at`), only when the body has no row yet (not for a second copy of it)."""
+        (`fulltext.text_row_at`), only when the body has no row yet (not for a second copy of it);
+        so is its MIME layout (`textscan.layout_at`, kept in `body_views` as LAYOUT_KIND), with
+        which a FETCH of a section reads only that span (`open_message(partial=True)`)."""
         if isinstance(data, SpooledSource):
             digest = data.digest or self.bodies.digest_stream(data.read_at, data.size)
         else:
@@ -796,9 +803,14 @@ class ClusterMailboxes:
         else:
             self.bodies.put(data, digest)
         row = head = None
+        layout: list[tuple[str, str, bytes]] = []
         if not known:
             if isinstance(data, SpooledSource):  # a bounded part of it (fulltext.text_row_at)
                 row = fulltext.text_row_at(digest, data.read_at, data.size)
+                # its layout too, so that a FETCH of a section reads only its span (RangedBody)
+                lay = layout_at(data.read_at, data.size) if data.size > MEMORY_DATA_LIMIT else None
+                if lay is not None:
+                    layout.append((digest, LAYOUT_KIND, lay.dump()))
             else:
                 row = fulltext.text_row(digest, data)
         if not head_known:
@@ -807,12 +819,13 @@ class ClusterMailboxes:
                 head = views.head_of(first, complete=len(first) == data.size)
             else:
                 head = views.head_of(data)
-        if row is not None or head is not None:
+        if row is not None or head is not None or layout:
             with self._tx() as conn:
                 if row is not None:
                     fulltext.write_rows(conn, [row])
                 if head is not None:
                     views.put_heads(conn, [(digest, head)])
+                views.put_by_body(conn, layout)
         return digest
 
     def _put_spooled(self, item: SpoolFile) -> tuple[str, int]:
