@@ -3,7 +3,8 @@
 scan (`textscan.layout_at`), never read whole; every answer is the one the whole-message path
 gives, compared by hash. The renderer is compared with the large-message threshold set to 0 over
 the message-view corpora and generated large messages; then a running server answers two sessions
-at once on a 20 MiB message with an attachment, its peak RSS measured."""
+at once on a 20 MiB message with an attachment (sections, partials, BINARY of the attachment and of
+the whole multipart), its peak RSS measured."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ ITEMS = [
     "(BODY.PEEK[3.HEADER.FIELDS (Subject)] BODY.PEEK[HEADER.FIELDS.NOT (To)])", "(RFC822 BODYSTRUCTURE)",
     "(BINARY.PEEK[2]<0.100> BINARY.SIZE[1] BODY.PEEK[1])", "(BODY.PEEK[1.1] BODY.PEEK[2.1])", "(BINARY.PEEK[2])",
     "(BINARY.SIZE[2] BINARY.SIZE[3] BINARY.PEEK[3]<2.100000> BINARY.PEEK[4.1])", "(BINARY.PEEK[1]<5.5> BINARY.PEEK[])",
-    "(BINARY[2]<70000.100000> BINARY.PEEK[4])",
+    "(BINARY[2]<70000.100000> BINARY.PEEK[4])", "(BINARY.SIZE[] BINARY.SIZE[4] BINARY.PEEK[]<100.200000>)",
+    "(BINARY.PEEK[4]<10.100> BINARY.SIZE[4.1] BINARY.PEEK[1.1] BINARY.PEEK[]<0.1>)", "(BINARY.PEEK[]<99999999.10>)",
 ]
 
 
@@ -234,10 +236,17 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         measured("uncached BODYSTRUCTURE and partials", ("b", b, partials))
         measured("BINARY.PEEK[2] (base64 undone)", ("bin", a, "(BINARY.PEEK[2])"))
         measured("both from two sessions at once", ("a", a, "(BODY.PEEK[2])"), ("b2", b, partials.replace("BODYSTRUCTURE ", "")))
+        measured("BINARY.PEEK[] and BINARY.SIZE[] (the whole multipart decoded) from two sessions at once",
+                 ("all", a, "(BINARY.SIZE[] BINARY.PEEK[])"), ("all2", b, "(BINARY.PEEK[]<1000.2000000> BINARY.PEEK[4])"))
         fetch("c", a, "(BODY.PEEK[4.1])")
         assert not errors, errors
         first, second, third = got["a"], got["b"], got["c"]
         assert isinstance(got["bin"][0], tuple) and _sha(got["bin"][0][1]) == _sha(binary_section(whole, (2,)))
+        entity = binary_section(whole, ())
+        assert isinstance(got["all"][0], tuple) and b"BINARY.SIZE[] %d " % len(entity) in got["all"][0][0]
+        assert _sha(got["all"][0][1]) == _sha(entity)
+        assert [_sha(p[1]) for p in got["all2"] if isinstance(p, tuple)] == [
+            _sha(entity[1000:2001000]), _sha(binary_section(whole, (4,)))]
         assert isinstance(first[0], tuple) and first[0][0].endswith(b"BODY[2] {%d}" % len(section("2")))
         assert _sha(first[0][1]) == want["attachment"]
         assert [_sha(p[1]) for p in second if isinstance(p, tuple)] == [
