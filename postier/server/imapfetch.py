@@ -21,7 +21,7 @@ import datetime as dt
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -53,7 +53,7 @@ from ..store.errors import MessageGone, StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
 __all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "DecodedSpan", "EntitySpan", "FileSpan", "Spliced", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
-           "render_fetch", "run_search"]
+           "render_fetch", "run_search", "url_copy"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
@@ -661,6 +661,19 @@ class _Large:
                 break
         return EntitySpan(tuple(merged), lo, max(0, min(hi, total) - lo), binary)
 
+    def octets(self, section: Section | None, spec: tuple[int, int] | None) -> FileSpan | bytes | None:
+        """The message or its `section` as stored (NUL kept: CATENATE, `url_copy`), cut to `spec`: a
+        span of the file, header field lines, or None (no layout: read whole)."""
+        if section is None or (not section.part and section.text is None):
+            return FileSpan(0).cut(spec)
+        lay = self.layout()
+        if lay is None:
+            return None
+        got = section_span(lay.part, section)
+        if isinstance(got, bytes):
+            return partial(got, spec)
+        return FileSpan(lay.at(got[0]), lay.at(got[1])).cut(spec)
+
     def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | EntitySpan | Literal | tuple[str, int] | None:
         n, sec = a.name, a.section
         if n == "RFC822" or (n == "BODY" and sec is not None and not sec.part and sec.text is None):
@@ -1094,17 +1107,46 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     return out, len(targets)
 
 
-def url_octets(mb: Mailboxes, name: str, uid: int, section: Section | None,
-               part_range: tuple[int, int | None] | None) -> bytes | None:
-    """What an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3): the message `uid` of folder
-    `name`, or its `section`, cut to `part_range`; None when there is no such message."""
+def url_copy(mb: Mailboxes, name: str, uid: int, section: Section | None,  # noqa: PLR0913
+             part_range: tuple[int, int | None] | None, write: Callable[[bytes], None], room: int) -> int | None:
+    """Copy what an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3) to `write`: the message
+    `uid` of folder `name`, or its `section` (NUL kept: `section_octets`), cut to `part_range`, a
+    piece at a time. Returns its length, nothing written when that is above `room` (the caller
+    answers TOOBIG); None when there is no such message. A message above STREAM_FROM is not read
+    whole: its octets are a `FileSpan` of its file (the section placed by its layout, `_Large`), as
+    for FETCH; one whose layout cannot be made is read whole, as there."""
     row = mb.rows(name, [uid]).get(uid)
     if row is None:
         return None
+    spec = None if part_range is None else (part_range[0], 1 << 62 if part_range[1] is None else part_range[1])
+    if row.lf == 0 and row.size > STREAM_FROM:
+        large = _Large(mb, name, row)
+        try:
+            got = large.octets(section, spec)
+            if isinstance(got, FileSpan):
+                f = large.file if large.file is not None else mb.open_message(name, uid)
+                if f is None:
+                    return None
+                large.file = f
+                size = f.seek(0, 2)
+                if (n := got.length(size)) <= room:
+                    left = n
+                    for piece in got.pieces(f, size):
+                        write(piece)
+                        left -= len(piece)
+                    if left:
+                        raise OSError("message file ended early")
+                return n
+            if got is not None:
+                if len(got) <= room:
+                    write(got)
+                return len(got)
+        finally:
+            large.close()
     data = mb.read(name, row)
     if section is not None:
         data = section_octets(parse_message(data), section)
-    if part_range is not None:  # RFC 5092 §3.4: an offset past the end gives nothing
-        offset, length = part_range
-        data = data[offset:] if length is None else data[offset:offset + length]
-    return data
+    data = partial(data, spec)  # RFC 5092 §3.4: an offset past the end gives nothing
+    if len(data) <= room:
+        write(data)
+    return len(data)
