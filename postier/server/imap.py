@@ -34,11 +34,11 @@ import os
 import ssl
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import IO, Any
 
 from ..antispam.learning import JUNK, enqueue, verdict
-from ..message.types import User
+from ..message.types import MEMORY_DATA_LIMIT, User
 from ..message.matching import SearchContext
 from ..message.sorting import SortItem, sort_messages
 from ..message.threading import thread_orderedsubject, thread_references
@@ -79,7 +79,7 @@ from .imapfetch import (
     render_flags,
     narrow,
     run_search,
-    url_octets,
+    url_copy,
 )
 
 log = logging.getLogger("postier.imap")
@@ -630,21 +630,26 @@ class IMAPSession(Session):
         """RFC 9051 §6.3.12 APPEND; RFC 3502 MULTIAPPEND (all messages or none)."""
         name = self._name(cmd.mailbox)
         items: list[tuple[bytes | SpoolFile, list[str], float | None]] = []
-        for msg in cmd.messages:
-            if msg.utf8 and not self.core.utf8_accept:  # RFC 6855 §4: only once enabled
-                raise _bad("UTF8 in APPEND needs ENABLE UTF8=ACCEPT", Code.CLIENTBUG)
-            data = await self._append_data(msg)
-            size = len(data) if isinstance(data, bytes) else data.received
-            if not size:
-                raise _no("Empty message", Code.CANNOT)
-            if size > self.cfg.imap.appendlimit:
-                raise _no("Message too large", Code.TOOBIG)
-            when = msg.internal_date.timestamp() if msg.internal_date is not None else None
-            items.append((data, [f for f in msg.flags if f.upper() != "\\RECENT"], when))
         try:
-            uidvalidity, uids = await self.call(self._mbox().append_many, name, items)
-        except StoreError as exc:
-            raise _store_reply(exc, target=True) from None
+            for msg in cmd.messages:
+                if msg.utf8 and not self.core.utf8_accept:  # RFC 6855 §4: only once enabled
+                    raise _bad("UTF8 in APPEND needs ENABLE UTF8=ACCEPT", Code.CLIENTBUG)
+                data = await self._append_data(msg)
+                when = msg.internal_date.timestamp() if msg.internal_date is not None else None
+                items.append((data, [f for f in msg.flags if f.upper() != "\\RECENT"], when))
+                size = len(data) if isinstance(data, bytes) else data.received
+                if not size:
+                    raise _no("Empty message", Code.CANNOT)
+                if size > self.cfg.imap.appendlimit:
+                    raise _no("Message too large", Code.TOOBIG)
+            try:
+                uidvalidity, uids = await self.call(self._mbox().append_many, name, items)
+            except StoreError as exc:
+                raise _store_reply(exc, target=True) from None
+        finally:  # a CATENATE's spool file not delivered (the literals' go in _dispatch)
+            for data, _flags, _when in items:
+                if isinstance(data, SpoolFile):
+                    data.discard()
         self._notify(name)
         if self.core.sel is not None:
             await self._updates(allow_expunge=True, sync=False)
@@ -652,26 +657,37 @@ class IMAPSession(Session):
 
     async def _append_data(self, msg: C.AppendMessage) -> bytes | SpoolFile:
         """One APPEND message's content: its literal (in memory or, when large, in a file in the
-        Maildir's tmp/: `_spool`), or its CATENATE parts joined in memory (RFC 4469 §3)."""
+        Maildir's tmp/: `_spool`), or its CATENATE parts joined (RFC 4469 §3), a piece at a time,
+        in memory up to MEMORY_DATA_LIMIT and beyond in a spool file (`_Catenation`)."""
         if msg.catenate is None:
             return _spooled(msg.message)
-        pieces: list[bytes] = []
-        total = 0
-        for part in msg.catenate:
-            if part.kind == "TEXT":
-                text = _spooled(part.data)
-                data = text if isinstance(text, bytes) else await self.call(text.read_all)
-            else:
-                data = await self._url_octets(part.url)
-            total += len(data)
-            if total > self.cfg.imap.appendlimit:  # RFC 4469 §5: TOOBIG
-                raise _no("Message too large", Code.TOOBIG)
-            pieces.append(data)
-        return b"".join(pieces)
+        out = _Catenation(self._mbox().spool)
+        try:
+            for part in msg.catenate:
+                room = self.cfg.imap.appendlimit - out.received
+                if part.kind == "TEXT":
+                    text = _spooled(part.data)
+                    if isinstance(text, bytes):
+                        n = len(text)
+                        if n <= room:
+                            await self.call(out.write, text)
+                    elif text.failed is not None:
+                        raise StoreError(f"message not stored: {text.failed}")
+                    elif (n := text.size) <= room:
+                        await self.call(_copy_pieces, text.pieces(), out.write)
+                else:
+                    n = await self._url_copy(part.url, out.write, room)
+                if n > room:  # RFC 4469 §5: TOOBIG
+                    raise _no("Message too large", Code.TOOBIG)
+            return out.result()
+        except BaseException:
+            out.discard()
+            raise
 
-    async def _url_octets(self, url: str) -> bytes:
-        """The octets a CATENATE URL names, only ever from this user's own mailboxes (no URLAUTH, no
-        other users: RFC 4469 §5 BADURL for anything else)."""
+    async def _url_copy(self, url: str, write: Callable[[bytes], None], room: int) -> int:
+        """Copy the octets a CATENATE URL names to `write` (`imapfetch.url_copy`: nothing when more
+        than `room`), only ever from this user's own mailboxes (no URLAUTH, no other users: RFC 4469
+        §5 BADURL for anything else); their length."""
         user = self.user
         assert user is not None
         bad = _no("CATENATE URL cannot be used", Code.badurl(url))
@@ -699,12 +715,12 @@ class IMAPSession(Session):
             snap = await self.call(mb.snapshot, name, False)
             if u.uidvalidity is not None and u.uidvalidity != snap.uidvalidity:
                 raise bad
-            data = await self.call(url_octets, mb, name, u.uid, u.section, u.partial)
+            n = await self.call(url_copy, mb, name, u.uid, u.section, u.partial, write, room)
         except StoreError:
             raise bad from None
-        if data is None:
+        if n is None:
             raise bad  # expunged or never there
-        return data
+        return n
 
     def _spool(self, size: int) -> SpoolFile:
         """Where the reader writes a large APPEND literal as it arrives (`CommandReader.spool`):
@@ -1483,6 +1499,45 @@ def _in_view(view: Sequence[int], uids: set[int]) -> list[tuple[int, int]]:
             j += 1
         i = j
     return out
+
+
+class _Catenation:
+    """The message a CATENATE builds (RFC 4469 §3), written a piece at a time: held in memory up to
+    MEMORY_DATA_LIMIT octets, beyond that in a spool file (`Mailboxes.spool`) as a large APPEND
+    literal is (CRLF made on the way, as `append_many` makes it for bytes), so that memory stays
+    bounded whatever the size of the parts. `write` runs in a worker thread (it may write to disk)."""
+
+    __slots__ = ("_held", "_make", "_spool", "received")
+
+    def __init__(self, make: Callable[[], SpoolFile]) -> None:
+        self._make = make
+        self._held: list[bytes] = []
+        self._spool: SpoolFile | None = None
+        self.received = 0
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._spool is None and self.received <= MEMORY_DATA_LIMIT:
+            self._held.append(data)
+            return
+        if self._spool is None:
+            self._spool = self._make()
+            for held in self._held:
+                self._spool.write(held)
+            self._held = []
+        self._spool.write(data)
+
+    def result(self) -> bytes | SpoolFile:
+        return self._spool if self._spool is not None else b"".join(self._held)
+
+    def discard(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+
+
+def _copy_pieces(pieces: Iterator[bytes], write: Callable[[bytes], None]) -> None:
+    for piece in pieces:
+        write(piece)
 
 
 def _spooled(data: bytes | C.SpooledLiteral) -> bytes | SpoolFile:

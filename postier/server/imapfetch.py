@@ -11,10 +11,10 @@ A message above STREAM_FROM is not read whole here at all (`_Large`): its conten
 of its file (found from its top-level header, or for a section from `textscan.layout_at`, which
 also gives BODYSTRUCTURE), the batch holds a `StreamedAnswer` (the line's bytes around them), and
 the session sends each range from the file a piece at a time (`IMAPSession._send_streamed`;
-BINARY decoded while sent), as Dovecot does, so a FETCH of a 30 MiB attachment holds one piece of
-it, not two copies. The layout is kept in the view cache (`textscan.LAYOUT_KIND`), and an answer
-reading at most half the message opens it with `partial` (cluster mode: ranged GETs of the spans
-instead of a download of the whole body).
+BINARY decoded while sent, of a multipart too), as Dovecot does, so a FETCH of a 30 MiB attachment
+holds one piece of it, not two copies. The layout is kept in the view cache (`textscan.LAYOUT_KIND`),
+and an answer reading at most half the message opens it with `partial` (cluster mode: ranged GETs of
+the spans instead of a download of the whole body).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import datetime as dt
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -54,8 +54,8 @@ from ..store.api import FlagTable, Mailboxes
 from ..store.errors import MessageGone, StoreError, StoreUnavailable
 from ..store.index import FLAG_SEEN, MessageRow, flags_to_names
 
-__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "DecodedSpan", "FileSpan", "Spliced", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
-           "render_fetch", "run_search"]
+__all__ = ["STREAM_FROM", "FetchBatch", "FetchOptions", "FetchPace", "DecodedSpan", "EntitySpan", "FileSpan", "Spliced", "StreamedAnswer", "UidSet", "changed_targets", "content_need", "narrow",
+           "render_fetch", "run_search", "url_copy"]
 
 BATCH_BYTES = 2 * 1024 * 1024  # stop a batch once this much response is built
 PEEK_AHEAD = 200  # header SEARCH and FETCH: header blocks asked for at once (Mailboxes.peek_headers)
@@ -185,6 +185,78 @@ class DecodedSpan(Spliced):
                 yield out
             if not raw:
                 return
+
+
+#: a piece of a BINARY entity (`EntitySpan`): octets as they are, or (start, end, encoding): octets
+#: of the file with that Content-Transfer-Encoding undone ("7bit": copied as they are)
+type Segment = bytes | tuple[int, int, str]
+
+
+class _FileEnded(OSError):
+    """The message's file ended before an octet its layout placed (it changed under the reader)."""
+
+
+def _segment_octets(f: IO[bytes], segments: Sequence[Segment]) -> Iterator[bytes]:
+    """The octets of `segments` in order, a file piece (textscan.PIECE) decoded at a time
+    (`mime.Decoder`; UnknownCTE for an encoding that is not RFC 2045's)."""
+    for seg in segments:
+        if isinstance(seg, bytes):
+            if seg:
+                yield seg
+            continue
+        start, end, encoding = seg
+        d = Decoder(encoding)
+        f.seek(start)
+        left = end - start
+        while left:
+            raw = f.read(min(textscan.PIECE, left))
+            if not raw:
+                raise _FileEnded("message file ended early")
+            left -= len(raw)
+            if out := d.feed(raw):
+                yield out
+        if out := d.end():
+            yield out
+
+
+@dataclass(frozen=True, slots=True)
+class EntitySpan(Spliced):
+    """BINARY[] or BINARY[n] of a multipart or message/rfc822 part (RFC 3516 §4.2) sent from the
+    file: `segments` in order (header and delimiter octets as they are, a rewritten
+    Content-Transfer-Encoding field, each leaf body decoded in pieces: `sections.binary_section`'s
+    octets), `skip` octets left out, then `count` sent, as literal8 when they hold NUL. `count`
+    and `binary` come from a first pass (`_Large.entity`)."""
+
+    segments: tuple[Segment, ...]
+    skip: int
+    count: int
+    binary: bool
+
+    def length(self, size: int) -> int:
+        return self.count
+
+    def prefix(self, size: int) -> bytes:
+        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
+
+    def reads(self, size: int) -> int:
+        return sum(seg[1] - seg[0] for seg in self.segments if isinstance(seg, tuple))
+
+    def pieces(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        skip, left = self.skip, self.count
+        if not left:
+            return
+        try:
+            for out in _segment_octets(f, self.segments):
+                if skip >= len(out):
+                    skip -= len(out)
+                    continue
+                out, skip = out[skip:skip + left], 0
+                left -= len(out)
+                yield out
+                if not left:
+                    return
+        except _FileEnded:
+            return  # the sender finds the literal short
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,10 +591,11 @@ class _Large:
     """A message above STREAM_FROM (CRLF file) whose FETCH items are made without reading it whole:
     a content item is a `FileSpan` of its file (BODY[], RFC822, TEXT and a part's body: their
     offsets from the top-level header, or for a part from the `textscan.Layout` of the file, read
-    once in pieces), a `DecodedSpan` (BINARY of a leaf) or bytes of its header blocks; BODYSTRUCTURE
-    and BODY are made from the layout, ENVELOPE from the header. None where that cannot be had
-    (BINARY[] and BINARY of a multipart or message/rfc822 part, whose headers are rewritten; a
-    layout the scan could not make): the caller reads the message whole, as for a smaller one."""
+    once in pieces), a `DecodedSpan` (BINARY of a leaf), an `EntitySpan` (BINARY[] and BINARY of a
+    multipart or message/rfc822 part: its leaves decoded, their headers rewritten) or bytes of its
+    header blocks; BODYSTRUCTURE and BODY are made from the layout, ENVELOPE from the header. None
+    where that cannot be had (a layout the scan could not make): the caller reads the message
+    whole, as for a smaller one."""
 
     __slots__ = ("_head", "_layout", "_mb", "_name", "_row", "file")
     # The layout is kept in the view cache (textscan.LAYOUT_KIND; cluster mode writes it at upload
@@ -540,7 +613,7 @@ class _Large:
             self.file.close()
             self.file = None
 
-    def _open(self, reads: int) -> IO[bytes]:
+    def opened(self, reads: int) -> IO[bytes]:
         """The message's file, opened for reading `reads` octets of it (`_partial`) if not open yet."""
         if self.file is None:
             f = self._mb.open_message(self._name, self._row.uid, partial=_partial(reads, self._row.size))
@@ -560,7 +633,7 @@ class _Large:
             if kept is not None:
                 self._layout = Layout.load(kept)
             else:
-                f = self._open(self._row.size)  # the scan reads it all
+                f = self.opened(self._row.size)  # the scan reads it all
                 self._layout = lay = layout_at(self._read_at, f.seek(0, 2))
                 if lay is not None:
                     self._mb.cache_put(self._name, [(self._row.uid, textscan.LAYOUT_KIND, lay.dump())])
@@ -592,7 +665,7 @@ class _Large:
         when there is nothing to decode)."""
         d = Decoder(encoding)  # UnknownCTE: NO [UNKNOWN-CTE] (RFC 3516 §4.3), as read whole
         lo, hi = (0, 1 << 62) if spec is None else (spec[0], spec[0] + spec[1])
-        self._open(min(end - start, hi) if d.identity else _encoded_reads(end - start, hi))
+        self.opened(min(end - start, hi) if d.identity else _encoded_reads(end - start, hi))
         if d.identity:
             count = max(0, min(hi, end - start) - lo)
             binary = any(b"\x00" in self._read_at(at, min(textscan.PIECE, start + lo + count - at))
@@ -610,7 +683,47 @@ class _Large:
             if not raw or total >= hi:  # the octets after `hi` change neither the count nor `binary`
                 return DecodedSpan(start, end, encoding, lo, max(0, min(hi, total) - lo), binary)
 
-    def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | Literal | tuple[str, int] | None:
+    def entity(self, lay: Layout, part: Part, whole: bool, spec: tuple[int, int] | None) -> EntitySpan:
+        """BINARY[n]<spec> of a multipart or message/rfc822 part of the layout (`whole`: BINARY[],
+        the message with its header): how many octets it sends and whether they hold NUL, from a
+        first pass decoding its leaves in pieces (up to the end of `spec`)."""
+        segments: list[Segment] = []
+        _binary_segments(lay, part, whole, segments)
+        merged: list[Segment] = []
+        for seg in segments:  # octets copied as they are: one read of the file where they follow
+            last = merged[-1] if merged else None
+            if not isinstance(seg, bytes) and seg[2] == "7bit" and isinstance(last, tuple) and last[2] == "7bit" \
+                    and last[1] == seg[0]:
+                merged[-1] = (last[0], seg[1], "7bit")
+            elif seg:
+                merged.append(seg)
+        for seg in merged:  # UnknownCTE: NO [UNKNOWN-CTE] (RFC 3516 §4.3) for any leaf, as read whole
+            if isinstance(seg, tuple):
+                Decoder(seg[2])
+        lo, hi = (0, 1 << 62) if spec is None else (spec[0], spec[0] + spec[1])
+        f = self.opened(sum(seg[1] - seg[0] for seg in merged if isinstance(seg, tuple)))
+        total, binary = 0, False
+        for out in _segment_octets(f, merged):
+            binary = binary or out.find(b"\x00", max(lo - total, 0), max(hi - total, 0)) >= 0
+            total += len(out)
+            if total >= hi:
+                break
+        return EntitySpan(tuple(merged), lo, max(0, min(hi, total) - lo), binary)
+
+    def octets(self, section: Section | None, spec: tuple[int, int] | None) -> FileSpan | bytes | None:
+        """The message or its `section` as stored (NUL kept: CATENATE, `url_copy`), cut to `spec`: a
+        span of the file, header field lines, or None (no layout: read whole)."""
+        if section is None or (not section.part and section.text is None):
+            return FileSpan(0).cut(spec)
+        lay = self.layout()
+        if lay is None:
+            return None
+        got = section_span(lay.part, section)
+        if isinstance(got, bytes):
+            return partial(got, spec)
+        return FileSpan(lay.at(got[0]), lay.at(got[1])).cut(spec)
+
+    def item(self, a: FetchAttr) -> FileSpan | DecodedSpan | EntitySpan | Literal | tuple[str, int] | None:
         n, sec = a.name, a.section
         if n == "RFC822" or (n == "BODY" and sec is not None and not sec.part and sec.text is None):
             return FileSpan(0).cut(a.partial)  # the whole message as stored (BODY[] is not no_nul'd)
@@ -624,23 +737,59 @@ class _Large:
             if top is None:
                 return None
             return Literal(top.header_bytes if sec is None else partial(body_section(top, sec), a.partial))
-        lay = self.layout() if n in ("BODY", "BINARY", "BINARY.SIZE") and (sec is None or sec.part) else None
+        lay = self.layout() if n in ("BINARY", "BINARY.SIZE") or (n == "BODY" and sec is not None and sec.part) \
+            else None
         if lay is None:
-            return None  # BINARY[], BINARY.SIZE[]: read whole (their header rewritten); a layout not made
+            return None  # a layout not made: read whole
         if n != "BODY":
-            assert sec is not None
-            p = find_part(lay.part, sec.part)
-            if p is None or p.children or p.message is not None:
-                return None  # BINARY of an entity (each leaf decoded, its header rewritten): read whole
-            span = self.decoded(lay.at(p.body_start), lay.at(p.end), p.encoding, a.partial)
+            path = sec.part if sec is not None else ()
+            p = find_part(lay.part, path)
+            if p is None:
+                return None  # no such part: the empty string, as read whole
+            span: DecodedSpan | EntitySpan = self.entity(lay, p, not path, a.partial) \
+                if not path or p.children or p.message is not None else \
+                self.decoded(lay.at(p.body_start), lay.at(p.end), p.encoding, a.partial)
             if n == "BINARY.SIZE":
-                return f"BINARY.SIZE[{'.'.join(map(str, sec.part))}]", span.count
+                return f"BINARY.SIZE[{'.'.join(map(str, path))}]", span.count
             return span
         assert sec is not None
         got = section_span(lay.part, sec)
         if isinstance(got, bytes):
             return Literal(partial(no_nul(got), a.partial))
         return FileSpan(lay.at(got[0]), lay.at(got[1]), True).cut(a.partial)
+
+
+def _binary_segments(lay: Layout, part: Part, whole: bool, out: list[Segment]) -> None:
+    """The `Segment`s of BINARY of `part` (`whole`: the entity, header included) in the message of
+    `lay`: `sections._binary_entity` and `_binary_body` over the layout, each range of the copy
+    placed in the file (`Layout.at`; a header block or delimiter line is never cut)."""
+    if whole and not (part.children or part.message is not None or part.encoding in ("7bit", "8bit", "binary")):
+        # RFC 3516 §4.2: a leaf's header says its content is now binary
+        pos = part.start
+        for f in part.headers(b"content-transfer-encoding"):
+            out.append((lay.at(pos), lay.at(f.start), "7bit"))
+            out.append(f.name.encode("ascii", "replace") + b": binary\r\n")
+            pos = f.end
+        out.append((lay.at(pos), lay.at(part.body_start), "7bit"))
+        out.append((lay.at(part.body_start), lay.at(part.end), part.encoding))
+        return
+    if whole:
+        out.append((lay.at(part.start), lay.at(part.body_start), "7bit"))
+    if part.message is not None:
+        if part.message.end > part.message.start:
+            _binary_segments(lay, part.message, True, out)
+        else:  # an opaque (encoded) message/rfc822: its own encoding undone
+            out.append((lay.at(part.body_start), lay.at(part.end), part.encoding))
+        return
+    if not part.children:
+        out.append((lay.at(part.body_start), lay.at(part.end), part.encoding))
+        return
+    pos = part.body_start
+    for child in part.children:
+        out.append((lay.at(pos), lay.at(child.start), "7bit"))  # preamble / delimiter lines
+        _binary_segments(lay, child, True, out)
+        pos = child.end
+    out.append((lay.at(pos), lay.at(part.end), "7bit"))
 
 
 def _render_bodies(mb: Mailboxes, name: str, chunk: Sequence[tuple[int, int]], rows: dict[int, MessageRow],  # noqa: PLR0913
@@ -1007,17 +1156,46 @@ def run_search(mb: Mailboxes, name: str, targets: Sequence[tuple[int, int]], key
     return out, len(targets)
 
 
-def url_octets(mb: Mailboxes, name: str, uid: int, section: Section | None,
-               part_range: tuple[int, int | None] | None) -> bytes | None:
-    """What an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3): the message `uid` of folder
-    `name`, or its `section`, cut to `part_range`; None when there is no such message."""
+def url_copy(mb: Mailboxes, name: str, uid: int, section: Section | None,  # noqa: PLR0913
+             part_range: tuple[int, int | None] | None, write: Callable[[bytes], None], room: int) -> int | None:
+    """Copy what an IMAP URL names (RFC 5092 §3, for CATENATE, RFC 4469 §3) to `write`: the message
+    `uid` of folder `name`, or its `section` (NUL kept: `section_octets`), cut to `part_range`, a
+    piece at a time. Returns its length, nothing written when that is above `room` (the caller
+    answers TOOBIG); None when there is no such message. A message above STREAM_FROM is not read
+    whole: its octets are a `FileSpan` of its file (the section placed by its layout, `_Large`), as
+    for FETCH; one whose layout cannot be made is read whole, as there."""
     row = mb.rows(name, [uid]).get(uid)
     if row is None:
         return None
+    spec = None if part_range is None else (part_range[0], 1 << 62 if part_range[1] is None else part_range[1])
+    if row.lf == 0 and row.size > STREAM_FROM:
+        large = _Large(mb, name, row)
+        try:
+            got = large.octets(section, spec)
+            if isinstance(got, FileSpan):
+                try:
+                    f = large.opened(got.reads(row.size))
+                except MessageGone:
+                    return None
+                size = f.seek(0, 2)
+                if (n := got.length(size)) <= room:
+                    left = n
+                    for piece in got.pieces(f, size):
+                        write(piece)
+                        left -= len(piece)
+                    if left:
+                        raise OSError("message file ended early")
+                return n
+            if got is not None:
+                if len(got) <= room:
+                    write(got)
+                return len(got)
+        finally:
+            large.close()
     data = mb.read(name, row)
     if section is not None:
         data = section_octets(parse_message(data), section)
-    if part_range is not None:  # RFC 5092 §3.4: an offset past the end gives nothing
-        offset, length = part_range
-        data = data[offset:] if length is None else data[offset:offset + length]
-    return data
+    data = partial(data, spec)  # RFC 5092 §3.4: an offset past the end gives nothing
+    if len(data) <= room:
+        write(data)
+    return len(data)

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..durable import ensure_dirs, forget, fsync_dir
@@ -324,9 +325,15 @@ class SpoolFile:
             self.failed = exc.strerror or str(exc)
 
     def read_all(self) -> bytes:
-        """The content so far (for CATENATE's TEXT parts, bounded by APPENDLIMIT)."""
+        """The content so far (a message below MEMORY_DATA_LIMIT, cluster mode's upload)."""
         with open(self.path, "rb") as f:
             return f.read()
+
+    def pieces(self, size: int = 256 << 10) -> Iterator[bytes]:
+        """The content so far, `size` octets at a time (CATENATE's TEXT parts, copied on)."""
+        with open(self.path, "rb") as f:
+            while piece := f.read(size):
+                yield piece
 
     def sync(self, mtime: float | None = None) -> None:
         """The whole message is here: give it its internal date (`mtime`) and fsync it, before it is

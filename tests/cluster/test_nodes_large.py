@@ -3,10 +3,12 @@ remote domain's MX on 127.0.0.4: a submission of 12 MiB to a local and a remote 
 byte for byte over IMAP on the other node and delivered byte for byte by the shared queue, both
 copies (the mailbox's and the queue's) having gone up from the node's spool file in multipart uploads; two sessions on two nodes
 submitting the same large message at once are both accepted and both delivered; the object store
-failing a part mid-upload makes DATA answer 4xx with nothing queued and no parts left behind."""
+failing a part mid-upload makes DATA answer 4xx with nothing queued and no parts left behind; CATENATE of
+URLs naming a 20 MiB message on both nodes at once gives what the parts give read whole."""
 
 from __future__ import annotations
 
+import hashlib
 import poplib
 import smtplib
 import threading
@@ -167,3 +169,62 @@ def test_a_part_failing_mid_upload_means_4xx_and_nothing_left(cluster: tuple[Ins
     assert code == 250, (code, text)
     wait_for(lambda: mx.messages(BOB), 90, "the delivery to the MX")
     assert mx.messages(BOB)[0].endswith(data) and uploads_left(s3) == []
+
+
+def test_catenate_of_a_large_message_on_two_nodes_at_once(nodes: list[Instance]) -> None:
+    """CATENATE (RFC 4469) on node A and node B at once, of URLs naming a 20 MiB message (the whole
+    of it, its attachment, a partial range of a text part): each node copies them from the
+    message's download in pieces into its spool file (`imapfetch.url_copy`), which goes up from
+    there; what both nodes read back is what the parts give read whole (by hash)."""
+    from postier.message.mime import parse_message
+    from postier.message.sections import section_octets
+    from postier.proto.imap.url import parse_url
+    from tests.imap.test_fetch_large import big_mail
+
+    a, b = nodes
+    msg = big_mail(20 * (1 << 20) // 78)
+    whole = parse_message(msg)
+
+    def sec(tail: str) -> bytes:
+        u = parse_url(f"/Drafts/;UID=1{tail}")
+        assert u.section is not None
+        data = section_octets(whole, u.section)
+        return data if u.partial is None else data[u.partial[0]:u.partial[0] + (u.partial[1] or len(data))]
+
+    urls = {a: ['"/Drafts/;UID=1"', '"/Drafts/;UID=1/;SECTION=1"'],
+            b: ['"/Drafts/;UID=1/;SECTION=2"', '"/Drafts/;UID=1/;SECTION=3/;PARTIAL=5.20"', '"/Drafts/;UID=1/;SECTION=4.1"']}
+    want = sorted(hashlib.sha256(d).hexdigest() for d in (msg + sec("/;SECTION=1"),
+                  sec("/;SECTION=2") + sec("/;SECTION=3/;PARTIAL=5.20") + sec("/;SECTION=4.1")))
+    c = imap(a)
+    try:
+        assert c.append("Drafts", None, None, msg)[0] == "OK"
+    finally:
+        c.logout()
+    replies: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def run(inst: Instance) -> None:
+        try:
+            s = imap(inst)
+            try:
+                barrier.wait(10)
+                replies.append(s._simple_command("APPEND", "INBOX", "CATENATE (" + " ".join(f"URL {u}" for u in urls[inst]) + ")"))
+            finally:
+                s.logout()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            replies.append(exc)
+    threads = [threading.Thread(target=run, args=(n,)) for n in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [r[0] if isinstance(r, tuple) else r for r in replies] == ["OK", "OK"], replies
+    for inst in (a, b):
+        c = imap(inst)
+        try:
+            assert c.select("INBOX", readonly=True)[0] == "OK"
+            typ, fetched = c.uid("FETCH", "1:*", "(BODY.PEEK[])")
+            assert typ == "OK"
+            assert sorted(hashlib.sha256(p[1]).hexdigest() for p in fetched if isinstance(p, tuple)) == want
+        finally:
+            c.logout()

@@ -3,7 +3,9 @@
 scan (`textscan.layout_at`), never read whole; every answer is the one the whole-message path
 gives, compared by hash. The renderer is compared with the large-message threshold set to 0 over
 the message-view corpora and generated large messages; then a running server answers two sessions
-at once on a 20 MiB message with an attachment, its peak RSS measured."""
+at once on a 20 MiB message with an attachment (sections, partials, BINARY of the attachment and of
+the whole multipart), its peak RSS measured. CATENATE (RFC 4469) URLs naming a large message or a
+section of it are copied from its file in pieces (`imapfetch.url_copy`), compared the same ways."""
 
 from __future__ import annotations
 
@@ -18,18 +20,19 @@ from pathlib import Path
 import pytest
 
 from postier.message.mime import parse_message
-from postier.message.sections import binary_section, body_section
+from postier.message.sections import binary_section, body_section, section_octets
 from postier.message.types import User
 from postier.proto.imap import Fetch, parse_command
+from postier.proto.imap.url import parse_url
 from postier.server import imapfetch
-from postier.server.imapfetch import FetchError, FetchOptions, FetchPace, StreamedAnswer, render_fetch
+from postier.server.imapfetch import FetchError, FetchOptions, FetchPace, StreamedAnswer, render_fetch, url_copy
 from postier.store.api import Mailboxes
 from postier.store.mailbox import MailStore
 from tests.imap.test_message_views import COMMENTS, NUL_MESSAGE, QP_MESSAGE
 from tests.message import corpus
 
-from .conftest import PASSWORD, IMAPServer
-from .test_extensions import _status_kib
+from .conftest import PASSWORD, IMAPServer, RawIMAP
+from .test_extensions import _status_kib, appenduid, literal
 
 USER = User("bob@example.org", "bob", "example.org", "maildir")
 
@@ -44,7 +47,8 @@ ITEMS = [
     "(BODY.PEEK[3.HEADER.FIELDS (Subject)] BODY.PEEK[HEADER.FIELDS.NOT (To)])", "(RFC822 BODYSTRUCTURE)",
     "(BINARY.PEEK[2]<0.100> BINARY.SIZE[1] BODY.PEEK[1])", "(BODY.PEEK[1.1] BODY.PEEK[2.1])", "(BINARY.PEEK[2])",
     "(BINARY.SIZE[2] BINARY.SIZE[3] BINARY.PEEK[3]<2.100000> BINARY.PEEK[4.1])", "(BINARY.PEEK[1]<5.5> BINARY.PEEK[])",
-    "(BINARY[2]<70000.100000> BINARY.PEEK[4])",
+    "(BINARY[2]<70000.100000> BINARY.PEEK[4])", "(BINARY.SIZE[] BINARY.SIZE[4] BINARY.PEEK[]<100.200000>)",
+    "(BINARY.PEEK[4]<10.100> BINARY.SIZE[4.1] BINARY.PEEK[1.1] BINARY.PEEK[]<0.1>)", "(BINARY.PEEK[]<99999999.10>)",
 ]
 
 
@@ -236,10 +240,17 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         measured("uncached BODYSTRUCTURE and partials", ("b", b, partials))
         measured("BINARY.PEEK[2] (base64 undone)", ("bin", a, "(BINARY.PEEK[2])"))
         measured("both from two sessions at once", ("a", a, "(BODY.PEEK[2])"), ("b2", b, partials.replace("BODYSTRUCTURE ", "")))
+        measured("BINARY.PEEK[] and BINARY.SIZE[] (the whole multipart decoded) from two sessions at once",
+                 ("all", a, "(BINARY.SIZE[] BINARY.PEEK[])"), ("all2", b, "(BINARY.PEEK[]<1000.2000000> BINARY.PEEK[4])"))
         fetch("c", a, "(BODY.PEEK[4.1])")
         assert not errors, errors
         first, second, third = got["a"], got["b"], got["c"]
         assert isinstance(got["bin"][0], tuple) and _sha(got["bin"][0][1]) == _sha(binary_section(whole, (2,)))
+        entity = binary_section(whole, ())
+        assert isinstance(got["all"][0], tuple) and b"BINARY.SIZE[] %d " % len(entity) in got["all"][0][0]
+        assert _sha(got["all"][0][1]) == _sha(entity)
+        assert [_sha(p[1]) for p in got["all2"] if isinstance(p, tuple)] == [
+            _sha(entity[1000:2001000]), _sha(binary_section(whole, (4,)))]
         assert isinstance(first[0], tuple) and first[0][0].endswith(b"BODY[2] {%d}" % len(section("2")))
         assert _sha(first[0][1]) == want["attachment"]
         assert [_sha(p[1]) for p in second if isinstance(p, tuple)] == [
@@ -267,3 +278,103 @@ def test_a_batch_holds_few_files_open(mb: Mailboxes, monkeypatch: pytest.MonkeyP
     for a in held:
         a.close()
     assert len(fetch_hashes(mb, "INBOX", "(BODY.PEEK[2]<0.10>)", stream=True)) == 20
+
+
+# -- CATENATE (RFC 4469) of a large message: copied from its file in pieces (imapfetch.url_copy)
+
+#: URL tails naming the message, sections and partial ranges of it (RFC 5092 §3)
+URLS = ["", "/;PARTIAL=5.100", "/;SECTION=2", "/;SECTION=1", "/;SECTION=4.1", "/;SECTION=HEADER",
+        "/;SECTION=TEXT/;PARTIAL=100", "/;SECTION=2/;PARTIAL=1000.70000", "/;SECTION=3.HEADER.FIELDS%20(Subject)",
+        "/;SECTION=2.MIME", "/;SECTION=9", "/;SECTION=4.HEADER", "/;PARTIAL=99999999.10"]
+
+
+def test_catenate_urls_are_the_whole_paths(mb: Mailboxes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each URL names, copied in pieces from the file of every message taken as large, is what
+    reading it whole gives (by hash); more than the room left: its length, nothing written."""
+    raws = messages()
+    for raw in raws:
+        mb.append("INBOX", raw)
+    uids = mb.snapshot("INBOX").uids
+    for tail in URLS:
+        for uid in uids:
+            u = parse_url(f"/INBOX/;UID={uid}{tail}")
+            got: dict[bool, tuple[int | None, str]] = {}
+            for large in (False, True):
+                monkeypatch.setattr(imapfetch, "STREAM_FROM", 0 if large else 1 << 40)
+                pieces: list[bytes] = []
+                n = url_copy(mb, "INBOX", uid, u.section, u.partial, pieces.append, 1 << 40)
+                assert not large or all(len(p) <= 256 << 10 for p in pieces)
+                data = b"".join(pieces)
+                assert n == len(data)
+                got[large] = n, hashlib.sha256(data).hexdigest()
+                if n:
+                    nothing: list[bytes] = []
+                    assert url_copy(mb, "INBOX", uid, u.section, u.partial, nothing.append, n - 1) == n
+                    assert not nothing
+            assert got[True] == got[False], (tail, uid)
+    assert url_copy(mb, "INBOX", uids[-1] + 1, None, None, list[bytes]().append, 1 << 40) is None
+
+
+def test_catenate_of_a_20_mib_message_from_two_sessions(server: IMAPServer) -> None:
+    """Two sessions at once build messages from a 20 MiB message by CATENATE: the whole of it with
+    a TEXT part, and a new header with its attachment, a partial range of a text part, a part of
+    its encapsulated message and a 3 MiB TEXT literal (spooled as it arrives, copied on in pieces);
+    each new message is what the parts give read whole (by hash), and the server's peak RSS grows
+    by far less than the message. A MULTIAPPEND whose second message fails leaves no spool file."""
+    proc = server.inst.proc
+    assert proc is not None
+    pid = proc.pid
+    user = server.user()
+    msg = big_mail(20 * (1 << 20) // 78)
+    whole = parse_message(msg)
+
+    def sec(spec: str) -> bytes:
+        u = parse_url(f"/Drafts/;UID=1/;SECTION={spec}")
+        assert u.section is not None
+        return section_octets(whole, u.section)
+
+    note = b"\r\n-- \r\nforwarded\r\n"
+    head = b"From: bob@example.org\r\nSubject: Fwd: the report\r\nContent-Type: application/pdf\r\n\r\n"
+    bulk = b"".join(b"line %07d of a large text part\r\n" % i for i in range(3 * (1 << 20) // 32))
+    want = [_sha(msg + note), _sha(head + sec("2") + sec("1")[:10] + sec("4.1") + bulk)]
+    ctx = server.inst.client_ssl_context()
+    with imaplib.IMAP4_SSL(*server.inst.addr("imaps"), ssl_context=ctx) as i:
+        i.login(user, PASSWORD)
+        assert i.append("Drafts", None, None, msg)[0] == "OK"
+        commands = [b'APPEND INBOX CATENATE (URL "/Drafts/;UID=1" TEXT ' + literal(note) + b")",
+                    b"APPEND INBOX CATENATE (TEXT " + literal(head) + b' URL "/Drafts/;UID=1/;SECTION=2"'
+                    b' URL "/Drafts/;UID=1/;SECTION=1/;PARTIAL=0.10" URL "/Drafts/;UID=1/;SECTION=4.1" TEXT '
+                    + literal(bulk) + b")"]
+        with server.client(user) as a, server.client(user) as b:
+            a.ok("NOOP")
+            b.ok("NOOP")
+            tagged: list[bytes] = []
+            errors: list[BaseException] = []
+
+            def run(c: RawIMAP, command: bytes) -> None:
+                try:
+                    tagged.append(c.cmd(command)[1])
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+            before = _status_kib(pid, "VmHWM")
+            threads = [threading.Thread(target=run, args=(c, command)) for c, command in zip((a, b), commands, strict=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            grown = _status_kib(pid, "VmHWM") - before
+            print(f"{len(msg) >> 20} MiB message, two CATENATEs of it at once, peak RSS growth: {grown} KiB")
+            assert not errors, errors
+            assert sorted(appenduid(t)[1] for t in tagged) == ["1", "2"], tagged
+            # MULTIAPPEND, all or nothing: the first message's spool file goes when the second fails
+            _u, t = a.cmd(b'APPEND INBOX CATENATE (URL "/Drafts/;UID=1") CATENATE (URL "/Drafts/;UID=9")')
+            assert b"NO [BADURL" in t, t
+        i.select("INBOX", readonly=True)
+        typ, data = i.uid("FETCH", "1:2", "(BODY.PEEK[])")
+        assert typ == "OK"
+        got = sorted(_sha(p[1]) for p in data if isinstance(p, tuple))
+        assert got == sorted(want)
+        assert grown < 8 * 1024, grown
+    assert not any((server.maildir(user) / "tmp").iterdir())
