@@ -369,11 +369,21 @@ class Accounts:
         # option's 2 GiB per verification is too much for a mail host serving many logins
         # (argon2-cffi's defaults, which are that profile: tests/test_login_cache.py checks it)
         self._hasher = PasswordHasher()
-        self._dummy_hash = self._hasher.hash("postier-dummy-password")
+        self._dummy_hash = ""  # `dummy_hash`: made at first need (an argon2 hash: 0.1 s per CLI command)
+        self._dummy_lock = threading.Lock()
         self.login_cache = LoginCache()
         self.rehash = True
         self.role_local_parts = ROLE_LOCAL_PARTS  # build_app adds the report mailboxes we publish
         self._conn()  # the tables exist from here on
+
+    def dummy_hash(self) -> str:
+        """The hash an unknown user's password is checked against, so that the check costs what a
+        known user's does; made once (blocking: the server makes it in a thread when it starts)."""
+        if not self._dummy_hash:
+            with self._dummy_lock:
+                if not self._dummy_hash:
+                    self._dummy_hash = self._hasher.hash("postier-dummy-password")
+        return self._dummy_hash
 
     def configure_logins(self, cache_size: int, cache_ttl: float, rehash: bool) -> None:
         """Apply the ``[auth]`` login settings: login_cache_size, login_cache_ttl, rehash_passwords."""
@@ -575,7 +585,7 @@ class Accounts:
             row = self._conn().execute("SELECT password FROM users WHERE address=?", (user.address,)).fetchone()
         if user is not None and row is not None and self.login_cache.hit(user.address, row[0], password):
             return user
-        stored = row[0] if row else self._dummy_hash
+        stored = row[0] if row else self.dummy_hash()
         try:
             self._hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):

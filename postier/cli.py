@@ -322,22 +322,44 @@ def _one(args: argparse.Namespace, what: str) -> str:
 # -- parser ---------------------------------------------------------------------------------------
 
 #: Extra sub-command registrars from other layers: (module, function) called with the subparsers.
-EXTRA_COMMANDS = [
-    "postier.queue.cli",
-    "postier.mailauth.cli",
-    "postier.store.cli",
-    "postier.backup",
-    "postier.antispam.cli",
-    "postier.acme.cli",
-    "postier.server.cli",
-    "postier.systemd",
-    "postier.status",
-    "postier.sieve.cli",
-    "postier.store.cluster.cli",
-]
+#: The modules that add more commands (`register(sub)`), with the commands each adds: a command line
+#: naming one of them imports that module alone (the others' imports cost a few tenths of a second
+#: on every command); help, and a command named nowhere, import them all.
+#: tests/test_cli_commands.py checks the names against what each module registers.
+EXTRA_COMMANDS: dict[str, tuple[str, ...]] = {
+    "postier.queue.cli": ("queue",),
+    "postier.mailauth.cli": ("dkim", "dmarc", "dns", "tls"),
+    "postier.store.cli": ("export", "import", "reindex"),
+    "postier.backup": ("backup", "restore"),
+    "postier.antispam.cli": ("why",),
+    "postier.acme.cli": ("cert",),
+    "postier.server.cli": ("reload",),
+    "postier.systemd": ("systemd-unit",),
+    "postier.status": ("status",),
+    "postier.sieve.cli": ("sieve",),
+    "postier.store.cluster.cli": ("cluster",),
+}
+CORE_COMMANDS = ("quickstart", "demo", "serve", "domain", "user", "alias")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The command `argv` names (the first word that is neither an option nor --config's value),
+    or None when an option before it (-h, --version, an unknown one) may need every command."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--config", "-c"):
+            next(words, None)
+        elif word.startswith("--config=") or (word.startswith("-c") and not word.startswith("--")):
+            continue
+        elif word.startswith("-"):
+            return None
+        else:
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `command`, only the modules adding that command are imported."""
     p = argparse.ArgumentParser(prog="postier", description="postier: a complete, self-hostable mail system")
     p.add_argument("--config", "-c", help=f"configuration file (default: $POSTIER_CONFIG, ./{DEFAULT_CONFIG}, "
                                           "/etc/postier/postier.toml)")
@@ -389,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for modname in EXTRA_COMMANDS:
+    wanted = [m for m, names in EXTRA_COMMANDS.items() if command in names]
+    if not wanted and command not in CORE_COMMANDS:
+        wanted = list(EXTRA_COMMANDS)
+    for modname in wanted:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -402,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     try:
         if os.geteuid() == 0 and not getattr(args, "keep_privileges", False):

@@ -24,6 +24,7 @@ Choices, in brief:
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -289,12 +290,16 @@ def walk_targets(domain: str) -> list[str]:
     return targets
 
 
-_psl = PublicSuffixList()
+@functools.cache
+def suffix_list() -> PublicSuffixList:
+    """The public suffix list, parsed at first use (about 50 ms: a CLI command that checks no DMARC
+    does not pay it; the server warms it in a thread once it serves, `server/app.py`)."""
+    return PublicSuffixList()
 
 
 def psl_organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
-    return _psl.privatesuffix(domain) or domain
+    return suffix_list().privatesuffix(domain) or domain
 
 
 async def _discover(domain: str, lookups: _Lookups) -> tuple[DMARCRecord, str] | None:
@@ -324,7 +329,7 @@ async def _org_domain(domain: str, lookups: _Lookups, method: str = "treewalk") 
         highest = target
     if highest is None:
         return domain
-    if _psl.is_public(highest):  # our safety net, see the module docstring
+    if suffix_list().is_public(highest):  # our safety net, see the module docstring
         return psl_organizational_domain(domain)
     return highest
 

@@ -33,6 +33,7 @@ from ..antispam.rspamd import RspamdClient
 from ..antispam.screening import Screener, dns_lists
 from ..antispam.verdicts import VerdictLog
 from ..config import HTTP_ROLES, Config
+from ..mailauth import dmarc
 from ..mailauth.arc import ARCSealer
 from ..mailauth.keys import DKIMSigner
 from ..mailauth.reports import ReportStore
@@ -452,6 +453,9 @@ async def serve(config: Config, ready: Callable[[list[tuple[str, str, int]]], No
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     reloader.started.set()
+    # made once, off the loop, before a first login or DMARC check would wait for them
+    loop.run_in_executor(None, app.accounts.dummy_hash)
+    loop.run_in_executor(None, dmarc.suffix_list)
     if worker is None:
         stats.clear_workers(config.data_dir)  # (a supervisor clears them before forking)
     # `postier status`'s last hour: each worker writes its own counts (server/stats.py)
