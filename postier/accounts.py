@@ -376,6 +376,13 @@ class Accounts:
         self.role_local_parts = ROLE_LOCAL_PARTS  # build_app adds the report mailboxes we publish
         self._conn()  # the tables exist from here on
 
+    def set_hash_cost(self, time_cost: int, memory_kib: int, parallelism: int) -> None:
+        """argon2id's parameters for new hashes (`[auth] argon2_*`; the dummy hash follows them, and
+        `rehash` replaces a stored hash made with others)."""
+        with self._dummy_lock:
+            self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+            self._dummy_hash = ""
+
     def dummy_hash(self) -> str:
         """The hash an unknown user's password is checked against, so that the check costs what a
         known user's does; made once (blocking: the server makes it in a thread when it starts)."""

@@ -200,6 +200,12 @@ class Auth:
     login_cache_ttl: float = 3600.0
     #: Replace a stored hash made with other argon2 parameters at the next successful login.
     rehash_passwords: bool = True
+    #: argon2id's cost for new password hashes (RFC 9106 §4, second recommended option: t=3,
+    #: 64 MiB, p=4). Lower them only on a machine that cannot afford 64 MiB per login, knowing that
+    #: cheaper hashes are cheaper to crack if the accounts database leaks.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    argon2_parallelism: int = 4
 
 
 @dataclass(frozen=True)
@@ -634,6 +640,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("mailauth.dmarc_policy: must be \"none\", \"quarantine\" or \"reject\"")
     if not cfg.mailauth.spf_record.startswith("v=spf1"):
         raise ConfigError("mailauth.spf_record: must start with \"v=spf1\"")
+    a = cfg.auth
+    if not 1 <= a.argon2_time_cost <= 100:
+        raise ConfigError(f"auth.argon2_time_cost: must be 1 to 100, not {a.argon2_time_cost}")
+    if not 1 <= a.argon2_parallelism <= 64:
+        raise ConfigError(f"auth.argon2_parallelism: must be 1 to 64, not {a.argon2_parallelism}")
+    if not 8 * a.argon2_parallelism <= a.argon2_memory_kib <= 4 << 20:  # RFC 9106 §3.1: m >= 8p KiB
+        raise ConfigError(f"auth.argon2_memory_kib: must be {8 * a.argon2_parallelism} (8 per lane) to "
+                          f"{4 << 20} (4 GiB), not {a.argon2_memory_kib}")
     if cfg.limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients: must be at least 1")
     if not 0 <= cfg.server.workers <= 256:

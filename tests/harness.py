@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -80,6 +80,18 @@ def free_offset(host: str = "127.0.0.1", tries: int = 200) -> int:
     raise RuntimeError("no free port offset found")
 
 
+def start_all(instances: Sequence[Instance], wait_role: str = "smtp") -> None:
+    """Start several servers at once (their start-ups overlap), then wait for each."""
+    served = [inst.launch() for inst in instances]
+    try:
+        for inst, n in zip(instances, served, strict=True):
+            inst.wait_ready(n, wait_role)
+    except BaseException:
+        for inst in instances:
+            inst.stop()
+        raise
+
+
 def run_cli(config: Path | None, *args: str, stdin: str | None = None, check: bool = True,
             cwd: Path | None = None, python: str = PY) -> subprocess.CompletedProcess[str]:
     if cwd is None and python != PY:  # not the checkout: `-m postier` would import ./postier from there
@@ -116,12 +128,14 @@ class Instance:
             mailauth = "[mailauth]" in extra_config or "[dns]" in extra_config
         if not mailauth and "[mailauth]" not in extra_config:
             extra_config += "\n[mailauth]\nspf = false\ndkim_verify = false\ndmarc = false\n"
-        # Tests store argon2's cheapest hashes to keep logins fast: the server must not upgrade them
-        # (a full argon2 hash per new user); tests/test_login_cache.py covers the rehashing.
+        # Tests store argon2's cheapest hashes to keep logins fast (`[auth] argon2_*`: a login with
+        # the default parameters costs 0.14 s on two cores): the server must not upgrade a hash a
+        # test wrote itself; tests/test_login_cache.py covers the defaults and the rehashing.
+        cheap = "[auth]\nrehash_passwords = false\nargon2_time_cost = 1\nargon2_memory_kib = 8\nargon2_parallelism = 1\n"
         if "[auth]" in extra_config:
-            extra_config = extra_config.replace("[auth]\n", "[auth]\nrehash_passwords = false\n", 1)
+            extra_config = extra_config.replace("[auth]\n", cheap, 1)
         else:
-            extra_config += "\n[auth]\nrehash_passwords = false\n"
+            extra_config += "\n" + cheap
         self.add_config(extra_config)
         # `[server] workers`, always written (the default, one per core, would make each test's server
         # depend on the machine): 1 unless the test asks; POSTIER_TEST_WORKERS=2 runs every instance
@@ -197,11 +211,21 @@ class Instance:
         raise AssertionError(f"{marker!r} not delivered to {address}; log:\n{text[-4000:]}")
 
     def start(self, wait_role: str = "smtp", timeout: float = 20.0) -> None:
+        self.wait_ready(self.launch(), wait_role, timeout)
+
+    def launch(self) -> int:
+        """Start the server without waiting for it (`wait_ready`); returns the log's count of
+        "workers serve" lines before it, which `wait_ready` needs."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         served = self._served()
         self.logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([self.python, "-m", "postier", "--config", str(self.config), "serve"],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        return served
+
+    def wait_ready(self, served: int, wait_role: str = "smtp", timeout: float = 20.0) -> None:
+        """Wait until the launched server accepts connections on `wait_role` (every worker serves)."""
+        assert self.proc is not None
         host, port = self.addr(wait_role)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -6,9 +6,8 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-from postier.config import HTTP_ROLES, STANDARD_PORTS, Config, MailAuth
+from postier.config import HTTP_ROLES, STANDARD_PORTS, Config, Auth, MailAuth
 from postier.message.types import Action, Envelope, MessageBody, Verdict
 from postier.pipeline.inbound import MXPipeline
 from postier.pipeline.jobs import ReportJob
@@ -18,16 +17,15 @@ from postier.pipeline.submission import SubmissionPipeline
 from postier.proto.smtp.address import Address, parse_path
 from postier.proto.smtp.replies import Reply
 from postier.server.app import ROLE_SESSIONS, App, build_app
-from tests.queue.conftest import FAST_HASHER
 
 
 def make_app(root: Path, **mailauth: Any) -> App:
-    cfg = Config(hostname="mail.a.test", data_dir=root, mailauth=replace(MailAuth(), **mailauth))
-    with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):
-        app = build_app(cfg)
-        app.accounts.add_domain("a.test")
-        app.accounts.add_user("alice@a.test", "password123")
-        app.accounts.add_user("bob@a.test", "password123")
+    cfg = Config(hostname="mail.a.test", data_dir=root, mailauth=replace(MailAuth(), **mailauth),
+                 auth=Auth(argon2_time_cost=1, argon2_memory_kib=8, argon2_parallelism=1))  # fast logins
+    app = build_app(cfg)
+    app.accounts.add_domain("a.test")
+    app.accounts.add_user("alice@a.test", "password123")
+    app.accounts.add_user("bob@a.test", "password123")
     return app
 
 

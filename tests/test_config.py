@@ -27,6 +27,9 @@ def test_minimal_config_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("extra", "key"), [
     ("bogus = 1\n", "bogus: unknown key"),
+    ("[auth]\nargon2_time_cost = 0\n", "auth.argon2_time_cost: must be 1 to 100"),
+    ("[auth]\nargon2_parallelism = 0\n", "auth.argon2_parallelism: must be 1 to 64"),
+    ("[auth]\nargon2_memory_kib = 16\n", "auth.argon2_memory_kib: must be 32 (8 per lane)"),
     ("[limits]\nmax_recipients = \"x\"\n", "limits.max_recipients: expected an integer"),
     ("[limits]\nnope = 1\n", "limits.nope: unknown key"),
     ("[listeners.imap]\naddress = \"127.0.0.1\"\nport = 70000\n", "listeners.imap.port: must be 1-65535"),
@@ -97,3 +100,23 @@ def test_antispam_section(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as exc:
             load_config(p)
         assert str(exc.value).startswith(key), (bad, str(exc.value))
+
+
+def test_argon2_cost_applies_to_new_hashes(tmp_path: Path) -> None:
+    """`[auth] argon2_*` (defaults: RFC 9106 §4's second option) make the hashes of new passwords."""
+    from postier.store.accountdb import open_accounts
+
+    for extra, params in (("", "m=65536,t=3,p=4"),
+                          ("[auth]\nargon2_time_cost = 1\nargon2_memory_kib = 8\nargon2_parallelism = 1\n", "m=8,t=1,p=1")):
+        (tmp_path / "accounts.sqlite").unlink(missing_ok=True)
+        acc = open_accounts(load_config(write(tmp_path, BASE + extra)))
+        try:
+            acc.add_domain("a.test")
+            acc.add_user("u@a.test", "password123")
+            stored = acc._conn().execute("SELECT password FROM users").fetchone()[0]
+            assert f"$argon2id$v=19${params}$" in stored
+            assert acc.verify_password("u@a.test", "password123") is not None
+            assert acc.verify_password("nobody@a.test", "password123") is None  # the dummy hash
+            assert f"${params}$" in acc.dummy_hash()
+        finally:
+            acc.close()

@@ -22,8 +22,11 @@ def open_accounts(config: Config) -> Accounts:
         require_extra()
         from .cluster.accounts import open_accounts_storage
         db = open_accounts_storage(config)
-    return Accounts(db or config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
-                    config.limits.default_quota)
+    accounts = Accounts(db or config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format,
+                        config.limits.default_quota)
+    a = config.auth
+    accounts.set_hash_cost(a.argon2_time_cost, a.argon2_memory_kib, a.argon2_parallelism)
+    return accounts
 
 
 def open_key_store(config: Config) -> KeyStore:

@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
-from argon2.profiles import CHEAPEST
 
 from postier.accounts import Accounts
 from tests.harness import Instance
@@ -28,7 +26,7 @@ def add_cheap_user(inst: Instance, address: str, password: str = PASSWORD) -> st
     acc = _accounts.get(inst.root)
     if acc is None:
         acc = _accounts[inst.root] = Accounts(inst.root / "accounts.sqlite")
-        acc._hasher = PasswordHasher.from_parameters(CHEAPEST)
+        acc.set_hash_cost(1, 8, 1)
     acc.add_user(address, password)
     return address
 

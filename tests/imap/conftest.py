@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
-from argon2.profiles import CHEAPEST
 
 from postier.accounts import Accounts
 from tests.harness import Instance
@@ -28,7 +26,7 @@ class IMAPServer:
         self.accounts = Accounts(inst.root / "accounts.sqlite")
         # argon2's cheapest parameters (they travel in the hash): logins cost milliseconds, which keeps
         # these many-login tests fast; the real parameters are tested with the accounts.
-        self.accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)
+        self.accounts.set_hash_cost(1, 8, 1)
 
     def user(self, prefix: str = "u") -> str:
         """A fresh user (added straight to the accounts database, which the server reads live)."""

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
-from argon2.profiles import CHEAPEST
 
 from postier.accounts import Accounts
 from postier.store.index import read_journal
@@ -43,7 +41,7 @@ def new_user(inst: Instance, fmt: str | None = None) -> str:
     accounts = _accounts.get(inst.root)
     if accounts is None:
         accounts = _accounts[inst.root] = Accounts(inst.root / "accounts.sqlite")
-        accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)
+        accounts.set_hash_cost(1, 8, 1)
     address = f"u{next(_serial)}@{inst.domain}"
     accounts.add_user(address, PASSWORD, fmt)
     return address

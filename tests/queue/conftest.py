@@ -9,9 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import argon2
 
 from postier.accounts import Accounts
 from postier.config import Config, Outbound, Queue as QueueSettings
@@ -21,10 +19,6 @@ from postier.resolver.fake import FakeResolver
 from postier.store.delivery import LocalDelivery
 
 from .fakemx import FakeMX
-
-
-def FAST_HASHER() -> argon2.PasswordHasher:  # noqa: N802
-    return argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
 
 def message(sender: str = "alice@a.test", to: str = "bob@b.test", subject: str = "hello",
@@ -61,10 +55,10 @@ async def queue_env(root: Path, mx: FakeMX | None = None, port: int = 0, *, queu
     config = Config(hostname="mail.a.test", data_dir=root,
                     outbound=Outbound(smtp_port=port or 25, **(outbound or {})),
                     queue=dataclasses.replace(QueueSettings(), **(queue or {})), **cfg)
-    with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):  # the queue never checks passwords
-        accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
-        accounts.add_domain("a.test")
-        accounts.add_user("alice@a.test", "password123")
+    accounts = Accounts(config.accounts_db, config.mailbox.recipient_delimiter, config.mailbox.default_format)
+    accounts.set_hash_cost(1, 8, 1)  # argon2's cheapest: the queue never checks passwords
+    accounts.add_domain("a.test")
+    accounts.add_user("alice@a.test", "password123")
     mda = LocalDelivery(config.mail_root, agent=config.mailbox.delivery_agent)
     dns = FakeResolver()
     clock = ManualClock()

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
-from argon2.profiles import CHEAPEST
 
 from postier.accounts import CACHE_CHECK, Accounts
 from tests.harness import Instance
@@ -43,7 +41,7 @@ class QuotaServer:
     def __init__(self, inst: Instance):
         self.inst = inst
         self.accounts = Accounts(inst.root / "accounts.sqlite")
-        self.accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)  # fast logins (tests/imap does the same)
+        self.accounts.set_hash_cost(1, 8, 1)  # fast logins (tests/imap does the same)
         self.n = 0
 
     def user(self, quota: int | None) -> str:
@@ -288,7 +286,7 @@ def test_cli_quota_user_list_and_status(qs: QuotaServer) -> None:
 def test_permanent_refusal_when_configured(tmp_path: Path) -> None:
     inst = Instance(tmp_path / "perm", DOMAIN, extra_config="[limits]\nquota_reject_permanent = true\n")
     accounts = Accounts(inst.root / "accounts.sqlite")
-    accounts._hasher = PasswordHasher.from_parameters(CHEAPEST)
+    accounts.set_hash_cost(1, 8, 1)
     addr = f"p@{DOMAIN}"
     accounts.add_user(addr, PASSWORD)
     accounts.set_quota(addr, 1000)

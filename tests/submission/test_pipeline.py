@@ -7,7 +7,6 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from postier.accounts import Accounts
 from postier.config import Config, Submission
@@ -15,7 +14,6 @@ from postier.pipeline.submission import PrefixedBody, SubmissionPipeline, header
 from postier.proto.smtp.address import parse_path
 from postier.store.delivery import LocalDelivery
 from postier.message.types import Envelope, MessageBody
-from tests.queue.conftest import FAST_HASHER
 
 
 class Signer:
@@ -57,10 +55,10 @@ class Parts:
 
 def services(tmp_path: Path, **sub: Any) -> Parts:
     cfg = Config(hostname="mail.a.test", data_dir=tmp_path, submission=Submission(**sub))
-    with mock.patch("postier.accounts.PasswordHasher", FAST_HASHER):
-        accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
-        accounts.add_domain("a.test")
-        accounts.add_user("alice@a.test", "password123")
+    accounts = Accounts(cfg.accounts_db, cfg.mailbox.recipient_delimiter, cfg.mailbox.default_format)
+    accounts.set_hash_cost(1, 8, 1)  # argon2's cheapest: fast logins
+    accounts.add_domain("a.test")
+    accounts.add_user("alice@a.test", "password123")
     return Parts(cfg, accounts, LocalDelivery(cfg.mail_root, agent=cfg.mailbox.delivery_agent))
 
 
