@@ -26,6 +26,7 @@ from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from tests.imap.test_fts import USER, _keys, _message, _search_in  # noqa: E402
+from tests.harness import start_all  # noqa: E402
 from tests.message.corpus import ALL as CORPUS  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
@@ -267,8 +268,7 @@ def test_imap_search_through_two_nodes(tmp_path: Path, pg: PgServer, s3: S3Serve
     """Mail appended on node A is found by SEARCH on node B, which answers from the index; `postier
     reindex` rewrites the rows."""
     a, b = make_nodes(tmp_path, pg.create_db(), s3)
-    for n in (a, b):
-        n.start()
+    start_all((a, b))
     try:
         rng = random.Random(11)
         msgs = [_message(i, rng) for i in range(30)]

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("psycopg")
 
 from tests.dnsserver import DNSServer  # noqa: E402
-from tests.harness import Instance  # noqa: E402
+from tests.harness import Instance, start_all  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
 from .test_nodes import ALICE, PASSWORD, _can_bind, imap, make_nodes  # noqa: E402
@@ -82,9 +82,7 @@ def cluster(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instan
         a, b = make_nodes(tmp_path, pg.create_db(), s3, 2, extra=(
             f'[dns]\nnameservers = ["{dns.nameserver}"]\n[outbound]\nsmtp_port = {mx.port("smtp")}\n'))
         try:
-            mx.start()
-            a.start()
-            b.start()
+            start_all((mx, a, b))
             yield a, b, mx
         finally:
             a.stop()

@@ -34,10 +34,12 @@ LIMITS = ("[auth]\nallow_plaintext = true\nfailure_delay = 0.0\nmax_failures = 6
           f"[antispam]\nmax_connections_per_minute = {CONNS}\n")
 
 
-@pytest.fixture
-def two(tmp_path: Path, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instance, Instance, str]]:
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory, pg: PgServer, s3: S3Server) -> Iterator[tuple[Instance, Instance, str]]:
+    """Two nodes the module's tests share (each test uses its own client addresses, and closes its
+    sessions: the IMAP test's count of alice's sessions starts at none)."""
     dsn = pg.create_db()
-    a, b = _throttle_nodes(tmp_path, dsn, s3, auth=LIMITS)
+    a, b = _throttle_nodes(tmp_path_factory.mktemp("limits"), dsn, s3, auth=LIMITS)
     yield a, b, dsn
     a.stop()
     b.stop()
