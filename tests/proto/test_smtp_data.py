@@ -109,3 +109,15 @@ def test_faults_are_found_and_the_end_still_read(stream: bytes, fault: Fault) ->
     for cut in range(len(stream) + 1):
         _, used, done, got = read(stream, [cut])  # content before the fault is dropped by the server
         assert (used, done, got) == (len(stream), True, fault), cut
+
+
+@pytest.mark.parametrize("misses", [0, 3, 7, 8, 9, 40])
+def test_dots_inside_lines_before_stuffed_lines_and_the_end(misses: int) -> None:
+    """Dots that begin no line (the reader looks for dots alone until it has seen a few of them,
+    then for CRLF "."), then stuffed lines and the end, in every two-way cut."""
+    stream = b"a.b" * misses + b"\r\n..x.\r\n.y\r\n" + b"c." * misses + b"\r\n..\r\n.\r\nrest"
+    want = reference(stream)
+    assert want is not None
+    for cut in range(len(stream) + 1):
+        content, used, done, fault = read(stream, [cut])
+        assert done and fault is None and (content, used) == want, cut

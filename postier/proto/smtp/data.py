@@ -12,6 +12,7 @@ import enum
 
 _CRLF = b"\r\n"
 _NOT_CR_LF = bytes(c for c in range(256) if c not in _CRLF)  # every octet but CR and LF
+_DOT_MISSES = 8  # dots not at a line's start after which DotReader searches for CRLF "." instead
 
 
 class Fault(enum.Enum):
@@ -78,8 +79,21 @@ class DotReader(_Checker):
         # One search finds both the end and the stuffed dots: each CRLF "." is the end marker when a
         # CRLF follows it (RFC 5321 §4.1.1.4) and a stuffed dot otherwise (RFC 5321 §4.5.2). A CRLF "."
         # with too few octets after it to tell is held back with the tail.
-        n, pos, cut, done, pieces = len(buf), 0, -1, False, []
-        while (hit := buf.find(b"\r\n.", pos)) >= 0:
+        # Most content has few dots (base64 none): they are found by memchr (`find` of one octet, a
+        # twentieth of the three-octet search's time), until _DOT_MISSES of them begin no line.
+        n, pos, at, cut, done, pieces, misses = len(buf), 0, 0, -1, False, [], 0
+        while True:
+            if misses < _DOT_MISSES:
+                dot = buf.find(b".", at + 2)
+                if dot >= 0 and buf[dot - 2 : dot] != _CRLF:
+                    misses += 1
+                    at = dot - 1
+                    continue
+                hit = dot - 2 if dot >= 0 else -1
+            else:
+                hit = buf.find(b"\r\n.", at)
+            if hit < 0:
+                break
             after = buf[hit + 3 : hit + 5]
             if after == b"\r\n":
                 cut, done = hit + 2, True
@@ -88,7 +102,7 @@ class DotReader(_Checker):
                 cut = hit
                 break
             pieces.append(buf[pos : hit + 2])
-            pos = hit + 3
+            pos = at = hit + 3
         if cut < 0:
             cut = n - 2 if buf.endswith(b"\r\n") else n - 1 if buf.endswith(b"\r") else n
         if done:
