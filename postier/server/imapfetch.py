@@ -143,8 +143,22 @@ class FileSpan(Spliced):
             yield no_nul(piece) if self.nul else piece
 
 
+class _Decoded(Spliced):
+    """A BINARY literal (RFC 3516 §4.2) of `count` decoded octets, as literal8 when they hold NUL."""
+
+    __slots__ = ()
+    count: int
+    binary: bool
+
+    def length(self, size: int) -> int:
+        return self.count
+
+    def prefix(self, size: int) -> bytes:
+        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count  # RFC 3516 §4.2: literal8
+
+
 @dataclass(frozen=True, slots=True)
-class DecodedSpan(Spliced):
+class DecodedSpan(_Decoded):
     """BINARY[n]<o.l> of a leaf part (RFC 3516 §4.2) sent from the file: the octets `start` to `end`
     (its body) with their Content-Transfer-Encoding undone in pieces (`mime.Decoder`), `skip`
     decoded octets left out, then `count` sent, as literal8 (``~{n}``) when they hold NUL.
@@ -156,12 +170,6 @@ class DecodedSpan(Spliced):
     skip: int
     count: int
     binary: bool
-
-    def length(self, size: int) -> int:
-        return self.count
-
-    def prefix(self, size: int) -> bytes:
-        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
 
     def reads(self, size: int) -> int:
         return _encoded_reads(self.end - self.start, self.skip + self.count)
@@ -220,7 +228,7 @@ def _segment_octets(f: IO[bytes], segments: Sequence[Segment]) -> Iterator[bytes
 
 
 @dataclass(frozen=True, slots=True)
-class EntitySpan(Spliced):
+class EntitySpan(_Decoded):
     """BINARY[] or BINARY[n] of a multipart or message/rfc822 part (RFC 3516 §4.2) sent from the
     file: `segments` in order (header and delimiter octets as they are, a rewritten
     Content-Transfer-Encoding field, each leaf body decoded in pieces: `sections.binary_section`'s
@@ -231,12 +239,6 @@ class EntitySpan(Spliced):
     skip: int
     count: int
     binary: bool
-
-    def length(self, size: int) -> int:
-        return self.count
-
-    def prefix(self, size: int) -> bytes:
-        return (b"~{%d}\r\n" if self.binary else b"{%d}\r\n") % self.count
 
     def reads(self, size: int) -> int:
         return sum(seg[1] - seg[0] for seg in self.segments if isinstance(seg, tuple))

@@ -136,16 +136,11 @@ class SpooledSource:
         return out
 
 
-class _Window(io.RawIOBase):
-    """Bytes [start, start + length) of a body read by offset, as the file object of one request:
-    readable, seekable (botocore rewinds a body to retry its request) and never held whole."""
+class _Seekable(io.RawIOBase):
+    """A read-only, seekable file of `_size` octets read at `_pos` (the subclass's `readinto`)."""
 
-    def __init__(self, read_at: ReadAt, start: int, length: int) -> None:
-        super().__init__()
-        self._read_at = read_at
-        self._start = start
-        self._length = length
-        self._pos = 0
+    _pos = 0
+    _size = 0
 
     def readable(self) -> bool:
         return True
@@ -157,13 +152,25 @@ class _Window(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         self._pos = max(0, base + offset)
         return self._pos
 
+
+class _Window(_Seekable):
+    """Bytes [start, start + length) of a body read by offset, as the file object of one request:
+    readable, seekable (botocore rewinds a body to retry its request) and never held whole."""
+
+    def __init__(self, read_at: ReadAt, start: int, length: int) -> None:
+        super().__init__()
+        self._read_at = read_at
+        self._start = start
+        self._size = length
+        self._pos = 0
+
     def readinto(self, buffer: Buffer) -> int:
         view = memoryview(buffer).cast("B")
-        want = min(len(view), self._length - self._pos)
+        want = min(len(view), self._size - self._pos)
         if want <= 0:
             return 0
         data = self._read_at(self._start + self._pos, want)
@@ -385,7 +392,7 @@ class BodyStore:
             raise StoreUnavailable(f"object store unavailable: {exc}") from exc
 
 
-class RangedBody(io.RawIOBase):
+class RangedBody(_Seekable):
     """A large body opened for reading parts of it (`ClusterMailboxes.open_message(partial=True)`),
     `size` octets as the index tells: seekable, read by ranged GETs (`BodyStore.get_range`). A read
     at a new position asks for what it asks for; a read going on from where the previous one ended
@@ -401,20 +408,6 @@ class RangedBody(io.RawIOBase):
         self._at = self._end = 0
         self._window = 0
         self.requests = 0  # ranged GETs made (tests, bench)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def _drop(self) -> None:
         if self._stream is not None:
