@@ -30,14 +30,16 @@ scraping worker alone.
 
 from __future__ import annotations
 
+import io
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, mmap_dict, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -201,6 +203,61 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+class _ReservedValues(mmap_dict.MmapedDict):
+    """prometheus-client's file of one process's values (multiprocess mode), its blocks reserved
+    (posix_fallocate) when it is made and before it grows: the library makes it sparse, and a page
+    of a sparse file first written when the disk is full kills the process with SIGBUS (workers
+    died so on a full disk, `tests/hardening/test_faults.py`). Where no block can be had, the
+    values are kept in this process's memory from then on, unseen by /metrics, with a warning: a
+    full disk costs metrics, never mail."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            try:
+                fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    if os.fstat(fd).st_size == 0:
+                        os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self._in_memory(filename, mmap_dict._INITIAL_MMAP_SIZE, exc)
+                return
+        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
+
+    def _in_memory(self, filename: str, capacity: int, exc: OSError | None) -> None:
+        """Go on (or begin) in anonymous memory of `capacity` octets, the values so far copied."""
+        if exc is not None:
+            log.warning("metrics of this process kept in memory only (not in /metrics): cannot reserve %s: %s",
+                        filename, exc)
+        old = getattr(self, "_m", None)
+        m = mmap.mmap(-1, capacity)
+        if old is not None:
+            m[:len(old)] = old[:]
+            old.close()
+            self._f.close()
+        else:
+            self._positions: dict[str, int] = {}
+            self._used = 8
+        self._f = io.BytesIO()  # (the library's growth and close() use it; never grown here)
+        self._fname, self._m, self._capacity = filename, m, capacity
+
+    def _init_value(self, key: str) -> None:
+        need = self._used + len(key.encode()) + 32  # the library's entry: length, key padded to 8, two doubles
+        if need > self._capacity:
+            capacity = self._capacity
+            while need > capacity:
+                capacity *= 2
+            if isinstance(self._f, io.BytesIO):
+                self._in_memory(self._fname, capacity, None)
+            else:
+                try:
+                    os.posix_fallocate(self._f.fileno(), 0, capacity)
+                except OSError as exc:
+                    self._in_memory(self._fname, capacity, exc)
+        super()._init_value(key)  # type: ignore[no-untyped-call]
+
+
 def _process_id() -> int:
     """This process's id, for prometheus-client's multiprocess mode (it must differ between the
     processes running at once, which the real pid, refreshed after a fork, does)."""
@@ -219,6 +276,7 @@ class Metrics:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared_dir)
             # The library asks its process identifier at every event to notice a fork; ours is the
             # pid remembered at start-up and after each fork (no getpid system call per event).
+            values.MmapedDict = _ReservedValues  # type: ignore[attr-defined]
             values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
             self.exposed = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposed, str(shared_dir))  # type: ignore[no-untyped-call]

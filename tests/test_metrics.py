@@ -282,3 +282,38 @@ def test_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
     families = {f.name for f in m.registry.collect() if f.name.startswith("postier_")}
     missing = [f for f in families if f not in documented]
     assert not missing, f"not in docs/operations.md: {missing}"
+
+
+def test_multiprocess_value_files_have_every_block_reserved(tmp_path: Path) -> None:
+    """A worker's values file (prometheus-client multiprocess mode) is never sparse, made or grown:
+    a page first written when the disk is full would kill the worker with SIGBUS."""
+    import os
+
+    from postier.metrics import _ReservedValues
+
+    path = tmp_path / "counter_1.db"
+    d = _ReservedValues(str(path))
+    st = os.stat(path)
+    assert st.st_size == 1 << 16 and st.st_blocks * 512 >= st.st_size
+    for i in range(3000):  # about 200 KiB of entries: the file grows twice
+        d.write_value(f"key-{i:05d}-" + "x" * 40, float(i), 0.0)
+    st = os.stat(path)
+    assert st.st_size >= 1 << 18 and st.st_blocks * 512 >= st.st_size
+    assert d.read_value("key-02999-" + "x" * 40) == (2999.0, 0.0)
+    d.close()
+    values = {k: v for k, v, _, _ in _ReservedValues.read_all_values_from_file(str(path))}
+    assert len(values) == 3000 and values["key-00007-" + "x" * 40] == 7.0
+
+
+def test_multiprocess_values_without_room_stay_in_memory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No block to be had (here: no directory): the values are kept in memory, the metric calls go on."""
+    from postier.metrics import _ReservedValues
+
+    d = _ReservedValues(str(tmp_path / "gone" / "histogram_1.db"))
+    for i in range(3000):
+        d.write_value(f"key-{i}", float(i), 0.0)
+    assert d.read_value("key-2999") == (2999.0, 0.0)
+    assert d.read_value("key-5") == (5.0, 0.0)
+    d.close()
+    assert "kept in memory only" in caplog.text
+    assert not (tmp_path / "gone").exists()
