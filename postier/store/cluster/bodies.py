@@ -46,7 +46,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Buffer, Callable, Iterable
+from collections.abc import Buffer, Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
@@ -134,6 +134,24 @@ class SpooledSource:
         if n > 0:
             out += os.pread(self._fd, n, offset - len(self.head))
         return out
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextlib.contextmanager
+def _read_errors() -> Iterator[None]:
+    """A GET's failure as the store's: the object missing is MessageGone, anything else
+    StoreUnavailable (every read of a body: `download`, `get`, `get_range`)."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) in ("NoSuchKey", "404"):
+            raise MessageGone("message body missing from the object store") from exc
+        raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise StoreUnavailable(f"object store unavailable: {exc}") from exc
 
 
 class _Seekable(io.RawIOBase):
@@ -333,19 +351,13 @@ class BodyStore:
         fsync); on failure the caller removes it."""
         sha = hashlib.sha256()
         size = 0
-        try:
+        with _read_errors():
             got = self.client.get_object(Bucket=self.bucket, Key=body_key(digest))
             with open(dest, "xb") as out:
                 for piece in got["Body"].iter_chunks(chunk):
                     sha.update(piece)
                     out.write(piece)
                     size += len(piece)
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise MessageGone("message body missing from the object store") from exc
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
         if sha.hexdigest() != digest:
             raise StoreUnavailable(f"object store returned other bytes for body {digest[:12]}")
         return size
@@ -361,18 +373,14 @@ class BodyStore:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": body_key(digest)}
         if limit is not None:
             args["Range"] = f"bytes=0-{max(0, limit - 1)}"
-        try:
-            got = self.client.get_object(**args)
-            data = bytes(got["Body"].read())
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code == "InvalidRange":  # an empty body asked for by range
-                return b""
-            if code in ("NoSuchKey", "404"):
-                raise MessageGone("message body missing from the object store") from exc
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
+        with _read_errors():
+            try:
+                got = self.client.get_object(**args)
+                data = bytes(got["Body"].read())
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) == "InvalidRange":  # an empty body asked for by range
+                    return b""
+                raise
         if limit is None:
             self._remember(digest, data)
         return data
@@ -380,16 +388,9 @@ class BodyStore:
     def get_range(self, digest: str, start: int, end: int) -> Any:
         """The streaming body of a ranged GET of octets start..end - 1 (`end` > `start`; fewer when
         the body is shorter), to be read and closed by the caller (`RangedBody`)."""
-        try:
+        with _read_errors():
             return self.client.get_object(Bucket=self.bucket, Key=body_key(digest),
                                           Range=f"bytes={start}-{end - 1}")["Body"]  # RFC 9110 §14.1.2
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("NoSuchKey", "404"):
-                raise MessageGone("message body missing from the object store") from exc
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise StoreUnavailable(f"object store unavailable: {exc}") from exc
 
 
 class RangedBody(_Seekable):
