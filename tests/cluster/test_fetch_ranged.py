@@ -30,7 +30,7 @@ from tests.harness import free_port  # noqa: E402
 from tests.imap.test_fetch_large import fetch_hashes  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
-from .test_store_large_text import ALICE, PREFIX, deliver_to_alice, with_attachment  # noqa: E402
+from .test_store_large_text import ALICE, BOB, PREFIX, deliver_to_alice, with_attachment  # noqa: E402
 
 SIZE = 20 << 20
 #: parts and partial ranges of the message (text part, 20 MiB base64 attachment, text part)
@@ -180,6 +180,23 @@ def test_the_first_fetch_keeps_the_layout_when_missing(big: tuple[ClusterStore, 
     second, n2 = served(relay, mb, PARTS[0])
     assert first == second == whole
     assert n1 > SIZE and n2 < FAR_LESS, (n1, n2)
+
+
+def test_a_large_body_given_in_memory_keeps_its_layout(big: tuple[ClusterStore, Relay]) -> None:
+    """A body above MEMORY_DATA_LIMIT handed over in memory (an APPEND, an import) keeps its layout
+    at its upload, as a spooled one does: its first FETCH of a section already reads by ranges."""
+    store, relay = big
+    mb = ClusterMailboxes(BOB, store.pool, store.bodies)
+    mb.ensure_defaults()
+    data = PREFIX + with_attachment(3 << 20, "held in memory", "then stored")
+    mb.append("INBOX", data)
+    digest = store.bodies.digest(data)
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM body_views WHERE body = %s AND kind = %s",
+                            (digest, LAYOUT_KIND)).fetchone() == (1,)
+    got, n = served(relay, mb, PARTS[1])
+    assert n < FAR_LESS, n
+    assert got == fetch_hashes(mb, "INBOX", PARTS[1], stream=False)
 
 
 def test_object_store_out_of_reach_is_unavailable(pg: PgServer, s3: S3Server, tmp_path: Path) -> None:

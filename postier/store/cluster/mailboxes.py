@@ -34,7 +34,7 @@ import psycopg_pool
 
 from ...message.types import MEMORY_DATA_LIMIT, User
 from ...message.mime import header_end, header_section
-from ...message.textscan import LAYOUT_KIND, layout_at
+from ...message.textscan import LAYOUT_KIND, ReadAt, layout_at
 from ...proto.crlf import to_crlf
 from ..api import (
     RENAMES_KEPT,
@@ -804,15 +804,20 @@ class ClusterMailboxes:
             self.bodies.put(data, digest)
         row = head = None
         layout: list[tuple[str, str, bytes]] = []
+        read_at: ReadAt
         if not known:
             if isinstance(data, SpooledSource):  # a bounded part of it (fulltext.text_row_at)
                 row = fulltext.text_row_at(digest, data.read_at, data.size)
-                # its layout too, so that a FETCH of a section reads only its span (RangedBody)
-                lay = layout_at(data.read_at, data.size) if data.size > MEMORY_DATA_LIMIT else None
-                if lay is not None:
-                    layout.append((digest, LAYOUT_KIND, lay.dump()))
+                read_at, size = data.read_at, data.size
             else:
                 row = fulltext.text_row(digest, data)
+                whole = data
+                read_at, size = (lambda off, n: whole[off:off + n]), len(whole)
+            # its layout too (a large body given in memory as well: an import, a CATENATE), so that
+            # a FETCH of a section reads only its span (RangedBody)
+            lay = layout_at(read_at, size) if size > MEMORY_DATA_LIMIT else None
+            if lay is not None:
+                layout.append((digest, LAYOUT_KIND, lay.dump()))
         if not head_known:
             if isinstance(data, SpooledSource):  # the block is at most CACHE_ITEM_LIMIT: no more is read
                 first = data.read_at(0, CACHE_ITEM_LIMIT + 4)
