@@ -854,20 +854,12 @@ class IMAPSession(Session):
                     continue
                 if self.closing:
                     raise asyncio.CancelledError
-                wake = asyncio.ensure_future(self._wake.wait())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                self._waiting = True
-                try:
-                    assert read_task is not None
-                    done, _pending = await asyncio.wait({read_task, wake}, timeout=remaining,
-                                                        return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self._waiting = False
-                    if not wake.done():
-                        wake.cancel()
-                if read_task in done:
+                assert read_task is not None
+                read, _woken = await self._read_or_wake(read_task, remaining)
+                if read:
                     data = read_task.result()
                     read_task = None
                     return data
@@ -879,6 +871,21 @@ class IMAPSession(Session):
                 read_task.cancel()
                 with contextlib.suppress(BaseException):
                     await read_task
+
+    async def _read_or_wake(self, read_task: asyncio.Task[bytes], timeout: float) -> tuple[bool, bool]:
+        """Wait up to `timeout` seconds for the client's input (`read_task`) or a wake-up from
+        another session (`_wake`): (input arrived, woken). A stopping server interrupts the wait
+        (`shutdown`, through `_waiting`)."""
+        wake = asyncio.ensure_future(self._wake.wait())
+        self._waiting = True
+        try:
+            done, _pending = await asyncio.wait({read_task, wake}, timeout=timeout,
+                                                return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting = False
+            if not wake.done():
+                wake.cancel()
+        return read_task in done, wake in done
 
     async def _notify_updates(self, selected: bool) -> None:
         """Send what changed since the client was last told (RFC 5465 §5): the selected mailbox's
@@ -994,26 +1001,18 @@ class IMAPSession(Session):
                     raise asyncio.CancelledError
                 if read_task is None:
                     read_task = asyncio.ensure_future(self.reader.read(65536))
-                wake = asyncio.ensure_future(self._wake.wait())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                self._waiting = True
-                try:
-                    done, _pending = await asyncio.wait({read_task, wake}, timeout=min(remaining, IDLE_KEEPALIVE),
-                                                        return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self._waiting = False
-                    if not wake.done():
-                        wake.cancel()
-                if read_task in done:
+                read, woken = await self._read_or_wake(read_task, min(remaining, IDLE_KEEPALIVE))
+                if read:
                     data = read_task.result()
                     read_task = None
                     if not data:
                         raise ConnectionError("client went away")
                     self.parser.feed(data)
                     continue
-                if wake in done:
+                if woken:
                     self._wake.clear()
                     if self.core.sel is not None:
                         await self._updates(allow_expunge=True, sync=True)
