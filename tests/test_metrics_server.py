@@ -65,7 +65,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Instance,
 
 
 def test_access_control(server: tuple[Instance, int]) -> None:
-    _inst, port = server
+    inst, port = server
+    with smtplib.SMTP(*inst.addr("smtp"), timeout=10) as s:  # a connection counted (none may be yet)
+        s.noop()
     assert scrape(port, token=None)[0] == 401
     assert scrape(port, token="wrong")[0] == 401
     assert scrape(port, source="127.0.0.2")[0] == 403  # not in metrics.allow, token or not

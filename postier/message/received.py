@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import re
 import time
@@ -11,8 +12,11 @@ from .mime import header_section
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")  # printable ASCII without space, for tokens from the peer
 # Queue ids need uniqueness, not secrecy: a generator seeded from os.urandom once per process
-# instead of a getrandom() system call per id (two ids per message on the MX hot path).
+# instead of a getrandom() system call per id (two ids per message on the MX hot path). Seeded
+# again in a forked child: workers forked by the supervisor would otherwise draw the same ids in
+# the same second (the second worker's spool files then collided with the first's).
 _rng = random.Random()
+os.register_at_fork(after_in_child=_rng.seed)
 _date: tuple[int, str] = (0, "")
 
 
