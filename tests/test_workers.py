@@ -229,10 +229,7 @@ def test_uids_stay_unique_when_both_workers_append(inst: Instance) -> None:
             assert c.line().startswith(tag + b" OK")
 
     with a, b:
-        ta = threading.Thread(target=append, args=(a, b"A"))
-        ta.start()
-        append(b, b"B")
-        ta.join(60)
+        together(lambda: append(a, b"A"), lambda: append(b, b"B"), timeout=60)
         for c in (a, b):
             untagged, tagged = c.imap(b"s", b"SELECT INBOX")
             assert tagged.startswith(b"s OK") and b"* %d EXISTS" % (2 * n) in untagged, untagged
