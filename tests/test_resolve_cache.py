@@ -11,6 +11,7 @@ import pytest
 
 from postier import accounts
 from postier.accounts import Accounts, Lookup
+from tests.concurrency import together
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +65,7 @@ def test_each_thread_has_its_own_cache(tmp_path: Path) -> None:
         a.remove_user("z@a.test")  # a write through this object, from another thread
         seen.append(a.resolve("z@a.test").status)
 
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
+    together(other)
     assert seen == [Lookup.UNKNOWN_USER]
     assert a.resolve("z@a.test").status is Lookup.UNKNOWN_USER  # the generation counter tells this thread
 
@@ -180,9 +179,5 @@ def test_fresh_cache_changes_from_two_threads_all_count() -> None:
         for _ in range(10_000):
             c.changed()
 
-    threads = [threading.Thread(target=bump) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(bump, bump)
     assert c.generation == 20_000

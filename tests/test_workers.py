@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from postier.server import stats
+from tests.concurrency import together
 from tests.dnsserver import DNSServer
 from tests.harness import Instance, free_port
 from tests.hardening.conftest import PASSWORD, Line, add_cheap_user, wait_for
@@ -228,10 +229,7 @@ def test_uids_stay_unique_when_both_workers_append(inst: Instance) -> None:
             assert c.line().startswith(tag + b" OK")
 
     with a, b:
-        ta = threading.Thread(target=append, args=(a, b"A"))
-        ta.start()
-        append(b, b"B")
-        ta.join(60)
+        together(lambda: append(a, b"A"), lambda: append(b, b"B"), timeout=60)
         for c in (a, b):
             untagged, tagged = c.imap(b"s", b"SELECT INBOX")
             assert tagged.startswith(b"s OK") and b"* %d EXISTS" % (2 * n) in untagged, untagged
@@ -606,26 +604,19 @@ def test_vacation_replies_once_when_both_workers_deliver_at_once(inst: Instance)
 
     rounds = 5
     a, b = spread(inst, connect, sock, smtplib.SMTP.close)
-    errors: list[BaseException] = []
     start = threading.Barrier(2)
 
     def send(s: smtplib.SMTP, side: str) -> None:
-        try:
-            for i in range(rounds):
-                start.wait(10)  # both workers deliver at the same moment
-                data = f"From: <{sender}>\r\nTo: <{away}>\r\nSubject: question {side}{i}\r\n\r\nthere?\r\n"
-                s.sendmail(sender, [away], data.encode())
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for i in range(rounds):
+            start.wait(10)  # both workers deliver at the same moment
+            data = f"From: <{sender}>\r\nTo: <{away}>\r\nSubject: question {side}{i}\r\n\r\nthere?\r\n"
+            s.sendmail(sender, [away], data.encode())
 
-    threads = [threading.Thread(target=send, args=(s, side)) for s, side in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    a.close()
-    b.close()
-    assert not errors, errors
+    try:
+        together(lambda: send(a, "a"), lambda: send(b, "b"), timeout=60)
+    finally:
+        a.close()
+        b.close()
     wait_for(lambda: len(inst.messages(away)) == 2 * rounds, 30, "every message delivered")
     wait_for(lambda: any(b"I am away." in m for m in inst.messages(sender)), 30, "the vacation reply")
     time.sleep(1.0)  # a second reply, if one were due, would be queued by now

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from postier.antispam.builtin import GTUBE, RateLimiter, contains_gtube, helo_problem
 from postier.antispam.greylist import Decision, Greylist, client_network, normalize_sender
 from postier.antispam.verdicts import VerdictLog
+from tests.concurrency import together
 
 
 class Clock:
@@ -74,21 +74,13 @@ def test_expiry_and_bound(tmp_path: Path) -> None:
 
 def test_two_threads_at_once(grey: tuple[Greylist, Clock]) -> None:
     g, clock = grey
-    errors: list[BaseException] = []
 
     def worker(n: int) -> None:
-        try:
-            for i in range(100):
-                g.check(f"10.{n}.{i}.1", "a@x.test", f"u{i}@b.test")
-        except BaseException as exc:  # pragma: no cover
-            errors.append(exc)
+        for i in range(100):
+            g.check(f"10.{n}.{i}.1", "a@x.test", f"u{i}@b.test")
 
-    ts = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors and g.count() == 200
+    together(lambda: worker(0), lambda: worker(1))
+    assert g.count() == 200
 
 
 def test_gtube_found_across_chunks() -> None:
@@ -133,19 +125,13 @@ def test_verdict_log_find(tmp_path: Path) -> None:
 
 def test_verdict_log_batches_from_two_threads_and_stays_bounded(tmp_path: Path) -> None:
     """Lines queued by two sessions at once are all written (in batches), and the row bound holds."""
-    import threading
-
     log = VerdictLog(tmp_path / "v.sqlite", max_rows=1500)
 
     def burst(tag: str) -> None:
         for i in range(1200):
             log.record_later(f"{tag}{i}", "", "192.0.2.1", "s@x.test", ["u@b.test"], "delivered", [])
 
-    threads = [threading.Thread(target=burst, args=(t,)) for t in "ab"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(lambda: burst("a"), lambda: burst("b"))
     log.flush()
     assert log.find("a1199") and log.find("b1199")
     (n,) = log._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()

@@ -23,6 +23,7 @@ from postier.message.types import AccountError  # noqa: E402
 from postier.store.cluster.accounts import ClusterKeyStore, PGAccountStorage  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
 
+from tests.concurrency import together
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
@@ -122,13 +123,8 @@ def test_concurrent_adds_from_two_connections(two: tuple[Accounts, Accounts]) ->
         acc.close()
 
     names = [f"u{i}" for i in range(6)]
-    threads = [threading.Thread(target=worker, args=(a, names)), threading.Thread(target=worker, args=(b, names)),
-               threading.Thread(target=worker, args=(a, [f"a{i}" for i in range(4)])),
-               threading.Thread(target=worker, args=(b, [f"b{i}" for i in range(4)]))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together(lambda: worker(a, names), lambda: worker(b, names),
+             lambda: worker(a, [f"a{i}" for i in range(4)]), lambda: worker(b, [f"b{i}" for i in range(4)]))
     assert sorted(added) == sorted(names + [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)])
     assert len(errors) == len(names) and all("already exists" in e for e in errors)
     assert len(a.list_users()) == len(b.list_users()) == 14

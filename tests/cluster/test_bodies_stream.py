@@ -19,6 +19,7 @@ pytest.importorskip("boto3")
 
 from postier.store.cluster.bodies import PART_SIZE, SpooledSource, body_key  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
+from tests.concurrency import together
 
 PREFIX = b"Return-Path: <alice@a.test>\r\nReceived: from a.test by b.test; Sat, 5 Dec 2026 02:00:00 +0000\r\n"
 
@@ -105,19 +106,11 @@ def test_two_uploads_of_one_body_at_once(tmp_path: Path, bodies_factory: Callabl
     second = type(first)(first.client.meta.endpoint_url, first.bucket, "test", "test", timeout=2.0)
     path, whole = spooled(tmp_path, PART_SIZE + 4096, b"same")
     barrier = threading.Barrier(2)
-    got: list[str | BaseException] = []
 
-    def run(bodies: Any) -> None:
+    def run(bodies: Any) -> str:
         barrier.wait(10)
-        try:
-            got.append(upload(bodies, path))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            got.append(exc)
-    threads = [threading.Thread(target=run, args=(b,)) for b in (first, second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+        return upload(bodies, path)
+    got = together(lambda: run(first), lambda: run(second))
     digest = hashlib.sha256(whole).hexdigest()
     assert got == [digest, digest]
     assert second.get(digest) == whole and uploads_left(first) == []

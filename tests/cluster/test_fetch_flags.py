@@ -35,6 +35,7 @@ from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.index import flags_to_names  # noqa: E402
+from tests.concurrency import together
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
@@ -282,8 +283,8 @@ def test_content_fetch_with_changedsince_reads_only_the_changed_rows(
         assert {u for _s, u in changed} == done and spy.rows_read == len(done) and len(spy.peeked) <= len(done)
         assert got == _fetch_all(a, spec, targets, changedsince=since, add_modseq=True)[0]
         assert [int(re.findall(rb"UID (\d+)", g)[0]) for g in got] == sorted(done)
-    errors: list[BaseException] = []
     made: list[set[int]] = []  # B's changes, in order, each recorded once it is committed
+    written = threading.Event()
 
     def write() -> None:
         try:
@@ -291,23 +292,22 @@ def test_content_fetch_with_changedsince_reads_only_the_changed_rows(
                 uids = rng.sample(range(1, 401), 3)
                 b.store("INBOX", uids, "+FLAGS", ["\\Seen", f"$W{k}"])
                 made.append(set(uids))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        finally:
+            written.set()
 
-    t = threading.Thread(target=write)
-    t.start()
-    last: set[int] = set()
-    rounds = 0
-    while (t.is_alive() or rounds == 0) and rounds < 100:
-        before = done.union(*made)
-        got, spy, changed = filtered()
-        answered = {int(re.findall(rb"UID (\d+)", g)[0]) for g in got}
-        assert before <= answered and last <= answered and spy.rows_read == len(changed) == len(answered)
-        assert all(int(re.findall(rb"MODSEQ \((\d+)\)", g)[0]) > since for g in got)
-        last = answered
-        rounds += 1
-    t.join(60)
-    assert not errors and not t.is_alive()
+    def watch() -> None:
+        last: set[int] = set()
+        rounds = 0
+        while (not written.is_set() or rounds == 0) and rounds < 100:
+            before = done.union(*made)
+            got, spy, changed = filtered()
+            answered = {int(re.findall(rb"UID (\d+)", g)[0]) for g in got}
+            assert before <= answered and last <= answered and spy.rows_read == len(changed) == len(answered)
+            assert all(int(re.findall(rb"MODSEQ \((\d+)\)", g)[0]) > since for g in got)
+            last = answered
+            rounds += 1
+
+    together(write, watch)
     got, spy, changed = filtered()
     assert spy.rows_read == len(done.union(*made)) < 400
     assert got == _fetch_all(a, spec, targets, changedsince=since, add_modseq=True)[0]
@@ -405,7 +405,7 @@ def test_fetches_on_node_a_while_node_b_writes_at_the_same_time(tmp_path: Path, 
         for n in range(20):
             assert cb.append("INBOX", None, None, msg(n))[0] == "OK"
         assert ca.select("INBOX")[1] == [b"20"] and cb.select("INBOX")[0] == "OK"
-        errors: list[BaseException] = []
+        written = threading.Event()
 
         def write() -> None:
             try:
@@ -417,25 +417,24 @@ def test_fetches_on_node_a_while_node_b_writes_at_the_same_time(tmp_path: Path, 
                         u = str(k // 10 * 6 + 2)
                         assert cb.uid("STORE", u, "+FLAGS", "(\\Deleted)")[0] == "OK"
                         assert cb.uid("EXPUNGE", u)[0] == "OK"
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            finally:
+                written.set()
 
-        t = threading.Thread(target=write)
-        t.start()
-        last: dict[int, tuple[set[bytes], int]] = {}
-        gone: set[int] = set()
-        rounds = 0
-        while (t.is_alive() or rounds == 0) and rounds < 300:
-            got = {u: (set(f.split()), m) for u, f, m in _answer(ca, "FETCH 1:* (UID FLAGS MODSEQ)").values()}
-            assert not gone & set(got)
-            for u, (flags, modseq) in got.items():
-                if u in last:
-                    assert last[u][0] <= flags and last[u][1] <= modseq, (u, last[u], flags, modseq)
-            gone |= set(last) - set(got)
-            last = got
-            rounds += 1
-        t.join(60)
-        assert not errors and not t.is_alive()
+        def watch() -> None:
+            last: dict[int, tuple[set[bytes], int]] = {}
+            gone: set[int] = set()
+            rounds = 0
+            while (not written.is_set() or rounds == 0) and rounds < 300:
+                got = {u: (set(f.split()), m) for u, f, m in _answer(ca, "FETCH 1:* (UID FLAGS MODSEQ)").values()}
+                assert not gone & set(got)
+                for u, (flags, modseq) in got.items():
+                    if u in last:
+                        assert last[u][0] <= flags and last[u][1] <= modseq, (u, last[u], flags, modseq)
+                gone |= set(last) - set(got)
+                last = got
+                rounds += 1
+
+        together(write, watch)
         _command(ca, "NOOP")  # A's sync point
         final = {u: (f, m) for u, f, m in _answer(ca, "FETCH 1:* (UID FLAGS MODSEQ)").values()}
         assert final == _db_rows(dsn) and len(final) == 20 + 4 - 3

@@ -26,6 +26,7 @@ from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
+from tests.concurrency import together
 from tests.harness import free_port  # noqa: E402
 from tests.imap.test_fetch_large import fetch_hashes  # noqa: E402
 
@@ -145,23 +146,14 @@ def test_two_sessions_at_once(big: tuple[ClusterStore, Relay]) -> None:
     sessions = [ClusterMailboxes(ALICE, store.pool, store.bodies) for _ in range(3)]
     whole = {items: fetch_hashes(sessions[2], "INBOX", items, stream=False) for items in PARTS[:5]}
     got: list[dict[str, list[str]]] = [{}, {}]
-    errors: list[BaseException] = []
     before = relay.served
 
     def session(k: int) -> None:
-        try:
-            for _ in range(3):
-                for items in PARTS[:5] if k == 0 else reversed(PARTS[:5]):
-                    got[k][items] = fetch_hashes(sessions[k], "INBOX", items, stream=True)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(3):
+            for items in PARTS[:5] if k == 0 else reversed(PARTS[:5]):
+                got[k][items] = fetch_hashes(sessions[k], "INBOX", items, stream=True)
 
-    threads = [threading.Thread(target=session, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    together(lambda: session(0), lambda: session(1))
     assert got[0] == got[1] == whole
     n = relay.served - before
     print(f"two sessions, 30 FETCHes: {n} octets from the object store")

@@ -25,6 +25,7 @@ from postier.server.imapfetch import narrow  # noqa: E402
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
+from tests.concurrency import together
 from tests.imap.test_fts import USER, _keys, _message, _search_in  # noqa: E402
 from tests.harness import start_all  # noqa: E402
 from tests.message.corpus import ALL as CORPUS  # noqa: E402
@@ -177,41 +178,32 @@ def test_two_sessions_append_while_a_third_searches(pg: PgServer, bodies_factory
         boxes = [s.acquire(USER) for s in stores]
         boxes[0].ensure_defaults()
         kinds: dict[int, bool] = {}
-        errors: list[BaseException] = []
         done = threading.Event()
         seen: list[tuple[list[int], list[int]]] = []
 
         def write(i: int) -> None:
+            for n in range(30):
+                report = n % 3 == 0
+                subject = f"report {i}-{n}" if report else f"note {i}-{n}"
+                _v, uid = boxes[i].append(INBOX, f"From: w{i}@example.org\r\nSubject: {subject}\r\n\r\n"
+                                                 f"text {n}\r\n".encode())
+                kinds[uid] = report
+
+        def writers() -> None:
             try:
-                for n in range(30):
-                    report = n % 3 == 0
-                    subject = f"report {i}-{n}" if report else f"note {i}-{n}"
-                    _v, uid = boxes[i].append(INBOX, f"From: w{i}@example.org\r\nSubject: {subject}\r\n\r\n"
-                                                     f"text {n}\r\n".encode())
-                    kinds[uid] = report
-            except BaseException as exc:
-                errors.append(exc)
+                together(lambda: write(0), lambda: write(1))
+            finally:
+                done.set()
 
         def search() -> None:
-            try:
-                for _ in range(200):
-                    view = boxes[2].snapshot(INBOX).uids
-                    got = _search_in(boxes[2], INBOX, HeaderKey("SUBJECT", "report"), True, view)  # type: ignore[arg-type]
-                    seen.append((list(view), got))
-                    if done.is_set():
-                        break
-            except BaseException as exc:
-                errors.append(exc)
+            for _ in range(200):
+                view = boxes[2].snapshot(INBOX).uids
+                got = _search_in(boxes[2], INBOX, HeaderKey("SUBJECT", "report"), True, view)  # type: ignore[arg-type]
+                seen.append((list(view), got))
+                if done.is_set():
+                    break
 
-        writers = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
-        reader = threading.Thread(target=search)
-        for t in (*writers, reader):
-            t.start()
-        for t in writers:
-            t.join(120)
-        done.set()
-        reader.join(120)
-        assert not errors, errors
+        together(writers, search, timeout=240)
         assert len(kinds) == 60 and len(seen) >= 2
         for view, got in seen:
             assert got == [u for u in view if kinds[u]]
@@ -235,24 +227,15 @@ def test_two_nodes_appending_the_same_bodies_in_opposite_orders(
         boxes = [s.acquire(u) for s, u in zip(stores, users, strict=True)]
         for m in boxes:
             m.ensure_defaults()
-        errors: list[BaseException] = []
         gate = threading.Barrier(2, timeout=30)
 
         def write(i: int) -> None:
-            try:
-                for n in range(10):
-                    pair = [f"Subject: shared {n} {k}\r\n\r\nbody {k}\r\n".encode() for k in (0, 1)]
-                    gate.wait()
-                    boxes[i].append_many(INBOX, [(m, (), None) for m in (pair if i else pair[::-1])])
-            except BaseException as exc:
-                errors.append(exc)
+            for n in range(10):
+                pair = [f"Subject: shared {n} {k}\r\n\r\nbody {k}\r\n".encode() for k in (0, 1)]
+                gate.wait()
+                boxes[i].append_many(INBOX, [(m, (), None) for m in (pair if i else pair[::-1])])
 
-        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        together(lambda: write(0), lambda: write(1))
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert conn.execute("SELECT count(*), count(*) FILTER (WHERE exact) FROM body_text").fetchone() == (20, 20)
         for m in boxes:

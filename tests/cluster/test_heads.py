@@ -31,6 +31,7 @@ from postier.store.cluster.gc import collect  # noqa: E402
 from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
 from postier.store.index import CACHE_ITEM_LIMIT  # noqa: E402
+from tests.concurrency import together
 from tests.imap.test_fts import _keys, _message  # noqa: E402
 from tests.message import corpus  # noqa: E402
 
@@ -180,27 +181,19 @@ def test_two_nodes_keeping_the_same_blocks_at_once(pg: PgServer, bodies_factory:
         items = sorted(written.items())
         key = HeaderKey("SUBJECT", "1")
         expected = search(a, key)
-        start = threading.Barrier(3)  # the two nodes and this thread, which empties the table
-        errors: list[BaseException] = []
+        start = threading.Barrier(3)  # the two nodes and a third, which empties the table
         answers: list[list[int]] = []
 
         def run(mb: ClusterMailboxes, order: list[tuple[str, bytes]]) -> None:
-            try:
-                for _ in range(3):
-                    start.wait(60)
-                    answers.append(search(mb, key))  # GETs, and keeps each block it read
-                    start.wait(60)
-                    start.wait(60)
-                    mb._keep_heads(order)  # many rows in one transaction
-                    start.wait(60)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(exc)
+            for _ in range(3):
+                start.wait(60)
+                answers.append(search(mb, key))  # GETs, and keeps each block it read
+                start.wait(60)
+                start.wait(60)
+                mb._keep_heads(order)  # many rows in one transaction
+                start.wait(60)
 
-        with caplog.at_level(logging.WARNING, logger="postier.store"):
-            threads = [threading.Thread(target=run, args=(a, items)),
-                       threading.Thread(target=run, args=(b, items[::-1]))]
-            for t in threads:
-                t.start()
+        def empty() -> None:
             for _ in range(3):
                 sql(dsn, "DELETE FROM body_heads")
                 start.wait(60)  # both search
@@ -209,9 +202,10 @@ def test_two_nodes_keeping_the_same_blocks_at_once(pg: PgServer, bodies_factory:
                 sql(dsn, "DELETE FROM body_heads")
                 start.wait(60)  # both write every row
                 start.wait(60)
-            for t in threads:
-                t.join(120)
-        assert not errors and not [r for r in caplog.records if "not kept" in r.getMessage()]
+
+        with caplog.at_level(logging.WARNING, logger="postier.store"):
+            together(lambda: run(a, items), lambda: run(b, items[::-1]), empty)
+        assert not [r for r in caplog.records if "not kept" in r.getMessage()]
         assert answers == [expected] * 6
         assert head_rows(dsn) == written
 

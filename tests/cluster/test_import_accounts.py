@@ -25,6 +25,7 @@ from postier.message.types import User  # noqa: E402
 from postier.store.cluster.importer import Outcome, copy_into, read_source  # noqa: E402
 from postier.store.sieve import FileSieveStorage  # noqa: E402
 
+from tests.concurrency import together
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
@@ -61,16 +62,10 @@ def counts(dsn: str) -> tuple[int, ...]:
 
 def test_import_then_login_sign_and_filter_on_the_cluster(single: Instance, node: tuple[Instance, str]) -> None:
     n, dsn = node
-    outs: list[str] = []
 
-    def run() -> None:
-        outs.append(n.cli("cluster", "import-accounts", "--from", str(single.root)).stdout)
-    both = [threading.Thread(target=run) for _ in range(2)]  # two admins at once: one copies, one finds it done
-    for t in both:
-        t.start()
-    for t in both:
-        t.join(120)
-    assert len(outs) == 2
+    def run() -> str:
+        return n.cli("cluster", "import-accounts", "--from", str(single.root)).stdout
+    outs = together(run, run)  # two admins at once: one copies, one finds it done
     out, other = sorted(outs, key=lambda o: "users: 2 copied" not in o)
     assert "users: 0 copied, 0 replaced, 2 unchanged" in other and "dkim keys: 0 copied" in other, other
     assert "domains: 0 copied, 0 replaced, 1 unchanged" in out, out  # example.org is there already
@@ -169,27 +164,17 @@ def source(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_two_imports_at_once_copy_each_row_once(pg: PgServer, source: tuple[Path, Path, Path]) -> None:
     dsn = pg.create_db()
     src = read_source(*source)
-    outcomes: list[Outcome] = []
-    errors: list[BaseException] = []
     start = threading.Barrier(2)
 
-    def run() -> None:
-        try:
-            with psycopg.connect(dsn) as conn:
-                start.wait(10)
-                outcomes.append(copy_into(conn, src))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+    def run() -> Outcome:
+        with psycopg.connect(dsn) as conn:
+            start.wait(10)
+            return copy_into(conn, src)
 
     from postier.store.cluster.schema import ensure_schema
     with psycopg.connect(dsn) as conn:
         ensure_schema(conn)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(outcomes) == 2
+    outcomes = together(run, run, timeout=60)
     first, second = sorted(outcomes, key=lambda o: -sum(o.copied.values()))
     assert dict(first.copied) == {"domains": 2, "users": 5, "aliases": 1, "settings": 1, "dkim_keys": 2,
                                   "sieve_scripts": 2, "sieve_tracking": 1}

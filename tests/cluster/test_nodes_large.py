@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("psycopg")
 
+from tests.concurrency import together
 from tests.dnsserver import DNSServer  # noqa: E402
 from tests.harness import Instance, start_all  # noqa: E402
 
@@ -124,21 +125,13 @@ def test_a_large_message_is_read_back_and_delivered_byte_exact(cluster: tuple[In
 
     # Two sessions on two nodes submit the same large message at once: both accepted, both sent.
     same = large("two")
-    replies: list[tuple[int, bytes] | BaseException] = []
     barrier = threading.Barrier(2)
 
-    def run(inst: Instance) -> None:
-        try:
-            barrier.wait(10)
-            replies.append(submit(inst, same, [BOB]))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            replies.append(exc)
-    threads = [threading.Thread(target=run, args=(n,)) for n in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert [r[0] if isinstance(r, tuple) else r for r in replies] == [250, 250], replies
+    def run(inst: Instance) -> tuple[int, bytes]:
+        barrier.wait(10)
+        return submit(inst, same, [BOB])
+    replies = together(lambda: run(a), lambda: run(b), timeout=180)
+    assert [r[0] for r in replies] == [250, 250], replies
     wait_for(lambda: len(mx.messages(BOB)) == 3, 120, "both copies at the MX")
     copies = [m for m in mx.messages(BOB) if b"Subject: large two" in m]
     assert len(copies) == 2 and all(m.endswith(same) for m in copies)
@@ -198,25 +191,19 @@ def test_catenate_of_a_large_message_on_two_nodes_at_once(nodes: list[Instance])
         assert c.append("Drafts", None, None, msg)[0] == "OK"
     finally:
         c.logout()
-    replies: list[object] = []
     barrier = threading.Barrier(2)
 
-    def run(inst: Instance) -> None:
+    def run(inst: Instance) -> tuple[str, list[object]]:
+        s = imap(inst)
         try:
-            s = imap(inst)
-            try:
-                barrier.wait(10)
-                replies.append(s._simple_command("APPEND", "INBOX", "CATENATE (" + " ".join(f"URL {u}" for u in urls[inst]) + ")"))
-            finally:
-                s.logout()
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            replies.append(exc)
-    threads = [threading.Thread(target=run, args=(n,)) for n in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert [r[0] if isinstance(r, tuple) else r for r in replies] == ["OK", "OK"], replies
+            barrier.wait(10)
+            reply: tuple[str, list[object]] = s._simple_command(
+                "APPEND", "INBOX", "CATENATE (" + " ".join(f"URL {u}" for u in urls[inst]) + ")")
+            return reply
+        finally:
+            s.logout()
+    replies = together(lambda: run(a), lambda: run(b), timeout=180)
+    assert [r[0] for r in replies] == ["OK", "OK"], replies
     for inst in (a, b):
         c = imap(inst)
         try:

@@ -12,7 +12,6 @@ it writes, and one statement carries the failures and these limits)."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 pytest.importorskip("psycopg")
 
+from tests.concurrency import together
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer, S3Server  # noqa: E402
@@ -158,11 +158,7 @@ def test_two_clients_connecting_at_once_on_two_nodes(two: tuple[Instance, Instan
                 return
             accepted[name] += 1
 
-    threads = [threading.Thread(target=client, args=(inst, name)) for inst, name in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    together(lambda: client(a, "a"), lambda: client(b, "b"), timeout=60)
     total = accepted["a"] + accepted["b"]
     assert CONNS <= total <= 2 * CONNS and max(accepted.values()) <= CONNS, accepted
     wait_for("every connection in the table", lambda: sum(sum(c) for c in rows(dsn, "c", ip).values()) == total)

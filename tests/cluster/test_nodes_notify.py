@@ -19,6 +19,7 @@ pytest.importorskip("psycopg")
 from postier.store.cluster.bodies import BodyStore  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.mailbox import NAMES  # noqa: E402
+from tests.concurrency import together
 from tests.harness import Instance  # noqa: E402
 
 from .conftest import PgServer  # noqa: E402
@@ -130,11 +131,7 @@ def test_renames_racing_on_node_b_reach_node_a_as_oldname(nodes: list[Instance])
             def create(r: int = r, go: threading.Barrier = go) -> None:
                 go.wait()
                 _pipelined(w2, [f"CREATE Z{r}"])
-            ts = [threading.Thread(target=rename_then_create), threading.Thread(target=create)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            together(rename_then_create, create)
         _ok(w2, "CREATE zzEnd")  # after every change above: the last name the client is told of
         created: list[str] = []
         while "zzEnd" not in known:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("psycopg")
 
+from tests.concurrency import together
 from tests.harness import Instance, start_all  # noqa: E402
 
 from .conftest import PG_BIN, PgServer, S3Server  # noqa: E402
@@ -191,11 +192,7 @@ def test_two_sessions_failing_at_once_on_two_nodes(two: tuple[Instance, Instance
     def session(inst: Instance, name: str) -> None:
         answered[name] = fail(inst, ip, 2 * MAX_FAILURES)
 
-    threads = [threading.Thread(target=session, args=(inst, name)) for inst, name in ((a, "a"), (b, "b"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    together(lambda: session(a, "a"), lambda: session(b, "b"), timeout=60)
     failures = [r for rs in answered.values() for r in rs if r.startswith(b"t") or _bye(r) and r != rs[0]]
     every = [r for rs in answered.values() for r in rs]
     assert all(_no(r) or _bye(r) for r in every), answered
@@ -260,12 +257,8 @@ def test_a_flood_of_failed_logins_costs_a_bounded_number_of_statements(tmp_path:
 
             ips = [f"127.0.2.{i + 1}" for i in range(FLOOD_IPS)]
             jobs = [(a, ips[0:5]), (a, ips[5:10]), (b, ips[10:15]), (b, ips[15:20])]
-            threads = [threading.Thread(target=flood, args=job) for job in jobs]
             t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(max(240, FLOOD))
+            together(*(partial(flood, *job) for job in jobs), timeout=max(240, FLOOD))
             elapsed = time.monotonic() - t0
             assert not errors, errors
             throttle_calls, all_calls = _statement_counts(dsn)

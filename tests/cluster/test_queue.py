@@ -17,6 +17,7 @@ pytest.importorskip("psycopg")
 
 from postier.message.received import queue_id  # noqa: E402
 from postier.queue.spool import QUEUED, MessageInfo, Outcome, RecipientSpec  # noqa: E402
+from tests.concurrency import together
 from tests.queue.conftest import message, queue_env  # noqa: E402
 from tests.queue.fakemx import FakeMX  # noqa: E402
 
@@ -76,11 +77,7 @@ def test_concurrent_claims_never_share_a_recipient(stores: Callable[[], Any]) ->
                 return
             got[sp.node].extend((info.id, st.address) for info, st in rows)
 
-    threads = [threading.Thread(target=claim, args=(sp,)) for sp in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    together(lambda: claim(a), lambda: claim(b), timeout=60)
     assert not set(got["node-a"]) & set(got["node-b"])
     assert len(got["node-a"]) + len(got["node-b"]) == len(want)
     assert set(got["node-a"]) | set(got["node-b"]) == want
@@ -268,11 +265,7 @@ def test_a_deadlock_between_two_nodes_batches_is_run_again(stores: Callable[[], 
     def batch(sp: Any, first: str, second: str) -> None:
         results[sp.node] = sp.run([sp.op_dsn_done(first, []), gate(sp.node), sp.op_dsn_done(second, [])])
 
-    threads = [threading.Thread(target=batch, args=(a, m1, m2)), threading.Thread(target=batch, args=(b, m2, m1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    together(lambda: batch(a, m1, m2), lambda: batch(b, m2, m1), timeout=60)
     assert sorted(crossed) == ["node-a", "node-b"]  # both held their first message's row at once
     assert results == {"node-a": [None, None, None], "node-b": [None, None, None]}
 
@@ -557,24 +550,16 @@ def test_two_nodes_accept_the_same_large_message_at_once(tmp_path: Path, stores:
     a, b = spool(stores(), "node-a"), spool(stores(), "node-b")
     made = [spooled_body(tmp_path / n, PART_SIZE + (1 << 20), "same") for n in ("a", "b")]
     barrier = threading.Barrier(2)
-    ids: list[str | BaseException] = []
 
-    def accept_large(sp: Any, body: Any) -> None:
+    def accept_large(sp: Any, body: Any) -> str | Exception:
         mid = queue_id()
-        try:
-            barrier.wait(10)
-            size = sp.write_file(mid, b"", body)
-            info = MessageInfo(mid, "alice@a.test", T0, size)
-            [res] = sp.run([sp.op_insert(info, [RecipientSpec("bob@b.test")], T0)])
-            ids.append(res if isinstance(res, Exception) else mid)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            ids.append(exc)
-    threads = [threading.Thread(target=accept_large, args=(sp, body)) for sp, (body, _) in zip((a, b), made, strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(ids) == 2 and all(isinstance(i, str) for i in ids), ids
+        barrier.wait(10)
+        size = sp.write_file(mid, b"", body)
+        info = MessageInfo(mid, "alice@a.test", T0, size)
+        [res] = sp.run([sp.op_insert(info, [RecipientSpec("bob@b.test")], T0)])
+        return res if isinstance(res, Exception) else mid
+    ids = together(lambda: accept_large(a, made[0][0]), lambda: accept_large(b, made[1][0]))
+    assert all(isinstance(i, str) for i in ids), ids
     digests = a._digests([str(i) for i in ids])
     assert len(digests) == 2 and len(set(digests.values())) == 1
     whole = made[0][1]

@@ -5,7 +5,6 @@ with a full difference for a reader behind that, and added to an existing databa
 
 from __future__ import annotations
 
-import threading
 
 import psycopg
 import pytest
@@ -19,6 +18,7 @@ from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.schema import ensure_schema  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.errors import MailboxExists  # noqa: E402
+from tests.concurrency import together
 from tests.imap.test_names_log import reads_racing_renames  # noqa: E402
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")  # conftest.py's `mb` is hers
@@ -84,11 +84,7 @@ def test_concurrent_renames_of_one_user_are_numbered_in_commit_order(store: Clus
     def renamer(k: int) -> None:
         for i in range(20):
             others[k].rename(f"T{k}_{i}", f"T{k}_{i + 1}")
-    ts = [threading.Thread(target=renamer, args=(k,)) for k in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    together(lambda: renamer(0), lambda: renamer(1))
     end = mb.names_since(start.cursor)
     assert end.cursor == start.cursor + 40 and end.renames is not None and len(end.renames) == 40
     assert _name_changes(end.renames, set(start.folders), set(end.folders)) == (set(), {"T0_20": "T0_0",

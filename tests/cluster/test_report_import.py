@@ -30,6 +30,7 @@ from postier.queue.tlsrpt import TLSRecorder  # noqa: E402
 from postier.resolver.fake import FakeResolver  # noqa: E402
 from postier.store.cluster.importer import Outcome, copy_reports  # noqa: E402
 from postier.store.cluster.reports import PGReportStorage  # noqa: E402
+from tests.concurrency import together
 from tests.deliverability.common import make_config  # noqa: E402
 from tests.deliverability.test_hook import TXT, message, run, signed  # noqa: E402
 from tests.deliverability.test_reports import FakeQueue, evaluation  # noqa: E402
@@ -125,16 +126,10 @@ def copied_by_one(outs: list[str], copied: list[str], unchanged: list[str]) -> N
 def test_import_then_the_cluster_sends_each_report_once(tmp_path: Path, node: tuple[Instance, str]) -> None:
     data = single_node(tmp_path, sender_dns())
     n, dsn = node
-    outs: list[str] = []
 
-    def import_() -> None:
-        outs.append(n.cli("cluster", "import-accounts", "--from", str(data)).stdout)
-    both = [threading.Thread(target=import_) for _ in range(2)]  # two admins at once
-    for t in both:
-        t.start()
-    for t in both:
-        t.join(120)
-    assert len(outs) == 2
+    def import_() -> str:
+        return n.cli("cluster", "import-accounts", "--from", str(data)).stdout
+    outs = together(import_, import_)  # two admins at once
     # Each report file is copied under its own lock: one import copies all of it, the other finds
     # all of it copied (the DMARC file by one, the TLS file by the same or by the other).
     copied_by_one(outs, ["DMARC results not reported yet: 4 copied, 0 unchanged, 1 left out",
@@ -213,29 +208,19 @@ def pg_sessions(dsn: str) -> list[tuple[int, str, int]]:
 def imports_at_once(data: Path, dsn: str) -> list[Outcome]:
     """Two imports of the node's report files started together (a barrier), each in its own
     thread with its own connections to the cluster's tables; their outcomes."""
-    outcomes: list[Outcome] = []
-    errors: list[BaseException] = []
     start = threading.Barrier(2)
 
-    def import_() -> None:
+    def import_() -> Outcome:
         out = Outcome()
         dmarc, tls = ReportStore(PGReportStorage(dsn, "dmarc")), tls_store(dsn)
         try:
             start.wait(30)
             copy_reports(data, dmarc, tls, time.time(), out)
-            outcomes.append(out)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+            return out
         finally:
             dmarc.close()
             tls.close()
-    threads = [threading.Thread(target=import_) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors and len(outcomes) == 2
-    return outcomes
+    return together(import_, import_)
 
 
 def test_two_imports_at_once_sum_each_count_once(tmp_path: Path, pg: PgServer) -> None:

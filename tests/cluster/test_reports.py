@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from postier.queue.tlsrpt import TLSRecorder  # noqa: E402
 from postier.resolver.fake import FakeResolver  # noqa: E402
 from postier.store.cluster.reports import PGReportStorage  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
+from tests.concurrency import together
 from tests.deliverability.common import make_config  # noqa: E402
 from tests.deliverability.test_reports import FakeQueue, evaluation  # noqa: E402
 from tests.harness import Instance  # noqa: E402
@@ -54,7 +56,6 @@ def test_two_nodes_counting_the_same_domain_at_once_give_exact_sums(pg: PgServer
     stores = [tls_store(dsn), tls_store(dsn)]  # two nodes: two stores, two connections
     per_node = 150
     start = threading.Barrier(2)
-    errors: list[BaseException] = []
 
     def node(store: TLSReportStore) -> None:
         rec = TLSRecorder(store, "192.0.2.1", clock=lambda: DAY0 + 100)
@@ -64,17 +65,9 @@ def test_two_nodes_counting_the_same_domain_at_once_give_exact_sums(pg: PgServer
             # every outcome is new to the table at first: both nodes insert the same rows at once
             await asyncio.gather(*(rec.session(ROUTE, HOST, OK if i % 3 else MISMATCH, None)
                                    for i in range(per_node)))
-        try:
-            asyncio.run(run())
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        asyncio.run(run())
 
-    threads = [threading.Thread(target=node, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    together(*(partial(node, s) for s in stores))
     counts = {r.result: n for _, _, r, n in stores[1].pending(DAY0 + DAY)}
     assert counts == {"": 2 * (per_node - per_node // 3), "certificate-host-mismatch": 2 * (per_node // 3)}
     for s in stores:
@@ -112,17 +105,12 @@ def test_the_report_job_on_two_nodes_at_once_sends_each_report_once(tmp_path: Pa
             dmarc.record(evaluation(DAY0 + 10 * n + i, f"192.0.2.{n}", n != 2))
             tls.record(SessionResult(TLSPolicy(STS, "b.test")), DAY0 + 10 * n + i)
     start = threading.Barrier(2)
-    results: list[list[tuple[str, str]]] = []
 
-    def run(job: ReportJob) -> None:
+    def run(job: ReportJob) -> list[tuple[str, str]]:
         start.wait(30)
-        results.append(asyncio.run(job.run_once()))
+        return asyncio.run(job.run_once())
 
-    threads = [threading.Thread(target=run, args=(job,)) for job, *_ in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = together(*(partial(run, job) for job, *_ in nodes))
     assert sorted(x for r in results for x in r) == [("a.test", "d@a.test"), ("b.test", "tls-reports@b.test")]
     sent = {rcpts[0]: message for _, queue, *_ in nodes for _sender, rcpts, _prefix, message in queue.sent}
     assert sorted(sent) == ["d@a.test", "tls-reports@b.test"]  # one of each, whichever node sent it

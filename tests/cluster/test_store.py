@@ -19,6 +19,8 @@ from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
 from postier.store.errors import MailboxExists, MailboxNotFound, NotPermitted, StoreUnavailable  # noqa: E402
 
+from tests.concurrency import together
+
 from .conftest import PgServer  # noqa: E402
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")
@@ -70,15 +72,13 @@ def test_two_appenders_on_two_connections_commit_uids_in_order(
                 if done.is_set():
                     break
 
-        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        watcher.join(120)
+        def writers() -> None:
+            try:
+                together(lambda: write(0), lambda: write(1))
+            finally:
+                done.set()
+
+        together(watch, writers, timeout=240)
         for g in got:
             assert g == sorted(g) and len(g) == per_writer
         assert sorted(got[0] + got[1]) == list(range(1, 2 * per_writer + 1))
@@ -150,7 +150,6 @@ def test_a_node_catches_up_on_changes_instead_of_reloading_the_uid_list(
         assert list(first.uids) == [1, 2, 3, 4, 5, 6]  # what sessions announced is never changed in place
 
         stop = threading.Event()
-        errors: list[BaseException] = []
 
         def write() -> None:
             try:
@@ -158,20 +157,17 @@ def test_a_node_catches_up_on_changes_instead_of_reloading_the_uid_list(
                     _v, uid = b.append("INBOX", msg(f"w{n}"))
                     if n % 3 == 0:
                         b.delete_uids("INBOX", [uid - 1])
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
             finally:
                 stop.set()
 
-        t = threading.Thread(target=write)
-        t.start()
-        seen = 0
-        while not stop.is_set() or seen == 0:
-            uids = list(a.snapshot("INBOX").uids)
-            assert uids == sorted(set(uids))
-            seen += 1
-        t.join()
-        assert not errors
+        def read() -> None:
+            seen = 0
+            while not stop.is_set() or seen == 0:
+                uids = list(a.snapshot("INBOX").uids)
+                assert uids == sorted(set(uids))
+                seen += 1
+
+        together(write, read)
         fresh = ClusterStore(dsn, bodies_factory(), timeout=5.0)
         try:
             c = fresh.acquire(ALICE)
@@ -352,11 +348,7 @@ def test_two_nodes_storing_flags_at_once_lose_nothing(pg: PgServer, bodies_facto
                 if i == 1 and n == rounds // 2:
                     boxes[i].store("INBOX", [2], "+FLAGS", ["\\Deleted"])
                     boxes[i].expunge("INBOX")
-        threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        together(lambda: write(0), lambda: write(1))
         row = boxes[0].rows("INBOX", [1])[1]
         assert set(row.keywords.split(" ")) == {f"k{i}x{n}" for i in (0, 1) for n in range(rounds)}
         every = modseqs[0] + modseqs[1]
@@ -411,11 +403,7 @@ def test_pop3_maildrop_lock_spans_nodes(pg: PgServer, bodies_factory: Callable[[
         def take(i: int, s: ClusterStore) -> None:
             go.wait()
             got[i] = s.lock_maildrop(ALICE)
-        ts = [threading.Thread(target=take, args=(i, s)) for i, s in enumerate((a, b))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(30)
+        together(lambda: take(0, a), lambda: take(1, b), timeout=30)
         held = [g for g in got if g is not None]
         assert len(held) == 1
         held[0]()
@@ -483,11 +471,7 @@ def test_sieve_scripts_are_shared_by_the_nodes(pg: PgServer, bodies_factory: Cal
                     time.sleep(0.2)  # the other node tries meanwhile, and must wait
                     t.record("vacation\0race@example.net", 2e9)
                     winners.append(node)
-        threads = [threading.Thread(target=decide, args=(n, s)) for n, s in (("a", a), ("b", b))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        together(lambda: decide("a", a), lambda: decide("b", b), timeout=30)
         assert len(winners) == 1, winners
     finally:
         a.close()
@@ -541,11 +525,7 @@ def test_quota_refuses_append_copy_and_delivery_across_nodes(
                     got[i].append(box.append("INBOX", msg(f"{i}-{n:02d}"))[1])
                 except OverQuota:
                     refused[i] += 1
-        ts = [threading.Thread(target=fill, args=(i, box)) for i, box in enumerate((ma, mb_))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
+        together(lambda: fill(0, ma), lambda: fill(1, mb_), timeout=60)
         assert len(got[0]) + len(got[1]) == 10 and sum(refused) == 10
         usage = mb_.quota_usage()
         assert usage.bytes == size * 10 and usage.limit == size * 10

@@ -22,6 +22,7 @@ from postier.message.matching import TEXT_LIMIT  # noqa: E402
 from postier.message.types import MessageBody, User  # noqa: E402
 from postier.store.cluster.bodies import PART_SIZE, BodyStore  # noqa: E402
 from postier.store.cluster.store import ClusterDelivery, ClusterStore  # noqa: E402
+from tests.concurrency import together
 
 
 ALICE = User("alice@example.org", "alice", "example.org", "maildir")
@@ -198,7 +199,6 @@ def test_open_message_downloads_a_large_body_in_pieces(store: ClusterStore, tmp_
     """`open_message` (POP3 RETR, `import imap --verify`) of a large body gives a file downloaded a
     piece at a time, not the body in memory; two sessions open it at once; closing removes it."""
     import tempfile
-    import threading
 
     data = with_attachment(6 << 20, "quokka", "numbat")
     deliver_to_alice(store, tmp_path, data)
@@ -215,20 +215,14 @@ def test_open_message_downloads_a_large_body_in_pieces(store: ClusterStore, tmp_
         with f:
             assert set(Path(tempfile.gettempdir()).glob("postier-open-*")) == before  # unnamed already
             assert f.read() == PREFIX + data
-        got: list[bytes] = []
 
-        def read() -> None:
+        def read() -> bytes:
             g = mb.open_message("INBOX", 1)
             assert g is not None
             with g:
-                got.append(hashlib.sha256(g.read()).digest())
+                return hashlib.sha256(g.read()).digest()
 
-        threads = [threading.Thread(target=read) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert got == [hashlib.sha256(PREFIX + data).digest()] * 2
+        assert together(read, read, timeout=60) == [hashlib.sha256(PREFIX + data).digest()] * 2
         assert mb.open_message("INBOX", 99) is None
     finally:
         store.release(mb)
@@ -239,7 +233,6 @@ def test_fetch_of_sections_of_a_large_body_from_its_download(store: ClusterStore
     """FETCH of sections, partials, BINARY and an uncached BODYSTRUCTURE of a large body (server/imapfetch.py
     `_Large`) comes from `open_message`'s download, the body never read whole (`get`), two sessions
     at once; every answer is the whole-message path's (by hash), the views computed again there."""
-    import threading
 
     from tests.imap.test_fetch_large import ITEMS, big_mail, fetch_hashes
 
@@ -254,21 +247,12 @@ def test_fetch_of_sections_of_a_large_body_from_its_download(store: ClusterStore
         get = store.bodies.get
         monkeypatch.setattr(store.bodies, "get", lambda d, limit=None: read_whole.append(d) or get(d, limit))
         got: list[dict[str, list[str]]] = [{}, {}]
-        errors: list[BaseException] = []
 
         def session(n: int) -> None:
-            try:
-                for i in items if n == 0 else reversed(items):
-                    got[n][i] = fetch_hashes(mb, "INBOX", i, stream=True)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for i in items if n == 0 else reversed(items):
+                got[n][i] = fetch_hashes(mb, "INBOX", i, stream=True)
 
-        threads = [threading.Thread(target=session, args=(n,)) for n in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        together(lambda: session(0), lambda: session(1))
         assert got[0] == got[1] == whole
         assert read_whole == []
     finally:

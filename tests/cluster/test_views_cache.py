@@ -27,6 +27,7 @@ from postier.store.cluster.mailboxes import ClusterMailboxes  # noqa: E402
 from postier.store.cluster.store import ClusterStore  # noqa: E402
 from postier.store.errors import StoreUnavailable  # noqa: E402
 from postier.store.index import CACHE_ITEM_LIMIT  # noqa: E402
+from tests.concurrency import together
 from tests.harness import free_port  # noqa: E402
 from tests.imap.test_message_views import COMMENTS, NUL_MESSAGE, QP_MESSAGE  # noqa: E402
 from tests.message import corpus  # noqa: E402
@@ -113,24 +114,15 @@ def test_two_nodes_caching_the_same_views_at_once(pg: PgServer, bodies_factory: 
             a.append("INBOX", msg(n))
         items = [(u, kind, b"view %d %s" % (u, kind.encode())) for u in range(1, 201) for kind in ("x1", "y1")]
         start = threading.Barrier(2)
-        errors: list[BaseException] = []
 
         def put(mb: ClusterMailboxes, order: Sequence[tuple[int, str, bytes]]) -> None:
-            try:
-                start.wait(30)
-                for _ in range(5):
-                    mb.cache_put("INBOX", order)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(exc)
+            start.wait(30)
+            for _ in range(5):
+                mb.cache_put("INBOX", order)
 
         with caplog.at_level(logging.WARNING, logger="postier.cluster"):
-            threads = [threading.Thread(target=put, args=(a, items)),
-                       threading.Thread(target=put, args=(b, items[::-1]))]  # opposite orders
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
-        assert not errors and not [r for r in caplog.records if "not cached" in r.getMessage()]
+            together(lambda: put(a, items), lambda: put(b, items[::-1]))  # opposite orders
+        assert not [r for r in caplog.records if "not cached" in r.getMessage()]
         assert len(view_rows(dsn)) == 400
         assert a.cache_get("INBOX", list(range(1, 201)), "y1") == {u: b"view %d y1" % u for u in range(1, 201)}
         assert b.cache_get("INBOX", [7, 999], "x1") == {7: b"view 7 x1"}

@@ -10,6 +10,7 @@ import random
 import sqlite3
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from postier.mailauth import reports
 from postier.mailauth.reports import (
     DAY, DKIMAuth, Evaluation, OutgoingReport, PolicyPublished, ReportStore, SPFAuth, build_reports, report_xml,
 )
+from tests.concurrency import together
 from tests.deliverability.test_reports import evaluation
 
 DAY0 = 20_000 * DAY
@@ -90,22 +92,13 @@ def record_at_once(stores: list[ReportStore], each: int) -> None:
     """Every store (a worker, or a node) records the same few results `each` times, all at once:
     new to the table at first for all of them; then the counts add up exactly."""
     start = threading.Barrier(len(stores))
-    errors: list[BaseException] = []
 
     def work(store: ReportStore) -> None:
-        try:
-            start.wait(30)
-            for i in range(each):
-                assert store.record(evaluation(DAY0 + i, f"192.0.2.{i % 5}", i % 3 != 0))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        start.wait(30)
+        for i in range(each):
+            assert store.record(evaluation(DAY0 + i, f"192.0.2.{i % 5}", i % 3 != 0))
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    together(*(partial(work, s) for s in stores))
     pending = stores[-1].pending(DAY0 + DAY)
     assert sum(ev.count for _, ev in pending) == len(stores) * each and len(pending) <= 10
 

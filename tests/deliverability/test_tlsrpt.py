@@ -7,8 +7,8 @@ import asyncio
 import email
 import gzip
 import json
-import threading
 from email import policy as email_policy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from postier.queue.mtasts import Policy
 from postier.queue.tlsrpt import TLSRecorder, classify
 from postier.resolver import TLSARecord
 from postier.resolver.fake import FakeResolver
+from tests.concurrency import together
 from tests.deliverability.common import make_config
 from tests.deliverability.test_reports import FakeQueue
 
@@ -142,11 +143,7 @@ def test_store_aggregates_bounds_and_keeps_concurrent_counts(tmp_path: Path, mon
         for _ in range(n):
             store.record(r, day0 + 5)
 
-    threads = [threading.Thread(target=many, args=(r, 50)) for r in (ok, ok, bad, bad)]  # two sessions at once each
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(*(partial(many, r, 50) for r in (ok, ok, bad, bad)))  # two sessions at once each
     pending = store.pending(day0 + DAY)
     assert sorted((r.result, n) for _, _, r, n in pending) == [("", 100), ("certificate-host-mismatch", 100)]
     [rep] = build_reports([(d, r, n) for _, d, r, n in pending], org_name="o", contact="c", submitter="s",

@@ -12,10 +12,12 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.concurrency import together
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
@@ -253,11 +255,7 @@ def test_tls_handshake_timeout(inst: Instance, partial: bool) -> None:
     def run(role: str) -> None:
         results[role] = _silent_after(inst, role, partial)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in roles]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    together(*(lambda r=r: run(r) for r in roles), timeout=10)  # (`partial` is this test's parameter)
     slow = {r: v for r, v in results.items() if v is None or v > HANDSHAKE_TIMEOUT + 1.5}
     assert len(results) == len(roles) and not slow, results
 
@@ -388,11 +386,7 @@ def test_session_bound_before_login_only(inst: Instance) -> None:
         finally:
             c.close()
 
-    threads = [threading.Thread(target=chatter, args=(r, a)) for r in ("imap", "pop3") for a in (False, True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
+    together(*(partial(chatter, r, a) for r in ("imap", "pop3") for a in (False, True)), timeout=15)
     assert out["imap"] is not None and out["pop3"] is not None, out
     assert out["imap authenticated"] is None and out["pop3 authenticated"] is None, out
 

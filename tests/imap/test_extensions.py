@@ -6,7 +6,6 @@ from __future__ import annotations
 import imaplib
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from postier.message.types import User
 from postier.server import imapfetch
 from postier.store.mailbox import MailStore
 from postier.store.maildir import SpoolFile
+from tests.concurrency import together
 
 from .conftest import PASSWORD, IMAPServer, RawIMAP, start_instance, wait_for
 
@@ -119,28 +119,19 @@ def test_multiappend_rolls_back_when_a_rename_fails(tmp_path: Path, monkeypatch:
 def test_multiappend_from_two_sessions_at_once(server: IMAPServer) -> None:
     user = server.user()
     rounds, per = 10, 3
-    errors: list[BaseException] = []
     got: list[list[int]] = [[], []]
 
     def worker(n: int) -> None:
-        try:
-            with server.client(user) as c:
-                for i in range(rounds):
-                    msgs = b" ".join(literal(MSG.replace(b"one", b"s%d r%d m%d" % (n, i, k))) for k in range(per))
-                    _u, t = c.cmd(b"APPEND INBOX " + msgs)
-                    lo, _, hi = appenduid(t)[1].partition(":")
-                    uids = list(range(int(lo), int(hi or lo) + 1))
-                    assert len(uids) == per, t
-                    got[n] += uids
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with server.client(user) as c:
+            for i in range(rounds):
+                msgs = b" ".join(literal(MSG.replace(b"one", b"s%d r%d m%d" % (n, i, k))) for k in range(per))
+                _u, t = c.cmd(b"APPEND INBOX " + msgs)
+                lo, _, hi = appenduid(t)[1].partition(":")
+                uids = list(range(int(lo), int(hi or lo) + 1))
+                assert len(uids) == per, t
+                got[n] += uids
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     for g in got:
         assert g == sorted(g)
     every = got[0] + got[1]
@@ -259,25 +250,16 @@ def test_catenate_from_two_sessions_at_once(server: IMAPServer) -> None:
     with server.client(user) as c:
         _u, t = c.cmd(b"APPEND Drafts " + literal(SOURCE))
         src = appenduid(t)[1]
-    errors: list[BaseException] = []
     got: list[int] = []
 
     def worker(n: int) -> None:
-        try:
-            with server.client(user) as c:
-                for i in range(8):
-                    _u, t = c.cmd(b'APPEND INBOX CATENATE (TEXT %s URL "/Drafts/;UID=%s/;SECTION=TEXT")'
-                                  % (literal(b"Subject: s%d m%d\r\n\r\n" % (n, i)), src.encode()))
-                    got.append(int(appenduid(t)[1]))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with server.client(user) as c:
+            for i in range(8):
+                _u, t = c.cmd(b'APPEND INBOX CATENATE (TEXT %s URL "/Drafts/;UID=%s/;SECTION=TEXT")'
+                              % (literal(b"Subject: s%d m%d\r\n\r\n" % (n, i)), src.encode()))
+                got.append(int(appenduid(t)[1]))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     assert sorted(got) == list(range(1, 17))
     with server.client(user) as c:
         assert uids_in(c, "INBOX") == list(range(1, 17))
@@ -322,26 +304,17 @@ def test_utf8_accept_names_append_and_headers(server: IMAPServer) -> None:
 
 def test_utf8_append_from_two_sessions_at_once(server: IMAPServer) -> None:
     user = server.user()
-    errors: list[BaseException] = []
     got: list[int] = []
 
     def worker(n: int) -> None:
-        try:
-            with server.client(user) as c:
-                c.ok("ENABLE UTF8=ACCEPT")
-                for i in range(8):
-                    msg = UTF8_MSG.replace(b"Hallo", b"s%d m%d" % (n, i))
-                    _u, t = c.cmd(b"APPEND INBOX UTF8 (~{%d+}\r\n%s)" % (len(msg), msg))
-                    got.append(int(appenduid(t)[1]))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with server.client(user) as c:
+            c.ok("ENABLE UTF8=ACCEPT")
+            for i in range(8):
+                msg = UTF8_MSG.replace(b"Hallo", b"s%d m%d" % (n, i))
+                _u, t = c.cmd(b"APPEND INBOX UTF8 (~{%d+}\r\n%s)" % (len(msg), msg))
+                got.append(int(appenduid(t)[1]))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     assert sorted(got) == list(range(1, 17))
     with server.client(user) as c:
         assert uids_in(c, "INBOX") == list(range(1, 17))
@@ -442,25 +415,15 @@ def test_fetch_of_a_20_mib_message_is_sent_from_its_file(server: IMAPServer) -> 
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
         before = _status_kib(pid, "VmHWM")
         got: dict[str, list[object]] = {}
-        errors: list[BaseException] = []
 
         def fetch(key: str, conn: imaplib.IMAP4_SSL, *args: str) -> None:
-            try:
-                typ, data = conn.uid("FETCH", *args)
-                assert typ == "OK", data
-                got[key] = data
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            typ, data = conn.uid("FETCH", *args)
+            assert typ == "OK", data
+            got[key] = data
 
-        threads = [threading.Thread(target=fetch, args=("peek", a, "1:*", "(BODY.PEEK[])")),
-                   threading.Thread(target=fetch, args=("items", b, "1:*", "(UID RFC822.SIZE FLAGS BODY.PEEK[])"))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        together(lambda: fetch("peek", a, "1:*", "(BODY.PEEK[])"),
+                 lambda: fetch("items", b, "1:*", "(UID RFC822.SIZE FLAGS BODY.PEEK[])"))
         fetch("rfc822", a, "1", "(RFC822)")
-        assert not errors, errors
         grown = _status_kib(pid, "VmHWM") - before
         print(f"peak RSS growth during three FETCHes of a {size >> 20} MiB message: {grown} KiB")
         peek, items, rfc822 = got["peek"], got["items"], got["rfc822"]
@@ -487,25 +450,16 @@ def test_cut_off_append_leaves_nothing_in_tmp(server: IMAPServer) -> None:
 def test_streamed_multiappend_from_two_sessions_at_once(server: IMAPServer) -> None:
     user = server.user()
     big = b"Subject: big\r\n\r\n" + (b"q" * 78 + b"\n") * 2000  # bare LF: stored as CRLF
-    errors: list[BaseException] = []
     got: list[list[int]] = [[], []]
 
     def worker(n: int) -> None:
-        try:
-            with server.client(user) as c:
-                for _ in range(3):
-                    _u, t = c.cmd(b"APPEND INBOX " + literal(big) + b" " + literal(MSG) + b" " + literal(big))
-                    lo, _, hi = appenduid(t)[1].partition(":")
-                    got[n] += list(range(int(lo), int(hi) + 1))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with server.client(user) as c:
+            for _ in range(3):
+                _u, t = c.cmd(b"APPEND INBOX " + literal(big) + b" " + literal(MSG) + b" " + literal(big))
+                lo, _, hi = appenduid(t)[1].partition(":")
+                got[n] += list(range(int(lo), int(hi) + 1))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     assert sorted(got[0] + got[1]) == list(range(1, 19))
     with server.client(user) as c:
         assert uids_in(c, "INBOX") == list(range(1, 19))

@@ -13,8 +13,8 @@ import base64
 import hashlib
 import imaplib
 import re
-import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,10 +28,11 @@ from postier.server import imapfetch
 from postier.server.imapfetch import FetchError, FetchOptions, FetchPace, StreamedAnswer, render_fetch, url_copy
 from postier.store.api import Mailboxes
 from postier.store.mailbox import MailStore
+from tests.concurrency import together
 from tests.imap.test_message_views import COMMENTS, NUL_MESSAGE, QP_MESSAGE
 from tests.message import corpus
 
-from .conftest import PASSWORD, IMAPServer, RawIMAP
+from .conftest import PASSWORD, IMAPServer
 from .test_extensions import _status_kib, appenduid, literal
 
 USER = User("bob@example.org", "bob", "example.org", "maildir")
@@ -211,29 +212,20 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         a.select("INBOX")
         b.select("INBOX")
         got: dict[str, list[object]] = {}
-        errors: list[BaseException] = []
         grown: dict[str, int] = {}
 
         def fetch(key: str, conn: imaplib.IMAP4_SSL, items: str) -> None:
-            try:
-                typ, data = conn.uid("FETCH", "1", items)
-                assert typ == "OK", data
-                got[key] = data
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            typ, data = conn.uid("FETCH", "1", items)
+            assert typ == "OK", data
+            got[key] = data
 
         def measured(what: str, *fetches: tuple[str, imaplib.IMAP4_SSL, str]) -> None:
             """Run the FETCHes at once; the growth of the server's peak RSS (VmHWM) meanwhile."""
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
             before = _status_kib(pid, "VmHWM")
-            threads = [threading.Thread(target=fetch, args=f) for f in fetches]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            together(*(partial(fetch, *f) for f in fetches))
             grown[what] = _status_kib(pid, "VmHWM") - before
             print(f"{len(msg) >> 20} MiB message with an attachment, peak RSS growth, {what}: {grown[what]} KiB")
-            assert not errors, errors
 
         partials = "(BODYSTRUCTURE BODY.PEEK[]<0.65536> BODY.PEEK[2]<1000.2000000> BODY.PEEK[1] BODY.PEEK[3])"
         measured("section FETCH BODY.PEEK[2]", ("a", a, "(BODY.PEEK[2])"))
@@ -243,7 +235,6 @@ def test_sections_and_partials_of_a_20_mib_message_from_two_sessions(server: IMA
         measured("BINARY.PEEK[] and BINARY.SIZE[] (the whole multipart decoded) from two sessions at once",
                  ("all", a, "(BINARY.SIZE[] BINARY.PEEK[])"), ("all2", b, "(BINARY.PEEK[]<1000.2000000> BINARY.PEEK[4])"))
         fetch("c", a, "(BODY.PEEK[4.1])")
-        assert not errors, errors
         first, second, third = got["a"], got["b"], got["c"]
         assert isinstance(got["bin"][0], tuple) and _sha(got["bin"][0][1]) == _sha(binary_section(whole, (2,)))
         entity = binary_section(whole, ())
@@ -348,25 +339,11 @@ def test_catenate_of_a_20_mib_message_from_two_sessions(server: IMAPServer) -> N
         with server.client(user) as a, server.client(user) as b:
             a.ok("NOOP")
             b.ok("NOOP")
-            tagged: list[bytes] = []
-            errors: list[BaseException] = []
-
-            def run(c: RawIMAP, command: bytes) -> None:
-                try:
-                    tagged.append(c.cmd(command)[1])
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
-
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
             before = _status_kib(pid, "VmHWM")
-            threads = [threading.Thread(target=run, args=(c, command)) for c, command in zip((a, b), commands, strict=True)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            tagged = together(lambda: a.cmd(commands[0])[1], lambda: b.cmd(commands[1])[1])
             grown = _status_kib(pid, "VmHWM") - before
             print(f"{len(msg) >> 20} MiB message, two CATENATEs of it at once, peak RSS growth: {grown} KiB")
-            assert not errors, errors
             assert sorted(appenduid(t)[1] for t in tagged) == ["1", "2"], tagged
             # MULTIAPPEND, all or nothing: the first message's spool file goes when the second fails
             _u, t = a.cmd(b'APPEND INBOX CATENATE (URL "/Drafts/;UID=1") CATENATE (URL "/Drafts/;UID=9")')

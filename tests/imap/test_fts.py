@@ -8,7 +8,6 @@ import base64
 import imaplib
 import os
 import random
-import threading
 from collections.abc import Sequence
 from array import array
 from pathlib import Path
@@ -23,6 +22,7 @@ from postier.server.imapfetch import narrow, run_search
 from postier.store.fts import FTS_NAME
 from postier.store.maildir import deliver_maildir
 from postier.store.mailbox import INBOX, MailStore, UserMailbox
+from tests.concurrency import together
 from tests.message.corpus import ALL as CORPUS
 
 from .conftest import PASSWORD, IMAPServer
@@ -172,7 +172,6 @@ def test_two_sessions_append_expunge_move(store: MailStore) -> None:
     folder's index answers equal the scan and no entry is left for a message no folder holds."""
     mb = store.acquire(USER)
     mb.create("Archive2")
-    errors: list[BaseException] = []
 
     def work(n: int) -> None:
         m = store.acquire(USER)
@@ -188,18 +187,11 @@ def test_two_sessions_append_expunge_move(store: MailStore) -> None:
                 elif i % 3 == 1:
                     m.store(INBOX, [uid], "+FLAGS", ["\\Deleted"])
                     m.expunge(INBOX, [uid])
-        except BaseException as exc:
-            errors.append(exc)
         finally:
             store.release(m)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
     try:
-        assert not errors, errors
+        together(lambda: work(1), lambda: work(2), timeout=60)
         for key in (HeaderKey("SUBJECT", "report"), TextKey("TEXT", "köln"), HeaderKey("FROM", "jörg"),
                     TextKey("TEXT", "o"), HeaderKey("SUBJECT", "1")):
             assert _search(mb, key, True) == _search(mb, key, False)

@@ -22,6 +22,8 @@ from postier.store.maildir import deliver_maildir
 from postier.store.fts import CATCH_UP_HELD
 from postier.store.mailbox import INBOX, MailStore, UserMailbox
 
+from tests.concurrency import together
+
 from .conftest import PASSWORD, IMAPServer
 from .test_fts import _search
 
@@ -114,28 +116,18 @@ def test_two_sessions_search_large_messages_at_once(store: MailStore) -> None:
         expect = {str(k): _search(mb, k, False) for k in _keys()}
     finally:
         store.release(mb)
-    errors: list[BaseException] = []
-    results: list[dict[str, list[int]]] = []
     start = threading.Barrier(2)
 
-    def work(order: int) -> None:
+    def work(order: int) -> dict[str, list[int]]:
         m = store.acquire(USER)
         try:
             start.wait(30)
             keys = _keys()[::order]
-            results.append({str(k): _search(m, k, True) for k in keys})
-        except BaseException as exc:
-            errors.append(exc)
+            return {str(k): _search(m, k, True) for k in keys}
         finally:
             store.release(m)
 
-    threads = [threading.Thread(target=work, args=(o,)) for o in (1, -1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert results == [expect, expect]
+    assert together(lambda: work(1), lambda: work(-1)) == [expect, expect]
     mb = store.acquire(USER)
     try:
         docs = mb.index.conn.execute("SELECT count(*), sum(exact) FROM fts.docs").fetchone()
@@ -159,25 +151,15 @@ def test_real_server_append_and_search_from_two_sessions(server: IMAPServer) -> 
         b.append("INBOX", None, None, b"Subject: small\r\n\r\nnothing here\r\n")
         a.select("INBOX")
         b.select("INBOX")
-        out: dict[str, list[bytes]] = {}
-        errors: list[BaseException] = []
 
-        def search(name: str, conn: imaplib.IMAP4_SSL, *crit: str) -> None:
-            try:
-                typ, data = conn.uid("SEARCH", *crit)
-                assert typ == "OK"
-                out[name] = data[0].split()
-            except BaseException as exc:
-                errors.append(exc)
+        def search(conn: imaplib.IMAP4_SSL, *crit: str) -> list[bytes]:
+            typ, data = conn.uid("SEARCH", *crit)
+            assert typ == "OK"
+            uids: list[bytes] = data[0].split()
+            return uids
 
-        threads = [threading.Thread(target=search, args=("a", a, "BODY", "aardvark")),
-                   threading.Thread(target=search, args=("b", b, "TEXT", "\"zebrafinch closes\""))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert out == {"a": [b"1"], "b": [b"1"]}
+        assert together(lambda: search(a, "BODY", "aardvark"),
+                        lambda: search(b, "TEXT", "\"zebrafinch closes\"")) == [[b"1"], [b"1"]]
         typ, data = a.uid("SEARCH", "BODY", "AAECAwQF")  # inside the attachment: not searched
         assert typ == "OK" and data[0].split() == []
         typ, data = b.uid("SEARCH", "NOT", "TEXT", "aardvark")

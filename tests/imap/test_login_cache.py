@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import threading
 
+from tests.concurrency import together
+
 from .conftest import PASSWORD, IMAPServer
 
 
 def test_two_sessions_log_in_concurrently(server: IMAPServer) -> None:
     addr = server.user("lc")
     barrier = threading.Barrier(2)
-    results: list[bytes] = []
 
-    def login() -> None:
+    def login() -> bytes:
         with server.client() as c:
             barrier.wait(timeout=10)
             _u, tagged = c.cmd(f"LOGIN {addr} {PASSWORD}")
-            results.append(tagged.split(b" ")[1])
+            return tagged.split(b" ")[1]
 
-    threads = [threading.Thread(target=login) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert results == [b"OK", b"OK"]
+    assert together(login, login, timeout=30) == [b"OK", b"OK"]
     for _ in range(3):  # and again, one after the other (cache hits)
         with server.client(addr) as c:
             c.ok("SELECT INBOX")

@@ -13,8 +13,9 @@ import pytest
 
 from postier.message.types import User
 from postier.server.imap import _name_changes
-from postier.store.api import RENAMES_KEPT, Mailboxes, renames_after
+from postier.store.api import RENAMES_KEPT, Mailboxes, NamesView, renames_after
 from postier.store.mailbox import MailStore, UserMailbox
+from tests.concurrency import together
 
 USER = User("bob@example.org", "bob", "example.org", "maildir")
 
@@ -110,15 +111,16 @@ def reads_racing_renames(reader: Mailboxes, writer: Mailboxes) -> None:
                 writer.rename(f"M{i}", f"M{i + 1}")
         finally:
             done.set()
-    t = threading.Thread(target=renamer)
-    last = reader.names_since(None)
-    t.start()
-    reads = 0
-    while not done.is_set() or reads == 0:
-        v = reader.names_since(last.cursor)
-        assert v.renames is not None
-        gone, _moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
-        assert not gone and not new, (v.renames, gone, new)
-        last, reads = v, reads + 1
-    t.join()
+
+    def read(last: NamesView) -> None:
+        reads = 0
+        while not done.is_set() or reads == 0:
+            v = reader.names_since(last.cursor)
+            assert v.renames is not None
+            gone, _moved, new = _name_changes(v.renames, set(last.folders), set(v.folders))
+            assert not gone and not new, (v.renames, gone, new)
+            last, reads = v, reads + 1
+
+    first = reader.names_since(None)
+    together(renamer, lambda: read(first))
     assert {f"M{n}", f"M{n}.K"} <= set(reader.names_since(None).folders)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import imaplib
 import time
 
+from tests.concurrency import together
+
 from .conftest import PASSWORD, IMAPServer
 
 MESSAGES = [
@@ -68,10 +70,6 @@ def test_two_sessions_sort_at_once(server: IMAPServer) -> None:
             for _ in range(3):
                 answers.append(c.ok("SORT (SUBJECT) UTF-8 ALL")[0])
 
-    threads = [threading.Thread(target=sort) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    together(sort, sort, timeout=60)
     expected = b"* SORT " + b" ".join(b"%d" % n for n in range(40, 0, -1)) + b"\r\n"
     assert answers == [expected] * 6

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from postier.accounts import CACHE_CHECK, Accounts
+from tests.concurrency import together
 from tests.harness import Instance
 
 PASSWORD = "password123"
@@ -201,11 +202,7 @@ def test_two_sessions_appending_never_exceed_the_quota(qs: QuotaServer) -> None:
                 with lock:
                     answers.append(typ)
 
-    threads = [threading.Thread(target=session) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together(session, session)
     assert answers.count("OK") == 7 and answers.count("NO") == 5
     assert disk_bytes(md) == 7 * one
     with qs.imap(addr) as c:

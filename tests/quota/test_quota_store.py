@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from postier.store.errors import OverQuota
 from postier.store.maildir import deliver_to_user
 from postier.store.mailbox import MailStore
 from postier.store.quota import OVER_QUOTA, format_size, parse_size
+from tests.concurrency import together
 
 MSG = b"Subject: q\r\n\r\n" + b"x" * 986 + b"\r\n"  # 1,002 octets
 
@@ -151,11 +153,7 @@ def test_concurrent_writers_never_exceed_the_quota(tmp_path: Path) -> None:
             with lock:
                 results.append(ok)
 
-    threads = [threading.Thread(target=appender, args=(s,)) for s in stores] + [threading.Thread(target=deliverer)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    together(*(partial(appender, s) for s in stores), deliverer, timeout=60)
     assert sum(results) == 10 and len(results) == 24
     mb = stores[0].acquire(u)
     try:
@@ -251,18 +249,12 @@ def test_two_processes_syncing_a_large_folder_at_once_count_it_once(tmp_path: Pa
     for i in range(n):
         (root / "new" / f"1700000000.M{i}P2Q{i}.host,S={len(MSG)}").write_bytes(MSG)
     start = threading.Barrier(2)
-    got: list[int] = []
 
-    def select(mb: UserMailbox) -> None:
+    def select(mb: UserMailbox) -> int:
         start.wait()
-        got.append(len(mb.select("INBOX", False, True)[0].uids))
+        return len(mb.select("INBOX", False, True)[0].uids)
 
-    threads = [threading.Thread(target=select, args=(v,)) for v in views]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == [n, n]
+    assert together(*(partial(select, v) for v in views)) == [n, n]
     conn = views[0].index.conn
     assert conn.execute("SELECT bytes, messages FROM quota_usage").fetchone() == (n * len(MSG), n)
     assert conn.execute("SELECT COUNT(*) FROM msgs").fetchone() == (n,)

@@ -13,13 +13,14 @@ import os
 import shutil
 import smtplib
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.concurrency import together
 from tests.harness import Instance
 
 SCRIPTS = {
@@ -132,21 +133,11 @@ def test_vacation_once_and_never_to_lists(mx: Instance) -> None:
 
 
 def test_vacation_two_sessions_at_once_reply_once(mx: Instance) -> None:
-    errors: list[BaseException] = []
-
     def one(i: int) -> None:
-        try:
-            send(mx, "alice@a.test", ["frank@a.test"], msg("alice@a.test", "frank@a.test", f"concurrent {i}"))
-        except BaseException as e:  # reported below
-            errors.append(e)
+        send(mx, "alice@a.test", ["frank@a.test"], msg("alice@a.test", "frank@a.test", f"concurrent {i}"))
 
     before = len(mx.messages("alice@a.test"))
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    together(*(partial(one, i) for i in range(4)), timeout=60)
     assert queue_empty(mx)
     got = [m for m in mx.messages("alice@a.test")[before:] if b"Frank is away" in m]
     assert len(got) == 1

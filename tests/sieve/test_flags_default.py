@@ -14,13 +14,14 @@ from __future__ import annotations
 import imaplib
 import re
 import smtplib
-import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.concurrency import together
 from tests.dnsserver import DNSServer
 from tests.harness import Instance
 
@@ -129,20 +130,7 @@ def test_keep_flags_seen(mx: Instance) -> None:
 
 def test_two_sessions_at_once_each_message_its_keyword(mx: Instance) -> None:
     subjects = [f"kw{i}" for i in range(6)]
-    errors: list[BaseException] = []
-
-    def one(subject: str) -> None:
-        try:
-            send(mx, "carol@good.test", "kim@d.test", subject)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(s,)) for s in subjects]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    together(*(partial(send, mx, "carol@good.test", "kim@d.test", s) for s in subjects), timeout=60)
     assert len(wait_files(mx, "kim@d.test", len(subjects))) == len(subjects)
     got = imap_flags(mx, "kim@d.test", "INBOX")
     assert got == {s: {s, "\\Answered"} for s in subjects}, got

@@ -12,7 +12,6 @@ process (tests/sieve/test_large_delivery.py).
 from __future__ import annotations
 
 import smtplib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.fts_large import large_message
+from tests.concurrency import together
 from tests.harness import Instance
 
 pytestmark = pytest.mark.timeout(180)
@@ -96,20 +96,7 @@ def test_two_sessions_at_once_to_the_same_sieve_user(mx: Instance) -> None:
     small = b"From: <y@remote.test>\r\nSubject: large too, but small\r\nMessage-ID: <small@x.test>\r\n\r\nhi\r\n"
     before_big = len(mx.messages("alice@a.test", "Big"))
     before_inbox = len(mx.messages("alice@a.test"))
-    errors: list[BaseException] = []
-
-    def one(data: bytes) -> None:
-        try:
-            send(mx, "alice@a.test", data)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(d,)) for d in (DATA, small)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    together(lambda: send(mx, "alice@a.test", DATA), lambda: send(mx, "alice@a.test", small))
     big = wait_messages(mx, "alice@a.test", before_big + 1, "Big")[before_big:]
     inbox = wait_messages(mx, "alice@a.test", before_inbox + 1)[before_inbox:]
     assert len(big) == 1 and len(inbox) == 1  # the small one is not over 10M: implicit keep

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
 from postier.store.sieve import ScriptError, ScriptStore, TrackingStore, valid_script_name
+from tests.concurrency import together
 
 
 def test_put_get_list_activate(tmp_path: Path) -> None:
@@ -82,28 +82,19 @@ def test_two_sessions_concurrently(tmp_path: Path) -> None:
     root = tmp_path / "sieve"
     ScriptStore(root).put("s0", b"keep;")
     ScriptStore(root).set_active("s0")
-    errors: list[BaseException] = []
 
     def worker(k: int) -> None:
         st = ScriptStore(root)
-        try:
-            for i in range(30):
-                st.put(f"w{k}-{i}", b"keep;")
-                st.set_active(f"w{k}-{i}")
-                if i:
-                    try:
-                        st.delete(f"w{k}-{i - 1}")
-                    except ScriptError as e:
-                        assert e.code == "ACTIVE"
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(30):
+            st.put(f"w{k}-{i}", b"keep;")
+            st.set_active(f"w{k}-{i}")
+            if i:
+                try:
+                    st.delete(f"w{k}-{i - 1}")
+                except ScriptError as e:
+                    assert e.code == "ACTIVE"
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     st = ScriptStore(root)
     active = st.active()
     assert active is not None and st.get(active) == b"keep;"
@@ -136,7 +127,6 @@ def test_tracking_store_two_writers(tmp_path: Path) -> None:
 
     root = tmp_path / "sieve"
     TrackingStore(root).close()
-    errors: list[BaseException] = []
     until = time.time() + 3600
 
     def worker(k: int) -> None:
@@ -145,17 +135,10 @@ def test_tracking_store_two_writers(tmp_path: Path) -> None:
             for i in range(50):
                 t.record(f"k{i % 10}", until + k)
                 assert t.seen(f"k{i % 10}", time.time())
-        except BaseException as e:  # pragma: no cover
-            errors.append(e)
         finally:
             t.close()
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    assert not errors
+    together(lambda: worker(0), lambda: worker(1), timeout=60)
     t = TrackingStore(root, max_rows=5)
     t.record("new", until)
     assert t.seen("new", time.time())

@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import html
 import re
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from tests.concurrency import together
 from tests.harness import Instance, csrf_token
 from tests.web.test_webmail import deliver, plain
 
@@ -136,11 +136,7 @@ def test_two_sessions_change_preferences_at_once(inst: Instance) -> None:
                 r = c.post("/mail/senders", data={"csrf": token, "remove": "nobody@x.invalid"})
                 if r.status_code != 200:
                     errors.append(r.text)
-        threads = [threading.Thread(target=sign, args=(c1, t1, "one")), threading.Thread(target=senders, args=(c2, t2))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        together(lambda: sign(c1, t1, "one"), lambda: senders(c2, t2), timeout=60)
         assert not errors
         assert "one 4" in c1.get("/mail/settings").text
 

@@ -10,13 +10,13 @@ import imaplib
 import re
 import smtplib
 import ssl
-import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 
 import httpx
 import pytest
 
+from tests.concurrency import together
 from tests.harness import Instance, csrf_token
 
 DOMAIN = "web.test"
@@ -479,11 +479,7 @@ def test_two_sessions_change_the_same_folder_at_once(inst: Instance) -> None:
                 if r.status_code not in (303, 409):  # 409: the message moved under the other session's feet
                     errors.append(f"move: {r.status_code} {r.text}")
 
-        threads = [threading.Thread(target=flagger, args=(a, ta)), threading.Thread(target=mover, args=(b, tb))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        together(lambda: flagger(a, ta), lambda: mover(b, tb))
         assert not errors
         inbox, archive = uids(a), uids(b, "Archive")
         assert set(archive) == {"together 0", "together 1", "together 2"}
