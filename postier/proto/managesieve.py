@@ -177,6 +177,12 @@ class ManageSieveConnection:
     def receive_data(self, data: bytes) -> None:
         self._in += data
 
+    @property
+    def partial_input(self) -> bool:
+        """True while a command is partly received (part of a line, a literal being read or
+        skipped): the driver then bounds the time until it is complete (slowloris)."""
+        return bool(self._in) or self._literal is not None or self._skip > 0 or bool(self._line_args)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()

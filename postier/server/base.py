@@ -77,6 +77,28 @@ class CommandClock:
             return None
         return self.started + self.command_timeout + self.received / self.min_data_rate
 
+    async def read(self, read: Callable[[float], Awaitable[bytes]], idle: float, partial: bool,
+                   buffered: int = 0) -> bytes:
+        """`read(timeout)` the client's next bytes: within `idle` seconds, or, while a command is
+        partly received (`partial`; `buffered` bytes of it so far), within what is left of its
+        deadline. Raises CommandTimeout when a started command runs out of time."""
+        if not partial:
+            self.stop()
+            return await read(idle)
+        now = time.monotonic()
+        self.start(now, buffered)
+        deadline = self.deadline()
+        assert deadline is not None
+        left = deadline - now
+        if left <= 0:
+            raise CommandTimeout()
+        try:
+            data = await read(min(idle, left))
+        except TimeoutError:
+            raise CommandTimeout() from None
+        self.add(len(data))
+        return data
+
 
 class Session:
     """One client connection of one role. Subclasses implement `run()` and `refuse_line()`."""
@@ -141,23 +163,7 @@ class Session:
         """Read more input: within `idle` seconds, or, while a command is partly received
         (`partial`; `buffered` bytes of it so far), within what is left of its deadline
         (`CommandClock`). Raises CommandTimeout when a started command runs out of time."""
-        clock = self.clock
-        if not partial:
-            clock.stop()
-            return await self.read(idle)
-        now = time.monotonic()
-        clock.start(now, buffered)
-        deadline = clock.deadline()
-        assert deadline is not None
-        left = deadline - now
-        if left <= 0:
-            raise CommandTimeout()
-        try:
-            data = await self.read(min(idle, left))
-        except TimeoutError:
-            raise CommandTimeout() from None
-        clock.add(len(data))
-        return data
+        return await self.clock.read(self.read, idle, partial, buffered)
 
     async def start_tls(self, ctx: ssl.SSLContext) -> None:
         """Upgrade the connection in place (STARTTLS/STLS). Bytes the client sent before the

@@ -6,7 +6,10 @@ Kept free of the listener plumbing on purpose: ``serve()`` takes a reader/writer
 composition root can mount it on a listener role with a two-line ``Session`` subclass. PUTSCRIPT and
 CHECKSCRIPT compile the script (``postier.sieve``) and answer every error with its line number;
 literals are accepted only up to the store's script size limit. Plaintext pipelined after STARTTLS is
-discarded (the CVE-2011-0411 class of bug). Disk and password work run in threads.
+discarded (the CVE-2011-0411 class of bug). Disk and password work run in threads. The bounds of the
+other protocols hold (docs/security.md): a command once started must be complete within
+`limits.command_timeout` plus its size at `limits.min_data_rate` (`base.CommandClock`), and before
+login the whole session lasts at most `limits.session_timeout`.
 
 AUTHENTICATE runs as in SMTP, IMAP and POP3: ``proto.sasl.ServerExchange`` answered by
 ``server/auth.settle`` from the accounts, every failure (PLAIN or SCRAM) counted in the login throttle
@@ -18,6 +21,7 @@ of reach (cluster mode's PostgreSQL) the answer is ``NO (TRYLATER)``, as SMTP an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -31,7 +35,7 @@ from ..store.errors import StoreError, StoreUnavailable
 from ..store.sieve import ScriptError, Scripts
 from ..metrics import Metrics
 from .auth import AccountLookup, settle
-from .base import Session
+from .base import CommandClock, CommandTimeout, Session
 from .throttle import AuthThrottle
 
 log = logging.getLogger("postier.managesieve")
@@ -39,6 +43,7 @@ log = logging.getLogger("postier.managesieve")
 __all__ = ["ManageSieveBackend", "ManageSieveSession", "serve"]
 
 READ_SIZE = 65536
+FLUSH_TIMEOUT = 5.0  # for the last words to a client that is dropped
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,12 @@ class ManageSieveBackend:
     tls_context: ssl.SSLContext | None
     settings: core.ManageSieveSettings
     idle_timeout: float = 600.0
+    #: A command once started must be complete within command_timeout + its bytes / min_data_rate
+    #: (`base.CommandClock`, as in SMTP, IMAP and POP3); before login the whole session lasts at
+    #: most session_timeout (docs/security.md).
+    command_timeout: float = 60.0
+    min_data_rate: float = 500.0
+    session_timeout: float = 1800.0
     throttle: AuthThrottle = field(default_factory=AuthThrottle)  # the server's: shared with IMAP & co.
     metrics: Metrics | None = None  # failed logins counted (postier/metrics.py)
 
@@ -176,55 +187,74 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, back
     auth = _Auth(conn, backend, peer_ip)
     store: Scripts | None = None
     owner: str | None = None
+    clock = CommandClock(backend.command_timeout, backend.min_data_rate)
+
+    async def read_within(timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await reader.read(READ_SIZE)
+
+    async def read() -> bytes:
+        """The client's next bytes within the idle timeout, or within what is left of the deadline
+        of the command it has started (CommandTimeout)."""
+        return await clock.read(read_within, backend.idle_timeout, conn.partial_input)
+
     try:
         writer.write(conn.data_to_send())
         await writer.drain()
-        while True:
-            ev = conn.next_event()
-            if ev is core.NEED_DATA:
-                out = conn.data_to_send()
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-                async with asyncio.timeout(backend.idle_timeout):
-                    data = await reader.read(READ_SIZE)
-                if not data:
-                    return
-                conn.receive_data(data)
-                continue
-            match ev:
-                case core.StartTLS():
-                    assert backend.tls_context is not None
-                    conn.drop_input()  # RFC 5804 §2.2: nothing sent before the handshake counts
-                    writer.write(conn.data_to_send())
-                    await writer.drain()
-                    await writer.start_tls(backend.tls_context)
-                    conn.tls_started()
-                case core.AuthStart(mechanism=mechanism, initial=initial):
-                    await auth.start(mechanism, initial)
-                case core.AuthResponse(data=response):
-                    await auth.respond(response)
-                case core.Authenticated(user=user):
-                    owner = user
-                    store = await _open(backend, owner)
-                case core.NeedLiteral(size=size):
-                    if store is None and owner is not None:
+        async with asyncio.timeout(backend.session_timeout) as preauth:  # reset at login
+            while True:
+                ev = conn.next_event()
+                if ev is core.NEED_DATA:
+                    out = conn.data_to_send()
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                    data = await read()
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if isinstance(ev, core.Authenticated):
+                    preauth.reschedule(None)
+                match ev:
+                    case core.StartTLS():
+                        assert backend.tls_context is not None
+                        conn.drop_input()  # RFC 5804 §2.2: nothing sent before the handshake counts
+                        writer.write(conn.data_to_send())
+                        await writer.drain()
+                        await writer.start_tls(backend.tls_context)
+                        conn.tls_started()
+                    case core.AuthStart(mechanism=mechanism, initial=initial):
+                        await auth.start(mechanism, initial)
+                    case core.AuthResponse(data=response):
+                        await auth.respond(response)
+                    case core.Authenticated(user=user):
+                        owner = user
                         store = await _open(backend, owner)
-                    limit = store.max_script_size if store is not None else settings.max_line
-                    conn.accept_literal() if size <= limit else conn.reject_literal()
-                case core.ScriptCommand():
-                    if store is None and owner is not None:
-                        store = await _open(backend, owner)
-                    if store is not None:
-                        await asyncio.to_thread(_answer, conn, store, ev)
-                    elif owner is not None:  # the account database out of reach since the login
-                        conn.no("temporary storage failure", "TRYLATER")
-                    else:  # pragma: no cover - the core allows these only after login
-                        conn.no("not authenticated")
-                case core.Logout():
-                    writer.write(conn.data_to_send())
-                    await writer.drain()
-                    return
+                    case core.NeedLiteral(size=size):
+                        if store is None and owner is not None:
+                            store = await _open(backend, owner)
+                        limit = store.max_script_size if store is not None else settings.max_line
+                        conn.accept_literal() if size <= limit else conn.reject_literal()
+                    case core.ScriptCommand():
+                        if store is None and owner is not None:
+                            store = await _open(backend, owner)
+                        if store is not None:
+                            await asyncio.to_thread(_answer, conn, store, ev)
+                        elif owner is not None:  # the account database out of reach since the login
+                            conn.no("temporary storage failure", "TRYLATER")
+                        else:  # pragma: no cover - the core allows these only after login
+                            conn.no("not authenticated")
+                    case core.Logout():
+                        writer.write(conn.data_to_send())
+                        await writer.drain()
+                        return
+    except CommandTimeout:
+        log.info("managesieve: %s did not finish a command in time", peer_ip)
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                writer.write(b'BYE "Command not received in time"\r\n')  # RFC 5804 §1.3
+                await writer.drain()
     except (TimeoutError, ConnectionError, ssl.SSLError):
         return
     finally:
@@ -254,6 +284,7 @@ class ManageSieveSession(Session):
             tls_context=app.ssl_context,
             settings=core.ManageSieveSettings(
                 sieve_extensions=tuple(sorted(CAPABILITIES)), max_literal=cfg.sieve.max_script_size,
-                max_redirects=cfg.sieve.max_redirects),
-            idle_timeout=cfg.limits.command_timeout)
+                max_redirects=cfg.sieve.max_redirects, allow_plaintext=cfg.auth.allow_plaintext),
+            idle_timeout=cfg.limits.command_timeout, command_timeout=cfg.limits.command_timeout,
+            min_data_rate=cfg.limits.min_data_rate, session_timeout=cfg.limits.session_timeout)
         await serve(self.reader, self.writer, backend, tls_active=self.tls_implicit, peer_ip=self.peer_ip)

@@ -25,7 +25,6 @@ import fcntl
 import functools
 import logging
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -45,7 +44,7 @@ from . import maildrop, quota
 from ..message.types import MEMORY_DATA_LIMIT, User
 from ..message.mime import header_end, header_section
 from ..faults import fault_point
-from ..proto.mutf7 import Mutf7Error, mutf7_decode, mutf7_encode
+from ..proto.mutf7 import Mutf7Error, mutf7_decode
 from ..proto.crlf import bare_lf, to_crlf
 from .index import (
     FLAG_DELETED,
@@ -84,10 +83,13 @@ from .errors import (
     UnknownSpecialUse,
 )
 from .fts import CATCH_UP, CATCH_UP_HELD, FTS_NAME, Source, TextIndex, build_from_maildir, searchable
-from .maildir import DeliveryError, MaildirDraft, SpoolFile, ensure_maildir, sync_new, unique_name
+from .maildir import (
+    INBOX, SEPARATOR, DeliveryError, MaildirDraft, SpoolFile, ensure_maildir,
+    folder_dir_name, normalize_name, sync_new, unique_name,
+)
 
 __all__ = [
-    "DEFAULT_SPECIAL_USE", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
+    "DEFAULT_SPECIAL_USE", "INBOX", "SEPARATOR", "ChangeNotifier", "CopyResult", "FolderInfo", "FolderSnapshot",
     "FolderState",
     "MailStore", "PopMessage", "StatusInfo", "StoreResult", "UserMailbox",
     "folder_dir_name", "normalize_name", "on_delivery",
@@ -95,13 +97,7 @@ __all__ = [
 
 log = logging.getLogger("postier.store")
 
-SEPARATOR = "."
-INBOX = "INBOX"
 SUBSCRIPTIONS_FILE = "postier-subscriptions"
-MAX_NAME_CHARS = 200
-MAX_DEPTH = 16
-_RESERVED = frozenset({"cur", "new", "tmp"})
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f/%*]")
 #: RFC 6154 §2 attributes for the default folders, by name.
 DEFAULT_SPECIAL_USE: dict[str, str] = {
     "Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive",
@@ -110,38 +106,6 @@ SPECIAL_USES = frozenset({"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk
 
 
 # -- names ----------------------------------------------------------------------------------------
-
-def normalize_name(name: str) -> str:
-    """Check an IMAP mailbox name and return its canonical form (INBOX upper-cased, RFC 9051 §5.1).
-
-    Raises StoreError for names that could not be a folder here, whatever the client sent.
-    """
-    if name.upper() == INBOX:
-        return INBOX
-    if not name or len(name) > MAX_NAME_CHARS:
-        raise InvalidName("invalid mailbox name (length)")
-    if _BAD_CHARS.search(name):
-        raise InvalidName("invalid mailbox name (forbidden character)")
-    parts = name.split(SEPARATOR)
-    if len(parts) > MAX_DEPTH:
-        raise StoreLimit("mailbox hierarchy too deep")
-    for p in parts:
-        if not p or p.strip() != p:
-            raise InvalidName("invalid mailbox name (empty or padded component)")
-        if p.lower() in _RESERVED:
-            raise InvalidName(f"invalid mailbox name ({p!r} is reserved by Maildir)")
-    if parts[0].upper() == INBOX:
-        parts[0] = INBOX
-    return SEPARATOR.join(parts)
-
-
-def folder_dir_name(name: str) -> str:
-    """The Maildir++ directory name of a (normalized, non-INBOX) folder: "." + modified UTF-7."""
-    enc = mutf7_encode(name)
-    if len(enc) + 1 > 255:  # NAME_MAX
-        raise StoreLimit("mailbox name too long")
-    return "." + enc
-
 
 def _name_from_dir(dirname: str) -> str | None:
     if not dirname.startswith(".") or dirname in (".", ".."):

@@ -32,7 +32,8 @@ from ..faults import fault_point
 from ..message.types import MessageBody, User
 from ..proto.crlf import to_crlf
 from . import quota
-from .errors import OverQuota
+from ..proto.mutf7 import mutf7_encode
+from .errors import InvalidName, OverQuota, StoreError, StoreLimit
 from .index import INDEX_NAME, UserIndex
 from .quota import OVER_QUOTA
 
@@ -461,18 +462,60 @@ def deliver_mbox(path: Path, envelope_from: str, prefix: bytes, body: MessageBod
                 raise
 
 
-#: Maildir++ folder names we deliver into (e.g. "Junk" for DMARC quarantine); a strict pattern,
-#: since the name becomes a directory name.
-_FOLDER_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
+# -- folder names (IMAP's, and Sieve's fileinto: one mapping) --------------------------------------
+
+SEPARATOR = "."
+INBOX = "INBOX"
+MAX_NAME_CHARS = 200
+MAX_DEPTH = 16
+_RESERVED = frozenset({"cur", "new", "tmp"})
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f/%*]")
+
+
+def normalize_name(name: str) -> str:
+    """Check an IMAP mailbox name and return its canonical form (INBOX upper-cased, RFC 9051 §5.1).
+
+    Raises StoreError for names that could not be a folder here, whatever the client sent.
+    """
+    if name.upper() == INBOX:
+        return INBOX
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise InvalidName("invalid mailbox name (length)")
+    if _BAD_CHARS.search(name):
+        raise InvalidName("invalid mailbox name (forbidden character)")
+    parts = name.split(SEPARATOR)
+    if len(parts) > MAX_DEPTH:
+        raise StoreLimit("mailbox hierarchy too deep")
+    for p in parts:
+        if not p or p.strip() != p:
+            raise InvalidName("invalid mailbox name (empty or padded component)")
+        if p.lower() in _RESERVED:
+            raise InvalidName(f"invalid mailbox name ({p!r} is reserved by Maildir)")
+    if parts[0].upper() == INBOX:
+        parts[0] = INBOX
+    return SEPARATOR.join(parts)
+
+
+def folder_dir_name(name: str) -> str:
+    """The Maildir++ directory name of a (normalized, non-INBOX) folder: "." + modified UTF-7."""
+    enc = mutf7_encode(name)
+    if len(enc) + 1 > 255:  # NAME_MAX
+        raise StoreLimit("mailbox name too long")
+    return "." + enc
 
 
 def folder_root(maildir: Path, folder: str | None) -> Path:
-    """INBOX is the Maildir root; another folder is the Maildir++ subfolder '.Name'."""
-    if not folder or folder.upper() == "INBOX":
+    """INBOX is the Maildir root; another folder is the Maildir++ subfolder that IMAP shows under the
+    same name ("." + modified UTF-7: `folder_dir_name`), so that a Sieve fileinto "Café" (RFC 5228
+    §4.1: names are UTF-8) lands where IMAP lists "Café". DeliveryError for a name that cannot be a
+    folder (the caller keeps the message in INBOX)."""
+    if not folder:
         return maildir
-    if not _FOLDER_RE.match(folder):
-        raise DeliveryError(f"invalid folder name {folder!r}")
-    return maildir / f".{folder}"
+    try:
+        name = normalize_name(folder)
+        return maildir if name == INBOX else maildir / folder_dir_name(name)
+    except StoreError as exc:
+        raise DeliveryError(f"invalid folder name {folder!r}: {exc}") from None
 
 
 def deliver_to_user(mail_root: Path, user: User, prefix: bytes, body: MessageBody | bytes, envelope_from: str,

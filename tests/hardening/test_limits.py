@@ -5,6 +5,7 @@ command counts and the pre-login session bound. docs/security.md points here."""
 
 from __future__ import annotations
 
+import base64
 import select
 import smtplib
 import socket
@@ -50,7 +51,7 @@ dkim_verify = false
 dmarc = false
 """
 
-GREETING = {"smtp": b"220 ", "imap": b"* OK", "pop3": b"+OK"}
+GREETING = {"smtp": b"220 ", "imap": b"* OK", "pop3": b"+OK", "managesieve": b'"IMPLEMENTATION"'}
 BUSY = {"smtp": b"421 4.7.0", "imap": b"* BYE", "pop3": b"-ERR [SYS/TEMP]"}
 
 
@@ -71,12 +72,16 @@ def greet(inst: Instance, role: str, source: str, timeout: float = 10.0) -> Line
     c = Line(inst.addr(role), source, timeout)
     first = c.reply() if role == "smtp" else c.line()
     assert first.startswith(GREETING[role]), first
+    while role == "managesieve" and not first.startswith(b"OK"):  # RFC 5804 §1.7: capabilities, then OK
+        first = c.line()
     return c
 
 
 def login(c: Line, role: str, user: str, password: str = PASSWORD) -> bytes:
     if role == "imap":
         return c.imap(b"L", b"LOGIN " + user.encode() + b" " + password.encode())[1]
+    if role == "managesieve":  # [auth] allow_plaintext holds here as in the other protocols
+        return c.cmd(b'AUTHENTICATE "PLAIN" "' + base64.b64encode(f"\0{user}\0{password}".encode()) + b'"')
     assert c.cmd(b"USER " + user.encode()).startswith(b"+OK")
     return c.cmd(b"PASS " + password.encode())
 
@@ -146,6 +151,8 @@ def _honest(inst: Instance, role: str, source: str, user: str, stop: threading.E
                 assert c.smtp(b"NOOP").startswith(b"250")
             elif role == "imap":
                 assert c.imap(b"n%d" % i, b"NOOP")[1].startswith(b"n%d OK" % i)
+            elif role == "managesieve":
+                assert c.cmd(b"NOOP").startswith(b"OK")
             else:
                 assert c.cmd(b"NOOP").startswith(b"+OK")
             latencies.append(time.monotonic() - t)
@@ -154,7 +161,7 @@ def _honest(inst: Instance, role: str, source: str, user: str, stop: threading.E
         c.close()
 
 
-@pytest.mark.parametrize("role", ["smtp", "imap", "pop3"])
+@pytest.mark.parametrize("role", ["smtp", "imap", "pop3", "managesieve"])
 def test_slowloris_dropped_while_honest_client_keeps_latency(inst: Instance, role: str) -> None:
     user = add_cheap_user(inst, f"slow-{role}@h.test")
     latencies: list[float] = []
@@ -373,7 +380,7 @@ def test_session_bound_before_login_only(inst: Instance) -> None:
                     return
                 try:
                     c.send(b"x%d NOOP\r\n" % i if role == "imap" else b"NOOP\r\n" if authenticated
-                           else b"CAPA\r\n")
+                           or role == "managesieve" else b"CAPA\r\n")
                     r, _, _ = select.select([c.sock], [], [], 0.4)
                     data = c.sock.recv(65536) if r else b"-"
                 except OSError:
@@ -386,9 +393,10 @@ def test_session_bound_before_login_only(inst: Instance) -> None:
         finally:
             c.close()
 
-    together(*(partial(chatter, r, a) for r in ("imap", "pop3") for a in (False, True)), timeout=15)
-    assert out["imap"] is not None and out["pop3"] is not None, out
-    assert out["imap authenticated"] is None and out["pop3 authenticated"] is None, out
+    roles = ("imap", "pop3", "managesieve")
+    together(*(partial(chatter, r, a) for r in roles for a in (False, True)), timeout=15)
+    assert all(out[r] is not None for r in roles), out
+    assert all(out[r + " authenticated"] is None for r in roles), out
 
 
 def test_idle_port_scan_does_not_leak_sessions(inst: Instance) -> None:

@@ -220,6 +220,23 @@ def test_literal_is_signalled_and_a_refused_one_is_skipped() -> None:
     assert not any(isinstance(e, NeedLiteral) and e.size == 5000 for e in app.events)  # over max_literal
 
 
+def test_partial_input_while_a_command_is_unfinished() -> None:
+    """What the driver's command deadline (slowloris) keys on: part of a line, or a literal underway."""
+    app, _ = _session()
+    assert not app.conn.partial_input
+    app.feed(b"NOO")
+    assert app.conn.partial_input
+    app.feed(b"P\r\n")
+    assert not app.conn.partial_input
+    _login(app)
+    app.feed(b'PUTSCRIPT "s" {7+}\r\nkee')  # accepted literal, three octets in
+    assert app.conn.partial_input
+    assert app.feed(b"p;\r\n\r\n") == b"OK\r\n"
+    assert not app.conn.partial_input
+    app.feed(b'PUTSCRIPT "big" {500+}\r\n' + b"x" * 10)  # refused literal, being skipped
+    assert app.conn.partial_input
+
+
 def test_byte_by_byte_equals_whole() -> None:
     script = b"keep;\r\n"
     data = (b'AUTHENTICATE "PLAIN" "' + _plain("bob@example.com", "secret") + b'"\r\n' +

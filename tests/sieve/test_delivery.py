@@ -36,7 +36,7 @@ SCRIPTS = {
 def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     root: Path = tmp_path_factory.mktemp("sieve")
     inst = Instance(root, "a.test")
-    for user in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank"):
+    for user in ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan"):
         inst.add_user(f"{user}@a.test")
     for addr, text in SCRIPTS.items():
         inst.cli("sieve", "put", addr, "main", "-", stdin=text)
@@ -151,6 +151,34 @@ def test_runtime_error_keeps(mx: Instance) -> None:
     before = len(mx.messages("gina@a.test"))
     assert send(mx, "x@remote.test", ["gina@a.test"], msg("x@remote.test", "gina@a.test", "odd")) == {}
     assert len(wait_messages(mx, "gina@a.test", before + 1)) == before + 1
+
+
+def test_fileinto_non_ascii_and_child_folders_seen_over_imap(mx: Instance) -> None:
+    """RFC 5228 §4.1: fileinto names are UTF-8; they land in the folder IMAP lists under that name
+    (modified UTF-7 on the wire, RFC 3501 §5.1.3), a child of an existing one too (found by a chaos
+    run: both went to INBOX with an ERROR in the log)."""
+    script = 'require ["fileinto"];\nif header :contains "subject" "cafe" { fileinto "Café"; }\n' \
+             'elsif header :contains "subject" "child" { fileinto "Lists.Работа"; }\n'
+    mx.cli("sieve", "put", "ivan@a.test", "names", "-", stdin=script)
+    mx.cli("sieve", "activate", "ivan@a.test", "names")
+    assert send(mx, "x@remote.test", ["ivan@a.test"], msg("x@remote.test", "ivan@a.test", "cafe time")) == {}
+    assert send(mx, "x@remote.test", ["ivan@a.test"], msg("x@remote.test", "ivan@a.test", "child one")) == {}
+    assert len(wait_messages(mx, "ivan@a.test", 1, "Caf&AOk-")) == 1
+    assert len(wait_messages(mx, "ivan@a.test", 1, "Lists.&BCAEMAQxBD4EQgQw-")) == 1
+    with imaplib.IMAP4(*mx.addr("imap")) as im:
+        im.starttls(mx.client_ssl_context())
+        im.login("ivan@a.test", "password123")
+        typ, listed = im.list()
+        assert typ == "OK"
+        assert any(b' "Caf&AOk-"' in ln or ln.endswith(b" Caf&AOk-") for ln in listed if isinstance(ln, bytes)), listed
+        for box, subject in (("Caf&AOk-", b"cafe time"), ("Lists.&BCAEMAQxBD4EQgQw-", b"child one")):
+            typ, data = im.select(box)
+            assert typ == "OK" and data[0] == b"1", (box, data)
+            typ, got = im.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            assert typ == "OK" and subject in got[0][1]  # type: ignore[index]
+        typ, data = im.select("INBOX")
+        assert typ == "OK" and data[0] == b"0"
+    assert not [ln for ln in mx.log.read_text().splitlines() if "delivery to ivan@a.test failed" in ln]
 
 
 def test_mdn_when_rejecting_one_of_several_recipients(mx: Instance) -> None:
