@@ -557,18 +557,24 @@ class IMAPSession(Session):
         self._notify(name)
         await self._names_changed()
         if self.core.sel is not None and self.core.sel.name == name:
-            self.send(R.bye("Selected mailbox was deleted"))
-            raise _Disconnect()
+            # Deleting the mailbox this session has selected: it is closed, and the session is back
+            # in the authenticated state with the tagged OK, as Dovecot does (CLOSED, RFC 7162
+            # §3.2.11, where the client can tell); other sessions that have it selected get BYE at
+            # their next update.
+            for line in self.core.leave():
+                self.send(line)
 
     async def cmd_rename(self, cmd: C.Rename) -> None:
         old = self._name(cmd.mailbox)
         await self.call(self._mbox().rename, old, cmd.new_mailbox)
         self._notify(old)
         await self._names_changed()
-        if self.core.sel is not None and (self.core.sel.name == old or self.core.sel.name.startswith(old + SEPARATOR)) \
-                and old != "INBOX":
-            self.send(R.bye("Selected mailbox was renamed"))
-            raise _Disconnect()
+        sel = self.core.sel
+        if sel is not None and old != "INBOX" and (sel.name == old or sel.name.startswith(old + SEPARATOR)):
+            # Renaming the mailbox this session has selected (or a parent of it): it stays selected
+            # under its new name, UIDs and UIDVALIDITY unchanged (the store renames the folder, it
+            # does not copy it); other sessions that have it selected get BYE at their next update.
+            sel.name = self._name(cmd.new_mailbox) + sel.name[len(old):]
 
     async def cmd_subscribe(self, cmd: C.Subscribe) -> None:
         await self.call(self._mbox().subscribe, cmd.mailbox, True)

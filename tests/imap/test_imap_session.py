@@ -326,6 +326,32 @@ def test_mailbox_management_and_names(server: IMAPServer) -> None:
         assert u == [b'* NAMESPACE (("" ".")) NIL NIL\r\n']
 
 
+def test_delete_or_rename_of_the_selected_mailbox(server: IMAPServer) -> None:
+    """The session deleting its selected mailbox gets the tagged OK and is back in the authenticated
+    state (CLOSED where it enabled CONDSTORE); one renaming it keeps it selected under the new name,
+    same UIDs; another session with it selected is told BYE at its next update."""
+    addr = server.user()
+    with server.client(addr) as a, server.client(addr) as b:
+        a.ok("CREATE Work")
+        uid = append(a, "Work", MSG)
+        a.ok("ENABLE CONDSTORE")
+        a.ok("SELECT Work")
+        b.ok("SELECT Work")
+        u = a.ok("RENAME Work Play")
+        u = a.ok(f"UID FETCH {uid} (UID)")
+        assert any(b"UID %d" % uid in x for x in u), u
+        append(a, "Play", MSG)
+        u = a.last_untagged + a.ok("NOOP")
+        assert b"* 2 EXISTS\r\n" in u, u  # the selected mailbox under its new name
+        b.send("n NOOP\r\n")
+        assert b.line().startswith(b"* BYE")  # its mailbox is gone from under it
+        u = a.ok("DELETE Play")
+        assert any(b"[CLOSED]" in x for x in u), u
+        _u, t = a.cmd("FETCH 1 (UID)")
+        assert b" BAD " in t  # no mailbox selected any more
+        a.ok("SELECT INBOX")
+
+
 def test_rev2_search_is_esearch(server: IMAPServer) -> None:
     addr = server.user()
     with server.client(addr) as c:
