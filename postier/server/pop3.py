@@ -36,7 +36,7 @@ from ..config import IMPLICIT_TLS_ROLES
 from ..proto import pop3 as core
 from ..proto.pop3.replies import Reply
 from ..store.api import Mailboxes, MailStoreAPI, PopMessage
-from ..store.errors import StoreError, StoreUnavailable
+from ..store.errors import MailboxNotFound, StoreError, StoreUnavailable
 from ..store.maildrop import LOCK_NAME
 from .base import CommandTimeout, Session
 from .throttle import AuthThrottle
@@ -79,7 +79,11 @@ def _open_maildrop(store: MailStoreAPI, user: User) -> _Maildrop | None:
     try:
         mb = store.acquire(user)
         try:
-            listing, uidvalidity = mb.pop_listing()
+            try:
+                listing, uidvalidity = mb.pop_listing()
+            except MailboxNotFound:  # cluster mode: a user with no folders yet (no mail, no IMAP login)
+                mb.ensure_defaults()  # as a delivery or an IMAP login would: an empty maildrop
+                listing, uidvalidity = mb.pop_listing()
         except BaseException:
             store.release(mb)
             raise
