@@ -44,6 +44,7 @@ from ..proto.smtp.errors import AddressError
 from ..mailauth.srs import SRS, SRSError, is_srs
 from ..mailauth.tlsrpt import TLSReportStore
 from ..resolver import BaseResolver
+from ..store.errors import StoreUnavailable
 from . import schedule
 from .client import SMTPClient
 from .mtasts import PolicyCache
@@ -592,6 +593,8 @@ class Queue:
         if outcomes or last:
             try:
                 finished = await self._db(self.spool.op_complete(job.msg_id, outcomes, now, last))
+            except StoreUnavailable as exc:
+                log.error("%s: recording the outcome failed (it will be retried): %s", job.msg_id, exc)
             except Exception:
                 log.exception("%s: recording the outcome failed (it will be retried)", job.msg_id)
         self._busy.difference_update((job.msg_id, a) for a in job.recipients)
@@ -601,7 +604,10 @@ class Queue:
         if removed and not outcomes:
             log.info("%s: removed", job.msg_id)  # rows deleted, file unlinked after the commit
         elif last and finished is False:
-            await self.send_dsns(job.msg_id)  # owed by this job or an earlier one of the message
+            try:
+                await self.send_dsns(job.msg_id)  # owed by this job or an earlier one of the message
+            except StoreUnavailable as exc:  # cluster mode: the worker goes on; `owing_dsn` finds it later
+                log.error("%s: DSN not sent yet (it stays owed): %s", job.msg_id, exc)
 
     def _log(self, job: Job, msg: MessageInfo | None, o: Outcome, now: float, removed: bool) -> None:
         """One line per recipient, as Postfix writes them; the last one says when the message left the queue."""
@@ -733,6 +739,9 @@ class Queue:
                         for msg_id in await self._read(self.spool.owing_dsn):
                             await self.send_dsns(msg_id)
                 nxt = await self._read(self.spool.next_due)
+            except StoreUnavailable as exc:  # cluster mode: PostgreSQL out of reach; tried again below
+                log.error("queue: dispatch failed: %s", exc)
+                nxt = None
             except Exception:
                 log.exception("queue: dispatch failed")
                 nxt = None

@@ -567,3 +567,40 @@ def test_two_nodes_accept_the_same_large_message_at_once(tmp_path: Path, stores:
     assert a.bodies.client.list_multipart_uploads(Bucket=a.bodies.bucket).get("Uploads", []) == []
     for body, _ in made:
         body.close()
+
+
+def test_postgresql_lost_while_a_dsn_is_claimed_does_not_strand_the_next_job(
+        tmp_path: Path, pg_own: PgServer, bodies_factory: Callable[[], Any]) -> None:
+    """Two bounces to one domain, one connection per domain: PostgreSQL goes away between the first
+    job's recorded outcome and its DSN claim. The worker logs it and takes the second job (the
+    first DSN stays owed, for `owing_dsn`); before, StoreUnavailable ended the worker task ("Task
+    exception was never retrieved", found by an outside cluster run stopping PostgreSQL for 6 s) and
+    the second job sat in memory, claimed, with no worker, until a restart or its lease ran out."""
+    from postier.queue.cluster import ClusterSpool
+    from postier.store.cluster.store import ClusterStore
+
+    class Spool(ClusterSpool):
+        def claim_dsn(self, msg_id: str, now: float) -> bool:
+            pg_own.stop()  # a real outage, at this point of the interleaving
+            return bool(super().claim_dsn(msg_id, now))
+
+    seen: list[str] = []
+
+    async def main() -> None:
+        mx = FakeMX([MX_IP], rcpt_reply=lambda line: seen.append(line) or "550 5.1.1 no such user")
+        async with queue_env(tmp_path, mx, spool=sp, queue={"concurrency_per_domain": 1}) as a:
+            a.dns.add("b.test", "MX", "10 mx.b.test")
+            a.dns.add("mx.b.test", "A", MX_IP)
+            sp.clock = a.clock.time
+            for to in ("one@b.test", "two@b.test"):
+                await asyncio.to_thread(accept, sp, [to], a.clock.time())
+            assert await a.queue.dispatch() == 2  # two jobs for one destination, one worker
+            await a.queue.drain()
+        assert sorted(s.split("<")[1].split(">")[0] for s in seen) == ["one@b.test", "two@b.test"]
+
+    store = ClusterStore(pg_own.create_db(), bodies_factory(), workers=1, timeout=2.0)
+    sp = Spool(store, LEASE, node="n", clock=lambda: T0)
+    try:
+        run(main())
+    finally:
+        store.close()
