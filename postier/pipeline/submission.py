@@ -286,6 +286,9 @@ class SubmissionPipeline(SMTPPipeline):
                                                       env.mail_from)
             if local.failed_users:  # disk trouble for some: the queue retries them
                 await self.queue.enqueue(env, list(local.failed_users), prefix, body)
+        except StoreUnavailable as exc:  # cluster mode: neither delivered nor queued; the client retries
+            log.error("%s: submission failed: %s", env.qid, exc)
+            return [R451_LOCAL_ERROR] * n
         except Exception:
             log.exception("%s: submission failed", env.qid)
             return [R451_LOCAL_ERROR] * n
