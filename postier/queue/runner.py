@@ -608,6 +608,8 @@ class Queue:
                 await self.send_dsns(job.msg_id)  # owed by this job or an earlier one of the message
             except StoreUnavailable as exc:  # cluster mode: the worker goes on; `owing_dsn` finds it later
                 log.error("%s: DSN not sent yet (it stays owed): %s", job.msg_id, exc)
+            except Exception:  # whatever it was, the worker goes on with the jobs behind this one
+                log.exception("%s: DSN not sent yet (it stays owed)", job.msg_id)
 
     def _log(self, job: Job, msg: MessageInfo | None, o: Outcome, now: float, removed: bool) -> None:
         """One line per recipient, as Postfix writes them; the last one says when the message left the queue."""
