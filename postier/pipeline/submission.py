@@ -268,6 +268,9 @@ class SubmissionPipeline(SMTPPipeline):
         if self.signer is not None:
             try:
                 signature = await self.signer.sign(env, PrefixedBody(added, body) if added else body)
+            except StoreUnavailable as exc:  # cluster mode: the key is out of reach; never send it unsigned
+                log.error("%s: DKIM signing failed, the client is told to retry: %s", env.qid, exc)
+                return [R451_LOCAL_ERROR] * n
             except Exception:
                 log.exception("%s: DKIM signing failed", env.qid)
                 return [R451_LOCAL_ERROR] * n
