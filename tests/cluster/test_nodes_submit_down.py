@@ -66,3 +66,25 @@ def test_submission_with_the_object_store_down_is_451_and_no_traceback(
         n.stop()
     log = n.log.read_text()
     assert "submission failed: " in log and "Traceback" not in log
+
+
+def test_dkim_key_out_of_reach_is_451_not_an_unsigned_message(tmp_path: Path, pg_own: PgServer, s3: S3Server) -> None:
+    """PostgreSQL lost between RCPT and the end of DATA: the DKIM key cannot be read, so the message
+    is refused with 451 for the client to retry, never sent on unsigned; one log line, no traceback."""
+    from .test_nodes import DOMAIN
+    (n,) = make_nodes(tmp_path, pg_own.create_db(), s3, count=1)
+    n.cli("dkim", "generate", DOMAIN, "--selector", "s1", "--bits", "1024")
+    n.start()
+    try:
+        with smtplib.SMTP(*n.addr("submission"), timeout=30) as s:
+            s.starttls(context=n.client_ssl_context())
+            s.login(ALICE, PASSWORD)
+            s.mail(ALICE)
+            assert s.rcpt("someone@elsewhere.test")[0] == 250
+            pg_own.stop()
+            code, _ = s.data(f"From: {ALICE}\r\nTo: someone@elsewhere.test\r\nSubject: x\r\n\r\nbody\r\n".encode())
+        assert code == 451, code
+    finally:
+        n.stop()
+    log = n.log.read_text()
+    assert "DKIM signing failed, the client is told to retry" in log and "Traceback" not in log
