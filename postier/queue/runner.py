@@ -362,7 +362,10 @@ class Queue:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # one job's bug must not stop the queue
-                        log.exception("%s: delivery failed", job.msg_id)
+                        if isinstance(exc, StoreUnavailable):  # cluster mode: the body or rows out of reach
+                            log.error("%s: delivery deferred: %s", job.msg_id, exc)
+                        else:
+                            log.exception("%s: delivery failed", job.msg_id)
                         if session is not None:
                             session.close()
                             session = None
