@@ -17,7 +17,7 @@ from postier.antispam.builtin import GTUBE
 from postier.antispam.rspamd import RspamdClient
 from postier.mailauth.dkim import generate_key, sign
 from tests.dnsserver import DNSServer
-from tests.harness import Instance
+from tests.harness import Instance, start_all
 
 from .rspamd_server import RspamdServer
 
@@ -330,7 +330,7 @@ def test_rspamd_down_fail_open_and_closed(tmp_path: Path) -> None:
                                                                   "rspamd_timeout = 2\nfail_open = false\n")
     for inst in (open_, closed):
         inst.add_user("u@b.test", PASSWORD)
-        inst.start()
+    start_all([open_, closed])  # both, or neither left running
     try:
         deliver(open_, CLEAN)
         (msg,) = open_.messages("u@b.test")
