@@ -7,6 +7,7 @@ change travels once and a message change not at all (it has its own notification
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import re
 import threading
@@ -159,3 +160,31 @@ def test_renames_racing_on_node_b_reach_node_a_as_oldname(nodes: list[Instance])
     finally:
         for c in (watcher, w1, w2):
             c.logout()
+
+
+def test_rename_and_delete_of_the_selected_mailbox_over_two_nodes(nodes: list[Instance]) -> None:
+    """The session on node A renaming the mailbox it has selected keeps it selected under the new
+    name with the same UIDs (the folder row is renamed in place, UIDVALIDITY kept); the session on
+    node B with it selected gets BYE; A deleting it gets OK and leaves the selected state."""
+    a, b = nodes
+    on_a, on_b = imap(a), imap(b)
+    try:
+        assert on_a.create("Work")[0] == "OK"
+        assert on_a.append("Work", "", None, b"Subject: kept\r\n\r\nbody\r\n")[0] == "OK"
+        assert on_a.select("Work")[0] == "OK"
+        assert on_b.select("Work")[0] == "OK"
+        before = on_a.response("UIDVALIDITY")[1]
+        assert on_a.rename("Work", "Play")[0] == "OK"
+        typ, data = on_a.uid("FETCH", "1", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and b"kept" in data[0][1], data  # type: ignore[index]
+        assert on_a.status("Play", "(UIDVALIDITY)")[1][0].split(b"UIDVALIDITY ")[1].rstrip(b")") == before[0]  # type: ignore[union-attr,index]
+        with pytest.raises(imaplib.IMAP4.abort):  # B's mailbox is gone from under it
+            on_b.noop()
+            on_b.noop()
+        assert on_a.delete("Play")[0] == "OK"
+        with pytest.raises(imaplib.IMAP4.error, match="select a mailbox first"):  # authenticated state
+            on_a.fetch("1", "(UID)")
+    finally:
+        on_a.logout()
+        with contextlib.suppress(Exception):
+            on_b.logout()
