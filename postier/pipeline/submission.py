@@ -268,7 +268,7 @@ class SubmissionPipeline(SMTPPipeline):
         if self.signer is not None:
             try:
                 signature = await self.signer.sign(env, PrefixedBody(added, body) if added else body)
-            except StoreUnavailable as exc:  # cluster mode: the key is out of reach; never send it unsigned
+            except StoreUnavailable as exc:  # cluster mode: the key is out of reach (an outage: one line)
                 log.error("%s: DKIM signing failed, the client is told to retry: %s", env.qid, exc)
                 return [R451_LOCAL_ERROR] * n
             except Exception:

@@ -68,9 +68,10 @@ def test_submission_with_the_object_store_down_is_451_and_no_traceback(
     assert "submission failed: " in log and "Traceback" not in log
 
 
-def test_dkim_key_out_of_reach_is_451_not_an_unsigned_message(tmp_path: Path, pg_own: PgServer, s3: S3Server) -> None:
+def test_dkim_key_out_of_reach_is_451_and_one_log_line(tmp_path: Path, pg_own: PgServer, s3: S3Server) -> None:
     """PostgreSQL lost between RCPT and the end of DATA: the DKIM key cannot be read, so the message
-    is refused with 451 for the client to retry, never sent on unsigned; one log line, no traceback."""
+    is refused with 451 for the client to retry (as any signing failure is), logged as one line, no
+    traceback."""
     from .test_nodes import DOMAIN
     (n,) = make_nodes(tmp_path, pg_own.create_db(), s3, count=1)
     n.cli("dkim", "generate", DOMAIN, "--selector", "s1", "--bits", "1024")
